@@ -1,0 +1,17 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+PYTHON ?= python3
+PYTEST_WORKERS ?= 2
+
+.PHONY: install demo test
+
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build. A torch that is already
+# installed (for example a CUDA build you chose) is kept.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[test]"
+
+demo: install
+	$(PYTHON) -m dira3d.demo
+
+test: install
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests

@@ -1,0 +1,49 @@
+"""The ``dira3d`` command: a thin dispatcher to one library function per user action.
+
+Each sub-command lives next to the code it drives and exposes ``main(argv: list[str]) -> int``;
+this file only maps names to those functions, imported lazily so ``dira3d --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["COMMANDS", "main"]
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("dira3d.data.command:main", "turn a downloaded dataset into normalised volumes + MONAI datalists"),
+    "synthetic": ("dira3d.data.synthetic:main", "write chest-CT-like phantoms in the LUNA16 layout"),
+    "visual-words": ("dira3d.visual_words.command:main", "TransVW self-discovery: visual-word patches and labels"),
+    "pretrain": ("dira3d.engines.command:main", "run the DiRA pretraining bundle"),
+    "finetune": ("dira3d.evaluation.finetune:main", "fine-tune a task bundle from a dira3d checkpoint"),
+    "experiment": ("dira3d.evaluation.experiment:main", "multi-seed x label-fraction x initialisation grid"),
+    "demo": ("dira3d.demo:main", "the README's end-to-end demo on embedded synthetic data"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: dira3d <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `dira3d <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dira3d: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

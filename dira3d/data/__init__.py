@@ -1,0 +1,1 @@
+"""dira3d.data (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""dira3d.engines (see docs/architecture.md)."""

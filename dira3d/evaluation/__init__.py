@@ -1,0 +1,1 @@
+"""dira3d.evaluation (see docs/architecture.md)."""

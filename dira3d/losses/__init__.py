@@ -1,0 +1,1 @@
+"""dira3d.losses (see docs/architecture.md)."""

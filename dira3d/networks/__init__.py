@@ -1,0 +1,1 @@
+"""dira3d.networks (see docs/architecture.md)."""

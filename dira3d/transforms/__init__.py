@@ -1,0 +1,1 @@
+"""dira3d.transforms (see docs/architecture.md)."""

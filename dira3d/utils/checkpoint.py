@@ -1,0 +1,84 @@
+"""Checkpoint files: written atomically, read with ``weights_only=True``.
+
+A dira3d pretraining checkpoint is a plain ``dict`` of ``state_dict``s (see
+``docs/architecture.md``, "Checkpoint format"). Nothing in it is a pickled class, so it loads
+with ``torch.load(path, weights_only=True)`` and cannot execute code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["atomic_save", "load_checkpoint", "check_writable"]
+
+
+def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0) -> Path:
+    """Create ``folder`` if needed and fail early when it cannot hold a checkpoint.
+
+    Raises:
+        PermissionError: the folder cannot be created or written to.
+        OSError: fewer than ``min_free_bytes`` are free on its file system.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"output folder {folder} is not writable ({err.strerror or err}); "
+            "choose another folder or fix its permissions"
+        ) from err
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    if free < min_free_bytes:
+        raise OSError(
+            f"output folder {folder} has {free / 2**20:.0f} MiB free, less than the "
+            f"{min_free_bytes / 2**20:.0f} MiB a checkpoint needs; free some space or choose another folder"
+        )
+    return folder
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Save ``obj`` with ``torch.save`` so that ``path`` is either the old file or the new one.
+
+    The object is written to a temporary file in the same folder, flushed to disk, and renamed
+    over ``path`` (``os.replace`` is atomic on POSIX and Windows). A process killed mid-write
+    leaves the previous checkpoint intact and at most a stray ``.tmp`` file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable torch checkpoint, or holds something other than a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or the 'pretrained' setting)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise ValueError(f"checkpoint {path} cannot be read as a weights-only torch file: {err}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of state_dicts")
+    return obj

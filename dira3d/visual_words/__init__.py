@@ -1,0 +1,1 @@
+"""dira3d.visual_words (see docs/architecture.md)."""

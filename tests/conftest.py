@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests are small (tiny networks, tiny patches) and run on CPU in CI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("DIRA3D_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
+
+# pytest-xdist runs one worker per core: one intra-op thread each avoids oversubscription.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """Folder of the real NRRD scans (read-only); skips the test when it is absent."""
+    if not (REAL_DATA / "lung1_image.nrrd").is_file():
+        pytest.skip(f"real scans not found at {REAL_DATA} (set DIRA3D_REAL_DATA to the folder of lung1_image.nrrd etc.)")
+    return REAL_DATA
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

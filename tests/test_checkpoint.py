@@ -1,0 +1,64 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
+
+
+def test_round_trip_weights_only(tmp_path):
+    state = {"encoder": {"w": torch.arange(6.0).reshape(2, 3)}, "meta": {"epoch": 3, "stage": "dis"}}
+    path = atomic_save(state, tmp_path / "ckpt.pt")
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["encoder"]["w"], state["encoder"]["w"])
+    assert loaded["meta"] == {"epoch": 3, "stage": "dis"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
+
+
+class Evil:
+    """Any non-tensor class: a weights-only load must refuse to unpickle it."""
+
+
+def test_load_rejects_pickled_code(tmp_path):
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_kill_during_save_keeps_previous(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"v": torch.zeros(3)}, path)
+    # A child process starts writing a large checkpoint and is SIGKILLed mid-write.
+    script = textwrap.dedent(
+        f"""
+        import os, torch, dira3d.utils.checkpoint as c
+        real = torch.save
+        def slow(obj, handle):
+            real(obj, handle); handle.flush(); print('written', flush=True); import time; time.sleep(60)
+        c.torch.save = slow
+        c.atomic_save({{'v': torch.ones(1_000_000)}}, {str(path)!r})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert torch.equal(load_checkpoint(path)["v"], torch.zeros(3))
+
+
+def test_check_writable_names_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="file"):
+        check_writable(blocker / "sub")
+    with pytest.raises(OSError, match="MiB free"):
+        check_writable(tmp_path, min_free_bytes=2**62)
