@@ -1,0 +1,202 @@
+"""``dira3d experiment``: the paper's evaluation protocol as one resumable command.
+
+A grid of initialisations (random, L_dis only, L_dis + L_res, full DiRA, any checkpoint) × label
+fractions × seeds is fine-tuned through one task bundle. Each finished run is appended to
+``results.csv`` at once, so an interrupted experiment picks up where it stopped; the aggregation
+(mean ± std, t-tests against the baseline), a Markdown table and PNG plots are rewritten after
+every run.
+
+Config (YAML or JSON)::
+
+    bundle: luna16_nodule_fpr          # a folder under bundles/, or a path to a bundle
+    datalist: prepared/ncc_datalist.json
+    metric: auc                        # key of the metrics dict the fine-tuning returns
+    output_dir: runs/experiment
+    baseline: random                   # method the t-tests compare against
+    welch: false                       # Welch's t-test instead of Student's
+    seeds: [0, 1, 2, 3, 4]
+    label_fractions: [0.1, 0.25, 1.0]
+    methods:                           # name: checkpoint path, or null for random initialisation
+      random: null
+      dira: runs/pretrain/best.pt
+    overrides: {tiny: true}            # passed to every fine-tuning run (bundle ids)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
+
+__all__ = ["load_config", "run_experiment", "write_report", "main"]
+
+Runner = Callable[[str, dict], Mapping[str, float]]
+FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
+REQUIRED = ("bundle", "datalist", "metric", "methods", "seeds", "label_fractions", "output_dir")
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and check an experiment config; relative paths are resolved against its folder.
+
+    Raises:
+        FileNotFoundError: the config or a listed checkpoint does not exist.
+        ValueError: a required key is missing or a value is out of range (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment config {path} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    missing = [key for key in REQUIRED if key not in config]
+    if missing:
+        raise ValueError(f"experiment config {path} lacks {', '.join(missing)}; see `dira3d experiment --help`")
+    base = path.parent
+    resolve = lambda p: str(p if Path(p).is_absolute() else (base / p).resolve())  # noqa: E731
+    config["datalist"] = resolve(config["datalist"])
+    config["output_dir"] = resolve(config["output_dir"])
+    for name, ckpt in list(config["methods"].items()):
+        if ckpt:
+            config["methods"][name] = resolve(ckpt)
+    for fraction in config["label_fractions"]:
+        if not 0 < float(fraction) <= 1:
+            raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
+    config.setdefault("baseline", next(iter(config["methods"])))
+    if config["baseline"] not in config["methods"]:
+        raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
+    return config
+
+
+def _read_rows(csv_path: Path) -> list[dict]:
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _default_runner(bundle: str, overrides: dict) -> Mapping[str, float]:
+    from dira3d.evaluation.finetune import run_finetune
+
+    return run_finetune(bundle, overrides)
+
+
+def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every (method, label fraction, seed) not yet in ``results.csv``; returns all rows.
+
+    ``runner(bundle, overrides) -> metrics`` fine-tunes once; the default runs the bundle through
+    :func:`dira3d.evaluation.finetune.run_finetune`.
+    """
+    runner = runner or _default_runner
+    out = Path(config["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    rows = _read_rows(csv_path)
+    done = {(r["method"], float(r["label_fraction"]), int(r["seed"])) for r in rows}
+    grid = [(m, float(f), int(s)) for f in config["label_fractions"] for m in config["methods"] for s in config["seeds"]]
+    todo = [key for key in grid if key not in done]
+    log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
+    for i, (method, fraction, seed) in enumerate(todo, 1):
+        checkpoint = config["methods"][method] or ""
+        run_dir = out / "runs" / f"{method}_lf{fraction:g}_seed{seed}"
+        overrides = dict(config.get("overrides", {}))
+        overrides.update(datalist=config["datalist"], pretrained=checkpoint, label_fraction=fraction, seed=seed,
+                         output_dir=str(run_dir))
+        start = time.perf_counter()
+        metrics = runner(str(config["bundle"]), overrides)
+        if config["metric"] not in metrics:
+            raise ValueError(f"fine-tuning returned {sorted(metrics)}, not the experiment's metric {config['metric']!r}")
+        row = {"method": method, "checkpoint": checkpoint, "label_fraction": fraction, "seed": seed,
+               "metric": config["metric"], "value": float(metrics[config["metric"]]),
+               "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir)}
+        new_file = not csv_path.is_file()
+        with open(csv_path, "a", newline="") as handle:  # one row per finished run: the resume point
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        rows.append({k: str(v) for k, v in row.items()})
+        log(f"[{i}/{len(todo)}] {method} labels={fraction:g} seed={seed}: {config['metric']}={row['value']:.4f}")
+        write_report(config, rows)
+    if not todo:
+        write_report(config, rows)
+    return rows
+
+
+def write_report(config: Mapping[str, Any], rows: list[dict]) -> str:
+    """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and the plots; returns the table."""
+    out = Path(config["output_dir"])
+    metric = config["metric"]
+    values = [{"method": r["method"], "label_fraction": r["label_fraction"], "seed": r["seed"], metric: r["value"]}
+              for r in rows]
+    cells = compare_to_baseline(aggregate(values, metric), config["baseline"], equal_var=not config.get("welch", False))
+    table = markdown_table(cells, metric.upper(), method_order=list(config["methods"]))
+    test = "Welch's" if config.get("welch", False) else "Student's"
+    note = (f"\n\nmean ± sample std over seeds, ×100; p: independent two-sample {test} t-test "
+            f"against `{config['baseline']}` at the same label fraction.\n")
+    (out / "table.md").write_text(table + note)
+    (out / "summary.json").write_text(json.dumps([c.__dict__ for c in cells], indent=2))
+    _plot(cells, metric, list(config["methods"]), out)
+    return table
+
+
+def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in methods:
+        mine = sorted((c for c in cells if c.method == method), key=lambda c: c.label_fraction)
+        if mine:
+            ax.errorbar([c.label_fraction * 100 for c in mine], [c.mean for c in mine],
+                        yerr=[0 if math.isnan(c.std) else c.std for c in mine], marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("training labels (%)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{metric}_vs_label_fraction.png", dpi=100)
+    plt.close(fig)
+
+    fractions = sorted({c.label_fraction for c in cells})
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        mine = {c.label_fraction: c for c in cells if c.method == method}
+        xs = [j + i * width for j, f in enumerate(fractions) if f in mine]
+        ys = [mine[f].mean for f in fractions if f in mine]
+        errs = [0 if math.isnan(mine[f].std) else mine[f].std for f in fractions if f in mine]
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=method)
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(fractions))])
+    ax.set_xticklabels([f"{f * 100:g}%" for f in fractions])
+    ax.set_ylabel(metric)
+    ax.set_title("ablation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dira3d experiment", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML/JSON")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    run_experiment(config)
+    print((Path(config["output_dir"]) / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
