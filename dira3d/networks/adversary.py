@@ -1,0 +1,71 @@
+"""The adversary D_φ: a PatchGAN discriminator with 3×3(×3) kernels (METHOD.md §2, §3)."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import PatchDiscriminator
+from torch import nn
+
+__all__ = ["Adversary"]
+
+_NORMS = ("instance", "batch", "none")
+
+
+class Adversary(nn.Module):
+    """PatchGAN discriminator returning one map of real/fake logits.
+
+    With the defaults (``channels=64``, ``num_layers=4``) the blocks are those of the official 2D
+    DiRA code: conv 64 (stride 2, no norm) → 128 (s2) → 256 (s2) → 512 (s1), InstanceNorm on the
+    middle blocks, LeakyReLU 0.2, then a conv to 1 channel; weights drawn from N(0, 0.02).
+    Built on MONAI's :class:`~monai.networks.nets.PatchDiscriminator` (which returns every
+    layer's output); this wrapper returns only the final score map.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the images it judges.
+        channels: channels of the first block (doubled in each following block).
+        num_layers: number of conv blocks before the final 1-channel conv (≥ 1).
+        norm: ``"instance"`` (default), ``"batch"`` or ``"none"``, used on the middle blocks.
+
+    Returns (forward):
+        logits ``(B, 1, *spatial / 2**(num_layers-1))`` — no sigmoid, the adversarial loss applies it.
+
+    Raises:
+        ValueError: an unsupported setting.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        channels: int = 64,
+        num_layers: int = 4,
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims={spatial_dims!r} is not supported; use 2 or 3")
+        if num_layers < 1:
+            raise ValueError(f"num_layers={num_layers!r} must be at least 1")
+        if channels < 1 or in_channels < 1:
+            raise ValueError(f"channels={channels!r} and in_channels={in_channels!r} must be positive")
+        if norm not in _NORMS:
+            raise ValueError(f"norm={norm!r} is not supported; choose one of {', '.join(_NORMS)}")
+        self.net = PatchDiscriminator(
+            spatial_dims=spatial_dims,
+            channels=channels,
+            in_channels=in_channels,
+            out_channels=1,
+            num_layers_d=num_layers - 1,  # MONAI counts the blocks after the first one
+            kernel_size=3,
+            norm=None if norm == "none" else norm,
+            # MONAI's default drops the conv bias (BatchNorm cancels it); without a norm keep it
+            bias=norm == "none",
+            padding=1,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # run the layers in turn instead of PatchDiscriminator.forward, which keeps every output
+        for layer in self.net.children():
+            x = layer(x)
+        return x

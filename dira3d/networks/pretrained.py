@@ -1,0 +1,241 @@
+"""Hand pretrained weights to a network: :func:`load_pretrained` and its :class:`LoadReport`.
+
+This is the one documented way to start fine-tuning from a dira3d pretraining checkpoint
+(``{"encoder": state_dict, "decoder": state_dict, ...}``, see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dira3d.utils import load_checkpoint
+
+__all__ = ["load_pretrained", "LoadReport"]
+
+_POLICIES = ("error", "repeat")
+# wrappers some trainers put around a flat state_dict (MONAI CheckpointSaver, Lightning, plain)
+_WRAPPERS = ("network", "state_dict", "model")
+_SHOWN = 12  # keys listed in an error message before "… and N more"
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did. Keys are prefixed with their part (``encoder.…``).
+
+    Attributes:
+        loaded: keys copied from the checkpoint (including adapted ones).
+        missing: keys of the network that the checkpoint does not have (left as initialised).
+        unexpected: keys of the checkpoint that the network does not have (ignored).
+        mismatched: key → (checkpoint shape, network shape) for every shape difference.
+        adapted: keys whose pretrained tensor was adapted to the network (``in_channels_policy``).
+        parts: the parts that were loaded.
+        source: where the weights came from (a path, or ``"<dict>"``).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: dict[str, tuple[Shape, Shape]] = field(default_factory=dict)
+    adapted: list[str] = field(default_factory=list)
+    parts: tuple[str, ...] = ()
+    source: str = "<dict>"
+
+    def summary(self) -> str:
+        """A few human-readable lines for logs (counts, then the keys that were not copied)."""
+        lines = [
+            f"pretrained weights from {self.source} into {', '.join(self.parts)}: "
+            f"{len(self.loaded)} tensors loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected"
+        ]
+        for key in self.adapted:
+            ckpt_shape, model_shape = self.mismatched[key]
+            lines.append(
+                f"  adapted {key}: input channels {ckpt_shape[1]} -> {model_shape[1]} "
+                "(kernel averaged over channels and repeated)"
+            )
+        if self.missing:
+            lines.append(f"  missing (kept their initial values): {_preview(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected (ignored): {_preview(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def _preview(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f" … and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
+
+
+def _available_parts(checkpoint: Mapping[str, Any]) -> list[str]:
+    nested = [k for k, v in checkpoint.items() if isinstance(v, Mapping) and v]
+    flat = {k.split(".", 1)[0] for k, v in checkpoint.items() if isinstance(v, torch.Tensor) and "." in k}
+    return sorted(set(nested) | flat)
+
+
+def _unwrap(checkpoint: Mapping[str, Any], parts: Sequence[str]) -> Mapping[str, Any]:
+    """Return the mapping that holds the parts (unwrapping ``{"network": flat_state_dict}``)."""
+    if any(p in _available_parts(checkpoint) for p in parts):
+        return checkpoint
+    for wrapper in _WRAPPERS:
+        inner = checkpoint.get(wrapper)
+        if isinstance(inner, Mapping) and any(p in _available_parts(inner) for p in parts):
+            return inner
+    return checkpoint
+
+
+def _part_state_dict(checkpoint: Mapping[str, Any], part: str, source: str) -> dict[str, torch.Tensor]:
+    nested = checkpoint.get(part)
+    if isinstance(nested, Mapping) and nested:
+        state = dict(nested)
+    else:
+        prefix = f"{part}."
+        state = {k[len(prefix) :]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(
+            f"checkpoint {source} has no (or an empty) '{part}' part; parts available: "
+            f"{_available_parts(checkpoint) or 'none'}. Choose parts among those (e.g. parts=('encoder',))"
+        )
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(
+            f"checkpoint {source}: '{part}' is not a state_dict (entries {_preview(bad)} are not tensors)"
+        )
+    return state
+
+
+def _first_conv_key(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Key of the first convolution kernel (``(out, in, *kernel)``) in a module's state_dict."""
+    for key, value in state.items():
+        if key.endswith("weight") and value.dim() >= 3:
+            return key
+    return None
+
+
+def _repeat_in_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """Average the kernel over its input channels and repeat it ``channels`` times, scaled so that
+    an image copied into every channel gives the response the pretrained network gave."""
+    mean = weight.sum(dim=1, keepdim=True) / channels
+    return mean.expand(-1, channels, *weight.shape[2:]).clone()
+
+
+def load_pretrained(
+    network: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    parts: Sequence[str] = ("encoder",),
+    strict: bool = False,
+    in_channels_policy: str = "error",
+) -> LoadReport:
+    """Copy ``checkpoint[part]`` into ``network.<part>`` for each part.
+
+    Args:
+        network: a :class:`~dira3d.networks.UNet`, :class:`~dira3d.networks.Classifier`,
+            :class:`~dira3d.networks.Segmenter` (or any module with those sub-modules).
+        checkpoint: a checkpoint path (read with ``weights_only=True``), a dict in the dira3d
+            checkpoint format (``{"encoder": state_dict, "decoder": state_dict, ...}``), or a flat
+            state_dict with ``encoder.`` / ``decoder.`` prefixes (optionally under ``"network"``,
+            ``"state_dict"`` or ``"model"``).
+        parts: the sub-modules to load: ``("encoder",)`` for classification,
+            ``("encoder", "decoder")`` for segmentation.
+        strict: also fail when keys are missing or unexpected.
+        in_channels_policy: ``"error"`` (default) or ``"repeat"``: when the only mismatch is the
+            first conv's input channels (e.g. a 4-channel BraTS network from a 1-channel CT
+            encoder), average the pretrained kernel over its input channels and repeat it.
+
+    Returns:
+        a :class:`LoadReport`; ``report.summary()`` is meant for the log.
+
+    Raises:
+        FileNotFoundError: the checkpoint path does not exist.
+        ValueError: a part is absent from the checkpoint or the network; shapes differ (keys and
+            both shapes are listed); with ``strict``, missing or unexpected keys. Nothing is
+            copied when an error is raised.
+
+    Example::
+
+        net = Segmenter(spatial_dims=3, in_channels=1, out_channels=1)
+        report = load_pretrained(net, "pretrained/dira_transvw.pt", parts=("encoder", "decoder"))
+        print(report.summary())
+    """
+    if in_channels_policy not in _POLICIES:
+        raise ValueError(f"in_channels_policy={in_channels_policy!r} is not supported; use one of {_POLICIES}")
+    if isinstance(parts, str):
+        parts = (parts,)
+    if not parts:
+        raise ValueError("parts is empty; name at least one sub-module, e.g. parts=('encoder',)")
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = str(checkpoint)
+        checkpoint = load_checkpoint(checkpoint)
+    elif isinstance(checkpoint, Mapping):
+        source = "<dict>"
+    else:
+        raise ValueError(
+            f"checkpoint must be a path or a dict of state_dicts, got {type(checkpoint).__name__}"
+        )
+    meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else None
+    checkpoint = _unwrap(checkpoint, parts)
+
+    report = LoadReport(parts=tuple(parts), source=source)
+    to_copy: dict[str, dict[str, torch.Tensor]] = {}
+    errors: list[str] = []
+    for part in parts:
+        module = getattr(network, part, None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"{type(network).__name__} has no sub-module '{part}' to load pretrained weights into; "
+                f"use parts among its children: {[name for name, _ in network.named_children()]}"
+            )
+        ckpt_state = _part_state_dict(checkpoint, part, source)
+        model_state = module.state_dict()
+        first_conv = _first_conv_key(model_state)
+        selected: dict[str, torch.Tensor] = {}
+        for key, model_value in model_state.items():
+            name = f"{part}.{key}"
+            if key not in ckpt_state:
+                report.missing.append(name)
+                continue
+            value = ckpt_state[key]
+            if value.shape == model_value.shape:
+                selected[key] = value
+                report.loaded.append(name)
+                continue
+            report.mismatched[name] = (tuple(value.shape), tuple(model_value.shape))
+            only_in_channels = (
+                key == first_conv
+                and value.dim() == model_value.dim()
+                and value.shape[0] == model_value.shape[0]
+                and value.shape[2:] == model_value.shape[2:]
+            )
+            if only_in_channels and in_channels_policy == "repeat":
+                selected[key] = _repeat_in_channels(value, model_value.shape[1])
+                report.loaded.append(name)
+                report.adapted.append(name)
+            else:
+                hint = " (only the input channels differ: in_channels_policy='repeat' adapts it)" if only_in_channels else ""
+                errors.append(f"{name}: checkpoint {tuple(value.shape)} vs network {tuple(model_value.shape)}{hint}")
+        report.unexpected.extend(f"{part}.{key}" for key in ckpt_state if key not in model_state)
+        to_copy[part] = selected
+
+    if errors:
+        described = f" (checkpoint meta: {dict(meta)})" if meta else ""
+        raise ValueError(
+            f"pretrained weights from {source} do not fit {type(network).__name__}: {len(errors)} shape "
+            f"mismatch(es){described}:\n  " + "\n  ".join(errors[:_SHOWN])
+            + (f"\n  … and {len(errors) - _SHOWN} more" if len(errors) > _SHOWN else "")
+            + "\nBuild the network with the checkpoint's width / in_channels / out_channels, or load fewer "
+            "parts (e.g. parts=('encoder',) when only the output channels differ)"
+        )
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(
+            f"strict loading from {source} failed: missing keys [{_preview(report.missing)}], "
+            f"unexpected keys [{_preview(report.unexpected)}]; use strict=False to load what matches"
+        )
+    with torch.no_grad():
+        for part, selected in to_copy.items():
+            getattr(network, part).load_state_dict(selected, strict=False)
+    return report
