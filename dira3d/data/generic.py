@@ -1,0 +1,251 @@
+"""Any folder of scans → normalised RAS NIfTI volumes + a pretraining datalist.
+
+Finds every NIfTI / NRRD / MetaImage file and every DICOM series folder under ``--src``; CT is
+windowed to HU [lo, hi] → [0, 1], MR is scaled by the 0.5 / 99.5 percentiles of its non-zero
+voxels. Optional masks are paired by name (``--label-suffix _label`` pairs ``a_label.nrrd`` with
+``a.nrrd``, or with ``a_image.nrrd`` when ``--image-suffix _image``) and written as ``uint8``
+on the same grid (nearest-neighbour resampling).
+
+The volume pipeline (:func:`normalise_image`, :func:`prepare_mask`) is shared by the dataset
+modules: reorient to RAS → normalise → optionally resample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from dira3d.data.geometry import resample
+from dira3d.data.io import (
+    IMAGE_SUFFIXES,
+    DataError,
+    check_mask_matches,
+    image_suffix,
+    image_to_xyz,
+    read_image,
+    read_mask,
+    to_ras,
+    write_nifti,
+    xyz_to_image,
+)
+from dira3d.data.normalize import normalize_mr, window_hu
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+
+__all__ = ["normalise_image", "prepare_mask", "discover", "prepare", "main"]
+
+MODALITIES = ("ct", "mr")
+
+
+def normalise_image(image: sitk.Image, modality: str = "ct", window: Sequence[float] = (-1000.0, 1000.0),
+                    percentiles: Sequence[float] = (0.5, 99.5), spacing: Sequence[float] | None = None,
+                    path: str | os.PathLike | None = None) -> sitk.Image:
+    """The prepared form of a scan: RAS, float32 in [0, 1], optionally resampled.
+
+    Args:
+        image: as read by :func:`dira3d.data.io.read_image`.
+        modality: ``"ct"`` (HU window) or ``"mr"`` (percentiles of the non-zero voxels).
+        window: CT window ``(lo, hi)`` in HU.
+        percentiles: MR ``(lower, upper)`` percentiles.
+        spacing: new spacing in mm ``(x, y, z)`` (or one number); ``None`` keeps the native grid.
+        path: named in error messages.
+
+    Raises:
+        DataError: unknown modality or a volume that cannot be normalised (e.g. constant MR).
+    """
+    if modality not in MODALITIES:
+        raise DataError(path, f"unknown modality {modality!r}; use one of {MODALITIES}")
+    image = to_ras(image)
+    array = image_to_xyz(image)
+    try:
+        scaled = window_hu(array, *window) if modality == "ct" else normalize_mr(array, None, *percentiles)
+    except ValueError as err:
+        raise DataError(path, str(err)) from err
+    out = xyz_to_image(scaled, image)
+    # normalise first, then interpolate: 0 (air / MR background) fills outside the old grid
+    return resample(out, spacing, "linear", 0.0) if spacing is not None else out
+
+
+def prepare_mask(mask: sitk.Image, image: sitk.Image, spacing: Sequence[float] | None = None) -> sitk.Image:
+    """A ``uint8`` mask reoriented to RAS (and resampled with nearest neighbour) like its image."""
+    mask = to_ras(sitk.Cast(mask, sitk.sitkUInt8))
+    return resample(mask, spacing, "nearest", 0) if spacing is not None else mask
+
+
+def _case_id(src: Path, path: Path, strip: str) -> str:
+    rel = path.relative_to(src)
+    name = rel.name[: len(rel.name) - len(image_suffix(rel.name))] if path.is_file() else rel.name
+    if strip and name.endswith(strip):
+        name = name[: -len(strip)]
+    return "_".join([*rel.parent.parts, name]) if rel.parent.parts else name
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble; old ones often end in .dcm/.ima."""
+    if path.suffix.lower() in (".dcm", ".ima", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str | None = None,
+             dicom: bool = True) -> list[tuple[str, Path, Path | None]]:
+    """Find the scans under ``src``.
+
+    Args:
+        image_suffix_: stem suffix removed from image names to form case ids (e.g. ``"_image"``).
+        label_suffix: stem suffix marking mask files (e.g. ``"_label"``); ``None``: no masks.
+        dicom: also look for DICOM series folders.
+
+    Returns:
+        Sorted ``(case_id, image_path, mask_path or None)``.
+
+    Raises:
+        DataError: ``src`` missing, or a mask whose image is missing.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(src, "is not a folder; --src must be the folder holding the scans")
+    images: dict[str, Path] = {}
+    masks: dict[str, Path] = {}
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        other = []
+        for name in sorted(files):
+            path = Path(root) / name
+            suffix = image_suffix(name)
+            if name.endswith(".raw") or name.endswith(".zraw") or name.startswith("."):
+                continue
+            if not suffix:
+                other.append(name)
+                continue
+            stem = name[: -len(suffix)]
+            if label_suffix and stem.endswith(label_suffix):
+                masks[_case_id(src, path, label_suffix)] = path
+            else:
+                images[_case_id(src, path, image_suffix_)] = path
+        if dicom and any(_looks_like_dicom(Path(root) / n) for n in other[:5]) \
+                and sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
+            images[_case_id(src, Path(root), "") if Path(root) != src else src.name] = Path(root)
+    orphans = sorted(set(masks) - set(images))
+    if orphans:
+        raise DataError(masks[orphans[0]], f"mask has no matching image (expected case {orphans[0]!r}); "
+                                           "check --image-suffix / --label-suffix")
+    return [(cid, images[cid], masks.get(cid)) for cid in sorted(images)]
+
+
+def _process(case: Case, modality: str, window: Sequence[float], percentiles: Sequence[float],
+             spacing: Sequence[float] | None) -> dict:
+    image_path, mask_path = case.params["image"], case.params["mask"]
+    image = read_image(image_path)
+    prepared = normalise_image(image, modality, window, percentiles, spacing, path=image_path)
+    info = {"source": str(image_path), "size": list(prepared.GetSize()), "spacing": list(prepared.GetSpacing())}
+    if mask_path is not None:
+        mask = read_mask(mask_path)
+        check_mask_matches(image, mask, image_path, mask_path)
+        mask = prepare_mask(mask, image, spacing)
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise DataError(mask_path, f"mask became empty after resampling to {spacing} mm; use a finer --spacing")
+        write_nifti(mask, case.outputs[1])
+        info["mask_voxels"] = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    write_nifti(prepared, case.outputs[0])
+    return info
+
+
+def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "ct",
+            window: Sequence[float] = (-1000.0, 1000.0), percentiles: Sequence[float] = (0.5, 99.5),
+            spacing: Sequence[float] | None = None, image_suffix: str = "", label_suffix: str | None = None,
+            val_fraction: float = 0.0, seed: int = 0, workers: int = 1, overwrite: bool = False,
+            dry_run: bool = False, keep_going: bool = False, report_path: str | os.PathLike | None = None,
+            progress: bool = True) -> list[CaseResult]:
+    """Convert every scan under ``src`` and write ``dst/pretrain_datalist.json``.
+
+    Outputs: ``volumes/<case_id>.nii.gz`` (float32 [0, 1], RAS), ``labels/<case_id>.nii.gz``
+    (uint8) when masks are paired, ``pretrain_datalist.json`` (``training`` and, with
+    ``val_fraction > 0``, ``validation`` — a seeded random choice of cases) and ``report.json``.
+    The datalist lists the good cases; it is written unless a failure stopped the batch.
+
+    Raises:
+        DataError: ``src`` is not a folder, holds no scans, or has an unpaired mask.
+        ValueError: bad settings (modality, val_fraction).
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    found = discover(src, image_suffix, label_suffix)
+    if not found:
+        raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)")
+    dst = Path(dst)
+    cases = []
+    for cid, image_path, mask_path in found:
+        outputs = [safe_case_path(dst / "volumes", cid, ".nii.gz")]
+        if mask_path is not None:
+            outputs.append(safe_case_path(dst / "labels", cid, ".nii.gz"))
+        cases.append(Case(cid, outputs, {"image": image_path, "mask": mask_path}))
+    spacing_t = None if spacing is None else tuple(float(s) for s in np.broadcast_to(spacing, (3,)))
+    process = partial(_process, modality=modality, window=tuple(window), percentiles=tuple(percentiles),
+                      spacing=spacing_t)
+    results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
+                        keep_going=keep_going, report_path=report_path, desc="generic", progress=progress)
+    if dry_run or any(r.status == "cancelled" for r in results):
+        return results
+    good = [c for c, r in zip(cases, results) if r.ok]
+    order = np.random.default_rng(seed).permutation(len(good))
+    n_val = int(round(val_fraction * len(good)))
+    val_ids = {good[i].case_id for i in order[:n_val]}
+    splits: dict[str, list[dict]] = {"training": [], "validation": []}
+    for case in good:
+        entry = {"image": case.outputs[0], "case_id": case.case_id}
+        if len(case.outputs) > 1:
+            entry["label"] = case.outputs[1]
+        splits["validation" if case.case_id in val_ids else "training"].append(entry)
+    meta = {"dataset": "generic", "modality": modality, "window": list(window) if modality == "ct" else None,
+            "percentiles": list(percentiles) if modality == "mr" else None,
+            "spacing": None if spacing_t is None else list(spacing_t), "orientation": "RAS",
+            "val_fraction": val_fraction, "seed": seed, "source": str(Path(src).resolve())}
+    write_datalist(dst / "pretrain_datalist.json", splits, meta)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dira3d prepare generic", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--modality", choices=MODALITIES, default="ct", help="ct: HU window; mr: percentiles")
+    parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),
+                        help="CT HU window mapped to [0, 1] (default -1000 1000)")
+    parser.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOWER", "UPPER"),
+                        help="MR percentiles mapped to [0, 1] (default 0.5 99.5)")
+    parser.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                        help="resample to this spacing (one value or x y z); default: native")
+    parser.add_argument("--image-suffix", default="", help="stem suffix dropped from image names, e.g. _image")
+    parser.add_argument("--label-suffix", default=None, help="stem suffix of mask files, e.g. _label")
+    parser.add_argument("--val-fraction", type=float, default=0.0, help="fraction of cases for validation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation choice")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.spacing is not None and len(args.spacing) not in (1, 3):
+        raise SystemExit("--spacing takes one value or three (x y z)")
+    try:
+        results = prepare(args.src, args.dst, modality=args.modality, window=args.window,
+                          percentiles=args.percentiles, spacing=args.spacing, image_suffix=args.image_suffix,
+                          label_suffix=args.label_suffix, val_fraction=args.val_fraction, seed=args.seed,
+                          workers=args.workers, overwrite=args.overwrite, dry_run=args.dry_run,
+                          keep_going=args.keep_going,
+                          report_path=args.report)
+    except ValueError as err:  # DataError included: bad --src or settings, before any case ran
+        print(f"dira3d prepare generic: {err}", file=sys.stderr)
+        return 2
+    return finish(results, args.keep_going)

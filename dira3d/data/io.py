@@ -1,0 +1,307 @@
+"""Reading and writing volumes: one checked entry point for every source format.
+
+``read_image`` opens MetaImage (``.mhd``/``.mha``), NIfTI, NRRD (``.nrrd``/``.nhdr``) files and
+DICOM series folders through SimpleITK, and turns every way a download can be broken (truncated
+raw data, a header naming a missing file, a 2D image, NaNs, a DICOM series with a missing slice)
+into a :class:`DataError` that names the file and says what is wrong.
+
+Orientation: prepared volumes are written in RAS+ as nibabel and MONAI name it (``to_ras``).
+SimpleITK 2.x's ``DICOMOrient`` uses the same "axis points towards" letters as nibabel, so
+``DICOMOrient(image, "RAS")`` gives ``nib.aff2axcodes(affine) == ("R", "A", "S")`` once written.
+
+Array order: ``sitk.GetArrayFromImage`` returns ``(z, y, x)``; the project's order is
+``(x, y, z)`` (what MONAI's ``LoadImage`` returns), so use :func:`image_to_xyz` /
+:func:`xyz_to_image` instead of the raw SimpleITK calls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "DataError",
+    "IMAGE_SUFFIXES",
+    "image_suffix",
+    "read_image",
+    "read_mask",
+    "write_nifti",
+    "to_ras",
+    "check_mask_matches",
+    "image_to_xyz",
+    "xyz_to_image",
+]
+
+# Longest first, so ".nii.gz" wins over ".gz".
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr")
+
+_MET_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
+
+
+class DataError(ValueError):
+    """A file or folder that cannot be used as it is; ``path`` names it."""
+
+    def __init__(self, path: str | os.PathLike | None, message: str) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+def image_suffix(path: str | os.PathLike) -> str:
+    """The image suffix of ``path`` (``".nii.gz"``, ``".mhd"``, ...) or ``""`` if none is known."""
+    name = Path(path).name.lower()
+    return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
+
+
+def _itk_reason(err: Exception) -> str:
+    """The informative part of an ITK exception (its 'ITK ERROR' / 'Reason' lines)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if ln.startswith(("ITK ERROR", "Reason", "Description"))]
+    return " ".join(keep or lines[-1:])[:400]
+
+
+def _meta_header(path: Path) -> dict[str, str]:
+    header: dict[str, str] = {}
+    with open(path, "rb") as handle:
+        for raw in handle:
+            line = raw.decode("latin-1").strip()
+            key, sep, value = line.partition("=")
+            if not sep:
+                continue
+            header[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":  # last header field; binary data may follow
+                break
+    return header
+
+
+def _check_metaimage(path: Path) -> None:
+    """Catch the MetaImage faults ITK reports as 'No such file': missing or short raw data."""
+    header = _meta_header(path)
+    data_file = header.get("ElementDataFile")
+    if data_file is None:
+        raise DataError(path, "MetaImage header has no ElementDataFile line; the header is incomplete")
+    if data_file == "LOCAL" or data_file.startswith("LIST") or "%" in data_file:
+        return  # data inline or spread over several files: leave those checks to ITK
+    raw = path.parent / data_file
+    if not raw.is_file():
+        raise DataError(path, f"header points at raw data file {raw.name!r}, which does not exist "
+                              f"next to it; download or extract {raw.name} into {path.parent}")
+    if header.get("CompressedData", "False").lower() == "true":
+        return
+    try:
+        dims = [int(v) for v in header["DimSize"].split()]
+        element = _MET_BYTES[header["ElementType"]]
+    except (KeyError, ValueError):
+        return  # an unusual header; ITK gives its own error if it really is broken
+    channels = int(header.get("ElementNumberOfChannels", "1"))
+    expected = math.prod(dims) * element * channels + max(int(header.get("HeaderSize", "0")), 0)
+    actual = raw.stat().st_size
+    if actual < expected:
+        raise DataError(raw, f"raw data is truncated: {actual} bytes, the header {path.name} needs "
+                             f"{expected} ({'x'.join(map(str, dims))} voxels of {header['ElementType']}); "
+                             "download the file again")
+
+
+def _check_nhdr(path: Path) -> None:
+    text = path.read_bytes()[:65536].decode("latin-1")
+    match = re.search(r"^data ?file:\s*(\S+)\s*$", text, flags=re.MULTILINE)
+    if match and not match.group(1).startswith("LIST") and "%" not in match.group(1):
+        data = path.parent / match.group(1)
+        if not data.is_file():
+            raise DataError(path, f"NRRD header points at data file {data.name!r}, which does not exist; "
+                                  f"put {data.name} next to the header")
+
+
+def _dicom_slice_positions(files: list[str]) -> np.ndarray:
+    """Position of each slice along the slice normal (mm), from the DICOM headers."""
+    reader = sitk.ImageFileReader()
+    positions = []
+    normal = None
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        if not (reader.HasMetaDataKey("0020|0032") and reader.HasMetaDataKey("0020|0037")):
+            return np.array([])
+        if normal is None:
+            cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+            normal = np.cross(cosines[:3], cosines[3:6])
+        position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        positions.append(float(position @ normal))
+    return np.sort(np.asarray(positions))
+
+
+def _read_dicom_series(folder: Path, tolerance: float = 0.1) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise DataError(folder, "no DICOM series found in this folder; point at the folder holding the .dcm files")
+    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
+    files = list(max(series, key=len))  # several series (scout, dose report): take the largest
+    if len(files) < 2:
+        raise DataError(folder, "the DICOM series has a single slice; a 3D volume needs at least 2")
+    positions = _dicom_slice_positions(files)
+    if positions.size:
+        gaps = np.diff(positions)
+        step = float(np.median(gaps))
+        if step <= 0 or np.any(gaps <= tolerance * step):
+            raise DataError(folder, "the DICOM series has two slices at the same position "
+                                    "(duplicate or mixed series); keep one series per folder")
+        bad = np.flatnonzero(np.abs(gaps - step) > tolerance * step)
+        if bad.size:
+            i = int(bad[0])
+            missing = positions[i] + step
+            raise DataError(folder, f"the DICOM series has non-uniform slice spacing: a gap of {gaps[i]:.2f} mm "
+                                    f"between slices at {positions[i]:.2f} and {positions[i + 1]:.2f} mm "
+                                    f"(spacing {step:.2f} mm), so the slice at {missing:.2f} mm is missing; "
+                                    "restore the missing file(s) or exclude this series")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as err:
+        raise DataError(folder, f"the DICOM series cannot be read: {_itk_reason(err)}") from err
+
+
+def read_image(path: str | os.PathLike, expect_dims: int = 3, check_finite: bool = True) -> sitk.Image:
+    """Read one volume (file or DICOM series folder) and check that it is usable.
+
+    Args:
+        path: an image file (``.mhd``, ``.mha``, ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``) or a
+            folder holding a DICOM series (the largest series in it is read).
+        expect_dims: the number of spatial dimensions required (a 4D file with one time point
+            counts as 3D).
+        check_finite: reject NaN / Inf voxels (floating-point images only).
+
+    Returns:
+        The image, as stored (no reorientation; see :func:`to_ras`).
+
+    Raises:
+        DataError: missing path, unreadable or truncated file, header pointing at a missing data
+            file, wrong dimensionality, a single slice, multi-channel pixels, non-positive spacing,
+            NaN/Inf voxels, a DICOM series with a missing slice or non-uniform spacing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "does not exist; check the path")
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    else:
+        suffix = image_suffix(path)
+        if suffix == ".mhd":
+            _check_metaimage(path)
+        elif suffix == ".nhdr":
+            _check_nhdr(path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            raise DataError(path, f"cannot be read (truncated or corrupt file?): {_itk_reason(err)}") from err
+    if image.GetDimension() == expect_dims + 1 and image.GetSize()[-1] == 1:
+        image = image[(slice(None),) * expect_dims + (0,)]  # a 3D volume stored as 4D with one time point
+    if image.GetDimension() != expect_dims:
+        raise DataError(path, f"is a {image.GetDimension()}D image of size {image.GetSize()}; "
+                              f"a {expect_dims}D volume is expected")
+    if min(image.GetSize()) < 2:
+        raise DataError(path, f"has size {image.GetSize()}: a single slice is a 2D image, a {expect_dims}D volume is expected")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                              "(colour or vector image); a single-channel scan is expected")
+    if min(image.GetSpacing()) <= 0 or not all(map(math.isfinite, image.GetSpacing())):
+        raise DataError(path, f"has non-positive or invalid voxel spacing {image.GetSpacing()}; fix the header")
+    if check_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        if not np.isfinite(array).all():
+            bad = int(np.size(array) - np.isfinite(array).sum())
+            raise DataError(path, f"contains {bad} NaN/Inf voxels; repair or exclude this scan")
+    return image
+
+
+def read_mask(path: str | os.PathLike, max_label: int = 255) -> sitk.Image:
+    """Read a label image as ``uint8``.
+
+    Raises:
+        DataError: as :func:`read_image`, plus non-integer or out-of-range label values.
+    """
+    image = read_image(path)
+    array = sitk.GetArrayViewFromImage(image)
+    if array.min() < 0 or array.max() > max_label or not np.array_equal(array, np.round(array)):
+        raise DataError(path, f"is not a label image: values must be integers in 0..{max_label} "
+                              f"(found {float(array.min())}..{float(array.max())})")
+    return sitk.Cast(image, sitk.sitkUInt8)
+
+
+def to_ras(image: sitk.Image) -> sitk.Image:
+    """Permute/flip the axes so that the written NIfTI reads as RAS+ (nibabel/MONAI letters).
+
+    Physical positions are unchanged, so world coordinates (e.g. LUNA16 candidates) still map
+    onto the same anatomy with :func:`dira3d.data.geometry.world_to_voxel`.
+    """
+    return sitk.DICOMOrient(image, "RAS")
+
+
+def write_nifti(image: sitk.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` to ``path`` (``.nii`` / ``.nii.gz``) atomically: temp file + ``os.replace``."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix not in (".nii", ".nii.gz"):
+        raise ValueError(f"{path}: write_nifti needs a .nii or .nii.gz path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)  # ITK picks the format by suffix
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=suffix == ".nii.gz")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_mask_matches(image: sitk.Image, mask: sitk.Image, image_path: str | os.PathLike,
+                       mask_path: str | os.PathLike, allow_empty: bool = False,
+                       tolerance: float = 1e-3) -> None:
+    """Check that ``mask`` lies on the voxel grid of ``image`` and is not empty.
+
+    Args:
+        tolerance: relative tolerance on spacing, on origin (in units of spacing) and absolute
+            tolerance on direction cosines; headers written by different tools differ by rounding.
+
+    Raises:
+        DataError: different size, spacing, origin or direction (names both files), or an empty
+            mask unless ``allow_empty``.
+    """
+    problems = []
+    if image.GetSize() != mask.GetSize():
+        problems.append(f"size {mask.GetSize()} vs image {image.GetSize()}")
+    spacing = np.asarray(image.GetSpacing())
+    if not np.allclose(mask.GetSpacing(), spacing, rtol=tolerance, atol=0):
+        problems.append(f"spacing {mask.GetSpacing()} vs image {image.GetSpacing()}")
+    if np.any(np.abs(np.subtract(mask.GetOrigin(), image.GetOrigin())) > tolerance * spacing.max() + 1e-4):
+        problems.append(f"origin {mask.GetOrigin()} vs image {image.GetOrigin()}")
+    if not np.allclose(mask.GetDirection(), image.GetDirection(), atol=max(tolerance, 1e-4)):
+        problems.append(f"direction {mask.GetDirection()} vs image {image.GetDirection()}")
+    if problems:
+        raise DataError(mask_path, f"mask does not match image {image_path}: " + "; ".join(problems)
+                        + "; the mask must share the image's voxel grid")
+    if not allow_empty and not sitk.GetArrayViewFromImage(mask).any():
+        raise DataError(mask_path, f"mask for image {image_path} is empty (all zero); exclude this case or fix the mask")
+
+
+def image_to_xyz(image: sitk.Image) -> np.ndarray:
+    """Voxel array in the project's ``(x, y, z)`` order (a copy)."""
+    return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+
+
+def xyz_to_image(array: np.ndarray, reference: sitk.Image | None = None) -> sitk.Image:
+    """Image from an ``(x, y, z)`` array, copying origin/spacing/direction from ``reference``."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
+    if reference is not None:
+        image.CopyInformation(reference)
+    return image

@@ -1,0 +1,56 @@
+"""Intensity normalisation to [0, 1]: a HU window for CT, percentiles for MR.
+
+A HU threshold on a normalised CT is ``(hu - lo) / (hi - lo)`` (−150 HU → 0.425 with the
+default window [−1000, 1000]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["window_hu", "normalize_mr"]
+
+
+def window_hu(array: np.ndarray, lo: float = -1000.0, hi: float = 1000.0) -> np.ndarray:
+    """Clip CT intensities to the HU window ``[lo, hi]`` and scale them linearly to [0, 1].
+
+    Returns:
+        float32 array of the same shape.
+
+    Raises:
+        ValueError: ``lo >= hi``.
+    """
+    if not lo < hi:
+        raise ValueError(f"HU window must satisfy lo < hi, got [{lo}, {hi}]; check the --window setting")
+    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def normalize_mr(array: np.ndarray, mask: np.ndarray | None = None, lower: float = 0.5,
+                 upper: float = 99.5) -> np.ndarray:
+    """Scale an MR volume to [0, 1] by the ``lower``/``upper`` percentiles of its foreground.
+
+    Args:
+        array: the volume.
+        mask: voxels the percentiles are taken from; by default the non-zero voxels (MR
+            background is zero after skull stripping or outside the field of view).
+        lower, upper: percentiles (0–100) mapped to 0 and 1; values beyond are clipped.
+
+    Returns:
+        float32 array of the same shape.
+
+    Raises:
+        ValueError: bad percentiles, an empty foreground, or a constant foreground.
+    """
+    if not 0 <= lower < upper <= 100:
+        raise ValueError(f"MR percentiles must satisfy 0 <= lower < upper <= 100, got ({lower}, {upper})")
+    data = np.asarray(array, dtype=np.float32)
+    select = data != 0 if mask is None else np.asarray(mask, dtype=bool)
+    values = data[select]
+    if values.size == 0:
+        raise ValueError("MR volume has no foreground voxels to take percentiles from (all zero or empty mask)")
+    p_lo, p_hi = np.percentile(values, [lower, upper])
+    if not p_hi > p_lo:
+        raise ValueError(f"MR volume is constant in its foreground (percentiles {p_lo} and {p_hi}); cannot normalise it")
+    out = (data - np.float32(p_lo)) / np.float32(p_hi - p_lo)
+    return np.clip(out, 0.0, 1.0, out=out)

@@ -1,0 +1,253 @@
+"""The batch runner every dataset preparation shares.
+
+A dataset module lists its work as :class:`Case` objects (an id, the files it will write, and
+the parameters its worker needs) and hands them to :func:`run_cases` with a ``process_fn``.
+The runner gives every dataset the same behaviour:
+
+- resumable: a case whose outputs all exist is ``"skipped"`` (an interrupted case, with only
+  some outputs present, is redone); ``overwrite=True`` redoes everything;
+- ``dry_run``: prints what would be written, writes nothing;
+- ``workers > 1``: a process pool (``process_fn`` and case params must be picklable:
+  a module-level function or a ``functools.partial`` of one);
+- a tqdm progress bar and a JSON report of every case (written / skipped / failed + reason);
+- without ``keep_going`` the first failure stops the batch (cases not started are reported as
+  ``"cancelled"``) and :func:`finish` returns 1; with it, every good case is still written, the
+  bad ones are reported and the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+__all__ = [
+    "Case",
+    "CaseResult",
+    "STATUSES",
+    "run_cases",
+    "add_common_arguments",
+    "finish",
+    "safe_case_path",
+    "write_json",
+    "write_datalist",
+]
+
+STATUSES = ("written", "skipped", "failed", "dry-run", "cancelled")
+
+
+@dataclass
+class Case:
+    """One unit of work: ``outputs`` are the files it writes (absolute paths)."""
+
+    case_id: str
+    outputs: list[Path]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CaseResult:
+    """What happened to a case. ``info`` holds what ``process_fn`` returned (e.g. counts)."""
+
+    case_id: str
+    status: str
+    outputs: list[str] = field(default_factory=list)
+    reason: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("written", "skipped")
+
+
+def safe_case_path(out_dir: str | os.PathLike, case_id: str, suffix: str = "") -> Path:
+    """``out_dir / (case_id + suffix)``, refusing ids that would escape ``out_dir``.
+
+    Raises:
+        ValueError: empty or absolute id, a ``..`` component, or a path resolving outside ``out_dir``.
+    """
+    if not case_id or os.path.isabs(case_id) or Path(case_id).is_absolute() or "\x00" in case_id:
+        raise ValueError(f"case id {case_id!r} is empty or absolute; case ids must be relative names")
+    if ".." in Path(case_id).parts or "\\" in case_id:
+        raise ValueError(f"case id {case_id!r} contains '..' or a backslash and could write outside {out_dir}; rename the case")
+    root = Path(out_dir).resolve()
+    path = root / f"{case_id}{suffix}"
+    if root not in path.resolve().parents:
+        raise ValueError(f"case id {case_id!r} resolves outside the output folder {root}; rename the case")
+    return Path(out_dir) / f"{case_id}{suffix}"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(obj, handle, indent=1, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta: dict) -> Path:
+    """Write a MONAI decathlon-style datalist with paths relative to its own folder.
+
+    Args:
+        path: the JSON file.
+        splits: ``{"training": [entry, ...], ...}``; an entry's ``"image"`` and a string/path
+            ``"label"`` are made relative to ``path``'s folder (absolute or ``Path`` values).
+        meta: stored as the top-level ``"meta"`` dict.
+    """
+    path = Path(path)
+    base = path.parent.resolve()
+
+    def rel(value: Any) -> Any:
+        if isinstance(value, Path) or (isinstance(value, str) and os.path.isabs(value)):
+            return Path(os.path.relpath(Path(value).resolve(), base)).as_posix()
+        return value
+
+    out: dict[str, Any] = {}
+    for split, entries in splits.items():
+        out[split] = [{k: (rel(v) if k in ("image", "label") else v) for k, v in e.items()} for e in entries]
+    out["meta"] = dict(meta)
+    return write_json(path, out)
+
+
+def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResult:
+    try:
+        info = process_fn(case) or {}
+    except Exception as err:  # a bad case must not stop the others; the reason goes to the report
+        # DataError / OSError messages already name the file; other errors need their type
+        reason = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
+        return CaseResult(case.case_id, "failed", [], reason)
+    missing = [str(p) for p in case.outputs if not Path(p).is_file()]
+    if missing:
+        return CaseResult(case.case_id, "failed", [], f"finished without writing {missing[:3]}")
+    return CaseResult(case.case_id, "written", [str(p) for p in case.outputs], info=dict(info))
+
+
+def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, out_dir: str | os.PathLike,
+              workers: int = 1, overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
+              report_path: str | os.PathLike | None = None, desc: str = "",
+              progress: bool = True) -> list[CaseResult]:
+    """Run ``process_fn`` on every case that still needs it and write a JSON report.
+
+    Args:
+        cases: the work; case ids must be unique.
+        process_fn: called once per case in a worker; writes ``case.outputs`` and may return a
+            dict recorded as the result's ``info``. It raises (ideally a ``DataError``) on bad input.
+        out_dir: the output root (created unless ``dry_run``).
+        workers: processes; 1 runs in this process.
+        overwrite: redo cases whose outputs exist.
+        dry_run: print the plan, write nothing (no report either).
+        keep_going: process every case despite failures.
+        report_path: JSON report (default ``out_dir/report.json``).
+        desc: label of the progress bar and the report.
+
+    Returns:
+        One :class:`CaseResult` per case, in the order of ``cases``.
+
+    Raises:
+        ValueError: duplicate case ids or ``workers < 1``.
+    """
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    ids = Counter(c.case_id for c in cases)
+    duplicates = [i for i, n in ids.items() if n > 1]
+    if duplicates:
+        raise ValueError(f"duplicate case ids {duplicates[:5]}: two inputs would write the same outputs; rename one")
+    results: dict[str, CaseResult] = {}
+    todo: list[Case] = []
+    for case in cases:
+        if case.outputs and not overwrite and all(Path(p).is_file() for p in case.outputs):
+            results[case.case_id] = CaseResult(case.case_id, "skipped", [str(p) for p in case.outputs],
+                                               "outputs exist (use --overwrite to redo)")
+        elif dry_run:
+            results[case.case_id] = CaseResult(case.case_id, "dry-run", [str(p) for p in case.outputs])
+            print(f"would write {case.case_id}: " + ", ".join(str(p) for p in case.outputs[:3])
+                  + (f" (+{len(case.outputs) - 3} more)" if len(case.outputs) > 3 else ""))
+        else:
+            todo.append(case)
+    if dry_run:
+        return [results[c.case_id] for c in cases]
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc=desc or "cases", unit="case", disable=not progress or not todo, file=sys.stderr)
+    stop = False
+    if workers == 1:
+        for case in todo:
+            if stop:
+                break
+            result = results[case.case_id] = _run_one(process_fn, case)
+            stop = result.status == "failed" and not keep_going
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            queue = list(reversed(todo))
+            running: dict[Any, Case] = {}
+            while (queue and not stop) or running:
+                while queue and not stop and len(running) < 2 * workers:  # bounded queue: stop early works
+                    case = queue.pop()
+                    running[pool.submit(_run_one, process_fn, case)] = case
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    case = running.pop(future)
+                    try:
+                        result = future.result()
+                    except Exception as err:  # the worker process itself died (e.g. out of memory)
+                        result = CaseResult(case.case_id, "failed", [], f"worker crashed: {err!r}")
+                    results[case.case_id] = result
+                    stop = stop or (result.status == "failed" and not keep_going)
+                    bar.update()
+    bar.close()
+    not_run = "not run: an earlier case failed (use --keep-going to process all)"
+    for case in todo:
+        results.setdefault(case.case_id, CaseResult(case.case_id, "cancelled", [], not_run))
+    ordered = [results[c.case_id] for c in cases]
+    counts = Counter(r.status for r in ordered)
+    report = {"desc": desc, "summary": {s: counts.get(s, 0) for s in STATUSES},
+              "cases": [asdict(r) for r in ordered]}
+    write_json(report_path or Path(out_dir) / "report.json", report)
+    return ordered
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--src --dst --workers --overwrite --dry-run --keep-going --report`` to ``parser``."""
+    parser.add_argument("--src", required=True, type=Path, help="the dataset as downloaded")
+    parser.add_argument("--dst", required=True, type=Path, help="output folder (volumes, datalists, report)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="process every case despite failures (failures are reported; exit code 0)")
+    parser.add_argument("--report", type=Path, default=None, help="JSON report path (default DST/report.json)")
+    return parser
+
+
+def finish(results: Iterable[CaseResult], keep_going: bool = False) -> int:
+    """Print a one-line summary plus each failure; return the exit code.
+
+    Returns:
+        1 when a case failed and ``keep_going`` is false, else 0.
+    """
+    results = list(results)
+    counts = Counter(r.status for r in results)
+    print(", ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s)) or "no cases")
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        print(f"FAILED {r.case_id}: {r.reason}", file=sys.stderr)
+    return 1 if failed and not keep_going else 0

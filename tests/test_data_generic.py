@@ -1,0 +1,112 @@
+"""Generic folder conversion: mixed formats, masks, bad files, and the real NRRD scans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from dira3d.cli import main as cli_main
+from dira3d.data import generic
+from dira3d.data.io import read_image, xyz_to_image
+
+
+def _mr(seed: int, shape=(24, 20, 10)) -> sitk.Image:
+    array = np.zeros(shape, np.float32)
+    array[4:20, 4:16, 2:8] = np.random.default_rng(seed).uniform(100, 900, size=(16, 12, 6))
+    image = xyz_to_image(array)
+    image.SetSpacing((1.0, 1.2, 3.0))
+    image.SetOrigin((10.0, -5.0, 40.0))
+    image.SetDirection((1, 0, 0, 0, 0, 1, 0, -1, 0))  # a sagittal-ish permutation
+    return image
+
+
+def test_generic_mixed_formats_masks_and_bad_files(tmp_path):
+    src = tmp_path / "scans"
+    (src / "site_b").mkdir(parents=True)
+    sitk.WriteImage(_mr(0), str(src / "a.nii.gz"))
+    sitk.WriteImage(_mr(1), str(src / "site_b" / "b.nrrd"))
+    sitk.WriteImage(_mr(2), str(src / "c.mhd"))
+    mask = sitk.Cast(_mr(0) > 500, sitk.sitkUInt8)
+    sitk.WriteImage(mask, str(src / "a_label.nii.gz"))
+    sitk.WriteImage(sitk.Image(10, 12, sitk.sitkFloat32), str(src / "flat.nrrd"))  # 2D
+    misaligned = sitk.Image(mask)
+    misaligned.SetOrigin((0.0, 0.0, 0.0))
+    sitk.WriteImage(_mr(3), str(src / "d.nrrd"))
+    sitk.WriteImage(misaligned, str(src / "d_label.nrrd"))
+    (src / "notes.txt").write_text("not a scan")
+    dst = tmp_path / "out"
+    results = generic.prepare(src, dst, modality="mr", label_suffix="_label", val_fraction=0.25, keep_going=True,
+                              progress=False)
+    status = {r.case_id: r for r in results}
+    assert set(status) == {"a", "site_b_b", "c", "flat", "d"}
+    assert status["flat"].status == "failed" and "flat.nrrd" in status["flat"].reason and "2D" in status["flat"].reason
+    assert status["d"].status == "failed" and "d_label.nrrd" in status["d"].reason and "d.nrrd" in status["d"].reason
+    assert all(status[k].status == "written" for k in ("a", "site_b_b", "c"))
+
+    datalist = json.loads((dst / "pretrain_datalist.json").read_text())
+    entries = datalist["training"] + datalist["validation"]
+    assert sorted(e["case_id"] for e in entries) == ["a", "c", "site_b_b"] and len(datalist["validation"]) == 1
+    for entry in entries:
+        img = nib.load(dst / entry["image"])
+        data = np.asarray(img.dataobj)
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and data.dtype == np.float32
+        assert data.min() == 0.0 and data.max() == 1.0
+    a = next(e for e in entries if e["case_id"] == "a")
+    label = np.asarray(nib.load(dst / a["label"]).dataobj)
+    image = np.asarray(nib.load(dst / a["image"]).dataobj)
+    assert label.sum() == np.count_nonzero(sitk.GetArrayFromImage(mask))
+    assert image[label == 1].min() > image[(label == 0) & (image > 0)].max() - 1e-6  # mask = bright voxels
+    # resumable: the good cases are skipped; the bad ones fail again
+    again = generic.prepare(src, dst, modality="mr", label_suffix="_label", keep_going=True, progress=False)
+    assert sorted(r.status for r in again) == ["failed", "failed", "skipped", "skipped", "skipped"]
+
+
+def test_generic_cli_errors(tmp_path, capsys):
+    assert cli_main(["prepare", "generic", "--src", str(tmp_path / "none"), "--dst", str(tmp_path / "o")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["prepare", "generic", "--src", str(tmp_path / "empty"), "--dst", str(tmp_path / "o")]) == 2
+    assert "no scans found" in capsys.readouterr().err
+
+
+def _lesion(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
+    """(voxel count, world centroid in RAS mm, voxel volume) of a NIfTI mask."""
+    img = nib.load(path)
+    idx = np.argwhere(np.asarray(img.dataobj) > 0)
+    return len(idx), (img.affine @ np.append(idx.mean(axis=0), 1))[:3], abs(np.linalg.det(img.affine[:3, :3]))
+
+
+@pytest.mark.parametrize("case,modality", [("lung1", "ct"), ("brain1", "mr")])
+def test_generic_on_real_scans(real_data, tmp_path, case, modality):
+    src = tmp_path / "src"
+    src.mkdir()
+    for kind in ("image", "label"):  # links, not copies: the shared folder stays untouched
+        (src / f"{case}_{kind}.nrrd").symlink_to(real_data / f"{case}_{kind}.nrrd")
+    dst = tmp_path / "out"
+    code = cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst), "--modality", modality,
+                     "--image-suffix", "_image", "--label-suffix", "_label", "--spacing", "1", "1", "2"])
+    assert code == 0
+    volume = nib.load(dst / "volumes" / f"{case}.nii.gz")
+    data = np.asarray(volume.dataobj)
+    assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+    assert np.allclose(volume.header.get_zooms(), (1, 1, 2))
+    assert data.dtype == np.float32 and data.min() >= 0 and data.max() <= 1 and data.std() > 0.1
+
+    source_mask = read_image(real_data / f"{case}_label.nrrd")
+    src_count = int(np.count_nonzero(sitk.GetArrayViewFromImage(source_mask)))
+    src_centroid_lps = np.array(source_mask.TransformContinuousIndexToPhysicalPoint(
+        tuple(np.argwhere(sitk.GetArrayViewFromImage(source_mask) > 0)[:, ::-1].mean(axis=0).tolist())))
+    count, centroid_ras, voxel_mm3 = _lesion(dst / "labels" / f"{case}.nii.gz")
+    assert voxel_mm3 == pytest.approx(2.0)
+    assert count * voxel_mm3 == pytest.approx(src_count * np.prod(source_mask.GetSpacing()), rel=0.25)
+    assert np.allclose(centroid_ras * [-1, -1, 1], src_centroid_lps, atol=2.0)  # same place in the patient
+    lesion = data[np.asarray(nib.load(dst / "labels" / f"{case}.nii.gz").dataobj) > 0]
+    if modality == "ct":  # a solid nodule in aerated lung: denser than most of the scan
+        assert np.median(lesion) > 0.35 and np.median(lesion) > np.median(data)
+    else:  # an enhancing lesion: brighter than the brain around it
+        assert np.median(lesion) > np.median(data[data > 0])

@@ -1,0 +1,186 @@
+"""LUNA16 preparation on a miniature tree in the official layout (MetaImage + CSVs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from dira3d.data import luna16
+from dira3d.data.io import image_to_xyz, read_image, xyz_to_image
+
+SIZE = (48, 40, 24)  # x, y, z
+# scan uid -> (subset, direction, origin, spacing, nodule voxel)
+SCANS = {
+    "1.3.6.1.4.1.14519.5.2.1.6279.6001.100": (0, (1, 0, 0, 0, 1, 0, 0, 0, 1), (-180.5, -160.25, -320.0), (0.7, 0.7, 2.5), (20, 17, 9)),
+    # a flipped, permuted direction and odd origin: the conversion must use the full geometry
+    "1.3.6.1.4.1.14519.5.2.1.6279.6001.200": (0, (0, -1, 0, 1, 0, 0, 0, 0, -1), (95.0, -140.0, 12.5), (0.8, 0.6, 2.0), (30, 12, 15)),
+    "1.3.6.1.4.1.14519.5.2.1.6279.6001.300": (5, (-1, 0, 0, 0, -1, 0, 0, 0, 1), (170.0, 150.0, -250.0), (0.75, 0.75, 1.25), (12, 25, 6)),
+    "1.3.6.1.4.1.14519.5.2.1.6279.6001.400": (7, (1, 0, 0, 0, 1, 0, 0, 0, 1), (-150.0, -150.0, -300.0), (0.7, 0.7, 2.5), (25, 20, 12)),
+}
+
+
+def _scan(direction, origin, spacing, nodule) -> sitk.Image:
+    hu = np.full(SIZE, -1000, np.int16)
+    hu[4:44, 4:36, 2:22] = -850  # lung
+    x, y, z = nodule
+    hu[x - 2:x + 3, y - 2:y + 3, z - 1:z + 2] = 100  # a small nodule ...
+    hu[x, y, z] = 600  # ... with a unique brightest centre voxel
+    image = xyz_to_image(hu)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+@pytest.fixture
+def luna_tree(tmp_path) -> tuple[Path, dict]:
+    src = tmp_path / "LUNA16"
+    rows = []
+    worlds = {}
+    for uid, (subset, direction, origin, spacing, nodule) in SCANS.items():
+        image = _scan(direction, origin, spacing, nodule)
+        (src / f"subset{subset}").mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(src / f"subset{subset}" / f"{uid}.mhd"))
+        world = image.TransformIndexToPhysicalPoint(nodule)
+        worlds[uid] = world
+        rows.append([uid, *world, 1])
+        rows.append([uid, *image.TransformIndexToPhysicalPoint((1, 1, 1)), 0])  # near a corner: padded cube
+        rows.append([uid, *image.TransformIndexToPhysicalPoint((8, 30, 20)), 0])
+        rows.append([uid, *image.TransformIndexToPhysicalPoint((40, 6, 4)), 0])
+    rows.append(["1.2.3.not.downloaded", 0.0, 0.0, 0.0, 0])
+    with open(src / "candidates_V2.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "class"])
+        writer.writerows(rows)
+    with open(src / "annotations.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+        writer.writerows([[uid, *w, 4.5] for uid, w in worlds.items()])
+    return src, worlds
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_luna16_volumes_cubes_and_datalists(luna_tree, tmp_path):
+    src, worlds = luna_tree
+    dst = tmp_path / "out"
+    results = luna16.prepare(src, dst, progress=False)
+    assert [r.status for r in results] == ["written"] * 4
+    pre = json.loads((dst / "pretrain_datalist.json").read_text())
+    assert {e["case_id"] for e in pre["training"]} == {u for u, s in SCANS.items() if s[0] == 0}
+    assert [e["case_id"] for e in pre["validation"]] == ["1.3.6.1.4.1.14519.5.2.1.6279.6001.300"]
+    assert [e["case_id"] for e in pre["test"]] == ["1.3.6.1.4.1.14519.5.2.1.6279.6001.400"]
+    assert sorted(k for k in pre if k.startswith("subset")) == ["subset0", "subset5", "subset7"]
+    assert pre["meta"]["window"] == [-1000, 1000] and pre["meta"]["orientation"] == "RAS"
+
+    for entry in pre["training"]:
+        vol = nib.load(dst / entry["image"])
+        assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
+        data = np.asarray(vol.dataobj)
+        assert data.dtype == np.float32 and data.min() == 0.0 and data.max() == pytest.approx(0.8)  # 600 HU
+
+    ncc = json.loads((dst / "ncc_datalist.json").read_text())
+    assert ncc["meta"]["candidate_scans_not_found"] == 1
+    split_ids = {name: {e["case_id"] for e in ncc[name]} for name in ("training", "validation", "test")}
+    assert not (split_ids["training"] & split_ids["validation"]) and not (split_ids["training"] & split_ids["test"])
+    assert not (split_ids["validation"] & split_ids["test"])
+    positives = [e for name in ("training", "validation", "test") for e in ncc[name] if e["label"] == 1]
+    assert len(positives) == 4 and sum(len(ncc[n]) for n in ("training", "validation", "test")) == 16
+    for entry in positives:
+        cube = _load(dst / entry["image"])
+        assert cube.shape == (64, 64, 32)
+        # the nodule's brightest voxel lands exactly at the cube's centre voxel, whatever the direction
+        assert np.unravel_index(np.argmax(cube), cube.shape) == (32, 32, 16)
+        assert cube[32, 32, 16] == pytest.approx(0.8) and entry["diameter_mm"] == 4.5
+        # the cube keeps its place in the world: its centre voxel maps back to the candidate (RAS = -x, -y, z)
+        affine = nib.load(dst / entry["image"]).affine
+        ras = affine @ np.array([32, 32, 16, 1.0])
+        assert np.allclose(ras[:3] * [-1, -1, 1], worlds[entry["case_id"]], atol=1e-3)
+    corner, lung, _ = [e for e in ncc["training"] if e["label"] == 0][:3]
+    assert np.all(_load(dst / corner["image"])[:, :, :15] == 0.0)  # 15 slices below the volume: padding (0 = air)
+    assert _load(dst / lung["image"])[32, 32, 16] == pytest.approx(0.075)  # -850 HU lung at the centre
+
+    again = luna16.prepare(src, dst, progress=False)
+    assert [r.status for r in again] == ["skipped"] * 4
+
+
+def test_luna16_negative_cap_and_resampling(luna_tree, tmp_path):
+    src, _ = luna_tree
+    dst = tmp_path / "capped"
+    luna16.prepare(src, dst, spacing=(1.0, 1.0, 1.0), max_negatives_per_scan=1, seed=3,
+                   splits={"training": [0, 5], "validation": [], "test": [7]}, progress=False)
+    ncc = json.loads((dst / "ncc_datalist.json").read_text())
+    entries = ncc["training"] + ncc["test"]
+    per_scan = {}
+    for e in entries:
+        per_scan.setdefault(e["case_id"], []).append(e["label"])
+    assert all(sorted(v) == [0, 1] for v in per_scan.values()) and len(per_scan) == 4
+    for e in entries:
+        if e["label"] == 1:
+            cube = _load(dst / e["image"])
+            bright = np.argwhere(cube > 0.5).mean(axis=0)
+            assert np.allclose(bright, (32, 32, 16), atol=1.0)  # still centred after resampling to 1 mm
+    vol = nib.load(dst / "volumes" / f"{ncc['training'][0]['case_id']}.nii.gz")
+    assert np.allclose(vol.header.get_zooms(), (1.0, 1.0, 1.0))
+    again = tmp_path / "capped2"
+    luna16.prepare(src, again, max_negatives_per_scan=1, seed=3, progress=False)
+    chosen = lambda d: sorted(e["candidate"] for n in ("training", "validation", "test")  # noqa: E731
+                              for e in json.loads((d / "ncc_datalist.json").read_text())[n])
+    assert chosen(dst) == chosen(again)  # the seeded choice does not depend on spacing or split
+
+
+def test_luna16_bad_scans_reported_rest_written(luna_tree, tmp_path, capsys):
+    src, _ = luna_tree
+    image = _scan((1, 0, 0, 0, 1, 0, 0, 0, 1), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (10, 10, 10))
+    sitk.WriteImage(image, str(src / "subset0" / "9.truncated.mhd"))
+    raw = src / "subset0" / "9.truncated.raw"
+    raw.write_bytes(raw.read_bytes()[:5000])
+    sitk.WriteImage(image, str(src / "subset5" / "9.noraw.mhd"))
+    (src / "subset5" / "9.noraw.raw").unlink()
+    dst = tmp_path / "out"
+    code = luna16.main(["--src", str(src), "--dst", str(dst), "--keep-going", "--max-negatives-per-scan", "0"])
+    assert code == 0
+    report = json.loads((dst / "report.json").read_text())
+    status = {c["case_id"]: c for c in report["cases"]}
+    assert status["9.truncated"]["status"] == "failed" and "9.truncated.raw" in status["9.truncated"]["reason"]
+    assert "truncated" in status["9.truncated"]["reason"]
+    assert status["9.noraw"]["status"] == "failed" and "9.noraw.raw" in status["9.noraw"]["reason"]
+    assert report["summary"]["written"] == 4
+    assert len(json.loads((dst / "pretrain_datalist.json").read_text())["training"]) == 2
+    assert "FAILED 9.noraw" in capsys.readouterr().err
+    # without --keep-going the failure gives a non-zero exit code
+    assert luna16.main(["--src", str(src), "--dst", str(tmp_path / "strict"), "--no-cubes"]) == 1
+    # dry run: nothing written
+    assert luna16.main(["--src", str(src), "--dst", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert not (tmp_path / "dry").exists()
+
+
+def test_luna16_layout_errors(tmp_path, capsys):
+    assert luna16.main(["--src", str(tmp_path), "--dst", str(tmp_path / "o")]) == 2
+    assert "subset0" in capsys.readouterr().err
+    (tmp_path / "subset0").mkdir()
+    (tmp_path / "candidates.csv").write_text("seriesuid,x,y,z,class\n")
+    with pytest.raises(ValueError, match=r"candidates\.csv.*coordX"):
+        luna16.prepare(tmp_path, tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="disjoint"):
+        luna16.prepare(tmp_path, tmp_path / "o", splits={"training": [0, 1], "validation": [1]}, progress=False)
+
+
+def test_written_volume_matches_source_voxels(luna_tree, tmp_path):
+    src, _ = luna_tree
+    uid = "1.3.6.1.4.1.14519.5.2.1.6279.6001.200"
+    luna16.prepare(src, tmp_path / "o", cubes=False, progress=False)
+    source = read_image(src / "subset0" / f"{uid}.mhd")
+    written = read_image(tmp_path / "o" / "volumes" / f"{uid}.nii.gz")
+    # same anatomy at the same world point: voxel (30, 12, 15) was the 600 HU nodule centre
+    point = source.TransformIndexToPhysicalPoint((30, 12, 15))
+    index = written.TransformPhysicalPointToIndex(point)
+    assert image_to_xyz(written)[index] == pytest.approx(0.8)
