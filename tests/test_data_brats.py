@@ -1,0 +1,103 @@
+"""BraTS 2018 preparation on tiny patients in the official HGG/ LGG/ layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dira3d.data import brats
+
+SHAPE = (12, 10, 8)
+ORDER = ("t1", "t1ce", "t2", "flair")
+
+
+def expected_normalised(volume: np.ndarray) -> np.ndarray:
+    """The documented rule, computed independently: 0.5 / 99.5 percentiles of the brain voxels."""
+    lo, hi = np.percentile(volume[volume != 0], [0.5, 99.5])
+    return np.where(volume != 0, np.clip((volume - lo) / (hi - lo), 0, 1), 0.0)
+
+
+def make_patient(root: Path, grade: str, pid: str, rng: np.random.Generator, skip: str = "") -> dict[str, np.ndarray]:
+    folder = root / grade / pid
+    folder.mkdir(parents=True)
+    brain = np.zeros(SHAPE, bool)
+    brain[2:10, 2:8, 1:7] = True
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[4:7, 3:6, 2:5] = 2
+    seg[5, 4, 3] = 4
+    seg[4, 3, 2] = 1
+    # each sequence has its own scale and its own spatial ramp, so a swapped channel is detected
+    ramps = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in SHAPE), indexing="ij")
+    arrays = {}
+    for m, kind in enumerate(ORDER):
+        ramp = ramps[m % 3] * (1 + m) + rng.normal(0, 0.3, SHAPE)
+        arrays[kind] = np.where(brain, 100.0 * (m + 1) + 5 * ramp + 40 * (seg > 0), 0.0).astype(np.float32)
+    arrays["seg"] = seg
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])  # RAS on disk: the prepared arrays keep the index order
+    for kind, array in arrays.items():
+        if kind != skip:
+            nib.save(nib.Nifti1Image(array, affine), folder / f"{pid}_{kind}.nii.gz")
+    return arrays
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, dict[str, dict[str, np.ndarray]]]:
+    rng = np.random.default_rng(0)
+    src = tmp_path / "MICCAI_BraTS_2018_Data_Training"
+    data = {}
+    for grade, pid in [("HGG", "Brats18_2013_2_1"), ("HGG", "Brats18_CBICA_AAB_1"), ("HGG", "Brats18_TCIA01_131_1"),
+                       ("LGG", "Brats18_2013_0_1")]:
+        data[pid] = make_patient(src, grade, pid, rng)
+    data["Brats18_TCIA09_141_1"] = make_patient(src, "LGG", "Brats18_TCIA09_141_1", rng, skip="t2")
+    return src, data
+
+
+def test_four_channels_normalised_mask_and_split(tree, tmp_path: Path) -> None:
+    src, data = tree
+    dst = tmp_path / "out"
+    results = brats.prepare(src, dst, keep_going=True, progress=False)
+    status = {r.case_id: r for r in results}
+    bad = status.pop("Brats18_TCIA09_141_1")
+    assert bad.status == "failed" and "Brats18_TCIA09_141_1_t2.nii.gz" in bad.reason
+    assert all(r.status == "written" for r in status.values())
+
+    datalist = json.loads((dst / "brats_datalist.json").read_text())
+    split = json.loads((dst / "split.json").read_text())
+    # 5 patients at 190 : 95 → 3 training, 2 test; disjoint; every patient (even the failed one) placed
+    assert len(split["training"]) == 3 and len(split["test"]) == 2
+    assert not set(split["training"]) & set(split["test"]) and len(set(split["training"] + split["test"])) == 5
+    for part in ("training", "test"):
+        assert {e["case_id"] for e in datalist[part]} == set(split[part]) - {"Brats18_TCIA09_141_1"}
+    entry = next(e for part in ("training", "test") for e in datalist[part] if e["case_id"] == "Brats18_2013_0_1")
+    assert entry["grade"] == "LGG" and datalist["meta"]["channels"] == list(ORDER)
+
+    image = nib.load(dst / entry["image"])
+    volume = image.get_fdata()
+    assert volume.shape == (*SHAPE, 4) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    source = data["Brats18_2013_0_1"]
+    for c, kind in enumerate(ORDER):
+        assert volume[..., c].min() == 0.0 and volume[..., c].max() == pytest.approx(1.0)
+        assert np.allclose(volume[..., c], expected_normalised(source[kind]), atol=1e-5), kind
+    mask = np.asarray(nib.load(dst / entry["label"]).dataobj)
+    assert mask.dtype == np.uint8 and np.array_equal(mask, (source["seg"] > 0).astype(np.uint8))
+
+
+
+def test_flair_only_is_3d_and_split_is_deterministic(tree, tmp_path: Path) -> None:
+    src, data = tree
+    results = brats.prepare(src, tmp_path / "flair", modalities=["flair"], progress=False)
+    assert [r.status for r in results] == ["written"] * 5  # the missing T2 is not needed
+    datalist = json.loads((tmp_path / "flair" / "brats_datalist.json").read_text())
+    entry = datalist["training"][0]
+    volume = nib.load(tmp_path / "flair" / entry["image"]).get_fdata()
+    assert volume.shape == SHAPE
+    assert np.allclose(volume, expected_normalised(data[entry["case_id"]]["flair"]), atol=1e-5)
+    first = json.loads((tmp_path / "flair" / "split.json").read_text())
+    brats.prepare(src, tmp_path / "again", modalities=["flair"], progress=False)
+    assert json.loads((tmp_path / "again" / "split.json").read_text()) == first
+    with pytest.raises(ValueError, match="--modalities"):
+        brats.prepare(src, tmp_path / "x", modalities=["flair", "dwi"])
