@@ -4,7 +4,7 @@ A grid of initialisations (random, L_dis only, L_dis + L_res, full DiRA, any che
 fractions × seeds is fine-tuned through one task bundle. Each finished run is appended to
 ``results.csv`` at once, so an interrupted experiment picks up where it stopped; the aggregation
 (mean ± std, t-tests against the baseline), a Markdown table and PNG plots are rewritten after
-every run.
+every run (the plots at the end).
 
 Config (YAML or JSON)::
 
@@ -122,14 +122,13 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
             writer.writerow(row)
         rows.append({k: str(v) for k, v in row.items()})
         log(f"[{i}/{len(todo)}] {method} labels={fraction:g} seed={seed}: {config['metric']}={row['value']:.4f}")
-        write_report(config, rows)
-    if not todo:
-        write_report(config, rows)
+        write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
+    write_report(config, rows)
     return rows
 
 
-def write_report(config: Mapping[str, Any], rows: list[dict]) -> str:
-    """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and the plots; returns the table."""
+def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True) -> str:
+    """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and (with ``plots``) the PNGs; returns the table."""
     out = Path(config["output_dir"])
     metric = config["metric"]
     values = [{"method": r["method"], "label_fraction": r["label_fraction"], "seed": r["seed"], metric: r["value"]}
@@ -141,7 +140,8 @@ def write_report(config: Mapping[str, Any], rows: list[dict]) -> str:
             f"against `{config['baseline']}` at the same label fraction.\n")
     (out / "table.md").write_text(table + note)
     (out / "summary.json").write_text(json.dumps([c.__dict__ for c in cells], indent=2))
-    _plot(cells, metric, list(config["methods"]), out)
+    if plots:
+        _plot(cells, metric, list(config["methods"]), out)
     return table
 
 
