@@ -19,8 +19,6 @@ DATASETS: dict[str, tuple[str, str]] = {
     "lidc": ("dira3d.data.lidc", "LIDC-IDRI DICOM + XML reads: nodule crops (NCS)"),
     "brats": ("dira3d.data.brats", "BraTS 2018: four MR sequences + tumour masks (BMS)"),
     "pecad": ("dira3d.data.pecad", "PE-CAD CTPA + candidate lists (ECC)"),
-    "chestxray14": ("dira3d.data.chestxray14", "NIH ChestX-ray14 PNGs + 14 labels + boxes (2D classification)"),
-    "chexpert": ("dira3d.data.chexpert", "CheXpert train/valid CSVs, uncertain-label policies (2D classification)"),
     "siim": ("dira3d.data.siim", "SIIM-ACR pneumothorax DICOM + RLE masks (2D segmentation)"),
     "montgomery": ("dira3d.data.montgomery", "Montgomery CXR PNG + left/right lung masks (2D segmentation)"),
     "chestxray14": ("dira3d.data.chestxray14", "ChestX-ray14 (2D): PNGs + multi-label datalist"),

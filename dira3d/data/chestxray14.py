@@ -1,0 +1,262 @@
+"""NIH ChestX-ray14 → resized 8-bit PNGs + a 14-label multi-label datalist (+ the boxed findings).
+
+Input (``--src``, any folder depth): the PNGs (``images/00000001_000.png``, also split over
+``images_001/images`` …), ``Data_Entry_2017_v2020.csv`` (or ``Data_Entry_2017.csv``),
+``train_val_list.txt``, ``test_list.txt`` and, optionally, ``BBox_List_2017.csv``.
+
+Output (``--dst``): ``images/<Image Index>.png`` (see :mod:`dira3d.data.cxr` for size and format),
+``chestxray14_datalist.json`` whose entries are ``{"image", "case_id": patient id, "label":
+[14 floats in LABELS order], "view": "PA"|"AP"}``; ``test`` is the official test list, and
+``training`` / ``validation`` are a seeded patient-level split of the official train_val list
+(default 10 % of its patients for validation), recorded in ``split.json``. With the box file,
+``bbox_datalist.json`` lists ``{"image", "case_id", "label": finding, "label_index", "box": [x, y,
+w, h]}`` with the box rescaled to the prepared image's pixels, under the split of its image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from dira3d.data.cxr import (
+    add_size_argument,
+    check_size,
+    patient_split,
+    read_csv_rows,
+    read_grey,
+    resize_image,
+    scale_box,
+    to_uint8,
+    write_png,
+)
+from dira3d.data.io import DataError
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.splits import write_split_file
+
+__all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
+
+# The standard order of the 14 labels (Wang et al. 2017 and every later paper).
+LABELS: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+NO_FINDING = "No Finding"
+# BBox_List_2017.csv spells one finding differently from Data_Entry_2017.csv
+_BOX_ALIASES = {"Infiltrate": "Infiltration"}
+_ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+_BOX_COLUMNS = ("Image Index", "Finding Label", "Bbox [x", "y", "w", "h]")
+
+
+def parse_findings(text: str, where: str = "") -> list[float]:
+    """Turn a ``Finding Labels`` cell (``"Cardiomegaly|Effusion"``, ``"No Finding"``) into 14 floats.
+
+    Raises:
+        DataError: an unknown finding (``where`` names the file and row).
+    """
+    vector = [0.0] * len(LABELS)
+    for name in (part.strip() for part in text.split("|")):
+        if name in ("", NO_FINDING):
+            continue
+        if name not in LABELS:
+            raise DataError(where or None, f"unknown finding {name!r}; expected {NO_FINDING!r} or one of {list(LABELS)}")
+        vector[LABELS.index(name)] = 1.0
+    return vector
+
+
+def _find_one(src: Path, patterns: tuple[str, ...], what: str, required: bool = True) -> Path | None:
+    for pattern in patterns:  # earlier patterns win (the v2020 data entry over the 2017 one)
+        found = sorted(src.rglob(pattern))
+        if found:
+            return found[0]
+    if required:
+        raise DataError(src, f"holds no {' or '.join(patterns)}; {what}")
+    return None
+
+
+def read_data_entry(path: str | Path) -> dict[str, dict]:
+    """``{image name: {"patient", "label", "view"}}`` from ``Data_Entry_2017*.csv``.
+
+    Raises:
+        DataError: missing columns, unknown findings, or an image listed twice.
+    """
+    entries: dict[str, dict] = {}
+    for number, row in enumerate(read_csv_rows(path, _ENTRY_COLUMNS), start=2):
+        name = row["Image Index"]
+        if name in entries:
+            raise DataError(path, f"row {number}: image {name} is listed twice; use the file as downloaded")
+        if not row["Patient ID"]:
+            raise DataError(path, f"row {number}: image {name} has no Patient ID")
+        entries[name] = {"patient": row["Patient ID"], "label": parse_findings(row["Finding Labels"], f"{path} row {number}"),
+                         "view": row.get("View Position", "")}
+    return entries
+
+
+def read_image_list(path: str | Path) -> list[str]:
+    """Image names of ``train_val_list.txt`` / ``test_list.txt`` (one per line, blanks ignored)."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_boxes(path: str | Path) -> list[dict]:
+    """Rows of ``BBox_List_2017.csv`` as ``{"image", "label", "label_index", "box": [x, y, w, h]}``.
+
+    ``Infiltrate`` (the box file's spelling) is mapped to ``Infiltration``.
+
+    Raises:
+        DataError: missing columns, non-numeric or non-positive box sizes, unknown findings.
+    """
+    boxes = []
+    for number, row in enumerate(read_csv_rows(path, _BOX_COLUMNS), start=2):
+        label = _BOX_ALIASES.get(row["Finding Label"], row["Finding Label"])
+        if label not in LABELS:
+            raise DataError(path, f"row {number}: unknown finding {row['Finding Label']!r}; expected one of {list(LABELS)}")
+        try:
+            box = [float(row[c]) for c in ("Bbox [x", "y", "w", "h]")]
+        except ValueError as err:
+            raise DataError(path, f"row {number}: box values must be numbers ({err})") from err
+        if box[2] <= 0 or box[3] <= 0:
+            raise DataError(path, f"row {number}: box {box} has a non-positive width or height")
+        boxes.append({"image": row["Image Index"], "label": label, "label_index": LABELS.index(label), "box": box})
+    return boxes
+
+
+def _index_images(src: Path, dst: Path, wanted: set[str]) -> dict[str, Path]:
+    """``{name: path}`` of the wanted PNGs under ``src``, ignoring anything under ``dst``."""
+    outside = str(dst.resolve()) + "/"
+    files: dict[str, Path] = {}
+    for path in src.rglob("*.png"):
+        if path.name not in wanted or str(path.resolve()).startswith(outside):
+            continue
+        if path.name in files:
+            raise DataError(path, f"duplicate of {files[path.name]}; keep one copy of each image")
+        files[path.name] = path
+    return files
+
+
+def _process(case: Case, size: int) -> dict:
+    array = read_grey(case.params["path"])
+    try:
+        array = to_uint8(array)
+    except ValueError as err:
+        raise DataError(case.params["path"], str(err)) from err
+    write_png(case.outputs[0], resize_image(array, size))
+    return {"shape": list(array.shape)}
+
+
+def _png_shape(path: Path) -> tuple[int, int]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # header only: the box scale needs the source size, not pixels
+    cols, rows = reader.GetSize()[:2]
+    return rows, cols
+
+
+def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: float = 0.1, seed: int = 0,
+            workers: int = 1, overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
+            report_path: str | Path | None = None, progress: bool = True) -> list[CaseResult]:
+    """Prepare ChestX-ray14 under ``dst`` (see the module docstring for the outputs).
+
+    Args:
+        size: output side in pixels (0 keeps 1024²).
+        val_fraction: fraction of the train_val patients held out for validation.
+        seed: seed of the patient-level split.
+
+    Returns:
+        One result per image that is both in the data entry file and on disk.
+
+    Raises:
+        DataError: a missing or malformed CSV / list, or no image found. ValueError: bad settings.
+    """
+    src, dst = Path(src), Path(dst)
+    size = check_size(size)
+    if not src.is_dir():
+        raise DataError(src, "is not a folder; --src must hold the ChestX-ray14 images and CSV files")
+    entry_csv = _find_one(src, ("Data_Entry_2017_v2020.csv", "Data_Entry_2017*.csv"), "download the label CSV")
+    entries = read_data_entry(entry_csv)
+    train_val = read_image_list(_find_one(src, ("train_val_list.txt",), "download the official split lists"))
+    test = read_image_list(_find_one(src, ("test_list.txt",), "download the official split lists"))
+    box_csv = _find_one(src, ("BBox_List_2017.csv",), "", required=False)
+    files = _index_images(src, dst, set(entries))
+    if not files:
+        raise DataError(src, f"holds none of the {len(entries)} PNG images named in {entry_csv.name}; "
+                             "extract the images_*.tar.gz archives under --src")
+    unknown = [n for n in train_val + test if n not in entries]
+    if unknown:
+        raise DataError(entry_csv, f"does not describe {len(unknown)} image(s) of the split lists, e.g. {unknown[:3]}; "
+                                   "use matching versions of the lists and the CSV")
+    overlap = set(train_val) & set(test)
+    if overlap:
+        raise DataError(src / "test_list.txt", f"shares {len(overlap)} image(s) with train_val_list.txt, e.g. "
+                                               f"{sorted(overlap)[:3]}")
+
+    names = sorted(files)
+    cases = [Case(Path(n).stem, [safe_case_path(dst / "images", Path(n).stem, ".png")], {"path": files[n], "name": n})
+             for n in names]
+    results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
+                        dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chestxray14",
+                        progress=progress)
+    if dry_run or any(r.status == "cancelled" for r in results):
+        return results
+
+    done = {case.params["name"]: case for case, result in zip(cases, results) if result.ok}
+    patients = sorted({entries[n]["patient"] for n in train_val if n in done})
+    split = patient_split(patients, val_fraction, seed=seed)
+    split_of_patient = {p: name for name, ids in split.items() for p in ids}
+    split_of_image = {n: split_of_patient[entries[n]["patient"]] for n in train_val if n in done}
+    split_of_image.update({n: "test" for n in test if n in done})
+    lists: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    for name in names:
+        if name in split_of_image:
+            entry = entries[name]
+            lists[split_of_image[name]].append({"image": done[name].outputs[0], "case_id": entry["patient"],
+                                                "label": entry["label"], "view": entry["view"]})
+    missing = len(entries) - len(files)
+    meta = {"dataset": "chestxray14", "labels": list(LABELS), "size": size, "image_format": "png uint8 grey",
+            "split": {"test": "official test_list.txt", "training/validation": "patient-level split of train_val_list.txt",
+                      "val_fraction": val_fraction, "seed": seed},
+            "images_missing_on_disk": missing, "source": str(src.resolve())}
+    if missing:
+        print(f"chestxray14: {missing} image(s) of {entry_csv.name} are not under {src} (partial download?); "
+              "they are left out", file=sys.stderr)
+    write_datalist(dst / "chestxray14_datalist.json", lists, meta)
+    write_split_file(dst / "split.json", split, {"method": "dira3d.data.cxr.patient_split", "seed": seed,
+                                                 "val_fraction": val_fraction, "of": "train_val_list.txt patients"})
+    if box_csv is not None:
+        boxed: dict[str, list[dict]] = defaultdict(list)
+        for box in read_boxes(box_csv):
+            name = box["image"]
+            if name not in done:
+                continue
+            shape = _png_shape(files[name])
+            boxed[split_of_image.get(name, "unlisted")].append(
+                {"image": done[name].outputs[0], "case_id": entries[name]["patient"], "label": box["label"],
+                 "label_index": box["label_index"], "box": scale_box(box["box"], shape, size)})
+        write_datalist(dst / "bbox_datalist.json", dict(boxed),
+                       {**meta, "box_format": "[x, y, w, h] in prepared-image pixels (x = column)"})
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dira3d prepare chestxray14", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    add_size_argument(parser)
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="fraction of the train_val patients held out for validation (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = prepare(args.src, args.dst, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
+                          workers=args.workers, overwrite=args.overwrite, dry_run=args.dry_run,
+                          keep_going=args.keep_going, report_path=args.report)
+    except ValueError as err:  # DataError included: bad layout or settings, before any case ran
+        print(f"dira3d prepare chestxray14: {err}", file=sys.stderr)
+        return 2
+    return finish(results, args.keep_going)

@@ -1,0 +1,242 @@
+"""CheXpert → resized 8-bit PNGs + a multi-label datalist with a chosen uncertain-label policy.
+
+Input (``--src``): the folder holding ``CheXpert-v1.0-small/`` (or that folder itself; the full
+resolution ``CheXpert-v1.0/`` works the same), with ``train.csv``, ``valid.csv`` and the JPEGs
+they name in their ``Path`` column.
+
+Label values: ``1.0`` positive, ``0.0`` negative, ``-1.0`` uncertain, blank = not mentioned → 0.
+Uncertain labels follow ``policy``: ``u-ones`` → 1, ``u-zeros`` → 0, ``lsr`` → a draw from
+U(0.55, 0.85) (label-smoothing of U-Ones, Pham et al. 2021; ``numpy.random.default_rng(seed)``,
+drawn in file order). Labels are the five evaluation pathologies by default (``FIVE``) or all
+fourteen observations (``ALL``). ``frontal_only`` drops lateral views.
+
+Output (``--dst``): ``images/<train|valid>/patientNNNNN/studyN/viewN_frontal.png`` and
+``chexpert_datalist.json``: ``test`` = the official ``valid.csv`` (radiologist consensus labels),
+``training`` / ``validation`` = a seeded patient-level split of ``train.csv``. Entries are
+``{"image", "case_id": "patientNNNNN", "label": [floats], "view": "Frontal"|"Lateral"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from dira3d.data.cxr import (
+    add_size_argument,
+    check_size,
+    patient_split,
+    read_csv_rows,
+    read_grey,
+    resize_image,
+    to_uint8,
+    write_png,
+)
+from dira3d.data.io import DataError
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.splits import write_split_file
+
+__all__ = ["ALL", "FIVE", "POLICIES", "LSR_RANGE", "apply_policy", "read_labels", "prepare", "main"]
+
+ALL: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+    "Support Devices",
+)
+# the competition's five evaluation pathologies, in the order the CheXpert paper reports them
+FIVE: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+POLICIES = ("u-ones", "u-zeros", "lsr")
+LSR_RANGE = (0.55, 0.85)
+_PATIENT = re.compile(r"patient\d+")
+
+
+def _value(cell: str, where: str) -> float:
+    if cell == "":
+        return 0.0  # not mentioned in the report: negative
+    try:
+        value = float(cell)
+    except ValueError:
+        value = float("nan")
+    if value not in (1.0, 0.0, -1.0):
+        raise DataError(None, f"{where}: label value {cell!r} is not 1.0, 0.0, -1.0 or blank")
+    return value
+
+
+def apply_policy(values: np.ndarray, policy: str, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Replace the uncertain (−1) entries of ``values`` according to ``policy``.
+
+    Args:
+        values: array of 1, 0, −1.
+        policy: ``"u-ones"``, ``"u-zeros"`` or ``"lsr"``.
+        rng: the generator ``lsr`` draws from (required for it), one draw per uncertain entry in
+            row-major order.
+
+    Returns:
+        A float32 copy with no −1 left.
+
+    Raises:
+        ValueError: unknown policy, or ``lsr`` without ``rng``.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"--policy {policy!r} is not known; choose one of {', '.join(POLICIES)}")
+    out = np.array(values, dtype=np.float32)
+    uncertain = out == -1.0
+    if policy == "u-ones":
+        out[uncertain] = 1.0
+    elif policy == "u-zeros":
+        out[uncertain] = 0.0
+    else:
+        if rng is None:
+            raise ValueError("policy 'lsr' draws random labels: pass rng=numpy.random.default_rng(seed)")
+        out[uncertain] = rng.uniform(*LSR_RANGE, size=int(uncertain.sum()))
+    return out
+
+
+def read_labels(csv_path: str | Path, labels: Sequence[str] = FIVE, frontal_only: bool = False) -> list[dict]:
+    """Rows of a CheXpert CSV as ``{"path", "patient", "view", "values": raw 1/0/−1 floats}``.
+
+    Raises:
+        DataError: missing columns, bad values or a path without ``patientNNNNN``.
+    """
+    rows = []
+    required = ("Path", "Frontal/Lateral", *labels)
+    for number, row in enumerate(read_csv_rows(csv_path, required), start=2):
+        if frontal_only and row["Frontal/Lateral"] != "Frontal":
+            continue
+        where = f"{csv_path} row {number}"
+        patient = _PATIENT.search(row["Path"])
+        if patient is None:
+            raise DataError(csv_path, f"row {number}: path {row['Path']!r} names no patientNNNNN folder")
+        rows.append({"path": row["Path"], "patient": patient.group(0), "view": row["Frontal/Lateral"],
+                     "values": [_value(row[name], f"{where}, column {name!r}") for name in labels]})
+    return rows
+
+
+def _resolve(csv_path: Path, relative: str) -> tuple[Path, str]:
+    """The image file of a ``Path`` cell, and its path below the dataset folder (``train/...jpg``)."""
+    parts = PurePosixPath(relative).parts
+    inner = PurePosixPath(*parts[1:]) if len(parts) > 1 else PurePosixPath(relative)
+    if ".." in parts or PurePosixPath(relative).is_absolute():
+        raise DataError(csv_path, f"Path {relative!r} is absolute or contains '..'; use the CSV as downloaded")
+    # the CSV paths start with the dataset folder name, which users sometimes rename
+    for candidate in (csv_path.parent.parent / relative, csv_path.parent / inner):
+        if candidate.is_file():
+            return candidate, inner.as_posix()
+    return csv_path.parent / inner, inner.as_posix()
+
+
+def _find_csvs(src: Path) -> tuple[Path, Path]:
+    for folder in [src, *sorted(p for p in src.iterdir() if p.is_dir())] if src.is_dir() else []:
+        if (folder / "train.csv").is_file() and (folder / "valid.csv").is_file():
+            return folder / "train.csv", folder / "valid.csv"
+    raise DataError(src, "holds no train.csv + valid.csv (in it or in CheXpert-v1.0-small/); point --src at the "
+                         "unzipped CheXpert download")
+
+
+def _process(case: Case, size: int) -> dict:
+    array = read_grey(case.params["path"])
+    try:
+        array = to_uint8(array)
+    except ValueError as err:
+        raise DataError(case.params["path"], str(err)) from err
+    write_png(case.outputs[0], resize_image(array, size))
+    return {"shape": list(array.shape)}
+
+
+def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels: Sequence[str] = FIVE,
+            frontal_only: bool = False, size: int = 512, val_fraction: float = 0.1, seed: int = 0,
+            workers: int = 1, overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
+            report_path: str | Path | None = None, progress: bool = True) -> list[CaseResult]:
+    """Prepare CheXpert under ``dst`` (see the module docstring for the outputs).
+
+    Args:
+        policy: uncertain-label policy (``POLICIES``).
+        labels: label columns, in order (default the five evaluation pathologies).
+        frontal_only: keep frontal views only.
+        size: output side in pixels (0 keeps the native size).
+        val_fraction: fraction of the train.csv patients held out for validation.
+        seed: seed of the patient-level split and of the ``lsr`` draws.
+
+    Raises:
+        DataError: missing or malformed CSVs. ValueError: bad settings.
+    """
+    src, dst = Path(src), Path(dst)
+    size = check_size(size)
+    apply_policy(np.zeros(1), policy, np.random.default_rng(0))  # validates the policy name up front
+    unknown = [name for name in labels if name not in ALL]
+    if unknown or not labels:
+        raise ValueError(f"--labels {list(labels)}: {unknown or 'none given'}; choose among {list(ALL)}")
+    train_csv, valid_csv = _find_csvs(src)
+    rng = np.random.default_rng(seed)
+    cases, records = [], {}
+    for split_name, csv_path in (("train", train_csv), ("test", valid_csv)):
+        rows = read_labels(csv_path, labels, frontal_only)
+        values = apply_policy(np.array([r["values"] for r in rows], np.float32).reshape(len(rows), len(labels)),
+                              policy, rng)
+        for row, label in zip(rows, values):
+            path, inner = _resolve(csv_path, row["path"])
+            case_id = str(PurePosixPath(inner).with_suffix(""))
+            if case_id in records:
+                raise DataError(csv_path, f"image {row['path']} is listed twice; use the CSV as downloaded")
+            records[case_id] = {"split": split_name, "patient": row["patient"], "view": row["view"],
+                                "label": [float(v) for v in label]}
+            cases.append(Case(case_id, [safe_case_path(dst / "images", case_id, ".png")], {"path": path}))
+    if not cases:
+        raise DataError(train_csv, "lists no image (after --frontal-only); nothing to prepare")
+    results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
+                        dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chexpert",
+                        progress=progress)
+    if dry_run or any(r.status == "cancelled" for r in results):
+        return results
+
+    done = {case.case_id: case for case, result in zip(cases, results) if result.ok}
+    patients = sorted({records[c]["patient"] for c in done if records[c]["split"] == "train"})
+    split = patient_split(patients, val_fraction, seed=seed)
+    split_of_patient = {p: name for name, ids in split.items() for p in ids}
+    lists: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    for case_id, case in done.items():
+        record = records[case_id]
+        name = "test" if record["split"] == "test" else split_of_patient[record["patient"]]
+        lists[name].append({"image": case.outputs[0], "case_id": record["patient"], "label": record["label"],
+                            "view": record["view"]})
+    meta = {"dataset": "chexpert", "labels": list(labels), "policy": policy, "lsr_range": list(LSR_RANGE),
+            "frontal_only": frontal_only, "size": size, "image_format": "png uint8 grey",
+            "split": {"test": "official valid.csv", "training/validation": "patient-level split of train.csv",
+                      "val_fraction": val_fraction, "seed": seed}, "source": str(src.resolve())}
+    write_datalist(dst / "chexpert_datalist.json", lists, meta)
+    write_split_file(dst / "split.json", split, {"method": "dira3d.data.cxr.patient_split", "seed": seed,
+                                                 "val_fraction": val_fraction, "of": "train.csv patients"})
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dira3d prepare chexpert", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    add_size_argument(parser)
+    parser.add_argument("--policy", choices=POLICIES, default="u-ones",
+                        help="uncertain (-1) labels: u-ones → 1, u-zeros → 0, lsr → U(0.55, 0.85) (default u-ones)")
+    parser.add_argument("--labels", choices=("five", "all"), default="five",
+                        help="the five evaluation pathologies (default) or all 14 observations")
+    parser.add_argument("--frontal-only", action="store_true", help="drop lateral views")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="fraction of the train.csv patients held out for validation (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the lsr draws (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = prepare(args.src, args.dst, policy=args.policy, labels=FIVE if args.labels == "five" else ALL,
+                          frontal_only=args.frontal_only, size=args.size, val_fraction=args.val_fraction,
+                          seed=args.seed, workers=args.workers, overwrite=args.overwrite, dry_run=args.dry_run,
+                          keep_going=args.keep_going, report_path=args.report)
+    except ValueError as err:  # DataError included: bad layout or settings, before any case ran
+        print(f"dira3d prepare chexpert: {err}", file=sys.stderr)
+        return 2
+    return finish(results, args.keep_going)

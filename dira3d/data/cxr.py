@@ -1,0 +1,254 @@
+"""Shared pieces of the 2D chest X-ray preparations (ChestX-ray14, CheXpert, SIIM-ACR, Montgomery).
+
+Every 2D dataset is written the same way (docs/data_2d.md):
+
+- images: 8-bit grey PNG, resized to ``size × size`` (default 512; ``size=0`` keeps the native
+  size). The aspect ratio is not kept, as in the reference 2D pipelines that resize straight to
+  224²; bundles resize further. Images that are not 8-bit (12/16-bit PNG, DICOM) are min-max scaled
+  to 0..255; ``MONOCHROME1`` DICOMs are read as ``MONOCHROME2`` (bone bright) by SimpleITK.
+- masks: PNG with values 0/1 (not 0/255), so that ``LoadImaged`` gives the label directly.
+- arrays in this module are ``(rows, cols)`` = ``(y, x)`` as in the PNG file. MONAI's
+  ``LoadImaged`` returns a PNG as ``(x, y)`` (width first), so a box ``[x, y, w, h]`` indexes
+  axis 0 of the loaded image with ``x``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.transforms import Resize
+from PIL import Image
+
+from dira3d.data.io import DataError
+from dira3d.data.splits import split_patients
+
+__all__ = [
+    "DEFAULT_SIZE",
+    "read_grey",
+    "to_uint8",
+    "resize_image",
+    "resize_mask",
+    "write_png",
+    "scale_box",
+    "read_csv_rows",
+    "add_size_argument",
+    "check_size",
+    "patient_split",
+]
+
+DEFAULT_SIZE = 512  # storage size: 2× the 224² training input, so bundles can crop/resize freely
+
+
+def read_grey(path: str | os.PathLike) -> np.ndarray:
+    """Read a 2D grey image (PNG, JPEG or single-file DICOM) through SimpleITK.
+
+    Colour images are averaged over their channels (an alpha channel is dropped). A ``MONOCHROME1``
+    DICOM comes back inverted to ``MONOCHROME2`` (bone bright): SimpleITK's GDCM reader does it,
+    so it must not be inverted again (tests/test_data_cxr.py pins this).
+
+    Args:
+        path: the image file.
+
+    Returns:
+        ``(rows, cols)`` array in the file's own dtype (``uint8`` for 8-bit files).
+
+    Raises:
+        DataError: unreadable file, or not a 2D image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "does not exist; check --src and the file names in the dataset's CSV")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise DataError(path, f"cannot be read as an image ({str(err).strip().splitlines()[-1][:200]}); "
+                              "re-download it or remove it from the list") from err
+    array = sitk.GetArrayFromImage(image)
+    channels = image.GetNumberOfComponentsPerPixel()
+    if channels > 1:  # RGB(A) export of a grey radiograph: average the colour channels
+        dtype = array.dtype
+        array = array[..., : 3 if channels >= 3 else 1].mean(axis=-1)
+        array = np.rint(array).astype(dtype) if np.issubdtype(dtype, np.integer) else array
+    if array.ndim == 3 and array.shape[0] == 1:  # single-frame DICOM read as a 1-slice volume
+        array = array[0]
+    if array.ndim != 2 or min(array.shape) < 2:
+        raise DataError(path, f"is not a 2D image (array shape {array.shape}); give one radiograph per file")
+    return array
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """8-bit version of a grey image: ``uint8`` is kept, anything else is min-max scaled to 0..255.
+
+    Raises:
+        ValueError: the image holds NaN or infinite values.
+    """
+    if array.dtype == np.uint8:
+        return array
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("image holds NaN or infinite values")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:  # a constant image stays constant (black)
+        return np.zeros(array.shape, np.uint8)
+    return np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _resize(array: np.ndarray, size: int, **kwargs) -> np.ndarray:
+    # MONAI works channel-first on (C, *spatial); our spatial axes are (rows, cols)
+    tensor = torch.as_tensor(np.asarray(array, np.float32))[None]
+    return np.asarray(Resize((size, size), **kwargs)(tensor))[0]
+
+
+def resize_image(array: np.ndarray, size: int) -> np.ndarray:
+    """Resize an 8-bit image to ``size × size`` (area averaging when shrinking, bilinear when enlarging).
+
+    Args:
+        array: ``(rows, cols)`` ``uint8`` image.
+        size: output side; 0 returns the image unchanged.
+
+    Returns:
+        ``uint8`` ``(size, size)`` image.
+    """
+    if size == 0 or array.shape == (size, size):
+        return array
+    if min(array.shape) >= size:
+        # area averaging: no aliasing, and (unlike a Gaussian pre-filter, which pads with zeros)
+        # no darkened border
+        resized = _resize(array, size, mode="area")
+    else:
+        resized = _resize(array, size, mode="bilinear", align_corners=False)
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a binary mask to ``size × size``: area-average the 0/1 values, keep those ≥ 0.5.
+
+    Args:
+        mask: ``(rows, cols)`` array, non-zero = foreground.
+        size: output side; 0 returns the mask (as 0/1 ``uint8``) unchanged in size.
+
+    Returns:
+        ``uint8`` mask with values 0/1.
+    """
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    if size == 0 or binary.shape == (size, size):
+        return binary
+    return (_resize(binary, size, mode="area") >= 0.5).astype(np.uint8)
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a ``uint8`` ``(rows, cols)`` array as a grey PNG, atomically (temp file + rename)."""
+    path = Path(path)
+    if array.dtype != np.uint8 or array.ndim != 2:
+        raise ValueError(f"{path}: expected a 2D uint8 array, got {array.dtype} {array.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(array, mode="L").save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def scale_box(box: Sequence[float], shape: Sequence[int], size: int) -> list[float]:
+    """Rescale a box ``[x, y, w, h]`` drawn on an image of ``shape = (rows, cols)`` to ``size × size``.
+
+    Returns:
+        ``[x · sx, y · sy, w · sx, h · sy]`` with ``sx = size / cols`` and ``sy = size / rows``
+        (the box unchanged when ``size`` is 0).
+    """
+    if size == 0:
+        return [float(v) for v in box]
+    sx, sy = size / shape[1], size / shape[0]
+    x, y, w, h = (float(v) for v in box)
+    return [x * sx, y * sy, w * sx, h * sy]
+
+
+def read_csv_rows(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str, str]]:
+    """Read a CSV into dicts keyed by its header (names stripped of spaces), checking columns.
+
+    Args:
+        path: the CSV file.
+        required: column names that must be present.
+
+    Returns:
+        One dict per row, values stripped of surrounding spaces.
+
+    Raises:
+        DataError: missing file, empty file or missing columns (listed, with those found).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "does not exist; it comes with the dataset download (check --src)")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(path, "is empty; re-download it")
+        names = [h.strip() for h in header]
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise DataError(path, f"lacks the column(s) {missing}; found {names}. Is this the right CSV?")
+        return [{n: v.strip() for n, v in zip(names, row)} for row in reader if any(v.strip() for v in row)]
+
+
+def add_size_argument(parser) -> None:
+    """Add ``--size`` (output side in pixels, 0 = keep) to an argparse parser."""
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                        help=f"resize images and masks to SIZE×SIZE pixels (default {DEFAULT_SIZE}; 0 keeps the "
+                             "native size)")
+
+
+def check_size(size: int) -> int:
+    """Return ``size`` if it is 0 or at least 8, else raise a ``ValueError`` naming ``--size``."""
+    if size != 0 and size < 8:
+        raise ValueError(f"--size {size} is too small; use 0 (keep the native size) or at least 8 (default "
+                         f"{DEFAULT_SIZE})")
+    return size
+
+
+def patient_split(patients: Sequence[str], val_fraction: float, test_fraction: float = 0.0,
+                  seed: int = 0) -> dict[str, list[str]]:
+    """Seeded patient-level split into training / validation (/ test) by fractions of the patients.
+
+    Uses :func:`dira3d.data.splits.split_patients` (sorted ids, ``default_rng(seed)`` permutation,
+    largest-remainder sizes), so the same ids and seed always give the same split.
+
+    Args:
+        patients: patient ids (duplicates are merged).
+        val_fraction: fraction of the patients for validation, in [0, 1).
+        test_fraction: fraction for test, in [0, 1); 0 makes no test part.
+        seed: permutation seed.
+
+    Returns:
+        ``{"training": [...], "validation": [...](, "test": [...])}``, disjoint, covering ``patients``.
+
+    Raises:
+        ValueError: fractions outside [0, 1) or summing to 1 or more (names the options).
+    """
+    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} {value} must be in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"--val-fraction {val_fraction} + --test-fraction {test_fraction} leave no training "
+                         "patients; make their sum smaller than 1")
+    parts = {"training": 1.0 - val_fraction - test_fraction, "validation": val_fraction}
+    if test_fraction > 0:
+        parts["test"] = test_fraction
+    ids = sorted(set(patients))
+    if not ids:
+        return {name: [] for name in parts}
+    # integer reference sizes in parts per million (split_patients scales them to len(ids))
+    return split_patients(ids, {k: int(round(v * 1_000_000)) for k, v in parts.items()}, seed=seed)

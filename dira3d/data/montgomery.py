@@ -1,0 +1,157 @@
+"""Montgomery County chest X-rays → resized 8-bit PNGs + merged lung masks + a segmentation datalist.
+
+Input (``--src``: ``MontgomerySet/`` or a folder above it): ``CXR_png/MCUCXR_0001_0.png`` (the
+last digit: 0 normal, 1 tuberculosis), ``ManualMask/leftMask/<same name>`` and
+``ManualMask/rightMask/<same name>``. The lung mask is left ∪ right (any non-zero pixel).
+
+Output (``--dst``): ``images/MCUCXR_0001_0.png``, ``masks/MCUCXR_0001_0.png`` (values 0/1) and
+``montgomery_datalist.json`` with ``{"image", "label": mask, "case_id": "MCUCXR_0001",
+"tuberculosis": 0|1}``; training / validation / test are a seeded split of the patients
+(default 70 / 10 / 20 %, recorded in ``split.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from dira3d.data.cxr import (
+    add_size_argument,
+    check_size,
+    patient_split,
+    read_grey,
+    resize_image,
+    resize_mask,
+    to_uint8,
+    write_png,
+)
+from dira3d.data.io import DataError
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.splits import write_split_file
+
+__all__ = ["find_cases", "merge_lungs", "prepare", "main"]
+
+_NAME = re.compile(r"(MCUCXR_\d+)_([01])\.png")
+
+
+def find_cases(src: str | Path) -> dict[str, dict]:
+    """``{stem: {"image", "left", "right", "patient", "tuberculosis"}}`` for every ``CXR_png`` image.
+
+    Raises:
+        DataError: no ``CXR_png`` folder, no image in it, or an image without one of its masks.
+    """
+    src = Path(src)
+    folders = sorted(src.rglob("CXR_png")) if src.is_dir() else []
+    if src.name == "CXR_png":
+        folders = [src]
+    if not folders:
+        raise DataError(src, "holds no CXR_png folder; point --src at MontgomerySet (with CXR_png and ManualMask)")
+    root = folders[0].parent
+    cases: dict[str, dict] = {}
+    for path in sorted(folders[0].glob("*.png")):
+        match = _NAME.fullmatch(path.name)
+        if not match:
+            continue
+        masks = {side: root / "ManualMask" / f"{side}Mask" / path.name for side in ("left", "right")}
+        for side, mask in masks.items():
+            if not mask.is_file():
+                raise DataError(mask, f"is missing: {path.name} needs its {side} lung mask in ManualMask/{side}Mask")
+        cases[path.stem] = {"image": path, **masks, "patient": match.group(1), "tuberculosis": int(match.group(2))}
+    if not cases:
+        raise DataError(folders[0], "holds no MCUCXR_NNNN_D.png image")
+    return cases
+
+
+def merge_lungs(left: np.ndarray, right: np.ndarray, where: str = "") -> np.ndarray:
+    """Union of the left and right lung masks (non-zero = lung) as ``uint8`` 0/1.
+
+    Raises:
+        DataError: the two masks differ in shape (``where`` names the files).
+    """
+    if left.shape != right.shape:
+        raise DataError(where or None, f"left mask {left.shape} and right mask {right.shape} differ in size")
+    return ((left > 0) | (right > 0)).astype(np.uint8)
+
+
+def _process(case: Case, size: int) -> dict:
+    image = read_grey(case.params["image"])
+    left, right = read_grey(case.params["left"]), read_grey(case.params["right"])
+    lungs = merge_lungs(left, right, f"{case.params['left']} / {case.params['right']}")
+    if lungs.shape != image.shape:
+        raise DataError(case.params["left"], f"mask size {lungs.shape} differs from the image's {image.shape} "
+                                             f"({case.params['image']})")
+    if not lungs.any():
+        raise DataError(case.params["left"], "left and right lung masks are both empty")
+    try:
+        image = to_uint8(image)
+    except ValueError as err:
+        raise DataError(case.params["image"], str(err)) from err
+    write_png(case.outputs[1], resize_mask(lungs, size))
+    write_png(case.outputs[0], resize_image(image, size))
+    return {"lung_pixels": int(lungs.sum())}
+
+
+def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: float = 0.1,
+            test_fraction: float = 0.2, seed: int = 0, workers: int = 1, overwrite: bool = False,
+            dry_run: bool = False, keep_going: bool = False, report_path: str | Path | None = None,
+            progress: bool = True) -> list[CaseResult]:
+    """Prepare the Montgomery set under ``dst`` (see the module docstring for the outputs).
+
+    Raises:
+        DataError: bad layout. ValueError: bad settings.
+    """
+    src, dst = Path(src), Path(dst)
+    size = check_size(size)
+    patient_split([], val_fraction, test_fraction)  # validates the fractions before any work
+    found = find_cases(src)
+    cases = [Case(stem, [safe_case_path(dst / "images", stem, ".png"), safe_case_path(dst / "masks", stem, ".png")],
+                  info) for stem, info in found.items()]
+    results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
+                        dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="montgomery",
+                        progress=progress)
+    if dry_run or any(r.status == "cancelled" for r in results):
+        return results
+    done = [case for case, result in zip(cases, results) if result.ok]
+    split = patient_split([c.params["patient"] for c in done], val_fraction, test_fraction, seed)
+    split_of_patient = {p: name for name, ids in split.items() for p in ids}
+    lists: dict[str, list[dict]] = {name: [] for name in split}
+    for case in done:
+        lists[split_of_patient[case.params["patient"]]].append(
+            {"image": case.outputs[0], "label": case.outputs[1], "case_id": case.params["patient"],
+             "tuberculosis": case.params["tuberculosis"]})
+    meta = {"dataset": "montgomery", "size": size, "image_format": "png uint8 grey", "mask_format": "png uint8 0/1",
+            "label": "left ∪ right lung", "split": {"method": "patient-level", "val_fraction": val_fraction,
+                                                    "test_fraction": test_fraction, "seed": seed},
+            "source": str(src.resolve())}
+    write_datalist(dst / "montgomery_datalist.json", lists, meta)
+    write_split_file(dst / "split.json", split, {"method": "dira3d.data.cxr.patient_split", "seed": seed,
+                                                 "val_fraction": val_fraction, "test_fraction": test_fraction})
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dira3d prepare montgomery", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    add_size_argument(parser)
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation (0.1)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = prepare(args.src, args.dst, size=args.size, val_fraction=args.val_fraction,
+                          test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
+                          overwrite=args.overwrite, dry_run=args.dry_run, keep_going=args.keep_going,
+                          report_path=args.report)
+    except ValueError as err:  # DataError included: bad layout or settings, before any case ran
+        print(f"dira3d prepare montgomery: {err}", file=sys.stderr)
+        return 2
+    return finish(results, args.keep_going)

@@ -1,0 +1,192 @@
+"""SIIM-ACR Pneumothorax → resized 8-bit PNGs + 0/1 pneumothorax masks + a segmentation datalist.
+
+Input (``--src``, any depth): ``dicom-images-train/<study>/<series>/<SOPInstanceUID>.dcm`` and
+``train-rle.csv`` (``ImageId, EncodedPixels``; ``-1`` = no pneumothorax; one row per component,
+several rows of one image are merged). The RLE is decoded by :mod:`dira3d.data.rle` with the
+DICOM's own size. Images listed in the CSV without a DICOM are left out (counted in the meta);
+DICOMs absent from the CSV (the unlabelled test images) are ignored.
+
+Output (``--dst``): ``images/<ImageId>.png``, ``masks/<ImageId>.png`` (values 0/1) and
+``siim_datalist.json`` with ``{"image", "label": mask, "case_id": DICOM PatientID, "pneumothorax":
+0|1}``; training / validation / test are a seeded patient-level split (default 70 / 10 / 20 %
+of the patients, recorded in ``split.json``), as the challenge's test labels are not public.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from dira3d.data.cxr import (
+    add_size_argument,
+    check_size,
+    patient_split,
+    read_csv_rows,
+    read_grey,
+    resize_image,
+    resize_mask,
+    to_uint8,
+    write_png,
+)
+from dira3d.data.io import DataError
+from dira3d.data.rle import decode_rle
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.splits import write_split_file
+
+__all__ = ["read_rle_csv", "read_patient_id", "decode_masks", "prepare", "main"]
+
+
+def read_rle_csv(path: str | Path) -> dict[str, list[str]]:
+    """``{ImageId: [rle, ...]}`` from ``train-rle.csv`` (file order; ``"-1"`` rows kept).
+
+    Raises:
+        DataError: missing columns or an empty ``ImageId``.
+    """
+    masks: dict[str, list[str]] = defaultdict(list)
+    for number, row in enumerate(read_csv_rows(path, ("ImageId", "EncodedPixels")), start=2):
+        if not row["ImageId"]:
+            raise DataError(path, f"row {number} has an empty ImageId")
+        masks[row["ImageId"]].append(row["EncodedPixels"])
+    return dict(masks)
+
+
+def read_patient_id(path: str | Path) -> str:
+    """The DICOM ``PatientID`` (0010,0020) of ``path``, read from the header only.
+
+    Raises:
+        DataError: unreadable header or no PatientID.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DataError(path, "is not a readable DICOM file; re-download it") from err
+    patient = reader.GetMetaData("0010|0020").strip() if reader.HasMetaDataKey("0010|0020") else ""
+    if not patient:
+        raise DataError(path, "has no PatientID (0010,0020); the patient-level split needs it")
+    return patient
+
+
+def decode_masks(rles: list[str], shape: tuple[int, int], where: str = "") -> np.ndarray:
+    """Union of the decoded RLE components of one image, ``uint8`` 0/1 of ``shape``.
+
+    Raises:
+        DataError: a component that cannot be decoded (``where`` names the CSV and image).
+    """
+    mask = np.zeros(shape, np.uint8)
+    for rle in rles:
+        try:
+            mask |= decode_rle(rle, shape)
+        except ValueError as err:
+            raise DataError(where or None, str(err)) from err
+    return mask
+
+
+def _process(case: Case, size: int) -> dict:
+    path = case.params["path"]
+    array = read_grey(path)
+    mask = decode_masks(case.params["rles"], array.shape, f"{case.params['csv']} ImageId {case.case_id}")
+    try:
+        array = to_uint8(array)
+    except ValueError as err:
+        raise DataError(path, str(err)) from err
+    write_png(case.outputs[1], resize_mask(mask, size))
+    write_png(case.outputs[0], resize_image(array, size))
+    return {"pixels": int(mask.sum())}
+
+
+def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: float = 0.1,
+            test_fraction: float = 0.2, seed: int = 0, workers: int = 1, overwrite: bool = False,
+            dry_run: bool = False, keep_going: bool = False, report_path: str | Path | None = None,
+            progress: bool = True) -> list[CaseResult]:
+    """Prepare SIIM-ACR under ``dst`` (see the module docstring for the outputs).
+
+    Args:
+        size: output side in pixels (0 keeps 1024²).
+        val_fraction, test_fraction: fractions of the patients for validation and test.
+        seed: seed of the patient-level split.
+
+    Raises:
+        DataError: no CSV, no DICOM, malformed CSV or DICOM header. ValueError: bad settings.
+    """
+    src, dst = Path(src), Path(dst)
+    size = check_size(size)
+    patient_split([], val_fraction, test_fraction)  # validates the fractions before any work
+    if not src.is_dir():
+        raise DataError(src, "is not a folder; --src must hold train-rle.csv and dicom-images-train/")
+    csvs = sorted(src.rglob("train-rle.csv"))
+    if not csvs:
+        raise DataError(src, "holds no train-rle.csv; download it with the DICOM images")
+    csv_path = csvs[0]
+    rles = read_rle_csv(csv_path)
+    dicoms: dict[str, Path] = {}
+    for path in sorted(src.rglob("*.dcm")):
+        if path.stem in rles:
+            if path.stem in dicoms:
+                raise DataError(path, f"duplicate of {dicoms[path.stem]}; keep one copy of each DICOM")
+            dicoms[path.stem] = path
+    if not dicoms:
+        raise DataError(src, f"holds none of the {len(rles)} DICOM files named in {csv_path.name}; extract "
+                             "dicom-images-train under --src")
+    cases = []
+    for image_id in sorted(dicoms):
+        outputs = [safe_case_path(dst / "images", image_id, ".png"), safe_case_path(dst / "masks", image_id, ".png")]
+        cases.append(Case(image_id, outputs, {"path": dicoms[image_id], "rles": rles[image_id], "csv": csv_path}))
+    results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
+                        dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="siim",
+                        progress=progress)
+    if dry_run or any(r.status == "cancelled" for r in results):
+        return results
+
+    done = [case for case, result in zip(cases, results) if result.ok]
+    patient_of = {case.case_id: read_patient_id(case.params["path"]) for case in done}
+    split = patient_split(list(patient_of.values()), val_fraction, test_fraction, seed)
+    split_of_patient = {p: name for name, ids in split.items() for p in ids}
+    lists: dict[str, list[dict]] = {name: [] for name in split}
+    for case in done:
+        patient = patient_of[case.case_id]
+        positive = any(r.strip() not in ("", "-1") for r in case.params["rles"])
+        lists[split_of_patient[patient]].append({"image": case.outputs[0], "label": case.outputs[1],
+                                                 "case_id": patient, "pneumothorax": int(positive)})
+    missing = len(rles) - len(dicoms)
+    if missing:
+        print(f"siim: {missing} ImageId(s) of {csv_path.name} have no DICOM under {src}; they are left out",
+              file=sys.stderr)
+    meta = {"dataset": "siim-acr", "size": size, "image_format": "png uint8 grey", "mask_format": "png uint8 0/1",
+            "rle": "relative starts, column-major (Kaggle)", "images_without_dicom": missing,
+            "split": {"method": "patient-level", "val_fraction": val_fraction, "test_fraction": test_fraction,
+                      "seed": seed}, "source": str(src.resolve())}
+    write_datalist(dst / "siim_datalist.json", lists, meta)
+    write_split_file(dst / "split.json", split, {"method": "dira3d.data.cxr.patient_split", "seed": seed,
+                                                 "val_fraction": val_fraction, "test_fraction": test_fraction})
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dira3d prepare siim", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    add_size_argument(parser)
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation (0.1)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = prepare(args.src, args.dst, size=args.size, val_fraction=args.val_fraction,
+                          test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
+                          overwrite=args.overwrite, dry_run=args.dry_run, keep_going=args.keep_going,
+                          report_path=args.report)
+    except ValueError as err:  # DataError included: bad layout or settings, before any case ran
+        print(f"dira3d prepare siim: {err}", file=sys.stderr)
+        return 2
+    return finish(results, args.keep_going)

@@ -1,0 +1,227 @@
+"""ChestX-ray14 and CheXpert preparation on tiny datasets in the official layouts."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dira3d.data import chestxray14, chexpert
+from dira3d.data.cxr import read_grey, resize_mask, scale_box, to_uint8
+from dira3d.data.io import DataError
+
+# ---------------------------------------------------------------- ChestX-ray14
+
+ENTRY_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+                "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
+# image, findings, patient
+ENTRIES = [
+    ("00000001_000.png", "Cardiomegaly", "1"),
+    ("00000001_001.png", "Cardiomegaly|Emphysema", "1"),
+    ("00000002_000.png", "No Finding", "2"),
+    ("00000003_000.png", "Hernia|Infiltration|Atelectasis", "3"),
+    ("00000004_000.png", "Effusion", "4"),
+    ("00000005_000.png", "No Finding", "5"),
+    ("00000006_000.png", "Pleural_Thickening", "6"),
+    ("00000007_000.png", "Infiltration", "7"),
+]
+TEST = ["00000006_000.png", "00000007_000.png"]
+BOX = (16.0, 8.0, 20.0, 12.0)  # x, y, w, h on the 64² source image of 00000007_000
+
+
+def _write_csv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _nih_layout(root):
+    for i, (name, findings, patient) in enumerate(ENTRIES):
+        folder = root / f"images_00{1 + i % 2}" / "images"  # the archives extract to two folders here
+        folder.mkdir(parents=True, exist_ok=True)
+        image = np.full((64, 64), 20, np.uint8)
+        if name == "00000007_000.png":
+            x, y, w, h = map(int, BOX)
+            image[y:y + h, x:x + w] = 230  # bright where the box is: x = column, y = row
+        Image.fromarray(image).save(folder / name)
+    _write_csv(root / "Data_Entry_2017_v2020.csv", ENTRY_HEADER,
+               [[n, f, 0, p, 50, "M", "PA", 2500, 2048, 0.14, 0.14] for n, f, p in ENTRIES])
+    (root / "train_val_list.txt").write_text("\n".join(n for n, _, _ in ENTRIES if n not in TEST) + "\n")
+    (root / "test_list.txt").write_text("\n".join(TEST) + "\n")
+    # the real file: "Infiltrate" spelling, split header of the box, trailing empty columns
+    _write_csv(root / "BBox_List_2017.csv", ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""],
+               [["00000007_000.png", "Infiltrate", *BOX, "", "", ""]])
+    return root
+
+
+def test_parse_findings_by_value():
+    vector = chestxray14.parse_findings("Hernia|Infiltration|Atelectasis")
+    assert vector == [1.0, 0, 0, 1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0]
+    assert chestxray14.parse_findings("No Finding") == [0.0] * 14
+    with pytest.raises(DataError, match="Infiltrate"):
+        chestxray14.parse_findings("Infiltrate", "Data_Entry.csv row 3")
+
+
+def test_chestxray14_prepare(tmp_path):
+    src, dst = _nih_layout(tmp_path / "nih"), tmp_path / "out"
+    results = chestxray14.prepare(src, dst, size=32, val_fraction=0.4, seed=3, progress=False)
+    assert [r.status for r in results] == ["written"] * len(ENTRIES)
+    datalist = json.loads((dst / "chestxray14_datalist.json").read_text())
+    by_image = {e["image"]: e for split in ("training", "validation", "test") for e in datalist[split]}
+    assert len(by_image) == len(ENTRIES)
+    assert by_image["images/00000003_000.png"]["label"] == chestxray14.parse_findings("Atelectasis|Infiltration|Hernia")
+    assert by_image["images/00000001_001.png"]["label"][1] == 1.0 and by_image["images/00000001_001.png"]["label"][10] == 1.0
+    assert by_image["images/00000001_001.png"]["case_id"] == "1"
+    # official test list; patient-level split of the rest (5 train_val patients, 40 % → 2 for validation)
+    assert sorted(e["image"] for e in datalist["test"]) == [f"images/{n}" for n in TEST]
+    train_patients = {e["case_id"] for e in datalist["training"]}
+    val_patients = {e["case_id"] for e in datalist["validation"]}
+    assert not train_patients & val_patients and len(val_patients) == 2 and len(train_patients) == 3
+    assert datalist["meta"]["labels"][3] == "Infiltration" and datalist["meta"]["size"] == 32
+    png = np.asarray(Image.open(dst / "images/00000002_000.png"))
+    assert png.shape == (32, 32) and png.dtype == np.uint8 and np.all(png == 20)
+    # the box, rescaled ×0.5, still frames the bright rectangle of the resized image
+    boxes = json.loads((dst / "bbox_datalist.json").read_text())
+    (box,) = boxes["test"]
+    assert box["label"] == "Infiltration" and box["label_index"] == 3 and box["case_id"] == "7"
+    assert box["box"] == [8.0, 4.0, 10.0, 6.0]
+    x, y, w, h = map(int, box["box"])
+    image = np.asarray(Image.open(dst / box["image"])).astype(float)
+    inside = image[y + 1:y + h - 1, x + 1:x + w - 1]
+    outside = image.copy()
+    outside[max(y - 1, 0):y + h + 1, max(x - 1, 0):x + w + 1] = np.nan
+    assert inside.min() > 200 and np.nanmax(outside) < 40
+    # same seed → same split; a second run resumes (all skipped)
+    again = chestxray14.prepare(src, dst, size=32, val_fraction=0.4, seed=3, progress=False)
+    assert {r.status for r in again} == {"skipped"}
+    assert json.loads((dst / "chestxray14_datalist.json").read_text())["validation"] == datalist["validation"]
+
+
+def test_chestxray14_errors(tmp_path):
+    src = _nih_layout(tmp_path / "nih")
+    (src / "test_list.txt").write_text("99999999_000.png\n")
+    with pytest.raises(DataError, match="does not describe 1 image"):
+        chestxray14.prepare(src, tmp_path / "out", progress=False)
+    (src / "test_list.txt").unlink()
+    with pytest.raises(DataError, match="test_list.txt"):
+        chestxray14.prepare(src, tmp_path / "out", progress=False)
+    assert chestxray14.main(["--src", str(src), "--dst", str(tmp_path / "o"), "--size", "4"]) == 2
+
+
+# ---------------------------------------------------------------- CheXpert
+
+CHEX_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *chexpert.ALL]
+
+
+def _chex_row(path, view, values):
+    """``values``: {label: cell text}; other labels blank."""
+    return [path, "Female", 60, view, "AP" if view == "Frontal" else "", *[values.get(n, "") for n in chexpert.ALL]]
+
+
+def _chexpert_layout(root):
+    base = root / "CheXpert-v1.0-small"
+    train = [
+        _chex_row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal",
+                  {"Atelectasis": "-1.0", "Cardiomegaly": "1.0", "Edema": "0.0", "No Finding": ""}),
+        _chex_row("CheXpert-v1.0-small/train/patient00001/study1/view2_lateral.jpg", "Lateral",
+                  {"Atelectasis": "-1.0", "Cardiomegaly": "1.0"}),
+        _chex_row("CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg", "Frontal",
+                  {"Pleural Effusion": "-1.0", "Consolidation": "-1.0", "No Finding": "1.0"}),
+        _chex_row("CheXpert-v1.0-small/train/patient00003/study2/view1_frontal.jpg", "Frontal",
+                  {"Edema": "1.0", "Fracture": "-1.0"}),
+    ]
+    valid = [_chex_row("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", "Frontal",
+                       {"Atelectasis": "0.0", "Cardiomegaly": "1.0", "Consolidation": "0.0", "Edema": "0.0",
+                        "Pleural Effusion": "1.0"})]
+    for rows, name in ((train, "train.csv"), (valid, "valid.csv")):
+        _write_csv(base / name, CHEX_HEADER, rows)
+        for row in rows:
+            path = root / row[0]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((40, 48), 128, np.uint8)).save(path, quality=95)
+    return root
+
+
+def test_apply_policy_by_value():
+    values = np.array([[1, -1, 0], [-1, 0, -1]], np.float32)
+    np.testing.assert_array_equal(chexpert.apply_policy(values, "u-ones"), [[1, 1, 0], [1, 0, 1]])
+    np.testing.assert_array_equal(chexpert.apply_policy(values, "u-zeros"), [[1, 0, 0], [0, 0, 0]])
+    smoothed = chexpert.apply_policy(values, "lsr", np.random.default_rng(7))
+    draws = np.random.default_rng(7).uniform(0.55, 0.85, size=3).astype(np.float32)
+    np.testing.assert_allclose(smoothed[values == -1], draws)  # row-major order of the uncertain entries
+    np.testing.assert_array_equal(smoothed[values != -1], values[values != -1])
+    assert ((draws >= 0.55) & (draws <= 0.85)).all()
+    with pytest.raises(ValueError, match="--policy"):
+        chexpert.apply_policy(values, "u-maybe")
+    with pytest.raises(ValueError, match="rng"):
+        chexpert.apply_policy(values, "lsr")
+
+
+def test_chexpert_prepare_policies(tmp_path):
+    src = _chexpert_layout(tmp_path / "data")
+    dst = tmp_path / "zeros"
+    results = chexpert.prepare(src, dst, policy="u-zeros", frontal_only=True, size=32, progress=False)
+    assert len(results) == 4 and all(r.status == "written" for r in results)  # lateral dropped
+    datalist = json.loads((dst / "chexpert_datalist.json").read_text())
+    entries = {e["image"]: e for s in ("training", "validation", "test") for e in datalist[s]}
+    first = entries["images/train/patient00001/study1/view1_frontal.png"]
+    # FIVE order: Atelectasis (−1 → 0), Cardiomegaly 1, Consolidation blank → 0, Edema 0, Effusion blank → 0
+    assert first["label"] == [0.0, 1.0, 0.0, 0.0, 0.0] and first["case_id"] == "patient00001"
+    assert [e["image"] for e in datalist["test"]] == ["images/valid/patient64541/study1/view1_frontal.png"]
+    assert datalist["test"][0]["label"] == [0.0, 1.0, 0.0, 0.0, 1.0]
+    assert datalist["meta"]["policy"] == "u-zeros" and datalist["meta"]["labels"] == list(chexpert.FIVE)
+    png = np.asarray(Image.open(dst / "images/train/patient00001/study1/view1_frontal.png"))
+    assert png.shape == (32, 32) and abs(int(png.mean()) - 128) <= 2  # JPEG is lossy
+
+    ones = tmp_path / "ones"
+    chexpert.prepare(src, ones, policy="u-ones", labels=chexpert.ALL, size=0, progress=False)
+    datalist = json.loads((ones / "chexpert_datalist.json").read_text())
+    entries = {e["image"]: e for s in ("training", "validation", "test") for e in datalist[s]}
+    assert len(entries) == 5  # lateral kept
+    second = entries["images/train/patient00002/study1/view1_frontal.png"]["label"]
+    expected = [0.0] * 14
+    for name in ("No Finding", "Consolidation", "Pleural Effusion"):
+        expected[chexpert.ALL.index(name)] = 1.0
+    assert second == expected
+    assert np.asarray(Image.open(ones / "images/train/patient00002/study1/view1_frontal.png")).shape == (40, 48)
+
+    lsr = tmp_path / "lsr"
+    chexpert.prepare(src, lsr, policy="lsr", frontal_only=True, size=32, seed=5, progress=False)
+    datalist = json.loads((lsr / "chexpert_datalist.json").read_text())
+    entries = {e["image"]: e for s in ("training", "validation", "test") for e in datalist[s]}
+    # uncertain entries in file order: patient00001 Atelectasis, then patient00002 Consolidation, Effusion
+    draws = np.random.default_rng(5).uniform(0.55, 0.85, size=3).astype(np.float32)
+    np.testing.assert_allclose(entries["images/train/patient00001/study1/view1_frontal.png"]["label"][0], draws[0])
+    np.testing.assert_allclose(
+        [entries["images/train/patient00002/study1/view1_frontal.png"]["label"][i] for i in (2, 4)], draws[1:])
+
+
+def test_chexpert_bad_value_names_row(tmp_path):
+    src = _chexpert_layout(tmp_path / "data")
+    csv_path = src / "CheXpert-v1.0-small" / "train.csv"
+    csv_path.write_text(csv_path.read_text().replace("1.0,", "2.0,", 1))
+    with pytest.raises(DataError, match=r"train.csv row 2.*'2.0'"):
+        chexpert.prepare(src, tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match="train.csv"):
+        chexpert.prepare(tmp_path / "empty_dir_missing", tmp_path / "out", progress=False)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def test_helpers_by_value(tmp_path):
+    assert scale_box([10, 20, 30, 40], (200, 100), 50) == [5.0, 5.0, 15.0, 10.0]  # rows 200, cols 100
+    assert scale_box([10, 20, 30, 40], (200, 100), 0) == [10.0, 20.0, 30.0, 40.0]
+    np.testing.assert_array_equal(to_uint8(np.array([[1000, 3000], [2000, 1000]], np.uint16)), [[0, 255], [128, 0]])
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4, :4] = 255
+    np.testing.assert_array_equal(resize_mask(mask, 4), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 30, 60, 90
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    grey = read_grey(tmp_path / "rgb.png")
+    assert grey.shape == (4, 6) and np.all(grey == 60)
+    with pytest.raises(DataError, match="does not exist"):
+        read_grey(tmp_path / "missing.png")

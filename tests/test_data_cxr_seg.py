@@ -1,0 +1,131 @@
+"""SIIM-ACR (DICOM + RLE) and Montgomery (PNG + left/right masks) preparation, checked by value."""
+
+import csv
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from dira3d.data import montgomery, siim
+from dira3d.data.command import main as prepare_main
+from dira3d.data.cxr import read_grey
+from dira3d.data.io import DataError
+from dira3d.data.rle import encode_rle
+
+SHAPE = (16, 20)  # rows ≠ cols: a transposed decoding would not even fit
+
+
+def _write_dicom(path, array, patient):
+    image = sitk.GetImageFromArray(array)
+    image.SetMetaData("0010|0020", patient)
+    image.SetMetaData("0008|0018", path.stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def _siim_layout(root):
+    rng = np.random.default_rng(0)
+    component_a = np.zeros(SHAPE, np.uint8)
+    component_a[2:6, 3:5] = 1
+    component_b = np.zeros(SHAPE, np.uint8)
+    component_b[10:12, 14:19] = 1
+    images = {f"1.2.276.0.7230010.3.1.4.{i}": rng.integers(0, 256, SHAPE, dtype=np.uint8) for i in range(4)}
+    ids = sorted(images)
+    for i, (uid, array) in enumerate(images.items()):
+        _write_dicom(root / "dicom-images-train" / f"1.2.{i}" / f"1.3.{i}" / f"{uid}.dcm", array, f"patient-{i}")
+    rows = [[ids[0], " " + encode_rle(component_a)], [ids[0], " " + encode_rle(component_b)],
+            [ids[1], " -1"], [ids[2], " " + encode_rle(component_b)], [ids[3], " -1"],
+            ["1.2.999", " -1"]]  # listed without a DICOM
+    with open(root / "train-rle.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageId", " EncodedPixels"])  # the real header has the leading space
+        writer.writerows(rows)
+    return images, {ids[0]: component_a | component_b, ids[1]: 0 * component_a, ids[2]: component_b,
+                    ids[3]: 0 * component_a}
+
+
+def test_siim_prepare_by_value(tmp_path):
+    images, masks = _siim_layout(tmp_path / "siim")
+    dst = tmp_path / "out"
+    results = siim.prepare(tmp_path / "siim", dst, size=0, val_fraction=0.25, test_fraction=0.25, progress=False)
+    assert [r.status for r in results] == ["written"] * 4
+    for uid, array in images.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(dst / "images" / f"{uid}.png")), array)
+        np.testing.assert_array_equal(np.asarray(Image.open(dst / "masks" / f"{uid}.png")), masks[uid])
+    datalist = json.loads((dst / "siim_datalist.json").read_text())
+    entries = [e for s in ("training", "validation", "test") for e in datalist[s]]
+    assert sorted(e["case_id"] for e in entries) == [f"patient-{i}" for i in range(4)]
+    assert [len(datalist[s]) for s in ("training", "validation", "test")] == [2, 1, 1]
+    flags = {e["image"]: e["pneumothorax"] for e in entries}
+    assert [flags[f"images/{uid}.png"] for uid in sorted(images)] == [1, 0, 1, 0]
+    assert datalist["meta"]["images_without_dicom"] == 1
+
+    resized = tmp_path / "resized"
+    siim.prepare(tmp_path / "siim", resized, size=8, progress=False)
+    mask = np.asarray(Image.open(resized / "masks" / f"{sorted(images)[2]}.png"))
+    assert mask.shape == (8, 8) and set(np.unique(mask)) == {0, 1}
+
+
+def test_siim_bad_rle_fails_the_case(tmp_path):
+    _siim_layout(tmp_path / "siim")
+    csv_path = tmp_path / "siim" / "train-rle.csv"
+    csv_path.write_text(csv_path.read_text().replace(" -1", " 330 5", 1))  # past the 320 pixels of 16×20
+    results = siim.prepare(tmp_path / "siim", tmp_path / "out", keep_going=True, progress=False)
+    failed = [r for r in results if r.status == "failed"]
+    assert len(failed) == 1 and "train-rle.csv" in failed[0].reason and "past the" in failed[0].reason
+
+
+def test_monochrome1_dicom_is_read_bone_bright(tmp_path):
+    array = np.arange(SHAPE[0] * SHAPE[1], dtype=np.uint16).reshape(SHAPE) % 256
+    _write_dicom(tmp_path / "a.dcm", array.astype(np.uint8), "p")
+    dataset = pydicom.dcmread(tmp_path / "a.dcm")
+    dataset.PhotometricInterpretation = "MONOCHROME1"
+    dataset.save_as(tmp_path / "b.dcm")
+    np.testing.assert_array_equal(read_grey(tmp_path / "a.dcm"), array)
+    np.testing.assert_array_equal(read_grey(tmp_path / "b.dcm"), 255 - array)  # inverted once, not twice
+
+
+def _montgomery_layout(root):
+    base = root / "MontgomerySet"
+    expected = {}
+    for number, tb in ((1, 0), (2, 1), (3, 0)):
+        name = f"MCUCXR_{number:04d}_{tb}.png"
+        left, right = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
+        left[3:13, 2:8] = 255
+        right[3:13, 11:17 - number] = 255
+        for folder, array in (("CXR_png", np.full(SHAPE, 40 * number, np.uint8)), ("ManualMask/leftMask", left),
+                              ("ManualMask/rightMask", right)):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(base / folder / name)
+        expected[name] = ((left > 0) | (right > 0)).astype(np.uint8)
+    return root, expected
+
+
+def test_montgomery_merges_left_and_right(tmp_path):
+    src, expected = _montgomery_layout(tmp_path / "data")
+    dst = tmp_path / "out"
+    assert prepare_main(["montgomery", "--src", str(src), "--dst", str(dst), "--size", "0",
+                         "--val-fraction", "0.34", "--test-fraction", "0.33"]) == 0
+    for name, lungs in expected.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(dst / "masks" / name)), lungs)
+        assert lungs.sum() == 60 + 10 * (6 - int(name[7:11]))  # 10×6 left + 10×(6 − n) right pixels
+    datalist = json.loads((dst / "montgomery_datalist.json").read_text())
+    entries = {e["case_id"]: e for s in ("training", "validation", "test") for e in datalist[s]}
+    assert {k: v["tuberculosis"] for k, v in entries.items()} == {"MCUCXR_0001": 0, "MCUCXR_0002": 1, "MCUCXR_0003": 0}
+    assert [len(datalist[s]) for s in ("training", "validation", "test")] == [1, 1, 1]
+    assert entries["MCUCXR_0002"]["label"] == "masks/MCUCXR_0002_1.png"
+
+
+def test_montgomery_missing_mask_and_merge_errors(tmp_path):
+    src, _ = _montgomery_layout(tmp_path / "data")
+    missing = src / "MontgomerySet" / "ManualMask" / "rightMask" / "MCUCXR_0002_1.png"
+    missing.unlink()
+    with pytest.raises(DataError, match=r"rightMask.*MCUCXR_0002_1.png"):
+        montgomery.prepare(src, tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match="differ in size"):
+        montgomery.merge_lungs(np.zeros((2, 3)), np.zeros((3, 2)), "l.png / r.png")
+    with pytest.raises(ValueError, match="--test-fraction"):
+        montgomery.prepare(src, tmp_path / "out", val_fraction=0.5, test_fraction=0.5, progress=False)
