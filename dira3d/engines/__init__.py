@@ -1,1 +1,40 @@
-"""dira3d.engines (see docs/architecture.md)."""
+"""dira3d.engines: DiRA pretraining on MONAI/ignite (see docs/architecture.md).
+
+- :class:`DiRATrainer` — a ``monai.engines.Trainer``: one generator step on the λ-weighted active
+  losses, then the discriminator step(s); staged by :class:`StageSchedule`.
+- :class:`DiRAEvaluator` — validation loss on a held-out split (criterion for ``best.pt``).
+- :class:`DiRACheckpoint` — ``last.pt`` / ``best.pt`` in the documented format, and resume.
+- :class:`RestorationImageHandler`, :func:`scalar_output` — TensorBoard images and scalars.
+- Factories for the mode-dependent parts and the volume → patch-pair transforms.
+"""
+
+from dira3d.engines.checkpoint import DiRACheckpoint, checkpoint_dict, restore_checkpoint
+from dira3d.engines.components import DIS_MODES, build_dis_head, build_dis_loss, build_predictor, check_dis_mode
+from dira3d.engines.data import RandPatchPair, RandPatchPaird, with_image_labels
+from dira3d.engines.evaluator import DiRAEvaluator
+from dira3d.engines.handlers import RestorationImageHandler, scalar_output, side_by_side
+from dira3d.engines.optim import unique_parameters
+from dira3d.engines.stages import Stage, StageSchedule
+from dira3d.engines.trainer import DiRATrainer
+
+__all__ = [
+    "DiRATrainer",
+    "DiRAEvaluator",
+    "DiRACheckpoint",
+    "checkpoint_dict",
+    "restore_checkpoint",
+    "DIS_MODES",
+    "build_dis_head",
+    "build_dis_loss",
+    "build_predictor",
+    "check_dis_mode",
+    "RandPatchPair",
+    "RandPatchPaird",
+    "with_image_labels",
+    "RestorationImageHandler",
+    "scalar_output",
+    "side_by_side",
+    "unique_parameters",
+    "Stage",
+    "StageSchedule",
+]

@@ -1,0 +1,216 @@
+"""DiRA pretraining checkpoints: plain state_dicts (``weights_only``-loadable), resume and best.
+
+Format (docs/architecture.md, "Checkpoint format")::
+
+    {"encoder", "decoder", "dis_head", "predictor", "adversary",          # state_dicts ({} if absent)
+     "momentum_encoder", "momentum_head", "queue",                         # MoCo only
+     "optimizer_g", "optimizer_d", "scaler_g", "scaler_d",
+     "trainer": {"epoch", "iteration", "stage", "best_metric", "best_epoch", "best_stage"},
+     "rng": {"torch", "cuda", "python", "numpy"},                          # tensors / lists only
+     "meta": {"spatial_dims", "in_channels", "width", "dis_mode", "patch_size", "dira3d_version"}}
+
+Hand the encoder (classification) or encoder + decoder (segmentation) to a task network with
+``dira3d.networks.load_pretrained(net, "models/best.pt", parts=("encoder", "decoder"))``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+
+import dira3d
+from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
+
+__all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state", "DiRACheckpoint"]
+
+_META_CHECKED = ("spatial_dims", "in_channels", "dis_mode")
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states as tensors and plain lists (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _state(module: Any) -> dict:
+    return module.state_dict() if module is not None else {}
+
+
+def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: Mapping[str, Any] | None = None) -> dict:
+    """Everything needed to resume ``trainer`` (a :class:`~dira3d.engines.DiRATrainer`) or reuse its weights."""
+    net = trainer.network
+    epoch_length = trainer.state.epoch_length or 0
+    # a save in the middle of an epoch resumes from that epoch's start (with the newer weights)
+    epoch = trainer.state.iteration // epoch_length if epoch_length else trainer.state.epoch
+    return {
+        "encoder": net.encoder.state_dict(),
+        "decoder": net.decoder.state_dict(),
+        "dis_head": _state(trainer.dis_head),
+        "predictor": _state(trainer.predictor),
+        "adversary": _state(trainer.adversary),
+        "momentum_encoder": _state(trainer.momentum_encoder),
+        "momentum_head": _state(trainer.momentum_head),
+        "queue": _state(trainer.queue),
+        "optimizer_g": trainer.optimizer.state_dict(),
+        "optimizer_d": _state(trainer.optimizer_d),
+        "scaler_g": _state(trainer.scaler_g),
+        "scaler_d": _state(trainer.scaler_d),
+        "trainer": {
+            "epoch": int(epoch),
+            "iteration": int(epoch * epoch_length if epoch_length else trainer.state.iteration),
+            "stage": str(trainer.current_stage().name),
+            **dict(best or {}),
+        },
+        "rng": rng_state(),
+        "meta": {
+            "spatial_dims": int(getattr(net, "spatial_dims", 3)),
+            "in_channels": int(getattr(net, "in_channels", 1)),
+            "dis_mode": trainer.dis_mode,
+            "dira3d_version": dira3d.__version__,
+            **dict(meta or {}),
+        },
+    }
+
+
+def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<dict>") -> None:
+    """Load ``ckpt`` (from :func:`checkpoint_dict`) into ``trainer`` and set its epoch/iteration.
+
+    Raises:
+        ValueError: the checkpoint was written for another mode, dimensionality or channel count.
+    """
+    meta = ckpt.get("meta", {})
+    net = trainer.network
+    current = {"spatial_dims": getattr(net, "spatial_dims", 3), "in_channels": getattr(net, "in_channels", 1),
+               "dis_mode": trainer.dis_mode}
+    for key in _META_CHECKED:
+        if key in meta and meta[key] != current[key]:
+            raise ValueError(
+                f"checkpoint {source} was written with {key}={meta[key]!r} but this run uses {current[key]!r}; "
+                "use another ckpt_dir, or set resume to false to start afresh"
+            )
+    net.encoder.load_state_dict(ckpt["encoder"])
+    net.decoder.load_state_dict(ckpt["decoder"])
+    for key in ("dis_head", "predictor", "adversary", "momentum_encoder", "momentum_head", "queue"):
+        module = getattr(trainer, key)
+        if module is not None and ckpt.get(key):
+            module.load_state_dict(ckpt[key])
+    trainer.optimizer.load_state_dict(ckpt["optimizer_g"])
+    if trainer.optimizer_d is not None and ckpt.get("optimizer_d"):
+        trainer.optimizer_d.load_state_dict(ckpt["optimizer_d"])
+    for key in ("scaler_g", "scaler_d"):
+        if getattr(trainer, key) is not None and ckpt.get(key):
+            getattr(trainer, key).load_state_dict(ckpt[key])
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    trainer.state.epoch = int(ckpt["trainer"]["epoch"])
+    trainer.state.iteration = int(ckpt["trainer"]["iteration"])
+    trainer.state.stage = trainer.current_stage().name
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class DiRACheckpoint:
+    """Writes ``last.pt`` (resume) and ``best.pt`` (lowest validation loss) and resumes from ``last.pt``.
+
+    The best checkpoint is chosen within the latest stage: adding a loss term raises the total,
+    so losses of different stages are not comparable; a new stage starts a new best.
+    List this handler AFTER the :class:`~dira3d.engines.DiRAEvaluator` in ``train_handlers`` so the
+    validation loss of the epoch is known when it saves.
+
+    Args:
+        ckpt_dir: folder of ``last.pt`` / ``best.pt`` (created; must be writable).
+        resume: continue from ``ckpt_dir/last.pt`` when it exists.
+        save_every_epochs: write ``last.pt`` every N epochs (and at the end).
+        save_every_iterations: also write ``last.pt`` every N iterations (0: never). A resume from a
+            mid-epoch file restarts that epoch with the newer weights (not bit-exact).
+        metric_name: key in ``engine.state.metrics`` to minimise for ``best.pt``.
+        meta: extra entries for ``checkpoint["meta"]`` (width, patch_size, ...).
+
+    Raises:
+        PermissionError: ``ckpt_dir`` is not writable.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        resume: bool = True,
+        save_every_epochs: int = 1,
+        save_every_iterations: int = 0,
+        metric_name: str = "val_loss",
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.resume, self.metric_name = bool(resume), metric_name
+        self.save_every_epochs, self.save_every_iterations = max(int(save_every_epochs), 1), int(save_every_iterations)
+        self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
+        self.best: dict[str, Any] = {"best_metric": None, "best_epoch": -1, "best_stage": ""}
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.ckpt_dir / "best.pt"
+
+    def attach(self, engine: Engine) -> None:
+        if _is_main_process():
+            check_writable(self.ckpt_dir)
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every_epochs), self.epoch_completed)
+        if self.save_every_iterations > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every_iterations), self.save_last)
+        engine.add_event_handler(Events.COMPLETED, self.save_last)
+
+    def load(self, engine: Engine) -> None:
+        """Resume from ``last.pt`` when asked and present (every rank reads the same file)."""
+        if not (self.resume and self.last_path.is_file()):
+            return
+        ckpt = load_checkpoint(self.last_path, map_location=engine.state.device)
+        restore_checkpoint(engine, ckpt, source=str(self.last_path))
+        self.best.update({k: ckpt["trainer"].get(k, v) for k, v in self.best.items()})
+        engine.logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}, stage '{engine.state.stage}'")
+        if engine.state.epoch >= engine.state.max_epochs:
+            engine.logger.info(f"{self.last_path} already reached max_epochs={engine.state.max_epochs}; nothing to do")
+
+    def save_last(self, engine: Engine) -> None:
+        if _is_main_process():
+            atomic_save(checkpoint_dict(engine, self.meta, self.best), self.last_path)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        value = engine.state.metrics.get(self.metric_name)
+        stage = engine.current_stage().name
+        if value is not None and getattr(engine.state, "val_epoch", None) == engine.state.epoch:
+            if self.best["best_stage"] != stage or self.best["best_metric"] is None or value < self.best["best_metric"]:
+                self.best = {"best_metric": float(value), "best_epoch": int(engine.state.epoch), "best_stage": stage}
+                if _is_main_process():
+                    atomic_save(checkpoint_dict(engine, self.meta, self.best), self.best_path)
+                engine.logger.info(f"new best {self.metric_name}={value:.5f} (stage '{stage}') -> {self.best_path}")
+        self.save_last(engine)

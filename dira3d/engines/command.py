@@ -1,0 +1,68 @@
+"""``dira3d pretrain``: run the ``bundles/dira_pretrain`` bundle (a thin wrapper over ``monai.bundle.run``).
+
+Example::
+
+    dira3d pretrain --datalist data/luna16/pretrain_datalist.json --output runs/dira --tiny \\
+        --override dis_mode=moco --override "lambda_res=10"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["BUNDLE_DIR", "parse_override", "main"]
+
+BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "dira_pretrain"
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` → ``(key, value)``; the value is read as JSON when it parses, else kept as text.
+
+    Raises:
+        ValueError: no ``=`` in ``text``.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--override {text!r}: write key=value, e.g. --override dis_mode=moco or --override max_epochs=10")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dira3d pretrain", description="DiRA pretraining (bundles/dira_pretrain).")
+    parser.add_argument("--datalist", required=True, help="pretraining datalist JSON (e.g. from `dira3d prepare luna16`)")
+    parser.add_argument("--output", default="runs/dira_pretrain", help="folder for models/ (checkpoints) and eval/ (TensorBoard)")
+    parser.add_argument("--tiny", action="store_true", help="tiny network and patches for a CPU demo (configs/tiny.json)")
+    parser.add_argument("--config", action="append", default=[], help="extra override config file(s), applied last")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="any bundle id, e.g. dis_mode=moco")
+    args = parser.parse_args(argv)
+    datalist = Path(args.datalist)
+    if not datalist.is_file():
+        parser.error(f"datalist {datalist} does not exist; make one with `dira3d prepare luna16 ...` or `dira3d prepare generic ...`")
+    configs = [str(BUNDLE_DIR / "configs" / "train.json")]
+    if args.tiny:
+        configs.append(str(BUNDLE_DIR / "configs" / "tiny.json"))
+    configs += args.config
+    try:
+        overrides = dict(parse_override(text) for text in args.override)
+    except ValueError as err:
+        parser.error(str(err))
+    output = Path(args.output)
+    from monai.bundle import run
+
+    run(
+        config_file=configs,
+        meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
+        logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"),
+        bundle_root=str(BUNDLE_DIR),
+        datalist=str(datalist.resolve()),
+        dataset_dir=str(datalist.resolve().parent),
+        ckpt_dir=str(output / "models"),
+        output_dir=str(output / "eval"),
+        **overrides,
+    )
+    return 0

@@ -1,0 +1,92 @@
+"""Factories for the mode-dependent parts of DiRA: discrimination head, predictor and loss.
+
+The discrimination branch differs per mode (METHOD.md §1):
+
+==============  ========================  ==============  ==============================
+mode            head on the bottleneck    predictor       loss
+==============  ========================  ==============  ==============================
+visual_words    VisualWordHead → logits   —               VisualWordLoss (cross-entropy)
+moco            ProjectionHead (2 layers) —               InfoNCELoss + MoCoQueue (EMA key)
+barlow          ProjectionHead (3 layers) —               BarlowTwinsLoss
+simsiam         ProjectionHead (3 layers) PredictorHead   SimSiamLoss
+==============  ========================  ==============  ==============================
+
+They are plain functions so a bundle config can call them with ``_target_``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dira3d.losses import BarlowTwinsLoss, InfoNCELoss, SimSiamLoss, VisualWordLoss
+from dira3d.networks.heads import PredictorHead, ProjectionHead, VisualWordHead
+
+__all__ = ["DIS_MODES", "check_dis_mode", "build_dis_head", "build_predictor", "build_dis_loss"]
+
+DIS_MODES = ("visual_words", "moco", "barlow", "simsiam")
+
+
+def check_dis_mode(dis_mode: str) -> str:
+    """Return ``dis_mode`` or raise a ``ValueError`` listing the valid modes."""
+    if dis_mode not in DIS_MODES:
+        raise ValueError(f"dis_mode={dis_mode!r} is not supported; choose one of {', '.join(DIS_MODES)}")
+    return dis_mode
+
+
+def build_dis_head(
+    dis_mode: str,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int | None = None,
+    hidden: int = 1024,
+    proj_dim: int = 128,
+) -> nn.Module:
+    """The head on the encoder bottleneck for ``dis_mode``.
+
+    Args:
+        dis_mode: one of :data:`DIS_MODES`.
+        spatial_dims: 2 or 3.
+        in_channels: bottleneck channels (``UNet.bottleneck_channels``).
+        num_classes: number of visual words (``visual_words`` only).
+        hidden: hidden width (1024 in TransVW; 2048 in MoCo-v2 / SimSiam / Barlow Twins).
+        proj_dim: projection dimension for the instance-discrimination modes.
+
+    Returns:
+        The head module (logits for ``visual_words``, projections otherwise).
+
+    Raises:
+        ValueError: unknown mode, or ``num_classes`` missing in ``visual_words`` mode.
+    """
+    check_dis_mode(dis_mode)
+    if dis_mode == "visual_words":
+        if not num_classes or num_classes < 1:
+            raise ValueError(
+                "num_classes must be a positive integer in dis_mode='visual_words' "
+                "(the number of visual words, or of training volumes with one class per image)"
+            )
+        return VisualWordHead(spatial_dims, in_channels, int(num_classes), hidden=hidden)
+    if dis_mode == "moco":
+        return ProjectionHead(in_channels, hidden, proj_dim, num_layers=2)
+    # SimSiam ends its projector with a BatchNorm (no affine); Barlow Twins standardises in the loss
+    return ProjectionHead(in_channels, hidden, proj_dim, num_layers=3, last_batch_norm=dis_mode == "simsiam")
+
+
+def build_predictor(dis_mode: str, proj_dim: int = 128, hidden: int | None = None) -> nn.Module | None:
+    """The SimSiam predictor (``proj_dim → hidden → proj_dim``; hidden defaults to proj_dim/4), else None."""
+    if check_dis_mode(dis_mode) != "simsiam":
+        return None
+    return PredictorHead(proj_dim, hidden or max(1, proj_dim // 4))
+
+
+def build_dis_loss(
+    dis_mode: str, temperature: float = 0.2, lambda_offdiag: float = 5e-3, gather_distributed: bool = False
+) -> nn.Module:
+    """The discriminative loss for ``dis_mode`` (see the table in the module docstring)."""
+    check_dis_mode(dis_mode)
+    if dis_mode == "visual_words":
+        return VisualWordLoss()
+    if dis_mode == "moco":
+        return InfoNCELoss(temperature=temperature)
+    if dis_mode == "barlow":
+        return BarlowTwinsLoss(lambda_offdiag=lambda_offdiag, gather_distributed=gather_distributed)
+    return SimSiamLoss()

@@ -1,0 +1,132 @@
+"""Pretraining patches from a datalist of volumes: two patches per volume, pseudo-labels per image.
+
+Two patch-pair policies (``pair``):
+
+- ``"instances"``: two crops at independent random positions of one volume → ``image`` and
+  ``image2``. With :func:`with_image_labels` every volume is its own pseudo-class (patent claim 11,
+  "every image a class"), which is what ``dis_mode="visual_words"`` trains on when no TransVW
+  visual-word manifest is at hand; the instance modes use the two crops as two views' sources.
+- ``"views"``: one crop → ``image`` only; the trainer draws both views T(·) from it.
+
+For ``spatial_dims=2`` a random axial slice (last axis) of a 3D volume is cropped to an
+``(H, W)`` patch, so one prepared 3D datalist serves both settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable, SpatialPad
+
+__all__ = ["PAIR_POLICIES", "RandPatchPair", "RandPatchPaird", "with_image_labels"]
+
+PAIR_POLICIES = ("instances", "views")
+
+
+class RandPatchPair(Randomizable):
+    """Crop one or two random patches of ``patch_size`` from a channel-first volume.
+
+    Args:
+        patch_size: ``(x, y, z)`` for 3D or ``(h, w)`` for 2D patches.
+        spatial_dims: 3, or 2 to crop 2D patches from a random slice of a 3D volume (or from a 2D image).
+        pair: ``"instances"`` (two crops) or ``"views"`` (one crop).
+
+    Raises:
+        ValueError: ``patch_size`` does not have ``spatial_dims`` entries, or an unknown ``pair``.
+    """
+
+    def __init__(self, patch_size: Sequence[int], spatial_dims: int = 3, pair: str = "instances") -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims={spatial_dims!r} is not supported; use 2 or 3")
+        if len(patch_size) != spatial_dims or min(patch_size) < 1:
+            raise ValueError(f"patch_size={list(patch_size)} must have {spatial_dims} positive sizes for spatial_dims={spatial_dims}")
+        if pair not in PAIR_POLICIES:
+            raise ValueError(f"pair={pair!r} is not supported; choose one of {', '.join(PAIR_POLICIES)}")
+        self.patch_size, self.spatial_dims, self.pair = tuple(int(p) for p in patch_size), spatial_dims, pair
+        self._starts: list[tuple[int, ...]] = []
+
+    def _roi(self, volume_dims: int) -> tuple[int, ...]:
+        if volume_dims == self.spatial_dims:
+            return self.patch_size
+        if volume_dims == 3 and self.spatial_dims == 2:
+            return self.patch_size + (1,)  # one slice
+        raise ValueError(f"a {volume_dims}D image cannot give {self.spatial_dims}D patches; check spatial_dims")
+
+    def randomize(self, shape: Sequence[int]) -> None:
+        """Draw the corner(s) for a (padded) volume of spatial ``shape``."""
+        roi = self._roi(len(shape))
+        count = 2 if self.pair == "instances" else 1
+        self._starts = [tuple(int(self.R.randint(0, s - p + 1)) for s, p in zip(shape, roi)) for _ in range(count)]
+
+    def __call__(self, img: Any, randomize: bool = True) -> list[torch.Tensor]:
+        """Return ``[patch1, patch2]`` (instances) or ``[patch1]`` (views), each ``(C, *patch_size)``."""
+        img = torch.as_tensor(img)
+        roi = self._roi(img.dim() - 1)
+        img = SpatialPad(spatial_size=roi)(img)  # small volumes are padded with 0 (air / background)
+        if randomize:
+            self.randomize(img.shape[1:])
+        patches = []
+        for start in self._starts:
+            index = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(start, roi))
+            patch = img[index]
+            if len(roi) != self.spatial_dims:
+                patch = patch[..., 0]
+            patches.append(patch.contiguous())
+        return patches
+
+
+class RandPatchPaird(Randomizable, MapTransform):
+    """Dictionary twin of :class:`RandPatchPair`: ``d[key]`` → ``d[key]`` (+ ``d[second_key]``).
+
+    Args:
+        keys: the image key (one key).
+        patch_size / spatial_dims / pair: as in :class:`RandPatchPair`.
+        second_key: where the second instance goes (``pair="instances"``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        patch_size: Sequence[int],
+        spatial_dims: int = 3,
+        pair: str = "instances",
+        second_key: str = "image2",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"RandPatchPaird crops one image key, got keys={list(self.keys)}")
+        self.cropper = RandPatchPair(patch_size, spatial_dims, pair)
+        self.second_key = second_key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandPatchPaird:
+        super().set_random_state(seed, state)
+        self.cropper.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        self.cropper.randomize(data)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            patches = self.cropper(d[key])
+            d[key] = patches[0]
+            if len(patches) > 1:
+                d[self.second_key] = patches[1]
+        return d
+
+
+def with_image_labels(items: Sequence[Mapping[str, Any]], key: str = "label") -> list[dict[str, Any]]:
+    """Copy the datalist entries and give entry *i* the class ``i`` ("every image a class").
+
+    Raises:
+        ValueError: an empty datalist.
+    """
+    if not items:
+        raise ValueError("the pretraining datalist has no entries; check its 'training' list and paths")
+    return [{**dict(item), key: index} for index, item in enumerate(items)]

@@ -1,0 +1,113 @@
+"""Validation loss of DiRA pretraining on a held-out split (the criterion for ``best.pt``).
+
+The evaluator computes the same λ-weighted loss as the trainer, for the trainer's current stage,
+without gradients, in eval mode, with distortions and views drawn from a FIXED seed per
+validation batch — so two validations of the same weights give the same number and a fall in
+the value means the model improved, not that the draws were easier. The EMA key encoder and the
+MoCo queue are read but not updated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
+from monai.engines import Evaluator
+from monai.networks.utils import eval_mode
+
+from dira3d.engines.optim import autocast_context, derive_seed
+from dira3d.engines.trainer import DiRATrainer
+
+__all__ = ["DiRAEvaluator", "STREAM_VALIDATION"]
+
+STREAM_VALIDATION = 3
+
+
+class DiRAEvaluator(Evaluator):
+    """Runs every ``interval`` trainer epochs and writes ``val_loss`` (+ ``val_loss_<term>``) metrics.
+
+    It is attached to the trainer like a handler (list it in the trainer's ``train_handlers``,
+    before :class:`~dira3d.engines.DiRACheckpoint`); the trainer reference is taken at attach time,
+    so a bundle config has no circular reference between ``train#trainer`` and ``validate#evaluator``.
+
+    Args:
+        device: where to evaluate (the trainer's device).
+        val_data_loader: held-out batches in the trainer's batch format.
+        interval: validate every N epochs.
+        seed: seed of the fixed validation draws.
+        epoch_length: batches per validation (default ``len(val_data_loader)``).
+        val_handlers: handlers of the evaluator itself.
+
+    Raises:
+        RuntimeError: run before being attached to a :class:`DiRATrainer`.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: Any,
+        interval: int = 1,
+        seed: int = 0,
+        epoch_length: int | None = None,
+        val_handlers: Any = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            val_handlers=val_handlers,
+            decollate=False,
+        )
+        self.interval, self.seed = max(int(interval), 1), int(seed)
+        self.trainer: DiRATrainer | None = None
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._publish)
+
+    def attach(self, trainer: DiRATrainer) -> None:
+        """Validate at the end of every ``interval``-th trainer epoch."""
+        if not isinstance(trainer, DiRATrainer):
+            raise TypeError(f"DiRAEvaluator attaches to a DiRATrainer, got {type(trainer).__name__}")
+        self.trainer = trainer
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._validate)
+
+    def _validate(self, trainer: DiRATrainer) -> None:
+        modules = list(trainer.modules().values())
+        modules = [m for m in modules if any(True for _ in m.parameters()) or any(True for _ in m.buffers())]
+        loader = self.data_loader
+        if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):
+            # the same random crops at every validation: a fixed held-out set of patches
+            set_rnd(loader.dataset, derive_seed(self.seed, STREAM_VALIDATION, 0) % (2**32))
+        with eval_mode(*modules):
+            self.run(trainer.state.epoch)
+        trainer.state.metrics.update(self.state.metrics)
+        trainer.state.val_epoch = trainer.state.epoch  # tells the checkpoint handler the value is fresh
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None:
+            raise RuntimeError("DiRAEvaluator.run() needs a trainer: attach it to a DiRATrainer first")
+        stage = trainer.current_stage()
+        batch = trainer._prepare(batchdata)
+        # fixed per validation batch: every validation sees the same views and distortions
+        generator = torch.Generator(device=trainer.state.device)
+        generator.manual_seed(derive_seed(self.seed, STREAM_VALIDATION, engine.state.iteration))
+        with torch.no_grad(), autocast_context(trainer.amp_mode, trainer.state.device):
+            fwd = trainer.forward_terms(batch, generator, stage, train=False)
+            total, weighted = trainer.loss_function(fwd.terms, stage.losses)
+        output = {"loss": total.detach()}
+        output.update({f"loss_{k}": v.detach() for k, v in fwd.terms.items()})
+        return output
+
+    def _accumulate(self, engine: Engine) -> None:
+        for key, value in engine.state.output.items():
+            self._sums[key] = self._sums.get(key, 0) + value.float()
+        self._count += 1
+
+    def _publish(self, engine: Engine) -> None:
+        metrics = {f"val_{k}": float(v) / max(self._count, 1) for k, v in self._sums.items()}
+        engine.state.metrics.update(metrics)
+        self._sums, self._count = {}, 0

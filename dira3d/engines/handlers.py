@@ -1,0 +1,91 @@
+"""Logging helpers for DiRA training: scalar picking and restoration image summaries.
+
+Scalars go through MONAI's own ``StatsHandler`` / ``TensorBoardStatsHandler`` with
+:func:`scalar_output` as their ``output_transform``; :class:`RestorationImageHandler` adds
+original | distorted | restored slices side by side to TensorBoard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = ["scalar_output", "side_by_side", "RestorationImageHandler"]
+
+
+def scalar_output(output: Any) -> dict[str, float]:
+    """The numeric entries of a trainer output dict as floats (``stage`` names and images dropped).
+
+    Called by the stats handlers only at their log interval, so the ``.item()`` syncs happen there
+    and not in every training step.
+    """
+    if not isinstance(output, Mapping):
+        return {}
+    scalars = {}
+    for key, value in output.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            scalars[key] = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[key] = float(value)
+    return scalars
+
+
+def _middle_slice(x: torch.Tensor) -> torch.Tensor:
+    """``(1, C, *spatial)`` → 2D ``(H, W)`` image: channel 0, middle slice along the last (z) axis in 3D."""
+    img = x[0, 0].detach().float().cpu()
+    if img.dim() == 3:
+        img = img[..., img.shape[-1] // 2]
+    return img
+
+
+def side_by_side(images: Mapping[str, torch.Tensor | None], order: tuple[str, ...] = ("original", "distorted", "restored")) -> torch.Tensor:
+    """Concatenate the middle slices of the given images along the width, clipped to [0, 1].
+
+    Returns:
+        ``(1, H, n·W)`` image for ``SummaryWriter.add_image`` (missing entries are left out).
+
+    Raises:
+        ValueError: no image to show.
+    """
+    slices = [_middle_slice(images[k]) for k in order if images.get(k) is not None]
+    if not slices:
+        raise ValueError(f"side_by_side: none of {order} is present in the images")
+    # the slice is (x, y); transpose so that x runs left-right as in a radiological view
+    return torch.cat([s.T for s in slices], dim=1).clamp(0, 1)[None]
+
+
+class RestorationImageHandler:
+    """Every ``interval`` iterations, write original | distorted | restored (middle slice) to TensorBoard.
+
+    Reads ``engine.state.images`` as set by :class:`~dira3d.engines.DiRATrainer`. In stages without
+    restoration only original | distorted are shown.
+
+    Args:
+        summary_writer: a ``SummaryWriter`` to share with the scalar handler; or
+        log_dir: folder for a writer of its own (closed when the run completes).
+        interval: iterations between images.
+        tag: image tag.
+    """
+
+    def __init__(self, summary_writer: Any = None, log_dir: str = "./runs", interval: int = 50, tag: str = "restoration") -> None:
+        self.summary_writer, self.log_dir = summary_writer, log_dir
+        self.interval, self.tag = max(int(interval), 1), tag
+        self._own_writer = summary_writer is None
+
+    def attach(self, engine: Engine) -> None:
+        if self._own_writer:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.summary_writer = SummaryWriter(log_dir=self.log_dir)
+            engine.add_event_handler(Events.COMPLETED, lambda _: self.summary_writer.close())
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        images = getattr(engine.state, "images", None) or {}
+        if images.get("original") is None:
+            return
+        self.summary_writer.add_image(self.tag, side_by_side(images), engine.state.iteration, dataformats="CHW")
+        self.summary_writer.flush()

@@ -1,0 +1,136 @@
+"""Small helpers for the DiRA training step: AMP settings, optimiser steps, EMA, seeds, devices.
+
+Kept apart from :mod:`dira3d.engines.trainer` so the trainer reads as the method (G step, then
+D step) and these mechanics can be tested on their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "AMP_MODES",
+    "derive_seed",
+    "autocast_context",
+    "make_grad_scaler",
+    "optimizer_step",
+    "ema_update",
+    "frozen",
+    "learning_rate",
+    "unique_parameters",
+]
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def derive_seed(seed: int, stream: int, counter: int) -> int:
+    """A well-mixed 63-bit seed for random ``stream`` at step ``counter`` (epoch or iteration).
+
+    Seeding every draw from (seed, stream, counter) instead of carrying a generator along makes a
+    resumed run draw exactly what an uninterrupted run would have drawn.
+    """
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream), int(counter)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
+
+
+def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` in ("bf16", "fp16"), a null context for "none".
+
+    Raises:
+        ValueError: an unknown ``amp`` value.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp={amp!r} is not supported; choose one of {', '.join(AMP_MODES)}")
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A gradient scaler for fp16 (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def _average_gradients(params: list[nn.Parameter]) -> None:
+    """Average gradients over ranks (our modules are not wrapped in DDP: the trainer calls
+    ``encode``/``decode`` directly, which DDP's forward hook would not see)."""
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
+) -> None:
+    """Backward ``loss`` and step ``optimizer`` (scaled for fp16, averaged across ranks, clipped)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _average_gradients(params)
+    if clip_grad_norm:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """``target ← momentum·target + (1 − momentum)·source`` for every parameter (MoCo key encoder).
+
+    Buffers (BatchNorm statistics) are not averaged: the key encoder keeps its own, as in MoCo.
+    """
+    t_params = [p for p in target.parameters()]
+    s_params = [p.detach() for p in source.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Switch off gradients of ``module`` for the generator step (D is not trained by G's loss)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def learning_rate(optimizer: torch.optim.Optimizer | None) -> float:
+    """Learning rate of the first parameter group (0.0 when there is no optimiser)."""
+    return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else 0.0
+
+
+def unique_parameters(modules: Iterable[nn.Module | None]) -> list[nn.Parameter]:
+    """Parameters of several modules, each once, in a stable order."""
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params

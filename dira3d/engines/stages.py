@@ -1,0 +1,129 @@
+"""Staged DiRA training ("gradual evolutionary" schedule of the patent).
+
+DiRA does not switch all three losses on at once: it first trains the discriminative branch
+alone, then warms up encoder and decoder with discrimination + restoration, and only then adds
+the adversary. A :class:`StageSchedule` is that plan, written in the bundle config as a list::
+
+    [{"name": "dis",     "until_epoch": 2, "losses": ["dis"]},
+     {"name": "dis_res", "until_epoch": 4, "losses": ["dis", "res"]},
+     {"name": "dira",                      "losses": ["dis", "res", "adv"]}]
+
+A stage lasts while the current (1-based) epoch is ``<= until_epoch`` (or the current 1-based
+iteration is ``<= until_iteration``); the last stage has no bound and runs to the end. The stage
+is a pure function of (epoch, iteration), so it survives a resume without being stored.
+Any non-empty subset of ``{"dis", "res", "adv"}`` is allowed (ablations: ``["res"]`` alone is
+Models Genesis-style restoration, ``["dis", "res"]`` is the official 2D ``dir`` stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["LOSS_TERMS", "Stage", "StageSchedule", "DEFAULT_STAGES"]
+
+LOSS_TERMS = ("dis", "res", "adv")
+
+DEFAULT_STAGES: list[dict] = [{"name": "dira", "losses": ["dis", "res", "adv"]}]
+
+_KEYS = {"name", "losses", "until_epoch", "until_iteration"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: a name, its active loss terms and an optional upper bound."""
+
+    name: str
+    losses: tuple[str, ...]
+    until_epoch: int | None = None
+    until_iteration: int | None = None
+
+    @property
+    def adversarial(self) -> bool:
+        """True when the adversary is trained in this stage (its optimiser only steps then)."""
+        return "adv" in self.losses
+
+
+class StageSchedule:
+    """An ordered list of :class:`Stage` with lookup by epoch and iteration.
+
+    Args:
+        stages: list of dicts with ``name``, ``losses`` and at most one of ``until_epoch`` /
+            ``until_iteration`` (None: a single stage with all three losses).
+
+    Raises:
+        ValueError: on an unknown key or term, an empty or duplicated name, an empty loss list,
+            both bounds in one stage, bounds that do not increase, or a bounded last stage.
+    """
+
+    def __init__(self, stages: Sequence[Mapping] | None = None) -> None:
+        raw = list(DEFAULT_STAGES if stages is None else stages)
+        if not raw:
+            raise ValueError("stages: the list is empty; give at least one stage, e.g. [{'name': 'dira', 'losses': ['dis', 'res', 'adv']}]")
+        self.stages: list[Stage] = [self._parse(i, item) for i, item in enumerate(raw)]
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")
+        last = self.stages[-1]
+        if last.until_epoch is not None or last.until_iteration is not None:
+            raise ValueError(
+                f"stages: the last stage {last.name!r} must have no 'until_epoch'/'until_iteration' (it runs to the end)"
+            )
+        for key in ("until_epoch", "until_iteration"):
+            bounds = [getattr(s, key) for s in self.stages if getattr(s, key) is not None]
+            if bounds != sorted(set(bounds)):
+                raise ValueError(f"stages: {key} values must strictly increase from stage to stage, got {bounds}")
+
+    @staticmethod
+    def _parse(index: int, item: Mapping) -> Stage:
+        if not isinstance(item, Mapping):
+            raise ValueError(f"stages[{index}]: expected a dict with 'name' and 'losses', got {item!r}")
+        unknown = set(item) - _KEYS
+        if unknown:
+            raise ValueError(f"stages[{index}]: unknown key(s) {sorted(unknown)}; allowed keys are {sorted(_KEYS)}")
+        name = str(item.get("name", "")).strip()
+        if not name:
+            raise ValueError(f"stages[{index}]: every stage needs a non-empty 'name'")
+        losses = item.get("losses")
+        if isinstance(losses, str) or not losses:
+            raise ValueError(f"stages[{index}] ({name}): 'losses' must be a non-empty list drawn from {list(LOSS_TERMS)}")
+        bad = [t for t in losses if t not in LOSS_TERMS]
+        if bad:
+            raise ValueError(f"stages[{index}] ({name}): unknown loss term(s) {bad}; the terms are {list(LOSS_TERMS)}")
+        epoch, iteration = item.get("until_epoch"), item.get("until_iteration")
+        if epoch is not None and iteration is not None:
+            raise ValueError(f"stages[{index}] ({name}): give 'until_epoch' or 'until_iteration', not both")
+        for key, value in (("until_epoch", epoch), ("until_iteration", iteration)):
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"stages[{index}] ({name}): {key} must be a positive integer, got {value!r}")
+        return Stage(
+            name=name,
+            losses=tuple(dict.fromkeys(losses)),
+            until_epoch=None if epoch is None else int(epoch),
+            until_iteration=None if iteration is None else int(iteration),
+        )
+
+    def stage_at(self, epoch: int, iteration: int) -> Stage:
+        """The stage in force during 1-based ``epoch`` and 1-based ``iteration``."""
+        for stage in self.stages:
+            if stage.until_epoch is not None and epoch <= stage.until_epoch:
+                return stage
+            if stage.until_iteration is not None and iteration <= stage.until_iteration:
+                return stage
+        return self.stages[-1]
+
+    def index(self, stage: Stage) -> int:
+        """Position of ``stage`` in the schedule (0-based; logged as a scalar)."""
+        return self.stages.index(stage)
+
+    @property
+    def uses(self) -> set[str]:
+        """Every loss term that is active in at least one stage."""
+        return {t for s in self.stages for t in s.losses}
+
+    def __repr__(self) -> str:
+        parts = []
+        for s in self.stages:
+            bound = f"<=epoch {s.until_epoch}" if s.until_epoch else f"<=iter {s.until_iteration}" if s.until_iteration else "to the end"
+            parts.append(f"{s.name}[{'+'.join(s.losses)}, {bound}]")
+        return f"StageSchedule({', '.join(parts)})"

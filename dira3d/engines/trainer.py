@@ -1,0 +1,367 @@
+"""DiRATrainer: one generator step (λ-weighted active losses), then the discriminator step(s).
+
+One iteration on a batch ``{"image": x1, ["image2": x2], ["label": y]}`` (patches in [0, 1]):
+
+1. views ``v1, v2 = T(x1), T(x2 or x1)`` (identity in ``visual_words`` mode), drawn on the
+   batch's device from a generator seeded by (seed, iteration) — a resumed run draws the same;
+2. ``distorted, target = distortion(v1)``; ONE encoder pass ``bottleneck, skips = encode(distorted)``;
+3. ``dis`` from the bottleneck (visual-word CE; MoCo InfoNCE against the EMA key encoder's view2
+   and a queue; Barlow Twins / SimSiam on both views), ``res = dist(decode(bottleneck, skips),
+   target)``, ``adv = AdversarialLoss.generator(D(restored))``;
+4. G step on ``Σ λ·term`` over the stage's active terms; MoCo then enqueues the keys;
+5. when ``adv`` is active: ``d_steps`` D steps on ``D(target)`` (real) vs ``D(restored.detach())``.
+
+Loss values stay tensors (no ``.item()`` in the step); handlers convert them at log time.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
+from monai.engines import Trainer
+from torch import nn
+
+from dira3d.engines.components import build_dis_loss, check_dis_mode
+from dira3d.engines.optim import (
+    autocast_context,
+    derive_seed,
+    ema_update,
+    frozen,
+    learning_rate,
+    make_grad_scaler,
+    optimizer_step,
+    unique_parameters,
+)
+from dira3d.engines.stages import Stage, StageSchedule
+from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
+
+__all__ = ["DiRATrainer", "Forward", "STREAM_DATA", "STREAM_STEP"]
+
+STREAM_DATA, STREAM_STEP = 1, 2  # seed streams: per-epoch data order, per-iteration views/distortions
+
+
+class Forward(NamedTuple):
+    """What one generator forward produced (unweighted loss terms and the images)."""
+
+    terms: dict[str, torch.Tensor]
+    distorted: torch.Tensor
+    target: torch.Tensor
+    restored: torch.Tensor | None
+    keys: torch.Tensor | None  # MoCo keys to enqueue after the step
+
+
+class DiRATrainer(Trainer):
+    """Trainer for DiRA pretraining (a :class:`monai.engines.Trainer`).
+
+    Args:
+        device: where to train.
+        max_epochs: number of epochs.
+        train_data_loader: yields dict batches (see the module docstring).
+        network: a :class:`~dira3d.networks.UNet` (``encode`` / ``decode``).
+        optimizer: optimiser of the generator side (network, dis_head, predictor).
+        dis_head: visual-word head or projector on the bottleneck (see ``components``).
+        adversary: the discriminator D_φ (``forward(x) -> logits``).
+        optimizer_d: optimiser of ``adversary``; it only steps while ``adv`` is active.
+        dis_mode: ``visual_words`` | ``moco`` | ``barlow`` | ``simsiam``.
+        predictor: SimSiam predictor (None otherwise).
+        dis_loss / restoration_loss / adversarial_loss: the loss modules (defaults by mode, MSE, vanilla).
+        loss_weights: λ per term (``{"dis": 1, "res": 100, "adv": 1}`` by default).
+        stages: list of stage dicts or a :class:`StageSchedule` (default: all terms from the start).
+        distortion: ``distorted, target = distortion(x, generator)`` (see ``dira3d.transforms``).
+        views: ``v1, v2 = views(x, generator)`` for the instance modes (None: identity views, i.e.
+            the two patches of the batch are the two views).
+        seed: base seed of the per-epoch data order and the per-iteration draws.
+        d_steps: D steps per G step while ``adv`` is active (the D:G ratio).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (two gradient scalers, G and D).
+        clip_grad_norm: max gradient norm for G and D (None: no clipping).
+        channels_last: channels-last memory format (helps convolutions on recent GPUs).
+        queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
+        classify_both: visual_words mode: also classify the distorted second instance.
+        epoch_length: iterations per epoch (default ``len(train_data_loader)``).
+        train_handlers: handlers attached after the trainer's own bookkeeping.
+        non_blocking: non-blocking host→device copies.
+
+    Raises:
+        ValueError: a bad mode, AMP value, ``d_steps``, missing predictor for SimSiam, or stages
+            using ``dis`` / ``adv`` without the modules they need.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dis_head: nn.Module | None,
+        adversary: nn.Module | None,
+        optimizer_d: torch.optim.Optimizer | None,
+        dis_mode: str = "visual_words",
+        predictor: nn.Module | None = None,
+        dis_loss: nn.Module | None = None,
+        restoration_loss: nn.Module | None = None,
+        adversarial_loss: AdversarialLoss | None = None,
+        loss_weights: Mapping[str, float] | None = None,
+        stages: Sequence[Mapping] | StageSchedule | None = None,
+        distortion: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        views: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        seed: int = 0,
+        d_steps: int = 1,
+        amp: str = "none",
+        clip_grad_norm: float | None = None,
+        channels_last: bool = False,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        classify_both: bool = False,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        self.dis_mode = check_dis_mode(dis_mode)
+        self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
+        if int(d_steps) != d_steps or d_steps < 1:
+            raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
+        uses = self.schedule.uses
+        if "dis" in uses and dis_head is None:
+            raise ValueError("a stage uses the 'dis' loss but no dis_head was given; pass one or drop 'dis' from the stages")
+        if "adv" in uses and (adversary is None or optimizer_d is None):
+            raise ValueError("a stage uses the 'adv' loss but adversary/optimizer_d is missing; pass both or drop 'adv'")
+        if self.dis_mode == "simsiam" and "dis" in uses and predictor is None:
+            raise ValueError("dis_mode='simsiam' needs a predictor (dira3d.engines.build_predictor('simsiam', proj_dim))")
+        loss_weights = DiRALoss(loss_weights)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            amp=False,  # AMP is handled here (bf16/fp16, two scalers), not by MONAI's single scaler
+            decollate=False,
+        )
+        self.network, self.optimizer, self.loss_function = network, optimizer, loss_weights
+        device = self.state.device
+        self.dis_head, self.predictor, self.adversary, self.optimizer_d = dis_head, predictor, adversary, optimizer_d
+        self.dis_loss = dis_loss if dis_loss is not None else build_dis_loss(self.dis_mode)
+        self.restoration_loss = restoration_loss if restoration_loss is not None else RestorationLoss("mse")
+        self.adversarial_loss = adversarial_loss if adversarial_loss is not None else AdversarialLoss("vanilla")
+        if distortion is None:
+            from dira3d.transforms.compositions import build_distortion
+
+            distortion = build_distortion("transvw" if getattr(network, "spatial_dims", 3) == 3 else "dira2d")
+        self.distortion, self.views = distortion, views
+        self.seed, self.d_steps, self.amp_mode = int(seed), int(d_steps), amp
+        self.clip_grad_norm, self.classify_both, self.momentum = clip_grad_norm, bool(classify_both), float(momentum)
+        autocast_context(amp, device)  # validates the value early
+        self.scaler_g, self.scaler_d = make_grad_scaler(amp, device), make_grad_scaler(amp, device)
+
+        self.momentum_encoder: nn.Module | None = None
+        self.momentum_head: nn.Module | None = None
+        self.queue: MoCoQueue | None = None
+        if self.dis_mode == "moco" and dis_head is not None:
+            # the key encoder/projector start as copies and then follow by EMA (never by gradients)
+            self.momentum_encoder = copy.deepcopy(network.encoder).requires_grad_(False)
+            self.momentum_head = copy.deepcopy(dis_head).requires_grad_(False)
+            proj_dim = self._projection_dim(dis_head)
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, 0, 0))
+            self.queue = MoCoQueue(proj_dim, queue_size, generator=gen)
+        self.memory_format = None
+        if channels_last:
+            dims = getattr(network, "spatial_dims", 3)
+            self.memory_format = torch.channels_last_3d if dims == 3 else torch.channels_last
+        for module in self.modules().values():
+            module.to(device)
+            if self.memory_format is not None:
+                module.to(memory_format=self.memory_format)
+        self.g_params = unique_parameters([network, dis_head, predictor])
+        self.d_params = unique_parameters([adversary])
+
+        self.state.stage = self.schedule.stage_at(1, 1).name
+        self.state.images = {}
+        self._epoch_sums: dict[str, torch.Tensor] = {}
+        self._epoch_count = 0
+        self.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
+        # ignite exhausts the previous epoch's iterator inside the new epoch, and torch's
+        # RandomSampler draws once more on exhaustion: seed again just before the new iterator
+        self.add_event_handler(Events.DATALOADER_STOP_ITERATION, self._seed_epoch)
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_means)
+        if train_handlers is not None:
+            self._register_handlers(train_handlers)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @staticmethod
+    def _projection_dim(head: nn.Module) -> int:
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("dis_mode='moco' needs a projection head ending in a Linear layer (build_dis_head('moco', ...))")
+        return linears[-1].out_features
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module the trainer owns, by checkpoint key (absent ones left out)."""
+        named = {
+            "network": self.network,
+            "dis_head": self.dis_head,
+            "predictor": self.predictor,
+            "adversary": self.adversary,
+            "momentum_encoder": self.momentum_encoder,
+            "momentum_head": self.momentum_head,
+            "queue": self.queue,
+        }
+        return {k: v for k, v in named.items() if v is not None}
+
+    def current_stage(self) -> Stage:
+        """The stage of the current (or, between epochs, the last) iteration."""
+        return self.schedule.stage_at(max(self.state.epoch, 1), max(self.state.iteration, 1))
+
+    def _seed_epoch(self, engine: Engine) -> None:
+        """Make this epoch's data order and random crops a function of (seed, epoch) only."""
+        seed = derive_seed(self.seed, STREAM_DATA, engine.state.epoch)
+        loader = self.data_loader
+        generator = getattr(loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(seed)
+        if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):
+            # with workers, MONAI seeds each worker's transforms from the loader's generator
+            set_rnd(loader.dataset, seed % (2**32))
+
+    def _accumulate(self, engine: Engine) -> None:
+        for key, value in engine.state.output.items():
+            if isinstance(value, torch.Tensor):
+                self._epoch_sums[key] = self._epoch_sums.get(key, 0) + value.float()
+        self._epoch_count += 1
+
+    def _epoch_means(self, engine: Engine) -> None:
+        # one host sync per epoch: the means go to state.metrics for StatsHandler/TensorBoard
+        for key, total in self._epoch_sums.items():
+            engine.state.metrics[f"train_{key}"] = float(total) / max(self._epoch_count, 1)
+        self._epoch_sums, self._epoch_count = {}, 0
+
+    def _prepare(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = self.state.device
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device, non_blocking=self.non_blocking)
+                if value.is_floating_point():
+                    value = value.as_subclass(torch.Tensor)  # MetaTensor → plain tensor: cheaper ops
+                    if self.memory_format is not None and value.dim() >= 4:
+                        value = value.contiguous(memory_format=self.memory_format)
+            out[key] = value
+        if "image" not in out:
+            raise ValueError(f"the batch has no 'image' entry (keys: {sorted(batch)}); check the dataset transforms")
+        if self.dis_mode == "visual_words" and "label" not in out:
+            raise ValueError("dis_mode='visual_words' needs batch['label'] (the visual-word class index)")
+        return out
+
+    def step_generator(self, counter: int, stream: int = STREAM_STEP) -> torch.Generator:
+        """A generator on the training device seeded by (seed, stream, counter)."""
+        gen = torch.Generator(device=self.state.device)
+        gen.manual_seed(derive_seed(self.seed, stream, counter))
+        return gen
+
+    # ------------------------------------------------------------------ the method
+    def forward_terms(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage, train: bool = True) -> Forward:
+        """The unweighted loss terms of ``stage`` for one prepared batch (one encoder pass for dis + res).
+
+        ``train=False`` (validation) leaves the EMA encoder and the queue untouched.
+        """
+        active = set(stage.losses)
+        x1, x2 = batch["image"], batch.get("image2")
+        view1, view2 = x1, x2 if x2 is not None else x1
+        if "dis" in active and self.dis_mode != "visual_words" and self.views is not None:
+            if x2 is None:
+                view1, view2 = self.views(x1, generator)
+            else:  # two instances: one view of each, in one batched call
+                a, b = self.views(torch.cat([x1, x2]), generator)
+                view1, view2 = a[: x1.shape[0]], b[x1.shape[0] :]
+        distorted, target = self.distortion(view1, generator)
+        bottleneck, skips = self.network.encode(distorted)
+        terms: dict[str, torch.Tensor] = {}
+        keys = None
+        if "dis" in active:
+            terms["dis"], keys = self._discriminate(bottleneck, view2, batch, generator, train)
+        restored = None
+        if "res" in active or "adv" in active:
+            restored = self.network.decode(bottleneck, skips)
+            terms["res"] = self.restoration_loss(restored.float(), target.float())
+        if "adv" in active:
+            with frozen(self.adversary):
+                terms["adv"] = self.adversarial_loss.generator(self.adversary(restored))
+        return Forward(terms, distorted, target, restored, keys)
+
+    def _discriminate(self, bottleneck, view2, batch, generator, train) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.dis_mode == "visual_words":
+            loss = self.dis_loss(self.dis_head(bottleneck), batch["label"])
+            if self.classify_both and batch.get("image2") is not None:
+                distorted2, _ = self.distortion(batch["image2"], generator)
+                logits2 = self.dis_head(self.network.encode(distorted2)[0])
+                loss = 0.5 * (loss + self.dis_loss(logits2, batch["label"]))
+            return loss, None
+        z1 = self.dis_head(bottleneck)
+        if self.dis_mode == "moco":
+            with torch.no_grad():
+                if train:  # MoCo updates the key encoder before computing the keys
+                    ema_update(self.momentum_encoder, self.network.encoder, self.momentum)
+                    ema_update(self.momentum_head, self.dis_head, self.momentum)
+                keys = F.normalize(self.momentum_head(self.momentum_encoder(view2)[0]).float(), dim=1)
+            return self.dis_loss(z1.float(), keys, self.queue.queue), keys
+        z2 = self.dis_head(self.network.encode(view2)[0])
+        if self.dis_mode == "barlow":
+            return self.dis_loss(z1.float(), z2.float()), None
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return self.dis_loss(p1.float(), p2.float(), z1.float(), z2.float()), None
+
+    def adversary_scores(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """D's loss and its mean score on real and restored patches (probabilities for vanilla)."""
+        real_logits, fake_logits = self.adversary(real).float(), self.adversary(fake).float()
+        loss = self.adversarial_loss.discriminator(real_logits, fake_logits)
+        if getattr(self.adversarial_loss, "kind", "vanilla") == "vanilla":
+            real_logits, fake_logits = torch.sigmoid(real_logits), torch.sigmoid(fake_logits)
+        return loss, real_logits.mean().detach(), fake_logits.mean().detach()
+
+    def _iteration(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        stage = self.schedule.stage_at(engine.state.epoch, engine.state.iteration)
+        if stage.name != engine.state.stage:
+            self.logger.info(f"stage '{stage.name}' from iteration {engine.state.iteration}: losses {list(stage.losses)}")
+        engine.state.stage = stage.name
+        batch = self._prepare(batchdata)
+        generator = self.step_generator(engine.state.iteration)
+        device = self.state.device
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(self.amp_mode, device):
+            fwd = self.forward_terms(batch, generator, stage, train=True)
+            total, weighted = self.loss_function(fwd.terms, stage.losses)
+        optimizer_step(total, self.optimizer, self.g_params, self.scaler_g, self.clip_grad_norm)
+        if fwd.keys is not None:  # after backward: the loss graph still needed the old queue
+            self.queue.enqueue(concat_all_gather(fwd.keys))
+
+        output: dict[str, Any] = {"loss": total.detach()}
+        output.update({f"loss_{k}": v.detach() for k, v in fwd.terms.items()})
+        if stage.adversarial:
+            fake = fwd.restored.detach()
+            for _ in range(self.d_steps):
+                self.optimizer_d.zero_grad(set_to_none=True)
+                with autocast_context(self.amp_mode, device):
+                    d_loss, d_real, d_fake = self.adversary_scores(fwd.target, fake)
+                optimizer_step(d_loss, self.optimizer_d, self.d_params, self.scaler_d, self.clip_grad_norm)
+            output.update({"loss_d": d_loss.detach(), "d_real": d_real, "d_fake": d_fake})
+        output.update(
+            lr_g=learning_rate(self.optimizer),
+            lr_d=learning_rate(self.optimizer_d),
+            stage=stage.name,
+            stage_index=self.schedule.index(stage),
+        )
+        # first sample only, kept by reference (no copy) for the image summary handler
+        engine.state.images = {
+            "original": fwd.target[:1].detach(),
+            "distorted": fwd.distorted[:1].detach(),
+            "restored": None if fwd.restored is None else fwd.restored[:1].detach(),
+        }
+        return output

@@ -1,0 +1,242 @@
+"""DiRATrainer in-process: stages, the four discrimination modes, 2D/3D, the adversary's steps,
+checkpoint format and exact resume. Tiny networks (width 1/8) on 16×16×8 patches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+
+from dira3d.engines import (
+    DIS_MODES,
+    DiRACheckpoint,
+    DiRAEvaluator,
+    DiRATrainer,
+    RandPatchPair,
+    RandPatchPaird,
+    StageSchedule,
+    build_dis_head,
+    build_predictor,
+    checkpoint_dict,
+    side_by_side,
+    unique_parameters,
+    with_image_labels,
+)
+from dira3d.engines.optim import derive_seed, ema_update
+from dira3d.networks import Adversary, Classifier, Segmenter, UNet, load_pretrained
+from dira3d.transforms.compositions import build_distortion
+from dira3d.utils import load_checkpoint
+
+PATCH3 = (16, 16, 8)
+PATCH2 = (16, 16)
+
+
+def smooth_volumes(count: int, shape=(24, 24, 12), seed: int = 0) -> list[dict]:
+    """Smooth random volumes in [0, 1] (restorable structure, unlike white noise)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(count):
+        v = gaussian_filter(rng.random(shape), 2.0)
+        v = (v - v.min()) / (v.max() - v.min())
+        items.append({"image": v[None].astype(np.float32), "case_id": f"c{i}"})
+    return with_image_labels(items)
+
+
+def make_trainer(mode="visual_words", dims=3, stages=None, max_epochs=1, seed=0, batch=4, volumes=4, lr=1e-3,
+                 handlers=None, distortion="models_genesis"):
+    torch.manual_seed(seed)
+    patch = PATCH3 if dims == 3 else PATCH2
+    transform = RandPatchPaird("image", patch, spatial_dims=dims, pair="instances")
+    loader = DataLoader(Dataset(smooth_volumes(volumes), transform), batch_size=batch, shuffle=True,
+                        num_workers=0, generator=torch.Generator())
+    net = UNet(spatial_dims=dims, width=1 / 8)
+    head = build_dis_head(mode, dims, net.bottleneck_channels, num_classes=volumes, hidden=16, proj_dim=8)
+    predictor = build_predictor(mode, 8)
+    adversary = Adversary(dims, 1, channels=4, num_layers=3)
+    trainer = DiRATrainer(
+        "cpu", max_epochs, loader, net,
+        torch.optim.Adam(unique_parameters([net, head, predictor]), lr), head, adversary,
+        torch.optim.Adam(adversary.parameters(), lr), dis_mode=mode, predictor=predictor, stages=stages,
+        distortion=build_distortion(distortion if dims == 3 else "dira2d"), seed=seed, queue_size=16,
+        train_handlers=handlers,
+    )
+    return trainer
+
+
+def record(trainer):
+    """Per iteration: stage name, numeric output keys, and a copy of the adversary's weights."""
+    log = []
+
+    @trainer.on(__import__("ignite").engine.Events.ITERATION_COMPLETED)
+    def _(engine):
+        log.append((engine.state.output["stage"], set(k for k, v in engine.state.output.items() if isinstance(v, torch.Tensor)),
+                    [p.detach().clone() for p in engine.adversary.parameters()],
+                    {k: float(v) for k, v in engine.state.output.items() if isinstance(v, torch.Tensor)}))
+    return log
+
+
+STAGES = [
+    {"name": "dis", "until_iteration": 1, "losses": ["dis"]},
+    {"name": "dis_res", "until_iteration": 2, "losses": ["dis", "res"]},
+    {"name": "dira", "losses": ["dis", "res", "adv"]},
+]
+
+
+def test_stage_schedule_lookup_and_errors():
+    s = StageSchedule([{"name": "a", "until_epoch": 2, "losses": ["dis"]},
+                       {"name": "b", "until_epoch": 4, "losses": ["dis", "res"]},
+                       {"name": "c", "losses": ["res", "adv"]}])
+    assert [s.stage_at(e, 1).name for e in (1, 2, 3, 4, 5, 99)] == ["a", "a", "b", "b", "c", "c"]
+    assert s.stage_at(5, 1).adversarial and not s.stage_at(1, 1).adversarial
+    t = StageSchedule([{"name": "x", "until_iteration": 3, "losses": ["res"]}, {"name": "y", "losses": ["res", "adv"]}])
+    assert [t.stage_at(1, i).name for i in (1, 3, 4)] == ["x", "x", "y"]
+    bad = [
+        [{"name": "a", "losses": ["dis", "oops"]}],
+        [{"name": "a", "losses": []}],
+        [{"name": "a", "until_epoch": 2, "losses": ["dis"]}],  # bounded last stage
+        [{"name": "a", "until_epoch": 3, "losses": ["dis"]}, {"name": "b", "until_epoch": 2, "losses": ["res"]},
+         {"name": "c", "losses": ["res"]}],
+        [{"name": "a", "until_epoch": 1, "until_iteration": 5, "losses": ["dis"]}, {"name": "b", "losses": ["res"]}],
+        [{"name": "a", "loses": ["dis"]}],
+    ]
+    for stages in bad:
+        with pytest.raises(ValueError, match="stages"):
+            StageSchedule(stages)
+
+
+def test_ema_update_and_seed_helpers():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        a.weight.fill_(1.0), b.weight.fill_(3.0)
+    ema_update(a, b, momentum=0.75)
+    assert torch.allclose(a.weight, torch.full((2, 2), 0.75 * 1 + 0.25 * 3))
+    assert derive_seed(0, 1, 5) == derive_seed(0, 1, 5)
+    assert len({derive_seed(0, 1, 5), derive_seed(0, 2, 5), derive_seed(0, 1, 6), derive_seed(1, 1, 5)}) == 4
+
+
+def test_patch_pairs_and_side_by_side():
+    vol = torch.arange(10 * 12 * 6, dtype=torch.float32).reshape(1, 10, 12, 6)
+    cropper = RandPatchPair((8, 8, 4), spatial_dims=3, pair="instances")
+    cropper.set_random_state(0)
+    p1, p2 = cropper(vol)
+    assert p1.shape == p2.shape == (1, 8, 8, 4)
+    # a crop is a contiguous block: consecutive z voxels differ by exactly 1 in this arange volume
+    assert torch.all(p1[..., 1:] - p1[..., :-1] == 1)
+    two_d = RandPatchPair((16, 16), spatial_dims=2, pair="views")  # pads 10x12 → 16x16, one slice
+    (p,) = two_d(vol)
+    assert p.shape == (1, 16, 16) and float(p[0, -1, -1]) == 0.0
+    d = RandPatchPaird("image", (8, 8, 4))(dict(image=vol, label=3))
+    assert d["image"].shape == d["image2"].shape == (1, 8, 8, 4) and d["label"] == 3
+    with pytest.raises(ValueError, match="patch_size"):
+        RandPatchPair((8, 8), spatial_dims=3)
+    img = side_by_side({"original": torch.zeros(1, 1, 8, 6, 4), "distorted": torch.ones(1, 1, 8, 6, 4), "restored": None})
+    assert img.shape == (1, 6, 16) and float(img[0, :, :8].max()) == 0.0 and float(img[0, :, 8:].min()) == 1.0
+
+
+@pytest.mark.parametrize("mode,dims", [(m, 3) for m in DIS_MODES] + [("moco", 2), ("visual_words", 2)])
+def test_modes_stages_and_adversary_steps(mode, dims):
+    trainer = make_trainer(mode, dims, stages=STAGES, max_epochs=1, volumes=8, batch=2)  # 4 iterations
+    log = record(trainer)
+    initial = [p.detach().clone() for p in trainer.adversary.parameters()]
+    trainer.run()
+    stages = [entry[0] for entry in log]
+    assert stages == ["dis", "dis_res", "dira", "dira"]
+    assert {"loss_dis"} <= log[0][1] and "loss_res" not in log[0][1] and "loss_adv" not in log[0][1]
+    assert {"loss_dis", "loss_res"} <= log[1][1] and "loss_adv" not in log[1][1]
+    assert {"loss_dis", "loss_res", "loss_adv", "loss_d", "d_real", "d_fake"} <= log[2][1]
+    # D is untouched until the adversarial stage, then every step moves it
+    for entry in log[:2]:
+        assert all(torch.equal(a, b) for a, b in zip(initial, entry[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(log[1][2], log[2][2]))
+    assert not all(torch.equal(a, b) for a, b in zip(log[2][2], log[3][2]))
+    for entry in log:
+        assert all(np.isfinite(v) for v in entry[3].values())
+    # the weighted total equals λ_dis·dis + λ_res·res + λ_adv·adv (1, 100, 1)
+    last = log[-1][3]
+    assert last["loss"] == pytest.approx(last["loss_dis"] + 100 * last["loss_res"] + last["loss_adv"], rel=1e-5)
+    if mode == "moco":  # keys entered the queue: it is no longer its random initialisation
+        assert int(trainer.queue.ptr) == (4 * 2) % 16
+
+
+def test_restoration_loss_falls():
+    trainer = make_trainer("visual_words", 3, stages=[{"name": "res", "losses": ["res"]}], max_epochs=6,
+                           volumes=2, batch=2, lr=3e-3, distortion="none")
+    log = record(trainer)
+    trainer.run()
+    res = [entry[3]["loss_res"] for entry in log]
+    assert len(res) == 6
+    assert np.mean(res[-2:]) < 0.7 * np.mean(res[:2]), res
+
+
+def test_checkpoint_resume_is_exact_and_loads_into_task_networks(tmp_path):
+    stages = [{"name": "dis_res", "until_epoch": 1, "losses": ["dis", "res"]}, {"name": "dira", "losses": ["dis", "res", "adv"]}]
+
+    def run(ckpt_dir, max_epochs):
+        trainer = make_trainer("moco", 3, stages=stages, max_epochs=max_epochs, volumes=4, batch=2, seed=3,
+                               handlers=[DiRACheckpoint(ckpt_dir, resume=True, meta={"width": 0.125, "patch_size": PATCH3})])
+        trainer.run()
+        return trainer
+
+    full = run(tmp_path / "full", 2)
+    part1 = run(tmp_path / "split", 1)
+    ckpt1 = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert ckpt1["trainer"]["epoch"] == 1 and ckpt1["trainer"]["stage"] == "dis_res"
+    resumed = run(tmp_path / "split", 2)  # same command: continues from last.pt
+    assert resumed.state.epoch == 2 and resumed.state.iteration == 4
+    a, b = checkpoint_dict(full), checkpoint_dict(resumed)
+    for part in ("encoder", "decoder", "dis_head", "adversary", "momentum_encoder", "momentum_head", "queue"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+    assert b["trainer"]["stage"] == "dira"
+    # the adversary only trained in the second (adversarial) epoch
+    assert all(torch.equal(ckpt1["adversary"][k], part1.adversary.state_dict()[k]) for k in ckpt1["adversary"])
+    assert not all(torch.equal(ckpt1["adversary"][k], a["adversary"][k]) for k in ckpt1["adversary"])
+
+    ckpt = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    assert ckpt["meta"]["dis_mode"] == "moco" and ckpt["meta"]["patch_size"] == list(PATCH3)
+    seg = Segmenter(spatial_dims=3, in_channels=1, out_channels=1, width=1 / 8)
+    load_pretrained(seg, tmp_path / "full" / "last.pt", parts=("encoder", "decoder"))
+    assert all(torch.equal(v, ckpt["encoder"][k]) for k, v in seg.encoder.state_dict().items())
+    clf = Classifier(spatial_dims=3, in_channels=1, num_classes=2, width=1 / 8)
+    load_pretrained(clf, ckpt, parts=("encoder",))
+    assert all(torch.equal(v, ckpt["encoder"][k]) for k, v in clf.encoder.state_dict().items())
+
+
+def test_validation_best_checkpoint_and_mismatched_resume(tmp_path):
+    val_loader = DataLoader(Dataset(smooth_volumes(2, seed=1), RandPatchPaird("image", PATCH3)), batch_size=2)
+    evaluator = DiRAEvaluator("cpu", val_loader, seed=7)
+    ckpt = DiRACheckpoint(tmp_path)
+    trainer = make_trainer("visual_words", 3, stages=[{"name": "dis_res", "losses": ["dis", "res"]}], max_epochs=2,
+                           volumes=2, batch=2, handlers=[evaluator, ckpt])
+    values = []
+    trainer.add_event_handler(__import__("ignite").engine.Events.EPOCH_COMPLETED, lambda e: values.append(e.state.metrics["val_loss"]))
+    trainer.run()
+    assert len(values) == 2 and all(np.isfinite(values))
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["trainer"]["best_metric"] == pytest.approx(min(values))
+    assert best["trainer"]["best_epoch"] == 1 + int(np.argmin(values))
+    # validation is deterministic: re-validating the same weights gives the same number
+    evaluator._validate(trainer)
+    again = trainer.state.metrics["val_loss"]
+    evaluator._validate(trainer)
+    assert trainer.state.metrics["val_loss"] == again
+    other = make_trainer("barlow", 3, stages=[{"name": "dis_res", "losses": ["dis", "res"]}], max_epochs=3,
+                         volumes=2, batch=2, handlers=[DiRACheckpoint(tmp_path)])
+    with pytest.raises(ValueError, match="dis_mode"):
+        other.run()
+
+
+def test_bad_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="dis_mode"):
+        make_trainer("simclr")
+    with pytest.raises(ValueError, match="amp"):
+        net = UNet(3, width=1 / 8)
+        DiRATrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), None, None, None,
+                    stages=[{"name": "r", "losses": ["res"]}], amp="fp8")
+    with pytest.raises(ValueError, match="adv"):
+        net = UNet(3, width=1 / 8)
+        DiRATrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), None, None, None,
+                    stages=[{"name": "r", "losses": ["res", "adv"]}])
