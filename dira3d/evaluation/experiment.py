@@ -19,7 +19,7 @@ Config (YAML or JSON)::
     methods:                           # name: checkpoint path, or null for random initialisation
       random: null
       dira: runs/pretrain/best.pt
-    overrides: {tiny: true}            # passed to every fine-tuning run (bundle ids)
+    overrides: {tiny: true, max_epochs: 10}   # bundle ids for every run; `tiny` adds configs/tiny.json
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def _read_rows(csv_path: Path) -> list[dict]:
 def _default_runner(bundle: str, overrides: dict) -> Mapping[str, float]:
     from dira3d.evaluation.finetune import run_finetune
 
-    return run_finetune(bundle, overrides)
+    overrides = dict(overrides)
+    tiny = bool(overrides.pop("tiny", False))
+    return run_finetune(bundle, overrides, tiny=tiny)["metrics"]
 
 
 def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
