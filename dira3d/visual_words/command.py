@@ -1,0 +1,76 @@
+"""``dira3d visual-words``: TransVW self-discovery from a pretraining datalist.
+
+Example::
+
+    dira3d visual-words --datalist prepared/datalist.json --out vw --classes 50 --neighbours 200 \\
+        --val-neighbours 30 --patch-size 64 64 32 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dira3d.visual_words.coordinates import CoordinateSamplingError
+from dira3d.visual_words.discover import discover_visual_words
+from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dira3d visual-words``."""
+    p = argparse.ArgumentParser(prog="dira3d visual-words", description=__doc__.splitlines()[0])
+    p.add_argument("--datalist", required=True, help="pretraining datalist JSON (training / validation entries)")
+    p.add_argument("--out", required=True, help="output folder: shards/, manifest.json, visual_words.json")
+    p.add_argument("--classes", type=int, default=50, help="number of visual words C (default 50)")
+    p.add_argument("--neighbours", type=int, default=200, help="training instances per class K (default 200)")
+    p.add_argument("--val-neighbours", type=int, default=30, help="validation instances per class (default 30; 0: none)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
+    p.add_argument("--border", type=int, nargs=3, default=(100, 100, 30), metavar=("X", "Y", "Z"), help="voxels kept free at the volume faces")
+    p.add_argument("--min-distance", type=float, default=5.0, help="min distance (voxels) between class centres")
+    p.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"), help="the volumes' HU window")
+    p.add_argument("--dense-hu", type=float, default=-150.0, help="lung filter: HU counted as dense tissue")
+    p.add_argument("--max-dense-fraction", type=float, default=0.15, help="lung filter: max fraction of dense voxels")
+    p.add_argument("--max-tries", type=int, default=200, help="centres tried per reference before the next reference")
+    p.add_argument("--metric", choices=("l2", "cosine"), default="l2")
+    p.add_argument("--multi-resolution", action="store_true", help="two extra rescaled crops per instance")
+    p.add_argument("--extractor", choices=("autoencoder", "checkpoint"), default="autoencoder")
+    p.add_argument("--checkpoint", help="dira3d pretraining checkpoint (with --extractor checkpoint)")
+    p.add_argument("--extractor-size", type=int, nargs=3, default=(128, 128, 64), metavar=("X", "Y", "Z"))
+    p.add_argument("--extractor-epochs", type=int, default=10)
+    p.add_argument("--extractor-width", type=float, default=1.0)
+    p.add_argument("--raw-hu", action="store_true", help="images are raw HU: window them with --hu-window on loading")
+    p.add_argument("--no-orient", action="store_true", help="do not reorient to RAS on loading")
+    p.add_argument("--class-block", type=int, default=10, help="classes extracted per pass over the volumes")
+    p.add_argument("--workers", type=int, default=0, help="processes prefetching volumes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (default: resume it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 ok, 1 bad input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        manifest = discover_visual_words(
+            args.datalist, args.out, classes=args.classes, neighbours=args.neighbours, val_neighbours=args.val_neighbours,
+            patch_size=args.patch_size, border=args.border, min_distance=args.min_distance, hu_window=tuple(args.hu_window),
+            dense_hu=args.dense_hu, max_dense_fraction=args.max_dense_fraction, max_tries=args.max_tries, metric=args.metric,
+            multi_resolution=args.multi_resolution, extractor=args.extractor, checkpoint=args.checkpoint,
+            extractor_size=args.extractor_size, extractor_epochs=args.extractor_epochs, extractor_width=args.extractor_width,
+            orient=not args.no_orient, raw_hu=args.raw_hu, class_block=args.class_block, workers=args.workers,
+            seed=args.seed, overwrite=args.overwrite, device=args.device,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, PermissionError, CoordinateSamplingError) as err:
+        print(f"dira3d visual-words: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{len(manifest['classes'])} visual words written to {args.out} ({DATALIST_NAME}, {MANIFEST_NAME}, shards/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

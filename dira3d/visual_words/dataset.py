@@ -1,0 +1,135 @@
+"""Pairs of instances of one visual word, read lazily from memory-mapped shards.
+
+This is the discriminative input of the 3D pretraining engine in ``visual_words`` mode. Each item
+is the engine's batch contract::
+
+    {"image": x1 (C, X, Y, Z) float32, "image2": x2 (another instance of the same class),
+     "label": class index (int64 scalar tensor)}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
+
+__all__ = ["VisualWordPairDataset", "load_visual_word_classes"]
+
+
+def load_visual_word_classes(path: str | os.PathLike, split: str = "training") -> list[tuple[Path, int]]:
+    """``(shard path, label)`` of every class of a split.
+
+    Args:
+        path: ``visual_words.json``, ``manifest.json`` or the output folder holding them.
+        split: ``"training"`` or ``"validation"``.
+
+    Raises:
+        FileNotFoundError: no datalist/manifest, or a listed shard is missing.
+        ValueError: the manifest is not complete, or the split is empty.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / DATALIST_NAME if (path / DATALIST_NAME).is_file() else path / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; point to the output of `dira3d visual-words`")
+    base = path.parent
+    content = json.loads(path.read_text())
+    if "format" in content:  # a manifest
+        manifest = read_manifest(path)
+        if manifest["status"] != "complete":
+            raise ValueError(f"visual-word run {path} is {manifest['status']!r}, not complete; rerun `dira3d visual-words` to finish it")
+        classes = [(base / c["shards"][split], int(c["index"])) for c in manifest["classes"] if split in c["shards"]]
+    else:
+        classes = [(base / e["image"], int(e["label"])) for e in content.get(split, [])]
+    if not classes:
+        raise ValueError(f"{path} lists no '{split}' visual words (for validation, run with --val-neighbours > 0)")
+    for shard, _ in classes:
+        if not shard.is_file():
+            raise FileNotFoundError(f"visual-word shard {shard} listed in {path} is missing; rerun `dira3d visual-words`")
+    return classes
+
+
+class VisualWordPairDataset(Dataset):
+    """Yields two different instances of one visual word and the word's index.
+
+    Shards are opened with ``mmap_mode="r"`` on first use in each process, so only the rows read
+    are paged in. With ``pairs_per_epoch=None`` every instance is ``image`` once per epoch and its
+    partner is drawn from the same class; otherwise each item draws a class, then two instances.
+    Draws depend only on ``(seed, epoch, index)``: reproducible with any number of workers.
+
+    Args:
+        datalist_or_manifest: ``visual_words.json``, ``manifest.json`` or their folder.
+        split: ``"training"`` or ``"validation"``.
+        pairs_per_epoch: length of an epoch of random pairs (``None``: one per instance).
+        transform: optional callable applied to each item dict (e.g. MONAI dictionary transforms).
+        seed: base seed of the pair draws; call :meth:`set_epoch` to vary them per epoch.
+
+    Raises:
+        ValueError: a class has fewer than two instances (no pair can be formed).
+    """
+
+    def __init__(
+        self,
+        datalist_or_manifest: str | os.PathLike,
+        split: str = "training",
+        pairs_per_epoch: int | None = None,
+        transform: Callable[[dict], dict] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.classes = load_visual_word_classes(datalist_or_manifest, split)
+        self.counts = []
+        for shard, label in self.classes:
+            rows = int(np.load(shard, mmap_mode="r").shape[0])
+            if rows < 2:
+                raise ValueError(f"visual word {label} ({shard}) has {rows} instance(s); pairs need >= 2 (raise --neighbours)")
+            self.counts.append(rows)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+        self.pairs_per_epoch, self.transform, self.seed, self.epoch = pairs_per_epoch, transform, seed, 0
+        self._shards: dict[int, np.ndarray] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of visual words (labels are 0 … num_classes − 1 in a complete run)."""
+        return len(self.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw different partners in each epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(self.pairs_per_epoch if self.pairs_per_epoch is not None else self.offsets[-1])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_shards"] = {}  # workers reopen the memory maps instead of pickling their contents
+        return state
+
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._shards:
+            self._shards[k] = np.load(self.classes[k][0], mmap_mode="r")
+        return self._shards[k]
+
+    def _row(self, k: int, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._shard(k)[i], dtype=np.float32))
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.pairs_per_epoch is None:
+            k = int(np.searchsorted(self.offsets, index, side="right") - 1)
+            a = index - int(self.offsets[k])
+        else:
+            k = int(rng.integers(self.num_classes))
+            a = int(rng.integers(self.counts[k]))
+        b = int(rng.integers(self.counts[k] - 1))
+        b += b >= a  # uniform over the other instances
+        item = {"image": self._row(k, a), "image2": self._row(k, b), "label": torch.tensor(self.classes[k][1], dtype=torch.int64)}
+        return self.transform(item) if self.transform is not None else item

@@ -1,0 +1,233 @@
+"""Whole-volume feature extractor for visual-word self-discovery.
+
+TransVW embeds every patient with the bottleneck of an autoencoder trained on downsampled
+volumes. The reference network has skip connections, which let the decoder bypass the bottleneck
+and leave it weak; :class:`VolumeAutoencoder` has none, so the reconstruction must pass through
+the latent. Any pretrained dira3d encoder (a pretraining checkpoint) may be used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+from monai.data import Dataset
+from monai.transforms import Compose, EnsureTyped, Resized
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dira3d.utils.checkpoint import load_checkpoint
+from dira3d.visual_words.loading import volume_transform
+
+__all__ = ["VolumeAutoencoder", "train_extractor", "embed_volumes", "extractor_from_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+_BASE_CHANNELS = (32, 64, 128, 256, 512)
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
+class VolumeAutoencoder(nn.Module):
+    """A 3D convolutional autoencoder **without** skip connections.
+
+    Encoder: 4 levels of conv-BN-ReLU blocks (32→64 | 128 | 256 | 512 channels × ``width``),
+    max-pooling between levels (3 poolings, spatial sizes divisible by 8). Decoder: transposed
+    convolutions ×2 each followed by a conv block, then a 1×1 conv and a sigmoid.
+
+    Args:
+        in_channels: image channels.
+        width: channel multiplier (1.0 gives a 512-d embedding, as in the reference).
+
+    Raises:
+        ValueError: ``width`` is not positive.
+    """
+
+    def __init__(self, in_channels: int = 1, width: float = 1.0) -> None:
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"VolumeAutoencoder width must be > 0, got {width}")
+        c = [max(1, int(round(ch * width))) for ch in _BASE_CHANNELS]
+        self.in_channels = in_channels
+        self.width = width
+        self.embedding_dim = c[4]
+        self.encoder = nn.Sequential(
+            _conv_block(in_channels, c[0]), _conv_block(c[0], c[1]), nn.MaxPool3d(2),
+            _conv_block(c[1], c[2]), nn.MaxPool3d(2),
+            _conv_block(c[2], c[3]), nn.MaxPool3d(2),
+            _conv_block(c[3], c[4]),
+        )  # fmt: skip
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose3d(c[4], c[3], 2, stride=2), _conv_block(c[3], c[3]),
+            nn.ConvTranspose3d(c[3], c[2], 2, stride=2), _conv_block(c[2], c[2]),
+            nn.ConvTranspose3d(c[2], c[1], 2, stride=2), _conv_block(c[1], c[1]),
+            nn.Conv3d(c[1], in_channels, 1), nn.Sigmoid(),
+        )  # fmt: skip
+
+    def _check(self, x: torch.Tensor) -> None:
+        bad = [s for s in x.shape[2:] if s % 8]
+        if x.ndim != 5 or bad:
+            raise ValueError(
+                f"VolumeAutoencoder needs (B, C, X, Y, Z) input with sizes divisible by 8, got {tuple(x.shape)}; "
+                "choose an extractor size such as 128 128 64"
+            )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck feature map ``(B, D, X/8, Y/8, Z/8)``."""
+        self._check(x)
+        return self.encoder(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The global-average-pooled bottleneck, ``(B, D)``."""
+        return self.encode(x).mean(dim=(2, 3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encode(x))
+
+
+def _resized_dataset(entries: Sequence[dict], size: Sequence[int], orient: bool, raw_hu_window) -> Dataset:
+    transform = Compose([
+        volume_transform(orient=orient, raw_hu_window=raw_hu_window),
+        Resized(keys="image", spatial_size=tuple(size), mode="area"),
+        # plain tensors: MetaTensor's __torch_function__ would slow every op of training several-fold
+        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+    ])  # fmt: skip
+    return Dataset(data=[{"image": e["image"]} for e in entries], transform=transform)
+
+
+def train_extractor(
+    entries: Sequence[dict],
+    size: Sequence[int] = (128, 128, 64),
+    epochs: int = 10,
+    batch_size: int = 2,
+    lr: float = 1e-3,
+    width: float = 1.0,
+    seed: int = 0,
+    orient: bool = True,
+    raw_hu_window: tuple[float, float] | None = None,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> VolumeAutoencoder:
+    """Train a :class:`VolumeAutoencoder` (MSE, Adam) on whole volumes resized to ``size``.
+
+    Args:
+        entries: datalist entries with absolute ``"image"`` paths.
+        size: the resize target (x, y, z), each divisible by 8.
+        epochs: passes over the volumes.
+        batch_size: volumes per step.
+        lr: Adam learning rate.
+        width: channel multiplier of the autoencoder.
+        seed: seeds initialisation and shuffling (a local generator; global RNGs are restored).
+        orient, raw_hu_window: see :func:`dira3d.visual_words.loading.volume_transform`.
+        workers: DataLoader workers.
+        device: where to train.
+
+    Returns:
+        The trained autoencoder in eval mode.
+
+    Raises:
+        ValueError: ``size`` is not divisible by 8 or ``epochs`` < 0.
+    """
+    if any(int(s) % 8 for s in size) or len(size) != 3:
+        raise ValueError(f"extractor size {tuple(size)} must be three sizes divisible by 8, e.g. 128 128 64")
+    if epochs < 0:
+        raise ValueError(f"extractor epochs must be >= 0, got {epochs}")
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = VolumeAutoencoder(width=width).to(device)
+    loader = DataLoader(
+        _resized_dataset(entries, size, orient, raw_hu_window), batch_size=batch_size, shuffle=True,
+        num_workers=workers, generator=torch.Generator().manual_seed(seed), drop_last=False,
+    )  # fmt: skip
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    for epoch in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        for batch in loader:
+            x = torch.as_tensor(batch["image"]).float().to(device)
+            loss = nn.functional.mse_loss(model(x), x)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total, count = total + loss.item() * len(x), count + len(x)
+        logger.info("extractor epoch %d/%d: mse %.5f", epoch + 1, epochs, total / max(count, 1))
+    return model.eval()
+
+
+def _feature_vectors(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # VolumeAutoencoder has embed(); dira3d UNet has encode() -> (bottleneck, skips); any other
+    # module is called and its feature map pooled.
+    if hasattr(model, "embed"):
+        out = model.embed(x)
+    elif hasattr(model, "encode"):
+        out = model.encode(x)
+    else:
+        out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.flatten(2).mean(dim=2) if out.ndim > 2 else out
+
+
+@torch.no_grad()
+def embed_volumes(
+    encoder: nn.Module,
+    entries: Sequence[dict],
+    size: Sequence[int] = (128, 128, 64),
+    batch_size: int = 2,
+    orient: bool = True,
+    raw_hu_window: tuple[float, float] | None = None,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Embed every volume as one vector (global-average-pooled encoder features).
+
+    Args:
+        encoder: a :class:`VolumeAutoencoder`, a dira3d ``UNet`` (its ``encode``), or any module
+            returning a feature map or vectors.
+        entries: datalist entries with absolute ``"image"`` paths.
+        size: volumes are resized to this (x, y, z) first.
+        batch_size, orient, raw_hu_window, workers, device: as in :func:`train_extractor`.
+
+    Returns:
+        A ``(N, D)`` float32 CPU tensor, rows in the order of ``entries``.
+    """
+    was_training = encoder.training
+    encoder.eval().to(device)
+    loader = DataLoader(_resized_dataset(entries, size, orient, raw_hu_window), batch_size=batch_size, shuffle=False, num_workers=workers)
+    rows = [_feature_vectors(encoder, torch.as_tensor(b["image"]).float().to(device)).float().cpu() for b in loader]
+    encoder.train(was_training)
+    return torch.cat(rows) if rows else torch.zeros(0, 0)
+
+
+def extractor_from_checkpoint(checkpoint: str | os.PathLike | dict) -> nn.Module:
+    """Build a dira3d ``UNet`` from a pretraining checkpoint and load its encoder.
+
+    Args:
+        checkpoint: path or dict in the dira3d checkpoint format (``"encoder"`` + ``"meta"``).
+
+    Returns:
+        The network (use its ``encode``) in eval mode.
+
+    Raises:
+        FileNotFoundError: the checkpoint file does not exist.
+        ValueError: the checkpoint has no encoder weights or they do not fit the network.
+    """
+    from dira3d.networks import UNet, load_pretrained  # built by the networks module; imported lazily
+
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    name = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    if not ckpt.get("encoder"):
+        raise ValueError(f"{name} has no 'encoder' weights; pass a dira3d pretraining checkpoint or use --extractor autoencoder")
+    meta = ckpt.get("meta", {})
+    if int(meta.get("spatial_dims", 3)) != 3:
+        raise ValueError(f"{name} holds a {meta.get('spatial_dims')}D encoder; visual words need a 3D one")
+    net = UNet(spatial_dims=3, in_channels=int(meta.get("in_channels", 1)), out_channels=1, width=float(meta.get("width", 1.0)))
+    report = load_pretrained(net, ckpt, parts=("encoder",), strict=False)
+    if not getattr(report, "loaded", True):
+        raise ValueError(f"{name}: no encoder weights matched the UNet encoder; is it a dira3d checkpoint?")
+    return net.eval()
+

@@ -1,0 +1,128 @@
+"""Reading the pretraining datalist and streaming its volumes through MONAI transforms.
+
+Volumes are loaded one at a time (optionally prefetched by a few DataLoader workers), so the
+memory held at any moment is a handful of volumes, whatever the number of classes and instances.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import Dataset, load_decathlon_datalist
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    ScaleIntensityRanged,
+)
+from torch.utils.data import DataLoader
+
+__all__ = ["SPLITS", "read_datalist", "case_ids", "volume_transform", "iterate_volumes"]
+
+SPLITS = ("training", "validation")
+
+
+def read_datalist(path: str | os.PathLike, splits: Sequence[str] = SPLITS) -> dict[str, list[dict]]:
+    """Read a decathlon-style pretraining datalist.
+
+    Args:
+        path: the JSON datalist; ``"image"`` paths are relative to its folder.
+        splits: keys to read; ``"training"`` is required, the others may be absent or empty.
+
+    Returns:
+        ``{split: [entry, ...]}`` with absolute ``"image"`` paths and a ``"case_id"`` on every entry.
+
+    Raises:
+        FileNotFoundError: the datalist or one of its images does not exist.
+        ValueError: the datalist has no ``"training"`` entries or an entry lacks ``"image"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist; pass the JSON written by `dira3d prepare`")
+    out: dict[str, list[dict]] = {}
+    for split in splits:
+        try:
+            entries = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=split, base_dir=str(path.parent))
+        except ValueError:
+            if split == "training":
+                raise ValueError(f"datalist {path} has no 'training' list; it must be a MONAI decathlon-style JSON") from None
+            entries = []
+        for i, entry in enumerate(entries):
+            if "image" not in entry:
+                raise ValueError(f"datalist {path}: entry {i} of '{split}' has no 'image' key")
+            if not Path(entry["image"]).is_file():
+                raise FileNotFoundError(f"datalist {path}: image {entry['image']} ('{split}' entry {i}) does not exist")
+            entry.setdefault("case_id", Path(entry["image"]).name.split(".")[0])
+        out[split] = entries
+    if not out["training"]:
+        raise ValueError(f"datalist {path} has an empty 'training' list; visual words need training volumes")
+    return out
+
+
+def case_ids(entries: Sequence[dict]) -> list[str]:
+    """The ``case_id`` of every entry, in order."""
+    return [str(e["case_id"]) for e in entries]
+
+
+def volume_transform(
+    orient: bool = True,
+    raw_hu_window: tuple[float, float] | None = None,
+    keys: Sequence[str] = ("image",),
+) -> Compose:
+    """Load → channel first → (RAS) → (HU window) → float32, as MONAI dictionary transforms.
+
+    Args:
+        orient: reorient to RAS (prepared volumes already are; cheap when nothing changes).
+        raw_hu_window: when the images are raw HU rather than prepared [0, 1] volumes, the
+            ``(lo, hi)`` window that maps them to [0, 1]; ``None`` leaves intensities as they are.
+        keys: the image keys.
+
+    Returns:
+        A MONAI ``Compose``.
+    """
+    steps: list[Any] = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    if orient:
+        # explicit labels: the standard L/R, P/A, I/S meaning of "RAS" (and no MONAI deprecation warning)
+        steps.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if raw_hu_window is not None:
+        lo, hi = raw_hu_window
+        steps.append(ScaleIntensityRanged(keys=keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    steps.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    return Compose(steps)
+
+
+def _keep_as_is(item: Any) -> Any:
+    # module-level so DataLoader workers can pickle it
+    return item
+
+
+def iterate_volumes(
+    entries: Sequence[dict], transform: Compose, workers: int = 0, order: Sequence[int] | None = None
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(index, transformed entry)`` for the given entries, one volume at a time.
+
+    Args:
+        entries: datalist entries.
+        transform: e.g. :func:`volume_transform`.
+        workers: DataLoader worker processes that prefetch volumes (0 = in this process).
+        order: indices into ``entries`` to load, in this order (default: all).
+
+    Returns:
+        An iterator; at most ``1 + 2 * workers`` volumes are alive at once.
+    """
+    order = list(range(len(entries))) if order is None else list(order)
+    data = [dict(entries[i], _index=i) for i in order]
+    dataset = Dataset(data=data, transform=transform)
+    if workers <= 0:
+        for item in dataset:
+            yield int(item.pop("_index")), item
+        return
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_as_is, prefetch_factor=2)
+    for item in loader:
+        yield int(item.pop("_index")), item

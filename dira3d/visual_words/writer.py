@@ -1,0 +1,176 @@
+"""Visual-word shards, the manifest and the output datalist.
+
+Layout of an output folder::
+
+    manifest.json            seed, parameters, every class's reference, neighbours, centre, status
+    embeddings.npy           (N_train + N_val, D) float32 volume embeddings (training rows first)
+    visual_words.json        datalist: one entry per class and split, "image" = its shard
+    shards/<split>/class_0000.npy   float16 (K * R, C, X, Y, Z), R = 1 or 3 resolutions
+
+Shards are ``.npy`` files created with ``np.lib.format.open_memmap`` and filled row by row
+through short-lived memory maps, so the process never holds more than a patch of a shard. The
+manifest is replaced atomically after every finished class: a run killed at any moment leaves a
+manifest that lists exactly the classes whose shards are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MANIFEST_NAME",
+    "DATALIST_NAME",
+    "EMBEDDINGS_NAME",
+    "FORMAT",
+    "write_json_atomic",
+    "read_manifest",
+    "save_embeddings",
+    "new_manifest",
+    "ShardWriter",
+    "write_visual_word_datalist",
+]
+
+MANIFEST_NAME = "manifest.json"
+DATALIST_NAME = "visual_words.json"
+EMBEDDINGS_NAME = "embeddings.npy"
+FORMAT = "dira3d-visual-words"
+_VERSION = 1
+
+
+def _replace_atomically(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(obj: dict, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as JSON so that ``path`` is always either the old or the new file."""
+    text = json.dumps(obj, indent=1).encode()
+    return _replace_atomically(Path(path), lambda handle: handle.write(text))
+
+
+def save_embeddings(embeddings: np.ndarray, path: str | os.PathLike) -> Path:
+    """Save a float32 embedding matrix atomically (``.npy``)."""
+    array = np.ascontiguousarray(embeddings, dtype=np.float32)
+    return _replace_atomically(Path(path), lambda handle: np.save(handle, array))
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Read a visual-word manifest (the file, or the output folder holding it).
+
+    Raises:
+        FileNotFoundError: no manifest there.
+        ValueError: the file is not a dira3d visual-word manifest of a known version.
+    """
+    path = Path(path)
+    path = path / MANIFEST_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"visual-word manifest {path} does not exist; run `dira3d visual-words` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"visual-word manifest {path} is not valid JSON ({err}); delete the folder or rerun with --overwrite") from err
+    if manifest.get("format") != FORMAT or manifest.get("version") != _VERSION:
+        raise ValueError(
+            f"{path} is not a version-{_VERSION} dira3d visual-word manifest "
+            f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})"
+        )
+    return manifest
+
+
+def new_manifest(seed: int, params: dict, datalist: str, volumes: dict, embedding: dict) -> dict:
+    """An empty manifest (no classes yet)."""
+    return {
+        "format": FORMAT, "version": _VERSION, "seed": seed, "params": params, "datalist": datalist,
+        "volumes": volumes, "embedding": embedding, "status": "planning", "classes": [],
+    }  # fmt: skip
+
+
+class ShardWriter:
+    """Creates class shards and fills them row by row; records finished classes in the manifest.
+
+    Args:
+        out_dir: the output folder.
+        patch_size: (x, y, z).
+        resolutions: crops per instance (1, or 3 with multi-resolution).
+        channels: image channels.
+        dtype: storage dtype (float16 halves the disk and page-cache footprint of float32;
+            intensities in [0, 1] keep ~3 significant digits).
+    """
+
+    def __init__(
+        self, out_dir: str | os.PathLike, patch_size: tuple[int, int, int], resolutions: int = 1, channels: int = 1, dtype: str = "float16"
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.row_shape = (channels, *patch_size)
+        self.resolutions = resolutions
+        self.dtype = np.dtype(dtype)
+
+    @staticmethod
+    def shard_name(split: str, class_index: int) -> str:
+        """Shard path relative to the output folder."""
+        return f"shards/{split}/class_{class_index:04d}.npy"
+
+    def create(self, split: str, class_index: int, instances: int) -> Path:
+        """Create (or recreate) the shard of one class, ``instances * resolutions`` rows."""
+        path = self.out_dir / self.shard_name(split, class_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(instances * self.resolutions, *self.row_shape))
+        mm.flush()
+        del mm
+        return path
+
+    def write(self, split: str, class_index: int, slot: int, patches: np.ndarray) -> None:
+        """Write the ``resolutions`` crops of instance ``slot`` (shape ``(R, C, X, Y, Z)``)."""
+        if tuple(patches.shape) != (self.resolutions, *self.row_shape):
+            raise ValueError(f"patches of shape {tuple(patches.shape)} do not fit shard rows {(self.resolutions, *self.row_shape)}")
+        mm = np.load(self.out_dir / self.shard_name(split, class_index), mmap_mode="r+")
+        r = self.resolutions
+        mm[slot * r : (slot + 1) * r] = np.asarray(patches, dtype=self.dtype)
+        mm.flush()
+        del mm  # unmap now: the written pages leave this process's resident set
+
+    def finish_class(self, manifest: dict, class_index: int) -> None:
+        """Mark a class as done and replace the manifest atomically."""
+        manifest["classes"][class_index]["status"] = "done"
+        write_json_atomic(manifest, self.out_dir / MANIFEST_NAME)
+
+
+def write_visual_word_datalist(manifest: dict, out_dir: str | os.PathLike) -> Path:
+    """Write ``visual_words.json``: per split, one entry per class with its shard.
+
+    Entries: ``{"image": shard path (relative), "label": class index, "case_id": reference case,
+    "num_instances": rows}``; plus ``"meta"`` (classes, patch size, resolutions, seed).
+    """
+    out_dir = Path(out_dir)
+    params = manifest["params"]
+    datalist: dict = {"meta": {
+        "command": "dira3d visual-words", "classes": len(manifest["classes"]), "patch_size": params["patch_size"],
+        "resolutions": params["resolutions"], "seed": manifest["seed"], "dtype": params["dtype"], "manifest": MANIFEST_NAME,
+    }}  # fmt: skip
+    for split in ("training", "validation"):
+        rows = []
+        for cls in manifest["classes"]:
+            info = cls["neighbours"].get(split)
+            if not info or not info["indices"]:
+                continue
+            rows.append({
+                "image": cls["shards"][split], "label": cls["index"], "case_id": cls["reference"]["case_id"],
+                "num_instances": len(info["indices"]) * params["resolutions"],
+            })  # fmt: skip
+        datalist[split] = rows
+    return write_json_atomic(datalist, out_dir / DATALIST_NAME)

@@ -1,0 +1,219 @@
+"""End-to-end visual-word discovery on synthetic template volumes (the right answer is known).
+
+Volumes are noisy copies of 3 templates; a volume's true neighbours are its template-mates.
+Most runs use a fixed, *untrained* tiny skip-free autoencoder as the extractor (template volumes
+differ enough that its pooled features separate them); the CLI test trains one for an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from dira3d.cli import main as cli_main
+from dira3d.visual_words import (
+    VisualWordPairDataset,
+    VolumeAutoencoder,
+    VolumeTooSmallError,
+    discover_visual_words,
+    read_manifest,
+)
+from dira3d.visual_words.coordinates import is_mostly_lung, patch_slices
+from dira3d.visual_words.synthetic import write_template_datalist
+from dira3d.visual_words.writer import ShardWriter
+
+PER_TEMPLATE, VAL_PER_TEMPLATE = 4, 2
+SETTINGS = dict(
+    classes=3, neighbours=PER_TEMPLATE, val_neighbours=VAL_PER_TEMPLATE, patch_size=(16, 16, 8), border=(8, 8, 4),
+    extractor_size=(32, 32, 16), seed=0,
+)  # fmt: skip
+
+
+def _extractor() -> VolumeAutoencoder:
+    torch.manual_seed(0)
+    return VolumeAutoencoder(width=0.125).eval()
+
+
+@pytest.fixture(scope="module")
+def datalist(tmp_path_factory):
+    return write_template_datalist(tmp_path_factory.mktemp("vw_data"), templates=3, per_template=PER_TEMPLATE,
+                                   val_per_template=VAL_PER_TEMPLATE, shape=(64, 64, 32))
+
+
+@pytest.fixture(scope="module")
+def run(datalist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vw_run")
+    return out, discover_visual_words(datalist, out, extractor=_extractor(), class_block=10, **SETTINGS)
+
+
+def _template(case_id: str) -> int:
+    return int(case_id[1])
+
+
+def test_neighbours_are_template_mates_and_shards_hold_the_crops(datalist, run):
+    out, manifest = run
+    data = json.loads(datalist.read_text())
+    refs = [c["reference"]["case_id"] for c in manifest["classes"]]
+    assert len(set(refs)) == 3
+    centres = [c["centre"] for c in manifest["classes"]]
+    for cls in manifest["classes"]:
+        t = _template(cls["reference"]["case_id"])
+        train, val = cls["neighbours"]["training"], cls["neighbours"]["validation"]
+        assert train["case_ids"][0] == cls["reference"]["case_id"] and train["distances"][0] == 0.0
+        assert [_template(c) for c in train["case_ids"]] == [t] * PER_TEMPLATE
+        assert [_template(c) for c in val["case_ids"]] == [t] * VAL_PER_TEMPLATE
+        assert train["distances"] == sorted(train["distances"])
+        # centre rules: borders (centre in [8 + 8, 64 - 8 - 8]), lung filter in the reference, distance
+        x, y, z = cls["centre"]
+        assert 16 <= x <= 48 and 16 <= y <= 48 and 8 <= z <= 24
+        assert all(math.dist(cls["centre"], c) >= 5 for c in centres if c != cls["centre"])
+        for split, info in (("training", train), ("validation", val)):
+            shard = np.load(out / cls["shards"][split])
+            assert shard.dtype == np.float16 and shard.shape == (len(info["case_ids"]), 1, 16, 16, 8)
+            for row, case in enumerate(info["case_ids"]):
+                volume = nib.load(datalist.parent / "images" / f"{case}.nii.gz").get_fdata()
+                expected = volume[patch_slices(cls["centre"], (16, 16, 8))]
+                np.testing.assert_allclose(shard[row, 0], expected, atol=1e-3)  # float16 of [0, 1]
+        reference = nib.load(datalist.parent / "images" / f"{cls['reference']['case_id']}.nii.gz").get_fdata()
+        assert is_mostly_lung(reference[patch_slices(cls["centre"], (16, 16, 8))], 0.425, 0.15)
+    assert sorted(json.loads((out / "visual_words.json").read_text())["training"][i]["label"] for i in range(3)) == [0, 1, 2]
+    assert len(data["training"]) == 12
+
+
+def test_manifest_round_trips_and_bad_manifest_is_refused(run, tmp_path):
+    out, manifest = run
+    assert read_manifest(out) == manifest == read_manifest(out / "manifest.json")
+    assert manifest["status"] == "complete" and manifest["seed"] == 0
+    assert manifest["params"]["dense_threshold"] == pytest.approx(0.425)
+    assert np.load(out / "embeddings.npy").shape == (18, 64)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a version-1 dira3d visual-word manifest"):
+        read_manifest(tmp_path)
+
+
+def test_same_seed_same_output_other_seed_other_output(datalist, run, tmp_path):
+    out, manifest = run
+    # other block size and a prefetching worker: neither may change the result
+    again = discover_visual_words(datalist, tmp_path / "same", extractor=_extractor(), class_block=1, workers=1, **SETTINGS)
+    other = discover_visual_words(datalist, tmp_path / "other", extractor=_extractor(), **{**SETTINGS, "seed": 1})
+    assert again["classes"] == manifest["classes"]
+    for cls in manifest["classes"]:
+        for split in ("training", "validation"):
+            assert (out / cls["shards"][split]).read_bytes() == (tmp_path / "same" / cls["shards"][split]).read_bytes()
+    plan = lambda m: [(c["reference"]["case_id"], c["centre"]) for c in m["classes"]]  # noqa: E731
+    assert plan(other) != plan(manifest)
+
+
+def test_resume_after_interruption_skips_finished_classes(datalist, run, tmp_path, monkeypatch):
+    out_full, full = run
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    original = ShardWriter.finish_class
+
+    def crash_on_third(self, manifest, class_index):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        original(self, manifest, class_index)
+
+    monkeypatch.setattr(ShardWriter, "finish_class", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        discover_visual_words(datalist, out, extractor=_extractor(), class_block=1, **SETTINGS)
+    monkeypatch.setattr(ShardWriter, "finish_class", original)
+    partial = read_manifest(out)
+    assert [c["status"] for c in partial["classes"]] == ["done", "done", "planned"]
+    assert not (out / "visual_words.json").exists()
+    finished = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("class_000[01].npy")}
+    assert len(finished) == 4
+
+    with pytest.raises(ValueError, match="neighbours differ"):  # other settings must not resume silently
+        discover_visual_words(datalist, out, extractor=_extractor(), **{**SETTINGS, "neighbours": 3})
+    resumed = discover_visual_words(datalist, out, extractor=_extractor(), class_block=1, **SETTINGS)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not rewritten
+    assert resumed["classes"] == full["classes"]
+    for path in (out_full / "shards").rglob("*.npy"):
+        assert path.read_bytes() == (out / path.relative_to(out_full)).read_bytes()
+
+
+def test_pair_dataset_yields_two_instances_of_one_class(run):
+    out, manifest = run
+    ds = VisualWordPairDataset(out / "visual_words.json", seed=0)
+    assert len(ds) == 3 * PER_TEMPLATE and ds.num_classes == 3
+    shards = {c["index"]: np.load(out / c["shards"]["training"]).astype(np.float32) for c in manifest["classes"]}
+    for i in range(len(ds)):
+        item = ds[i]
+        label = int(item["label"])
+        assert item["label"].dtype == torch.int64 and label == i // PER_TEMPLATE
+        assert item["image"].dtype == torch.float32 and item["image"].shape == (1, 16, 16, 8)
+        rows = shards[label]
+        a = [r for r in range(len(rows)) if np.array_equal(rows[r], item["image"].numpy())]
+        b = [r for r in range(len(rows)) if np.array_equal(rows[r], item["image2"].numpy())]
+        assert a == [i % PER_TEMPLATE] and len(b) == 1 and b != a  # another instance of the same class
+    assert torch.equal(VisualWordPairDataset(out, seed=0)[5]["image2"], ds[5]["image2"])
+    val = VisualWordPairDataset(out / "manifest.json", split="validation", pairs_per_epoch=7)
+    assert len(val) == 7 and {int(val[i]["label"]) for i in range(7)} <= {0, 1, 2}
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 1, 16, 16, 8) and batch["label"].tolist() == [0, 0, 0, 0]
+
+
+def test_too_small_volume_is_named(datalist, tmp_path):
+    with pytest.raises(VolumeTooSmallError, match=r"t\d_tra\d\.nii\.gz.*\(64, 64, 32\).*at least 220 voxels on axis x"):
+        discover_visual_words(datalist, tmp_path, extractor=_extractor(), **{**SETTINGS, "patch_size": (64, 64, 32), "border": (78, 78, 0)})
+    with pytest.raises(ValueError, match="neighbours=13 is not possible with 12 training"):
+        discover_visual_words(datalist, tmp_path, extractor=_extractor(), **{**SETTINGS, "neighbours": 13})
+
+
+def test_cli_end_to_end_with_trained_extractor_and_multi_resolution(datalist, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["visual-words", "--datalist", str(datalist), "--out", str(out), "--classes", "3", "--neighbours", "4",
+            "--val-neighbours", "2", "--patch-size", "16", "16", "8", "--border", "8", "8", "4", "--extractor-size", "32", "32", "16",
+            "--extractor-epochs", "1", "--extractor-width", "0.125", "--multi-resolution", "--seed", "3"]  # fmt: skip
+    assert cli_main(args) == 0
+    manifest = read_manifest(out)
+    assert manifest["params"]["extractor"] == "autoencoder" and manifest["params"]["resolutions"] == 3
+    for cls in manifest["classes"]:  # the one-epoch extractor also groups volumes by template
+        t = _template(cls["reference"]["case_id"])
+        assert {_template(c) for c in cls["neighbours"]["training"]["case_ids"]} == {t}
+        assert np.load(out / cls["shards"]["training"], mmap_mode="r").shape == (4 * 3, 1, 16, 16, 8)
+    assert cli_main(args) == 0  # a finished run resumes to a no-op
+    # seeded end to end, extractor training included: a second run elsewhere gives the same bytes
+    out2 = tmp_path / "cli2"
+    assert cli_main([a if a != str(out) else str(out2) for a in args]) == 0
+    assert read_manifest(out2)["classes"] == manifest["classes"]
+    assert (out2 / "embeddings.npy").read_bytes() == (out / "embeddings.npy").read_bytes()
+    for path in (out / "shards").rglob("*.npy"):
+        assert path.read_bytes() == (out2 / path.relative_to(out)).read_bytes()
+    assert cli_main(args[:8] + ["99"] + args[9:]) == 1
+    assert "neighbours=99 is not possible" in capsys.readouterr().err
+
+
+def test_benchmark_quick_runs(repo_root, tmp_path):
+    result = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "visual_words.py"), "--quick", "--work", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("|") and "MiB" not in line and "---" not in line]
+    assert len(rows) >= 2 and all(float(r.split("|")[-2]) > 0 for r in rows)  # peak RSS column
+
+
+def test_real_ct_reference_borders_and_lung_filter(real_data):
+    """On a real chest CT: reference borders do not fit 48 slices (clear error); scaled ones do."""
+    import SimpleITK as sitk
+
+    from dira3d.visual_words import CoordinateRules, sample_coordinate
+
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(real_data / "lung1_image.nrrd"))).transpose(2, 1, 0)  # (x, y, z)
+    volume = np.clip((hu.astype(np.float32) + 1000) / 2000, 0, 1)
+    with pytest.raises(VolumeTooSmallError, match=r"lung1 has size \(512, 512, 48\).*axis z"):
+        sample_coordinate(volume, CoordinateRules(), np.random.RandomState(0), name="lung1")
+    rules = CoordinateRules(border=(100, 100, 8))
+    centre = sample_coordinate(volume, rules, np.random.RandomState(0), name="lung1")
+    cube = volume[patch_slices(centre, rules.patch_size)]
+    assert (cube >= 0.425).mean() <= 0.15 and np.median(cube) < 0.2  # mostly air-filled lung
