@@ -1,0 +1,183 @@
+"""Augmented views T(.) for instance discrimination (MoCo-v2, Barlow Twins, SimSiam), batched.
+
+One view = random crop-and-resize, random flips, intensity (colour) jitter, Gaussian noise and
+Gaussian blur, each drawn per sample. ``ViewAugment`` holds the settings and returns two
+independent views; its defaults follow SimCLR/MoCo-v2 in 2D and a CT-friendly set in 3D.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._common import bernoulli, check_batch, uniform
+
+__all__ = ["ViewSettings", "ViewAugment", "random_views", "gaussian_blur"]
+
+
+@dataclass
+class ViewSettings:
+    """Settings of one view (see ``random_views`` for their meaning)."""
+
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_axes: tuple[int, ...] = (-1,)
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    gamma: tuple[float, float] = (1.0, 1.0)
+    gamma_prob: float = 0.0
+    noise_std: float = 0.0
+    noise_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_prob: float = 0.5
+
+
+def _defaults(spatial_dims: int) -> ViewSettings:
+    if spatial_dims == 2:  # SimCLR / MoCo-v2 on chest X-rays (grey: no saturation or hue)
+        return ViewSettings()
+    # 3D: milder crops (patches are already small), flips along every axis, gamma and noise.
+    return ViewSettings(scale=(0.5, 1.0), ratio=(1.0, 1.0), flip_axes=(0, 1, 2), jitter_prob=0.8, brightness=0.2,
+                        contrast=0.2, gamma=(0.7, 1.5), gamma_prob=0.5, noise_std=0.05, noise_prob=0.5,
+                        blur_sigma=(0.1, 1.0), blur_prob=0.5)
+
+
+def _crop_resize(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
+                 ratio: tuple[float, float]) -> torch.Tensor:
+    """Random crop covering a ``scale`` share of the area/volume, resized back to the input size."""
+    b, d = x.shape[0], x.ndim - 2
+    u = uniform((b, 3), generator, x.device)
+    share = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    side = share ** (1.0 / d)  # per-axis fraction for an isotropic crop of that share
+    fractions = side[:, None].expand(b, d).clone()
+    if d == 2 and ratio != (1.0, 1.0):  # aspect ratio (W / H) drawn log-uniformly, as torchvision does
+        log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+        r = torch.exp(log_r)
+        fractions = torch.stack([side / r.sqrt(), side * r.sqrt()], dim=1)
+    fractions = fractions.clamp(max=1.0)
+    centres = (uniform((b, d), generator, x.device) * 2 - 1) * (1 - fractions)
+    theta = torch.zeros(b, d, d + 1, device=x.device, dtype=torch.float32)
+    for i in range(d):  # affine_grid's first coordinate is the last spatial axis
+        axis = d - 1 - i
+        theta[:, i, i] = fractions[:, axis]
+        theta[:, i, d] = centres[:, axis]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample (``sigma`` ``(B,)``, 0 = unchanged).
+
+    Per-sample kernels are applied at once as a grouped convolution over ``B * C`` channels.
+    """
+    b, c, *spatial = x.shape
+    d = len(spatial)
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.dtype).clamp_min(1e-6)[:, None]
+    kernel = torch.exp(-0.5 * (t[None] / s) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # sigma -> 0 gives a delta (identity)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (B*C, K)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    out = x.reshape(1, b * c, *spatial)
+    for axis in range(d):
+        shape = [b * c, 1] + [1] * d
+        shape[2 + axis] = 2 * radius + 1
+        out = F.pad(out, _pad_for(axis, d, radius), mode="replicate")
+        out = conv(out, kernel.view(shape), groups=b * c)
+    return out.view(b, c, *spatial)
+
+
+def _pad_for(axis: int, d: int, radius: int) -> list[int]:
+    pad = [0] * (2 * d)  # F.pad lists the last axis first
+    pad[2 * (d - 1 - axis)] = radius
+    pad[2 * (d - 1 - axis) + 1] = radius
+    return pad
+
+
+def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSettings | None = None) -> torch.Tensor:
+    """One augmented view of every sample of ``x``.
+
+    Steps, each drawn per sample: crop covering ``scale`` of the area/volume (2D aspect in
+    ``ratio``) resized back; flip along each of ``flip_axes`` with ``flip_prob``; with
+    ``jitter_prob`` brightness (add U(-b, b)) and contrast (scale about the mean by U(1-c, 1+c));
+    with ``gamma_prob`` a gamma in ``gamma`` (log-uniform); with ``noise_prob`` Gaussian noise of
+    std U(0, noise_std); with ``blur_prob`` a Gaussian blur of sigma in ``blur_sigma``. Output
+    clipped to [0, 1].
+
+    Args:
+        x: ``(B, C, *spatial)`` batch in [0, 1], 2D or 3D, any device.
+        generator: source of randomness (CPU or on ``x``'s device).
+        settings: the view settings; the defaults of ``ViewAugment`` for the dims when omitted.
+
+    Returns:
+        The view, same shape and dtype as ``x``.
+
+    Raises:
+        ValueError: on a badly shaped input or bad settings.
+    """
+    d = check_batch(x)
+    s = settings or _defaults(d)
+    if not 0.0 < s.scale[0] <= s.scale[1] <= 1.0:
+        raise ValueError(f"view scale must satisfy 0 < min <= max <= 1, got {s.scale}")
+    b, dev = x.shape[0], x.device
+    out = _crop_resize(x, generator, s.scale, s.ratio)
+    for axis in s.flip_axes:
+        axis = axis % d
+        flip = bernoulli(b, s.flip_prob, generator, dev).view(b, *([1] * (d + 1)))
+        out = torch.where(flip, out.flip(2 + axis), out)
+    view_shape = (b, *([1] * (d + 1)))
+    jitter = bernoulli(b, s.jitter_prob, generator, dev).view(view_shape)
+    u = uniform((b, 2), generator, dev)
+    shift = ((u[:, 0] * 2 - 1) * s.brightness).view(view_shape)
+    factor = (1 + (u[:, 1] * 2 - 1) * s.contrast).view(view_shape)
+    mean = out.mean(dim=tuple(range(1, d + 2)), keepdim=True)
+    out = torch.where(jitter, ((out - mean) * factor + mean + shift).clamp(0, 1), out)
+    if s.gamma_prob > 0:
+        use = bernoulli(b, s.gamma_prob, generator, dev).view(view_shape)
+        lg = math.log(s.gamma[0]) + (math.log(s.gamma[1]) - math.log(s.gamma[0])) * uniform((b,), generator, dev)
+        out = torch.where(use, out.clamp_min(0) ** torch.exp(lg).view(view_shape), out)
+    if s.noise_prob > 0 and s.noise_std > 0:
+        use = bernoulli(b, s.noise_prob, generator, dev).view(view_shape)
+        std = (uniform((b,), generator, dev) * s.noise_std).view(view_shape)
+        noise = torch.randn(tuple(x.shape), generator=generator, device=generator.device).to(dev)
+        out = torch.where(use, out + std * noise, out)
+    if s.blur_prob > 0:
+        use = bernoulli(b, s.blur_prob, generator, dev)
+        sigma = s.blur_sigma[0] + (s.blur_sigma[1] - s.blur_sigma[0]) * uniform((b,), generator, dev)
+        out = gaussian_blur(out, torch.where(use, sigma, torch.zeros_like(sigma)))
+    return out.clamp(0.0, 1.0).to(x.dtype)
+
+
+class ViewAugment:
+    """Two independent views ``v1, v2 = aug(x, generator)`` of a batch.
+
+    Args:
+        spatial_dims: 2 (SimCLR/MoCo-v2 set) or 3 (crop 0.5-1, flips on every axis, jitter,
+            gamma, noise, blur).
+        **overrides: any field of ``ViewSettings`` (e.g. ``scale=(0.3, 1.0)``, ``blur_prob=0``).
+
+    Raises:
+        ValueError: on spatial_dims other than 2 or 3, or an unknown setting.
+    """
+
+    def __init__(self, spatial_dims: int = 3, **overrides: object) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        settings = asdict(_defaults(spatial_dims))
+        unknown = sorted(set(overrides) - set(settings))
+        if unknown:
+            raise ValueError(f"unknown view setting(s) {unknown}; valid settings are {sorted(settings)}.")
+        settings.update(overrides)
+        self.spatial_dims = spatial_dims
+        self.settings = ViewSettings(**settings)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.ndim - 2 != self.spatial_dims:
+            raise ValueError(f"ViewAugment(spatial_dims={self.spatial_dims}) got a batch of shape {tuple(x.shape)}; "
+                             f"expected (B, C) + {self.spatial_dims} spatial dims.")
+        return random_views(x, generator, self.settings), random_views(x, generator, self.settings)
