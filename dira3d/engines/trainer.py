@@ -27,7 +27,9 @@ from monai.data.utils import set_rnd
 from monai.engines import Trainer
 from torch import nn
 
-from dira3d.engines.components import build_dis_loss, check_dis_mode
+from dira3d.engines.components import build_dis_loss, check_dis_mode, resolve_views
+from dira3d.engines.distributed import get_rank
+from dira3d.engines.faults import NonFiniteGuard, step_is_finite
 from dira3d.engines.optim import (
     autocast_context,
     derive_seed,
@@ -38,6 +40,7 @@ from dira3d.engines.optim import (
     optimizer_step,
     unique_parameters,
 )
+from dira3d.engines.performance import compile_modules
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
 
@@ -74,18 +77,27 @@ class DiRATrainer(Trainer):
         loss_weights: λ per term (``{"dis": 1, "res": 100, "adv": 1}`` by default).
         stages: list of stage dicts or a :class:`StageSchedule` (default: all terms from the start).
         distortion: ``distorted, target = distortion(x, generator)`` (see ``dira3d.transforms``).
-        views: ``v1, v2 = views(x, generator)`` for the instance modes (None: identity views, i.e.
-            the two patches of the batch are the two views).
+        views: ``v1, v2 = views(x, generator)`` for the instance modes, computed in the step on
+            the batch's device; ``"auto"`` (default): :class:`dira3d.transforms.ViewAugment` for
+            ``moco`` / ``barlow`` / ``simsiam``, none for ``visual_words``; None: identity views,
+            i.e. the two patches of the batch are the two views.
         seed: base seed of the per-epoch data order and the per-iteration draws.
         d_steps: D steps per G step while ``adv`` is active (the D:G ratio).
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (two gradient scalers, G and D).
         clip_grad_norm: max gradient norm for G and D (None: no clipping).
         channels_last: channels-last memory format (helps convolutions on recent GPUs).
+        compile: ``torch.compile`` the encoder, decoder, heads and adversary in place: False, True
+            (inductor) or a backend name (see :func:`dira3d.engines.performance.compile_modules`).
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
         train_handlers: handlers attached after the trainer's own bookkeeping.
-        non_blocking: non-blocking host→device copies.
+        non_blocking: non-blocking host→device copies (None: on for CUDA; pair with a loader's
+            ``pin_memory=True``).
+        on_nonfinite: ``"stop"`` (raise :class:`~dira3d.engines.faults.NonFiniteLossError` naming the
+            term and iteration; checkpoints are never written with NaN weights) or ``"skip"`` (drop
+            steps whose loss is NaN/Inf, one host sync per step).
+        check_every: iterations between the host-side non-finite checks (also before every save).
 
     Raises:
         ValueError: a bad mode, AMP value, ``d_steps``, missing predictor for SimSiam, or stages
@@ -110,18 +122,21 @@ class DiRATrainer(Trainer):
         loss_weights: Mapping[str, float] | None = None,
         stages: Sequence[Mapping] | StageSchedule | None = None,
         distortion: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        views: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        views: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | str | None = "auto",
         seed: int = 0,
         d_steps: int = 1,
         amp: str = "none",
         clip_grad_norm: float | None = None,
         channels_last: bool = False,
+        compile: bool | str = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
         classify_both: bool = False,
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
-        non_blocking: bool = False,
+        non_blocking: bool | None = None,
+        on_nonfinite: str = "stop",
+        check_every: int = 10,
     ) -> None:
         self.dis_mode = check_dis_mode(dis_mode)
         self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
@@ -140,7 +155,7 @@ class DiRATrainer(Trainer):
             max_epochs=max_epochs,
             data_loader=train_data_loader,
             epoch_length=epoch_length,
-            non_blocking=non_blocking,
+            non_blocking=torch.device(device).type == "cuda" if non_blocking is None else bool(non_blocking),
             amp=False,  # AMP is handled here (bf16/fp16, two scalers), not by MONAI's single scaler
             decollate=False,
         )
@@ -154,7 +169,7 @@ class DiRATrainer(Trainer):
             from dira3d.transforms.compositions import build_distortion
 
             distortion = build_distortion("transvw" if getattr(network, "spatial_dims", 3) == 3 else "dira2d")
-        self.distortion, self.views = distortion, views
+        self.distortion, self.views = distortion, resolve_views(views, self.dis_mode, getattr(network, "spatial_dims", 3))
         self.seed, self.d_steps, self.amp_mode = int(seed), int(d_steps), amp
         self.clip_grad_norm, self.classify_both, self.momentum = clip_grad_norm, bool(classify_both), float(momentum)
         autocast_context(amp, device)  # validates the value early
@@ -178,6 +193,8 @@ class DiRATrainer(Trainer):
             module.to(device)
             if self.memory_format is not None:
                 module.to(memory_format=self.memory_format)
+        if compile:  # after .to(): the compiled graphs see the final device and memory format
+            compile_modules(self.modules(), backend="inductor" if compile is True else str(compile))
         self.g_params = unique_parameters([network, dis_head, predictor])
         self.d_params = unique_parameters([adversary])
 
@@ -191,6 +208,8 @@ class DiRATrainer(Trainer):
         self.add_event_handler(Events.DATALOADER_STOP_ITERATION, self._seed_epoch)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_means)
+        self.nonfinite_guard = NonFiniteGuard(on_nonfinite, check_every)
+        self.nonfinite_guard.attach(self)
         if train_handlers is not None:
             self._register_handlers(train_handlers)
 
@@ -221,7 +240,7 @@ class DiRATrainer(Trainer):
 
     def _seed_epoch(self, engine: Engine) -> None:
         """Make this epoch's data order and random crops a function of (seed, epoch) only."""
-        seed = derive_seed(self.seed, STREAM_DATA, engine.state.epoch)
+        seed = derive_seed(self.seed, STREAM_DATA + 16 * get_rank(), engine.state.epoch)
         loader = self.data_loader
         generator = getattr(loader, "generator", None)
         if isinstance(generator, torch.Generator):
@@ -229,6 +248,17 @@ class DiRATrainer(Trainer):
         if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):
             # with workers, MONAI seeds each worker's transforms from the loader's generator
             set_rnd(loader.dataset, seed % (2**32))
+        set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
+        if callable(set_epoch):  # e.g. VisualWordPairDataset: new partners every epoch
+            set_epoch(engine.state.epoch)
+
+    def _setup_engine(self) -> None:
+        super()._setup_engine()
+        # a resume from a mid-epoch checkpoint: draw and drop the batches this epoch already
+        # consumed (data only, no step), so order and random crops continue exactly where the
+        # interrupted run stopped; the epoch's seeds were set at EPOCH_STARTED, as in that run
+        for _ in range(self._init_iter or 0):
+            next(self._dataloader_iter)
 
     def _accumulate(self, engine: Engine) -> None:
         for key, value in engine.state.output.items():
@@ -262,7 +292,8 @@ class DiRATrainer(Trainer):
     def step_generator(self, counter: int, stream: int = STREAM_STEP) -> torch.Generator:
         """A generator on the training device seeded by (seed, stream, counter)."""
         gen = torch.Generator(device=self.state.device)
-        gen.manual_seed(derive_seed(self.seed, stream, counter))
+        # ranks draw different augmentations (rank 0 draws what a single process draws)
+        gen.manual_seed(derive_seed(self.seed, stream + 16 * get_rank(), counter))
         return gen
 
     # ------------------------------------------------------------------ the method
@@ -338,18 +369,26 @@ class DiRATrainer(Trainer):
         with autocast_context(self.amp_mode, device):
             fwd = self.forward_terms(batch, generator, stage, train=True)
             total, weighted = self.loss_function(fwd.terms, stage.losses)
-        optimizer_step(total, self.optimizer, self.g_params, self.scaler_g, self.clip_grad_norm)
-        if fwd.keys is not None:  # after backward: the loss graph still needed the old queue
+        # on_nonfinite='skip': a NaN/Inf step is dropped on all ranks (costs one host sync per step)
+        skip = self.nonfinite_guard.on_nonfinite == "skip" and not step_is_finite(total)
+        if skip:
+            self.nonfinite_guard.skipped += 1
+        else:
+            optimizer_step(total, self.optimizer, self.g_params, self.scaler_g, self.clip_grad_norm)
+        if fwd.keys is not None and not skip:  # after backward: the loss graph still needed the old queue
             self.queue.enqueue(concat_all_gather(fwd.keys))
 
         output: dict[str, Any] = {"loss": total.detach()}
         output.update({f"loss_{k}": v.detach() for k, v in fwd.terms.items()})
-        if stage.adversarial:
+        if stage.adversarial and not skip:
             fake = fwd.restored.detach()
             for _ in range(self.d_steps):
                 self.optimizer_d.zero_grad(set_to_none=True)
                 with autocast_context(self.amp_mode, device):
                     d_loss, d_real, d_fake = self.adversary_scores(fwd.target, fake)
+                if self.nonfinite_guard.on_nonfinite == "skip" and not step_is_finite(d_loss):
+                    self.nonfinite_guard.skipped += 1
+                    break
                 optimizer_step(d_loss, self.optimizer_d, self.d_params, self.scaler_d, self.clip_grad_norm)
             output.update({"loss_d": d_loss.detach(), "d_real": d_real, "d_fake": d_fake})
         output.update(
