@@ -1,0 +1,216 @@
+"""Training / early-stopping / test splits of a prepared datalist for fine-tuning.
+
+The fine-tuning protocol of the paper (``docs/finetuning.md``): a seeded fraction of the training
+labels is used (1 %, 25 %, 50 % or 100 %), 10 % of it is held out *by patient* for early stopping,
+and the test split is either the datalist's ``"test"`` key or, for cross-validation datasets
+(PE-CAD), the entries of one ``"fold"``.
+
+Splits, by name:
+
+- ``"train"``   — the selected training labels minus the held-out patients;
+- ``"holdout"`` — the held-out patients (early stopping / model selection);
+- ``"validation"`` — the datalist's own ``"validation"`` key, untouched (empty if absent);
+- ``"test"``    — the datalist's ``"test"`` key, or the training entries of ``fold``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import load_decathlon_datalist
+
+__all__ = ["SPLITS", "load_split", "select_fraction", "holdout_by_patient"]
+
+SPLITS = ("train", "holdout", "validation", "test")
+
+
+def _is_classification(entries: list[dict]) -> bool:
+    """Integer labels mean classification; a path (mask) means segmentation."""
+    return bool(entries) and all(isinstance(e.get("label"), (int, bool, np.integer)) for e in entries)
+
+
+def _rng(seed: int, salt: int) -> np.random.Generator:
+    # one independent stream per purpose, so changing the fraction does not move the holdout seed
+    return np.random.default_rng([int(seed), salt])
+
+
+def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """Seeded subset of ``entries`` keeping ``fraction`` of the labels.
+
+    Classification entries are sampled per class (stratified), keeping at least one sample of
+    every class; segmentation entries are sampled per patient (``case_id``), keeping at least one.
+
+    Args:
+        entries: datalist entries with ``"case_id"`` and ``"label"``.
+        fraction: share in (0, 1] of the labels to keep.
+        seed: seed of the selection.
+
+    Returns:
+        The kept entries, in their original order.
+
+    Raises:
+        ValueError: ``fraction`` is outside (0, 1].
+    """
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"label_fraction={fraction} is outside (0, 1]; use e.g. 0.01, 0.25, 0.5 or 1.0")
+    if fraction >= 1.0 or not entries:
+        return list(entries)
+    rng = _rng(seed, 1)
+    keep: set[int] = set()
+    if _is_classification(entries):
+        by_class: dict[int, list[int]] = defaultdict(list)
+        for index, entry in enumerate(entries):
+            by_class[int(entry["label"])].append(index)
+        for label in sorted(by_class):
+            members = by_class[label]
+            count = max(1, round(fraction * len(members)))
+            keep.update(rng.choice(members, size=count, replace=False).tolist())
+    else:
+        patients = sorted({str(e["case_id"]) for e in entries})
+        count = max(1, round(fraction * len(patients)))
+        chosen = set(rng.choice(patients, size=count, replace=False).tolist())
+        keep = {i for i, e in enumerate(entries) if str(e["case_id"]) in chosen}
+    return [entries[i] for i in sorted(keep)]
+
+
+def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Split ``entries`` into (train, holdout) so that no patient is in both.
+
+    Patients are drawn in a seeded random order until the holdout holds at least ``holdout`` of
+    the entries. For classification the holdout is then completed so that it holds every class
+    (an AUC needs both) while the training part keeps every class too, when the data allow it.
+    With a single patient the holdout is empty.
+
+    Args:
+        entries: datalist entries with ``"case_id"``.
+        holdout: share in [0, 1) of the entries to hold out.
+        seed: seed of the draw.
+
+    Returns:
+        ``(train, holdout)`` lists, each in the original order.
+
+    Raises:
+        ValueError: ``holdout`` is outside [0, 1).
+    """
+    if not 0.0 <= float(holdout) < 1.0:
+        raise ValueError(f"holdout={holdout} is outside [0, 1); the protocol uses 0.1")
+    by_patient: dict[str, list[int]] = defaultdict(list)
+    for index, entry in enumerate(entries):
+        by_patient[str(entry["case_id"])].append(index)
+    patients = sorted(by_patient)
+    if holdout == 0.0 or len(patients) < 2:
+        return list(entries), []
+    order = [patients[i] for i in _rng(seed, 2).permutation(len(patients))]
+    target = max(1, math.ceil(holdout * len(entries)))
+    held: list[str] = []
+    for patient in order[:-1]:  # the last patient always stays in training
+        if sum(len(by_patient[p]) for p in held) >= target:
+            break
+        held.append(patient)
+    if _is_classification(entries):
+        held = _complete_classes(entries, by_patient, order, held)
+    held_set = set(held)
+    train = [e for e in entries if str(e["case_id"]) not in held_set]
+    kept = [e for e in entries if str(e["case_id"]) in held_set]
+    return train, kept
+
+
+def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], order: list[str], held: list[str]) -> list[str]:
+    """Add patients to the holdout until it has every class, as long as training keeps them too."""
+
+    def classes(patients: list[str]) -> set[int]:
+        return {int(entries[i]["label"]) for p in patients for i in by_patient[p]}
+
+    all_classes = classes(order)
+    for patient in order:
+        missing = all_classes - classes(held)
+        if not missing:
+            break
+        if patient in held or not classes([patient]) & missing:
+            continue
+        rest = [p for p in order if p not in held and p != patient]
+        if classes(rest) == all_classes:  # never starve training of a class
+            held.append(patient)
+    return held
+
+
+def _read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist; run data preparation (`dira3d prepare`) or fix the path")
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"datalist {path} is not valid JSON ({err}); re-run data preparation") from err
+    if not isinstance(content, dict) or "training" not in content:
+        raise ValueError(f"datalist {path} has no 'training' key; expected a MONAI decathlon-style datalist")
+    return content
+
+
+def _load_key(datalist: Path, content: dict, key: str) -> list[dict]:
+    if not content.get(key):
+        return []
+    # load_decathlon_datalist resolves "image"/"label" paths relative to the datalist's folder
+    return load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=key, base_dir=str(datalist.parent))
+
+
+def load_split(
+    datalist: str | os.PathLike,
+    split: str,
+    label_fraction: float = 1.0,
+    seed: int = 0,
+    holdout: float = 0.1,
+    fold: int | None = None,
+) -> list[dict]:
+    """Entries of one split of a prepared datalist, with absolute paths.
+
+    Args:
+        datalist: path of the datalist JSON (paths inside are relative to its folder).
+        split: one of ``"train"``, ``"holdout"``, ``"validation"``, ``"test"``.
+        label_fraction: share of the training labels used (seeded; see :func:`select_fraction`).
+        seed: seed of the label fraction and of the early-stopping holdout.
+        holdout: share of the (selected) training entries held out by patient for early stopping.
+        fold: for cross-validation datalists (entries with ``"fold"``): test on this fold and
+            train on the others. ``None`` uses the ``"test"`` key.
+
+    Returns:
+        A list of entry dicts (``"image"``, ``"label"``, ``"case_id"``, ...).
+
+    Raises:
+        FileNotFoundError: the datalist does not exist.
+        ValueError: unknown split, a bad fraction, a fold that no entry has, or an empty split.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is unknown; use one of {SPLITS}")
+    path = Path(datalist).resolve()
+    content = _read_datalist(path)
+    training = _load_key(path, content, "training")
+    if fold is not None and int(fold) >= 0:
+        folds = sorted({e.get("fold") for e in training if "fold" in e})
+        if int(fold) not in folds:
+            raise ValueError(f"fold={fold} is not in datalist {path} (folds present: {folds or 'none'}); set `fold` to one of them or to null")
+        test = [e for e in training if e.get("fold") == int(fold)]
+        training = [e for e in training if e.get("fold") != int(fold)]
+    else:
+        test = _load_key(path, content, "test")
+    if split == "test":
+        result = test
+    elif split == "validation":
+        return _load_key(path, content, "validation")
+    else:
+        chosen = select_fraction(training, label_fraction, seed)
+        train, held = holdout_by_patient(chosen, holdout, seed)
+        result = train if split == "train" else held
+    if not result and not (split == "holdout" and holdout == 0.0):
+        raise ValueError(
+            f"split {split!r} of datalist {path} is empty (label_fraction={label_fraction}, holdout={holdout}, "
+            f"fold={fold}); check the datalist or use more data"
+        )
+    return result

@@ -1,0 +1,179 @@
+"""Fine-tune one target-task bundle, evaluate it on the test split, and record the metrics.
+
+``run_finetune(bundle, overrides)`` drives a bundle under ``bundles/`` through MONAI's
+``ConfigWorkflow``: ``train.json`` (plus ``tiny.json`` for smoke runs), then ``train.json`` +
+``evaluate.json`` on the test split with the best checkpoint. It returns the test metrics and
+writes them to ``<output_dir>/metrics.json``, which is what the multi-seed experiment grid reads.
+
+Command line (``dira3d finetune``)::
+
+    dira3d finetune --bundle lidc_nodule_seg --datalist /data/lidc/lidc_datalist.json \\
+        --pretrained runs/dira/model_best.pt --label-fraction 0.25 --seed 3 --output-dir runs/ft/lidc_s3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUNDLES", "bundle_path", "run_finetune", "main"]
+
+logger = logging.getLogger(__name__)
+
+BUNDLES = ("luna16_nodule_fpr", "pecad_embolism_fpr", "lidc_nodule_seg", "lits_liver_seg", "brats_tumor_seg")
+_REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+
+
+def bundle_path(bundle: str | os.PathLike) -> Path:
+    """Folder of a bundle given its name (one of :data:`BUNDLES`) or its path.
+
+    Raises:
+        FileNotFoundError: no such bundle folder, or it has no ``configs/train.json``.
+    """
+    path = Path(bundle)
+    if not path.is_dir() and str(bundle) in BUNDLES:
+        path = _REPO_BUNDLES / str(bundle)
+    if not (path / "configs" / "train.json").is_file():
+        raise FileNotFoundError(
+            f"bundle {bundle!r} not found (looked for {path / 'configs' / 'train.json'}); "
+            f"use one of {BUNDLES} or the path of a bundle folder"
+        )
+    return path
+
+
+def _workflow(configs: list[Path], meta: Path, overrides: dict[str, Any]):
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=[str(c) for c in configs],
+        meta_file=str(meta),
+        logging_file=False,  # the caller's logging setup stays as it is
+        workflow_type=None,
+        **overrides,
+    )
+
+
+def _number(value: Any) -> Any:
+    """JSON-friendly metric value (tensors and numpy scalars to float, NaN to None)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return value
+    return None if math.isnan(value) else value
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def run_finetune(
+    bundle: str | os.PathLike,
+    overrides: dict[str, Any] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    tiny: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune ``bundle``, evaluate the best checkpoint on the test split, write ``metrics.json``.
+
+    Args:
+        bundle: a bundle name (see :data:`BUNDLES`) or a bundle folder.
+        overrides: config ids and values, e.g. ``{"datalist": ..., "pretrained": ..., "seed": 1,
+            "label_fraction": 0.25, "fold": 2}``.
+        output_dir: where ``models/model.pt``, TensorBoard logs, the evaluation CSVs and
+            ``metrics.json`` go; default ``overrides["output_dir"]`` or ``./finetune_<bundle>``.
+        tiny: add the bundle's ``configs/tiny.json`` (tiny network, 2 epochs) for smoke tests.
+
+    Returns:
+        ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "settings"}``.
+
+    Raises:
+        FileNotFoundError: unknown bundle, missing datalist or checkpoint.
+        ValueError: bad settings (label fraction, fold, checkpoint shapes...).
+    """
+    from dira3d.utils.checkpoint import check_writable
+
+    root = bundle_path(bundle)
+    overrides = dict(overrides or {})
+    out = Path(output_dir or overrides.pop("output_dir", None) or Path.cwd() / f"finetune_{root.name}").resolve()
+    check_writable(out)
+    overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
+    configs = root / "configs"
+    files = [configs / "train.json"] + ([configs / "tiny.json"] if tiny else [])
+
+    trainer_flow = _workflow(files, configs / "metadata.json", overrides)
+    trainer_flow.initialize()
+    trainer_flow.run()
+    trainer = trainer_flow.parser.get_parsed_content("train#trainer")
+    validator = trainer_flow.parser.get_parsed_content("validate#evaluator")
+    holdout = {"best_" + str(getattr(validator.state, "key_metric_name", "metric")): _number(validator.state.best_metric)}
+    epochs = int(trainer.state.epoch)
+    trainer_flow.finalize()
+
+    # the test run loads the fine-tuned weights, not the pretrained ones
+    eval_overrides = {k: v for k, v in overrides.items() if k != "pretrained"}
+    eval_flow = _workflow(files + [configs / "evaluate.json"], configs / "metadata.json", eval_overrides)
+    eval_flow.initialize()
+    eval_flow.run()
+    evaluator = eval_flow.parser.get_parsed_content("validate#evaluator")
+    metrics = {name: _number(value) for name, value in evaluator.state.metrics.items()}
+    eval_flow.finalize()
+
+    result = {
+        "bundle": root.name,
+        "metrics": metrics,
+        "holdout": holdout,
+        "epochs": epochs,
+        "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
+    }
+    _write_json(result, out / "metrics.json")
+    logger.info("fine-tuning %s finished: %s", root.name, metrics)
+    return result
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON when it parses (numbers, lists, null), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dira3d finetune``: parse the options, run :func:`run_finetune`, print the test metrics."""
+    parser = argparse.ArgumentParser(prog="dira3d finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", required=True, help=f"bundle name ({', '.join(BUNDLES)}) or folder")
+    parser.add_argument("--datalist", help="prepared datalist JSON (default: the bundle's dataset_dir/<task>_datalist.json)")
+    parser.add_argument("--dataset-dir", help="folder holding the prepared datalist")
+    parser.add_argument("--pretrained", default=None, help="dira3d checkpoint to start from; empty = random initialisation")
+    parser.add_argument("--label-fraction", type=float, default=None, help="share of the training labels used (seeded)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the label subset, holdout and training")
+    parser.add_argument("--fold", type=int, default=None, help="test fold for cross-validation datalists (PE-CAD)")
+    parser.add_argument("--output-dir", default=None, help="folder for the model, logs and metrics.json")
+    parser.add_argument("--tiny", action="store_true", help="tiny network and 2 epochs (smoke test)")
+    parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="any other config override, e.g. max_epochs=50")
+    args = parser.parse_args(argv)
+
+    overrides: dict[str, Any] = {}
+    for name in ("datalist", "pretrained", "label_fraction", "seed", "fold"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.dataset_dir:
+        overrides["dataset_dir"] = args.dataset_dir
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set {item!r} must look like ID=VALUE, e.g. --set max_epochs=50")
+        key, value = item.split("=", 1)
+        overrides[key] = _parse_value(value)
+    result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny)
+    print(json.dumps(result["metrics"], indent=2))
+    return 0

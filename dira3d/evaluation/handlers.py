@@ -1,0 +1,134 @@
+"""Ignite handlers of the fine-tuning bundles.
+
+:class:`ProbabilityWriter` collects a classifier's probabilities during an evaluator run and
+writes them as one JSON file (the classification bundles' ``inference.json`` output).
+:class:`BestModelSaver` keeps the fine-tuned weights of the best validation epoch as a plain
+``state_dict`` written atomically. :func:`prediction_path` names an output file next to an input scan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.engines import Workflow
+from monai.utils import ImageMetaKey
+
+__all__ = ["BestModelSaver", "ProbabilityWriter", "prediction_path", "scan_stem"]
+
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+def scan_stem(path: str | os.PathLike) -> str:
+    """File name of ``path`` without its image extension (``a/b.nii.gz`` → ``b``; a folder keeps its name)."""
+    name = Path(str(path).rstrip("/\\")).name
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def prediction_path(image: str | os.PathLike, postfix: str, ext: str) -> str:
+    """``<folder of image>/<stem>_<postfix><ext>``: the prediction next to its input.
+
+    A DICOM folder gets its output beside the folder, not inside it.
+    """
+    image = Path(str(image).rstrip("/\\")).resolve()
+    return str(image.parent / f"{scan_stem(image)}_{postfix}{ext}")
+
+
+def _default_output(engine_output: Any) -> list[tuple[str, list[float]]]:
+    """(source file, probabilities) per decollated sample of a SupervisedEvaluator output."""
+    rows = []
+    for item in engine_output if isinstance(engine_output, list) else [engine_output]:
+        image = item.get("image")
+        meta = getattr(image, "meta", {}) or {}
+        source = meta.get(ImageMetaKey.FILENAME_OR_OBJ, "")
+        probabilities = torch.as_tensor(item["pred"]).detach().float().flatten().cpu().tolist()
+        rows.append((str(source), probabilities))
+    return rows
+
+
+class ProbabilityWriter:
+    """Write per-candidate probabilities of an evaluator run to a JSON file.
+
+    The file holds ``{"classes": [...], "predictions": [{"image": path, "probabilities": [...]}]}``
+    and is written atomically when the run completes.
+
+    Args:
+        output_path: the JSON file to write.
+        class_names: names of the output channels (e.g. ``["nodule"]``).
+        output_transform: maps ``engine.state.output`` to ``[(source path, [p, ...]), ...]``.
+    """
+
+    def __init__(self, output_path: str | os.PathLike, class_names: list[str] | None = None, output_transform: Callable = _default_output) -> None:
+        self.output_path = Path(output_path)
+        self.class_names = list(class_names or [])
+        self.output_transform = output_transform
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Workflow) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Workflow) -> None:
+        self.rows = []
+
+    def _collect(self, engine: Workflow) -> None:
+        for source, probabilities in self.output_transform(engine.state.output):
+            self.rows.append({"image": source, "probabilities": probabilities})
+
+    def _write(self, engine: Workflow) -> None:
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.output_path.parent, prefix=f".{self.output_path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"classes": self.class_names, "predictions": self.rows}, handle, indent=2)
+        os.replace(tmp, self.output_path)
+
+
+class BestModelSaver:
+    """Save ``network.state_dict()`` atomically whenever the validation metric improves.
+
+    Attached to the validation evaluator. The file is a plain ``state_dict`` (keys of the task
+    network, a DDP ``module.`` wrapper removed), loadable with ``torch.load(..., weights_only=True)``,
+    MONAI's ``CheckpointLoader`` and ``ckpt_export``. The first validation always saves, so a
+    metric that is undefined (NaN, e.g. an AUC on one class) still leaves a model behind. Only
+    rank 0 writes in a distributed run.
+
+    Args:
+        network: the trained network (possibly wrapped in ``DistributedDataParallel``).
+        output_path: the file to write, e.g. ``models/model.pt``.
+        metric_name: the metric in ``engine.state.metrics`` to maximise.
+    """
+
+    def __init__(self, network: torch.nn.Module, output_path: str | os.PathLike, metric_name: str) -> None:
+        self.network = network
+        self.output_path = Path(output_path)
+        self.metric_name = metric_name
+        self.best: float | None = None
+
+    def attach(self, engine: Workflow) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Workflow) -> None:
+        from dira3d.utils import atomic_save
+
+        value = float(engine.state.metrics.get(self.metric_name, float("nan")))
+        improved = self.best is None or (value == value and (self.best != self.best or value > self.best))
+        if not improved:
+            return
+        self.best = value
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        module = getattr(self.network, "module", self.network)
+        atomic_save({k: v.detach().cpu() for k, v in module.state_dict().items()}, self.output_path)

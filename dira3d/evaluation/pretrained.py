@@ -1,0 +1,81 @@
+"""Task networks for fine-tuning, initialised from a dira3d checkpoint or at random.
+
+What is transferred (METHOD.md §1): the encoder f_θ for classification, encoder + decoder
+(f_θ, g_θ) for segmentation. The load itself is :func:`dira3d.networks.load_pretrained`; this
+module picks the parts, builds the network and prints the report of what was and was not loaded,
+so that every fine-tuning log says where its weights came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+__all__ = ["TASK_KINDS", "build_task_network"]
+
+logger = logging.getLogger(__name__)
+
+# kind -> the checkpoint parts that initialise it
+TASK_KINDS: dict[str, tuple[str, ...]] = {
+    "classification": ("encoder",),
+    "segmentation": ("encoder", "decoder"),
+}
+
+
+def build_task_network(
+    kind: str,
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    out: int = 1,
+    width: float = 1.0,
+    pretrained: str | os.PathLike | None = "",
+    in_channels_policy: str = "error",
+    bn_momentum: float | None = 0.1,
+) -> torch.nn.Module:
+    """Build a :class:`~dira3d.networks.Classifier` or :class:`~dira3d.networks.Segmenter`.
+
+    Args:
+        kind: ``"classification"`` (encoder + pooled linear head → ``out`` logits) or
+            ``"segmentation"`` (encoder + decoder → ``out`` logit maps).
+        spatial_dims: 2 or 3.
+        in_channels: input channels of the task (e.g. 4 for BraTS with all modalities).
+        out: number of output logits / channels.
+        width: channel width multiplier; must match the checkpoint's when ``pretrained`` is set.
+        pretrained: path of a dira3d checkpoint; empty or ``None`` means random initialisation.
+        in_channels_policy: what to do when the checkpoint's first convolution has another number
+            of input channels: ``"error"`` or ``"repeat"`` (repeat and rescale the kernel).
+        bn_momentum: momentum of the BatchNorm running statistics (PyTorch's default 0.1);
+            ``None`` uses a cumulative average over all training batches, which gives usable
+            eval-mode statistics after a handful of iterations (smoke runs, tiny label fractions).
+
+    Returns:
+        The network, with pretrained weights loaded when asked.
+
+    Raises:
+        ValueError: unknown ``kind``, or a checkpoint whose keys or shapes do not fit (the message
+            lists the keys and shapes that differ).
+        FileNotFoundError: ``pretrained`` names a file that does not exist.
+    """
+    from dira3d.networks import Classifier, Segmenter, load_pretrained  # sibling module, imported late
+
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind={kind!r} is unknown; use one of {sorted(TASK_KINDS)}")
+    if kind == "classification":
+        network: torch.nn.Module = Classifier(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=out, width=width)
+    else:
+        network = Segmenter(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out, width=width)
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = bn_momentum
+    if not pretrained:
+        message = f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})"
+    else:
+        # strict: a checkpoint of another architecture would otherwise load nothing, silently
+        report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True, in_channels_policy=in_channels_policy)
+        message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
+    # printed as well as logged: the report must be visible in a plain `monai.bundle run` console
+    print(message, flush=True)
+    logger.info(message)
+    return network

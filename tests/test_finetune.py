@@ -1,0 +1,171 @@
+"""Unit tests of dira3d.evaluation: splits, metrics, task networks from checkpoints, transforms, reader."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from sklearn.metrics import roc_auc_score
+
+from dira3d.evaluation import (
+    SelectModalitiesd,
+    SimpleITKReader,
+    build_task_network,
+    foreground_dice,
+    foreground_iou,
+    holdout_by_patient,
+    load_split,
+    prediction_path,
+    roc_auc,
+    select_fraction,
+)
+from dira3d.networks import UNet
+from dira3d.utils import atomic_save
+
+
+def _cls_entries(n_patients: int = 20, per_patient: int = 3) -> list[dict]:
+    # patient p has candidates with labels (p + k) % 2 -> both classes spread over patients
+    return [{"image": f"c{p}_{k}.nii.gz", "label": (p * per_patient + k) % 4 == 0, "case_id": f"p{p}"}
+            for p in range(n_patients) for k in range(per_patient)]
+
+
+def test_select_fraction_is_stratified_seeded_and_keeps_every_class():
+    entries = [{"image": str(i), "label": int(i < 10), "case_id": str(i)} for i in range(100)]  # 10 positives
+    quarter = select_fraction(entries, 0.25, seed=3)
+    assert sum(e["label"] for e in quarter) == round(0.25 * 10)  # 3 of 10 positives (stratified)
+    assert len(quarter) == round(0.25 * 10) + round(0.25 * 90)
+    assert quarter == select_fraction(entries, 0.25, seed=3)
+    assert quarter != select_fraction(entries, 0.25, seed=4)
+    one_percent = select_fraction(entries, 0.01, seed=0)
+    assert {e["label"] for e in one_percent} == {0, 1}  # at least one sample per class
+    with pytest.raises(ValueError, match="label_fraction"):
+        select_fraction(entries, 0.0)
+
+
+def test_select_fraction_segmentation_samples_patients():
+    entries = [{"image": f"{p}_{k}", "label": f"{p}_{k}_seg", "case_id": f"p{p}"} for p in range(8) for k in range(2)]
+    half = select_fraction(entries, 0.5, seed=1)
+    patients = {e["case_id"] for e in half}
+    assert len(patients) == 4 and len(half) == 8  # whole patients, both of their volumes
+
+
+def test_holdout_by_patient_has_no_leak_and_both_classes():
+    entries = _cls_entries()
+    train, held = holdout_by_patient(entries, 0.1, seed=0)
+    assert len(train) + len(held) == len(entries)
+    assert not {e["case_id"] for e in train} & {e["case_id"] for e in held}
+    assert len(held) >= np.ceil(0.1 * len(entries))
+    assert {int(e["label"]) for e in held} == {0, 1} == {int(e["label"]) for e in train}
+    assert holdout_by_patient(entries, 0.0)[1] == []
+
+
+def test_load_split_test_key_fold_and_errors(tmp_path):
+    training = [dict(e, label=int(e["label"]), fold=i % 3) for i, e in enumerate(_cls_entries(12, 1))]
+    path = tmp_path / "pecad_datalist.json"
+    path.write_text(json.dumps({"training": training, "meta": {}}))
+    test = load_split(path, "test", fold=1)
+    train = load_split(path, "train", fold=1, holdout=0.1)
+    held = load_split(path, "holdout", fold=1, holdout=0.1)
+    assert {e["fold"] for e in test} == {1} and 1 not in {e["fold"] for e in train + held}
+    assert len(test) + len(train) + len(held) == 12
+    assert all(e["image"].startswith(str(tmp_path)) for e in test)  # paths resolved against the datalist folder
+    with pytest.raises(ValueError, match="fold=5"):
+        load_split(path, "test", fold=5)
+    with pytest.raises(ValueError, match="'test' of datalist"):
+        load_split(path, "test")  # no "test" key and no fold
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_split(tmp_path / "missing.json", "train")
+
+
+def test_foreground_dice_and_iou_by_hand():
+    pred = np.zeros((4, 4, 2), np.uint8)
+    label = np.zeros((4, 4, 2), np.uint8)
+    pred[0:2, 0:2, :] = 1  # 8 voxels
+    label[1:3, 0:2, :] = 1  # 8 voxels, 4 shared
+    assert foreground_dice(pred, label) == pytest.approx(2 * 4 / (8 + 8))
+    assert foreground_iou(pred, label) == pytest.approx(4 / 12)
+    # background is excluded: a two-class IoU would add 16/20 of background agreement
+    empty = np.zeros_like(pred)
+    assert foreground_dice(empty, empty) == 1.0 and foreground_iou(pred, empty) == 0.0
+    with pytest.raises(ValueError, match="differs"):
+        foreground_dice(pred, label[:2])
+
+
+def test_roc_auc_matches_sklearn_and_rejects_one_class():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 50)
+    scores = labels * 0.3 + rng.random(50)
+    assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)  # hand count: 3 of 4 pairs ordered
+    with pytest.raises(ValueError, match="one class"):
+        roc_auc([0.2, 0.3], [1, 1])
+
+
+def _tiny_checkpoint(path, in_channels=1, width=0.125):
+    torch.manual_seed(7)
+    unet = UNet(spatial_dims=3, in_channels=in_channels, out_channels=1, width=width)
+    atomic_save({"encoder": unet.encoder.state_dict(), "decoder": unet.decoder.state_dict(),
+                 "meta": {"spatial_dims": 3, "in_channels": in_channels, "width": width}}, path)
+    return unet
+
+
+def test_build_task_network_loads_encoder_and_decoder(tmp_path, capsys):
+    unet = _tiny_checkpoint(tmp_path / "ckpt.pt")
+    seg = build_task_network("segmentation", 3, 1, 1, 0.125, str(tmp_path / "ckpt.pt"))
+    cls = build_task_network("classification", 3, 1, 1, 0.125, str(tmp_path / "ckpt.pt"))
+    printed = capsys.readouterr().out
+    assert "encoder, decoder" in printed and "loaded" in printed
+    for key, value in unet.decoder.state_dict().items():
+        assert torch.equal(seg.decoder.state_dict()[key], value)
+    for key, value in unet.encoder.state_dict().items():
+        assert torch.equal(cls.encoder.state_dict()[key], value)
+    scratch = build_task_network("classification", 3, 1, 1, 0.125, "", bn_momentum=None)
+    assert "initialised at random" in capsys.readouterr().out
+    assert all(m.momentum is None for m in scratch.modules() if isinstance(m, torch.nn.BatchNorm3d))
+
+
+def test_wrong_checkpoint_names_keys_and_shapes(tmp_path):
+    _tiny_checkpoint(tmp_path / "wide.pt", width=0.25)
+    with pytest.raises(ValueError) as err:
+        build_task_network("segmentation", 3, 1, 1, 0.125, str(tmp_path / "wide.pt"))
+    message = str(err.value)
+    assert "encoder." in message and "8" in message and "4" in message  # key names and both channel counts
+    other = {"encoder": {"features.0.weight": torch.zeros(3, 3)}, "decoder": {}}  # another architecture
+    atomic_save(other, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="features.0.weight"):
+        build_task_network("classification", 3, 1, 1, 0.125, str(tmp_path / "other.pt"))
+    with pytest.raises(FileNotFoundError):
+        build_task_network("classification", 3, 1, 1, 0.125, str(tmp_path / "absent.pt"))
+    with pytest.raises(ValueError, match="kind"):
+        build_task_network("detection", 3, 1, 1, 0.125, "")
+
+
+def test_select_modalities():
+    image = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 2, 2, 2)
+    flair = SelectModalitiesd("image", "flair")({"image": image})["image"]
+    assert flair.shape == (1, 2, 2, 2) and float(flair.max()) == 3.0  # flair is the 4th channel
+    assert SelectModalitiesd("image", "all")({"image": image})["image"].shape[0] == 4
+    assert SelectModalitiesd("image", "flair")({"image": image[:1]})["image"].shape[0] == 1
+    with pytest.raises(ValueError, match="channel"):
+        SelectModalitiesd("image", "t1,t2")({"image": image[:1]})
+    with pytest.raises(ValueError, match="unknown"):
+        SelectModalitiesd("image", "pet")
+
+
+def test_simpleitk_reader_matches_nibabel(tmp_path):
+    from monai.transforms import LoadImage
+
+    array = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    affine = np.array([[0, -2.0, 0, 10], [1.5, 0, 0, -3], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(array, affine), str(tmp_path / "v.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "v.nii.gz")), str(tmp_path / "v.nrrd"))
+    ours = LoadImage(reader=SimpleITKReader(), image_only=True)(str(tmp_path / "v.nrrd"))
+    ref = LoadImage(reader="NibabelReader", image_only=True)(str(tmp_path / "v.nii.gz"))
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-5)
+    assert prediction_path(tmp_path / "v.nrrd", "seg", ".nii.gz") == str(tmp_path / "v_seg.nii.gz")
