@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("dira3d.evaluation.finetune:main", "fine-tune a task bundle from a dira3d checkpoint"),
     "experiment": ("dira3d.evaluation.experiment:main", "multi-seed x label-fraction x initialisation grid"),
     "demo": ("dira3d.demo:main", "the README's end-to-end demo on embedded synthetic data"),
+    "export": ("dira3d.deploy.command:main", "TorchScript / ONNX of a bundle, pretrained weights, MONAI Label app"),
 }
 
 

@@ -16,10 +16,20 @@ Config (YAML or JSON)::
     welch: false                       # Welch's t-test instead of Student's
     seeds: [0, 1, 2, 3, 4]
     label_fractions: [0.1, 0.25, 1.0]
-    methods:                           # name: checkpoint path, or null for random initialisation
+    methods:                           # name: checkpoint path, null (random init), or {pretrain: {...}}
       random: null
-      dira: runs/pretrain/best.pt
+      mine: runs/pretrain/best.pt
+      dis: {pretrain: {stages: [{name: dis, losses: [dis]}]}}
+      dira: {pretrain: {}}             # the pretraining bundle's own stages
     overrides: {tiny: true, max_epochs: 10}   # bundle ids for every run; `tiny` adds configs/tiny.json
+    pretrain:                          # only for methods with a `pretrain` entry
+      dataset_dir: visual_words        # folder given to bundles/dira_pretrain as dataset_dir
+      configs: [train.json, tiny.json, visual_words.json]   # in bundles/dira_pretrain/configs, or paths
+      overrides: {max_epochs: 6}       # bundle ids shared by every pretraining run
+
+A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
+entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt``; a finished
+pretraining (``done.json``) is not repeated.
 """
 
 from __future__ import annotations
@@ -62,8 +72,16 @@ def load_config(path: str | Path) -> dict:
     config["datalist"] = resolve(config["datalist"])
     config["output_dir"] = resolve(config["output_dir"])
     for name, ckpt in list(config["methods"].items()):
-        if ckpt:
+        if isinstance(ckpt, dict):
+            if "pretrain" not in ckpt or "pretrain" not in config:
+                raise ValueError(f"method {name!r} in {path}: a mapping needs a 'pretrain' entry and a top-level 'pretrain' section")
+        elif ckpt:
             config["methods"][name] = resolve(ckpt)
+    if "pretrain" in config:
+        config["pretrain"]["dataset_dir"] = resolve(config["pretrain"]["dataset_dir"])
+        # a bare file name is one of the pretraining bundle's configs; anything else a path
+        config["pretrain"]["configs"] = [str(c) if "/" not in str(c) else resolve(c)
+                                         for c in config["pretrain"].get("configs", ["train.json"])]
     for fraction in config["label_fractions"]:
         if not 0 < float(fraction) <= 1:
             raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
@@ -88,6 +106,31 @@ def _default_runner(bundle: str, overrides: dict) -> Mapping[str, float]:
     return run_finetune(bundle, overrides, tiny=tiny)["metrics"]
 
 
+def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any], log: Callable[[str], None] = print) -> str:
+    """Pretrain one method of the grid with ``bundles/dira_pretrain``; returns its ``best.pt``.
+
+    Resumable twice over: a finished run (``done.json``) is skipped, an interrupted one resumes
+    from its ``last.pt`` (the bundle's own resume).
+    """
+    from monai.bundle import run
+
+    from dira3d.engines.command import BUNDLE_DIR
+
+    out = Path(config["output_dir"]) / "pretrain" / name
+    best = out / "models" / "best.pt"
+    if (out / "done.json").is_file() and best.is_file():
+        return str(best)
+    section = config["pretrain"]
+    configs = [c if Path(c).is_absolute() else str(BUNDLE_DIR / "configs" / c) for c in section.get("configs", ["train.json"])]
+    overrides = {**section.get("overrides", {}), **(spec.get("pretrain") or {})}
+    log(f"experiment: pretraining {name!r} into {out}")
+    run(config_file=configs, meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
+        logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
+        dataset_dir=section["dataset_dir"], **overrides)
+    (out / "done.json").write_text(json.dumps({"method": name, "overrides": overrides}, default=str))
+    return str(best)
+
+
 def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Run every (method, label fraction, seed) not yet in ``results.csv``; returns all rows.
 
@@ -103,8 +146,15 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
     grid = [(m, float(f), int(s)) for f in config["label_fractions"] for m in config["methods"] for s in config["seeds"]]
     todo = [key for key in grid if key not in done]
     log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
+    checkpoints = {}
+    for method, spec in config["methods"].items():
+        if isinstance(spec, Mapping):
+            if any(key[0] == method for key in todo):
+                checkpoints[method] = pretrain_method(method, spec, config, log)
+        else:
+            checkpoints[method] = spec or ""
     for i, (method, fraction, seed) in enumerate(todo, 1):
-        checkpoint = config["methods"][method] or ""
+        checkpoint = checkpoints[method]
         run_dir = out / "runs" / f"{method}_lf{fraction:g}_seed{seed}"
         overrides = dict(config.get("overrides", {}))
         overrides.update(datalist=config["datalist"], pretrained=checkpoint, label_fraction=fraction, seed=seed,

@@ -1,0 +1,118 @@
+"""``dira3d export``: TorchScript / ONNX of a fine-tuned bundle, pretrained weights, MONAI Label app.
+
+Examples::
+
+    dira3d export torchscript --bundle bundles/lits_liver_seg
+    dira3d export onnx --bundle bundles/lits_liver_seg --out liver.onnx --check-scan ct.nrrd
+    dira3d export pretrained --checkpoint runs/dira/best.pt --out weights/ --parts encoder decoder
+    dira3d export monailabel-app --out ~/dira3d-app      # prints the start command
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "parse_overrides"]
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["width=0.125", "roi_size=[32,32,16]"]`` → ``{"width": 0.125, "roi_size": [32, 32, 16]}`` (JSON values, else strings).
+
+    Raises:
+        ValueError: an item without ``=``.
+    """
+    result: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--override {item!r} must look like id=value, e.g. width=0.125")
+        key, value = item.split("=", 1)
+        try:
+            result[key] = json.loads(value)
+        except json.JSONDecodeError:
+            result[key] = value
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dira3d export", description="deployment exports of dira3d models")
+    sub = parser.add_subparsers(dest="what", required=True)
+
+    def bundle_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--bundle", required=True, help="bundle folder (configs/, models/model.pt)")
+        p.add_argument("--checkpoint", help="weights (default <bundle>/models/model.pt)")
+        p.add_argument("--override", action="append", metavar="ID=VALUE",
+                       help="config override, e.g. width=0.125 (repeatable)")
+        p.add_argument("--input-shape", type=int, nargs="+", help="example input B C X Y Z (default 1 C roi_size)")
+
+    ts = sub.add_parser("torchscript", help="model.ts via monai.bundle ckpt_export")
+    bundle_args(ts)
+    ts.add_argument("--out", help="output file (default <bundle>/models/model.ts)")
+    onnx = sub.add_parser("onnx", help="ONNX graph (checked against PyTorch with onnxruntime)")
+    bundle_args(onnx)
+    onnx.add_argument("--out", required=True, help="output .onnx file")
+    onnx.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check")
+    onnx.add_argument("--tolerance", type=float, default=None, help="max |logit difference| accepted")
+    pre = sub.add_parser("pretrained", help="encoder/decoder as state_dict + safetensors + key_map.json")
+    pre.add_argument("--checkpoint", required=True, help="dira3d pretraining checkpoint")
+    pre.add_argument("--out", required=True, help="output folder")
+    pre.add_argument("--parts", nargs="+", default=["encoder", "decoder"])
+    app = sub.add_parser("monailabel-app", help="copy the MONAI Label app and print its start command")
+    app.add_argument("--out", required=True, help="new folder for the app")
+    app.add_argument("--bundles", default=None, help="bundle folder(s) to serve (default <repo>/bundles)")
+    app.add_argument("--studies", default="<studies folder>")
+    app.add_argument("--build-env", action="store_true", help="also build the MONAI Label environment")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``dira3d export <what>``; returns the exit code (1 when an agreement check fails)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, FileExistsError, ImportError, RuntimeError) as err:
+        print(f"dira3d export: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.what == "torchscript":
+        from dira3d.deploy.export import export_torchscript
+
+        out = export_torchscript(args.bundle, args.out, args.checkpoint, args.input_shape,
+                                 overrides=parse_overrides(args.override))
+        print(f"TorchScript written to {out}")
+        return 0
+    if args.what == "onnx":
+        import torch
+
+        from dira3d.deploy.export import DEFAULT_TOLERANCE, check_agreement, export_onnx, load_bundle_network, scan_patch
+
+        overrides = parse_overrides(args.override)
+        network = load_bundle_network(args.bundle, args.checkpoint, overrides=overrides)
+        shape = args.input_shape or [1, getattr(network, "in_channels", 1), 64, 64, 32]
+        example = scan_patch(args.check_scan, shape[2:]) if args.check_scan else torch.rand(*shape)
+        out = export_onnx(network, example, args.out)
+        report = check_agreement(network, example, onnx_path=out, tolerance=args.tolerance or DEFAULT_TOLERANCE)
+        print(f"ONNX written to {out}\n{report.to_json()}")
+        return 0 if report.ok else 1
+    if args.what == "pretrained":
+        from dira3d.deploy.weights import export_pretrained
+
+        for name, path in export_pretrained(args.checkpoint, args.out, args.parts).items():
+            print(f"{name}: {path}")
+        return 0
+    from dira3d.deploy.monailabel import REPO_ROOT, default_venv, ensure_monailabel_env, prepare_app
+
+    app = prepare_app(args.out)
+    venv = ensure_monailabel_env() if args.build_env else default_venv()
+    bundles = args.bundles or str(REPO_ROOT / "bundles")
+    print(f"MONAI Label app copied to {app}. Start it with:\n"
+          f"  PYTHONPATH={REPO_ROOT} {Path(venv) / 'bin' / 'python'} -m monailabel.main start_server "
+          f"--app {app} --studies {args.studies} --conf bundles {bundles} --host 127.0.0.1 --port 8000")
+    if not args.build_env:
+        print(f"(build the environment first: bash {REPO_ROOT / 'dira3d' / 'deploy' / 'monailabel_env.sh'})")
+    return 0

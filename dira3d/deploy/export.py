@@ -1,0 +1,324 @@
+"""Export fine-tuned bundles for deployment: TorchScript, ONNX, and a numerical agreement check.
+
+- :func:`load_bundle_network` builds a bundle's ``network_def`` and loads ``models/model.pt``.
+- :func:`export_torchscript` is ``python -m monai.bundle ckpt_export`` (the same function, called
+  in-process) with the arguments a dira3d bundle needs.
+- :func:`export_onnx` writes an ONNX graph with dynamic batch and spatial axes.
+- :func:`check_agreement` runs PyTorch, TorchScript and onnxruntime (CPU) on the same input and
+  reports the largest absolute difference of the logits; :func:`scan_patch` cuts that input from
+  a real scan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser, ckpt_export
+
+from dira3d.utils import load_checkpoint
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "AgreementReport",
+    "load_bundle_network",
+    "export_torchscript",
+    "export_onnx",
+    "scan_patch",
+    "check_agreement",
+]
+
+# Max |logit difference| accepted between PyTorch and an exported graph (float32, CPU). The
+# runtimes reorder the same float32 sums, so differences are ~1e-6; 1e-4 leaves room for wider
+# networks without hiding a wrong graph (a wrong weight or op moves logits by >1e-2).
+DEFAULT_TOLERANCE = 1e-4
+ONNX_OPSET = 17
+
+
+def _bundle_paths(bundle_dir: str | os.PathLike, config_file: str) -> tuple[Path, Path, Path]:
+    root = Path(bundle_dir)
+    config = root / "configs" / config_file
+    meta = root / "configs" / "metadata.json"
+    for path in (config, meta):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: is {root} a dira3d bundle (configs/{config_file}, configs/metadata.json)?")
+    return root, config, meta
+
+
+def _parser(bundle_dir: str | os.PathLike, config_file: str, overrides: Mapping[str, Any] | None) -> ConfigParser:
+    root, config, meta = _bundle_paths(bundle_dir, config_file)
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.read_meta(str(meta))
+    parser["bundle_root"] = str(root)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+def load_bundle_network(
+    bundle_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    config_file: str = "inference.json",
+    overrides: Mapping[str, Any] | None = None,
+) -> torch.nn.Module:
+    """Build the bundle's ``network_def`` and load its fine-tuned weights (eval mode, CPU).
+
+    Args:
+        bundle_dir: the bundle folder (``configs/``, ``models/``).
+        checkpoint: weights to load; default ``<bundle>/models/model.pt`` (a plain state_dict, or
+            one under ``"model"`` / ``"network"``).
+        config_file: the config that defines ``network_def``.
+        overrides: config ids to override, e.g. ``{"width": 0.125}``.
+
+    Returns:
+        the network with the weights loaded, in eval mode.
+
+    Raises:
+        FileNotFoundError: the bundle configs or the checkpoint are missing.
+        ValueError: the checkpoint does not fit the network (keys and shapes are listed).
+    """
+    parser = _parser(bundle_dir, config_file, overrides)
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    path = Path(checkpoint) if checkpoint else Path(bundle_dir) / "models" / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"fine-tuned weights {path} do not exist; train the bundle first or pass checkpoint=")
+    state = load_checkpoint(path)
+    for wrapper in ("model", "network", "state_dict"):
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    own = network.state_dict()
+    mismatched = [f"{k}: {tuple(v.shape)} vs network {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path} does not fit the network of {bundle_dir} (config overrides {dict(overrides or {})}): "
+            f"missing {missing[:8]}, unexpected {unexpected[:8]}, shapes {mismatched[:8]}; "
+            "pass the overrides (e.g. width) the weights were trained with"
+        )
+    network.load_state_dict(state)
+    return network.eval()
+
+
+def _example_shape(parser: ConfigParser, input_shape: Sequence[int] | None) -> list[int]:
+    if input_shape:
+        return [int(s) for s in input_shape]
+    roi = parser.get_parsed_content("roi_size") if "roi_size" in parser else None
+    if roi is None:
+        raise ValueError("input_shape is needed: the bundle has no 'roi_size' (pass e.g. [1, 1, 64, 64, 32])")
+    in_channels = parser.get_parsed_content("in_channels") if "in_channels" in parser else 1
+    return [1, int(in_channels), *[int(s) for s in roi]]
+
+
+def export_torchscript(
+    bundle_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    input_shape: Sequence[int] | None = None,
+    config_file: str = "inference.json",
+    overrides: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model.ts`` with ``monai.bundle.ckpt_export`` (traced; configs embedded).
+
+    The command-line equivalent is::
+
+        python -m monai.bundle ckpt_export network_def --bundle_root B --filepath B/models/model.ts \\
+            --ckpt_file B/models/model.pt --meta_file B/configs/metadata.json \\
+            --config_file B/configs/inference.json --use_trace True --input_shape "[1, 1, 64, 64, 32]"
+
+    Tracing is used because the task networks check their input shape in Python (skipped while
+    tracing); the traced graph has no shape-dependent branches, so it accepts any size divisible by 8.
+
+    Args:
+        bundle_dir: the bundle folder.
+        out: output file; default ``<bundle>/models/model.ts``.
+        checkpoint: weights; default ``<bundle>/models/model.pt``.
+        input_shape: example input ``[B, C, X, Y, Z]`` for tracing; default ``[1, in_channels, *roi_size]``.
+        config_file: the config with ``network_def``.
+        overrides: config ids to override (e.g. ``{"width": 0.125}``).
+
+    Returns:
+        the path of the TorchScript file.
+
+    Raises:
+        FileNotFoundError: bundle configs or checkpoint missing.
+    """
+    root, config, meta = _bundle_paths(bundle_dir, config_file)
+    ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"fine-tuned weights {ckpt} do not exist; train the bundle first or pass checkpoint=")
+    out = Path(out) if out else root / "models" / "model.ts"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shape = _example_shape(_parser(root, config_file, overrides), input_shape)
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(out),
+        ckpt_file=str(ckpt),
+        meta_file=str(meta),
+        config_file=str(config),
+        use_trace=True,
+        input_shape=shape,
+        bundle_root=str(root),
+        **dict(overrides or {}),
+    )
+    return out
+
+
+def export_onnx(
+    network: torch.nn.Module,
+    example: torch.Tensor,
+    out: str | os.PathLike,
+    opset: int = ONNX_OPSET,
+    dynamic: bool = True,
+) -> Path:
+    """Export ``network`` to ONNX (TorchScript-based exporter, ``dynamo=False``).
+
+    Args:
+        network: the PyTorch network (put in eval mode here).
+        example: an input batch ``(B, C, *spatial)``.
+        out: the ``.onnx`` file to write.
+        opset: ONNX opset.
+        dynamic: make batch and spatial axes dynamic (input ``image``, output ``pred``).
+
+    Returns:
+        the path of the ONNX file (checked with ``onnx.checker``).
+
+    Raises:
+        ImportError: ``onnx`` is not installed (``pip install dira3d[deploy]``).
+    """
+    try:
+        import onnx
+    except ImportError as err:  # optional dependency
+        raise ImportError("ONNX export needs the 'onnx' package: pip install 'dira3d[deploy]' (onnx, onnxruntime)") from err
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    network = network.eval()
+    axes = None
+    if dynamic:
+        names = {0: "batch", **{i: f"dim{i - 2}" for i in range(2, example.dim())}}
+        with torch.no_grad():
+            out_dims = network(example).dim()
+        axes = {"image": names, "pred": {i: names[i] for i in names if i < out_dims}}
+    with torch.no_grad():
+        torch.onnx.export(
+            network, (example,), str(out), input_names=["image"], output_names=["pred"],
+            dynamic_axes=axes, opset_version=opset, dynamo=False,
+        )
+    onnx.checker.check_model(str(out))
+    return out
+
+
+def scan_patch(
+    path: str | os.PathLike,
+    size: Sequence[int] = (64, 64, 32),
+    window: tuple[float, float] = (-1000.0, 1000.0),
+    center: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """A ``(1, 1, *size)`` float32 crop of a CT scan in RAS, windowed to HU ``window`` and scaled to [0, 1].
+
+    Args:
+        path: any file SimpleITK reads (NRRD, NIfTI, MetaImage).
+        size: crop size (x, y, z), each at most the scan's size.
+        window: HU window mapped to [0, 1].
+        center: voxel centre of the crop; default the centre of the scan.
+
+    Returns:
+        the patch as a batch of one.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the crop does not fit in the scan.
+    """
+    from dira3d.data.io import image_to_xyz, read_image, to_ras  # reader with clear errors
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"scan {path} does not exist")
+    volume = image_to_xyz(to_ras(read_image(path))).astype(np.float32)
+    center = [s // 2 for s in volume.shape] if center is None else list(center)
+    starts = [c - s // 2 for c, s in zip(center, size)]
+    if any(a < 0 or a + s > n for a, s, n in zip(starts, size, volume.shape)):
+        raise ValueError(f"a {tuple(size)} crop at {tuple(center)} does not fit in {path} of size {volume.shape}")
+    crop = volume[tuple(slice(a, a + s) for a, s in zip(starts, size))]
+    lo, hi = window
+    crop = (np.clip(crop, lo, hi) - lo) / (hi - lo)
+    return torch.from_numpy(np.ascontiguousarray(crop))[None, None]
+
+
+@dataclass
+class AgreementReport:
+    """Largest absolute logit difference of each exported runtime against PyTorch.
+
+    Attributes:
+        max_abs_diff: runtime name (``"torchscript"``, ``"onnxruntime"``) → max |y_runtime − y_torch|.
+        tolerance: the accepted maximum.
+        output_shape: shape of the PyTorch output.
+    """
+
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    tolerance: float = DEFAULT_TOLERANCE
+    output_shape: tuple[int, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return all(v <= self.tolerance for v in self.max_abs_diff.values())
+
+    def to_json(self) -> str:
+        return json.dumps({"max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
+                           "output_shape": list(self.output_shape), "ok": self.ok}, indent=2)
+
+
+def check_agreement(
+    network: torch.nn.Module,
+    inputs: torch.Tensor,
+    torchscript: str | os.PathLike | None = None,
+    onnx_path: str | os.PathLike | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> AgreementReport:
+    """Run PyTorch, TorchScript and onnxruntime (CPU) on ``inputs`` and compare the outputs.
+
+    Args:
+        network: the reference PyTorch network.
+        inputs: the input batch (e.g. :func:`scan_patch` of a real scan).
+        torchscript: a ``.ts`` file to compare (skipped when None).
+        onnx_path: an ``.onnx`` file to compare with onnxruntime's CPU provider (skipped when None).
+        tolerance: the accepted max |difference|.
+
+    Returns:
+        an :class:`AgreementReport`; ``report.ok`` says whether every runtime is within tolerance.
+
+    Raises:
+        ValueError: nothing to compare, or an exported graph returns another shape.
+        ImportError: ``onnx_path`` given but onnxruntime is not installed.
+    """
+    if torchscript is None and onnx_path is None:
+        raise ValueError("give torchscript= and/or onnx_path= to compare against PyTorch")
+    with torch.no_grad():
+        reference = network.eval()(inputs).float()
+    outputs: dict[str, torch.Tensor] = {}
+    if torchscript is not None:
+        scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
+        with torch.no_grad():
+            outputs["torchscript"] = scripted(inputs).float()
+    if onnx_path is not None:
+        try:
+            import onnxruntime
+        except ImportError as err:
+            raise ImportError("the ONNX check needs onnxruntime: pip install 'dira3d[deploy]'") from err
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        result = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+        outputs["onnxruntime"] = torch.from_numpy(result).float()
+    report = AgreementReport(tolerance=tolerance, output_shape=tuple(reference.shape))
+    for name, value in outputs.items():
+        if value.shape != reference.shape:
+            raise ValueError(f"{name} output shape {tuple(value.shape)} differs from PyTorch {tuple(reference.shape)}")
+        report.max_abs_diff[name] = float((value - reference).abs().max())
+    return report

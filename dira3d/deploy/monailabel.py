@@ -1,0 +1,271 @@
+"""MONAI Label for dira3d bundles: environment, app folder, bundle discovery, server process.
+
+This module runs in dira3d's own environment (it does not import ``monailabel``); the MONAI Label
+server runs in a separate virtual environment built by ``monailabel_env.sh`` (monailabel 0.8.5
+needs ``numpy<2`` and ``pydicom<3``). The app itself is ``monailabel_app/main.py`` beside this file,
+whose tasks live in :mod:`dira3d.deploy.monailabel_tasks` (importable only in that environment).
+
+Typical use::
+
+    venv = ensure_monailabel_env()                         # builds once, then reuses
+    app = prepare_app("/tmp/dira3d-app")                   # a writable copy of the app folder
+    with MonaiLabelServer(venv, app, studies="/data/ct", bundles="bundles") as server:
+        print(server.url)                                  # REST API, e.g. POST /infer/lits_liver_seg
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "APP_DIR",
+    "ENV_SCRIPT",
+    "default_venv",
+    "ensure_monailabel_env",
+    "find_bundles",
+    "bundle_kind",
+    "prepare_app",
+    "start_command",
+    "free_port",
+    "MonaiLabelServer",
+]
+
+HERE = Path(__file__).resolve().parent
+APP_DIR = HERE / "monailabel_app"
+ENV_SCRIPT = HERE / "monailabel_env.sh"
+REPO_ROOT = HERE.parents[1]
+# files MONAI Label needs in a bundle: an inference config, the metadata, and weights
+_INFER_CONFIGS = ("inference.json", "inference.yaml")
+_WEIGHTS = ("model.pt", "model.ts")
+
+
+def default_venv() -> Path:
+    """``$DIRA3D_MONAILABEL_VENV`` or ``~/.cache/dira3d/monailabel-venv``."""
+    return Path(os.environ.get("DIRA3D_MONAILABEL_VENV") or Path.home() / ".cache" / "dira3d" / "monailabel-venv")
+
+
+def ensure_monailabel_env(venv: str | os.PathLike | None = None, timeout: float = 1200.0, log: str | os.PathLike | None = None) -> Path:
+    """Build the MONAI Label virtual environment with ``monailabel_env.sh`` unless it is ready.
+
+    Args:
+        venv: where the environment lives; default :func:`default_venv`.
+        timeout: seconds allowed for a build from scratch.
+        log: file that receives the build output (default: inherited stdout/stderr).
+
+    Returns:
+        the environment folder (its ``bin/monailabel`` starts the server).
+
+    Raises:
+        RuntimeError: the build failed (the message ends with the tail of its output).
+    """
+    venv = Path(venv) if venv else default_venv()
+    env = {**os.environ, "DIRA3D_MONAILABEL_VENV": str(venv), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ENV_SCRIPT)], env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    if log:
+        Path(log).write_text(output)
+    if proc.returncode != 0:
+        tail = "\n".join(line for line in output.splitlines() if "is ignored" not in line)[-3000:]
+        raise RuntimeError(f"building the MONAI Label environment {venv} failed (exit {proc.returncode}); "
+                           f"delete it and rerun `bash {ENV_SCRIPT}` to see why:\n{tail}")
+    return venv
+
+
+def bundle_kind(bundle: str | os.PathLike) -> str:
+    """``"segmentation"`` when the bundle's first output is an image, else ``"classification"``.
+
+    Raises:
+        FileNotFoundError: no ``configs/metadata.json``.
+        ValueError: the metadata has no ``network_data_format.outputs``.
+    """
+    meta_path = Path(bundle) / "configs" / "metadata.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} does not exist: {bundle} is not a MONAI bundle")
+    outputs = json.loads(meta_path.read_text()).get("network_data_format", {}).get("outputs") or {}
+    if not outputs:
+        raise ValueError(f"{meta_path} has no network_data_format.outputs; MONAI Label needs it to know the task")
+    first = next(iter(outputs.values()))
+    return "segmentation" if first.get("type") == "image" else "classification"
+
+
+def _is_bundle(folder: Path) -> bool:
+    return any((folder / "configs" / c).is_file() for c in _INFER_CONFIGS)
+
+
+def find_bundles(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    names: Sequence[str] | None = None,
+    require_weights: bool = True,
+) -> dict[str, Path]:
+    """Bundles under ``paths``: each path is a bundle folder or a folder of bundles.
+
+    Args:
+        paths: one path, a list, or a string of paths separated by ``,`` or ``os.pathsep``.
+        names: keep only these bundle names (folder names); all when None.
+        require_weights: skip bundles without ``models/model.pt`` or ``models/model.ts``.
+
+    Returns:
+        bundle name → folder, sorted by name.
+
+    Raises:
+        FileNotFoundError: a path does not exist, or a requested name was not found.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [p for p in str(paths).replace(os.pathsep, ",").split(",") if p.strip()]
+    found: dict[str, Path] = {}
+    for raw in paths:
+        path = Path(raw).expanduser().resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"bundle path {path} does not exist; pass a bundle folder or a folder of bundles")
+        candidates = [path] if _is_bundle(path) else sorted(p for p in path.iterdir() if p.is_dir() and _is_bundle(p))
+        for bundle in candidates:
+            if require_weights and not any((bundle / "models" / w).is_file() for w in _WEIGHTS):
+                continue
+            found.setdefault(bundle.name, bundle)
+    if names:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise FileNotFoundError(
+                f"bundles {missing} not found (with models/model.pt or model.ts) under {list(map(str, paths))}; "
+                f"found {sorted(found)}"
+            )
+        found = {n: found[n] for n in names}
+    return dict(sorted(found.items()))
+
+
+def prepare_app(dest: str | os.PathLike) -> Path:
+    """Copy the dira3d MONAI Label app to ``dest`` (MONAI Label writes logs/ and model/ into its app).
+
+    Returns:
+        ``dest`` as a Path.
+
+    Raises:
+        FileExistsError: ``dest`` exists and is not empty.
+    """
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} is not empty; choose a new folder for the MONAI Label app")
+    shutil.copytree(APP_DIR, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
+    return dest
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def start_command(
+    venv: str | os.PathLike,
+    app: str | os.PathLike,
+    studies: str | os.PathLike,
+    bundles: str | os.PathLike | Sequence[str | os.PathLike],
+    port: int,
+    host: str = "127.0.0.1",
+    conf: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The ``monailabel start_server`` command line for the dira3d app.
+
+    ``conf`` adds ``--conf key value`` pairs; dict values are passed as JSON (e.g.
+    ``{"bundle_overrides": {"width": 0.125}}``).
+    """
+    if not isinstance(bundles, (str, os.PathLike)):
+        bundles = ",".join(str(b) for b in bundles)
+    # ``python -m monailabel.main`` is what the ``monailabel`` script runs, minus its reliance on
+    # an activated environment and its unquoted ``$*`` (which splits JSON values at spaces)
+    cmd = [str(Path(venv) / "bin" / "python"), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+           "--conf", "bundles", str(bundles), "--host", host, "--port", str(port)]
+    for key, value in (conf or {}).items():
+        cmd += ["--conf", key, value if isinstance(value, str) else json.dumps(value)]
+    return cmd
+
+
+class MonaiLabelServer:
+    """A MONAI Label server in its own process group, started and stopped within bounded times.
+
+    Args:
+        venv: the MONAI Label environment (:func:`ensure_monailabel_env`).
+        app: a writable app folder (:func:`prepare_app`).
+        studies: the studies folder (images MONAI Label lists and infers on).
+        bundles: bundle folder(s) (see :func:`find_bundles`).
+        port: TCP port; a free one when None.
+        host: address to bind (keep 127.0.0.1 unless you mean to serve a network).
+        conf: extra ``--conf`` pairs (see :func:`start_command`).
+        log: file that receives the server's output; default ``<app>/server.log``.
+        startup_timeout: seconds to wait for ``/info/`` to answer.
+
+    Raises (on ``start``):
+        RuntimeError: the server exited or did not answer in time (the message ends with its log).
+    """
+
+    def __init__(self, venv: str | os.PathLike, app: str | os.PathLike, studies: str | os.PathLike,
+                 bundles: str | os.PathLike | Sequence[str | os.PathLike], port: int | None = None,
+                 host: str = "127.0.0.1", conf: Mapping[str, Any] | None = None,
+                 log: str | os.PathLike | None = None, startup_timeout: float = 180.0) -> None:
+        self.port = port or free_port(host)
+        self.host = host
+        self.url = f"http://{host}:{self.port}"
+        self.command = start_command(venv, app, studies, bundles, self.port, host, conf)
+        self.log = Path(log) if log else Path(app) / "server.log"
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> MonaiLabelServer:
+        env = dict(os.environ)
+        # the bundles' dira3d.* _target_s come from this checkout, not from a copy in the venv
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env.setdefault("MONAI_LABEL_DATASTORE_AUTO_RELOAD", "false")
+        # MONAI Label keeps sessions under ~/.cache/monailabel by default: keep them with the app
+        env.setdefault("MONAI_LABEL_SESSION_PATH", str(Path(self.log).parent / "sessions"))
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"MONAI Label exited with code {self.process.returncode} before answering; "
+                                   f"log {self.log}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/info/", timeout=5) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"MONAI Label did not answer {self.url}/info/ within {self.startup_timeout:.0f} s; "
+                           f"log {self.log}:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the server's process group, then SIGKILL it if it is still there after ``timeout``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> MonaiLabelServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,34 @@
+"""MONAI Label app serving dira3d's fine-tuned bundles from a local folder (no model-zoo download).
+
+Start (see docs/deployment.md):
+
+    PYTHONPATH=<dira3d repo> <venv>/bin/monailabel start_server --app <copy of this folder> \
+        --studies <images folder> --conf bundles <repo>/bundles --host 127.0.0.1 --port 8000
+
+Conf: ``bundles`` (bundle folder(s), ``,``-separated), ``models`` (names to serve),
+``bundle_overrides`` (JSON config overrides, e.g. ``{"width": 0.125}``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from dira3d.deploy.monailabel_tasks import infer_tasks
+
+logger = logging.getLogger(__name__)
+
+
+class MyApp(MONAILabelApp):
+    """dira3d bundles: segmentation (LIDC nodules, LiTS liver, BraTS tumour) and classification
+    (LUNA16 nodule and PE-CAD embolism false-positive reduction)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="dira3d",
+                         description="DiRA-pretrained (TransVW) 3D models fine-tuned with dira3d", version="0.1.0")
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return infer_tasks(self.conf)

@@ -1,0 +1,123 @@
+"""MONAI Label infer tasks for dira3d bundles (import this only inside the MONAI Label environment).
+
+- :class:`SegmentationBundleTask`: MONAI Label's own ``BundleInferTask`` on a LOCAL bundle folder
+  (no model-zoo download), with two fixes for dira3d bundles: config overrides (e.g. the ``width``
+  the weights were trained with), and label values — our segmenters have one sigmoid channel
+  whose ``channel_def`` is ``{"0": "<structure>"}``, while the mask they produce marks that
+  structure with 1, so the label map sent to 3D Slicer / OHIF must be ``{"<structure>": 1}``.
+- :class:`ClassificationBundleTask`: the same bundle machinery with ``type=classification`` and
+  without the ``Restored`` post transform MONAI Label appends by default (it resizes the output to
+  the image's spatial shape, which turns a probability vector into garbage). The result is JSON:
+  ``{"prediction": [{"idx", "label", "score"}], "probabilities": {name: p}}``.
+- :func:`infer_tasks` builds one task per bundle found by :func:`dira3d.deploy.monailabel.find_bundles`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from monai.bundle import ConfigParser
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.tasks.infer.bundle import BundleInferTask
+
+from dira3d.deploy.monailabel import bundle_kind, find_bundles
+
+__all__ = ["SegmentationBundleTask", "ClassificationBundleTask", "infer_tasks", "parse_overrides"]
+
+logger = logging.getLogger(__name__)
+
+
+def parse_overrides(conf: Mapping[str, str], name: str) -> dict[str, Any]:
+    """Config overrides for bundle ``name`` from the app conf ``bundle_overrides`` (JSON).
+
+    ``{"width": 0.125}`` applies to every bundle; ``{"lits_liver_seg": {"width": 0.125}}`` to one.
+
+    Raises:
+        ValueError: ``bundle_overrides`` is not a JSON object.
+    """
+    raw = conf.get("bundle_overrides", "")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--conf bundle_overrides {raw!r} is not JSON; e.g. '{{\"width\": 0.125}}'") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"--conf bundle_overrides must be a JSON object, got {raw!r}")
+    shared = {k: v for k, v in value.items() if not isinstance(v, dict)}
+    return {**shared, **value.get(name, {})}
+
+
+class _OverridableBundleTask(BundleInferTask):
+    """``BundleInferTask`` whose config gets ``overrides`` before anything is instantiated."""
+
+    def __init__(self, path: str, conf: Mapping[str, str], overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        self._overrides = dict(overrides or {})
+        super().__init__(path, dict(conf), **kwargs)
+
+    def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
+        parser = super()._load_bundle_config(path, config)
+        for key, value in self._overrides.items():
+            parser[key] = value
+        return parser
+
+
+class SegmentationBundleTask(_OverridableBundleTask):
+    """A dira3d segmentation bundle served by MONAI Label (mask values as the bundle writes them)."""
+
+    def __init__(self, path: str, conf: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> None:
+        super().__init__(path, conf, overrides, type=InferType.SEGMENTATION)
+        if not self.is_valid():
+            return
+        with open(os.path.join(path, "configs", "metadata.json")) as fp:
+            output = next(iter(json.load(fp)["network_data_format"]["outputs"].values()))
+        channels = output.get("channel_def", {})
+        if int(output.get("num_channels", len(channels))) == 1 and len(channels) == 1:
+            # one sigmoid channel thresholded to {0, 1}: the structure is label 1
+            self.labels = {next(iter(channels.values())).lower(): 1}
+
+
+class ClassificationBundleTask(_OverridableBundleTask):
+    """A dira3d classification bundle served by MONAI Label, returning class probabilities as JSON."""
+
+    def __init__(self, path: str, conf: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> None:
+        super().__init__(path, conf, overrides, type=InferType.CLASSIFICATION, add_post_restore=False)
+
+    def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, dict]:
+        _, result = super().writer(data, extension, dtype)
+        result["probabilities"] = {item["label"]: item["score"] for item in result.get("prediction", [])}
+        return None, result
+
+
+def infer_tasks(conf: Mapping[str, str]) -> dict[str, InferTask]:
+    """One infer task per local bundle named by the app conf.
+
+    Conf keys: ``bundles`` (bundle folder(s) or folders of bundles, ``,``-separated; default the
+    repository's ``bundles/``), ``models`` (``,``-separated names to serve; default all with
+    weights), ``bundle_overrides`` (JSON, see :func:`parse_overrides`).
+
+    Raises:
+        FileNotFoundError: a bundle path or a requested model does not exist.
+    """
+    from dira3d.deploy.monailabel import REPO_ROOT
+
+    paths = conf.get("bundles") or str(REPO_ROOT / "bundles")
+    names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or None
+    tasks: dict[str, InferTask] = {}
+    for name, folder in find_bundles(paths, names).items():
+        overrides = parse_overrides(conf, name)
+        kind = bundle_kind(folder)
+        task_cls = SegmentationBundleTask if kind == "segmentation" else ClassificationBundleTask
+        task = task_cls(str(folder), conf, overrides)
+        if task.is_valid():
+            logger.info(f"dira3d: serving {kind} bundle {name} from {folder} (overrides {overrides})")
+            tasks[name] = task
+        else:
+            logger.warning(f"dira3d: bundle {folder} is not valid for MONAI Label; skipped")
+    if not tasks:
+        logger.warning(f"dira3d: no bundle with weights found under {paths}; train one (models/model.pt) first")
+    return tasks

@@ -1,0 +1,226 @@
+"""Pretrained weights for other codebases: plain state_dicts, safetensors, a key map, a loader.
+
+:func:`export_pretrained` writes each part of a dira3d pretraining checkpoint (``encoder``,
+``decoder``) as ``<part>.pt`` (a plain state_dict, ``torch.load(..., weights_only=True)``) and
+``<part>.safetensors``, plus ``key_map.json`` that documents every key: its shape, the layer it
+belongs to and what it does. :func:`load_into` copies such a file into any user network by name
+(optionally renamed by a ``mapping``) and reports every key that did not fit.
+
+Why no converter to ``monai.networks.nets.BasicUNet`` / ``UNet``: the Models Genesis U-Net doubles
+the channels inside each encoder level (e.g. 1→32→64) where BasicUNet keeps them (1→32→32) and
+MONAI's ``UNet`` uses strided residual units, so no tensor of ours has the shape of theirs;
+a "converter" would only rename keys that then fail to load. The key map documents the layout
+instead, and ``load_into(..., mapping=...)`` renames keys for a network built to match it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dira3d.networks import LoadReport
+from dira3d.utils import atomic_save, load_checkpoint
+from dira3d.utils.checkpoint import check_writable
+
+__all__ = ["KEY_MAP_VERSION", "export_pretrained", "describe_key", "read_weights", "load_into"]
+
+KEY_MAP_VERSION = 1
+_FORMATS = ("pt", "safetensors")
+
+# Our layout (see dira3d/networks/unet.py): encoder.levels.<i>.conv{1,2}.{conv,adn.N}.*, the
+# decoder's levels.<i>.up (transposed conv) and levels.<i>.convs.conv{1,2}.*, then decoder.head.
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^levels\.(\d+)\.conv([12])\.conv\.(weight|bias)$"),
+     "encoder level {0} (resolution 1/2^{0}), convolution {1} (3x3x3): {2}"),
+    (re.compile(r"^levels\.(\d+)\.conv([12])\.adn\.N\.(\w+)$"),
+     "encoder level {0}, normalisation after convolution {1}: {2}"),
+    (re.compile(r"^levels\.(\d+)\.up\.(weight|bias)$"),
+     "decoder level {0}, 2x2x2 transposed convolution (upsampling): {1}"),
+    (re.compile(r"^levels\.(\d+)\.convs\.conv([12])\.conv\.(weight|bias)$"),
+     "decoder level {0}, convolution {1} (3x3x3) after concatenating the skip: {2}"),
+    (re.compile(r"^levels\.(\d+)\.convs\.conv([12])\.adn\.N\.(\w+)$"),
+     "decoder level {0}, normalisation after convolution {1}: {2}"),
+]
+
+
+def describe_key(key: str) -> str:
+    """A one-line description of a key of ``UNet.encoder`` / ``UNet.decoder`` (without the part prefix)."""
+    for pattern, text in _PATTERNS:
+        match = pattern.match(key)
+        if match:
+            return text.format(*match.groups())
+    return "other (head / output convolution): " + key
+
+
+def _part(checkpoint: Mapping[str, Any], part: str, source: str) -> dict[str, torch.Tensor]:
+    state = checkpoint.get(part)
+    if not isinstance(state, Mapping) or not state:
+        prefix = f"{part}."
+        state = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    if not state:
+        available = sorted(k for k, v in checkpoint.items() if isinstance(v, Mapping) and v)
+        raise ValueError(f"checkpoint {source} has no '{part}' part (parts available: {available}); "
+                         "choose parts among those, e.g. parts=('encoder',)")
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def export_pretrained(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    parts: Sequence[str] = ("encoder", "decoder"),
+    formats: Sequence[str] = _FORMATS,
+) -> dict[str, Path]:
+    """Write the pretrained parts as plain state_dicts / safetensors and a documented key map.
+
+    Args:
+        checkpoint: a dira3d pretraining checkpoint (path or dict ``{"encoder": sd, "decoder": sd, "meta": ...}``).
+        out_dir: folder for ``<part>.pt``, ``<part>.safetensors`` and ``key_map.json``.
+        parts: parts to export; ``("encoder",)`` for classification backbones.
+        formats: any of ``"pt"`` and ``"safetensors"``.
+
+    Returns:
+        name → path of every file written (``"encoder.pt"``, ``"encoder.safetensors"``, ``"key_map.json"``, ...).
+
+    Raises:
+        FileNotFoundError: the checkpoint path does not exist.
+        ValueError: a part is missing from the checkpoint or a format is unknown.
+        ImportError: safetensors requested but not installed.
+    """
+    unknown = [f for f in formats if f not in _FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"formats={list(formats)!r}: use one or both of {_FORMATS}")
+    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<dict>"
+    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    if "safetensors" in formats:
+        try:
+            from safetensors.torch import save_file
+        except ImportError as err:
+            raise ImportError("safetensors export needs the 'safetensors' package: pip install 'dira3d[deploy]'") from err
+    meta = dict(ckpt.get("meta") or {}) if isinstance(ckpt.get("meta"), Mapping) else {}
+    written: dict[str, Path] = {}
+    key_map: dict[str, Any] = {
+        "version": KEY_MAP_VERSION,
+        "source": source,
+        "meta": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, list)) or v is None},
+        "layout": "dira3d UNet (Models Genesis U-Net): names as in dira3d.networks.UNet.<part>; "
+                  "conv weights are (out, in, kx, ky, kz); inputs are (B, C, X, Y, Z)",
+        "load_with": "dira3d.deploy.load_into(network, '<part>.safetensors', mapping={...})",
+        "parts": {},
+    }
+    for part in parts:
+        state = _part(ckpt, part, source)
+        if "pt" in formats:
+            written[f"{part}.pt"] = atomic_save(state, out / f"{part}.pt")
+        if "safetensors" in formats:
+            path = out / f"{part}.safetensors"
+            save_file(state, str(path), metadata={"part": part, "dira3d_key_map": "key_map.json"})
+            written[f"{part}.safetensors"] = path
+        key_map["parts"][part] = {
+            key: {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
+                  "full_name": f"{part}.{key}", "meaning": describe_key(key)}
+            for key, value in state.items()
+        }
+    path = out / "key_map.json"
+    path.write_text(json.dumps(key_map, indent=1))
+    written["key_map.json"] = path
+    return written
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.safetensors`` or a torch file (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file does not hold a flat mapping of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    state = load_checkpoint(path)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path} is not a flat state_dict (entries {bad[:5]} are not tensors); "
+                         "export one with dira3d.deploy.export_pretrained")
+    return dict(state)
+
+
+def _rename(key: str, mapping: Mapping[str, str] | Callable[[str], str | None] | None) -> str | None:
+    """Apply a mapping: a callable, or prefix → prefix (longest prefix wins; ``""`` adds a prefix)."""
+    if mapping is None:
+        return key
+    if callable(mapping):
+        return mapping(key)
+    for old in sorted(mapping, key=len, reverse=True):
+        if key.startswith(old):
+            new = mapping[old]
+            return None if new is None else new + key[len(old):]
+    return key
+
+
+def load_into(
+    network: nn.Module,
+    weights_path: str | os.PathLike,
+    mapping: Mapping[str, str] | Callable[[str], str | None] | None = None,
+    strict: bool = False,
+) -> LoadReport:
+    """Copy exported weights into a user's network by (mapped) name and report what did not fit.
+
+    Keys whose name and shape match are copied; every other key is listed and left untouched.
+
+    Args:
+        network: any ``nn.Module`` (e.g. a user's own MONAI network).
+        weights_path: ``<part>.safetensors`` or ``<part>.pt`` from :func:`export_pretrained`.
+        mapping: renames our keys to the network's: a dict of prefix → prefix (e.g.
+            ``{"levels.0.": "features.0."}``; ``""`` prefixes every key, a ``None`` value drops
+            keys), or a callable ``key -> new key | None``.
+        strict: raise if anything is missing, unexpected or mismatched.
+
+    Returns:
+        a :class:`dira3d.networks.LoadReport`: ``loaded`` / ``missing`` / ``unexpected`` (network
+        key names after mapping) and ``mismatched`` (key → (file shape, network shape)).
+
+    Raises:
+        FileNotFoundError: ``weights_path`` does not exist.
+        ValueError: with ``strict``, when any key did not fit (the message lists keys and shapes).
+    """
+    source = read_weights(weights_path)
+    target = network.state_dict()
+    report = LoadReport(source=str(weights_path), parts=(Path(weights_path).stem,))
+    selected: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        name = _rename(key, mapping)
+        if name is None:
+            continue
+        if name not in target:
+            report.unexpected.append(name)
+        elif tuple(target[name].shape) != tuple(value.shape):
+            report.mismatched[name] = (tuple(value.shape), tuple(target[name].shape))
+        else:
+            selected[name] = value
+            report.loaded.append(name)
+    seen = set(report.loaded) | set(report.mismatched)
+    report.missing.extend(k for k in target if k not in seen)
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        shapes = [f"{k}: file {a} vs network {b}" for k, (a, b) in report.mismatched.items()]
+        raise ValueError(
+            f"weights {weights_path} do not fit {type(network).__name__}: mismatched {shapes}, "
+            f"missing {report.missing[:12]}, unexpected {report.unexpected[:12]}; "
+            "fix the mapping= or build the network with the exported widths (see key_map.json)"
+        )
+    with torch.no_grad():
+        network.load_state_dict(selected, strict=False)
+    return report

@@ -1,0 +1,191 @@
+"""Exports: TorchScript / ONNX agree with PyTorch on a real CT patch; pretrained weights round-trip
+through state_dict and safetensors; loading into a mismatched network reports keys and shapes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dira3d.deploy import (
+    DEFAULT_TOLERANCE,
+    check_agreement,
+    export_onnx,
+    export_pretrained,
+    export_torchscript,
+    find_bundles,
+    load_bundle_network,
+    load_into,
+    read_weights,
+    scan_patch,
+)
+from dira3d.deploy.command import main as export_main
+from dira3d.deploy.monailabel import bundle_kind
+from dira3d.networks import Classifier, Segmenter, UNet
+from dira3d.utils import atomic_save
+
+pytest.importorskip("onnxruntime", reason="ONNX checks need the [deploy] extra (onnx, onnxruntime)")
+pytest.importorskip("safetensors", reason="safetensors export needs the [deploy] extra")
+
+TINY = {"width": 0.125}
+
+
+def _bundle_copy(repo_root: Path, name: str, dest: Path, seed: int = 0) -> Path:
+    """A copy of bundles/<name> (configs only) with tiny random fine-tuned weights in models/model.pt."""
+    source = repo_root / "bundles" / name
+    if not (source / "configs" / "inference.json").is_file():
+        pytest.skip(f"bundle {name} is not in this checkout")
+    bundle = dest / name
+    shutil.copytree(source / "configs", bundle / "configs")
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    for key, value in TINY.items():
+        parser[key] = value
+    torch.manual_seed(seed)
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    # non-trivial BatchNorm statistics, so that eval-mode export errors would show
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    atomic_save(network.state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+@pytest.mark.parametrize("name", ["lits_liver_seg", "luna16_nodule_fpr"])
+def test_torchscript_and_onnx_agree_with_pytorch_on_real_ct(name, real_data, repo_root, tmp_path):
+    bundle = _bundle_copy(repo_root, name, tmp_path)
+    network = load_bundle_network(bundle, overrides=TINY)
+    patch = scan_patch(real_data / "lung1_image.nrrd", (64, 64, 32))
+    assert patch.shape == (1, 1, 64, 64, 32) and 0.0 <= float(patch.min()) < float(patch.max()) <= 1.0
+
+    # traced on a smaller input: the graph must still be right on the 64x64x32 real patch
+    ts = export_torchscript(bundle, overrides=TINY, input_shape=[1, 1, 32, 32, 16])
+    assert ts == bundle / "models" / "model.ts"
+    onnx_file = export_onnx(network, patch, tmp_path / f"{name}.onnx")
+    report = check_agreement(network, patch, torchscript=ts, onnx_path=onnx_file)
+
+    expected_shape = (1, 1, 64, 64, 32) if bundle_kind(bundle) == "segmentation" else (1, 1)
+    assert report.output_shape == expected_shape
+    assert set(report.max_abs_diff) == {"torchscript", "onnxruntime"}
+    assert report.ok, report.to_json()
+    assert report.tolerance == DEFAULT_TOLERANCE == 1e-4
+
+    # dynamic axes: the ONNX graph also runs a batch of two at another size
+    import onnxruntime
+
+    other = torch.rand(2, 1, 32, 48, 16)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    result = torch.from_numpy(session.run(None, {"image": other.numpy()})[0])
+    with torch.no_grad():
+        assert torch.allclose(result, network(other), atol=DEFAULT_TOLERANCE)
+
+
+def test_agreement_check_catches_a_wrong_graph(tmp_path):
+    torch.manual_seed(0)
+    network = Segmenter(3, 1, 1, width=0.125).eval()
+    example = torch.rand(1, 1, 16, 16, 8)
+    onnx_file = export_onnx(network, example, tmp_path / "seg.onnx")
+    with torch.no_grad():
+        network.decoder.levels[-1].convs.conv2.conv.bias.add_(0.5)  # the PyTorch side changes after export
+    report = check_agreement(network, example, onnx_path=onnx_file)
+    assert not report.ok and report.max_abs_diff["onnxruntime"] > 1e-3
+    with pytest.raises(ValueError, match="torchscript= and/or onnx_path="):
+        check_agreement(network, example)
+
+
+def test_load_bundle_network_names_the_width_when_weights_do_not_fit(repo_root, tmp_path):
+    bundle = _bundle_copy(repo_root, "lidc_nodule_seg", tmp_path)
+    with pytest.raises(ValueError, match="width"):
+        load_bundle_network(bundle, overrides={"width": 0.25})
+    with pytest.raises(FileNotFoundError, match="absent.pt do not exist"):
+        load_bundle_network(bundle, checkpoint=tmp_path / "absent.pt", overrides=TINY)
+
+
+def _pretraining_checkpoint(width: float = 0.125) -> dict:
+    torch.manual_seed(1)
+    unet = UNet(3, 1, 1, width=width)
+    return {"encoder": unet.encoder.state_dict(), "decoder": unet.decoder.state_dict(), "dis_head": {},
+            "meta": {"spatial_dims": 3, "in_channels": 1, "width": width}}
+
+
+def test_export_pretrained_writes_identical_pt_and_safetensors_with_key_map(tmp_path):
+    checkpoint = _pretraining_checkpoint()
+    atomic_save(checkpoint, tmp_path / "pretrain.pt")
+    written = export_pretrained(tmp_path / "pretrain.pt", tmp_path / "out")
+    assert set(written) == {"encoder.pt", "encoder.safetensors", "decoder.pt", "decoder.safetensors", "key_map.json"}
+    for part in ("encoder", "decoder"):
+        from_pt = read_weights(written[f"{part}.pt"])
+        from_st = read_weights(written[f"{part}.safetensors"])
+        assert from_pt.keys() == from_st.keys() == checkpoint[part].keys()
+        for key, value in checkpoint[part].items():
+            assert torch.equal(from_pt[key], value) and torch.equal(from_st[key], value)
+    key_map = json.loads(written["key_map.json"].read_text())
+    entry = key_map["parts"]["encoder"]["levels.0.conv1.conv.weight"]
+    assert entry["shape"] == [4, 1, 3, 3, 3]  # 32 x width 0.125 filters on 1 input channel
+    assert entry["meaning"].startswith("encoder level 0")
+    assert key_map["parts"]["decoder"]["levels.0.up.weight"]["meaning"].startswith("decoder level 0, 2x2x2 transposed")
+    assert key_map["meta"]["width"] == 0.125
+    with pytest.raises(ValueError, match="no 'adversary' part"):
+        export_pretrained(checkpoint, tmp_path / "bad", parts=("adversary",))
+
+
+def test_load_into_copies_matching_keys_into_a_users_network(tmp_path):
+    written = export_pretrained(_pretraining_checkpoint(), tmp_path)
+    classifier = Classifier(3, 1, 2, width=0.125)
+    # the user's network nests our encoder under "encoder.": a prefix mapping adds it
+    report = load_into(classifier, written["encoder.safetensors"], mapping={"": "encoder."})
+    encoder = read_weights(written["encoder.pt"])
+    assert sorted(report.loaded) == sorted(f"encoder.{k}" for k in encoder)
+    assert report.missing == ["fc.weight", "fc.bias"] and not report.unexpected and not report.mismatched
+    for key, value in encoder.items():
+        assert torch.equal(classifier.state_dict()[f"encoder.{key}"], value)
+
+
+def test_load_into_a_mismatched_network_reports_exact_keys_and_shapes(tmp_path):
+    written = export_pretrained(_pretraining_checkpoint(width=0.125), tmp_path)
+    wider = UNet(3, 1, 1, width=0.25).encoder  # twice the channels everywhere
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    report = load_into(wider, written["encoder.pt"])
+    assert report.mismatched["levels.0.conv1.conv.weight"] == ((4, 1, 3, 3, 3), (8, 1, 3, 3, 3))
+    assert report.mismatched["levels.3.conv2.conv.weight"] == ((64, 32, 3, 3, 3), (128, 64, 3, 3, 3))
+    # every tensor with channels mismatches; only the shape-free BN counters fit
+    assert sorted(report.loaded) == sorted(k for k in before if k.endswith("num_batches_tracked"))
+    assert not report.missing and not report.unexpected
+    assert all(torch.equal(wider.state_dict()[k], v) for k, v in before.items() if k in report.mismatched)
+    # renamed keys that the network lacks are "unexpected"; its own keys then are "missing"
+    renamed = load_into(UNet(3, 1, 1, width=0.125).encoder, written["encoder.pt"], mapping={"levels.": "stages."})
+    assert "stages.0.conv1.conv.weight" in renamed.unexpected and "levels.0.conv1.conv.weight" in renamed.missing
+    with pytest.raises(ValueError, match=r"levels\.0\.conv1\.conv\.weight: file \(4, 1, 3, 3, 3\) vs network \(8, 1, 3, 3, 3\)"):
+        load_into(UNet(3, 1, 1, width=0.25).encoder, written["encoder.pt"], strict=True)
+
+
+def test_find_bundles_and_kinds(repo_root, tmp_path):
+    seg = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
+    cls = _bundle_copy(repo_root, "pecad_embolism_fpr", tmp_path)
+    shutil.copytree(repo_root / "bundles" / "lidc_nodule_seg" / "configs", tmp_path / "lidc_nodule_seg" / "configs")
+    found = find_bundles(str(tmp_path))
+    assert found == {"lits_liver_seg": seg.resolve(), "pecad_embolism_fpr": cls.resolve()}  # lidc has no weights
+    assert bundle_kind(seg) == "segmentation" and bundle_kind(cls) == "classification"
+    with pytest.raises(FileNotFoundError, match="lidc_nodule_seg"):
+        find_bundles(tmp_path, names=["lidc_nodule_seg"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_bundles(tmp_path / "nowhere")
+
+
+def test_export_command_pretrained_and_onnx(repo_root, real_data, tmp_path, capsys):
+    atomic_save(_pretraining_checkpoint(), tmp_path / "pretrain.pt")
+    assert export_main(["pretrained", "--checkpoint", str(tmp_path / "pretrain.pt"), "--out", str(tmp_path / "w"),
+                        "--parts", "encoder"]) == 0
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["encoder.pt", "encoder.safetensors", "key_map.json"]
+    bundle = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
+    code = export_main(["onnx", "--bundle", str(bundle), "--out", str(tmp_path / "m.onnx"), "--override", "width=0.125",
+                        "--input-shape", "1", "1", "32", "32", "16", "--check-scan", str(real_data / "lung1_image.nrrd")])
+    assert code == 0 and '"ok": true' in capsys.readouterr().out
+    assert export_main(["torchscript", "--bundle", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

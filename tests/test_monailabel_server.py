@@ -1,0 +1,121 @@
+"""The real MONAI Label 0.8.5 server serves dira3d bundles from a local folder (acceptance test).
+
+Builds (or reuses) the separate MONAI Label environment, starts the server on 127.0.0.1 with a
+studies folder holding a real chest CT, calls ``/info/`` and ``/infer/<model>`` over HTTP and shuts
+the server down. The environment is cached in ``$DIRA3D_MONAILABEL_VENV`` (default
+``~/.cache/dira3d/monailabel-venv``): the first run on a clean machine builds it (a few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from dira3d.deploy.monailabel import MonaiLabelServer, default_venv, ensure_monailabel_env, prepare_app
+from dira3d.utils import atomic_save
+
+SEGMENTATION = ("lidc_nodule_seg", "lits_liver_seg", "brats_tumor_seg")
+CLASSIFICATION = ("luna16_nodule_fpr", "pecad_embolism_fpr")
+CLASSIFIER_BIAS = 1.5  # with a zero linear layer the served probability must be sigmoid(1.5)
+# tiny networks; the CT resampled to ~2.3 mm in-plane so the sliding window is quick on CPU.
+# The mask must still come back at the scan's own 512x512x48 grid (Invertd + MONAI Label's Restored).
+OVERRIDES = {"width": 0.125, "pixdim": [2.28, 2.28, 5.0]}
+
+
+def _env_or_skip(tmp_path: Path) -> Path:
+    venv = default_venv()
+    ready = (venv / ".dira3d-stamp").is_file()
+    if not ready:
+        try:  # the only reason to skip: the package index cannot be reached to build it
+            urllib.request.urlopen("https://pypi.org/simple/monailabel/", timeout=20).close()
+        except (urllib.error.URLError, OSError) as err:
+            pytest.skip(f"MONAI Label environment absent at {venv} and PyPI unreachable ({err}); "
+                        "build it with `bash dira3d/deploy/monailabel_env.sh`")
+    return ensure_monailabel_env(venv, log=tmp_path / "env-build.log")
+
+
+def _tiny_bundles(repo_root: Path, scan: Path, dest: Path) -> Path:
+    """Copies of the five task bundles (configs) with tiny weights in models/model.pt."""
+    from monai.bundle import ConfigParser
+
+    for name in SEGMENTATION + CLASSIFICATION:
+        source = repo_root / "bundles" / name / "configs"
+        if not (source / "inference.json").is_file():
+            pytest.skip(f"bundle {name} is not in this checkout")
+        shutil.copytree(source, dest / name / "configs")
+        parser = ConfigParser()
+        parser.read_config(str(source / "inference.json"))
+        for key, value in OVERRIDES.items():
+            parser[key] = value
+        torch.manual_seed(0)
+        network = parser.get_parsed_content("network_def", instantiate=True)
+        with torch.no_grad():
+            if name in CLASSIFICATION:
+                network.fc.weight.zero_()
+                network.fc.bias.fill_(CLASSIFIER_BIAS)
+            else:
+                # centre the logits on this CT so that the thresholded mask holds both labels
+                from dira3d.deploy.export import scan_patch
+
+                patch = scan_patch(scan, (64, 64, 32))
+                head = network.decoder.head
+                head.bias -= network.eval()(patch).median()
+        atomic_save(network.state_dict(), dest / name / "models" / "model.pt")
+    return dest
+
+
+def _post(url: str, timeout: float) -> tuple[bytes, str]:
+    request = urllib.request.Request(url, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read(), response.headers.get("content-disposition", "")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_monailabel_serves_local_bundles_over_rest(real_data, repo_root, tmp_path):
+    venv = _env_or_skip(tmp_path)
+    bundles = _tiny_bundles(repo_root, real_data / "lung1_image.nrrd", tmp_path / "bundles")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(real_data / "lung1_image.nrrd", studies / "lung1_image.nrrd")
+    app = prepare_app(tmp_path / "app")
+
+    server = MonaiLabelServer(venv, app, studies, bundles, conf={"bundle_overrides": OVERRIDES}, startup_timeout=240)
+    assert server.command[1:3] == ["-m", "monailabel.main"] and "127.0.0.1" in server.command
+    with server:
+        with urllib.request.urlopen(f"{server.url}/info/", timeout=30) as response:
+            info = json.load(response)
+        models = info["models"]
+        assert set(models) == set(SEGMENTATION + CLASSIFICATION)
+        assert models["lits_liver_seg"]["type"] == "segmentation" and models["lits_liver_seg"]["labels"] == {"liver": 1}
+        assert models["luna16_nodule_fpr"]["type"] == "classification"
+
+        body, disposition = _post(f"{server.url}/infer/lits_liver_seg?image=lung1_image&output=image", timeout=600)
+        suffix = ".nii.gz" if ".nii" in disposition else ".nrrd"
+        (tmp_path / f"mask{suffix}").write_bytes(body)
+        mask = sitk.ReadImage(str(tmp_path / f"mask{suffix}"))
+        image = sitk.ReadImage(str(studies / "lung1_image.nrrd"))
+        assert mask.GetSize() == image.GetSize() == (512, 512, 48)
+        assert np.allclose(mask.GetSpacing(), image.GetSpacing()) and np.allclose(mask.GetOrigin(), image.GetOrigin())
+        labels = np.unique(sitk.GetArrayViewFromImage(mask))
+        assert set(labels.tolist()) == {0, 1}, labels
+
+        body, _ = _post(f"{server.url}/infer/luna16_nodule_fpr?image=lung1_image&output=json", timeout=300)
+        result = json.loads(body)
+        assert result["probabilities"]["nodule"] == pytest.approx(1 / (1 + math.exp(-CLASSIFIER_BIAS)), abs=1e-5)
+        assert result["prediction"] == [{"idx": 0, "label": "nodule", "score": result["probabilities"]["nodule"]}]
+
+        with pytest.raises(urllib.error.HTTPError):  # an unknown model is refused, not crashed
+            _post(f"{server.url}/infer/no_such_model?image=lung1_image&output=json", timeout=60)
+    assert server.process is not None and server.process.poll() is not None  # shut down
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{server.url}/info/", timeout=5)
