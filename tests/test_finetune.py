@@ -169,3 +169,19 @@ def test_simpleitk_reader_matches_nibabel(tmp_path):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref))
     np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-5)
     assert prediction_path(tmp_path / "v.nrrd", "seg", ".nii.gz") == str(tmp_path / "v_seg.nii.gz")
+
+
+def test_load_split_drops_keys_some_entries_lack(tmp_path):
+    """LUNA16 positives carry diameter_mm, negatives do not: batches must still collate."""
+    import json
+
+    from monai.data import list_data_collate
+
+    from dira3d.evaluation import load_split
+
+    entries = [{"image": f"c{i}.nii.gz", "case_id": f"p{i}", "label": i % 2, **({"diameter_mm": 5.0} if i % 2 else {})}
+               for i in range(20)]
+    (tmp_path / "dl.json").write_text(json.dumps({"training": entries, "test": entries[:4]}))
+    train = load_split(tmp_path / "dl.json", "train", holdout=0.0)
+    assert all(set(e) == {"image", "case_id", "label"} for e in train)
+    assert list_data_collate(load_split(tmp_path / "dl.json", "test"))["label"].tolist() == [0, 1, 0, 1]

@@ -35,6 +35,19 @@ def _is_classification(entries: list[dict]) -> bool:
     return bool(entries) and all(isinstance(e.get("label"), (int, bool, np.integer)) for e in entries)
 
 
+def _is_multilabel(entries: list[dict]) -> bool:
+    """List labels (one float per class) mean multi-label classification (2D chest X-rays)."""
+    return bool(entries) and all(isinstance(e.get("label"), (list, tuple)) for e in entries)
+
+
+def _classes_of(entry: dict) -> set[int]:
+    """Classes an entry counts for: its integer label, or its positive (≥ 0.5) classes when multi-label."""
+    label = entry["label"]
+    if isinstance(label, (list, tuple)):
+        return {i for i, value in enumerate(label) if float(value) >= 0.5}
+    return {int(label)}
+
+
 def _rng(seed: int, salt: int) -> np.random.Generator:
     # one independent stream per purpose, so changing the fraction does not move the holdout seed
     return np.random.default_rng([int(seed), salt])
@@ -45,6 +58,8 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
 
     Classification entries are sampled per class (stratified), keeping at least one sample of
     every class; segmentation entries are sampled per patient (``case_id``), keeping at least one.
+    Multi-label entries (``label`` a list) are sampled per patient too, then completed with one
+    random patient for every class that has positives in ``entries`` but none in the subset.
 
     Args:
         entries: datalist entries with ``"case_id"`` and ``"label"``.
@@ -75,8 +90,24 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
         patients = sorted({str(e["case_id"]) for e in entries})
         count = max(1, round(fraction * len(patients)))
         chosen = set(rng.choice(patients, size=count, replace=False).tolist())
+        if _is_multilabel(entries):
+            chosen |= _missing_positive_patients(entries, chosen, rng)
         keep = {i for i, e in enumerate(entries) if str(e["case_id"]) in chosen}
     return [entries[i] for i in sorted(keep)]
+
+
+def _missing_positive_patients(entries: list[dict], chosen: set[str], rng: np.random.Generator) -> set[str]:
+    """One random patient per class with positives in ``entries`` but none among ``chosen``'s entries."""
+    have = set().union(*(_classes_of(e) for e in entries if str(e["case_id"]) in chosen))
+    added: set[str] = set()
+    for cls in sorted(set().union(*(_classes_of(e) for e in entries)) - have):
+        if cls in have:  # a patient added for an earlier class may carry this one too
+            continue
+        candidates = sorted({str(e["case_id"]) for e in entries if cls in _classes_of(e)})
+        patient = str(rng.choice(candidates))
+        added.add(patient)
+        have |= set().union(*(_classes_of(e) for e in entries if str(e["case_id"]) == patient))
+    return added
 
 
 def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -84,7 +115,8 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
 
     Patients are drawn in a seeded random order until the holdout holds at least ``holdout`` of
     the entries. For classification the holdout is then completed so that it holds every class
-    (an AUC needs both) while the training part keeps every class too, when the data allow it.
+    (an AUC needs both) while the training part keeps every class too, when the data allow it;
+    multi-label entries count for each of their positive classes.
     With a single patient the holdout is empty.
 
     Args:
@@ -113,7 +145,7 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
         if sum(len(by_patient[p]) for p in held) >= target:
             break
         held.append(patient)
-    if _is_classification(entries):
+    if _is_classification(entries) or _is_multilabel(entries):
         held = _complete_classes(entries, by_patient, order, held)
     held_set = set(held)
     train = [e for e in entries if str(e["case_id"]) not in held_set]
@@ -125,7 +157,7 @@ def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], ord
     """Add patients to the holdout until it has every class, as long as training keeps them too."""
 
     def classes(patients: list[str]) -> set[int]:
-        return {int(entries[i]["label"]) for p in patients for i in by_patient[p]}
+        return {c for p in patients for i in by_patient[p] for c in _classes_of(entries[i])}
 
     all_classes = classes(order)
     for patient in order:
@@ -203,7 +235,7 @@ def load_split(
     if split == "test":
         result = test
     elif split == "validation":
-        return _load_key(path, content, "validation")
+        return _common_keys(_load_key(path, content, "validation"))
     else:
         chosen = select_fraction(training, label_fraction, seed)
         train, held = holdout_by_patient(chosen, holdout, seed)
@@ -213,4 +245,13 @@ def load_split(
             f"split {split!r} of datalist {path} is empty (label_fraction={label_fraction}, holdout={holdout}, "
             f"fold={fold}); check the datalist or use more data"
         )
-    return result
+    return _common_keys(result)
+
+
+def _common_keys(entries: list[dict]) -> list[dict]:
+    """Keep only the keys every entry has: a batch cannot collate a key that some samples lack
+    (e.g. LUNA16 positives carry ``diameter_mm``, negatives do not)."""
+    if not entries:
+        return entries
+    common = set.intersection(*(set(e) for e in entries))
+    return [{k: v for k, v in e.items() if k in common} for e in entries]
