@@ -1,0 +1,39 @@
+"""A 1-seed tiny experiment through the real fine-tuning bundle (issue 7's CI run)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import yaml
+
+from dira3d.evaluation.experiment import load_config, run_experiment
+from dira3d.networks import UNet
+from dira3d.utils import atomic_save
+from test_bundles_finetune import make_classification
+
+
+@pytest.mark.slow
+def test_tiny_experiment_writes_csv_table_and_plots(tmp_path):
+    datalist = make_classification(tmp_path / "data", "ncc_datalist.json", (16, 16, 8), folds=False)
+    torch.manual_seed(0)
+    unet = UNet(spatial_dims=3, width=0.125)
+    atomic_save({"encoder": unet.encoder.state_dict(), "decoder": unet.decoder.state_dict(),
+                 "meta": {"width": 0.125}}, tmp_path / "pretrained.pt")
+    config = {"bundle": "luna16_nodule_fpr", "datalist": str(datalist), "metric": "auc",
+              "output_dir": str(tmp_path / "out"), "baseline": "random", "seeds": [0], "label_fractions": [1.0],
+              "methods": {"random": None, "pretrained": str(tmp_path / "pretrained.pt")},
+              "overrides": {"tiny": True, "max_epochs": 2}}
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    torch.set_num_threads(1)
+    rows = run_experiment(load_config(tmp_path / "experiment.yaml"), log=lambda _: None)
+    assert [r["method"] for r in rows] == ["random", "pretrained"]
+    with open(tmp_path / "out" / "results.csv") as handle:
+        values = [float(r["value"]) for r in csv.DictReader(handle)]
+    assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| random |" in table and "| pretrained |" in table
+    assert (tmp_path / "out" / "auc_vs_label_fraction.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "ablation.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "runs" / "pretrained_lf1_seed0" / "metrics.json").is_file()
