@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("dira3d.engines.command:main", "run the DiRA pretraining bundle"),
     "finetune": ("dira3d.evaluation.finetune:main", "fine-tune a task bundle from a dira3d checkpoint"),
     "experiment": ("dira3d.evaluation.experiment:main", "multi-seed x label-fraction x initialisation grid"),
+    "localise": ("dira3d.evaluation.localise:main", "Grad-CAM box localisation accuracy of a ChestX-ray14 classifier"),
     "demo": ("dira3d.demo:main", "the README's end-to-end demo on embedded synthetic data"),
     "export": ("dira3d.deploy.command:main", "TorchScript / ONNX of a bundle, pretrained weights, MONAI Label app"),
 }

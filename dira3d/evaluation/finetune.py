@@ -22,27 +22,28 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES", "bundle_path", "run_finetune", "main"]
+__all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "run_finetune", "main"]
 
 logger = logging.getLogger(__name__)
 
 BUNDLES = ("luna16_nodule_fpr", "pecad_embolism_fpr", "lidc_nodule_seg", "lits_liver_seg", "brats_tumor_seg")
+BUNDLES_2D = ("chestxray14_cls", "chexpert_cls", "siim_pneumothorax_seg", "montgomery_lung_seg")  # chest X-rays, docs/2d.md
 _REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
 def bundle_path(bundle: str | os.PathLike) -> Path:
-    """Folder of a bundle given its name (one of :data:`BUNDLES`) or its path.
+    """Folder of a bundle given its name (one of :data:`BUNDLES` or :data:`BUNDLES_2D`) or its path.
 
     Raises:
         FileNotFoundError: no such bundle folder, or it has no ``configs/train.json``.
     """
     path = Path(bundle)
-    if not path.is_dir() and str(bundle) in BUNDLES:
+    if not path.is_dir() and str(bundle) in BUNDLES + BUNDLES_2D:
         path = _REPO_BUNDLES / str(bundle)
     if not (path / "configs" / "train.json").is_file():
         raise FileNotFoundError(
             f"bundle {bundle!r} not found (looked for {path / 'configs' / 'train.json'}); "
-            f"use one of {BUNDLES} or the path of a bundle folder"
+            f"use one of {BUNDLES + BUNDLES_2D} or the path of a bundle folder"
         )
     return path
 
@@ -150,7 +151,7 @@ def _parse_value(text: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """``dira3d finetune``: parse the options, run :func:`run_finetune`, print the test metrics."""
     parser = argparse.ArgumentParser(prog="dira3d finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", required=True, help=f"bundle name ({', '.join(BUNDLES)}) or folder")
+    parser.add_argument("--bundle", required=True, help=f"bundle name ({', '.join(BUNDLES + BUNDLES_2D)}) or folder")
     parser.add_argument("--datalist", help="prepared datalist JSON (default: the bundle's dataset_dir/<task>_datalist.json)")
     parser.add_argument("--dataset-dir", help="folder holding the prepared datalist")
     parser.add_argument("--pretrained", default=None, help="dira3d checkpoint to start from; empty = random initialisation")

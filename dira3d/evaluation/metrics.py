@@ -13,7 +13,10 @@ included) over thresholds: background dominates a crop, so that number reads muc
 not comparable.
 
 AUC is the area under the ROC curve of candidate probabilities (MONAI ``ROCAUCMetric``; equal to
-scikit-learn's ``roc_auc_score``).
+scikit-learn's ``roc_auc_score``). Multi-label 2D classification (ChestX-ray14, CheXpert) reports the
+**mean AUC** over the classes (:func:`mean_auc`, handler :class:`MeanAUC`): labels are binarised at
+0.5 (soft CheXpert labels), and a class whose evaluation labels are all equal has no AUC and is left
+out of the mean (it is named in ``MeanAUCMetric.per_class`` as NaN).
 
 The ignite handlers (:class:`ForegroundDice`, :class:`ForegroundIoU`) wrap the same MONAI
 metrics for the bundles' evaluators; they expect decollated ``(1, *spatial)`` binary masks.
@@ -28,7 +31,8 @@ import torch
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import DiceMetric, MeanIoU, ROCAUCMetric
 
-__all__ = ["roc_auc", "foreground_dice", "foreground_iou", "ForegroundDice", "ForegroundIoU"]
+__all__ = ["roc_auc", "mean_auc", "per_class_auc", "foreground_dice", "foreground_iou", "ForegroundDice", "ForegroundIoU",
+           "MeanAUCMetric", "MeanAUC"]
 
 
 def roc_auc(probabilities: Sequence[float] | np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray | torch.Tensor) -> float:
@@ -53,6 +57,47 @@ def roc_auc(probabilities: Sequence[float] | np.ndarray | torch.Tensor, labels: 
     metric = ROCAUCMetric()
     metric(scores, truth)
     return float(metric.aggregate())
+
+
+def per_class_auc(probabilities: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> list[float]:
+    """AUC of every column of a multi-label ``(N, C)`` problem; NaN where a column holds one class only.
+
+    Args:
+        probabilities: ``(N, C)`` scores (or ``(N,)`` for one class).
+        labels: ``(N, C)`` ground truth; values ≥ 0.5 count as positive (soft labels allowed).
+
+    Returns:
+        ``C`` AUC values in [0, 1] or NaN.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    scores = np.asarray(torch.as_tensor(probabilities).detach().cpu(), dtype=np.float64)
+    truth = np.asarray(torch.as_tensor(labels).detach().cpu(), dtype=np.float64)
+    scores, truth = scores.reshape(len(scores), -1), truth.reshape(len(truth), -1)
+    if scores.shape != truth.shape:
+        raise ValueError(f"mean AUC got probabilities of shape {scores.shape} for labels of shape {truth.shape}; "
+                         "give one score per class and sample")
+    truth = (truth >= 0.5).astype(np.float64)
+    values = []
+    for column in range(truth.shape[1]):
+        if len(np.unique(truth[:, column])) < 2:
+            values.append(float("nan"))
+        else:
+            values.append(roc_auc(scores[:, column], truth[:, column]))
+    return values
+
+
+def mean_auc(probabilities: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """Mean over classes of the per-class AUC (:func:`per_class_auc`), classes without an AUC left out.
+
+    Raises:
+        ValueError: shapes differ, or no class has both positive and negative samples.
+    """
+    values = np.asarray(per_class_auc(probabilities, labels))
+    if np.all(np.isnan(values)):
+        raise ValueError("mean AUC is undefined: no class has both positive and negative samples in the evaluation split")
+    return float(np.nanmean(values))
 
 
 def _binary_masks(pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,3 +173,31 @@ class ForegroundIoU(IgniteMetricHandler):
     def __init__(self, output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
         metric = MeanIoU(include_background=True, reduction="mean", ignore_empty=False)
         super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
+
+
+class MeanAUCMetric(ROCAUCMetric):
+    """Cumulative MONAI metric: mean AUC over classes of ``(B, C)`` scores (see :func:`mean_auc`).
+
+    ``per_class`` holds the last aggregate's per-class values (NaN for classes without an AUC).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(average="none")
+        self.per_class: list[float] = []
+
+    def aggregate(self, average: str | None = None) -> float:  # type: ignore[override]
+        y_pred, y = self.get_buffer()
+        self.per_class = per_class_auc(y_pred, y)
+        return mean_auc(y_pred, y)
+
+
+class MeanAUC(IgniteMetricHandler):
+    """Ignite handler of :class:`MeanAUCMetric` (multi-label mean AUC), e.g. for ChestX-ray14's 14 labels.
+
+    Args:
+        output_transform: maps the engine output to ``(y_pred, y)`` (probabilities and labels,
+            ``(C,)`` per sample), e.g. ``monai.handlers.from_engine(["pred", "label"])``.
+    """
+
+    def __init__(self, output_transform: Callable = lambda x: x) -> None:
+        super().__init__(metric_fn=MeanAUCMetric(), output_transform=output_transform, save_details=False)

@@ -1,0 +1,202 @@
+"""Weakly supervised localisation on the ChestX-ray14 boxes with Grad-CAM (METHOD.md §4).
+
+A fine-tuned image-level classifier (``bundles/chestxray14_cls``, ``models/model.pt``) is asked for the
+Grad-CAM heatmap of each box's finding (:func:`dira3d.evaluation.gradcam.gradcam_maps`, target layer
+configurable, default the last ResNet stage ``encoder.layer4``). The heatmap is min-max normalised,
+binarised at ``threshold``, a box is drawn around every connected region, and the localisation is
+correct at level δ when the best box reaches IoU ≥ δ with the ground truth (δ = 0.1 … 0.6).
+
+Inputs: ``bbox_datalist.json`` as written by ``dira3d prepare chestxray14`` (entries ``image``,
+``label`` (finding), ``label_index``, ``box`` = ``[x, y, w, h]`` in pixels of the prepared PNG). The
+image is loaded like the bundle loads it (``(x, y)`` axes, [0, 1], resized to ``roi_size``) and the box
+is scaled by the same factors. Outputs in ``output_dir``: ``localisation.json`` (accuracy per δ, the
+settings, the best IoU of every box) and PNG overlays (heatmap, predicted boxes yellow, truth green).
+
+Command line (``dira3d localise``)::
+
+    dira3d localise --bbox-datalist prepared/bbox_datalist.json --model runs/ft/cxr14/models/model.pt \\
+        --output-dir runs/localise --backbone resnet50 --target-layer encoder.layer4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
+
+__all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
+
+
+def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test") -> list[dict[str, Any]]:
+    """Box entries of ``split`` (``None``: every split) with absolute image paths.
+
+    Raises:
+        FileNotFoundError: the datalist or an image it names is missing.
+        ValueError: no such split, or an entry without ``image`` / ``box`` / ``label_index``.
+    """
+    path = Path(bbox_datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"box datalist {path} does not exist; `dira3d prepare chestxray14` writes bbox_datalist.json "
+                                "when BBox_List_2017.csv is present")
+    content = json.loads(path.read_text())
+    keys = [k for k, v in content.items() if isinstance(v, list)] if split is None else [split]
+    if split is not None and not isinstance(content.get(split), list):
+        raise ValueError(f"box datalist {path} has no split {split!r} (found {sorted(k for k, v in content.items() if isinstance(v, list))}); "
+                         "pass --split with one of them")
+    entries = []
+    for key in keys:
+        for index, entry in enumerate(content[key]):
+            missing = [name for name in ("image", "box", "label_index") if name not in entry]
+            if missing or len(entry.get("box", [])) != 4:
+                raise ValueError(f"entry {index} of split {key!r} in {path} lacks {missing or ['a 4-value box']}; "
+                                 "expected {image, label, label_index, box: [x, y, w, h]}")
+            image = Path(entry["image"])
+            image = image if image.is_absolute() else path.parent / image
+            if not image.is_file():
+                raise FileNotFoundError(f"image {image} named by {path} (split {key!r}, entry {index}) does not exist")
+            entries.append({**entry, "image": str(image)})
+    if not entries:
+        raise ValueError(f"box datalist {path} holds no boxes in split {split!r}")
+    return entries
+
+
+def scale_box(box: Sequence[float], image_size: Sequence[int], roi_size: Sequence[int]) -> tuple[int, int, int, int]:
+    """``[x, y, w, h]`` in pixels of an image of ``image_size`` (x, y) → ``(x0, y0, x1, y1)`` on the resized grid.
+
+    The box is widened to whole pixels (floor of the start, ceil of the end) and clipped to the grid.
+    """
+    sx, sy = roi_size[0] / image_size[0], roi_size[1] / image_size[1]
+    x, y, w, h = (float(v) for v in box)
+    x0, y0 = max(0, math.floor(x * sx)), max(0, math.floor(y * sy))
+    x1, y1 = min(int(roi_size[0]), math.ceil((x + w) * sx)), min(int(roi_size[1]), math.ceil((y + h) * sy))
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Load an 8-bit PNG as the 2D bundles do: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``; also the original (x, y) size."""
+    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRange
+
+    image = Compose([LoadImage(reader="PILReader", image_only=True), EnsureChannelFirst()])(str(path))
+    size = (int(image.shape[1]), int(image.shape[2]))
+    image = ScaleIntensityRange(0.0, 255.0, 0.0, 1.0, clip=True)(image)
+    image = Resize(tuple(int(s) for s in roi_size), mode="area")(image)
+    return torch.as_tensor(image, dtype=torch.float32), size
+
+
+def localise(
+    model: torch.nn.Module,
+    entries: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    target_layer: str = "encoder.layer4",
+    roi_size: Sequence[int] = (224, 224),
+    threshold: float = 0.5,
+    deltas: Sequence[float] = DELTAS,
+    max_overlays: int = 20,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Run the Grad-CAM protocol on box entries and write ``localisation.json`` and overlays.
+
+    Args:
+        model: an image-level classifier returning ``(B, num_classes)`` logits.
+        entries: box entries (absolute ``image``, ``box`` ``[x, y, w, h]``, ``label_index``, optional ``label``).
+        output_dir: folder for ``localisation.json`` and ``overlays/*.png``.
+        target_layer: name of the module whose activations Grad-CAM weighs.
+        roi_size: the classifier's input size (x, y).
+        threshold: binarisation level of the min-max normalised heatmap.
+        deltas: IoU levels at which accuracy is reported.
+        max_overlays: how many overlays to write (the first entries).
+        device: where the model runs.
+
+    Returns:
+        ``{"accuracy": {δ: share}, "count", "threshold", "target_layer", "roi_size", "boxes": [...]}``.
+
+    Raises:
+        ValueError: unknown ``target_layer``, a ``label_index`` outside the model's outputs, or no entries.
+    """
+    if not entries:
+        raise ValueError("no box entries to localise")
+    out = Path(output_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    model = model.to(device)
+    heatmaps, truths, records = [], [], []
+    for index, entry in enumerate(entries):
+        image, size = load_cxr_image(entry["image"], roi_size)
+        gt = scale_box(entry["box"], size, roi_size)
+        heatmap = gradcam_maps(model, image[None].to(device), target_layer, class_idx=int(entry["label_index"]))[0]
+        best = max((box_iou(box, gt) for box in boxes_from_heatmap(heatmap, threshold)), default=0.0)
+        heatmaps.append(heatmap)
+        truths.append(gt)
+        records.append({"image": entry["image"], "label": entry.get("label"), "label_index": int(entry["label_index"]),
+                        "box": list(gt), "best_iou": best})
+        if index < max_overlays:
+            name = f"{index:04d}_{Path(entry['image']).stem}_{entry.get('label', entry['label_index'])}.png"
+            save_overlay(image[0].numpy(), heatmap, out / "overlays" / name, gt_box=gt, threshold=threshold)
+    accuracy = localisation_accuracy(heatmaps, truths, threshold=threshold, deltas=deltas)
+    result = {"accuracy": {f"{delta:g}": value for delta, value in accuracy.items()}, "count": len(records),
+              "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size], "boxes": records}
+    (out / "localisation.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_localisation(
+    bbox_datalist: str | os.PathLike,
+    model_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    split: str | None = "test",
+    num_classes: int = 14,
+    backbone: str = "resnet50",
+    in_channels: int = 1,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Load a fine-tuned ChestX-ray14 classifier (a plain ``state_dict``) and run :func:`localise`.
+
+    Raises:
+        FileNotFoundError: the model file or the datalist is missing.
+        ValueError: the state dict does not fit ``ResNetClassifier(in_channels, num_classes, backbone)``.
+    """
+    from dira3d.networks import ResNetClassifier
+    from dira3d.utils.checkpoint import load_checkpoint
+
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"model {model_path} does not exist; fine-tune bundles/chestxray14_cls first (models/model.pt)")
+    model = ResNetClassifier(in_channels, num_classes, backbone=backbone)
+    state = load_checkpoint(model_path, map_location="cpu")
+    try:
+        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    except RuntimeError as err:
+        raise ValueError(f"{model_path} does not fit ResNetClassifier(in_channels={in_channels}, num_classes={num_classes}, "
+                         f"backbone={backbone!r}); pass the settings it was trained with ({err})") from err
+    entries = load_box_entries(bbox_datalist, split)
+    return localise(model, entries, output_dir, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dira3d localise``: Grad-CAM localisation accuracy per δ on the ChestX-ray14 boxes."""
+    parser = argparse.ArgumentParser(prog="dira3d localise", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bbox-datalist", required=True, help="bbox_datalist.json from `dira3d prepare chestxray14`")
+    parser.add_argument("--model", required=True, help="fine-tuned classifier state_dict (bundles/chestxray14_cls models/model.pt)")
+    parser.add_argument("--output-dir", required=True, help="folder for localisation.json and overlays/")
+    parser.add_argument("--split", default="test", help="split of the box datalist ('all' for every split)")
+    parser.add_argument("--backbone", default="resnet50", help="backbone the classifier was built with")
+    parser.add_argument("--num-classes", type=int, default=14)
+    parser.add_argument("--roi-size", type=int, nargs=2, default=[224, 224], help="classifier input size (x y)")
+    parser.add_argument("--target-layer", default="encoder.layer4", help="module Grad-CAM weighs, e.g. encoder.layer3")
+    parser.add_argument("--threshold", type=float, default=0.5, help="heatmap binarisation level")
+    parser.add_argument("--max-overlays", type=int, default=20)
+    args = parser.parse_args(argv)
+    try:
+        result = run_localisation(args.bbox_datalist, args.model, args.output_dir, None if args.split == "all" else args.split,
+                                  num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
+                                  roi_size=args.roi_size, threshold=args.threshold, max_overlays=args.max_overlays)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    print(json.dumps(result["accuracy"], indent=2))
+    return 0

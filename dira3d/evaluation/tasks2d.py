@@ -1,0 +1,81 @@
+"""2D task networks (chest X-rays) for fine-tuning, initialised from a 2D dira3d checkpoint or at random.
+
+The 2D counterpart of :func:`dira3d.evaluation.build_task_network`: a
+:class:`~dira3d.networks.ResNetClassifier` (encoder f_θ + pooled linear head) for ChestX-ray14 and
+CheXpert, a :class:`~dira3d.networks.ResNetSegmenter` (encoder + decoder, f_θ and g_θ) for SIIM-ACR
+and Montgomery. Weights come from a checkpoint of ``bundles/dira_pretrain`` run with
+``configs/2d.json`` (a :class:`~dira3d.networks.ResNetUNet`); the load is strict, so a checkpoint of
+another backbone or decoder fails with the keys and shapes that differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from dira3d.evaluation.pretrained import TASK_KINDS
+
+__all__ = ["build_resnet_task_network"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_resnet_task_network(
+    kind: str,
+    in_channels: int = 1,
+    out: int = 1,
+    backbone: str = "resnet50",
+    decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+    pretrained: str | os.PathLike | None = "",
+    in_channels_policy: str = "error",
+    bn_momentum: float | None = 0.1,
+    dropout: float = 0.0,
+) -> torch.nn.Module:
+    """Build a 2D ResNet classifier or segmenter, optionally from a dira3d 2D checkpoint.
+
+    Args:
+        kind: ``"classification"`` (encoder → ``out`` logits) or ``"segmentation"`` (encoder +
+            decoder → ``out`` logit maps).
+        in_channels: input channels (1: the grey X-ray, as in the 2D pretraining configs).
+        out: number of logits (classes) or output channels.
+        backbone: ResNet depth (``"resnet50"`` in the paper); must match the checkpoint's.
+        decoder_channels: the five decoder levels (segmentation); must match the checkpoint's.
+        pretrained: path of a dira3d checkpoint; empty or ``None`` means random initialisation.
+        in_channels_policy: ``"error"`` or ``"repeat"`` when the checkpoint's first convolution
+            has another number of input channels.
+        bn_momentum: BatchNorm momentum; ``None`` = cumulative average (smoke runs).
+        dropout: dropout before the classifier's linear layer.
+
+    Returns:
+        The network, with the pretrained parts (encoder; encoder + decoder) loaded when asked.
+
+    Raises:
+        ValueError: unknown ``kind`` or a checkpoint whose keys or shapes do not fit.
+        FileNotFoundError: ``pretrained`` names a missing file.
+    """
+    from dira3d.networks import ResNetClassifier, ResNetSegmenter, load_pretrained
+
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind={kind!r} is unknown; use one of {sorted(TASK_KINDS)}")
+    if kind == "classification":
+        network: torch.nn.Module = ResNetClassifier(in_channels, out, backbone=backbone, dropout=dropout)
+    else:
+        network = ResNetSegmenter(in_channels, out, backbone=backbone, decoder_channels=tuple(decoder_channels))
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = bn_momentum
+    if not pretrained:
+        message = f"pretrained: none; 2D {kind} network ({backbone}) initialised at random"
+    else:
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist; give a dira3d 2D checkpoint "
+                                    "(bundles/dira_pretrain with configs/2d.json) or an empty string for random init")
+        report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
+                                 in_channels_policy=in_channels_policy)
+        message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
+    print(message, flush=True)  # visible in a plain `monai.bundle run` console, like the 3D builder
+    logger.info(message)
+    return network

@@ -1,0 +1,250 @@
+"""The four 2D fine-tuning bundles on tiny synthetic data in the prepared PNG layout, and a tiny 2D grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from dira3d.evaluation import build_resnet_task_network, load_split
+from dira3d.evaluation.finetune import BUNDLES_2D, bundle_path, run_finetune
+from dira3d.networks import ResNetUNet
+from dira3d.utils import atomic_save, load_checkpoint
+
+SCHEMA = Path(__file__).resolve().parents[1].parent / "shared" / "monai" / "meta_schema_20240725.json"
+CLASSES = {"chestxray14_cls": 14, "chexpert_cls": 5}
+TINY_NET = {"backbone": "resnet10", "decoder_channels": (16, 16, 8, 8, 8)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny networks: one thread is faster and immune to oversubscription on a busy 2-core runner
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_cxr(root: Path, name: str, classes: int | None, soft: bool = False, train: int = 8, test: int = 4,
+              size: tuple[int, int] = (72, 56)) -> Path:
+    """Prepared-layout data: 8-bit grey PNGs (width x height = size), masks 0/1 (classes None) or label lists.
+
+    Class k of image i is positive when (i + k) is odd, so every class has both values in any two
+    consecutive images; the bright rectangle is the mask (segmentation).
+    """
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+
+    def entries(count: int, prefix: str) -> list[dict]:
+        items = []
+        for i in range(count):
+            pixels = (rng.random((size[1], size[0])) * 60).astype(np.uint8)
+            mask = np.zeros_like(pixels)
+            if i % 4 != 3:  # some images without foreground (e.g. no pneumothorax)
+                y, x = rng.integers(2, size[1] // 2), rng.integers(2, size[0] // 2)
+                mask[y:y + size[1] // 3, x:x + size[0] // 4] = 1
+            pixels[mask > 0] += 150
+            Image.fromarray(pixels).save(root / "images" / f"{prefix}{i}.png")
+            Image.fromarray(mask).save(root / "masks" / f"{prefix}{i}.png")
+            entry = {"image": f"images/{prefix}{i}.png", "case_id": f"{prefix}{i // 2}"}  # two images per patient
+            if classes is None:
+                entry["label"] = f"masks/{prefix}{i}.png"
+            else:
+                label = [float((i + k) % 2) for k in range(classes)]
+                if soft and prefix == "tr":  # CheXpert's label smoothing of uncertain labels (U(0.55, 0.85))
+                    label = [0.7 if v else v for v in label]
+                entry["label"] = label
+            items.append(entry)
+        return items
+
+    datalist = {"training": entries(train, "tr"), "validation": [], "test": entries(test, "te"), "meta": {"dataset": name}}
+    path = root / name
+    path.write_text(json.dumps(datalist))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained_2d(tmp_path_factory) -> Path:
+    """A checkpoint in the pretraining format of a tiny 2D ResNetUNet (what configs/2d_tiny.json trains)."""
+    torch.manual_seed(1)
+    net = ResNetUNet(1, 1, **TINY_NET)
+    path = tmp_path_factory.mktemp("pre") / "best.pt"
+    atomic_save({"encoder": net.encoder.state_dict(), "decoder": net.decoder.state_dict(), "meta": {"spatial_dims": 2}}, path)
+    return path
+
+
+def _recompute(bundle: str, datalist: Path, out: Path) -> float:
+    """Score the saved model on the test split independently: sklearn AUC per class, or Dice by hand."""
+    from monai.bundle import ConfigParser
+
+    configs = bundle_path(bundle) / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / f) for f in ("train.json", "tiny.json", "evaluate.json")])
+    parser.update({"datalist": str(datalist), "ckpt_dir": str(out / "models"), "output_dir": str(out), "device": "cpu",
+                   "cache_rate": 0.0})
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(load_checkpoint(out / "models" / "model.pt"))
+    network.eval()
+    dataset = parser.get_parsed_content("validate#dataset")
+    assert len(dataset) == len(load_split(datalist, "test"))
+    with torch.no_grad():
+        preds = [torch.sigmoid(network(item["image"][None].as_tensor()))[0].numpy() for item in dataset]
+    labels = [np.asarray(item["label"]) for item in dataset]
+    if bundle in CLASSES:
+        p, y = np.stack(preds), np.stack(labels) >= 0.5
+        aucs = [roc_auc_score(y[:, k], p[:, k]) for k in range(y.shape[1]) if len(np.unique(y[:, k])) == 2]
+        return float(np.mean(aucs))
+    dices = []
+    for pred, label in zip(preds, labels):
+        a, b = pred > 0.5, label > 0.5
+        dices.append(1.0 if a.sum() + b.sum() == 0 else 2 * (a & b).sum() / (a.sum() + b.sum()))
+    return float(np.mean(dices))
+
+
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_2d_bundle_trains_and_scores(bundle, tmp_path, pretrained_2d):
+    classes = CLASSES.get(bundle)
+    datalist = write_cxr(tmp_path / "data", f"{bundle}.json", classes, soft=bundle == "chexpert_cls")
+    overrides = {"datalist": str(datalist), "pretrained": str(pretrained_2d), "seed": 0}
+    result = run_finetune(bundle, overrides, output_dir=tmp_path / "out", tiny=True)
+    metric = "dice" if classes is None else "auc"
+    value = result["metrics"][metric]
+    assert 0.0 <= value <= 1.0 and result["epochs"] == 2
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"][metric] == pytest.approx(value)
+    if classes is None:
+        assert 0.0 <= result["metrics"]["iou"] <= value + 1e-6  # IoU <= Dice per case
+    # the reported test metric is what an independent computation on the saved model gives
+    assert _recompute(bundle, datalist, tmp_path / "out") == pytest.approx(value, abs=1e-5)
+
+
+def test_resnet_task_network_loads_the_2d_checkpoint(pretrained_2d):
+    ckpt = load_checkpoint(pretrained_2d)
+    seg = build_resnet_task_network("segmentation", 1, 1, pretrained=str(pretrained_2d), **TINY_NET)
+    assert torch.equal(seg.encoder.layer1[0].conv1.weight, ckpt["encoder"]["layer1.0.conv1.weight"])
+    assert torch.equal(seg.decoder.head[0].weight, ckpt["decoder"]["head.0.weight"])
+    cls = build_resnet_task_network("classification", 1, 14, pretrained=str(pretrained_2d), bn_momentum=None, **TINY_NET)
+    assert torch.equal(cls.encoder.conv1.weight, ckpt["encoder"]["conv1.weight"]) and cls.encoder.bn1.momentum is None
+    with pytest.raises(ValueError):  # a ResNet-18 checkpoint does not fit a ResNet-10 task network (strict)
+        build_resnet_task_network("classification", 1, 14, backbone="resnet18", pretrained=str(pretrained_2d))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_resnet_task_network("classification", 1, 14, pretrained="missing.pt")
+
+
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_2d_bundle_metadata_and_network(bundle):
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    configs = bundle_path(bundle) / "configs"
+    for part in ("train", "evaluate", "inference", "multi_gpu_train", "metadata", "tiny"):
+        json.loads((configs / f"{part}.json").read_text())
+    assert (configs / "logging.conf").is_file() and (configs.parent / "LICENSE").is_file()
+    assert (configs.parent / "docs" / "README.md").is_file()
+    meta = json.loads((configs / "metadata.json").read_text())
+    out = meta["network_data_format"]["outputs"]["pred"]
+    assert out["num_channels"] == CLASSES.get(bundle, 1) == len(out["channel_def"])
+    # the real ResNet-50 network at the documented 224x224 input shape
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.json"),
+                      device="cpu", n=1)
+    if SCHEMA.is_file():
+        verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(SCHEMA))
+    else:
+        pytest.skip(f"MONAI metadata schema not found at {SCHEMA} (no internet to download it)")
+
+
+def test_tiny_2d_grid_end_to_end(tmp_path):
+    from dira3d.evaluation.experiment import run_experiment
+
+    data = tmp_path / "cxr"
+    datalist = write_cxr(data, "chestxray14_datalist.json", 14)
+    # the pretraining bundle validates on the 'validation' split of the same datalist
+    content = json.loads(datalist.read_text())
+    content["validation"] = content["test"][:2]
+    datalist.write_text(json.dumps(content))
+    config = {
+        "bundle": "chestxray14_cls", "datalist": str(datalist), "metric": "auc", "output_dir": str(tmp_path / "grid"),
+        "baseline": "random", "seeds": [0], "label_fractions": [1.0],
+        "methods": {"random": None, "dira_moco": {"pretrain": {}}},
+        "overrides": {"tiny": True},
+        "pretrain": {"dataset_dir": str(data), "configs": ["train.json", "2d.json", "2d_moco.json", "2d_tiny.json"],
+                     "overrides": {"max_epochs": 2}},
+    }
+    rows = run_experiment(config, log=lambda message: None)
+    assert sorted(r["method"] for r in rows) == ["dira_moco", "random"]
+    with open(tmp_path / "grid" / "results.csv") as handle:
+        written = list(csv.DictReader(handle))
+    assert len(written) == 2 and all(0.0 <= float(r["value"]) <= 1.0 for r in written)
+    best = tmp_path / "grid" / "pretrain" / "dira_moco" / "models" / "best.pt"
+    assert load_checkpoint(best)["meta"]["spatial_dims"] == 2
+    dira_row = next(r for r in written if r["method"] == "dira_moco")
+    assert dira_row["checkpoint"] == str(best)
+    settings = json.loads((Path(dira_row["run_dir"]) / "metrics.json").read_text())["settings"]
+    assert settings["pretrained"] == str(best)
+    table = (tmp_path / "grid" / "table.md").read_text()
+    assert "random" in table and "dira_moco" in table
+
+
+def test_2d_inference_writes_mask_and_probabilities(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    image = tmp_path / "cxr.png"
+    Image.fromarray((np.arange(72 * 56) % 251).astype(np.uint8).reshape(56, 72)).save(image)  # 72 wide, 56 high
+    for bundle, out in (("siim_pneumothorax_seg", 1), ("chestxray14_cls", 14)):
+        kind = "classification" if out > 1 else "segmentation"
+        models = tmp_path / bundle
+        models.mkdir()
+        atomic_save(build_resnet_task_network(kind, 1, out, **TINY_NET).state_dict(), models / "model.pt")
+        configs = bundle_path(bundle) / "configs"
+        flow = ConfigWorkflow(config_file=[str(configs / "inference.json"), str(configs / "tiny.json")], workflow_type=None,
+                              meta_file=str(configs / "metadata.json"), logging_file=False, ckpt_dir=str(models),
+                              image=str(image), device="cpu")
+        flow.initialize()
+        flow.run()
+        flow.finalize()
+    mask = np.asarray(Image.open(tmp_path / "cxr_seg.png"))
+    assert mask.shape == (56, 72) and set(np.unique(mask)) <= {0, 1}  # on the input grid, values 0/1 like the masks
+    probs = json.loads((tmp_path / "cxr_prob.json").read_text())
+    assert probs["classes"][0] == "Atelectasis" and len(probs["classes"]) == 14
+    (row,) = probs["predictions"]
+    assert len(row["probabilities"]) == 14 and all(0 <= p <= 1 for p in row["probabilities"])
+
+
+def test_multilabel_splits_keep_every_class():
+    from dira3d.evaluation.datalists import holdout_by_patient, select_fraction
+
+    # 40 patients; class 2 is positive in one patient only (p7), class 1 in two (p3, p30)
+    entries = [{"image": f"{i}.png", "case_id": f"p{i}", "label": [float(i % 2), float(i in (3, 30)), float(i == 7)]}
+               for i in range(40)]
+    for seed in range(5):
+        subset = select_fraction(entries, 0.1, seed)
+        assert any(e["label"][2] for e in subset) and any(e["label"][1] for e in subset)
+        assert len(subset) <= 4 + 2  # 10 % of the patients plus at most one per missing class
+        assert subset == select_fraction(entries, 0.1, seed)  # seeded
+    train, held = holdout_by_patient(entries, 0.1, 0)
+    assert {e["case_id"] for e in train}.isdisjoint({e["case_id"] for e in held})
+    # class 1 has two patients: one goes to the holdout, one stays in training; p7 (class 2) stays in training
+    assert any(e["label"][1] for e in held) and any(e["label"][1] for e in train)
+    assert any(e["label"][2] for e in train) and not any(e["label"][2] for e in held)
+
+
+def test_mean_auc_by_hand():
+    from dira3d.evaluation.metrics import MeanAUCMetric, mean_auc, per_class_auc
+
+    scores = np.array([[0.9, 0.2, 0.5], [0.1, 0.8, 0.5], [0.8, 0.6, 0.5], [0.3, 0.4, 0.5]])
+    labels = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0.7, 1, 0]])  # soft 0.7 counts as positive
+    # class 0: positives {0.9, 0.8, 0.3} vs negative {0.1}: AUC 1; class 1: positives {0.8, 0.4} vs {0.2, 0.6}: 3/4
+    values = per_class_auc(scores, labels)
+    assert values[:2] == [1.0, 0.75] and np.isnan(values[2])  # class 2 has no positive: no AUC
+    assert mean_auc(scores, labels) == pytest.approx(0.875)
+    metric = MeanAUCMetric()
+    metric(torch.as_tensor(scores[:2]), torch.as_tensor(labels[:2]))
+    metric(torch.as_tensor(scores[2:]), torch.as_tensor(labels[2:]))
+    assert metric.aggregate() == pytest.approx(0.875)
+    with pytest.raises(ValueError, match="no class has both"):
+        mean_auc(scores[:1], labels[:1])

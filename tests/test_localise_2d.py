@@ -1,0 +1,98 @@
+"""Grad-CAM localisation on ChestX-ray14-style boxes (dira3d.evaluation.localise)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dira3d.evaluation.localise import load_box_entries, localise, main, scale_box
+from dira3d.networks import ResNetClassifier
+from dira3d.utils import atomic_save
+
+
+class _ImageCAM(nn.Module):
+    """Grad-CAM of class 0 is the image itself; of class 1 it is empty (negative weight, ReLU'd away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(1, 1, 1, bias=False)
+        self.fc = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.features.weight.fill_(1.0)
+            self.fc.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def _write_boxes(root: Path, boxes: list[tuple[int, int, int, int]], labels: list[int], size=(128, 96)) -> Path:
+    """PNG images (width, height = size) with one bright box each, and a bbox datalist naming them."""
+    (root / "images").mkdir(parents=True)
+    entries = []
+    for i, ((x, y, w, h), label) in enumerate(zip(boxes, labels)):
+        pixels = np.zeros((size[1], size[0]), np.uint8)  # rows are y, columns x
+        pixels[y:y + h, x:x + w] = 255
+        Image.fromarray(pixels).save(root / "images" / f"img{i}.png")
+        entries.append({"image": f"images/img{i}.png", "case_id": f"p{i}", "label": f"finding{label}",
+                        "label_index": label, "box": [x, y, w, h]})
+    path = root / "bbox_datalist.json"
+    path.write_text(json.dumps({"training": [], "test": entries}))
+    return path
+
+
+def test_scale_box_maps_xywh_to_the_resized_grid():
+    # 128x96 image to 64x48: factors 0.5 on x and y; fractional ends are widened, the grid clips
+    assert scale_box([20, 30, 40, 10], (128, 96), (64, 48)) == (10, 15, 30, 20)
+    assert scale_box([21, 31, 2, 2], (128, 96), (64, 48)) == (10, 15, 12, 17)
+    assert scale_box([120, 90, 50, 50], (128, 96), (64, 48)) == (60, 45, 64, 48)
+
+
+def test_localise_finds_a_known_box_and_rejects_an_empty_map(tmp_path):
+    # a non-square, off-centre box: swapping x and y anywhere would give IoU 0
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10), (20, 30, 40, 10)], [0, 1])
+    entries = load_box_entries(datalist, "test")
+    result = localise(_ImageCAM(), entries, tmp_path / "out", target_layer="features", roi_size=(64, 48))
+    assert result["count"] == 2
+    assert result["boxes"][0]["box"] == [10, 15, 30, 20]
+    assert result["boxes"][0]["best_iou"] == pytest.approx(1.0)
+    assert result["boxes"][1]["best_iou"] == 0.0  # class 1's Grad-CAM is empty: no box
+    assert result["accuracy"] == {f"{d:g}": 0.5 for d in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)}
+    written = json.loads((tmp_path / "out" / "localisation.json").read_text())
+    assert written["accuracy"] == result["accuracy"] and written["target_layer"] == "features"
+    overlays = sorted((tmp_path / "out" / "overlays").glob("*.png"))
+    assert len(overlays) == 2 and all(Image.open(p).size[0] > 0 for p in overlays)
+
+
+def test_localise_command_with_a_resnet_classifier(tmp_path):
+    torch.manual_seed(0)
+    datalist = _write_boxes(tmp_path / "data", [(10, 20, 30, 30), (60, 40, 20, 30), (5, 5, 40, 20)], [0, 2, 1])
+    model = ResNetClassifier(1, 3, backbone="resnet10")
+    atomic_save(model.state_dict(), tmp_path / "model.pt")
+    argv = ["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir", str(tmp_path / "loc"),
+            "--backbone", "resnet10", "--num-classes", "3", "--roi-size", "64", "64", "--target-layer", "encoder.layer3",
+            "--max-overlays", "2"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "loc" / "localisation.json").read_text())
+    assert result["count"] == 3 and len(list((tmp_path / "loc" / "overlays").glob("*.png"))) == 2
+    ious = [b["best_iou"] for b in result["boxes"]]
+    for delta, value in result["accuracy"].items():  # accuracy is the share of boxes reaching δ
+        assert value == pytest.approx(np.mean([iou >= float(delta) for iou in ious]))
+    with pytest.raises(SystemExit):  # a layer the classifier does not have: a clean command-line error
+        main(argv[:-4] + ["--target-layer", "encoder.nope"])
+    with pytest.raises(SystemExit):  # wrong number of classes for the saved weights
+        main([a if a != "3" else "5" for a in argv])
+
+
+def test_box_datalist_errors_name_the_problem(tmp_path):
+    datalist = _write_boxes(tmp_path / "data", [(1, 1, 4, 4)], [0])
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        load_box_entries(datalist, "validation")
+    (tmp_path / "data" / "images" / "img0.png").unlink()
+    with pytest.raises(FileNotFoundError, match="img0.png"):
+        load_box_entries(datalist, "test")
