@@ -11,9 +11,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("DIRA3D_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
 
-# pytest-xdist runs one worker per core: one intra-op thread each avoids oversubscription.
+# pytest-xdist runs one worker per core: one intra-op thread each (and in the bundle runs they
+# start as subprocesses) avoids oversubscription, which slows tiny 3D convolutions down tens of times.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
