@@ -35,7 +35,7 @@ def stage_table(log_dir: Path, stages: list[dict]) -> str:
     tags = set(acc.Tags()["scalars"])
     stage_of = {e.step: int(round(e.value)) for e in acc.Scalars("stage_index")} if "stage_index" in tags else {}
     terms = [t for t in ("loss_dis", "loss_res", "loss_adv", "loss_d", "d_real", "d_fake") if t in tags]
-    lines = ["| stage | losses | iterations | " + " | ".join(terms) + " |", "|---|---|---|" + "---|" * len(terms)]
+    lines = ["| stage | losses | logged iterations | " + " | ".join(terms) + " |", "|---|---|---|" + "---|" * len(terms)]
     for index, stage in enumerate(stages):
         steps = sorted(step for step, s in stage_of.items() if s == index)
         if not steps:
@@ -44,7 +44,7 @@ def stage_table(log_dir: Path, stages: list[dict]) -> str:
         for term in terms:
             values = [e.value for e in acc.Scalars(term) if e.step in set(steps)]
             cells.append(f"{values[0]:.4f} → {values[-1]:.4f}" if values else "–")
-        lines.append(f"| {stage['name']} | {'+'.join(stage['losses'])} | {len(steps)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {stage['name']} | {'+'.join(stage['losses'])} | {steps[0]}–{steps[-1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -95,7 +95,7 @@ def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage
     run(config_file=[str(PRETRAIN / "train.json"), str(PRETRAIN / "tiny.json"), str(PRETRAIN / "visual_words.json")],
         meta_file=str(PRETRAIN / "metadata.json"), logging_file=str(PRETRAIN / "logging.conf"),
         bundle_root=str(run_dir), dataset_dir=str(vw), patch_size=list(patch), stages=stages,
-        max_epochs=3 * epochs_per_stage, log_every=5, image_every=20, seed=seed)
+        max_epochs=3 * epochs_per_stage, batch_size=8, log_every=5, image_every=20, seed=seed)
     return run_dir, stages
 
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20, help="number of phantoms")
     parser.add_argument("--size", type=int, nargs=3, default=(128, 128, 64), help="phantom size x y z (voxels)")
     parser.add_argument("--classes", type=int, default=8, help="visual words to discover")
-    parser.add_argument("--epochs-per-stage", type=int, default=2)
+    parser.add_argument("--epochs-per-stage", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per initialisation")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
