@@ -11,13 +11,24 @@
 from dira3d.engines.checkpoint import DiRACheckpoint, checkpoint_dict, restore_checkpoint
 from dira3d.engines.components import DIS_MODES, build_dis_head, build_dis_loss, build_predictor, check_dis_mode
 from dira3d.engines.data import RandPatchPair, RandPatchPaird, with_image_labels
+from dira3d.engines.distributed import init_distributed, is_main_process, maybe_sync_batchnorm
 from dira3d.engines.evaluator import DiRAEvaluator
+from dira3d.engines.faults import CollapseMonitor, NonFiniteGuard, NonFiniteLossError
+from dira3d.engines.inputs import CheckVolumed, load_datalist
 from dira3d.engines.handlers import RestorationImageHandler, scalar_output, side_by_side
 from dira3d.engines.optim import unique_parameters
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.engines.trainer import DiRATrainer
 
 __all__ = [
+    "init_distributed",
+    "is_main_process",
+    "maybe_sync_batchnorm",
+    "CollapseMonitor",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "CheckVolumed",
+    "load_datalist",
     "DiRATrainer",
     "DiRAEvaluator",
     "DiRACheckpoint",

@@ -5,7 +5,8 @@ Format (docs/architecture.md, "Checkpoint format")::
     {"encoder", "decoder", "dis_head", "predictor", "adversary",          # state_dicts ({} if absent)
      "momentum_encoder", "momentum_head", "queue",                         # MoCo only
      "optimizer_g", "optimizer_d", "scaler_g", "scaler_d",
-     "trainer": {"epoch", "iteration", "stage", "best_metric", "best_epoch", "best_stage"},
+     "trainer": {"epoch", "iteration", "epoch_iteration", "stage", "best_metric", "best_epoch", "best_stage"},
+     "schedulers": {name: state_dict},                                     # learning-rate schedulers
      "rng": {"torch", "cuda", "python", "numpy"},                          # tensors / lists only
      "meta": {"spatial_dims", "in_channels", "width", "dis_mode", "patch_size", "dira3d_version"}}
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 import dira3d
+from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_bytes
 from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
 
 __all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state", "DiRACheckpoint"]
@@ -65,8 +67,10 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
     """Everything needed to resume ``trainer`` (a :class:`~dira3d.engines.DiRATrainer`) or reuse its weights."""
     net = trainer.network
     epoch_length = trainer.state.epoch_length or 0
-    # a save in the middle of an epoch resumes from that epoch's start (with the newer weights)
-    epoch = trainer.state.iteration // epoch_length if epoch_length else trainer.state.epoch
+    iteration = int(trainer.state.iteration)
+    # completed epochs; a mid-epoch save also records the position inside the epoch, and the
+    # resumed trainer skips the batches already consumed (DiRATrainer._setup_engine)
+    epoch = iteration // epoch_length if epoch_length else trainer.state.epoch
     return {
         "encoder": net.encoder.state_dict(),
         "decoder": net.decoder.state_dict(),
@@ -82,10 +86,12 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
         "scaler_d": _state(trainer.scaler_d),
         "trainer": {
             "epoch": int(epoch),
-            "iteration": int(epoch * epoch_length if epoch_length else trainer.state.iteration),
+            "iteration": iteration,
+            "epoch_iteration": int(iteration - epoch * epoch_length) if epoch_length else 0,
             "stage": str(trainer.current_stage().name),
             **dict(best or {}),
         },
+        "schedulers": {k: v.state_dict() for k, v in (getattr(trainer, "schedulers", None) or {}).items()},
         "rng": rng_state(),
         "meta": {
             "spatial_dims": int(getattr(net, "spatial_dims", 3)),
@@ -125,6 +131,9 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     for key in ("scaler_g", "scaler_d"):
         if getattr(trainer, key) is not None and ckpt.get(key):
             getattr(trainer, key).load_state_dict(ckpt[key])
+    for key, scheduler in (getattr(trainer, "schedulers", None) or {}).items():
+        if ckpt.get("schedulers", {}).get(key):
+            scheduler.load_state_dict(ckpt["schedulers"][key])
     if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
     trainer.state.epoch = int(ckpt["trainer"]["epoch"])
@@ -149,7 +158,12 @@ class DiRACheckpoint:
         resume: continue from ``ckpt_dir/last.pt`` when it exists.
         save_every_epochs: write ``last.pt`` every N epochs (and at the end).
         save_every_iterations: also write ``last.pt`` every N iterations (0: never). A resume from a
-            mid-epoch file restarts that epoch with the newer weights (not bit-exact).
+            mid-epoch file continues at the next iteration, bit-exact on CPU (the consumed batches
+            of that epoch are re-drawn and dropped, without a training step).
+        schedulers: learning-rate schedulers to save and restore with the run, by name
+            (e.g. ``{"g": sched_g, "d": sched_d}``; step them with handlers of your own).
+        min_free_bytes: free space ``ckpt_dir`` must have at start (None: twice the estimated
+            checkpoint size, since a save briefly holds the old and the new file).
         metric_name: key in ``engine.state.metrics`` to minimise for ``best.pt``.
         meta: extra entries for ``checkpoint["meta"]`` (width, patch_size, ...).
 
@@ -165,8 +179,12 @@ class DiRACheckpoint:
         save_every_iterations: int = 0,
         metric_name: str = "val_loss",
         meta: Mapping[str, Any] | None = None,
+        schedulers: Mapping[str, Any] | None = None,
+        min_free_bytes: int | None = None,
     ) -> None:
+        self.schedulers = dict(schedulers or {})
         self.ckpt_dir = Path(ckpt_dir)
+        self.min_free_bytes = min_free_bytes
         self.resume, self.metric_name = bool(resume), metric_name
         self.save_every_epochs, self.save_every_iterations = max(int(save_every_epochs), 1), int(save_every_iterations)
         self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
@@ -181,8 +199,14 @@ class DiRACheckpoint:
         return self.ckpt_dir / "best.pt"
 
     def attach(self, engine: Engine) -> None:
+        if self.schedulers:
+            engine.schedulers = self.schedulers  # read by checkpoint_dict / restore_checkpoint
         if _is_main_process():
-            check_writable(self.ckpt_dir)
+            # fail now, not after hours of training, when the folder is read-only or the disk full
+            need = self.min_free_bytes
+            if need is None:
+                need = 2 * estimate_checkpoint_bytes(getattr(engine, "modules", dict)().values())
+            check_writable(self.ckpt_dir, min_free_bytes=need)
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every_epochs), self.epoch_completed)
         if self.save_every_iterations > 0:
@@ -200,11 +224,22 @@ class DiRACheckpoint:
         if engine.state.epoch >= engine.state.max_epochs:
             engine.logger.info(f"{self.last_path} already reached max_epochs={engine.state.max_epochs}; nothing to do")
 
+    def _ensure_finite(self, engine: Engine) -> None:
+        # a NaN must never reach a checkpoint: look at the guard's record and the weights first
+        guard = getattr(engine, "nonfinite_guard", None)
+        if guard is not None:
+            guard.check(engine)
+        if hasattr(engine, "modules"):
+            check_finite_weights(engine.modules(), where=f" at iteration {engine.state.iteration}")
+
     def save_last(self, engine: Engine) -> None:
+        self._ensure_finite(engine)
         if _is_main_process():
             atomic_save(checkpoint_dict(engine, self.meta, self.best), self.last_path)
 
     def epoch_completed(self, engine: Engine) -> None:
+        # checked on every rank before the (rank-local) best decision: the check is collective
+        self._ensure_finite(engine)
         value = engine.state.metrics.get(self.metric_name)
         stage = engine.current_stage().name
         if value is not None and getattr(engine.state, "val_epoch", None) == engine.state.epoch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 __all__ = ["BUNDLE_DIR", "parse_override", "main"]
@@ -54,15 +55,30 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     from monai.bundle import run
 
-    run(
-        config_file=configs,
-        meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"),
-        bundle_root=str(BUNDLE_DIR),
-        datalist=str(datalist.resolve()),
-        dataset_dir=str(datalist.resolve().parent),
-        ckpt_dir=str(output / "models"),
-        output_dir=str(output / "eval"),
-        **overrides,
-    )
+    from dira3d.engines.inputs import data_error_in
+    from dira3d.utils.checkpoint import check_writable
+
+    try:
+        check_writable(output)  # before minutes of data loading: a read-only or full disk fails now
+    except OSError as err:
+        parser.error(str(err))
+    try:
+        run(
+            config_file=configs,
+            meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
+            logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"),
+            bundle_root=str(BUNDLE_DIR),
+            datalist=str(datalist.resolve()),
+            dataset_dir=str(datalist.resolve().parent),
+            ckpt_dir=str(output / "models"),
+            output_dir=str(output / "eval"),
+            **overrides,
+        )
+    except Exception as err:
+        # MONAI wraps transform errors; print the bad file's own message, not the wrapper's
+        cause = data_error_in(err)
+        if cause is None:
+            raise
+        print(f"dira3d pretrain: error: {cause}", file=sys.stderr)
+        return 2
     return 0

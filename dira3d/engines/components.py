@@ -16,12 +16,14 @@ They are plain functions so a bundle config can call them with ``_target_``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from dira3d.losses import BarlowTwinsLoss, InfoNCELoss, SimSiamLoss, VisualWordLoss
 from dira3d.networks.heads import PredictorHead, ProjectionHead, VisualWordHead
 
-__all__ = ["DIS_MODES", "check_dis_mode", "build_dis_head", "build_predictor", "build_dis_loss"]
+__all__ = ["DIS_MODES", "check_dis_mode", "build_dis_head", "build_predictor", "build_dis_loss", "resolve_views"]
 
 DIS_MODES = ("visual_words", "moco", "barlow", "simsiam")
 
@@ -90,3 +92,22 @@ def build_dis_loss(
     if dis_mode == "barlow":
         return BarlowTwinsLoss(lambda_offdiag=lambda_offdiag, gather_distributed=gather_distributed)
     return SimSiamLoss()
+
+
+def resolve_views(views: Callable | str | None, dis_mode: str, spatial_dims: int) -> Callable | None:
+    """The views T(·) the trainer uses: ``"auto"`` → ``ViewAugment(spatial_dims)`` for the instance
+    modes and None (no views) for ``visual_words``; a callable or None is returned as given.
+
+    Raises:
+        ValueError: a string other than ``"auto"``.
+    """
+    if isinstance(views, str):
+        if views != "auto":
+            raise ValueError(f"views={views!r} is not supported; pass 'auto', None (identity views) or a callable "
+                             "v1, v2 = views(x, generator) such as dira3d.transforms.ViewAugment(3)")
+        if check_dis_mode(dis_mode) == "visual_words":
+            return None
+        from dira3d.transforms.views import ViewAugment
+
+        return ViewAugment(spatial_dims)
+    return views

@@ -305,13 +305,16 @@ class DiRATrainer(Trainer):
         active = set(stage.losses)
         x1, x2 = batch["image"], batch.get("image2")
         view1, view2 = x1, x2 if x2 is not None else x1
-        if "dis" in active and self.dis_mode != "visual_words" and self.views is not None:
-            if x2 is None:
-                view1, view2 = self.views(x1, generator)
-            else:  # two instances: one view of each, in one batched call
-                a, b = self.views(torch.cat([x1, x2]), generator)
-                view1, view2 = a[: x1.shape[0]], b[x1.shape[0] :]
-        distorted, target = self.distortion(view1, generator)
+        # views and distortions are data preparation: fp32 even under autocast (same draws, same
+        # targets as the plain path; autocast casts the network's inputs itself)
+        with torch.autocast(x1.device.type, enabled=False):
+            if "dis" in active and self.dis_mode != "visual_words" and self.views is not None:
+                if x2 is None:
+                    view1, view2 = self.views(x1, generator)
+                else:  # two instances: one view of each, in one batched call
+                    a, b = self.views(torch.cat([x1, x2]), generator)
+                    view1, view2 = a[: x1.shape[0]], b[x1.shape[0] :]
+            distorted, target = self.distortion(view1, generator)
         bottleneck, skips = self.network.encode(distorted)
         terms: dict[str, torch.Tensor] = {}
         keys = None

@@ -1,0 +1,133 @@
+"""Distributed data-parallel helpers for DiRA training (``torchrun``; NCCL on GPU, gloo on CPU).
+
+What each rank does under DDP (``bundles/dira_pretrain/configs/multi_gpu_train.json``):
+
+- every rank holds a full copy of the networks; gradients are averaged over ranks after each
+  backward (:func:`dira3d.engines.optim.optimizer_step`), so all ranks keep identical weights;
+- the data are split by a ``DistributedSampler`` (shuffled per epoch: MONAI's ``Trainer`` calls
+  ``set_epoch`` at every epoch start); each rank sees ``batch_size`` samples per step, the global
+  batch is ``world_size × batch_size``;
+- MoCo keys are gathered from all ranks before they are enqueued (every queue stays identical),
+  Barlow Twins' cross-correlation is computed over the global batch (``gather_distributed``);
+- per-iteration draws (views, distortions) and per-epoch random crops are seeded by
+  (seed, rank, iteration / epoch): ranks draw different augmentations, a resumed run draws the same;
+- only rank 0 writes checkpoints, TensorBoard events and console logs (:func:`is_main_process`).
+
+BatchNorm statistics are per rank unless :func:`maybe_sync_batchnorm` converts the networks to
+``SyncBatchNorm`` — which PyTorch implements for GPU tensors only, so it is a no-op on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "init_distributed",
+    "cleanup_distributed",
+    "maybe_sync_batchnorm",
+    "default_backend",
+    "local_device",
+    "all_ranks_true",
+    "quiet_other_ranks",
+]
+
+
+def get_rank() -> int:
+    """This process's rank (0 without an initialised process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without an initialised process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in single-process runs): the one process that writes files and logs."""
+    return get_rank() == 0
+
+
+def default_backend() -> str:
+    """``"nccl"`` when CUDA is available, else ``"gloo"`` (CPU)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def local_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when CUDA is available, else CPU (``LOCAL_RANK`` is set by torchrun)."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (idempotent).
+
+    Args:
+        backend: ``"nccl"``, ``"gloo"`` or None (:func:`default_backend`).
+
+    Returns:
+        True when a process group is (now) initialised, False in a plain single-process run
+        (no ``WORLD_SIZE`` / ``MASTER_ADDR`` in the environment).
+
+    Raises:
+        ValueError: ``backend="nccl"`` without CUDA (use ``gloo`` on CPU).
+    """
+    if dist.is_initialized():
+        return True
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return False
+    backend = backend or default_backend()
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend='nccl' needs CUDA GPUs; use backend='gloo' for CPU training")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_device())
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group if one is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def maybe_sync_batchnorm(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Convert BatchNorm layers to ``SyncBatchNorm`` for multi-process GPU training.
+
+    Statistics are then computed over the global batch (important with small per-GPU batches).
+    PyTorch's ``SyncBatchNorm`` only runs on GPU tensors, so on CPU (gloo) or with one process
+    the module is returned unchanged and BatchNorm statistics stay per rank.
+    """
+    if not enabled or get_world_size() < 2 or not torch.cuda.is_available():
+        return module
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+def all_ranks_true(flag: bool | torch.Tensor, device: Any = "cpu") -> bool:
+    """Whether ``flag`` holds on every rank (one all-reduce; the flag itself without DDP).
+
+    Ranks that disagree on skipping a step would deadlock in the gradient all-reduce or drift
+    apart: decisions like that must be taken jointly.
+    """
+    value = torch.as_tensor(flag, dtype=torch.int32, device=device).reshape(())
+    if get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value)
+
+
+def quiet_other_ranks(names: tuple[str, ...] = ("DiRATrainer", "DiRAEvaluator", "ignite", "monai")) -> None:
+    """Raise the log level on ranks other than 0 to WARNING (rank 0 alone reports progress)."""
+    if is_main_process():
+        return
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,183 @@
+"""Checks where pretraining data enter: the datalist at build time, each volume as it is loaded.
+
+Broken files in a dataset of thousands of CTs should stop a run with a message that names the
+file and the problem — not with a shape error deep in a convolution hours later:
+
+- :func:`load_datalist` reads a decathlon datalist and checks every entry of the split has an
+  ``image`` that exists (all problems are listed at once);
+- :class:`CheckVolumed` (after ``LoadImaged`` + ``EnsureChannelFirstd``) rejects volumes with the
+  wrong dimensionality, a single slice, NaN/Inf voxels or non-positive spacing in the header.
+
+MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the original
+:class:`~dira3d.data.io.DataError` is its ``__cause__`` (printed in the traceback), and
+:func:`data_error_in` digs it out for commands that print one clean line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import LoadImaged, MapTransform
+
+from dira3d.data.io import DataError
+
+__all__ = ["load_datalist", "header_spacing", "check_volume", "LoadVolumed", "CheckVolumed", "data_error_in"]
+
+
+def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str = "image") -> list[dict[str, Any]]:
+    """Entries of split ``key`` with absolute paths, after checking every image exists.
+
+    Raises:
+        FileNotFoundError: the datalist itself is missing.
+        DataError: unreadable JSON, no such split, an entry without ``image_key``, or entries whose
+            files are missing (all of them listed, with their case ids).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist; make one with `dira3d prepare ...` or fix the path")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(path, f"is not valid JSON ({err}); regenerate it with `dira3d prepare ...`") from err
+    if not isinstance(content, dict) or not isinstance(content.get(key), list):
+        found = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise DataError(path, f"has no list {key!r} (found {found}); a decathlon datalist is expected")
+    base = path.parent
+    items, problems = [], []
+    for index, entry in enumerate(content[key]):
+        if not isinstance(entry, dict) or not entry.get(image_key):
+            problems.append(f"entry {index} has no {image_key!r}")
+            continue
+        item = dict(entry)
+        image = Path(item[image_key])
+        item[image_key] = str(image if image.is_absolute() else (base / image))
+        if not Path(item[image_key]).exists():
+            problems.append(f"entry {index} (case {entry.get('case_id', '?')}): {item[image_key]} does not exist")
+        items.append(item)
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise DataError(path, f"{len(problems)} bad {key!r} entries: {shown}. Fix or remove them and rerun")
+    return items
+
+
+def header_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """Voxel spacing as written in the file header (NIfTI ``pixdim``, else SimpleITK's reading).
+
+    Readers silently turn a zero NIfTI ``pixdim`` into 1, so the raw header is read here.
+    Returns None when the file has no readable header.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rb") as handle:
+                header = nib.Nifti1Header.from_fileobj(handle, check=False)
+            ndim = int(header["dim"][0])
+            return tuple(float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 1), 3)])
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return tuple(float(v) for v in reader.GetSpacing())
+    except Exception:  # noqa: BLE001 - the loader reports unreadable files with its own message
+        return None
+
+
+def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True) -> None:
+    """Raise a :class:`DataError` naming ``source`` when a loaded channel-first volume is unusable.
+
+    Args:
+        img: ``(C, *spatial)`` array or tensor as ``LoadImaged`` + ``EnsureChannelFirstd`` give it.
+        source: the file it came from (named in the message).
+        spatial_dims: 3; or 2, which also accepts 3D volumes (2D patches come from their slices).
+        check_finite: reject NaN / Inf voxels.
+
+    Raises:
+        DataError: wrong dimensionality, a single slice, an empty volume, NaN/Inf voxels, or a
+            non-positive / invalid spacing in the header.
+    """
+    shape = tuple(img.shape)
+    allowed = (3,) if spatial_dims == 3 else (2, 3)
+    if len(shape) - 1 not in allowed:
+        raise DataError(source, f"loaded as a {len(shape) - 1}D image of shape {shape[1:]}; "
+                                f"{spatial_dims}D pretraining needs {' or '.join(f'{d}D' for d in allowed)} volumes")
+    if min(shape[1:]) < 2 and not (spatial_dims == 2 and len(shape) == 4 and min(shape[1:3]) >= 2):
+        raise DataError(source, f"has shape {shape[1:]}: a single slice is not a {spatial_dims}D volume")
+    if check_finite:
+        data = torch.as_tensor(img)
+        if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+            bad = int((~torch.isfinite(data)).sum())
+            raise DataError(source, f"contains {bad} NaN/Inf voxels; repair or exclude this scan")
+    spacing = header_spacing(source) if source and Path(str(source)).is_file() else None
+    if spacing is not None and (min(spacing) <= 0 or not all(map(math.isfinite, spacing))):
+        raise DataError(source, f"has non-positive or invalid voxel spacing {spacing} in its header; fix the header")
+
+
+def _source(data: Mapping[Hashable, Any], key: Hashable) -> str:
+    meta = getattr(data[key], "meta", None) or data.get(f"{key}_meta_dict") or {}
+    name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+    if isinstance(name, (list, tuple, np.ndarray)):
+        name = name[0] if len(name) else None
+    return str(name) if name else f"<{key} of case {data.get('case_id', '?')}>"
+
+
+class LoadVolumed(LoadImaged):
+    """``monai.transforms.LoadImaged`` whose failures are :class:`DataError` s naming the file.
+
+    MONAI's reader errors (truncated gzip, unknown format) do not always say which file failed;
+    with thousands of scans that is the first thing a user needs. Arguments as ``LoadImaged``.
+    """
+
+    def __call__(self, data, reader=None):  # noqa: D102 - as LoadImaged
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            files = [str(data[k]) for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
+            source = files[0] if len(files) == 1 else (", ".join(files) or None)
+            raise DataError(source, f"cannot be loaded ({type(err).__name__}: {err}); "
+                                    "the file is truncated, corrupt or not an image — repair or exclude it") from err
+
+
+class CheckVolumed(MapTransform):
+    """Check loaded volumes (see :func:`check_volume`); place it right after ``EnsureChannelFirstd``.
+
+    Args:
+        keys: image keys to check.
+        spatial_dims: 3, or 2 (2D patches from 2D images or from slices of 3D volumes).
+        check_finite: reject NaN / Inf voxels.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int = 3, check_finite: bool = True,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims, self.check_finite = int(spatial_dims), bool(check_finite)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_volume(d[key], _source(d, key), self.spatial_dims, self.check_finite)
+        return d
+
+
+def data_error_in(err: BaseException) -> BaseException | None:
+    """The :class:`DataError` / ``FileNotFoundError`` behind ``err`` (MONAI wraps transform errors), or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (DataError, FileNotFoundError)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

@@ -1,0 +1,183 @@
+"""Speed helpers for the pretraining engine: fused optimisers, in-place compilation, measurements.
+
+The training step itself stays in :mod:`dira3d.engines.trainer`; what lives here is what a bundle
+config or a benchmark calls around it:
+
+- :func:`build_adam` — Adam with ``fused=True`` on CUDA (one kernel per step for all tensors) and
+  ``foreach=True`` elsewhere (a handful of multi-tensor ops instead of one op per tensor);
+- :func:`compile_modules` — ``torch.compile`` of the U-Net's encoder/decoder, heads and adversary
+  *in place* (``nn.Module.compile``), so ``network.encode`` still goes through the compiled
+  encoder and checkpoint keys do not change (no ``_orig_mod.`` prefix);
+- :func:`synchronize`, :func:`peak_memory_mib`, :func:`reset_peak_memory`, :func:`matmul_tflops`,
+  :func:`count_flops`, :func:`format_table` — measurements shared by ``benchmarks/*.py``.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dira3d.engines.optim import unique_parameters
+
+__all__ = [
+    "COMPILE_BACKENDS",
+    "build_adam",
+    "compile_modules",
+    "synchronize",
+    "reset_peak_memory",
+    "peak_memory_mib",
+    "matmul_tflops",
+    "count_flops",
+    "format_table",
+]
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def build_adam(
+    modules: Iterable[nn.Module | None],
+    lr: float,
+    device: str | torch.device,
+    betas: Sequence[float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    fused: bool = True,
+) -> torch.optim.Adam:
+    """Adam over the unique parameters of ``modules`` (None entries skipped), moved to ``device`` first.
+
+    Args:
+        modules: the modules to optimise (e.g. ``[network, dis_head, predictor]``).
+        lr: learning rate.
+        device: training device; the modules are moved there so that the optimiser state is
+            created on it and the fused kernel sees device tensors only.
+        betas / weight_decay: as in ``torch.optim.Adam``.
+        fused: ``True``: fused kernel on CUDA, multi-tensor (``foreach``) elsewhere; ``False``:
+            PyTorch's default implementation choice.
+
+    Returns:
+        The optimiser. All choices compute the same update up to floating-point rounding.
+
+    Raises:
+        ValueError: no parameter in ``modules``.
+    """
+    device = torch.device(device)
+    mods = [m.to(device) for m in modules if m is not None]
+    params = unique_parameters(mods)
+    if not params:
+        raise ValueError("build_adam: the given modules have no parameters; check the network/head settings")
+    options: dict[str, Any] = {}
+    if fused:
+        options = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **options)
+
+
+def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "inductor", mode: str | None = None) -> list[str]:
+    """``torch.compile`` each module in place (its ``forward`` is compiled, its keys unchanged).
+
+    For a U-Net (anything with ``encoder`` and ``decoder`` children) the two halves are compiled
+    separately, because the trainer calls ``encode`` / ``decode`` rather than ``forward``.
+
+    Args:
+        modules: name → module (None entries skipped), e.g. ``trainer.modules()``.
+        backend: ``inductor`` (generated kernels; needs a C++ compiler on CPU), ``aot_eager``
+            or ``eager`` (graph capture only: for debugging and tests).
+        mode: inductor mode, e.g. ``"max-autotune-no-cudagraphs"`` (None: default).
+
+    Returns:
+        The names of the compiled modules (``network.encoder``, ``network.decoder``, ...).
+
+    Raises:
+        ValueError: an unknown backend.
+    """
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile backend {backend!r} is not supported; choose one of {', '.join(COMPILE_BACKENDS)}")
+    options: dict[str, Any] = {"backend": backend}
+    if mode is not None:
+        options["mode"] = mode
+    compiled = []
+    for name, module in modules.items():
+        if not isinstance(module, nn.Module) or not any(True for _ in module.parameters()):
+            continue  # the MoCo queue holds buffers only: nothing to compile
+        parts = {name: module}
+        if isinstance(getattr(module, "encoder", None), nn.Module) and isinstance(getattr(module, "decoder", None), nn.Module):
+            parts = {f"{name}.encoder": module.encoder, f"{name}.decoder": module.decoder}
+        for part_name, part in parts.items():
+            part.compile(**options)
+            compiled.append(part_name)
+    return compiled
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued device work (CUDA); a no-op on the CPU. Used only at measurement points."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Reset the peak-memory counter of a CUDA device (the CPU's peak RSS cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: str | torch.device) -> float:
+    """Peak allocated memory of a CUDA device since the last reset, or the process's peak RSS on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def matmul_tflops(device: str | torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192, repeats: int = 10) -> float:
+    """The measured matrix-multiply rate of ``device`` in TFLOP/s (``size``² × ``size`` products).
+
+    This is the denominator of model FLOP utilisation: a rate measured on the same card in the
+    same run, rather than a datasheet number.
+    """
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up (kernel selection, allocator)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return 2.0 * size**3 * repeats / elapsed / 1e12
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of ``fn`` (forward and backward, matmuls and convolutions).
+
+    Uses ``torch.utils.flop_counter.FlopCounterMode`` (counts what runs, including the backward);
+    elementwise ops are not counted, as in the usual MFU convention.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table (one header line, one line per row); floats with 3 significant digits."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return "-" if value is None else str(value)
+
+    body = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""DDP semantics: two gloo ranks with half the batch each == one process with the full batch
+(MoCo keys gathered into the queue, Barlow Twins over the global batch), and the pretraining
+bundle under ``torchrun --nproc_per_node=2`` (gloo, CPU) in moco and barlow modes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dira3d.engines import DiRATrainer, build_dis_loss
+from dira3d.engines.distributed import all_ranks_true, get_rank, get_world_size, maybe_sync_batchnorm
+from dira3d.networks import UNet
+from dira3d.networks.heads import ProjectionHead
+from dira3d.transforms.compositions import build_distortion
+
+CONFIGS = "bundles/dira_pretrain/configs"
+BATCH, STEPS = 4, 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def patches(step: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.rand(BATCH, 1, 16, 16, 8, generator=gen)
+    return {"image": x, "image2": (x + 0.1 * torch.rand(x.shape, generator=gen)).clamp(0, 1)}
+
+
+def run_trainer(mode: str, rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor], torch.Tensor | None]:
+    """STEPS steps on this rank's slice of each global batch; returns losses, weights, MoCo queue."""
+    torch.manual_seed(0)
+    # no BatchNorm anywhere: per-rank batch statistics would differ by design (SyncBatchNorm is GPU-only)
+    net = UNet(3, width=1 / 8, norm="instance")
+    head = ProjectionHead(net.bottleneck_channels, 16, 8, num_layers=2 if mode == "moco" else 3, batch_norm=False)
+    per_rank = BATCH // world
+    data = [{k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in patches(s).items()} for s in range(STEPS)]
+    trainer = DiRATrainer(
+        "cpu", 1, data, net, torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=0.05),
+        head, None, None, dis_mode=mode, dis_loss=build_dis_loss(mode, gather_distributed=True),
+        stages=[{"name": "dir", "losses": ["dis", "res"]}], distortion=build_distortion("none"), views=None,
+        queue_size=16, momentum=0.9,
+    )
+    losses: list[float] = []
+
+    @trainer.on(__import__("ignite").engine.Events.ITERATION_COMPLETED)
+    def _(engine):
+        loss = engine.state.output["loss"].detach().clone()
+        if world > 1:  # the global loss is the mean of the per-rank means (equal halves)
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(float(loss))
+
+    trainer.run()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    weights.update({f"head.{k}": v.clone() for k, v in head.state_dict().items()})
+    return losses, weights, None if trainer.queue is None else trainer.queue.queue.clone()
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        assert get_rank() == rank and get_world_size() == world
+        results = {mode: run_trainer(mode, rank, world) for mode in ("moco", "barlow")}
+        assert all_ranks_true(True) and not all_ranks_true(rank == 0)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_half_batches_match_one_rank_with_the_full_batch(tmp_path):
+    """One spawn of two gloo ranks runs both modes (process start-up dominates the cost)."""
+    torch.set_num_threads(1)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    results = torch.load(out, weights_only=True)
+    initial = UNet(3, width=1 / 8, norm="instance").state_dict()
+    for mode in ("moco", "barlow"):
+        single_losses, single_weights, single_queue = run_trainer(mode, 0, 1)
+        losses, weights, queue = results[mode]
+        assert len(losses) == STEPS
+        # float sums in another order: equal to ~1e-5 relative (the loss includes 100 x MSE)
+        assert losses == pytest.approx(single_losses, rel=1e-4, abs=1e-6), mode
+        # gradients averaged over ranks == the full-batch gradient: the same weights after the steps,
+        # up to float rounding (sums in another order), i.e. far below the size of the update itself
+        update = diff = 0.0
+        for key, value in single_weights.items():
+            if key in initial and value.is_floating_point():
+                update += float((value - initial[key]).square().sum())
+                diff += float((weights[key] - value).square().sum())
+        assert diff ** 0.5 < 1e-3 * update ** 0.5, (mode, diff ** 0.5, update ** 0.5)
+        if mode == "moco":  # keys of both ranks entered the queue, rank 0's first: as in one process
+            torch.testing.assert_close(queue, single_queue, rtol=1e-5, atol=1e-6)
+
+
+def test_single_process_helpers_are_identities():
+    bn = torch.nn.Sequential(torch.nn.BatchNorm3d(2))
+    assert maybe_sync_batchnorm(bn) is bn  # no process group / no GPU: unchanged
+    assert get_rank() == 0 and get_world_size() == 1
+    assert all_ranks_true(True) and not all_ranks_true(False)
+
+
+def run_torchrun(repo_root, data_dir, out, *extra):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        "-m", "monai.bundle", "run",
+        "--config_file", f"['{CONFIGS}/train.json','{CONFIGS}/tiny.json','{CONFIGS}/multi_gpu_train.json']",
+        "--meta_file", f"{CONFIGS}/metadata.json", "--logging_file", f"{CONFIGS}/logging.conf",
+        "--dataset_dir", str(data_dir), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
+        "--patch_size", "[16,16,8]", "--max_epochs", "2", "--queue_size", "16",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("mode", ["moco", "barlow"])
+def test_torchrun_two_gloo_ranks_run_the_pretraining_bundle(tmp_path, repo_root, mode):
+    from test_bundle_pretrain import write_volumes
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_volumes(data, count=6)  # 4 training volumes: one step of 2 + 2 per epoch
+    out = tmp_path / "run"
+    run_torchrun(repo_root, data, out, "--dis_mode", mode)
+    ckpt = torch.load(out / "models" / "last.pt", weights_only=True)
+    assert ckpt["trainer"]["epoch"] == 2 and ckpt["trainer"]["iteration"] == 2  # 4 volumes / (2 ranks x 2)
+    if mode == "moco":  # 2 steps x (2 ranks x 2 keys) gathered into the queue (one process: 4)
+        assert int(ckpt["queue"]["ptr"]) == 8
+    # only rank 0 writes: one TensorBoard event file, no per-rank folders
+    events = [p for p in (out / "eval").rglob("events.out.tfevents*")]
+    assert len(events) == 1 and events[0].parent == out / "eval"
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["best.pt", "last.pt"]
