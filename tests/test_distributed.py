@@ -144,3 +144,25 @@ def test_torchrun_two_gloo_ranks_run_the_pretraining_bundle(tmp_path, repo_root,
     events = [p for p in (out / "eval").rglob("events.out.tfevents*")]
     assert len(events) == 1 and events[0].parent == out / "eval"
     assert sorted(p.name for p in (out / "models").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_torchrun_two_gloo_ranks_fine_tune_a_task_bundle(tmp_path, repo_root):
+    """The LUNA16 nodule FP-reduction bundle under torchrun (gloo): trains, rank 0 writes the model."""
+    from test_bundles_finetune import make_classification
+
+    datalist = make_classification(tmp_path / "data", "ncc_datalist.json", (16, 16, 8), folds=False)
+    configs = "bundles/luna16_nodule_fpr/configs"
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        "-m", "monai.bundle", "run",
+        "--config_file", f"['{configs}/train.json','{configs}/tiny.json','{configs}/multi_gpu_train.json']",
+        "--meta_file", f"{configs}/metadata.json", "--logging_file", f"{configs}/logging.conf",
+        "--bundle_root", f"{repo_root}/bundles/luna16_nodule_fpr", "--datalist", str(datalist),
+        "--output_dir", str(out), "--ckpt_dir", str(out / "models"), "--max_epochs", "2",
+    ]
+    proc = subprocess.run(cmd, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    weights = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("encoder.") for k in weights)  # a plain state_dict, DDP's "module." prefix removed
