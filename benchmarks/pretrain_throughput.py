@@ -1,0 +1,286 @@
+"""End-to-end throughput of DiRA pretraining: the real ``DiRATrainer`` step per configuration.
+
+For each configuration (precision, channels-last, ``torch.compile``, optimiser) and batch size it
+runs the engine's own iteration (``DiRATrainer.run``; not a copy of the step) on synthetic patches
+cached in memory and prints: patches/s, the step time split into data / G step / D step, peak
+device memory, model FLOP utilisation (MFU) against the matrix rate of the card measured in the
+same run, and the ratio to a plain PyTorch loop of the same networks at default precision.
+
+Configurations are ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` (autocast), ``cl``
+(channels-last-3d), ``compile`` (``torch.compile``, inductor), ``plainopt`` (PyTorch's default
+Adam instead of the fused / multi-tensor one).
+
+    python benchmarks/pretrain_throughput.py --device cuda                    # H100: 64x64x32, width 1
+    python benchmarks/pretrain_throughput.py --device cuda --batch-sizes 8 32 64 --iters 50
+    python benchmarks/pretrain_throughput.py --quick                          # CPU smoke (< 60 s)
+
+Timing: epoch 1 of the run is warm-up + throughput (no host synchronisation inside the step, one
+at each end of the timed window); epoch 2 repeats the step with synchronising timers at the
+phase boundaries (ignite's GET_BATCH events, the G optimiser's step hook) for the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+from monai.data import CacheDataset, DataLoader, ThreadDataLoader
+
+from dira3d.engines import DiRATrainer, build_dis_head
+from dira3d.engines.performance import (
+    build_adam,
+    count_flops,
+    format_table,
+    matmul_tflops,
+    peak_memory_mib,
+    reset_peak_memory,
+    synchronize,
+)
+from dira3d.losses import AdversarialLoss, RestorationLoss, VisualWordLoss
+from dira3d.networks import Adversary, UNet
+from dira3d.transforms import build_distortion
+
+__all__ = ["Config", "parse_config", "synthetic_patches", "main"]
+
+COLUMNS = ["config", "batch", "patches/s", "data_ms", "g_step_ms", "d_step_ms", "step_ms", "peak_MiB", "mfu_%", "vs_plain"]
+ALL_TERMS = [{"name": "dira", "losses": ["dis", "res", "adv"]}]
+
+
+@dataclass
+class Config:
+    """One engine configuration parsed from ``fp32``, ``bf16+cl+compile``, ..."""
+
+    name: str
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    fused: bool = True
+
+
+def parse_config(name: str) -> Config:
+    """Parse a ``+``-joined configuration name.
+
+    Raises:
+        ValueError: an unknown token.
+    """
+    config = Config(name=name)
+    for token in name.split("+"):
+        if token in ("fp32", "none"):
+            config.amp = "none"
+        elif token in ("bf16", "fp16"):
+            config.amp = token
+        elif token == "cl":
+            config.channels_last = True
+        elif token == "compile":
+            config.compile = True
+        elif token == "plainopt":
+            config.fused = False
+        else:
+            raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, compile, plainopt")
+    return config
+
+
+def synthetic_patches(count: int, patch: tuple[int, ...], num_classes: int, seed: int = 0) -> list[dict]:
+    """Smooth random patch pairs in [0, 1] with a class label each (what a visual-word shard holds)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.rand(2 * count, 1, *patch, generator=gen)
+    smooth = F.avg_pool3d(noise, 5, stride=1, padding=2, count_include_pad=False)
+    lo = smooth.amin(dim=(1, 2, 3, 4), keepdim=True)
+    hi = smooth.amax(dim=(1, 2, 3, 4), keepdim=True)
+    smooth = (smooth - lo) / (hi - lo)
+    return [{"image": smooth[2 * i], "image2": smooth[2 * i + 1], "label": i % num_classes} for i in range(count)]
+
+
+def build_networks(width: float, num_classes: int, device: torch.device, seed: int = 0):
+    """The default 3D model at ``width``: U-Net, visual-word head, 3D adversary (same init per seed)."""
+    torch.manual_seed(seed)
+    net = UNet(3, 1, 1, width=width)
+    head = build_dis_head("visual_words", 3, net.bottleneck_channels, num_classes=num_classes,
+                          hidden=max(16, int(round(1024 * width))))
+    adversary = Adversary(3, 1, channels=max(4, int(round(64 * width))))
+    return net.to(device), head.to(device), adversary.to(device)
+
+
+def make_loader(dataset, batch: int, device: torch.device):
+    """The bundle's fast loader: cached items, ThreadDataLoader, pinned memory on CUDA."""
+    return ThreadDataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
+                            pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
+def run_engine(config: Config, dataset, batch: int, args, device: torch.device) -> dict:
+    """Throughput (epoch 1) and the synchronised phase split (epoch 2) of the real trainer."""
+    net, head, adversary = build_networks(args.width, args.num_classes, device)
+    opt_g = build_adam([net, head], 1e-3, device, fused=config.fused)
+    opt_d = build_adam([adversary], 1e-3, device, fused=config.fused)
+    length = args.warmup + args.iters
+    trainer = DiRATrainer(device, 2, make_loader(dataset, batch, device), net, opt_g, head, adversary, opt_d,
+                          stages=ALL_TERMS, distortion=build_distortion(args.distortion), amp=config.amp,
+                          channels_last=config.channels_last, compile=config.compile, epoch_length=length)
+    marks: dict[str, float] = {}
+    split = {"data": 0.0, "g": 0.0, "d": 0.0}
+
+    def now() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    def timing(engine) -> bool:
+        return engine.state.epoch == 2
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _throughput(engine):
+        local = (engine.state.iteration - 1) % length + 1
+        if engine.state.epoch == 1 and local == args.warmup:
+            reset_peak_memory(device)
+            marks["start"] = now()
+        elif engine.state.epoch == 1 and local == length:
+            marks["end"] = now()
+        elif timing(engine):
+            t = now()
+            split["d"] += t - marks["g_done"]
+
+    @trainer.on(Events.GET_BATCH_STARTED)
+    def _batch_start(engine):
+        if timing(engine):
+            marks["batch"] = now()
+
+    @trainer.on(Events.GET_BATCH_COMPLETED)
+    def _batch_done(engine):
+        if timing(engine):
+            marks["step"] = now()
+            split["data"] += marks["step"] - marks["batch"]
+
+    def _g_done(optimizer, *_):
+        if trainer.state.epoch == 2:
+            marks["g_done"] = now()
+            split["g"] += marks["g_done"] - marks["step"]
+
+    opt_g.register_step_post_hook(_g_done)
+    trainer.run()
+    elapsed = marks["end"] - marks["start"]
+    ms = {k: 1000 * v / length for k, v in split.items()}
+    return {
+        "config": config.name,
+        "batch": batch,
+        "patches/s": args.iters * batch / elapsed,
+        "data_ms": ms["data"],
+        "g_step_ms": ms["g"],
+        "d_step_ms": ms["d"],
+        "step_ms": 1000 * elapsed / args.iters,
+        "peak_MiB": peak_memory_mib(device),
+    }
+
+
+def flops_per_patch(dataset, batch: int, args, device: torch.device) -> float:
+    """FLOPs of one engine iteration (G + D, forward + backward) divided by the batch size."""
+    net, head, adversary = build_networks(args.width, args.num_classes, device)
+    trainer = DiRATrainer(device, 1, make_loader(dataset, batch, device), net, build_adam([net, head], 1e-3, device),
+                          head, adversary, build_adam([adversary], 1e-3, device), stages=ALL_TERMS,
+                          distortion=build_distortion(args.distortion))
+    batchdata = next(iter(trainer.data_loader))
+    trainer.state.epoch, trainer.state.iteration = 1, 1
+    return count_flops(lambda: trainer._iteration(trainer, batchdata)) / batch
+
+
+def run_plain(dataset, batch: int, args, device: torch.device) -> float:
+    """Patches/s of a plain PyTorch loop over the same networks, losses and distortion (fp32, torch Adam)."""
+    net, head, adversary = build_networks(args.width, args.num_classes, device)
+    opt_g = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-3)
+    opt_d = torch.optim.Adam(adversary.parameters(), lr=1e-3)
+    ce, mse, adv = VisualWordLoss(), RestorationLoss("mse"), AdversarialLoss("vanilla")
+    distortion = build_distortion(args.distortion)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    done, start = 0, 0.0
+    while done < args.warmup + args.iters:
+        for item in loader:
+            if done == args.warmup:
+                synchronize(device)
+                start = time.perf_counter()
+            if done == args.warmup + args.iters:
+                break
+            x, label = item["image"].to(device), item["label"].to(device)
+            distorted, target = distortion(x, gen)
+            bottleneck, skips = net.encode(distorted)
+            restored = net.decode(bottleneck, skips)
+            g_loss = ce(head(bottleneck), label) + 100 * mse(restored, target) + adv.generator(adversary(restored))
+            opt_g.zero_grad()
+            g_loss.backward()
+            opt_g.step()
+            opt_d.zero_grad()  # also drops the grads the G loss left on D
+            adv.discriminator(adversary(target), adversary(restored.detach())).backward()
+            opt_d.step()
+            done += 1
+    synchronize(device)
+    return args.iters * batch / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--configs", default="fp32,bf16,bf16+cl,bf16+cl+compile")
+    parser.add_argument("--patch", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
+    parser.add_argument("--width", type=float, default=1.0, help="U-Net channel multiplier (1.0: 19.1 M parameters)")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per configuration")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation, autotuning)")
+    parser.add_argument("--num-classes", type=int, default=50, help="visual words")
+    parser.add_argument("--distortion", default="transvw")
+    parser.add_argument("--matmul-size", type=int, default=8192)
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch reference loop")
+    parser.add_argument("--quick", action="store_true", help="tiny CPU run for smoke tests (width 1/8, 16x16x8)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device, args.width, args.patch, args.batch_sizes = "cpu", 0.125, (16, 16, 8), [2]
+        args.iters, args.warmup, args.matmul_size, args.num_classes = 2, 1, 512, 4
+        if args.configs == parser.get_default("configs"):
+            args.configs = "fp32,bf16+cl"
+    args.warmup, args.iters = max(1, args.warmup), max(1, args.iters)  # the timed window starts after warm-up
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda asked for but no CUDA device is available; use --device cpu.", file=sys.stderr)
+        return 2
+    if any(p % 8 for p in args.patch):
+        print(f"--patch {args.patch}: every size must be divisible by 8 (three poolings).", file=sys.stderr)
+        return 2
+    try:
+        configs = [parse_config(c.strip()) for c in args.configs.split(",") if c.strip()]
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    rates = {"none": matmul_tflops(device, torch.float32, args.matmul_size, 3)}
+    rates["bf16"] = rates["fp16"] = matmul_tflops(device, torch.bfloat16, args.matmul_size, 3)
+    patch = tuple(args.patch)
+    dataset = CacheDataset(synthetic_patches(max(args.batch_sizes) * 2, patch, args.num_classes), transform=None,
+                           progress=False)
+    print(f"device: {name}; torch {torch.__version__}; patch {'x'.join(map(str, patch))}; width {args.width}; "
+          f"one G step + one D step (dis + res + adv), distortion {args.distortion}")
+    print(f"measured matmul rate: fp32 {rates['none']:.3g} TFLOP/s, bf16 {rates['bf16']:.3g} TFLOP/s "
+          f"({args.matmul_size}^3)")
+    rows = []
+    for batch in args.batch_sizes:
+        flops = flops_per_patch(dataset, batch, args, device)
+        plain = None if args.no_plain else run_plain(dataset, batch, args, device)
+        print(f"batch {batch}: {flops / 1e12:.4g} TFLOP per patch (G + D, fwd + bwd); plain PyTorch loop (fp32): "
+              + (f"{plain:.3g} patches/s" if plain else "skipped"))
+        for config in configs:
+            row = run_engine(config, dataset, batch, args, device)
+            row["mfu_%"] = 100 * row["patches/s"] * flops / (rates[config.amp] * 1e12)
+            row["vs_plain"] = None if plain is None else row["patches/s"] / plain
+            rows.append(row)
+    print(format_table(rows, COLUMNS))
+    if rows and rows[0]["vs_plain"] is not None:
+        best = max(rows, key=lambda r: r["patches/s"])
+        print(f"ratio: {best['vs_plain']:.2f}x  (best engine configuration '{best['config']}' at batch {best['batch']} "
+              "vs the plain PyTorch loop)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Smoke tests of the engine benchmarks: each ``--quick`` run exits 0 and prints its table.
+
+The rows' numbers are machine-dependent; what is checked is the table's header, one row per
+requested configuration with a positive rate, and (pretraining) the ratio to the plain loop.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(repo_root: Path, script: str, *args: str) -> list[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(repo_root / "benchmarks" / script), "--quick", *args],
+                            capture_output=True, text=True, timeout=300, cwd=repo_root, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout.splitlines()
+
+
+def table(lines: list[str], first_column: str) -> tuple[list[str], list[list[str]]]:
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_column])
+    header = lines[start].split()
+    rows = [line.split() for line in lines[start + 1 :] if len(line.split()) == len(header)]
+    return header, rows
+
+
+def test_pretrain_throughput_quick(repo_root: Path) -> None:
+    # fp32 and fp32+channels-last: the bf16 rows of --quick are slow on CPUs without bf16 units
+    lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32,fp32+cl", "--iters", "1", "--warmup", "1")
+    header, rows = table(lines, "config")
+    assert header == ["config", "batch", "patches/s", "data_ms", "g_step_ms", "d_step_ms", "step_ms", "peak_MiB",
+                      "mfu_%", "vs_plain"]
+    assert [r[0] for r in rows] == ["fp32", "fp32+cl"] and all(float(r[2]) > 0 and float(r[9]) > 0 for r in rows)
+    assert any(line.startswith("measured matmul rate: fp32") for line in lines)
+    assert any("TFLOP per patch" in line for line in lines) and any(line.startswith("ratio: ") for line in lines)
+
+
+def test_pretrain_config_names_parse(repo_root: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_throughput", repo_root / "benchmarks" / "pretrain_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    config = module.parse_config("bf16+cl+compile")
+    assert (config.amp, config.channels_last, config.compile, config.fused) == ("bf16", True, True, True)
+    assert module.parse_config("fp32+plainopt").fused is False
+    with pytest.raises(ValueError, match="turbo"):
+        module.parse_config("fp32+turbo")
+
+
+def test_loader_throughput_quick(repo_root: Path) -> None:
+    header, rows = table(run(repo_root, "loader_throughput.py"), "pipeline")
+    assert header == ["pipeline", "loader", "workers", "batch", "batches/s", "patches/s"]
+    assert {r[0] for r in rows} == {"loader", "loader+device_distortion", "loader+device_distortion+views",
+                                    "loader+worker_distortion"}
+    assert all(float(r[4]) > 0 for r in rows)
+
+
+def test_sliding_window_quick(repo_root: Path) -> None:
+    header, rows = table(run(repo_root, "sliding_window.py"), "precision")
+    assert header == ["precision", "sw_batch", "roi", "overlap", "volume", "windows", "seconds", "windows/s", "peak_MiB"]
+    # 96x64x32 with roi 64x64x32 at overlap 0.25 (stride 48x48x24): 2 x 1 x 1 windows
+    assert rows and rows[0][2] == "64x64x32" and rows[0][4] == "96x64x32" and int(rows[0][5]) == 2

@@ -1,0 +1,226 @@
+"""The optimised training paths compute what the plain path computes, and the step does not sync.
+
+bf16 autocast + channels-last + multi-tensor Adam against fp32 on the same batch and seed (bf16
+tolerance); channels-last alone (fp32 tolerance); fused/foreach Adam against the per-tensor loop;
+no ``.item()`` / ``float()`` / ``bool()`` on tensors from the engine's own code in a step; the views
+T(·) of the instance modes. Tiny networks (width 1/8) on 16×16×8 patches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader, Dataset
+
+from dira3d.engines import DiRATrainer, RandPatchPaird, build_dis_head, build_predictor, with_image_labels
+from dira3d.engines.performance import build_adam, compile_modules, count_flops, format_table
+from dira3d.networks import Adversary, UNet
+from dira3d.transforms import ViewAugment
+from dira3d.transforms.compositions import build_distortion
+
+PATCH = (16, 16, 8)
+ALL_TERMS = [{"name": "dira", "losses": ["dis", "res", "adv"]}]
+ENGINES_DIR = str(Path(__import__("dira3d.engines").engines.__file__).parent)
+
+
+def volumes(count: int = 4, shape=(24, 24, 12)) -> list[dict]:
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(count):
+        v = gaussian_filter(rng.random(shape), 2.0)
+        items.append({"image": ((v - v.min()) / (v.max() - v.min()))[None].astype(np.float32)})
+    return with_image_labels(items)
+
+
+def build(mode="visual_words", pair="instances", amp="none", channels_last=False, fused=False, views="auto",
+          compile=False, batch=4, stages=ALL_TERMS, max_epochs=1, lr=1e-3):
+    """A tiny trainer whose initial weights depend only on the seed (identical across settings)."""
+    torch.manual_seed(0)
+    loader = DataLoader(Dataset(volumes(), RandPatchPaird("image", PATCH, pair=pair)), batch_size=batch,
+                        shuffle=True, num_workers=0, generator=torch.Generator())
+    net = UNet(3, width=1 / 8)
+    head = build_dis_head(mode, 3, net.bottleneck_channels, num_classes=4, hidden=16, proj_dim=8)
+    predictor = build_predictor(mode, 8)
+    adversary = Adversary(3, 1, channels=4, num_layers=3)
+    opt_g = build_adam([net, head, predictor], lr, "cpu", fused=fused)
+    opt_d = build_adam([adversary], lr, "cpu", fused=fused)
+    return DiRATrainer("cpu", max_epochs, loader, net, opt_g, head, adversary, opt_d, dis_mode=mode, predictor=predictor,
+                       stages=stages, distortion=build_distortion("models_genesis"), views=views, amp=amp,
+                       channels_last=channels_last, compile=compile, queue_size=16)
+
+
+def fixed_batch(pair="instances", size: int = 4) -> dict:
+    torch.manual_seed(1)
+    x1, x2 = torch.rand(size, 1, *PATCH), torch.rand(size, 1, *PATCH)
+    batch = {"image": x1, "label": torch.arange(size)}
+    if pair == "instances":
+        batch["image2"] = x2
+    return batch
+
+
+def step(trainer: DiRATrainer, batch: dict, iteration: int) -> dict:
+    """One real ``_iteration`` outside ``run()`` (epoch 1, the given iteration)."""
+    trainer.state.epoch, trainer.state.iteration = 1, iteration
+    return trainer._iteration(trainer, batch)
+
+
+def losses(output: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in output.items() if k.startswith("loss") or k.startswith("d_")}
+
+
+def test_bf16_channels_last_foreach_path_matches_fp32_losses():
+    # a small lr: Adam's first step moves every weight by ~lr whatever the gradient's size, so with
+    # 1e-3 bf16 rounding of near-zero gradients (sign flips) would be amplified into the 2nd step
+    plain, fast = build(lr=1e-5), build(amp="bf16", channels_last=True, fused=True, lr=1e-5)
+    assert fast.optimizer.defaults["foreach"] is True and plain.optimizer.defaults.get("foreach") is None
+    batch = fixed_batch(size=2)  # bf16 convolutions are emulated (slow) on CPUs without bf16 units
+    for iteration in (1, 2):  # the second step also checks that the optimiser updates agree
+        out = step(fast, batch, iteration)
+        a, b = losses(step(plain, batch, iteration)), losses(out)
+        assert set(a) == set(b) >= {"loss", "loss_dis", "loss_res", "loss_adv", "loss_d", "d_real", "d_fake"}
+        for key in a:  # bf16 keeps 8 mantissa bits: ~0.4 % per op, a few % through the network
+            assert b[key] == pytest.approx(a[key], rel=4e-2, abs=2e-3), (iteration, key, a[key], b[key])
+    assert out["loss_res"].dtype == torch.float32  # reported losses stay fp32 under autocast
+
+
+def test_channels_last_gives_fp32_identical_outputs_and_losses():
+    net, adversary = UNet(3, width=1 / 8).eval(), Adversary(3, 1, channels=4, num_layers=3).eval()
+    x = torch.rand(2, 1, *PATCH)
+    reference, ref_scores = net(x), adversary(x)
+    net.to(memory_format=torch.channels_last_3d), adversary.to(memory_format=torch.channels_last_3d)
+    cl = x.contiguous(memory_format=torch.channels_last_3d)
+    assert next(net.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(net(cl), reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adversary(cl), ref_scores, rtol=1e-4, atol=1e-5)
+
+    plain, cl_trainer = build(), build(channels_last=True)
+    assert next(cl_trainer.network.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+    a, b = losses(step(plain, fixed_batch(), 1)), losses(step(cl_trainer, fixed_batch(), 1))
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_build_adam_choices_compute_the_same_update():
+    def one_step(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        opt = build_adam([model, None], lr=0.1, device="cpu", fused=fused)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.ones(2, 5)).pow(2).sum().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(one_step(False), one_step(True)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="no parameters"):
+        build_adam([torch.nn.ReLU()], lr=0.1, device="cpu")
+
+
+def test_step_output_is_tensors_and_engine_code_never_syncs(monkeypatch):
+    """Patch the Tensor → Python conversions and record calls made from dira3d/engines/ during steps."""
+    trainer = build(max_epochs=1)
+    calls: list[str] = []
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ENGINES_DIR):
+                calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist", "cpu", "numpy"):
+        spy(name)
+    seen_before_epoch_end = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen_before_epoch_end.append(len(calls)))
+    trainer.run()
+    assert len(outputs) == 1 and seen_before_epoch_end == [0], calls  # the step itself: no sync at all
+    for key in ("loss", "loss_dis", "loss_res", "loss_adv", "loss_d", "d_real", "d_fake"):
+        assert isinstance(outputs[0][key], torch.Tensor) and not outputs[0][key].requires_grad, key
+    # the epoch means are the one deliberate conversion (once per epoch, for the metrics)
+    assert set(trainer.state.metrics) >= {"train_loss", "train_loss_res"}
+
+
+def test_views_default_to_view_augment_and_differ():
+    assert build("visual_words", views="auto").views is None
+    trainer = build("moco", pair="views")
+    assert isinstance(trainer.views, ViewAugment) and trainer.views.spatial_dims == 3
+    x = fixed_batch("views")["image"]
+    v1, v2 = trainer.views(x, trainer.step_generator(7))
+    assert v1.shape == v2.shape == x.shape and v1.min() >= 0 and v1.max() <= 1
+    assert (v1 - v2).abs().mean() > 1e-3 and (v1 - x).abs().mean() > 1e-3
+    w1, _ = trainer.views(x, trainer.step_generator(7))  # seeded by (seed, iteration): reproducible
+    torch.testing.assert_close(v1, w1)
+    w1, _ = trainer.views(x, trainer.step_generator(8))
+    assert not torch.allclose(v1, w1)
+    with pytest.raises(ValueError, match="views"):
+        build("moco", views="random")
+
+
+@pytest.mark.parametrize("mode", ["moco", "barlow", "simsiam"])
+def test_instance_modes_train_with_views_from_one_crop(mode):
+    trainer = build(mode, pair="views")  # 4 volumes, batch 4: one step on single crops, views T(·) in the step
+    log = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: log.append(losses(e.state.output)))
+    trainer.run()
+    assert len(log) == 1 and {"loss_dis", "loss_res", "loss_adv", "loss_d"} <= set(log[0])
+    assert all(np.isfinite(list(log[0].values())))
+    # identical views (views=None) make another discrimination problem: not the same loss
+    identity = losses(step(build(mode, pair="views", views=None, stages=[{"name": "d", "losses": ["dis"]}]),
+                           fixed_batch("views"), 1))
+    viewed = losses(step(build(mode, pair="views", stages=[{"name": "d", "losses": ["dis"]}]), fixed_batch("views"), 1))
+    assert identity["loss_dis"] != pytest.approx(viewed["loss_dis"], rel=1e-4)
+
+
+def test_flop_count_and_table_helpers():
+    conv = torch.nn.Conv3d(2, 4, 3, padding=1, bias=False)
+    flops = count_flops(lambda: conv(torch.rand(1, 2, 4, 4, 4)))
+    assert flops == 2 * (4 * 4 * 4) * 4 * (2 * 27)  # 2 · outputs · (in · k³) multiply-adds
+    table = format_table([{"config": "fp32", "patches/s": 12.345}], ["config", "patches/s", "mfu"])
+    assert table.splitlines()[0].split() == ["config", "patches/s", "mfu"] and "12.3" in table and "-" in table
+    with pytest.raises(ValueError, match="backend"):
+        compile_modules({"x": conv}, backend="tensorrt-please")
+
+
+COMPILE_OK = torch.cuda.is_available() or os.environ.get("DIRA3D_TEST_COMPILE") == "1"
+
+
+@pytest.mark.skipif(not COMPILE_OK, reason="torch.compile of the tiny U-Net takes 30-200 s on a 2-core CPU "
+                    "(aot_eager / inductor, measured): runs on CUDA or with DIRA3D_TEST_COMPILE=1")
+def test_compiled_trainer_matches_eager_losses():
+    plain, compiled = build(), build(compile="aot_eager")
+    assert compiled.network.encoder._compiled_call_impl is not None and compiled.adversary._compiled_call_impl is not None
+    a, b = losses(step(plain, fixed_batch(), 1)), losses(step(compiled, fixed_batch(), 1))
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert set(compiled.network.state_dict()) == set(plain.network.state_dict())  # checkpoint keys unchanged
+
+
+def test_bundle_speed_settings_parse(repo_root):
+    from monai.bundle import ConfigParser
+
+    configs = repo_root / "bundles" / "dira_pretrain" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / n) for n in ("train.json", "tiny.json", "performance.json")])
+    parser["num_classes"], parser["device"] = 4, "$torch.device('cpu')"
+    assert (parser["amp"], parser["channels_last"], parser["compile"]) == ("bf16", True, True)
+    assert parser.config["train"]["dataloader"]["_target_"] == "ThreadDataLoader"
+    optimizer = parser.get_parsed_content("optimizer_g")
+    assert optimizer.defaults["foreach"] is True  # fused_optimizer on a CPU: multi-tensor Adam
+    plain = ConfigParser()
+    plain.read_config(str(configs / "train.json"))
+    assert plain["views"] == "auto" and plain["compile"] is False and plain["fused_optimizer"] is True
