@@ -31,7 +31,7 @@ from dira3d.transforms import (
     random_views,
 )
 from dira3d.transforms.intensity import _interpolate, bezier_lookup
-from dira3d.transforms.shuffle import permute_within_segments
+from dira3d.transforms.shuffle import block_owner, permute_within_labels
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -141,12 +141,43 @@ def test_shuffle_channels_share_the_permutation() -> None:
     assert torch.allclose(out[:, 1], 1 - out[:, 0])
 
 
-def test_permute_within_segments_is_a_permutation_inside_each_segment() -> None:
-    segments = torch.randint(0, 30, (600,), generator=gen(1)).sort().values
-    order = permute_within_segments(segments, gen(2))
-    assert torch.equal(order.sort().values, torch.arange(600))
-    assert torch.equal(segments[order], segments)
-    assert int((order != torch.arange(600)).sum()) > 500
+@pytest.mark.parametrize("num_labels", [None, 1 << 20])  # int32 keys, and int64 keys (wide labels)
+def test_permute_within_labels_is_a_permutation_inside_each_label(num_labels: int | None) -> None:
+    labels = torch.randint(-1, 30, (600,), generator=gen(1), dtype=torch.int32)  # not contiguous; -1 = fixed
+    noise = torch.randint(0, 1 << 11, (600,), generator=gen(2), dtype=torch.int32)
+    src = permute_within_labels(labels, noise, 11, num_labels)
+    assert torch.equal(src.sort().values, torch.arange(600))
+    assert torch.equal(labels[src], labels)
+    fixed = labels == -1
+    assert torch.equal(src[fixed], torch.arange(600)[fixed])
+    assert int((src != torch.arange(600))[~fixed].sum()) > 500 * 0.9
+    # Hand-made case: position k of a label takes the label's k-th position in (noise, position) order.
+    src = permute_within_labels(torch.tensor([1, 0, 1, -1, 1]), torch.tensor([5, 7, 2, 9, 5]), 3)
+    assert src.tolist() == [2, 1, 0, 3, 4]
+
+
+@pytest.mark.parametrize("spatial, max_sides", [([9, 8, 7], [3, 2, 3]), ([12, 9], [4, 3])])
+def test_block_owner_is_the_last_block_covering_each_voxel(spatial: list[int], max_sides: list[int]) -> None:
+    g, d = gen(6), len(spatial)
+    sizes = (torch.rand(2, 40, d, generator=g) * torch.tensor(max_sides)).long() + 1
+    starts = (torch.rand(2, 40, d, generator=g) * (torch.tensor(spatial) - sizes + 1)).long()
+    owner = block_owner(spatial, max_sides, starts, sizes)
+    expected = torch.full((2, *spatial), -1, dtype=torch.int32)
+    for i, k in itertools.product(range(2), range(40)):  # paint box after box: the last one wins
+        box = tuple(slice(a, a + s) for a, s in zip(starts[i, k].tolist(), sizes[i, k].tolist()))
+        expected[(i, *box)] = k
+    assert owner.dtype == torch.int32 and torch.equal(owner, expected)
+
+
+def test_shuffle_does_not_depend_on_how_many_samples_are_sorted_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One sample per sort (int32 keys, the CPU default at 64x64x32) and all samples in one sort
+    # (int64 keys, as on a GPU) must agree exactly: this is what makes CUDA match the CPU.
+    from dira3d.transforms import shuffle as shuffle_module
+    x = rand(3, 2, 20, 20, 10)
+    monkeypatch.setattr(shuffle_module, "_CPU_CHUNK_VOXELS", 1)
+    one_at_a_time = local_pixel_shuffle(x, gen(8), num_blocks=300)
+    monkeypatch.setattr(shuffle_module, "_CPU_CHUNK_VOXELS", 1 << 24)
+    assert torch.equal(local_pixel_shuffle(x, gen(8), num_blocks=300), one_at_a_time)
 
 
 def test_few_blocks_leave_most_voxels_untouched() -> None:

@@ -102,8 +102,9 @@ class ModelsGenesisDistortion(Distortion):
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         check_batch(x)
         b, dev = x.shape[0], x.device
-        distorted, target = random_flip(x, x, generator, prob=self.flip_prob)
-        distorted = distorted.clone()  # the working copy the stages write into
+        # Input and target get the same flips: flip once, the target is that result.
+        target, _ = random_flip(x, None, generator, prob=self.flip_prob)
+        distorted = target.clone()  # the working copy the stages write into
         shuffle = bernoulli(b, self.shuffle_prob, generator, dev)
         nonlinear = bernoulli(b, self.nonlinear_prob, generator, dev)
         paint = bernoulli(b, self.paint_prob, generator, dev)
@@ -150,8 +151,9 @@ class TransVWDistortion(Distortion):
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         check_batch(x)
         b, dev = x.shape[0], x.device
-        distorted, target = random_flip(x, x, generator, prob=self.flip_prob)
-        distorted = distorted.clone()  # the working copy the stages write into
+        # Input and target get the same flips: flip once, the target is that result.
+        target, _ = random_flip(x, None, generator, prob=self.flip_prob)
+        distorted = target.clone()  # the working copy the stages write into
         elastic = bernoulli(b, self.elastic_prob, generator, dev)
         choice = choose_one(b, self.probs, generator, dev)
         applied = {"elastic": elastic, **{n: choice == i for i, n in enumerate(self.names)}}

@@ -4,8 +4,7 @@ Semantics (ours, documented because the reference's differ slightly): ``num_bloc
 drawn per sample exactly as in the reference (each side ``1 .. int(dim * max_block_fraction)``,
 origin uniform so the box fits). Boxes may overlap; a voxel belongs to the *last* box that covers
 it (later boxes are painted over earlier ones). Each box's visible voxels are then permuted
-uniformly at random among themselves, all at once (one ``randperm`` and one stable sort over the
-enumerated block voxels; no per-block loop). Hence:
+uniformly at random among themselves, all at once (no per-block loop). Hence:
 
 - every box's multiset of values (over its visible voxels) is kept, so the histogram of each
   sample is kept exactly;
@@ -15,6 +14,13 @@ enumerated block voxels; no per-block loop). Hence:
 The reference instead reads every window from the original and writes it into the running result,
 so with overlaps it can duplicate or drop values; ours is the closest form that keeps the
 invariant and needs no sequential loop over the 10,000 blocks.
+
+How (no per-voxel or per-block Python loop): :func:`block_owner` paints, for every voxel, the index
+of the last block covering it; :func:`permute_within_labels` then turns the owner map into a
+permutation with two integer sorts. On the CPU the sorts run a few samples at a time so that
+their working set stays in cache (sorting one 64x64x32 sample at a time is several times cheaper
+per voxel than sorting 16 at once); all random numbers are drawn up front, so the result does not depend on
+this chunking (nor on the device, for a CPU generator).
 """
 
 from __future__ import annotations
@@ -23,99 +29,122 @@ import math
 
 import torch
 
-from ._common import apply_to_subset, bernoulli, check_batch, randint_between, uniform
+from ._common import apply_to_subset, bernoulli, check_batch, uniform
 
-__all__ = ["permute_within_segments", "local_pixel_shuffle"]
+__all__ = ["block_owner", "permute_within_labels", "local_pixel_shuffle"]
+
+# Voxels sorted at once: one 64x64x32 sample on the CPU (fits the L2 cache); a GPU takes it all.
+_CPU_CHUNK_VOXELS = 1 << 17
+_GPU_CHUNK_VOXELS = 1 << 24
 
 
-def permute_within_segments(segments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random permutation of ``range(N)`` that keeps every index inside its segment.
+def permute_within_labels(labels: torch.Tensor, noise: torch.Tensor, noise_bits: int,
+                          num_labels: int | None = None) -> torch.Tensor:
+    """Gather indices that permute positions uniformly at random among equal labels.
 
     Args:
-        segments: ``(N,)`` integer segment label of each position; equal labels must be contiguous
-            (e.g. sorted).
-        generator: source of randomness.
+        labels: ``(N,)`` integer label per position, ``-1`` for positions that must stay put;
+            equal labels need not be contiguous.
+        noise: ``(N,)`` integer random numbers in ``[0, 2**noise_bits)``.
+        noise_bits: bits of ``noise`` (at most 31).
+        num_labels: an upper bound on ``labels.max() + 1`` (computed, with a sync, if omitted).
 
     Returns:
-        ``(N,)`` long indices ``order`` such that ``segments[order] == segments``.
+        ``(N,)`` long ``src`` such that ``values[src]`` is ``values`` permuted within every label:
+        ``labels[src] == labels`` and ``src[i] == i`` where ``labels[i] == -1``.
 
-    One stable radix-friendly int32 sort of ``(segment rank << r) | random r bits`` does it, where
-    ``r = 31 - bits(number of segments)`` (12 or more for 10,000 blocks x 32 samples); equal random
-    keys (probability ``2**-r`` per pair) keep their order. With too few bits left it falls back
-    to an exact ``randperm`` followed by a stable sort of the labels (three times slower).
+    Two stable integer sorts: by ``(label, noise)`` lists each label's positions in random order,
+    by ``label`` alone in position order; pairing the two lists gives the permutation (the
+    ``k``-th position of a label receives its ``k``-th random pick). Keys are int32 when
+    ``label + 1`` and the noise fit in 31 bits (twice as fast as int64). Equal noise within a
+    label (probability ``2**-noise_bits`` per pair) keeps position order.
     """
-    n = segments.numel()
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long, device=segments.device)
-    starts = torch.ones(n, dtype=torch.int32, device=segments.device)
-    starts[1:] = (segments[1:] != segments[:-1]).int()
-    rank = torch.cumsum(starts, 0, dtype=torch.int32) - 1  # dense segment rank 0..S-1
-    rand_bits = 31 - max(1, int(rank[-1]).bit_length())
-    if rand_bits >= 10:
-        noise = torch.randint(0, 1 << rand_bits, (n,), generator=generator, device=generator.device,
-                              dtype=torch.int32).to(segments.device)
-        return torch.sort((rank << rand_bits) | noise, stable=True).indices
-    perm = torch.randperm(n, generator=generator, device=generator.device).to(segments.device)
-    return perm[torch.sort(rank[perm], stable=True).indices]
+    if num_labels is None:
+        num_labels = int(labels.max()) + 1 if labels.numel() else 0
+    wide = num_labels.bit_length() + noise_bits > 31
+    dtype = torch.int64 if wide else torch.int32
+    labels = labels.to(dtype)
+    visible = labels >= 0
+    key = ((labels + 1) << noise_bits) | torch.where(visible, noise.to(dtype), 0)
+    picks = torch.sort(key, stable=True).indices  # unlabelled positions: noise 0, stay in order
+    # Few labels: int16 sorts about twice as fast as int32.
+    narrow = labels.to(torch.int16) if num_labels < 1 << 15 else labels
+    slots = torch.sort(narrow, stable=True).indices
+    return torch.empty_like(picks).scatter_(0, slots, picks)
 
 
-def _offset_table(max_sides: list[int], strides: list[int], device: torch.device) -> torch.Tensor:
-    """``(S, Vmax)`` linear offsets of the ``l``-th voxel of a block, for every block shape ``S``.
+def _offset_table(sides_max: list[int], strides: list[int], device: torch.device) -> torch.Tensor:
+    """``(prod(sides_max), prod(sides_max))`` flat offsets of the voxels of every box shape.
 
-    Block shapes are few (``prod(max_sides)``, 108 for 6x6x3), so decoding the offsets once per
-    shape and gathering them is far cheaper than decoding per block voxel.
+    Row ``shape`` (row-major over the sides minus one) lists the offsets of a box of those sides
+    in row-major order; only its first ``prod(sides)`` entries are meaningful.
     """
-    shapes = torch.cartesian_prod(*[torch.arange(1, m + 1, device=device) for m in max_sides]).view(-1, len(max_sides))
-    local = torch.arange(math.prod(max_sides), device=device).expand(shapes.shape[0], -1)
+    count = math.prod(sides_max)
+    shapes = torch.cartesian_prod(*[torch.arange(1, m + 1, device=device) for m in sides_max]).view(count, -1)
+    local = torch.arange(count, device=device).expand(count, -1)
     table = torch.zeros_like(local)
-    for axis in range(len(max_sides) - 1, -1, -1):  # last axis fastest, as in the flattened volume
+    for axis in range(len(sides_max) - 1, -1, -1):  # last axis fastest
         side = shapes[:, axis, None]
         table = table + (local % side) * strides[axis]
         local = local // side
     return table
 
 
-def visible_block_voxels(spatial: list[int], max_sides: list[int], starts: torch.Tensor,
-                         sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Voxels of every block that no later block covers, listed block by block.
-
-    Enumerates all block voxels at once (block ``k`` contributes ``prod(sizes[k])`` entries via
-    ``repeat_interleave``, offsets from a per-shape table), paints the owner of every voxel with a
-    deterministic ``amax`` of block ids (the last block wins), and keeps the entries a block owns.
+def block_owner(spatial: list[int], max_sides: list[int], starts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Index of the last block covering each voxel (``-1`` where no block does).
 
     Args:
-        spatial: spatial sizes.
-        max_sides: largest block side per axis.
-        starts, sizes: ``(B, n, D)`` block origins and sides.
+        spatial: spatial sizes ``D``.
+        max_sides: largest block side per axis (bounds ``sizes``).
+        starts, sizes: ``(B, n, D)`` integer block origins and sides; blocks lie inside the volume.
 
     Returns:
-        ``(linear, block)``: flat indices into ``(B * prod(spatial))`` in increasing block order
-        (position order within a block), and the global block id ``sample * n + k`` of each.
+        ``(B, *spatial)`` int32 owner map.
+
+    Blocks are painted (a deterministic ``scatter_reduce`` amax of block indices: the last block
+    wins) over their trailing axes only, at their first row along axis 0, and grown along axis 0
+    afterwards, which cuts the voxel writes 3.5-fold for 6x6x3 blocks. Horner style, from the
+    deepest blocks down: paint the blocks of axis-0 side ``m``, grow everything painted so far by
+    one row along axis 0, paint the blocks of side ``m - 1``, grow, ..., paint those of side 1.
+    Blocks of one class (axis-0 side, trailing sides) are painted together, so the Python loop runs
+    over at most ``prod(max_sides)`` classes (108 for 6x6x3), never over blocks or voxels.
     """
     b, n, d = starts.shape
     device = starts.device
     volume = math.prod(spatial)
     strides = [math.prod(spatial[i + 1:]) for i in range(d)]
-    shape_id = torch.zeros(b, n, dtype=torch.long, device=device)
-    for axis in range(d):
-        shape_id = shape_id * max_sides[axis] + (sizes[..., axis] - 1)
-    base = (starts * torch.tensor(strides, device=device)).sum(dim=2)
-    base = (base + torch.arange(b, device=device)[:, None] * volume).flatten()
-    counts = sizes.prod(dim=2).flatten()
-    table = _offset_table(max_sides, strides, device).flatten()
-    # Per block: where its offsets start in the flat table, minus where its voxels start in the
-    # enumeration, so that one gather plus arange gives every voxel's table slot.
-    slot = shape_id.flatten() * math.prod(max_sides) - (torch.cumsum(counts, 0) - counts)
-    ids = torch.arange(b * n, device=device)
-    # int32 halves the memory traffic of the largest step (every value fits: < b * volume).
-    per_voxel = torch.repeat_interleave(torch.stack([base, slot, ids], dim=1).int(), counts, dim=0)
-    block = per_voxel[:, 2]
-    slots = per_voxel[:, 1] + torch.arange(block.numel(), device=device, dtype=torch.int32)
-    linear = (per_voxel[:, 0] + table.int()[slots]).long()  # scatter/gather want int64 indices
+    depth, trail = max_sides[0], max_sides[1:]
+    per_layer = math.prod(trail)
+    # Class id: deepest axis-0 side first (painting order), then the trailing sides. Narrow ints
+    # sort several times faster than int64 (int16 for up to 2**15 classes).
+    narrow = torch.int16 if depth * per_layer < 1 << 15 else torch.int32
+    shape_class = (depth - sizes[..., 0]).to(narrow)
+    for axis, m in enumerate(trail, start=1):
+        shape_class = shape_class * m + (sizes[..., axis] - 1).to(narrow)
+    origin = (starts * torch.tensor(strides, dtype=starts.dtype, device=device)).sum(dim=2)
+    base = (origin.long() + torch.arange(b, device=device)[:, None] * volume).flatten()
+    order = torch.sort(shape_class.flatten(), stable=True)
+    base = base.index_select(0, order.indices)
+    ids = torch.arange(n, dtype=torch.int32, device=device).repeat(b).index_select(0, order.indices)
+    counts = torch.bincount(order.values, minlength=depth * per_layer).tolist()
+    table = _offset_table(trail, strides[1:], device) if trail else torch.zeros(1, 1, dtype=torch.long, device=device)
     owner = torch.full((b * volume,), -1, dtype=torch.int32, device=device)
-    owner.scatter_reduce_(0, linear, block, reduce="amax")
-    keep = torch.nonzero(owner.gather(0, linear) == block).squeeze(1)
-    return linear.index_select(0, keep), block.index_select(0, keep)
+    spare = torch.empty_like(owner)  # growing ping-pongs between two buffers: one pass, no copy
+    first = 0
+    for cls, count in enumerate(counts):
+        shape = cls % per_layer
+        if count:
+            cells = math.prod(shape // math.prod(trail[i + 1:]) % m + 1 for i, m in enumerate(trail))
+            index = (base[first:first + count, None] + table[shape, :cells]).flatten()
+            src = ids[first:first + count, None].expand(-1, cells).flatten()
+            owner.scatter_reduce_(0, index, src, reduce="amax")
+            first += count
+        if shape == per_layer - 1 and cls < len(counts) - 1:  # a layer is done: grow by one row
+            rows, grown = owner.view(b, spatial[0], -1), spare.view(b, spatial[0], -1)
+            grown[:, 0] = rows[:, 0]
+            torch.maximum(rows[:, 1:], rows[:, :-1], out=grown[:, 1:])
+            owner, spare = spare, owner
+    return owner.view(b, *spatial)
 
 
 def local_pixel_shuffle(x: torch.Tensor, generator: torch.Generator, num_blocks: int = 10000,
@@ -125,7 +154,7 @@ def local_pixel_shuffle(x: torch.Tensor, generator: torch.Generator, num_blocks:
     Args:
         x: ``(B, C, *spatial)`` batch (2D or 3D), any device.
         generator: source of randomness (CPU or on ``x``'s device).
-        num_blocks: blocks per sample (Models Genesis: 10,000).
+        num_blocks: blocks per sample (Models Genesis: 10,000); at most ``2**19``.
         max_block_fraction: largest block side as a fraction of the axis (``dim // 10`` at 0.1);
             at least 1 voxel.
         prob: per-sample probability of applying the distortion.
@@ -134,29 +163,54 @@ def local_pixel_shuffle(x: torch.Tensor, generator: torch.Generator, num_blocks:
         A new tensor like ``x`` with every sample's histogram kept.
 
     Raises:
-        ValueError: on a badly shaped input or a non-positive setting.
+        ValueError: on a badly shaped input or a setting out of range.
     """
     d = check_batch(x)
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if not 1 <= num_blocks <= 1 << 19:
+        raise ValueError(f"num_blocks must be in [1, {1 << 19}], got {num_blocks}")
     if not 0.0 < max_block_fraction <= 1.0:
         raise ValueError(f"max_block_fraction must be in (0, 1], got {max_block_fraction}")
     b, c, *spatial = x.shape
+    volume = math.prod(spatial)
     selected = bernoulli(b, prob, generator, x.device)
     max_sides = [max(1, int(s * max_block_fraction)) for s in spatial]
-    dims = torch.tensor(spatial, device=x.device)
-    u = uniform((b, num_blocks, d, 2), generator, x.device)
-    sizes = randint_between(1, torch.tensor(max_sides, device=x.device), u[..., 0])
-    starts = randint_between(0, dims - sizes, u[..., 1])
+    # Sides in 1..max and origins in 0..dim-side (both inclusive, like random.randint), computed
+    # in float32 (exact at these sizes) and kept as int32: these (B, n, D) tensors are large.
+    u = uniform((2, b, num_blocks, d), generator, x.device)
+    top = torch.tensor(max_sides, dtype=torch.float32, device=x.device)
+    sizes = torch.minimum(torch.floor(u[0] * top), top - 1) + 1
+    room = torch.tensor(spatial, dtype=torch.float32, device=x.device) - sizes
+    starts = torch.minimum(torch.floor(u[1] * (room + 1)), room).int()
+    sizes = sizes.int()
+    # Labels 0..num_blocks (owner + 1) take the high bits of an int32 sort key, 15 noise bits the rest.
+    noise_bits = min(15, 31 - num_blocks.bit_length())
 
     def shuffle(sub: torch.Tensor) -> torch.Tensor:
         idx = torch.nonzero(selected, as_tuple=False).flatten()
-        dst, block = visible_block_voxels(spatial, max_sides, starts[idx], sizes[idx])
-        src = dst[permute_within_segments(block, generator)]
-        # Channels share the permutation: work on (C, B*V) so one index serves all of them.
-        flat = sub.transpose(0, 1).reshape(c, -1)
-        out = flat.clone()
-        out[:, dst] = flat[:, src]
-        return out.view(c, sub.shape[0], *spatial).transpose(0, 1).contiguous()
+        n_sub = sub.shape[0]
+        # random_() on int64 gives 63 random bits per draw, read as four 16-bit words of which the
+        # low 15 bits are random: a quarter of the draws of an int32 randint.
+        words = torch.empty((n_sub * volume + 3) // 4, dtype=torch.int64, device=generator.device).random_(
+            generator=generator).view(torch.int16)[:n_sub * volume]
+        noise = (words.to(x.device) & ((1 << noise_bits) - 1)).view(n_sub, volume)
+        owner = block_owner(spatial, max_sides, starts[idx], sizes[idx]).view(n_sub, volume)
+        flat = sub.reshape(n_sub, c, volume)
+        out = torch.empty_like(flat)
+        budget = _CPU_CHUNK_VOXELS if x.device.type == "cpu" else _GPU_CHUNK_VOXELS
+        step = max(1, budget // volume)
+        for i in range(0, n_sub, step):
+            k = min(step, n_sub - i)
+            labels = owner[i]
+            if k > 1:  # offsetting labels per sample keeps the samples of a chunk apart
+                offset = (num_blocks + 1) * torch.arange(k, device=x.device)[:, None]
+                labels = owner[i:i + k].long() + torch.where(owner[i:i + k] >= 0, offset, 0)
+            src = permute_within_labels(labels.flatten(), noise[i:i + k].flatten(), noise_bits, k * (num_blocks + 1))
+            # Channels share the permutation: gather along the (sample, voxel) axis of (C, k*V).
+            if k == 1:
+                torch.index_select(flat[i], 1, src, out=out[i])
+            else:
+                chunk = flat[i:i + k].transpose(0, 1).reshape(c, k * volume)
+                out[i:i + k] = chunk.index_select(1, src).view(c, k, volume).transpose(0, 1)
+        return out.view(sub.shape)
 
     return apply_to_subset(x, selected, shuffle)
