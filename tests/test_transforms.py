@@ -397,3 +397,12 @@ def test_cuda_matches_cpu_with_a_cpu_generator(name: str) -> None:
     # A generator on the device works too.
     d_dev, _ = comp(x.cuda(), torch.Generator(device="cuda").manual_seed(21))
     assert d_dev.is_cuda and d_dev.shape == x.shape
+
+
+def test_transvw_elastic_warp_scales_with_the_patch():
+    """64-voxel patches get the reference warp (alpha 991, sigma 8); others the same relative warp."""
+    from dira3d.transforms.compositions import default_distortion_args
+
+    assert default_distortion_args("transvw", (64, 64, 32)) == {"alpha": 991.0, "sigma": 8.0}
+    assert default_distortion_args("transvw", (32, 32, 16)) == {"alpha": 991.0 / 4, "sigma": 4.0}
+    assert default_distortion_args("models_genesis", (32, 32, 16)) == {}

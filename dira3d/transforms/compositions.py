@@ -28,6 +28,7 @@ __all__ = [
     "NoDistortion",
     "DISTORTIONS",
     "build_distortion",
+    "default_distortion_args",
     "choose_one",
 ]
 
@@ -216,6 +217,16 @@ DISTORTIONS: dict[str, type[Distortion]] = {
     "dira2d": DiRA2DDistortion,
     "none": NoDistortion,
 }
+
+
+def default_distortion_args(name: str, patch_size: Sequence[int]) -> dict:
+    """Settings of a composition that depend on the patch: TransVW's elastic warp is scaled with
+    the patch's in-plane size so that a 64-voxel patch gets the reference (alpha 991, sigma 8) and
+    smaller patches the same warp relative to their size (displacements scale as alpha / sigma)."""
+    if name != "transvw":
+        return {}
+    scale = float(patch_size[0]) / 64.0
+    return {"alpha": 991.0 * scale**2, "sigma": 8.0 * scale}
 
 
 def build_distortion(name: str, **overrides: object) -> Distortion:
