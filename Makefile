@@ -1,6 +1,8 @@
 # The two commands of the README:  `make demo`  and  `make test`.
 PYTHON ?= python3
 PYTEST_WORKERS ?= 2
+# text files and subprocess output are UTF-8 whatever the machine's locale (CI may have none)
+export PYTHONUTF8 := 1
 
 .PHONY: install demo test
 

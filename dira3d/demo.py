@@ -74,7 +74,7 @@ def _visual_words(prepared: Path, out: Path, classes: int, patch: tuple[int, int
 
     vw = out / "visual_words"
     datalist = prepared / "pretrain_datalist.json"
-    n_train = len(json.loads(datalist.read_text())["training"])
+    n_train = len(json.loads(datalist.read_text(encoding="utf-8"))["training"])
     _say(f"3/5 discovering {classes} TransVW visual words × {n_train} instances into {vw}")
     discover_visual_words(datalist, vw, classes=classes, neighbours=n_train, val_neighbours=2, patch_size=patch,
                           border=(patch[0] // 2, patch[1] // 2, patch[2] // 2), extractor_size=(64, 64, 32),
@@ -110,7 +110,7 @@ def _finetune(prepared: Path, checkpoint: Path, out: Path, seeds: int) -> str:
         "overrides": {"tiny": True, "max_epochs": 5},
     }
     run_experiment(config)
-    return (out / "experiment" / "table.md").read_text()
+    return (out / "experiment" / "table.md").read_text(encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,3 +224,10 @@ def test_classification_inference_writes_probabilities(tmp_path):
     (prediction,) = result["predictions"]
     assert prediction["image"].endswith("candidate_007.nii.gz")
     assert len(prediction["probabilities"]) == 1 and 0.0 <= prediction["probabilities"][0] <= 1.0
+
+
+def test_bundle_configs_are_ascii(repo_root=Path(__file__).resolve().parents[1]):
+    """MONAI reads bundle JSON with the locale's encoding: keep every config ASCII so that bundles
+    load on machines whose locale is not UTF-8."""
+    bad = [str(p) for p in (repo_root / "bundles").glob("*/configs/*") if not p.read_bytes().isascii()]
+    assert not bad, f"non-ASCII characters in {bad}"

@@ -98,7 +98,7 @@ def read_data_entry(path: str | Path) -> dict[str, dict]:
 
 def read_image_list(path: str | Path) -> list[str]:
     """Image names of ``train_val_list.txt`` / ``test_list.txt`` (one per line, blanks ignored)."""
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_boxes(path: str | Path) -> list[dict]:

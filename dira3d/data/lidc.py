@@ -277,7 +277,7 @@ def process_series(case: Case) -> dict[str, Any]:
                 "small_nodule_marks": reads.small_nodules, "nodules": entries, "dropped": notes}
     case.outputs[0].parent.mkdir(parents=True, exist_ok=True)
     tmp = case.outputs[0].with_name(f".{case.outputs[0].name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     tmp.replace(case.outputs[0])  # last: a manifest means the series is complete
     return {"nodules": len(entries), "dropped": len(notes)}
 
@@ -343,7 +343,7 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
     splits: dict[str, list[dict]] = {name: [] for name in DEFAULT_SPLIT}
     for case, result in zip(cases, results):
         if result.ok:
-            manifest = json.loads(case.outputs[0].read_text())
+            manifest = json.loads(case.outputs[0].read_text(encoding="utf-8"))
             for entry in manifest["nodules"]:
                 splits[part_of[entry["case_id"]]].append(
                     {**entry, "image": dst / entry["image"], "label": dst / entry["label"]})

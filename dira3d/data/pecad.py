@@ -88,7 +88,7 @@ def read_candidates(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     if not path.is_file():
         raise DataError(path, "candidates CSV not found; put candidates.csv in --src or pass --candidates")
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -118,7 +118,7 @@ def _manifest_paths(case: Case) -> tuple[Path, Path]:
 def _write_manifest(path: Path, manifest: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
@@ -211,7 +211,7 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
     for case in cases:
         for path in _manifest_paths(case):  # a partial manifest still lists the good cubes
             if path.is_file():
-                for item in json.loads(path.read_text())["candidates"]:
+                for item in json.loads(path.read_text(encoding="utf-8"))["candidates"]:
                     entries.append({**item, "image": dst / item["image"], "fold": fold_of[item["case_id"]]})
                 break
     rule = {"dataset": "pecad", "method": "sorted patient ids permuted by numpy default_rng(seed), fold = position % k",

@@ -201,10 +201,10 @@ def write_luna16_phantoms(out_dir: str | Path, count: int = 10, size: tuple[int,
         for point in case.false_positives:
             candidates.append([uid, *np.round(case.to_world(point), 4), 0])
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "annotations.csv", "w", newline="") as handle:
+    with open(out / "annotations.csv", "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], *annotations])
     for name in ("candidates.csv", "candidates_V2.csv"):
-        with open(out / name, "w", newline="") as handle:
+        with open(out / name, "w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows([["seriesuid", "coordX", "coordY", "coordZ", "class"], *candidates])
     return out
 

@@ -75,7 +75,7 @@ def ensure_monailabel_env(venv: str | os.PathLike | None = None, timeout: float 
     proc = subprocess.run(["bash", str(ENV_SCRIPT)], env=env, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     if log:
-        Path(log).write_text(output)
+        Path(log).write_text(output, encoding="utf-8")
     if proc.returncode != 0:
         tail = "\n".join(line for line in output.splitlines() if "is ignored" not in line)[-3000:]
         raise RuntimeError(f"building the MONAI Label environment {venv} failed (exit {proc.returncode}); "
@@ -93,7 +93,7 @@ def bundle_kind(bundle: str | os.PathLike) -> str:
     meta_path = Path(bundle) / "configs" / "metadata.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} does not exist: {bundle} is not a MONAI bundle")
-    outputs = json.loads(meta_path.read_text()).get("network_data_format", {}).get("outputs") or {}
+    outputs = json.loads(meta_path.read_text(encoding="utf-8")).get("network_data_format", {}).get("outputs") or {}
     if not outputs:
         raise ValueError(f"{meta_path} has no network_data_format.outputs; MONAI Label needs it to know the task")
     first = next(iter(outputs.values()))
@@ -249,7 +249,7 @@ class MonaiLabelServer:
                            f"log {self.log}:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
+        return self.log.read_text(encoding="utf-8", errors="replace")[-chars:] if self.log.is_file() else ""
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the server's process group, then SIGKILL it if it is still there after ``timeout``."""

@@ -73,7 +73,7 @@ class SegmentationBundleTask(_OverridableBundleTask):
         super().__init__(path, conf, overrides, type=InferType.SEGMENTATION)
         if not self.is_valid():
             return
-        with open(os.path.join(path, "configs", "metadata.json")) as fp:
+        with open(os.path.join(path, "configs", "metadata.json"), encoding="utf-8") as fp:
             output = next(iter(json.load(fp)["network_data_format"]["outputs"].values()))
         channels = output.get("channel_def", {})
         if int(output.get("num_channels", len(channels))) == 1 and len(channels) == 1:

@@ -131,7 +131,7 @@ def export_pretrained(
             for key, value in state.items()
         }
     path = out / "key_map.json"
-    path.write_text(json.dumps(key_map, indent=1))
+    path.write_text(json.dumps(key_map, indent=1), encoding="utf-8")
     written["key_map.json"] = path
     return written
 

@@ -45,7 +45,7 @@ def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist; make one with `dira3d prepare ...` or fix the path")
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(path, f"is not valid JSON ({err}); regenerate it with `dira3d prepare ...`") from err
     if not isinstance(content, dict) or not isinstance(content.get(key), list):

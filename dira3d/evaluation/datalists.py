@@ -177,7 +177,7 @@ def _read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist; run data preparation (`dira3d prepare`) or fix the path")
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             content = json.load(handle)
     except json.JSONDecodeError as err:
         raise ValueError(f"datalist {path} is not valid JSON ({err}); re-run data preparation") from err

@@ -63,7 +63,7 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"experiment config {path} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     missing = [key for key in REQUIRED if key not in config]
     if missing:
         raise ValueError(f"experiment config {path} lacks {', '.join(missing)}; see `dira3d experiment --help`")
@@ -94,7 +94,7 @@ def load_config(path: str | Path) -> dict:
 def _read_rows(csv_path: Path) -> list[dict]:
     if not csv_path.is_file():
         return []
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -127,7 +127,7 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     run(config_file=configs, meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
         logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
         dataset_dir=section["dataset_dir"], **overrides)
-    (out / "done.json").write_text(json.dumps({"method": name, "overrides": overrides}, default=str))
+    (out / "done.json").write_text(json.dumps({"method": name, "overrides": overrides}, default=str), encoding="utf-8")
     return str(best)
 
 
@@ -167,7 +167,7 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
                "metric": config["metric"], "value": float(metrics[config["metric"]]),
                "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir)}
         new_file = not csv_path.is_file()
-        with open(csv_path, "a", newline="") as handle:  # one row per finished run: the resume point
+        with open(csv_path, "a", newline="", encoding="utf-8") as handle:  # one row per finished run: the resume point
             writer = csv.DictWriter(handle, fieldnames=FIELDS)
             if new_file:
                 writer.writeheader()
@@ -190,8 +190,8 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
     test = "Welch's" if config.get("welch", False) else "Student's"
     note = (f"\n\nmean ± sample std over seeds, ×100; p: independent two-sample {test} t-test "
             f"against `{config['baseline']}` at the same label fraction.\n")
-    (out / "table.md").write_text(table + note)
-    (out / "summary.json").write_text(json.dumps([c.__dict__ for c in cells], indent=2))
+    (out / "table.md").write_text(table + note, encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps([c.__dict__ for c in cells], indent=2), encoding="utf-8")
     if plots:
         _plot(cells, metric, list(config["methods"]), out)
     return table
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     run_experiment(config)
-    print((Path(config["output_dir"]) / "table.md").read_text())
+    print((Path(config["output_dir"]) / "table.md").read_text(encoding="utf-8"))
     return 0
 
 

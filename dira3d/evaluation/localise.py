@@ -46,7 +46,7 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
     if not path.is_file():
         raise FileNotFoundError(f"box datalist {path} does not exist; `dira3d prepare chestxray14` writes bbox_datalist.json "
                                 "when BBox_List_2017.csv is present")
-    content = json.loads(path.read_text())
+    content = json.loads(path.read_text(encoding="utf-8"))
     keys = [k for k, v in content.items() if isinstance(v, list)] if split is None else [split]
     if split is not None and not isinstance(content.get(split), list):
         raise ValueError(f"box datalist {path} has no split {split!r} (found {sorted(k for k, v in content.items() if isinstance(v, list))}); "
@@ -142,7 +142,7 @@ def localise(
     accuracy = localisation_accuracy(heatmaps, truths, threshold=threshold, deltas=deltas)
     result = {"accuracy": {f"{delta:g}": value for delta, value in accuracy.items()}, "count": len(records),
               "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size], "boxes": records}
-    (out / "localisation.json").write_text(json.dumps(result, indent=2))
+    (out / "localisation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
 
 

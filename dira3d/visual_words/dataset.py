@@ -40,7 +40,7 @@ def load_visual_word_classes(path: str | os.PathLike, split: str = "training") -
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; point to the output of `dira3d visual-words`")
     base = path.parent
-    content = json.loads(path.read_text())
+    content = json.loads(path.read_text(encoding="utf-8"))
     if "format" in content:  # a manifest
         manifest = read_manifest(path)
         if manifest["status"] != "complete":

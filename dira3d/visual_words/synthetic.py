@@ -74,5 +74,5 @@ def write_template_datalist(
                 nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / "images" / f"{case}.nii.gz")
                 datalist[split].append({"image": f"images/{case}.nii.gz", "case_id": case, "template": t})
     path = folder / "datalist.json"
-    path.write_text(json.dumps(datalist, indent=1))
+    path.write_text(json.dumps(datalist, indent=1), encoding="utf-8")
     return path

@@ -81,7 +81,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"visual-word manifest {path} does not exist; run `dira3d visual-words` first")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"visual-word manifest {path} is not valid JSON ({err}); delete the folder or rerun with --overwrite") from err
     if manifest.get("format") != FORMAT or manifest.get("version") != _VERSION:

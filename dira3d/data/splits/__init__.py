@@ -121,6 +121,6 @@ def write_split_file(path: str | Path, split: Mapping[str, object], rule: Mappin
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"rule": dict(rule), **dict(split)}, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps({"rule": dict(rule), **dict(split)}, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
