@@ -32,11 +32,11 @@ from dira3d.data.cxr import (
     resize_image,
     scale_box,
     to_uint8,
+    write_patient_split,
     write_png,
 )
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
-from dira3d.data.splits import write_split_file
 
 __all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
 
@@ -223,8 +223,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         print(f"chestxray14: {missing} image(s) of {entry_csv.name} are not under {src} (partial download?); "
               "they are left out", file=sys.stderr)
     write_datalist(dst / "chestxray14_datalist.json", lists, meta)
-    write_split_file(dst / "split.json", split, {"method": "dira3d.data.cxr.patient_split", "seed": seed,
-                                                 "val_fraction": val_fraction, "of": "train_val_list.txt patients"})
+    write_patient_split(dst, split, seed, val_fraction=val_fraction, of="train_val_list.txt patients")
     if box_csv is not None:
         boxed: dict[str, list[dict]] = defaultdict(list)
         for box in read_boxes(box_csv):

@@ -30,16 +30,16 @@ import numpy as np
 from dira3d.data.cxr import (
     add_size_argument,
     check_size,
-    patient_split,
     read_csv_rows,
     read_grey,
     resize_image,
+    split_entries,
     to_uint8,
+    write_patient_split,
     write_png,
 )
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
-from dira3d.data.splits import write_split_file
 
 __all__ = ["ALL", "FIVE", "POLICIES", "LSR_RANGE", "apply_policy", "read_labels", "prepare", "main"]
 
@@ -195,22 +195,19 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
         return results
 
     done = {case.case_id: case for case, result in zip(cases, results) if result.ok}
-    patients = sorted({records[c]["patient"] for c in done if records[c]["split"] == "train"})
-    split = patient_split(patients, val_fraction, seed=seed)
-    split_of_patient = {p: name for name, ids in split.items() for p in ids}
-    lists: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    entries = {"train": [], "test": []}  # the CSV's own parts: train.csv (split below), valid.csv (test)
     for case_id, case in done.items():
         record = records[case_id]
-        name = "test" if record["split"] == "test" else split_of_patient[record["patient"]]
-        lists[name].append({"image": case.outputs[0], "case_id": record["patient"], "label": record["label"],
-                            "view": record["view"]})
+        entries[record["split"]].append((record["patient"], {"image": case.outputs[0], "case_id": record["patient"],
+                                                             "label": record["label"], "view": record["view"]}))
+    split, lists = split_entries(entries["train"], val_fraction, seed=seed)
+    lists["test"] = [entry for _, entry in entries["test"]]
     meta = {"dataset": "chexpert", "labels": list(labels), "policy": policy, "lsr_range": list(LSR_RANGE),
             "frontal_only": frontal_only, "size": size, "image_format": "png uint8 grey",
             "split": {"test": "official valid.csv", "training/validation": "patient-level split of train.csv",
                       "val_fraction": val_fraction, "seed": seed}, "source": str(src.resolve())}
     write_datalist(dst / "chexpert_datalist.json", lists, meta)
-    write_split_file(dst / "split.json", split, {"method": "dira3d.data.cxr.patient_split", "seed": seed,
-                                                 "val_fraction": val_fraction, "of": "train.csv patients"})
+    write_patient_split(dst, split, seed, val_fraction=val_fraction, of="train.csv patients")
     return results
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from monai.transforms import Resize
 from PIL import Image
 
 from dira3d.data.io import DataError
-from dira3d.data.splits import split_patients
+from dira3d.data.splits import split_patients, write_split_file
+from dira3d.utils.atomic import atomic_path
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -41,6 +41,9 @@ __all__ = [
     "add_size_argument",
     "check_size",
     "patient_split",
+    "split_entries",
+    "write_patient_split",
+    "add_split_arguments",
 ]
 
 DEFAULT_SIZE = 512  # storage size: 2× the 224² training input, so bundles can crop/resize freely
@@ -150,15 +153,8 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     path = Path(path)
     if array.dtype != np.uint8 or array.ndim != 2:
         raise ValueError(f"{path}: expected a 2D uint8 array, got {array.dtype} {array.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(array, mode="L").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -252,3 +248,46 @@ def patient_split(patients: Sequence[str], val_fraction: float, test_fraction: f
         return {name: [] for name in parts}
     # integer reference sizes in parts per million (split_patients scales them to len(ids))
     return split_patients(ids, {k: int(round(v * 1_000_000)) for k, v in parts.items()}, seed=seed)
+
+
+def split_entries(entries: Sequence[tuple[str, dict]], val_fraction: float, test_fraction: float = 0.0,
+                  seed: int = 0) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
+    """Patient-level split (:func:`patient_split`) of datalist entries, each tagged with its patient.
+
+    Args:
+        entries: ``(patient id, datalist entry)`` pairs; a patient may own several entries.
+        val_fraction: fraction of the patients for validation, in [0, 1).
+        test_fraction: fraction for test, in [0, 1); 0 makes no test part.
+        seed: permutation seed.
+
+    Returns:
+        ``(split, lists)``: part name → patient ids, and part name → the entries of those patients
+        (in the order of ``entries``).
+
+    Raises:
+        ValueError: bad fractions (see :func:`patient_split`).
+    """
+    split = patient_split([patient for patient, _ in entries], val_fraction, test_fraction, seed)
+    part_of_patient = {p: name for name, ids in split.items() for p in ids}
+    lists: dict[str, list[dict]] = {name: [] for name in split}
+    for patient, entry in entries:
+        lists[part_of_patient[patient]].append(entry)
+    return split, lists
+
+
+def write_patient_split(dst: str | os.PathLike, split: dict[str, list[str]], seed: int, **details) -> Path:
+    """Record a :func:`patient_split` as ``dst/split.json`` (method, seed and ``details``, e.g. the fractions).
+
+    Returns:
+        The path written.
+    """
+    return write_split_file(Path(dst) / "split.json", split,
+                            {"method": "dira3d.data.cxr.patient_split", "seed": seed, **details})
+
+
+def add_split_arguments(parser, test_fraction: float = 0.2) -> None:
+    """Add ``--val-fraction`` (default 0.1), ``--test-fraction`` and ``--seed`` (patient split) to a parser."""
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation (0.1)")
+    parser.add_argument("--test-fraction", type=float, default=test_fraction,
+                        help=f"fraction of patients for test ({test_fraction})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")

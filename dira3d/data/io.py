@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from dira3d.utils.atomic import atomic_path
 
 __all__ = [
     "DataError",
@@ -252,15 +253,8 @@ def write_nifti(image: sitk.Image, path: str | os.PathLike) -> Path:
     suffix = image_suffix(path)
     if suffix not in (".nii", ".nii.gz"):
         raise ValueError(f"{path}: write_nifti needs a .nii or .nii.gz path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)  # ITK picks the format by suffix
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=suffix == ".nii.gz")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=suffix) as tmp:  # ITK picks the format by suffix
+        sitk.WriteImage(image, str(tmp), useCompression=suffix == ".nii.gz")
     return path
 
 

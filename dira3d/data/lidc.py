@@ -46,6 +46,7 @@ from dira3d.data.lidc_xml import (
 from dira3d.data.normalize import window_hu
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
 from dira3d.data.splits import split_patients, write_split_file
+from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["DEFAULT_SPLIT", "SeriesInfo", "find_series", "consensus_nodules", "process_series", "prepare", "main"]
 
@@ -275,10 +276,7 @@ def process_series(case: Case) -> dict[str, Any]:
     manifest = {"case_id": case.case_id, "patient_id": p["patient_id"], "series_uid": reads.series_uid,
                 "folder": str(folder), "xml": str(p["xml"]), "num_readers": reads.num_readers,
                 "small_nodule_marks": reads.small_nodules, "nodules": entries, "dropped": notes}
-    case.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-    tmp = case.outputs[0].with_name(f".{case.outputs[0].name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(case.outputs[0])  # last: a manifest means the series is complete
+    atomic_write_text(case.outputs[0], json.dumps(manifest, indent=1) + "\n")  # last: a manifest means the series is complete
     return {"nodules": len(entries), "dropped": len(notes)}
 
 

@@ -22,17 +22,19 @@ import numpy as np
 
 from dira3d.data.cxr import (
     add_size_argument,
+    add_split_arguments,
     check_size,
     patient_split,
     read_grey,
     resize_image,
     resize_mask,
+    split_entries,
     to_uint8,
+    write_patient_split,
     write_png,
 )
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
-from dira3d.data.splits import write_split_file
 
 __all__ = ["find_cases", "merge_lungs", "prepare", "main"]
 
@@ -117,20 +119,16 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
     done = [case for case, result in zip(cases, results) if result.ok]
-    split = patient_split([c.params["patient"] for c in done], val_fraction, test_fraction, seed)
-    split_of_patient = {p: name for name, ids in split.items() for p in ids}
-    lists: dict[str, list[dict]] = {name: [] for name in split}
-    for case in done:
-        lists[split_of_patient[case.params["patient"]]].append(
-            {"image": case.outputs[0], "label": case.outputs[1], "case_id": case.params["patient"],
-             "tuberculosis": case.params["tuberculosis"]})
+    split, lists = split_entries(
+        [(case.params["patient"], {"image": case.outputs[0], "label": case.outputs[1], "case_id": case.params["patient"],
+                                   "tuberculosis": case.params["tuberculosis"]}) for case in done],
+        val_fraction, test_fraction, seed)
     meta = {"dataset": "montgomery", "size": size, "image_format": "png uint8 grey", "mask_format": "png uint8 0/1",
             "label": "left ∪ right lung", "split": {"method": "patient-level", "val_fraction": val_fraction,
                                                     "test_fraction": test_fraction, "seed": seed},
             "source": str(src.resolve())}
     write_datalist(dst / "montgomery_datalist.json", lists, meta)
-    write_split_file(dst / "split.json", split, {"method": "dira3d.data.cxr.patient_split", "seed": seed,
-                                                 "val_fraction": val_fraction, "test_fraction": test_fraction})
+    write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction)
     return results
 
 
@@ -138,9 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dira3d prepare montgomery", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     add_size_argument(parser)
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation (0.1)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")
+    add_split_arguments(parser)
     return parser
 
 

@@ -42,6 +42,7 @@ from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import IMAGE_SUFFIXES, DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
 from dira3d.data.splits import assign_folds, write_split_file
+from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["CSV_COLUMNS", "find_volumes", "read_candidates", "prepare", "main"]
 
@@ -116,10 +117,7 @@ def _manifest_paths(case: Case) -> tuple[Path, Path]:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def _process_patient(case: Case, window: Sequence[float], spacing: Sequence[float] | None,

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from dira3d.utils.atomic import atomic_write_text
 
 __all__ = [
     "Case",
@@ -89,18 +90,7 @@ def safe_case_path(out_dir: str | os.PathLike, case_id: str, suffix: str = "") -
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=1, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta: dict) -> Path:

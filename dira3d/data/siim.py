@@ -25,19 +25,21 @@ import SimpleITK as sitk
 
 from dira3d.data.cxr import (
     add_size_argument,
+    add_split_arguments,
     check_size,
     patient_split,
     read_csv_rows,
     read_grey,
     resize_image,
     resize_mask,
+    split_entries,
     to_uint8,
+    write_patient_split,
     write_png,
 )
 from dira3d.data.io import DataError
 from dira3d.data.rle import decode_rle
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
-from dira3d.data.splits import write_split_file
 
 __all__ = ["read_rle_csv", "read_patient_id", "decode_masks", "prepare", "main"]
 
@@ -146,15 +148,13 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         return results
 
     done = [case for case, result in zip(cases, results) if result.ok]
-    patient_of = {case.case_id: read_patient_id(case.params["path"]) for case in done}
-    split = patient_split(list(patient_of.values()), val_fraction, test_fraction, seed)
-    split_of_patient = {p: name for name, ids in split.items() for p in ids}
-    lists: dict[str, list[dict]] = {name: [] for name in split}
+    entries = []
     for case in done:
-        patient = patient_of[case.case_id]
+        patient = read_patient_id(case.params["path"])
         positive = any(r.strip() not in ("", "-1") for r in case.params["rles"])
-        lists[split_of_patient[patient]].append({"image": case.outputs[0], "label": case.outputs[1],
-                                                 "case_id": patient, "pneumothorax": int(positive)})
+        entries.append((patient, {"image": case.outputs[0], "label": case.outputs[1], "case_id": patient,
+                                  "pneumothorax": int(positive)}))
+    split, lists = split_entries(entries, val_fraction, test_fraction, seed)
     missing = len(rles) - len(dicoms)
     if missing:
         print(f"siim: {missing} ImageId(s) of {csv_path.name} have no DICOM under {src}; they are left out",
@@ -164,8 +164,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             "split": {"method": "patient-level", "val_fraction": val_fraction, "test_fraction": test_fraction,
                       "seed": seed}, "source": str(src.resolve())}
     write_datalist(dst / "siim_datalist.json", lists, meta)
-    write_split_file(dst / "split.json", split, {"method": "dira3d.data.cxr.patient_split", "seed": seed,
-                                                 "val_fraction": val_fraction, "test_fraction": test_fraction})
+    write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction)
     return results
 
 
@@ -173,9 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dira3d prepare siim", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     add_size_argument(parser)
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation (0.1)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")
+    add_split_arguments(parser)
     return parser
 
 

@@ -18,9 +18,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "run_finetune", "main"]
 
@@ -70,11 +71,7 @@ def _number(value: Any) -> Any:
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def run_finetune(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 from monai.engines import Workflow
 from monai.utils import ImageMetaKey
+
+from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["BestModelSaver", "ProbabilityWriter", "prediction_path", "scan_stem"]
 
@@ -87,11 +88,8 @@ class ProbabilityWriter:
             self.rows.append({"image": source, "probabilities": probabilities})
 
     def _write(self, engine: Workflow) -> None:
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.output_path.parent, prefix=f".{self.output_path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"classes": self.class_names, "predictions": self.rows}, handle, indent=2)
-        os.replace(tmp, self.output_path)
+        atomic_write_text(self.output_path,
+                          json.dumps({"classes": self.class_names, "predictions": self.rows}, indent=2))
 
 
 class BestModelSaver:

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-__all__ = ["TASK_KINDS", "build_task_network"]
+__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def build_task_network(
             lists the keys and shapes that differ).
         FileNotFoundError: ``pretrained`` names a file that does not exist.
     """
-    from dira3d.networks import Classifier, Segmenter, load_pretrained  # sibling module, imported late
+    from dira3d.networks import Classifier, Segmenter  # sibling module, imported late
 
     if kind not in TASK_KINDS:
         raise ValueError(f"kind={kind!r} is unknown; use one of {sorted(TASK_KINDS)}")
@@ -66,16 +66,47 @@ def build_task_network(
         network: torch.nn.Module = Classifier(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=out, width=width)
     else:
         network = Segmenter(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out, width=width)
+    return initialise_task_network(
+        network, kind, pretrained, in_channels_policy, bn_momentum,
+        random_message=f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})")
+
+
+def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str | os.PathLike | None,
+                            in_channels_policy: str, bn_momentum: float | None, random_message: str,
+                            log: logging.Logger = logger) -> torch.nn.Module:
+    """Set the batch-norm momentum of a task network, load its pretrained parts, report the load.
+
+    The shared tail of :func:`build_task_network` and
+    :func:`~dira3d.evaluation.build_resnet_task_network`.
+
+    Args:
+        network: a task network with the ``encoder`` (/ ``decoder``) sub-modules of ``kind``.
+        kind: a key of :data:`TASK_KINDS`; picks the checkpoint parts loaded.
+        pretrained: checkpoint path; empty or ``None`` keeps the random initialisation.
+        in_channels_policy: see :func:`dira3d.networks.load_pretrained`.
+        bn_momentum: momentum of every batch-norm layer (``None``: cumulative average).
+        random_message: the report printed when there is no checkpoint.
+        log: logger that receives the report as well.
+
+    Returns:
+        ``network``, with pretrained weights loaded when asked.
+
+    Raises:
+        ValueError: a checkpoint whose keys or shapes do not fit. FileNotFoundError: missing checkpoint.
+    """
+    from dira3d.networks import load_pretrained  # sibling module, imported late
+
     for module in network.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = bn_momentum
     if not pretrained:
-        message = f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})"
+        message = random_message
     else:
         # strict: a checkpoint of another architecture would otherwise load nothing, silently
-        report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True, in_channels_policy=in_channels_policy)
+        report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
+                                 in_channels_policy=in_channels_policy)
         message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
     # printed as well as logged: the report must be visible in a plain `monai.bundle run` console
     print(message, flush=True)
-    logger.info(message)
+    log.info(message)
     return network

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dira3d.evaluation.pretrained import TASK_KINDS
+from dira3d.evaluation.pretrained import TASK_KINDS, initialise_task_network
 
 __all__ = ["build_resnet_task_network"]
 
@@ -56,7 +56,7 @@ def build_resnet_task_network(
         ValueError: unknown ``kind`` or a checkpoint whose keys or shapes do not fit.
         FileNotFoundError: ``pretrained`` names a missing file.
     """
-    from dira3d.networks import ResNetClassifier, ResNetSegmenter, load_pretrained
+    from dira3d.networks import ResNetClassifier, ResNetSegmenter
 
     if kind not in TASK_KINDS:
         raise ValueError(f"kind={kind!r} is unknown; use one of {sorted(TASK_KINDS)}")
@@ -64,18 +64,9 @@ def build_resnet_task_network(
         network: torch.nn.Module = ResNetClassifier(in_channels, out, backbone=backbone, dropout=dropout)
     else:
         network = ResNetSegmenter(in_channels, out, backbone=backbone, decoder_channels=tuple(decoder_channels))
-    for module in network.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = bn_momentum
-    if not pretrained:
-        message = f"pretrained: none; 2D {kind} network ({backbone}) initialised at random"
-    else:
-        if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist; give a dira3d 2D checkpoint "
-                                    "(bundles/dira_pretrain with configs/2d.json) or an empty string for random init")
-        report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
-                                 in_channels_policy=in_channels_policy)
-        message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
-    print(message, flush=True)  # visible in a plain `monai.bundle run` console, like the 3D builder
-    logger.info(message)
-    return network
+    if pretrained and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist; give a dira3d 2D checkpoint "
+                                "(bundles/dira_pretrain with configs/2d.json) or an empty string for random init")
+    return initialise_task_network(network, kind, pretrained, in_channels_policy, bn_momentum,
+                                   random_message=f"pretrained: none; 2D {kind} network ({backbone}) initialised at random",
+                                   log=logger)

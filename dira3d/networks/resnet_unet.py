@@ -20,12 +20,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.layers.factories import Pool
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE, SegmentationHead
 from monai.networks.nets.flexible_unet import UNetDecoder as _FlexibleUNetDecoder
 from monai.networks.nets.resnet import ResNetFeatures
 from torch import nn
 
+from dira3d.networks.task import EncoderClassifier
 from dira3d.networks.unet import check_input
 
 __all__ = ["BACKBONES", "ResNetUNetEncoder", "ResNetUNetDecoder", "ResNetUNet", "ResNetClassifier",
@@ -167,7 +167,7 @@ class ResNetUNet(nn.Module):
         return self.decode(bottleneck, skips)
 
 
-class ResNetClassifier(nn.Module):
+class ResNetClassifier(EncoderClassifier):
     """ResNet encoder f_θ + global average pool + (dropout) + linear → class logits.
 
     Args:
@@ -183,24 +183,8 @@ class ResNetClassifier(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 1, backbone: str = "resnet50", dropout: float = 0.0,
                  spatial_dims: int = 2) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes!r} must be at least 1")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.divisor = RESNET_DIVISOR
-        self.encoder = ResNetUNetEncoder(backbone, spatial_dims, in_channels)
-        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(self.encoder.out_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_tracing():
-            check_input(x, self.spatial_dims, self.in_channels, self.divisor)
-        bottleneck, _ = self.encoder(x)
-        return self.fc(self.dropout(torch.flatten(self.pool(bottleneck), 1)))
+        super().__init__(ResNetUNetEncoder(backbone, spatial_dims, in_channels), spatial_dims, in_channels,
+                         RESNET_DIVISOR, num_classes, dropout)
 
 
 class ResNetSegmenter(ResNetUNet):

@@ -12,12 +12,55 @@ import torch
 from monai.networks.layers.factories import Pool
 from torch import nn
 
-from dira3d.networks.unet import DIVISOR, UNetDecoder, UNetEncoder, check_input
+from dira3d.networks.unet import DIVISOR, UNet, UNetEncoder, check_input
 
-__all__ = ["Classifier", "Segmenter"]
+__all__ = ["EncoderClassifier", "Classifier", "Segmenter"]
 
 
-class Classifier(nn.Module):
+class EncoderClassifier(nn.Module):
+    """Any U-Net-style encoder + global average pool + (dropout) + linear → class logits.
+
+    The shared head of :class:`Classifier` and :class:`~dira3d.networks.ResNetClassifier`; the
+    sub-module names (``encoder``, ``pool``, ``dropout``, ``fc``) are the checkpoint keys.
+
+    Args:
+        encoder: module mapping ``x`` to ``(bottleneck, skips)``, with an ``out_channels`` attribute.
+        spatial_dims: 2 or 3.
+        in_channels: input channels the encoder expects.
+        divisor: every spatial size of the input must be a multiple of it.
+        num_classes: number of logits.
+        dropout: dropout probability before the linear layer.
+
+    Returns (forward):
+        logits ``(B, num_classes)``.
+
+    Raises:
+        ValueError: ``num_classes`` < 1 or ``dropout`` outside [0, 1); wrong input shape in ``forward``.
+    """
+
+    def __init__(self, encoder: nn.Module, spatial_dims: int, in_channels: int, divisor: int, num_classes: int,
+                 dropout: float) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r} must be at least 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.divisor = divisor
+        self.encoder = encoder
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.encoder.out_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():
+            check_input(x, self.spatial_dims, self.in_channels, self.divisor)
+        bottleneck, _ = self.encoder(x)
+        return self.fc(self.dropout(torch.flatten(self.pool(bottleneck), 1)))
+
+
+class Classifier(EncoderClassifier):
     """Encoder f_θ + global average pool + (dropout) + linear → class logits.
 
     Args:
@@ -44,28 +87,14 @@ class Classifier(nn.Module):
         dropout: float = 0.0,
         norm: str = "batch",
     ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes!r} must be at least 1")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.divisor = DIVISOR
-        self.encoder = UNetEncoder(spatial_dims, in_channels, width, norm)
-        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(self.encoder.out_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_tracing():
-            check_input(x, self.spatial_dims, self.in_channels, self.divisor)
-        bottleneck, _ = self.encoder(x)
-        return self.fc(self.dropout(torch.flatten(self.pool(bottleneck), 1)))
+        super().__init__(UNetEncoder(spatial_dims, in_channels, width, norm), spatial_dims, in_channels, DIVISOR,
+                         num_classes, dropout)
 
 
-class Segmenter(nn.Module):
+class Segmenter(UNet):
     """Encoder f_θ + decoder g_θ of the U-Net, returning logits (no activation).
+
+    A :class:`~dira3d.networks.UNet` with ``out_activation=None``.
 
     Args:
         spatial_dims: 2 or 3.
@@ -90,15 +119,4 @@ class Segmenter(nn.Module):
         width: float = 1.0,
         norm: str = "batch",
     ) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.divisor = DIVISOR
-        self.encoder = UNetEncoder(spatial_dims, in_channels, width, norm)
-        self.decoder = UNetDecoder(spatial_dims, out_channels, width, norm)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_tracing():
-            check_input(x, self.spatial_dims, self.in_channels, self.divisor)
-        bottleneck, skips = self.encoder(x)
-        return self.decoder(bottleneck, skips)
+        super().__init__(spatial_dims, in_channels, out_channels, width, norm, out_activation=None)

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 Applied = dict[str, torch.Tensor]
+_GENESIS_STAGES = ("shuffle", "nonlinear", "inpaint", "outpaint")  # the Models Genesis distortions, in applied order
 
 
 def _check_prob(name: str, value: float) -> float:
@@ -63,6 +64,31 @@ def _apply(x: torch.Tensor, selected: torch.Tensor, fn: Callable[[torch.Tensor],
     # ``x`` is always the composition's own working copy, so writing into it is safe and saves a
     # full-batch copy per stage.
     return apply_to_subset(x, selected, fn, inplace=True) if bool(selected.any()) else x
+
+
+def _apply_stages(x: torch.Tensor, applied: Applied, stages: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                  names: Sequence[str]) -> torch.Tensor:
+    # stages run in ``names`` order: the order fixes how the generator is consumed
+    for name in names:
+        x = _apply(x, applied[name], stages[name])
+    return x
+
+
+def _flipped_pair(x: torch.Tensor, generator: torch.Generator, flip_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target, working copy)``: input and target get the same flips, so flip once and copy."""
+    check_batch(x)
+    target, _ = random_flip(x, None, generator, prob=flip_prob)
+    return target, target.clone()
+
+
+def _genesis_stages(generator: torch.Generator, num_blocks: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    # the four _GENESIS_STAGES distortions, shared by Models Genesis and TransVW
+    return {
+        "shuffle": lambda s: local_pixel_shuffle(s, generator, num_blocks=num_blocks),
+        "nonlinear": lambda s: nonlinear_intensity(s, generator),
+        "inpaint": lambda s: inpaint(s, generator),
+        "outpaint": lambda s: outpaint(s, generator),
+    }
 
 
 class NoDistortion(Distortion):
@@ -101,21 +127,16 @@ class ModelsGenesisDistortion(Distortion):
         self.num_blocks = int(num_blocks)
 
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
-        check_batch(x)
+        target, distorted = _flipped_pair(x, generator, self.flip_prob)
         b, dev = x.shape[0], x.device
-        # Input and target get the same flips: flip once, the target is that result.
-        target, _ = random_flip(x, None, generator, prob=self.flip_prob)
-        distorted = target.clone()  # the working copy the stages write into
         shuffle = bernoulli(b, self.shuffle_prob, generator, dev)
         nonlinear = bernoulli(b, self.nonlinear_prob, generator, dev)
         paint = bernoulli(b, self.paint_prob, generator, dev)
         use_inpaint = bernoulli(b, self.inpaint_share, generator, dev)
         applied = {"shuffle": shuffle, "nonlinear": nonlinear, "inpaint": paint & use_inpaint,
                    "outpaint": paint & ~use_inpaint}
-        distorted = _apply(distorted, shuffle, lambda s: local_pixel_shuffle(s, generator, num_blocks=self.num_blocks))
-        distorted = _apply(distorted, nonlinear, lambda s: nonlinear_intensity(s, generator))
-        distorted = _apply(distorted, applied["inpaint"], lambda s: inpaint(s, generator))
-        distorted = _apply(distorted, applied["outpaint"], lambda s: outpaint(s, generator))
+        distorted = _apply_stages(distorted, applied, _genesis_stages(generator, self.num_blocks),
+                                  _GENESIS_STAGES)
         return distorted, target, applied
 
 
@@ -134,7 +155,7 @@ class TransVWDistortion(Distortion):
         ValueError: on a probability outside [0, 1] or choice probabilities summing above 1.
     """
 
-    names = ("shuffle", "nonlinear", "inpaint", "outpaint")
+    names = _GENESIS_STAGES
 
     def __init__(self, elastic_prob: float = 1.0, shuffle_prob: float = 0.25, nonlinear_prob: float = 0.25,
                  inpaint_prob: float = 0.25, outpaint_prob: float = 0.25, alpha: float = 991.0, sigma: float = 8.0,
@@ -150,23 +171,13 @@ class TransVWDistortion(Distortion):
         self.num_blocks = int(num_blocks)
 
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
-        check_batch(x)
+        target, distorted = _flipped_pair(x, generator, self.flip_prob)
         b, dev = x.shape[0], x.device
-        # Input and target get the same flips: flip once, the target is that result.
-        target, _ = random_flip(x, None, generator, prob=self.flip_prob)
-        distorted = target.clone()  # the working copy the stages write into
         elastic = bernoulli(b, self.elastic_prob, generator, dev)
         choice = choose_one(b, self.probs, generator, dev)
         applied = {"elastic": elastic, **{n: choice == i for i, n in enumerate(self.names)}}
         distorted = _apply(distorted, elastic, lambda s: elastic_inplane(s, generator, self.alpha, self.sigma))
-        funcs = {
-            "shuffle": lambda s: local_pixel_shuffle(s, generator, num_blocks=self.num_blocks),
-            "nonlinear": lambda s: nonlinear_intensity(s, generator),
-            "inpaint": lambda s: inpaint(s, generator),
-            "outpaint": lambda s: outpaint(s, generator),
-        }
-        for name in self.names:
-            distorted = _apply(distorted, applied[name], funcs[name])
+        distorted = _apply_stages(distorted, applied, _genesis_stages(generator, self.num_blocks), self.names)
         return distorted, target, applied
 
 
@@ -205,10 +216,7 @@ class DiRA2DDistortion(Distortion):
             "outer_cutout": lambda s: outer_cutout(s, generator, prob=1.0, fill=self.fill),
             "patch_swap": lambda s: patch_swap(s, generator, prob=1.0, swaps=self.swaps, size=self.swap_size),
         }
-        distorted = x.clone()
-        for name in self.names:
-            distorted = _apply(distorted, applied[name], funcs[name])
-        return distorted, x, applied
+        return _apply_stages(x.clone(), applied, funcs, self.names), x, applied
 
 
 DISTORTIONS: dict[str, type[Distortion]] = {

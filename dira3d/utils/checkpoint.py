@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from dira3d.utils.atomic import atomic_write
+
 __all__ = ["atomic_save", "load_checkpoint", "check_writable"]
 
 
@@ -48,21 +50,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
     The object is written to a temporary file in the same folder, flushed to disk, and renamed
     over ``path`` (``os.replace`` is atomic on POSIX and Windows). A process killed mid-write
-    leaves the previous checkpoint intact and at most a stray ``.tmp`` file.
+    leaves the previous checkpoint intact and at most a stray ``.tmp`` file
+    (:func:`dira3d.utils.atomic.atomic_write`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from dira3d.utils.atomic import atomic_write, atomic_write_text
 
 __all__ = [
     "MANIFEST_NAME",
@@ -42,31 +43,15 @@ FORMAT = "dira3d-visual-words"
 _VERSION = 1
 
 
-def _replace_atomically(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json_atomic(obj: dict, path: str | os.PathLike) -> Path:
     """Write ``obj`` as JSON so that ``path`` is always either the old or the new file."""
-    text = json.dumps(obj, indent=1).encode()
-    return _replace_atomically(Path(path), lambda handle: handle.write(text))
+    return atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def save_embeddings(embeddings: np.ndarray, path: str | os.PathLike) -> Path:
     """Save a float32 embedding matrix atomically (``.npy``)."""
     array = np.ascontiguousarray(embeddings, dtype=np.float32)
-    return _replace_atomically(Path(path), lambda handle: np.save(handle, array))
+    return atomic_write(path, lambda handle: np.save(handle, array))
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

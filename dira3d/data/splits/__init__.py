@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from dira3d.utils.atomic import atomic_write_text
+
 __all__ = ["proportional_sizes", "split_patients", "assign_folds", "write_split_file"]
 
 
@@ -118,9 +120,4 @@ def write_split_file(path: str | Path, split: Mapping[str, object], rule: Mappin
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"rule": dict(rule), **dict(split)}, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps({"rule": dict(rule), **dict(split)}, indent=2, sort_keys=False) + "\n")

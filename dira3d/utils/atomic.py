@@ -1,0 +1,87 @@
+"""Atomic file writes: a file is always either the old version or the complete new one.
+
+Every writer goes through a temporary file in the target's own folder (so that the final
+``os.replace`` stays on one file system, where it is atomic on POSIX and Windows). A process
+killed mid-write leaves the previous file intact and at most a stray hidden ``.tmp`` file; an
+exception removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on a clean exit it is renamed over ``path``.
+
+    For writers that want a file name rather than a handle (PIL, SimpleITK, which pick the
+    format from the name's suffix: pass e.g. ``suffix=".nii.gz"``). The parent folder is created.
+
+    Args:
+        path: the final file.
+        suffix: ending of the temporary file's name.
+
+    Yields:
+        The temporary file (created empty) to write to.
+
+    Raises:
+        Whatever the body raises; the temporary file is removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(handle)`` on a binary temporary file, flush it to disk, rename it over ``path``.
+
+    Args:
+        path: the final file (its folder is created).
+        write: fills the open binary handle (``torch.save``, ``np.save``, ``handle.write``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        Whatever ``write`` raises, or an ``OSError`` from the file system; ``path`` is then untouched.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the rename makes it visible
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically, encoded with ``encoding`` (see :func:`atomic_write`).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    return atomic_write_bytes(path, text.encode(encoding))
