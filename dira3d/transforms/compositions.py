@@ -9,6 +9,7 @@ image logging).
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
@@ -49,11 +50,12 @@ def choose_one(batch: int, probs: Sequence[float], generator: torch.Generator, d
     return torch.searchsorted(thresholds, u, right=True)
 
 
-class Distortion:
+class Distortion(ABC):
     """Base class: subclasses implement ``sample``; ``__call__`` drops the record of what was applied."""
 
+    @abstractmethod
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
-        raise NotImplementedError
+        """Return ``(distorted, target, applied)``: per-sample booleans of what was applied."""
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         distorted, target, _ = self.sample(x, generator)
@@ -93,9 +95,6 @@ def _genesis_stages(generator: torch.Generator, num_blocks: int) -> dict[str, Ca
 
 class NoDistortion(Distortion):
     """Identity: the input is returned as distorted and as target (for ablations without L_res)."""
-
-    def __init__(self) -> None:
-        pass
 
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         check_batch(x)
