@@ -27,24 +27,28 @@ def _say(text: str) -> None:
 
 
 def stage_table(log_dir: Path, stages: list[dict]) -> str:
-    """Per-stage loss table from the TensorBoard event files: first → last iteration of each term."""
+    """Per-stage loss table from the TensorBoard event files: the epoch means of each term, from the
+    stage's first epoch to its last (stages end at their ``until_epoch``; the last runs to the end)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    stage_of = {e.step: int(round(e.value)) for e in acc.Scalars("stage_index")} if "stage_index" in tags else {}
-    terms = [t for t in ("loss_dis", "loss_res", "loss_adv", "loss_d", "d_real", "d_fake") if t in tags]
-    lines = ["| stage | losses | logged iterations | " + " | ".join(terms) + " |", "|---|---|---|" + "---|" * len(terms)]
-    for index, stage in enumerate(stages):
-        steps = sorted(step for step, s in stage_of.items() if s == index)
-        if not steps:
+    terms = [t for t in ("loss_dis", "loss_res", "loss_adv", "loss_d", "d_real", "d_fake") if f"train_{t}" in tags]
+    epochs = sorted({e.step for t in terms for e in acc.Scalars(f"train_{t}")})
+    lines = ["| stage | losses | epochs | " + " | ".join(terms) + " |", "|---|---|---|" + "---|" * len(terms)]
+    first = 1
+    for stage in stages:
+        last = stage.get("until_epoch", epochs[-1] if epochs else first)
+        mine = [e for e in epochs if first <= e <= last]
+        first = last + 1
+        if not mine:
             continue
         cells = []
         for term in terms:
-            values = [e.value for e in acc.Scalars(term) if e.step in set(steps)]
+            values = [e.value for e in acc.Scalars(f"train_{term}") if e.step in mine]
             cells.append(f"{values[0]:.4f} → {values[-1]:.4f}" if values else "–")
-        lines.append(f"| {stage['name']} | {'+'.join(stage['losses'])} | {steps[0]}–{steps[-1]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {stage['name']} | {'+'.join(stage['losses'])} | {mine[0]}–{mine[-1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     results = None if args.skip_finetune else _finetune(prepared, run_dir / "models" / "best.pt", out, args.seeds)
 
     _say(f"done in {(time.perf_counter() - start) / 60:.1f} min")
-    print("\nPretraining, per stage (first → last logged iteration):\n" + table)
+    print("\nPretraining, per stage (epoch means of each loss, first → last epoch of the stage):\n" + table)
     if results:
         print("\nNodule false-positive reduction (test AUC, tiny fine-tuning):\n" + results)
     print(f"checkpoint:  {run_dir / 'models' / 'best.pt'}  (and last.pt; load with dira3d.networks.load_pretrained)")
