@@ -95,8 +95,13 @@ def init_distributed(backend: str | None = None) -> bool:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group if one is initialised."""
+    """Leave the process group if one is initialised, once every rank has got here.
+
+    Without the barrier a fast rank can tear gloo down while another is still finishing its last
+    collective, and that rank then aborts at exit ("terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
