@@ -115,7 +115,7 @@ def find_series(src: str | Path, xml_dir: str | Path | None = None) -> list[Seri
     """
     src = Path(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"LIDC source folder {src} does not exist; pass the folder holding LIDC-IDRI-XXXX/")
+        raise FileNotFoundError(f"LIDC source folder {src} does not exist; pass the folder holding the LIDC-IDRI-0001/, LIDC-IDRI-0002/, … patient folders")
     by_uid: dict[str, Path] = {}
     if xml_dir is not None:
         if not Path(xml_dir).is_dir():
