@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from dira3d import __version__
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import split_patients, write_split_file
 
 __all__ = ["MODALITIES", "DEFAULT_SPLIT", "find_patients", "prepare", "main"]
@@ -175,15 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``dira3d prepare brats``: parse options, run :func:`prepare`, print a summary."""
     args = build_parser().parse_args(argv)
-    try:
-        results = prepare(args.src, args.dst, modalities=args.modalities, percentiles=args.percentiles,
-                          spacing=args.spacing, split=args.split, seed=args.seed, workers=args.workers,
-                          overwrite=args.overwrite, dry_run=args.dry_run, keep_going=args.keep_going,
-                          report_path=args.report)
-    except ValueError as err:  # DataError included: bad layout or settings, before any case ran
-        print(f"dira3d prepare brats: {err}", file=sys.stderr)
-        return 2
-    return finish(results, args.keep_going)
+    return run_prepare("dira3d prepare brats", prepare, args, modalities=args.modalities,
+                       percentiles=args.percentiles, spacing=args.spacing, split=args.split, seed=args.seed)
 
 
 if __name__ == "__main__":

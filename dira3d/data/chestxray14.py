@@ -36,7 +36,7 @@ from dira3d.data.cxr import (
     write_png,
 )
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
 
@@ -251,11 +251,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = prepare(args.src, args.dst, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                          workers=args.workers, overwrite=args.overwrite, dry_run=args.dry_run,
-                          keep_going=args.keep_going, report_path=args.report)
-    except ValueError as err:  # DataError included: bad layout or settings, before any case ran
-        print(f"dira3d prepare chestxray14: {err}", file=sys.stderr)
-        return 2
-    return finish(results, args.keep_going)
+    return run_prepare("dira3d prepare chestxray14", prepare, args, size=args.size, val_fraction=args.val_fraction,
+                       seed=args.seed)

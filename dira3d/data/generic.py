@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -36,7 +35,7 @@ from dira3d.data.io import (
     xyz_to_image,
 )
 from dira3d.data.normalize import normalize_mr, window_hu
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["normalise_image", "prepare_mask", "discover", "prepare", "main"]
 
@@ -238,14 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.spacing is not None and len(args.spacing) not in (1, 3):
         raise SystemExit("--spacing takes one value or three (x y z)")
-    try:
-        results = prepare(args.src, args.dst, modality=args.modality, window=args.window,
-                          percentiles=args.percentiles, spacing=args.spacing, image_suffix=args.image_suffix,
-                          label_suffix=args.label_suffix, val_fraction=args.val_fraction, seed=args.seed,
-                          workers=args.workers, overwrite=args.overwrite, dry_run=args.dry_run,
-                          keep_going=args.keep_going,
-                          report_path=args.report)
-    except ValueError as err:  # DataError included: bad --src or settings, before any case ran
-        print(f"dira3d prepare generic: {err}", file=sys.stderr)
-        return 2
-    return finish(results, args.keep_going)
+    return run_prepare("dira3d prepare generic", prepare, args, modality=args.modality, window=args.window,
+                       percentiles=args.percentiles, spacing=args.spacing, image_suffix=args.image_suffix,
+                       label_suffix=args.label_suffix, val_fraction=args.val_fraction, seed=args.seed)

@@ -44,7 +44,7 @@ from dira3d.data.lidc_xml import (
     rasterize_nodule,
 )
 from dira3d.data.normalize import window_hu
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import split_patients, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 
@@ -370,17 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", type=int, nargs=3, default=[510, 100, 408], metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
     args = parser.parse_args(argv)
-    try:
-        results = prepare(args.src, args.dst, xml_dir=args.xml_dir, consensus=args.consensus,
-                          min_readers=args.min_readers, group_mm=args.group_mm,
-                          include_outline=args.include_outline, spacing=args.spacing, crop=args.crop,
-                          window=args.window, split=args.split, seed=args.seed, workers=args.workers,
-                          overwrite=args.overwrite, dry_run=args.dry_run, keep_going=args.keep_going,
-                          report_path=args.report)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"dira3d prepare lidc: {err}", file=sys.stderr)
-        return 2
-    return finish(results, keep_going=args.keep_going)
+    return run_prepare("dira3d prepare lidc", prepare, args, xml_dir=args.xml_dir, consensus=args.consensus,
+                       min_readers=args.min_readers, group_mm=args.group_mm, include_outline=args.include_outline,
+                       spacing=args.spacing, crop=args.crop, window=args.window, split=args.split, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ import SimpleITK as sitk
 
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["OFFICIAL_SPLIT", "find_cases", "prepare", "main"]
 
@@ -138,12 +137,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = prepare(args.src, args.dst, window=args.window, spacing=args.spacing,
-                          splits={"training": args.train_range, "validation": args.val_range, "test": args.test_range},
-                          workers=args.workers, overwrite=args.overwrite, dry_run=args.dry_run,
-                          keep_going=args.keep_going, report_path=args.report)
-    except ValueError as err:  # DataError included: bad layout or settings, before any case ran
-        print(f"dira3d prepare lits: {err}", file=sys.stderr)
-        return 2
-    return finish(results, args.keep_going)
+    return run_prepare("dira3d prepare lits", prepare, args, window=args.window, spacing=args.spacing,
+                       splits={"training": args.train_range, "validation": args.val_range, "test": args.test_range})

@@ -30,7 +30,7 @@ import numpy as np
 from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["OFFICIAL_SPLIT", "find_scans", "read_candidates", "read_annotations", "prepare", "main"]
 
@@ -261,15 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = prepare(args.src, args.dst, window=args.window, spacing=args.spacing, cube_size=args.cube_size,
-                          cubes=not args.no_cubes, candidates=args.candidates,
-                          max_negatives_per_scan=args.max_negatives_per_scan, seed=args.seed,
-                          splits={"training": args.train_subsets, "validation": args.val_subsets,
-                                  "test": args.test_subsets},
-                          workers=args.workers, overwrite=args.overwrite, dry_run=args.dry_run,
-                          keep_going=args.keep_going, report_path=args.report)
-    except ValueError as err:  # DataError included: bad layout, CSV or settings, before any case ran
-        print(f"dira3d prepare luna16: {err}", file=sys.stderr)
-        return 2
-    return finish(results, args.keep_going)
+    return run_prepare("dira3d prepare luna16", prepare, args, window=args.window, spacing=args.spacing,
+                       cube_size=args.cube_size, cubes=not args.no_cubes, candidates=args.candidates,
+                       max_negatives_per_scan=args.max_negatives_per_scan, seed=args.seed,
+                       splits={"training": args.train_subsets, "validation": args.val_subsets,
+                               "test": args.test_subsets})

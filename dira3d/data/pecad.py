@@ -40,7 +40,7 @@ from dira3d import __version__
 from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import IMAGE_SUFFIXES, DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, finish, run_cases, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import assign_folds, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 
@@ -242,15 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``dira3d prepare pecad``: parse options, run :func:`prepare`, print a summary."""
     args = build_parser().parse_args(argv)
-    try:
-        results = prepare(args.src, args.dst, volumes=args.volumes, candidates=args.candidates, window=args.window,
-                          spacing=args.spacing, cube_size=args.cube_size, folds=args.folds, seed=args.seed,
-                          workers=args.workers, overwrite=args.overwrite, dry_run=args.dry_run,
-                          keep_going=args.keep_going, report_path=args.report)
-    except ValueError as err:  # DataError included: bad layout or settings, before any case ran
-        print(f"dira3d prepare pecad: {err}", file=sys.stderr)
-        return 2
-    return finish(results, args.keep_going)
+    return run_prepare("dira3d prepare pecad", prepare, args, volumes=args.volumes, candidates=args.candidates,
+                       window=args.window, spacing=args.spacing, cube_size=args.cube_size, folds=args.folds,
+                       seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ __all__ = [
     "run_cases",
     "add_common_arguments",
     "finish",
+    "run_prepare",
     "safe_case_path",
     "write_json",
     "write_datalist",
@@ -241,3 +242,20 @@ def finish(results: Iterable[CaseResult], keep_going: bool = False) -> int:
     for r in failed:
         print(f"FAILED {r.case_id}: {r.reason}", file=sys.stderr)
     return 1 if failed and not keep_going else 0
+
+
+def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argparse.Namespace, **options: Any) -> int:
+    """The body of every ``dira3d prepare <dataset>`` command.
+
+    Calls ``prepare(args.src, args.dst, **options)`` with the options of
+    :func:`add_common_arguments` added, turns an error raised before any case ran (bad layout,
+    missing folder, bad setting) into a one-line message and exit code 2, and otherwise returns
+    :func:`finish`'s exit code.
+    """
+    try:
+        results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
+                          dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report)
+    except (ValueError, FileNotFoundError) as err:  # DataError included
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    return finish(results, args.keep_going)
