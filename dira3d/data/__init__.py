@@ -5,28 +5,33 @@ The core (``io``, ``geometry``, ``normalize``, ``runner``) is re-exported here; 
 on demand (``dira3d.data.luna16.prepare`` ...). See docs/data.md.
 """
 
-from dira3d.data.geometry import crop_cube, resample, voxel_to_world, world_to_voxel
-from dira3d.data.io import (
-    DataError,
-    check_mask_matches,
-    image_to_xyz,
-    read_image,
-    read_mask,
-    to_ras,
-    write_nifti,
-    xyz_to_image,
-)
-from dira3d.data.normalize import normalize_mr, window_hu
-from dira3d.data.runner import (
-    Case,
-    CaseResult,
-    add_common_arguments,
-    finish,
-    run_cases,
-    safe_case_path,
-    write_datalist,
-    write_json,
-)
+import importlib
+
+# Re-exported lazily (PEP 562): ``import dira3d.data`` (the engine does, for DataError) must not
+# load SimpleITK, which training on prepared volumes does not need.
+_EXPORTS = {
+    "dira3d.data.geometry": ("crop_cube", "resample", "voxel_to_world", "world_to_voxel"),
+    "dira3d.data.errors": ("DataError",),
+    "dira3d.data.io": ("check_mask_matches", "image_to_xyz", "read_image", "read_mask", "to_ras",
+                       "write_nifti", "xyz_to_image"),
+    "dira3d.data.normalize": ("normalize_mr", "window_hu"),
+    "dira3d.data.runner": ("Case", "CaseResult", "add_common_arguments", "finish", "run_cases", "safe_case_path",
+                           "write_datalist", "write_json"),
+}
+_OWNER = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _OWNER:
+        raise AttributeError(f"module 'dira3d.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_OWNER[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_OWNER))
+
 
 __all__ = [
     "DataError", "read_image", "read_mask", "write_nifti", "to_ras", "check_mask_matches", "image_to_xyz",

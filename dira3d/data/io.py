@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from dira3d.data.errors import DataError  # noqa: F401  (re-exported: dira3d.data.io.DataError)
 from dira3d.utils.atomic import atomic_path
 
 __all__ = [
@@ -47,14 +48,6 @@ _MET_BYTES = {
     "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
     "MET_DOUBLE": 8,
 }
-
-
-class DataError(ValueError):
-    """A file or folder that cannot be used as it is; ``path`` names it."""
-
-    def __init__(self, path: str | os.PathLike | None, message: str) -> None:
-        self.path = None if path is None else Path(path)
-        super().__init__(f"{path}: {message}" if path is not None else message)
 
 
 def image_suffix(path: str | os.PathLike) -> str:

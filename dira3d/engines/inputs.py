@@ -28,7 +28,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged, MapTransform
 
-from dira3d.data.io import DataError
+from dira3d.data.errors import DataError
 
 __all__ = ["load_datalist", "header_spacing", "check_volume", "LoadVolumed", "CheckVolumed", "data_error_in"]
 

@@ -1,0 +1,46 @@
+"""Training and the engine benchmarks import without the data-preparation libraries.
+
+The lent GPU machines (and slim training images) have torch, numpy, scipy and PyYAML but not
+SimpleITK, nibabel, scikit-learn or matplotlib; only data preparation, evaluation and plotting need
+those. A subprocess blocks them (``sys.modules[name] = None`` makes ``import name`` fail) and then
+imports what pretraining and ``benchmarks/gpu/run.sh`` use.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BLOCKED = ("SimpleITK", "nibabel", "sklearn", "matplotlib", "jsonschema", "fire")
+
+SCRIPT = f"""
+import sys
+for name in {BLOCKED!r}:
+    sys.modules[name] = None
+sys.path.insert(0, "benchmarks")
+import dira3d.engines, dira3d.networks, dira3d.transforms, dira3d.losses, dira3d.data
+from dira3d.data import DataError
+import pretrain_throughput, loader_throughput, sliding_window
+assert DataError.__module__ == "dira3d.data.errors"
+print("imported")
+"""
+
+
+def test_engine_and_benchmarks_import_without_imaging_io_libraries(repo_root: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=repo_root, timeout=300)
+    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-3000:]
+
+
+def test_data_package_still_exports_its_readers_lazily() -> None:
+    import dira3d.data as data
+    import dira3d.data.io as io
+
+    assert data.read_image is io.read_image and data.DataError is io.DataError
+    assert "window_hu" in dir(data)
+    try:
+        data.no_such_reader  # noqa: B018
+    except AttributeError as err:
+        assert "no_such_reader" in str(err)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
