@@ -24,16 +24,13 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from dira3d.data.cxr import (
+    convert_image,
     add_size_argument,
     check_size,
     patient_split,
     read_csv_rows,
-    read_grey,
-    resize_image,
     scale_box,
-    to_uint8,
     write_patient_split,
-    write_png,
 )
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
@@ -138,13 +135,7 @@ def _index_images(src: Path, dst: Path, wanted: set[str]) -> dict[str, Path]:
 
 
 def _process(case: Case, size: int) -> dict:
-    array = read_grey(case.params["path"])
-    try:
-        array = to_uint8(array)
-    except ValueError as err:
-        raise DataError(case.params["path"], str(err)) from err
-    write_png(case.outputs[0], resize_image(array, size))
-    return {"shape": list(array.shape)}
+    return convert_image(case.params["path"], case.outputs[0], size)
 
 
 def _png_shape(path: Path) -> tuple[int, int]:

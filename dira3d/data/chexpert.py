@@ -27,15 +27,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from dira3d.data.cxr import (
+    convert_image,
     add_size_argument,
     check_size,
     read_csv_rows,
-    read_grey,
-    resize_image,
     split_entries,
-    to_uint8,
     write_patient_split,
-    write_png,
 )
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
@@ -138,13 +135,7 @@ def _find_csvs(src: Path) -> tuple[Path, Path]:
 
 
 def _process(case: Case, size: int) -> dict:
-    array = read_grey(case.params["path"])
-    try:
-        array = to_uint8(array)
-    except ValueError as err:
-        raise DataError(case.params["path"], str(err)) from err
-    write_png(case.outputs[0], resize_image(array, size))
-    return {"shape": list(array.shape)}
+    return convert_image(case.params["path"], case.outputs[0], size)
 
 
 def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels: Sequence[str] = FIVE,

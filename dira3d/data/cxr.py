@@ -36,6 +36,7 @@ __all__ = [
     "resize_image",
     "resize_mask",
     "write_png",
+    "convert_image",
     "scale_box",
     "read_csv_rows",
     "add_size_argument",
@@ -156,6 +157,24 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(array, mode="L").save(tmp, format="PNG")
     return path
+
+
+def convert_image(src: str | os.PathLike, dst: str | os.PathLike, size: int) -> dict:
+    """Read a radiograph, rescale it to ``uint8``, resize it to ``size`` and write it as PNG.
+
+    Returns:
+        ``{"shape": [rows, cols]}`` of the source image (for the run report).
+
+    Raises:
+        DataError: ``src`` cannot be read or has no usable intensity range.
+    """
+    array = read_grey(src)
+    try:
+        array = to_uint8(array)
+    except ValueError as err:
+        raise DataError(src, str(err)) from err
+    write_png(dst, resize_image(array, size))
+    return {"shape": list(array.shape)}
 
 
 def scale_box(box: Sequence[float], shape: Sequence[int], size: int) -> list[float]:
