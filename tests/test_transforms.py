@@ -105,6 +105,28 @@ def test_bezier_interpolation_matches_numpy_interp() -> None:
     assert abs(float(np.interp(0.5375, xs[0].numpy(), ys[0].numpy())) - (0.375 * 0.1 + 0.375 * 0.8 + 0.125)) < 0.05
 
 
+def test_randint_between_takes_python_ints_and_tensors_alike() -> None:
+    from dira3d.transforms._common import randint_between
+
+    u = torch.linspace(0, 1 - 1e-7, 1000)
+    assert set(randint_between(2, 5, u).tolist()) == {2, 3, 4, 5}
+    low, high = torch.full((1000,), 2), torch.full((1000,), 5)
+    for lo, hi in ((low, 5), (2, high), (low, high)):
+        assert torch.equal(randint_between(lo, hi, u), randint_between(2, 5, u))
+    assert bool((randint_between(7, torch.full((1000,), 3), u) == 7).all())  # high < low gives low
+    assert bool((randint_between(torch.full((1000,), 7), 3, u) == 7).all())
+
+
+def test_noise_fill_is_uniform_on_a_15_bit_grid() -> None:
+    from dira3d.transforms._common import noise_uniform
+
+    u = noise_uniform((200_000,), gen(1), "cpu")
+    assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert torch.equal(u * 2**15, torch.floor(u * 2**15))
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.std()) - 12 ** -0.5) < 0.01
+    assert noise_uniform((4,), gen(1), "cpu", dtype=torch.float16).dtype == torch.float16
+
+
 def test_prob_zero_leaves_input_untouched() -> None:
     x = rand(4, 1, 16, 16, 8)
     assert torch.equal(nonlinear_intensity(x, gen(), prob=0.0), x)
@@ -363,6 +385,12 @@ def test_view_without_augmentation_is_identity_and_blur_keeps_the_mean() -> None
     assert torch.allclose(gaussian_blur(flat, torch.tensor([0.5, 2.0])), flat, atol=1e-6)
     blurred = gaussian_blur(x, torch.tensor([0.0, 1.5]))
     assert torch.allclose(blurred[0], x[0]) and float(blurred[1].std()) < float(x[1].std())
+    # A fixed radius (the views use ceil(3 * largest configured sigma)): a sample's blur no longer
+    # depends on the other samples' sigmas.
+    other = gaussian_blur(x, torch.tensor([1.9, 1.5]), radius=6)
+    assert torch.equal(gaussian_blur(x, torch.tensor([0.3, 1.5]), radius=6)[1], other[1])
+    with pytest.raises(ValueError, match="radius"):
+        gaussian_blur(x, torch.tensor([0.3, 1.5]), radius=0)
 
 
 # --- MONAI wrappers -------------------------------------------------------------------------
@@ -376,6 +404,8 @@ def test_dictionary_wrappers_are_reproducible_through_set_random_state() -> None
     assert torch.equal(first["image_distorted"], again["image_distorted"])
     assert not torch.equal(first["image_distorted"], other["image_distorted"])
     assert torch.equal(first["image_target"], torch.as_tensor(item["image"]))  # TransVW: no flips by default
+    static = RandDistortiond("image", composition="transvw", num_blocks=50, static_shapes=True).set_random_state(3)
+    assert torch.equal(static(item)["image_distorted"], first["image_distorted"])  # both paths agree
     views = RandViewsd("image", spatial_dims=3).set_random_state(5)(item)
     assert views["image_view1"].shape == (1, 16, 16, 8) and not torch.equal(views["image_view1"], views["image_view2"])
     assert RandViewd is RandViewsd

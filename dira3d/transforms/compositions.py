@@ -4,17 +4,24 @@ A composition is called as ``distorted, target = comp(x, generator)``: ``target`
 same flips as the input (the restoration target); ``distorted`` has the flips and the distortions.
 ``comp.sample(x, generator)`` also returns which distortions each sample received (for tests and
 image logging).
+
+Every stage is called on the whole batch with the composition's own per-sample choice
+(``selected=``), so it draws its random numbers for every sample; ``static_shapes`` then picks how
+the chosen samples are computed (see :mod:`dira3d.transforms._common`): only them (the CPU
+default) or all of them, kept with ``torch.where`` (the default elsewhere: no host
+synchronisation). Both give the same result for the same seed.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
 
-from ._common import apply_to_subset, bernoulli, check_batch, uniform
+from ._common import bernoulli, check_batch, check_static, fill_values, resolve_static, uniform
 from .distortions2d import cutout, outer_cutout, patch_swap
 from .intensity import nonlinear_intensity
 from .painting import inpaint, outpaint
@@ -34,6 +41,7 @@ __all__ = [
 ]
 
 Applied = dict[str, torch.Tensor]
+Stage = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (batch, selected) -> distorted batch
 _GENESIS_STAGES = ("shuffle", "nonlinear", "inpaint", "outpaint")  # the Models Genesis distortions, in applied order
 
 
@@ -44,10 +52,16 @@ def _check_prob(name: str, value: float) -> float:
 
 
 def choose_one(batch: int, probs: Sequence[float], generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
-    """Per sample, the index of one option drawn with ``probs``; ``len(probs)`` means none (the remainder)."""
-    thresholds = torch.cumsum(torch.tensor(list(probs), dtype=torch.float64), 0).to(device)
+    """Per sample, the index of one option drawn with ``probs``; ``len(probs)`` means none (the remainder).
+
+    The index is the number of cumulative thresholds at or below a U[0, 1) draw, counted against
+    Python floats (no threshold tensor built from Python data).
+    """
     u = uniform((batch,), generator, device, dtype=torch.float64)
-    return torch.searchsorted(thresholds, u, right=True)
+    choice = torch.zeros(batch, dtype=torch.long, device=u.device)
+    for threshold in itertools.accumulate(float(p) for p in probs):
+        choice += u >= threshold
+    return choice
 
 
 class Distortion(ABC):
@@ -62,39 +76,60 @@ class Distortion(ABC):
         return distorted, target
 
 
-def _apply(x: torch.Tensor, selected: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    # ``x`` is always the composition's own working copy, so writing into it is safe and saves a
-    # full-batch copy per stage.
-    return apply_to_subset(x, selected, fn, inplace=True) if bool(selected.any()) else x
-
-
-def _apply_stages(x: torch.Tensor, applied: Applied, stages: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-                  names: Sequence[str]) -> torch.Tensor:
-    # stages run in ``names`` order: the order fixes how the generator is consumed
+def _apply_stages(x: torch.Tensor, applied: Applied, stages: dict[str, Stage], names: Sequence[str]) -> torch.Tensor:
+    # Stages run in ``names`` order (the order fixes how the generator is consumed), each on the
+    # whole batch with its per-sample choice: a stage draws its random numbers whether or not any
+    # sample chose it, so the generator is consumed alike on both paths.
     for name in names:
-        x = _apply(x, applied[name], stages[name])
+        x = stages[name](x, applied[name])
     return x
 
 
-def _flipped_pair(x: torch.Tensor, generator: torch.Generator, flip_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _flipped_pair(x: torch.Tensor, generator: torch.Generator, flip_prob: float,
+                  static: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(target, working copy)``: input and target get the same flips, so flip once and copy."""
     check_batch(x)
-    target, _ = random_flip(x, None, generator, prob=flip_prob)
+    target, _ = random_flip(x, None, generator, prob=flip_prob, static_shapes=static)
     return target, target.clone()
 
 
-def _genesis_stages(generator: torch.Generator, num_blocks: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    # the four _GENESIS_STAGES distortions, shared by Models Genesis and TransVW
+def _genesis_stages(generator: torch.Generator, num_blocks: int, static: bool) -> dict[str, Stage]:
+    """The four _GENESIS_STAGES distortions, shared by Models Genesis and TransVW.
+
+    The batch a stage gets is always the composition's own working copy, so the stages write into
+    it (``inplace``: saves a batch copy per stage). In- and out-painting never paint the same sample, so they share one
+    U[0, 1) noise draw: a batch of noise instead of two, drawn by whichever paints first (always
+    in-painting: every stage runs, on both paths), so the batch-sized draw is not held in memory
+    through the shuffle.
+    """
+    opts = {"static_shapes": static, "inplace": True}
+    shared: list[torch.Tensor] = []
+
+    def noise(s: torch.Tensor) -> torch.Tensor:
+        if not shared:
+            shared.append(fill_values(s, generator, "noise"))
+        return shared[0]
+
     return {
-        "shuffle": lambda s: local_pixel_shuffle(s, generator, num_blocks=num_blocks),
-        "nonlinear": lambda s: nonlinear_intensity(s, generator),
-        "inpaint": lambda s: inpaint(s, generator),
-        "outpaint": lambda s: outpaint(s, generator),
+        "shuffle": lambda s, sel: local_pixel_shuffle(s, generator, num_blocks=num_blocks, selected=sel, **opts),
+        "nonlinear": lambda s, sel: nonlinear_intensity(s, generator, selected=sel, **opts),
+        "inpaint": lambda s, sel: inpaint(s, generator, fill=noise(s), selected=sel, **opts),
+        "outpaint": lambda s, sel: outpaint(s, generator, fill=noise(s), selected=sel, **opts),
     }
 
 
 class NoDistortion(Distortion):
-    """Identity: the input is returned as distorted and as target (for ablations without L_res)."""
+    """Identity: the input is returned as distorted and as target (for ablations without L_res).
+
+    Args:
+        static_shapes: accepted for a uniform interface (the identity has no data-dependent shapes).
+
+    Raises:
+        ValueError: on a ``static_shapes`` other than True, False or None.
+    """
+
+    def __init__(self, static_shapes: bool | None = None) -> None:
+        self.static_shapes = check_static(static_shapes)
 
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         check_batch(x)
@@ -111,22 +146,28 @@ class ModelsGenesisDistortion(Distortion):
         paint_prob: probability of painting; then in-painting with ``inpaint_share`` else out-painting.
         inpaint_share: share of in-painting among painted samples.
         num_blocks: shuffle blocks per sample.
+        static_shapes: ``True``: compute every sample and keep the chosen ones (fixed shapes, no
+            host synchronisation: for a GPU); ``False``: compute only the chosen samples (cheaper
+            on a CPU); ``None``: static on any device but the CPU. Both give the same result.
 
     Raises:
-        ValueError: on a probability outside [0, 1].
+        ValueError: on a probability outside [0, 1] or a bad ``static_shapes``.
     """
 
     def __init__(self, flip_prob: float = 0.4, shuffle_prob: float = 0.5, nonlinear_prob: float = 0.9,
-                 paint_prob: float = 0.9, inpaint_share: float = 0.2, num_blocks: int = 10000) -> None:
+                 paint_prob: float = 0.9, inpaint_share: float = 0.2, num_blocks: int = 10000,
+                 static_shapes: bool | None = None) -> None:
         self.flip_prob = _check_prob("flip_prob", flip_prob)
         self.shuffle_prob = _check_prob("shuffle_prob", shuffle_prob)
         self.nonlinear_prob = _check_prob("nonlinear_prob", nonlinear_prob)
         self.paint_prob = _check_prob("paint_prob", paint_prob)
         self.inpaint_share = _check_prob("inpaint_share", inpaint_share)
         self.num_blocks = int(num_blocks)
+        self.static_shapes = check_static(static_shapes)
 
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
-        target, distorted = _flipped_pair(x, generator, self.flip_prob)
+        static = resolve_static(self.static_shapes, x.device)
+        target, distorted = _flipped_pair(x, generator, self.flip_prob, static)
         b, dev = x.shape[0], x.device
         shuffle = bernoulli(b, self.shuffle_prob, generator, dev)
         nonlinear = bernoulli(b, self.nonlinear_prob, generator, dev)
@@ -134,7 +175,7 @@ class ModelsGenesisDistortion(Distortion):
         use_inpaint = bernoulli(b, self.inpaint_share, generator, dev)
         applied = {"shuffle": shuffle, "nonlinear": nonlinear, "inpaint": paint & use_inpaint,
                    "outpaint": paint & ~use_inpaint}
-        distorted = _apply_stages(distorted, applied, _genesis_stages(generator, self.num_blocks),
+        distorted = _apply_stages(distorted, applied, _genesis_stages(generator, self.num_blocks, static),
                                   _GENESIS_STAGES)
         return distorted, target, applied
 
@@ -149,16 +190,20 @@ class TransVWDistortion(Distortion):
         alpha, sigma: elastic warp settings (TransVW: 991, 8).
         flip_prob: probability of each successive flip (input and target alike; 0 = no flips).
         num_blocks: shuffle blocks per sample.
+        static_shapes: ``True``: compute every sample and keep the chosen ones (fixed shapes, no
+            host synchronisation: for a GPU); ``False``: compute only the chosen samples (cheaper
+            on a CPU); ``None``: static on any device but the CPU. Both give the same result.
 
     Raises:
-        ValueError: on a probability outside [0, 1] or choice probabilities summing above 1.
+        ValueError: on a probability outside [0, 1], choice probabilities summing above 1 or a
+            bad ``static_shapes``.
     """
 
     names = _GENESIS_STAGES
 
     def __init__(self, elastic_prob: float = 1.0, shuffle_prob: float = 0.25, nonlinear_prob: float = 0.25,
                  inpaint_prob: float = 0.25, outpaint_prob: float = 0.25, alpha: float = 991.0, sigma: float = 8.0,
-                 flip_prob: float = 0.0, num_blocks: int = 10000) -> None:
+                 flip_prob: float = 0.0, num_blocks: int = 10000, static_shapes: bool | None = None) -> None:
         self.elastic_prob = _check_prob("elastic_prob", elastic_prob)
         self.probs = [_check_prob(f"{n}_prob", p) for n, p in
                       zip(self.names, (shuffle_prob, nonlinear_prob, inpaint_prob, outpaint_prob))]
@@ -168,15 +213,18 @@ class TransVWDistortion(Distortion):
         self.alpha, self.sigma = float(alpha), float(sigma)
         self.flip_prob = _check_prob("flip_prob", flip_prob)
         self.num_blocks = int(num_blocks)
+        self.static_shapes = check_static(static_shapes)
 
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
-        target, distorted = _flipped_pair(x, generator, self.flip_prob)
+        static = resolve_static(self.static_shapes, x.device)
+        target, distorted = _flipped_pair(x, generator, self.flip_prob, static)
         b, dev = x.shape[0], x.device
         elastic = bernoulli(b, self.elastic_prob, generator, dev)
         choice = choose_one(b, self.probs, generator, dev)
         applied = {"elastic": elastic, **{n: choice == i for i, n in enumerate(self.names)}}
-        distorted = _apply(distorted, elastic, lambda s: elastic_inplane(s, generator, self.alpha, self.sigma))
-        distorted = _apply_stages(distorted, applied, _genesis_stages(generator, self.num_blocks), self.names)
+        distorted = elastic_inplane(distorted, generator, self.alpha, self.sigma, selected=elastic,
+                                    static_shapes=static, inplace=True)
+        distorted = _apply_stages(distorted, applied, _genesis_stages(generator, self.num_blocks, static), self.names)
         return distorted, target, applied
 
 
@@ -188,32 +236,45 @@ class DiRA2DDistortion(Distortion):
         cutout_boxes, cutout_size: up to this many boxes with sides in this range (px).
         swaps, swap_size: box pairs swapped and their side range (px).
         fill: ``"noise"`` or ``"zero"`` for the cutouts.
+        static_shapes: ``True``: compute every sample and keep the chosen ones (fixed shapes, no
+            host synchronisation: for a GPU); ``False``: compute only the chosen samples (cheaper
+            on a CPU); ``None``: static on any device but the CPU. Both give the same result.
 
     Raises:
-        ValueError: on a probability outside [0, 1] or probabilities summing above 1.
+        ValueError: on a probability outside [0, 1], probabilities summing above 1, a bad ``fill``
+            or a bad ``static_shapes``.
     """
 
     names = ("cutout", "outer_cutout", "patch_swap")
 
     def __init__(self, cutout_prob: float = 0.3, outer_cutout_prob: float = 0.05, patch_swap_prob: float = 0.3,
                  cutout_boxes: int = 10, cutout_size: tuple[int, int] = (10, 70), swaps: int = 10,
-                 swap_size: tuple[int, int] = (10, 15), fill: str = "noise") -> None:
+                 swap_size: tuple[int, int] = (10, 15), fill: str = "noise",
+                 static_shapes: bool | None = None) -> None:
         self.probs = [_check_prob(f"{n}_prob", p) for n, p in
                       zip(self.names, (cutout_prob, outer_cutout_prob, patch_swap_prob))]
         if sum(self.probs) > 1.0 + 1e-9:
             raise ValueError(f"DiRA 2D distortion probabilities {dict(zip(self.names, self.probs))} sum above 1.")
         self.cutout_boxes, self.cutout_size = int(cutout_boxes), tuple(cutout_size)
+        if fill not in ("noise", "zero"):
+            raise ValueError(f"DiRA 2D fill must be 'noise' or 'zero', got {fill!r}")
         self.swaps, self.swap_size, self.fill = int(swaps), tuple(swap_size), fill
+        self.static_shapes = check_static(static_shapes)
 
     def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         check_batch(x)
+        static = resolve_static(self.static_shapes, x.device)
         choice = choose_one(x.shape[0], self.probs, generator, x.device)
         applied = {n: choice == i for i, n in enumerate(self.names)}
+        opts = {"static_shapes": static, "inplace": True}
+        # cutout and outer cutout never hit the same sample: one fill draw serves both
+        fill = fill_values(x, generator, self.fill)
         funcs = {
-            "cutout": lambda s: cutout(s, generator, prob=1.0, max_boxes=self.cutout_boxes,
-                                       size=self.cutout_size, fill=self.fill),
-            "outer_cutout": lambda s: outer_cutout(s, generator, prob=1.0, fill=self.fill),
-            "patch_swap": lambda s: patch_swap(s, generator, prob=1.0, swaps=self.swaps, size=self.swap_size),
+            "cutout": lambda s, sel: cutout(s, generator, max_boxes=self.cutout_boxes, size=self.cutout_size,
+                                            fill=fill, selected=sel, **opts),
+            "outer_cutout": lambda s, sel: outer_cutout(s, generator, fill=fill, selected=sel, **opts),
+            "patch_swap": lambda s, sel: patch_swap(s, generator, swaps=self.swaps, size=self.swap_size,
+                                                    selected=sel, **opts),
         }
         return _apply_stages(x.clone(), applied, funcs, self.names), x, applied
 

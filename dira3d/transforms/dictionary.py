@@ -47,7 +47,9 @@ class RandDistortion(_SeededTransform):
 
     Args:
         composition: a name for ``build_distortion`` or a ``Distortion`` instance.
-        **overrides: constructor settings when ``composition`` is a name.
+        **overrides: constructor settings when ``composition`` is a name, ``static_shapes``
+            included (items are distorted on the CPU here, where the default subset path is the
+            cheaper one).
     """
 
     def __init__(self, composition: str | Distortion = "models_genesis", **overrides: Any) -> None:
@@ -71,7 +73,9 @@ class RandDistortiond(Randomizable, MapTransform):
         distorted_suffix: suffix of the output key of the distorted input.
         target_suffix: suffix of the output key of the restoration target.
         allow_missing_keys: don't raise if a key is missing.
-        **overrides: constructor settings when ``composition`` is a name.
+        **overrides: constructor settings when ``composition`` is a name, ``static_shapes``
+            included (items are distorted on the CPU here, where the default subset path is the
+            cheaper one).
     """
 
     backend = RandDistortion.backend
@@ -106,7 +110,7 @@ class RandViews(_SeededTransform):
 
     Args:
         spatial_dims: 2 or 3 (picks the defaults of ``ViewAugment``).
-        **overrides: fields of ``ViewSettings``.
+        **overrides: fields of ``ViewSettings``, and ``static_shapes`` (see ``ViewAugment``).
     """
 
     def __init__(self, spatial_dims: int = 3, **overrides: Any) -> None:
@@ -128,7 +132,7 @@ class RandViewsd(Randomizable, MapTransform):
         spatial_dims: 2 or 3.
         view_suffixes: suffixes of the two output keys.
         allow_missing_keys: don't raise if a key is missing.
-        **overrides: fields of ``ViewSettings``.
+        **overrides: fields of ``ViewSettings``, and ``static_shapes`` (see ``ViewAugment``).
     """
 
     backend = RandViews.backend

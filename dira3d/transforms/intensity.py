@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import apply_to_subset, bernoulli, check_batch, uniform
+from ._common import apply_to_subset, bernoulli_or, check_batch, resolve_static, take, uniform
 
 __all__ = ["bezier_lookup", "nonlinear_intensity"]
 
@@ -67,7 +67,8 @@ def _interpolate(values: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, grid_
 
 
 def nonlinear_intensity(x: torch.Tensor, generator: torch.Generator, prob: float = 1.0,
-                        inverse_prob: float = 0.5, num_points: int = 1000) -> torch.Tensor:
+                        inverse_prob: float = 0.5, num_points: int = 1000, selected: torch.Tensor | None = None,
+                        static_shapes: bool | None = None, inplace: bool = False) -> torch.Tensor:
     """Map intensities through a random monotone cubic Bézier curve, one curve per sample.
 
     Args:
@@ -76,6 +77,12 @@ def nonlinear_intensity(x: torch.Tensor, generator: torch.Generator, prob: float
         prob: per-sample probability of applying the distortion.
         inverse_prob: probability that a sample's curve is decreasing (inverted intensities).
         num_points: points sampled along each curve for the lookup table.
+        selected: ``(B,)`` boolean, the samples to distort, instead of drawing them with ``prob``.
+        static_shapes: ``True``: map every sample and keep the selected ones (no host
+            synchronisation); ``False``: map only the selected samples; ``None``: static off the
+            CPU. Both give the same result.
+        inplace: subset path only: write into ``x`` (for callers that own it); use the
+            returned tensor either way.
 
     Returns:
         A new tensor like ``x``; values stay in [0, 1]. All channels of a sample share its curve.
@@ -87,15 +94,14 @@ def nonlinear_intensity(x: torch.Tensor, generator: torch.Generator, prob: float
     if not 0.0 <= inverse_prob <= 1.0:
         raise ValueError(f"inverse_prob must be in [0, 1], got {inverse_prob}")
     b = x.shape[0]
-    selected = bernoulli(b, prob, generator, x.device)
+    selected = bernoulli_or(selected, b, prob, generator, x.device)
     # Draw for every sample (selected or not) so that a sample's curve does not depend on the others.
     controls = uniform((b, 4), generator, x.device, dtype=torch.float32)
     inverted = uniform((b,), generator, x.device) < inverse_prob
 
-    def curve(sub: torch.Tensor) -> torch.Tensor:
-        idx = torch.nonzero(selected, as_tuple=False).flatten()
-        xs, ys = bezier_lookup(controls[idx], inverted[idx], num_points)
+    def curve(sub: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        xs, ys = bezier_lookup(take(controls, idx), take(inverted, idx), num_points)
         flat = sub.reshape(sub.shape[0], -1).float()
         return _interpolate(flat, xs, ys).reshape(sub.shape).to(sub.dtype)
 
-    return apply_to_subset(x, selected, curve)
+    return apply_to_subset(x, selected, curve, inplace=inplace, static=resolve_static(static_shapes, x.device))

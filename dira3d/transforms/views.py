@@ -3,6 +3,13 @@
 One view = random crop-and-resize, random flips, intensity (colour) jitter, Gaussian noise and
 Gaussian blur, each drawn per sample. ``ViewAugment`` holds the settings and returns two
 independent views; its defaults follow SimCLR/MoCo-v2 in 2D and a CT-friendly set in 3D.
+
+Every step computes every sample and keeps the result where drawn (``torch.where``): fixed
+shapes, nothing read back from the device, on any device. The blur's kernel radius comes from the
+configured largest sigma (not from the sigmas drawn), so a sample's view never depends on the
+other samples. ``static_shapes`` is accepted for an interface uniform with the distortions; no
+step has a subset path (blurring only the drawn samples is not bit-identical: a grouped
+convolution of one channel takes another algorithm than one of many).
 """
 
 from __future__ import annotations
@@ -13,9 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import bernoulli, check_batch, uniform
+from ._common import bernoulli, check_batch, check_static, to_device, uniform
 
-__all__ = ["ViewSettings", "ViewAugment", "random_views", "gaussian_blur"]
+__all__ = ["ViewSettings", "ViewAugment", "random_views", "gaussian_blur", "blur_radius"]
 
 
 @dataclass
@@ -69,14 +76,36 @@ def _crop_resize(x: torch.Tensor, generator: torch.Generator, scale: tuple[float
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def blur_radius(max_sigma: float) -> int:
+    """Kernel radius (``ceil(3 * sigma)``, at least 1) that covers every sigma up to ``max_sigma``."""
+    return max(1, int(math.ceil(3 * float(max_sigma))))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
     """Separable Gaussian blur with one sigma per sample (``sigma`` ``(B,)``, 0 = unchanged).
 
     Per-sample kernels are applied at once as a grouped convolution over ``B * C`` channels.
+
+    Args:
+        x: ``(B, C, *spatial)`` batch, 1 to 3 spatial dims.
+        sigma: ``(B,)`` standard deviations in voxels.
+        radius: kernel radius in voxels, the same for every sample; give
+            ``blur_radius(largest possible sigma)`` so that a sample's blur does not depend on the
+            others' sigmas and nothing is read back from the device. When omitted it is
+            ``blur_radius(sigma.max())`` (a device-to-host synchronisation on a GPU).
+
+    Returns:
+        The blurred batch (replicate padding at the borders).
+
+    Raises:
+        ValueError: on a radius below 1.
     """
     b, c, *spatial = x.shape
     d = len(spatial)
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    if radius is None:
+        radius = blur_radius(float(sigma.max()))
+    if radius < 1:
+        raise ValueError(f"gaussian_blur radius must be at least 1 voxel, got {radius}")
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     s = sigma.to(x.dtype).clamp_min(1e-6)[:, None]
     kernel = torch.exp(-0.5 * (t[None] / s) ** 2)
@@ -99,20 +128,23 @@ def _pad_for(axis: int, d: int, radius: int) -> list[int]:
     return pad
 
 
-def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSettings | None = None) -> torch.Tensor:
+def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSettings | None = None,
+                 static_shapes: bool | None = None) -> torch.Tensor:
     """One augmented view of every sample of ``x``.
 
     Steps, each drawn per sample: crop covering ``scale`` of the area/volume (2D aspect in
     ``ratio``) resized back; flip along each of ``flip_axes`` with ``flip_prob``; with
     ``jitter_prob`` brightness (add U(-b, b)) and contrast (scale about the mean by U(1-c, 1+c));
     with ``gamma_prob`` a gamma in ``gamma`` (log-uniform); with ``noise_prob`` Gaussian noise of
-    std U(0, noise_std); with ``blur_prob`` a Gaussian blur of sigma in ``blur_sigma``. Output
-    clipped to [0, 1].
+    std U(0, noise_std); with ``blur_prob`` a Gaussian blur of sigma in ``blur_sigma`` (kernel
+    radius ``ceil(3 * blur_sigma[1])``). Output clipped to [0, 1].
 
     Args:
         x: ``(B, C, *spatial)`` batch in [0, 1], 2D or 3D, any device.
         generator: source of randomness (CPU or on ``x``'s device).
         settings: the view settings; the defaults of ``ViewAugment`` for the dims when omitted.
+        static_shapes: accepted for an interface uniform with the distortions (validated, no
+            effect): every step already has fixed shapes on any device.
 
     Returns:
         The view, same shape and dtype as ``x``.
@@ -121,9 +153,12 @@ def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSett
         ValueError: on a badly shaped input or bad settings.
     """
     d = check_batch(x)
+    check_static(static_shapes)
     s = settings or _defaults(d)
     if not 0.0 < s.scale[0] <= s.scale[1] <= 1.0:
         raise ValueError(f"view scale must satisfy 0 < min <= max <= 1, got {s.scale}")
+    if not 0.0 <= s.blur_sigma[0] <= s.blur_sigma[1]:
+        raise ValueError(f"view blur_sigma must satisfy 0 <= min <= max, got {s.blur_sigma}")
     b, dev = x.shape[0], x.device
     out = _crop_resize(x, generator, s.scale, s.ratio)
     for axis in s.flip_axes:
@@ -144,12 +179,13 @@ def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSett
     if s.noise_prob > 0 and s.noise_std > 0:
         use = bernoulli(b, s.noise_prob, generator, dev).view(view_shape)
         std = (uniform((b,), generator, dev) * s.noise_std).view(view_shape)
-        noise = torch.randn(tuple(x.shape), generator=generator, device=generator.device).to(dev)
+        noise = to_device(torch.randn(tuple(x.shape), generator=generator, device=generator.device), dev)
         out = torch.where(use, out + std * noise, out)
     if s.blur_prob > 0:
         use = bernoulli(b, s.blur_prob, generator, dev)
         sigma = s.blur_sigma[0] + (s.blur_sigma[1] - s.blur_sigma[0]) * uniform((b,), generator, dev)
-        out = gaussian_blur(out, torch.where(use, sigma, torch.zeros_like(sigma)))
+        blurred = gaussian_blur(out, sigma, blur_radius(s.blur_sigma[1]))
+        out = torch.where(use.view(view_shape), blurred, out)
     return out.clamp(0.0, 1.0).to(x.dtype)
 
 
@@ -159,25 +195,28 @@ class ViewAugment:
     Args:
         spatial_dims: 2 (SimCLR/MoCo-v2 set) or 3 (crop 0.5-1, flips on every axis, jitter,
             gamma, noise, blur).
+        static_shapes: see :func:`random_views` (``None``: static off the CPU).
         **overrides: any field of ``ViewSettings`` (e.g. ``scale=(0.3, 1.0)``, ``blur_prob=0``).
 
     Raises:
-        ValueError: on spatial_dims other than 2 or 3, or an unknown setting.
+        ValueError: on spatial_dims other than 2 or 3, an unknown setting or a bad ``static_shapes``.
     """
 
-    def __init__(self, spatial_dims: int = 3, **overrides: object) -> None:
+    def __init__(self, spatial_dims: int = 3, static_shapes: bool | None = None, **overrides: object) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        check_static(static_shapes)
         settings = asdict(_defaults(spatial_dims))
         unknown = sorted(set(overrides) - set(settings))
         if unknown:
             raise ValueError(f"unknown view setting(s) {unknown}; valid settings are {sorted(settings)}.")
         settings.update(overrides)
-        self.spatial_dims = spatial_dims
+        self.spatial_dims, self.static_shapes = spatial_dims, static_shapes
         self.settings = ViewSettings(**settings)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim - 2 != self.spatial_dims:
             raise ValueError(f"ViewAugment(spatial_dims={self.spatial_dims}) got a batch of shape {tuple(x.shape)}; "
                              f"expected (B, C) + {self.spatial_dims} spatial dims.")
-        return random_views(x, generator, self.settings), random_views(x, generator, self.settings)
+        return (random_views(x, generator, self.settings, self.static_shapes),
+                random_views(x, generator, self.settings, self.static_shapes))
