@@ -41,7 +41,7 @@ def volumes(count: int = 4, shape=(24, 24, 12)) -> list[dict]:
 
 
 def build(mode="visual_words", pair="instances", amp="none", channels_last=False, fused=False, views="auto",
-          compile=False, batch=4, stages=ALL_TERMS, max_epochs=1, lr=1e-3):
+          compile=False, batch=4, stages=ALL_TERMS, max_epochs=1, lr=1e-3, distortion="models_genesis", **options):
     """A tiny trainer whose initial weights depend only on the seed (identical across settings)."""
     torch.manual_seed(0)
     loader = DataLoader(Dataset(volumes(), RandPatchPaird("image", PATCH, pair=pair)), batch_size=batch,
@@ -53,8 +53,8 @@ def build(mode="visual_words", pair="instances", amp="none", channels_last=False
     opt_g = build_adam([net, head, predictor], lr, "cpu", fused=fused)
     opt_d = build_adam([adversary], lr, "cpu", fused=fused)
     return DiRATrainer("cpu", max_epochs, loader, net, opt_g, head, adversary, opt_d, dis_mode=mode, predictor=predictor,
-                       stages=stages, distortion=build_distortion("models_genesis"), views=views, amp=amp,
-                       channels_last=channels_last, compile=compile, queue_size=16)
+                       stages=stages, distortion=distortion if callable(distortion) else build_distortion(distortion),
+                       views=views, amp=amp, channels_last=channels_last, compile=compile, queue_size=16, **options)
 
 
 def fixed_batch(pair="instances", size: int = 4) -> dict:
@@ -218,9 +218,121 @@ def test_bundle_speed_settings_parse(repo_root):
     parser.read_config([str(configs / n) for n in ("train.json", "tiny.json", "performance.json")])
     parser["num_classes"], parser["device"] = 4, "$torch.device('cpu')"
     assert (parser["amp"], parser["channels_last"], parser["compile"]) == ("bf16", True, True)
-    assert parser.config["train"]["dataloader"]["_target_"] == "ThreadDataLoader"
+    assert parser["cudnn_benchmark"] is True and parser.config["train"]["trainer"]["cudnn_benchmark"] == "@cudnn_benchmark"
+    # worker processes, not ThreadDataLoader: its prefetch thread delivered 590 patch pairs/s on a CPU
+    # where the same crops ran at 2,000-2,900/s in the main process (docs/benchmarks.md)
+    assert parser.config["train"]["dataloader"]["_target_"] == "DataLoader" and parser["num_workers"] == 8
     optimizer = parser.get_parsed_content("optimizer_g")
     assert optimizer.defaults["foreach"] is True  # fused_optimizer on a CPU: multi-tensor Adam
     plain = ConfigParser()
     plain.read_config(str(configs / "train.json"))
     assert plain["views"] == "auto" and plain["compile"] is False and plain["fused_optimizer"] is True
+    assert plain["cudnn_benchmark"] is False and plain["compile_mode"] is None
+
+
+def test_adversary_scores_real_and_fake_in_one_forward_with_the_same_values():
+    trainer = build()
+    assert trainer.joint_adversary  # instance norm: no layer mixes samples
+    torch.manual_seed(3)
+    real, fake = torch.rand(3, 1, *PATCH), torch.rand(3, 1, *PATCH)
+    calls = []
+    handle = trainer.adversary.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    joint = trainer.adversary_scores(real, fake)
+    trainer.joint_adversary = False
+    separate = trainer.adversary_scores(real, fake)
+    handle.remove()
+    assert calls == [6, 3, 3]  # one forward of both halves, then the two separate forwards
+    for a, b in zip(joint, separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_adversary_keeps_separate_forwards():
+    torch.manual_seed(0)
+    trainer = build()
+    bn = Adversary(3, 1, channels=4, num_layers=3, norm="batch")
+    bn_trainer = DiRATrainer("cpu", 1, trainer.data_loader, trainer.network, trainer.optimizer, trainer.dis_head, bn,
+                             build_adam([bn], 1e-3, "cpu"), stages=ALL_TERMS)
+    assert not bn_trainer.joint_adversary  # batch statistics of real and fake must stay apart
+
+
+def test_compile_mode_and_cudnn_benchmark_reach_torch(monkeypatch):
+    import dira3d.engines.trainer as trainer_module
+
+    seen = {}
+    monkeypatch.setattr(trainer_module, "compile_modules",
+                        lambda modules, backend, mode=None: seen.update(backend=backend, mode=mode, names=sorted(modules)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    build(compile=True, cudnn_benchmark=True, compile_mode="max-autotune-no-cudagraphs")
+    assert seen["backend"] == "inductor" and seen["mode"] == "max-autotune-no-cudagraphs"
+    assert {"network", "adversary", "dis_head"} <= set(seen["names"])
+    assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.parametrize("mode", ["visual_words", "moco", "barlow", "simsiam"])
+def test_training_step_would_not_stall_a_gpu(mode):
+    """With the static-shape distortions (the default on a GPU) a whole G + D step, views, EMA and
+    queue included, makes no device->host synchronisation (HostSyncDetector watches every ATen call)."""
+    from dira3d.transforms.compositions import default_distortion_args
+    from dira3d.utils.host_sync import HostSyncDetector
+
+    distortion = build_distortion("transvw", static_shapes=True, **default_distortion_args("transvw", PATCH))
+    views = "auto" if mode == "visual_words" else ViewAugment(3, static_shapes=True)
+    pair = "instances" if mode == "visual_words" else "views"
+    trainer = build(mode, pair=pair, distortion=distortion, views=views)
+    batch = fixed_batch(pair)
+    step(trainer, batch, 1)  # the first step creates the optimiser state
+    with HostSyncDetector() as syncs:
+        out = step(trainer, batch, 2)
+    assert not syncs.events, syncs.report()
+    assert torch.isfinite(out["loss"]) and "loss_d" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (set_sync_debug_mode is CUDA-only)")
+@pytest.mark.parametrize("mode", ["visual_words", "moco"])
+def test_cuda_step_runs_under_sync_debug_mode_error(mode):
+    """On a GPU, the real thing: any device->host synchronisation inside the step raises."""
+    from dira3d.transforms.compositions import default_distortion_args
+
+    pair = "instances" if mode == "visual_words" else "views"
+    torch.manual_seed(0)
+    loader = DataLoader(Dataset(volumes(), RandPatchPaird("image", PATCH, pair=pair)), batch_size=4)
+    net = UNet(3, width=1 / 8)
+    head = build_dis_head(mode, 3, net.bottleneck_channels, num_classes=4, hidden=16, proj_dim=8)
+    adversary = Adversary(3, 1, channels=4, num_layers=3)
+    trainer = DiRATrainer("cuda", 1, loader, net, build_adam([net, head], 1e-3, "cuda"), head, adversary,
+                          build_adam([adversary], 1e-3, "cuda"), dis_mode=mode, stages=ALL_TERMS, amp="bf16",
+                          distortion=build_distortion("transvw", **default_distortion_args("transvw", PATCH)),
+                          queue_size=16)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in fixed_batch(pair).items()}
+    step(trainer, batch, 1)  # optimiser state, cuDNN/cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(trainer, batch, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["loss"]).item()
+
+
+def test_pretraining_cache_is_read_in_place_and_never_written(repo_root):
+    """The bundle's CacheDataset hands the cached volume to the crop without a deep copy (a full
+    volume copy per patch pair cost ~90 % of the loader's time); crops are copies, so even a
+    consumer writing into its patch leaves the cache as it was."""
+    from monai.bundle import ConfigParser
+    from monai.data import CacheDataset
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / "bundles" / "dira_pretrain" / "configs" / "train.json"))
+    assert parser.config["train"]["dataset"]["copy_cache"] is False
+    assert parser.config["validate"]["dataset"]["copy_cache"] is False
+    data = volumes(2) + volumes(1, shape=PATCH)  # a volume of the patch's size: the crop is the whole volume
+    dataset = CacheDataset(data, transform=Compose([RandPatchPaird("image", PATCH)]), copy_cache=False, progress=False)
+    before = [torch.as_tensor(item["image"]).clone() for item in dataset._cache]
+    for _ in range(3):
+        for i in range(len(dataset)):
+            item = dataset[i]
+            assert item["image"].shape == item["image2"].shape == (1, *PATCH)
+            item["image"].add_(1.0), item["image2"].add_(1.0)
+    for cached, original in zip(dataset._cache, before):
+        assert torch.equal(torch.as_tensor(cached["image"]), original)

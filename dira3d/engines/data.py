@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, SpatialPad
 
 __all__ = ["PAIR_POLICIES", "RandPatchPair", "RandPatchPaird", "with_image_labels"]
@@ -64,9 +65,12 @@ class RandPatchPair(Randomizable):
 
     def __call__(self, img: Any, randomize: bool = True) -> list[torch.Tensor]:
         """Return ``[patch1, patch2]`` (instances) or ``[patch1]`` (views), each ``(C, *patch_size)``."""
-        img = torch.as_tensor(img)
+        # plain tensors: patches are training inputs, their crop history is not needed downstream,
+        # and MetaTensor slicing and collation cost more than the copy itself
+        img = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         roi = self._roi(img.dim() - 1)
-        img = SpatialPad(spatial_size=roi)(img)  # small volumes are padded with 0 (air / background)
+        if any(s < r for s, r in zip(img.shape[1:], roi)):  # only small volumes: a pad copies the whole volume
+            img = SpatialPad(spatial_size=roi)(img)  # padded with 0 (air / background)
         if randomize:
             self.randomize(img.shape[1:])
         patches = []
@@ -75,7 +79,7 @@ class RandPatchPair(Randomizable):
             patch = img[index]
             if len(roi) != self.spatial_dims:
                 patch = patch[..., 0]
-            patches.append(patch.contiguous())
+            patches.append(patch.clone(memory_format=torch.contiguous_format))  # a copy, never a view of the cache
         return patches
 
 

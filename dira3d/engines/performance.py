@@ -96,7 +96,10 @@ def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "ind
     """
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"compile backend {backend!r} is not supported; choose one of {', '.join(COMPILE_BACKENDS)}")
-    options: dict[str, Any] = {"backend": backend}
+    # static shapes: patches have a fixed size and the batch only a few values (B in the G step,
+    # 2B for the adversary's joint real + restored forward, the last validation batch), so one
+    # specialised graph per batch size beats a graph with a symbolic batch dimension
+    options: dict[str, Any] = {"backend": backend, "dynamic": False}
     if mode is not None:
         options["mode"] = mode
     compiled = []

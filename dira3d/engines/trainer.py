@@ -88,6 +88,11 @@ class DiRATrainer(Trainer):
         channels_last: channels-last memory format (helps convolutions on recent GPUs).
         compile: ``torch.compile`` the encoder, decoder, heads and adversary in place: False, True
             (inductor) or a backend name (see :func:`dira3d.engines.performance.compile_modules`).
+        compile_mode: inductor mode when compiling, e.g. ``"max-autotune-no-cudagraphs"`` (None:
+            PyTorch's default).
+        cudnn_benchmark: let cuDNN time its convolution algorithms for the (fixed) patch shape
+            and keep the fastest (``torch.backends.cudnn.benchmark``, a process-wide switch; set
+            only when True).
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -129,6 +134,8 @@ class DiRATrainer(Trainer):
         clip_grad_norm: float | None = None,
         channels_last: bool = False,
         compile: bool | str = False,
+        compile_mode: str | None = None,
+        cudnn_benchmark: bool = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
         classify_both: bool = False,
@@ -193,8 +200,14 @@ class DiRATrainer(Trainer):
             module.to(device)
             if self.memory_format is not None:
                 module.to(memory_format=self.memory_format)
+        if cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         if compile:  # after .to(): the compiled graphs see the final device and memory format
-            compile_modules(self.modules(), backend="inductor" if compile is True else str(compile))
+            compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode)
+        # D scores real and restored patches in ONE forward when no layer mixes samples (instance
+        # norm or none): half the kernel launches, a twice larger batch per kernel, same values
+        self.joint_adversary = adversary is not None and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in adversary.modules())
         self.g_params = unique_parameters([network, dis_head, predictor])
         self.d_params = unique_parameters([adversary])
 
@@ -353,7 +366,13 @@ class DiRATrainer(Trainer):
 
     def adversary_scores(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """D's loss and its mean score on real and restored patches (probabilities for vanilla)."""
-        real_logits, fake_logits = self.adversary(real).float(), self.adversary(fake).float()
+        if self.joint_adversary:
+            both = torch.cat([real, fake.to(real.dtype)])
+            if self.memory_format is not None:
+                both = both.contiguous(memory_format=self.memory_format)
+            real_logits, fake_logits = self.adversary(both).float().split(real.shape[0])
+        else:  # batch norm: real and fake batches keep their own statistics
+            real_logits, fake_logits = self.adversary(real).float(), self.adversary(fake).float()
         loss = self.adversarial_loss.discriminator(real_logits, fake_logits)
         if getattr(self.adversarial_loss, "kind", "vanilla") == "vanilla":
             real_logits, fake_logits = torch.sigmoid(real_logits), torch.sigmoid(fake_logits)
