@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data = synthetic_volumes(args.volumes, tuple(args.volume_shape))
     crop = RandPatchPaird("image", tuple(args.patch), pair="instances")
-    plain = CacheDataset(data, transform=Compose([crop]), progress=False)
-    per_sample = CacheDataset(data, transform=Compose([crop, RandDistortiond("image", args.distortion)]), progress=False)
+    # copy_cache=False as in the bundle: crops copy their patch, so the cached volumes are never written
+    plain = CacheDataset(data, transform=Compose([crop]), progress=False, copy_cache=False)
+    per_sample = CacheDataset(data, transform=Compose([crop, RandDistortiond("image", args.distortion)]), progress=False,
+                              copy_cache=False)
     distortion, views = build_distortion(args.distortion), ViewAugment(3)
     print(f"device: {device}; {args.volumes} cached volumes {'x'.join(map(str, args.volume_shape))}; patch pairs "
           f"{'x'.join(map(str, args.patch))}; batch {args.batch}; distortion {args.distortion}")

@@ -7,8 +7,19 @@ device memory, model FLOP utilisation (MFU) against the matrix rate of the card 
 same run, and the ratio to a plain PyTorch loop of the same networks at default precision.
 
 Configurations are ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` (autocast), ``cl``
-(channels-last-3d), ``compile`` (``torch.compile``, inductor), ``plainopt`` (PyTorch's default
-Adam instead of the fused / multi-tensor one).
+(channels-last-3d), ``cudnn`` (``torch.backends.cudnn.benchmark``), ``compile`` (``torch.compile``,
+inductor, default mode), ``compile-max`` (inductor ``max-autotune-no-cudagraphs``), ``compile-ro``
+(inductor ``reduce-overhead``: CUDA graphs), ``plainopt`` (PyTorch's default Adam instead of the
+fused / multi-tensor one).
+
+A configuration that fails (out of memory, a compiler error) is reported in the table with the
+error and the run goes on; ``--time-budget`` skips what would start after that many seconds, so
+that a run on a rented GPU always ends with a table. ``--out FILE`` also writes the table and the
+header lines as Markdown. Each configuration also reports ``syncs/it``: device→host
+synchronisations per iteration, counted over a few extra iterations with
+``torch.cuda.set_sync_debug_mode`` on CUDA and with :class:`dira3d.utils.host_sync.HostSyncDetector`
+on the CPU (where the distortions take their subset path, which syncs: harmless without a device
+queue).
 
     python benchmarks/pretrain_throughput.py --device cuda                    # H100: 64x64x32, width 1
     python benchmarks/pretrain_throughput.py --device cuda --batch-sizes 8 32 64 --iters 50
@@ -22,14 +33,18 @@ phase boundaries (ignite's GET_BATCH events, the G optimiser's step hook) for th
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import sys
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
-from monai.data import CacheDataset, DataLoader, ThreadDataLoader
+from monai.data import CacheDataset, DataLoader
 
 from dira3d.engines import DiRATrainer, build_dis_head
 from dira3d.engines.performance import (
@@ -44,10 +59,14 @@ from dira3d.engines.performance import (
 from dira3d.losses import AdversarialLoss, RestorationLoss, VisualWordLoss
 from dira3d.networks import Adversary, UNet
 from dira3d.transforms import build_distortion
+from dira3d.transforms.compositions import default_distortion_args
+from dira3d.utils.host_sync import HostSyncDetector
 
 __all__ = ["Config", "parse_config", "synthetic_patches", "main"]
 
-COLUMNS = ["config", "batch", "patches/s", "data_ms", "g_step_ms", "d_step_ms", "step_ms", "peak_MiB", "mfu_%", "vs_plain"]
+COLUMNS = ["config", "batch", "patches/s", "data_ms", "g_step_ms", "d_step_ms", "step_ms", "peak_MiB", "mfu_%",
+           "vs_plain", "syncs/it", "note"]
+COMPILE_MODES = {"compile": None, "compile-max": "max-autotune-no-cudagraphs", "compile-ro": "reduce-overhead"}
 ALL_TERMS = [{"name": "dira", "losses": ["dis", "res", "adv"]}]
 
 
@@ -59,6 +78,8 @@ class Config:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str | None = None
+    cudnn_benchmark: bool = False
     fused: bool = True
 
 
@@ -76,12 +97,15 @@ def parse_config(name: str) -> Config:
             config.amp = token
         elif token == "cl":
             config.channels_last = True
-        elif token == "compile":
-            config.compile = True
+        elif token in COMPILE_MODES:
+            config.compile, config.compile_mode = True, COMPILE_MODES[token]
+        elif token == "cudnn":
+            config.cudnn_benchmark = True
         elif token == "plainopt":
             config.fused = False
         else:
-            raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, compile, plainopt")
+            raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
+                             "compile|compile-max|compile-ro, plainopt")
     return config
 
 
@@ -106,10 +130,43 @@ def build_networks(width: float, num_classes: int, device: torch.device, seed: i
     return net.to(device), head.to(device), adversary.to(device)
 
 
-def make_loader(dataset, batch: int, device: torch.device):
-    """The bundle's fast loader: cached items, ThreadDataLoader, pinned memory on CUDA."""
-    return ThreadDataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
-                            pin_memory=device.type == "cuda", generator=torch.Generator())
+def make_loader(dataset, batch: int, device: torch.device, workers: int = 0):
+    """The bundle's fast loader (``configs/performance.json``): cached items, worker processes,
+    pinned memory on CUDA."""
+    return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
+def distortion(args, patch: tuple[int, ...]):
+    """The composition the bundle builds for this patch (TransVW's elastic warp scaled with it)."""
+    return build_distortion(args.distortion, **default_distortion_args(args.distortion, patch))
+
+
+def count_syncs(trainer: DiRATrainer, device: torch.device, iterations: int = 3) -> float:
+    """Device→host synchronisations per iteration of the trainer's own step (``_iteration``)."""
+    batch_list: list = []
+    while len(batch_list) < iterations:  # the synthetic set may hold fewer batches than that
+        batch_list += list(itertools.islice(iter(trainer.data_loader), iterations - len(batch_list)))
+    trainer.state.epoch = 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for i, batch in enumerate(batch_list, start=1):
+                    trainer.state.iteration = i
+                    trainer._iteration(trainer, batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        events = sum("synchroniz" in str(w.message).lower() for w in caught)
+    else:
+        with HostSyncDetector() as detector:
+            for i, batch in enumerate(batch_list, start=1):
+                trainer.state.iteration = i
+                trainer._iteration(trainer, batch)
+        events = len(detector.events)
+    return events / iterations
 
 
 def run_engine(config: Config, dataset, batch: int, args, device: torch.device) -> dict:
@@ -118,9 +175,10 @@ def run_engine(config: Config, dataset, batch: int, args, device: torch.device) 
     opt_g = build_adam([net, head], 1e-3, device, fused=config.fused)
     opt_d = build_adam([adversary], 1e-3, device, fused=config.fused)
     length = args.warmup + args.iters
-    trainer = DiRATrainer(device, 2, make_loader(dataset, batch, device), net, opt_g, head, adversary, opt_d,
-                          stages=ALL_TERMS, distortion=build_distortion(args.distortion), amp=config.amp,
-                          channels_last=config.channels_last, compile=config.compile, epoch_length=length)
+    trainer = DiRATrainer(device, 2, make_loader(dataset, batch, device, args.workers), net, opt_g, head, adversary, opt_d,
+                          stages=ALL_TERMS, distortion=distortion(args, tuple(args.patch)), amp=config.amp,
+                          channels_last=config.channels_last, compile=config.compile, compile_mode=config.compile_mode,
+                          cudnn_benchmark=config.cudnn_benchmark, epoch_length=length)
     marks: dict[str, float] = {}
     split = {"data": 0.0, "g": 0.0, "d": 0.0}
 
@@ -162,6 +220,7 @@ def run_engine(config: Config, dataset, batch: int, args, device: torch.device) 
     opt_g.register_step_post_hook(_g_done)
     trainer.run()
     elapsed = marks["end"] - marks["start"]
+    syncs = count_syncs(trainer, device)
     ms = {k: 1000 * v / length for k, v in split.items()}
     return {
         "config": config.name,
@@ -172,6 +231,7 @@ def run_engine(config: Config, dataset, batch: int, args, device: torch.device) 
         "d_step_ms": ms["d"],
         "step_ms": 1000 * elapsed / args.iters,
         "peak_MiB": peak_memory_mib(device),
+        "syncs/it": syncs,
     }
 
 
@@ -180,7 +240,7 @@ def flops_per_patch(dataset, batch: int, args, device: torch.device) -> float:
     net, head, adversary = build_networks(args.width, args.num_classes, device)
     trainer = DiRATrainer(device, 1, make_loader(dataset, batch, device), net, build_adam([net, head], 1e-3, device),
                           head, adversary, build_adam([adversary], 1e-3, device), stages=ALL_TERMS,
-                          distortion=build_distortion(args.distortion))
+                          distortion=distortion(args, tuple(args.patch)))
     batchdata = next(iter(trainer.data_loader))
     trainer.state.epoch, trainer.state.iteration = 1, 1
     return count_flops(lambda: trainer._iteration(trainer, batchdata)) / batch
@@ -192,7 +252,7 @@ def run_plain(dataset, batch: int, args, device: torch.device) -> float:
     opt_g = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-3)
     opt_d = torch.optim.Adam(adversary.parameters(), lr=1e-3)
     ce, mse, adv = VisualWordLoss(), RestorationLoss("mse"), AdversarialLoss("vanilla")
-    distortion = build_distortion(args.distortion)
+    distort = distortion(args, tuple(args.patch))
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
     gen = torch.Generator(device=device).manual_seed(0)
     done, start = 0, 0.0
@@ -204,7 +264,7 @@ def run_plain(dataset, batch: int, args, device: torch.device) -> float:
             if done == args.warmup + args.iters:
                 break
             x, label = item["image"].to(device), item["label"].to(device)
-            distorted, target = distortion(x, gen)
+            distorted, target = distort(x, gen)
             bottleneck, skips = net.encode(distorted)
             restored = net.decode(bottleneck, skips)
             g_loss = ce(head(bottleneck), label) + 100 * mse(restored, target) + adv.generator(adversary(restored))
@@ -219,19 +279,38 @@ def run_plain(dataset, batch: int, args, device: torch.device) -> float:
     return args.iters * batch / (time.perf_counter() - start)
 
 
+def failure_note(err: BaseException) -> str:
+    """One short line for the table: the error type and the first line of its message."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"failed: {type(err).__name__}: {first[:100]}"
+
+
+def release(device: torch.device) -> None:
+    """Drop what a finished configuration left on the device (its graphs, caches, allocator blocks)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--configs", default="fp32,bf16,bf16+cl,bf16+cl+compile")
+    parser.add_argument("--configs", default="fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile")
     parser.add_argument("--patch", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
     parser.add_argument("--width", type=float, default=1.0, help="U-Net channel multiplier (1.0: 19.1 M parameters)")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation, autotuning)")
     parser.add_argument("--num-classes", type=int, default=50, help="visual words")
     parser.add_argument("--distortion", default="transvw")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader worker processes (default: 8 on CUDA as in performance.json, 0 on the CPU)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch reference loop")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: configurations that would start later are reported as skipped")
+    parser.add_argument("--out", type=Path, default=None, help="also write the header and table here (Markdown)")
     parser.add_argument("--quick", action="store_true", help="tiny CPU run for smoke tests (width 1/8, 16x16x8)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -240,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.configs == parser.get_default("configs"):
             args.configs = "fp32,bf16+cl"
     args.warmup, args.iters = max(1, args.warmup), max(1, args.iters)  # the timed window starts after warm-up
+    if args.workers is None:
+        args.workers = 8 if args.device.startswith("cuda") else 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but no CUDA device is available; use --device cpu.", file=sys.stderr)
@@ -252,6 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
+    began = time.perf_counter()
+
+    def out_of_time() -> bool:
+        return args.time_budget is not None and time.perf_counter() - began > args.time_budget
+
+    header: list[str] = []
+
+    def say(line: str) -> None:
+        header.append(line)
+        print(line, flush=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     rates = {"none": matmul_tflops(device, torch.float32, args.matmul_size, 3)}
@@ -259,26 +350,50 @@ def main(argv: list[str] | None = None) -> int:
     patch = tuple(args.patch)
     dataset = CacheDataset(synthetic_patches(max(args.batch_sizes) * 2, patch, args.num_classes), transform=None,
                            progress=False)
-    print(f"device: {name}; torch {torch.__version__}; patch {'x'.join(map(str, patch))}; width {args.width}; "
-          f"one G step + one D step (dis + res + adv), distortion {args.distortion}")
-    print(f"measured matmul rate: fp32 {rates['none']:.3g} TFLOP/s, bf16 {rates['bf16']:.3g} TFLOP/s "
-          f"({args.matmul_size}^3)")
+    say(f"device: {name}; torch {torch.__version__}; patch {'x'.join(map(str, patch))}; width {args.width}; "
+        f"one G step + one D step (dis + res + adv), distortion {args.distortion}; loader: DataLoader, "
+        f"{args.workers} workers; {time.strftime('%Y-%m-%d %H:%M')}")
+    say(f"measured matmul rate: fp32 {rates['none']:.3g} TFLOP/s, bf16 {rates['bf16']:.3g} TFLOP/s "
+        f"({args.matmul_size}^3)")
     rows = []
     for batch in args.batch_sizes:
-        flops = flops_per_patch(dataset, batch, args, device)
-        plain = None if args.no_plain else run_plain(dataset, batch, args, device)
-        print(f"batch {batch}: {flops / 1e12:.4g} TFLOP per patch (G + D, fwd + bwd); plain PyTorch loop (fp32): "
-              + (f"{plain:.3g} patches/s" if plain else "skipped"))
+        if out_of_time():
+            rows += [{"config": c.name, "batch": batch, "note": "skipped: time budget"} for c in configs]
+            continue
+        try:
+            flops = flops_per_patch(dataset, batch, args, device)
+            plain = None if args.no_plain else run_plain(dataset, batch, args, device)
+        except (RuntimeError, torch.OutOfMemoryError) as err:  # e.g. the batch does not fit
+            say(f"batch {batch}: {failure_note(err)}")
+            release(device)
+            continue
+        say(f"batch {batch}: {flops / 1e12:.4g} TFLOP per patch (G + D, fwd + bwd); plain PyTorch loop (fp32): "
+            + (f"{plain:.3g} patches/s" if plain else "skipped"))
         for config in configs:
-            row = run_engine(config, dataset, batch, args, device)
-            row["mfu_%"] = 100 * row["patches/s"] * flops / (rates[config.amp] * 1e12)
-            row["vs_plain"] = None if plain is None else row["patches/s"] / plain
+            if out_of_time():
+                rows.append({"config": config.name, "batch": batch, "note": "skipped: time budget"})
+                continue
+            try:
+                row = run_engine(config, dataset, batch, args, device)
+                row["mfu_%"] = 100 * row["patches/s"] * flops / (rates[config.amp] * 1e12)
+                row["vs_plain"] = None if plain is None else row["patches/s"] / plain
+            except Exception as err:  # noqa: BLE001 - one failing configuration must not lose the others
+                row = {"config": config.name, "batch": batch, "note": failure_note(err)}
+            release(device)
             rows.append(row)
-    print(format_table(rows, COLUMNS))
-    if rows and rows[0]["vs_plain"] is not None:
-        best = max(rows, key=lambda r: r["patches/s"])
-        print(f"ratio: {best['vs_plain']:.2f}x  (best engine configuration '{best['config']}' at batch {best['batch']} "
-              "vs the plain PyTorch loop)")
+            print("row:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    table = format_table(rows, COLUMNS)
+    print(table)
+    measured = [r for r in rows if r.get("patches/s") and r.get("vs_plain") is not None]
+    summary = ""
+    if measured:
+        best = max(measured, key=lambda r: r["patches/s"])
+        summary = (f"ratio: {best['vs_plain']:.2f}x  (best engine configuration '{best['config']}' at batch "
+                   f"{best['batch']}: {best['patches/s']:.1f} patches/s, vs the plain PyTorch loop)")
+        print(summary)
+    if args.out is not None:
+        command = "python benchmarks/pretrain_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        args.out.write_text("\n".join([f"`{command}`", "", *header, "", "```", table, "```", summary, ""]))
     return 0
 
 

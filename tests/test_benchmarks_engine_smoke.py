@@ -34,22 +34,32 @@ def test_pretrain_throughput_quick(repo_root: Path) -> None:
     lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32,fp32+cl", "--iters", "1", "--warmup", "1")
     header, rows = table(lines, "config")
     assert header == ["config", "batch", "patches/s", "data_ms", "g_step_ms", "d_step_ms", "step_ms", "peak_MiB",
-                      "mfu_%", "vs_plain"]
+                      "mfu_%", "vs_plain", "syncs/it", "note"]
     assert [r[0] for r in rows] == ["fp32", "fp32+cl"] and all(float(r[2]) > 0 and float(r[9]) > 0 for r in rows)
+    assert all(float(r[10]) >= 0 and r[11] == "-" for r in rows)  # syncs counted; no failure note
     assert any(line.startswith("measured matmul rate: fp32") for line in lines)
     assert any("TFLOP per patch" in line for line in lines) and any(line.startswith("ratio: ") for line in lines)
 
 
-def test_pretrain_config_names_parse(repo_root: Path) -> None:
+def load_benchmark(repo_root: Path, name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("pretrain_throughput", repo_root / "benchmarks" / "pretrain_throughput.py")
+    spec = importlib.util.spec_from_file_location(name, repo_root / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_config_names_parse(repo_root: Path) -> None:
+    module = load_benchmark(repo_root, "pretrain_throughput")
     config = module.parse_config("bf16+cl+compile")
     assert (config.amp, config.channels_last, config.compile, config.fused) == ("bf16", True, True, True)
+    assert config.compile_mode is None and config.cudnn_benchmark is False
     assert module.parse_config("fp32+plainopt").fused is False
+    tuned = module.parse_config("bf16+cudnn+compile-max")
+    assert tuned.cudnn_benchmark and tuned.compile and tuned.compile_mode == "max-autotune-no-cudagraphs"
+    assert module.parse_config("bf16+compile-ro").compile_mode == "reduce-overhead"
     with pytest.raises(ValueError, match="turbo"):
         module.parse_config("fp32+turbo")
 
@@ -67,3 +77,45 @@ def test_sliding_window_quick(repo_root: Path) -> None:
     assert header == ["precision", "sw_batch", "roi", "overlap", "volume", "windows", "seconds", "windows/s", "peak_MiB"]
     # 96x64x32 with roi 64x64x32 at overlap 0.25 (stride 48x48x24): 2 x 1 x 1 windows
     assert rows and rows[0][2] == "64x64x32" and rows[0][4] == "96x64x32" and int(rows[0][5]) == 2
+
+
+def test_pretrain_throughput_reports_a_failing_configuration_and_goes_on(repo_root: Path, monkeypatch, capsys,
+                                                                        tmp_path: Path) -> None:
+    module = load_benchmark(repo_root, "pretrain_throughput")
+    real = module.run_engine
+
+    def flaky(config, *args, **kwargs):
+        if config.name == "fp32+cl":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 9 GiB\nmore detail")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(module, "run_engine", flaky)
+    out = tmp_path / "table.md"
+    assert module.main(["--quick", "--configs", "fp32+cl,fp32", "--iters", "1", "--no-plain", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["config"])
+    header = lines[start].split()
+    rows = {}
+    for line in lines[start + 1 : start + 3]:  # a failure note has spaces: it takes the rest of the line
+        cells = line.split()
+        rows[cells[0]] = {**dict(zip(header[:-1], cells[: len(header) - 1])), "note": " ".join(cells[len(header) - 1 :])}
+    failed, ok = rows["fp32+cl"], rows["fp32"]
+    assert failed["note"].startswith("failed: RuntimeError: CUDA out of memory.") and failed["patches/s"] == "-"
+    assert float(ok["patches/s"]) > 0 and ok["note"] == "-"
+    text = out.read_text()
+    assert "failed: RuntimeError: CUDA out of memory." in text and "measured matmul rate" in text
+
+
+def test_pretrain_throughput_time_budget_still_prints_the_table(repo_root: Path) -> None:
+    lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32", "--time-budget", "0")
+    assert any("skipped: time budget" in line for line in lines)
+
+
+def test_gpu_runner_script_dry_run(repo_root: Path, tmp_path: Path) -> None:
+    script = repo_root / "benchmarks" / "gpu" / "run.sh"
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(script), "inference", "nonsense"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 2 and "unknown part 'nonsense'" in result.stderr  # a typo is reported, not ignored
+    log = (tmp_path / "inference.txt").read_text()
+    assert "windows/s" in log and "exited with" not in log  # the part ran and its table was kept in $OUT
