@@ -11,6 +11,8 @@
 # Parts: check (GPU facts + the CUDA-only tests), throughput (batch 32, all engine configurations),
 # scale (larger batches for the best configurations), loader, inference (sliding window, LiTS bundle).
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
+# BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
+# (defaults 300 / 360, so that `check throughput` fits one 10-minute call).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/dira3d_gpu_out}"
@@ -48,10 +50,10 @@ for what in "$@"; do
             tests/test_engine_performance.py tests/test_transforms_static.py tests/test_transforms.py ;;
     throughput)
         part throughput "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" --batch-sizes "${B32[@]}" \
-            --configs "$CONFIGS" --time-budget 420 --out "$OUT/throughput.md" ;;
+            --configs "$CONFIGS" --time-budget "${BUDGET:-300}" --out "$OUT/throughput.md" ;;
     scale)
         part scale "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" --batch-sizes "${BIG[@]}" \
-            --configs "$BEST" --no-plain --time-budget 420 --out "$OUT/scale.md" ;;
+            --configs "$BEST" --no-plain --time-budget "${BUDGET:-360}" --out "$OUT/scale.md" ;;
     loader)
         part loader "$PY" benchmarks/loader_throughput.py "${DEV[@]}" "${LD_SIZE[@]}" ;;
     inference)
