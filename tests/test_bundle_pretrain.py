@@ -116,3 +116,24 @@ def test_configs_parse_and_override_parser(repo_root):
     assert parse_override("patch_size=[32,32,16]") == ("patch_size", [32, 32, 16])
     with pytest.raises(ValueError, match="key=value"):
         parse_override("moco")
+
+
+def test_adversary_optimizer_takes_lr_d_and_betas_d(repo_root):
+    from monai.bundle import ConfigParser
+
+    def optimizer_d(**overrides):
+        parser = ConfigParser()
+        parser.read_config([str(repo_root / CONFIGS / "train.json"), str(repo_root / CONFIGS / "tiny.json")])
+        parser["num_classes"], parser["device"] = 4, "$torch.device('cpu')"
+        for key, value in overrides.items():
+            parser[key] = value
+        return parser.get_parsed_content("optimizer_d")
+
+    default = optimizer_d()  # today's behaviour: the 3D patent's Adam 1e-3 with torch's default betas
+    assert default.defaults["lr"] == 1e-3 and tuple(default.defaults["betas"]) == (0.9, 0.999)
+    gan = optimizer_d(lr_d=2e-4, betas_d=[0.5, 0.999])  # the official 2D code's D optimiser
+    assert gan.defaults["lr"] == 2e-4 and tuple(gan.defaults["betas"]) == (0.5, 0.999)
+    assert all(tuple(g["betas"]) == (0.5, 0.999) for g in gan.param_groups)
+    two_d = ConfigParser()
+    two_d.read_config([str(repo_root / CONFIGS / "train.json"), str(repo_root / CONFIGS / "2d.json")])
+    assert two_d["betas_d"] == [0.5, 0.999] and two_d.config["optimizer_d"]["betas"] == "@betas_d"
