@@ -240,3 +240,27 @@ def test_bad_settings_raise_clear_errors():
         net = UNet(3, width=1 / 8)
         DiRATrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), None, None, None,
                     stages=[{"name": "r", "losses": ["res", "adv"]}])
+
+
+def test_selection_loss_leaves_out_only_the_adversarial_term(tmp_path):
+    """best.pt is chosen on val_selection_loss: the weighted loss without λ_adv·L_adv, whose value
+    moves with the adversary's strength of the epoch rather than with the encoder's quality."""
+    val_loader = DataLoader(Dataset(smooth_volumes(2, seed=1), RandPatchPaird("image", PATCH3)), batch_size=2)
+    evaluator = DiRAEvaluator("cpu", val_loader, seed=7)
+    stages = [{"name": "dis_res", "until_epoch": 1, "losses": ["dis", "res"]},
+              {"name": "dira", "losses": ["dis", "res", "adv"]}]
+    ckpt = DiRACheckpoint(tmp_path, metric_name="val_selection_loss")
+    trainer = make_trainer("visual_words", 3, stages=stages, max_epochs=2, volumes=2, batch=2, handlers=[evaluator, ckpt])
+    seen = []
+    trainer.add_event_handler(__import__("ignite").engine.Events.EPOCH_COMPLETED, lambda e: seen.append(dict(e.state.metrics)))
+    trainer.run()
+    weights = trainer.loss_function.weights
+    first, second = seen
+    assert first["val_selection_loss"] == pytest.approx(first["val_loss"], rel=1e-6)  # no adversary yet
+    assert second["val_loss_adv"] > 0
+    assert second["val_selection_loss"] == pytest.approx(
+        weights["dis"] * second["val_loss_dis"] + weights["res"] * second["val_loss_res"], rel=1e-5)
+    assert second["val_loss"] == pytest.approx(second["val_selection_loss"] + weights["adv"] * second["val_loss_adv"], rel=1e-5)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["trainer"]["best_stage"] == "dira"
+    assert best["trainer"]["best_metric"] == pytest.approx(second["val_selection_loss"])

@@ -5,6 +5,13 @@ without gradients, in eval mode, with distortions and views drawn from a FIXED s
 validation batch — so two validations of the same weights give the same number and a fall in
 the value means the model improved, not that the draws were easier. The EMA key encoder and the
 MoCo queue are read but not updated.
+
+Besides ``val_loss`` (the stage's full weighted loss) it publishes ``val_selection_loss``: the
+weighted loss without the adversarial term, the bundle's criterion for ``best.pt``. L_adv measures
+the generator against the adversary *of that epoch*, whose strength swings from epoch to epoch
+(docs/results.md: val L_adv between ~1 and ~7), so with it in the criterion ``best.pt`` would be
+the epoch where D happened to be weak rather than the one whose encoder discriminates and
+restores best.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ STREAM_VALIDATION = 3
 
 
 class DiRAEvaluator(Evaluator):
-    """Runs every ``interval`` trainer epochs and writes ``val_loss`` (+ ``val_loss_<term>``) metrics.
+    """Runs every ``interval`` trainer epochs and writes ``val_loss``, ``val_selection_loss`` (without
+    λ_adv·L_adv) and ``val_loss_<term>`` metrics.
 
     It is attached to the trainer like a handler (list it in the trainer's ``train_handlers``,
     before :class:`~dira3d.engines.DiRACheckpoint`); the trainer reference is taken at attach time,
@@ -98,7 +106,9 @@ class DiRAEvaluator(Evaluator):
         with torch.no_grad(), autocast_context(trainer.amp_mode, trainer.state.device):
             fwd = trainer.forward_terms(batch, generator, stage, train=False)
             total, weighted = trainer.loss_function(fwd.terms, stage.losses)
-        output = {"loss": total.detach()}
+        selection = [v for k, v in weighted.items() if k != "adv"]
+        output = {"loss": total.detach(), "selection_loss": torch.stack(selection).sum().detach() if selection
+                  else torch.zeros((), device=total.device)}
         output.update({f"loss_{k}": v.detach() for k, v in fwd.terms.items()})
         return output
 
