@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per row")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 4], help="DataLoader worker counts")
     parser.add_argument("--distortion", default="transvw")
+    parser.add_argument("--step-rate", type=float, default=550.0,
+                        help="patches/s the training step consumes (issue 8's target: 550 on an H100); the loader "
+                             "should deliver at least twice that")
     parser.add_argument("--quick", action="store_true", help="tiny CPU run for smoke tests")
     args = parser.parse_args(argv)
     if args.quick:
@@ -115,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"pipeline": name, "loader": kind, "workers": workers, "batch": args.batch,
                          "batches/s": rate, "patches/s": rate * args.batch})
     print(format_table(rows, COLUMNS))
+    best = max((r for r in rows if r["pipeline"] == "loader"), key=lambda r: r["patches/s"])
+    ratio = best["patches/s"] / args.step_rate
+    print(f"loader alone, best row ({best['loader']}, {best['workers']} workers): {best['patches/s']:.0f} patches/s = "
+          f"{ratio:.2f}x a step consuming {args.step_rate:g} patches/s (target >= 2x: {'met' if ratio >= 2 else 'not met'})")
     return 0
 
 

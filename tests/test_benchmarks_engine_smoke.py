@@ -65,7 +65,12 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
 
 
 def test_loader_throughput_quick(repo_root: Path) -> None:
-    header, rows = table(run(repo_root, "loader_throughput.py"), "pipeline")
+    lines = run(repo_root, "loader_throughput.py")
+    header, rows = table(lines, "pipeline")
+    verdict = next(line for line in lines if line.startswith("loader alone, best row"))
+    best = max(float(r[5]) for r in rows if r[0] == "loader")
+    stated = float(verdict.split("): ")[1].split(" patches/s")[0])
+    assert stated == pytest.approx(best, rel=0.01) and "x a step consuming 550 patches/s" in verdict
     assert header == ["pipeline", "loader", "workers", "batch", "batches/s", "patches/s"]
     assert {r[0] for r in rows} == {"loader", "loader+device_distortion", "loader+device_distortion+views",
                                     "loader+worker_distortion"}
