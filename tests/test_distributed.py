@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dira3d.engines import DiRATrainer, build_dis_loss
-from dira3d.engines.distributed import all_ranks_true, get_rank, get_world_size, maybe_sync_batchnorm
+from dira3d.engines.distributed import all_ranks_true, cleanup_distributed, get_rank, get_world_size, maybe_sync_batchnorm
 from dira3d.networks import UNet
 from dira3d.networks.heads import ProjectionHead
 from dira3d.transforms.compositions import build_distortion
@@ -75,8 +75,10 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         assert all_ranks_true(True) and not all_ranks_true(rank == 0)
         if rank == 0:
             torch.save(results, out)
+        cleanup_distributed()  # a barrier first: a rank that leaves gloo early makes the other abort
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an error above: leave without waiting for the other rank
+            dist.destroy_process_group()
 
 
 def test_two_ranks_with_half_batches_match_one_rank_with_the_full_batch(tmp_path):

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dira3d.engines.distributed import cleanup_distributed
 from dira3d.losses import (
     AdversarialLoss,
     BarlowTwinsLoss,
@@ -250,8 +251,10 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
             {"loss": loss.detach(), "grad": z1_local.grad, "gathered": gathered, "keys_grad": gathered.requires_grad},
             f"{out_dir}/rank{rank}.pt",
         )
+        cleanup_distributed()  # a barrier first: a rank that leaves gloo early makes the other abort
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an error above: leave without waiting for the other rank
+            dist.destroy_process_group()
 
 
 def test_barlow_twins_global_batch_over_two_gloo_ranks(tmp_path):
