@@ -33,6 +33,7 @@ from dira3d.transforms import RandDistortiond, ViewAugment, build_distortion
 
 __all__ = ["synthetic_volumes", "measure", "main"]
 
+PIPELINES = ("loader", "loader+device_distortion", "loader+device_distortion+views", "loader+worker_distortion")
 COLUMNS = ["pipeline", "loader", "workers", "batch", "batches/s", "patches/s"]
 
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per row")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 4], help="DataLoader worker counts")
+    parser.add_argument("--loaders", default="thread,dataloader",
+                        help="comma list: thread (ThreadDataLoader), dataloader (one row per --workers value)")
+    parser.add_argument("--pipelines", default=",".join(PIPELINES), help="comma list of: " + ", ".join(PIPELINES))
     parser.add_argument("--distortion", default="transvw")
     parser.add_argument("--step-rate", type=float, default=550.0,
                         help="patches/s the training step consumes (issue 8's target: 550 on an H100); the loader "
@@ -94,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.device, args.volumes, args.volume_shape, args.patch = "cpu", 4, (32, 32, 16), (16, 16, 8)
         args.batch, args.batches, args.workers = 4, 3, [0]
+    wanted = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in PIPELINES] + [k for k in args.loaders.split(",")
+                                                            if k.strip() not in ("thread", "dataloader", "")]
+    if unknown:
+        print(f"--pipelines/--loaders: unknown {unknown}; pipelines: {', '.join(PIPELINES)}; loaders: thread, "
+              "dataloader", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but no CUDA device is available; use --device cpu.", file=sys.stderr)
@@ -107,17 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     distortion, views = build_distortion(args.distortion), ViewAugment(3)
     print(f"device: {device}; {args.volumes} cached volumes {'x'.join(map(str, args.volume_shape))}; patch pairs "
           f"{'x'.join(map(str, args.patch))}; batch {args.batch}; distortion {args.distortion}")
-    loaders = [("thread", 0)] + [("dataloader", w) for w in args.workers]
+    kinds = [k.strip() for k in args.loaders.split(",") if k.strip()]
+    loaders = [("thread", 0)] * ("thread" in kinds) + [("dataloader", w) for w in args.workers] * ("dataloader" in kinds)
+    setups = {"loader": (plain, None, None), "loader+device_distortion": (plain, distortion, None),
+              "loader+device_distortion+views": (plain, distortion, views),
+              "loader+worker_distortion": (per_sample, None, None)}
     rows = []
-    for name, dataset, dist, view in (("loader", plain, None, None),
-                                      ("loader+device_distortion", plain, distortion, None),
-                                      ("loader+device_distortion+views", plain, distortion, views),
-                                      ("loader+worker_distortion", per_sample, None, None)):
+    for name in wanted:
+        dataset, dist, view = setups[name]
         for kind, workers in loaders:
             rate = measure(make_loader(kind, dataset, args.batch, workers, device), args.batches, device, dist, view)
             rows.append({"pipeline": name, "loader": kind, "workers": workers, "batch": args.batch,
                          "batches/s": rate, "patches/s": rate * args.batch})
+            print("row:", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     print(format_table(rows, COLUMNS))
+    if not any(r["pipeline"] == "loader" for r in rows):
+        return 0
     best = max((r for r in rows if r["pipeline"] == "loader"), key=lambda r: r["patches/s"])
     ratio = best["patches/s"] / args.step_rate
     print(f"loader alone, best row ({best['loader']}, {best['workers']} workers): {best['patches/s']:.0f} patches/s = "

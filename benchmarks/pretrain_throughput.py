@@ -117,7 +117,9 @@ def synthetic_patches(count: int, patch: tuple[int, ...], num_classes: int, seed
     lo = smooth.amin(dim=(1, 2, 3, 4), keepdim=True)
     hi = smooth.amax(dim=(1, 2, 3, 4), keepdim=True)
     smooth = (smooth - lo) / (hi - lo)
-    return [{"image": smooth[2 * i], "image2": smooth[2 * i + 1], "label": i % num_classes} for i in range(count)]
+    # clones, not views: a view would carry (and a cache copy would deep-copy) the whole batch's storage
+    return [{"image": smooth[2 * i].clone(), "image2": smooth[2 * i + 1].clone(), "label": i % num_classes}
+            for i in range(count)]
 
 
 def build_networks(width: float, num_classes: int, device: torch.device, seed: int = 0):
@@ -131,8 +133,8 @@ def build_networks(width: float, num_classes: int, device: torch.device, seed: i
 
 
 def make_loader(dataset, batch: int, device: torch.device, workers: int = 0):
-    """The bundle's fast loader (``configs/performance.json``): cached items, worker processes,
-    pinned memory on CUDA."""
+    """The bundle's fast loader (``configs/performance.json``): cached items read in place, loaded
+    in the main process (``workers`` > 0: worker processes), pinned memory on CUDA."""
     return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                       pin_memory=device.type == "cuda", generator=torch.Generator())
 
@@ -304,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation, autotuning)")
     parser.add_argument("--num-classes", type=int, default=50, help="visual words")
     parser.add_argument("--distortion", default="transvw")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="loader worker processes (default: 8 on CUDA as in performance.json, 0 on the CPU)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="loader worker processes (default 0, as in performance.json: on the lent H100 "
+                             "in-process loading was 2.6x faster than 4 or 8 workers)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch reference loop")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -319,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.configs == parser.get_default("configs"):
             args.configs = "fp32,bf16+cl"
     args.warmup, args.iters = max(1, args.warmup), max(1, args.iters)  # the timed window starts after warm-up
-    if args.workers is None:
-        args.workers = 8 if args.device.startswith("cuda") else 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but no CUDA device is available; use --device cpu.", file=sys.stderr)
@@ -345,15 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    rates = {"none": matmul_tflops(device, torch.float32, args.matmul_size, 3)}
+    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32  # what cuDNN's fp32 convolutions use
+    rates = {"none": matmul_tflops(device, torch.float32, args.matmul_size, 3, tf32=tf32)}
     rates["bf16"] = rates["fp16"] = matmul_tflops(device, torch.bfloat16, args.matmul_size, 3)
     patch = tuple(args.patch)
     dataset = CacheDataset(synthetic_patches(max(args.batch_sizes) * 2, patch, args.num_classes), transform=None,
-                           progress=False)
+                           progress=False, copy_cache=False)  # as the pretraining bundle's CacheDataset
     say(f"device: {name}; torch {torch.__version__}; patch {'x'.join(map(str, patch))}; width {args.width}; "
         f"one G step + one D step (dis + res + adv), distortion {args.distortion}; loader: DataLoader, "
         f"{args.workers} workers; {time.strftime('%Y-%m-%d %H:%M')}")
-    say(f"measured matmul rate: fp32 {rates['none']:.3g} TFLOP/s, bf16 {rates['bf16']:.3g} TFLOP/s "
+    say(f"measured matmul rate: fp32{' (TF32, as cuDNN runs fp32 convolutions)' if tf32 else ''} "
+        f"{rates['none']:.3g} TFLOP/s, bf16 {rates['bf16']:.3g} TFLOP/s "
         f"({args.matmul_size}^3)")
     rows = []
     for batch in args.batch_sizes:

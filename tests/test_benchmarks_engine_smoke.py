@@ -77,6 +77,35 @@ def test_loader_throughput_quick(repo_root: Path) -> None:
     assert all(float(r[4]) > 0 for r in rows)
 
 
+def test_loader_throughput_picks_pipelines_and_prints_each_row_as_it_goes(repo_root: Path) -> None:
+    lines = run(repo_root, "loader_throughput.py", "--pipelines", "loader+device_distortion", "--loaders", "dataloader")
+    _, rows = table(lines, "pipeline")
+    assert [(r[0], r[1]) for r in rows] == [("loader+device_distortion", "dataloader")]
+    assert sum(line.startswith("row: ") for line in lines) == 1  # kept even if a time limit kills the run later
+    assert not any(line.startswith("loader alone") for line in lines)  # no 'loader' row: no verdict
+    bad = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "loader_throughput.py"), "--quick",
+                          "--pipelines", "loader,warp"], capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert bad.returncode == 2 and "unknown ['warp']" in bad.stderr
+
+
+def test_profile_step_quick(repo_root: Path) -> None:
+    lines = run(repo_root, "profile_step.py")
+    step = next(line for line in lines if line.startswith("step (G + D"))
+    assert float(step.split("distortion 'transvw' alone: ")[1].split(" ms")[0]) > 0
+    assert any("self_cpu_time_total" in line for line in lines)
+    assert any("aten::convolution_backward" in line for line in lines)  # the profiled step ran a backward
+
+
+def test_fp32_matmul_rate_restores_the_tf32_flag() -> None:
+    import torch
+
+    from dira3d.engines.performance import matmul_tflops
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert matmul_tflops("cpu", torch.float32, size=64, repeats=1, tf32=not before) > 0
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 def test_sliding_window_quick(repo_root: Path) -> None:
     header, rows = table(run(repo_root, "sliding_window.py"), "precision")
     assert header == ["precision", "sw_batch", "roi", "overlap", "volume", "windows", "seconds", "windows/s", "peak_MiB"]

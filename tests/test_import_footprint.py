@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BLOCKED = ("SimpleITK", "nibabel", "sklearn", "matplotlib", "jsonschema", "fire")
 
 SCRIPT = f"""
@@ -23,6 +25,9 @@ import dira3d.engines, dira3d.networks, dira3d.transforms, dira3d.losses, dira3d
 from dira3d.data import DataError
 import pretrain_throughput, loader_throughput, sliding_window
 assert DataError.__module__ == "dira3d.data.errors"
+# the LiTS bundle's network_def (``$import dira3d.evaluation``) builds without SimpleITK/scikit-learn
+network, settings = sliding_window.bundle_settings(sliding_window.BUNDLE, 0.125)
+assert settings["roi_size"] == (64, 64, 32), settings
 print("imported")
 """
 
@@ -37,6 +42,13 @@ def test_data_package_still_exports_its_readers_lazily() -> None:
     import dira3d.data.io as io
 
     assert data.read_image is io.read_image and data.DataError is io.DataError
+    import dira3d.evaluation as evaluation
+    from dira3d.evaluation.readers import SimpleITKReader
+
+    assert evaluation.SimpleITKReader is SimpleITKReader and "build_task_network" in dir(evaluation)
+    assert evaluation.transforms.NormalizeMRd is evaluation.NormalizeMRd  # submodules as attributes, as configs use them
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        evaluation.no_such_thing  # noqa: B018
     assert "window_hu" in dir(data)
     try:
         data.no_such_reader  # noqa: B018

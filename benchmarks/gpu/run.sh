@@ -10,6 +10,11 @@
 #
 # Parts: check (GPU facts + the CUDA-only tests), throughput (batch 32, all engine configurations),
 # scale (larger batches for the best configurations), loader, inference (sliding window, LiTS bundle).
+# lease: what matters for issue 8 in ONE call that ends by DEADLINE seconds (default 540), for a lease
+# of 15 device minutes: facts, a profile of the step, throughput at batch 32 (with the plain loop),
+# loader (against the step rate just measured), inference, batch 64 with the best configuration;
+# each step is cut by `timeout` so that a slow compile cannot eat the rest, and its output is in $OUT
+# already. Run `check` (the CUDA-only tests, ~15 s) in the same call when time allows.
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
 # BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
 # (defaults 300 / 360, so that `check throughput` fits one 10-minute call).
@@ -20,6 +25,29 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-$PWD}"
 PY="${PYTHON:-python3}"
 status=0
+START=$SECONDS
+
+left() {  # seconds left before DEADLINE, less a reserve $1 for the steps after this one
+    echo $(( ${DEADLINE:-540} - (SECONDS - START) - ${1:-0} ))
+}
+
+capped() {  # capped NAME SECONDS COMMAND...: like part, killed after SECONDS (skipped when <= 10)
+    local name=$1 secs=$2; shift 2
+    if [ "$secs" -le 10 ]; then echo "=== $name: skipped, no time left" | tee -a "$OUT/$name.txt"; return; fi
+    part "$name" timeout -k 10 "$secs" "$@"
+}
+
+best_rate() {  # the best patches/s among the rows printed so far (550 if none)
+    "$PY" - "$OUT" <<'PYEOF'
+import ast, pathlib, sys
+best = 0.0
+for f in pathlib.Path(sys.argv[1]).glob("*.txt"):
+    for line in f.read_text().splitlines():
+        if line.startswith("row: "):
+            best = max(best, float(ast.literal_eval(line[5:]).get("patches/s") or 0.0))
+print(f"{best:.1f}" if best else "550")
+PYEOF
+}
 
 part() {  # part NAME COMMAND...: run, tee into $OUT/NAME.txt, remember a failure, go on
     local name=$1; shift
@@ -32,14 +60,17 @@ part() {  # part NAME COMMAND...: run, tee into $OUT/NAME.txt, remember a failur
 if [ "${QUICK:-0}" = 1 ]; then
     DEV=(--device cpu); PT_SIZE=(--patch 16 16 8 --width 0.125 --iters 2 --warmup 1 --num-classes 4 --matmul-size 256)
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
-    SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32
+    SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32; LEASE_CONFIGS=fp32
+    PF_SIZE=(--quick)
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
+    PF_SIZE=(--batch 32 --config bf16+cl); LEASE_CONFIGS=bf16+cl,bf16+cl+compile
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
     CONFIGS=fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile
     BEST=bf16+cl+cudnn,bf16+cl+cudnn+compile
 fi
+[ "${QUICK:-0}" = 1 ] || [ "${LEASE_WORKERS:-}" = "" ] || LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers $LEASE_WORKERS)
 
 for what in "$@"; do
     case $what in
@@ -58,8 +89,22 @@ for what in "$@"; do
         part loader "$PY" benchmarks/loader_throughput.py "${DEV[@]}" "${LD_SIZE[@]}" ;;
     inference)
         part inference "$PY" benchmarks/sliding_window.py "${DEV[@]}" "${SW_SIZE[@]}" --sw-batch-sizes 4 16 ;;
+    lease)
+        part facts nvidia-smi -L
+        part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+        capped profile 45 "$PY" benchmarks/profile_step.py "${DEV[@]}" "${PF_SIZE[@]}"
+        cap=$(left 215)  # no configuration starts in the last 100 s of the cap: a compile takes ~90 s on an H100
+        capped throughput "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
+            --batch-sizes "${B32[@]}" --configs "$LEASE_CONFIGS" --time-budget "$(( cap > 110 ? cap - 100 : 10 ))" \
+            --out "$OUT/throughput.md"
+        rate=$(best_rate)
+        capped loader 45 "$PY" benchmarks/loader_throughput.py "${DEV[@]}" "${LD_SIZE[@]}" --loaders dataloader \
+            --pipelines loader,loader+device_distortion --step-rate "$rate"
+        capped inference 40 "$PY" benchmarks/sliding_window.py "${DEV[@]}" "${SW_SIZE[@]}" --sw-batch-sizes 4 16
+        capped scale "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
+            --batch-sizes "${BIG[0]}" --configs "${LEASE_CONFIGS##*,}" --no-plain --out "$OUT/scale.md" ;;
     *)
-        echo "unknown part '$what'; use check, throughput, scale, loader, inference" >&2; status=2 ;;
+        echo "unknown part '$what'; use check, throughput, scale, loader, inference, lease" >&2; status=2 ;;
     esac
 done
 exit $status
