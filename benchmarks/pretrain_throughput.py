@@ -10,7 +10,8 @@ Configurations are ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` (autocast
 (channels-last-3d), ``cudnn`` (``torch.backends.cudnn.benchmark``), ``compile`` (``torch.compile``,
 inductor, default mode), ``compile-max`` (inductor ``max-autotune-no-cudagraphs``), ``compile-ro``
 (inductor ``reduce-overhead``: CUDA graphs), ``plainopt`` (PyTorch's default Adam instead of the
-fused / multi-tensor one).
+fused / multi-tensor one), ``gemmwg`` (the 1-channel convolutions' weight gradient as one GEMM:
+:mod:`dira3d.networks.gemm_wgrad`).
 
 A configuration that fails (out of memory, a compiler error) is reported in the table with the
 error and the run goes on; ``--time-budget`` skips what would start after that many seconds, so
@@ -81,6 +82,7 @@ class Config:
     compile_mode: str | None = None
     cudnn_benchmark: bool = False
     fused: bool = True
+    gemm_weight_grad: bool = False
 
 
 def parse_config(name: str) -> Config:
@@ -103,9 +105,11 @@ def parse_config(name: str) -> Config:
             config.cudnn_benchmark = True
         elif token == "plainopt":
             config.fused = False
+        elif token == "gemmwg":
+            config.gemm_weight_grad = True
         else:
             raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, plainopt")
+                             "compile|compile-max|compile-ro, plainopt, gemmwg")
     return config
 
 
@@ -180,7 +184,8 @@ def run_engine(config: Config, dataset, batch: int, args, device: torch.device) 
     trainer = DiRATrainer(device, 2, make_loader(dataset, batch, device, args.workers), net, opt_g, head, adversary, opt_d,
                           stages=ALL_TERMS, distortion=distortion(args, tuple(args.patch)), amp=config.amp,
                           channels_last=config.channels_last, compile=config.compile, compile_mode=config.compile_mode,
-                          cudnn_benchmark=config.cudnn_benchmark, epoch_length=length)
+                          cudnn_benchmark=config.cudnn_benchmark, gemm_weight_grad=config.gemm_weight_grad,
+                          epoch_length=length)
     marks: dict[str, float] = {}
     split = {"data": 0.0, "g": 0.0, "d": 0.0}
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = DiRATrainer(device, 1, make_loader(dataset, args.batch, device), net, opt_g, head, adversary, opt_d,
                           stages=ALL_TERMS, distortion=distort, amp=config.amp, channels_last=config.channels_last,
                           compile=config.compile, compile_mode=config.compile_mode,
-                          cudnn_benchmark=config.cudnn_benchmark)
+                          cudnn_benchmark=config.cudnn_benchmark, gemm_weight_grad=config.gemm_weight_grad)
     batch = next(iter(trainer.data_loader))
     trainer.state.epoch = 1
 

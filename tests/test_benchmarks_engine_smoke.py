@@ -60,6 +60,7 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
     tuned = module.parse_config("bf16+cudnn+compile-max")
     assert tuned.cudnn_benchmark and tuned.compile and tuned.compile_mode == "max-autotune-no-cudagraphs"
     assert module.parse_config("bf16+compile-ro").compile_mode == "reduce-overhead"
+    assert module.parse_config("bf16+cl+gemmwg").gemm_weight_grad and not tuned.gemm_weight_grad
     with pytest.raises(ValueError, match="turbo"):
         module.parse_config("fp32+turbo")
 
@@ -94,6 +95,13 @@ def test_profile_step_quick(repo_root: Path) -> None:
     assert float(step.split("distortion 'transvw' alone: ")[1].split(" ms")[0]) > 0
     assert any("self_cpu_time_total" in line for line in lines)
     assert any("aten::convolution_backward" in line for line in lines)  # the profiled step ran a backward
+
+
+def test_first_conv_quick(repo_root: Path) -> None:
+    header, rows = table(run(repo_root, "first_conv.py"), "variant")
+    assert header == ["variant", "batch", "layout", "ms", "vs_cudnn", "wgrad_rel_diff"]
+    assert [r[0] for r in rows] == ["cudnn", "cudnn+benchmark", "gemm", "cudnn+ncdhw", "gemm+ncdhw"]
+    assert all(float(r[3]) > 0 and float(r[5]) < 1e-5 for r in rows)  # every variant: the same weight gradient
 
 
 def test_fp32_matmul_rate_restores_the_tf32_flag() -> None:
@@ -153,3 +161,14 @@ def test_gpu_runner_script_dry_run(repo_root: Path, tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown part 'nonsense'" in result.stderr  # a typo is reported, not ignored
     log = (tmp_path / "inference.txt").read_text()
     assert "windows/s" in log and "exited with" not in log  # the part ran and its table was kept in $OUT
+
+
+def test_gpu_lease_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path) -> None:
+    # the one-call plan a session with a 15-minute GPU lease runs: every part must run and keep its output
+    script = repo_root / "benchmarks" / "gpu" / "run.sh"
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    subprocess.run(["bash", str(script), "lease"], capture_output=True, text=True, timeout=600, env=env)
+    for part, marker in (("first_conv", "wgrad_rel_diff"), ("profile", "step (G + D"), ("throughput", "ratio: "),
+                         ("loader", "loader alone, best row"), ("inference", "windows/s")):
+        log = (tmp_path / f"{part}.txt").read_text()
+        assert marker in log and "exited with" not in log and "skipped, no time left" not in log, (part, log[-1500:])

@@ -339,3 +339,16 @@ def test_pretraining_cache_is_read_in_place_and_never_written(repo_root):
             item["image"].add_(1.0), item["image2"].add_(1.0)
     for cached, original in zip(dataset._cache, before):
         assert torch.equal(torch.as_tensor(cached["image"]), original)
+
+
+def test_gemm_weight_grad_option_trains_like_cudnn_weight_grads():
+    # two steps: the second one's losses depend on the first step's update of the image-facing layers
+    plain, gemm = build(channels_last=True), build(channels_last=True, gemm_weight_grad=True)
+    assert type(gemm.network.encoder.levels[0].conv1.conv).__name__ == "GemmWgradConv3d"
+    assert type(plain.network.encoder.levels[0].conv1.conv) is torch.nn.Conv3d
+    for iteration in (1, 2):
+        a, b = losses(step(plain, fixed_batch(), iteration)), losses(step(gemm, fixed_batch(), iteration))
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (iteration, key)
+    first = "encoder.levels.0.conv1.conv.weight"
+    torch.testing.assert_close(gemm.network.state_dict()[first], plain.network.state_dict()[first], rtol=1e-4, atol=1e-6)

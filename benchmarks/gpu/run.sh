@@ -11,9 +11,10 @@
 # Parts: check (GPU facts + the CUDA-only tests), throughput (batch 32, all engine configurations),
 # scale (larger batches for the best configurations), loader, inference (sliding window, LiTS bundle).
 # lease: what matters for issue 8 in ONE call that ends by DEADLINE seconds (default 540), for a lease
-# of 15 device minutes: facts, a profile of the step, throughput at batch 32 (with the plain loop),
-# loader (against the step rate just measured), inference, batch 64 with the best configuration;
-# each step is cut by `timeout` so that a slow compile cannot eat the rest, and its output is in $OUT
+# of 15 device minutes: facts, the first-convolution variants, a profile of the step, throughput at
+# batch 64 for the compiled configurations with and without cuDNN autotuning and the GEMM weight
+# gradient (with the plain loop), the loader (against the step rate just measured), inference; each
+# step is cut by `timeout` so that a slow compile cannot eat the rest, and its output is in $OUT
 # already. Run `check` (the CUDA-only tests, ~15 s) in the same call when time allows.
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
 # BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
@@ -61,16 +62,16 @@ if [ "${QUICK:-0}" = 1 ]; then
     DEV=(--device cpu); PT_SIZE=(--patch 16 16 8 --width 0.125 --iters 2 --warmup 1 --num-classes 4 --matmul-size 256)
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
     SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32; LEASE_CONFIGS=fp32
-    PF_SIZE=(--quick)
+    PF_SIZE=(--quick); FC_SIZE=(--quick)
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
-    PF_SIZE=(--batch 32 --config bf16+cl); LEASE_CONFIGS=bf16+cl,bf16+cl+compile
+    PF_SIZE=(--batch 32 --config bf16+cl+cudnn); FC_SIZE=(--batch 32 96)
+    LEASE_CONFIGS=bf16+cl+compile,bf16+cl+cudnn+compile,bf16+cl+gemmwg+compile,bf16+cl+cudnn+gemmwg+compile
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
     CONFIGS=fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile
     BEST=bf16+cl+cudnn,bf16+cl+cudnn+compile
 fi
-[ "${QUICK:-0}" = 1 ] || [ "${LEASE_WORKERS:-}" = "" ] || LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers $LEASE_WORKERS)
 
 for what in "$@"; do
     case $what in
@@ -92,17 +93,17 @@ for what in "$@"; do
     lease)
         part facts nvidia-smi -L
         part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+        capped first_conv 40 "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}"
         capped profile 45 "$PY" benchmarks/profile_step.py "${DEV[@]}" "${PF_SIZE[@]}"
-        cap=$(left 215)  # no configuration starts in the last 100 s of the cap: a compile takes ~90 s on an H100
+        cap=$(left 100)  # no configuration starts in the last 90 s of the cap: a compile takes ~60-90 s on an H100
         capped throughput "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
-            --batch-sizes "${B32[@]}" --configs "$LEASE_CONFIGS" --time-budget "$(( cap > 110 ? cap - 100 : 10 ))" \
+            --batch-sizes "${BIG[0]}" --configs "$LEASE_CONFIGS" --time-budget "$(( cap > 100 ? cap - 90 : 10 ))" \
             --out "$OUT/throughput.md"
         rate=$(best_rate)
         capped loader 45 "$PY" benchmarks/loader_throughput.py "${DEV[@]}" "${LD_SIZE[@]}" --loaders dataloader \
             --pipelines loader,loader+device_distortion --step-rate "$rate"
-        capped inference 40 "$PY" benchmarks/sliding_window.py "${DEV[@]}" "${SW_SIZE[@]}" --sw-batch-sizes 4 16
-        capped scale "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
-            --batch-sizes "${BIG[0]}" --configs "${LEASE_CONFIGS##*,}" --no-plain --out "$OUT/scale.md" ;;
+        capped inference "$(( $(left 0) < 40 ? $(left 0) : 40 ))" "$PY" benchmarks/sliding_window.py "${DEV[@]}" \
+            "${SW_SIZE[@]}" --sw-batch-sizes 16 ;;
     *)
         echo "unknown part '$what'; use check, throughput, scale, loader, inference, lease" >&2; status=2 ;;
     esac

@@ -41,6 +41,7 @@ from dira3d.engines.optim import (
     unique_parameters,
 )
 from dira3d.engines.performance import compile_modules
+from dira3d.networks.gemm_wgrad import use_gemm_weight_grad
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
 
@@ -93,6 +94,11 @@ class DiRATrainer(Trainer):
         cudnn_benchmark: let cuDNN time its convolution algorithms for the (fixed) patch shape
             and keep the fastest (``torch.backends.cudnn.benchmark``, a process-wide switch; set
             only when True).
+        gemm_weight_grad: compute the weight gradient of the 1-channel, image-facing convolutions
+            (U-Net and adversary) as one matrix product instead of cuDNN's kernel, which was
+            slow for that layer in channels-last bf16 on an H100
+            (:mod:`dira3d.networks.gemm_wgrad`; same values, tested). Off by default until a GPU
+            benchmark (``benchmarks/first_conv.py``) shows it faster.
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -136,6 +142,7 @@ class DiRATrainer(Trainer):
         compile: bool | str = False,
         compile_mode: str | None = None,
         cudnn_benchmark: bool = False,
+        gemm_weight_grad: bool = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
         classify_both: bool = False,
@@ -202,6 +209,8 @@ class DiRATrainer(Trainer):
                 module.to(memory_format=self.memory_format)
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
+        if gemm_weight_grad:
+            use_gemm_weight_grad(*(m for m in (network, adversary) if m is not None))
         if compile:  # after .to(): the compiled graphs see the final device and memory format
             compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode)
         # D scores real and restored patches in ONE forward when no layer mixes samples (instance
