@@ -4,7 +4,8 @@ For each configuration (precision, channels-last, ``torch.compile``, optimiser) 
 runs the engine's own iteration (``DiRATrainer.run``; not a copy of the step) on synthetic patches
 cached in memory and prints: patches/s, the step time split into data / G step / D step, peak
 device memory, model FLOP utilisation (MFU) against the matrix rate of the card measured in the
-same run, and the ratio to a plain PyTorch loop of the same networks at default precision.
+same run, and the ratio to a plain PyTorch loop of the same networks (fp32 by default;
+``--plain-config bf16+cl+compile`` compares with a plain loop at the engine's settings).
 
 Configurations are ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` (autocast), ``cl``
 (channels-last-3d), ``cudnn`` (``torch.backends.cudnn.benchmark``), ``compile`` (``torch.compile``,
@@ -264,36 +265,59 @@ def flops_per_patch(dataset, batch: int, args, device: torch.device) -> float:
     return count_flops(lambda: trainer._iteration(trainer, batchdata)) / batch
 
 
-def run_plain(dataset, batch: int, args, device: torch.device) -> float:
-    """Patches/s of a plain PyTorch loop over the same networks, losses and distortion (fp32, torch Adam)."""
+def run_plain(dataset, batch: int, args, device: torch.device, config: Config | None = None) -> float:
+    """Patches/s of a plain PyTorch loop over the same networks, losses and distortion (torch Adam).
+
+    ``config`` (``--plain-config``): fp32 by default; ``bf16``, ``cl``, ``cudnn`` and ``compile``
+    tokens apply the same switches written directly with torch (``torch.autocast``,
+    ``.to(memory_format=...)``, ``nn.Module.compile``), so that the engine can be compared with a
+    plain loop at the same settings. The plain loop computes D's gradients in the G step too (it
+    does not freeze D) and scores real and restored patches in two forwards.
+    """
+    config = config or Config(name="fp32")
     net, head, adversary = build_networks(args.width, args.num_classes, device)
+    fmt = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    for module in (net, head, adversary):
+        module.to(memory_format=fmt)
+    if config.compile:
+        for module in (net.encoder, net.decoder, head, adversary):
+            module.compile(mode=config.compile_mode, dynamic=False)
+    torch.backends.cudnn.benchmark = config.cudnn_benchmark
     opt_g = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-3)
     opt_d = torch.optim.Adam(adversary.parameters(), lr=1e-3)
     ce, mse, adv = VisualWordLoss(), RestorationLoss("mse"), AdversarialLoss("vanilla")
     distort = distortion(args, tuple(args.patch))
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
     gen = torch.Generator(device=device).manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
     done, start = 0, 0.0
-    while done < args.warmup + args.iters:
-        for item in loader:
-            if done == args.warmup:
-                synchronize(device)
-                start = time.perf_counter()
-            if done == args.warmup + args.iters:
-                break
-            x, label = item["image"].to(device), item["label"].to(device)
-            distorted, target = distort(x, gen)
-            bottleneck, skips = net.encode(distorted)
-            restored = net.decode(bottleneck, skips)
-            g_loss = ce(head(bottleneck), label) + 100 * mse(restored, target) + adv.generator(adversary(restored))
-            opt_g.zero_grad()
-            g_loss.backward()
-            opt_g.step()
-            opt_d.zero_grad()  # also drops the grads the G loss left on D
-            adv.discriminator(adversary(target), adversary(restored.detach())).backward()
-            opt_d.step()
-            done += 1
-    synchronize(device)
+    try:
+        while done < args.warmup + args.iters:
+            for item in loader:
+                if done == args.warmup:
+                    synchronize(device)
+                    start = time.perf_counter()
+                if done == args.warmup + args.iters:
+                    break
+                x, label = item["image"].to(device).contiguous(memory_format=fmt), item["label"].to(device)
+                distorted, target = distort(x, gen)
+                with autocast:
+                    bottleneck, skips = net.encode(distorted)
+                    restored = net.decode(bottleneck, skips)
+                    g_loss = (ce(head(bottleneck).float(), label) + 100 * mse(restored.float(), target)
+                              + adv.generator(adversary(restored).float()))
+                opt_g.zero_grad()
+                g_loss.backward()
+                opt_g.step()
+                opt_d.zero_grad()  # also drops the grads the G loss left on D
+                with autocast:
+                    d_loss = adv.discriminator(adversary(target).float(), adversary(restored.detach()).float())
+                d_loss.backward()
+                opt_d.step()
+                done += 1
+        synchronize(device)
+    finally:
+        torch.backends.cudnn.benchmark = False
     return args.iters * batch / (time.perf_counter() - start)
 
 
@@ -327,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                              "in-process loading was 2.6x faster than 4 or 8 workers)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch reference loop")
+    parser.add_argument("--plain-config", default="fp32",
+                        help="settings of the plain loop: fp32 (default) or bf16, with cl, cudnn, compile tokens")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: configurations that would start later are reported as skipped")
     parser.add_argument("--out", type=Path, default=None, help="also write the header and table here (Markdown)")
@@ -347,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         configs = [parse_config(c.strip()) for c in args.configs.split(",") if c.strip()]
+        plain_config = parse_config(args.plain_config)
     except ValueError as err:
         print(err, file=sys.stderr)
+        return 2
+    if plain_config.amp == "fp16" or plain_config.gemm_weight_grad or not plain_config.fused:
+        print(f"--plain-config {args.plain_config!r}: the plain loop takes fp32 or bf16 with cl, cudnn and compile "
+              "tokens only", file=sys.stderr)
         return 2
     began = time.perf_counter()
 
@@ -381,12 +412,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             flops = flops_per_patch(dataset, batch, args, device)
-            plain = None if args.no_plain else run_plain(dataset, batch, args, device)
+            plain = None if args.no_plain else run_plain(dataset, batch, args, device, plain_config)
         except (RuntimeError, torch.OutOfMemoryError) as err:  # e.g. the batch does not fit
             say(f"batch {batch}: {failure_note(err)}")
             release(device)
             continue
-        say(f"batch {batch}: {flops / 1e12:.4g} TFLOP per patch (G + D, fwd + bwd); plain PyTorch loop (fp32): "
+        release(device)  # the plain loop's compiled graphs and memory
+        say(f"batch {batch}: {flops / 1e12:.4g} TFLOP per patch (G + D, fwd + bwd); plain PyTorch loop "
+            f"({plain_config.name}): "
             + (f"{plain:.3g} patches/s" if plain else "skipped"))
         for config in configs:
             if out_of_time():

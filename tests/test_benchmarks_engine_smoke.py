@@ -97,6 +97,15 @@ def test_profile_step_quick(repo_root: Path) -> None:
     assert any("aten::convolution_backward" in line for line in lines)  # the profiled step ran a backward
 
 
+def test_plain_loop_takes_the_engine_settings(repo_root: Path) -> None:
+    lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32+cl", "--plain-config", "fp32+cl", "--iters", "1",
+                "--warmup", "1")
+    assert any("plain PyTorch loop (fp32+cl): " in line and "patches/s" in line for line in lines)
+    bad = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "pretrain_throughput.py"), "--quick",
+                          "--plain-config", "fp16"], capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert bad.returncode == 2 and "--plain-config 'fp16'" in bad.stderr
+
+
 def test_sync_counter_ignores_the_prototype_notice(repo_root: Path) -> None:
     module = load_benchmark(repo_root, "pretrain_throughput")
     assert module.is_sync_warning("called a synchronizing CUDA operation (Triggered internally at ...)")

@@ -3,19 +3,19 @@
 # Each part prints its tables and also writes them to $OUT/<part>.txt (the device tool returns $OUT).
 #
 #   bash benchmarks/gpu/fetch_wheels.sh                     # here, once: monai + ignite wheels in .whl/
-#   device run, carry [".whl"], command:
+#   device run, carry [".whl"], command (a 15-minute lease: one call):
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-#     export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu/run.sh check throughput
-#   then:  ... bash benchmarks/gpu/run.sh scale      and   ... bash benchmarks/gpu/run.sh loader inference
+#     export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu/run.sh lease
 #
 # Parts: check (GPU facts + the CUDA-only tests), throughput (batch 32, all engine configurations),
 # scale (larger batches for the best configurations), loader, inference (sliding window, LiTS bundle).
 # lease: what matters for issue 8 in ONE call that ends by DEADLINE seconds (default 540), for a lease
 # of 15 device minutes: facts, the first-convolution variants, a profile of the step, throughput at
 # batch 64 for the compiled configurations with and without cuDNN autotuning and the GEMM weight
-# gradient (with the plain loop), the loader (against the step rate just measured), inference; each
-# step is cut by `timeout` so that a slow compile cannot eat the rest, and its output is in $OUT
-# already. Run `check` (the CUDA-only tests, ~15 s) in the same call when time allows.
+# gradient (next to a plain loop at bf16 + channels-last + compile), the loader (against the step
+# rate just measured), inference; each step is cut by `timeout` so that a slow compile cannot eat
+# the rest, and its output is in $OUT already. Run `check` (the CUDA-only tests, ~15 s) in the same
+# call when time allows.
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
 # BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
 # (defaults 300 / 360, so that `check throughput` fits one 10-minute call).
@@ -62,12 +62,12 @@ if [ "${QUICK:-0}" = 1 ]; then
     DEV=(--device cpu); PT_SIZE=(--patch 16 16 8 --width 0.125 --iters 2 --warmup 1 --num-classes 4 --matmul-size 256)
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
     SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32; LEASE_CONFIGS=fp32
-    PF_SIZE=(--quick); FC_SIZE=(--quick)
+    PF_SIZE=(--quick); FC_SIZE=(--quick); PLAIN=fp32
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
     PF_SIZE=(--batch 32 --config bf16+cl+cudnn); FC_SIZE=(--batch 32 96)
-    LEASE_CONFIGS=bf16+cl+compile,bf16+cl+cudnn+compile,bf16+cl+gemmwg+compile,bf16+cl+cudnn+gemmwg+compile
+    LEASE_CONFIGS=bf16+cl+compile,bf16+cl+cudnn+compile,bf16+cl+gemmwg+compile; PLAIN=bf16+cl+compile
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
     CONFIGS=fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile
     BEST=bf16+cl+cudnn,bf16+cl+cudnn+compile
@@ -97,7 +97,7 @@ for what in "$@"; do
         capped profile 45 "$PY" benchmarks/profile_step.py "${DEV[@]}" "${PF_SIZE[@]}"
         cap=$(left 100)  # no configuration starts in the last 90 s of the cap: a compile takes ~60-90 s on an H100
         capped throughput "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
-            --batch-sizes "${BIG[0]}" --configs "$LEASE_CONFIGS" --time-budget "$(( cap > 100 ? cap - 90 : 10 ))" \
+            --batch-sizes "${BIG[0]}" --configs "$LEASE_CONFIGS" --plain-config "$PLAIN" --time-budget "$(( cap > 100 ? cap - 90 : 10 ))" \
             --out "$OUT/throughput.md"
         rate=$(best_rate)
         capped loader 45 "$PY" benchmarks/loader_throughput.py "${DEV[@]}" "${LD_SIZE[@]}" --loaders dataloader \
