@@ -56,3 +56,25 @@ def test_data_package_still_exports_its_readers_lazily() -> None:
         assert "no_such_reader" in str(err)
     else:
         raise AssertionError("an unknown name must raise AttributeError")
+
+
+def test_lazy_exports_resolve_once_and_name_what_is_missing() -> None:
+    from dira3d.utils.lazy import lazy_exports
+
+    namespace: dict = {}
+    getattr_, dir_ = lazy_exports("dira3d.utils", namespace, {"dira3d.utils.atomic": ("atomic_write_text",)},
+                                  submodules=True)
+    from dira3d.utils.atomic import atomic_write_text
+
+    assert getattr_("atomic_write_text") is atomic_write_text and namespace["atomic_write_text"] is atomic_write_text
+    assert getattr_("host_sync").__name__ == "dira3d.utils.host_sync"  # a submodule, imported on demand
+    assert "atomic_write_text" in dir_()
+    with pytest.raises(AttributeError, match="'dira3d.utils' has no attribute 'nothing_here'"):
+        getattr_("nothing_here")
+
+
+def test_data_package_imports_without_torch(repo_root: Path) -> None:
+    # data preparation workers should not pay for torch: dira3d.data and dira3d.utils re-export lazily
+    code = "import sys, dira3d.data, dira3d.utils; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo_root, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]

@@ -5,7 +5,7 @@ The core (``io``, ``geometry``, ``normalize``, ``runner``) is re-exported here; 
 on demand (``dira3d.data.luna16.prepare`` ...). See docs/data.md.
 """
 
-import importlib
+from dira3d.utils.lazy import lazy_exports
 
 # Re-exported lazily (PEP 562): ``import dira3d.data`` (the engine does, for DataError) must not
 # load SimpleITK, which training on prepared volumes does not need.
@@ -18,20 +18,7 @@ _EXPORTS = {
     "dira3d.data.runner": ("Case", "CaseResult", "add_common_arguments", "finish", "run_cases", "safe_case_path",
                            "write_datalist", "write_json"),
 }
-_OWNER = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name not in _OWNER:
-        raise AttributeError(f"module 'dira3d.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_OWNER[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_OWNER))
-
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "DataError", "read_image", "read_mask", "write_nifti", "to_ras", "check_mask_matches", "image_to_xyz",

@@ -3,7 +3,7 @@
 See ``docs/finetuning.md``. The bundles under ``bundles/`` name these objects in their configs.
 """
 
-from importlib import import_module
+from dira3d.utils.lazy import lazy_exports
 
 # Names resolve on first use (PEP 562), so that ``import dira3d.evaluation`` (which the bundles'
 # configs do) does not import SimpleITK or scikit-learn: inference and the GPU benchmarks run on
@@ -18,25 +18,7 @@ _EXPORTS = {
     "dira3d.evaluation.tasks2d": ("build_resnet_task_network",),
     "dira3d.evaluation.transforms": ("NormalizeMRd", "SelectModalities", "SelectModalitiesd"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        try:  # a submodule named in a config, e.g. ``$dira3d.evaluation.transforms.NormalizeMRd``
-            return import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise  # the submodule exists but needs something missing: say what
-            raise AttributeError(f"module 'dira3d.evaluation' has no attribute {name!r}") from None
-    value = getattr(import_module(_MODULE_OF[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MODULE_OF))
-
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
 __all__ = [
     "SPLITS",

@@ -1,7 +1,16 @@
-"""Small shared utilities: atomic checkpoint I/O, seeding, paths."""
+"""Small shared utilities: atomic checkpoint I/O, seeding, paths, lazy re-exports.
 
-from dira3d.utils.atomic import atomic_path, atomic_write, atomic_write_bytes, atomic_write_text
-from dira3d.utils.checkpoint import atomic_save, load_checkpoint
+Re-exported lazily (:mod:`dira3d.utils.lazy`), so that packages which use ``lazy_exports`` (such as
+``dira3d.data``) do not import torch through this package.
+"""
+
+from dira3d.utils.lazy import lazy_exports
+
+_EXPORTS = {
+    "dira3d.utils.atomic": ("atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"),
+    "dira3d.utils.checkpoint": ("atomic_save", "load_checkpoint"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
 __all__ = [
     "atomic_path",
@@ -10,4 +19,5 @@ __all__ = [
     "atomic_write_text",
     "atomic_save",
     "load_checkpoint",
+    "lazy_exports",
 ]
