@@ -26,16 +26,16 @@ from torch import nn
 __all__ = ["GemmWgradConv2d", "GemmWgradConv3d", "conv_weight_grad_gemm", "use_gemm_weight_grad"]
 
 
-def _unfold(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
-            out_spatial: tuple[int, ...]) -> torch.Tensor:
-    """``(N, 1, *S)`` → ``(N·prod(out_spatial), prod(kernel))``: the input under every tap."""
+def _unfold(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]) -> torch.Tensor:
+    """``(N, 1, *S)`` → ``(N·prod(S_out), prod(kernel))``: the input under every tap.
+
+    ``Tensor.unfold`` yields ``(S + 2p - k) // s + 1`` windows per axis: the convolution's output size.
+    """
     pad = [p for p in reversed(padding) for _ in range(2)]
     xp = F.pad(x[:, 0], pad) if any(padding) else x[:, 0]
     for axis, (k, s) in enumerate(zip(kernel, stride), start=1):
         xp = xp.unfold(axis, k, s)  # (N, *out, *kernel) after every spatial axis, a view
-    dims = len(kernel)
-    xp = xp[(slice(None),) + tuple(slice(0, n) for n in out_spatial)]
-    return xp.reshape(-1, *xp.shape[1 + dims:]).flatten(1)
+    return xp.reshape(-1, *kernel).flatten(1)
 
 
 def conv_weight_grad_gemm(x: torch.Tensor, grad_out: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
@@ -50,8 +50,8 @@ def conv_weight_grad_gemm(x: torch.Tensor, grad_out: torch.Tensor, kernel: tuple
     Returns:
         ``(C_out, 1, *kernel)`` in ``grad_out``'s dtype (float32 accumulation inside the product).
     """
-    c_out, out_spatial = grad_out.shape[1], tuple(grad_out.shape[2:])
-    cols = _unfold(x.to(grad_out.dtype), kernel, stride, padding, out_spatial)  # (P, taps)
+    c_out = grad_out.shape[1]
+    cols = _unfold(x.to(grad_out.dtype), kernel, stride, padding)  # (P, taps)
     rows = grad_out.movedim(1, -1).reshape(-1, c_out)  # (P, C_out): a view in channels-last
     return (rows.t() @ cols).view(c_out, 1, *kernel)
 
