@@ -84,6 +84,14 @@ class Config:
     cudnn_benchmark: bool = False
     fused: bool = True
     gemm_weight_grad: bool = False
+    pad_channels: bool = False
+    distortion: str | None = None  # None: --distortion
+
+    def trainer_kwargs(self) -> dict:
+        """The :class:`DiRATrainer` arguments this configuration sets."""
+        return dict(amp=self.amp, channels_last=self.channels_last, compile=self.compile,
+                    compile_mode=self.compile_mode, cudnn_benchmark=self.cudnn_benchmark,
+                    gemm_weight_grad=self.gemm_weight_grad, pad_channels=self.pad_channels)
 
 
 def parse_config(name: str) -> Config:
@@ -108,9 +116,15 @@ def parse_config(name: str) -> Config:
             config.fused = False
         elif token == "gemmwg":
             config.gemm_weight_grad = True
+        elif token == "padch":
+            config.pad_channels = True
+        elif token == "nodist":
+            config.distortion = "none"
         else:
             raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, plainopt, gemmwg")
+                             "compile|compile-max|compile-ro, plainopt, gemmwg, padch, nodist")
+    if config.gemm_weight_grad and config.pad_channels:
+        raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
     return config
 
 
@@ -144,9 +158,13 @@ def make_loader(dataset, batch: int, device: torch.device, workers: int = 0):
                       pin_memory=device.type == "cuda", generator=torch.Generator())
 
 
-def distortion(args, patch: tuple[int, ...]):
-    """The composition the bundle builds for this patch (TransVW's elastic warp scaled with it)."""
-    return build_distortion(args.distortion, **default_distortion_args(args.distortion, patch))
+def distortion(args, patch: tuple[int, ...], config: Config | None = None):
+    """The composition the bundle builds for this patch (TransVW's elastic warp scaled with it).
+
+    ``--distortion``, or the configuration's own (``nodist``: none).
+    """
+    name = (config.distortion if config is not None else None) or args.distortion
+    return build_distortion(name, **default_distortion_args(name, patch))
 
 
 def is_sync_warning(message: str) -> bool:
@@ -194,10 +212,8 @@ def run_engine(config: Config, dataset, batch: int, args, device: torch.device) 
     opt_d = build_adam([adversary], 1e-3, device, fused=config.fused)
     length = args.warmup + args.iters
     trainer = DiRATrainer(device, 2, make_loader(dataset, batch, device, args.workers), net, opt_g, head, adversary, opt_d,
-                          stages=ALL_TERMS, distortion=distortion(args, tuple(args.patch)), amp=config.amp,
-                          channels_last=config.channels_last, compile=config.compile, compile_mode=config.compile_mode,
-                          cudnn_benchmark=config.cudnn_benchmark, gemm_weight_grad=config.gemm_weight_grad,
-                          epoch_length=length)
+                          stages=ALL_TERMS, distortion=distortion(args, tuple(args.patch), config), epoch_length=length,
+                          **config.trainer_kwargs())
     marks: dict[str, float] = {}
     split = {"data": 0.0, "g": 0.0, "d": 0.0}
 
@@ -286,7 +302,7 @@ def run_plain(dataset, batch: int, args, device: torch.device, config: Config | 
     opt_g = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-3)
     opt_d = torch.optim.Adam(adversary.parameters(), lr=1e-3)
     ce, mse, adv = VisualWordLoss(), RestorationLoss("mse"), AdversarialLoss("vanilla")
-    distort = distortion(args, tuple(args.patch))
+    distort = distortion(args, tuple(args.patch), config)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
     gen = torch.Generator(device=device).manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
@@ -377,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    if plain_config.amp == "fp16" or plain_config.gemm_weight_grad or not plain_config.fused:
+    changes_layers = plain_config.gemm_weight_grad or plain_config.pad_channels
+    if plain_config.amp == "fp16" or changes_layers or not plain_config.fused:
         print(f"--plain-config {args.plain_config!r}: the plain loop takes fp32 or bf16 with cl, cudnn and compile "
               "tokens only", file=sys.stderr)
         return 2

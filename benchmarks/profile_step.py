@@ -52,11 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     dataset = synthetic_patches(args.batch, patch, args.num_classes)
     net, head, adversary = build_networks(args.width, args.num_classes, device)
     opt_g, opt_d = build_adam([net, head], 1e-3, device), build_adam([adversary], 1e-3, device)
-    distort = distortion(args, patch)
+    distort = distortion(args, patch, config)
     trainer = DiRATrainer(device, 1, make_loader(dataset, args.batch, device), net, opt_g, head, adversary, opt_d,
-                          stages=ALL_TERMS, distortion=distort, amp=config.amp, channels_last=config.channels_last,
-                          compile=config.compile, compile_mode=config.compile_mode,
-                          cudnn_benchmark=config.cudnn_benchmark, gemm_weight_grad=config.gemm_weight_grad)
+                          stages=ALL_TERMS, distortion=distort, **config.trainer_kwargs())
     batch = next(iter(trainer.data_loader))
     trainer.state.epoch = 1
 

@@ -61,6 +61,10 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
     assert tuned.cudnn_benchmark and tuned.compile and tuned.compile_mode == "max-autotune-no-cudagraphs"
     assert module.parse_config("bf16+compile-ro").compile_mode == "reduce-overhead"
     assert module.parse_config("bf16+cl+gemmwg").gemm_weight_grad and not tuned.gemm_weight_grad
+    padded = module.parse_config("bf16+cl+padch")
+    assert padded.pad_channels and padded.trainer_kwargs()["pad_channels"] and not tuned.pad_channels
+    with pytest.raises(ValueError, match="gemmwg and padch"):
+        module.parse_config("bf16+gemmwg+padch")
     with pytest.raises(ValueError, match="turbo"):
         module.parse_config("fp32+turbo")
 
@@ -114,10 +118,15 @@ def test_sync_counter_ignores_the_prototype_notice(repo_root: Path) -> None:
 
 
 def test_first_conv_quick(repo_root: Path) -> None:
-    header, rows = table(run(repo_root, "first_conv.py"), "variant")
-    assert header == ["variant", "batch", "layout", "ms", "vs_cudnn", "wgrad_rel_diff"]
-    assert [r[0] for r in rows] == ["cudnn", "cudnn+benchmark", "gemm", "cudnn+ncdhw", "gemm+ncdhw"]
-    assert all(float(r[3]) > 0 and float(r[5]) < 1e-5 for r in rows)  # every variant: the same weight gradient
+    header, rows = table(run(repo_root, "first_conv.py"), "layer")
+    assert header == ["layer", "variant", "batch", "layout", "ms", "vs_cudnn", "wgrad_rel_diff"]
+    variants = {layer: [r[1] for r in rows if r[0] == layer] for layer in ("unet_in", "unet_out", "adv_in")}
+    assert variants["unet_in"] == ["cudnn", "cudnn+benchmark", "gemm", "pad", "pad+benchmark", "cudnn+ncdhw"]
+    assert variants["adv_in"] == variants["unet_in"]
+    assert variants["unet_out"] == ["cudnn", "cudnn+benchmark", "pad", "pad+benchmark", "cudnn+ncdhw"]  # 64 in: no gemm
+    assert {r[3] for r in rows if r[1] == "cudnn+ncdhw"} == {"ncdhw"} and {r[3] for r in rows if r[1] == "pad"} == {
+        "channels_last"}
+    assert all(float(r[4]) > 0 and float(r[6]) < 1e-5 for r in rows)  # every variant: the same weight gradient
 
 
 def test_fp32_matmul_rate_restores_the_tf32_flag() -> None:
@@ -184,7 +193,29 @@ def test_gpu_lease_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path)
     script = repo_root / "benchmarks" / "gpu" / "run.sh"
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     subprocess.run(["bash", str(script), "lease"], capture_output=True, text=True, timeout=600, env=env)
-    for part, marker in (("first_conv", "wgrad_rel_diff"), ("profile", "step (G + D"), ("throughput", "ratio: "),
-                         ("loader", "loader alone, best row"), ("inference", "windows/s")):
+    for part, marker in (("first_conv", "wgrad_rel_diff"), ("ab", "=== best combination from the A/B rows: fp32"),
+                         ("throughput", "peak_MiB"), ("profile", "step (G + D"),
+                         ("plain", "plain PyTorch loop (fp32): ")):
         log = (tmp_path / f"{part}.txt").read_text()
         assert marker in log and "exited with" not in log and "skipped, no time left" not in log, (part, log[-1500:])
+    ab = (tmp_path / "ab.txt").read_text()
+    assert {"fp32+cudnn", "fp32+padch", "fp32+gemmwg", "fp32+nodist"} <= {
+        line.split("'config': '")[1].split("'")[0] for line in ab.splitlines() if line.startswith("row: ")}
+
+
+def test_gpu_lease_combines_the_options_that_beat_the_baseline(repo_root: Path, tmp_path: Path) -> None:
+    # best_combo: the compiled rows take every option whose eager A/B row beat the baseline by > 1 %
+    script = repo_root / "benchmarks" / "gpu" / "run.sh"
+    rows = {"bf16+cl": 300.0, "bf16+cl+cudnn": 310.0, "bf16+cl+padch": 330.0, "bf16+cl+gemmwg": 320.0,
+            "bf16+cl+nodist": 340.0}
+    ab = tmp_path / "ab.txt"
+
+    def combo(rates: dict) -> str:
+        ab.write_text("\n".join(f"row: {{'config': '{k}', 'patches/s': {v}}}" for k, v in rates.items()) + "\n")
+        call = f'source <(sed -n "/^best_combo() {{/,/^}}/p" {script}); PY={sys.executable}; best_combo {ab} bf16+cl'
+        return subprocess.run(["bash", "-c", call], capture_output=True, text=True, timeout=60).stdout.strip()
+
+    assert combo(rows) == "bf16+cl+cudnn+padch"  # padch and gemmwg exclude each other: the faster one
+    assert combo({**rows, "bf16+cl+cudnn": 301.0, "bf16+cl+padch": 290.0}) == "bf16+cl+gemmwg"
+    assert combo({"bf16+cl": 300.0, "bf16+cl+padch": 302.0}) == "bf16+cl"  # within 1 %: not taken
+    assert combo({}) == "bf16+cl"  # no rows (the A/B part timed out): the baseline

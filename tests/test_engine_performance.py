@@ -352,3 +352,26 @@ def test_gemm_weight_grad_option_trains_like_cudnn_weight_grads():
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (iteration, key)
     first = "encoder.levels.0.conv1.conv.weight"
     torch.testing.assert_close(gemm.network.state_dict()[first], plain.network.state_dict()[first], rtol=1e-4, atol=1e-6)
+
+
+def test_pad_channels_option_trains_like_the_plain_convolutions():
+    # two steps: the second one's losses depend on the first step's update of the padded layers. At
+    # width 1/8 most layers are padded; a small lr keeps Adam from amplifying rounding-level
+    # gradient differences (its first step moves a weight by ~lr whatever the gradient's size)
+    plain, padded = build(channels_last=True, lr=1e-5), build(channels_last=True, pad_channels=True, lr=1e-5)
+    first = padded.network.encoder.levels[0].conv1.conv
+    assert type(first).__name__ == "ChannelPaddedConv3d" and first.pad_memory_format == torch.channels_last_3d
+    assert type(padded.adversary.net.initial_conv.conv).__name__ == "ChannelPaddedConv3d"
+    assert type(plain.network.encoder.levels[0].conv1.conv) is torch.nn.Conv3d
+    for iteration in (1, 2):
+        a, b = losses(step(plain, fixed_batch(), iteration)), losses(step(padded, fixed_batch(), iteration))
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (iteration, key)
+    assert set(padded.network.state_dict()) == set(plain.network.state_dict())  # checkpoints keep their keys
+    name = "encoder.levels.0.conv1.conv.weight"
+    torch.testing.assert_close(padded.network.state_dict()[name], plain.network.state_dict()[name], rtol=1e-4, atol=1e-6)
+
+
+def test_pad_channels_and_gemm_weight_grad_are_refused_together():
+    with pytest.raises(ValueError, match="gemm_weight_grad and pad_channels"):
+        build(pad_channels=True, gemm_weight_grad=True)

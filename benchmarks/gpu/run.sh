@@ -10,12 +10,17 @@
 # Parts: check (GPU facts + the CUDA-only tests), throughput (batch 32, all engine configurations),
 # scale (larger batches for the best configurations), loader, inference (sliding window, LiTS bundle).
 # lease: what matters for issue 8 in ONE call that ends by DEADLINE seconds (default 540), for a lease
-# of 15 device minutes: facts, the first-convolution variants, a profile of the step, throughput at
-# batch 64 for the compiled configurations with and without cuDNN autotuning and the GEMM weight
-# gradient (next to a plain loop at bf16 + channels-last + compile), the loader (against the step
-# rate just measured), inference; each step is cut by `timeout` so that a slow compile cannot eat
-# the rest, and its output is in $OUT already. Run `check` (the CUDA-only tests, ~15 s) in the same
-# call when time allows.
+# of 15 device minutes, most important first; each step is cut by `timeout` so that a slow compile
+# cannot eat the rest, and its output is in $OUT already:
+#   facts; first_conv (the 1-channel layers, every variant, batch 64 and 96);
+#   ab: eager A/B at batch 64, each option against the same baseline in one process (cudnn,
+#       padch, gemmwg; nodist tells the distortion's share);
+#   throughput: compiled, batch 64, the best combination the A/B picked (best_combo) next to the
+#       compiled baseline;
+#   profile: that combination compiled (the inductor cache is warm by then);
+#   plain: the plain PyTorch loop at bf16 + channels-last + compile, if time is left.
+# The loader (1,626 pairs/s, 4.5x the step) and inference were measured on 2026-11-26 and are
+# separate parts now.
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
 # BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
 # (defaults 300 / 360, so that `check throughput` fits one 10-minute call).
@@ -38,15 +43,22 @@ capped() {  # capped NAME SECONDS COMMAND...: like part, killed after SECONDS (s
     part "$name" timeout -k 10 "$secs" "$@"
 }
 
-best_rate() {  # the best patches/s among the rows printed so far (550 if none)
-    "$PY" - "$OUT" <<'PYEOF'
+best_combo() {  # best_combo FILE BASE: BASE plus every option whose A/B row beat BASE's by > 1 %
+    "$PY" - "$1" "$2" <<'PYEOF'
 import ast, pathlib, sys
-best = 0.0
-for f in pathlib.Path(sys.argv[1]).glob("*.txt"):
-    for line in f.read_text().splitlines():
+path, base = pathlib.Path(sys.argv[1]), sys.argv[2]
+rates = {}
+if path.exists():
+    for line in path.read_text().splitlines():
         if line.startswith("row: "):
-            best = max(best, float(ast.literal_eval(line[5:]).get("patches/s") or 0.0))
-print(f"{best:.1f}" if best else "550")
+            row = ast.literal_eval(line[5:])
+            rates[row["config"]] = float(row.get("patches/s") or 0.0)
+ref = rates.get(base, 0.0)
+faster = lambda t: ref > 0 and rates.get(f"{base}+{t}", 0.0) > 1.01 * ref
+tokens = ["cudnn"] if faster("cudnn") else []
+layer = max(("padch", "gemmwg"), key=lambda t: rates.get(f"{base}+{t}", 0.0))  # they exclude each other
+tokens += [layer] if faster(layer) else []
+print("+".join([base, *tokens]))
 PYEOF
 }
 
@@ -61,13 +73,16 @@ part() {  # part NAME COMMAND...: run, tee into $OUT/NAME.txt, remember a failur
 if [ "${QUICK:-0}" = 1 ]; then
     DEV=(--device cpu); PT_SIZE=(--patch 16 16 8 --width 0.125 --iters 2 --warmup 1 --num-classes 4 --matmul-size 256)
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
-    SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32; LEASE_CONFIGS=fp32
-    PF_SIZE=(--quick); FC_SIZE=(--quick); PLAIN=fp32
+    SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32
+    PF_SIZE=(--quick); PF_QUICK=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}"); COMPILE=""
+    AB_BASE=fp32; AB_CONFIGS=fp32,fp32+cudnn,fp32+padch,fp32+gemmwg,fp32+nodist
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
-    PF_SIZE=(--batch 32 --config bf16+cl+cudnn); FC_SIZE=(--batch 32 96)
-    LEASE_CONFIGS=bf16+cl+compile,bf16+cl+cudnn+compile,bf16+cl+gemmwg+compile; PLAIN=bf16+cl+compile
+    PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_QUICK=(); FC_SIZE=(--batch 64 96); COMPILE=+compile
+    AB_SIZE=(--patch 64 64 32 --width 1 --iters 15 --warmup 4)
+    AB_BASE=bf16+cl; AB_CONFIGS=bf16+cl,bf16+cl+cudnn,bf16+cl+padch,bf16+cl+gemmwg,bf16+cl+nodist
+    PLAIN=bf16+cl+compile
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
     CONFIGS=fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile
     BEST=bf16+cl+cudnn,bf16+cl+cudnn+compile
@@ -79,7 +94,7 @@ for what in "$@"; do
         part check nvidia-smi
         part check "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
         part check "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu or compile or stall" \
-            tests/test_engine_performance.py tests/test_transforms_static.py tests/test_transforms.py ;;
+            tests/test_engine_performance.py tests/test_transforms_static.py tests/test_transforms.py tests/test_channel_pad.py ;;
     throughput)
         part throughput "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" --batch-sizes "${B32[@]}" \
             --configs "$CONFIGS" --time-budget "${BUDGET:-300}" --out "$OUT/throughput.md" ;;
@@ -93,17 +108,20 @@ for what in "$@"; do
     lease)
         part facts nvidia-smi -L
         part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
-        capped first_conv 40 "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}"
-        capped profile 45 "$PY" benchmarks/profile_step.py "${DEV[@]}" "${PF_SIZE[@]}"
-        cap=$(left 100)  # no configuration starts in the last 90 s of the cap: a compile takes ~60-90 s on an H100
+        capped first_conv 45 "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}"
+        capped ab 100 "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
+            --configs "$AB_CONFIGS" --no-plain --out "$OUT/ab.md"
+        combo=$(best_combo "$OUT/ab.txt" "$AB_BASE")
+        echo "=== best combination from the A/B rows: $combo" | tee -a "$OUT/ab.txt"
+        configs="${combo}${COMPILE}"; [ "$combo" = "$AB_BASE" ] || configs="$configs,${AB_BASE}${COMPILE}"
+        cap=$(left 150)  # keep ~60 s for the profile and ~90 s for the plain loop
         capped throughput "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
-            --batch-sizes "${BIG[0]}" --configs "$LEASE_CONFIGS" --plain-config "$PLAIN" --time-budget "$(( cap > 100 ? cap - 90 : 10 ))" \
+            --batch-sizes "${BIG[0]}" --configs "$configs" --no-plain --time-budget "$(( cap > 100 ? cap - 90 : 10 ))" \
             --out "$OUT/throughput.md"
-        rate=$(best_rate)
-        capped loader 45 "$PY" benchmarks/loader_throughput.py "${DEV[@]}" "${LD_SIZE[@]}" --loaders dataloader \
-            --pipelines loader,loader+device_distortion --step-rate "$rate"
-        capped inference "$(( $(left 0) < 40 ? $(left 0) : 40 ))" "$PY" benchmarks/sliding_window.py "${DEV[@]}" \
-            "${SW_SIZE[@]}" --sw-batch-sizes 16 ;;
+        capped profile "$(( $(left 90) < 60 ? $(left 90) : 60 ))" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
+            "${PF_QUICK[@]}" --batch "${BIG[0]}" --config "${combo}${COMPILE}" --warmup 3
+        capped plain "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
+            --batch-sizes "${BIG[0]}" --configs "" --plain-config "$PLAIN" ;;
     *)
         echo "unknown part '$what'; use check, throughput, scale, loader, inference, lease" >&2; status=2 ;;
     esac

@@ -41,6 +41,7 @@ from dira3d.engines.optim import (
     unique_parameters,
 )
 from dira3d.engines.performance import compile_modules
+from dira3d.networks.channel_pad import use_padded_channels
 from dira3d.networks.gemm_wgrad import use_gemm_weight_grad
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
@@ -99,6 +100,10 @@ class DiRATrainer(Trainer):
             slow for that layer in channels-last bf16 on an H100
             (:mod:`dira3d.networks.gemm_wgrad`; same values, tested). Off by default until a GPU
             benchmark (``benchmarks/first_conv.py``) shows it faster.
+        pad_channels: run the convolutions whose channel counts are not multiples of 8 (the
+            1-channel, image-facing ones: U-Net input and output, adversary input and output) on
+            zero-padded channels, so that cuDNN can use its tensor-core kernels
+            (:mod:`dira3d.networks.channel_pad`; same values, tested). Excludes ``gemm_weight_grad``.
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -143,6 +148,7 @@ class DiRATrainer(Trainer):
         compile_mode: str | None = None,
         cudnn_benchmark: bool = False,
         gemm_weight_grad: bool = False,
+        pad_channels: bool = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
         classify_both: bool = False,
@@ -154,6 +160,8 @@ class DiRATrainer(Trainer):
     ) -> None:
         self.dis_mode = check_dis_mode(dis_mode)
         self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
+        if gemm_weight_grad and pad_channels:
+            raise ValueError("gemm_weight_grad and pad_channels both change the 1-channel convolutions; set one of them")
         if int(d_steps) != d_steps or d_steps < 1:
             raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
         uses = self.schedule.uses
@@ -211,6 +219,8 @@ class DiRATrainer(Trainer):
             torch.backends.cudnn.benchmark = True
         if gemm_weight_grad:
             use_gemm_weight_grad(*(m for m in (network, adversary) if m is not None))
+        if pad_channels:
+            use_padded_channels(*(m for m in (network, adversary) if m is not None), memory_format=self.memory_format)
         if compile:  # after .to(): the compiled graphs see the final device and memory format
             compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode)
         # D scores real and restored patches in ONE forward when no layer mixes samples (instance
