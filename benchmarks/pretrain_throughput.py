@@ -86,6 +86,7 @@ class Config:
     gemm_weight_grad: bool = False
     pad_channels: bool = False
     distortion: str | None = None  # None: --distortion
+    static_distortion: bool | None = None  # None: the distortion's default (static off the CPU)
 
     def trainer_kwargs(self) -> dict:
         """The :class:`DiRATrainer` arguments this configuration sets."""
@@ -120,9 +121,11 @@ def parse_config(name: str) -> Config:
             config.pad_channels = True
         elif token == "nodist":
             config.distortion = "none"
+        elif token == "subset":
+            config.static_distortion = False
         else:
             raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, plainopt, gemmwg, padch, nodist")
+                             "compile|compile-max|compile-ro, plainopt, gemmwg, padch, nodist, subset")
     if config.gemm_weight_grad and config.pad_channels:
         raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
     return config
@@ -161,10 +164,13 @@ def make_loader(dataset, batch: int, device: torch.device, workers: int = 0):
 def distortion(args, patch: tuple[int, ...], config: Config | None = None):
     """The composition the bundle builds for this patch (TransVW's elastic warp scaled with it).
 
-    ``--distortion``, or the configuration's own (``nodist``: none).
+    ``--distortion``, or the configuration's own (``nodist``: none; ``subset``: ``static_shapes=False``).
     """
     name = (config.distortion if config is not None else None) or args.distortion
-    return build_distortion(name, **default_distortion_args(name, patch))
+    options = default_distortion_args(name, patch)
+    if config is not None and config.static_distortion is not None:
+        options["static_shapes"] = config.static_distortion
+    return build_distortion(name, **options)
 
 
 def is_sync_warning(message: str) -> bool:
