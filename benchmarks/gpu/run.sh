@@ -94,7 +94,7 @@ for what in "$@"; do
         part check nvidia-smi
         part check "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
         part check "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu or compile or stall" \
-            tests/test_engine_performance.py tests/test_transforms_static.py tests/test_transforms.py tests/test_channel_pad.py ;;
+            tests/test_engine_performance.py tests/test_transforms_static.py tests/test_transforms.py tests/test_image_convs.py ;;
     throughput)
         part throughput "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" --batch-sizes "${B32[@]}" \
             --configs "$CONFIGS" --time-budget "${BUDGET:-300}" --out "$OUT/throughput.md" ;;

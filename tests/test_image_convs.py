@@ -1,0 +1,231 @@
+"""The 1-channel convolution variants give the plain layer's outputs and gradients.
+
+Two alternatives for the image-facing layers that cuDNN runs slowly in channels-last bf16:
+:mod:`dira3d.networks.gemm_wgrad` (the weight gradient of 1-input-channel layers as one GEMM) and
+:mod:`dira3d.networks.channel_pad` (channels zero-padded to a multiple of 8).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dira3d.networks import Adversary, UNet
+from dira3d.networks.channel_pad import ChannelPaddedConv3d, use_padded_channels
+from dira3d.networks.gemm_wgrad import GemmWgradConv3d, use_gemm_weight_grad
+
+SWITCHES = {"gemm": use_gemm_weight_grad, "pad": use_padded_channels}
+
+
+def grads(conv: nn.Module, x: torch.Tensor, seed: int = 0):
+    torch.manual_seed(seed)
+    out = conv(x)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    result = [out.detach(), conv.weight.grad.clone()]
+    result.append(None if conv.bias is None else conv.bias.grad.clone())
+    result.append(None if x.grad is None else x.grad.clone())
+    return result
+
+
+def check_matches_the_plain_layer(variant: str, dims: int, cin: int, cout: int, kernel: int, stride: int,
+                                  padding: int, bias: bool, channels_last: bool, input_grad: bool) -> None:
+    """Output, weight, bias and input gradients of the switched layer equal the plain one's in float64."""
+    conv_cls = nn.Conv3d if dims == 3 else nn.Conv2d
+    spatial = (10, 9, 8) if dims == 3 else (11, 10)
+    torch.manual_seed(1)
+    ref = conv_cls(cin, cout, kernel, stride=stride, padding=padding, bias=bias).double()
+    changed = conv_cls(cin, cout, kernel, stride=stride, padding=padding, bias=bias).double()
+    changed.load_state_dict(ref.state_dict())
+    fmt = (torch.channels_last_3d if dims == 3 else torch.channels_last) if channels_last else None
+    options = {"memory_format": fmt} if variant == "pad" else {}
+    assert SWITCHES[variant](changed, **options) == ["0."]
+    assert type(changed).__name__.startswith({"gemm": "GemmWgrad", "pad": "ChannelPadded"}[variant])
+    x = torch.rand(3, cin, *spatial, dtype=torch.double)
+    if fmt is not None:
+        ref, changed, x = ref.to(memory_format=fmt), changed.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    x1, x2 = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
+    results = grads(ref, x1), grads(changed, x2)
+    assert results[1][0].shape == results[0][0].shape  # padded output channels, if any, are dropped
+    assert changed.weight.grad.shape == changed.weight.shape  # gradients of the real channels only
+    for a, b in zip(*results):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+# --- shared: both switches --------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", sorted(SWITCHES))
+def test_under_bf16_autocast_the_gradients_agree_within_bf16_rounding(variant):
+    torch.manual_seed(2)
+    ref, changed = nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(1, 8, 3, padding=1)
+    changed.load_state_dict(ref.state_dict())
+    SWITCHES[variant](changed)
+    x = torch.rand(2, 1, 8, 8, 8)
+    results = []
+    for conv in (ref, changed):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        assert out.dtype == torch.bfloat16  # the same forward dtype as autocast gives the plain layer
+        out.float().square().sum().backward()
+        assert conv.weight.grad.dtype == torch.float32
+        results.append((out.float(), conv.weight.grad, conv.bias.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", sorted(SWITCHES))
+def test_compiles_without_a_graph_break(variant):
+    torch.manual_seed(0)
+    conv, ref = nn.Conv3d(1, 4, 3, padding=1), nn.Conv3d(1, 4, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    SWITCHES[variant](conv)
+    x = torch.rand(2, 1, 8, 8, 8)
+    out = torch.compile(conv, backend="inductor", fullgraph=True)(x)  # fullgraph: breaks raise
+    assert out.shape == (2, 4, 8, 8, 8)
+    out.square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", sorted(SWITCHES))
+def test_a_switched_layer_is_not_switched_again(variant):
+    net, adversary = UNet(3, 1, 1, width=0.125), Adversary(3, 1, channels=4)
+    first = SWITCHES[variant](net, adversary)
+    assert first and SWITCHES[variant](net, adversary) == []
+    other = SWITCHES["pad" if variant == "gemm" else "gemm"](net, adversary)
+    assert not set(first) & set(other)  # a layer gets one variant or the other
+
+
+# --- gemm_wgrad -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("stride,padding,bias", [(1, 1, True), (2, 1, False), (1, 0, True), (2, 2, True)])
+@pytest.mark.parametrize("channels_last,input_grad", [(False, False), (True, False), (False, True)])
+def test_gemm_weight_grad_matches_the_convolution(dims, stride, padding, bias, channels_last, input_grad):
+    check_matches_the_plain_layer("gemm", dims, 1, 6, 3, stride, padding, bias, channels_last, input_grad)
+
+
+def test_only_single_channel_layers_switch_and_checkpoint_keys_stay():
+    net, adversary = UNet(3, 1, 1, width=0.125), Adversary(3, 1, channels=4)
+    keys = set(net.state_dict()) | {f"adv.{k}" for k in adversary.state_dict()}
+    switched = use_gemm_weight_grad(net, adversary)
+    assert switched == ["0.encoder.levels.0.conv1.conv", "1.net.initial_conv.conv"]  # the two image-facing layers
+    assert isinstance(net.encoder.levels[0].conv1.conv, GemmWgradConv3d)
+    assert set(net.state_dict()) | {f"adv.{k}" for k in adversary.state_dict()} == keys
+    assert use_gemm_weight_grad(net, adversary) == []  # already switched: nothing more to do
+
+
+def test_inference_and_frozen_layers_take_the_plain_path():
+    conv = nn.Conv3d(1, 4, 3, padding=1)
+    use_gemm_weight_grad(conv)
+    x = torch.rand(1, 1, 6, 6, 6)
+    with torch.no_grad():
+        plain = conv(x)
+    conv.requires_grad_(False)
+    out = conv(x)
+    assert out.grad_fn is None and torch.equal(out, plain)
+
+
+# --- channel_pad ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("cin,cout,kernel,stride,padding,bias", [
+    (1, 6, 3, 1, 1, True),   # the U-Net's first layer
+    (1, 5, 3, 2, 1, False),  # the adversary's first layer (stride 2)
+    (12, 1, 1, 1, 0, True),  # the U-Net's output head
+    (9, 1, 3, 1, 1, False),  # the adversary's last layer
+    (3, 10, 3, 2, 2, True),  # both sides unaligned (RGB in)
+])
+@pytest.mark.parametrize("channels_last,input_grad", [(False, True), (True, True), (True, False)])
+def test_padded_channels_give_the_convolution_and_its_gradients(dims, cin, cout, kernel, stride, padding, bias,
+                                                                channels_last, input_grad):
+    check_matches_the_plain_layer("pad", dims, cin, cout, kernel, stride, padding, bias, channels_last, input_grad)
+
+
+def test_the_padded_input_and_weight_take_the_requested_layout():
+    conv = nn.Conv3d(1, 8, 3, padding=1).to(memory_format=torch.channels_last_3d)
+    use_padded_channels(conv, memory_format=torch.channels_last_3d)
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(o))
+    calls = []
+    original = torch.nn.functional.conv3d
+
+    def spy(x, w, *args):
+        calls.append((x.is_contiguous(memory_format=torch.channels_last_3d), w.is_contiguous(memory_format=torch.channels_last_3d),
+                      x.shape[1], w.shape[1]))
+        return original(x, w, *args)
+
+    torch.nn.functional.conv3d = spy
+    try:
+        conv(torch.rand(2, 1, 6, 6, 6))
+    finally:
+        torch.nn.functional.conv3d = original
+    assert calls == [(True, True, 8, 8)]  # 8 input channels, both channels-last
+    assert seen[0].shape == (2, 8, 6, 6, 6)
+
+
+def test_the_image_facing_layers_switch_and_checkpoint_keys_stay():
+    net, adversary = UNet(3, 1, 1, width=0.125), Adversary(3, 1, channels=4)
+    keys = set(net.state_dict()) | {f"adv.{k}" for k in adversary.state_dict()}
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    switched = use_padded_channels(net, adversary)
+    # width 0.125 makes every layer narrow; the default width aligns all but the image-facing ones
+    assert "0.encoder.levels.0.conv1.conv" in switched and "0.decoder.head" in switched
+    assert "1.net.initial_conv.conv" in switched and any(name.startswith("1.net.final_conv") for name in switched)
+    assert isinstance(net.encoder.levels[0].conv1.conv, ChannelPaddedConv3d)
+    assert set(net.state_dict()) | {f"adv.{k}" for k in adversary.state_dict()} == keys
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert use_padded_channels(net, adversary) == []  # already switched: nothing more to do
+    assert use_gemm_weight_grad(net, adversary) == []  # a padded layer is not switched again
+
+
+def test_default_width_pads_only_the_image_facing_layers():
+    net, adversary = UNet(3, 1, 1), Adversary(3, 1)
+    switched = use_padded_channels(net, adversary)
+    assert switched == ["0.encoder.levels.0.conv1.conv", "0.decoder.head", "1.net.initial_conv.conv",
+                        "1.net.final_conv.conv"]
+
+
+def test_padded_network_restores_like_the_plain_one():
+    torch.manual_seed(3)
+    plain = UNet(3, 1, 1, width=0.125).double()
+    padded = UNet(3, 1, 1, width=0.125).double()
+    padded.load_state_dict(plain.state_dict())
+    use_padded_channels(padded)
+    x = torch.rand(2, 1, 16, 16, 8, dtype=torch.double)
+    a, b = plain(x), padded(x)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    a.square().mean().backward(), b.square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_bad_multiple_is_refused():
+    with pytest.raises(ValueError, match="multiple"):
+        use_padded_channels(nn.Conv3d(1, 4, 3), multiple=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN picks other kernels for padded layers)")
+def test_on_cuda_bf16_channels_last_padded_layers_agree_with_cudnn():
+    torch.manual_seed(4)
+    for cin, cout, stride in ((1, 32, 1), (64, 1, 1), (1, 64, 2)):
+        ref = nn.Conv3d(cin, cout, 3, stride=stride, padding=1).cuda().to(memory_format=torch.channels_last_3d)
+        padded = nn.Conv3d(cin, cout, 3, stride=stride, padding=1).cuda().to(memory_format=torch.channels_last_3d)
+        padded.load_state_dict(ref.state_dict())
+        use_padded_channels(padded, memory_format=torch.channels_last_3d)
+        x = torch.rand(4, cin, 32, 32, 16, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+        results = []
+        for conv in (ref, padded):
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = conv(xi)
+            out.float().square().mean().backward()
+            results.append((out.float(), conv.weight.grad, xi.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
