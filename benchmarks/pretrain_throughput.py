@@ -85,6 +85,7 @@ class Config:
     fused: bool = True
     gemm_weight_grad: bool = False
     pad_channels: bool = False
+    gemm_upconv: bool = False
     distortion: str | None = None  # None: --distortion
     static_distortion: bool | None = None  # None: the distortion's default (static off the CPU)
 
@@ -92,7 +93,8 @@ class Config:
         """The :class:`DiRATrainer` arguments this configuration sets."""
         return dict(amp=self.amp, channels_last=self.channels_last, compile=self.compile,
                     compile_mode=self.compile_mode, cudnn_benchmark=self.cudnn_benchmark,
-                    gemm_weight_grad=self.gemm_weight_grad, pad_channels=self.pad_channels)
+                    gemm_weight_grad=self.gemm_weight_grad, pad_channels=self.pad_channels,
+                    gemm_upconv=self.gemm_upconv)
 
 
 def parse_config(name: str) -> Config:
@@ -119,13 +121,15 @@ def parse_config(name: str) -> Config:
             config.gemm_weight_grad = True
         elif token == "padch":
             config.pad_channels = True
+        elif token == "gemmup":
+            config.gemm_upconv = True
         elif token == "nodist":
             config.distortion = "none"
         elif token == "subset":
             config.static_distortion = False
         else:
             raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, plainopt, gemmwg, padch, nodist, subset")
+                             "compile|compile-max|compile-ro, plainopt, gemmwg, padch, gemmup, nodist, subset")
     if config.gemm_weight_grad and config.pad_channels:
         raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
     return config
@@ -399,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    changes_layers = plain_config.gemm_weight_grad or plain_config.pad_channels
+    changes_layers = plain_config.gemm_weight_grad or plain_config.pad_channels or plain_config.gemm_upconv
     if plain_config.amp == "fp16" or changes_layers or not plain_config.fused:
         print(f"--plain-config {args.plain_config!r}: the plain loop takes fp32 or bf16 with cl, cudnn and compile "
               "tokens only", file=sys.stderr)

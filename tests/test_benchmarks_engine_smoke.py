@@ -64,6 +64,7 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
     padded = module.parse_config("bf16+cl+padch")
     assert padded.pad_channels and padded.trainer_kwargs()["pad_channels"] and not tuned.pad_channels
     assert module.parse_config("bf16+subset").static_distortion is False and tuned.static_distortion is None
+    assert module.parse_config("bf16+gemmup").trainer_kwargs()["gemm_upconv"] and not tuned.gemm_upconv
     with pytest.raises(ValueError, match="gemmwg and padch"):
         module.parse_config("bf16+gemmwg+padch")
     with pytest.raises(ValueError, match="turbo"):
@@ -200,7 +201,7 @@ def test_gpu_lease_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path)
         log = (tmp_path / f"{part}.txt").read_text()
         assert marker in log and "exited with" not in log and "skipped, no time left" not in log, (part, log[-1500:])
     ab = (tmp_path / "ab.txt").read_text()
-    assert {"fp32+cudnn", "fp32+padch", "fp32+gemmwg", "fp32+subset", "fp32+nodist"} <= {
+    assert {"fp32+cudnn", "fp32+padch", "fp32+gemmwg", "fp32+gemmup", "fp32+subset", "fp32+nodist"} <= {
         line.split("'config': '")[1].split("'")[0] for line in ab.splitlines() if line.startswith("row: ")}
 
 
@@ -221,3 +222,4 @@ def test_gpu_lease_combines_the_options_that_beat_the_baseline(repo_root: Path, 
     assert combo({"bf16+cl": 300.0, "bf16+cl+padch": 302.0}) == "bf16+cl"  # within 1 %: not taken
     assert combo({}) == "bf16+cl"  # no rows (the A/B part timed out): the baseline
     assert combo({**rows, "bf16+cl+subset": 305.0}) == "bf16+cl+cudnn+subset+padch"
+    assert combo({**rows, "bf16+cl+gemmup": 350.0}) == "bf16+cl+cudnn+gemmup+padch"

@@ -354,22 +354,27 @@ def test_gemm_weight_grad_option_trains_like_cudnn_weight_grads():
     torch.testing.assert_close(gemm.network.state_dict()[first], plain.network.state_dict()[first], rtol=1e-4, atol=1e-6)
 
 
-def test_pad_channels_option_trains_like_the_plain_convolutions():
-    # two steps: the second one's losses depend on the first step's update of the padded layers. At
-    # width 1/8 most layers are padded; a small lr keeps Adam from amplifying rounding-level
+@pytest.mark.parametrize("options", [{"pad_channels": True}, {"gemm_upconv": True},
+                                     {"pad_channels": True, "gemm_upconv": True}])
+def test_layer_options_train_like_the_plain_layers(options):
+    # two steps: the second one's losses depend on the first step's update of the changed layers.
+    # At width 1/8 most layers are padded; a small lr keeps Adam from amplifying rounding-level
     # gradient differences (its first step moves a weight by ~lr whatever the gradient's size)
-    plain, padded = build(channels_last=True, lr=1e-5), build(channels_last=True, pad_channels=True, lr=1e-5)
-    first = padded.network.encoder.levels[0].conv1.conv
-    assert type(first).__name__ == "ChannelPaddedConv3d" and first.pad_memory_format == torch.channels_last_3d
-    assert type(padded.adversary.net.initial_conv.conv).__name__ == "ChannelPaddedConv3d"
+    plain, changed = build(channels_last=True, lr=1e-5), build(channels_last=True, lr=1e-5, **options)
+    first, up = changed.network.encoder.levels[0].conv1.conv, changed.network.decoder.levels[-1].up
+    if options.get("pad_channels"):
+        assert type(first).__name__ == "ChannelPaddedConv3d" and first.pad_memory_format == torch.channels_last_3d
+        assert type(changed.adversary.net.initial_conv.conv).__name__ == "ChannelPaddedConv3d"
+    assert (type(up).__name__ == "GemmConvTranspose3d") == bool(options.get("gemm_upconv"))
     assert type(plain.network.encoder.levels[0].conv1.conv) is torch.nn.Conv3d
     for iteration in (1, 2):
-        a, b = losses(step(plain, fixed_batch(), iteration)), losses(step(padded, fixed_batch(), iteration))
+        a, b = losses(step(plain, fixed_batch(), iteration)), losses(step(changed, fixed_batch(), iteration))
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (iteration, key)
-    assert set(padded.network.state_dict()) == set(plain.network.state_dict())  # checkpoints keep their keys
-    name = "encoder.levels.0.conv1.conv.weight"
-    torch.testing.assert_close(padded.network.state_dict()[name], plain.network.state_dict()[name], rtol=1e-4, atol=1e-6)
+    assert set(changed.network.state_dict()) == set(plain.network.state_dict())  # checkpoints keep their keys
+    for name in ("encoder.levels.0.conv1.conv.weight", "decoder.levels.2.up.weight"):
+        torch.testing.assert_close(changed.network.state_dict()[name], plain.network.state_dict()[name], rtol=1e-4,
+                                   atol=1e-6)
 
 
 def test_pad_channels_and_gemm_weight_grad_are_refused_together():

@@ -13,6 +13,7 @@ from torch import nn
 
 from dira3d.networks import Adversary, UNet
 from dira3d.networks.channel_pad import ChannelPaddedConv3d, use_padded_channels
+from dira3d.networks.gemm_upconv import use_gemm_upconv
 from dira3d.networks.gemm_wgrad import GemmWgradConv3d, use_gemm_weight_grad
 
 SWITCHES = {"gemm": use_gemm_weight_grad, "pad": use_padded_channels}
@@ -21,7 +22,7 @@ SWITCHES = {"gemm": use_gemm_weight_grad, "pad": use_padded_channels}
 def grads(conv: nn.Module, x: torch.Tensor, seed: int = 0):
     torch.manual_seed(seed)
     out = conv(x)
-    upstream = torch.randn_like(out)
+    upstream = torch.randn(out.shape, dtype=out.dtype)  # the same values whatever the output's layout
     (out * upstream).sum().backward()
     result = [out.detach(), conv.weight.grad.clone()]
     result.append(None if conv.bias is None else conv.bias.grad.clone())
@@ -229,3 +230,99 @@ def test_on_cuda_bf16_channels_last_padded_layers_agree_with_cudnn():
             results.append((out.float(), conv.weight.grad, xi.grad))
         for a, b in zip(*results):
             torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+# --- gemm_upconv (the U-Net's up-sampling) ----------------------------------------------------
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("kernel,bias", [(2, True), (2, False), (3, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gemm_upconv_gives_the_transposed_convolution_and_its_gradients(dims, kernel, bias, channels_last):
+    conv_cls = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
+    spatial = (5, 4, 3) if dims == 3 else (6, 5)
+    torch.manual_seed(5)
+    ref = conv_cls(6, 4, kernel, stride=kernel, bias=bias).double()
+    gemm = conv_cls(6, 4, kernel, stride=kernel, bias=bias).double()
+    gemm.load_state_dict(ref.state_dict())
+    assert use_gemm_upconv(gemm) == ["0."] and type(gemm).__name__.startswith("GemmConvTranspose")
+    x = torch.rand(3, 6, *spatial, dtype=torch.double)
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    if channels_last:
+        ref, gemm, x = ref.to(memory_format=fmt), gemm.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    results = grads(ref, x1), grads(gemm, x2)
+    out = gemm(x)
+    assert out.shape == results[0][0].shape
+    assert out.is_contiguous(memory_format=fmt) if channels_last else out.is_contiguous()  # the input's layout
+    for a, b in zip(*results):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_gemm_upconv_switches_only_non_overlapping_layers_and_keeps_keys():
+    layers = nn.ModuleList([nn.ConvTranspose3d(4, 4, 2, stride=2), nn.ConvTranspose3d(4, 4, 3, stride=2),
+                            nn.ConvTranspose3d(4, 4, 2, stride=2, padding=1), nn.ConvTranspose3d(4, 4, 2, stride=2, groups=2)])
+    assert use_gemm_upconv(layers) == ["0.0"]
+    net = UNet(3, 1, 1, width=0.125)
+    keys = set(net.state_dict())
+    assert use_gemm_upconv(net) == ["0.decoder.levels.0.up", "0.decoder.levels.1.up", "0.decoder.levels.2.up"]
+    assert set(net.state_dict()) == keys and use_gemm_upconv(net) == []
+
+
+def test_gemm_upconv_under_bf16_autocast_and_compiled():
+    torch.manual_seed(6)
+    ref, gemm = nn.ConvTranspose3d(8, 8, 2, stride=2), nn.ConvTranspose3d(8, 8, 2, stride=2)
+    gemm.load_state_dict(ref.state_dict())
+    use_gemm_upconv(gemm)
+    x = torch.rand(2, 8, 4, 4, 4)
+    results = []
+    for conv in (ref, gemm):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        assert out.dtype == torch.bfloat16  # what autocast gives the plain layer
+        out.float().square().sum().backward()
+        results.append((out.float(), conv.weight.grad, conv.bias.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+    ref.zero_grad(), gemm.zero_grad()
+    out = torch.compile(gemm, backend="inductor", fullgraph=True)(x)  # fullgraph: breaks raise
+    out.square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(gemm.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_unet_with_gemm_upconv_restores_like_the_plain_one():
+    torch.manual_seed(3)
+    plain, gemm = UNet(3, 1, 1, width=0.125).double(), UNet(3, 1, 1, width=0.125).double()
+    gemm.load_state_dict(plain.state_dict())
+    use_gemm_upconv(gemm)
+    x = torch.rand(2, 1, 16, 16, 8, dtype=torch.double)
+    a, b = plain(x), gemm(x)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    a.square().mean().backward(), b.square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), gemm.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN's transposed convolution)")
+def test_on_cuda_bf16_channels_last_gemm_upconv_agrees_with_cudnn():
+    torch.manual_seed(7)
+    fmt = torch.channels_last_3d
+    ref = nn.ConvTranspose3d(128, 128, 2, stride=2).cuda().to(memory_format=fmt)
+    gemm = nn.ConvTranspose3d(128, 128, 2, stride=2).cuda().to(memory_format=fmt)
+    gemm.load_state_dict(ref.state_dict())
+    use_gemm_upconv(gemm)
+    x = torch.rand(4, 128, 16, 16, 8, device="cuda").contiguous(memory_format=fmt)
+    results = []
+    for conv in (ref, gemm):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = conv(xi)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        results.append((out.float(), conv.weight.grad, conv.bias.grad, xi.grad))
+    assert results[1][0].is_contiguous(memory_format=fmt)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())

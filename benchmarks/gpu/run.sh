@@ -14,7 +14,7 @@
 # cannot eat the rest, and its output is in $OUT already:
 #   facts; first_conv (the 1-channel layers, every variant, batch 64 and 96);
 #   ab: eager A/B at batch 64, each option against the same baseline in one process (cudnn,
-#       padch, gemmwg, subset; nodist tells the distortion's share);
+#       padch, gemmwg, gemmup, subset; nodist tells the distortion's share);
 #   throughput: compiled, batch 64, the best combination the A/B picked (best_combo) next to the
 #       compiled baseline;
 #   profile: that combination compiled (the inductor cache is warm by then);
@@ -55,7 +55,7 @@ if path.exists():
             rates[row["config"]] = float(row.get("patches/s") or 0.0)
 ref = rates.get(base, 0.0)
 faster = lambda t: ref > 0 and rates.get(f"{base}+{t}", 0.0) > 1.01 * ref
-tokens = [t for t in ("cudnn", "subset") if faster(t)]
+tokens = [t for t in ("cudnn", "gemmup", "subset") if faster(t)]
 layer = max(("padch", "gemmwg"), key=lambda t: rates.get(f"{base}+{t}", 0.0))  # they exclude each other
 tokens += [layer] if faster(layer) else []
 print("+".join([base, *tokens]))
@@ -75,13 +75,13 @@ if [ "${QUICK:-0}" = 1 ]; then
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
     SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32
     PF_SIZE=(--quick); PF_QUICK=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}"); COMPILE=""
-    AB_BASE=fp32; AB_CONFIGS=fp32,fp32+cudnn,fp32+padch,fp32+gemmwg,fp32+subset,fp32+nodist
+    AB_BASE=fp32; AB_CONFIGS=fp32,fp32+cudnn,fp32+padch,fp32+gemmwg,fp32+gemmup,fp32+subset,fp32+nodist
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
     PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_QUICK=(); FC_SIZE=(--batch 64 96); COMPILE=+compile
     AB_SIZE=(--patch 64 64 32 --width 1 --iters 12 --warmup 3)
-    AB_BASE=bf16+cl; AB_CONFIGS=bf16+cl,bf16+cl+padch,bf16+cl+cudnn,bf16+cl+subset,bf16+cl+gemmwg,bf16+cl+nodist
+    AB_BASE=bf16+cl; AB_CONFIGS=bf16+cl,bf16+cl+padch,bf16+cl+cudnn,bf16+cl+gemmup,bf16+cl+subset,bf16+cl+gemmwg,bf16+cl+nodist
     PLAIN=bf16+cl+compile
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
     CONFIGS=fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile
@@ -109,7 +109,7 @@ for what in "$@"; do
         part facts nvidia-smi -L
         part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
         capped first_conv 45 "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}"
-        capped ab 110 "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
+        capped ab 120 "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
             --configs "$AB_CONFIGS" --no-plain --out "$OUT/ab.md"
         combo=$(best_combo "$OUT/ab.txt" "$AB_BASE")
         echo "=== best combination from the A/B rows: $combo" | tee -a "$OUT/ab.txt"

@@ -42,6 +42,7 @@ from dira3d.engines.optim import (
 )
 from dira3d.engines.performance import compile_modules
 from dira3d.networks.channel_pad import use_padded_channels
+from dira3d.networks.gemm_upconv import use_gemm_upconv
 from dira3d.networks.gemm_wgrad import use_gemm_weight_grad
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
@@ -104,6 +105,9 @@ class DiRATrainer(Trainer):
             1-channel, image-facing ones: U-Net input and output, adversary input and output) on
             zero-padded channels, so that cuDNN can use its tensor-core kernels
             (:mod:`dira3d.networks.channel_pad`; same values, tested). Excludes ``gemm_weight_grad``.
+        gemm_upconv: run the U-Net's up-sampling (transposed convolutions with stride equal to the
+            kernel) as one matrix product and a rearrangement instead of cuDNN's transposed
+            convolution (:mod:`dira3d.networks.gemm_upconv`; same values, tested).
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -149,6 +153,7 @@ class DiRATrainer(Trainer):
         cudnn_benchmark: bool = False,
         gemm_weight_grad: bool = False,
         pad_channels: bool = False,
+        gemm_upconv: bool = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
         classify_both: bool = False,
@@ -221,6 +226,8 @@ class DiRATrainer(Trainer):
             use_gemm_weight_grad(*(m for m in (network, adversary) if m is not None))
         if pad_channels:
             use_padded_channels(*(m for m in (network, adversary) if m is not None), memory_format=self.memory_format)
+        if gemm_upconv:
+            use_gemm_upconv(network)
         if compile:  # after .to(): the compiled graphs see the final device and memory format
             compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode)
         # D scores real and restored patches in ONE forward when no layer mixes samples (instance
