@@ -12,7 +12,7 @@
 # lease: what matters for issue 8 in ONE call that ends by DEADLINE seconds (default 540), for a lease
 # of 15 device minutes, most important first; each step is cut by `timeout` so that a slow compile
 # cannot eat the rest, and its output is in $OUT already:
-#   facts; first_conv (the 1-channel layers, every variant, batch 64 and 96);
+#   facts; first_conv (the 1-channel layers, every variant, batch 64);
 #   ab: eager A/B at batch 64, each option against the same baseline in one process (cudnn,
 #       padch, gemmwg, gemmup, subset; nodist tells the distortion's share);
 #   throughput: compiled, batch 64, the best combination the A/B picked (best_combo) next to the
@@ -74,12 +74,12 @@ if [ "${QUICK:-0}" = 1 ]; then
     DEV=(--device cpu); PT_SIZE=(--patch 16 16 8 --width 0.125 --iters 2 --warmup 1 --num-classes 4 --matmul-size 256)
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
     SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32
-    PF_SIZE=(--quick); PF_QUICK=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}"); COMPILE=""
+    PF_SIZE=(--quick); PF_EXTRA=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}"); COMPILE=""
     AB_BASE=fp32; AB_CONFIGS=fp32,fp32+cudnn,fp32+padch,fp32+gemmwg,fp32+gemmup,fp32+subset,fp32+nodist
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
-    PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_QUICK=(); FC_SIZE=(--batch 64 96); COMPILE=+compile
+    PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_EXTRA=(--rows 40); FC_SIZE=(--batch 64); COMPILE=+compile
     AB_SIZE=(--patch 64 64 32 --width 1 --iters 12 --warmup 3)
     AB_BASE=bf16+cl; AB_CONFIGS=bf16+cl,bf16+cl+padch,bf16+cl+cudnn,bf16+cl+gemmup,bf16+cl+subset,bf16+cl+gemmwg,bf16+cl+nodist
     PLAIN=bf16+cl+compile
@@ -119,7 +119,7 @@ for what in "$@"; do
             --batch-sizes "${BIG[0]}" --configs "$configs" --no-plain --time-budget "$(( cap > 100 ? cap - 90 : 10 ))" \
             --out "$OUT/throughput.md"
         capped profile "$(( $(left 90) < 60 ? $(left 90) : 60 ))" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
-            "${PF_QUICK[@]}" --batch "${BIG[0]}" --config "${combo}${COMPILE}" --warmup 3
+            "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "${combo}${COMPILE}" --warmup 3
         capped plain "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BIG[0]}" --configs "" --plain-config "$PLAIN" ;;
     *)
