@@ -354,11 +354,14 @@ def failure_note(err: BaseException) -> str:
 
 
 def release(device: torch.device) -> None:
-    """Drop what a finished configuration left on the device (its graphs, caches, allocator blocks)."""
+    """Drop what a finished configuration left: its graphs, caches, allocator blocks, and the
+    process-wide cuDNN autotuning switch that a ``cudnn`` configuration's trainer turns on (the
+    configurations after it would otherwise be autotuned too)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     torch._dynamo.reset()
+    torch.backends.cudnn.benchmark = False
 
 
 def main(argv: list[str] | None = None) -> int:

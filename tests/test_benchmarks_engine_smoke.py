@@ -175,6 +175,28 @@ def test_pretrain_throughput_reports_a_failing_configuration_and_goes_on(repo_ro
     assert "failed: RuntimeError: CUDA out of memory." in text and "measured matmul rate" in text
 
 
+def test_a_cudnn_configuration_does_not_autotune_the_ones_after_it(repo_root: Path, monkeypatch, capsys) -> None:
+    # the trainer turns torch.backends.cudnn.benchmark on process-wide; an A/B row after a `cudnn`
+    # row must still run without autotuning, or it is compared with the wrong baseline
+    import torch
+
+    module = load_benchmark(repo_root, "pretrain_throughput")
+    real, seen = module.run_engine, []
+
+    def record(config, *args, **kwargs):
+        before = torch.backends.cudnn.benchmark
+        row = real(config, *args, **kwargs)
+        seen.append((config.name, before, torch.backends.cudnn.benchmark))
+        return row
+
+    monkeypatch.setattr(module, "run_engine", record)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert module.main(["--quick", "--configs", "fp32+cudnn,fp32", "--iters", "1", "--warmup", "1", "--no-plain"]) == 0
+    capsys.readouterr()
+    # the cudnn row's trainer switched it on; the next row started with it off again
+    assert seen == [("fp32+cudnn", False, True), ("fp32", False, False)]
+
+
 def test_pretrain_throughput_time_budget_still_prints_the_table(repo_root: Path) -> None:
     lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32", "--time-budget", "0")
     assert any("skipped: time budget" in line for line in lines)
