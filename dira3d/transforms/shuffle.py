@@ -24,8 +24,9 @@ per voxel than sorting 16 at once); all random numbers are drawn up front, so th
 this chunking (nor on the device, for a CPU generator).
 
 The static-shape path (``static_shapes``, the default off the CPU) shuffles every sample and keeps
-the selected ones, and paints the owner map with :func:`block_owner_static` (fixed shapes, no
-class counts read on the host); the owner map, and so the result, is the same on both paths.
+the selected ones. The owner map is painted by :func:`block_owner_static` (fixed shapes, no class
+counts read on the host) on that path and on any device but the CPU, and by :func:`block_owner`
+on the CPU's subset path. The owner map, and so the result, is the same either way.
 """
 
 from __future__ import annotations
@@ -290,7 +291,8 @@ def local_pixel_shuffle(x: torch.Tensor, generator: torch.Generator, num_blocks:
     noise = random_words(b * volume, generator, x.device, noise_bits).view(b, volume)
 
     def shuffle(sub: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        paint = block_owner_static if static else block_owner
+        # off the CPU the subset path keeps the static painter too: its only sync is finding the subset
+        paint = block_owner_static if static or x.device.type != "cpu" else block_owner
         owner = paint(spatial, max_sides, take(starts, idx), take(sizes, idx)).view(sub.shape[0], volume)
         return _permute_blocks(sub, owner, take(noise, idx), num_blocks, noise_bits)
 
