@@ -266,9 +266,9 @@ def apply_to_subset(x: torch.Tensor, selected: torch.Tensor,
     if static:
         keep = selected.view(-1, *([1] * (x.ndim - 1)))
         return torch.where(keep, fn(x, None), x)
-    if bool(selected.all()):
+    idx = torch.nonzero(selected, as_tuple=False).flatten()  # on a GPU the one sync: the count
+    if idx.numel() == selected.numel():
         return fn(x, None)
-    idx = torch.nonzero(selected, as_tuple=False).flatten()
     out = x if inplace else x.clone()
     if idx.numel():
         out[idx] = fn(x[idx], idx)
