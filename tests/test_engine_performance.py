@@ -8,6 +8,7 @@ T(·) of the instance modes. Tiny networks (width 1/8) on 16×16×8 patches.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -380,3 +381,13 @@ def test_layer_options_train_like_the_plain_layers(options):
 def test_pad_channels_and_gemm_weight_grad_are_refused_together():
     with pytest.raises(ValueError, match="gemm_weight_grad and pad_channels"):
         build(pad_channels=True, gemm_weight_grad=True)
+
+
+@pytest.mark.parametrize("mode,classify_both,kept", [("visual_words", False, False), ("visual_words", True, True),
+                                                     ("moco", False, True), ("barlow", False, True)])
+def test_the_second_instance_goes_to_the_device_only_when_the_step_reads_it(mode, classify_both, kept):
+    trainer = build(mode=mode, classify_both=classify_both)
+    prepared = trainer._prepare(fixed_batch())
+    assert ("image2" in prepared) == kept and "image" in prepared
+    output = step(trainer, fixed_batch(), 1)  # the step runs on what _prepare kept
+    assert losses(output) and all(math.isfinite(v) for v in losses(output).values())

@@ -313,8 +313,13 @@ class DiRATrainer(Trainer):
 
     def _prepare(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         device = self.state.device
+        # visual words without classify_both never read the second instance: do not copy it to the
+        # device (half the batch's bytes; the host-to-device copy is on the step's stream)
+        unused = {"image2"} if self.dis_mode == "visual_words" and not self.classify_both else set()
         out = {}
         for key, value in batch.items():
+            if key in unused:
+                continue
             if isinstance(value, torch.Tensor):
                 value = value.to(device, non_blocking=self.non_blocking)
                 if value.is_floating_point():
