@@ -217,7 +217,8 @@ def test_gpu_lease_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path)
     script = repo_root / "benchmarks" / "gpu" / "run.sh"
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     subprocess.run(["bash", str(script), "lease"], capture_output=True, text=True, timeout=600, env=env)
-    for part, marker in (("first_conv", "wgrad_rel_diff"), ("ab", "=== best combination from the A/B rows: fp32"),
+    for part, marker in (("cuda_tests", "skipped"), ("first_conv", "wgrad_rel_diff"),
+                         ("ab", "=== best combination from the A/B rows: fp32"),
                          ("throughput", "peak_MiB"), ("profile", "step (G + D"),
                          ("plain", "plain PyTorch loop (fp32): ")):
         log = (tmp_path / f"{part}.txt").read_text()

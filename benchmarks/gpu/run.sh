@@ -4,15 +4,16 @@
 #
 #   bash benchmarks/gpu/fetch_wheels.sh                     # here, once: monai + ignite wheels in .whl/
 #   device run, carry [".whl"], command (a 15-minute lease: one call):
-#     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-#     export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu/run.sh lease
+#     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+#       .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && DEADLINE=540 bash benchmarks/gpu/run.sh lease
 #
 # Parts: check (GPU facts + the CUDA-only tests), throughput (batch 32, all engine configurations),
 # scale (larger batches for the best configurations), loader, inference (sliding window, LiTS bundle).
 # lease: what matters for issue 8 in ONE call that ends by DEADLINE seconds (default 540), for a lease
 # of 15 device minutes, most important first; each step is cut by `timeout` so that a slow compile
 # cannot eat the rest, and its output is in $OUT already:
-#   facts; first_conv (the 1-channel layers, every variant, batch 64);
+#   facts; the CUDA tests of the layer options against cuDNN; first_conv (the 1-channel layers,
+#       every variant, batch 64);
 #   ab: eager A/B at batch 64, each option against the same baseline in one process (cudnn,
 #       padch, gemmwg, gemmup, subset; nodist tells the distortion's share);
 #   throughput: compiled, batch 64, the best combination the A/B picked (best_combo) next to the
@@ -108,6 +109,7 @@ for what in "$@"; do
     lease)
         part facts nvidia-smi -L
         part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+        capped cuda_tests 40 "$PY" -m pytest -q -p no:cacheprovider -k on_cuda tests/test_image_convs.py
         capped first_conv 45 "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}"
         capped ab 120 "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
             --configs "$AB_CONFIGS" --no-plain --out "$OUT/ab.md"
