@@ -297,8 +297,9 @@ def run_plain(dataset, batch: int, args, device: torch.device, config: Config | 
     ``config`` (``--plain-config``): fp32 by default; ``bf16``, ``cl``, ``cudnn`` and ``compile``
     tokens apply the same switches written directly with torch (``torch.autocast``,
     ``.to(memory_format=...)``, ``nn.Module.compile``), so that the engine can be compared with a
-    plain loop at the same settings. The plain loop computes D's gradients in the G step too (it
-    does not freeze D) and scores real and restored patches in two forwards.
+    plain loop at the same settings; ``nodist`` and ``subset`` choose its distortion as for the
+    engine. The plain loop computes D's gradients in the G step too (it does not freeze D) and
+    scores real and restored patches in two forwards.
     """
     config = config or Config(name="fp32")
     net, head, adversary = build_networks(args.width, args.num_classes, device)
@@ -408,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     changes_layers = plain_config.gemm_weight_grad or plain_config.pad_channels or plain_config.gemm_upconv
     if plain_config.amp == "fp16" or changes_layers or not plain_config.fused:
-        print(f"--plain-config {args.plain_config!r}: the plain loop takes fp32 or bf16 with cl, cudnn and compile "
-              "tokens only", file=sys.stderr)
+        print(f"--plain-config {args.plain_config!r}: the plain loop takes fp32 or bf16 with cl, cudnn, compile, "
+              "nodist and subset tokens only", file=sys.stderr)
         return 2
     began = time.perf_counter()
 
