@@ -101,6 +101,20 @@ def test_a_switched_layer_is_not_switched_again(variant):
     assert not set(first) & set(other)  # a layer gets one variant or the other
 
 
+@pytest.mark.parametrize("switch", [use_padded_channels, use_gemm_upconv, use_gemm_weight_grad])
+def test_a_switched_unet_restores_and_trains_like_the_plain_one(switch):
+    torch.manual_seed(3)
+    plain, changed = UNet(3, 1, 1, width=0.125).double(), UNet(3, 1, 1, width=0.125).double()
+    changed.load_state_dict(plain.state_dict())
+    assert switch(changed)
+    x = torch.rand(2, 1, 16, 16, 8, dtype=torch.double)
+    a, b = plain(x), changed(x)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    a.square().mean().backward(), b.square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), changed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 # --- gemm_wgrad -------------------------------------------------------------------------------
 
 
@@ -193,20 +207,6 @@ def test_default_width_pads_only_the_image_facing_layers():
                         "1.net.final_conv.conv"]
 
 
-def test_padded_network_restores_like_the_plain_one():
-    torch.manual_seed(3)
-    plain = UNet(3, 1, 1, width=0.125).double()
-    padded = UNet(3, 1, 1, width=0.125).double()
-    padded.load_state_dict(plain.state_dict())
-    use_padded_channels(padded)
-    x = torch.rand(2, 1, 16, 16, 8, dtype=torch.double)
-    a, b = plain(x), padded(x)
-    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
-    a.square().mean().backward(), b.square().mean().backward()
-    for (name, p), q in zip(plain.named_parameters(), padded.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
-
-
 def test_bad_multiple_is_refused():
     with pytest.raises(ValueError, match="multiple"):
         use_padded_channels(nn.Conv3d(1, 4, 3), multiple=0)
@@ -291,19 +291,6 @@ def test_gemm_upconv_under_bf16_autocast_and_compiled():
     out.square().sum().backward()
     ref(x).square().sum().backward()
     torch.testing.assert_close(gemm.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
-
-
-def test_unet_with_gemm_upconv_restores_like_the_plain_one():
-    torch.manual_seed(3)
-    plain, gemm = UNet(3, 1, 1, width=0.125).double(), UNet(3, 1, 1, width=0.125).double()
-    gemm.load_state_dict(plain.state_dict())
-    use_gemm_upconv(gemm)
-    x = torch.rand(2, 1, 16, 16, 8, dtype=torch.double)
-    a, b = plain(x), gemm(x)
-    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
-    a.square().mean().backward(), b.square().mean().backward()
-    for (name, p), q in zip(plain.named_parameters(), gemm.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN's transposed convolution)")

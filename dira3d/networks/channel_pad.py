@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._switch import switch_layers
+
 __all__ = ["ChannelPaddedConv2d", "ChannelPaddedConv3d", "use_padded_channels"]
 
 ALIGN = 8  # bf16/fp16 tensor cores: 16-byte rows
@@ -76,9 +78,10 @@ class ChannelPaddedConv2d(_ChannelPaddedMixin, nn.Conv2d):
     """:class:`torch.nn.Conv2d` run on channels zero-padded to a multiple of ``pad_multiple``."""
 
 
-def _qualifies(m: nn.Module, multiple: int) -> bool:
-    return (type(m) in (nn.Conv3d, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
-            and (m.in_channels % multiple or m.out_channels % multiple))
+def _new_class(m: nn.Module, multiple: int) -> type[nn.Module] | None:
+    qualifies = (type(m) in (nn.Conv3d, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+                 and (m.in_channels % multiple or m.out_channels % multiple))
+    return (ChannelPaddedConv3d if isinstance(m, nn.Conv3d) else ChannelPaddedConv2d) if qualifies else None
 
 
 def use_padded_channels(*modules: nn.Module, multiple: int = ALIGN,
@@ -101,11 +104,8 @@ def use_padded_channels(*modules: nn.Module, multiple: int = ALIGN,
     """
     if int(multiple) != multiple or multiple < 1:
         raise ValueError(f"multiple={multiple!r} must be a positive integer (8 for bf16/fp16 tensor cores)")
-    switched = []
-    for index, module in enumerate(modules):
-        for name, m in module.named_modules():
-            if _qualifies(m, multiple):
-                m.__class__ = ChannelPaddedConv3d if isinstance(m, nn.Conv3d) else ChannelPaddedConv2d
-                m.pad_multiple, m.pad_memory_format = int(multiple), memory_format
-                switched.append(f"{index}.{name}")
-    return switched
+
+    def setup(layer: nn.Module) -> None:
+        layer.pad_multiple, layer.pad_memory_format = int(multiple), memory_format
+
+    return switch_layers(modules, lambda m: _new_class(m, multiple), setup)

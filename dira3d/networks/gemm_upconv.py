@@ -25,6 +25,8 @@ import math
 import torch
 from torch import nn
 
+from ._switch import switch_layers
+
 __all__ = ["GemmConvTranspose2d", "GemmConvTranspose3d", "use_gemm_upconv"]
 
 
@@ -60,10 +62,11 @@ class GemmConvTranspose2d(_GemmUpconvMixin, nn.ConvTranspose2d):
     """:class:`torch.nn.ConvTranspose2d` with ``stride == kernel_size`` as one GEMM."""
 
 
-def _qualifies(m: nn.Module) -> bool:
-    return (type(m) in (nn.ConvTranspose3d, nn.ConvTranspose2d) and tuple(m.stride) == tuple(m.kernel_size)
-            and not any(m.padding) and not any(m.output_padding) and all(d == 1 for d in m.dilation)
-            and m.groups == 1 and m.padding_mode == "zeros")
+def _new_class(m: nn.Module) -> type[nn.Module] | None:
+    qualifies = (type(m) in (nn.ConvTranspose3d, nn.ConvTranspose2d) and tuple(m.stride) == tuple(m.kernel_size)
+                 and not any(m.padding) and not any(m.output_padding) and all(d == 1 for d in m.dilation)
+                 and m.groups == 1 and m.padding_mode == "zeros")
+    return (GemmConvTranspose3d if isinstance(m, nn.ConvTranspose3d) else GemmConvTranspose2d) if qualifies else None
 
 
 def use_gemm_upconv(*modules: nn.Module) -> list[str]:
@@ -76,10 +79,4 @@ def use_gemm_upconv(*modules: nn.Module) -> list[str]:
         The qualified names of the switched layers (``"0.decoder.levels.0.up"``: module index, then
         the name inside it).
     """
-    switched = []
-    for index, module in enumerate(modules):
-        for name, m in module.named_modules():
-            if _qualifies(m):
-                m.__class__ = GemmConvTranspose3d if isinstance(m, nn.ConvTranspose3d) else GemmConvTranspose2d
-                switched.append(f"{index}.{name}")
-    return switched
+    return switch_layers(modules, _new_class)

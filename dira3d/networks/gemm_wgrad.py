@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._switch import switch_layers
+
 __all__ = ["GemmWgradConv2d", "GemmWgradConv3d", "conv_weight_grad_gemm", "use_gemm_weight_grad"]
 
 
@@ -102,9 +104,10 @@ class GemmWgradConv2d(_GemmWgradMixin, nn.Conv2d):
     """:class:`torch.nn.Conv2d` with one input channel and a GEMM weight gradient."""
 
 
-def _qualifies(m: nn.Module) -> bool:
-    return (type(m) in (nn.Conv3d, nn.Conv2d) and m.in_channels == 1 and m.groups == 1
-            and all(d == 1 for d in m.dilation) and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+def _new_class(m: nn.Module) -> type[nn.Module] | None:
+    qualifies = (type(m) in (nn.Conv3d, nn.Conv2d) and m.in_channels == 1 and m.groups == 1
+                 and all(d == 1 for d in m.dilation) and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+    return (GemmWgradConv3d if isinstance(m, nn.Conv3d) else GemmWgradConv2d) if qualifies else None
 
 
 def use_gemm_weight_grad(*modules: nn.Module) -> list[str]:
@@ -114,10 +117,4 @@ def use_gemm_weight_grad(*modules: nn.Module) -> list[str]:
         The qualified names of the switched layers (``"0.encoder.levels.0.conv1.conv"``: module
         index, then the name inside it).
     """
-    switched = []
-    for index, module in enumerate(modules):
-        for name, m in module.named_modules():
-            if _qualifies(m):
-                m.__class__ = GemmWgradConv3d if isinstance(m, nn.Conv3d) else GemmWgradConv2d
-                switched.append(f"{index}.{name}")
-    return switched
+    return switch_layers(modules, _new_class)
