@@ -1,8 +1,9 @@
-"""The 1-channel convolution variants give the plain layer's outputs and gradients.
+"""The layer switches give the plain layers' outputs and gradients.
 
 Two alternatives for the image-facing layers that cuDNN runs slowly in channels-last bf16:
 :mod:`dira3d.networks.gemm_wgrad` (the weight gradient of 1-input-channel layers as one GEMM) and
-:mod:`dira3d.networks.channel_pad` (channels zero-padded to a multiple of 8).
+:mod:`dira3d.networks.channel_pad` (channels zero-padded to a multiple of 8); and
+:mod:`dira3d.networks.gemm_upconv` (the U-Net's up-sampling as one GEMM and a rearrangement).
 """
 
 from __future__ import annotations
