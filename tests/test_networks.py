@@ -38,7 +38,7 @@ def _seeded(module: nn.Module, seed: int) -> nn.Module:
 
 
 def test_unet_parameter_count_matches_models_genesis():
-    # by hand from METHOD.md §2: conv k³·cin·cout + cout (bias), BN 2·cout, transposed conv 2³·c·c + c
+    # by hand from the Models Genesis U-Net's layers (docs/method.md): conv k³·cin·cout + cout (bias), BN 2·cout, transposed conv 2³·c·c + c
     def conv(cin, cout, k=3):
         return k**3 * cin * cout + cout
 

@@ -53,7 +53,7 @@ def cxr_dir(tmp_path_factory) -> Path:
 
 
 def test_full_2d_configs_follow_method_md(cxr_dir):
-    """The non-tiny 2D overrides hold METHOD.md §3's settings (parsed, not run)."""
+    """The non-tiny 2D overrides hold the paper's 2D settings (docs/method.md) (parsed, not run)."""
     from monai.bundle import ConfigParser
 
     for method in METHODS:

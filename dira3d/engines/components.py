@@ -1,6 +1,6 @@
 """Factories for the mode-dependent parts of DiRA: discrimination head, predictor and loss.
 
-The discrimination branch differs per mode (METHOD.md §1):
+The discrimination branch differs per mode (docs/method.md):
 
 ==============  ========================  ==============  ==============================
 mode            head on the bottleneck    predictor       loss

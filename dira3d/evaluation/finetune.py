@@ -88,7 +88,7 @@ def run_finetune(
             "label_fraction": 0.25, "fold": 2}``.
         output_dir: where ``models/model.pt``, TensorBoard logs, the evaluation CSVs and
             ``metrics.json`` go; default ``overrides["output_dir"]`` or ``./finetune_<bundle>``.
-        tiny: add the bundle's ``configs/tiny.json`` (tiny network, 2 epochs) for smoke tests.
+        tiny: add the bundle's ``configs/tiny.json`` (tiny network, 2-3 epochs) for smoke tests.
 
     Returns:
         ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "settings"}``.
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the label subset, holdout and training")
     parser.add_argument("--fold", type=int, default=None, help="test fold for cross-validation datalists (PE-CAD)")
     parser.add_argument("--output-dir", default=None, help="folder for the model, logs and metrics.json")
-    parser.add_argument("--tiny", action="store_true", help="tiny network and 2 epochs (smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="tiny network and a few epochs (2 in 2D, 3 in 3D; a smoke test)")
     parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="any other config override, e.g. max_epochs=50")
     args = parser.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""Weakly supervised localisation on the ChestX-ray14 boxes with Grad-CAM (METHOD.md §4).
+"""Weakly supervised localisation on the ChestX-ray14 boxes with Grad-CAM (docs/2d.md).
 
 A fine-tuned image-level classifier (``bundles/chestxray14_cls``, ``models/model.pt``) is asked for the
 Grad-CAM heatmap of each box's finding (:func:`dira3d.evaluation.gradcam.gradcam_maps`, target layer

@@ -1,6 +1,6 @@
 """Task networks for fine-tuning, initialised from a dira3d checkpoint or at random.
 
-What is transferred (METHOD.md §1): the encoder f_θ for classification, encoder + decoder
+What is transferred (docs/method.md): the encoder f_θ for classification, encoder + decoder
 (f_θ, g_θ) for segmentation. The load itself is :func:`dira3d.networks.load_pretrained`; this
 module picks the parts, builds the network and prints the report of what was and was not loaded,
 so that every fine-tuning log says where its weights came from.

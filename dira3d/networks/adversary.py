@@ -1,4 +1,4 @@
-"""The adversary D_φ: a PatchGAN discriminator with 3×3(×3) kernels (METHOD.md §2, §3)."""
+"""The adversary D_φ: a PatchGAN discriminator with 3×3(×3) kernels (docs/method.md)."""
 
 from __future__ import annotations
 

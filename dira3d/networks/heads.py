@@ -1,5 +1,5 @@
 """Heads on top of the encoder: visual-word classifier, projector (MoCo / Barlow Twins / SimSiam)
-and the SimSiam predictor (METHOD.md §2 and §3)."""
+and the SimSiam predictor (docs/method.md)."""
 
 from __future__ import annotations
 

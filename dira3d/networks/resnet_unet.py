@@ -1,4 +1,4 @@
-"""The 2D DiRA network (METHOD.md §3): a U-Net with a ResNet-50 encoder, built from MONAI pieces.
+"""The 2D DiRA network (docs/method.md): a U-Net with a ResNet-50 encoder, built from MONAI pieces.
 
 - ``encoder`` (f_θ): :class:`ResNetUNetEncoder`, MONAI's ``ResNetFeatures`` (``pretrained=False``:
   nothing is downloaded) returning ``(bottleneck, skips)`` like :class:`~dira3d.networks.UNetEncoder`.

@@ -1,4 +1,4 @@
-"""The Models Genesis U-Net (METHOD.md §2) for 2D and 3D, split into ``encoder`` and ``decoder``.
+"""The Models Genesis U-Net (docs/method.md) for 2D and 3D, split into ``encoder`` and ``decoder``.
 
 Encoder levels (channels at ``width=1``)::
 
