@@ -97,27 +97,37 @@ def _looks_like_dicom(path: Path) -> bool:
 
 
 def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str | None = None,
-             dicom: bool = True) -> list[tuple[str, Path, Path | None]]:
+             dicom: bool = True, exclude: Sequence[str | os.PathLike] = ()) -> list[tuple[str, Path, Path | None]]:
     """Find the scans under ``src``.
 
     Args:
         image_suffix_: stem suffix removed from image names to form case ids (e.g. ``"_image"``).
         label_suffix: stem suffix marking mask files (e.g. ``"_label"``); ``None``: no masks.
         dicom: also look for DICOM series folders.
+        exclude: folders not searched (the output folder when it lies inside ``src``).
 
     Returns:
         Sorted ``(case_id, image_path, mask_path or None)``.
 
     Raises:
-        DataError: ``src`` missing, or a mask whose image is missing.
+        DataError: ``src`` missing, a mask whose image is missing, or two inputs with the same
+            case id (e.g. ``a.nrrd`` and ``a.nii.gz``, or ``b/c.nrrd`` and ``b_c.nrrd``).
     """
     src = Path(src)
     if not src.is_dir():
         raise DataError(src, "is not a folder; --src must be the folder holding the scans")
     images: dict[str, Path] = {}
     masks: dict[str, Path] = {}
+    skip = {Path(p).resolve() for p in exclude}
+
+    def add(found: dict[str, Path], cid: str, path: Path) -> None:
+        if cid in found:
+            raise DataError(path, f"gives the same case id {cid!r} as {found[cid]}, so both would write the same "
+                                  "output; rename or move one of them")
+        found[cid] = path
+
     for root, dirs, files in os.walk(src):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if (Path(root) / d).resolve() not in skip)
         other = []
         for name in sorted(files):
             path = Path(root) / name
@@ -129,12 +139,12 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
                 continue
             stem = name[: -len(suffix)]
             if label_suffix and stem.endswith(label_suffix):
-                masks[_case_id(src, path, label_suffix)] = path
+                add(masks, _case_id(src, path, label_suffix), path)
             else:
-                images[_case_id(src, path, image_suffix_)] = path
-        if dicom and any(_looks_like_dicom(Path(root) / n) for n in other[:5]) \
+                add(images, _case_id(src, path, image_suffix_), path)
+        if dicom and any(_looks_like_dicom(Path(root) / n) for n in other) \
                 and sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
-            images[_case_id(src, Path(root), "") if Path(root) != src else src.name] = Path(root)
+            add(images, _case_id(src, Path(root), "") if Path(root) != src else src.name, Path(root))
     orphans = sorted(set(masks) - set(images))
     if orphans:
         raise DataError(masks[orphans[0]], f"mask has no matching image (expected case {orphans[0]!r}); "
@@ -181,7 +191,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    found = discover(src, image_suffix, label_suffix)
+    found = discover(src, image_suffix, label_suffix, exclude=[dst])
     if not found:
         raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)")
     dst = Path(dst)

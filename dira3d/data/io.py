@@ -115,6 +115,42 @@ def _check_nhdr(path: Path) -> None:
                                   f"put {data.name} next to the header")
 
 
+def _check_nifti(path: Path, check_finite: bool) -> None:
+    """Catch what ITK's NIfTI reader hides: it zero-fills a truncated file (``.nii`` or ``.nii.gz``),
+    reads NaN/Inf voxels as 0 and turns a zero or negative ``pixdim`` into a valid spacing."""
+    import gzip
+
+    import nibabel as nib
+
+    try:  # the raw header: nib.load would 'repair' a bad pixdim as ITK does
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as handle:
+            header = nib.Nifti1Header.from_fileobj(handle, check=False)
+    except Exception:  # noqa: BLE001 - not a NIfTI nibabel can parse: ITK's read names the problem
+        return
+    # NIfTI-1 only (a NIfTI-2 header is laid out differently); with an sform the affine does not
+    # come from pixdim, so a zero pixdim is harmless there
+    if int(header["sizeof_hdr"]) == 348 and int(header["sform_code"]) == 0:
+        ndim = int(header["dim"][0])
+        pixdim = tuple(float(v) for v in header["pixdim"][1: 1 + min(max(ndim, 1), 3)])
+        if min(pixdim) <= 0 or not all(map(math.isfinite, pixdim)):
+            raise DataError(path, f"has non-positive or invalid voxel spacing {pixdim} in its NIfTI header "
+                                  "(pixdim); fix the header")
+    try:
+        image = nib.load(str(path))
+    except Exception:  # noqa: BLE001 - ITK's read names the problem
+        return
+    try:
+        data = image.dataobj.get_unscaled()
+    except Exception as err:  # noqa: BLE001 - short data, broken gzip stream, ...
+        reason = " ".join(str(err).split())[:300]
+        raise DataError(path, f"is truncated or corrupt ({type(err).__name__}: {reason}); "
+                              "download or copy the file again") from err
+    if check_finite and np.issubdtype(data.dtype, np.floating):
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise DataError(path, f"contains {int(finite.size - finite.sum())} NaN/Inf voxels; repair or exclude this scan")
+
+
 def _dicom_slice_positions(files: list[str]) -> np.ndarray:
     """Position of each slice along the slice normal (mm), from the DICOM headers."""
     reader = sitk.ImageFileReader()
@@ -193,6 +229,8 @@ def read_image(path: str | os.PathLike, expect_dims: int = 3, check_finite: bool
             _check_metaimage(path)
         elif suffix == ".nhdr":
             _check_nhdr(path)
+        elif suffix in (".nii", ".nii.gz"):
+            _check_nifti(path, check_finite)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -30,6 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dira3d.data.errors import DataError
 from dira3d.utils.atomic import atomic_write_text
 
 __all__ = [
@@ -154,6 +156,7 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
 
     Raises:
         ValueError: duplicate case ids or ``workers < 1``.
+        DataError: ``out_dir`` (or the report's folder) cannot be created or written to.
     """
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
@@ -176,7 +179,15 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     if dry_run:
         return [results[c.case_id] for c in cases]
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for folder, what in ((Path(out_dir), "output folder (--dst)"),
+                         (Path(report_path or Path(out_dir) / "report.json").parent, "report folder (--report)")):
+        try:  # before any case runs: a read-only --dst is one clear error, not a failure per case
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise DataError(folder, f"the {what} cannot be written ({err.strerror or err}); "
+                                    "choose another folder or fix its permissions") from err
     bar = tqdm(total=len(todo), desc=desc or "cases", unit="case", disable=not progress or not todo, file=sys.stderr)
     stop = False
     if workers == 1:
@@ -255,7 +266,7 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     try:
         results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
                           dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report)
-    except (ValueError, FileNotFoundError) as err:  # DataError included
+    except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     return finish(results, args.keep_going)

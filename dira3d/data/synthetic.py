@@ -176,11 +176,15 @@ def write_luna16_phantoms(out_dir: str | Path, count: int = 10, size: tuple[int,
     Case ``i`` goes to ``subset{i % subsets}``, so any count spreads over the official split.
 
     Raises:
-        FileExistsError: ``out_dir`` already holds ``annotations.csv`` and ``overwrite`` is false.
+        FileExistsError: ``out_dir`` already holds a LUNA16 file (``annotations.csv``,
+            ``candidates.csv``, ``candidates_V2.csv`` or ``subsetN/*.mhd``) and ``overwrite`` is false.
     """
     out = Path(out_dir)
-    if (out / "annotations.csv").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a LUNA16 tree; pass overwrite=True (--overwrite) to replace it")
+    existing = [out / n for n in ("annotations.csv", "candidates.csv", "candidates_V2.csv") if (out / n).exists()]
+    existing += sorted(out.glob("subset*/*.mhd"))[:1]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a LUNA16 tree ({existing[0].name} and maybe more); "
+                              "pass overwrite=True (--overwrite) to replace it, or choose another --out")
     if count < 1 or subsets < 1:
         raise ValueError(f"count ({count}) and subsets ({subsets}) must be at least 1")
     rng = np.random.default_rng(seed)

@@ -17,6 +17,19 @@ from typing import IO, Any
 
 __all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
 
+# mkstemp creates the temporary file 0600; the final file gets the mode an ordinary open() would
+# give it (0666 less the umask), or keeps the mode of the file it replaces. The umask is read once:
+# setting it to read it is not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _final_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_UMASK
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
@@ -41,6 +54,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
