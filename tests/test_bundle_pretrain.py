@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,7 +67,10 @@ def test_bundle_run_stages_tensorboard_resume_and_pretrained(tmp_path, repo_root
     write_volumes(data)
     out = tmp_path / "run"
     # 4 epochs x 2 iterations: stage dis (it 1-2), dis_res (3-6), dira (7-8); then resume to 5 epochs
-    run_bundle(repo_root, data, out, "--max_epochs", "4")
+    proc = run_bundle(repo_root, data, out, "--max_epochs", "4")
+    # the losses reach the console every log_every (1 in tiny.json): the StatsHandler's logger
+    # must not be one that dira3d created first (MONAI then adds no handler and stops propagation)
+    assert re.search(r"Epoch: 1/4, Iter: 1/2 -- .*loss_dis", proc.stdout + proc.stderr), proc.stdout[-2000:]
     first = torch.load(out / "models" / "last.pt", weights_only=True)
     assert first["trainer"]["epoch"] == 4 and first["trainer"]["stage"] == "dira"
     values, images = scalars(out / "eval")

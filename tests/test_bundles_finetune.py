@@ -145,6 +145,19 @@ def test_label_fraction_and_cli(tmp_path, capsys):
         bundle_path("nonexistent_bundle")
 
 
+def test_a_datalist_without_test_split_fails_before_training(tmp_path, capsys):
+    """The test split is scored after training: a datalist without one (e.g. the pretraining datalist)
+    must fail at once, as one line naming the fix, not hours later inside a MONAI traceback."""
+    datalist = make_classification(tmp_path / "data", "ncc_datalist.json", (16, 16, 8), folds=False)
+    content = json.loads(datalist.read_text())
+    del content["test"]
+    datalist.write_text(json.dumps(content))
+    code = main(["--bundle", "luna16_nodule_fpr", "--datalist", str(datalist), "--output-dir", str(tmp_path / "out"), "--tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dira3d finetune: error: ") and "add a 'test' list" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out" / "models" / "model.pt").exists()  # nothing was trained
+
+
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_bundle_metadata_network_and_export(bundle, tmp_path):
     from monai.bundle import ckpt_export, verify_net_in_out

@@ -105,6 +105,10 @@ def test_load_bundle_network_names_the_width_when_weights_do_not_fit(repo_root, 
         load_bundle_network(bundle, overrides={"width": 0.25})
     with pytest.raises(FileNotFoundError, match="absent.pt do not exist"):
         load_bundle_network(bundle, checkpoint=tmp_path / "absent.pt", overrides=TINY)
+    # TorchScript export checks the fit first: one message naming the width, not MONAI's ~90 size-mismatch lines
+    with pytest.raises(ValueError, match="width") as err:
+        export_torchscript(bundle, overrides={"width": 0.25}, out=tmp_path / "never.ts")
+    assert str(err.value).count("size mismatch") == 0 and not (tmp_path / "never.ts").exists()
 
 
 def _pretraining_checkpoint(width: float = 0.125) -> dict:

@@ -242,6 +242,17 @@ def test_bad_settings_raise_clear_errors():
                     stages=[{"name": "r", "losses": ["res", "adv"]}])
 
 
+def test_a_loader_without_batches_is_an_error_not_a_silent_exit():
+    """One training volume with batch 2 and drop_last: MONAI would skip the run, exit 0, write nothing."""
+    net = UNet(3, width=1 / 8)
+    loader = DataLoader(Dataset(smooth_volumes(1), RandPatchPaird("image", PATCH3)), batch_size=2, drop_last=True)
+    with pytest.raises(ValueError, match=r"yields no batch: 1 training item\(s\) per epoch with batch_size 2 and drop_last"):
+        DiRATrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), None, None, None,
+                    stages=[{"name": "r", "losses": ["res"]}])
+    loader = DataLoader(Dataset(smooth_volumes(1), RandPatchPaird("image", PATCH3)), batch_size=2)  # a short batch is fine
+    DiRATrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), None, None, None, stages=[{"name": "r", "losses": ["res"]}])
+
+
 def test_selection_loss_leaves_out_only_the_adversarial_term(tmp_path):
     """best.pt is chosen on val_selection_loss: the weighted loss without λ_adv·L_adv, whose value
     moves with the adversary's strength of the epoch rather than with the encoder's quality."""

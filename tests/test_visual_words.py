@@ -107,6 +107,11 @@ def test_centre_range_by_hand_and_too_small_volume_is_named():
         sample_coordinate(np.zeros((1, 64, 64, 15)), rules, np.random.RandomState(0), name="case7.nii.gz")
     with pytest.raises(VolumeTooSmallError, match="axis x"):  # the reference borders do not fit a 96-voxel volume
         centre_range((96, 96, 48), CoordinateRules())
+    # the patch must also fit the smallest neighbour (from index 0, no border there): x <= 40 - 8
+    assert centre_range((64, 64, 32), rules, fit=(40, 64, 32)) == [(18, 32), (18, 46), (8, 24)]
+    with pytest.raises(CoordinateSamplingError, match=r"case7: a neighbour of size \(24, 64, 32\).*axis x") as err:
+        centre_range((64, 64, 32), rules, name="case7", fit=(24, 64, 32))  # x <= 16 < 18
+    assert not isinstance(err.value, VolumeTooSmallError)  # the planner rejects this reference and draws another
 
 
 def test_sampled_centres_keep_borders_lung_rule_and_distance():

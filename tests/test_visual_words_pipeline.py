@@ -164,11 +164,68 @@ def test_pair_dataset_yields_two_instances_of_one_class(run):
     assert batch["image"].shape == (4, 1, 16, 16, 8) and batch["label"].tolist() == [0, 0, 0, 0]
 
 
+def test_one_instance_per_word_names_the_option_to_raise(datalist, tmp_path):
+    out = tmp_path / "one"
+    discover_visual_words(datalist, out, extractor=_extractor(), **{**SETTINGS, "val_neighbours": 1})
+    with pytest.raises(ValueError, match=r"1 instance\(s\); pairs need >= 2 \(rerun `dira3d visual-words` with --val-neighbours >= 2\)"):
+        VisualWordPairDataset(out / "manifest.json", split="validation")
+    assert len(VisualWordPairDataset(out / "manifest.json", split="training", pairs_per_epoch=3)) == 3
+
+
 def test_too_small_volume_is_named(datalist, tmp_path):
     with pytest.raises(VolumeTooSmallError, match=r"t\d_tra\d\.nii\.gz.*\(64, 64, 32\).*at least 220 voxels on axis x"):
         discover_visual_words(datalist, tmp_path, extractor=_extractor(), **{**SETTINGS, "patch_size": (64, 64, 32), "border": (78, 78, 0)})
     with pytest.raises(ValueError, match="neighbours=13 is not possible with 12 training"):
         discover_visual_words(datalist, tmp_path, extractor=_extractor(), **{**SETTINGS, "neighbours": 13})
+
+
+def test_scans_of_different_sizes_every_patch_fits_its_neighbours(datalist, tmp_path):
+    """Real scans differ in size, and every neighbour is cut at the reference's centre: the centre
+    is drawn so that the patch fits the smallest neighbour (it used to fail at extraction)."""
+    data = json.loads(datalist.read_text())
+    smaller = {"training": (40, 44, 20), "validation": (36, 48, 18)}
+    entries = {}
+    for split in ("training", "validation"):
+        entries[split] = []
+        for i, entry in enumerate(data[split]):
+            image = nib.load(datalist.parent / entry["image"])
+            volume = np.asarray(image.dataobj)
+            if i % 2:  # every other volume cropped at its far corner (index 0 stays aligned)
+                volume = volume[tuple(slice(0, s) for s in smaller[split])]
+            path = tmp_path / "images" / f"{entry['case_id']}.nii.gz"
+            path.parent.mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(volume, image.affine), path)
+            entries[split].append({**entry, "image": str(path)})
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps({**data, **entries}))
+    out = tmp_path / "out"
+    manifest = discover_visual_words(mixed, out, extractor=_extractor(), **SETTINGS)
+    sizes = {split: {e["case_id"]: nib.load(e["image"]).shape for e in entries[split]} for split in entries}
+    assert any(sizes["training"][c["reference"]["case_id"]] == (64, 64, 32) for c in manifest["classes"])
+    for cls in manifest["classes"]:
+        for split, info in cls["neighbours"].items():
+            for case in info["case_ids"]:
+                stop = [c - p // 2 + p for c, p in zip(cls["centre"], SETTINGS["patch_size"])]
+                assert all(e <= s for e, s in zip(stop, sizes[split][case])), (cls["index"], case, stop)
+            shard = np.load(out / cls["shards"][split], mmap_mode="r")
+            assert shard.shape[0] == len(info["case_ids"]) and np.isfinite(shard).all()
+
+
+def test_volume_shapes_match_what_the_loader_gives(tmp_path, monkeypatch):
+    """Header-read NIfTI shapes (axes permuted and flipped), and the loading fallback, equal the loaded volumes'."""
+    from dira3d.visual_words import loading
+
+    volume = np.zeros((6, 9, 4), np.float32)
+    oblique = np.array([[0, 0, -2.0, 0], [1.5, 0, 0.3, 0], [0.2, 1, 0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(volume, oblique), tmp_path / "lia.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.diag([-1.0, 1.0, -2.0, 1.0])), tmp_path / "las.nii")
+    entries = [{"image": str(tmp_path / n)} for n in ("lia.nii.gz", "las.nii")]
+    for orient in (True, False):
+        loaded = [tuple(loading.volume_transform(orient)(dict(e))["image"].shape[1:]) for e in entries]
+        assert loading.volume_shapes(entries, orient) == loaded
+    assert loading.volume_shapes(entries[:1], True) == [(4, 6, 9)]  # voxel axes (y, z, x) in the world
+    monkeypatch.setattr(loading, "_nifti_shape", lambda path, orient: None)  # formats without a header read
+    assert loading.volume_shapes(entries, True) == [(4, 6, 9), (6, 9, 4)]
 
 
 def test_cli_end_to_end_with_trained_extractor_and_multi_resolution(datalist, tmp_path, capsys):

@@ -151,11 +151,14 @@ def export_torchscript(
 
     Raises:
         FileNotFoundError: bundle configs or checkpoint missing.
+        ValueError: the checkpoint does not fit the network (pass the overrides it was trained with).
     """
     root, config, meta = _bundle_paths(bundle_dir, config_file)
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"fine-tuned weights {ckpt} do not exist; train the bundle first or pass checkpoint=")
+    # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
+    load_bundle_network(root, ckpt, config_file, overrides)
     out = Path(out) if out else root / "models" / "model.ts"
     out.parent.mkdir(parents=True, exist_ok=True)
     shape = _example_shape(_parser(root, config_file, overrides), input_shape)

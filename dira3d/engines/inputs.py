@@ -51,6 +51,13 @@ def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str
     if not isinstance(content, dict) or not isinstance(content.get(key), list):
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise DataError(path, f"has no list {key!r} (found {found}); a decathlon datalist is expected")
+    if not content[key]:
+        hint = (
+            "prepare with --val-fraction > 0 (e.g. `dira3d prepare generic ... --val-fraction 0.1`) or add entries; "
+            "dis_mode visual_words on volumes validates on the training list instead"
+            if key == "validation" else "add entries (check the paths given to `dira3d prepare`)"
+        )
+        raise DataError(path, f"has an empty {key!r} list; {hint}")
     base = path.parent
     items, problems = [], []
     for index, entry in enumerate(content[key]):

@@ -201,6 +201,7 @@ class DiRATrainer(Trainer):
         self.clip_grad_norm, self.classify_both, self.momentum = clip_grad_norm, bool(classify_both), float(momentum)
         autocast_context(amp, device)  # validates the value early
         self.scaler_g, self.scaler_d = make_grad_scaler(amp, device), make_grad_scaler(amp, device)
+        _check_yields_batches(train_data_loader)
 
         self.momentum_encoder: nn.Module | None = None
         self.momentum_head: nn.Module | None = None
@@ -457,3 +458,21 @@ class DiRATrainer(Trainer):
             "restored": None if fwd.restored is None else fwd.restored[:1].detach(),
         }
         return output
+
+
+def _check_yields_batches(loader: Any) -> None:
+    """An empty training loader is an error: MONAI would skip the run with a warning and exit 0,
+    writing no checkpoint (e.g. fewer training volumes than ``batch_size`` with ``drop_last``)."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return
+    try:
+        batches = len(loader)
+    except TypeError:  # an iterable dataset without a length
+        return
+    if batches == 0:
+        items = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "?"
+        drop = " and drop_last" if loader.drop_last else ""
+        raise ValueError(
+            f"the training data loader yields no batch: {items} training item(s) per epoch with batch_size "
+            f"{loader.batch_size}{drop}; lower batch_size (e.g. --batch_size 1) or add training volumes"
+        )

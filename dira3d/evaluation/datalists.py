@@ -241,9 +241,12 @@ def load_split(
         train, held = holdout_by_patient(chosen, holdout, seed)
         result = train if split == "train" else held
     if not result and not (split == "holdout" and holdout == 0.0):
+        hint = "check the datalist or use more data"
+        if split == "test" and (fold is None or int(fold) < 0):
+            hint = f"add a 'test' list to the datalist (it has {sorted(k for k in content if k != 'meta')}), or set fold for a cross-validation datalist"
         raise ValueError(
             f"split {split!r} of datalist {path} is empty (label_fraction={label_fraction}, holdout={holdout}, "
-            f"fold={fold}); check the datalist or use more data"
+            f"fold={fold}); {hint}"
         )
     return _common_keys(result)
 

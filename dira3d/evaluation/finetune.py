@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def run_finetune(
             "label_fraction": 0.25, "fold": 2}``.
         output_dir: where ``models/model.pt``, TensorBoard logs, the evaluation CSVs and
             ``metrics.json`` go; default ``overrides["output_dir"]`` or ``./finetune_<bundle>``.
-        tiny: add the bundle's ``configs/tiny.json`` (tiny network, 2-3 epochs) for smoke tests.
+        tiny: add the bundle's ``configs/tiny.json`` (tiny network, 2 epochs in 2D, 3 in 3D) for smoke tests.
 
     Returns:
         ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "settings"}``.
@@ -109,6 +110,12 @@ def run_finetune(
 
     trainer_flow = _workflow(files, configs / "metadata.json", overrides)
     trainer_flow.initialize()
+    parser = trainer_flow.parser
+    if "datalist" in parser:  # the test split is scored after training: a missing one must fail now, not hours later
+        from dira3d.evaluation.datalists import load_split
+
+        fold = parser.get_parsed_content("fold") if "fold" in parser else None
+        load_split(parser.get_parsed_content("datalist"), "test", fold=fold)
     trainer_flow.run()
     trainer = trainer_flow.parser.get_parsed_content("train#trainer")
     validator = trainer_flow.parser.get_parsed_content("validate#evaluator")
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the label subset, holdout and training")
     parser.add_argument("--fold", type=int, default=None, help="test fold for cross-validation datalists (PE-CAD)")
     parser.add_argument("--output-dir", default=None, help="folder for the model, logs and metrics.json")
-    parser.add_argument("--tiny", action="store_true", help="tiny network and a few epochs (2 in 2D, 3 in 3D; a smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="add the bundle's configs/tiny.json: tiny network, 2 (2D) or 3 (3D) epochs (smoke test)")
     parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="any other config override, e.g. max_epochs=50")
     args = parser.parse_args(argv)
 
@@ -172,6 +179,26 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r} must look like ID=VALUE, e.g. --set max_epochs=50")
         key, value = item.split("=", 1)
         overrides[key] = _parse_value(value)
-    result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny)
+    try:
+        result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny)
+    except Exception as err:
+        cause = _user_error_in(err)
+        if cause is None:
+            raise
+        # MONAI wraps config errors in "Failed to instantiate/evaluate ..." tracebacks: print the cause alone
+        print(f"dira3d finetune: error: {cause}", file=sys.stderr)
+        return 2
     print(json.dumps(result["metrics"], indent=2))
     return 0
+
+
+def _user_error_in(err: BaseException) -> BaseException | None:
+    """The first ``FileNotFoundError`` / ``ValueError`` in the chain of ``err`` (a bad path or setting), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (FileNotFoundError, ValueError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None

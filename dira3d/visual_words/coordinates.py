@@ -93,11 +93,20 @@ def is_mostly_lung(cube: np.ndarray, threshold: float = 0.425, max_fraction: flo
     return dense_fraction(cube, threshold) <= max_fraction
 
 
-def centre_range(shape: Sequence[int], rules: CoordinateRules, name: str = "volume") -> list[tuple[int, int]]:
+def centre_range(shape: Sequence[int], rules: CoordinateRules, name: str = "volume",
+                 fit: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """Inclusive ``(lo, hi)`` range of valid centres per axis.
+
+    Args:
+        shape: the volume's spatial size.
+        rules: the sampling rules (patch size and borders).
+        name: how the volume is named in errors.
+        fit: the size of the smallest volume the patch is also cut from (the class's neighbours,
+            cut at the same voxel): the whole patch must lie inside it too (no border there).
 
     Raises:
         VolumeTooSmallError: the volume cannot hold patch + borders; the message names it.
+        CoordinateSamplingError: the volume could, but no centre also keeps the patch inside ``fit``.
     """
     ranges = []
     for axis, (size, p, b) in enumerate(zip(shape, rules.patch_size, rules.border)):
@@ -108,6 +117,14 @@ def centre_range(shape: Sequence[int], rules: CoordinateRules, name: str = "volu
                 f"{rules.border} needs at least {2 * b + p} voxels on axis {'xyz'[axis]}; use smaller borders "
                 "(--border) or patches (--patch-size), or leave this volume out"
             )
+        if fit is not None:
+            hi = min(hi, int(fit[axis]) - p + p // 2)
+            if hi < lo:
+                raise CoordinateSamplingError(
+                    f"{name}: a neighbour of size {tuple(int(s) for s in fit)} (the smallest extent on each axis) "
+                    f"leaves no centre on axis {'xyz'[axis]} that keeps the patch inside it and {b} voxels from "
+                    "the reference's faces"
+                )
         ranges.append((lo, hi))
     return ranges
 
@@ -123,6 +140,7 @@ def sample_coordinate(
     rng: np.random.RandomState,
     previous: Sequence[Sequence[int]] = (),
     name: str = "volume",
+    fit: Sequence[int] | None = None,
 ) -> tuple[int, int, int]:
     """Draw a patch centre in ``volume`` that satisfies ``rules``.
 
@@ -132,19 +150,21 @@ def sample_coordinate(
         rng: the random state (e.g. a MONAI ``Randomizable.R``).
         previous: earlier class centres.
         name: how the volume is named in errors.
+        fit: spatial size the patch must also fit in, from index 0 (see :func:`centre_range`).
 
     Returns:
         The centre ``(x, y, z)``.
 
     Raises:
         VolumeTooSmallError: the volume cannot hold patch + borders.
-        CoordinateSamplingError: ``max_tries`` draws all broke a rule; the message counts why.
+        CoordinateSamplingError: ``max_tries`` draws all broke a rule (the message counts why), or
+            no centre keeps the patch inside ``fit``.
     """
     image = np.asarray(volume)
     image = image[0] if image.ndim == 4 else image
     if image.ndim != 3:
         raise ValueError(f"{name}: expected a (C, X, Y, Z) or (X, Y, Z) volume, got shape {np.asarray(volume).shape}")
-    ranges = centre_range(image.shape, rules, name)
+    ranges = centre_range(image.shape, rules, name, fit)
     prev = np.asarray(previous, dtype=float).reshape(-1, 3)
     too_close = too_dense = 0
     for _ in range(rules.max_tries):

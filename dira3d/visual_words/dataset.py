@@ -88,7 +88,8 @@ class VisualWordPairDataset(Dataset):
         for shard, label in self.classes:
             rows = int(np.load(shard, mmap_mode="r").shape[0])
             if rows < 2:
-                raise ValueError(f"visual word {label} ({shard}) has {rows} instance(s); pairs need >= 2 (raise --neighbours)")
+                option = "--val-neighbours" if split == "validation" else "--neighbours"
+                raise ValueError(f"visual word {label} ({shard}) has {rows} instance(s); pairs need >= 2 (rerun `dira3d visual-words` with {option} >= 2)")
             self.counts.append(rows)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.pairs_per_epoch, self.transform, self.seed, self.epoch = pairs_per_epoch, transform, seed, 0

@@ -3,8 +3,9 @@
 1. **Embed** every training and validation volume with a feature extractor (a skip-free
    autoencoder trained here, a dira3d pretraining checkpoint, or a given module).
 2. **Plan** class by class: an unused, seeded-random training reference; its K nearest training
-   and K_val nearest validation volumes; a patch centre in the reference under the sampling rules
-   (after ``max_tries`` failed draws the reference is dropped for the next one). The plan is
+   and K_val nearest validation volumes; a patch centre in the reference under the sampling rules,
+   such that the patch also lies inside every neighbour (all are cut at that voxel, and scans
+   differ in size; after ``max_tries`` failed draws the reference is dropped for the next one). The plan is
    written to ``manifest.json`` before any patch is cut.
 3. **Extract** in blocks of ``class_block`` classes, *volume by volume*: each volume needed by the
    block is loaded once and every crop the block wants from it is cut and written to its
@@ -33,7 +34,7 @@ from torch import nn
 from dira3d.utils.checkpoint import check_writable
 from dira3d.visual_words.coordinates import CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, hu_to_unit, sample_coordinate
 from dira3d.visual_words.extractor import embed_volumes, extractor_from_checkpoint, train_extractor
-from dira3d.visual_words.loading import SPLITS, case_ids, iterate_volumes, read_datalist, volume_transform
+from dira3d.visual_words.loading import SPLITS, case_ids, iterate_volumes, read_datalist, volume_shapes, volume_transform
 from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours
 from dira3d.visual_words.transforms import VisualWordCropd
 from dira3d.visual_words.writer import (
@@ -81,6 +82,9 @@ def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int) -> tupl
         dense_threshold=params["dense_threshold"], max_dense_fraction=params["max_dense_fraction"], max_tries=params["max_tries"],
     )  # fmt: skip
     load = volume_transform(params["orient"], params["raw_hu_window"])
+    # every neighbour is cut at the reference's centre (no registration): the patch must fit the
+    # smallest of them, so the centre is drawn within their common extent (scans differ in size)
+    shapes = {split: volume_shapes(data[split], params["orient"]) for split in SPLITS}
     sampler = ReferenceSampler(len(train), seed)
     planned: list[dict] = []
     centres: list[tuple[int, int, int]] = []
@@ -92,11 +96,13 @@ def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int) -> tupl
                 ref = sampler.next()
             except ValueError as err:
                 raise CoordinateSamplingError(f"class {c}: {err} (rejected: {[r['case_id'] for r in rejected]})") from None
+            neighbours = _neighbours(ref, emb_train, emb_val, train, val, params)
+            fit = np.min([shapes[split][i] for split, info in neighbours.items() for i in info["indices"]], axis=0)
             volume = load(dict(train[ref]))["image"]
             channels = int(volume.shape[0])
             rng = np.random.RandomState(derive_seed(seed, 1, c, len(rejected)))
             try:
-                centre = sample_coordinate(volume.numpy(), rules, rng, centres, name=_entry_name(train[ref]))
+                centre = sample_coordinate(volume.numpy(), rules, rng, centres, name=_entry_name(train[ref]), fit=fit.tolist())
                 break
             except VolumeTooSmallError:
                 raise
@@ -104,18 +110,6 @@ def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int) -> tupl
                 logger.info("class %d: reference %s rejected: %s", c, train[ref]["case_id"], err)
                 rejected.append({"index": ref, "case_id": train[ref]["case_id"], "reason": str(err)})
         centres.append(centre)
-        idx, dist = nearest_neighbours(emb_train[ref], emb_train, params["neighbours"], params["metric"])
-        idx, dist = idx[0].tolist(), dist[0].tolist()
-        if idx[0] != ref:  # an exact duplicate with a lower index: keep the reference as neighbour 0
-            pos = idx.index(ref) if ref in idx else len(idx) - 1
-            idx[pos], dist[pos] = idx[0], dist[0]
-            idx[0], dist[0] = ref, 0.0
-        neighbours = {"training": {"indices": idx, "case_ids": [train[i]["case_id"] for i in idx], "distances": dist}}
-        if params["val_neighbours"] > 0:
-            vidx, vdist = nearest_neighbours(emb_train[ref], emb_val, params["val_neighbours"], params["metric"])
-            neighbours["validation"] = {
-                "indices": vidx[0].tolist(), "case_ids": [val[i]["case_id"] for i in vidx[0].tolist()], "distances": vdist[0].tolist(),
-            }  # fmt: skip
         planned.append({
             "index": c, "status": "planned", "reference": {"index": ref, "case_id": train[ref]["case_id"]},
             "rejected_references": rejected, "centre": list(centre), "crop_seed": derive_seed(seed, 2, c),
@@ -123,6 +117,24 @@ def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int) -> tupl
         })  # fmt: skip
         logger.info("class %d: reference %s, centre %s", c, train[ref]["case_id"], centre)
     return planned, channels
+
+
+def _neighbours(ref: int, emb_train: torch.Tensor, emb_val: torch.Tensor, train: list[dict], val: list[dict],
+                params: dict) -> dict[str, dict]:
+    """The reference's nearest training volumes (itself first) and validation volumes."""
+    idx, dist = nearest_neighbours(emb_train[ref], emb_train, params["neighbours"], params["metric"])
+    idx, dist = idx[0].tolist(), dist[0].tolist()
+    if idx[0] != ref:  # an exact duplicate with a lower index: keep the reference as neighbour 0
+        pos = idx.index(ref) if ref in idx else len(idx) - 1
+        idx[pos], dist[pos] = idx[0], dist[0]
+        idx[0], dist[0] = ref, 0.0
+    neighbours = {"training": {"indices": idx, "case_ids": [train[i]["case_id"] for i in idx], "distances": dist}}
+    if params["val_neighbours"] > 0:
+        vidx, vdist = nearest_neighbours(emb_train[ref], emb_val, params["val_neighbours"], params["metric"])
+        neighbours["validation"] = {
+            "indices": vidx[0].tolist(), "case_ids": [val[i]["case_id"] for i in vidx[0].tolist()], "distances": vdist[0].tolist(),
+        }  # fmt: skip
+    return neighbours
 
 
 def _extract(data: dict, manifest: dict, out_dir: Path, class_block: int, workers: int) -> None:
@@ -147,7 +159,8 @@ def _extract(data: dict, manifest: dict, out_dir: Path, class_block: int, worker
                     try:
                         patches = cropper({"image": item["image"], "vw_centres": [cls["centre"]], "vw_seeds": seeds})["image_patches"]
                     except ValueError as err:
-                        raise ValueError(f"class {cls['index']}: cannot crop {_entry_name(data[split][index])}: {err}") from err
+                        raise ValueError(f"class {cls['index']}: cannot crop {_entry_name(data[split][index])} at the centre "
+                                         f"chosen in reference {cls['reference']['case_id']}: {err}") from err
                     writer.write(split, cls["index"], slot, patches[0].numpy())
                     written[cls["index"]] += 1
         for cls in block:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import torch
 from monai.data import Dataset, load_decathlon_datalist
 from monai.transforms import (
@@ -23,7 +24,7 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader
 
-__all__ = ["SPLITS", "read_datalist", "case_ids", "volume_transform", "iterate_volumes"]
+__all__ = ["SPLITS", "read_datalist", "case_ids", "volume_transform", "iterate_volumes", "volume_shapes"]
 
 SPLITS = ("training", "validation")
 
@@ -126,3 +127,40 @@ def iterate_volumes(
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_as_is, prefetch_factor=2)
     for item in loader:
         yield int(item.pop("_index")), item
+
+
+def _nifti_shape(path: str, orient: bool) -> tuple[int, int, int] | None:
+    """Spatial shape of a NIfTI file after :func:`volume_transform`, from its header (no voxels read).
+
+    MONAI reads NIfTI with nibabel and reorients with ``io_orientation`` of the same affine, so the
+    axes are permuted exactly as here. ``None`` for anything nibabel cannot open lazily.
+    """
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        image = nib.load(str(path))
+    except Exception:  # noqa: BLE001 - fall back to loading the volume through MONAI
+        return None
+    shape = tuple(int(s) for s in image.shape[:3])
+    if len(shape) != 3:
+        return None
+    if not orient:
+        return shape  # type: ignore[return-value]
+    out = [0, 0, 0]
+    for axis, (target, _) in enumerate(nib.orientations.io_orientation(image.affine)[:3]):
+        out[int(target)] = shape[axis]
+    return tuple(out)  # type: ignore[return-value]
+
+
+def volume_shapes(entries: Sequence[dict], orient: bool = True, workers: int = 0) -> list[tuple[int, int, int]]:
+    """Spatial ``(x, y, z)`` shape of every entry's image as :func:`volume_transform` loads it.
+
+    NIfTI files (what ``dira3d prepare`` writes) are read from their headers; anything else
+    (NRRD, MetaImage, DICOM folders) is loaded through MONAI, one volume at a time.
+    """
+    shapes: list[tuple[int, int, int] | None] = [_nifti_shape(e["image"], orient) for e in entries]
+    missing = [i for i, s in enumerate(shapes) if s is None]
+    if missing:
+        for index, item in iterate_volumes([entries[i] for i in missing], volume_transform(orient), workers):
+            shapes[missing[index]] = tuple(int(s) for s in item["image"].shape[1:4])  # type: ignore[assignment]
+    return shapes  # type: ignore[return-value]
