@@ -101,3 +101,15 @@ def test_flair_only_is_3d_and_split_is_deterministic(tree, tmp_path: Path) -> No
     assert json.loads((tmp_path / "again" / "split.json").read_text()) == first
     with pytest.raises(ValueError, match="--modalities"):
         brats.prepare(src, tmp_path / "x", modalities=["flair", "dwi"])
+
+
+def test_patient_in_two_folders_fails_that_patient_only(tree, tmp_path: Path) -> None:
+    """The same patient id in two folders used to stop the whole batch."""
+    src, _ = tree
+    make_patient(src, "LGG", "Brats18_2013_2_1", np.random.default_rng(1))  # also under HGG
+    results = {r.case_id: r for r in brats.prepare(src, tmp_path / "out", keep_going=True, progress=False)}
+    dup = results["Brats18_2013_2_1"]
+    assert dup.status == "failed" and "also appears in" in dup.reason
+    assert "HGG" in dup.reason and "LGG" in dup.reason
+    assert results["Brats18_2013_0_1"].status == "written" and results["Brats18_CBICA_AAB_1"].status == "written"
+    assert brats.main(["--src", str(src), "--dst", str(tmp_path / "strict")]) == 1  # stops without --keep-going

@@ -107,3 +107,26 @@ def test_lits_bad_cases_reported(lits_tree, tmp_path):
     assert [e["case_id"] for e in datalist["training"]] == ["lits-000", "lits-001"]
     with pytest.raises(ValueError, match="overlaps"):
         lits.prepare(lits_tree, dst, splits={"training": (0, 100), "validation": (100, 114)}, progress=False)
+
+
+def test_lits_duplicate_and_orphan_files_fail_their_case_only(lits_tree, tmp_path, capsys):
+    """A second copy of a file or a segmentation without its volume used to stop the whole batch."""
+    extra = lits_tree / "extra"
+    extra.mkdir()
+    _write_case(extra, 1)  # volume-1 and segmentation-1 a second time
+    _write_case(extra, 5)
+    (extra / "volume-5.nii").unlink()  # segmentation-5 alone
+    dst = tmp_path / "out"
+    assert lits.main(["--src", str(lits_tree), "--dst", str(tmp_path / "strict")]) == 1
+    assert lits.main(["--src", str(lits_tree), "--dst", str(dst), "--keep-going"]) == 0
+    cases = {c["case_id"]: c for c in json.loads((dst / "report.json").read_text())["cases"]}
+    assert cases["lits-001"]["status"] == "failed" and "duplicate of" in cases["lits-001"]["reason"]
+    assert "Training Batch 1" in cases["lits-001"]["reason"] and "extra" in cases["lits-001"]["reason"]
+    assert cases["lits-005"]["status"] == "failed" and "segmentation-5.nii" in cases["lits-005"]["reason"]
+    assert "volume-5.nii" in cases["lits-005"]["reason"]
+    assert [cases[k]["status"] for k in ("lits-000", "lits-100", "lits-120", "lits-130")] == ["written"] * 4
+    datalist = json.loads((dst / "lits_datalist.json").read_text())
+    assert [e["case_id"] for e in datalist["training"]] == ["lits-000"]
+    # a rerun reports the duplicate again instead of skipping it
+    assert lits.main(["--src", str(lits_tree), "--dst", str(dst), "--keep-going"]) == 0
+    assert "FAILED lits-001" in capsys.readouterr().err

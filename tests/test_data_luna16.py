@@ -184,3 +184,35 @@ def test_written_volume_matches_source_voxels(luna_tree, tmp_path):
     point = source.TransformIndexToPhysicalPoint((30, 12, 15))
     index = written.TransformPhysicalPointToIndex(point)
     assert image_to_xyz(written)[index] == pytest.approx(0.8)
+
+
+def test_luna16_bad_csv_row_is_one_failed_case(luna_tree, tmp_path, capsys):
+    """A malformed candidate row used to stop the whole batch even with --keep-going."""
+    src, _ = luna_tree
+    lines = (src / "candidates_V2.csv").read_text().splitlines()
+    uid = lines[2].split(",")[0]
+    lines[2] = f"{uid},abc,1.0,2.0,0"  # data row 2
+    lines.append(f"{uid},1.0,2.0,3.0,7")  # data row 18: class 7
+    (src / "candidates_V2.csv").write_text("\n".join(lines) + "\n")
+    dst = tmp_path / "out"
+    assert luna16.main(["--src", str(src), "--dst", str(tmp_path / "strict")]) == 1  # still stops without it
+    assert luna16.main(["--src", str(src), "--dst", str(dst), "--keep-going"]) == 0
+    err = capsys.readouterr().err
+    assert "FAILED candidates_V2.csv data row 2:" in err and "non-numeric" in err and "abc" in err
+    assert "FAILED candidates_V2.csv data row 18:" in err and "class '7'" in err
+    report = json.loads((dst / "report.json").read_text())
+    assert report["summary"]["failed"] == 2 and report["summary"]["written"] == 4
+    ncc = json.loads((dst / "ncc_datalist.json").read_text())
+    candidates = sorted(e["candidate"] for part in ("training", "validation", "test") for e in ncc[part])
+    assert candidates == [r for r in range(16) if r != 1]  # every good row of every scan, row index 1 left out
+
+
+def test_luna16_scan_in_two_subsets_fails_that_scan_only(luna_tree, tmp_path):
+    """A seriesuid found in two subsets used to stop the whole batch."""
+    src, _ = luna_tree
+    uid = "1.3.6.1.4.1.14519.5.2.1.6279.6001.300"
+    for suffix in (".mhd", ".raw"):
+        (src / "subset7" / f"{uid}{suffix}").write_bytes((src / "subset5" / f"{uid}{suffix}").read_bytes())
+    results = {r.case_id: r for r in luna16.prepare(src, tmp_path / "out", cubes=False, keep_going=True, progress=False)}
+    assert results[uid].status == "failed" and "subset5" in results[uid].reason and "subset7" in results[uid].reason
+    assert sum(r.status == "written" for r in results.values()) == 3

@@ -105,3 +105,17 @@ def test_real_ct_candidate_world_and_voxel_agree(real_data: Path, tmp_path: Path
     centre_ras = cubes[0].affine @ np.array([16, 16, 4, 1.0])
     assert np.allclose(centre_ras[:3] * [-1, -1, 1], world, atol=1e-3)
     assert 0.3 < cubes[0].get_fdata()[16, 16, 4] <= 1.0  # soft-tissue nodule, not lung air (≈ 0.1)
+
+
+def test_two_volumes_of_one_patient_fail_that_patient_only(tmp_path: Path) -> None:
+    """A second volume of one patient used to stop the whole batch."""
+    src = tmp_path / "PE-CAD"
+    for name in ("PE01.nii.gz", "PE01.nrrd", "PE02.nii.gz"):
+        write_volume(src / "volumes" / name, (10, 12, 7), (0.8, 0.6, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    (src / "candidates.csv").write_text("patient_id,x,y,z,coords,label\nPE01,10,12,7,voxel,1\nPE02,10,12,7,voxel,1\n")
+    results = {r.case_id: r for r in pecad.prepare(src, tmp_path / "out", keep_going=True, progress=False)}
+    assert results["PE02"].status == "written"
+    assert results["PE01"].status == "failed" and "PE01.nii.gz" in results["PE01"].reason
+    assert "PE01.nrrd" in results["PE01"].reason and "one volume per patient" in results["PE01"].reason
+    entries = json.loads((tmp_path / "out" / "pecad_datalist.json").read_text())["training"]
+    assert [e["case_id"] for e in entries] == ["PE02"]

@@ -5,7 +5,9 @@ Each test here failed before its fix: ITK's NIfTI reader zero-fills truncated fi
 and repairs a zero pixdim; ``generic`` dropped one of two inputs with the same case id, re-ingested
 its own outputs when ``--dst`` lies inside ``--src`` and missed DICOM folders whose first five files
 are not DICOM; an unwritable ``--dst`` was a traceback; atomic writes left every output 0600;
-``dira3d synthetic`` overwrote a user's candidates CSV."""
+``dira3d synthetic`` overwrote a user's candidates CSV; a rerun with another ``--src`` replaced the
+datalist and ``--report`` any file; a mask without its image stopped the batch; a truncated DICOM
+slice was reported only as a missing slice; a second DICOM series was dropped without a note."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pytest
 import SimpleITK as sitk
 
 from dira3d.data import generic
-from dira3d.data.io import DataError, read_image
+from dira3d.data.io import DataError, DataWarning, read_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data_core import _write_dicom_series  # noqa: E402
@@ -70,9 +72,12 @@ def test_prepare_generic_never_drops_or_reingests_inputs(tmp_path, capsys):
     src.mkdir()
     _ct(src / "a.nii.gz")
     _ct(src / "a.nrrd")  # same case id 'a': one of them used to vanish without a word
+    # a failed case naming both files (the other cases go on with --keep-going)
+    assert generic.main(["--src", str(src), "--dst", str(tmp_path / "strict")]) == 1
     code = generic.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--keep-going"])
     err = capsys.readouterr().err
-    assert code == 2 and "a.nii.gz" in err and "a.nrrd" in err and "same case id" in err
+    assert code == 0 and "FAILED a:" in err and "a.nii.gz" in err and "a.nrrd" in err and "same case id" in err
+    assert json.loads((tmp_path / "out" / "pretrain_datalist.json").read_text())["training"] == []
     (src / "a.nrrd").unlink()
 
     # a DICOM series folder with notes sorted before the slices is still found
@@ -133,3 +138,96 @@ def test_synthetic_keeps_a_users_luna16_files(tmp_path):
     with pytest.raises(FileExistsError, match="candidates_V2.csv"):
         write_luna16_phantoms(out, count=1, size=(48, 48, 24))
     assert (out / "candidates_V2.csv").read_text() == mine and not list(out.glob("subset*"))
+
+
+def test_rerun_with_another_src_or_onto_a_user_file_is_refused(tmp_path, capsys):
+    """A rerun into the same --dst with another --src used to replace the datalist (and list the old
+    source's volumes as 'skipped'); --report PATH replaced whatever file was at PATH."""
+    first, second, dst = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    for src in (first, second):
+        src.mkdir()
+        _ct(src / "a.nii.gz")
+    datalist = dst / "pretrain_datalist.json"
+    assert generic.main(["--src", str(first), "--dst", str(dst)]) == 0
+    assert generic.main(["--src", str(first), "--dst", str(dst)]) == 0  # same source: incremental
+    assert "1 skipped" in capsys.readouterr().out
+    before = datalist.read_bytes()
+    assert generic.main(["--src", str(second), "--dst", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert str(datalist) in err and str(first.resolve()) in err and "--overwrite" in err and "another --dst" in err
+    assert datalist.read_bytes() == before
+    assert generic.main(["--src", str(second), "--dst", str(dst), "--overwrite"]) == 0
+    meta = json.loads(datalist.read_text())["meta"]
+    assert meta["source"] == str(second.resolve())
+
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    assert generic.main(["--src", str(second), "--dst", str(dst), "--report", str(notes)]) == 2
+    assert str(notes) in capsys.readouterr().err and notes.read_text() == '{"mine": 1}'
+    assert generic.main(["--src", str(second), "--dst", str(dst), "--report", str(dst / "report.json")]) == 0
+
+    # an earlier run that stopped before its datalist is recognised by its report
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _truncate(_ct(broken / "a.nii.gz"))
+    _ct(broken / "b.nii.gz")  # cancelled: no datalist is written
+    assert generic.main(["--src", str(broken), "--dst", str(tmp_path / "out2")]) == 1
+    assert not (tmp_path / "out2" / "pretrain_datalist.json").exists()
+    assert generic.main(["--src", str(first), "--dst", str(tmp_path / "out2")]) == 2
+    assert "report.json" in capsys.readouterr().err
+
+
+def test_generic_mask_without_image_fails_its_case_only(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    _ct(src / "a.nii.gz")
+    _ct(src / "b_label.nii.gz")  # no b.nii.gz: this used to stop the whole batch
+    assert generic.main(["--src", str(src), "--dst", str(tmp_path / "strict"), "--label-suffix", "_label"]) == 1
+    dst = tmp_path / "out"
+    assert generic.main(["--src", str(src), "--dst", str(dst), "--label-suffix", "_label", "--keep-going"]) == 0
+    assert "FAILED b:" in capsys.readouterr().err
+    cases = {c["case_id"]: c for c in json.loads((dst / "report.json").read_text())["cases"]}
+    assert cases["a"]["status"] == "written"
+    assert cases["b"]["status"] == "failed" and "b_label.nii.gz" in cases["b"]["reason"]
+    assert "no matching image" in cases["b"]["reason"]
+
+
+def test_truncated_dicom_slice_is_named(tmp_path):
+    """GDCM leaves an unreadable slice out of the series: the error said only 'a slice is missing'."""
+    folder = tmp_path / "series"
+    _write_dicom_series(folder, np.zeros((16, 12, 6), np.int16))
+    (folder / "notes.txt").write_text("not DICOM")
+    cut = folder / "slice002.dcm"  # z = 104 mm
+    cut.write_bytes(cut.read_bytes()[:400])
+    with pytest.raises(DataError, match=r"104\.00 mm is missing; 1 file\(s\) .*series.*: slice002\.dcm;"):
+        read_image(folder)
+    # a truncated last slice leaves no gap: the volume is read, with a warning naming the file
+    _write_dicom_series(tmp_path / "end", np.zeros((16, 12, 6), np.int16))
+    cut = tmp_path / "end" / "slice005.dcm"
+    cut.write_bytes(cut.read_bytes()[:400])
+    with pytest.warns(DataWarning, match=r"slice005\.dcm"):
+        assert read_image(tmp_path / "end").GetSize() == (16, 12, 5)
+
+
+def test_second_dicom_series_is_a_warning_in_the_report(tmp_path, capsys):
+    """A smaller second series in the folder used to be dropped without a word."""
+    src = tmp_path / "src"
+    src.mkdir()
+    folder = src / "ct"
+    _write_dicom_series(folder, np.zeros((16, 12, 6), np.int16))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, path in enumerate(sorted(folder.glob("slice*.dcm"))[:2]):  # a 2-file 'scout' series
+        image = sitk.ReadImage(str(path))
+        image.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.9")
+        image.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.9.{k + 1}")
+        writer.SetFileName(str(folder / f"scout{k}.dcm"))
+        writer.Execute(image)
+    dst = tmp_path / "out"
+    assert generic.main(["--src", str(src), "--dst", str(dst)]) == 0
+    assert "WARNING ct:" in capsys.readouterr().err
+    case = json.loads((dst / "report.json").read_text())["cases"][0]
+    assert case["status"] == "written" and len(case["warnings"]) == 1
+    assert "1.2.826.0.1.3680043.2.1125.9 (2 file(s))" in case["warnings"][0]
+    assert "1.2.826.0.1.3680043.2.1125.2 (6 files)" in case["warnings"][0]
+    assert sitk.ReadImage(str(dst / "volumes" / "ct.nii.gz")).GetSize()[2] == 6

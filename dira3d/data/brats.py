@@ -50,10 +50,10 @@ def find_patients(src: str | Path) -> dict[str, dict[str, object]]:
 
     Returns:
         Patient id → ``{"folder": Path, "grade": "HGG" | "LGG" | "", "t1": Path | None, ...,
-        "seg": Path | None}``, sorted by id.
+        "seg": Path | None}``, sorted by id; plus ``"error"`` when two folders hold the same id.
 
     Raises:
-        DataError: ``src`` is not a folder, holds no BraTS file, or two folders hold the same id.
+        DataError: ``src`` is not a folder or holds no BraTS file.
     """
     src = Path(src)
     if not src.is_dir():
@@ -65,9 +65,11 @@ def find_patients(src: str | Path) -> dict[str, dict[str, object]]:
             continue
         pid, kind = match["pid"], match["kind"].lower()
         entry = patients.setdefault(pid, {"folder": path.parent, **{k: None for k in (*MODALITIES, "seg")}})
-        if entry["folder"] != path.parent:
-            raise DataError(path, f"patient id {pid} also appears in {entry['folder']}; keep one copy of each patient")
-        entry[kind] = path
+        if entry["folder"] != path.parent:  # a problem of this patient only: reported, the others go on
+            entry.setdefault("error", str(DataError(path, f"patient id {pid} also appears in {entry['folder']}; "
+                                                          "keep one copy of each patient")))
+        else:
+            entry[kind] = path
     if not patients:
         raise DataError(src, "holds no BraTS files (<id>_t1/_t1ce/_t2/_flair/_seg.nii.gz); check --src")
     for entry in patients.values():
@@ -131,11 +133,12 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
     dst = Path(dst)
     patients = find_patients(src)
     cases = [Case(pid, [safe_case_path(dst / "images", pid, ".nii.gz"), safe_case_path(dst / "labels", pid, ".nii.gz")],
-                  files) for pid, files in patients.items()]
+                  files, files.get("error", "")) for pid, files in patients.items()]
     process = partial(_process, modalities=modalities, percentiles=tuple(percentiles),
                       spacing=None if spacing is None else tuple(spacing))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
-                        keep_going=keep_going, report_path=report_path, desc="brats", progress=progress)
+                        keep_going=keep_going, report_path=report_path, desc="brats", progress=progress,
+                        source=src, datalists=[dst / "brats_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
     parts = split_patients(list(patients), dict(zip(DEFAULT_SPLIT, split)), seed)

@@ -189,7 +189,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
              for n in names]
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chestxray14",
-                        progress=progress)
+                        progress=progress, source=src,
+                        datalists=[dst / "chestxray14_datalist.json", dst / "bbox_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
 

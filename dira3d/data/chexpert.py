@@ -180,7 +180,7 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
         raise DataError(train_csv, "lists no image (after --frontal-only); nothing to prepare")
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chexpert",
-                        progress=progress)
+                        progress=progress, source=src, datalists=[dst / "chexpert_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
 

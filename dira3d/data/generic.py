@@ -28,6 +28,7 @@ from dira3d.data.io import (
     check_mask_matches,
     image_suffix,
     image_to_xyz,
+    looks_like_dicom,
     read_image,
     read_mask,
     to_ras,
@@ -85,19 +86,9 @@ def _case_id(src: Path, path: Path, strip: str) -> str:
     return "_".join([*rel.parent.parts, name]) if rel.parent.parts else name
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble; old ones often end in .dcm/.ima."""
-    if path.suffix.lower() in (".dcm", ".ima", ".dicom"):
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
 def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str | None = None,
-             dicom: bool = True, exclude: Sequence[str | os.PathLike] = ()) -> list[tuple[str, Path, Path | None]]:
+             dicom: bool = True, exclude: Sequence[str | os.PathLike] = (),
+             problems: dict[str, str] | None = None) -> list[tuple[str, Path | None, Path | None]]:
     """Find the scans under ``src``.
 
     Args:
@@ -105,13 +96,16 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
         label_suffix: stem suffix marking mask files (e.g. ``"_label"``); ``None``: no masks.
         dicom: also look for DICOM series folders.
         exclude: folders not searched (the output folder when it lies inside ``src``).
+        problems: when given, a problem of one case (a mask whose image is missing, two inputs
+            with the same case id) is recorded here as ``{case_id: message}`` instead of raised;
+            the case is still returned (with image ``None`` for a lone mask).
 
     Returns:
         Sorted ``(case_id, image_path, mask_path or None)``.
 
     Raises:
-        DataError: ``src`` missing, a mask whose image is missing, or two inputs with the same
-            case id (e.g. ``a.nrrd`` and ``a.nii.gz``, or ``b/c.nrrd`` and ``b_c.nrrd``).
+        DataError: ``src`` missing; without ``problems``, also a mask whose image is missing or two
+            inputs with the same case id (e.g. ``a.nrrd`` and ``a.nii.gz``, or ``b/c.nrrd`` and ``b_c.nrrd``).
     """
     src = Path(src)
     if not src.is_dir():
@@ -119,12 +113,18 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
     images: dict[str, Path] = {}
     masks: dict[str, Path] = {}
     skip = {Path(p).resolve() for p in exclude}
+    problem: dict[str, str] = {} if problems is None else problems
+
+    def report(cid: str, err: DataError) -> None:
+        if problems is None:
+            raise err
+        problem.setdefault(cid, str(err))
 
     def add(found: dict[str, Path], cid: str, path: Path) -> None:
         if cid in found:
-            raise DataError(path, f"gives the same case id {cid!r} as {found[cid]}, so both would write the same "
-                                  "output; rename or move one of them")
-        found[cid] = path
+            report(cid, DataError(path, f"gives the same case id {cid!r} as {found[cid]}, so both would write the "
+                                        "same output; rename or move one of them"))
+        found.setdefault(cid, path)
 
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if (Path(root) / d).resolve() not in skip)
@@ -142,14 +142,13 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
                 add(masks, _case_id(src, path, label_suffix), path)
             else:
                 add(images, _case_id(src, path, image_suffix_), path)
-        if dicom and any(_looks_like_dicom(Path(root) / n) for n in other) \
+        if dicom and any(looks_like_dicom(Path(root) / n) for n in other) \
                 and sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
             add(images, _case_id(src, Path(root), "") if Path(root) != src else src.name, Path(root))
-    orphans = sorted(set(masks) - set(images))
-    if orphans:
-        raise DataError(masks[orphans[0]], f"mask has no matching image (expected case {orphans[0]!r}); "
-                                           "check --image-suffix / --label-suffix")
-    return [(cid, images[cid], masks.get(cid)) for cid in sorted(images)]
+    for cid in sorted(set(masks) - set(images)):
+        report(cid, DataError(masks[cid], f"mask has no matching image (expected case {cid!r}); "
+                                          "check --image-suffix / --label-suffix"))
+    return [(cid, images.get(cid), masks.get(cid)) for cid in sorted(set(images) | set(masks))]
 
 
 def _process(case: Case, modality: str, window: Sequence[float], percentiles: Sequence[float],
@@ -183,15 +182,19 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     ``val_fraction > 0``, ``validation`` — a seeded random choice of cases) and ``report.json``.
     The datalist lists the good cases; it is written unless a failure stopped the batch.
 
+    A mask without its image and two inputs with the same case id are failed cases (reported,
+    the others go on with ``keep_going``).
+
     Raises:
-        DataError: ``src`` is not a folder, holds no scans, or has an unpaired mask.
+        DataError: ``src`` is not a folder or holds no scans; a datalist of another ``src`` in ``dst``.
         ValueError: bad settings (modality, val_fraction).
     """
     if modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    found = discover(src, image_suffix, label_suffix, exclude=[dst])
+    problems: dict[str, str] = {}
+    found = discover(src, image_suffix, label_suffix, exclude=[dst], problems=problems)
     if not found:
         raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)")
     dst = Path(dst)
@@ -200,12 +203,13 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
         outputs = [safe_case_path(dst / "volumes", cid, ".nii.gz")]
         if mask_path is not None:
             outputs.append(safe_case_path(dst / "labels", cid, ".nii.gz"))
-        cases.append(Case(cid, outputs, {"image": image_path, "mask": mask_path}))
+        cases.append(Case(cid, outputs, {"image": image_path, "mask": mask_path}, problems.get(cid, "")))
     spacing_t = None if spacing is None else tuple(float(s) for s in np.broadcast_to(spacing, (3,)))
     process = partial(_process, modality=modality, window=tuple(window), percentiles=tuple(percentiles),
                       spacing=spacing_t)
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
-                        keep_going=keep_going, report_path=report_path, desc="generic", progress=progress)
+                        keep_going=keep_going, report_path=report_path, desc="generic", progress=progress,
+                        source=src, datalists=[dst / "pretrain_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
     good = [c for c, r in zip(cases, results) if r.ok]

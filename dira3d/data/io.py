@@ -19,18 +19,21 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from dira3d.data.errors import DataError  # noqa: F401  (re-exported: dira3d.data.io.DataError)
+from dira3d.data.errors import DataError, DataWarning  # noqa: F401  (re-exported: dira3d.data.io.DataError)
 from dira3d.utils.atomic import atomic_path
 
 __all__ = [
     "DataError",
+    "DataWarning",
     "IMAGE_SUFFIXES",
     "image_suffix",
+    "looks_like_dicom",
     "read_image",
     "read_mask",
     "write_nifti",
@@ -169,14 +172,47 @@ def _dicom_slice_positions(files: list[str]) -> np.ndarray:
     return np.sort(np.asarray(positions))
 
 
+def looks_like_dicom(path: Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble; old ones often end in .dcm/.ima."""
+    if path.suffix.lower() in (".dcm", ".ima", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _left_out(folder: Path, series: list) -> str:
+    """'N file(s) …: names' for the files GDCM put in no series (unreadable or truncated DICOM);
+    files that are obviously not DICOM (hidden, or an extension such as .txt without the DICM tag) are ignored."""
+    used = {Path(f).name for files in series for f in files}
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in used and not p.name.startswith(".")
+                   and p.name.upper() != "DICOMDIR" and (looks_like_dicom(p) or not re.search(r"[A-Za-z]", p.suffix)))
+    if not names:
+        return ""
+    return (f"{len(names)} file(s) in the folder could not be read as DICOM and are not part of the series "
+            f"(truncated or corrupt?): {', '.join(names[:5])}{', …' if len(names) > 5 else ''}")
+
+
 def _read_dicom_series(folder: Path, tolerance: float = 0.1) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
-        raise DataError(folder, "no DICOM series found in this folder; point at the folder holding the .dcm files")
+        left_out = _left_out(folder, [])
+        raise DataError(folder, f"no DICOM series found in this folder{'; ' + left_out if left_out else ''}; "
+                                "point at the folder holding the .dcm files")
     series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
-    files = list(max(series, key=len))  # several series (scout, dose report): take the largest
+    largest = max(range(len(series)), key=lambda i: len(series[i]))  # several series (scout, dose report)
+    files = list(series[largest])
+    if len(series) > 1:
+        dropped = ", ".join(f"{sid} ({len(f)} file(s))" for i, (sid, f) in enumerate(zip(series_ids, series))
+                            if i != largest)
+        warnings.warn(f"{folder}: holds {len(series)} DICOM series; read the largest, {series_ids[largest]} "
+                      f"({len(files)} files), and left out {dropped}", DataWarning, stacklevel=2)
+    left_out = _left_out(folder, series)
+    also = f"; {left_out}" if left_out else ""
     if len(files) < 2:
-        raise DataError(folder, "the DICOM series has a single slice; a 3D volume needs at least 2")
+        raise DataError(folder, f"the DICOM series has a single slice{also}; a 3D volume needs at least 2")
     positions = _dicom_slice_positions(files)
     if positions.size:
         gaps = np.diff(positions)
@@ -190,8 +226,10 @@ def _read_dicom_series(folder: Path, tolerance: float = 0.1) -> sitk.Image:
             missing = positions[i] + step
             raise DataError(folder, f"the DICOM series has non-uniform slice spacing: a gap of {gaps[i]:.2f} mm "
                                     f"between slices at {positions[i]:.2f} and {positions[i + 1]:.2f} mm "
-                                    f"(spacing {step:.2f} mm), so the slice at {missing:.2f} mm is missing; "
-                                    "restore the missing file(s) or exclude this series")
+                                    f"(spacing {step:.2f} mm), so the slice at {missing:.2f} mm is missing"
+                                    f"{also}; restore the missing file(s) or exclude this series")
+    if left_out:  # e.g. a truncated first or last slice: no gap, but the volume is shorter
+        warnings.warn(f"{folder}: {left_out}; the volume was read without them", DataWarning, stacklevel=2)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -216,7 +254,12 @@ def read_image(path: str | os.PathLike, expect_dims: int = 3, check_finite: bool
     Raises:
         DataError: missing path, unreadable or truncated file, header pointing at a missing data
             file, wrong dimensionality, a single slice, multi-channel pixels, non-positive spacing,
-            NaN/Inf voxels, a DICOM series with a missing slice or non-uniform spacing.
+            NaN/Inf voxels, a DICOM series with a missing slice or non-uniform spacing (naming the
+            files in the folder that are not part of the series: unreadable or truncated DICOM).
+
+    Warns:
+        DataWarning: a DICOM folder with several series (the ones left out, with their file
+            counts) or with files that could not be read into the series.
     """
     path = Path(path)
     if not path.exists():

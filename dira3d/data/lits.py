@@ -30,11 +30,13 @@ _NAME = re.compile(r"(volume|segmentation)-(\d+)\.nii(\.gz)?")
 
 
 def find_cases(src: str | Path) -> dict[int, dict[str, Path | None]]:
-    """``{N: {"image": volume-N path, "mask": segmentation-N path or None}}`` found under ``src``.
+    """``{N: {"image": volume-N path or None, "mask": segmentation-N path or None}}`` found under ``src``.
+
+    A file found twice or a segmentation without its volume is a problem of that case only: its
+    entry gets an ``"error"`` message (the batch reports it as failed).
 
     Raises:
-        DataError: ``src`` is not a folder, holds no ``volume-N.nii``, has a file twice, or has a
-            segmentation without its volume.
+        DataError: ``src`` is not a folder or holds no ``volume-N.nii``.
     """
     src = Path(src)
     if not src.is_dir():
@@ -47,13 +49,15 @@ def find_cases(src: str | Path) -> dict[int, dict[str, Path | None]]:
         key = "image" if match.group(1) == "volume" else "mask"
         slot = found.setdefault(int(match.group(2)), {"image": None, "mask": None})
         if slot[key] is not None:
-            raise DataError(path, f"duplicate of {slot[key]}; keep one copy of each LiTS file")
-        slot[key] = path
-    if not found:
+            slot.setdefault("error", str(DataError(path, f"duplicate of {slot[key]}; keep one copy of each LiTS file")))
+        else:
+            slot[key] = path
+    if not any(s["image"] for s in found.values()):
         raise DataError(src, "holds no volume-N.nii files; point --src at the LiTS training batches")
-    orphans = [n for n, s in found.items() if s["image"] is None]
-    if orphans:
-        raise DataError(found[orphans[0]]["mask"], f"segmentation has no volume-{orphans[0]}.nii next to it")
+    for n, slot in found.items():
+        if slot["image"] is None:
+            slot.setdefault("error", str(DataError(slot["mask"], f"segmentation has no volume-{n}.nii next to it; "
+                                                                 "download the volume or remove the segmentation")))
     return dict(sorted(found.items()))
 
 
@@ -85,6 +89,8 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
         splits: ``{"training": (first, last), ...}`` inclusive volume-number ranges; default official.
             Volumes outside every range are prepared but not listed.
 
+    A duplicate file or a segmentation without its volume fails that case only.
+
     Raises:
         DataError: bad layout. ValueError: overlapping or reversed ranges.
     """
@@ -101,10 +107,12 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
     for number, files in find_cases(src).items():
         cid = f"lits-{number:03d}"
         outputs = [safe_case_path(dst / "volumes", cid, ".nii.gz"), safe_case_path(dst / "labels", cid, ".nii.gz")]
-        cases.append(Case(cid, outputs, {"number": number, **files}))
+        error = files.pop("error", "")
+        cases.append(Case(cid, outputs, {"number": number, **files}, error))
     process = partial(_process, window=tuple(window), spacing=None if spacing is None else tuple(spacing))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
-                        keep_going=keep_going, report_path=report_path, desc="lits", progress=progress)
+                        keep_going=keep_going, report_path=report_path, desc="lits", progress=progress,
+                        source=src, datalists=[dst / "lits_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
     lists: dict[str, list[dict]] = {name: [] for name in splits}

@@ -39,11 +39,15 @@ CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 
 
-def find_scans(src: str | Path) -> dict[str, tuple[int, Path]]:
+def find_scans(src: str | Path, problems: dict[str, str] | None = None) -> dict[str, tuple[int, Path]]:
     """``{seriesuid: (subset, mhd path)}`` for every ``subsetN/*.mhd`` under ``src``.
 
+    Args:
+        problems: when given, a seriesuid found in two subsets is recorded here as
+            ``{seriesuid: message}`` (keeping the first) instead of raised.
+
     Raises:
-        DataError: no ``subsetN`` folder, or a seriesuid found in two subsets.
+        DataError: no ``subsetN`` folder; without ``problems``, a seriesuid found in two subsets.
     """
     src = Path(src)
     folders = sorted((p for p in src.glob("subset*") if p.is_dir() and re.fullmatch(r"subset\d+", p.name)),
@@ -55,7 +59,11 @@ def find_scans(src: str | Path) -> dict[str, tuple[int, Path]]:
         for mhd in sorted(folder.glob("*.mhd")):
             uid = mhd.name[: -len(".mhd")]
             if uid in scans:
-                raise DataError(mhd, f"seriesuid {uid} is also in {scans[uid][1].parent.name}; remove the duplicate")
+                err = DataError(mhd, f"seriesuid {uid} is also in {scans[uid][1].parent.name}; remove the duplicate")
+                if problems is None:
+                    raise err
+                problems.setdefault(uid, str(err))
+                continue
             scans[uid] = (int(folder.name[6:]), mhd)
     return scans
 
@@ -79,28 +87,48 @@ def _floats(path: Path, row: int, record: dict[str, str], keys: Sequence[str]) -
     return values
 
 
-def read_candidates(path: str | Path) -> dict[str, list[tuple[int, float, float, float, int]]]:
+def read_candidates(path: str | Path, bad: list[tuple[str, str]] | None = None
+                    ) -> dict[str, list[tuple[int, float, float, float, int]]]:
     """``{seriesuid: [(row, x_mm, y_mm, z_mm, label), ...]}`` from a candidates CSV.
 
+    Args:
+        bad: when given, a malformed row is appended here as ``("<file name> data row N", message)``
+            and left out instead of raised.
+
     Raises:
-        DataError: missing columns, non-numeric coordinates or a class other than 0/1.
+        DataError: missing columns; without ``bad``, also non-numeric coordinates or a class other than 0/1.
     """
     path = Path(path)
     out: dict[str, list[tuple[int, float, float, float, int]]] = defaultdict(list)
     for row, record in _read_csv(path, CANDIDATE_COLUMNS):
-        x, y, z, label = _floats(path, row, record, ("coordX", "coordY", "coordZ", "class"))
-        if label not in (0, 1):
-            raise DataError(path, f"data row {row + 1} has class {record['class']!r}; classes must be 0 or 1")
+        try:
+            x, y, z, label = _floats(path, row, record, ("coordX", "coordY", "coordZ", "class"))
+            if label not in (0, 1):
+                raise DataError(path, f"data row {row + 1} has class {record['class']!r}; classes must be 0 or 1")
+        except DataError as err:
+            if bad is None:
+                raise
+            bad.append((f"{path.name} data row {row + 1}",
+                        f"{err} (seriesuid {record['seriesuid']}); fix or remove the row"))
+            continue
         out[record["seriesuid"]].append((row, x, y, z, int(label)))
     return dict(out)
 
 
-def read_annotations(path: str | Path) -> dict[str, list[tuple[float, float, float, float]]]:
-    """``{seriesuid: [(x_mm, y_mm, z_mm, diameter_mm), ...]}`` from ``annotations.csv``."""
+def read_annotations(path: str | Path, bad: list[tuple[str, str]] | None = None
+                     ) -> dict[str, list[tuple[float, float, float, float]]]:
+    """``{seriesuid: [(x_mm, y_mm, z_mm, diameter_mm), ...]}`` from ``annotations.csv``; ``bad`` as
+    in :func:`read_candidates`."""
     path = Path(path)
     out: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     for row, record in _read_csv(path, ANNOTATION_COLUMNS):
-        out[record["seriesuid"]].append(tuple(_floats(path, row, record, ANNOTATION_COLUMNS[1:])))
+        try:
+            out[record["seriesuid"]].append(tuple(_floats(path, row, record, ANNOTATION_COLUMNS[1:])))
+        except DataError as err:
+            if bad is None:
+                raise
+            bad.append((f"{path.name} data row {row + 1}",
+                        f"{err} (seriesuid {record['seriesuid']}); fix or remove the row"))
     return dict(out)
 
 
@@ -166,8 +194,12 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
         splits: ``{"training": subsets, "validation": subsets, "test": subsets}``; default official.
         cubes: ``False`` writes the pretraining volumes only.
 
+    A malformed CSV row (non-numeric or NaN coordinate, class not 0/1) is a failed case of its
+    own, ``<csv name> data row N``, listed first: it stops the batch unless ``keep_going``, when
+    every scan and every good row is still prepared.
+
     Raises:
-        DataError: bad layout or CSV. ValueError: overlapping splits or bad settings.
+        DataError: bad layout, CSV without the LUNA16 columns. ValueError: overlapping splits or bad settings.
     """
     src, dst = Path(src), Path(dst)
     splits = {k: tuple(v) for k, v in (splits or OFFICIAL_SPLIT).items()}
@@ -179,29 +211,33 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
             seen[s] = name
     if max_negatives_per_scan is not None and max_negatives_per_scan < 0:
         raise ValueError(f"--max-negatives-per-scan must be >= 0, got {max_negatives_per_scan}")
-    scans = find_scans(src)
+    problems: dict[str, str] = {}
+    scans = find_scans(src, problems)
     table: dict[str, list] = {}
     nodules: dict[str, list] = {}
     csv_path = None
+    cases = []
     if cubes:
         csv_path = Path(candidates) if candidates else next(
             (p for p in (src / "candidates_V2.csv", src / "candidates.csv") if p.is_file()), None)
         if csv_path is None or not csv_path.is_file():
             raise DataError(csv_path or src, "candidates CSV not found; put candidates_V2.csv in --src, "
                                              "pass --candidates PATH, or use --no-cubes")
-        table = read_candidates(csv_path)
+        bad: list[tuple[str, str]] = []  # malformed rows: failed cases of their own, listed first
+        table = read_candidates(csv_path, bad)
         if (src / "annotations.csv").is_file():
-            nodules = read_annotations(src / "annotations.csv")
-    cases = []
+            nodules = read_annotations(src / "annotations.csv", bad)
+        cases += [Case(name, [], error=message) for name, message in bad]
     for uid, (subset, mhd) in scans.items():
         kept = _keep_candidates(uid, table.get(uid, []), max_negatives_per_scan, seed)
         outputs = [safe_case_path(dst / "volumes", uid, ".nii.gz")]
         outputs += [safe_case_path(dst / "cubes" / uid, f"{c[0]:07d}", ".nii.gz") for c in kept]
-        cases.append(Case(uid, outputs, {"mhd": mhd, "subset": subset, "candidates": kept}))
+        cases.append(Case(uid, outputs, {"mhd": mhd, "subset": subset, "candidates": kept}, problems.get(uid, "")))
     process = partial(_process_scan, window=tuple(window), spacing=None if spacing is None else tuple(spacing),
                       cube_size=tuple(int(s) for s in cube_size))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
-                        keep_going=keep_going, report_path=report_path, desc="luna16", progress=progress)
+                        keep_going=keep_going, report_path=report_path, desc="luna16", progress=progress,
+                        source=src, datalists=[dst / "pretrain_datalist.json", dst / "ncc_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
 

@@ -114,7 +114,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                   info) for stem, info in found.items()]
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="montgomery",
-                        progress=progress)
+                        progress=progress, source=src, datalists=[dst / "montgomery_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
     done = [case for case, result in zip(cases, results) if result.ok]

@@ -49,11 +49,15 @@ __all__ = ["CSV_COLUMNS", "find_volumes", "read_candidates", "prepare", "main"]
 CSV_COLUMNS = ("patient_id", "x", "y", "z", "coords", "label")
 
 
-def find_volumes(folder: str | Path) -> dict[str, Path]:
+def find_volumes(folder: str | Path, problems: dict[str, str] | None = None) -> dict[str, Path]:
     """Patient id → volume file or DICOM folder in ``folder`` (see the module docstring).
 
+    Args:
+        problems: when given, a patient with two volumes is recorded here as ``{patient: message}``
+            (keeping the first) instead of raised.
+
     Raises:
-        DataError: ``folder`` is missing, empty, or holds two volumes of one patient.
+        DataError: ``folder`` is missing or empty; without ``problems``, it holds two volumes of one patient.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -68,7 +72,11 @@ def find_volumes(folder: str | Path) -> dict[str, Path]:
         else:
             continue
         if pid in found:
-            raise DataError(path, f"patient {pid} already has volume {found[pid].name}; keep one volume per patient")
+            err = DataError(path, f"patient {pid} already has volume {found[pid].name}; keep one volume per patient")
+            if problems is None:
+                raise err
+            problems.setdefault(pid, str(err))
+            continue
         found[pid] = path
     if not found:
         raise DataError(folder, f"holds no volume ({', '.join(IMAGE_SUFFIXES)} files or DICOM folders)")
@@ -193,21 +201,24 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
     src, dst = Path(src), Path(dst)
     volume_dir = Path(volumes) if volumes else src / "volumes"
     csv_path = Path(candidates) if candidates else src / "candidates.csv"
-    found = find_volumes(volume_dir)
+    problems: dict[str, str] = {}
+    found = find_volumes(volume_dir, problems)
     table = read_candidates(csv_path)
     fold_of = assign_folds(sorted(table), folds, seed)
     cases = [Case(pid or "(empty patient_id)", [safe_case_path(dst / "manifests", pid or "_empty", ".json")],
-                  {"rows": rows, "volume": found.get(pid), "csv": csv_path, "volumes": volume_dir, "dst": str(dst)})
+                  {"rows": rows, "volume": found.get(pid), "csv": csv_path, "volumes": volume_dir, "dst": str(dst)},
+                  problems.get(pid, ""))
              for pid, rows in sorted(table.items())]
     process = partial(_process_patient, window=tuple(window), spacing=None if spacing is None else tuple(spacing),
                       cube_size=tuple(int(s) for s in cube_size))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
-                        keep_going=keep_going, report_path=report_path, desc="pecad", progress=progress)
+                        keep_going=keep_going, report_path=report_path, desc="pecad", progress=progress,
+                        source=src, datalists=[dst / "pecad_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
     entries = []
     for case in cases:
-        for path in _manifest_paths(case):  # a partial manifest still lists the good cubes
+        for path in _manifest_paths(case) if not case.error else ():  # a partial manifest lists the good cubes
             if path.is_file():
                 for item in json.loads(path.read_text(encoding="utf-8"))["candidates"]:
                     entries.append({**item, "image": dst / item["image"], "fold": fold_of[item["case_id"]]})

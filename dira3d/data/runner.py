@@ -6,6 +6,12 @@ The runner gives every dataset the same behaviour:
 
 - resumable: a case whose outputs all exist is ``"skipped"`` (an interrupted case, with only
   some outputs present, is redone); ``overwrite=True`` redoes everything;
+- safe reruns: a datalist in ``out_dir`` prepared from another ``--src``, or a ``--report`` path
+  holding a file that is not a report, is an error unless ``overwrite=True``;
+- a problem found while listing the work (a duplicate file, a bad CSV row) is a case with an
+  ``error``: reported as ``"failed"`` like a case whose ``process_fn`` raised, never skipped;
+- :class:`~dira3d.data.errors.DataWarning` raised while a case runs is listed under its
+  ``warnings`` in the report;
 - ``dry_run``: prints what would be written, writes nothing;
 - ``workers > 1``: a process pool (``process_fn`` and case params must be picklable:
   a module-level function or a ``functools.partial`` of one);
@@ -22,8 +28,9 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +38,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dira3d.data.errors import DataError
+from dira3d.data.errors import DataError, DataWarning
 from dira3d.utils.atomic import atomic_write_text
 
 __all__ = [
@@ -52,11 +59,15 @@ STATUSES = ("written", "skipped", "failed", "dry-run", "cancelled")
 
 @dataclass
 class Case:
-    """One unit of work: ``outputs`` are the files it writes (absolute paths)."""
+    """One unit of work: ``outputs`` are the files it writes (absolute paths).
+
+    ``error``: a problem found while listing the work; the case is reported as failed with it.
+    """
 
     case_id: str
     outputs: list[Path]
     params: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
 
 
 @dataclass
@@ -68,6 +79,7 @@ class CaseResult:
     outputs: list[str] = field(default_factory=list)
     reason: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -121,22 +133,67 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
 
 
 def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResult:
-    try:
-        info = process_fn(case) or {}
-    except Exception as err:  # a bad case must not stop the others; the reason goes to the report
-        # DataError / OSError messages already name the file; other errors need their type
-        reason = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
-        return CaseResult(case.case_id, "failed", [], reason)
+    if case.error:
+        return CaseResult(case.case_id, "failed", [], case.error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        try:
+            info = process_fn(case) or {}
+        except Exception as err:  # a bad case must not stop the others; the reason goes to the report
+            # DataError / OSError messages already name the file; other errors need their type
+            reason = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
+            info = None
+    notes = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    for w in caught:  # other warnings are shown as usual
+        if not issubclass(w.category, DataWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if info is None:
+        return CaseResult(case.case_id, "failed", [], reason, warnings=notes)
     missing = [str(p) for p in case.outputs if not Path(p).is_file()]
     if missing:
-        return CaseResult(case.case_id, "failed", [], f"finished without writing {missing[:3]}")
-    return CaseResult(case.case_id, "written", [str(p) for p in case.outputs], info=dict(info))
+        return CaseResult(case.case_id, "failed", [], f"finished without writing {missing[:3]}", warnings=notes)
+    return CaseResult(case.case_id, "written", [str(p) for p in case.outputs], info=dict(info), warnings=notes)
+
+
+def _check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
+                 report: Path, desc: str, overwrite: bool) -> None:
+    """Refuse a rerun that would mix in another ``--src`` or replace a file that is not a report."""
+    if report.is_dir():
+        raise DataError(report, "is a folder; --report must be a file path")
+    if overwrite:
+        return
+    new = None if source is None else str(Path(source).resolve())
+    recorded = []  # (file, source it records)
+    for path in map(Path, datalists if new else ()):
+        if path.exists():
+            try:
+                recorded.append((path, json.loads(path.read_text(encoding="utf-8"))["meta"].get("source")))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise DataError(path, "exists and is not a datalist written by dira3d prepare; move it away, "
+                                      "choose another --dst, or pass --overwrite to replace it") from None
+    if report.exists():
+        try:
+            old = json.loads(report.read_text(encoding="utf-8"))
+            is_report = isinstance(old, dict) and {"summary", "cases"} <= set(old)
+        except (OSError, ValueError):
+            is_report = False
+        if not is_report:
+            raise DataError(report, "exists and is not a dira3d prepare report; choose another --report path, "
+                                    "or pass --overwrite to replace it")
+        if new and old.get("desc") == desc and report.parent.resolve() == out_dir.resolve():
+            # an earlier run of this dataset into this --dst, which may have stopped before its datalist
+            recorded.append((report, old.get("source")))
+    for path, old_source in recorded:
+        if old_source is not None and old_source != new:
+            raise DataError(path, f"was prepared from --src {old_source}, not {new}; choose another --dst, or pass "
+                                  "--overwrite to redo every case from the new source")
 
 
 def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, out_dir: str | os.PathLike,
               workers: int = 1, overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
               report_path: str | os.PathLike | None = None, desc: str = "",
-              progress: bool = True) -> list[CaseResult]:
+              progress: bool = True, source: str | os.PathLike | None = None,
+              datalists: Sequence[str | os.PathLike] = ()) -> list[CaseResult]:
     """Run ``process_fn`` on every case that still needs it and write a JSON report.
 
     Args:
@@ -145,18 +202,22 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
             dict recorded as the result's ``info``. It raises (ideally a ``DataError``) on bad input.
         out_dir: the output root (created unless ``dry_run``).
         workers: processes; 1 runs in this process.
-        overwrite: redo cases whose outputs exist.
+        overwrite: redo cases whose outputs exist; allow replacing a datalist of another
+            ``source`` and a ``report_path`` file that is not a report.
         dry_run: print the plan, write nothing (no report either).
         keep_going: process every case despite failures.
         report_path: JSON report (default ``out_dir/report.json``).
         desc: label of the progress bar and the report.
+        source: the input (``--src``); with ``datalists``, the datalists the caller will write
+            afterwards: one whose ``meta.source`` names another input stops the run before any case.
 
     Returns:
         One :class:`CaseResult` per case, in the order of ``cases``.
 
     Raises:
         ValueError: duplicate case ids or ``workers < 1``.
-        DataError: ``out_dir`` (or the report's folder) cannot be created or written to.
+        DataError: ``out_dir`` (or the report's folder) cannot be created or written to; a
+            datalist of another source or a non-report file at ``report_path`` (without ``overwrite``).
     """
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
@@ -164,10 +225,16 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     duplicates = [i for i, n in ids.items() if n > 1]
     if duplicates:
         raise ValueError(f"duplicate case ids {duplicates[:5]}: two inputs would write the same outputs; rename one")
+    report_path = Path(report_path or Path(out_dir) / "report.json")
+    _check_rerun(Path(out_dir), source, datalists, report_path, desc, overwrite)
     results: dict[str, CaseResult] = {}
     todo: list[Case] = []
     for case in cases:
-        if case.outputs and not overwrite and all(Path(p).is_file() for p in case.outputs):
+        if case.error and dry_run:  # finish() prints it with the failures
+            results[case.case_id] = CaseResult(case.case_id, "failed", [], case.error)
+        elif case.error:
+            todo.append(case)
+        elif case.outputs and not overwrite and all(Path(p).is_file() for p in case.outputs):
             results[case.case_id] = CaseResult(case.case_id, "skipped", [str(p) for p in case.outputs],
                                                "outputs exist (use --overwrite to redo)")
         elif dry_run:
@@ -180,7 +247,7 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
         return [results[c.case_id] for c in cases]
 
     for folder, what in ((Path(out_dir), "output folder (--dst)"),
-                         (Path(report_path or Path(out_dir) / "report.json").parent, "report folder (--report)")):
+                         (report_path.parent, "report folder (--report)")):
         try:  # before any case runs: a read-only --dst is one clear error, not a failure per case
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder):
@@ -221,9 +288,9 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
         results.setdefault(case.case_id, CaseResult(case.case_id, "cancelled", [], not_run))
     ordered = [results[c.case_id] for c in cases]
     counts = Counter(r.status for r in ordered)
-    report = {"desc": desc, "summary": {s: counts.get(s, 0) for s in STATUSES},
-              "cases": [asdict(r) for r in ordered]}
-    write_json(report_path or Path(out_dir) / "report.json", report)
+    report = {"desc": desc, "source": None if source is None else str(Path(source).resolve()),
+              "summary": {s: counts.get(s, 0) for s in STATUSES}, "cases": [asdict(r) for r in ordered]}
+    write_json(report_path, report)
     return ordered
 
 
@@ -232,7 +299,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--src", required=True, type=Path, help="the dataset as downloaded")
     parser.add_argument("--dst", required=True, type=Path, help="output folder (volumes, datalists, report)")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
-    parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo cases whose outputs already exist; also allows replacing a datalist "
+                             "prepared from another --src and a --report file that is not a report")
     parser.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     parser.add_argument("--keep-going", action="store_true",
                         help="process every case despite failures (failures are reported; exit code 0)")
@@ -241,7 +310,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def finish(results: Iterable[CaseResult], keep_going: bool = False) -> int:
-    """Print a one-line summary plus each failure; return the exit code.
+    """Print a one-line summary plus each failure and warning; return the exit code.
 
     Returns:
         1 when a case failed and ``keep_going`` is false, else 0.
@@ -250,6 +319,9 @@ def finish(results: Iterable[CaseResult], keep_going: bool = False) -> int:
     counts = Counter(r.status for r in results)
     print(", ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s)) or "no cases")
     failed = [r for r in results if r.status == "failed"]
+    for r in results:
+        for note in r.warnings:
+            print(f"WARNING {r.case_id}: {note}", file=sys.stderr)
     for r in failed:
         print(f"FAILED {r.case_id}: {r.reason}", file=sys.stderr)
     return 1 if failed and not keep_going else 0

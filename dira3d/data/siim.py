@@ -143,7 +143,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         cases.append(Case(image_id, outputs, {"path": dicoms[image_id], "rles": rles[image_id], "csv": csv_path}))
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="siim",
-                        progress=progress)
+                        progress=progress, source=src, datalists=[dst / "siim_datalist.json"])
     if dry_run or any(r.status == "cancelled" for r in results):
         return results
 
