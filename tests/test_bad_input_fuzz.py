@@ -134,6 +134,15 @@ def test_pretrain_command_names_the_bad_file_and_keeps_earlier_outputs(good, tmp
         main(["--datalist", str(path), "--output", str(blocker / "run")])
     assert "not writable" in capsys.readouterr().err
     TRIED.append("pretrain: unwritable output")
+    path = datalist(good, [{"image": "ok0.nii.gz"}, {"image": "ok1.nii.gz"}], "typo.json")
+    with pytest.raises(SystemExit):  # MONAI ignores unknown ids: a typo would silently train with the default
+        main(["--datalist", str(path), "--output", str(out), "--tiny", "--override", "max_epoch=1"])
+    assert "no setting 'max_epoch' (did you mean 'max_epochs'?)" in capsys.readouterr().err
+    TRIED.append("pretrain: misspelt override")
+    assert main(["--datalist", str(path), "--output", str(out), "--tiny", "--override", "dis_mode=mocoo"]) == 2
+    err = capsys.readouterr().err
+    assert "dira3d pretrain: error: dis_mode='mocoo' is not supported" in err and "Traceback" not in err, err
+    TRIED.append("pretrain: unknown dis_mode")
     assert digest(out) == before  # nothing an earlier run wrote was touched
 
 

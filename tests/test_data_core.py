@@ -262,6 +262,8 @@ def test_runner_resume_dry_run_failures_and_report(tmp_path, workers, capsys):
     stopped = run_cases(cases, _write_case, out_dir=fresh, workers=1, progress=False)
     assert [r.status for r in stopped] == ["written", "written", "failed", "cancelled", "cancelled"]
     assert not (fresh / "c3.txt").exists()
+    capsys.readouterr()
+    assert finish(stopped) == 1 and "add --keep-going" in capsys.readouterr().err
     with pytest.raises(ValueError, match="duplicate"):
         run_cases(cases + cases[:1], _write_case, out_dir=fresh, progress=False)
 

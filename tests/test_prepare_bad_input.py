@@ -231,3 +231,17 @@ def test_second_dicom_series_is_a_warning_in_the_report(tmp_path, capsys):
     assert "1.2.826.0.1.3680043.2.1125.9 (2 file(s))" in case["warnings"][0]
     assert "1.2.826.0.1.3680043.2.1125.2 (6 files)" in case["warnings"][0]
     assert sitk.ReadImage(str(dst / "volumes" / "ct.nii.gz")).GetSize()[2] == 6
+
+
+def test_a_mask_among_the_scans_is_named_not_normalised(tmp_path, capsys):
+    """Without --label-suffix a mask is just another input: it used to become a flat 'scan'."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _ct(src / "a.nii.gz")
+    mask = np.zeros((8, 12, 12), np.uint8)
+    mask[2:5, 3:7, 3:7] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(src / "a_seg.nii.gz"))
+    assert generic.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--keep-going"]) == 0
+    err = capsys.readouterr().err
+    assert "a_seg.nii.gz" in err and "2 distinct values (0, 1): it looks like a mask" in err and "--label-suffix" in err, err
+    assert [p.name for p in (tmp_path / "out" / "volumes").iterdir()] == ["a.nii.gz"]

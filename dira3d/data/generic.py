@@ -151,10 +151,29 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
     return [(cid, images.get(cid), masks.get(cid)) for cid in sorted(set(images) | set(masks))]
 
 
+_MASK_VALUES = 16  # an integer image with this few distinct values is a label map, not a scan
+
+
+def _check_not_a_mask(image: sitk.Image, path: str | os.PathLike) -> None:
+    """A mask left among the scans (no ``--label-suffix``) would be normalised into a flat volume."""
+    if not np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.integer):
+        return
+    array = sitk.GetArrayViewFromImage(image)
+    if np.unique(array[::4, ::4, ::4]).size > _MASK_VALUES:  # a coarse look settles almost every scan
+        return
+    values = np.unique(array)
+    if 2 <= values.size <= _MASK_VALUES:  # (a constant image is no mask; the modality checks judge it)
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+        raise DataError(path, f"has only {values.size} distinct values ({shown}): it looks like a mask, not a scan; "
+                              "give masks a suffix and pass it (e.g. --image-suffix _image --label-suffix _label), "
+                              "or move the file out of --src")
+
+
 def _process(case: Case, modality: str, window: Sequence[float], percentiles: Sequence[float],
              spacing: Sequence[float] | None) -> dict:
     image_path, mask_path = case.params["image"], case.params["mask"]
     image = read_image(image_path)
+    _check_not_a_mask(image, image_path)
     prepared = normalise_image(image, modality, window, percentiles, spacing, path=image_path)
     info = {"source": str(image_path), "size": list(prepared.GetSize()), "spacing": list(prepared.GetSpacing())}
     if mask_path is not None:

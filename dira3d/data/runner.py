@@ -324,6 +324,9 @@ def finish(results: Iterable[CaseResult], keep_going: bool = False) -> int:
             print(f"WARNING {r.case_id}: {note}", file=sys.stderr)
     for r in failed:
         print(f"FAILED {r.case_id}: {r.reason}", file=sys.stderr)
+    if failed and not keep_going and counts.get("cancelled"):
+        print("the batch stopped at the first failure; add --keep-going to prepare every good case and report the "
+              "bad ones", file=sys.stderr)
     return 1 if failed and not keep_going else 0
 
 

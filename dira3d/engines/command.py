@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -53,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     output = Path(args.output)
-    from monai.bundle import run
+    from monai.bundle import ConfigParser, run
+
+    config = ConfigParser()
+    config.read_config(configs)
+    unknown = [key for key in overrides if key not in config]
+    if unknown:  # MONAI would ignore them silently: a typo would train with the default
+        close = {k: difflib.get_close_matches(k, list(config.config), n=1) for k in unknown}
+        hints = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in close.items())
+        parser.error(f"--override: no setting {hints} in {', '.join(Path(c).name for c in configs)}; "
+                     "the settings are listed in bundles/dira_pretrain/docs/README.md")
 
     from dira3d.engines.inputs import data_error_in
     from dira3d.utils.checkpoint import check_writable
@@ -75,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             **overrides,
         )
     except Exception as err:
-        # MONAI wraps transform errors; print the bad file's own message, not the wrapper's
-        cause = data_error_in(err)
+        # MONAI wraps transform and config errors; print the bad file's or setting's own message
+        cause = data_error_in(err, (ValueError, FileNotFoundError))
         if cause is None:
             raise
         print(f"dira3d pretrain: error: {cause}", file=sys.stderr)

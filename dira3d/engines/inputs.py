@@ -179,12 +179,13 @@ class CheckVolumed(MapTransform):
         return d
 
 
-def data_error_in(err: BaseException) -> BaseException | None:
-    """The :class:`DataError` / ``FileNotFoundError`` behind ``err`` (MONAI wraps transform errors), or None."""
+def data_error_in(err: BaseException, kinds: tuple[type[BaseException], ...] = (DataError, FileNotFoundError)) -> BaseException | None:
+    """The first error of one of ``kinds`` behind ``err`` (MONAI wraps transform and config errors),
+    or None. The default finds bad data; ``(ValueError, FileNotFoundError)`` also finds bad settings."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (DataError, FileNotFoundError)):
+        if isinstance(err, kinds):
             return err
         err = err.__cause__ or err.__context__
     return None

@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny)
     except Exception as err:
-        cause = _user_error_in(err)
+        from dira3d.engines.inputs import data_error_in
+
+        cause = data_error_in(err, (ValueError, FileNotFoundError))  # a bad path or setting
         if cause is None:
             raise
         # MONAI wraps config errors in "Failed to instantiate/evaluate ..." tracebacks: print the cause alone
@@ -191,14 +193,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result["metrics"], indent=2))
     return 0
 
-
-def _user_error_in(err: BaseException) -> BaseException | None:
-    """The first ``FileNotFoundError`` / ``ValueError`` in the chain of ``err`` (a bad path or setting), or None."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (FileNotFoundError, ValueError)):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
