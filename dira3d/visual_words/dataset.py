@@ -49,7 +49,7 @@ def load_visual_word_classes(path: str | os.PathLike, split: str = "training") -
     else:
         classes = [(base / e["image"], int(e["label"])) for e in content.get(split, [])]
     if not classes:
-        raise ValueError(f"{path} lists no '{split}' visual words (for validation, run with --val-neighbours > 0)")
+        raise ValueError(f"{path} lists no '{split}' visual words (the pretraining bundle validates on them: rerun `dira3d visual-words` with --val-neighbours 2 or more)")
     for shard, _ in classes:
         if not shard.is_file():
             raise FileNotFoundError(f"visual-word shard {shard} listed in {path} is missing; rerun `dira3d visual-words`")
