@@ -60,3 +60,66 @@ def test_config_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("bundle: x\n")
     with pytest.raises(ValueError, match="lacks datalist"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_baseline_listed_after_another_method_does_not_stop_the_grid(tmp_path):
+    """The first run is `dira`: the report written after it has no baseline yet (used to raise)."""
+    config = _config(tmp_path, baseline="random", methods={"dira": "ckpt.pt", "random": None})
+    calls = []
+    rows = run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
+    assert len(rows) == len(calls) == 12
+    assert "| dira | 76.00 ± 1.00 (p<0.001) |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_a_failing_run_does_not_stop_the_others_and_is_retried_on_rerun(tmp_path):
+    from dira3d.evaluation.experiment import ExperimentRunsFailed
+
+    config = _config(tmp_path)
+
+    def flaky(bundle, overrides):
+        if overrides["seed"] == 1 and overrides["pretrained"]:
+            raise RuntimeError("Failed to instantiate component") from ValueError("checkpoint width 0.25 does not fit")
+        return fake_runner([])(bundle, overrides)
+
+    with pytest.raises(ExperimentRunsFailed, match="2 of 12 runs failed.*checkpoint width 0.25"):
+        run_experiment(config, runner=flaky, log=lambda _: None)
+    with open(tmp_path / "out" / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 10  # every other run finished
+    assert (tmp_path / "out" / "failures.json").is_file()
+    calls = []
+    run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
+    assert [(c["label_fraction"], c["seed"]) for c in calls] == [(0.5, 1), (1.0, 1)]
+    assert not (tmp_path / "out" / "failures.json").exists()
+
+
+def test_report_counts_each_run_of_the_current_grid_once(tmp_path):
+    """Duplicated rows (two processes on one output_dir) and runs no longer in the grid stay out of the stats."""
+    config = _config(tmp_path)
+    run_experiment(config, runner=fake_runner([]), log=lambda _: None)
+    csv_path = tmp_path / "out" / "results.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(lines + lines[1:4]) + "\n")  # random @ 0.5, seeds 0-2 twice
+    smaller = _config(tmp_path, seeds=[0, 1], label_fractions=[1.0])
+    run_experiment(smaller, runner=fake_runner([]), log=lambda _: None)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "0.5 labels" not in table
+    assert "| random | 70.50 ± 0.71 |" in table  # seeds 0 and 1 only: 0.70, 0.71
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    ({"welsh": True}, ValueError, "unknown setting 'welsh' \\(did you mean 'welch'\\?\\)"),
+    ({"methods": {"random": None, "dira": "missing.pt"}}, FileNotFoundError, "missing.pt of method 'dira'"),
+    ({"datalist": "nope.json"}, FileNotFoundError, "datalist .*nope.json"),
+    ({"bundle": "luna16_nodule"}, FileNotFoundError, "bundle 'luna16_nodule' not found"),
+    ({"label_fractions": 0.5}, ValueError, "label_fractions .* must be a non-empty list"),
+])
+def test_config_errors_name_the_setting_before_any_run(tmp_path, extra, error, match):
+    with pytest.raises(error, match=match):
+        _config(tmp_path, **extra)
+
+
+def test_finetune_refuses_an_override_no_config_defines(tmp_path):
+    from dira3d.evaluation.finetune import run_finetune
+
+    with pytest.raises(ValueError, match="'max_epoch' \\(did you mean 'max_epochs'\\?\\)"):
+        run_finetune("luna16_nodule_fpr", {"max_epoch": 1, "output_dir": str(tmp_path / "ft")}, tiny=True)

@@ -9,7 +9,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 from pathlib import Path
@@ -54,17 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     output = Path(args.output)
-    from monai.bundle import ConfigParser, run
+    from monai.bundle import run
 
-    config = ConfigParser()
-    config.read_config(configs)
-    unknown = [key for key in overrides if key not in config]
-    if unknown:  # MONAI would ignore them silently: a typo would train with the default
-        close = {k: difflib.get_close_matches(k, list(config.config), n=1) for k in unknown}
-        hints = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in close.items())
-        parser.error(f"--override: no setting {hints} in {', '.join(Path(c).name for c in configs)}; "
-                     "the settings are listed in bundles/dira_pretrain/docs/README.md")
+    from dira3d.utils.overrides import check_overrides
 
+    try:  # MONAI would ignore an unknown id silently: a typo would train with the default
+        check_overrides(configs, overrides, where="--override")
+    except ValueError as err:
+        parser.error(str(err))
     from dira3d.engines.inputs import data_error_in
     from dira3d.utils.checkpoint import check_writable
 

@@ -30,14 +30,23 @@ Config (YAML or JSON)::
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt``; a finished
 pretraining (``done.json``) is not repeated.
+
+The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
+override ids no bundle config defines are refused with the setting named. A run that fails is
+logged and listed in ``failures.json``; the other runs go on, the command exits 1 at the end, and
+rerunning it retries only the failed runs. The table and ``summary.json`` count each run of the
+current grid once (rows of seeds, fractions or methods no longer in the config stay in
+``results.csv`` but out of the statistics).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -51,6 +60,11 @@ __all__ = ["load_config", "run_experiment", "write_report", "main"]
 Runner = Callable[[str, dict], Mapping[str, float]]
 FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
 REQUIRED = ("bundle", "datalist", "metric", "methods", "seeds", "label_fractions", "output_dir")
+KNOWN = REQUIRED + ("baseline", "welch", "overrides", "pretrain")
+
+
+class ExperimentRunsFailed(RuntimeError):
+    """Some runs of the grid failed; the others finished and are in ``results.csv``."""
 
 
 def load_config(path: str | Path) -> dict:
@@ -64,9 +78,21 @@ def load_config(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"experiment config {path} does not exist")
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"experiment config {path} must be a mapping of settings; see `dira3d experiment --help`")
     missing = [key for key in REQUIRED if key not in config]
     if missing:
         raise ValueError(f"experiment config {path} lacks {', '.join(missing)}; see `dira3d experiment --help`")
+    unknown = [key for key in config if key not in KNOWN]
+    if unknown:  # a typo (`welsh: true`) would silently run with the default
+        hints = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), KNOWN, n=1)) else "")
+                          for k in unknown)
+        raise ValueError(f"experiment config {path}: unknown setting {hints}; the settings are {', '.join(KNOWN)}")
+    for key in ("seeds", "label_fractions"):
+        if not isinstance(config[key], list) or not config[key]:
+            raise ValueError(f"{key} in {path} must be a non-empty list, e.g. {key}: [{'0, 1, 2' if key == 'seeds' else '0.1, 1.0'}]")
+    if not isinstance(config["methods"], dict) or not config["methods"]:
+        raise ValueError(f"methods in {path} must map names to a checkpoint, null or {{pretrain: ...}}")
     base = path.parent
     resolve = lambda p: str(p if Path(p).is_absolute() else (base / p).resolve())  # noqa: E731
     config["datalist"] = resolve(config["datalist"])
@@ -77,11 +103,38 @@ def load_config(path: str | Path) -> dict:
                 raise ValueError(f"method {name!r} in {path}: a mapping needs a 'pretrain' entry and a top-level 'pretrain' section")
         elif ckpt:
             config["methods"][name] = resolve(ckpt)
+            if not Path(config["methods"][name]).is_file():
+                raise FileNotFoundError(f"checkpoint {config['methods'][name]} of method {name!r} in {path} does not exist; "
+                                        "fix the path (paths are relative to the config's folder) or use null for random init")
+    if not Path(config["datalist"]).is_file():
+        raise FileNotFoundError(f"datalist {config['datalist']} in {path} does not exist; run `dira3d prepare` or fix the "
+                                "path (relative to the config's folder)")
+    from dira3d.evaluation.finetune import bundle_path
+    from dira3d.utils.overrides import check_overrides
+
+    bundle_configs = bundle_path(config["bundle"]) / "configs"  # FileNotFoundError naming the valid bundles
+    overrides = dict(config.get("overrides") or {})
+    check_overrides([bundle_configs / "train.json", bundle_configs / "evaluate.json"]
+                    + ([bundle_configs / "tiny.json"] if overrides.get("tiny") else []),
+                    {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
     if "pretrain" in config:
+        if not isinstance(config["pretrain"], dict) or "dataset_dir" not in config["pretrain"]:
+            raise ValueError(f"pretrain in {path} needs a dataset_dir (the visual-words folder given to bundles/dira_pretrain)")
         config["pretrain"]["dataset_dir"] = resolve(config["pretrain"]["dataset_dir"])
         # a bare file name is one of the pretraining bundle's configs; anything else a path
         config["pretrain"]["configs"] = [str(c) if "/" not in str(c) else resolve(c)
                                          for c in config["pretrain"].get("configs", ["train.json"])]
+        from dira3d.engines.command import BUNDLE_DIR
+
+        configs = [Path(c) if Path(c).is_absolute() else BUNDLE_DIR / "configs" / c for c in config["pretrain"]["configs"]]
+        missing_configs = [str(c) for c in configs if not c.is_file()]
+        if missing_configs:
+            raise FileNotFoundError(f"pretrain configs {missing_configs} in {path} do not exist; name files of "
+                                    f"{BUNDLE_DIR / 'configs'} or give paths")
+        for name, spec in config["methods"].items():
+            if isinstance(spec, dict):
+                check_overrides(configs, {**(config["pretrain"].get("overrides") or {}), **(spec.get("pretrain") or {})},
+                                where=f"pretrain overrides of method {name!r} in {path}")
     for fraction in config["label_fractions"]:
         if not 0 < float(fraction) <= 1:
             raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
@@ -153,6 +206,7 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
                 checkpoints[method] = pretrain_method(method, spec, config, log)
         else:
             checkpoints[method] = spec or ""
+    failures: list[dict] = []
     for i, (method, fraction, seed) in enumerate(todo, 1):
         checkpoint = checkpoints[method]
         run_dir = out / "runs" / f"{method}_lf{fraction:g}_seed{seed}"
@@ -160,7 +214,15 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
         overrides.update(datalist=config["datalist"], pretrained=checkpoint, label_fraction=fraction, seed=seed,
                          output_dir=str(run_dir))
         start = time.perf_counter()
-        metrics = runner(str(config["bundle"]), overrides)
+        try:
+            metrics = runner(str(config["bundle"]), overrides)
+        except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
+            cause = _cause(err)
+            failures.append({"method": method, "label_fraction": fraction, "seed": seed, "run_dir": str(run_dir),
+                             "error": f"{type(cause).__name__}: {cause}"})
+            log(f"[{i}/{len(todo)}] {method} labels={fraction:g} seed={seed}: FAILED ({type(cause).__name__}: {cause}); "
+                "going on with the other runs")
+            continue
         if config["metric"] not in metrics:
             raise ValueError(f"fine-tuning returned {sorted(metrics)}, not the experiment's metric {config['metric']!r}")
         row = {"method": method, "checkpoint": checkpoint, "label_fraction": fraction, "seed": seed,
@@ -176,16 +238,40 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
         log(f"[{i}/{len(todo)}] {method} labels={fraction:g} seed={seed}: {config['metric']}={row['value']:.4f}")
         write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
     write_report(config, rows)
+    failures_path = out / "failures.json"
+    if failures:
+        failures_path.write_text(json.dumps(failures, indent=2), encoding="utf-8")
+        raise ExperimentRunsFailed(
+            f"{len(failures)} of {len(todo)} runs failed (details in {failures_path}): "
+            + "; ".join(f"{f['method']} labels={f['label_fraction']:g} seed={f['seed']}: {f['error']}" for f in failures[:3])
+            + ("; ..." if len(failures) > 3 else "")
+            + ". The other runs are in results.csv; rerun the same command to retry only the failed ones")
+    failures_path.unlink(missing_ok=True)
     return rows
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The bad setting or path behind MONAI's "Failed to instantiate ..." wrappers, else ``err``."""
+    from dira3d.engines.inputs import data_error_in
+
+    return data_error_in(err, (ValueError, FileNotFoundError)) or err
 
 
 def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True) -> str:
     """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and (with ``plots``) the PNGs; returns the table."""
     out = Path(config["output_dir"])
     metric = config["metric"]
+    grid = {(str(m), float(f), int(s)) for m in config["methods"] for f in config["label_fractions"] for s in config["seeds"]}
+    latest: dict[tuple, Mapping] = {}  # rows of runs no longer in the grid, or duplicated by a second writer, stay out
+    for r in rows:
+        key = (str(r["method"]), float(r["label_fraction"]), int(r["seed"]))
+        if key in grid:
+            latest[key] = r
     values = [{"method": r["method"], "label_fraction": r["label_fraction"], "seed": r["seed"], metric: r["value"]}
-              for r in rows]
-    cells = compare_to_baseline(aggregate(values, metric), config["baseline"], equal_var=not config.get("welch", False))
+              for r in latest.values()]
+    cells = aggregate(values, metric)
+    if any(c.method == config["baseline"] for c in cells):  # no baseline run yet (or all failed): no p-values yet
+        cells = compare_to_baseline(cells, config["baseline"], equal_var=not config.get("welch", False))
     table = markdown_table(cells, metric.upper(), method_order=list(config["methods"]))
     test = "Welch's" if config.get("welch", False) else "Student's"
     note = (f"\n\nmean ± sample std over seeds, ×100; p: independent two-sample {test} t-test "
@@ -245,7 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    run_experiment(config)
+    try:
+        run_experiment(config)
+    except ExperimentRunsFailed as err:
+        print(f"dira3d experiment: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        cause = _cause(err)
+        if cause is err and not isinstance(err, (ValueError, FileNotFoundError)):
+            raise
+        print(f"dira3d experiment: error: {cause}", file=sys.stderr)
+        return 2
     print((Path(config["output_dir"]) / "table.md").read_text(encoding="utf-8"))
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.overrides import check_overrides
 
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "run_finetune", "main"]
 
@@ -107,6 +108,8 @@ def run_finetune(
     overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
     configs = root / "configs"
     files = [configs / "train.json"] + ([configs / "tiny.json"] if tiny else [])
+    check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k not in
+                                                          ("bundle_root", "output_dir", "ckpt_dir")})
 
     trainer_flow = _workflow(files, configs / "metadata.json", overrides)
     trainer_flow.initialize()
