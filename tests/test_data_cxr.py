@@ -111,6 +111,29 @@ def test_chestxray14_errors(tmp_path):
     assert chestxray14.main(["--src", str(src), "--dst", str(tmp_path / "o"), "--size", "4"]) == 2
 
 
+def test_chestxray14_bad_box_row_stops_before_the_images(tmp_path):
+    # the box file was read after all images were converted (hours for the real data set)
+    src = _nih_layout(tmp_path / "nih")
+    with open(src / "BBox_List_2017.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow(["00000007_000.png", "Mass", "abc", 1, 2, 3, "", "", ""])
+    with pytest.raises(DataError, match=r"BBox_List_2017.csv: row 3: box values must be numbers"):
+        chestxray14.prepare(src, tmp_path / "out", size=32, keep_going=True, progress=False)
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_chestxray14_failed_last_image_writes_no_datalist(tmp_path, capsys):
+    # docs/data.md: without --keep-going a failure writes no datalist; it did when nothing was left to cancel
+    src = _nih_layout(tmp_path / "nih")
+    last = sorted(src.rglob("*.png"), key=lambda p: p.name)[-1]
+    last.write_bytes(b"not a png")
+    assert chestxray14.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--size", "32"]) == 1
+    assert not (tmp_path / "out" / "chestxray14_datalist.json").exists()
+    assert "no datalist was written; add --keep-going" in capsys.readouterr().err
+    assert chestxray14.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--size", "32", "--keep-going"]) == 0
+    datalist = json.loads((tmp_path / "out" / "chestxray14_datalist.json").read_text())
+    assert sum(len(datalist[s]) for s in ("training", "validation", "test")) == len(ENTRIES) - 1
+
+
 # ---------------------------------------------------------------- CheXpert
 
 CHEX_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *chexpert.ALL]

@@ -123,9 +123,35 @@ def test_montgomery_missing_mask_and_merge_errors(tmp_path):
     src, _ = _montgomery_layout(tmp_path / "data")
     missing = src / "MontgomerySet" / "ManualMask" / "rightMask" / "MCUCXR_0002_1.png"
     missing.unlink()
-    with pytest.raises(DataError, match=r"rightMask.*MCUCXR_0002_1.png"):
-        montgomery.prepare(src, tmp_path / "out", progress=False)
+    # an image without a mask is a failed case of its own (docs/data.md), not a stop of the whole run
+    results = montgomery.prepare(src, tmp_path / "out", keep_going=True, progress=False)
+    assert [r.status for r in results] == ["written", "failed", "written"]
+    assert "rightMask" in results[1].reason and "MCUCXR_0002_1.png" in results[1].reason
+    datalist = json.loads((tmp_path / "out" / "montgomery_datalist.json").read_text())
+    assert sorted(e["case_id"] for s in ("training", "validation", "test") for e in datalist[s]) == [
+        "MCUCXR_0001", "MCUCXR_0003"]
+    # without --keep-going the run stops, and no datalist is written
+    assert prepare_main(["montgomery", "--src", str(src), "--dst", str(tmp_path / "o2")]) == 1
+    assert not (tmp_path / "o2" / "montgomery_datalist.json").exists()
     with pytest.raises(DataError, match="differ in size"):
         montgomery.merge_lungs(np.zeros((2, 3)), np.zeros((3, 2)), "l.png / r.png")
     with pytest.raises(ValueError, match="--test-fraction"):
         montgomery.prepare(src, tmp_path / "out", val_fraction=0.5, test_fraction=0.5, progress=False)
+
+
+def test_siim_dicom_without_patient_id_fails_its_case_only(tmp_path):
+    # the PatientID was read after every image was converted: one DICOM without it stopped the
+    # run with exit code 2 and no datalist, even with --keep-going
+    src = tmp_path / "data"
+    images, _ = _siim_layout(src)
+    uid = sorted(images)[1]
+    path = next(src.rglob(f"{uid}.dcm"))
+    image = sitk.GetImageFromArray(images[uid])
+    image.SetMetaData("0008|0018", uid)
+    sitk.WriteImage(image, str(path))
+    results = siim.prepare(src, tmp_path / "out", size=0, keep_going=True, progress=False)
+    assert [r.status for r in results].count("written") == 3
+    failed = [r for r in results if r.status == "failed"]
+    assert [r.case_id for r in failed] == [uid] and "PatientID" in failed[0].reason
+    datalist = json.loads((tmp_path / "out" / "siim_datalist.json").read_text())
+    assert sum(len(datalist[s]) for s in ("training", "validation", "test")) == 3

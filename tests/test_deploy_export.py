@@ -193,3 +193,26 @@ def test_export_command_pretrained_and_onnx(repo_root, real_data, tmp_path, caps
     assert code == 0 and '"ok": true' in capsys.readouterr().out
     assert export_main(["torchscript", "--bundle", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_onnx_of_a_2d_bundle_uses_its_roi_size(repo_root, tmp_path, capsys):
+    # without --input-shape the example input is (1, in_channels, *roi_size), as for torchscript; it was a
+    # fixed 3D (1, C, 64, 64, 32) that no 2D bundle accepts
+    from monai.bundle import ConfigParser
+
+    source = repo_root / "bundles" / "montgomery_lung_seg"
+    bundle = tmp_path / "montgomery_lung_seg"
+    shutil.copytree(source / "configs", bundle / "configs")
+    tiny = ["backbone=resnet10", "decoder_channels=[16,16,8,8,8]", "roi_size=[64,64]"]
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    for item in tiny:
+        key, value = item.split("=", 1)
+        parser[key] = json.loads(value) if value.startswith("[") else value
+    atomic_save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), bundle / "models" / "model.pt")
+    args = ["onnx", "--bundle", str(bundle), "--out", str(tmp_path / "m.onnx")]
+    for item in tiny:
+        args += ["--override", item]
+    assert export_main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert '"ok": true' in out and '"output_shape": [\n    1,\n    1,\n    64,\n    64\n  ]' in out

@@ -185,3 +185,14 @@ def test_load_split_drops_keys_some_entries_lack(tmp_path):
     train = load_split(tmp_path / "dl.json", "train", holdout=0.0)
     assert all(set(e) == {"image", "case_id", "label"} for e in train)
     assert list_data_collate(load_split(tmp_path / "dl.json", "test"))["label"].tolist() == [0, 1, 0, 1]
+
+
+def test_finetune_set_refuses_a_setting_no_config_defines(tmp_path, capsys):
+    # MONAI adds an unknown id silently: `--set max_epoch=1` trained the default 100 epochs
+    from dira3d.evaluation.finetune import main as finetune_main
+
+    assert finetune_main(["--bundle", "chestxray14_cls", "--tiny", "--set", "max_epoch=1",
+                          "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no setting 'max_epoch'" in err and "did you mean 'max_epochs'?" in err
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from dira3d import __version__
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import split_patients, write_split_file
 
 __all__ = ["MODALITIES", "DEFAULT_SPLIT", "find_patients", "prepare", "main"]
@@ -139,7 +139,7 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="brats", progress=progress,
                         source=src, datalists=[dst / "brats_datalist.json"])
-    if dry_run or any(r.status == "cancelled" for r in results):
+    if dry_run or batch_stopped(results, keep_going):
         return results
     parts = split_patients(list(patients), dict(zip(DEFAULT_SPLIT, split)), seed)
     part_of = {pid: name for name, pids in parts.items() for pid in pids}

@@ -33,7 +33,7 @@ from dira3d.data.cxr import (
     write_patient_split,
 )
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
 
@@ -184,6 +184,9 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         raise DataError(src / "test_list.txt", f"shares {len(overlap)} image(s) with train_val_list.txt, e.g. "
                                                f"{sorted(overlap)[:3]}")
 
+    # read the box file now: a malformed row must stop the run before the images, not after them
+    boxes = read_boxes(box_csv) if box_csv is not None else None
+
     names = sorted(files)
     cases = [Case(Path(n).stem, [safe_case_path(dst / "images", Path(n).stem, ".png")], {"path": files[n], "name": n})
              for n in names]
@@ -191,7 +194,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chestxray14",
                         progress=progress, source=src,
                         datalists=[dst / "chestxray14_datalist.json", dst / "bbox_datalist.json"])
-    if dry_run or any(r.status == "cancelled" for r in results):
+    if dry_run or batch_stopped(results, keep_going):
         return results
 
     done = {case.params["name"]: case for case, result in zip(cases, results) if result.ok}
@@ -216,9 +219,9 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
               "they are left out", file=sys.stderr)
     write_datalist(dst / "chestxray14_datalist.json", lists, meta)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, of="train_val_list.txt patients")
-    if box_csv is not None:
+    if boxes is not None:
         boxed: dict[str, list[dict]] = defaultdict(list)
-        for box in read_boxes(box_csv):
+        for box in boxes:
             name = box["image"]
             if name not in done:
                 continue

@@ -35,7 +35,7 @@ from dira3d.data.cxr import (
     write_patient_split,
 )
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["ALL", "FIVE", "POLICIES", "LSR_RANGE", "apply_policy", "read_labels", "prepare", "main"]
 
@@ -181,7 +181,7 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chexpert",
                         progress=progress, source=src, datalists=[dst / "chexpert_datalist.json"])
-    if dry_run or any(r.status == "cancelled" for r in results):
+    if dry_run or batch_stopped(results, keep_going):
         return results
 
     done = {case.case_id: case for case, result in zip(cases, results) if result.ok}

@@ -36,7 +36,7 @@ from dira3d.data.io import (
     xyz_to_image,
 )
 from dira3d.data.normalize import normalize_mr, window_hu
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["normalise_image", "prepare_mask", "discover", "prepare", "main"]
 
@@ -229,7 +229,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="generic", progress=progress,
                         source=src, datalists=[dst / "pretrain_datalist.json"])
-    if dry_run or any(r.status == "cancelled" for r in results):
+    if dry_run or batch_stopped(results, keep_going):
         return results
     good = [c for c, r in zip(cases, results) if r.ok]
     order = np.random.default_rng(seed).permutation(len(good))

@@ -44,7 +44,7 @@ from dira3d.data.lidc_xml import (
     rasterize_nodule,
 )
 from dira3d.data.normalize import window_hu
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import split_patients, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 
@@ -333,7 +333,7 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
     results = run_cases(cases, process_series, out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="lidc",
                         progress=progress, source=src, datalists=[dst / "lidc_datalist.json"])
-    if dry_run or any(r.status == "cancelled" for r in results):
+    if dry_run or batch_stopped(results, keep_going):
         return results
     parts = split_patients(sorted({info.patient_id for info in series}),
                            dict(zip(DEFAULT_SPLIT, split)), seed)

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["OFFICIAL_SPLIT", "find_cases", "prepare", "main"]
 
@@ -113,7 +113,7 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="lits", progress=progress,
                         source=src, datalists=[dst / "lits_datalist.json"])
-    if dry_run or any(r.status == "cancelled" for r in results):
+    if dry_run or batch_stopped(results, keep_going):
         return results
     lists: dict[str, list[dict]] = {name: [] for name in splits}
     for case, result in zip(cases, results):

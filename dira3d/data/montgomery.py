@@ -33,7 +33,7 @@ from dira3d.data.cxr import (
     write_png,
 )
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["find_cases", "merge_lungs", "prepare", "main"]
 
@@ -41,10 +41,13 @@ _NAME = re.compile(r"(MCUCXR_\d+)_([01])\.png")
 
 
 def find_cases(src: str | Path) -> dict[str, dict]:
-    """``{stem: {"image", "left", "right", "patient", "tuberculosis"}}`` for every ``CXR_png`` image.
+    """``{stem: {"image", "left", "right", "patient", "tuberculosis", "error"}}`` for every ``CXR_png`` image.
+
+    ``error`` is empty, or names the lung mask(s) an image lacks: that image is a failed case of its
+    own (docs/data.md), the others are still prepared with ``--keep-going``.
 
     Raises:
-        DataError: no ``CXR_png`` folder, no image in it, or an image without one of its masks.
+        DataError: no ``CXR_png`` folder or no image in it.
     """
     src = Path(src)
     folders = sorted(src.rglob("CXR_png")) if src.is_dir() else []
@@ -59,10 +62,10 @@ def find_cases(src: str | Path) -> dict[str, dict]:
         if not match:
             continue
         masks = {side: root / "ManualMask" / f"{side}Mask" / path.name for side in ("left", "right")}
-        for side, mask in masks.items():
-            if not mask.is_file():
-                raise DataError(mask, f"is missing: {path.name} needs its {side} lung mask in ManualMask/{side}Mask")
-        cases[path.stem] = {"image": path, **masks, "patient": match.group(1), "tuberculosis": int(match.group(2))}
+        error = "; ".join(str(DataError(mask, f"is missing: {path.name} needs its {side} lung mask in ManualMask/{side}Mask"))
+                          for side, mask in masks.items() if not mask.is_file())
+        cases[path.stem] = {"image": path, **masks, "patient": match.group(1), "tuberculosis": int(match.group(2)),
+                            "error": error}
     if not cases:
         raise DataError(folders[0], "holds no MCUCXR_NNNN_D.png image")
     return cases
@@ -111,11 +114,11 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     patient_split([], val_fraction, test_fraction)  # validates the fractions before any work
     found = find_cases(src)
     cases = [Case(stem, [safe_case_path(dst / "images", stem, ".png"), safe_case_path(dst / "masks", stem, ".png")],
-                  info) for stem, info in found.items()]
+                  info, error=info["error"]) for stem, info in found.items()]
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="montgomery",
                         progress=progress, source=src, datalists=[dst / "montgomery_datalist.json"])
-    if dry_run or any(r.status == "cancelled" for r in results):
+    if dry_run or batch_stopped(results, keep_going):
         return results
     done = [case for case, result in zip(cases, results) if result.ok]
     split, lists = split_entries(

@@ -46,6 +46,7 @@ __all__ = [
     "CaseResult",
     "STATUSES",
     "run_cases",
+    "batch_stopped",
     "add_common_arguments",
     "finish",
     "run_prepare",
@@ -294,6 +295,17 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     return ordered
 
 
+def batch_stopped(results: Iterable[CaseResult], keep_going: bool) -> bool:
+    """Whether the batch stopped at a failure, so that no datalist may be written.
+
+    True when a case was cancelled, and also when a case failed without ``keep_going`` although
+    nothing was left to cancel (the last case, or the last ones running in the pool, failed).
+    """
+    results = list(results)
+    return any(r.status == "cancelled" for r in results) or (
+        not keep_going and any(r.status == "failed" for r in results))
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--src --dst --workers --overwrite --dry-run --keep-going --report`` to ``parser``."""
     parser.add_argument("--src", required=True, type=Path, help="the dataset as downloaded")
@@ -324,9 +336,10 @@ def finish(results: Iterable[CaseResult], keep_going: bool = False) -> int:
             print(f"WARNING {r.case_id}: {note}", file=sys.stderr)
     for r in failed:
         print(f"FAILED {r.case_id}: {r.reason}", file=sys.stderr)
-    if failed and not keep_going and counts.get("cancelled"):
-        print("the batch stopped at the first failure; add --keep-going to prepare every good case and report the "
-              "bad ones", file=sys.stderr)
+    if failed and not keep_going:  # no datalist was written, even when the failure came last
+        stopped = "stopped at the first failure" if counts.get("cancelled") else "had a failure"
+        print(f"the batch {stopped}, so no datalist was written; add --keep-going to prepare every good case and "
+              "report the bad ones", file=sys.stderr)
     return 1 if failed and not keep_going else 0
 
 

@@ -39,7 +39,7 @@ from dira3d.data.cxr import (
 )
 from dira3d.data.io import DataError
 from dira3d.data.rle import decode_rle
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["read_rle_csv", "read_patient_id", "decode_masks", "prepare", "main"]
 
@@ -93,6 +93,7 @@ def decode_masks(rles: list[str], shape: tuple[int, int], where: str = "") -> np
 
 def _process(case: Case, size: int) -> dict:
     path = case.params["path"]
+    read_patient_id(path)  # the split needs it: a DICOM without one fails its own case, not the whole run
     array = read_grey(path)
     mask = decode_masks(case.params["rles"], array.shape, f"{case.params['csv']} ImageId {case.case_id}")
     try:
@@ -144,7 +145,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="siim",
                         progress=progress, source=src, datalists=[dst / "siim_datalist.json"])
-    if dry_run or any(r.status == "cancelled" for r in results):
+    if dry_run or batch_stopped(results, keep_going):
         return results
 
     done = [case for case, result in zip(cases, results) if result.ok]

@@ -89,11 +89,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.what == "onnx":
         import torch
 
-        from dira3d.deploy.export import DEFAULT_TOLERANCE, check_agreement, export_onnx, load_bundle_network, scan_patch
+        from dira3d.deploy.export import (
+            DEFAULT_TOLERANCE,
+            bundle_example_shape,
+            check_agreement,
+            export_onnx,
+            load_bundle_network,
+            scan_patch,
+        )
 
         overrides = parse_overrides(args.override)
         network = load_bundle_network(args.bundle, args.checkpoint, overrides=overrides)
-        shape = args.input_shape or [1, getattr(network, "in_channels", 1), 64, 64, 32]
+        # the bundle's own input (1, in_channels, *roi_size), as for torchscript: a fixed 3D shape
+        # would not fit the 2D bundles (or a 3D bundle of another roi_size)
+        shape = bundle_example_shape(args.bundle, args.input_shape, overrides=overrides)
         example = scan_patch(args.check_scan, shape[2:]) if args.check_scan else torch.rand(*shape)
         out = export_onnx(network, example, args.out)
         report = check_agreement(network, example, onnx_path=out, tolerance=args.tolerance or DEFAULT_TOLERANCE)

@@ -30,6 +30,7 @@ __all__ = [
     "load_bundle_network",
     "export_torchscript",
     "export_onnx",
+    "bundle_example_shape",
     "scan_patch",
     "check_agreement",
 ]
@@ -117,6 +118,21 @@ def _example_shape(parser: ConfigParser, input_shape: Sequence[int] | None) -> l
         raise ValueError("input_shape is needed: the bundle has no 'roi_size' (pass e.g. [1, 1, 64, 64, 32])")
     in_channels = parser.get_parsed_content("in_channels") if "in_channels" in parser else 1
     return [1, int(in_channels), *[int(s) for s in roi]]
+
+
+def bundle_example_shape(
+    bundle_dir: str | os.PathLike,
+    input_shape: Sequence[int] | None = None,
+    config_file: str = "inference.json",
+    overrides: Mapping[str, Any] | None = None,
+) -> list[int]:
+    """Example input shape of a bundle: ``input_shape`` if given, else ``[1, in_channels, *roi_size]``.
+
+    Raises:
+        FileNotFoundError: the bundle configs are missing.
+        ValueError: no ``input_shape`` and the bundle has no ``roi_size``.
+    """
+    return _example_shape(_parser(bundle_dir, config_file, overrides), input_shape)
 
 
 def export_torchscript(

@@ -103,13 +103,14 @@ def run_finetune(
 
     root = bundle_path(bundle)
     overrides = dict(overrides or {})
+    configs = root / "configs"
+    files = [configs / "train.json"] + ([configs / "tiny.json"] if tiny else [])
+    # before any work: MONAI adds an unknown id silently, so a typo would train with the default
+    check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k != "output_dir"},
+                    where="setting")
     out = Path(output_dir or overrides.pop("output_dir", None) or Path.cwd() / f"finetune_{root.name}").resolve()
     check_writable(out)
     overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
-    configs = root / "configs"
-    files = [configs / "train.json"] + ([configs / "tiny.json"] if tiny else [])
-    check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k not in
-                                                          ("bundle_root", "output_dir", "ckpt_dir")})
 
     trainer_flow = _workflow(files, configs / "metadata.json", overrides)
     trainer_flow.initialize()
