@@ -244,3 +244,22 @@ def test_bundle_configs_are_ascii(repo_root=Path(__file__).resolve().parents[1])
     load on machines whose locale is not UTF-8."""
     bad = [str(p) for p in (repo_root / "bundles").glob("*/configs/*") if not p.read_bytes().isascii()]
     assert not bad, f"non-ASCII characters in {bad}"
+
+
+@pytest.mark.parametrize("bundle", ["lits_liver_seg", "chestxray14_cls"])
+def test_evaluation_and_inference_do_not_announce_a_random_network(bundle, capsys):
+    """train.json reports a random start (an honest fine-tuning log); evaluate.json and inference.json
+    load the trained model.pt right after building the network, so a "initialised at random" line
+    there read as if an untrained model were evaluated."""
+    from monai.bundle import ConfigParser
+
+    configs = bundle_path(bundle) / "configs"
+    tiny = json.loads((configs / "tiny.json").read_text())
+    small = {k: tiny[k] for k in ("width", "backbone", "decoder_channels") if k in tiny}
+    for files, announced in (([configs / "train.json"], True), ([configs / "train.json", configs / "evaluate.json"], False),
+                             ([configs / "inference.json"], False)):
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        parser.update(small)
+        parser.get_parsed_content("network_def")
+        assert ("initialised at random" in capsys.readouterr().out) == announced, [f.name for f in files]

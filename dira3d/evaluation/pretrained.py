@@ -33,6 +33,7 @@ def build_task_network(
     pretrained: str | os.PathLike | None = "",
     in_channels_policy: str = "error",
     bn_momentum: float | None = 0.1,
+    weights_loaded_later: bool = False,
 ) -> torch.nn.Module:
     """Build a :class:`~dira3d.networks.Classifier` or :class:`~dira3d.networks.Segmenter`.
 
@@ -49,6 +50,8 @@ def build_task_network(
         bn_momentum: momentum of the BatchNorm running statistics (PyTorch's default 0.1);
             ``None`` uses a cumulative average over all training batches, which gives usable
             eval-mode statistics after a handful of iterations (smoke runs, tiny label fractions).
+        weights_loaded_later: the caller loads trained weights next (the evaluation and inference
+            configs): a random start is then not reported, as it would read as an untrained model.
 
     Returns:
         The network, with pretrained weights loaded when asked.
@@ -68,11 +71,12 @@ def build_task_network(
         network = Segmenter(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out, width=width)
     return initialise_task_network(
         network, kind, pretrained, in_channels_policy, bn_momentum,
-        random_message=f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})")
+        random_message=None if weights_loaded_later else
+        f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})")
 
 
 def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str | os.PathLike | None,
-                            in_channels_policy: str, bn_momentum: float | None, random_message: str,
+                            in_channels_policy: str, bn_momentum: float | None, random_message: str | None,
                             log: logging.Logger = logger) -> torch.nn.Module:
     """Set the batch-norm momentum of a task network, load its pretrained parts, report the load.
 
@@ -85,7 +89,7 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
         pretrained: checkpoint path; empty or ``None`` keeps the random initialisation.
         in_channels_policy: see :func:`dira3d.networks.load_pretrained`.
         bn_momentum: momentum of every batch-norm layer (``None``: cumulative average).
-        random_message: the report printed when there is no checkpoint.
+        random_message: the report printed when there is no checkpoint (``None``: nothing is printed).
         log: logger that receives the report as well.
 
     Returns:
@@ -100,6 +104,8 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = bn_momentum
     if not pretrained:
+        if random_message is None:
+            return network
         message = random_message
     else:
         # strict: a checkpoint of another architecture would otherwise load nothing, silently

@@ -33,6 +33,7 @@ def build_resnet_task_network(
     in_channels_policy: str = "error",
     bn_momentum: float | None = 0.1,
     dropout: float = 0.0,
+    weights_loaded_later: bool = False,
 ) -> torch.nn.Module:
     """Build a 2D ResNet classifier or segmenter, optionally from a dira3d 2D checkpoint.
 
@@ -48,6 +49,7 @@ def build_resnet_task_network(
             has another number of input channels.
         bn_momentum: BatchNorm momentum; ``None`` = cumulative average (smoke runs).
         dropout: dropout before the classifier's linear layer.
+        weights_loaded_later: as in :func:`~dira3d.evaluation.build_task_network`.
 
     Returns:
         The network, with the pretrained parts (encoder; encoder + decoder) loaded when asked.
@@ -68,5 +70,6 @@ def build_resnet_task_network(
         raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist; give a dira3d 2D checkpoint "
                                 "(bundles/dira_pretrain with configs/2d.json) or an empty string for random init")
     return initialise_task_network(network, kind, pretrained, in_channels_policy, bn_momentum,
-                                   random_message=f"pretrained: none; 2D {kind} network ({backbone}) initialised at random",
+                                   random_message=None if weights_loaded_later else
+                                   f"pretrained: none; 2D {kind} network ({backbone}) initialised at random",
                                    log=logger)
