@@ -123,3 +123,37 @@ def test_finetune_refuses_an_override_no_config_defines(tmp_path):
 
     with pytest.raises(ValueError, match="'max_epoch' \\(did you mean 'max_epochs'\\?\\)"):
         run_finetune("luna16_nodule_fpr", {"max_epoch": 1, "output_dir": str(tmp_path / "ft")}, tiny=True)
+
+
+def test_a_changed_checkpoint_or_pretraining_is_not_reused_silently(tmp_path):
+    """Rows (and a finished pretraining) made with other settings than the config now gives would
+    be reported under the new settings: refused, with the method named."""
+    import json
+
+    config = _config(tmp_path)
+    run_experiment(config, runner=fake_runner([]), log=lambda _: None)
+    (tmp_path / "other.pt").write_bytes(b"")
+    changed = _config(tmp_path, methods={"random": None, "dira": "other.pt"})
+    with pytest.raises(ValueError, match=r"holds runs of method 'dira' fine-tuned from .*ckpt\.pt.*now gives .*other\.pt"):
+        run_experiment(changed, runner=fake_runner([]), log=lambda _: None)
+
+    (tmp_path / "vw").mkdir()
+    spec = {"pretrain": {"dataset_dir": "vw", "overrides": {"max_epochs": 1}},
+            "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.5}}}, "output_dir": "out2"}
+    config = _config(tmp_path, **spec)
+    folder = tmp_path / "out2" / "pretrain" / "dira"
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "best.pt").write_bytes(b"")
+    # a pretraining finished by an earlier version (done.json only) with the same overrides is reused
+    (folder / "done.json").write_text(json.dumps({"method": "dira", "overrides": {"max_epochs": 1, "lambda_adv": 0.5}}))
+    calls = []
+    run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
+    assert len(calls) == 12 and {c["pretrained"] for c in calls} == {"", str(folder / "models" / "best.pt")}
+    # ... and once its settings are recorded, a change of one override is refused, even with every run done
+    (folder / "settings.json").write_text(json.dumps({"configs": [], "dataset_dir": str(tmp_path / "vw"),
+                                                       "overrides": {"max_epochs": 1, "lambda_adv": 0.5}}))
+    with pytest.raises(ValueError, match=r"method 'dira' was pretrained in .* \(configs changed\)"):
+        run_experiment(config, runner=fake_runner([]), log=lambda _: None)
+    changed = _config(tmp_path, **{**spec, "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.1}}}})
+    with pytest.raises(ValueError, match=r"overrides\.lambda_adv changed"):
+        run_experiment(changed, runner=fake_runner([]), log=lambda _: None)

@@ -29,7 +29,8 @@ Config (YAML or JSON)::
 
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt``; a finished
-pretraining (``done.json``) is not repeated.
+pretraining (``done.json``) is not repeated; its settings (``settings.json``) must match the
+config's, and rows of a method fine-tuned from another checkpoint are not reused either.
 
 The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
 override ids no bundle config defines are refused with the setting named. A run that fails is
@@ -53,12 +54,14 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from dira3d.utils.atomic import atomic_write_text
 from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
 
 __all__ = ["load_config", "run_experiment", "write_report", "main"]
 
 Runner = Callable[[str, dict], Mapping[str, float]]
 FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
+SETTINGS_NAME = "settings.json"  # what a method's pretraining was made with (output_dir/pretrain/<method>/)
 REQUIRED = ("bundle", "datalist", "metric", "methods", "seeds", "label_fractions", "output_dir")
 KNOWN = REQUIRED + ("baseline", "welch", "overrides", "pretrain")
 
@@ -169,19 +172,64 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
 
     from dira3d.engines.command import BUNDLE_DIR
 
-    out = Path(config["output_dir"]) / "pretrain" / name
+    out, settings = _pretrain_settings(name, spec, config)
     best = out / "models" / "best.pt"
+    _check_pretrain_settings(name, out, settings)
     if (out / "done.json").is_file() and best.is_file():
         return str(best)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / SETTINGS_NAME, json.dumps(settings, indent=1))
+    log(f"experiment: pretraining {name!r} into {out}")
+    overrides = settings["overrides"]
+    run(config_file=settings["configs"], meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
+        logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
+        dataset_dir=settings["dataset_dir"], **overrides)
+    (out / "done.json").write_text(json.dumps({"method": name, "overrides": overrides}, default=str), encoding="utf-8")
+    return str(best)
+
+
+def _pretrain_settings(name: str, spec: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[Path, dict]:
+    """``(folder, settings)`` of a method's pretraining: its config files, data and overrides (JSON values)."""
+    from dira3d.engines.command import BUNDLE_DIR
+
     section = config["pretrain"]
     configs = [c if Path(c).is_absolute() else str(BUNDLE_DIR / "configs" / c) for c in section.get("configs", ["train.json"])]
     overrides = {**section.get("overrides", {}), **(spec.get("pretrain") or {})}
-    log(f"experiment: pretraining {name!r} into {out}")
-    run(config_file=configs, meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
-        dataset_dir=section["dataset_dir"], **overrides)
-    (out / "done.json").write_text(json.dumps({"method": name, "overrides": overrides}, default=str), encoding="utf-8")
-    return str(best)
+    settings = {"configs": configs, "dataset_dir": section["dataset_dir"], "overrides": overrides}
+    return Path(config["output_dir"]) / "pretrain" / name, json.loads(json.dumps(settings, default=str))
+
+
+def _check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
+    """Refuse to reuse (or resume) a pretraining of ``name`` made with other settings: its
+    ``best.pt`` and the fine-tuning rows built on it would be reported under the new settings."""
+    if (out / SETTINGS_NAME).is_file():
+        old = json.loads((out / SETTINGS_NAME).read_text(encoding="utf-8"))
+    elif (out / "done.json").is_file():  # a run from before settings.json: it recorded its overrides
+        old = {**settings, "overrides": json.loads((out / "done.json").read_text(encoding="utf-8")).get("overrides")}
+    else:
+        return
+    if old != settings:
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        if "overrides" in changed:
+            before, now = old.get("overrides") or {}, settings["overrides"]
+            changed.remove("overrides")
+            changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        raise ValueError(f"method {name!r} was pretrained in {out} with other settings ({', '.join(changed)} changed); "
+                         "its checkpoint and the results built on it would be reported under the new ones. Give the "
+                         "method a new name or use another output_dir (or delete that folder and its rows in "
+                         "results.csv to redo it)")
+
+
+def _check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
+    """Rows of a method fine-tuned from another checkpoint than the config now gives are not reused."""
+    for method, spec in config["methods"].items():
+        if isinstance(spec, Mapping):
+            continue  # its checkpoint path never changes; _check_pretrain_settings guards its content
+        stale = {r["checkpoint"] for r in rows if r["method"] == method and r["checkpoint"] != (spec or "")}
+        if stale:
+            raise ValueError(f"{csv_path} holds runs of method {method!r} fine-tuned from {sorted(stale)[0] or 'random init'}, "
+                             f"but the config now gives {spec or 'random init (null)'}; give the method a new name, use "
+                             "another output_dir, or delete its rows to redo them")
 
 
 def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
@@ -195,6 +243,10 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = _read_rows(csv_path)
+    _check_rows_match(rows, config, csv_path)
+    for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
+        if isinstance(spec, Mapping):
+            _check_pretrain_settings(method, *_pretrain_settings(method, spec, config))
     done = {(r["method"], float(r["label_fraction"]), int(r["seed"])) for r in rows}
     grid = [(m, float(f), int(s)) for f in config["label_fractions"] for m in config["methods"] for s in config["seeds"]]
     todo = [key for key in grid if key not in done]
