@@ -291,3 +291,4 @@ def test_prepare_command_dispatch(capsys):
     assert command.main(["--help"]) == 0
     usage = capsys.readouterr().out
     assert all(name in usage for name in ("luna16", "lits", "lidc", "brats", "pecad"))
+    assert "docs/data.md" in usage and "docs/data_2d.md" in usage  # the 2D datasets are documented there

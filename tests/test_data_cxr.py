@@ -1,7 +1,9 @@
 """ChestX-ray14 and CheXpert preparation on tiny datasets in the official layouts."""
 
 import csv
+import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -61,8 +63,25 @@ def test_parse_findings_by_value():
     vector = chestxray14.parse_findings("Hernia|Infiltration|Atelectasis")
     assert vector == [1.0, 0, 0, 1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0]
     assert chestxray14.parse_findings("No Finding") == [0.0] * 14
-    with pytest.raises(DataError, match="Infiltrate"):
+    with pytest.raises(DataError, match=r"Data_Entry.csv row 3: unknown finding 'Infiltrate'; expected 'No Finding' "
+                                        r"or one of \['Atelectasis'"):
         chestxray14.parse_findings("Infiltrate", "Data_Entry.csv row 3")
+
+
+def test_read_data_entry_keeps_bad_rows_as_errors(tmp_path):
+    path = tmp_path / "Data_Entry_2017_v2020.csv"
+    _write_csv(path, ENTRY_HEADER, [[n, f, 0, p, 50, "M", "PA", 2500, 2048, 0.14, 0.14] for n, f, p in
+                                    [("a.png", "Effusion", "1"), ("b.png", "Effusion|Covid", "2"), ("c.png", "Mass", ""),
+                                     ("d.png", "Mass", "4"), ("a.png", "Mass", "1")]])
+    with pytest.raises(DataError, match="row 3, column 'Finding Labels': unknown finding 'Covid'"):
+        chestxray14.read_data_entry(path)  # the default still raises at the first bad row
+    entries = chestxray14.read_data_entry(path, keep_bad=True)
+    assert "error" not in entries["d.png"] and entries["d.png"]["label"][4] == 1.0 and entries["d.png"]["row"] == 5
+    assert "row 3, column 'Finding Labels': unknown finding 'Covid'" in entries["b.png"]["error"]
+    assert "'No Finding' or one of ['Atelectasis'" in entries["b.png"]["error"]  # the allowed values
+    assert entries["b.png"]["label"] == [0.0] * 14
+    assert "row 4: image c.png has no Patient ID" in entries["c.png"]["error"]
+    assert "rows 2 and 6 both describe image a.png" in entries["a.png"]["error"]
 
 
 def test_chestxray14_prepare(tmp_path):
@@ -132,6 +151,60 @@ def test_chestxray14_failed_last_image_writes_no_datalist(tmp_path, capsys):
     assert chestxray14.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--size", "32", "--keep-going"]) == 0
     datalist = json.loads((tmp_path / "out" / "chestxray14_datalist.json").read_text())
     assert sum(len(datalist[s]) for s in ("training", "validation", "test")) == len(ENTRIES) - 1
+
+
+def _listed(datalist):
+    return {e["image"]: e for split in ("training", "validation", "test") for e in datalist[split]}
+
+
+def test_chestxray14_unknown_finding_fails_its_image_only(tmp_path, capsys):
+    # an unknown finding aborted the whole batch (exit code 2), even with --keep-going
+    src = _nih_layout(tmp_path / "nih")
+    entry = src / "Data_Entry_2017_v2020.csv"
+    entry.write_text(entry.read_text().replace("00000004_000.png,Effusion,", "00000004_000.png,Effusion|Covid,"))
+    dst = tmp_path / "out"
+    assert chestxray14.main(["--src", str(src), "--dst", str(dst), "--size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED 00000004_000:" in err and "row 6, column 'Finding Labels': unknown finding 'Covid'" in err
+    assert not (dst / "chestxray14_datalist.json").exists()
+    assert chestxray14.main(["--src", str(src), "--dst", str(dst), "--size", "32", "--keep-going"]) == 0
+    report = json.loads((dst / "report.json").read_text())
+    failed = [c for c in report["cases"] if c["status"] == "failed"]
+    assert [c["case_id"] for c in failed] == ["00000004_000"] and "Data_Entry_2017_v2020.csv" in failed[0]["reason"]
+    listed = _listed(json.loads((dst / "chestxray14_datalist.json").read_text()))
+    assert len(listed) == len(ENTRIES) - 1 and "images/00000004_000.png" not in listed
+    assert listed["images/00000003_000.png"]["label"] == chestxray14.parse_findings("Atelectasis|Infiltration|Hernia")
+
+
+def test_chestxray14_duplicate_png_fails_its_image_only(tmp_path):
+    # a PNG present under two images folders aborted the whole batch, even with --keep-going
+    src = _nih_layout(tmp_path / "nih")
+    (first,) = src.rglob("00000002_000.png")
+    copy = src / "images_009" / "images" / "00000002_000.png"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(first.read_bytes())
+    results = chestxray14.prepare(src, tmp_path / "out", size=32, keep_going=True, progress=False)
+    failed = [r for r in results if r.status == "failed"]
+    assert [r.case_id for r in failed] == ["00000002_000"] and [r.status for r in results].count("written") == 7
+    assert "duplicate" in failed[0].reason and str(first) in failed[0].reason and str(copy) in failed[0].reason
+    listed = _listed(json.loads((tmp_path / "out" / "chestxray14_datalist.json").read_text()))
+    assert len(listed) == len(ENTRIES) - 1 and "images/00000002_000.png" not in listed
+
+
+def test_chestxray14_missing_image_is_a_failed_case(tmp_path, capsys):
+    # an image of the CSV missing on disk was left out silently (exit 0) while CheXpert failed it:
+    # a missing image is bad input, the failed case of that image (docs/data_2d.md)
+    src = _nih_layout(tmp_path / "nih")
+    next(src.rglob("00000005_000.png")).unlink()
+    assert chestxray14.main(["--src", str(src), "--dst", str(tmp_path / "stop"), "--size", "32"]) == 1
+    assert "FAILED 00000005_000:" in capsys.readouterr().err
+    assert not (tmp_path / "stop" / "chestxray14_datalist.json").exists()
+    results = chestxray14.prepare(src, tmp_path / "out", size=32, keep_going=True, progress=False)
+    failed = [r for r in results if r.status == "failed"]
+    assert [r.case_id for r in failed] == ["00000005_000"]
+    assert "Data_Entry_2017_v2020.csv: row 7: image 00000005_000.png is not under" in failed[0].reason
+    datalist = json.loads((tmp_path / "out" / "chestxray14_datalist.json").read_text())
+    assert len(_listed(datalist)) == len(ENTRIES) - 1 and datalist["meta"]["images_missing_on_disk"] == 1
 
 
 # ---------------------------------------------------------------- CheXpert
@@ -222,14 +295,61 @@ def test_chexpert_prepare_policies(tmp_path):
         [entries["images/train/patient00002/study1/view1_frontal.png"]["label"][i] for i in (2, 4)], draws[1:])
 
 
-def test_chexpert_bad_value_names_row(tmp_path):
+def test_chexpert_bad_value_names_row(tmp_path, capsys):
+    # a bad value aborted the whole batch (exit code 2), even with --keep-going; now it fails its image only
     src = _chexpert_layout(tmp_path / "data")
     csv_path = src / "CheXpert-v1.0-small" / "train.csv"
-    csv_path.write_text(csv_path.read_text().replace("1.0,", "2.0,", 1))
-    with pytest.raises(DataError, match=r"train.csv row 2.*'2.0'"):
-        chexpert.prepare(src, tmp_path / "out", progress=False)
+    csv_path.write_text(csv_path.read_text().replace("1.0,", "2.0,", 1))  # row 2, Cardiomegaly
+    bad = "train/patient00001/study1/view1_frontal"
+    with pytest.raises(DataError, match=r"train.csv row 2, column 'Cardiomegaly'.*'2.0' is not 1.0, 0.0, -1.0 or blank"):
+        chexpert.read_labels(csv_path)  # the default still raises
+    assert chexpert.main(["--src", str(src), "--dst", str(tmp_path / "stop"), "--size", "32"]) == 1
+    assert f"FAILED {bad}:" in capsys.readouterr().err
+    assert not (tmp_path / "stop" / "chexpert_datalist.json").exists()
+    results = chexpert.prepare(src, tmp_path / "out", size=32, keep_going=True, progress=False)
+    by_id = {r.case_id: r for r in results}
+    assert by_id[bad].status == "failed" and [r.status for r in results].count("written") == 4
+    assert re.search(r"train.csv row 2, column 'Cardiomegaly'.*'2.0' is not 1.0, 0.0, -1.0 or blank", by_id[bad].reason)
+    listed = _listed(json.loads((tmp_path / "out" / "chexpert_datalist.json").read_text()))
+    assert len(listed) == 4 and f"images/{bad}.png" not in listed
     with pytest.raises(DataError, match="train.csv"):
         chexpert.prepare(tmp_path / "empty_dir_missing", tmp_path / "out", progress=False)
+
+
+def test_chexpert_bad_row_does_not_shift_the_lsr_draws(tmp_path):
+    # the good rows' smoothed labels are the same with and without a bad row (which draws nothing)
+    clean = _chexpert_layout(tmp_path / "clean")
+    dirty = _chexpert_layout(tmp_path / "dirty")
+    csv_path = dirty / "CheXpert-v1.0-small" / "train.csv"
+    lines = csv_path.read_text().splitlines(keepends=True)
+    bad_path = "CheXpert-v1.0-small/train/patient00009/study1/view1_frontal.jpg"
+    out = io.StringIO()
+    csv.writer(out).writerow(_chex_row(bad_path, "Frontal", {"Atelectasis": "-1.0", "Edema": "-1.0",
+                                                             "Cardiomegaly": "2.0"}))
+    csv_path.write_text("".join(lines[:2]) + out.getvalue() + "".join(lines[2:]))  # before the other -1 rows
+    (dirty / bad_path).parent.mkdir(parents=True)
+    Image.fromarray(np.full((40, 48), 128, np.uint8)).save(dirty / bad_path)
+    labels = {}
+    for name, src in (("clean", clean), ("dirty", dirty)):
+        results = chexpert.prepare(src, tmp_path / f"out_{name}", policy="lsr", labels=chexpert.ALL, size=8, seed=5,
+                                   keep_going=True, progress=False)
+        assert [r.status for r in results].count("failed") == (name == "dirty")
+        labels[name] = {k: e["label"] for k, e in _listed(
+            json.loads((tmp_path / f"out_{name}" / "chexpert_datalist.json").read_text())).items()}
+    assert len(labels["clean"]) == 5 and labels["dirty"] == labels["clean"]
+    smoothed = [v for label in labels["clean"].values() for v in label if 0.55 <= v <= 0.85]
+    assert len(smoothed) == 5  # the check is not vacuous: 5 uncertain cells, 3 of them after the bad row
+
+
+def test_chexpert_missing_image_is_a_failed_case(tmp_path):
+    src = _chexpert_layout(tmp_path / "data")
+    (src / "CheXpert-v1.0-small/train/patient00003/study2/view1_frontal.jpg").unlink()
+    results = chexpert.prepare(src, tmp_path / "out", size=8, keep_going=True, progress=False)
+    failed = [r for r in results if r.status == "failed"]
+    assert [r.case_id for r in failed] == ["train/patient00003/study2/view1_frontal"]
+    assert re.search(r"train.csv: row 5: image \S+view1_frontal.jpg does not exist", failed[0].reason)
+    datalist = json.loads((tmp_path / "out" / "chexpert_datalist.json").read_text())
+    assert len(_listed(datalist)) == 4 and datalist["meta"]["images_missing_on_disk"] == 1
 
 
 # ---------------------------------------------------------------- shared helpers

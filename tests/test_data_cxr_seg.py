@@ -26,7 +26,7 @@ def _write_dicom(path, array, patient):
     sitk.WriteImage(image, str(path))
 
 
-def _siim_layout(root):
+def _siim_layout(root, missing=False):
     rng = np.random.default_rng(0)
     component_a = np.zeros(SHAPE, np.uint8)
     component_a[2:6, 3:5] = 1
@@ -37,8 +37,9 @@ def _siim_layout(root):
     for i, (uid, array) in enumerate(images.items()):
         _write_dicom(root / "dicom-images-train" / f"1.2.{i}" / f"1.3.{i}" / f"{uid}.dcm", array, f"patient-{i}")
     rows = [[ids[0], " " + encode_rle(component_a)], [ids[0], " " + encode_rle(component_b)],
-            [ids[1], " -1"], [ids[2], " " + encode_rle(component_b)], [ids[3], " -1"],
-            ["1.2.999", " -1"]]  # listed without a DICOM
+            [ids[1], " -1"], [ids[2], " " + encode_rle(component_b)], [ids[3], " -1"]]
+    if missing:
+        rows.append(["1.2.999", " -1"])  # listed without a DICOM
     with open(root / "train-rle.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["ImageId", " EncodedPixels"])  # the real header has the leading space
@@ -61,7 +62,7 @@ def test_siim_prepare_by_value(tmp_path):
     assert [len(datalist[s]) for s in ("training", "validation", "test")] == [2, 1, 1]
     flags = {e["image"]: e["pneumothorax"] for e in entries}
     assert [flags[f"images/{uid}.png"] for uid in sorted(images)] == [1, 0, 1, 0]
-    assert datalist["meta"]["images_without_dicom"] == 1
+    assert datalist["meta"]["images_without_dicom"] == 0
 
     resized = tmp_path / "resized"
     siim.prepare(tmp_path / "siim", resized, size=8, progress=False)
@@ -155,3 +156,39 @@ def test_siim_dicom_without_patient_id_fails_its_case_only(tmp_path):
     assert [r.case_id for r in failed] == [uid] and "PatientID" in failed[0].reason
     datalist = json.loads((tmp_path / "out" / "siim_datalist.json").read_text())
     assert sum(len(datalist[s]) for s in ("training", "validation", "test")) == 3
+
+
+def test_siim_image_without_dicom_is_a_failed_case(tmp_path, capsys):
+    # an ImageId without its DICOM was left out silently (exit 0), while CheXpert failed the same
+    # problem: a missing image is bad input, the failed case of that image (docs/data_2d.md)
+    images, _ = _siim_layout(tmp_path / "siim", missing=True)
+    src = tmp_path / "siim"
+    assert prepare_main(["siim", "--src", str(src), "--dst", str(tmp_path / "stop"), "--size", "0"]) == 1
+    assert "FAILED 1.2.999:" in capsys.readouterr().err
+    assert not (tmp_path / "stop" / "siim_datalist.json").exists()
+    results = siim.prepare(src, tmp_path / "out", size=0, keep_going=True, progress=False)
+    by_id = {r.case_id: r for r in results}
+    assert by_id["1.2.999"].status == "failed" and [r.status for r in results].count("written") == 4
+    assert "train-rle.csv" in by_id["1.2.999"].reason and "ImageId 1.2.999 has no DICOM" in by_id["1.2.999"].reason
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["summary"]["failed"] == 1
+    datalist = json.loads((tmp_path / "out" / "siim_datalist.json").read_text())
+    assert sum(len(datalist[s]) for s in ("training", "validation", "test")) == 4
+    assert datalist["meta"]["images_without_dicom"] == 1
+
+
+def test_siim_duplicate_dicom_fails_its_case_only(tmp_path):
+    # a DICOM present twice stopped the whole run (exit code 2), even with --keep-going
+    src = tmp_path / "siim"
+    images, _ = _siim_layout(src)
+    uid = sorted(images)[2]
+    first = next(src.rglob(f"{uid}.dcm"))
+    copy = src / "dicom-images-train" / "again" / "again" / f"{uid}.dcm"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(first.read_bytes())
+    results = siim.prepare(src, tmp_path / "out", size=0, keep_going=True, progress=False)
+    failed = [r for r in results if r.status == "failed"]
+    assert [r.case_id for r in failed] == [uid] and [r.status for r in results].count("written") == 3
+    assert str(first) in failed[0].reason and str(copy) in failed[0].reason and "duplicate" in failed[0].reason
+    datalist = json.loads((tmp_path / "out" / "siim_datalist.json").read_text())
+    assert f"images/{uid}.png" not in {e["image"] for s in ("training", "validation", "test") for e in datalist[s]}

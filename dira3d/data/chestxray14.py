@@ -16,7 +16,6 @@ w, h]}`` with the box rescaled to the prepared image's pixels, under the split o
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -75,21 +74,40 @@ def _find_one(src: Path, patterns: tuple[str, ...], what: str, required: bool = 
     return None
 
 
-def read_data_entry(path: str | Path) -> dict[str, dict]:
-    """``{image name: {"patient", "label", "view"}}`` from ``Data_Entry_2017*.csv``.
+def read_data_entry(path: str | Path, keep_bad: bool = False) -> dict[str, dict]:
+    """``{image name: {"patient", "label", "view", "row"}}`` from ``Data_Entry_2017*.csv``.
+
+    Args:
+        keep_bad: when true, a row with an unknown finding or no Patient ID, and an image listed
+            twice, are not raised: the image's entry gets an ``"error"`` message naming the file,
+            row and problem (and a label of zeros), so that it becomes a failed case of its own.
 
     Raises:
-        DataError: missing columns, unknown findings, or an image listed twice.
+        DataError: missing columns; without ``keep_bad``, also unknown findings, an empty Patient
+            ID or an image listed twice.
     """
     entries: dict[str, dict] = {}
     for number, row in enumerate(read_csv_rows(path, _ENTRY_COLUMNS), start=2):
         name = row["Image Index"]
-        if name in entries:
-            raise DataError(path, f"row {number}: image {name} is listed twice; use the file as downloaded")
-        if not row["Patient ID"]:
-            raise DataError(path, f"row {number}: image {name} has no Patient ID")
-        entries[name] = {"patient": row["Patient ID"], "label": parse_findings(row["Finding Labels"], f"{path} row {number}"),
-                         "view": row.get("View Position", "")}
+        try:
+            if name in entries:
+                first = entries[name]
+                err = DataError(path, f"rows {first['row']} and {number} both describe image {name}; keep one "
+                                      "of them (use the file as downloaded)")
+                if not keep_bad:
+                    raise err
+                first["error"] = "; ".join(filter(None, (first.get("error"), str(err))))
+                continue
+            if not row["Patient ID"]:
+                raise DataError(path, f"row {number}: image {name} has no Patient ID; fill it in or remove the row")
+            label = parse_findings(row["Finding Labels"], f"{path} row {number}, column 'Finding Labels'")
+            error = ""
+        except DataError as err:
+            if not keep_bad:
+                raise
+            label, error = [0.0] * len(LABELS), f"{err}; fix or remove the row"
+        entries[name] = {"patient": row["Patient ID"], "label": label, "view": row.get("View Position", ""),
+                         "row": number, **({"error": error} if error else {})}
     return entries
 
 
@@ -121,17 +139,24 @@ def read_boxes(path: str | Path) -> list[dict]:
     return boxes
 
 
-def _index_images(src: Path, dst: Path, wanted: set[str]) -> dict[str, Path]:
-    """``{name: path}`` of the wanted PNGs under ``src``, ignoring anything under ``dst``."""
+def _index_images(src: Path, dst: Path, wanted: set[str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The wanted PNGs under ``src`` (ignoring anything under ``dst``): ``({name: path}, {name: error})``.
+
+    A name found in two places keeps its first path and gets an error naming both files (the
+    image becomes a failed case; which copy is right cannot be told).
+    """
     outside = str(dst.resolve()) + "/"
     files: dict[str, Path] = {}
-    for path in src.rglob("*.png"):
+    duplicates: dict[str, str] = {}
+    for path in sorted(src.rglob("*.png")):
         if path.name not in wanted or str(path.resolve()).startswith(outside):
             continue
         if path.name in files:
-            raise DataError(path, f"duplicate of {files[path.name]}; keep one copy of each image")
+            message = str(DataError(path, f"duplicate of {files[path.name]}; keep one copy of each image"))
+            duplicates[path.name] = "; ".join(filter(None, (duplicates.get(path.name), message)))
+            continue
         files[path.name] = path
-    return files
+    return files, duplicates
 
 
 def _process(case: Case, size: int) -> dict:
@@ -157,7 +182,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         seed: seed of the patient-level split.
 
     Returns:
-        One result per image that is both in the data entry file and on disk.
+        One result per image of the data entry file; one with a bad row, a duplicate file or no
+        file on disk is failed (named in the report) without stopping the others under ``keep_going``.
 
     Raises:
         DataError: a missing or malformed CSV / list, or no image found. ValueError: bad settings.
@@ -167,11 +193,11 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     if not src.is_dir():
         raise DataError(src, "is not a folder; --src must hold the ChestX-ray14 images and CSV files")
     entry_csv = _find_one(src, ("Data_Entry_2017_v2020.csv", "Data_Entry_2017*.csv"), "download the label CSV")
-    entries = read_data_entry(entry_csv)
+    entries = read_data_entry(entry_csv, keep_bad=True)  # a bad row fails the case of its image
     train_val = read_image_list(_find_one(src, ("train_val_list.txt",), "download the official split lists"))
     test = read_image_list(_find_one(src, ("test_list.txt",), "download the official split lists"))
     box_csv = _find_one(src, ("BBox_List_2017.csv",), "", required=False)
-    files = _index_images(src, dst, set(entries))
+    files, duplicates = _index_images(src, dst, set(entries))
     if not files:
         raise DataError(src, f"holds none of the {len(entries)} PNG images named in {entry_csv.name}; "
                              "extract the images_*.tar.gz archives under --src")
@@ -187,9 +213,20 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     # read the box file now: a malformed row must stop the run before the images, not after them
     boxes = read_boxes(box_csv) if box_csv is not None else None
 
-    names = sorted(files)
-    cases = [Case(Path(n).stem, [safe_case_path(dst / "images", Path(n).stem, ".png")], {"path": files[n], "name": n})
-             for n in names]
+    # every image of the data entry file is a case; a bad row, a duplicate file or an image missing
+    # on disk (a partial download) is a failed case of that image, so --keep-going prepares the rest
+    names = sorted(entries)
+    absent = {n for n in names if n not in files}
+    cases = []
+    for name in names:
+        entry = entries[name]
+        problems = [entry.get("error", ""), duplicates.get(name, "")]
+        if name in absent:
+            problems.append(str(DataError(entry_csv, f"row {entry['row']}: image {name} is not under {src} (partial "
+                                                     "download?); extract every images_*.tar.gz archive under --src, "
+                                                     "or add --keep-going to prepare the images that are there")))
+        cases.append(Case(Path(name).stem, [safe_case_path(dst / "images", Path(name).stem, ".png")],
+                          {"path": files.get(name), "name": name}, error="; ".join(filter(None, problems))))
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chestxray14",
                         progress=progress, source=src,
@@ -209,14 +246,11 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             entry = entries[name]
             lists[split_of_image[name]].append({"image": done[name].outputs[0], "case_id": entry["patient"],
                                                 "label": entry["label"], "view": entry["view"]})
-    missing = len(entries) - len(files)
+    missing = len(absent)
     meta = {"dataset": "chestxray14", "labels": list(LABELS), "size": size, "image_format": "png uint8 grey",
             "split": {"test": "official test_list.txt", "training/validation": "patient-level split of train_val_list.txt",
                       "val_fraction": val_fraction, "seed": seed},
             "images_missing_on_disk": missing, "source": str(src.resolve())}
-    if missing:
-        print(f"chestxray14: {missing} image(s) of {entry_csv.name} are not under {src} (partial download?); "
-              "they are left out", file=sys.stderr)
     write_datalist(dst / "chestxray14_datalist.json", lists, meta)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, of="train_val_list.txt patients")
     if boxes is not None:

@@ -8,7 +8,9 @@ Label values: ``1.0`` positive, ``0.0`` negative, ``-1.0`` uncertain, blank = no
 Uncertain labels follow ``policy``: ``u-ones`` → 1, ``u-zeros`` → 0, ``lsr`` → a draw from
 U(0.55, 0.85) (label-smoothing of U-Ones, Pham et al. 2021; ``numpy.random.default_rng(seed)``,
 drawn in file order). Labels are the five evaluation pathologies by default (``FIVE``) or all
-fourteen observations (``ALL``). ``frontal_only`` drops lateral views.
+fourteen observations (``ALL``). ``frontal_only`` drops lateral views. A row with a bad value or
+no ``patientNNNNN``, an image listed twice and an image missing on disk are failed cases of their
+own (a bad row draws no ``lsr`` number), so ``--keep-going`` prepares the others.
 
 Output (``--dst``): ``images/<train|valid>/patientNNNNN/studyN/viewN_frontal.png`` and
 ``chexpert_datalist.json``: ``test`` = the official ``valid.csv`` (radiologist consensus labels),
@@ -93,11 +95,18 @@ def apply_policy(values: np.ndarray, policy: str, rng: np.random.Generator | Non
     return out
 
 
-def read_labels(csv_path: str | Path, labels: Sequence[str] = FIVE, frontal_only: bool = False) -> list[dict]:
-    """Rows of a CheXpert CSV as ``{"path", "patient", "view", "values": raw 1/0/−1 floats}``.
+def read_labels(csv_path: str | Path, labels: Sequence[str] = FIVE, frontal_only: bool = False,
+                keep_bad: bool = False) -> list[dict]:
+    """Rows of a CheXpert CSV as ``{"path", "patient", "view", "values": raw 1/0/−1 floats, "row"}``.
+
+    Args:
+        keep_bad: when true, a row with a bad label value or a path without ``patientNNNNN`` is
+            not raised: it is returned with an ``"error"`` message (file, row, column, allowed
+            values) and all-zero ``values``, so it draws no ``lsr`` number and the draws of the
+            other rows are the same as without it.
 
     Raises:
-        DataError: missing columns, bad values or a path without ``patientNNNNN``.
+        DataError: missing columns; without ``keep_bad``, also bad values or a path without ``patientNNNNN``.
     """
     rows = []
     required = ("Path", "Frontal/Lateral", *labels)
@@ -106,10 +115,16 @@ def read_labels(csv_path: str | Path, labels: Sequence[str] = FIVE, frontal_only
             continue
         where = f"{csv_path} row {number}"
         patient = _PATIENT.search(row["Path"])
-        if patient is None:
-            raise DataError(csv_path, f"row {number}: path {row['Path']!r} names no patientNNNNN folder")
-        rows.append({"path": row["Path"], "patient": patient.group(0), "view": row["Frontal/Lateral"],
-                     "values": [_value(row[name], f"{where}, column {name!r}") for name in labels]})
+        try:
+            if patient is None:
+                raise DataError(csv_path, f"row {number}: path {row['Path']!r} names no patientNNNNN folder")
+            values, error = [_value(row[name], f"{where}, column {name!r}") for name in labels], ""
+        except DataError as err:
+            if not keep_bad:
+                raise
+            values, error = [0.0] * len(labels), f"{err}; fix or remove the row"
+        rows.append({"path": row["Path"], "patient": patient.group(0) if patient else "",
+                     "view": row["Frontal/Lateral"], "values": values, "row": number, **({"error": error} if error else {})})
     return rows
 
 
@@ -164,18 +179,30 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
     train_csv, valid_csv = _find_csvs(src)
     rng = np.random.default_rng(seed)
     cases, records = [], {}
+    by_id: dict[str, Case] = {}
     for split_name, csv_path in (("train", train_csv), ("test", valid_csv)):
-        rows = read_labels(csv_path, labels, frontal_only)
+        # a bad row is the failed case of its image (zero values: it draws no lsr number)
+        rows = read_labels(csv_path, labels, frontal_only, keep_bad=True)
         values = apply_policy(np.array([r["values"] for r in rows], np.float32).reshape(len(rows), len(labels)),
                               policy, rng)
         for row, label in zip(rows, values):
             path, inner = _resolve(csv_path, row["path"])
             case_id = str(PurePosixPath(inner).with_suffix(""))
-            if case_id in records:
-                raise DataError(csv_path, f"image {row['path']} is listed twice; use the CSV as downloaded")
+            if case_id in by_id:
+                twice = str(DataError(csv_path, f"rows {records[case_id]['row']} and {row['row']} both list image "
+                                                f"{row['path']}; use the CSV as downloaded"))
+                by_id[case_id].error = "; ".join(filter(None, (by_id[case_id].error, twice)))
+                continue
+            problems, missing = [row.get("error", "")], not path.is_file()
+            if missing:
+                problems.append(str(DataError(csv_path, f"row {row['row']}: image {row['path']} does not exist "
+                                                        f"({path}; partial download?); unzip the whole download, or "
+                                                        "add --keep-going to prepare the images that are there")))
             records[case_id] = {"split": split_name, "patient": row["patient"], "view": row["view"],
-                                "label": [float(v) for v in label]}
-            cases.append(Case(case_id, [safe_case_path(dst / "images", case_id, ".png")], {"path": path}))
+                                "label": [float(v) for v in label], "row": row["row"], "missing": missing}
+            case = by_id[case_id] = Case(case_id, [safe_case_path(dst / "images", case_id, ".png")], {"path": path},
+                                         error="; ".join(filter(None, problems)))
+            cases.append(case)
     if not cases:
         raise DataError(train_csv, "lists no image (after --frontal-only); nothing to prepare")
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
@@ -195,7 +222,8 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
     meta = {"dataset": "chexpert", "labels": list(labels), "policy": policy, "lsr_range": list(LSR_RANGE),
             "frontal_only": frontal_only, "size": size, "image_format": "png uint8 grey",
             "split": {"test": "official valid.csv", "training/validation": "patient-level split of train.csv",
-                      "val_fraction": val_fraction, "seed": seed}, "source": str(src.resolve())}
+                      "val_fraction": val_fraction, "seed": seed},
+            "images_missing_on_disk": sum(r["missing"] for r in records.values()), "source": str(src.resolve())}
     write_datalist(dst / "chexpert_datalist.json", lists, meta)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, of="train.csv patients")
     return results

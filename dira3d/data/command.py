@@ -30,7 +30,8 @@ def _usage() -> str:
     width = max(map(len, DATASETS))
     lines = ["usage: dira3d prepare <dataset> --src SRC --dst DST [options]", "", "datasets:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in DATASETS.items()]
-    lines += ["", "Run `dira3d prepare <dataset> --help` for its options; see docs/data.md."]
+    lines += ["", "Run `dira3d prepare <dataset> --help` for its options; see docs/data.md (3D datasets, shared "
+                  "options) and docs/data_2d.md (2D chest X-ray: siim, montgomery, chestxray14, chexpert)."]
     return "\n".join(lines)
 
 

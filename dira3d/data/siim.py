@@ -3,8 +3,9 @@
 Input (``--src``, any depth): ``dicom-images-train/<study>/<series>/<SOPInstanceUID>.dcm`` and
 ``train-rle.csv`` (``ImageId, EncodedPixels``; ``-1`` = no pneumothorax; one row per component,
 several rows of one image are merged). The RLE is decoded by :mod:`dira3d.data.rle` with the
-DICOM's own size. Images listed in the CSV without a DICOM are left out (counted in the meta);
-DICOMs absent from the CSV (the unlabelled test images) are ignored.
+DICOM's own size. An ImageId of the CSV without a DICOM (a partial download), or with two, is a
+failed case of its own (``--keep-going`` prepares the others; the number without a DICOM is
+``meta.images_without_dicom``); DICOMs absent from the CSV (the unlabelled test images) are ignored.
 
 Output (``--dst``): ``images/<ImageId>.png``, ``masks/<ImageId>.png`` (values 0/1) and
 ``siim_datalist.json`` with ``{"image", "label": mask, "case_id": DICOM PatientID, "pneumothorax":
@@ -15,7 +16,6 @@ of the patients, recorded in ``split.json``), as the challenge's test labels are
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -130,18 +130,29 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     csv_path = csvs[0]
     rles = read_rle_csv(csv_path)
     dicoms: dict[str, Path] = {}
+    duplicates: dict[str, str] = {}
     for path in sorted(src.rglob("*.dcm")):
         if path.stem in rles:
-            if path.stem in dicoms:
-                raise DataError(path, f"duplicate of {dicoms[path.stem]}; keep one copy of each DICOM")
+            if path.stem in dicoms:  # which copy is right cannot be told: that image fails, the others go on
+                message = str(DataError(path, f"duplicate of {dicoms[path.stem]}; keep one copy of each DICOM"))
+                duplicates[path.stem] = "; ".join(filter(None, (duplicates.get(path.stem), message)))
+                continue
             dicoms[path.stem] = path
     if not dicoms:
         raise DataError(src, f"holds none of the {len(rles)} DICOM files named in {csv_path.name}; extract "
                              "dicom-images-train under --src")
+    # every ImageId of the CSV is a case; one without a DICOM (a partial download) or with two is a
+    # failed case of its own, so --keep-going prepares the rest
     cases = []
-    for image_id in sorted(dicoms):
+    for image_id in sorted(rles):
         outputs = [safe_case_path(dst / "images", image_id, ".png"), safe_case_path(dst / "masks", image_id, ".png")]
-        cases.append(Case(image_id, outputs, {"path": dicoms[image_id], "rles": rles[image_id], "csv": csv_path}))
+        problems = [duplicates.get(image_id, "")]
+        if image_id not in dicoms:
+            problems.append(str(DataError(csv_path, f"ImageId {image_id} has no DICOM {image_id}.dcm under {src} "
+                                                    "(partial download?); extract the whole dicom-images-train, or "
+                                                    "add --keep-going to prepare the images that are there")))
+        cases.append(Case(image_id, outputs, {"path": dicoms.get(image_id), "rles": rles[image_id], "csv": csv_path},
+                          error="; ".join(filter(None, problems))))
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="siim",
                         progress=progress, source=src, datalists=[dst / "siim_datalist.json"])
@@ -157,9 +168,6 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                                   "pneumothorax": int(positive)}))
     split, lists = split_entries(entries, val_fraction, test_fraction, seed)
     missing = len(rles) - len(dicoms)
-    if missing:
-        print(f"siim: {missing} ImageId(s) of {csv_path.name} have no DICOM under {src}; they are left out",
-              file=sys.stderr)
     meta = {"dataset": "siim-acr", "size": size, "image_format": "png uint8 grey", "mask_format": "png uint8 0/1",
             "rle": "relative starts, column-major (Kaggle)", "images_without_dicom": missing,
             "split": {"method": "patient-level", "val_fraction": val_fraction, "test_fraction": test_fraction,
