@@ -3,6 +3,9 @@
 Examples::
 
     dira3d export torchscript --bundle bundles/lits_liver_seg
+    dira3d export torchscript --bundle luna16_nodule_fpr      # a name works as for dira3d finetune
+    dira3d export onnx --bundle montgomery_lung_seg --out m.onnx --checkpoint runs/ft/m/models/model.pt \\
+        --override backbone=resnet10 --override "decoder_channels=[16,16,8,8,8]" --override "roi_size=[64,64]"  # --tiny
     dira3d export onnx --bundle bundles/lits_liver_seg --out liver.onnx --check-scan ct.nrrd
     dira3d export pretrained --checkpoint runs/dira/best.pt --out weights/ --parts encoder decoder
     dira3d export monailabel-app --out ~/dira3d-app      # prints the start command
@@ -42,10 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="what", required=True)
 
     def bundle_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--bundle", required=True, help="bundle folder (configs/, models/model.pt)")
+        p.add_argument("--bundle", required=True,
+                       help="bundle folder (configs/, models/model.pt) or name, e.g. luna16_nodule_fpr (as for dira3d finetune)")
         p.add_argument("--checkpoint", help="weights (default <bundle>/models/model.pt)")
         p.add_argument("--override", action="append", metavar="ID=VALUE",
-                       help="config override, e.g. width=0.125 (repeatable)")
+                       help="config override (repeatable); the settings the weights were trained with, e.g. width=0.125 "
+                            "(3D --tiny) or backbone=resnet10, decoder_channels=[16,16,8,8,8], roi_size=[64,64] (2D --tiny)")
         p.add_argument("--input-shape", type=int, nargs="+", help="example input B C X Y Z (default 1 C roi_size)")
 
     ts = sub.add_parser("torchscript", help="model.ts via monai.bundle ckpt_export")
@@ -111,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.what == "pretrained":
         from dira3d.deploy.weights import export_pretrained
 
-        for name, path in export_pretrained(args.checkpoint, args.out, args.parts).items():
+        for name, path in export_pretrained(args.checkpoint, args.out, args.parts, given_by="--checkpoint").items():
             print(f"{name}: {path}")
         return 0
     from dira3d.deploy.monailabel import REPO_ROOT, default_venv, ensure_monailabel_env, prepare_app

@@ -33,6 +33,7 @@ __all__ = [
     "bundle_example_shape",
     "scan_patch",
     "check_agreement",
+    "fit_hint",
 ]
 
 # Max |logit difference| accepted between PyTorch and an exported graph (float32, CPU). The
@@ -43,12 +44,15 @@ ONNX_OPSET = 17
 
 
 def _bundle_paths(bundle_dir: str | os.PathLike, config_file: str) -> tuple[Path, Path, Path]:
-    root = Path(bundle_dir)
+    """``(root, config, metadata)`` of a bundle given as a folder or as a name (``luna16_nodule_fpr``),
+    resolved as ``dira3d finetune --bundle`` resolves it (:func:`dira3d.evaluation.finetune.bundle_path`)."""
+    from dira3d.evaluation.finetune import bundle_path  # light module; one resolution rule for every command
+
+    root = bundle_path(bundle_dir, config_file)  # FileNotFoundError naming the valid bundle names
     config = root / "configs" / config_file
     meta = root / "configs" / "metadata.json"
-    for path in (config, meta):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: is {root} a dira3d bundle (configs/{config_file}, configs/metadata.json)?")
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} does not exist: is {root} a dira3d bundle (configs/{config_file}, configs/metadata.json)?")
     return root, config, meta
 
 
@@ -63,6 +67,68 @@ def _parser(bundle_dir: str | os.PathLike, config_file: str, overrides: Mapping[
     return parser
 
 
+# config ids that decide the shape of a bundle's network (2D: ResNet depth and decoder; 3D: width),
+# plus roi_size, which sets the example input of an export and the image size of the 2D bundles
+_NETWORK_SETTINGS_2D = ("backbone", "decoder_channels", "in_channels", "roi_size")
+_NETWORK_SETTINGS_3D = ("width", "in_channels", "roi_size")
+
+
+def _config_value(parser: ConfigParser, key: str) -> Any:
+    try:
+        return parser.get_parsed_content(key) if key in parser else None
+    except Exception:  # an expression that does not resolve on its own: not worth a second error
+        return None
+
+
+def _tiny_settings(root: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """The bundle's ``configs/tiny.json`` values of ``keys`` (what ``dira3d finetune --tiny`` trains with)."""
+    path = root / "configs" / "tiny.json"
+    try:
+        tiny = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: tiny[k] for k in keys if k in tiny}
+
+
+def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network: torch.nn.Module | None = None) -> str:
+    """Which config overrides make ``state`` fit the bundle's network, as a sentence for an error.
+
+    The settings that matter are named (2D: backbone / decoder_channels / roi_size; 3D: width); the
+    values that fit are read from the state_dict's keys and shapes; when they are those of the
+    bundle's ``tiny.json`` (a ``dira3d finetune --tiny`` model) its ``roi_size`` is added.
+    """
+    from dira3d.networks.weights_fit import format_overrides, infer_network_settings, settings_that_fit
+
+    two_d = "backbone" in parser
+    names = _NETWORK_SETTINGS_2D if two_d else _NETWORK_SETTINGS_3D
+    current = {k: _config_value(parser, k) for k in names if k in parser}
+    current = {k: v for k, v in current.items() if v is not None}
+    inferred = infer_network_settings(state)
+    network_dims = 2 if two_d else _config_value(parser, "spatial_dims") or 3
+    if isinstance(inferred.get("spatial_dims"), int) and inferred["spatial_dims"] != network_dims:
+        return (f"the weights are of a {inferred['spatial_dims']}D network and {root.name} builds a {network_dims}D one: "
+                "use the weights fine-tuned with this bundle")
+    if network is not None:
+        kinds = ["segmentation" if any(k.startswith("decoder.") for k in keys) else "classification"
+                 for keys in (state, network.state_dict())]
+        if kinds[0] != kinds[1]:
+            return (f"the weights are of a {kinds[0]} network and {root.name} builds a {kinds[1]} one: "
+                    "use the weights fine-tuned with this bundle")
+    fits = settings_that_fit(state, current)
+    tiny = _tiny_settings(root, names)
+    from_tiny = bool(fits) and all(k in tiny and json.dumps(tiny[k]) == json.dumps(fits[k]) for k in fits)
+    if from_tiny:  # a --tiny model: roi_size cannot be read from weights, tiny.json has it
+        fits = {**fits, **{k: v for k, v in tiny.items() if k not in fits and json.dumps(current.get(k)) != json.dumps(v)}}
+    settings = " / ".join(k for k in names if k != "in_channels")
+    example = "backbone=resnet10 --override decoder_channels=[16,16,8,8,8] --override roi_size=[64,64]" if two_d \
+        else "width=0.125"
+    if not fits:
+        return (f"pass the settings the weights were trained with ({settings}; e.g. --override {example} "
+                "for a model fine-tuned with --tiny)")
+    origin = f" (those of {root.name}'s tiny.json: a model fine-tuned with --tiny)" if from_tiny else ""
+    return f"the weights fit other settings{origin}: pass {format_overrides(fits)} (overrides={dict(fits)})"
+
+
 def load_bundle_network(
     bundle_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
@@ -72,7 +138,7 @@ def load_bundle_network(
     """Build the bundle's ``network_def`` and load its fine-tuned weights (eval mode, CPU).
 
     Args:
-        bundle_dir: the bundle folder (``configs/``, ``models/``).
+        bundle_dir: the bundle folder (``configs/``, ``models/``), or a bundle name (``luna16_nodule_fpr``).
         checkpoint: weights to load; default ``<bundle>/models/model.pt`` (a plain state_dict, or
             one under ``"model"`` / ``"network"``).
         config_file: the config that defines ``network_def``.
@@ -82,29 +148,29 @@ def load_bundle_network(
         the network with the weights loaded, in eval mode.
 
     Raises:
-        FileNotFoundError: the bundle configs or the checkpoint are missing.
-        ValueError: the checkpoint does not fit the network (keys and shapes are listed).
+        FileNotFoundError: the bundle configs or the checkpoint are missing (or no bundle has that name).
+        ValueError: the checkpoint does not fit the network: counts and the first keys, and the
+            overrides that fit (2D: backbone / decoder_channels / roi_size; 3D: width).
     """
-    parser = _parser(bundle_dir, config_file, overrides)
+    from dira3d.networks.weights_fit import mismatch_summary, state_dict_mismatch
+
+    root, _, _ = _bundle_paths(bundle_dir, config_file)
+    parser = _parser(root, config_file, overrides)
     network = parser.get_parsed_content("network_def", instantiate=True)
-    path = Path(checkpoint) if checkpoint else Path(bundle_dir) / "models" / "model.pt"
+    path = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"fine-tuned weights {path} do not exist; train the bundle first or pass checkpoint=")
+        raise FileNotFoundError(f"fine-tuned weights {path} do not exist; train the bundle first or pass "
+                                "--checkpoint (checkpoint=)")
     state = load_checkpoint(path)
     for wrapper in ("model", "network", "state_dict"):
         if isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
             break
-    own = network.state_dict()
-    mismatched = [f"{k}: {tuple(v.shape)} vs network {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing, unexpected, mismatched = state_dict_mismatch(state, network)
     if missing or unexpected or mismatched:
         raise ValueError(
-            f"{path} does not fit the network of {bundle_dir} (config overrides {dict(overrides or {})}): "
-            f"missing {missing[:8]}, unexpected {unexpected[:8]}, shapes {mismatched[:8]}; "
-            "pass the overrides (e.g. width) the weights were trained with"
+            f"{path} does not fit the network of {root} (config overrides {dict(overrides or {})}): "
+            f"{mismatch_summary(missing, unexpected, mismatched)}.\n{fit_hint(state, parser, root, network)}"
         )
     network.load_state_dict(state)
     return network.eval()
@@ -155,7 +221,7 @@ def export_torchscript(
     tracing); the traced graph has no shape-dependent branches, so it accepts any size divisible by 8.
 
     Args:
-        bundle_dir: the bundle folder.
+        bundle_dir: the bundle folder, or a bundle name (``luna16_nodule_fpr``).
         out: output file; default ``<bundle>/models/model.ts``.
         checkpoint: weights; default ``<bundle>/models/model.pt``.
         input_shape: example input ``[B, C, X, Y, Z]`` for tracing; default ``[1, in_channels, *roi_size]``.
@@ -172,7 +238,8 @@ def export_torchscript(
     root, config, meta = _bundle_paths(bundle_dir, config_file)
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"fine-tuned weights {ckpt} do not exist; train the bundle first or pass checkpoint=")
+        raise FileNotFoundError(f"fine-tuned weights {ckpt} do not exist; train the bundle first or pass "
+                                "--checkpoint (checkpoint=)")
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
     load_bundle_network(root, ckpt, config_file, overrides)
     out = Path(out) if out else root / "models" / "model.ts"

@@ -65,7 +65,8 @@ def ensure_monailabel_env(venv: str | os.PathLike | None = None, timeout: float 
         log: file that receives the build output (default: inherited stdout/stderr).
 
     Returns:
-        the environment folder (its ``bin/monailabel`` starts the server).
+        the environment folder (its ``bin/python -m monailabel.main start_server`` starts the server,
+        see :func:`start_command`).
 
     Raises:
         RuntimeError: the build failed (the message ends with the tail of its output).
@@ -177,7 +178,7 @@ def start_command(
     host: str = "127.0.0.1",
     conf: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """The ``monailabel start_server`` command line for the dira3d app.
+    """The ``<venv>/bin/python -m monailabel.main start_server`` command line for the dira3d app.
 
     ``conf`` adds ``--conf key value`` pairs; dict values are passed as JSON (e.g.
     ``{"bundle_overrides": {"width": 0.125}}``).

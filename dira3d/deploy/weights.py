@@ -3,8 +3,10 @@
 :func:`export_pretrained` writes each part of a dira3d pretraining checkpoint (``encoder``,
 ``decoder``) as ``<part>.pt`` (a plain state_dict, ``torch.load(..., weights_only=True)``) and
 ``<part>.safetensors``, plus ``key_map.json`` that documents every key: its shape, the layer it
-belongs to and what it does. :func:`load_into` copies such a file into any user network by name
-(optionally renamed by a ``mapping``) and reports every key that did not fit.
+belongs to and what it does, and the layout of the checkpoint's network (3D Models Genesis U-Net,
+or the 2D ResNet U-Net of the chest X-ray configs, after ``meta.spatial_dims``). :func:`load_into`
+copies such a file into any user network by name (optionally renamed by a ``mapping``) and reports
+every key that did not fit.
 
 Why no converter to ``monai.networks.nets.BasicUNet`` / ``UNet``: the Models Genesis U-Net doubles
 the channels inside each encoder level (e.g. 1→32→64) where BasicUNet keeps them (1→32→32) and
@@ -34,29 +36,73 @@ __all__ = ["KEY_MAP_VERSION", "export_pretrained", "describe_key", "read_weights
 KEY_MAP_VERSION = 1
 _FORMATS = ("pt", "safetensors")
 
-# Our layout (see dira3d/networks/unet.py): encoder.levels.<i>.conv{1,2}.{conv,adn.N}.*, the
-# decoder's levels.<i>.up (transposed conv) and levels.<i>.convs.conv{1,2}.*, then decoder.head.
+# Our layouts. dira3d.networks.UNet (dira3d/networks/unet.py): encoder.levels.<i>.conv{1,2}.{conv,adn.N}.*,
+# the decoder's levels.<i>.up (transposed conv) and levels.<i>.convs.conv{1,2}.*, then decoder.head.
+# dira3d.networks.ResNetUNet (the 2D network, dira3d/networks/resnet_unet.py): encoder conv1/bn1/layer<s>.<b>.*
+# (MONAI ResNetFeatures), decoder blocks.<i>.{upsample.preconv,convs.conv_<j>}.* and head.0 (FlexibleUNet).
+# "{k}" is the kernel text of the spatial dims (3x3x3 in 3D, 3x3 in 2D).
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^levels\.(\d+)\.conv([12])\.conv\.(weight|bias)$"),
-     "encoder level {0} (resolution 1/2^{0}), convolution {1} (3x3x3): {2}"),
+     "encoder level {0} (resolution 1/2^{0}), convolution {1} ({k3}): {2}"),
     (re.compile(r"^levels\.(\d+)\.conv([12])\.adn\.N\.(\w+)$"),
      "encoder level {0}, normalisation after convolution {1}: {2}"),
     (re.compile(r"^levels\.(\d+)\.up\.(weight|bias)$"),
-     "decoder level {0}, 2x2x2 transposed convolution (upsampling): {1}"),
+     "decoder level {0}, {k2} transposed convolution (upsampling): {1}"),
     (re.compile(r"^levels\.(\d+)\.convs\.conv([12])\.conv\.(weight|bias)$"),
-     "decoder level {0}, convolution {1} (3x3x3) after concatenating the skip: {2}"),
+     "decoder level {0}, convolution {1} ({k3}) after concatenating the skip: {2}"),
     (re.compile(r"^levels\.(\d+)\.convs\.conv([12])\.adn\.N\.(\w+)$"),
      "decoder level {0}, normalisation after convolution {1}: {2}"),
+    (re.compile(r"^conv1\.(weight|bias)$"), "ResNet stem convolution (stride 2): {0}"),
+    (re.compile(r"^bn1\.(\w+)$"), "ResNet stem normalisation: {0}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.conv(\d)\.(weight|bias)$"), "ResNet stage {0}, block {1}, convolution {2}: {3}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.bn(\d)\.(\w+)$"),
+     "ResNet stage {0}, block {1}, normalisation after convolution {2}: {3}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.0\.(weight|bias)$"),
+     "ResNet stage {0}, block {1}, shortcut projection (1x1 convolution): {2}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.1\.(\w+)$"), "ResNet stage {0}, block {1}, shortcut normalisation: {2}"),
+    (re.compile(r"^blocks\.(\d+)\.upsample\.preconv\.(weight|bias)$"),
+     "decoder level {0}, 1x1 convolution before the nearest-neighbour upsampling: {1}"),
+    (re.compile(r"^blocks\.(\d+)\.convs\.conv_(\d)\.conv\.(weight|bias)$"),
+     "decoder level {0}, convolution conv_{1} ({k3}) after concatenating the skip: {2}"),
+    (re.compile(r"^blocks\.(\d+)\.convs\.conv_(\d)\.adn\.N\.(\w+)$"),
+     "decoder level {0}, normalisation after convolution conv_{1}: {2}"),
 ]
 
 
-def describe_key(key: str) -> str:
-    """A one-line description of a key of ``UNet.encoder`` / ``UNet.decoder`` (without the part prefix)."""
+def _kernel(size: int, spatial_dims: int) -> str:
+    return "x".join([str(size)] * spatial_dims)
+
+
+def describe_key(key: str, spatial_dims: int = 3) -> str:
+    """A one-line description of a key of ``UNet`` / ``ResNetUNet`` ``.encoder`` / ``.decoder`` (without the part prefix).
+
+    ``spatial_dims`` sets the kernel sizes in the text (3x3x3 in 3D, 3x3 in 2D).
+    """
     for pattern, text in _PATTERNS:
         match = pattern.match(key)
         if match:
-            return text.format(*match.groups())
+            return text.format(*match.groups(), k3=_kernel(3, spatial_dims), k2=_kernel(2, spatial_dims))
     return "other (head / output convolution): " + key
+
+
+def _layout(meta: Mapping[str, Any], parts: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[int, str]:
+    """``(spatial_dims, layout text)`` of a checkpoint: from ``meta``, else from its keys and kernel ranks."""
+    dims = meta.get("spatial_dims")
+    keys = [k for state in parts.values() for k in state]
+    if not isinstance(dims, int):
+        kernels = [v.dim() - 2 for state in parts.values() for v in state.values() if v.dim() >= 3]
+        dims = kernels[0] if kernels else 3
+    axes = ["x", "y", "z"][:dims]
+    weights = f"conv weights are (out, in, {', '.join('k' + a for a in axes)})"
+    inputs = f"inputs are (B, C, {', '.join(a.upper() for a in axes)})"
+    resnet = meta.get("network") == "ResNetUNet" or any(k == "conv1.weight" or k.startswith("layer1.") for k in keys)
+    if resnet:
+        backbone = f"{meta['backbone']} " if isinstance(meta.get("backbone"), str) else ""
+        name = (f"dira3d ResNetUNet, {dims}D ({backbone}encoder = MONAI ResNetFeatures, decoder = MONAI FlexibleUNet's): "
+                "names as in dira3d.networks.ResNetUNet.<part>")
+    else:
+        name = f"dira3d UNet (Models Genesis U-Net), {dims}D: names as in dira3d.networks.UNet.<part>"
+    return dims, f"{name}; {weights}; {inputs}"
 
 
 def _part(checkpoint: Mapping[str, Any], part: str, source: str) -> dict[str, torch.Tensor]:
@@ -76,6 +122,7 @@ def export_pretrained(
     out_dir: str | os.PathLike,
     parts: Sequence[str] = ("encoder", "decoder"),
     formats: Sequence[str] = _FORMATS,
+    given_by: str = "checkpoint=",
 ) -> dict[str, Path]:
     """Write the pretrained parts as plain state_dicts / safetensors and a documented key map.
 
@@ -84,6 +131,8 @@ def export_pretrained(
         out_dir: folder for ``<part>.pt``, ``<part>.safetensors`` and ``key_map.json``.
         parts: parts to export; ``("encoder",)`` for classification backbones.
         formats: any of ``"pt"`` and ``"safetensors"``.
+        given_by: the option that named ``checkpoint``, for the error when it is missing
+            (``"--checkpoint"`` from the command line).
 
     Returns:
         name → path of every file written (``"encoder.pt"``, ``"encoder.safetensors"``, ``"key_map.json"``, ...).
@@ -97,7 +146,7 @@ def export_pretrained(
     if unknown or not formats:
         raise ValueError(f"formats={list(formats)!r}: use one or both of {_FORMATS}")
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<dict>"
-    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    ckpt = load_checkpoint(checkpoint, given_by=given_by) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_writable(out)
@@ -107,18 +156,19 @@ def export_pretrained(
         except ImportError as err:
             raise ImportError("safetensors export needs the 'safetensors' package: pip install 'dira3d[deploy]'") from err
     meta = dict(ckpt.get("meta") or {}) if isinstance(ckpt.get("meta"), Mapping) else {}
+    states = {part: _part(ckpt, part, source) for part in parts}
+    spatial_dims, layout = _layout(meta, states)  # 2D (chest X-ray) and 3D checkpoints have different layouts
     written: dict[str, Path] = {}
     key_map: dict[str, Any] = {
         "version": KEY_MAP_VERSION,
         "source": source,
         "meta": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, list)) or v is None},
-        "layout": "dira3d UNet (Models Genesis U-Net): names as in dira3d.networks.UNet.<part>; "
-                  "conv weights are (out, in, kx, ky, kz); inputs are (B, C, X, Y, Z)",
+        "spatial_dims": spatial_dims,
+        "layout": layout,
         "load_with": "dira3d.deploy.load_into(network, '<part>.safetensors', mapping={...})",
         "parts": {},
     }
-    for part in parts:
-        state = _part(ckpt, part, source)
+    for part, state in states.items():
         if "pt" in formats:
             written[f"{part}.pt"] = atomic_save(state, out / f"{part}.pt")
         if "safetensors" in formats:
@@ -127,7 +177,7 @@ def export_pretrained(
             written[f"{part}.safetensors"] = path
         key_map["parts"][part] = {
             key: {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
-                  "full_name": f"{part}.{key}", "meaning": describe_key(key)}
+                  "full_name": f"{part}.{key}", "meaning": describe_key(key, spatial_dims)}
             for key, value in state.items()
         }
     path = out / "key_map.json"

@@ -34,19 +34,26 @@ BUNDLES_2D = ("chestxray14_cls", "chexpert_cls", "siim_pneumothorax_seg", "montg
 _REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
-def bundle_path(bundle: str | os.PathLike) -> Path:
+def bundle_path(bundle: str | os.PathLike, config: str = "train.json") -> Path:
     """Folder of a bundle given its name (one of :data:`BUNDLES` or :data:`BUNDLES_2D`) or its path.
 
+    Args:
+        bundle: a bundle folder, or the name of one of the repository's bundles.
+        config: the config the caller needs in ``configs/`` (``"inference.json"`` for exports).
+
     Raises:
-        FileNotFoundError: no such bundle folder, or it has no ``configs/train.json``.
+        FileNotFoundError: no such bundle folder, or it has no ``configs/<config>``; the message
+            lists the valid names.
     """
     path = Path(bundle)
     if not path.is_dir() and str(bundle) in BUNDLES + BUNDLES_2D:
         path = _REPO_BUNDLES / str(bundle)
-    if not (path / "configs" / "train.json").is_file():
+    if not (path / "configs" / config).is_file():
+        what = f"{path / 'configs' / config} does not exist" if path.is_dir() else \
+            f"the folder {path} does not exist and it is not a bundle name"
         raise FileNotFoundError(
-            f"bundle {bundle!r} not found (looked for {path / 'configs' / 'train.json'}); "
-            f"use one of {BUNDLES + BUNDLES_2D} or the path of a bundle folder"
+            f"bundle {str(bundle)!r} not found: {what}; "
+            f"use one of {', '.join(BUNDLES + BUNDLES_2D)} or the path of a bundle folder"
         )
     return path
 

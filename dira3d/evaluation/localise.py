@@ -16,6 +16,9 @@ Command line (``dira3d localise``)::
 
     dira3d localise --bbox-datalist prepared/bbox_datalist.json --model runs/ft/cxr14/models/model.pt \\
         --output-dir runs/localise --backbone resnet50 --target-layer encoder.layer4
+
+A model fine-tuned with ``dira3d finetune --tiny`` (``tiny.json``: ResNet-10, 64x64) needs
+``--backbone resnet10 --roi-size 64 64``; when the weights do not fit, the error says which values do.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 
 from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
+from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
 
@@ -160,7 +164,8 @@ def run_localisation(
 
     Raises:
         FileNotFoundError: the model file or the datalist is missing.
-        ValueError: the state dict does not fit ``ResNetClassifier(in_channels, num_classes, backbone)``.
+        ValueError: the state dict does not fit ``ResNetClassifier(in_channels, num_classes, backbone)``
+            (a short key summary and the ``--backbone`` / ``--num-classes`` / ``--roi-size`` that fit).
     """
     from dira3d.networks import ResNetClassifier
     from dira3d.utils.checkpoint import load_checkpoint
@@ -169,13 +174,51 @@ def run_localisation(
         raise FileNotFoundError(f"model {model_path} does not exist; fine-tune bundles/chestxray14_cls first (models/model.pt)")
     model = ResNetClassifier(in_channels, num_classes, backbone=backbone)
     state = load_checkpoint(model_path, map_location="cpu")
-    try:
-        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-    except RuntimeError as err:
+    state = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    missing, unexpected, mismatched = state_dict_mismatch(state, model)
+    if missing or unexpected or mismatched:
         raise ValueError(f"{model_path} does not fit ResNetClassifier(in_channels={in_channels}, num_classes={num_classes}, "
-                         f"backbone={backbone!r}); pass the settings it was trained with ({err})") from err
+                         f"backbone={backbone!r}): {mismatch_summary(missing, unexpected, mismatched)}.\n"
+                         + _fit_hint(state, backbone, num_classes, in_channels, kwargs.get("roi_size", (224, 224))))
+    model.load_state_dict(state)
     entries = load_box_entries(bbox_datalist, split)
     return localise(model, entries, output_dir, **kwargs)
+
+
+def _tiny_settings() -> dict[str, Any]:
+    """``backbone`` and ``roi_size`` of ``bundles/chestxray14_cls/configs/tiny.json`` (what ``dira3d finetune --tiny`` trains)."""
+    from dira3d.evaluation.finetune import bundle_path
+
+    try:
+        tiny = json.loads((bundle_path("chestxray14_cls") / "configs" / "tiny.json").read_text(encoding="utf-8"))
+        return {"backbone": str(tiny["backbone"]), "roi_size": [int(v) for v in tiny["roi_size"]]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _fit_hint(state: Mapping[str, Any], backbone: str, num_classes: int, in_channels: int, roi_size: Sequence[int]) -> str:
+    """Which ``dira3d localise`` options make ``state`` fit, read from its keys and shapes."""
+    inferred = infer_network_settings(state)
+    if inferred.get("spatial_dims") not in (None, 2):
+        return f"the weights are of a {inferred['spatial_dims']}D network; localise needs a 2D classifier (bundles/chestxray14_cls)"
+    if any(k.startswith("decoder.") for k in state):
+        return "the weights are of a segmentation network; localise needs a classifier (bundles/chestxray14_cls models/model.pt)"
+    options = []
+    if "backbone" in inferred and inferred["backbone"] != backbone:
+        options.append(f"--backbone {inferred['backbone']}")
+    if "out" in inferred and inferred["out"] != num_classes:
+        options.append(f"--num-classes {inferred['out']}")
+    if "in_channels" in inferred and inferred["in_channels"] != in_channels:
+        options.append(f"in_channels={inferred['in_channels']}")
+    tiny = _tiny_settings()
+    roi = ""
+    if tiny and inferred.get("backbone", tiny["backbone"]) == tiny["backbone"] and list(roi_size) != tiny["roi_size"]:
+        roi = (f"; a model fine-tuned with --tiny ({tiny['backbone']}) also needs --roi-size "
+               f"{' '.join(map(str, tiny['roi_size']))}, the size it was trained at")
+    if not options:
+        return ("pass the settings it was trained with: --backbone (e.g. --backbone resnet10 for a --tiny model), "
+                f"--num-classes, --roi-size{roi}")
+    return f"the weights fit other settings: pass {' '.join(options)}{roi}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,6 +108,9 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
             return network
         message = random_message
     else:
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist; check the bundle's 'pretrained' "
+                                    "setting (`dira3d finetune --pretrained`), or leave it empty for random initialisation")
         # strict: a checkpoint of another architecture would otherwise load nothing, silently
         report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
                                  in_channels_policy=in_channels_policy)

@@ -67,9 +67,45 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _preview(keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN])
-    return shown + (f" … and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
+def _preview(keys: Sequence[str], limit: int = _SHOWN) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _dims_hint(ckpt_dims: int, net_dims: int) -> str:
+    if net_dims == 2:
+        return (f"this is a {ckpt_dims}D checkpoint; a 2D bundle needs one pretrained with bundles/dira_pretrain "
+                "configs/2d.json (train.json + 2d.json, see docs/2d.md)")
+    return (f"this is a {ckpt_dims}D checkpoint; a 3D bundle needs one pretrained with bundles/dira_pretrain "
+            "configs/train.json without 2d.json (see bundles/dira_pretrain/docs/README.md)")
+
+
+def _check_spatial_dims(network: nn.Module, meta: Mapping[str, Any] | None, checkpoint: Mapping[str, Any],
+                        parts: Sequence[str], source: str) -> None:
+    """Fail with one clear sentence when a 2D checkpoint meets a 3D network or the reverse."""
+    net_dims = getattr(network, "spatial_dims", None)
+    if not isinstance(net_dims, int):
+        return
+    ckpt_dims = meta.get("spatial_dims") if meta else None
+    how = "meta spatial_dims"
+    if not isinstance(ckpt_dims, int):  # no meta (e.g. a flat state_dict): the first kernel's rank tells
+        how, ckpt_dims = "kernel shapes", None
+        for part in parts:
+            nested = checkpoint.get(part)
+            state = nested if isinstance(nested, Mapping) else \
+                {k[len(part) + 1:]: v for k, v in checkpoint.items() if k.startswith(f"{part}.")}
+            own = getattr(network, part, None)
+            if not isinstance(own, nn.Module):
+                continue
+            ckpt_key = _first_conv_key({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+            own_state = own.state_dict()
+            own_key = _first_conv_key(own_state)
+            if ckpt_key is not None and own_key is not None:  # any conv kernel of an N-D network has rank N + 2
+                ckpt_dims, net_dims = state[ckpt_key].dim() - 2, own_state[own_key].dim() - 2
+                break
+    if isinstance(ckpt_dims, int) and ckpt_dims != net_dims:
+        raise ValueError(f"pretrained weights from {source} do not fit {type(network).__name__}, a {net_dims}D network "
+                         f"(checkpoint {how}: {ckpt_dims}D): {_dims_hint(ckpt_dims, net_dims)}")
 
 
 def _available_parts(checkpoint: Mapping[str, Any]) -> list[str]:
@@ -152,9 +188,10 @@ def load_pretrained(
 
     Raises:
         FileNotFoundError: the checkpoint path does not exist.
-        ValueError: a part is absent from the checkpoint or the network; shapes differ (keys and
-            both shapes are listed); with ``strict``, missing or unexpected keys. Nothing is
-            copied when an error is raised.
+        ValueError: the checkpoint is 2D and the network 3D or the reverse (``meta.spatial_dims``,
+            else the kernels' rank); a part is absent from the checkpoint or the network; shapes
+            differ (keys and both shapes are listed); with ``strict``, missing or unexpected keys.
+            Nothing is copied when an error is raised.
 
     Example::
 
@@ -179,6 +216,8 @@ def load_pretrained(
         )
     meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else None
     checkpoint = _unwrap(checkpoint, parts)
+    # before the keys: a 3D checkpoint in a 2D network (or the reverse) would list every key
+    _check_spatial_dims(network, meta, checkpoint, parts, source)
 
     report = LoadReport(parts=tuple(parts), source=source)
     to_copy: dict[str, dict[str, torch.Tensor]] = {}

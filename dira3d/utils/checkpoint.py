@@ -56,8 +56,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", given_by: str | None = None) -> dict:
     """Load a checkpoint with ``weights_only=True``.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go.
+        given_by: the option or setting the path came from (e.g. ``"--checkpoint"``, ``"the bundle's
+            'pretrained' setting"``), named in the error when the file is missing.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -65,7 +71,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or the 'pretrained' setting)")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path" + (f" given by {given_by}" if given_by else ""))
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files

@@ -1,9 +1,12 @@
 """MONAI Label app serving dira3d's fine-tuned bundles from a local folder (no model-zoo download).
 
-Start (see docs/deployment.md):
+Start (see docs/deployment.md; ``dira3d export monailabel-app`` prints this command):
 
-    PYTHONPATH=<dira3d repo> <venv>/bin/monailabel start_server --app <copy of this folder> \
+    PYTHONPATH=<dira3d repo> <venv>/bin/python -m monailabel.main start_server --app <copy of this folder> \
         --studies <images folder> --conf bundles <repo>/bundles --host 127.0.0.1 --port 8000
+
+(``python -m monailabel.main`` is what the ``<venv>/bin/monailabel`` script runs; the script itself
+needs an activated environment and splits ``--conf`` values containing spaces.)
 
 Conf: ``bundles`` (bundle folder(s), ``,``-separated), ``models`` (names to serve),
 ``bundle_overrides`` (JSON config overrides, e.g. ``{"width": 0.125}``).

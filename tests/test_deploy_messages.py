@@ -1,0 +1,191 @@
+"""What `dira3d export` / `dira3d localise` / pretrained loading say when the input is not what they need.
+
+Bundle names resolve as in `dira3d finetune`; a missing checkpoint names the option it came from; a
+2D/3D checkpoint mix-up is one sentence; weights of a `--tiny` model name the overrides that fit,
+in a few lines; key_map.json follows the checkpoint's dimensionality; the MONAI Label start command
+is the same in the app's docstring and in docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dira3d.deploy import export_pretrained, load_bundle_network
+from dira3d.deploy.command import main as export_main
+from dira3d.networks import (
+    Classifier,
+    ResNetClassifier,
+    ResNetSegmenter,
+    ResNetUNet,
+    UNet,
+    load_pretrained,
+)
+from dira3d.utils import atomic_save
+
+TINY_2D = {"backbone": "resnet10", "decoder_channels": [16, 16, 8, 8, 8], "roi_size": [64, 64]}
+
+
+def _weights(repo_root: Path, bundle: str, path: Path, overrides: dict) -> Path:
+    """Random fine-tuned weights of ``bundle``'s network built with ``overrides``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / "bundles" / bundle / "configs" / "inference.json"))
+    for key, value in overrides.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    atomic_save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), path)
+    return path
+
+
+# 1. --bundle takes a name, as dira3d finetune does
+
+def test_export_resolves_a_bundle_name_like_finetune(repo_root, tmp_path, capsys):
+    ckpt = _weights(repo_root, "luna16_nodule_fpr", tmp_path / "luna.pt", {"width": 0.125})
+    args = ["torchscript", "--bundle", "luna16_nodule_fpr", "--checkpoint", str(ckpt), "--out", str(tmp_path / "l.ts"),
+            "--override", "width=0.125", "--input-shape", "1", "1", "16", "16", "8"]
+    assert export_main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "l.ts").is_file()
+    assert load_bundle_network("luna16_nodule_fpr", ckpt, overrides={"width": 0.125}) is not None
+    # neither a folder nor a name: the valid names are listed
+    assert export_main(["torchscript", "--bundle", "luna16", "--out", str(tmp_path / "x.ts")]) == 2
+    err = capsys.readouterr().err
+    assert "luna16_nodule_fpr" in err and "chestxray14_cls" in err and "montgomery_lung_seg" in err
+    (tmp_path / "empty").mkdir()
+    assert export_main(["torchscript", "--bundle", str(tmp_path / "empty")]) == 2
+    assert "lits_liver_seg" in capsys.readouterr().err
+
+
+# 2. a missing checkpoint names the option of the command that was run
+
+def test_missing_checkpoint_message_fits_the_caller(tmp_path, capsys):
+    assert export_main(["pretrained", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.pt" in err and "--checkpoint" in err and "'pretrained' setting" not in err
+    from dira3d.evaluation import build_task_network
+
+    with pytest.raises(FileNotFoundError, match="'pretrained' setting"):  # the bundle setting, in a bundle
+        build_task_network("classification", pretrained=str(tmp_path / "nope.pt"))
+
+
+# 3. 3D checkpoint for a 2D bundle, and the reverse
+
+def test_a_checkpoint_of_the_other_dimensionality_is_one_sentence(tmp_path):
+    unet = UNet(3, 1, 1, width=0.125)
+    ckpt3d = {"encoder": unet.encoder.state_dict(), "decoder": unet.decoder.state_dict(), "meta": {"spatial_dims": 3}}
+    with pytest.raises(ValueError, match="this is a 3D checkpoint; a 2D bundle needs one pretrained with "
+                                         r"bundles/dira_pretrain configs/2d\.json") as err:
+        load_pretrained(ResNetClassifier(1, 3, backbone="resnet10"), ckpt3d, strict=True)
+    assert "strict=False" not in str(err.value) and len(str(err.value)) < 400
+    resnet = ResNetUNet(1, 1, backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8))
+    ckpt2d = {"encoder": resnet.encoder.state_dict(), "decoder": resnet.decoder.state_dict(), "meta": {"spatial_dims": 2}}
+    atomic_save(ckpt2d, tmp_path / "2d.pt")
+    with pytest.raises(ValueError, match="this is a 2D checkpoint; a 3D bundle needs"):
+        load_pretrained(Classifier(3, 1, 1, width=0.125), tmp_path / "2d.pt", strict=True)
+    # as a 2D bundle builds its network (strict loading), and without meta: the kernels' rank tells
+    from dira3d.evaluation import build_resnet_task_network
+
+    atomic_save({k: v for k, v in ckpt3d.items() if k != "meta"}, tmp_path / "3d.pt")
+    with pytest.raises(ValueError, match="this is a 3D checkpoint; a 2D bundle needs"):
+        build_resnet_task_network("segmentation", backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8),
+                                  pretrained=str(tmp_path / "3d.pt"))
+    # the matching dimensionality still loads
+    load_pretrained(ResNetSegmenter(1, 1, backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8)), tmp_path / "2d.pt",
+                    parts=("encoder", "decoder"), strict=True)
+
+
+# 4. --tiny models: the hint names the settings that matter and the values that fit, briefly
+
+def test_infer_network_settings_reads_depth_decoder_and_width():
+    from dira3d.networks.weights_fit import infer_network_settings
+
+    assert infer_network_settings(ResNetSegmenter(1, 2, backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8))
+                                  .state_dict()) == {"spatial_dims": 2, "in_channels": 1, "backbone": "resnet10",
+                                                     "decoder_channels": [16, 16, 8, 8, 8], "out": 2}
+    for backbone in ("resnet18", "resnet34", "resnet50"):  # 34 and 50 have the same blocks per stage
+        assert infer_network_settings(ResNetClassifier(1, 3, backbone=backbone).state_dict())["backbone"] == backbone
+    assert infer_network_settings(Classifier(3, 1, 2, width=0.125).state_dict())["width"] == 0.125
+
+
+def test_export_of_a_tiny_2d_model_names_the_overrides(repo_root, tmp_path, capsys):
+    bundle = tmp_path / "montgomery_lung_seg"
+    shutil.copytree(repo_root / "bundles" / "montgomery_lung_seg" / "configs", bundle / "configs")
+    _weights(repo_root, "montgomery_lung_seg", bundle / "models" / "model.pt", TINY_2D)
+    assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(tmp_path / "m.ts")]) == 2
+    err = capsys.readouterr().err
+    assert "--override backbone=resnet10 --override decoder_channels=[16,16,8,8,8] --override roi_size=[64,64]" in err
+    assert "--tiny" in err and len(err) < 2000 and "… and" in err  # a count, not every key
+    args = ["torchscript", "--bundle", str(bundle), "--out", str(tmp_path / "m.ts")]
+    for key, value in TINY_2D.items():
+        args += ["--override", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    assert export_main(args) == 0, capsys.readouterr().err
+    # 3D: the width
+    lidc = tmp_path / "lidc_nodule_seg"
+    shutil.copytree(repo_root / "bundles" / "lidc_nodule_seg" / "configs", lidc / "configs")
+    _weights(repo_root, "lidc_nodule_seg", lidc / "models" / "model.pt", {"width": 0.125})
+    with pytest.raises(ValueError, match="--override width=0.125") as info:
+        load_bundle_network(lidc)
+    assert len(str(info.value)) < 2000
+
+
+def test_localise_of_a_tiny_model_names_backbone_and_roi_size(tmp_path, capsys):
+    from dira3d.evaluation.localise import main as localise_main
+
+    atomic_save(ResNetClassifier(1, 14, backbone="resnet10").state_dict(), tmp_path / "model.pt")
+    (tmp_path / "boxes.json").write_text(json.dumps({"test": []}))
+    with pytest.raises(SystemExit):
+        localise_main(["--bbox-datalist", str(tmp_path / "boxes.json"), "--model", str(tmp_path / "model.pt"),
+                       "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "--backbone resnet10" in err and "--roi-size 64 64" in err
+    assert len(err) < 2000, f"{len(err)} characters of error"
+
+
+def test_tiny_instructions_are_documented(repo_root):
+    two_d = (repo_root / "docs" / "2d.md").read_text(encoding="utf-8")
+    deployment = (repo_root / "docs" / "deployment.md").read_text(encoding="utf-8")
+    assert "--backbone resnet10 --roi-size 64 64" in two_d and "--override backbone=resnet10" in two_d
+    assert "--override backbone=resnet10" in deployment and "--override width=0.125" in deployment
+
+
+# 5. key_map.json of a 2D checkpoint
+
+def test_key_map_layout_follows_the_checkpoints_spatial_dims(tmp_path):
+    resnet = ResNetUNet(1, 1, backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8))
+    ckpt = {"encoder": resnet.encoder.state_dict(), "decoder": resnet.decoder.state_dict(),
+            "meta": {"spatial_dims": 2, "backbone": "resnet10", "network": "ResNetUNet"}}
+    key_map = json.loads(export_pretrained(ckpt, tmp_path / "2d", formats=("pt",))["key_map.json"].read_text())
+    assert key_map["spatial_dims"] == 2
+    assert "(out, in, kx, ky)" in key_map["layout"] and "(B, C, X, Y)" in key_map["layout"]
+    assert "kz" not in key_map["layout"] and "ResNetUNet" in key_map["layout"]
+    assert key_map["parts"]["encoder"]["layer1.0.conv1.weight"]["meaning"].startswith("ResNet stage 1, block 0")
+    unet = UNet(2, 1, 1, width=0.125)  # a 2D Models Genesis U-Net without meta: kernel rank
+    key_map = json.loads(export_pretrained({"encoder": unet.encoder.state_dict()}, tmp_path / "u2d", parts=("encoder",),
+                                           formats=("pt",))["key_map.json"].read_text())
+    assert "(out, in, kx, ky)" in key_map["layout"] and "kz" not in key_map["layout"]
+    assert "(3x3)" in key_map["parts"]["encoder"]["levels.0.conv1.conv.weight"]["meaning"]
+    unet3d = UNet(3, 1, 1, width=0.125)
+    key_map = json.loads(export_pretrained({"encoder": unet3d.encoder.state_dict(), "meta": {"spatial_dims": 3}},
+                                           tmp_path / "3d", parts=("encoder",), formats=("pt",))["key_map.json"].read_text())
+    assert "(out, in, kx, ky, kz)" in key_map["layout"] and "(B, C, X, Y, Z)" in key_map["layout"]
+
+
+# 6. one MONAI Label start command
+
+def test_monailabel_start_command_agrees_with_the_docs(repo_root):
+    from dira3d.deploy.monailabel import start_command
+
+    main_py = repo_root / "dira3d" / "deploy" / "monailabel_app" / "main.py"
+    docstring = ast.get_docstring(ast.parse(main_py.read_text(encoding="utf-8")))
+    docs = (repo_root / "docs" / "deployment.md").read_text(encoding="utf-8")
+    command = start_command("/venv", "/app", "/studies", "/bundles", 8000)
+    assert command[:4] == ["/venv/bin/python", "-m", "monailabel.main", "start_server"]
+    for text in (docstring, docs):
+        assert "/bin/python -m monailabel.main start_server" in text
+        assert "bin/monailabel start_server" not in text
