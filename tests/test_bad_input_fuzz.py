@@ -139,6 +139,13 @@ def test_pretrain_command_names_the_bad_file_and_keeps_earlier_outputs(good, tmp
         main(["--datalist", str(path), "--output", str(out), "--tiny", "--override", "max_epoch=1"])
     assert "no setting 'max_epoch' (did you mean 'max_epochs'?)" in capsys.readouterr().err
     TRIED.append("pretrain: misspelt override")
+    with pytest.raises(SystemExit):  # a bundle config by name is found in the bundle (the check lists it) ...
+        main(["--datalist", str(path), "--output", str(out), "--config", "performance.json", "--override", "max_epoch=1"])
+    assert "in train.json, performance.json of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # ... and a name that is neither a file nor a bundle config is refused
+        main(["--datalist", str(path), "--output", str(out), "--config", "performanc.json"])
+    assert "--config performanc.json: no such file" in (err := capsys.readouterr().err) and "performance.json" in err
+    TRIED.append("pretrain: unknown --config")
     assert main(["--datalist", str(path), "--output", str(out), "--tiny", "--override", "dis_mode=mocoo"]) == 2
     err = capsys.readouterr().err
     assert "dira3d pretrain: error: dis_mode='mocoo' is not supported" in err and "Traceback" not in err, err

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datalist", required=True, help="pretraining datalist JSON (e.g. from `dira3d prepare luna16`)")
     parser.add_argument("--output", default="runs/dira_pretrain", help="folder for models/ (checkpoints) and eval/ (TensorBoard)")
     parser.add_argument("--tiny", action="store_true", help="tiny network and patches for a CPU demo (configs/tiny.json)")
-    parser.add_argument("--config", action="append", default=[], help="extra override config file(s), applied last")
+    parser.add_argument("--config", action="append", default=[],
+                        help="extra config file(s), applied last: a path, or a name in the bundle's configs/ "
+                             "(e.g. performance.json for bf16 + channels-last + torch.compile on a GPU, 2d.json)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="any bundle id, e.g. dis_mode=moco")
     args = parser.parse_args(argv)
     datalist = Path(args.datalist)
@@ -47,7 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     configs = [str(BUNDLE_DIR / "configs" / "train.json")]
     if args.tiny:
         configs.append(str(BUNDLE_DIR / "configs" / "tiny.json"))
-    configs += args.config
+    for name in args.config:  # a path, or the name of one of the bundle's own configs (performance.json, 2d.json, ...)
+        own = BUNDLE_DIR / "configs" / name
+        if Path(name).is_file():
+            configs.append(str(name))
+        elif "/" not in name and own.is_file():
+            configs.append(str(own))
+        else:
+            names = sorted(p.name for p in (BUNDLE_DIR / "configs").glob("*.json"))
+            parser.error(f"--config {name}: no such file; give a path or one of the bundle's configs: {', '.join(names)}")
     try:
         overrides = dict(parse_override(text) for text in args.override)
     except ValueError as err:
