@@ -12,7 +12,10 @@ Configurations are ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` (autocast
 inductor, default mode), ``compile-max`` (inductor ``max-autotune-no-cudagraphs``), ``compile-ro``
 (inductor ``reduce-overhead``: CUDA graphs), ``plainopt`` (PyTorch's default Adam instead of the
 fused / multi-tensor one), ``gemmwg`` (the 1-channel convolutions' weight gradient as one GEMM:
-:mod:`dira3d.networks.gemm_wgrad`).
+:mod:`dira3d.networks.gemm_wgrad`), ``padch`` (convolutions on channels zero-padded to 8:
+:mod:`dira3d.networks.channel_pad`), ``gemmup`` (the up-sampling as one GEMM:
+:mod:`dira3d.networks.gemm_upconv`), ``nodist`` (no restorative distortion) and ``subset`` (the
+distortions compute only the samples that drew them).
 
 A configuration that fails (out of memory, a compiler error) is reported in the table with the
 error and the run goes on; ``--time-budget`` skips what would start after that many seconds, so

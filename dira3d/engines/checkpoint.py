@@ -145,6 +145,19 @@ def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _as_bool(value: Any, name: str) -> bool:
+    """A boolean setting; the strings true/false (any case, as a command line may pass them) too.
+    ``bool("False")`` is True: a string must not switch a setting on by being non-empty."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no", "none", "null", ""):
+            return False
+        raise ValueError(f"{name}={value!r} is not a boolean; set {name} to true or false")
+    return bool(value)
+
+
 class DiRACheckpoint:
     """Writes ``last.pt`` (resume) and ``best.pt`` (lowest validation loss) and resumes from ``last.pt``.
 
@@ -185,7 +198,7 @@ class DiRACheckpoint:
         self.schedulers = dict(schedulers or {})
         self.ckpt_dir = Path(ckpt_dir)
         self.min_free_bytes = min_free_bytes
-        self.resume, self.metric_name = bool(resume), metric_name
+        self.resume, self.metric_name = _as_bool(resume, "resume"), metric_name
         self.save_every_epochs, self.save_every_iterations = max(int(save_every_epochs), 1), int(save_every_iterations)
         self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
         self.best: dict[str, Any] = {"best_metric": None, "best_epoch": -1, "best_stage": ""}

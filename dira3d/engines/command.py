@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "dira_pretrain"
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` → ``(key, value)``; the value is read as JSON when it parses, else kept as text.
+    """``key=value`` → ``(key, value)``; the value is read as JSON when it parses, else as a Python
+    literal (``False``, ``None``, ``[{'name': 'res', 'losses': ['res']}]``, as ``python -m monai.bundle
+    run --<id>`` reads it), else kept as text.
 
     Raises:
         ValueError: no ``=`` in ``text``.
@@ -30,6 +33,10 @@ def parse_override(text: str) -> tuple[str, object]:
     try:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
+        pass
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return key.strip(), value
 
 

@@ -72,6 +72,7 @@ class DiRAEvaluator(Evaluator):
         self.trainer: DiRATrainer | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._short_batches = 0  # validation batches too small for the loss, left out
         self.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._publish)
 
@@ -100,6 +101,16 @@ class DiRAEvaluator(Evaluator):
             raise RuntimeError("DiRAEvaluator.run() needs a trainer: attach it to a DiRATrainer first")
         stage = trainer.current_stage()
         batch = trainer._prepare(batchdata)
+        min_batch = getattr(trainer.dis_loss, "min_batch", 1) if "dis" in stage.losses else 1
+        if batch["image"].shape[0] < min_batch:
+            # e.g. Barlow Twins standardises over the batch: a last validation batch of one sample
+            # (len(validation) % batch_size == 1) has no loss; leave it out instead of failing
+            # after a whole training epoch
+            if not self._short_batches:
+                self.logger.warning(f"dis_mode {trainer.dis_mode}: a validation batch of {batch['image'].shape[0]} "
+                                    f"sample(s) is left out (the loss needs >= {min_batch})")
+            self._short_batches += 1
+            return {}
         # fixed per validation batch: every validation sees the same views and distortions
         generator = torch.Generator(device=trainer.state.device)
         generator.manual_seed(derive_seed(self.seed, STREAM_VALIDATION, engine.state.iteration))
@@ -113,11 +124,17 @@ class DiRAEvaluator(Evaluator):
         return output
 
     def _accumulate(self, engine: Engine) -> None:
+        if not engine.state.output:
+            return
         for key, value in engine.state.output.items():
             self._sums[key] = self._sums.get(key, 0) + value.float()
         self._count += 1
 
     def _publish(self, engine: Engine) -> None:
+        if self._count == 0 and self._short_batches:
+            raise ValueError("every validation batch was too small for the discrimination loss, so there is no "
+                             "validation loss; put at least 2 volumes in the datalist's validation split (and keep "
+                             "batch_size >= 2)")
         metrics = {f"val_{k}": float(v) / max(self._count, 1) for k, v in self._sums.items()}
         engine.state.metrics.update(metrics)
         self._sums, self._count = {}, 0

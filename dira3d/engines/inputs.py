@@ -53,7 +53,8 @@ def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str
         raise DataError(path, f"has no list {key!r} (found {found}); a decathlon datalist is expected")
     if not content[key]:
         hint = (
-            "prepare with --val-fraction > 0 (e.g. `dira3d prepare generic ... --val-fraction 0.1`) or add entries; "
+            "prepare a validation share (e.g. `dira3d prepare generic ... --val-fraction 0.1`; `dira3d prepare luna16 "
+            "... --val-subsets 8`, see docs/data.md) or add entries; "
             "dis_mode visual_words on volumes validates on the training list instead"
             if key == "validation" else "add entries (check the paths given to `dira3d prepare`)"
         )
@@ -120,7 +121,9 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
     allowed = (3,) if spatial_dims == 3 else (2, 3)
     if len(shape) - 1 not in allowed:
         raise DataError(source, f"loaded as a {len(shape) - 1}D image of shape {shape[1:]}; "
-                                f"{spatial_dims}D pretraining needs {' or '.join(f'{d}D' for d in allowed)} volumes")
+                                f"{spatial_dims}D pretraining needs {' or '.join(f'{d}D' for d in allowed)} volumes"
+                                + ("; for 2D images pretrain with the 2D setting (`dira3d pretrain --config 2d.json`, "
+                                   "or spatial_dims 2 and a 2-value patch_size)" if spatial_dims == 3 and len(shape) == 3 else ""))
     if min(shape[1:]) < 2 and not (spatial_dims == 2 and len(shape) == 4 and min(shape[1:3]) >= 2):
         raise DataError(source, f"has shape {shape[1:]}: a single slice is not a {spatial_dims}D volume")
     if check_finite:

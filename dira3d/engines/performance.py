@@ -14,6 +14,7 @@ config or a benchmark calls around it:
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -47,6 +48,7 @@ def build_adam(
     betas: Sequence[float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     fused: bool = True,
+    name: str = "lr",
 ) -> torch.optim.Adam:
     """Adam over the unique parameters of ``modules`` (None entries skipped), moved to ``device`` first.
 
@@ -58,13 +60,20 @@ def build_adam(
         betas / weight_decay: as in ``torch.optim.Adam``.
         fused: ``True``: fused kernel on CUDA, multi-tensor (``foreach``) elsewhere; ``False``:
             PyTorch's default implementation choice.
+        name: the setting ``lr`` came from (``lr_g`` / ``lr_d`` in the pretraining bundle), named in errors.
 
     Returns:
         The optimiser. All choices compute the same update up to floating-point rounding.
 
     Raises:
-        ValueError: no parameter in ``modules``.
+        ValueError: no parameter in ``modules``, or ``lr`` negative or not a finite number.
     """
+    try:
+        valid = not isinstance(lr, (bool, str)) and math.isfinite(float(lr)) and float(lr) >= 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{name}={lr!r}: the learning rate must be a finite number >= 0, e.g. {name}=0.001")
     device = torch.device(device)
     mods = [m.to(device) for m in modules if m is not None]
     params = unique_parameters(mods)

@@ -80,6 +80,11 @@ class BarlowTwinsLoss(nn.Module):
         self.lambda_offdiag = float(lambda_offdiag)
         self.gather_distributed = bool(gather_distributed)
 
+    @property
+    def min_batch(self) -> int:
+        """Smallest local batch it scores: 2 to standardise over the batch (1 when gathering ranks)."""
+        return 1 if self.gather_distributed else 2
+
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """Loss for the embeddings of the two views.
 

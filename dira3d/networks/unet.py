@@ -129,7 +129,8 @@ def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, divisor: i
         if size % divisor != 0:
             raise ValueError(
                 f"spatial size {spatial} is not supported: sizes must be multiples of {divisor} "
-                "(the U-Net pools three times); crop or pad the input, e.g. with monai.transforms.DivisiblePadd(k=8)"
+                "(the U-Net pools three times); for pretraining set patch_size to multiples of 8 (e.g. [64, 64, 32]), "
+                "otherwise crop or pad the input, e.g. with monai.transforms.DivisiblePadd(k=8)"
             )
 
 

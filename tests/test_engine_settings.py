@@ -1,0 +1,69 @@
+"""Settings a researcher passes on the command line: booleans and Python literals through
+``dira3d pretrain --override``, learning rates, Barlow Twins validation with a last batch of one,
+and the message for 2D images given to the 3D bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+
+from dira3d.engines import DiRACheckpoint, DiRAEvaluator, RandPatchPaird
+from dira3d.engines.command import parse_override
+from dira3d.engines.inputs import check_volume
+from dira3d.engines.performance import build_adam
+
+from tests.test_engine import PATCH3, make_trainer, smooth_volumes
+
+
+def test_override_reads_python_literals_as_the_readme_writes_them():
+    # README: --stages "[{'name':'res','losses':['res']}]"; reference/bundle: --resume False
+    assert parse_override("resume=False") == ("resume", False)
+    assert parse_override("clip_grad_norm=None") == ("clip_grad_norm", None)
+    assert parse_override("stages=[{'name':'res','losses':['res']}]") == ("stages", [{"name": "res", "losses": ["res"]}])
+    assert parse_override("distortion_args={'elastic_prob': 0.5}") == ("distortion_args", {"elastic_prob": 0.5})
+    # JSON and plain text as before
+    assert parse_override("resume=false") == ("resume", False)
+    assert parse_override("dis_mode=moco") == ("dis_mode", "moco")
+    assert parse_override("amp=none") == ("amp", "none")
+    assert parse_override("views=$dira3d.transforms.ViewAugment(3)") == ("views", "$dira3d.transforms.ViewAugment(3)")
+
+
+def test_resume_false_as_text_does_not_resume(tmp_path):
+    assert DiRACheckpoint(tmp_path, resume="False").resume is False
+    assert DiRACheckpoint(tmp_path, resume="true").resume is True
+    assert DiRACheckpoint(tmp_path, resume=False).resume is False
+    with pytest.raises(ValueError, match="resume='maybe'.*true or false"):
+        DiRACheckpoint(tmp_path, resume="maybe")
+
+
+def test_negative_learning_rate_names_the_setting():
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"lr_g=-0.001: the learning rate must be"):
+        build_adam([net], lr=-0.001, device="cpu", name="lr_g")
+    with pytest.raises(ValueError, match=r"lr_d='fast'"):
+        build_adam([net], lr="fast", device="cpu", name="lr_d")
+    build_adam([net], lr=0.0, device="cpu", name="lr_g")
+
+
+def test_barlow_validation_with_a_last_batch_of_one(tmp_path):
+    """3 validation volumes, batch 2: the last batch has one sample, which Barlow Twins cannot
+    standardise. It is left out; the run does not die after its first training epoch."""
+    val_loader = DataLoader(Dataset(smooth_volumes(3, seed=1), RandPatchPaird("image", PATCH3)), batch_size=2)
+    evaluator = DiRAEvaluator("cpu", val_loader, seed=7)
+    trainer = make_trainer("barlow", 3, stages=[{"name": "dis_res", "losses": ["dis", "res"]}], max_epochs=1,
+                           volumes=2, batch=2, handlers=[evaluator])
+    trainer.run()
+    assert np.isfinite(trainer.state.metrics["val_loss_dis"])
+    # a validation split of a single volume has no Barlow loss at all: say so, naming the split
+    one = DiRAEvaluator("cpu", DataLoader(Dataset(smooth_volumes(1, seed=1), RandPatchPaird("image", PATCH3)), batch_size=2))
+    trainer = make_trainer("barlow", 3, stages=[{"name": "dis", "losses": ["dis"]}], max_epochs=1, volumes=2, batch=2,
+                           handlers=[one])
+    with pytest.raises(ValueError, match="validation split"):
+        trainer.run()
+
+
+def test_2d_image_to_the_3d_bundle_says_which_setting_to_use():
+    with pytest.raises(ValueError, match=r"img\.png.*2d\.json"):
+        check_volume(np.zeros((1, 32, 32), np.float32), "img.png", spatial_dims=3)
