@@ -32,7 +32,7 @@ from dira3d.data.cxr import (
     write_patient_split,
 )
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, join_errors, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
 
@@ -96,10 +96,10 @@ def read_data_entry(path: str | Path, keep_bad: bool = False) -> dict[str, dict]
                                       "of them (use the file as downloaded)")
                 if not keep_bad:
                     raise err
-                first["error"] = "; ".join(filter(None, (first.get("error"), str(err))))
+                first["error"] = join_errors(first.get("error"), str(err))
                 continue
             if not row["Patient ID"]:
-                raise DataError(path, f"row {number}: image {name} has no Patient ID; fill it in or remove the row")
+                raise DataError(path, f"row {number}: image {name} has no Patient ID")
             label = parse_findings(row["Finding Labels"], f"{path} row {number}, column 'Finding Labels'")
             error = ""
         except DataError as err:
@@ -153,7 +153,7 @@ def _index_images(src: Path, dst: Path, wanted: set[str]) -> tuple[dict[str, Pat
             continue
         if path.name in files:
             message = str(DataError(path, f"duplicate of {files[path.name]}; keep one copy of each image"))
-            duplicates[path.name] = "; ".join(filter(None, (duplicates.get(path.name), message)))
+            duplicates[path.name] = join_errors(duplicates.get(path.name), message)
             continue
         files[path.name] = path
     return files, duplicates
@@ -226,7 +226,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                                                      "download?); extract every images_*.tar.gz archive under --src, "
                                                      "or add --keep-going to prepare the images that are there")))
         cases.append(Case(Path(name).stem, [safe_case_path(dst / "images", Path(name).stem, ".png")],
-                          {"path": files.get(name), "name": name}, error="; ".join(filter(None, problems))))
+                          {"path": files.get(name), "name": name}, error=join_errors(*problems)))
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chestxray14",
                         progress=progress, source=src,

@@ -37,7 +37,7 @@ from dira3d.data.cxr import (
     write_patient_split,
 )
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, join_errors, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["ALL", "FIVE", "POLICIES", "LSR_RANGE", "apply_policy", "read_labels", "prepare", "main"]
 
@@ -191,7 +191,7 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
             if case_id in by_id:
                 twice = str(DataError(csv_path, f"rows {records[case_id]['row']} and {row['row']} both list image "
                                                 f"{row['path']}; use the CSV as downloaded"))
-                by_id[case_id].error = "; ".join(filter(None, (by_id[case_id].error, twice)))
+                by_id[case_id].error = join_errors(by_id[case_id].error, twice)
                 continue
             problems, missing = [row.get("error", "")], not path.is_file()
             if missing:
@@ -201,7 +201,7 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
             records[case_id] = {"split": split_name, "patient": row["patient"], "view": row["view"],
                                 "label": [float(v) for v in label], "row": row["row"], "missing": missing}
             case = by_id[case_id] = Case(case_id, [safe_case_path(dst / "images", case_id, ".png")], {"path": path},
-                                         error="; ".join(filter(None, problems)))
+                                         error=join_errors(*problems))
             cases.append(case)
     if not cases:
         raise DataError(train_csv, "lists no image (after --frontal-only); nothing to prepare")

@@ -113,12 +113,11 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
     images: dict[str, Path] = {}
     masks: dict[str, Path] = {}
     skip = {Path(p).resolve() for p in exclude}
-    problem: dict[str, str] = {} if problems is None else problems
 
     def report(cid: str, err: DataError) -> None:
         if problems is None:
             raise err
-        problem.setdefault(cid, str(err))
+        problems.setdefault(cid, str(err))
 
     def add(found: dict[str, Path], cid: str, path: Path) -> None:
         if cid in found:
@@ -156,9 +155,9 @@ _MASK_VALUES = 16  # an integer image with this few distinct values is a label m
 
 def _check_not_a_mask(image: sitk.Image, path: str | os.PathLike) -> None:
     """A mask left among the scans (no ``--label-suffix``) would be normalised into a flat volume."""
-    if not np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.integer):
-        return
     array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.integer):
+        return
     if np.unique(array[::4, ::4, ::4]).size > _MASK_VALUES:  # a coarse look settles almost every scan
         return
     values = np.unique(array)

@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dira3d.data.errors import DataError, DataWarning  # noqa: F401  (re-exported: dira3d.data.io.DataError)
+from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.atomic import atomic_path
 
 __all__ = [
@@ -121,20 +122,16 @@ def _check_nhdr(path: Path) -> None:
 def _check_nifti(path: Path, check_finite: bool) -> None:
     """Catch what ITK's NIfTI reader hides: it zero-fills a truncated file (``.nii`` or ``.nii.gz``),
     reads NaN/Inf voxels as 0 and turns a zero or negative ``pixdim`` into a valid spacing."""
-    import gzip
-
     import nibabel as nib
 
     try:  # the raw header: nib.load would 'repair' a bad pixdim as ITK does
-        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as handle:
-            header = nib.Nifti1Header.from_fileobj(handle, check=False)
+        header = read_raw_nifti_header(path)
     except Exception:  # noqa: BLE001 - not a NIfTI nibabel can parse: ITK's read names the problem
         return
     # NIfTI-1 only (a NIfTI-2 header is laid out differently); with an sform the affine does not
     # come from pixdim, so a zero pixdim is harmless there
     if int(header["sizeof_hdr"]) == 348 and int(header["sform_code"]) == 0:
-        ndim = int(header["dim"][0])
-        pixdim = tuple(float(v) for v in header["pixdim"][1: 1 + min(max(ndim, 1), 3)])
+        pixdim = header_pixdim(header)
         if min(pixdim) <= 0 or not all(map(math.isfinite, pixdim)):
             raise DataError(path, f"has non-positive or invalid voxel spacing {pixdim} in its NIfTI header "
                                   "(pixdim); fix the header")

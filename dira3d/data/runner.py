@@ -47,6 +47,7 @@ __all__ = [
     "STATUSES",
     "run_cases",
     "batch_stopped",
+    "join_errors",
     "add_common_arguments",
     "finish",
     "run_prepare",
@@ -69,6 +70,11 @@ class Case:
     outputs: list[Path]
     params: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+
+
+def join_errors(*messages: str | None) -> str:
+    """One :attr:`Case.error` from several problems of a case: the non-empty ``messages``, ``"; "``-joined."""
+    return "; ".join(m for m in messages if m)
 
 
 @dataclass

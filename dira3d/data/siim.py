@@ -39,7 +39,7 @@ from dira3d.data.cxr import (
 )
 from dira3d.data.io import DataError
 from dira3d.data.rle import decode_rle
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, join_errors, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["read_rle_csv", "read_patient_id", "decode_masks", "prepare", "main"]
 
@@ -135,7 +135,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         if path.stem in rles:
             if path.stem in dicoms:  # which copy is right cannot be told: that image fails, the others go on
                 message = str(DataError(path, f"duplicate of {dicoms[path.stem]}; keep one copy of each DICOM"))
-                duplicates[path.stem] = "; ".join(filter(None, (duplicates.get(path.stem), message)))
+                duplicates[path.stem] = join_errors(duplicates.get(path.stem), message)
                 continue
             dicoms[path.stem] = path
     if not dicoms:
@@ -152,7 +152,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                                                     "(partial download?); extract the whole dicom-images-train, or "
                                                     "add --keep-going to prepare the images that are there")))
         cases.append(Case(image_id, outputs, {"path": dicoms.get(image_id), "rles": rles[image_id], "csv": csv_path},
-                          error="; ".join(filter(None, problems))))
+                          error=join_errors(*problems)))
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="siim",
                         progress=progress, source=src, datalists=[dst / "siim_datalist.json"])

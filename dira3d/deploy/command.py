@@ -14,16 +14,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from dira3d.utils.overrides import parse_value
 
 __all__ = ["main", "parse_overrides"]
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["width=0.125", "roi_size=[32,32,16]"]`` → ``{"width": 0.125, "roi_size": [32, 32, 16]}`` (JSON values, else strings).
+    """``["width=0.125", "roi_size=[32,32,16]"]`` → ``{"width": 0.125, "roi_size": [32, 32, 16]}`` (values read by :func:`dira3d.utils.overrides.parse_value`).
 
     Raises:
         ValueError: an item without ``=``.
@@ -33,10 +34,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--override {item!r} must look like id=value, e.g. width=0.125")
         key, value = item.split("=", 1)
-        try:
-            result[key] = json.loads(value)
-        except json.JSONDecodeError:
-            result[key] = value
+        result[key] = parse_value(value)
     return result
 
 

@@ -9,10 +9,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import ast
-import json
 import sys
 from pathlib import Path
+
+from dira3d.utils.overrides import parse_value
 
 __all__ = ["BUNDLE_DIR", "parse_override", "main"]
 
@@ -20,9 +20,8 @@ BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "dira_pretrain"
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` → ``(key, value)``; the value is read as JSON when it parses, else as a Python
-    literal (``False``, ``None``, ``[{'name': 'res', 'losses': ['res']}]``, as ``python -m monai.bundle
-    run --<id>`` reads it), else kept as text.
+    """``key=value`` → ``(key, value)``, the value read by :func:`dira3d.utils.overrides.parse_value`
+    (JSON, else a Python literal such as ``False`` or ``[{'name': 'res', 'losses': ['res']}]``, else text).
 
     Raises:
         ValueError: no ``=`` in ``text``.
@@ -30,15 +29,7 @@ def parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--override {text!r}: write key=value, e.g. --override dis_mode=moco or --override max_epochs=10")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return key.strip(), ast.literal_eval(value)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return key.strip(), value
-
+    return key.strip(), parse_value(value)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dira3d pretrain", description="DiRA pretraining (bundles/dira_pretrain).")
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         check_overrides(configs, overrides, where="--override")
     except ValueError as err:
         parser.error(str(err))
-    from dira3d.engines.inputs import data_error_in
+    from dira3d.engines.inputs import setting_error_in
     from dira3d.utils.checkpoint import check_writable
 
     try:
@@ -99,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as err:
         # MONAI wraps transform and config errors; print the bad file's or setting's own message
-        cause = data_error_in(err, (ValueError, FileNotFoundError))
+        cause = setting_error_in(err)
         if cause is None:
             raise
         print(f"dira3d pretrain: error: {cause}", file=sys.stderr)

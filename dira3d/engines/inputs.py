@@ -15,7 +15,6 @@ MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the 
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -29,8 +28,9 @@ from monai.config import KeysCollection
 from monai.transforms import LoadImaged, MapTransform
 
 from dira3d.data.errors import DataError
+from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 
-__all__ = ["load_datalist", "header_spacing", "check_volume", "LoadVolumed", "CheckVolumed", "data_error_in"]
+__all__ = ["load_datalist", "header_spacing", "check_volume", "LoadVolumed", "CheckVolumed", "data_error_in", "setting_error_in"]
 
 
 def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str = "image") -> list[dict[str, Any]]:
@@ -87,13 +87,7 @@ def header_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
     name = path.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rb") as handle:
-                header = nib.Nifti1Header.from_fileobj(handle, check=False)
-            ndim = int(header["dim"][0])
-            return tuple(float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 1), 3)])
+            return header_pixdim(read_raw_nifti_header(path))
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
@@ -192,3 +186,9 @@ def data_error_in(err: BaseException, kinds: tuple[type[BaseException], ...] = (
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+def setting_error_in(err: BaseException) -> BaseException | None:
+    """The bad path or setting (``ValueError`` / ``FileNotFoundError``) behind MONAI's "Failed to
+    instantiate ..." wrappers, or None: what a command prints as one ``error:`` line."""
+    return data_error_in(err, (ValueError, FileNotFoundError))

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import difflib
 import json
 import math
 import sys
@@ -55,6 +54,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.overrides import check_overrides, did_you_mean
 from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
 
 __all__ = ["load_config", "run_experiment", "write_report", "main"]
@@ -88,9 +88,8 @@ def load_config(path: str | Path) -> dict:
         raise ValueError(f"experiment config {path} lacks {', '.join(missing)}; see `dira3d experiment --help`")
     unknown = [key for key in config if key not in KNOWN]
     if unknown:  # a typo (`welsh: true`) would silently run with the default
-        hints = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), KNOWN, n=1)) else "")
-                          for k in unknown)
-        raise ValueError(f"experiment config {path}: unknown setting {hints}; the settings are {', '.join(KNOWN)}")
+        raise ValueError(f"experiment config {path}: unknown setting {did_you_mean(unknown, KNOWN)}; "
+                         f"the settings are {', '.join(KNOWN)}")
     for key in ("seeds", "label_fractions"):
         if not isinstance(config[key], list) or not config[key]:
             raise ValueError(f"{key} in {path} must be a non-empty list, e.g. {key}: [{'0, 1, 2' if key == 'seeds' else '0.1, 1.0'}]")
@@ -113,7 +112,6 @@ def load_config(path: str | Path) -> dict:
         raise FileNotFoundError(f"datalist {config['datalist']} in {path} does not exist; run `dira3d prepare` or fix the "
                                 "path (relative to the config's folder)")
     from dira3d.evaluation.finetune import bundle_path
-    from dira3d.utils.overrides import check_overrides
 
     bundle_configs = bundle_path(config["bundle"]) / "configs"  # FileNotFoundError naming the valid bundles
     overrides = dict(config.get("overrides") or {})
@@ -269,7 +267,7 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
         try:
             metrics = runner(str(config["bundle"]), overrides)
         except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
-            cause = _cause(err)
+            cause = _cause_of(err)
             failures.append({"method": method, "label_fraction": fraction, "seed": seed, "run_dir": str(run_dir),
                              "error": f"{type(cause).__name__}: {cause}"})
             log(f"[{i}/{len(todo)}] {method} labels={fraction:g} seed={seed}: FAILED ({type(cause).__name__}: {cause}); "
@@ -292,7 +290,7 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
     write_report(config, rows)
     failures_path = out / "failures.json"
     if failures:
-        failures_path.write_text(json.dumps(failures, indent=2), encoding="utf-8")
+        atomic_write_text(failures_path, json.dumps(failures, indent=2))
         raise ExperimentRunsFailed(
             f"{len(failures)} of {len(todo)} runs failed (details in {failures_path}): "
             + "; ".join(f"{f['method']} labels={f['label_fraction']:g} seed={f['seed']}: {f['error']}" for f in failures[:3])
@@ -302,11 +300,11 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
     return rows
 
 
-def _cause(err: BaseException) -> BaseException:
-    """The bad setting or path behind MONAI's "Failed to instantiate ..." wrappers, else ``err``."""
-    from dira3d.engines.inputs import data_error_in
+def _cause_of(err: BaseException) -> BaseException:
+    """The bad setting or path behind MONAI's wrappers, else ``err`` itself."""
+    from dira3d.engines.inputs import setting_error_in
 
-    return data_error_in(err, (ValueError, FileNotFoundError)) or err
+    return setting_error_in(err) or err
 
 
 def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True) -> str:
@@ -389,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d experiment: error: {err}", file=sys.stderr)
         return 1
     except Exception as err:
-        cause = _cause(err)
+        cause = _cause_of(err)
         if cause is err and not isinstance(err, (ValueError, FileNotFoundError)):
             raise
         print(f"dira3d experiment: error: {cause}", file=sys.stderr)

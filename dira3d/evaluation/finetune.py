@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.utils.atomic import atomic_write_text
-from dira3d.utils.overrides import check_overrides
+from dira3d.utils.overrides import check_overrides, parse_value
 
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "run_finetune", "main"]
 
@@ -155,14 +155,6 @@ def run_finetune(
     return result
 
 
-def _parse_value(text: str) -> Any:
-    """A ``--set`` value: JSON when it parses (numbers, lists, null), else the raw string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv: list[str] | None = None) -> int:
     """``dira3d finetune``: parse the options, run :func:`run_finetune`, print the test metrics."""
     parser = argparse.ArgumentParser(prog="dira3d finetune", description=__doc__.split("\n\n")[0])
@@ -189,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in item:
             parser.error(f"--set {item!r} must look like ID=VALUE, e.g. --set max_epochs=50")
         key, value = item.split("=", 1)
-        overrides[key] = _parse_value(value)
+        overrides[key] = parse_value(value)
     try:
         result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny)
     except Exception as err:
-        from dira3d.engines.inputs import data_error_in
+        from dira3d.engines.inputs import setting_error_in
 
-        cause = data_error_in(err, (ValueError, FileNotFoundError))  # a bad path or setting
+        cause = setting_error_in(err)  # a bad path or setting
         if cause is None:
             raise
         # MONAI wraps config errors in "Failed to instantiate/evaluate ..." tracebacks: print the cause alone

@@ -1,14 +1,31 @@
-"""Bundle overrides checked against the configs they override (MONAI adds an unknown id silently)."""
+"""Bundle overrides from the command line: their values parsed, their ids checked against the
+configs they override (MONAI adds an unknown id silently)."""
 
 from __future__ import annotations
 
+import ast
 import difflib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_overrides"]
+__all__ = ["parse_value", "check_overrides", "did_you_mean"]
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value: JSON when it parses (``0.125``, ``[64,64,32]``, ``null``), else a
+    Python literal (``False``, ``None``, ``[{'name': 'res', 'losses': ['res']}]``, as ``python -m
+    monai.bundle run --<id>`` reads it), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
 
 
 def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str, Any], where: str = "override") -> None:
@@ -31,7 +48,16 @@ def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str
     parser.read_config([str(f) for f in files])
     unknown = [key for key in overrides if key not in parser]
     if unknown:
-        close = {k: difflib.get_close_matches(k, list(parser.config), n=1) for k in unknown}
-        hints = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in close.items())
+        hints = did_you_mean(unknown, list(parser.config))
         folder = files[0].parent.parent if files else "the bundle"
         raise ValueError(f"{where}: no setting {hints} in {', '.join(f.name for f in files)} of {folder}; fix or remove it")
+
+
+def did_you_mean(unknown: Iterable[Any], known: Iterable[str]) -> str:
+    """``'max_epoch' (did you mean 'max_epochs'?); 'xyz'``: each unknown name with its closest known one."""
+    known = list(known)
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "; ".join(hints)

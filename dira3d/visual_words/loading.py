@@ -152,7 +152,7 @@ def _nifti_shape(path: str, orient: bool) -> tuple[int, int, int] | None:
     return tuple(out)  # type: ignore[return-value]
 
 
-def volume_shapes(entries: Sequence[dict], orient: bool = True, workers: int = 0) -> list[tuple[int, int, int]]:
+def volume_shapes(entries: Sequence[dict], orient: bool = True) -> list[tuple[int, int, int]]:
     """Spatial ``(x, y, z)`` shape of every entry's image as :func:`volume_transform` loads it.
 
     NIfTI files (what ``dira3d prepare`` writes) are read from their headers; anything else
@@ -161,6 +161,6 @@ def volume_shapes(entries: Sequence[dict], orient: bool = True, workers: int = 0
     shapes: list[tuple[int, int, int] | None] = [_nifti_shape(e["image"], orient) for e in entries]
     missing = [i for i, s in enumerate(shapes) if s is None]
     if missing:
-        for index, item in iterate_volumes([entries[i] for i in missing], volume_transform(orient), workers):
+        for index, item in iterate_volumes([entries[i] for i in missing], volume_transform(orient)):
             shapes[missing[index]] = tuple(int(s) for s in item["image"].shape[1:4])  # type: ignore[assignment]
     return shapes  # type: ignore[return-value]
