@@ -263,3 +263,19 @@ def test_evaluation_and_inference_do_not_announce_a_random_network(bundle, capsy
         parser.update(small)
         parser.get_parsed_content("network_def")
         assert ("initialised at random" in capsys.readouterr().out) == announced, [f.name for f in files]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_readme_inference_finds_a_finetune_output_and_a_tiny_model(bundle):
+    # `dira3d finetune --output-dir D` writes D/models/model.pt, which inference.json (bundle_root/models) does not
+    # read: the README must say --ckpt_dir, and how a --tiny model gets tiny.json's network settings
+    from monai.bundle import ConfigParser
+
+    root = bundle_path(bundle)
+    readme = (root / "docs" / "README.md").read_text(encoding="utf-8")
+    assert "--ckpt_dir D/models" in readme
+    assert f"'bundles/{bundle}/configs/inference.json','bundles/{bundle}/configs/tiny.json'" in readme
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "inference.json"), str(root / "configs" / "tiny.json")])
+    tiny = json.loads((root / "configs" / "tiny.json").read_text())
+    assert parser.get_parsed_content("width") == tiny["width"] and parser.get_parsed_content("roi_size") == tiny["roi_size"]

@@ -196,3 +196,15 @@ def test_finetune_set_refuses_a_setting_no_config_defines(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no setting 'max_epoch'" in err and "did you mean 'max_epochs'?" in err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_load_split_names_a_label_fraction_too_small_for_the_holdout(tmp_path):
+    # LiTS at 1 %: 100 training volumes -> one patient selected, so the holdout cannot be formed;
+    # the error must say that label_fraction is the cause, not only "check the datalist"
+    training = [{"image": f"v{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"lits-{i:03d}"} for i in range(100)]
+    path = tmp_path / "lits_datalist.json"
+    path.write_text(json.dumps({"training": training, "test": training[:1]}))
+    assert len(load_split(path, "train", label_fraction=0.01)) == 1
+    with pytest.raises(ValueError, match=r"label_fraction=0.01 keeps 1 of the 100 training patient\(s\).*at least 0.02"):
+        load_split(path, "holdout", label_fraction=0.01)
+    assert len(load_split(path, "holdout", label_fraction=0.02)) == 1

@@ -242,6 +242,14 @@ def load_split(
         result = train if split == "train" else held
     if not result and not (split == "holdout" and holdout == 0.0):
         hint = "check the datalist or use more data"
+        if split == "holdout":
+            kept = len({str(e["case_id"]) for e in chosen})
+            total = len({str(e["case_id"]) for e in training})
+            if kept < 2:
+                # e.g. LiTS at 1 %: 100 training volumes -> one patient, nothing left to hold out
+                hint = (f"label_fraction={label_fraction} keeps {kept} of the {total} training patient(s), and the "
+                        f"early-stopping holdout needs at least 2 (one held out, one to train on); "
+                        f"use a label_fraction of at least {min(1.0, 2 / total) if total else 1.0:.3g} or more patients")
         if split == "test" and (fold is None or int(fold) < 0):
             hint = f"add a 'test' list to the datalist (it has {sorted(k for k in content if k != 'meta')}), or set fold for a cross-validation datalist"
         raise ValueError(
