@@ -140,6 +140,10 @@ def test_label_fraction_and_cli(tmp_path, capsys):
     assert code == 0
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert result["epochs"] == 1 and result["settings"]["label_fraction"] == 0.5
+    # the values the run used are recorded, defaults included (holdout, learning rate: not passed)
+    settings = result["settings"]
+    assert settings["seed"] == 2 and settings["holdout"] == 0.1 and settings["learning_rate"] > 0
+    assert settings["datalist"] == str(datalist.resolve()) and settings["max_epochs"] == 1
     assert '"auc"' in capsys.readouterr().out and "auc" in result["metrics"]  # printed test metrics
     with pytest.raises(FileNotFoundError, match="nonexistent_bundle"):
         bundle_path("nonexistent_bundle")

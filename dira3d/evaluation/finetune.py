@@ -58,6 +58,10 @@ def bundle_path(bundle: str | os.PathLike, config: str = "train.json") -> Path:
     return path
 
 
+# recorded in metrics.json with the values the run used, passed or default
+_RECORDED = ("datalist", "pretrained", "label_fraction", "holdout", "seed", "fold", "max_epochs", "learning_rate")
+
+
 def _workflow(configs: list[Path], meta: Path, overrides: dict[str, Any]):
     from monai.bundle import ConfigWorkflow
 
@@ -127,6 +131,10 @@ def run_finetune(
 
         fold = parser.get_parsed_content("fold") if "fold" in parser else None
         load_split(parser.get_parsed_content("datalist"), "test", fold=fold)
+    # what the run used, defaults included (metrics.json must say which subset and seed made a number)
+    effective = {key: parser.get_parsed_content(key) for key in _RECORDED if key in parser}
+    if effective.get("datalist"):
+        effective["datalist"] = str(Path(effective["datalist"]).resolve())
     trainer_flow.run()
     trainer = trainer_flow.parser.get_parsed_content("train#trainer")
     validator = trainer_flow.parser.get_parsed_content("validate#evaluator")
@@ -148,7 +156,8 @@ def run_finetune(
         "metrics": metrics,
         "holdout": holdout,
         "epochs": epochs,
-        "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
+        "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        | {k: v for k, v in effective.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
     }
     _write_json(result, out / "metrics.json")
     logger.info("fine-tuning %s finished: %s", root.name, metrics)
