@@ -102,7 +102,7 @@ def test_report_counts_each_run_of_the_current_grid_once(tmp_path):
     smaller = _config(tmp_path, seeds=[0, 1], label_fractions=[1.0])
     run_experiment(smaller, runner=fake_runner([]), log=lambda _: None)
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "0.5 labels" not in table
+    assert "50 % labels" not in table
     assert "| random | 70.50 ± 0.71 |" in table  # seeds 0 and 1 only: 0.70, 0.71
 
 

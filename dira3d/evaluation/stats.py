@@ -93,7 +93,7 @@ def markdown_table(cells: Sequence[CellSummary], metric: str, scale: float = 100
     fractions = sorted({c.label_fraction for c in cells})
     methods = list(method_order) if method_order else list(dict.fromkeys(c.method for c in cells))
     index = {(c.method, c.label_fraction): c for c in cells}
-    header = "| method | " + " | ".join(f"{metric} @ {f:g} labels" for f in fractions) + " |"
+    header = "| method | " + " | ".join(f"{metric} @ {100 * f:g} % labels" for f in fractions) + " |"
     lines = [header, "|---|" + "---|" * len(fractions)]
     for method in methods:
         row = [_fmt(index[(method, f)], scale, digits) if (method, f) in index else "–" for f in fractions]
