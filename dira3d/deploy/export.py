@@ -80,16 +80,6 @@ def _config_value(parser: ConfigParser, key: str) -> Any:
         return None
 
 
-def _tiny_settings(root: Path, keys: Sequence[str]) -> dict[str, Any]:
-    """The bundle's ``configs/tiny.json`` values of ``keys`` (what ``dira3d finetune --tiny`` trains with)."""
-    path = root / "configs" / "tiny.json"
-    try:
-        tiny = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return {k: tiny[k] for k in keys if k in tiny}
-
-
 def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network: torch.nn.Module | None = None) -> str:
     """Which config overrides make ``state`` fit the bundle's network, as a sentence for an error.
 
@@ -97,7 +87,8 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
     values that fit are read from the state_dict's keys and shapes; when they are those of the
     bundle's ``tiny.json`` (a ``dira3d finetune --tiny`` model) its ``roi_size`` is added.
     """
-    from dira3d.networks.weights_fit import format_overrides, infer_network_settings, settings_that_fit
+    from dira3d.evaluation.finetune import tiny_settings
+    from dira3d.networks.weights_fit import format_overrides, infer_network_settings, same_value, settings_that_fit
 
     two_d = "backbone" in parser
     names = _NETWORK_SETTINGS_2D if two_d else _NETWORK_SETTINGS_3D
@@ -115,10 +106,10 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
             return (f"the weights are of a {kinds[0]} network and {root.name} builds a {kinds[1]} one: "
                     "use the weights fine-tuned with this bundle")
     fits = settings_that_fit(state, current)
-    tiny = _tiny_settings(root, names)
-    from_tiny = bool(fits) and all(k in tiny and json.dumps(tiny[k]) == json.dumps(fits[k]) for k in fits)
+    tiny = tiny_settings(root, names)
+    from_tiny = bool(fits) and all(k in tiny and same_value(tiny[k], fits[k]) for k in fits)
     if from_tiny:  # a --tiny model: roi_size cannot be read from weights, tiny.json has it
-        fits = {**fits, **{k: v for k, v in tiny.items() if k not in fits and json.dumps(current.get(k)) != json.dumps(v)}}
+        fits = {**fits, **{k: v for k, v in tiny.items() if k not in fits and not same_value(current.get(k), v)}}
     settings = " / ".join(k for k in names if k != "in_channels")
     example = "backbone=resnet10 --override decoder_channels=[16,16,8,8,8] --override roi_size=[64,64]" if two_d \
         else "width=0.125"

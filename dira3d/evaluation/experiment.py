@@ -127,7 +127,7 @@ def load_config(path: str | Path) -> dict:
                                          for c in config["pretrain"].get("configs", ["train.json"])]
         from dira3d.engines.command import BUNDLE_DIR
 
-        configs = [Path(c) if Path(c).is_absolute() else BUNDLE_DIR / "configs" / c for c in config["pretrain"]["configs"]]
+        configs = [Path(c) for c in _pretrain_configs(config["pretrain"])]
         missing_configs = [str(c) for c in configs if not c.is_file()]
         if missing_configs:
             raise FileNotFoundError(f"pretrain configs {missing_configs} in {path} do not exist; name files of "
@@ -182,16 +182,21 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     run(config_file=settings["configs"], meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
         logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
         dataset_dir=settings["dataset_dir"], **overrides)
-    (out / "done.json").write_text(json.dumps({"method": name, "overrides": overrides}, default=str), encoding="utf-8")
+    atomic_write_text(out / "done.json", json.dumps({"method": name, "overrides": overrides}, default=str))
     return str(best)
+
+
+def _pretrain_configs(section: Mapping[str, Any]) -> list[str]:
+    """The pretraining config files of the ``pretrain`` section: paths, or names in the bundle's configs/."""
+    from dira3d.engines.command import BUNDLE_DIR
+
+    return [c if Path(c).is_absolute() else str(BUNDLE_DIR / "configs" / c) for c in section.get("configs", ["train.json"])]
 
 
 def _pretrain_settings(name: str, spec: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[Path, dict]:
     """``(folder, settings)`` of a method's pretraining: its config files, data and overrides (JSON values)."""
-    from dira3d.engines.command import BUNDLE_DIR
-
     section = config["pretrain"]
-    configs = [c if Path(c).is_absolute() else str(BUNDLE_DIR / "configs" / c) for c in section.get("configs", ["train.json"])]
+    configs = _pretrain_configs(section)
     overrides = {**section.get("overrides", {}), **(spec.get("pretrain") or {})}
     settings = {"configs": configs, "dataset_dir": section["dataset_dir"], "overrides": overrides}
     return Path(config["output_dir"]) / "pretrain" / name, json.loads(json.dumps(settings, default=str))

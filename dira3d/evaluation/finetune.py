@@ -19,13 +19,14 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.overrides import check_overrides, parse_value
 
-__all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "run_finetune", "main"]
+__all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,16 @@ def bundle_path(bundle: str | os.PathLike, config: str = "train.json") -> Path:
             f"use one of {', '.join(BUNDLES + BUNDLES_2D)} or the path of a bundle folder"
         )
     return path
+
+
+def tiny_settings(bundle: str | os.PathLike, keys: Sequence[str]) -> dict[str, Any]:
+    """The values of ``keys`` in the bundle's ``configs/tiny.json`` (what ``dira3d finetune --tiny``
+    trains with); keys it lacks, or a bundle without one, give nothing."""
+    try:
+        tiny = json.loads((bundle_path(bundle) / "configs" / "tiny.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: tiny[k] for k in keys if k in tiny}
 
 
 # recorded in metrics.json with the values the run used, passed or default

@@ -185,17 +185,6 @@ def run_localisation(
     return localise(model, entries, output_dir, **kwargs)
 
 
-def _tiny_settings() -> dict[str, Any]:
-    """``backbone`` and ``roi_size`` of ``bundles/chestxray14_cls/configs/tiny.json`` (what ``dira3d finetune --tiny`` trains)."""
-    from dira3d.evaluation.finetune import bundle_path
-
-    try:
-        tiny = json.loads((bundle_path("chestxray14_cls") / "configs" / "tiny.json").read_text(encoding="utf-8"))
-        return {"backbone": str(tiny["backbone"]), "roi_size": [int(v) for v in tiny["roi_size"]]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
 def _fit_hint(state: Mapping[str, Any], backbone: str, num_classes: int, in_channels: int, roi_size: Sequence[int]) -> str:
     """Which ``dira3d localise`` options make ``state`` fit, read from its keys and shapes."""
     inferred = infer_network_settings(state)
@@ -210,9 +199,11 @@ def _fit_hint(state: Mapping[str, Any], backbone: str, num_classes: int, in_chan
         options.append(f"--num-classes {inferred['out']}")
     if "in_channels" in inferred and inferred["in_channels"] != in_channels:
         options.append(f"in_channels={inferred['in_channels']}")
-    tiny = _tiny_settings()
+    from dira3d.evaluation.finetune import tiny_settings
+
+    tiny = tiny_settings("chestxray14_cls", ("backbone", "roi_size"))  # what --tiny trains with
     roi = ""
-    if tiny and inferred.get("backbone", tiny["backbone"]) == tiny["backbone"] and list(roi_size) != tiny["roi_size"]:
+    if len(tiny) == 2 and inferred.get("backbone", tiny["backbone"]) == tiny["backbone"] and list(roi_size) != tiny["roi_size"]:
         roi = (f"; a model fine-tuned with --tiny ({tiny['backbone']}) also needs --roi-size "
                f"{' '.join(map(str, tiny['roi_size']))}, the size it was trained at")
     if not options:

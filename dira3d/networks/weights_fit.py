@@ -17,7 +17,7 @@ from torch import nn
 
 from dira3d.networks.pretrained import Shape, _preview
 
-__all__ = ["infer_network_settings", "state_dict_mismatch", "mismatch_summary", "settings_that_fit", "format_overrides"]
+__all__ = ["infer_network_settings", "state_dict_mismatch", "mismatch_summary", "settings_that_fit", "format_overrides", "same_value"]
 
 _UNET_BASE_CHANNELS = 32  # dira3d.networks.UNet: level 0 has 32 x width filters
 _LAYER_BLOCK = re.compile(r"(?:^|\.)layer([1-4])\.(\d+)\.")
@@ -111,9 +111,10 @@ def mismatch_summary(missing: Sequence[str], unexpected: Sequence[str],
     return "; ".join(parts) or "no differences"
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Equal settings: numbers by value (1 == 1.0), lists element by element."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return abs(float(a) - float(b)) < 1e-9
     return a == b
@@ -122,7 +123,7 @@ def _same(a: Any, b: Any) -> bool:
 def settings_that_fit(state: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``current`` (setting → value used now) that the weights in ``state`` need changed, with the value that fits."""
     inferred = infer_network_settings(state)
-    return {k: inferred[k] for k in current if k in inferred and not _same(inferred[k], current[k])}
+    return {k: inferred[k] for k in current if k in inferred and not same_value(inferred[k], current[k])}
 
 
 def format_overrides(settings: Mapping[str, Any]) -> str:
