@@ -14,7 +14,8 @@ inductor, default mode), ``compile-max`` (inductor ``max-autotune-no-cudagraphs`
 fused / multi-tensor one), ``gemmwg`` (the 1-channel convolutions' weight gradient as one GEMM:
 :mod:`dira3d.networks.gemm_wgrad`), ``padch`` (convolutions on channels zero-padded to 8:
 :mod:`dira3d.networks.channel_pad`), ``gemmup`` (the up-sampling as one GEMM:
-:mod:`dira3d.networks.gemm_upconv`), ``nodist`` (no restorative distortion) and ``subset`` (the
+:mod:`dira3d.networks.gemm_upconv`), ``splitcat`` (the decoder's concatenation left out:
+:mod:`dira3d.networks.split_concat`), ``nodist`` (no restorative distortion) and ``subset`` (the
 distortions compute only the samples that drew them).
 
 A configuration that fails (out of memory, a compiler error) is reported in the table with the
@@ -89,6 +90,7 @@ class Config:
     gemm_weight_grad: bool = False
     pad_channels: bool = False
     gemm_upconv: bool = False
+    split_concat: bool = False
     distortion: str | None = None  # None: --distortion
     static_distortion: bool | None = None  # None: the distortion's default (static off the CPU)
 
@@ -97,7 +99,7 @@ class Config:
         return dict(amp=self.amp, channels_last=self.channels_last, compile=self.compile,
                     compile_mode=self.compile_mode, cudnn_benchmark=self.cudnn_benchmark,
                     gemm_weight_grad=self.gemm_weight_grad, pad_channels=self.pad_channels,
-                    gemm_upconv=self.gemm_upconv)
+                    gemm_upconv=self.gemm_upconv, split_concat=self.split_concat)
 
 
 def parse_config(name: str) -> Config:
@@ -126,13 +128,15 @@ def parse_config(name: str) -> Config:
             config.pad_channels = True
         elif token == "gemmup":
             config.gemm_upconv = True
+        elif token == "splitcat":
+            config.split_concat = True
         elif token == "nodist":
             config.distortion = "none"
         elif token == "subset":
             config.static_distortion = False
         else:
             raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, plainopt, gemmwg, padch, gemmup, nodist, subset")
+                             "compile|compile-max|compile-ro, plainopt, gemmwg, padch, gemmup, splitcat, nodist, subset")
     if config.gemm_weight_grad and config.pad_channels:
         raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
     return config
@@ -410,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    changes_layers = plain_config.gemm_weight_grad or plain_config.pad_channels or plain_config.gemm_upconv
+    changes_layers = any((plain_config.gemm_weight_grad, plain_config.pad_channels, plain_config.gemm_upconv,
+                          plain_config.split_concat))
     if plain_config.amp == "fp16" or changes_layers or not plain_config.fused:
         print(f"--plain-config {args.plain_config!r}: the plain loop takes fp32 or bf16 with cl, cudnn, compile, "
               "nodist and subset tokens only", file=sys.stderr)

@@ -65,10 +65,34 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
     assert padded.pad_channels and padded.trainer_kwargs()["pad_channels"] and not tuned.pad_channels
     assert module.parse_config("bf16+subset").static_distortion is False and tuned.static_distortion is None
     assert module.parse_config("bf16+gemmup").trainer_kwargs()["gemm_upconv"] and not tuned.gemm_upconv
+    assert module.parse_config("bf16+splitcat").trainer_kwargs()["split_concat"] and not tuned.split_concat
     with pytest.raises(ValueError, match="gemmwg and padch"):
         module.parse_config("bf16+gemmwg+padch")
     with pytest.raises(ValueError, match="turbo"):
         module.parse_config("fp32+turbo")
+
+
+def test_conv_layers_quick_times_every_convolution_of_the_model(repo_root: Path) -> None:
+    lines = run(repo_root, "conv_layers.py")
+    rows = [line.split() for line in lines if line.split()[:1] in (["unet"], ["head"], ["adversary"])]
+    layers = {(r[0], r[1]) for r in rows}
+    # U-Net: 8 encoder convolutions, 3 levels of (up, conv1, conv2), the 1x1 head; head: 1; adversary: 5
+    assert len([key for key in layers if key[0] == "unet"]) == 8 + 9 + 1 and len(layers) == 18 + 1 + 5
+    split = {r[1] for r in rows if r[2] == "split"}
+    assert split == {f"decoder.levels.{i}.convs.conv1.conv" for i in range(3)}  # only the concatenation's readers
+    assert any("every layer in its fastest variant" in line for line in lines)
+
+
+def test_conv_layers_counts_flops_like_the_model_counter(repo_root: Path) -> None:
+    import torch
+
+    module = load_benchmark(repo_root, "conv_layers")
+    conv = torch.nn.Conv3d(4, 6, 3, stride=2, padding=1)
+    layer = module.Layer("n", "c", conv, (2, 4, 8, 8, 6), True)
+    assert layer.flops() == 2 * 2 * (4 * 4 * 3) * 6 * 4 * 27  # batch, output voxels, out, in, taps
+    assert layer.backward_flops() == 2 * layer.flops()
+    up = module.Layer("n", "u", torch.nn.ConvTranspose3d(4, 4, 2, stride=2), (2, 4, 3, 3, 3), False)
+    assert up.flops() == 2 * 2 * 27 * 4 * 4 * 8 and up.backward_flops() == up.flops()
 
 
 def test_loader_throughput_quick(repo_root: Path) -> None:
@@ -217,32 +241,35 @@ def test_gpu_lease_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path)
     script = repo_root / "benchmarks" / "gpu" / "run.sh"
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     subprocess.run(["bash", str(script), "lease"], capture_output=True, text=True, timeout=600, env=env)
-    for part, marker in (("cuda_tests", "skipped"), ("first_conv", "wgrad_rel_diff"),
-                         ("ab", "=== best combination from the A/B rows: fp32"),
-                         ("throughput", "peak_MiB"), ("profile", "step (G + D"),
-                         ("plain", "plain PyTorch loop (fp32): ")):
+    for part, marker in (("cuda_tests", "skipped"), ("ab", "=== fastest A/B row: fp32+gemmwg"),
+                         ("profile", "step (G + D"), ("plain", "plain PyTorch loop (fp32): ")):
         log = (tmp_path / f"{part}.txt").read_text()
         assert marker in log and "exited with" not in log and "skipped, no time left" not in log, (part, log[-1500:])
     ab = (tmp_path / "ab.txt").read_text()
-    assert {"fp32+cudnn", "fp32+padch", "fp32+gemmwg", "fp32+gemmup", "fp32+subset", "fp32+nodist"} <= {
+    assert {"fp32+gemmwg", "fp32+gemmwg+splitcat", "fp32+gemmwg+gemmup", "fp32+gemmwg+splitcat+gemmup"} == {
         line.split("'config': '")[1].split("'")[0] for line in ab.splitlines() if line.startswith("row: ")}
 
 
-def test_gpu_lease_combines_the_options_that_beat_the_baseline(repo_root: Path, tmp_path: Path) -> None:
-    # best_combo: the compiled rows take every option whose eager A/B row beat the baseline by > 1 %
+def test_gpu_followup_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path) -> None:
     script = repo_root / "benchmarks" / "gpu" / "run.sh"
-    rows = {"bf16+cl": 300.0, "bf16+cl+cudnn": 310.0, "bf16+cl+padch": 330.0, "bf16+cl+gemmwg": 320.0,
-            "bf16+cl+nodist": 340.0}
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    subprocess.run(["bash", str(script), "followup"], capture_output=True, text=True, timeout=600, env=env)
+    for part, marker in (("layers", "every layer in its fastest variant"), ("batches", "peak_MiB"),
+                         ("autotune", "peak_MiB")):
+        log = (tmp_path / f"{part}.txt").read_text()
+        assert marker in log and "exited with" not in log and "skipped, no time left" not in log, (part, log[-1500:])
+
+
+def test_gpu_lease_profiles_the_fastest_ab_row(repo_root: Path, tmp_path: Path) -> None:
+    script = repo_root / "benchmarks" / "gpu" / "run.sh"
     ab = tmp_path / "ab.txt"
 
-    def combo(rates: dict) -> str:
-        ab.write_text("\n".join(f"row: {{'config': '{k}', 'patches/s': {v}}}" for k, v in rates.items()) + "\n")
-        call = f'source <(sed -n "/^best_combo() {{/,/^}}/p" {script}); PY={sys.executable}; best_combo {ab} bf16+cl'
+    def fastest(rates: dict) -> str:
+        ab.write_text("=== ab\n" + "\n".join(f"row: {{'config': '{k}', 'patches/s': {v}}}" for k, v in rates.items()))
+        call = f'source <(sed -n "/^fastest() {{/,/^}}/p" {script}); PY={sys.executable}; fastest {ab} base'
         return subprocess.run(["bash", "-c", call], capture_output=True, text=True, timeout=60).stdout.strip()
 
-    assert combo(rows) == "bf16+cl+cudnn+padch"  # padch and gemmwg exclude each other: the faster one
-    assert combo({**rows, "bf16+cl+cudnn": 301.0, "bf16+cl+padch": 290.0}) == "bf16+cl+gemmwg"
-    assert combo({"bf16+cl": 300.0, "bf16+cl+padch": 302.0}) == "bf16+cl"  # within 1 %: not taken
-    assert combo({}) == "bf16+cl"  # no rows (the A/B part timed out): the baseline
-    assert combo({**rows, "bf16+cl+subset": 305.0}) == "bf16+cl+cudnn+subset+padch"
-    assert combo({**rows, "bf16+cl+gemmup": 350.0}) == "bf16+cl+cudnn+gemmup+padch"
+    assert fastest({"base": 380.0, "base+splitcat": 400.0, "base+gemmup": 370.0}) == "base+splitcat"
+    assert fastest({"base": 380.0, "base+splitcat": 379.0}) == "base"
+    assert fastest({}) == "base"  # no rows (the A/B part timed out): the baseline
+    assert fastest({"base+splitcat": 0.0}) == "base"  # a row that failed

@@ -3,7 +3,8 @@
 Two alternatives for the image-facing layers that cuDNN runs slowly in channels-last bf16:
 :mod:`dira3d.networks.gemm_wgrad` (the weight gradient of 1-input-channel layers as one GEMM) and
 :mod:`dira3d.networks.channel_pad` (channels zero-padded to a multiple of 8); and
-:mod:`dira3d.networks.gemm_upconv` (the U-Net's up-sampling as one GEMM and a rearrangement).
+:mod:`dira3d.networks.gemm_upconv` (the U-Net's up-sampling as one GEMM and a rearrangement); and
+:mod:`dira3d.networks.split_concat` (the decoder's concatenation left out).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dira3d.networks import Adversary, UNet
 from dira3d.networks.channel_pad import ChannelPaddedConv3d, use_padded_channels
 from dira3d.networks.gemm_upconv import use_gemm_upconv
 from dira3d.networks.gemm_wgrad import GemmWgradConv3d, use_gemm_weight_grad
+from dira3d.networks.split_concat import use_split_concat
 
 SWITCHES = {"gemm": use_gemm_weight_grad, "pad": use_padded_channels}
 
@@ -302,3 +304,82 @@ def test_on_cuda_bf16_channels_last_gemm_upconv_agrees_with_cudnn():
     assert results[1][0].is_contiguous(memory_format=fmt)
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+# --- split_concat (the decoder's concatenation left out) ---------------------------------------
+
+def unet_grads(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    net.zero_grad()
+    out = net(x)
+    torch.manual_seed(3)
+    (out * torch.randn(out.shape, dtype=out.dtype)).sum().backward()
+    return [out.detach(), *(p.grad.clone() for p in net.parameters())]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_split_concat_gives_the_unet_output_and_gradients(dims, channels_last, norm):
+    torch.manual_seed(11)
+    ref = UNet(dims, 1, 1, width=0.125, norm=norm).double()
+    split = UNet(dims, 1, 1, width=0.125, norm=norm).double()
+    split.load_state_dict(ref.state_dict())
+    keys = set(split.state_dict())
+    assert use_split_concat(split) == ["0.decoder.levels.0", "0.decoder.levels.1", "0.decoder.levels.2"]
+    assert set(split.state_dict()) == keys and use_split_concat(split) == []  # same checkpoints; once only
+    x = torch.rand(2, 1, *((16, 16, 8) if dims == 3 else (16, 16)), dtype=torch.double)
+    if channels_last:
+        fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+        ref, split, x = ref.to(memory_format=fmt), split.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    for a, b in zip(unet_grads(ref, x), unet_grads(split, x)):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    for name, buffer in ref.state_dict().items():  # batch-norm statistics updated alike
+        torch.testing.assert_close(split.state_dict()[name], buffer, rtol=1e-10, atol=1e-10)
+
+
+def test_split_concat_leaves_a_switched_first_convolution_on_its_own_path():
+    # another switch owns the level's first convolution: the level falls back to the concatenation
+    net = UNet(3, 1, 1, width=0.125).double()
+    first = net.decoder.levels[0].convs.conv1.conv
+    first.__class__ = type("OtherConv3d", (nn.Conv3d,), {})
+    use_split_concat(net)
+    calls = []
+    first.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    net(torch.rand(1, 1, 16, 16, 8, dtype=torch.double))
+    assert calls == [first.in_channels]  # it saw the whole concatenation
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN under bf16 autocast)")
+def test_on_cuda_bf16_channels_last_split_concat_agrees_with_the_concatenation():
+    torch.manual_seed(7)
+    fmt = torch.channels_last_3d
+    ref = UNet(3, 1, 1, width=0.5).cuda().to(memory_format=fmt)
+    split = UNet(3, 1, 1, width=0.5).cuda().to(memory_format=fmt)
+    split.load_state_dict(ref.state_dict())
+    use_split_concat(split)
+    x = torch.rand(4, 1, 32, 32, 16, device="cuda").contiguous(memory_format=fmt)
+    results = []
+    for net in (ref, split):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(x)
+        out.float().square().mean().backward()
+        results.append((out.float(), net.decoder.levels[2].convs.conv1.conv.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+def test_split_concat_compiles_without_a_graph_break():
+    torch.manual_seed(2)
+    ref, split = UNet(3, 1, 1, width=0.125), UNet(3, 1, 1, width=0.125)
+    split.load_state_dict(ref.state_dict())
+    use_split_concat(split)
+    x = torch.rand(2, 1, 16, 16, 8)
+    decoder = torch.compile(split.decoder, backend="inductor", fullgraph=True)  # fullgraph: breaks raise
+    out = torch.sigmoid(decoder(*split.encoder(x)))  # UNet.forward's activation
+    expected = ref(x)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    first = "decoder.levels.0.convs.conv1.conv.weight"
+    torch.testing.assert_close(dict(split.named_parameters())[first].grad, dict(ref.named_parameters())[first].grad,
+                               rtol=1e-4, atol=1e-5)

@@ -8,20 +8,19 @@
 #       .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && DEADLINE=540 bash benchmarks/gpu/run.sh lease
 #
 # Parts: check (GPU facts + the CUDA-only tests), throughput (batch 32, all engine configurations),
-# scale (larger batches for the best configurations), loader, inference (sliding window, LiTS bundle).
+# scale (larger batches for the best configurations), loader, inference (sliding window, LiTS bundle),
+# first_conv (the 1-channel layers per variant), layers (every convolution of the model, timed alone).
 # lease: what matters for issue 8 in ONE call that ends by DEADLINE seconds (default 540), for a lease
 # of 15 device minutes, most important first; each step is cut by `timeout` so that a slow compile
 # cannot eat the rest, and its output is in $OUT already:
-#   facts; the CUDA tests of the layer options against cuDNN; first_conv (the 1-channel layers,
-#       every variant, batch 64);
-#   ab: eager A/B at batch 64, each option against the same baseline in one process (cudnn,
-#       padch, gemmwg, gemmup, subset; nodist tells the distortion's share);
-#   throughput: compiled, batch 64, the best combination the A/B picked (best_combo) next to the
-#       compiled baseline;
-#   profile: that combination compiled (the inductor cache is warm by then);
+#   facts; the CUDA tests of the layer options against cuDNN;
+#   ab: compiled A/B at batch 64 in one process, the bundle's performance.json setting
+#       (bf16+cl+gemmwg+compile) against the same with splitcat, gemmup and both;
+#   profile: the fastest A/B row, compiled (the inductor cache is warm by then);
 #   plain: the plain PyTorch loop at bf16 + channels-last + compile, if time is left.
-# The loader (1,626 pairs/s, 4.5x the step) and inference were measured on 2026-11-26 and are
-# separate parts now.
+# followup: the per-layer convolution table (conv_layers.py), batch 64 vs 128, and inductor's
+# max-autotune (the second call of 2026-11-26; its figures are in docs/benchmarks.md).
+# The loader, inference and first_conv were measured on 2026-11-26 and are separate parts now.
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
 # BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
 # (defaults 300 / 360, so that `check throughput` fits one 10-minute call).
@@ -44,7 +43,7 @@ capped() {  # capped NAME SECONDS COMMAND...: like part, killed after SECONDS (s
     part "$name" timeout -k 10 "$secs" "$@"
 }
 
-best_combo() {  # best_combo FILE BASE: BASE plus every option whose A/B row beat BASE's by > 1 %
+fastest() {  # fastest FILE BASE: the config of FILE's fastest row (BASE when it has none)
     "$PY" - "$1" "$2" <<'PYEOF'
 import ast, pathlib, sys
 path, base = pathlib.Path(sys.argv[1]), sys.argv[2]
@@ -54,12 +53,7 @@ if path.exists():
         if line.startswith("row: "):
             row = ast.literal_eval(line[5:])
             rates[row["config"]] = float(row.get("patches/s") or 0.0)
-ref = rates.get(base, 0.0)
-faster = lambda t: ref > 0 and rates.get(f"{base}+{t}", 0.0) > 1.01 * ref
-tokens = [t for t in ("cudnn", "gemmup", "subset") if faster(t)]
-layer = max(("padch", "gemmwg"), key=lambda t: rates.get(f"{base}+{t}", 0.0))  # they exclude each other
-tokens += [layer] if faster(layer) else []
-print("+".join([base, *tokens]))
+print(max(rates, key=rates.get) if rates and max(rates.values()) > 0 else base)
 PYEOF
 }
 
@@ -75,15 +69,18 @@ if [ "${QUICK:-0}" = 1 ]; then
     DEV=(--device cpu); PT_SIZE=(--patch 16 16 8 --width 0.125 --iters 2 --warmup 1 --num-classes 4 --matmul-size 256)
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
     SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32
-    PF_SIZE=(--quick); PF_EXTRA=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}"); COMPILE=""
-    AB_BASE=fp32; AB_CONFIGS=fp32,fp32+cudnn,fp32+padch,fp32+gemmwg,fp32+gemmup,fp32+subset,fp32+nodist
+    PF_SIZE=(--quick); PF_EXTRA=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}")
+    AB_BASE=fp32+gemmwg; AB_CONFIGS=fp32+gemmwg,fp32+gemmwg+splitcat,fp32+gemmwg+gemmup,fp32+gemmwg+splitcat+gemmup
+    CL_SIZE=(--quick); FOLLOW=fp32+gemmwg; FOLLOW_MAX=fp32+gemmwg; BATCHES=(2 4)
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
-    PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_EXTRA=(--rows 40); FC_SIZE=(--batch 64); COMPILE=+compile
-    AB_SIZE=(--patch 64 64 32 --width 1 --iters 12 --warmup 3)
-    AB_BASE=bf16+cl; AB_CONFIGS=bf16+cl,bf16+cl+padch,bf16+cl+cudnn,bf16+cl+gemmup,bf16+cl+subset,bf16+cl+gemmwg,bf16+cl+nodist
+    PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_EXTRA=(--rows 40); FC_SIZE=(--batch 64)
+    AB_SIZE=("${PT_SIZE[@]}")
+    AB_BASE=bf16+cl+gemmwg+compile
+    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+splitcat+compile,bf16+cl+gemmwg+gemmup+compile,bf16+cl+gemmwg+splitcat+gemmup+compile
     PLAIN=bf16+cl+compile
+    CL_SIZE=(--batch 64); FOLLOW=bf16+cl+gemmwg+compile; FOLLOW_MAX=bf16+cl+gemmwg+compile-max; BATCHES=(64 128)
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
     CONFIGS=fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile
     BEST=bf16+cl+cudnn,bf16+cl+cudnn+compile
@@ -110,22 +107,30 @@ for what in "$@"; do
         part facts nvidia-smi -L
         part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
         capped cuda_tests 40 "$PY" -m pytest -q -p no:cacheprovider -k on_cuda tests/test_image_convs.py
-        capped first_conv 45 "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}"
-        capped ab 120 "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
-            --configs "$AB_CONFIGS" --no-plain --out "$OUT/ab.md"
-        combo=$(best_combo "$OUT/ab.txt" "$AB_BASE")
-        echo "=== best combination from the A/B rows: $combo" | tee -a "$OUT/ab.txt"
-        configs="${combo}${COMPILE}"; [ "$combo" = "$AB_BASE" ] || configs="$configs,${AB_BASE}${COMPILE}"
         cap=$(left 150)  # keep ~60 s for the profile and ~90 s for the plain loop
-        capped throughput "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
-            --batch-sizes "${BIG[0]}" --configs "$configs" --no-plain --time-budget "$(( cap > 100 ? cap - 90 : 10 ))" \
-            --out "$OUT/throughput.md"
+        capped ab "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
+            --configs "$AB_CONFIGS" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/ab.md"
+        best=$(fastest "$OUT/ab.txt" "$AB_BASE")
+        echo "=== fastest A/B row: $best" | tee -a "$OUT/ab.txt"
         capped profile "$(( $(left 90) < 60 ? $(left 90) : 60 ))" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
-            "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "${combo}${COMPILE}" --warmup 3
+            "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$best" --warmup 3
         capped plain "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BIG[0]}" --configs "" --plain-config "$PLAIN" ;;
+    first_conv)
+        part first_conv "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}" ;;
+    layers)
+        part layers "$PY" benchmarks/conv_layers.py "${DEV[@]}" "${CL_SIZE[@]}" ;;
+    followup)
+        part facts nvidia-smi -L
+        capped layers 100 "$PY" benchmarks/conv_layers.py "${DEV[@]}" "${CL_SIZE[@]}"
+        cap=$(left 120)
+        capped batches "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
+            --batch-sizes "${BATCHES[@]}" --configs "$FOLLOW" --no-plain --time-budget "$(( cap > 100 ? cap - 90 : 10 ))" \
+            --out "$OUT/batches.md"
+        capped autotune "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
+            --batch-sizes "${BATCHES[0]}" --configs "$FOLLOW_MAX" --no-plain --out "$OUT/autotune.md" ;;
     *)
-        echo "unknown part '$what'; use check, throughput, scale, loader, inference, lease" >&2; status=2 ;;
+        echo "unknown part '$what'; use check, throughput, scale, loader, inference, first_conv, layers, lease, followup" >&2; status=2 ;;
     esac
 done
 exit $status

@@ -44,6 +44,7 @@ from dira3d.engines.performance import compile_modules
 from dira3d.networks.channel_pad import use_padded_channels
 from dira3d.networks.gemm_upconv import use_gemm_upconv
 from dira3d.networks.gemm_wgrad import use_gemm_weight_grad
+from dira3d.networks.split_concat import use_split_concat
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
 
@@ -97,10 +98,10 @@ class DiRATrainer(Trainer):
             and keep the fastest (``torch.backends.cudnn.benchmark``, a process-wide switch; set
             only when True).
         gemm_weight_grad: compute the weight gradient of the 1-channel, image-facing convolutions
-            (U-Net and adversary) as one matrix product instead of cuDNN's kernel, which was
-            slow for that layer in channels-last bf16 on an H100
-            (:mod:`dira3d.networks.gemm_wgrad`; same values, tested). Off by default until a GPU
-            benchmark (``benchmarks/first_conv.py``) shows it faster.
+            (U-Net and adversary) as one matrix product instead of cuDNN's kernel, which is
+            slow for those layers in channels-last bf16 (:mod:`dira3d.networks.gemm_wgrad`; same
+            values, tested). Off by default; on in the bundle's ``performance.json`` (an H100 step
+            went from 380 to 390 patches/s).
         pad_channels: run the convolutions whose channel counts are not multiples of 8 (the
             1-channel, image-facing ones: U-Net input and output, adversary input and output) on
             zero-padded channels, so that cuDNN can use its tensor-core kernels
@@ -108,6 +109,10 @@ class DiRATrainer(Trainer):
         gemm_upconv: run the U-Net's up-sampling (transposed convolutions with stride equal to the
             kernel) as one matrix product and a rearrangement instead of cuDNN's transposed
             convolution (:mod:`dira3d.networks.gemm_upconv`; same values, tested).
+        split_concat: run each U-Net decoder level's first convolution on the up-sampled map and
+            the skip separately and sum, instead of on their concatenation
+            (:mod:`dira3d.networks.split_concat`; same values, tested). Off by default until a GPU
+            benchmark of the whole step shows it faster.
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -154,6 +159,7 @@ class DiRATrainer(Trainer):
         gemm_weight_grad: bool = False,
         pad_channels: bool = False,
         gemm_upconv: bool = False,
+        split_concat: bool = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
         classify_both: bool = False,
@@ -229,6 +235,8 @@ class DiRATrainer(Trainer):
             use_padded_channels(*(m for m in (network, adversary) if m is not None), memory_format=self.memory_format)
         if gemm_upconv:
             use_gemm_upconv(network)
+        if split_concat:
+            use_split_concat(network)
         if compile:  # after .to(): the compiled graphs see the final device and memory format
             compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode)
         # D scores real and restored patches in ONE forward when no layer mixes samples (instance

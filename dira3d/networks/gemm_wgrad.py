@@ -1,9 +1,12 @@
 """Single-input-channel convolutions whose weight gradient is one matrix product (for GPUs).
 
-The first convolution of the U-Net (and of the adversary) sees a 1-channel image. On an H100 in
-channels-last bf16, cuDNN computed that layer's weight gradient with a fallback kernel
-(``sm90_xmma_wgrad_indexed_implicit_gemm``) that took 10.8 ms of a 113.6 ms step at batch 32,
-for a 7 GFLOP product (docs/benchmarks.md, the H100 profile). With one input channel the weight
+The first convolution of the U-Net (and of the adversary) sees a 1-channel image, for which cuDNN
+has no tensor-core kernel in channels-last bf16. On an H100 (batch 64, compiled) switching both
+layers' weight gradients to the GEMM below took the step from 380 to 390 patches/s, nearly all of
+it in the D step (9.2 → 7.0 ms: the adversary's first layer). The first profile had attributed a
+slow ``sm90_xmma_wgrad_indexed_implicit_gemm`` kernel to these layers; it stays with this option on,
+so it belongs to another layer, most likely the decoder's full-resolution level (docs/benchmarks.md,
+"H100, second lease"). With one input channel the weight
 gradient is small enough to write as a GEMM over all output positions::
 
     dW[o, k] = Σ_p dY[p, o] · X_k[p]            (k: the kernel's 27 (3D) or 9 (2D) taps)
@@ -14,7 +17,8 @@ input gradient stay cuDNN's.
 
 :func:`use_gemm_weight_grad` switches the qualifying layers of a module in place (their class
 changes; parameters, state-dict keys and checkpoints are untouched). Whether it is faster depends
-on the card and cuDNN version: ``benchmarks/first_conv.py`` times both on the device at hand.
+on the card and cuDNN version: ``benchmarks/first_conv.py`` times both on the device at hand, and
+``benchmarks/pretrain_throughput.py`` (token ``gemmwg``) the whole step.
 """
 
 from __future__ import annotations
