@@ -264,6 +264,12 @@ def test_runner_resume_dry_run_failures_and_report(tmp_path, workers, capsys):
     assert not (fresh / "c3.txt").exists()
     capsys.readouterr()
     assert finish(stopped) == 1 and "add --keep-going" in capsys.readouterr().err
+    known_bad = [Case("c0", [fresh / "x.txt"], {}), Case("c1", [fresh / "y.txt"], {}, error="c1.nii: truncated")]
+    plan = run_cases(known_bad, _write_case, out_dir=fresh, dry_run=True, progress=False)
+    assert [r.status for r in plan] == ["dry-run", "failed"]
+    assert finish(plan, dry_run=True) == 1  # the real run would fail: say so, but not that it stopped
+    err = capsys.readouterr().err
+    assert "FAILED c1: c1.nii: truncated" in err and "the real run would stop" in err and "no datalist was written" not in err
     with pytest.raises(ValueError, match="duplicate"):
         run_cases(cases + cases[:1], _write_case, out_dir=fresh, progress=False)
 

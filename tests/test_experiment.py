@@ -157,3 +157,37 @@ def test_a_changed_checkpoint_or_pretraining_is_not_reused_silently(tmp_path):
     changed = _config(tmp_path, **{**spec, "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.1}}}})
     with pytest.raises(ValueError, match=r"overrides\.lambda_adv changed"):
         run_experiment(changed, runner=fake_runner([]), log=lambda _: None)
+
+
+def test_a_second_experiment_on_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl", reason="the output-folder lock uses POSIX flock")
+    import subprocess
+    import sys
+
+    from dira3d.evaluation.experiment import ExperimentBusy, main
+
+    config = _config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    # another process holds the folder (as a running `dira3d experiment` does), then ends
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"h = open({str(out / '.experiment.lock')!r}, 'a+'); fcntl.flock(h, fcntl.LOCK_EX); h.write('pid 4242'); "
+        "h.flush(); print('locked', flush=True); sys.stdin.readline()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        calls = []
+        with pytest.raises(ExperimentBusy, match=r"in use by another `dira3d experiment` \(pid 4242\)"):
+            run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
+        assert calls == [] and not (out / "results.csv").exists()  # nothing ran, nothing written
+        assert main(["--config", str(tmp_path / "experiment.yaml")]) == 2
+        assert "another output_dir" in capsys.readouterr().err
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    rows = run_experiment(config, runner=fake_runner(calls), log=lambda _: None)  # the holder ended: free again
+    assert len(rows) == 12
+    with open(out / ".experiment.lock", "a+") as handle:  # and this process released it when it returned
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

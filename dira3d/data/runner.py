@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -39,7 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dira3d.data.errors import DataError, DataWarning
-from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.atomic import atomic_write_text, check_writable
 
 __all__ = [
     "Case",
@@ -256,12 +255,9 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     for folder, what in ((Path(out_dir), "output folder (--dst)"),
                          (report_path.parent, "report folder (--report)")):
         try:  # before any case runs: a read-only --dst is one clear error, not a failure per case
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
+            check_writable(folder, what=what)
         except OSError as err:
-            raise DataError(folder, f"the {what} cannot be written ({err.strerror or err}); "
-                                    "choose another folder or fix its permissions") from err
+            raise DataError(None, str(err)) from err
     bar = tqdm(total=len(todo), desc=desc or "cases", unit="case", disable=not progress or not todo, file=sys.stderr)
     stop = False
     if workers == 1:
@@ -327,8 +323,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def finish(results: Iterable[CaseResult], keep_going: bool = False) -> int:
+def finish(results: Iterable[CaseResult], keep_going: bool = False, dry_run: bool = False) -> int:
     """Print a one-line summary plus each failure and warning; return the exit code.
+
+    ``dry_run``: the results of a plan (nothing was written), so the advice speaks of the real run.
 
     Returns:
         1 when a case failed and ``keep_going`` is false, else 0.
@@ -342,7 +340,10 @@ def finish(results: Iterable[CaseResult], keep_going: bool = False) -> int:
             print(f"WARNING {r.case_id}: {note}", file=sys.stderr)
     for r in failed:
         print(f"FAILED {r.case_id}: {r.reason}", file=sys.stderr)
-    if failed and not keep_going:  # no datalist was written, even when the failure came last
+    if failed and not keep_going and dry_run:
+        print("the real run would stop at the first failure and write no datalist; fix the case, or add --keep-going "
+              "to prepare every good case and report the bad ones", file=sys.stderr)
+    elif failed and not keep_going:  # no datalist was written, even when the failure came last
         stopped = "stopped at the first failure" if counts.get("cancelled") else "had a failure"
         print(f"the batch {stopped}, so no datalist was written; add --keep-going to prepare every good case and "
               "report the bad ones", file=sys.stderr)
@@ -363,4 +364,4 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    return finish(results, args.keep_going)
+    return finish(results, args.keep_going, dry_run=args.dry_run)

@@ -37,13 +37,18 @@ override ids no bundle config defines are refused with the setting named. A run 
 logged and listed in ``failures.json``; the other runs go on, the command exits 1 at the end, and
 rerunning it retries only the failed runs. The table and ``summary.json`` count each run of the
 current grid once (rows of seeds, fractions or methods no longer in the config stay in
-``results.csv`` but out of the statistics).
+``results.csv`` but out of the statistics). One experiment runs in an ``output_dir`` at a time: a
+second ``dira3d experiment`` on the same folder is refused at once (an exclusive lock on
+``<output_dir>/.experiment.lock``, released by the system when the first process ends, however it
+ends), so two processes never run the same grid twice into one ``results.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import os
 import json
 import math
 import sys
@@ -52,6 +57,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
+
+try:  # POSIX; elsewhere runs are not locked against a second process
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.overrides import check_overrides, did_you_mean
@@ -235,15 +245,52 @@ def _check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Pat
                              "another output_dir, or delete its rows to redo them")
 
 
+class ExperimentBusy(RuntimeError):
+    """Another process is running an experiment in the same ``output_dir``."""
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold ``out/.experiment.lock`` exclusively, or raise :class:`ExperimentBusy` at once."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    path = out / ".experiment.lock"
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ExperimentBusy(f"{out} is in use by another `dira3d experiment` ({holder}); wait for it to finish, "
+                                 "or give this one another output_dir") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Run every (method, label fraction, seed) not yet in ``results.csv``; returns all rows.
 
     ``runner(bundle, overrides) -> metrics`` fine-tunes once; the default runs the bundle through
     :func:`dira3d.evaluation.finetune.run_finetune`.
+
+    Raises:
+        ExperimentBusy: another process runs an experiment in the same ``output_dir``.
+        ExperimentRunsFailed: some runs failed (the others are in ``results.csv``).
     """
-    runner = runner or _default_runner
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run_grid(config, runner or _default_runner, log, out)
+
+
+def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], None], out: Path) -> list[dict]:
     csv_path = out / "results.csv"
     rows = _read_rows(csv_path)
     _check_rows_match(rows, config, csv_path)
@@ -391,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentRunsFailed as err:
         print(f"dira3d experiment: error: {err}", file=sys.stderr)
         return 1
+    except ExperimentBusy as err:
+        print(f"dira3d experiment: error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         cause = _cause_of(err)
         if cause is err and not isinstance(err, (ValueError, FileNotFoundError)):

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable"]
 
 # mkstemp creates the temporary file 0600; the final file gets the mode an ordinary open() would
 # give it (0666 less the umask), or keeps the mode of the file it replaces. The umask is read once:
@@ -99,3 +99,31 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         ``path`` as a :class:`~pathlib.Path`.
     """
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and fail early when it cannot be written (or hold ``min_free_bytes``).
+
+    ``what`` names the folder in the messages (``"output folder (--dst)"``).
+
+    Raises:
+        PermissionError: the folder cannot be created or written to.
+        OSError: fewer than ``min_free_bytes`` are free on its file system.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"{what} {folder} is not writable ({err.strerror or err}); "
+            "choose another folder or fix its permissions"
+        ) from err
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    if free < min_free_bytes:
+        raise OSError(
+            f"{what} {folder} has {free / 2**20:.0f} MiB free, less than the "
+            f"{min_free_bytes / 2**20:.0f} MiB needed; free some space or choose another folder"
+        )
+    return folder

@@ -8,41 +8,14 @@ with ``torch.load(path, weights_only=True)`` and cannot execute code.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dira3d.utils.atomic import atomic_write
+from dira3d.utils.atomic import atomic_write, check_writable
 
 __all__ = ["atomic_save", "load_checkpoint", "check_writable"]
-
-
-def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0) -> Path:
-    """Create ``folder`` if needed and fail early when it cannot hold a checkpoint.
-
-    Raises:
-        PermissionError: the folder cannot be created or written to.
-        OSError: fewer than ``min_free_bytes`` are free on its file system.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise PermissionError(
-            f"output folder {folder} is not writable ({err.strerror or err}); "
-            "choose another folder or fix its permissions"
-        ) from err
-    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
-    if free < min_free_bytes:
-        raise OSError(
-            f"output folder {folder} has {free / 2**20:.0f} MiB free, less than the "
-            f"{min_free_bytes / 2**20:.0f} MiB a checkpoint needs; free some space or choose another folder"
-        )
-    return folder
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
