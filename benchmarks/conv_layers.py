@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"--variants: unknown {unknown}; use {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
+    whole = [v for v in variants if v != "split"]  # 'split' times only the concatenation's readers
+    if not whole:
+        print("--variants: 'split' times only the decoder's concatenated layers; add cl, cl+cudnn or ncdhw",
+              file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but no CUDA device is available; use --device cpu.", file=sys.stderr)
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                          "tflops": flop / seconds / 1e12 if seconds > 0 else None, "share_%": None})
             totals[(layer.net, variant)] = totals.get((layer.net, variant), 0.0) + fwd + bwd
         best_total += min(sum(t) for t in timed.values())
-    first = variants[0]
+    first = whole[0]  # the reference every layer is timed in
     grand = sum(v for (net, variant), v in totals.items() if variant == first)
     for row in rows:
         if row["variant"] == first and grand > 0:

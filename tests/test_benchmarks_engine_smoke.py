@@ -83,6 +83,19 @@ def test_conv_layers_quick_times_every_convolution_of_the_model(repo_root: Path)
     assert any("every layer in its fastest variant" in line for line in lines)
 
 
+def test_conv_layers_reference_is_a_whole_model_variant(repo_root: Path, capsys) -> None:
+    # 'split' times only the 3 concatenated layers: it can be neither the only variant (no timing for
+    # the other layers) nor the reference the shares and the totals are taken in
+    module = load_benchmark(repo_root, "conv_layers")
+    assert module.main(["--quick", "--variants", "split"]) == 2
+    assert "add cl, cl+cudnn or ncdhw" in capsys.readouterr().err
+    assert module.main(["--quick", "--variants", "split,cl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("all layers in 'cl': ") for line in lines)
+    shares = [line.split() for line in lines if line.split()[:1] in (["unet"], ["head"], ["adversary"])]
+    assert all((row[-1] != "-") == (row[2] == "cl") for row in shares)  # every layer's share, in 'cl'
+
+
 def test_conv_layers_counts_flops_like_the_model_counter(repo_root: Path) -> None:
     import torch
 
@@ -273,3 +286,7 @@ def test_gpu_lease_profiles_the_fastest_ab_row(repo_root: Path, tmp_path: Path) 
     assert fastest({"base": 380.0, "base+splitcat": 379.0}) == "base"
     assert fastest({}) == "base"  # no rows (the A/B part timed out): the baseline
     assert fastest({"base+splitcat": 0.0}) == "base"  # a row that failed
+    ab.write_text("row: {'config': 'base+splitcat', 'patches/s': 400.0}\nrow: {'config': 'base+gemmup', 'patc\n")
+    call = f'source <(sed -n "/^fastest() {{/,/^}}/p" {script}); PY={sys.executable}; fastest {ab} base'
+    assert subprocess.run(["bash", "-c", call], capture_output=True, text=True, timeout=60).stdout.strip() == \
+        "base+splitcat"  # a row cut short (a timeout mid-print) is not a result

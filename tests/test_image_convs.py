@@ -337,6 +337,26 @@ def test_split_concat_gives_the_unet_output_and_gradients(dims, channels_last, n
         torch.testing.assert_close(split.state_dict()[name], buffer, rtol=1e-10, atol=1e-10)
 
 
+def test_split_concat_convolves_the_up_sampled_map_and_the_skip_separately():
+    # the equality tests above pass as well when the level always falls back to the concatenation:
+    # check that each first convolution runs twice, on the up-sampled map's and the skip's channels
+    net = UNet(3, 1, 1, width=0.125).double()
+    use_split_concat(net)
+    seen: dict[int, list[tuple[int, int]]] = {}
+    for i, level in enumerate(net.decoder.levels):
+        conv = level.convs.conv1.conv
+
+        def record(x, weight, bias, _i=i, _plain=conv._conv_forward):
+            seen.setdefault(_i, []).append((x.shape[1], weight.shape[1]))
+            return _plain(x, weight, bias)
+
+        conv._conv_forward = record
+    net(torch.rand(1, 1, 16, 16, 8, dtype=torch.double))
+    for i, level in enumerate(net.decoder.levels):
+        up, total = level.up.out_channels, level.convs.conv1.conv.in_channels
+        assert seen[i] == [(up, up), (total - up, total - up)], (i, seen[i])
+
+
 def test_split_concat_leaves_a_switched_first_convolution_on_its_own_path():
     # another switch owns the level's first convolution: the level falls back to the concatenation
     net = UNet(3, 1, 1, width=0.125).double()

@@ -51,8 +51,11 @@ rates = {}
 if path.exists():
     for line in path.read_text().splitlines():
         if line.startswith("row: "):
-            row = ast.literal_eval(line[5:])
-            rates[row["config"]] = float(row.get("patches/s") or 0.0)
+            try:
+                row = ast.literal_eval(line[5:])
+                rates[row["config"]] = float(row.get("patches/s") or 0.0)
+            except (ValueError, SyntaxError, KeyError, TypeError):  # a row cut short: not a result
+                continue
 print(max(rates, key=rates.get) if rates and max(rates.values()) > 0 else base)
 PYEOF
 }
@@ -78,7 +81,7 @@ else
     PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_EXTRA=(--rows 40); FC_SIZE=(--batch 64)
     AB_SIZE=("${PT_SIZE[@]}")
     AB_BASE=bf16+cl+gemmwg+compile
-    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+splitcat+compile,bf16+cl+gemmwg+gemmup+compile,bf16+cl+gemmwg+splitcat+gemmup+compile
+    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+splitcat+compile,bf16+cl+gemmwg+splitcat+gemmup+compile,bf16+cl+gemmwg+gemmup+compile
     PLAIN=bf16+cl+compile
     CL_SIZE=(--batch 64); FOLLOW=bf16+cl+gemmwg+compile; FOLLOW_MAX=bf16+cl+gemmwg+compile-max; BATCHES=(64 128)
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)

@@ -2,8 +2,8 @@
 
 The first convolution of the U-Net (and of the adversary) sees a 1-channel image, for which cuDNN
 has no tensor-core kernel in channels-last bf16. On an H100 (batch 64, compiled) switching both
-layers' weight gradients to the GEMM below took the step from 380 to 390 patches/s, nearly all of
-it in the D step (9.2 → 7.0 ms: the adversary's first layer). The first profile had attributed a
+layers' weight gradients to the GEMM below took the step from 380 to 390 patches/s (G step 158 → 156 ms,
+D step 9.2 → 7.0 ms: the adversary's first layer). The first profile had attributed a
 slow ``sm90_xmma_wgrad_indexed_implicit_gemm`` kernel to these layers; it stays with this option on,
 so it belongs to another layer, most likely the decoder's full-resolution level (docs/benchmarks.md,
 "H100, second lease"). With one input channel the weight
