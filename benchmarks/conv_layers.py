@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dira3d.engines.performance import format_table, synchronize
+from dira3d.engines.performance import format_table, mean_ms
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from pretrain_throughput import build_networks  # noqa: E402
@@ -108,25 +107,6 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
 
 
-def _event_ms(fn, repeats: int, device: torch.device) -> float:
-    """Mean ms per call of ``fn`` over ``repeats`` calls (after 3 warm-ups)."""
-    for _ in range(3):
-        fn()
-    synchronize(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / repeats
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) * 1000 / repeats
-
-
 def _parts(layer: Layer, variant: str, device: torch.device) -> list[tuple[nn.Module, torch.Tensor]]:
     """(module, input) pairs whose summed forwards are the layer's forward in ``variant``."""
     channels_last = variant != "ncdhw"
@@ -169,8 +149,8 @@ def time_variant(layer: Layer, variant: str, device: torch.device, repeats: int)
         torch.autograd.grad(forward(), inputs, grad_out)
 
     try:
-        fwd = _event_ms(forward, repeats, device)
-        both = _event_ms(forward_backward, repeats, device)
+        fwd = mean_ms(forward, repeats, device)
+        both = mean_ms(forward_backward, repeats, device)
     finally:
         torch.backends.cudnn.benchmark = False
     return fwd, max(both - fwd, 0.0)

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 from torch import nn
 
-from dira3d.engines.performance import format_table, synchronize
+from dira3d.engines.performance import format_table, mean_ms
 from dira3d.networks.channel_pad import use_padded_channels
 from dira3d.networks.gemm_wgrad import use_gemm_weight_grad
 
@@ -58,14 +57,7 @@ def time_layer(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, repe
             out = conv(x)
         out.float().mean().backward()
 
-    for _ in range(3):
-        once()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    synchronize(device)
-    return 1000 * (time.perf_counter() - start) / repeats, conv.weight.grad.detach().clone()
+    return mean_ms(once, repeats, device), conv.weight.grad.detach().clone()
 
 
 def build(layer: str, variant: str, scale: float, device: torch.device, state: dict | None) -> nn.Conv3d:

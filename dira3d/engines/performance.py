@@ -31,6 +31,7 @@ __all__ = [
     "build_adam",
     "compile_modules",
     "synchronize",
+    "mean_ms",
     "reset_peak_memory",
     "peak_memory_mib",
     "matmul_tflops",
@@ -129,6 +130,19 @@ def synchronize(device: str | torch.device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def mean_ms(fn: Callable[[], Any], repeats: int, device: str | torch.device, warmup: int = 3) -> float:
+    """Mean wall-clock ms per call of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones,
+    with the device's queued work waited for before and after (a benchmark helper)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - start) / repeats
 
 
 def reset_peak_memory(device: str | torch.device) -> None:
