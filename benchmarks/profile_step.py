@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--by-shape", default="", metavar="OP[,OP...]",
+                        help="also list these operators (e.g. aten::copy_) per input shape: which tensors they move")
     parser.add_argument("--quick", action="store_true", help="tiny CPU run (width 1/8, 16x16x8)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     synchronize(device)
     distort_ms = 1000 * (time.perf_counter() - start) / args.steps
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=bool(args.by_shape)) as prof:
         for i in range(args.steps):
             step(args.warmup + args.steps + 1 + i)
         synchronize(device)
@@ -91,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(no loader); distortion '{args.distortion}' alone: {distort_ms:.1f} ms per batch")
     print(f"top operators by {sort} over {args.steps} steps:")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+    for op in (o.strip() for o in args.by_shape.split(",") if o.strip()):
+        rows = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == op),
+                      key=lambda e: getattr(e, sort), reverse=True)
+        print(f"{op} per input shape ({len(rows)} shapes; ms over {args.steps} steps, calls):")
+        for e in rows[: args.rows]:
+            print(f"  {getattr(e, sort) / 1000:9.3f} ms  {e.count:5d}x  {e.input_shapes}")
     return 0
 
 

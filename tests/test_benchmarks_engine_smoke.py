@@ -133,8 +133,11 @@ def test_loader_throughput_picks_pipelines_and_prints_each_row_as_it_goes(repo_r
 
 
 def test_profile_step_quick(repo_root: Path) -> None:
-    lines = run(repo_root, "profile_step.py")
+    lines = run(repo_root, "profile_step.py", "--by-shape", "aten::convolution")
     step = next(line for line in lines if line.startswith("step (G + D"))
+    start = lines.index(next(line for line in lines if line.startswith("aten::convolution per input shape")))
+    # the U-Net's first convolution reads the batch of 1-channel 16x16x8 patches with 3x3x3 weights
+    assert any("[2, 1, 16, 16, 8]" in line and "x  [[" in line for line in lines[start + 1 :])
     assert float(step.split("distortion 'transvw' alone: ")[1].split(" ms")[0]) > 0
     assert any("self_cpu_time_total" in line for line in lines)
     assert any("aten::convolution_backward" in line for line in lines)  # the profiled step ran a backward

@@ -16,7 +16,8 @@
 #   facts; the CUDA tests of the layer options against cuDNN;
 #   ab: compiled A/B at batch 64 in one process, the bundle's performance.json setting
 #       (bf16+cl+gemmwg+compile) against the same with splitcat, gemmup and both;
-#   profile: the fastest A/B row, compiled (the inductor cache is warm by then);
+#   profile: the fastest A/B row, compiled (the inductor cache is warm by then), with aten::copy_
+#       per input shape (9.6 ms per step in 89 copies on 2026-11-26: which tensors?);
 #   plain: the plain PyTorch loop at bf16 + channels-last + compile, if time is left.
 # followup: the per-layer convolution table (conv_layers.py), batch 64 vs 128, and inductor's
 # max-autotune (the second call of 2026-11-26; its figures are in docs/benchmarks.md).
@@ -116,7 +117,7 @@ for what in "$@"; do
         best=$(fastest "$OUT/ab.txt" "$AB_BASE")
         echo "=== fastest A/B row: $best" | tee -a "$OUT/ab.txt"
         capped profile "$(( $(left 90) < 60 ? $(left 90) : 60 ))" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
-            "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$best" --warmup 3
+            "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$best" --warmup 3 --by-shape aten::copy_
         capped plain "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BIG[0]}" --configs "" --plain-config "$PLAIN" ;;
     first_conv)
