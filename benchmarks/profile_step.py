@@ -25,6 +25,40 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from pretrain_throughput import ALL_TERMS, build_networks, distortion, make_loader, parse_config, synthetic_patches  # noqa: E402
 
 
+def _callers(event, depth: int) -> tuple[str, ...]:
+    """Names of the ``depth`` profiler events enclosing ``event``, innermost first."""
+    names, parent = [], event.cpu_parent
+    while parent is not None and len(names) < depth:
+        names.append(parent.name[:90])
+        parent = parent.cpu_parent
+    return tuple(names)
+
+
+def print_by_shape(prof, op: str, sort: str, steps: int, rows: int, callers: int) -> None:
+    """``op``'s time per input shape (and, with ``callers`` > 0, per chain of enclosing events)."""
+    if callers <= 0:
+        found = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == op),
+                       key=lambda e: getattr(e, sort), reverse=True)
+        table = [(getattr(e, sort), e.count, str(e.input_shapes), ()) for e in found]
+    else:
+        device = sort.startswith("self_device")
+        groups: dict[tuple, list[float]] = {}
+        for e in prof.events():
+            if e.name != op:
+                continue
+            key = (str(e.input_shapes), _callers(e, callers))
+            spent = e.self_device_time_total if device else e.self_cpu_time_total
+            total = groups.setdefault(key, [0.0, 0])
+            total[0] += spent
+            total[1] += 1
+        table = sorted(((t, n, shape, chain) for (shape, chain), (t, n) in groups.items()), reverse=True)
+    print(f"{op} per input shape{' and callers' * (callers > 0)} ({len(table)} rows; ms over {steps} steps, calls):")
+    for spent, count, shape, chain in table[:rows]:
+        print(f"  {spent / 1000:9.3f} ms  {count:5d}x  {shape}")
+        for name in chain:
+            print(f"        in {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -39,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--by-shape", default="", metavar="OP[,OP...]",
                         help="also list these operators (e.g. aten::copy_) per input shape: which tensors they move")
+    parser.add_argument("--callers", type=int, default=0, metavar="N",
+                        help="with --by-shape: group by the N enclosing profiler events too (e.g. AccumulateGrad, "
+                             "ConvolutionBackward0, a compiled graph) and print them: who calls the op")
     parser.add_argument("--quick", action="store_true", help="tiny CPU run (width 1/8, 16x16x8)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -94,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"top operators by {sort} over {args.steps} steps:")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
     for op in (o.strip() for o in args.by_shape.split(",") if o.strip()):
-        rows = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == op),
-                      key=lambda e: getattr(e, sort), reverse=True)
-        print(f"{op} per input shape ({len(rows)} shapes; ms over {args.steps} steps, calls):")
-        for e in rows[: args.rows]:
-            print(f"  {getattr(e, sort) / 1000:9.3f} ms  {e.count:5d}x  {e.input_shapes}")
+        print_by_shape(prof, op, sort, args.steps, args.rows, args.callers)
     return 0
 
 

@@ -143,6 +143,15 @@ def test_profile_step_quick(repo_root: Path) -> None:
     assert any("aten::convolution_backward" in line for line in lines)  # the profiled step ran a backward
 
 
+def test_profile_step_names_the_callers(repo_root: Path) -> None:
+    lines = run(repo_root, "profile_step.py", "--by-shape", "aten::convolution_backward", "--callers", "2")
+    start = lines.index(next(line for line in lines if line.startswith("aten::convolution_backward per input shape and callers")))
+    listed = lines[start + 1 :]
+    # every backward convolution runs inside the autograd engine's ConvolutionBackward0 node
+    assert any("x  [[" in line for line in listed)
+    assert any(line.strip() == "in ConvolutionBackward0" for line in listed), listed[:8]
+
+
 def test_plain_loop_takes_the_engine_settings(repo_root: Path) -> None:
     lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32+cl", "--plain-config", "fp32+cl", "--iters", "1",
                 "--warmup", "1")

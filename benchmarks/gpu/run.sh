@@ -117,7 +117,7 @@ for what in "$@"; do
         best=$(fastest "$OUT/ab.txt" "$AB_BASE")
         echo "=== fastest A/B row: $best" | tee -a "$OUT/ab.txt"
         capped profile "$(( $(left 90) < 60 ? $(left 90) : 60 ))" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
-            "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$best" --warmup 3 --by-shape aten::copy_
+            "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$best" --warmup 3 --by-shape aten::copy_ --callers 4
         capped plain "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BIG[0]}" --configs "" --plain-config "$PLAIN" ;;
     first_conv)
