@@ -53,6 +53,30 @@ def test_select_fraction_segmentation_samples_patients():
     assert len(patients) == 4 and len(half) == 8  # whole patients, both of their volumes
 
 
+def _ids(entries: list[dict]) -> set[str]:
+    return {e["image"] for e in entries}
+
+
+@pytest.mark.parametrize("kind", ["classification", "segmentation", "multilabel"])
+def test_select_fraction_nests_smaller_fractions_in_larger_ones(kind):
+    if kind == "classification":
+        entries = [{"image": str(i), "label": int(i % 7 == 0), "case_id": f"p{i // 2}"} for i in range(140)]
+    elif kind == "segmentation":
+        entries = [{"image": f"{p}_{k}", "label": f"{p}_{k}_seg", "case_id": f"p{p}"} for p in range(50) for k in range(2)]
+    else:  # class 2 in one patient, class 1 in three: the small subsets must be completed with their carriers
+        entries = [{"image": f"{i}.png", "case_id": f"p{i}", "label": [float(i % 2), float(i in (3, 17, 30)), float(i == 7)]}
+                   for i in range(60)]
+    fractions = [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
+    for seed in range(4):
+        subsets = [_ids(select_fraction(entries, f, seed)) for f in fractions]
+        sizes = [len(s) for s in subsets]
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1] == len(entries)
+        for small, large in zip(subsets, subsets[1:]):
+            assert small <= large, (kind, seed, sorted(small - large))
+    # the nesting is per seed, not one fixed order for every seed
+    assert _ids(select_fraction(entries, 0.25, 0)) != _ids(select_fraction(entries, 0.25, 1))
+
+
 def test_holdout_by_patient_has_no_leak_and_both_classes():
     entries = _cls_entries()
     train, held = holdout_by_patient(entries, 0.1, seed=0)

@@ -54,12 +54,18 @@ def _rng(seed: int, salt: int) -> np.random.Generator:
 
 
 def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list[dict]:
-    """Seeded subset of ``entries`` keeping ``fraction`` of the labels.
+    """Seeded subset of ``entries`` keeping ``fraction`` of the labels; smaller fractions nest in larger ones.
 
     Classification entries are sampled per class (stratified), keeping at least one sample of
     every class; segmentation entries are sampled per patient (``case_id``), keeping at least one.
-    Multi-label entries (``label`` a list) are sampled per patient too, then completed with one
-    random patient for every class that has positives in ``entries`` but none in the subset.
+    Multi-label entries (``label`` a list) are sampled per patient too, then completed, for every
+    class that has positives in ``entries`` but none in the subset, with the first patient carrying it.
+
+    The draw is one seeded order per class (or of the patients) of which a fraction keeps a prefix,
+    so for one seed the subsets are **nested**: the 10 % subset lies inside the 25 % one, which lies
+    inside the 50 % one, as in a label-efficiency curve where each step adds labels to the ones a
+    user already had instead of drawing a new set. (Selections made before 2026-11-26 drew each
+    fraction independently; the same seed now gives another subset below 100 %.)
 
     Args:
         entries: datalist entries with ``"case_id"`` and ``"label"``.
@@ -84,30 +90,35 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
             by_class[int(entry["label"])].append(index)
         for label in sorted(by_class):
             members = by_class[label]
-            count = max(1, round(fraction * len(members)))
-            keep.update(rng.choice(members, size=count, replace=False).tolist())
+            order = rng.permutation(members)  # drawn in full whatever the fraction: the prefixes nest
+            keep.update(order[: max(1, round(fraction * len(members)))].tolist())
     else:
         patients = sorted({str(e["case_id"]) for e in entries})
-        count = max(1, round(fraction * len(patients)))
-        chosen = set(rng.choice(patients, size=count, replace=False).tolist())
+        order = [patients[i] for i in rng.permutation(len(patients))]
+        chosen = set(order[: max(1, round(fraction * len(patients)))])
         if _is_multilabel(entries):
-            chosen |= _missing_positive_patients(entries, chosen, rng)
+            chosen |= _first_carriers_of_missing_classes(entries, chosen, order)
         keep = {i for i, e in enumerate(entries) if str(e["case_id"]) in chosen}
     return [entries[i] for i in sorted(keep)]
 
 
-def _missing_positive_patients(entries: list[dict], chosen: set[str], rng: np.random.Generator) -> set[str]:
-    """One random patient per class with positives in ``entries`` but none among ``chosen``'s entries."""
-    have = set().union(*(_classes_of(e) for e in entries if str(e["case_id"]) in chosen))
-    added: set[str] = set()
-    for cls in sorted(set().union(*(_classes_of(e) for e in entries)) - have):
-        if cls in have:  # a patient added for an earlier class may carry this one too
-            continue
-        candidates = sorted({str(e["case_id"]) for e in entries if cls in _classes_of(e)})
-        patient = str(rng.choice(candidates))
-        added.add(patient)
-        have |= set().union(*(_classes_of(e) for e in entries if str(e["case_id"]) == patient))
-    return added
+def _first_carriers_of_missing_classes(entries: list[dict], chosen: set[str], order: list[str]) -> set[str]:
+    """For each class with positives in ``entries`` but none among ``chosen``'s, the first patient of ``order`` with it.
+
+    Every missing class gets its own first carrier, even when another class's carrier already brings
+    it: that keeps the subsets nested (a larger prefix either holds a class, and then its first
+    carrier, or adds that same carrier) at the price of at most one patient per missing class.
+    """
+    classes_of: dict[str, set[int]] = defaultdict(set)
+    for entry in entries:
+        classes_of[str(entry["case_id"])] |= _classes_of(entry)
+    have = set().union(*(classes_of[p] for p in chosen))
+    missing = set().union(*classes_of.values()) - have
+    first: dict[int, str] = {}
+    for patient in order:
+        for cls in classes_of[patient] & missing:
+            first.setdefault(cls, patient)
+    return set(first.values())
 
 
 def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
