@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -386,6 +387,22 @@ def test_layer_options_train_like_the_plain_layers(options):
     for name in ("encoder.levels.0.conv1.conv.weight", "decoder.levels.2.up.weight"):
         torch.testing.assert_close(changed.network.state_dict()[name], plain.network.state_dict()[name], rtol=1e-4,
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["split_concat", "gemm_upconv"])
+def test_a_layer_option_that_changes_nothing_warns(option):
+    from dira3d.engines.performance import apply_layer_options
+    from dira3d.networks import ResNetUNet
+
+    resnet = ResNetUNet(1, 1, backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8))  # no U-Net decoder level
+    with pytest.warns(UserWarning, match=f"{option}=True changes no layer of ResNetUNet"):
+        assert apply_layer_options(resnet, **{option: True}) == {option: []}
+    unet = UNet(spatial_dims=3, in_channels=1, out_channels=1, width=0.125)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 3D U-Net has the layers: no warning
+        assert apply_layer_options(unet, **{option: True})[option]
+    with pytest.raises(ValueError, match="unknown layer option"):
+        apply_layer_options(unet, split_concatt=True)
 
 
 def test_pad_channels_and_gemm_weight_grad_are_refused_together():

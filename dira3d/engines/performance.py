@@ -5,6 +5,9 @@ config or a benchmark calls around it:
 
 - :func:`build_adam` — Adam with ``fused=True`` on CUDA (one kernel per step for all tensors) and
   ``foreach=True`` elsewhere (a handful of multi-tensor ops instead of one op per tensor);
+- :func:`apply_layer_options` — the layer switches aimed at slow cuDNN kernels (``gemm_weight_grad``,
+  ``pad_channels``, ``gemm_upconv``, ``split_concat``), with a warning for one that changes no layer
+  of the network at hand (e.g. ``split_concat`` on the 2D ``ResNetUNet``);
 - :func:`compile_modules` — ``torch.compile`` of the U-Net's encoder/decoder, heads and adversary
   *in place* (``nn.Module.compile``), so ``network.encode`` still goes through the compiled
   encoder and checkpoint keys do not change (no ``_orig_mod.`` prefix);
@@ -18,6 +21,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +32,8 @@ from dira3d.engines.optim import unique_parameters
 
 __all__ = [
     "COMPILE_BACKENDS",
+    "LAYER_OPTIONS",
+    "apply_layer_options",
     "build_adam",
     "compile_modules",
     "synchronize",
@@ -84,6 +90,53 @@ def build_adam(
     if fused:
         options = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **options)
+
+
+LAYER_OPTIONS = ("gemm_weight_grad", "pad_channels", "gemm_upconv", "split_concat")
+
+
+def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
+                        memory_format: torch.memory_format | None = None, **options: bool) -> dict[str, list[str]]:
+    """Switch the layers that each option set to true applies to, in place (keys and values unchanged).
+
+    ``gemm_weight_grad`` and ``pad_channels`` act on ``network`` and ``adversary`` (their 1-channel
+    convolutions), ``gemm_upconv`` and ``split_concat`` on ``network`` (the U-Net decoder). An option
+    that finds no layer to switch in these networks warns once, naming the option and the network:
+    it has no effect there, which a user who set it for speed should know.
+
+    Returns:
+        ``{option: switched layer names}`` for the options set to true.
+
+    Raises:
+        ValueError: an unknown option, or ``gemm_weight_grad`` and ``pad_channels`` together (both
+        change the 1-channel convolutions).
+    """
+    from dira3d.networks.channel_pad import use_padded_channels
+    from dira3d.networks.gemm_upconv import use_gemm_upconv
+    from dira3d.networks.gemm_wgrad import use_gemm_weight_grad
+    from dira3d.networks.split_concat import use_split_concat
+
+    unknown = sorted(set(options) - set(LAYER_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown layer option(s) {unknown}; the options are {list(LAYER_OPTIONS)}")
+    if options.get("gemm_weight_grad") and options.get("pad_channels"):
+        raise ValueError("gemm_weight_grad and pad_channels both change the 1-channel convolutions; set one of them")
+    both = tuple(m for m in (network, adversary) if m is not None)
+    switches = {
+        "gemm_weight_grad": lambda: use_gemm_weight_grad(*both),
+        "pad_channels": lambda: use_padded_channels(*both, memory_format=memory_format),
+        "gemm_upconv": lambda: use_gemm_upconv(network),
+        "split_concat": lambda: use_split_concat(network),
+    }
+    switched = {}
+    for option in LAYER_OPTIONS:
+        if options.get(option):
+            switched[option] = switches[option]()
+            if not switched[option]:
+                names = " / ".join(type(m).__name__ for m in both[: 1 if option in ("gemm_upconv", "split_concat") else 2])
+                warnings.warn(f"{option}=True changes no layer of {names}: it has no effect on this network "
+                              f"(set it to false to silence this)", stacklevel=2)
+    return switched
 
 
 def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "inductor", mode: str | None = None) -> list[str]:

@@ -40,11 +40,7 @@ from dira3d.engines.optim import (
     optimizer_step,
     unique_parameters,
 )
-from dira3d.engines.performance import compile_modules
-from dira3d.networks.channel_pad import use_padded_channels
-from dira3d.networks.gemm_upconv import use_gemm_upconv
-from dira3d.networks.gemm_wgrad import use_gemm_weight_grad
-from dira3d.networks.split_concat import use_split_concat
+from dira3d.engines.performance import apply_layer_options, compile_modules
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
 
@@ -113,6 +109,9 @@ class DiRATrainer(Trainer):
             the skip separately and sum, instead of on their concatenation
             (:mod:`dira3d.networks.split_concat`; same values, tested). Off by default until a GPU
             benchmark of the whole step shows it faster.
+            Each of these four options warns when it changes no layer of the networks given
+            (``dira3d.engines.performance.apply_layer_options``), e.g. ``split_concat`` on the
+            2D ``ResNetUNet``, which has no U-Net decoder level.
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -171,8 +170,6 @@ class DiRATrainer(Trainer):
     ) -> None:
         self.dis_mode = check_dis_mode(dis_mode)
         self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
-        if gemm_weight_grad and pad_channels:
-            raise ValueError("gemm_weight_grad and pad_channels both change the 1-channel convolutions; set one of them")
         if int(d_steps) != d_steps or d_steps < 1:
             raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
         uses = self.schedule.uses
@@ -229,14 +226,8 @@ class DiRATrainer(Trainer):
                 module.to(memory_format=self.memory_format)
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
-        if gemm_weight_grad:
-            use_gemm_weight_grad(*(m for m in (network, adversary) if m is not None))
-        if pad_channels:
-            use_padded_channels(*(m for m in (network, adversary) if m is not None), memory_format=self.memory_format)
-        if gemm_upconv:
-            use_gemm_upconv(network)
-        if split_concat:
-            use_split_concat(network)
+        apply_layer_options(network, adversary, self.memory_format, gemm_weight_grad=gemm_weight_grad,
+                            pad_channels=pad_channels, gemm_upconv=gemm_upconv, split_concat=split_concat)
         if compile:  # after .to(): the compiled graphs see the final device and memory format
             compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode)
         # D scores real and restored patches in ONE forward when no layer mixes samples (instance
