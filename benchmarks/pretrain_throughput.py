@@ -10,7 +10,9 @@ same run, and the ratio to a plain PyTorch loop of the same networks (fp32 by de
 Configurations are ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` (autocast), ``cl``
 (channels-last-3d), ``cudnn`` (``torch.backends.cudnn.benchmark``), ``compile`` (``torch.compile``,
 inductor, default mode), ``compile-max`` (inductor ``max-autotune-no-cudagraphs``), ``compile-ro``
-(inductor ``reduce-overhead``: CUDA graphs), ``plainopt`` (PyTorch's default Adam instead of the
+(inductor ``reduce-overhead``: CUDA graphs), ``forcecl`` (with a compile token: inductor's
+channels-last layout optimisation forced in every graph; inductor leaves it off for the U-Net
+decoder's graphs), ``plainopt`` (PyTorch's default Adam instead of the
 fused / multi-tensor one), ``gemmwg`` (the 1-channel convolutions' weight gradient as one GEMM:
 :mod:`dira3d.networks.gemm_wgrad`), ``padch`` (convolutions on channels zero-padded to 8:
 :mod:`dira3d.networks.channel_pad`), ``gemmup`` (the up-sampling as one GEMM:
@@ -85,6 +87,7 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str | None = None
+    compile_channels_last: bool = False
     cudnn_benchmark: bool = False
     fused: bool = True
     gemm_weight_grad: bool = False
@@ -97,7 +100,8 @@ class Config:
     def trainer_kwargs(self) -> dict:
         """The :class:`DiRATrainer` arguments this configuration sets."""
         return dict(amp=self.amp, channels_last=self.channels_last, compile=self.compile,
-                    compile_mode=self.compile_mode, cudnn_benchmark=self.cudnn_benchmark,
+                    compile_mode=self.compile_mode, compile_channels_last=self.compile_channels_last,
+                    cudnn_benchmark=self.cudnn_benchmark,
                     gemm_weight_grad=self.gemm_weight_grad, pad_channels=self.pad_channels,
                     gemm_upconv=self.gemm_upconv, split_concat=self.split_concat)
 
@@ -120,6 +124,8 @@ def parse_config(name: str) -> Config:
             config.compile, config.compile_mode = True, COMPILE_MODES[token]
         elif token == "cudnn":
             config.cudnn_benchmark = True
+        elif token == "forcecl":
+            config.compile_channels_last = True
         elif token == "plainopt":
             config.fused = False
         elif token == "gemmwg":
@@ -136,9 +142,11 @@ def parse_config(name: str) -> Config:
             config.static_distortion = False
         else:
             raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, plainopt, gemmwg, padch, gemmup, splitcat, nodist, subset")
+                             "compile|compile-max|compile-ro, forcecl, plainopt, gemmwg, padch, gemmup, splitcat, nodist, subset")
     if config.gemm_weight_grad and config.pad_channels:
         raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
+    if config.compile_channels_last and not config.compile:
+        raise ValueError(f"--configs: {name!r} has forcecl without a compile token; forcecl sets a compiler option")
     return config
 
 
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     changes_layers = any((plain_config.gemm_weight_grad, plain_config.pad_channels, plain_config.gemm_upconv,
-                          plain_config.split_concat))
+                          plain_config.split_concat, plain_config.compile_channels_last))
     if plain_config.amp == "fp16" or changes_layers or not plain_config.fused:
         print(f"--plain-config {args.plain_config!r}: the plain loop takes fp32 or bf16 with cl, cudnn, compile, "
               "nodist and subset tokens only", file=sys.stderr)

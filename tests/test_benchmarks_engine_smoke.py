@@ -66,8 +66,12 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
     assert module.parse_config("bf16+subset").static_distortion is False and tuned.static_distortion is None
     assert module.parse_config("bf16+gemmup").trainer_kwargs()["gemm_upconv"] and not tuned.gemm_upconv
     assert module.parse_config("bf16+splitcat").trainer_kwargs()["split_concat"] and not tuned.split_concat
+    forced = module.parse_config("bf16+cl+forcecl+compile").trainer_kwargs()
+    assert forced["compile_channels_last"] and forced["compile"] and not tuned.compile_channels_last
     with pytest.raises(ValueError, match="gemmwg and padch"):
         module.parse_config("bf16+gemmwg+padch")
+    with pytest.raises(ValueError, match="forcecl without a compile token"):
+        module.parse_config("bf16+cl+forcecl")
     with pytest.raises(ValueError, match="turbo"):
         module.parse_config("fp32+turbo")
 

@@ -240,6 +240,8 @@ def test_bundle_speed_settings_parse(repo_root):
     plain.read_config(str(configs / "train.json"))
     assert plain["views"] == "auto" and plain["compile"] is False and plain["fused_optimizer"] is True
     assert plain["cudnn_benchmark"] is False and plain["compile_mode"] is None
+    assert parser["compile_channels_last"] is False  # not measured faster in a whole step
+    assert trainer["compile_channels_last"] == "@compile_channels_last"
 
 
 def test_adversary_scores_real_and_fake_in_one_forward_with_the_same_values():
@@ -272,12 +274,58 @@ def test_compile_mode_and_cudnn_benchmark_reach_torch(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(trainer_module, "compile_modules",
-                        lambda modules, backend, mode=None: seen.update(backend=backend, mode=mode, names=sorted(modules)))
+                        lambda modules, backend, mode=None, channels_last=False: seen.update(
+                            backend=backend, mode=mode, channels_last=channels_last, names=sorted(modules)))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    build(compile=True, cudnn_benchmark=True, compile_mode="max-autotune-no-cudagraphs")
-    assert seen["backend"] == "inductor" and seen["mode"] == "max-autotune-no-cudagraphs"
+    build(compile=True, cudnn_benchmark=True, compile_mode="max-autotune-no-cudagraphs", compile_channels_last=True)
+    assert seen["backend"] == "inductor" and seen["mode"] == "max-autotune-no-cudagraphs" and seen["channels_last"]
     assert {"network", "adversary", "dis_head"} <= set(seen["names"])
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_compile_channels_last_becomes_an_inductor_option(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=1, width=0.125)
+    assert compile_modules({"network": net}, channels_last=True) == ["network.encoder", "network.decoder"]
+    assert calls[0] == {"backend": "inductor", "dynamic": False, "options": {"force_layout_optimization": True}}
+    calls.clear()  # torch.compile takes a mode or options, not both: the mode's options are folded in
+    compile_modules({"network": net}, mode="max-autotune-no-cudagraphs", channels_last=True)
+    assert "mode" not in calls[0] and calls[0]["options"]["force_layout_optimization"] is True
+    assert calls[0]["options"]["max_autotune"] is True
+    calls.clear()
+    compile_modules({"network": net}, mode="max-autotune-no-cudagraphs")
+    assert calls[0] == {"backend": "inductor", "dynamic": False, "mode": "max-autotune-no-cudagraphs"}
+
+
+@pytest.mark.skipif(not COMPILE_OK, reason="an inductor compile of the tiny U-Net, forward and backward (~20-60 s "
+                    "on a 2-core CPU): runs on CUDA or with DIRA3D_TEST_COMPILE=1")
+@pytest.mark.parametrize("force", [False, True])
+def test_inductor_leaves_the_decoder_graphs_out_of_channels_last_unless_forced(monkeypatch, force):
+    """Why ``compile_channels_last`` exists: inductor's layout heuristic skips graphs with in >= 2 x out channels."""
+    from torch._inductor.graph import GraphLowering
+
+    decide = GraphLowering.decide_layout_opt
+    decisions = []
+
+    def spy(gm, *, is_inference):
+        convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
+        decisions.append((len(convs), decide(gm, is_inference=is_inference)))
+        return decisions[-1][1]
+
+    monkeypatch.setattr(GraphLowering, "decide_layout_opt", staticmethod(spy))
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # on CPU mkldnn always takes channels-last
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached graph skips the decision
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
+    # width 1/4: the encoder reaches 128 channels (inductor skips graphs whose convolutions all have <= 64)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=1, width=0.25).to(memory_format=torch.channels_last_3d)
+    compile_modules({"network": net}, channels_last=force)
+    net(torch.rand(2, 1, *PATCH).to(memory_format=torch.channels_last_3d)).sum().backward()
+    torch._dynamo.reset()
+    with_convs = [d for n, d in decisions if n]
+    assert len(with_convs) == 2  # the encoder's forward graph and the decoder's
+    assert with_convs == ([True, True] if force else [True, False])  # the decoder: 192 -> 64, ... convolutions
 
 
 @pytest.mark.parametrize("mode", ["visual_words", "moco", "barlow", "simsiam"])

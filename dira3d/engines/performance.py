@@ -139,7 +139,8 @@ def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
     return switched
 
 
-def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "inductor", mode: str | None = None) -> list[str]:
+def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "inductor", mode: str | None = None,
+                    channels_last: bool = False) -> list[str]:
     """``torch.compile`` each module in place (its ``forward`` is compiled, its keys unchanged).
 
     For a U-Net (anything with ``encoder`` and ``decoder`` children) the two halves are compiled
@@ -150,6 +151,12 @@ def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "ind
         backend: ``inductor`` (generated kernels; needs a C++ compiler on CPU), ``aot_eager``
             or ``eager`` (graph capture only: for debugging and tests).
         mode: inductor mode, e.g. ``"max-autotune-no-cudagraphs"`` (None: default).
+        channels_last: force inductor's channels-last layout optimisation in every graph
+            (``force_layout_optimization``). Inductor decides it per graph and leaves it off for a
+            graph with a convolution whose input channels are at least twice its output channels,
+            which is every convolution of the U-Net decoder (192 → 64 at full resolution, ...): the
+            encoder's graphs run with it, the decoder's without. Whether forcing it is faster is
+            for ``benchmarks/pretrain_throughput.py`` (token ``forcecl``) to say on the GPU at hand.
 
     Returns:
         The names of the compiled modules (``network.encoder``, ``network.decoder``, ...).
@@ -163,7 +170,12 @@ def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "ind
     # 2B for the adversary's joint real + restored forward, the last validation batch), so one
     # specialised graph per batch size beats a graph with a symbolic batch dimension
     options: dict[str, Any] = {"backend": backend, "dynamic": False}
-    if mode is not None:
+    if channels_last and backend == "inductor":  # torch.compile takes a mode or options, not both
+        import torch._inductor
+
+        extra = dict(torch._inductor.list_mode_options(mode)) if mode is not None else {}
+        options["options"] = {**extra, "force_layout_optimization": True}
+    elif mode is not None:
         options["mode"] = mode
     compiled = []
     for name, module in modules.items():

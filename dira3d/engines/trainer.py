@@ -90,6 +90,10 @@ class DiRATrainer(Trainer):
             (inductor) or a backend name (see :func:`dira3d.engines.performance.compile_modules`).
         compile_mode: inductor mode when compiling, e.g. ``"max-autotune-no-cudagraphs"`` (None:
             PyTorch's default).
+        compile_channels_last: with inductor, force its channels-last layout optimisation in every
+            compiled graph; inductor leaves it off for the U-Net decoder's graphs (their convolutions
+            have at least twice as many input as output channels). Off by default until a GPU
+            benchmark of the whole step (token ``forcecl``) shows it faster.
         cudnn_benchmark: let cuDNN time its convolution algorithms for the (fixed) patch shape
             and keep the fastest (``torch.backends.cudnn.benchmark``, a process-wide switch; set
             only when True).
@@ -154,6 +158,7 @@ class DiRATrainer(Trainer):
         channels_last: bool = False,
         compile: bool | str = False,
         compile_mode: str | None = None,
+        compile_channels_last: bool = False,
         cudnn_benchmark: bool = False,
         gemm_weight_grad: bool = False,
         pad_channels: bool = False,
@@ -229,7 +234,8 @@ class DiRATrainer(Trainer):
         apply_layer_options(network, adversary, self.memory_format, gemm_weight_grad=gemm_weight_grad,
                             pad_channels=pad_channels, gemm_upconv=gemm_upconv, split_concat=split_concat)
         if compile:  # after .to(): the compiled graphs see the final device and memory format
-            compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode)
+            compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode,
+                            channels_last=compile_channels_last)
         # D scores real and restored patches in ONE forward when no layer mixes samples (instance
         # norm or none): half the kernel launches, a twice larger batch per kernel, same values
         self.joint_adversary = adversary is not None and not any(
