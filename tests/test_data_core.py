@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from dira3d.data import command
+from dira3d.data.errors import record_or_raise
 from dira3d.data.geometry import crop_cube, resample, voxel_to_world, world_to_voxel
 from dira3d.data.io import (
     DataError,
@@ -272,6 +273,19 @@ def test_runner_resume_dry_run_failures_and_report(tmp_path, workers, capsys):
     assert "FAILED c1: c1.nii: truncated" in err and "the real run would stop" in err and "no datalist was written" not in err
     with pytest.raises(ValueError, match="duplicate"):
         run_cases(cases + cases[:1], _write_case, out_dir=fresh, progress=False)
+
+
+def test_record_or_raise_raises_without_a_dict_else_collects_per_key():
+    err = DataError("a.csv", "data row 3 is bad")
+    with pytest.raises(DataError) as raised:
+        record_or_raise(None, "a", err)  # strict: the error itself, unchanged
+    assert raised.value is err
+    problems: dict[str, str] = {}
+    record_or_raise(problems, "a", err, "; fix or remove the row")  # the advice goes into the record only
+    record_or_raise(problems, "b", DataError(None, "b is twice"))
+    record_or_raise(problems, "a", DataError("a2.nii", "duplicate of a.nii"))
+    assert problems == {"a": "a.csv: data row 3 is bad; fix or remove the row; a2.nii: duplicate of a.nii",
+                        "b": "b is twice"}
 
 
 def test_safe_case_path_and_datalist(tmp_path):

@@ -75,13 +75,14 @@ def test_read_data_entry_keeps_bad_rows_as_errors(tmp_path):
                                      ("d.png", "Mass", "4"), ("a.png", "Mass", "1")]])
     with pytest.raises(DataError, match="row 3, column 'Finding Labels': unknown finding 'Covid'"):
         chestxray14.read_data_entry(path)  # the default still raises at the first bad row
-    entries = chestxray14.read_data_entry(path, keep_bad=True)
-    assert "error" not in entries["d.png"] and entries["d.png"]["label"][4] == 1.0 and entries["d.png"]["row"] == 5
-    assert "row 3, column 'Finding Labels': unknown finding 'Covid'" in entries["b.png"]["error"]
-    assert "'No Finding' or one of ['Atelectasis'" in entries["b.png"]["error"]  # the allowed values
+    problems: dict[str, str] = {}
+    entries = chestxray14.read_data_entry(path, problems)
+    assert "d.png" not in problems and entries["d.png"]["label"][4] == 1.0 and entries["d.png"]["row"] == 5
+    assert "row 3, column 'Finding Labels': unknown finding 'Covid'" in problems["b.png"]
+    assert "'No Finding' or one of ['Atelectasis'" in problems["b.png"]  # the allowed values
     assert entries["b.png"]["label"] == [0.0] * 14
-    assert "row 4: image c.png has no Patient ID" in entries["c.png"]["error"]
-    assert "rows 2 and 6 both describe image a.png" in entries["a.png"]["error"]
+    assert "row 4: image c.png has no Patient ID" in problems["c.png"]
+    assert "rows 2 and 6 both describe image a.png" in problems["a.png"]
 
 
 def test_chestxray14_prepare(tmp_path):

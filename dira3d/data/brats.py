@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dira3d import __version__
+from dira3d.data.errors import record_or_raise
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
@@ -42,34 +43,39 @@ DEFAULT_SPLIT: dict[str, int] = {"training": 190, "test": 95}
 _NAME = re.compile(r"^(?P<pid>.+)_(?P<kind>t1|t1ce|t2|flair|seg)\.nii(\.gz)?$", re.IGNORECASE)
 
 
-def find_patients(src: str | Path) -> dict[str, dict[str, object]]:
+def find_patients(src: str | Path, problems: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
     """Find the BraTS patient folders under ``src``.
 
     Args:
         src: the training-data folder (holding ``HGG/`` and ``LGG/``, or the patient folders).
+        problems: when given, a patient id found in two folders is recorded here as
+            ``{patient id: message}`` instead of raised (:func:`~dira3d.data.errors.record_or_raise`).
 
     Returns:
         Patient id → ``{"folder": Path, "grade": "HGG" | "LGG" | "", "t1": Path | None, ...,
-        "seg": Path | None}``, sorted by id; plus ``"error"`` when two folders hold the same id.
+        "seg": Path | None}``, sorted by id.
 
     Raises:
-        DataError: ``src`` is not a folder or holds no BraTS file.
+        DataError: ``src`` is not a folder or holds no BraTS file; without ``problems``, also a
+            patient id found in two folders.
     """
     src = Path(src)
     if not src.is_dir():
         raise DataError(src, "is not a folder; --src must hold the BraTS HGG/ and LGG/ patient folders")
     patients: dict[str, dict[str, object]] = {}
+    copies: set[Path] = set()  # the second folders of a patient id, reported once each
     for path in sorted(src.rglob("*.nii*")):
         match = _NAME.match(path.name)
         if match is None:
             continue
         pid, kind = match["pid"], match["kind"].lower()
         entry = patients.setdefault(pid, {"folder": path.parent, **{k: None for k in (*MODALITIES, "seg")}})
-        if entry["folder"] != path.parent:  # a problem of this patient only: reported, the others go on
-            entry.setdefault("error", str(DataError(path, f"patient id {pid} also appears in {entry['folder']}; "
-                                                          "keep one copy of each patient")))
-        else:
+        if entry["folder"] == path.parent:
             entry[kind] = path
+        elif path.parent not in copies:  # a problem of this patient only: reported, the others go on
+            copies.add(path.parent)
+            record_or_raise(problems, pid, DataError(path, f"patient id {pid} also appears in {entry['folder']}; "
+                                                           "keep one copy of each patient"))
     if not patients:
         raise DataError(src, "holds no BraTS files (<id>_t1/_t1ce/_t2/_flair/_seg.nii.gz); check --src")
     for entry in patients.values():
@@ -131,9 +137,10 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
     if len(split) != 2:
         raise ValueError(f"--split needs two sizes (training test), got {list(split)}")
     dst = Path(dst)
-    patients = find_patients(src)
+    problems: dict[str, str] = {}
+    patients = find_patients(src, problems)
     cases = [Case(pid, [safe_case_path(dst / "images", pid, ".nii.gz"), safe_case_path(dst / "labels", pid, ".nii.gz")],
-                  files, files.get("error", "")) for pid, files in patients.items()]
+                  files, problems.get(pid, "")) for pid, files in patients.items()]
     process = partial(_process, modalities=modalities, percentiles=tuple(percentiles),
                       spacing=None if spacing is None else tuple(spacing))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,

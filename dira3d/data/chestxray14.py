@@ -31,8 +31,9 @@ from dira3d.data.cxr import (
     scale_box,
     write_patient_split,
 )
+from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, join_errors, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
 
@@ -74,40 +75,36 @@ def _find_one(src: Path, patterns: tuple[str, ...], what: str, required: bool = 
     return None
 
 
-def read_data_entry(path: str | Path, keep_bad: bool = False) -> dict[str, dict]:
+def read_data_entry(path: str | Path, problems: dict[str, str] | None = None) -> dict[str, dict]:
     """``{image name: {"patient", "label", "view", "row"}}`` from ``Data_Entry_2017*.csv``.
 
     Args:
-        keep_bad: when true, a row with an unknown finding or no Patient ID, and an image listed
-            twice, are not raised: the image's entry gets an ``"error"`` message naming the file,
-            row and problem (and a label of zeros), so that it becomes a failed case of its own.
+        problems: when given, a row with an unknown finding or no Patient ID, and an image listed
+            twice, are not raised: they are recorded here as ``{image name: message}`` naming the
+            file, row and problem (:func:`~dira3d.data.errors.record_or_raise`), and the image keeps
+            its entry (with a bad row's label all zeros), so that it becomes a failed case of its own.
 
     Raises:
-        DataError: missing columns; without ``keep_bad``, also unknown findings, an empty Patient
+        DataError: missing columns; without ``problems``, also unknown findings, an empty Patient
             ID or an image listed twice.
     """
     entries: dict[str, dict] = {}
     for number, row in enumerate(read_csv_rows(path, _ENTRY_COLUMNS), start=2):
         name = row["Image Index"]
+        if name in entries:
+            record_or_raise(problems, name, DataError(path, f"rows {entries[name]['row']} and {number} both "
+                                                            f"describe image {name}; keep one of them (use the file "
+                                                            "as downloaded)"))
+            continue
         try:
-            if name in entries:
-                first = entries[name]
-                err = DataError(path, f"rows {first['row']} and {number} both describe image {name}; keep one "
-                                      "of them (use the file as downloaded)")
-                if not keep_bad:
-                    raise err
-                first["error"] = join_errors(first.get("error"), str(err))
-                continue
             if not row["Patient ID"]:
                 raise DataError(path, f"row {number}: image {name} has no Patient ID")
             label = parse_findings(row["Finding Labels"], f"{path} row {number}, column 'Finding Labels'")
-            error = ""
         except DataError as err:
-            if not keep_bad:
-                raise
-            label, error = [0.0] * len(LABELS), f"{err}; fix or remove the row"
+            record_or_raise(problems, name, err, "; fix or remove the row")
+            label = [0.0] * len(LABELS)
         entries[name] = {"patient": row["Patient ID"], "label": label, "view": row.get("View Position", ""),
-                         "row": number, **({"error": error} if error else {})}
+                         "row": number}
     return entries
 
 
@@ -139,24 +136,23 @@ def read_boxes(path: str | Path) -> list[dict]:
     return boxes
 
 
-def _index_images(src: Path, dst: Path, wanted: set[str]) -> tuple[dict[str, Path], dict[str, str]]:
-    """The wanted PNGs under ``src`` (ignoring anything under ``dst``): ``({name: path}, {name: error})``.
+def _index_images(src: Path, dst: Path, wanted: set[str], problems: dict[str, str]) -> dict[str, Path]:
+    """The wanted PNGs under ``src`` (ignoring anything under ``dst``): ``{name: path}``.
 
-    A name found in two places keeps its first path and gets an error naming both files (the
-    image becomes a failed case; which copy is right cannot be told).
+    A name found in two places keeps its first path and gets a problem naming both files in
+    ``problems`` (the image becomes a failed case; which copy is right cannot be told).
     """
     outside = str(dst.resolve()) + "/"
     files: dict[str, Path] = {}
-    duplicates: dict[str, str] = {}
     for path in sorted(src.rglob("*.png")):
         if path.name not in wanted or str(path.resolve()).startswith(outside):
             continue
         if path.name in files:
-            message = str(DataError(path, f"duplicate of {files[path.name]}; keep one copy of each image"))
-            duplicates[path.name] = join_errors(duplicates.get(path.name), message)
+            record_or_raise(problems, path.name, DataError(path, f"duplicate of {files[path.name]}; keep one copy "
+                                                                 "of each image"))
             continue
         files[path.name] = path
-    return files, duplicates
+    return files
 
 
 def _process(case: Case, size: int) -> dict:
@@ -193,11 +189,12 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     if not src.is_dir():
         raise DataError(src, "is not a folder; --src must hold the ChestX-ray14 images and CSV files")
     entry_csv = _find_one(src, ("Data_Entry_2017_v2020.csv", "Data_Entry_2017*.csv"), "download the label CSV")
-    entries = read_data_entry(entry_csv, keep_bad=True)  # a bad row fails the case of its image
+    problems: dict[str, str] = {}  # image name → why its case fails
+    entries = read_data_entry(entry_csv, problems)  # a bad row fails the case of its image
     train_val = read_image_list(_find_one(src, ("train_val_list.txt",), "download the official split lists"))
     test = read_image_list(_find_one(src, ("test_list.txt",), "download the official split lists"))
     box_csv = _find_one(src, ("BBox_List_2017.csv",), "", required=False)
-    files, duplicates = _index_images(src, dst, set(entries))
+    files = _index_images(src, dst, set(entries), problems)
     if not files:
         raise DataError(src, f"holds none of the {len(entries)} PNG images named in {entry_csv.name}; "
                              "extract the images_*.tar.gz archives under --src")
@@ -219,14 +216,13 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     absent = {n for n in names if n not in files}
     cases = []
     for name in names:
-        entry = entries[name]
-        problems = [entry.get("error", ""), duplicates.get(name, "")]
         if name in absent:
-            problems.append(str(DataError(entry_csv, f"row {entry['row']}: image {name} is not under {src} (partial "
-                                                     "download?); extract every images_*.tar.gz archive under --src, "
-                                                     "or add --keep-going to prepare the images that are there")))
+            record_or_raise(problems, name, DataError(entry_csv, f"row {entries[name]['row']}: image {name} is not "
+                                                                 f"under {src} (partial download?); extract every "
+                                                                 "images_*.tar.gz archive under --src, or add "
+                                                                 "--keep-going to prepare the images that are there"))
         cases.append(Case(Path(name).stem, [safe_case_path(dst / "images", Path(name).stem, ".png")],
-                          {"path": files.get(name), "name": name}, error=join_errors(*problems)))
+                          {"path": files.get(name), "name": name}, error=problems.get(name, "")))
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chestxray14",
                         progress=progress, source=src,

@@ -36,8 +36,9 @@ from dira3d.data.cxr import (
     split_entries,
     write_patient_split,
 )
+from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, join_errors, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["ALL", "FIVE", "POLICIES", "LSR_RANGE", "apply_policy", "read_labels", "prepare", "main"]
 
@@ -96,17 +97,18 @@ def apply_policy(values: np.ndarray, policy: str, rng: np.random.Generator | Non
 
 
 def read_labels(csv_path: str | Path, labels: Sequence[str] = FIVE, frontal_only: bool = False,
-                keep_bad: bool = False) -> list[dict]:
+                problems: dict[str, str] | None = None) -> list[dict]:
     """Rows of a CheXpert CSV as ``{"path", "patient", "view", "values": raw 1/0/−1 floats, "row"}``.
 
     Args:
-        keep_bad: when true, a row with a bad label value or a path without ``patientNNNNN`` is
-            not raised: it is returned with an ``"error"`` message (file, row, column, allowed
-            values) and all-zero ``values``, so it draws no ``lsr`` number and the draws of the
-            other rows are the same as without it.
+        problems: when given, a row with a bad label value or a path without ``patientNNNNN`` is
+            not raised: it is recorded here as ``{path: message}`` (``path`` as in the row; the
+            message names the file, row, column and allowed values; see
+            :func:`~dira3d.data.errors.record_or_raise`) and returned with all-zero ``values``, so
+            it draws no ``lsr`` number and the draws of the other rows are the same as without it.
 
     Raises:
-        DataError: missing columns; without ``keep_bad``, also bad values or a path without ``patientNNNNN``.
+        DataError: missing columns; without ``problems``, also bad values or a path without ``patientNNNNN``.
     """
     rows = []
     required = ("Path", "Frontal/Lateral", *labels)
@@ -118,13 +120,12 @@ def read_labels(csv_path: str | Path, labels: Sequence[str] = FIVE, frontal_only
         try:
             if patient is None:
                 raise DataError(csv_path, f"row {number}: path {row['Path']!r} names no patientNNNNN folder")
-            values, error = [_value(row[name], f"{where}, column {name!r}") for name in labels], ""
+            values = [_value(row[name], f"{where}, column {name!r}") for name in labels]
         except DataError as err:
-            if not keep_bad:
-                raise
-            values, error = [0.0] * len(labels), f"{err}; fix or remove the row"
+            record_or_raise(problems, row["Path"], err, "; fix or remove the row")
+            values = [0.0] * len(labels)
         rows.append({"path": row["Path"], "patient": patient.group(0) if patient else "",
-                     "view": row["Frontal/Lateral"], "values": values, "row": number, **({"error": error} if error else {})})
+                     "view": row["Frontal/Lateral"], "values": values, "row": number})
     return rows
 
 
@@ -178,31 +179,32 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
         raise ValueError(f"--labels {list(labels)}: {unknown or 'none given'}; choose among {list(ALL)}")
     train_csv, valid_csv = _find_csvs(src)
     rng = np.random.default_rng(seed)
-    cases, records = [], {}
-    by_id: dict[str, Case] = {}
+    records: dict[str, dict] = {}  # case id → its first row
+    problems: dict[str, str] = {}  # Path cell of a case's first row → why the case fails
     for split_name, csv_path in (("train", train_csv), ("test", valid_csv)):
         # a bad row is the failed case of its image (zero values: it draws no lsr number)
-        rows = read_labels(csv_path, labels, frontal_only, keep_bad=True)
+        rows = read_labels(csv_path, labels, frontal_only, problems)
         values = apply_policy(np.array([r["values"] for r in rows], np.float32).reshape(len(rows), len(labels)),
                               policy, rng)
         for row, label in zip(rows, values):
             path, inner = _resolve(csv_path, row["path"])
             case_id = str(PurePosixPath(inner).with_suffix(""))
-            if case_id in by_id:
-                twice = str(DataError(csv_path, f"rows {records[case_id]['row']} and {row['row']} both list image "
-                                                f"{row['path']}; use the CSV as downloaded"))
-                by_id[case_id].error = join_errors(by_id[case_id].error, twice)
+            if case_id in records:
+                first = records[case_id]
+                record_or_raise(problems, first["path"], DataError(csv_path, f"rows {first['row']} and {row['row']} "
+                                                                             f"both list image {row['path']}; use the "
+                                                                             "CSV as downloaded"))
                 continue
-            problems, missing = [row.get("error", "")], not path.is_file()
+            missing = not path.is_file()
             if missing:
-                problems.append(str(DataError(csv_path, f"row {row['row']}: image {row['path']} does not exist "
-                                                        f"({path}; partial download?); unzip the whole download, or "
-                                                        "add --keep-going to prepare the images that are there")))
+                record_or_raise(problems, row["path"], DataError(
+                    csv_path, f"row {row['row']}: image {row['path']} does not exist ({path}; partial download?); "
+                              "unzip the whole download, or add --keep-going to prepare the images that are there"))
             records[case_id] = {"split": split_name, "patient": row["patient"], "view": row["view"],
-                                "label": [float(v) for v in label], "row": row["row"], "missing": missing}
-            case = by_id[case_id] = Case(case_id, [safe_case_path(dst / "images", case_id, ".png")], {"path": path},
-                                         error=join_errors(*problems))
-            cases.append(case)
+                                "label": [float(v) for v in label], "row": row["row"], "missing": missing,
+                                "path": row["path"], "file": path}
+    cases = [Case(case_id, [safe_case_path(dst / "images", case_id, ".png")], {"path": record["file"]},
+                  error=problems.get(record["path"], "")) for case_id, record in records.items()]
     if not cases:
         raise DataError(train_csv, "lists no image (after --frontal-only); nothing to prepare")
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from dira3d.data.errors import record_or_raise
 from dira3d.data.geometry import resample
 from dira3d.data.io import (
     IMAGE_SUFFIXES,
@@ -97,8 +98,9 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
         dicom: also look for DICOM series folders.
         exclude: folders not searched (the output folder when it lies inside ``src``).
         problems: when given, a problem of one case (a mask whose image is missing, two inputs
-            with the same case id) is recorded here as ``{case_id: message}`` instead of raised;
-            the case is still returned (with image ``None`` for a lone mask).
+            with the same case id) is recorded here as ``{case_id: message}`` instead of raised
+            (:func:`~dira3d.data.errors.record_or_raise`); the case is still returned (with image
+            ``None`` for a lone mask).
 
     Returns:
         Sorted ``(case_id, image_path, mask_path or None)``.
@@ -114,15 +116,10 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
     masks: dict[str, Path] = {}
     skip = {Path(p).resolve() for p in exclude}
 
-    def report(cid: str, err: DataError) -> None:
-        if problems is None:
-            raise err
-        problems.setdefault(cid, str(err))
-
     def add(found: dict[str, Path], cid: str, path: Path) -> None:
         if cid in found:
-            report(cid, DataError(path, f"gives the same case id {cid!r} as {found[cid]}, so both would write the "
-                                        "same output; rename or move one of them"))
+            record_or_raise(problems, cid, DataError(path, f"gives the same case id {cid!r} as {found[cid]}, so both "
+                                                           "would write the same output; rename or move one of them"))
         found.setdefault(cid, path)
 
     for root, dirs, files in os.walk(src):
@@ -145,8 +142,8 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
                 and sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
             add(images, _case_id(src, Path(root), "") if Path(root) != src else src.name, Path(root))
     for cid in sorted(set(masks) - set(images)):
-        report(cid, DataError(masks[cid], f"mask has no matching image (expected case {cid!r}); "
-                                          "check --image-suffix / --label-suffix"))
+        record_or_raise(problems, cid, DataError(masks[cid], f"mask has no matching image (expected case {cid!r}); "
+                                                             "check --image-suffix / --label-suffix"))
     return [(cid, images.get(cid), masks.get(cid)) for cid in sorted(set(images) | set(masks))]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from dira3d.data.errors import record_or_raise
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
@@ -29,14 +30,17 @@ OFFICIAL_SPLIT = {"training": (0, 99), "validation": (100, 114), "test": (115, 1
 _NAME = re.compile(r"(volume|segmentation)-(\d+)\.nii(\.gz)?")
 
 
-def find_cases(src: str | Path) -> dict[int, dict[str, Path | None]]:
+def find_cases(src: str | Path, problems: dict[int, str] | None = None) -> dict[int, dict[str, Path | None]]:
     """``{N: {"image": volume-N path or None, "mask": segmentation-N path or None}}`` found under ``src``.
 
-    A file found twice or a segmentation without its volume is a problem of that case only: its
-    entry gets an ``"error"`` message (the batch reports it as failed).
+    Args:
+        problems: when given, a file found twice or a segmentation without its volume is recorded
+            here as ``{N: message}`` instead of raised (:func:`~dira3d.data.errors.record_or_raise`):
+            a problem of that case only (the batch reports it as failed).
 
     Raises:
-        DataError: ``src`` is not a folder or holds no ``volume-N.nii``.
+        DataError: ``src`` is not a folder or holds no ``volume-N.nii``; without ``problems``, also
+            a file found twice or a segmentation without its volume.
     """
     src = Path(src)
     if not src.is_dir():
@@ -47,17 +51,19 @@ def find_cases(src: str | Path) -> dict[int, dict[str, Path | None]]:
         if not match:
             continue
         key = "image" if match.group(1) == "volume" else "mask"
-        slot = found.setdefault(int(match.group(2)), {"image": None, "mask": None})
+        number = int(match.group(2))
+        slot = found.setdefault(number, {"image": None, "mask": None})
         if slot[key] is not None:
-            slot.setdefault("error", str(DataError(path, f"duplicate of {slot[key]}; keep one copy of each LiTS file")))
+            record_or_raise(problems, number, DataError(path, f"duplicate of {slot[key]}; keep one copy of each "
+                                                              "LiTS file"))
         else:
             slot[key] = path
     if not any(s["image"] for s in found.values()):
         raise DataError(src, "holds no volume-N.nii files; point --src at the LiTS training batches")
     for n, slot in found.items():
         if slot["image"] is None:
-            slot.setdefault("error", str(DataError(slot["mask"], f"segmentation has no volume-{n}.nii next to it; "
-                                                                 "download the volume or remove the segmentation")))
+            record_or_raise(problems, n, DataError(slot["mask"], f"segmentation has no volume-{n}.nii next to it; "
+                                                                 "download the volume or remove the segmentation"))
     return dict(sorted(found.items()))
 
 
@@ -104,11 +110,11 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
         if lo2 <= hi1:
             raise ValueError(f"the {n1} range {lo1}-{hi1} overlaps the {n2} range {lo2}-{hi2}; ranges must be disjoint")
     cases = []
-    for number, files in find_cases(src).items():
+    problems: dict[int, str] = {}
+    for number, files in find_cases(src, problems).items():
         cid = f"lits-{number:03d}"
         outputs = [safe_case_path(dst / "volumes", cid, ".nii.gz"), safe_case_path(dst / "labels", cid, ".nii.gz")]
-        error = files.pop("error", "")
-        cases.append(Case(cid, outputs, {"number": number, **files}, error))
+        cases.append(Case(cid, outputs, {"number": number, **files}, problems.get(number, "")))
     process = partial(_process, window=tuple(window), spacing=None if spacing is None else tuple(spacing))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="lits", progress=progress,

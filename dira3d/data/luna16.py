@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dira3d.data.errors import record_or_raise
 from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
@@ -44,7 +45,7 @@ def find_scans(src: str | Path, problems: dict[str, str] | None = None) -> dict[
 
     Args:
         problems: when given, a seriesuid found in two subsets is recorded here as
-            ``{seriesuid: message}`` (keeping the first) instead of raised.
+            ``{seriesuid: message}`` instead of raised (:func:`~dira3d.data.errors.record_or_raise`).
 
     Raises:
         DataError: no ``subsetN`` folder; without ``problems``, a seriesuid found in two subsets.
@@ -59,10 +60,8 @@ def find_scans(src: str | Path, problems: dict[str, str] | None = None) -> dict[
         for mhd in sorted(folder.glob("*.mhd")):
             uid = mhd.name[: -len(".mhd")]
             if uid in scans:
-                err = DataError(mhd, f"seriesuid {uid} is also in {scans[uid][1].parent.name}; remove the duplicate")
-                if problems is None:
-                    raise err
-                problems.setdefault(uid, str(err))
+                record_or_raise(problems, uid, DataError(mhd, f"seriesuid {uid} is also in "
+                                                              f"{scans[uid][1].parent.name}; remove the duplicate"))
                 continue
             scans[uid] = (int(folder.name[6:]), mhd)
     return scans
@@ -87,16 +86,23 @@ def _floats(path: Path, row: int, record: dict[str, str], keys: Sequence[str]) -
     return values
 
 
-def read_candidates(path: str | Path, bad: list[tuple[str, str]] | None = None
+def _record_row(problems: dict[str, str] | None, path: Path, row: int, record: dict[str, str], err: DataError) -> None:
+    """A malformed data row: a failed case of its own, ``<file name> data row N``."""
+    record_or_raise(problems, f"{path.name} data row {row + 1}", err,
+                    f" (seriesuid {record['seriesuid']}); fix or remove the row")
+
+
+def read_candidates(path: str | Path, problems: dict[str, str] | None = None
                     ) -> dict[str, list[tuple[int, float, float, float, int]]]:
     """``{seriesuid: [(row, x_mm, y_mm, z_mm, label), ...]}`` from a candidates CSV.
 
     Args:
-        bad: when given, a malformed row is appended here as ``("<file name> data row N", message)``
-            and left out instead of raised.
+        problems: when given, a malformed row is left out and recorded here as
+            ``{"<file name> data row N": message}`` instead of raised
+            (:func:`~dira3d.data.errors.record_or_raise`).
 
     Raises:
-        DataError: missing columns; without ``bad``, also non-numeric coordinates or a class other than 0/1.
+        DataError: missing columns; without ``problems``, also non-numeric coordinates or a class other than 0/1.
     """
     path = Path(path)
     out: dict[str, list[tuple[int, float, float, float, int]]] = defaultdict(list)
@@ -106,29 +112,23 @@ def read_candidates(path: str | Path, bad: list[tuple[str, str]] | None = None
             if label not in (0, 1):
                 raise DataError(path, f"data row {row + 1} has class {record['class']!r}; classes must be 0 or 1")
         except DataError as err:
-            if bad is None:
-                raise
-            bad.append((f"{path.name} data row {row + 1}",
-                        f"{err} (seriesuid {record['seriesuid']}); fix or remove the row"))
+            _record_row(problems, path, row, record, err)
             continue
         out[record["seriesuid"]].append((row, x, y, z, int(label)))
     return dict(out)
 
 
-def read_annotations(path: str | Path, bad: list[tuple[str, str]] | None = None
+def read_annotations(path: str | Path, problems: dict[str, str] | None = None
                      ) -> dict[str, list[tuple[float, float, float, float]]]:
-    """``{seriesuid: [(x_mm, y_mm, z_mm, diameter_mm), ...]}`` from ``annotations.csv``; ``bad`` as
-    in :func:`read_candidates`."""
+    """``{seriesuid: [(x_mm, y_mm, z_mm, diameter_mm), ...]}`` from ``annotations.csv``; ``problems``
+    as in :func:`read_candidates`."""
     path = Path(path)
     out: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     for row, record in _read_csv(path, ANNOTATION_COLUMNS):
         try:
             out[record["seriesuid"]].append(tuple(_floats(path, row, record, ANNOTATION_COLUMNS[1:])))
         except DataError as err:
-            if bad is None:
-                raise
-            bad.append((f"{path.name} data row {row + 1}",
-                        f"{err} (seriesuid {record['seriesuid']}); fix or remove the row"))
+            _record_row(problems, path, row, record, err)
     return dict(out)
 
 
@@ -223,11 +223,11 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
         if csv_path is None or not csv_path.is_file():
             raise DataError(csv_path or src, "candidates CSV not found; put candidates_V2.csv in --src, "
                                              "pass --candidates PATH, or use --no-cubes")
-        bad: list[tuple[str, str]] = []  # malformed rows: failed cases of their own, listed first
-        table = read_candidates(csv_path, bad)
+        rows: dict[str, str] = {}  # malformed rows: failed cases of their own, listed first
+        table = read_candidates(csv_path, rows)
         if (src / "annotations.csv").is_file():
-            nodules = read_annotations(src / "annotations.csv", bad)
-        cases += [Case(name, [], error=message) for name, message in bad]
+            nodules = read_annotations(src / "annotations.csv", rows)
+        cases += [Case(name, [], error=message) for name, message in rows.items()]
     for uid, (subset, mhd) in scans.items():
         kept = _keep_candidates(uid, table.get(uid, []), max_negatives_per_scan, seed)
         outputs = [safe_case_path(dst / "volumes", uid, ".nii.gz")]

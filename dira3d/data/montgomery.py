@@ -32,6 +32,7 @@ from dira3d.data.cxr import (
     write_patient_split,
     write_png,
 )
+from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
@@ -40,14 +41,16 @@ __all__ = ["find_cases", "merge_lungs", "prepare", "main"]
 _NAME = re.compile(r"(MCUCXR_\d+)_([01])\.png")
 
 
-def find_cases(src: str | Path) -> dict[str, dict]:
-    """``{stem: {"image", "left", "right", "patient", "tuberculosis", "error"}}`` for every ``CXR_png`` image.
+def find_cases(src: str | Path, problems: dict[str, str] | None = None) -> dict[str, dict]:
+    """``{stem: {"image", "left", "right", "patient", "tuberculosis"}}`` for every ``CXR_png`` image.
 
-    ``error`` is empty, or names the lung mask(s) an image lacks: that image is a failed case of its
-    own (docs/data.md), the others are still prepared with ``--keep-going``.
+    Args:
+        problems: when given, a lung mask an image lacks is recorded here as ``{stem: message}``
+            instead of raised (:func:`~dira3d.data.errors.record_or_raise`): that image is a failed
+            case of its own (docs/data.md), the others are still prepared with ``--keep-going``.
 
     Raises:
-        DataError: no ``CXR_png`` folder or no image in it.
+        DataError: no ``CXR_png`` folder or no image in it; without ``problems``, also a missing lung mask.
     """
     src = Path(src)
     folders = sorted(src.rglob("CXR_png")) if src.is_dir() else []
@@ -62,10 +65,11 @@ def find_cases(src: str | Path) -> dict[str, dict]:
         if not match:
             continue
         masks = {side: root / "ManualMask" / f"{side}Mask" / path.name for side in ("left", "right")}
-        error = "; ".join(str(DataError(mask, f"is missing: {path.name} needs its {side} lung mask in ManualMask/{side}Mask"))
-                          for side, mask in masks.items() if not mask.is_file())
-        cases[path.stem] = {"image": path, **masks, "patient": match.group(1), "tuberculosis": int(match.group(2)),
-                            "error": error}
+        for side, mask in masks.items():
+            if not mask.is_file():
+                record_or_raise(problems, path.stem, DataError(mask, f"is missing: {path.name} needs its {side} lung "
+                                                                     f"mask in ManualMask/{side}Mask"))
+        cases[path.stem] = {"image": path, **masks, "patient": match.group(1), "tuberculosis": int(match.group(2))}
     if not cases:
         raise DataError(folders[0], "holds no MCUCXR_NNNN_D.png image")
     return cases
@@ -112,9 +116,10 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     src, dst = Path(src), Path(dst)
     size = check_size(size)
     patient_split([], val_fraction, test_fraction)  # validates the fractions before any work
-    found = find_cases(src)
+    problems: dict[str, str] = {}
+    found = find_cases(src, problems)
     cases = [Case(stem, [safe_case_path(dst / "images", stem, ".png"), safe_case_path(dst / "masks", stem, ".png")],
-                  info, error=info["error"]) for stem, info in found.items()]
+                  info, error=problems.get(stem, "")) for stem, info in found.items()]
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="montgomery",
                         progress=progress, source=src, datalists=[dst / "montgomery_datalist.json"])

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dira3d import __version__
+from dira3d.data.errors import record_or_raise
 from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import IMAGE_SUFFIXES, DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
@@ -54,7 +55,7 @@ def find_volumes(folder: str | Path, problems: dict[str, str] | None = None) -> 
 
     Args:
         problems: when given, a patient with two volumes is recorded here as ``{patient: message}``
-            (keeping the first) instead of raised.
+            instead of raised (:func:`~dira3d.data.errors.record_or_raise`).
 
     Raises:
         DataError: ``folder`` is missing or empty; without ``problems``, it holds two volumes of one patient.
@@ -72,10 +73,8 @@ def find_volumes(folder: str | Path, problems: dict[str, str] | None = None) -> 
         else:
             continue
         if pid in found:
-            err = DataError(path, f"patient {pid} already has volume {found[pid].name}; keep one volume per patient")
-            if problems is None:
-                raise err
-            problems.setdefault(pid, str(err))
+            record_or_raise(problems, pid, DataError(path, f"patient {pid} already has volume {found[pid].name}; "
+                                                           "keep one volume per patient"))
             continue
         found[pid] = path
     if not found:

@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dira3d.data.errors import DataError, DataWarning
+from dira3d.data.errors import DataError, DataWarning, join_errors  # join_errors: re-exported
 from dira3d.utils.atomic import atomic_write_text, check_writable
 
 __all__ = [
@@ -62,18 +62,14 @@ STATUSES = ("written", "skipped", "failed", "dry-run", "cancelled")
 class Case:
     """One unit of work: ``outputs`` are the files it writes (absolute paths).
 
-    ``error``: a problem found while listing the work; the case is reported as failed with it.
+    ``error``: a problem found while listing the work (see
+    :func:`~dira3d.data.errors.record_or_raise`); the case is reported as failed with it.
     """
 
     case_id: str
     outputs: list[Path]
     params: dict[str, Any] = field(default_factory=dict)
     error: str = ""
-
-
-def join_errors(*messages: str | None) -> str:
-    """One :attr:`Case.error` from several problems of a case: the non-empty ``messages``, ``"; "``-joined."""
-    return "; ".join(m for m in messages if m)
 
 
 @dataclass

@@ -37,9 +37,10 @@ from dira3d.data.cxr import (
     write_patient_split,
     write_png,
 )
+from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.rle import decode_rle
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, join_errors, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
 __all__ = ["read_rle_csv", "read_patient_id", "decode_masks", "prepare", "main"]
 
@@ -130,12 +131,12 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     csv_path = csvs[0]
     rles = read_rle_csv(csv_path)
     dicoms: dict[str, Path] = {}
-    duplicates: dict[str, str] = {}
+    problems: dict[str, str] = {}  # ImageId → why its case fails
     for path in sorted(src.rglob("*.dcm")):
         if path.stem in rles:
             if path.stem in dicoms:  # which copy is right cannot be told: that image fails, the others go on
-                message = str(DataError(path, f"duplicate of {dicoms[path.stem]}; keep one copy of each DICOM"))
-                duplicates[path.stem] = join_errors(duplicates.get(path.stem), message)
+                record_or_raise(problems, path.stem, DataError(path, f"duplicate of {dicoms[path.stem]}; keep one "
+                                                                     "copy of each DICOM"))
                 continue
             dicoms[path.stem] = path
     if not dicoms:
@@ -146,13 +147,13 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     cases = []
     for image_id in sorted(rles):
         outputs = [safe_case_path(dst / "images", image_id, ".png"), safe_case_path(dst / "masks", image_id, ".png")]
-        problems = [duplicates.get(image_id, "")]
         if image_id not in dicoms:
-            problems.append(str(DataError(csv_path, f"ImageId {image_id} has no DICOM {image_id}.dcm under {src} "
-                                                    "(partial download?); extract the whole dicom-images-train, or "
-                                                    "add --keep-going to prepare the images that are there")))
+            record_or_raise(problems, image_id, DataError(csv_path, f"ImageId {image_id} has no DICOM {image_id}.dcm "
+                                                                    f"under {src} (partial download?); extract the "
+                                                                    "whole dicom-images-train, or add --keep-going to "
+                                                                    "prepare the images that are there"))
         cases.append(Case(image_id, outputs, {"path": dicoms.get(image_id), "rles": rles[image_id], "csv": csv_path},
-                          error=join_errors(*problems)))
+                          error=problems.get(image_id, "")))
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="siim",
                         progress=progress, source=src, datalists=[dst / "siim_datalist.json"])
