@@ -212,6 +212,18 @@ def test_compiled_trainer_matches_eager_losses():
     assert set(compiled.network.state_dict()) == set(plain.network.state_dict())  # checkpoint keys unchanged
 
 
+@pytest.mark.skipif(not COMPILE_OK, reason="an inductor compile of the tiny trainer's networks, forward and backward "
+                    "(~1-3 min on a 2-core CPU): runs on CUDA or with DIRA3D_TEST_COMPILE=1")
+def test_inductor_with_forced_channels_last_layout_matches_eager_losses():
+    plain = build(channels_last=True)
+    fast = build(channels_last=True, compile=True, compile_channels_last=True)
+    batch = fixed_batch()
+    for iteration in (1, 2):  # the second step also checks that the updates agree
+        a, b = losses(step(plain, batch, iteration)), losses(step(fast, batch, iteration))
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (iteration, key)
+
+
 def test_bundle_speed_settings_parse(repo_root):
     from monai.bundle import ConfigParser
 
