@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -122,18 +123,19 @@ def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
     if options.get("gemm_weight_grad") and options.get("pad_channels"):
         raise ValueError("gemm_weight_grad and pad_channels both change the 1-channel convolutions; set one of them")
     both = tuple(m for m in (network, adversary) if m is not None)
-    switches = {
-        "gemm_weight_grad": lambda: use_gemm_weight_grad(*both),
-        "pad_channels": lambda: use_padded_channels(*both, memory_format=memory_format),
-        "gemm_upconv": lambda: use_gemm_upconv(network),
-        "split_concat": lambda: use_split_concat(network),
+    switches = {  # option: (the switch, the networks it looks at)
+        "gemm_weight_grad": (use_gemm_weight_grad, both),
+        "pad_channels": (partial(use_padded_channels, memory_format=memory_format), both),
+        "gemm_upconv": (use_gemm_upconv, (network,)),
+        "split_concat": (use_split_concat, (network,)),
     }
     switched = {}
     for option in LAYER_OPTIONS:
         if options.get(option):
-            switched[option] = switches[option]()
+            switch, targets = switches[option]
+            switched[option] = switch(*targets)
             if not switched[option]:
-                names = " / ".join(type(m).__name__ for m in both[: 1 if option in ("gemm_upconv", "split_concat") else 2])
+                names = " / ".join(type(m).__name__ for m in targets)
                 warnings.warn(f"{option}=True changes no layer of {names}: it has no effect on this network "
                               f"(set it to false to silence this)", stacklevel=2)
     return switched
@@ -154,8 +156,8 @@ def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "ind
         channels_last: force inductor's channels-last layout optimisation in every graph
             (``force_layout_optimization``). Inductor decides it per graph and leaves it off for a
             graph with a convolution whose input channels are at least twice its output channels,
-            which is every convolution of the U-Net decoder (192 → 64 at full resolution, ...): the
-            encoder's graphs run with it, the decoder's without. Whether forcing it is faster is
+            as the first convolution of every U-Net decoder level (768 → 256, 384 → 128, 192 → 64 at
+            full resolution): the encoder's graphs run with it, the decoder's without. Whether forcing it is faster is
             for ``benchmarks/pretrain_throughput.py`` (token ``forcecl``) to say on the GPU at hand.
 
     Returns:

@@ -91,8 +91,8 @@ class DiRATrainer(Trainer):
         compile_mode: inductor mode when compiling, e.g. ``"max-autotune-no-cudagraphs"`` (None:
             PyTorch's default).
         compile_channels_last: with inductor, force its channels-last layout optimisation in every
-            compiled graph; inductor leaves it off for the U-Net decoder's graphs (their convolutions
-            have at least twice as many input as output channels). Off by default until a GPU
+            compiled graph; inductor leaves it off for the U-Net decoder's graphs (each level's first
+            convolution has at least twice as many input as output channels). Off by default until a GPU
             benchmark of the whole step (token ``forcecl``) shows it faster.
         cudnn_benchmark: let cuDNN time its convolution algorithms for the (fixed) patch shape
             and keep the fastest (``torch.backends.cudnn.benchmark``, a process-wide switch; set
