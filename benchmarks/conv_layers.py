@@ -18,6 +18,8 @@ shapes in one run:
 - ``split``: only for a convolution fed by the decoder's concatenation ``cat([up(x), skip])``: two
   convolutions, one on each part, summed (``conv(cat(a, b)) == conv_a(a) + conv_b(b)``). It tells
   whether leaving out the concatenation and its copy would pay.
+- ``gemm``: only for a 1×1 convolution with at most 7 output channels (the U-Net's output head):
+  the layer as one matrix product over channels-last rows (:mod:`dira3d.networks.gemm_head`).
 
 Prints one row per layer and variant (ms forward, ms backward, TFLOP/s) and the totals per
 network, and the total if every layer took its fastest variant.
@@ -29,6 +31,7 @@ network, and the total if every layer took its fastest variant.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from dataclasses import dataclass
@@ -37,12 +40,14 @@ import torch
 from torch import nn
 
 from dira3d.engines.performance import format_table, mean_ms
+from dira3d.networks.gemm_head import use_gemm_head
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from pretrain_throughput import build_networks  # noqa: E402
 
 COLUMNS = ["net", "layer", "variant", "in_shape", "fwd_ms", "bwd_ms", "total_ms", "tflops", "share_%"]
-VARIANTS = ("cl", "cl+cudnn", "ncdhw", "split")
+VARIANTS = ("cl", "cl+cudnn", "ncdhw", "split", "gemm")
+PARTIAL = ("split", "gemm")  # variants that time only the layers they apply to
 _CONVS = (nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -101,6 +106,11 @@ def find_layers(nets: dict[str, nn.Module], image: torch.Tensor, num_classes: in
     return layers
 
 
+def applies_gemm_head(module: nn.Module) -> bool:
+    """Whether :func:`~dira3d.networks.gemm_head.use_gemm_head` would switch ``module``."""
+    return bool(use_gemm_head(copy.deepcopy(module)))
+
+
 def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     if not channels_last:
         return x.contiguous()
@@ -111,6 +121,11 @@ def _parts(layer: Layer, variant: str, device: torch.device) -> list[tuple[nn.Mo
     """(module, input) pairs whose summed forwards are the layer's forward in ``variant``."""
     channels_last = variant != "ncdhw"
     module = layer.module
+    if variant == "gemm":
+        gemm = copy.deepcopy(module)
+        use_gemm_head(gemm)
+        x = torch.rand(layer.in_shape, device=device)
+        return [(gemm, _layout(x, True).requires_grad_(layer.needs_input_grad))]
     if variant != "split":
         x = torch.rand(layer.in_shape, device=device)
         return [(module, _layout(x, channels_last).requires_grad_(layer.needs_input_grad))]
@@ -174,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"--variants: unknown {unknown}; use {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    whole = [v for v in variants if v != "split"]  # 'split' times only the concatenation's readers
+    whole = [v for v in variants if v not in PARTIAL]  # 'split' and 'gemm' time only the layers they apply to
     if not whole:
-        print("--variants: 'split' times only the decoder's concatenated layers; add cl, cl+cudnn or ncdhw",
+        print("--variants: 'split' and 'gemm' time only the layers they apply to; add cl, cl+cudnn or ncdhw",
               file=sys.stderr)
         return 2
     device = torch.device(args.device)
@@ -197,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             if variant == "split" and layer.split_at is None:
                 continue
+            if variant == "gemm" and not applies_gemm_head(layer.module):
+                continue
             fwd, bwd = time_variant(layer, variant, device, args.repeats)
             timed[variant] = (fwd, bwd)
             seconds = (fwd + bwd) / 1000
@@ -214,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             row["share_%"] = round(100 * row["total_ms"] / grand, 1)
     print(format_table(rows, COLUMNS))
     for (net, variant), value in sorted(totals.items()):
-        if variant != "split":
+        if variant not in PARTIAL:
             print(f"total {net:9s} {variant:9s} {value:9.2f} ms")
     print(f"all layers in '{first}': {grand:.2f} ms; every layer in its fastest variant: {best_total:.2f} ms "
           f"({grand / best_total if best_total else float('nan'):.2f}x)")

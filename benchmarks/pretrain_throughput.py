@@ -17,7 +17,8 @@ fused / multi-tensor one), ``gemmwg`` (the 1-channel convolutions' weight gradie
 :mod:`dira3d.networks.gemm_wgrad`), ``padch`` (convolutions on channels zero-padded to 8:
 :mod:`dira3d.networks.channel_pad`), ``gemmup`` (the up-sampling as one GEMM:
 :mod:`dira3d.networks.gemm_upconv`), ``splitcat`` (the decoder's concatenation left out:
-:mod:`dira3d.networks.split_concat`), ``nodist`` (no restorative distortion) and ``subset`` (the
+:mod:`dira3d.networks.split_concat`), ``gemmhead`` (the 1×1 output head as one GEMM:
+:mod:`dira3d.networks.gemm_head`), ``nodist`` (no restorative distortion) and ``subset`` (the
 distortions compute only the samples that drew them).
 
 A configuration that fails (out of memory, a compiler error) is reported in the table with the
@@ -94,6 +95,7 @@ class Config:
     pad_channels: bool = False
     gemm_upconv: bool = False
     split_concat: bool = False
+    gemm_head: bool = False
     distortion: str | None = None  # None: --distortion
     static_distortion: bool | None = None  # None: the distortion's default (static off the CPU)
 
@@ -103,7 +105,7 @@ class Config:
                     compile_mode=self.compile_mode, compile_channels_last=self.compile_channels_last,
                     cudnn_benchmark=self.cudnn_benchmark,
                     gemm_weight_grad=self.gemm_weight_grad, pad_channels=self.pad_channels,
-                    gemm_upconv=self.gemm_upconv, split_concat=self.split_concat)
+                    gemm_upconv=self.gemm_upconv, split_concat=self.split_concat, gemm_head=self.gemm_head)
 
 
 def parse_config(name: str) -> Config:
@@ -136,13 +138,15 @@ def parse_config(name: str) -> Config:
             config.gemm_upconv = True
         elif token == "splitcat":
             config.split_concat = True
+        elif token == "gemmhead":
+            config.gemm_head = True
         elif token == "nodist":
             config.distortion = "none"
         elif token == "subset":
             config.static_distortion = False
         else:
             raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, forcecl, plainopt, gemmwg, padch, gemmup, splitcat, nodist, subset")
+                             "compile|compile-max|compile-ro, forcecl, plainopt, gemmwg, padch, gemmup, splitcat, gemmhead, nodist, subset")
     if config.gemm_weight_grad and config.pad_channels:
         raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
     if config.compile_channels_last and not config.compile:
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     changes_layers = any((plain_config.gemm_weight_grad, plain_config.pad_channels, plain_config.gemm_upconv,
-                          plain_config.split_concat, plain_config.compile_channels_last))
+                          plain_config.split_concat, plain_config.gemm_head, plain_config.compile_channels_last))
     if plain_config.amp == "fp16" or changes_layers or not plain_config.fused:
         print(f"--plain-config {args.plain_config!r}: the plain loop takes fp32 or bf16 with cl, cudnn, compile, "
               "nodist and subset tokens only", file=sys.stderr)

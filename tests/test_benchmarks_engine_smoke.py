@@ -66,6 +66,7 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
     assert module.parse_config("bf16+subset").static_distortion is False and tuned.static_distortion is None
     assert module.parse_config("bf16+gemmup").trainer_kwargs()["gemm_upconv"] and not tuned.gemm_upconv
     assert module.parse_config("bf16+splitcat").trainer_kwargs()["split_concat"] and not tuned.split_concat
+    assert module.parse_config("bf16+cl+gemmhead").trainer_kwargs()["gemm_head"] and not tuned.gemm_head
     forced = module.parse_config("bf16+cl+forcecl+compile").trainer_kwargs()
     assert forced["compile_channels_last"] and forced["compile"] and not tuned.compile_channels_last
     with pytest.raises(ValueError, match="gemmwg and padch"):
@@ -84,6 +85,7 @@ def test_conv_layers_quick_times_every_convolution_of_the_model(repo_root: Path)
     assert len([key for key in layers if key[0] == "unet"]) == 8 + 9 + 1 and len(layers) == 18 + 1 + 5
     split = {r[1] for r in rows if r[2] == "split"}
     assert split == {f"decoder.levels.{i}.convs.conv1.conv" for i in range(3)}  # only the concatenation's readers
+    assert {r[1] for r in rows if r[2] == "gemm"} == {"decoder.head"}  # only the 1x1 output head
     assert any("every layer in its fastest variant" in line for line in lines)
 
 

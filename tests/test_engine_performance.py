@@ -238,6 +238,7 @@ def test_bundle_speed_settings_parse(repo_root):
     assert parser["cudnn_benchmark"] is False and parser.config["train"]["trainer"]["cudnn_benchmark"] == "@cudnn_benchmark"
     assert parser["gemm_weight_grad"] is True and parser["pad_channels"] is False
     assert parser["gemm_upconv"] is False and parser["split_concat"] is False  # not measured faster in a whole step
+    assert parser["gemm_head"] is False and parser.config["train"]["trainer"]["gemm_head"] == "@gemm_head"
     trainer = parser.config["train"]["trainer"]
     assert trainer["gemm_weight_grad"] == "@gemm_weight_grad" and trainer["split_concat"] == "@split_concat"
     # in-process DataLoader: on the lent H100 (2026-11-26) crops from the cache ran at 1,626 pairs/s in
@@ -425,7 +426,8 @@ def test_gemm_weight_grad_option_trains_like_cudnn_weight_grads():
 
 @pytest.mark.parametrize("options", [{"pad_channels": True}, {"gemm_upconv": True},
                                      {"pad_channels": True, "gemm_upconv": True}, {"split_concat": True},
-                                     {"split_concat": True, "gemm_upconv": True, "gemm_weight_grad": True}])
+                                     {"split_concat": True, "gemm_upconv": True, "gemm_weight_grad": True},
+                                     {"gemm_head": True}])
 def test_layer_options_train_like_the_plain_layers(options):
     # two steps: the second one's losses depend on the first step's update of the changed layers.
     # At width 1/8 most layers are padded; a small lr keeps Adam from amplifying rounding-level
@@ -438,6 +440,7 @@ def test_layer_options_train_like_the_plain_layers(options):
     assert (type(up).__name__ == "GemmConvTranspose3d") == bool(options.get("gemm_upconv"))
     level = type(changed.network.decoder.levels[-1]).__name__
     assert (level == "SplitConcatUpLevel") == bool(options.get("split_concat"))
+    assert (type(changed.network.decoder.head).__name__ == "GemmHeadConv3d") == bool(options.get("gemm_head"))
     assert type(plain.network.encoder.levels[0].conv1.conv) is torch.nn.Conv3d
     for iteration in (1, 2):
         a, b = losses(step(plain, fixed_batch(), iteration)), losses(step(changed, fixed_batch(), iteration))
@@ -449,17 +452,20 @@ def test_layer_options_train_like_the_plain_layers(options):
                                    atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["split_concat", "gemm_upconv"])
+@pytest.mark.parametrize("option", ["split_concat", "gemm_upconv", "gemm_head"])
 def test_a_layer_option_that_changes_nothing_warns(option):
     from dira3d.engines.performance import apply_layer_options
     from dira3d.networks import ResNetUNet
 
-    resnet = ResNetUNet(1, 1, backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8))  # no U-Net decoder level
-    with pytest.warns(UserWarning, match=f"{option}=True changes no layer of ResNetUNet"):
-        assert apply_layer_options(resnet, **{option: True}) == {option: []}
+    if option == "gemm_head":  # 8 output channels: a head cuDNN runs on tensor cores, left alone
+        other, name = UNet(spatial_dims=3, in_channels=1, out_channels=8, width=0.125), "UNet"
+    else:  # no U-Net decoder level
+        other, name = ResNetUNet(1, 1, backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8)), "ResNetUNet"
+    with pytest.warns(UserWarning, match=f"{option}=True changes no layer of {name}"):
+        assert apply_layer_options(other, **{option: True}) == {option: []}
     unet = UNet(spatial_dims=3, in_channels=1, out_channels=1, width=0.125)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the 3D U-Net has the layers: no warning
+        warnings.simplefilter("error")  # the default 3D U-Net has the layers: no warning
         assert apply_layer_options(unet, **{option: True})[option]
     with pytest.raises(ValueError, match="unknown layer option"):
         apply_layer_options(unet, split_concatt=True)

@@ -15,6 +15,7 @@ from torch import nn
 
 from dira3d.networks import Adversary, UNet
 from dira3d.networks.channel_pad import ChannelPaddedConv3d, use_padded_channels
+from dira3d.networks.gemm_head import use_gemm_head
 from dira3d.networks.gemm_upconv import use_gemm_upconv
 from dira3d.networks.gemm_wgrad import GemmWgradConv3d, use_gemm_weight_grad
 from dira3d.networks.split_concat import use_split_concat
@@ -67,6 +68,7 @@ CASES = {
     "gemm": (use_gemm_weight_grad, lambda: nn.Conv3d(1, 8, 3, padding=1), 1),
     "pad": (use_padded_channels, lambda: nn.Conv3d(1, 8, 3, padding=1), 1),
     "gemmup": (use_gemm_upconv, lambda: nn.ConvTranspose3d(8, 8, 2, stride=2), 8),
+    "gemmhead": (use_gemm_head, lambda: nn.Conv3d(8, 1, 1), 8),
 }
 
 
@@ -114,7 +116,7 @@ def test_a_switched_layer_is_not_switched_again(variant):
     assert not set(first) & set(other)  # a layer gets one variant or the other
 
 
-@pytest.mark.parametrize("switch", [use_padded_channels, use_gemm_upconv, use_gemm_weight_grad])
+@pytest.mark.parametrize("switch", [use_padded_channels, use_gemm_upconv, use_gemm_weight_grad, use_gemm_head])
 def test_a_switched_unet_restores_and_trains_like_the_plain_one(switch):
     torch.manual_seed(3)
     plain, changed = UNet(3, 1, 1, width=0.125).double(), UNet(3, 1, 1, width=0.125).double()
@@ -302,6 +304,68 @@ def test_on_cuda_bf16_channels_last_gemm_upconv_agrees_with_cudnn():
         out.float().square().mean().backward()
         results.append((out.float(), conv.weight.grad, conv.bias.grad, xi.grad))
     assert results[1][0].is_contiguous(memory_format=fmt)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+# --- gemm_head (1x1 convolutions with a few output channels) -----------------------------------
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("cout,bias", [(1, True), (1, False), (3, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gemm_head_gives_the_convolution_and_its_gradients(dims, cout, bias, channels_last):
+    conv_cls = nn.Conv3d if dims == 3 else nn.Conv2d
+    spatial = (5, 4, 3) if dims == 3 else (6, 5)
+    torch.manual_seed(6)
+    ref = conv_cls(6, cout, 1, bias=bias).double()
+    gemm = conv_cls(6, cout, 1, bias=bias).double()
+    gemm.load_state_dict(ref.state_dict())
+    assert use_gemm_head(gemm) == ["0."] and type(gemm).__name__.startswith("GemmHeadConv")
+    x = torch.rand(3, 6, *spatial, dtype=torch.double)
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    if channels_last:
+        ref, gemm, x = ref.to(memory_format=fmt), gemm.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    results = grads(ref, x1), grads(gemm, x2)
+    out = gemm(x)
+    assert out.shape == results[0][0].shape
+    assert out.is_contiguous(memory_format=fmt) if channels_last else out.is_contiguous()  # the input's layout
+    for a, b in zip(*results):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_gemm_head_switches_only_narrow_pointwise_layers_and_keeps_keys():
+    layers = nn.ModuleList([nn.Conv3d(8, 1, 1), nn.Conv3d(8, 7, 1, padding="valid"), nn.Conv3d(8, 8, 1),
+                            nn.Conv3d(8, 1, 3, padding=1), nn.Conv3d(8, 1, 1, stride=2), nn.Conv3d(8, 1, 1, padding=1),
+                            nn.Conv3d(8, 2, 1, groups=2), nn.ConvTranspose3d(8, 1, 1)])
+    assert use_gemm_head(layers) == ["0.0", "0.1"]
+    net = UNet(3, 1, 1, width=0.125)
+    keys = set(net.state_dict())
+    assert use_gemm_head(net) == ["0.decoder.head"]  # the output head, nothing else of the U-Net
+    assert set(net.state_dict()) == keys and use_gemm_head(net) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN's 1-channel convolution)")
+def test_on_cuda_bf16_channels_last_gemm_head_agrees_with_cudnn():
+    torch.manual_seed(8)
+    fmt = torch.channels_last_3d
+    ref = nn.Conv3d(64, 1, 1).cuda().to(memory_format=fmt)
+    gemm = nn.Conv3d(64, 1, 1).cuda().to(memory_format=fmt)
+    gemm.load_state_dict(ref.state_dict())
+    use_gemm_head(gemm)
+    x = torch.rand(4, 64, 32, 32, 16, device="cuda").contiguous(memory_format=fmt)
+    results = []
+    for conv in (ref, gemm):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = conv(xi)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        results.append((out.float(), conv.weight.grad, conv.bias.grad, xi.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
 

@@ -6,7 +6,7 @@ config or a benchmark calls around it:
 - :func:`build_adam` — Adam with ``fused=True`` on CUDA (one kernel per step for all tensors) and
   ``foreach=True`` elsewhere (a handful of multi-tensor ops instead of one op per tensor);
 - :func:`apply_layer_options` — the layer switches aimed at slow cuDNN kernels (``gemm_weight_grad``,
-  ``pad_channels``, ``gemm_upconv``, ``split_concat``), with a warning for one that changes no layer
+  ``pad_channels``, ``gemm_upconv``, ``split_concat``, ``gemm_head``), with a warning for one that changes no layer
   of the network at hand (e.g. ``split_concat`` on the 2D ``ResNetUNet``);
 - :func:`compile_modules` — ``torch.compile`` of the U-Net's encoder/decoder, heads and adversary
   *in place* (``nn.Module.compile``), so ``network.encode`` still goes through the compiled
@@ -93,7 +93,7 @@ def build_adam(
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **options)
 
 
-LAYER_OPTIONS = ("gemm_weight_grad", "pad_channels", "gemm_upconv", "split_concat")
+LAYER_OPTIONS = ("gemm_weight_grad", "pad_channels", "gemm_upconv", "split_concat", "gemm_head")
 
 
 def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
@@ -101,7 +101,8 @@ def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
     """Switch the layers that each option set to true applies to, in place (keys and values unchanged).
 
     ``gemm_weight_grad`` and ``pad_channels`` act on ``network`` and ``adversary`` (their 1-channel
-    convolutions), ``gemm_upconv`` and ``split_concat`` on ``network`` (the U-Net decoder). An option
+    convolutions), ``gemm_upconv``, ``split_concat`` and ``gemm_head`` on ``network`` (the U-Net
+    decoder and its 1×1 output head). An option
     that finds no layer to switch in these networks warns once, naming the option and the network:
     it has no effect there, which a user who set it for speed should know.
 
@@ -113,6 +114,7 @@ def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
         change the 1-channel convolutions).
     """
     from dira3d.networks.channel_pad import use_padded_channels
+    from dira3d.networks.gemm_head import use_gemm_head
     from dira3d.networks.gemm_upconv import use_gemm_upconv
     from dira3d.networks.gemm_wgrad import use_gemm_weight_grad
     from dira3d.networks.split_concat import use_split_concat
@@ -128,6 +130,7 @@ def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
         "pad_channels": (partial(use_padded_channels, memory_format=memory_format), both),
         "gemm_upconv": (use_gemm_upconv, (network,)),
         "split_concat": (use_split_concat, (network,)),
+        "gemm_head": (use_gemm_head, (network,)),
     }
     switched = {}
     for option in LAYER_OPTIONS:

@@ -113,7 +113,11 @@ class DiRATrainer(Trainer):
             the skip separately and sum, instead of on their concatenation
             (:mod:`dira3d.networks.split_concat`; same values, tested). Off by default until a GPU
             benchmark of the whole step shows it faster.
-            Each of these four options warns when it changes no layer of the networks given
+        gemm_head: run the U-Net's 1×1 output convolution (one output channel, for which cuDNN
+            has no tensor-core kernel) as one matrix product over channels-last rows
+            (:mod:`dira3d.networks.gemm_head`; same values, tested). Off by default until a GPU
+            benchmark of the whole step shows it faster.
+            Each of these five options warns when it changes no layer of the networks given
             (``dira3d.engines.performance.apply_layer_options``), e.g. ``split_concat`` on the
             2D ``ResNetUNet``, which has no U-Net decoder level.
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
@@ -164,6 +168,7 @@ class DiRATrainer(Trainer):
         pad_channels: bool = False,
         gemm_upconv: bool = False,
         split_concat: bool = False,
+        gemm_head: bool = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
         classify_both: bool = False,
@@ -232,7 +237,8 @@ class DiRATrainer(Trainer):
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         apply_layer_options(network, adversary, self.memory_format, gemm_weight_grad=gemm_weight_grad,
-                            pad_channels=pad_channels, gemm_upconv=gemm_upconv, split_concat=split_concat)
+                            pad_channels=pad_channels, gemm_upconv=gemm_upconv, split_concat=split_concat,
+                            gemm_head=gemm_head)
         if compile:  # after .to(): the compiled graphs see the final device and memory format
             compile_modules(self.modules(), backend="inductor" if compile is True else str(compile), mode=compile_mode,
                             channels_last=compile_channels_last)
