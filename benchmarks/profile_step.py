@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distortion", default="transvw")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
-    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--rows", type=int, default=None, help="rows per table (default 30; 10 with --quick)")
     parser.add_argument("--by-shape", default="", metavar="OP[,OP...]",
                         help="also list these operators (e.g. aten::copy_) per input shape: which tensors they move")
     parser.add_argument("--callers", type=int, default=0, metavar="N",
@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                              "ConvolutionBackward0, a compiled graph) and print them: who calls the op")
     parser.add_argument("--quick", action="store_true", help="tiny CPU run (width 1/8, 16x16x8)")
     args = parser.parse_args(argv)
+    args.rows = args.rows or (10 if args.quick else 30)
     if args.quick:
         args.device, args.width, args.patch, args.batch, args.num_classes = "cpu", 0.125, (16, 16, 8), 2, 4
-        args.warmup, args.steps, args.rows = 1, 1, 10
+        args.warmup, args.steps = 1, 1
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but no CUDA device is available; use --device cpu.", file=sys.stderr)
