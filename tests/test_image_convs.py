@@ -61,7 +61,52 @@ def check_matches_the_plain_layer(variant: str, dims: int, cin: int, cout: int, 
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
-# --- shared: both switches --------------------------------------------------------------------
+def check_switched_layer(make, switch, class_prefix: str, dims: int, channels_last: bool, seed: int) -> None:
+    """``switch`` changes the layer ``make()`` builds (6 input channels); in float64 the switched layer's
+    output, weight, bias and input gradients equal the plain one's, and its output keeps the input's layout."""
+    spatial = (5, 4, 3) if dims == 3 else (6, 5)
+    torch.manual_seed(seed)
+    ref, changed = make().double(), make().double()
+    changed.load_state_dict(ref.state_dict())
+    assert switch(changed) == ["0."] and type(changed).__name__.startswith(class_prefix)
+    x = torch.rand(3, 6, *spatial, dtype=torch.double)
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    if channels_last:
+        ref, changed, x = ref.to(memory_format=fmt), changed.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    results = grads(ref, x1), grads(changed, x2)
+    out = changed(x)
+    assert out.shape == results[0][0].shape
+    assert out.is_contiguous(memory_format=fmt) if channels_last else out.is_contiguous()  # the input's layout
+    for a, b in zip(*results):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def check_on_cuda_bf16(make, switch, shape: tuple[int, ...], seed: int) -> None:
+    """Under bf16 autocast on CUDA, channels-last, the switched layer agrees with cuDNN's within bf16 rounding."""
+    torch.manual_seed(seed)
+    fmt = torch.channels_last_3d
+    ref, changed = make().cuda().to(memory_format=fmt), make().cuda().to(memory_format=fmt)
+    changed.load_state_dict(ref.state_dict())
+    assert switch(changed) == ["0."]
+    x = torch.rand(shape, device="cuda").contiguous(memory_format=fmt)
+    results = []
+    for conv in (ref, changed):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = conv(xi)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        results.append((out.float(), conv.weight.grad, conv.bias.grad, xi.grad))
+    assert results[1][0].is_contiguous(memory_format=fmt)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+# --- shared: every switch ----------------------------------------------------------------------
 
 # switch, a layer it changes, that layer's input channels
 CASES = {
@@ -254,26 +299,8 @@ def test_on_cuda_bf16_channels_last_padded_layers_agree_with_cudnn():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gemm_upconv_gives_the_transposed_convolution_and_its_gradients(dims, kernel, bias, channels_last):
     conv_cls = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
-    spatial = (5, 4, 3) if dims == 3 else (6, 5)
-    torch.manual_seed(5)
-    ref = conv_cls(6, 4, kernel, stride=kernel, bias=bias).double()
-    gemm = conv_cls(6, 4, kernel, stride=kernel, bias=bias).double()
-    gemm.load_state_dict(ref.state_dict())
-    assert use_gemm_upconv(gemm) == ["0."] and type(gemm).__name__.startswith("GemmConvTranspose")
-    x = torch.rand(3, 6, *spatial, dtype=torch.double)
-    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
-    if channels_last:
-        ref, gemm, x = ref.to(memory_format=fmt), gemm.to(memory_format=fmt), x.contiguous(memory_format=fmt)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    results = grads(ref, x1), grads(gemm, x2)
-    out = gemm(x)
-    assert out.shape == results[0][0].shape
-    assert out.is_contiguous(memory_format=fmt) if channels_last else out.is_contiguous()  # the input's layout
-    for a, b in zip(*results):
-        if a is None:
-            assert b is None
-        else:
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    check_switched_layer(lambda: conv_cls(6, 4, kernel, stride=kernel, bias=bias), use_gemm_upconv,
+                         "GemmConvTranspose", dims, channels_last, seed=5)
 
 
 def test_gemm_upconv_switches_only_non_overlapping_layers_and_keeps_keys():
@@ -288,24 +315,7 @@ def test_gemm_upconv_switches_only_non_overlapping_layers_and_keeps_keys():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN's transposed convolution)")
 def test_on_cuda_bf16_channels_last_gemm_upconv_agrees_with_cudnn():
-    torch.manual_seed(7)
-    fmt = torch.channels_last_3d
-    ref = nn.ConvTranspose3d(128, 128, 2, stride=2).cuda().to(memory_format=fmt)
-    gemm = nn.ConvTranspose3d(128, 128, 2, stride=2).cuda().to(memory_format=fmt)
-    gemm.load_state_dict(ref.state_dict())
-    use_gemm_upconv(gemm)
-    x = torch.rand(4, 128, 16, 16, 8, device="cuda").contiguous(memory_format=fmt)
-    results = []
-    for conv in (ref, gemm):
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = conv(xi)
-        assert out.dtype == torch.bfloat16
-        out.float().square().mean().backward()
-        results.append((out.float(), conv.weight.grad, conv.bias.grad, xi.grad))
-    assert results[1][0].is_contiguous(memory_format=fmt)
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+    check_on_cuda_bf16(lambda: nn.ConvTranspose3d(128, 128, 2, stride=2), use_gemm_upconv, (4, 128, 16, 16, 8), seed=7)
 
 
 # --- gemm_head (1x1 convolutions with a few output channels) -----------------------------------
@@ -316,26 +326,8 @@ def test_on_cuda_bf16_channels_last_gemm_upconv_agrees_with_cudnn():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gemm_head_gives_the_convolution_and_its_gradients(dims, cout, bias, channels_last):
     conv_cls = nn.Conv3d if dims == 3 else nn.Conv2d
-    spatial = (5, 4, 3) if dims == 3 else (6, 5)
-    torch.manual_seed(6)
-    ref = conv_cls(6, cout, 1, bias=bias).double()
-    gemm = conv_cls(6, cout, 1, bias=bias).double()
-    gemm.load_state_dict(ref.state_dict())
-    assert use_gemm_head(gemm) == ["0."] and type(gemm).__name__.startswith("GemmHeadConv")
-    x = torch.rand(3, 6, *spatial, dtype=torch.double)
-    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
-    if channels_last:
-        ref, gemm, x = ref.to(memory_format=fmt), gemm.to(memory_format=fmt), x.contiguous(memory_format=fmt)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    results = grads(ref, x1), grads(gemm, x2)
-    out = gemm(x)
-    assert out.shape == results[0][0].shape
-    assert out.is_contiguous(memory_format=fmt) if channels_last else out.is_contiguous()  # the input's layout
-    for a, b in zip(*results):
-        if a is None:
-            assert b is None
-        else:
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    check_switched_layer(lambda: conv_cls(6, cout, 1, bias=bias), use_gemm_head, "GemmHeadConv", dims, channels_last,
+                         seed=6)
 
 
 def test_gemm_head_switches_only_narrow_pointwise_layers_and_keeps_keys():
@@ -351,23 +343,7 @@ def test_gemm_head_switches_only_narrow_pointwise_layers_and_keeps_keys():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN's 1-channel convolution)")
 def test_on_cuda_bf16_channels_last_gemm_head_agrees_with_cudnn():
-    torch.manual_seed(8)
-    fmt = torch.channels_last_3d
-    ref = nn.Conv3d(64, 1, 1).cuda().to(memory_format=fmt)
-    gemm = nn.Conv3d(64, 1, 1).cuda().to(memory_format=fmt)
-    gemm.load_state_dict(ref.state_dict())
-    use_gemm_head(gemm)
-    x = torch.rand(4, 64, 32, 32, 16, device="cuda").contiguous(memory_format=fmt)
-    results = []
-    for conv in (ref, gemm):
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = conv(xi)
-        assert out.dtype == torch.bfloat16
-        out.float().square().mean().backward()
-        results.append((out.float(), conv.weight.grad, conv.bias.grad, xi.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+    check_on_cuda_bf16(lambda: nn.Conv3d(64, 1, 1), use_gemm_head, (4, 64, 32, 32, 16), seed=8)
 
 
 # --- split_concat (the decoder's concatenation left out) ---------------------------------------
