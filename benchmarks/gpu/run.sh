@@ -16,9 +16,10 @@
 #   facts; the CUDA tests of the layer options against cuDNN;
 #   ab: compiled A/B at batch 64 in one process, the bundle's performance.json setting
 #       (bf16+cl+gemmwg+compile) against the same with splitcat, forcecl (inductor's channels-last
-#       layout forced in the decoder's graphs too), gemmhead (the 1x1 output head as one GEMM), the
-#       three together, and splitcat+gemmup (rows in that order; a row that would start after the
-#       time budget is left out);
+#       layout forced in the decoder's graphs too) and gemmhead (the 1x1 output head as one GEMM)
+#       all three, then each alone (splitcat, gemmhead, forcecl), then splitcat+gemmup: in that
+#       order, since a row that would start after the time budget is left out and the combination
+#       alone says whether performance.json should change;
 #   profile: the fastest A/B row, compiled (the inductor cache is warm by then), with aten::copy_
 #       per input shape (9.6 ms per step in 89 copies on 2026-11-26: which tensors?);
 #   plain: the plain PyTorch loop at bf16 + channels-last + compile, if time is left.
@@ -85,8 +86,8 @@ else
     PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_EXTRA=(--rows 40); FC_SIZE=(--batch 64)
     AB_SIZE=("${PT_SIZE[@]}")
     AB_BASE=bf16+cl+gemmwg+compile
-    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+splitcat+compile,bf16+cl+gemmwg+forcecl+compile,bf16+cl+gemmwg+gemmhead+compile
-    AB_CONFIGS=$AB_CONFIGS,bf16+cl+gemmwg+splitcat+forcecl+gemmhead+compile,bf16+cl+gemmwg+splitcat+gemmup+compile
+    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+splitcat+forcecl+gemmhead+compile,bf16+cl+gemmwg+splitcat+compile
+    AB_CONFIGS=$AB_CONFIGS,bf16+cl+gemmwg+gemmhead+compile,bf16+cl+gemmwg+forcecl+compile,bf16+cl+gemmwg+splitcat+gemmup+compile
     PLAIN=bf16+cl+compile
     CL_SIZE=(--batch 64); FOLLOW=bf16+cl+gemmwg+compile; FOLLOW_MAX=bf16+cl+gemmwg+compile-max; BATCHES=(64 128)
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
