@@ -18,7 +18,9 @@ fused / multi-tensor one), ``gemmwg`` (the 1-channel convolutions' weight gradie
 :mod:`dira3d.networks.channel_pad`), ``gemmup`` (the up-sampling as one GEMM:
 :mod:`dira3d.networks.gemm_upconv`), ``splitcat`` (the decoder's concatenation left out:
 :mod:`dira3d.networks.split_concat`), ``gemmhead`` (the 1×1 output head as one GEMM:
-:mod:`dira3d.networks.gemm_head`), ``nodist`` (no restorative distortion) and ``subset`` (the
+:mod:`dira3d.networks.gemm_head`), ``prefetch`` (the next batch's device copy, views and distortion
+on a side CUDA stream during the current step: :mod:`dira3d.engines.prefetch`; its ``data_ms`` then
+includes preparing the next batch), ``nodist`` (no restorative distortion) and ``subset`` (the
 distortions compute only the samples that drew them).
 
 A configuration that fails (out of memory, a compiler error) is reported in the table with the
@@ -96,6 +98,7 @@ class Config:
     gemm_upconv: bool = False
     split_concat: bool = False
     gemm_head: bool = False
+    prefetch: bool = False
     distortion: str | None = None  # None: --distortion
     static_distortion: bool | None = None  # None: the distortion's default (static off the CPU)
 
@@ -105,7 +108,8 @@ class Config:
                     compile_mode=self.compile_mode, compile_channels_last=self.compile_channels_last,
                     cudnn_benchmark=self.cudnn_benchmark,
                     gemm_weight_grad=self.gemm_weight_grad, pad_channels=self.pad_channels,
-                    gemm_upconv=self.gemm_upconv, split_concat=self.split_concat, gemm_head=self.gemm_head)
+                    gemm_upconv=self.gemm_upconv, split_concat=self.split_concat, gemm_head=self.gemm_head,
+                    prefetch=self.prefetch)
 
 
 def parse_config(name: str) -> Config:
@@ -140,13 +144,15 @@ def parse_config(name: str) -> Config:
             config.split_concat = True
         elif token == "gemmhead":
             config.gemm_head = True
+        elif token == "prefetch":
+            config.prefetch = True
         elif token == "nodist":
             config.distortion = "none"
         elif token == "subset":
             config.static_distortion = False
         else:
             raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, forcecl, plainopt, gemmwg, padch, gemmup, splitcat, gemmhead, nodist, subset")
+                             "compile|compile-max|compile-ro, forcecl, plainopt, gemmwg, padch, gemmup, splitcat, gemmhead, prefetch, nodist, subset")
     if config.gemm_weight_grad and config.pad_channels:
         raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
     if config.compile_channels_last and not config.compile:

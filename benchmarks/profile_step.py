@@ -3,7 +3,8 @@
 Runs ``DiRATrainer._iteration`` (the engine's own step, not a copy) on one fixed batch of synthetic
 cached patches, after warm-up, under ``torch.profiler`` and prints the operators that take the most
 device time (CUDA) or CPU time, and the time of the batch distortion alone. Use it to decide what to
-make faster next; ``pretrain_throughput.py`` gives the end-to-end figures.
+make faster next; ``pretrain_throughput.py`` gives the end-to-end figures. The step is called with a
+loader batch, so the ``prefetch`` token changes nothing here (its overlap shows only end to end).
 
     python benchmarks/profile_step.py --device cuda --batch 32 --config bf16+cl
     python benchmarks/profile_step.py --quick                                   # CPU smoke

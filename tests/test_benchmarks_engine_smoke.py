@@ -67,6 +67,7 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
     assert module.parse_config("bf16+gemmup").trainer_kwargs()["gemm_upconv"] and not tuned.gemm_upconv
     assert module.parse_config("bf16+splitcat").trainer_kwargs()["split_concat"] and not tuned.split_concat
     assert module.parse_config("bf16+cl+gemmhead").trainer_kwargs()["gemm_head"] and not tuned.gemm_head
+    assert module.parse_config("bf16+cl+prefetch").trainer_kwargs()["prefetch"] and not tuned.prefetch
     forced = module.parse_config("bf16+cl+forcecl+compile").trainer_kwargs()
     assert forced["compile_channels_last"] and forced["compile"] and not tuned.compile_channels_last
     with pytest.raises(ValueError, match="gemmwg and padch"):
@@ -278,7 +279,7 @@ def test_gpu_lease_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path)
         log = (tmp_path / f"{part}.txt").read_text()
         assert marker in log and "exited with" not in log and "skipped, no time left" not in log, (part, log[-1500:])
     ab = (tmp_path / "ab.txt").read_text()
-    assert {"fp32+gemmwg", "fp32+gemmwg+splitcat", "fp32+gemmwg+gemmup", "fp32+gemmwg+splitcat+gemmup"} == {
+    assert {"fp32+gemmwg", "fp32+gemmwg+prefetch", "fp32+gemmwg+splitcat", "fp32+gemmwg+splitcat+gemmup"} == {
         line.split("'config': '")[1].split("'")[0] for line in ab.splitlines() if line.startswith("row: ")}
 
 

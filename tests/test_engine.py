@@ -46,7 +46,7 @@ def smooth_volumes(count: int, shape=(24, 24, 12), seed: int = 0) -> list[dict]:
 
 
 def make_trainer(mode="visual_words", dims=3, stages=None, max_epochs=1, seed=0, batch=4, volumes=4, lr=1e-3,
-                 handlers=None, distortion="models_genesis"):
+                 handlers=None, distortion="models_genesis", device="cpu", **options):
     torch.manual_seed(seed)
     patch = PATCH3 if dims == 3 else PATCH2
     transform = RandPatchPaird("image", patch, spatial_dims=dims, pair="instances")
@@ -57,11 +57,11 @@ def make_trainer(mode="visual_words", dims=3, stages=None, max_epochs=1, seed=0,
     predictor = build_predictor(mode, 8)
     adversary = Adversary(dims, 1, channels=4, num_layers=3)
     trainer = DiRATrainer(
-        "cpu", max_epochs, loader, net,
+        device, max_epochs, loader, net,
         torch.optim.Adam(unique_parameters([net, head, predictor]), lr), head, adversary,
         torch.optim.Adam(adversary.parameters(), lr), dis_mode=mode, predictor=predictor, stages=stages,
         distortion=build_distortion(distortion if dims == 3 else "dira2d"), seed=seed, queue_size=16,
-        train_handlers=handlers,
+        train_handlers=handlers, **options,
     )
     return trainer
 

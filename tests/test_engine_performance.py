@@ -239,6 +239,7 @@ def test_bundle_speed_settings_parse(repo_root):
     assert parser["gemm_weight_grad"] is True and parser["pad_channels"] is False
     assert parser["gemm_upconv"] is False and parser["split_concat"] is False  # not measured faster in a whole step
     assert parser["gemm_head"] is False and parser.config["train"]["trainer"]["gemm_head"] == "@gemm_head"
+    assert parser["prefetch"] is False and parser.config["train"]["trainer"]["prefetch"] == "@prefetch"
     trainer = parser.config["train"]["trainer"]
     assert trainer["gemm_weight_grad"] == "@gemm_weight_grad" and trainer["split_concat"] == "@split_concat"
     # in-process DataLoader: on the lent H100 (2026-11-26) crops from the cache ran at 1,626 pairs/s in

@@ -15,11 +15,12 @@
 # cannot eat the rest, and its output is in $OUT already:
 #   facts; the CUDA tests of the layer options against cuDNN;
 #   ab: compiled A/B at batch 64 in one process, the bundle's performance.json setting
-#       (bf16+cl+gemmwg+compile) against the same with splitcat, forcecl (inductor's channels-last
-#       layout forced in the decoder's graphs too) and gemmhead (the 1x1 output head as one GEMM)
-#       all three, then each alone (splitcat, gemmhead, forcecl), then splitcat+gemmup: in that
-#       order, since a row that would start after the time budget is left out and the combination
-#       alone says whether performance.json should change;
+#       (bf16+cl+gemmwg+compile) against the same with prefetch (the next batch prepared on a side
+#       stream; the same graphs, so inductor's cache makes it a short row), then with splitcat,
+#       forcecl (inductor's channels-last layout forced in the decoder's graphs too), gemmhead (the
+#       1x1 output head as one GEMM) and prefetch all four, then splitcat, gemmhead, forcecl alone,
+#       then splitcat+gemmup: in that order, since a row that would start after the time budget is
+#       left out and the combination alone says whether performance.json should change;
 #   profile: the fastest A/B row, compiled (the inductor cache is warm by then), with aten::copy_
 #       per input shape (9.6 ms per step in 89 copies on 2026-11-26: which tensors?);
 #   plain: the plain PyTorch loop at bf16 + channels-last + compile, if time is left.
@@ -78,7 +79,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
     SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32
     PF_SIZE=(--quick); PF_EXTRA=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}")
-    AB_BASE=fp32+gemmwg; AB_CONFIGS=fp32+gemmwg,fp32+gemmwg+splitcat,fp32+gemmwg+gemmup,fp32+gemmwg+splitcat+gemmup
+    AB_BASE=fp32+gemmwg; AB_CONFIGS=fp32+gemmwg,fp32+gemmwg+prefetch,fp32+gemmwg+splitcat,fp32+gemmwg+splitcat+gemmup
     CL_SIZE=(--quick); FOLLOW=fp32+gemmwg; FOLLOW_MAX=fp32+gemmwg; BATCHES=(2 4)
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
@@ -86,7 +87,8 @@ else
     PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_EXTRA=(--rows 40); FC_SIZE=(--batch 64)
     AB_SIZE=("${PT_SIZE[@]}")
     AB_BASE=bf16+cl+gemmwg+compile
-    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+splitcat+forcecl+gemmhead+compile,bf16+cl+gemmwg+splitcat+compile
+    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+compile+prefetch,bf16+cl+gemmwg+splitcat+forcecl+gemmhead+compile+prefetch
+    AB_CONFIGS=$AB_CONFIGS,bf16+cl+gemmwg+splitcat+compile
     AB_CONFIGS=$AB_CONFIGS,bf16+cl+gemmwg+gemmhead+compile,bf16+cl+gemmwg+forcecl+compile,bf16+cl+gemmwg+splitcat+gemmup+compile
     PLAIN=bf16+cl+compile
     CL_SIZE=(--batch 64); FOLLOW=bf16+cl+gemmwg+compile; FOLLOW_MAX=bf16+cl+gemmwg+compile-max; BATCHES=(64 128)
@@ -115,7 +117,8 @@ for what in "$@"; do
     lease)
         part facts nvidia-smi -L
         part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
-        capped cuda_tests 40 "$PY" -m pytest -q -p no:cacheprovider -k on_cuda tests/test_image_convs.py
+        capped cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider -k on_cuda tests/test_image_convs.py \
+            tests/test_engine_prefetch.py
         cap=$(left 150)  # keep ~60 s for the profile and ~90 s for the plain loop
         capped ab "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
             --configs "$AB_CONFIGS" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/ab.md"

@@ -41,12 +41,32 @@ from dira3d.engines.optim import (
     unique_parameters,
 )
 from dira3d.engines.performance import apply_layer_options, compile_modules
+from dira3d.engines.prefetch import Prefetcher
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
 
-__all__ = ["DiRATrainer", "Forward", "STREAM_DATA", "STREAM_STEP"]
+__all__ = ["DiRATrainer", "Forward", "StepInputs", "Prepared", "STREAM_DATA", "STREAM_STEP"]
 
 STREAM_DATA, STREAM_STEP = 1, 2  # seed streams: per-epoch data order, per-iteration views/distortions
+
+
+class StepInputs(NamedTuple):
+    """What the network sees in one step: the two views, the distorted view and its restoration target."""
+
+    view1: torch.Tensor
+    view2: torch.Tensor
+    distorted: torch.Tensor
+    target: torch.Tensor
+
+
+class Prepared(NamedTuple):
+    """A batch prepared before its step (``prefetch``): on the device, with its draws and inputs."""
+
+    batch: dict[str, Any]
+    generator: torch.Generator
+    inputs: StepInputs
+    iteration: int
+    stage: str
 
 
 class Forward(NamedTuple):
@@ -120,6 +140,11 @@ class DiRATrainer(Trainer):
             Each of these five options warns when it changes no layer of the networks given
             (``dira3d.engines.performance.apply_layer_options``), e.g. ``split_concat`` on the
             2D ``ResNetUNet``, which has no U-Net decoder level.
+        prefetch: prepare the next batch (host-to-device copy, views, distortion) while the current
+            step runs, on a side CUDA stream (:mod:`dira3d.engines.prefetch`); the same batches,
+            draws and losses as without it (tested). ``engine.state.batch`` is then a
+            :class:`Prepared` instead of the loader's dict. Off by default until a GPU benchmark of
+            the whole step (token ``prefetch``) shows it faster.
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -169,6 +194,7 @@ class DiRATrainer(Trainer):
         gemm_upconv: bool = False,
         split_concat: bool = False,
         gemm_head: bool = False,
+        prefetch: bool = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
         classify_both: bool = False,
@@ -212,6 +238,7 @@ class DiRATrainer(Trainer):
         self.distortion, self.views = distortion, resolve_views(views, self.dis_mode, getattr(network, "spatial_dims", 3))
         self.seed, self.d_steps, self.amp_mode = int(seed), int(d_steps), amp
         self.clip_grad_norm, self.classify_both, self.momentum = clip_grad_norm, bool(classify_both), float(momentum)
+        self.prefetch = bool(prefetch)
         autocast_context(amp, device)  # validates the value early
         self.scaler_g, self.scaler_d = make_grad_scaler(amp, device), make_grad_scaler(amp, device)
         _check_yields_batches(train_data_loader)
@@ -307,9 +334,31 @@ class DiRATrainer(Trainer):
         super()._setup_engine()
         # a resume from a mid-epoch checkpoint: draw and drop the batches this epoch already
         # consumed (data only, no step), so order and random crops continue exactly where the
-        # interrupted run stopped; the epoch's seeds were set at EPOCH_STARTED, as in that run
+        # interrupted run stopped; the epoch's seeds were set at EPOCH_STARTED, as in that run.
+        # With prefetch, from the loader's own iterator: nothing is prepared before the first next()
+        source = getattr(self._dataloader_iter, "source", self._dataloader_iter)
         for _ in range(self._init_iter or 0):
-            next(self._dataloader_iter)
+            next(source)
+
+    def _setup_dataloader_iter(self) -> None:
+        super()._setup_dataloader_iter()
+        if self.prefetch and self.state.dataloader is not None:
+            self._dataloader_iter = Prefetcher(self._dataloader_iter, self._prepare_ahead, self._another_in_epoch,
+                                               self.state.device)
+
+    def _another_in_epoch(self) -> bool:
+        """Asked as the batch of iteration ``state.iteration + 1`` is handed out: is it not the epoch's
+        last? (Never prepare across an epoch's end: the next epoch reseeds the data first.)"""
+        length = self.state.epoch_length
+        return length is None or (self.state.iteration + 1) % length != 0
+
+    def _prepare_ahead(self, batchdata: Mapping[str, Any], ahead: bool) -> Prepared:
+        """The batch of the next iteration (``ahead``: of the one after it), prepared for its step."""
+        iteration = self.state.iteration + (2 if ahead else 1)
+        stage = self.schedule.stage_at(self.state.epoch, iteration)
+        batch = self._prepare(batchdata)
+        generator = self.step_generator(iteration)
+        return Prepared(batch, generator, self.step_inputs(batch, generator, stage), iteration, stage.name)
 
     def _accumulate(self, engine: Engine) -> None:
         for key, value in engine.state.output.items():
@@ -353,24 +402,33 @@ class DiRATrainer(Trainer):
         return gen
 
     # ------------------------------------------------------------------ the method
-    def forward_terms(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage, train: bool = True) -> Forward:
-        """The unweighted loss terms of ``stage`` for one prepared batch (one encoder pass for dis + res).
-
-        ``train=False`` (validation) leaves the EMA encoder and the queue untouched.
-        """
-        active = set(stage.losses)
+    def step_inputs(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage) -> StepInputs:
+        """The views T(x) (instance modes, while ``dis`` is active) and the distorted first view."""
         x1, x2 = batch["image"], batch.get("image2")
         view1, view2 = x1, x2 if x2 is not None else x1
         # views and distortions are data preparation: fp32 even under autocast (same draws, same
         # targets as the plain path; autocast casts the network's inputs itself)
         with torch.autocast(x1.device.type, enabled=False):
-            if "dis" in active and self.dis_mode != "visual_words" and self.views is not None:
+            if "dis" in stage.losses and self.dis_mode != "visual_words" and self.views is not None:
                 if x2 is None:
                     view1, view2 = self.views(x1, generator)
                 else:  # two instances: one view of each, in one batched call
                     a, b = self.views(torch.cat([x1, x2]), generator)
                     view1, view2 = a[: x1.shape[0]], b[x1.shape[0] :]
             distorted, target = self.distortion(view1, generator)
+        return StepInputs(view1, view2, distorted, target)
+
+    def forward_terms(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage, train: bool = True,
+                      inputs: StepInputs | None = None) -> Forward:
+        """The unweighted loss terms of ``stage`` for one prepared batch (one encoder pass for dis + res).
+
+        ``train=False`` (validation) leaves the EMA encoder and the queue untouched. ``inputs``:
+        :meth:`step_inputs` already drawn with ``generator`` (by the prefetcher), else drawn here.
+        """
+        active = set(stage.losses)
+        if inputs is None:
+            inputs = self.step_inputs(batch, generator, stage)
+        _, view2, distorted, target = inputs
         bottleneck, skips = self.network.encode(distorted)
         terms: dict[str, torch.Tensor] = {}
         keys = None
@@ -426,13 +484,16 @@ class DiRATrainer(Trainer):
         if stage.name != engine.state.stage:
             self.logger.info(f"stage '{stage.name}' from iteration {engine.state.iteration}: losses {list(stage.losses)}")
         engine.state.stage = stage.name
-        batch = self._prepare(batchdata)
-        generator = self.step_generator(engine.state.iteration)
+        if isinstance(batchdata, Prepared) and (batchdata.iteration, batchdata.stage) == (engine.state.iteration, stage.name):
+            batch, generator, inputs = batchdata.batch, batchdata.generator, batchdata.inputs
+        else:  # the loader's batch (or, defensively, one prepared for another iteration: drawn again)
+            batch = self._prepare(batchdata.batch if isinstance(batchdata, Prepared) else batchdata)
+            generator, inputs = self.step_generator(engine.state.iteration), None
         device = self.state.device
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.amp_mode, device):
-            fwd = self.forward_terms(batch, generator, stage, train=True)
+            fwd = self.forward_terms(batch, generator, stage, train=True, inputs=inputs)
             total, weighted = self.loss_function(fwd.terms, stage.losses)
         # on_nonfinite='skip': a NaN/Inf step is dropped on all ranks (costs one host sync per step)
         skip = self.nonfinite_guard.on_nonfinite == "skip" and not step_is_finite(total)
