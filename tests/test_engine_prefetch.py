@@ -26,7 +26,7 @@ STAGES = [
 def test_prefetcher_prepares_one_ahead_only_when_asked_and_ends_cleanly():
     calls, allow = [], iter([True, True, False, True, True, True])
     source = iter(range(5))
-    fetch = Prefetcher(source, lambda raw, ahead: calls.append((raw, ahead)) or raw * 10, lambda: next(allow), "cpu")
+    fetch = Prefetcher(source, lambda raw, ahead: calls.append((raw, ahead)) or raw * 10, lambda: next(allow))
     assert calls == []  # lazy: nothing drawn before the first next()
     assert next(fetch) == 0 and calls == [(0, False), (1, True)]
     assert next(fetch) == 10 and calls[-1] == (2, True)

@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["Prefetcher", "tensors_in"]
+__all__ = ["Prefetcher", "side_stream", "tensors_in"]
+
+
+def side_stream(device: torch.device | str) -> torch.cuda.Stream | None:
+    """A new CUDA stream on ``device``, or None off CUDA."""
+    device = torch.device(device)
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
 
 
 def tensors_in(item: Any) -> list[torch.Tensor]:
@@ -50,14 +56,13 @@ class Prefetcher(Iterator):
             True when it runs one batch early (while the previous step is queued).
         ahead: ``ahead()`` is asked each time a batch is handed out: whether another batch will be
             consumed after it, so that preparing one now is not wasted (nor reorders anything).
-        device: the training device; on CUDA the preparation runs on a side stream.
+        stream: the side CUDA stream the preparation runs on (e.g. ``side_stream(device)``, made once
+            per run: the engine makes a new iterator every epoch); None: the current stream (CPU).
     """
 
     def __init__(self, source: Iterator, prepare: Callable[[Any, bool], Any], ahead: Callable[[], bool],
-                 device: torch.device | str) -> None:
-        self.source, self.prepare, self.ahead = source, prepare, ahead
-        device = torch.device(device)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+                 stream: torch.cuda.Stream | None = None) -> None:
+        self.source, self.prepare, self.ahead, self.stream = source, prepare, ahead, stream
         self._pending: tuple[Any, Any] | None = None  # (prepared batch, its CUDA event)
         self._exhausted = False
 

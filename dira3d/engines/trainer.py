@@ -41,7 +41,7 @@ from dira3d.engines.optim import (
     unique_parameters,
 )
 from dira3d.engines.performance import apply_layer_options, compile_modules
-from dira3d.engines.prefetch import Prefetcher
+from dira3d.engines.prefetch import Prefetcher, side_stream
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
 
@@ -239,6 +239,7 @@ class DiRATrainer(Trainer):
         self.seed, self.d_steps, self.amp_mode = int(seed), int(d_steps), amp
         self.clip_grad_norm, self.classify_both, self.momentum = clip_grad_norm, bool(classify_both), float(momentum)
         self.prefetch = bool(prefetch)
+        self._side_stream = side_stream(self.state.device) if self.prefetch else None
         autocast_context(amp, device)  # validates the value early
         self.scaler_g, self.scaler_d = make_grad_scaler(amp, device), make_grad_scaler(amp, device)
         _check_yields_batches(train_data_loader)
@@ -344,7 +345,7 @@ class DiRATrainer(Trainer):
         super()._setup_dataloader_iter()
         if self.prefetch and self.state.dataloader is not None:
             self._dataloader_iter = Prefetcher(self._dataloader_iter, self._prepare_ahead, self._another_in_epoch,
-                                               self.state.device)
+                                               self._side_stream)
 
     def _another_in_epoch(self) -> bool:
         """Asked as the batch of iteration ``state.iteration + 1`` is handed out: is it not the epoch's
