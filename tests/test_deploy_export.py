@@ -12,6 +12,7 @@ import torch
 
 from dira3d.deploy import (
     DEFAULT_TOLERANCE,
+    AgreementReport,
     check_agreement,
     export_onnx,
     export_pretrained,
@@ -95,6 +96,7 @@ def test_agreement_check_catches_a_wrong_graph(tmp_path):
         network.decoder.levels[-1].convs.conv2.conv.bias.add_(0.5)  # the PyTorch side changes after export
     report = check_agreement(network, example, onnx_path=onnx_file)
     assert not report.ok and report.max_abs_diff["onnxruntime"] > 1e-3
+    assert "onnxruntime: max |logit difference|" in report.failures()
     with pytest.raises(ValueError, match="torchscript= and/or onnx_path="):
         check_agreement(network, example)
 
@@ -216,3 +218,13 @@ def test_export_onnx_of_a_2d_bundle_uses_its_roi_size(repo_root, tmp_path, capsy
     assert export_main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert '"ok": true' in out and '"output_shape": [\n    1,\n    1,\n    64,\n    64\n  ]' in out
+
+
+def test_agreement_tolerance_grows_with_the_logits():
+    # a fine-tuned LiTS network on a real CT: logits near -1,589, ONNX 7e-4 from PyTorch (float32 rounding)
+    trained = AgreementReport(max_abs_diff={"onnxruntime": 7e-4}, scale=1589.0)
+    assert trained.ok and trained.allowed == pytest.approx(0.1589) and trained.failures() == ""
+    small = AgreementReport(max_abs_diff={"onnxruntime": 7e-4}, scale=0.5)  # logits below 1: the absolute 1e-4
+    assert not small.ok and small.allowed == DEFAULT_TOLERANCE
+    assert "0.0007 > 0.0001" in small.failures()
+    assert json.loads(trained.to_json())["allowed"] == pytest.approx(0.1589)

@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     bundle_args(onnx)
     onnx.add_argument("--out", required=True, help="output .onnx file")
     onnx.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check")
-    onnx.add_argument("--tolerance", type=float, default=None, help="max |logit difference| accepted")
+    onnx.add_argument("--tolerance", type=float, default=None, help="max |logit difference| accepted, per unit of max(1, max |logit|) (default 1e-4)")
     pre = sub.add_parser("pretrained", help="encoder/decoder as state_dict + safetensors + key_map.json")
     pre.add_argument("--checkpoint", required=True, help="dira3d pretraining checkpoint")
     pre.add_argument("--out", required=True, help="output folder")
@@ -110,6 +110,8 @@ def _run(args: argparse.Namespace) -> int:
         out = export_onnx(network, example, args.out)
         report = check_agreement(network, example, onnx_path=out, tolerance=args.tolerance or DEFAULT_TOLERANCE)
         print(f"ONNX written to {out}\n{report.to_json()}")
+        if not report.ok:
+            print(f"dira3d export: error: {report.failures()}", file=sys.stderr)
         return 0 if report.ok else 1
     if args.what == "pretrained":
         from dira3d.deploy.weights import export_pretrained
