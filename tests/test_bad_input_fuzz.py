@@ -206,3 +206,19 @@ def test_visual_words_and_finetune_commands_name_missing_files(good, tmp_path, c
 def test_zz_print_count():
     print(f"\nbad inputs tried: {len(TRIED)} ({'; '.join(TRIED)})")
     assert len(TRIED) >= 10 or not TRIED  # (when run alone, the other tests did not fill the list)
+
+
+def test_nrrd_in_a_pretraining_datalist_says_why_it_cannot_be_read(good):
+    # without the itk package MONAI's loader cannot read NRRD / MetaImage: the file is fine, so the
+    # message must not call it truncated or corrupt but name the way out
+    import importlib.util
+
+    import SimpleITK as sitk
+
+    if importlib.util.find_spec("itk") is not None:
+        pytest.skip("itk is installed: MONAI reads NRRD")
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((12, 24, 24)).astype(np.float32)),
+                    str(good / "scan.nrrd"))
+    message = expect_error(lambda: load_all(datalist(good, [{"image": "scan.nrrd"}], "nrrd.json")), "scan.nrrd",
+                           problem="`itk` package")
+    assert "dira3d prepare generic" in message and "corrupt" not in message

@@ -275,3 +275,14 @@ def test_selection_loss_leaves_out_only_the_adversarial_term(tmp_path):
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["trainer"]["best_stage"] == "dira"
     assert best["trainer"]["best_metric"] == pytest.approx(second["val_selection_loss"])
+
+
+def test_resume_from_a_checkpoint_of_other_settings_names_the_file(tmp_path):
+    # the same ckpt_dir reused with another number of classes (or width): one clear error naming last.pt,
+    # not torch's list of every mismatched tensor
+    make_trainer("visual_words", 3, stages=[{"name": "dis", "losses": ["dis"]}], volumes=2, batch=2,
+                 handlers=[DiRACheckpoint(tmp_path, meta={"width": 0.125})]).run()
+    other = make_trainer("visual_words", 3, stages=[{"name": "dis", "losses": ["dis"]}], max_epochs=2, volumes=3,
+                         batch=2, handlers=[DiRACheckpoint(tmp_path)])
+    with pytest.raises(ValueError, match=r"last\.pt does not fit this run's dis_head .*width=0\.125.*resume to false"):
+        other.run()

@@ -67,3 +67,42 @@ def test_barlow_validation_with_a_last_batch_of_one(tmp_path):
 def test_2d_image_to_the_3d_bundle_says_which_setting_to_use():
     with pytest.raises(ValueError, match=r"img\.png.*2d\.json"):
         check_volume(np.zeros((1, 32, 32), np.float32), "img.png", spatial_dims=3)
+
+
+def test_unnormalised_volumes_are_named_not_trained_on(repo_root):
+    # a raw MRI (0 … 3057) or raw HU would train silently with loss_res ~ 1e5: the bundle checks [0, 1]
+    raw_mr = np.linspace(0, 3057, 2 * 16 * 16 * 8, dtype=np.float32).reshape(1, 32, 16, 8)
+    with pytest.raises(ValueError, match=r"brain\.nii\.gz: has intensities from 0 to 3057, outside \[0, 1\].*--modality"):
+        check_volume(raw_mr, "brain.nii.gz", value_range=(0.0, 1.0))
+    check_volume(raw_mr / 3057, "brain.nii.gz", value_range=(0.0, 1.0))  # prepared: fine
+    check_volume(raw_mr, "brain.nii.gz")  # not asked for: not checked
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / "bundles" / "dira_pretrain" / "configs" / "train.json"))
+    assert parser.get_parsed_content("intensity_range") == [0.0, 1.0]
+    check = next(t for t in parser["preprocessing"]["transforms"] if t["_target_"].endswith("CheckVolumed"))
+    assert check["value_range"] == "@intensity_range"
+
+
+def test_pretrain_wrapper_applies_null_overrides(tmp_path, capsys):
+    # monai.bundle.run drops overrides whose value is None: `--override intensity_range=null` (or
+    # views=null) must still take effect through `dira3d pretrain`
+    import json
+
+    import nibabel as nib
+
+    from dira3d.engines.command import main
+
+    data = np.random.default_rng(0).random((24, 24, 12)).astype(np.float32) * 3000  # an unnormalised MRI
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    entries = [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]
+    datalist = tmp_path / "pretrain_datalist.json"
+    datalist.write_text(json.dumps({"training": entries, "validation": entries[:1]}))
+    common = ["--datalist", str(datalist), "--tiny", "--override", "max_epochs=1", "--override", "batch_size=1",
+              "--override", "stages=[{'name':'dis','losses':['dis']}]"]
+    assert main([*common, "--output", str(tmp_path / "checked")]) == 2
+    assert "outside [0, 1]" in capsys.readouterr().err
+    assert main([*common, "--output", str(tmp_path / "unchecked"), "--override", "intensity_range=null"]) == 0
+    assert (tmp_path / "unchecked" / "models" / "last.pt").is_file()

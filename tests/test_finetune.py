@@ -232,3 +232,25 @@ def test_load_split_names_a_label_fraction_too_small_for_the_holdout(tmp_path):
     with pytest.raises(ValueError, match=r"label_fraction=0.01 keeps 1 of the 100 training patient\(s\).*at least 0.02"):
         load_split(path, "holdout", label_fraction=0.01)
     assert len(load_split(path, "holdout", label_fraction=0.02)) == 1
+
+
+def test_finetune_keeps_an_earlier_run_in_the_output_dir(tmp_path, capsys):
+    # a second `dira3d finetune` into the same --output-dir replaced the earlier model.pt (first epoch)
+    # and metrics.json without a word; it must refuse before any work unless --overwrite is given
+    from dira3d.evaluation.finetune import main as finetune_main, run_finetune
+
+    out = tmp_path / "out"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "model.pt").write_bytes(b"the earlier run's model")
+    (out / "metrics.json").write_text('{"metrics": {"dice": 0.8}}')
+    assert finetune_main(["--bundle", "lits_liver_seg", "--tiny", "--output-dir", str(out),
+                          "--datalist", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "models/model.pt" in err and "metrics.json" in err and "--overwrite" in err
+    assert (out / "models" / "model.pt").read_bytes() == b"the earlier run's model"
+    assert (out / "metrics.json").read_text() == '{"metrics": {"dice": 0.8}}'
+    assert sorted(p.name for p in out.rglob("*")) == ["metrics.json", "model.pt", "models"]
+    # with --overwrite the run goes ahead (here to the missing datalist)
+    with pytest.raises(Exception, match="none.json"):
+        run_finetune("lits_liver_seg", {"datalist": str(tmp_path / "none.json")}, output_dir=out, tiny=True,
+                     overwrite=True)

@@ -177,6 +177,34 @@ def test_rerun_with_another_src_or_onto_a_user_file_is_refused(tmp_path, capsys)
     assert "report.json" in capsys.readouterr().err
 
 
+def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    """A rerun into the same --dst with another --spacing / --modality / --window skipped every case
+    (outputs exist) and rewrote the datalist, whose meta then claimed settings its volumes were not made with."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    _ct(src / "a.nii.gz")
+    datalist = dst / "pretrain_datalist.json"
+    assert generic.main(["--src", str(src), "--dst", str(dst), "--spacing", "3", "3", "5"]) == 0
+    assert generic.main(["--src", str(src), "--dst", str(dst), "--spacing", "3.0", "3", "5"]) == 0  # same: incremental
+    capsys.readouterr()
+    before = datalist.read_bytes()
+    for other in (["--spacing", "2", "2", "5"], [], ["--spacing", "3", "3", "5", "--modality", "mr"],
+                  ["--spacing", "3", "3", "5", "--window", "-1350", "150"]):
+        assert generic.main(["--src", str(src), "--dst", str(dst), *other]) == 2, other
+        err = capsys.readouterr().err
+        assert str(datalist) in err and "--overwrite" in err and "another --dst" in err, err
+        assert datalist.read_bytes() == before
+        if other == ["--spacing", "2", "2", "5"]:
+            assert "spacing [3.0, 3.0, 5.0] (now [2.0, 2.0, 5.0])" in err
+    assert generic.main(["--src", str(src), "--dst", str(dst), "--spacing", "2", "2", "5", "--overwrite"]) == 0
+    assert json.loads(datalist.read_text())["meta"]["spacing"] == [2.0, 2.0, 5.0]
+    assert sitk.ReadImage(str(dst / "volumes" / "a.nii.gz")).GetSpacing() == (2.0, 2.0, 5.0)
+    # a run that stopped before its datalist is recognised by the settings in its report
+    datalist.unlink()
+    assert generic.main(["--src", str(src), "--dst", str(dst), "--spacing", "3", "3", "5"]) == 2
+    assert "report.json" in capsys.readouterr().err
+
+
 def test_generic_mask_without_image_fails_its_case_only(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()

@@ -164,6 +164,15 @@ def test_pair_dataset_yields_two_instances_of_one_class(run):
     assert batch["image"].shape == (4, 1, 16, 16, 8) and batch["label"].tolist() == [0, 0, 0, 0]
 
 
+def test_pair_dataset_checks_the_training_patch_size(run):
+    # the pretraining bundle passes its patch_size: shards of another size must not train silently
+    out, _ = run
+    assert len(VisualWordPairDataset(out, patch_size=(16, 16, 8))) == 3 * PER_TEMPLATE
+    with pytest.raises(ValueError, match=r"class_0000\.npy\) has patches of \[16, 16, 8\], but this run's patch_size "
+                                         r"is \[64, 64, 32\]; set patch_size to \[16, 16, 8\]"):
+        VisualWordPairDataset(out, split="validation", patch_size=[64, 64, 32])
+
+
 def test_one_instance_per_word_names_the_option_to_raise(datalist, tmp_path):
     out = tmp_path / "one"
     discover_visual_words(datalist, out, extractor=_extractor(), **{**SETTINGS, "val_neighbours": 1})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from dira3d.data.errors import record_or_raise
+from dira3d.data.errors import DataWarning, record_or_raise
 from dira3d.data.geometry import resample
 from dira3d.data.io import (
     IMAGE_SUFFIXES,
@@ -165,11 +166,27 @@ def _check_not_a_mask(image: sitk.Image, path: str | os.PathLike) -> None:
                               "or move the file out of --src")
 
 
+_AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this
+
+
+def _warn_if_not_hu(image: sitk.Image, path: str | os.PathLike) -> None:
+    """An MRI (or a CT stored without its rescale intercept) given as ``--modality ct`` is windowed
+    to a flat, saturated volume without any error: warn, naming the file."""
+    array = sitk.GetArrayViewFromImage(image)
+    lowest = float(np.min(array))
+    if lowest > _AIR_HU and float(np.max(array)) > lowest:  # (a constant image is no scan at all: judged elsewhere)
+        warnings.warn(f"{path}: no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT in "
+                      "Hounsfield units and the HU window will flatten it; for an MRI pass --modality mr",
+                      DataWarning, stacklevel=2)
+
+
 def _process(case: Case, modality: str, window: Sequence[float], percentiles: Sequence[float],
              spacing: Sequence[float] | None) -> dict:
     image_path, mask_path = case.params["image"], case.params["mask"]
     image = read_image(image_path)
     _check_not_a_mask(image, image_path)
+    if modality == "ct":
+        _warn_if_not_hu(image, image_path)
     prepared = normalise_image(image, modality, window, percentiles, spacing, path=image_path)
     info = {"source": str(image_path), "size": list(prepared.GetSize()), "spacing": list(prepared.GetSpacing())}
     if mask_path is not None:
@@ -222,9 +239,12 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     spacing_t = None if spacing is None else tuple(float(s) for s in np.broadcast_to(spacing, (3,)))
     process = partial(_process, modality=modality, window=tuple(window), percentiles=tuple(percentiles),
                       spacing=spacing_t)
+    settings = {"modality": modality, "window": list(window) if modality == "ct" else None,
+                "percentiles": list(percentiles) if modality == "mr" else None,
+                "spacing": None if spacing_t is None else list(spacing_t)}  # as the datalist's meta records them
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="generic", progress=progress,
-                        source=src, datalists=[dst / "pretrain_datalist.json"])
+                        source=src, datalists=[dst / "pretrain_datalist.json"], settings=settings)
     if dry_run or batch_stopped(results, keep_going):
         return results
     good = [c for c, r in zip(cases, results) if r.ok]
@@ -237,9 +257,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
         if len(case.outputs) > 1:
             entry["label"] = case.outputs[1]
         splits["validation" if case.case_id in val_ids else "training"].append(entry)
-    meta = {"dataset": "generic", "modality": modality, "window": list(window) if modality == "ct" else None,
-            "percentiles": list(percentiles) if modality == "mr" else None,
-            "spacing": None if spacing_t is None else list(spacing_t), "orientation": "RAS",
+    meta = {"dataset": "generic", **settings, "orientation": "RAS",
             "val_fraction": val_fraction, "seed": seed, "source": str(Path(src).resolve())}
     write_datalist(dst / "pretrain_datalist.json", splits, meta)
     return results

@@ -118,7 +118,8 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
     process = partial(_process, window=tuple(window), spacing=None if spacing is None else tuple(spacing))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="lits", progress=progress,
-                        source=src, datalists=[dst / "lits_datalist.json"])
+                        source=src, datalists=[dst / "lits_datalist.json"],
+                        settings={"window": list(window), "spacing": None if spacing is None else list(spacing)})
     if dry_run or batch_stopped(results, keep_going):
         return results
     lists: dict[str, list[dict]] = {name: [] for name in splits}

@@ -29,7 +29,7 @@ import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,19 +157,28 @@ def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResul
     return CaseResult(case.case_id, "written", [str(p) for p in case.outputs], info=dict(info), warnings=notes)
 
 
+def _same_setting(old: Any, new: Any) -> bool:
+    """Recorded and requested setting agree (JSON forms: tuples are lists, 3 == 3.0)."""
+    return json.loads(json.dumps(old)) == json.loads(json.dumps(new))
+
+
 def _check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
-                 report: Path, desc: str, overwrite: bool) -> None:
-    """Refuse a rerun that would mix in another ``--src`` or replace a file that is not a report."""
+                 report: Path, desc: str, overwrite: bool, settings: Mapping[str, Any] | None = None) -> None:
+    """Refuse a rerun that would mix in another ``--src``, outputs made with other ``settings`` (their
+    cases would be skipped while the datalist claims the new settings), or replace a file that is not a report."""
     if report.is_dir():
         raise DataError(report, "is a folder; --report must be a file path")
     if overwrite:
         return
     new = None if source is None else str(Path(source).resolve())
     recorded = []  # (file, source it records)
+    written_with = []  # (file, the settings it records)
     for path in map(Path, datalists if new else ()):
         if path.exists():
             try:
-                recorded.append((path, json.loads(path.read_text(encoding="utf-8"))["meta"].get("source")))
+                meta = json.loads(path.read_text(encoding="utf-8"))["meta"]
+                recorded.append((path, meta.get("source")))
+                written_with.append((path, dict(meta)))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise DataError(path, "exists and is not a datalist written by dira3d prepare; move it away, "
                                       "choose another --dst, or pass --overwrite to replace it") from None
@@ -185,17 +194,26 @@ def _check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Seq
         if new and old.get("desc") == desc and report.parent.resolve() == out_dir.resolve():
             # an earlier run of this dataset into this --dst, which may have stopped before its datalist
             recorded.append((report, old.get("source")))
+            if isinstance(old.get("settings"), dict):
+                written_with.append((report, old["settings"]))
     for path, old_source in recorded:
         if old_source is not None and old_source != new:
             raise DataError(path, f"was prepared from --src {old_source}, not {new}; choose another --dst, or pass "
                                   "--overwrite to redo every case from the new source")
+    for path, old_settings in written_with:
+        changed = [k for k in (settings or {}) if k in old_settings and not _same_setting(old_settings[k], settings[k])]
+        if changed:
+            what = ", ".join(f"{k} {json.dumps(old_settings[k])} (now {json.dumps(settings[k])})" for k in changed)
+            raise DataError(path, f"records volumes prepared with {what}; the cases already written would be "
+                                  "skipped and keep the old settings. Choose another --dst, or pass --overwrite to "
+                                  "redo every case with the new settings")
 
 
 def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, out_dir: str | os.PathLike,
               workers: int = 1, overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
               report_path: str | os.PathLike | None = None, desc: str = "",
               progress: bool = True, source: str | os.PathLike | None = None,
-              datalists: Sequence[str | os.PathLike] = ()) -> list[CaseResult]:
+              datalists: Sequence[str | os.PathLike] = (), settings: Mapping[str, Any] | None = None) -> list[CaseResult]:
     """Run ``process_fn`` on every case that still needs it and write a JSON report.
 
     Args:
@@ -212,6 +230,9 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
         desc: label of the progress bar and the report.
         source: the input (``--src``); with ``datalists``, the datalists the caller will write
             afterwards: one whose ``meta.source`` names another input stops the run before any case.
+        settings: the processing settings that shape every output (window, spacing, ...), as the
+            datalists' ``meta`` records them; a datalist (or this dataset's report) recording other
+            values stops the run before any case (without ``overwrite``). Recorded in the report.
 
     Returns:
         One :class:`CaseResult` per case, in the order of ``cases``.
@@ -228,7 +249,7 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     if duplicates:
         raise ValueError(f"duplicate case ids {duplicates[:5]}: two inputs would write the same outputs; rename one")
     report_path = Path(report_path or Path(out_dir) / "report.json")
-    _check_rerun(Path(out_dir), source, datalists, report_path, desc, overwrite)
+    _check_rerun(Path(out_dir), source, datalists, report_path, desc, overwrite, settings)
     results: dict[str, CaseResult] = {}
     todo: list[Case] = []
     for case in cases:
@@ -289,6 +310,8 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     counts = Counter(r.status for r in ordered)
     report = {"desc": desc, "source": None if source is None else str(Path(source).resolve()),
               "summary": {s: counts.get(s, 0) for s in STATUSES}, "cases": [asdict(r) for r in ordered]}
+    if settings is not None:
+        report["settings"] = json.loads(json.dumps(settings))
     write_json(report_path, report)
     return ordered
 

@@ -107,7 +107,8 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     """Load ``ckpt`` (from :func:`checkpoint_dict`) into ``trainer`` and set its epoch/iteration.
 
     Raises:
-        ValueError: the checkpoint was written for another mode, dimensionality or channel count.
+        ValueError: the checkpoint was written for another mode, dimensionality or channel count, or
+            its weights do not fit the trainer's modules (another width, number of classes, head size).
     """
     meta = ckpt.get("meta", {})
     net = trainer.network
@@ -119,12 +120,23 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
                 f"checkpoint {source} was written with {key}={meta[key]!r} but this run uses {current[key]!r}; "
                 "use another ckpt_dir, or set resume to false to start afresh"
             )
-    net.encoder.load_state_dict(ckpt["encoder"])
-    net.decoder.load_state_dict(ckpt["decoder"])
-    for key in ("dis_head", "predictor", "adversary", "momentum_encoder", "momentum_head", "queue"):
-        module = getattr(trainer, key)
-        if module is not None and ckpt.get(key):
+    parts = [("encoder", net.encoder), ("decoder", net.decoder)]
+    parts += [(key, getattr(trainer, key)) for key in ("dis_head", "predictor", "adversary", "momentum_encoder",
+                                                       "momentum_head", "queue")]
+    for key, module in parts:
+        if module is None or (key not in ("encoder", "decoder") and not ckpt.get(key)):
+            continue
+        try:
             module.load_state_dict(ckpt[key])
+        except RuntimeError as err:  # another width, number of classes, head size...: torch lists every tensor
+            recorded = ", ".join(f"{k}={meta[k]!r}" for k in ("width", "patch_size", "dis_mode") if k in meta)
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err)).rstrip(".")
+            raise ValueError(
+                f"checkpoint {source} does not fit this run's {key} ({first}); it was written by a run with other "
+                f"settings{f' ({recorded})' if recorded else ''}: use another ckpt_dir (`dira3d pretrain --output`), "
+                "rerun with the settings it was written with, or set resume to false to start afresh (which "
+                "replaces it)"
+            ) from err
     trainer.optimizer.load_state_dict(ckpt["optimizer_g"])
     if trainer.optimizer_d is not None and ckpt.get("optimizer_d"):
         trainer.optimizer_d.load_state_dict(ckpt["optimizer_d"])

@@ -61,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     output = Path(args.output)
-    from monai.bundle import run
 
-    from dira3d.utils.overrides import check_overrides
+    from dira3d.utils.overrides import check_overrides, run_bundle
 
     try:  # MONAI would ignore an unknown id silently: a typo would train with the default
         check_overrides(configs, overrides, where="--override")
@@ -77,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         parser.error(str(err))
     try:
-        run(
-            config_file=configs,
+        # run_bundle, not monai.bundle.run: run() drops every override whose value is None, so
+        # `--override views=null` (identity views) or `intensity_range=null` would silently keep the default
+        run_bundle(
+            configs,
             meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
             logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"),
             bundle_root=str(BUNDLE_DIR),

@@ -15,6 +15,7 @@ MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -98,7 +99,8 @@ def header_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
         return None
 
 
-def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True) -> None:
+def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True,
+                 value_range: tuple[float, float] | None = None) -> None:
     """Raise a :class:`DataError` naming ``source`` when a loaded channel-first volume is unusable.
 
     Args:
@@ -106,9 +108,12 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         source: the file it came from (named in the message).
         spatial_dims: 3; or 2, which also accepts 3D volumes (2D patches come from their slices).
         check_finite: reject NaN / Inf voxels.
+        value_range: ``(low, high)`` the intensities must lie in (the pretraining bundle: [0, 1],
+            what ``dira3d prepare`` writes); None: not checked.
 
     Raises:
-        DataError: wrong dimensionality, a single slice, an empty volume, NaN/Inf voxels, or a
+        DataError: wrong dimensionality, a single slice, an empty volume, NaN/Inf voxels,
+            intensities outside ``value_range`` (e.g. raw HU or an unnormalised MRI), or a
             non-positive / invalid spacing in the header.
     """
     shape = tuple(img.shape)
@@ -125,6 +130,16 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         if data.is_floating_point() and not bool(torch.isfinite(data).all()):
             bad = int((~torch.isfinite(data)).sum())
             raise DataError(source, f"contains {bad} NaN/Inf voxels; repair or exclude this scan")
+    if value_range is not None:
+        data = torch.as_tensor(img)
+        low, high = (float(v) for v in value_range)
+        lo, hi = float(data.min()), float(data.max())
+        slack = 1e-3 * (high - low)
+        if lo < low - slack or hi > high + slack:
+            raise DataError(source, f"has intensities from {lo:g} to {hi:g}, outside [{low:g}, {high:g}]: pretraining "
+                                    "expects normalised volumes (raw HU, or an MRI that was not normalised?); prepare "
+                                    "the scans with `dira3d prepare generic --modality ct|mr` (docs/data.md), or set "
+                                    "intensity_range to null if your own preprocessing scales them")
     spacing = header_spacing(source) if source and Path(str(source)).is_file() else None
     if spacing is not None and (min(spacing) <= 0 or not all(map(math.isfinite, spacing))):
         raise DataError(source, f"has non-positive or invalid voxel spacing {spacing} in its header; fix the header")
@@ -136,6 +151,9 @@ def _source(data: Mapping[Hashable, Any], key: Hashable) -> str:
     if isinstance(name, (list, tuple, np.ndarray)):
         name = name[0] if len(name) else None
     return str(name) if name else f"<{key} of case {data.get('case_id', '?')}>"
+
+
+_ITK_ONLY_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # formats MONAI's LoadImage reads only through itk
 
 
 class LoadVolumed(LoadImaged):
@@ -151,6 +169,13 @@ class LoadVolumed(LoadImaged):
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
             files = [str(data[k]) for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
             source = files[0] if len(files) == 1 else (", ".join(files) or None)
+            itk_only = [f for f in files if f.lower().endswith(_ITK_ONLY_SUFFIXES)]
+            auto = reader is None and getattr(self._loader, "auto_select", False)  # MONAI chose the reader by suffix
+            if itk_only and auto and importlib.util.find_spec("itk") is None:
+                raise DataError(itk_only[0], "is NRRD / MetaImage, which MONAI's loader reads only with the `itk` "
+                                             "package (not installed), so it failed with "
+                                             f"{type(err).__name__}; prepare the scans with `dira3d prepare generic` "
+                                             "(NIfTI in [0, 1], docs/data.md), or pip install itk") from err
             raise DataError(source, f"cannot be loaded ({type(err).__name__}: {err}); "
                                     "the file is truncated, corrupt or not an image — repair or exclude it") from err
 
@@ -162,17 +187,19 @@ class CheckVolumed(MapTransform):
         keys: image keys to check.
         spatial_dims: 3, or 2 (2D patches from 2D images or from slices of 3D volumes).
         check_finite: reject NaN / Inf voxels.
+        value_range: ``(low, high)`` the intensities must lie in; None: not checked.
     """
 
     def __init__(self, keys: KeysCollection, spatial_dims: int = 3, check_finite: bool = True,
-                 allow_missing_keys: bool = False) -> None:
+                 allow_missing_keys: bool = False, value_range: tuple[float, float] | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims, self.check_finite = int(spatial_dims), bool(check_finite)
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            check_volume(d[key], _source(d, key), self.spatial_dims, self.check_finite)
+            check_volume(d[key], _source(d, key), self.spatial_dims, self.check_finite, self.value_range)
         return d
 
 

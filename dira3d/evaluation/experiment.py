@@ -167,7 +167,9 @@ def _default_runner(bundle: str, overrides: dict) -> Mapping[str, float]:
 
     overrides = dict(overrides)
     tiny = bool(overrides.pop("tiny", False))
-    return run_finetune(bundle, overrides, tiny=tiny)["metrics"]
+    # results.csv is the grid's resume point: a cell run again has no row, so its folder holds only an
+    # interrupted or failed attempt, which is replaced
+    return run_finetune(bundle, overrides, tiny=tiny, overwrite=True)["metrics"]
 
 
 def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any], log: Callable[[str], None] = print) -> str:
@@ -176,9 +178,8 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     Resumable twice over: a finished run (``done.json``) is skipped, an interrupted one resumes
     from its ``last.pt`` (the bundle's own resume).
     """
-    from monai.bundle import run
-
     from dira3d.engines.command import BUNDLE_DIR
+    from dira3d.utils.overrides import run_bundle
 
     out, settings = _pretrain_settings(name, spec, config)
     best = out / "models" / "best.pt"
@@ -189,9 +190,9 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     atomic_write_text(out / SETTINGS_NAME, json.dumps(settings, indent=1))
     log(f"experiment: pretraining {name!r} into {out}")
     overrides = settings["overrides"]
-    run(config_file=settings["configs"], meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
-        dataset_dir=settings["dataset_dir"], **overrides)
+    run_bundle(settings["configs"], meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),  # null overrides kept
+               logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
+               dataset_dir=settings["dataset_dir"], **overrides)
     atomic_write_text(out / "done.json", json.dumps({"method": name, "overrides": overrides}, default=str))
     return str(best)
 

@@ -103,6 +103,7 @@ def run_finetune(
     overrides: dict[str, Any] | None = None,
     output_dir: str | os.PathLike | None = None,
     tiny: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``bundle``, evaluate the best checkpoint on the test split, write ``metrics.json``.
 
@@ -113,12 +114,15 @@ def run_finetune(
         output_dir: where ``models/model.pt``, TensorBoard logs, the evaluation CSVs and
             ``metrics.json`` go; default ``overrides["output_dir"]`` or ``./finetune_<bundle>``.
         tiny: add the bundle's ``configs/tiny.json`` (tiny network, 2 epochs in 2D, 3 in 3D) for smoke tests.
+        overwrite: replace the model and metrics of an earlier run in ``output_dir`` (refused otherwise).
 
     Returns:
         ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "settings"}``.
 
     Raises:
         FileNotFoundError: unknown bundle, missing datalist or checkpoint.
+        FileExistsError: ``output_dir`` holds an earlier run's ``models/model.pt`` or ``metrics.json``
+            (without ``overwrite``).
         ValueError: bad settings (label fraction, fold, checkpoint shapes...).
     """
     from dira3d.utils.checkpoint import check_writable
@@ -131,6 +135,12 @@ def run_finetune(
     check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k != "output_dir"},
                     where="setting")
     out = Path(output_dir or overrides.pop("output_dir", None) or Path.cwd() / f"finetune_{root.name}").resolve()
+    earlier = [p for p in (out / "models" / "model.pt", out / "metrics.json") if p.exists()]
+    if earlier and not overwrite:  # the first epoch would replace the earlier model, and metrics.json after it
+        raise FileExistsError(
+            f"{out} already holds a fine-tuning run ({', '.join(str(p.relative_to(out)) for p in earlier)}), which "
+            "this run would replace; choose another output folder (--output-dir), or pass --overwrite to replace it"
+        )
     check_writable(out)
     overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
 
@@ -187,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fold", type=int, default=None, help="test fold for cross-validation datalists (PE-CAD)")
     parser.add_argument("--output-dir", default=None, help="folder for the model, logs and metrics.json")
     parser.add_argument("--tiny", action="store_true", help="add the bundle's configs/tiny.json: tiny network, 2 (2D) or 3 (3D) epochs (smoke test)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model and metrics.json of an earlier run in --output-dir")
     parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="any other config override, e.g. max_epochs=50")
     args = parser.parse_args(argv)
 
@@ -203,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         key, value = item.split("=", 1)
         overrides[key] = parse_value(value)
     try:
-        result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny)
+        result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny,
+                              overwrite=args.overwrite)
+    except FileExistsError as err:  # an earlier run's results: kept
+        print(f"dira3d finetune: error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         from dira3d.engines.inputs import setting_error_in
 

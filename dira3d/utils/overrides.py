@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_value", "check_overrides", "did_you_mean"]
+__all__ = ["parse_value", "check_overrides", "did_you_mean", "run_bundle"]
 
 
 def parse_value(text: str) -> Any:
@@ -61,3 +61,24 @@ def did_you_mean(unknown: Iterable[Any], known: Iterable[str]) -> str:
         close = difflib.get_close_matches(str(name), known, n=1)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return "; ".join(hints)
+
+
+def run_bundle(config_file: Iterable[str | os.PathLike], meta_file: str | os.PathLike,
+               logging_file: str | os.PathLike | None = None, **overrides: Any) -> None:
+    """Run a bundle as ``monai.bundle.run`` does (initialize, run, finalize) with ``overrides`` applied.
+
+    Unlike ``monai.bundle.run``, which drops every override whose value is ``None``, a ``None``
+    value here sets the id to null: ``views=None`` (identity views) or ``intensity_range=None``
+    take effect instead of silently keeping the default.
+    """
+    import logging
+
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=[str(c) for c in config_file], meta_file=str(meta_file),
+                              logging_file=None if logging_file is None else str(logging_file), **overrides)
+    workflow.initialize()
+    logging.getLogger("dira3d.bundle").info("bundle %s with overrides %s",
+                                            [Path(c).name for c in config_file], dict(overrides) or "none")
+    workflow.run()
+    workflow.finalize()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -70,9 +71,12 @@ class VisualWordPairDataset(Dataset):
         pairs_per_epoch: length of an epoch of random pairs (``None``: one per instance).
         transform: optional callable applied to each item dict (e.g. MONAI dictionary transforms).
         seed: base seed of the pair draws; call :meth:`set_epoch` to vary them per epoch.
+        patch_size: the patch size the caller trains with (x, y, z); checked against the shards
+            (``None``: not checked).
 
     Raises:
-        ValueError: a class has fewer than two instances (no pair can be formed).
+        ValueError: a class has fewer than two instances (no pair can be formed), or its patches
+            are not of ``patch_size``.
     """
 
     def __init__(
@@ -82,11 +86,19 @@ class VisualWordPairDataset(Dataset):
         pairs_per_epoch: int | None = None,
         transform: Callable[[dict], dict] | None = None,
         seed: int = 0,
+        patch_size: Sequence[int] | None = None,
     ) -> None:
         self.classes = load_visual_word_classes(datalist_or_manifest, split)
         self.counts = []
         for shard, label in self.classes:
-            rows = int(np.load(shard, mmap_mode="r").shape[0])
+            shape = tuple(int(n) for n in np.load(shard, mmap_mode="r").shape)
+            if patch_size is not None and shape[2:] != tuple(int(p) for p in patch_size):
+                sizes = ",".join(str(n) for n in shape[2:])
+                raise ValueError(
+                    f"visual word {label} ({shard}) has patches of {list(shape[2:])}, but this run's patch_size is "
+                    f"{[int(p) for p in patch_size]}; set patch_size to {list(shape[2:])} (`--patch_size \"[{sizes}]\"` for "
+                    f"monai.bundle run, `--override patch_size=[{sizes}]` for dira3d pretrain), or rerun `dira3d visual-words` with --patch-size {' '.join(str(int(p)) for p in patch_size)}")
+            rows = shape[0]
             if rows < 2:
                 option = "--val-neighbours" if split == "validation" else "--neighbours"
                 raise ValueError(f"visual word {label} ({shard}) has {rows} instance(s); pairs need >= 2 (rerun `dira3d visual-words` with {option} >= 2)")
