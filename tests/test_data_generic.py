@@ -125,3 +125,46 @@ def test_an_mri_prepared_as_ct_is_warned_about(tmp_path, capsys):
     assert "--modality mr" in results["brain"].warnings[0] and not results["chest"].warnings
     results = generic.prepare(src, tmp_path / "mr", modality="mr", progress=False)
     assert not any(r.warnings for r in results)
+
+
+def _labelled_scans(src: Path, count: int) -> None:
+    src.mkdir(parents=True)
+    for i in range(count):
+        image = _mr(10 + i)
+        sitk.WriteImage(image, str(src / f"s{i}_image.nrrd"))
+        sitk.WriteImage(sitk.Cast(image > 500, sitk.sitkUInt8), str(src / f"s{i}_label.nrrd"))
+
+
+def test_test_fraction_makes_a_test_list_own_labelled_scans_fine_tune_on(tmp_path, capsys):
+    from dira3d.evaluation.finetune import main as finetune_main
+
+    src = tmp_path / "scans"
+    _labelled_scans(src, 5)
+    common = dict(modality="mr", image_suffix="_image", label_suffix="_label", val_fraction=0.2, seed=3, progress=False)
+    generic.prepare(src, tmp_path / "val_only", **common)
+    generic.prepare(src, tmp_path / "out", test_fraction=0.2, **common)
+    before = json.loads((tmp_path / "val_only" / "pretrain_datalist.json").read_text())
+    datalist = json.loads((tmp_path / "out" / "pretrain_datalist.json").read_text())
+    assert "test" not in before and datalist["meta"]["test_fraction"] == 0.2
+    ids = {part: [e["case_id"] for e in datalist[part]] for part in ("training", "validation", "test")}
+    assert [len(v) for v in ids.values()] == [3, 1, 1] and len(set(sum(ids.values(), []))) == 5
+    assert ids["validation"] == [e["case_id"] for e in before["validation"]]  # the same seeded order, then the test
+    assert all("label" in e for e in datalist["test"])
+
+    # the user's journey: fine-tune a segmentation bundle on those labelled scans, scored on their test list
+    code = finetune_main(["--bundle", "lits_liver_seg", "--datalist", str(tmp_path / "out" / "pretrain_datalist.json"),
+                          "--output-dir", str(tmp_path / "ft"), "--tiny", "--set", "max_epochs=1"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["dice"] <= 1.0
+
+
+def test_split_fractions_that_leave_no_training_case_stop_before_any_case(tmp_path):
+    src = tmp_path / "scans"
+    _labelled_scans(src, 2)
+    with pytest.raises(ValueError, match="leaving none to train on"):
+        generic.prepare(src, tmp_path / "out", modality="mr", image_suffix="_image", label_suffix="_label",
+                        val_fraction=0.5, test_fraction=0.4, progress=False)
+    assert not (tmp_path / "out" / "volumes").exists()
+    with pytest.raises(ValueError, match="--test-fraction must be in"):
+        generic.prepare(src, tmp_path / "out", test_fraction=1.0, progress=False)

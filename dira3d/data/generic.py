@@ -204,31 +204,35 @@ def _process(case: Case, modality: str, window: Sequence[float], percentiles: Se
 def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "ct",
             window: Sequence[float] = (-1000.0, 1000.0), percentiles: Sequence[float] = (0.5, 99.5),
             spacing: Sequence[float] | None = None, image_suffix: str = "", label_suffix: str | None = None,
-            val_fraction: float = 0.0, seed: int = 0, workers: int = 1, overwrite: bool = False,
-            dry_run: bool = False, keep_going: bool = False, report_path: str | os.PathLike | None = None,
-            progress: bool = True) -> list[CaseResult]:
+            val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0, workers: int = 1,
+            overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
+            report_path: str | os.PathLike | None = None, progress: bool = True) -> list[CaseResult]:
     """Convert every scan under ``src`` and write ``dst/pretrain_datalist.json``.
 
     Outputs: ``volumes/<case_id>.nii.gz`` (float32 [0, 1], RAS), ``labels/<case_id>.nii.gz``
     (uint8) when masks are paired, ``pretrain_datalist.json`` (``training`` and, with
-    ``val_fraction > 0``, ``validation`` — a seeded random choice of cases) and ``report.json``.
-    The datalist lists the good cases; it is written unless a failure stopped the batch.
+    ``val_fraction > 0``, ``validation`` — a seeded random choice of cases; with
+    ``test_fraction > 0`` also ``test``, the next cases of the same seeded order, which the
+    fine-tuning bundles score) and ``report.json``. The datalist lists the good cases; it is written
+    unless a failure stopped the batch.
 
     A mask without its image and two inputs with the same case id are failed cases (reported,
     the others go on with ``keep_going``).
 
     Raises:
         DataError: ``src`` is not a folder or holds no scans; a datalist of another ``src`` in ``dst``.
-        ValueError: bad settings (modality, val_fraction).
+        ValueError: bad settings (modality, fractions, or fractions that leave no training case).
     """
     if modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
     problems: dict[str, str] = {}
     found = discover(src, image_suffix, label_suffix, exclude=[dst], problems=problems)
     if not found:
         raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)")
+    _check_split_sizes(len(found), val_fraction, test_fraction)  # before any case: a bad split wastes no work
     dst = Path(dst)
     cases = []
     for cid, image_path, mask_path in found:
@@ -248,19 +252,33 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     if dry_run or batch_stopped(results, keep_going):
         return results
     good = [c for c, r in zip(cases, results) if r.ok]
+    n_val, n_test = _check_split_sizes(len(good), val_fraction, test_fraction)
     order = np.random.default_rng(seed).permutation(len(good))
-    n_val = int(round(val_fraction * len(good)))
-    val_ids = {good[i].case_id for i in order[:n_val]}
-    splits: dict[str, list[dict]] = {"training": [], "validation": []}
+    part = {good[i].case_id: "validation" for i in order[:n_val]}
+    part.update({good[i].case_id: "test" for i in order[n_val:n_val + n_test]})
+    splits: dict[str, list[dict]] = {"training": [], "validation": []} | ({"test": []} if n_test else {})
     for case in good:
         entry = {"image": case.outputs[0], "case_id": case.case_id}
         if len(case.outputs) > 1:
             entry["label"] = case.outputs[1]
-        splits["validation" if case.case_id in val_ids else "training"].append(entry)
-    meta = {"dataset": "generic", **settings, "orientation": "RAS",
-            "val_fraction": val_fraction, "seed": seed, "source": str(Path(src).resolve())}
+        splits[part.get(case.case_id, "training")].append(entry)
+    meta = {"dataset": "generic", **settings, "orientation": "RAS", "val_fraction": val_fraction,
+            "test_fraction": test_fraction, "seed": seed, "source": str(Path(src).resolve())}
     write_datalist(dst / "pretrain_datalist.json", splits, meta)
     return results
+
+
+def _check_split_sizes(cases: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """``(validation, test)`` case counts (each fraction of ``cases``, rounded), leaving training at least one.
+
+    Raises:
+        ValueError: the two parts would take every case.
+    """
+    n_val, n_test = int(round(val_fraction * cases)), int(round(test_fraction * cases))
+    if cases and n_val + n_test >= cases:
+        raise ValueError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} take {n_val} + {n_test} of "
+                         f"the {cases} case(s), leaving none to train on; lower them (or add scans)")
+    return n_val, n_test
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-suffix", default="", help="stem suffix dropped from image names, e.g. _image")
     parser.add_argument("--label-suffix", default=None, help="stem suffix of mask files, e.g. _label")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="fraction of cases for validation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation choice")
+    parser.add_argument("--test-fraction", type=float, default=0.0,
+                        help="fraction of cases for a 'test' list (what `dira3d finetune` scores on your own labelled scans)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation and test choice")
     return parser
 
 
@@ -286,4 +306,5 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--spacing takes one value or three (x y z)")
     return run_prepare("dira3d prepare generic", prepare, args, modality=args.modality, window=args.window,
                        percentiles=args.percentiles, spacing=args.spacing, image_suffix=args.image_suffix,
-                       label_suffix=args.label_suffix, val_fraction=args.val_fraction, seed=args.seed)
+                       label_suffix=args.label_suffix, val_fraction=args.val_fraction,
+                       test_fraction=args.test_fraction, seed=args.seed)
