@@ -145,7 +145,7 @@ def test_torchrun_two_gloo_ranks_run_the_pretraining_bundle(tmp_path, repo_root,
     # only rank 0 writes: one TensorBoard event file, no per-rank folders
     events = [p for p in (out / "eval").rglob("events.out.tfevents*")]
     assert len(events) == 1 and events[0].parent == out / "eval"
-    assert sorted(p.name for p in (out / "models").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == [".dira3d.lock", "best.pt", "last.pt"]  # rank 0 locks
 
 
 def test_torchrun_two_gloo_ranks_fine_tune_a_task_bundle(tmp_path, repo_root):

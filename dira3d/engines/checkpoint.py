@@ -30,6 +30,7 @@ from ignite.engine import Engine, Events
 import dira3d
 from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_bytes
 from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
+from dira3d.utils.folder_lock import FolderLock
 
 __all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state", "DiRACheckpoint"]
 
@@ -192,8 +193,13 @@ class DiRACheckpoint:
         metric_name: key in ``engine.state.metrics`` to minimise for ``best.pt``.
         meta: extra entries for ``checkpoint["meta"]`` (width, patch_size, ...).
 
+    While the run lasts, the main process locks ``ckpt_dir`` (:class:`~dira3d.utils.folder_lock.FolderLock`):
+    a second run into the same folder stops at its start instead of replacing the first one's
+    checkpoints in turn.
+
     Raises:
         PermissionError: ``ckpt_dir`` is not writable.
+        dira3d.utils.folder_lock.FolderInUseError: (at the run's start) another process is writing there.
     """
 
     def __init__(
@@ -214,6 +220,7 @@ class DiRACheckpoint:
         self.save_every_epochs, self.save_every_iterations = max(int(save_every_epochs), 1), int(save_every_iterations)
         self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
         self.best: dict[str, Any] = {"best_metric": None, "best_epoch": -1, "best_stage": ""}
+        self.lock = FolderLock(self.ckpt_dir, what="checkpoint folder")
 
     @property
     def last_path(self) -> Path:
@@ -232,11 +239,14 @@ class DiRACheckpoint:
             if need is None:
                 need = 2 * estimate_checkpoint_bytes(getattr(engine, "modules", dict)().values())
             check_writable(self.ckpt_dir, min_free_bytes=need)
+            engine.add_event_handler(Events.STARTED, lambda _: self.lock.acquire())  # before anything is loaded
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every_epochs), self.epoch_completed)
         if self.save_every_iterations > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every_iterations), self.save_last)
         engine.add_event_handler(Events.COMPLETED, self.save_last)
+        if _is_main_process():  # after the last save (ignite also fires COMPLETED after terminate())
+            engine.add_event_handler(Events.COMPLETED, lambda _: self.lock.release())
 
     def load(self, engine: Engine) -> None:
         """Resume from ``last.pt`` when asked and present (every rank reads the same file)."""
