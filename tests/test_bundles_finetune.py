@@ -302,3 +302,40 @@ def test_sliding_window_batch_is_one_setting(bundle):
         assert parser.get_parsed_content(inferer).sw_batch_size == 16
         parser["sw_batch_size"] = 2
         assert parser.get_parsed_content(inferer, lazy=False).sw_batch_size == 2
+
+
+@pytest.mark.parametrize("readme", sorted(Path(__file__).resolve().parents[1].glob("bundles/*/docs/README.md")),
+                         ids=lambda p: p.parents[1].name)
+def test_readme_torchscript_export_writes_outside_the_repository(readme):
+    """The documented `ckpt_export` commands used to write model.ts into the repository's own
+    bundles/<name>/models/; the output goes to a folder of the user's, one that exists when the
+    command runs (torch.jit.save does not create it): made by `mkdir -p`, or the fine-tuning output."""
+    import shlex
+
+    text = readme.read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = [line[line.index("python -m monai.bundle ckpt_export"):].split("`")[0]
+                for line in text.splitlines() if "python -m monai.bundle ckpt_export" in line]
+    for command in commands:
+        words = shlex.split(command)
+        args = dict(zip(words[5::2], words[6::2]))  # python -m monai.bundle ckpt_export network_def --key value ...
+        filepath, ckpt = Path(args["--filepath"]), Path(args["--ckpt_file"])
+        assert not filepath.is_absolute() and filepath.parts[0] != "bundles", command
+        assert filepath.parent == ckpt.parent or f"mkdir -p {filepath.parent.as_posix()}" in text, command
+
+
+def test_docs_say_new_scans_are_resampled_as_the_training_volumes(repo_root=Path(__file__).resolve().parents[1]):
+    """A model fine-tuned on `dira3d prepare --spacing` volumes silently sees another resolution on a raw
+    scan: the docs name the inference setting (`pixdim`), and it is what the bundles really have."""
+    finetuning = (repo_root / "docs" / "finetuning.md").read_text(encoding="utf-8")
+    deployment = (repo_root / "docs" / "deployment.md").read_text(encoding="utf-8")
+    assert '--pixdim "[1, 1, 1]"' in finetuning and "meta.spacing" in finetuning and "--spacing" in finetuning
+    assert '"pixdim": [1, 1, 1]' in deployment and "--spacing" in deployment
+    for bundle in BUNDLES:
+        config = json.loads((bundle_path(bundle) / "configs" / "inference.json").read_text())
+        if bundle in CLASSIFICATION:  # documented as taking a prepared cube, without pixdim
+            assert "pixdim" not in config and f"`{bundle}`" in finetuning
+            continue
+        spacing = [t for t in config["preprocessing"]["transforms"] if t["_target_"] == "Spacingd"]
+        assert spacing and spacing[0]["pixdim"] == "@pixdim", bundle
+        assert config["pixdim"] == ([1.0] * 3 if bundle == "lidc_nodule_seg" else [0.0] * 3), bundle
+        assert f"`{bundle}`" in finetuning, bundle

@@ -62,6 +62,22 @@ def test_export_resolves_a_bundle_name_like_finetune(repo_root, tmp_path, capsys
     assert "lits_liver_seg" in capsys.readouterr().err
 
 
+def test_export_refuses_an_unknown_override_id(tmp_path, capsys):
+    """A typo (widht=0.125) is refused before any work, as in dira3d pretrain / finetune, in both exports
+    that take --override; MONAI would add the id silently and build the default network."""
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"never read")
+    for what, out in (("torchscript", "m.ts"), ("onnx", "m.onnx")):
+        args = [what, "--bundle", "luna16_nodule_fpr", "--checkpoint", str(ckpt), "--out", str(tmp_path / out),
+                "--override", "widht=0.125"]
+        assert export_main(args) == 2, what
+        err = capsys.readouterr().err
+        assert "error:" in err and "'widht' (did you mean 'width'?)" in err and "inference.json" in err, err
+        assert not (tmp_path / out).exists()
+    with pytest.raises(ValueError, match="did you mean 'width'"):
+        load_bundle_network("luna16_nodule_fpr", ckpt, overrides={"widht": 0.125})
+
+
 # 2. a missing checkpoint names the option of the command that was run
 
 def test_missing_checkpoint_message_fits_the_caller(tmp_path, capsys):

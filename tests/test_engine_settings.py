@@ -106,3 +106,36 @@ def test_pretrain_wrapper_applies_null_overrides(tmp_path, capsys):
     assert "outside [0, 1]" in capsys.readouterr().err
     assert main([*common, "--output", str(tmp_path / "unchecked"), "--override", "intensity_range=null"]) == 0
     assert (tmp_path / "unchecked" / "models" / "last.pt").is_file()
+
+
+def test_ctrl_c_in_pretrain_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C used to print a raw KeyboardInterrupt traceback: now one line, exit code 130."""
+    from dira3d.engines.command import main
+    from dira3d.utils import overrides
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(overrides, "run_bundle", interrupt)
+
+    def run(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            pytest.fail("KeyboardInterrupt reached the caller (a raw traceback for the user)")
+
+    datalist = tmp_path / "pretrain_datalist.json"
+    datalist.write_text('{"training": []}')
+    output = tmp_path / "run"
+    args = ["--datalist", str(datalist), "--output", str(output), "--tiny"]
+    assert run(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dira3d pretrain: interrupted before the first checkpoint") and "starts afresh" in err, err
+    (output / "models").mkdir(parents=True)
+    (output / "models" / "last.pt").write_bytes(b"")
+    assert run(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert str(output / "models" / "last.pt") in err and "rerun the same command to resume from it" in err, err
+    assert run([*args, "--override", "resume=false"]) == 130
+    assert "rerun without --override resume=false" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -186,6 +187,40 @@ def test_too_small_volume_is_named(datalist, tmp_path):
         discover_visual_words(datalist, tmp_path, extractor=_extractor(), **{**SETTINGS, "patch_size": (64, 64, 32), "border": (78, 78, 0)})
     with pytest.raises(ValueError, match="neighbours=13 is not possible with 12 training"):
         discover_visual_words(datalist, tmp_path, extractor=_extractor(), **{**SETTINGS, "neighbours": 13})
+
+
+def _no_training(monkeypatch):
+    from dira3d.visual_words import discover
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the feature extractor was trained before the settings were checked")
+
+    monkeypatch.setattr(discover, "train_extractor", refuse)
+
+
+def test_volumes_too_small_for_the_borders_fail_before_the_extractor_is_trained(datalist, tmp_path, monkeypatch, capsys):
+    """48-slice CTs with the default z border 30 used to fail only after minutes of extractor training."""
+    _no_training(monkeypatch)
+    out = tmp_path / "small"
+    args = ["visual-words", "--datalist", str(datalist), "--out", str(out), "--classes", "3", "--neighbours", "4",
+            "--val-neighbours", "2", "--patch-size", "16", "16", "8", "--border", "8", "8", "14"]  # z: 2 * 14 + 8 > 32
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: volume \S*t\d_tra\d\.nii\.gz .*\(64, 64, 32\).*at least 36 voxels on axis z", err), err
+    assert "(--border)" in err and "11 other of the 12 training volumes are too small as well" in err
+    assert not (out / "embeddings.npy").exists()
+
+
+def test_one_visual_word_is_refused_before_any_work(datalist, tmp_path, monkeypatch, capsys):
+    """With one class the cross-entropy loss_dis is always 0: refused, naming --classes."""
+    _no_training(monkeypatch)
+    args = ["visual-words", "--datalist", str(datalist), "--out", str(tmp_path / "one"), "--classes", "1", "--neighbours", "4",
+            "--val-neighbours", "2", "--patch-size", "16", "16", "8", "--border", "8", "8", "4"]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "classes=1" in err and "at least 2 visual words" in err and "--classes" in err and "between 2 and 12" in err, err
+    with pytest.raises(ValueError, match="loss_dis is always 0"):
+        discover_visual_words(datalist, tmp_path / "api", extractor=_extractor(), **{**SETTINGS, "classes": 1})
 
 
 def test_scans_of_different_sizes_every_patch_fits_its_neighbours(datalist, tmp_path):

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (FileNotFoundError, ValueError, FileExistsError, ImportError, RuntimeError) as err:
-        print(f"dira3d export: {err}", file=sys.stderr)
+        print(f"dira3d export: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -23,6 +23,7 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 
 from dira3d.utils import load_checkpoint
+from dira3d.utils.overrides import check_overrides
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -58,6 +59,8 @@ def _bundle_paths(bundle_dir: str | os.PathLike, config_file: str) -> tuple[Path
 
 def _parser(bundle_dir: str | os.PathLike, config_file: str, overrides: Mapping[str, Any] | None) -> ConfigParser:
     root, config, meta = _bundle_paths(bundle_dir, config_file)
+    # MONAI adds an unknown id silently: a typo (widht=0.125) would build the default network
+    check_overrides([config], overrides or {}, where="--override (overrides=)")
     parser = ConfigParser()
     parser.read_config(str(config))
     parser.read_meta(str(meta))
@@ -142,6 +145,7 @@ def load_bundle_network(
         FileNotFoundError: the bundle configs or the checkpoint are missing (or no bundle has that name).
         ValueError: the checkpoint does not fit the network: counts and the first keys, and the
             overrides that fit (2D: backbone / decoder_channels / roi_size; 3D: width).
+            Also an override id that ``config_file`` does not define (with the closest one).
     """
     from dira3d.networks.weights_fit import mismatch_summary, state_dict_mismatch
 
@@ -187,7 +191,7 @@ def bundle_example_shape(
 
     Raises:
         FileNotFoundError: the bundle configs are missing.
-        ValueError: no ``input_shape`` and the bundle has no ``roi_size``.
+        ValueError: no ``input_shape`` and the bundle has no ``roi_size``; an override id the config does not define.
     """
     return _example_shape(_parser(bundle_dir, config_file, overrides), input_shape)
 
@@ -224,7 +228,8 @@ def export_torchscript(
 
     Raises:
         FileNotFoundError: bundle configs or checkpoint missing.
-        ValueError: the checkpoint does not fit the network (pass the overrides it was trained with).
+        ValueError: the checkpoint does not fit the network (pass the overrides it was trained with),
+            or an override id the config does not define.
     """
     root, config, meta = _bundle_paths(bundle_dir, config_file)
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"

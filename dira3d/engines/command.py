@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dira3d.utils.overrides import parse_value
 
-__all__ = ["BUNDLE_DIR", "parse_override", "main"]
+__all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "main"]
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "dira_pretrain"
 
@@ -30,6 +30,24 @@ def parse_override(text: str) -> tuple[str, object]:
     if not sep or not key.strip():
         raise ValueError(f"--override {text!r}: write key=value, e.g. --override dis_mode=moco or --override max_epochs=10")
     return key.strip(), parse_value(value)
+
+
+def interrupted_message(output: Path, overrides: dict) -> str:
+    """The one line printed when ``dira3d pretrain`` is stopped with Ctrl-C: where the last checkpoint
+    is (``<output>/models/last.pt``) and how to resume from it."""
+    last = output / "models" / "last.pt"
+    if not last.is_file():
+        return f"interrupted before the first checkpoint ({last} does not exist); rerunning the same command starts afresh"
+    from dira3d.engines.checkpoint import _as_bool  # resume=False or "false" alike, as the checkpoint handler reads it
+
+    try:
+        resume = _as_bool(overrides.get("resume", True), "resume")
+    except ValueError:
+        resume = True
+    if not resume:
+        return f"interrupted; the last checkpoint is {last}; rerun without --override resume=false to resume from it"
+    return f"interrupted; the last checkpoint is {last}; rerun the same command to resume from it"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dira3d pretrain", description="DiRA pretraining (bundles/dira_pretrain).")
@@ -89,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=str(output / "eval"),
             **overrides,
         )
+    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
+        print(f"dira3d pretrain: {interrupted_message(output, overrides)}", file=sys.stderr)
+        return 130
     except Exception as err:
         # MONAI wraps transform and config errors; print the bad file's or setting's own message
         cause = setting_error_in(err)

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dira3d visual-words", description=__doc__.splitlines()[0])
     p.add_argument("--datalist", required=True, help="pretraining datalist JSON (training / validation entries)")
     p.add_argument("--out", required=True, help="output folder: shards/, manifest.json, visual_words.json")
-    p.add_argument("--classes", type=int, default=50, help="number of visual words C (default 50)")
+    p.add_argument("--classes", type=int, default=50, help="number of visual words C, 2 or more (default 50)")
     p.add_argument("--neighbours", type=int, default=200, help="training instances per class K (default 200)")
     p.add_argument("--val-neighbours", type=int, default=30, help="validation instances per class (default 30; 0: none)")
     p.add_argument("--patch-size", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))

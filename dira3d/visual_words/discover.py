@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from dira3d.utils.checkpoint import check_writable
-from dira3d.visual_words.coordinates import CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, hu_to_unit, sample_coordinate
+from dira3d.visual_words.coordinates import (
+    CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, centre_range, hu_to_unit, sample_coordinate,
+)  # fmt: skip
 from dira3d.visual_words.extractor import embed_volumes, extractor_from_checkpoint, train_extractor
 from dira3d.visual_words.loading import SPLITS, case_ids, iterate_volumes, read_datalist, volume_shapes, volume_transform
 from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours
@@ -73,18 +75,51 @@ def _embed(data: dict, params: dict, extractor: str | nn.Module, seed: int, work
     return embed_volumes(model, data["training"] + data["validation"], **kwargs)
 
 
-def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int) -> tuple[list[dict], int]:
-    """Choose references, neighbours and centres for every class; returns (classes, channels)."""
-    train, val = data["training"], data["validation"]
-    emb_train, emb_val = embeddings[: len(train)], embeddings[len(train) :]
-    rules = CoordinateRules(
+def _rules(params: dict) -> CoordinateRules:
+    return CoordinateRules(
         patch_size=tuple(params["patch_size"]), border=tuple(params["border"]), min_distance=params["min_distance"],
         dense_threshold=params["dense_threshold"], max_dense_fraction=params["max_dense_fraction"], max_tries=params["max_tries"],
     )  # fmt: skip
+
+
+def _check_volume_sizes(train: list[dict], shapes: list[tuple[int, int, int]], rules: CoordinateRules) -> None:
+    """Refuse, from the shapes alone, training volumes that cannot hold patch + borders.
+
+    Any training volume can be drawn as a class reference, and the planner stops at one that is too
+    small: checked here, before the extractor is trained, such a run fails in seconds, not minutes.
+
+    Raises:
+        VolumeTooSmallError: names the first such volume, the options to change, and the others' count and names.
+    """
+    errors = []
+    for entry, shape in zip(train, shapes):
+        try:
+            centre_range(shape, rules, _entry_name(entry))
+        except VolumeTooSmallError as err:
+            errors.append((entry, err))
+    if len(errors) > 1:
+        others = ", ".join(str(entry["image"]) for entry, _ in errors[1:4]) + (", …" if len(errors) > 4 else "")
+        more = len(errors) - 1
+        raise VolumeTooSmallError(f"{errors[0][1]} ({more} other of the {len(train)} training volumes "
+                                  f"{'is' if more == 1 else 'are'} too small as well: {others})")
+    if errors:
+        raise errors[0][1]
+
+
+def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
+          shapes: dict[str, list[tuple[int, int, int]]] | None = None) -> tuple[list[dict], int]:
+    """Choose references, neighbours and centres for every class; returns (classes, channels).
+
+    ``shapes``: every split's volume shapes (:func:`~dira3d.visual_words.loading.volume_shapes`), read if not given.
+    """
+    train, val = data["training"], data["validation"]
+    emb_train, emb_val = embeddings[: len(train)], embeddings[len(train) :]
+    rules = _rules(params)
     load = volume_transform(params["orient"], params["raw_hu_window"])
     # every neighbour is cut at the reference's centre (no registration): the patch must fit the
     # smallest of them, so the centre is drawn within their common extent (scans differ in size)
-    shapes = {split: volume_shapes(data[split], params["orient"]) for split in SPLITS}
+    if shapes is None:
+        shapes = {split: volume_shapes(data[split], params["orient"]) for split in SPLITS}
     sampler = ReferenceSampler(len(train), seed)
     planned: list[dict] = []
     centres: list[tuple[int, int, int]] = []
@@ -211,7 +246,7 @@ def discover_visual_words(
     Args:
         datalist: the pretraining datalist (``"training"``, optional ``"validation"``).
         out_dir: output folder (see :mod:`dira3d.visual_words.writer` for its layout).
-        classes: number of visual words C.
+        classes: number of visual words C (at least 2: the classification loss of one word is always 0).
         neighbours, val_neighbours: instances per class from training (includes the reference)
             and from validation volumes (0: no validation shards).
         patch_size, border, min_distance, max_dense_fraction, max_tries: sampling rules
@@ -236,13 +271,21 @@ def discover_visual_words(
 
     Raises:
         FileNotFoundError: datalist or images missing.
-        ValueError: bad settings (e.g. more neighbours than volumes), or ``out_dir`` holds a run
+        ValueError: bad settings (e.g. fewer than 2 classes, more neighbours than volumes), or ``out_dir`` holds a run
             with other settings (use ``overwrite``).
-        CoordinateSamplingError: a reference too small, or no reference satisfies the rules.
+        CoordinateSamplingError: no reference satisfies the rules; a :class:`VolumeTooSmallError`
+            when a training volume cannot hold patch + borders (checked before the extractor is trained).
     """
     out_dir = check_writable(out_dir)
     data = read_datalist(datalist)
     n_train, n_val = len(data["training"]), len(data["validation"])
+    if classes < 2:  # cross-entropy over one class: log softmax of a single logit is 0, whatever the network does
+        raise ValueError(
+            f"classes={classes}: visual-word classification needs at least 2 visual words (with one, loss_dis is "
+            f"always 0 and pretraining learns nothing from it); "
+            + (f"choose classes (--classes) between 2 and {n_train}, the training volumes in {datalist}" if n_train >= 2 else
+               f"{datalist} has {n_train} training volume: add more (one reference volume per class)")
+        )
     for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train), ("val_neighbours", val_neighbours, n_val)):
         if value > limit or value < (0 if name == "val_neighbours" else 1):
             raise ValueError(
@@ -278,11 +321,15 @@ def discover_visual_words(
             )
         logger.info("resuming: %d of %d classes already done", sum(c["status"] == "done" for c in manifest["classes"]), classes)
     else:
+        # shapes from the image headers (NIfTI) before any training: a volume too small for the
+        # borders (48 CT slices, default z border 30) fails now, not after the extractor is trained
+        shapes = {split: volume_shapes(data[split], params["orient"]) for split in SPLITS}
+        _check_volume_sizes(data["training"], shapes["training"], _rules(params))
         embeddings = _embed(data, params, extractor, seed, workers, device)
         save_embeddings(embeddings.numpy(), out_dir / EMBEDDINGS_NAME)
         embedding_info = {"file": EMBEDDINGS_NAME, "dim": int(embeddings.shape[1]), "rows": "training then validation"}
         manifest = new_manifest(seed, params, str(Path(datalist).resolve()), volumes, embedding_info)
-        manifest["classes"], manifest["channels"] = _plan(data, embeddings, params, seed)
+        manifest["classes"], manifest["channels"] = _plan(data, embeddings, params, seed, shapes)
         manifest["status"] = "planned"
         write_json_atomic(manifest, out_dir / MANIFEST_NAME)
     _extract(data, manifest, out_dir, class_block, workers)
