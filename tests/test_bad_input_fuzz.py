@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 import pytest
 from monai.data import Dataset
 from monai.transforms import Compose, EnsureChannelFirstd
@@ -208,17 +209,29 @@ def test_zz_print_count():
     assert len(TRIED) >= 10 or not TRIED  # (when run alone, the other tests did not fill the list)
 
 
-def test_nrrd_in_a_pretraining_datalist_says_why_it_cannot_be_read(good):
-    # without the itk package MONAI's loader cannot read NRRD / MetaImage: the file is fine, so the
-    # message must not call it truncated or corrupt but name the way out
-    import importlib.util
-
+def test_nrrd_and_metaimage_in_a_pretraining_datalist_load_like_nifti(good):
+    # MONAI reads NRRD / MetaImage only with the itk package (not a dependency): LoadVolumed reads them with
+    # SimpleITK, so the same volume gives the same array, and a raw-HU one meets the intensity check, named
     import SimpleITK as sitk
+    from monai.transforms import Orientationd
 
-    if importlib.util.find_spec("itk") is not None:
-        pytest.skip("itk is installed: MONAI reads NRRD")
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((12, 24, 24)).astype(np.float32)),
-                    str(good / "scan.nrrd"))
-    message = expect_error(lambda: load_all(datalist(good, [{"image": "scan.nrrd"}], "nrrd.json")), "scan.nrrd",
-                           problem="`itk` package")
-    assert "dira3d prepare generic" in message and "corrupt" not in message
+    array = np.random.default_rng(0).random((12, 20, 24)).astype(np.float32)  # (z, y, x)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    for name in ("scan.nrrd", "scan.mha", "scan.nii.gz"):
+        sitk.WriteImage(image, str(good / name))
+    load = Compose([LoadVolumed("image", image_only=True), EnsureChannelFirstd("image"),
+                    Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))])
+    nifti = load({"image": str(good / "scan.nii.gz")})["image"]
+    assert tuple(nifti.shape) == (1, 24, 20, 12)
+    assert np.allclose(np.diag(nifti.affine)[:3], (0.7, 0.8, 2.5))  # RAS: the spacing on the diagonal
+    for name in ("scan.nrrd", "scan.mha"):
+        other = load({"image": str(good / name)})["image"]
+        assert torch.equal(other.as_tensor(), nifti.as_tensor()) and np.allclose(other.affine, nifti.affine), name
+    load_all(datalist(good, [{"image": "scan.nrrd"}, {"image": "scan.mha"}], "itk.json"))  # checked: they pass
+
+    sitk.WriteImage(sitk.GetImageFromArray(array * 2000 - 1000), str(good / "raw_hu.nrrd"))
+    bad = datalist(good, [{"image": "raw_hu.nrrd"}], "raw.json")
+    transform = Compose([LoadVolumed("image", image_only=True), EnsureChannelFirstd("image"),
+                         CheckVolumed("image", value_range=(0.0, 1.0))])
+    expect_error(lambda: transform(load_datalist(bad, "training")[0]), "raw_hu.nrrd", problem="outside [0, 1]")

@@ -262,3 +262,21 @@ def test_extractor_from_a_pretraining_checkpoint(tmp_path):
     atomic_save({"encoder": {}, "meta": meta}, tmp_path / "empty.pt")
     with pytest.raises(ValueError, match="no 'encoder' weights"):
         extractor_from_checkpoint(tmp_path / "empty.pt")
+
+
+def test_volume_transform_reads_raw_nrrd_like_nifti(tmp_path):
+    # visual words accept raw-HU scans (raw_hu_window); NRRD / MetaImage are read with SimpleITK (MONAI needs itk)
+    import SimpleITK as sitk
+
+    from dira3d.visual_words.loading import volume_shapes, volume_transform
+
+    array = (np.random.default_rng(1).random((10, 18, 22)) * 2000 - 1000).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.6, 0.6, 5.0))
+    for name in ("ct.nrrd", "ct.nii.gz"):
+        sitk.WriteImage(image, str(tmp_path / name))
+    load = volume_transform(orient=True, raw_hu_window=(-1000.0, 1000.0))
+    nrrd, nifti = (load({"image": str(tmp_path / n)})["image"] for n in ("ct.nrrd", "ct.nii.gz"))
+    assert nrrd.shape == (1, 22, 18, 10) and torch.equal(nrrd, nifti)
+    assert 0.0 <= float(nrrd.min()) < float(nrrd.max()) <= 1.0
+    assert volume_shapes([{"image": str(tmp_path / "ct.nrrd")}]) == [(22, 18, 10)]

@@ -15,7 +15,6 @@ MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -161,22 +160,22 @@ class LoadVolumed(LoadImaged):
     """``monai.transforms.LoadImaged`` whose failures are :class:`DataError` s naming the file.
 
     MONAI's reader errors (truncated gzip, unknown format) do not always say which file failed;
-    with thousands of scans that is the first thing a user needs. Arguments as ``LoadImaged``.
+    with thousands of scans that is the first thing a user needs. NRRD and MetaImage files, which
+    MONAI reads only with the ``itk`` package (not a dependency), are read with
+    :class:`~dira3d.evaluation.readers.SimpleITKReader`; other formats with MONAI's own choice (nibabel
+    for NIfTI). Arguments as ``LoadImaged``.
     """
 
     def __call__(self, data, reader=None):  # noqa: D102 - as LoadImaged
+        files = [str(data[k]) for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
+        if reader is None and files and all(f.lower().endswith(_ITK_ONLY_SUFFIXES) for f in files):
+            from dira3d.evaluation.readers import SimpleITKReader  # SimpleITK only when such a file comes
+
+            reader = SimpleITKReader()
         try:
             return super().__call__(data, reader)
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
-            files = [str(data[k]) for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
             source = files[0] if len(files) == 1 else (", ".join(files) or None)
-            itk_only = [f for f in files if f.lower().endswith(_ITK_ONLY_SUFFIXES)]
-            auto = reader is None and getattr(self._loader, "auto_select", False)  # MONAI chose the reader by suffix
-            if itk_only and auto and importlib.util.find_spec("itk") is None:
-                raise DataError(itk_only[0], "is NRRD / MetaImage, which MONAI's loader reads only with the `itk` "
-                                             "package (not installed), so it failed with "
-                                             f"{type(err).__name__}; prepare the scans with `dira3d prepare generic` "
-                                             "(NIfTI in [0, 1], docs/data.md), or pip install itk") from err
             raise DataError(source, f"cannot be loaded ({type(err).__name__}: {err}); "
                                     "the file is truncated, corrupt or not an image — repair or exclude it") from err
 

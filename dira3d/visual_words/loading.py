@@ -18,7 +18,6 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     Orientationd,
     ScaleIntensityRanged,
 )
@@ -87,7 +86,9 @@ def volume_transform(
     Returns:
         A MONAI ``Compose``.
     """
-    steps: list[Any] = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    from dira3d.engines.inputs import LoadVolumed  # NRRD / MetaImage through SimpleITK; errors name the file
+
+    steps: list[Any] = [LoadVolumed(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
     if orient:
         # explicit labels: the standard L/R, P/A, I/S meaning of "RAS" (and no MONAI deprecation warning)
         steps.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
