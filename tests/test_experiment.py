@@ -112,6 +112,14 @@ def test_report_counts_each_run_of_the_current_grid_once(tmp_path):
     ({"datalist": "nope.json"}, FileNotFoundError, "datalist .*nope.json"),
     ({"bundle": "luna16_nodule"}, FileNotFoundError, "bundle 'luna16_nodule' not found"),
     ({"label_fractions": 0.5}, ValueError, "label_fractions .* must be a non-empty list"),
+    # found by a user walkthrough: these ran (seed 0.5 as seed 0) or failed mid-grid without naming the setting
+    ({"seeds": [0.5]}, ValueError, "seeds in .* must be whole numbers, got 0.5"),
+    ({"seeds": ["a"]}, ValueError, "seeds in .* must be whole numbers, got 'a'"),
+    ({"seeds": [0, 0]}, ValueError, "seeds in .* lists 0 more than once"),
+    ({"label_fractions": ["ten"]}, ValueError, "label_fractions in .* must be numbers in \\(0, 1\\], got 'ten'"),
+    ({"metric": "acc"}, ValueError, "metric 'acc' .*bundle 'luna16_nodule_fpr' reports 'auc'"),
+    ({"methods": {"random": None, "dira": {"pretrain": {}}}, "pretrain": {"dataset_dir": "no_such_vw"}},
+     FileNotFoundError, "pretrain dataset_dir .*no_such_vw.* does not exist"),
 ])
 def test_config_errors_name_the_setting_before_any_run(tmp_path, extra, error, match):
     with pytest.raises(error, match=match):
@@ -191,3 +199,48 @@ def test_a_second_experiment_on_the_same_folder_is_refused_while_the_first_runs(
     assert len(rows) == 12
     with open(out / ".experiment.lock", "a+") as handle:  # and this process released it when it returned
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_changed_finetuning_setting_is_not_mixed_into_the_table(tmp_path):
+    """Rows fine-tuned for 1 epoch must not be reported together with new ones of 8 epochs (or on another
+    datalist / metric): the rerun is refused with the changed setting named; put back, it resumes."""
+    config = _config(tmp_path, seeds=[0, 1])
+    run_experiment(config, runner=fake_runner([]), log=lambda _: None)
+    changed = _config(tmp_path, seeds=[0, 1, 2], overrides={"tiny": True, "max_epochs": 8})
+    calls = []
+    with pytest.raises(ValueError, match=r"other fine-tuning settings \(overrides\.max_epochs changed"):
+        run_experiment(changed, runner=fake_runner(calls), log=lambda _: None)
+    assert calls == []
+    (tmp_path / "dl2.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"\(datalist changed"):
+        run_experiment(_config(tmp_path, seeds=[0, 1, 2], datalist="dl2.json"), runner=fake_runner(calls), log=lambda _: None)
+    assert calls == []
+    run_experiment(_config(tmp_path, seeds=[0, 1, 2]), runner=fake_runner(calls), log=lambda _: None)
+    assert len(calls) == 4  # seed 2 only
+
+
+def test_a_pretraining_that_failed_at_its_start_does_not_lock_the_method(tmp_path, monkeypatch):
+    """A pretraining that failed before writing any checkpoint (e.g. a bad setting) made nothing with the
+    settings it recorded: after fixing the config the method is pretrained, not refused as 'changed'."""
+    import json
+
+    from dira3d.evaluation import experiment
+
+    (tmp_path / "vw").mkdir()
+    spec = {"pretrain": {"dataset_dir": "vw", "overrides": {"max_epochs": 1}},
+            "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.5}}}}
+    folder = tmp_path / "out" / "pretrain" / "dira"
+    folder.mkdir(parents=True)
+    (folder / "settings.json").write_text(json.dumps({"configs": [], "dataset_dir": str(tmp_path / "vw_typo"),
+                                                       "overrides": {"max_epochs": 1, "lambda_adv": 0.5}}))
+    runs = []
+
+    def fake_bundle(configs, **kwargs):
+        runs.append(kwargs)
+        (folder / "models").mkdir(exist_ok=True)
+        (folder / "models" / "best.pt").write_bytes(b"")
+
+    monkeypatch.setattr("dira3d.utils.overrides.run_bundle", fake_bundle)
+    run_experiment(_config(tmp_path, **spec), runner=fake_runner([]), log=lambda _: None)
+    assert len(runs) == 1 and runs[0]["dataset_dir"] == str(tmp_path / "vw")
+    assert json.loads((folder / experiment.SETTINGS_NAME).read_text())["dataset_dir"] == str(tmp_path / "vw")

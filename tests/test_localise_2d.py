@@ -89,6 +89,26 @@ def test_localise_command_with_a_resnet_classifier(tmp_path):
         main([a if a != "3" else "5" for a in argv])
 
 
+def test_localise_command_refuses_a_threshold_outside_0_1_and_explains_a_pretraining_checkpoint(tmp_path, capsys):
+    """Found by a user walkthrough: `--threshold 5` ran and reported 0 % everywhere; a pretraining
+    checkpoint given as --model was answered with 'pass --backbone / --num-classes / --roi-size'."""
+    datalist = _write_boxes(tmp_path / "data", [(10, 20, 30, 30)], [0])
+    model = ResNetClassifier(1, 3, backbone="resnet10")
+    atomic_save(model.state_dict(), tmp_path / "model.pt")
+    argv = ["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir", str(tmp_path / "loc"),
+            "--backbone", "resnet10", "--num-classes", "3", "--roi-size", "64", "64"]
+    with pytest.raises(SystemExit):
+        main(argv + ["--threshold", "5"])
+    assert "--threshold 5 must be between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "loc" / "localisation.json").exists()
+    pretraining = {"encoder": {k[len("encoder."):]: v for k, v in model.state_dict().items() if k.startswith("encoder.")},
+                   "decoder": {}, "dis_head": {}, "meta": {"spatial_dims": 2, "backbone": "resnet10"}}
+    atomic_save(pretraining, tmp_path / "best.pt")
+    with pytest.raises(SystemExit):
+        main([a if a != str(tmp_path / "model.pt") else str(tmp_path / "best.pt") for a in argv])
+    assert "pretraining checkpoint" in capsys.readouterr().err
+
+
 def test_box_datalist_errors_name_the_problem(tmp_path):
     datalist = _write_boxes(tmp_path / "data", [(1, 1, 4, 4)], [0])
     with pytest.raises(ValueError, match="no split 'validation'"):

@@ -42,8 +42,11 @@ def test_shapes_at_64_and_224(net):
 
 
 def test_bad_inputs_raise(net):
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="multiples of 32") as err:
         net.encode(torch.rand(1, 3, 48, 48))
+    # the advice names the network's own divisor, not the 3D U-Net's 8 (`dira3d localise --roi-size 60 60`)
+    assert "multiples of 8" not in str(err.value) and "k=8" not in str(err.value), err.value
+    assert "DivisiblePadd(k=32)" in str(err.value)
     with pytest.raises(ValueError, match="input channel"):
         net.encode(torch.rand(1, 1, 64, 64))
     with pytest.raises(ValueError, match="backbone"):

@@ -30,7 +30,9 @@ Config (YAML or JSON)::
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt``; a finished
 pretraining (``done.json``) is not repeated; its settings (``settings.json``) must match the
-config's, and rows of a method fine-tuned from another checkpoint are not reused either.
+config's, and rows of a method fine-tuned from another checkpoint are not reused either. The
+fine-tuning settings (bundle, datalist, metric, overrides) are recorded in ``experiment.json``: a rerun
+with other ones on a ``results.csv`` that has rows is refused rather than mixed into one table.
 
 The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
 override ids no bundle config defines are refused with the setting named. A run that fails is
@@ -103,6 +105,15 @@ def load_config(path: str | Path) -> dict:
     for key in ("seeds", "label_fractions"):
         if not isinstance(config[key], list) or not config[key]:
             raise ValueError(f"{key} in {path} must be a non-empty list, e.g. {key}: [{'0, 1, 2' if key == 'seeds' else '0.1, 1.0'}]")
+        # int(0.5) would silently run seed 0, float('ten') fails mid-grid without naming the setting
+        kinds = (int,) if key == "seeds" else (int, float)
+        bad = [v for v in config[key] if isinstance(v, bool) or not isinstance(v, kinds)]
+        if bad:
+            raise ValueError(f"{key} in {path} must be {'whole numbers' if key == 'seeds' else 'numbers in (0, 1]'}, "
+                             f"got {bad[0]!r}; e.g. {key}: [{'0, 1, 2' if key == 'seeds' else '0.1, 1.0'}]")
+        twice = sorted({v for v in config[key] if config[key].count(v) > 1})
+        if twice:
+            raise ValueError(f"{key} in {path} lists {twice[0]!r} more than once; list each value once")
     if not isinstance(config["methods"], dict) or not config["methods"]:
         raise ValueError(f"methods in {path} must map names to a checkpoint, null or {{pretrain: ...}}")
     base = path.parent
@@ -128,10 +139,18 @@ def load_config(path: str | Path) -> dict:
     check_overrides([bundle_configs / "train.json", bundle_configs / "evaluate.json"]
                     + ([bundle_configs / "tiny.json"] if overrides.get("tiny") else []),
                     {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
+    metrics = _bundle_metrics(bundle_configs)  # else a wrong name is found only after the first fine-tuning
+    if metrics and config["metric"] not in metrics:
+        raise ValueError(f"metric {config['metric']!r} in {path}: bundle {config['bundle']!r} reports "
+                         f"{', '.join(map(repr, metrics))} on the test split; use one of them")
     if "pretrain" in config:
         if not isinstance(config["pretrain"], dict) or "dataset_dir" not in config["pretrain"]:
             raise ValueError(f"pretrain in {path} needs a dataset_dir (the visual-words folder given to bundles/dira_pretrain)")
         config["pretrain"]["dataset_dir"] = resolve(config["pretrain"]["dataset_dir"])
+        if not Path(config["pretrain"]["dataset_dir"]).is_dir():
+            raise FileNotFoundError(f"pretrain dataset_dir {config['pretrain']['dataset_dir']} in {path} does not exist; "
+                                    "point it to the output of `dira3d visual-words` (or a prepared dataset folder); "
+                                    "paths are relative to the config's folder")
         # a bare file name is one of the pretraining bundle's configs; anything else a path
         config["pretrain"]["configs"] = [str(c) if "/" not in str(c) else resolve(c)
                                          for c in config["pretrain"].get("configs", ["train.json"])]
@@ -153,6 +172,46 @@ def load_config(path: str | Path) -> dict:
     if config["baseline"] not in config["methods"]:
         raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
     return config
+
+
+def _bundle_metrics(configs: Path) -> list[str]:
+    """Names of the test metrics ``run_finetune`` returns for a bundle: the keys of its evaluator's
+    ``key_metric`` and ``additional_metrics``; empty when the configs do not spell them out."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in (configs / "train.json", configs / "evaluate.json") if c.is_file()])
+    names: list[str] = []
+    for key in ("validate#key_metric", "validate#additional_metrics"):
+        value = parser.get(key)
+        if key == "validate#key_metric" and not isinstance(value, dict):
+            return []  # computed (an expression or a reference): not checkable here
+        if isinstance(value, dict):
+            names += [str(k) for k in value]
+    return names
+
+
+# what makes one fine-tuning row comparable with another: a change would mix two protocols in one table
+RUN_SETTINGS = ("bundle", "datalist", "metric", "overrides")
+RUN_SETTINGS_NAME = "experiment.json"  # in output_dir
+
+
+def _check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -> None:
+    """Refuse to add runs to (and report together with) rows made with other fine-tuning settings;
+    record the settings otherwise."""
+    settings = json.loads(json.dumps({k: config.get(k) for k in RUN_SETTINGS}, default=str))
+    path = out / RUN_SETTINGS_NAME
+    if rows and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != settings:
+            changed = [k for k in RUN_SETTINGS if k != "overrides" and old.get(k) != settings[k]]
+            before, now = old.get("overrides") or {}, settings["overrides"] or {}
+            changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            raise ValueError(f"{out / 'results.csv'} holds runs made with other fine-tuning settings ({', '.join(changed)} "
+                             f"changed; the earlier ones are in {path}); adding runs with the new ones would mix them in "
+                             "one table. Use another output_dir, or put the settings back (or delete results.csv to redo "
+                             "every run)")
+    atomic_write_text(path, json.dumps(settings, indent=1))
 
 
 def _read_rows(csv_path: Path) -> list[dict]:
@@ -216,6 +275,8 @@ def _pretrain_settings(name: str, spec: Mapping[str, Any], config: Mapping[str, 
 def _check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
     """Refuse to reuse (or resume) a pretraining of ``name`` made with other settings: its
     ``best.pt`` and the fine-tuning rows built on it would be reported under the new settings."""
+    if not (out / "done.json").is_file() and not any((out / "models").glob("*.pt")):
+        return  # nothing was made with the recorded settings (e.g. a run that failed at its start)
     if (out / SETTINGS_NAME).is_file():
         old = json.loads((out / SETTINGS_NAME).read_text(encoding="utf-8"))
     elif (out / "done.json").is_file():  # a run from before settings.json: it recorded its overrides
@@ -295,6 +356,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     csv_path = out / "results.csv"
     rows = _read_rows(csv_path)
     _check_rows_match(rows, config, csv_path)
+    _check_run_settings(config, out, rows)
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
         if isinstance(spec, Mapping):
             _check_pretrain_settings(method, *_pretrain_settings(method, spec, config))

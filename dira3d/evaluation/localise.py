@@ -187,6 +187,10 @@ def run_localisation(
 
 def _fit_hint(state: Mapping[str, Any], backbone: str, num_classes: int, in_channels: int, roi_size: Sequence[int]) -> str:
     """Which ``dira3d localise`` options make ``state`` fit, read from its keys and shapes."""
+    if isinstance(state.get("encoder"), Mapping) and isinstance(state.get("meta"), Mapping):
+        return ("this is a dira3d pretraining checkpoint (encoder, decoder, heads), not a fine-tuned classifier; "
+                "fine-tune it first (dira3d finetune --bundle chestxray14_cls --pretrained <it> --output-dir D) "
+                "and pass D/models/model.pt")
     inferred = infer_network_settings(state)
     if inferred.get("spatial_dims") not in (None, 2):
         return f"the weights are of a {inferred['spatial_dims']}D network; localise needs a 2D classifier (bundles/chestxray14_cls)"
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap binarisation level")
     parser.add_argument("--max-overlays", type=int, default=20)
     args = parser.parse_args(argv)
+    if not 0 < args.threshold < 1:  # the heatmap is min-max normalised: 0 or above 1 would box everything or nothing
+        parser.error(f"--threshold {args.threshold:g} must be between 0 and 1 (the heatmap is scaled to [0, 1]), e.g. 0.5")
     try:
         result = run_localisation(args.bbox_datalist, args.model, args.output_dir, None if args.split == "all" else args.split,
                                   num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,

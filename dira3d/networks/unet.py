@@ -109,7 +109,7 @@ def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, divisor: i
 
     Raises:
         ValueError: wrong number of axes, wrong channel count, or a spatial size that is not a
-            multiple of 8.
+            multiple of ``divisor``.
     """
     # written in the TorchScript subset so that scripted task networks keep the check
     shape = list(x.shape)
@@ -129,8 +129,8 @@ def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, divisor: i
         if size % divisor != 0:
             raise ValueError(
                 f"spatial size {spatial} is not supported: sizes must be multiples of {divisor} "
-                "(the U-Net pools three times); for pretraining set patch_size to multiples of 8 (e.g. [64, 64, 32]), "
-                "otherwise crop or pad the input, e.g. with monai.transforms.DivisiblePadd(k=8)"
+                f"(the network's downsampling); set patch_size / roi_size to multiples of {divisor}, "
+                f"or crop or pad the input, e.g. with monai.transforms.DivisiblePadd(k={divisor})"
             )
 
 
