@@ -135,8 +135,10 @@ def _labelled_scans(src: Path, count: int) -> None:
         sitk.WriteImage(sitk.Cast(image > 500, sitk.sitkUInt8), str(src / f"s{i}_label.nrrd"))
 
 
-def test_test_fraction_makes_a_test_list_own_labelled_scans_fine_tune_on(tmp_path, capsys):
+def test_test_fraction_makes_a_test_list_own_labelled_scans_fine_tune_on(tmp_path, capsys, monkeypatch):
     from dira3d.evaluation.finetune import main as finetune_main
+    from dira3d.networks import UNet
+    from dira3d.utils import atomic_save
 
     src = tmp_path / "scans"
     _labelled_scans(src, 5)
@@ -152,11 +154,18 @@ def test_test_fraction_makes_a_test_list_own_labelled_scans_fine_tune_on(tmp_pat
     assert all("label" in e for e in datalist["test"])
 
     # the user's journey: fine-tune a segmentation bundle on those labelled scans, scored on their test list
-    code = finetune_main(["--bundle", "lits_liver_seg", "--datalist", str(tmp_path / "out" / "pretrain_datalist.json"),
-                          "--output-dir", str(tmp_path / "ft"), "--tiny", "--set", "max_epochs=1"])
+    unet = UNet(spatial_dims=3, in_channels=1, out_channels=1, width=0.125)
+    atomic_save({"encoder": unet.encoder.state_dict(), "decoder": unet.decoder.state_dict(),
+                 "meta": {"spatial_dims": 3, "in_channels": 1, "width": 0.125}}, tmp_path / "dira.pt")
+    monkeypatch.chdir(tmp_path)  # paths as a user types them, relative to where they stand
+    code = finetune_main(["--bundle", "lits_liver_seg", "--datalist", "out/pretrain_datalist.json", "--pretrained", "dira.pt",
+                          "--output-dir", "ft", "--tiny", "--set", "max_epochs=1"])
     assert code == 0, capsys.readouterr().err
-    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())["metrics"]
-    assert 0.0 <= metrics["dice"] <= 1.0
+    written = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert 0.0 <= written["metrics"]["dice"] <= 1.0
+    # metrics.json names its inputs absolutely, wherever it is read from later
+    assert written["settings"]["pretrained"] == str(tmp_path / "dira.pt")
+    assert written["settings"]["datalist"] == str(tmp_path / "out" / "pretrain_datalist.json")
 
 
 def test_split_fractions_that_leave_no_training_case_stop_before_any_case(tmp_path):

@@ -5,6 +5,7 @@ bundle under ``torchrun --nproc_per_node=2`` (gloo, CPU) in moco and barlow mode
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -168,3 +169,8 @@ def test_torchrun_two_gloo_ranks_fine_tune_a_task_bundle(tmp_path, repo_root):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     weights = torch.load(out / "models" / "model.pt", weights_only=True)
     assert any(k.startswith("encoder.") for k in weights)  # a plain state_dict, DDP's "module." prefix removed
+    # rank 0 alone reports: its training and validation event files (events.out.tfevents.<time>.<host>.<pid>.<n>),
+    # none from rank 1, and each epoch's metrics printed once
+    events = list(out.rglob("events.out.tfevents*"))
+    assert len(events) == 2 and len({e.name.split(".")[-2] for e in events}) == 1, events
+    assert len(re.findall(r"Epoch\[1\] Metrics -- ", proc.stdout + proc.stderr)) == 1, proc.stdout[-3000:]

@@ -139,3 +139,13 @@ def test_ctrl_c_in_pretrain_says_where_the_checkpoint_is_and_how_to_resume(tmp_p
     assert str(output / "models" / "last.pt") in err and "rerun the same command to resume from it" in err, err
     assert run([*args, "--override", "resume=false"]) == 130
     assert "rerun without --override resume=false" in capsys.readouterr().err
+
+
+def test_check_overrides_refuses_text_for_numbers_but_not_expressions_or_backends(repo_root):
+    from dira3d.utils.overrides import check_overrides
+
+    configs = [repo_root / "bundles" / "dira_pretrain" / "configs" / "train.json"]
+    with pytest.raises(ValueError, match=r"--override: max_epochs='two' is text, but the setting is a number"):
+        check_overrides(configs, {"max_epochs": "two"}, where="--override")
+    # expressions, references and text for a true/false setting that also takes a backend name pass
+    check_overrides(configs, {"max_epochs": "$2 * 3", "lr_g": "@lr_d", "compile": "aot_eager", "width": 0.5})

@@ -133,6 +133,15 @@ def test_finetune_refuses_an_override_no_config_defines(tmp_path):
         run_finetune("luna16_nodule_fpr", {"max_epoch": 1, "output_dir": str(tmp_path / "ft")}, tiny=True)
 
 
+def test_finetune_refuses_text_for_a_number_setting_before_training(tmp_path):
+    # max_epochs=two used to fail inside the run as MONAI's "Failed to evaluate ConfigExpression"
+    from dira3d.evaluation.finetune import run_finetune
+
+    with pytest.raises(ValueError, match=r"max_epochs='two' is text, but the setting is a number \(default 200\)"):
+        run_finetune("luna16_nodule_fpr", {"max_epochs": "two", "output_dir": str(tmp_path / "ft")})
+    assert not (tmp_path / "ft").exists()
+
+
 def test_a_changed_checkpoint_or_pretraining_is_not_reused_silently(tmp_path):
     """Rows (and a finished pretraining) made with other settings than the config now gives would
     be reported under the new settings: refused, with the method named."""

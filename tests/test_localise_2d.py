@@ -83,8 +83,14 @@ def test_localise_command_with_a_resnet_classifier(tmp_path):
     ious = [b["best_iou"] for b in result["boxes"]]
     for delta, value in result["accuracy"].items():  # accuracy is the share of boxes reaching δ
         assert value == pytest.approx(np.mean([iou >= float(delta) for iou in ious]))
+    before = (tmp_path / "loc" / "localisation.json").read_bytes()
+    with pytest.raises(SystemExit):  # the earlier run's results are kept
+        main(argv)
+    assert (tmp_path / "loc" / "localisation.json").read_bytes() == before
+    assert main(argv + ["--overwrite", "--threshold", "0.3"]) == 0
+    assert json.loads((tmp_path / "loc" / "localisation.json").read_text())["threshold"] == 0.3
     with pytest.raises(SystemExit):  # a layer the classifier does not have: a clean command-line error
-        main(argv[:-4] + ["--target-layer", "encoder.nope"])
+        main(argv[:-4] + ["--target-layer", "encoder.nope", "--overwrite"])
     with pytest.raises(SystemExit):  # wrong number of classes for the saved weights
         main([a if a != "3" else "5" for a in argv])
 

@@ -154,8 +154,9 @@ def run_finetune(
         load_split(parser.get_parsed_content("datalist"), "test", fold=fold)
     # what the run used, defaults included (metrics.json must say which subset and seed made a number)
     effective = {key: parser.get_parsed_content(key) for key in _RECORDED if key in parser}
-    if effective.get("datalist"):
-        effective["datalist"] = str(Path(effective["datalist"]).resolve())
+    for key in ("datalist", "pretrained"):  # absolute: metrics.json must name the files wherever it is read
+        if effective.get(key):
+            effective[key] = str(Path(effective[key]).resolve())
     trainer_flow.run()
     trainer = trainer_flow.parser.get_parsed_content("train#trainer")
     validator = trainer_flow.parser.get_parsed_content("validate#evaluator")

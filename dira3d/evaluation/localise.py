@@ -35,6 +35,7 @@ import torch
 
 from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
 from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
+from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
 
@@ -105,8 +106,9 @@ def localise(
     deltas: Sequence[float] = DELTAS,
     max_overlays: int = 20,
     device: str | torch.device = "cpu",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the Grad-CAM protocol on box entries and write ``localisation.json`` and overlays.
+    """Run the Grad-CAM protocol on box entries and write ``localisation.json`` (atomically) and overlays.
 
     Args:
         model: an image-level classifier returning ``(B, num_classes)`` logits.
@@ -118,16 +120,21 @@ def localise(
         deltas: IoU levels at which accuracy is reported.
         max_overlays: how many overlays to write (the first entries).
         device: where the model runs.
+        overwrite: replace the ``localisation.json`` of an earlier run in ``output_dir`` (refused otherwise).
 
     Returns:
         ``{"accuracy": {δ: share}, "count", "threshold", "target_layer", "roi_size", "boxes": [...]}``.
 
     Raises:
         ValueError: unknown ``target_layer``, a ``label_index`` outside the model's outputs, or no entries.
+        FileExistsError: ``output_dir`` holds an earlier run's ``localisation.json`` (without ``overwrite``).
     """
     if not entries:
         raise ValueError("no box entries to localise")
     out = Path(output_dir)
+    if (out / "localisation.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'localisation.json'} holds an earlier run's results, which this run would replace; "
+                              "choose another --output-dir, or pass --overwrite to replace them")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     model = model.to(device)
     heatmaps, truths, records = [], [], []
@@ -146,7 +153,7 @@ def localise(
     accuracy = localisation_accuracy(heatmaps, truths, threshold=threshold, deltas=deltas)
     result = {"accuracy": {f"{delta:g}": value for delta, value in accuracy.items()}, "count": len(records),
               "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size], "boxes": records}
-    (out / "localisation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    atomic_write_text(out / "localisation.json", json.dumps(result, indent=2))
     return result
 
 
@@ -229,14 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-layer", default="encoder.layer4", help="module Grad-CAM weighs, e.g. encoder.layer3")
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap binarisation level")
     parser.add_argument("--max-overlays", type=int, default=20)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's localisation.json in --output-dir")
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:  # the heatmap is min-max normalised: 0 or above 1 would box everything or nothing
         parser.error(f"--threshold {args.threshold:g} must be between 0 and 1 (the heatmap is scaled to [0, 1]), e.g. 0.5")
     try:
         result = run_localisation(args.bbox_datalist, args.model, args.output_dir, None if args.split == "all" else args.split,
                                   num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
-                                  roi_size=args.roi_size, threshold=args.threshold, max_overlays=args.max_overlays)
-    except (FileNotFoundError, ValueError) as err:
+                                  roi_size=args.roi_size, threshold=args.threshold, max_overlays=args.max_overlays,
+                                  overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         parser.error(str(err))
     print(json.dumps(result["accuracy"], indent=2))
     return 0

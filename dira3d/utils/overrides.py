@@ -51,6 +51,25 @@ def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str
         hints = did_you_mean(unknown, list(parser.config))
         folder = files[0].parent.parent if files else "the bundle"
         raise ValueError(f"{where}: no setting {hints} in {', '.join(f.name for f in files)} of {folder}; fix or remove it")
+    for key, value in overrides.items():
+        problem = _type_mismatch(parser.get(key), value)
+        if problem:
+            raise ValueError(f"{where}: {key}={value!r} {problem}; fix the value")
+
+
+def _type_mismatch(default: Any, value: Any) -> str:
+    """Why ``value`` cannot replace a setting whose default is ``default`` ('' when it can).
+
+    Only the plain case is judged: a number replaced by text that is not a ``$`` expression or an
+    ``@`` reference (``max_epochs=two`` would otherwise fail deep inside the run, as a TypeError
+    wrapped in MONAI's "Failed to evaluate ConfigExpression"). Booleans are left alone: some take
+    text too (``compile``: a backend name).
+    """
+    if not isinstance(value, str) or value.startswith(("$", "@", "%")):
+        return ""
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return f"is text, but the setting is a number (default {default!r})"
+    return ""
 
 
 def did_you_mean(unknown: Iterable[Any], known: Iterable[str]) -> str:
