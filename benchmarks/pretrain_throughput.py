@@ -112,6 +112,23 @@ class Config:
                     prefetch=self.prefetch)
 
 
+# the tokens that set one Config field: token -> (field, value)
+TOKEN_SETTINGS = {
+    "cl": ("channels_last", True),
+    "cudnn": ("cudnn_benchmark", True),
+    "forcecl": ("compile_channels_last", True),
+    "plainopt": ("fused", False),
+    "gemmwg": ("gemm_weight_grad", True),
+    "padch": ("pad_channels", True),
+    "gemmup": ("gemm_upconv", True),
+    "splitcat": ("split_concat", True),
+    "gemmhead": ("gemm_head", True),
+    "prefetch": ("prefetch", True),
+    "nodist": ("distortion", "none"),
+    "subset": ("static_distortion", False),
+}
+
+
 def parse_config(name: str) -> Config:
     """Parse a ``+``-joined configuration name.
 
@@ -124,35 +141,14 @@ def parse_config(name: str) -> Config:
             config.amp = "none"
         elif token in ("bf16", "fp16"):
             config.amp = token
-        elif token == "cl":
-            config.channels_last = True
         elif token in COMPILE_MODES:
             config.compile, config.compile_mode = True, COMPILE_MODES[token]
-        elif token == "cudnn":
-            config.cudnn_benchmark = True
-        elif token == "forcecl":
-            config.compile_channels_last = True
-        elif token == "plainopt":
-            config.fused = False
-        elif token == "gemmwg":
-            config.gemm_weight_grad = True
-        elif token == "padch":
-            config.pad_channels = True
-        elif token == "gemmup":
-            config.gemm_upconv = True
-        elif token == "splitcat":
-            config.split_concat = True
-        elif token == "gemmhead":
-            config.gemm_head = True
-        elif token == "prefetch":
-            config.prefetch = True
-        elif token == "nodist":
-            config.distortion = "none"
-        elif token == "subset":
-            config.static_distortion = False
+        elif token in TOKEN_SETTINGS:
+            field, value = TOKEN_SETTINGS[token]
+            setattr(config, field, value)
         else:
-            raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, cl, cudnn, "
-                             "compile|compile-max|compile-ro, forcecl, plainopt, gemmwg, padch, gemmup, splitcat, gemmhead, prefetch, nodist, subset")
+            raise ValueError(f"--configs: unknown token {token!r} in {name!r}; use fp32|bf16|fp16, "
+                             f"{'|'.join(COMPILE_MODES)}, {', '.join(TOKEN_SETTINGS)}")
     if config.gemm_weight_grad and config.pad_channels:
         raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
     if config.compile_channels_last and not config.compile:
