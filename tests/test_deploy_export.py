@@ -171,6 +171,18 @@ def test_load_into_a_mismatched_network_reports_exact_keys_and_shapes(tmp_path):
         load_into(UNet(3, 1, 1, width=0.25).encoder, written["encoder.pt"], strict=True)
 
 
+
+def test_load_report_summary_names_the_tensors_of_another_shape(tmp_path):
+    # docs/deployment.md: `print(report.summary())` after load_into; a width mismatch leaves almost
+    # every tensor unloaded, so the summary must not read "0 missing, 0 unexpected" and nothing else
+    written = export_pretrained(_pretraining_checkpoint(width=0.125), tmp_path)
+    report = load_into(UNet(3, 1, 1, width=0.25).encoder, written["encoder.safetensors"])
+    summary = report.summary()
+    assert f"{len(report.mismatched)} of another shape (not loaded)" in summary
+    assert "levels.0.conv1.conv.weight (4, 1, 3, 3, 3) vs network (8, 1, 3, 3, 3)" in summary
+    fitting = load_into(UNet(3, 1, 1, width=0.125).encoder, written["encoder.pt"])
+    assert "another shape" not in fitting.summary()
+
 def test_find_bundles_and_kinds(repo_root, tmp_path):
     seg = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
     cls = _bundle_copy(repo_root, "pecad_embolism_fpr", tmp_path)

@@ -205,3 +205,14 @@ def test_monailabel_start_command_agrees_with_the_docs(repo_root):
     for text in (docstring, docs):
         assert "/bin/python -m monailabel.main start_server" in text
         assert "bin/monailabel start_server" not in text
+
+
+def test_monailabel_app_checks_the_bundles_path_before_copying(repo_root, tmp_path, capsys):
+    # the app reads --conf bundles only when the server starts; a wrong --bundles must fail here,
+    # before the app folder is created, not after the user starts the server
+    for bundles in (tmp_path / "missing", tmp_path):  # no such folder / a folder without bundles
+        assert export_main(["monailabel-app", "--out", str(tmp_path / "app"), "--bundles", str(bundles)]) == 2
+        assert str(bundles) in capsys.readouterr().err and not (tmp_path / "app").exists()
+    assert export_main(["monailabel-app", "--out", str(tmp_path / "app"), "--bundles", str(repo_root / "bundles")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "app" / "main.py").is_file() and "start_server" in out

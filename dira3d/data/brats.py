@@ -145,7 +145,9 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
                       spacing=None if spacing is None else tuple(spacing))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="brats", progress=progress,
-                        source=src, datalists=[dst / "brats_datalist.json"])
+                        source=src, datalists=[dst / "brats_datalist.json"],
+                        settings={"channels": list(modalities), "percentiles": list(percentiles),
+                                  "spacing": None if spacing is None else list(spacing)})
     if dry_run or batch_stopped(results, keep_going):
         return results
     parts = split_patients(list(patients), dict(zip(DEFAULT_SPLIT, split)), seed)

@@ -332,7 +332,10 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
              for case_id, info in zip(_case_ids(series), series)]
     results = run_cases(cases, process_series, out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="lidc",
-                        progress=progress, source=src, datalists=[dst / "lidc_datalist.json"])
+                        progress=progress, source=src, datalists=[dst / "lidc_datalist.json"],
+                        settings={"window": list(window), "spacing": spacing, "crop": list(crop),
+                                  "consensus": consensus, "min_readers": min_readers, "group_mm": group_mm,
+                                  "include_outline": include_outline})
     if dry_run or batch_stopped(results, keep_going):
         return results
     parts = split_patients(sorted({info.patient_id for info in series}),
@@ -350,6 +353,7 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
     write_split_file(dst / "split.json", parts, rule)
     meta = {"dataset": "lidc-idri", "command": "dira3d prepare lidc", "window": list(window),
             "spacing": spacing, "crop": list(crop), "consensus": consensus, "min_readers": min_readers,
+            "group_mm": group_mm, "include_outline": include_outline,
             "split": rule, "source": str(Path(src).resolve()), "version": __version__}
     write_datalist(dst / "lidc_datalist.json", splits, meta)
     return results

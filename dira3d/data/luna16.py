@@ -238,7 +238,8 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="luna16", progress=progress,
                         source=src, datalists=[dst / "pretrain_datalist.json", dst / "ncc_datalist.json"],
-                        settings={"window": list(window), "spacing": None if spacing is None else list(spacing)})
+                        settings={"window": list(window), "spacing": None if spacing is None else list(spacing),
+                                  "cube_size": [int(s) for s in cube_size]})
     if dry_run or batch_stopped(results, keep_going):
         return results
 

@@ -213,7 +213,8 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="pecad", progress=progress,
                         source=src, datalists=[dst / "pecad_datalist.json"],
-                        settings={"window": list(window), "spacing": None if spacing is None else list(spacing)})
+                        settings={"window": list(window), "spacing": None if spacing is None else list(spacing),
+                                  "cube_size": [int(s) for s in cube_size]})
     if dry_run or batch_stopped(results, keep_going):
         return results
     entries = []

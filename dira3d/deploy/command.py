@@ -119,14 +119,21 @@ def _run(args: argparse.Namespace) -> int:
         for name, path in export_pretrained(args.checkpoint, args.out, args.parts, given_by="--checkpoint").items():
             print(f"{name}: {path}")
         return 0
-    from dira3d.deploy.monailabel import REPO_ROOT, default_venv, ensure_monailabel_env, prepare_app
+    from dira3d.deploy.monailabel import REPO_ROOT, default_venv, ensure_monailabel_env, find_bundles, prepare_app
 
+    bundles = args.bundles or str(REPO_ROOT / "bundles")
+    # the app reads --conf bundles only when the server starts: check the path(s) now, before copying
+    if not find_bundles(bundles, require_weights=False):
+        raise FileNotFoundError(f"--bundles {bundles} holds no bundle (configs/inference.json); "
+                                "pass a bundle folder or a folder of bundles")
     app = prepare_app(args.out)
     venv = ensure_monailabel_env() if args.build_env else default_venv()
-    bundles = args.bundles or str(REPO_ROOT / "bundles")
     print(f"MONAI Label app copied to {app}. Start it with:\n"
           f"  PYTHONPATH={REPO_ROOT} {Path(venv) / 'bin' / 'python'} -m monailabel.main start_server "
           f"--app {app} --studies {args.studies} --conf bundles {bundles} --host 127.0.0.1 --port 8000")
-    if not args.build_env:
+    if not find_bundles(bundles):
+        print(f"note: no bundle under {bundles} has weights (models/model.pt or model.ts) yet; the server "
+              "serves only bundles with weights")
+    if not args.build_env and not (Path(venv) / "bin" / "python").exists():
         print(f"(build the environment first: bash {REPO_ROOT / 'dira3d' / 'deploy' / 'monailabel_env.sh'})")
     return 0

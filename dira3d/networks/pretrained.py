@@ -54,6 +54,9 @@ class LoadReport:
             f"pretrained weights from {self.source} into {', '.join(self.parts)}: "
             f"{len(self.loaded)} tensors loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected"
         ]
+        not_adapted = [k for k in self.mismatched if k not in self.adapted]
+        if not_adapted:  # not copied: a shape difference leaves the network's tensor as initialised
+            lines[0] += f", {len(not_adapted)} of another shape (not loaded)"
         for key in self.adapted:
             ckpt_shape, model_shape = self.mismatched[key]
             lines.append(
@@ -64,6 +67,9 @@ class LoadReport:
             lines.append(f"  missing (kept their initial values): {_preview(self.missing)}")
         if self.unexpected:
             lines.append(f"  unexpected (ignored): {_preview(self.unexpected)}")
+        if not_adapted:
+            shapes = [f"{k} {self.mismatched[k][0]} vs network {self.mismatched[k][1]}" for k in not_adapted]
+            lines.append(f"  other shape (kept their initial values): {_preview(shapes)}")
         return "\n".join(lines)
 
 
