@@ -120,6 +120,25 @@ def _pretraining_checkpoint(width: float = 0.125) -> dict:
             "meta": {"spatial_dims": 3, "in_channels": 1, "width": width}}
 
 
+def test_export_pretrained_keeps_an_earlier_export_unless_told(tmp_path, capsys):
+    first, second = _pretraining_checkpoint(), _pretraining_checkpoint(width=0.25)
+    written = export_pretrained(first, tmp_path / "out")
+    before = {name: path.read_bytes() for name, path in written.items()}
+    with pytest.raises(FileExistsError, match=r"already holds encoder\.pt, encoder\.safetensors, .*key_map\.json"):
+        export_pretrained(second, tmp_path / "out")
+    assert {name: path.read_bytes() for name, path in written.items()} == before
+    export_pretrained(second, tmp_path / "out", overwrite=True)
+    assert read_weights(written["encoder.safetensors"]).keys() == second["encoder"].keys()
+    assert read_weights(written["encoder.safetensors"])["levels.0.conv1.conv.weight"].shape[0] == 8  # width 0.25
+    assert not list((tmp_path / "out").glob(".*"))  # written through temporary files, none left
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; give a folder"):
+        export_pretrained(first, tmp_path / "a_file")
+    atomic_save(first, tmp_path / "pretrain.pt")
+    assert export_main(["pretrained", "--checkpoint", str(tmp_path / "pretrain.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
 def test_export_pretrained_writes_identical_pt_and_safetensors_with_key_map(tmp_path):
     checkpoint = _pretraining_checkpoint()
     atomic_save(checkpoint, tmp_path / "pretrain.pt")

@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--checkpoint", required=True, help="dira3d pretraining checkpoint")
     pre.add_argument("--out", required=True, help="output folder")
     pre.add_argument("--parts", nargs="+", default=["encoder", "decoder"])
+    pre.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
     app = sub.add_parser("monailabel-app", help="copy the MONAI Label app and print its start command")
     app.add_argument("--out", required=True, help="new folder for the app")
     app.add_argument("--bundles", default=None, help="bundle folder(s) to serve (default <repo>/bundles)")
@@ -116,7 +117,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.what == "pretrained":
         from dira3d.deploy.weights import export_pretrained
 
-        for name, path in export_pretrained(args.checkpoint, args.out, args.parts, given_by="--checkpoint").items():
+        for name, path in export_pretrained(args.checkpoint, args.out, args.parts, given_by="--checkpoint",
+                                                 overwrite=args.overwrite).items():
             print(f"{name}: {path}")
         return 0
     from dira3d.deploy.monailabel import REPO_ROOT, default_venv, ensure_monailabel_env, find_bundles, prepare_app

@@ -29,6 +29,7 @@ from torch import nn
 
 from dira3d.networks import LoadReport
 from dira3d.utils import atomic_save, load_checkpoint
+from dira3d.utils.atomic import atomic_path, atomic_write_text
 from dira3d.utils.checkpoint import check_writable
 
 __all__ = ["KEY_MAP_VERSION", "export_pretrained", "describe_key", "read_weights", "load_into"]
@@ -123,8 +124,9 @@ def export_pretrained(
     parts: Sequence[str] = ("encoder", "decoder"),
     formats: Sequence[str] = _FORMATS,
     given_by: str = "checkpoint=",
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write the pretrained parts as plain state_dicts / safetensors and a documented key map.
+    """Write the pretrained parts as plain state_dicts / safetensors and a documented key map (atomically).
 
     Args:
         checkpoint: a dira3d pretraining checkpoint (path or dict ``{"encoder": sd, "decoder": sd, "meta": ...}``).
@@ -133,12 +135,14 @@ def export_pretrained(
         formats: any of ``"pt"`` and ``"safetensors"``.
         given_by: the option that named ``checkpoint``, for the error when it is missing
             (``"--checkpoint"`` from the command line).
+        overwrite: replace files of an earlier export in ``out_dir`` (refused otherwise).
 
     Returns:
         name → path of every file written (``"encoder.pt"``, ``"encoder.safetensors"``, ``"key_map.json"``, ...).
 
     Raises:
         FileNotFoundError: the checkpoint path does not exist.
+        FileExistsError: ``out_dir`` is a file, or holds files this export would replace (without ``overwrite``).
         ValueError: a part is missing from the checkpoint or a format is unknown.
         ImportError: safetensors requested but not installed.
     """
@@ -148,6 +152,13 @@ def export_pretrained(
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<dict>"
     ckpt = load_checkpoint(checkpoint, given_by=given_by) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give a folder for the exported weights")
+    targets = [out / f"{part}.{fmt}" for part in parts for fmt in formats] + [out / "key_map.json"]
+    earlier = [p.name for p in targets if p.exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(earlier)} of an earlier export, which this one would replace; "
+                              "choose another folder, or pass --overwrite (overwrite=True) to replace them")
     out.mkdir(parents=True, exist_ok=True)
     check_writable(out)
     if "safetensors" in formats:
@@ -173,7 +184,8 @@ def export_pretrained(
             written[f"{part}.pt"] = atomic_save(state, out / f"{part}.pt")
         if "safetensors" in formats:
             path = out / f"{part}.safetensors"
-            save_file(state, str(path), metadata={"part": part, "dira3d_key_map": "key_map.json"})
+            with atomic_path(path, suffix=".safetensors") as tmp:
+                save_file(state, str(tmp), metadata={"part": part, "dira3d_key_map": "key_map.json"})
             written[f"{part}.safetensors"] = path
         key_map["parts"][part] = {
             key: {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
@@ -181,8 +193,7 @@ def export_pretrained(
             for key, value in state.items()
         }
     path = out / "key_map.json"
-    path.write_text(json.dumps(key_map, indent=1), encoding="utf-8")
-    written["key_map.json"] = path
+    written["key_map.json"] = atomic_write_text(path, json.dumps(key_map, indent=1))
     return written
 
 
