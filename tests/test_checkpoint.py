@@ -29,6 +29,17 @@ def test_load_rejects_pickled_code(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
 
 
+def test_a_file_that_is_no_checkpoint_gets_a_short_message(tmp_path):
+    # e.g. a scan given as --checkpoint: torch's error is a page on weights_only; the message names the file
+    # and the way out in a few lines (torch's full text stays the __cause__)
+    (tmp_path / "scan.nii.gz").write_bytes(b"\x1f\x8b" + os.urandom(200))
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(tmp_path / "scan.nii.gz")
+    message = str(info.value)
+    assert "scan.nii.gz" in message and "models/best.pt" in message and len(message) < 600, message
+    assert "\n" not in message and info.value.__cause__ is not None
+
+
 def test_missing_file_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")

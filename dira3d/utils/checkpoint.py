@@ -48,7 +48,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(f"checkpoint {path} cannot be read as a weights-only torch file: {err}") from err
+        # torch's first line says what failed; the rest is a page on weights_only (kept as the __cause__)
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ValueError(f"checkpoint {path} cannot be read as a weights-only torch file ({first[:200]}); it is not a "
+                         "torch checkpoint, or it is truncated or holds Python objects: pass a file a dira3d run wrote "
+                         "(e.g. models/best.pt or last.pt)") from err
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of state_dicts")
     return obj
