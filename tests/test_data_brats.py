@@ -113,3 +113,15 @@ def test_patient_in_two_folders_fails_that_patient_only(tree, tmp_path: Path) ->
     assert "HGG" in dup.reason and "LGG" in dup.reason
     assert results["Brats18_2013_0_1"].status == "written" and results["Brats18_CBICA_AAB_1"].status == "written"
     assert brats.main(["--src", str(src), "--dst", str(tmp_path / "strict")]) == 1  # stops without --keep-going
+
+
+def test_sequence_on_another_grid_is_named_as_a_sequence(tree, tmp_path: Path) -> None:
+    """A T2 on another grid than the T1 is a sequence problem, not a mask problem."""
+    src, data = tree
+    t2 = src / "HGG" / "Brats18_2013_2_1" / "Brats18_2013_2_1_t2.nii.gz"
+    nib.save(nib.Nifti1Image(data["Brats18_2013_2_1"]["t2"], np.diag([2.0, 1.0, 1.0, 1.0])), t2)
+    results = {r.case_id: r for r in brats.prepare(src, tmp_path / "out", keep_going=True, progress=False)}
+    reason = results["Brats18_2013_2_1"].reason
+    assert "sequence does not match image" in reason and "t2.nii.gz" in reason and "spacing" in reason
+    assert "mask" not in reason
+    assert results["Brats18_2013_0_1"].status == "written"

@@ -216,3 +216,14 @@ def test_luna16_scan_in_two_subsets_fails_that_scan_only(luna_tree, tmp_path):
     results = {r.case_id: r for r in luna16.prepare(src, tmp_path / "out", cubes=False, keep_going=True, progress=False)}
     assert results[uid].status == "failed" and "subset5" in results[uid].reason and "subset7" in results[uid].reason
     assert sum(r.status == "written" for r in results.values()) == 3
+
+
+def test_luna16_relative_paths_are_recorded_absolute(luna_tree, tmp_path, monkeypatch):
+    """A datalist made from relative --src/--candidates must still name the CSV from any folder."""
+    src, _ = luna_tree
+    monkeypatch.chdir(src.parent)
+    assert luna16.main(["--src", src.name, "--candidates", f"{src.name}/candidates_V2.csv",
+                        "--dst", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "ncc_datalist.json").read_text())["meta"]
+    assert Path(meta["candidates_csv"]) == (src / "candidates_V2.csv").resolve()
+    assert Path(meta["source"]) == src.resolve()

@@ -216,3 +216,34 @@ def test_monailabel_app_checks_the_bundles_path_before_copying(repo_root, tmp_pa
     assert export_main(["monailabel-app", "--out", str(tmp_path / "app"), "--bundles", str(repo_root / "bundles")]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "app" / "main.py").is_file() and "start_server" in out
+
+
+def test_exports_keep_an_earlier_export_unless_overwrite(repo_root, tmp_path, capsys):
+    """A second torchscript/onnx export to the same --out used to replace the first silently; a name
+    without a suffix used to be written as name.ts while the command printed the name."""
+    bundle = tmp_path / "luna16_nodule_fpr"
+    shutil.copytree(repo_root / "bundles" / "luna16_nodule_fpr" / "configs", bundle / "configs")
+    _weights(repo_root, "luna16_nodule_fpr", bundle / "models" / "model.pt", {"width": 0.125})
+    base = ["torchscript", "--bundle", str(bundle), "--override", "width=0.125"]
+    assert export_main(base) == 0, capsys.readouterr().err
+    first = (bundle / "models" / "model.ts").read_bytes()
+    assert export_main(base) == 2  # the default <bundle>/models/model.ts is kept
+    err = capsys.readouterr().err
+    assert "model.ts already exists" in err and "--overwrite" in err
+    assert (bundle / "models" / "model.ts").read_bytes() == first
+    assert export_main([*base, "--checkpoint", str(tmp_path / "missing.pt"), "--overwrite"]) == 2  # a failed export ...
+    assert (bundle / "models" / "model.ts").read_bytes() == first  # ... leaves the earlier one as it was
+    capsys.readouterr()
+    assert export_main([*base, "--overwrite"]) == 0
+    assert torch.jit.load(str(bundle / "models" / "model.ts")) is not None
+    assert export_main([*base, "--out", str(tmp_path / "plain")]) == 0  # exactly the path given
+    assert (tmp_path / "plain").is_file() and not (tmp_path / "plain.ts").exists()
+    assert "written to " + str(tmp_path / "plain") in capsys.readouterr().out
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left behind
+    (tmp_path / "m.onnx").write_bytes(b"an earlier onnx export")
+    args = ["onnx", "--bundle", str(bundle), "--override", "width=0.125", "--out", str(tmp_path / "m.onnx")]
+    assert export_main(args) == 2
+    assert "m.onnx already exists" in capsys.readouterr().err
+    assert (tmp_path / "m.onnx").read_bytes() == b"an earlier onnx export"
+    assert export_main(["onnx", "--bundle", str(bundle), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

@@ -96,7 +96,7 @@ def _process(case: Case, modalities: Sequence[str], percentiles: Sequence[float]
     channels = []
     for kind in modalities:
         image = reference if kind == modalities[0] else read_image(files[kind])
-        check_mask_matches(reference, image, reference_path, files[kind], allow_empty=True)  # one grid
+        check_mask_matches(reference, image, reference_path, files[kind], allow_empty=True, kind="sequence")
         channels.append(normalise_image(image, "mr", percentiles=percentiles, spacing=spacing, path=files[kind]))
     labels = read_mask(files["seg"])
     check_mask_matches(reference, labels, reference_path, files["seg"])

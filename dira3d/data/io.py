@@ -331,10 +331,12 @@ def write_nifti(image: sitk.Image, path: str | os.PathLike) -> Path:
 
 def check_mask_matches(image: sitk.Image, mask: sitk.Image, image_path: str | os.PathLike,
                        mask_path: str | os.PathLike, allow_empty: bool = False,
-                       tolerance: float = 1e-3) -> None:
+                       tolerance: float = 1e-3, kind: str = "mask") -> None:
     """Check that ``mask`` lies on the voxel grid of ``image`` and is not empty.
 
     Args:
+        kind: what ``mask`` is, for the message ("mask", or "sequence" for another MRI sequence
+            of the same patient).
         tolerance: relative tolerance on spacing, on origin (in units of spacing) and absolute
             tolerance on direction cosines; headers written by different tools differ by rounding.
 
@@ -353,8 +355,8 @@ def check_mask_matches(image: sitk.Image, mask: sitk.Image, image_path: str | os
     if not np.allclose(mask.GetDirection(), image.GetDirection(), atol=max(tolerance, 1e-4)):
         problems.append(f"direction {mask.GetDirection()} vs image {image.GetDirection()}")
     if problems:
-        raise DataError(mask_path, f"mask does not match image {image_path}: " + "; ".join(problems)
-                        + "; the mask must share the image's voxel grid")
+        raise DataError(mask_path, f"{kind} does not match image {image_path}: " + "; ".join(problems)
+                        + f"; the {kind} must share the image's voxel grid")
     if not allow_empty and not sitk.GetArrayViewFromImage(mask).any():
         raise DataError(mask_path, f"mask for image {image_path} is empty (all zero); exclude this case or fix the mask")
 

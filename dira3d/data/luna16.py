@@ -267,7 +267,7 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
     if cubes:
         unmatched = sorted(set(table) - set(scans))
         write_datalist(dst / "ncc_datalist.json", ncc,
-                       {**meta, "cube_size": list(cube_size), "candidates_csv": str(csv_path),
+                       {**meta, "cube_size": list(cube_size), "candidates_csv": str(csv_path.resolve()),
                         "max_negatives_per_scan": max_negatives_per_scan, "seed": seed,
                         "candidate_scans_not_found": len(unmatched)})
         if unmatched:

@@ -229,7 +229,7 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
     write_split_file(dst / "split.json", {"folds": fold_of}, rule)
     unused = sorted(set(found) - set(table))
     meta = {"dataset": "pecad", "window": list(window), "spacing": None if spacing is None else list(spacing),
-            "orientation": "RAS", "cube_size": list(cube_size), "folds": rule, "candidates_csv": str(csv_path),
+            "orientation": "RAS", "cube_size": list(cube_size), "folds": rule, "candidates_csv": str(csv_path.resolve()),
             "volumes_without_candidates": unused, "source": str(src.resolve()), "version": __version__}
     write_datalist(dst / "pecad_datalist.json", {"training": entries}, meta)
     return results

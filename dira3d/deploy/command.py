@@ -54,9 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     ts = sub.add_parser("torchscript", help="model.ts via monai.bundle ckpt_export")
     bundle_args(ts)
     ts.add_argument("--out", help="output file (default <bundle>/models/model.ts)")
+    ts.add_argument("--overwrite", action="store_true", help="replace an existing --out (an earlier export)")
     onnx = sub.add_parser("onnx", help="ONNX graph (checked against PyTorch with onnxruntime)")
     bundle_args(onnx)
     onnx.add_argument("--out", required=True, help="output .onnx file")
+    onnx.add_argument("--overwrite", action="store_true", help="replace an existing --out (an earlier export)")
     onnx.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check")
     onnx.add_argument("--tolerance", type=float, default=None, help="max |logit difference| accepted, per unit of max(1, max |logit|) (default 1e-4)")
     pre = sub.add_parser("pretrained", help="encoder/decoder as state_dict + safetensors + key_map.json")
@@ -87,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         from dira3d.deploy.export import export_torchscript
 
         out = export_torchscript(args.bundle, args.out, args.checkpoint, args.input_shape,
-                                 overrides=parse_overrides(args.override))
+                                 overrides=parse_overrides(args.override), overwrite=args.overwrite)
         print(f"TorchScript written to {out}")
         return 0
     if args.what == "onnx":
@@ -97,18 +99,20 @@ def _run(args: argparse.Namespace) -> int:
             DEFAULT_TOLERANCE,
             bundle_example_shape,
             check_agreement,
+            check_new_output,
             export_onnx,
             load_bundle_network,
             scan_patch,
         )
 
+        check_new_output(Path(args.out), args.overwrite)  # before any work
         overrides = parse_overrides(args.override)
         network = load_bundle_network(args.bundle, args.checkpoint, overrides=overrides)
         # the bundle's own input (1, in_channels, *roi_size), as for torchscript: a fixed 3D shape
         # would not fit the 2D bundles (or a 3D bundle of another roi_size)
         shape = bundle_example_shape(args.bundle, args.input_shape, overrides=overrides)
         example = scan_patch(args.check_scan, shape[2:]) if args.check_scan else torch.rand(*shape)
-        out = export_onnx(network, example, args.out)
+        out = export_onnx(network, example, args.out, overwrite=args.overwrite)
         report = check_agreement(network, example, onnx_path=out, tolerance=args.tolerance or DEFAULT_TOLERANCE)
         print(f"ONNX written to {out}\n{report.to_json()}")
         if not report.ok:

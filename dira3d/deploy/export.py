@@ -23,6 +23,7 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 
 from dira3d.utils import load_checkpoint
+from dira3d.utils.atomic import atomic_path
 from dira3d.utils.overrides import check_overrides
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "bundle_example_shape",
     "scan_patch",
     "check_agreement",
+    "check_new_output",
     "fit_hint",
 ]
 
@@ -203,6 +205,7 @@ def export_torchscript(
     input_shape: Sequence[int] | None = None,
     config_file: str = "inference.json",
     overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model.ts`` with ``monai.bundle.ckpt_export`` (traced; configs embedded).
 
@@ -222,37 +225,51 @@ def export_torchscript(
         input_shape: example input ``[B, C, X, Y, Z]`` for tracing; default ``[1, in_channels, *roi_size]``.
         config_file: the config with ``network_def``.
         overrides: config ids to override (e.g. ``{"width": 0.125}``).
+        overwrite: replace an existing ``out`` (refused otherwise). The file is written under a
+            temporary name and renamed, so a failed export leaves an earlier one as it was.
 
     Returns:
-        the path of the TorchScript file.
+        the path of the TorchScript file (exactly ``out``, whatever its suffix).
 
     Raises:
+        FileExistsError: ``out`` exists (without ``overwrite``) or is a folder.
         FileNotFoundError: bundle configs or checkpoint missing.
         ValueError: the checkpoint does not fit the network (pass the overrides it was trained with),
             or an override id the config does not define.
     """
     root, config, meta = _bundle_paths(bundle_dir, config_file)
+    out = Path(out) if out else root / "models" / "model.ts"
+    check_new_output(out, overwrite)
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"fine-tuned weights {ckpt} do not exist; train the bundle first or pass "
                                 "--checkpoint (checkpoint=)")
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
     load_bundle_network(root, ckpt, config_file, overrides)
-    out = Path(out) if out else root / "models" / "model.ts"
-    out.parent.mkdir(parents=True, exist_ok=True)
     shape = _example_shape(_parser(root, config_file, overrides), input_shape)
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(out),
-        ckpt_file=str(ckpt),
-        meta_file=str(meta),
-        config_file=str(config),
-        use_trace=True,
-        input_shape=shape,
-        bundle_root=str(root),
-        **dict(overrides or {}),
-    )
+    # the temporary name ends in .ts: ckpt_export appends .ts to a name without a suffix
+    with atomic_path(out, suffix=".ts") as partial:
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(partial),
+            ckpt_file=str(ckpt),
+            meta_file=str(meta),
+            config_file=str(config),
+            use_trace=True,
+            input_shape=shape,
+            bundle_root=str(root),
+            **dict(overrides or {}),
+        )
     return out
+
+
+def check_new_output(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier export unless asked to (``--overwrite``)."""
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a folder; give the file to write, e.g. {out / 'model.ts'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (an earlier export); choose another --out, or pass --overwrite "
+                              "(overwrite=True) to replace it")
 
 
 def export_onnx(
@@ -261,6 +278,7 @@ def export_onnx(
     out: str | os.PathLike,
     opset: int = ONNX_OPSET,
     dynamic: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Export ``network`` to ONNX (TorchScript-based exporter, ``dynamo=False``).
 
@@ -270,11 +288,14 @@ def export_onnx(
         out: the ``.onnx`` file to write.
         opset: ONNX opset.
         dynamic: make batch and spatial axes dynamic (input ``image``, output ``pred``).
+        overwrite: replace an existing ``out`` (refused otherwise); the file is checked under a
+            temporary name and renamed, so a failed export leaves an earlier one as it was.
 
     Returns:
         the path of the ONNX file (checked with ``onnx.checker``).
 
     Raises:
+        FileExistsError: ``out`` exists (without ``overwrite``) or is a folder.
         ImportError: ``onnx`` is not installed (``pip install dira3d[deploy]``).
     """
     try:
@@ -282,7 +303,7 @@ def export_onnx(
     except ImportError as err:  # optional dependency
         raise ImportError("ONNX export needs the 'onnx' package: pip install 'dira3d[deploy]' (onnx, onnxruntime)") from err
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_new_output(out, overwrite)
     network = network.eval()
     axes = None
     if dynamic:
@@ -290,12 +311,12 @@ def export_onnx(
         with torch.no_grad():
             out_dims = network(example).dim()
         axes = {"image": names, "pred": {i: names[i] for i in names if i < out_dims}}
-    with torch.no_grad():
+    with atomic_path(out, suffix=".onnx") as partial, torch.no_grad():
         torch.onnx.export(
-            network, (example,), str(out), input_names=["image"], output_names=["pred"],
+            network, (example,), str(partial), input_names=["image"], output_names=["pred"],
             dynamic_axes=axes, opset_version=opset, dynamo=False,
         )
-    onnx.checker.check_model(str(out))
+        onnx.checker.check_model(str(partial))
     return out
 
 
