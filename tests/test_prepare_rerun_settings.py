@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dira3d.data import brats, lidc, luna16, pecad
+from dira3d.data import brats, chestxray14, chexpert, lidc, luna16, montgomery, pecad, siim
 from dira3d.data.io import DataError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_data_cxr import _chexpert_layout, _nih_layout  # noqa: E402
+from test_data_cxr_seg import _montgomery_layout, _siim_layout  # noqa: E402
 from test_data_lidc import make_patient as make_lidc_patient  # noqa: E402
 
 
@@ -84,3 +86,25 @@ def test_lidc_rerun_with_another_crop_or_consensus_is_refused(tmp_path: Path) ->
     with pytest.raises(DataError, match=r"include_outline false \(now true\)"):
         lidc.prepare(src, dst, crop=(32, 32, 16), include_outline=True, progress=False)
     assert [r.status for r in lidc.prepare(src, dst, crop=(32, 32, 16), progress=False)] == ["skipped"]
+
+
+def _siim_src(root: Path) -> Path:
+    root.mkdir(parents=True)
+    _siim_layout(root)
+    return root
+
+
+@pytest.mark.parametrize("module, layout", [(chestxray14, _nih_layout), (chexpert, _chexpert_layout),
+                                            (montgomery, lambda root: _montgomery_layout(root)[0]),
+                                            (siim, _siim_src)],
+                         ids=["chestxray14", "chexpert", "montgomery", "siim"])
+def test_2d_rerun_with_another_size_is_refused(module, layout, tmp_path: Path) -> None:
+    """A --size 32 rerun after --size 16 used to skip every image (16² PNGs left) under a datalist
+    whose meta said 32."""
+    src, dst = layout(tmp_path / "src"), tmp_path / "out"
+    module.prepare(src, dst, size=16, progress=False)
+    with pytest.raises(DataError, match=r"size 16 \(now 32\)"):
+        module.prepare(src, dst, size=32, progress=False)
+    assert {r.status for r in module.prepare(src, dst, size=16, progress=False)} == {"skipped"}
+    redone = module.prepare(src, dst, size=32, overwrite=True, progress=False)
+    assert {r.status for r in redone} == {"written"}

@@ -226,7 +226,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chestxray14",
                         progress=progress, source=src,
-                        datalists=[dst / "chestxray14_datalist.json", dst / "bbox_datalist.json"])
+                        datalists=[dst / "chestxray14_datalist.json", dst / "bbox_datalist.json"],
+                        settings={"size": size})
     if dry_run or batch_stopped(results, keep_going):
         return results
 

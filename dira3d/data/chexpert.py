@@ -209,7 +209,8 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
         raise DataError(train_csv, "lists no image (after --frontal-only); nothing to prepare")
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chexpert",
-                        progress=progress, source=src, datalists=[dst / "chexpert_datalist.json"])
+                        progress=progress, source=src, datalists=[dst / "chexpert_datalist.json"],
+                        settings={"size": size})
     if dry_run or batch_stopped(results, keep_going):
         return results
 

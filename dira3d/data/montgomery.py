@@ -122,7 +122,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                   info, error=problems.get(stem, "")) for stem, info in found.items()]
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="montgomery",
-                        progress=progress, source=src, datalists=[dst / "montgomery_datalist.json"])
+                        progress=progress, source=src, datalists=[dst / "montgomery_datalist.json"],
+                        settings={"size": size})
     if dry_run or batch_stopped(results, keep_going):
         return results
     done = [case for case, result in zip(cases, results) if result.ok]
