@@ -26,13 +26,14 @@ from monai.networks.utils import eval_mode
 
 from dira3d.engines.optim import autocast_context, derive_seed
 from dira3d.engines.trainer import DiRATrainer
+from dira3d.utils.interrupts import QuietInterruptMixin
 
 __all__ = ["DiRAEvaluator", "STREAM_VALIDATION"]
 
 STREAM_VALIDATION = 3
 
 
-class DiRAEvaluator(Evaluator):
+class DiRAEvaluator(QuietInterruptMixin, Evaluator):
     """Runs every ``interval`` trainer epochs and writes ``val_loss``, ``val_selection_loss`` (without
     λ_adv·L_adv) and ``val_loss_<term>`` metrics.
 

@@ -44,6 +44,7 @@ from dira3d.engines.performance import apply_layer_options, compile_modules
 from dira3d.engines.prefetch import Prefetcher, side_stream
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
+from dira3d.utils.interrupts import QuietInterruptMixin
 
 __all__ = ["DiRATrainer", "Forward", "StepInputs", "Prepared", "STREAM_DATA", "STREAM_STEP"]
 
@@ -79,7 +80,7 @@ class Forward(NamedTuple):
     keys: torch.Tensor | None  # MoCo keys to enqueue after the step
 
 
-class DiRATrainer(Trainer):
+class DiRATrainer(QuietInterruptMixin, Trainer):
     """Trainer for DiRA pretraining (a :class:`monai.engines.Trainer`).
 
     Args:

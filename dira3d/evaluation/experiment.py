@@ -504,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentBusy as err:
         print(f"dira3d experiment: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
+        print(f"dira3d experiment: interrupted; the finished runs are in {Path(config['output_dir']) / 'results.csv'}; "
+              "rerun the same command to go on from there", file=sys.stderr)
+        return 130
     except Exception as err:
         cause = _cause_of(err)
         if cause is err and not isinstance(err, (ValueError, FileNotFoundError)):

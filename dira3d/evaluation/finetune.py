@@ -126,6 +126,7 @@ def run_finetune(
         ValueError: bad settings (label fraction, fold, checkpoint shapes...).
     """
     from dira3d.utils.checkpoint import check_writable
+    from dira3d.utils.interrupts import quiet_interrupt_logs
 
     root = bundle_path(bundle)
     overrides = dict(overrides or {})
@@ -157,9 +158,12 @@ def run_finetune(
     for key in ("datalist", "pretrained"):  # absolute: metrics.json must name the files wherever it is read
         if effective.get(key):
             effective[key] = str(Path(effective[key]).resolve())
-    trainer_flow.run()
+    # instantiated first (the run uses these objects), so that the StatsHandler loggers exist when
+    # quiet_interrupt_logs looks for handlers: Ctrl-C prints main()'s one line, not MONAI's traceback
     trainer = trainer_flow.parser.get_parsed_content("train#trainer")
     validator = trainer_flow.parser.get_parsed_content("validate#evaluator")
+    with quiet_interrupt_logs():
+        trainer_flow.run()
     holdout = {"best_" + str(getattr(validator.state, "key_metric_name", "metric")): _number(validator.state.best_metric)}
     epochs = int(trainer.state.epoch)
     trainer_flow.finalize()
@@ -168,8 +172,9 @@ def run_finetune(
     eval_overrides = {k: v for k, v in overrides.items() if k != "pretrained"}
     eval_flow = _workflow(files + [configs / "evaluate.json"], configs / "metadata.json", eval_overrides)
     eval_flow.initialize()
-    eval_flow.run()
     evaluator = eval_flow.parser.get_parsed_content("validate#evaluator")
+    with quiet_interrupt_logs():
+        eval_flow.run()
     metrics = {name: _number(value) for name, value in evaluator.state.metrics.items()}
     eval_flow.finalize()
 
@@ -221,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as err:  # an earlier run's results: kept
         print(f"dira3d finetune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
+        where = Path(args.output_dir or overrides.get("output_dir") or Path.cwd() / f"finetune_{bundle_path(args.bundle).name}")
+        print(f"dira3d finetune: interrupted; {where.resolve()} holds an unfinished run (no test metrics); rerun with "
+              "--overwrite to start it again", file=sys.stderr)
+        return 130
     except Exception as err:
         from dira3d.engines.inputs import setting_error_in
 

@@ -94,10 +94,13 @@ def run_bundle(config_file: Iterable[str | os.PathLike], meta_file: str | os.Pat
 
     from monai.bundle import ConfigWorkflow
 
+    from dira3d.utils.interrupts import quiet_interrupt_logs
+
     workflow = ConfigWorkflow(config_file=[str(c) for c in config_file], meta_file=str(meta_file),
                               logging_file=None if logging_file is None else str(logging_file), **overrides)
     workflow.initialize()
     logging.getLogger("dira3d.bundle").info("bundle %s with overrides %s",
                                             [Path(c).name for c in config_file], dict(overrides) or "none")
-    workflow.run()
+    with quiet_interrupt_logs():  # Ctrl-C: the caller prints how to go on, not MONAI's traceback
+        workflow.run()
     workflow.finalize()

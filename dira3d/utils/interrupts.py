@@ -1,0 +1,73 @@
+"""Ctrl-C without a screen of tracebacks.
+
+ignite catches every exception of a run, ``KeyboardInterrupt`` included, logs "Engine run is
+terminating due to exception:" and fires ``EXCEPTION_RAISED``, where MONAI's ``StatsHandler`` logs
+the whole traceback before the exception goes on. The command-line tools catch the interrupt and
+print one line on how to go on; :func:`quiet_interrupt_logs` keeps those error records (logged
+while a ``KeyboardInterrupt`` is being handled) off the console. Every other error is logged as
+before.
+
+Handlers that MONAI creates while a run starts (``StatsHandler`` adds its own to its logger when a
+bundle instantiates it) are not there yet when a command enters :func:`quiet_interrupt_logs`:
+dira3d's engines take :class:`QuietInterruptMixin`, which filters at the moment of the interrupt,
+and ``dira3d finetune`` instantiates MONAI's engines before it enters the context.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "quiet_interrupt_logs"]
+
+
+def _handling_interrupt(record: logging.LogRecord) -> bool:
+    exc_type = (record.exc_info or sys.exc_info())[0]  # the filter runs inside the logging call
+    return exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+
+
+class InterruptLogFilter(logging.Filter):
+    """Drop records of level ERROR and above that are logged about a ``KeyboardInterrupt``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and _handling_interrupt(record))
+
+
+def _all_handlers() -> list[logging.Handler]:
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    found = {id(h): h for logger in loggers for h in logger.handlers}
+    if logging.lastResort is not None:
+        found[id(logging.lastResort)] = logging.lastResort
+    return list(found.values())
+
+
+@contextmanager
+def quiet_interrupt_logs() -> Iterator[None]:
+    """While the body runs, the handlers configured now leave out the error records of a Ctrl-C.
+
+    Enter it after the logging set-up (a bundle's ``logging.conf`` replaces the handlers).
+    The interrupt itself still propagates: the caller says what to do next.
+    """
+    quiet = InterruptLogFilter()
+    handlers = _all_handlers()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+class QuietInterruptMixin:
+    """For ignite engines: the ``EXCEPTION_RAISED`` handlers of a Ctrl-C run as before (a checkpoint
+    handler still sees it), but their error logs, e.g. ``StatsHandler``'s traceback, are left out."""
+
+    def _handle_exception(self, e: BaseException) -> None:
+        if not isinstance(e, KeyboardInterrupt):
+            return super()._handle_exception(e)  # type: ignore[misc]
+        with quiet_interrupt_logs():
+            return super()._handle_exception(e)  # type: ignore[misc]

@@ -1,0 +1,91 @@
+"""Ctrl-C during a MONAI/ignite run: no traceback on the console, other errors logged as before."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from ignite.engine import Engine, Events
+from monai.handlers import StatsHandler
+
+from dira3d.utils.interrupts import quiet_interrupt_logs
+
+
+def _run(error: BaseException, quiet: bool) -> str:
+    """Log of an ignite run with MONAI's StatsHandler whose first step raises ``error``."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level, root.level = root.level, logging.INFO
+
+    def step(engine, batch):
+        raise error
+
+    engine = Engine(step)
+    StatsHandler(name=None, output_transform=lambda x: None).attach(engine)
+    try:
+        with pytest.raises(type(error)):
+            if quiet:
+                with quiet_interrupt_logs():
+                    engine.run([0, 1], max_epochs=1)
+            else:
+                engine.run([0, 1], max_epochs=1)
+    finally:
+        root.removeHandler(handler)
+        root.level = old_level
+    return stream.getvalue()
+
+
+def test_ctrl_c_logs_no_traceback_but_other_errors_do():
+    loud = _run(KeyboardInterrupt(), quiet=False)
+    assert "Traceback" in loud and "terminating due to exception" in loud  # what the user used to see
+    assert "Traceback" not in _run(KeyboardInterrupt(), quiet=True)
+    assert "terminating due to exception" not in _run(KeyboardInterrupt(), quiet=True)
+    failure = _run(RuntimeError("disk full"), quiet=True)
+    assert "Traceback" in failure and "disk full" in failure  # a real error keeps its traceback
+
+
+def test_filters_are_removed_after_the_run():
+    before = {id(h): list(h.filters) for h in logging.getLogger().handlers}
+    with quiet_interrupt_logs():
+        pass
+    assert {id(h): list(h.filters) for h in logging.getLogger().handlers} == before
+
+
+def test_engine_mixin_quiets_handlers_made_during_the_run(capsys):
+    """MONAI's StatsHandler adds its own console handler when it is built (inside a bundle's run,
+    after a command set up its filters); the dira3d engines filter at the interrupt itself."""
+    from dira3d.utils.interrupts import QuietInterruptMixin
+
+    class QuietEngine(QuietInterruptMixin, Engine):
+        pass
+
+    seen = []
+
+    def build_and_run(cls, error):
+        def step(engine, batch):
+            raise error
+
+        engine = cls(step)
+        # a user's handler (before StatsHandler, which re-raises) still sees the interrupt
+        engine.add_event_handler(Events.EXCEPTION_RAISED, lambda engine, e: seen.append(type(e).__name__))
+        StatsHandler(output_transform=lambda x: None).attach(engine)  # its own logger and handler
+        with pytest.raises(type(error)):
+            engine.run([0], max_epochs=1)
+        out = capsys.readouterr()
+        return out.out + out.err
+
+    assert "Traceback" in build_and_run(Engine, KeyboardInterrupt())  # MONAI's default
+    assert "Traceback" not in build_and_run(QuietEngine, KeyboardInterrupt())
+    assert "Traceback" in build_and_run(QuietEngine, RuntimeError("disk full"))
+    # (ignite hands an Exception, not a KeyboardInterrupt, to the handlers at two levels)
+    assert seen[:2] == ["KeyboardInterrupt", "KeyboardInterrupt"] and set(seen[2:]) == {"RuntimeError"}
+
+
+def test_dira_engines_take_the_mixin():
+    from dira3d.engines import DiRAEvaluator, DiRATrainer
+    from dira3d.utils.interrupts import QuietInterruptMixin
+
+    assert issubclass(DiRATrainer, QuietInterruptMixin) and issubclass(DiRAEvaluator, QuietInterruptMixin)
