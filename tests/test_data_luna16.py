@@ -199,6 +199,7 @@ def test_luna16_bad_csv_row_is_one_failed_case(luna_tree, tmp_path, capsys):
     assert luna16.main(["--src", str(src), "--dst", str(dst), "--keep-going"]) == 0
     err = capsys.readouterr().err
     assert "FAILED candidates_V2.csv data row 2:" in err and "non-numeric" in err and "abc" in err
+    assert "candidate 1 in the datalist" in err  # the id the row would have had (0-based, as cubes/ names it)
     assert "FAILED candidates_V2.csv data row 18:" in err and "class '7'" in err
     report = json.loads((dst / "report.json").read_text())
     assert report["summary"]["failed"] == 2 and report["summary"]["written"] == 4

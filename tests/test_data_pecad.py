@@ -56,7 +56,7 @@ def test_cubes_centred_folds_by_patient_and_bad_rows(tmp_path: Path) -> None:
     results = {r.case_id: r for r in pecad.prepare(src, dst, keep_going=True, progress=False)}
     assert results["PE01"].status == results["PE04"].status == "written"
     assert results["PE02"].status == "failed" and "row 13" in results["PE02"].reason and "outside" in results["PE02"].reason
-    assert results["PE03"].status == "failed" and "row 14" in results["PE03"].reason
+    assert results["PE03"].status == "failed" and "row 14 (candidate 13)" in results["PE03"].reason
     assert results["PE09"].status == "failed" and "PE09" in results["PE09"].reason and "candidates.csv" in results["PE09"].reason
     report = json.loads((dst / "report.json").read_text())
     assert report["summary"]["failed"] == 3

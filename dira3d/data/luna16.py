@@ -89,7 +89,7 @@ def _floats(path: Path, row: int, record: dict[str, str], keys: Sequence[str]) -
 def _record_row(problems: dict[str, str] | None, path: Path, row: int, record: dict[str, str], err: DataError) -> None:
     """A malformed data row: a failed case of its own, ``<file name> data row N``."""
     record_or_raise(problems, f"{path.name} data row {row + 1}", err,
-                    f" (seriesuid {record['seriesuid']}); fix or remove the row")
+                    f" (seriesuid {record['seriesuid']}, candidate {row} in the datalist and cubes/); fix or remove the row")
 
 
 def read_candidates(path: str | Path, problems: dict[str, str] | None = None

@@ -142,12 +142,12 @@ def _process_patient(case: Case, window: Sequence[float], spacing: Sequence[floa
     written, rejected = [], []
     for cand in p["rows"]:
         if "error" in cand:
-            rejected.append(f"row {cand['row'] + 1}: {cand['error']}")
+            rejected.append(f"row {cand['row'] + 1} (candidate {cand['row']}): {cand['error']}")
             continue
         # Both kinds are checked on the grid they refer to: the volume as stored.
         index = np.asarray(cand["xyz"]) if cand["coords"] == "voxel" else world_to_voxel(original, cand["xyz"])
         if np.any(index < -0.5) or np.any(index >= np.asarray(original.GetSize()) - 0.5):
-            rejected.append(f"row {cand['row'] + 1}: {cand['coords']} ({', '.join(f'{v:g}' for v in cand['xyz'])}) "
+            rejected.append(f"row {cand['row'] + 1} (candidate {cand['row']}): {cand['coords']} ({', '.join(f'{v:g}' for v in cand['xyz'])}) "
                             f"is outside the volume (size {original.GetSize()})")
             continue
         world = voxel_to_world(original, index)
