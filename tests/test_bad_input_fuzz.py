@@ -17,7 +17,6 @@ import pytest
 from monai.data import Dataset
 from monai.transforms import Compose, EnsureChannelFirstd
 
-from dira3d.data.io import DataError
 from dira3d.engines import CheckVolumed, load_datalist
 from dira3d.engines.inputs import LoadVolumed, data_error_in
 

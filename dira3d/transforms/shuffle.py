@@ -274,7 +274,7 @@ def local_pixel_shuffle(x: torch.Tensor, generator: torch.Generator, num_blocks:
     Raises:
         ValueError: on a badly shaped input or a setting out of range.
     """
-    d = check_batch(x)
+    check_batch(x)
     if not 1 <= num_blocks <= 1 << 19:
         raise ValueError(f"num_blocks must be in [1, {1 << 19}], got {num_blocks}")
     if not 0.0 < max_block_fraction <= 1.0:
