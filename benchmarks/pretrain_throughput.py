@@ -151,6 +151,8 @@ def parse_config(name: str) -> Config:
                              f"{'|'.join(COMPILE_MODES)}, {', '.join(TOKEN_SETTINGS)}")
     if config.gemm_weight_grad and config.pad_channels:
         raise ValueError(f"--configs: {name!r} has both gemmwg and padch; they change the same layers, use one")
+    if config.gemm_head and config.pad_channels:
+        raise ValueError(f"--configs: {name!r} has both gemmhead and padch; they change the same output head, use one")
     if config.compile_channels_last and not config.compile:
         raise ValueError(f"--configs: {name!r} has forcecl without a compile token; forcecl sets a compiler option")
     return config

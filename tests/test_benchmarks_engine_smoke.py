@@ -72,6 +72,8 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
     assert forced["compile_channels_last"] and forced["compile"] and not tuned.compile_channels_last
     with pytest.raises(ValueError, match="gemmwg and padch"):
         module.parse_config("bf16+gemmwg+padch")
+    with pytest.raises(ValueError, match="gemmhead and padch"):
+        module.parse_config("bf16+gemmhead+padch")
     with pytest.raises(ValueError, match="forcecl without a compile token"):
         module.parse_config("bf16+cl+forcecl")
     with pytest.raises(ValueError, match="turbo"):

@@ -475,6 +475,9 @@ def test_a_layer_option_that_changes_nothing_warns(option):
 def test_pad_channels_and_gemm_weight_grad_are_refused_together():
     with pytest.raises(ValueError, match="gemm_weight_grad and pad_channels"):
         build(pad_channels=True, gemm_weight_grad=True)
+    # pad_channels used to take the output head silently, and gemm_head warned it had "no effect"
+    with pytest.raises(ValueError, match="gemm_head and pad_channels both change the 1-channel output head"):
+        build(pad_channels=True, gemm_head=True)
 
 
 @pytest.mark.parametrize("mode,classify_both,kept", [("visual_words", False, False), ("visual_words", True, True),

@@ -110,8 +110,8 @@ def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
         ``{option: switched layer names}`` for the options set to true.
 
     Raises:
-        ValueError: an unknown option, or ``gemm_weight_grad`` and ``pad_channels`` together (both
-        change the 1-channel convolutions).
+        ValueError: an unknown option, or ``pad_channels`` with ``gemm_weight_grad`` (both change the
+        1-channel convolutions) or with ``gemm_head`` (both change the 1-channel output head).
     """
     from dira3d.networks.channel_pad import use_padded_channels
     from dira3d.networks.gemm_head import use_gemm_head
@@ -124,6 +124,8 @@ def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
         raise ValueError(f"unknown layer option(s) {unknown}; the options are {list(LAYER_OPTIONS)}")
     if options.get("gemm_weight_grad") and options.get("pad_channels"):
         raise ValueError("gemm_weight_grad and pad_channels both change the 1-channel convolutions; set one of them")
+    if options.get("gemm_head") and options.get("pad_channels"):  # pad would take the head and gemm_head find none
+        raise ValueError("gemm_head and pad_channels both change the 1-channel output head; set one of them")
     both = tuple(m for m in (network, adversary) if m is not None)
     switches = {  # option: (the switch, the networks it looks at)
         "gemm_weight_grad": (use_gemm_weight_grad, both),
