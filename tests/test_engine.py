@@ -161,6 +161,34 @@ def test_modes_stages_and_adversary_steps(mode, dims):
         assert int(trainer.queue.ptr) == (4 * 2) % 16
 
 
+@pytest.mark.parametrize("mode", ["moco", "barlow", "simsiam"])
+def test_instance_modes_restore_the_crop_not_the_jittered_view(mode):
+    """METHOD.md section 3 / patent L_res = dist(x1, g(f(T(x1)))): the restoration target and D's
+    real patch are the crop before jitter, noise and blur, not the augmented view."""
+    from dira3d.transforms import ViewAugment
+
+    views = ViewAugment(3, scale=(1.0, 1.0), flip_prob=0.0, jitter_prob=1.0, noise_prob=1.0, blur_prob=1.0)
+    trainer = make_trainer(mode, 3, stages=[{"name": "dir", "losses": ["dis", "res"]}], distortion="none",
+                           views=views)
+    batch = trainer._prepare(next(iter(trainer.data_loader)))
+    inputs = trainer.step_inputs(batch, trainer.step_generator(1), trainer.current_stage())
+    assert torch.allclose(inputs.target, batch["image"], atol=1e-5)
+    assert (inputs.view1 - batch["image"]).abs().mean() > 0.01
+    assert torch.equal(inputs.distorted, inputs.view1)  # distortion "none": the network sees the view
+
+
+def test_projector_layers_follow_each_base_method():
+    """MoCo-v2's projector is Linear-ReLU-Linear (it had a BatchNorm, MoCo-v3 style); Barlow Twins
+    and SimSiam keep one after each hidden layer, SimSiam one more at the end."""
+    def layers(mode):
+        return [type(m).__name__ for m in build_dis_head(mode, 3, 64, hidden=32, proj_dim=16).modules()
+                if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU))]
+
+    assert layers("moco") == ["Linear", "ReLU", "Linear"]
+    assert build_dis_head("moco", 3, 64, hidden=32, proj_dim=16)(torch.rand(4, 64, 2, 2, 2)).shape == (4, 16)
+    assert layers("barlow").count("BatchNorm1d") == 2 and layers("simsiam").count("BatchNorm1d") == 3
+
+
 def test_restoration_loss_falls():
     trainer = make_trainer("visual_words", 3, stages=[{"name": "res", "losses": ["res"]}], max_epochs=6,
                            volumes=2, batch=2, lr=3e-3, distortion="none")

@@ -287,6 +287,26 @@ def test_flip_is_applied_equally_to_input_and_target() -> None:
     assert 0 < int((out != x).flatten(1).any(dim=1).sum()) < 32
 
 
+@pytest.mark.parametrize("name", ["models_genesis", "transvw", "dira2d", "none"])
+def test_a_separate_restoration_target_gets_the_input_flips_and_nothing_else(name: str) -> None:
+    x = rand(8, 1, 16, 16, 8)
+    comp = build_distortion(name, flip_prob=0.7) if name in ("models_genesis", "transvw") else build_distortion(name)
+    distorted, target = comp(x, gen(5))
+    distorted2, target2 = comp(x, gen(5), target=x * 0.5)  # same draws: only the target differs
+    assert torch.equal(distorted2, distorted)
+    assert torch.allclose(target2, target * 0.5)
+
+
+def test_views_return_their_crop_before_the_intensity_steps() -> None:
+    x = rand(6, 1, 16, 16, 8)
+    aug = ViewAugment(3, scale=(1.0, 1.0), flip_prob=0.0, jitter_prob=1.0, noise_prob=1.0, blur_prob=1.0)
+    v1, v2 = aug(x, gen(3))
+    c1, c2, clean = aug(x, gen(3), return_clean=True)
+    assert torch.equal(c1, v1) and torch.equal(c2, v2)  # the views do not change
+    assert torch.allclose(clean, x, atol=1e-5)  # an identity crop, no jitter / noise / blur
+    assert (v1 - x).abs().mean() > 0.01
+
+
 def test_elastic_warp_is_inplane_and_identity_without_displacement() -> None:
     base = rand(2, 1, 24, 24, 1)
     x = base.expand(2, 1, 24, 24, 6).contiguous()  # constant along z

@@ -11,7 +11,8 @@ barlow          ProjectionHead (3 layers) —               BarlowTwinsLoss
 simsiam         ProjectionHead (3 layers) PredictorHead   SimSiamLoss
 ==============  ========================  ==============  ==============================
 
-They are plain functions so a bundle config can call them with ``_target_``.
+MoCo's projector has no BatchNorm (Linear, ReLU, Linear: MoCo-v2); Barlow Twins' and SimSiam's have
+one after each hidden layer. They are plain functions so a bundle config can call them with ``_target_``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def build_dis_head(
             )
         return VisualWordHead(spatial_dims, in_channels, int(num_classes), hidden=hidden)
     if dis_mode == "moco":
-        return ProjectionHead(in_channels, hidden, proj_dim, num_layers=2)
+        return ProjectionHead(in_channels, hidden, proj_dim, num_layers=2, batch_norm=False)  # MoCo-v2: no BN
     # SimSiam ends its projector with a BatchNorm (no affine); Barlow Twins standardises in the loss
     return ProjectionHead(in_channels, hidden, proj_dim, num_layers=3, last_batch_norm=dis_mode == "simsiam")
 

@@ -4,7 +4,8 @@ One iteration on a batch ``{"image": x1, ["image2": x2], ["label": y]}`` (patche
 
 1. views ``v1, v2 = T(x1), T(x2 or x1)`` (identity in ``visual_words`` mode), drawn on the
    batch's device from a generator seeded by (seed, iteration) — a resumed run draws the same;
-2. ``distorted, target = distortion(v1)``; ONE encoder pass ``bottleneck, skips = encode(distorted)``;
+2. ``distorted, target = distortion(v1)``, the target being v1's crop before its intensity steps
+   (jitter, gamma, noise, blur) with the same flips; ONE encoder pass ``bottleneck, skips = encode(distorted)``;
 3. ``dis`` from the bottleneck (visual-word CE; MoCo InfoNCE against the EMA key encoder's view2
    and a queue; Barlow Twins / SimSiam on both views), ``res = dist(decode(bottleneck, skips),
    target)``, ``adv = AdversarialLoss.generator(D(restored))``;
@@ -44,6 +45,8 @@ from dira3d.engines.performance import apply_layer_options, compile_modules
 from dira3d.engines.prefetch import Prefetcher, side_stream
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
+from dira3d.transforms.compositions import Distortion
+from dira3d.transforms.views import ViewAugment
 from dira3d.utils.interrupts import QuietInterruptMixin
 
 __all__ = ["DiRATrainer", "Forward", "StepInputs", "Prepared", "STREAM_DATA", "STREAM_STEP"]
@@ -405,19 +408,34 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
 
     # ------------------------------------------------------------------ the method
     def step_inputs(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage) -> StepInputs:
-        """The views T(x) (instance modes, while ``dis`` is active) and the distorted first view."""
+        """The views T(x) (instance modes, while ``dis`` is active) and the distorted first view.
+
+        The restoration target (and D's real patch) is the first view's crop before its intensity
+        augmentation (jitter, gamma, noise, blur), with the crop's and the distortion's flips: DiRA
+        restores x1 from T(x1) (METHOD.md section 3, patent L_res = dist(x1, x1')), it does not
+        reproduce the jitter and blur of the view.
+        """
         x1, x2 = batch["image"], batch.get("image2")
         view1, view2 = x1, x2 if x2 is not None else x1
+        clean = None
         # views and distortions are data preparation: fp32 even under autocast (same draws, same
         # targets as the plain path; autocast casts the network's inputs itself)
         with torch.autocast(x1.device.type, enabled=False):
             if "dis" in stage.losses and self.dis_mode != "visual_words" and self.views is not None:
+                # a ViewAugment also returns the first view without its intensity steps (no extra draws)
+                with_clean = isinstance(self.views, ViewAugment) and isinstance(self.distortion, Distortion)
+                extra = {"return_clean": True} if with_clean else {}
                 if x2 is None:
-                    view1, view2 = self.views(x1, generator)
+                    view1, view2, *rest = self.views(x1, generator, **extra)
+                    clean = rest[0] if rest else None
                 else:  # two instances: one view of each, in one batched call
-                    a, b = self.views(torch.cat([x1, x2]), generator)
+                    a, b, *rest = self.views(torch.cat([x1, x2]), generator, **extra)
                     view1, view2 = a[: x1.shape[0]], b[x1.shape[0] :]
-            distorted, target = self.distortion(view1, generator)
+                    clean = rest[0][: x1.shape[0]] if rest else None
+            if clean is None:
+                distorted, target = self.distortion(view1, generator)
+            else:
+                distorted, target = self.distortion(view1, generator, target=clean)
         return StepInputs(view1, view2, distorted, target)
 
     def forward_terms(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage, train: bool = True,

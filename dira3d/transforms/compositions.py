@@ -2,6 +2,8 @@
 
 A composition is called as ``distorted, target = comp(x, generator)``: ``target`` is ``x`` with the
 same flips as the input (the restoration target); ``distorted`` has the flips and the distortions.
+``comp(x, generator, target=clean)`` flips ``clean`` instead of ``x`` into the target (the views of
+the instance modes: ``x`` is the jittered view, ``clean`` its crop before jitter and blur).
 ``comp.sample(x, generator)`` also returns which distortions each sample received (for tests and
 image logging).
 
@@ -68,11 +70,17 @@ class Distortion(ABC):
     """Base class: subclasses implement ``sample``; ``__call__`` drops the record of what was applied."""
 
     @abstractmethod
-    def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
-        """Return ``(distorted, target, applied)``: per-sample booleans of what was applied."""
+    def sample(self, x: torch.Tensor, generator: torch.Generator,
+               target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Applied]:
+        """Return ``(distorted, target, applied)``: per-sample booleans of what was applied.
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        distorted, target, _ = self.sample(x, generator)
+        ``target``: the restoration target before the flips (default ``x``), shaped like ``x``; it
+        gets the input's flips and nothing else. The random draws do not depend on it.
+        """
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator,
+                 target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        distorted, target, _ = self.sample(x, generator, target)
         return distorted, target
 
 
@@ -85,12 +93,16 @@ def _apply_stages(x: torch.Tensor, applied: Applied, stages: dict[str, Stage], n
     return x
 
 
-def _flipped_pair(x: torch.Tensor, generator: torch.Generator, flip_prob: float,
-                  static: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(target, working copy)``: input and target get the same flips, so flip once and copy."""
+def _flipped_pair(x: torch.Tensor, generator: torch.Generator, flip_prob: float, static: bool,
+                  target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target, working copy)``: input and target get the same flips, so flip once and copy
+    (or, given a separate ``target``, flip both alike)."""
     check_batch(x)
-    target, _ = random_flip(x, None, generator, prob=flip_prob, static_shapes=static)
-    return target, target.clone()
+    if target is None:
+        target, _ = random_flip(x, None, generator, prob=flip_prob, static_shapes=static)
+        return target, target.clone()
+    work, target = random_flip(x, target, generator, prob=flip_prob, static_shapes=static)
+    return target, work.clone()
 
 
 def _genesis_stages(generator: torch.Generator, num_blocks: int, static: bool) -> dict[str, Stage]:
@@ -131,9 +143,10 @@ class NoDistortion(Distortion):
     def __init__(self, static_shapes: bool | None = None) -> None:
         self.static_shapes = check_static(static_shapes)
 
-    def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
+    def sample(self, x: torch.Tensor, generator: torch.Generator,
+               target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         check_batch(x)
-        return x.clone(), x, {}
+        return x.clone(), x if target is None else target, {}
 
 
 class ModelsGenesisDistortion(Distortion):
@@ -165,9 +178,10 @@ class ModelsGenesisDistortion(Distortion):
         self.num_blocks = int(num_blocks)
         self.static_shapes = check_static(static_shapes)
 
-    def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
+    def sample(self, x: torch.Tensor, generator: torch.Generator,
+               target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         static = resolve_static(self.static_shapes, x.device)
-        target, distorted = _flipped_pair(x, generator, self.flip_prob, static)
+        target, distorted = _flipped_pair(x, generator, self.flip_prob, static, target)
         b, dev = x.shape[0], x.device
         shuffle = bernoulli(b, self.shuffle_prob, generator, dev)
         nonlinear = bernoulli(b, self.nonlinear_prob, generator, dev)
@@ -215,9 +229,10 @@ class TransVWDistortion(Distortion):
         self.num_blocks = int(num_blocks)
         self.static_shapes = check_static(static_shapes)
 
-    def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
+    def sample(self, x: torch.Tensor, generator: torch.Generator,
+               target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         static = resolve_static(self.static_shapes, x.device)
-        target, distorted = _flipped_pair(x, generator, self.flip_prob, static)
+        target, distorted = _flipped_pair(x, generator, self.flip_prob, static, target)
         b, dev = x.shape[0], x.device
         elastic = bernoulli(b, self.elastic_prob, generator, dev)
         choice = choose_one(b, self.probs, generator, dev)
@@ -261,7 +276,8 @@ class DiRA2DDistortion(Distortion):
         self.swaps, self.swap_size, self.fill = int(swaps), tuple(swap_size), fill
         self.static_shapes = check_static(static_shapes)
 
-    def sample(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Applied]:
+    def sample(self, x: torch.Tensor, generator: torch.Generator,
+               target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Applied]:
         check_batch(x)
         static = resolve_static(self.static_shapes, x.device)
         choice = choose_one(x.shape[0], self.probs, generator, x.device)
@@ -276,7 +292,7 @@ class DiRA2DDistortion(Distortion):
             "patch_swap": lambda s, sel: patch_swap(s, generator, swaps=self.swaps, size=self.swap_size,
                                                     selected=sel, **opts),
         }
-        return _apply_stages(x.clone(), applied, funcs, self.names), x, applied
+        return _apply_stages(x.clone(), applied, funcs, self.names), x if target is None else target, applied
 
 
 DISTORTIONS: dict[str, type[Distortion]] = {

@@ -129,7 +129,8 @@ def _pad_for(axis: int, d: int, radius: int) -> list[int]:
 
 
 def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSettings | None = None,
-                 static_shapes: bool | None = None) -> torch.Tensor:
+                 static_shapes: bool | None = None,
+                 return_clean: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One augmented view of every sample of ``x``.
 
     Steps, each drawn per sample: crop covering ``scale`` of the area/volume (2D aspect in
@@ -145,9 +146,12 @@ def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSett
         settings: the view settings; the defaults of ``ViewAugment`` for the dims when omitted.
         static_shapes: accepted for an interface uniform with the distortions (validated, no
             effect): every step already has fixed shapes on any device.
+        return_clean: also return the view's crop after the flips, before any intensity step
+            (jitter, gamma, noise, blur): the restoration target of DiRA (official code: the
+            crop before jitter, blur and distortion). Draws nothing more: the view is the same.
 
     Returns:
-        The view, same shape and dtype as ``x``.
+        The view, same shape and dtype as ``x``; with ``return_clean`` ``(view, clean)``.
 
     Raises:
         ValueError: on a badly shaped input or bad settings.
@@ -165,6 +169,7 @@ def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSett
         axis = axis % d
         flip = bernoulli(b, s.flip_prob, generator, dev).view(b, *([1] * (d + 1)))
         out = torch.where(flip, out.flip(2 + axis), out)
+    clean = out.clamp(0.0, 1.0).to(x.dtype) if return_clean else None
     view_shape = (b, *([1] * (d + 1)))
     jitter = bernoulli(b, s.jitter_prob, generator, dev).view(view_shape)
     u = uniform((b, 2), generator, dev)
@@ -186,7 +191,8 @@ def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSett
         sigma = s.blur_sigma[0] + (s.blur_sigma[1] - s.blur_sigma[0]) * uniform((b,), generator, dev)
         blurred = gaussian_blur(out, sigma, blur_radius(s.blur_sigma[1]))
         out = torch.where(use.view(view_shape), blurred, out)
-    return out.clamp(0.0, 1.0).to(x.dtype)
+    out = out.clamp(0.0, 1.0).to(x.dtype)
+    return (out, clean) if return_clean else out
 
 
 class ViewAugment:
@@ -214,9 +220,13 @@ class ViewAugment:
         self.spatial_dims, self.static_shapes = spatial_dims, static_shapes
         self.settings = ViewSettings(**settings)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator,
+                 return_clean: bool = False) -> tuple[torch.Tensor, ...]:
+        """``(v1, v2)``; with ``return_clean`` ``(v1, v2, clean1)``: ``clean1`` is v1's crop and flips
+        without the intensity steps (the restoration target; the views are the same either way)."""
         if x.ndim - 2 != self.spatial_dims:
             raise ValueError(f"ViewAugment(spatial_dims={self.spatial_dims}) got a batch of shape {tuple(x.shape)}; "
                              f"expected (B, C) + {self.spatial_dims} spatial dims.")
-        return (random_views(x, generator, self.settings, self.static_shapes),
-                random_views(x, generator, self.settings, self.static_shapes))
+        v1, clean = random_views(x, generator, self.settings, self.static_shapes, return_clean=True)
+        v2 = random_views(x, generator, self.settings, self.static_shapes)
+        return (v1, v2, clean) if return_clean else (v1, v2)
