@@ -304,6 +304,22 @@ def test_sliding_window_batch_is_one_setting(bundle):
         assert parser.get_parsed_content(inferer, lazy=False).sw_batch_size == 2
 
 
+@pytest.mark.parametrize("bundle", ["lits_liver_seg", "brats_tumor_seg"])
+def test_patch_bundles_train_on_batch_size_patches_per_step(bundle, tmp_path):
+    # batch 16 (docs/finetuning.md) counts the patches of one step: batch_size // num_samples volumes give
+    # num_samples patches each (16 volumes x 4 patches = 64 patches per step before)
+    from monai.bundle import ConfigParser
+
+    name, shape, channels = SEGMENTATION[bundle]
+    datalist, _ = make_segmentation(tmp_path, name, shape, channels, n_train=8)
+    parser = ConfigParser()
+    parser.read_config([str(bundle_path(bundle) / "configs" / "train.json")])
+    parser.update({"datalist": str(datalist), "roi_size": [16, 16, 8], "batch_size": 4, "num_samples": 2,
+                   "num_workers": 0, "cache_rate": 0.0})
+    batch = next(iter(parser.get_parsed_content("train#dataloader", lazy=False)))
+    assert batch["image"].shape[0] == 4 and batch["label"].shape[0] == 4
+
+
 @pytest.mark.parametrize("readme", sorted(Path(__file__).resolve().parents[1].glob("bundles/*/docs/README.md")),
                          ids=lambda p: p.parents[1].name)
 def test_readme_torchscript_export_writes_outside_the_repository(readme):

@@ -92,6 +92,23 @@ def test_a_failing_run_does_not_stop_the_others_and_is_retried_on_rerun(tmp_path
     assert not (tmp_path / "out" / "failures.json").exists()
 
 
+def test_an_undefined_test_metric_is_a_failed_run_not_a_crash_of_the_grid(tmp_path):
+    from dira3d.evaluation.experiment import ExperimentRunsFailed
+
+    config = _config(tmp_path)
+
+    def nan_auc(bundle, overrides):  # run_finetune writes a NaN AUC (test split of one class) as None
+        if overrides["seed"] == 2 and not overrides["pretrained"]:
+            return {"auc": None}
+        return fake_runner([])(bundle, overrides)
+
+    with pytest.raises(ExperimentRunsFailed, match="2 of 12 runs failed.*'auc' is undefined"):
+        run_experiment(config, runner=nan_auc, log=lambda _: None)
+    with open(tmp_path / "out" / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 10  # the runs after it were not lost
+    assert (tmp_path / "out" / "failures.json").is_file()
+
+
 def test_report_counts_each_run_of_the_current_grid_once(tmp_path):
     """Duplicated rows (two processes on one output_dir) and runs no longer in the grid stay out of the stats."""
     config = _config(tmp_path)

@@ -180,6 +180,28 @@ def test_select_modalities():
         SelectModalitiesd("image", "pet")
 
 
+def test_select_modalities_follows_the_prepared_channel_order(tmp_path):
+    """`dira3d prepare brats --modalities flair t1 t1ce t2` writes FLAIR first; modalities=flair used
+    to take channel 3 (the T2) by the fixed t1, t1ce, t2, flair order."""
+    import json
+
+    from dira3d.evaluation.transforms import datalist_channels
+
+    datalist = tmp_path / "brats_datalist.json"
+    datalist.write_text(json.dumps({"training": [], "meta": {"channels": ["flair", "t1", "t1ce", "t2"]}}))
+    order = datalist_channels(str(datalist))
+    assert order == ["flair", "t1", "t1ce", "t2"] and datalist_channels(str(tmp_path / "absent.json")) is None
+    image = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 2, 2, 2)  # channel value = channel index
+    assert float(SelectModalitiesd("image", "flair", order)({"image": image})["image"].max()) == 0.0
+    assert SelectModalitiesd("image", "t2,flair", order)({"image": image})["image"][:, 0, 0, 0].tolist() == [3.0, 0.0]
+    two = ["t1", "flair"]  # a two-sequence preparation
+    assert float(SelectModalitiesd("image", "flair", two)({"image": image[:2]})["image"].max()) == 1.0
+    with pytest.raises(ValueError, match=r"asks for \['t2'\], but the images hold \['t1', 'flair'\]"):
+        SelectModalitiesd("image", "t2", two)
+    with pytest.raises(ValueError, match="the datalist says"):
+        SelectModalitiesd("image", "flair", two)({"image": image})
+
+
 def test_simpleitk_reader_matches_nibabel(tmp_path):
     from monai.transforms import LoadImage
 

@@ -69,6 +69,20 @@ def test_localise_finds_a_known_box_and_rejects_an_empty_map(tmp_path):
     assert len(overlays) == 2 and all(Image.open(p).size[0] > 0 for p in overlays)
 
 
+def test_localise_reports_the_mean_over_findings_of_their_accuracy(tmp_path):
+    # the paper reports the mean over the 8 findings; finding0 has three boxes (all found), finding1 one (missed):
+    # pooled 3 of 4 = 0.75, mean over findings (1 + 0) / 2 = 0.5
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)] * 4, [0, 0, 0, 1])
+    result = localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
+                      roi_size=(64, 48))
+    deltas = [f"{d:g}" for d in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
+    assert result["accuracy"] == {d: 0.75 for d in deltas}
+    assert result["accuracy_per_finding"] == {"finding0": {d: 1.0 for d in deltas}, "finding1": {d: 0.0 for d in deltas}}
+    assert result["mean_accuracy_over_findings"] == {d: 0.5 for d in deltas}
+    written = json.loads((tmp_path / "out" / "localisation.json").read_text())
+    assert written["mean_accuracy_over_findings"] == result["mean_accuracy_over_findings"]
+
+
 def test_localise_command_with_a_resnet_classifier(tmp_path):
     torch.manual_seed(0)
     datalist = _write_boxes(tmp_path / "data", [(10, 20, 30, 30), (60, 40, 20, 30), (5, 5, 40, 20)], [0, 2, 1])

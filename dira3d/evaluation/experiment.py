@@ -381,6 +381,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
         start = time.perf_counter()
         try:
             metrics = runner(str(config["bundle"]), overrides)
+            _check_value(metrics, config["metric"])
         except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
             cause = _cause_of(err)
             failures.append({"method": method, "label_fraction": fraction, "seed": seed, "run_dir": str(run_dir),
@@ -413,6 +414,15 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
             + ". The other runs are in results.csv; rerun the same command to retry only the failed ones")
     failures_path.unlink(missing_ok=True)
     return rows
+
+
+def _check_value(metrics: Mapping[str, Any], metric: str) -> None:
+    """Refuse an undefined test metric (``run_finetune`` writes a NaN, e.g. an AUC on a test split of
+    one class, as ``None``): the run is a failure of its own, not a crash of the grid."""
+    value = metrics.get(metric, 0.0)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"the test metric {metric!r} is undefined (NaN), e.g. an AUC on a test split that holds "
+                         "one class only; check the test split")
 
 
 def _cause_of(err: BaseException) -> BaseException:

@@ -1,9 +1,10 @@
 """Transforms used by the fine-tuning bundles.
 
 :class:`SelectModalities` / :class:`SelectModalitiesd` pick MR sequences from a BraTS image. The
-prepared BraTS image is either a 4-channel volume (t1, t1ce, t2, flair, channel first after
-``EnsureChannelFirstd``) or a single FLAIR volume; the bundle's ``modalities`` setting chooses
-which sequences the network sees. :class:`NormalizeMRd` applies the data preparation's MR
+prepared BraTS image holds the sequences ``dira3d prepare brats --modalities`` wrote, in that order
+(default t1, t1ce, t2, flair; channel first after ``EnsureChannelFirstd``), and the datalist's
+``meta.channels`` names them (:func:`datalist_channels`); the bundle's ``modalities`` setting chooses
+which sequences the network sees, ``image_channels`` says which the image holds. :class:`NormalizeMRd` applies the data preparation's MR
 normalisation (``dira3d.data.normalize.normalize_mr``) per channel, for inference on raw scans.
 """
 
@@ -15,7 +16,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 
-__all__ = ["BRATS_MODALITIES", "SelectModalities", "SelectModalitiesd", "NormalizeMRd", "modality_channels"]
+__all__ = ["BRATS_MODALITIES", "SelectModalities", "SelectModalitiesd", "NormalizeMRd", "datalist_channels",
+           "modality_channels"]
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -36,23 +38,55 @@ def modality_channels(modalities: str | Sequence[str]) -> list[str]:
     return names
 
 
+def datalist_channels(datalist: str | None) -> list[str] | None:
+    """The sequences a prepared BraTS datalist's images hold, in channel order (``meta.channels``,
+    written by ``dira3d prepare brats``); None when the file or the key is absent (then the images are
+    taken to hold t1, t1ce, t2, flair, or the one requested sequence)."""
+    import json
+    import os
+
+    if not datalist or not os.path.isfile(datalist):
+        return None
+    try:
+        with open(datalist, encoding="utf-8") as handle:
+            meta = json.load(handle).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return None  # the datalist loader reports a broken file with its own message
+    channels = meta.get("channels") if isinstance(meta, dict) else None
+    return [str(c) for c in channels] if isinstance(channels, list) and channels else None
+
+
 class SelectModalities(Transform):
     """Keep the requested MR sequences of a channel-first image.
 
     Args:
         modalities: ``"all"``, ``"flair"``, a comma-separated string or a list of names from
             ``("t1", "t1ce", "t2", "flair")``.
+        image_channels: the sequences the image holds, in channel order (a prepared datalist's
+            ``meta.channels``, see :func:`datalist_channels`). None: a 4-channel image holds
+            t1, t1ce, t2, flair, and a 1-channel image the one requested sequence.
 
     Raises:
-        ValueError: (on call) the image has neither 4 channels nor a single channel, or has a single
-            channel while more than one sequence is requested.
+        ValueError: a requested sequence the image does not hold, or (on call) an image whose
+            channel count does not fit.
     """
 
-    def __init__(self, modalities: str | Sequence[str] = "all") -> None:
+    def __init__(self, modalities: str | Sequence[str] = "all", image_channels: Sequence[str] | None = None) -> None:
         self.names = modality_channels(modalities)
+        self.image_channels = None if image_channels is None else modality_channels(list(image_channels))
+        missing = [n for n in self.names if self.image_channels is not None and n not in self.image_channels]
+        if missing:
+            raise ValueError(f"modalities={self.names} asks for {missing}, but the images hold {self.image_channels} "
+                             "(the datalist's meta.channels, from dira3d prepare brats --modalities); set modalities to "
+                             "sequences they hold, or prepare the data again with those sequences")
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         channels = img.shape[0]
+        if self.image_channels is not None:
+            if channels != len(self.image_channels):
+                raise ValueError(f"image has {channels} channel(s) but the datalist says its images hold "
+                                 f"{self.image_channels}; prepare the data again into a new folder")
+            return img[[self.image_channels.index(n) for n in self.names]]
         if channels == len(BRATS_MODALITIES):
             index = [BRATS_MODALITIES.index(n) for n in self.names]
             return img[index]
@@ -60,16 +94,18 @@ class SelectModalities(Transform):
             return img  # a single-sequence volume (FLAIR-only preparation) is taken as it is
         raise ValueError(
             f"image has {channels} channel(s) but modalities={self.names}; BraTS images must hold "
-            f"{len(BRATS_MODALITIES)} channels {BRATS_MODALITIES} or one sequence (set modalities to 'flair')"
+            f"{len(BRATS_MODALITIES)} channels {BRATS_MODALITIES} or one sequence (set modalities to 'flair'), "
+            "or name the sequences they hold in image_channels"
         )
 
 
 class SelectModalitiesd(MapTransform):
     """Dictionary form of :class:`SelectModalities`."""
 
-    def __init__(self, keys: KeysCollection, modalities: str | Sequence[str] = "all", allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, modalities: str | Sequence[str] = "all",
+                 image_channels: Sequence[str] | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.selector = SelectModalities(modalities)
+        self.selector = SelectModalities(modalities, image_channels)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
