@@ -176,7 +176,8 @@ def test_load_into_a_mismatched_network_reports_exact_keys_and_shapes(tmp_path):
     written = export_pretrained(_pretraining_checkpoint(width=0.125), tmp_path)
     wider = UNet(3, 1, 1, width=0.25).encoder  # twice the channels everywhere
     before = {k: v.clone() for k, v in wider.state_dict().items()}
-    report = load_into(wider, written["encoder.pt"])
+    with pytest.warns(UserWarning, match="no weight tensor of .*encoder.pt fits UNetEncoder"):
+        report = load_into(wider, written["encoder.pt"])
     assert report.mismatched["levels.0.conv1.conv.weight"] == ((4, 1, 3, 3, 3), (8, 1, 3, 3, 3))
     assert report.mismatched["levels.3.conv2.conv.weight"] == ((64, 32, 3, 3, 3), (128, 64, 3, 3, 3))
     # every tensor with channels mismatches; only the shape-free BN counters fit
@@ -184,7 +185,8 @@ def test_load_into_a_mismatched_network_reports_exact_keys_and_shapes(tmp_path):
     assert not report.missing and not report.unexpected
     assert all(torch.equal(wider.state_dict()[k], v) for k, v in before.items() if k in report.mismatched)
     # renamed keys that the network lacks are "unexpected"; its own keys then are "missing"
-    renamed = load_into(UNet(3, 1, 1, width=0.125).encoder, written["encoder.pt"], mapping={"levels.": "stages."})
+    with pytest.warns(UserWarning, match="pass mapping="):
+        renamed = load_into(UNet(3, 1, 1, width=0.125).encoder, written["encoder.pt"], mapping={"levels.": "stages."})
     assert "stages.0.conv1.conv.weight" in renamed.unexpected and "levels.0.conv1.conv.weight" in renamed.missing
     with pytest.raises(ValueError, match=r"levels\.0\.conv1\.conv\.weight: file \(4, 1, 3, 3, 3\) vs network \(8, 1, 3, 3, 3\)"):
         load_into(UNet(3, 1, 1, width=0.25).encoder, written["encoder.pt"], strict=True)
@@ -195,12 +197,33 @@ def test_load_report_summary_names_the_tensors_of_another_shape(tmp_path):
     # docs/deployment.md: `print(report.summary())` after load_into; a width mismatch leaves almost
     # every tensor unloaded, so the summary must not read "0 missing, 0 unexpected" and nothing else
     written = export_pretrained(_pretraining_checkpoint(width=0.125), tmp_path)
-    report = load_into(UNet(3, 1, 1, width=0.25).encoder, written["encoder.safetensors"])
+    with pytest.warns(UserWarning, match="no weight tensor"):
+        report = load_into(UNet(3, 1, 1, width=0.25).encoder, written["encoder.safetensors"])
     summary = report.summary()
     assert f"{len(report.mismatched)} of another shape (not loaded)" in summary
     assert "levels.0.conv1.conv.weight (4, 1, 3, 3, 3) vs network (8, 1, 3, 3, 3)" in summary
     fitting = load_into(UNet(3, 1, 1, width=0.125).encoder, written["encoder.pt"])
     assert "another shape" not in fitting.summary()
+
+
+def test_load_into_refuses_a_file_of_other_spatial_dims_and_warns_when_nothing_fits(tmp_path, recwarn):
+    # a 3D export in a 2D encoder: every kernel mismatches but the biases and BN statistics would
+    # load, leaving a half-initialised network behind a summary that reads "48 tensors loaded"
+    written = export_pretrained(_pretraining_checkpoint(width=0.125), tmp_path)
+    flat = UNet(2, 1, 1, width=0.125).encoder
+    before = {k: v.clone() for k, v in flat.state_dict().items()}
+    with pytest.raises(ValueError, match=r"are 3D and UNetEncoder is 2D .*levels\.0\.conv1\.conv\.weight"):
+        load_into(flat, written["encoder.pt"])
+    assert all(torch.equal(flat.state_dict()[k], v) for k, v in before.items())  # nothing copied
+    # keys of another naming scheme (a MONAI network without a mapping): nothing loads, and it says so
+    from monai.networks.nets import BasicUNet
+
+    with pytest.warns(UserWarning, match="no weight tensor of .* fits BasicUNet .*pass mapping="):
+        report = load_into(BasicUNet(3, 1, 1, features=(4, 4, 8, 16, 32, 4)), written["encoder.safetensors"])
+    assert not report.loaded
+    recwarn.clear()
+    load_into(UNet(3, 1, 1, width=0.125).encoder, written["encoder.pt"])  # a fitting load stays silent
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning) and "load_into" in str(w.message)]
 
 def test_find_bundles_and_kinds(repo_root, tmp_path):
     seg = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)

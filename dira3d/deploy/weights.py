@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -254,9 +255,15 @@ def load_into(
         a :class:`dira3d.networks.LoadReport`: ``loaded`` / ``missing`` / ``unexpected`` (network
         key names after mapping) and ``mismatched`` (key → (file shape, network shape)).
 
+    Warns:
+        UserWarning: not one weight tensor was loaded (only counters such as ``num_batches_tracked``,
+            or nothing): the names or widths do not fit, so the network keeps its initial values.
+
     Raises:
         FileNotFoundError: ``weights_path`` does not exist.
-        ValueError: with ``strict``, when any key did not fit (the message lists keys and shapes).
+        ValueError: the file's kernels are of another rank than the network's (a 3D file in a 2D
+            network or the reverse: only biases and normalisation statistics would fit); with
+            ``strict``, when any key did not fit (the message lists keys and shapes).
     """
     source = read_weights(weights_path)
     target = network.state_dict()
@@ -275,6 +282,22 @@ def load_into(
             report.loaded.append(name)
     seen = set(report.loaded) | set(report.mismatched)
     report.missing.extend(k for k in target if k not in seen)
+    ranks = {name: shapes for name, shapes in report.mismatched.items()
+             if len(shapes[0]) != len(shapes[1]) and min(len(shapes[0]), len(shapes[1])) >= 3}
+    if ranks:  # conv kernels (out, in, *k) of another rank: another spatial_dims
+        name, (file_shape, net_shape) = next(iter(ranks.items()))
+        raise ValueError(
+            f"weights {weights_path} are {len(file_shape) - 2}D and {type(network).__name__} is {len(net_shape) - 2}D "
+            f"({name}: file {file_shape} vs network {net_shape}); only biases and normalisation statistics would "
+            "load: export weights pretrained with the same spatial_dims (key_map.json gives the file's spatial_dims)"
+        )
+    if not any(selected[k].is_floating_point() for k in selected):
+        warnings.warn(
+            f"load_into: no weight tensor of {weights_path} fits {type(network).__name__} ({len(report.unexpected)} "
+            f"unexpected, {len(report.mismatched)} of another shape), so the network keeps its initial values; "
+            "compare its keys with key_map.json and pass mapping= (print(report.summary()) lists them)",
+            stacklevel=2,
+        )
     if strict and (report.missing or report.unexpected or report.mismatched):
         shapes = [f"{k}: file {a} vs network {b}" for k, (a, b) in report.mismatched.items()]
         raise ValueError(

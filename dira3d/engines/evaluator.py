@@ -99,7 +99,9 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
     def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
         trainer = self.trainer
         if trainer is None:
-            raise RuntimeError("DiRAEvaluator.run() needs a trainer: attach it to a DiRATrainer first")
+            raise RuntimeError("DiRAEvaluator.run() needs a trainer: attach it to a DiRATrainer first, with "
+                               "evaluator.attach(trainer) or by listing it in the trainer's train_handlers (it is its "
+                               "own handler: do not wrap it in monai.handlers.ValidationHandler)")
         stage = trainer.current_stage()
         batch = trainer._prepare(batchdata)
         min_batch = getattr(trainer.dis_loss, "min_batch", 1) if "dis" in stage.losses else 1

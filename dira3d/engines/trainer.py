@@ -13,6 +13,38 @@ One iteration on a batch ``{"image": x1, ["image2": x2], ["label": y]}`` (patche
 5. when ``adv`` is active: ``d_steps`` D steps on ``D(target)`` (real) vs ``D(restored.detach())``.
 
 Loss values stay tensors (no ``.item()`` in the step); handlers convert them at log time.
+
+``engine.state.output`` is ONE dict per iteration (not decollated into a list per sample, as
+MONAI's ``SupervisedTrainer`` output is): ``loss`` (the weighted total), ``loss_<term>`` for the
+stage's unweighted terms (``loss_dis``, ``loss_res``, ``loss_adv``), while ``adv`` is active
+``loss_d``, ``d_real``, ``d_fake``, then ``lr_g``, ``lr_d`` (floats), ``stage`` (its name) and
+``stage_index``. Give MONAI's stats handlers ``output_transform=dira3d.engines.scalar_output``
+(their default ``lambda x: x[0]`` raises ``KeyError: 0`` on a dict, and
+``from_engine(["loss"], first=True)`` returns a tuple that ``TensorBoardStatsHandler`` skips).
+Epoch means land in ``engine.state.metrics`` as ``train_<key>``; :class:`DiRAEvaluator` adds
+``val_loss``, ``val_selection_loss`` and ``val_loss_<term>``.
+
+The trainer does not check intensities (that would cost a host sync per step): batches must be
+patches in [0, 1]. With your own loader, check the volumes once when loading, e.g. with
+:class:`dira3d.engines.CheckVolumed` (``value_range=(0, 1)``), as the bundle does.
+
+Driven from Python (the bundle ``bundles/dira_pretrain/configs/train.json`` wires the same)::
+
+    net = UNet(spatial_dims=3, width=1.0)
+    head = build_dis_head("visual_words", 3, net.bottleneck_channels, num_classes=C)
+    adversary = Adversary(3)
+    evaluator = DiRAEvaluator(device, val_loader)          # its own handler: not ValidationHandler
+    trainer = DiRATrainer(device, max_epochs, train_loader, net,
+                          torch.optim.Adam([*net.parameters(), *head.parameters()], 1e-3), head,
+                          adversary, torch.optim.Adam(adversary.parameters(), 1e-3),
+                          stages=[{"name": "dis", "until_epoch": 20, "losses": ["dis"]},
+                                  {"name": "dira", "losses": ["dis", "res", "adv"]}],
+                          train_handlers=[evaluator, DiRACheckpoint(ckpt_dir),
+                                          StatsHandler(output_transform=scalar_output)])
+    trainer.run()
+
+with batches ``{"image": (B, C, *patch), "label": (B,)}`` (``visual_words``; ``"image2"``: a
+second instance) from any ``DataLoader``.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class DiRALoss(nn.Module):
 
         Args:
             terms: scalar loss per term name (unweighted).
-            active: names of the terms that count in the current stage.
+            active: names of the terms that count in the current stage (one name may be given as a string).
 
         Returns:
             ``(total, weighted)``: the scalar sum and ``{name: λ·term}`` for the active names.
@@ -98,6 +98,8 @@ class DiRALoss(nn.Module):
             ValueError: if ``active`` is empty, names an unknown term, names a term missing from
                 ``terms``, or a term is not a scalar.
         """
+        if isinstance(active, str):  # "dis" is one term, not the terms "d", "i", "s"
+            active = [active]
         active = list(dict.fromkeys(active))  # de-duplicate, keep order
         if not active:
             raise ValueError(f"DiRALoss: no active terms; name at least one of {', '.join(TERM_NAMES)} in the stage.")

@@ -268,12 +268,19 @@ def load_pretrained(
 
     if errors:
         described = f" (checkpoint meta: {dict(meta)})" if meta else ""
+        head_only = all(name.startswith("decoder.head.") for name in report.mismatched)
+        way_out = ("\nOnly the decoder's output head differs (out_channels): to keep the rest of the pretrained "
+                   "decoder, load a copy without the head (its keys are then missing, left as initialised): "
+                   "ckpt = dira3d.utils.load_checkpoint(path); ckpt['decoder'] = {k: v for k, v in "
+                   "ckpt['decoder'].items() if not k.startswith('head.')}; load_pretrained(network, ckpt, "
+                   "parts=('encoder', 'decoder'))" if head_only else
+                   "\nBuild the network with the checkpoint's width / in_channels / out_channels, or load fewer "
+                   "parts (e.g. parts=('encoder',) when only the output channels differ)")
         raise ValueError(
             f"pretrained weights from {source} do not fit {type(network).__name__}: {len(errors)} shape "
             f"mismatch(es){described}:\n  " + "\n  ".join(errors[:_SHOWN])
             + (f"\n  … and {len(errors) - _SHOWN} more" if len(errors) > _SHOWN else "")
-            + "\nBuild the network with the checkpoint's width / in_channels / out_channels, or load fewer "
-            "parts (e.g. parts=('encoder',) when only the output channels differ)"
+            + way_out
         )
     if strict and (report.missing or report.unexpected):
         raise ValueError(
