@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -37,3 +38,23 @@ def test_tiny_experiment_writes_csv_table_and_plots(tmp_path):
     assert (tmp_path / "out" / "auc_vs_label_fraction.png").stat().st_size > 1000
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 1000
     assert (tmp_path / "out" / "runs" / "pretrained_lf1_seed0" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_cross_validation_experiment_runs_each_fold_and_averages_them(tmp_path):
+    """PE-CAD's protocol through the real bundle: one seed, folds 0-2, each fold the test set once."""
+    datalist = make_classification(tmp_path / "data", "pecad_datalist.json", (16, 16, 16), folds=True)
+    config = {"bundle": "pecad_embolism_fpr", "datalist": str(datalist), "metric": "auc",
+              "output_dir": str(tmp_path / "out"), "seeds": [0], "label_fractions": [1.0], "folds": [0, 1, 2],
+              "methods": {"random": None}, "overrides": {"tiny": True, "max_epochs": 1}}
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    torch.set_num_threads(1)
+    rows = run_experiment(load_config(tmp_path / "experiment.yaml"), log=lambda _: None)
+    assert [r["fold"] for r in rows] == ["0", "1", "2"]
+    for fold in range(3):  # each run had the bundle's fold set to its own fold
+        result = json.loads((tmp_path / "out" / "runs" / f"random_lf1_seed0_fold{fold}" / "metrics.json").read_text())
+        assert result["settings"]["fold"] == fold
+    mean = sum(float(r["value"]) for r in rows) / 3
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary[0]["n"] == 1 and summary[0]["mean"] == pytest.approx(mean)
+    assert f"| random | {100 * mean:.2f} |" in (tmp_path / "out" / "table.md").read_text()

@@ -1,8 +1,8 @@
 """``dira3d experiment``: the paper's evaluation protocol as one resumable command.
 
 A grid of initialisations (random, L_dis only, L_dis + L_res, full DiRA, any checkpoint) × label
-fractions × seeds is fine-tuned through one task bundle. Each finished run is appended to
-``results.csv`` at once, so an interrupted experiment picks up where it stopped; the aggregation
+fractions × seeds (× cross-validation folds) is fine-tuned through one task bundle. Each finished
+run is appended to ``results.csv`` at once, so an interrupted experiment picks up where it stopped; the aggregation
 (mean ± std, t-tests against the baseline), a Markdown table and PNG plots are rewritten after
 every run (the plots at the end).
 
@@ -16,6 +16,7 @@ Config (YAML or JSON)::
     welch: false                       # Welch's t-test instead of Student's
     seeds: [0, 1, 2, 3, 4]
     label_fractions: [0.1, 0.25, 1.0]
+    folds: [0, 1, 2]                   # optional: cross-validation (PE-CAD); absent: the datalist's test list
     methods:                           # name: checkpoint path, null (random init), or {pretrain: {...}}
       random: null
       mine: runs/pretrain/best.pt
@@ -31,8 +32,21 @@ A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt``; a finished
 pretraining (``done.json``) is not repeated; its settings (``settings.json``) must match the
 config's, and rows of a method fine-tuned from another checkpoint are not reused either. The
-fine-tuning settings (bundle, datalist, metric, overrides) are recorded in ``experiment.json``: a rerun
+fine-tuning settings (bundle, datalist, metric, overrides, folds) are recorded in ``experiment.json``: a rerun
 with other ones on a ``results.csv`` that has rows is refused rather than mixed into one table.
+
+With ``folds``, every (method, label fraction, seed) runs once per fold, with the bundle's ``fold``
+set to it (that fold is the test set, the others are trained on;
+``runs/<method>_lf<f>_seed<s>_fold<k>``), and ``results.csv`` gains a ``fold`` column. A seed is one
+repetition of the whole cross-validation: its folds draw their label subset and holdout with the
+seed's rule (each from its own training folds), so its value in the statistics is the mean over its
+folds, and mean ± std and the t-tests are over seeds, as without folds (the folds of one seed are
+not independent samples). A seed whose folds are not all in ``results.csv`` (not run yet, or failed)
+is left out of the statistics, never averaged over fewer folds; one that has some of them is listed
+under the table and in the log (one that has none is not run yet or in ``failures.json``). The folds
+list is a recorded setting: a rerun with another one on the same ``results.csv`` is refused. The
+bundle must have a ``fold`` setting and the datalist's ``training`` entries must carry every listed
+``fold``, else the config is refused.
 
 The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
 override ids no bundle config defines are refused with the setting named. A run that fails is
@@ -73,9 +87,10 @@ __all__ = ["load_config", "run_experiment", "write_report", "main"]
 
 Runner = Callable[[str, dict], Mapping[str, float]]
 FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
+FOLD_FIELDS = FIELDS[:4] + ["fold"] + FIELDS[4:]  # results.csv of a config with folds
 SETTINGS_NAME = "settings.json"  # what a method's pretraining was made with (output_dir/pretrain/<method>/)
 REQUIRED = ("bundle", "datalist", "metric", "methods", "seeds", "label_fractions", "output_dir")
-KNOWN = REQUIRED + ("baseline", "welch", "overrides", "pretrain")
+KNOWN = REQUIRED + ("baseline", "welch", "overrides", "pretrain", "folds")
 
 
 class ExperimentRunsFailed(RuntimeError):
@@ -114,6 +129,7 @@ def load_config(path: str | Path) -> dict:
         twice = sorted({v for v in config[key] if config[key].count(v) > 1})
         if twice:
             raise ValueError(f"{key} in {path} lists {twice[0]!r} more than once; list each value once")
+    _check_folds(config, path)
     if not isinstance(config["methods"], dict) or not config["methods"]:
         raise ValueError(f"methods in {path} must map names to a checkpoint, null or {{pretrain: ...}}")
     base = path.parent
@@ -139,6 +155,8 @@ def load_config(path: str | Path) -> dict:
     check_overrides([bundle_configs / "train.json", bundle_configs / "evaluate.json"]
                     + ([bundle_configs / "tiny.json"] if overrides.get("tiny") else []),
                     {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
+    if "folds" in config:
+        _check_fold_data(config, path, bundle_configs)
     metrics = _bundle_metrics(bundle_configs)  # else a wrong name is found only after the first fine-tuning
     if metrics and config["metric"] not in metrics:
         raise ValueError(f"metric {config['metric']!r} in {path}: bundle {config['bundle']!r} reports "
@@ -174,6 +192,57 @@ def load_config(path: str | Path) -> dict:
     return config
 
 
+def _check_folds(config: dict, path: Path) -> None:
+    """Check the ``folds`` list: distinct whole numbers >= 0, and no ``fold`` override beside it
+    (``folds: null`` is the same as no ``folds``)."""
+    if config.get("folds") is None:
+        config.pop("folds", None)
+        return
+    folds = config["folds"]
+    if not isinstance(folds, list) or not folds:
+        raise ValueError(f"folds in {path} must be a non-empty list of the datalist's fold numbers, e.g. folds: [0, 1, 2] "
+                         "(or leave folds out to test on the datalist's 'test' list)")
+    bad = [f for f in folds if isinstance(f, bool) or not isinstance(f, int) or f < 0]
+    if bad:
+        raise ValueError(f"folds in {path} must be whole numbers >= 0 (the datalist's fold numbers), got {bad[0]!r}; "
+                         "e.g. folds: [0, 1, 2]")
+    twice = sorted({f for f in folds if folds.count(f) > 1})
+    if twice:
+        raise ValueError(f"folds in {path} lists {twice[0]!r} more than once; list each fold once")
+    if "fold" in (config.get("overrides") or {}):
+        raise ValueError(f"overrides in {path} set fold, but folds runs every listed fold; remove fold from "
+                         f"overrides (folds: [{config['overrides']['fold']}] runs that one fold)")
+
+
+def _check_fold_data(config: Mapping[str, Any], path: Path, bundle_configs: Path) -> None:
+    """Refuse ``folds`` when the bundle has no ``fold`` setting or the datalist lacks a listed fold:
+    every fold would run on the same test split, or fail only when its turn comes."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.evaluation.datalists import _read_datalist
+
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in (bundle_configs / "train.json", bundle_configs / "evaluate.json") if c.is_file()])
+    if "fold" not in parser:
+        raise ValueError(f"folds in {path}: bundle {config['bundle']!r} has no `fold` setting, so every fold would be "
+                         "tested on the same split; remove folds, or use a bundle that tests on one fold of the "
+                         "datalist (e.g. pecad_embolism_fpr)")
+    try:
+        content = _read_datalist(config["datalist"])
+    except ValueError as err:
+        raise ValueError(f"folds in {path}: {err}; folds need a cross-validation datalist (training entries with "
+                         "'fold'), or remove folds") from None
+    present = sorted({e["fold"] for e in content["training"] or [] if isinstance(e, dict) and e.get("fold") is not None})
+    if not present:
+        raise ValueError(f"folds in {path}: datalist {config['datalist']} has no cross-validation folds (no 'fold' in "
+                         "its training entries); remove folds to test on its 'test' list, or use a datalist prepared "
+                         "with folds (e.g. `dira3d prepare pecad`)")
+    missing = [f for f in config["folds"] if f not in present]
+    if missing:
+        raise ValueError(f"folds in {path} lists fold {missing[0]}, which datalist {config['datalist']} does not have "
+                         f"(folds present: {present}); list only those, e.g. folds: {present}")
+
+
 def _bundle_metrics(configs: Path) -> list[str]:
     """Names of the test metrics ``run_finetune`` returns for a bundle: the keys of its evaluator's
     ``key_metric`` and ``additional_metrics``; empty when the configs do not spell them out."""
@@ -199,12 +268,13 @@ RUN_SETTINGS_NAME = "experiment.json"  # in output_dir
 def _check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -> None:
     """Refuse to add runs to (and report together with) rows made with other fine-tuning settings;
     record the settings otherwise."""
-    settings = json.loads(json.dumps({k: config.get(k) for k in RUN_SETTINGS}, default=str))
+    recorded = RUN_SETTINGS + (("folds",) if "folds" in config else ())  # no folds: experiment.json as before them
+    settings = json.loads(json.dumps({k: config.get(k) for k in recorded}, default=str))
     path = out / RUN_SETTINGS_NAME
     if rows and path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         if old != settings:
-            changed = [k for k in RUN_SETTINGS if k != "overrides" and old.get(k) != settings[k]]
+            changed = [k for k in RUN_SETTINGS + ("folds",) if k != "overrides" and old.get(k) != settings.get(k)]
             before, now = old.get("overrides") or {}, settings["overrides"] or {}
             changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
             raise ValueError(f"{out / 'results.csv'} holds runs made with other fine-tuning settings ({', '.join(changed)} "
@@ -212,6 +282,39 @@ def _check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) 
                              "one table. Use another output_dir, or put the settings back (or delete results.csv to redo "
                              "every run)")
     atomic_write_text(path, json.dumps(settings, indent=1))
+
+
+def _check_fold_column(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
+    """Refuse to add runs with folds to a ``results.csv`` made without them, and the other way round
+    (also when ``experiment.json``, which records ``folds``, is missing)."""
+    if not rows or ("fold" in rows[0]) == ("folds" in config):
+        return
+    if "folds" in config:
+        raise ValueError(f"{csv_path} holds runs made without folds (no fold column); adding the runs of folds "
+                         f"{config['folds']} would mix one test split with cross-validation in one table. Use another "
+                         "output_dir, or remove folds (or delete results.csv to redo every run)")
+    raise ValueError(f"{csv_path} holds runs of a cross-validation grid (a fold column) but the config has no folds; "
+                     "use another output_dir, or put folds back (or delete results.csv to redo every run)")
+
+
+def _grid(config: Mapping[str, Any]) -> list[tuple]:
+    """The runs of the config: ``(method, fraction, seed)``, or ``(method, fraction, seed, fold)`` with folds
+    (the folds of one seed run one after the other)."""
+    cells = [(m, float(f), int(s)) for f in config["label_fractions"] for m in config["methods"] for s in config["seeds"]]
+    if "folds" not in config:
+        return cells
+    return [cell + (int(k),) for cell in cells for k in config["folds"]]
+
+
+def _row_key(row: Mapping[str, Any], folded: bool) -> tuple:
+    """The grid key of a ``results.csv`` row (see :func:`_grid`)."""
+    key = (str(row["method"]), float(row["label_fraction"]), int(row["seed"]))
+    return key + (int(row["fold"]),) if folded else key
+
+
+def _describe(method: str, fraction: float, seed: int, fold: int | None = None) -> str:
+    """``dira labels=0.5 seed=1`` (`` fold=2`` with folds): one run in logs and errors."""
+    return f"{method} labels={fraction:g} seed={seed}" + ("" if fold is None else f" fold={fold}")
 
 
 def _read_rows(csv_path: Path) -> list[dict]:
@@ -337,7 +440,7 @@ def _exclusive(out: Path):
 
 
 def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Run every (method, label fraction, seed) not yet in ``results.csv``; returns all rows.
+    """Run every (method, label fraction, seed[, fold]) not yet in ``results.csv``; returns all rows.
 
     ``runner(bundle, overrides) -> metrics`` fine-tunes once; the default runs the bundle through
     :func:`dira3d.evaluation.finetune.run_finetune`.
@@ -356,12 +459,14 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     csv_path = out / "results.csv"
     rows = _read_rows(csv_path)
     _check_rows_match(rows, config, csv_path)
+    _check_fold_column(rows, config, csv_path)
     _check_run_settings(config, out, rows)
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
         if isinstance(spec, Mapping):
             _check_pretrain_settings(method, *_pretrain_settings(method, spec, config))
-    done = {(r["method"], float(r["label_fraction"]), int(r["seed"])) for r in rows}
-    grid = [(m, float(f), int(s)) for f in config["label_fractions"] for m in config["methods"] for s in config["seeds"]]
+    folded = "folds" in config
+    done = {_row_key(r, folded) for r in rows}
+    grid = _grid(config)
     todo = [key for key in grid if key not in done]
     log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
     checkpoints = {}
@@ -372,44 +477,53 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
         else:
             checkpoints[method] = spec or ""
     failures: list[dict] = []
-    for i, (method, fraction, seed) in enumerate(todo, 1):
+    for i, (method, fraction, seed, *fold) in enumerate(todo, 1):
+        fold = fold[0] if fold else None
         checkpoint = checkpoints[method]
-        run_dir = out / "runs" / f"{method}_lf{fraction:g}_seed{seed}"
+        run_dir = out / "runs" / (f"{method}_lf{fraction:g}_seed{seed}" + ("" if fold is None else f"_fold{fold}"))
         overrides = dict(config.get("overrides", {}))
         overrides.update(datalist=config["datalist"], pretrained=checkpoint, label_fraction=fraction, seed=seed,
                          output_dir=str(run_dir))
+        if fold is not None:
+            overrides["fold"] = fold
+        run = _describe(method, fraction, seed, fold)
         start = time.perf_counter()
         try:
             metrics = runner(str(config["bundle"]), overrides)
             _check_value(metrics, config["metric"])
         except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
             cause = _cause_of(err)
-            failures.append({"method": method, "label_fraction": fraction, "seed": seed, "run_dir": str(run_dir),
+            failures.append({"method": method, "label_fraction": fraction, "seed": seed,
+                             **({} if fold is None else {"fold": fold}), "run_dir": str(run_dir),
                              "error": f"{type(cause).__name__}: {cause}"})
-            log(f"[{i}/{len(todo)}] {method} labels={fraction:g} seed={seed}: FAILED ({type(cause).__name__}: {cause}); "
-                "going on with the other runs")
+            log(f"[{i}/{len(todo)}] {run}: FAILED ({type(cause).__name__}: {cause}); going on with the other runs")
             continue
         if config["metric"] not in metrics:
             raise ValueError(f"fine-tuning returned {sorted(metrics)}, not the experiment's metric {config['metric']!r}")
         row = {"method": method, "checkpoint": checkpoint, "label_fraction": fraction, "seed": seed,
+               **({} if fold is None else {"fold": fold}),
                "metric": config["metric"], "value": float(metrics[config["metric"]]),
                "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir)}
         new_file = not csv_path.is_file()
         with open(csv_path, "a", newline="", encoding="utf-8") as handle:  # one row per finished run: the resume point
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            writer = csv.DictWriter(handle, fieldnames=FOLD_FIELDS if folded else FIELDS)
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
         rows.append({k: str(v) for k, v in row.items()})
-        log(f"[{i}/{len(todo)}] {method} labels={fraction:g} seed={seed}: {config['metric']}={row['value']:.4f}")
+        log(f"[{i}/{len(todo)}] {run}: {config['metric']}={row['value']:.4f}")
         write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
     write_report(config, rows)
+    incomplete = _seed_values(config, rows)[1]
+    if incomplete:
+        log(f"experiment: left out of the statistics (not all folds finished): {'; '.join(incomplete)}")
     failures_path = out / "failures.json"
     if failures:
         atomic_write_text(failures_path, json.dumps(failures, indent=2))
         raise ExperimentRunsFailed(
             f"{len(failures)} of {len(todo)} runs failed (details in {failures_path}): "
-            + "; ".join(f"{f['method']} labels={f['label_fraction']:g} seed={f['seed']}: {f['error']}" for f in failures[:3])
+            + "; ".join(f"{_describe(f['method'], f['label_fraction'], f['seed'], f.get('fold'))}: {f['error']}"
+                        for f in failures[:3])
             + ("; ..." if len(failures) > 3 else "")
             + ". The other runs are in results.csv; rerun the same command to retry only the failed ones")
     failures_path.unlink(missing_ok=True)
@@ -433,29 +547,64 @@ def _cause_of(err: BaseException) -> BaseException:
 
 
 def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True) -> str:
-    """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and (with ``plots``) the PNGs; returns the table."""
+    """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and (with ``plots``) the PNGs; returns the table.
+
+    One value per seed (:func:`_seed_values`): with folds, the mean over its folds.
+    """
     out = Path(config["output_dir"])
     metric = config["metric"]
-    grid = {(str(m), float(f), int(s)) for m in config["methods"] for f in config["label_fractions"] for s in config["seeds"]}
-    latest: dict[tuple, Mapping] = {}  # rows of runs no longer in the grid, or duplicated by a second writer, stay out
-    for r in rows:
-        key = (str(r["method"]), float(r["label_fraction"]), int(r["seed"]))
-        if key in grid:
-            latest[key] = r
-    values = [{"method": r["method"], "label_fraction": r["label_fraction"], "seed": r["seed"], metric: r["value"]}
-              for r in latest.values()]
+    values, incomplete = _seed_values(config, rows)
     cells = aggregate(values, metric)
     if any(c.method == config["baseline"] for c in cells):  # no baseline run yet (or all failed): no p-values yet
         cells = compare_to_baseline(cells, config["baseline"], equal_var=not config.get("welch", False))
     table = markdown_table(cells, metric.upper(), method_order=list(config["methods"]))
     test = "Welch's" if config.get("welch", False) else "Student's"
-    note = (f"\n\nmean ± sample std over seeds, ×100; p: independent two-sample {test} t-test "
+    over = "seeds" if "folds" not in config else (
+        f"seeds of each seed's mean over folds {', '.join(map(str, config['folds']))} (a seed is one repetition of the "
+        "cross-validation)")
+    note = (f"\n\nmean ± sample std over {over}, ×100; p: independent two-sample {test} t-test "
             f"against `{config['baseline']}` at the same label fraction.\n")
+    if incomplete:
+        note += f"\nLeft out (not all folds finished or some failed): {'; '.join(incomplete)}.\n"
     (out / "table.md").write_text(table + note, encoding="utf-8")
     (out / "summary.json").write_text(json.dumps([c.__dict__ for c in cells], indent=2), encoding="utf-8")
     if plots:
         _plot(cells, metric, list(config["methods"]), out)
     return table
+
+
+def _seed_values(config: Mapping[str, Any], rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """One value per (method, label fraction, seed) of the current grid, and the seeds left out.
+
+    Without folds, a run's value. With folds, the mean over the seed's folds, when every listed fold
+    has a row; a seed that lacks one (not run yet, or failed) is left out, not averaged over fewer folds,
+    and named in the second list when it has some folds (``dira @ 50 % labels, seed 2 (fold 1 missing)``). Rows of runs no
+    longer in the grid, or duplicated by a second writer, count once or not at all.
+    """
+    metric = config["metric"]
+    folded = "folds" in config
+    grid = {(str(key[0]),) + key[1:] for key in _grid(config)}
+    latest: dict[tuple, Mapping] = {}
+    for r in rows:
+        key = _row_key(r, folded)
+        if key in grid:
+            latest[key] = r
+    if not folded:
+        return [{"method": r["method"], "label_fraction": r["label_fraction"], "seed": r["seed"], metric: r["value"]}
+                for r in latest.values()], []
+    per_seed: dict[tuple, dict[int, float]] = {}
+    for (method, fraction, seed, fold), r in latest.items():
+        per_seed.setdefault((method, fraction, seed), {})[fold] = float(r["value"])
+    values, incomplete = [], []
+    for (method, fraction, seed), by_fold in per_seed.items():
+        missing = [k for k in config["folds"] if k not in by_fold]
+        if missing:
+            incomplete.append(f"{method} @ {100 * fraction:g} % labels, seed {seed} "
+                              f"(fold{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing)")
+            continue
+        mean = math.fsum(by_fold[k] for k in config["folds"]) / len(config["folds"])
+        values.append({"method": method, "label_fraction": fraction, "seed": seed, metric: mean})
+    return values, incomplete
 
 
 def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) -> None:
