@@ -1,6 +1,7 @@
 """DDP semantics: two gloo ranks with half the batch each == one process with the full batch
-(MoCo keys gathered into the queue, Barlow Twins over the global batch), and the pretraining
-bundle under ``torchrun --nproc_per_node=2`` (gloo, CPU) in moco and barlow modes."""
+(MoCo keys gathered into the queue, Barlow Twins over the global batch), MoCo's shuffle BN under
+``torchrun`` (tests/shuffle_bn_torchrun.py), and the pretraining bundle under
+``torchrun --nproc_per_node=2`` (gloo, CPU) in moco and barlow modes."""
 
 from __future__ import annotations
 
@@ -112,6 +113,19 @@ def test_single_process_helpers_are_identities():
     assert maybe_sync_batchnorm(bn) is bn  # no process group / no GPU: unchanged
     assert get_rank() == 0 and get_world_size() == 1
     assert all_ranks_true(True) and not all_ranks_true(False)
+
+
+def test_torchrun_shuffle_bn_mixes_the_key_encoders_batch_and_resumes_exactly(tmp_path, repo_root):
+    """Two gloo ranks, a batch-norm U-Net: the keys are those of an explicit one-process encoding of the
+    permuted global batch (not the rank's own batch), the losses finite with bf16, channels-last and
+    prefetch, and a resumed run equal to the uninterrupted one (the checks run in the ranks)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "tests/shuffle_bn_torchrun.py", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert len(result["losses"]) == 4 and len(result["options"]) == 4
 
 
 def run_torchrun(repo_root, data_dir, out, *extra):

@@ -7,7 +7,9 @@ What each rank does under DDP (``bundles/dira_pretrain/configs/multi_gpu_train.j
 - the data are split by a ``DistributedSampler`` (shuffled per epoch: MONAI's ``Trainer`` calls
   ``set_epoch`` at every epoch start); each rank sees ``batch_size`` samples per step, the global
   batch is ``world_size × batch_size``;
-- MoCo keys are gathered from all ranks before they are enqueued (every queue stays identical),
+- MoCo keys are gathered from all ranks before they are enqueued (every queue stays identical);
+  with shuffle BN the key encoder encodes a share of the permuted global batch
+  (:mod:`dira3d.engines.shuffle_bn`);
   Barlow Twins' cross-correlation is computed over the global batch (``gather_distributed``);
 - per-iteration draws (views, distortions) and per-epoch random crops are seeded by
   (seed, rank, iteration / epoch): ranks draw different augmentations, a resumed run draws the same;
@@ -34,6 +36,7 @@ __all__ = [
     "init_distributed",
     "cleanup_distributed",
     "maybe_sync_batchnorm",
+    "per_rank_batchnorm",
     "default_backend",
     "local_device",
     "all_ranks_true",
@@ -115,6 +118,34 @@ def maybe_sync_batchnorm(module: nn.Module, enabled: bool = True) -> nn.Module:
     if not enabled or get_world_size() < 2 or not torch.cuda.is_available():
         return module
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+class PerRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the rank's own batch, for inputs of any dimensionality (what
+    :func:`per_rank_batchnorm` puts in place of a ``SyncBatchNorm``; same parameters and buffers)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's signature
+        if input.dim() < 2:
+            raise ValueError(f"expected a (B, C, ...) input, got {input.dim()}D")
+
+
+def per_rank_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn ``SyncBatchNorm`` layers back into BatchNorm over each rank's own batch, in place.
+
+    For MoCo's key encoder under shuffle BN (:mod:`dira3d.engines.shuffle_bn`): synchronised
+    statistics cover the whole global batch whatever its order, so the shuffle would change no key.
+    State-dict keys and values are unchanged. A module without ``SyncBatchNorm`` is returned as is.
+    """
+    if isinstance(module, nn.SyncBatchNorm):
+        plain = PerRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats)
+        plain.load_state_dict(module.state_dict())
+        plain.train(module.training)
+        plain.requires_grad_(any(p.requires_grad for p in module.parameters()))
+        return plain.to(next(iter(module.state_dict().values())).device) if module.state_dict() else plain
+    for name, child in module.named_children():
+        setattr(module, name, per_rank_batchnorm(child))
+    return module
 
 
 def all_ranks_true(flag: bool | torch.Tensor, device: Any = "cpu") -> bool:

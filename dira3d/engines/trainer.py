@@ -6,9 +6,9 @@ One iteration on a batch ``{"image": x1, ["image2": x2], ["label": y]}`` (patche
    batch's device from a generator seeded by (seed, iteration) — a resumed run draws the same;
 2. ``distorted, target = distortion(v1)``, the target being v1's crop before its intensity steps
    (jitter, gamma, noise, blur) with the same flips; ONE encoder pass ``bottleneck, skips = encode(distorted)``;
-3. ``dis`` from the bottleneck (visual-word CE; MoCo InfoNCE against the EMA key encoder's view2
-   and a queue; Barlow Twins / SimSiam on both views), ``res = dist(decode(bottleneck, skips),
-   target)``, ``adv = AdversarialLoss.generator(D(restored))``;
+3. ``dis`` from the bottleneck (visual-word CE; MoCo InfoNCE against the EMA key encoder's view2,
+   with shuffle BN under DDP, and a queue; Barlow Twins / SimSiam on both views),
+   ``res = dist(decode(bottleneck, skips), target)``, ``adv = AdversarialLoss.generator(D(restored))``;
 4. G step on ``Σ λ·term`` over the stage's active terms; MoCo then enqueues the keys;
 5. when ``adv`` is active: ``d_steps`` D steps on ``D(target)`` (real) vs ``D(restored.detach())``.
 
@@ -61,7 +61,7 @@ from monai.engines import Trainer
 from torch import nn
 
 from dira3d.engines.components import build_dis_loss, check_dis_mode, resolve_views
-from dira3d.engines.distributed import get_rank
+from dira3d.engines.distributed import get_rank, per_rank_batchnorm
 from dira3d.engines.faults import NonFiniteGuard, step_is_finite
 from dira3d.engines.optim import (
     autocast_context,
@@ -75,15 +75,18 @@ from dira3d.engines.optim import (
 )
 from dira3d.engines.performance import apply_layer_options, compile_modules
 from dira3d.engines.prefetch import Prefetcher, side_stream
+from dira3d.engines.shuffle_bn import check_shuffle_bn, encode_keys
 from dira3d.engines.stages import Stage, StageSchedule
-from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss, concat_all_gather
+from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss
+from dira3d.losses.distributed import is_distributed
 from dira3d.transforms.compositions import Distortion
 from dira3d.transforms.views import ViewAugment
 from dira3d.utils.interrupts import QuietInterruptMixin
 
-__all__ = ["DiRATrainer", "Forward", "StepInputs", "Prepared", "STREAM_DATA", "STREAM_STEP"]
+__all__ = ["DiRATrainer", "Forward", "StepInputs", "Prepared", "STREAM_DATA", "STREAM_STEP", "STREAM_SHUFFLE"]
 
 STREAM_DATA, STREAM_STEP = 1, 2  # seed streams: per-epoch data order, per-iteration views/distortions
+STREAM_SHUFFLE = 4  # per-iteration shuffle-BN permutation: the same on every rank (not offset by rank; 3 is validation)
 
 
 class StepInputs(NamedTuple):
@@ -112,7 +115,7 @@ class Forward(NamedTuple):
     distorted: torch.Tensor
     target: torch.Tensor
     restored: torch.Tensor | None
-    keys: torch.Tensor | None  # MoCo keys to enqueue after the step
+    keys: torch.Tensor | None  # MoCo keys of every rank (rank 0's first) to enqueue after the step; training only
 
 
 class DiRATrainer(QuietInterruptMixin, Trainer):
@@ -182,6 +185,12 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
             :class:`Prepared` instead of the loader's dict. Off by default until a GPU benchmark of
             the whole step (token ``prefetch``) shows it faster.
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
+        shuffle_bn: MoCo under DDP: gather the key views of all ranks, permute them (a permutation
+            drawn alike on every rank from (seed, iteration), so a resumed run shuffles the same),
+            encode each rank's share with the key encoder and restore the order, so that its
+            BatchNorm statistics do not pair a query with its key (:mod:`dira3d.engines.shuffle_bn`;
+            two ``all_gather`` per step, the second one also feeds the queue). None (default): on in
+            ``moco`` mode; True outside ``moco`` is refused. With one process it changes nothing.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
         train_handlers: handlers attached after the trainer's own bookkeeping.
@@ -193,8 +202,8 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         check_every: iterations between the host-side non-finite checks (also before every save).
 
     Raises:
-        ValueError: a bad mode, AMP value, ``d_steps``, missing predictor for SimSiam, or stages
-            using ``dis`` / ``adv`` without the modules they need.
+        ValueError: a bad mode, AMP value, ``d_steps``, ``shuffle_bn`` outside ``moco``, missing
+            predictor for SimSiam, or stages using ``dis`` / ``adv`` without the modules they need.
     """
 
     def __init__(
@@ -233,6 +242,7 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         prefetch: bool = False,
         queue_size: int = 65536,
         momentum: float = 0.999,
+        shuffle_bn: bool | None = None,
         classify_both: bool = False,
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
@@ -241,6 +251,7 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         check_every: int = 10,
     ) -> None:
         self.dis_mode = check_dis_mode(dis_mode)
+        self.shuffle_bn = check_shuffle_bn(shuffle_bn, self.dis_mode)
         self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
         if int(d_steps) != d_steps or d_steps < 1:
             raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
@@ -287,6 +298,9 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
             # the key encoder/projector start as copies and then follow by EMA (never by gradients)
             self.momentum_encoder = copy.deepcopy(network.encoder).requires_grad_(False)
             self.momentum_head = copy.deepcopy(dis_head).requires_grad_(False)
+            if self.shuffle_bn:  # SyncBatchNorm (sync_bn on GPUs) would pool the shuffled shares again
+                per_rank_batchnorm(self.momentum_encoder)
+                per_rank_batchnorm(self.momentum_head)
             proj_dim = self._projection_dim(dis_head)
             gen = torch.Generator().manual_seed(derive_seed(self.seed, 0, 0))
             self.queue = MoCoQueue(proj_dim, queue_size, generator=gen)
@@ -509,13 +523,28 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
                 if train:  # MoCo updates the key encoder before computing the keys
                     ema_update(self.momentum_encoder, self.network.encoder, self.momentum)
                     ema_update(self.momentum_head, self.dis_head, self.momentum)
-                keys = F.normalize(self.momentum_head(self.momentum_encoder(view2)[0]).float(), dim=1)
-            return self.dis_loss(z1.float(), keys, self.queue.queue), keys
+                    keys, queued = encode_keys(self._encode_keys, view2, self._shuffle_generator(),
+                                               self.memory_format)
+                else:  # validation: no queue update, no communication
+                    keys, queued = self._encode_keys(view2), None
+            return self.dis_loss(z1.float(), keys, self.queue.queue), queued
         z2 = self.dis_head(self.network.encode(view2)[0])
         if self.dis_mode == "barlow":
             return self.dis_loss(z1.float(), z2.float()), None
         p1, p2 = self.predictor(z1), self.predictor(z2)
         return self.dis_loss(p1.float(), p2.float(), z1.float(), z2.float()), None
+
+    def _encode_keys(self, views: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 keys of ``views`` from the EMA key encoder and projector."""
+        return F.normalize(self.momentum_head(self.momentum_encoder(views)[0]).float(), dim=1)
+
+    def _shuffle_generator(self) -> torch.Generator | None:
+        """The generator of this iteration's shuffle-BN permutation, the same on every rank (None: off)."""
+        if not (self.shuffle_bn and is_distributed()):
+            return None
+        gen = torch.Generator(device=self.state.device)
+        gen.manual_seed(derive_seed(self.seed, STREAM_SHUFFLE, self.state.iteration))
+        return gen
 
     def adversary_scores(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """D's loss and its mean score on real and restored patches (probabilities for vanilla)."""
@@ -554,7 +583,7 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         else:
             optimizer_step(total, self.optimizer, self.g_params, self.scaler_g, self.clip_grad_norm)
         if fwd.keys is not None and not skip:  # after backward: the loss graph still needed the old queue
-            self.queue.enqueue(concat_all_gather(fwd.keys))
+            self.queue.enqueue(fwd.keys)
 
         output: dict[str, Any] = {"loss": total.detach()}
         output.update({f"loss_{k}": v.detach() for k, v in fwd.terms.items()})
