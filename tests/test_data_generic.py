@@ -177,3 +177,111 @@ def test_split_fractions_that_leave_no_training_case_stop_before_any_case(tmp_pa
     assert not (tmp_path / "out" / "volumes").exists()
     with pytest.raises(ValueError, match="--test-fraction must be in"):
         generic.prepare(src, tmp_path / "out", test_fraction=1.0, progress=False)
+
+
+def _patients_with_two_scans(src: Path, count: int, folders: bool = True) -> None:
+    """``count`` patients with two scans each: ``patientNNN/ct_2019.nii.gz`` (or ``patientNNN_a.nii.gz``)."""
+    for i in range(count):
+        for j, when in enumerate(("2019", "2021")):
+            path = src / f"patient{i:03d}" / f"ct_{when}.nii.gz" if folders else src / f"patient{i:03d}_{'ab'[j]}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(_mr(2 * i + j, shape=(24, 20, 8)), str(path))
+
+
+def _parts_of_patients(datalist: dict) -> dict[str, set[str]]:
+    parts: dict[str, set[str]] = {}
+    for part in ("training", "validation", "test"):
+        for entry in datalist.get(part, []):
+            parts.setdefault(entry["patient_id"], set()).add(part)
+    return parts
+
+
+def test_patient_from_parent_keeps_a_patients_scans_in_one_part(tmp_path):
+    src = tmp_path / "scans"
+    _patients_with_two_scans(src, 6)
+    generic.prepare(src, tmp_path / "out", modality="mr", val_fraction=0.2, test_fraction=0.2, seed=1,
+                    patient_from="parent", progress=False)
+    datalist = json.loads((tmp_path / "out" / "pretrain_datalist.json").read_text())
+    parts = _parts_of_patients(datalist)
+    assert sorted(parts) == [f"patient{i:03d}" for i in range(6)] and all(len(p) == 1 for p in parts.values())
+    # the fractions count patients: round(0.2 * 6) = 1 patient each, i.e. both of its scans
+    assert [len(datalist[k]) for k in ("training", "validation", "test")] == [8, 2, 2]
+    entry = next(e for e in datalist["validation"] if e["case_id"].endswith("ct_2019"))
+    assert entry["case_id"] == f"{entry['patient_id']}_ct_2019"
+    assert datalist["meta"]["patient_from"] == "parent" and datalist["meta"]["patient_regex"] is None
+
+
+def test_patient_regex_groups_flat_files_and_a_path_it_does_not_match_fails_its_case(tmp_path, capsys):
+    src = tmp_path / "scans"
+    _patients_with_two_scans(src, 5, folders=False)
+    sitk.WriteImage(_mr(50, shape=(24, 20, 8)), str(src / "phantom.nii.gz"))
+    args = ["prepare", "generic", "--src", str(src), "--modality", "mr", "--val-fraction", "0.2", "--test-fraction", "0.2",
+            "--patient-regex", r"^(patient\d+)_"]
+    assert cli_main([*args, "--dst", str(tmp_path / "strict")]) == 1  # the unmatched scan stops the batch
+    err = capsys.readouterr().err
+    assert "FAILED phantom" in err and "phantom.nii.gz" in err and "does not match" in err
+    assert not (tmp_path / "strict" / "pretrain_datalist.json").exists()
+    assert cli_main([*args, "--dst", str(tmp_path / "out"), "--keep-going"]) == 0
+    datalist = json.loads((tmp_path / "out" / "pretrain_datalist.json").read_text())
+    parts = _parts_of_patients(datalist)
+    assert sorted(parts) == [f"patient{i:03d}" for i in range(5)] and all(len(p) == 1 for p in parts.values())
+    assert [len(datalist[k]) for k in ("training", "validation", "test")] == [6, 2, 2]
+    assert datalist["meta"]["patient_from"] == "regex" and datalist["meta"]["patient_regex"] == r"^(patient\d+)_"
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--patient-regex", "^patient"], "needs exactly one"),
+    (["--patient-regex", "^(patient"], "not a valid regular expression"),
+    (["--patient-from", "regex"], "needs --patient-regex"),
+    (["--patient-from", "parent", "--patient-regex", "^(p)"], "--patient-from is 'parent'"),
+])
+def test_a_bad_patient_grouping_is_refused_before_any_case(tmp_path, capsys, options, message):
+    src = tmp_path / "scans"
+    _patients_with_two_scans(src, 2)
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(tmp_path / "out"), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_patient_from_parent_fails_a_scan_directly_in_src(tmp_path):
+    src = tmp_path / "scans"
+    _patients_with_two_scans(src, 2)
+    sitk.WriteImage(_mr(9, shape=(24, 20, 8)), str(src / "loose.nii.gz"))
+    results = {r.case_id: r for r in generic.prepare(src, tmp_path / "out", modality="mr", patient_from="parent",
+                                                     keep_going=True, progress=False)}
+    assert results["loose"].status == "failed" and "directly in --src" in results["loose"].reason
+    assert sum(r.status == "written" for r in results.values()) == 4
+
+
+def test_the_default_grouping_keeps_the_split_by_scan_and_records_the_patient(tmp_path):
+    src = tmp_path / "scans"
+    _patients_with_two_scans(src, 5)
+    generic.prepare(src, tmp_path / "out", modality="mr", val_fraction=0.2, test_fraction=0.3, seed=4, progress=False)
+    datalist = json.loads((tmp_path / "out" / "pretrain_datalist.json").read_text())
+    ids = sorted(f"patient{i:03d}_ct_{y}" for i in range(5) for y in ("2019", "2021"))
+    order = np.random.default_rng(4).permutation(len(ids))  # the split by case dira3d always drew
+    assert sorted(e["case_id"] for e in datalist["validation"]) == sorted(ids[i] for i in order[:2])
+    assert sorted(e["case_id"] for e in datalist["test"]) == sorted(ids[i] for i in order[2:5])
+    assert all(e["patient_id"] == e["case_id"] for part in ("training", "validation", "test") for e in datalist[part])
+    assert datalist["meta"]["patient_from"] == "case"
+
+
+def test_a_rerun_with_another_patient_grouping_is_refused(tmp_path):
+    src, dst = tmp_path / "scans", tmp_path / "out"
+    _patients_with_two_scans(src, 3)
+    common = dict(modality="mr", val_fraction=0.3, progress=False)
+    generic.prepare(src, dst, **common)
+    datalist = dst / "pretrain_datalist.json"
+    content = json.loads(datalist.read_text())
+    for key in ("patient_from", "patient_regex"):  # as written before the option existed: split by case
+        del content["meta"][key]
+    datalist.write_text(json.dumps(content))
+    assert all(r.status == "skipped" for r in generic.prepare(src, dst, **common))  # the default: accepted
+    with pytest.raises(generic.DataError, match=r"--patient-from case \(now --patient-from parent\)"):
+        generic.prepare(src, dst, patient_from="parent", **common)
+    with pytest.raises(generic.DataError, match="move this datalist away"):
+        generic.prepare(src, dst, patient_from="regex", patient_regex=r"^(patient\d+)/", dry_run=True, **common)
+    datalist.rename(tmp_path / "old_datalist.json")  # re-splits the volumes already prepared
+    assert all(r.status == "skipped" for r in generic.prepare(src, dst, patient_from="parent", **common))
+    assert all(len(p) == 1 for p in _parts_of_patients(json.loads(datalist.read_text())).values())
+    assert all(r.status == "written" for r in generic.prepare(src, dst, overwrite=True, **common))

@@ -270,6 +270,27 @@ def test_bad_settings_raise_clear_errors():
                     stages=[{"name": "r", "losses": ["res", "adv"]}])
 
 
+def test_a_missing_adversary_names_the_stages_and_how_to_drop_adv():
+    from dira3d.engines import build_dis_head
+
+    net = UNet(3, width=1 / 8)
+    head = build_dis_head("visual_words", 3, net.bottleneck_channels, num_classes=2)
+    with pytest.raises(ValueError) as default:  # the default stages, which the user did not write
+        DiRATrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), head, None, None)
+    message = str(default.value)
+    assert "the default stages" in message and '"losses": ["dis", "res", "adv"]' in message
+    assert "adversary and optimizer_d are missing" in message
+    assert 'stages=[{"name": "dir", "losses": ["dis", "res"]}]' in message
+    adversary = Adversary(3, channels=4)
+    with pytest.raises(ValueError, match=r"stage\(s\) 'warm', 'dira' use the 'adv' loss but optimizer_d is missing"):
+        DiRATrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), head, adversary, None,
+                    stages=[{"name": "r", "losses": ["res"], "until_epoch": 1}, {"name": "warm", "losses": ["res", "adv"],
+                            "until_epoch": 2}, {"name": "dira", "losses": ["dis", "res", "adv"]}])
+    with pytest.raises(ValueError, match=r"'dis' loss but no dis_head was given.*stages=\[\{\"name\": \"ra\""):
+        DiRATrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), None, None, None,
+                    stages=[{"name": "d", "losses": ["dis", "res"]}])
+
+
 def test_a_loader_without_batches_is_an_error_not_a_silent_exit():
     """One training volume with batch 2 and drop_last: MONAI would skip the run, exit 0, write nothing."""
     net = UNet(3, width=1 / 8)

@@ -87,6 +87,17 @@ def test_holdout_by_patient_has_no_leak_and_both_classes():
     assert holdout_by_patient(entries, 0.0)[1] == []
 
 
+def test_holdout_and_label_fraction_keep_the_scans_of_a_patient_id_together():
+    # dira3d prepare generic --patient-from/--patient-regex: a case is a scan, patient_id its patient
+    entries = [{"image": f"s{p}_{k}.nii.gz", "label": f"m{p}_{k}.nii.gz", "case_id": f"p{p}_scan{k}",
+                "patient_id": f"p{p}"} for p in range(10) for k in range(3)]
+    train, held = holdout_by_patient(entries, 0.1, seed=0)
+    assert held and not {e["patient_id"] for e in train} & {e["patient_id"] for e in held}
+    for seed in range(3):
+        kept = select_fraction(entries, 0.3, seed)
+        assert len(kept) == 9 and len({e["patient_id"] for e in kept}) == 3  # whole patients
+
+
 def test_load_split_test_key_fold_and_errors(tmp_path):
     training = [dict(e, label=int(e["label"]), fold=i % 3) for i, e in enumerate(_cls_entries(12, 1))]
     path = tmp_path / "pecad_datalist.json"

@@ -47,6 +47,15 @@ def test_visual_word_loss_rejects_probabilities_shape():
         VisualWordLoss()(torch.zeros(4), torch.zeros(4, dtype=torch.long))
 
 
+def test_visual_word_loss_refuses_non_integer_targets():
+    logits = torch.zeros(2, 4)
+    for target in (torch.tensor([0.9, 3.0]), torch.tensor([0.0, 1.0], dtype=torch.float16), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match=f"integer class indices.*{target.dtype}"):
+            VisualWordLoss()(logits, target)  # 0.9 would have become class 0
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        assert VisualWordLoss()(logits, torch.tensor([0, 3], dtype=dtype)).item() == pytest.approx(math.log(4))
+
+
 # ---------------------------------------------------------------- InfoNCE + queue
 def test_infonce_matches_hand_computation_with_tiny_queue():
     q = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -69,6 +78,15 @@ def test_infonce_rejects_mismatched_dims():
         InfoNCELoss()(torch.randn(2, 4), torch.randn(2, 4), torch.randn(8, 3))
     with pytest.raises(ValueError, match="temperature"):
         InfoNCELoss(temperature=0)
+
+
+def test_infonce_takes_the_moco_queue_itself_or_refuses_other_objects():
+    queue = MoCoQueue(dim=8, size=16, generator=torch.Generator().manual_seed(0))
+    q, k = torch.randn(4, 8), torch.randn(4, 8)
+    loss = InfoNCELoss(temperature=0.2)
+    torch.testing.assert_close(loss(q, k, queue), loss(q, k, queue.queue))
+    with pytest.raises(TypeError, match="tensor of negative keys or a MoCoQueue, got list"):
+        loss(q, k, queue.queue.tolist())
 
 
 def test_moco_queue_init_enqueue_wraparound_and_pointer():
@@ -191,6 +209,14 @@ def test_adversarial_lsgan_by_hand_and_gradient():
     torch.testing.assert_close(fake.grad, torch.tensor([-0.5, -2.0]))  # d/df mean (f−1)² = (f−1)
     with pytest.raises(ValueError, match="vanilla, lsgan"):
         AdversarialLoss("wgan")
+
+
+def test_adversarial_discriminator_refuses_score_maps_of_different_shapes():
+    loss = AdversarialLoss("vanilla")
+    with pytest.raises(ValueError, match=r"one shape, got \(2, 1, 2, 2, 2\) and \(2, 1, 4, 4, 4\)"):
+        loss.discriminator(torch.zeros(2, 1, 2, 2, 2), torch.zeros(2, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="one shape"):
+        AdversarialLoss("lsgan").discriminator(torch.zeros(4, 1, 2, 2), torch.zeros(2, 1, 2, 2))
 
 
 # ---------------------------------------------------------------- DiRA sum

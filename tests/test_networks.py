@@ -190,6 +190,24 @@ def test_adversary_default_blocks_and_init():
     assert abs(weights.mean().item()) < 1e-3 and abs(weights.std().item() - 0.02) < 1e-3
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_adversary_refuses_a_patch_too_small_for_its_norm_with_the_minimum(dims):
+    adversary = Adversary(spatial_dims=dims, channels=4).eval()  # InstanceNorm fails in eval() too
+    with pytest.raises(ValueError, match=r"divide each side by 8.*larger than 8 \(e\.g\. 16×16"):
+        adversary(torch.rand(2, 1, *(8,) * dims))
+    assert adversary(torch.rand(1, 1, 9, *(8,) * (dims - 1))).shape == (1, 1, 2, *(1,) * (dims - 1))  # 2 voxels
+    with pytest.raises(ValueError, match="expects 1 input channel"):
+        adversary(torch.rand(2, 3, *(16,) * dims))
+    with pytest.raises(ValueError, match=f"for a {dims}D network"):
+        adversary(torch.rand(1, *(16,) * dims))  # no batch axis (a conv would take it unbatched)
+    batch_norm = Adversary(spatial_dims=dims, channels=4, norm="batch")
+    with pytest.raises(ValueError, match="BatchNorm in training"):
+        batch_norm(torch.rand(1, 1, *(8,) * dims))
+    assert batch_norm(torch.rand(2, 1, *(8,) * dims)).shape == (2, 1, *(1,) * dims)  # two values per channel
+    assert batch_norm.eval()(torch.rand(1, 1, *(8,) * dims)).shape == (1, 1, *(1,) * dims)  # running statistics
+    assert Adversary(dims, channels=4, norm="none")(torch.rand(1, 1, *(4,) * dims)).shape == (1, 1, *(1,) * dims)
+
+
 # ---------------------------------------------------------------- task networks
 
 

@@ -4,7 +4,9 @@ Finds every NIfTI / NRRD / MetaImage file and every DICOM series folder under ``
 windowed to HU [lo, hi] → [0, 1], MR is scaled by the 0.5 / 99.5 percentiles of its non-zero
 voxels. Optional masks are paired by name (``--label-suffix _label`` pairs ``a_label.nrrd`` with
 ``a.nrrd``, or with ``a_image.nrrd`` when ``--image-suffix _image``) and written as ``uint8``
-on the same grid (nearest-neighbour resampling).
+on the same grid (nearest-neighbour resampling). The validation / test split is drawn over
+patients: by default each scan is its own patient; ``--patient-from parent`` groups the scans of a
+folder, ``--patient-regex`` takes the patient id from the path (see :func:`patient_ids`).
 
 The volume pipeline (:func:`normalise_image`, :func:`prepare_mask`) is shared by the dataset
 modules: reorient to RAS → normalise → optionally resample.
@@ -13,7 +15,9 @@ modules: reorient to RAS → normalise → optionally resample.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -40,9 +44,10 @@ from dira3d.data.io import (
 from dira3d.data.normalize import normalize_mr, window_hu
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 
-__all__ = ["normalise_image", "prepare_mask", "discover", "prepare", "main"]
+__all__ = ["normalise_image", "prepare_mask", "discover", "patient_ids", "prepare", "main"]
 
 MODALITIES = ("ct", "mr")
+PATIENT_FROM = ("case", "parent", "regex")
 
 
 def normalise_image(image: sitk.Image, modality: str = "ct", window: Sequence[float] = (-1000.0, 1000.0),
@@ -148,6 +153,95 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
     return [(cid, images.get(cid), masks.get(cid)) for cid in sorted(set(images) | set(masks))]
 
 
+def _check_patient_setting(patient_from: str, patient_regex: str | None) -> re.Pattern | None:
+    """The compiled ``--patient-regex`` (``None`` unless ``patient_from == "regex"``).
+
+    Raises:
+        ValueError: unknown ``patient_from``, a regex missing or given without ``"regex"``, a regex
+            that does not compile or has not exactly one group.
+    """
+    if patient_from not in PATIENT_FROM:
+        raise ValueError(f"--patient-from must be one of {PATIENT_FROM}, got {patient_from!r}")
+    if patient_from != "regex":
+        if patient_regex is not None:
+            raise ValueError(f"--patient-regex is given but --patient-from is {patient_from!r}; "
+                             "drop --patient-from (a regex implies it) or the regex")
+        return None
+    if not patient_regex:
+        raise ValueError("--patient-from regex needs --patient-regex REGEX (one group: the patient id)")
+    try:
+        pattern = re.compile(patient_regex)
+    except re.error as err:
+        raise ValueError(f"--patient-regex {patient_regex!r} is not a valid regular expression: {err}") from None
+    if pattern.groups != 1:
+        raise ValueError(f"--patient-regex {patient_regex!r} has {pattern.groups} groups; it needs exactly one, "
+                         r"the patient id (e.g. '^(patient\d+)'; write other groups as (?:...))")
+    return pattern
+
+
+def _patient_id(src: Path, path: Path, case_id: str, patient_from: str, pattern: re.Pattern | None) -> str:
+    """The patient of one scan (see :func:`patient_ids`).
+
+    Raises:
+        DataError: ``parent`` for a scan directly in ``src``; a regex that does not match the path
+            (or captures nothing).
+    """
+    if patient_from == "case":
+        return case_id
+    rel = path.relative_to(src).as_posix()
+    if patient_from == "parent":
+        parent = path.relative_to(src).parent.as_posix()
+        if parent == ".":
+            raise DataError(path, "lies directly in --src, so --patient-from parent finds no patient folder; move it "
+                                  "into a folder of its patient, or use --patient-regex")
+        return parent
+    match = pattern.search(rel)
+    if match is None or not match.group(1):
+        found = "does not match" if match is None else "matches but its group captures nothing in"
+        raise DataError(path, f"--patient-regex {pattern.pattern!r} {found} its path {rel!r} (relative to --src), so "
+                              "its patient is unknown; fix the regex, or move the scan out of --src")
+    return match.group(1)
+
+
+def patient_ids(src: str | os.PathLike, found: Sequence[tuple[str, Path | None, Path | None]],
+                patient_from: str = "case", patient_regex: str | None = None,
+                problems: dict[str, str] | None = None) -> dict[str, str]:
+    """The patient of each scan found by :func:`discover`, which the validation / test split keeps together.
+
+    Args:
+        src: the folder given to :func:`discover`.
+        found: :func:`discover`'s ``(case_id, image_path, mask_path)``.
+        patient_from: ``"case"`` (each scan is its own patient: the patient id is the case id),
+            ``"parent"`` (the folder holding the scan, relative to ``src``, e.g. ``site_b/patient007``;
+            for a DICOM series, the folder above the series folder) or ``"regex"``.
+        patient_regex: with ``"regex"``: a regular expression with one group, searched
+            (``re.search``) in the scan's path relative to ``src`` with ``/`` separators and its
+            suffix (``patient007/ct_2019.nii.gz``; a DICOM series: its folder's path); the group is
+            the patient id.
+        problems: when given, a scan without a patient (a regex that does not match; ``parent`` for
+            a scan directly in ``src``) is recorded here as ``{case_id: message}`` instead of raised;
+            such a case, and one already in ``problems``, is left out of the result.
+
+    Returns:
+        ``{case_id: patient_id}``.
+
+    Raises:
+        ValueError: a bad ``patient_from`` / ``patient_regex`` (see ``--patient-regex``).
+        DataError: without ``problems``, a scan without a patient.
+    """
+    pattern = _check_patient_setting(patient_from, patient_regex)
+    src = Path(src)
+    out: dict[str, str] = {}
+    for cid, image_path, mask_path in found:
+        if problems is not None and cid in problems:  # already failed (e.g. a mask without its image)
+            continue
+        try:
+            out[cid] = _patient_id(src, image_path or mask_path, cid, patient_from, pattern)
+        except DataError as err:
+            record_or_raise(problems, cid, err)
+    return out
+
+
 _MASK_VALUES = 16  # an integer image with this few distinct values is a label map, not a scan
 
 
@@ -204,36 +298,52 @@ def _process(case: Case, modality: str, window: Sequence[float], percentiles: Se
 def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "ct",
             window: Sequence[float] = (-1000.0, 1000.0), percentiles: Sequence[float] = (0.5, 99.5),
             spacing: Sequence[float] | None = None, image_suffix: str = "", label_suffix: str | None = None,
-            val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0, workers: int = 1,
+            val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0,
+            patient_from: str = "case", patient_regex: str | None = None, workers: int = 1,
             overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
             report_path: str | os.PathLike | None = None, progress: bool = True) -> list[CaseResult]:
     """Convert every scan under ``src`` and write ``dst/pretrain_datalist.json``.
 
     Outputs: ``volumes/<case_id>.nii.gz`` (float32 [0, 1], RAS), ``labels/<case_id>.nii.gz``
     (uint8) when masks are paired, ``pretrain_datalist.json`` (``training`` and, with
-    ``val_fraction > 0``, ``validation`` — a seeded random choice of cases; with
-    ``test_fraction > 0`` also ``test``, the next cases of the same seeded order, which the
-    fine-tuning bundles score) and ``report.json``. The datalist lists the good cases; it is written
-    unless a failure stopped the batch.
+    ``val_fraction > 0``, ``validation`` — a seeded random choice of patients; with
+    ``test_fraction > 0`` also ``test``, the next patients of the same seeded order, which the
+    fine-tuning bundles score) and ``report.json``. The datalist lists the good cases, each entry
+    with its ``case_id`` and ``patient_id``; it is written unless a failure stopped the batch.
 
-    A mask without its image and two inputs with the same case id are failed cases (reported,
-    the others go on with ``keep_going``).
+    The split is over patients (``patient_from``, ``patient_regex``: see :func:`patient_ids`), so
+    the scans of one patient share a part; the fractions count patients. The default
+    ``patient_from="case"`` makes each scan its own patient (the split of dira3d before the option
+    existed: same seed and case ids, same split).
+
+    A mask without its image, two inputs with the same case id and a scan whose patient is unknown
+    (``--patient-regex`` does not match it) are failed cases (reported, the others go on with
+    ``keep_going``).
 
     Raises:
-        DataError: ``src`` is not a folder or holds no scans; a datalist of another ``src`` in ``dst``.
-        ValueError: bad settings (modality, fractions, or fractions that leave no training case).
+        DataError: ``src`` is not a folder or holds no scans; a datalist of another ``src``, or one
+            split with another patient grouping, in ``dst`` (without ``overwrite``).
+        ValueError: bad settings (modality, fractions, patient grouping, or fractions that leave no
+            training patient).
     """
     if modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}")
     for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
+    _check_patient_setting(patient_from, patient_regex)
     problems: dict[str, str] = {}
     found = discover(src, image_suffix, label_suffix, exclude=[dst], problems=problems)
     if not found:
         raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)")
-    _check_split_sizes(len(found), val_fraction, test_fraction)  # before any case: a bad split wastes no work
+    patients = patient_ids(src, found, patient_from, patient_regex, problems)
+    unit = "case" if patient_from == "case" else "patient"
+    # before any case: a bad split wastes no work (a case without a patient counts as one)
+    _check_split_sizes(len(set(patients.values())) + sum(cid not in patients for cid, _, _ in found),
+                       val_fraction, test_fraction, unit)
     dst = Path(dst)
+    grouping = {"patient_from": patient_from, "patient_regex": patient_regex}
+    _check_grouping(dst / "pretrain_datalist.json", src, grouping, overwrite)
     cases = []
     for cid, image_path, mask_path in found:
         outputs = [safe_case_path(dst / "volumes", cid, ".nii.gz")]
@@ -252,33 +362,72 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     if dry_run or batch_stopped(results, keep_going):
         return results
     good = [c for c, r in zip(cases, results) if r.ok]
-    n_val, n_test = _check_split_sizes(len(good), val_fraction, test_fraction)
-    order = np.random.default_rng(seed).permutation(len(good))
-    part = {good[i].case_id: "validation" for i in order[:n_val]}
-    part.update({good[i].case_id: "test" for i in order[n_val:n_val + n_test]})
-    splits: dict[str, list[dict]] = {"training": [], "validation": []} | ({"test": []} if n_test else {})
+    part = _split_patients(sorted({patients[c.case_id] for c in good}), val_fraction, test_fraction, seed, unit)
+    splits: dict[str, list[dict]] = {"training": [], "validation": []} | ({"test": []} if "test" in part.values() else {})
     for case in good:
-        entry = {"image": case.outputs[0], "case_id": case.case_id}
+        entry = {"image": case.outputs[0], "case_id": case.case_id, "patient_id": patients[case.case_id]}
         if len(case.outputs) > 1:
             entry["label"] = case.outputs[1]
-        splits[part.get(case.case_id, "training")].append(entry)
+        splits[part[patients[case.case_id]]].append(entry)
     meta = {"dataset": "generic", **settings, "orientation": "RAS", "val_fraction": val_fraction,
-            "test_fraction": test_fraction, "seed": seed, "source": str(Path(src).resolve())}
+            "test_fraction": test_fraction, "seed": seed, **grouping, "source": str(Path(src).resolve())}
     write_datalist(dst / "pretrain_datalist.json", splits, meta)
     return results
 
 
-def _check_split_sizes(cases: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """``(validation, test)`` case counts (each fraction of ``cases``, rounded), leaving training at least one.
+def _split_patients(patients: Sequence[str], val_fraction: float, test_fraction: float, seed: int,
+                    unit: str = "patient") -> dict[str, str]:
+    """``{patient: "training" | "validation" | "test"}``: a seeded permutation of ``patients`` (in
+    the order given: sorted), whose first ``val_fraction`` go to validation and the next
+    ``test_fraction`` to test (each rounded; see :func:`_check_split_sizes`)."""
+    n_val, n_test = _check_split_sizes(len(patients), val_fraction, test_fraction, unit)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    part = dict.fromkeys(patients, "training")
+    part.update({patients[i]: "validation" for i in order[:n_val]})
+    part.update({patients[i]: "test" for i in order[n_val:n_val + n_test]})
+    return part
+
+
+def _check_split_sizes(count: int, val_fraction: float, test_fraction: float, unit: str = "case") -> tuple[int, int]:
+    """``(validation, test)`` counts of ``unit`` (each fraction of ``count``, rounded), leaving training at least one.
 
     Raises:
-        ValueError: the two parts would take every case.
+        ValueError: the two parts would take every case (patient).
     """
-    n_val, n_test = int(round(val_fraction * cases)), int(round(test_fraction * cases))
-    if cases and n_val + n_test >= cases:
+    n_val, n_test = int(round(val_fraction * count)), int(round(test_fraction * count))
+    if count and n_val + n_test >= count:
         raise ValueError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} take {n_val} + {n_test} of "
-                         f"the {cases} case(s), leaving none to train on; lower them (or add scans)")
+                         f"the {count} {unit}(s), leaving none to train on; lower them (or add scans)")
     return n_val, n_test
+
+
+def _check_grouping(datalist: Path, src: str | os.PathLike, grouping: dict[str, str | None], overwrite: bool) -> None:
+    """Refuse to re-split ``datalist`` (of this ``src``) with another patient grouping: its validation /
+    test lists would change under results already made with them. A datalist written before the
+    option existed was split by case. An unreadable datalist or one of another ``src`` is left to
+    :func:`~dira3d.data.runner.run_cases`, which refuses it with its own message.
+
+    Raises:
+        DataError: the datalist records another grouping and ``overwrite`` is false.
+    """
+    if overwrite or not datalist.is_file():
+        return
+    try:
+        meta = json.loads(datalist.read_text(encoding="utf-8"))["meta"]
+        if meta.get("source") != str(Path(src).resolve()):
+            return
+        old = {"patient_from": meta.get("patient_from", "case"), "patient_regex": meta.get("patient_regex")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+
+    def flags(g: dict) -> str:
+        return f"--patient-regex {g['patient_regex']!r}" if g["patient_from"] == "regex" else f"--patient-from {g['patient_from']}"
+
+    if old != grouping:
+        raise DataError(datalist, f"was split by patient with {flags(old)} (now {flags(grouping)}); re-splitting would "
+                                  "move scans between training, validation and test. Choose another --dst, move this "
+                                  "datalist away to re-split the volumes already prepared (they do not depend on the "
+                                  "grouping), or pass --overwrite to redo every case")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.0,
                         help="fraction of cases for a 'test' list (what `dira3d finetune` scores on your own labelled scans)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation and test choice")
+    parser.add_argument("--patient-from", choices=PATIENT_FROM, default=None,
+                        help="what makes scans one patient, kept in one part of the split: case (default: each scan "
+                             "is its own patient), parent (the folder holding the scan, e.g. patient007/ct_2019.nii.gz "
+                             "-> patient007), regex (--patient-regex)")
+    parser.add_argument("--patient-regex", default=None, metavar="REGEX",
+                        help="regular expression with one group, searched in each scan's path relative to --src "
+                             r"(e.g. '^(patient\d+)' for patient007_a.nii.gz or patient007/ct.nii.gz); the group is "
+                             "the patient id; implies --patient-from regex")
     return parser
 
 
@@ -307,4 +464,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_prepare("dira3d prepare generic", prepare, args, modality=args.modality, window=args.window,
                        percentiles=args.percentiles, spacing=args.spacing, image_suffix=args.image_suffix,
                        label_suffix=args.label_suffix, val_fraction=args.val_fraction,
-                       test_fraction=args.test_fraction, seed=args.seed)
+                       test_fraction=args.test_fraction, seed=args.seed,
+                       patient_from=args.patient_from or ("regex" if args.patient_regex is not None else "case"),
+                       patient_regex=args.patient_regex)

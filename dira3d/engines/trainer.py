@@ -50,6 +50,7 @@ second instance) from any ``DataLoader``.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -76,7 +77,7 @@ from dira3d.engines.optim import (
 from dira3d.engines.performance import apply_layer_options, compile_modules
 from dira3d.engines.prefetch import Prefetcher, side_stream
 from dira3d.engines.shuffle_bn import check_shuffle_bn, encode_keys
-from dira3d.engines.stages import Stage, StageSchedule
+from dira3d.engines.stages import DEFAULT_STAGES, LOSS_TERMS, Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss
 from dira3d.losses.distributed import is_distributed
 from dira3d.transforms.compositions import Distortion
@@ -257,9 +258,13 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
             raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
         uses = self.schedule.uses
         if "dis" in uses and dis_head is None:
-            raise ValueError("a stage uses the 'dis' loss but no dis_head was given; pass one or drop 'dis' from the stages")
+            raise ValueError(_missing_for_term(self.schedule, "dis", stages is None, "no dis_head was given",
+                                               "pass one (dira3d.engines.build_dis_head)"))
         if "adv" in uses and (adversary is None or optimizer_d is None):
-            raise ValueError("a stage uses the 'adv' loss but adversary/optimizer_d is missing; pass both or drop 'adv'")
+            missing = [n for n, v in (("adversary", adversary), ("optimizer_d", optimizer_d)) if v is None]
+            raise ValueError(_missing_for_term(self.schedule, "adv", stages is None,
+                                               f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing",
+                                               "pass both (dira3d.networks.Adversary and an optimiser of its parameters)"))
         if self.dis_mode == "simsiam" and "dis" in uses and predictor is None:
             raise ValueError("dis_mode='simsiam' needs a predictor (dira3d.engines.build_predictor('simsiam', proj_dim))")
         loss_weights = DiRALoss(loss_weights)
@@ -611,6 +616,17 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
             "restored": None if fwd.restored is None else fwd.restored[:1].detach(),
         }
         return output
+
+
+def _missing_for_term(schedule: StageSchedule, term: str, default: bool, problem: str, fix: str) -> str:
+    """The error of a loss ``term`` used by stages whose module is missing: the stages that use it
+    (saying so when they are the default ones), what is missing, and the two ways out (the modules,
+    or stages without the term, e.g. ``[{"name": "dir", "losses": ["dis", "res"]}]`` for ``adv``)."""
+    names = ", ".join(repr(s.name) for s in schedule.stages if term in s.losses)
+    which = f"the default stages ({json.dumps(DEFAULT_STAGES)}) use" if default else f"stage(s) {names} use"
+    example = json.dumps([{"name": "dir" if term == "adv" else "ra", "losses": [t for t in LOSS_TERMS if t != term]}])
+    return (f"{which} the {term!r} loss but {problem}; {fix}, or pass stages without {term!r}, "
+            f"e.g. stages={example}")
 
 
 def _check_yields_batches(loader: Any) -> None:

@@ -40,6 +40,12 @@ def _is_multilabel(entries: list[dict]) -> bool:
     return bool(entries) and all(isinstance(e.get("label"), (list, tuple)) for e in entries)
 
 
+def _patient(entry: dict) -> str:
+    """The patient of an entry: its ``patient_id`` when it has one (``dira3d prepare generic`` records it,
+    since there a case is a scan), else its ``case_id`` (the patient in the other datasets)."""
+    return str(entry.get("patient_id", entry["case_id"]))
+
+
 def _classes_of(entry: dict) -> set[int]:
     """Classes an entry counts for: its integer label, or its positive (≥ 0.5) classes when multi-label."""
     label = entry["label"]
@@ -57,7 +63,8 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
     """Seeded subset of ``entries`` keeping ``fraction`` of the labels; smaller fractions nest in larger ones.
 
     Classification entries are sampled per class (stratified), keeping at least one sample of
-    every class; segmentation entries are sampled per patient (``case_id``), keeping at least one.
+    every class; segmentation entries are sampled per patient (``patient_id``, else ``case_id``),
+    keeping at least one.
     Multi-label entries (``label`` a list) are sampled per patient too, then completed, for every
     class that has positives in ``entries`` but none in the subset, with the first patient carrying it.
 
@@ -68,7 +75,7 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
     fraction independently; the same seed now gives another subset below 100 %.)
 
     Args:
-        entries: datalist entries with ``"case_id"`` and ``"label"``.
+        entries: datalist entries with ``"case_id"`` (or ``"patient_id"``) and ``"label"``.
         fraction: share in (0, 1] of the labels to keep.
         seed: seed of the selection.
 
@@ -93,12 +100,12 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
             order = rng.permutation(members)  # drawn in full whatever the fraction: the prefixes nest
             keep.update(order[: max(1, round(fraction * len(members)))].tolist())
     else:
-        patients = sorted({str(e["case_id"]) for e in entries})
+        patients = sorted({_patient(e) for e in entries})
         order = [patients[i] for i in rng.permutation(len(patients))]
         chosen = set(order[: max(1, round(fraction * len(patients)))])
         if _is_multilabel(entries):
             chosen |= _first_carriers_of_missing_classes(entries, chosen, order)
-        keep = {i for i, e in enumerate(entries) if str(e["case_id"]) in chosen}
+        keep = {i for i, e in enumerate(entries) if _patient(e) in chosen}
     return [entries[i] for i in sorted(keep)]
 
 
@@ -111,7 +118,7 @@ def _first_carriers_of_missing_classes(entries: list[dict], chosen: set[str], or
     """
     classes_of: dict[str, set[int]] = defaultdict(set)
     for entry in entries:
-        classes_of[str(entry["case_id"])] |= _classes_of(entry)
+        classes_of[_patient(entry)] |= _classes_of(entry)
     have = set().union(*(classes_of[p] for p in chosen))
     missing = set().union(*classes_of.values()) - have
     first: dict[int, str] = {}
@@ -131,7 +138,7 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
     With a single patient the holdout is empty.
 
     Args:
-        entries: datalist entries with ``"case_id"``.
+        entries: datalist entries with ``"case_id"`` (the patient, unless a ``"patient_id"`` names it).
         holdout: share in [0, 1) of the entries to hold out.
         seed: seed of the draw.
 
@@ -145,7 +152,7 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
         raise ValueError(f"holdout={holdout} is outside [0, 1); the protocol uses 0.1")
     by_patient: dict[str, list[int]] = defaultdict(list)
     for index, entry in enumerate(entries):
-        by_patient[str(entry["case_id"])].append(index)
+        by_patient[_patient(entry)].append(index)
     patients = sorted(by_patient)
     if holdout == 0.0 or len(patients) < 2:
         return list(entries), []
@@ -159,8 +166,8 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
     if _is_classification(entries) or _is_multilabel(entries):
         held = _complete_classes(entries, by_patient, order, held)
     held_set = set(held)
-    train = [e for e in entries if str(e["case_id"]) not in held_set]
-    kept = [e for e in entries if str(e["case_id"]) in held_set]
+    train = [e for e in entries if _patient(e) not in held_set]
+    kept = [e for e in entries if _patient(e) in held_set]
     return train, kept
 
 
@@ -254,8 +261,8 @@ def load_split(
     if not result and not (split == "holdout" and holdout == 0.0):
         hint = "check the datalist or use more data"
         if split == "holdout":
-            kept = len({str(e["case_id"]) for e in chosen})
-            total = len({str(e["case_id"]) for e in training})
+            kept = len({_patient(e) for e in chosen})
+            total = len({_patient(e) for e in training})
             if kept < 2:
                 # e.g. LiTS at 1 %: 100 training volumes -> one patient, nothing left to hold out
                 hint = (f"label_fraction={label_fraction} keeps {kept} of the {total} training patient(s), and the "

@@ -74,11 +74,21 @@ class AdversarialLoss(nn.Module):
 
         Args:
             real_logits: D's raw output on real patches x.
-            fake_logits: D's raw output on restored patches x' (detach x' before D).
+            fake_logits: D's raw output on restored patches x' (detach x' before D), of the same
+                shape: D must judge real and restored patches of one size.
 
         Returns:
             Scalar loss.
+
+        Raises:
+            ValueError: if the two score maps differ in shape.
         """
+        if real_logits.shape != fake_logits.shape:
+            raise ValueError(
+                f"AdversarialLoss.discriminator expects real and fake score maps of one shape, got "
+                f"{tuple(real_logits.shape)} and {tuple(fake_logits.shape)}; give D real and restored patches of the "
+                "same batch and size (a mean over maps of different sizes would weigh them unequally)."
+            )
         return 0.5 * (self._against(real_logits, 1.0) + self._against(fake_logits, 0.0))
 
     def forward(self, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -83,8 +83,9 @@ class MoCoQueue(nn.Module):
 class InfoNCELoss(nn.Module):
     """InfoNCE loss with a queue of negatives (MoCo-v2).
 
-    ``q`` and ``k`` are L2-normalised inside; ``queue`` is used as given (a :class:`MoCoQueue`
-    keeps its keys normalised) and detached, like ``k``.
+    ``q`` and ``k`` are L2-normalised inside; ``queue`` (the keys tensor, or a :class:`MoCoQueue`,
+    whose ``.queue`` is then used) is used as given (a :class:`MoCoQueue` keeps its keys
+    normalised) and detached, like ``k``.
 
     Args:
         temperature: τ > 0 (0.2 in MoCo-v2 / DiRA).
@@ -99,20 +100,26 @@ class InfoNCELoss(nn.Module):
             raise ValueError(f"InfoNCELoss: temperature must be > 0, got {temperature}.")
         self.temperature = float(temperature)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | MoCoQueue) -> torch.Tensor:
         """Mean InfoNCE loss; the positive of row b of ``q`` is row b of ``k``.
 
         Args:
             q: ``(B, D)`` queries.
             k: ``(B, D)`` positive keys (no gradient flows into them).
-            queue: ``(K, D)`` negative keys.
+            queue: ``(K, D)`` negative keys, or the :class:`MoCoQueue` holding them.
 
         Returns:
             Scalar loss.
 
         Raises:
             ValueError: if the shapes do not fit together.
+            TypeError: if ``queue`` is neither a tensor nor a :class:`MoCoQueue`.
         """
+        if isinstance(queue, MoCoQueue):
+            queue = queue.queue
+        elif not isinstance(queue, torch.Tensor):
+            raise TypeError(f"InfoNCELoss: queue must be the (K, D) tensor of negative keys or a MoCoQueue, "
+                            f"got {type(queue).__name__}.")
         if q.ndim != 2 or k.shape != q.shape or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
             raise ValueError(
                 f"InfoNCELoss expects q (B, D), k (B, D) and queue (K, D), got {tuple(q.shape)}, "

@@ -44,17 +44,26 @@ class VisualWordLoss(nn.Module):
 
         Args:
             logits: ``(B, C)`` raw scores of the visual-word head.
-            target: ``(B,)`` integer class indices in ``[0, C)``.
+            target: ``(B,)`` integer class indices in ``[0, C)``. Indices outside that range are
+                not checked here (that would read the targets on the host every step and stall a
+                GPU); ``F.cross_entropy`` refuses them (an ``IndexError`` on CPU, a device-side
+                assert on CUDA).
 
         Returns:
             Scalar loss.
 
         Raises:
-            ValueError: if the shapes do not fit together.
+            ValueError: if the shapes do not fit together, or ``target`` is not an integer tensor
+                (float targets would be truncated to other classes).
         """
         if logits.ndim != 2 or target.shape != logits.shape[:1]:
             raise ValueError(
                 f"VisualWordLoss expects logits (B, C) and integer targets (B,), got {tuple(logits.shape)} "
                 f"and {tuple(target.shape)}; pass the head's logits, not probabilities."
+            )
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise ValueError(
+                f"VisualWordLoss expects integer class indices as targets, got dtype {target.dtype}; "
+                "pass the visual-word index as an integer tensor (e.g. torch.int64), not a float or one-hot label."
             )
         return F.cross_entropy(logits, target.long(), label_smoothing=self.label_smoothing)

@@ -6,6 +6,8 @@ import torch
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from dira3d.networks.unet import check_input
+
 __all__ = ["Adversary"]
 
 _NORMS = ("instance", "batch", "none")
@@ -28,10 +30,14 @@ class Adversary(nn.Module):
         norm: ``"instance"`` (default), ``"batch"`` or ``"none"``, used on the middle blocks.
 
     Returns (forward):
-        logits ``(B, 1, *spatial / 2**(num_layers-1))`` — no sigmoid, the adversarial loss applies it.
+        logits ``(B, 1, *ceil(spatial / 2**max(1, num_layers-1)))`` — no sigmoid, the adversarial
+        loss applies it.
 
     Raises:
-        ValueError: an unsupported setting.
+        ValueError: an unsupported setting; in ``forward``, a batch of the wrong shape or channel
+            count, or one too small for the norm (InstanceNorm needs more than one voxel after the
+            ``num_layers - 1`` stride-2 convs: with the defaults, a side larger than 8; BatchNorm
+            in training, more than one value per channel).
     """
 
     def __init__(
@@ -51,6 +57,11 @@ class Adversary(nn.Module):
             raise ValueError(f"channels={channels!r} and in_channels={in_channels!r} must be positive")
         if norm not in _NORMS:
             raise ValueError(f"norm={norm!r} is not supported; choose one of {', '.join(_NORMS)}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.norm = norm if num_layers > 1 else "none"  # (one layer: the first conv only, never normalised)
+        # the sides are halved by the first conv and by every middle block but the last
+        self.stride_factor = 2 ** max(1, num_layers - 1)
         self.net = PatchDiscriminator(
             spatial_dims=spatial_dims,
             channels=channels,
@@ -65,7 +76,29 @@ class Adversary(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():  # shape checks on Python ints: no host sync, fine under torch.compile
+            check_input(x, self.spatial_dims, self.in_channels, 1)
+            self._check_size(list(x.shape))
         # run the layers in turn instead of PatchDiscriminator.forward, which keeps every output
         for layer in self.net.children():
             x = layer(x)
         return x
+
+    def _check_size(self, shape: list[int]) -> None:
+        """Refuse a batch whose normalised maps would hold a single value per channel (the norm's
+        own error, "Expected more than 1 spatial element", names neither the patch nor the fix)."""
+        if self.norm == "none":
+            return
+        factor = self.stride_factor
+        voxels = 1
+        for size in shape[2:]:
+            voxels *= -(-size // factor)  # each stride-2 conv (kernel 3, padding 1) rounds up
+        if self.norm == "instance" and voxels > 1 or self.norm == "batch" and (voxels * shape[0] > 1 or not self.training):
+            return
+        what = ("InstanceNorm needs more than one voxel" if self.norm == "instance"
+                else "BatchNorm in training needs more than one value per channel (batch × voxels)")
+        example = "×".join([str(2 * factor)] * len(shape[2:]))
+        batch = " (or batches of 2 or more)" if self.norm == "batch" else ""
+        raise ValueError(f"input of spatial size {shape[2:]} (batch {shape[0]}) is too small for the adversary: its "
+                         f"stride-2 convs divide each side by {factor}, leaving 1 voxel, and {what}; give patches "
+                         f"with at least one side larger than {factor} (e.g. {example}){batch}")
