@@ -134,7 +134,7 @@ def test_resume_after_interruption_skips_finished_classes(datalist, run, tmp_pat
     finished = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("class_000[01].npy")}
     assert len(finished) == 4
 
-    with pytest.raises(ValueError, match="neighbours differ"):  # other settings must not resume silently
+    with pytest.raises(ValueError, match="neighbours: 4 → 3"):  # other settings must not resume silently
         discover_visual_words(datalist, out, extractor=_extractor(), **{**SETTINGS, "neighbours": 3})
     resumed = discover_visual_words(datalist, out, extractor=_extractor(), class_block=1, **SETTINGS)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not rewritten
@@ -318,3 +318,154 @@ def test_real_ct_reference_borders_and_lung_filter(real_data):
     centre = sample_coordinate(volume, rules, np.random.RandomState(0), name="lung1")
     cube = volume[patch_slices(centre, rules.patch_size)]
     assert (cube >= 0.425).mean() <= 0.15 and np.median(cube) < 0.2  # mostly air-filled lung
+
+
+def _cli_args(datalist, out, *extra: str) -> list[str]:
+    return ["visual-words", "--datalist", str(datalist), "--out", str(out), "--classes", "3", "--neighbours", "4",
+            "--val-neighbours", "2", "--patch-size", "16", "16", "8", "--border", "8", "8", "4", "--extractor-size", "32", "32", "16",
+            "--extractor-epochs", "0", "--extractor-width", "0.125", *extra]  # fmt: skip
+
+
+def test_overwrite_deletes_only_an_earlier_run_never_other_files(datalist, tmp_path):
+    """--overwrite used to delete any manifest.json and the whole shards/ folder, whoever wrote them."""
+    foreign = tmp_path / "foreign"
+    (foreign / "shards").mkdir(parents=True)
+    (foreign / "manifest.json").write_text('{"my": "own manifest"}')
+    (foreign / "shards" / "important.bin").write_text("data")
+    with pytest.raises(ValueError, match=r"not a `dira3d visual-words` run.*choose another --out"):
+        discover_visual_words(datalist, foreign, extractor=_extractor(), overwrite=True, **SETTINGS)
+    assert (foreign / "manifest.json").read_text() == '{"my": "own manifest"}' and (foreign / "shards" / "important.bin").exists()
+
+    out = tmp_path / "run"  # an earlier run plus a user's file in shards/: the run is replaced, the file stays
+    discover_visual_words(datalist, out, extractor=_extractor(), **SETTINGS)
+    (out / "shards" / "notes.txt").write_text("mine")
+    discover_visual_words(datalist, out, extractor=_extractor(), overwrite=True, **{**SETTINGS, "classes": 2})
+    assert (out / "shards" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "shards" / "training").iterdir()) == ["class_0000.npy", "class_0001.npy"]
+
+
+def test_other_settings_name_the_values_and_the_seed(datalist, run):
+    out, _ = run
+    with pytest.raises(ValueError, match=r"classes: 3 → 2; seed: 0 → 5\).*--overwrite"):
+        discover_visual_words(datalist, out, extractor=_extractor(), **{**SETTINGS, "classes": 2, "seed": 5})
+
+
+def _raw_hu_datalist(folder, values: tuple[float, float]) -> "Path":
+    """Four 32×32×16 volumes with intensities spanning ``values`` (raw HU, or a prepared [0, 1])."""
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(4):
+        volume = rng.uniform(*values, size=(32, 32, 16)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / "images" / f"v{i}.nii.gz")
+        entries.append({"image": f"images/v{i}.nii.gz", "case_id": f"v{i}"})
+    path = folder / "datalist.json"
+    path.write_text(json.dumps({"training": entries, "validation": []}))
+    return path
+
+
+def test_raw_hu_volumes_are_refused_unless_raw_hu_and_prepared_ones_with_it(tmp_path, monkeypatch, capsys):
+    """Raw HU used to go through silently: the lung filter (in [0, 1] units) passed air, shards held HU."""
+    settings = dict(classes=2, neighbours=2, val_neighbours=0, patch_size=(8, 8, 4), border=(2, 2, 2), max_dense_fraction=1.0)
+    raw = _raw_hu_datalist(tmp_path / "raw", (-1024.0, 400.0))
+    with pytest.raises(ValueError, match=r"v\d\.nii\.gz: has intensities from -10\d\d.*not the \[0, 1\].*--raw-hu"):
+        discover_visual_words(raw, tmp_path / "out_raw", extractor=_extractor(), **settings)
+    manifest = discover_visual_words(raw, tmp_path / "out_raw_ok", extractor=_extractor(), raw_hu=True, **settings)
+    shard = np.load(tmp_path / "out_raw_ok" / manifest["classes"][0]["shards"]["training"])
+    assert 0.0 <= shard.min() and shard.max() <= 1.0
+    # raw NRRD: its shape is read by loading it, which must not trip the [0, 1] check
+    import SimpleITK as sitk
+
+    raw_data = json.loads(raw.read_text())
+    for entry in raw_data["training"]:
+        nifti = raw.parent / entry["image"]
+        entry["image"] = str(nifti).replace(".nii.gz", ".nrrd")
+        sitk.WriteImage(sitk.ReadImage(str(nifti)), entry["image"])
+    raw_nrrd = tmp_path / "raw_nrrd.json"
+    raw_nrrd.write_text(json.dumps(raw_data))
+    discover_visual_words(raw_nrrd, tmp_path / "out_nrrd", extractor=_extractor(), raw_hu=True, **settings)
+    prepared = _raw_hu_datalist(tmp_path / "prepared", (0.0, 1.0))
+    with pytest.raises(ValueError, match=r"already in \[0, 1\], but --raw-hu"):
+        discover_visual_words(prepared, tmp_path / "out_twice", extractor=_extractor(), raw_hu=True, **settings)
+    # through the CLI (the extractor's DataLoader wraps the error): one line naming the file
+    _no_training(monkeypatch)
+    args = ["visual-words", "--datalist", str(raw), "--out", str(tmp_path / "cli"), "--classes", "2", "--neighbours", "2",
+            "--val-neighbours", "0", "--patch-size", "8", "8", "4", "--border", "2", "2", "2", "--extractor", "checkpoint",
+            "--checkpoint", str(tmp_path / "missing.pt")]  # fmt: skip
+    monkeypatch.setattr("dira3d.visual_words.discover.extractor_from_checkpoint", lambda path: _extractor())
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "not the [0, 1]" in err and "Traceback" not in err, err
+
+
+def test_validation_volume_smaller_than_the_patch_is_named_before_training(datalist, tmp_path, monkeypatch):
+    """It used to reject every reference with 'a neighbour of size (20, 20, 10)', naming no file."""
+    _no_training(monkeypatch)
+    data = json.loads(datalist.read_text())
+    nib.save(nib.Nifti1Image(np.full((20, 20, 10), 0.1, np.float32), np.eye(4)), tmp_path / "tiny.nii.gz")
+    for entry in data["training"] + data["validation"]:
+        entry["image"] = str(datalist.parent / entry["image"])
+    data["validation"].append({"image": str(tmp_path / "tiny.nii.gz"), "case_id": "tiny"})
+    bad = tmp_path / "datalist.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(VolumeTooSmallError, match=r"validation volume \S*tiny\.nii\.gz.*\(20, 20, 10\).*patch \(32, 32, 16\) on axis x, y, z"):
+        discover_visual_words(bad, tmp_path / "out", extractor="autoencoder", **{**SETTINGS, "patch_size": (32, 32, 16)})
+
+
+def test_no_validation_volumes_says_how_to_get_some(datalist, tmp_path):
+    data = json.loads(datalist.read_text())
+    data["validation"] = []
+    for entry in data["training"]:
+        entry["image"] = str(datalist.parent / entry["image"])
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"no 'validation' volumes: pass --val-neighbours 0.*--val-fraction"):
+        discover_visual_words(path, tmp_path / "out", extractor=_extractor(), **SETTINGS)
+    with pytest.raises(ValueError, match=r"choose classes \(--classes\) between 2 and 12"):
+        discover_visual_words(datalist, tmp_path / "out", extractor=_extractor(), **{**SETTINGS, "classes": 13})
+
+
+def test_cli_ctrl_c_prints_one_line_on_how_to_go_on(datalist, run, tmp_path, monkeypatch, capsys):
+    from dira3d.visual_words import command
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def main(args):  # without the handler Ctrl-C would stop pytest itself
+        try:
+            return cli_main(args)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped `dira3d visual-words` as a traceback")
+
+    monkeypatch.setattr(command, "discover_visual_words", interrupt)
+    assert main(_cli_args(datalist, tmp_path / "early")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the classes were planned" in err and "Traceback" not in err, err
+    out, manifest = run
+    assert main(_cli_args(datalist, out)) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; 3 of 3 visual words are complete in {out}; rerun the same command to resume" in err, err
+
+
+def test_cli_checkpoint_without_extractor_checkpoint_is_refused(datalist, tmp_path, capsys):
+    """--checkpoint alone used to be ignored: an autoencoder was trained instead."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(_cli_args(datalist, tmp_path / "out", "--checkpoint", str(tmp_path / "best.pt")))
+    assert exit_info.value.code == 2
+    assert "is used only with --extractor checkpoint" in capsys.readouterr().err
+
+
+def test_extractor_training_and_embedding_log_progress(datalist, tmp_path, monkeypatch, caplog):
+    """At the default size an extractor step takes minutes on a CPU: epochs used to be silent until their end."""
+    import logging
+
+    from dira3d.visual_words import extractor as extractor_module
+
+    monkeypatch.setattr(extractor_module, "PROGRESS_SECONDS", 0.0)
+    entries = [{"image": str(datalist.parent / e["image"])} for e in json.loads(datalist.read_text())["training"]][:6]
+    with caplog.at_level(logging.INFO, logger="dira3d.visual_words.extractor"):
+        model = extractor_module.train_extractor(entries, size=(32, 32, 16), epochs=1, width=0.125)
+        extractor_module.embed_volumes(model, entries, size=(32, 32, 16))
+    text = caplog.text
+    assert re.search(r"extractor epoch 1/1: 2/6 volumes, \d+ s, about \d+ s to go", text), text
+    assert re.search(r"embedding: 4/6 volumes", text), text

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from dira3d.visual_words.coordinates import CoordinateSamplingError
 from dira3d.visual_words.discover import discover_visual_words
-from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME
+from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "interrupted_message", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def interrupted_message(out: Path) -> str:
+    """The one line printed when ``dira3d visual-words`` is stopped with Ctrl-C: what is kept in ``out``
+    and how to go on."""
+    try:
+        manifest = read_manifest(out)
+    except (FileNotFoundError, ValueError):
+        return (f"interrupted before the classes were planned (no {out / MANIFEST_NAME}); the extractor and the "
+                "embeddings are not kept: rerunning the same command starts afresh")
+    done = sum(c["status"] == "done" for c in manifest["classes"])
+    return (f"interrupted; {done} of {len(manifest['classes'])} visual words are complete in {out}; "
+            "rerun the same command to resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 bad input)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint and args.extractor != "checkpoint":  # it would be ignored: an autoencoder is trained instead
+        parser.error(f"--checkpoint {args.checkpoint} is used only with --extractor checkpoint; add --extractor checkpoint "
+                     "to embed with its encoder, or drop --checkpoint to train the autoencoder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         manifest = discover_visual_words(
@@ -65,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             orient=not args.no_orient, raw_hu=args.raw_hu, class_block=args.class_block, workers=args.workers,
             seed=args.seed, overwrite=args.overwrite, device=args.device,
         )  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
+        print(f"dira3d visual-words: {interrupted_message(Path(args.out))}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, PermissionError, CoordinateSamplingError) as err:
         print(f"dira3d visual-words: error: {err}", file=sys.stderr)
         return 1

@@ -20,9 +20,9 @@ so a resumed run gives the same bytes as an uninterrupted one, whatever the bloc
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +104,22 @@ def _check_volume_sizes(train: list[dict], shapes: list[tuple[int, int, int]], r
                                   f"{'is' if more == 1 else 'are'} too small as well: {others})")
     if errors:
         raise errors[0][1]
+
+
+def _check_validation_sizes(val: list[dict], shapes: list[tuple[int, int, int]], patch_size: Sequence[int]) -> None:
+    """Refuse validation volumes smaller than the patch: every neighbour is cut at its reference's centre,
+    so such a volume, once a neighbour, rejects every reference with a reason that does not name it.
+
+    Raises:
+        VolumeTooSmallError: names the first such volume and its size.
+    """
+    for entry, shape in zip(val, shapes):
+        axes = [axis for axis, (s, p) in zip("xyz", zip(shape, patch_size)) if s < p]
+        if axes:
+            raise VolumeTooSmallError(
+                f"validation {_entry_name(entry)} has size {tuple(shape)}, smaller than the patch {tuple(patch_size)} on axis "
+                f"{', '.join(axes)}: no patch can be cut from it; leave it out of the datalist or use a smaller --patch-size"
+            )
 
 
 def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
@@ -206,12 +222,59 @@ def _extract(data: dict, manifest: dict, out_dir: Path, class_block: int, worker
         logger.info("finished classes %s", [cls["index"] for cls in block])
 
 
+def _earlier_run(out_dir: Path) -> dict:
+    """The manifest of the earlier run in ``out_dir``; a ``manifest.json`` of something else is refused."""
+    try:
+        return read_manifest(out_dir)
+    except ValueError as err:
+        raise ValueError(f"{err}: --out {out_dir} holds files that are not a `dira3d visual-words` run, which "
+                         "--overwrite would delete; choose another --out") from None
+
+
 def _clear_outputs(out_dir: Path) -> None:
+    """Delete an earlier run's own files (``--overwrite``): its manifest, datalist, embeddings and class
+    shards; anything else in ``out_dir`` (or in ``shards/``) is left alone."""
+    _earlier_run(out_dir)
     for name in (MANIFEST_NAME, DATALIST_NAME, EMBEDDINGS_NAME):
         (out_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "shards", ignore_errors=True)
+    for split in SPLITS:
+        for shard in (out_dir / "shards" / split).glob("class_*.npy"):
+            shard.unlink()
+    for folder in [out_dir / "shards" / split for split in SPLITS] + [out_dir / "shards"]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
+def _settings_differ(manifest: dict, params: dict, seed: int, volumes: dict) -> str:
+    """What differs between the run in a manifest and this one, as ``name: before → now``; '' when nothing."""
+    differences = [f"{k}: {manifest['params'].get(k)!r} → {params[k]!r}" for k in params if manifest["params"].get(k) != params[k]]
+    if manifest["seed"] != seed:
+        differences.append(f"seed: {manifest['seed']!r} → {seed!r}")
+    if manifest["volumes"] != volumes:
+        differences.append("the datalist's volumes")
+    return "; ".join(differences)
+
+
+def _unwrap_data_errors(function):
+    """Re-raise the file's own error (a :class:`~dira3d.data.errors.DataError`: a corrupt volume, raw HU)
+    that MONAI's transforms wrap in ``RuntimeError("applying transform <...>")``."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except RuntimeError as err:
+            from dira3d.engines.inputs import data_error_in
+
+            cause = data_error_in(err)
+            if cause is None:
+                raise
+            raise cause from err
+
+    return wrapper
+
+
+@_unwrap_data_errors
 def discover_visual_words(
     datalist: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -271,6 +334,7 @@ def discover_visual_words(
 
     Raises:
         FileNotFoundError: datalist or images missing.
+        DataError: a volume cannot be loaded or its intensities do not fit ``raw_hu`` (a ``ValueError``, naming the file).
         ValueError: bad settings (e.g. fewer than 2 classes, more neighbours than volumes), or ``out_dir`` holds a run
             with other settings (use ``overwrite``).
         CoordinateSamplingError: no reference satisfies the rules; a :class:`VolumeTooSmallError`
@@ -286,11 +350,18 @@ def discover_visual_words(
             + (f"choose classes (--classes) between 2 and {n_train}, the training volumes in {datalist}" if n_train >= 2 else
                f"{datalist} has {n_train} training volume: add more (one reference volume per class)")
         )
+    if val_neighbours > 0 and n_val == 0:
+        raise ValueError(
+            f"val_neighbours={val_neighbours} (--val-neighbours) but {datalist} has no 'validation' volumes: pass "
+            "--val-neighbours 0 (pretraining with configs/visual_words.json then has nothing to validate on), or prepare "
+            "the scans with a validation split (e.g. `dira3d prepare generic ... --val-fraction 0.2`)"
+        )
+    lowest = {"classes": 2, "neighbours": 1, "val_neighbours": 0}
     for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train), ("val_neighbours", val_neighbours, n_val)):
-        if value > limit or value < (0 if name == "val_neighbours" else 1):
+        if value > limit or value < lowest[name]:
             raise ValueError(
                 f"{name}={value} is not possible with {n_train} training and {n_val} validation volumes in {datalist}; "
-                f"choose {name} between {0 if name == 'val_neighbours' else 1} and {limit}"
+                f"choose {name} (--{name.replace('_', '-')}) between {lowest[name]} and {limit}"
             )
     if class_block < 1:
         raise ValueError(f"class_block must be >= 1, got {class_block}")
@@ -312,12 +383,12 @@ def discover_visual_words(
         elif not resume:
             raise ValueError(f"{out_dir} already holds a visual-word run; pass --overwrite to replace it or choose another --out")
     if (out_dir / MANIFEST_NAME).exists():
-        manifest = read_manifest(out_dir)
-        differences = [k for k in params if manifest["params"].get(k) != params[k]]
-        if manifest["seed"] != seed or manifest["volumes"] != volumes or differences:
+        manifest = _earlier_run(out_dir)
+        differences = _settings_differ(manifest, params, seed, volumes)
+        if differences:
             raise ValueError(
-                f"{out_dir / MANIFEST_NAME} was made with other settings ({', '.join(differences) or 'seed or volumes'} differ); "
-                "rerun with the same settings to resume, or pass --overwrite to start again"
+                f"{out_dir / MANIFEST_NAME} was made with other settings ({differences}); "
+                "rerun with the same settings to resume, or pass --overwrite to start again (or choose another --out)"
             )
         logger.info("resuming: %d of %d classes already done", sum(c["status"] == "done" for c in manifest["classes"]), classes)
     else:
@@ -325,6 +396,8 @@ def discover_visual_words(
         # borders (48 CT slices, default z border 30) fails now, not after the extractor is trained
         shapes = {split: volume_shapes(data[split], params["orient"]) for split in SPLITS}
         _check_volume_sizes(data["training"], shapes["training"], _rules(params))
+        if val_neighbours > 0:
+            _check_validation_sizes(data["validation"], shapes["validation"], params["patch_size"])
         embeddings = _embed(data, params, extractor, seed, workers, device)
         save_embeddings(embeddings.numpy(), out_dir / EMBEDDINGS_NAME)
         embedding_info = {"file": EMBEDDINGS_NAME, "dim": int(embeddings.shape[1]), "rows": "training then validation"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import torch
@@ -99,6 +100,26 @@ def _resized_dataset(entries: Sequence[dict], size: Sequence[int], orient: bool,
     return Dataset(data=[{"image": e["image"]} for e in entries], transform=transform)
 
 
+PROGRESS_SECONDS = 60.0  # a progress line at most this often inside an extractor epoch or the embedding
+
+
+class _Progress:
+    """Logs ``what: done/total volumes, elapsed, ~remaining`` at most every :data:`PROGRESS_SECONDS`: at the
+    default size an extractor step takes minutes on a CPU, and an epoch over many volumes hours."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total = what, total
+        self.start = self.last = time.monotonic()
+
+    def step(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_SECONDS or done >= self.total:
+            return
+        self.last, elapsed = now, now - self.start
+        logger.info("%s: %d/%d volumes, %.0f s, about %.0f s to go", self.what, done, self.total, elapsed,
+                    elapsed / max(done, 1) * (self.total - done))
+
+
 def train_extractor(
     entries: Sequence[dict],
     size: Sequence[int] = (128, 128, 64),
@@ -147,6 +168,7 @@ def train_extractor(
     for epoch in range(epochs):
         model.train()
         total, count = 0.0, 0
+        progress = _Progress(f"extractor epoch {epoch + 1}/{epochs}", len(entries))
         for batch in loader:
             x = torch.as_tensor(batch["image"]).float().to(device)
             loss = nn.functional.mse_loss(model(x), x)
@@ -154,6 +176,7 @@ def train_extractor(
             loss.backward()
             optimiser.step()
             total, count = total + loss.item() * len(x), count + len(x)
+            progress.step(count)
         logger.info("extractor epoch %d/%d: mse %.5f", epoch + 1, epochs, total / max(count, 1))
     return model.eval()
 
@@ -198,7 +221,10 @@ def embed_volumes(
     was_training = encoder.training
     encoder.eval().to(device)
     loader = DataLoader(_resized_dataset(entries, size, orient, raw_hu_window), batch_size=batch_size, shuffle=False, num_workers=workers)
-    rows = [_feature_vectors(encoder, torch.as_tensor(b["image"]).float().to(device)).float().cpu() for b in loader]
+    rows, progress = [], _Progress("embedding", len(entries))
+    for batch in loader:
+        rows.append(_feature_vectors(encoder, torch.as_tensor(batch["image"]).float().to(device)).float().cpu())
+        progress.step(sum(len(r) for r in rows))
     encoder.train(was_training)
     return torch.cat(rows) if rows else torch.zeros(0, 0)
 

@@ -18,12 +18,13 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    MapTransform,
     Orientationd,
     ScaleIntensityRanged,
 )
 from torch.utils.data import DataLoader
 
-__all__ = ["SPLITS", "read_datalist", "case_ids", "volume_transform", "iterate_volumes", "volume_shapes"]
+__all__ = ["SPLITS", "read_datalist", "case_ids", "CheckIntensityd", "volume_transform", "iterate_volumes", "volume_shapes"]
 
 SPLITS = ("training", "validation")
 
@@ -70,18 +71,56 @@ def case_ids(entries: Sequence[dict]) -> list[str]:
     return [str(e["case_id"]) for e in entries]
 
 
+class CheckIntensityd(MapTransform):
+    """Refuse a volume whose intensities do not fit how it is loaded, naming the file.
+
+    Prepared volumes (``raw_hu=False``) must lie in [0, 1]: raw HU would pass the lung filter
+    (its threshold is in [0, 1] units) and be written to the shards as HU, silently. With
+    ``raw_hu=True`` a volume already in [0, 1] would be windowed a second time (everything ≈ 0.5).
+
+    Args:
+        keys: image keys.
+        raw_hu: whether the volumes are loaded as raw HU (``--raw-hu``).
+    """
+
+    def __init__(self, keys: Sequence[str], raw_hu: bool = False) -> None:
+        super().__init__(keys)
+        self.raw_hu = bool(raw_hu)
+
+    def __call__(self, data: dict) -> dict:
+        from dira3d.data.errors import DataError
+        from dira3d.engines.inputs import _source
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            lo, hi = float(img.min()), float(img.max())
+            in_unit = lo >= -1e-3 and hi <= 1 + 1e-3
+            if self.raw_hu and in_unit:
+                raise DataError(_source(d, key), f"has intensities from {lo:g} to {hi:g}, already in [0, 1], but --raw-hu "
+                                                 "windows it as HU a second time; drop --raw-hu for prepared volumes")
+            if not self.raw_hu and not in_unit:
+                raise DataError(_source(d, key), f"has intensities from {lo:g} to {hi:g}, not the [0, 1] of a prepared "
+                                                 "volume (raw HU?); pass --raw-hu (and --hu-window LO HI) to window it on "
+                                                 "loading, or prepare the scans with `dira3d prepare` (docs/data.md)")
+        return d
+
+
 def volume_transform(
     orient: bool = True,
     raw_hu_window: tuple[float, float] | None = None,
     keys: Sequence[str] = ("image",),
+    check_intensity: bool = True,
 ) -> Compose:
     """Load → channel first → (RAS) → (HU window) → float32, as MONAI dictionary transforms.
 
     Args:
         orient: reorient to RAS (prepared volumes already are; cheap when nothing changes).
         raw_hu_window: when the images are raw HU rather than prepared [0, 1] volumes, the
-            ``(lo, hi)`` window that maps them to [0, 1]; ``None`` leaves intensities as they are.
+            ``(lo, hi)`` window that maps them to [0, 1]; ``None``: they must already be in [0, 1].
+            Either way :class:`CheckIntensityd` refuses a volume that does not fit, naming it.
         keys: the image keys.
+        check_intensity: add :class:`CheckIntensityd` (off only where the shape alone is read).
 
     Returns:
         A MONAI ``Compose``.
@@ -89,6 +128,8 @@ def volume_transform(
     from dira3d.engines.inputs import LoadVolumed  # NRRD / MetaImage through SimpleITK; errors name the file
 
     steps: list[Any] = [LoadVolumed(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    if check_intensity:
+        steps.append(CheckIntensityd(keys=keys, raw_hu=raw_hu_window is not None))
     if orient:
         # explicit labels: the standard L/R, P/A, I/S meaning of "RAS" (and no MONAI deprecation warning)
         steps.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
@@ -162,6 +203,6 @@ def volume_shapes(entries: Sequence[dict], orient: bool = True) -> list[tuple[in
     shapes: list[tuple[int, int, int] | None] = [_nifti_shape(e["image"], orient) for e in entries]
     missing = [i for i, s in enumerate(shapes) if s is None]
     if missing:
-        for index, item in iterate_volumes([entries[i] for i in missing], volume_transform(orient)):
+        for index, item in iterate_volumes([entries[i] for i in missing], volume_transform(orient, check_intensity=False)):
             shapes[missing[index]] = tuple(int(s) for s in item["image"].shape[1:4])  # type: ignore[assignment]
     return shapes  # type: ignore[return-value]
