@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -350,7 +351,7 @@ def test_other_settings_name_the_values_and_the_seed(datalist, run):
         discover_visual_words(datalist, out, extractor=_extractor(), **{**SETTINGS, "classes": 2, "seed": 5})
 
 
-def _raw_hu_datalist(folder, values: tuple[float, float]) -> "Path":
+def _raw_hu_datalist(folder, values: tuple[float, float]) -> Path:
     """Four 32×32×16 volumes with intensities spanning ``values`` (raw HU, or a prepared [0, 1])."""
     (folder / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)
