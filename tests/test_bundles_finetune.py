@@ -8,6 +8,7 @@ network input/output, TorchScript export and whole-scan inference on a real ches
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -355,3 +356,85 @@ def test_docs_say_new_scans_are_resampled_as_the_training_volumes(repo_root=Path
         assert spacing and spacing[0]["pixdim"] == "@pixdim", bundle
         assert config["pixdim"] == ([1.0] * 3 if bundle == "lidc_nodule_seg" else [0.0] * 3), bundle
         assert f"`{bundle}`" in finetuning, bundle
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_evaluate_and_inference_name_a_missing_or_unfitting_model(bundle, tmp_path):
+    """evaluate.json / inference.json without a trained model.pt raised a bare FileNotFoundError, and a
+    --tiny model under the default settings a page of size mismatches, both deep in MONAI's traceback."""
+    from monai.bundle import ConfigParser
+
+    configs = bundle_path(bundle) / "configs"
+    def error(overrides):  # the check runs when the engine starts (the handler is called), not when it is built
+        parser = ConfigParser()
+        parser.read_config([str(configs / "inference.json")])
+        parser.update({"ckpt_dir": str(tmp_path / "models"), **overrides})
+        loader = parser.get_parsed_content("handlers#0")
+        with pytest.raises(Exception) as raised:
+            loader(None)
+        return raised.value
+
+    missing = error({})
+    assert isinstance(missing, FileNotFoundError) and "fine-tune first" in str(missing) and "--ckpt_dir" in str(missing)
+    tiny = json.loads((configs / "tiny.json").read_text())
+    small = {k: tiny[k] for k in ("width", "backbone", "decoder_channels") if k in tiny}
+    trained = ConfigParser()
+    trained.read_config([str(configs / "inference.json")])
+    trained.update(small)
+    atomic_save(trained.get_parsed_content("network_def").state_dict(), tmp_path / "models" / "model.pt")
+    unfitting = error({})
+    assert isinstance(unfitting, ValueError), unfitting
+    import re
+
+    assert re.search("the weights fit --(width 0.125|backbone resnet10).*tiny.json", str(unfitting)), unfitting
+    from dira3d.evaluation import fine_tuned_weights
+
+    path = str(tmp_path / "models" / "model.pt")
+    assert fine_tuned_weights(path, trained.get_parsed_content("network_def")) == path
+    evaluate = json.loads((configs / "evaluate.json").read_text())
+    assert evaluate["validate#handlers"][0]["_target_"] == "dira3d.evaluation.FineTunedCheckpointLoader"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_inference_has_the_required_properties_of_an_infer_workflow(bundle, tmp_path):
+    # MONAI's ConfigWorkflow(workflow_type="infer") (Model Zoo checks, MONAI Label) requires dataset_dir among others
+    from monai.bundle import ConfigWorkflow
+
+    configs = bundle_path(bundle) / "configs"
+    flow = ConfigWorkflow(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"),
+                          logging_file=False, workflow_type="infer", image=str(tmp_path / "scan.nii.gz"))
+    flow.initialize()
+    assert not flow.check_properties()
+    assert flow.dataset_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("readme", sorted(Path(__file__).resolve().parents[1].glob("bundles/*/docs/README.md")),
+                         ids=lambda p: p.parents[1].name)
+def test_readme_runs_write_outside_the_bundle_folder(readme):
+    """`--bundle_root bundles/<name>` put models/ and eval/ into the repository's own bundle folder (not ignored by git)."""
+    text = readme.read_text(encoding="utf-8")
+    assert "--bundle_root bundles/" not in text
+
+
+@pytest.mark.parametrize("bundle", ["luna16_nodule_fpr", "pecad_embolism_fpr"])
+def test_classification_inference_refuses_a_raw_hu_scan(bundle, tmp_path):
+    """inference.json on a raw CT (HU) used to print a probability of the centre crop of unscaled HU."""
+    import nibabel as nib
+    from monai.bundle import ConfigParser
+
+    from dira3d.data.errors import DataError
+
+    scan = tmp_path / "raw_scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).uniform(-1024, 747, (40, 40, 20)).astype(np.float32), np.eye(4)), scan)
+    parser = ConfigParser()
+    parser.read_config([str(bundle_path(bundle) / "configs" / "inference.json")])
+    parser.update({"image": str(scan), "roi_size": [32, 32, 16]})
+    from dira3d.engines.inputs import data_error_in
+
+    with pytest.raises(RuntimeError) as raised:  # MONAI wraps the transform's error
+        parser.get_parsed_content("preprocessing")({"image": str(scan)})
+    cause = data_error_in(raised.value)
+    assert isinstance(cause, DataError), raised.value
+    assert re.search(r"raw_scan\.nii\.gz.*from -10[\d.]+ to 74[\d.]+, outside \[0, 1\].*candidate cube", str(cause)), cause
+    parser["intensity_range"] = None  # the way out for scans scaled by the user's own preprocessing
+    assert parser.get_parsed_content("preprocessing", lazy=False)({"image": str(scan)})["image"].shape == (1, 32, 32, 16)

@@ -87,6 +87,11 @@ def test_monailabel_serves_local_bundles_over_rest(real_data, repo_root, tmp_pat
     studies = tmp_path / "studies"
     studies.mkdir()
     shutil.copy(real_data / "lung1_image.nrrd", studies / "lung1_image.nrrd")
+    # the classification bundles take a prepared candidate cube (HU window -> [0, 1]), not a raw CT
+    from dira3d.deploy.export import scan_patch
+
+    cube = scan_patch(real_data / "lung1_image.nrrd", (64, 64, 32))[0, 0].numpy()
+    sitk.WriteImage(sitk.GetImageFromArray(cube.transpose(2, 1, 0)), str(studies / "lung1_cube.nii.gz"))
     app = prepare_app(tmp_path / "app")
 
     server = MonaiLabelServer(venv, app, studies, bundles, conf={"bundle_overrides": OVERRIDES}, startup_timeout=240)
@@ -109,7 +114,9 @@ def test_monailabel_serves_local_bundles_over_rest(real_data, repo_root, tmp_pat
         labels = np.unique(sitk.GetArrayViewFromImage(mask))
         assert set(labels.tolist()) == {0, 1}, labels
 
-        body, _ = _post(f"{server.url}/infer/luna16_nodule_fpr?image=lung1_image&output=json", timeout=300)
+        with pytest.raises(urllib.error.HTTPError):  # a raw CT in HU is refused (intensity_range), not scored
+            _post(f"{server.url}/infer/luna16_nodule_fpr?image=lung1_image&output=json", timeout=300)
+        body, _ = _post(f"{server.url}/infer/luna16_nodule_fpr?image=lung1_cube&output=json", timeout=300)
         result = json.loads(body)
         assert result["probabilities"]["nodule"] == pytest.approx(1 / (1 + math.exp(-CLASSIFIER_BIAS)), abs=1e-5)
         assert result["prediction"] == [{"idx": 0, "label": "nodule", "score": result["probabilities"]["nodule"]}]

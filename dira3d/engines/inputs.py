@@ -99,8 +99,13 @@ def header_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
         return None
 
 
+_RANGE_ADVICE = ("pretraining expects normalised volumes (raw HU, or an MRI that was not normalised?); prepare "
+                 "the scans with `dira3d prepare generic --modality ct|mr` (docs/data.md), or set "
+                 "intensity_range to null if your own preprocessing scales them")
+
+
 def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True,
-                 value_range: tuple[float, float] | None = None) -> None:
+                 value_range: tuple[float, float] | None = None, range_advice: str | None = None) -> None:
     """Raise a :class:`DataError` naming ``source`` when a loaded channel-first volume is unusable.
 
     Args:
@@ -110,6 +115,7 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         check_finite: reject NaN / Inf voxels.
         value_range: ``(low, high)`` the intensities must lie in (the pretraining bundle: [0, 1],
             what ``dira3d prepare`` writes); None: not checked.
+        range_advice: what the message says after the range (default: the pretraining bundle's advice).
 
     Raises:
         DataError: wrong dimensionality, a single slice, an empty volume, NaN/Inf voxels,
@@ -136,10 +142,8 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         lo, hi = float(data.min()), float(data.max())
         slack = 1e-3 * (high - low)
         if lo < low - slack or hi > high + slack:
-            raise DataError(source, f"has intensities from {lo:g} to {hi:g}, outside [{low:g}, {high:g}]: pretraining "
-                                    "expects normalised volumes (raw HU, or an MRI that was not normalised?); prepare "
-                                    "the scans with `dira3d prepare generic --modality ct|mr` (docs/data.md), or set "
-                                    "intensity_range to null if your own preprocessing scales them")
+            raise DataError(source, f"has intensities from {lo:g} to {hi:g}, outside [{low:g}, {high:g}]: "
+                                    + (range_advice or _RANGE_ADVICE))
     spacing = header_spacing(source) if source and Path(str(source)).is_file() else None
     if spacing is not None and (min(spacing) <= 0 or not all(map(math.isfinite, spacing))):
         raise DataError(source, f"has non-positive or invalid voxel spacing {spacing} in its header; fix the header")
@@ -188,18 +192,22 @@ class CheckVolumed(MapTransform):
         spatial_dims: 3, or 2 (2D patches from 2D images or from slices of 3D volumes).
         check_finite: reject NaN / Inf voxels.
         value_range: ``(low, high)`` the intensities must lie in; None: not checked.
+        range_advice: what a value-range error says to do (default: the pretraining bundle's advice).
     """
 
     def __init__(self, keys: KeysCollection, spatial_dims: int = 3, check_finite: bool = True,
-                 allow_missing_keys: bool = False, value_range: tuple[float, float] | None = None) -> None:
+                 allow_missing_keys: bool = False, value_range: tuple[float, float] | None = None,
+                 range_advice: str | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims, self.check_finite = int(spatial_dims), bool(check_finite)
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
+        self.range_advice = range_advice
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            check_volume(d[key], _source(d, key), self.spatial_dims, self.check_finite, self.value_range)
+            check_volume(d[key], _source(d, key), self.spatial_dims, self.check_finite, self.value_range,
+                         self.range_advice)
         return d
 
 

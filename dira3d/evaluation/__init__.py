@@ -10,7 +10,7 @@ from dira3d.utils.lazy import lazy_exports
 # images that lack them.
 _EXPORTS = {
     "dira3d.evaluation.datalists": ("SPLITS", "holdout_by_patient", "load_split", "select_fraction"),
-    "dira3d.evaluation.handlers": ("BestModelSaver", "ProbabilityWriter", "prediction_path", "scan_stem"),
+    "dira3d.evaluation.handlers": ("BestModelSaver", "FineTunedCheckpointLoader", "ProbabilityWriter", "fine_tuned_weights", "prediction_path", "scan_stem"),
     "dira3d.evaluation.metrics": ("ForegroundDice", "ForegroundIoU", "MeanAUC", "foreground_dice", "foreground_iou",
                                   "mean_auc", "roc_auc"),
     "dira3d.evaluation.pretrained": ("TASK_KINDS", "build_task_network"),
@@ -24,6 +24,7 @@ __all__ = [
     "SPLITS",
     "TASK_KINDS",
     "BestModelSaver",
+    "FineTunedCheckpointLoader",
     "ForegroundDice",
     "ForegroundIoU",
     "MeanAUC",
@@ -34,6 +35,7 @@ __all__ = [
     "SimpleITKReader",
     "build_resnet_task_network",
     "build_task_network",
+    "fine_tuned_weights",
     "foreground_dice",
     "foreground_iou",
     "holdout_by_patient",

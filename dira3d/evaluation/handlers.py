@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Engine
 from monai.engines import Workflow
+from monai.handlers import CheckpointLoader
 from monai.utils import ImageMetaKey
 
 from dira3d.utils.atomic import atomic_write_text
 
-__all__ = ["BestModelSaver", "ProbabilityWriter", "prediction_path", "scan_stem"]
+__all__ = ["BestModelSaver", "ProbabilityWriter", "FineTunedCheckpointLoader", "fine_tuned_weights", "prediction_path", "scan_stem"]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
@@ -32,6 +34,61 @@ def scan_stem(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def fine_tuned_weights(path: str | os.PathLike, network: torch.nn.Module | None = None) -> str:
+    """``path`` (``<ckpt_dir>/model.pt``), checked before MONAI's ``CheckpointLoader`` of ``evaluate.json`` / ``inference.json`` reads it.
+
+    Without this check a missing model or one of other network settings surfaced as a bare
+    ``FileNotFoundError`` or a page of ``size mismatch`` lines deep in the evaluator's traceback.
+
+    Args:
+        path: the fine-tuned weights (``model.pt`` in the bundle's ``ckpt_dir``).
+        network: the bundle's network; when given, the weights' keys and shapes are compared with it.
+
+    Raises:
+        FileNotFoundError: no ``model.pt``: says to train first or to point ``--ckpt_dir`` at it.
+        ValueError: the weights do not fit ``network``: the counts of differing keys and the
+            settings that fit (e.g. ``--width 0.125``: a model fine-tuned with ``tiny.json``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"fine-tuned weights {path} do not exist: fine-tune first (train.json with the same --bundle_root writes "
+            "<bundle_root>/models/model.pt), or pass --ckpt_dir with the folder that holds model.pt "
+            "(`dira3d finetune --output-dir D` writes D/models)")
+    if network is not None:
+        from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, same_value, state_dict_mismatch
+        from dira3d.utils.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        for wrapper in ("model", "network", "state_dict"):  # what CheckpointLoader unwraps too
+            if isinstance(state.get(wrapper), dict) and len(state) == 1:
+                state = state[wrapper]
+        missing, unexpected, mismatched = state_dict_mismatch(state, network)
+        if missing or unexpected or mismatched:
+            built, saved = infer_network_settings(network.state_dict()), infer_network_settings(state)
+            fits = {k: v for k, v in saved.items() if k in built and not same_value(v, built[k])}
+            hint = ("the weights fit " + " ".join(f"--{k} {v}" if isinstance(v, (str, int, float)) else f"--{k} '{json.dumps(v, separators=(',', ':'))}'"
+                                              for k, v in fits.items())
+                    + "; a model fine-tuned with tiny.json: add the bundle's configs/tiny.json to --config_file "
+                    "(its network settings and roi_size)") if fits else \
+                "use the model fine-tuned with this bundle and these settings"
+            raise ValueError(f"{path} does not fit this bundle's network: "
+                             f"{mismatch_summary(missing, unexpected, mismatched)}; {hint}")
+    return str(path)
+
+
+class FineTunedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` that checks the fine-tuned ``model.pt`` with :func:`fine_tuned_weights` when the
+    engine starts (not when the config is parsed: ``ConfigWorkflow.check_properties`` builds the handlers before any
+    model exists): a missing model or one of other network settings stops the run with what to do."""
+
+    def __call__(self, engine: Engine) -> None:
+        network = self.load_dict.get("model") if len(self.load_dict) == 1 else None
+        network = getattr(network, "module", network)  # DataParallel / DDP
+        fine_tuned_weights(self.load_path, network if isinstance(network, torch.nn.Module) else None)
+        super().__call__(engine)
 
 
 def prediction_path(image: str | os.PathLike, postfix: str, ext: str) -> str:
