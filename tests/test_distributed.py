@@ -188,3 +188,5 @@ def test_torchrun_two_gloo_ranks_fine_tune_a_task_bundle(tmp_path, repo_root):
     events = list(out.rglob("events.out.tfevents*"))
     assert len(events) == 2 and len({e.name.split(".")[-2] for e in events}) == 1, events
     assert len(re.findall(r"Epoch\[1\] Metrics -- ", proc.stdout + proc.stderr)) == 1, proc.stdout[-3000:]
+    # ignite's and MONAI's progress lines too (rank 1 repeated them: "Engine run starting", "Got new best metric")
+    assert len(re.findall(r"SupervisedTrainer - INFO - Engine run (?:starting|resuming)", proc.stdout + proc.stderr)) == 1
