@@ -31,7 +31,8 @@ from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.folder_lock import FolderInUseError
 
-__all__ = ["load_datalist", "header_spacing", "check_volume", "LoadVolumed", "CheckVolumed", "data_error_in", "setting_error_in"]
+__all__ = ["load_datalist", "header_spacing", "check_volume", "source_of", "LoadVolumed", "CheckVolumed", "data_error_in",
+           "setting_error_in"]
 
 
 def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str = "image") -> list[dict[str, Any]]:
@@ -149,7 +150,8 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         raise DataError(source, f"has non-positive or invalid voxel spacing {spacing} in its header; fix the header")
 
 
-def _source(data: Mapping[Hashable, Any], key: Hashable) -> str:
+def source_of(data: Mapping[Hashable, Any], key: Hashable) -> str:
+    """The file an item's ``key`` was loaded from (MONAI metadata), for messages; else a placeholder."""
     meta = getattr(data[key], "meta", None) or data.get(f"{key}_meta_dict") or {}
     name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
     if isinstance(name, (list, tuple, np.ndarray)):
@@ -206,7 +208,7 @@ class CheckVolumed(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            check_volume(d[key], _source(d, key), self.spatial_dims, self.check_finite, self.value_range,
+            check_volume(d[key], source_of(d, key), self.spatial_dims, self.check_finite, self.value_range,
                          self.range_advice)
         return d
 

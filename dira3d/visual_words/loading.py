@@ -89,7 +89,7 @@ class CheckIntensityd(MapTransform):
 
     def __call__(self, data: dict) -> dict:
         from dira3d.data.errors import DataError
-        from dira3d.engines.inputs import _source
+        from dira3d.engines.inputs import source_of
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -97,10 +97,10 @@ class CheckIntensityd(MapTransform):
             lo, hi = float(img.min()), float(img.max())
             in_unit = lo >= -1e-3 and hi <= 1 + 1e-3
             if self.raw_hu and in_unit:
-                raise DataError(_source(d, key), f"has intensities from {lo:g} to {hi:g}, already in [0, 1], but --raw-hu "
+                raise DataError(source_of(d, key), f"has intensities from {lo:g} to {hi:g}, already in [0, 1], but --raw-hu "
                                                  "windows it as HU a second time; drop --raw-hu for prepared volumes")
             if not self.raw_hu and not in_unit:
-                raise DataError(_source(d, key), f"has intensities from {lo:g} to {hi:g}, not the [0, 1] of a prepared "
+                raise DataError(source_of(d, key), f"has intensities from {lo:g} to {hi:g}, not the [0, 1] of a prepared "
                                                  "volume (raw HU?); pass --raw-hu (and --hu-window LO HI) to window it on "
                                                  "loading, or prepare the scans with `dira3d prepare` (docs/data.md)")
         return d
