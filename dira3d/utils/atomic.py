@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable", "removed_if_failed_empty"]
 
 # mkstemp creates the temporary file 0600; the final file gets the mode an ordinary open() would
 # give it (0666 less the umask), or keeps the mode of the file it replaces. The umask is read once:
@@ -127,3 +127,18 @@ def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0, what: str
             f"{min_free_bytes / 2**20:.0f} MiB needed; free some space or choose another folder"
         )
     return folder
+
+
+@contextmanager
+def removed_if_failed_empty(folder: str | os.PathLike) -> Iterator[Path]:
+    """Remove ``folder`` again when the block fails (any exception, Ctrl-C included) and the folder did
+    not exist before it and is still empty: a run refused at its start leaves no empty output folder
+    behind. A folder the user had, or one holding anything, is left alone."""
+    folder = Path(folder)
+    new = not folder.exists()
+    try:
+        yield folder
+    except BaseException:
+        if new and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise

@@ -13,8 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.visual_words.coordinates import CoordinateSamplingError
 from dira3d.visual_words.discover import discover_visual_words
+from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_progress
 from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
 
 __all__ = ["build_parser", "interrupted_message", "main"]
@@ -22,32 +24,34 @@ __all__ = ["build_parser", "interrupted_message", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dira3d visual-words``."""
-    p = argparse.ArgumentParser(prog="dira3d visual-words", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dira3d visual-words", description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--datalist", required=True, help="pretraining datalist JSON (training / validation entries)")
     p.add_argument("--out", required=True, help="output folder: shards/, manifest.json, visual_words.json")
-    p.add_argument("--classes", type=int, default=50, help="number of visual words C, 2 or more (default 50)")
-    p.add_argument("--neighbours", type=int, default=200, help="training instances per class K (default 200)")
-    p.add_argument("--val-neighbours", type=int, default=30, help="validation instances per class (default 30; 0: none)")
-    p.add_argument("--patch-size", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
+    p.add_argument("--classes", type=int, default=50, help="number of visual words C, 2 or more")
+    p.add_argument("--neighbours", type=int, default=200, help="training instances per class K")
+    p.add_argument("--val-neighbours", type=int, default=30, help="validation instances per class (0: none)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"), help="visual-word patch size (voxels)")
     p.add_argument("--border", type=int, nargs=3, default=(100, 100, 30), metavar=("X", "Y", "Z"), help="voxels kept free at the volume faces")
     p.add_argument("--min-distance", type=float, default=5.0, help="min distance (voxels) between class centres")
     p.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"), help="the volumes' HU window")
     p.add_argument("--dense-hu", type=float, default=-150.0, help="lung filter: HU counted as dense tissue")
     p.add_argument("--max-dense-fraction", type=float, default=0.15, help="lung filter: max fraction of dense voxels")
     p.add_argument("--max-tries", type=int, default=200, help="centres tried per reference before the next reference")
-    p.add_argument("--metric", choices=("l2", "cosine"), default="l2")
+    p.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="embedding distance for the nearest neighbours")
     p.add_argument("--multi-resolution", action="store_true", help="two extra rescaled crops per instance")
-    p.add_argument("--extractor", choices=("autoencoder", "checkpoint"), default="autoencoder")
+    p.add_argument("--extractor", choices=("autoencoder", "checkpoint"), default="autoencoder",
+                   help="autoencoder: train one on the volumes (kept per epoch in --out/extractor.pt); checkpoint: a pretraining checkpoint's encoder")
     p.add_argument("--checkpoint", help="dira3d pretraining checkpoint (with --extractor checkpoint)")
-    p.add_argument("--extractor-size", type=int, nargs=3, default=(128, 128, 64), metavar=("X", "Y", "Z"))
-    p.add_argument("--extractor-epochs", type=int, default=10)
-    p.add_argument("--extractor-width", type=float, default=1.0)
+    p.add_argument("--extractor-size", type=int, nargs=3, default=(128, 128, 64), metavar=("X", "Y", "Z"), help="volumes are resized to this for the extractor (each divisible by 8)")
+    p.add_argument("--extractor-epochs", type=int, default=10, help="autoencoder training epochs")
+    p.add_argument("--extractor-width", type=float, default=1.0, help="autoencoder channel multiplier")
     p.add_argument("--raw-hu", action="store_true", help="images are raw HU: window them with --hu-window on loading")
     p.add_argument("--no-orient", action="store_true", help="do not reorient to RAS on loading")
     p.add_argument("--class-block", type=int, default=10, help="classes extracted per pass over the volumes")
     p.add_argument("--workers", type=int, default=0, help="processes prefetching volumes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds references, centres and the extractor")
+    p.add_argument("--device", default="cpu", help="where the extractor trains and embeds, e.g. cuda")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (default: resume it)")
     return p
 
@@ -58,8 +62,13 @@ def interrupted_message(out: Path) -> str:
     try:
         manifest = read_manifest(out)
     except (FileNotFoundError, ValueError):
-        return (f"interrupted before the classes were planned (no {out / MANIFEST_NAME}); the extractor and the "
-                "embeddings are not kept: rerunning the same command starts afresh")
+        progress = extractor_progress(out / EXTRACTOR_NAME)
+        if progress is None:
+            return (f"interrupted before the classes were planned (no {out / MANIFEST_NAME}); nothing is kept: "
+                    "rerunning the same command starts afresh")
+        done, planned = progress
+        return (f"interrupted before the classes were planned; the extractor is kept after epoch {done} of {planned} "
+                f"in {out / EXTRACTOR_NAME}: rerun the same command to continue from there")
     done = sum(c["status"] == "done" for c in manifest["classes"])
     return (f"interrupted; {done} of {len(manifest['classes'])} visual words are complete in {out}; "
             "rerun the same command to resume")

@@ -31,11 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.checkpoint import check_writable
 from dira3d.visual_words.coordinates import (
     CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, centre_range, hu_to_unit, sample_coordinate,
 )  # fmt: skip
-from dira3d.visual_words.extractor import embed_volumes, extractor_from_checkpoint, train_extractor
+from dira3d.visual_words.extractor import (
+    EXTRACTOR_NAME, embed_volumes, extractor_from_checkpoint, extractor_progress, train_extractor,
+)  # fmt: skip
 from dira3d.visual_words.loading import SPLITS, case_ids, iterate_volumes, read_datalist, volume_shapes, volume_transform
 from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours
 from dira3d.visual_words.transforms import VisualWordCropd
@@ -59,13 +62,14 @@ def _entry_name(entry: dict) -> str:
     return f"volume {entry['image']} (case {entry['case_id']})"
 
 
-def _embed(data: dict, params: dict, extractor: str | nn.Module, seed: int, workers: int, device: str) -> torch.Tensor:
+def _embed(data: dict, params: dict, extractor: str | nn.Module, seed: int, workers: int, device: str, out_dir: Path) -> torch.Tensor:
     kwargs = dict(size=params["extractor_size"], orient=params["orient"], raw_hu_window=params["raw_hu_window"], workers=workers, device=device)
     if isinstance(extractor, nn.Module):
         model = extractor
     elif extractor == "autoencoder":
         logger.info("training the skip-free extractor on %d volumes for %d epochs", len(data["training"]), params["extractor_epochs"])
-        model = train_extractor(data["training"], epochs=params["extractor_epochs"], width=params["extractor_width"], seed=seed, **kwargs)
+        model = train_extractor(data["training"], epochs=params["extractor_epochs"], width=params["extractor_width"], seed=seed,
+                                checkpoint_path=out_dir / EXTRACTOR_NAME, settings=params, **kwargs)  # fmt: skip
     elif extractor == "checkpoint":
         if not params["checkpoint"]:
             raise ValueError("--extractor checkpoint needs --checkpoint PATH (a dira3d pretraining checkpoint)")
@@ -232,10 +236,14 @@ def _earlier_run(out_dir: Path) -> dict:
 
 
 def _clear_outputs(out_dir: Path) -> None:
-    """Delete an earlier run's own files (``--overwrite``): its manifest, datalist, embeddings and class
-    shards; anything else in ``out_dir`` (or in ``shards/``) is left alone."""
-    _earlier_run(out_dir)
-    for name in (MANIFEST_NAME, DATALIST_NAME, EMBEDDINGS_NAME):
+    """Delete an earlier run's own files (``--overwrite``): its manifest, datalist, embeddings, extractor
+    checkpoint and class shards; anything else in ``out_dir`` (or in ``shards/``) is left alone."""
+    if (out_dir / MANIFEST_NAME).exists():
+        _earlier_run(out_dir)
+    if (out_dir / EXTRACTOR_NAME).exists() and extractor_progress(out_dir / EXTRACTOR_NAME) is None:
+        raise ValueError(f"{out_dir / EXTRACTOR_NAME} is not a `dira3d visual-words` extractor checkpoint, which --overwrite "
+                         "would delete; move it away or choose another --out")
+    for name in (MANIFEST_NAME, DATALIST_NAME, EMBEDDINGS_NAME, EXTRACTOR_NAME):
         (out_dir / name).unlink(missing_ok=True)
     for split in SPLITS:
         for shard in (out_dir / "shards" / split).glob("class_*.npy"):
@@ -340,73 +348,74 @@ def discover_visual_words(
         CoordinateSamplingError: no reference satisfies the rules; a :class:`VolumeTooSmallError`
             when a training volume cannot hold patch + borders (checked before the extractor is trained).
     """
-    out_dir = check_writable(out_dir)
-    data = read_datalist(datalist)
-    n_train, n_val = len(data["training"]), len(data["validation"])
-    if classes < 2:  # cross-entropy over one class: log softmax of a single logit is 0, whatever the network does
-        raise ValueError(
-            f"classes={classes}: visual-word classification needs at least 2 visual words (with one, loss_dis is "
-            f"always 0 and pretraining learns nothing from it); "
-            + (f"choose classes (--classes) between 2 and {n_train}, the training volumes in {datalist}" if n_train >= 2 else
-               f"{datalist} has {n_train} training volume: add more (one reference volume per class)")
-        )
-    if val_neighbours > 0 and n_val == 0:
-        raise ValueError(
-            f"val_neighbours={val_neighbours} (--val-neighbours) but {datalist} has no 'validation' volumes: pass "
-            "--val-neighbours 0 (pretraining with configs/visual_words.json then has nothing to validate on), or prepare "
-            "the scans with a validation split (e.g. `dira3d prepare generic ... --val-fraction 0.2`)"
-        )
-    lowest = {"classes": 2, "neighbours": 1, "val_neighbours": 0}
-    for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train), ("val_neighbours", val_neighbours, n_val)):
-        if value > limit or value < lowest[name]:
+    with removed_if_failed_empty(out_dir):  # a run refused at its start leaves no empty --out behind
+        out_dir = check_writable(out_dir)
+        data = read_datalist(datalist)
+        n_train, n_val = len(data["training"]), len(data["validation"])
+        if classes < 2:  # cross-entropy over one class: log softmax of a single logit is 0, whatever the network does
             raise ValueError(
-                f"{name}={value} is not possible with {n_train} training and {n_val} validation volumes in {datalist}; "
-                f"choose {name} (--{name.replace('_', '-')}) between {lowest[name]} and {limit}"
+                f"classes={classes}: visual-word classification needs at least 2 visual words (with one, loss_dis is "
+                f"always 0 and pretraining learns nothing from it); "
+                + (f"choose classes (--classes) between 2 and {n_train}, the training volumes in {datalist}" if n_train >= 2 else
+                   f"{datalist} has {n_train} training volume: add more (one reference volume per class)")
             )
-    if class_block < 1:
-        raise ValueError(f"class_block must be >= 1, got {class_block}")
-    params = {
-        "classes": classes, "neighbours": neighbours, "val_neighbours": val_neighbours, "patch_size": [int(p) for p in patch_size],
-        "border": [int(b) for b in border], "min_distance": float(min_distance), "hu_window": [float(h) for h in hu_window],
-        "dense_hu": float(dense_hu), "dense_threshold": hu_to_unit(dense_hu, tuple(hu_window)),
-        "max_dense_fraction": float(max_dense_fraction), "max_tries": int(max_tries), "metric": metric,
-        "multi_resolution": bool(multi_resolution), "resolutions": 3 if multi_resolution else 1,
-        "extractor": extractor if isinstance(extractor, str) else type(extractor).__name__,
-        "checkpoint": str(checkpoint) if checkpoint else None, "extractor_size": [int(s) for s in extractor_size],
-        "extractor_epochs": int(extractor_epochs), "extractor_width": float(extractor_width), "orient": bool(orient),
-        "raw_hu_window": [float(h) for h in hu_window] if raw_hu else None, "dtype": "float16",
-    }  # fmt: skip
-    volumes = {split: case_ids(data[split]) for split in SPLITS}
-    if (out_dir / MANIFEST_NAME).exists():
-        if overwrite:
-            _clear_outputs(out_dir)
-        elif not resume:
-            raise ValueError(f"{out_dir} already holds a visual-word run; pass --overwrite to replace it or choose another --out")
-    if (out_dir / MANIFEST_NAME).exists():
-        manifest = _earlier_run(out_dir)
-        differences = _settings_differ(manifest, params, seed, volumes)
-        if differences:
+        if val_neighbours > 0 and n_val == 0:
             raise ValueError(
-                f"{out_dir / MANIFEST_NAME} was made with other settings ({differences}); "
-                "rerun with the same settings to resume, or pass --overwrite to start again (or choose another --out)"
+                f"val_neighbours={val_neighbours} (--val-neighbours) but {datalist} has no 'validation' volumes: pass "
+                "--val-neighbours 0 (pretraining with configs/visual_words.json then has nothing to validate on), or prepare "
+                "the scans with a validation split (e.g. `dira3d prepare generic ... --val-fraction 0.2`)"
             )
-        logger.info("resuming: %d of %d classes already done", sum(c["status"] == "done" for c in manifest["classes"]), classes)
-    else:
-        # shapes from the image headers (NIfTI) before any training: a volume too small for the
-        # borders (48 CT slices, default z border 30) fails now, not after the extractor is trained
-        shapes = {split: volume_shapes(data[split], params["orient"]) for split in SPLITS}
-        _check_volume_sizes(data["training"], shapes["training"], _rules(params))
-        if val_neighbours > 0:
-            _check_validation_sizes(data["validation"], shapes["validation"], params["patch_size"])
-        embeddings = _embed(data, params, extractor, seed, workers, device)
-        save_embeddings(embeddings.numpy(), out_dir / EMBEDDINGS_NAME)
-        embedding_info = {"file": EMBEDDINGS_NAME, "dim": int(embeddings.shape[1]), "rows": "training then validation"}
-        manifest = new_manifest(seed, params, str(Path(datalist).resolve()), volumes, embedding_info)
-        manifest["classes"], manifest["channels"] = _plan(data, embeddings, params, seed, shapes)
-        manifest["status"] = "planned"
+        lowest = {"classes": 2, "neighbours": 1, "val_neighbours": 0}
+        for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train), ("val_neighbours", val_neighbours, n_val)):
+            if value > limit or value < lowest[name]:
+                raise ValueError(
+                    f"{name}={value} is not possible with {n_train} training and {n_val} validation volumes in {datalist}; "
+                    f"choose {name} (--{name.replace('_', '-')}) between {lowest[name]} and {limit}"
+                )
+        if class_block < 1:
+            raise ValueError(f"class_block must be >= 1, got {class_block}")
+        params = {
+            "classes": classes, "neighbours": neighbours, "val_neighbours": val_neighbours, "patch_size": [int(p) for p in patch_size],
+            "border": [int(b) for b in border], "min_distance": float(min_distance), "hu_window": [float(h) for h in hu_window],
+            "dense_hu": float(dense_hu), "dense_threshold": hu_to_unit(dense_hu, tuple(hu_window)),
+            "max_dense_fraction": float(max_dense_fraction), "max_tries": int(max_tries), "metric": metric,
+            "multi_resolution": bool(multi_resolution), "resolutions": 3 if multi_resolution else 1,
+            "extractor": extractor if isinstance(extractor, str) else type(extractor).__name__,
+            "checkpoint": str(checkpoint) if checkpoint else None, "extractor_size": [int(s) for s in extractor_size],
+            "extractor_epochs": int(extractor_epochs), "extractor_width": float(extractor_width), "orient": bool(orient),
+            "raw_hu_window": [float(h) for h in hu_window] if raw_hu else None, "dtype": "float16",
+        }  # fmt: skip
+        volumes = {split: case_ids(data[split]) for split in SPLITS}
+        if (out_dir / MANIFEST_NAME).exists() or (out_dir / EXTRACTOR_NAME).exists():  # a run, or one stopped in extractor training
+            if overwrite:
+                _clear_outputs(out_dir)
+            elif not resume:
+                raise ValueError(f"{out_dir} already holds a visual-word run; pass --overwrite to replace it or choose another --out")
+        if (out_dir / MANIFEST_NAME).exists():
+            manifest = _earlier_run(out_dir)
+            differences = _settings_differ(manifest, params, seed, volumes)
+            if differences:
+                raise ValueError(
+                    f"{out_dir / MANIFEST_NAME} was made with other settings ({differences}); "
+                    "rerun with the same settings to resume, or pass --overwrite to start again (or choose another --out)"
+                )
+            logger.info("resuming: %d of %d classes already done", sum(c["status"] == "done" for c in manifest["classes"]), classes)
+        else:
+            # shapes from the image headers (NIfTI) before any training: a volume too small for the
+            # borders (48 CT slices, default z border 30) fails now, not after the extractor is trained
+            shapes = {split: volume_shapes(data[split], params["orient"]) for split in SPLITS}
+            _check_volume_sizes(data["training"], shapes["training"], _rules(params))
+            if val_neighbours > 0:
+                _check_validation_sizes(data["validation"], shapes["validation"], params["patch_size"])
+            embeddings = _embed(data, params, extractor, seed, workers, device, out_dir)
+            save_embeddings(embeddings.numpy(), out_dir / EMBEDDINGS_NAME)
+            embedding_info = {"file": EMBEDDINGS_NAME, "dim": int(embeddings.shape[1]), "rows": "training then validation"}
+            manifest = new_manifest(seed, params, str(Path(datalist).resolve()), volumes, embedding_info)
+            manifest["classes"], manifest["channels"] = _plan(data, embeddings, params, seed, shapes)
+            manifest["status"] = "planned"
+            write_json_atomic(manifest, out_dir / MANIFEST_NAME)
+        _extract(data, manifest, out_dir, class_block, workers)
+        manifest["status"] = "complete"
         write_json_atomic(manifest, out_dir / MANIFEST_NAME)
-    _extract(data, manifest, out_dir, class_block, workers)
-    manifest["status"] = "complete"
-    write_json_atomic(manifest, out_dir / MANIFEST_NAME)
-    write_visual_word_datalist(manifest, out_dir)
-    return manifest
+        write_visual_word_datalist(manifest, out_dir)
+        return manifest

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from monai.data import Dataset
@@ -19,10 +20,12 @@ from monai.transforms import Compose, EnsureTyped, Resized
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dira3d.utils.checkpoint import load_checkpoint
+from dira3d.utils.checkpoint import atomic_save, load_checkpoint
 from dira3d.visual_words.loading import volume_transform
 
-__all__ = ["VolumeAutoencoder", "train_extractor", "embed_volumes", "extractor_from_checkpoint"]
+__all__ = ["EXTRACTOR_NAME", "VolumeAutoencoder", "train_extractor", "embed_volumes", "extractor_from_checkpoint", "extractor_progress"]
+
+EXTRACTOR_NAME = "extractor.pt"  # the autoencoder's per-epoch checkpoint in a visual-words output folder
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +135,16 @@ def train_extractor(
     raw_hu_window: tuple[float, float] | None = None,
     workers: int = 0,
     device: str | torch.device = "cpu",
+    checkpoint_path: str | os.PathLike | None = None,
+    settings: dict | None = None,
 ) -> VolumeAutoencoder:
     """Train a :class:`VolumeAutoencoder` (MSE, Adam) on whole volumes resized to ``size``.
+
+    With ``checkpoint_path`` the model, the optimiser, the shuffling generator and the epoch are saved
+    there (atomically) after every epoch, and a run that finds the file continues after its last epoch:
+    an interrupted training loses at most one epoch, and the resumed weights equal an uninterrupted run's
+    (on a CPU, bit for bit). ``settings`` (anything JSON-like that shapes the training) is stored with it;
+    a file saved with other settings is refused.
 
     Args:
         entries: datalist entries with absolute ``"image"`` paths.
@@ -146,12 +157,15 @@ def train_extractor(
         orient, raw_hu_window: see :func:`dira3d.visual_words.loading.volume_transform`.
         workers: DataLoader workers.
         device: where to train.
+        checkpoint_path: the per-epoch checkpoint (see above); None keeps nothing.
+        settings: stored with the checkpoint and compared on resume (None: only the training arguments).
 
     Returns:
         The trained autoencoder in eval mode.
 
     Raises:
-        ValueError: ``size`` is not divisible by 8 or ``epochs`` < 0.
+        ValueError: ``size`` is not divisible by 8 or ``epochs`` < 0; the checkpoint is not readable or
+            was made with other settings.
     """
     if any(int(s) % 8 for s in size) or len(size) != 3:
         raise ValueError(f"extractor size {tuple(size)} must be three sizes divisible by 8, e.g. 128 128 64")
@@ -160,12 +174,20 @@ def train_extractor(
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(seed)
         model = VolumeAutoencoder(width=width).to(device)
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         _resized_dataset(entries, size, orient, raw_hu_window), batch_size=batch_size, shuffle=True,
-        num_workers=workers, generator=torch.Generator().manual_seed(seed), drop_last=False,
+        num_workers=workers, generator=generator, drop_last=False,
     )  # fmt: skip
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    for epoch in range(epochs):
+    recorded = {
+        "size": [int(s) for s in size], "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
+        "width": float(width), "seed": int(seed), "orient": bool(orient),
+        "raw_hu_window": [float(h) for h in raw_hu_window] if raw_hu_window else None,
+        "volumes": [str(e["image"]) for e in entries], "settings": settings,
+    }  # fmt: skip
+    start = _resume_extractor(checkpoint_path, recorded, model, optimiser, generator) if checkpoint_path else 0
+    for epoch in range(start, epochs):
         model.train()
         total, count = 0.0, 0
         progress = _Progress(f"extractor epoch {epoch + 1}/{epochs}", len(entries))
@@ -178,7 +200,54 @@ def train_extractor(
             total, count = total + loss.item() * len(x), count + len(x)
             progress.step(count)
         logger.info("extractor epoch %d/%d: mse %.5f", epoch + 1, epochs, total / max(count, 1))
+        if checkpoint_path:
+            state = {"format": _FORMAT, "epoch": epoch + 1, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                     "generator": generator.get_state(), "recorded": recorded}  # fmt: skip
+            atomic_save(state, checkpoint_path)
     return model.eval()
+
+
+_FORMAT = "dira3d-visual-words-extractor"
+
+
+def _read_extractor_checkpoint(path: Path) -> dict:
+    state = load_checkpoint(path)
+    if state.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a dira3d visual-words extractor checkpoint (format={state.get('format')!r}); "
+                         "move it away, or pass --overwrite to start again")
+    return state
+
+
+def extractor_progress(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(epochs done, epochs planned) of the extractor checkpoint at ``path``; None when there is none
+    or it cannot be read."""
+    try:
+        state = _read_extractor_checkpoint(Path(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    return int(state["epoch"]), int(state["recorded"]["epochs"])
+
+
+def _resume_extractor(path: str | os.PathLike, recorded: dict, model: nn.Module, optimiser, generator: torch.Generator) -> int:
+    """Load the checkpoint at ``path`` into the training state if it exists; the epoch to start at."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    state = _read_extractor_checkpoint(path)
+    before = state["recorded"]
+    differences = [f"{k}: {before.get(k)!r} → {recorded[k]!r}" for k in recorded if k not in ("volumes", "settings") and before.get(k) != recorded[k]]
+    if before.get("volumes") != recorded["volumes"]:
+        differences.append("the training volumes")
+    if before.get("settings") != recorded["settings"]:
+        differences.append("the visual-word settings")
+    if differences:
+        raise ValueError(f"{path} was trained with other settings ({'; '.join(differences)}); rerun with the same settings "
+                         "to continue it, or pass --overwrite to start again (or choose another --out)")
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    generator.set_state(state["generator"])
+    logger.info("continuing the extractor from %s after epoch %d/%d", path, state["epoch"], recorded["epochs"])
+    return int(state["epoch"])
 
 
 def _feature_vectors(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ Layout of an output folder::
 
     manifest.json            seed, parameters, every class's reference, neighbours, centre, status
     embeddings.npy           (N_train + N_val, D) float32 volume embeddings (training rows first)
+    extractor.pt             the trained autoencoder's per-epoch checkpoint (dira3d.visual_words.extractor)
     visual_words.json        datalist: one entry per class and split, "image" = its shard
     shards/<split>/class_0000.npy   float16 (K * R, C, X, Y, Z), R = 1 or 3 resolutions
 
