@@ -7,9 +7,11 @@ this file only maps names to those functions, imported lazily so ``dira3d --help
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+import warnings
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "main", "quiet_missing_nvimgcodec"]
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,8 +35,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_missing_nvimgcodec() -> None:
+    """Leave out MONAI's notices that the optional nvImageCodec package is missing: it logs one every time
+    an image reader is built (several times a run) and warns once that its DICOM reader falls back to
+    pydicom's decoders, which is what dira3d reads DICOM with anyway. Other warnings are kept."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_missing_nvimgcodec()
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
         return 0

@@ -16,6 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
+from dira3d.utils.cli_help import DefaultsHelpFormatter
+
 __all__ = ["main", "stage_table"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +120,7 @@ def _finetune(prepared: Path, checkpoint: Path, out: Path, seeds: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dira3d demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d demo", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
     parser.add_argument("--count", type=int, default=20, help="number of phantoms")
     parser.add_argument("--size", type=int, nargs=3, default=(128, 128, 64), help="phantom size x y z (voxels)")

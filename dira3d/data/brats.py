@@ -35,6 +35,7 @@ from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import split_patients, write_split_file
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["MODALITIES", "DEFAULT_SPLIT", "find_patients", "prepare", "main"]
 
@@ -170,7 +171,7 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d prepare brats", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d prepare brats", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES, metavar="MOD",
                         help="MR modalities in channel order (default t1 t1ce t2 flair; e.g. --modalities flair)")

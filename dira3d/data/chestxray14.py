@@ -34,6 +34,7 @@ from dira3d.data.cxr import (
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
 
@@ -266,7 +267,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d prepare chestxray14", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d prepare chestxray14", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
     add_size_argument(parser)
     parser.add_argument("--val-fraction", type=float, default=0.1,

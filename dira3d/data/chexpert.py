@@ -39,6 +39,7 @@ from dira3d.data.cxr import (
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["ALL", "FIVE", "POLICIES", "LSR_RANGE", "apply_policy", "read_labels", "prepare", "main"]
 
@@ -233,7 +234,7 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d prepare chexpert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d prepare chexpert", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
     add_size_argument(parser)
     parser.add_argument("--policy", choices=POLICIES, default="u-ones",

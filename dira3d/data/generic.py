@@ -43,6 +43,7 @@ from dira3d.data.io import (
 )
 from dira3d.data.normalize import normalize_mr, window_hu
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["normalise_image", "prepare_mask", "discover", "patient_ids", "prepare", "main"]
 
@@ -431,7 +432,7 @@ def _check_grouping(datalist: Path, src: str | os.PathLike, grouping: dict[str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d prepare generic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d prepare generic", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--modality", choices=MODALITIES, default="ct", help="ct: HU window; mr: percentiles")
     parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),

@@ -47,6 +47,7 @@ from dira3d.data.normalize import window_hu
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import split_patients, write_split_file
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["DEFAULT_SPLIT", "SeriesInfo", "find_series", "consensus_nodules", "process_series", "prepare", "main"]
 
@@ -361,7 +362,7 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
 
 def main(argv: list[str] | None = None) -> int:
     """``dira3d prepare lidc``: parse options, run :func:`prepare`, print a summary."""
-    parser = argparse.ArgumentParser(prog="dira3d prepare lidc", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d prepare lidc", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--xml-dir", type=Path, default=None, help="folder of LIDC XML reads (matched by series UID)")
     parser.add_argument("--consensus", type=float, default=0.5, help="fraction of readers per voxel (default 0.5)")

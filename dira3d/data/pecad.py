@@ -44,6 +44,7 @@ from dira3d.data.io import IMAGE_SUFFIXES, DataError, image_to_xyz, read_image, 
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import assign_folds, write_split_file
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["CSV_COLUMNS", "find_volumes", "read_candidates", "prepare", "main"]
 
@@ -236,7 +237,7 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d prepare pecad", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d prepare pecad", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--volumes", type=Path, default=None, help="folder of CTPA volumes (default SRC/volumes)")
     parser.add_argument("--candidates", type=Path, default=None, help="candidates CSV (default SRC/candidates.csv)")

@@ -28,6 +28,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
+from dira3d.utils.cli_help import DefaultsHelpFormatter
+
 __all__ = ["PhantomCase", "make_phantom", "write_luna16_phantoms", "main"]
 
 AIR, FAT, SOFT, LUNG, BONE = -1000.0, -100.0, 40.0, -850.0, 700.0
@@ -214,7 +216,7 @@ def write_luna16_phantoms(out_dir: str | Path, count: int = 10, size: tuple[int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dira3d synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d synthetic", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the LUNA16-layout tree into")
     parser.add_argument("--count", type=int, default=10, help="number of phantoms (default 10)")
     parser.add_argument("--size", type=int, nargs=3, default=(128, 128, 64), metavar=("X", "Y", "Z"))

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.overrides import parse_value
 
 __all__ = ["main", "parse_overrides"]
@@ -39,7 +40,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d export", description="deployment exports of dira3d models")
+    parser = argparse.ArgumentParser(prog="dira3d export", description="deployment exports of dira3d models", formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
 
     def bundle_args(p: argparse.ArgumentParser) -> None:
@@ -51,22 +52,22 @@ def _parser() -> argparse.ArgumentParser:
                             "(3D --tiny) or backbone=resnet10, decoder_channels=[16,16,8,8,8], roi_size=[64,64] (2D --tiny)")
         p.add_argument("--input-shape", type=int, nargs="+", help="example input B C X Y Z (default 1 C roi_size)")
 
-    ts = sub.add_parser("torchscript", help="model.ts via monai.bundle ckpt_export")
+    ts = sub.add_parser("torchscript", help="model.ts via monai.bundle ckpt_export", formatter_class=DefaultsHelpFormatter)
     bundle_args(ts)
     ts.add_argument("--out", help="output file (default <bundle>/models/model.ts)")
     ts.add_argument("--overwrite", action="store_true", help="replace an existing --out (an earlier export)")
-    onnx = sub.add_parser("onnx", help="ONNX graph (checked against PyTorch with onnxruntime)")
+    onnx = sub.add_parser("onnx", help="ONNX graph (checked against PyTorch with onnxruntime)", formatter_class=DefaultsHelpFormatter)
     bundle_args(onnx)
     onnx.add_argument("--out", required=True, help="output .onnx file")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing --out (an earlier export)")
     onnx.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check")
     onnx.add_argument("--tolerance", type=float, default=None, help="max |logit difference| accepted, per unit of max(1, max |logit|) (default 1e-4)")
-    pre = sub.add_parser("pretrained", help="encoder/decoder as state_dict + safetensors + key_map.json")
+    pre = sub.add_parser("pretrained", help="encoder/decoder as state_dict + safetensors + key_map.json", formatter_class=DefaultsHelpFormatter)
     pre.add_argument("--checkpoint", required=True, help="dira3d pretraining checkpoint")
     pre.add_argument("--out", required=True, help="output folder")
     pre.add_argument("--parts", nargs="+", default=["encoder", "decoder"])
     pre.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
-    app = sub.add_parser("monailabel-app", help="copy the MONAI Label app and print its start command")
+    app = sub.add_parser("monailabel-app", help="copy the MONAI Label app and print its start command", formatter_class=DefaultsHelpFormatter)
     app.add_argument("--out", required=True, help="new folder for the app")
     app.add_argument("--bundles", default=None, help="bundle folder(s) to serve (default <repo>/bundles)")
     app.add_argument("--studies", default="<studies folder>")

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.overrides import parse_value
 
 __all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "main"]
@@ -50,7 +51,7 @@ def interrupted_message(output: Path, overrides: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dira3d pretrain", description="DiRA pretraining (bundles/dira_pretrain).")
+    parser = argparse.ArgumentParser(prog="dira3d pretrain", description="DiRA pretraining (bundles/dira_pretrain).", formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--datalist", required=True, help="pretraining datalist JSON (e.g. from `dira3d prepare luna16`)")
     parser.add_argument("--output", default="runs/dira_pretrain", help="folder for models/ (checkpoints) and eval/ (TensorBoard)")
     parser.add_argument("--tiny", action="store_true", help="tiny network and patches for a CPU demo (configs/tiny.json)")

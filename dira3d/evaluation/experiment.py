@@ -80,6 +80,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.cli_help import DefaultsRawDescriptionHelpFormatter
 from dira3d.utils.overrides import check_overrides, did_you_mean
 from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
 
@@ -648,7 +649,7 @@ def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dira3d experiment", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=DefaultsRawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML/JSON")
     args = parser.parse_args(argv)
     try:

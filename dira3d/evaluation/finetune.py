@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.overrides import check_overrides, parse_value
 
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "main"]
@@ -193,7 +194,7 @@ def run_finetune(
 
 def main(argv: list[str] | None = None) -> int:
     """``dira3d finetune``: parse the options, run :func:`run_finetune`, print the test metrics."""
-    parser = argparse.ArgumentParser(prog="dira3d finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d finetune", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--bundle", required=True, help=f"bundle name ({', '.join(BUNDLES + BUNDLES_2D)}) or folder")
     parser.add_argument("--datalist", help="prepared datalist JSON (default: the bundle's dataset_dir/<task>_datalist.json)")
     parser.add_argument("--dataset-dir", help="folder holding the prepared datalist")

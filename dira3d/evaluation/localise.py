@@ -36,6 +36,7 @@ import torch
 from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
 from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
 
@@ -237,7 +238,7 @@ def _fit_hint(state: Mapping[str, Any], backbone: str, num_classes: int, in_chan
 
 def main(argv: list[str] | None = None) -> int:
     """``dira3d localise``: Grad-CAM localisation accuracy per δ on the ChestX-ray14 boxes."""
-    parser = argparse.ArgumentParser(prog="dira3d localise", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dira3d localise", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--bbox-datalist", required=True, help="bbox_datalist.json from `dira3d prepare chestxray14`")
     parser.add_argument("--model", required=True, help="fine-tuned classifier state_dict (bundles/chestxray14_cls models/model.pt)")
     parser.add_argument("--output-dir", required=True, help="folder for localisation.json and overlays/")

@@ -1,0 +1,93 @@
+"""The ``dira3d`` command line: every ``--help`` names each option's default (users should not have to read the code),
+and MONAI's notices about the optional nvImageCodec are left out of the console."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+
+import pytest
+
+from dira3d.cli import COMMANDS
+from dira3d.cli import main as cli_main
+from dira3d.data.command import DATASETS
+from dira3d.utils.cli_help import DefaultsHelpFormatter, _shown_default
+
+EXPORTS = ("torchscript", "onnx", "pretrained", "monailabel-app")
+COMMAND_LINES = (
+    [["prepare", name] for name in DATASETS]
+    + [["export", what] for what in EXPORTS]
+    + [[name] for name in COMMANDS if name not in ("prepare", "export")]
+)
+
+
+def test_formatter_shows_defaults_only_where_there_is_one():
+    parser = argparse.ArgumentParser(prog="toy", formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="the seed")  # 0 is a default, not "no default"
+    parser.add_argument("--size", type=int, nargs=3, default=(64, 64, 32))  # no help text: a line is still printed
+    parser.add_argument("--rate", type=float, default=0.5, help="rate in 100%% steps")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    parser.add_argument("--src", required=True, help="input")
+    parser.add_argument("--out", help="output")
+    parser.add_argument("--window", default=(-1, 1), help="window (default -1000 1000)")
+    text = " ".join(parser.format_help().split())
+    assert "--seed SEED the seed (default: 0)" in text
+    assert "--size SIZE SIZE SIZE (default: 64 64 32)" in text
+    assert "rate in 100% steps (default: 0.5)" in text
+    assert "a switch (default" not in text and "input (default" not in text and "output (default" not in text
+    assert "window (default -1000 1000)" in text and "(default: -1 1)" not in text  # the help's own wording is kept
+
+
+@pytest.mark.parametrize("argv", COMMAND_LINES, ids=[" ".join(a) for a in COMMAND_LINES])
+def test_every_command_help_names_its_defaults(argv, monkeypatch, capsys):
+    parsers = []
+    original = argparse.ArgumentParser.parse_args
+
+    def record(self, args=None, namespace=None):
+        parsers.append(self)
+        return original(self, args, namespace)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", record)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    parser = parsers[0]
+    if argv[0] == "export":  # a sub-parser of `dira3d export`
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[1]]
+    assert issubclass(parser.formatter_class, DefaultsHelpFormatter), parser.prog
+    missing = [
+        action.option_strings[0] for action in parser._actions
+        if _shown_default(action) is not None and f"(default: {_shown_default(action)})" not in help_text
+    ]  # fmt: skip
+    assert not missing, f"{parser.prog} --help does not show the default of {missing}"
+
+
+
+def _nvimgcodec_notices(path, caplog, quiet: bool) -> list[str]:
+    from monai.transforms import LoadImage
+
+    from dira3d.cli import quiet_missing_nvimgcodec
+
+    name = "monai.data.nvimgcodec_pydicom_plugin"
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger=name):
+        warnings.simplefilter("always")
+        if quiet:  # inside: the logger's level and the warning filters are restored when the block ends
+            quiet_missing_nvimgcodec()
+        LoadImage(image_only=True)(str(path))
+        LoadImage(image_only=True)(str(path))
+    texts = [r.getMessage() for r in caplog.records if r.name == name]
+    return texts + [str(w.message) for w in caught if "nvImageCodec" in str(w.message)]
+
+
+def test_missing_nvimgcodec_notices_are_left_out(tmp_path, caplog):
+    import nibabel as nib
+    import numpy as np
+
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path)
+    if not _nvimgcodec_notices(path, caplog, quiet=False):
+        pytest.skip("nvImageCodec is installed here: MONAI has no notice to leave out")
+    assert _nvimgcodec_notices(path, caplog, quiet=True) == []
