@@ -242,6 +242,10 @@ def test_mean_auc_by_hand():
     values = per_class_auc(scores, labels)
     assert values[:2] == [1.0, 0.75] and np.isnan(values[2])  # class 2 has no positive: no AUC
     assert mean_auc(scores, labels) == pytest.approx(0.875)
+    # a label of exactly 0.5 is positive (>= 0.5): class 1 then has positives {0.8, 0.4, 0.2} vs {0.6}: 1/3
+    half = labels.copy()
+    half[0, 1] = 0.5
+    assert per_class_auc(scores, half)[1] == pytest.approx(1 / 3)
     metric = MeanAUCMetric()
     metric(torch.as_tensor(scores[:2]), torch.as_tensor(labels[:2]))
     metric(torch.as_tensor(scores[2:]), torch.as_tensor(labels[2:]))

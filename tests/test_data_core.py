@@ -312,3 +312,15 @@ def test_prepare_command_dispatch(capsys):
     usage = capsys.readouterr().out
     assert all(name in usage for name in ("luna16", "lits", "lidc", "brats", "pecad"))
     assert "docs/data.md" in usage and "docs/data_2d.md" in usage  # the 2D datasets are documented there
+
+
+def test_resample_keeps_the_field_of_view_of_an_oblique_scan():
+    """The new grid covers the old box: its outer voxel corners are the old ones, along the image axes
+    (the direction matters: a 1 mm grid shifted by one new voxel would keep the centroids but crop a slice)."""
+    image = _image(shape_xyz=(10, 8, 6), spacing=(0.8, 1.0, 2.5))  # ODD_DIRECTION
+    out = resample(image, 1.0, "linear")
+    assert out.GetSize() == (8, 8, 15)
+    first = np.full(3, -0.5)  # the outer corner of voxel 0, in voxel units
+    assert np.allclose(voxel_to_world(out, first), voxel_to_world(image, first), atol=1e-6)
+    last_new, last_old = np.asarray(out.GetSize()) - 0.5, np.asarray(image.GetSize()) - 0.5
+    assert np.allclose(voxel_to_world(out, last_new), voxel_to_world(image, last_old), atol=1e-6)

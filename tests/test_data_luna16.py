@@ -228,3 +228,11 @@ def test_luna16_relative_paths_are_recorded_absolute(luna_tree, tmp_path, monkey
     meta = json.loads((tmp_path / "out" / "ncc_datalist.json").read_text())["meta"]
     assert Path(meta["candidates_csv"]) == (src / "candidates_V2.csv").resolve()
     assert Path(meta["source"]) == src.resolve()
+
+
+def test_a_positive_candidate_takes_the_diameter_of_the_nodule_it_lies_in():
+    """Within the nodule's radius + 1 mm (not its diameter + 1 mm), the nearest nodule when several qualify."""
+    candidate = ("c", 10.0, 20.0, 30.0, 1)
+    assert luna16._diameter(candidate, [(13.0, 20.0, 30.0, 4.0)]) == 4.0  # 3 mm = radius 2 + 1
+    assert luna16._diameter(candidate, [(13.5, 20.0, 30.0, 4.0)]) is None  # 3.5 mm: outside
+    assert luna16._diameter(candidate, [(14.0, 20.0, 30.0, 8.0), (11.0, 20.0, 30.0, 6.0)]) == 6.0

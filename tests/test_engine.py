@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 
 from dira3d.engines import (
@@ -70,7 +71,7 @@ def record(trainer):
     """Per iteration: stage name, numeric output keys, and a copy of the adversary's weights."""
     log = []
 
-    @trainer.on(__import__("ignite").engine.Events.ITERATION_COMPLETED)
+    @trainer.on(Events.ITERATION_COMPLETED)
     def _(engine):
         log.append((engine.state.output["stage"], set(k for k, v in engine.state.output.items() if isinstance(v, torch.Tensor)),
                     [p.detach().clone() for p in engine.adversary.parameters()],
@@ -240,7 +241,7 @@ def test_validation_best_checkpoint_and_mismatched_resume(tmp_path):
     trainer = make_trainer("visual_words", 3, stages=[{"name": "dis_res", "losses": ["dis", "res"]}], max_epochs=2,
                            volumes=2, batch=2, handlers=[evaluator, ckpt])
     values = []
-    trainer.add_event_handler(__import__("ignite").engine.Events.EPOCH_COMPLETED, lambda e: values.append(e.state.metrics["val_loss"]))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: values.append(e.state.metrics["val_loss"]))
     trainer.run()
     assert len(values) == 2 and all(np.isfinite(values))
     best = load_checkpoint(tmp_path / "best.pt")
@@ -312,7 +313,7 @@ def test_selection_loss_leaves_out_only_the_adversarial_term(tmp_path):
     ckpt = DiRACheckpoint(tmp_path, metric_name="val_selection_loss")
     trainer = make_trainer("visual_words", 3, stages=stages, max_epochs=2, volumes=2, batch=2, handlers=[evaluator, ckpt])
     seen = []
-    trainer.add_event_handler(__import__("ignite").engine.Events.EPOCH_COMPLETED, lambda e: seen.append(dict(e.state.metrics)))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(dict(e.state.metrics)))
     trainer.run()
     weights = trainer.loss_function.weights
     first, second = seen
@@ -335,3 +336,106 @@ def test_resume_from_a_checkpoint_of_other_settings_names_the_file(tmp_path):
                          batch=2, handlers=[DiRACheckpoint(tmp_path)])
     with pytest.raises(ValueError, match=r"last\.pt does not fit this run's dis_head .*width=0\.125.*resume to false"):
         other.run()
+
+
+def test_discriminator_steps_on_the_target_and_detached_restorations_d_steps_times():
+    """Step 5 of the method: D sees the restoration target as real (not the distorted input) and the
+    restoration detached, ``d_steps`` times per generator step; each of those steps moves D."""
+    trainer = make_trainer("visual_words", 3, stages=[{"name": "ra", "losses": ["res", "adv"]}], volumes=4, batch=2,
+                           d_steps=2)  # 2 iterations
+    calls, distortions = [], []
+    scores, distortion = trainer.adversary_scores, trainer.distortion
+
+    def recording_scores(real, fake):
+        calls.append((trainer.state.iteration, real, fake))
+        return scores(real, fake)
+
+    def recording_distortion(x, generator, **kwargs):
+        out = distortion(x, generator, **kwargs)
+        distortions.append(out)
+        return out
+
+    trainer.adversary_scores, trainer.distortion = recording_scores, recording_distortion
+    trainer.run()
+    assert [c[0] for c in calls] == [1, 1, 2, 2] and len(distortions) == 2
+    for (_, real, fake), (distorted, target) in zip(calls, [d for d in distortions for _ in range(2)]):
+        assert torch.equal(real, target) and not torch.equal(real, distorted)
+        assert not fake.requires_grad and fake.shape == real.shape
+    # Adam counts its steps: 2 iterations x d_steps 2 for D, one per iteration for G
+    d_steps = {int(trainer.optimizer_d.state[p]["step"]) for p in trainer.adversary.parameters()}
+    g_steps = {int(trainer.optimizer.state[p]["step"]) for p in trainer.network.parameters()}
+    assert d_steps == {4} and g_steps == {2}
+
+
+def test_moco_key_encoder_follows_the_online_encoder_by_ema():
+    """theta_k <- m theta_k + (1 - m) theta_q before the keys are computed: at iteration 2 the key encoder
+    is m x (its copy of the initial encoder) + (1 - m) x (the online encoder after step 1)."""
+    m = 0.75
+    trainer = make_trainer("moco", 3, stages=[{"name": "dis", "losses": ["dis"]}], volumes=4, batch=2, momentum=m)
+    initial = {k: v.detach().clone() for k, v in trainer.momentum_encoder.named_parameters()}
+    assert all(torch.equal(v, dict(trainer.network.encoder.named_parameters())[k]) for k, v in initial.items())
+    after_first = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=1))
+    def _(engine):
+        after_first.update({k: v.detach().clone() for k, v in engine.network.encoder.named_parameters()})
+
+    trainer.run()  # 2 iterations
+    online = dict(trainer.network.encoder.named_parameters())
+    changed = False
+    for name, key in trainer.momentum_encoder.named_parameters():
+        torch.testing.assert_close(key, m * initial[name] + (1 - m) * after_first[name])
+        assert not key.requires_grad
+        changed |= not torch.equal(key, online[name]) and not torch.equal(key, initial[name])
+    assert changed  # neither frozen nor a copy of the online encoder
+
+
+def test_restore_checkpoint_puts_back_every_part_of_a_run_in_the_adversarial_stage():
+    """A checkpoint written after adversarial steps, loaded into a fresh trainer, gives back the same
+    checkpoint: weights, both optimisers' moments (D's too), queue, counters and stage."""
+    from dira3d.engines import restore_checkpoint
+
+    stages = [{"name": "dis", "until_iteration": 1, "losses": ["dis"]}, {"name": "dira", "losses": ["dis", "res", "adv"]}]
+    trainer = make_trainer("moco", 3, stages=stages, volumes=6, batch=2)  # 3 iterations, 2 adversarial
+    trainer.run()
+    saved = checkpoint_dict(trainer)
+    assert saved["optimizer_d"]["state"], "D has stepped: its Adam moments must be in the checkpoint"
+    fresh = make_trainer("moco", 3, stages=stages, volumes=6, batch=2, seed=5)
+    restore_checkpoint(fresh, saved)
+    again = checkpoint_dict(fresh)
+
+    def same(a, b, where):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), where
+        elif isinstance(a, dict):
+            assert set(a) == set(b), where
+            for key in a:
+                same(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        else:
+            assert a == b, where
+
+    for part in saved:
+        if part != "rng":
+            same(saved[part], again[part], part)
+    assert fresh.state.iteration == 3 and again["trainer"]["stage"] == "dira"
+
+
+def test_optimizer_step_clips_the_gradient_norm():
+    from dira3d.engines.optim import optimizer_step
+
+    def step(clip):
+        layer = torch.nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.zero_()
+        opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+        loss = (layer(torch.tensor([[3.0, 4.0, 0.0]])) * 10).sum()  # gradient (30, 40, 0): norm 50
+        optimizer_step(loss, opt, list(layer.parameters()), clip_grad_norm=clip)
+        return -layer.weight.detach().flatten()  # SGD with lr 1: the step is minus the (clipped) gradient
+
+    torch.testing.assert_close(step(None), torch.tensor([30.0, 40.0, 0.0]))
+    torch.testing.assert_close(step(5.0), torch.tensor([3.0, 4.0, 0.0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step(100.0), torch.tensor([30.0, 40.0, 0.0]))  # under the bound: untouched

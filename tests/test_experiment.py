@@ -270,3 +270,27 @@ def test_a_pretraining_that_failed_at_its_start_does_not_lock_the_method(tmp_pat
     run_experiment(_config(tmp_path, **spec), runner=fake_runner([]), log=lambda _: None)
     assert len(runs) == 1 and runs[0]["dataset_dir"] == str(tmp_path / "vw")
     assert json.loads((folder / experiment.SETTINGS_NAME).read_text())["dataset_dir"] == str(tmp_path / "vw")
+
+
+def test_welch_in_the_config_gives_welchs_p_values_in_the_report(tmp_path):
+    """welch: true must reach the t-test (here the spreads differ 50-fold, so Student's p is far off)."""
+    import json
+
+    from scipy.stats import ttest_ind
+
+    def runner(bundle, overrides):
+        seed = overrides["seed"]
+        value = 0.7 + 0.05 * seed ** 2 if overrides["pretrained"] else 0.6 + 0.001 * seed
+        return {"auc": value + 0.1 * overrides["label_fraction"]}
+
+    dira, random = [0.75, 0.80, 0.95], [0.65, 0.651, 0.652]  # @ 50 % labels, seeds 0, 1, 2
+    for welch in (True, False):
+        config = _config(tmp_path, welch=welch, output_dir=f"out_{welch}")
+        run_experiment(config, runner=runner, log=lambda _: None)
+        out = tmp_path / f"out_{welch}"
+        cell = next(c for c in json.loads((out / "summary.json").read_text())
+                    if c["method"] == "dira" and c["label_fraction"] == 0.5)
+        expected = ttest_ind(dira, random, equal_var=not welch).pvalue
+        assert cell["p_value"] == pytest.approx(expected, rel=1e-6), welch
+        assert ("Welch's t-test" if welch else "Student's t-test") in (out / "table.md").read_text()
+    assert ttest_ind(dira, random, equal_var=False).pvalue != pytest.approx(ttest_ind(dira, random).pvalue, rel=0.05)

@@ -287,3 +287,11 @@ def test_finetune_keeps_an_earlier_run_in_the_output_dir(tmp_path, capsys):
     with pytest.raises(Exception, match="none.json"):
         run_finetune("lits_liver_seg", {"datalist": str(tmp_path / "none.json")}, output_dir=out, tiny=True,
                      overwrite=True)
+
+
+def test_holdout_never_takes_every_patient():
+    """However large the holdout share, the last patient of the draw stays in training."""
+    entries = [{"image": f"s{p}_{k}", "label": f"m{p}_{k}", "case_id": f"p{p}"} for p in range(3) for k in range(2)]
+    for seed in range(5):
+        train, held = holdout_by_patient(entries, 0.99, seed=seed)
+        assert len(train) == 2 and len(held) == 4 and len({e["case_id"] for e in train}) == 1

@@ -72,3 +72,13 @@ def test_boxes_and_iou_by_hand():
     assert box_iou((0, 0, 0, 2, 2, 2), (0, 0, 0, 2, 2, 2)) == 1.0
     with pytest.raises(ValueError, match="target layer 'nope'"):
         gradcam_maps(ObjectLooker(2), torch.zeros(1, 1, 8, 8), "nope")
+
+
+def test_localisation_is_correct_at_iou_equal_to_delta():
+    """'Correct at level delta when IoU >= delta': a box covering half of the ground truth counts at 0.5."""
+    heat = np.zeros((10, 10))
+    heat[2:6, 2:4] = 1.0  # box (2, 2, 6, 4): 8 pixels inside the 16-pixel ground truth below
+    gt = (2, 2, 6, 6)
+    assert box_iou(boxes_from_heatmap(heat)[0], gt) == 0.5
+    accuracy = localisation_accuracy([heat, np.zeros((10, 10))], [gt, gt], deltas=(0.4, 0.5, 0.6))
+    assert accuracy == {0.4: 0.5, 0.5: 0.5, 0.6: 0.0}  # the empty heatmap localises nothing

@@ -73,6 +73,21 @@ def test_infonce_matches_hand_computation_with_tiny_queue():
     assert q.grad is not None and k.grad is None  # keys are stop-gradient
 
 
+def test_infonce_positive_is_column_zero_for_each_row_alone():
+    """One row at a time, with positive, negatives and their order all different: the test above is
+    symmetric (its two rows swap values if the positive is put after the negatives), this one is not."""
+    tau = 0.5
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[2.0, 0.0]])  # cos 1 with q
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])  # cos 0 and -1
+    z = math.exp(1 / tau) + 1 + math.exp(-1 / tau)
+    loss = InfoNCELoss(temperature=tau)(q, k, queue)
+    assert loss.item() == pytest.approx(-math.log(math.exp(1 / tau) / z), rel=1e-6)
+    # a key that matches the query better lowers the loss; a queue key that matches it raises it
+    assert InfoNCELoss(tau)(q, -k, queue).item() > loss.item()
+    assert InfoNCELoss(tau)(q, k, torch.tensor([[1.0, 0.0], [-1.0, 0.0]])).item() > loss.item()
+
+
 def test_infonce_rejects_mismatched_dims():
     with pytest.raises(ValueError, match="queue"):
         InfoNCELoss()(torch.randn(2, 4), torch.randn(2, 4), torch.randn(8, 3))

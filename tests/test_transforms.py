@@ -456,3 +456,22 @@ def test_transvw_elastic_warp_scales_with_the_patch():
     assert default_distortion_args("transvw", (64, 64, 32)) == {"alpha": 991.0, "sigma": 8.0}
     assert default_distortion_args("transvw", (32, 32, 16)) == {"alpha": 991.0 / 4, "sigma": 4.0}
     assert default_distortion_args("models_genesis", (32, 32, 16)) == {}
+
+
+def test_bezier_inverse_prob_is_the_probability_of_a_decreasing_curve() -> None:
+    ramp = torch.linspace(0, 1, 200).view(1, 1, 200, 1).repeat(40, 1, 1, 1)
+    for inverse_prob, decreasing_share in ((0.0, 0.0), (1.0, 1.0), (0.2, 0.2)):
+        out = nonlinear_intensity(ramp, gen(6), inverse_prob=inverse_prob)[:, 0, :, 0]
+        decreasing = out[:, 0] > out[:, -1]  # 1 -> 0 instead of 0 -> 1
+        assert abs(float(decreasing.float().mean()) - decreasing_share) <= 0.15, inverse_prob
+
+
+def test_outpaint_window_sides_are_drawn_over_the_whole_reference_range() -> None:
+    """Side = dim - randint(3*dim//7, 4*dim//7): uniform between its two ends, not stuck at one of them."""
+    x = rand(60, 1, 49, 42)
+    _, kept = outpaint(x, gen(14), max_windows=1, return_mask=True)
+    for axis, s in enumerate((49, 42)):
+        sides = kept.any(dim=2 - axis).sum(dim=1).float()  # extent of the one window along the axis
+        lo, hi = s - 4 * s // 7, s - 3 * s // 7
+        assert int(sides.min()) == lo and int(sides.max()) == hi, (axis, sides.unique())
+        assert abs(float(sides.mean()) - (lo + hi) / 2) < 1.0

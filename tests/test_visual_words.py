@@ -280,3 +280,32 @@ def test_volume_transform_reads_raw_nrrd_like_nifti(tmp_path):
     assert nrrd.shape == (1, 22, 18, 10) and torch.equal(nrrd, nifti)
     assert 0.0 <= float(nrrd.min()) < float(nrrd.max()) <= 1.0
     assert volume_shapes([{"image": str(tmp_path / "ct.nrrd")}]) == [(22, 18, 10)]
+
+
+def test_sampled_centres_reach_both_ends_of_the_centre_range():
+    """Centres are drawn from the whole inclusive range: the last centre that keeps the patch inside
+    the volume (and its borders) is drawn too, not just the ones before it."""
+    rules = CoordinateRules(patch_size=(8, 8, 4), border=(1, 0, 2), min_distance=0.0, max_tries=1)
+    volume = np.zeros((1, 14, 12, 10), dtype=np.float32)  # all air: every centre passes the lung rule
+    ranges = centre_range(volume.shape[1:], rules)
+    assert ranges == [(5, 9), (4, 8), (4, 6)]
+    rng = np.random.RandomState(0)
+    drawn = np.array([sample_coordinate(volume, rules, rng) for _ in range(300)])
+    for axis, (lo, hi) in enumerate(ranges):
+        assert set(drawn[:, axis].tolist()) == set(range(lo, hi + 1)), axis
+    # the extreme centres give patches that touch the borders exactly
+    last = patch_slices((9, 8, 6), rules.patch_size)
+    assert [s.stop for s in last] == [14 - 1, 12 - 0, 10 - 2]
+
+
+def test_min_distance_is_a_strict_euclidean_bound_on_every_draw():
+    """Only x varies (4..8) around an earlier centre at x = 6: with min_distance 2 only x = 4 and 8
+    qualify; with 2.5 none does, even though 2 is 'almost' 2.5 (no rounding of the distance)."""
+    volume = np.zeros((1, 12, 8, 4), dtype=np.float32)
+    previous = [(6, 4, 2)]
+    rules = CoordinateRules(patch_size=(8, 8, 4), border=(0, 0, 0), min_distance=2.0, max_tries=50)
+    rng = np.random.RandomState(0)
+    assert {sample_coordinate(volume, rules, rng, previous)[0] for _ in range(40)} == {4, 8}
+    strict = CoordinateRules(patch_size=(8, 8, 4), border=(0, 0, 0), min_distance=2.5, max_tries=50)
+    with pytest.raises(CoordinateSamplingError, match="50 were closer than 2.5 voxels"):
+        sample_coordinate(volume, strict, rng, previous)
