@@ -105,6 +105,7 @@ def run_finetune(
     output_dir: str | os.PathLike | None = None,
     tiny: bool = False,
     overwrite: bool = False,
+    overrides_from: str = "setting",
 ) -> dict[str, Any]:
     """Fine-tune ``bundle``, evaluate the best checkpoint on the test split, write ``metrics.json``.
 
@@ -116,6 +117,7 @@ def run_finetune(
             ``metrics.json`` go; default ``overrides["output_dir"]`` or ``./finetune_<bundle>``.
         tiny: add the bundle's ``configs/tiny.json`` (tiny network, 2 epochs in 2D, 3 in 3D) for smoke tests.
         overwrite: replace the model and metrics of an earlier run in ``output_dir`` (refused otherwise).
+        overrides_from: what an unknown override id is said to come from (the command line: ``--set``).
 
     Returns:
         ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "settings"}``.
@@ -135,7 +137,7 @@ def run_finetune(
     files = [configs / "train.json"] + ([configs / "tiny.json"] if tiny else [])
     # before any work: MONAI adds an unknown id silently, so a typo would train with the default
     check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k != "output_dir"},
-                    where="setting")
+                    where=overrides_from)
     out = Path(output_dir or overrides.pop("output_dir", None) or Path.cwd() / f"finetune_{root.name}").resolve()
     earlier = [p for p in (out / "models" / "model.pt", out / "metrics.json") if p.exists()]
     if earlier and not overwrite:  # the first epoch would replace the earlier model, and metrics.json after it
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = parse_value(value)
     try:
         result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, overrides_from="--set")
     except FileExistsError as err:  # an earlier run's results: kept
         print(f"dira3d finetune: error: {err}", file=sys.stderr)
         return 2
