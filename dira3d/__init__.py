@@ -1,3 +1,9 @@
 """dira3d: MONAI-native DiRA (discriminative, restorative, adversarial) self-supervised pretraining."""
 
 __version__ = "0.1.0"
+
+from dira3d.utils.threads import install_exit_hook  # noqa: E402 - light: no torch
+
+# an exit after an uncaught error waits for thread-pool workers still loading data in native code, which
+# would abort the process (dira3d.utils.threads)
+install_exit_hook()

@@ -55,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    failed = True
+    try:
+        code = int(func(rest) or 0)
+        failed = code != 0
+        return code
+    finally:
+        if failed:  # an error or Ctrl-C: a failed cache fill may leave threads in native code, which abort the exit
+            from dira3d.utils.threads import finish_pool_threads
+
+            finish_pool_threads()
 
 
 if __name__ == "__main__":

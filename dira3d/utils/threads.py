@@ -1,0 +1,53 @@
+"""Let the worker threads of a failed thread pool finish their item before the interpreter exits.
+
+MONAI's ``CacheDataset`` loads its items in a ``multiprocessing.pool.ThreadPool``. When one item
+fails (a raw-HU scan that the pretraining bundle refuses, a truncated file), the pool is terminated
+and the error reaches the command, which prints it and returns while the pool's other threads are
+still loading their items in native code (SimpleITK, torch). At exit, CPython ends such a daemon
+thread when it takes the GIL back, with ``pthread_exit``; the forced unwind through C++ frames
+aborts the process (``FATAL: exception not rethrown`` or ``terminate called without an active
+exception``, exit code 134) after the command's one-line error. A terminated pool's workers end
+after their current item, so waiting for them gives the command's own exit code.
+
+``dira3d.cli.main`` waits for them when a command fails; for an uncaught error (``python -m
+monai.bundle run`` of a bundle whose data fail to load) an ``atexit`` hook, registered when
+``dira3d`` is imported, does.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+import time
+from multiprocessing.dummy import DummyProcess
+
+__all__ = ["finish_pool_threads", "install_exit_hook"]
+
+
+def finish_pool_threads(timeout: float = 120.0) -> list[str]:
+    """Wait for the live worker threads of ``ThreadPool`` s (at most ``timeout`` seconds in all).
+
+    Call it on the way out of a failed command, not while a pool is still in use: the workers of
+    a pool that is neither terminated nor closed wait for tasks until ``timeout``.
+
+    Returns:
+        The names of the worker threads still running after ``timeout`` (empty when all ended).
+    """
+    deadline = time.monotonic() + timeout
+    workers = [t for t in threading.enumerate() if isinstance(t, DummyProcess) and t is not threading.current_thread()]
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in workers if t.is_alive()]
+
+
+def _finish_after_uncaught_error() -> None:
+    """``atexit``: after an uncaught exception (``sys.last_value``, set when its traceback was printed)."""
+    if getattr(sys, "last_value", None) is not None:
+        finish_pool_threads(timeout=60.0)  # shorter: a pool left open elsewhere would hold the exit this long
+
+
+def install_exit_hook() -> None:
+    """Register the ``atexit`` hook that waits for pool threads after an uncaught error (once)."""
+    atexit.unregister(_finish_after_uncaught_error)
+    atexit.register(_finish_after_uncaught_error)

@@ -1,0 +1,88 @@
+"""A command that fails while a thread pool is loading data exits with its own code, not SIGABRT.
+
+MONAI's CacheDataset fills its cache in a ``ThreadPool``; when one item fails (e.g. a raw-HU scan in
+a pretraining datalist), `dira3d pretrain` printed its one-line error and then the process aborted
+("FATAL: exception not rethrown", exit code 134): the pool's other thread was still in SimpleITK
+when the interpreter exited; `python -m monai.bundle run` did the same after its traceback. The
+script below reproduces both without MONAI (the same pool, one bad item, one item loading in native
+code): through `dira3d.cli.main`, and as an uncaught error in a process that imported dira3d.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from multiprocessing.dummy import DummyProcess
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+
+import pytest
+
+from dira3d.utils.threads import finish_pool_threads
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from multiprocessing.pool import ThreadPool
+    import SimpleITK as sitk
+    import dira3d.cli as cli
+
+    def load(i):
+        if i == 0:
+            time.sleep(0.3)  # the other item is being loaded by then
+            raise ValueError("item 0 is bad")
+        image, end = sitk.Image(48, 48, 48, sitk.sitkFloat32), time.monotonic() + 1.5
+        while time.monotonic() < end:  # native calls that release the GIL, as reading a scan does
+            sitk.DiscreteGaussian(image)
+        return i
+
+    def fake_main(argv):
+        try:
+            with ThreadPool(2) as pool:  # as MONAI's CacheDataset fills its cache
+                list(pool.imap(load, [0, 1]))
+        except ValueError as err:
+            print(f"fake: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+
+    if sys.argv[1] == "cli":
+        cli.COMMANDS["fake"] = ("__main__:fake_main", "a command whose data loading fails")
+        sys.exit(cli.main(["fake"]))
+    with ThreadPool(2) as pool:  # uncaught, as `python -m monai.bundle run` lets a CacheDataset error go
+        list(pool.imap(load, [0, 1]))
+    """
+)
+
+
+@pytest.mark.parametrize(("mode", "message", "code"), [("cli", "fake: error: item 0 is bad", 2),
+                                                       ("uncaught", "ValueError: item 0 is bad", 1)])
+def test_failed_run_exits_with_its_code_while_a_pool_thread_is_in_native_code(tmp_path, mode, message, code):
+    script = tmp_path / "fail_while_loading.py"
+    script.write_text(SCRIPT, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env, timeout=120)
+    assert message in result.stderr
+    assert "FATAL" not in result.stderr and "terminate called" not in result.stderr, result.stderr
+    assert result.returncode == code, (result.returncode, result.stderr)
+
+
+def test_finish_pool_threads_waits_for_busy_workers_only_up_to_the_timeout():
+    before = set(threading.enumerate())
+    release = threading.Event()
+    pool = ThreadPool(1)
+    ours = [t.name for t in threading.enumerate() if t not in before and isinstance(t, DummyProcess)]
+    pool.apply_async(release.wait)
+    time.sleep(0.05)
+    start = time.monotonic()
+    assert set(ours) <= set(finish_pool_threads(timeout=0.3)), "a worker still busy is named"
+    assert 0.25 < time.monotonic() - start < 5
+    release.set()
+    pool.terminate()  # as CacheDataset's `with ThreadPool` does on an error: the worker ends after its item
+    still_running = finish_pool_threads(timeout=10)
+    assert not set(ours) & set(still_running)
