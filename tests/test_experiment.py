@@ -294,3 +294,38 @@ def test_welch_in_the_config_gives_welchs_p_values_in_the_report(tmp_path):
         assert cell["p_value"] == pytest.approx(expected, rel=1e-6), welch
         assert ("Welch's t-test" if welch else "Student's t-test") in (out / "table.md").read_text()
     assert ttest_ind(dira, random, equal_var=False).pvalue != pytest.approx(ttest_ind(dira, random).pvalue, rel=0.05)
+
+
+def test_a_results_row_cut_short_is_refused_and_rows_are_written_atomically(tmp_path, monkeypatch):
+    """results.csv was appended to: a full disk could leave half a row, which the next run took as a
+    finished run (a value cut to fewer digits) or as a run of another checkpoint, and appended its own
+    row onto the same line."""
+    from dira3d.evaluation import experiment
+
+    config = _config(tmp_path)
+    run_experiment(config, runner=fake_runner([]), log=lambda _: None)
+    csv_path = tmp_path / "out" / "results.csv"
+    whole = csv_path.read_text()
+    lines = whole.splitlines()
+    for cut in (25, lines[-1].rindex(",") - 5):  # inside the checkpoint path; inside the seconds
+        csv_path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:cut])
+        calls = []
+        with pytest.raises(ValueError, match=rf"{csv_path} line 13 is incomplete or garbled .*delete that line"):
+            run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
+        assert not calls
+
+    csv_path.write_text("\n".join(lines[:-1]) + "\n")  # the last run is redone; the disk fills as its row is written
+    real = experiment.atomic_write_text
+
+    def full_disk(path, text, *args):
+        if path.name == "results.csv":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, *args)
+
+    monkeypatch.setattr(experiment, "atomic_write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run_experiment(config, runner=fake_runner([]), log=lambda _: None)
+    assert csv_path.read_text() == "\n".join(lines[:-1]) + "\n"  # the previous file, whole
+    monkeypatch.setattr(experiment, "atomic_write_text", real)
+    assert len(run_experiment(config, runner=fake_runner([]), log=lambda _: None)) == 12
+    assert csv_path.read_text().splitlines()[:-1] == lines[:-1]

@@ -282,7 +282,8 @@ def test_finetune_keeps_an_earlier_run_in_the_output_dir(tmp_path, capsys):
     assert str(out) in err and "models/model.pt" in err and "metrics.json" in err and "--overwrite" in err
     assert (out / "models" / "model.pt").read_bytes() == b"the earlier run's model"
     assert (out / "metrics.json").read_text() == '{"metrics": {"dice": 0.8}}'
-    assert sorted(p.name for p in out.rglob("*")) == ["metrics.json", "model.pt", "models"]
+    # nothing written but the lock of the folder (held while a run lasts; the empty file stays)
+    assert sorted(p.name for p in out.rglob("*")) == [".dira3d.lock", "metrics.json", "model.pt", "models"]
     # with --overwrite the run goes ahead (here to the missing datalist)
     with pytest.raises(Exception, match="none.json"):
         run_finetune("lits_liver_seg", {"datalist": str(tmp_path / "none.json")}, output_dir=out, tiny=True,

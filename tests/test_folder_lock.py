@@ -62,3 +62,38 @@ def test_pretraining_into_a_folder_in_use_stops_before_training(tmp_path):
     trainer.run()  # the holder is gone: it runs, and releases the lock when it completes
     assert (folder / "last.pt").is_file()
     assert try_in_another_process(folder).returncode == 0
+
+
+def test_prepare_finetune_and_visual_words_into_a_folder_in_use_stop_at_once(tmp_path, capsys):
+    """Two runs into one folder used to pass the checks of an earlier run together: two `dira3d prepare`
+    with other --window values mixed their volumes under one datalist, two `dira3d finetune` replaced each
+    other's model.pt (metrics.json of one, weights of the other), two `dira3d visual-words` re-created
+    (zeroed) each other's finished shards."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from dira3d.cli import main as cli_main
+
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    image = sitk.GetImageFromArray(np.zeros((8, 12, 12), np.int16))
+    sitk.WriteImage(image, str(src / "a.nii.gz"))
+    holder = hold_in_another_process(dst)
+    try:
+        commands = {
+            "prepare": (["prepare", "generic", "--src", str(src), "--dst", str(dst)], 2, "mix its cases"),
+            "finetune": (["finetune", "--bundle", "luna16_nodule_fpr", "--datalist", str(tmp_path / "dl.json"),
+                          "--output-dir", str(dst)], 2, "replace its model.pt and metrics.json"),
+            "visual-words": (["visual-words", "--datalist", str(tmp_path / "dl.json"), "--out", str(dst)], 1,
+                             "re-create the shards it fills"),
+        }
+        for name, (argv, code, clash) in commands.items():
+            assert cli_main(argv) == code, name
+            err = capsys.readouterr().err
+            assert f"{dst} is in use by process {holder.pid} " in err and clash in err, (name, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert sorted(p.name for p in dst.iterdir()) == [".dira3d.lock"]  # nothing written beside the holder
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli_main(commands["prepare"][0]) == 0 and (dst / "volumes" / "a.nii.gz").is_file()

@@ -273,3 +273,32 @@ def test_a_mask_among_the_scans_is_named_not_normalised(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a_seg.nii.gz" in err and "2 distinct values (0, 1): it looks like a mask" in err and "--label-suffix" in err, err
     assert [p.name for p in (tmp_path / "out" / "volumes").iterdir()] == ["a.nii.gz"]
+
+
+def test_a_volume_itk_writes_only_in_part_fails_its_case_and_is_redone(tmp_path, monkeypatch, capsys):
+    """On a full disk ITK's NIfTI writer prints "NWAD: wrote only 0 of N bytes" and returns without an
+    error: the short file was renamed into place, so the case counted as written and every rerun skipped it."""
+    from dira3d.data import io
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        _ct(src / f"{name}.nii.gz", shape=(8, 40, 40))
+    real_write = io.sitk.WriteImage
+
+    def full_disk(image, path, *args, **kwargs):  # what ITK leaves behind on ENOSPC
+        real_write(image, path, *args, **kwargs)
+        if Path(path).name.startswith(".b.nii.gz."):
+            _truncate(Path(path))
+
+    monkeypatch.setattr(io.sitk, "WriteImage", full_disk)
+    dst = tmp_path / "out"
+    assert generic.main(["--src", str(src), "--dst", str(dst), "--keep-going"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"FAILED b: \S*b\.nii\.gz could not be written completely .*disk is probably full.*free space", err), err
+    assert (dst / "volumes" / "a.nii.gz").is_file() and not (dst / "volumes" / "b.nii.gz").exists()
+    assert not [p.name for p in (dst / "volumes").iterdir() if p.name.startswith(".")]  # no temporary file left
+    monkeypatch.setattr(io.sitk, "WriteImage", real_write)  # space freed: the rerun writes b, keeps a
+    assert generic.main(["--src", str(src), "--dst", str(dst)]) == 0
+    assert "1 written, 1 skipped" in capsys.readouterr().out
+    assert read_image(dst / "volumes" / "b.nii.gz").GetSize() == (40, 40, 8)

@@ -470,3 +470,36 @@ def test_extractor_training_and_embedding_log_progress(datalist, tmp_path, monke
     text = caplog.text
     assert re.search(r"extractor epoch 1/1: 2/6 volumes, \d+ s, about \d+ s to go", text), text
     assert re.search(r"embedding: 4/6 volumes", text), text
+
+
+def test_a_full_disk_is_one_error_naming_the_shard_and_the_rerun_resumes(datalist, tmp_path, monkeypatch, capsys):
+    """Shards are sparse memory maps: on a full disk the first write to a page no block could back killed
+    the process with SIGBUS (exit 135, no message). Their blocks are now reserved when they are created."""
+    import errno
+    import os
+
+    from dira3d.visual_words import writer
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this system")
+    real = os.posix_fallocate
+    calls = []
+
+    def full_after_the_first_class(fd, offset, length):  # its training and validation shards
+        calls.append(length)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(writer.os, "posix_fallocate", full_after_the_first_class)
+    out = tmp_path / "full"
+    base = _cli_args(datalist, out, "--class-block", "1")
+    assert cli_main(base) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"error: .*visual-word shard \S*training/class_0001\.npy needs .* \(No space left on device\); free space", err), err
+    assert not (out / "shards" / "training" / "class_0001.npy").exists()  # no shard of unreserved blocks left
+    assert [c["status"] for c in json.loads((out / "manifest.json").read_text())["classes"]][0] == "done"
+    monkeypatch.setattr(writer.os, "posix_fallocate", real)  # space freed: the same command resumes
+    assert cli_main(base) == 0
+    assert all(c["status"] == "done" for c in json.loads((out / "manifest.json").read_text())["classes"])

@@ -326,7 +326,52 @@ def write_nifti(image: sitk.Image, path: str | os.PathLike) -> Path:
         raise ValueError(f"{path}: write_nifti needs a .nii or .nii.gz path")
     with atomic_path(path, suffix=suffix) as tmp:  # ITK picks the format by suffix
         sitk.WriteImage(image, str(tmp), useCompression=suffix == ".nii.gz")
+        _check_complete(tmp, path, sitk.GetArrayViewFromImage(image).nbytes)
     return path
+
+
+def _check_complete(tmp: Path, path: Path, data_bytes: int) -> None:
+    """Refuse a NIfTI that ITK wrote only in part: on a full disk its NIfTI writer prints
+    ``** ERROR: NWAD: wrote only 0 of N bytes`` and returns without raising, so the short file would be
+    renamed into place and skipped as complete by every rerun.
+
+    Raises:
+        OSError: the file does not hold its header and ``data_bytes`` bytes of voxels (names ``path``).
+    """
+    size = tmp.stat().st_size
+    try:
+        expected = int(read_raw_nifti_header(tmp)["vox_offset"]) + data_bytes
+        if path.name.lower().endswith(".gz"):  # the gzip trailer holds the stream's length (mod 2**32)
+            with open(tmp, "rb") as handle:
+                handle.seek(-4, os.SEEK_END)
+                written = int.from_bytes(handle.read(4), "little")
+            if written != expected % 2**32:  # e.g. several gzip members: count the bytes themselves
+                import gzip
+                import shutil
+
+                counter = _ByteCounter()
+                with gzip.open(tmp, "rb") as stream:
+                    shutil.copyfileobj(stream, counter, 1 << 20)
+                written = counter.count
+            complete = written % 2**32 == expected % 2**32
+        else:
+            complete = size >= expected
+    except Exception:  # noqa: BLE001 - no readable header, a gzip stream cut short: not complete
+        complete = False
+    if not complete:
+        raise OSError(f"{path} could not be written completely ({size} bytes on disk; the disk is probably full); "
+                      f"free space in {path.parent} and rerun the same command (finished files are kept)")
+
+
+class _ByteCounter:
+    """A write-only sink that counts what it is given."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
 
 
 def check_mask_matches(image: sitk.Image, mask: sitk.Image, image_path: str | os.PathLike,

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from dira3d.data.errors import DataError, DataWarning, join_errors  # join_errors: re-exported
 from dira3d.utils.atomic import atomic_write_text, check_writable
+from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 
 __all__ = [
     "Case",
@@ -239,8 +240,8 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
 
     Raises:
         ValueError: duplicate case ids or ``workers < 1``.
-        DataError: ``out_dir`` (or the report's folder) cannot be created or written to; a
-            datalist of another source or a non-report file at ``report_path`` (without ``overwrite``).
+        DataError: ``out_dir`` (or the report's folder) cannot be created or written to, or another
+            process prepares into ``out_dir`` (it is locked while the cases run); a datalist of another source or a non-report file at ``report_path`` (without ``overwrite``).
     """
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
@@ -249,6 +250,47 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     if duplicates:
         raise ValueError(f"duplicate case ids {duplicates[:5]}: two inputs would write the same outputs; rename one")
     report_path = Path(report_path or Path(out_dir) / "report.json")
+    lock = None if dry_run else _lock(Path(out_dir), report_path)
+    try:
+        return _run_cases(cases, process_fn, out_dir=Path(out_dir), workers=workers, overwrite=overwrite,
+                          dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc=desc,
+                          progress=progress, source=source, datalists=datalists, settings=settings)
+    finally:
+        if lock is not None and _HELD_UNTIL_DONE is not None:
+            _HELD_UNTIL_DONE.append(lock)  # dira3d prepare: released once the datalists are written
+        elif lock is not None:
+            lock.release()
+
+
+# set by run_prepare: the locks run_cases takes are released when the whole preparation ends
+_HELD_UNTIL_DONE: list[FolderLock] | None = None
+
+
+def _lock(out_dir: Path, report_path: Path) -> FolderLock:
+    """Check that ``out_dir`` (and the report's folder) can be written, then lock ``out_dir``: two runs into
+    one ``--dst`` would both pass the checks of an earlier run and mix their cases (e.g. two --window values)
+    under one datalist.
+
+    Raises:
+        DataError: a folder cannot be written, or another process prepares into ``out_dir``.
+    """
+    for folder, what in ((out_dir, "output folder (--dst)"), (report_path.parent, "report folder (--report)")):
+        try:  # before any case runs: a read-only --dst is one clear error, not a failure per case
+            check_writable(folder, what=what)
+        except OSError as err:
+            raise DataError(None, str(err)) from err
+    try:
+        return FolderLock(out_dir, what="output folder (--dst)",
+                          clash="a second run into it would mix its cases, datalists and report with this one's").acquire()
+    except FolderInUseError as err:
+        raise DataError(None, str(err)) from None
+
+
+def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, out_dir: Path, workers: int,
+               overwrite: bool, dry_run: bool, keep_going: bool, report_path: Path, desc: str, progress: bool,
+               source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
+               settings: Mapping[str, Any] | None) -> list[CaseResult]:
+    """The body of :func:`run_cases` (``out_dir`` locked unless ``dry_run``)."""
     _check_rerun(Path(out_dir), source, datalists, report_path, desc, overwrite, settings)
     results: dict[str, CaseResult] = {}
     todo: list[Case] = []
@@ -269,12 +311,6 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     if dry_run:
         return [results[c.case_id] for c in cases]
 
-    for folder, what in ((Path(out_dir), "output folder (--dst)"),
-                         (report_path.parent, "report folder (--report)")):
-        try:  # before any case runs: a read-only --dst is one clear error, not a failure per case
-            check_writable(folder, what=what)
-        except OSError as err:
-            raise DataError(None, str(err)) from err
     bar = tqdm(total=len(todo), desc=desc or "cases", unit="case", disable=not progress or not todo, file=sys.stderr)
     stop = False
     if workers == 1:
@@ -375,12 +411,19 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     Calls ``prepare(args.src, args.dst, **options)`` with the options of
     :func:`add_common_arguments` added, turns an error raised before any case ran (bad layout,
     missing folder, bad setting) into a one-line message and exit code 2, and otherwise returns
-    :func:`finish`'s exit code.
+    :func:`finish`'s exit code. The lock :func:`run_cases` takes on ``--dst`` is held until ``prepare``
+    returns (its datalists written).
     """
+    global _HELD_UNTIL_DONE
+    _HELD_UNTIL_DONE = held = []  # run_cases' lock of --dst: kept until the datalists are written
     try:
         results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
                           dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report)
     except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    finally:
+        _HELD_UNTIL_DONE = None
+        for lock in held:
+            lock.release()
     return finish(results, args.keep_going, dry_run=args.dry_run)

@@ -2,7 +2,7 @@
 
 A grid of initialisations (random, L_dis only, L_dis + L_res, full DiRA, any checkpoint) × label
 fractions × seeds (× cross-validation folds) is fine-tuned through one task bundle. Each finished
-run is appended to ``results.csv`` at once, so an interrupted experiment picks up where it stopped; the aggregation
+run is added to ``results.csv`` at once (the file is replaced atomically), so an interrupted experiment picks up where it stopped; the aggregation
 (mean ± std, t-tests against the baseline), a Markdown table and PNG plots are rewritten after
 every run (the plots at the end).
 
@@ -319,10 +319,43 @@ def _describe(method: str, fraction: float, seed: int, fold: int | None = None) 
 
 
 def _read_rows(csv_path: Path) -> list[dict]:
+    """The rows of ``results.csv``; a row cut short (a full disk while an older dira3d appended it) or
+    garbled is refused with its line, never taken as a finished run.
+
+    Raises:
+        ValueError: a row lacks a value, has too many, or a number that does not parse (names file and line).
+    """
     if not csv_path.is_file():
         return []
+    rows = []
     with open(csv_path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        for row in reader:
+            needed = [k for k in reader.fieldnames or () if k != "checkpoint"]  # checkpoint "" is random init
+            try:
+                ok = None not in row and all(row[k] not in (None, "") for k in needed) and \
+                    _row_key(row, "fold" in row) is not None and math.isfinite(float(row["value"]))
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{csv_path} line {reader.line_num} is incomplete or garbled ({','.join(v for v in row.values() if isinstance(v, str))[:120]!r}), "
+                                 "e.g. cut short when the disk filled up; delete that line (its run is then redone) "
+                                 "and rerun the same command")
+            rows.append(row)
+    return rows
+
+
+def _write_rows(csv_path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Replace ``results.csv`` with ``rows`` atomically (a full disk or a kill leaves the previous file whole);
+    columns a user added to it are kept."""
+    import io
+
+    header = list(rows[0]) if rows else []
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header + [f for f in fields if f not in header], restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(csv_path, text.getvalue())
 
 
 def _default_runner(bundle: str, overrides: dict) -> Mapping[str, float]:
@@ -505,13 +538,8 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
                **({} if fold is None else {"fold": fold}),
                "metric": config["metric"], "value": float(metrics[config["metric"]]),
                "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir)}
-        new_file = not csv_path.is_file()
-        with open(csv_path, "a", newline="", encoding="utf-8") as handle:  # one row per finished run: the resume point
-            writer = csv.DictWriter(handle, fieldnames=FOLD_FIELDS if folded else FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
         rows.append({k: str(v) for k, v in row.items()})
+        _write_rows(csv_path, rows, FOLD_FIELDS if folded else FIELDS)  # one row per finished run: the resume point
         log(f"[{i}/{len(todo)}] {run}: {config['metric']}={row['value']:.4f}")
         write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
     write_report(config, rows)
@@ -567,8 +595,8 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
             f"against `{config['baseline']}` at the same label fraction.\n")
     if incomplete:
         note += f"\nLeft out (not all folds finished or some failed): {'; '.join(incomplete)}.\n"
-    (out / "table.md").write_text(table + note, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps([c.__dict__ for c in cells], indent=2), encoding="utf-8")
+    atomic_write_text(out / "table.md", table + note)
+    atomic_write_text(out / "summary.json", json.dumps([c.__dict__ for c in cells], indent=2))
     if plots:
         _plot(cells, metric, list(config["methods"]), out)
     return table

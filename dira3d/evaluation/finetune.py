@@ -25,6 +25,7 @@ from typing import Any
 
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.overrides import check_overrides, parse_value
 
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "main"]
@@ -126,10 +127,10 @@ def run_finetune(
         FileNotFoundError: unknown bundle, missing datalist or checkpoint.
         FileExistsError: ``output_dir`` holds an earlier run's ``models/model.pt`` or ``metrics.json``
             (without ``overwrite``).
+        FolderInUseError: another process is fine-tuning into ``output_dir`` (it is locked while a run lasts).
         ValueError: bad settings (label fraction, fold, checkpoint shapes...).
     """
     from dira3d.utils.checkpoint import check_writable
-    from dira3d.utils.interrupts import quiet_interrupt_logs
 
     root = bundle_path(bundle)
     overrides = dict(overrides or {})
@@ -139,13 +140,26 @@ def run_finetune(
     check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k != "output_dir"},
                     where=overrides_from)
     out = Path(output_dir or overrides.pop("output_dir", None) or Path.cwd() / f"finetune_{root.name}").resolve()
+    check_writable(out)
+    # one run per folder: two would pass the check below together, then replace each other's model.pt and
+    # test it under the other's metrics.json
+    with FolderLock(out, what="fine-tuning output folder (--output-dir)",
+                    clash="a second run into it would replace its model.pt and metrics.json"):
+        return _run_finetune(root, overrides, out, files, tiny, overwrite)
+
+
+def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[Path], tiny: bool,
+                  overwrite: bool) -> dict[str, Any]:
+    """The body of :func:`run_finetune`, with ``out`` locked."""
+    from dira3d.utils.interrupts import quiet_interrupt_logs
+
+    configs = root / "configs"
     earlier = [p for p in (out / "models" / "model.pt", out / "metrics.json") if p.exists()]
     if earlier and not overwrite:  # the first epoch would replace the earlier model, and metrics.json after it
         raise FileExistsError(
             f"{out} already holds a fine-tuning run ({', '.join(str(p.relative_to(out)) for p in earlier)}), which "
             "this run would replace; choose another output folder (--output-dir), or pass --overwrite to replace it"
         )
-    check_writable(out)
     overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
 
     trainer_flow = _workflow(files, configs / "metadata.json", overrides)
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny,
                               overwrite=args.overwrite, overrides_from="--set")
-    except FileExistsError as err:  # an earlier run's results: kept
+    except (FileExistsError, FolderInUseError) as err:  # an earlier run's results, or a run going on there: kept
         print(f"dira3d finetune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback

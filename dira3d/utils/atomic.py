@@ -75,11 +75,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         Whatever ``write`` raises, or an ``OSError`` from the file system; ``path`` is then untouched.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())  # the data is on disk before the rename makes it visible
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())  # the data is on disk before the rename makes it visible
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        # a failed write (a full disk: "[Errno 28] No space left on device") names no file: name the target
+        raise OSError(err.errno, err.strerror, str(path)) from err
     return path
 
 
@@ -132,13 +138,19 @@ def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0, what: str
 @contextmanager
 def removed_if_failed_empty(folder: str | os.PathLike) -> Iterator[Path]:
     """Remove ``folder`` again when the block fails (any exception, Ctrl-C included) and the folder did
-    not exist before it and is still empty: a run refused at its start leaves no empty output folder
-    behind. A folder the user had, or one holding anything, is left alone."""
+    not exist before it and is still empty (but for the run's own lock file, released by then: see
+    :mod:`dira3d.utils.folder_lock`): a run refused at its start leaves no empty output folder behind.
+    A folder the user had, or one holding anything else, is left alone."""
+    from dira3d.utils.folder_lock import LOCK_NAME
+
     folder = Path(folder)
     new = not folder.exists()
     try:
         yield folder
     except BaseException:
-        if new and folder.is_dir() and not any(folder.iterdir()):
+        left = list(folder.iterdir()) if new and folder.is_dir() else None
+        if left is not None and all(p.name == LOCK_NAME and p.is_file() for p in left):
+            for lock in left:
+                lock.unlink()
             folder.rmdir()
         raise

@@ -35,11 +35,21 @@ class FolderLock:
     Args:
         folder: the output folder (created if missing).
         what: how the folder is named in the error (e.g. "checkpoint folder").
+        clash: what a second run would do there, for the error.
+
+    Also a context manager (``with FolderLock(folder):``).
     """
 
-    def __init__(self, folder: str | os.PathLike, what: str = "output folder") -> None:
-        self.folder, self.what = Path(folder), what
+    def __init__(self, folder: str | os.PathLike, what: str = "output folder",
+                 clash: str = "a second run writing there would replace its checkpoints in turn") -> None:
+        self.folder, self.what, self.clash = Path(folder), what, clash
         self.held = False
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def acquire(self) -> FolderLock:
         """Take the lock (a no-op while this object holds it).
@@ -68,8 +78,8 @@ class FolderLock:
             holder = handle.read().strip() or "another process"
             handle.close()
             raise FolderInUseError(
-                f"{self.what} {self.folder} is in use by {holder}: a second run writing there would replace its "
-                "checkpoints in turn; wait for that run to end, or choose another output folder") from None
+                f"{self.what} {self.folder} is in use by {holder}: {self.clash}; wait for that run to end, or choose "
+                "another output folder") from None
         except OSError as err:  # a file system without flock
             handle.close()
             warnings.warn(f"{self.folder} cannot be locked ({err}); make sure no other run writes there", stacklevel=2)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.folder_lock import FolderInUseError
 from dira3d.visual_words.coordinates import CoordinateSamplingError
 from dira3d.visual_words.discover import discover_visual_words
 from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_progress
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
         print(f"dira3d visual-words: {interrupted_message(Path(args.out))}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, CoordinateSamplingError) as err:
+    except (ValueError, OSError, CoordinateSamplingError, FolderInUseError) as err:  # OSError: e.g. a full disk
         print(f"dira3d visual-words: error: {err}", file=sys.stderr)
         return 1
     print(f"{len(manifest['classes'])} visual words written to {args.out} ({DATALIST_NAME}, {MANIFEST_NAME}, shards/)")

@@ -20,6 +20,7 @@ so a resumed run gives the same bytes as an uninterrupted one, whatever the bloc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -33,6 +34,7 @@ from torch import nn
 
 from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.checkpoint import check_writable
+from dira3d.utils.folder_lock import FolderLock
 from dira3d.visual_words.coordinates import (
     CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, centre_range, hu_to_unit, sample_coordinate,
 )  # fmt: skip
@@ -345,11 +347,16 @@ def discover_visual_words(
         DataError: a volume cannot be loaded or its intensities do not fit ``raw_hu`` (a ``ValueError``, naming the file).
         ValueError: bad settings (e.g. fewer than 2 classes, more neighbours than volumes), or ``out_dir`` holds a run
             with other settings (use ``overwrite``).
+        FolderInUseError: another process writes into ``out_dir`` (it is locked while a run lasts).
+        OSError: ``out_dir`` cannot be written, or its disk is full (names the file).
         CoordinateSamplingError: no reference satisfies the rules; a :class:`VolumeTooSmallError`
             when a training volume cannot hold patch + borders (checked before the extractor is trained).
     """
-    with removed_if_failed_empty(out_dir):  # a run refused at its start leaves no empty --out behind
+    with contextlib.ExitStack() as held:
+        held.enter_context(removed_if_failed_empty(out_dir))  # a run refused at its start leaves no empty --out behind
         out_dir = check_writable(out_dir)
+        # one run per --out: two would plan the same classes and re-create (zero) each other's finished shards
+        held.enter_context(FolderLock(out_dir, what="--out folder", clash="a second run into it would re-create the shards it fills"))
         data = read_datalist(datalist)
         n_train, n_val = len(data["training"]), len(data["validation"])
         if classes < 2:  # cross-entropy over one class: log softmax of a single logit is 0, whatever the network does

@@ -16,6 +16,7 @@ manifest that lists exactly the classes whose shards are complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -86,6 +87,20 @@ def new_manifest(seed: int, params: dict, datalist: str, volumes: dict, embeddin
     }  # fmt: skip
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a new (sparse) shard now: a full disk is then an ``OSError`` naming the
+    shard, not a ``SIGBUS`` that kills the process when :meth:`ShardWriter.write` touches a memory-mapped page
+    no block can back."""
+    if not hasattr(os, "posix_fallocate"):  # e.g. macOS: the shard stays sparse
+        return
+    try:
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that cannot reserve: sparse as before
+            raise
+
+
 class ShardWriter:
     """Creates class shards and fills them row by row; records finished classes in the manifest.
 
@@ -115,9 +130,18 @@ class ShardWriter:
         """Create (or recreate) the shard of one class, ``instances * resolutions`` rows."""
         path = self.out_dir / self.shard_name(split, class_index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(instances * self.resolutions, *self.row_shape))
-        mm.flush()
-        del mm
+        shape = (instances * self.resolutions, *self.row_shape)
+        try:
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
+            mm.flush()
+            del mm
+            _reserve(path)
+        except OSError as err:  # a full disk: one message naming the shard, no half-made shard left
+            path.unlink(missing_ok=True)
+            size = int(np.prod(shape)) * self.dtype.itemsize
+            raise OSError(err.errno, f"visual-word shard {path} needs {size / 2**20:.3g} MiB that its disk cannot "
+                                     f"provide ({err.strerror}); free space in {self.out_dir} (or choose another --out) "
+                                     "and rerun the same command: the finished classes are kept") from err
         return path
 
     def write(self, split: str, class_index: int, slot: int, patches: np.ndarray) -> None:
