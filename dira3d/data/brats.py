@@ -34,7 +34,7 @@ from dira3d.data.errors import record_or_raise
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
-from dira3d.data.splits import split_patients, write_split_file
+from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["MODALITIES", "DEFAULT_SPLIT", "find_patients", "prepare", "main"]
@@ -151,15 +151,16 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
                                   "spacing": None if spacing is None else list(spacing)})
     if dry_run or batch_stopped(results, keep_going):
         return results
-    parts = split_patients(list(patients), dict(zip(DEFAULT_SPLIT, split)), seed)
+    rule = {"dataset": "brats2018", "method": "sorted patient ids permuted by numpy default_rng(seed), cut in order",
+            "seed": seed, "reference_sizes": dict(zip(DEFAULT_SPLIT, split))}
+    parts = split_patients(list(patients), dict(zip(DEFAULT_SPLIT, split)),
+                           seed, earlier=earlier_split(dst / "split.json", rule))  # a rerun keeps its patients' parts
     part_of = {pid: name for name, pids in parts.items() for pid in pids}
     lists: dict[str, list[dict]] = {name: [] for name in DEFAULT_SPLIT}
     for case, result in zip(cases, results):
         if result.ok:
             lists[part_of[case.case_id]].append({"image": case.outputs[0], "label": case.outputs[1],
                                                  "case_id": case.case_id, "grade": case.params["grade"]})
-    rule = {"dataset": "brats2018", "method": "sorted patient ids permuted by numpy default_rng(seed), cut in order",
-            "seed": seed, "reference_sizes": dict(zip(DEFAULT_SPLIT, split))}
     write_split_file(dst / "split.json", parts, rule)
     meta = {"dataset": "brats2018", "channels": list(modalities), "channel_axis": "last (4D NIfTI)"
             if len(modalities) > 1 else None, "percentiles": list(percentiles),

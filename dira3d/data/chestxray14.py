@@ -30,6 +30,7 @@ from dira3d.data.cxr import (
     read_csv_rows,
     scale_box,
     write_patient_split,
+    earlier_patient_split,
 )
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
@@ -234,7 +235,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
 
     done = {case.params["name"]: case for case, result in zip(cases, results) if result.ok}
     patients = sorted({entries[n]["patient"] for n in train_val if n in done})
-    split = patient_split(patients, val_fraction, seed=seed)
+    split = patient_split(patients, val_fraction, seed=seed,  # a rerun keeps its patients' parts
+                          earlier=earlier_patient_split(dst, seed, val_fraction=val_fraction, of="train_val_list.txt patients"))
     split_of_patient = {p: name for name, ids in split.items() for p in ids}
     split_of_image = {n: split_of_patient[entries[n]["patient"]] for n in train_val if n in done}
     split_of_image.update({n: "test" for n in test if n in done})

@@ -35,6 +35,7 @@ from dira3d.data.cxr import (
     read_csv_rows,
     split_entries,
     write_patient_split,
+    earlier_patient_split,
 )
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
@@ -221,7 +222,8 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
         record = records[case_id]
         entries[record["split"]].append((record["patient"], {"image": case.outputs[0], "case_id": record["patient"],
                                                              "label": record["label"], "view": record["view"]}))
-    split, lists = split_entries(entries["train"], val_fraction, seed=seed)
+    split, lists = split_entries(entries["train"], val_fraction, seed=seed,  # a rerun keeps its patients' parts
+                                 earlier=earlier_patient_split(dst, seed, val_fraction=val_fraction, of="train.csv patients"))
     lists["test"] = [entry for _, entry in entries["test"]]
     meta = {"dataset": "chexpert", "labels": list(labels), "policy": policy, "lsr_range": list(LSR_RANGE),
             "frontal_only": frontal_only, "size": size, "image_format": "png uint8 grey",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from monai.transforms import Resize
 from PIL import Image
 
 from dira3d.data.io import DataError
-from dira3d.data.splits import split_patients, write_split_file
+from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.atomic import atomic_path
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "patient_split",
     "split_entries",
     "write_patient_split",
+    "earlier_patient_split",
     "add_split_arguments",
 ]
 
@@ -235,7 +236,7 @@ def check_size(size: int) -> int:
 
 
 def patient_split(patients: Sequence[str], val_fraction: float, test_fraction: float = 0.0,
-                  seed: int = 0) -> dict[str, list[str]]:
+                  seed: int = 0, earlier: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
     """Seeded patient-level split into training / validation (/ test) by fractions of the patients.
 
     Uses :func:`dira3d.data.splits.split_patients` (sorted ids, ``default_rng(seed)`` permutation,
@@ -246,6 +247,8 @@ def patient_split(patients: Sequence[str], val_fraction: float, test_fraction: f
         val_fraction: fraction of the patients for validation, in [0, 1).
         test_fraction: fraction for test, in [0, 1); 0 makes no test part.
         seed: permutation seed.
+        earlier: the split an earlier run recorded (:func:`earlier_patient_split`): its patients keep
+            their parts, only new patients are dealt out.
 
     Returns:
         ``{"training": [...], "validation": [...](, "test": [...])}``, disjoint, covering ``patients``.
@@ -266,11 +269,12 @@ def patient_split(patients: Sequence[str], val_fraction: float, test_fraction: f
     if not ids:
         return {name: [] for name in parts}
     # integer reference sizes in parts per million (split_patients scales them to len(ids))
-    return split_patients(ids, {k: int(round(v * 1_000_000)) for k, v in parts.items()}, seed=seed)
+    return split_patients(ids, {k: int(round(v * 1_000_000)) for k, v in parts.items()}, seed=seed, earlier=earlier)
 
 
 def split_entries(entries: Sequence[tuple[str, dict]], val_fraction: float, test_fraction: float = 0.0,
-                  seed: int = 0) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
+                  seed: int = 0, earlier: Mapping[str, Sequence[str]] | None = None,
+                  ) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
     """Patient-level split (:func:`patient_split`) of datalist entries, each tagged with its patient.
 
     Args:
@@ -278,6 +282,7 @@ def split_entries(entries: Sequence[tuple[str, dict]], val_fraction: float, test
         val_fraction: fraction of the patients for validation, in [0, 1).
         test_fraction: fraction for test, in [0, 1); 0 makes no test part.
         seed: permutation seed.
+        earlier: an earlier run's split to keep (see :func:`patient_split`).
 
     Returns:
         ``(split, lists)``: part name → patient ids, and part name → the entries of those patients
@@ -286,12 +291,16 @@ def split_entries(entries: Sequence[tuple[str, dict]], val_fraction: float, test
     Raises:
         ValueError: bad fractions (see :func:`patient_split`).
     """
-    split = patient_split([patient for patient, _ in entries], val_fraction, test_fraction, seed)
+    split = patient_split([patient for patient, _ in entries], val_fraction, test_fraction, seed, earlier)
     part_of_patient = {p: name for name, ids in split.items() for p in ids}
     lists: dict[str, list[dict]] = {name: [] for name in split}
     for patient, entry in entries:
         lists[part_of_patient[patient]].append(entry)
     return split, lists
+
+
+def _split_rule(seed: int, details: Mapping[str, object]) -> dict[str, object]:
+    return {"method": "dira3d.data.cxr.patient_split", "seed": seed, **details}
 
 
 def write_patient_split(dst: str | os.PathLike, split: dict[str, list[str]], seed: int, **details) -> Path:
@@ -300,8 +309,13 @@ def write_patient_split(dst: str | os.PathLike, split: dict[str, list[str]], see
     Returns:
         The path written.
     """
-    return write_split_file(Path(dst) / "split.json", split,
-                            {"method": "dira3d.data.cxr.patient_split", "seed": seed, **details})
+    return write_split_file(Path(dst) / "split.json", split, _split_rule(seed, details))
+
+
+def earlier_patient_split(dst: str | os.PathLike, seed: int, **details) -> dict[str, list[str]] | None:
+    """The split an earlier run into ``dst`` recorded with the same seed and ``details`` (see
+    :func:`write_patient_split`), for :func:`patient_split`'s ``earlier``; None when there is none."""
+    return earlier_split(Path(dst) / "split.json", _split_rule(seed, details))
 
 
 def add_split_arguments(parser, test_fraction: float = 0.2) -> None:

@@ -43,6 +43,7 @@ from dira3d.data.io import (
 )
 from dira3d.data.normalize import normalize_mr, window_hu
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.splits import extend_split
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["normalise_image", "prepare_mask", "discover", "patient_ids", "prepare", "main"]
@@ -363,7 +364,9 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     if dry_run or batch_stopped(results, keep_going):
         return results
     good = [c for c, r in zip(cases, results) if r.ok]
-    part = _split_patients(sorted({patients[c.case_id] for c in good}), val_fraction, test_fraction, seed, unit)
+    earlier = _earlier_parts(dst / "pretrain_datalist.json", src, {"val_fraction": val_fraction, "test_fraction": test_fraction,
+                                                                  "seed": seed, **grouping})  # fmt: skip
+    part = _split_patients(sorted({patients[c.case_id] for c in good}), val_fraction, test_fraction, seed, unit, earlier)
     splits: dict[str, list[dict]] = {"training": [], "validation": []} | ({"test": []} if "test" in part.values() else {})
     for case in good:
         entry = {"image": case.outputs[0], "case_id": case.case_id, "patient_id": patients[case.case_id]}
@@ -376,12 +379,34 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     return results
 
 
+def _earlier_parts(datalist: Path, src: str | os.PathLike, rule: dict) -> dict[str, list[str]] | None:
+    """Part → patient ids of the datalist an earlier run of this ``src`` wrote with the same split ``rule``
+    (fractions, seed, grouping; as its meta records them); None when there is none or it differs."""
+    try:
+        data = json.loads(datalist.read_text(encoding="utf-8"))
+        meta = data["meta"]
+        recorded = {"val_fraction": meta["val_fraction"], "test_fraction": meta["test_fraction"], "seed": meta["seed"],
+                    "patient_from": meta.get("patient_from", "case"), "patient_regex": meta.get("patient_regex")}
+        if meta.get("source") != str(Path(src).resolve()) or recorded != rule:
+            return None
+        return {name: [str(e.get("patient_id", e["case_id"])) for e in data.get(name, [])]
+                for name in ("training", "validation", "test")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _split_patients(patients: Sequence[str], val_fraction: float, test_fraction: float, seed: int,
-                    unit: str = "patient") -> dict[str, str]:
+                    unit: str = "patient", earlier: dict[str, list[str]] | None = None) -> dict[str, str]:
     """``{patient: "training" | "validation" | "test"}``: a seeded permutation of ``patients`` (in
     the order given: sorted), whose first ``val_fraction`` go to validation and the next
-    ``test_fraction`` to test (each rounded; see :func:`_check_split_sizes`)."""
+    ``test_fraction`` to test (each rounded; see :func:`_check_split_sizes`). With ``earlier`` (the
+    split of an earlier run of the same rule) its patients keep their parts and only new ones are
+    dealt out (:func:`dira3d.data.splits.extend_split`)."""
     n_val, n_test = _check_split_sizes(len(patients), val_fraction, test_fraction, unit)
+    kept = extend_split(patients, {"training": len(patients) - n_val - n_test, "validation": n_val, "test": n_test},
+                        seed, earlier)
+    if kept is not None:
+        return {patient: name for name, ids in kept.items() for patient in ids}
     order = np.random.default_rng(seed).permutation(len(patients))
     part = dict.fromkeys(patients, "training")
     part.update({patients[i]: "validation" for i in order[:n_val]})

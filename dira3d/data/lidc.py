@@ -45,7 +45,7 @@ from dira3d.data.lidc_xml import (
 )
 from dira3d.data.normalize import window_hu
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
-from dira3d.data.splits import split_patients, write_split_file
+from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
@@ -339,8 +339,11 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
                                   "include_outline": include_outline})
     if dry_run or batch_stopped(results, keep_going):
         return results
+    rule = {"dataset": "lidc", "method": "sorted patient ids permuted by numpy default_rng(seed), cut in order",
+            "seed": seed, "reference_sizes": dict(zip(DEFAULT_SPLIT, split))}
     parts = split_patients(sorted({info.patient_id for info in series}),
-                           dict(zip(DEFAULT_SPLIT, split)), seed)
+                           dict(zip(DEFAULT_SPLIT, split)),
+                           seed, earlier=earlier_split(dst / "split.json", rule))  # a rerun keeps its patients' parts
     part_of = {pid: name for name, pids in parts.items() for pid in pids}
     splits: dict[str, list[dict]] = {name: [] for name in DEFAULT_SPLIT}
     for case, result in zip(cases, results):
@@ -349,8 +352,6 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
             for entry in manifest["nodules"]:
                 splits[part_of[entry["case_id"]]].append(
                     {**entry, "image": dst / entry["image"], "label": dst / entry["label"]})
-    rule = {"dataset": "lidc", "method": "sorted patient ids permuted by numpy default_rng(seed), cut in order",
-            "seed": seed, "reference_sizes": dict(zip(DEFAULT_SPLIT, split))}
     write_split_file(dst / "split.json", parts, rule)
     meta = {"dataset": "lidc-idri", "command": "dira3d prepare lidc", "window": list(window),
             "spacing": spacing, "crop": list(crop), "consensus": consensus, "min_readers": min_readers,

@@ -30,6 +30,7 @@ from dira3d.data.cxr import (
     split_entries,
     to_uint8,
     write_patient_split,
+    earlier_patient_split,
     write_png,
 )
 from dira3d.data.errors import record_or_raise
@@ -131,7 +132,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     split, lists = split_entries(
         [(case.params["patient"], {"image": case.outputs[0], "label": case.outputs[1], "case_id": case.params["patient"],
                                    "tuberculosis": case.params["tuberculosis"]}) for case in done],
-        val_fraction, test_fraction, seed)
+        val_fraction, test_fraction, seed,  # a rerun keeps its patients' parts
+        earlier_patient_split(dst, seed, val_fraction=val_fraction, test_fraction=test_fraction))
     meta = {"dataset": "montgomery", "size": size, "image_format": "png uint8 grey", "mask_format": "png uint8 0/1",
             "label": "left ∪ right lung", "split": {"method": "patient-level", "val_fraction": val_fraction,
                                                     "test_fraction": test_fraction, "seed": seed},

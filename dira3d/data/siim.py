@@ -35,6 +35,7 @@ from dira3d.data.cxr import (
     split_entries,
     to_uint8,
     write_patient_split,
+    earlier_patient_split,
     write_png,
 )
 from dira3d.data.errors import record_or_raise
@@ -169,7 +170,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         positive = any(r.strip() not in ("", "-1") for r in case.params["rles"])
         entries.append((patient, {"image": case.outputs[0], "label": case.outputs[1], "case_id": patient,
                                   "pneumothorax": int(positive)}))
-    split, lists = split_entries(entries, val_fraction, test_fraction, seed)
+    split, lists = split_entries(entries, val_fraction, test_fraction, seed,  # a rerun keeps its patients' parts
+                                 earlier_patient_split(dst, seed, val_fraction=val_fraction, test_fraction=test_fraction))
     missing = len(rles) - len(dicoms)
     meta = {"dataset": "siim-acr", "size": size, "image_format": "png uint8 grey", "mask_format": "png uint8 0/1",
             "rle": "relative starts, column-major (Kaggle)", "images_without_dicom": missing,

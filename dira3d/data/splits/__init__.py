@@ -7,6 +7,12 @@ the paper's sizes scaled to the number of patients found (largest-remainder roun
 non-empty when there are at least as many patients as parts). The same ids and seed always give
 the same split, whatever order the files were found in. The resulting split is written into the
 datalist and into a ``split.json`` next to it, so it can be reused and cited.
+
+A rerun into the same output folder with the same rule after patients were added or removed keeps
+the recorded split (:func:`extend_split`): every patient stays in its part and only the new patients
+are dealt out, to the parts furthest below their sizes. Cutting the new permutation afresh would
+move earlier patients between training and test, so a model fine-tuned on the earlier datalist
+would be tested on some of its own training patients.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 
 from dira3d.utils.atomic import atomic_write_text
 
-__all__ = ["proportional_sizes", "split_patients", "assign_folds", "write_split_file"]
+__all__ = ["proportional_sizes", "split_patients", "extend_split", "earlier_split", "assign_folds", "write_split_file"]
 
 
 def proportional_sizes(total: int, reference: Sequence[int]) -> list[int]:
@@ -65,7 +71,8 @@ def _permuted(ids: Sequence[str], seed: int) -> list[str]:
     return [unique[i] for i in order]
 
 
-def split_patients(ids: Sequence[str], parts: Mapping[str, int], seed: int = 0) -> dict[str, list[str]]:
+def split_patients(ids: Sequence[str], parts: Mapping[str, int], seed: int = 0,
+                   earlier: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
     """Split patient ids into named parts proportional to the reference sizes.
 
     Args:
@@ -73,6 +80,8 @@ def split_patients(ids: Sequence[str], parts: Mapping[str, int], seed: int = 0) 
         parts: part name → reference size, in cutting order (e.g. ``{"training": 510,
             "validation": 100, "test": 408}``).
         seed: seed of the permutation.
+        earlier: the split an earlier run of the same rule recorded (:func:`earlier_split`): its
+            patients keep their parts and only new ones are dealt out (:func:`extend_split`).
 
     Returns:
         Part name → sorted patient ids; the parts are disjoint and cover ``ids``.
@@ -82,12 +91,64 @@ def split_patients(ids: Sequence[str], parts: Mapping[str, int], seed: int = 0) 
     """
     permuted = _permuted(ids, seed)
     sizes = proportional_sizes(len(permuted), list(parts.values()))
+    kept = extend_split(permuted, dict(zip(parts, sizes)), seed, earlier)
+    if kept is not None:
+        return kept
     result: dict[str, list[str]] = {}
     start = 0
     for name, size in zip(parts, sizes):
         result[name] = sorted(permuted[start:start + size])
         start += size
     return result
+
+
+def extend_split(ids: Sequence[str], sizes: Mapping[str, int], seed: int,
+                 earlier: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]] | None:
+    """Keep an earlier split of (some of) ``ids`` and deal out only the patients it does not hold.
+
+    Every patient of ``ids`` that ``earlier`` placed stays in its part (patients no longer in ``ids``
+    are dropped); the others, in the seeded order of :func:`split_patients`, go one by one to the part
+    furthest below its size in ``sizes`` (ties: the earlier part).
+
+    Args:
+        ids: unique patient ids now.
+        sizes: part name → the size it should have for ``len(ids)`` patients.
+        seed: seed of the permutation of the new patients.
+        earlier: part name → patient ids of the earlier split (same rule), or None.
+
+    Returns:
+        Part name → sorted patient ids; None when ``earlier`` is None or holds none of ``ids`` (then
+        the caller's own rule applies unchanged).
+
+    Raises:
+        ValueError: duplicated ids.
+    """
+    permuted = _permuted(ids, seed)
+    present = set(permuted)
+    result = {name: [p for p in (earlier or {}).get(name, ()) if p in present] for name in sizes}
+    placed = {p for pids in result.values() for p in pids}
+    if not placed:
+        return None
+    names = list(sizes)
+    for pid in permuted:
+        if pid not in placed:
+            name = max(names, key=lambda n: (sizes[n] - len(result[n]), -names.index(n)))
+            result[name].append(pid)
+    return {name: sorted(pids) for name, pids in result.items()}
+
+
+def earlier_split(path: str | Path, rule: Mapping[str, object]) -> dict[str, list[str]] | None:
+    """The parts recorded in the ``split.json`` at ``path`` when it was made by ``rule``; else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("rule") != json.loads(json.dumps(dict(rule))):
+        return None
+    return {name: list(pids) for name, pids in recorded.items() if name != "rule" and isinstance(pids, list)}
 
 
 def assign_folds(ids: Sequence[str], num_folds: int = 3, seed: int = 0) -> dict[str, int]:
