@@ -302,3 +302,30 @@ def test_a_volume_itk_writes_only_in_part_fails_its_case_and_is_redone(tmp_path,
     assert generic.main(["--src", str(src), "--dst", str(dst)]) == 0
     assert "1 written, 1 skipped" in capsys.readouterr().out
     assert read_image(dst / "volumes" / "b.nii.gz").GetSize() == (40, 40, 8)
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_run_left_and_nothing_else(tmp_path, capsys):
+    """A process killed inside an atomic write leaves its hidden temporary file (a whole CT volume, for a
+    volume); reruns skipped them forever. Under the --dst lock a rerun removes them, and only them."""
+    import subprocess
+
+    src, dst = tmp_path / "scans", tmp_path / "out"
+    src.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 16, 16), 500, np.float32)), str(src / "case0.nii.gz"))
+    generic.prepare(src, dst, modality="mr", val_fraction=0.0, progress=False)
+    killed = (  # as SIGKILL inside a write: no exception handler runs, the temporary file stays
+        "import os, sys\nfrom dira3d.utils.atomic import atomic_path\n"
+        "with atomic_path(sys.argv[1], suffix=sys.argv[2]) as tmp:\n    tmp.write_bytes(b'half')\n    os._exit(9)\n"
+    )
+    for target, suffix in ((dst / "volumes" / "case1.nii.gz", ".nii.gz"), (dst / "pretrain_datalist.json", ".tmp")):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        assert subprocess.run([sys.executable, "-c", killed, str(target), suffix], env=env).returncode == 9
+    left = sorted(p.name for p in dst.rglob(".*.*.*"))
+    assert [re.sub(r"\.[a-z0-9_]{8}\.", ".XXXXXXXX.", name) for name in left] == [
+        ".case1.nii.gz.XXXXXXXX.nii.gz", ".pretrain_datalist.json.XXXXXXXX.tmp"]
+    (dst / ".my_notes.txt").write_text("the user's")  # hidden files of the user's own are kept
+    (dst / "volumes" / ".case0.nii.gz.backup").write_text("the user's")
+    capsys.readouterr()
+    generic.prepare(src, dst, modality="mr", val_fraction=0.0, progress=False)
+    assert "removed 2 half-written temporary file(s) an interrupted run left in" in capsys.readouterr().err
+    assert sorted(p.name for p in dst.rglob(".*") if p.name != ".dira3d.lock") == [".case0.nii.gz.backup", ".my_notes.txt"]

@@ -38,7 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dira3d.data.errors import DataError, DataWarning, join_errors  # join_errors: re-exported
-from dira3d.utils.atomic import atomic_write_text, check_writable
+from dira3d.utils.atomic import atomic_write_text, check_writable, stale_temporaries
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 
 __all__ = [
@@ -292,6 +292,13 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
                settings: Mapping[str, Any] | None) -> list[CaseResult]:
     """The body of :func:`run_cases` (``out_dir`` locked unless ``dry_run``)."""
     _check_rerun(Path(out_dir), source, datalists, report_path, desc, overwrite, settings)
+    if not dry_run:  # locked: no other run writes here, so these are a killed run's half-written files
+        left = stale_temporaries(out_dir)
+        for path in left:
+            path.unlink(missing_ok=True)
+        if left:
+            print(f"removed {len(left)} half-written temporary file(s) an interrupted run left in {out_dir} "
+                  f"(e.g. {left[0].relative_to(out_dir)})", file=sys.stderr)
     results: dict[str, CaseResult] = {}
     todo: list[Case] = []
     for case in cases:

@@ -9,13 +9,15 @@ exception removes the temporary file.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable", "removed_if_failed_empty"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable", "removed_if_failed_empty",
+           "stale_temporaries"]
 
 # mkstemp creates the temporary file 0600; the final file gets the mode an ordinary open() would
 # give it (0666 less the umask), or keeps the mode of the file it replaces. The umask is read once:
@@ -154,3 +156,22 @@ def removed_if_failed_empty(folder: str | os.PathLike) -> Iterator[Path]:
                 lock.unlink()
             folder.rmdir()
         raise
+
+
+# the name atomic_path gives a temporary file: "." + the target's name + "." + tempfile's 8 random
+# characters + the suffix (".tmp", or the target's own suffix, which its name then ends with)
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}(?P<suffix>\..+)$")
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files of atomic writes (:func:`atomic_path`) under ``folder`` that a killed process
+    left behind (a process that ends any other way removes its own). Only call it while no other process
+    writes there (under :class:`dira3d.utils.folder_lock.FolderLock`): a write in progress looks the same.
+    """
+    found = []
+    for path in Path(folder).rglob(".*"):
+        match = _TEMPORARY.match(path.name)
+        if match and path.is_file() and not path.is_symlink() and (
+                match["suffix"] == ".tmp" or match["target"].endswith(match["suffix"])):
+            found.append(path)
+    return sorted(found)
