@@ -282,3 +282,13 @@ def test_agreement_tolerance_grows_with_the_logits():
     assert not small.ok and small.allowed == DEFAULT_TOLERANCE
     assert "0.0007 > 0.0001" in small.failures()
     assert json.loads(trained.to_json())["allowed"] == pytest.approx(0.1589)
+
+
+def test_export_pretrained_of_a_checkpoint_without_the_part_leaves_no_folder(tmp_path):
+    """The folder was created before the parts were read: a refused checkpoint left an empty --out."""
+    checkpoint = {k: v for k, v in _pretraining_checkpoint().items() if k != "decoder"}
+    with pytest.raises(ValueError, match="has no 'decoder' part"):
+        export_pretrained(checkpoint, tmp_path / "weights")
+    assert not (tmp_path / "weights").exists()
+    assert set(export_pretrained(checkpoint, tmp_path / "weights", parts=("encoder",))) == {
+        "encoder.pt", "encoder.safetensors", "key_map.json"}

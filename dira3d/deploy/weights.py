@@ -160,8 +160,6 @@ def export_pretrained(
     if earlier and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(earlier)} of an earlier export, which this one would replace; "
                               "choose another folder, or pass --overwrite (overwrite=True) to replace them")
-    out.mkdir(parents=True, exist_ok=True)
-    check_writable(out)
     if "safetensors" in formats:
         try:
             from safetensors.torch import save_file
@@ -170,6 +168,8 @@ def export_pretrained(
     meta = dict(ckpt.get("meta") or {}) if isinstance(ckpt.get("meta"), Mapping) else {}
     states = {part: _part(ckpt, part, source) for part in parts}
     spatial_dims, layout = _layout(meta, states)  # 2D (chest X-ray) and 3D checkpoints have different layouts
+    out.mkdir(parents=True, exist_ok=True)  # only now: a checkpoint refused above leaves no empty folder behind
+    check_writable(out)
     written: dict[str, Path] = {}
     key_map: dict[str, Any] = {
         "version": KEY_MAP_VERSION,
