@@ -233,15 +233,6 @@ def test_embed_volumes_accepts_an_encoder_returning_bottleneck_and_skips(tmp_pat
     assert torch.allclose(emb, torch.tensor([[0.2, 0.4], [0.6, 1.2]]), atol=1e-6)  # pooled channels
 
 
-def _networks_available() -> bool:
-    try:
-        from dira3d.networks import UNet, load_pretrained  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _networks_available(), reason="dira3d.networks (UNet, load_pretrained) is not importable")
 def test_extractor_from_a_pretraining_checkpoint(tmp_path):
     import nibabel as nib
 

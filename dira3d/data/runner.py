@@ -24,13 +24,15 @@ The runner gives every dataset the same behaviour:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,14 +258,29 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
                           dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc=desc,
                           progress=progress, source=source, datalists=datalists, settings=settings)
     finally:
-        if lock is not None and _HELD_UNTIL_DONE is not None:
-            _HELD_UNTIL_DONE.append(lock)  # dira3d prepare: released once the datalists are written
+        held = _held_until_done.get()
+        if lock is not None and held is not None:
+            held.append(lock)  # dira3d prepare: released once the datalists are written
         elif lock is not None:
             lock.release()
 
 
-# set by run_prepare: the locks run_cases takes are released when the whole preparation ends
-_HELD_UNTIL_DONE: list[FolderLock] | None = None
+# inside run_prepare: the locks run_cases takes are kept until the whole preparation ends
+_held_until_done: ContextVar[list[FolderLock] | None] = ContextVar("_held_until_done", default=None)
+
+
+@contextlib.contextmanager
+def _locks_held_until_done() -> Iterator[None]:
+    """Keep the ``--dst`` locks that :func:`run_cases` takes inside this block until it ends, so that
+    the datalists a ``prepare`` function writes after its cases are written under the lock too."""
+    held: list[FolderLock] = []
+    token = _held_until_done.set(held)
+    try:
+        yield
+    finally:
+        _held_until_done.reset(token)
+        for lock in held:
+            lock.release()
 
 
 def _lock(out_dir: Path, report_path: Path) -> FolderLock:
@@ -421,16 +438,11 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     :func:`finish`'s exit code. The lock :func:`run_cases` takes on ``--dst`` is held until ``prepare``
     returns (its datalists written).
     """
-    global _HELD_UNTIL_DONE
-    _HELD_UNTIL_DONE = held = []  # run_cases' lock of --dst: kept until the datalists are written
     try:
-        results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
-                          dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report)
+        with _locks_held_until_done():  # run_cases' lock of --dst: kept until the datalists are written
+            results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
+                              dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report)
     except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    finally:
-        _HELD_UNTIL_DONE = None
-        for lock in held:
-            lock.release()
     return finish(results, args.keep_going, dry_run=args.dry_run)

@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 import dira3d
+from dira3d.engines.distributed import is_main_process
 from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_bytes
 from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
 from dira3d.utils.folder_lock import FolderLock
+from dira3d.utils.overrides import as_bool
 
 __all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state", "DiRACheckpoint"]
 
@@ -154,23 +155,6 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     trainer.state.stage = trainer.current_stage().name
 
 
-def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    """A boolean setting; the strings true/false (any case, as a command line may pass them) too.
-    ``bool("False")`` is True: a string must not switch a setting on by being non-empty."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "1", "yes"):
-            return True
-        if text in ("false", "0", "no", "none", "null", ""):
-            return False
-        raise ValueError(f"{name}={value!r} is not a boolean; set {name} to true or false")
-    return bool(value)
-
-
 class DiRACheckpoint:
     """Writes ``last.pt`` (resume) and ``best.pt`` (lowest validation loss) and resumes from ``last.pt``.
 
@@ -216,7 +200,7 @@ class DiRACheckpoint:
         self.schedulers = dict(schedulers or {})
         self.ckpt_dir = Path(ckpt_dir)
         self.min_free_bytes = min_free_bytes
-        self.resume, self.metric_name = _as_bool(resume, "resume"), metric_name
+        self.resume, self.metric_name = as_bool(resume, "resume"), metric_name
         self.save_every_epochs, self.save_every_iterations = max(int(save_every_epochs), 1), int(save_every_iterations)
         self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
         self.best: dict[str, Any] = {"best_metric": None, "best_epoch": -1, "best_stage": ""}
@@ -233,7 +217,7 @@ class DiRACheckpoint:
     def attach(self, engine: Engine) -> None:
         if self.schedulers:
             engine.schedulers = self.schedulers  # read by checkpoint_dict / restore_checkpoint
-        if _is_main_process():
+        if is_main_process():
             # fail now, not after hours of training, when the folder is read-only or the disk full
             need = self.min_free_bytes
             if need is None:
@@ -245,7 +229,7 @@ class DiRACheckpoint:
         if self.save_every_iterations > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every_iterations), self.save_last)
         engine.add_event_handler(Events.COMPLETED, self.save_last)
-        if _is_main_process():  # after the last save (ignite also fires COMPLETED after terminate())
+        if is_main_process():  # after the last save (ignite also fires COMPLETED after terminate())
             engine.add_event_handler(Events.COMPLETED, lambda _: self.lock.release())
 
     def load(self, engine: Engine) -> None:
@@ -269,7 +253,7 @@ class DiRACheckpoint:
 
     def save_last(self, engine: Engine) -> None:
         self._ensure_finite(engine)
-        if _is_main_process():
+        if is_main_process():
             atomic_save(checkpoint_dict(engine, self.meta, self.best), self.last_path)
 
     def epoch_completed(self, engine: Engine) -> None:
@@ -280,7 +264,7 @@ class DiRACheckpoint:
         if value is not None and getattr(engine.state, "val_epoch", None) == engine.state.epoch:
             if self.best["best_stage"] != stage or self.best["best_metric"] is None or value < self.best["best_metric"]:
                 self.best = {"best_metric": float(value), "best_epoch": int(engine.state.epoch), "best_stage": stage}
-                if _is_main_process():
+                if is_main_process():
                     atomic_save(checkpoint_dict(engine, self.meta, self.best), self.best_path)
                 engine.logger.info(f"new best {self.metric_name}={value:.5f} (stage '{stage}') -> {self.best_path}")
         self.save_last(engine)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
-from dira3d.utils.overrides import parse_value
+from dira3d.utils.overrides import as_bool, parse_value
 
 __all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "main"]
 
@@ -39,10 +39,8 @@ def interrupted_message(output: Path, overrides: dict) -> str:
     last = output / "models" / "last.pt"
     if not last.is_file():
         return f"interrupted before the first checkpoint ({last} does not exist); rerunning the same command starts afresh"
-    from dira3d.engines.checkpoint import _as_bool  # resume=False or "false" alike, as the checkpoint handler reads it
-
-    try:
-        resume = _as_bool(overrides.get("resume", True), "resume")
+    try:  # resume=False or "false" alike, as the checkpoint handler reads it
+        resume = as_bool(overrides.get("resume", True), "resume")
     except ValueError:
         resume = True
     if not resume:

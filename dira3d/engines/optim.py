@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dira3d.losses.distributed import is_distributed
+
 __all__ = [
     "AMP_MODES",
     "derive_seed",
@@ -80,7 +82,7 @@ def optimizer_step(
         scaler.scale(loss).backward()
     else:
         loss.backward()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         _average_gradients(params)
     if clip_grad_norm:
         if scaler is not None:

@@ -256,17 +256,8 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
         if int(d_steps) != d_steps or d_steps < 1:
             raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
-        uses = self.schedule.uses
-        if "dis" in uses and dis_head is None:
-            raise ValueError(_missing_for_term(self.schedule, "dis", stages is None, "no dis_head was given",
-                                               "pass one (dira3d.engines.build_dis_head)"))
-        if "adv" in uses and (adversary is None or optimizer_d is None):
-            missing = [n for n, v in (("adversary", adversary), ("optimizer_d", optimizer_d)) if v is None]
-            raise ValueError(_missing_for_term(self.schedule, "adv", stages is None,
-                                               f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing",
-                                               "pass both (dira3d.networks.Adversary and an optimiser of its parameters)"))
-        if self.dis_mode == "simsiam" and "dis" in uses and predictor is None:
-            raise ValueError("dis_mode='simsiam' needs a predictor (dira3d.engines.build_predictor('simsiam', proj_dim))")
+        _check_modules_for_stages(self.schedule, stages is None, self.dis_mode, dis_head, predictor, adversary,
+                                  optimizer_d)
         loss_weights = DiRALoss(loss_weights)
         super().__init__(
             device=device,
@@ -616,6 +607,29 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
             "restored": None if fwd.restored is None else fwd.restored[:1].detach(),
         }
         return output
+
+
+def _check_modules_for_stages(schedule: StageSchedule, default: bool, dis_mode: str, dis_head: nn.Module | None,
+                              predictor: nn.Module | None, adversary: nn.Module | None,
+                              optimizer_d: torch.optim.Optimizer | None) -> None:
+    """Refuse stages whose loss terms need a module that was not given (``default``: the stages are
+    the default ones).
+
+    Raises:
+        ValueError: ``dis`` without ``dis_head`` (or, for SimSiam, without ``predictor``), ``adv``
+            without ``adversary`` and ``optimizer_d``.
+    """
+    uses = schedule.uses
+    if "dis" in uses and dis_head is None:
+        raise ValueError(_missing_for_term(schedule, "dis", default, "no dis_head was given",
+                                           "pass one (dira3d.engines.build_dis_head)"))
+    if "adv" in uses and (adversary is None or optimizer_d is None):
+        missing = [n for n, v in (("adversary", adversary), ("optimizer_d", optimizer_d)) if v is None]
+        raise ValueError(_missing_for_term(schedule, "adv", default,
+                                           f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing",
+                                           "pass both (dira3d.networks.Adversary and an optimiser of its parameters)"))
+    if dis_mode == "simsiam" and "dis" in uses and predictor is None:
+        raise ValueError("dis_mode='simsiam' needs a predictor (dira3d.engines.build_predictor('simsiam', proj_dim))")
 
 
 def _missing_for_term(schedule: StageSchedule, term: str, default: bool, problem: str, fix: str) -> str:

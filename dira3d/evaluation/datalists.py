@@ -190,7 +190,13 @@ def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], ord
     return held
 
 
-def _read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
+def read_datalist_json(datalist: str | os.PathLike) -> dict[str, Any]:
+    """The JSON content of a decathlon-style datalist, as written (paths not resolved).
+
+    Raises:
+        FileNotFoundError: the datalist does not exist.
+        ValueError: not valid JSON, or no ``"training"`` key.
+    """
     path = Path(datalist)
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist; run data preparation (`dira3d prepare`) or fix the path")
@@ -240,7 +246,7 @@ def load_split(
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is unknown; use one of {SPLITS}")
     path = Path(datalist).resolve()
-    content = _read_datalist(path)
+    content = read_datalist_json(path)
     training = _load_key(path, content, "training")
     if fold is not None and int(fold) >= 0:
         folds = sorted({e.get("fold") for e in training if "fold" in e})

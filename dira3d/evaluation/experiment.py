@@ -220,7 +220,7 @@ def _check_fold_data(config: Mapping[str, Any], path: Path, bundle_configs: Path
     every fold would run on the same test split, or fail only when its turn comes."""
     from monai.bundle import ConfigParser
 
-    from dira3d.evaluation.datalists import _read_datalist
+    from dira3d.evaluation.datalists import read_datalist_json
 
     parser = ConfigParser()
     parser.read_config([str(c) for c in (bundle_configs / "train.json", bundle_configs / "evaluate.json") if c.is_file()])
@@ -229,7 +229,7 @@ def _check_fold_data(config: Mapping[str, Any], path: Path, bundle_configs: Path
                          "tested on the same split; remove folds, or use a bundle that tests on one fold of the "
                          "datalist (e.g. pecad_embolism_fpr)")
     try:
-        content = _read_datalist(config["datalist"])
+        content = read_datalist_json(config["datalist"])
     except ValueError as err:
         raise ValueError(f"folds in {path}: {err}; folds need a cross-validation datalist (training entries with "
                          "'fold'), or remove folds") from None

@@ -64,16 +64,17 @@ class LoadReport:
                 "(kernel averaged over channels and repeated)"
             )
         if self.missing:
-            lines.append(f"  missing (kept their initial values): {_preview(self.missing)}")
+            lines.append(f"  missing (kept their initial values): {preview_keys(self.missing)}")
         if self.unexpected:
-            lines.append(f"  unexpected (ignored): {_preview(self.unexpected)}")
+            lines.append(f"  unexpected (ignored): {preview_keys(self.unexpected)}")
         if not_adapted:
             shapes = [f"{k} {self.mismatched[k][0]} vs network {self.mismatched[k][1]}" for k in not_adapted]
-            lines.append(f"  other shape (kept their initial values): {_preview(shapes)}")
+            lines.append(f"  other shape (kept their initial values): {preview_keys(shapes)}")
         return "\n".join(lines)
 
 
-def _preview(keys: Sequence[str], limit: int = _SHOWN) -> str:
+def preview_keys(keys: Sequence[str], limit: int = _SHOWN) -> str:
+    """The first ``limit`` keys, comma-separated, and how many more there are."""
     shown = ", ".join(keys[:limit])
     return shown + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -146,7 +147,7 @@ def _part_state_dict(checkpoint: Mapping[str, Any], part: str, source: str) -> d
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(
-            f"checkpoint {source}: '{part}' is not a state_dict (entries {_preview(bad)} are not tensors)"
+            f"checkpoint {source}: '{part}' is not a state_dict (entries {preview_keys(bad)} are not tensors)"
         )
     return state
 
@@ -164,6 +165,60 @@ def _repeat_in_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
     an image copied into every channel gives the response the pretrained network gave."""
     mean = weight.sum(dim=1, keepdim=True) / channels
     return mean.expand(-1, channels, *weight.shape[2:]).clone()
+
+
+def _match_part(part: str, ckpt_state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
+                in_channels_policy: str, report: LoadReport, errors: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of ``ckpt_state`` that fit ``model_state`` (the first conv adapted under the
+    ``"repeat"`` policy); records every key in ``report`` and each unfixable shape in ``errors``."""
+    first_conv = _first_conv_key(model_state)
+    selected: dict[str, torch.Tensor] = {}
+    for key, model_value in model_state.items():
+        name = f"{part}.{key}"
+        if key not in ckpt_state:
+            report.missing.append(name)
+            continue
+        value = ckpt_state[key]
+        if value.shape == model_value.shape:
+            selected[key] = value
+            report.loaded.append(name)
+            continue
+        report.mismatched[name] = (tuple(value.shape), tuple(model_value.shape))
+        only_in_channels = (
+            key == first_conv
+            and value.dim() == model_value.dim()
+            and value.shape[0] == model_value.shape[0]
+            and value.shape[2:] == model_value.shape[2:]
+        )
+        if only_in_channels and in_channels_policy == "repeat":
+            selected[key] = _repeat_in_channels(value, model_value.shape[1])
+            report.loaded.append(name)
+            report.adapted.append(name)
+        else:
+            hint = " (only the input channels differ: in_channels_policy='repeat' adapts it)" if only_in_channels else ""
+            errors.append(f"{name}: checkpoint {tuple(value.shape)} vs network {tuple(model_value.shape)}{hint}")
+    report.unexpected.extend(f"{part}.{key}" for key in ckpt_state if key not in model_state)
+    return selected
+
+
+def _shape_mismatch_error(network: nn.Module, source: str, meta: Mapping[str, Any] | None, errors: Sequence[str],
+                          report: LoadReport) -> ValueError:
+    """The error listing the shape mismatches, with the way out that fits them."""
+    described = f" (checkpoint meta: {dict(meta)})" if meta else ""
+    head_only = all(name.startswith("decoder.head.") for name in report.mismatched)
+    way_out = ("\nOnly the decoder's output head differs (out_channels): to keep the rest of the pretrained "
+               "decoder, load a copy without the head (its keys are then missing, left as initialised): "
+               "ckpt = dira3d.utils.load_checkpoint(path); ckpt['decoder'] = {k: v for k, v in "
+               "ckpt['decoder'].items() if not k.startswith('head.')}; load_pretrained(network, ckpt, "
+               "parts=('encoder', 'decoder'))" if head_only else
+               "\nBuild the network with the checkpoint's width / in_channels / out_channels, or load fewer "
+               "parts (e.g. parts=('encoder',) when only the output channels differ)")
+    return ValueError(
+        f"pretrained weights from {source} do not fit {type(network).__name__}: {len(errors)} shape "
+        f"mismatch(es){described}:\n  " + "\n  ".join(errors[:_SHOWN])
+        + (f"\n  … and {len(errors) - _SHOWN} more" if len(errors) > _SHOWN else "")
+        + way_out
+    )
 
 
 def load_pretrained(
@@ -235,57 +290,14 @@ def load_pretrained(
                 f"{type(network).__name__} has no sub-module '{part}' to load pretrained weights into; "
                 f"use parts among its children: {[name for name, _ in network.named_children()]}"
             )
-        ckpt_state = _part_state_dict(checkpoint, part, source)
-        model_state = module.state_dict()
-        first_conv = _first_conv_key(model_state)
-        selected: dict[str, torch.Tensor] = {}
-        for key, model_value in model_state.items():
-            name = f"{part}.{key}"
-            if key not in ckpt_state:
-                report.missing.append(name)
-                continue
-            value = ckpt_state[key]
-            if value.shape == model_value.shape:
-                selected[key] = value
-                report.loaded.append(name)
-                continue
-            report.mismatched[name] = (tuple(value.shape), tuple(model_value.shape))
-            only_in_channels = (
-                key == first_conv
-                and value.dim() == model_value.dim()
-                and value.shape[0] == model_value.shape[0]
-                and value.shape[2:] == model_value.shape[2:]
-            )
-            if only_in_channels and in_channels_policy == "repeat":
-                selected[key] = _repeat_in_channels(value, model_value.shape[1])
-                report.loaded.append(name)
-                report.adapted.append(name)
-            else:
-                hint = " (only the input channels differ: in_channels_policy='repeat' adapts it)" if only_in_channels else ""
-                errors.append(f"{name}: checkpoint {tuple(value.shape)} vs network {tuple(model_value.shape)}{hint}")
-        report.unexpected.extend(f"{part}.{key}" for key in ckpt_state if key not in model_state)
-        to_copy[part] = selected
-
+        to_copy[part] = _match_part(part, _part_state_dict(checkpoint, part, source), module.state_dict(),
+                                    in_channels_policy, report, errors)
     if errors:
-        described = f" (checkpoint meta: {dict(meta)})" if meta else ""
-        head_only = all(name.startswith("decoder.head.") for name in report.mismatched)
-        way_out = ("\nOnly the decoder's output head differs (out_channels): to keep the rest of the pretrained "
-                   "decoder, load a copy without the head (its keys are then missing, left as initialised): "
-                   "ckpt = dira3d.utils.load_checkpoint(path); ckpt['decoder'] = {k: v for k, v in "
-                   "ckpt['decoder'].items() if not k.startswith('head.')}; load_pretrained(network, ckpt, "
-                   "parts=('encoder', 'decoder'))" if head_only else
-                   "\nBuild the network with the checkpoint's width / in_channels / out_channels, or load fewer "
-                   "parts (e.g. parts=('encoder',) when only the output channels differ)")
-        raise ValueError(
-            f"pretrained weights from {source} do not fit {type(network).__name__}: {len(errors)} shape "
-            f"mismatch(es){described}:\n  " + "\n  ".join(errors[:_SHOWN])
-            + (f"\n  … and {len(errors) - _SHOWN} more" if len(errors) > _SHOWN else "")
-            + way_out
-        )
+        raise _shape_mismatch_error(network, source, meta, errors, report)
     if strict and (report.missing or report.unexpected):
         raise ValueError(
-            f"strict loading from {source} failed: missing keys [{_preview(report.missing)}], "
-            f"unexpected keys [{_preview(report.unexpected)}]; use strict=False to load what matches"
+            f"strict loading from {source} failed: missing keys [{preview_keys(report.missing)}], "
+            f"unexpected keys [{preview_keys(report.unexpected)}]; use strict=False to load what matches"
         )
     with torch.no_grad():
         for part, selected in to_copy.items():

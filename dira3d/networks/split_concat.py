@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from ._switch import switch_layers
-from .unet import _UpLevel
+from .unet import UpLevel
 
 __all__ = ["SplitConcatUpLevel", "use_split_concat"]
 
 _PLAIN_CONVS = (nn.Conv2d, nn.Conv3d)
 
 
-class SplitConcatUpLevel(_UpLevel):
+class SplitConcatUpLevel(UpLevel):
     """A decoder level whose first convolution reads the up-sampled map and the skip separately."""
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -56,4 +56,4 @@ def use_split_concat(*modules: nn.Module) -> list[str]:
         The qualified names of the switched levels (``"0.decoder.levels.0"``: module index, then the
         name inside it); a level already switched is not listed again.
     """
-    return switch_layers(modules, lambda m: SplitConcatUpLevel if type(m) is _UpLevel else None)
+    return switch_layers(modules, lambda m: SplitConcatUpLevel if type(m) is UpLevel else None)

@@ -176,7 +176,7 @@ class UNetEncoder(nn.Module):
         return x, skips
 
 
-class _UpLevel(nn.Module):
+class UpLevel(nn.Module):
     """Transposed conv ×2 (channels kept) → concatenation with the skip → double conv."""
 
     def __init__(self, spatial_dims: int, channels: int, skip_channels: int, out_channels: int, norm: str) -> None:
@@ -210,7 +210,7 @@ class UNetDecoder(nn.Module):
         channels = enc_out[-1]
         for skip_channels in reversed(enc_out[:-1]):
             # each level ends with as many channels as its skip (768 → 256 → 256 at width 1)
-            levels.append(_UpLevel(spatial_dims, channels, skip_channels, skip_channels, norm))
+            levels.append(UpLevel(spatial_dims, channels, skip_channels, skip_channels, norm))
             channels = skip_channels
         self.levels = nn.ModuleList(levels)
         self.head = Conv[Conv.CONV, spatial_dims](channels, out_channels, kernel_size=1)

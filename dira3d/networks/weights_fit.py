@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dira3d.networks.pretrained import Shape, _preview
+from dira3d.networks.pretrained import Shape, preview_keys
 
 __all__ = ["infer_network_settings", "state_dict_mismatch", "mismatch_summary", "settings_that_fit", "format_overrides", "same_value"]
 
@@ -102,12 +102,12 @@ def mismatch_summary(missing: Sequence[str], unexpected: Sequence[str],
     """One short line: counts and the first ``shown`` keys of each kind (not the whole list)."""
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing key(s) ({_preview(list(missing), shown)})")
+        parts.append(f"{len(missing)} missing key(s) ({preview_keys(list(missing), shown)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) ({_preview(list(unexpected), shown)})")
+        parts.append(f"{len(unexpected)} unexpected key(s) ({preview_keys(list(unexpected), shown)})")
     if mismatched:
         shapes = [f"{k}: {a} vs network {b}" for k, (a, b) in mismatched.items()]
-        parts.append(f"{len(shapes)} shape mismatch(es) ({_preview(shapes, shown)})")
+        parts.append(f"{len(shapes)} shape mismatch(es) ({preview_keys(shapes, shown)})")
     return "; ".join(parts) or "no differences"
 
 

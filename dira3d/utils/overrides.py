@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_value", "check_overrides", "did_you_mean", "run_bundle"]
+__all__ = ["parse_value", "as_bool", "check_overrides", "did_you_mean", "run_bundle"]
 
 
 def parse_value(text: str) -> Any:
@@ -26,6 +26,19 @@ def parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A boolean setting; the strings true/false (any case, as a command line may pass them) too.
+    ``bool("False")`` is True: a string must not switch a setting on by being non-empty."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no", "none", "null", ""):
+            return False
+        raise ValueError(f"{name}={value!r} is not a boolean; set {name} to true or false")
+    return bool(value)
 
 
 def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str, Any], where: str = "override") -> None:

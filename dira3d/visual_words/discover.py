@@ -88,6 +88,36 @@ def _rules(params: dict) -> CoordinateRules:
     )  # fmt: skip
 
 
+def _check_counts(datalist: str | os.PathLike, n_train: int, n_val: int, classes: int, neighbours: int,
+                  val_neighbours: int) -> None:
+    """Refuse class and neighbour counts that the datalist's volumes cannot supply.
+
+    Raises:
+        ValueError: fewer than 2 classes, validation neighbours without validation volumes, or a count
+            outside its range (naming the option and the range).
+    """
+    if classes < 2:  # cross-entropy over one class: log softmax of a single logit is 0, whatever the network does
+        raise ValueError(
+            f"classes={classes}: visual-word classification needs at least 2 visual words (with one, loss_dis is "
+            f"always 0 and pretraining learns nothing from it); "
+            + (f"choose classes (--classes) between 2 and {n_train}, the training volumes in {datalist}" if n_train >= 2 else
+               f"{datalist} has {n_train} training volume: add more (one reference volume per class)")
+        )
+    if val_neighbours > 0 and n_val == 0:
+        raise ValueError(
+            f"val_neighbours={val_neighbours} (--val-neighbours) but {datalist} has no 'validation' volumes: pass "
+            "--val-neighbours 0 (pretraining with configs/visual_words.json then has nothing to validate on), or prepare "
+            "the scans with a validation split (e.g. `dira3d prepare generic ... --val-fraction 0.2`)"
+        )
+    lowest = {"classes": 2, "neighbours": 1, "val_neighbours": 0}
+    for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train), ("val_neighbours", val_neighbours, n_val)):
+        if value > limit or value < lowest[name]:
+            raise ValueError(
+                f"{name}={value} is not possible with {n_train} training and {n_val} validation volumes in {datalist}; "
+                f"choose {name} (--{name.replace('_', '-')}) between {lowest[name]} and {limit}"
+            )
+
+
 def _check_volume_sizes(train: list[dict], shapes: list[tuple[int, int, int]], rules: CoordinateRules) -> None:
     """Refuse, from the shapes alone, training volumes that cannot hold patch + borders.
 
@@ -358,27 +388,7 @@ def discover_visual_words(
         # one run per --out: two would plan the same classes and re-create (zero) each other's finished shards
         held.enter_context(FolderLock(out_dir, what="--out folder", clash="a second run into it would re-create the shards it fills"))
         data = read_datalist(datalist)
-        n_train, n_val = len(data["training"]), len(data["validation"])
-        if classes < 2:  # cross-entropy over one class: log softmax of a single logit is 0, whatever the network does
-            raise ValueError(
-                f"classes={classes}: visual-word classification needs at least 2 visual words (with one, loss_dis is "
-                f"always 0 and pretraining learns nothing from it); "
-                + (f"choose classes (--classes) between 2 and {n_train}, the training volumes in {datalist}" if n_train >= 2 else
-                   f"{datalist} has {n_train} training volume: add more (one reference volume per class)")
-            )
-        if val_neighbours > 0 and n_val == 0:
-            raise ValueError(
-                f"val_neighbours={val_neighbours} (--val-neighbours) but {datalist} has no 'validation' volumes: pass "
-                "--val-neighbours 0 (pretraining with configs/visual_words.json then has nothing to validate on), or prepare "
-                "the scans with a validation split (e.g. `dira3d prepare generic ... --val-fraction 0.2`)"
-            )
-        lowest = {"classes": 2, "neighbours": 1, "val_neighbours": 0}
-        for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train), ("val_neighbours", val_neighbours, n_val)):
-            if value > limit or value < lowest[name]:
-                raise ValueError(
-                    f"{name}={value} is not possible with {n_train} training and {n_val} validation volumes in {datalist}; "
-                    f"choose {name} (--{name.replace('_', '-')}) between {lowest[name]} and {limit}"
-                )
+        _check_counts(datalist, len(data["training"]), len(data["validation"]), classes, neighbours, val_neighbours)
         if class_block < 1:
             raise ValueError(f"class_block must be >= 1, got {class_block}")
         params = {
