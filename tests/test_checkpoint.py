@@ -73,3 +73,26 @@ def test_check_writable_names_folder(tmp_path):
         check_writable(blocker / "sub")
     with pytest.raises(OSError, match="MiB free"):
         check_writable(tmp_path, min_free_bytes=2**62)
+
+
+class _RunsCode:
+    """A crafted checkpoint: unpickling it calls ``os.system`` (what a weights-only load must never do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused_without_advice_to_turn_the_check_off(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"encoder": _RunsCode(marker), "meta": {"width": 1}}, tmp_path / "crafted.pt")
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(tmp_path / "crafted.pt")
+    assert not marker.exists()
+    message = str(info.value)
+    # the reason (the blocked global), not torch's first line cut short: "Re-running `torch.load` with
+    # `weights_only` set to `False`" read as advice to load the file unsafely
+    assert "crafted.pt" in message and "could run code" in message and "system" in message, message
+    assert "weights_only` set to `False" not in message and "\n" not in message, message

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,19 @@ def test_missing_nvimgcodec_notices_are_left_out(tmp_path, caplog):
     if not _nvimgcodec_notices(path, caplog, quiet=False):
         pytest.skip("nvImageCodec is installed here: MONAI has no notice to leave out")
     assert _nvimgcodec_notices(path, caplog, quiet=True) == []
+
+
+def test_pretrain_passes_its_output_folder_to_the_bundle_as_an_absolute_path(tmp_path, monkeypatch):
+    # `--output '$run'` (a relative folder whose name starts with '$') reached the bundle as "$run/models",
+    # which MONAI evaluates as a Python expression; every path it is given is absolute now
+    import dira3d.utils.overrides as overrides
+    from dira3d.engines.command import main as pretrain_main
+
+    seen = {}
+    monkeypatch.setattr(overrides, "run_bundle", lambda configs, **kwargs: seen.update(kwargs))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dl.json").write_text('{"training": []}')
+    assert pretrain_main(["--datalist", "dl.json", "--output", "$__import__('os').getcwd()"]) == 0
+    paths = {key: seen[key] for key in ("datalist", "dataset_dir", "ckpt_dir", "output_dir")}
+    assert all(Path(p).is_absolute() and not p.startswith(("$", "%", "@")) for p in paths.values()), paths
+    assert paths["ckpt_dir"] == str(tmp_path / "$__import__('os').getcwd()" / "models")

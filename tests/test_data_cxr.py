@@ -369,3 +369,18 @@ def test_helpers_by_value(tmp_path):
     assert grey.shape == (4, 6) and np.all(grey == 60)
     with pytest.raises(DataError, match="does not exist"):
         read_grey(tmp_path / "missing.png")
+
+
+def test_chexpert_a_path_cell_leaving_the_dataset_fails_its_row_only(tmp_path):
+    # a Path cell with '..' stopped the whole preparation before any image (even with keep_going)
+    src = _chexpert_layout(tmp_path / "data")
+    train = src / "CheXpert-v1.0-small" / "train.csv"
+    bad = "CheXpert-v1.0-small/train/patient00009/../../../../outside.jpg"
+    with open(train, "a", newline="") as handle:
+        csv.writer(handle).writerow(_chex_row(bad, "Frontal", {"Edema": "1.0"}))
+    results = chexpert.prepare(src, tmp_path / "out", frontal_only=True, size=32, keep_going=True, progress=False)
+    failed = [r for r in results if r.status == "failed"]
+    assert len(failed) == 1 and "train.csv" in failed[0].reason and "'..'" in failed[0].reason, failed
+    assert sum(r.status == "written" for r in results) == 4
+    datalist = json.loads((tmp_path / "out" / "chexpert_datalist.json").read_text())
+    assert all(".." not in e["image"] for s in ("training", "validation", "test") for e in datalist[s])

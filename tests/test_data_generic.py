@@ -285,3 +285,24 @@ def test_a_rerun_with_another_patient_grouping_is_refused(tmp_path):
     assert all(r.status == "skipped" for r in generic.prepare(src, dst, patient_from="parent", **common))
     assert all(len(p) == 1 for p in _parts_of_patients(json.loads(datalist.read_text())).values())
     assert all(r.status == "written" for r in generic.prepare(src, dst, overwrite=True, **common))
+
+
+@pytest.mark.parametrize("layout", ["dst is src", "src is dst/volumes", "src inside dst/labels"])
+def test_a_dst_whose_outputs_land_among_the_scans_is_refused(tmp_path, capsys, layout):
+    # --dst = --src: a rerun read volumes/ as new scans (twice the cases, normalised twice); --src D/volumes
+    # --dst D: every output had its input's name, so the first run skipped them all and listed the raw
+    # scans as prepared volumes, and --overwrite replaced the scans
+    src = {"dst is src": tmp_path / "d", "src is dst/volumes": tmp_path / "d" / "volumes",
+           "src inside dst/labels": tmp_path / "d" / "labels" / "raw"}[layout]
+    src.mkdir(parents=True)
+    sitk.WriteImage(_mr(0), str(src / "a.nii.gz"))
+    before = (src / "a.nii.gz").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert cli_main(["prepare", "generic", "--modality", "mr", "--src", str(src), "--dst", str(tmp_path / "d"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "--dst" in err and "--src" in err and "a folder of its own" in err, err
+    assert (src / "a.nii.gz").read_bytes() == before
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
+        [(src / "a.nii.gz").relative_to(tmp_path).as_posix()]
+    # a --dst inside --src stays fine (left out of the search)
+    assert cli_main(["prepare", "generic", "--modality", "mr", "--src", str(src), "--dst", str(src / "prepared")]) == 0

@@ -119,3 +119,23 @@ def test_two_volumes_of_one_patient_fail_that_patient_only(tmp_path: Path) -> No
     assert "PE01.nrrd" in results["PE01"].reason and "one volume per patient" in results["PE01"].reason
     entries = json.loads((tmp_path / "out" / "pecad_datalist.json").read_text())["training"]
     assert [e["case_id"] for e in entries] == ["PE02"]
+
+
+def test_a_hostile_patient_id_fails_that_patient_only(tmp_path: Path) -> None:
+    # a patient_id cell that would write outside --dst stopped the whole batch before any case (exit 2,
+    # even with --keep-going); it is a failed case naming the CSV, and the good patient is prepared
+    src = tmp_path / "PE-CAD"
+    write_volume(src / "volumes" / "PE01.nii.gz", (10, 12, 7), (0.8, 0.6, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    rows = [("patient_id", "x", "y", "z", "coords", "label"), ("PE01", 10, 12, 7, "voxel", 1),
+            ("../../escape", 1, 2, 3, "voxel", 0), ("/abs", 1, 2, 3, "voxel", 0)]
+    with open(src / "candidates.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    dst = tmp_path / "work" / "out"
+    assert pecad.main(["--src", str(src), "--dst", str(dst), "--keep-going"]) == 0
+    report = {c["case_id"]: c for c in json.loads((dst / "report.json").read_text())["cases"]}
+    assert report["PE01"]["status"] == "written"
+    for bad in ("../../escape", "/abs"):
+        assert report[bad]["status"] == "failed" and "candidates.csv" in report[bad]["reason"], report[bad]
+    assert [e["case_id"] for e in json.loads((dst / "pecad_datalist.json").read_text())["training"]] == ["PE01"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PE-CAD", "work"]  # nothing written beside --dst
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["out"]

@@ -30,10 +30,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from dira3d import __version__
-from dira3d.data.errors import record_or_raise
+from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
@@ -140,8 +140,10 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
     dst = Path(dst)
     problems: dict[str, str] = {}
     patients = find_patients(src, problems)
-    cases = [Case(pid, [safe_case_path(dst / "images", pid, ".nii.gz"), safe_case_path(dst / "labels", pid, ".nii.gz")],
-                  files, problems.get(pid, "")) for pid, files in patients.items()]
+    cases = []
+    for pid, files in patients.items():
+        outputs, bad_id = case_outputs(pid, [(dst / "images", ".nii.gz"), (dst / "labels", ".nii.gz")], files["folder"])
+        cases.append(Case(pid, outputs, files, join_errors(bad_id, problems.get(pid, ""))))
     process = partial(_process, modalities=modalities, percentiles=tuple(percentiles),
                       spacing=None if spacing is None else tuple(spacing))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,

@@ -32,9 +32,9 @@ from dira3d.data.cxr import (
     write_patient_split,
     earlier_patient_split,
 )
-from dira3d.data.errors import record_or_raise
+from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
@@ -223,8 +223,9 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                                                                  f"under {src} (partial download?); extract every "
                                                                  "images_*.tar.gz archive under --src, or add "
                                                                  "--keep-going to prepare the images that are there"))
-        cases.append(Case(Path(name).stem, [safe_case_path(dst / "images", Path(name).stem, ".png")],
-                          {"path": files.get(name), "name": name}, error=problems.get(name, "")))
+        outputs, bad_id = case_outputs(Path(name).stem, [(dst / "images", ".png")], f"{entry_csv} Image Index")
+        cases.append(Case(Path(name).stem, outputs, {"path": files.get(name), "name": name},
+                          error=join_errors(bad_id, problems.get(name, ""))))
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="chestxray14",
                         progress=progress, source=src,

@@ -39,7 +39,7 @@ from dira3d.data.cxr import (
 )
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["ALL", "FIVE", "POLICIES", "LSR_RANGE", "apply_policy", "read_labels", "prepare", "main"]
@@ -189,7 +189,11 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
         values = apply_policy(np.array([r["values"] for r in rows], np.float32).reshape(len(rows), len(labels)),
                               policy, rng)
         for row, label in zip(rows, values):
-            path, inner = _resolve(csv_path, row["path"])
+            try:
+                path, inner = _resolve(csv_path, row["path"])
+            except DataError as err:  # '..' or absolute: that row's image fails, the others go on
+                record_or_raise(problems, row["path"], err, f" (row {row['row']})")
+                path, inner = None, row["path"]
             case_id = str(PurePosixPath(inner).with_suffix(""))
             if case_id in records:
                 first = records[case_id]
@@ -197,16 +201,19 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
                                                                              f"both list image {row['path']}; use the "
                                                                              "CSV as downloaded"))
                 continue
-            missing = not path.is_file()
-            if missing:
+            missing = path is None or not path.is_file()
+            if missing and path is not None:
                 record_or_raise(problems, row["path"], DataError(
                     csv_path, f"row {row['row']}: image {row['path']} does not exist ({path}; partial download?); "
                               "unzip the whole download, or add --keep-going to prepare the images that are there"))
             records[case_id] = {"split": split_name, "patient": row["patient"], "view": row["view"],
                                 "label": [float(v) for v in label], "row": row["row"], "missing": missing,
-                                "path": row["path"], "file": path}
-    cases = [Case(case_id, [safe_case_path(dst / "images", case_id, ".png")], {"path": record["file"]},
-                  error=problems.get(record["path"], "")) for case_id, record in records.items()]
+                                "path": row["path"], "file": path, "csv": csv_path}
+    cases = []
+    for case_id, record in records.items():
+        outputs, bad_id = case_outputs(case_id, [(dst / "images", ".png")], f"{record['csv']} row {record['row']}")
+        # an id refused here is a Path cell _resolve refused already: its message is enough
+        cases.append(Case(case_id, outputs, {"path": record["file"]}, error=problems.get(record["path"], "") or bad_id))
     if not cases:
         raise DataError(train_csv, "lists no image (after --frontal-only); nothing to prepare")
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,

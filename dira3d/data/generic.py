@@ -297,6 +297,28 @@ def _process(case: Case, modality: str, window: Sequence[float], percentiles: Se
     return info
 
 
+def _check_src_outside_outputs(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Refuse a ``--dst`` whose output folders hold the scans of ``--src`` (or are ``--src`` itself).
+
+    ``--dst`` equal to ``--src`` puts ``volumes/`` among the scans, and a rerun reads the prepared volumes
+    as new scans (twice the cases, normalised twice); ``--src D/volumes --dst D`` names every output after
+    its own input: the first run skips them all ("outputs exist") and lists the raw scans as prepared
+    volumes, ``--overwrite`` replaces the scans. (A ``--dst`` inside ``--src``, e.g. ``--src D --dst
+    D/prepared``, is fine: it is left out of the search.)
+
+    Raises:
+        ValueError: naming both folders and what to do.
+    """
+    source, out = Path(src).resolve(), Path(dst).resolve()
+    clash = next((folder for folder in (out, out / "volumes", out / "labels")
+                  if source == folder or (folder != out and folder in source.parents)), None)
+    if clash is not None:
+        what = "is --src itself" if clash == out else f"would write its {clash.name}/ folder where the scans of --src {src} are"
+        raise ValueError(f"--dst {dst} {what}: the prepared volumes would be written among (or over) the scans and a "
+                         "rerun would read them as scans; give --dst a folder of its own, e.g. a new folder "
+                         "next to --src (a --dst inside --src is left out of the search)")
+
+
 def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "ct",
             window: Sequence[float] = (-1000.0, 1000.0), percentiles: Sequence[float] = (0.5, 99.5),
             spacing: Sequence[float] | None = None, image_suffix: str = "", label_suffix: str | None = None,
@@ -334,6 +356,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     _check_patient_setting(patient_from, patient_regex)
+    _check_src_outside_outputs(src, dst)
     problems: dict[str, str] = {}
     found = discover(src, image_suffix, label_suffix, exclude=[dst], problems=problems)
     if not found:

@@ -44,7 +44,7 @@ from dira3d.data.lidc_xml import (
     rasterize_nodule,
 )
 from dira3d.data.normalize import window_hu
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -327,10 +327,11 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
     options = {"consensus": consensus, "min_readers": min_readers, "group_mm": group_mm,
                "include_outline": include_outline, "spacing": spacing, "crop": list(crop),
                "window": list(window), "dst": str(dst)}
-    cases = [Case(case_id, [safe_case_path(dst / "manifests", case_id, ".json")],
-                  {**options, "folder": str(info.folder), "xml": info.xml, "patient_id": info.patient_id,
-                   "error": info.error})
-             for case_id, info in zip(_case_ids(series), series)]
+    cases = []
+    for case_id, info in zip(_case_ids(series), series):
+        outputs, bad_id = case_outputs(case_id, [(dst / "manifests", ".json")], f"{info.folder} (DICOM PatientID)")
+        cases.append(Case(case_id, outputs, {**options, "folder": str(info.folder), "xml": info.xml,
+                                             "patient_id": info.patient_id, "error": info.error}, bad_id))
     results = run_cases(cases, process_series, out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="lidc",
                         progress=progress, source=src, datalists=[dst / "lidc_datalist.json"],

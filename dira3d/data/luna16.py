@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dira3d.data.errors import record_or_raise
+from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, safe_case_path, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["OFFICIAL_SPLIT", "find_scans", "read_candidates", "read_annotations", "prepare", "main"]
@@ -231,9 +231,11 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
         cases += [Case(name, [], error=message) for name, message in rows.items()]
     for uid, (subset, mhd) in scans.items():
         kept = _keep_candidates(uid, table.get(uid, []), max_negatives_per_scan, seed)
-        outputs = [safe_case_path(dst / "volumes", uid, ".nii.gz")]
-        outputs += [safe_case_path(dst / "cubes" / uid, f"{c[0]:07d}", ".nii.gz") for c in kept]
-        cases.append(Case(uid, outputs, {"mhd": mhd, "subset": subset, "candidates": kept}, problems.get(uid, "")))
+        outputs, bad_id = case_outputs(uid, [(dst / "volumes", ".nii.gz")], mhd)
+        if not bad_id:
+            outputs += [safe_case_path(dst / "cubes" / uid, f"{c[0]:07d}", ".nii.gz") for c in kept]
+        cases.append(Case(uid, outputs, {"mhd": mhd, "subset": subset, "candidates": kept},
+                          join_errors(bad_id, problems.get(uid, ""))))
     process = partial(_process_scan, window=tuple(window), spacing=None if spacing is None else tuple(spacing),
                       cube_size=tuple(int(s) for s in cube_size))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,

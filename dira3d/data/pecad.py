@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 
 from dira3d import __version__
-from dira3d.data.errors import record_or_raise
+from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import IMAGE_SUFFIXES, DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.data.splits import assign_folds, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -205,10 +205,12 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
     found = find_volumes(volume_dir, problems)
     table = read_candidates(csv_path)
     fold_of = assign_folds(sorted(table), folds, seed)
-    cases = [Case(pid or "(empty patient_id)", [safe_case_path(dst / "manifests", pid or "_empty", ".json")],
-                  {"rows": rows, "volume": found.get(pid), "csv": csv_path, "volumes": volume_dir, "dst": str(dst)},
-                  problems.get(pid, ""))
-             for pid, rows in sorted(table.items())]
+    cases = []
+    for pid, rows in sorted(table.items()):
+        outputs, bad_id = case_outputs(pid or "_empty", [(dst / "manifests", ".json")], f"{csv_path} patient_id")
+        cases.append(Case(pid or "(empty patient_id)", outputs, {"rows": rows, "volume": found.get(pid), "csv": csv_path,
+                                                                 "volumes": volume_dir, "dst": str(dst)},
+                          join_errors(bad_id, problems.get(pid, ""))))
     process = partial(_process_patient, window=tuple(window), spacing=None if spacing is None else tuple(spacing),
                       cube_size=tuple(int(s) for s in cube_size))
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,

@@ -54,6 +54,7 @@ __all__ = [
     "finish",
     "run_prepare",
     "safe_case_path",
+    "case_outputs",
     "write_json",
     "write_datalist",
 ]
@@ -106,6 +107,27 @@ def safe_case_path(out_dir: str | os.PathLike, case_id: str, suffix: str = "") -
     if root not in path.resolve().parents:
         raise ValueError(f"case id {case_id!r} resolves outside the output folder {root}; rename the case")
     return Path(out_dir) / f"{case_id}{suffix}"
+
+
+def case_outputs(case_id: str, places: Sequence[tuple[str | os.PathLike, str]], source: str | os.PathLike | None = None,
+                 ) -> tuple[list[Path], str]:
+    """:func:`safe_case_path` of ``case_id`` in every ``(folder, suffix)`` of ``places``, for a case whose id
+    comes from the data (a CSV cell, a DICOM tag, a file name).
+
+    An id that :func:`safe_case_path` refuses (``..``, absolute, a backslash) is a problem of that case
+    alone: the outputs are ``[]`` and the message (naming ``source``, where the id was read) goes to the
+    case's ``error``, so the batch goes on with the other cases (``--keep-going``) instead of stopping
+    before any of them.
+
+    Returns:
+        ``(outputs, error)``: the output paths and ``""``, or ``[]`` and why the id is refused.
+    """
+    try:
+        return [safe_case_path(folder, case_id, suffix) for folder, suffix in places], ""
+    except ValueError as err:
+        where = f"{source}: " if source is not None else ""
+        return [], (f"{where}{err}; this case is left out (fix the id where it is read; the other cases are "
+                    "prepared)")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

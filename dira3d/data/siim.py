@@ -41,7 +41,7 @@ from dira3d.data.cxr import (
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.rle import decode_rle
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["read_rle_csv", "read_patient_id", "decode_masks", "prepare", "main"]
@@ -148,7 +148,9 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     # failed case of its own, so --keep-going prepares the rest
     cases = []
     for image_id in sorted(rles):
-        outputs = [safe_case_path(dst / "images", image_id, ".png"), safe_case_path(dst / "masks", image_id, ".png")]
+        outputs, bad_id = case_outputs(image_id, [(dst / "images", ".png"), (dst / "masks", ".png")], f"{csv_path} ImageId")
+        if bad_id:
+            record_or_raise(problems, image_id, DataError(None, bad_id))
         if image_id not in dicoms:
             record_or_raise(problems, image_id, DataError(csv_path, f"ImageId {image_id} has no DICOM {image_id}.dcm "
                                                                     f"under {src} (partial download?); extract the "

@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             bundle_root=str(BUNDLE_DIR),
             datalist=str(datalist.resolve()),
             dataset_dir=str(datalist.resolve().parent),
-            ckpt_dir=str(output / "models"),
-            output_dir=str(output / "eval"),
+            # absolute, as datalist: a relative folder named '$...', '%...' or '@...' would be read by MONAI as an
+            # expression (run as Python), a macro or a reference
+            ckpt_dir=str(output.resolve() / "models"),
+            output_dir=str(output.resolve() / "eval"),
             **overrides,
         )
     except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback

@@ -48,11 +48,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        # torch's first line says what failed; the rest is a page on weights_only (kept as the __cause__)
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise ValueError(f"checkpoint {path} cannot be read as a weights-only torch file ({first[:200]}); it is not a "
-                         "torch checkpoint, or it is truncated or holds Python objects: pass a file a dira3d run wrote "
-                         "(e.g. models/best.pt or last.pt)") from err
+        raise ValueError(f"checkpoint {path} cannot be read as a weights-only torch file ({_load_failure(err)}); it is "
+                         "not a torch checkpoint, or it is truncated or holds Python objects: pass a file a dira3d run "
+                         "wrote (e.g. models/best.pt or last.pt)") from err
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of state_dicts")
     return obj
+
+
+def _load_failure(err: Exception) -> str:
+    """What ``torch.load(..., weights_only=True)`` refused, in one line (the whole message stays the ``__cause__``).
+
+    A refused pickle makes torch's first line "Weights only load failed. ... Re-running `torch.load` with
+    `weights_only` set to `False` will likely succeed, but it can result in arbitrary code execution": cut
+    short, that read as advice to turn the check off. For such a file the reason is given instead
+    (``Trying to load unsupported GLOBAL posix.system ...``, ``Unsupported operand 149``); for a GLOBAL (a
+    class or function to import) it says that the file holds Python objects, which could run code when
+    loaded, and that dira3d does not load them.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    if not first.startswith("Weights only load failed"):
+        return first[:200]
+    reason = next((line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))
+                   and "weights_only" not in line), "")
+    reason = reason.removeprefix("WeightsUnpickler error:").strip()[:160] or "refused by the weights-only unpickler"
+    if "global" in reason.lower():  # a class or function to import: what a crafted file uses to run code
+        return (f"it holds pickled Python objects, which could run code when loaded, and dira3d loads only tensors "
+                f"and plain values: {reason}")
+    return reason
