@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -126,3 +129,29 @@ def test_monailabel_serves_local_bundles_over_rest(real_data, repo_root, tmp_pat
     assert server.process is not None and server.process.poll() is not None  # shut down
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{server.url}/info/", timeout=5)
+
+
+def test_monailabel_task_reads_the_model_weights_only_whatever_torch_defaults_to(repo_root, tmp_path):
+    """MONAI Label loads models/model.pt with a plain torch.load: with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 a
+    crafted file ran its code on the server. dira3d's task reads it with weights_only=True first."""
+    venv = _env_or_skip(tmp_path)
+    bundle = tmp_path / "bundles" / "lits_liver_seg"
+    shutil.copytree(repo_root / "bundles" / "lits_liver_seg" / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    marker = tmp_path / "code_ran"
+    payload = (  # a pickle whose loading calls os.system
+        "import os, pickle, sys\n"
+        "class Evil:\n    def __reduce__(self):\n        return (os.system, (f'touch {sys.argv[2]}',))\n"
+        "open(sys.argv[1], 'wb').write(pickle.dumps({'state_dict': Evil()}, protocol=2))\n"
+    )
+    subprocess.run([sys.executable, "-c", payload, str(bundle / "models" / "model.pt"), str(marker)], check=True)
+    script = (
+        "import sys\nfrom dira3d.deploy.monailabel_tasks import SegmentationBundleTask\n"
+        "task = SegmentationBundleTask(sys.argv[1], {})\n"
+        "try:\n    task._get_network('cpu', {})\nexcept ValueError as err:\n    print('refused:', err)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    python = venv / "bin" / "python"
+    proc = subprocess.run([str(python), "-c", script, str(bundle)], env=env, capture_output=True, text=True, timeout=300)
+    assert "refused:" in proc.stdout and "holds pickled Python objects" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not marker.exists(), "the crafted model.pt ran its code"

@@ -65,6 +65,20 @@ class _OverridableBundleTask(BundleInferTask):
             parser[key] = value
         return parser
 
+    def _get_network(self, device: Any, data: Any) -> Any:
+        """MONAI Label's own ``torch.load`` of the model file is weights-only only because torch's default
+        says so (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns that off, and a crafted ``model.pt`` would then
+        run code on the server): the file is read with ``weights_only=True`` first, each time it changes."""
+        path = self.get_path()
+        if path and os.path.isfile(path) and str(path).endswith(".pt"):
+            stamp = (str(path), os.stat(path).st_mtime_ns)
+            if stamp != getattr(self, "_checked_model", None):
+                from dira3d.utils.checkpoint import load_checkpoint
+
+                load_checkpoint(path)  # refuses pickled Python objects with a message naming the file
+                self._checked_model = stamp
+        return super()._get_network(device, data)
+
 
 class SegmentationBundleTask(_OverridableBundleTask):
     """A dira3d segmentation bundle served by MONAI Label (mask values as the bundle writes them)."""
