@@ -306,3 +306,13 @@ def test_a_dst_whose_outputs_land_among_the_scans_is_refused(tmp_path, capsys, l
         [(src / "a.nii.gz").relative_to(tmp_path).as_posix()]
     # a --dst inside --src stays fine (left out of the search)
     assert cli_main(["prepare", "generic", "--modality", "mr", "--src", str(src), "--dst", str(src / "prepared")]) == 0
+
+
+def test_hidden_folders_are_not_searched_for_scans(tmp_path):
+    """A file system's .snapshot copies (or .Trash) were found as more scans: hidden files were skipped, hidden folders not."""
+    src = tmp_path / "scans"
+    (src / ".snapshot" / "hourly").mkdir(parents=True)
+    (src / "site").mkdir()
+    sitk.WriteImage(_mr(0), str(src / "site" / "a.nii.gz"))
+    sitk.WriteImage(_mr(0), str(src / ".snapshot" / "hourly" / "a.nii.gz"))
+    assert [case_id for case_id, _, _ in generic.discover(src)] == ["site_a"]

@@ -131,7 +131,8 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
         found.setdefault(cid, path)
 
     for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if (Path(root) / d).resolve() not in skip)
+        # hidden folders (.snapshot, .git, .Trash, a tool's cache) are left out, as hidden files are
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in skip)
         other = []
         for name in sorted(files):
             path = Path(root) / name
