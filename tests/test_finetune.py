@@ -296,3 +296,55 @@ def test_holdout_never_takes_every_patient():
     for seed in range(5):
         train, held = holdout_by_patient(entries, 0.99, seed=seed)
         assert len(train) == 2 and len(held) == 4 and len({e["case_id"] for e in train}) == 1
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: not an ``Exception``, so ignite's handlers do not catch it."""
+
+
+def test_overwrite_killed_mid_training_leaves_no_earlier_metrics_beside_the_new_model(tmp_path, monkeypatch):
+    # `dira3d finetune --overwrite` killed after its first epoch left the earlier run's metrics.json beside
+    # its own unfinished model.pt: the folder looked finished, with metrics of another model, and the
+    # earlier TensorBoard files stayed merged into the new run's curves
+    from dira3d.evaluation import handlers
+    from dira3d.evaluation.finetune import run_finetune
+    from test_bundles_finetune import make_classification
+
+    datalist = make_classification(tmp_path / "data", "ncc_datalist.json", (16, 16, 8), folds=False)
+    out = tmp_path / "out"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "model.pt").write_bytes(b"the earlier run's model")
+    (out / "metrics.json").write_text('{"metrics": {"auc": 0.9}}')
+    (out / "events.out.tfevents.1.earlier.0").write_bytes(b"the earlier run's curves")
+    saved = handlers.BestModelSaver.__call__
+
+    def save_then_die(self, engine):
+        saved(self, engine)
+        raise _Killed
+
+    monkeypatch.setattr(handlers.BestModelSaver, "__call__", save_then_die)
+    torch.set_num_threads(1)
+    settings = {"datalist": str(datalist), "max_epochs": 1}
+    with pytest.raises(_Killed):
+        run_finetune("luna16_nodule_fpr", settings, output_dir=out, tiny=True, overwrite=True)
+    assert not (out / "metrics.json").exists()  # the earlier one went before training started
+    assert (out / "models" / "model.pt").read_bytes() != b"the earlier run's model"
+    assert not (out / "events.out.tfevents.1.earlier.0").exists() and list(out.glob("events.out.tfevents.*"))
+    # a rerun without --overwrite is refused, saying the run is unfinished and how to start it again
+    with pytest.raises(FileExistsError, match=r"unfinished fine-tuning run .*no metrics.json.*--overwrite"):
+        run_finetune("luna16_nodule_fpr", settings, output_dir=out, tiny=True)
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_new_one_fails_to_set_up(tmp_path):
+    # the earlier run is removed only once the new one has set up without error: a typo costs nothing
+    from dira3d.evaluation.finetune import run_finetune
+
+    out = tmp_path / "out"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "model.pt").write_bytes(b"the earlier run's model")
+    (out / "metrics.json").write_text('{"metrics": {"auc": 0.9}}')
+    with pytest.raises(Exception, match="none.json"):
+        run_finetune("luna16_nodule_fpr", {"datalist": str(tmp_path / "none.json")}, output_dir=out, tiny=True,
+                     overwrite=True)
+    assert (out / "metrics.json").read_text() == '{"metrics": {"auc": 0.9}}'
+    assert (out / "models" / "model.pt").read_bytes() == b"the earlier run's model"

@@ -96,6 +96,13 @@ def _number(value: Any) -> Any:
     return None if math.isnan(value) else value
 
 
+def _earlier_outputs(out: Path) -> list[Path]:
+    """The files an earlier run (finished or not) left in ``out`` that ``--overwrite`` replaces:
+    ``metrics.json`` first, then the model, the evaluation CSV and the TensorBoard event files."""
+    names = [out / "metrics.json", out / "models" / "model.pt", out / "metrics.csv"]
+    return [p for p in names if p.is_file()] + sorted(out.glob("events.out.tfevents.*"))
+
+
 def _write_json(obj: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
@@ -156,10 +163,17 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     configs = root / "configs"
     earlier = [p for p in (out / "models" / "model.pt", out / "metrics.json") if p.exists()]
     if earlier and not overwrite:  # the first epoch would replace the earlier model, and metrics.json after it
+        if not (out / "metrics.json").exists():  # killed or failed before its test metrics
+            raise FileExistsError(
+                f"{out} holds an unfinished fine-tuning run (models/model.pt but no metrics.json: it was interrupted "
+                "or failed); pass --overwrite to start it again, or choose another output folder (--output-dir)"
+            )
         raise FileExistsError(
             f"{out} already holds a fine-tuning run ({', '.join(str(p.relative_to(out)) for p in earlier)}), which "
             "this run would replace; choose another output folder (--output-dir), or pass --overwrite to replace it"
         )
+    # listed before this run creates its own TensorBoard files; removed once it has set up without error
+    replaced = _earlier_outputs(out) if overwrite else []
     overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
 
     trainer_flow = _workflow(files, configs / "metadata.json", overrides)
@@ -179,6 +193,11 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     # quiet_interrupt_logs looks for handlers: Ctrl-C prints main()'s one line, not MONAI's traceback
     trainer = trainer_flow.parser.get_parsed_content("train#trainer")
     validator = trainer_flow.parser.get_parsed_content("validate#evaluator")
+    # --overwrite: the earlier run goes as this one starts, metrics.json first, so that a kill mid-training
+    # never leaves the earlier run's metrics.json beside this run's unfinished model.pt (taken as finished),
+    # nor its TensorBoard curves merged into this run's
+    for path in replaced:
+        path.unlink(missing_ok=True)
     with quiet_interrupt_logs():
         trainer_flow.run()
     holdout = {"best_" + str(getattr(validator.state, "key_metric_name", "metric")): _number(validator.state.best_metric)}
