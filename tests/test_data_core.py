@@ -305,6 +305,16 @@ def test_safe_case_path_and_datalist(tmp_path):
     assert Path(loaded[0]["image"]).resolve() == image.resolve() and loaded[0]["label"] == 1
 
 
+def test_an_empty_split_of_a_datalist_is_warned_about(tmp_path, capsys):
+    """LUNA16 with only subsets 0-5 downloaded wrote an empty test list without a word (default test subsets 7-9)."""
+    entry = {"image": tmp_path / "a.nii.gz", "case_id": "a"}
+    write_datalist(tmp_path / "dl.json", {"training": [entry], "validation": [entry]}, {})
+    assert "WARNING" not in capsys.readouterr().err
+    write_datalist(tmp_path / "dl.json", {"training": [entry], "validation": [], "test": []}, {})
+    err = capsys.readouterr().err
+    assert "WARNING dl.json: its 'validation', 'test' lists are empty" in err and "--test-subsets" in err
+
+
 def test_prepare_command_dispatch(capsys):
     assert command.main(["nosuch"]) == 2
     assert "unknown dataset 'nosuch'" in capsys.readouterr().err

@@ -156,6 +156,11 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
     for split, entries in splits.items():
         out[split] = [{k: (rel(v) if k in ("image", "label") else v) for k, v in e.items()} for e in entries]
     out["meta"] = dict(meta)
+    empty = [split for split in ("training", "validation", "test") if split in splits and not splits[split]]
+    if empty:  # e.g. LUNA16's default test subsets 7-9 not downloaded: the fine-tuning test would fail much later
+        print(f"WARNING {path.name}: its {', '.join(repr(s) for s in empty)} list{'s are' if len(empty) > 1 else ' is'} "
+              "empty: no prepared case went there; check the split options (e.g. --train-subsets / --val-subsets / "
+              "--test-subsets, --val-fraction, --test-fraction) against the cases found", file=sys.stderr)
     return write_json(path, out)
 
 
