@@ -120,6 +120,9 @@ def _finetune(prepared: Path, checkpoint: Path, out: Path, seeds: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dira3d.cli import quiet_missing_nvimgcodec
+
+    quiet_missing_nvimgcodec()  # `make demo` runs this module directly, not through the dira3d command
     parser = argparse.ArgumentParser(prog="dira3d demo", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
     parser.add_argument("--count", type=int, default=20, help="number of phantoms")
