@@ -31,7 +31,7 @@ def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: dira3d <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "Run `dira3d <command> --help` for the options of one command."]
+    lines += ["", "Run `dira3d <command> --help` for the options of one command; `dira3d --version` for the versions."]
     return "\n".join(lines)
 
 
@@ -48,6 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     quiet_missing_nvimgcodec()
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:  # what a bug report needs: ours and the two packages the results depend on
+        from importlib.metadata import PackageNotFoundError, version
+
+        def installed(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "not installed"
+
+        import dira3d
+
+        print(f"dira3d {dira3d.__version__} (torch {installed('torch')}, monai {installed('monai')})")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -108,3 +108,15 @@ def test_pretrain_passes_its_output_folder_to_the_bundle_as_an_absolute_path(tmp
     paths = {key: seen[key] for key in ("datalist", "dataset_dir", "ckpt_dir", "output_dir")}
     assert all(Path(p).is_absolute() and not p.startswith(("$", "%", "@")) for p in paths.values()), paths
     assert paths["ckpt_dir"] == str(tmp_path / "$__import__('os').getcwd()" / "models")
+
+
+def test_version_names_dira3d_torch_and_monai(capsys):
+    import monai
+    import torch
+
+    import dira3d
+
+    assert cli_main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"dira3d {dira3d.__version__} (torch ")
+    assert torch.__version__.split("+")[0] in out and f"monai {monai.__version__}" in out
