@@ -403,19 +403,36 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     return results
 
 
-def _earlier_parts(datalist: Path, src: str | os.PathLike, rule: dict) -> dict[str, list[str]] | None:
-    """Part → patient ids of the datalist an earlier run of this ``src`` wrote with the same split ``rule``
-    (fractions, seed, grouping; as its meta records them); None when there is none or it differs."""
+def _earlier_datalist(datalist: Path, src: str | os.PathLike) -> tuple[dict, dict] | None:
+    """``(datalist, its patient grouping)`` of the datalist an earlier run of this ``src`` wrote (a datalist
+    written before the grouping options existed was split by case); None when there is none, it cannot be
+    read, or it was prepared from another source (:func:`~dira3d.data.runner.run_cases` refuses that)."""
     try:
         data = json.loads(datalist.read_text(encoding="utf-8"))
         meta = data["meta"]
+        if meta.get("source") != str(Path(src).resolve()):
+            return None
+        return data, {"patient_from": meta.get("patient_from", "case"), "patient_regex": meta.get("patient_regex")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _earlier_parts(datalist: Path, src: str | os.PathLike, rule: dict) -> dict[str, list[str]] | None:
+    """Part → patient ids of the datalist an earlier run of this ``src`` wrote with the same split ``rule``
+    (fractions, seed, grouping; as its meta records them); None when there is none or it differs."""
+    earlier = _earlier_datalist(datalist, src)
+    if earlier is None:
+        return None
+    data, grouping = earlier
+    try:
+        meta = data["meta"]
         recorded = {"val_fraction": meta["val_fraction"], "test_fraction": meta["test_fraction"], "seed": meta["seed"],
-                    "patient_from": meta.get("patient_from", "case"), "patient_regex": meta.get("patient_regex")}
-        if meta.get("source") != str(Path(src).resolve()) or recorded != rule:
+                    **grouping}
+        if recorded != rule:
             return None
         return {name: [str(e.get("patient_id", e["case_id"])) for e in data.get(name, [])]
                 for name in ("training", "validation", "test")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return None
 
 
@@ -460,15 +477,10 @@ def _check_grouping(datalist: Path, src: str | os.PathLike, grouping: dict[str, 
     Raises:
         DataError: the datalist records another grouping and ``overwrite`` is false.
     """
-    if overwrite or not datalist.is_file():
+    earlier = None if overwrite else _earlier_datalist(datalist, src)
+    if earlier is None:
         return
-    try:
-        meta = json.loads(datalist.read_text(encoding="utf-8"))["meta"]
-        if meta.get("source") != str(Path(src).resolve()):
-            return
-        old = {"patient_from": meta.get("patient_from", "case"), "patient_regex": meta.get("patient_regex")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return
+    old = earlier[1]
 
     def flags(g: dict) -> str:
         return f"--patient-regex {g['patient_regex']!r}" if g["patient_from"] == "regex" else f"--patient-from {g['patient_from']}"
