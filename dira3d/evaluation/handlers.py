@@ -100,6 +100,9 @@ def prediction_path(image: str | os.PathLike, postfix: str, ext: str) -> str:
     return str(image.parent / f"{scan_stem(image)}_{postfix}{ext}")
 
 
+_PROB_HINT = "pass --output_path with another file"
+
+
 def _default_output(engine_output: Any) -> list[tuple[str, list[float]]]:
     """(source file, probabilities) per decollated sample of a SupervisedEvaluator output."""
     rows = []
@@ -115,19 +118,30 @@ def _default_output(engine_output: Any) -> list[tuple[str, list[float]]]:
 class ProbabilityWriter:
     """Write per-candidate probabilities of an evaluator run to a JSON file.
 
-    The file holds ``{"classes": [...], "predictions": [{"image": path, "probabilities": [...]}]}``
-    and is written atomically when the run completes.
+    The file holds ``{"classes": [...], "predictions": [{"image": path, "probabilities": [...]}],
+    "written_by": "dira3d <version>", "sha256": <checksum of the rest>}`` and is written atomically when the
+    run completes. ``written_by`` and ``sha256`` mark it as dira3d's own (see :mod:`dira3d.evaluation.outputs`):
+    when the run starts, an existing ``output_path`` that is not dira3d's own unchanged prediction stops it
+    (unless ``overwrite``), before anything is written.
 
     Args:
         output_path: the JSON file to write.
         class_names: names of the output channels (e.g. ``["nodule"]``).
         output_transform: maps ``engine.state.output`` to ``[(source path, [p, ...]), ...]``.
+        overwrite: replace an existing ``output_path`` whatever wrote it.
+
+    Raises:
+        FileExistsError: (when the run starts) ``output_path`` holds a file dira3d did not write.
     """
 
-    def __init__(self, output_path: str | os.PathLike, class_names: list[str] | None = None, output_transform: Callable = _default_output) -> None:
+    def __init__(self, output_path: str | os.PathLike, class_names: list[str] | None = None, output_transform: Callable = _default_output,
+                 overwrite: Any = False) -> None:
+        from dira3d.utils.overrides import as_bool
+
         self.output_path = Path(output_path)
         self.class_names = list(class_names or [])
         self.output_transform = output_transform
+        self.overwrite = as_bool(overwrite, "overwrite")
         self.rows: list[dict] = []
 
     def attach(self, engine: Workflow) -> None:
@@ -137,7 +151,13 @@ class ProbabilityWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
 
+    def _check(self) -> None:
+        from dira3d.evaluation.outputs import check_prediction_targets
+
+        check_prediction_targets([self.output_path], self.overwrite, hint=_PROB_HINT)
+
     def _reset(self, engine: Workflow) -> None:
+        self._check()
         self.rows = []
 
     def _collect(self, engine: Workflow) -> None:
@@ -145,8 +165,13 @@ class ProbabilityWriter:
             self.rows.append({"image": source, "probabilities": probabilities})
 
     def _write(self, engine: Workflow) -> None:
-        atomic_write_text(self.output_path,
-                          json.dumps({"classes": self.class_names, "predictions": self.rows}, indent=2))
+        import dira3d
+        from dira3d.evaluation.outputs import json_digest
+
+        self._check()  # a file put there during the run is not replaced either
+        payload = {"classes": self.class_names, "predictions": self.rows}
+        payload.update(written_by=f"dira3d {dira3d.__version__}", sha256=json_digest(payload))
+        atomic_write_text(self.output_path, json.dumps(payload, indent=2))
 
 
 class BestModelSaver:

@@ -1,0 +1,306 @@
+"""Prediction files of the task bundles' ``inference.json``: written atomically, recognisable, never over a user's file.
+
+``inference.json`` writes next to the input scan by default (``case1.nii.gz`` → ``case1_seg.nii.gz``), which is
+also where a manual label commonly lies. So every prediction dira3d writes carries a mark with a checksum of
+its own content (:func:`prediction_mark`): the NIfTI header's ``descrip`` field, a PNG text chunk ``dira3d``, or
+the ``written_by`` / ``sha256`` keys of a ``_prob.json``. :func:`is_own_prediction` accepts a file only when the
+mark is there AND the content still has that checksum: a rerun may replace dira3d's own earlier, unchanged
+prediction; a file from anywhere else — a manual label, or a dira3d prediction corrected by hand and saved
+again (which may keep the header) — is refused before anything is written (:func:`check_prediction_targets`),
+unless ``overwrite`` is set.
+
+- :class:`SavePredictiond`: MONAI's ``SaveImaged`` (MONAI Label still filters it out of the served
+  post-transforms) that marks the file, writes it under a temporary name and renames it (a killed run leaves
+  at most a hidden ``.<name>.<random>.nii.gz``, never a half-written ``<name>``) and refuses a target that is
+  not its own.
+- :class:`CheckPredictionFiles`: an ignite handler that checks every target of the run when the evaluator
+  starts, before any scan is read (the classification bundles' ``ProbabilityWriter`` checks its file then too).
+- :class:`PredictionNiftiWriter`, :class:`PredictionPNGWriter`: MONAI's ``NibabelWriter`` / ``PILWriter`` with the mark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import FolderLayout
+from monai.data.image_writer import ImageWriter, NibabelWriter, PILWriter
+from monai.transforms import SaveImage, SaveImaged
+from monai.utils import ImageMetaKey
+
+from dira3d.utils.atomic import atomic_path
+from dira3d.utils.overrides import as_bool
+
+__all__ = ["CheckPredictionFiles", "PredictionNiftiWriter", "PredictionPNGWriter", "SavePredictiond", "array_digest",
+           "check_prediction_targets", "is_own_prediction", "json_digest", "prediction_mark", "prediction_target"]
+
+logger = logging.getLogger(__name__)
+
+MARK_PREFIX = "dira3d prediction sha256:"
+_MARK = re.compile(r"^dira3d prediction sha256:(?P<digest>[0-9a-f]{32})$")
+PNG_KEY = "dira3d"
+NIFTI_EXTS = (".nii.gz", ".nii")
+PNG_EXTS = (".png",)
+SEG_HINT = "choose another --output_dir or --output_postfix"
+
+
+def array_digest(array: Any) -> str:
+    """128-bit SHA-256 digest (32 hex digits) of an array's shape, dtype and values (little-endian bytes)."""
+    array = np.asarray(array)
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False) if array.dtype.byteorder not in ("|", "<") else array
+    h = hashlib.sha256(f"{array.shape}|{array.dtype.kind}{array.dtype.itemsize}|".encode())
+    h.update(np.ascontiguousarray(little).tobytes())
+    return h.hexdigest()[:32]
+
+
+def json_digest(payload: dict) -> str:
+    """Digest of a prediction JSON's content: every key but ``written_by`` and ``sha256``, canonically dumped."""
+    body = {k: v for k, v in payload.items() if k not in ("written_by", "sha256")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def prediction_mark(digest: str) -> str:
+    """The mark dira3d stores in a prediction image (57 ASCII characters: fits NIfTI's 80-byte ``descrip``)."""
+    return f"{MARK_PREFIX}{digest}"
+
+
+def _mark_digest(text: Any) -> str | None:
+    if isinstance(text, np.ndarray) and text.ndim == 0:  # a NIfTI header field
+        text = text.item()
+    if isinstance(text, (bytes, np.bytes_)):
+        text = bytes(text).split(b"\x00", 1)[0].decode("ascii", "replace")
+    match = _MARK.match(str(text).strip()) if text is not None else None
+    return match["digest"] if match else None
+
+
+def is_own_prediction(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a prediction dira3d wrote and nobody changed since (mark present, checksum still right).
+
+    Reads ``.nii`` / ``.nii.gz`` (header ``descrip``), ``.png`` (text chunk ``dira3d``) and ``.json``
+    (``written_by`` and ``sha256`` keys). Anything else, unreadable or unmarked, is not ours: ``False``.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not path.is_file():
+        return False
+    try:
+        if name.endswith(NIFTI_EXTS):
+            import nibabel as nib
+
+            image = nib.load(str(path))
+            digest = _mark_digest(image.header.get("descrip"))
+            return digest is not None and digest == array_digest(np.asanyarray(image.dataobj))
+        if name.endswith(PNG_EXTS):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                digest = _mark_digest(getattr(image, "text", {}).get(PNG_KEY))
+                return digest is not None and digest == array_digest(np.asarray(image))
+        if name.endswith(".json"):
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            return (isinstance(payload, dict) and str(payload.get("written_by", "")).startswith("dira3d")
+                    and payload.get("sha256") == json_digest(payload))
+    except Exception:  # noqa: BLE001 - unreadable or truncated: not a file dira3d finished writing
+        logger.debug("could not read %s as a dira3d prediction", path, exc_info=True)
+    return False
+
+
+def check_prediction_targets(targets: Iterable[str | os.PathLike], overwrite: Any = False, hint: str = SEG_HINT,
+                             inputs: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Refuse, before anything is written, output files that would replace a file dira3d did not write.
+
+    Args:
+        targets: the files the run will write.
+        overwrite: replace existing files whatever wrote them (``True`` / ``"true"``).
+        hint: where else the user can write (names the settings), for the errors; the refusal of an existing
+            file adds ``or pass --overwrite True to replace it``.
+        inputs: the run's input scans: a target that is one of them is refused even with ``overwrite``.
+
+    Returns:
+        The targets as paths.
+
+    Raises:
+        ValueError: a target is an input scan, or two inputs would write the same file.
+        FileExistsError: a target exists, is not dira3d's own unchanged prediction, and ``overwrite`` is off;
+            or a target is a folder.
+    """
+    overwrite = as_bool(overwrite, "overwrite")
+    paths = [Path(t) for t in targets]
+    sources = {}
+    for source in inputs:
+        try:
+            sources[Path(source).resolve()] = source
+        except OSError:
+            continue
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in sources:
+            raise ValueError(f"the prediction file {path} is the input scan {sources[resolved]} itself; {hint}")
+        if resolved in seen:
+            raise ValueError(f"two inputs would write the same prediction file {path}; give them different names "
+                             f"or run them separately with different --output_dir")
+        seen[resolved] = path
+        if path.is_dir():
+            raise FileExistsError(f"the prediction file {path} is an existing folder; {hint}")
+        if os.path.lexists(path) and not overwrite and not is_own_prediction(path):
+            raise FileExistsError(
+                f"{path} exists and is not a prediction written by dira3d (e.g. a manual label next to the scan, or "
+                f"a prediction edited since): inference would replace it, so it was left as it is; {hint}, "
+                "or pass --overwrite True to replace it")
+    return paths
+
+
+def prediction_target(image: str | os.PathLike, output_dir: str | os.PathLike, output_postfix: str,
+                      output_ext: str) -> str:
+    """The file ``SaveImaged`` / :class:`SavePredictiond` writes for ``image`` (``output_dir/<stem>_<postfix><ext>``).
+
+    Uses MONAI's own naming (``FolderLayout`` without a separate folder), as the saver does with the
+    ``filename_or_obj`` that ``LoadImaged`` records (the datalist's path as given); creates no folder.
+    """
+    layout = FolderLayout(output_dir=output_dir, postfix=output_postfix, extension=_ext(output_ext), parent=False, makedirs=False)
+    return str(layout.filename(subject=str(image)))
+
+
+def _ext(output_ext: str) -> str:
+    ext = str(output_ext or "").lower()
+    return f".{ext}" if ext and not ext.startswith(".") else ext
+
+
+class PredictionNiftiWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` that puts :func:`prediction_mark` (checksum of the stored voxels) into ``descrip``."""
+
+    @classmethod
+    def create_backend_obj(cls, data_array: Any, affine: Any = None, dtype: Any = None, **kwargs: Any) -> Any:
+        image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
+        image.header["descrip"] = prediction_mark(array_digest(np.asanyarray(image.dataobj)))
+        return image
+
+
+class PredictionPNGWriter(PILWriter):
+    """MONAI's ``PILWriter`` that saves PNG with a text chunk ``dira3d`` holding :func:`prediction_mark`."""
+
+    def write(self, filename: Any, verbose: bool = False, **kwargs: Any) -> None:
+        from PIL.PngImagePlugin import PngInfo
+
+        ImageWriter.write(self, filename, verbose=verbose)
+        image = self.create_backend_obj(data_array=self.data_obj, dtype=self.output_dtype,
+                                        reverse_indexing=kwargs.pop("reverse_indexing", True),
+                                        image_mode=kwargs.pop("image_mode", None), scale=self.scale, **kwargs)
+        info = PngInfo()
+        info.add_text(PNG_KEY, prediction_mark(array_digest(np.asarray(image))))
+        image.save(filename, format="PNG", pnginfo=info, **kwargs)
+        self.data_obj = image
+
+
+def _writer_for(ext: str) -> type[ImageWriter] | None:
+    if ext in NIFTI_EXTS:
+        return PredictionNiftiWriter
+    if ext in PNG_EXTS:
+        return PredictionPNGWriter
+    return None  # MONAI's writer for the extension: no mark, so an existing file is always refused
+
+
+class _GuardedSaveImage(SaveImage):
+    """``SaveImage`` that checks its target, writes to a temporary name beside it and renames it."""
+
+    overwrite: bool = False
+    hint: str = SEG_HINT
+
+    def __call__(self, img: Any, meta_data: dict | None = None, filename: Any = None) -> Any:
+        from monai.data import MetaTensor
+
+        meta = img.meta if isinstance(img, MetaTensor) else meta_data
+        if filename is not None:
+            target = f"{filename}{self.output_ext}"
+        else:
+            target = str(self.folder_layout.filename(**self.fname_formatter(meta, self)))
+        check_prediction_targets([target], self.overwrite, self.hint,
+                                 inputs=[meta[ImageMetaKey.FILENAME_OR_OBJ]] if meta and meta.get(ImageMetaKey.FILENAME_OR_OBJ) else [])
+        verbose = self.write_kwargs.get("verbose", False)
+        self.write_kwargs["verbose"] = False  # the temporary name would be logged
+        try:
+            with atomic_path(target, suffix=self.output_ext or ".tmp") as tmp:
+                out = super().__call__(img, meta_data, filename=str(tmp)[: len(str(tmp)) - len(self.output_ext)])
+        finally:
+            self.write_kwargs["verbose"] = verbose
+        if verbose:
+            logger.info(f"writing: {target}")
+        return out
+
+
+class SavePredictiond(SaveImaged):
+    """MONAI's ``SaveImaged`` for ``inference.json``: marked, atomic, and never over a file dira3d did not write.
+
+    Takes every argument of ``SaveImaged``. ``.nii.gz`` / ``.nii`` go through :class:`PredictionNiftiWriter`
+    and ``.png`` through :class:`PredictionPNGWriter` (unless ``writer`` names another); other extensions use
+    MONAI's writer for them, whose files carry no mark (an existing one is then always refused without
+    ``overwrite``). The file is written under a temporary name in its folder and renamed.
+
+    Args:
+        overwrite: replace an existing target whatever wrote it (default: only dira3d's own unchanged prediction).
+        kwargs: ``SaveImaged``'s arguments (``keys``, ``output_dir``, ``output_postfix``, ``output_ext`` ...).
+
+    Raises:
+        FileExistsError: (when called) the target holds a file dira3d did not write, see :func:`check_prediction_targets`.
+    """
+
+    def __init__(self, keys: Any, overwrite: Any = False, **kwargs: Any) -> None:
+        ext = _ext(kwargs.get("output_ext", ".nii.gz") or kwargs.get("output_format", ""))
+        if kwargs.get("writer") is None:
+            kwargs["writer"] = _writer_for(ext)
+        super().__init__(keys, **kwargs)
+        saver = self.saver
+        saver.__class__ = _GuardedSaveImage  # same state, guarded __call__
+        saver.overwrite = as_bool(overwrite, "overwrite")
+
+    def targets(self, images: Sequence[str | os.PathLike]) -> list[str]:
+        """The files this saver would write for ``images`` (paths as the datalist gives them)."""
+        layout = self.saver.folder_layout
+        return [prediction_target(image, layout.output_dir, layout.postfix, layout.ext or "") for image in images]
+
+
+class CheckPredictionFiles:
+    """Ignite handler: when the evaluator starts, refuse output files that would replace a file dira3d did not write.
+
+    ``inference.json`` lists it right after the checkpoint loader (which tests expect at ``handlers#0``): the
+    run stops before any scan is read. The per-file check is :func:`check_prediction_targets`.
+
+    Args:
+        images: the input scans (``[d['image'] for d in @datalist]``).
+        output_dir, output_postfix, output_ext: as given to ``SavePredictiond`` (segmentation bundles).
+        output_path: the single output file instead (classification bundles' ``_prob.json``).
+        overwrite: replace existing targets whatever wrote them.
+        hint: what to do instead, for the error message.
+    """
+
+    def __init__(self, images: Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None,
+                 output_postfix: str = "", output_ext: str = ".nii.gz", output_path: str | os.PathLike | None = None,
+                 overwrite: Any = False, hint: str = SEG_HINT) -> None:
+        # a list of files per entry (one per channel): LoadImaged records the first, which names the output
+        self.images = [str(i[0] if isinstance(i, (list, tuple)) and i else i) for i in images]
+        self.output_dir, self.output_postfix, self.output_ext = output_dir, output_postfix, output_ext
+        self.output_path = output_path
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.hint = hint
+
+    def targets(self) -> list[str]:
+        """The files the run will write."""
+        if self.output_path is not None:
+            return [str(self.output_path)]
+        return [prediction_target(i, self.output_dir or "", self.output_postfix, self.output_ext) for i in self.images]
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any = None) -> None:
+        check_prediction_targets(self.targets(), self.overwrite, self.hint, inputs=self.images)
