@@ -77,10 +77,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``dira3d export <what>``; returns the exit code (1 when an agreement check fails)."""
+    from dira3d.utils.atomic import FolderNotWritableError
+
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError, FileExistsError, ImportError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, FileExistsError, ImportError, RuntimeError, FolderNotWritableError) as err:
         print(f"dira3d export: error: {err}", file=sys.stderr)
         return 2
 
@@ -133,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     if not find_bundles(bundles, require_weights=False):
         raise FileNotFoundError(f"--bundles {bundles} holds no bundle (configs/inference.json); "
                                 "pass a bundle folder or a folder of bundles")
-    app = prepare_app(args.out)
+    app = prepare_app(args.out)  # checks that --out can be written before copying
     venv = ensure_monailabel_env() if args.build_env else default_venv()
     print(f"MONAI Label app copied to {app}. Start it with:\n"
           f"  PYTHONPATH={REPO_ROOT} {Path(venv) / 'bin' / 'python'} -m monailabel.main start_server "

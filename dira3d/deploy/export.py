@@ -23,7 +23,7 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 
 from dira3d.utils import load_checkpoint
-from dira3d.utils.atomic import atomic_path
+from dira3d.utils.atomic import atomic_path, check_writable
 from dira3d.utils.overrides import check_overrides
 
 __all__ = [
@@ -233,13 +233,16 @@ def export_torchscript(
 
     Raises:
         FileExistsError: ``out`` exists (without ``overwrite``) or is a folder.
+        FolderNotWritableError: ``out``'s folder cannot be written (the default one is in the bundle).
         FileNotFoundError: bundle configs or checkpoint missing.
         ValueError: the checkpoint does not fit the network (pass the overrides it was trained with),
             or an override id the config does not define.
     """
     root, config, meta = _bundle_paths(bundle_dir, config_file)
+    # the default is inside the bundle, which may be read-only (installed by an admin, in a container image)
+    what = "--out folder" if out else "the bundle's models folder (the default --out)"
     out = Path(out) if out else root / "models" / "model.ts"
-    check_new_output(out, overwrite)
+    check_new_output(out, overwrite, what=what)
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"fine-tuned weights {ckpt} do not exist; train the bundle first or pass "
@@ -263,13 +266,20 @@ def export_torchscript(
     return out
 
 
-def check_new_output(out: Path, overwrite: bool) -> None:
-    """Refuse to replace an earlier export unless asked to (``--overwrite``)."""
+def check_new_output(out: Path, overwrite: bool, what: str = "--out folder") -> None:
+    """Refuse to replace an earlier export unless asked to (``--overwrite``), and a folder ``out`` cannot be
+    written to (before the network is built and traced; ``what`` names it in the error).
+
+    Raises:
+        FileExistsError: ``out`` is a folder, or exists (without ``overwrite``).
+        FolderNotWritableError: its folder cannot be created or written to.
+    """
     if out.is_dir():
         raise FileExistsError(f"--out {out} is a folder; give the file to write, e.g. {out / 'model.ts'}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (an earlier export); choose another --out, or pass --overwrite "
                               "(overwrite=True) to replace it")
+    check_writable(out.parent, what=what, advice="pass --out with a file in a writable folder")
 
 
 def export_onnx(

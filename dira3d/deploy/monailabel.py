@@ -154,10 +154,14 @@ def prepare_app(dest: str | os.PathLike) -> Path:
 
     Raises:
         FileExistsError: ``dest`` exists and is not empty.
+        FolderNotWritableError: ``dest`` cannot be created or written to.
     """
+    from dira3d.utils.atomic import check_writable
+
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty; choose a new folder for the MONAI Label app")
+    check_writable(dest, what="the app folder (--out)")
     shutil.copytree(APP_DIR, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
     return dest
 

@@ -144,6 +144,7 @@ def export_pretrained(
     Raises:
         FileNotFoundError: the checkpoint path does not exist.
         FileExistsError: ``out_dir`` is a file, or holds files this export would replace (without ``overwrite``).
+        FolderNotWritableError: ``out_dir`` cannot be created or written to.
         ValueError: a part is missing from the checkpoint or a format is unknown.
         ImportError: safetensors requested but not installed.
     """
@@ -168,8 +169,8 @@ def export_pretrained(
     meta = dict(ckpt.get("meta") or {}) if isinstance(ckpt.get("meta"), Mapping) else {}
     states = {part: _part(ckpt, part, source) for part in parts}
     spatial_dims, layout = _layout(meta, states)  # 2D (chest X-ray) and 3D checkpoints have different layouts
-    out.mkdir(parents=True, exist_ok=True)  # only now: a checkpoint refused above leaves no empty folder behind
-    check_writable(out)
+    # only now: a checkpoint refused above leaves no empty folder behind
+    check_writable(out, what="output folder (--out)")
     written: dict[str, Path] = {}
     key_map: dict[str, Any] = {
         "version": KEY_MAP_VERSION,

@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(parse_override(text) for text in args.override)
     except ValueError as err:
         parser.error(str(err))
+    set_here = {"ckpt_dir": "from --output (models/ go under it)", "output_dir": "from --output (eval/ goes under it)",
+           "datalist": "from --datalist", "dataset_dir": "from --datalist (its folder)",
+           "bundle_root": "to the bundle's folder (outputs go to --output)"}
+    for key in sorted(set_here.keys() & overrides.keys()):  # passed below: the bundle run would get it twice (a TypeError)
+        parser.error(f"--override {key}=...: dira3d pretrain sets {key} {set_here[key]}; use that option instead")
     output = Path(args.output)
 
     from dira3d.utils.overrides import check_overrides, run_bundle
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from dira3d.utils.checkpoint import check_writable
 
     try:
-        check_writable(output)  # before minutes of data loading: a read-only or full disk fails now
+        check_writable(output, what="output folder (--output)")  # before minutes of data loading: a read-only or full disk fails now
     except OSError as err:
         parser.error(str(err))
     try:

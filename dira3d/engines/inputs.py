@@ -29,6 +29,7 @@ from monai.transforms import LoadImaged, MapTransform
 
 from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
+from dira3d.utils.atomic import FolderNotWritableError
 from dira3d.utils.folder_lock import FolderInUseError
 
 __all__ = ["load_datalist", "header_spacing", "check_volume", "source_of", "LoadVolumed", "CheckVolumed", "data_error_in",
@@ -226,7 +227,7 @@ def data_error_in(err: BaseException, kinds: tuple[type[BaseException], ...] = (
 
 
 def setting_error_in(err: BaseException) -> BaseException | None:
-    """The bad path or setting (``ValueError`` / ``FileNotFoundError``, or an output folder another
-    run is writing to) behind MONAI's "Failed to instantiate ..." wrappers, or None: what a command
-    prints as one ``error:`` line."""
-    return data_error_in(err, (ValueError, FileNotFoundError, FolderInUseError))
+    """The bad path or setting (``ValueError`` / ``FileNotFoundError``, an output folder another run is
+    writing to or one that cannot be written) behind MONAI's "Failed to instantiate ..." wrappers, or None:
+    what a command prints as one ``error:`` line."""
+    return data_error_in(err, (ValueError, FileNotFoundError, FolderInUseError, FolderNotWritableError))

@@ -79,7 +79,7 @@ try:  # POSIX; elsewhere runs are not locked against a second process
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable
 from dira3d.utils.cli_help import DefaultsRawDescriptionHelpFormatter
 from dira3d.utils.overrides import check_overrides, did_you_mean
 from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
@@ -482,9 +482,10 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
     Raises:
         ExperimentBusy: another process runs an experiment in the same ``output_dir``.
         ExperimentRunsFailed: some runs failed (the others are in ``results.csv``).
+        FolderNotWritableError: ``output_dir`` cannot be created or written to (before any run).
     """
-    out = Path(config["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(config["output_dir"], what="the experiment's output_dir",
+                         advice="set output_dir in the config to a writable folder, or fix its permissions")
     with _exclusive(out):
         return _run_grid(config, runner or _default_runner, log, out)
 
@@ -698,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         cause = _cause_of(err)
-        if cause is err and not isinstance(err, (ValueError, FileNotFoundError)):
+        if cause is err and not isinstance(err, (ValueError, FileNotFoundError, FolderNotWritableError)):
             raise
         print(f"dira3d experiment: error: {cause}", file=sys.stderr)
         return 2

@@ -147,7 +147,8 @@ def run_finetune(
     check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k != "output_dir"},
                     where=overrides_from)
     out = Path(output_dir or overrides.pop("output_dir", None) or Path.cwd() / f"finetune_{root.name}").resolve()
-    check_writable(out)
+    check_writable(out, what="fine-tuning output folder (--output-dir)",
+                   advice="choose another --output-dir (by default ./finetune_<bundle>) or fix its permissions")
     # one run per folder: two would pass the check below together, then replace each other's model.pt and
     # test it under the other's metrics.json
     with FolderLock(out, what="fine-tuning output folder (--output-dir)",

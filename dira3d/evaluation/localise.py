@@ -35,7 +35,7 @@ import torch
 
 from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
 from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
-from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
@@ -131,6 +131,7 @@ def localise(
     Raises:
         ValueError: unknown ``target_layer``, a ``label_index`` outside the model's outputs, or no entries.
         FileExistsError: ``output_dir`` holds an earlier run's ``localisation.json`` (without ``overwrite``).
+        FolderNotWritableError: ``output_dir`` cannot be created or written to.
     """
     if not entries:
         raise ValueError("no box entries to localise")
@@ -138,6 +139,7 @@ def localise(
     if (out / "localisation.json").exists() and not overwrite:
         raise FileExistsError(f"{out / 'localisation.json'} holds an earlier run's results, which this run would replace; "
                               "choose another --output-dir, or pass --overwrite to replace them")
+    check_writable(out, what="output folder (--output-dir)")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     model = model.to(device)
     heatmaps, truths, records = [], [], []
@@ -184,6 +186,7 @@ def run_localisation(
 
     Raises:
         FileNotFoundError: the model file or the datalist is missing.
+        FolderNotWritableError: ``output_dir`` cannot be created or written to.
         ValueError: the state dict does not fit ``ResNetClassifier(in_channels, num_classes, backbone)``
             (a short key summary and the ``--backbone`` / ``--num-classes`` / ``--roi-size`` that fit).
     """
@@ -192,6 +195,7 @@ def run_localisation(
 
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model {model_path} does not exist; fine-tune bundles/chestxray14_cls first (models/model.pt)")
+    check_writable(output_dir, what="output folder (--output-dir)")  # before the model is built
     model = ResNetClassifier(in_channels, num_classes, backbone=backbone)
     state = load_checkpoint(model_path, map_location="cpu")
     state = state.get("model", state) if isinstance(state.get("model"), dict) else state
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                                   num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
                                   roi_size=args.roi_size, threshold=args.threshold, max_overlays=args.max_overlays,
                                   overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, FolderNotWritableError) as err:
         parser.error(str(err))
     print(json.dumps(result["accuracy"], indent=2))
     return 0

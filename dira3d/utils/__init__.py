@@ -7,7 +7,8 @@ Re-exported lazily (:mod:`dira3d.utils.lazy`), so that packages which use ``lazy
 from dira3d.utils.lazy import lazy_exports
 
 _EXPORTS = {
-    "dira3d.utils.atomic": ("atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"),
+    "dira3d.utils.atomic": ("atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_output_settings",
+                            "FolderNotWritableError"),
     "dira3d.utils.checkpoint": ("atomic_save", "load_checkpoint"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
@@ -17,6 +18,8 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_settings",
+    "FolderNotWritableError",
     "atomic_save",
     "load_checkpoint",
     "lazy_exports",

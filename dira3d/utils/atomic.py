@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable", "removed_if_failed_empty",
-           "stale_temporaries"]
+__all__ = ["FolderNotWritableError", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable",
+           "check_output_settings", "removed_if_failed_empty", "stale_temporaries"]
 
 # mkstemp creates the temporary file 0600; the final file gets the mode an ordinary open() would
 # give it (0666 less the umask), or keeps the mode of the file it replaces. The umask is read once:
@@ -109,13 +109,20 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0, what: str = "output folder") -> Path:
+class FolderNotWritableError(PermissionError):
+    """An output folder cannot be created or written to (read-only mount, another user's folder). The
+    message names the folder and what to do; commands print it as one ``error:`` line."""
+
+
+def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0, what: str = "output folder",
+                   advice: str = "choose another folder or fix its permissions") -> Path:
     """Create ``folder`` if needed and fail early when it cannot be written (or hold ``min_free_bytes``).
 
-    ``what`` names the folder in the messages (``"output folder (--dst)"``).
+    ``what`` names the folder in the messages (``"output folder (--dst)"``); ``advice`` says what to do
+    when it is not writable (e.g. which option sends the output elsewhere).
 
     Raises:
-        PermissionError: the folder cannot be created or written to.
+        FolderNotWritableError: the folder cannot be created or written to (a ``PermissionError``).
         OSError: fewer than ``min_free_bytes`` are free on its file system.
     """
     folder = Path(folder)
@@ -124,10 +131,7 @@ def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0, what: str
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise PermissionError(
-            f"{what} {folder} is not writable ({err.strerror or err}); "
-            "choose another folder or fix its permissions"
-        ) from err
+        raise FolderNotWritableError(f"{what} {folder} is not writable ({err.strerror or err}); {advice}") from err
     free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
     if free < min_free_bytes:
         raise OSError(
@@ -135,6 +139,23 @@ def check_writable(folder: str | os.PathLike, min_free_bytes: int = 0, what: str
             f"{min_free_bytes / 2**20:.0f} MiB needed; free some space or choose another folder"
         )
     return folder
+
+
+def check_output_settings(hint: str = "", **settings: str | os.PathLike) -> None:
+    """For a bundle config's ``initialize``: check that the output folders its settings name can be written,
+    before any data is loaded (MONAI creates them only when the run reaches its writer, after the datasets are
+    cached, and fails with a traceback naming the folder alone). A setting whose name ends in ``_path`` is a
+    file: its folder is checked. ``hint`` is added to the advice (e.g. where the default lies).
+
+    Example: ``"$dira3d.utils.check_output_settings(ckpt_dir=@ckpt_dir, output_dir=@output_dir)"``.
+
+    Raises:
+        FolderNotWritableError: naming the setting, the folder and the override that sends it elsewhere.
+    """
+    for name, value in settings.items():
+        file = name.endswith("_path")
+        advice = f"pass --{name} with {'a file in ' if file else ''}a writable folder" + (f" ({hint})" if hint else "")
+        check_writable(Path(value).parent if file else Path(value), what=f"{name} folder" if file else name, advice=advice)
 
 
 @contextmanager

@@ -70,7 +70,10 @@ class FolderLock:
         except ImportError:  # Windows
             warnings.warn(f"no fcntl on this system: {self.folder} is not locked against a second run", stacklevel=2)
             return self
-        handle = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        try:
+            handle = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        except PermissionError:  # left by another user of a shared (group-writable) folder: flock needs no write access
+            handle = open(self.folder / LOCK_NAME, encoding="utf-8")  # noqa: SIM115
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,10 +87,11 @@ class FolderLock:
             handle.close()
             warnings.warn(f"{self.folder} cannot be locked ({err}); make sure no other run writes there", stacklevel=2)
             return self
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
-        handle.flush()
+        if handle.writable():  # who holds it, for the error of a second run
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+            handle.flush()
         _HELD[key] = [handle, 1]
         self.held = True
         return self
