@@ -27,8 +27,8 @@ from ignite.engine import Events
 
 from dira3d.engines import DiRACheckpoint, DiRATrainer, build_dis_loss, init_distributed
 from dira3d.engines.distributed import cleanup_distributed, get_rank, get_world_size
-from dira3d.engines.optim import derive_seed
 from dira3d.engines.shuffle_bn import shuffle_permutation
+from dira3d.utils.seeding import stream_seed
 from dira3d.engines.trainer import STREAM_SHUFFLE
 from dira3d.networks import UNet
 from dira3d.networks.heads import ProjectionHead
@@ -73,7 +73,7 @@ def explicit_shuffled_keys(iteration: int) -> torch.Tensor:
     net, head = networks()
     views = global_batch(iteration - 1)["image2"]
     world, rank = get_world_size(), get_rank()
-    perm = shuffle_permutation(views.shape[0], torch.Generator().manual_seed(derive_seed(SEED, STREAM_SHUFFLE, iteration)))
+    perm = shuffle_permutation(views.shape[0], torch.Generator().manual_seed(stream_seed(SEED, STREAM_SHUFFLE, iteration)))
     shares = perm.view(world, PER_RANK)
     assert any(set(s.tolist()) != set(range(r * PER_RANK, (r + 1) * PER_RANK)) for r, s in enumerate(shares)), perm
     keys = torch.empty(views.shape[0], 8)

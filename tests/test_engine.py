@@ -24,10 +24,11 @@ from dira3d.engines import (
     unique_parameters,
     with_image_labels,
 )
-from dira3d.engines.optim import derive_seed, ema_update
+from dira3d.engines.optim import ema_update
 from dira3d.networks import Adversary, Classifier, Segmenter, UNet, load_pretrained
 from dira3d.transforms.compositions import build_distortion
 from dira3d.utils import load_checkpoint
+from dira3d.utils.seeding import stream_seed
 
 PATCH3 = (16, 16, 8)
 PATCH2 = (16, 16)
@@ -114,8 +115,8 @@ def test_ema_update_and_seed_helpers():
         a.weight.fill_(1.0), b.weight.fill_(3.0)
     ema_update(a, b, momentum=0.75)
     assert torch.allclose(a.weight, torch.full((2, 2), 0.75 * 1 + 0.25 * 3))
-    assert derive_seed(0, 1, 5) == derive_seed(0, 1, 5)
-    assert len({derive_seed(0, 1, 5), derive_seed(0, 2, 5), derive_seed(0, 1, 6), derive_seed(1, 1, 5)}) == 4
+    assert stream_seed(0, 1, 5) == stream_seed(0, 1, 5)
+    assert len({stream_seed(0, 1, 5), stream_seed(0, 2, 5), stream_seed(0, 1, 6), stream_seed(1, 1, 5)}) == 4
 
 
 def test_patch_pairs_and_side_by_side():

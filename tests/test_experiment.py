@@ -300,7 +300,7 @@ def test_a_results_row_cut_short_is_refused_and_rows_are_written_atomically(tmp_
     """results.csv was appended to: a full disk could leave half a row, which the next run took as a
     finished run (a value cut to fewer digits) or as a run of another checkpoint, and appended its own
     row onto the same line."""
-    from dira3d.evaluation import experiment
+    from dira3d.evaluation import results  # writes results.csv
 
     config = _config(tmp_path)
     run_experiment(config, runner=fake_runner([]), log=lambda _: None)
@@ -315,17 +315,17 @@ def test_a_results_row_cut_short_is_refused_and_rows_are_written_atomically(tmp_
         assert not calls
 
     csv_path.write_text("\n".join(lines[:-1]) + "\n")  # the last run is redone; the disk fills as its row is written
-    real = experiment.atomic_write_text
+    real = results.atomic_write_text
 
     def full_disk(path, text, *args):
         if path.name == "results.csv":
             raise OSError(28, "No space left on device", str(path))
         return real(path, text, *args)
 
-    monkeypatch.setattr(experiment, "atomic_write_text", full_disk)
+    monkeypatch.setattr(results, "atomic_write_text", full_disk)
     with pytest.raises(OSError, match="No space left"):
         run_experiment(config, runner=fake_runner([]), log=lambda _: None)
     assert csv_path.read_text() == "\n".join(lines[:-1]) + "\n"  # the previous file, whole
-    monkeypatch.setattr(experiment, "atomic_write_text", real)
+    monkeypatch.setattr(results, "atomic_write_text", real)
     assert len(run_experiment(config, runner=fake_runner([]), log=lambda _: None)) == 12
     assert csv_path.read_text().splitlines()[:-1] == lines[:-1]

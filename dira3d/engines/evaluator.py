@@ -24,9 +24,10 @@ from monai.data.utils import set_rnd
 from monai.engines import Evaluator
 from monai.networks.utils import eval_mode
 
-from dira3d.engines.optim import autocast_context, derive_seed
+from dira3d.engines.optim import autocast_context
 from dira3d.engines.trainer import DiRATrainer
 from dira3d.utils.interrupts import QuietInterruptMixin
+from dira3d.utils.seeding import stream_seed
 
 __all__ = ["DiRAEvaluator", "STREAM_VALIDATION"]
 
@@ -90,7 +91,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         loader = self.data_loader
         if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):
             # the same random crops at every validation: a fixed held-out set of patches
-            set_rnd(loader.dataset, derive_seed(self.seed, STREAM_VALIDATION, 0) % (2**32))
+            set_rnd(loader.dataset, stream_seed(self.seed, STREAM_VALIDATION, 0) % (2**32))
         with eval_mode(*modules):
             self.run(trainer.state.epoch)
         trainer.state.metrics.update(self.state.metrics)
@@ -116,7 +117,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
             return {}
         # fixed per validation batch: every validation sees the same views and distortions
         generator = torch.Generator(device=trainer.state.device)
-        generator.manual_seed(derive_seed(self.seed, STREAM_VALIDATION, engine.state.iteration))
+        generator.manual_seed(stream_seed(self.seed, STREAM_VALIDATION, engine.state.iteration))
         with torch.no_grad(), autocast_context(trainer.amp_mode, trainer.state.device):
             fwd = trainer.forward_terms(batch, generator, stage, train=False)
             total, weighted = trainer.loss_function(fwd.terms, stage.losses)

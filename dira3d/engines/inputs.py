@@ -15,7 +15,6 @@ MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Hashable, Mapping
@@ -27,6 +26,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged, MapTransform
 
+from dira3d.data.datalist import DatalistError, datalist_entries, read_datalist_json
 from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.atomic import FolderNotWritableError
@@ -39,45 +39,26 @@ __all__ = ["load_datalist", "header_spacing", "check_volume", "source_of", "Load
 def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str = "image") -> list[dict[str, Any]]:
     """Entries of split ``key`` with absolute paths, after checking every image exists.
 
+    Read with :func:`dira3d.data.datalist.datalist_entries`: ``image_key`` paths are resolved
+    against the datalist's folder as MONAI does; other keys are left as written.
+
     Raises:
         FileNotFoundError: the datalist itself is missing.
-        DataError: unreadable JSON, no such split, an entry without ``image_key``, or entries whose
-            files are missing (all of them listed, with their case ids).
+        DataError: unreadable JSON, no such split, an empty split, an entry without ``image_key``,
+            or entries whose files are missing (all of them listed, with their case ids).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist; make one with `dira3d prepare ...` or fix the path")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(path, f"is not valid JSON ({err}); regenerate it with `dira3d prepare ...`") from err
-    if not isinstance(content, dict) or not isinstance(content.get(key), list):
-        found = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise DataError(path, f"has no list {key!r} (found {found}); a decathlon datalist is expected")
-    if not content[key]:
+    content = read_datalist_json(path, required=(key,))
+    if isinstance(content[key], list) and not content[key]:
         hint = (
             "prepare a validation share (e.g. `dira3d prepare generic ... --val-fraction 0.1`; `dira3d prepare luna16 "
             "... --val-subsets 8`, see docs/data.md) or add entries; "
             "dis_mode visual_words on volumes validates on the training list instead"
             if key == "validation" else "add entries (check the paths given to `dira3d prepare`)"
         )
-        raise DataError(path, f"has an empty {key!r} list; {hint}")
-    base = path.parent
-    items, problems = [], []
-    for index, entry in enumerate(content[key]):
-        if not isinstance(entry, dict) or not entry.get(image_key):
-            problems.append(f"entry {index} has no {image_key!r}")
-            continue
-        item = dict(entry)
-        image = Path(item[image_key])
-        item[image_key] = str(image if image.is_absolute() else (base / image))
-        if not Path(item[image_key]).exists():
-            problems.append(f"entry {index} (case {entry.get('case_id', '?')}): {item[image_key]} does not exist")
-        items.append(item)
-    if problems:
-        shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise DataError(path, f"{len(problems)} bad {key!r} entries: {shown}. Fix or remove them and rerun")
-    return items
+        raise DatalistError(path, f"has an empty {key!r} list; {hint}")
+    # a DICOM series may be a folder: "path" accepts folders
+    return datalist_entries(path, key, content=content, path_keys=(image_key,), detect_paths=False,
+                            required=(image_key,), check_files="path")
 
 
 def header_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:

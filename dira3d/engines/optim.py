@@ -1,4 +1,6 @@
-"""Small helpers for the DiRA training step: AMP settings, optimiser steps, EMA, seeds, devices.
+"""Small helpers for the DiRA training step: AMP settings, optimiser steps, EMA, devices.
+
+Seeds come from :func:`dira3d.utils.seeding.stream_seed`.
 
 Kept apart from :mod:`dira3d.engines.trainer` so the trainer reads as the method (G step, then
 D step) and these mechanics can be tested on their own.
@@ -9,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -18,7 +19,6 @@ from dira3d.losses.distributed import is_distributed
 
 __all__ = [
     "AMP_MODES",
-    "derive_seed",
     "autocast_context",
     "make_grad_scaler",
     "optimizer_step",
@@ -29,16 +29,6 @@ __all__ = [
 ]
 
 AMP_MODES = ("none", "bf16", "fp16")
-
-
-def derive_seed(seed: int, stream: int, counter: int) -> int:
-    """A well-mixed 63-bit seed for random ``stream`` at step ``counter`` (epoch or iteration).
-
-    Seeding every draw from (seed, stream, counter) instead of carrying a generator along makes a
-    resumed run draw exactly what an uninterrupted run would have drawn.
-    """
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream), int(counter)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
 
 
 def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -49,45 +49,43 @@ second instance) from any ``DataLoader``.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
 from monai.engines import Trainer
 from torch import nn
 
 from dira3d.engines.components import build_dis_loss, check_dis_mode, resolve_views
-from dira3d.engines.distributed import get_rank, per_rank_batchnorm
+from dira3d.engines.distributed import get_rank
 from dira3d.engines.faults import NonFiniteGuard, step_is_finite
 from dira3d.engines.optim import (
     autocast_context,
-    derive_seed,
-    ema_update,
     frozen,
     learning_rate,
     make_grad_scaler,
     optimizer_step,
     unique_parameters,
 )
+from dira3d.engines.moco import STREAM_SHUFFLE, MoCoKeyEncoder
 from dira3d.engines.performance import apply_layer_options, compile_modules
 from dira3d.engines.prefetch import Prefetcher, side_stream
-from dira3d.engines.shuffle_bn import check_shuffle_bn, encode_keys
+from dira3d.engines.shuffle_bn import check_shuffle_bn
 from dira3d.engines.stages import DEFAULT_STAGES, LOSS_TERMS, Stage, StageSchedule
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss
-from dira3d.losses.distributed import is_distributed
 from dira3d.transforms.compositions import Distortion
 from dira3d.transforms.views import ViewAugment
 from dira3d.utils.interrupts import QuietInterruptMixin
+from dira3d.utils.seeding import stream_seed
 
 __all__ = ["DiRATrainer", "Forward", "StepInputs", "Prepared", "STREAM_DATA", "STREAM_STEP", "STREAM_SHUFFLE"]
 
-STREAM_DATA, STREAM_STEP = 1, 2  # seed streams: per-epoch data order, per-iteration views/distortions
-STREAM_SHUFFLE = 4  # per-iteration shuffle-BN permutation: the same on every rank (not offset by rank; 3 is validation)
+# seed streams (dira3d.utils.seeding.stream_seed): per-epoch data order, per-iteration views/distortions;
+# 0 is the MoCo queue's and 4 (STREAM_SHUFFLE) the shuffle-BN permutation's (dira3d.engines.moco), 3 validation's
+STREAM_DATA, STREAM_STEP = 1, 2
 
 
 class StepInputs(NamedTuple):
@@ -287,19 +285,9 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         self.scaler_g, self.scaler_d = make_grad_scaler(amp, device), make_grad_scaler(amp, device)
         _check_yields_batches(train_data_loader)
 
-        self.momentum_encoder: nn.Module | None = None
-        self.momentum_head: nn.Module | None = None
-        self.queue: MoCoQueue | None = None
-        if self.dis_mode == "moco" and dis_head is not None:
-            # the key encoder/projector start as copies and then follow by EMA (never by gradients)
-            self.momentum_encoder = copy.deepcopy(network.encoder).requires_grad_(False)
-            self.momentum_head = copy.deepcopy(dis_head).requires_grad_(False)
-            if self.shuffle_bn:  # SyncBatchNorm (sync_bn on GPUs) would pool the shuffled shares again
-                per_rank_batchnorm(self.momentum_encoder)
-                per_rank_batchnorm(self.momentum_head)
-            proj_dim = self._projection_dim(dis_head)
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, 0, 0))
-            self.queue = MoCoQueue(proj_dim, queue_size, generator=gen)
+        # MoCo's key side (EMA key encoder and projector, queue, shuffle BN); None in the other modes
+        self.moco = (MoCoKeyEncoder(network.encoder, dis_head, queue_size, self.momentum, self.seed, self.shuffle_bn)
+                     if self.dis_mode == "moco" and dis_head is not None else None)
         self.memory_format = None
         if channels_last:
             dims = getattr(network, "spatial_dims", 3)
@@ -339,12 +327,20 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
             self._register_handlers(train_handlers)
 
     # ------------------------------------------------------------------ bookkeeping
-    @staticmethod
-    def _projection_dim(head: nn.Module) -> int:
-        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError("dis_mode='moco' needs a projection head ending in a Linear layer (build_dis_head('moco', ...))")
-        return linears[-1].out_features
+    @property
+    def momentum_encoder(self) -> nn.Module | None:
+        """MoCo's EMA key encoder (checkpoint key ``momentum_encoder``); None outside ``moco``."""
+        return None if self.moco is None else self.moco.encoder
+
+    @property
+    def momentum_head(self) -> nn.Module | None:
+        """MoCo's EMA key projector (checkpoint key ``momentum_head``); None outside ``moco``."""
+        return None if self.moco is None else self.moco.head
+
+    @property
+    def queue(self) -> MoCoQueue | None:
+        """MoCo's queue of keys (checkpoint key ``queue``); None outside ``moco``."""
+        return None if self.moco is None else self.moco.queue
 
     def modules(self) -> dict[str, nn.Module]:
         """Every module the trainer owns, by checkpoint key (absent ones left out)."""
@@ -365,7 +361,7 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
 
     def _seed_epoch(self, engine: Engine) -> None:
         """Make this epoch's data order and random crops a function of (seed, epoch) only."""
-        seed = derive_seed(self.seed, STREAM_DATA + 16 * get_rank(), engine.state.epoch)
+        seed = stream_seed(self.seed, STREAM_DATA + 16 * get_rank(), engine.state.epoch)
         loader = self.data_loader
         generator = getattr(loader, "generator", None)
         if isinstance(generator, torch.Generator):
@@ -445,7 +441,7 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         """A generator on the training device seeded by (seed, stream, counter)."""
         gen = torch.Generator(device=self.state.device)
         # ranks draw different augmentations (rank 0 draws what a single process draws)
-        gen.manual_seed(derive_seed(self.seed, stream + 16 * get_rank(), counter))
+        gen.manual_seed(stream_seed(self.seed, stream + 16 * get_rank(), counter))
         return gen
 
     # ------------------------------------------------------------------ the method
@@ -517,30 +513,17 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         if self.dis_mode == "moco":
             with torch.no_grad():
                 if train:  # MoCo updates the key encoder before computing the keys
-                    ema_update(self.momentum_encoder, self.network.encoder, self.momentum)
-                    ema_update(self.momentum_head, self.dis_head, self.momentum)
-                    keys, queued = encode_keys(self._encode_keys, view2, self._shuffle_generator(),
-                                               self.memory_format)
+                    self.moco.follow(self.network.encoder, self.dis_head)
+                    keys, queued = self.moco.training_keys(view2, self.state.iteration, self.state.device,
+                                                           self.memory_format)
                 else:  # validation: no queue update, no communication
-                    keys, queued = self._encode_keys(view2), None
+                    keys, queued = self.moco.encode(view2), None
             return self.dis_loss(z1.float(), keys, self.queue.queue), queued
         z2 = self.dis_head(self.network.encode(view2)[0])
         if self.dis_mode == "barlow":
             return self.dis_loss(z1.float(), z2.float()), None
         p1, p2 = self.predictor(z1), self.predictor(z2)
         return self.dis_loss(p1.float(), p2.float(), z1.float(), z2.float()), None
-
-    def _encode_keys(self, views: torch.Tensor) -> torch.Tensor:
-        """L2-normalised fp32 keys of ``views`` from the EMA key encoder and projector."""
-        return F.normalize(self.momentum_head(self.momentum_encoder(views)[0]).float(), dim=1)
-
-    def _shuffle_generator(self) -> torch.Generator | None:
-        """The generator of this iteration's shuffle-BN permutation, the same on every rank (None: off)."""
-        if not (self.shuffle_bn and is_distributed()):
-            return None
-        gen = torch.Generator(device=self.state.device)
-        gen.manual_seed(derive_seed(self.seed, STREAM_SHUFFLE, self.state.iteration))
-        return gen
 
     def adversary_scores(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """D's loss and its mean score on real and restored patches (probabilities for vanilla)."""

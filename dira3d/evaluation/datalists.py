@@ -15,15 +15,14 @@ Splits, by name:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from monai.data import load_decathlon_datalist
+
+from dira3d.data.datalist import datalist_entries, read_datalist_json
 
 __all__ = ["SPLITS", "load_split", "select_fraction", "holdout_by_patient"]
 
@@ -190,31 +189,11 @@ def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], ord
     return held
 
 
-def read_datalist_json(datalist: str | os.PathLike) -> dict[str, Any]:
-    """The JSON content of a decathlon-style datalist, as written (paths not resolved).
-
-    Raises:
-        FileNotFoundError: the datalist does not exist.
-        ValueError: not valid JSON, or no ``"training"`` key.
-    """
-    path = Path(datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist; run data preparation (`dira3d prepare`) or fix the path")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            content = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist {path} is not valid JSON ({err}); re-run data preparation") from err
-    if not isinstance(content, dict) or "training" not in content:
-        raise ValueError(f"datalist {path} has no 'training' key; expected a MONAI decathlon-style datalist")
-    return content
-
-
 def _load_key(datalist: Path, content: dict, key: str) -> list[dict]:
-    if not content.get(key):
-        return []
-    # load_decathlon_datalist resolves "image"/"label" paths relative to the datalist's folder
-    return load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=key, base_dir=str(datalist.parent))
+    # paths as MONAI's load_decathlon_datalist(is_segmentation=True) resolves them: "image" and
+    # "label" against the datalist's folder, other values where they name an existing path there;
+    # an absent or empty split is empty (load_split says which split it needed)
+    return datalist_entries(datalist, key, content=content, path_keys=("image", "label"), optional=True)
 
 
 def load_split(

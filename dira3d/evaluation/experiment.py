@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import json
 import math
@@ -82,13 +81,14 @@ except ImportError:  # pragma: no cover - Windows
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable
 from dira3d.utils.cli_help import DefaultsRawDescriptionHelpFormatter
 from dira3d.utils.overrides import check_overrides, did_you_mean
-from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
+from dira3d.evaluation.results import (
+    FIELDS, FOLD_FIELDS, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows, row_key, seed_values,
+    write_report, write_rows,
+)  # fmt: skip
 
 __all__ = ["load_config", "run_experiment", "write_report", "main"]
 
 Runner = Callable[[str, dict], Mapping[str, float]]
-FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
-FOLD_FIELDS = FIELDS[:4] + ["fold"] + FIELDS[4:]  # results.csv of a config with folds
 SETTINGS_NAME = "settings.json"  # what a method's pretraining was made with (output_dir/pretrain/<method>/)
 REQUIRED = ("bundle", "datalist", "metric", "methods", "seeds", "label_fractions", "output_dir")
 KNOWN = REQUIRED + ("baseline", "welch", "overrides", "pretrain", "folds")
@@ -220,7 +220,7 @@ def _check_fold_data(config: Mapping[str, Any], path: Path, bundle_configs: Path
     every fold would run on the same test split, or fail only when its turn comes."""
     from monai.bundle import ConfigParser
 
-    from dira3d.evaluation.datalists import read_datalist_json
+    from dira3d.data.datalist import read_datalist_json
 
     parser = ConfigParser()
     parser.read_config([str(c) for c in (bundle_configs / "train.json", bundle_configs / "evaluate.json") if c.is_file()])
@@ -261,101 +261,9 @@ def _bundle_metrics(configs: Path) -> list[str]:
     return names
 
 
-# what makes one fine-tuning row comparable with another: a change would mix two protocols in one table
-RUN_SETTINGS = ("bundle", "datalist", "metric", "overrides")
-RUN_SETTINGS_NAME = "experiment.json"  # in output_dir
-
-
-def _check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -> None:
-    """Refuse to add runs to (and report together with) rows made with other fine-tuning settings;
-    record the settings otherwise."""
-    recorded = RUN_SETTINGS + (("folds",) if "folds" in config else ())  # no folds: experiment.json as before them
-    settings = json.loads(json.dumps({k: config.get(k) for k in recorded}, default=str))
-    path = out / RUN_SETTINGS_NAME
-    if rows and path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != settings:
-            changed = [k for k in RUN_SETTINGS + ("folds",) if k != "overrides" and old.get(k) != settings.get(k)]
-            before, now = old.get("overrides") or {}, settings["overrides"] or {}
-            changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-            raise ValueError(f"{out / 'results.csv'} holds runs made with other fine-tuning settings ({', '.join(changed)} "
-                             f"changed; the earlier ones are in {path}); adding runs with the new ones would mix them in "
-                             "one table. Use another output_dir, or put the settings back (or delete results.csv to redo "
-                             "every run)")
-    atomic_write_text(path, json.dumps(settings, indent=1))
-
-
-def _check_fold_column(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
-    """Refuse to add runs with folds to a ``results.csv`` made without them, and the other way round
-    (also when ``experiment.json``, which records ``folds``, is missing)."""
-    if not rows or ("fold" in rows[0]) == ("folds" in config):
-        return
-    if "folds" in config:
-        raise ValueError(f"{csv_path} holds runs made without folds (no fold column); adding the runs of folds "
-                         f"{config['folds']} would mix one test split with cross-validation in one table. Use another "
-                         "output_dir, or remove folds (or delete results.csv to redo every run)")
-    raise ValueError(f"{csv_path} holds runs of a cross-validation grid (a fold column) but the config has no folds; "
-                     "use another output_dir, or put folds back (or delete results.csv to redo every run)")
-
-
-def _grid(config: Mapping[str, Any]) -> list[tuple]:
-    """The runs of the config: ``(method, fraction, seed)``, or ``(method, fraction, seed, fold)`` with folds
-    (the folds of one seed run one after the other)."""
-    cells = [(m, float(f), int(s)) for f in config["label_fractions"] for m in config["methods"] for s in config["seeds"]]
-    if "folds" not in config:
-        return cells
-    return [cell + (int(k),) for cell in cells for k in config["folds"]]
-
-
-def _row_key(row: Mapping[str, Any], folded: bool) -> tuple:
-    """The grid key of a ``results.csv`` row (see :func:`_grid`)."""
-    key = (str(row["method"]), float(row["label_fraction"]), int(row["seed"]))
-    return key + (int(row["fold"]),) if folded else key
-
-
 def _describe(method: str, fraction: float, seed: int, fold: int | None = None) -> str:
     """``dira labels=0.5 seed=1`` (`` fold=2`` with folds): one run in logs and errors."""
     return f"{method} labels={fraction:g} seed={seed}" + ("" if fold is None else f" fold={fold}")
-
-
-def _read_rows(csv_path: Path) -> list[dict]:
-    """The rows of ``results.csv``; a row cut short (a full disk while an older dira3d appended it) or
-    garbled is refused with its line, never taken as a finished run.
-
-    Raises:
-        ValueError: a row lacks a value, has too many, or a number that does not parse (names file and line).
-    """
-    if not csv_path.is_file():
-        return []
-    rows = []
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            needed = [k for k in reader.fieldnames or () if k != "checkpoint"]  # checkpoint "" is random init
-            try:
-                ok = None not in row and all(row[k] not in (None, "") for k in needed) and \
-                    _row_key(row, "fold" in row) is not None and math.isfinite(float(row["value"]))
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"{csv_path} line {reader.line_num} is incomplete or garbled ({','.join(v for v in row.values() if isinstance(v, str))[:120]!r}), "
-                                 "e.g. cut short when the disk filled up; delete that line (its run is then redone) "
-                                 "and rerun the same command")
-            rows.append(row)
-    return rows
-
-
-def _write_rows(csv_path: Path, rows: list[dict], fields: list[str]) -> None:
-    """Replace ``results.csv`` with ``rows`` atomically (a full disk or a kill leaves the previous file whole);
-    columns a user added to it are kept."""
-    import io
-
-    header = list(rows[0]) if rows else []
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=header + [f for f in fields if f not in header], restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(csv_path, text.getvalue())
 
 
 def _default_runner(bundle: str, overrides: dict) -> Mapping[str, float]:
@@ -432,18 +340,6 @@ def _check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
                          "results.csv to redo it)")
 
 
-def _check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
-    """Rows of a method fine-tuned from another checkpoint than the config now gives are not reused."""
-    for method, spec in config["methods"].items():
-        if isinstance(spec, Mapping):
-            continue  # its checkpoint path never changes; _check_pretrain_settings guards its content
-        stale = {r["checkpoint"] for r in rows if r["method"] == method and r["checkpoint"] != (spec or "")}
-        if stale:
-            raise ValueError(f"{csv_path} holds runs of method {method!r} fine-tuned from {sorted(stale)[0] or 'random init'}, "
-                             f"but the config now gives {spec or 'random init (null)'}; give the method a new name, use "
-                             "another output_dir, or delete its rows to redo them")
-
-
 class ExperimentBusy(RuntimeError):
     """Another process is running an experiment in the same ``output_dir``."""
 
@@ -492,16 +388,16 @@ def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log:
 
 def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], None], out: Path) -> list[dict]:
     csv_path = out / "results.csv"
-    rows = _read_rows(csv_path)
-    _check_rows_match(rows, config, csv_path)
-    _check_fold_column(rows, config, csv_path)
-    _check_run_settings(config, out, rows)
+    rows = read_rows(csv_path)
+    check_rows_match(rows, config, csv_path)
+    check_fold_column(rows, config, csv_path)
+    check_run_settings(config, out, rows)
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
         if isinstance(spec, Mapping):
             _check_pretrain_settings(method, *_pretrain_settings(method, spec, config))
     folded = "folds" in config
-    done = {_row_key(r, folded) for r in rows}
-    grid = _grid(config)
+    done = {row_key(r, folded) for r in rows}
+    grid = grid_cells(config)
     todo = [key for key in grid if key not in done]
     log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
     checkpoints = {}
@@ -540,11 +436,11 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
                "metric": config["metric"], "value": float(metrics[config["metric"]]),
                "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir)}
         rows.append({k: str(v) for k, v in row.items()})
-        _write_rows(csv_path, rows, FOLD_FIELDS if folded else FIELDS)  # one row per finished run: the resume point
+        write_rows(csv_path, rows, FOLD_FIELDS if folded else FIELDS)  # one row per finished run: the resume point
         log(f"[{i}/{len(todo)}] {run}: {config['metric']}={row['value']:.4f}")
         write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
     write_report(config, rows)
-    incomplete = _seed_values(config, rows)[1]
+    incomplete = seed_values(config, rows)[1]
     if incomplete:
         log(f"experiment: left out of the statistics (not all folds finished): {'; '.join(incomplete)}")
     failures_path = out / "failures.json"
@@ -574,106 +470,6 @@ def _cause_of(err: BaseException) -> BaseException:
     from dira3d.engines.inputs import setting_error_in
 
     return setting_error_in(err) or err
-
-
-def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True) -> str:
-    """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and (with ``plots``) the PNGs; returns the table.
-
-    One value per seed (:func:`_seed_values`): with folds, the mean over its folds.
-    """
-    out = Path(config["output_dir"])
-    metric = config["metric"]
-    values, incomplete = _seed_values(config, rows)
-    cells = aggregate(values, metric)
-    if any(c.method == config["baseline"] for c in cells):  # no baseline run yet (or all failed): no p-values yet
-        cells = compare_to_baseline(cells, config["baseline"], equal_var=not config.get("welch", False))
-    table = markdown_table(cells, metric.upper(), method_order=list(config["methods"]))
-    test = "Welch's" if config.get("welch", False) else "Student's"
-    over = "seeds" if "folds" not in config else (
-        f"seeds of each seed's mean over folds {', '.join(map(str, config['folds']))} (a seed is one repetition of the "
-        "cross-validation)")
-    note = (f"\n\nmean ± sample std over {over}, ×100; p: independent two-sample {test} t-test "
-            f"against `{config['baseline']}` at the same label fraction.\n")
-    if incomplete:
-        note += f"\nLeft out (not all folds finished or some failed): {'; '.join(incomplete)}.\n"
-    atomic_write_text(out / "table.md", table + note)
-    atomic_write_text(out / "summary.json", json.dumps([c.__dict__ for c in cells], indent=2))
-    if plots:
-        _plot(cells, metric, list(config["methods"]), out)
-    return table
-
-
-def _seed_values(config: Mapping[str, Any], rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """One value per (method, label fraction, seed) of the current grid, and the seeds left out.
-
-    Without folds, a run's value. With folds, the mean over the seed's folds, when every listed fold
-    has a row; a seed that lacks one (not run yet, or failed) is left out, not averaged over fewer folds,
-    and named in the second list when it has some folds (``dira @ 50 % labels, seed 2 (fold 1 missing)``). Rows of runs no
-    longer in the grid, or duplicated by a second writer, count once or not at all.
-    """
-    metric = config["metric"]
-    folded = "folds" in config
-    grid = {(str(key[0]),) + key[1:] for key in _grid(config)}
-    latest: dict[tuple, Mapping] = {}
-    for r in rows:
-        key = _row_key(r, folded)
-        if key in grid:
-            latest[key] = r
-    if not folded:
-        return [{"method": r["method"], "label_fraction": r["label_fraction"], "seed": r["seed"], metric: r["value"]}
-                for r in latest.values()], []
-    per_seed: dict[tuple, dict[int, float]] = {}
-    for (method, fraction, seed, fold), r in latest.items():
-        per_seed.setdefault((method, fraction, seed), {})[fold] = float(r["value"])
-    values, incomplete = [], []
-    for (method, fraction, seed), by_fold in per_seed.items():
-        missing = [k for k in config["folds"] if k not in by_fold]
-        if missing:
-            incomplete.append(f"{method} @ {100 * fraction:g} % labels, seed {seed} "
-                              f"(fold{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing)")
-            continue
-        mean = math.fsum(by_fold[k] for k in config["folds"]) / len(config["folds"])
-        values.append({"method": method, "label_fraction": fraction, "seed": seed, metric: mean})
-    return values, incomplete
-
-
-def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in methods:
-        mine = sorted((c for c in cells if c.method == method), key=lambda c: c.label_fraction)
-        if mine:
-            ax.errorbar([c.label_fraction * 100 for c in mine], [c.mean for c in mine],
-                        yerr=[0 if math.isnan(c.std) else c.std for c in mine], marker="o", capsize=3, label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("training labels (%)")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{metric}_vs_label_fraction.png", dpi=100)
-    plt.close(fig)
-
-    fractions = sorted({c.label_fraction for c in cells})
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    width = 0.8 / max(len(methods), 1)
-    for i, method in enumerate(methods):
-        mine = {c.label_fraction: c for c in cells if c.method == method}
-        xs = [j + i * width for j, f in enumerate(fractions) if f in mine]
-        ys = [mine[f].mean for f in fractions if f in mine]
-        errs = [0 if math.isnan(mine[f].std) else mine[f].std for f in fractions if f in mine]
-        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=method)
-    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(fractions))])
-    ax.set_xticklabels([f"{f * 100:g}%" for f in fractions])
-    ax.set_ylabel(metric)
-    ax.set_title("ablation")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "ablation.png", dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from torch import nn
 from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.checkpoint import check_writable
 from dira3d.utils.folder_lock import FolderLock
+from dira3d.utils.seeding import derive_seed
 from dira3d.visual_words.coordinates import (
     CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, centre_range, hu_to_unit, sample_coordinate,
 )  # fmt: skip
@@ -49,15 +50,10 @@ from dira3d.visual_words.writer import (
     write_json_atomic, write_visual_word_datalist,
 )  # fmt: skip
 
-__all__ = ["derive_seed", "discover_visual_words"]
+__all__ = ["discover_visual_words"]
 
 logger = logging.getLogger(__name__)
 _SPLIT_ID = {"training": 0, "validation": 1}
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed from a tuple of integers (``numpy.random.SeedSequence``), order-sensitive."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def _entry_name(entry: dict) -> str:
@@ -187,7 +183,7 @@ def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
             fit = np.min([shapes[split][i] for split, info in neighbours.items() for i in info["indices"]], axis=0)
             volume = load(dict(train[ref]))["image"]
             channels = int(volume.shape[0])
-            rng = np.random.RandomState(derive_seed(seed, 1, c, len(rejected)))
+            rng = np.random.RandomState(derive_seed(seed, 1, c, len(rejected), bits=32))
             try:
                 centre = sample_coordinate(volume.numpy(), rules, rng, centres, name=_entry_name(train[ref]), fit=fit.tolist())
                 break
@@ -199,7 +195,7 @@ def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
         centres.append(centre)
         planned.append({
             "index": c, "status": "planned", "reference": {"index": ref, "case_id": train[ref]["case_id"]},
-            "rejected_references": rejected, "centre": list(centre), "crop_seed": derive_seed(seed, 2, c),
+            "rejected_references": rejected, "centre": list(centre), "crop_seed": derive_seed(seed, 2, c, bits=32),
             "neighbours": neighbours, "shards": {s: ShardWriter.shard_name(s, c) for s in neighbours},
         })  # fmt: skip
         logger.info("class %d: reference %s, centre %s", c, train[ref]["case_id"], centre)
@@ -242,7 +238,7 @@ def _extract(data: dict, manifest: dict, out_dir: Path, class_block: int, worker
                         tasks[index].append((cls, slot))
             for index, item in iterate_volumes(data[split], load, workers, order=sorted(tasks)):
                 for cls, slot in tasks[index]:
-                    seeds = [derive_seed(cls["crop_seed"], _SPLIT_ID[split], slot)]
+                    seeds = [derive_seed(cls["crop_seed"], _SPLIT_ID[split], slot, bits=32)]
                     try:
                         patches = cropper({"image": item["image"], "vw_centres": [cls["centre"]], "vw_seeds": seeds})["image_patches"]
                     except ValueError as err:

@@ -13,7 +13,7 @@ from typing import Any
 
 import nibabel as nib
 import torch
-from monai.data import Dataset, load_decathlon_datalist
+from monai.data import Dataset
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -24,6 +24,8 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader
 
+from dira3d.data.datalist import datalist_entries, read_datalist_json
+
 __all__ = ["SPLITS", "read_datalist", "case_ids", "CheckIntensityd", "volume_transform", "iterate_volumes", "volume_shapes"]
 
 SPLITS = ("training", "validation")
@@ -33,32 +35,22 @@ def read_datalist(path: str | os.PathLike, splits: Sequence[str] = SPLITS) -> di
     """Read a decathlon-style pretraining datalist.
 
     Args:
-        path: the JSON datalist; ``"image"`` paths are relative to its folder.
+        path: the JSON datalist; ``"image"`` paths are relative to its folder (resolved as
+            MONAI's ``load_decathlon_datalist`` does, :func:`dira3d.data.datalist.datalist_entries`).
         splits: keys to read; ``"training"`` is required, the others may be absent or empty.
 
     Returns:
         ``{split: [entry, ...]}`` with absolute ``"image"`` paths and a ``"case_id"`` on every entry.
 
     Raises:
-        FileNotFoundError: the datalist or one of its images does not exist.
-        ValueError: the datalist has no ``"training"`` entries or an entry lacks ``"image"``.
+        FileNotFoundError: the datalist or one of its images does not exist (every missing image listed).
+        ValueError: the datalist is not JSON, has no ``"training"`` entries or an entry lacks ``"image"``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist; pass the JSON written by `dira3d prepare`")
+    content = read_datalist_json(path, required=("training",))
     out: dict[str, list[dict]] = {}
     for split in splits:
-        try:
-            entries = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=split, base_dir=str(path.parent))
-        except ValueError:
-            if split == "training":
-                raise ValueError(f"datalist {path} has no 'training' list; it must be a MONAI decathlon-style JSON") from None
-            entries = []
-        for i, entry in enumerate(entries):
-            if "image" not in entry:
-                raise ValueError(f"datalist {path}: entry {i} of '{split}' has no 'image' key")
-            if not Path(entry["image"]).is_file():
-                raise FileNotFoundError(f"datalist {path}: image {entry['image']} ('{split}' entry {i}) does not exist")
+        entries = datalist_entries(path, split, content=content, optional=split != "training", check_files="file")
+        for entry in entries:
             entry.setdefault("case_id", Path(entry["image"]).name.split(".")[0])
         out[split] = entries
     if not out["training"]:

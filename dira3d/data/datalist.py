@@ -1,0 +1,169 @@
+"""Reading MONAI decathlon-style datalists: the one reader behind pretraining, visual words and fine-tuning.
+
+:func:`read_datalist_json` checks the file (it exists, is UTF-8 JSON, an object with the required
+keys); :func:`datalist_entries` checks one split's entries (a list of objects that have the
+required keys, optionally whose files exist) and resolves their relative paths against the
+datalist's folder (or ``base_dir``) as :func:`monai.data.load_decathlon_datalist` does:
+``os.path.normpath(os.path.join(base_dir, value))`` for the path keys, and, with
+``detect_paths``, for any other string value that names an existing path there (MONAI's
+auto-detection; off for callers that want only the path keys touched). A ``"test"`` list of bare
+paths (the Medical Segmentation Decathlon's format) becomes ``[{"image": path}, ...]``.
+
+Every problem is a :class:`DatalistError` (a :class:`~dira3d.data.errors.DataError`, so a
+``ValueError``) whose message starts with ``datalist <path>``; a missing datalist is a
+``FileNotFoundError``. Entry problems are all listed at once (the first ten in the message).
+Torch-free: ``dira3d.data`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dira3d.data.errors import DataError
+
+__all__ = ["DatalistError", "DatalistFilesMissingError", "read_datalist_json", "datalist_entries"]
+
+_SHOWN = 10  # entry problems named in one message
+
+
+class DatalistError(DataError):
+    """A datalist that cannot be used as it is; ``path`` names it and the message starts with ``datalist <path>``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(None, f"datalist {path} {problem}")
+        self.path = Path(path)
+
+
+class DatalistFilesMissingError(DatalistError, FileNotFoundError):
+    """Entries whose files do not exist (and no other problem): a ``FileNotFoundError`` too."""
+
+
+def read_datalist_json(datalist: str | os.PathLike, required: Sequence[str] = ("training",)) -> dict[str, Any]:
+    """The JSON content of a decathlon-style datalist, as written (paths not resolved).
+
+    Args:
+        datalist: path of the JSON file.
+        required: top-level keys that must be present (their entries are checked by
+            :func:`datalist_entries`).
+
+    Raises:
+        FileNotFoundError: the datalist does not exist.
+        DatalistError: not UTF-8 JSON (the message names the line and column), not a JSON object,
+            or a ``required`` key missing.
+    """
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist; make one with `dira3d prepare ...` (docs/data.md) "
+                                "or fix the path")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatalistError(path, f"is not valid JSON ({err}); regenerate it with `dira3d prepare ...` or fix it "
+                                  "there") from err
+    if not isinstance(content, dict):
+        raise DatalistError(path, f"holds a JSON {type(content).__name__}, not an object; expected a MONAI "
+                                  'decathlon-style datalist {"training": [...], ...}')
+    for key in required:
+        if key not in content:
+            raise DatalistError(path, f"has no {key!r} key (keys: {sorted(content)}); expected a MONAI "
+                                      "decathlon-style datalist")
+    return content
+
+
+def datalist_entries(
+    datalist: str | os.PathLike,
+    key: str = "training",
+    *,
+    content: Mapping[str, Any] | None = None,
+    base_dir: str | os.PathLike | None = None,
+    path_keys: Sequence[str] = ("image",),
+    detect_paths: bool = True,
+    required: Sequence[str] = ("image",),
+    optional: bool = False,
+    check_files: str | None = None,
+) -> list[dict[str, Any]]:
+    """The entries of split ``key``, checked, as new dicts with their relative paths resolved.
+
+    Args:
+        datalist: path of the JSON file (named in errors; read unless ``content`` is given).
+        key: the split, e.g. ``"training"``.
+        content: the datalist's content when already read (:func:`read_datalist_json`).
+        base_dir: folder relative paths are resolved against (None: the datalist's folder).
+        path_keys: keys whose string (or list of strings) values are always resolved: MONAI's
+            ``"image"``, plus ``"label"`` for segmentation (``is_segmentation=True``).
+        detect_paths: also resolve any other string value that names an existing path under
+            ``base_dir`` (MONAI's behaviour); False leaves the other keys as written.
+        required: keys every entry must have, with a non-empty value.
+        optional: an absent (or null) split is an empty list instead of an error.
+        check_files: ``"file"`` (the required path keys must name files) or ``"path"`` (files or
+            folders, e.g. a DICOM series); None: not checked.
+
+    Raises:
+        FileNotFoundError: the datalist does not exist.
+        DatalistError: the checks of :func:`read_datalist_json`; no list ``key`` (unless
+            ``optional``); entries that are not objects or lack a ``required`` key (all listed).
+        DatalistFilesMissingError: entries whose files do not exist, and no other problem.
+    """
+    if check_files not in (None, "file", "path"):
+        raise ValueError(f"check_files={check_files!r} is not supported; use 'file', 'path' or None")
+    path = Path(datalist)
+    if content is None:
+        content = read_datalist_json(path, required=() if optional else (key,))
+    raw = content.get(key)
+    if raw is None:
+        if optional:
+            return []
+        raise DatalistError(path, f"has no {key!r} key (keys: {sorted(content)}); expected a MONAI decathlon-style "
+                                  "datalist")
+    if not isinstance(raw, list):
+        raise DatalistError(path, f"has no list {key!r} (it holds a {type(raw).__name__}); expected a list of entries")
+    if key == "test" and raw and not isinstance(raw[0], dict):  # the decathlon's bare list of test images
+        raw = [{"image": item} for item in raw]
+    base = str(path.parent if base_dir is None else base_dir)
+    entries, problems, missing_files = [], [], 0
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            problems.append(f"entry {index} is a {type(entry).__name__}, not an object")
+            continue
+        absent = [name for name in required if entry.get(name) in (None, "", [])]
+        if absent:
+            problems.append(f"entry {index} has no {' or '.join(repr(a) for a in absent)}")
+            continue
+        item = {k: _resolve(base, v, always=k in path_keys) if k in path_keys or detect_paths else v
+                for k, v in entry.items()}
+        if check_files is not None:
+            for name in (k for k in required if k in path_keys):
+                for file in _strings(item[name]):
+                    if not (os.path.isfile(file) if check_files == "file" else os.path.exists(file)):
+                        problems.append(f"entry {index} (case {entry.get('case_id', '?')}): {file} does not exist")
+                        missing_files += 1
+        entries.append(item)
+    if problems:
+        shown = "; ".join(problems[:_SHOWN]) + (f"; ... {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
+        kind = DatalistFilesMissingError if missing_files == len(problems) else DatalistError
+        count = f"{len(problems)} bad {key!r} entr{'y' if len(problems) == 1 else 'ies'}"
+        raise kind(path, f"has {count}: {shown}. Fix or remove them and rerun")
+    return entries
+
+
+def _resolve(base: str, value: Any, always: bool) -> Any:
+    """``value`` (a path or a list of paths) joined to ``base`` as MONAI does; ``always=False``: only
+    where the joined path exists (other values are returned as they are)."""
+
+    def join(item: str) -> str:
+        result = os.path.normpath(os.path.join(base, item))
+        return result if always or os.path.exists(result) else f"{item}"
+
+    if isinstance(value, (str, os.PathLike)):
+        return join(value)
+    if isinstance(value, list) and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return [join(v) for v in value]
+    return value
+
+
+def _strings(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []

@@ -1,0 +1,229 @@
+"""``dira3d experiment``'s results: ``results.csv`` (read, checked, replaced atomically), the
+recorded fine-tuning settings (``experiment.json``), and the report built from the rows
+(``table.md``, ``summary.json``, plots).
+
+The grid runner (:mod:`dira3d.evaluation.experiment`) adds one row per finished run and rewrites
+the report; everything here is a function of the config and the rows, so a rerun resumes from
+``results.csv`` alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
+from dira3d.utils.atomic import atomic_write_text
+
+__all__ = [
+    "FIELDS", "FOLD_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows", "write_rows",
+    "check_rows_match", "check_fold_column", "check_run_settings", "seed_values", "write_report",
+]
+
+FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
+FOLD_FIELDS = FIELDS[:4] + ["fold"] + FIELDS[4:]  # results.csv of a config with folds
+# what makes one fine-tuning row comparable with another: a change would mix two protocols in one table
+RUN_SETTINGS = ("bundle", "datalist", "metric", "overrides")
+RUN_SETTINGS_NAME = "experiment.json"  # in output_dir
+
+
+def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -> None:
+    """Refuse to add runs to (and report together with) rows made with other fine-tuning settings;
+    record the settings otherwise."""
+    recorded = RUN_SETTINGS + (("folds",) if "folds" in config else ())  # no folds: experiment.json as before them
+    settings = json.loads(json.dumps({k: config.get(k) for k in recorded}, default=str))
+    path = out / RUN_SETTINGS_NAME
+    if rows and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != settings:
+            changed = [k for k in RUN_SETTINGS + ("folds",) if k != "overrides" and old.get(k) != settings.get(k)]
+            before, now = old.get("overrides") or {}, settings["overrides"] or {}
+            changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            raise ValueError(f"{out / 'results.csv'} holds runs made with other fine-tuning settings ({', '.join(changed)} "
+                             f"changed; the earlier ones are in {path}); adding runs with the new ones would mix them in "
+                             "one table. Use another output_dir, or put the settings back (or delete results.csv to redo "
+                             "every run)")
+    atomic_write_text(path, json.dumps(settings, indent=1))
+
+
+def check_fold_column(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
+    """Refuse to add runs with folds to a ``results.csv`` made without them, and the other way round
+    (also when ``experiment.json``, which records ``folds``, is missing)."""
+    if not rows or ("fold" in rows[0]) == ("folds" in config):
+        return
+    if "folds" in config:
+        raise ValueError(f"{csv_path} holds runs made without folds (no fold column); adding the runs of folds "
+                         f"{config['folds']} would mix one test split with cross-validation in one table. Use another "
+                         "output_dir, or remove folds (or delete results.csv to redo every run)")
+    raise ValueError(f"{csv_path} holds runs of a cross-validation grid (a fold column) but the config has no folds; "
+                     "use another output_dir, or put folds back (or delete results.csv to redo every run)")
+
+
+def grid_cells(config: Mapping[str, Any]) -> list[tuple]:
+    """The runs of the config: ``(method, fraction, seed)``, or ``(method, fraction, seed, fold)`` with folds
+    (the folds of one seed run one after the other)."""
+    cells = [(m, float(f), int(s)) for f in config["label_fractions"] for m in config["methods"] for s in config["seeds"]]
+    if "folds" not in config:
+        return cells
+    return [cell + (int(k),) for cell in cells for k in config["folds"]]
+
+
+def row_key(row: Mapping[str, Any], folded: bool) -> tuple:
+    """The grid key of a ``results.csv`` row (see :func:`grid_cells`)."""
+    key = (str(row["method"]), float(row["label_fraction"]), int(row["seed"]))
+    return key + (int(row["fold"]),) if folded else key
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    """The rows of ``results.csv``; a row cut short (a full disk while an older dira3d appended it) or
+    garbled is refused with its line, never taken as a finished run.
+
+    Raises:
+        ValueError: a row lacks a value, has too many, or a number that does not parse (names file and line).
+    """
+    if not csv_path.is_file():
+        return []
+    rows = []
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            needed = [k for k in reader.fieldnames or () if k != "checkpoint"]  # checkpoint "" is random init
+            try:
+                ok = None not in row and all(row[k] not in (None, "") for k in needed) and \
+                    row_key(row, "fold" in row) is not None and math.isfinite(float(row["value"]))
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{csv_path} line {reader.line_num} is incomplete or garbled ({','.join(v for v in row.values() if isinstance(v, str))[:120]!r}), "
+                                 "e.g. cut short when the disk filled up; delete that line (its run is then redone) "
+                                 "and rerun the same command")
+            rows.append(row)
+    return rows
+
+
+def write_rows(csv_path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Replace ``results.csv`` with ``rows`` atomically (a full disk or a kill leaves the previous file whole);
+    columns a user added to it are kept."""
+    import io
+
+    header = list(rows[0]) if rows else []
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header + [f for f in fields if f not in header], restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(csv_path, text.getvalue())
+
+
+def check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
+    """Rows of a method fine-tuned from another checkpoint than the config now gives are not reused."""
+    for method, spec in config["methods"].items():
+        if isinstance(spec, Mapping):
+            continue  # its checkpoint path never changes; _check_pretrain_settings guards its content
+        stale = {r["checkpoint"] for r in rows if r["method"] == method and r["checkpoint"] != (spec or "")}
+        if stale:
+            raise ValueError(f"{csv_path} holds runs of method {method!r} fine-tuned from {sorted(stale)[0] or 'random init'}, "
+                             f"but the config now gives {spec or 'random init (null)'}; give the method a new name, use "
+                             "another output_dir, or delete its rows to redo them")
+
+
+def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True) -> str:
+    """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and (with ``plots``) the PNGs; returns the table.
+
+    One value per seed (:func:`seed_values`): with folds, the mean over its folds.
+    """
+    out = Path(config["output_dir"])
+    metric = config["metric"]
+    values, incomplete = seed_values(config, rows)
+    cells = aggregate(values, metric)
+    if any(c.method == config["baseline"] for c in cells):  # no baseline run yet (or all failed): no p-values yet
+        cells = compare_to_baseline(cells, config["baseline"], equal_var=not config.get("welch", False))
+    table = markdown_table(cells, metric.upper(), method_order=list(config["methods"]))
+    test = "Welch's" if config.get("welch", False) else "Student's"
+    over = "seeds" if "folds" not in config else (
+        f"seeds of each seed's mean over folds {', '.join(map(str, config['folds']))} (a seed is one repetition of the "
+        "cross-validation)")
+    note = (f"\n\nmean ± sample std over {over}, ×100; p: independent two-sample {test} t-test "
+            f"against `{config['baseline']}` at the same label fraction.\n")
+    if incomplete:
+        note += f"\nLeft out (not all folds finished or some failed): {'; '.join(incomplete)}.\n"
+    atomic_write_text(out / "table.md", table + note)
+    atomic_write_text(out / "summary.json", json.dumps([c.__dict__ for c in cells], indent=2))
+    if plots:
+        _plot(cells, metric, list(config["methods"]), out)
+    return table
+
+
+def seed_values(config: Mapping[str, Any], rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """One value per (method, label fraction, seed) of the current grid, and the seeds left out.
+
+    Without folds, a run's value. With folds, the mean over the seed's folds, when every listed fold
+    has a row; a seed that lacks one (not run yet, or failed) is left out, not averaged over fewer folds,
+    and named in the second list when it has some folds (``dira @ 50 % labels, seed 2 (fold 1 missing)``). Rows of runs no
+    longer in the grid, or duplicated by a second writer, count once or not at all.
+    """
+    metric = config["metric"]
+    folded = "folds" in config
+    grid = {(str(key[0]),) + key[1:] for key in grid_cells(config)}
+    latest: dict[tuple, Mapping] = {}
+    for r in rows:
+        key = row_key(r, folded)
+        if key in grid:
+            latest[key] = r
+    if not folded:
+        return [{"method": r["method"], "label_fraction": r["label_fraction"], "seed": r["seed"], metric: r["value"]}
+                for r in latest.values()], []
+    per_seed: dict[tuple, dict[int, float]] = {}
+    for (method, fraction, seed, fold), r in latest.items():
+        per_seed.setdefault((method, fraction, seed), {})[fold] = float(r["value"])
+    values, incomplete = [], []
+    for (method, fraction, seed), by_fold in per_seed.items():
+        missing = [k for k in config["folds"] if k not in by_fold]
+        if missing:
+            incomplete.append(f"{method} @ {100 * fraction:g} % labels, seed {seed} "
+                              f"(fold{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing)")
+            continue
+        mean = math.fsum(by_fold[k] for k in config["folds"]) / len(config["folds"])
+        values.append({"method": method, "label_fraction": fraction, "seed": seed, metric: mean})
+    return values, incomplete
+
+
+def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in methods:
+        mine = sorted((c for c in cells if c.method == method), key=lambda c: c.label_fraction)
+        if mine:
+            ax.errorbar([c.label_fraction * 100 for c in mine], [c.mean for c in mine],
+                        yerr=[0 if math.isnan(c.std) else c.std for c in mine], marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("training labels (%)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{metric}_vs_label_fraction.png", dpi=100)
+    plt.close(fig)
+
+    fractions = sorted({c.label_fraction for c in cells})
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        mine = {c.label_fraction: c for c in cells if c.method == method}
+        xs = [j + i * width for j, f in enumerate(fractions) if f in mine]
+        ys = [mine[f].mean for f in fractions if f in mine]
+        errs = [0 if math.isnan(mine[f].std) else mine[f].std for f in fractions if f in mine]
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=method)
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(fractions))])
+    ax.set_xticklabels([f"{f * 100:g}%" for f in fractions])
+    ax.set_ylabel(metric)
+    ax.set_title("ablation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=100)
+    plt.close(fig)

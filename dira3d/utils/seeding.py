@@ -1,0 +1,50 @@
+"""Seed derivation: a fresh seed from a tuple of integers, so no random stream is carried along.
+
+Seeding every draw from (base seed, purpose, index) instead of carrying a generator makes a resumed
+run draw exactly what an uninterrupted run would have drawn. Both widths hash the parts with
+:class:`numpy.random.SeedSequence` (well mixed, order-sensitive); the values are part of the
+reproducibility contract (a rerun of ``dira3d visual-words`` writes the same bytes, a resumed
+pretraining the same weights), so neither function may change what it returns
+(``tests/test_seeding.py`` pins values).
+
+- :func:`derive_seed` with ``bits=32`` (visual-word discovery: references, centres, crops; fits
+  ``numpy.random.RandomState``) or ``bits=63`` (fits ``torch.Generator.manual_seed``).
+- :func:`stream_seed`: the training engines' seed of random ``stream`` at step ``counter``
+  (63 bits, base seed folded to 32 bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["derive_seed", "stream_seed"]
+
+
+def derive_seed(*parts: int, bits: int) -> int:
+    """A seed in ``[0, 2**bits)`` from the integers ``parts`` (order-sensitive; ``SeedSequence``
+    pads with zeros, so trailing zero parts do not change it: give each purpose its own leading
+    parts rather than an appended 0).
+
+    Args:
+        parts: non-negative integers of any size (``SeedSequence`` refuses negative ones).
+        bits: 32 (the first 32-bit word of ``SeedSequence(parts)``) or 63 (its first two words,
+            the second without its lowest bit).
+
+    Raises:
+        ValueError: ``bits`` other than 32 or 63; a negative part.
+    """
+    if bits not in (32, 63):
+        raise ValueError(f"bits={bits!r} is not supported; choose 32 or 63")
+    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(1 if bits == 32 else 2, np.uint32)
+    if bits == 32:
+        return int(words[0])
+    return (int(words[0]) << 31 | int(words[1]) >> 1) & (2**63 - 1)
+
+
+def stream_seed(seed: int, stream: int, counter: int) -> int:
+    """The 63-bit seed of random ``stream`` at step ``counter`` (epoch or iteration) of a run seeded
+    ``seed``, as the training engines draw it (``DiRATrainer``, ``DiRAEvaluator``, shuffle BN).
+
+    ``seed`` is folded to its low 32 bits first, so any integer seed (a negative one too) is accepted.
+    """
+    return derive_seed(int(seed) & 0xFFFFFFFF, stream, counter, bits=63)
