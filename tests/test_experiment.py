@@ -206,24 +206,24 @@ def test_a_second_experiment_on_the_same_folder_is_refused_while_the_first_runs(
     # another process holds the folder (as a running `dira3d experiment` does), then ends
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time\n"
-        f"h = open({str(out / '.experiment.lock')!r}, 'a+'); fcntl.flock(h, fcntl.LOCK_EX); h.write('pid 4242'); "
+        f"h = open({str(out / '.dira3d.lock')!r}, 'a+'); fcntl.flock(h, fcntl.LOCK_EX); h.write('process 4242'); "
         "h.flush(); print('locked', flush=True); sys.stdin.readline()")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         calls = []
-        with pytest.raises(ExperimentBusy, match=r"in use by another `dira3d experiment` \(pid 4242\)"):
+        with pytest.raises(ExperimentBusy, match=r"output_dir .* is in use by process 4242: a second `dira3d experiment`"):
             run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
         assert calls == [] and not (out / "results.csv").exists()  # nothing ran, nothing written
         assert main(["--config", str(tmp_path / "experiment.yaml")]) == 2
-        assert "another output_dir" in capsys.readouterr().err
+        assert "choose another output folder" in capsys.readouterr().err
     finally:
         holder.stdin.write("\n")
         holder.stdin.close()
         holder.wait(timeout=30)
     rows = run_experiment(config, runner=fake_runner(calls), log=lambda _: None)  # the holder ended: free again
     assert len(rows) == 12
-    with open(out / ".experiment.lock", "a+") as handle:  # and this process released it when it returned
+    with open(out / ".dira3d.lock", "a+") as handle:  # and this process released it when it returned
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 

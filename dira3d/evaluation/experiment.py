@@ -54,16 +54,15 @@ logged and listed in ``failures.json``; the other runs go on, the command exits 
 rerunning it retries only the failed runs. The table and ``summary.json`` count each run of the
 current grid once (rows of seeds, fractions or methods no longer in the config stay in
 ``results.csv`` but out of the statistics). One experiment runs in an ``output_dir`` at a time: a
-second ``dira3d experiment`` on the same folder is refused at once (an exclusive lock on
-``<output_dir>/.experiment.lock``, released by the system when the first process ends, however it
-ends), so two processes never run the same grid twice into one ``results.csv``.
+second ``dira3d experiment`` on the same folder is refused at once (the folder lock of every dira3d
+output folder, ``<output_dir>/.dira3d.lock``, released by the system when the first process ends,
+however it ends), so two processes never run the same grid twice into one ``results.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import json
 import math
 import sys
@@ -73,12 +72,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-try:  # POSIX; elsewhere runs are not locked against a second process
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable
+from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.cli_help import DefaultsRawDescriptionHelpFormatter
 from dira3d.utils.overrides import check_overrides, did_you_mean
 from dira3d.evaluation.results import (
@@ -340,33 +335,23 @@ def _check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
                          "results.csv to redo it)")
 
 
-class ExperimentBusy(RuntimeError):
+class ExperimentBusy(FolderInUseError):
     """Another process is running an experiment in the same ``output_dir``."""
 
 
 @contextlib.contextmanager
 def _exclusive(out: Path):
-    """Hold ``out/.experiment.lock`` exclusively, or raise :class:`ExperimentBusy` at once."""
-    if fcntl is None:  # pragma: no cover - Windows
+    """Hold ``out``'s :class:`~dira3d.utils.folder_lock.FolderLock`, or raise :class:`ExperimentBusy` at once."""
+    lock = FolderLock(out, what="the experiment's output_dir",
+                      clash="a second `dira3d experiment` there would run the same grid into one results.csv")
+    try:
+        lock.acquire()
+    except FolderInUseError as err:
+        raise ExperimentBusy(str(err)) from None
+    try:
         yield
-        return
-    path = out / ".experiment.lock"
-    with open(path, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ExperimentBusy(f"{out} is in use by another `dira3d experiment` ({holder}); wait for it to finish, "
-                                 "or give this one another output_dir") from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        lock.release()
 
 
 def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
