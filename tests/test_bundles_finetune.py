@@ -129,7 +129,9 @@ def test_segmentation_bundle_beats_chance(bundle, tmp_path):
         overrides = {"datalist": str(datalist), "pretrained": pretrained, "max_epochs": 10, "patience": 10, **extra}
         result = run_finetune(bundle, overrides, output_dir=tmp_path / init, tiny=True)
         dice, iou = result["metrics"]["dice"], result["metrics"]["iou"]
-        assert dice > chance + 0.1, (init, result, chance)
+        # measured 0.68-0.96 (chance 0.10-0.13): a bar near chance would let a silent learning bug (label channel,
+        # intensities, post-transform, model selection) that still beats chance by a little pass
+        assert dice > max(0.5, chance + 0.3), (init, result, chance)
         assert 0.0 < iou < dice <= 1.0  # foreground IoU = D / (2 - D) per case, below Dice
         assert (tmp_path / init / "models" / "model.pt").is_file()
 

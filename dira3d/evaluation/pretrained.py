@@ -49,7 +49,8 @@ def build_task_network(
             of input channels: ``"error"`` or ``"repeat"`` (repeat and rescale the kernel).
         bn_momentum: momentum of the BatchNorm running statistics (PyTorch's default 0.1);
             ``None`` uses a cumulative average over all training batches, which gives usable
-            eval-mode statistics after a handful of iterations (smoke runs, tiny label fractions).
+            eval-mode statistics after a handful of iterations (smoke runs) but keeps those of the
+            early weights in longer runs, where eval-mode predictions then fall apart (docs/finetuning.md).
         weights_loaded_later: the caller loads trained weights next (the evaluation and inference
             configs): a random start is then not reported, as it would read as an untrained model.
 
