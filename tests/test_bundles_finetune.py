@@ -232,6 +232,42 @@ def test_segmentation_inference_on_real_ct_keeps_geometry(bundle, real_data, tmp
     assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
 
 
+def test_lits_inference_prepares_an_mri_as_prepare_generic_did(real_data, tmp_path):
+    """lits_liver_seg is the documented bundle for your own labelled scans, but its inference.json always
+    windowed to HU [-1000, 1000]: a model fine-tuned on `prepare generic --modality mr` volumes saw a raw MRI
+    (0..3057) as 0.5..1, its brightest tissue clipped, and segmented it without a word. `modality mr` gives the
+    network the prepared volume itself; `ct` on it warns, naming the file and the setting."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.data.generic import normalise_image
+    from dira3d.data.io import read_image
+
+    scan = tmp_path / "brain1_image.nrrd"
+    shutil.copy(real_data / "brain1_image.nrrd", scan)
+    prepared = sitk.GetArrayFromImage(normalise_image(read_image(scan), "mr")).transpose(2, 1, 0)  # RAS, (x, y, z)
+    parser = ConfigParser()
+    parser.read_config([str(bundle_path("lits_liver_seg") / "configs" / "inference.json")])
+    parser.update({"image": str(scan), "modality": "mr"})
+    seen = parser.get_parsed_content("preprocessing", lazy=False)({"image": str(scan)})["image"]
+    assert seen.shape[1:] == prepared.shape
+    np.testing.assert_allclose(seen[0].numpy(), prepared, atol=1e-5)
+    parser["modality"] = "ct"
+    with pytest.warns(UserWarning, match=r"brain1_image\.nrrd: no voxel below -500 HU.*modality to mr \(--modality mr\)"):
+        windowed = parser.get_parsed_content("preprocessing", lazy=False)({"image": str(scan)})["image"]
+    assert float(windowed.min()) == 0.5  # what the network used to see: the MRI squeezed into 0.5..1
+    parser["modality"] = "t1"
+    with pytest.raises(RuntimeError) as raised:  # MONAI wraps the transform's error
+        parser.get_parsed_content("preprocessing", lazy=False)
+    assert re.search(r"modality='t1'.*'ct'.*'mr'", str(raised.value.__cause__)), raised.value
+    # end to end (coarse grid): Invertd undoes the spatial steps around the MR normalisation
+    from dira3d.evaluation import build_task_network
+
+    atomic_save(build_task_network("segmentation", 3, 1, 1, 0.125, "").state_dict(), tmp_path / "models" / "model.pt")
+    _run_inference("lits_liver_seg", scan, tmp_path / "models", modality="mr", pixdim=[4.0, 4.0, 6.5])
+    mask = sitk.ReadImage(str(tmp_path / "brain1_image_seg.nii.gz"))
+    assert mask.GetSize() == sitk.ReadImage(str(scan)).GetSize()
+
+
 def test_classification_inference_writes_probabilities(tmp_path):
     from dira3d.evaluation import build_task_network
 

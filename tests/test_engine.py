@@ -302,6 +302,16 @@ def test_a_loader_without_batches_is_an_error_not_a_silent_exit():
                     stages=[{"name": "r", "losses": ["res"]}])
     loader = DataLoader(Dataset(smooth_volumes(1), RandPatchPaird("image", PATCH3)), batch_size=2)  # a short batch is fine
     DiRATrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), None, None, None, stages=[{"name": "r", "losses": ["res"]}])
+    # under torchrun each process gets its share: 3 volumes on 2 processes (drop_last) is 1 each, not 3 (as it said)
+    from torch.utils.data.distributed import DistributedSampler
+
+    dataset = Dataset(smooth_volumes(3), RandPatchPaird("image", PATCH3))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=0, drop_last=True)
+    loader = DataLoader(dataset, batch_size=2, drop_last=True, sampler=sampler)
+    with pytest.raises(ValueError, match=r"3 training item\(s\) per epoch, 1 on each of the 2 processes, with batch_size 2 "
+                                         r"and drop_last; lower batch_size \(e\.g\. --batch_size 1\), use fewer processes"):
+        DiRATrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), None, None, None,
+                    stages=[{"name": "r", "losses": ["res"]}])
 
 
 def test_selection_loss_leaves_out_only_the_adversarial_term(tmp_path):

@@ -399,6 +399,28 @@ def test_raw_hu_volumes_are_refused_unless_raw_hu_and_prepared_ones_with_it(tmp_
     assert "error: " in err and "not the [0, 1]" in err and "Traceback" not in err, err
 
 
+def test_the_lung_filter_is_off_for_a_datalist_prepared_as_mr(tmp_path, caplog):
+    """TransVW's "mostly lung" rule (at most 15 % of a patch >= -150 HU, 0.425) is a CT rule: on percentile-scaled
+    MR volumes it used to be applied silently, rejecting the patches with the brightest tissue (on the real brain
+    scans, 12-20 % of the centres, a fifth of those holding the enhancing lesion). Here every patch is "dense": a
+    CT datalist fails on it, the same volumes prepared as MR (meta.modality) give visual words."""
+    settings = dict(classes=2, neighbours=2, val_neighbours=0, patch_size=(8, 8, 4), border=(2, 2, 2), max_tries=5)
+    ct = _raw_hu_datalist(tmp_path / "data", (0.5, 1.0))
+    with pytest.raises(ValueError, match=r"all 4 training volumes have been used as references.*--lung-filter off"):
+        discover_visual_words(ct, tmp_path / "ct", extractor=_extractor(), **settings)
+    mr = tmp_path / "data" / "mr.json"
+    mr.write_text(json.dumps({**json.loads(ct.read_text()), "meta": {"dataset": "generic", "modality": "mr"}}))
+    with caplog.at_level("INFO", logger="dira3d.visual_words.discover"):
+        manifest = discover_visual_words(mr, tmp_path / "mr", extractor=_extractor(), **settings)
+    assert manifest["params"]["lung_filter"] == "off" and len(manifest["classes"]) == 2
+    assert "prepared as MR" in caplog.text and "--lung-filter on" in caplog.text
+    with pytest.raises(ValueError, match=r"have been used as references"):  # on request it still applies
+        discover_visual_words(mr, tmp_path / "mr_on", extractor=_extractor(), lung_filter="on", **settings)
+    assert discover_visual_words(ct, tmp_path / "ct_off", extractor=_extractor(), lung_filter="off", **settings)["params"]["lung_filter"] == "off"
+    with pytest.raises(ValueError, match=r"lung_filter must be one of"):
+        discover_visual_words(ct, tmp_path / "bad", extractor=_extractor(), lung_filter="maybe", **settings)
+
+
 def test_validation_volume_smaller_than_the_patch_is_named_before_training(datalist, tmp_path, monkeypatch):
     """It used to reject every reference with 'a neighbour of size (20, 20, 10)', naming no file."""
     _no_training(monkeypatch)

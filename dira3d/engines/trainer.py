@@ -638,7 +638,14 @@ def _check_yields_batches(loader: Any) -> None:
     if batches == 0:
         items = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "?"
         drop = " and drop_last" if loader.drop_last else ""
+        sampler = loader.sampler
+        replicas = getattr(sampler, "num_replicas", 1)
+        share, fewer = "", ""
+        if isinstance(sampler, torch.utils.data.distributed.DistributedSampler) and replicas > 1:
+            # torchrun: each process gets its share (drop_last in the sampler rounds it down), which may be < batch_size
+            share = f", {len(sampler)} on each of the {replicas} processes,"
+            fewer = ", use fewer processes (--nproc_per_node)"
         raise ValueError(
-            f"the training data loader yields no batch: {items} training item(s) per epoch with batch_size "
-            f"{loader.batch_size}{drop}; lower batch_size (e.g. --batch_size 1) or add training volumes"
+            f"the training data loader yields no batch: {items} training item(s) per epoch{share} with batch_size "
+            f"{loader.batch_size}{drop}; lower batch_size (e.g. --batch_size 1){fewer} or add training volumes"
         )

@@ -18,7 +18,7 @@ _EXPORTS = {
     "dira3d.evaluation.pretrained": ("TASK_KINDS", "build_task_network"),
     "dira3d.evaluation.readers": ("SimpleITKReader",),
     "dira3d.evaluation.tasks2d": ("build_resnet_task_network",),
-    "dira3d.evaluation.transforms": ("NormalizeMRd", "SelectModalities", "SelectModalitiesd"),
+    "dira3d.evaluation.transforms": ("NormalizeMRd", "NormalizeScand", "SelectModalities", "SelectModalitiesd"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
@@ -32,6 +32,7 @@ __all__ = [
     "ForegroundIoU",
     "MeanAUC",
     "NormalizeMRd",
+    "NormalizeScand",
     "ProbabilityWriter",
     "SavePredictiond",
     "SelectModalities",

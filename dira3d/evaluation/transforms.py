@@ -5,7 +5,9 @@ prepared BraTS image holds the sequences ``dira3d prepare brats --modalities`` w
 (default t1, t1ce, t2, flair; channel first after ``EnsureChannelFirstd``), and the datalist's
 ``meta.channels`` names them (:func:`datalist_channels`); the bundle's ``modalities`` setting chooses
 which sequences the network sees, ``image_channels`` says which the image holds. :class:`NormalizeMRd` applies the data preparation's MR
-normalisation (``dira3d.data.normalize.normalize_mr``) per channel, for inference on raw scans.
+normalisation (``dira3d.data.normalize.normalize_mr``) per channel, for inference on raw scans;
+:class:`NormalizeScand` applies either preparation (``modality`` ``ct``: the HU window; ``mr``: percentiles), as
+``dira3d prepare generic --modality`` did for the volumes a model was fine-tuned on.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 
-__all__ = ["BRATS_MODALITIES", "SelectModalities", "SelectModalitiesd", "NormalizeMRd", "datalist_channels",
-           "modality_channels"]
+__all__ = ["BRATS_MODALITIES", "SelectModalities", "SelectModalitiesd", "NormalizeMRd", "NormalizeScand",
+           "datalist_channels", "modality_channels"]
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -139,4 +141,60 @@ class NormalizeMRd(MapTransform):
             out = torch.stack(channels).to(img.device)
             # keep the MetaTensor (affine, applied operations) so Invertd can undo the spatial steps
             d[key] = img.clone().copy_(out) if hasattr(img, "meta") else out
+        return d
+
+
+_AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this
+
+
+class NormalizeScand(MapTransform):
+    """Scale a raw scan to [0, 1] as ``dira3d prepare generic --modality`` did: ``ct``, the HU window
+    ``hu_window`` (clipped); ``mr``, per channel, the ``percentiles`` of the non-zero voxels (:class:`NormalizeMRd`).
+
+    A scan given as ``ct`` without a voxel below -500 HU (an MRI, or a CT stored without its rescale
+    intercept) would be windowed into a flat, saturated image and segmented without a word: it is
+    warned about, naming the file and the ``modality`` setting.
+
+    Args:
+        keys: keys of the images.
+        modality: ``"ct"`` or ``"mr"``; what the training volumes were prepared as (the datalist's ``meta.modality``).
+        hu_window: CT window ``(lo, hi)`` in HU mapped to [0, 1].
+        percentiles: MR ``(lower, upper)`` percentiles mapped to 0 and 1.
+
+    Raises:
+        ValueError: an unknown ``modality``.
+    """
+
+    MODALITIES = ("ct", "mr")
+
+    def __init__(self, keys: KeysCollection, modality: str = "ct", hu_window: Sequence[float] = (-1000.0, 1000.0),
+                 percentiles: Sequence[float] = (0.5, 99.5), allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modality = str(modality).lower()
+        if self.modality not in self.MODALITIES:
+            raise ValueError(f"modality={modality!r}: use 'ct' (HU window) or 'mr' (percentiles), as the training volumes "
+                             "were prepared (dira3d prepare generic --modality; the datalist's meta.modality)")
+        self.hu_window = tuple(float(h) for h in hu_window)
+        self.mr = NormalizeMRd(keys, *percentiles, allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        if self.modality == "mr":
+            return self.mr(data)
+        import warnings
+
+        from dira3d.data.normalize import window_hu
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            array = img.detach().cpu().numpy()
+            lowest = float(array.min()) if array.size else 0.0
+            if lowest > _AIR_HU and float(array.max()) > lowest:
+                name = getattr(img, "meta", {}).get("filename_or_obj", key)
+                warnings.warn(f"{name}: no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT "
+                              f"in Hounsfield units and the HU window {list(self.hu_window)} will flatten it; for an MRI set "
+                              "modality to mr (--modality mr), as the model's training volumes were prepared", stacklevel=2)
+            out = torch.as_tensor(window_hu(array, *self.hu_window)).to(img.device)
+            # keep the MetaTensor (affine, applied operations) so Invertd can undo the spatial steps
+            d[key] = img.clone().float().copy_(out) if hasattr(img, "meta") else out
         return d

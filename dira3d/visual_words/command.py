@@ -16,7 +16,7 @@ from pathlib import Path
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError
 from dira3d.visual_words.coordinates import CoordinateSamplingError
-from dira3d.visual_words.discover import discover_visual_words
+from dira3d.visual_words.discover import LUNG_FILTER_CHOICES, discover_visual_words
 from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_progress
 from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
 
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"), help="the volumes' HU window")
     p.add_argument("--dense-hu", type=float, default=-150.0, help="lung filter: HU counted as dense tissue")
     p.add_argument("--max-dense-fraction", type=float, default=0.15, help="lung filter: max fraction of dense voxels")
+    p.add_argument("--lung-filter", choices=LUNG_FILTER_CHOICES, default="auto",
+                   help="TransVW's lung filter (a CT rule): auto = off for a datalist prepared as MR (meta.modality mr), on otherwise")
     p.add_argument("--max-tries", type=int, default=200, help="centres tried per reference before the next reference")
     p.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="embedding distance for the nearest neighbours")
     p.add_argument("--multi-resolution", action="store_true", help="two extra rescaled crops per instance")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             multi_resolution=args.multi_resolution, extractor=args.extractor, checkpoint=args.checkpoint,
             extractor_size=args.extractor_size, extractor_epochs=args.extractor_epochs, extractor_width=args.extractor_width,
             orient=not args.no_orient, raw_hu=args.raw_hu, class_block=args.class_block, workers=args.workers,
-            seed=args.seed, overwrite=args.overwrite, device=args.device,
+            seed=args.seed, overwrite=args.overwrite, device=args.device, lung_filter=args.lung_filter,
         )  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
         print(f"dira3d visual-words: {interrupted_message(Path(args.out))}", file=sys.stderr)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 from collections import defaultdict
@@ -78,10 +79,45 @@ def _embed(data: dict, params: dict, extractor: str | nn.Module, seed: int, work
 
 
 def _rules(params: dict) -> CoordinateRules:
+    lung_filter = params.get("lung_filter", "on") == "on"  # (runs before the setting existed always filtered)
     return CoordinateRules(
         patch_size=tuple(params["patch_size"]), border=tuple(params["border"]), min_distance=params["min_distance"],
-        dense_threshold=params["dense_threshold"], max_dense_fraction=params["max_dense_fraction"], max_tries=params["max_tries"],
+        dense_threshold=params["dense_threshold"], max_dense_fraction=params["max_dense_fraction"] if lung_filter else 1.0,
+        max_tries=params["max_tries"],
     )  # fmt: skip
+
+
+LUNG_FILTER_CHOICES = ("auto", "on", "off")
+
+
+def datalist_modality(datalist: str | os.PathLike) -> str | None:
+    """The ``meta.modality`` a ``dira3d prepare`` datalist records (``"ct"`` or ``"mr"``; ``None`` when absent)."""
+    try:
+        meta = json.loads(Path(datalist).read_text(encoding="utf-8")).get("meta")
+    except (OSError, ValueError, AttributeError):
+        return None  # read_datalist reports a missing or broken file with its own message
+    modality = meta.get("modality") if isinstance(meta, dict) else None
+    return str(modality).lower() if modality else None
+
+
+def resolve_lung_filter(lung_filter: str, datalist: str | os.PathLike) -> str:
+    """``"on"`` or ``"off"``: ``auto`` is off for a datalist prepared as MR (``meta.modality`` ``mr``), whose
+    [0, 1] intensities are percentiles, not a HU window: TransVW's "mostly lung" rule (at most
+    ``max_dense_fraction`` at or above ``dense_hu``) would then only reject the patches holding the brightest
+    tissue (an enhancing lesion, fat). On otherwise (CT, or no modality recorded).
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    if lung_filter not in LUNG_FILTER_CHOICES:
+        raise ValueError(f"lung_filter must be one of {LUNG_FILTER_CHOICES}, got {lung_filter!r} (--lung-filter)")
+    if lung_filter != "auto":
+        return lung_filter
+    if datalist_modality(datalist) == "mr":
+        logger.info("%s was prepared as MR (meta.modality 'mr'): the lung filter (a CT rule in HU: --dense-hu, "
+                    "--max-dense-fraction) is off; --lung-filter on applies it anyway", datalist)
+        return "off"
+    return "on"
 
 
 def _check_counts(datalist: str | os.PathLike, n_train: int, n_val: int, classes: int, neighbours: int,
@@ -283,7 +319,8 @@ def _clear_outputs(out_dir: Path) -> None:
 
 def _settings_differ(manifest: dict, params: dict, seed: int, volumes: dict) -> str:
     """What differs between the run in a manifest and this one, as ``name: before → now``; '' when nothing."""
-    differences = [f"{k}: {manifest['params'].get(k)!r} → {params[k]!r}" for k in params if manifest["params"].get(k) != params[k]]
+    before = {"lung_filter": "on", **manifest["params"]}  # a run from before the lung_filter setting filtered
+    differences = [f"{k}: {before.get(k)!r} → {params[k]!r}" for k in params if before.get(k) != params[k]]
     if manifest["seed"] != seed:
         differences.append(f"seed: {manifest['seed']!r} → {seed!r}")
     if manifest["volumes"] != volumes:
@@ -339,6 +376,7 @@ def discover_visual_words(
     resume: bool = True,
     overwrite: bool = False,
     device: str = "cpu",
+    lung_filter: str = "auto",
 ) -> dict:
     """Discover visual words and write them as shards + manifest + datalist in ``out_dir``.
 
@@ -351,6 +389,8 @@ def discover_visual_words(
         patch_size, border, min_distance, max_dense_fraction, max_tries: sampling rules
             (:class:`~dira3d.visual_words.coordinates.CoordinateRules`).
         hu_window, dense_hu: the volumes' HU window and the lung-filter threshold in HU.
+        lung_filter: ``"auto"`` (off for a datalist whose ``meta.modality`` is ``"mr"``, on otherwise),
+            ``"on"`` or ``"off"`` (see :func:`resolve_lung_filter`).
         metric: ``"l2"`` or ``"cosine"`` neighbour distance.
         multi_resolution: add two rescaled crops per instance.
         extractor: ``"autoencoder"`` (train one), ``"checkpoint"`` (``checkpoint`` = dira3d
@@ -385,13 +425,14 @@ def discover_visual_words(
         held.enter_context(FolderLock(out_dir, what="--out folder", clash="a second run into it would re-create the shards it fills"))
         data = read_datalist(datalist)
         _check_counts(datalist, len(data["training"]), len(data["validation"]), classes, neighbours, val_neighbours)
+        lung_filter = resolve_lung_filter(lung_filter, datalist)
         if class_block < 1:
             raise ValueError(f"class_block must be >= 1, got {class_block}")
         params = {
             "classes": classes, "neighbours": neighbours, "val_neighbours": val_neighbours, "patch_size": [int(p) for p in patch_size],
             "border": [int(b) for b in border], "min_distance": float(min_distance), "hu_window": [float(h) for h in hu_window],
             "dense_hu": float(dense_hu), "dense_threshold": hu_to_unit(dense_hu, tuple(hu_window)),
-            "max_dense_fraction": float(max_dense_fraction), "max_tries": int(max_tries), "metric": metric,
+            "max_dense_fraction": float(max_dense_fraction), "lung_filter": lung_filter, "max_tries": int(max_tries), "metric": metric,
             "multi_resolution": bool(multi_resolution), "resolutions": 3 if multi_resolution else 1,
             "extractor": extractor if isinstance(extractor, str) else type(extractor).__name__,
             "checkpoint": str(checkpoint) if checkpoint else None, "extractor_size": [int(s) for s in extractor_size],
