@@ -166,6 +166,20 @@ def test_test_fraction_makes_a_test_list_own_labelled_scans_fine_tune_on(tmp_pat
     # metrics.json names its inputs absolutely, wherever it is read from later
     assert written["settings"]["pretrained"] == str(tmp_path / "dira.pt")
     assert written["settings"]["datalist"] == str(tmp_path / "out" / "pretrain_datalist.json")
+    # how the volumes were scaled goes beside the model, and inference.json scales a raw scan the same way
+    # (it windowed every scan to HU [-1000, 1000] unless the user remembered --modality mr)
+    assert json.loads((tmp_path / "ft" / "models" / "preprocessing.json").read_text()) == {
+        "modality": "mr", "percentiles": [0.5, 99.5]}
+    from monai.bundle import ConfigParser
+
+    from dira3d.evaluation.finetune import bundle_path
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle_path("lits_liver_seg") / "configs" / "inference.json")])
+    parser.update({"ckpt_dir": str(tmp_path / "ft" / "models")})
+    assert (parser.get_parsed_content("modality"), parser.get_parsed_content("percentiles")) == ("mr", [0.5, 99.5])
+    parser["modality"] = "ct"  # the command line wins
+    assert parser.get_parsed_content("modality") == "ct"
 
 
 def test_split_fractions_that_leave_no_training_case_stop_before_any_case(tmp_path):

@@ -15,6 +15,7 @@ _EXPORTS = {
                                   "mean_auc", "roc_auc"),
     "dira3d.evaluation.outputs": ("CheckPredictionFiles", "SavePredictiond", "check_prediction_targets", "is_own_prediction",
                                   "prediction_target"),
+    "dira3d.evaluation.preprocessing": ("trained_preprocessing",),
     "dira3d.evaluation.pretrained": ("TASK_KINDS", "build_task_network"),
     "dira3d.evaluation.readers": ("SimpleITKReader",),
     "dira3d.evaluation.tasks2d": ("build_resnet_task_network",),
@@ -53,4 +54,5 @@ __all__ = [
     "roc_auc",
     "scan_stem",
     "select_fraction",
+    "trained_preprocessing",
 ]

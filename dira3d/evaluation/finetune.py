@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dira3d.evaluation.preprocessing import PREPROCESSING_FILE, datalist_preprocessing, write_preprocessing
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
@@ -99,7 +100,7 @@ def _number(value: Any) -> Any:
 def _earlier_outputs(out: Path) -> list[Path]:
     """The files an earlier run (finished or not) left in ``out`` that ``--overwrite`` replaces:
     ``metrics.json`` first, then the model, the evaluation CSV and the TensorBoard event files."""
-    names = [out / "metrics.json", out / "models" / "model.pt", out / "metrics.csv"]
+    names = [out / "metrics.json", out / "models" / "model.pt", out / "metrics.csv", out / "models" / PREPROCESSING_FILE]
     return [p for p in names if p.is_file()] + sorted(out.glob("events.out.tfevents.*"))
 
 
@@ -199,6 +200,9 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     # nor its TensorBoard curves merged into this run's
     for path in replaced:
         path.unlink(missing_ok=True)
+    # how the training volumes were scaled, for inference.json to scale a raw scan the same way
+    (out / "models" / PREPROCESSING_FILE).unlink(missing_ok=True)
+    write_preprocessing(out / "models", datalist_preprocessing(effective.get("datalist")))
     with quiet_interrupt_logs():
         trainer_flow.run()
     holdout = {"best_" + str(getattr(validator.state, "key_metric_name", "metric")): _number(validator.state.best_metric)}

@@ -1,0 +1,81 @@
+"""The intensity preparation a fine-tuned model was trained on, kept beside its weights.
+
+``dira3d prepare`` records in the datalist's ``meta`` how it scaled the volumes: ``modality``
+(``ct`` or ``mr``), the HU ``window`` (CT) or the ``percentiles`` (MR). A model fine-tuned on them
+expects a raw scan at inference to be scaled the same way. ``dira3d finetune`` copies those
+settings to ``<ckpt_dir>/preprocessing.json`` next to ``model.pt`` (:func:`write_preprocessing`),
+and ``inference.json`` of ``lits_liver_seg`` reads its ``modality``, ``hu_window`` and
+``percentiles`` defaults from there (:func:`trained_preprocessing`), so a model fine-tuned on MRI
+(``prepare generic --modality mr``) or on a soft-tissue window (``--window -100 400``) is not fed
+scans windowed to HU [-1000, 1000]. A value given on the command line (``--modality ct``) wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from dira3d.utils.atomic import atomic_write_text
+
+__all__ = ["PREPROCESSING_FILE", "datalist_preprocessing", "trained_preprocessing", "write_preprocessing"]
+
+logger = logging.getLogger(__name__)
+
+PREPROCESSING_FILE = "preprocessing.json"
+# datalist meta keys that say how intensities were scaled
+_KEYS = ("modality", "window", "percentiles")
+
+
+def datalist_preprocessing(datalist: str | os.PathLike | None) -> dict[str, Any]:
+    """``modality`` / ``window`` / ``percentiles`` of a prepared datalist's ``meta`` (those it records,
+    without nulls); empty for a datalist without them (or none)."""
+    if not datalist or not Path(datalist).is_file():
+        return {}
+    try:
+        meta = json.loads(Path(datalist).read_text(encoding="utf-8")).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return {}  # the datalist reader reports a broken file with its own message
+    if not isinstance(meta, dict):
+        return {}
+    return {key: meta[key] for key in _KEYS if meta.get(key) is not None}
+
+
+def write_preprocessing(ckpt_dir: str | os.PathLike, settings: dict[str, Any]) -> Path | None:
+    """Write ``settings`` (see :func:`datalist_preprocessing`) to ``<ckpt_dir>/preprocessing.json``
+    atomically; nothing when there are none. Returns the file written."""
+    if not settings:
+        return None
+    path = Path(ckpt_dir) / PREPROCESSING_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, indent=2))
+    return path
+
+
+def trained_preprocessing(ckpt_dir: str | os.PathLike, key: str, default: Any) -> Any:
+    """The ``key`` (``modality``, ``window`` or ``percentiles``) the model in ``ckpt_dir`` was trained
+    with, read from ``<ckpt_dir>/preprocessing.json``; ``default`` when the file or the key is absent
+    (a model trained before dira3d recorded it, or on a datalist that does not say).
+
+    Raises:
+        ValueError: the file exists but is not a JSON object (it names the file and what to do).
+    """
+    if key not in _KEYS:
+        raise ValueError(f"unknown preprocessing key {key!r}; one of {_KEYS}")
+    path = Path(ckpt_dir) / PREPROCESSING_FILE
+    if not path.is_file():
+        return default
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read ({err}); it records how the model's training volumes were scaled: "
+                         "restore it, or delete it and pass the setting (e.g. --modality mr) on the command line") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} holds a JSON {type(settings).__name__}, not an object like "
+                         '{"modality": "mr", "percentiles": [0.5, 99.5]}; fix or delete it')
+    if key not in settings:
+        return default
+    logger.info("inference %s %s: as the model was trained (%s)", key, settings[key], path)
+    return settings[key]
