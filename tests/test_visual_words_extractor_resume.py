@@ -18,7 +18,7 @@ from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_progress, tr
 from dira3d.visual_words.synthetic import write_template_datalist
 
 SIZE = dict(size=(32, 32, 16), width=0.125, batch_size=2, seed=3)
-SETTINGS = dict(classes=3, neighbours=2, val_neighbours=1, patch_size=(16, 16, 8), border=(8, 8, 4),
+SETTINGS = dict(classes=3, neighbours=2, val_neighbours=2, patch_size=(16, 16, 8), border=(8, 8, 4),
                 extractor_size=(32, 32, 16), extractor_width=0.125, extractor_epochs=2, seed=0)  # fmt: skip
 
 
@@ -88,7 +88,7 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_them(datalist, tmp_pat
 def test_cli_ctrl_c_in_extractor_training_keeps_the_epochs_done_and_the_rerun_continues(datalist, tmp_path, monkeypatch, capsys):
     out = tmp_path / "vw"
     args = ["visual-words", "--datalist", str(datalist), "--out", str(out), "--classes", "3", "--neighbours", "2",
-            "--val-neighbours", "1", "--patch-size", "16", "16", "8", "--border", "8", "8", "4",
+            "--val-neighbours", "2", "--patch-size", "16", "16", "8", "--border", "8", "8", "4",
             "--extractor-size", "32", "32", "16", "--extractor-width", "0.125", "--extractor-epochs", "2"]  # fmt: skip
     with monkeypatch.context() as patch:
         _interrupt_in_epoch(patch, 2)

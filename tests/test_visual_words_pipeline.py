@@ -175,7 +175,23 @@ def test_pair_dataset_checks_the_training_patch_size(run):
         VisualWordPairDataset(out, split="validation", patch_size=[64, 64, 32])
 
 
-def test_one_instance_per_word_names_the_option_to_raise(datalist, tmp_path):
+def test_one_instance_per_word_is_refused_before_the_extractor_trains(datalist, tmp_path, monkeypatch):
+    """Pretraining pairs two instances of a visual word in each split: one per word passed discovery (minutes
+    to hours) and failed only when pretraining started."""
+    _no_training(monkeypatch)
+    with pytest.raises(ValueError, match=r"val_neighbours=1 \(--val-neighbours\): pretraining pairs two instances.*"
+                                         r"choose 0 \(no validation words\) or between 2 and 6"):
+        discover_visual_words(datalist, tmp_path / "val", **{**SETTINGS, "val_neighbours": 1})
+    with pytest.raises(ValueError, match=r"neighbours=1 is not possible .* between 2 and 12"):
+        discover_visual_words(datalist, tmp_path / "train", **{**SETTINGS, "neighbours": 1})
+    assert not (tmp_path / "val").exists() and not (tmp_path / "train").exists()
+
+
+def test_one_instance_per_word_names_the_option_to_raise(datalist, tmp_path, monkeypatch):
+    """Visual words made before discovery refused one instance per word still name the option at pretraining."""
+    from dira3d.visual_words import discover
+
+    monkeypatch.setattr(discover, "_check_counts", lambda *args, **kwargs: None)
     out = tmp_path / "one"
     discover_visual_words(datalist, out, extractor=_extractor(), **{**SETTINGS, "val_neighbours": 1})
     with pytest.raises(ValueError, match=r"1 instance\(s\); pairs need >= 2 \(rerun `dira3d visual-words` with --val-neighbours >= 2\)"):

@@ -141,7 +141,15 @@ def _check_counts(datalist: str | os.PathLike, n_train: int, n_val: int, classes
             "--val-neighbours 0 (pretraining with configs/visual_words.json then has nothing to validate on), or prepare "
             "the scans with a validation split (e.g. `dira3d prepare generic ... --val-fraction 0.2`)"
         )
-    lowest = {"classes": 2, "neighbours": 1, "val_neighbours": 0}
+    # pretraining (configs/visual_words.json) pairs two instances of one visual word in each split: a split of
+    # one instance per class passed here and failed there, after the whole extraction
+    if val_neighbours == 1:
+        raise ValueError(
+            "val_neighbours=1 (--val-neighbours): pretraining pairs two instances of each validation visual word; "
+            f"choose 0 (no validation words) or between 2 and {max(n_val, 2)}"
+            + ("" if n_val >= 2 else f" (with validation volumes: {datalist} has {n_val})")
+        )
+    lowest = {"classes": 2, "neighbours": 2, "val_neighbours": 0}
     for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train), ("val_neighbours", val_neighbours, n_val)):
         if value > limit or value < lowest[name]:
             raise ValueError(
