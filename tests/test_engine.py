@@ -3,6 +3,8 @@ checkpoint format and exact resume. Tiny networks (width 1/8) on 16×16×8 patch
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -128,7 +130,12 @@ def test_patch_pairs_and_side_by_side():
     # a crop is a contiguous block: consecutive z voxels differ by exactly 1 in this arange volume
     assert torch.all(p1[..., 1:] - p1[..., :-1] == 1)
     two_d = RandPatchPair((16, 16), spatial_dims=2, pair="views")  # pads 10x12 → 16x16, one slice
-    (p,) = two_d(vol)
+    with pytest.warns(UserWarning, match=r"shape \[10, 12, 6\] is smaller than the patch \[16, 16, 1\] \(axis x 10 < 16, "
+                                         r"axis y 12 < 16\): its patches are padded with zeros.*--spacing"):
+        (p,) = two_d(vol)
+    with warnings.catch_warnings():  # said once per shape, not once per patch
+        warnings.simplefilter("error")
+        two_d(vol)
     assert p.shape == (1, 16, 16) and float(p[0, -1, -1]) == 0.0
     d = RandPatchPaird("image", (8, 8, 4))(dict(image=vol, label=3))
     assert d["image"].shape == d["image2"].shape == (1, 8, 8, 4) and d["label"] == 3

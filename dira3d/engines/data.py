@@ -14,6 +14,7 @@ For ``spatial_dims=2`` a random axial slice (last axis) of a 3D volume is croppe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -70,6 +71,7 @@ class RandPatchPair(Randomizable):
         img = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         roi = self._roi(img.dim() - 1)
         if any(s < r for s, r in zip(img.shape[1:], roi)):  # only small volumes: a pad copies the whole volume
+            _warn_padding(tuple(img.shape[1:]), roi)
             img = SpatialPad(spatial_size=roi)(img)  # padded with 0 (air / background)
         if randomize:
             self.randomize(img.shape[1:])
@@ -81,6 +83,22 @@ class RandPatchPair(Randomizable):
                 patch = patch[..., 0]
             patches.append(patch.clone(memory_format=torch.contiguous_format))  # a copy, never a view of the cache
         return patches
+
+
+_PADDED_SHAPES: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+
+
+def _warn_padding(shape: tuple[int, ...], roi: tuple[int, ...]) -> None:
+    """Say once per volume shape (and process) that its patches are partly zero padding: a thick-slice
+    scan (e.g. an MRI of 25 slices for 32-slice patches) would otherwise train on a band of zeros silently."""
+    if (shape, roi) in _PADDED_SHAPES:
+        return
+    _PADDED_SHAPES.add((shape, roi))
+    short = ", ".join(f"axis {'xyz'[i] if len(shape) == 3 else i} {s} < {r}" for i, (s, r) in enumerate(zip(shape, roi)) if s < r)
+    warnings.warn(
+        f"a volume of shape {list(shape)} is smaller than the patch {list(roi)} ({short}): its patches are padded "
+        "with zeros; resample it to thinner slices (`dira3d prepare ... --spacing`) or choose a smaller patch_size",
+        UserWarning, stacklevel=3)
 
 
 class RandPatchPaird(Randomizable, MapTransform):
