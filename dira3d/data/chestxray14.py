@@ -36,6 +36,7 @@ from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.files import read_text
 
 __all__ = ["LABELS", "parse_findings", "read_data_entry", "read_boxes", "read_image_list", "prepare", "main"]
 
@@ -112,7 +113,8 @@ def read_data_entry(path: str | Path, problems: dict[str, str] | None = None) ->
 
 def read_image_list(path: str | Path) -> list[str]:
     """Image names of ``train_val_list.txt`` / ``test_list.txt`` (one per line, blanks ignored)."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_text(path, "image list", "re-download it", encoding="utf-8-sig")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def read_boxes(path: str | Path) -> list[dict]:

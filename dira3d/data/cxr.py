@@ -15,6 +15,7 @@ Every 2D dataset is written the same way (docs/data_2d.md):
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from PIL import Image
 from dira3d.data.io import DataError
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.atomic import atomic_path
+from dira3d.utils.files import read_text
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -208,16 +210,25 @@ def read_csv_rows(path: str | os.PathLike, required: Sequence[str]) -> list[dict
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "does not exist; it comes with the dataset download (check --src)")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(path, "is empty; re-download it")
-        names = [h.strip() for h in header]
-        missing = [c for c in required if c not in names]
-        if missing:
-            raise DataError(path, f"lacks the column(s) {missing}; found {names}. Is this the right CSV?")
-        return [{n: v.strip() for n, v in zip(names, row)} for row in reader if any(v.strip() for v in row)]
+    reader = csv.reader(io.StringIO(read_text(path, "CSV", "re-download it", encoding="utf-8-sig"), newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise DataError(path, "is empty; re-download it")
+    names = [h.strip() for h in header]
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise DataError(path, f"lacks the column(s) {missing}; found {names}. Is this the right CSV?")
+    last = max(names.index(c) for c in required) if required else -1
+    rows = []
+    for row in reader:
+        if not any(v.strip() for v in row):
+            continue
+        if len(row) <= last:  # a row cut short (an interrupted download) would read as blank cells
+            raise DataError(path, f"line {reader.line_num} has {len(row)} of the {len(names)} columns, so no "
+                                  f"{names[len(row)]!r}: the file is cut short or the row is broken; re-download it "
+                                  "or fix that row")
+        rows.append({n: v.strip() for n, v in zip(names, row)})
+    return rows
 
 
 def add_size_argument(parser) -> None:

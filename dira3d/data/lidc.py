@@ -48,6 +48,7 @@ from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_sto
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.files import FileContentError, read_json
 
 __all__ = ["DEFAULT_SPLIT", "SeriesInfo", "find_series", "consensus_nodules", "process_series", "prepare", "main"]
 
@@ -349,8 +350,13 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
     splits: dict[str, list[dict]] = {name: [] for name in DEFAULT_SPLIT}
     for case, result in zip(cases, results):
         if result.ok:
-            manifest = json.loads(case.outputs[0].read_text(encoding="utf-8"))
-            for entry in manifest["nodules"]:
+            fix = f"delete it and rerun the same command to redo series {case.case_id}"
+            nodules = read_json(case.outputs[0], "case manifest", fix).get("nodules")
+            if not isinstance(nodules, list) or not all(isinstance(e, dict) and {"case_id", "image", "label"} <= set(e)
+                                                        for e in nodules):
+                raise FileContentError(case.outputs[0], f"case manifest {case.outputs[0]} has no list of nodules with "
+                                                        f"case_id, image and label; {fix}")
+            for entry in nodules:
                 splits[part_of[entry["case_id"]]].append(
                     {**entry, "image": dst / entry["image"], "label": dst / entry["label"]})
     write_split_file(dst / "split.json", parts, rule)

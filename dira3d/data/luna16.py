@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import re
 import sys
 import zlib
@@ -33,6 +34,7 @@ from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, safe_case_path, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.files import read_text
 
 __all__ = ["OFFICIAL_SPLIT", "find_scans", "read_candidates", "read_annotations", "prepare", "main"]
 
@@ -69,12 +71,11 @@ def find_scans(src: str | Path, problems: dict[str, str] | None = None) -> dict[
 
 
 def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(path, f"lacks column(s) {missing}; expected a LUNA16 CSV with {', '.join(columns)}")
-        return list(enumerate(reader))
+    reader = csv.DictReader(io.StringIO(read_text(path, "LUNA16 CSV", "re-download it", encoding="utf-8-sig"), newline=""))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(path, f"lacks column(s) {missing}; expected a LUNA16 CSV with {', '.join(columns)}")
+    return list(enumerate(reader))
 
 
 def _floats(path: Path, row: int, record: dict[str, str], keys: Sequence[str]) -> list[float]:

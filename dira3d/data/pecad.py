@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from collections import defaultdict
@@ -45,6 +46,7 @@ from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_sto
 from dira3d.data.splits import assign_folds, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.files import FileContentError, read_json, read_text
 
 __all__ = ["CSV_COLUMNS", "find_volumes", "read_candidates", "prepare", "main"]
 
@@ -97,25 +99,25 @@ def read_candidates(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     if not path.is_file():
         raise DataError(path, "candidates CSV not found; put candidates.csv in --src or pass --candidates")
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(path, f"lacks column(s) {missing}; the PE-CAD layout needs {','.join(CSV_COLUMNS)}")
-        for row, record in enumerate(reader):
-            pid = (record["patient_id"] or "").strip()
-            coords = (record["coords"] or "").strip().lower()
-            try:
-                xyz = [float(record[k]) for k in ("x", "y", "z")]
-                label = float(record["label"])
-            except (TypeError, ValueError):
-                out[pid].append({"row": row, "error": "non-numeric x, y, z or label"})
-                continue
-            if not np.all(np.isfinite(xyz)) or label not in (0, 1) or coords not in ("world", "voxel"):
-                out[pid].append({"row": row, "error": f"needs finite x, y, z, coords world|voxel (got {coords!r}) "
-                                                      f"and label 0|1 (got {record['label']!r})"})
-                continue
-            out[pid].append({"row": row, "xyz": xyz, "coords": coords, "label": int(label)})
+    text = read_text(path, "candidates CSV", "fix it there (the PE-CAD layout: docs/data.md)", encoding="utf-8-sig")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(path, f"lacks column(s) {missing}; the PE-CAD layout needs {','.join(CSV_COLUMNS)}")
+    for row, record in enumerate(reader):
+        pid = (record["patient_id"] or "").strip()
+        coords = (record["coords"] or "").strip().lower()
+        try:
+            xyz = [float(record[k]) for k in ("x", "y", "z")]
+            label = float(record["label"])
+        except (TypeError, ValueError):
+            out[pid].append({"row": row, "error": "non-numeric x, y, z or label"})
+            continue
+        if not np.all(np.isfinite(xyz)) or label not in (0, 1) or coords not in ("world", "voxel"):
+            out[pid].append({"row": row, "error": f"needs finite x, y, z, coords world|voxel (got {coords!r}) "
+                                                  f"and label 0|1 (got {record['label']!r})"})
+            continue
+        out[pid].append({"row": row, "xyz": xyz, "coords": coords, "label": int(label)})
     return dict(out)
 
 
@@ -224,7 +226,11 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
     for case in cases:
         for path in _manifest_paths(case) if not case.error else ():  # a partial manifest lists the good cubes
             if path.is_file():
-                for item in json.loads(path.read_text(encoding="utf-8"))["candidates"]:
+                fix = f"delete it and rerun the same command to redo patient {case.case_id}"
+                items = read_json(path, "case manifest", fix).get("candidates")
+                if not isinstance(items, list) or not all(isinstance(i, dict) and {"image", "case_id"} <= set(i) for i in items):
+                    raise FileContentError(path, f"case manifest {path} has no list of candidates with image and case_id; {fix}")
+                for item in items:
                     entries.append({**item, "image": dst / item["image"], "fold": fold_of[item["case_id"]]})
                 break
     rule = {"dataset": "pecad", "method": "sorted patient ids permuted by numpy default_rng(seed), fold = position % k",

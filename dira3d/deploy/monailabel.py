@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dira3d.utils.files import read_json
+
 __all__ = [
     "APP_DIR",
     "ENV_SCRIPT",
@@ -36,6 +38,7 @@ __all__ = [
     "ensure_monailabel_env",
     "find_bundles",
     "bundle_kind",
+    "first_output",
     "prepare_app",
     "start_command",
     "free_port",
@@ -91,14 +94,28 @@ def bundle_kind(bundle: str | os.PathLike) -> str:
         FileNotFoundError: no ``configs/metadata.json``.
         ValueError: the metadata has no ``network_data_format.outputs``.
     """
+    return "segmentation" if first_output(bundle).get("type") == "image" else "classification"
+
+
+def first_output(bundle: str | os.PathLike) -> dict[str, Any]:
+    """The first entry of ``network_data_format.outputs`` in the bundle's ``configs/metadata.json``.
+
+    Raises:
+        FileNotFoundError: no ``configs/metadata.json``.
+        ValueError: the metadata is not a JSON object (the message names the file, and the line of a
+            syntax error), or has no ``network_data_format.outputs`` mapping of objects.
+    """
     meta_path = Path(bundle) / "configs" / "metadata.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} does not exist: {bundle} is not a MONAI bundle")
-    outputs = json.loads(meta_path.read_text(encoding="utf-8")).get("network_data_format", {}).get("outputs") or {}
-    if not outputs:
-        raise ValueError(f"{meta_path} has no network_data_format.outputs; MONAI Label needs it to know the task")
-    first = next(iter(outputs.values()))
-    return "segmentation" if first.get("type") == "image" else "classification"
+    fix = "fix it there, or copy it again from the bundle it came from"
+    meta = read_json(meta_path, "bundle metadata", fix)
+    formats = meta.get("network_data_format")
+    outputs = formats.get("outputs") if isinstance(formats, dict) else None
+    if not outputs or not isinstance(outputs, dict) or not isinstance(next(iter(outputs.values())), dict):
+        raise ValueError(f"{meta_path} has no network_data_format.outputs (a mapping of output names to their "
+                         f"descriptions); MONAI Label needs it to know the task: {fix}")
+    return next(iter(outputs.values()))
 
 
 def _is_bundle(folder: Path) -> bool:

@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
-from dira3d.deploy.monailabel import bundle_kind, find_bundles
+from dira3d.deploy.monailabel import bundle_kind, find_bundles, first_output
 
 __all__ = ["SegmentationBundleTask", "ClassificationBundleTask", "infer_tasks", "parse_overrides"]
 
@@ -87,9 +87,8 @@ class SegmentationBundleTask(_OverridableBundleTask):
         super().__init__(path, conf, overrides, type=InferType.SEGMENTATION)
         if not self.is_valid():
             return
-        with open(os.path.join(path, "configs", "metadata.json"), encoding="utf-8") as fp:
-            output = next(iter(json.load(fp)["network_data_format"]["outputs"].values()))
-        channels = output.get("channel_def", {})
+        output = first_output(path)
+        channels = output.get("channel_def") or {}
         if int(output.get("num_channels", len(channels))) == 1 and len(channels) == 1:
             # one sigmoid channel thresholded to {0, 1}: the structure is label 1
             self.labels = {next(iter(channels.values())).lower(): 1}

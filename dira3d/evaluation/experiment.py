@@ -70,11 +70,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
-
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.cli_help import DefaultsRawDescriptionHelpFormatter
+from dira3d.utils.files import FileContentError, read_json, read_yaml
 from dira3d.utils.overrides import check_overrides, did_you_mean
 from dira3d.evaluation.results import (
     FIELDS, FOLD_FIELDS, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows, row_key, seed_values,
@@ -103,9 +102,7 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"experiment config {path} does not exist")
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"experiment config {path} must be a mapping of settings; see `dira3d experiment --help`")
+    config = read_yaml(path, "experiment config", "fix it there (`dira3d experiment --help` lists its settings)")
     missing = [key for key in REQUIRED if key not in config]
     if missing:
         raise ValueError(f"experiment config {path} lacks {', '.join(missing)}; see `dira3d experiment --help`")
@@ -126,8 +123,7 @@ def load_config(path: str | Path) -> dict:
         if twice:
             raise ValueError(f"{key} in {path} lists {twice[0]!r} more than once; list each value once")
     _check_folds(config, path)
-    if not isinstance(config["methods"], dict) or not config["methods"]:
-        raise ValueError(f"methods in {path} must map names to a checkpoint, null or {{pretrain: ...}}")
+    _check_types(config, path)
     base = path.parent
     resolve = lambda p: str(p if Path(p).is_absolute() else (base / p).resolve())  # noqa: E731
     config["datalist"] = resolve(config["datalist"])
@@ -186,6 +182,38 @@ def load_config(path: str | Path) -> dict:
     if config["baseline"] not in config["methods"]:
         raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
     return config
+
+
+def _check_types(config: dict, path: Path) -> None:
+    """Refuse settings of the wrong kind (``datalist: 5``, ``output_dir: null``, ``overrides: [..]``) with
+    the setting named, before they fail as a TypeError deep in the run."""
+    for key in ("bundle", "datalist", "metric", "output_dir") + (("baseline",) if "baseline" in config else ()):
+        if not isinstance(config[key], str) or not config[key].strip():
+            raise ValueError(f"{key} in {path} must be text (a name or a path), got {config[key]!r}")
+    if not isinstance(config["methods"], dict) or not config["methods"]:
+        raise ValueError(f"methods in {path} must map names to a checkpoint, null or {{pretrain: ...}}")
+    bad = [name for name, spec in config["methods"].items() if spec is not None and not isinstance(spec, (str, dict))]
+    if bad:
+        raise ValueError(f"method {bad[0]!r} in {path} must be a checkpoint path, null (random init) or {{pretrain: "
+                         f"{{...}}}}, got {config['methods'][bad[0]]!r}")
+    for key in ("overrides", "pretrain"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ValueError(f"{key} in {path} must be a mapping of settings, e.g. {key}: "
+                             f"{{{'max_epochs: 10' if key == 'overrides' else 'dataset_dir: visual_words'}}}, got {config[key]!r}")
+    pretrain = config.get("pretrain") or {}
+    for name, spec in [("pretrain", pretrain)] + [(f"method {n!r}", s) for n, s in config["methods"].items() if isinstance(s, dict)]:
+        overrides = spec.get("overrides") if name == "pretrain" else spec.get("pretrain")
+        if overrides is not None and not isinstance(overrides, dict):
+            what = "pretrain overrides" if name == "pretrain" else f"pretrain of {name}"
+            raise ValueError(f"{what} in {path} must be a mapping of bundle settings (or {{}}), got {overrides!r}")
+    configs = pretrain.get("configs", [])
+    if not isinstance(configs, list) or not all(isinstance(c, str) for c in configs):
+        raise ValueError(f"pretrain configs in {path} must be a list of config files, e.g. configs: [train.json, tiny.json], "
+                         f"got {configs!r}")
+    if not isinstance(config.get("welch", False), bool):
+        raise ValueError(f"welch in {path} must be true or false, got {config['welch']!r}")
+    if not isinstance(pretrain.get("dataset_dir", ""), str):
+        raise ValueError(f"pretrain dataset_dir in {path} must be a folder path, got {pretrain['dataset_dir']!r}")
 
 
 def _check_folds(config: dict, path: Path) -> None:
@@ -317,12 +345,19 @@ def _check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
     ``best.pt`` and the fine-tuning rows built on it would be reported under the new settings."""
     if not (out / "done.json").is_file() and not any((out / "models").glob("*.pt")):
         return  # nothing was made with the recorded settings (e.g. a run that failed at its start)
+    fix = (f"it records what method {name!r} was pretrained with; delete the folder {out} (and the method's rows "
+           "in results.csv) to pretrain it again, or put the file back")
     if (out / SETTINGS_NAME).is_file():
-        old = json.loads((out / SETTINGS_NAME).read_text(encoding="utf-8"))
+        record = out / SETTINGS_NAME
+        old = read_json(record, "pretraining settings", fix)
     elif (out / "done.json").is_file():  # a run from before settings.json: it recorded its overrides
-        old = {**settings, "overrides": json.loads((out / "done.json").read_text(encoding="utf-8")).get("overrides")}
+        record = out / "done.json"
+        old = {**settings, "overrides": read_json(record, "pretraining record", fix).get("overrides")}
     else:
         return
+    if not isinstance(old.get("overrides") or {}, dict):
+        raise FileContentError(record, f"pretraining record {record} holds overrides {old['overrides']!r}, not a "
+                                       f"mapping; {fix}")
     if old != settings:
         changed = sorted(k for k in settings if old.get(k) != settings[k])
         if "overrides" in changed:

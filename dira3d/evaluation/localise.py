@@ -37,6 +37,7 @@ from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradc
 from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.files import read_json
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
 
@@ -52,7 +53,8 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
     if not path.is_file():
         raise FileNotFoundError(f"box datalist {path} does not exist; `dira3d prepare chestxray14` writes bbox_datalist.json "
                                 "when BBox_List_2017.csv is present")
-    content = json.loads(path.read_text(encoding="utf-8"))
+    fix = "regenerate it with `dira3d prepare chestxray14` (from BBox_List_2017.csv) or fix it there"
+    content = read_json(path, "box datalist", fix)
     keys = [k for k, v in content.items() if isinstance(v, list)] if split is None else [split]
     if split is not None and not isinstance(content.get(split), list):
         raise ValueError(f"box datalist {path} has no split {split!r} (found {sorted(k for k, v in content.items() if isinstance(v, list))}); "
@@ -60,10 +62,17 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
     entries = []
     for key in keys:
         for index, entry in enumerate(content[key]):
-            missing = [name for name in ("image", "box", "label_index") if name not in entry]
-            if missing or len(entry.get("box", [])) != 4:
+            missing = [name for name in ("image", "box", "label_index") if name not in entry] if isinstance(entry, dict) \
+                else ["image", "box", "label_index"]
+            box = entry.get("box") if not missing else None
+            if missing or not isinstance(box, list) or len(box) != 4:
                 raise ValueError(f"entry {index} of split {key!r} in {path} lacks {missing or ['a 4-value box']}; "
-                                 "expected {image, label, label_index, box: [x, y, w, h]}")
+                                 f"expected {{image, label, label_index, box: [x, y, w, h]}}; {fix}")
+            if not isinstance(entry["image"], str) or not _is_index(entry["label_index"]) \
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+                raise ValueError(f"entry {index} of split {key!r} in {path} has image {entry['image']!r}, label_index "
+                                 f"{entry['label_index']!r}, box {box!r}; expected a path, a whole number and 4 numbers "
+                                 f"[x, y, w, h]; {fix}")
             image = Path(entry["image"])
             image = image if image.is_absolute() else path.parent / image
             if not image.is_file():
@@ -72,6 +81,10 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
     if not entries:
         raise ValueError(f"box datalist {path} holds no boxes in split {split!r}")
     return entries
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def scale_box(box: Sequence[float], image_size: Sequence[int], roi_size: Sequence[int]) -> tuple[int, int, int, int]:

@@ -10,6 +10,7 @@ the report; everything here is a function of the config and the rows, so a rerun
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Mapping
 
 from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.files import FileContentError, read_json, read_text
 
 __all__ = [
     "FIELDS", "FOLD_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows", "write_rows",
@@ -37,7 +39,12 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -
     settings = json.loads(json.dumps({k: config.get(k) for k in recorded}, default=str))
     path = out / RUN_SETTINGS_NAME
     if rows and path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        fix = (f"it records the fine-tuning settings of the runs in {out / 'results.csv'}; put it back, or delete it "
+               "(the config's settings are then recorded for those runs) or use another output_dir")
+        old = read_json(path, "experiment settings", fix)
+        if not isinstance(old.get("overrides") or {}, dict):
+            raise FileContentError(path, f"experiment settings {path} hold overrides {old['overrides']!r}, not a mapping; "
+                                         f"{fix}")
         if old != settings:
             changed = [k for k in RUN_SETTINGS + ("folds",) if k != "overrides" and old.get(k) != settings.get(k)]
             before, now = old.get("overrides") or {}, settings["overrides"] or {}
@@ -86,29 +93,33 @@ def read_rows(csv_path: Path) -> list[dict]:
     """
     if not csv_path.is_file():
         return []
+    text = read_text(csv_path, "experiment results", "delete the lines with such bytes (their runs are then "
+                                                     "redone) and rerun the same command")
     rows = []
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            needed = [k for k in reader.fieldnames or () if k != "checkpoint"]  # checkpoint "" is random init
-            try:
-                ok = None not in row and all(row[k] not in (None, "") for k in needed) and \
-                    row_key(row, "fold" in row) is not None and math.isfinite(float(row["value"]))
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"{csv_path} line {reader.line_num} is incomplete or garbled ({','.join(v for v in row.values() if isinstance(v, str))[:120]!r}), "
-                                 "e.g. cut short when the disk filled up; delete that line (its run is then redone) "
-                                 "and rerun the same command")
-            rows.append(row)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [k for k in ("method", "checkpoint", "label_fraction", "seed", "value") if k not in (reader.fieldnames or ())]
+    if reader.fieldnames and missing:
+        raise ValueError(f"{csv_path} has no {', '.join(missing)} column (its header is {','.join(reader.fieldnames)[:120]!r}): "
+                         "it is not the results.csv of `dira3d experiment`; use another output_dir, or move that file away "
+                         "(every run is then redone)")
+    for row in reader:
+        needed = [k for k in reader.fieldnames or () if k != "checkpoint"]  # checkpoint "" is random init
+        try:
+            ok = None not in row and all(row[k] not in (None, "") for k in needed) and \
+                row_key(row, "fold" in row) is not None and math.isfinite(float(row["value"]))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{csv_path} line {reader.line_num} is incomplete or garbled ({','.join(v for v in row.values() if isinstance(v, str))[:120]!r}), "
+                             "e.g. cut short when the disk filled up; delete that line (its run is then redone) "
+                             "and rerun the same command")
+        rows.append(row)
     return rows
 
 
 def write_rows(csv_path: Path, rows: list[dict], fields: list[str]) -> None:
     """Replace ``results.csv`` with ``rows`` atomically (a full disk or a kill leaves the previous file whole);
     columns a user added to it are kept."""
-    import io
-
     header = list(rows[0]) if rows else []
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=header + [f for f in fields if f not in header], restval="")

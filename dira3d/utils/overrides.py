@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from dira3d.utils.files import read_json, read_yaml
+
 __all__ = ["parse_value", "as_bool", "check_overrides", "did_you_mean", "run_bundle"]
 
 
@@ -52,11 +54,15 @@ def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str
         where: how the overrides are named in the error (e.g. ``"--override"``).
 
     Raises:
-        ValueError: names every unknown id, the closest defined one, and the config files.
+        ValueError: names every unknown id, the closest defined one, and the config files; or a config
+            that is not a JSON (YAML) mapping, named with the line of its error.
     """
     from monai.bundle import ConfigParser
 
     files = [Path(c) for c in configs if Path(c).is_file()]
+    for file in files:  # MONAI's own reading names no file: a hand-edited config's slip would be a bare JSONDecodeError
+        read = read_yaml if file.suffix.lower() in (".yaml", ".yml") else read_json
+        read(file, "bundle config", "fix it there (a bundle config is one mapping of setting ids to values)")
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     unknown = [key for key in overrides if key not in parser]

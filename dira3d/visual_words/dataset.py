@@ -9,7 +9,6 @@ is the engine's batch contract::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dira3d.utils.files import FileContentError, json_type, read_json
 from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
 
 __all__ = ["VisualWordPairDataset", "load_visual_word_classes"]
@@ -41,20 +41,40 @@ def load_visual_word_classes(path: str | os.PathLike, split: str = "training") -
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; point to the output of `dira3d visual-words`")
     base = path.parent
-    content = json.loads(path.read_text(encoding="utf-8"))
+    fix = ("rerun the same `dira3d visual-words` command: a finished run writes it again from manifest.json (or pass "
+           "--overwrite to redo the run)")
+    content = read_manifest(path) if path.name == MANIFEST_NAME else read_json(path, "visual-word datalist", fix)
     if "format" in content:  # a manifest
         manifest = read_manifest(path)
         if manifest["status"] != "complete":
             raise ValueError(f"visual-word run {path} is {manifest['status']!r}, not complete; rerun `dira3d visual-words` to finish it")
         classes = [(base / c["shards"][split], int(c["index"])) for c in manifest["classes"] if split in c["shards"]]
     else:
-        classes = [(base / e["image"], int(e["label"])) for e in content.get(split, [])]
+        entries = content.get(split) or []
+        bad = [i for i, e in enumerate(entries) if not (isinstance(e, dict) and isinstance(e.get("image"), str)
+                                                          and isinstance(e.get("label"), int) and not isinstance(e.get("label"), bool))] \
+            if isinstance(entries, list) else [None]
+        if bad:
+            where = f"'{split}' is a JSON {json_type(entries)}, not a list" if bad[0] is None else \
+                f"entry {bad[0]} of '{split}' is not {{\"image\": <shard path>, \"label\": <whole number>}}"
+            raise FileContentError(path, f"visual-word datalist {path}: {where}; {fix}")
+        classes = [(base / e["image"], int(e["label"])) for e in entries]
     if not classes:
         raise ValueError(f"{path} lists no '{split}' visual words (the pretraining bundle validates on them: rerun `dira3d visual-words` with --val-neighbours 2 or more)")
     for shard, _ in classes:
         if not shard.is_file():
             raise FileNotFoundError(f"visual-word shard {shard} listed in {path} is missing; rerun `dira3d visual-words`")
     return classes
+
+
+def _open_shard(shard: Path) -> np.ndarray:
+    """A class shard, memory-mapped; a damaged one (cut short, not a ``.npy``) is a ``ValueError`` naming it."""
+    try:
+        return np.load(shard, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise FileContentError(shard, f"visual-word shard {shard} cannot be read as a .npy array ({err}); it is damaged "
+                                      "(e.g. cut short or copied incompletely): rerun `dira3d visual-words` with "
+                                      "--overwrite into its output folder to write it again") from None
 
 
 class VisualWordPairDataset(Dataset):
@@ -91,7 +111,7 @@ class VisualWordPairDataset(Dataset):
         self.classes = load_visual_word_classes(datalist_or_manifest, split)
         self.counts = []
         for shard, label in self.classes:
-            shape = tuple(int(n) for n in np.load(shard, mmap_mode="r").shape)
+            shape = tuple(int(n) for n in _open_shard(shard).shape)
             if patch_size is not None and shape[2:] != tuple(int(p) for p in patch_size):
                 sizes = ",".join(str(n) for n in shape[2:])
                 raise ValueError(
@@ -126,7 +146,7 @@ class VisualWordPairDataset(Dataset):
 
     def _shard(self, k: int) -> np.ndarray:
         if k not in self._shards:
-            self._shards[k] = np.load(self.classes[k][0], mmap_mode="r")
+            self._shards[k] = _open_shard(self.classes[k][0])
         return self._shards[k]
 
     def _row(self, k: int, i: int) -> torch.Tensor:

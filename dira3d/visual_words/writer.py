@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dira3d.utils.atomic import atomic_write, atomic_write_text
+from dira3d.utils.files import FileContentError, read_json
 
 __all__ = [
     "MANIFEST_NAME",
@@ -67,15 +68,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
     path = path / MANIFEST_NAME if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"visual-word manifest {path} does not exist; run `dira3d visual-words` first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"visual-word manifest {path} is not valid JSON ({err}); delete the folder or rerun with --overwrite") from err
+    fix = f"move it away (or delete the folder {path.parent}) and rerun `dira3d visual-words`, or choose another --out"
+    manifest = read_json(path, "visual-word manifest", fix)
     if manifest.get("format") != FORMAT or manifest.get("version") != _VERSION:
         raise ValueError(
             f"{path} is not a version-{_VERSION} dira3d visual-word manifest "
             f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})"
         )
+    kinds = {"seed": int, "params": dict, "volumes": dict, "status": str, "classes": list}
+    wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)]
+    wrong += [f"classes[{i}]" for i, c in enumerate(manifest.get("classes") if not wrong else [])
+              if not (isinstance(c, dict) and isinstance(c.get("index"), int) and isinstance(c.get("shards", {}), dict))]
+    if wrong:
+        raise FileContentError(path, f"visual-word manifest {path} has a missing or malformed {wrong[0]}; {fix}")
     return manifest
 
 

@@ -144,11 +144,12 @@ def earlier_split(path: str | Path, rule: Mapping[str, object]) -> dict[str, lis
         return None
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # not JSON, or not UTF-8: not a split.json a run wrote; split afresh
         return None
     if not isinstance(recorded, dict) or recorded.get("rule") != json.loads(json.dumps(dict(rule))):
         return None
-    return {name: list(pids) for name, pids in recorded.items() if name != "rule" and isinstance(pids, list)}
+    return {name: [p for p in pids if isinstance(p, (str, int))]  # ids; anything else was not written by a run
+            for name, pids in recorded.items() if name != "rule" and isinstance(pids, list)}
 
 
 def assign_folds(ids: Sequence[str], num_folds: int = 3, seed: int = 0) -> dict[str, int]:
