@@ -103,6 +103,7 @@ def test_unwritable_dst_is_one_clear_error(tmp_path, capsys):
     assert generic.main(["--src", str(src), "--dst", str(blocker / "out")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(blocker / "out") in err and "is not writable" in err
+    assert err.startswith("dira3d prepare generic: error: ")  # as every dira3d command says it
     assert blocker.read_text() == "not a folder"
     if os.name == "posix" and os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"

@@ -470,6 +470,6 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
             results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
                               dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report)
     except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
-        print(f"{prog}: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return finish(results, args.keep_going, dry_run=args.dry_run)
