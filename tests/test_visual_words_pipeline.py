@@ -352,6 +352,10 @@ def test_overwrite_deletes_only_an_earlier_run_never_other_files(datalist, tmp_p
     with pytest.raises(ValueError, match=r"not a `dira3d visual-words` run.*choose another --out"):
         discover_visual_words(datalist, foreign, extractor=_extractor(), overwrite=True, **SETTINGS)
     assert (foreign / "manifest.json").read_text() == '{"my": "own manifest"}' and (foreign / "shards" / "important.bin").exists()
+    (foreign / "manifest.json").write_text('{"format": "dira3d-visual-words", "vers')  # cut short: said once what to do
+    with pytest.raises(ValueError, match=r"manifest\.json.*cut short") as raised:
+        discover_visual_words(datalist, foreign, extractor=_extractor(), overwrite=True, **SETTINGS)
+    assert str(raised.value).count("choose another --out") == 1 and (foreign / "shards" / "important.bin").exists()
 
     out = tmp_path / "run"  # an earlier run plus a user's file in shards/: the run is replaced, the file stays
     discover_visual_words(datalist, out, extractor=_extractor(), **SETTINGS)

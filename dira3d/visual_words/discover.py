@@ -36,6 +36,7 @@ from torch import nn
 from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.checkpoint import check_writable
 from dira3d.utils.folder_lock import FolderLock
+from dira3d.utils.files import FileContentError
 from dira3d.utils.seeding import derive_seed
 from dira3d.visual_words.coordinates import (
     CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, centre_range, hu_to_unit, sample_coordinate,
@@ -302,6 +303,8 @@ def _earlier_run(out_dir: Path) -> dict:
     """The manifest of the earlier run in ``out_dir``; a ``manifest.json`` of something else is refused."""
     try:
         return read_manifest(out_dir)
+    except FileContentError:  # garbled (e.g. cut short): its message names the file and what to do already
+        raise
     except ValueError as err:
         raise ValueError(f"{err}: --out {out_dir} holds files that are not a `dira3d visual-words` run, which "
                          "--overwrite would delete; choose another --out") from None
