@@ -31,4 +31,15 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test (also outside xdist): tiny networks and 3D convolutions run many times
+    faster on one thread than on two contended ones, and are immune to oversubscription on a busy 2-core runner.
+    Use it per module with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -22,13 +22,7 @@ CLASSES = {"chestxray14_cls": 14, "chexpert_cls": 5}
 TINY_NET = {"backbone": "resnet10", "decoder_channels": (16, 16, 8, 8, 8)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread is faster and immune to oversubscription on a busy 2-core runner
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def write_cxr(root: Path, name: str, classes: int | None, soft: bool = False, train: int = 8, test: int = 4,

@@ -29,13 +29,7 @@ SEGMENTATION = {"lidc_nodule_seg": ("lidc_datalist.json", (16, 16, 8), None),
 SCHEMA = Path(__file__).resolve().parents[1].parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny 3D convolutions run many times faster on one thread than on two contended ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _save(array, path, dtype=np.float32):

@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -27,12 +26,7 @@ from dira3d.utils import atomic_save
 TINY_2D = {"backbone": "resnet10", "decoder_channels": (16, 16, 8, 8, 8)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _nifti(path: Path, array, dtype=np.float32) -> Path:

@@ -17,13 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "dira_pretrain" / "c
 METHODS = ("moco", "barlow", "simsiam")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread is faster and immune to oversubscription on a busy 2-core runner
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _config_files(method: str, tiny: bool = True) -> list[str]:

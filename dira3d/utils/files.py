@@ -67,6 +67,14 @@ def read_text(path: str | os.PathLike, what: str, fix: str, encoding: str = "utf
                                      f"byte offset {err.start}: saved in another encoding, or damaged); {fix}") from None
 
 
+def _non_empty_text(path: Path, what: str, fix: str) -> str:
+    """:func:`read_text`, refusing a file of nothing but white space."""
+    text = read_text(path, what, fix)
+    if not text.strip():
+        raise FileContentError(path, f"{what} {path} is empty; {fix}")
+    return text
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str,
               expect: type | tuple[type, ...] | None = dict) -> Any:
     """The JSON content of ``path``, checked to be of type ``expect``.
@@ -83,9 +91,7 @@ def read_json(path: str | os.PathLike, what: str, fix: str,
             very end is called cut short), or a top-level value not of ``expect``.
     """
     path = Path(path)
-    text = read_text(path, what, fix)
-    if not text.strip():
-        raise FileContentError(path, f"{what} {path} is empty; {fix}")
+    text = _non_empty_text(path, what, fix)
     try:
         content = json.loads(text)
     except json.JSONDecodeError as err:
@@ -105,9 +111,7 @@ def read_yaml(path: str | os.PathLike, what: str, fix: str,
     import yaml
 
     path = Path(path)
-    text = read_text(path, what, fix)
-    if not text.strip():
-        raise FileContentError(path, f"{what} {path} is empty; {fix}")
+    text = _non_empty_text(path, what, fix)
     try:
         content = yaml.safe_load(text)
     except yaml.YAMLError as err:
