@@ -113,13 +113,14 @@ def test_generic_on_real_scans(real_data, tmp_path, case, modality):
 
 
 def test_an_mri_prepared_as_ct_is_warned_about(tmp_path, capsys):
-    # the default --modality ct on an MRI (0 … 900) windows it to a flat [0.5, 1] volume: a warning names it
+    # an explicit --modality ct on an MRI (0 … 900) windows it to a flat [0.5, 1] volume: a warning names it
+    # (without --modality the folder is refused: tests/test_data_generic_modality.py)
     src = tmp_path / "scans"
     src.mkdir()
     sitk.WriteImage(_mr(0), str(src / "brain.nii.gz"))
     ct = xyz_to_image(np.linspace(-1000, 1000, 24 * 20 * 10, dtype=np.float32).reshape(24, 20, 10))
     sitk.WriteImage(ct, str(src / "chest.nii.gz"))
-    results = {r.case_id: r for r in generic.prepare(src, tmp_path / "out", progress=False)}
+    results = {r.case_id: r for r in generic.prepare(src, tmp_path / "out", modality="ct", progress=False)}
     assert all(r.status == "written" for r in results.values())
     assert len(results["brain"].warnings) == 1 and "brain.nii.gz" in results["brain"].warnings[0]
     assert "--modality mr" in results["brain"].warnings[0] and not results["chest"].warnings

@@ -2,7 +2,9 @@
 
 Finds every NIfTI / NRRD / MetaImage file and every DICOM series folder under ``--src``; CT is
 windowed to HU [lo, hi] → [0, 1], MR is scaled by the 0.5 / 99.5 percentiles of its non-zero
-voxels. Optional masks are paired by name (``--label-suffix _label`` pairs ``a_label.nrrd`` with
+voxels. Without ``--modality`` the one an earlier run into ``--dst`` recorded is used, else the
+scans decide (:func:`_modality_from_scans`): scans without air stop the run before anything is
+written. Optional masks are paired by name (``--label-suffix _label`` pairs ``a_label.nrrd`` with
 ``a.nrrd``, or with ``a_image.nrrd`` when ``--image-suffix _image``) and written as ``uint8``
 on the same grid (nearest-neighbour resampling). The validation / test split is drawn over
 patients: by default each scan is its own patient; ``--patient-from parent`` groups the scans of a
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -266,24 +269,48 @@ def _check_not_a_mask(image: sitk.Image, path: str | os.PathLike) -> None:
 _AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this
 
 
-def _warn_if_not_hu(image: sitk.Image, path: str | os.PathLike) -> None:
-    """An MRI (or a CT stored without its rescale intercept) given as ``--modality ct`` is windowed
-    to a flat, saturated volume without any error: warn, naming the file."""
+def _lowest_if_not_hu(image: sitk.Image) -> float | None:
+    """The lowest voxel of a scan with no voxel below :data:`_AIR_HU` (no air: an MRI, or a CT stored without
+    its rescale intercept or cropped to soft tissue); None for a scan with air, and for a constant image
+    (no scan at all: judged elsewhere)."""
     array = sitk.GetArrayViewFromImage(image)
     lowest = float(np.min(array))
-    if lowest > _AIR_HU and float(np.max(array)) > lowest:  # (a constant image is no scan at all: judged elsewhere)
-        warnings.warn(f"{path}: no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT in "
-                      "Hounsfield units and the HU window will flatten it; for an MRI pass --modality mr",
-                      DataWarning, stacklevel=2)
+    return lowest if lowest > _AIR_HU and float(np.max(array)) > lowest else None
+
+
+_NO_AIR_ADVICE = ("for an MRI pass --modality mr; for a CT stored without its rescale intercept, or a CT cropped "
+                  "without air, pass --modality ct")
+
+
+def _check_hu(image: sitk.Image, path: str | os.PathLike, chosen_by: str = "") -> None:
+    """A scan without air prepared as CT is windowed to a flat, saturated volume without any error.
+
+    ``chosen_by`` (``--modality`` not given: why ``ct`` was chosen, e.g. "the scans sampled have air"):
+    the case fails, so no windowed MRI is written; empty (``--modality ct`` given): a warning names the file.
+
+    Raises:
+        DataError: ``chosen_by`` and no voxel below :data:`_AIR_HU`.
+    """
+    lowest = _lowest_if_not_hu(image)
+    if lowest is None:
+        return
+    if chosen_by:
+        raise DataError(path, f"no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT "
+                              f"in Hounsfield units; --modality was not given and the scans are prepared as ct "
+                              f"({chosen_by}), so this one is left out: {_NO_AIR_ADVICE} (prepare MR and CT scans "
+                              "into separate --dst folders)")
+    warnings.warn(f"{path}: no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT in "
+                  "Hounsfield units and the HU window will flatten it; for an MRI pass --modality mr",
+                  DataWarning, stacklevel=2)
 
 
 def _process(case: Case, modality: str, window: Sequence[float], percentiles: Sequence[float],
-             spacing: Sequence[float] | None) -> dict:
+             spacing: Sequence[float] | None, chosen_by: str = "") -> dict:
     image_path, mask_path = case.params["image"], case.params["mask"]
     image = read_image(image_path)
     _check_not_a_mask(image, image_path)
     if modality == "ct":
-        _warn_if_not_hu(image, image_path)
+        _check_hu(image, image_path, chosen_by)
     prepared = normalise_image(image, modality, window, percentiles, spacing, path=image_path)
     info = {"source": str(image_path), "size": list(prepared.GetSize()), "spacing": list(prepared.GetSpacing())}
     if mask_path is not None:
@@ -296,6 +323,94 @@ def _process(case: Case, modality: str, window: Sequence[float], percentiles: Se
         info["mask_voxels"] = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
     write_nifti(prepared, case.outputs[0])
     return info
+
+
+_PROBE_READS = 5  # scans the modality probe reads (spread over the folder), more only while none decides
+
+
+def _probe_order(count: int) -> list[int]:
+    """Indices ``0 .. count - 1``: up to :data:`_PROBE_READS` spread over the range (first, last, between), then the rest."""
+    spread = sorted({int(round(i)) for i in np.linspace(0, count - 1, min(count, _PROBE_READS))}) if count else []
+    return spread + sorted(set(range(count)) - set(spread))
+
+
+def _modality_from_scans(cases: Sequence[Case], src: str | os.PathLike) -> tuple[str, str]:
+    """``("ct", why)`` when the scans look like CT in HU (air below :data:`_AIR_HU`), read from up to
+    :data:`_PROBE_READS` cases spread over ``cases`` (more while none decides: an unreadable scan, a mask or
+    a constant image decides nothing; its case reports it). Also ``ct`` when no scan decides (the scans
+    are judged case by case).
+
+    Raises:
+        DataError: the scans read have no air (naming one; nothing is written), or some have and some
+            do not (a mixed folder, naming a few of each).
+    """
+    usable = [c for c in cases if not c.error and c.params.get("image") is not None]
+    with_air: list[Path] = []
+    without: list[tuple[Path, float]] = []
+    for read, index in enumerate(_probe_order(len(usable))):
+        if read >= _PROBE_READS and (with_air or without):
+            break
+        if read >= 4 * _PROBE_READS:
+            break
+        path = Path(usable[index].params["image"])
+        try:
+            with warnings.catch_warnings():  # the case itself reports them
+                warnings.simplefilter("ignore")
+                image = read_image(path)
+                _check_not_a_mask(image, path)
+        except Exception:  # noqa: BLE001 - an unreadable scan fails its own case, with its own message
+            continue
+        array = sitk.GetArrayViewFromImage(image)
+        if float(np.min(array)) == float(np.max(array)):
+            continue
+        lowest = _lowest_if_not_hu(image)
+        if lowest is None:
+            with_air.append(path)
+        else:
+            without.append((path, lowest))
+
+    def names(paths: Sequence[Path]) -> str:
+        return ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+    if with_air and without:
+        raise DataError(src, f"--modality was not given and the scans are mixed: {len(with_air)} of those read look "
+                             f"like CT (air below {_AIR_HU:g} HU: {names(with_air)}), {len(without)} do not (no voxel "
+                             f"below {_AIR_HU:g} HU: {names([p for p, _ in without])}); nothing was written. Prepare "
+                             "CT and MR scans from separate --src folders into separate --dst folders, each with its "
+                             "--modality (ct or mr); or pass --modality ct (e.g. CTs stored without their rescale "
+                             "intercept) to prepare them all as CT")
+    if without:
+        path, lowest = without[0]
+        others = f"; nor have the {len(without) - 1} other scan(s) read" if len(without) > 1 else ""
+        raise DataError(path, f"--modality was not given and this scan has no voxel below {_AIR_HU:g} HU (lowest "
+                              f"{lowest:g}{others}), so it does not look like a CT in Hounsfield units, which the HU "
+                              f"window would flatten; nothing was written: {_NO_AIR_ADVICE}")
+    if with_air:
+        return "ct", f"taken from the scans: air below {_AIR_HU:g} HU in the {len(with_air)} read, e.g. {with_air[0].name}"
+    return "ct", "no scan read could tell, so the former default"
+
+
+def _recorded_modality(dst: Path, src: str | os.PathLike, report_path: str | os.PathLike | None) -> tuple[str, Path] | None:
+    """``(modality, file)`` an earlier run of this ``src`` into ``dst`` recorded (its datalist's meta, or the
+    settings of its report when it stopped before the datalist); None when there is none."""
+    source = str(Path(src).resolve())
+    datalist = dst / "pretrain_datalist.json"
+    report = Path(report_path) if report_path is not None else dst / "report.json"
+    for path in (datalist, report):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if path == datalist:
+                recorded, recorded_source = data["meta"], data["meta"].get("source")
+            elif data.get("desc") == "generic" and path.parent.resolve() == dst.resolve():  # as run_cases reads it
+                recorded, recorded_source = data["settings"], data.get("source")
+            else:
+                continue
+            modality = recorded.get("modality")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if recorded_source == source and modality in MODALITIES:
+            return modality, path
+    return None
 
 
 def _check_src_outside_outputs(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -320,7 +435,7 @@ def _check_src_outside_outputs(src: str | os.PathLike, dst: str | os.PathLike) -
                          "next to --src (a --dst inside --src is left out of the search)")
 
 
-def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "ct",
+def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | None = None,
             window: Sequence[float] = (-1000.0, 1000.0), percentiles: Sequence[float] = (0.5, 99.5),
             spacing: Sequence[float] | None = None, image_suffix: str = "", label_suffix: str | None = None,
             val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0,
@@ -336,6 +451,13 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
     fine-tuning bundles score) and ``report.json``. The datalist lists the good cases, each entry
     with its ``case_id`` and ``patient_id``; it is written unless a failure stopped the batch.
 
+    ``modality`` ``None`` (``--modality`` not given): the one an earlier run of this ``src`` into ``dst``
+    recorded, else decided from the scans (:func:`_modality_from_scans`): ``ct`` when those read have air
+    (below -500 HU), an error before anything is written when they have none (an MRI: pass ``"mr"``; a CT
+    without its rescale intercept or cropped without air: pass ``"ct"``) or are mixed. Chosen so, ``ct``
+    fails a case without air (it is not written), where an explicit ``"ct"`` only warns about it. The
+    choice is printed once (stderr) and recorded as ``meta.modality``.
+
     The split is over patients (``patient_from``, ``patient_regex``: see :func:`patient_ids`), so
     the scans of one patient share a part; the fractions count patients. The default
     ``patient_from="case"`` makes each scan its own patient (the split of dira3d before the option
@@ -347,11 +469,12 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
 
     Raises:
         DataError: ``src`` is not a folder or holds no scans; a datalist of another ``src``, or one
-            split with another patient grouping, in ``dst`` (without ``overwrite``).
+            split with another patient grouping, in ``dst`` (without ``overwrite``); without ``modality``,
+            scans without air or a mix of scans with and without (before anything is written).
         ValueError: bad settings (modality, fractions, patient grouping, or fractions that leave no
             training patient).
     """
-    if modality not in MODALITIES:
+    if modality is not None and modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}")
     for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0 <= value < 1:
@@ -376,15 +499,25 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str = "
         if mask_path is not None:
             outputs.append(safe_case_path(dst / "labels", cid, ".nii.gz"))
         cases.append(Case(cid, outputs, {"image": image_path, "mask": mask_path}, problems.get(cid, "")))
+    chosen_by = ""  # why ct was chosen when --modality was not given: its cases without air then fail
+    if modality is None:
+        recorded = _recorded_modality(dst, src, report_path)
+        if recorded is not None:
+            modality, chosen_by = recorded[0], f"as recorded in {recorded[1]} by an earlier run into this --dst"
+        else:
+            modality, chosen_by = _modality_from_scans(cases, src)
     spacing_t = None if spacing is None else tuple(float(s) for s in np.broadcast_to(spacing, (3,)))
     process = partial(_process, modality=modality, window=tuple(window), percentiles=tuple(percentiles),
-                      spacing=spacing_t)
+                      spacing=spacing_t, chosen_by=chosen_by if modality == "ct" else "")
     settings = {"modality": modality, "window": list(window) if modality == "ct" else None,
                 "percentiles": list(percentiles) if modality == "mr" else None,
                 "spacing": None if spacing_t is None else list(spacing_t)}  # as the datalist's meta records them
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="generic", progress=progress,
                         source=src, datalists=[dst / "pretrain_datalist.json"], settings=settings)
+    if chosen_by:  # after run_cases' own checks: a refused run says one thing
+        print(f"--modality not given: prepared as {modality} ({chosen_by}); pass --modality ct or mr to choose",
+              file=sys.stderr)
     if dry_run or batch_stopped(results, keep_going):
         return results
     good = [c for c, r in zip(cases, results) if r.ok]
@@ -495,7 +628,11 @@ def _check_grouping(datalist: Path, src: str | os.PathLike, grouping: dict[str, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dira3d prepare generic", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--modality", choices=MODALITIES, default="ct", help="ct: HU window; mr: percentiles")
+    parser.add_argument("--modality", choices=MODALITIES, default=None,
+                        help="ct: HU window; mr: percentiles. Not given: the modality an earlier run into --dst "
+                             "recorded, else taken from the scans: ct when they have air (below -500 HU; a scan "
+                             "without it then fails its case); scans without air, or a mix, stop the run before "
+                             "anything is written (pass mr for MRI, ct for a CT without air)")
     parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),
                         help="CT HU window mapped to [0, 1] (default -1000 1000)")
     parser.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOWER", "UPPER"),

@@ -1,0 +1,135 @@
+"""``dira3d prepare generic`` without ``--modality``: it used to default to ``ct``, so a folder of MRIs
+prepared without ``--modality mr`` was windowed to HU [-1000, 1000] (0 … 900 became 0.5 … 0.95, the
+brightest tissue clipped), with one warning per case and exit 0. Now the modality comes from an earlier
+run into ``--dst`` or from the scans (air below -500 HU: CT), and scans without air stop the run before
+anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from dira3d.cli import main as cli_main
+from dira3d.data import generic
+from dira3d.data.io import xyz_to_image
+
+SHAPE = (16, 14, 6)
+
+
+def _mr(path: Path, seed: int) -> Path:
+    array = np.zeros(SHAPE, np.float32)
+    array[3:13, 3:11, 1:5] = np.random.default_rng(seed).uniform(100, 2900, size=(10, 8, 4))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(xyz_to_image(array), str(path))
+    return path
+
+
+def _ct(path: Path, seed: int) -> Path:
+    array = np.full(SHAPE, -1000, np.int16)  # air around a body of soft tissue
+    array[3:13, 3:11, 1:5] = np.random.default_rng(seed).integers(-100, 200, size=(10, 8, 4))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(xyz_to_image(array), str(path))
+    return path
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_mri_without_modality_is_refused_before_anything_is_written(tmp_path, capsys):
+    src, dst = tmp_path / "brains", tmp_path / "out"
+    for i in range(3):
+        _mr(src / f"brain{i}.nii.gz", i)
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "brain0.nii.gz" in err and "no voxel below -500 HU" in err and "nothing was written" in err, err
+    assert "for an MRI pass --modality mr" in err and "pass --modality ct" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not dst.exists()  # no volume, datalist, report or lock
+    with pytest.raises(generic.DataError, match=r"brain0\.nii\.gz.*--modality mr"):
+        generic.prepare(src, dst, dry_run=True, progress=False)
+    assert not dst.exists()
+    # the user's fix: --modality mr, percentiles (not the HU window: 0.5 .. 1 with the top clipped)
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst), "--modality", "mr"]) == 0
+    data = np.asarray(nib.load(dst / "volumes" / "brain0.nii.gz").dataobj)
+    assert data.min() == 0.0 and data.max() == 1.0 and np.median(data[data > 0]) < 0.75
+    assert json.loads((dst / "pretrain_datalist.json").read_text())["meta"]["modality"] == "mr"
+
+
+def test_ct_without_modality_is_prepared_as_ct_and_says_so(tmp_path, capsys):
+    src, dst = tmp_path / "chests", tmp_path / "out"
+    for i in range(3):
+        _ct(src / f"chest{i}.nii.gz", i)
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("--modality not given: prepared as ct") == 1, captured.err
+    assert "no voxel below" not in captured.err and "3 written" in captured.out
+    meta = json.loads((dst / "pretrain_datalist.json").read_text())["meta"]
+    assert meta["modality"] == "ct" and meta["window"] == [-1000.0, 1000.0] and meta["percentiles"] is None
+    data = np.asarray(nib.load(dst / "volumes" / "chest0.nii.gz").dataobj)
+    assert data.min() == 0.0 and 0.45 <= data.max() <= 0.6  # the HU window: air 0, soft tissue about 0.5
+
+
+def test_a_mixed_folder_without_modality_is_refused_naming_both_kinds(tmp_path, capsys):
+    src, dst = tmp_path / "scans", tmp_path / "out"
+    for i in range(2):
+        _ct(src / f"chest{i}.nii.gz", i)
+        _mr(src / f"knee{i}.nrrd", i)
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "mixed" in err and "chest0.nii.gz" in err and "knee1.nrrd" in err and "separate --dst" in err, err
+    assert not dst.exists()
+
+
+def test_an_mri_the_sample_missed_fails_its_case_and_is_not_written(tmp_path, capsys):
+    """The scans are sampled (5, spread over the folder): an MRI among many CTs is found when its turn comes."""
+    src, dst = tmp_path / "scans", tmp_path / "out"
+    for i in range(6):  # sorted a .. f; the sample reads a, b, c, e, f
+        (_mr if i == 3 else _ct)(src / f"{'abcdef'[i]}.nii.gz", i)
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst / "strict")]) == 1
+    assert not (dst / "strict" / "volumes" / "d.nii.gz").exists()
+    assert not (dst / "strict" / "pretrain_datalist.json").exists()
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst / "all"), "--keep-going"]) == 0
+    err = capsys.readouterr().err
+    assert "FAILED d:" in err and "d.nii.gz" in err and "--modality mr" in err and "--modality ct" in err, err
+    assert _files(dst / "all" / "volumes") == [f"{c}.nii.gz" for c in "abcef"]
+    datalist = json.loads((dst / "all" / "pretrain_datalist.json").read_text())
+    assert sorted(e["case_id"] for e in datalist["training"]) == list("abcef") and datalist["meta"]["modality"] == "ct"
+
+
+def test_explicit_modality_ct_on_mri_still_prepares_with_warnings(tmp_path, capsys):
+    src, dst = tmp_path / "crops", tmp_path / "out"
+    for i in range(2):
+        _mr(src / f"crop{i}.nii.gz", i)  # e.g. CT crops without air, or a CT stored without its intercept
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst), "--modality", "ct"]) == 0
+    captured = capsys.readouterr()
+    assert "2 written" in captured.out and captured.err.count("no voxel below -500 HU") == 2, captured.err
+    assert "--modality not given" not in captured.err
+    assert json.loads((dst / "pretrain_datalist.json").read_text())["meta"]["modality"] == "ct"
+
+
+@pytest.mark.parametrize("first", ["mr", "ct"])
+def test_a_rerun_without_modality_takes_the_recorded_one_and_keeps_the_split(tmp_path, capsys, first):
+    src, dst = tmp_path / "scans", tmp_path / "out"
+    for i in range(4):
+        (_mr if first == "mr" else _ct)(src / f"s{i}.nii.gz", i)
+    common = ["prepare", "generic", "--src", str(src), "--dst", str(dst), "--val-fraction", "0.25"]
+    assert cli_main([*common, "--modality", first]) == 0
+    datalist = dst / "pretrain_datalist.json"
+    before = json.loads(datalist.read_text())
+    capsys.readouterr()
+    assert cli_main(common) == 0  # no --modality: the recorded one, not a refusal
+    captured = capsys.readouterr()
+    assert "4 skipped" in captured.out and f"prepared as {first} (as recorded in {datalist}" in captured.err
+    after = json.loads(datalist.read_text())
+    assert after["meta"]["modality"] == first and after["validation"] == before["validation"]
+    # a new scan of the other kind, in a folder recorded as ct, fails its case instead of being windowed
+    if first == "ct":
+        _mr(src / "s9.nii.gz", 9)
+        assert cli_main([*common, "--keep-going"]) == 0
+        assert "FAILED s9:" in capsys.readouterr().err and not (dst / "volumes" / "s9.nii.gz").exists()
