@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +294,27 @@ def test_mean_auc_by_hand():
     assert metric.aggregate() == pytest.approx(0.875)
     with pytest.raises(ValueError, match="no class has both"):
         mean_auc(scores[:1], labels[:1])
+
+
+@pytest.mark.parametrize("bundle,raw", [("chexpert_cls", "image"), ("montgomery_lung_seg", "image"), ("montgomery_lung_seg", "mask")])
+def test_2d_finetune_refuses_unprepared_pngs_before_training(bundle, raw, tmp_path, capsys):
+    """A 16-bit PNG (raw detector values / HU + 1024) was clipped to white by the bundle's 0..255 scaling, and a
+    0/255 mask trained on targets of 255, both without a word: refused while caching, naming the file."""
+    from dira3d.evaluation.finetune import main
+
+    datalist = write_cxr(tmp_path / "data", f"{bundle}.json", CLASSES.get(bundle), train=4, test=2)
+    folder = tmp_path / "data" / ("images" if raw == "image" else "masks")
+    for path in sorted(folder.glob("*.png")):
+        pixels = np.asarray(Image.open(path)).astype(np.uint16)
+        Image.fromarray(pixels * 16 + 1024 if raw == "image" else pixels * 255).save(path)
+    code = main(["--bundle", bundle, "--datalist", str(datalist), "--output-dir", str(tmp_path / "out"), "--tiny"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("dira3d finetune: error: "), err
+    if raw == "image":
+        expected = r"images/tr\d\.png: has intensities from \d+ to \d+, outside \[0, 255\]: .*8-bit"
+    else:
+        expected = r"masks/tr\d\.png: has intensities from 0 to 255, outside \[0, 1\]: masks must hold 0"
+    task = bundle.split("_")[0]
+    assert re.search(expected + rf".*run `dira3d prepare {task} \.\.\.` \(docs/data_2d\.md\) or fix the datalist", lines[0]), err
+    assert "Traceback" not in err and not (tmp_path / "out" / "models" / "model.pt").exists()  # nothing was trained

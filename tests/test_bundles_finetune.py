@@ -470,3 +470,62 @@ def test_classification_inference_refuses_a_raw_hu_scan(bundle, tmp_path):
     assert re.search(r"raw_scan\.nii\.gz.*from -10[\d.]+ to 74[\d.]+, outside \[0, 1\].*candidate cube", str(cause)), cause
     parser["intensity_range"] = None  # the way out for scans scaled by the user's own preprocessing
     assert parser.get_parsed_content("preprocessing", lazy=False)({"image": str(scan)})["image"].shape == (1, 32, 32, 16)
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error" in line.lower()]
+
+
+@pytest.mark.parametrize("bundle", ["lits_liver_seg", "luna16_nodule_fpr"])
+def test_finetune_refuses_a_datalist_of_raw_hu_scans_before_training(bundle, tmp_path, capsys):
+    """A datalist of raw CTs (HU) instead of `dira3d prepare` output trained on unscaled values without a word."""
+    if bundle in SEGMENTATION:
+        name, shape, _ = SEGMENTATION[bundle]
+        datalist, _ = make_segmentation(tmp_path / "data", name, shape, None, n_train=3, n_test=1)
+        task = "lits"
+    else:
+        name, shape = CLASSIFICATION[bundle]
+        datalist = make_classification(tmp_path / "data", name, shape, folds=False)
+        task = "luna16"
+    for path in sorted((tmp_path / "data").glob("*/*.nii.gz")):
+        if not path.name.endswith("_seg.nii.gz"):  # the scans as they come: HU, -1000 air .. 1000 bone
+            _save(np.asarray(nib.load(path).dataobj) * 2000 - 1000, path, np.int16)
+    code = main(["--bundle", bundle, "--datalist", str(datalist), "--output-dir", str(tmp_path / "out"), "--tiny"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("dira3d finetune: error: "), err
+    assert re.search(rf"{re.escape(str(tmp_path / 'data'))}/\w+/\w+\.nii\.gz: has intensities from -\d+ to -?\d+, "
+                     rf"outside \[0, 1\]: .*run `dira3d prepare {task} \.\.\.` \(docs/data\.md.*fix the datalist", lines[0]), err
+    assert "Traceback" not in err and not (tmp_path / "out" / "models" / "model.pt").exists()  # nothing was trained
+    # the way out for volumes scaled by the user's own preprocessing: the check is off, training runs
+    assert main(["--bundle", bundle, "--datalist", str(datalist), "--output-dir", str(tmp_path / "own"), "--tiny",
+                 "--set", "intensity_range=null", "--set", "max_epochs=1"]) == 0
+    assert (tmp_path / "own" / "models" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("bundle", sorted(SEGMENTATION))
+def test_segmentation_bundles_refuse_a_label_of_another_shape(bundle, tmp_path):
+    """lidc_nodule_seg cropped image and label to roi_size each (misplaced targets, no error); lits_liver_seg
+    validated them without a word and failed in RandCropByPosNegLabeld without naming the files."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.data.errors import DataError
+    from dira3d.engines.inputs import data_error_in
+
+    _, shape, channels = SEGMENTATION[bundle]
+    image = np.full((*shape, channels) if channels else shape, 0.5)
+    _save(image, tmp_path / "case_img.nii.gz")
+    _save(np.zeros((shape[0] - 2, *shape[1:])), tmp_path / "other_seg.nii.gz", np.uint8)
+    parser = ConfigParser()
+    parser.read_config([str(bundle_path(bundle) / "configs" / f) for f in ("train.json", "tiny.json")])
+    item = {"image": str(tmp_path / "case_img.nii.gz"), "label": str(tmp_path / "other_seg.nii.gz")}
+    for preprocessing in ("train#preprocessing", "validate#preprocessing"):
+        with pytest.raises(RuntimeError) as raised:  # MONAI wraps the transform's error
+            parser.get_parsed_content(preprocessing)(dict(item))
+        cause = data_error_in(raised.value)
+        assert isinstance(cause, DataError), raised.value
+        assert re.search(rf"case_img\.nii\.gz: has shape \({shape[0]}, .* its label .*other_seg\.nii\.gz has shape "
+                         rf"\({shape[0] - 2}, .*fix the datalist", str(cause)), cause
+    _save(np.zeros(shape), tmp_path / "other_seg.nii.gz", np.uint8)  # on the image's grid: accepted
+    assert parser.get_parsed_content("validate#preprocessing")(dict(item))["label"].shape[1:] == shape

@@ -14,7 +14,7 @@ from dira3d.engines.data import RandPatchPair, RandPatchPaird, with_image_labels
 from dira3d.engines.distributed import init_distributed, is_main_process, maybe_sync_batchnorm
 from dira3d.engines.evaluator import DiRAEvaluator
 from dira3d.engines.faults import CollapseMonitor, NonFiniteGuard, NonFiniteLossError
-from dira3d.engines.inputs import CheckVolumed, load_datalist
+from dira3d.engines.inputs import CheckSameShaped, CheckVolumed, load_datalist
 from dira3d.engines.handlers import RestorationImageHandler, scalar_output, side_by_side
 from dira3d.engines.optim import unique_parameters
 from dira3d.engines.stages import Stage, StageSchedule
@@ -27,6 +27,7 @@ __all__ = [
     "CollapseMonitor",
     "NonFiniteGuard",
     "NonFiniteLossError",
+    "CheckSameShaped",
     "CheckVolumed",
     "load_datalist",
     "DiRATrainer",

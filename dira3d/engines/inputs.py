@@ -6,7 +6,9 @@ file and the problem — not with a shape error deep in a convolution hours late
 - :func:`load_datalist` reads a decathlon datalist and checks every entry of the split has an
   ``image`` that exists (all problems are listed at once);
 - :class:`CheckVolumed` (after ``LoadImaged`` + ``EnsureChannelFirstd``) rejects volumes with the
-  wrong dimensionality, a single slice, NaN/Inf voxels or non-positive spacing in the header.
+  wrong dimensionality, a single slice, NaN/Inf voxels, non-positive spacing in the header or (with
+  ``value_range``) intensities that were not prepared (raw HU);
+- :class:`CheckSameShaped` rejects an image and its label on different grids (the fine-tuning bundles).
 
 MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the original
 :class:`~dira3d.data.io.DataError` is its ``__cause__`` (printed in the traceback), and
@@ -32,8 +34,8 @@ from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.atomic import FolderNotWritableError
 from dira3d.utils.folder_lock import FolderInUseError
 
-__all__ = ["load_datalist", "header_spacing", "check_volume", "source_of", "LoadVolumed", "CheckVolumed", "data_error_in",
-           "setting_error_in"]
+__all__ = ["load_datalist", "header_spacing", "check_volume", "source_of", "LoadVolumed", "CheckVolumed", "CheckSameShaped",
+           "data_error_in", "setting_error_in"]
 
 
 def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str = "image") -> list[dict[str, Any]]:
@@ -192,6 +194,32 @@ class CheckVolumed(MapTransform):
         for key in self.key_iterator(d):
             check_volume(d[key], source_of(d, key), self.spatial_dims, self.check_finite, self.value_range,
                          self.range_advice)
+        return d
+
+
+class CheckSameShaped(MapTransform):
+    """Refuse an item whose ``keys`` (e.g. image and label) have different spatial shapes, naming both files.
+
+    A label on another grid than its image (another case's mask, a mask not resampled with its scan) is
+    otherwise cropped or resized along with the image without a word, and trains on misplaced targets.
+    Channels are not compared (a 4-channel image, a 1-channel label). Place it right after
+    ``EnsureChannelFirstd``.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        shapes = {key: tuple(d[key].shape[1:]) for key in keys}
+        if len(set(shapes.values())) > 1:
+            first = keys[0]
+            other = next(k for k in keys if shapes[k] != shapes[first])
+            raise DataError(source_of(d, first),
+                            f"has shape {shapes[first]} but its {other} {source_of(d, other)} has shape {shapes[other]}; "
+                            f"the {other} must lie on the {first}'s grid, as `dira3d prepare` writes them (docs/data.md): "
+                            "fix the datalist entry (another case's file?) or prepare the pair again")
         return d
 
 
