@@ -318,3 +318,25 @@ def test_2d_finetune_refuses_unprepared_pngs_before_training(bundle, raw, tmp_pa
     task = bundle.split("_")[0]
     assert re.search(expected + rf".*run `dira3d prepare {task} \.\.\.` \(docs/data_2d\.md\) or fix the datalist", lines[0]), err
     assert "Traceback" not in err and not (tmp_path / "out" / "models" / "model.pt").exists()  # nothing was trained
+
+
+def test_2d_finetune_refuses_a_3d_volume_naming_it(tmp_path, capsys):
+    """A 3D NIfTI in a 2D bundle's datalist (a prepared CT instead of a chest X-ray PNG) loaded as 3D and failed
+    later inside MONAI's Resized without naming the file; pretraining's 2D setting still takes 3D volumes."""
+    import nibabel as nib
+
+    from dira3d.engines.inputs import check_volume
+    from dira3d.evaluation.finetune import main
+
+    datalist = write_cxr(tmp_path / "data", "montgomery_lung_seg.json", None, train=4, test=2)
+    content = json.loads(datalist.read_text())
+    volume = tmp_path / "data" / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((64, 64, 8)).astype(np.float32), np.eye(4)), volume)
+    content["training"][0]["image"] = str(volume)
+    datalist.write_text(json.dumps(content))
+    code = main(["--bundle", "montgomery_lung_seg", "--datalist", str(datalist), "--output-dir", str(tmp_path / "out"), "--tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert re.search(r"dira3d finetune: error: .*ct\.nii\.gz: loaded as a 3D image of shape \(64, 64, 8\); this 2D bundle "
+                     r"fine-tunes on 2D images", err), err
+    check_volume(torch.zeros(1, 64, 64, 8), "ct.nii.gz", spatial_dims=2)  # pretraining: its slices give 2D patches

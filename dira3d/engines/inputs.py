@@ -90,7 +90,8 @@ _RANGE_ADVICE = ("pretraining expects normalised volumes (raw HU, or an MRI that
 
 
 def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True,
-                 value_range: tuple[float, float] | None = None, range_advice: str | None = None) -> None:
+                 value_range: tuple[float, float] | None = None, range_advice: str | None = None,
+                 slices: bool = True) -> None:
     """Raise a :class:`DataError` naming ``source`` when a loaded channel-first volume is unusable.
 
     Args:
@@ -101,6 +102,8 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         value_range: ``(low, high)`` the intensities must lie in (the pretraining bundle: [0, 1],
             what ``dira3d prepare`` writes); None: not checked.
         range_advice: what the message says after the range (default: the pretraining bundle's advice).
+        slices: with ``spatial_dims=2``, also accept 3D volumes (pretraining cuts its 2D patches from their
+            slices); False: 2D images only (the 2D fine-tuning bundles, which resize the whole image).
 
     Raises:
         DataError: wrong dimensionality, a single slice, an empty volume, NaN/Inf voxels,
@@ -108,7 +111,10 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
             non-positive / invalid spacing in the header.
     """
     shape = tuple(img.shape)
-    allowed = (3,) if spatial_dims == 3 else (2, 3)
+    allowed = (3,) if spatial_dims == 3 else (2, 3) if slices else (2,)
+    if not slices and spatial_dims == 2 and len(shape) - 1 != 2:
+        raise DataError(source, f"loaded as a {len(shape) - 1}D image of shape {shape[1:]}; this 2D bundle fine-tunes on "
+                                "2D images (the PNGs `dira3d prepare <dataset>` writes for chest X-rays, docs/data_2d.md)")
     if len(shape) - 1 not in allowed:
         raise DataError(source, f"loaded as a {len(shape) - 1}D image of shape {shape[1:]}; "
                                 f"{spatial_dims}D pretraining needs {' or '.join(f'{d}D' for d in allowed)} volumes"
@@ -179,13 +185,14 @@ class CheckVolumed(MapTransform):
         check_finite: reject NaN / Inf voxels.
         value_range: ``(low, high)`` the intensities must lie in; None: not checked.
         range_advice: what a value-range error says to do (default: the pretraining bundle's advice).
+        slices: with ``spatial_dims=2``, also accept 3D volumes (pretraining); False: 2D images only.
     """
 
     def __init__(self, keys: KeysCollection, spatial_dims: int = 3, check_finite: bool = True,
                  allow_missing_keys: bool = False, value_range: tuple[float, float] | None = None,
-                 range_advice: str | None = None) -> None:
+                 range_advice: str | None = None, slices: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.spatial_dims, self.check_finite = int(spatial_dims), bool(check_finite)
+        self.spatial_dims, self.check_finite, self.slices = int(spatial_dims), bool(check_finite), bool(slices)
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.range_advice = range_advice
 
@@ -193,7 +200,7 @@ class CheckVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             check_volume(d[key], source_of(d, key), self.spatial_dims, self.check_finite, self.value_range,
-                         self.range_advice)
+                         self.range_advice, self.slices)
         return d
 
 
