@@ -25,7 +25,7 @@ from typing import Any
 
 from dira3d.data.errors import DataError
 
-__all__ = ["DatalistError", "DatalistFilesMissingError", "read_datalist_json", "datalist_entries"]
+__all__ = ["DatalistError", "DatalistFilesMissingError", "read_datalist_json", "datalist_entries", "datalist_meta"]
 
 _SHOWN = 10  # entry problems named in one message
 
@@ -40,6 +40,20 @@ class DatalistError(DataError):
 
 class DatalistFilesMissingError(DatalistError, FileNotFoundError):
     """Entries whose files do not exist (and no other problem): a ``FileNotFoundError`` too."""
+
+
+def datalist_meta(datalist: str | os.PathLike | None) -> dict[str, Any]:
+    """The ``meta`` object ``dira3d prepare`` wrote into a datalist (how the volumes were made); empty when
+    there is no datalist, no ``meta``, or the file cannot be read: lenient on purpose, for settings read
+    from it before the datalist's reader (:func:`read_datalist_json`) reports a broken file."""
+    if not datalist or not os.path.isfile(datalist):
+        return {}
+    try:
+        with open(datalist, encoding="utf-8") as handle:
+            meta = json.load(handle).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def read_datalist_json(datalist: str | os.PathLike, required: Sequence[str] = ("training",)) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dira3d.data.datalist import datalist_meta
 from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["PREPROCESSING_FILE", "datalist_preprocessing", "trained_preprocessing", "write_preprocessing"]
@@ -32,14 +33,7 @@ _KEYS = ("modality", "window", "percentiles")
 def datalist_preprocessing(datalist: str | os.PathLike | None) -> dict[str, Any]:
     """``modality`` / ``window`` / ``percentiles`` of a prepared datalist's ``meta`` (those it records,
     without nulls); empty for a datalist without them (or none)."""
-    if not datalist or not Path(datalist).is_file():
-        return {}
-    try:
-        meta = json.loads(Path(datalist).read_text(encoding="utf-8")).get("meta", {})
-    except (OSError, ValueError, AttributeError):
-        return {}  # the datalist reader reports a broken file with its own message
-    if not isinstance(meta, dict):
-        return {}
+    meta = datalist_meta(datalist)  # lenient: the datalist reader reports a broken file with its own message
     return {key: meta[key] for key in _KEYS if meta.get(key) is not None}
 
 

@@ -44,17 +44,9 @@ def datalist_channels(datalist: str | None) -> list[str] | None:
     """The sequences a prepared BraTS datalist's images hold, in channel order (``meta.channels``,
     written by ``dira3d prepare brats``); None when the file or the key is absent (then the images are
     taken to hold t1, t1ce, t2, flair, or the one requested sequence)."""
-    import json
-    import os
+    from dira3d.data.datalist import datalist_meta
 
-    if not datalist or not os.path.isfile(datalist):
-        return None
-    try:
-        with open(datalist, encoding="utf-8") as handle:
-            meta = json.load(handle).get("meta", {})
-    except (OSError, ValueError, AttributeError):
-        return None  # the datalist loader reports a broken file with its own message
-    channels = meta.get("channels") if isinstance(meta, dict) else None
+    channels = datalist_meta(datalist).get("channels")
     return [str(c) for c in channels] if isinstance(channels, list) and channels else None
 
 
