@@ -124,8 +124,10 @@ def test_an_mri_prepared_as_ct_is_warned_about(tmp_path, capsys):
     assert all(r.status == "written" for r in results.values())
     assert len(results["brain"].warnings) == 1 and "brain.nii.gz" in results["brain"].warnings[0]
     assert "--modality mr" in results["brain"].warnings[0] and not results["chest"].warnings
-    results = generic.prepare(src, tmp_path / "mr", modality="mr", progress=False)
-    assert not any(r.warnings for r in results)
+    results = {r.case_id: r for r in generic.prepare(src, tmp_path / "mr", modality="mr", progress=False)}
+    assert not results["brain"].warnings  # and the mirror: a CT prepared as MR is named
+    assert len(results["chest"].warnings) == 1 and "chest.nii.gz" in results["chest"].warnings[0]
+    assert "looks like a CT" in results["chest"].warnings[0] and "--modality ct" in results["chest"].warnings[0]
 
 
 def _labelled_scans(src: Path, count: int) -> None:

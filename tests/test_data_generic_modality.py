@@ -128,8 +128,20 @@ def test_a_rerun_without_modality_takes_the_recorded_one_and_keeps_the_split(tmp
     assert "4 skipped" in captured.out and f"prepared as {first} (as recorded in {datalist}" in captured.err
     after = json.loads(datalist.read_text())
     assert after["meta"]["modality"] == first and after["validation"] == before["validation"]
-    # a new scan of the other kind, in a folder recorded as ct, fails its case instead of being windowed
-    if first == "ct":
-        _mr(src / "s9.nii.gz", 9)
-        assert cli_main([*common, "--keep-going"]) == 0
-        assert "FAILED s9:" in capsys.readouterr().err and not (dst / "volumes" / "s9.nii.gz").exists()
+    # a new scan of the other kind fails its case instead of being scaled as the recorded modality: an MRI in a
+    # folder recorded as ct would be windowed flat, a CT in one recorded as mr scaled by its own percentiles
+    (_mr if first == "ct" else _ct)(src / "s9.nii.gz", 9)
+    assert cli_main([*common, "--keep-going"]) == 0
+    err = capsys.readouterr().err
+    assert "FAILED s9:" in err and not (dst / "volumes" / "s9.nii.gz").exists(), err
+    assert ("no voxel below -500 HU" if first == "ct" else "looks like a CT") in err
+
+
+def test_explicit_modality_mr_on_ct_still_prepares_with_warnings(tmp_path, capsys):
+    src, dst = tmp_path / "scans", tmp_path / "out"
+    for i in range(2):
+        _ct(src / f"ct{i}.nii.gz", i)
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst), "--modality", "mr"]) == 0
+    captured = capsys.readouterr()
+    assert "2 written" in captured.out and captured.err.count("looks like a CT") == 2, captured.err
+    assert json.loads((dst / "pretrain_datalist.json").read_text())["meta"]["modality"] == "mr"

@@ -304,6 +304,27 @@ def _check_hu(image: sitk.Image, path: str | os.PathLike, chosen_by: str = "") -
                   DataWarning, stacklevel=2)
 
 
+def _check_mr(image: sitk.Image, path: str | os.PathLike, chosen_by: str = "") -> None:
+    """A CT (air below :data:`_AIR_HU`) prepared as MR is scaled by its own percentiles, not by the HU window its
+    neighbours in a CT datalist would get: the mirror of :func:`_check_hu`.
+
+    ``chosen_by`` (``--modality`` not given, ``mr`` as an earlier run recorded it): the case fails, so no CT is
+    written as MR; empty (``--modality mr`` given): a warning names the file.
+
+    Raises:
+        DataError: ``chosen_by`` and a voxel below :data:`_AIR_HU`.
+    """
+    lowest = float(np.min(sitk.GetArrayViewFromImage(image)))
+    if lowest >= _AIR_HU:
+        return
+    found = f"voxels down to {lowest:g}, below {_AIR_HU:g} (air in Hounsfield units), so this looks like a CT"
+    if chosen_by:
+        raise DataError(path, f"{found}; --modality was not given and the scans are prepared as mr ({chosen_by}), so "
+                              "this one is left out: prepare CT scans into another --dst with --modality ct")
+    warnings.warn(f"{path}: {found}, which MR percentile scaling will not treat as one; for a CT pass --modality ct "
+                  "(into another --dst than the MR scans)", DataWarning, stacklevel=2)
+
+
 def _process(case: Case, modality: str, window: Sequence[float], percentiles: Sequence[float],
              spacing: Sequence[float] | None, chosen_by: str = "") -> dict:
     image_path, mask_path = case.params["image"], case.params["mask"]
@@ -311,6 +332,8 @@ def _process(case: Case, modality: str, window: Sequence[float], percentiles: Se
     _check_not_a_mask(image, image_path)
     if modality == "ct":
         _check_hu(image, image_path, chosen_by)
+    else:
+        _check_mr(image, image_path, chosen_by)
     prepared = normalise_image(image, modality, window, percentiles, spacing, path=image_path)
     info = {"source": str(image_path), "size": list(prepared.GetSize()), "spacing": list(prepared.GetSpacing())}
     if mask_path is not None:
@@ -499,7 +522,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
         if mask_path is not None:
             outputs.append(safe_case_path(dst / "labels", cid, ".nii.gz"))
         cases.append(Case(cid, outputs, {"image": image_path, "mask": mask_path}, problems.get(cid, "")))
-    chosen_by = ""  # why ct was chosen when --modality was not given: its cases without air then fail
+    chosen_by = ""  # why the modality was chosen when --modality was not given: its cases of the other kind then fail
     if modality is None:
         recorded = _recorded_modality(dst, src, report_path)
         if recorded is not None:
@@ -508,7 +531,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
             modality, chosen_by = _modality_from_scans(cases, src)
     spacing_t = None if spacing is None else tuple(float(s) for s in np.broadcast_to(spacing, (3,)))
     process = partial(_process, modality=modality, window=tuple(window), percentiles=tuple(percentiles),
-                      spacing=spacing_t, chosen_by=chosen_by if modality == "ct" else "")
+                      spacing=spacing_t, chosen_by=chosen_by)
     settings = {"modality": modality, "window": list(window) if modality == "ct" else None,
                 "percentiles": list(percentiles) if modality == "mr" else None,
                 "spacing": None if spacing_t is None else list(spacing_t)}  # as the datalist's meta records them
