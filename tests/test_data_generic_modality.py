@@ -75,6 +75,16 @@ def test_ct_without_modality_is_prepared_as_ct_and_says_so(tmp_path, capsys):
     assert data.min() == 0.0 and 0.45 <= data.max() <= 0.6  # the HU window: air 0, soft tissue about 0.5
 
 
+def test_the_ct_example_is_named_relative_to_src(tmp_path, capsys):
+    # a DICOM series folder is often named "ct" or "1": its name alone said "e.g. ct"
+    src, dst = tmp_path / "chests", tmp_path / "out"
+    for i in range(2):
+        _ct(src / f"patient{i}" / "ct" / "scan.nii.gz", i)
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst), "--patient-from", "parent"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if "--modality not given" in x)
+    assert "e.g. patient0/ct/scan.nii.gz" in line or "e.g. patient1/ct/scan.nii.gz" in line, line
+
+
 def test_a_mixed_folder_without_modality_is_refused_naming_both_kinds(tmp_path, capsys):
     src, dst = tmp_path / "scans", tmp_path / "out"
     for i in range(2):

@@ -409,8 +409,17 @@ def _modality_from_scans(cases: Sequence[Case], src: str | os.PathLike) -> tuple
                               f"{lowest:g}{others}), so it does not look like a CT in Hounsfield units, which the HU "
                               f"window would flatten; nothing was written: {_NO_AIR_ADVICE}")
     if with_air:
-        return "ct", f"taken from the scans: air below {_AIR_HU:g} HU in the {len(with_air)} read, e.g. {with_air[0].name}"
+        return "ct", f"taken from the scans: air below {_AIR_HU:g} HU in the {len(with_air)} read, e.g. {_shown(with_air[0], src)}"
     return "ct", "no scan read could tell, so the former default"
+
+
+def _shown(path: Path, src: str | os.PathLike) -> str:
+    """``path`` as the user knows it: relative to ``src`` (a DICOM series folder is often named ``ct`` or
+    ``1``, so its name alone says nothing), else as given."""
+    try:
+        return path.resolve().relative_to(Path(src).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _recorded_modality(dst: Path, src: str | os.PathLike, report_path: str | os.PathLike | None) -> tuple[str, Path] | None:
