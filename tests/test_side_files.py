@@ -305,7 +305,8 @@ def test_dataset_csv_row_cut_short_is_refused_not_read_as_blank_cells(tmp_path):
     assert cxr.read_csv_rows(path, ["Image Index", "Finding Labels"]) == [{"Image Index": "a.png", "Finding Labels": "No Finding"}]
 
 
-def test_a_garbled_case_manifest_names_the_case_to_redo(tmp_path):
+def test_a_garbled_case_manifest_is_named_and_its_case_redone(tmp_path):
+    # it used to stop the rerun at the datalist (tests/test_prepare_rerun_damaged.py has the variants)
     from test_data_pecad import write_volume
 
     from dira3d.data import pecad
@@ -317,8 +318,9 @@ def test_a_garbled_case_manifest_names_the_case_to_redo(tmp_path):
     manifests = [p for p in dst.rglob("*.json") if p.name not in ("pecad_datalist.json", "report.json", "split.json")]
     assert len(manifests) == 1
     manifests[0].write_text('{"candidates": [{"image": "x"')
-    _call(lambda: pecad.prepare(src, dst, cube_size=(8, 8, 8), progress=False), manifests[0],
-          "delete it and rerun the same command to redo patient PE01")
+    [result] = pecad.prepare(src, dst, cube_size=(8, 8, 8), progress=False)
+    assert result.status == "written"
+    assert f"case manifest {manifests[0]} is not valid JSON" in result.warnings[0] and "cut short" in result.warnings[0]
 
 
 # ---- bundle configs and the MONAI Label app ---------------------------------------------------------

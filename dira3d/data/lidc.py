@@ -44,11 +44,12 @@ from dira3d.data.lidc_xml import (
     rasterize_nodule,
 )
 from dira3d.data.normalize import window_hu
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
+from dira3d.data.manifests import read_case_manifest
+from dira3d.data.runner import (Case, CaseResult, add_common_arguments, batch_stopped, case_outputs, read_case_outputs, run_cases,
+                                run_prepare, write_datalist)
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
-from dira3d.utils.files import FileContentError, read_json
 
 __all__ = ["DEFAULT_SPLIT", "SeriesInfo", "find_series", "consensus_nodules", "process_series", "prepare", "main"]
 
@@ -282,6 +283,17 @@ def process_series(case: Case) -> dict[str, Any]:
     return {"nodules": len(entries), "dropped": len(notes)}
 
 
+def _nodules(case: Case, fix: str) -> list[dict[str, Any]]:
+    """The nodules the manifest of ``case`` lists (each crop and mask there, of this patient)."""
+    return read_case_manifest(case.outputs[0], "nodules", root=case.params["dst"], case_id=case.params["patient_id"],
+                              required=("case_id", "image", "label"), files=("image", "label"), fix=fix)
+
+
+def _check_manifest(case: Case) -> None:
+    """``check_outputs`` of :func:`run_cases`: a series whose manifest cannot be used is redone."""
+    _nodules(case, "so the series does not count as done")
+
+
 def _case_ids(series: list[SeriesInfo]) -> list[str]:
     ids, seen = [], {}
     for info in series:
@@ -338,8 +350,15 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
                         progress=progress, source=src, datalists=[dst / "lidc_datalist.json"],
                         settings={"window": list(window), "spacing": spacing, "crop": list(crop),
                                   "consensus": consensus, "min_readers": min_readers, "group_mm": group_mm,
-                                  "include_outline": include_outline})
+                                  "include_outline": include_outline}, check_outputs=_check_manifest)
     if dry_run or batch_stopped(results, keep_going):
+        return results
+
+    def listed(case: Case, result: CaseResult) -> list[dict[str, Any]]:
+        return _nodules(case, f"rerun the same command to redo series {case.case_id}") if result.ok else []
+
+    manifests = read_case_outputs(cases, results, listed, keep_going=keep_going, out_dir=dst, report_path=report_path)
+    if manifests is None:  # a manifest that cannot be read failed its case, and the batch stops there
         return results
     rule = {"dataset": "lidc", "method": "sorted patient ids permuted by numpy default_rng(seed), cut in order",
             "seed": seed, "reference_sizes": dict(zip(DEFAULT_SPLIT, split))}
@@ -348,17 +367,9 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
                            seed, earlier=earlier_split(dst / "split.json", rule))  # a rerun keeps its patients' parts
     part_of = {pid: name for name, pids in parts.items() for pid in pids}
     splits: dict[str, list[dict]] = {name: [] for name in DEFAULT_SPLIT}
-    for case, result in zip(cases, results):
-        if result.ok:
-            fix = f"delete it and rerun the same command to redo series {case.case_id}"
-            nodules = read_json(case.outputs[0], "case manifest", fix).get("nodules")
-            if not isinstance(nodules, list) or not all(isinstance(e, dict) and {"case_id", "image", "label"} <= set(e)
-                                                        for e in nodules):
-                raise FileContentError(case.outputs[0], f"case manifest {case.outputs[0]} has no list of nodules with "
-                                                        f"case_id, image and label; {fix}")
-            for entry in nodules:
-                splits[part_of[entry["case_id"]]].append(
-                    {**entry, "image": dst / entry["image"], "label": dst / entry["label"]})
+    for nodules in manifests:
+        for entry in nodules or ():
+            splits[part_of[entry["case_id"]]].append({**entry, "image": dst / entry["image"], "label": dst / entry["label"]})
     write_split_file(dst / "split.json", parts, rule)
     meta = {"dataset": "lidc-idri", "command": "dira3d prepare lidc", "window": list(window),
             "spacing": spacing, "crop": list(crop), "consensus": consensus, "min_readers": min_readers,

@@ -42,11 +42,13 @@ from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import IMAGE_SUFFIXES, DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
+from dira3d.data.manifests import read_case_manifest
+from dira3d.data.runner import (Case, CaseResult, add_common_arguments, batch_stopped, case_outputs, read_case_outputs, run_cases,
+                                run_prepare, write_datalist)
 from dira3d.data.splits import assign_folds, write_split_file
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
-from dira3d.utils.files import FileContentError, read_json, read_text
+from dira3d.utils.files import read_json, read_text
 
 __all__ = ["CSV_COLUMNS", "find_volumes", "read_candidates", "prepare", "main"]
 
@@ -130,10 +132,37 @@ def _write_manifest(path: Path, manifest: dict) -> None:
     atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
 
 
+def _cubes(case: Case, path: Path, fix: str) -> list[dict[str, Any]]:
+    """The cubes the manifest ``path`` of ``case`` lists (each a file there, of this patient)."""
+    return read_case_manifest(path, "candidates", root=case.params["dst"], case_id=case.case_id,
+                              required=("image", "case_id", "label", "candidate"), files=("image",), fix=fix)
+
+
+def _check_manifest(case: Case) -> None:
+    """``check_outputs`` of :func:`run_cases`: a patient whose manifest cannot be used, or was made from
+    other CSV rows (a label, coordinate or row added, removed or moved since), is redone.
+
+    A manifest written before the rows were recorded in it is compared by row number and label."""
+    fix = "so the patient does not count as done"
+    path = case.outputs[0]
+    cubes = _cubes(case, path, fix)
+    recorded = read_json(path, "case manifest", fix).get("rows")
+    if recorded is None:
+        changed = sorted((c["candidate"], c["label"]) for c in cubes) != sorted(
+            (r["row"], r.get("label")) for r in case.params["rows"])
+    else:
+        changed = recorded != json.loads(json.dumps(case.params["rows"]))
+    if changed:
+        raise DataError(path, f"lists the cubes of other rows of {case.params['csv']} for patient {case.case_id} "
+                              "(the CSV was changed since), so the patient does not count as done")
+
+
 def _process_patient(case: Case, window: Sequence[float], spacing: Sequence[float] | None,
                      cube_size: Sequence[int]) -> dict:
     p = case.params
     csv_path = p["csv"]
+    done, partial_path = _manifest_paths(case)
+    partial_path.unlink(missing_ok=True)  # one of an earlier run; a partial manifest lists this run's cubes
     if p["volume"] is None:
         rows = ", ".join(str(r["row"] + 1) for r in p["rows"])
         raise DataError(csv_path, f"data row(s) {rows} name patient {case.case_id!r}, which has no volume in "
@@ -163,15 +192,14 @@ def _process_patient(case: Case, window: Sequence[float], spacing: Sequence[floa
         write_nifti(cube, Path(p["dst"]) / "cubes" / case.case_id / name)
         written.append({"image": f"cubes/{case.case_id}/{name}", "case_id": case.case_id, "label": cand["label"],
                         "candidate": cand["row"], "world_mm": [round(float(v), 3) for v in world]})
-    done, partial_path = _manifest_paths(case)
-    manifest = {"case_id": case.case_id, "volume": str(p["volume"]), "candidates": written, "rejected": rejected}
+    manifest = {"case_id": case.case_id, "volume": str(p["volume"]), "candidates": written, "rejected": rejected,
+                "rows": p["rows"]}
     if rejected:
         # Not the case's declared output: the patient is redone (and its rows reported) on every run.
         _write_manifest(partial_path, manifest)
         raise DataError(csv_path, f"patient {case.case_id}: {len(rejected)} bad row(s) skipped, "
                                   f"{len(written)} cube(s) written: " + "; ".join(rejected[:5])
                         + ("; …" if len(rejected) > 5 else "") + " — fix or remove these rows")
-    partial_path.unlink(missing_ok=True)
     _write_manifest(done, manifest)
     return {"candidates": len(written), "positives": sum(c["label"] for c in written)}
 
@@ -219,20 +247,24 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
                         keep_going=keep_going, report_path=report_path, desc="pecad", progress=progress,
                         source=src, datalists=[dst / "pecad_datalist.json"],
                         settings={"window": list(window), "spacing": None if spacing is None else list(spacing),
-                                  "cube_size": [int(s) for s in cube_size]})
+                                  "cube_size": [int(s) for s in cube_size]}, check_outputs=_check_manifest)
     if dry_run or batch_stopped(results, keep_going):
         return results
-    entries = []
-    for case in cases:
-        for path in _manifest_paths(case) if not case.error else ():  # a partial manifest lists the good cubes
-            if path.is_file():
-                fix = f"delete it and rerun the same command to redo patient {case.case_id}"
-                items = read_json(path, "case manifest", fix).get("candidates")
-                if not isinstance(items, list) or not all(isinstance(i, dict) and {"image", "case_id"} <= set(i) for i in items):
-                    raise FileContentError(path, f"case manifest {path} has no list of candidates with image and case_id; {fix}")
-                for item in items:
-                    entries.append({**item, "image": dst / item["image"], "fold": fold_of[item["case_id"]]})
-                break
+
+    def listed(case: Case, result: CaseResult) -> list[dict[str, Any]]:
+        """A done patient's cubes; of a failed one, the good cubes its partial manifest of this run lists."""
+        if case.error or not (result.ok or result.status == "failed"):
+            return []
+        done, partial_path = _manifest_paths(case)
+        if not result.ok and not partial_path.is_file():
+            return []
+        return _cubes(case, done if result.ok else partial_path, f"rerun the same command to redo patient {case.case_id}")
+
+    manifests = read_case_outputs(cases, results, listed, keep_going=keep_going, out_dir=dst, report_path=report_path)
+    if manifests is None:  # a manifest that cannot be read failed its patient, and the batch stops there
+        return results
+    entries = [{**item, "image": dst / item["image"], "fold": fold_of[item["case_id"]]}
+               for items in manifests for item in items or ()]
     rule = {"dataset": "pecad", "method": "sorted patient ids permuted by numpy default_rng(seed), fold = position % k",
             "seed": seed, "folds": folds}
     write_split_file(dst / "split.json", {"folds": fold_of}, rule)

@@ -6,6 +6,9 @@ The runner gives every dataset the same behaviour:
 
 - resumable: a case whose outputs all exist is ``"skipped"`` (an interrupted case, with only
   some outputs present, is redone); ``overwrite=True`` redoes everything;
+- damaged outputs are redone: an empty output file, or outputs that the dataset's ``check_outputs``
+  refuses (e.g. a per-case manifest that is cut short, edited, or lists a file that is gone), do not
+  count as done; the case is redone and its report entry says why (a warning);
 - safe reruns: a datalist in ``out_dir`` prepared from another ``--src``, or a ``--report`` path
   holding a file that is not a report, is an error unless ``overwrite=True``;
 - a problem found while listing the work (a duplicate file, a bad CSV row) is a case with an
@@ -41,6 +44,7 @@ from tqdm import tqdm
 
 from dira3d.data.errors import DataError, DataWarning, join_errors  # join_errors: re-exported
 from dira3d.utils.atomic import atomic_write_text, check_writable, stale_temporaries
+from dira3d.utils.files import read_json
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 
 __all__ = [
@@ -57,6 +61,7 @@ __all__ = [
     "case_outputs",
     "write_json",
     "write_datalist",
+    "read_case_outputs",
 ]
 
 STATUSES = ("written", "skipped", "failed", "dry-run", "cancelled")
@@ -187,6 +192,20 @@ def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResul
     return CaseResult(case.case_id, "written", [str(p) for p in case.outputs], info=dict(info), warnings=notes)
 
 
+def _not_done(case: Case, check_outputs: Callable[[Case], Any] | None) -> str:
+    """Why the existing outputs of ``case`` do not count as done: an empty file, or what
+    ``check_outputs`` raised; ``""`` when they do."""
+    empty = [str(p) for p in case.outputs if Path(p).stat().st_size == 0]
+    if empty:
+        return f"{empty[0]} is empty"
+    if check_outputs is not None:
+        try:
+            check_outputs(case)
+        except (ValueError, OSError) as err:  # DataError / FileContentError name the file
+            return str(err)
+    return ""
+
+
 def _same_setting(old: Any, new: Any) -> bool:
     """Recorded and requested setting agree (JSON forms: tuples are lists, 3 == 3.0)."""
     return json.loads(json.dumps(old)) == json.loads(json.dumps(new))
@@ -243,7 +262,8 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
               workers: int = 1, overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
               report_path: str | os.PathLike | None = None, desc: str = "",
               progress: bool = True, source: str | os.PathLike | None = None,
-              datalists: Sequence[str | os.PathLike] = (), settings: Mapping[str, Any] | None = None) -> list[CaseResult]:
+              datalists: Sequence[str | os.PathLike] = (), settings: Mapping[str, Any] | None = None,
+              check_outputs: Callable[[Case], Any] | None = None) -> list[CaseResult]:
     """Run ``process_fn`` on every case that still needs it and write a JSON report.
 
     Args:
@@ -263,6 +283,10 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
         settings: the processing settings that shape every output (window, spacing, ...), as the
             datalists' ``meta`` records them; a datalist (or this dataset's report) recording other
             values stops the run before any case (without ``overwrite``). Recorded in the report.
+        check_outputs: called (in this process) on a case whose outputs all exist, before it is skipped; it
+            raises ``ValueError`` / ``OSError`` (ideally a ``DataError`` naming the file) when they cannot be
+            used, e.g. a manifest that is cut short, edited or lists a missing file. Such a case, like one with
+            an empty output file, is redone, with the reason among its ``warnings``.
 
     Returns:
         One :class:`CaseResult` per case, in the order of ``cases``.
@@ -283,7 +307,8 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     try:
         return _run_cases(cases, process_fn, out_dir=Path(out_dir), workers=workers, overwrite=overwrite,
                           dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc=desc,
-                          progress=progress, source=source, datalists=datalists, settings=settings)
+                          progress=progress, source=source, datalists=datalists, settings=settings,
+                          check_outputs=check_outputs)
     finally:
         held = _held_until_done.get()
         if lock is not None and held is not None:
@@ -333,7 +358,7 @@ def _lock(out_dir: Path, report_path: Path) -> FolderLock:
 def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, out_dir: Path, workers: int,
                overwrite: bool, dry_run: bool, keep_going: bool, report_path: Path, desc: str, progress: bool,
                source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
-               settings: Mapping[str, Any] | None) -> list[CaseResult]:
+               settings: Mapping[str, Any] | None, check_outputs: Callable[[Case], Any] | None) -> list[CaseResult]:
     """The body of :func:`run_cases` (``out_dir`` locked unless ``dry_run``)."""
     _check_rerun(Path(out_dir), source, datalists, report_path, desc, overwrite, settings)
     if not dry_run:  # locked: no other run writes here, so these are a killed run's half-written files
@@ -345,18 +370,28 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
                   f"(e.g. {left[0].relative_to(out_dir)})", file=sys.stderr)
     results: dict[str, CaseResult] = {}
     todo: list[Case] = []
+    redo: dict[str, str] = {}  # case id -> why its existing outputs are not done
     for case in cases:
         if case.error and dry_run:  # finish() prints it with the failures
             results[case.case_id] = CaseResult(case.case_id, "failed", [], case.error)
-        elif case.error:
+            continue
+        if case.error:
             todo.append(case)
-        elif case.outputs and not overwrite and all(Path(p).is_file() for p in case.outputs):
-            results[case.case_id] = CaseResult(case.case_id, "skipped", [str(p) for p in case.outputs],
-                                               "outputs exist (use --overwrite to redo)")
-        elif dry_run:
-            results[case.case_id] = CaseResult(case.case_id, "dry-run", [str(p) for p in case.outputs])
-            print(f"would write {case.case_id}: " + ", ".join(str(p) for p in case.outputs[:3])
-                  + (f" (+{len(case.outputs) - 3} more)" if len(case.outputs) > 3 else ""))
+            continue
+        if case.outputs and not overwrite and all(Path(p).is_file() for p in case.outputs):
+            why = _not_done(case, check_outputs)
+            if not why:
+                results[case.case_id] = CaseResult(case.case_id, "skipped", [str(p) for p in case.outputs],
+                                                   "outputs exist (use --overwrite to redo)")
+                continue
+            redo[case.case_id] = f"redone: {why}"
+        if dry_run:
+            results[case.case_id] = CaseResult(case.case_id, "dry-run", [str(p) for p in case.outputs],
+                                               redo.get(case.case_id, ""))
+            print(f"would {'redo' if case.case_id in redo else 'write'} {case.case_id}: "
+                  + ", ".join(str(p) for p in case.outputs[:3])
+                  + (f" (+{len(case.outputs) - 3} more)" if len(case.outputs) > 3 else "")
+                  + (f" ({redo[case.case_id]})" if case.case_id in redo else ""))
         else:
             todo.append(case)
     if dry_run:
@@ -393,6 +428,8 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
     not_run = "not run: an earlier case failed (use --keep-going to process all)"
     for case in todo:
         results.setdefault(case.case_id, CaseResult(case.case_id, "cancelled", [], not_run))
+        if case.case_id in redo and results[case.case_id].status != "cancelled":
+            results[case.case_id].warnings.insert(0, redo[case.case_id])
     ordered = [results[c.case_id] for c in cases]
     counts = Counter(r.status for r in ordered)
     report = {"desc": desc, "source": None if source is None else str(Path(source).resolve()),
@@ -401,6 +438,50 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
         report["settings"] = json.loads(json.dumps(settings))
     write_json(report_path, report)
     return ordered
+
+
+def read_case_outputs(cases: Sequence[Case], results: list[CaseResult], read: Callable[[Case, CaseResult], Any], *,
+                      keep_going: bool, out_dir: str | os.PathLike,
+                      report_path: str | os.PathLike | None = None) -> list[Any] | None:
+    """After :func:`run_cases`: what each case gives the datalist, read back from its outputs (e.g. the
+    entries of its manifest), one case's unusable output failing that case alone.
+
+    ``read(case, result)`` is called for every case and returns its part (e.g. ``[]`` for a failed case);
+    when it raises ``ValueError`` / ``OSError`` (a manifest found damaged at this late point), the case's
+    result becomes ``"failed"`` with that reason (its part ``None``), in ``results`` and in the report.
+
+    Args:
+        cases, results: as given to and returned by :func:`run_cases` (``results`` is changed in place).
+        keep_going, out_dir, report_path: as given to :func:`run_cases`.
+
+    Returns:
+        The parts, in the order of ``cases``; ``None`` when a case failed here without ``keep_going``
+        (no datalist may be written: :func:`batch_stopped` is then true).
+    """
+    parts: list[Any] = []
+    changed = False
+    for case, result in zip(cases, results):
+        try:
+            parts.append(read(case, result))
+        except (ValueError, OSError) as err:
+            parts.append(None)
+            if result.status != "failed":
+                result.status, result.outputs, result.reason = "failed", [], str(err)
+            else:
+                result.reason = join_errors(result.reason, str(err))
+            changed = True
+    if changed:
+        _update_report(Path(report_path or Path(out_dir) / "report.json"), results)
+    return None if batch_stopped(results, keep_going) else parts
+
+
+def _update_report(report_path: Path, results: Sequence[CaseResult]) -> None:
+    """Rewrite the cases and summary of the report :func:`run_cases` wrote with ``results``."""
+    report = read_json(report_path, "prepare report", "rerun the same command")
+    counts = Counter(r.status for r in results)
+    report["summary"] = {s: counts.get(s, 0) for s in STATUSES}
+    report["cases"] = [asdict(r) for r in results]
+    write_json(report_path, report)
 
 
 def batch_stopped(results: Iterable[CaseResult], keep_going: bool) -> bool:

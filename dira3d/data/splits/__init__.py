@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -145,8 +146,14 @@ def earlier_split(path: str | Path, rule: Mapping[str, object]) -> dict[str, lis
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # not JSON, or not UTF-8: not a split.json a run wrote; split afresh
+        recorded = None
+    if not isinstance(recorded, dict):  # damaged: a fresh cut moves patients if the patient set changed since
+        print(f"WARNING {path}: cannot be read as the split record of an earlier run (empty, cut short or edited), "
+              "so the patients are split afresh: the same patients and seed give the same split, but patients "
+              "added or removed since may move others between training, validation and test; it is replaced",
+              file=sys.stderr)
         return None
-    if not isinstance(recorded, dict) or recorded.get("rule") != json.loads(json.dumps(dict(rule))):
+    if recorded.get("rule") != json.loads(json.dumps(dict(rule))):
         return None
     return {name: [p for p in pids if isinstance(p, (str, int))]  # ids; anything else was not written by a run
             for name, pids in recorded.items() if name != "rule" and isinstance(pids, list)}
