@@ -209,7 +209,7 @@ def test_select_modalities_follows_the_prepared_channel_order(tmp_path):
     assert float(SelectModalitiesd("image", "flair", two)({"image": image[:2]})["image"].max()) == 1.0
     with pytest.raises(ValueError, match=r"asks for \['t2'\], but the images hold \['t1', 'flair'\]"):
         SelectModalitiesd("image", "t2", two)
-    with pytest.raises(ValueError, match="the datalist says"):
+    with pytest.raises(ValueError, match=r"image_channels says the images hold \['t1', 'flair'\]"):
         SelectModalitiesd("image", "flair", two)({"image": image})
 
 

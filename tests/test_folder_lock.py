@@ -97,3 +97,22 @@ def test_prepare_finetune_and_visual_words_into_a_folder_in_use_stop_at_once(tmp
         holder.kill()
         holder.wait()
     assert cli_main(commands["prepare"][0]) == 0 and (dst / "volumes" / "a.nii.gz").is_file()
+
+
+def test_a_holder_record_a_killed_run_left_does_not_name_the_next_holder(tmp_path):
+    """``.dira3d.lock.holder`` (written by a holder that could not write the lock file) of a killed run is older
+    than the next holder's own record: the refusal names the process that holds the folder now."""
+    import time
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    stale = folder / ".dira3d.lock.holder"
+    stale.write_text("process 1 on a-killed-run\n")
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    holder = hold_in_another_process(folder)
+    try:
+        with pytest.raises(FolderInUseError, match=rf"in use by process {holder.pid} "):
+            FolderLock(folder).acquire()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -223,3 +223,49 @@ def test_monai_bundle_run_refuses_and_names_the_file(seg3d):
     assert result.returncode != 0
     assert "FileExistsError" in result.stderr + result.stdout and str(label) in result.stderr + result.stdout
     assert label.read_bytes() == before
+
+
+def test_a_full_disk_is_reported_as_such_naming_the_prediction_and_what_to_do(seg3d, monkeypatch):
+    """MONAI's SaveImage reported a writer's OSError (here ENOSPC) as "cannot find a suitable writer for
+    <the temporary file>", with advice to install writer libraries."""
+    import errno
+
+    from dira3d.evaluation.outputs import PredictionNiftiWriter
+
+    scan, models = seg3d
+
+    def disk_full(self, filename, verbose=False, **kwargs):
+        Path(filename).write_bytes(b"\x1f\x8b the start of a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr(PredictionNiftiWriter, "write", disk_full)
+    error = _refused(OSError, _infer, "lits_liver_seg", scan, models, **SEG3D)
+    message = str(error)
+    assert error.errno == errno.ENOSPC and "No space left on device" in message
+    assert f"could not write the prediction {scan.parent / 'case1_seg.nii.gz'}:" in message
+    assert "free space" in message and "--output_dir" in message
+    assert "suitable writer" not in message and ".case1_seg" not in message  # not the temporary name
+    assert sorted(os.listdir(scan.parent)) == ["case1.nii.gz", "models"]  # no temporary file left
+
+
+def test_a_folder_that_cannot_be_written_is_named_with_the_prediction(tmp_path, monkeypatch):
+    """An OSError of the file system around the writer (the temporary file cannot be created) names the
+    prediction, not a temporary name."""
+    import errno
+
+    import torch
+    from monai.data import MetaTensor
+
+    from dira3d.evaluation.outputs import SavePredictiond
+    from dira3d.utils import atomic
+
+    def no_temporary(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / ".case_seg.nii.gz.x.nii.gz"))
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", no_temporary)
+    saver = SavePredictiond(keys="pred", output_dir=str(tmp_path), output_postfix="seg", output_ext=".nii.gz",
+                            separate_folder=False, resample=False, print_log=False)
+    image = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "/data/case.nii.gz"})
+    with pytest.raises(PermissionError, match=rf"could not write the prediction {tmp_path / 'case_seg.nii.gz'}: "
+                                              r"Permission denied; check that this folder can be written"):
+        saver({"pred": image})

@@ -1,17 +1,24 @@
-"""``inference.json`` of ``lits_liver_seg`` scales a raw scan as the model's training volumes were prepared:
-``dira3d finetune`` records the datalist's ``modality`` / ``window`` / ``percentiles`` in
-``<ckpt_dir>/preprocessing.json`` and the inference defaults are read from there (end to end with a real
+"""``inference.json`` of ``lits_liver_seg`` and ``brats_tumor_seg`` prepares a raw scan as the model's training
+volumes were: ``dira3d finetune`` records the datalist's ``modality`` / ``window`` / ``percentiles`` / ``channels``
+(and the run's ``modalities``) in ``<ckpt_dir>/preprocessing.json`` and the inference defaults are read from there (end to end with a real
 fine-tuning run in tests/test_data_generic.py)."""
 
 from __future__ import annotations
 
 import json
 
+import nibabel as nib
+import numpy as np
 import pytest
 from monai.bundle import ConfigParser
 
 from dira3d.evaluation.finetune import bundle_path
-from dira3d.evaluation.preprocessing import datalist_preprocessing, trained_preprocessing, write_preprocessing
+from dira3d.evaluation.preprocessing import (
+    datalist_preprocessing,
+    trained_preprocessing,
+    training_preprocessing,
+    write_preprocessing,
+)
 
 
 def _inference(ckpt_dir) -> ConfigParser:
@@ -45,3 +52,87 @@ def test_a_garbled_file_is_named_with_what_to_do(tmp_path, content, message):
     with pytest.raises(ValueError, match=rf"preprocessing\.json.*{message}") as raised:
         trained_preprocessing(tmp_path, "modality", "ct")
     assert "delete" in str(raised.value)
+
+
+# --- brats_tumor_seg: the percentiles, the sequences and their channel order ------------------------------------
+
+BRATS_ORDER = ["flair", "t2", "t1ce", "t1"]  # `dira3d prepare brats --modalities flair t2 t1ce t1`
+
+
+def _brats_inference(ckpt_dir) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(bundle_path("brats_tumor_seg") / "configs" / "inference.json")])
+    parser.update({"ckpt_dir": str(ckpt_dir)})
+    return parser
+
+
+def _raw_brats_scan(path) -> np.ndarray:
+    """A raw (unnormalised) 4D scan in BRATS_ORDER, channels last as prepare writes them; each sequence its own
+    intensity scale, so that a swapped channel or other percentiles show in the numbers."""
+    rng = np.random.default_rng(0)
+    array = np.stack([rng.uniform(0, 100 * (c + 1), (12, 10, 8)) for c in range(4)], axis=-1).astype(np.float32)
+    array[:2] = 0  # background
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    return array
+
+
+def test_brats_inference_prepares_a_scan_as_the_training_volumes_were(tmp_path):
+    """Data prepared with `--percentiles 2 98 --modalities flair t2 t1ce t1` and fine-tuned on t2,flair: inference
+    used 0.5 / 99.5 percentiles, took the channels as t1, t1ce, t2, flair and gave the network FLAIR alone."""
+    from dira3d.data.normalize import normalize_mr
+    from dira3d.evaluation.transforms import datalist_channels
+
+    datalist = tmp_path / "brats_datalist.json"
+    datalist.write_text(json.dumps({"training": [], "meta": {"dataset": "brats2018", "channels": BRATS_ORDER,
+                                                             "percentiles": [2.0, 98.0], "spacing": None}}))
+    settings = training_preprocessing(datalist, modalities="t2,flair", image_channels=datalist_channels(str(datalist)))
+    assert settings == {"percentiles": [2.0, 98.0], "channels": BRATS_ORDER, "modalities": ["t2", "flair"]}
+    write_preprocessing(tmp_path / "models", settings)
+    parser = _brats_inference(tmp_path / "models")
+    assert parser.get_parsed_content("in_channels") == 2
+    raw = _raw_brats_scan(tmp_path / "scan.nii.gz")
+    seen = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "scan.nii.gz")})["image"]
+    for channel, name in enumerate(["t2", "flair"]):
+        expected = normalize_mr(raw[..., BRATS_ORDER.index(name)], lower=2.0, upper=98.0)
+        np.testing.assert_allclose(seen[channel].numpy(), expected, atol=1e-5, err_msg=name)
+    # the command line wins
+    parser = _brats_inference(tmp_path / "models")
+    parser.update({"percentiles": [0.5, 99.5], "modalities": "flair", "image_channels": ["t1", "t1ce", "t2", "flair"]})
+    seen = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "scan.nii.gz")})["image"]
+    np.testing.assert_allclose(seen[0].numpy(), normalize_mr(raw[..., 3], lower=0.5, upper=99.5), atol=1e-5)
+
+
+def test_brats_inference_without_the_file_keeps_its_defaults(tmp_path):
+    parser = _brats_inference(tmp_path / "models")
+    assert parser.get_parsed_content("modalities") == "flair" and parser.get_parsed_content("image_channels") is None
+    assert parser.get_parsed_content("percentiles") == [0.5, 99.5]
+
+
+def test_finetune_records_the_sequences_brats_inference_needs(tmp_path, monkeypatch):
+    """`dira3d finetune --bundle brats_tumor_seg` writes the datalist's channels and percentiles and the run's
+    modalities to models/preprocessing.json before it trains (stopped here right there)."""
+    from monai.bundle import ConfigWorkflow
+    from test_bundles_finetune import make_segmentation
+
+    from dira3d.evaluation.finetune import run_finetune
+
+    datalist, _ = make_segmentation(tmp_path / "data", "brats_datalist.json", (32, 32, 16), 4, n_train=3, n_test=1)
+    content = json.loads(datalist.read_text())
+    content["meta"] = {"dataset": "brats2018", "channels": BRATS_ORDER, "percentiles": [1.0, 99.0]}
+    datalist.write_text(json.dumps(content))
+
+    class Stop(BaseException):
+        pass
+
+    def stop(self):
+        raise Stop
+
+    monkeypatch.setattr(ConfigWorkflow, "run", stop)
+    with pytest.raises(Stop):
+        run_finetune("brats_tumor_seg", {"datalist": str(datalist), "modalities": "t1ce,flair"},
+                     output_dir=tmp_path / "out", tiny=True)
+    recorded = json.loads((tmp_path / "out" / "models" / "preprocessing.json").read_text())
+    assert recorded == {"percentiles": [1.0, 99.0], "channels": BRATS_ORDER, "modalities": ["t1ce", "flair"]}
+    parser = _brats_inference(tmp_path / "out" / "models")
+    assert parser.get_parsed_content("modalities") == ["t1ce", "flair"]
+    assert parser.get_parsed_content("image_channels") == BRATS_ORDER

@@ -232,3 +232,33 @@ def test_a_lock_file_another_user_left_does_not_stop_the_next_run(tmp_path):
     finally:
         lock.chmod(0o644)
     assert result.returncode == 0 and "locked" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_holder_that_cannot_write_the_lock_file_is_the_one_a_refused_run_names(tmp_path):
+    """The lock file of an earlier run (another user's, read-only here) kept that run's "process N on host": a
+    second run was told the folder was in use by the earlier, finished process, not by the one holding it."""
+    from dira3d.utils.folder_lock import FolderInUseError, FolderLock
+
+    prefix = _unprivileged(tmp_path)
+    folder = tmp_path / "shared_run"
+    folder.mkdir()
+    folder.chmod(0o777)
+    FolderLock(folder).acquire().release()  # the earlier run: this process, which has released it
+    lock = folder / ".dira3d.lock"
+    assert lock.read_text().startswith(f"process {os.getpid()} on ")
+    lock.chmod(0o444)  # not writable by the holder below
+    code = ("import sys\nfrom dira3d.utils.folder_lock import FolderLock\n"
+            f"lock = FolderLock({str(folder)!r}).acquire()\n"
+            "print('locked', flush=True)\nsys.stdin.readline()\nlock.release()\n")
+    holder = subprocess.Popen(prefix + [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    try:
+        assert holder.stdout.readline().strip() == "locked", holder.stderr.read()[-2000:]
+        with pytest.raises(FolderInUseError, match=rf"{folder} is in use by process {holder.pid} on ") as refused:
+            FolderLock(folder).acquire()
+        assert f"process {os.getpid()} " not in str(refused.value)
+    finally:
+        holder.communicate("\n", timeout=60)
+        lock.chmod(0o644)
+    assert holder.returncode == 0, holder.stderr[-2000:]
+    assert sorted(p.name for p in folder.iterdir()) == [".dira3d.lock"]  # the holder's own record went with it

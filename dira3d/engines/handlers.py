@@ -77,9 +77,9 @@ class RestorationImageHandler:
 
     def attach(self, engine: Engine) -> None:
         if self._own_writer:
-            from torch.utils.tensorboard import SummaryWriter
+            from dira3d.engines.summary import LazySummaryWriter  # no event file before the first image
 
-            self.summary_writer = SummaryWriter(log_dir=self.log_dir)
+            self.summary_writer = LazySummaryWriter(log_dir=self.log_dir)
             engine.add_event_handler(Events.COMPLETED, lambda _: self.summary_writer.close())
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dira3d.evaluation.preprocessing import PREPROCESSING_FILE, datalist_preprocessing, write_preprocessing
+from dira3d.evaluation.preprocessing import PREPROCESSING_FILE, training_preprocessing, write_preprocessing
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
@@ -200,9 +200,11 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     # nor its TensorBoard curves merged into this run's
     for path in replaced:
         path.unlink(missing_ok=True)
-    # how the training volumes were scaled, for inference.json to scale a raw scan the same way
+    # how the training volumes were scaled (and, for BraTS, which sequences went in, in which order), for
+    # inference.json to prepare a raw scan the same way
     (out / "models" / PREPROCESSING_FILE).unlink(missing_ok=True)
-    write_preprocessing(out / "models", datalist_preprocessing(effective.get("datalist")))
+    inputs = {key: parser.get_parsed_content(key) for key in ("modalities", "image_channels") if key in parser}
+    write_preprocessing(out / "models", training_preprocessing(effective.get("datalist"), **inputs))
     with quiet_interrupt_logs():
         trainer_flow.run()
     holdout = {"best_" + str(getattr(validator.state, "key_metric_name", "metric")): _number(validator.state.best_metric)}

@@ -20,6 +20,7 @@ unless ``overwrite`` is set.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -39,7 +40,8 @@ from dira3d.utils.atomic import atomic_path
 from dira3d.utils.overrides import as_bool
 
 __all__ = ["CheckPredictionFiles", "PredictionNiftiWriter", "PredictionPNGWriter", "SavePredictiond", "array_digest",
-           "check_prediction_targets", "is_own_prediction", "json_digest", "prediction_mark", "prediction_target"]
+           "check_prediction_targets", "is_own_prediction", "json_digest", "prediction_mark", "prediction_target",
+           "write_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +210,30 @@ def _writer_for(ext: str) -> type[ImageWriter] | None:
     return None  # MONAI's writer for the extension: no mark, so an existing file is always refused
 
 
+def _reporting_writer(writer_cls: type[ImageWriter], failures: list[OSError]) -> type[ImageWriter]:
+    """``writer_cls`` whose ``write`` also appends an ``OSError`` it raises to ``failures``: MONAI's ``SaveImage``
+    catches every writer's exception and reports them all as "cannot find a suitable writer" (with advice to
+    install writer libraries), which hides a full disk."""
+
+    def write(self: ImageWriter, filename: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return writer_cls.write(self, filename, *args, **kwargs)
+        except OSError as err:
+            failures.append(err)
+            raise
+
+    return type(writer_cls.__name__, (writer_cls,), {"write": write, "__doc__": writer_cls.__doc__})
+
+
+def write_error(target: str | os.PathLike, err: OSError) -> OSError:
+    """The error for a prediction that could not be written (``err`` from the writer or the file system): names
+    the target, not the temporary file, says what the system said and what to do."""
+    full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    todo = ("free space on that disk (or raise your quota)" if full else "check that this folder can be written")
+    return OSError(err.errno, f"could not write the prediction {target}: {err.strerror or err}; {todo}, or choose "
+                              "another --output_dir (no partial file was left)")
+
+
 class _GuardedSaveImage(SaveImage):
     """``SaveImage`` that checks its target, writes to a temporary name beside it and renames it."""
 
@@ -226,10 +252,18 @@ class _GuardedSaveImage(SaveImage):
                                  inputs=[meta[ImageMetaKey.FILENAME_OR_OBJ]] if meta and meta.get(ImageMetaKey.FILENAME_OR_OBJ) else [])
         verbose = self.write_kwargs.get("verbose", False)
         self.write_kwargs["verbose"] = False  # the temporary name would be logged
+        writers, failures = self.writers, []
+        self.writers = tuple(_reporting_writer(w, failures) for w in writers)
         try:
             with atomic_path(target, suffix=self.output_ext or ".tmp") as tmp:
                 out = super().__call__(img, meta_data, filename=str(tmp)[: len(str(tmp)) - len(self.output_ext)])
+        except (OSError, RuntimeError) as err:
+            cause = err if isinstance(err, OSError) else (failures[-1] if failures else None)
+            if cause is None:
+                raise
+            raise write_error(target, cause) from cause
         finally:
+            self.writers = writers
             self.write_kwargs["verbose"] = verbose
         if verbose:
             logger.info(f"writing: {target}")
@@ -250,6 +284,8 @@ class SavePredictiond(SaveImaged):
 
     Raises:
         FileExistsError: (when called) the target holds a file dira3d did not write, see :func:`check_prediction_targets`.
+        OSError: (when called) the file could not be written (a full disk, a folder that cannot be written): names the
+            target and the system's reason (:func:`write_error`); no temporary file is left.
     """
 
     def __init__(self, keys: Any, overwrite: Any = False, **kwargs: Any) -> None:

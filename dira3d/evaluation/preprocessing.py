@@ -1,13 +1,17 @@
 """The intensity preparation a fine-tuned model was trained on, kept beside its weights.
 
 ``dira3d prepare`` records in the datalist's ``meta`` how it scaled the volumes: ``modality``
-(``ct`` or ``mr``), the HU ``window`` (CT) or the ``percentiles`` (MR). A model fine-tuned on them
-expects a raw scan at inference to be scaled the same way. ``dira3d finetune`` copies those
-settings to ``<ckpt_dir>/preprocessing.json`` next to ``model.pt`` (:func:`write_preprocessing`),
-and ``inference.json`` of ``lits_liver_seg`` reads its ``modality``, ``hu_window`` and
-``percentiles`` defaults from there (:func:`trained_preprocessing`), so a model fine-tuned on MRI
-(``prepare generic --modality mr``) or on a soft-tissue window (``--window -100 400``) is not fed
-scans windowed to HU [-1000, 1000]. A value given on the command line (``--modality ct``) wins.
+(``ct`` or ``mr``), the HU ``window`` (CT) or the ``percentiles`` (MR), and for BraTS the sequences
+the images hold in channel order (``channels``). A model fine-tuned on them expects a raw scan at
+inference to be scaled and laid out the same way. ``dira3d finetune`` copies those settings to
+``<ckpt_dir>/preprocessing.json`` next to ``model.pt`` (:func:`training_preprocessing`,
+:func:`write_preprocessing`), with the sequences the network was given (the bundle's ``modalities``,
+``brats_tumor_seg``). ``inference.json`` of ``lits_liver_seg`` reads its ``modality``, ``hu_window``
+and ``percentiles`` defaults from there, and that of ``brats_tumor_seg`` its ``percentiles``,
+``modalities`` and ``image_channels`` (:func:`trained_preprocessing`), so a model fine-tuned on MRI
+(``prepare generic --modality mr``), on a soft-tissue window (``--window -100 400``), on BraTS data
+prepared with ``--percentiles 1 99`` or ``--modalities flair t1`` is fed raw scans as it was trained.
+A value given on the command line (``--modality ct``) wins.
 """
 
 from __future__ import annotations
@@ -21,24 +25,46 @@ from typing import Any
 from dira3d.data.datalist import datalist_meta
 from dira3d.utils.atomic import atomic_write_text
 
-__all__ = ["PREPROCESSING_FILE", "datalist_preprocessing", "trained_preprocessing", "write_preprocessing"]
+__all__ = ["PREPROCESSING_FILE", "datalist_preprocessing", "trained_preprocessing", "training_preprocessing",
+           "write_preprocessing"]
 
 logger = logging.getLogger(__name__)
 
 PREPROCESSING_FILE = "preprocessing.json"
-# datalist meta keys that say how intensities were scaled
-_KEYS = ("modality", "window", "percentiles")
+# datalist meta keys that say how intensities were scaled and (BraTS) which sequences the channels hold
+_DATALIST_KEYS = ("modality", "window", "percentiles", "channels")
+# ... and the bundle setting that says which sequences the network was given, in its channel order
+_KEYS = (*_DATALIST_KEYS, "modalities")
 
 
 def datalist_preprocessing(datalist: str | os.PathLike | None) -> dict[str, Any]:
-    """``modality`` / ``window`` / ``percentiles`` of a prepared datalist's ``meta`` (those it records,
-    without nulls); empty for a datalist without them (or none)."""
+    """``modality`` / ``window`` / ``percentiles`` / ``channels`` of a prepared datalist's ``meta`` (those
+    it records, without nulls); empty for a datalist without them (or none)."""
     meta = datalist_meta(datalist)  # lenient: the datalist reader reports a broken file with its own message
-    return {key: meta[key] for key in _KEYS if meta.get(key) is not None}
+    return {key: meta[key] for key in _DATALIST_KEYS if meta.get(key) is not None}
+
+
+def training_preprocessing(datalist: str | os.PathLike | None, modalities: Any = None,
+                           image_channels: Any = None) -> dict[str, Any]:
+    """What a fine-tuning run gave its network, for ``preprocessing.json``: :func:`datalist_preprocessing`,
+    plus, for ``brats_tumor_seg``, its ``modalities`` setting (the sequences the network sees, in order) and
+    its ``image_channels`` setting (the sequences the images held; it wins over the datalist's ``channels``).
+
+    Raises:
+        ValueError: an unknown sequence name (see ``dira3d.evaluation.transforms.modality_channels``).
+    """
+    from dira3d.evaluation.transforms import modality_channels
+
+    settings = datalist_preprocessing(datalist)
+    if image_channels:
+        settings["channels"] = modality_channels(list(image_channels))
+    if modalities is not None:
+        settings["modalities"] = modality_channels(modalities)
+    return settings
 
 
 def write_preprocessing(ckpt_dir: str | os.PathLike, settings: dict[str, Any]) -> Path | None:
-    """Write ``settings`` (see :func:`datalist_preprocessing`) to ``<ckpt_dir>/preprocessing.json``
+    """Write ``settings`` (see :func:`training_preprocessing`) to ``<ckpt_dir>/preprocessing.json``
     atomically; nothing when there are none. Returns the file written."""
     if not settings:
         return None
@@ -49,8 +75,8 @@ def write_preprocessing(ckpt_dir: str | os.PathLike, settings: dict[str, Any]) -
 
 
 def trained_preprocessing(ckpt_dir: str | os.PathLike, key: str, default: Any) -> Any:
-    """The ``key`` (``modality``, ``window`` or ``percentiles``) the model in ``ckpt_dir`` was trained
-    with, read from ``<ckpt_dir>/preprocessing.json``; ``default`` when the file or the key is absent
+    """The ``key`` (``modality``, ``window``, ``percentiles``, ``channels`` or ``modalities``) the model in
+    ``ckpt_dir`` was trained with, read from ``<ckpt_dir>/preprocessing.json``; ``default`` when the file or the key is absent
     (a model trained before dira3d recorded it, or on a datalist that does not say).
 
     Raises:

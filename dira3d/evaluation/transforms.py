@@ -71,15 +71,19 @@ class SelectModalities(Transform):
         missing = [n for n in self.names if self.image_channels is not None and n not in self.image_channels]
         if missing:
             raise ValueError(f"modalities={self.names} asks for {missing}, but the images hold {self.image_channels} "
-                             "(the datalist's meta.channels, from dira3d prepare brats --modalities); set modalities to "
-                             "sequences they hold, or prepare the data again with those sequences")
+                             "(image_channels: the datalist's meta.channels, from dira3d prepare brats --modalities; at "
+                             "inference those of the model's training volumes, from <ckpt_dir>/preprocessing.json); set "
+                             "modalities to sequences they hold, or prepare the data again with those sequences")
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         channels = img.shape[0]
         if self.image_channels is not None:
             if channels != len(self.image_channels):
-                raise ValueError(f"image has {channels} channel(s) but the datalist says its images hold "
-                                 f"{self.image_channels}; prepare the data again into a new folder")
+                raise ValueError(f"image has {channels} channel(s) but image_channels says the images hold "
+                                 f"{self.image_channels} (the datalist's meta.channels; at inference those of the model's "
+                                 "training volumes): prepare the data again into a new folder, or, at inference, set "
+                                 "image_channels to the sequences this image holds, in order (--image_channels \"['t1', "
+                                 "'t1ce', 't2', 'flair']\")")
             return img[[self.image_channels.index(n) for n in self.names]]
         if channels == len(BRATS_MODALITIES):
             index = [BRATS_MODALITIES.index(n) for n in self.names]

@@ -6,6 +6,14 @@ start with a message naming the folder and the process that holds it. The operat
 the lock when its holder exits in any way (SIGKILL included), so a crashed run never leaves a
 stale lock behind. On file systems without ``flock`` (some network mounts) or without ``fcntl``
 (Windows) the lock is skipped with a warning.
+
+The holder writes who it is into the lock file. A lock file it cannot write (left by another user in
+a shared, group-writable folder: ``flock`` needs no write access) still holds the text of an earlier
+holder, so the holder then records itself in ``<folder>/.dira3d.lock.holder`` instead (written anew,
+removed when it releases the lock), and a refused run names the holder from the newer of the two.
+(A holder that can write neither records nothing and the earlier record stays: a folder it cannot
+write, where runs stop at their check of the output folder before they take the lock, or a sticky
+folder, ``chmod +t``, where another user's holder file cannot be replaced.)
 """
 
 from __future__ import annotations
@@ -13,13 +21,52 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import IO
+
+from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["FolderLock", "FolderInUseError"]
 
 LOCK_NAME = ".dira3d.lock"
-# folder -> [open lock file, FolderLock objects of this process holding it]: flock excludes other
-# processes; runs of one process (one after the other, e.g. a resume in a test) share the lock
+HOLDER_NAME = f"{LOCK_NAME}.holder"  # who holds the lock, when the lock file cannot be written
+# folder -> [open lock file, FolderLock objects of this process holding it, holder file it wrote or None]:
+# flock excludes other processes; runs of one process (one after the other, e.g. a resume in a test) share the lock
 _HELD: dict[Path, list] = {}
+
+
+def _record_holder(folder: Path, handle: IO[str]) -> Path | None:
+    """Write who holds the lock: into the lock file, else (read-only lock file) into a new holder file,
+    which is returned (the holder removes it when it releases the lock)."""
+    text = f"process {os.getpid()} on {os.uname().nodename}\n"
+    sidecar = folder / HOLDER_NAME
+    if handle.writable():
+        handle.seek(0)
+        handle.truncate()
+        handle.write(text)
+        handle.flush()
+        try:  # an earlier holder's (a killed one's); older than the lock file's text now in any case
+            sidecar.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return None
+    try:
+        atomic_write_text(sidecar, text)
+    except OSError:  # a folder this process cannot write: it will not get far there anyway
+        return None
+    return sidecar
+
+
+def _holder(folder: Path) -> str:
+    """Who holds the lock, as recorded by the newest of the lock file and the holder file."""
+    recorded = []
+    for path in (folder / LOCK_NAME, folder / HOLDER_NAME):
+        try:
+            when, text = path.stat().st_mtime_ns, path.read_text(encoding="utf-8").strip()
+        except (OSError, ValueError):
+            continue
+        if text:
+            recorded.append((when, path.name == HOLDER_NAME, text))
+    return max(recorded)[2] if recorded else "another process (unknown)"
 
 
 class FolderInUseError(RuntimeError):
@@ -77,9 +124,8 @@ class FolderLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
             handle.close()
+            holder = _holder(self.folder)
             raise FolderInUseError(
                 f"{self.what} {self.folder} is in use by {holder}: {self.clash}; wait for that run to end, or choose "
                 "another output folder") from None
@@ -87,12 +133,7 @@ class FolderLock:
             handle.close()
             warnings.warn(f"{self.folder} cannot be locked ({err}); make sure no other run writes there", stacklevel=2)
             return self
-        if handle.writable():  # who holds it, for the error of a second run
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
-            handle.flush()
-        _HELD[key] = [handle, 1]
+        _HELD[key] = [handle, 1, _record_holder(self.folder, handle)]  # who holds it, for the error of a second run
         self.held = True
         return self
 
@@ -108,5 +149,10 @@ class FolderLock:
             return
         entry[1] -= 1
         if entry[1] == 0:
+            if entry[2] is not None:  # removed while the lock is still held: it cannot be the next holder's
+                try:
+                    entry[2].unlink(missing_ok=True)
+                except OSError:
+                    pass
             entry[0].close()
             del _HELD[key]
