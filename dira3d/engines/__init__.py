@@ -8,7 +8,7 @@
 - Factories for the mode-dependent parts and the volume → patch-pair transforms.
 """
 
-from dira3d.engines.checkpoint import DiRACheckpoint, checkpoint_dict, restore_checkpoint
+from dira3d.engines.checkpoint import DiRACheckpoint, check_checkpoint_folder_free, checkpoint_dict, restore_checkpoint
 from dira3d.engines.components import DIS_MODES, build_dis_head, build_dis_loss, build_predictor, check_dis_mode
 from dira3d.engines.data import RandPatchPair, RandPatchPaird, with_image_labels
 from dira3d.engines.distributed import init_distributed, is_main_process, maybe_sync_batchnorm
@@ -34,6 +34,7 @@ __all__ = [
     "DiRAEvaluator",
     "DiRACheckpoint",
     "checkpoint_dict",
+    "check_checkpoint_folder_free",
     "restore_checkpoint",
     "DIS_MODES",
     "build_dis_head",

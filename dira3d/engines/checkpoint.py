@@ -33,9 +33,12 @@ from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
 from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.overrides import as_bool
 
-__all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state", "DiRACheckpoint"]
+__all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state", "DiRACheckpoint",
+           "check_checkpoint_folder_free"]
 
 _META_CHECKED = ("spatial_dims", "in_channels", "dis_mode")
+
+CHECKPOINT_FOLDER = "checkpoint folder"  # how the lock names ckpt_dir in its error
 
 
 def rng_state() -> dict[str, Any]:
@@ -155,6 +158,19 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     trainer.state.stage = trainer.current_stage().name
 
 
+def check_checkpoint_folder_free(ckpt_dir: str | os.PathLike) -> None:
+    """For a bundle config's ``initialize``: stop at once when another run writes checkpoints into ``ckpt_dir``,
+    before any dataset is cached (caching a real dataset takes minutes to hours, and :class:`DiRACheckpoint`
+    takes the lock only as the engine starts). The lock is not taken here. Global rank 0 alone checks: the
+    other ranks of a ``torchrun`` never take it, and two ranks probing at once would see each other.
+
+    Raises:
+        dira3d.utils.folder_lock.FolderInUseError: another process holds ``ckpt_dir``'s lock.
+    """
+    if int(os.environ.get("RANK", "0")) == 0:
+        FolderLock(ckpt_dir, what=CHECKPOINT_FOLDER).check_free()
+
+
 class DiRACheckpoint:
     """Writes ``last.pt`` (resume) and ``best.pt`` (lowest validation loss) and resumes from ``last.pt``.
 
@@ -204,7 +220,7 @@ class DiRACheckpoint:
         self.save_every_epochs, self.save_every_iterations = max(int(save_every_epochs), 1), int(save_every_iterations)
         self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
         self.best: dict[str, Any] = {"best_metric": None, "best_epoch": -1, "best_stage": ""}
-        self.lock = FolderLock(self.ckpt_dir, what="checkpoint folder")
+        self.lock = FolderLock(self.ckpt_dir, what=CHECKPOINT_FOLDER)
 
     @property
     def last_path(self) -> Path:

@@ -125,10 +125,7 @@ class FolderLock:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            holder = _holder(self.folder)
-            raise FolderInUseError(
-                f"{self.what} {self.folder} is in use by {holder}: {self.clash}; wait for that run to end, or choose "
-                "another output folder") from None
+            raise FolderInUseError(self._in_use()) from None
         except OSError as err:  # a file system without flock
             handle.close()
             warnings.warn(f"{self.folder} cannot be locked ({err}); make sure no other run writes there", stacklevel=2)
@@ -136,6 +133,35 @@ class FolderLock:
         _HELD[key] = [handle, 1, _record_holder(self.folder, handle)]  # who holds it, for the error of a second run
         self.held = True
         return self
+
+    def check_free(self) -> None:
+        """Raise now when another process holds the lock, without taking it or creating anything: a run's
+        early check, before it spends time caching data (it takes the lock when it starts writing).
+
+        Raises:
+            FolderInUseError: another process holds it.
+        """
+        lock_file = self.folder / LOCK_NAME
+        if self.held or not lock_file.is_file() or self.folder.resolve() in _HELD:
+            return
+        try:
+            import fcntl
+
+            handle = open(lock_file, encoding="utf-8")  # noqa: SIM115 - closed below; flock needs no write access
+        except (ImportError, OSError):  # no fcntl (Windows) or unreadable: acquire() says what it can
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FolderInUseError(self._in_use()) from None
+            except OSError:  # a file system without flock: acquire() warns
+                return
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _in_use(self) -> str:
+        return (f"{self.what} {self.folder} is in use by {_holder(self.folder)}: {self.clash}; wait for that run to "
+                "end, or choose another output folder")
 
     def release(self) -> None:
         """Drop this object's hold; the last one of the process closes the file, which releases the
