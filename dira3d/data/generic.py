@@ -3,7 +3,7 @@
 Finds every NIfTI / NRRD / MetaImage file and every DICOM series folder under ``--src``; CT is
 windowed to HU [lo, hi] → [0, 1], MR is scaled by the 0.5 / 99.5 percentiles of its non-zero
 voxels. Without ``--modality`` the one an earlier run into ``--dst`` recorded is used, else the
-scans decide (:func:`_modality_from_scans`): scans without air stop the run before anything is
+scans decide (:func:`dira3d.data.modality.modality_from_scans`): scans without air stop the run before anything is
 written. Optional masks are paired by name (``--label-suffix _label`` pairs ``a_label.nrrd`` with
 ``a.nrrd``, or with ``a_image.nrrd`` when ``--image-suffix _image``) and written as ``uint8``
 on the same grid (nearest-neighbour resampling). The validation / test split is drawn over
@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from dira3d.data.errors import DataWarning, record_or_raise
+from dira3d.data.errors import record_or_raise
 from dira3d.data.geometry import resample
 from dira3d.data.io import (
     IMAGE_SUFFIXES,
@@ -44,6 +43,7 @@ from dira3d.data.io import (
     write_nifti,
     xyz_to_image,
 )
+from dira3d.data.modality import MODALITIES, check_hu, check_mr, check_not_a_mask, modality_from_scans, recorded_modality
 from dira3d.data.normalize import normalize_mr, window_hu
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.splits import extend_split
@@ -51,7 +51,6 @@ from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["normalise_image", "prepare_mask", "discover", "patient_ids", "prepare", "main"]
 
-MODALITIES = ("ct", "mr")
 PATIENT_FROM = ("case", "parent", "regex")
 
 
@@ -248,92 +247,15 @@ def patient_ids(src: str | os.PathLike, found: Sequence[tuple[str, Path | None, 
     return out
 
 
-_MASK_VALUES = 16  # an integer image with this few distinct values is a label map, not a scan
-
-
-def _check_not_a_mask(image: sitk.Image, path: str | os.PathLike) -> None:
-    """A mask left among the scans (no ``--label-suffix``) would be normalised into a flat volume."""
-    array = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(array.dtype, np.integer):
-        return
-    if np.unique(array[::4, ::4, ::4]).size > _MASK_VALUES:  # a coarse look settles almost every scan
-        return
-    values = np.unique(array)
-    if 2 <= values.size <= _MASK_VALUES:  # (a constant image is no mask; the modality checks judge it)
-        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
-        raise DataError(path, f"has only {values.size} distinct values ({shown}): it looks like a mask, not a scan; "
-                              "give masks a suffix and pass it (e.g. --image-suffix _image --label-suffix _label), "
-                              "or move the file out of --src")
-
-
-_AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this
-
-
-def _lowest_if_not_hu(image: sitk.Image) -> float | None:
-    """The lowest voxel of a scan with no voxel below :data:`_AIR_HU` (no air: an MRI, or a CT stored without
-    its rescale intercept or cropped to soft tissue); None for a scan with air, and for a constant image
-    (no scan at all: judged elsewhere)."""
-    array = sitk.GetArrayViewFromImage(image)
-    lowest = float(np.min(array))
-    return lowest if lowest > _AIR_HU and float(np.max(array)) > lowest else None
-
-
-_NO_AIR_ADVICE = ("for an MRI pass --modality mr; for a CT stored without its rescale intercept, or a CT cropped "
-                  "without air, pass --modality ct")
-
-
-def _check_hu(image: sitk.Image, path: str | os.PathLike, chosen_by: str = "") -> None:
-    """A scan without air prepared as CT is windowed to a flat, saturated volume without any error.
-
-    ``chosen_by`` (``--modality`` not given: why ``ct`` was chosen, e.g. "the scans sampled have air"):
-    the case fails, so no windowed MRI is written; empty (``--modality ct`` given): a warning names the file.
-
-    Raises:
-        DataError: ``chosen_by`` and no voxel below :data:`_AIR_HU`.
-    """
-    lowest = _lowest_if_not_hu(image)
-    if lowest is None:
-        return
-    if chosen_by:
-        raise DataError(path, f"no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT "
-                              f"in Hounsfield units; --modality was not given and the scans are prepared as ct "
-                              f"({chosen_by}), so this one is left out: {_NO_AIR_ADVICE} (prepare MR and CT scans "
-                              "into separate --dst folders)")
-    warnings.warn(f"{path}: no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT in "
-                  "Hounsfield units and the HU window will flatten it; for an MRI pass --modality mr",
-                  DataWarning, stacklevel=2)
-
-
-def _check_mr(image: sitk.Image, path: str | os.PathLike, chosen_by: str = "") -> None:
-    """A CT (air below :data:`_AIR_HU`) prepared as MR is scaled by its own percentiles, not by the HU window its
-    neighbours in a CT datalist would get: the mirror of :func:`_check_hu`.
-
-    ``chosen_by`` (``--modality`` not given, ``mr`` as an earlier run recorded it): the case fails, so no CT is
-    written as MR; empty (``--modality mr`` given): a warning names the file.
-
-    Raises:
-        DataError: ``chosen_by`` and a voxel below :data:`_AIR_HU`.
-    """
-    lowest = float(np.min(sitk.GetArrayViewFromImage(image)))
-    if lowest >= _AIR_HU:
-        return
-    found = f"voxels down to {lowest:g}, below {_AIR_HU:g} (air in Hounsfield units), so this looks like a CT"
-    if chosen_by:
-        raise DataError(path, f"{found}; --modality was not given and the scans are prepared as mr ({chosen_by}), so "
-                              "this one is left out: prepare CT scans into another --dst with --modality ct")
-    warnings.warn(f"{path}: {found}, which MR percentile scaling will not treat as one; for a CT pass --modality ct "
-                  "(into another --dst than the MR scans)", DataWarning, stacklevel=2)
-
-
 def _process(case: Case, modality: str, window: Sequence[float], percentiles: Sequence[float],
              spacing: Sequence[float] | None, chosen_by: str = "") -> dict:
     image_path, mask_path = case.params["image"], case.params["mask"]
     image = read_image(image_path)
-    _check_not_a_mask(image, image_path)
+    check_not_a_mask(image, image_path)
     if modality == "ct":
-        _check_hu(image, image_path, chosen_by)
+        check_hu(image, image_path, chosen_by)
     else:
-        _check_mr(image, image_path, chosen_by)
+        check_mr(image, image_path, chosen_by)
     prepared = normalise_image(image, modality, window, percentiles, spacing, path=image_path)
     info = {"source": str(image_path), "size": list(prepared.GetSize()), "spacing": list(prepared.GetSpacing())}
     if mask_path is not None:
@@ -346,103 +268,6 @@ def _process(case: Case, modality: str, window: Sequence[float], percentiles: Se
         info["mask_voxels"] = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
     write_nifti(prepared, case.outputs[0])
     return info
-
-
-_PROBE_READS = 5  # scans the modality probe reads (spread over the folder), more only while none decides
-
-
-def _probe_order(count: int) -> list[int]:
-    """Indices ``0 .. count - 1``: up to :data:`_PROBE_READS` spread over the range (first, last, between), then the rest."""
-    spread = sorted({int(round(i)) for i in np.linspace(0, count - 1, min(count, _PROBE_READS))}) if count else []
-    return spread + sorted(set(range(count)) - set(spread))
-
-
-def _modality_from_scans(cases: Sequence[Case], src: str | os.PathLike) -> tuple[str, str]:
-    """``("ct", why)`` when the scans look like CT in HU (air below :data:`_AIR_HU`), read from up to
-    :data:`_PROBE_READS` cases spread over ``cases`` (more while none decides: an unreadable scan, a mask or
-    a constant image decides nothing; its case reports it). Also ``ct`` when no scan decides (the scans
-    are judged case by case).
-
-    Raises:
-        DataError: the scans read have no air (naming one; nothing is written), or some have and some
-            do not (a mixed folder, naming a few of each).
-    """
-    usable = [c for c in cases if not c.error and c.params.get("image") is not None]
-    with_air: list[Path] = []
-    without: list[tuple[Path, float]] = []
-    for read, index in enumerate(_probe_order(len(usable))):
-        if read >= _PROBE_READS and (with_air or without):
-            break
-        if read >= 4 * _PROBE_READS:
-            break
-        path = Path(usable[index].params["image"])
-        try:
-            with warnings.catch_warnings():  # the case itself reports them
-                warnings.simplefilter("ignore")
-                image = read_image(path)
-                _check_not_a_mask(image, path)
-        except Exception:  # noqa: BLE001 - an unreadable scan fails its own case, with its own message
-            continue
-        array = sitk.GetArrayViewFromImage(image)
-        if float(np.min(array)) == float(np.max(array)):
-            continue
-        lowest = _lowest_if_not_hu(image)
-        if lowest is None:
-            with_air.append(path)
-        else:
-            without.append((path, lowest))
-
-    def names(paths: Sequence[Path]) -> str:
-        return ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-
-    if with_air and without:
-        raise DataError(src, f"--modality was not given and the scans are mixed: {len(with_air)} of those read look "
-                             f"like CT (air below {_AIR_HU:g} HU: {names(with_air)}), {len(without)} do not (no voxel "
-                             f"below {_AIR_HU:g} HU: {names([p for p, _ in without])}); nothing was written. Prepare "
-                             "CT and MR scans from separate --src folders into separate --dst folders, each with its "
-                             "--modality (ct or mr); or pass --modality ct (e.g. CTs stored without their rescale "
-                             "intercept) to prepare them all as CT")
-    if without:
-        path, lowest = without[0]
-        others = f"; nor have the {len(without) - 1} other scan(s) read" if len(without) > 1 else ""
-        raise DataError(path, f"--modality was not given and this scan has no voxel below {_AIR_HU:g} HU (lowest "
-                              f"{lowest:g}{others}), so it does not look like a CT in Hounsfield units, which the HU "
-                              f"window would flatten; nothing was written: {_NO_AIR_ADVICE}")
-    if with_air:
-        return "ct", f"taken from the scans: air below {_AIR_HU:g} HU in the {len(with_air)} read, e.g. {_shown(with_air[0], src)}"
-    return "ct", "no scan read could tell, so the former default"
-
-
-def _shown(path: Path, src: str | os.PathLike) -> str:
-    """``path`` as the user knows it: relative to ``src`` (a DICOM series folder is often named ``ct`` or
-    ``1``, so its name alone says nothing), else as given."""
-    try:
-        return path.resolve().relative_to(Path(src).resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _recorded_modality(dst: Path, src: str | os.PathLike, report_path: str | os.PathLike | None) -> tuple[str, Path] | None:
-    """``(modality, file)`` an earlier run of this ``src`` into ``dst`` recorded (its datalist's meta, or the
-    settings of its report when it stopped before the datalist); None when there is none."""
-    source = str(Path(src).resolve())
-    datalist = dst / "pretrain_datalist.json"
-    report = Path(report_path) if report_path is not None else dst / "report.json"
-    for path in (datalist, report):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if path == datalist:
-                recorded, recorded_source = data["meta"], data["meta"].get("source")
-            elif data.get("desc") == "generic" and path.parent.resolve() == dst.resolve():  # as run_cases reads it
-                recorded, recorded_source = data["settings"], data.get("source")
-            else:
-                continue
-            modality = recorded.get("modality")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        if recorded_source == source and modality in MODALITIES:
-            return modality, path
-    return None
 
 
 def _check_src_outside_outputs(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -484,7 +309,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     with its ``case_id`` and ``patient_id``; it is written unless a failure stopped the batch.
 
     ``modality`` ``None`` (``--modality`` not given): the one an earlier run of this ``src`` into ``dst``
-    recorded, else decided from the scans (:func:`_modality_from_scans`): ``ct`` when those read have air
+    recorded, else decided from the scans (:func:`dira3d.data.modality.modality_from_scans`): ``ct`` when those read have air
     (below -500 HU), an error before anything is written when they have none (an MRI: pass ``"mr"``; a CT
     without its rescale intercept or cropped without air: pass ``"ct"``) or are mixed. Chosen so, ``ct``
     fails a case without air (it is not written), where an explicit ``"ct"`` only warns about it. The
@@ -533,11 +358,11 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
         cases.append(Case(cid, outputs, {"image": image_path, "mask": mask_path}, problems.get(cid, "")))
     chosen_by = ""  # why the modality was chosen when --modality was not given: its cases of the other kind then fail
     if modality is None:
-        recorded = _recorded_modality(dst, src, report_path)
+        recorded = recorded_modality(dst, src, report_path)
         if recorded is not None:
             modality, chosen_by = recorded[0], f"as recorded in {recorded[1]} by an earlier run into this --dst"
         else:
-            modality, chosen_by = _modality_from_scans(cases, src)
+            modality, chosen_by = modality_from_scans(cases, src)
     spacing_t = None if spacing is None else tuple(float(s) for s in np.broadcast_to(spacing, (3,)))
     process = partial(_process, modality=modality, window=tuple(window), percentiles=tuple(percentiles),
                       spacing=spacing_t, chosen_by=chosen_by)
