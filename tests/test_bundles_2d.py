@@ -340,3 +340,25 @@ def test_2d_finetune_refuses_a_3d_volume_naming_it(tmp_path, capsys):
     assert re.search(r"dira3d finetune: error: .*ct\.nii\.gz: loaded as a 3D image of shape \(64, 64, 8\); this 2D bundle "
                      r"fine-tunes on 2D images", err), err
     check_volume(torch.zeros(1, 64, 64, 8), "ct.nii.gz", spatial_dims=2)  # pretraining: its slices give 2D patches
+
+
+@pytest.mark.parametrize("bundle, key, mode", [("chestxray14_cls", "image", "RGBA"), ("chexpert_cls", "image", "RGB"),
+                                               ("siim_pneumothorax_seg", "image", "RGB"), ("montgomery_lung_seg", "label", "RGB")])
+def test_2d_finetune_refuses_a_colour_png_naming_it(bundle, key, mode, tmp_path, capsys):
+    """An RGB(A) PNG in the datalist (a ChestX-ray14 RGBA image not run through `dira3d prepare`) loaded as 3 or 4
+    channels and failed in collation or in the first convolution, naming no file; a grey one next to it loads."""
+    from dira3d.evaluation.finetune import main
+
+    datalist = write_cxr(tmp_path / "data", f"{bundle}.json", CLASSES.get(bundle), train=4, test=2)
+    content = json.loads(datalist.read_text())
+    path = tmp_path / "data" / content["training"][1][key]
+    grey = np.asarray(Image.open(path))
+    Image.fromarray(np.stack([grey] * 3 + ([np.full_like(grey, 255)] if mode == "RGBA" else []), -1), mode=mode).save(path)
+    code = main(["--bundle", bundle, "--datalist", str(datalist), "--output-dir", str(tmp_path / "out"), "--tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    channels = len(mode)
+    assert re.search(rf"dira3d finetune: error: \S*{path.name}: has {channels} channels \(loaded shape \({channels}, 72, 56\)\), "
+                     r"not 1: a colour \(RGB/RGBA\) image\? run `dira3d prepare <dataset>` \(docs/data_2d\.md\), which turns "
+                     r"a grey image stored in colour into one channel", err), err
+    assert str(path) in err and not (tmp_path / "out" / "models" / "model.pt").exists()

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from dira3d.data import chestxray14, chexpert
-from dira3d.data.cxr import read_grey, resize_mask, scale_box, to_uint8
-from dira3d.data.io import DataError
+from dira3d.data.cxr import one_channel, read_grey, resize_mask, scale_box, to_uint8
+from dira3d.data.command import main as prepare_main
+from dira3d.data.io import DataError, DataWarning
 
 # ---------------------------------------------------------------- ChestX-ray14
 
@@ -362,13 +363,77 @@ def test_helpers_by_value(tmp_path):
     mask = np.zeros((8, 8), np.uint8)
     mask[:4, :4] = 255
     np.testing.assert_array_equal(resize_mask(mask, 4), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
-    rgb = np.zeros((4, 6, 3), np.uint8)
-    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 30, 60, 90
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    grey = read_grey(tmp_path / "rgb.png")
-    assert grey.shape == (4, 6) and np.all(grey == 60)
     with pytest.raises(DataError, match="does not exist"):
         read_grey(tmp_path / "missing.png")
+
+
+def _colour_variants(grey):
+    """Each variant: (PNG array, PIL mode, the error it must give or None for a grey image stored in colour)."""
+    opaque, clear = np.full_like(grey, 255), np.full_like(grey, 255)
+    clear[0, 0] = 0
+    tinted = grey.copy()
+    tinted[1, 2] += 1  # one pixel off grey is enough: there is no one grey reading of it
+    return {
+        "rgb": (np.stack([grey] * 3, -1), "RGB", None),
+        "rgba": (np.stack([grey] * 3 + [opaque], -1), "RGBA", None),
+        "coloured": (np.stack([grey, tinted, grey], -1), "RGB", r"is a colour RGB image: its colour channels differ in 1 pixels"),
+        "transparent": (np.stack([grey] * 3 + [clear], -1), "RGBA", r"is a RGBA image with 1 transparent pixels"),
+    }
+
+
+@pytest.mark.parametrize("variant", ["rgb", "rgba", "coloured", "transparent"])
+def test_read_grey_takes_a_grey_image_stored_in_colour_and_refuses_a_coloured_one(tmp_path, variant):
+    # RGB(A) was averaged over its channels without a word: a coloured image (a photo, an annotated
+    # screenshot) became a grey one that the bundles trained on
+    grey = np.arange(4 * 6, dtype=np.uint8).reshape(4, 6) * 10
+    array, mode, error = _colour_variants(grey)[variant]
+    path = tmp_path / f"{variant}.png"
+    Image.fromarray(array, mode=mode).save(path)
+    if error:
+        with pytest.raises(DataError, match=error) as info:
+            read_grey(path)
+        assert str(path) in str(info.value) and "replace it with the grey original" in str(info.value)
+        return
+    with pytest.warns(DataWarning, match=rf"{re.escape(str(path))}: stored as {mode} with equal colour channels"):
+        np.testing.assert_array_equal(read_grey(path), grey)
+
+
+def test_one_channel_of_grey_plus_alpha_and_of_other_channel_counts():
+    # SimpleITK does not read grey + alpha PNGs (a failed case: "cannot be read"), other formats may give 2 channels
+    grey = np.arange(6, dtype=np.uint16).reshape(2, 3) * 1000
+    with pytest.warns(DataWarning, match="x.dcm: stored as grey \\+ alpha with equal colour channels and an opaque alpha"):
+        np.testing.assert_array_equal(one_channel(np.stack([grey, np.full_like(grey, 65535)], -1), "x.dcm"), grey)
+    with pytest.raises(DataError, match="x.dcm: is a grey \\+ alpha image with 6 transparent pixels \\(alpha below 65535\\)"):
+        one_channel(np.stack([grey, np.full_like(grey, 255)], -1), "x.dcm")  # 8-bit opaque is not 16-bit opaque
+    with pytest.raises(DataError, match="x.dcm: has 5 components per pixel"):
+        one_channel(np.stack([grey] * 5, -1), "x.dcm")
+
+
+def test_chestxray14_grey_rgba_is_prepared_with_a_warning_and_a_coloured_png_fails_its_case(tmp_path, capsys):
+    """A few real ChestX-ray14 PNGs are RGBA: they are prepared as one grey channel and the report says so;
+    a coloured image is a failed case naming the file (it was averaged to grey without a word)."""
+    src = _nih_layout(tmp_path / "nih")
+    rgba = src / "images_001" / "images" / "00000001_000.png"
+    coloured = src / "images_002" / "images" / "00000001_001.png"
+    grey = np.asarray(Image.open(rgba))
+    variants = _colour_variants(grey)
+    Image.fromarray(variants["rgba"][0], mode="RGBA").save(rgba)
+    Image.fromarray(variants["coloured"][0], mode="RGB").save(coloured)
+    report = tmp_path / "report.json"
+    assert prepare_main(["chestxray14", "--src", str(src), "--dst", str(tmp_path / "out"), "--size", "0", "--keep-going",
+                         "--report", str(report)]) == 0
+    cases = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
+    assert cases["00000001_000"]["status"] == "written"
+    assert cases["00000001_000"]["warnings"] == [f"{rgba}: stored as RGBA with equal colour channels and an opaque "
+                                                 "alpha; prepared as one grey channel"]
+    written = Image.open(tmp_path / "out" / "images" / "00000001_000.png")
+    assert written.mode == "L"
+    np.testing.assert_array_equal(np.asarray(written), grey)
+    assert cases["00000001_001"]["status"] == "failed" and cases["00000001_001"]["reason"].startswith(f"{coloured}: is a colour RGB")
+    assert not (tmp_path / "out" / "images" / "00000001_001.png").exists()
+    assert sum(c["status"] == "written" for c in cases.values()) == len(ENTRIES) - 1
+    err = capsys.readouterr().err
+    assert str(coloured) in err and "stored as RGBA" in err  # the summary shows both
 
 
 def test_chexpert_a_path_cell_leaving_the_dataset_fails_its_row_only(tmp_path):

@@ -192,3 +192,23 @@ def test_siim_duplicate_dicom_fails_its_case_only(tmp_path):
     assert str(first) in failed[0].reason and str(copy) in failed[0].reason and "duplicate" in failed[0].reason
     datalist = json.loads((tmp_path / "out" / "siim_datalist.json").read_text())
     assert f"images/{uid}.png" not in {e["image"] for s in ("training", "validation", "test") for e in datalist[s]}
+
+
+def test_montgomery_grey_rgb_image_and_mask_are_prepared_with_warnings_and_a_coloured_image_fails(tmp_path):
+    # an RGB export was averaged to grey without a word, and so was a coloured image
+    src, expected = _montgomery_layout(tmp_path / "data")
+    base = src / "MontgomerySet"
+    image, mask = base / "CXR_png" / "MCUCXR_0001_0.png", base / "ManualMask" / "leftMask" / "MCUCXR_0001_0.png"
+    for path in (image, mask):
+        Image.fromarray(np.stack([np.asarray(Image.open(path))] * 3, -1)).save(path)
+    coloured = base / "CXR_png" / "MCUCXR_0003_0.png"
+    grey = np.asarray(Image.open(coloured))
+    Image.fromarray(np.stack([grey, grey // 2, grey], -1)).save(coloured)
+    results = montgomery.prepare(src, tmp_path / "out", size=0, keep_going=True, progress=False)
+    assert [r.status for r in results] == ["written", "written", "failed"]
+    assert results[0].warnings == [f"{path}: stored as RGB with equal colour channels; prepared as one grey channel"
+                                   for path in (image, mask)]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "images" / "MCUCXR_0001_0.png")), 40)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "masks" / "MCUCXR_0001_0.png")),
+                                  expected["MCUCXR_0001_0.png"])
+    assert results[2].reason.startswith(f"{coloured}: is a colour RGB image") and not results[1].warnings

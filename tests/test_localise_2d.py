@@ -136,3 +136,44 @@ def test_box_datalist_errors_name_the_problem(tmp_path):
     (tmp_path / "data" / "images" / "img0.png").unlink()
     with pytest.raises(FileNotFoundError, match="img0.png"):
         load_box_entries(datalist, "test")
+
+
+@pytest.mark.parametrize("value", [3, 14, -1, 1.5, "2", True, None])
+def test_label_index_outside_the_classifier_names_the_file_the_entry_and_the_range(tmp_path, capsys, value):
+    """A label_index the 3-class classifier does not have stopped Grad-CAM with an IndexError traceback, after
+    overlays of the earlier boxes were written; a negative one was refused as 'not a whole number'."""
+    datalist = _write_boxes(tmp_path / "data", [(10, 20, 30, 30), (60, 40, 20, 30)], [0, 1])
+    content = json.loads(datalist.read_text())
+    content["test"][1]["label_index"] = value
+    datalist.write_text(json.dumps(content))
+    atomic_save(ResNetClassifier(1, 3, backbone="resnet10").state_dict(), tmp_path / "model.pt")
+    argv = ["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir", str(tmp_path / "loc"),
+            "--backbone", "resnet10", "--num-classes", "3", "--roi-size", "64", "64", "--target-layer", "encoder.layer3"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert (f"dira3d localise: error: entry 1 of split 'test' in {datalist} has label_index {value!r}; expected a whole "
+            "number from 0 to 2 (the classifier has 3 classes: --num-classes 3)") in err, err
+    assert not (tmp_path / "loc" / "overlays").exists()
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:  # without a class count: only its kind
+        assert load_box_entries(datalist, "test")[1]["label_index"] == value
+    else:
+        with pytest.raises(ValueError, match=r"entry 1 of split 'test' in .* expected a whole number from 0 \(the finding's"):
+            load_box_entries(datalist, "test")
+
+
+def test_localise_refuses_a_label_index_its_model_does_not_have(tmp_path):
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10), (20, 30, 40, 10)], [0, 2])  # _ImageCAM has 2 classes
+    with pytest.raises(ValueError, match=r"box entry 1 \(image \S+img1.png\) has label_index 2; expected a whole number "
+                                         r"from 0 to 1 \(the classifier has 2 classes"):
+        localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features", roi_size=(64, 48))
+    assert not list((tmp_path / "out").glob("**/*.png")) and not (tmp_path / "out" / "localisation.json").exists()
+
+
+def test_localise_refuses_a_colour_png_naming_it(tmp_path):
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)], [0])
+    path = tmp_path / "data" / "images" / "img0.png"
+    Image.fromarray(np.stack([np.asarray(Image.open(path))] * 3, -1)).save(path)
+    with pytest.raises(ValueError, match=rf"{path}: has 3 channels \(loaded shape \(3, 128, 96\)\), not 1: a colour"):
+        localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features", roi_size=(64, 48))

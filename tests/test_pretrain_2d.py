@@ -108,3 +108,27 @@ def test_2d_variant_runs_and_transfers(method, cxr_dir, tmp_path):
     key = next(iter(best_ckpt["decoder"]))
     assert torch.equal(segmenter.decoder.state_dict()[key], best_ckpt["decoder"][key])
     assert segmenter(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+@pytest.mark.parametrize("settings", [["--config", "2d.json", "--config", "2d_moco.json", "--config", "2d_tiny.json"],
+                                      ["--override", "spatial_dims=2", "--override", "patch_size=[32, 32]",
+                                       "--override", "intensity_range=null"]])
+def test_2d_pretraining_refuses_a_colour_png_naming_it(settings, tmp_path, capsys):
+    """2d.json loaded PNGs with channel_dim no_channel: an RGB PNG became a 3-slice volume and stopped in Resized with
+    'Sequence must have length 3, got 2', naming no file; train.json with spatial_dims 2 failed in a convolution."""
+    from dira3d.engines.command import main
+
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(3):
+        grey = (rng.random((80, 72)) * 100).astype(np.uint8)
+        Image.fromarray(np.stack([grey] * 3, -1) if i == 1 else grey).save(tmp_path / "images" / f"tr{i}.png")
+        items.append({"image": f"images/tr{i}.png", "case_id": f"tr{i}"})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items, "validation": items[:1]}))
+    code = main(["--datalist", str(tmp_path / "datalist.json"), "--output", str(tmp_path / "out"), "--tiny", *settings])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{tmp_path / 'images' / 'tr1.png'}: has 3 channels (loaded shape (3, 72, 80)), not 1: a colour (RGB/RGBA) " \
+           "image? run `dira3d prepare <dataset>`" in err, err
+    assert not (tmp_path / "out" / "models" / "last.pt").exists()

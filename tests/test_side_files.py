@@ -75,6 +75,71 @@ def test_read_yaml(tmp_path, data, problem):
     _call(lambda: read_yaml(path, "config", "fix it"), path, problem)
 
 
+@pytest.mark.parametrize("text, key, lines", [
+    ("seeds: [0, 1, 2]\nbundle: b\nseeds: [0]\n", "seeds", (1, 3)),  # two seeds: lines ran one seed, silently
+    ("methods:\n  random: null\n  dira: {}\n  random: {pretrain: x}\n", "random", (2, 4)),
+    ("runs:\n- a: 1\n  b: 2\n- a: 1\n  a: 2\n", "a", (4, 5)),  # inside a list, and not across its items
+    ("x: {1: a, 1.0: b}\n", "1.0", (1, 1)),  # the same dict key written two ways
+    ("base: &b {a: 1}\nx:\n  <<: *b\n  a: 2\n  a: 3\n", "a", (4, 5)),
+])
+def test_read_yaml_refuses_a_key_written_twice_naming_it_and_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    assert isinstance(yaml.safe_load(text), dict)  # PyYAML alone keeps the last value without a word
+    _call(lambda: read_yaml(path, "config", "fix it"), path,
+          f"config {path} has the key {key!r} twice, at lines {lines[0]} and {lines[1]} (YAML keeps only the last value): "
+          "remove one of them; fix it")
+    assert read_yaml(path, "config", "fix it", unique_keys=False) == yaml.safe_load(text)
+
+
+def test_read_yaml_loads_valid_yaml_as_safe_load_does(tmp_path):
+    # merge keys: a merged-in key written again is an override, also when the merged mapping is spliced into
+    # another one before it is built itself (a check in construct_mapping alone calls that a duplicate)
+    text = """base: &b {a: 1, c: 3}
+defs:
+  inner: &m
+    <<: *b
+    a: 2
+x:
+  <<: [*m, {d: 4}]
+  c: 9
+= : eq
+s: !!set {p, q}
+when: 2001-01-01
+2001-01-01: day
+bytes: !!binary aGVsbG8=
+list: [{a: 1}, {a: 2}, [1, 1]]
+"""
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    assert read_yaml(path, "config", "fix it") == yaml.safe_load(text)
+    assert read_yaml(path, "config", "fix it")["x"] == {"a": 2, "c": 9, "d": 4}
+
+
+def test_read_json_refuses_a_key_twice_unless_told(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"test": [{"image": "a.png", "box": [1, 2, 3, 4], "label_index": 0, "label_index": 5}]}')
+    _call(lambda: read_json(path, "box datalist", "fix it"), path,
+          f"box datalist {path} has an object with the key 'label_index' twice (keys ['image', 'box', 'label_index', "
+          "'label_index']; JSON keeps only the last value): remove one of them; fix it")
+    assert read_json(path, "r", "f", unique_keys=False)["test"][0]["label_index"] == 5
+    path.write_text('[{"a": 1}, {"a": 2}]')  # the same key in two objects is no duplicate
+    assert read_json(path, "r", "f", expect=list) == [{"a": 1}, {"a": 2}]
+
+
+def test_bundle_configs_keep_the_last_of_a_repeated_id_as_monai_does(tmp_path):
+    """MONAI reads the bundle configs itself (and warns about a repeated id); the syntax check before it adds no
+    rule of its own."""
+    from dira3d.utils.overrides import check_overrides
+
+    config = tmp_path / "train.json"
+    config.write_text('{"max_epochs": 1, "max_epochs": 2}')
+    yaml_config = tmp_path / "extra.yaml"
+    yaml_config.write_text("lr: 1\nlr: 2\n")
+    with pytest.warns(UserWarning, match="Duplicate key"):
+        check_overrides([config, yaml_config], {"max_epochs": 3, "lr": 3})
+
+
 def test_read_text_points_at_the_line_of_the_bad_byte(tmp_path):
     path = tmp_path / "x.csv"
     path.write_bytes(b"a,b\n1,2\n3,\xe94\n")
@@ -102,6 +167,21 @@ def test_experiment_config_file(tmp_path, variant):
     problem = problem.replace("JSON array, not an object", "YAML list, not a mapping").replace(
         "JSON number, not an object", "YAML number, not a mapping").replace("cut short", "not valid YAML")
     _call(lambda: load_config(path), path, problem, "experiment --help")
+
+
+def test_experiment_config_with_a_setting_twice(tmp_path, capsys):
+    """Two `seeds:` lines kept the last one without a word (a 3-seed experiment ran one seed)."""
+    from dira3d.evaluation.experiment import load_config, main
+
+    path, _ = _experiment_dir(tmp_path)
+    path.write_text("bundle: luna16_nodule_fpr\ndatalist: dl.json\nmetric: auc\noutput_dir: out\nseeds: [0, 1, 2]\n"
+                    "label_fractions: [1.0]\nmethods:\n  random: null\nseeds: [0]\n")
+    first, second = 5, 9
+    assert yaml.safe_load(path.read_text())["seeds"] == [0]
+    _call(lambda: load_config(path), path, f"has the key 'seeds' twice, at lines {first} and {second}", "experiment --help")
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(path)])
+    assert info.value.code == 2 and f"has the key 'seeds' twice, at lines {first} and {second}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("setting, value, text", [

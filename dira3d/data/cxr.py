@@ -6,6 +6,8 @@ Every 2D dataset is written the same way (docs/data_2d.md):
   size). The aspect ratio is not kept, as in the reference 2D pipelines that resize straight to
   224²; bundles resize further. Images that are not 8-bit (12/16-bit PNG, DICOM) are min-max scaled
   to 0..255; ``MONOCHROME1`` DICOMs are read as ``MONOCHROME2`` (bone bright) by SimpleITK.
+  A grey image stored as RGB(A) becomes one channel (a warning in the report); a coloured one
+  is a failed case (:func:`one_channel`).
 - masks: PNG with values 0/1 (not 0/255), so that ``LoadImaged`` gives the label directly.
 - arrays in this module are ``(rows, cols)`` = ``(y, x)`` as in the PNG file. MONAI's
   ``LoadImaged`` returns a PNG as ``(x, y)`` (width first), so a box ``[x, y, w, h]`` indexes
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import torch
 from monai.transforms import Resize
 from PIL import Image
 
+from dira3d.data.errors import DataWarning
 from dira3d.data.io import DataError
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.atomic import atomic_path
@@ -34,6 +38,7 @@ from dira3d.utils.files import read_text
 __all__ = [
     "DEFAULT_SIZE",
     "read_grey",
+    "one_channel",
     "to_uint8",
     "resize_image",
     "resize_mask",
@@ -56,7 +61,8 @@ DEFAULT_SIZE = 512  # storage size: 2× the 224² training input, so bundles can
 def read_grey(path: str | os.PathLike) -> np.ndarray:
     """Read a 2D grey image (PNG, JPEG or single-file DICOM) through SimpleITK.
 
-    Colour images are averaged over their channels (an alpha channel is dropped). A ``MONOCHROME1``
+    A grey image stored in colour becomes one channel, with a warning; a coloured one is refused
+    (:func:`one_channel`). A ``MONOCHROME1``
     DICOM comes back inverted to ``MONOCHROME2`` (bone bright): SimpleITK's GDCM reader does it,
     so it must not be inverted again (tests/test_data_cxr.py pins this).
 
@@ -67,7 +73,7 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
         ``(rows, cols)`` array in the file's own dtype (``uint8`` for 8-bit files).
 
     Raises:
-        DataError: unreadable file, or not a 2D image.
+        DataError: unreadable file, not a 2D image, or a colour image (see :func:`one_channel`).
     """
     path = Path(path)
     if not path.is_file():
@@ -81,15 +87,56 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
                               "re-download it or remove it from the list") from err
     array = sitk.GetArrayFromImage(image)
     channels = image.GetNumberOfComponentsPerPixel()
-    if channels > 1:  # RGB(A) export of a grey radiograph: average the colour channels
-        dtype = array.dtype
-        array = array[..., : 3 if channels >= 3 else 1].mean(axis=-1)
-        array = np.rint(array).astype(dtype) if np.issubdtype(dtype, np.integer) else array
+    if channels > 1:
+        array = one_channel(array, path)
     if array.ndim == 3 and array.shape[0] == 1:  # single-frame DICOM read as a 1-slice volume
         array = array[0]
     if array.ndim != 2 or min(array.shape) < 2:
         raise DataError(path, f"is not a 2D image (array shape {array.shape}); give one radiograph per file")
     return array
+
+
+_COLOUR_KINDS = {2: "grey + alpha", 3: "RGB", 4: "RGBA"}
+
+
+def one_channel(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """The grey channel of a radiograph stored in colour (channels last), or a :class:`DataError`.
+
+    A grey image saved as RGB(A) or grey + alpha (equal colour channels, alpha fully opaque; some
+    ChestX-ray14 PNGs are RGBA) is turned into its one channel with a
+    :class:`~dira3d.data.errors.DataWarning` (listed under the case's warnings in the report). Colour
+    channels that differ (a photo, an annotated screenshot) or transparent pixels have no one grey
+    reading, so they are refused rather than averaged into an image the bundles would train on.
+
+    Args:
+        array: ``(..., channels)`` array as SimpleITK gives a multi-component image.
+        path: the file it came from (named in the warning or error).
+
+    Raises:
+        DataError: not 2, 3 or 4 channels, colour channels that differ, or an alpha channel that is
+            not fully opaque.
+    """
+    channels = array.shape[-1]
+    kind = _COLOUR_KINDS.get(channels)
+    if kind is None:
+        raise DataError(path, f"has {channels} components per pixel; a grey radiograph (one channel) is expected: "
+                              "remove it from the list or replace it with the grey original")
+    colour = array[..., : 3 if channels >= 3 else 1]
+    differ = int((colour != colour[..., :1]).any(axis=-1).sum())
+    if differ:
+        raise DataError(path, f"is a colour {kind} image: its colour channels differ in {differ} pixels, so it is "
+                              "not a grey radiograph (a photo or an annotated screenshot?); remove it from the list "
+                              "or replace it with the grey original")
+    if channels in (2, 4):
+        opaque = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else 1.0
+        clear = int((array[..., -1] != opaque).sum())
+        if clear:
+            raise DataError(path, f"is a {kind} image with {clear} transparent pixels (alpha below {opaque:g}), so "
+                                  "its grey values are not what a viewer shows; remove it from the list or replace it "
+                                  "with the grey original")
+    warnings.warn(f"{path}: stored as {kind} with equal colour channels{' and an opaque alpha' if channels in (2, 4) else ''}; "
+                  "prepared as one grey channel", DataWarning, stacklevel=2)
+    return colour[..., 0]
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:

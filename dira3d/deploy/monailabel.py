@@ -109,7 +109,7 @@ def first_output(bundle: str | os.PathLike) -> dict[str, Any]:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} does not exist: {bundle} is not a MONAI bundle")
     fix = "fix it there, or copy it again from the bundle it came from"
-    meta = read_json(meta_path, "bundle metadata", fix)
+    meta = read_json(meta_path, "bundle metadata", fix, unique_keys=False)  # as MONAI reads it
     formats = meta.get("network_data_format")
     outputs = formats.get("outputs") if isinstance(formats, dict) else None
     if not outputs or not isinstance(outputs, dict) or not isinstance(next(iter(outputs.values())), dict):

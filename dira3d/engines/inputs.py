@@ -6,8 +6,9 @@ file and the problem — not with a shape error deep in a convolution hours late
 - :func:`load_datalist` reads a decathlon datalist and checks every entry of the split has an
   ``image`` that exists (all problems are listed at once);
 - :class:`CheckVolumed` (after ``LoadImaged`` + ``EnsureChannelFirstd``) rejects volumes with the
-  wrong dimensionality, a single slice, NaN/Inf voxels, non-positive spacing in the header or (with
-  ``value_range``) intensities that were not prepared (raw HU);
+  wrong dimensionality, (with ``channels``) another number of channels (an RGB PNG), a single slice,
+  NaN/Inf voxels, non-positive spacing in the header or (with ``value_range``) intensities that
+  were not prepared (raw HU);
 - :class:`CheckSameShaped` rejects an image and its label on different grids (the fine-tuning bundles).
 
 MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the original
@@ -91,7 +92,7 @@ _RANGE_ADVICE = ("pretraining expects normalised volumes (raw HU, or an MRI that
 
 def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True,
                  value_range: tuple[float, float] | None = None, range_advice: str | None = None,
-                 slices: bool = True) -> None:
+                 slices: bool = True, channels: int | None = None) -> None:
     """Raise a :class:`DataError` naming ``source`` when a loaded channel-first volume is unusable.
 
     Args:
@@ -104,11 +105,14 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         range_advice: what the message says after the range (default: the pretraining bundle's advice).
         slices: with ``spatial_dims=2``, also accept 3D volumes (pretraining cuts its 2D patches from their
             slices); False: 2D images only (the 2D fine-tuning bundles, which resize the whole image).
+        channels: the number of channels the image must have (the bundles: the network's ``in_channels``);
+            None: not checked. Place ``EnsureChannelFirstd`` without ``channel_dim="no_channel"`` before
+            it, or an RGB PNG arrives as a 3-slice volume with one channel.
 
     Raises:
-        DataError: wrong dimensionality, a single slice, an empty volume, NaN/Inf voxels,
-            intensities outside ``value_range`` (e.g. raw HU or an unnormalised MRI), or a
-            non-positive / invalid spacing in the header.
+        DataError: wrong dimensionality, another number of channels (a colour image), a single slice,
+            an empty volume, NaN/Inf voxels, intensities outside ``value_range`` (e.g. raw HU or an
+            unnormalised MRI), or a non-positive / invalid spacing in the header.
     """
     shape = tuple(img.shape)
     allowed = (3,) if spatial_dims == 3 else (2, 3) if slices else (2,)
@@ -120,6 +124,12 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
                                 f"{spatial_dims}D pretraining needs {' or '.join(f'{d}D' for d in allowed)} volumes"
                                 + ("; for 2D images pretrain with the 2D setting (`dira3d pretrain --config 2d.json`, "
                                    "or spatial_dims 2 and a 2-value patch_size)" if spatial_dims == 3 and len(shape) == 3 else ""))
+    if channels is not None and shape[0] != channels:
+        raise DataError(source, f"has {shape[0]} channels (loaded shape {shape}), not {channels}"
+                                + (": a colour (RGB/RGBA) image? run `dira3d prepare <dataset>` (docs/data_2d.md), which "
+                                   "turns a grey image stored in colour into one channel and refuses a coloured one, or "
+                                   "fix the datalist" if len(shape) == 3 and shape[0] in (2, 3, 4)
+                                   else "; prepare the scans with `dira3d prepare` (docs/data.md) or fix the datalist"))
     if min(shape[1:]) < 2 and not (spatial_dims == 2 and len(shape) == 4 and min(shape[1:3]) >= 2):
         raise DataError(source, f"has shape {shape[1:]}: a single slice is not a {spatial_dims}D volume")
     if check_finite:
@@ -186,13 +196,15 @@ class CheckVolumed(MapTransform):
         value_range: ``(low, high)`` the intensities must lie in; None: not checked.
         range_advice: what a value-range error says to do (default: the pretraining bundle's advice).
         slices: with ``spatial_dims=2``, also accept 3D volumes (pretraining); False: 2D images only.
+        channels: the number of channels an image must have (e.g. ``@in_channels``); None: not checked.
     """
 
     def __init__(self, keys: KeysCollection, spatial_dims: int = 3, check_finite: bool = True,
                  allow_missing_keys: bool = False, value_range: tuple[float, float] | None = None,
-                 range_advice: str | None = None, slices: bool = True) -> None:
+                 range_advice: str | None = None, slices: bool = True, channels: int | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims, self.check_finite, self.slices = int(spatial_dims), bool(check_finite), bool(slices)
+        self.channels = None if channels is None else int(channels)
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.range_advice = range_advice
 
@@ -200,7 +212,7 @@ class CheckVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             check_volume(d[key], source_of(d, key), self.spatial_dims, self.check_finite, self.value_range,
-                         self.range_advice, self.slices)
+                         self.range_advice, self.slices, self.channels)
         return d
 
 

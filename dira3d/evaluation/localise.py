@@ -42,12 +42,21 @@ from dira3d.utils.files import read_json
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
 
 
-def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test") -> list[dict[str, Any]]:
+def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test",
+                     num_classes: int | None = None) -> list[dict[str, Any]]:
     """Box entries of ``split`` (``None``: every split) with absolute image paths.
+
+    Args:
+        bbox_datalist: ``bbox_datalist.json`` of ``dira3d prepare chestxray14``.
+        split: the split to read; None: every split.
+        num_classes: the classifier's number of outputs; each ``label_index`` must be below it
+            (None: only checked to be a whole number ≥ 0).
 
     Raises:
         FileNotFoundError: the datalist or an image it names is missing.
-        ValueError: no such split, or an entry without ``image`` / ``box`` / ``label_index``.
+        ValueError: no such split, an entry without ``image`` / ``box`` / ``label_index``, or a
+            ``label_index`` that is not a whole number in ``[0, num_classes)`` (names the file, the entry
+            and the valid range).
     """
     path = Path(bbox_datalist)
     if not path.is_file():
@@ -68,11 +77,11 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
             if missing or not isinstance(box, list) or len(box) != 4:
                 raise ValueError(f"entry {index} of split {key!r} in {path} lacks {missing or ['a 4-value box']}; "
                                  f"expected {{image, label, label_index, box: [x, y, w, h]}}; {fix}")
-            if not isinstance(entry["image"], str) or not _is_index(entry["label_index"]) \
+            _check_label_index(entry["label_index"], num_classes, f"entry {index} of split {key!r} in {path}", fix)
+            if not isinstance(entry["image"], str) \
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-                raise ValueError(f"entry {index} of split {key!r} in {path} has image {entry['image']!r}, label_index "
-                                 f"{entry['label_index']!r}, box {box!r}; expected a path, a whole number and 4 numbers "
-                                 f"[x, y, w, h]; {fix}")
+                raise ValueError(f"entry {index} of split {key!r} in {path} has image {entry['image']!r}, box {box!r}; "
+                                 f"expected a path and 4 numbers [x, y, w, h]; {fix}")
             image = Path(entry["image"])
             image = image if image.is_absolute() else path.parent / image
             if not image.is_file():
@@ -83,8 +92,16 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
     return entries
 
 
-def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _check_label_index(value: Any, num_classes: int | None, where: str, fix: str) -> None:
+    """Refuse a ``label_index`` that is not a whole number in ``[0, num_classes)``: Grad-CAM of a class
+    the classifier does not have fails with an IndexError, and a negative index maps another class."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if whole and value >= 0 and (num_classes is None or value < num_classes):
+        return
+    valid = (f"a whole number from 0 to {num_classes - 1} (the classifier has {num_classes} classes: --num-classes "
+             f"{num_classes})"
+             if num_classes is not None else "a whole number from 0 (the finding's place in the labels)")
+    raise ValueError(f"{where} has label_index {value!r}; expected {valid}; {fix}")
 
 
 def scale_box(box: Sequence[float], image_size: Sequence[int], roi_size: Sequence[int]) -> tuple[int, int, int, int]:
@@ -100,10 +117,17 @@ def scale_box(box: Sequence[float], image_size: Sequence[int], roi_size: Sequenc
 
 
 def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Load an 8-bit PNG as the 2D bundles do: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``; also the original (x, y) size."""
+    """Load an 8-bit PNG as the 2D bundles do: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``; also the original (x, y) size.
+
+    Raises:
+        DataError: not a one-channel 2D image (an RGB(A) PNG: ``dira3d prepare chestxray14`` writes grey ones).
+    """
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRange
 
+    from dira3d.engines.inputs import check_volume
+
     image = Compose([LoadImage(reader="PILReader", image_only=True), EnsureChannelFirst()])(str(path))
+    check_volume(image, path, spatial_dims=2, check_finite=False, slices=False, channels=1)
     size = (int(image.shape[1]), int(image.shape[2]))
     image = ScaleIntensityRange(0.0, 255.0, 0.0, 1.0, clip=True)(image)
     image = Resize(tuple(int(s) for s in roi_size), mode="area")(image)
@@ -158,6 +182,8 @@ def localise(
     heatmaps, truths, records = [], [], []
     for index, entry in enumerate(entries):
         image, size = load_cxr_image(entry["image"], roi_size)
+        if index == 0:  # before any overlay is written
+            _check_entries_fit(model, image, entries, device)
         gt = scale_box(entry["box"], size, roi_size)
         heatmap = gradcam_maps(model, image[None].to(device), target_layer, class_idx=int(entry["label_index"]))[0]
         best = max((box_iou(box, gt) for box in boxes_from_heatmap(heatmap, threshold)), default=0.0)
@@ -183,6 +209,21 @@ def localise(
               "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size], "boxes": records}
     atomic_write_text(out / "localisation.json", json.dumps(result, indent=2))
     return result
+
+
+def _check_entries_fit(model: torch.nn.Module, image: torch.Tensor, entries: Sequence[Mapping[str, Any]],
+                       device: str | torch.device) -> None:
+    """Refuse entries whose ``label_index`` is not one of ``model``'s outputs (one forward pass counts them)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            classes = int(model(image[None].to(device)).shape[-1])
+    finally:
+        model.train(was_training)
+    for index, entry in enumerate(entries):
+        _check_label_index(entry["label_index"], classes, f"box entry {index} (image {entry['image']})",
+                           "fix the box datalist or use the classifier it was made for")
 
 
 def run_localisation(
@@ -218,7 +259,7 @@ def run_localisation(
                          f"backbone={backbone!r}): {mismatch_summary(missing, unexpected, mismatched)}.\n"
                          + _fit_hint(state, backbone, num_classes, in_channels, kwargs.get("roi_size", (224, 224))))
     model.load_state_dict(state)
-    entries = load_box_entries(bbox_datalist, split)
+    entries = load_box_entries(bbox_datalist, split, num_classes=num_classes)
     return localise(model, entries, output_dir, **kwargs)
 
 

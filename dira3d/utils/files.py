@@ -2,12 +2,15 @@
 configs, dataset CSVs): a file that is empty, cut short, not UTF-8, or of the wrong JSON/YAML type
 is one :class:`FileContentError` that names the file (with the line and column of a syntax error)
 and says what to do, never a bare ``JSONDecodeError`` / ``UnicodeDecodeError`` / ``AttributeError``.
+A key written twice in one mapping (two ``seeds:`` lines) is refused too: both parsers would keep the
+last value without a word.
 
 Torch-free (``dira3d.data`` uses it); YAML is imported only by :func:`read_yaml`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -75,8 +78,24 @@ def _non_empty_text(path: Path, what: str, fix: str) -> str:
     return text
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object with a key twice (raised from the parser's ``object_pairs_hook``)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of :func:`read_json`: the object, or a :class:`_DuplicateKey` naming the key
+    (and the object's first keys, to find it by)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        key = next(k for i, k in enumerate(keys) if k in keys[:i])
+        shown = repr(keys[:8])[:-1] + (", ...]" if len(keys) > 8 else "]")
+        raise _DuplicateKey(f"has an object with the key {key!r} twice (keys {shown}; JSON keeps only the last value)")
+    return obj
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str,
-              expect: type | tuple[type, ...] | None = dict) -> Any:
+              expect: type | tuple[type, ...] | None = dict, unique_keys: bool = True) -> Any:
     """The JSON content of ``path``, checked to be of type ``expect``.
 
     Args:
@@ -85,15 +104,20 @@ def read_json(path: str | os.PathLike, what: str, fix: str,
         fix: what to do, appended to every message: for a file dira3d wrote, how to recover
             (``"delete it and rerun the same command"``); for a user's file, where to fix it.
         expect: the type(s) the top-level value must have (``dict``: a JSON object); None: any.
+        unique_keys: refuse an object with a key twice; False for files that another reader takes as
+            they are (MONAI bundle configs and metadata, where the last value wins).
 
     Raises:
         FileContentError: empty, not UTF-8, not valid JSON (line and column named; an error at the
-            very end is called cut short), or a top-level value not of ``expect``.
+            very end is called cut short), a key twice in one object (with ``unique_keys``), or a
+            top-level value not of ``expect``.
     """
     path = Path(path)
     text = _non_empty_text(path, what, fix)
     try:
-        content = json.loads(text)
+        content = json.loads(text, object_pairs_hook=_unique_pairs if unique_keys else None)
+    except _DuplicateKey as err:
+        raise FileContentError(path, f"{what} {path} {err}: remove one of them; {fix}") from None
     except json.JSONDecodeError as err:
         unclosed = err.msg.startswith("Unterminated string") and '"' not in text[err.pos + 1:]
         short = " (it ends before the JSON is complete: cut short?)" if unclosed or err.pos >= len(text.rstrip()) else ""
@@ -104,16 +128,62 @@ def read_json(path: str | os.PathLike, what: str, fix: str,
     return content
 
 
+@functools.lru_cache(maxsize=None)
+def _unique_key_loader() -> tuple[type, type]:
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping, at any depth, and its error.
+
+    It loads everything else as ``yaml.safe_load`` does. The check runs in ``flatten_mapping``, which
+    ``construct_mapping`` calls first on every mapping: merge keys (``<<: *base``) are resolved there by
+    splicing the merged pairs into the node, and a mapping can be spliced (as another's ``<<``) before it
+    is constructed itself, so only the pairs seen on a mapping's first flattening are the ones written.
+    Keys merged in and then written again are the merge's purpose, not duplicates.
+    """
+    import yaml
+
+    class DuplicateKeyError(yaml.constructor.ConstructorError):
+        def __init__(self, key: str, first: int, second: int) -> None:
+            super().__init__(None, None, f"the key {key!r} is written twice, at lines {first} and {second}")
+            self.key, self.lines = key, (first, second)
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._written: set[int] = set()  # mapping nodes whose own keys are checked
+
+        def flatten_mapping(self, node: Any) -> None:
+            if id(node) not in self._written:
+                self._written.add(id(node))
+                lines: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # a sequence or mapping as a key is refused by the constructor itself
+                    # "=" (a value key) is read as the string "=" once flattened; it has no constructor before
+                    key = key_node.value if key_node.tag == "tag:yaml.org,2002:value" else self.construct_object(key_node)
+                    line = key_node.start_mark.line + 1
+                    if key in lines:  # by value, as the dict would merge them: 1 and 1.0, yes and true
+                        raise DuplicateKeyError(key_node.value, lines[key], line)
+                    lines[key] = line
+            super().flatten_mapping(node)
+
+    return UniqueKeyLoader, DuplicateKeyError
+
+
 def read_yaml(path: str | os.PathLike, what: str, fix: str,
-              expect: type | tuple[type, ...] | None = dict) -> Any:
+              expect: type | tuple[type, ...] | None = dict, unique_keys: bool = True) -> Any:
     """The YAML (or JSON) content of ``path``, checked as :func:`read_json` does (an empty file is
-    refused, a syntax error named with its line and column)."""
+    refused, a syntax error named with its line and column, a key written twice in one mapping at any
+    depth named with both lines; ``unique_keys=False``: taken as ``yaml.safe_load`` takes it, the last
+    value winning)."""
     import yaml
 
     path = Path(path)
     text = _non_empty_text(path, what, fix)
+    loader, duplicate = _unique_key_loader() if unique_keys else (yaml.SafeLoader, ())  # (): catches nothing
     try:
-        content = yaml.safe_load(text)
+        content = yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    except duplicate as err:
+        raise FileContentError(path, f"{what} {path} has the key {err.key!r} twice, at lines {err.lines[0]} and "
+                                     f"{err.lines[1]} (YAML keeps only the last value): remove one of them; {fix}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f": line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""

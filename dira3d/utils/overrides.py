@@ -62,7 +62,9 @@ def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str
     files = [Path(c) for c in configs if Path(c).is_file()]
     for file in files:  # MONAI's own reading names no file: a hand-edited config's slip would be a bare JSONDecodeError
         read = read_yaml if file.suffix.lower() in (".yaml", ".yml") else read_json
-        read(file, "bundle config", "fix it there (a bundle config is one mapping of setting ids to values)")
+        # unique_keys=False: MONAI reads the config itself (the last of a repeated id wins); this reading only
+        # names the file of a syntax error, it does not add rules of its own
+        read(file, "bundle config", "fix it there (a bundle config is one mapping of setting ids to values)", unique_keys=False)
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     unknown = [key for key in overrides if key not in parser]
