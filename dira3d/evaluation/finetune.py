@@ -99,9 +99,11 @@ def _number(value: Any) -> Any:
 
 def _earlier_outputs(out: Path) -> list[Path]:
     """The files an earlier run (finished or not) left in ``out`` that ``--overwrite`` replaces:
-    ``metrics.json`` first, then the model, the evaluation CSV and the TensorBoard event files."""
-    names = [out / "metrics.json", out / "models" / "model.pt", out / "metrics.csv", out / "models" / PREPROCESSING_FILE]
-    return [p for p in names if p.is_file()] + sorted(out.glob("events.out.tfevents.*"))
+    ``metrics.json`` first, then the model, ``preprocessing.json``, the evaluation CSV and the TensorBoard
+    event files (:func:`dira3d.evaluation.run_folders.earlier_run_files`)."""
+    from dira3d.evaluation.run_folders import earlier_run_files
+
+    return [p for p in (out / "metrics.json",) if p.is_file()] + earlier_run_files(out / "models", out)
 
 
 def _write_json(obj: dict, path: Path) -> None:
@@ -152,9 +154,18 @@ def run_finetune(
                    advice="choose another --output-dir (by default ./finetune_<bundle>) or fix its permissions")
     # one run per folder: two would pass the check below together, then replace each other's model.pt and
     # test it under the other's metrics.json
+    if "overwrite" in overrides:  # `--set overwrite=true` is --overwrite
+        from dira3d.utils.overrides import as_bool
+
+        overwrite = as_bool(overrides.pop("overwrite"), "overwrite") or overwrite
     with FolderLock(out, what="fine-tuning output folder (--output-dir)",
                     clash="a second run into it would replace its model.pt and metrics.json"):
-        return _run_finetune(root, overrides, out, files, tiny, overwrite)
+        try:
+            return _run_finetune(root, overrides, out, files, tiny, overwrite)
+        finally:  # the lock of models/ that train.json's initialize took, also when the run failed
+            from dira3d.evaluation.run_folders import release_run_folders
+
+            release_run_folders(out / "models")
 
 
 def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[Path], tiny: bool,
@@ -164,10 +175,12 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
 
     configs = root / "configs"
     earlier = [p for p in (out / "models" / "model.pt", out / "metrics.json") if p.exists()]
-    if earlier and not overwrite:  # the first epoch would replace the earlier model, and metrics.json after it
+    events = sorted(out.glob("events.out.tfevents.*"))
+    if (earlier or events) and not overwrite:  # the first epoch would replace the earlier model, and metrics.json after it
         if not (out / "metrics.json").exists():  # killed or failed before its test metrics
+            found = "models/model.pt" if earlier else f"the TensorBoard files {events[0].name}{' ...' if len(events) > 1 else ''}"
             raise FileExistsError(
-                f"{out} holds an unfinished fine-tuning run (models/model.pt but no metrics.json: it was interrupted "
+                f"{out} holds an unfinished fine-tuning run ({found} but no metrics.json: it was interrupted "
                 "or failed); pass --overwrite to start it again, or choose another output folder (--output-dir)"
             )
         raise FileExistsError(
@@ -177,6 +190,8 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     # listed before this run creates its own TensorBoard files; removed once it has set up without error
     replaced = _earlier_outputs(out) if overwrite else []
     overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
+    if overwrite:  # train.json's initialize refuses an earlier run unless told (checked above with our wording)
+        overrides["overwrite"] = True
 
     trainer_flow = _workflow(files, configs / "metadata.json", overrides)
     trainer_flow.initialize()

@@ -20,7 +20,7 @@ from monai.engines import Workflow
 from monai.handlers import CheckpointLoader
 from monai.utils import ImageMetaKey
 
-from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["BestModelSaver", "ProbabilityWriter", "FineTunedCheckpointLoader", "fine_tuned_weights", "prediction_path", "scan_stem"]
 
@@ -183,16 +183,26 @@ class BestModelSaver:
     metric that is undefined (NaN, e.g. an AUC on one class) still leaves a model behind. Only
     rank 0 writes in a distributed run.
 
+    With ``preprocessing`` (how the training volumes were scaled, see
+    :func:`dira3d.evaluation.preprocessing.datalist_preprocessing`), the first save also makes
+    ``preprocessing.json`` beside the model say so: an earlier run's file that says otherwise is removed
+    just before the model is replaced and this run's written just after it (none when the datalist
+    records nothing), so an earlier model never sits beside this run's file or this run's model beside
+    the earlier one's (``inference.json`` scales a raw scan by it).
+
     Args:
         network: the trained network (possibly wrapped in ``DistributedDataParallel``).
         output_path: the file to write, e.g. ``models/model.pt``.
         metric_name: the metric in ``engine.state.metrics`` to maximise.
+        preprocessing: the settings for ``preprocessing.json``; None leaves that file alone.
     """
 
-    def __init__(self, network: torch.nn.Module, output_path: str | os.PathLike, metric_name: str) -> None:
+    def __init__(self, network: torch.nn.Module, output_path: str | os.PathLike, metric_name: str,
+                 preprocessing: dict[str, Any] | None = None) -> None:
         self.network = network
         self.output_path = Path(output_path)
         self.metric_name = metric_name
+        self.preprocessing = None if preprocessing is None else dict(preprocessing)
         self.best: float | None = None
 
     def attach(self, engine: Workflow) -> None:
@@ -211,4 +221,30 @@ class BestModelSaver:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
         module = getattr(self.network, "module", self.network)
-        atomic_save({k: v.detach().cpu() for k, v in module.state_dict().items()}, self.output_path)
+        stale = self._stale_preprocessing()
+        earlier = stale.read_bytes() if stale is not None and stale.is_file() else None
+        if stale is not None:
+            stale.unlink(missing_ok=True)
+        try:
+            atomic_save({k: v.detach().cpu() for k, v in module.state_dict().items()}, self.output_path)
+        except BaseException:  # the earlier model stays: so does the file that describes it
+            if earlier is not None:
+                atomic_write_bytes(stale, earlier)
+            raise
+        if stale is not None:
+            from dira3d.evaluation.preprocessing import write_preprocessing
+
+            write_preprocessing(self.output_path.parent, self.preprocessing)
+
+    def _stale_preprocessing(self) -> Path | None:
+        """``preprocessing.json`` beside the model when it does not say what ``preprocessing`` says."""
+        from dira3d.evaluation.preprocessing import PREPROCESSING_FILE
+
+        if self.preprocessing is None:
+            return None
+        path = self.output_path.parent / PREPROCESSING_FILE
+        try:
+            current = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):
+            current = None  # unreadable: replaced
+        return None if current == self.preprocessing else path
