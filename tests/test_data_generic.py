@@ -185,6 +185,23 @@ def test_test_fraction_makes_a_test_list_own_labelled_scans_fine_tune_on(tmp_pat
     assert parser.get_parsed_content("modality") == "ct"
 
 
+def test_a_test_fraction_that_rounds_to_no_patient_is_named(tmp_path, capsys):
+    """--test-fraction 0.2 of 2 scans rounds to no test patient: the datalist had no 'test' key and only the
+    empty 'validation' list was warned about, so the user learnt of it from `dira3d finetune`, which said to
+    add a 'test' list without naming --test-fraction."""
+    from dira3d.evaluation.datalists import load_split
+
+    src = tmp_path / "scans"
+    _labelled_scans(src, 2)
+    generic.prepare(src, tmp_path / "out", modality="mr", image_suffix="_image", label_suffix="_label",
+                    val_fraction=0.2, test_fraction=0.2, progress=False)
+    datalist = tmp_path / "out" / "pretrain_datalist.json"
+    assert json.loads(datalist.read_text())["test"] == []
+    assert "'validation', 'test' lists are empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"its 'test' list has no entries \(`dira3d prepare generic --test-fraction"):
+        load_split(datalist, "test")
+
+
 def test_split_fractions_that_leave_no_training_case_stop_before_any_case(tmp_path):
     src = tmp_path / "scans"
     _labelled_scans(src, 2)

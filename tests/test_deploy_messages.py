@@ -88,6 +88,11 @@ def test_missing_checkpoint_message_fits_the_caller(tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="'pretrained' setting"):  # the bundle setting, in a bundle
         build_task_network("classification", pretrained=str(tmp_path / "nope.pt"))
+    # a bundle without models/model.pt: the option and where fine-tuning writes the weights (was "(checkpoint=)")
+    for what, out in (("torchscript", "m.ts"), ("onnx", "m.onnx")):
+        assert export_main([what, "--bundle", "lits_liver_seg", "--out", str(tmp_path / out)]) == 2, what
+        err = capsys.readouterr().err
+        assert "--checkpoint (`dira3d finetune --output-dir D` writes D/models/model.pt)" in err and "checkpoint=" not in err, err
 
 
 # 3. 3D checkpoint for a 2D bundle, and the reverse

@@ -155,3 +155,30 @@ def test_monailabel_task_reads_the_model_weights_only_whatever_torch_defaults_to
     proc = subprocess.run([str(python), "-c", script, str(bundle)], env=env, capture_output=True, text=True, timeout=300)
     assert "refused:" in proc.stdout and "holds pickled Python objects" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not marker.exists(), "the crafted model.pt ran its code"
+
+
+def test_monailabel_segments_a_nifti_scan(repo_root, tmp_path):
+    """A NIfTI scan (the commonest format; also every file uploaded as `-F file=@scan.nii.gz`) failed in every
+    segmentation bundle with HTTP 500: MONAI's Spacingd updated MONAI Label's `image_path` (a str) as a meta dict."""
+    venv = _env_or_skip(tmp_path)
+    bundle = tmp_path / "bundles" / "lits_liver_seg"
+    shutil.copytree(repo_root / "bundles" / "lits_liver_seg" / "configs", bundle / "configs")
+    from dira3d.networks import Segmenter
+
+    atomic_save(Segmenter(3, 1, 1, width=0.125).state_dict(), bundle / "models" / "model.pt")
+    hu = np.full((12, 24, 20), -800, np.int16)  # (z, y, x) for SimpleITK
+    hu[3:9, 6:18, 5:15] = 40
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((1.5, 1.5, 3.0))
+    scan = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(image, str(scan))
+    script = (
+        "import sys\nimport SimpleITK as sitk\nfrom dira3d.deploy.monailabel_tasks import SegmentationBundleTask\n"
+        "task = SegmentationBundleTask(sys.argv[1], {}, {'width': 0.125, 'roi_size': [16, 16, 8]})\n"
+        "out, _ = task({'image': sys.argv[2], 'device': 'cpu'})\n"
+        "print('mask', list(sitk.ReadImage(out).GetSize()), sitk.ReadImage(out).GetSpacing())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", script, str(bundle), str(scan)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert "mask [20, 24, 12] (1.5, 1.5, 3.0)" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -381,7 +381,9 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     earlier = _earlier_parts(dst / "pretrain_datalist.json", src, {"val_fraction": val_fraction, "test_fraction": test_fraction,
                                                                   "seed": seed, **grouping})  # fmt: skip
     part = _split_patients(sorted({patients[c.case_id] for c in good}), val_fraction, test_fraction, seed, unit, earlier)
-    splits: dict[str, list[dict]] = {"training": [], "validation": []} | ({"test": []} if "test" in part.values() else {})
+    # asked for (--test-fraction) but rounded to no patient: an empty list, which write_datalist warns about
+    has_test = test_fraction > 0 or "test" in part.values()
+    splits: dict[str, list[dict]] = {"training": [], "validation": []} | ({"test": []} if has_test else {})
     for case in good:
         entry = {"image": case.outputs[0], "case_id": case.case_id, "patient_id": patients[case.case_id]}
         if len(case.outputs) > 1:

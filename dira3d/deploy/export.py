@@ -125,6 +125,11 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
     return f"the weights fit other settings{origin}: pass {format_overrides(fits)} (overrides={dict(fits)})"
 
 
+def _missing_weights(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"fine-tuned weights {path} do not exist; pass the model to export with --checkpoint "
+                             "(`dira3d finetune --output-dir D` writes D/models/model.pt)")
+
+
 def load_bundle_network(
     bundle_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
@@ -156,8 +161,7 @@ def load_bundle_network(
     network = parser.get_parsed_content("network_def", instantiate=True)
     path = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"fine-tuned weights {path} do not exist; train the bundle first or pass "
-                                "--checkpoint (checkpoint=)")
+        raise _missing_weights(path)
     state = load_checkpoint(path)
     for wrapper in ("model", "network", "state_dict"):
         if isinstance(state.get(wrapper), Mapping):
@@ -245,8 +249,7 @@ def export_torchscript(
     check_new_output(out, overwrite, what=what)
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"fine-tuned weights {ckpt} do not exist; train the bundle first or pass "
-                                "--checkpoint (checkpoint=)")
+        raise _missing_weights(ckpt)
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
     load_bundle_network(root, ckpt, config_file, overrides)
     shape = _example_shape(_parser(root, config_file, overrides), input_shape)

@@ -79,6 +79,17 @@ class _OverridableBundleTask(BundleInferTask):
                 self._checked_model = stamp
         return super()._get_network(device, data)
 
+    def run_pre_transforms(self, data: dict[str, Any], transforms: Any) -> dict[str, Any]:
+        """The bundle's preprocessing without MONAI Label's ``image_path`` in view. MONAI's ``Spacingd``,
+        on a NIfTI input, calls ``.update(meta)`` on every ``image_*`` key as if it were a meta dict:
+        the path (a str) made every NIfTI scan fail with an ``AttributeError`` (HTTP 500). The key is put
+        back afterwards (the writer names its output after it)."""
+        hidden = {k: data.pop(k) for k in [k for k, v in data.items()
+                                           if isinstance(k, str) and k.startswith("image_") and not isinstance(v, Mapping)]}
+        result = super().run_pre_transforms(data, transforms)
+        result.update(hidden)
+        return result
+
 
 class SegmentationBundleTask(_OverridableBundleTask):
     """A dira3d segmentation bundle served by MONAI Label (mask values as the bundle writes them)."""

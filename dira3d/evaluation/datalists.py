@@ -254,7 +254,10 @@ def load_split(
                         f"early-stopping holdout needs at least 2 (one held out, one to train on); "
                         f"use a label_fraction of at least {min(1.0, 2 / total) if total else 1.0:.3g} or more patients")
         if split == "test" and (fold is None or int(fold) < 0):
-            hint = f"add a 'test' list to the datalist (it has {sorted(k for k in content if k != 'meta')}), or set fold for a cross-validation datalist"
+            where = ("its 'test' list has no entries" if "test" in content
+                     else f"add a 'test' list to the datalist (it has {sorted(k for k in content if k != 'meta')})")
+            hint = (f"{where} (`dira3d prepare generic --test-fraction F` writes one: F of the patients, rounded, "
+                    "at least one), or set fold for a cross-validation datalist")
         raise ValueError(
             f"split {split!r} of datalist {path} is empty (label_fraction={label_fraction}, holdout={holdout}, "
             f"fold={fold}); {hint}"
