@@ -62,7 +62,7 @@ def _refused(exc_type, run, *args, **kwargs):
 @pytest.fixture
 def seg3d(tmp_path):
     """A small CT-like scan, its folder, and a tiny lits_liver_seg model."""
-    scan = _nifti(tmp_path / "case1.nii.gz", np.random.default_rng(0).random((32, 32, 16)))
+    scan = _nifti(tmp_path / "case1.nii.gz", np.random.default_rng(0).random((32, 32, 16)) * 2000 - 1000)  # raw HU
     atomic_save(build_task_network("segmentation", 3, 1, 1, 0.125, "").state_dict(), tmp_path / "models" / "model.pt")
     return scan, tmp_path / "models"
 

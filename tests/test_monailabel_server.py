@@ -166,8 +166,9 @@ def test_monailabel_segments_a_nifti_scan(repo_root, tmp_path):
     from dira3d.networks import Segmenter
 
     atomic_save(Segmenter(3, 1, 1, width=0.125).state_dict(), bundle / "models" / "model.pt")
-    hu = np.full((12, 24, 20), -800, np.int16)  # (z, y, x) for SimpleITK
-    hu[3:9, 6:18, 5:15] = 40
+    rng = np.random.default_rng(0)  # a scan has many values: two would be refused as a mask given as the image
+    hu = rng.integers(-1000, -700, size=(12, 24, 20)).astype(np.int16)  # (z, y, x) for SimpleITK
+    hu[3:9, 6:18, 5:15] = rng.integers(20, 80, size=(6, 12, 10))
     image = sitk.GetImageFromArray(hu)
     image.SetSpacing((1.5, 1.5, 3.0))
     scan = tmp_path / "scan.nii.gz"

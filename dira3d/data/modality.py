@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from dira3d.data.errors import DataWarning
 from dira3d.data.io import DataError, read_image
+from dira3d.data.normalize import AIR_HU, mask_values
 from dira3d.data.runner import Case
 
 __all__ = ["MODALITIES", "AIR_HU", "check_not_a_mask", "check_hu", "check_mr", "modality_from_scans",
@@ -29,25 +30,17 @@ __all__ = ["MODALITIES", "AIR_HU", "check_not_a_mask", "check_hu", "check_mr", "
 MODALITIES = ("ct", "mr")
 
 
-_MASK_VALUES = 16  # an integer image with this few distinct values is a label map, not a scan
-
-
 def check_not_a_mask(image: sitk.Image, path: str | os.PathLike) -> None:
     """A mask left among the scans (no ``--label-suffix``) would be normalised into a flat volume."""
     array = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
         return
-    if np.unique(array[::4, ::4, ::4]).size > _MASK_VALUES:  # a coarse look settles almost every scan
-        return
-    values = np.unique(array)
-    if 2 <= values.size <= _MASK_VALUES:  # (a constant image is no mask; the modality checks judge it)
+    values = mask_values(array)
+    if values is not None:
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
         raise DataError(path, f"has only {values.size} distinct values ({shown}): it looks like a mask, not a scan; "
                               "give masks a suffix and pass it (e.g. --image-suffix _image --label-suffix _label), "
                               "or move the file out of --src")
-
-
-AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this
 
 
 def _lowest_if_not_hu(image: sitk.Image) -> float | None:

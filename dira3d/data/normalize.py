@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["window_hu", "normalize_mr"]
+__all__ = ["window_hu", "normalize_mr", "AIR_HU", "MASK_VALUES", "mask_values"]
+
+AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this; an MRI has none
 
 
 def window_hu(array: np.ndarray, lo: float = -1000.0, hi: float = 1000.0) -> np.ndarray:
@@ -54,3 +56,22 @@ def normalize_mr(array: np.ndarray, mask: np.ndarray | None = None, lower: float
         raise ValueError(f"MR volume is constant in its foreground (percentiles {p_lo} and {p_hi}); cannot normalise it")
     out = (data - np.float32(p_lo)) / np.float32(p_hi - p_lo)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+MASK_VALUES = 16  # an image of integer values with this few distinct ones is a label map, not a scan
+
+
+def mask_values(array: np.ndarray) -> np.ndarray | None:
+    """The distinct values of ``array`` when it looks like a mask or label map (2 to :data:`MASK_VALUES`
+    distinct values, all of them integers, whatever the array's type: readers give masks as floats too);
+    None for a scan, and for a constant image (no mask: the intensity checks judge it)."""
+    array = np.asarray(array)
+    coarse = array[tuple(slice(None, None, 4) for _ in array.shape)]  # a coarse look settles almost every scan
+    if np.unique(coarse).size > MASK_VALUES:
+        return None
+    values = np.unique(array)
+    if not 2 <= values.size <= MASK_VALUES:
+        return None
+    if not np.issubdtype(values.dtype, np.integer) and not np.array_equal(values, np.round(values)):
+        return None
+    return values

@@ -182,6 +182,15 @@ class LoadVolumed(LoadImaged):
             return super().__call__(data, reader)
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
             source = files[0] if len(files) == 1 else (", ".join(files) or None)
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise DataError(missing[0], "does not exist; check the path") from err
+            empty = [f for f in files if os.path.isfile(f) and os.path.getsize(f) == 0]
+            if empty:
+                raise DataError(empty[0], "is empty (0 bytes): a copy or download that did not finish? copy it again") from err
+            if "cannot find a suitable reader" in str(err):  # MONAI's advice to install readers misleads here
+                raise DataError(source, "cannot be read as an image by any reader: not an image, or a file cut short? "
+                                        "pass an image file (NIfTI, NRRD, MetaImage, DICOM, PNG)") from err
             raise DataError(source, f"cannot be loaded ({type(err).__name__}: {err}); "
                                     "the file is truncated, corrupt or not an image — repair or exclude it") from err
 

@@ -11,6 +11,7 @@ from dira3d.utils.lazy import lazy_exports
 _EXPORTS = {
     "dira3d.evaluation.datalists": ("SPLITS", "holdout_by_patient", "load_split", "select_fraction"),
     "dira3d.evaluation.handlers": ("BestModelSaver", "FineTunedCheckpointLoader", "ProbabilityWriter", "fine_tuned_weights", "prediction_path", "scan_stem"),
+    "dira3d.evaluation.inputs": ("CheckInferenceInputd", "check_inference_input", "screen_inputs"),
     "dira3d.evaluation.metrics": ("ForegroundDice", "ForegroundIoU", "MeanAUC", "foreground_dice", "foreground_iou",
                                   "mean_auc", "roc_auc"),
     "dira3d.evaluation.outputs": ("CheckPredictionFiles", "SavePredictiond", "check_prediction_targets", "is_own_prediction",
@@ -28,6 +29,7 @@ __all__ = [
     "SPLITS",
     "TASK_KINDS",
     "BestModelSaver",
+    "CheckInferenceInputd",
     "CheckPredictionFiles",
     "FineTunedCheckpointLoader",
     "ForegroundDice",
@@ -42,6 +44,7 @@ __all__ = [
     "SimpleITKReader",
     "build_resnet_task_network",
     "build_task_network",
+    "check_inference_input",
     "check_prediction_targets",
     "claim_run_folders",
     "datalist_preprocessing",
@@ -57,6 +60,7 @@ __all__ = [
     "release_run_folders",
     "roc_auc",
     "scan_stem",
+    "screen_inputs",
     "select_fraction",
     "trained_preprocessing",
 ]

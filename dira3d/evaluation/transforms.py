@@ -140,7 +140,6 @@ class NormalizeMRd(MapTransform):
         return d
 
 
-_AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this
 
 
 class NormalizeScand(MapTransform):
@@ -178,14 +177,15 @@ class NormalizeScand(MapTransform):
             return self.mr(data)
         import warnings
 
-        from dira3d.data.normalize import window_hu
+        from dira3d.data.normalize import AIR_HU as _AIR_HU, window_hu
 
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
             array = img.detach().cpu().numpy()
             lowest = float(array.min()) if array.size else 0.0
-            if lowest > _AIR_HU and float(array.max()) > lowest:
+            # (a window within [0, 1] takes a volume prepared by `dira3d prepare` as it is: no HU expected)
+            if lowest > _AIR_HU and float(array.max()) > lowest and self.hu_window[1] - self.hu_window[0] > 2.0:
                 name = getattr(img, "meta", {}).get("filename_or_obj", key)
                 warnings.warn(f"{name}: no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT "
                               f"in Hounsfield units and the HU window {list(self.hu_window)} will flatten it; for an MRI set "
