@@ -33,6 +33,14 @@ def _cls_entries(n_patients: int = 20, per_patient: int = 3) -> list[dict]:
             for p in range(n_patients) for k in range(per_patient)]
 
 
+def _touch(folder, entries: list[dict]) -> None:
+    """Create the image (and label) files of ``entries`` in ``folder``: load_split checks that they exist."""
+    for entry in entries:
+        for key in ("image", "label"):
+            if isinstance(entry.get(key), str):
+                (folder / entry[key]).write_bytes(b"")
+
+
 def test_select_fraction_is_stratified_seeded_and_keeps_every_class():
     entries = [{"image": str(i), "label": int(i < 10), "case_id": str(i)} for i in range(100)]  # 10 positives
     quarter = select_fraction(entries, 0.25, seed=3)
@@ -102,6 +110,7 @@ def test_load_split_test_key_fold_and_errors(tmp_path):
     training = [dict(e, label=int(e["label"]), fold=i % 3) for i, e in enumerate(_cls_entries(12, 1))]
     path = tmp_path / "pecad_datalist.json"
     path.write_text(json.dumps({"training": training, "meta": {}}))
+    _touch(tmp_path, training)
     test = load_split(path, "test", fold=1)
     train = load_split(path, "train", fold=1, holdout=0.1)
     held = load_split(path, "holdout", fold=1, holdout=0.1)
@@ -239,6 +248,7 @@ def test_load_split_drops_keys_some_entries_lack(tmp_path):
     entries = [{"image": f"c{i}.nii.gz", "case_id": f"p{i}", "label": i % 2, **({"diameter_mm": 5.0} if i % 2 else {})}
                for i in range(20)]
     (tmp_path / "dl.json").write_text(json.dumps({"training": entries, "test": entries[:4]}))
+    _touch(tmp_path, entries)
     train = load_split(tmp_path / "dl.json", "train", holdout=0.0)
     assert all(set(e) == {"image", "case_id", "label"} for e in train)
     assert list_data_collate(load_split(tmp_path / "dl.json", "test"))["label"].tolist() == [0, 1, 0, 1]
@@ -261,6 +271,7 @@ def test_load_split_names_a_label_fraction_too_small_for_the_holdout(tmp_path):
     training = [{"image": f"v{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"lits-{i:03d}"} for i in range(100)]
     path = tmp_path / "lits_datalist.json"
     path.write_text(json.dumps({"training": training, "test": training[:1]}))
+    _touch(tmp_path, training)
     assert len(load_split(path, "train", label_fraction=0.01)) == 1
     with pytest.raises(ValueError, match=r"label_fraction=0.01 keeps 1 of the 100 training patient\(s\).*at least 0.02"):
         load_split(path, "holdout", label_fraction=0.01)
@@ -348,3 +359,39 @@ def test_overwrite_keeps_the_earlier_run_when_the_new_one_fails_to_set_up(tmp_pa
                      overwrite=True)
     assert (out / "metrics.json").read_text() == '{"metrics": {"auc": 0.9}}'
     assert (out / "models" / "model.pt").read_bytes() == b"the earlier run's model"
+
+
+def test_load_split_names_every_missing_file_of_the_entries_the_run_uses(tmp_path):
+    # the loader met the first missing file after caching the others, and named it alone
+    training = [{"image": f"v{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"case{i}", "fold": i % 2}
+                for i in range(8)]
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps({"training": training}))
+    _touch(tmp_path, training)
+    for name in ("v2.nii.gz", "l4.nii.gz", "v6.nii.gz"):  # all of fold 0
+        (tmp_path / name).unlink()
+    with pytest.raises(FileNotFoundError) as caught:
+        load_split(path, "test", fold=0)
+    message = str(caught.value)
+    assert "has 3 missing files in its 'training' list" in message and "dira3d prepare" in message, message
+    for case, name in (("case2", "v2.nii.gz"), ("case4", "l4.nii.gz"), ("case6", "v6.nii.gz")):
+        assert f"case {case}: {tmp_path / name} does not exist" in message, message
+    assert len(load_split(path, "test", fold=1)) == 4  # the entries of the other fold are all there
+    with pytest.raises(FileNotFoundError, match="case2"):
+        load_split(path, "train", fold=1, holdout=0.0)
+
+
+def test_finetune_with_a_missing_file_stops_before_caching_and_leaves_no_folder(tmp_path, capsys):
+    from dira3d.evaluation.finetune import main as finetune_main
+
+    training = [{"image": f"c{i}.nii.gz", "case_id": f"p{i}", "label": i % 2} for i in range(12)]
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps({"training": training, "test": training[:4]}))
+    _touch(tmp_path, training[1:])
+    out = tmp_path / "out"
+    assert finetune_main(["--bundle", "luna16_nodule_fpr", "--tiny", "--datalist", str(path),
+                          "--output-dir", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"case p0: {tmp_path / 'c0.nii.gz'} does not exist" in captured.err, captured.err
+    assert "Loading dataset" not in captured.err
+    assert not out.exists()  # a run refused at its start leaves no folder (it left out/ and out/models/ with locks)

@@ -25,7 +25,8 @@ from typing import Any
 
 from dira3d.data.errors import DataError
 
-__all__ = ["DatalistError", "DatalistFilesMissingError", "read_datalist_json", "datalist_entries", "datalist_meta"]
+__all__ = ["DatalistError", "DatalistFilesMissingError", "read_datalist_json", "datalist_entries", "datalist_meta",
+           "check_entry_files"]
 
 _SHOWN = 10  # entry problems named in one message
 
@@ -177,6 +178,30 @@ def _resolve(base: str, value: Any, always: bool) -> Any:
     if isinstance(value, list) and all(isinstance(v, (str, os.PathLike)) for v in value):
         return [join(v) for v in value]
     return value
+
+
+def check_entry_files(datalist: str | os.PathLike, key: str, entries: Sequence[Mapping[str, Any]],
+                      keys: Sequence[str] = ("image", "label")) -> None:
+    """Check that the paths of ``entries`` (as :func:`datalist_entries` returns them: resolved) exist, files or
+    folders (a DICOM series), before a loader meets the first missing one after caching the others.
+
+    Args:
+        datalist: the datalist the entries come from (named in the error).
+        key: the list they come from (named in the error).
+        entries: the entries to check (e.g. the share a run uses).
+        keys: the keys whose string values (or lists of strings) are paths; other values (a class
+            index) are not checked.
+
+    Raises:
+        DatalistFilesMissingError: every missing path, with its case id (up to ten named).
+    """
+    problems = [f"case {entry.get('case_id', '?')}: {file} does not exist"
+                for entry in entries for name in keys for file in _strings(entry.get(name)) if not os.path.exists(file)]
+    if problems:
+        shown = "; ".join(problems[:_SHOWN]) + (f"; ... {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
+        count = f"{len(problems)} missing file{'' if len(problems) == 1 else 's'} in its {key!r} list"
+        raise DatalistFilesMissingError(datalist, f"has {count}: {shown}. Prepare the data again (`dira3d prepare`) "
+                                                  "or fix or remove these entries and rerun")
 
 
 def _strings(value: Any) -> list[str]:

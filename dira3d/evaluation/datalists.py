@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dira3d.data.datalist import datalist_entries, read_datalist_json
+from dira3d.data.datalist import check_entry_files, datalist_entries, read_datalist_json
 
 __all__ = ["SPLITS", "load_split", "select_fraction", "holdout_by_patient"]
 
@@ -221,6 +221,8 @@ def load_split(
     Raises:
         FileNotFoundError: the datalist does not exist.
         ValueError: unknown split, a bad fraction, a fold that no entry has, or an empty split.
+        dira3d.data.datalist.DatalistFilesMissingError: image or label files of the returned entries that
+            do not exist (all named, with their case ids; a ``FileNotFoundError`` too).
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is unknown; use one of {SPLITS}")
@@ -238,7 +240,9 @@ def load_split(
     if split == "test":
         result = test
     elif split == "validation":
-        return _common_keys(_load_key(path, content, "validation"))
+        result = _load_key(path, content, "validation")
+        check_entry_files(path, "validation", result)
+        return _common_keys(result)
     else:
         chosen = select_fraction(training, label_fraction, seed)
         train, held = holdout_by_patient(chosen, holdout, seed)
@@ -262,6 +266,8 @@ def load_split(
             f"split {split!r} of datalist {path} is empty (label_fraction={label_fraction}, holdout={holdout}, "
             f"fold={fold}); {hint}"
         )
+    # the entries this run uses (not the whole list: a 1 % run does not need the other 99 %)
+    check_entry_files(path, "test" if split == "test" and (fold is None or int(fold) < 0) else "training", result)
     return _common_keys(result)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.evaluation.preprocessing import PREPROCESSING_FILE, training_preprocessing, write_preprocessing
-from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.atomic import atomic_write_text, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.overrides import check_overrides, parse_value
@@ -150,22 +150,23 @@ def run_finetune(
     check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k != "output_dir"},
                     where=overrides_from)
     out = Path(output_dir or overrides.pop("output_dir", None) or Path.cwd() / f"finetune_{root.name}").resolve()
-    check_writable(out, what="fine-tuning output folder (--output-dir)",
-                   advice="choose another --output-dir (by default ./finetune_<bundle>) or fix its permissions")
-    # one run per folder: two would pass the check below together, then replace each other's model.pt and
-    # test it under the other's metrics.json
     if "overwrite" in overrides:  # `--set overwrite=true` is --overwrite
         from dira3d.utils.overrides import as_bool
 
         overwrite = as_bool(overrides.pop("overwrite"), "overwrite") or overwrite
-    with FolderLock(out, what="fine-tuning output folder (--output-dir)",
-                    clash="a second run into it would replace its model.pt and metrics.json"):
-        try:
-            return _run_finetune(root, overrides, out, files, tiny, overwrite)
-        finally:  # the lock of models/ that train.json's initialize took, also when the run failed
-            from dira3d.evaluation.run_folders import release_run_folders
+    with removed_if_failed_empty(out):  # a run refused at its start (a bad datalist) leaves no empty folder
+        check_writable(out, what="fine-tuning output folder (--output-dir)",
+                       advice="choose another --output-dir (by default ./finetune_<bundle>) or fix its permissions")
+        # one run per folder: two would pass the check below together, then replace each other's model.pt and
+        # test it under the other's metrics.json
+        with FolderLock(out, what="fine-tuning output folder (--output-dir)",
+                        clash="a second run into it would replace its model.pt and metrics.json"):
+            try:
+                return _run_finetune(root, overrides, out, files, tiny, overwrite)
+            finally:  # the lock of models/ that train.json's initialize took, also when the run failed
+                from dira3d.evaluation.run_folders import release_run_folders
 
-            release_run_folders(out / "models")
+                release_run_folders(out / "models")
 
 
 def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[Path], tiny: bool,

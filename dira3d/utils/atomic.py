@@ -168,13 +168,17 @@ def removed_if_failed_empty(folder: str | os.PathLike) -> Iterator[Path]:
 
     folder = Path(folder)
     new = not folder.exists()
+
+    def only_locks(path: Path) -> bool:  # lock files, and folders of nothing else (models/ with its own lock)
+        return all((p.name == LOCK_NAME and p.is_file()) or (p.is_dir() and not p.is_symlink() and only_locks(p))
+                   for p in path.iterdir())
+
     try:
         yield folder
     except BaseException:
-        left = list(folder.iterdir()) if new and folder.is_dir() else None
-        if left is not None and all(p.name == LOCK_NAME and p.is_file() for p in left):
-            for lock in left:
-                lock.unlink()
+        if new and folder.is_dir() and only_locks(folder):
+            for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                path.unlink() if path.is_file() else path.rmdir()
             folder.rmdir()
         raise
 
