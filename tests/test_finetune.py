@@ -395,3 +395,21 @@ def test_finetune_with_a_missing_file_stops_before_caching_and_leaves_no_folder(
     assert f"case p0: {tmp_path / 'c0.nii.gz'} does not exist" in captured.err, captured.err
     assert "Loading dataset" not in captured.err
     assert not out.exists()  # a run refused at its start leaves no folder (it left out/ and out/models/ with locks)
+
+
+def test_brats_input_errors_name_the_file(tmp_path):
+    # a raw scan given to brats inference.json with other sequences than the model's, or a constant
+    # MRI: the messages named no file
+    from monai.data import MetaTensor
+
+    from dira3d.data.errors import DataError
+    from dira3d.evaluation import NormalizeMRd
+
+    scan = str(tmp_path / "patient7_t1.nii.gz")
+    image = MetaTensor(torch.rand(3, 8, 8, 4), meta={"filename_or_obj": scan})
+    with pytest.raises(DataError, match=rf"^{scan}: image has 3 channel\(s\) but image_channels"):
+        SelectModalitiesd("image", "flair", ["t1", "t1ce", "t2", "flair"])({"image": image})
+    with pytest.raises(DataError, match=rf"^{scan}: .*modalities"):
+        SelectModalitiesd("image", "flair")({"image": image})
+    with pytest.raises(DataError, match=rf"^{scan}: "):
+        NormalizeMRd("image")({"image": MetaTensor(torch.zeros(1, 8, 8, 4), meta={"filename_or_obj": scan})})

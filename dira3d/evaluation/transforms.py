@@ -12,11 +12,16 @@ normalisation (``dira3d.data.normalize.normalize_mr``) per channel, for inferenc
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
+
+from dira3d.data.errors import DataError
+from dira3d.engines.inputs import source_of
 
 __all__ = ["BRATS_MODALITIES", "SelectModalities", "SelectModalitiesd", "NormalizeMRd", "NormalizeScand",
            "datalist_channels", "modality_channels"]
@@ -97,6 +102,18 @@ class SelectModalities(Transform):
         )
 
 
+@contextmanager
+def _naming_the_file(data: Mapping[Hashable, Any], key: Hashable) -> Iterator[None]:
+    """A ``ValueError`` about the image under ``key`` becomes a :class:`~dira3d.data.errors.DataError` naming the
+    file it was loaded from (a raw scan given to ``inference.json``: the bare message named none)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except ValueError as err:
+        raise DataError(source_of(data, key), str(err)) from None
+
+
 class SelectModalitiesd(MapTransform):
     """Dictionary form of :class:`SelectModalities`."""
 
@@ -108,7 +125,8 @@ class SelectModalitiesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.selector(d[key])
+            with _naming_the_file(d, key):
+                d[key] = self.selector(d[key])
         return d
 
 
@@ -133,7 +151,9 @@ class NormalizeMRd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            channels = [torch.as_tensor(normalize_mr(c.detach().cpu().numpy(), lower=self.lower, upper=self.upper)) for c in img]
+            with _naming_the_file(d, key):
+                channels = [torch.as_tensor(normalize_mr(c.detach().cpu().numpy(), lower=self.lower, upper=self.upper))
+                            for c in img]
             out = torch.stack(channels).to(img.device)
             # keep the MetaTensor (affine, applied operations) so Invertd can undo the spatial steps
             d[key] = img.clone().copy_(out) if hasattr(img, "meta") else out
