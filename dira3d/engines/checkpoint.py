@@ -244,7 +244,7 @@ class DiRACheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every_epochs), self.epoch_completed)
         if self.save_every_iterations > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every_iterations), self.save_last)
-        engine.add_event_handler(Events.COMPLETED, self.save_last)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
         if is_main_process():  # after the last save (ignite also fires COMPLETED after terminate())
             engine.add_event_handler(Events.COMPLETED, lambda _: self.lock.release())
 
@@ -271,6 +271,15 @@ class DiRACheckpoint:
         self._ensure_finite(engine)
         if is_main_process():
             atomic_save(checkpoint_dict(engine, self.meta, self.best), self.last_path)
+
+    def completed(self, engine: Engine) -> None:
+        """The run's end: ``last.pt`` at its last iteration, also when SIGTERM / Ctrl-C ended it mid-epoch
+        (``state.stopped_by``; :mod:`dira3d.engines.stopping`), which the trainer then reports."""
+        self.save_last(engine)
+        if getattr(engine.state, "stopped_by", None) and is_main_process():
+            how = ("run the same command to resume" if self.resume else
+                   "run the same command without resume false (--resume false) to resume from it")
+            engine.state.stop_saved = f"{self.last_path} saved; {how}"
 
     def epoch_completed(self, engine: Engine) -> None:
         # checked on every rank before the (rank-local) best decision: the check is collective

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.interrupts import StoppedBySignal
 from dira3d.utils.overrides import as_bool, parse_value
 
 __all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "main"]
@@ -33,19 +34,23 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), parse_value(value)
 
 
-def interrupted_message(output: Path, overrides: dict) -> str:
-    """The one line printed when ``dira3d pretrain`` is stopped with Ctrl-C: where the last checkpoint
-    is (``<output>/models/last.pt``) and how to resume from it."""
+def interrupted_message(output: Path, overrides: dict, stopped: StoppedBySignal | None = None) -> str:
+    """The one line printed when ``dira3d pretrain`` is stopped with Ctrl-C or SIGTERM: where the last
+    checkpoint is (``<output>/models/last.pt``) and how to resume from it. ``stopped``: the run finished
+    its step and wrote ``last.pt`` at that iteration (:mod:`dira3d.engines.stopping`); None: it was
+    interrupted at once (a second Ctrl-C, or one before training started)."""
     last = output / "models" / "last.pt"
+    what = "interrupted" if stopped is None else str(stopped)
     if not last.is_file():
-        return f"interrupted before the first checkpoint ({last} does not exist); rerunning the same command starts afresh"
+        return f"{what} before the first checkpoint ({last} does not exist); rerunning the same command starts afresh"
     try:  # resume=False or "false" alike, as the checkpoint handler reads it
         resume = as_bool(overrides.get("resume", True), "resume")
     except ValueError:
         resume = True
+    where = f"the last checkpoint is {last}" if stopped is None else f"{last} saved"
     if not resume:
-        return f"interrupted; the last checkpoint is {last}; rerun without --override resume=false to resume from it"
-    return f"interrupted; the last checkpoint is {last}; rerun the same command to resume from it"
+        return f"{what}; {where}; rerun without --override resume=false to resume from it"
+    return f"{what}; {where}; rerun the same command to resume from it"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
         print(f"dira3d pretrain: {interrupted_message(output, overrides)}", file=sys.stderr)
         return 130
+    except StoppedBySignal as stop:  # SIGTERM or Ctrl-C: the step finished and last.pt was written first
+        print(f"dira3d pretrain: {interrupted_message(output, overrides, stop)}", file=sys.stderr)
+        return int(stop.code)
     except Exception as err:
         # MONAI wraps transform and config errors; print the bad file's or setting's own message
         cause = setting_error_in(err)

@@ -40,6 +40,7 @@ __all__ = [
     "default_backend",
     "local_device",
     "all_ranks_true",
+    "all_ranks_min",
     "quiet_other_ranks",
 ]
 
@@ -159,6 +160,19 @@ def all_ranks_true(flag: bool | torch.Tensor, device: Any = "cpu") -> bool:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value)
+
+
+def all_ranks_min(values: list[int], device: Any = "cpu") -> list[int]:
+    """The minimum of each of ``values`` over all ranks, in ONE all-reduce (``values`` themselves with one
+    process, without a tensor or a host sync). The maximum of a value is minus the minimum of its negation.
+
+    ``device``: where the all-reduce runs; the training device (NCCL reduces CUDA tensors only).
+    """
+    if get_world_size() < 2:
+        return [int(v) for v in values]
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return [int(v) for v in tensor.tolist()]
 
 
 def quiet_other_ranks(names: tuple[str, ...] = ("DiRATrainer", "DiRAEvaluator", "ignite", "monai")) -> None:

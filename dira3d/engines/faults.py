@@ -6,7 +6,8 @@
   written (:meth:`NonFiniteGuard.check`), so a NaN never reaches ``last.pt`` / ``best.pt``.
   ``on_nonfinite="stop"`` raises :class:`NonFiniteLossError` naming the term and the iteration;
   ``"skip"`` makes the trainer drop such steps (one joint decision per step, see
-  :func:`step_is_finite`) and the guard only counts them.
+  :func:`step_is_finite`) and the guard only counts them. Under DDP the periodic check is also where
+  the ranks agree to stop on SIGTERM / Ctrl-C (:mod:`dira3d.engines.stopping`), in the same all-reduce.
 - :class:`CollapseMonitor` warns once when D's real/fake probability gap stays above a
   threshold for many consecutive iterations (the adversary "wins outright": G gets no signal).
 - :func:`estimate_checkpoint_bytes` sizes a checkpoint so that a nearly full disk is reported
@@ -21,7 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from dira3d.engines.distributed import all_ranks_true
+from dira3d.engines.distributed import all_ranks_min, all_ranks_true
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -69,8 +70,20 @@ class NonFiniteGuard:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.check_every), self.check)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.check_every), self.periodic_check)
         engine.add_event_handler(Events.COMPLETED, self.check)
+
+    def periodic_check(self, engine: Engine) -> None:
+        """:meth:`check`, every ``check_every`` iterations; under DDP the ranks also agree there, in the same
+        all-reduce, whether a SIGTERM / Ctrl-C reached any of them (``engine.signal_stop``, a
+        :class:`~dira3d.engines.stopping.SignalStop`), and then all stop after this iteration."""
+        stop = getattr(engine, "signal_stop", None)
+        if stop is None or stop.single_process:  # one process: the stop is looked at after every step
+            self.check(engine)
+            return
+        signum = self.check(engine, stop_signal=stop.requested or 0)
+        if signum:
+            stop.stop(engine, signum)
 
     def record(self, engine: Engine) -> None:
         """Fold this step's terms into the device-side record (no host sync)."""
@@ -90,24 +103,34 @@ class NonFiniteGuard:
     def reset(self) -> None:
         self.first_bad = {}
 
-    def check(self, engine: Engine) -> None:
+    def check(self, engine: Engine, stop_signal: int | None = None) -> int:
         """Raise :class:`NonFiniteLossError` if a term went non-finite since the last check (``stop``).
+
+        Args:
+            stop_signal: this rank's pending stop signal (its number; 0: none), agreed over the ranks in the
+                same all-reduce as the non-finite flags (None: no stop decision, no collective in ``skip`` mode).
+
+        Returns:
+            The largest ``stop_signal`` of all ranks (0: none, or not asked).
 
         Raises:
             NonFiniteLossError: names the term(s), the first bad iteration, the stage, and what to do.
         """
+        # the training device: NCCL reduces CUDA tensors only
+        device = getattr(engine.state, "device", None) or "cpu"
         if self.on_nonfinite == "skip":
             if self.skipped > self._reported_skips:
                 logger.warning(f"on_nonfinite='skip': {self.skipped} step(s) with a NaN/Inf loss were skipped "
                                f"so far (latest check at iteration {engine.state.iteration})")
                 self._reported_skips = self.skipped
             self.reset()
-            return
+            return 0 if stop_signal is None else -all_ranks_min([-stop_signal], device)[0]
         firsts = {k: int(v) for k, v in self.first_bad.items()}  # the host sync, once per check
         bad = {k: it for k, it in firsts.items() if it >= 0}
         # decided jointly: a rank that stopped alone would leave the others waiting in an all-reduce
-        if all_ranks_true(not bad):
-            return
+        agreed = all_ranks_min([int(not bad)] + ([] if stop_signal is None else [-stop_signal]), device)
+        if agreed[0]:
+            return 0 if stop_signal is None else -agreed[1]
         if not bad:
             raise NonFiniteLossError(
                 f"a loss became NaN/Inf on another rank before iteration {engine.state.iteration}; training "

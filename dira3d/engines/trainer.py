@@ -75,6 +75,7 @@ from dira3d.engines.performance import apply_layer_options, compile_modules
 from dira3d.engines.prefetch import Prefetcher, side_stream
 from dira3d.engines.shuffle_bn import check_shuffle_bn
 from dira3d.engines.stages import DEFAULT_STAGES, LOSS_TERMS, Stage, StageSchedule
+from dira3d.engines.stopping import SignalStop
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss
 from dira3d.transforms.compositions import Distortion
 from dira3d.transforms.views import ViewAugment
@@ -198,7 +199,15 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         on_nonfinite: ``"stop"`` (raise :class:`~dira3d.engines.faults.NonFiniteLossError` naming the
             term and iteration; checkpoints are never written with NaN weights) or ``"skip"`` (drop
             steps whose loss is NaN/Inf, one host sync per step).
-        check_every: iterations between the host-side non-finite checks (also before every save).
+        check_every: iterations between the host-side non-finite checks (also before every save). Under
+            DDP the ranks also agree there to stop on SIGTERM / Ctrl-C: such a stop comes up to
+            ``check_every`` iterations after the signal (one process: after the step in progress).
+
+    SIGTERM and Ctrl-C (SIGINT) while :meth:`run` lasts end the run after the step in progress (under DDP
+    at an iteration all ranks agree on): ``COMPLETED`` fires, so :class:`~dira3d.engines.DiRACheckpoint`
+    writes ``last.pt`` at that iteration, and ``run`` returns with ``state.stopped_by`` set to
+    ``"SIGTERM"`` / ``"SIGINT"`` (None after a full run); :func:`dira3d.engines.exit_if_stopped` then exits
+    with 143 / 130 (:mod:`dira3d.engines.stopping`). The previous signal handlers are put back after the run.
 
     Raises:
         ValueError: a bad mode, AMP value, ``d_steps``, ``shuffle_bn`` outside ``moco``, missing
@@ -323,8 +332,21 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         self.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_means)
         self.nonfinite_guard = NonFiniteGuard(on_nonfinite, check_every)
         self.nonfinite_guard.attach(self)
+        # SIGTERM / Ctrl-C: the handler only records the signal; one process looks at it after each step,
+        # under DDP the guard's periodic check agrees on it over the ranks (dira3d.engines.stopping)
+        self.signal_stop = SignalStop()
+        self.add_event_handler(Events.ITERATION_COMPLETED, self.signal_stop.poll)
         if train_handlers is not None:
             self._register_handlers(train_handlers)
+
+    def run(self) -> None:
+        """Train (``monai.engines.Trainer.run``) with SIGTERM / SIGINT caught while it lasts (see the class)."""
+        self.state.stop_saved = None  # what the checkpoint handler wrote when a signal stopped the run
+        with self.signal_stop.installed(self):
+            super().run()
+        if self.state.stopped_by:
+            saved = self.state.stop_saved or "no checkpoint handler saved the run"
+            self.logger.info(f"stopped by {self.state.stopped_by} at iteration {self.state.iteration}; {saved}")
 
     # ------------------------------------------------------------------ bookkeeping
     @property

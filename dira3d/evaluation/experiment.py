@@ -74,6 +74,7 @@ from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.cli_help import DefaultsRawDescriptionHelpFormatter
 from dira3d.utils.files import FileContentError, read_json, read_yaml
+from dira3d.utils.interrupts import StoppedBySignal
 from dira3d.utils.overrides import check_overrides, did_you_mean
 from dira3d.evaluation.results import (
     FIELDS, FOLD_FIELDS, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows, row_key, seed_values,
@@ -509,10 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentBusy as err:
         print(f"dira3d experiment: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
+    except (KeyboardInterrupt, StoppedBySignal) as err:  # Ctrl-C, SIGTERM: one line on how to go on, not a traceback
+        # (a pretraining stopped by a signal wrote its last.pt first: the rerun resumes it)
         print(f"dira3d experiment: interrupted; the finished runs are in {Path(config['output_dir']) / 'results.csv'}; "
               "rerun the same command to go on from there", file=sys.stderr)
-        return 130
+        return int(err.code) if isinstance(err, StoppedBySignal) else 130
     except Exception as err:
         cause = _cause_of(err)
         if cause is err and not isinstance(err, (ValueError, FileNotFoundError, FolderNotWritableError)):

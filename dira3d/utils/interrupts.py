@@ -11,16 +11,38 @@ Handlers that MONAI creates while a run starts (``StatsHandler`` adds its own to
 bundle instantiates it) are not there yet when a command enters :func:`quiet_interrupt_logs`:
 dira3d's engines take :class:`QuietInterruptMixin`, which filters at the moment of the interrupt,
 and ``dira3d finetune`` instantiates MONAI's engines before it enters the context.
+
+Pretraining stops more gently: :mod:`dira3d.engines.stopping` turns SIGTERM and a first Ctrl-C into a
+stop after the step, with ``last.pt`` written, ending in :class:`StoppedBySignal`.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "quiet_interrupt_logs"]
+__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "quiet_interrupt_logs"]
+
+
+class StoppedBySignal(SystemExit):
+    """A run stopped by SIGTERM / SIGINT after saving ``last.pt``: ``SystemExit`` with code 128 + the signal
+    number (``python -m monai.bundle run`` exits with it and no traceback; ``dira3d pretrain`` prints one
+    line). Raised by :func:`dira3d.engines.exit_if_stopped`; defined here, without torch, for the commands.
+
+    Attributes:
+        signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+        iteration: the last iteration trained (that of ``last.pt``).
+    """
+
+    def __init__(self, signal_name: str, iteration: int) -> None:
+        super().__init__(128 + int(getattr(signal, signal_name)))
+        self.signal_name, self.iteration = signal_name, int(iteration)
+
+    def __str__(self) -> str:
+        return f"stopped by {self.signal_name} at iteration {self.iteration}"
 
 
 def _handling_interrupt(record: logging.LogRecord) -> bool:
