@@ -334,3 +334,33 @@ def test_resample_keeps_the_field_of_view_of_an_oblique_scan():
     assert np.allclose(voxel_to_world(out, first), voxel_to_world(image, first), atol=1e-6)
     last_new, last_old = np.asarray(out.GetSize()) - 0.5, np.asarray(image.GetSize()) - 0.5
     assert np.allclose(voxel_to_world(out, last_new), voxel_to_world(image, last_old), atol=1e-6)
+
+
+def _interrupted_at_c2(case: Case) -> dict:
+    if case.case_id == "c2":
+        raise KeyboardInterrupt  # Ctrl-C while this case runs
+    return _write_case(case)
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_skips_the_finished_cases(tmp_path, capsys):
+    # a traceback before; now one line saying what is kept and how to go on, exit 130
+    import argparse
+
+    from dira3d.data.runner import run_prepare
+
+    out = tmp_path / "out"
+    cases = [Case(f"c{i}", [out / f"c{i}.txt"]) for i in range(4)]
+
+    def prepare(src, dst, *, workers, overwrite, dry_run, keep_going, report_path, process=_interrupted_at_c2):
+        return run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
+                         keep_going=keep_going, report_path=report_path, progress=False)
+
+    args = argparse.Namespace(src=str(tmp_path), dst=str(out), workers=1, overwrite=False, dry_run=False,
+                              keep_going=False, report=None)
+    assert run_prepare("dira3d prepare test", prepare, args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "dira3d prepare test: interrupted; the cases finished so far are kept in" in err
+    assert sorted(p.name for p in out.glob("*.txt")) == ["c0.txt", "c1.txt"]
+    results = prepare(str(tmp_path), out, workers=1, overwrite=False, dry_run=False, keep_going=False,
+                      report_path=None, process=_write_case)
+    assert [r.status for r in results] == ["skipped", "skipped", "written", "written"]

@@ -398,33 +398,35 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
         return [results[c.case_id] for c in cases]
 
     bar = tqdm(total=len(todo), desc=desc or "cases", unit="case", disable=not progress or not todo, file=sys.stderr)
-    stop = False
-    if workers == 1:
-        for case in todo:
-            if stop:
-                break
-            result = results[case.case_id] = _run_one(process_fn, case)
-            stop = result.status == "failed" and not keep_going
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            queue = list(reversed(todo))
-            running: dict[Any, Case] = {}
-            while (queue and not stop) or running:
-                while queue and not stop and len(running) < 2 * workers:  # bounded queue: stop early works
-                    case = queue.pop()
-                    running[pool.submit(_run_one, process_fn, case)] = case
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    case = running.pop(future)
-                    try:
-                        result = future.result()
-                    except Exception as err:  # the worker process itself died (e.g. out of memory)
-                        result = CaseResult(case.case_id, "failed", [], f"worker crashed: {err!r}")
-                    results[case.case_id] = result
-                    stop = stop or (result.status == "failed" and not keep_going)
-                    bar.update()
-    bar.close()
+    try:  # closed before anything else is printed, also on Ctrl-C
+        stop = False
+        if workers == 1:
+            for case in todo:
+                if stop:
+                    break
+                result = results[case.case_id] = _run_one(process_fn, case)
+                stop = result.status == "failed" and not keep_going
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool, _cancelled_when_interrupted(pool):
+                queue = list(reversed(todo))
+                running: dict[Any, Case] = {}
+                while (queue and not stop) or running:
+                    while queue and not stop and len(running) < 2 * workers:  # bounded queue: stop early works
+                        case = queue.pop()
+                        running[pool.submit(_run_one, process_fn, case)] = case
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        case = running.pop(future)
+                        try:
+                            result = future.result()
+                        except Exception as err:  # the worker process itself died (e.g. out of memory)
+                            result = CaseResult(case.case_id, "failed", [], f"worker crashed: {err!r}")
+                        results[case.case_id] = result
+                        stop = stop or (result.status == "failed" and not keep_going)
+                        bar.update()
+    finally:
+        bar.close()
     not_run = "not run: an earlier case failed (use --keep-going to process all)"
     for case in todo:
         results.setdefault(case.case_id, CaseResult(case.case_id, "cancelled", [], not_run))
@@ -482,6 +484,17 @@ def _update_report(report_path: Path, results: Sequence[CaseResult]) -> None:
     report["summary"] = {s: counts.get(s, 0) for s in STATUSES}
     report["cases"] = [asdict(r) for r in results]
     write_json(report_path, report)
+
+
+@contextlib.contextmanager
+def _cancelled_when_interrupted(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """On Ctrl-C (or any error) drop the cases not yet started: the pool's exit then waits only for the
+    ones running (each writes its files whole), not for every case submitted."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 def batch_stopped(results: Iterable[CaseResult], keep_going: bool) -> bool:
@@ -553,4 +566,8 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every output is written whole (atomically), and a rerun skips finished cases
+        print(f"\n{prog}: interrupted; the cases finished so far are kept in {args.dst}: rerun the same command to "
+              "prepare the rest (finished cases are skipped, an unfinished one is redone)", file=sys.stderr)
+        return 130
     return finish(results, args.keep_going, dry_run=args.dry_run)
