@@ -43,3 +43,26 @@ def one_torch_thread():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """Put every logger's handlers, level and state back after each test. A bundle run in-process (``dira3d
+    pretrain`` through ``cli_main``) configures logging from its ``logging.conf``: its handlers write to the
+    ``sys.stdout`` / ``sys.stderr`` of that moment, which under ``capsys`` is a capture closed when the test
+    ends, so every later log line in that worker printed a "Logging error" traceback into other tests'
+    output (and ``fileConfig`` disables the loggers that existed before it)."""
+    import logging
+
+    def state():
+        loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(lg, logging.Logger)]
+        return {lg: (list(lg.handlers), lg.level, lg.disabled, lg.propagate) for lg in loggers}
+
+    before = state()
+    yield
+    for logger, now in state().items():
+        handlers, level, disabled, propagate = before.get(logger, ([], logging.NOTSET, False, True))
+        logger.handlers[:] = handlers
+        logger.disabled, logger.propagate = disabled, propagate
+        logger.setLevel(level)  # also clears the loggers' cached isEnabledFor answers
