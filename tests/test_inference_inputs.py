@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_inference_outputs import _infer as run_inference
 
 from dira3d.data.errors import DataError, DataWarning
 from dira3d.evaluation import build_resnet_task_network, build_task_network, check_inference_input
-from dira3d.evaluation.finetune import bundle_path
 from dira3d.utils import atomic_save
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -65,21 +65,11 @@ def _models(tmp_path: Path, bundle: str) -> tuple[Path, tuple[str, ...], dict]:
 
 def _infer(bundle: str, tmp_path: Path, image: Path | str = "", **overrides) -> Path:
     """Run ``bundle``'s inference.json writing into a fresh folder; returns that folder."""
-    from monai.bundle import ConfigWorkflow
-
     models, configs, settings = _models(tmp_path, bundle)
     out = tmp_path / f"out_{bundle}_{Path(str(image)).name or 'batch'}"
     out.mkdir(exist_ok=True)
     target = {"output_path": str(out / "prob.json")} if bundle.endswith(("_cls", "_fpr")) else {"output_dir": str(out)}
-    folder = bundle_path(bundle) / "configs"
-    flow = ConfigWorkflow(config_file=[str(folder / c) for c in configs], meta_file=str(folder / "metadata.json"),
-                          logging_file=False, workflow_type=None, image=str(image), ckpt_dir=str(models), device="cpu",
-                          **{**settings, **target, **overrides})
-    flow.initialize()
-    try:
-        flow.run()
-    finally:
-        flow.finalize()
+    run_inference(bundle, image, models, configs, **{**settings, **target, **overrides})
     return out
 
 

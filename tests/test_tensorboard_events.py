@@ -41,6 +41,8 @@ def test_the_event_file_appears_with_the_first_value(tmp_path):
 
 
 def test_dira3d_pretrain_refused_at_its_start_leaves_no_event_file(tmp_path, capsys):
+    # and it is refused before any dataset is cached, with no traceback: the lock was taken only as the
+    # engine started, after every volume was cached (hours on a real dataset), and ignite logged a traceback
     from dira3d.cli import main as cli_main
 
     (tmp_path / "data").mkdir()
@@ -53,7 +55,10 @@ def test_dira3d_pretrain_refused_at_its_start_leaves_no_event_file(tmp_path, cap
     finally:
         holder.kill()
         holder.wait()
-    assert code == 2 and f"is in use by process {holder.pid}" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 2 and f"is in use by process {holder.pid}" in captured.err, captured.err
+    assert "Loading dataset" not in captured.out + captured.err, captured.err
+    assert "Traceback" not in captured.out + captured.err, captured.out
     assert _events(out) == []
 
 
