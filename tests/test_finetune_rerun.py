@@ -188,10 +188,15 @@ def test_finetune_releases_the_ckpt_dir_when_the_run_fails(tmp_path):
     from dira3d.evaluation.finetune import run_finetune
 
     out = tmp_path / "out"
+    out.mkdir()  # the user's folder: kept (a new one, holding only the locks, is removed after a failed start)
     with pytest.raises(Exception, match="x.json"):
         run_finetune("luna16_nodule_fpr", {"datalist": str(tmp_path / "x.json")}, output_dir=out, tiny=True)
     assert (out / "models" / ".dira3d.lock").is_file()  # taken by train.json's initialize
     assert try_in_another_process(out / "models").returncode == 0
+    fresh = tmp_path / "fresh"
+    with pytest.raises(Exception, match="x.json"):
+        run_finetune("luna16_nodule_fpr", {"datalist": str(tmp_path / "x.json")}, output_dir=fresh, tiny=True)
+    assert not fresh.exists()
 
 
 def _classification_data(tmp_path: Path, meta: dict) -> Path:
