@@ -275,6 +275,59 @@ def test_multilabel_splits_keep_every_class():
     assert any(e["label"][2] for e in train) and not any(e["label"][2] for e in held)
 
 
+def test_multilabel_holdout_holds_both_values_of_a_class_when_training_can_spare_them():
+    # the holdout was completed with a positive of each class only: one patient positive for class 0 (all but two
+    # patients are) made a holdout whose class 0 AUC, and so the mean AUC, was undefined
+    from dira3d.evaluation.datalists import holdout_by_patient
+    from dira3d.evaluation.metrics import mean_auc
+
+    entries = [{"image": f"{i}.png", "case_id": f"p{i}", "label": [float(i < 8), 0.0]} for i in range(10)]
+    for seed in range(6):
+        train, held = holdout_by_patient(entries, 0.1, seed)
+        assert {e["case_id"] for e in train}.isdisjoint({e["case_id"] for e in held})
+        for part in (train, held):  # both values of class 0 on each side
+            assert {e["label"][0] for e in part} == {0.0, 1.0}, (seed, part)
+        assert len(held) == 2  # one drawn patient, plus one of the other value
+        mean_auc(np.linspace(0, 1, len(held))[:, None].repeat(2, 1), np.array([e["label"] for e in held]))
+    # training cannot spare its only negative (p8): a holdout drawn positive stays as drawn
+    few = entries[:9]
+    drawn_positive = 0
+    for seed in range(6):
+        train, held = holdout_by_patient(few, 0.1, seed)
+        if "p8" not in {e["case_id"] for e in held}:
+            drawn_positive += 1
+            assert len(held) == 1 and any(e["label"][0] == 0.0 for e in train)
+    assert drawn_positive
+
+
+def test_undefined_mean_auc_names_the_split_and_what_to_do(tmp_path, capsys):
+    """`dira3d finetune --label-fraction 0.1` on a small dataset stopped with 'mean AUC is undefined: no class has both
+    positive and negative samples in the evaluation split': it was the early-stopping holdout, not the test split."""
+    from dira3d.evaluation.finetune import main
+    from dira3d.evaluation.metrics import mean_auc
+
+    with pytest.raises(ValueError, match=r"on the test split \(1 sample\(s\)\): no class has both positive and negative "
+                                         r"samples in it; the datalist's test entries must hold"):
+        mean_auc(np.array([[0.3, 0.6]]), np.array([[1.0, 0.0]]), "test")
+    datalist = write_cxr(tmp_path / "data", "cxr.json", 14, train=40, test=4)
+    content = json.loads(datalist.read_text())
+    for i, entry in enumerate(content["training"]):  # one image a patient, one class each: training spares none
+        entry["case_id"], entry["label"] = f"p{i}", [float(k == i % 3) for k in range(14)]
+    datalist.write_text(json.dumps(content))
+    args = ["--bundle", "chestxray14_cls", "--tiny", "--datalist", str(datalist), "--label-fraction", "0.1"]
+    assert main(args + ["--output-dir", str(tmp_path / "small")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("dira3d finetune: error: mean AUC is undefined on the early-stopping holdout (1 sample(s)"), line
+    assert "use a larger label fraction (--label-fraction) or more training data" in line
+    # the test split of one class is named as the test split (train.json and evaluate.json tell MeanAUC their split)
+    for entry in content["test"]:
+        entry["label"] = [1.0] * 14
+    datalist.write_text(json.dumps(content))
+    assert main(args[:-1] + ["1.0", "--output-dir", str(tmp_path / "full")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "mean AUC is undefined on the test split (4 sample(s))" in line, line
+
+
 def test_mean_auc_by_hand():
     from dira3d.evaluation.metrics import MeanAUCMetric, mean_auc, per_class_auc
 

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -399,7 +400,7 @@ def test_read_grey_takes_a_grey_image_stored_in_colour_and_refuses_a_coloured_on
 
 
 def test_one_channel_of_grey_plus_alpha_and_of_other_channel_counts():
-    # SimpleITK does not read grey + alpha PNGs (a failed case: "cannot be read"), other formats may give 2 channels
+    # grey + alpha PNGs come through Pillow (test_read_grey_of_grey_alpha_palette_and_16_bit_pngs); other formats may give 2 channels
     grey = np.arange(6, dtype=np.uint16).reshape(2, 3) * 1000
     with pytest.warns(DataWarning, match="x.dcm: stored as grey \\+ alpha with equal colour channels and an opaque alpha"):
         np.testing.assert_array_equal(one_channel(np.stack([grey, np.full_like(grey, 65535)], -1), "x.dcm"), grey)
@@ -434,6 +435,115 @@ def test_chestxray14_grey_rgba_is_prepared_with_a_warning_and_a_coloured_png_fai
     assert sum(c["status"] == "written" for c in cases.values()) == len(ENTRIES) - 1
     err = capsys.readouterr().err
     assert str(coloured) in err and "stored as RGBA" in err  # the summary shows both
+
+
+def _png_16bit_grey_alpha(path, grey):
+    """A 16-bit grey + alpha PNG (colour type 4), written by hand: Pillow cannot write one."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows, cols = grey.shape
+    pixels = np.stack([grey.astype(">u2"), np.full(grey.shape, 65535, ">u2")], -1)
+    raw = b"".join(b"\x00" + pixels[r].tobytes() for r in range(rows))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", cols, rows, 16, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _palette_png(path, indices, palette, **save):
+    image = Image.frombytes("P", indices.shape[::-1], indices.astype(np.uint8).tobytes())
+    image.putpalette([v for colour in palette for v in colour])
+    image.save(path, **save)
+
+
+@pytest.mark.parametrize("variant", ["grey_alpha", "grey_alpha_clear", "palette_grey", "palette_coloured",
+                                     "palette_clear", "palette_clear_unused", "grey_trns_unused", "grey_trns_used",
+                                     "grey16", "grey16_trns", "grey16_alpha"])
+def test_read_grey_of_grey_alpha_palette_and_16_bit_pngs(tmp_path, variant):
+    # SimpleITK cannot read a grey + alpha PNG, nor a grey one with a transparent value (tRNS): "Unknown PixelType",
+    # so a grey radiograph saved that way was a failed case "cannot be read"; a palette PNG was called RGB(A)
+    grey = np.arange(4 * 6, dtype=np.uint8).reshape(4, 6) * 10
+    path = tmp_path / f"{variant}.png"
+    greys = [(v, v, v) for v in range(256)]
+    warning = error = None
+    expected = grey
+    if variant == "grey_alpha":
+        Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), mode="LA").save(path)
+        warning = "stored as grey \\+ alpha with equal colour channels and an opaque alpha; prepared as one grey channel"
+    elif variant == "grey_alpha_clear":
+        alpha = np.full_like(grey, 255)
+        alpha[2, 3] = 128
+        Image.fromarray(np.stack([grey, alpha], -1), mode="LA").save(path)
+        error = "is a grey \\+ alpha image with 1 transparent pixels"
+    elif variant == "palette_grey":
+        _palette_png(path, grey, greys)
+        warning = "stored as palette with equal colour channels; prepared as one grey channel"
+    elif variant == "palette_coloured":
+        palette = list(greys)
+        palette[30] = (30, 0, 0)  # the colour of one pixel
+        _palette_png(path, grey, palette)
+        error = "is a colour palette image: its colour channels differ in 1 pixels"
+    elif variant in ("palette_clear", "palette_clear_unused"):
+        _palette_png(path, grey, greys, transparency=20 if variant == "palette_clear" else 255)
+        if variant == "palette_clear":
+            error = "is a palette image with 1 transparent pixels"
+        else:
+            warning = "stored as palette with equal colour channels and an opaque alpha"
+    elif variant in ("grey_trns_unused", "grey_trns_used"):
+        Image.fromarray(grey).save(path, transparency=20 if variant == "grey_trns_used" else 255)
+        if variant == "grey_trns_used":
+            error = "is a grey \\+ tRNS transparency image with 1 transparent pixels"
+        else:
+            warning = "stored as grey \\+ tRNS transparency with equal colour channels and an opaque alpha"
+    elif variant in ("grey16", "grey16_trns"):
+        expected = grey.astype(np.uint16) * 250  # up to 57,500: needs all 16 bits
+        Image.fromarray(expected).save(path, **({"transparency": 65535} if variant == "grey16_trns" else {}))
+        if variant == "grey16_trns":
+            warning = "stored as grey \\+ tRNS transparency with equal colour channels and an opaque alpha"
+    else:
+        _png_16bit_grey_alpha(path, grey.astype(np.uint16) * 250)
+        error = "is a 16-bit grey \\+ alpha PNG, which cannot be read without losing grey levels"
+    if error:
+        with pytest.raises(DataError, match=error) as info:
+            read_grey(path)
+        assert str(info.value).startswith(str(path)) and "remove it from the list" in str(info.value)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        array = read_grey(path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    if warning:
+        assert len(messages) == 1 and re.match(rf"{re.escape(str(path))}: {warning}", messages[0]), messages
+    else:
+        assert not messages
+    assert array.dtype == expected.dtype
+    np.testing.assert_array_equal(array, expected)
+
+
+def test_chestxray14_grey_alpha_and_palette_pngs_are_prepared_with_a_warning(tmp_path, capsys):
+    """Real ChestX-ray14 downloads hold grey + alpha PNGs: they were failed cases ("Unknown PixelType"); the boxed
+    image as grey + alpha also stopped the box datalist, whose size was read by SimpleITK."""
+    src = _nih_layout(tmp_path / "nih")
+    boxed = src / "images_002" / "images" / "00000007_000.png"  # the 8th entry: the second folder
+    palette = src / "images_001" / "images" / "00000001_000.png"
+    grey = np.asarray(Image.open(boxed))
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), mode="LA").save(boxed)
+    Image.open(palette).convert("P").save(palette)
+    report = tmp_path / "report.json"
+    assert prepare_main(["chestxray14", "--src", str(src), "--dst", str(tmp_path / "out"), "--size", "32",
+                         "--report", str(report)]) == 0
+    cases = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
+    assert {c["status"] for c in cases.values()} == {"written"}
+    assert cases["00000007_000"]["warnings"] == [f"{boxed}: stored as grey + alpha with equal colour channels and an "
+                                                 "opaque alpha; prepared as one grey channel"]
+    assert cases["00000001_000"]["warnings"] == [f"{palette}: stored as palette with equal colour channels; prepared "
+                                                 "as one grey channel"]
+    (box,) = json.loads((tmp_path / "out" / "bbox_datalist.json").read_text())["test"]
+    assert box["box"] == [8.0, 4.0, 10.0, 6.0]
+    written = Image.open(tmp_path / "out" / "images" / "00000007_000.png")
+    assert written.mode == "L" and np.asarray(written).max() > 200
 
 
 def test_chexpert_a_path_cell_leaving_the_dataset_fails_its_row_only(tmp_path):

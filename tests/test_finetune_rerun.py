@@ -248,3 +248,60 @@ def test_finetune_set_overwrite_is_the_overwrite_option(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "x.json" in err and "unfinished" not in err  # went on to the missing datalist
     assert (out / "models" / "model.pt").read_bytes() == EARLIER_MODEL  # kept: the run failed to set up
+
+
+def _evaluation_reports(folder: Path, metrics: dict[str, float]) -> set[str]:
+    """What MONAI's MetricsSaver writes (metrics "*", metric_details "*", summary_ops "*"): metrics.csv and per metric
+    with details <name>_raw.csv and <name>_summary.csv."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.csv").write_text("".join(f"{k},{v}\n" for k, v in metrics.items()))
+    for name in metrics:
+        (folder / f"{name}_raw.csv").write_text("filename,class0,mean\na.png,0.5,0.5\n")
+        (folder / f"{name}_summary.csv").write_text("class,mean\nclass0,0.5\n")
+    return {"metrics.csv"} | {f"{n}{s}" for n in metrics for s in ("_raw.csv", "_summary.csv")}
+
+
+def test_overwrite_removes_the_per_case_csvs_of_the_earlier_evaluation_and_nothing_else(tmp_path):
+    # --overwrite removed metrics.csv but left dice_raw.csv, dice_summary.csv, iou_raw.csv and iou_summary.csv: a
+    # rerun's folder (or one that failed mid-way) held the earlier run's per-case results beside its own
+    from dira3d.evaluation.run_folders import claim_run_folders, earlier_run_files, release_run_folders
+
+    root = tmp_path / "run"
+    _earlier_run(root)
+    earlier = _evaluation_reports(root / "eval", {"dice": 0.8, "iou": 0.7})
+    users = {"notes.csv": "mine", "other_raw.csv": "not a metric of that run", "dice.csv": "mine too"}
+    for name, text in users.items():
+        (root / "eval" / name).write_text(text)
+    listed = {p.name for p in earlier_run_files(root / "models", root / "eval")}
+    assert earlier <= listed and not listed & set(users)
+    claim_run_folders(root / "models", root / "eval", overwrite=True)
+    try:
+        assert {p.name for p in (root / "eval").iterdir()} == set(users)
+        assert all((root / "eval" / n).read_text() == t for n, t in users.items())
+    finally:
+        release_run_folders(root / "models")
+    # metrics.csv gone (damaged) but metrics.json names the metrics: dira3d finetune still finds their CSVs
+    from dira3d.evaluation.finetune import _earlier_outputs
+
+    out = tmp_path / "out"
+    _evaluation_reports(out, {"dice": 0.8})
+    (out / "metrics.csv").write_bytes(b"\xff\xfe")
+    (out / "metrics.json").write_text(json.dumps({"metrics": {"dice": 0.8}}))
+    assert {p.name for p in _earlier_outputs(out)} == {"metrics.json", "metrics.csv", "dice_raw.csv", "dice_summary.csv"}
+
+
+def test_finetune_overwrite_leaves_no_per_case_csv_of_the_earlier_run(tmp_path):
+    """End to end: a segmentation run, then a classification run into the same --output-dir with --overwrite."""
+    from dira3d.evaluation.finetune import main
+    from test_bundles_2d import write_cxr
+
+    out = tmp_path / "out"
+    seg = write_cxr(tmp_path / "seg", "seg.json", None, train=4, test=2)
+    assert main(["--bundle", "montgomery_lung_seg", "--tiny", "--datalist", str(seg), "--output-dir", str(out)]) == 0
+    assert {"dice_raw.csv", "dice_summary.csv", "iou_raw.csv", "iou_summary.csv"} <= {p.name for p in out.iterdir()}
+    (out / "notes_raw.csv").write_text("the user's")
+    cls = write_cxr(tmp_path / "cls", "cls.json", 14, train=8, test=4)
+    assert main(["--bundle", "chestxray14_cls", "--tiny", "--datalist", str(cls), "--output-dir", str(out), "--overwrite"]) == 0
+    csvs = sorted(p.name for p in out.glob("*.csv"))
+    assert csvs == ["metrics.csv", "notes_raw.csv"], csvs
+    assert (out / "metrics.csv").read_text().startswith("auc,")

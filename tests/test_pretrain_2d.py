@@ -132,3 +132,38 @@ def test_2d_pretraining_refuses_a_colour_png_naming_it(settings, tmp_path, capsy
     assert f"{tmp_path / 'images' / 'tr1.png'}: has 3 channels (loaded shape (3, 72, 80)), not 1: a colour (RGB/RGBA) " \
            "image? run `dira3d prepare <dataset>`" in err, err
     assert not (tmp_path / "out" / "models" / "last.pt").exists()
+
+
+def test_2d_json_refuses_a_3d_volume_naming_it_and_train_json_with_spatial_dims_2_takes_its_slices(tmp_path, capsys):
+    """2d.json resizes whole 2D images: a 3D volume passed CheckVolumed (which let 3D through for any 2D
+    pretraining) and stopped in Resized with 'len(spatial_size) must be greater or equal to img spatial
+    dimensions', naming no file. train.json with spatial_dims 2 cuts its 2D patches from slices of 3D volumes."""
+    import nibabel as nib
+
+    from dira3d.engines.command import main
+
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(3):
+        if i == 1:
+            volume = tmp_path / "images" / "tr1.nii.gz"
+            nib.save(nib.Nifti1Image(rng.random((72, 80, 12)).astype(np.float32), np.eye(4)), volume)
+            items.append({"image": "images/tr1.nii.gz", "case_id": "tr1"})
+            continue
+        Image.fromarray((rng.random((80, 72)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"tr{i}.png")
+        items.append({"image": f"images/tr{i}.png", "case_id": f"tr{i}"})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items, "validation": items[:1]}))
+    common = ["--datalist", str(tmp_path / "datalist.json"), "--tiny"]
+    code = main(common + ["--output", str(tmp_path / "out2d"), "--config", "2d.json", "--config", "2d_moco.json",
+                          "--config", "2d_tiny.json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{volume}: loaded as a 3D image of shape (72, 80, 12); 2d.json pretrains on whole 2D images" in err, err
+    assert "pretrain with train.json and spatial_dims 2 instead" in err
+    assert not (tmp_path / "out2d" / "models" / "last.pt").exists()
+    # the 2D setting of train.json takes the volume's slices (and the PNGs) on purpose
+    code = main(common + ["--output", str(tmp_path / "slices"), "--override", "spatial_dims=2",
+                          "--override", "patch_size=[32, 32]", "--override", "intensity_range=null"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "slices" / "models" / "last.pt").is_file()

@@ -20,7 +20,7 @@ from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
-import SimpleITK as sitk
+from PIL import Image
 
 from dira3d.data.cxr import (
     convert_image,
@@ -164,10 +164,10 @@ def _process(case: Case, size: int) -> dict:
 
 
 def _png_shape(path: Path) -> tuple[int, int]:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()  # header only: the box scale needs the source size, not pixels
-    cols, rows = reader.GetSize()[:2]
+    # header only: the box scale needs the source size, not pixels; Pillow reads every PNG's header
+    # (SimpleITK's fails on a grey + alpha PNG, which read_grey prepares)
+    with Image.open(path) as image:
+        cols, rows = image.size
     return rows, cols
 
 

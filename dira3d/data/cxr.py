@@ -6,8 +6,10 @@ Every 2D dataset is written the same way (docs/data_2d.md):
   size). The aspect ratio is not kept, as in the reference 2D pipelines that resize straight to
   224²; bundles resize further. Images that are not 8-bit (12/16-bit PNG, DICOM) are min-max scaled
   to 0..255; ``MONOCHROME1`` DICOMs are read as ``MONOCHROME2`` (bone bright) by SimpleITK.
-  A grey image stored as RGB(A) becomes one channel (a warning in the report); a coloured one
-  is a failed case (:func:`one_channel`).
+  A grey image stored as RGB(A), grey + alpha or with a grey palette becomes one channel (a
+  warning in the report); a coloured or transparent one is a failed case (:func:`one_channel`).
+  SimpleITK reads neither grey + alpha nor transparent grey PNGs, so those and palette PNGs are
+  read with Pillow (:func:`read_grey`).
 - masks: PNG with values 0/1 (not 0/255), so that ``LoadImaged`` gives the label directly.
 - arrays in this module are ``(rows, cols)`` = ``(y, x)`` as in the PNG file. MONAI's
   ``LoadImaged`` returns a PNG as ``(x, y)`` (width first), so a box ``[x, y, w, h]`` indexes
@@ -59,10 +61,13 @@ DEFAULT_SIZE = 512  # storage size: 2× the 224² training input, so bundles can
 
 
 def read_grey(path: str | os.PathLike) -> np.ndarray:
-    """Read a 2D grey image (PNG, JPEG or single-file DICOM) through SimpleITK.
+    """Read a 2D grey image (PNG, JPEG or single-file DICOM) through SimpleITK, or Pillow for some PNGs.
 
     A grey image stored in colour becomes one channel, with a warning; a coloured one is refused
-    (:func:`one_channel`). A ``MONOCHROME1``
+    (:func:`one_channel`). SimpleITK cannot read a grey + alpha PNG or a grey PNG with a transparent
+    value ("Unknown PixelType") and reads a palette PNG as RGB(A): those PNGs are read with Pillow
+    (:func:`_read_png_with_pillow`), so a grey + alpha image with an opaque alpha or a grey palette
+    becomes one channel with a warning too. A ``MONOCHROME1``
     DICOM comes back inverted to ``MONOCHROME2`` (bone bright): SimpleITK's GDCM reader does it,
     so it must not be inverted again (tests/test_data_cxr.py pins this).
 
@@ -78,17 +83,21 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "does not exist; check --src and the file names in the dataset's CSV")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise DataError(path, f"cannot be read as an image ({str(err).strip().splitlines()[-1][:200]}); "
-                              "re-download it or remove it from the list") from err
-    array = sitk.GetArrayFromImage(image)
-    channels = image.GetNumberOfComponentsPerPixel()
-    if channels > 1:
-        array = one_channel(array, path)
+    header = _png_header(path)
+    if header is not None and (header[1] in (_PNG_PALETTE, _PNG_GREY_ALPHA)
+                               or header[1] == _PNG_GREY and _png_has_transparency(path)):
+        array = _read_png_with_pillow(path, *header)
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            image = reader.Execute()
+        except RuntimeError as err:
+            raise DataError(path, f"cannot be read as an image ({str(err).strip().splitlines()[-1][:200]}); "
+                                  "re-download it or remove it from the list") from err
+        array = sitk.GetArrayFromImage(image)
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            array = one_channel(array, path)
     if array.ndim == 3 and array.shape[0] == 1:  # single-frame DICOM read as a 1-slice volume
         array = array[0]
     if array.ndim != 2 or min(array.shape) < 2:
@@ -96,31 +105,90 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     return array
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_GREY, _PNG_PALETTE, _PNG_GREY_ALPHA = 0, 3, 4  # PNG colour types (IHDR)
+
+
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """``(bit depth, colour type)`` from a PNG file's IHDR chunk; None for a file that is not a PNG."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(26)
+    except OSError as err:
+        raise DataError(path, f"cannot be opened ({err.strerror}); check its permissions") from err
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None  # not a PNG (or a broken one: SimpleITK says why)
+    return head[24], head[25]
+
+
+def _png_has_transparency(path: Path) -> bool:
+    """Whether a PNG has a tRNS chunk (a transparent grey value or palette alphas); header chunks only."""
+    try:
+        with Image.open(path) as image:
+            return "transparency" in image.info
+    except Exception:  # noqa: BLE001 - unreadable: SimpleITK's reading says why
+        return False
+
+
+def _read_png_with_pillow(path: Path, depth: int, colour: int) -> np.ndarray:
+    """A grey + alpha, palette or transparent grey PNG as one grey channel, or a :class:`DataError`.
+
+    Each becomes the channels-last array :func:`one_channel` checks: grey + alpha as it is, a palette
+    looked up into RGB (RGBA when it has transparent entries), a grey value marked transparent (tRNS)
+    as an alpha of 0 where the image holds that value.
+    """
+    if colour == _PNG_GREY_ALPHA and depth == 16:  # Pillow keeps 8 of the 16 bits, SimpleITK fails
+        raise DataError(path, "is a 16-bit grey + alpha PNG, which cannot be read without losing grey levels; save it "
+                              "as a grey PNG without alpha or remove it from the list")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            transparency = image.info.get("transparency")
+            if colour == _PNG_GREY_ALPHA:
+                return one_channel(np.asarray(image.convert("LA")), path)
+            if colour == _PNG_PALETTE:
+                rgb = np.asarray(image.convert("RGBA" if transparency is not None else "RGB"))
+                return one_channel(rgb, path, kind="palette")
+            if depth == 16:  # a 16-bit grey value marked transparent
+                grey = np.asarray(image).astype(np.uint16)
+                alpha = np.where(grey == int(transparency), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+                return one_channel(np.stack([grey, alpha], -1), path, kind="grey + tRNS transparency")
+            return one_channel(np.asarray(image.convert("LA")), path, kind="grey + tRNS transparency")
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Pillow's decoders raise OSError, ValueError, SyntaxError...
+        raise DataError(path, f"cannot be read as an image ({type(err).__name__}: {str(err)[:200]}); "
+                              "re-download it or remove it from the list") from err
+
+
 _COLOUR_KINDS = {2: "grey + alpha", 3: "RGB", 4: "RGBA"}
 
 
-def one_channel(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+def one_channel(array: np.ndarray, path: str | os.PathLike, kind: str | None = None) -> np.ndarray:
     """The grey channel of a radiograph stored in colour (channels last), or a :class:`DataError`.
 
     A grey image saved as RGB(A) or grey + alpha (equal colour channels, alpha fully opaque; some
     ChestX-ray14 PNGs are RGBA) is turned into its one channel with a
-    :class:`~dira3d.data.errors.DataWarning` (listed under the case's warnings in the report). Colour
-    channels that differ (a photo, an annotated screenshot) or transparent pixels have no one grey
-    reading, so they are refused rather than averaged into an image the bundles would train on.
+    :class:`~dira3d.data.errors.DataWarning` (listed under the case's warnings in the report); so is a
+    palette image whose colours are grey. Colour channels that differ (a photo, an annotated screenshot)
+    or transparent pixels have no one grey reading, so they are refused rather than averaged into an
+    image the bundles would train on.
 
     Args:
         array: ``(..., channels)`` array as SimpleITK gives a multi-component image.
         path: the file it came from (named in the warning or error).
+        kind: how the file stores the image, for the messages (default from the channels: grey + alpha,
+            RGB, RGBA); e.g. ``"palette"`` for a palette PNG looked up into RGB(A).
 
     Raises:
         DataError: not 2, 3 or 4 channels, colour channels that differ, or an alpha channel that is
             not fully opaque.
     """
     channels = array.shape[-1]
-    kind = _COLOUR_KINDS.get(channels)
-    if kind is None:
+    if channels not in _COLOUR_KINDS:
         raise DataError(path, f"has {channels} components per pixel; a grey radiograph (one channel) is expected: "
                               "remove it from the list or replace it with the grey original")
+    kind = kind or _COLOUR_KINDS[channels]
     colour = array[..., : 3 if channels >= 3 else 1]
     differ = int((colour != colour[..., :1]).any(axis=-1).sum())
     if differ:

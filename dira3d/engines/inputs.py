@@ -92,7 +92,7 @@ _RANGE_ADVICE = ("pretraining expects normalised volumes (raw HU, or an MRI that
 
 def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True,
                  value_range: tuple[float, float] | None = None, range_advice: str | None = None,
-                 slices: bool = True, channels: int | None = None) -> None:
+                 slices: bool = True, channels: int | None = None, dims_advice: str | None = None) -> None:
     """Raise a :class:`DataError` naming ``source`` when a loaded channel-first volume is unusable.
 
     Args:
@@ -108,6 +108,8 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         channels: the number of channels the image must have (the bundles: the network's ``in_channels``);
             None: not checked. Place ``EnsureChannelFirstd`` without ``channel_dim="no_channel"`` before
             it, or an RGB PNG arrives as a 3-slice volume with one channel.
+        dims_advice: with ``slices=False``, what the error for a 3D volume says after its shape (default: the
+            2D fine-tuning bundles' advice; 2D pretraining's ``2d.json`` gives its own).
 
     Raises:
         DataError: wrong dimensionality, another number of channels (a colour image), a single slice,
@@ -117,8 +119,9 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
     shape = tuple(img.shape)
     allowed = (3,) if spatial_dims == 3 else (2, 3) if slices else (2,)
     if not slices and spatial_dims == 2 and len(shape) - 1 != 2:
-        raise DataError(source, f"loaded as a {len(shape) - 1}D image of shape {shape[1:]}; this 2D bundle fine-tunes on "
-                                "2D images (the PNGs `dira3d prepare <dataset>` writes for chest X-rays, docs/data_2d.md)")
+        raise DataError(source, f"loaded as a {len(shape) - 1}D image of shape {shape[1:]}; "
+                                + (dims_advice or "this 2D bundle fine-tunes on 2D images (the PNGs `dira3d prepare "
+                                                  "<dataset>` writes for chest X-rays, docs/data_2d.md)"))
     if len(shape) - 1 not in allowed:
         raise DataError(source, f"loaded as a {len(shape) - 1}D image of shape {shape[1:]}; "
                                 f"{spatial_dims}D pretraining needs {' or '.join(f'{d}D' for d in allowed)} volumes"
@@ -204,24 +207,28 @@ class CheckVolumed(MapTransform):
         check_finite: reject NaN / Inf voxels.
         value_range: ``(low, high)`` the intensities must lie in; None: not checked.
         range_advice: what a value-range error says to do (default: the pretraining bundle's advice).
-        slices: with ``spatial_dims=2``, also accept 3D volumes (pretraining); False: 2D images only.
+        slices: with ``spatial_dims=2``, also accept 3D volumes (``train.json`` with ``spatial_dims`` 2, which
+            cuts its patches from their slices); False: 2D images only (``2d.json`` and the 2D fine-tuning
+            bundles, which resize the whole image).
         channels: the number of channels an image must have (e.g. ``@in_channels``); None: not checked.
+        dims_advice: what the error for a 3D volume says to do when ``slices`` is False (see :func:`check_volume`).
     """
 
     def __init__(self, keys: KeysCollection, spatial_dims: int = 3, check_finite: bool = True,
                  allow_missing_keys: bool = False, value_range: tuple[float, float] | None = None,
-                 range_advice: str | None = None, slices: bool = True, channels: int | None = None) -> None:
+                 range_advice: str | None = None, slices: bool = True, channels: int | None = None,
+                 dims_advice: str | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims, self.check_finite, self.slices = int(spatial_dims), bool(check_finite), bool(slices)
         self.channels = None if channels is None else int(channels)
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
-        self.range_advice = range_advice
+        self.range_advice, self.dims_advice = range_advice, dims_advice
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             check_volume(d[key], source_of(d, key), self.spatial_dims, self.check_finite, self.value_range,
-                         self.range_advice, self.slices, self.channels)
+                         self.range_advice, self.slices, self.channels, self.dims_advice)
         return d
 
 

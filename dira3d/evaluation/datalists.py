@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,9 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
     Patients are drawn in a seeded random order until the holdout holds at least ``holdout`` of
     the entries. For classification the holdout is then completed so that it holds every class
     (an AUC needs both) while the training part keeps every class too, when the data allow it;
-    multi-label entries count for each of their positive classes.
+    multi-label entries count for each of their positive classes, and the holdout is then also
+    completed with a negative of each class (a class positive in every holdout entry has no AUC),
+    while training keeps a positive and a negative of each class.
     With a single patient the holdout is empty.
 
     Args:
@@ -164,17 +167,26 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
         held.append(patient)
     if _is_classification(entries) or _is_multilabel(entries):
         held = _complete_classes(entries, by_patient, order, held)
+    if _is_multilabel(entries):  # then both values of each class, when training can spare them
+        held = _complete_classes(entries, by_patient, order, held, _outcomes_of)
     held_set = set(held)
     train = [e for e in entries if _patient(e) not in held_set]
     kept = [e for e in entries if _patient(e) in held_set]
     return train, kept
 
 
-def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], order: list[str], held: list[str]) -> list[str]:
-    """Add patients to the holdout until it has every class, as long as training keeps them too."""
+def _outcomes_of(entry: dict) -> set[tuple[int, bool]]:
+    """``(class, positive)`` for every class of a multi-label entry: its positive and its negative classes."""
+    return {(i, float(value) >= 0.5) for i, value in enumerate(entry["label"])}
 
-    def classes(patients: list[str]) -> set[int]:
-        return {c for p in patients for i in by_patient[p] for c in _classes_of(entries[i])}
+
+def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], order: list[str], held: list[str],
+                      classes_of: Callable[[dict], set] = _classes_of) -> list[str]:
+    """Add patients to the holdout until it has every class (what ``classes_of`` gives an entry), as long as
+    training keeps them too."""
+
+    def classes(patients: list[str]) -> set:
+        return {c for p in patients for i in by_patient[p] for c in classes_of(entries[i])}
 
     all_classes = classes(order)
     for patient in order:

@@ -99,11 +99,17 @@ def _number(value: Any) -> Any:
 
 def _earlier_outputs(out: Path) -> list[Path]:
     """The files an earlier run (finished or not) left in ``out`` that ``--overwrite`` replaces:
-    ``metrics.json`` first, then the model, ``preprocessing.json``, the evaluation CSV and the TensorBoard
+    ``metrics.json`` first, then the model, ``preprocessing.json``, the evaluation's ``metrics.csv`` and
+    per-case CSVs (those of the metrics ``metrics.csv`` and ``metrics.json`` name) and the TensorBoard
     event files (:func:`dira3d.evaluation.run_folders.earlier_run_files`)."""
     from dira3d.evaluation.run_folders import earlier_run_files
 
-    return [p for p in (out / "metrics.json",) if p.is_file()] + earlier_run_files(out / "models", out)
+    try:
+        recorded = json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("metrics") or {}
+    except (OSError, ValueError, AttributeError):  # absent or damaged: metrics.csv still names them
+        recorded = {}
+    names = list(recorded) if isinstance(recorded, dict) else []
+    return [p for p in (out / "metrics.json",) if p.is_file()] + earlier_run_files(out / "models", out, names)
 
 
 def _write_json(obj: dict, path: Path) -> None:

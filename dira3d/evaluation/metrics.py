@@ -88,16 +88,36 @@ def per_class_auc(probabilities: np.ndarray | torch.Tensor, labels: np.ndarray |
     return values
 
 
-def mean_auc(probabilities: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+def mean_auc(probabilities: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, split: str | None = None) -> float:
     """Mean over classes of the per-class AUC (:func:`per_class_auc`), classes without an AUC left out.
 
+    Args:
+        probabilities / labels: as :func:`per_class_auc`.
+        split: which split is scored, for the error (``"holdout"``: the early-stopping holdout of
+            fine-tuning; ``"test"``, ...); None: not said.
+
     Raises:
-        ValueError: shapes differ, or no class has both positive and negative samples.
+        ValueError: shapes differ, or no class has both positive and negative samples (the message says
+            in which split and what to do).
     """
     values = np.asarray(per_class_auc(probabilities, labels))
     if np.all(np.isnan(values)):
-        raise ValueError("mean AUC is undefined: no class has both positive and negative samples in the evaluation split")
+        raise ValueError(_undefined_auc(split, len(torch.as_tensor(labels))))
     return float(np.nanmean(values))
+
+
+def _undefined_auc(split: str | None, samples: int) -> str:
+    """The error for a mean AUC with no class that has both positive and negative samples in ``split``."""
+    what = "no class has both positive and negative samples"
+    if split == "holdout":
+        return (f"mean AUC is undefined on the early-stopping holdout ({samples} sample(s), the share `holdout` of the "
+                f"training labels that the label fraction selects, by patient): {what} in it; use a larger label "
+                "fraction (--label-fraction) or more training data, so that the holdout can hold both values of a "
+                "class while training keeps every class (docs/finetuning.md)")
+    if split:
+        return (f"mean AUC is undefined on the {split} split ({samples} sample(s)): {what} in it; the datalist's "
+                f"{split} entries must hold, for some class, both positive and negative images")
+    return f"mean AUC is undefined: {what} in the evaluation split ({samples} sample(s))"
 
 
 def _binary_masks(pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,16 +199,20 @@ class MeanAUCMetric(ROCAUCMetric):
     """Cumulative MONAI metric: mean AUC over classes of ``(B, C)`` scores (see :func:`mean_auc`).
 
     ``per_class`` holds the last aggregate's per-class values (NaN for classes without an AUC).
+
+    Args:
+        split: the split it scores, named when the mean AUC is undefined (see :func:`mean_auc`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, split: str | None = None) -> None:
         super().__init__(average="none")
+        self.split = split
         self.per_class: list[float] = []
 
     def aggregate(self, average: str | None = None) -> float:  # type: ignore[override]
         y_pred, y = self.get_buffer()
         self.per_class = per_class_auc(y_pred, y)
-        return mean_auc(y_pred, y)
+        return mean_auc(y_pred, y, self.split)
 
 
 class MeanAUC(IgniteMetricHandler):
@@ -197,7 +221,9 @@ class MeanAUC(IgniteMetricHandler):
     Args:
         output_transform: maps the engine output to ``(y_pred, y)`` (probabilities and labels,
             ``(C,)`` per sample), e.g. ``monai.handlers.from_engine(["pred", "label"])``.
+        split: the split the evaluator scores (the bundles: ``"holdout"`` in ``train.json``, ``@eval_split`` in
+            ``evaluate.json``), named when the mean AUC is undefined.
     """
 
-    def __init__(self, output_transform: Callable = lambda x: x) -> None:
-        super().__init__(metric_fn=MeanAUCMetric(), output_transform=output_transform, save_details=False)
+    def __init__(self, output_transform: Callable = lambda x: x, split: str | None = None) -> None:
+        super().__init__(metric_fn=MeanAUCMetric(split), output_transform=output_transform, save_details=False)

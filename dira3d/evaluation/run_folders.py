@@ -11,12 +11,14 @@ same calls (its ``--output-dir`` is ``output_dir``, ``models/`` under it is ``ck
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.overrides import as_bool
 
-__all__ = ["MODEL_FILE", "claim_run_folders", "earlier_run_files", "release_run_folders"]
+__all__ = ["MODEL_FILE", "claim_run_folders", "earlier_run_files", "metric_reports", "release_run_folders"]
 
 MODEL_FILE = "model.pt"
 _HELD: dict[Path, FolderLock] = {}  # ckpt_dir -> the lock this process took for it
@@ -26,14 +28,37 @@ def _events(output_dir: Path) -> list[Path]:
     return sorted(output_dir.glob("events.out.tfevents.*"))
 
 
-def earlier_run_files(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[Path]:
+def _metric_names(metrics_csv: Path) -> list[str]:
+    """The metric names of a ``metrics.csv`` that MONAI's ``MetricsSaver`` wrote (one ``name<delimiter>value``
+    line each); none when the file is absent or unreadable. Names that are not plain file-name parts are left out."""
+    try:
+        lines = metrics_csv.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    names = (re.split(r"[,\t; ]", line.strip(), maxsplit=1)[0] for line in lines)
+    return [n for n in names if re.fullmatch(r"[A-Za-z0-9_.\-]+", n) and n.strip(".")]
+
+
+def metric_reports(output_dir: str | os.PathLike, names: Iterable[str] = ()) -> list[Path]:
+    """The per-case CSVs an evaluation's ``MetricsSaver`` wrote in ``output_dir``: ``<name>_raw.csv`` and
+    ``<name>_summary.csv`` for each metric its ``metrics.csv`` lists, and for ``names`` (e.g. the metrics an
+    earlier run's ``metrics.json`` records). Other files are not the evaluation's and are never listed."""
+    output_dir = Path(output_dir)
+    wanted = dict.fromkeys([*_metric_names(output_dir / "metrics.csv"), *names])
+    files = [output_dir / f"{name}{suffix}" for name in wanted for suffix in ("_raw.csv", "_summary.csv")
+             if re.fullmatch(r"[A-Za-z0-9_.\-]+", str(name)) and str(name).strip(".")]
+    return [p for p in files if p.is_file()]
+
+
+def earlier_run_files(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, metric_names: Iterable[str] = ()) -> list[Path]:
     """What an earlier training run (finished or not) left: ``model.pt`` and ``preprocessing.json`` in
-    ``ckpt_dir``, the evaluation's ``metrics.csv`` and the TensorBoard event files in ``output_dir``."""
+    ``ckpt_dir``, the evaluation's ``metrics.csv`` and per-case CSVs (:func:`metric_reports`, with
+    ``metric_names``) and the TensorBoard event files in ``output_dir``."""
     from dira3d.evaluation.preprocessing import PREPROCESSING_FILE
 
     ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
     names = [ckpt_dir / MODEL_FILE, ckpt_dir / PREPROCESSING_FILE, output_dir / "metrics.csv"]
-    return [p for p in names if p.is_file()] + _events(output_dir)
+    return [p for p in names if p.is_file()] + metric_reports(output_dir, metric_names) + _events(output_dir)
 
 
 def claim_run_folders(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: object = False) -> None:
@@ -41,8 +66,9 @@ def claim_run_folders(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike
 
     Without ``overwrite``: a ``model.pt`` in ``ckpt_dir`` (a finished run, or one that was stopped after
     its first validation), or TensorBoard event files in ``output_dir`` (a run stopped before it), stops
-    the run here. With ``overwrite``: the earlier event files and ``metrics.csv`` are removed now (this
-    run's curves would be drawn over them); the earlier ``model.pt`` stays until this run's first
+    the run here. With ``overwrite``: the earlier event files, ``metrics.csv`` and the per-case CSVs it names
+    (:func:`metric_reports`) are removed now (this run's curves would be drawn over them, and its evaluation
+    would leave the earlier run's per-case results beside its own); the earlier ``model.pt`` stays until this run's first
     validation replaces it (:class:`~dira3d.evaluation.handlers.BestModelSaver`, which also replaces
     ``preprocessing.json`` beside it), so a run stopped before that keeps it. In a distributed run every
     rank checks, rank 0 alone locks and removes.
@@ -74,7 +100,7 @@ def claim_run_folders(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike
                 if path.is_file() and len(path.name) == len(MODEL_FILE) + 14:  # "." + name + ".xxxxxxxx.tmp"
                     path.unlink(missing_ok=True)
         if overwrite and main:
-            for path in [output_dir / "metrics.csv"] + events:
+            for path in metric_reports(output_dir) + [output_dir / "metrics.csv"] + events:
                 path.unlink(missing_ok=True)
     except BaseException:
         release_run_folders(ckpt_dir)
