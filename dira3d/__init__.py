@@ -2,8 +2,11 @@
 
 __version__ = "0.1.0"
 
+from dira3d.utils.interrupts import install_interrupt_exit_hook  # noqa: E402 - light: no torch
 from dira3d.utils.threads import install_exit_hook  # noqa: E402 - light: no torch
 
 # an exit after an uncaught error waits for thread-pool workers still loading data in native code, which
 # would abort the process (dira3d.utils.threads)
 install_exit_hook()
+# a Ctrl-C a command caught (exit 130) does not end `python -m dira3d.cli ...` by SIGINT (dira3d.utils.interrupts)
+install_interrupt_exit_hook()

@@ -11,6 +11,7 @@ code): through `dira3d.cli.main`, and as an uncaught error in a process that imp
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -86,3 +87,49 @@ def test_finish_pool_threads_waits_for_busy_workers_only_up_to_the_timeout():
     pool.terminate()  # as CacheDataset's `with ThreadPool` does on an error: the worker ends after its item
     still_running = finish_pool_threads(timeout=10)
     assert not set(ours) & set(still_running)
+
+
+# `dira3d prepare` stands for any command that catches Ctrl-C and returns 130; the interrupt reaches it inside an
+# `exec` of a string, as MONAI's `$@trainer.run()` expression of a bundle config (dira3d finetune, pretrain) does.
+SITECUSTOMIZE = textwrap.dedent(
+    """
+    import os, sys
+    import dira3d.data.command as command
+
+    def interrupted_command(argv):
+        try:  # the signal is sent on READY: it comes inside the exec
+            exec("import time; print('READY', flush=True); time.sleep(60)")
+        except KeyboardInterrupt:
+            if os.environ.get("FAKE_CATCH") == "1":
+                print("fake: interrupted", file=sys.stderr)
+                return 130
+            raise
+        return 0
+
+    command.main = interrupted_command
+    """
+)
+
+
+@pytest.mark.parametrize(("how", "catch", "code"), [("-m", "1", 130), ("script", "1", 130), ("-m", "0", -signal.SIGINT)])
+def test_ctrl_c_a_command_caught_exits_130_also_under_python_m(tmp_path, how, catch, code):
+    """`python -m dira3d.cli finetune ...` printed its "interrupted" line, then died by SIGINT (returncode -2):
+    CPython took the Ctrl-C that left MONAI's `exec`'d config expression for an unhandled one, and `python -m`
+    exits by SIGINT then. The installed `dira3d` command (a script calling `dira3d.cli.main()`) exited 130.
+    A Ctrl-C that no one caught still ends the process by SIGINT."""
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+    env = dict(os.environ, FAKE_CATCH=catch,
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = ([sys.executable, "-m", "dira3d.cli", "prepare"] if how == "-m" else
+           [sys.executable, "-c", "import sys; from dira3d.cli import main; sys.exit(main())", "prepare"])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if catch == "1":
+        assert err.strip() == "fake: interrupted", err
+    assert proc.returncode == code, (proc.returncode, err)

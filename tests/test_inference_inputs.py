@@ -224,7 +224,7 @@ def test_a_segmentation_batch_writes_the_good_masks_and_a_batch_of_bad_inputs_li
     prepared = _nifti(tmp_path / "prepared.nii.gz", np.random.default_rng(1).random((32, 32, 16)))
     with pytest.warns(DataWarning, match=rf"left out: {prepared}: .*already prepared"):
         out = _infer("lits_liver_seg", tmp_path, datalist=[{"image": str(prepared)}, {"image": str(raw)}])
-    assert sorted(p.name for p in out.iterdir()) == ["raw_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["inference_report.json", "raw_seg.nii.gz"]  # tests/test_inference_batch.py
     text = tmp_path / "notes.nii.gz"
     text.write_text("x")
     with pytest.raises(Exception) as raised:

@@ -9,6 +9,7 @@ from dira3d.utils.lazy import lazy_exports
 # configs do) does not import SimpleITK or scikit-learn: inference and the GPU benchmarks run on
 # images that lack them.
 _EXPORTS = {
+    "dira3d.evaluation.batch": ("InferenceBatch",),
     "dira3d.evaluation.datalists": ("SPLITS", "holdout_by_patient", "load_split", "select_fraction"),
     "dira3d.evaluation.handlers": ("BestModelSaver", "FineTunedCheckpointLoader", "ProbabilityWriter", "fine_tuned_weights", "prediction_path", "scan_stem"),
     "dira3d.evaluation.inputs": ("CheckInferenceInputd", "check_inference_input", "screen_inputs"),
@@ -26,6 +27,7 @@ _EXPORTS = {
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
 __all__ = [
+    "InferenceBatch",
     "SPLITS",
     "TASK_KINDS",
     "BestModelSaver",

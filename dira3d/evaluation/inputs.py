@@ -141,13 +141,20 @@ class CheckInferenceInputd(MapTransform):
         return d
 
 
-def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose) -> list[Mapping[str, Any]]:
+def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose,
+                  left_out: dict[int, str] | None = None) -> list[Mapping[str, Any]]:
     """The entries of an inference ``datalist`` that load and pass the input checks of ``preprocessing``.
 
     A batch goes on with the good inputs: each input refused (a :class:`DataError` or a missing file, raised by
     the transforms of ``preprocessing`` up to its last :class:`CheckInferenceInputd`) is left out with a
     :class:`DataWarning` naming the file and the problem, and a last warning counts them. A single input is
     returned as it is (its error then stops the run, as the only answer).
+
+    Args:
+        datalist: the entries (``{"image": ...}``).
+        preprocessing: the bundle's ``preprocessing``.
+        left_out: when given, receives ``{index in datalist: reason}`` for each input left out (filled before
+            the error of a batch where none can be used), for :class:`~dira3d.evaluation.batch.InferenceBatch`'s report.
 
     Raises:
         DataError: every input is refused (each one listed).
@@ -161,7 +168,7 @@ def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose)
         return entries
     head = Compose(transforms[: last + 1])
     good, bad = [], []
-    for entry in entries:
+    for index, entry in enumerate(entries):
         try:
             head(dict(entry))
         except Exception as err:  # noqa: BLE001 - only bad data is left out; anything else is raised again
@@ -169,6 +176,8 @@ def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose)
             if found is None:
                 raise
             bad.append(str(found))
+            if left_out is not None:
+                left_out[index] = str(found)
         else:
             good.append(entry)
     if not good:

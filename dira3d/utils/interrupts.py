@@ -14,17 +14,28 @@ and ``dira3d finetune`` instantiates MONAI's engines before it enters the contex
 
 Pretraining stops more gently: :mod:`dira3d.engines.stopping` turns SIGTERM and a first Ctrl-C into a
 stop after the step, with ``last.pt`` written, ending in :class:`StoppedBySignal`.
+
+A Ctrl-C that a command caught still ended the process by SIGINT under ``python -m`` (after the command's
+one line: "killed by signal", ``returncode`` -2 in ``subprocess``, not the command's 130): CPython marks a
+``KeyboardInterrupt`` that leaves code run by ``exec`` / ``eval`` of a string as unhandled even when a caller
+catches it (MONAI runs every ``$`` expression of a bundle config that way, ``$@trainer.run()`` included),
+and ``python -m`` ends the process with SIGINT when the mark is set, whatever ``sys.exit`` said; a script
+(the installed ``dira3d`` command) exits through ``sys.exit`` first and was not affected.
+:func:`install_interrupt_exit_hook` (registered when ``dira3d`` is imported) clears the mark at exit
+unless the interrupt really went uncaught.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "quiet_interrupt_logs"]
+__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "forget_caught_interrupt", "install_interrupt_exit_hook",
+           "quiet_interrupt_logs"]
 
 
 class StoppedBySignal(SystemExit):
@@ -93,3 +104,23 @@ class QuietInterruptMixin:
             return super()._handle_exception(e)  # type: ignore[misc]
         with quiet_interrupt_logs():
             return super()._handle_exception(e)  # type: ignore[misc]
+
+
+def forget_caught_interrupt() -> None:
+    """Clear CPython's mark of an unhandled ``KeyboardInterrupt`` (set when one left an ``exec`` / ``eval`` of a
+    string, even though it was caught later): every such evaluation starts by clearing it, and this one raises
+    nothing."""
+    exec("pass", {})  # noqa: S102 - a constant: the evaluation itself is what clears the mark
+
+
+def _exit_with_own_status() -> None:
+    """``atexit``: unless a ``KeyboardInterrupt`` went uncaught (its traceback was printed: ``sys.last_value``),
+    the process exits with the status the program gave, not by SIGINT."""
+    if not isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+        forget_caught_interrupt()
+
+
+def install_interrupt_exit_hook() -> None:
+    """Register the ``atexit`` hook that keeps a caught Ctrl-C from ending ``python -m ...`` by SIGINT (once)."""
+    atexit.unregister(_exit_with_own_status)
+    atexit.register(_exit_with_own_status)

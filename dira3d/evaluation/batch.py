@@ -1,0 +1,280 @@
+"""A batch of inputs given to a task bundle's ``inference.json`` (``--datalist``): every input is accounted for.
+
+Each input of a batch ends up as one of :data:`STATUSES`:
+
+- ``written``: its prediction was written (a segmentation's mask, or its row of the classification bundles'
+  ``_prob.json``, which is written when the run ends);
+- ``left out``: refused at the input check before the model ran (:func:`~dira3d.evaluation.screen_inputs`);
+- ``failed``: an error while the model ran on it or while its prediction was written (e.g. out of GPU
+  memory on one large scan, a transform that fails on it): the batch goes on with the others. An error
+  that every later input would meet too, a full disk or a folder that cannot be written (``ENOSPC``,
+  ``EDQUOT``, ``EROFS``, ``EACCES``, ``EPERM``), stops the batch, as does Ctrl-C or an error while an input is
+  loaded after its check;
+- ``not run``: the batch stopped before it.
+
+:class:`InferenceBatch` keeps that record. ``inference.json`` builds it from the ``datalist`` and uses it three
+times: ``dataset.data`` (:meth:`~InferenceBatch.screen`), the evaluator's ``iteration_update``
+(:meth:`~InferenceBatch.iteration`) and ``run`` (:meth:`~InferenceBatch.run`). At the end, also when the batch
+stops, it writes ``inference_report.json`` next to the outputs (atomically, marked as dira3d's own like the
+predictions: a rerun replaces it, a file from elsewhere is refused before anything runs), logs a summary
+naming each input not written, and gives the exit status: 0 when every input was written,
+:data:`NOT_ALL_WRITTEN` (3) when some were not (under ``python -m monai.bundle run`` the process exits with
+it; called in-process, :meth:`~InferenceBatch.run` returns it). A batch that stops exits with its error (1).
+A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.overrides import as_bool
+
+__all__ = ["InferenceBatch", "NOT_ALL_WRITTEN", "REPORT_NAME", "STATUSES"]
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("written", "left out", "failed", "not run")
+NOT_ALL_WRITTEN = 3  # exit status of a batch that finished with some inputs not written
+REPORT_NAME = "inference_report.json"
+_SYSTEMIC = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
+_HINT = "pass --report_path with another file (\"\" for none), or --overwrite True to replace it"
+
+
+def _first(image: Any) -> str:
+    """The file that names an entry's output (the first of a list of files, one per channel)."""
+    return str(image[0] if isinstance(image, (list, tuple)) and image else image)
+
+
+def _cause(err: BaseException) -> BaseException:
+    """``err`` without MONAI's "applying transform ..." wrappers."""
+    while err.__cause__ is not None and "applying transform" in str(err):
+        err = err.__cause__
+    return err
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    err = _cause(err)
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _stops_batch(err: BaseException) -> bool:
+    """Whether every later input would fail the same way (a full disk, a folder that cannot be written)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _SYSTEMIC:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _batch_size(batchdata: Any, key: str) -> int:
+    names = getattr(batchdata.get(key) if isinstance(batchdata, Mapping) else None, "meta", {}).get("filename_or_obj")
+    if isinstance(names, (list, tuple)):
+        return max(1, len(names))
+    image = batchdata.get(key) if isinstance(batchdata, Mapping) else None
+    return int(image.shape[0]) if getattr(image, "shape", None) else 1
+
+
+def _run_by_monai_bundle_command() -> bool:
+    """Whether this process is ``python -m monai.bundle ...`` (whose exit status a script tests)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "monai.bundle.__main__"
+
+
+class InferenceBatch:
+    """The record of a batch run of ``inference.json``: what was written, left out or failed, and why.
+
+    Args:
+        datalist: the run's entries (``[{"image": path}, ...]``; the image may be a list of files, one per channel).
+        report_path: the JSON report to write at the end; ``""`` / None: none (a single ``--image``).
+        output_dir, output_postfix, output_ext: as given to ``SavePredictiond`` (segmentation bundles): the report
+            names each written mask.
+        output_path: the one output file instead (classification bundles' ``_prob.json``).
+        overwrite: replace an existing ``report_path`` that dira3d did not write.
+        image_key: the key of the input in the datalist and in the batches.
+
+    The evaluator's data loader must keep the order of the screened entries (``shuffle`` off), as the
+    bundles' do.
+    """
+
+    def __init__(self, datalist: Sequence[Mapping[str, Any]], report_path: str | os.PathLike | None = "",
+                 output_dir: str | os.PathLike | None = None, output_postfix: str = "", output_ext: str = ".nii.gz",
+                 output_path: str | os.PathLike | None = None, overwrite: Any = False, image_key: str = "image") -> None:
+        self.datalist = list(datalist)
+        self.report_path = Path(report_path) if report_path else None
+        self.output_dir, self.output_postfix, self.output_ext = output_dir, output_postfix, output_ext
+        self.output_path = output_path
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.image_key = image_key
+        self.left_out: dict[int, str] = {}
+        self.failed: dict[int, str] = {}
+        self.done: set[int] = set()
+        self.stopped: str | None = None
+        self._order = list(range(len(self.datalist)))
+        self._next = 0
+
+    @property
+    def several(self) -> bool:
+        return len(self.datalist) > 1
+
+    # --- the three uses in inference.json ---------------------------------------------------------------------
+
+    def screen(self, preprocessing: Any) -> list[Mapping[str, Any]]:
+        """``dataset.data``: the entries that pass the input checks (:func:`~dira3d.evaluation.screen_inputs`).
+
+        Raises:
+            FileExistsError: ``report_path`` holds a file dira3d did not write (before any input is read).
+            DataError: no input can be used (the report, listing each, is written first).
+        """
+        from dira3d.data.errors import DataError
+        from dira3d.evaluation.inputs import screen_inputs
+
+        self._check_report()
+        self.left_out.clear()
+        try:
+            good = screen_inputs(self.datalist, preprocessing, left_out=self.left_out)
+        except DataError as err:
+            if self.left_out:
+                self.stopped = "none of the inputs can be used"
+                self._finish(completed=False)
+            raise err
+        self._order = [i for i in range(len(self.datalist)) if i not in self.left_out]
+        self._next = 0
+        return good
+
+    def iteration(self, engine: Any, batchdata: Any) -> Any:
+        """The evaluator's ``iteration_update``: its own iteration (model, post-processing, writing), with the
+        failure of one input of a batch recorded and the batch going on. A failure that every later input would
+        meet (:func:`_stops_batch`), and any failure of a single input, is raised as before."""
+        size = _batch_size(batchdata, self.image_key)
+        indices = self._order[self._next: self._next + size]
+        self._next += size
+        try:
+            output = engine._iteration(engine, batchdata)
+        except Exception as err:  # noqa: BLE001 - one input's failure is recorded; the batch goes on
+            reason = _reason(err)
+            for index in indices:
+                self.failed[index] = reason
+            if not self.several or _stops_batch(err):
+                raise
+            names = ", ".join(_first(self.datalist[i][self.image_key]) for i in indices)
+            logger.warning(f"failed: {names}: {reason}; the batch goes on with the other inputs")
+            _release_gpu_memory()
+            return []
+        self.done.update(indices)
+        return output
+
+    def run(self, evaluator: Any) -> int:
+        """``run``: run ``evaluator``, then write the report and log the summary (also when the batch stops).
+
+        Returns:
+            0 when every input was written, :data:`NOT_ALL_WRITTEN` otherwise; under ``python -m monai.bundle run``
+            a non-zero status ends the process with it (``SystemExit``).
+        """
+        try:
+            evaluator.run()
+        except BaseException as err:
+            self.stopped = _reason(err)
+            self._finish(completed=False)
+            raise
+        code = self._finish(completed=True)
+        if code and _run_by_monai_bundle_command():
+            raise SystemExit(code)
+        return code
+
+    # --- the record --------------------------------------------------------------------------------------------
+
+    def _output(self, index: int) -> str | None:
+        from dira3d.evaluation.outputs import prediction_target
+
+        if self.output_path is not None:
+            return str(self.output_path)
+        if self.output_dir is None:
+            return None
+        return prediction_target(_first(self.datalist[index][self.image_key]), self.output_dir, self.output_postfix,
+                                 self.output_ext)
+
+    def rows(self, completed: bool = True) -> list[dict[str, Any]]:
+        """One row per input, in datalist order: ``image``, ``status`` and ``output`` or ``reason``."""
+        rows = []
+        single_file = self.output_path is not None  # written when the run completes
+        for index, entry in enumerate(self.datalist):
+            row: dict[str, Any] = {"image": entry.get(self.image_key)}
+            if index in self.left_out:
+                row.update(status="left out", reason=self.left_out[index])
+            elif index in self.failed:
+                row.update(status="failed", reason=self.failed[index])
+            elif index in self.done and (completed or not single_file):
+                row.update(status="written", output=self._output(index))
+            elif index in self.done:
+                row.update(status="failed", reason=f"the batch stopped before {self.output_path} was written: {self.stopped}")
+            else:
+                row.update(status="not run", reason=f"the batch stopped before it: {self.stopped}")
+            rows.append(row)
+        return rows
+
+    def _check_report(self) -> None:
+        from dira3d.evaluation.outputs import check_prediction_targets
+
+        if self.report_path is not None:
+            check_prediction_targets([self.report_path], self.overwrite, hint=_HINT)
+
+    def _finish(self, completed: bool) -> int:
+        rows = self.rows(completed)
+        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+        code = 0 if counts["written"] == len(rows) else NOT_ALL_WRITTEN
+        report = self._write_report(rows, counts, code if completed else None)
+        if not (self.several or report):
+            return code
+        parts = [f"{counts[s]} {s}" for s in STATUSES[1:] if counts[s]]
+        summary = f"inference: {counts['written']} of {len(rows)} inputs written" + (f" ({', '.join(parts)})" if parts else "")
+        if report:
+            summary += f"; report: {report}"
+        log = logger.info if code == 0 and completed else logger.warning
+        log(summary)
+        for row in rows:
+            if row["status"] != "written":
+                log(f"{row['status']}: {_first(row['image'])}: {row['reason']}")
+        if completed and code:
+            log(f"exit status {code}: not every input was written (each one named above)")
+        return code
+
+    def _write_report(self, rows: list[dict[str, Any]], counts: dict[str, int], code: int | None) -> Path | None:
+        """Write the report atomically; an error writing it is logged, not raised (the predictions are written)."""
+        import dira3d
+        from dira3d.evaluation.outputs import json_digest
+
+        if self.report_path is None:
+            return None
+        payload: dict[str, Any] = {"summary": {"inputs": len(rows), **counts}, "exit_status": code,
+                                   "stopped": self.stopped, "inputs": rows}
+        payload.update(written_by=f"dira3d {dira3d.__version__}", sha256=json_digest(payload))
+        try:
+            self._check_report()  # a file put there during the run is not replaced either
+            self.report_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.report_path, json.dumps(payload, indent=2))
+        except OSError as err:
+            logger.error(f"the inference report could not be written: {err}")
+            return None
+        return self.report_path
+
+
+def _release_gpu_memory() -> None:
+    """After a failed input (e.g. out of GPU memory on a large scan), give the cached GPU memory back."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

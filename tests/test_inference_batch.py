@@ -1,0 +1,201 @@
+"""A batch of inputs at inference (``--datalist``) accounts for every input: a report next to the outputs and an
+exit status a script can test.
+
+Before, the inputs left out at the input check were only named in warnings among the log lines of an overnight
+run, nothing was written to say what was done, and ``python -m monai.bundle run`` exited 0 whether 200 or 199
+masks were written; an error of one input in the model run or while its mask was written (out of GPU memory on
+one large scan, an I/O error) stopped the whole batch, and a classification batch then wrote no probabilities at
+all. Tiny untrained networks: the inputs only need to run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dira3d.evaluation.finetune import bundle_path
+from dira3d.evaluation.outputs import is_own_prediction
+from test_inference_inputs import SEG3D, _grey_png, _models, _nifti, _raw_ct
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore")]  # tests/conftest.py
+
+
+def _run(bundle: str, tmp_path: Path, datalist: list[dict], out: Path, **overrides):
+    """Run ``bundle``'s inference.json on ``datalist`` into ``out``; returns what ``run`` returned."""
+    from monai.bundle import ConfigWorkflow
+
+    models, configs, settings = _models(tmp_path, bundle)
+    target = {"output_path": str(out / "prob.json")} if bundle.endswith(("_cls", "_fpr")) else {"output_dir": str(out)}
+    folder = bundle_path(bundle) / "configs"
+    flow = ConfigWorkflow(config_file=[str(folder / c) for c in configs], meta_file=str(folder / "metadata.json"),
+                          logging_file=False, workflow_type=None, ckpt_dir=str(models), device="cpu", datalist=datalist,
+                          **{**settings, **target, **overrides})
+    flow.initialize()
+    try:
+        return flow.run()
+    finally:
+        flow.finalize()
+
+
+def _report(out: Path) -> dict:
+    path = out / "inference_report.json"
+    assert is_own_prediction(path), "the report is marked as dira3d's own (a rerun may replace it)"
+    return json.loads(path.read_text())
+
+
+def _scans(tmp_path: Path, names: list[str]) -> list[Path]:
+    return [_raw_ct(tmp_path / f"{name}.nii.gz") for name in names]
+
+
+def _failing_write(monkeypatch, name: str, code: int) -> None:
+    """Writing the mask of ``name`` fails with ``code`` (as a full disk or an I/O error would)."""
+    from dira3d.evaluation import outputs
+
+    saved = outputs._GuardedSaveImage.__call__
+
+    def call(self, img, meta_data=None, filename=None):
+        source = str(img.meta.get("filename_or_obj", ""))
+        if Path(source).name == f"{name}.nii.gz":
+            raise outputs.write_error(f"{name}_seg.nii.gz", OSError(code, os.strerror(code)))
+        return saved(self, img, meta_data, filename)
+
+    monkeypatch.setattr(outputs._GuardedSaveImage, "__call__", call)
+
+
+def test_a_segmentation_batch_reports_each_input_and_goes_on_after_a_failed_write(tmp_path, monkeypatch):
+    a, b, c = _scans(tmp_path, ["a", "b", "c"])
+    mask = _nifti(tmp_path / "a_seg_manual.nii.gz", np.random.default_rng(0).random((32, 32, 16)) > 0.5, np.uint8)
+    _failing_write(monkeypatch, "b", errno.EIO)  # one input's write fails: the batch stopped there before
+    out = tmp_path / "out"
+    result = _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in (a, mask, b, c)], out, **SEG3D)
+    assert result == [3]  # run returns the exit status (python -m monai.bundle run exits with it)
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "c_seg.nii.gz", "inference_report.json"]
+    report = _report(out)
+    assert report["summary"] == {"inputs": 4, "written": 2, "left out": 1, "failed": 1, "not run": 0}
+    assert report["exit_status"] == 3 and report["stopped"] is None
+    rows = report["inputs"]
+    assert [(r["image"], r["status"]) for r in rows] == [(str(a), "written"), (str(mask), "left out"),
+                                                         (str(b), "failed"), (str(c), "written")]
+    assert rows[0]["output"] == str(out / "a_seg.nii.gz") and rows[3]["output"] == str(out / "c_seg.nii.gz")
+    assert rows[1]["reason"].startswith(f"{mask}: has only 2 distinct values")
+    assert "could not write the prediction b_seg.nii.gz" in rows[2]["reason"]
+
+
+def test_a_full_disk_stops_the_batch_and_the_report_says_what_was_not_run(tmp_path, monkeypatch):
+    """Every later mask would fail the same way: the batch stops (exit 1), the report still lists each input."""
+    a, b, c = _scans(tmp_path, ["a", "b", "c"])
+    _failing_write(monkeypatch, "b", errno.ENOSPC)
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as raised:
+        _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in (a, b, c)], out, **SEG3D)
+    error = raised.value
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__
+    assert error is not None and error.errno == errno.ENOSPC, repr(raised.value)
+    report = _report(out)
+    assert [r["status"] for r in report["inputs"]] == ["written", "failed", "not run"]
+    assert report["exit_status"] is None and "No space left on device" in report["stopped"]
+    assert "No space left on device" in report["inputs"][2]["reason"]
+
+
+def test_a_classification_batch_writes_the_others_when_the_model_fails_on_one(tmp_path, monkeypatch):
+    """An error in the model run (e.g. out of GPU memory on one input) stopped the batch, and no _prob.json was
+    written at all."""
+    from monai.engines import SupervisedEvaluator
+
+    rng = np.random.default_rng(0)
+    cubes = [_nifti(tmp_path / f"cand{i}.nii.gz", rng.random((16, 16, 8))) for i in range(3)]
+    iteration = SupervisedEvaluator._iteration
+
+    def fails_on_cand1(self, engine, batchdata):
+        if any(Path(str(f)).name == "cand1.nii.gz" for f in batchdata["image"].meta["filename_or_obj"]):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return iteration(self, engine, batchdata)
+
+    monkeypatch.setattr(SupervisedEvaluator, "_iteration", fails_on_cand1)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _run("luna16_nodule_fpr", tmp_path, [{"image": str(p)} for p in cubes], out, width=0.125, roi_size=[16, 16, 8])
+    assert result == [3]
+    probabilities = json.loads((out / "prob.json").read_text())
+    assert [Path(p["image"]).name for p in probabilities["predictions"]] == ["cand0.nii.gz", "cand2.nii.gz"]
+    rows = _report(out)["inputs"]
+    assert [r["status"] for r in rows] == ["written", "failed", "written"]
+    assert rows[0]["output"] == str(out / "prob.json")
+    assert rows[1]["reason"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+@pytest.mark.parametrize("bundle", ["siim_pneumothorax_seg", "chexpert_cls"])
+def test_a_2d_batch_reports_each_input(bundle, tmp_path):
+    good = [_grey_png(tmp_path / f"cxr{i}.png") for i in range(2)]
+    volume = _raw_ct(tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _run(bundle, tmp_path, [{"image": str(good[0])}, {"image": str(volume)}, {"image": str(good[1])}], out) == [3]
+    rows = _report(out)["inputs"]
+    assert [r["status"] for r in rows] == ["written", "left out", "written"]
+    outputs = [out / "cxr0_seg.png", out / "cxr1_seg.png"] if bundle.endswith("_seg") else [out / "prob.json"] * 2
+    assert [rows[0]["output"], rows[2]["output"]] == [str(o) for o in outputs] and all(o.is_file() for o in outputs)
+    assert "loaded as a 3D volume" in rows[1]["reason"]
+
+
+def test_a_report_file_dira3d_did_not_write_is_kept_and_nothing_runs(tmp_path):
+    a, b = _scans(tmp_path, ["a", "b"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "inference_report.json").write_text("my notes\n")
+    with pytest.raises(Exception) as raised:
+        _run("lits_liver_seg", tmp_path, [{"image": str(a)}, {"image": str(b)}], out, **SEG3D)
+    error = raised.value
+    while error is not None and not isinstance(error, FileExistsError):
+        error = error.__cause__ or error.__context__
+    assert "inference_report.json exists and is not a prediction written by dira3d" in str(error), repr(raised.value)
+    assert "--report_path" in str(error) and "--overwrite True" in str(error)
+    assert sorted(p.name for p in out.iterdir()) == ["inference_report.json"]
+    assert (out / "inference_report.json").read_text() == "my notes\n"
+    assert _run("lits_liver_seg", tmp_path, [{"image": str(a)}, {"image": str(b)}], out, overwrite=True, **SEG3D) == [0]
+    assert _report(out)["summary"]["written"] == 2
+    # a rerun replaces its own report (and masks)
+    assert _run("lits_liver_seg", tmp_path, [{"image": str(a)}, {"image": str(b)}], out, **SEG3D) == [0]
+
+
+def test_a_single_image_writes_no_report(tmp_path):
+    (a,) = _scans(tmp_path, ["a"])
+    out = tmp_path / "out"
+    assert _run("lits_liver_seg", tmp_path, [{"image": str(a)}], out, image=str(a), **SEG3D) == [0]
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz"]
+
+
+def test_python_m_monai_bundle_run_exits_3_when_an_input_was_left_out_and_0_when_all_were_written(tmp_path, repo_root):
+    rng = np.random.default_rng(0)
+    cubes = [_nifti(tmp_path / f"cand{i}.nii.gz", rng.random((16, 16, 8))) for i in range(2)]
+    mask = _nifti(tmp_path / "cand_seg.nii.gz", rng.random((16, 16, 8)) > 0.5, np.uint8)
+    models, _, _ = _models(tmp_path, "luna16_nodule_fpr")
+    folder = bundle_path("luna16_nodule_fpr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")])}
+
+    def run(datalist, out):
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(folder / "configs" / "inference.json"),
+               "--meta_file", str(folder / "configs" / "metadata.json"), "--bundle_root", str(folder),
+               "--ckpt_dir", str(models), "--device", "$torch.device('cpu')", "--width", "0.125",
+               "--roi_size", "[16, 16, 8]", "--output_path", str(out / "prob.json"),
+               "--datalist", json.dumps([{"image": str(p)} for p in datalist])]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    done = run(cubes + [mask], tmp_path / "some")
+    assert done.returncode == 3, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "inference: 2 of 3 inputs written (1 left out)" in log and "Traceback" not in log
+    assert f"left out: {mask}: has only 2 distinct values" in log
+    assert _report(tmp_path / "some")["exit_status"] == 3
+    done = run(cubes, tmp_path / "all")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _report(tmp_path / "all")["summary"] == {"inputs": 2, "written": 2, "left out": 0, "failed": 0, "not run": 0}
