@@ -165,7 +165,10 @@ def test_saver_without_preprocessing_leaves_the_file_alone(tmp_path):
 def test_every_task_bundle_keeps_preprocessing_json_with_its_model(bundle):
     config = json.loads((bundle_path(bundle) / "configs" / "train.json").read_text(encoding="utf-8"))
     saver = [h for h in config["validate"]["handlers"] if isinstance(h, dict) and h.get("_target_", "").endswith("BestModelSaver")]
-    assert saver[0]["preprocessing"] == "$dira3d.evaluation.datalist_preprocessing(@datalist)"
+    # what dira3d finetune writes before training (training_preprocessing): BraTS adds the run's sequences
+    expected = ("$dira3d.evaluation.training_preprocessing(@datalist, modalities=@modalities, image_channels=@image_channels)"
+                if "modalities" in config else "$dira3d.evaluation.datalist_preprocessing(@datalist)")
+    assert saver[0]["preprocessing"] == expected
     assert config["overwrite"] is False and config["finalize"] == ["$dira3d.evaluation.release_run_folders(@ckpt_dir)"]
 
 

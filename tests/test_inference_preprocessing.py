@@ -136,3 +136,24 @@ def test_finetune_records_the_sequences_brats_inference_needs(tmp_path, monkeypa
     parser = _brats_inference(tmp_path / "out" / "models")
     assert parser.get_parsed_content("modalities") == ["t1ce", "flair"]
     assert parser.get_parsed_content("image_channels") == BRATS_ORDER
+
+
+def test_the_model_saver_keeps_the_sequences_of_a_brats_run(tmp_path):
+    """`dira3d finetune --bundle brats_tumor_seg --set modalities=t1ce,flair` wrote the run's modalities to
+    preprocessing.json, but train.json's BestModelSaver, given only the datalist's settings, replaced the file at
+    the first validation without them: inference.json then took FLAIR alone and could not load the 2-channel model."""
+    from test_bundles_finetune import make_segmentation
+
+    from dira3d.evaluation.finetune import run_finetune
+
+    datalist, _ = make_segmentation(tmp_path / "data", "brats_datalist.json", (32, 32, 16), 4, n_train=3, n_test=1)
+    content = json.loads(datalist.read_text())
+    content["meta"] = {"dataset": "brats2018", "channels": BRATS_ORDER, "percentiles": [1.0, 99.0]}
+    datalist.write_text(json.dumps(content))
+    run_finetune("brats_tumor_seg", {"datalist": str(datalist), "modalities": "t1ce,flair"},
+                 output_dir=tmp_path / "out", tiny=True)
+    models = tmp_path / "out" / "models"
+    assert (models / "model.pt").is_file()
+    recorded = json.loads((models / "preprocessing.json").read_text())
+    assert recorded == {"percentiles": [1.0, 99.0], "channels": BRATS_ORDER, "modalities": ["t1ce", "flair"]}
+    assert _brats_inference(models).get_parsed_content("in_channels") == 2

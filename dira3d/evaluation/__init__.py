@@ -17,7 +17,7 @@ _EXPORTS = {
                                   "mean_auc", "roc_auc"),
     "dira3d.evaluation.outputs": ("CheckPredictionFiles", "SavePredictiond", "check_prediction_targets", "is_own_prediction",
                                   "prediction_target"),
-    "dira3d.evaluation.preprocessing": ("datalist_preprocessing", "trained_preprocessing"),
+    "dira3d.evaluation.preprocessing": ("datalist_preprocessing", "trained_preprocessing", "training_preprocessing"),
     "dira3d.evaluation.run_folders": ("claim_run_folders", "release_run_folders"),
     "dira3d.evaluation.pretrained": ("TASK_KINDS", "build_task_network"),
     "dira3d.evaluation.readers": ("SimpleITKReader",),
@@ -65,4 +65,5 @@ __all__ = [
     "screen_inputs",
     "select_fraction",
     "trained_preprocessing",
+    "training_preprocessing",
 ]
