@@ -248,6 +248,10 @@ def test_mask_values_sees_masks_of_any_type_and_leaves_scans_alone():
     assert mask_values(np.zeros((8, 8))) is None  # constant: judged by the intensity checks
     ct = np.random.default_rng(0).normal(0, 300, (32, 32, 16)).round().astype(np.int16)
     assert mask_values(ct) is None
+    # a CT thresholded to two values, or quantised to 100-HU steps, has negative values: not a label map
+    assert mask_values(np.where(ct > 0, 1000, -1000)) is None
+    assert mask_values((np.clip(ct, -1000, 500) // 100 * 100).astype(np.int16)) is None
+    assert mask_values(np.where(ct > 0, 255, 0)).tolist() == [0, 255]  # a 0/255 mask still is one
 
 
 def test_the_checks_pass_what_each_bundle_takes():

@@ -63,8 +63,9 @@ MASK_VALUES = 16  # an image of integer values with this few distinct ones is a 
 
 def mask_values(array: np.ndarray) -> np.ndarray | None:
     """The distinct values of ``array`` when it looks like a mask or label map (2 to :data:`MASK_VALUES`
-    distinct values, all of them integers, whatever the array's type: readers give masks as floats too);
-    None for a scan, and for a constant image (no mask: the intensity checks judge it)."""
+    distinct values, all of them non-negative integers, whatever the array's type: readers give masks as
+    floats too); None for a scan, and for a constant image (no mask: the intensity checks judge it). Label
+    values are 0..N (or 0/255): a few negative values are a thresholded or coarsely quantised CT in HU."""
     array = np.asarray(array)
     coarse = array[tuple(slice(None, None, 4) for _ in array.shape)]  # a coarse look settles almost every scan
     if np.unique(coarse).size > MASK_VALUES:
@@ -72,6 +73,6 @@ def mask_values(array: np.ndarray) -> np.ndarray | None:
     values = np.unique(array)
     if not 2 <= values.size <= MASK_VALUES:
         return None
-    if not np.issubdtype(values.dtype, np.integer) and not np.array_equal(values, np.round(values)):
+    if values[0] < 0 or (not np.issubdtype(values.dtype, np.integer) and not np.array_equal(values, np.round(values))):
         return None
     return values
