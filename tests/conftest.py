@@ -59,10 +59,16 @@ def _logging_as_it_was():
                                            if isinstance(lg, logging.Logger)]
         return {lg: (list(lg.handlers), lg.level, lg.disabled, lg.propagate) for lg in loggers}
 
+    def closed(handler: logging.Handler) -> bool:
+        return isinstance(handler, logging.StreamHandler) and bool(getattr(handler.stream, "closed", False))
+
     before = state()
     yield
-    for logger, now in state().items():
-        handlers, level, disabled, propagate = before.get(logger, ([], logging.NOTSET, False, True))
+    for logger in state():
+        if logger not in before:  # created during the test (e.g. a module imported): keep it, less dead streams
+            logger.handlers[:] = [h for h in logger.handlers if not closed(h)]
+            continue
+        handlers, level, disabled, propagate = before[logger]
         logger.handlers[:] = handlers
         logger.disabled, logger.propagate = disabled, propagate
         logger.setLevel(level)  # also clears the loggers' cached isEnabledFor answers

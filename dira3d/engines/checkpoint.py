@@ -278,7 +278,7 @@ class DiRACheckpoint:
         self.save_last(engine)
         if getattr(engine.state, "stopped_by", None) and is_main_process():
             how = ("run the same command to resume" if self.resume else
-                   "run the same command without resume false (--resume false) to resume from it")
+                   "run the same command without the resume=false setting to resume from it")
             engine.state.stop_saved = f"{self.last_path} saved; {how}"
 
     def epoch_completed(self, engine: Engine) -> None:

@@ -194,7 +194,9 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
             f"{out} already holds a fine-tuning run ({', '.join(str(p.relative_to(out)) for p in earlier)}), which "
             "this run would replace; choose another output folder (--output-dir), or pass --overwrite to replace it"
         )
-    # listed before this run creates its own TensorBoard files; removed once it has set up without error
+    # listed before this run creates its own TensorBoard files; removed once it has set up without error (train.json's
+    # initialize, told overwrite, already removes the earlier curves and metrics.csv: only the model is kept until
+    # this run's first validation)
     replaced = _earlier_outputs(out) if overwrite else []
     overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
     if overwrite:  # train.json's initialize refuses an earlier run unless told (checked above with our wording)

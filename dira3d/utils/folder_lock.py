@@ -136,7 +136,9 @@ class FolderLock:
 
     def check_free(self) -> None:
         """Raise now when another process holds the lock, without taking it or creating anything: a run's
-        early check, before it spends time caching data (it takes the lock when it starts writing).
+        early check, before it spends time caching data (it takes the lock when it starts writing). The probe
+        holds the lock for an instant: a second run taking it at that very moment is refused, as one of the two
+        would be anyway.
 
         Raises:
             FolderInUseError: another process holds it.
