@@ -199,3 +199,33 @@ def test_python_m_monai_bundle_run_exits_3_when_an_input_was_left_out_and_0_when
     done = run(cubes, tmp_path / "all")
     assert done.returncode == 0, done.stderr[-3000:]
     assert _report(tmp_path / "all")["summary"] == {"inputs": 2, "written": 2, "left out": 0, "failed": 0, "not run": 0}
+
+
+@pytest.mark.parametrize("bundle", ["lits_liver_seg", "luna16_nodule_fpr"])
+def test_a_batch_without_an_output_setting_writes_into_the_current_folder(tmp_path, monkeypatch, bundle):
+    # the default output came from the empty --image, taken for the current folder itself: the masks, the
+    # probabilities and the report went to its parent
+    from monai.bundle import ConfigWorkflow
+
+    work = tmp_path / "parent" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    if bundle == "lits_liver_seg":
+        inputs, settings = _scans(tmp_path, ["a", "b"]), SEG3D
+    else:
+        rng = np.random.default_rng(0)  # candidate cubes as prepared: in [0, 1]
+        inputs, settings = [_nifti(tmp_path / f"{n}.nii.gz", rng.random((16, 16, 8))) for n in ("a", "b")], {}
+    models, configs, defaults = _models(tmp_path, bundle)
+    folder = bundle_path(bundle) / "configs"
+    flow = ConfigWorkflow(config_file=[str(folder / c) for c in configs], meta_file=str(folder / "metadata.json"),
+                          logging_file=False, workflow_type=None, ckpt_dir=str(models), device="cpu",
+                          datalist=[{"image": str(p)} for p in inputs], **{**defaults, **settings})
+    flow.initialize()
+    try:
+        assert flow.run() == [0]
+    finally:
+        flow.finalize()
+    expected = (["a_seg.nii.gz", "b_seg.nii.gz", "inference_report.json"] if bundle == "lits_liver_seg"
+                else ["inference_prob.json", "inference_report.json"])
+    assert sorted(p.name for p in work.iterdir()) == expected
+    assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == ["work"]

@@ -94,8 +94,12 @@ class FineTunedCheckpointLoader(CheckpointLoader):
 def prediction_path(image: str | os.PathLike, postfix: str, ext: str) -> str:
     """``<folder of image>/<stem>_<postfix><ext>``: the prediction next to its input.
 
-    A DICOM folder gets its output beside the folder, not inside it.
+    A DICOM folder gets its output beside the folder, not inside it. No ``image`` (an ``inference.json`` run
+    over a ``--datalist`` without ``--output_dir`` / ``--output_path``): ``./inference_<postfix><ext>`` in the
+    current folder (the empty path was taken for the current folder itself, so the outputs went to its parent).
     """
+    if not str(image).strip():
+        return str(Path.cwd() / f"inference_{postfix}{ext}")
     image = Path(str(image).rstrip("/\\")).resolve()
     return str(image.parent / f"{scan_stem(image)}_{postfix}{ext}")
 
