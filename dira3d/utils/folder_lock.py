@@ -18,6 +18,7 @@ folder, ``chmod +t``, where another user's holder file cannot be replaced.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -44,10 +45,8 @@ def _record_holder(folder: Path, handle: IO[str]) -> Path | None:
         handle.truncate()
         handle.write(text)
         handle.flush()
-        try:  # an earlier holder's (a killed one's); older than the lock file's text now in any case
+        with contextlib.suppress(OSError):  # an earlier holder's (a killed one's); older than the lock file's text now
             sidecar.unlink(missing_ok=True)
-        except OSError:
-            pass
         return None
     try:
         atomic_write_text(sidecar, text)
@@ -178,9 +177,7 @@ class FolderLock:
         entry[1] -= 1
         if entry[1] == 0:
             if entry[2] is not None:  # removed while the lock is still held: it cannot be the next holder's
-                try:
+                with contextlib.suppress(OSError):
                     entry[2].unlink(missing_ok=True)
-                except OSError:
-                    pass
             entry[0].close()
             del _HELD[key]
