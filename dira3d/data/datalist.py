@@ -158,7 +158,7 @@ def datalist_entries(
                         missing_files += 1
         entries.append(item)
     if problems:
-        shown = "; ".join(problems[:_SHOWN]) + (f"; ... {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
+        shown = _first_few(problems)
         kind = DatalistFilesMissingError if missing_files == len(problems) else DatalistError
         count = f"{len(problems)} bad {key!r} entr{'y' if len(problems) == 1 else 'ies'}"
         raise kind(path, f"has {count}: {shown}. Fix or remove them and rerun")
@@ -198,10 +198,15 @@ def check_entry_files(datalist: str | os.PathLike, key: str, entries: Sequence[M
     problems = [f"case {entry.get('case_id', '?')}: {file} does not exist"
                 for entry in entries for name in keys for file in _strings(entry.get(name)) if not os.path.exists(file)]
     if problems:
-        shown = "; ".join(problems[:_SHOWN]) + (f"; ... {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
+        shown = _first_few(problems)
         count = f"{len(problems)} missing file{'' if len(problems) == 1 else 's'} in its {key!r} list"
         raise DatalistFilesMissingError(datalist, f"has {count}: {shown}. Prepare the data again (`dira3d prepare`) "
                                                   "or fix or remove these entries and rerun")
+
+
+def _first_few(problems: Sequence[str]) -> str:
+    """The first :data:`_SHOWN` problems, ``"; "``-joined, and how many more there are."""
+    return "; ".join(problems[:_SHOWN]) + (f"; ... {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
 
 
 def _strings(value: Any) -> list[str]:
