@@ -201,10 +201,10 @@ def test_python_m_monai_bundle_run_exits_3_when_an_input_was_left_out_and_0_when
     assert _report(tmp_path / "all")["summary"] == {"inputs": 2, "written": 2, "left out": 0, "failed": 0, "not run": 0}
 
 
-@pytest.mark.parametrize("bundle", ["lits_liver_seg", "luna16_nodule_fpr"])
+@pytest.mark.parametrize("bundle", ["lits_liver_seg", "luna16_nodule_fpr", "chexpert_cls"])
 def test_a_batch_without_an_output_setting_writes_into_the_current_folder(tmp_path, monkeypatch, bundle):
     # the default output came from the empty --image, taken for the current folder itself: the masks, the
-    # probabilities and the report went to its parent
+    # probabilities and the report went to its parent (the 2D classification bundles: "<parent>/work_prob.json")
     from monai.bundle import ConfigWorkflow
 
     work = tmp_path / "parent" / "work"
@@ -212,6 +212,8 @@ def test_a_batch_without_an_output_setting_writes_into_the_current_folder(tmp_pa
     monkeypatch.chdir(work)
     if bundle == "lits_liver_seg":
         inputs, settings = _scans(tmp_path, ["a", "b"]), SEG3D
+    elif bundle == "chexpert_cls":
+        inputs, settings = [_grey_png(tmp_path / f"{n}.png") for n in ("a", "b")], {}
     else:
         rng = np.random.default_rng(0)  # candidate cubes as prepared: in [0, 1]
         inputs, settings = [_nifti(tmp_path / f"{n}.nii.gz", rng.random((16, 16, 8))) for n in ("a", "b")], {}

@@ -148,6 +148,28 @@ def test_inference_next_to_a_read_only_input_is_refused_before_the_model_runs(bu
     _initialize([configs / "inference.json"], bundle_root=str(tmp_path))  # no image (MONAI Label): nothing checked
 
 
+@pytest.mark.parametrize("bundle", [b for b in BUNDLES if b != "dira_pretrain"])
+def test_inference_over_a_datalist_into_a_folder_that_cannot_be_written_is_refused_before_any_input(bundle, blocker,
+                                                                                                   tmp_path, monkeypatch):
+    """Only a single --image was checked: a --datalist run found out at its first prediction (or, for the
+    classification bundles, after running every input, when the one probabilities file was written)."""
+    configs = REPO_ROOT / "bundles" / bundle / "configs"
+    datalist = [{"image": str(tmp_path / "never_read.nii.gz")}]
+    name = "output_path" if bundle.endswith(("_cls", "_fpr")) else "output_dir"
+    target = str(blocker / "out" / "prob.json") if name == "output_path" else str(blocker / "out")
+    with pytest.raises(Exception) as err:  # the setting given
+        _initialize([configs / "inference.json"], datalist=datalist, bundle_root=str(tmp_path), **{name: target})
+    cause = setting_error_in(err.value)
+    assert isinstance(cause, atomic.FolderNotWritableError), err.value
+    assert str(blocker / "out") in str(cause) and f"--{name}" in str(cause)
+    monkeypatch.setattr(Path, "cwd", classmethod(lambda cls: blocker))  # the default: the current folder
+    with pytest.raises(Exception) as err:
+        _initialize([configs / "inference.json"], datalist=datalist, bundle_root=str(tmp_path))
+    cause = setting_error_in(err.value)
+    assert isinstance(cause, atomic.FolderNotWritableError), err.value
+    assert str(blocker) in str(cause) and f"--{name}" in str(cause) and "by default the current folder" in str(cause)
+
+
 # --- real permission denials: a subprocess that cannot write others' files ------------------------------
 
 def _unprivileged(tmp_path: Path) -> list[str]:
@@ -262,3 +284,26 @@ def test_a_holder_that_cannot_write_the_lock_file_is_the_one_a_refused_run_names
         lock.chmod(0o644)
     assert holder.returncode == 0, holder.stderr[-2000:]
     assert sorted(p.name for p in folder.iterdir()) == [".dira3d.lock"]  # the holder's own record went with it
+
+
+def test_inference_over_a_datalist_from_a_read_only_current_folder_stops_before_any_input(tmp_path):
+    """A real permission denial: the outputs of a --datalist run go to the current folder by default."""
+    prefix = _unprivileged(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o555)
+    code = ("import sys; from monai.bundle import ConfigWorkflow; from dira3d.engines.inputs import setting_error_in\n"
+            f"c = {str(REPO_ROOT / 'bundles' / 'lits_liver_seg' / 'configs')!r}\n"
+            "flow = ConfigWorkflow(config_file=c + '/inference.json', meta_file=c + '/metadata.json', logging_file=False,"
+            f" workflow_type=None, bundle_root={str(tmp_path)!r}, datalist=[{{'image': 'never_read.nii.gz'}}])\n"
+            "try:\n    flow.initialize()\nexcept Exception as err:\n    sys.exit(str(setting_error_in(err)))\n")
+    try:
+        result = subprocess.run(prefix + [sys.executable, "-c", code], capture_output=True, text=True,
+                                env=_env(tmp_path), cwd=work)
+    finally:
+        work.chmod(0o755)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"output_dir {work} is not writable (Permission denied)"), result.stderr[-2000:]
+    assert "--output_dir" in last and "by default the current folder" in last
+    assert os.listdir(work) == []

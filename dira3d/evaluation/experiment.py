@@ -74,7 +74,7 @@ from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.cli_help import DefaultsRawDescriptionHelpFormatter
 from dira3d.utils.files import FileContentError, read_json, read_yaml
-from dira3d.utils.interrupts import StoppedBySignal
+from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import check_overrides, did_you_mean
 from dira3d.evaluation.results import (
     FIELDS, FOLD_FIELDS, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows, row_key, seed_values,
@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     try:
-        run_experiment(config)
+        with sigterm_as_interrupt():  # SIGTERM (SLURM preemption, scancel) as Ctrl-C; a pretraining stops gently itself
+            run_experiment(config)
     except ExperimentRunsFailed as err:
         print(f"dira3d experiment: error: {err}", file=sys.stderr)
         return 1
@@ -511,10 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d experiment: error: {err}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, StoppedBySignal) as err:  # Ctrl-C, SIGTERM: one line on how to go on, not a traceback
-        # (a pretraining stopped by a signal wrote its last.pt first: the rerun resumes it)
+        # (a pretraining stopped by a signal wrote its last.pt first: the rerun resumes it); 130 / 143
         print(f"dira3d experiment: interrupted; the finished runs are in {Path(config['output_dir']) / 'results.csv'}; "
               "rerun the same command to go on from there", file=sys.stderr)
-        return int(err.code) if isinstance(err, StoppedBySignal) else 130
+        return interrupt_exit_code(err)
     except Exception as err:
         cause = _cause_of(err)
         if cause is err and not isinstance(err, (ValueError, FileNotFoundError, FolderNotWritableError)):

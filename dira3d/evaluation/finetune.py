@@ -27,6 +27,7 @@ from dira3d.evaluation.preprocessing import PREPROCESSING_FILE, training_preproc
 from dira3d.utils.atomic import atomic_write_text, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
+from dira3d.utils.interrupts import interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import check_overrides, parse_value
 
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "main"]
@@ -288,16 +289,18 @@ def main(argv: list[str] | None = None) -> int:
         key, value = item.split("=", 1)
         overrides[key] = parse_value(value)
     try:
-        result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny,
-                              overwrite=args.overwrite, overrides_from="--set")
+        with sigterm_as_interrupt():  # SIGTERM (SLURM preemption, scancel) as Ctrl-C: no resume, so stop with the line
+            result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny,
+                                  overwrite=args.overwrite, overrides_from="--set")
     except (FileExistsError, FolderInUseError) as err:  # an earlier run's results, or a run going on there: kept
         print(f"dira3d finetune: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback; 130 / 143
         where = Path(args.output_dir or overrides.get("output_dir") or Path.cwd() / f"finetune_{bundle_path(args.bundle).name}")
-        print(f"dira3d finetune: interrupted; {where.resolve()} holds an unfinished run (no test metrics); rerun with "
-              "--overwrite to start it again", file=sys.stderr)
-        return 130
+        print(f"dira3d finetune: {'interrupted' if interrupt_exit_code(err) == 130 else 'stopped by SIGTERM'}; "
+              f"{where.resolve()} holds an unfinished run (no test metrics); rerun with --overwrite to start it again",
+              file=sys.stderr)
+        return interrupt_exit_code(err)
     except Exception as err:
         from dira3d.engines.inputs import setting_error_in
 

@@ -31,11 +31,12 @@ import atexit
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "forget_caught_interrupt", "install_interrupt_exit_hook",
-           "quiet_interrupt_logs"]
+__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "TerminatedBySignal", "forget_caught_interrupt",
+           "install_interrupt_exit_hook", "interrupt_exit_code", "quiet_interrupt_logs", "sigterm_as_interrupt"]
 
 
 class StoppedBySignal(SystemExit):
@@ -54,6 +55,48 @@ class StoppedBySignal(SystemExit):
 
     def __str__(self) -> str:
         return f"stopped by {self.signal_name} at iteration {self.iteration}"
+
+
+class TerminatedBySignal(KeyboardInterrupt):
+    """SIGTERM (SLURM preemption, ``scancel``, ``kill``) taken as a Ctrl-C by :func:`sigterm_as_interrupt`: the
+    command's Ctrl-C path runs (its one line), and it exits with :attr:`code` (143) instead of 130."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = int(signum)
+
+    @property
+    def code(self) -> int:
+        return 128 + self.signum
+
+
+def interrupt_exit_code(err: BaseException) -> int:
+    """The exit status after a caught interrupt: 128 + the signal (143 for SIGTERM), 130 for a Ctrl-C."""
+    return int(getattr(err, "code", None) or 130)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the body runs, SIGTERM raises :class:`TerminatedBySignal` (a ``KeyboardInterrupt``) where Python code
+    is running, as Ctrl-C does, instead of ending the process at once without a word. For commands that cannot
+    resume (``dira3d finetune``, ``dira3d experiment``): they print their one Ctrl-C line and exit 143. A
+    pretraining inside puts its own gentler handler (:mod:`dira3d.engines.stopping`) in place while it runs.
+
+    Installed in the main thread only; a SIGTERM set to be ignored (``SIG_IGN``) stays ignored; the previous
+    handler is put back after."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise TerminatedBySignal(signum)
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _handling_interrupt(record: logging.LogRecord) -> bool:
