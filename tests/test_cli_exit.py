@@ -133,3 +133,39 @@ def test_ctrl_c_a_command_caught_exits_130_also_under_python_m(tmp_path, how, ca
     if catch == "1":
         assert err.strip() == "fake: interrupted", err
     assert proc.returncode == code, (proc.returncode, err)
+
+
+PRETRAIN_WHILE_CACHING = textwrap.dedent(
+    """
+    import sys, time
+    import dira3d.engines.command as command
+    import dira3d.utils.overrides as overrides
+
+    def caching(*args, **kwargs):  # stands in for the bundle run while it caches the datasets
+        print("READY", flush=True)
+        time.sleep(60)
+
+    overrides.run_bundle = caching
+    sys.exit(command.main(sys.argv[1:]))
+    """
+)
+
+
+def test_sigterm_while_pretraining_caches_its_data_is_one_line_and_exit_143(tmp_path):
+    # the trainer's own stop (dira3d.engines.stopping) is in place only while it runs: a SIGTERM while the
+    # datasets were cached (minutes to hours) ended the process at once, without a word
+    datalist = tmp_path / "dl.json"
+    datalist.write_text('{"training": []}', encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-c", PRETRAIN_WHILE_CACHING, "--datalist", str(datalist), "--output",
+                             str(tmp_path / "run"), "--tiny"], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert err.strip() == (f"dira3d pretrain: stopped by SIGTERM before the first checkpoint ({tmp_path / 'run'}"
+                           "/models/last.pt does not exist); rerunning the same command starts afresh"), err

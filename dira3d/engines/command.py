@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
-from dira3d.utils.interrupts import StoppedBySignal
+from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool, parse_value
 
 __all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "main"]
@@ -34,20 +34,22 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), parse_value(value)
 
 
-def interrupted_message(output: Path, overrides: dict, stopped: StoppedBySignal | None = None) -> str:
+def interrupted_message(output: Path, overrides: dict, stopped: BaseException | None = None) -> str:
     """The one line printed when ``dira3d pretrain`` is stopped with Ctrl-C or SIGTERM: where the last
-    checkpoint is (``<output>/models/last.pt``) and how to resume from it. ``stopped``: the run finished
-    its step and wrote ``last.pt`` at that iteration (:mod:`dira3d.engines.stopping`); None: it was
-    interrupted at once (a second Ctrl-C, or one before training started)."""
+    checkpoint is (``<output>/models/last.pt``) and how to resume from it. ``stopped``: a
+    :class:`StoppedBySignal`, the run finished its step and wrote ``last.pt`` at that iteration
+    (:mod:`dira3d.engines.stopping`); else the interrupt that stopped it at once (a second Ctrl-C, or a
+    Ctrl-C or SIGTERM before training started, e.g. while the data were cached; None: Ctrl-C)."""
     last = output / "models" / "last.pt"
-    what = "interrupted" if stopped is None else str(stopped)
+    what = ("interrupted" if interrupt_exit_code(stopped) == 130 else "stopped by SIGTERM") if not isinstance(
+        stopped, StoppedBySignal) else str(stopped)
     if not last.is_file():
         return f"{what} before the first checkpoint ({last} does not exist); rerunning the same command starts afresh"
     try:  # resume=False or "false" alike, as the checkpoint handler reads it
         resume = as_bool(overrides.get("resume", True), "resume")
     except ValueError:
         resume = True
-    where = f"the last checkpoint is {last}" if stopped is None else f"{last} saved"
+    where = f"{last} saved" if isinstance(stopped, StoppedBySignal) else f"the last checkpoint is {last}"
     if not resume:
         return f"{what}; {where}; rerun without --override resume=false to resume from it"
     return f"{what}; {where}; rerun the same command to resume from it"
@@ -105,22 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # run_bundle, not monai.bundle.run: run() drops every override whose value is None, so
         # `--override views=null` (identity views) or `intensity_range=null` would silently keep the default
-        run_bundle(
-            configs,
-            meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
-            logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"),
-            bundle_root=str(BUNDLE_DIR),
-            datalist=str(datalist.resolve()),
-            dataset_dir=str(datalist.resolve().parent),
-            # absolute, as datalist: a relative folder named '$...', '%...' or '@...' would be read by MONAI as an
-            # expression (run as Python), a macro or a reference
-            ckpt_dir=str(output.resolve() / "models"),
-            output_dir=str(output.resolve() / "eval"),
-            **overrides,
-        )
-    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
-        print(f"dira3d pretrain: {interrupted_message(output, overrides)}", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():  # before training (caching data): as Ctrl-C; while it runs, stopping.py's stop
+            run_bundle(
+                configs,
+                meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
+                logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"),
+                bundle_root=str(BUNDLE_DIR),
+                datalist=str(datalist.resolve()),
+                dataset_dir=str(datalist.resolve().parent),
+                # absolute, as datalist: a relative folder named '$...', '%...' or '@...' would be read by MONAI as an
+                # expression (run as Python), a macro or a reference
+                ckpt_dir=str(output.resolve() / "models"),
+                output_dir=str(output.resolve() / "eval"),
+                **overrides,
+            )
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM before training: one line on how to go on, not a traceback
+        print(f"dira3d pretrain: {interrupted_message(output, overrides, err)}", file=sys.stderr)
+        return interrupt_exit_code(err)
     except StoppedBySignal as stop:  # SIGTERM or Ctrl-C: the step finished and last.pt was written first
         print(f"dira3d pretrain: {interrupted_message(output, overrides, stop)}", file=sys.stderr)
         return int(stop.code)
