@@ -111,6 +111,19 @@ SITECUSTOMIZE = textwrap.dedent(
 )
 
 
+def _signal_when_ready(cmd: list[str], env: dict, signum: int) -> tuple[int, str]:
+    """Run ``cmd``, send it ``signum`` once it prints READY; its return code and stderr."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
 @pytest.mark.parametrize(("how", "catch", "code"), [("-m", "1", 130), ("script", "1", 130), ("-m", "0", -signal.SIGINT)])
 def test_ctrl_c_a_command_caught_exits_130_also_under_python_m(tmp_path, how, catch, code):
     """`python -m dira3d.cli finetune ...` printed its "interrupted" line, then died by SIGINT (returncode -2):
@@ -122,17 +135,10 @@ def test_ctrl_c_a_command_caught_exits_130_also_under_python_m(tmp_path, how, ca
                PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = ([sys.executable, "-m", "dira3d.cli", "prepare"] if how == "-m" else
            [sys.executable, "-c", "import sys; from dira3d.cli import main; sys.exit(main())", "prepare"])
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "READY"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    returncode, err = _signal_when_ready(cmd, env, signal.SIGINT)
     if catch == "1":
         assert err.strip() == "fake: interrupted", err
-    assert proc.returncode == code, (proc.returncode, err)
+    assert returncode == code, (returncode, err)
 
 
 PRETRAIN_WHILE_CACHING = textwrap.dedent(
@@ -156,16 +162,9 @@ def test_sigterm_while_pretraining_caches_its_data_is_one_line_and_exit_143(tmp_
     # datasets were cached (minutes to hours) ended the process at once, without a word
     datalist = tmp_path / "dl.json"
     datalist.write_text('{"training": []}', encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-c", PRETRAIN_WHILE_CACHING, "--datalist", str(datalist), "--output",
-                             str(tmp_path / "run"), "--tiny"], env=dict(os.environ, PYTHONPATH=str(REPO)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "READY"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, (proc.returncode, err)
+    returncode, err = _signal_when_ready([sys.executable, "-c", PRETRAIN_WHILE_CACHING, "--datalist", str(datalist),
+                                          "--output", str(tmp_path / "run"), "--tiny"],
+                                         dict(os.environ, PYTHONPATH=str(REPO)), signal.SIGTERM)
+    assert returncode == 143, (returncode, err)
     assert err.strip() == (f"dira3d pretrain: stopped by SIGTERM before the first checkpoint ({tmp_path / 'run'}"
                            "/models/last.pt does not exist); rerunning the same command starts afresh"), err
