@@ -276,13 +276,17 @@ def test_gpu_lease_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path)
     script = repo_root / "benchmarks" / "gpu" / "run.sh"
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     subprocess.run(["bash", str(script), "lease"], capture_output=True, text=True, timeout=600, env=env)
-    for part, marker in (("cuda_tests", "skipped"), ("ab", "=== fastest A/B row: fp32+gemmwg"),
-                         ("profile", "step (G + D"), ("plain", "plain PyTorch loop (fp32): ")):
+    for part, marker in (("cuda_tests", "skipped"), ("ab", "=== fastest A/B row: fp32+gemmwg+splitcat"),
+                         ("profile", "step (G + D"), ("scale", "peak_MiB"), ("plain", "plain PyTorch loop (fp32): ")):
         log = (tmp_path / f"{part}.txt").read_text()
         assert marker in log and "exited with" not in log and "skipped, no time left" not in log, (part, log[-1500:])
-    ab = (tmp_path / "ab.txt").read_text()
-    assert {"fp32+gemmwg", "fp32+gemmwg+prefetch", "fp32+gemmwg+splitcat", "fp32+gemmwg+splitcat+gemmup"} == {
-        line.split("'config': '")[1].split("'")[0] for line in ab.splitlines() if line.startswith("row: ")}
+
+    def rows(part):
+        log = (tmp_path / f"{part}.txt").read_text()
+        return [eval(line[5:]) for line in log.splitlines() if line.startswith("row: ")]  # noqa: S307 (our own output)
+
+    assert {"fp32+gemmwg+splitcat", "fp32+gemmwg+splitcat+gemmhead+prefetch"} == {r["config"] for r in rows("ab")}
+    assert [r["batch"] for r in rows("scale")] == [6, 8]  # the fastest row at the larger batch sizes
 
 
 def test_gpu_followup_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path) -> None:

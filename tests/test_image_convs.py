@@ -410,22 +410,39 @@ def test_split_concat_leaves_a_switched_first_convolution_on_its_own_path():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN under bf16 autocast)")
-def test_on_cuda_bf16_channels_last_split_concat_agrees_with_the_concatenation():
-    torch.manual_seed(7)
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_on_cuda_bf16_channels_last_split_concat_agrees_with_the_concatenation(seed):
+    # Under bf16 neither path is exact, and the split sums two rounded convolutions where the
+    # concatenation rounds one, so an element-wise tolerance between the two fails on the small
+    # gradients (seen on an H100, 2026-11-26: 0.5 % of the weight gradient's elements off by up to
+    # 4 % of its largest value). What must hold is that the split is no less accurate than the
+    # concatenation: both against the same network in float64. Measured on the H100 (seeds 7, 8, 9),
+    # relative max error of the weight gradient: concatenation 0.059 / 0.059 / 0.12, split
+    # 0.064 / 0.058 / 0.13; of the output: 0.0116 / 0.0104 / 0.0090 against 0.0111 / 0.0096 / 0.0099.
+    torch.manual_seed(seed)
     fmt = torch.channels_last_3d
-    ref = UNet(3, 1, 1, width=0.5).cuda().to(memory_format=fmt)
-    split = UNet(3, 1, 1, width=0.5).cuda().to(memory_format=fmt)
-    split.load_state_dict(ref.state_dict())
-    use_split_concat(split)
-    x = torch.rand(4, 1, 32, 32, 16, device="cuda").contiguous(memory_format=fmt)
-    results = []
-    for net in (ref, split):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = net(x)
+    base = UNet(3, 1, 1, width=0.5)
+    x = torch.rand(4, 1, 32, 32, 16)
+
+    def run(split: bool, dtype: torch.dtype):
+        net = UNet(3, 1, 1, width=0.5)
+        net.load_state_dict(base.state_dict())
+        net = net.to("cuda", dtype).to(memory_format=fmt)
+        if split:
+            use_split_concat(net)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            out = net(x.to("cuda", dtype).contiguous(memory_format=fmt))
         out.float().square().mean().backward()
-        results.append((out.float(), net.decoder.levels[2].convs.conv1.conv.weight.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+        return out.double(), net.decoder.levels[2].convs.conv1.conv.weight.grad.double()
+
+    truth = run(False, torch.float64)
+    errors = {}
+    for name, split in (("concatenation", False), ("split", True)):
+        got = run(split, torch.float32)
+        errors[name] = [((a - t).abs().max() / t.abs().max()).item() for a, t in zip(got, truth)]
+    for what, cat_error, split_error in zip(("output", "weight gradient"), errors["concatenation"], errors["split"]):
+        assert cat_error < 0.3, (what, errors)  # the reference itself is sane under bf16
+        assert split_error <= 1.5 * cat_error, (what, errors)
 
 
 def test_split_concat_compiles_without_a_graph_break():

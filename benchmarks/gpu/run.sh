@@ -15,14 +15,12 @@
 # cannot eat the rest, and its output is in $OUT already:
 #   facts; the CUDA tests of the layer options against cuDNN;
 #   ab: compiled A/B at batch 64 in one process, the bundle's performance.json setting
-#       (bf16+cl+gemmwg+compile) against the same with prefetch (the next batch prepared on a side
-#       stream; the same graphs, so inductor's cache makes it a short row), then with splitcat,
-#       forcecl (inductor's channels-last layout forced in the decoder's graphs too), gemmhead (the
-#       1x1 output head as one GEMM) and prefetch all four, then splitcat, gemmhead, forcecl alone,
-#       then splitcat+gemmup: in that order, since a row that would start after the time budget is
-#       left out and the combination alone says whether performance.json should change;
-#   profile: the fastest A/B row, compiled (the inductor cache is warm by then), with aten::copy_
-#       per input shape (9.6 ms per step in 89 copies on 2026-11-26: which tensors?);
+#       (bf16+cl+gemmwg+splitcat+compile since the third lease) against the same with gemmhead and
+#       prefetch (each within the spread on 2026-11-26; together once more);
+#   profile: the fastest A/B row, compiled, with aten::copy_ per input shape and its callers: where the
+#       153 ms step goes after splitcat (its 60 s cap was too short for a fresh process on the third
+#       lease; now up to 150 s);
+#   scale: the fastest row at batch 96 and 128 (426/s at 96 on the third lease);
 #   plain: the plain PyTorch loop at bf16 + channels-last + compile, if time is left.
 # followup: the per-layer convolution table (conv_layers.py), batch 64 vs 128, and inductor's
 # max-autotune (the second call of 2026-11-26; its figures are in docs/benchmarks.md).
@@ -79,17 +77,15 @@ if [ "${QUICK:-0}" = 1 ]; then
     LD_SIZE=(--volumes 2 --volume-shape 32 32 16 --patch 16 16 8 --batch 2 --batches 2 --workers 0)
     SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32
     PF_SIZE=(--quick); PF_EXTRA=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}")
-    AB_BASE=fp32+gemmwg; AB_CONFIGS=fp32+gemmwg,fp32+gemmwg+prefetch,fp32+gemmwg+splitcat,fp32+gemmwg+splitcat+gemmup
+    AB_BASE=fp32+gemmwg+splitcat; AB_CONFIGS=fp32+gemmwg+splitcat,fp32+gemmwg+splitcat+gemmhead+prefetch; BIG2=(6 8)
     CL_SIZE=(--quick); FOLLOW=fp32+gemmwg; FOLLOW_MAX=fp32+gemmwg; BATCHES=(2 4)
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
     PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_EXTRA=(--rows 40); FC_SIZE=(--batch 64)
     AB_SIZE=("${PT_SIZE[@]}")
-    AB_BASE=bf16+cl+gemmwg+compile
-    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+compile+prefetch,bf16+cl+gemmwg+splitcat+forcecl+gemmhead+compile+prefetch
-    AB_CONFIGS=$AB_CONFIGS,bf16+cl+gemmwg+splitcat+compile
-    AB_CONFIGS=$AB_CONFIGS,bf16+cl+gemmwg+gemmhead+compile,bf16+cl+gemmwg+forcecl+compile,bf16+cl+gemmwg+splitcat+gemmup+compile
+    AB_BASE=bf16+cl+gemmwg+splitcat+compile; BIG2=(96 128)
+    AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+splitcat+gemmhead+compile+prefetch
     PLAIN=bf16+cl+compile
     CL_SIZE=(--batch 64); FOLLOW=bf16+cl+gemmwg+compile; FOLLOW_MAX=bf16+cl+gemmwg+compile-max; BATCHES=(64 128)
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
@@ -119,13 +115,16 @@ for what in "$@"; do
         part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
         capped cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider -k on_cuda tests/test_image_convs.py \
             tests/test_engine_prefetch.py
-        cap=$(left 150)  # keep ~60 s for the profile and ~90 s for the plain loop
+        cap=$(left 300)  # keep up to 150 s for the profile, ~120 s for the batch sizes, the rest for the plain loop
         capped ab "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
             --configs "$AB_CONFIGS" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/ab.md"
         best=$(fastest "$OUT/ab.txt" "$AB_BASE")
         echo "=== fastest A/B row: $best" | tee -a "$OUT/ab.txt"
-        capped profile "$(( $(left 90) < 60 ? $(left 90) : 60 ))" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
+        capped profile "$(( $(left 210) < 150 ? $(left 210) : 150 ))" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
             "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$best" --warmup 3 --by-shape aten::copy_ --callers 4
+        cap=$(left 60)
+        capped scale "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" --batch-sizes "${BIG2[@]}" \
+            --configs "$best" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/scale.md"
         capped plain "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BIG[0]}" --configs "" --plain-config "$PLAIN" ;;
     first_conv)

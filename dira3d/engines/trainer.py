@@ -151,8 +151,8 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
             PyTorch's default).
         compile_channels_last: with inductor, force its channels-last layout optimisation in every
             compiled graph; inductor leaves it off for the U-Net decoder's graphs (each level's first
-            convolution has at least twice as many input as output channels). Off by default until a GPU
-            benchmark of the whole step (token ``forcecl``) shows it faster.
+            convolution has at least twice as many input as output channels). Off: measured slower
+            on an H100 (381 against 387 patches/s, token ``forcecl``).
         cudnn_benchmark: let cuDNN time its convolution algorithms for the (fixed) patch shape
             and keep the fastest (``torch.backends.cudnn.benchmark``, a process-wide switch; set
             only when True).
@@ -170,20 +170,20 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
             convolution (:mod:`dira3d.networks.gemm_upconv`; same values, tested).
         split_concat: run each U-Net decoder level's first convolution on the up-sampled map and
             the skip separately and sum, instead of on their concatenation
-            (:mod:`dira3d.networks.split_concat`; same values, tested). Off by default until a GPU
-            benchmark of the whole step shows it faster.
+            (:mod:`dira3d.networks.split_concat`; same values, tested). Off by default; on in the
+            bundle's ``performance.json`` (an H100 step went from 387 to 417 patches/s).
         gemm_head: run the U-Net's 1×1 output convolution (one output channel, for which cuDNN
             has no tensor-core kernel) as one matrix product over channels-last rows
-            (:mod:`dira3d.networks.gemm_head`; same values, tested). Off by default until a GPU
-            benchmark of the whole step shows it faster.
+            (:mod:`dira3d.networks.gemm_head`; same values, tested). Off: no faster in the whole
+            step on an H100 (within the run-to-run spread).
             Each of these five options warns when it changes no layer of the networks given
             (``dira3d.engines.performance.apply_layer_options``), e.g. ``split_concat`` on the
             2D ``ResNetUNet``, which has no U-Net decoder level.
         prefetch: prepare the next batch (host-to-device copy, views, distortion) while the current
             step runs, on a side CUDA stream (:mod:`dira3d.engines.prefetch`); the same batches,
             draws and losses as without it (tested). ``engine.state.batch`` is then a
-            :class:`Prepared` instead of the loader's dict. Off by default until a GPU benchmark of
-            the whole step (token ``prefetch``) shows it faster.
+            :class:`Prepared` instead of the loader's dict. Off: no faster in the whole step on an
+            H100 (token ``prefetch``; within the run-to-run spread).
         queue_size / momentum: MoCo queue length and EMA momentum of the key encoder.
         shuffle_bn: MoCo under DDP: gather the key views of all ranks, permute them (a permutation
             drawn alike on every rank from (seed, iteration), so a resumed run shuffles the same),
