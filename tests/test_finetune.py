@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -104,6 +105,100 @@ def test_holdout_and_label_fraction_keep_the_scans_of_a_patient_id_together():
     for seed in range(3):
         kept = select_fraction(entries, 0.3, seed)
         assert len(kept) == 9 and len({e["patient_id"] for e in kept}) == 3  # whole patients
+
+
+def _seg_entries(key: str = "pneumothorax", positives: int = 4, n_patients: int = 20) -> list[dict]:
+    """SIIM-ACR-like entries (``pneumothorax`` 0/1) or LIDC-like ones (``voxels``): the first ``positives``
+    patients have a non-empty mask."""
+    return [{"image": f"{i}.png", "label": f"{i}_mask.png", "case_id": f"p{i}",
+             key: int(i < positives) * (1 if key == "pneumothorax" else 37)} for i in range(n_patients)]
+
+
+def _without(entries: list[dict], key: str) -> list[dict]:
+    """The entries as a datalist that does not say which masks are empty: the split drawn before such
+    datalists completed their holdout."""
+    return [{k: v for k, v in e.items() if k != key} for e in entries]
+
+
+def _positive(entries: list[dict], key: str) -> bool:
+    return any(e[key] > 0 for e in entries)
+
+
+@pytest.mark.parametrize("key", ["pneumothorax", "voxels"])
+def test_segmentation_holdout_keeps_a_non_empty_mask_when_training_can_spare_one(key, tmp_path):
+    """SIIM-ACR at a small label fraction: the early-stopping holdout could be all empty masks, whose mean Dice
+    (empty prediction of an empty mask = 1) rewards a network predicting nothing."""
+    entries = _seg_entries(key)
+    completed = 0
+    for seed in range(12):
+        old_train, old_held = holdout_by_patient(_without(entries, key), 0.1, seed)
+        if _positive([e for e in entries if e["case_id"] in _ids_of(old_held)], key):
+            continue
+        completed += 1
+        train, held = holdout_by_patient(entries, 0.1, seed)
+        assert _positive(held, key) and _positive(train, key), (seed, held)
+        assert not _ids_of(train) & _ids_of(held) and len(train) + len(held) == len(entries)
+        # the drawn patients stay; one patient with a non-empty mask is added (the first of the seed's order)
+        assert _ids_of(old_held) < _ids_of(held) and len(held) == len(old_held) + 1
+        assert (train, held) == holdout_by_patient(entries, 0.1, seed)  # deterministic
+    assert completed  # the old rule gave an all-empty holdout for some seeds
+    # the bundles' path: load_split on a prepared datalist
+    path = tmp_path / "siim_datalist.json"
+    path.write_text(json.dumps({"training": entries, "meta": {}}))
+    _touch(tmp_path, entries)
+    for seed in range(12):
+        held = load_split(path, "holdout", seed=seed)
+        train = load_split(path, "train", seed=seed)
+        assert _positive(held, key) and _positive(train, key), seed
+
+
+def _ids_of(entries: list[dict]) -> set[str]:
+    return {e["case_id"] for e in entries}
+
+
+@pytest.mark.parametrize("key", ["pneumothorax", "voxels"])
+def test_segmentation_holdout_with_a_non_empty_mask_is_unchanged(key):
+    # earlier results stay reproducible where the drawn holdout already had a non-empty mask, and for datalists
+    # that do not say which masks are empty (Montgomery, LiTS, BraTS: every mask has foreground)
+    entries = _seg_entries(key)
+    unchanged = 0
+    for seed in range(12):
+        old = holdout_by_patient(_without(entries, key), 0.1, seed)
+        if not _positive([e for e in entries if e["case_id"] in _ids_of(old[1])], key):
+            continue
+        unchanged += 1
+        assert holdout_by_patient(entries, 0.1, seed) == tuple([e for e in entries if e["case_id"] in _ids_of(part)]
+                                                               for part in old), seed
+    assert unchanged
+    # a holdout of non-empty masks only is not completed with an empty one
+    everything = _seg_entries(key, positives=20)
+    for seed in range(4):
+        assert holdout_by_patient(everything, 0.1, seed) == tuple(
+            [e for e in everything if e["case_id"] in _ids_of(part)] for part in holdout_by_patient(_without(everything, key), 0.1, seed))
+
+
+def test_segmentation_holdout_without_a_non_empty_mask_warns_once(tmp_path):
+    # one patient (p0) has a pneumothorax: training keeps it, the holdout cannot have one
+    entries = _seg_entries(positives=1)
+    path = tmp_path / "siim_datalist.json"
+    path.write_text(json.dumps({"training": entries, "meta": {}}))
+    _touch(tmp_path, entries)
+    seed = next(s for s in range(20) if "p0" not in _ids_of(holdout_by_patient(entries, 0.1, s)[1]))
+    with pytest.warns(UserWarning, match=r"siim_datalist.json: the early-stopping holdout \(2 entries; label_fraction=1.0, "
+                                         rf"seed={seed}, holdout=0.1, fold=None\) has no case with a non-empty mask "
+                                         r"\(`pneumothorax` is 0 in all of them\): the only patient .* stays in training\. "
+                                         r"Its mean Dice scores an empty prediction of an empty mask as 1"):
+        train = load_split(path, "train", seed=seed)
+    assert "p0" in _ids_of(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_split(path, "holdout", seed=seed)) == 2  # warned once: not again for the holdout itself
+    # no word for a datalist that does not say which masks are empty
+    plain = tmp_path / "plain_datalist.json"
+    plain.write_text(json.dumps({"training": _without(entries, "pneumothorax"), "meta": {}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_split(plain, "holdout", seed=seed)
 
 
 def test_load_split_test_key_fold_and_errors(tmp_path):

@@ -8,7 +8,9 @@ and the test split is either the datalist's ``"test"`` key or, for cross-validat
 Splits, by name:
 
 - ``"train"``   — the selected training labels minus the held-out patients;
-- ``"holdout"`` — the held-out patients (early stopping / model selection);
+- ``"holdout"`` — the held-out patients (early stopping / model selection), completed so that it can be
+  scored: both classes, or a non-empty mask where the datalist says which masks are empty
+  (:func:`holdout_by_patient`);
 - ``"validation"`` — the datalist's own ``"validation"`` key, untouched (empty if absent);
 - ``"test"``    — the datalist's ``"test"`` key, or the training entries of ``fold``.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,7 @@ import numpy as np
 
 from dira3d.data.datalist import check_entry_files, datalist_entries, read_datalist_json
 
-__all__ = ["SPLITS", "load_split", "select_fraction", "holdout_by_patient"]
+__all__ = ["SPLITS", "FOREGROUND_KEYS", "load_split", "select_fraction", "holdout_by_patient"]
 
 SPLITS = ("train", "holdout", "validation", "test")
 
@@ -52,6 +55,29 @@ def _classes_of(entry: dict) -> set[int]:
     if isinstance(label, (list, tuple)):
         return {i for i, value in enumerate(label) if float(value) >= 0.5}
     return {int(label)}
+
+
+# keys of a segmentation entry that say whether its mask has foreground, as `dira3d prepare` writes them:
+# SIIM-ACR's 0/1 ``pneumothorax`` and LIDC-IDRI's consensus ``voxels`` count (the other prepared segmentation
+# datasets, lung, liver and whole tumour, have foreground in every mask and carry neither)
+FOREGROUND_KEYS = ("pneumothorax", "voxels")
+
+
+def _foreground_key(entries: list[dict]) -> str | None:
+    """The first of :data:`FOREGROUND_KEYS` that every segmentation entry carries as a number, else None
+    (classification entries, or a datalist that does not say which masks are empty)."""
+    if not entries or _is_classification(entries) or _is_multilabel(entries):
+        return None
+    for key in FOREGROUND_KEYS:
+        if all(isinstance(e.get(key), (int, float, np.integer, np.floating)) for e in entries):
+            return key
+    return None
+
+
+def _has_foreground(key: str) -> Callable[[dict], set[bool]]:
+    """``classes_of`` for :func:`_complete_classes`: ``{True}`` for an entry whose mask has foreground, else
+    nothing, so that the holdout is completed with a positive only (never with an empty mask)."""
+    return lambda entry: {True} if float(entry[key]) > 0 else set()
 
 
 def _rng(seed: int, salt: int) -> np.random.Generator:
@@ -137,6 +163,10 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
     multi-label entries count for each of their positive classes, and the holdout is then also
     completed with a negative of each class (a class positive in every holdout entry has no AUC),
     while training keeps a positive and a negative of each class.
+    For segmentation entries that say whether their mask has foreground (a :data:`FOREGROUND_KEYS` key on
+    every entry: SIIM-ACR's ``pneumothorax``, LIDC-IDRI's ``voxels``), a holdout drawn with empty masks
+    only takes, in addition, the first patient of the seeded order with a non-empty mask, as long as
+    another one stays in training; a holdout that has one already is left as drawn.
     With a single patient the holdout is empty.
 
     Args:
@@ -169,6 +199,9 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
         held = _complete_classes(entries, by_patient, order, held)
     if _is_multilabel(entries):  # then both values of each class, when training can spare them
         held = _complete_classes(entries, by_patient, order, held, _outcomes_of)
+    key = _foreground_key(entries)
+    if key is not None:  # segmentation: a non-empty mask, when training can spare one
+        held = _complete_classes(entries, by_patient, order, held, _has_foreground(key))
     held_set = set(held)
     train = [e for e in entries if _patient(e) not in held_set]
     kept = [e for e in entries if _patient(e) in held_set]
@@ -189,8 +222,9 @@ def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], ord
         return {c for p in patients for i in by_patient[p] for c in classes_of(entries[i])}
 
     all_classes = classes(order)
+    have = classes(held)  # kept up to date: recounting the holdout for every patient is quadratic
     for patient in order:
-        missing = all_classes - classes(held)
+        missing = all_classes - have
         if not missing:
             break
         if patient in held or not classes([patient]) & missing:
@@ -198,6 +232,7 @@ def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], ord
         rest = [p for p in order if p not in held and p != patient]
         if classes(rest) == all_classes:  # never starve training of a class
             held.append(patient)
+            have |= classes([patient])
     return held
 
 
@@ -259,6 +294,8 @@ def load_split(
         chosen = select_fraction(training, label_fraction, seed)
         train, held = holdout_by_patient(chosen, holdout, seed)
         result = train if split == "train" else held
+        _warn_holdout_without_foreground(path, chosen, held, dict(label_fraction=label_fraction, seed=seed,
+                                                                  holdout=holdout, fold=fold))
     if not result and not (split == "holdout" and holdout == 0.0):
         hint = "check the datalist or use more data"
         if split == "holdout":
@@ -281,6 +318,31 @@ def load_split(
     # the entries this run uses (not the whole list: a 1 % run does not need the other 99 %)
     check_entry_files(path, "test" if split == "test" and (fold is None or int(fold) < 0) else "training", result)
     return _common_keys(result)
+
+
+_WARNED: set[tuple] = set()  # (datalist, settings) already warned about in this process
+
+
+def _warn_holdout_without_foreground(path: Path, chosen: list[dict], held: list[dict], settings: dict) -> None:
+    """Warn, once per datalist and settings, when the early-stopping holdout holds only empty masks although
+    the datalist says which masks are empty (:func:`holdout_by_patient` could not complete it)."""
+    key = _foreground_key(chosen)
+    if key is None or not held or any(_has_foreground(key)(e) for e in held):
+        return
+    seen = (str(path), *sorted(settings.items()))
+    if seen in _WARNED:
+        return
+    _WARNED.add(seen)
+    positive = {_patient(e) for e in chosen if _has_foreground(key)(e)}
+    why = (f"none of the {len(chosen)} training entries this label_fraction keeps has one" if not positive else
+           f"the only patient of the {len(chosen)} training entries with one stays in training")
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    warnings.warn(
+        f"{path}: the early-stopping holdout ({len(held)} entries; {shown}) has no case with a non-empty mask "
+        f"(`{key}` is 0 in all of them): {why}. Its mean Dice scores an empty prediction of an empty mask as 1, so "
+        "early stopping and the saved model reward predicting nothing; use a larger label_fraction "
+        "(--label-fraction) or more training data, and compare `holdout` in metrics.json with the test Dice",
+        UserWarning, stacklevel=3)
 
 
 def _common_keys(entries: list[dict]) -> list[dict]:
