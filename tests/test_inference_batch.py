@@ -231,3 +231,115 @@ def test_a_batch_without_an_output_setting_writes_into_the_current_folder(tmp_pa
                 else ["inference_prob.json", "inference_report.json"])
     assert sorted(p.name for p in work.iterdir()) == expected
     assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == ["work"]
+
+
+def _failing_model(monkeypatch, error_for):
+    """The model run on an input fails with ``error_for(its path)`` unless that is None; returns the list of the
+    file names the model was run on."""
+    from monai.engines import SupervisedEvaluator
+
+    iteration, seen = SupervisedEvaluator._iteration, []
+
+    def run(self, engine, batchdata):
+        source = str(batchdata["image"].meta["filename_or_obj"][0])
+        seen.append(Path(source).name)
+        error = error_for(source)
+        if error is not None:
+            raise error
+        return iteration(self, engine, batchdata)
+
+    monkeypatch.setattr(SupervisedEvaluator, "_iteration", run)
+    return seen
+
+
+def test_the_same_error_on_the_first_inputs_stops_the_batch_with_one_error(tmp_path, monkeypatch, caplog):
+    """A bad setting, a model that does not fit the inputs or a lost GPU failed every input in turn: a batch of
+    1,000 scans ran for hours failing the same way, then exited 3."""
+    from dira3d.evaluation.batch import REPEATED_FAILURES, RepeatedFailureError
+
+    scans = _scans(tmp_path, ["a", "b", "c", "d", "e"])
+    wrong = "expected input[1, 2, 32, 32, 16] to have 1 channels"  # e.g. a model of another in_channels
+    seen = _failing_model(monkeypatch, lambda source: RuntimeError(f"{wrong} (reading {source})"))  # each named
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as raised:
+        _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in scans], out, **SEG3D)
+    error = raised.value
+    while error is not None and not isinstance(error, RepeatedFailureError):
+        error = error.__cause__
+    assert error is not None, repr(raised.value)
+    message = str(error)
+    assert REPEATED_FAILURES == 3 and seen == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert message.startswith("the batch stops: 3 inputs in a row failed with the same error and none was written")
+    assert f"RuntimeError: {wrong}" in message
+    assert "check the settings" in message and "the other 2 inputs are not run" in message
+    report = _report(out)
+    assert report["exit_status"] is None and report["stopped"].startswith("RepeatedFailureError: the batch stops")
+    assert [r["status"] for r in report["inputs"]] == ["failed"] * 3 + ["not run"] * 2
+    assert report["inputs"][1]["reason"] == f"RuntimeError: {wrong} (reading {scans[1]})"
+    assert sorted(p.name for p in out.iterdir()) == ["inference_report.json"]
+    not_run = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not run:")]
+    assert len(not_run) == 1 and not_run[0].startswith(f"not run: 2 inputs ({scans[3]}, {scans[4]}): the batch stopped")
+    # the stop can be turned off: every input is tried, and the batch finishes with exit status 3
+    seen.clear()
+    assert _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in scans], out,
+                **{"inference_batch#repeated_failures": 0}, **SEG3D) == [3]
+    assert len(seen) == 5 and [r["status"] for r in _report(out)["inputs"]] == ["failed"] * 5
+
+
+def test_failures_after_an_input_was_written_or_of_different_errors_do_not_stop_the_batch(tmp_path, monkeypatch):
+    """Out of GPU memory on a few large scans once the batch has written a mask is those scans' failure, and
+    different errors are the inputs' own: the batch goes on with the others."""
+    scans = _scans(tmp_path, ["a", "b", "c", "d", "e"])
+    seen = _failing_model(monkeypatch, lambda source: None if source.endswith("a.nii.gz") else
+                          RuntimeError(f"CUDA out of memory (reading {source})"))
+    out = tmp_path / "out"
+    assert _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in scans], out, **SEG3D) == [3]
+    assert len(seen) == 5
+    assert [r["status"] for r in _report(out)["inputs"]] == ["written"] + ["failed"] * 4
+    # another message, another type: not the same error (c and d are, but only 2 in a row)
+    errors = {"a": TypeError("x"), "b": TypeError("y"), "c": RuntimeError("y"), "d": RuntimeError("y")}
+    monkeypatch.undo()
+    seen = _failing_model(monkeypatch, lambda source: errors.get(Path(source).name[0]))
+    assert _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in scans], out, **SEG3D) == [3]
+    assert len(seen) == 5 and [r["status"] for r in _report(out)["inputs"]] == ["failed"] * 4 + ["written"]
+
+
+def test_a_failure_key_leaves_out_the_file_names():
+    from dira3d.evaluation.batch import failure_key
+
+    def key(text, names=()):
+        return failure_key(RuntimeError(text), names)
+
+    assert key("cannot read /data/a b/case1.nii.gz", ["/data/a b/case1.nii.gz"]) == key(
+        "cannot read /data/a b/case2.nii.gz", ["/data/a b/case2.nii.gz"]) == "RuntimeError: cannot read <file>"
+    assert key("could not write the prediction case1_seg.nii.gz: [Errno 5] I/O error: '/out/x'") == key(
+        "could not write the prediction case2_seg.nii.gz: [Errno 5] I/O error: '/out/y'")
+    assert key("C:\\data\\a.nrrd failed") == key("C:\\data\\b.nrrd failed")
+    assert key("expected 1 channels") != key("expected 3 channels")
+    assert failure_key(ValueError("x")) != failure_key(RuntimeError("x"))
+
+
+def test_a_report_path_that_cannot_be_written_stops_the_batch_before_any_input_is_read(tmp_path):
+    """A --report_path in a folder that cannot be created or written failed at the end, after every prediction,
+    with one logged line, and the batch exited 0 without its report."""
+    from dira3d.utils.atomic import FolderNotWritableError
+
+    a, b = _scans(tmp_path, ["a", "b"])
+    blocker = tmp_path / "blocker"  # a file where the folder should be: not writable, also for root
+    blocker.write_text("mine\n")
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as raised:
+        _run("lits_liver_seg", tmp_path, [{"image": str(a)}, {"image": str(b)}], out,
+             report_path=str(blocker / "report.json"), **SEG3D)
+    error = raised.value
+    while error is not None and not isinstance(error, FolderNotWritableError):
+        error = error.__cause__ or error.__context__
+    assert error is not None, repr(raised.value)
+    assert str(error).startswith(f"report_path folder {blocker} is not writable") and "pass --report_path" in str(error)
+    assert not out.exists() or not any(out.iterdir()), "no input was run"
+    assert blocker.read_text() == "mine\n"
+    # a folder that does not exist yet is created
+    report = tmp_path / "new" / "reports" / "batch.json"
+    assert _run("lits_liver_seg", tmp_path, [{"image": str(a)}, {"image": str(b)}], out, report_path=str(report),
+                **SEG3D) == [0]
+    assert json.loads(report.read_text())["summary"]["written"] == 2

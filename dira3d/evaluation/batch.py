@@ -9,17 +9,21 @@ Each input of a batch ends up as one of :data:`STATUSES`:
   memory on one large scan, a transform that fails on it): the batch goes on with the others. An error
   that every later input would meet too, a full disk or a folder that cannot be written (``ENOSPC``,
   ``EDQUOT``, ``EROFS``, ``EACCES``, ``EPERM``), stops the batch, as does Ctrl-C or an error while an input is
-  loaded after its check;
+  loaded after its check. So does the same error (:func:`failure_key`: its type and message, file names left
+  out) on :data:`REPEATED_FAILURES` (3) inputs in a row while none was written yet: a bad setting, a model
+  that does not fit the inputs or a lost GPU, which every input would meet (:class:`RepeatedFailureError`);
+  once an input was written, a failure is one input's and the batch goes on;
 - ``not run``: the batch stopped before it.
 
 :class:`InferenceBatch` keeps that record. ``inference.json`` builds it from the ``datalist`` and uses it three
 times: ``dataset.data`` (:meth:`~InferenceBatch.screen`), the evaluator's ``iteration_update``
 (:meth:`~InferenceBatch.iteration`) and ``run`` (:meth:`~InferenceBatch.run`). At the end, also when the batch
 stops, it writes ``inference_report.json`` next to the outputs (atomically, marked as dira3d's own like the
-predictions: a rerun replaces it, a file from elsewhere is refused before anything runs), logs a summary
-naming each input not written, and gives the exit status: 0 when every input was written,
-:data:`NOT_ALL_WRITTEN` (3) when some were not (under ``python -m monai.bundle run`` the process exits with
-it; called in-process, :meth:`~InferenceBatch.run` returns it). A batch that stops exits with its error (1).
+predictions: a rerun replaces it; a file from elsewhere, or a folder that cannot be created or written, is refused
+before any input is read), logs a summary naming each input not written (those not run on one line), and gives
+the exit status: 0 when every input was written, :data:`NOT_ALL_WRITTEN` (3) when some were not (under ``python -m
+monai.bundle run`` the process exits with it; called in-process, :meth:`~InferenceBatch.run` returns it). A batch
+that stops (a full disk, the same error on its first inputs, Ctrl-C) exits with its error (1).
 A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
 """
 
@@ -29,6 +33,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +42,8 @@ from typing import Any
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.overrides import as_bool
 
-__all__ = ["InferenceBatch", "NOT_ALL_WRITTEN", "REPORT_NAME", "STATUSES"]
+__all__ = ["InferenceBatch", "NOT_ALL_WRITTEN", "REPEATED_FAILURES", "REPORT_NAME", "RepeatedFailureError", "STATUSES",
+           "failure_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,17 @@ NOT_ALL_WRITTEN = 3  # exit status of a batch that finished with some inputs not
 REPORT_NAME = "inference_report.json"
 _SYSTEMIC = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
 _HINT = "pass --report_path with another file (\"\" for none), or --overwrite True to replace it"
+# the same error on this many inputs in a row, before any input was written: the batch stops (0: never);
+# InferenceBatch(repeated_failures=...), in a bundle: --inference_batch#repeated_failures N
+REPEATED_FAILURES = 3
+# a path (has a slash) or a file name with an image, archive or model extension, as error messages quote them
+_FILE = re.compile(r"[^\s'\"`()\[\]{},;]*[/\\][^\s'\"`()\[\]{},;]*"
+                   r"|[\w.+-]+\.(?:nii|gz|nrrd|nhdr|mha|mhd|raw|dcm|png|jpe?g|tiff?|bmp|npy|npz|json|ya?ml|pt|pth|ts"
+                   r"|onnx|h5)\b", re.IGNORECASE)
+
+
+class RepeatedFailureError(RuntimeError):
+    """Several inputs of a batch in a row failed with the same error before any was written: the batch stops."""
 
 
 def _first(image: Any) -> str:
@@ -66,6 +83,15 @@ def _reason(err: BaseException) -> str:
     err = _cause(err)
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def failure_key(err: BaseException, names: Sequence[str] = ()) -> str:
+    """What makes two inputs' failures the same error: its type and message (without MONAI's wrappers), with the
+    file ``names`` (the inputs' paths) and anything that looks like a path or a file name left out."""
+    text = _reason(err)
+    for name in sorted({n for f in names for n in (str(f), os.path.basename(str(f))) if n}, key=len, reverse=True):
+        text = text.replace(name, "<file>")
+    return _FILE.sub("<file>", text)
 
 
 def _stops_batch(err: BaseException) -> bool:
@@ -105,6 +131,8 @@ class InferenceBatch:
         output_path: the one output file instead (classification bundles' ``_prob.json``).
         overwrite: replace an existing ``report_path`` that dira3d did not write.
         image_key: the key of the input in the datalist and in the batches.
+        repeated_failures: stop the batch when this many inputs in a row failed with the same error
+            (:func:`failure_key`) and none was written yet (:data:`REPEATED_FAILURES`; 0: never).
 
     The evaluator's data loader must keep the order of the screened entries (``shuffle`` off), as the
     bundles' do.
@@ -112,13 +140,19 @@ class InferenceBatch:
 
     def __init__(self, datalist: Sequence[Mapping[str, Any]], report_path: str | os.PathLike | None = "",
                  output_dir: str | os.PathLike | None = None, output_postfix: str = "", output_ext: str = ".nii.gz",
-                 output_path: str | os.PathLike | None = None, overwrite: Any = False, image_key: str = "image") -> None:
+                 output_path: str | os.PathLike | None = None, overwrite: Any = False, image_key: str = "image",
+                 repeated_failures: int = REPEATED_FAILURES) -> None:
         self.datalist = list(datalist)
         self.report_path = Path(report_path) if report_path else None
         self.output_dir, self.output_postfix, self.output_ext = output_dir, output_postfix, output_ext
         self.output_path = output_path
         self.overwrite = as_bool(overwrite, "overwrite")
         self.image_key = image_key
+        self.repeated_failures = int(repeated_failures)
+        if self.repeated_failures < 0:
+            raise ValueError(f"repeated_failures={repeated_failures!r}: pass the number of inputs failing the same way "
+                             "that stops a batch (0: never stop)")
+        self._repeat: tuple[str, int] = ("", 0)  # the last error and on how many inputs in a row
         self.left_out: dict[int, str] = {}
         self.failed: dict[int, str] = {}
         self.done: set[int] = set()
@@ -136,12 +170,17 @@ class InferenceBatch:
         """``dataset.data``: the entries that pass the input checks (:func:`~dira3d.evaluation.screen_inputs`).
 
         Raises:
+            FolderNotWritableError: the folder of ``report_path`` cannot be created or written (before any input is
+                read).
             FileExistsError: ``report_path`` holds a file dira3d did not write (before any input is read).
             DataError: no input can be used (the report, listing each, is written first).
         """
         from dira3d.data.errors import DataError
         from dira3d.evaluation.inputs import screen_inputs
+        from dira3d.utils.atomic import check_output_settings
 
+        if self.report_path is not None:  # (it was met only at the end, after every prediction)
+            check_output_settings(hint='"" for none', report_path=self.report_path)
         self._check_report()
         self.left_out.clear()
         try:
@@ -152,13 +191,14 @@ class InferenceBatch:
                 self._finish(completed=False)
             raise err
         self._order = [i for i in range(len(self.datalist)) if i not in self.left_out]
-        self._next = 0
+        self._next, self._repeat = 0, ("", 0)
         return good
 
     def iteration(self, engine: Any, batchdata: Any) -> Any:
         """The evaluator's ``iteration_update``: its own iteration (model, post-processing, writing), with the
         failure of one input of a batch recorded and the batch going on. A failure that every later input would
-        meet (:func:`_stops_batch`), and any failure of a single input, is raised as before."""
+        meet (:func:`_stops_batch`), and any failure of a single input, is raised as before; the same failure on
+        ``repeated_failures`` inputs in a row, none written, raises :class:`RepeatedFailureError`."""
         size = _batch_size(batchdata, self.image_key)
         indices = self._order[self._next: self._next + size]
         self._next += size
@@ -170,12 +210,29 @@ class InferenceBatch:
                 self.failed[index] = reason
             if not self.several or _stops_batch(err):
                 raise
-            names = ", ".join(_first(self.datalist[i][self.image_key]) for i in indices)
-            logger.warning(f"failed: {names}: {reason}; the batch goes on with the other inputs")
+            files = [_first(self.datalist[i][self.image_key]) for i in indices]
+            self._stop_if_repeated(err, files)
+            logger.warning(f"failed: {', '.join(files)}: {reason}; the batch goes on with the other inputs")
             _release_gpu_memory()
             return []
         self.done.update(indices)
         return output
+
+    def _stop_if_repeated(self, err: BaseException, files: list[str]) -> None:
+        """Raise :class:`RepeatedFailureError` when this failure makes ``repeated_failures`` inputs in a row that
+        failed the same way, none written yet: every input would (a setting, the model, the device), not one input."""
+        key = failure_key(err, files)
+        count = (self._repeat[1] if key == self._repeat[0] else 0) + len(files)
+        self._repeat = (key, count)
+        if self.done or not self.repeated_failures or count < self.repeated_failures:
+            return
+        left = len(self._order) - self._next
+        rest = f"the other {left} input{'s are' if left > 1 else ' is'} not run" if left else "no input is left"
+        raise RepeatedFailureError(
+            f"the batch stops: {count} inputs in a row failed with the same error and none was written, so every input "
+            f"would: {_reason(err)}; it comes from the run, not the inputs: check the settings (roi_size, "
+            f"in_channels, the transforms' settings), the model in ckpt_dir and the device, fix it and run the batch "
+            f"again ({rest}; --inference_batch#repeated_failures 0 goes on regardless)") from err
 
     def run(self, evaluator: Any) -> int:
         """``run``: run ``evaluator``, then write the report and log the summary (also when the batch stops).
@@ -246,8 +303,13 @@ class InferenceBatch:
         log = logger.info if code == 0 and completed else logger.warning
         log(summary)
         for row in rows:
-            if row["status"] != "written":
+            if row["status"] not in ("written", "not run"):
                 log(f"{row['status']}: {_first(row['image'])}: {row['reason']}")
+        not_run = [_first(r["image"]) for r in rows if r["status"] == "not run"]
+        if not_run:  # one line, not one per input: their reason is the same (a stop after 3 of 1,000 inputs)
+            names = ", ".join(not_run[:3]) + (f", ... {not_run[-1]}" if len(not_run) > 3 else "")
+            log(f"not run: {len(not_run)} input{'s' if len(not_run) > 1 else ''} ({names}): the batch stopped before "
+                f"{'them' if len(not_run) > 1 else 'it'}: {self.stopped}")
         if completed and code:
             log(f"exit status {code}: not every input was written (each one named above)")
         return code

@@ -150,6 +150,10 @@ def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose,
     :class:`DataWarning` naming the file and the problem, and a last warning counts them. A single input is
     returned as it is (its error then stops the run, as the only answer).
 
+    Each input is read again when the model runs: the checks need its voxels (a mask's few values, the intensity
+    range, NaN/Inf), not only its header, and keeping each checked volume until its turn would hold the whole batch
+    in memory.
+
     Args:
         datalist: the entries (``{"image": ...}``).
         preprocessing: the bundle's ``preprocessing``.
