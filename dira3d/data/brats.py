@@ -32,14 +32,15 @@ import SimpleITK as sitk
 from dira3d import __version__
 from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.generic import normalise_image, prepare_mask
-from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
+from dira3d.data.io import DataError, check_mask_matches, read_mask, write_nifti
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
+from dira3d.data.sequences import SEQUENCE_NAMES, stack_sequences
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["MODALITIES", "DEFAULT_SPLIT", "find_patients", "prepare", "main"]
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
+MODALITIES = SEQUENCE_NAMES  # t1, t1ce, t2, flair: the names brats_tumor_seg reads
 DEFAULT_SPLIT: dict[str, int] = {"training": 190, "test": 95}
 _NAME = re.compile(r"^(?P<pid>.+)_(?P<kind>t1|t1ce|t2|flair|seg)\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -92,22 +93,16 @@ def _process(case: Case, modalities: Sequence[str], percentiles: Sequence[float]
     if missing:
         names = ", ".join(f"{case.case_id}_{k}.nii.gz" for k in missing)
         raise DataError(files["folder"], f"is missing {names}; re-download the patient or drop it")
-    reference_path = files[modalities[0]]
-    reference = read_image(reference_path)
-    channels = []
-    for kind in modalities:
-        image = reference if kind == modalities[0] else read_image(files[kind])
-        check_mask_matches(reference, image, reference_path, files[kind], allow_empty=True, kind="sequence")
-        channels.append(normalise_image(image, "mr", percentiles=percentiles, spacing=spacing, path=files[kind]))
+    volume, reference, reference_path = stack_sequences(
+        {kind: files[kind] for kind in modalities},
+        lambda image, path: normalise_image(image, "mr", percentiles=percentiles, spacing=spacing, path=path))
     labels = read_mask(files["seg"])
     check_mask_matches(reference, labels, reference_path, files["seg"])
     mask = prepare_mask(sitk.Cast(labels > 0, sitk.sitkUInt8), reference, spacing)  # whole tumour
-    # JoinSeries stacks the channels as a 4th axis: a 4D NIfTI with channels last, same affine.
-    volume = channels[0] if len(channels) == 1 else sitk.JoinSeries(channels)
     write_nifti(mask, case.outputs[1])
     write_nifti(volume, case.outputs[0])
     return {"tumour_voxels": int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))),
-            "size": list(channels[0].GetSize())}
+            "size": list(mask.GetSize())}
 
 
 def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MODALITIES,

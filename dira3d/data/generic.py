@@ -9,6 +9,8 @@ written. Optional masks are paired by name (``--label-suffix _label`` pairs ``a_
 on the same grid (nearest-neighbour resampling). The validation / test split is drawn over
 patients: by default each scan is its own patient; ``--patient-from parent`` groups the scans of a
 folder, ``--patient-regex`` takes the patient id from the path (see :func:`patient_ids`).
+``--sequences`` makes each case a folder of MR sequences, written as one multi-channel volume as
+``dira3d prepare brats`` writes BraTS (:mod:`dira3d.data.sequences`).
 
 The volume pipeline (:func:`normalise_image`, :func:`prepare_mask`) is shared by the dataset
 modules: reorient to RAS → normalise → optionally resample.
@@ -46,6 +48,7 @@ from dira3d.data.io import (
 from dira3d.data.modality import MODALITIES, check_hu, check_mr, check_not_a_mask, modality_from_scans, recorded_modality
 from dira3d.data.normalize import normalize_mr, window_hu
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.sequences import check_channels, find_sequence_cases, parse_sequences, stack_sequences
 from dira3d.data.splits import extend_split
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
@@ -259,14 +262,42 @@ def _process(case: Case, modality: str, window: Sequence[float], percentiles: Se
     prepared = normalise_image(image, modality, window, percentiles, spacing, path=image_path)
     info = {"source": str(image_path), "size": list(prepared.GetSize()), "spacing": list(prepared.GetSpacing())}
     if mask_path is not None:
-        mask = read_mask(mask_path)
-        check_mask_matches(image, mask, image_path, mask_path)
-        mask = prepare_mask(mask, image, spacing)
-        if not sitk.GetArrayViewFromImage(mask).any():
-            raise DataError(mask_path, f"mask became empty after resampling to {spacing} mm; use a finer --spacing")
-        write_nifti(mask, case.outputs[1])
-        info["mask_voxels"] = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+        info["mask_voxels"] = _write_mask(mask_path, image, image_path, spacing, case.outputs[1])
     write_nifti(prepared, case.outputs[0])
+    return info
+
+
+def _write_mask(mask_path: Path, image: sitk.Image, image_path: Path, spacing: Sequence[float] | None, out: Path) -> int:
+    """Read, check (on ``image``'s grid, not empty), prepare and write a mask; returns its voxel count."""
+    mask = read_mask(mask_path)
+    check_mask_matches(image, mask, image_path, mask_path)
+    mask = prepare_mask(mask, image, spacing)
+    if not sitk.GetArrayViewFromImage(mask).any():
+        raise DataError(mask_path, f"mask became empty after resampling to {spacing} mm; use a finer --spacing")
+    write_nifti(mask, out)
+    return int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+
+
+_SEQUENCE_IS_A_MASK = "make the --sequences pattern that matched it skip it (a mask goes in --label-pattern)"
+
+
+def _check_sequence(image: sitk.Image, path: Path) -> None:
+    check_not_a_mask(image, path, advice=_SEQUENCE_IS_A_MASK)
+    check_mr(image, path)
+
+
+def _process_sequences(case: Case, percentiles: Sequence[float], spacing: Sequence[float] | None) -> dict:
+    """One case of ``--sequences``: its sequences stacked as ``prepare brats`` stacks them (each MR-scaled,
+    channels last in the order of ``--sequences``) and its mask, if any, on the same grid."""
+    paths, mask_path = case.params["sequences"], case.params["mask"]
+    volume, reference, reference_path = stack_sequences(
+        paths, lambda image, path: normalise_image(image, "mr", percentiles=percentiles, spacing=spacing, path=path),
+        _check_sequence)
+    info = {"sources": {name: str(path) for name, path in paths.items()}, "size": list(volume.GetSize()[:3]),
+            "spacing": list(volume.GetSpacing()[:3])}
+    if mask_path is not None:
+        info["mask_voxels"] = _write_mask(mask_path, reference, reference_path, spacing, case.outputs[1])
+    write_nifti(volume, case.outputs[0])
     return info
 
 
@@ -296,7 +327,8 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
             window: Sequence[float] = (-1000.0, 1000.0), percentiles: Sequence[float] = (0.5, 99.5),
             spacing: Sequence[float] | None = None, image_suffix: str = "", label_suffix: str | None = None,
             val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0,
-            patient_from: str = "case", patient_regex: str | None = None, workers: int = 1,
+            patient_from: str = "case", patient_regex: str | None = None,
+            sequences: str | Sequence[str] | None = None, label_pattern: str | None = None, workers: int = 1,
             overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
             report_path: str | os.PathLike | None = None, progress: bool = True) -> list[CaseResult]:
     """Convert every scan under ``src`` and write ``dst/pretrain_datalist.json``.
@@ -324,6 +356,14 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     (``--patient-regex`` does not match it) are failed cases (reported, the others go on with
     ``keep_going``).
 
+    ``sequences`` (``["t1=*T1w*", "flair=*FLAIR*"]``, :func:`dira3d.data.sequences.parse_sequences`): a case is
+    a folder holding one image file (or DICOM series folder) per sequence, matched by those patterns, and
+    with ``label_pattern`` its mask (:func:`dira3d.data.sequences.find_sequence_cases`). The sequences must
+    share one voxel grid; each is scaled as MR and they are written as one volume, channels last in the
+    order given, as ``dira3d prepare brats`` writes them (``meta.channels`` names them, so
+    ``brats_tumor_seg`` reads the datalist). A case missing a sequence or its mask, with two files matching
+    one pattern, or with a sequence on another grid fails alone. The modality is ``mr``.
+
     Raises:
         DataError: ``src`` is not a folder or holds no scans; a datalist of another ``src``, or one
             split with another patient grouping, in ``dst`` (without ``overwrite``); without ``modality``,
@@ -333,13 +373,25 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     """
     if modality is not None and modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}")
+    patterns = _check_sequence_settings(sequences, label_pattern, modality, image_suffix, label_suffix)
+    if patterns:
+        modality = "mr"
     for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     _check_patient_setting(patient_from, patient_regex)
     _check_src_outside_outputs(src, dst)
     problems: dict[str, str] = {}
-    found = discover(src, image_suffix, label_suffix, exclude=[dst], problems=problems)
+    if patterns:
+        folders = find_sequence_cases(src, patterns, label_pattern, exclude=[dst], problems=problems)
+        if not folders:
+            raise DataError(src, f"no folder holds an image file or DICOM series folder whose name matches --sequences "
+                                 f"{' '.join(f'{k}={v}' for k, v in patterns.items())}; check the patterns (shell "
+                                 "patterns such as *T1w*, matched case-insensitively to the file names)")
+        found = [(cid, folder, None) for cid, folder, _, _ in folders]  # the case folder stands for its scans
+        files = {cid: (paths, mask) for cid, _, paths, mask in folders}
+    else:
+        found = discover(src, image_suffix, label_suffix, exclude=[dst], problems=problems)
     if not found:
         raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)")
     patients = patient_ids(src, found, patient_from, patient_regex, problems)
@@ -352,10 +404,14 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     _check_grouping(dst / "pretrain_datalist.json", src, grouping, overwrite)
     cases = []
     for cid, image_path, mask_path in found:
+        if patterns:  # with --label-pattern every case has a mask, or fails for the lack of one
+            params, labelled = {"sequences": files[cid][0], "mask": files[cid][1]}, label_pattern is not None
+        else:
+            params, labelled = {"image": image_path, "mask": mask_path}, mask_path is not None
         outputs = [safe_case_path(dst / "volumes", cid, ".nii.gz")]
-        if mask_path is not None:
+        if labelled:
             outputs.append(safe_case_path(dst / "labels", cid, ".nii.gz"))
-        cases.append(Case(cid, outputs, {"image": image_path, "mask": mask_path}, problems.get(cid, "")))
+        cases.append(Case(cid, outputs, params, problems.get(cid, "")))
     chosen_by = ""  # why the modality was chosen when --modality was not given: its cases of the other kind then fail
     if modality is None:
         recorded = recorded_modality(dst, src, report_path)
@@ -366,12 +422,18 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     spacing_t = None if spacing is None else tuple(float(s) for s in np.broadcast_to(spacing, (3,)))
     process = partial(_process, modality=modality, window=tuple(window), percentiles=tuple(percentiles),
                       spacing=spacing_t, chosen_by=chosen_by)
+    check_outputs = None
+    if patterns:
+        process = partial(_process_sequences, percentiles=tuple(percentiles), spacing=spacing_t)
+        check_outputs = partial(_check_volume_channels, channels=len(patterns))
     settings = {"modality": modality, "window": list(window) if modality == "ct" else None,
                 "percentiles": list(percentiles) if modality == "mr" else None,
-                "spacing": None if spacing_t is None else list(spacing_t)}  # as the datalist's meta records them
+                "spacing": None if spacing_t is None else list(spacing_t),
+                "channels": list(patterns) or None}  # as the datalist's meta records them
     results = run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
                         keep_going=keep_going, report_path=report_path, desc="generic", progress=progress,
-                        source=src, datalists=[dst / "pretrain_datalist.json"], settings=settings)
+                        source=src, datalists=[dst / "pretrain_datalist.json"], settings=settings,
+                        check_outputs=check_outputs)
     if chosen_by:  # after run_cases' own checks: a refused run says one thing
         print(f"--modality not given: prepared as {modality} ({chosen_by}); pass --modality ct or mr to choose",
               file=sys.stderr)
@@ -391,8 +453,40 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
         splits[part[patients[case.case_id]]].append(entry)
     meta = {"dataset": "generic", **settings, "orientation": "RAS", "val_fraction": val_fraction,
             "test_fraction": test_fraction, "seed": seed, **grouping, "source": str(Path(src).resolve())}
+    if patterns:
+        meta.update(channel_axis="last (4D NIfTI)" if len(patterns) > 1 else None, sequences=patterns,
+                    label_pattern=label_pattern)
     write_datalist(dst / "pretrain_datalist.json", splits, meta)
     return results
+
+
+def _check_sequence_settings(sequences: str | Sequence[str] | None, label_pattern: str | None, modality: str | None,
+                             image_suffix: str, label_suffix: str | None) -> dict[str, str]:
+    """The ``{name: pattern}`` of ``--sequences`` (empty without it).
+
+    Raises:
+        ValueError: a bad ``--sequences``; ``--label-pattern`` without it; with it, ``--modality ct``,
+            ``--image-suffix`` or ``--label-suffix`` (single-scan options).
+    """
+    if sequences is None:
+        if label_pattern is not None:
+            raise ValueError("--label-pattern names the mask in a case folder of --sequences; give --sequences too, "
+                             "or pair masks with single scans by --label-suffix")
+        return {}
+    patterns = parse_sequences(sequences)
+    if modality == "ct":
+        raise ValueError("--sequences stacks MR sequences (scaled as mr); drop --modality ct")
+    if image_suffix or label_suffix is not None:
+        raise ValueError("--image-suffix / --label-suffix pair single scans; with --sequences the mask is found by "
+                         "--label-pattern (e.g. --label-pattern '*mask*')")
+    if label_pattern is not None and not label_pattern.strip():
+        raise ValueError("--label-pattern is empty; give the mask's file name pattern, e.g. '*mask*'")
+    return patterns
+
+
+def _check_volume_channels(case: Case, channels: int) -> None:
+    """``check_outputs`` of ``--sequences``: a volume of another run (other sequences, a single scan) is redone."""
+    check_channels(case.outputs[0], channels)
 
 
 def _earlier_datalist(datalist: Path, src: str | os.PathLike) -> tuple[dict, dict] | None:
@@ -498,6 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MR percentiles mapped to [0, 1] (default 0.5 99.5)")
     parser.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
                         help="resample to this spacing (one value or x y z); default: native")
+    parser.add_argument("--sequences", nargs="+", default=None, metavar="NAME=PATTERN",
+                        help="multi-sequence MRI, one folder per case: the sequence names (t1, t1ce, t2, flair) and "
+                             "the file name pattern of each in its case folder (shell pattern, case-insensitive; an "
+                             "image file or a DICOM series folder), in channel order, e.g. 't1=*T1w*' "
+                             "'flair=*FLAIR*'; written as one volume per case, as prepare brats writes them "
+                             "(implies --modality mr)")
+    parser.add_argument("--label-pattern", default=None, metavar="PATTERN",
+                        help="with --sequences: the file name pattern of the mask in each case folder, e.g. '*mask*'")
     parser.add_argument("--image-suffix", default="", help="stem suffix dropped from image names, e.g. _image")
     parser.add_argument("--label-suffix", default=None, help="stem suffix of mask files, e.g. _label")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="fraction of cases for validation")
@@ -524,4 +626,4 @@ def main(argv: list[str] | None = None) -> int:
                        label_suffix=args.label_suffix, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, seed=args.seed,
                        patient_from=args.patient_from or ("regex" if args.patient_regex is not None else "case"),
-                       patient_regex=args.patient_regex)
+                       patient_regex=args.patient_regex, sequences=args.sequences, label_pattern=args.label_pattern)

@@ -400,8 +400,10 @@ def check_mask_matches(image: sitk.Image, mask: sitk.Image, image_path: str | os
     if not np.allclose(mask.GetDirection(), image.GetDirection(), atol=max(tolerance, 1e-4)):
         problems.append(f"direction {mask.GetDirection()} vs image {image.GetDirection()}")
     if problems:
-        raise DataError(mask_path, f"{kind} does not match image {image_path}: " + "; ".join(problems)
-                        + f"; the {kind} must share the image's voxel grid")
+        advice = (f"; the {kind} must share the image's voxel grid" if kind != "sequence" else
+                  "; the sequences of a case must be co-registered on one voxel grid (nothing is resampled): "
+                  "register or resample this one onto the grid of the first, or leave it out")
+        raise DataError(mask_path, f"{kind} does not match image {image_path}: " + "; ".join(problems) + advice)
     if not allow_empty and not sitk.GetArrayViewFromImage(mask).any():
         raise DataError(mask_path, f"mask for image {image_path} is empty (all zero); exclude this case or fix the mask")
 

@@ -30,8 +30,12 @@ __all__ = ["MODALITIES", "AIR_HU", "check_not_a_mask", "check_hu", "check_mr", "
 MODALITIES = ("ct", "mr")
 
 
-def check_not_a_mask(image: sitk.Image, path: str | os.PathLike) -> None:
-    """A mask left among the scans (no ``--label-suffix``) would be normalised into a flat volume."""
+_MASK_ADVICE = "give masks a suffix and pass it (e.g. --image-suffix _image --label-suffix _label), or move the file out of --src"
+
+
+def check_not_a_mask(image: sitk.Image, path: str | os.PathLike, advice: str = _MASK_ADVICE) -> None:
+    """A mask left among the scans (no ``--label-suffix``) would be normalised into a flat volume; ``advice``
+    ends the message (what to do)."""
     array = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
         return
@@ -39,8 +43,7 @@ def check_not_a_mask(image: sitk.Image, path: str | os.PathLike) -> None:
     if values is not None:
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
         raise DataError(path, f"has only {values.size} distinct values ({shown}): it looks like a mask, not a scan; "
-                              "give masks a suffix and pass it (e.g. --image-suffix _image --label-suffix _label), "
-                              "or move the file out of --src")
+                              f"{advice}")
 
 
 def _lowest_if_not_hu(image: sitk.Image) -> float | None:
