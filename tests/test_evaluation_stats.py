@@ -51,3 +51,21 @@ def test_table_and_errors():
         compare_to_baseline(aggregate(ROWS, "auc"), "scratch")
     with pytest.raises(ValueError, match="no 'dice'"):
         aggregate(ROWS, "dice")
+
+
+def test_no_p_value_without_spread_and_the_table_says_why():
+    """Found by a user walkthrough: seeds that all scored the same (tiny synthetic runs: AUC 1.0 every time) against a
+    baseline that did too gave p = 2e-60 from float rounding ("p<0.001", a significance never tested), or no p
+    at all, which read like the baseline's own cell."""
+    rows = [{"method": m, "label_fraction": f, "seed": s, "auc": v} for s in range(3)
+            for m, f, v in (("random", 0.1, 0.9), ("dira", 0.1, 0.8), ("random", 1.0, 0.9), ("dira", 1.0, 0.9))]
+    cells = compare_to_baseline(aggregate(rows, "auc"), "random")
+    assert all(c.p_value is None for c in cells)
+    table = markdown_table(cells, "AUC", baseline="random")
+    assert "| dira | 80.00 ± 0.00 (p n/a) | 90.00 ± 0.00 (p n/a) |" in table
+    assert "| random | 90.00 ± 0.00 | 90.00 ± 0.00 |" in table
+    rows.append({"method": "dira", "label_fraction": 0.1, "seed": 3, "auc": 0.81})  # spread on one side: tested
+    cells = compare_to_baseline(aggregate(rows, "auc"), "random")
+    assert next(c for c in cells if c.method == "dira" and c.label_fraction == 0.1).p_value < 0.001
+    assert "(p<0.001; n=4)" not in markdown_table(cells, "AUC", baseline="random", full_n=4)
+    assert "90.00 ± 0.00 (p n/a; n=3)" in markdown_table(cells, "AUC", baseline="random", full_n=4)

@@ -92,6 +92,37 @@ def test_a_failing_run_does_not_stop_the_others_and_is_retried_on_rerun(tmp_path
     assert not (tmp_path / "out" / "failures.json").exists()
 
 
+def test_the_table_states_n_and_names_a_failed_run_it_leaves_out(tmp_path):
+    """Found by a user walkthrough: a failed seed vanished from the table (mean ± std over fewer seeds, no n, no
+    word of it under the table), and a missing p-value looked like the baseline's."""
+    from dira3d.evaluation.experiment import ExperimentRunsFailed
+
+    config = _config(tmp_path)
+    logged = []
+
+    def flaky(bundle, overrides):
+        if overrides["seed"] == 2 and overrides["pretrained"] and overrides["label_fraction"] == 0.5:
+            raise RuntimeError("holdout is empty")
+        if overrides["label_fraction"] == 1.0:  # every seed scores the same: the t-test is undefined
+            return {"auc": 0.9}
+        return fake_runner([])(bundle, overrides)
+
+    with pytest.raises(ExperimentRunsFailed, match="1 of 12 runs failed"):
+        run_experiment(config, runner=flaky, log=logged.append)
+    table = (tmp_path / "out" / "table.md").read_text()
+    # dira @ 0.5: seeds 0 and 1 only (0.75, 0.76), against random's three seeds
+    assert "| dira | 75.50 ± 0.71 (p=0.001; n=2) | 90.00 ± 0.00 (p n/a) |" in table
+    assert "| random | 66.00 ± 1.00 | 90.00 ± 0.00 |" in table
+    assert "mean ± sample std over 3 seeds, ×100; p: independent two-sample Student's t-test" in table
+    assert "n=…: a cell of fewer seeds" in table and "p n/a: the test is undefined" in table
+    assert "Left out (not run yet, or failed: see failures.json): dira @ 50 % labels, seed 2." in table
+    assert any("left out of the statistics" in line and "dira @ 50 % labels, seed 2" in line for line in logged)
+
+    run_experiment(config, runner=fake_runner([]), log=lambda _: None)  # the rerun completes the grid
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Left out" not in table and "n=" not in table and "| dira | 76.00 ± 1.00 (p<0.001) |" in table
+
+
 def test_an_undefined_test_metric_is_a_failed_run_not_a_crash_of_the_grid(tmp_path):
     from dira3d.evaluation.experiment import ExperimentRunsFailed
 
@@ -191,6 +222,27 @@ def test_a_changed_checkpoint_or_pretraining_is_not_reused_silently(tmp_path):
     changed = _config(tmp_path, **{**spec, "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.1}}}})
     with pytest.raises(ValueError, match=r"overrides\.lambda_adv changed"):
         run_experiment(changed, runner=fake_runner([]), log=lambda _: None)
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_not_mixed_into_its_rows(tmp_path):
+    """Found by a user walkthrough: a pretraining rerun into the same folder replaced best.pt, and the next
+    `dira3d experiment` (more seeds, or a retried run) added runs of the new weights to the old ones' cells."""
+    config = _config(tmp_path)
+    run_experiment(config, runner=fake_runner([]), log=lambda _: None)
+    results = (tmp_path / "out" / "results.csv").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(b"other weights")
+    calls = []
+    more = dict(config, seeds=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"checkpoint .*ckpt\.pt of method 'dira' changed since 6 run\(s\) in "
+                                         r".*results\.csv.*Give the method a new name"):
+        run_experiment(more, runner=fake_runner(calls), log=lambda _: None)
+    assert calls == [] and (tmp_path / "out" / "results.csv").read_bytes() == results
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # the earlier file back: the grid goes on
+    run_experiment(more, runner=fake_runner(calls), log=lambda _: None)
+    assert [(c["pretrained"] != "", c["seed"]) for c in calls] == [(False, 3), (True, 3)] * 2
+    # a method without runs yet records the new file; so does a fresh output_dir
+    (tmp_path / "ckpt.pt").write_bytes(b"other weights")
+    run_experiment(dict(config, output_dir=str(tmp_path / "out2")), runner=fake_runner([]), log=lambda _: None)
 
 
 def test_a_second_experiment_on_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):

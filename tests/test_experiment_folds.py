@@ -153,7 +153,7 @@ def test_without_folds_the_files_are_as_before(tmp_path):
     assert header == "method,checkpoint,label_fraction,seed,metric,value,seconds,run_dir"
     assert list(json.loads((out / "experiment.json").read_text())) == ["bundle", "datalist", "metric", "overrides"]
     assert (out / "table.md").read_text().endswith(
-        "\n\nmean ± sample std over seeds, ×100; p: independent two-sample Student's t-test against `random` at the "
+        "\n\nmean ± sample std over 2 seeds, ×100; p: independent two-sample Student's t-test against `random` at the "
         "same label fraction.\n")
     assert (out / "runs").exists() is False  # the fake runner writes nothing; folder names are checked below
     assert {r["run_dir"].rsplit("/", 1)[-1] for r in _rows(tmp_path)} == {

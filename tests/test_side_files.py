@@ -221,6 +221,24 @@ def test_experiment_settings_record(tmp_path, variant):
           "delete it")
 
 
+@pytest.mark.parametrize("variant", BROKEN_JSON)
+def test_experiment_checkpoints_record(tmp_path, variant):
+    from dira3d.evaluation.experiment import load_config, run_experiment
+
+    path, config = _experiment_dir(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"weights")
+    config["methods"]["mine"] = "ckpt.pt"
+    path.write_text(yaml.safe_dump(config))
+    config = load_config(path)
+    run_experiment(config, runner=lambda bundle, overrides: {"auc": 0.5}, log=lambda _: None)
+    record = tmp_path / "out" / "checkpoints.json"
+    assert json.loads(record.read_text())["mine"]["path"] == str(tmp_path / "ckpt.pt")
+    data, problem = BROKEN_JSON[variant]
+    record.write_bytes(data)
+    _call(lambda: run_experiment(config, runner=lambda b, o: {"auc": 0.5}, log=lambda _: None), record, problem,
+          "delete it")
+
+
 @pytest.mark.parametrize("data, problem", [(b"method,label_fraction,seed,metric,value\nrandom,1.0,0,auc,0.5\n",
                                             "has no checkpoint column"),
                                            (b"\xff\xfemethod,checkpoint\n", "is not UTF-8 text")])

@@ -31,7 +31,9 @@ Config (YAML or JSON)::
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt``; a finished
 pretraining (``done.json``) is not repeated; its settings (``settings.json``) must match the
-config's, and rows of a method fine-tuned from another checkpoint are not reused either. The
+config's, and rows of a method fine-tuned from another checkpoint are not reused either: another
+path, or the same path holding another file (a pretraining rerun into the same folder; the sha256 of
+each checkpoint is recorded in ``checkpoints.json``) is refused while the method has rows. The
 fine-tuning settings (bundle, datalist, metric, overrides, folds) are recorded in ``experiment.json``: a rerun
 with other ones on a ``results.csv`` that has rows is refused rather than mixed into one table.
 
@@ -42,8 +44,8 @@ repetition of the whole cross-validation: its folds draw their label subset and 
 seed's rule (each from its own training folds), so its value in the statistics is the mean over its
 folds, and mean ± std and the t-tests are over seeds, as without folds (the folds of one seed are
 not independent samples). A seed whose folds are not all in ``results.csv`` (not run yet, or failed)
-is left out of the statistics, never averaged over fewer folds; one that has some of them is listed
-under the table and in the log (one that has none is not run yet or in ``failures.json``). The folds
+is left out of the statistics, never averaged over fewer folds, and listed under the table and in
+the log with the folds it lacks. The folds
 list is a recorded setting: a rerun with another one on the same ``results.csv`` is refused. The
 bundle must have a ``fold`` setting and the datalist's ``training`` entries must carry every listed
 ``fold``, else the config is refused.
@@ -53,7 +55,10 @@ override ids no bundle config defines are refused with the setting named. A run 
 logged and listed in ``failures.json``; the other runs go on, the command exits 1 at the end, and
 rerunning it retries only the failed runs. The table and ``summary.json`` count each run of the
 current grid once (rows of seeds, fractions or methods no longer in the config stay in
-``results.csv`` but out of the statistics). One experiment runs in an ``output_dir`` at a time: a
+``results.csv`` but out of the statistics). The note under the table gives the number of seeds and
+the test; a cell of fewer seeds says ``n=…`` and every run left out (failed, or not run yet) is
+named below it (and, at the end, in the log); a cell whose t-test is undefined (fewer than two
+seeds on a side, or one value in every seed of both sides) says ``p n/a`` rather than showing none. One experiment runs in an ``output_dir`` at a time: a
 second ``dira3d experiment`` on the same folder is refused at once (the folder lock of every dira3d
 output folder, ``<output_dir>/.dira3d.lock``, released by the system when the first process ends,
 however it ends), so two processes never run the same grid twice into one ``results.csv``.
@@ -77,8 +82,8 @@ from dira3d.utils.files import FileContentError, read_json, read_yaml
 from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import check_overrides, did_you_mean
 from dira3d.evaluation.results import (
-    FIELDS, FOLD_FIELDS, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows, row_key, seed_values,
-    write_report, write_rows,
+    FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows,
+    row_key, seed_values, write_report, write_rows,
 )  # fmt: skip
 
 __all__ = ["load_config", "run_experiment", "write_report", "main"]
@@ -413,6 +418,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     check_rows_match(rows, config, csv_path)
     check_fold_column(rows, config, csv_path)
     check_run_settings(config, out, rows)
+    check_checkpoints(config, out, rows)
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
         if isinstance(spec, Mapping):
             _check_pretrain_settings(method, *_pretrain_settings(method, spec, config))
@@ -463,7 +469,8 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     write_report(config, rows)
     incomplete = seed_values(config, rows)[1]
     if incomplete:
-        log(f"experiment: left out of the statistics (not all folds finished): {'; '.join(incomplete)}")
+        why = "not all folds finished" if folded else "failed: see failures.json"
+        log(f"experiment: left out of the statistics ({why}): {'; '.join(incomplete)}")
     failures_path = out / "failures.json"
     if failures:
         atomic_write_text(failures_path, json.dumps(failures, indent=2))

@@ -10,6 +10,7 @@ the report; everything here is a function of the config and the rows, so a rerun
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -22,7 +23,7 @@ from dira3d.utils.files import FileContentError, read_json, read_text
 
 __all__ = [
     "FIELDS", "FOLD_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows", "write_rows",
-    "check_rows_match", "check_fold_column", "check_run_settings", "seed_values", "write_report",
+    "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints", "seed_values", "write_report",
 ]
 
 FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
@@ -140,10 +141,50 @@ def check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path
                              "another output_dir, or delete its rows to redo them")
 
 
+CHECKPOINTS_NAME = "checkpoints.json"  # in output_dir: the sha256 of each method's checkpoint file
+
+
+def check_checkpoints(config: Mapping[str, Any], out: Path, rows: list[dict]) -> None:
+    """Refuse to add runs of a method whose checkpoint file changed (same path, other content: a pretraining
+    rerun into the same folder) since its rows in ``results.csv`` were fine-tuned from it; record the
+    checkpoints' sha256 otherwise. Pretrained methods are guarded by their ``settings.json`` instead."""
+    path = out / CHECKPOINTS_NAME
+    fix = (f"it records the checkpoints the runs in {out / 'results.csv'} were fine-tuned from; put it back, or delete "
+           "it (the checkpoints as they are now are then recorded for those runs)")
+    recorded = read_json(path, "experiment checkpoints", fix) if path.is_file() else {}
+    if not isinstance(recorded, dict):
+        raise FileContentError(path, f"experiment checkpoints {path} hold {type(recorded).__name__}, not a mapping; {fix}")
+    current = {}
+    for method, spec in config["methods"].items():
+        if not isinstance(spec, str) or not spec:
+            continue  # random init, or pretrained by the experiment itself
+        current[method] = {"path": spec, "sha256": _file_sha256(Path(spec))}
+        before = recorded.get(method)
+        runs = sum(r["method"] == method and r["checkpoint"] == spec for r in rows)
+        if runs and isinstance(before, dict) and before.get("path") == spec and before.get("sha256") != current[method]["sha256"]:
+            raise ValueError(f"checkpoint {spec} of method {method!r} changed since {runs} run(s) in {out / 'results.csv'} "
+                             f"were fine-tuned from it (sha256 {str(before.get('sha256'))[:12]}… recorded in {path}, now "
+                             f"{current[method]['sha256'][:12]}…): adding runs from the new file would mix two checkpoints "
+                             "in one cell. Give the method a new name or use another output_dir (or put the earlier file "
+                             "back, or delete the method's rows in results.csv to redo them)")
+    if current != recorded:
+        atomic_write_text(path, json.dumps({**recorded, **current}, indent=1))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True) -> str:
     """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and (with ``plots``) the PNGs; returns the table.
 
-    One value per seed (:func:`seed_values`): with folds, the mean over its folds.
+    One value per seed (:func:`seed_values`): with folds, the mean over its folds. The note under the
+    table gives the number of seeds and the test, a cell with fewer seeds says ``n=…``, and every run of
+    the grid missing from the statistics (not run yet, or failed) is named there.
     """
     out = Path(config["output_dir"])
     metric = config["metric"]
@@ -151,15 +192,24 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
     cells = aggregate(values, metric)
     if any(c.method == config["baseline"] for c in cells):  # no baseline run yet (or all failed): no p-values yet
         cells = compare_to_baseline(cells, config["baseline"], equal_var=not config.get("welch", False))
-    table = markdown_table(cells, metric.upper(), method_order=list(config["methods"]))
+    seeds = len(config["seeds"])
+    table = markdown_table(cells, metric.upper(), method_order=list(config["methods"]), full_n=seeds,
+                           baseline=config["baseline"])
     test = "Welch's" if config.get("welch", False) else "Student's"
-    over = "seeds" if "folds" not in config else (
-        f"seeds of each seed's mean over folds {', '.join(map(str, config['folds']))} (a seed is one repetition of the "
-        "cross-validation)")
-    note = (f"\n\nmean ± sample std over {over}, ×100; p: independent two-sample {test} t-test "
-            f"against `{config['baseline']}` at the same label fraction.\n")
+    over = f"{seeds} seed{'s' if seeds > 1 else ''}" + ("" if "folds" not in config else (
+        f" (a seed's value is its mean over folds {', '.join(map(str, config['folds']))}: a seed is one repetition of "
+        "the cross-validation)"))
+    note = (f"\n\nmean ± sample std over {over}, ×100; p: independent two-sample {test} t-test against "
+            f"`{config['baseline']}` at the same label fraction")
+    if any(c.n < seeds for c in cells):
+        note += "; n=…: a cell of fewer seeds (the others are left out, below)"
+    if "p n/a" in table:
+        note += "; p n/a: the test is undefined there (fewer than 2 seeds on a side, or one value in every seed of both)"
+    note += ".\n"
     if incomplete:
-        note += f"\nLeft out (not all folds finished or some failed): {'; '.join(incomplete)}.\n"
+        shown = "; ".join(incomplete[:_LISTED]) + (f"; and {len(incomplete) - _LISTED} more" if len(incomplete) > _LISTED else "")
+        why = "not all folds finished or some failed" if "folds" in config else "not run yet, or failed: see failures.json"
+        note += f"\nLeft out ({why}): {shown}.\n"
     atomic_write_text(out / "table.md", table + note)
     atomic_write_text(out / "summary.json", json.dumps([c.__dict__ for c in cells], indent=2))
     if plots:
@@ -167,13 +217,17 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
     return table
 
 
+_LISTED = 20  # runs named under the table (all of them in the log)
+
+
 def seed_values(config: Mapping[str, Any], rows: list[dict]) -> tuple[list[dict], list[str]]:
     """One value per (method, label fraction, seed) of the current grid, and the seeds left out.
 
     Without folds, a run's value. With folds, the mean over the seed's folds, when every listed fold
-    has a row; a seed that lacks one (not run yet, or failed) is left out, not averaged over fewer folds,
-    and named in the second list when it has some folds (``dira @ 50 % labels, seed 2 (fold 1 missing)``). Rows of runs no
-    longer in the grid, or duplicated by a second writer, count once or not at all.
+    has a row; a seed that lacks one (not run yet, or failed) is left out, not averaged over fewer folds.
+    The second list names every seed of the grid left out (``dira @ 50 % labels, seed 2``; with folds
+    ``... (fold 1 missing)``). Rows of runs no longer in the grid, or duplicated by a second writer,
+    count once or not at all.
     """
     metric = config["metric"]
     folded = "folds" in config
@@ -183,20 +237,18 @@ def seed_values(config: Mapping[str, Any], rows: list[dict]) -> tuple[list[dict]
         key = row_key(r, folded)
         if key in grid:
             latest[key] = r
-    if not folded:
-        return [{"method": r["method"], "label_fraction": r["label_fraction"], "seed": r["seed"], metric: r["value"]}
-                for r in latest.values()], []
-    per_seed: dict[tuple, dict[int, float]] = {}
-    for (method, fraction, seed, fold), r in latest.items():
-        per_seed.setdefault((method, fraction, seed), {})[fold] = float(r["value"])
+    per_seed: dict[tuple, dict] = {}
+    for key, r in latest.items():
+        per_seed.setdefault(key[:3], {})[key[3] if folded else None] = float(r["value"])
     values, incomplete = [], []
-    for (method, fraction, seed), by_fold in per_seed.items():
-        missing = [k for k in config["folds"] if k not in by_fold]
+    for method, fraction, seed in dict.fromkeys((str(key[0]),) + key[1:3] for key in grid_cells(config)):  # grid order
+        by_fold = per_seed.get((method, fraction, seed), {})
+        missing = [k for k in config["folds"] if k not in by_fold] if folded else ([] if by_fold else [None])
         if missing:
-            incomplete.append(f"{method} @ {100 * fraction:g} % labels, seed {seed} "
-                              f"(fold{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing)")
+            incomplete.append(f"{method} @ {100 * fraction:g} % labels, seed {seed}" + ("" if not folded else
+                              f" (fold{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing)"))
             continue
-        mean = math.fsum(by_fold[k] for k in config["folds"]) / len(config["folds"])
+        mean = math.fsum(by_fold.values()) / len(by_fold)
         values.append({"method": method, "label_fraction": fraction, "seed": seed, metric: mean})
     return values, incomplete
 

@@ -54,8 +54,9 @@ def aggregate(rows: Iterable[Mapping], metric: str) -> list[CellSummary]:
 def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: bool = True) -> list[CellSummary]:
     """Add the p-value of an independent two-sample t-test against ``baseline`` to every other cell.
 
-    ``equal_var=False`` gives Welch's test. Cells with fewer than two values on either side, and the
-    baseline itself, get ``p_value=None``.
+    ``equal_var=False`` gives Welch's test. Cells with fewer than two values on either side, cells where
+    both sides hold one value each in every seed (no spread: the test is undefined), and the baseline
+    itself get ``p_value=None``.
 
     Raises:
         ValueError: ``baseline`` is not one of the methods.
@@ -68,34 +69,50 @@ def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: 
     for cell in cells:
         ref = base.get(cell.label_fraction)
         p = None
-        if cell.method != baseline and ref is not None and cell.n > 1 and ref.n > 1:
+        spread = ref is not None and (len(set(cell.values)) > 1 or len(set(ref.values)) > 1)  # else t is 0/0 or x/0
+        if cell.method != baseline and ref is not None and cell.n > 1 and ref.n > 1 and spread:
             result = stats.ttest_ind(cell.values, ref.values, equal_var=equal_var)
             p = float(result.pvalue) if not math.isnan(result.pvalue) else None
         out.append(CellSummary(cell.method, cell.label_fraction, cell.n, cell.mean, cell.std, cell.values, p))
     return out
 
 
-def _fmt(cell: CellSummary, scale: float, digits: int) -> str:
+def _fmt(cell: CellSummary, scale: float, digits: int, full_n: int | None = None, untested: bool = False) -> str:
     text = f"{cell.mean * scale:.{digits}f}"
     if not math.isnan(cell.std):
         text += f" ± {cell.std * scale:.{digits}f}"
+    notes = []
     if cell.p_value is not None:
-        text += " (p<0.001)" if cell.p_value < 0.001 else f" (p={cell.p_value:.3f})"
-    return text
+        notes.append("p<0.001" if cell.p_value < 0.001 else f"p={cell.p_value:.3f}")
+    elif untested:
+        notes.append("p n/a")
+    if full_n is not None and cell.n < full_n:
+        notes.append(f"n={cell.n}")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def markdown_table(cells: Sequence[CellSummary], metric: str, scale: float = 100.0, digits: int = 2,
-                   method_order: Sequence[str] | None = None) -> str:
+                   method_order: Sequence[str] | None = None, full_n: int | None = None,
+                   baseline: str | None = None) -> str:
     """A Markdown table: one row per method, one column per label fraction, ``mean ± std (p)``.
 
-    Values are multiplied by ``scale`` (100 gives the paper's percentages).
+    Values are multiplied by ``scale`` (100 gives the paper's percentages). With ``full_n`` (the number
+    of seeds of the grid), a cell of fewer values says ``n=…``; with ``baseline``, a cell compared with
+    no p-value (the t-test undefined: fewer than two values on a side, or no spread on either) says ``p n/a``.
     """
     fractions = sorted({c.label_fraction for c in cells})
     methods = list(method_order) if method_order else list(dict.fromkeys(c.method for c in cells))
     index = {(c.method, c.label_fraction): c for c in cells}
+
+    def text(method: str, fraction: float) -> str:
+        cell = index.get((method, fraction))
+        if cell is None:
+            return "–"
+        untested = baseline is not None and method != baseline and (baseline, fraction) in index
+        return _fmt(cell, scale, digits, full_n, untested)
+
     header = "| method | " + " | ".join(f"{metric} @ {100 * f:g} % labels" for f in fractions) + " |"
     lines = [header, "|---|" + "---|" * len(fractions)]
     for method in methods:
-        row = [_fmt(index[(method, f)], scale, digits) if (method, f) in index else "–" for f in fractions]
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines.append(f"| {method} | " + " | ".join(text(method, f) for f in fractions) + " |")
     return "\n".join(lines)
