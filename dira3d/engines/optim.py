@@ -2,7 +2,7 @@
 
 Seeds come from :func:`dira3d.utils.seeding.stream_seed`.
 
-Kept apart from :mod:`dira3d.engines.trainer` so the trainer reads as the method (G step, then
+Kept apart from :mod:`dira3d.engines.step` so the step reads as the method (G step, then
 D step) and these mechanics can be tested on their own.
 """
 

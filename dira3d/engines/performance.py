@@ -1,6 +1,6 @@
 """Speed helpers for the pretraining engine: fused optimisers, in-place compilation, measurements.
 
-The training step itself stays in :mod:`dira3d.engines.trainer`; what lives here is what a bundle
+The training step itself stays in :mod:`dira3d.engines.step`; what lives here is what a bundle
 config or a benchmark calls around it:
 
 - :func:`build_adam` — Adam with ``fused=True`` on CUDA (one kernel per step for all tensors) and

@@ -45,80 +45,46 @@ Driven from Python (the bundle ``bundles/dira_pretrain/configs/train.json`` wire
 
 with batches ``{"image": (B, C, *patch), "label": (B,)}`` (``visual_words``; ``"image2"``: a
 second instance) from any ``DataLoader``.
+
+This module holds the class with its constructor (building and wiring the parts from the options), ``run``
+and the modules it owns. The iteration itself is :class:`~dira3d.engines.step.TrainingStepMixin`
+(:mod:`dira3d.engines.step`, with :class:`StepInputs`, :class:`Prepared` and :class:`Forward`), the batches,
+draws, epoch seeding and resume skipping are :class:`~dira3d.engines.batches.BatchFeedMixin`
+(:mod:`dira3d.engines.batches`), and the checks across options are in :mod:`dira3d.engines.trainer_checks`;
+all of these names stay importable from here.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
-from monai.data.utils import set_rnd
+from ignite.engine import Events
 from monai.engines import Trainer
 from torch import nn
 
+from dira3d.engines.batches import STREAM_DATA, STREAM_STEP, BatchFeedMixin
 from dira3d.engines.components import build_dis_loss, check_dis_mode, resolve_views
-from dira3d.engines.distributed import get_rank
-from dira3d.engines.faults import NonFiniteGuard, step_is_finite
-from dira3d.engines.optim import (
-    autocast_context,
-    frozen,
-    learning_rate,
-    make_grad_scaler,
-    optimizer_step,
-    unique_parameters,
-)
+from dira3d.engines.faults import NonFiniteGuard
 from dira3d.engines.moco import STREAM_SHUFFLE, MoCoKeyEncoder
+from dira3d.engines.optim import autocast_context, make_grad_scaler, unique_parameters
 from dira3d.engines.performance import apply_layer_options, compile_modules
-from dira3d.engines.prefetch import Prefetcher, side_stream
+from dira3d.engines.prefetch import side_stream
 from dira3d.engines.shuffle_bn import check_shuffle_bn
-from dira3d.engines.stages import DEFAULT_STAGES, LOSS_TERMS, Stage, StageSchedule
+from dira3d.engines.stages import Stage, StageSchedule
+from dira3d.engines.step import Forward, Prepared, StepInputs, TrainingStepMixin
 from dira3d.engines.stopping import SignalStop
+from dira3d.engines.trainer_checks import check_modules_for_stages, check_yields_batches
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss
-from dira3d.transforms.compositions import Distortion
-from dira3d.transforms.views import ViewAugment
 from dira3d.utils.interrupts import QuietInterruptMixin
-from dira3d.utils.seeding import stream_seed
 
+# Forward, StepInputs, Prepared (dira3d.engines.step) and the seed streams (dira3d.engines.batches,
+# dira3d.engines.moco) are also importable from here, where they were defined before the split
 __all__ = ["DiRATrainer", "Forward", "StepInputs", "Prepared", "STREAM_DATA", "STREAM_STEP", "STREAM_SHUFFLE"]
 
-# seed streams (dira3d.utils.seeding.stream_seed): per-epoch data order, per-iteration views/distortions;
-# 0 is the MoCo queue's and 4 (STREAM_SHUFFLE) the shuffle-BN permutation's (dira3d.engines.moco), 3 validation's
-STREAM_DATA, STREAM_STEP = 1, 2
 
-
-class StepInputs(NamedTuple):
-    """What the network sees in one step: the two views, the distorted view and its restoration target."""
-
-    view1: torch.Tensor
-    view2: torch.Tensor
-    distorted: torch.Tensor
-    target: torch.Tensor
-
-
-class Prepared(NamedTuple):
-    """A batch prepared before its step (``prefetch``): on the device, with its draws and inputs."""
-
-    batch: dict[str, Any]
-    generator: torch.Generator
-    inputs: StepInputs
-    iteration: int
-    stage: str
-
-
-class Forward(NamedTuple):
-    """What one generator forward produced (unweighted loss terms and the images)."""
-
-    terms: dict[str, torch.Tensor]
-    distorted: torch.Tensor
-    target: torch.Tensor
-    restored: torch.Tensor | None
-    keys: torch.Tensor | None  # MoCo keys of every rank (rank 0's first) to enqueue after the step; training only
-
-
-class DiRATrainer(QuietInterruptMixin, Trainer):
+class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Trainer):
     """Trainer for DiRA pretraining (a :class:`monai.engines.Trainer`).
 
     Args:
@@ -263,8 +229,8 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
         if int(d_steps) != d_steps or d_steps < 1:
             raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
-        _check_modules_for_stages(self.schedule, stages is None, self.dis_mode, dis_head, predictor, adversary,
-                                  optimizer_d)
+        check_modules_for_stages(self.schedule, stages is None, self.dis_mode, dis_head, predictor, adversary,
+                                 optimizer_d)
         loss_weights = DiRALoss(loss_weights)
         super().__init__(
             device=device,
@@ -292,7 +258,7 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
         self._side_stream = side_stream(self.state.device) if self.prefetch else None
         autocast_context(amp, device)  # validates the value early
         self.scaler_g, self.scaler_d = make_grad_scaler(amp, device), make_grad_scaler(amp, device)
-        _check_yields_batches(train_data_loader)
+        check_yields_batches(train_data_loader)
 
         # MoCo's key side (EMA key encoder and projector, queue, shuffle BN); None in the other modes
         self.moco = (MoCoKeyEncoder(network.encoder, dis_head, queue_size, self.momentum, self.seed, self.shuffle_bn)
@@ -380,294 +346,3 @@ class DiRATrainer(QuietInterruptMixin, Trainer):
     def current_stage(self) -> Stage:
         """The stage of the current (or, between epochs, the last) iteration."""
         return self.schedule.stage_at(max(self.state.epoch, 1), max(self.state.iteration, 1))
-
-    def _seed_epoch(self, engine: Engine) -> None:
-        """Make this epoch's data order and random crops a function of (seed, epoch) only."""
-        seed = stream_seed(self.seed, STREAM_DATA + 16 * get_rank(), engine.state.epoch)
-        loader = self.data_loader
-        generator = getattr(loader, "generator", None)
-        if isinstance(generator, torch.Generator):
-            generator.manual_seed(seed)
-        if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):
-            # with workers, MONAI seeds each worker's transforms from the loader's generator
-            set_rnd(loader.dataset, seed % (2**32))
-        set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
-        if callable(set_epoch):  # e.g. VisualWordPairDataset: new partners every epoch
-            set_epoch(engine.state.epoch)
-
-    def _setup_engine(self) -> None:
-        super()._setup_engine()
-        # a resume from a mid-epoch checkpoint: draw and drop the batches this epoch already
-        # consumed (data only, no step), so order and random crops continue exactly where the
-        # interrupted run stopped; the epoch's seeds were set at EPOCH_STARTED, as in that run.
-        # With prefetch, from the loader's own iterator: nothing is prepared before the first next()
-        source = getattr(self._dataloader_iter, "source", self._dataloader_iter)
-        for _ in range(self._init_iter or 0):
-            next(source)
-
-    def _setup_dataloader_iter(self) -> None:
-        super()._setup_dataloader_iter()
-        if self.prefetch and self.state.dataloader is not None:
-            self._dataloader_iter = Prefetcher(self._dataloader_iter, self._prepare_ahead, self._another_in_epoch,
-                                               self._side_stream)
-
-    def _another_in_epoch(self) -> bool:
-        """Asked as the batch of iteration ``state.iteration + 1`` is handed out: is it not the epoch's
-        last? (Never prepare across an epoch's end: the next epoch reseeds the data first.)"""
-        length = self.state.epoch_length
-        return length is None or (self.state.iteration + 1) % length != 0
-
-    def _prepare_ahead(self, batchdata: Mapping[str, Any], ahead: bool) -> Prepared:
-        """The batch of the next iteration (``ahead``: of the one after it), prepared for its step."""
-        iteration = self.state.iteration + (2 if ahead else 1)
-        stage = self.schedule.stage_at(self.state.epoch, iteration)
-        batch = self._prepare(batchdata)
-        generator = self.step_generator(iteration)
-        return Prepared(batch, generator, self.step_inputs(batch, generator, stage), iteration, stage.name)
-
-    def _accumulate(self, engine: Engine) -> None:
-        for key, value in engine.state.output.items():
-            if isinstance(value, torch.Tensor):
-                self._epoch_sums[key] = self._epoch_sums.get(key, 0) + value.float()
-        self._epoch_count += 1
-
-    def _epoch_means(self, engine: Engine) -> None:
-        # one host sync per epoch: the means go to state.metrics for StatsHandler/TensorBoard
-        for key, total in self._epoch_sums.items():
-            engine.state.metrics[f"train_{key}"] = float(total) / max(self._epoch_count, 1)
-        self._epoch_sums, self._epoch_count = {}, 0
-
-    def _prepare(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        device = self.state.device
-        # visual words without classify_both never read the second instance: do not copy it to the
-        # device (half the batch's bytes; the host-to-device copy is on the step's stream)
-        unused = {"image2"} if self.dis_mode == "visual_words" and not self.classify_both else set()
-        out = {}
-        for key, value in batch.items():
-            if key in unused:
-                continue
-            if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=self.non_blocking)
-                if value.is_floating_point():
-                    value = value.as_subclass(torch.Tensor)  # MetaTensor → plain tensor: cheaper ops
-                    if self.memory_format is not None and value.dim() >= 4:
-                        value = value.contiguous(memory_format=self.memory_format)
-            out[key] = value
-        if "image" not in out:
-            raise ValueError(f"the batch has no 'image' entry (keys: {sorted(batch)}); check the dataset transforms")
-        if self.dis_mode == "visual_words" and "label" not in out:
-            raise ValueError("dis_mode='visual_words' needs batch['label'] (the visual-word class index)")
-        return out
-
-    def step_generator(self, counter: int, stream: int = STREAM_STEP) -> torch.Generator:
-        """A generator on the training device seeded by (seed, stream, counter)."""
-        gen = torch.Generator(device=self.state.device)
-        # ranks draw different augmentations (rank 0 draws what a single process draws)
-        gen.manual_seed(stream_seed(self.seed, stream + 16 * get_rank(), counter))
-        return gen
-
-    # ------------------------------------------------------------------ the method
-    def step_inputs(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage) -> StepInputs:
-        """The views T(x) (instance modes, while ``dis`` is active) and the distorted first view.
-
-        The restoration target (and D's real patch) is the first view's crop before its intensity
-        augmentation (jitter, gamma, noise, blur), with the crop's and the distortion's flips: DiRA
-        restores x1 from T(x1) (METHOD.md section 3, patent L_res = dist(x1, x1')), it does not
-        reproduce the jitter and blur of the view.
-        """
-        x1, x2 = batch["image"], batch.get("image2")
-        view1, view2 = x1, x2 if x2 is not None else x1
-        clean = None
-        # views and distortions are data preparation: fp32 even under autocast (same draws, same
-        # targets as the plain path; autocast casts the network's inputs itself)
-        with torch.autocast(x1.device.type, enabled=False):
-            if "dis" in stage.losses and self.dis_mode != "visual_words" and self.views is not None:
-                # a ViewAugment also returns the first view without its intensity steps (no extra draws)
-                with_clean = isinstance(self.views, ViewAugment) and isinstance(self.distortion, Distortion)
-                extra = {"return_clean": True} if with_clean else {}
-                if x2 is None:
-                    view1, view2, *rest = self.views(x1, generator, **extra)
-                    clean = rest[0] if rest else None
-                else:  # two instances: one view of each, in one batched call
-                    a, b, *rest = self.views(torch.cat([x1, x2]), generator, **extra)
-                    view1, view2 = a[: x1.shape[0]], b[x1.shape[0] :]
-                    clean = rest[0][: x1.shape[0]] if rest else None
-            if clean is None:
-                distorted, target = self.distortion(view1, generator)
-            else:
-                distorted, target = self.distortion(view1, generator, target=clean)
-        return StepInputs(view1, view2, distorted, target)
-
-    def forward_terms(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage, train: bool = True,
-                      inputs: StepInputs | None = None) -> Forward:
-        """The unweighted loss terms of ``stage`` for one prepared batch (one encoder pass for dis + res).
-
-        ``train=False`` (validation) leaves the EMA encoder and the queue untouched. ``inputs``:
-        :meth:`step_inputs` already drawn with ``generator`` (by the prefetcher), else drawn here.
-        """
-        active = set(stage.losses)
-        if inputs is None:
-            inputs = self.step_inputs(batch, generator, stage)
-        _, view2, distorted, target = inputs
-        bottleneck, skips = self.network.encode(distorted)
-        terms: dict[str, torch.Tensor] = {}
-        keys = None
-        if "dis" in active:
-            terms["dis"], keys = self._discriminate(bottleneck, view2, batch, generator, train)
-        restored = None
-        if "res" in active or "adv" in active:
-            restored = self.network.decode(bottleneck, skips)
-            terms["res"] = self.restoration_loss(restored.float(), target.float())
-        if "adv" in active:
-            with frozen(self.adversary):
-                terms["adv"] = self.adversarial_loss.generator(self.adversary(restored))
-        return Forward(terms, distorted, target, restored, keys)
-
-    def _discriminate(self, bottleneck, view2, batch, generator, train) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.dis_mode == "visual_words":
-            loss = self.dis_loss(self.dis_head(bottleneck), batch["label"])
-            if self.classify_both and batch.get("image2") is not None:
-                distorted2, _ = self.distortion(batch["image2"], generator)
-                logits2 = self.dis_head(self.network.encode(distorted2)[0])
-                loss = 0.5 * (loss + self.dis_loss(logits2, batch["label"]))
-            return loss, None
-        z1 = self.dis_head(bottleneck)
-        if self.dis_mode == "moco":
-            with torch.no_grad():
-                if train:  # MoCo updates the key encoder before computing the keys
-                    self.moco.follow(self.network.encoder, self.dis_head)
-                    keys, queued = self.moco.training_keys(view2, self.state.iteration, self.state.device,
-                                                           self.memory_format)
-                else:  # validation: no queue update, no communication
-                    keys, queued = self.moco.encode(view2), None
-            return self.dis_loss(z1.float(), keys, self.queue.queue), queued
-        z2 = self.dis_head(self.network.encode(view2)[0])
-        if self.dis_mode == "barlow":
-            return self.dis_loss(z1.float(), z2.float()), None
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        return self.dis_loss(p1.float(), p2.float(), z1.float(), z2.float()), None
-
-    def adversary_scores(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """D's loss and its mean score on real and restored patches (probabilities for vanilla)."""
-        if self.joint_adversary:
-            both = torch.cat([real, fake.to(real.dtype)])
-            if self.memory_format is not None:
-                both = both.contiguous(memory_format=self.memory_format)
-            real_logits, fake_logits = self.adversary(both).float().split(real.shape[0])
-        else:  # batch norm: real and fake batches keep their own statistics
-            real_logits, fake_logits = self.adversary(real).float(), self.adversary(fake).float()
-        loss = self.adversarial_loss.discriminator(real_logits, fake_logits)
-        if getattr(self.adversarial_loss, "kind", "vanilla") == "vanilla":
-            real_logits, fake_logits = torch.sigmoid(real_logits), torch.sigmoid(fake_logits)
-        return loss, real_logits.mean().detach(), fake_logits.mean().detach()
-
-    def _iteration(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        stage = self.schedule.stage_at(engine.state.epoch, engine.state.iteration)
-        if stage.name != engine.state.stage:
-            self.logger.info(f"stage '{stage.name}' from iteration {engine.state.iteration}: losses {list(stage.losses)}")
-        engine.state.stage = stage.name
-        if isinstance(batchdata, Prepared) and (batchdata.iteration, batchdata.stage) == (engine.state.iteration, stage.name):
-            batch, generator, inputs = batchdata.batch, batchdata.generator, batchdata.inputs
-        else:  # the loader's batch (or, defensively, one prepared for another iteration: drawn again)
-            batch = self._prepare(batchdata.batch if isinstance(batchdata, Prepared) else batchdata)
-            generator, inputs = self.step_generator(engine.state.iteration), None
-        device = self.state.device
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(self.amp_mode, device):
-            fwd = self.forward_terms(batch, generator, stage, train=True, inputs=inputs)
-            total, weighted = self.loss_function(fwd.terms, stage.losses)
-        # on_nonfinite='skip': a NaN/Inf step is dropped on all ranks (costs one host sync per step)
-        skip = self.nonfinite_guard.on_nonfinite == "skip" and not step_is_finite(total)
-        if skip:
-            self.nonfinite_guard.skipped += 1
-        else:
-            optimizer_step(total, self.optimizer, self.g_params, self.scaler_g, self.clip_grad_norm)
-        if fwd.keys is not None and not skip:  # after backward: the loss graph still needed the old queue
-            self.queue.enqueue(fwd.keys)
-
-        output: dict[str, Any] = {"loss": total.detach()}
-        output.update({f"loss_{k}": v.detach() for k, v in fwd.terms.items()})
-        if stage.adversarial and not skip:
-            fake = fwd.restored.detach()
-            for _ in range(self.d_steps):
-                self.optimizer_d.zero_grad(set_to_none=True)
-                with autocast_context(self.amp_mode, device):
-                    d_loss, d_real, d_fake = self.adversary_scores(fwd.target, fake)
-                if self.nonfinite_guard.on_nonfinite == "skip" and not step_is_finite(d_loss):
-                    self.nonfinite_guard.skipped += 1
-                    break
-                optimizer_step(d_loss, self.optimizer_d, self.d_params, self.scaler_d, self.clip_grad_norm)
-            output.update({"loss_d": d_loss.detach(), "d_real": d_real, "d_fake": d_fake})
-        output.update(
-            lr_g=learning_rate(self.optimizer),
-            lr_d=learning_rate(self.optimizer_d),
-            stage=stage.name,
-            stage_index=self.schedule.index(stage),
-        )
-        # first sample only, kept by reference (no copy) for the image summary handler
-        engine.state.images = {
-            "original": fwd.target[:1].detach(),
-            "distorted": fwd.distorted[:1].detach(),
-            "restored": None if fwd.restored is None else fwd.restored[:1].detach(),
-        }
-        return output
-
-
-def _check_modules_for_stages(schedule: StageSchedule, default: bool, dis_mode: str, dis_head: nn.Module | None,
-                              predictor: nn.Module | None, adversary: nn.Module | None,
-                              optimizer_d: torch.optim.Optimizer | None) -> None:
-    """Refuse stages whose loss terms need a module that was not given (``default``: the stages are
-    the default ones).
-
-    Raises:
-        ValueError: ``dis`` without ``dis_head`` (or, for SimSiam, without ``predictor``), ``adv``
-            without ``adversary`` and ``optimizer_d``.
-    """
-    uses = schedule.uses
-    if "dis" in uses and dis_head is None:
-        raise ValueError(_missing_for_term(schedule, "dis", default, "no dis_head was given",
-                                           "pass one (dira3d.engines.build_dis_head)"))
-    if "adv" in uses and (adversary is None or optimizer_d is None):
-        missing = [n for n, v in (("adversary", adversary), ("optimizer_d", optimizer_d)) if v is None]
-        raise ValueError(_missing_for_term(schedule, "adv", default,
-                                           f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing",
-                                           "pass both (dira3d.networks.Adversary and an optimiser of its parameters)"))
-    if dis_mode == "simsiam" and "dis" in uses and predictor is None:
-        raise ValueError("dis_mode='simsiam' needs a predictor (dira3d.engines.build_predictor('simsiam', proj_dim))")
-
-
-def _missing_for_term(schedule: StageSchedule, term: str, default: bool, problem: str, fix: str) -> str:
-    """The error of a loss ``term`` used by stages whose module is missing: the stages that use it
-    (saying so when they are the default ones), what is missing, and the two ways out (the modules,
-    or stages without the term, e.g. ``[{"name": "dir", "losses": ["dis", "res"]}]`` for ``adv``)."""
-    names = ", ".join(repr(s.name) for s in schedule.stages if term in s.losses)
-    which = f"the default stages ({json.dumps(DEFAULT_STAGES)}) use" if default else f"stage(s) {names} use"
-    example = json.dumps([{"name": "dir" if term == "adv" else "ra", "losses": [t for t in LOSS_TERMS if t != term]}])
-    return (f"{which} the {term!r} loss but {problem}; {fix}, or pass stages without {term!r}, "
-            f"e.g. stages={example}")
-
-
-def _check_yields_batches(loader: Any) -> None:
-    """An empty training loader is an error: MONAI would skip the run with a warning and exit 0,
-    writing no checkpoint (e.g. fewer training volumes than ``batch_size`` with ``drop_last``)."""
-    if not isinstance(loader, torch.utils.data.DataLoader):
-        return
-    try:
-        batches = len(loader)
-    except TypeError:  # an iterable dataset without a length
-        return
-    if batches == 0:
-        items = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "?"
-        drop = " and drop_last" if loader.drop_last else ""
-        sampler = loader.sampler
-        replicas = getattr(sampler, "num_replicas", 1)
-        share, fewer = "", ""
-        if isinstance(sampler, torch.utils.data.distributed.DistributedSampler) and replicas > 1:
-            # torchrun: each process gets its share (drop_last in the sampler rounds it down), which may be < batch_size
-            share = f", {len(sampler)} on each of the {replicas} processes,"
-            fewer = ", use fewer processes (--nproc_per_node)"
-        raise ValueError(
-            f"the training data loader yields no batch: {items} training item(s) per epoch{share} with batch_size "
-            f"{loader.batch_size}{drop}; lower batch_size (e.g. --batch_size 1){fewer} or add training volumes"
-        )

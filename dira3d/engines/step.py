@@ -1,0 +1,221 @@
+"""The method of :class:`~dira3d.engines.DiRATrainer`: one generator step, then the discriminator step(s).
+
+:class:`TrainingStepMixin` holds the trainer's iteration (``_iteration``, the ignite process function) and
+what it is made of: the views and distortion of a batch (``step_inputs``), the unweighted loss terms of
+one encoder pass (``forward_terms``, also used by :class:`~dira3d.engines.DiRAEvaluator`), the
+discrimination term per mode, D's scores on real and restored patches (``adversary_scores``), and the
+epoch means of the step's outputs (``train_<key>`` in ``state.metrics``). It also defines what passes
+between them: :class:`StepInputs`, :class:`Prepared` (a batch prepared ahead by the prefetcher) and
+:class:`Forward`. The mixin has no state of its own: it reads the attributes that
+:class:`~dira3d.engines.trainer.DiRATrainer`'s constructor sets (networks, losses, optimisers,
+scalers, schedule, MoCo key side, guard); :mod:`dira3d.engines.trainer` describes the iteration step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from ignite.engine import Engine
+
+from dira3d.engines.faults import step_is_finite
+from dira3d.engines.optim import autocast_context, frozen, learning_rate, optimizer_step
+from dira3d.engines.stages import Stage
+from dira3d.transforms.compositions import Distortion
+from dira3d.transforms.views import ViewAugment
+
+__all__ = ["TrainingStepMixin", "StepInputs", "Prepared", "Forward"]
+
+
+class StepInputs(NamedTuple):
+    """What the network sees in one step: the two views, the distorted view and its restoration target."""
+
+    view1: torch.Tensor
+    view2: torch.Tensor
+    distorted: torch.Tensor
+    target: torch.Tensor
+
+
+class Prepared(NamedTuple):
+    """A batch prepared before its step (``prefetch``): on the device, with its draws and inputs."""
+
+    batch: dict[str, Any]
+    generator: torch.Generator
+    inputs: StepInputs
+    iteration: int
+    stage: str
+
+
+class Forward(NamedTuple):
+    """What one generator forward produced (unweighted loss terms and the images)."""
+
+    terms: dict[str, torch.Tensor]
+    distorted: torch.Tensor
+    target: torch.Tensor
+    restored: torch.Tensor | None
+    keys: torch.Tensor | None  # MoCo keys of every rank (rank 0's first) to enqueue after the step; training only
+
+
+class TrainingStepMixin:
+    """The step of :class:`~dira3d.engines.DiRATrainer` (see the module docstring); mixed in before
+    ``monai.engines.Trainer``, whose ``_iteration`` it provides."""
+
+    def step_inputs(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage) -> StepInputs:
+        """The views T(x) (instance modes, while ``dis`` is active) and the distorted first view.
+
+        The restoration target (and D's real patch) is the first view's crop before its intensity
+        augmentation (jitter, gamma, noise, blur), with the crop's and the distortion's flips: DiRA
+        restores x1 from T(x1) (METHOD.md section 3, patent L_res = dist(x1, x1')), it does not
+        reproduce the jitter and blur of the view.
+        """
+        x1, x2 = batch["image"], batch.get("image2")
+        view1, view2 = x1, x2 if x2 is not None else x1
+        clean = None
+        # views and distortions are data preparation: fp32 even under autocast (same draws, same
+        # targets as the plain path; autocast casts the network's inputs itself)
+        with torch.autocast(x1.device.type, enabled=False):
+            if "dis" in stage.losses and self.dis_mode != "visual_words" and self.views is not None:
+                # a ViewAugment also returns the first view without its intensity steps (no extra draws)
+                with_clean = isinstance(self.views, ViewAugment) and isinstance(self.distortion, Distortion)
+                extra = {"return_clean": True} if with_clean else {}
+                if x2 is None:
+                    view1, view2, *rest = self.views(x1, generator, **extra)
+                    clean = rest[0] if rest else None
+                else:  # two instances: one view of each, in one batched call
+                    a, b, *rest = self.views(torch.cat([x1, x2]), generator, **extra)
+                    view1, view2 = a[: x1.shape[0]], b[x1.shape[0] :]
+                    clean = rest[0][: x1.shape[0]] if rest else None
+            if clean is None:
+                distorted, target = self.distortion(view1, generator)
+            else:
+                distorted, target = self.distortion(view1, generator, target=clean)
+        return StepInputs(view1, view2, distorted, target)
+
+    def forward_terms(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage, train: bool = True,
+                      inputs: StepInputs | None = None) -> Forward:
+        """The unweighted loss terms of ``stage`` for one prepared batch (one encoder pass for dis + res).
+
+        ``train=False`` (validation) leaves the EMA encoder and the queue untouched. ``inputs``:
+        :meth:`step_inputs` already drawn with ``generator`` (by the prefetcher), else drawn here.
+        """
+        active = set(stage.losses)
+        if inputs is None:
+            inputs = self.step_inputs(batch, generator, stage)
+        _, view2, distorted, target = inputs
+        bottleneck, skips = self.network.encode(distorted)
+        terms: dict[str, torch.Tensor] = {}
+        keys = None
+        if "dis" in active:
+            terms["dis"], keys = self._discriminate(bottleneck, view2, batch, generator, train)
+        restored = None
+        if "res" in active or "adv" in active:
+            restored = self.network.decode(bottleneck, skips)
+            terms["res"] = self.restoration_loss(restored.float(), target.float())
+        if "adv" in active:
+            with frozen(self.adversary):
+                terms["adv"] = self.adversarial_loss.generator(self.adversary(restored))
+        return Forward(terms, distorted, target, restored, keys)
+
+    def _discriminate(self, bottleneck, view2, batch, generator, train) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.dis_mode == "visual_words":
+            loss = self.dis_loss(self.dis_head(bottleneck), batch["label"])
+            if self.classify_both and batch.get("image2") is not None:
+                distorted2, _ = self.distortion(batch["image2"], generator)
+                logits2 = self.dis_head(self.network.encode(distorted2)[0])
+                loss = 0.5 * (loss + self.dis_loss(logits2, batch["label"]))
+            return loss, None
+        z1 = self.dis_head(bottleneck)
+        if self.dis_mode == "moco":
+            with torch.no_grad():
+                if train:  # MoCo updates the key encoder before computing the keys
+                    self.moco.follow(self.network.encoder, self.dis_head)
+                    keys, queued = self.moco.training_keys(view2, self.state.iteration, self.state.device,
+                                                           self.memory_format)
+                else:  # validation: no queue update, no communication
+                    keys, queued = self.moco.encode(view2), None
+            return self.dis_loss(z1.float(), keys, self.queue.queue), queued
+        z2 = self.dis_head(self.network.encode(view2)[0])
+        if self.dis_mode == "barlow":
+            return self.dis_loss(z1.float(), z2.float()), None
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return self.dis_loss(p1.float(), p2.float(), z1.float(), z2.float()), None
+
+    def adversary_scores(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """D's loss and its mean score on real and restored patches (probabilities for vanilla)."""
+        if self.joint_adversary:
+            both = torch.cat([real, fake.to(real.dtype)])
+            if self.memory_format is not None:
+                both = both.contiguous(memory_format=self.memory_format)
+            real_logits, fake_logits = self.adversary(both).float().split(real.shape[0])
+        else:  # batch norm: real and fake batches keep their own statistics
+            real_logits, fake_logits = self.adversary(real).float(), self.adversary(fake).float()
+        loss = self.adversarial_loss.discriminator(real_logits, fake_logits)
+        if getattr(self.adversarial_loss, "kind", "vanilla") == "vanilla":
+            real_logits, fake_logits = torch.sigmoid(real_logits), torch.sigmoid(fake_logits)
+        return loss, real_logits.mean().detach(), fake_logits.mean().detach()
+
+    def _iteration(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        stage = self.schedule.stage_at(engine.state.epoch, engine.state.iteration)
+        if stage.name != engine.state.stage:
+            self.logger.info(f"stage '{stage.name}' from iteration {engine.state.iteration}: losses {list(stage.losses)}")
+        engine.state.stage = stage.name
+        if isinstance(batchdata, Prepared) and (batchdata.iteration, batchdata.stage) == (engine.state.iteration, stage.name):
+            batch, generator, inputs = batchdata.batch, batchdata.generator, batchdata.inputs
+        else:  # the loader's batch (or, defensively, one prepared for another iteration: drawn again)
+            batch = self._prepare(batchdata.batch if isinstance(batchdata, Prepared) else batchdata)
+            generator, inputs = self.step_generator(engine.state.iteration), None
+        device = self.state.device
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(self.amp_mode, device):
+            fwd = self.forward_terms(batch, generator, stage, train=True, inputs=inputs)
+            total, weighted = self.loss_function(fwd.terms, stage.losses)
+        # on_nonfinite='skip': a NaN/Inf step is dropped on all ranks (costs one host sync per step)
+        skip = self.nonfinite_guard.on_nonfinite == "skip" and not step_is_finite(total)
+        if skip:
+            self.nonfinite_guard.skipped += 1
+        else:
+            optimizer_step(total, self.optimizer, self.g_params, self.scaler_g, self.clip_grad_norm)
+        if fwd.keys is not None and not skip:  # after backward: the loss graph still needed the old queue
+            self.queue.enqueue(fwd.keys)
+
+        output: dict[str, Any] = {"loss": total.detach()}
+        output.update({f"loss_{k}": v.detach() for k, v in fwd.terms.items()})
+        if stage.adversarial and not skip:
+            fake = fwd.restored.detach()
+            for _ in range(self.d_steps):
+                self.optimizer_d.zero_grad(set_to_none=True)
+                with autocast_context(self.amp_mode, device):
+                    d_loss, d_real, d_fake = self.adversary_scores(fwd.target, fake)
+                if self.nonfinite_guard.on_nonfinite == "skip" and not step_is_finite(d_loss):
+                    self.nonfinite_guard.skipped += 1
+                    break
+                optimizer_step(d_loss, self.optimizer_d, self.d_params, self.scaler_d, self.clip_grad_norm)
+            output.update({"loss_d": d_loss.detach(), "d_real": d_real, "d_fake": d_fake})
+        output.update(
+            lr_g=learning_rate(self.optimizer),
+            lr_d=learning_rate(self.optimizer_d),
+            stage=stage.name,
+            stage_index=self.schedule.index(stage),
+        )
+        # first sample only, kept by reference (no copy) for the image summary handler
+        engine.state.images = {
+            "original": fwd.target[:1].detach(),
+            "distorted": fwd.distorted[:1].detach(),
+            "restored": None if fwd.restored is None else fwd.restored[:1].detach(),
+        }
+        return output
+
+    # ------------------------------------------------------------------ loss bookkeeping
+    def _accumulate(self, engine: Engine) -> None:
+        for key, value in engine.state.output.items():
+            if isinstance(value, torch.Tensor):
+                self._epoch_sums[key] = self._epoch_sums.get(key, 0) + value.float()
+        self._epoch_count += 1
+
+    def _epoch_means(self, engine: Engine) -> None:
+        # one host sync per epoch: the means go to state.metrics for StatsHandler/TensorBoard
+        for key, total in self._epoch_sums.items():
+            engine.state.metrics[f"train_{key}"] = float(total) / max(self._epoch_count, 1)
+        self._epoch_sums, self._epoch_count = {}, 0

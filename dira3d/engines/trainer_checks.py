@@ -1,0 +1,82 @@
+"""Checks of :class:`~dira3d.engines.DiRATrainer`'s constructor options that involve several of them.
+
+The trainer's constructor calls these before it builds anything: :func:`check_modules_for_stages` refuses
+stages whose loss terms need a module that was not given (``dis`` without ``dis_head``, SimSiam without a
+predictor, ``adv`` without ``adversary`` and ``optimizer_d``), with an error that names the stages and both
+ways out; :func:`check_yields_batches` refuses a training loader that yields no batch (MONAI would skip the
+run with a warning and exit 0, writing no checkpoint), saying how many items it has and what to change.
+Checks of single options live next to what they check (``check_dis_mode`` in
+:mod:`dira3d.engines.components`, ``check_shuffle_bn`` in :mod:`dira3d.engines.shuffle_bn`, the stages in
+:mod:`dira3d.engines.stages`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from dira3d.engines.stages import DEFAULT_STAGES, LOSS_TERMS, StageSchedule
+
+__all__ = ["check_modules_for_stages", "check_yields_batches"]
+
+
+def check_modules_for_stages(schedule: StageSchedule, default: bool, dis_mode: str, dis_head: nn.Module | None,
+                             predictor: nn.Module | None, adversary: nn.Module | None,
+                             optimizer_d: torch.optim.Optimizer | None) -> None:
+    """Refuse stages whose loss terms need a module that was not given (``default``: the stages are
+    the default ones).
+
+    Raises:
+        ValueError: ``dis`` without ``dis_head`` (or, for SimSiam, without ``predictor``), ``adv``
+            without ``adversary`` and ``optimizer_d``.
+    """
+    uses = schedule.uses
+    if "dis" in uses and dis_head is None:
+        raise ValueError(_missing_for_term(schedule, "dis", default, "no dis_head was given",
+                                           "pass one (dira3d.engines.build_dis_head)"))
+    if "adv" in uses and (adversary is None or optimizer_d is None):
+        missing = [n for n, v in (("adversary", adversary), ("optimizer_d", optimizer_d)) if v is None]
+        raise ValueError(_missing_for_term(schedule, "adv", default,
+                                           f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing",
+                                           "pass both (dira3d.networks.Adversary and an optimiser of its parameters)"))
+    if dis_mode == "simsiam" and "dis" in uses and predictor is None:
+        raise ValueError("dis_mode='simsiam' needs a predictor (dira3d.engines.build_predictor('simsiam', proj_dim))")
+
+
+def _missing_for_term(schedule: StageSchedule, term: str, default: bool, problem: str, fix: str) -> str:
+    """The error of a loss ``term`` used by stages whose module is missing: the stages that use it
+    (saying so when they are the default ones), what is missing, and the two ways out (the modules,
+    or stages without the term, e.g. ``[{"name": "dir", "losses": ["dis", "res"]}]`` for ``adv``)."""
+    names = ", ".join(repr(s.name) for s in schedule.stages if term in s.losses)
+    which = f"the default stages ({json.dumps(DEFAULT_STAGES)}) use" if default else f"stage(s) {names} use"
+    example = json.dumps([{"name": "dir" if term == "adv" else "ra", "losses": [t for t in LOSS_TERMS if t != term]}])
+    return (f"{which} the {term!r} loss but {problem}; {fix}, or pass stages without {term!r}, "
+            f"e.g. stages={example}")
+
+
+def check_yields_batches(loader: Any) -> None:
+    """An empty training loader is an error: MONAI would skip the run with a warning and exit 0,
+    writing no checkpoint (e.g. fewer training volumes than ``batch_size`` with ``drop_last``)."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return
+    try:
+        batches = len(loader)
+    except TypeError:  # an iterable dataset without a length
+        return
+    if batches == 0:
+        items = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "?"
+        drop = " and drop_last" if loader.drop_last else ""
+        sampler = loader.sampler
+        replicas = getattr(sampler, "num_replicas", 1)
+        share, fewer = "", ""
+        if isinstance(sampler, torch.utils.data.distributed.DistributedSampler) and replicas > 1:
+            # torchrun: each process gets its share (drop_last in the sampler rounds it down), which may be < batch_size
+            share = f", {len(sampler)} on each of the {replicas} processes,"
+            fewer = ", use fewer processes (--nproc_per_node)"
+        raise ValueError(
+            f"the training data loader yields no batch: {items} training item(s) per epoch{share} with batch_size "
+            f"{loader.batch_size}{drop}; lower batch_size (e.g. --batch_size 1){fewer} or add training volumes"
+        )
