@@ -72,3 +72,30 @@ def _logging_as_it_was():
         logger.handlers[:] = handlers
         logger.disabled, logger.propagate = disabled, propagate
         logger.setLevel(level)  # also clears the loggers' cached isEnabledFor answers
+
+
+# ---- the tests write nothing into the checkout (a bundle initialised with its default bundle_root "." wrote
+# models/.dira3d.lock into the folder pytest ran from) ----
+_CACHES = {".pytest_cache", "__pycache__", ".coverage", ".hypothesis"}
+_entries_at_start: set[str] = set()
+
+
+def _top_level_entries(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if p.name not in _CACHES}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _entries_at_start.update(_top_level_entries(Path.cwd()))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once, after every worker
+        return
+    new = sorted(_top_level_entries(Path.cwd()) - _entries_at_start)
+    if new:
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(
+            f"the tests left {new} in {Path.cwd()}: a test wrote into the folder pytest ran from; give it tmp_path",
+            red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

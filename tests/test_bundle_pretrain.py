@@ -162,7 +162,8 @@ def test_every_bundle_train_config_is_a_monai_train_workflow(repo_root, tmp_path
     for bundle in sorted((repo_root / "bundles").iterdir()):  # the task bundles: every required id is defined
         configs = bundle / "configs"
         task = ConfigWorkflow(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
-                              logging_file=False, workflow_type="train")  # fmt: skip
+                              logging_file=False, workflow_type="train",
+                              bundle_root=str(tmp_path / bundle.name))  # fmt: skip (not the current folder)
         task.initialize()
         required = [p["id"] for p in task.properties.values() if p.get("required") and "id" in p]
         assert [i for i in required if i not in task.parser] == [], bundle.name
