@@ -67,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except KeyboardInterrupt as err:  # Ctrl-C while torch / MONAI load (seconds): one line and 130, as a later Ctrl-C
+        from dira3d.utils.interrupts import interrupt_exit_code
+
+        print(f"dira3d {name}: interrupted while loading, before the command started; nothing was written",
+              file=sys.stderr)
+        return interrupt_exit_code(err)
     failed = True
     try:
         code = int(func(rest) or 0)

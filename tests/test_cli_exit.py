@@ -168,3 +168,47 @@ def test_sigterm_while_pretraining_caches_its_data_is_one_line_and_exit_143(tmp_
     assert returncode == 143, (returncode, err)
     assert err.strip() == (f"dira3d pretrain: stopped by SIGTERM before the first checkpoint ({tmp_path / 'run'}"
                            "/models/last.pt does not exist); rerunning the same command starts afresh"), err
+
+
+# Ctrl-C while a command's module loads (torch and MONAI take seconds): the import of `dira3d prepare`'s module
+# stands for it; the signal is sent while that import is in progress (no sleep race: READY is printed inside it)
+SLOW_IMPORT = textwrap.dedent(
+    """
+    import importlib.abc, importlib.machinery, sys, time
+
+    class SlowLoader(importlib.abc.Loader):
+        def __init__(self, loader):
+            self.loader = loader
+
+        def create_module(self, spec):
+            return self.loader.create_module(spec)
+
+        def exec_module(self, module):
+            print("READY", flush=True)
+            time.sleep(60)
+            self.loader.exec_module(module)
+
+    class SlowFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "dira3d.data.command":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            spec.loader = SlowLoader(spec.loader)
+            return spec
+
+    sys.meta_path.insert(0, SlowFinder())
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_ctrl_c_while_the_command_module_loads_is_one_line_and_exit_130(tmp_path, how):
+    """Ctrl-C in the first seconds of a command (while torch / MONAI were imported) printed an import traceback
+    (exit 1 from the installed command, death by SIGINT under `python -m`) instead of one line and 130."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = ([sys.executable, "-m", "dira3d.cli", "prepare", "--help"] if how == "-m" else
+           [sys.executable, "-c", "import sys; from dira3d.cli import main; sys.exit(main())", "prepare", "--help"])
+    returncode, err = _signal_when_ready(cmd, env, signal.SIGINT)
+    assert err.strip() == "dira3d prepare: interrupted while loading, before the command started; nothing was written", err
+    assert returncode == 130, (returncode, err)

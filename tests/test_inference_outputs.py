@@ -269,3 +269,50 @@ def test_a_folder_that_cannot_be_written_is_named_with_the_prediction(tmp_path, 
     with pytest.raises(PermissionError, match=rf"could not write the prediction {tmp_path / 'case_seg.nii.gz'}: "
                                               r"Permission denied; check that this folder can be written"):
         saver({"pred": image})
+
+
+def test_predictions_from_before_the_marks_are_refused_all_named_with_why_and_the_way_out(tmp_path):
+    """Masks that task bundles before 0.1.4 wrote (MONAI's SaveImage, no mark) were refused one at a time with "e.g.
+    a manual label ... or a prediction edited since", which did not say that dira3d's own older predictions are refused
+    too, nor why (nothing tells them from a label saved under the same name), nor which other files --overwrite True
+    would replace."""
+    from monai.data import MetaTensor
+    from monai.transforms import SaveImage
+
+    from dira3d.evaluation import check_prediction_targets
+
+    old = SaveImage(output_dir=str(tmp_path), output_postfix="seg", output_ext=".nii.gz", separate_folder=False,
+                    output_dtype=np.uint8, print_log=False)  # as inference.json wrote masks before the marks
+    targets = []
+    for name in ("a", "b", "c", "d"):
+        old(MetaTensor(np.zeros((1, 8, 8, 4), np.float32), meta={"filename_or_obj": str(tmp_path / f"{name}.nii.gz")}))
+        targets.append(tmp_path / f"{name}_seg.nii.gz")
+    before = {p: p.read_bytes() for p in targets}
+    with pytest.raises(FileExistsError) as one:
+        check_prediction_targets(targets[:1])
+    assert str(one.value).startswith(f"{targets[0]} exists and is not a prediction written by dira3d, as far as it can "
+                                     "tell: it has no dira3d mark (")
+    assert "a prediction of a task bundle before 0.1.4, which did not mark its files" in str(one.value)
+    assert "--overwrite True to replace it (check first" in str(one.value)
+    with pytest.raises(FileExistsError) as every:
+        check_prediction_targets(targets)
+    message = str(every.value)
+    assert message.startswith(f"{targets[0]} and 3 more of this run's targets ({targets[1]}, {targets[2]} and 1 more) "
+                              "exist and are not predictions written by dira3d"), message
+    assert "they have no dira3d mark" in message and "--overwrite True to replace them all" in message
+    assert {p: p.read_bytes() for p in targets} == before
+    # a marked prediction edited since is told apart; a file dira3d cannot mark says so
+    edited = nib.load(str(targets[1]))
+    edited.header["descrip"] = b"dira3d prediction sha256:" + b"0" * 32
+    nib.save(edited, str(targets[1]))
+    (tmp_path / "e_seg.nrrd").write_bytes(b"NRRD0004\n")
+    with pytest.raises(FileExistsError) as mixed:
+        check_prediction_targets([targets[1], tmp_path / "e_seg.nrrd"])
+    assert "b_seg.nii.gz has dira3d's mark, but its content changed since dira3d wrote it" in str(mixed.value)
+    assert "e_seg.nrrd has the suffix .nrrd, which dira3d cannot mark as its own" in str(mixed.value)
+    # the report was always marked: its refusal names no older bundle
+    (tmp_path / "inference_report.json").write_text("my notes\n")
+    with pytest.raises(FileExistsError) as report:
+        check_prediction_targets([tmp_path / "inference_report.json"], before_marks=False)
+    assert "no dira3d mark (a file from elsewhere)" in str(report.value) and "0.1.4" not in str(report.value)
+    assert check_prediction_targets(targets, overwrite=True) == targets

@@ -177,3 +177,31 @@ def test_localise_refuses_a_colour_png_naming_it(tmp_path):
     Image.fromarray(np.stack([np.asarray(Image.open(path))] * 3, -1)).save(path)
     with pytest.raises(ValueError, match=rf"{path}: has 3 channels \(loaded shape \(3, 128, 96\)\), not 1: a colour"):
         localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features", roi_size=(64, 48))
+
+
+@pytest.mark.parametrize("fault", ["no boxes", "weights do not fit", "label_index", "model missing"])
+def test_a_refused_localise_run_leaves_no_empty_output_dir(tmp_path, capsys, fault):
+    """A run refused at its start (a segmentation datalist instead of the box one, weights of another classifier, a
+    label_index the classifier lacks) left an empty --output-dir (or one holding an empty overlays/) behind."""
+    datalist = _write_boxes(tmp_path / "data", [(10, 20, 30, 30)], [0 if fault != "label_index" else 5])
+    if fault == "no boxes":
+        datalist.write_text(json.dumps({"training": [{"image": "images/img0.png", "label": "images/img0.png"}]}))
+    atomic_save(ResNetClassifier(1, 3 if fault != "weights do not fit" else 4, backbone="resnet10").state_dict(),
+                tmp_path / "model.pt")
+    argv = ["--bbox-datalist", str(datalist), "--model", str(tmp_path / ("model.pt" if fault != "model missing" else "nope.pt")),
+            "--output-dir", str(tmp_path / "loc"), "--backbone", "resnet10", "--num-classes", "3", "--roi-size", "64", "64"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "dira3d localise: error:" in capsys.readouterr().err
+    assert not (tmp_path / "loc").exists()
+    (tmp_path / "loc").mkdir()  # a folder the user made is kept
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert (tmp_path / "loc").is_dir()
+
+
+def test_localise_refused_by_its_model_leaves_no_empty_output_dir(tmp_path):
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)], [2])  # _ImageCAM has 2 classes
+    with pytest.raises(ValueError, match="has label_index 2"):
+        localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features", roi_size=(64, 48))
+    assert not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ STATUSES = ("written", "left out", "failed", "not run")
 NOT_ALL_WRITTEN = 3  # exit status of a batch that finished with some inputs not written
 REPORT_NAME = "inference_report.json"
 _SYSTEMIC = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
-_HINT = "pass --report_path with another file (\"\" for none), or --overwrite True to replace it"
+_HINT = "pass --report_path with another file (\"\" for none)"  # the refusal adds: or pass --overwrite True
 # the same error on this many inputs in a row, before any input was written: the batch stops (0: never);
 # InferenceBatch(repeated_failures=...), in a bundle: --inference_batch#repeated_failures N
 REPEATED_FAILURES = 3
@@ -287,7 +287,7 @@ class InferenceBatch:
         from dira3d.evaluation.outputs import check_prediction_targets
 
         if self.report_path is not None:
-            check_prediction_targets([self.report_path], self.overwrite, hint=_HINT)
+            check_prediction_targets([self.report_path], self.overwrite, hint=_HINT, before_marks=False)  # always marked
 
     def _finish(self, completed: bool) -> int:
         rows = self.rows(completed)

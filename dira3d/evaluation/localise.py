@@ -35,7 +35,7 @@ import torch
 
 from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
 from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
-from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable
+from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.files import read_json
 
@@ -176,6 +176,14 @@ def localise(
     if (out / "localisation.json").exists() and not overwrite:
         raise FileExistsError(f"{out / 'localisation.json'} holds an earlier run's results, which this run would replace; "
                               "choose another --output-dir, or pass --overwrite to replace them")
+    with removed_if_failed_empty(out):  # entries the model does not fit (refused before any overlay) leave no empty folder
+        return _localise(model, entries, out, target_layer, roi_size, threshold, deltas, max_overlays, device)
+
+
+def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out: Path, target_layer: str,
+              roi_size: Sequence[int], threshold: float, deltas: Sequence[float], max_overlays: int,
+              device: str | torch.device) -> dict[str, Any]:
+    """:func:`localise` once its inputs are checked and ``localisation.json`` may be written."""
     check_writable(out, what="output folder (--output-dir)")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     model = model.to(device)
@@ -244,11 +252,19 @@ def run_localisation(
         ValueError: the state dict does not fit ``ResNetClassifier(in_channels, num_classes, backbone)``
             (a short key summary and the ``--backbone`` / ``--num-classes`` / ``--roi-size`` that fit).
     """
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"model {model_path} does not exist; fine-tune bundles/chestxray14_cls first (models/model.pt)")
+    with removed_if_failed_empty(output_dir):  # a run refused at its start (weights that do not fit, a datalist
+        # without boxes) or stopped by Ctrl-C before it wrote anything leaves no empty --output-dir behind
+        return _run_localisation(bbox_datalist, model_path, output_dir, split, num_classes, backbone, in_channels, **kwargs)
+
+
+def _run_localisation(bbox_datalist: str | os.PathLike, model_path: str | os.PathLike, output_dir: str | os.PathLike,
+                      split: str | None, num_classes: int, backbone: str, in_channels: int, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_localisation` inside the guard that removes an output folder it created when it fails."""
     from dira3d.networks import ResNetClassifier
     from dira3d.utils.checkpoint import load_checkpoint
 
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(f"model {model_path} does not exist; fine-tune bundles/chestxray14_cls first (models/model.pt)")
     check_writable(output_dir, what="output folder (--output-dir)")  # before the model is built
     model = ResNetClassifier(in_channels, num_classes, backbone=backbone)
     state = load_checkpoint(model_path, map_location="cpu")

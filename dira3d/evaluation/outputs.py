@@ -88,34 +88,58 @@ def is_own_prediction(path: str | os.PathLike) -> bool:
     Reads ``.nii`` / ``.nii.gz`` (header ``descrip``), ``.png`` (text chunk ``dira3d``) and ``.json``
     (``written_by`` and ``sha256`` keys). Anything else, unreadable or unmarked, is not ours: ``False``.
     """
-    path = Path(path)
+    return _prediction_state(Path(path)) == "own"
+
+
+def _prediction_state(path: Path) -> str:
+    """``"own"`` (dira3d's mark, checksum right), ``"edited"`` (the mark, content changed since) or ``"unmarked"``
+    (no mark: another file, one dira3d cannot mark, one unreadable, or a prediction from before the marks)."""
     name = path.name.lower()
     if not path.is_file():
-        return False
+        return "unmarked"
     try:
         if name.endswith(NIFTI_EXTS):
             import nibabel as nib
 
             image = nib.load(str(path))
             digest = _mark_digest(image.header.get("descrip"))
-            return digest is not None and digest == array_digest(np.asanyarray(image.dataobj))
-        if name.endswith(PNG_EXTS):
+            content = None if digest is None else array_digest(np.asanyarray(image.dataobj))
+        elif name.endswith(PNG_EXTS):
             from PIL import Image
 
             with Image.open(path) as image:
                 digest = _mark_digest(getattr(image, "text", {}).get(PNG_KEY))
-                return digest is not None and digest == array_digest(np.asarray(image))
-        if name.endswith(".json"):
+                content = None if digest is None else array_digest(np.asarray(image))
+        elif name.endswith(".json"):
             payload = json.loads(path.read_text(encoding="utf-8"))
-            return (isinstance(payload, dict) and str(payload.get("written_by", "")).startswith("dira3d")
-                    and payload.get("sha256") == json_digest(payload))
+            marked = isinstance(payload, dict) and str(payload.get("written_by", "")).startswith("dira3d")
+            digest = payload.get("sha256") if marked else None
+            content = None if digest is None else json_digest(payload)
+        else:
+            return "unmarked"
     except Exception:  # noqa: BLE001 - unreadable or truncated: not a file dira3d finished writing
         logger.debug("could not read %s as a dira3d prediction", path, exc_info=True)
-    return False
+        return "unmarked"
+    if digest is None:
+        return "unmarked"
+    return "own" if digest == content else "edited"
+
+
+def _not_own_reason(path: Path, before_marks: bool) -> str:
+    """Why ``path`` is not taken for dira3d's own prediction, for the refusal (after "it has")."""
+    if not path.name.lower().endswith((*NIFTI_EXTS, *PNG_EXTS, ".json")):
+        return (f"the suffix {''.join(path.suffixes) or '(none)'}, which dira3d cannot mark as its own, so it never "
+                "replaces such a file unasked")
+    if _prediction_state(path) == "edited":
+        return "dira3d's mark, but its content changed since dira3d wrote it (e.g. corrected by hand)"
+    if not before_marks:
+        return "no dira3d mark (a file from elsewhere)"
+    return ("no dira3d mark (e.g. a manual label next to the scan, or a prediction of a task bundle before 0.1.4, which "
+            "did not mark its files: nothing else tells such a file from a label saved under the same name)")
 
 
 def check_prediction_targets(targets: Iterable[str | os.PathLike], overwrite: Any = False, hint: str = SEG_HINT,
-                             inputs: Iterable[str | os.PathLike] = ()) -> list[Path]:
+                             inputs: Iterable[str | os.PathLike] = (), before_marks: bool = True) -> list[Path]:
     """Refuse, before anything is written, output files that would replace a file dira3d did not write.
 
     Args:
@@ -124,14 +148,15 @@ def check_prediction_targets(targets: Iterable[str | os.PathLike], overwrite: An
         hint: where else the user can write (names the settings), for the errors; the refusal of an existing
             file adds ``or pass --overwrite True to replace it``.
         inputs: the run's input scans: a target that is one of them is refused even with ``overwrite``.
+        before_marks: the targets may be predictions of a task bundle before 0.1.4 (unmarked): the refusal says so.
 
     Returns:
         The targets as paths.
 
     Raises:
         ValueError: a target is an input scan, or two inputs would write the same file.
-        FileExistsError: a target exists, is not dira3d's own unchanged prediction, and ``overwrite`` is off;
-            or a target is a folder.
+        FileExistsError: a target exists, is not dira3d's own unchanged prediction, and ``overwrite`` is off (names
+            every such target, up to 3, and why it is not taken for dira3d's own); or a target is a folder.
     """
     overwrite = as_bool(overwrite, "overwrite")
     paths = [Path(t) for t in targets]
@@ -142,6 +167,7 @@ def check_prediction_targets(targets: Iterable[str | os.PathLike], overwrite: An
         except OSError:
             continue
     seen: dict[Path, Path] = {}
+    refused: list[Path] = []
     for path in paths:
         resolved = path.resolve()
         if resolved in sources:
@@ -153,11 +179,26 @@ def check_prediction_targets(targets: Iterable[str | os.PathLike], overwrite: An
         if path.is_dir():
             raise FileExistsError(f"the prediction file {path} is an existing folder; {hint}")
         if os.path.lexists(path) and not overwrite and not is_own_prediction(path):
-            raise FileExistsError(
-                f"{path} exists and is not a prediction written by dira3d (e.g. a manual label next to the scan, or "
-                f"a prediction edited since): inference would replace it, so it was left as it is; {hint}, "
-                "or pass --overwrite True to replace it")
+            refused.append(path)
+    if refused:  # all of them: --overwrite True would replace every one, so the user checks them all first
+        raise FileExistsError(_refusal(refused, hint, before_marks))
     return paths
+
+
+def _refusal(refused: Sequence[Path], hint: str, before_marks: bool) -> str:
+    """The error for existing targets that are not dira3d's own: the first 3 named, why, and what to do."""
+    path, more = refused[0], refused[1:]
+    if not more:
+        return (f"{path} exists and is not a prediction written by dira3d, as far as it can tell: it has "
+                f"{_not_own_reason(path, before_marks)}; inference would replace it, so it was left as it is; {hint}, "
+                "or pass --overwrite True to replace it (check first that it holds nothing you need)")
+    reasons = {p: _not_own_reason(p, before_marks) for p in refused[:3]}
+    why = (f"they have {next(iter(reasons.values()))}" if len(set(reasons.values())) == 1
+           else "; ".join(f"{p.name} has {r}" for p, r in reasons.items()))
+    others = ", ".join(map(str, more[:2])) + (f" and {len(more) - 2} more" if len(more) > 2 else "")
+    return (f"{path} and {len(more)} more of this run's targets ({others}) exist and are not predictions written by "
+            f"dira3d, as far as it can tell: {why}; inference would replace them, so they were left as they are; {hint}, "
+            "or pass --overwrite True to replace them all (check first that none of them holds anything you need)")
 
 
 def prediction_target(image: str | os.PathLike, output_dir: str | os.PathLike, output_postfix: str,
