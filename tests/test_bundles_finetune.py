@@ -529,3 +529,16 @@ def test_segmentation_bundles_refuse_a_label_of_another_shape(bundle, tmp_path):
                          rf"\({shape[0] - 2}, .*fix the datalist", str(cause)), cause
     _save(np.zeros(shape), tmp_path / "other_seg.nii.gz", np.uint8)  # on the image's grid: accepted
     assert parser.get_parsed_content("validate#preprocessing")(dict(item))["label"].shape[1:] == shape
+
+
+@pytest.mark.parametrize("kind", ["classification", "segmentation"])
+def test_a_checkpoint_of_another_width_names_the_width_setting(kind, tmp_path):
+    """`dira3d pretrain --tiny` (width 0.125) then `dira3d finetune --pretrained` at the bundles' default width 1.0
+    failed with the shapes of 48 tensors and 'build the network with the checkpoint's width', naming no setting."""
+    from dira3d.evaluation import build_task_network
+
+    ckpt = tiny_checkpoint(tmp_path / "best.pt")
+    with pytest.raises(ValueError, match=r"pretrained at width 0\.125, but the task network is built at width 1; set the "
+                                         r"bundle's width to 0\.125 \(`dira3d finetune --set width=0\.125`"):
+        build_task_network(kind, 3, 1, 1, 1.0, str(ckpt))
+    build_task_network(kind, 3, 1, 1, 0.125, str(ckpt))  # the width it names loads

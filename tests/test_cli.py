@@ -4,7 +4,9 @@ and MONAI's notices about the optional nvImageCodec are left out of the console.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -108,6 +110,65 @@ def test_pretrain_passes_its_output_folder_to_the_bundle_as_an_absolute_path(tmp
     paths = {key: seen[key] for key in ("datalist", "dataset_dir", "ckpt_dir", "output_dir")}
     assert all(Path(p).is_absolute() and not p.startswith(("$", "%", "@")) for p in paths.values()), paths
     assert paths["ckpt_dir"] == str(tmp_path / "$__import__('os').getcwd()" / "models")
+
+
+def _visual_words_datalist(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "visual_words.json"
+    path.write_text(json.dumps({"meta": {"command": "dira3d visual-words", "classes": 2, "patch_size": [16, 16, 8]},
+                                "training": [{"image": "shards/training/class_0000.npy", "label": 0}]}))
+    return path
+
+
+def test_pretrain_refuses_a_visual_words_output_without_its_config_and_the_reverse(tmp_path, monkeypatch, capsys):
+    """`dira3d pretrain --datalist vw/visual_words.json` without `--config visual_words.json` cached the dataset and
+    then failed with 'class_0000.npy: loaded as a 5D image ...; 3D pretraining needs 3D volumes'; with it on a volumes
+    datalist, it said '.../manifest.json does not exist'."""
+    import dira3d.utils.overrides as overrides
+    from dira3d.engines.command import main as pretrain_main
+
+    calls = []
+    monkeypatch.setattr(overrides, "run_bundle", lambda configs, **kwargs: calls.append(configs))
+    vw = _visual_words_datalist(tmp_path / "vw")
+    volumes = tmp_path / "prepared" / "pretrain_datalist.json"
+    volumes.parent.mkdir()
+    volumes.write_text(json.dumps({"training": [{"image": "volumes/a.nii.gz"}], "meta": {"dataset": "generic"}}))
+    for argv, expected in (
+        (["--datalist", str(vw)], r"is the output of `dira3d visual-words` \(patch shards, not volumes\); pretrain on it "
+                                  r"with --config visual_words.json"),
+        (["--datalist", str(volumes), "--config", "visual_words.json"], r"--config visual_words.json reads the output of "
+                                                                         r"`dira3d visual-words`, but --datalist .* is not one"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            pretrain_main(argv + ["--output", str(tmp_path / "run"), "--tiny"])
+        assert stop.value.code == 2 and re.search(expected, capsys.readouterr().err)
+    assert calls == [] and not (tmp_path / "run").exists()
+    assert pretrain_main(["--datalist", str(vw), "--config", "visual_words.json", "--output", str(tmp_path / "run")]) == 0
+    assert pretrain_main(["--datalist", str(volumes), "--output", str(tmp_path / "run")]) == 0 and len(calls) == 2
+
+
+def test_pretrain_ends_saying_where_the_checkpoints_are_and_how_to_fine_tune(tmp_path, monkeypatch, capsys):
+    """A finished `dira3d pretrain` ended with ignite's 'Engine run finished': no word of best.pt, TensorBoard or the
+    next step, and a --tiny checkpoint needs the task bundle's width set to 0.125."""
+    import dira3d.utils.overrides as overrides
+    from dira3d.engines.command import main as pretrain_main
+
+    def run_bundle(configs, ckpt_dir, **kwargs):
+        Path(ckpt_dir).mkdir(parents=True)
+        for name in ("best.pt", "last.pt"):
+            (Path(ckpt_dir) / name).write_bytes(b"x")
+
+    monkeypatch.setattr(overrides, "run_bundle", run_bundle)
+    volumes = tmp_path / "pretrain_datalist.json"
+    volumes.write_text(json.dumps({"training": [], "meta": {}}))
+    out = tmp_path / "run"
+    assert pretrain_main(["--datalist", str(volumes), "--output", str(out), "--tiny"]) == 0
+    printed = capsys.readouterr().out
+    assert f"checkpoints: {out / 'models' / 'best.pt'}" in printed and str(out / "models" / "last.pt") in printed
+    assert f"tensorboard --logdir {out / 'eval'}" in printed
+    assert f"dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {out / 'models' / 'best.pt'} --set width=0.125" in printed
+    assert pretrain_main(["--datalist", str(volumes), "--output", str(tmp_path / "run2")]) == 0
+    assert "--set width" not in capsys.readouterr().out  # the bundles' default width
 
 
 def test_version_names_dira3d_torch_and_monai(capsys):

@@ -350,3 +350,20 @@ def test_hidden_folders_are_not_searched_for_scans(tmp_path):
     sitk.WriteImage(_mr(0), str(src / "site" / "a.nii.gz"))
     sitk.WriteImage(_mr(0), str(src / ".snapshot" / "hourly" / "a.nii.gz"))
     assert [case_id for case_id, _, _ in generic.discover(src)] == ["site_a"]
+
+
+def test_an_empty_validation_list_is_explained_with_generics_own_options(tmp_path, capsys):
+    """The documented `dira3d prepare generic` command (default --val-fraction 0) warned that 'validation' was empty
+    and said to check --train-subsets / --val-subsets / --test-subsets, options generic does not have, without
+    saying that the next step (`dira3d visual-words`, default --val-neighbours 30) needs that list."""
+    src = tmp_path / "scans"
+    _labelled_scans(src, 3)
+    generic.prepare(src, tmp_path / "out", modality="mr", image_suffix="_image", label_suffix="_label", progress=False)
+    err = capsys.readouterr().err
+    assert "'validation' list is empty" in err and "--val-fraction is 0 (the default)" in err
+    assert "dira3d visual-words" in err and "--train-subsets" not in err
+    generic.prepare(src, tmp_path / "out2", modality="mr", image_suffix="_image", label_suffix="_label",
+                    val_fraction=0.5, test_fraction=0.1, progress=False)
+    err = capsys.readouterr().err
+    assert "'test' list is empty" in err and "--test-fraction 0.1 of the 3 patient(s) rounds to none" in err
+    assert "--val-fraction" not in err and "--train-subsets" not in err

@@ -457,3 +457,14 @@ def test_optimizer_step_clips_the_gradient_norm():
     torch.testing.assert_close(step(None), torch.tensor([30.0, 40.0, 0.0]))
     torch.testing.assert_close(step(5.0), torch.tensor([3.0, 4.0, 0.0]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(step(100.0), torch.tensor([30.0, 40.0, 0.0]))  # under the bound: untouched
+
+
+def test_the_padding_warning_names_the_volume_file():
+    """A thick-slice volume padded to the patch was named by its shape alone: with hundreds of scans the user could
+    not tell which one to resample."""
+    from monai.data import MetaTensor
+
+    vol = MetaTensor(torch.zeros(1, 20, 18, 5), meta={"filename_or_obj": "/data/prepared/volumes/thick_mr.nii.gz"})
+    with pytest.warns(UserWarning, match=r"shape \[20, 18, 5\] \(/data/prepared/volumes/thick_mr.nii.gz; others of this "
+                                         r"shape are not named\) is smaller than the patch \[8, 8, 8\]"):
+        RandPatchPair((8, 8, 8), spatial_dims=3)(vol)

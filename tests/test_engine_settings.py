@@ -69,6 +69,17 @@ def test_2d_image_to_the_3d_bundle_says_which_setting_to_use():
         check_volume(np.zeros((1, 32, 32), np.float32), "img.png", spatial_dims=3)
 
 
+def test_a_visual_word_shard_given_as_a_volume_says_which_config_reads_it():
+    """`monai.bundle run` of train.json on `dira3d visual-words` output, without configs/visual_words.json, said only
+    'loaded as a 5D image ...; 3D pretraining needs 3D volumes'."""
+    with pytest.raises(ValueError, match=r"vw/shards/training/class_0000\.npy: loaded as a 5D image.*shard of `dira3d "
+                                         r"visual-words`: pretrain on its output with configs/visual_words\.json"):
+        check_volume(np.zeros((1, 2, 1, 16, 16, 8), np.float32), "vw/shards/training/class_0000.npy", spatial_dims=3)
+    with pytest.raises(ValueError, match=r"a\.npy: loaded as a 2D image") as err:  # not a shard: no such advice
+        check_volume(np.zeros((1, 16, 16), np.float32), "a.npy", spatial_dims=3)
+    assert "visual-words" not in str(err.value)
+
+
 def test_unnormalised_volumes_are_named_not_trained_on(repo_root):
     # a raw MRI (0 … 3057) or raw HU would train silently with loss_res ~ 1e5: the bundle checks [0, 1]
     raw_mr = np.linspace(0, 3057, 2 * 16 * 16 * 8, dtype=np.float32).reshape(1, 32, 16, 8)

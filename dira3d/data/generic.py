@@ -456,7 +456,17 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     if patterns:
         meta.update(channel_axis="last (4D NIfTI)" if len(patterns) > 1 else None, sequences=patterns,
                     label_pattern=label_pattern)
-    write_datalist(dst / "pretrain_datalist.json", splits, meta)
+    n_patients = len({patients[c.case_id] for c in good})
+    # generic has no subsets: name its own options, and why an empty 'validation' list matters for the next step
+    causes = [f"{option} is 0 (the default)" if fraction == 0 else
+              f"{option} {fraction:g} of the {n_patients} patient(s) rounds to none (whole patients)"
+              for part, option, fraction in (("validation", "--val-fraction", val_fraction), ("test", "--test-fraction", test_fraction))
+              if part in splits and not splits[part]]
+    advice = "; ".join(causes) + ("; `dira3d visual-words` (unless --val-neighbours 0) and pretraining with dis_mode moco, "
+                                  "barlow or simsiam validate on the 'validation' list" if not splits["validation"] else "")
+    example = "--val-fraction 0.1" if not splits["validation"] else "--test-fraction 0.2"
+    advice += f"; rerun with a larger fraction (e.g. {example}; the volumes written are kept)"
+    write_datalist(dst / "pretrain_datalist.json", splits, meta, split_advice=advice)
     return results
 
 

@@ -140,7 +140,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
-def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta: dict) -> Path:
+_SPLIT_ADVICE = ("check the split options (e.g. --train-subsets / --val-subsets / --test-subsets, --val-fraction, "
+                 "--test-fraction) against the cases found")
+
+
+def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta: dict,
+                   split_advice: str | None = None) -> Path:
     """Write a MONAI decathlon-style datalist with paths relative to its own folder.
 
     Args:
@@ -148,6 +153,8 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
         splits: ``{"training": [entry, ...], ...}``; an entry's ``"image"`` and a string/path
             ``"label"`` are made relative to ``path``'s folder (absolute or ``Path`` values).
         meta: stored as the top-level ``"meta"`` dict.
+        split_advice: what the warning about an empty training / validation / test list says to check
+            (the dataset's own split options); default: the split options of the datasets in general.
     """
     path = Path(path)
     base = path.parent.resolve()
@@ -164,8 +171,7 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
     empty = [split for split in ("training", "validation", "test") if split in splits and not splits[split]]
     if empty:  # e.g. LUNA16's default test subsets 7-9 not downloaded: the fine-tuning test would fail much later
         print(f"WARNING {path.name}: its {', '.join(repr(s) for s in empty)} list{'s are' if len(empty) > 1 else ' is'} "
-              "empty: no prepared case went there; check the split options (e.g. --train-subsets / --val-subsets / "
-              "--test-subsets, --val-fraction, --test-fraction) against the cases found", file=sys.stderr)
+              f"empty: no prepared case went there; {split_advice or _SPLIT_ADVICE}", file=sys.stderr)
     return write_json(path, out)
 
 

@@ -9,14 +9,16 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool, parse_value
 
-__all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "main"]
+__all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "visual_words_mismatch", "finished_message", "main"]
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "dira_pretrain"
 
@@ -53,6 +55,64 @@ def interrupted_message(output: Path, overrides: dict, stopped: BaseException | 
     if not resume:
         return f"{what}; {where}; rerun without --override resume=false to resume from it"
     return f"{what}; {where}; rerun the same command to resume from it"
+
+
+def _merged_config(configs: list[str], overrides: dict) -> Any:
+    """The bundle configs merged as ``monai.bundle run`` merges them (later files win), overrides applied."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([c for c in configs if Path(c).is_file()])
+    parser.update(dict(overrides))
+    return parser
+
+
+def visual_words_mismatch(datalist: Path, configs: list[str], overrides: dict) -> str:
+    """Why ``datalist`` does not fit the configs ('' when it does): the output of ``dira3d visual-words``
+    (``visual_words.json``: shards of patches) needs ``configs/visual_words.json``, which in turn reads only
+    such an output. Without it the bundle loaded the shards as 5D images after caching, and said only that
+    3D pretraining needs 3D volumes."""
+    from dira3d.visual_words.writer import FORMAT as VW_FORMAT
+
+    try:
+        content = json.loads(datalist.read_text(encoding="utf-8"))
+        meta = content.get("meta")
+    except (OSError, ValueError, AttributeError):
+        return ""  # not readable as a datalist: the bundle names the problem
+    # visual_words.json records the command; manifest.json (which the dataset reads as well) its format
+    is_vw = (isinstance(meta, dict) and meta.get("command") == "dira3d visual-words") or content.get("format") == VW_FORMAT
+    target = str(_merged_config(configs, overrides).get("train#dataset#_target_", ""))
+    reads_vw = "VisualWordPairDataset" in target
+    if is_vw and not reads_vw:
+        return (f"--datalist {datalist} is the output of `dira3d visual-words` (patch shards, not volumes); "
+                "pretrain on it with --config visual_words.json")
+    if reads_vw and not is_vw:
+        return (f"--config visual_words.json reads the output of `dira3d visual-words`, but --datalist {datalist} is not "
+                f"one; run `dira3d visual-words --datalist {datalist} --out VW_FOLDER` first and pass --datalist "
+                "VW_FOLDER/visual_words.json, or leave out --config visual_words.json to pretrain on the volumes "
+                "(every training volume a class)")
+    return ""
+
+
+def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
+    """What ``dira3d pretrain`` prints at the end of a run: where the checkpoints and the TensorBoard logs
+    are, and the fine-tuning command that starts from them (with the width the task bundle needs)."""
+    models, best, last = output / "models", output / "models" / "best.pt", output / "models" / "last.pt"
+    if not last.is_file():
+        return f"no checkpoint was written in {models}"
+    try:
+        width = float(_merged_config(configs, overrides).get_parsed_content("width"))
+    except Exception:  # an expression of the user's: leave the width out of the hint
+        width = 1.0
+    start = best if best.is_file() else last
+    width_hint = "" if width == 1.0 else f" --set width={width:g}"
+    return "\n".join([
+        f"checkpoints: {best} (lowest validation loss of the last stage) and {last} (rerun the same command to resume "
+        "or, with a higher --override max_epochs=N, to train on)" if best.is_file() else f"checkpoint: {last}",
+        f"TensorBoard: tensorboard --logdir {output / 'eval'}",
+        f"fine-tune:   dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {start}{width_hint} "
+        "--output-dir runs/ft (docs/finetuning.md)",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         check_overrides(configs, overrides, where="--override")
     except ValueError as err:
         parser.error(str(err))
+    mismatch = visual_words_mismatch(datalist, configs, overrides)
+    if mismatch:
+        parser.error(mismatch)
     from dira3d.engines.inputs import setting_error_in
     from dira3d.utils.checkpoint import check_writable
 
@@ -134,4 +197,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dira3d pretrain: error: {cause}", file=sys.stderr)
         return 2
+    print(finished_message(output, configs, overrides), flush=True)
     return 0

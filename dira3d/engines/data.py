@@ -68,10 +68,11 @@ class RandPatchPair(Randomizable):
         """Return ``[patch1, patch2]`` (instances) or ``[patch1]`` (views), each ``(C, *patch_size)``."""
         # plain tensors: patches are training inputs, their crop history is not needed downstream,
         # and MetaTensor slicing and collation cost more than the copy itself
+        source = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
         img = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         roi = self._roi(img.dim() - 1)
         if any(s < r for s, r in zip(img.shape[1:], roi)):  # only small volumes: a pad copies the whole volume
-            _warn_padding(tuple(img.shape[1:]), roi)
+            _warn_padding(tuple(img.shape[1:]), roi, source)
             img = SpatialPad(spatial_size=roi)(img)  # padded with 0 (air / background)
         if randomize:
             self.randomize(img.shape[1:])
@@ -88,16 +89,18 @@ class RandPatchPair(Randomizable):
 _PADDED_SHAPES: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
 
 
-def _warn_padding(shape: tuple[int, ...], roi: tuple[int, ...]) -> None:
+def _warn_padding(shape: tuple[int, ...], roi: tuple[int, ...], source: str | None = None) -> None:
     """Say once per volume shape (and process) that its patches are partly zero padding: a thick-slice
-    scan (e.g. an MRI of 25 slices for 32-slice patches) would otherwise train on a band of zeros silently."""
+    scan (e.g. an MRI of 25 slices for 32-slice patches) would otherwise train on a band of zeros silently.
+    ``source``: the file of the volume (named, so that the user can find it; others of its shape are not)."""
     if (shape, roi) in _PADDED_SHAPES:
         return
     _PADDED_SHAPES.add((shape, roi))
     short = ", ".join(f"axis {'xyz'[i] if len(shape) == 3 else i} {s} < {r}" for i, (s, r) in enumerate(zip(shape, roi)) if s < r)
     warnings.warn(
-        f"a volume of shape {list(shape)} is smaller than the patch {list(roi)} ({short}): its patches are padded "
-        "with zeros; resample it to thinner slices (`dira3d prepare ... --spacing`) or choose a smaller patch_size",
+        f"a volume of shape {list(shape)}{f' ({source}; others of this shape are not named)' if source else ''} is "
+        f"smaller than the patch {list(roi)} ({short}): its patches are padded with zeros; resample it to thinner "
+        "slices (`dira3d prepare ... --spacing`) or choose a smaller patch_size",
         UserWarning, stacklevel=3)
 
 

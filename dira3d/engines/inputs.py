@@ -126,7 +126,10 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         raise DataError(source, f"loaded as a {len(shape) - 1}D image of shape {shape[1:]}; "
                                 f"{spatial_dims}D pretraining needs {' or '.join(f'{d}D' for d in allowed)} volumes"
                                 + ("; for 2D images pretrain with the 2D setting (`dira3d pretrain --config 2d.json`, "
-                                   "or spatial_dims 2 and a 2-value patch_size)" if spatial_dims == 3 and len(shape) == 3 else ""))
+                                   "or spatial_dims 2 and a 2-value patch_size)" if spatial_dims == 3 and len(shape) == 3 else "")
+                                + ("; this is a shard of `dira3d visual-words`: pretrain on its output with "
+                                   "configs/visual_words.json (`dira3d pretrain --config visual_words.json`, or add it "
+                                   "to --config_file)" if str(source).endswith(".npy") and len(shape) - 1 > 3 else ""))
     if channels is not None and shape[0] != channels:
         raise DataError(source, f"has {shape[0]} channels (loaded shape {shape}), not {channels}"
                                 + (": a colour (RGB/RGBA) image? run `dira3d prepare <dataset>` (docs/data_2d.md), which "

@@ -70,10 +70,34 @@ def build_task_network(
         network: torch.nn.Module = Classifier(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=out, width=width)
     else:
         network = Segmenter(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out, width=width)
-    return initialise_task_network(
-        network, kind, pretrained, in_channels_policy, bn_momentum,
-        random_message=None if weights_loaded_later else
-        f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})")
+    try:
+        return initialise_task_network(
+            network, kind, pretrained, in_channels_policy, bn_momentum,
+            random_message=None if weights_loaded_later else
+            f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})")
+    except ValueError as err:
+        hint = _width_mismatch(pretrained, width)
+        if hint:  # the one setting to change, rather than dozens of shape mismatches
+            raise ValueError(hint) from err
+        raise
+
+
+def _width_mismatch(pretrained: str | os.PathLike | None, width: float) -> str:
+    """The error for a checkpoint pretrained at another ``width`` than the task network's ('' if its
+    meta records none, or the same): e.g. a ``dira3d pretrain --tiny`` checkpoint (width 0.125) given to a
+    task bundle at its default width 1.0, which failed with the shapes of 48 tensors."""
+    from dira3d.utils.checkpoint import load_checkpoint
+
+    try:
+        meta = load_checkpoint(pretrained).get("meta") or {}
+        ckpt_width = float(meta["width"])
+    except (KeyError, TypeError, ValueError, OSError):
+        return ""
+    if ckpt_width == float(width):
+        return ""
+    return (f"pretrained weights from {pretrained} were pretrained at width {ckpt_width:g}, but the task network is built "
+            f"at width {float(width):g}; set the bundle's width to {ckpt_width:g} (`dira3d finetune --set "
+            f"width={ckpt_width:g}`, `--width {ckpt_width:g}` for monai.bundle run)")
 
 
 def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str | os.PathLike | None,
