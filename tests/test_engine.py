@@ -316,7 +316,8 @@ def test_a_loader_without_batches_is_an_error_not_a_silent_exit():
     sampler = DistributedSampler(dataset, num_replicas=2, rank=0, drop_last=True)
     loader = DataLoader(dataset, batch_size=2, drop_last=True, sampler=sampler)
     with pytest.raises(ValueError, match=r"3 training item\(s\) per epoch, 1 on each of the 2 processes, with batch_size 2 "
-                                         r"and drop_last; lower batch_size \(e\.g\. --batch_size 1\), use fewer processes"):
+                                         r"and drop_last; lower batch_size \(e\.g\. --override batch_size=1 with dira3d pretrain, "
+                                         r"--batch_size 1 with python -m monai\.bundle run\), use fewer processes"):
         DiRATrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), None, None, None,
                     stages=[{"name": "r", "losses": ["res"]}])
 

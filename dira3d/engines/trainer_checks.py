@@ -78,5 +78,6 @@ def check_yields_batches(loader: Any) -> None:
             fewer = ", use fewer processes (--nproc_per_node)"
         raise ValueError(
             f"the training data loader yields no batch: {items} training item(s) per epoch{share} with batch_size "
-            f"{loader.batch_size}{drop}; lower batch_size (e.g. --batch_size 1){fewer} or add training volumes"
+            f"{loader.batch_size}{drop}; lower batch_size (e.g. --override batch_size=1 with dira3d pretrain, --batch_size 1 "
+            f"with python -m monai.bundle run){fewer} or add training volumes"
         )
