@@ -279,6 +279,16 @@ def test_bad_settings_raise_clear_errors():
                     stages=[{"name": "r", "losses": ["res", "adv"]}])
 
 
+def test_one_visual_word_class_warns_that_the_discrimination_trains_nothing():
+    from dira3d.engines import build_dis_head
+
+    with pytest.warns(UserWarning, match=r"num_classes is 1 .*always 0.*single training volume.*dis_mode moco"):
+        build_dis_head("visual_words", 3, 64, num_classes=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dis_head("visual_words", 3, 64, num_classes=2)
+
+
 def test_a_missing_adversary_names_the_stages_and_how_to_drop_adv():
     from dira3d.engines import build_dis_head
 

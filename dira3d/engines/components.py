@@ -17,6 +17,7 @@ one after each hidden layer. They are plain functions so a bundle config can cal
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch import nn
@@ -67,6 +68,12 @@ def build_dis_head(
                 "num_classes must be a positive integer in dis_mode='visual_words' "
                 "(the number of visual words, or of training volumes with one class per image)"
             )
+        if int(num_classes) == 1:  # cross-entropy over one class is 0 whatever the network does
+            warnings.warn(
+                "num_classes is 1 in dis_mode='visual_words': the discrimination loss is always 0 and trains nothing "
+                "(with one class per training volume, the datalist has a single training volume); add training "
+                "volumes, pretrain on `dira3d visual-words` output (configs/visual_words.json), or choose an "
+                "instance mode (dis_mode moco, barlow or simsiam)", UserWarning, stacklevel=2)
         return VisualWordHead(spatial_dims, in_channels, int(num_classes), hidden=hidden)
     if dis_mode == "moco":
         return ProjectionHead(in_channels, hidden, proj_dim, num_layers=2, batch_norm=False)  # MoCo-v2: no BN
