@@ -20,7 +20,8 @@
 #   profile: the fastest A/B row, compiled, with aten::copy_ per input shape and its callers: where the
 #       153 ms step goes after splitcat (its 60 s cap was too short for a fresh process on the third
 #       lease; now up to 150 s);
-#   scale: the fastest row at batch 96 and 128 (426/s at 96 on the third lease);
+#   scale: the fastest row at batch 8 (the bundle's default batch_size, the patent's), 16 and 96 (426/s at 96 on
+#       the third lease);
 #   plain: the plain PyTorch loop at bf16 + channels-last + compile, if time is left.
 # followup: the per-layer convolution table (conv_layers.py), batch 64 vs 128, and inductor's
 # max-autotune (the second call of 2026-11-26; its figures are in docs/benchmarks.md).
@@ -84,7 +85,7 @@ else
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
     PF_SIZE=(--batch 32 --config bf16+cl+cudnn); PF_EXTRA=(--rows 40); FC_SIZE=(--batch 64)
     AB_SIZE=("${PT_SIZE[@]}")
-    AB_BASE=bf16+cl+gemmwg+splitcat+compile; BIG2=(96 128)
+    AB_BASE=bf16+cl+gemmwg+splitcat+compile; BIG2=(8 16 96)
     AB_CONFIGS=$AB_BASE,bf16+cl+gemmwg+splitcat+gemmhead+compile+prefetch
     PLAIN=bf16+cl+compile
     CL_SIZE=(--batch 64); FOLLOW=bf16+cl+gemmwg+compile; FOLLOW_MAX=bf16+cl+gemmwg+compile-max; BATCHES=(64 128)
