@@ -415,3 +415,34 @@ def test_2d_finetune_refuses_a_colour_png_naming_it(bundle, key, mode, tmp_path,
                      r"not 1: a colour \(RGB/RGBA\) image\? run `dira3d prepare <dataset>` \(docs/data_2d\.md\), which turns "
                      r"a grey image stored in colour into one channel", err), err
     assert str(path) in err and not (tmp_path / "out" / "models" / "model.pt").exists()
+
+
+def test_load_split_checks_label_vectors_for_a_classifier(tmp_path):
+    five = write_cxr(tmp_path / "five", "five.json", 5, train=4, test=2)
+    assert len(load_split(five, "test", num_labels=5)) == 2 and len(load_split(five, "test")) == 2
+    content = json.loads(five.read_text())
+    content["meta"]["labels"] = [f"finding{k}" for k in range(5)]
+    five.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"five\.json: entry 0 of split 'train' \(image \S+tr\d\.png\) has 5 labels "
+                                         r"\(finding0, .*finding4\), but the network has out_channels 14: pass a datalist "
+                                         r"with the bundle's 14 labels .* or train on these 5 with --set out_channels=5"):
+        load_split(five, "train", num_labels=14)
+    masks = write_cxr(tmp_path / "seg", "seg.json", None, train=4, test=2)
+    with pytest.raises(ValueError, match=r"seg\.json: entry 0 of split 'test' \(image \S+te0\.png\) has label '\S+te0\.png', "
+                                         r"a file \(a segmentation datalist\?\); this classification bundle takes a list of 5"):
+        load_split(masks, "test", num_labels=5)
+
+
+def test_chexpert_bundle_refuses_a_datalist_of_all_14_observations_naming_it(tmp_path, capsys):
+    """`dira3d prepare chexpert --labels all` (documented) writes 14 labels; chexpert_cls has 5 outputs: training
+    ran and failed at the first step with torch's "Target size ([2, 14]) must be the same as input size ([2, 5])"."""
+    from dira3d.evaluation.finetune import main
+
+    datalist = write_cxr(tmp_path / "data", "chexpert_datalist.json", 14, train=4, test=2)
+    code = main(["--bundle", "chexpert_cls", "--datalist", str(datalist), "--output-dir", str(tmp_path / "out"), "--tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert re.search(r"dira3d finetune: error: datalist \S*chexpert_datalist\.json: entry 0 of split 'train' .* has 14 "
+                     r"labels, but the network has out_channels 5: .*`dira3d prepare chexpert` with the default "
+                     r"--labels five", err), err
+    assert not (tmp_path / "out" / "models" / "model.pt").exists()

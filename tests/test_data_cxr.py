@@ -212,6 +212,24 @@ def test_chestxray14_missing_image_is_a_failed_case(tmp_path, capsys):
 
 # ---------------------------------------------------------------- CheXpert
 
+def test_chestxray14_dst_is_src_with_images_folder_is_refused_and_src_inside_dst_works(tmp_path):
+    # the NIH archives extract to images/, where the prepared images go: --dst = --src failed with "holds none
+    # of the PNG images ...; extract the archives" (every PNG under --dst was ignored), which misled; and a
+    # --src inside --dst (--src /data/out/nih --dst /data/out) failed with the same message
+    src = _nih_layout(tmp_path / "nih")
+    (src / "images").mkdir()
+    for path in list(src.glob("images_*/images/*.png")):
+        path.rename(src / "images" / path.name)
+    before = {p.name: p.read_bytes() for p in (src / "images").iterdir()}
+    with pytest.raises(DataError, match=r"holds the downloaded images in .*images, where the prepared ones would be "
+                                        r"written over them \(--dst is --src\?\); choose an output folder"):
+        chestxray14.prepare(src, src, size=32, progress=False)
+    assert {p.name: p.read_bytes() for p in (src / "images").iterdir()} == before  # untouched
+    results = chestxray14.prepare(src, tmp_path, size=32, progress=False)  # --src inside --dst
+    assert [r.status for r in results] == ["written"] * len(ENTRIES)
+    assert len(_listed(json.loads((tmp_path / "chestxray14_datalist.json").read_text()))) == len(ENTRIES)
+
+
 CHEX_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *chexpert.ALL]
 
 

@@ -269,8 +269,13 @@ def test_build_task_network_loads_encoder_and_decoder(tmp_path, capsys):
 
 def test_wrong_checkpoint_names_keys_and_shapes(tmp_path):
     _tiny_checkpoint(tmp_path / "wide.pt", width=0.25)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=r"pretrained at width 0\.25, but the task network is built at width 0\.125; "
+                                         r"set the bundle's width to 0\.25"):  # its meta names the one setting to change
         build_task_network("segmentation", 3, 1, 1, 0.125, str(tmp_path / "wide.pt"))
+    wide = torch.load(tmp_path / "wide.pt", weights_only=True)
+    atomic_save({"encoder": wide["encoder"], "decoder": wide["decoder"]}, tmp_path / "wide_no_meta.pt")
+    with pytest.raises(ValueError) as err:  # no width recorded: the keys and shapes that differ
+        build_task_network("segmentation", 3, 1, 1, 0.125, str(tmp_path / "wide_no_meta.pt"))
     message = str(err.value)
     assert "encoder." in message and "8" in message and "4" in message  # key names and both channel counts
     other = {"encoder": {"features.0.weight": torch.zeros(3, 3)}, "decoder": {}}  # another architecture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,33 @@ def test_localise_refused_by_its_model_leaves_no_empty_output_dir(tmp_path):
     with pytest.raises(ValueError, match="has label_index 2"):
         localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features", roi_size=(64, 48))
     assert not (tmp_path / "out").exists()
+
+
+def test_localise_leaves_out_a_box_whose_image_is_bad_and_scores_the_others(tmp_path, capsys):
+    # a PNG that is not an image stopped the run with MONAI's RuntimeError traceback of every reader, naming no
+    # file, and a colour PNG stopped every box after it: each is left out, named, and the others are scored
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)] * 3, [0, 0, 0])
+    images = tmp_path / "data" / "images"
+    (images / "img0.png").write_bytes(b"not a png")
+    Image.fromarray(np.stack([np.asarray(Image.open(images / "img2.png"))] * 3, -1)).save(images / "img2.png")
+    with pytest.warns(UserWarning, match=r"box 0 left out: \S+img0\.png: cannot be read as an image"):
+        result = localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
+                          roi_size=(64, 48))
+    assert result["count"] == 1 and [b["image"] for b in result["boxes"]] == [str(images / "img1.png")]
+    assert result["accuracy"]["0.6"] == 1.0  # the good box is found as before
+    assert [s["image"] for s in result["skipped"]] == [str(images / "img0.png"), str(images / "img2.png")]
+    assert "has 3 channels" in result["skipped"][1]["reason"]
+    assert json.loads((tmp_path / "out" / "localisation.json").read_text())["skipped"] == result["skipped"]
+    # the command: the numbers, then one line per left-out box; a run whose every image is bad stops with the first
+    torch.save(ResNetClassifier(1, 2, backbone="resnet10").state_dict(), tmp_path / "model.pt")
+    assert main(["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir",
+                 str(tmp_path / "cli"), "--num-classes", "2", "--backbone", "resnet10", "--roi-size", "64", "64"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("dira3d localise: warning: left out (not in the accuracies): ") == 2 and "img0.png: cannot be read" in err
+    assert "Traceback" not in err and "UserWarning" not in err
+    (images / "img1.png").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir", str(tmp_path / "cli2"),
+              "--num-classes", "2", "--backbone", "resnet10", "--roi-size", "64", "64"])
+    assert re.search(r"dira3d localise: error: \S+img0\.png: cannot be read as an image", capsys.readouterr().err)
+    assert not (tmp_path / "cli2" / "localisation.json").exists()

@@ -141,21 +141,32 @@ def read_boxes(path: str | Path) -> list[dict]:
 
 
 def _index_images(src: Path, dst: Path, wanted: set[str], problems: dict[str, str]) -> dict[str, Path]:
-    """The wanted PNGs under ``src`` (ignoring anything under ``dst``): ``{name: path}``.
+    """The wanted PNGs under ``src`` (ignoring ``dst/images``, where the prepared ones go): ``{name: path}``.
 
     A name found in two places keeps its first path and gets a problem naming both files in
     ``problems`` (the image becomes a failed case; which copy is right cannot be told).
+
+    Raises:
+        DataError: the wanted PNGs lie only in ``dst/images`` (``--dst`` is ``--src`` of an archive that
+            extracts to ``images/``): the prepared images would be written over them.
     """
-    outside = str(dst.resolve()) + "/"
+    outputs = str((dst / "images").resolve()) + "/"
     files: dict[str, Path] = {}
+    in_outputs = 0
     for path in sorted(src.rglob("*.png")):
-        if path.name not in wanted or str(path.resolve()).startswith(outside):
+        if path.name not in wanted:
+            continue
+        if str(path.resolve()).startswith(outputs):  # an earlier run's output, or a download in --dst/images
+            in_outputs += 1
             continue
         if path.name in files:
             record_or_raise(problems, path.name, DataError(path, f"duplicate of {files[path.name]}; keep one copy "
                                                                  "of each image"))
             continue
         files[path.name] = path
+    if not files and in_outputs:
+        raise DataError(dst, f"holds the downloaded images in {dst / 'images'}, where the prepared ones would be written "
+                             "over them (--dst is --src?); choose an output folder of its own with --dst")
     return files
 
 

@@ -250,6 +250,7 @@ def load_split(
     seed: int = 0,
     holdout: float = 0.1,
     fold: int | None = None,
+    num_labels: int | None = None,
 ) -> list[dict]:
     """Entries of one split of a prepared datalist, with absolute paths.
 
@@ -261,13 +262,18 @@ def load_split(
         holdout: share of the (selected) training entries held out by patient for early stopping.
         fold: for cross-validation datalists (entries with ``"fold"``): test on this fold and
             train on the others. ``None`` uses the ``"test"`` key.
+        num_labels: a multi-label classifier's number of outputs (``@out_channels`` of the 2D
+            classification bundles): every returned entry's ``label`` must be a list of that many
+            numbers. None: not checked.
 
     Returns:
         A list of entry dicts (``"image"``, ``"label"``, ``"case_id"``, ...).
 
     Raises:
         FileNotFoundError: the datalist does not exist.
-        ValueError: unknown split, a bad fraction, a fold that no entry has, or an empty split.
+        ValueError: unknown split, a bad fraction, a fold that no entry has, an empty split, or (with
+            ``num_labels``) a label that is not a list of ``num_labels`` numbers (names the file, the entry and
+            what to do: a segmentation datalist, or CheXpert prepared with ``--labels all`` for the 5-class bundle).
         dira3d.data.datalist.DatalistFilesMissingError: image or label files of the returned entries that
             do not exist (all named, with their case ids; a ``FileNotFoundError`` too).
     """
@@ -289,6 +295,7 @@ def load_split(
     elif split == "validation":
         result = _load_key(path, content, "validation")
         check_entry_files(path, "validation", result)
+        _check_label_vectors(path, content, split, result, num_labels)
         return _common_keys(result)
     else:
         chosen = select_fraction(training, label_fraction, seed)
@@ -317,7 +324,36 @@ def load_split(
         )
     # the entries this run uses (not the whole list: a 1 % run does not need the other 99 %)
     check_entry_files(path, "test" if split == "test" and (fold is None or int(fold) < 0) else "training", result)
+    _check_label_vectors(path, content, split, result, num_labels)
     return _common_keys(result)
+
+
+def _check_label_vectors(path: Path, content: dict, split: str, entries: list[dict], num_labels: int | None) -> None:
+    """Refuse a label that a multi-label classifier with ``num_labels`` outputs cannot take: it failed deep in
+    training (``Target size ([2, 14]) must be the same as input size ([2, 5])``, or ``new(): invalid data type
+    'str'`` for a mask path), naming no file."""
+    if num_labels is None:
+        return
+    for index, entry in enumerate(entries):
+        label = entry.get("label")
+        if isinstance(label, (list, tuple)) and len(label) == int(num_labels) \
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in label):
+            continue
+        where = f"datalist {path}: entry {index} of split {split!r} (image {entry.get('image')})"
+        if isinstance(label, str):
+            raise ValueError(f"{where} has label {label!r}, a file (a segmentation datalist?); this classification bundle "
+                             f"takes a list of {num_labels} numbers per image, as `dira3d prepare chestxray14` / `chexpert` "
+                             "write them: pass the datalist of its dataset")
+        meta = content.get("meta") if isinstance(content.get("meta"), dict) else {}
+        names = f" ({', '.join(map(str, meta['labels']))})" if isinstance(meta.get("labels"), list) else ""
+        count = len(label) if isinstance(label, (list, tuple)) else None
+        if count is not None and count != int(num_labels):
+            raise ValueError(f"{where} has {count} labels{names}, but the network has out_channels {num_labels}: pass a "
+                             f"datalist with the bundle's {num_labels} labels (chexpert_cls: `dira3d prepare chexpert` with "
+                             "the default --labels five; chestxray14_cls: `dira3d prepare chestxray14`), or train on these "
+                             f"{count} with --set out_channels={count} (and class_names)")
+        raise ValueError(f"{where} has label {label!r}; expected a list of {num_labels} numbers (1 = finding present); "
+                         "regenerate the datalist with `dira3d prepare`")
 
 
 _WARNED: set[tuple] = set()  # (datalist, settings) already warned about in this process

@@ -10,7 +10,7 @@ Inputs: ``bbox_datalist.json`` as written by ``dira3d prepare chestxray14`` (ent
 ``label`` (finding), ``label_index``, ``box`` = ``[x, y, w, h]`` in pixels of the prepared PNG). The
 image is loaded like the bundle loads it (``(x, y)`` axes, [0, 1], resized to ``roi_size``) and the box
 is scaled by the same factors. Outputs in ``output_dir``: ``localisation.json`` (accuracy per δ, the
-settings, the best IoU of every box) and PNG overlays (heatmap, predicted boxes yellow, truth green).
+settings, the best IoU of every box, the boxes left out) and PNG overlays (heatmap, predicted boxes yellow, truth green).
 
 Command line (``dira3d localise``)::
 
@@ -27,12 +27,15 @@ import argparse
 import json
 import math
 import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dira3d.data.errors import DataError
 from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
 from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable, removed_if_failed_empty
@@ -120,13 +123,16 @@ def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int]) -> tuple[to
     """Load an 8-bit PNG as the 2D bundles do: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``; also the original (x, y) size.
 
     Raises:
-        DataError: not a one-channel 2D image (an RGB(A) PNG: ``dira3d prepare chestxray14`` writes grey ones).
+        DataError: not an image (unreadable, empty, missing) or not a one-channel 2D image (an RGB(A) PNG:
+            ``dira3d prepare chestxray14`` writes grey ones), naming the file.
     """
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRange
+    from monai.transforms import EnsureChannelFirst, Resize, ScaleIntensityRange
 
-    from dira3d.engines.inputs import check_volume
+    from dira3d.engines.inputs import LoadVolumed, check_volume
 
-    image = Compose([LoadImage(reader="PILReader", image_only=True), EnsureChannelFirst()])(str(path))
+    # LoadVolumed: a file that is not an image, empty or missing is a DataError naming it (MONAI's LoadImage
+    # raised a RuntimeError traceback of every reader's failure)
+    image = EnsureChannelFirst()(LoadVolumed("image", reader="PILReader", image_only=True)({"image": str(path)})["image"])
     check_volume(image, path, spatial_dims=2, check_finite=False, slices=False, channels=1)
     size = (int(image.shape[1]), int(image.shape[2]))
     image = ScaleIntensityRange(0.0, 255.0, 0.0, 1.0, clip=True)(image)
@@ -163,10 +169,13 @@ def localise(
     Returns:
         ``{"accuracy": {δ: share of all boxes}, "mean_accuracy_over_findings": {δ: mean over findings of
         their accuracy} (the paper's number), "accuracy_per_finding": {finding: {δ: share}}, "count",
-        "threshold", "target_layer", "roi_size", "boxes": [...]}``.
+        "threshold", "target_layer", "roi_size", "boxes": [...], "skipped": [{image, label, reason}]}``: a box whose
+        image cannot be used (not an image, a colour PNG) is left out with a warning naming it and listed under
+        ``skipped``; ``count`` and the accuracies are of the other boxes.
 
     Raises:
-        ValueError: unknown ``target_layer``, a ``label_index`` outside the model's outputs, or no entries.
+        ValueError: unknown ``target_layer``, a ``label_index`` outside the model's outputs, or no entries;
+            a :class:`DataError` (the first one) when no box's image can be used.
         FileExistsError: ``output_dir`` holds an earlier run's ``localisation.json`` (without ``overwrite``).
         FolderNotWritableError: ``output_dir`` cannot be created or written to.
     """
@@ -187,10 +196,16 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
     check_writable(out, what="output folder (--output-dir)")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     model = model.to(device)
-    heatmaps, truths, records = [], [], []
+    heatmaps, truths, records, skipped, first_error = [], [], [], [], None
     for index, entry in enumerate(entries):
-        image, size = load_cxr_image(entry["image"], roi_size)
-        if index == 0:  # before any overlay is written
+        try:
+            image, size = load_cxr_image(entry["image"], roi_size)
+        except DataError as err:  # this box is left out, the others are scored (docs/2d.md)
+            first_error = first_error or err
+            skipped.append({"image": entry["image"], "label": entry.get("label"), "reason": str(err)})
+            warnings.warn(f"box {index} left out: {err}", UserWarning, stacklevel=2)
+            continue
+        if not records:  # before any overlay is written
             _check_entries_fit(model, image, entries, device)
         gt = scale_box(entry["box"], size, roi_size)
         heatmap = gradcam_maps(model, image[None].to(device), target_layer, class_idx=int(entry["label_index"]))[0]
@@ -202,6 +217,8 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
         if index < max_overlays:
             name = f"{index:04d}_{Path(entry['image']).stem}_{entry.get('label', entry['label_index'])}.png"
             save_overlay(image[0].numpy(), heatmap, out / "overlays" / name, gt_box=gt, threshold=threshold)
+    if not records:  # every image was bad: nothing to score
+        raise first_error
     accuracy = localisation_accuracy(heatmaps, truths, threshold=threshold, deltas=deltas)
     # the paper's number: the accuracy of each finding, then their mean (ChestX-ray14's 8 boxed findings
     # have 79 to 180 boxes each, so the share of all boxes weighs the common findings more)
@@ -214,7 +231,8 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
                           for delta in deltas}
     result = {"accuracy": {f"{delta:g}": value for delta, value in accuracy.items()},
               "mean_accuracy_over_findings": mean_over_findings, "accuracy_per_finding": per_finding, "count": len(records),
-              "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size], "boxes": records}
+              "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size], "boxes": records,
+              "skipped": skipped}
     atomic_write_text(out / "localisation.json", json.dumps(result, indent=2))
     return result
 
@@ -328,11 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.threshold < 1:  # the heatmap is min-max normalised: 0 or above 1 would box everything or nothing
         parser.error(f"--threshold {args.threshold:g} must be between 0 and 1 (the heatmap is scaled to [0, 1]), e.g. 0.5")
     try:
-        result = run_localisation(args.bbox_datalist, args.model, args.output_dir, None if args.split == "all" else args.split,
-                                  num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
-                                  roi_size=args.roi_size, threshold=args.threshold, max_overlays=args.max_overlays,
-                                  overwrite=args.overwrite)
+        with warnings.catch_warnings():  # a left-out box: one line each after the numbers (below), not a warning too
+            warnings.filterwarnings("ignore", message=r"box \d+ left out: ")
+            result = run_localisation(args.bbox_datalist, args.model, args.output_dir, None if args.split == "all" else args.split,
+                                      num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
+                                      roi_size=args.roi_size, threshold=args.threshold, max_overlays=args.max_overlays,
+                                      overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, FolderNotWritableError) as err:
         parser.error(str(err))
     print(json.dumps(result["accuracy"], indent=2))
+    for item in result["skipped"]:  # after the numbers, so that they are not missed
+        print(f"dira3d localise: warning: left out (not in the accuracies): {item['reason']}", file=sys.stderr)
     return 0
