@@ -343,3 +343,35 @@ def test_a_report_path_that_cannot_be_written_stops_the_batch_before_any_input_i
     assert _run("lits_liver_seg", tmp_path, [{"image": str(a)}, {"image": str(b)}], out, report_path=str(report),
                 **SEG3D) == [0]
     assert json.loads(report.read_text())["summary"]["written"] == 2
+
+
+def test_a_failure_key_leaves_out_short_input_names_only_where_they_stand_as_a_name():
+    """DICOM series folders named 1, 2, 3 (a common export): the name of each input was taken out of the message
+    wherever it stood, e.g. in `groups=1` and `[32, 1, 3, ...]`, so the same wrong-model error gave another key on
+    every input and the batch never stopped."""
+    from dira3d.evaluation.batch import failure_key
+
+    message = ("Given groups=1, weight of size [32, 1, 3, 3, 3], expected input[1, 2, 96, 96, 96] to have 1 channels, "
+               "but got 2 channels instead")
+    keys = {failure_key(RuntimeError(message), [f"/data/dicom/{n}"]) for n in ("1", "2", "3", "32")}
+    assert keys == {f"RuntimeError: {message}"}
+    # a name that stands as a name is still left out, and only there
+    assert failure_key(RuntimeError("series s1 failed (s10 ok)"), ["/d/s1"]) == "RuntimeError: series <file> failed (s10 ok)"
+    assert failure_key(RuntimeError("cannot read /d/s1: bad"), ["/d/s1"]) == "RuntimeError: cannot read <file>: bad"
+
+
+@pytest.mark.parametrize("value", ["three", 2.5, -1, True])
+def test_a_bad_repeated_failures_setting_is_named(value):
+    """`--inference_batch#repeated_failures three` stopped with int()'s "invalid literal for int() with base 10", naming
+    no setting, and 2.5 was taken as 2 without a word."""
+    from dira3d.evaluation import InferenceBatch
+
+    with pytest.raises(ValueError, match=rf"^repeated_failures={value!r}: pass the number of inputs"):
+        InferenceBatch([{"image": "a.nii.gz"}], repeated_failures=value)
+
+
+def test_repeated_failures_takes_a_whole_number_as_text():
+    from dira3d.evaluation import InferenceBatch
+
+    assert InferenceBatch([{"image": "a.nii.gz"}], repeated_failures="5").repeated_failures == 5
+    assert InferenceBatch([{"image": "a.nii.gz"}], repeated_failures=0).repeated_failures == 0

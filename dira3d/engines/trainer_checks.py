@@ -1,10 +1,12 @@
 """Checks of :class:`~dira3d.engines.DiRATrainer`'s constructor options that involve several of them.
 
-The trainer's constructor calls these before it builds anything: :func:`check_modules_for_stages` refuses
-stages whose loss terms need a module that was not given (``dis`` without ``dis_head``, SimSiam without a
-predictor, ``adv`` without ``adversary`` and ``optimizer_d``), with an error that names the stages and both
-ways out; :func:`check_yields_batches` refuses a training loader that yields no batch (MONAI would skip the
-run with a warning and exit 0, writing no checkpoint), saying how many items it has and what to change.
+The trainer's constructor calls these before it moves, compiles or wraps any module:
+:func:`check_modules_for_stages` (before MONAI's ``Trainer`` is set up) refuses stages whose loss terms need a
+module that was not given (``dis`` without ``dis_head``, SimSiam without a predictor, ``adv`` without
+``adversary`` and ``optimizer_d``), with an error that names the stages and both ways out;
+:func:`check_yields_batches` (once the losses and grad scalers are built) refuses a training loader that yields
+no batch (MONAI would skip the run with a warning and exit 0, writing no checkpoint), saying how many items it
+has and what to change.
 Checks of single options live next to what they check (``check_dis_mode`` in
 :mod:`dira3d.engines.components`, ``check_shuffle_bn`` in :mod:`dira3d.engines.shuffle_bn`, the stages in
 :mod:`dira3d.engines.stages`).

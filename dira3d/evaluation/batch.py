@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import numbers
 import os
 import re
 import sys
@@ -87,10 +88,15 @@ def _reason(err: BaseException) -> str:
 
 def failure_key(err: BaseException, names: Sequence[str] = ()) -> str:
     """What makes two inputs' failures the same error: its type and message (without MONAI's wrappers), with the
-    file ``names`` (the inputs' paths) and anything that looks like a path or a file name left out."""
+    file ``names`` (the inputs' paths) and anything that looks like a path or a file name left out. A name without a
+    folder (``case1.nii.gz``, a DICOM folder ``s1``) is left out only where it stands as a word, and a number (DICOM
+    folders ``1``, ``2``, ...) is kept: it also stands in the message's own numbers (``groups=1``)."""
     text = _reason(err)
     for name in sorted({n for f in names for n in (str(f), os.path.basename(str(f))) if n}, key=len, reverse=True):
-        text = text.replace(name, "<file>")
+        if "/" in name or "\\" in name:
+            text = text.replace(name, "<file>")
+        elif not name.isdigit():
+            text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", "<file>", text)
     return _FILE.sub("<file>", text)
 
 
@@ -148,10 +154,13 @@ class InferenceBatch:
         self.output_path = output_path
         self.overwrite = as_bool(overwrite, "overwrite")
         self.image_key = image_key
-        self.repeated_failures = int(repeated_failures)
-        if self.repeated_failures < 0:
+        count = repeated_failures
+        if isinstance(count, str) and count.strip().isdigit():  # a number given as text
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
             raise ValueError(f"repeated_failures={repeated_failures!r}: pass the number of inputs failing the same way "
-                             "that stops a batch (0: never stop)")
+                             "that stops a batch, a whole number (0: never stop)")
+        self.repeated_failures = int(count)
         self._repeat: tuple[str, int] = ("", 0)  # the last error and on how many inputs in a row
         self.left_out: dict[int, str] = {}
         self.failed: dict[int, str] = {}
