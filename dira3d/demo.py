@@ -13,6 +13,7 @@ the same library functions and bundles as the individual commands; this file onl
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -61,8 +62,9 @@ def _phantoms_and_prepare(out: Path, count: int, size: tuple[int, int, int], see
     raw, prepared = out / "luna16_raw", out / "luna16_prepared"
     if not (raw / "annotations.csv").is_file():
         _say(f"1/5 writing {count} chest-CT phantoms (LUNA16 layout) to {raw}")
+        # overwrite: phantoms without annotations.csv (written last) are those of a demo stopped while writing them
         write_luna16_phantoms(raw, count=count, size=size, spacing=(320 / size[0], 320 / size[1], 320 / size[2]),
-                              seed=seed, false_positives=8)
+                              seed=seed, false_positives=8, overwrite=True)
     else:
         _say(f"1/5 phantoms already in {raw}")
     _say(f"2/5 preparing them (HU window → [0, 1], RAS, candidate cubes) into {prepared}")
@@ -136,12 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out).resolve()
     patch = (32, 32, 16)
+    from dira3d.utils.interrupts import (StoppedBySignal, WrittenFiles, interrupt_exit_code, interrupted_word,
+                                         sigterm_as_interrupt)
 
-    prepared = _phantoms_and_prepare(out, args.count, tuple(args.size), args.seed)
-    vw = _visual_words(prepared, out, args.classes, patch, args.seed)
-    run_dir, stages = _pretrain(vw, out, patch, args.epochs_per_stage, args.seed)
-    table = stage_table(run_dir / "eval", stages)
-    results = None if args.skip_finetune else _finetune(prepared, run_dir / "models" / "best.pt", out, args.seeds)
+    written = WrittenFiles(out)
+    try:
+        with sigterm_as_interrupt():  # SIGTERM as Ctrl-C; the pretraining stops gently itself (last.pt written)
+            prepared = _phantoms_and_prepare(out, args.count, tuple(args.size), args.seed)
+            vw = _visual_words(prepared, out, args.classes, patch, args.seed)
+            run_dir, stages = _pretrain(vw, out, patch, args.epochs_per_stage, args.seed)
+            table = stage_table(run_dir / "eval", stages)
+            results = None if args.skip_finetune else _finetune(prepared, run_dir / "models" / "best.pt", out, args.seeds)
+    except (KeyboardInterrupt, StoppedBySignal) as err:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback
+        what = (f"nothing was written to {out}" if not written.since() else
+                f"what it wrote so far is kept in {out}: rerun the same command to go on (finished steps are reused)")
+        print(f"\ndira3d demo: {interrupted_word(err)}; {what}", file=sys.stderr)
+        return interrupt_exit_code(err)
 
     _say(f"done in {(time.perf_counter() - start) / 60:.1f} min")
     print("\nPretraining, per stage (epoch means of each loss, first → last epoch of the stage):\n" + table)

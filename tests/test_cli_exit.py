@@ -212,3 +212,71 @@ def test_ctrl_c_while_the_command_module_loads_is_one_line_and_exit_130(tmp_path
     returncode, err = _signal_when_ready(cmd, env, signal.SIGINT)
     assert err.strip() == "dira3d prepare: interrupted while loading, before the command started; nothing was written", err
     assert returncode == 130, (returncode, err)
+
+
+# Ctrl-C (or SIGTERM) once a command has loaded and works: `dira3d synthetic`, `localise`, `export` and `demo` printed
+# a KeyboardInterrupt traceback (SIGTERM ended them without a word). The work is stood in for by a function that
+# writes one file of the command's (or none), prints READY and sleeps: the signal comes in the middle of the work.
+WORKING = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import dira3d.cli as cli
+
+    command, out, writes = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
+
+    def working(first):
+        def work(*args, **kwargs):
+            if writes:
+                (out / first).parent.mkdir(parents=True, exist_ok=True)
+                (out / first).write_bytes(b"x")
+            print("READY", flush=True)
+            time.sleep(60)
+        return work
+
+    if command == "synthetic":
+        import dira3d.data.synthetic as module
+        module.write_luna16_phantoms = working("subset0/1.mhd")
+        argv = ["synthetic", "--out", str(out), "--count", "4"]
+    elif command == "localise":
+        import dira3d.evaluation.localise as module
+        module.run_localisation = working("overlays/0000_a_Mass.png")
+        argv = ["localise", "--bbox-datalist", "bbox_datalist.json", "--model", "model.pt", "--output-dir", str(out)]
+    elif command == "export pretrained":
+        import dira3d.deploy.weights as module
+        module.export_pretrained = working("encoder.pt")
+        argv = ["export", "pretrained", "--checkpoint", "best.pt", "--out", str(out)]
+    elif command == "export torchscript":
+        import dira3d.deploy.export as module
+        module.export_torchscript = working("model.ts")
+        argv = ["export", "torchscript", "--bundle", "luna16_nodule_fpr", "--out", str(out / "model.ts")]
+    else:
+        import dira3d.demo as module
+        module._phantoms_and_prepare = working("luna16_raw/subset0/1.mhd")
+        argv = ["demo", "--out", str(out)]
+    sys.exit(cli.main(argv))
+    """
+)
+
+
+@pytest.mark.parametrize(("command", "writes", "signum", "expected"), [
+    ("synthetic", True, signal.SIGINT, "interrupted; 1 file(s) written to {out} (1 of 4 phantoms), an incomplete LUNA16 "
+                                       "tree: rerun with --overwrite to write it whole"),
+    ("synthetic", False, signal.SIGTERM, "stopped by SIGTERM; nothing was written to {out}"),
+    ("localise", True, signal.SIGINT, "interrupted; no localisation.json was written; 1 overlay(s) written to "
+                                      "{out}/overlays so far: rerun the same command for the results"),
+    ("localise", False, signal.SIGTERM, "stopped by SIGTERM; nothing was written to {out}"),
+    ("export pretrained", True, signal.SIGINT, "interrupted; encoder.pt written to {out} before it stopped, an "
+                                               "unfinished export: rerun with --overwrite"),
+    ("export torchscript", False, signal.SIGTERM, "stopped by SIGTERM; nothing was written to {out}/model.ts"),
+    ("demo", True, signal.SIGINT, "interrupted; what it wrote so far is kept in {out}: rerun the same command to go on "
+                                  "(finished steps are reused)"),
+    ("demo", False, signal.SIGTERM, "stopped by SIGTERM; nothing was written to {out}"),
+])
+def test_ctrl_c_or_sigterm_while_a_command_works_is_one_line_on_what_was_written(tmp_path, command, writes, signum,
+                                                                                  expected):
+    out = (tmp_path / "out").resolve()
+    returncode, err = _signal_when_ready([sys.executable, "-c", WORKING, command, str(out), "1" if writes else "0"],
+                                         dict(os.environ, PYTHONPATH=str(REPO)), signum)
+    assert err.strip() == f"dira3d {command.split()[0]}: {expected.format(out=out)}", err
+    assert returncode == 128 + signum, (returncode, err)

@@ -35,3 +35,15 @@ def test_demo_runs_end_to_end_and_prints_what_a_user_needs(tmp_path, repo_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "luna16_raw" / "annotations.csv").stat().st_mtime_ns == raw_mtime
     assert "phantoms already in" in proc.stdout
+
+
+def test_demo_stopped_while_writing_its_phantoms_goes_on_when_rerun(tmp_path):
+    # Ctrl-C says "rerun the same command to go on", but a rerun after a stop in step 1 (phantoms written, not yet
+    # annotations.csv) failed: write_luna16_phantoms refused the tree it had begun, without --overwrite
+    from dira3d.demo import _phantoms_and_prepare
+
+    left = tmp_path / "luna16_raw" / "subset0" / "1.3.6.1.4.1.14519.5.2.1.6279.6001.000000000000.mhd"
+    left.parent.mkdir(parents=True)
+    left.write_text("the first phantom of the stopped run")
+    prepared = _phantoms_and_prepare(tmp_path, count=1, size=(48, 48, 24), seed=0)
+    assert (tmp_path / "luna16_raw" / "annotations.csv").is_file() and (prepared / "pretrain_datalist.json").is_file()

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import warnings
 from collections import Counter
@@ -62,6 +63,8 @@ __all__ = [
     "write_json",
     "write_datalist",
     "read_case_outputs",
+    "NEXT_STEPS",
+    "next_steps",
 ]
 
 STATUSES = ("written", "skipped", "failed", "dry-run", "cancelled")
@@ -172,7 +175,52 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
     if empty:  # e.g. LUNA16's default test subsets 7-9 not downloaded: the fine-tuning test would fail much later
         print(f"WARNING {path.name}: its {', '.join(repr(s) for s in empty)} list{'s are' if len(empty) > 1 else ' is'} "
               f"empty: no prepared case went there; {split_advice or _SPLIT_ADVICE}", file=sys.stderr)
+    written = _datalists_written.get()
+    if written is not None:  # dira3d prepare: named at the end, with the next step
+        written.append((path, any("label" in e for e in splits.get("training", []))))
     return write_json(path, out)
+
+
+# inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
+_datalists_written: ContextVar[list[tuple[Path, bool]] | None] = ContextVar("_datalists_written", default=None)
+
+
+def _finetune_step(bundle: str, doc: str = "docs/finetuning.md") -> str:
+    # runs/dira_pretrain: dira3d pretrain's default --output
+    return (f"dira3d finetune --bundle {bundle} --datalist {{datalist}} --pretrained runs/dira_pretrain/models/best.pt "
+            f"--output-dir runs/ft_{bundle} ({doc})")
+
+
+# a datalist's name -> what it is for: the command to run next (``{datalist}``: its path)
+NEXT_STEPS: dict[str, str] = {
+    "pretrain_datalist.json": "dira3d visual-words --datalist {datalist} --out runs/visual_words (then dira3d pretrain; "
+                              "docs/visual_words.md)",
+    "ncc_datalist.json": _finetune_step("luna16_nodule_fpr"),
+    "lidc_datalist.json": _finetune_step("lidc_nodule_seg"),
+    "lits_datalist.json": _finetune_step("lits_liver_seg"),
+    "brats_datalist.json": _finetune_step("brats_tumor_seg"),
+    "pecad_datalist.json": _finetune_step("pecad_embolism_fpr"),
+    "siim_datalist.json": _finetune_step("siim_pneumothorax_seg", "docs/2d.md"),
+    "montgomery_datalist.json": _finetune_step("montgomery_lung_seg", "docs/2d.md"),
+    "chestxray14_datalist.json": _finetune_step("chestxray14_cls", "docs/2d.md"),
+    "chexpert_datalist.json": _finetune_step("chexpert_cls", "docs/2d.md"),
+    "bbox_datalist.json": "dira3d localise --bbox-datalist {datalist} --model runs/ft_chestxray14_cls/models/model.pt "
+                          "--output-dir runs/localise (once chestxray14_cls is fine-tuned; docs/2d.md)",
+}
+# a pretraining datalist whose volumes have labels (dira3d prepare generic --label-suffix) can train a task too
+LABELLED_NEXT_STEP = _finetune_step("lits_liver_seg")
+
+
+def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
+    """The lines ``dira3d prepare`` ends with for a datalist it wrote: where it is, and the command to run next
+    (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`)."""
+    path = shlex.quote(str(datalist))
+    lines = [f"datalist: {datalist}"]
+    if datalist.name in NEXT_STEPS:
+        lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
+        if labelled and datalist.name == "pretrain_datalist.json":
+            lines.append(f"or:       {LABELLED_NEXT_STEP.format(datalist=path)}")
+    return lines
 
 
 def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResult:
@@ -529,17 +577,20 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def finish(results: Iterable[CaseResult], keep_going: bool = False, dry_run: bool = False) -> int:
+def finish(results: Iterable[CaseResult], keep_going: bool = False, dry_run: bool = False,
+           report: str | os.PathLike | None = None) -> int:
     """Print a one-line summary plus each failure and warning; return the exit code.
 
     ``dry_run``: the results of a plan (nothing was written), so the advice speaks of the real run.
+    ``report``: the JSON report, named on the summary line when it exists.
 
     Returns:
         1 when a case failed and ``keep_going`` is false, else 0.
     """
     results = list(results)
     counts = Counter(r.status for r in results)
-    print(", ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s)) or "no cases")
+    where = f" (report: {Path(report).resolve()})" if report is not None and Path(report).is_file() and not dry_run else ""
+    print((", ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s)) or "no cases") + where)
     failed = [r for r in results if r.status == "failed"]
     for r in results:
         for note in r.warnings:
@@ -565,6 +616,8 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     :func:`finish`'s exit code. The lock :func:`run_cases` takes on ``--dst`` is held until ``prepare``
     returns (its datalists written).
     """
+    datalists: list[tuple[Path, bool]] = []
+    token = _datalists_written.set(datalists)
     try:
         with _locks_held_until_done():  # run_cases' lock of --dst: kept until the datalists are written
             results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
@@ -576,4 +629,9 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
         print(f"\n{prog}: interrupted; the cases finished so far are kept in {args.dst}: rerun the same command to "
               "prepare the rest (finished cases are skipped, an unfinished one is redone)", file=sys.stderr)
         return 130
-    return finish(results, args.keep_going, dry_run=args.dry_run)
+    finally:
+        _datalists_written.reset(token)
+    code = finish(results, args.keep_going, dry_run=args.dry_run, report=args.report or Path(args.dst) / "report.json")
+    for path, labelled in datalists:  # where the datalists are, and what to run next
+        print("\n".join(next_steps(path.resolve(), labelled)))
+    return code

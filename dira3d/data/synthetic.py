@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 
 __all__ = ["PhantomCase", "make_phantom", "write_luna16_phantoms", "main"]
 
@@ -227,11 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    written = WrittenFiles(args.out)
     try:
-        out = write_luna16_phantoms(args.out, args.count, tuple(args.size), tuple(args.spacing), args.subsets,
-                                    args.seed, args.max_nodules, args.false_positives, args.overwrite)
+        with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: the same one line, exit 143
+            out = write_luna16_phantoms(args.out, args.count, tuple(args.size), tuple(args.spacing), args.subsets,
+                                        args.seed, args.max_nodules, args.false_positives, args.overwrite)
     except (FileExistsError, ValueError) as err:
         parser.error(str(err))
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was written, in one line, not a traceback
+        files = written.since()
+        phantoms = sum(p.suffix == ".mhd" for p in files)
+        what = (f"nothing was written to {args.out}" if not files else
+                f"{len(files)} file(s) written to {args.out} ({phantoms} of {args.count} phantoms), an incomplete "
+                "LUNA16 tree: rerun with --overwrite to write it whole")
+        print(f"dira3d synthetic: {interrupted_word(err)}; {what}", file=sys.stderr)
+        return interrupt_exit_code(err)
     print(f"wrote {args.count} phantoms in the LUNA16 layout to {out}")
     return 0
 

@@ -79,12 +79,48 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``dira3d export <what>``; returns the exit code (1 when an agreement check fails)."""
     from dira3d.utils.atomic import FolderNotWritableError
 
+    from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
+
     args = _parser().parse_args(argv)
+    out = _output_of(args)
+    written = WrittenFiles(*([out] if out else []))
     try:
-        return _run(args)
+        with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: the same one line, exit 143
+            return _run(args)
     except (FileNotFoundError, ValueError, FileExistsError, ImportError, RuntimeError, FolderNotWritableError) as err:
         print(f"dira3d export: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was written, in one line, not a traceback
+        print(f"dira3d export: {interrupted_word(err)}; {interrupted_message(args.what, out, written.since())}",
+              file=sys.stderr)
+        return interrupt_exit_code(err)
+
+
+def _output_of(args: argparse.Namespace) -> Path | None:
+    """Where ``dira3d export <what>`` writes: ``--out``, or for ``torchscript`` without it the bundle's
+    ``models/model.ts`` (None when the bundle cannot be found: the export names the problem)."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    from dira3d.evaluation.finetune import bundle_path
+
+    try:
+        return bundle_path(args.bundle, "inference.json") / "models" / "model.ts"
+    except FileNotFoundError:
+        return None
+
+
+def interrupted_message(what: str, out: Path | None, written: list[Path]) -> str:
+    """What an interrupted ``dira3d export <what>`` wrote to ``out`` (``written``: the files new or changed there).
+    The model files are written whole under a temporary name and renamed, so an earlier export stays as it was."""
+    if not written:
+        return f"nothing was written{f' to {out}' if out else ''}"
+    if what == "onnx":
+        return f"{out} was written but not checked against PyTorch; rerun with --overwrite to export and check it"
+    if what == "monailabel-app":
+        return (f"the app folder {out} is incomplete ({len(written)} file(s) written); remove it, or choose another "
+                "--out, and rerun")
+    names = ", ".join(p.name for p in written[:3]) + (f" and {len(written) - 3} more" if len(written) > 3 else "")
+    return f"{names} written to {out} before it stopped, an unfinished export: rerun with --overwrite"
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool, parse_value
@@ -164,26 +166,30 @@ def main(argv: list[str] | None = None) -> int:
     from dira3d.utils.checkpoint import check_writable
 
     try:
-        check_writable(output, what="output folder (--output)")  # before minutes of data loading: a read-only or full disk fails now
-    except OSError as err:
-        parser.error(str(err))
-    try:
-        # run_bundle, not monai.bundle.run: run() drops every override whose value is None, so
-        # `--override views=null` (identity views) or `intensity_range=null` would silently keep the default
-        with sigterm_as_interrupt():  # before training (caching data): as Ctrl-C; while it runs, stopping.py's stop
-            run_bundle(
-                configs,
-                meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
-                logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"),
-                bundle_root=str(BUNDLE_DIR),
-                datalist=str(datalist.resolve()),
-                dataset_dir=str(datalist.resolve().parent),
-                # absolute, as datalist: a relative folder named '$...', '%...' or '@...' would be read by MONAI as an
-                # expression (run as Python), a macro or a reference
-                ckpt_dir=str(output.resolve() / "models"),
-                output_dir=str(output.resolve() / "eval"),
-                **overrides,
-            )
+        with ExitStack() as created:  # a run refused at its start (a bad setting, data that do not fit) or stopped
+            # before it wrote anything leaves none of the folders it created, empty, behind
+            for folder in (output, output / "models", output / "eval"):
+                created.enter_context(removed_if_failed_empty(folder))
+            try:  # before minutes of data loading: a read-only or full disk fails now
+                check_writable(output, what="output folder (--output)")
+            except OSError as err:
+                parser.error(str(err))
+            # run_bundle, not monai.bundle.run: run() drops every override whose value is None, so
+            # `--override views=null` (identity views) or `intensity_range=null` would silently keep the default
+            with sigterm_as_interrupt():  # before training (caching data): as Ctrl-C; while it runs, stopping.py's stop
+                run_bundle(
+                    configs,
+                    meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),
+                    logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"),
+                    bundle_root=str(BUNDLE_DIR),
+                    datalist=str(datalist.resolve()),
+                    dataset_dir=str(datalist.resolve().parent),
+                    # absolute, as datalist: a relative folder named '$...', '%...' or '@...' would be read by MONAI
+                    # as an expression (run as Python), a macro or a reference
+                    ckpt_dir=str(output.resolve() / "models"),
+                    output_dir=str(output.resolve() / "eval"),
+                    **overrides,
+                )
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM before training: one line on how to go on, not a traceback
         print(f"dira3d pretrain: {interrupted_message(output, overrides, err)}", file=sys.stderr)
         return interrupt_exit_code(err)

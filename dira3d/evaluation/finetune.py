@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.interrupts import interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import check_overrides, parse_value
 
-__all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "main"]
+__all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "finished_message", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,51 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     return result
 
 
+# ids of inference.json that say where its input and outputs are, not what network was trained: never passed on
+_NOT_FOR_INFERENCE = {"bundle_root", "ckpt_dir", "pretrained", "image", "datalist", "dataset_dir", "output_dir",
+                      "output_path", "output_postfix", "output_ext", "overwrite", "report_path", "device"}
+
+
+def finished_message(out: str | os.PathLike, bundle: str | os.PathLike, tiny: bool = False,
+                     settings: dict[str, Any] | None = None) -> str:
+    """What ``dira3d finetune`` prints after the test metrics: where ``metrics.json``, ``models/model.pt`` and the
+    TensorBoard logs are, and the inference command for the model (with ``tiny.json`` for a ``--tiny`` run, and the
+    ``--set`` ``settings`` that inference.json defines, e.g. ``width``: the network must be built as it was trained)."""
+    from monai.bundle import ConfigParser
+
+    out, root = Path(out).resolve(), bundle_path(bundle).resolve()
+    lines = [f"metrics:     {out / 'metrics.json'}", f"model:       {out / 'models' / 'model.pt'}",
+             f"TensorBoard: tensorboard --logdir {out}"]
+    configs = [root / "configs" / "inference.json"] + ([root / "configs" / "tiny.json"] if tiny else [])
+    if not all(c.is_file() for c in configs):  # a bundle of the user's without inference.json
+        return "\n".join(lines)
+    parser = ConfigParser()  # inference.json alone: tiny.json's training settings (max_epochs) are not for it
+    parser.read_config(str(configs[0]))
+    passed = {k: v for k, v in (settings or {}).items() if k not in _NOT_FOR_INFERENCE and k in parser}
+    config_file = str(configs[0]) if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    words = ["python -m monai.bundle run --config_file", _shell_word(config_file), "--bundle_root", _shell_word(str(root)),
+             "--ckpt_dir", _shell_word(str(out / "models")), "--image IMAGE"]
+    for key, value in passed.items():
+        words += [f"--{key}", _shell_word(value if isinstance(value, str) else repr(value))]
+    doc = root / "docs" / "README.md"
+    lines.append(f"inference:   {' '.join(words)} ({doc if doc.is_file() else 'docs/finetuning.md'})")
+    return "\n".join(lines)
+
+
+def _shell_word(text: str) -> str:
+    """``text`` as one shell word: as it is when it needs no quotes, in double quotes when they keep it whole
+    (``"['a.json','b.json']"``, as the docs write lists), else in single quotes."""
+    quoted = shlex.quote(text)
+    if quoted == text or any(c in text for c in '"$`\\!'):
+        return quoted
+    return f'"{text}"'
+
+
+def _output_dir(args: argparse.Namespace, overrides: dict[str, Any]) -> Path:
+    """The output folder of ``dira3d finetune`` (as :func:`run_finetune` chooses it)."""
+    return Path(args.output_dir or overrides.get("output_dir") or Path.cwd() / f"finetune_{bundle_path(args.bundle).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``dira3d finetune``: parse the options, run :func:`run_finetune`, print the test metrics."""
     parser = argparse.ArgumentParser(prog="dira3d finetune", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
@@ -283,11 +329,12 @@ def main(argv: list[str] | None = None) -> int:
             overrides[name] = value
     if args.dataset_dir:
         overrides["dataset_dir"] = args.dataset_dir
+    settings: dict[str, Any] = {}  # those of --set, for the inference command at the end
     for item in args.set:
         if "=" not in item:
             parser.error(f"--set {item!r} must look like ID=VALUE, e.g. --set max_epochs=50")
         key, value = item.split("=", 1)
-        overrides[key] = parse_value(value)
+        overrides[key] = settings[key] = parse_value(value)
     try:
         with sigterm_as_interrupt():  # SIGTERM (SLURM preemption, scancel) as Ctrl-C: no resume, so stop with the line
             result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny,
@@ -296,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d finetune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback; 130 / 143
-        where = Path(args.output_dir or overrides.get("output_dir") or Path.cwd() / f"finetune_{bundle_path(args.bundle).name}")
+        where = _output_dir(args, overrides)
         print(f"dira3d finetune: {'interrupted' if interrupt_exit_code(err) == 130 else 'stopped by SIGTERM'}; "
               f"{where.resolve()} holds an unfinished run (no test metrics); rerun with --overwrite to start it again",
               file=sys.stderr)
@@ -311,5 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d finetune: error: {cause}", file=sys.stderr)
         return 2
     print(json.dumps(result["metrics"], indent=2))
+    print(finished_message(_output_dir(args, overrides), args.bundle, tiny=args.tiny, settings=settings), flush=True)
     return 0
 

@@ -41,6 +41,7 @@ from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.files import read_json
+from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
 
@@ -328,6 +329,17 @@ def _fit_hint(state: Mapping[str, Any], backbone: str, num_classes: int, in_chan
     return f"the weights fit other settings: pass {' '.join(options)}{roi}"
 
 
+def interrupted_message(out: Path, written: Sequence[Path]) -> str:
+    """What ``dira3d localise`` wrote before Ctrl-C (``written``: the files new or changed in ``out``): the results
+    (``localisation.json``) are written last, whole, so an interrupted run has at most some overlays."""
+    if out / "localisation.json" in written:
+        return f"the results were written to {out / 'localisation.json'}"
+    if not written:
+        return f"nothing was written to {out}"
+    return (f"no localisation.json was written; {len(written)} overlay(s) written to {out / 'overlays'} so far: rerun "
+            "the same command for the results")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``dira3d localise``: Grad-CAM localisation accuracy per δ on the ChestX-ray14 boxes."""
     parser = argparse.ArgumentParser(prog="dira3d localise", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
@@ -345,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:  # the heatmap is min-max normalised: 0 or above 1 would box everything or nothing
         parser.error(f"--threshold {args.threshold:g} must be between 0 and 1 (the heatmap is scaled to [0, 1]), e.g. 0.5")
+    written = WrittenFiles(args.output_dir)
     try:
-        with warnings.catch_warnings():  # a left-out box: one line each after the numbers (below), not a warning too
+        # SIGTERM as Ctrl-C: the same one line, exit 143; a left-out box: one line each after the numbers (below),
+        # not a warning too
+        with sigterm_as_interrupt(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"box \d+ left out: ")
             result = run_localisation(args.bbox_datalist, args.model, args.output_dir, None if args.split == "all" else args.split,
                                       num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
@@ -354,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                                       overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, FolderNotWritableError) as err:
         parser.error(str(err))
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was written, in one line, not a traceback
+        print(f"dira3d localise: {interrupted_word(err)}; {interrupted_message(Path(args.output_dir), written.since())}",
+              file=sys.stderr)
+        return interrupt_exit_code(err)
     print(json.dumps(result["accuracy"], indent=2))
     for item in result["skipped"]:  # after the numbers, so that they are not missed
         print(f"dira3d localise: warning: left out (not in the accuracies): {item['reason']}", file=sys.stderr)

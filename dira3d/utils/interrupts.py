@@ -31,12 +31,15 @@ import atexit
 import logging
 import signal
 import sys
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "TerminatedBySignal", "forget_caught_interrupt",
-           "install_interrupt_exit_hook", "interrupt_exit_code", "quiet_interrupt_logs", "sigterm_as_interrupt"]
+__all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "TerminatedBySignal", "WrittenFiles",
+           "forget_caught_interrupt", "install_interrupt_exit_hook", "interrupt_exit_code", "interrupted_word",
+           "quiet_interrupt_logs", "sigterm_as_interrupt"]
 
 
 class StoppedBySignal(SystemExit):
@@ -73,6 +76,37 @@ class TerminatedBySignal(KeyboardInterrupt):
 def interrupt_exit_code(err: BaseException) -> int:
     """The exit status after a caught interrupt: 128 + the signal (143 for SIGTERM), 130 for a Ctrl-C."""
     return int(getattr(err, "code", None) or 130)
+
+
+def interrupted_word(err: BaseException | None) -> str:
+    """How a command's one line after a caught interrupt starts: "interrupted" (Ctrl-C) or "stopped by SIGTERM"."""
+    return "interrupted" if err is None or interrupt_exit_code(err) == 130 else "stopped by SIGTERM"
+
+
+class WrittenFiles:
+    """The files a command wrote under its outputs, for its one line after Ctrl-C: made before the work starts, it
+    records the files under ``paths`` (a file, or every file of a folder) and their modification times; :meth:`since`
+    lists the ones new or changed since. Hidden files (locks, the temporaries of atomic writes) are left out."""
+
+    def __init__(self, *paths: str | os.PathLike) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.before = self._scan()
+
+    def _scan(self) -> dict[Path, int]:
+        found: dict[Path, int] = {}
+        for path in self.paths:
+            try:
+                files = [path] if path.is_file() else (path.rglob("*") if path.is_dir() else ())
+                for file in files:
+                    if file.is_file() and not file.name.startswith("."):
+                        found[file] = file.stat().st_mtime_ns
+            except OSError:  # a folder removed or unreadable meanwhile: what can be read is listed
+                continue
+        return found
+
+    def since(self) -> list[Path]:
+        """The files new or changed since this object was made, sorted."""
+        return sorted(p for p, mtime in self._scan().items() if self.before.get(p) != mtime)
 
 
 @contextmanager

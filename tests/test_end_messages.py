@@ -1,0 +1,134 @@
+"""What a user sees at the end of a command: where its outputs are and what to run next.
+
+`dira3d prepare <dataset>` ended with "8 written" alone, `dira3d finetune` with its test metrics alone (not where
+metrics.json, the model and the TensorBoard logs are, nor how to run the model), and a refused `dira3d pretrain`
+left the empty `eval/` and `models/` folders it had created.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dira3d.cli import main as cli_main
+
+
+def test_prepare_ends_naming_its_datalists_the_report_and_the_next_step(tmp_path, capsys):
+    from dira3d.data.synthetic import write_luna16_phantoms
+
+    src, dst = tmp_path / "raw", tmp_path / "prepared"
+    write_luna16_phantoms(src, count=2, size=(48, 48, 24), spacing=(6.5, 6.5, 13.0))
+    assert cli_main(["prepare", "luna16", "--src", str(src), "--dst", str(dst)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pretrain, ncc = dst.resolve() / "pretrain_datalist.json", dst.resolve() / "ncc_datalist.json"
+    assert lines[0] == f"2 written (report: {dst.resolve() / 'report.json'})"
+    assert lines[1:] == [f"datalist: {pretrain}",
+                         f"next:     dira3d visual-words --datalist {pretrain} --out runs/visual_words (then dira3d "
+                         "pretrain; docs/visual_words.md)",
+                         f"datalist: {ncc}",
+                         f"next:     dira3d finetune --bundle luna16_nodule_fpr --datalist {ncc} --pretrained "
+                         "runs/dira_pretrain/models/best.pt --output-dir runs/ft_luna16_nodule_fpr (docs/finetuning.md)"]
+    # a plan writes nothing: no datalist or report to name
+    assert cli_main(["prepare", "luna16", "--src", str(src), "--dst", str(tmp_path / "plan"), "--dry-run"]) == 0
+    assert "datalist:" not in capsys.readouterr().out
+
+
+def test_the_next_step_of_every_datalist_is_a_command_its_parser_takes(tmp_path):
+    # the hints must stay runnable: every option one names exists (the parsers are built, nothing runs)
+    from test_docs_match_code import _command_main, _parser_of
+
+    from dira3d.data.runner import NEXT_STEPS, next_steps
+    from dira3d.evaluation.finetune import BUNDLES, BUNDLES_2D
+
+    path = tmp_path / "my data" / "x_datalist.json"
+    for name in NEXT_STEPS:
+        lines = next_steps(path.with_name(name), labelled=True)
+        commands = [line.split(None, 1)[1] for line in lines[1:]]
+        for command in commands:
+            words = shlex.split(command.rsplit(" (", 1)[0])
+            label, main, rest = _command_main(words)
+            _parser_of(main).parse_args(rest)  # SystemExit (2) on an unknown option
+            assert rest[rest.index("--datalist" if "--datalist" in rest else "--bbox-datalist") + 1] == str(
+                path.with_name(name))
+            if "--bundle" in rest:
+                assert rest[rest.index("--bundle") + 1] in BUNDLES + BUNDLES_2D
+    # a pretraining datalist with labels (generic --label-suffix) can also be fine-tuned on
+    assert [line.split()[0] for line in next_steps(path.with_name("pretrain_datalist.json"), labelled=True)] == [
+        "datalist:", "next:", "or:"]
+    assert len(next_steps(path.with_name("pretrain_datalist.json"))) == 2
+
+
+def test_finetune_ends_naming_its_outputs_and_the_inference_command(tmp_path, monkeypatch, capsys):
+    from dira3d.evaluation import finetune
+    from dira3d.utils.overrides import check_overrides, parse_value
+
+    monkeypatch.setattr(finetune, "run_finetune", lambda *args, **kwargs: {"metrics": {"auc": 0.75}})
+    out = tmp_path / "ft"
+    assert finetune.main(["--bundle", "luna16_nodule_fpr", "--tiny", "--output-dir", str(out), "--set", "width=0.25",
+                          "--set", "max_epochs=1", "--set", "roi_size=[32,32,16]"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[:printed.index("}") + 1]) == {"auc": 0.75}  # the metrics first, as before
+    lines = printed[printed.index("}") + 2:].splitlines()
+    assert lines[:3] == [f"metrics:     {out / 'metrics.json'}", f"model:       {out / 'models' / 'model.pt'}",
+                         f"TensorBoard: tensorboard --logdir {out}"]
+    assert lines[3].startswith("inference:   python -m monai.bundle run --config_file ")
+    words = shlex.split(lines[3].split(None, 1)[1].rsplit(" (", 1)[0])
+    given = dict(zip(words[4::2], words[5::2]))
+    root = finetune.bundle_path("luna16_nodule_fpr").resolve()
+    # the model is read from the run's models/, the network built as it was trained: tiny.json and the --set
+    # settings inference.json defines (max_epochs is training's alone)
+    assert given["--config_file"] == f"['{root / 'configs' / 'inference.json'}','{root / 'configs' / 'tiny.json'}']"
+    assert given["--ckpt_dir"] == str(out / "models") and given["--bundle_root"] == str(root)
+    assert given["--width"] == "0.25" and given["--roi_size"] == "[32, 32, 16]" and "--max_epochs" not in given
+    check_overrides([root / "configs" / "inference.json"],  # ids it defines, values of the types it takes
+                    {k[2:]: parse_value(v) for k, v in given.items() if k not in ("--config_file", "--image")})
+
+
+def test_a_refused_pretrain_leaves_no_empty_folder_it_created(tmp_path, capsys):
+    import nibabel as nib
+
+    data = np.random.default_rng(0).random((24, 24, 12)).astype(np.float32)
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    datalist = tmp_path / "pretrain_datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]}))
+    common = ["pretrain", "--datalist", str(datalist), "--tiny", "--override", "batch_size=0"]  # refused in the run
+    fresh = tmp_path / "fresh"
+    assert cli_main([*common, "--output", str(fresh)]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert not fresh.exists()  # it left fresh/eval and fresh/models, empty
+    mine = tmp_path / "mine"  # a folder of the user's: kept, with what it holds; only the run's own folders go
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "plan.txt").write_text("mine")
+    (mine / "eval").mkdir()
+    assert cli_main([*common, "--output", str(mine)]) == 2
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["eval", "notes", "notes/plan.txt"]
+
+
+@pytest.mark.parametrize("what", ["nothing", "checkpoint"])
+def test_pretrain_stopped_before_training_keeps_what_it_had(tmp_path, monkeypatch, capsys, what):
+    # Ctrl-C while the data are cached: the empty folders of a fresh run go, a checkpoint to resume from stays
+    import dira3d.utils.overrides as overrides
+
+    def interrupted(configs, ckpt_dir, output_dir, **kwargs):
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(overrides, "run_bundle", interrupted)
+    datalist = tmp_path / "pretrain_datalist.json"
+    datalist.write_text('{"training": []}')
+    out = tmp_path / "run"
+    if what == "checkpoint":
+        (out / "models").mkdir(parents=True)
+        (out / "models" / "last.pt").write_bytes(b"x")
+    assert cli_main(["pretrain", "--datalist", str(datalist), "--output", str(out)]) == 130
+    err = capsys.readouterr().err
+    if what == "nothing":
+        assert not out.exists() and "rerunning the same command starts afresh" in err
+    else:
+        assert sorted(p.name for p in out.rglob("*")) == ["last.pt", "models"] and "resume" in err
