@@ -5,6 +5,7 @@ documented, and two gloo ranks that got the signal at different iterations stop 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ignite.engine import Events
 
 from dira3d.engines import DiRACheckpoint, StoppedBySignal, exit_if_stopped
 from dira3d.utils.folder_lock import FolderLock
@@ -175,6 +177,114 @@ def test_two_ranks_stop_at_the_same_iteration_when_one_got_the_signal(tmp_path):
     mp.spawn(_rank, args=(str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank.{r}", weights_only=True) for r in (0, 1)]
     assert results == [{"iteration": 3, "stopped_by": "SIGTERM"}] * 2, results
+
+
+ADV = [{"name": "d", "losses": ["dis", "res", "adv"]}]  # every output: loss, the three terms, loss_d, d_real, d_fake
+
+
+def epoch_means(trainer, into: dict) -> None:
+    """Record the trainer's ``train_*`` epoch means (what TensorBoard and the log get) by epoch."""
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: into.setdefault(e.state.epoch, {
+        k: v for k, v in e.state.metrics.items() if k.startswith("train_")}))
+
+
+def test_a_run_stopped_mid_epoch_and_resumed_has_the_epoch_means_of_an_uninterrupted_run(tmp_path, caplog):
+    """The running sums travel in last.pt: stopped at iteration 1 and 4 (first step of each 3-step epoch) and
+    resumed, both epochs' means are those of the uninterrupted run, bit for bit (same sums in the same order;
+    they covered only the iterations after the resume). An
+    old-format last.pt (no sums) still resumes, with a note that the epoch's means cover the rest only."""
+    def trainer(ckpt_dir=None, into=None, **kw):
+        handlers = [DiRACheckpoint(ckpt_dir)] if ckpt_dir else None
+        t = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=6, handlers=handlers, **kw)  # 3 iterations/epoch
+        epoch_means(t, into)
+        return t
+
+    full, steps = {}, []
+    whole = trainer(into=full)
+    whole.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(
+        {k: v.detach().clone() for k, v in e.state.output.items() if isinstance(v, torch.Tensor)}))
+    whole.run()
+    assert len(full[1]) == 7 and len(steps) == 6
+
+    caplog.set_level(logging.INFO)
+    resumed, saved = {}, []
+    for stop_at in (1, 4, None):
+        run = trainer(tmp_path / "a", resumed)
+        if stop_at:
+            kill_self_at(run, stop_at, signal.SIGINT)
+        run.run()
+        assert run.state.stopped_by == ("SIGINT" if stop_at else None)
+        saved.append(torch.load(tmp_path / "a" / "last.pt", weights_only=True)["trainer"])  # tensors, plain containers
+    assert resumed == full  # exactly: the same float32 sums, added in the same order
+    assert [(t["iteration"], t["epoch_sums"]["count"]) for t in saved] == [(1, 1), (4, 1), (6, 0)]
+    assert set(saved[0]["epoch_sums"]["sums"]) == {k[len("train_"):] for k in full[1]}
+    log = caplog.text
+    assert f"resumed from {tmp_path / 'a' / 'last.pt'} at iteration 1, mid-epoch (epoch 1: 1 of its 3 iterations done)" in log
+    assert "at iteration 4, mid-epoch (epoch 2: 1 of its 3 iterations done), stage 'd'" in log
+    assert "train_* means will cover only" not in log
+
+    # an old last.pt, without the sums: it resumes as before, with one line saying what the means cover
+    run = trainer(tmp_path / "b", {})
+    kill_self_at(run, 1, signal.SIGINT)
+    run.run()
+    old = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    del old["trainer"]["epoch_sums"]
+    torch.save(old, tmp_path / "b" / "last.pt")
+    caplog.clear()
+    partial = {}
+    run = trainer(tmp_path / "b", partial)
+    run.run()
+    assert run.state.iteration == 6 and partial[2] == full[2]
+    after = {k: float(steps[1][k] + steps[2][k]) / 2 for k in steps[1]}  # iterations 2 and 3 only
+    assert partial[1] == {f"train_{k}": v for k, v in after.items()} != full[1]
+    notes = [r.getMessage() for r in caplog.records if "train_* means" in r.getMessage()]
+    assert notes == [f"epoch 1's train_* means will cover only its iterations after the resume: "
+                     f"{tmp_path / 'b' / 'last.pt'} holds no running loss sums (written by an older dira3d)"], notes
+    # sums of another number of processes are not put back; sums of part of the iterations are, with a note
+    assert run.restore_epoch_sums({"count": 1, "sums": {"loss": torch.ones(2)}}, 1) == (
+        "was written by a run of 2 processes and this one has 1")
+    assert run._epoch_sums == {} and run._epoch_count == 0
+    assert run.restore_epoch_sums({"count": 1, "sums": {"loss": torch.ones(1)}}, 2) == (
+        "holds sums of only the last 1 of the 2 iterations before it")
+    assert run._epoch_count == 1 and float(run._epoch_sums["loss"]) == 1.0
+
+
+def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        full, resumed, stops = {}, {}, []
+        # 8 volumes, batch 2 on each rank: 4 iterations per epoch; the ranks agree every 3 iterations
+        whole = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=3)
+        epoch_means(whole, full)
+        whole.run()
+        for stop in (True, False):
+            run = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=3,
+                               handlers=[DiRACheckpoint(ckpt_dir)])
+            epoch_means(run, resumed)
+            if stop and rank == 1:  # both ranks stop at iteration 3, mid-epoch
+                kill_self_at(run, 1)
+            run.run()
+            stops.append((run.state.iteration, run.state.stopped_by))
+            dist.barrier()  # rank 0 has written last.pt before any rank reads it
+        torch.save({"full": full, "resumed": resumed, "stops": stops}, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_resumed_mid_epoch_keep_each_ranks_own_epoch_means(tmp_path):
+    """The means are per rank (each rank averages its own outputs; rank 0's are logged) and rank 0 alone
+    writes last.pt: it holds every rank's sums, and each rank resumes its own."""
+    mp.spawn(_means_rank, args=(str(tmp_path / "init"), str(tmp_path / "models"), str(tmp_path / "rank")), nprocs=2,
+             join=True)
+    results = [torch.load(tmp_path / f"rank.{r}", weights_only=True) for r in (0, 1)]
+    for r in results:
+        assert r["stops"] == [(3, "SIGTERM"), (8, None)]
+        assert sorted(r["full"]) == [1, 2] and r["resumed"] == r["full"]
+    assert results[0]["full"][1] != results[1]["full"][1]  # the ranks' means differ: each kept its own
+    ckpt = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 8 and ckpt["trainer"]["epoch_sums"]["count"] == 0
 
 
 def test_the_commands_print_one_line_and_exit_with_the_signals_code(tmp_path, monkeypatch, capsys):

@@ -114,6 +114,14 @@ def assert_same(got, expected, what):
     assert not different, f"{what}: {different[:5]}"
 
 
+def epoch_means(log_dir) -> dict[str, list]:
+    """The ``train_*`` epoch means in the TensorBoard event files of ``log_dir``, as (epoch, value) lists."""
+    from test_bundle_pretrain import scalars
+
+    values, _ = scalars(log_dir)
+    return {tag: points for tag, points in values.items() if tag.startswith("train_")}
+
+
 def test_dira3d_pretrain_stopped_by_sigterm_saves_the_step_exits_143_and_resumes_exactly(tmp_path, repo_root):
     from test_bundle_pretrain import write_volumes
 
@@ -151,7 +159,11 @@ def test_dira3d_pretrain_stopped_by_sigterm_saves_the_step_exits_143_and_resumes
     code, output = run_until(cmd(out), repo_root, {}, [])
     assert code == 0, output[-3000:]
     assert "STEP 0 6" not in output and "STEP 0 7" in output  # resumed after the saved step
+    assert f"resumed from {last} at iteration 6, mid-epoch (epoch 2: 2 of its 4 iterations done)" in output
     assert_same(weights(last, 12), expected, "resumed after SIGTERM at iteration 6")
+    # epoch 2's means cover its 4 iterations, 2 of them before the stop (the running sums were in last.pt)
+    means = epoch_means(out / "eval")
+    assert means and means == epoch_means(reference / "eval") and len(means["train_loss"]) == 3, means
 
 
 def torchrun(runner, data, out, port):
@@ -198,3 +210,5 @@ def test_torchrun_two_gloo_ranks_stopped_by_sigterm_stop_at_the_same_iteration_a
     assert code == 0, output[-3000:]
     assert "STEP 0 4" in output and "STEP 0 3" not in output
     assert_same(weights(out / "models" / "last.pt", 6), expected, "torchrun resumed after SIGTERM")
+    means = epoch_means(out / "eval")  # rank 0's, its sums of iteration 3 included
+    assert means and means == epoch_means(reference / "eval") and len(means["train_loss"]) == 3, means

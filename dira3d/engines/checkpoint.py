@@ -5,7 +5,8 @@ Format (docs/architecture.md, "Checkpoint format")::
     {"encoder", "decoder", "dis_head", "predictor", "adversary",          # state_dicts ({} if absent)
      "momentum_encoder", "momentum_head", "queue",                         # MoCo only
      "optimizer_g", "optimizer_d", "scaler_g", "scaler_d",
-     "trainer": {"epoch", "iteration", "epoch_iteration", "stage", "best_metric", "best_epoch", "best_stage"},
+     "trainer": {"epoch", "iteration", "epoch_iteration", "stage", "best_metric", "best_epoch", "best_stage",
+                 "epoch_sums": {"count", "sums": {key: one value per rank}}},  # running sums of the epoch's outputs
      "schedulers": {name: state_dict},                                     # learning-rate schedulers
      "rng": {"torch", "cuda", "python", "numpy"},                          # tensors / lists only
      "meta": {"spatial_dims", "in_channels", "width", "dis_mode", "patch_size", "dira3d_version"}}
@@ -68,8 +69,16 @@ def _state(module: Any) -> dict:
     return module.state_dict() if module is not None else {}
 
 
-def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: Mapping[str, Any] | None = None) -> dict:
-    """Everything needed to resume ``trainer`` (a :class:`~dira3d.engines.DiRATrainer`) or reuse its weights."""
+def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: Mapping[str, Any] | None = None,
+                    epoch_sums: Mapping[str, Any] | None = None) -> dict:
+    """Everything needed to resume ``trainer`` (a :class:`~dira3d.engines.DiRATrainer`) or reuse its weights.
+
+    ``epoch_sums``: what ``trainer.epoch_sums_state()`` returned (None: called here; under DDP that is a
+    collective, so a caller on rank 0 alone passes what every rank computed, as :class:`DiRACheckpoint` does).
+    """
+    if epoch_sums is None:
+        state = getattr(trainer, "epoch_sums_state", None)
+        epoch_sums = state() if callable(state) else {"count": 0, "sums": {}}
     net = trainer.network
     epoch_length = trainer.state.epoch_length or 0
     iteration = int(trainer.state.iteration)
@@ -94,6 +103,7 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
             "iteration": iteration,
             "epoch_iteration": int(iteration - epoch * epoch_length) if epoch_length else 0,
             "stage": str(trainer.current_stage().name),
+            "epoch_sums": {"count": int(epoch_sums["count"]), "sums": dict(epoch_sums["sums"])},
             **dict(best or {}),
         },
         "schedulers": {k: v.state_dict() for k, v in (getattr(trainer, "schedulers", None) or {}).items()},
@@ -108,8 +118,13 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
     }
 
 
-def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<dict>") -> None:
+def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<dict>") -> str | None:
     """Load ``ckpt`` (from :func:`checkpoint_dict`) into ``trainer`` and set its epoch/iteration.
+
+    Returns:
+        None, or, for a checkpoint written mid-epoch whose running sums cannot be put back (one written
+        before they were saved, or by a run with another number of processes), why the epoch's ``train_*`` means will cover only the iterations after
+        the resume.
 
     Raises:
         ValueError: the checkpoint was written for another mode, dimensionality or channel count, or
@@ -156,6 +171,10 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     trainer.state.epoch = int(ckpt["trainer"]["epoch"])
     trainer.state.iteration = int(ckpt["trainer"]["iteration"])
     trainer.state.stage = trainer.current_stage().name
+    restore_sums = getattr(trainer, "restore_epoch_sums", None)
+    if callable(restore_sums):
+        return restore_sums(ckpt["trainer"].get("epoch_sums"), int(ckpt["trainer"].get("epoch_iteration", 0)))
+    return None
 
 
 def check_checkpoint_folder_free(ckpt_dir: str | os.PathLike) -> None:
@@ -185,7 +204,8 @@ class DiRACheckpoint:
         save_every_epochs: write ``last.pt`` every N epochs (and at the end).
         save_every_iterations: also write ``last.pt`` every N iterations (0: never). A resume from a
             mid-epoch file continues at the next iteration, bit-exact on CPU (the consumed batches
-            of that epoch are re-drawn and dropped, without a training step).
+            of that epoch are re-drawn and dropped, without a training step), with the epoch's
+            running sums, so that its ``train_*`` means cover all its iterations.
         schedulers: learning-rate schedulers to save and restore with the run, by name
             (e.g. ``{"g": sched_g, "d": sched_d}``; step them with handlers of your own).
         min_free_bytes: free space ``ckpt_dir`` must have at start (None: twice the estimated
@@ -253,9 +273,19 @@ class DiRACheckpoint:
         if not (self.resume and self.last_path.is_file()):
             return
         ckpt = load_checkpoint(self.last_path, map_location=engine.state.device)
-        restore_checkpoint(engine, ckpt, source=str(self.last_path))
+        partial = restore_checkpoint(engine, ckpt, source=str(self.last_path))
         self.best.update({k: ckpt["trainer"].get(k, v) for k, v in self.best.items()})
-        engine.logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}, stage '{engine.state.stage}'")
+        epoch, done = engine.state.epoch, int(ckpt["trainer"].get("epoch_iteration", 0))
+        if done:
+            length = engine.state.epoch_length
+            where = f"mid-epoch (epoch {epoch + 1}: {done}{f' of its {length}' if length else ''} iterations done)"
+        else:
+            where = f"the end of epoch {epoch}"
+        engine.logger.info(f"resumed from {self.last_path} at iteration {engine.state.iteration}, {where}, "
+                           f"stage '{engine.state.stage}'")
+        if partial:
+            engine.logger.info(f"epoch {epoch + 1}'s train_* means will cover only its iterations after the resume: "
+                               f"{self.last_path} {partial}")
         if engine.state.epoch >= engine.state.max_epochs:
             engine.logger.info(f"{self.last_path} already reached max_epochs={engine.state.max_epochs}; nothing to do")
 
@@ -267,10 +297,17 @@ class DiRACheckpoint:
         if hasattr(engine, "modules"):
             check_finite_weights(engine.modules(), where=f" at iteration {engine.state.iteration}")
 
-    def save_last(self, engine: Engine) -> None:
+    @staticmethod
+    def _epoch_sums(engine: Engine) -> dict[str, Any]:
+        # on every rank: gathers each rank's running sums for rank 0's checkpoint (a collective under DDP)
+        state = getattr(engine, "epoch_sums_state", None)
+        return state() if callable(state) else {"count": 0, "sums": {}}
+
+    def save_last(self, engine: Engine, epoch_sums: Mapping[str, Any] | None = None) -> None:
         self._ensure_finite(engine)
+        epoch_sums = self._epoch_sums(engine) if epoch_sums is None else epoch_sums
         if is_main_process():
-            atomic_save(checkpoint_dict(engine, self.meta, self.best), self.last_path)
+            atomic_save(checkpoint_dict(engine, self.meta, self.best, epoch_sums), self.last_path)
 
     def completed(self, engine: Engine) -> None:
         """The run's end: ``last.pt`` at its last iteration, also when SIGTERM / Ctrl-C ended it mid-epoch
@@ -284,12 +321,13 @@ class DiRACheckpoint:
     def epoch_completed(self, engine: Engine) -> None:
         # checked on every rank before the (rank-local) best decision: the check is collective
         self._ensure_finite(engine)
+        epoch_sums = self._epoch_sums(engine)  # empty: the trainer's epoch means have been taken
         value = engine.state.metrics.get(self.metric_name)
         stage = engine.current_stage().name
         if value is not None and getattr(engine.state, "val_epoch", None) == engine.state.epoch:
             if self.best["best_stage"] != stage or self.best["best_metric"] is None or value < self.best["best_metric"]:
                 self.best = {"best_metric": float(value), "best_epoch": int(engine.state.epoch), "best_stage": stage}
                 if is_main_process():
-                    atomic_save(checkpoint_dict(engine, self.meta, self.best), self.best_path)
+                    atomic_save(checkpoint_dict(engine, self.meta, self.best, epoch_sums), self.best_path)
                 engine.logger.info(f"new best {self.metric_name}={value:.5f} (stage '{stage}') -> {self.best_path}")
-        self.save_last(engine)
+        self.save_last(engine, epoch_sums)

@@ -4,7 +4,8 @@
 what it is made of: the views and distortion of a batch (``step_inputs``), the unweighted loss terms of
 one encoder pass (``forward_terms``, also used by :class:`~dira3d.engines.DiRAEvaluator`), the
 discrimination term per mode, D's scores on real and restored patches (``adversary_scores``), and the
-epoch means of the step's outputs (``train_<key>`` in ``state.metrics``). It also defines what passes
+epoch means of the step's outputs (``train_<key>`` in ``state.metrics``; their running sums travel in a
+mid-epoch checkpoint: ``epoch_sums_state`` / ``restore_epoch_sums``). It also defines what passes
 between them: :class:`StepInputs`, :class:`Prepared` (a batch prepared ahead by the prefetcher) and
 :class:`Forward`. The mixin has no state of its own: it reads the attributes that
 :class:`~dira3d.engines.trainer.DiRATrainer`'s constructor sets (networks, losses, optimisers,
@@ -19,9 +20,11 @@ from typing import Any, NamedTuple
 import torch
 from ignite.engine import Engine
 
+from dira3d.engines.distributed import get_rank, get_world_size
 from dira3d.engines.faults import step_is_finite
 from dira3d.engines.optim import autocast_context, frozen, learning_rate, optimizer_step
 from dira3d.engines.stages import Stage
+from dira3d.losses.distributed import concat_all_gather
 from dira3d.transforms.compositions import Distortion
 from dira3d.transforms.views import ViewAugment
 
@@ -219,3 +222,41 @@ class TrainingStepMixin:
         for key, total in self._epoch_sums.items():
             engine.state.metrics[f"train_{key}"] = float(total) / max(self._epoch_count, 1)
         self._epoch_sums, self._epoch_count = {}, 0
+
+    def epoch_sums_state(self) -> dict[str, Any]:
+        """The running sums of this epoch's outputs so far, for a checkpoint (tensors and an int only):
+        ``{"count": n, "sums": {key: tensor}}``, each sum a 1-D tensor of every rank's sum (rank r's at r).
+
+        The epoch means are per rank (each rank averages its own outputs; rank 0's reach the log and
+        TensorBoard) and rank 0 alone writes checkpoints, so the sums of every rank are gathered into it.
+        Under DDP a collective (one ``all_gather`` when the epoch has begun): every rank must call it, as
+        :class:`~dira3d.engines.DiRACheckpoint` does before each save.
+        """
+        keys = list(self._epoch_sums)  # the same keys in the same order on every rank (same stages, same outputs)
+        if not self._epoch_count or not keys:  # the same count on every rank: all of them skip the gather
+            return {"count": 0, "sums": {}}
+        local = torch.stack([self._epoch_sums[k].detach().float().reshape(()) for k in keys])
+        table = concat_all_gather(local[None])  # (world_size, keys), rank 0's row first
+        return {"count": int(self._epoch_count), "sums": {k: table[:, i].clone() for i, k in enumerate(keys)}}
+
+    def restore_epoch_sums(self, saved: Mapping[str, Any] | None, done: int) -> str | None:
+        """Put back what :meth:`epoch_sums_state` saved, in a run resumed ``done`` iterations into an epoch.
+
+        Returns None when this epoch's means will cover all its iterations, else why they will cover only
+        the iterations after the resume, to follow the checkpoint's name (a checkpoint written before the
+        sums were saved, or one written with another number of processes).
+        """
+        self._epoch_sums, self._epoch_count = {}, 0
+        if not done:
+            return None
+        if not saved or "count" not in saved:
+            return "holds no running loss sums (written by an older dira3d)"
+        sums, world = dict(saved.get("sums") or {}), get_world_size()
+        widths = sorted({int(v.numel()) for v in sums.values()})
+        if widths and widths != [world]:
+            return f"was written by a run of {widths[0]} processes and this one has {world}"
+        self._epoch_sums = {k: v.reshape(-1)[get_rank()].float().to(self.state.device) for k, v in sums.items()}
+        self._epoch_count = int(saved["count"])
+        if self._epoch_count != done:  # a run resumed from an older checkpoint, then saved again mid-epoch
+            return f"holds sums of only the last {self._epoch_count} of the {done} iterations before it"
+        return None
