@@ -295,6 +295,9 @@ def test_cli_end_to_end_with_trained_extractor_and_multi_resolution(datalist, tm
             "--val-neighbours", "2", "--patch-size", "16", "16", "8", "--border", "8", "8", "4", "--extractor-size", "32", "32", "16",
             "--extractor-epochs", "1", "--extractor-width", "0.125", "--multi-resolution", "--seed", "3"]  # fmt: skip
     assert cli_main(args) == 0
+    # the end names the pretraining command that reads this output, with its patch size
+    assert (f"next:     dira3d pretrain --datalist {(out / 'visual_words.json').resolve()} --config visual_words.json "
+            "--override patch_size=[16,16,8] --output runs/dira_pretrain") in capsys.readouterr().out
     manifest = read_manifest(out)
     assert manifest["params"]["extractor"] == "autoencoder" and manifest["params"]["resolutions"] == 3
     for cls in manifest["classes"]:  # the one-epoch extractor also groups volumes by template

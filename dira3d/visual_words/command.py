@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -102,7 +103,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d visual-words: error: {err}", file=sys.stderr)
         return 1
     print(f"{len(manifest['classes'])} visual words written to {args.out} ({DATALIST_NAME}, {MANIFEST_NAME}, shards/)")
+    print(next_step(Path(args.out), args.patch_size))
     return 0
+
+
+DEFAULT_PATCH_SIZE = (64, 64, 32)  # the pretraining bundle's patch_size (bundles/dira_pretrain/configs/train.json)
+
+
+def next_step(out: Path, patch_size: Sequence[int]) -> str:
+    """The pretraining command that reads this output (with the patch size, when not the bundle's default)."""
+    size = [int(v) for v in patch_size]
+    override = "" if tuple(size) == DEFAULT_PATCH_SIZE else f" --override patch_size=[{','.join(map(str, size))}]"
+    return (f"next:     dira3d pretrain --datalist {(out / DATALIST_NAME).resolve()} --config visual_words.json{override} "
+            "--output runs/dira_pretrain (docs/visual_words.md)")
 
 
 if __name__ == "__main__":
