@@ -13,15 +13,15 @@ folder, ``--patient-regex`` takes the patient id from the path (see :func:`patie
 ``dira3d prepare brats`` writes BraTS (:mod:`dira3d.data.sequences`).
 
 The volume pipeline (:func:`normalise_image`, :func:`prepare_mask`) is shared by the dataset
-modules: reorient to RAS → normalise → optionally resample.
+modules: reorient to RAS → normalise → optionally resample. It lives in :mod:`dira3d.data.pipeline`,
+the patient grouping and split in :mod:`dira3d.data.patients`, the ``--sequences`` settings checks in
+:mod:`dira3d.data.sequences`; the names of ``__all__`` are importable from here.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -31,65 +31,25 @@ import numpy as np
 import SimpleITK as sitk
 
 from dira3d.data.errors import record_or_raise
-from dira3d.data.geometry import resample
 from dira3d.data.io import (
     IMAGE_SUFFIXES,
     DataError,
     check_mask_matches,
     image_suffix,
-    image_to_xyz,
     looks_like_dicom,
     read_image,
     read_mask,
-    to_ras,
     write_nifti,
-    xyz_to_image,
 )
 from dira3d.data.modality import MODALITIES, check_hu, check_mr, check_not_a_mask, modality_from_scans, recorded_modality
-from dira3d.data.normalize import normalize_mr, window_hu
+from dira3d.data.patients import (PATIENT_FROM, _check_grouping, _check_patient_setting, _check_split_sizes, _earlier_parts,
+                                  _split_patients, patient_ids)
+from dira3d.data.pipeline import normalise_image, prepare_mask
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
-from dira3d.data.sequences import check_channels, find_sequence_cases, parse_sequences, stack_sequences
-from dira3d.data.splits import extend_split
+from dira3d.data.sequences import _check_sequence_settings, _check_volume_channels, find_sequence_cases, stack_sequences
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["normalise_image", "prepare_mask", "discover", "patient_ids", "prepare", "main"]
-
-PATIENT_FROM = ("case", "parent", "regex")
-
-
-def normalise_image(image: sitk.Image, modality: str = "ct", window: Sequence[float] = (-1000.0, 1000.0),
-                    percentiles: Sequence[float] = (0.5, 99.5), spacing: Sequence[float] | None = None,
-                    path: str | os.PathLike | None = None) -> sitk.Image:
-    """The prepared form of a scan: RAS, float32 in [0, 1], optionally resampled.
-
-    Args:
-        image: as read by :func:`dira3d.data.io.read_image`.
-        modality: ``"ct"`` (HU window) or ``"mr"`` (percentiles of the non-zero voxels).
-        window: CT window ``(lo, hi)`` in HU.
-        percentiles: MR ``(lower, upper)`` percentiles.
-        spacing: new spacing in mm ``(x, y, z)`` (or one number); ``None`` keeps the native grid.
-        path: named in error messages.
-
-    Raises:
-        DataError: unknown modality or a volume that cannot be normalised (e.g. constant MR).
-    """
-    if modality not in MODALITIES:
-        raise DataError(path, f"unknown modality {modality!r}; use one of {MODALITIES}")
-    image = to_ras(image)
-    array = image_to_xyz(image)
-    try:
-        scaled = window_hu(array, *window) if modality == "ct" else normalize_mr(array, None, *percentiles)
-    except ValueError as err:
-        raise DataError(path, str(err)) from err
-    out = xyz_to_image(scaled, image)
-    # normalise first, then interpolate: 0 (air / MR background) fills outside the old grid
-    return resample(out, spacing, "linear", 0.0) if spacing is not None else out
-
-
-def prepare_mask(mask: sitk.Image, image: sitk.Image, spacing: Sequence[float] | None = None) -> sitk.Image:
-    """A ``uint8`` mask reoriented to RAS (and resampled with nearest neighbour) like its image."""
-    mask = to_ras(sitk.Cast(mask, sitk.sitkUInt8))
-    return resample(mask, spacing, "nearest", 0) if spacing is not None else mask
 
 
 def _case_id(src: Path, path: Path, strip: str) -> str:
@@ -159,95 +119,6 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
         record_or_raise(problems, cid, DataError(masks[cid], f"mask has no matching image (expected case {cid!r}); "
                                                              "check --image-suffix / --label-suffix"))
     return [(cid, images.get(cid), masks.get(cid)) for cid in sorted(set(images) | set(masks))]
-
-
-def _check_patient_setting(patient_from: str, patient_regex: str | None) -> re.Pattern | None:
-    """The compiled ``--patient-regex`` (``None`` unless ``patient_from == "regex"``).
-
-    Raises:
-        ValueError: unknown ``patient_from``, a regex missing or given without ``"regex"``, a regex
-            that does not compile or has not exactly one group.
-    """
-    if patient_from not in PATIENT_FROM:
-        raise ValueError(f"--patient-from must be one of {PATIENT_FROM}, got {patient_from!r}")
-    if patient_from != "regex":
-        if patient_regex is not None:
-            raise ValueError(f"--patient-regex is given but --patient-from is {patient_from!r}; "
-                             "drop --patient-from (a regex implies it) or the regex")
-        return None
-    if not patient_regex:
-        raise ValueError("--patient-from regex needs --patient-regex REGEX (one group: the patient id)")
-    try:
-        pattern = re.compile(patient_regex)
-    except re.error as err:
-        raise ValueError(f"--patient-regex {patient_regex!r} is not a valid regular expression: {err}") from None
-    if pattern.groups != 1:
-        raise ValueError(f"--patient-regex {patient_regex!r} has {pattern.groups} groups; it needs exactly one, "
-                         r"the patient id (e.g. '^(patient\d+)'; write other groups as (?:...))")
-    return pattern
-
-
-def _patient_id(src: Path, path: Path, case_id: str, patient_from: str, pattern: re.Pattern | None) -> str:
-    """The patient of one scan (see :func:`patient_ids`).
-
-    Raises:
-        DataError: ``parent`` for a scan directly in ``src``; a regex that does not match the path
-            (or captures nothing).
-    """
-    if patient_from == "case":
-        return case_id
-    rel = path.relative_to(src).as_posix()
-    if patient_from == "parent":
-        parent = path.relative_to(src).parent.as_posix()
-        if parent == ".":
-            raise DataError(path, "lies directly in --src, so --patient-from parent finds no patient folder; move it "
-                                  "into a folder of its patient, or use --patient-regex")
-        return parent
-    match = pattern.search(rel)
-    if match is None or not match.group(1):
-        found = "does not match" if match is None else "matches but its group captures nothing in"
-        raise DataError(path, f"--patient-regex {pattern.pattern!r} {found} its path {rel!r} (relative to --src), so "
-                              "its patient is unknown; fix the regex, or move the scan out of --src")
-    return match.group(1)
-
-
-def patient_ids(src: str | os.PathLike, found: Sequence[tuple[str, Path | None, Path | None]],
-                patient_from: str = "case", patient_regex: str | None = None,
-                problems: dict[str, str] | None = None) -> dict[str, str]:
-    """The patient of each scan found by :func:`discover`, which the validation / test split keeps together.
-
-    Args:
-        src: the folder given to :func:`discover`.
-        found: :func:`discover`'s ``(case_id, image_path, mask_path)``.
-        patient_from: ``"case"`` (each scan is its own patient: the patient id is the case id),
-            ``"parent"`` (the folder holding the scan, relative to ``src``, e.g. ``site_b/patient007``;
-            for a DICOM series, the folder above the series folder) or ``"regex"``.
-        patient_regex: with ``"regex"``: a regular expression with one group, searched
-            (``re.search``) in the scan's path relative to ``src`` with ``/`` separators and its
-            suffix (``patient007/ct_2019.nii.gz``; a DICOM series: its folder's path); the group is
-            the patient id.
-        problems: when given, a scan without a patient (a regex that does not match; ``parent`` for
-            a scan directly in ``src``) is recorded here as ``{case_id: message}`` instead of raised;
-            such a case, and one already in ``problems``, is left out of the result.
-
-    Returns:
-        ``{case_id: patient_id}``.
-
-    Raises:
-        ValueError: a bad ``patient_from`` / ``patient_regex`` (see ``--patient-regex``).
-        DataError: without ``problems``, a scan without a patient.
-    """
-    pattern = _check_patient_setting(patient_from, patient_regex)
-    src = Path(src)
-    out: dict[str, str] = {}
-    for cid, image_path, mask_path in found:
-        if problems is not None and cid in problems:  # already failed (e.g. a mask without its image)
-            continue
-        try:
-            out[cid] = _patient_id(src, image_path or mask_path, cid, patient_from, pattern)
-        except DataError as err:
-            record_or_raise(problems, cid, err)
-    return out
 
 
 def _process(case: Case, modality: str, window: Sequence[float], percentiles: Sequence[float],
@@ -468,124 +339,6 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     advice += f"; rerun with a larger fraction (e.g. {example}; the volumes written are kept)"
     write_datalist(dst / "pretrain_datalist.json", splits, meta, split_advice=advice)
     return results
-
-
-def _check_sequence_settings(sequences: str | Sequence[str] | None, label_pattern: str | None, modality: str | None,
-                             image_suffix: str, label_suffix: str | None) -> dict[str, str]:
-    """The ``{name: pattern}`` of ``--sequences`` (empty without it).
-
-    Raises:
-        ValueError: a bad ``--sequences``; ``--label-pattern`` without it; with it, ``--modality ct``,
-            ``--image-suffix`` or ``--label-suffix`` (single-scan options).
-    """
-    if sequences is None:
-        if label_pattern is not None:
-            raise ValueError("--label-pattern names the mask in a case folder of --sequences; give --sequences too, "
-                             "or pair masks with single scans by --label-suffix")
-        return {}
-    patterns = parse_sequences(sequences)
-    if modality == "ct":
-        raise ValueError("--sequences stacks MR sequences (scaled as mr); drop --modality ct")
-    if image_suffix or label_suffix is not None:
-        raise ValueError("--image-suffix / --label-suffix pair single scans; with --sequences the mask is found by "
-                         "--label-pattern (e.g. --label-pattern '*mask*')")
-    if label_pattern is not None and not label_pattern.strip():
-        raise ValueError("--label-pattern is empty; give the mask's file name pattern, e.g. '*mask*'")
-    return patterns
-
-
-def _check_volume_channels(case: Case, channels: int) -> None:
-    """``check_outputs`` of ``--sequences``: a volume of another run (other sequences, a single scan) is redone."""
-    check_channels(case.outputs[0], channels)
-
-
-def _earlier_datalist(datalist: Path, src: str | os.PathLike) -> tuple[dict, dict] | None:
-    """``(datalist, its patient grouping)`` of the datalist an earlier run of this ``src`` wrote (a datalist
-    written before the grouping options existed was split by case); None when there is none, it cannot be
-    read, or it was prepared from another source (:func:`~dira3d.data.runner.run_cases` refuses that)."""
-    try:
-        data = json.loads(datalist.read_text(encoding="utf-8"))
-        meta = data["meta"]
-        if meta.get("source") != str(Path(src).resolve()):
-            return None
-        return data, {"patient_from": meta.get("patient_from", "case"), "patient_regex": meta.get("patient_regex")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def _earlier_parts(datalist: Path, src: str | os.PathLike, rule: dict) -> dict[str, list[str]] | None:
-    """Part → patient ids of the datalist an earlier run of this ``src`` wrote with the same split ``rule``
-    (fractions, seed, grouping; as its meta records them); None when there is none or it differs."""
-    earlier = _earlier_datalist(datalist, src)
-    if earlier is None:
-        return None
-    data, grouping = earlier
-    try:
-        meta = data["meta"]
-        recorded = {"val_fraction": meta["val_fraction"], "test_fraction": meta["test_fraction"], "seed": meta["seed"],
-                    **grouping}
-        if recorded != rule:
-            return None
-        return {name: [str(e.get("patient_id", e["case_id"])) for e in data.get(name, [])]
-                for name in ("training", "validation", "test")}
-    except (KeyError, TypeError, AttributeError):
-        return None
-
-
-def _split_patients(patients: Sequence[str], val_fraction: float, test_fraction: float, seed: int,
-                    unit: str = "patient", earlier: dict[str, list[str]] | None = None) -> dict[str, str]:
-    """``{patient: "training" | "validation" | "test"}``: a seeded permutation of ``patients`` (in
-    the order given: sorted), whose first ``val_fraction`` go to validation and the next
-    ``test_fraction`` to test (each rounded; see :func:`_check_split_sizes`). With ``earlier`` (the
-    split of an earlier run of the same rule) its patients keep their parts and only new ones are
-    dealt out (:func:`dira3d.data.splits.extend_split`)."""
-    n_val, n_test = _check_split_sizes(len(patients), val_fraction, test_fraction, unit)
-    kept = extend_split(patients, {"training": len(patients) - n_val - n_test, "validation": n_val, "test": n_test},
-                        seed, earlier)
-    if kept is not None:
-        return {patient: name for name, ids in kept.items() for patient in ids}
-    order = np.random.default_rng(seed).permutation(len(patients))
-    part = dict.fromkeys(patients, "training")
-    part.update({patients[i]: "validation" for i in order[:n_val]})
-    part.update({patients[i]: "test" for i in order[n_val:n_val + n_test]})
-    return part
-
-
-def _check_split_sizes(count: int, val_fraction: float, test_fraction: float, unit: str = "case") -> tuple[int, int]:
-    """``(validation, test)`` counts of ``unit`` (each fraction of ``count``, rounded), leaving training at least one.
-
-    Raises:
-        ValueError: the two parts would take every case (patient).
-    """
-    n_val, n_test = int(round(val_fraction * count)), int(round(test_fraction * count))
-    if count and n_val + n_test >= count:
-        raise ValueError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} take {n_val} + {n_test} of "
-                         f"the {count} {unit}(s), leaving none to train on; lower them (or add scans)")
-    return n_val, n_test
-
-
-def _check_grouping(datalist: Path, src: str | os.PathLike, grouping: dict[str, str | None], overwrite: bool) -> None:
-    """Refuse to re-split ``datalist`` (of this ``src``) with another patient grouping: its validation /
-    test lists would change under results already made with them. A datalist written before the
-    option existed was split by case. An unreadable datalist or one of another ``src`` is left to
-    :func:`~dira3d.data.runner.run_cases`, which refuses it with its own message.
-
-    Raises:
-        DataError: the datalist records another grouping and ``overwrite`` is false.
-    """
-    earlier = None if overwrite else _earlier_datalist(datalist, src)
-    if earlier is None:
-        return
-    old = earlier[1]
-
-    def flags(g: dict) -> str:
-        return f"--patient-regex {g['patient_regex']!r}" if g["patient_from"] == "regex" else f"--patient-from {g['patient_from']}"
-
-    if old != grouping:
-        raise DataError(datalist, f"was split by patient with {flags(old)} (now {flags(grouping)}); re-splitting would "
-                                  "move scans between training, validation and test. Choose another --dst, move this "
-                                  "datalist away to re-split the volumes already prepared (they do not depend on the "
-                                  "grouping), or pass --overwrite to redo every case")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,11 @@ The runner gives every dataset the same behaviour:
 - without ``keep_going`` the first failure stops the batch (cases not started are reported as
   ``"cancelled"``) and :func:`finish` returns 1; with it, every good case is still written, the
   bad ones are reported and the exit code is 0.
+
+:class:`Case`, :class:`CaseResult` and the output paths of a case live in :mod:`dira3d.data.cases`,
+the checks and lock before any case runs in :mod:`dira3d.data.guards`, the messages a command ends
+with (:func:`finish`, :func:`next_steps`) in :mod:`dira3d.data.end_messages`; the names of ``__all__``
+are importable from here.
 """
 
 from __future__ import annotations
@@ -30,23 +35,23 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from dira3d.data.errors import DataError, DataWarning, join_errors  # join_errors: re-exported
-from dira3d.utils.atomic import atomic_write_text, check_writable, stale_temporaries
+from dira3d.data.cases import STATUSES, Case, CaseResult, batch_stopped, case_outputs, safe_case_path
+from dira3d.data.end_messages import NEXT_STEPS, _datalists_written, finish, next_steps
+from dira3d.data.errors import DataWarning, join_errors  # join_errors: re-exported
+from dira3d.data.guards import _check_rerun, _held_until_done, _lock, _locks_held_until_done, _not_done
+from dira3d.utils.atomic import atomic_write_text, stale_temporaries
 from dira3d.utils.files import read_json
-from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 
 __all__ = [
     "Case",
@@ -66,76 +71,6 @@ __all__ = [
     "NEXT_STEPS",
     "next_steps",
 ]
-
-STATUSES = ("written", "skipped", "failed", "dry-run", "cancelled")
-
-
-@dataclass
-class Case:
-    """One unit of work: ``outputs`` are the files it writes (absolute paths).
-
-    ``error``: a problem found while listing the work (see
-    :func:`~dira3d.data.errors.record_or_raise`); the case is reported as failed with it.
-    """
-
-    case_id: str
-    outputs: list[Path]
-    params: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
-
-
-@dataclass
-class CaseResult:
-    """What happened to a case. ``info`` holds what ``process_fn`` returned (e.g. counts)."""
-
-    case_id: str
-    status: str
-    outputs: list[str] = field(default_factory=list)
-    reason: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("written", "skipped")
-
-
-def safe_case_path(out_dir: str | os.PathLike, case_id: str, suffix: str = "") -> Path:
-    """``out_dir / (case_id + suffix)``, refusing ids that would escape ``out_dir``.
-
-    Raises:
-        ValueError: empty or absolute id, a ``..`` component, or a path resolving outside ``out_dir``.
-    """
-    if not case_id or os.path.isabs(case_id) or Path(case_id).is_absolute() or "\x00" in case_id:
-        raise ValueError(f"case id {case_id!r} is empty or absolute; case ids must be relative names")
-    if ".." in Path(case_id).parts or "\\" in case_id:
-        raise ValueError(f"case id {case_id!r} contains '..' or a backslash and could write outside {out_dir}; rename the case")
-    root = Path(out_dir).resolve()
-    path = root / f"{case_id}{suffix}"
-    if root not in path.resolve().parents:
-        raise ValueError(f"case id {case_id!r} resolves outside the output folder {root}; rename the case")
-    return Path(out_dir) / f"{case_id}{suffix}"
-
-
-def case_outputs(case_id: str, places: Sequence[tuple[str | os.PathLike, str]], source: str | os.PathLike | None = None,
-                 ) -> tuple[list[Path], str]:
-    """:func:`safe_case_path` of ``case_id`` in every ``(folder, suffix)`` of ``places``, for a case whose id
-    comes from the data (a CSV cell, a DICOM tag, a file name).
-
-    An id that :func:`safe_case_path` refuses (``..``, absolute, a backslash) is a problem of that case
-    alone: the outputs are ``[]`` and the message (naming ``source``, where the id was read) goes to the
-    case's ``error``, so the batch goes on with the other cases (``--keep-going``) instead of stopping
-    before any of them.
-
-    Returns:
-        ``(outputs, error)``: the output paths and ``""``, or ``[]`` and why the id is refused.
-    """
-    try:
-        return [safe_case_path(folder, case_id, suffix) for folder, suffix in places], ""
-    except ValueError as err:
-        where = f"{source}: " if source is not None else ""
-        return [], (f"{where}{err}; this case is left out (fix the id where it is read; the other cases are "
-                    "prepared)")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -181,48 +116,6 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
     return write_json(path, out)
 
 
-# inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
-_datalists_written: ContextVar[list[tuple[Path, bool]] | None] = ContextVar("_datalists_written", default=None)
-
-
-def _finetune_step(bundle: str, doc: str = "docs/finetuning.md") -> str:
-    # runs/dira_pretrain: dira3d pretrain's default --output
-    return (f"dira3d finetune --bundle {bundle} --datalist {{datalist}} --pretrained runs/dira_pretrain/models/best.pt "
-            f"--output-dir runs/ft_{bundle} ({doc})")
-
-
-# a datalist's name -> what it is for: the command to run next (``{datalist}``: its path)
-NEXT_STEPS: dict[str, str] = {
-    "pretrain_datalist.json": "dira3d visual-words --datalist {datalist} --out runs/visual_words (then dira3d pretrain; "
-                              "docs/visual_words.md)",
-    "ncc_datalist.json": _finetune_step("luna16_nodule_fpr"),
-    "lidc_datalist.json": _finetune_step("lidc_nodule_seg"),
-    "lits_datalist.json": _finetune_step("lits_liver_seg"),
-    "brats_datalist.json": _finetune_step("brats_tumor_seg"),
-    "pecad_datalist.json": _finetune_step("pecad_embolism_fpr"),
-    "siim_datalist.json": _finetune_step("siim_pneumothorax_seg", "docs/2d.md"),
-    "montgomery_datalist.json": _finetune_step("montgomery_lung_seg", "docs/2d.md"),
-    "chestxray14_datalist.json": _finetune_step("chestxray14_cls", "docs/2d.md"),
-    "chexpert_datalist.json": _finetune_step("chexpert_cls", "docs/2d.md"),
-    "bbox_datalist.json": "dira3d localise --bbox-datalist {datalist} --model runs/ft_chestxray14_cls/models/model.pt "
-                          "--output-dir runs/localise (once chestxray14_cls is fine-tuned; docs/2d.md)",
-}
-# a pretraining datalist whose volumes have labels (dira3d prepare generic --label-suffix) can train a task too
-LABELLED_NEXT_STEP = _finetune_step("lits_liver_seg")
-
-
-def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
-    """The lines ``dira3d prepare`` ends with for a datalist it wrote: where it is, and the command to run next
-    (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`)."""
-    path = shlex.quote(str(datalist))
-    lines = [f"datalist: {datalist}"]
-    if datalist.name in NEXT_STEPS:
-        lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
-        if labelled and datalist.name == "pretrain_datalist.json":
-            lines.append(f"or:       {LABELLED_NEXT_STEP.format(datalist=path)}")
-    return lines
-
-
 def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResult:
     if case.error:
         return CaseResult(case.case_id, "failed", [], case.error)
@@ -244,72 +137,6 @@ def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResul
     if missing:
         return CaseResult(case.case_id, "failed", [], f"finished without writing {missing[:3]}", warnings=notes)
     return CaseResult(case.case_id, "written", [str(p) for p in case.outputs], info=dict(info), warnings=notes)
-
-
-def _not_done(case: Case, check_outputs: Callable[[Case], Any] | None) -> str:
-    """Why the existing outputs of ``case`` do not count as done: an empty file, or what
-    ``check_outputs`` raised; ``""`` when they do."""
-    empty = [str(p) for p in case.outputs if Path(p).stat().st_size == 0]
-    if empty:
-        return f"{empty[0]} is empty"
-    if check_outputs is not None:
-        try:
-            check_outputs(case)
-        except (ValueError, OSError) as err:  # DataError / FileContentError name the file
-            return str(err)
-    return ""
-
-
-def _same_setting(old: Any, new: Any) -> bool:
-    """Recorded and requested setting agree (JSON forms: tuples are lists, 3 == 3.0)."""
-    return json.loads(json.dumps(old)) == json.loads(json.dumps(new))
-
-
-def _check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
-                 report: Path, desc: str, overwrite: bool, settings: Mapping[str, Any] | None = None) -> None:
-    """Refuse a rerun that would mix in another ``--src``, outputs made with other ``settings`` (their
-    cases would be skipped while the datalist claims the new settings), or replace a file that is not a report."""
-    if report.is_dir():
-        raise DataError(report, "is a folder; --report must be a file path")
-    if overwrite:
-        return
-    new = None if source is None else str(Path(source).resolve())
-    recorded = []  # (file, source it records)
-    written_with = []  # (file, the settings it records)
-    for path in map(Path, datalists if new else ()):
-        if path.exists():
-            try:
-                meta = json.loads(path.read_text(encoding="utf-8"))["meta"]
-                recorded.append((path, meta.get("source")))
-                written_with.append((path, dict(meta)))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise DataError(path, "exists and is not a datalist written by dira3d prepare; move it away, "
-                                      "choose another --dst, or pass --overwrite to replace it") from None
-    if report.exists():
-        try:
-            old = json.loads(report.read_text(encoding="utf-8"))
-            is_report = isinstance(old, dict) and {"summary", "cases"} <= set(old)
-        except (OSError, ValueError):
-            is_report = False
-        if not is_report:
-            raise DataError(report, "exists and is not a dira3d prepare report; choose another --report path, "
-                                    "or pass --overwrite to replace it")
-        if new and old.get("desc") == desc and report.parent.resolve() == out_dir.resolve():
-            # an earlier run of this dataset into this --dst, which may have stopped before its datalist
-            recorded.append((report, old.get("source")))
-            if isinstance(old.get("settings"), dict):
-                written_with.append((report, old["settings"]))
-    for path, old_source in recorded:
-        if old_source is not None and old_source != new:
-            raise DataError(path, f"was prepared from --src {old_source}, not {new}; choose another --dst, or pass "
-                                  "--overwrite to redo every case from the new source")
-    for path, old_settings in written_with:
-        changed = [k for k in (settings or {}) if k in old_settings and not _same_setting(old_settings[k], settings[k])]
-        if changed:
-            what = ", ".join(f"{k} {json.dumps(old_settings[k])} (now {json.dumps(settings[k])})" for k in changed)
-            raise DataError(path, f"records volumes prepared with {what}; the cases already written would be "
-                                  "skipped and keep the old settings. Choose another --dst, or pass --overwrite to "
-                                  "redo every case with the new settings")
 
 
 def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, out_dir: str | os.PathLike,
@@ -369,44 +196,6 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
             held.append(lock)  # dira3d prepare: released once the datalists are written
         elif lock is not None:
             lock.release()
-
-
-# inside run_prepare: the locks run_cases takes are kept until the whole preparation ends
-_held_until_done: ContextVar[list[FolderLock] | None] = ContextVar("_held_until_done", default=None)
-
-
-@contextlib.contextmanager
-def _locks_held_until_done() -> Iterator[None]:
-    """Keep the ``--dst`` locks that :func:`run_cases` takes inside this block until it ends, so that
-    the datalists a ``prepare`` function writes after its cases are written under the lock too."""
-    held: list[FolderLock] = []
-    token = _held_until_done.set(held)
-    try:
-        yield
-    finally:
-        _held_until_done.reset(token)
-        for lock in held:
-            lock.release()
-
-
-def _lock(out_dir: Path, report_path: Path) -> FolderLock:
-    """Check that ``out_dir`` (and the report's folder) can be written, then lock ``out_dir``: two runs into
-    one ``--dst`` would both pass the checks of an earlier run and mix their cases (e.g. two --window values)
-    under one datalist.
-
-    Raises:
-        DataError: a folder cannot be written, or another process prepares into ``out_dir``.
-    """
-    for folder, what in ((out_dir, "output folder (--dst)"), (report_path.parent, "report folder (--report)")):
-        try:  # before any case runs: a read-only --dst is one clear error, not a failure per case
-            check_writable(folder, what=what)
-        except OSError as err:
-            raise DataError(None, str(err)) from err
-    try:
-        return FolderLock(out_dir, what="output folder (--dst)",
-                          clash="a second run into it would mix its cases, datalists and report with this one's").acquire()
-    except FolderInUseError as err:
-        raise DataError(None, str(err)) from None
 
 
 def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, out_dir: Path, workers: int,
@@ -551,17 +340,6 @@ def _cancelled_when_interrupted(pool: ProcessPoolExecutor) -> Iterator[None]:
         raise
 
 
-def batch_stopped(results: Iterable[CaseResult], keep_going: bool) -> bool:
-    """Whether the batch stopped at a failure, so that no datalist may be written.
-
-    True when a case was cancelled, and also when a case failed without ``keep_going`` although
-    nothing was left to cancel (the last case, or the last ones running in the pool, failed).
-    """
-    results = list(results)
-    return any(r.status == "cancelled" for r in results) or (
-        not keep_going and any(r.status == "failed" for r in results))
-
-
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--src --dst --workers --overwrite --dry-run --keep-going --report`` to ``parser``."""
     parser.add_argument("--src", required=True, type=Path, help="the dataset as downloaded")
@@ -575,36 +353,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="process every case despite failures (failures are reported; exit code 0)")
     parser.add_argument("--report", type=Path, default=None, help="JSON report path (default DST/report.json)")
     return parser
-
-
-def finish(results: Iterable[CaseResult], keep_going: bool = False, dry_run: bool = False,
-           report: str | os.PathLike | None = None) -> int:
-    """Print a one-line summary plus each failure and warning; return the exit code.
-
-    ``dry_run``: the results of a plan (nothing was written), so the advice speaks of the real run.
-    ``report``: the JSON report, named on the summary line when it exists.
-
-    Returns:
-        1 when a case failed and ``keep_going`` is false, else 0.
-    """
-    results = list(results)
-    counts = Counter(r.status for r in results)
-    where = f" (report: {Path(report).resolve()})" if report is not None and Path(report).is_file() and not dry_run else ""
-    print((", ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s)) or "no cases") + where)
-    failed = [r for r in results if r.status == "failed"]
-    for r in results:
-        for note in r.warnings:
-            print(f"WARNING {r.case_id}: {note}", file=sys.stderr)
-    for r in failed:
-        print(f"FAILED {r.case_id}: {r.reason}", file=sys.stderr)
-    if failed and not keep_going and dry_run:
-        print("the real run would stop at the first failure and write no datalist; fix the case, or add --keep-going "
-              "to prepare every good case and report the bad ones", file=sys.stderr)
-    elif failed and not keep_going:  # no datalist was written, even when the failure came last
-        stopped = "stopped at the first failure" if counts.get("cancelled") else "had a failure"
-        print(f"the batch {stopped}, so no datalist was written; add --keep-going to prepare every good case and "
-              "report the bad ones", file=sys.stderr)
-    return 1 if failed and not keep_going else 0
 
 
 def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argparse.Namespace, **options: Any) -> int:

@@ -5,7 +5,9 @@ any folder per case (a hospital export, BIDS ``anat/``): each sequence is the on
 series folder, in the case folder whose name matches its pattern (:func:`parse_sequences`,
 :func:`find_sequence_cases`). Both write the volume :func:`stack_sequences` makes, so the
 ``brats_tumor_seg`` bundle reads either. The sequence names are those the bundle knows
-(:data:`SEQUENCE_NAMES`; its ``modalities`` and ``image_channels`` settings).
+(:data:`SEQUENCE_NAMES`; its ``modalities`` and ``image_channels`` settings). ``generic``'s checks of its
+``--sequences`` settings (:func:`_check_sequence_settings`) and of a written volume's channels
+(:func:`_check_volume_channels`) are here too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from dira3d.data.cases import Case
 from dira3d.data.errors import DataError, record_or_raise
 from dira3d.data.io import check_mask_matches, image_suffix, looks_like_dicom, read_image
 
@@ -188,3 +191,32 @@ def check_channels(path: str | os.PathLike, channels: int) -> None:
     held = int(dim[4]) if int(dim[0]) >= 4 else 1
     if held != channels:
         raise DataError(path, f"holds {held} channel(s), not the {channels} sequence(s) of --sequences")
+
+
+def _check_sequence_settings(sequences: str | Sequence[str] | None, label_pattern: str | None, modality: str | None,
+                             image_suffix: str, label_suffix: str | None) -> dict[str, str]:
+    """The ``{name: pattern}`` of ``--sequences`` (empty without it).
+
+    Raises:
+        ValueError: a bad ``--sequences``; ``--label-pattern`` without it; with it, ``--modality ct``,
+            ``--image-suffix`` or ``--label-suffix`` (single-scan options).
+    """
+    if sequences is None:
+        if label_pattern is not None:
+            raise ValueError("--label-pattern names the mask in a case folder of --sequences; give --sequences too, "
+                             "or pair masks with single scans by --label-suffix")
+        return {}
+    patterns = parse_sequences(sequences)
+    if modality == "ct":
+        raise ValueError("--sequences stacks MR sequences (scaled as mr); drop --modality ct")
+    if image_suffix or label_suffix is not None:
+        raise ValueError("--image-suffix / --label-suffix pair single scans; with --sequences the mask is found by "
+                         "--label-pattern (e.g. --label-pattern '*mask*')")
+    if label_pattern is not None and not label_pattern.strip():
+        raise ValueError("--label-pattern is empty; give the mask's file name pattern, e.g. '*mask*'")
+    return patterns
+
+
+def _check_volume_channels(case: Case, channels: int) -> None:
+    """``check_outputs`` of ``--sequences``: a volume of another run (other sequences, a single scan) is redone."""
+    check_channels(case.outputs[0], channels)

@@ -1,0 +1,94 @@
+"""What a ``dira3d prepare`` command prints when it ends.
+
+:func:`finish`: the one-line summary of the cases, each warning and failure, and what to do about a
+failure; :func:`next_steps`: where each datalist written is and the command to run next
+(:data:`NEXT_STEPS`), for the datalists that :func:`~dira3d.data.runner.write_datalist` records in
+``_datalists_written`` while :func:`~dira3d.data.runner.run_prepare` runs. Re-exported by
+:mod:`dira3d.data.runner`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from contextvars import ContextVar
+from pathlib import Path
+
+from dira3d.data.cases import STATUSES, CaseResult
+
+__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "next_steps", "finish"]
+
+
+# inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
+_datalists_written: ContextVar[list[tuple[Path, bool]] | None] = ContextVar("_datalists_written", default=None)
+
+
+def _finetune_step(bundle: str, doc: str = "docs/finetuning.md") -> str:
+    # runs/dira_pretrain: dira3d pretrain's default --output
+    return (f"dira3d finetune --bundle {bundle} --datalist {{datalist}} --pretrained runs/dira_pretrain/models/best.pt "
+            f"--output-dir runs/ft_{bundle} ({doc})")
+
+
+# a datalist's name -> what it is for: the command to run next (``{datalist}``: its path)
+NEXT_STEPS: dict[str, str] = {
+    "pretrain_datalist.json": "dira3d visual-words --datalist {datalist} --out runs/visual_words (then dira3d pretrain; "
+                              "docs/visual_words.md)",
+    "ncc_datalist.json": _finetune_step("luna16_nodule_fpr"),
+    "lidc_datalist.json": _finetune_step("lidc_nodule_seg"),
+    "lits_datalist.json": _finetune_step("lits_liver_seg"),
+    "brats_datalist.json": _finetune_step("brats_tumor_seg"),
+    "pecad_datalist.json": _finetune_step("pecad_embolism_fpr"),
+    "siim_datalist.json": _finetune_step("siim_pneumothorax_seg", "docs/2d.md"),
+    "montgomery_datalist.json": _finetune_step("montgomery_lung_seg", "docs/2d.md"),
+    "chestxray14_datalist.json": _finetune_step("chestxray14_cls", "docs/2d.md"),
+    "chexpert_datalist.json": _finetune_step("chexpert_cls", "docs/2d.md"),
+    "bbox_datalist.json": "dira3d localise --bbox-datalist {datalist} --model runs/ft_chestxray14_cls/models/model.pt "
+                          "--output-dir runs/localise (once chestxray14_cls is fine-tuned; docs/2d.md)",
+}
+# a pretraining datalist whose volumes have labels (dira3d prepare generic --label-suffix) can train a task too
+LABELLED_NEXT_STEP = _finetune_step("lits_liver_seg")
+
+
+def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
+    """The lines ``dira3d prepare`` ends with for a datalist it wrote: where it is, and the command to run next
+    (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`)."""
+    path = shlex.quote(str(datalist))
+    lines = [f"datalist: {datalist}"]
+    if datalist.name in NEXT_STEPS:
+        lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
+        if labelled and datalist.name == "pretrain_datalist.json":
+            lines.append(f"or:       {LABELLED_NEXT_STEP.format(datalist=path)}")
+    return lines
+
+
+def finish(results: Iterable[CaseResult], keep_going: bool = False, dry_run: bool = False,
+           report: str | os.PathLike | None = None) -> int:
+    """Print a one-line summary plus each failure and warning; return the exit code.
+
+    ``dry_run``: the results of a plan (nothing was written), so the advice speaks of the real run.
+    ``report``: the JSON report, named on the summary line when it exists.
+
+    Returns:
+        1 when a case failed and ``keep_going`` is false, else 0.
+    """
+    results = list(results)
+    counts = Counter(r.status for r in results)
+    where = f" (report: {Path(report).resolve()})" if report is not None and Path(report).is_file() and not dry_run else ""
+    print((", ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s)) or "no cases") + where)
+    failed = [r for r in results if r.status == "failed"]
+    for r in results:
+        for note in r.warnings:
+            print(f"WARNING {r.case_id}: {note}", file=sys.stderr)
+    for r in failed:
+        print(f"FAILED {r.case_id}: {r.reason}", file=sys.stderr)
+    if failed and not keep_going and dry_run:
+        print("the real run would stop at the first failure and write no datalist; fix the case, or add --keep-going "
+              "to prepare every good case and report the bad ones", file=sys.stderr)
+    elif failed and not keep_going:  # no datalist was written, even when the failure came last
+        stopped = "stopped at the first failure" if counts.get("cancelled") else "had a failure"
+        print(f"the batch {stopped}, so no datalist was written; add --keep-going to prepare every good case and "
+              "report the bad ones", file=sys.stderr)
+    return 1 if failed and not keep_going else 0

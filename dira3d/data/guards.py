@@ -1,0 +1,127 @@
+"""What :func:`~dira3d.data.runner.run_cases` checks and holds before any case runs.
+
+A rerun into ``--dst`` must not mix in another ``--src`` or outputs made with other settings, nor
+replace a file that is not a report (:func:`_check_rerun`); existing outputs count as done only when
+they are not empty and the dataset's ``check_outputs`` accepts them (:func:`_not_done`); and ``--dst``
+is locked so that two runs cannot write into it at once (:func:`_lock`, kept until a ``dira3d
+prepare`` command has written its datalists by :func:`_locks_held_until_done`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from dira3d.data.cases import Case
+from dira3d.data.errors import DataError
+from dira3d.utils.atomic import check_writable
+from dira3d.utils.folder_lock import FolderInUseError, FolderLock
+
+
+def _not_done(case: Case, check_outputs: Callable[[Case], Any] | None) -> str:
+    """Why the existing outputs of ``case`` do not count as done: an empty file, or what
+    ``check_outputs`` raised; ``""`` when they do."""
+    empty = [str(p) for p in case.outputs if Path(p).stat().st_size == 0]
+    if empty:
+        return f"{empty[0]} is empty"
+    if check_outputs is not None:
+        try:
+            check_outputs(case)
+        except (ValueError, OSError) as err:  # DataError / FileContentError name the file
+            return str(err)
+    return ""
+
+
+def _same_setting(old: Any, new: Any) -> bool:
+    """Recorded and requested setting agree (JSON forms: tuples are lists, 3 == 3.0)."""
+    return json.loads(json.dumps(old)) == json.loads(json.dumps(new))
+
+
+def _check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
+                 report: Path, desc: str, overwrite: bool, settings: Mapping[str, Any] | None = None) -> None:
+    """Refuse a rerun that would mix in another ``--src``, outputs made with other ``settings`` (their
+    cases would be skipped while the datalist claims the new settings), or replace a file that is not a report."""
+    if report.is_dir():
+        raise DataError(report, "is a folder; --report must be a file path")
+    if overwrite:
+        return
+    new = None if source is None else str(Path(source).resolve())
+    recorded = []  # (file, source it records)
+    written_with = []  # (file, the settings it records)
+    for path in map(Path, datalists if new else ()):
+        if path.exists():
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8"))["meta"]
+                recorded.append((path, meta.get("source")))
+                written_with.append((path, dict(meta)))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise DataError(path, "exists and is not a datalist written by dira3d prepare; move it away, "
+                                      "choose another --dst, or pass --overwrite to replace it") from None
+    if report.exists():
+        try:
+            old = json.loads(report.read_text(encoding="utf-8"))
+            is_report = isinstance(old, dict) and {"summary", "cases"} <= set(old)
+        except (OSError, ValueError):
+            is_report = False
+        if not is_report:
+            raise DataError(report, "exists and is not a dira3d prepare report; choose another --report path, "
+                                    "or pass --overwrite to replace it")
+        if new and old.get("desc") == desc and report.parent.resolve() == out_dir.resolve():
+            # an earlier run of this dataset into this --dst, which may have stopped before its datalist
+            recorded.append((report, old.get("source")))
+            if isinstance(old.get("settings"), dict):
+                written_with.append((report, old["settings"]))
+    for path, old_source in recorded:
+        if old_source is not None and old_source != new:
+            raise DataError(path, f"was prepared from --src {old_source}, not {new}; choose another --dst, or pass "
+                                  "--overwrite to redo every case from the new source")
+    for path, old_settings in written_with:
+        changed = [k for k in (settings or {}) if k in old_settings and not _same_setting(old_settings[k], settings[k])]
+        if changed:
+            what = ", ".join(f"{k} {json.dumps(old_settings[k])} (now {json.dumps(settings[k])})" for k in changed)
+            raise DataError(path, f"records volumes prepared with {what}; the cases already written would be "
+                                  "skipped and keep the old settings. Choose another --dst, or pass --overwrite to "
+                                  "redo every case with the new settings")
+
+
+# inside run_prepare: the locks run_cases takes are kept until the whole preparation ends
+_held_until_done: ContextVar[list[FolderLock] | None] = ContextVar("_held_until_done", default=None)
+
+
+@contextlib.contextmanager
+def _locks_held_until_done() -> Iterator[None]:
+    """Keep the ``--dst`` locks that :func:`run_cases` takes inside this block until it ends, so that
+    the datalists a ``prepare`` function writes after its cases are written under the lock too."""
+    held: list[FolderLock] = []
+    token = _held_until_done.set(held)
+    try:
+        yield
+    finally:
+        _held_until_done.reset(token)
+        for lock in held:
+            lock.release()
+
+
+def _lock(out_dir: Path, report_path: Path) -> FolderLock:
+    """Check that ``out_dir`` (and the report's folder) can be written, then lock ``out_dir``: two runs into
+    one ``--dst`` would both pass the checks of an earlier run and mix their cases (e.g. two --window values)
+    under one datalist.
+
+    Raises:
+        DataError: a folder cannot be written, or another process prepares into ``out_dir``.
+    """
+    for folder, what in ((out_dir, "output folder (--dst)"), (report_path.parent, "report folder (--report)")):
+        try:  # before any case runs: a read-only --dst is one clear error, not a failure per case
+            check_writable(folder, what=what)
+        except OSError as err:
+            raise DataError(None, str(err)) from err
+    try:
+        return FolderLock(out_dir, what="output folder (--dst)",
+                          clash="a second run into it would mix its cases, datalists and report with this one's").acquire()
+    except FolderInUseError as err:
+        raise DataError(None, str(err)) from None

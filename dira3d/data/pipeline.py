@@ -1,0 +1,57 @@
+"""The volume pipeline the dataset modules share: reorient to RAS → normalise → optionally resample.
+
+:func:`normalise_image` turns a scan as read into its prepared form (CT windowed to HU [lo, hi] → [0, 1],
+MR scaled by percentiles of its non-zero voxels), :func:`prepare_mask` a mask into a ``uint8`` volume on
+the same grid. ``dira3d prepare generic`` and the dataset modules (LiTS, BraTS, LUNA16, PE-CAD) call
+them; both stay importable from :mod:`dira3d.data.generic`, where they were first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import SimpleITK as sitk
+
+from dira3d.data.errors import DataError
+from dira3d.data.geometry import resample
+from dira3d.data.io import image_to_xyz, to_ras, xyz_to_image
+from dira3d.data.modality import MODALITIES
+from dira3d.data.normalize import normalize_mr, window_hu
+
+__all__ = ["normalise_image", "prepare_mask"]
+
+
+def normalise_image(image: sitk.Image, modality: str = "ct", window: Sequence[float] = (-1000.0, 1000.0),
+                    percentiles: Sequence[float] = (0.5, 99.5), spacing: Sequence[float] | None = None,
+                    path: str | os.PathLike | None = None) -> sitk.Image:
+    """The prepared form of a scan: RAS, float32 in [0, 1], optionally resampled.
+
+    Args:
+        image: as read by :func:`dira3d.data.io.read_image`.
+        modality: ``"ct"`` (HU window) or ``"mr"`` (percentiles of the non-zero voxels).
+        window: CT window ``(lo, hi)`` in HU.
+        percentiles: MR ``(lower, upper)`` percentiles.
+        spacing: new spacing in mm ``(x, y, z)`` (or one number); ``None`` keeps the native grid.
+        path: named in error messages.
+
+    Raises:
+        DataError: unknown modality or a volume that cannot be normalised (e.g. constant MR).
+    """
+    if modality not in MODALITIES:
+        raise DataError(path, f"unknown modality {modality!r}; use one of {MODALITIES}")
+    image = to_ras(image)
+    array = image_to_xyz(image)
+    try:
+        scaled = window_hu(array, *window) if modality == "ct" else normalize_mr(array, None, *percentiles)
+    except ValueError as err:
+        raise DataError(path, str(err)) from err
+    out = xyz_to_image(scaled, image)
+    # normalise first, then interpolate: 0 (air / MR background) fills outside the old grid
+    return resample(out, spacing, "linear", 0.0) if spacing is not None else out
+
+
+def prepare_mask(mask: sitk.Image, image: sitk.Image, spacing: Sequence[float] | None = None) -> sitk.Image:
+    """A ``uint8`` mask reoriented to RAS (and resampled with nearest neighbour) like its image."""
+    mask = to_ras(sitk.Cast(mask, sitk.sitkUInt8))
+    return resample(mask, spacing, "nearest", 0) if spacing is not None else mask
