@@ -49,7 +49,14 @@ def _grey_png(path: Path) -> Path:
 
 
 def _models(tmp_path: Path, bundle: str) -> tuple[Path, tuple[str, ...], dict]:
-    """A tiny untrained model for ``bundle``: its folder, config files and overrides."""
+    """A tiny untrained model for ``bundle``: its folder, config files and overrides. Seeded: two calls give the same
+    weights (a test comparing two inputs' predictions compared two random models before, and flipped whole masks)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _seeded_models(tmp_path, bundle)
+
+
+def _seeded_models(tmp_path: Path, bundle: str) -> tuple[Path, tuple[str, ...], dict]:
     models = tmp_path / f"models_{bundle}"
     if bundle in BUNDLES_2D:
         kind = "segmentation" if bundle.endswith("_seg") else "classification"

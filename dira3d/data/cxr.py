@@ -5,7 +5,10 @@ Every 2D dataset is written the same way (docs/data_2d.md):
 - images: 8-bit grey PNG, resized to ``size × size`` (default 512; ``size=0`` keeps the native
   size). The aspect ratio is not kept, as in the reference 2D pipelines that resize straight to
   224²; bundles resize further. Images that are not 8-bit (12/16-bit PNG, DICOM) are min-max scaled
-  to 0..255; ``MONOCHROME1`` DICOMs are read as ``MONOCHROME2`` (bone bright) by SimpleITK.
+  to 0..255 (a DICOM's VOI window, WindowCenter/Width, is not applied); ``MONOCHROME1`` DICOMs are
+  read as ``MONOCHROME2`` (bone bright) by SimpleITK. :func:`read_radiograph` is that reading, shared
+  by the preparations and by the 2D bundles' inference (:mod:`dira3d.evaluation.radiographs`), so a
+  DICOM given to a bundle reaches the network as its prepared PNG would.
   A grey image stored as RGB(A), grey + alpha or with a grey palette becomes one channel (a
   warning in the report); a coloured or transparent one is a failed case (:func:`one_channel`).
   SimpleITK reads neither grey + alpha nor transparent grey PNGs, so those and palette PNGs are
@@ -40,6 +43,7 @@ from dira3d.utils.files import read_text
 __all__ = [
     "DEFAULT_SIZE",
     "read_grey",
+    "read_radiograph",
     "one_channel",
     "to_uint8",
     "resize_image",
@@ -100,9 +104,36 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
             array = one_channel(array, path)
     if array.ndim == 3 and array.shape[0] == 1:  # single-frame DICOM read as a 1-slice volume
         array = array[0]
+    if array.ndim == 3 and header is None:  # SimpleITK reads a multi-frame DICOM as a volume
+        raise DataError(path, f"holds {array.shape[0]} frames of {array.shape[1]}x{array.shape[2]} pixels (a multi-frame "
+                              "file or a volume), not one radiograph; export the radiograph as a single-frame DICOM or "
+                              "PNG, one image per file")
     if array.ndim != 2 or min(array.shape) < 2:
         raise DataError(path, f"is not a 2D image (array shape {array.shape}); give one radiograph per file")
     return array
+
+
+def read_radiograph(path: str | os.PathLike) -> np.ndarray:
+    """A radiograph as the 2D datasets store it: :func:`read_grey`, then :func:`to_uint8`.
+
+    The one reading of a chest X-ray file that preparation (:func:`convert_image`, SIIM-ACR's DICOMs) and the
+    2D bundles' inference (:class:`dira3d.evaluation.radiographs.DicomRadiographReader`) share, so they cannot
+    drift: a ``MONOCHROME1`` DICOM comes back bone bright (inverted by SimpleITK's GDCM reader), an 8-bit image
+    as it is, and a 12/16-bit one (``BitsStored`` 12, say) min-max scaled to 0..255 (its own lowest value 0,
+    highest 255). A DICOM's VOI window (WindowCenter/Width) or VOI LUT is not applied: the training images
+    were scaled min-max, and the model is only right on images scaled the same way.
+
+    Returns:
+        ``(rows, cols)`` ``uint8`` array.
+
+    Raises:
+        DataError: what :func:`read_grey` refuses (colour, multi-frame, unreadable), or NaN / infinite values.
+    """
+    array = read_grey(path)
+    try:
+        return to_uint8(array)
+    except ValueError as err:
+        raise DataError(path, f"{err}; repair or remove it") from err
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -286,11 +317,7 @@ def convert_image(src: str | os.PathLike, dst: str | os.PathLike, size: int) -> 
     Raises:
         DataError: ``src`` cannot be read or has no usable intensity range.
     """
-    array = read_grey(src)
-    try:
-        array = to_uint8(array)
-    except ValueError as err:
-        raise DataError(src, str(err)) from err
+    array = read_radiograph(src)
     write_png(dst, resize_image(array, size))
     return {"shape": list(array.shape)}
 

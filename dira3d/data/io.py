@@ -28,6 +28,7 @@ import SimpleITK as sitk
 from dira3d.data.errors import DataError, DataWarning  # noqa: F401  (re-exported: dira3d.data.io.DataError)
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.atomic import atomic_path
+from dira3d.utils.files import looks_like_dicom  # noqa: F401  (re-exported: no SimpleITK needed there)
 
 __all__ = [
     "DataError",
@@ -167,17 +168,6 @@ def _dicom_slice_positions(files: list[str]) -> np.ndarray:
         position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
         positions.append(float(position @ normal))
     return np.sort(np.asarray(positions))
-
-
-def looks_like_dicom(path: Path) -> bool:
-    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble; old ones often end in .dcm/.ima."""
-    if path.suffix.lower() in (".dcm", ".ima", ".dicom"):
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
 
 
 def _left_out(folder: Path, series: list) -> str:

@@ -25,10 +25,10 @@ from dira3d.data.cxr import (
     check_size,
     patient_split,
     read_grey,
+    read_radiograph,
     resize_image,
     resize_mask,
     split_entries,
-    to_uint8,
     write_patient_split,
     earlier_patient_split,
     write_png,
@@ -89,7 +89,7 @@ def merge_lungs(left: np.ndarray, right: np.ndarray, where: str = "") -> np.ndar
 
 
 def _process(case: Case, size: int) -> dict:
-    image = read_grey(case.params["image"])
+    image = read_radiograph(case.params["image"])  # as the bundles' inference reads it
     left, right = read_grey(case.params["left"]), read_grey(case.params["right"])
     lungs = merge_lungs(left, right, f"{case.params['left']} / {case.params['right']}")
     if lungs.shape != image.shape:
@@ -97,10 +97,6 @@ def _process(case: Case, size: int) -> dict:
                                              f"({case.params['image']})")
     if not lungs.any():
         raise DataError(case.params["left"], "left and right lung masks are both empty")
-    try:
-        image = to_uint8(image)
-    except ValueError as err:
-        raise DataError(case.params["image"], str(err)) from err
     write_png(case.outputs[1], resize_mask(lungs, size))
     write_png(case.outputs[0], resize_image(image, size))
     return {"lung_pixels": int(lungs.sum())}

@@ -29,11 +29,10 @@ from dira3d.data.cxr import (
     check_size,
     patient_split,
     read_csv_rows,
-    read_grey,
+    read_radiograph,
     resize_image,
     resize_mask,
     split_entries,
-    to_uint8,
     write_patient_split,
     earlier_patient_split,
     write_png,
@@ -97,12 +96,8 @@ def decode_masks(rles: list[str], shape: tuple[int, int], where: str = "") -> np
 def _process(case: Case, size: int) -> dict:
     path = case.params["path"]
     read_patient_id(path)  # the split needs it: a DICOM without one fails its own case, not the whole run
-    array = read_grey(path)
+    array = read_radiograph(path)  # the reading the bundles' inference shares (MONOCHROME1, >8-bit)
     mask = decode_masks(case.params["rles"], array.shape, f"{case.params['csv']} ImageId {case.case_id}")
-    try:
-        array = to_uint8(array)
-    except ValueError as err:
-        raise DataError(path, str(err)) from err
     write_png(case.outputs[1], resize_mask(mask, size))
     write_png(case.outputs[0], resize_image(array, size))
     return {"pixels": int(mask.sum())}

@@ -186,6 +186,8 @@ class LoadVolumed(LoadImaged):
             reader = SimpleITKReader()
         try:
             return super().__call__(data, reader)
+        except DataError:  # a reader's own error already names the file and says what to do
+            raise
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
             source = files[0] if len(files) == 1 else (", ".join(files) or None)
             missing = [f for f in files if not os.path.exists(f)]

@@ -20,6 +20,7 @@ _EXPORTS = {
     "dira3d.evaluation.preprocessing": ("datalist_preprocessing", "trained_preprocessing", "training_preprocessing"),
     "dira3d.evaluation.run_folders": ("claim_run_folders", "release_run_folders"),
     "dira3d.evaluation.pretrained": ("TASK_KINDS", "build_task_network"),
+    "dira3d.evaluation.radiographs": ("DicomRadiographReader", "LoadRadiographd"),
     "dira3d.evaluation.readers": ("SimpleITKReader",),
     "dira3d.evaluation.tasks2d": ("build_resnet_task_network",),
     "dira3d.evaluation.transforms": ("NormalizeMRd", "NormalizeScand", "SelectModalities", "SelectModalitiesd"),
@@ -28,11 +29,13 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=Tr
 
 __all__ = [
     "InferenceBatch",
+    "LoadRadiographd",
     "SPLITS",
     "TASK_KINDS",
     "BestModelSaver",
     "CheckInferenceInputd",
     "CheckPredictionFiles",
+    "DicomRadiographReader",
     "FineTunedCheckpointLoader",
     "ForegroundDice",
     "ForegroundIoU",

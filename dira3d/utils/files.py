@@ -18,7 +18,7 @@ from typing import Any
 
 from dira3d.data.errors import DataError
 
-__all__ = ["FileContentError", "json_type", "read_json", "read_text", "read_yaml"]
+__all__ = ["FileContentError", "json_type", "looks_like_dicom", "read_json", "read_text", "read_yaml"]
 
 
 class FileContentError(DataError):
@@ -194,3 +194,15 @@ def read_yaml(path: str | os.PathLike, what: str, fix: str,
         wanted = _name(expect).replace("an object", "a mapping").replace("an array", "a list")
         raise FileContentError(path, f"{what} {path} holds a YAML {found}, not {wanted}; {fix}")
     return content
+
+
+def looks_like_dicom(path: str | os.PathLike) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble; old ones often end in .dcm/.ima."""
+    path = Path(path)
+    if path.suffix.lower() in (".dcm", ".ima", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
