@@ -45,6 +45,33 @@ def one_torch_thread():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def write_dicom_series(folder: Path, array_xyz, spacing=(0.7, 0.7, 2.0), origin=(-50.0, -60.0, 100.0), *,
+                       modality: str = "CT", series_uid: str = "1.2.826.0.1.3680043.2.1125.2",
+                       sop_prefix: str = "1.2.826.0.1.3680043.2.1125.3", file_name: str = "slice{:03d}.dcm") -> None:
+    """``array_xyz`` (x, y, z) as an axial DICOM series of int16 slices in the new folder ``folder``, one file per
+    z (``file_name.format(k)``), stacked along +z from ``origin`` (LPS, mm); slice k has SOP instance UID
+    ``{sop_prefix}.{k + 1}``. Import it with ``from conftest import write_dicom_series``."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    tags = {"0008|0060": modality, "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series_uid,
+            "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": f"{spacing[1]}\\{spacing[0]}"}
+    array_xyz = np.asarray(array_xyz)
+    for k in range(array_xyz.shape[2]):
+        slice_img = sitk.GetImageFromArray(array_xyz[:, :, k].T.astype(np.int16))
+        slice_img.SetSpacing(tuple(spacing[:2]))
+        for key, value in tags.items():
+            slice_img.SetMetaData(key, value)
+        slice_img.SetMetaData("0020|0013", str(k + 1))
+        slice_img.SetMetaData("0020|0032", f"{origin[0]}\\{origin[1]}\\{origin[2] + k * spacing[2]}")
+        slice_img.SetMetaData("0008|0018", f"{sop_prefix}.{k + 1}")
+        writer.SetFileName(str(folder / file_name.format(k)))
+        writer.Execute(slice_img)
+
+
 @pytest.fixture(autouse=True)
 def _logging_as_it_was():
     """Put every logger's handlers, level and state back after each test. A bundle run in-process (``dira3d

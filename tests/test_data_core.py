@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import write_dicom_series
 
 from dira3d.data import command
 from dira3d.data.errors import record_or_raise
@@ -110,27 +111,9 @@ def test_read_image_roundtrip_and_errors(tmp_path):
         read_image(tmp_path / "nowhere.nii")
 
 
-def _write_dicom_series(folder: Path, array_xyz: np.ndarray, spacing=(0.7, 0.7, 2.0), origin=(-50.0, -60.0, 100.0)):
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
-            "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": f"{spacing[1]}\\{spacing[0]}"}
-    for k in range(array_xyz.shape[2]):
-        slice_img = sitk.GetImageFromArray(array_xyz[:, :, k].T.astype(np.int16))
-        slice_img.SetSpacing(spacing[:2])
-        for key, value in tags.items():
-            slice_img.SetMetaData(key, value)
-        slice_img.SetMetaData("0020|0013", str(k + 1))
-        slice_img.SetMetaData("0020|0032", f"{origin[0]}\\{origin[1]}\\{origin[2] + k * spacing[2]}")
-        slice_img.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{k + 1}")
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_img)
-
-
 def test_dicom_series_read_and_missing_slice_detected(tmp_path):
     array = np.random.default_rng(1).integers(-1000, 1000, size=(16, 12, 6)).astype(np.int16)
-    _write_dicom_series(tmp_path / "series", array)
+    write_dicom_series(tmp_path / "series", array)
     image = read_image(tmp_path / "series")
     assert image.GetSize() == (16, 12, 6)
     assert image.GetSpacing()[2] == pytest.approx(2.0)

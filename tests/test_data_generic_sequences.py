@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import write_dicom_series
 
 from dira3d.cli import main as cli_main
 from dira3d.data import brats, generic
@@ -121,24 +122,10 @@ def test_reruns_skip_the_written_cases_and_redo_the_fixed_and_the_damaged(tmp_pa
 
 
 def _dicom_series(folder: Path, image: sitk.Image) -> None:
-    """``image`` (an axial LPS grid) as a DICOM series of int16 slices."""
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    array = sitk.GetArrayFromImage(image)  # (z, y, x)
-    spacing, origin = image.GetSpacing(), image.GetOrigin()
-    tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": f"1.2.826.0.1.3680043.2.1125.{folder.name}",
-            "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": f"{spacing[1]}\\{spacing[0]}"}
-    for k in range(array.shape[0]):
-        slice_img = sitk.GetImageFromArray(np.round(array[k]).astype(np.int16))
-        slice_img.SetSpacing(spacing[:2])
-        for key, value in tags.items():
-            slice_img.SetMetaData(key, value)
-        slice_img.SetMetaData("0020|0013", str(k + 1))
-        slice_img.SetMetaData("0020|0032", f"{origin[0]}\\{origin[1]}\\{origin[2] + k * spacing[2]}")
-        slice_img.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{len(folder.name)}.{k + 1}")
-        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
-        writer.Execute(slice_img)
+    """``image`` (an axial LPS grid) as a DICOM MR series of int16 slices, a series UID of its own per folder."""
+    write_dicom_series(folder, np.round(sitk.GetArrayFromImage(image)).transpose(2, 1, 0), image.GetSpacing(),
+                       image.GetOrigin(), modality="MR", series_uid=f"1.2.826.0.1.3680043.2.1125.{folder.name}",
+                       sop_prefix=f"1.2.826.0.1.3680043.2.1125.3.{len(folder.name)}", file_name="IM{:04d}.dcm")
 
 
 def test_dicom_series_folders_are_sequences_and_a_mask_matching_a_sequence_pattern_is_named(tmp_path):

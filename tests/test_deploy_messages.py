@@ -223,6 +223,51 @@ def test_monailabel_app_checks_the_bundles_path_before_copying(repo_root, tmp_pa
     assert (tmp_path / "app" / "main.py").is_file() and "start_server" in out
 
 
+def _copy_half_then(stop: BaseException):
+    """A shutil.copytree that copies main.py and then stops as a Ctrl-C (or a full disk) would."""
+    def copytree(src, dst, **kwargs):
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(src) / "main.py", Path(dst) / "main.py")
+        raise stop
+    return copytree
+
+
+def test_an_interrupted_monailabel_app_export_leaves_no_half_copied_folder(repo_root, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the app was copied left a partial folder, which the rerun refused ('is not empty')."""
+    import dira3d.deploy.monailabel as monailabel
+
+    copytree = shutil.copytree
+    argv = ["monailabel-app", "--out", str(tmp_path / "app"), "--bundles", str(repo_root / "bundles")]
+    monkeypatch.setattr(monailabel.shutil, "copytree", _copy_half_then(KeyboardInterrupt()))
+    assert export_main(argv) == 130
+    assert f"interrupted; nothing was written to {tmp_path / 'app'}" in capsys.readouterr().err
+    assert not (tmp_path / "app").exists()
+    # a folder the user made (empty) stays, emptied again; a failed copy (a full disk) cleans up the same way
+    (tmp_path / "mine").mkdir()
+    monkeypatch.setattr(monailabel.shutil, "copytree", _copy_half_then(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):
+        monailabel.prepare_app(tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    monkeypatch.setattr(monailabel.shutil, "copytree", copytree)
+    assert export_main(argv) == 0  # the rerun
+    assert (tmp_path / "app" / "main.py").is_file() and "start_server" in capsys.readouterr().out
+
+
+def test_removed_if_failed_leaves_a_folder_that_held_files_alone(tmp_path):
+    from dira3d.utils.atomic import removed_if_failed
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt), removed_if_failed(tmp_path / "kept") as folder:
+        (folder / "new.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["new.txt", "notes.txt"]
+    with removed_if_failed(tmp_path / "done") as folder:  # a block that ends well keeps what it wrote
+        folder.mkdir()
+        (folder / "a.txt").write_text("a")
+    assert (tmp_path / "done" / "a.txt").is_file()
+
+
 def test_exports_keep_an_earlier_export_unless_overwrite(repo_root, tmp_path, capsys):
     """A second torchscript/onnx export to the same --out used to replace the first silently; a name
     without a suffix used to be written as name.ts while the command printed the name."""

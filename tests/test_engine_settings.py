@@ -4,6 +4,8 @@ and the message for 2D images given to the 3D bundle."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from dira3d.engines.command import parse_override
 from dira3d.engines.inputs import check_volume
 from dira3d.engines.performance import build_adam
 
-from tests.test_engine import PATCH3, make_trainer, smooth_volumes
+from tests.test_engine import PATCH2, PATCH3, make_trainer, smooth_volumes
 
 
 def test_override_reads_python_literals_as_the_readme_writes_them():
@@ -62,6 +64,28 @@ def test_barlow_validation_with_a_last_batch_of_one(tmp_path):
                            handlers=[one])
     with pytest.raises(ValueError, match="validation split"):
         trainer.run()
+
+
+@pytest.mark.parametrize("dims, items", [(3, "volumes"), (2, "images")])
+def test_barlow_validation_of_one_image_names_the_datalist(tmp_path, dims, items):
+    """The message named no datalist and said "volumes" for 2D images too."""
+    patch, shape = (PATCH3, (24, 24, 12)) if dims == 3 else (PATCH2, (24, 24))
+    one = DiRAEvaluator("cpu", DataLoader(Dataset(smooth_volumes(1, shape, seed=1),
+                                                  RandPatchPaird("image", patch, spatial_dims=dims)), batch_size=2),
+                        datalist=tmp_path / "pretrain_datalist.json")
+    trainer = make_trainer("barlow", dims, stages=[{"name": "dis", "losses": ["dis"]}], max_epochs=1, volumes=2,
+                           batch=2, handlers=[one])
+    with pytest.raises(ValueError, match=rf"put at least 2 {items} in the validation split of "
+                                         rf"{re.escape(str(tmp_path / 'pretrain_datalist.json'))} \(and keep"):
+        trainer.run()
+
+
+def test_the_bundle_hands_its_datalist_to_the_evaluator(repo_root):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(repo_root / "bundles" / "dira_pretrain" / "configs" / "train.json")
+    assert parser.config["validate"]["evaluator"]["datalist"] == "@datalist"
 
 
 def test_2d_image_to_the_3d_bundle_says_which_setting_to_use():

@@ -59,6 +59,31 @@ def test_nan_step_is_skipped_when_configured(tmp_path):
     assert all(torch.isfinite(v).all() for v in last["decoder"].values() if v.is_floating_point())
 
 
+def test_skipped_steps_count_on_after_a_resume(tmp_path, caplog):
+    """last.pt did not carry the guard's count: after a resume the "skipped so far" warning restarted at 1."""
+    from test_engine import make_trainer
+
+    trainer, ckpt = trainer_with_nan(tmp_path, "skip", bad=3)
+    trainer.run()
+    assert load_checkpoint(ckpt.last_path)["trainer"]["nonfinite_skipped"] == 1  # weights_only=True loading
+    ckpt = DiRACheckpoint(tmp_path / "models", save_every_iterations=1)
+    resumed = make_trainer(stages=STAGES, max_epochs=4, batch=2, volumes=4, handlers=[ckpt], on_nonfinite="skip")
+    resumed.restoration_loss = NaNAt(1)  # the first step after the resume
+    with caplog.at_level(logging.WARNING, logger="DiRATrainer"):
+        resumed.run()
+    assert resumed.state.iteration == 8 and resumed.nonfinite_guard.skipped == 2
+    assert "2 step(s) with a NaN/Inf loss were skipped so far" in caplog.text
+    assert load_checkpoint(ckpt.last_path)["trainer"]["nonfinite_skipped"] == 2
+    # a checkpoint written before the count was saved still resumes, counting from the resume
+    old = load_checkpoint(ckpt.last_path)
+    del old["trainer"]["nonfinite_skipped"]
+    torch.save(old, ckpt.last_path)
+    again = make_trainer(stages=STAGES, max_epochs=5, batch=2, volumes=4,
+                         handlers=[DiRACheckpoint(tmp_path / "models")], on_nonfinite="skip")
+    again.run()
+    assert again.state.iteration == 10 and again.nonfinite_guard.skipped == 0
+
+
 def test_guard_and_weight_check_without_a_trainer():
     engine = Engine(lambda e, b: {"loss": torch.tensor(1.0), "loss_dis": torch.tensor(float("inf") if b == 2 else 1.0)})
     guard = NonFiniteGuard("stop", check_every=100)  # only the explicit check below looks

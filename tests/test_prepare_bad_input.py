@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import write_dicom_series
 
 from dira3d.data import generic
 from dira3d.data.io import DataError, DataWarning, read_image
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_data_core import _write_dicom_series  # noqa: E402
 
 
 def _ct(path: Path, shape=(8, 12, 12), dtype=np.int16, nan: bool = False) -> Path:
@@ -81,7 +79,7 @@ def test_prepare_generic_never_drops_or_reingests_inputs(tmp_path, capsys):
     (src / "a.nrrd").unlink()
 
     # a DICOM series folder with notes sorted before the slices is still found
-    _write_dicom_series(src / "series", np.zeros((12, 10, 4), np.int16))
+    write_dicom_series(src / "series", np.zeros((12, 10, 4), np.int16))
     for n in range(6):
         (src / "series" / f"0_note{n}.txt").write_text("scanner notes")
 
@@ -224,14 +222,14 @@ def test_generic_mask_without_image_fails_its_case_only(tmp_path, capsys):
 def test_truncated_dicom_slice_is_named(tmp_path):
     """GDCM leaves an unreadable slice out of the series: the error said only 'a slice is missing'."""
     folder = tmp_path / "series"
-    _write_dicom_series(folder, np.zeros((16, 12, 6), np.int16))
+    write_dicom_series(folder, np.zeros((16, 12, 6), np.int16))
     (folder / "notes.txt").write_text("not DICOM")
     cut = folder / "slice002.dcm"  # z = 104 mm
     cut.write_bytes(cut.read_bytes()[:400])
     with pytest.raises(DataError, match=r"104\.00 mm is missing; 1 file\(s\) .*series.*: slice002\.dcm;"):
         read_image(folder)
     # a truncated last slice leaves no gap: the volume is read, with a warning naming the file
-    _write_dicom_series(tmp_path / "end", np.zeros((16, 12, 6), np.int16))
+    write_dicom_series(tmp_path / "end", np.zeros((16, 12, 6), np.int16))
     cut = tmp_path / "end" / "slice005.dcm"
     cut.write_bytes(cut.read_bytes()[:400])
     with pytest.warns(DataWarning, match=r"slice005\.dcm"):
@@ -243,7 +241,7 @@ def test_second_dicom_series_is_a_warning_in_the_report(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     folder = src / "ct"
-    _write_dicom_series(folder, np.zeros((16, 12, 6), np.int16))
+    write_dicom_series(folder, np.zeros((16, 12, 6), np.int16))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k, path in enumerate(sorted(folder.glob("slice*.dcm"))[:2]):  # a 2-file 'scout' series

@@ -171,8 +171,11 @@ def _run(args: argparse.Namespace) -> int:
     if not find_bundles(bundles, require_weights=False):
         raise FileNotFoundError(f"--bundles {bundles} holds no bundle (configs/inference.json); "
                                 "pass a bundle folder or a folder of bundles")
-    app = prepare_app(args.out)  # checks that --out can be written before copying
-    venv = ensure_monailabel_env() if args.build_env else default_venv()
+    from dira3d.utils.atomic import removed_if_failed
+
+    with removed_if_failed(args.out):  # an app without its environment (--build-env failed or stopped) goes too
+        app = prepare_app(args.out)  # checks that --out can be written before copying
+        venv = ensure_monailabel_env() if args.build_env else default_venv()
     print(f"MONAI Label app copied to {app}. Start it with:\n"
           f"  PYTHONPATH={REPO_ROOT} {Path(venv) / 'bin' / 'python'} -m monailabel.main start_server "
           f"--app {app} --studies {args.studies} --conf bundles {bundles} --host 127.0.0.1 --port 8000")

@@ -164,7 +164,8 @@ def find_bundles(
 
 
 def prepare_app(dest: str | os.PathLike) -> Path:
-    """Copy the dira3d MONAI Label app to ``dest`` (MONAI Label writes logs/ and model/ into its app).
+    """Copy the dira3d MONAI Label app to ``dest`` (MONAI Label writes logs/ and model/ into its app). A copy
+    that fails or is interrupted (Ctrl-C) removes what it wrote, and ``dest`` too when it created it.
 
     Returns:
         ``dest`` as a Path.
@@ -173,13 +174,15 @@ def prepare_app(dest: str | os.PathLike) -> Path:
         FileExistsError: ``dest`` exists and is not empty.
         FolderNotWritableError: ``dest`` cannot be created or written to.
     """
-    from dira3d.utils.atomic import check_writable
+    from dira3d.utils.atomic import check_writable, removed_if_failed
 
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty; choose a new folder for the MONAI Label app")
-    check_writable(dest, what="the app folder (--out)")
-    shutil.copytree(APP_DIR, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
+    with removed_if_failed(dest):  # a half-copied app would make the rerun refuse the folder
+        check_writable(dest, what="the app folder (--out)")
+        shutil.copytree(APP_DIR, dest, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
     return dest
 
 

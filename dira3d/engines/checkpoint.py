@@ -6,7 +6,8 @@ Format (docs/architecture.md, "Checkpoint format")::
      "momentum_encoder", "momentum_head", "queue",                         # MoCo only
      "optimizer_g", "optimizer_d", "scaler_g", "scaler_d",
      "trainer": {"epoch", "iteration", "epoch_iteration", "stage", "best_metric", "best_epoch", "best_stage",
-                 "epoch_sums": {"count", "sums": {key: one value per rank}}},  # running sums of the epoch's outputs
+                 "epoch_sums": {"count", "sums": {key: one value per rank}},  # running sums of the epoch's outputs
+                 "nonfinite_skipped"},                                 # steps on_nonfinite='skip' dropped so far
      "schedulers": {name: state_dict},                                     # learning-rate schedulers
      "rng": {"torch", "cuda", "python", "numpy"},                          # tensors / lists only
      "meta": {"spatial_dims", "in_channels", "width", "dis_mode", "patch_size", "dira3d_version"}}
@@ -85,6 +86,7 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
     # completed epochs; a mid-epoch save also records the position inside the epoch, and the
     # resumed trainer skips the batches already consumed (DiRATrainer._setup_engine)
     epoch = iteration // epoch_length if epoch_length else trainer.state.epoch
+    guard = getattr(trainer, "nonfinite_guard", None)
     return {
         "encoder": net.encoder.state_dict(),
         "decoder": net.decoder.state_dict(),
@@ -104,6 +106,7 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
             "epoch_iteration": int(iteration - epoch * epoch_length) if epoch_length else 0,
             "stage": str(trainer.current_stage().name),
             "epoch_sums": {"count": int(epoch_sums["count"]), "sums": dict(epoch_sums["sums"])},
+            "nonfinite_skipped": int(getattr(guard, "skipped", 0)),
             **dict(best or {}),
         },
         "schedulers": {k: v.state_dict() for k, v in (getattr(trainer, "schedulers", None) or {}).items()},
@@ -171,6 +174,9 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     trainer.state.epoch = int(ckpt["trainer"]["epoch"])
     trainer.state.iteration = int(ckpt["trainer"]["iteration"])
     trainer.state.stage = trainer.current_stage().name
+    guard = getattr(trainer, "nonfinite_guard", None)
+    if guard is not None:  # a checkpoint written before the count was saved: counted from the resume on
+        guard.restore_skipped(ckpt["trainer"].get("nonfinite_skipped", 0))
     restore_sums = getattr(trainer, "restore_epoch_sums", None)
     if callable(restore_sums):
         return restore_sums(ckpt["trainer"].get("epoch_sums"), int(ckpt["trainer"].get("epoch_iteration", 0)))

@@ -16,6 +16,7 @@ restores best.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         seed: seed of the fixed validation draws.
         epoch_length: batches per validation (default ``len(val_data_loader)``).
         val_handlers: handlers of the evaluator itself.
+        datalist: the datalist file the validation entries come from, named in its errors (None: unknown).
 
     Raises:
         RuntimeError: run before being attached to a :class:`DiRATrainer`.
@@ -62,6 +64,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         seed: int = 0,
         epoch_length: int | None = None,
         val_handlers: Any = None,
+        datalist: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -71,6 +74,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
             decollate=False,
         )
         self.interval, self.seed = max(int(interval), 1), int(seed)
+        self.datalist = datalist
         self.trainer: DiRATrainer | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
@@ -136,9 +140,12 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
 
     def _publish(self, engine: Engine) -> None:
         if self._count == 0 and self._short_batches:
+            network = getattr(self.trainer, "network", None)
+            items = "images" if getattr(network, "spatial_dims", 3) == 2 else "volumes"
+            split = ("the datalist's validation split" if self.datalist is None else
+                     f"the validation split of {os.fspath(self.datalist)}")
             raise ValueError("every validation batch was too small for the discrimination loss, so there is no "
-                             "validation loss; put at least 2 volumes in the datalist's validation split (and keep "
-                             "batch_size >= 2)")
+                             f"validation loss; put at least 2 {items} in {split} (and keep batch_size >= 2)")
         metrics = {f"val_{k}": float(v) / max(self._count, 1) for k, v in self._sums.items()}
         engine.state.metrics.update(metrics)
         self._sums, self._count = {}, 0

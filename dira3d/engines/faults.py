@@ -103,6 +103,10 @@ class NonFiniteGuard:
     def reset(self) -> None:
         self.first_bad = {}
 
+    def restore_skipped(self, skipped: int) -> None:
+        """Continue the count of skipped steps of the run a checkpoint resumes (those were reported already)."""
+        self.skipped = self._reported_skips = int(skipped)
+
     def check(self, engine: Engine, stop_signal: int | None = None) -> int:
         """Raise :class:`NonFiniteLossError` if a term went non-finite since the last check (``stop``).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["FolderNotWritableError", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable",
-           "check_output_settings", "removed_if_failed_empty", "stale_temporaries"]
+           "check_output_settings", "removed_if_failed", "removed_if_failed_empty", "stale_temporaries"]
 
 # mkstemp creates the temporary file 0600; the final file gets the mode an ordinary open() would
 # give it (0666 less the umask), or keeps the mode of the file it replaces. The umask is read once:
@@ -180,6 +181,30 @@ def removed_if_failed_empty(folder: str | os.PathLike) -> Iterator[Path]:
             for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
                 path.unlink() if path.is_file() else path.rmdir()
             folder.rmdir()
+        raise
+
+
+@contextmanager
+def removed_if_failed(folder: str | os.PathLike) -> Iterator[Path]:
+    """For a block that fills a new (or empty) ``folder`` whole, such as a copied app: when the block fails (any
+    exception, Ctrl-C included), remove what is in ``folder`` then, and the folder itself when it did not exist
+    before the block, so that a rerun finds it as it was. A folder that held anything before the block is left
+    alone, as is a symbolic link the user made (only its content goes)."""
+    folder = Path(folder)
+    new = not folder.exists() and not folder.is_symlink()
+    empty = new or (folder.is_dir() and not any(folder.iterdir()))
+    try:
+        yield folder
+    except BaseException:
+        if empty and folder.is_dir():
+            if new and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                for path in folder.iterdir():
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
         raise
 
 
