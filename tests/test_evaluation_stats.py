@@ -69,3 +69,81 @@ def test_no_p_value_without_spread_and_the_table_says_why():
     assert next(c for c in cells if c.method == "dira" and c.label_fraction == 0.1).p_value < 0.001
     assert "(p<0.001; n=4)" not in markdown_table(cells, "AUC", baseline="random", full_n=4)
     assert "90.00 ± 0.00 (p n/a; n=3)" in markdown_table(cells, "AUC", baseline="random", full_n=4)
+
+
+# ---- paired t-test (test: paired) ------------------------------------------------------------------------
+# a seed effect much larger than the method effect: the paired test sees the consistent +0.01..+0.04, the
+# independent one drowns it in the seed-to-seed spread
+BASE = {0: 0.60, 1: 0.70, 2: 0.80, 3: 0.65}
+GAIN = {0: 0.03, 1: 0.02, 2: 0.04, 3: 0.01}
+PAIRED_ROWS = ([{"method": "random", "label_fraction": 0.1, "seed": s, "auc": v} for s, v in BASE.items()]
+               + [{"method": "dira", "label_fraction": 0.1, "seed": s, "auc": BASE[s] + GAIN[s]} for s in (2, 0, 3, 1)])
+
+
+def _dira(cells):
+    return next(c for c in cells if c.method == "dira")
+
+
+def test_paired_t_by_hand_pairs_by_seed_not_by_position():
+    from scipy.stats import t as student_t
+    from scipy.stats import ttest_ind, ttest_rel
+
+    cells = aggregate(PAIRED_ROWS, "auc")
+    paired = _dira(compare_to_baseline(cells, "random", paired=True))
+    # differences 0.03, 0.02, 0.04, 0.01: mean 0.025, sample sd sqrt(5e-4 / 3), t = 0.025 / (sd / 2) = 3.873, df 3
+    t = 0.025 / (np.sqrt(5e-4 / 3) / 2)
+    assert t == pytest.approx(3.872983, rel=1e-5)
+    assert paired.p_value == pytest.approx(2 * student_t.sf(t, df=3), rel=1e-6)
+    assert paired.p_value == pytest.approx(0.03047, rel=1e-3)
+    seeds = sorted(BASE)
+    assert paired.p_value == pytest.approx(ttest_rel([BASE[s] + GAIN[s] for s in seeds], [BASE[s] for s in seeds]).pvalue,
+                                           rel=1e-9)
+    assert paired.pairs == 4 and paired.seeds == (2, 0, 3, 1)
+    # the rows of dira come in another seed order: pairing by position would test other differences
+    by_position = ttest_rel([r["auc"] for r in PAIRED_ROWS[4:]], [r["auc"] for r in PAIRED_ROWS[:4]]).pvalue
+    assert paired.p_value != pytest.approx(by_position, rel=0.05)
+    student = _dira(compare_to_baseline(cells, "random"))
+    assert student.pairs is None
+    assert student.p_value == pytest.approx(ttest_ind(paired.values, [BASE[s] for s in (0, 1, 2, 3)]).pvalue, rel=1e-9)
+    assert student.p_value > 0.5 > 0.05 > paired.p_value  # the same runs: not significant vs significant
+    assert next(c for c in compare_to_baseline(cells, "random", paired=True) if c.method == "random").p_value is None
+
+
+def test_paired_t_is_over_the_seeds_both_have_and_the_table_says_pairs():
+    from scipy.stats import ttest_rel
+
+    rows = [r for r in PAIRED_ROWS if not (r["method"] == "dira" and r["seed"] == 3)]  # dira lacks seed 3
+    rows.append({"method": "dira", "label_fraction": 0.1, "seed": 4, "auc": 0.9})  # random lacks seed 4
+    dira = _dira(compare_to_baseline(aggregate(rows, "auc"), "random", paired=True))
+    assert dira.n == 4 and dira.pairs == 3
+    assert dira.p_value == pytest.approx(ttest_rel([BASE[s] + GAIN[s] for s in (0, 1, 2)], [BASE[s] for s in (0, 1, 2)]).pvalue,
+                                         rel=1e-9)
+    table = markdown_table([dira], "AUC", full_n=4)
+    assert "(p=" in table and "; pairs=3)" in table and "n=" not in table
+
+
+def test_paired_t_undefined_below_two_pairs_or_with_one_difference_says_p_na():
+    one_pair = [r for r in PAIRED_ROWS if r["method"] == "random" or r["seed"] == 0]
+    cells = compare_to_baseline(aggregate(one_pair, "auc"), "random", paired=True)
+    assert _dira(cells).p_value is None and _dira(cells).pairs == 1
+    assert "(p n/a; n=1)" in markdown_table(cells, "AUC", baseline="random", full_n=4)
+    # the same gain in every seed, up to float rounding (0.60 + 0.07 - 0.60 != 0.70 + 0.07 - 0.70 in binary): ttest_rel
+    # gives t ~ 2e15, p ~ 2e-46 from rounding alone
+    same_gain = [{**r, "auc": BASE[r["seed"]] + (0.07 if r["method"] == "dira" else 0.0)} for r in PAIRED_ROWS]
+    assert len({BASE[s] + 0.07 - BASE[s] for s in BASE}) > 1  # the rounding is really there
+    cells = compare_to_baseline(aggregate(same_gain, "auc"), "random", paired=True)
+    assert _dira(cells).p_value is None and _dira(cells).pairs == 4
+    assert "(p n/a)" in markdown_table(cells, "AUC", baseline="random", full_n=4)
+
+
+def test_paired_t_refuses_welch_and_values_without_their_seed():
+    cells = aggregate(PAIRED_ROWS, "auc")
+    with pytest.raises(ValueError, match="paired t-test has no Welch variant"):
+        compare_to_baseline(cells, "random", equal_var=False, paired=True)
+    no_seed = [{k: v for k, v in r.items() if k != "seed"} for r in PAIRED_ROWS]
+    with pytest.raises(ValueError, match="method 'dira' at label fraction 0.1 do not all give a seed"):
+        compare_to_baseline(aggregate(no_seed, "auc"), "random", paired=True)
+    assert _dira(compare_to_baseline(aggregate(no_seed, "auc"), "random")).p_value is not None  # unpaired: no seeds needed
+    twice = PAIRED_ROWS + [{"method": "dira", "label_fraction": 0.1, "seed": 1, "auc": 0.5}]
+    with pytest.raises(ValueError, match="seed 1 more than once"):
+        compare_to_baseline(aggregate(twice, "auc"), "random", paired=True)

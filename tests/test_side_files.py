@@ -254,7 +254,7 @@ def test_experiment_results_csv(tmp_path, data, problem):
 @pytest.mark.parametrize("name", ["settings.json", "done.json"])
 @pytest.mark.parametrize("variant", [*BROKEN_JSON, "overrides number"])
 def test_experiment_pretraining_records(tmp_path, name, variant):
-    from dira3d.evaluation.experiment import _check_pretrain_settings
+    from dira3d.evaluation.experiment_pretrain import _check_pretrain_settings
 
     out = tmp_path / "pretrain" / "dira"
     (out / "models").mkdir(parents=True)

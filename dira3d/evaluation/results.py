@@ -2,7 +2,7 @@
 recorded fine-tuning settings (``experiment.json``), and the report built from the rows
 (``table.md``, ``summary.json``, plots).
 
-The grid runner (:mod:`dira3d.evaluation.experiment`) adds one row per finished run and rewrites
+The grid runner (:mod:`dira3d.evaluation.experiment_grid`) adds one row per finished run and rewrites
 the report; everything here is a function of the config and the rows, so a rerun resumes from
 ``results.csv`` alone.
 """
@@ -17,13 +17,14 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from dira3d.evaluation.stats import CellSummary, aggregate, compare_to_baseline, markdown_table
+from dira3d.evaluation.stats import TESTS, CellSummary, aggregate, compare_to_baseline, markdown_table
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.files import FileContentError, read_json, read_text
 
 __all__ = [
     "FIELDS", "FOLD_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows", "write_rows",
     "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints", "seed_values", "write_report",
+    "chosen_test",
 ]
 
 FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
@@ -179,42 +180,89 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def chosen_test(config: Mapping[str, Any]) -> str:
+    """The config's t-test, one of :data:`~dira3d.evaluation.stats.TESTS`: ``test``, else ``welch: true``
+    (its older spelling), else the paper's Student's test."""
+    test = config.get("test") or ("welch" if config.get("welch", False) else "student")
+    if test not in TESTS:
+        raise ValueError(f"test {test!r} of the experiment config is not one of {', '.join(TESTS)}")
+    return test
+
+
 def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True) -> str:
     """Aggregate ``rows`` and write ``table.md``, ``summary.json`` and (with ``plots``) the PNGs; returns the table.
 
     One value per seed (:func:`seed_values`): with folds, the mean over its folds. The note under the
     table gives the number of seeds and the test, a cell with fewer seeds says ``n=…``, and every run of
-    the grid missing from the statistics (not run yet, or failed) is named there.
+    the grid missing from the statistics (not run yet, or failed) is named there. With the paired test
+    (:func:`chosen_test`) the note gives the number of pairs, a cell over fewer pairs than it has seeds
+    says ``pairs=…``, and the seeds of one side only are named.
     """
     out = Path(config["output_dir"])
     metric = config["metric"]
+    test = chosen_test(config)
     values, incomplete = seed_values(config, rows)
     cells = aggregate(values, metric)
     if any(c.method == config["baseline"] for c in cells):  # no baseline run yet (or all failed): no p-values yet
-        cells = compare_to_baseline(cells, config["baseline"], equal_var=not config.get("welch", False))
+        cells = compare_to_baseline(cells, config["baseline"], equal_var=test != "welch", paired=test == "paired")
     seeds = len(config["seeds"])
     table = markdown_table(cells, metric.upper(), method_order=list(config["methods"]), full_n=seeds,
                            baseline=config["baseline"])
-    test = "Welch's" if config.get("welch", False) else "Student's"
     over = f"{seeds} seed{'s' if seeds > 1 else ''}" + ("" if "folds" not in config else (
         f" (a seed's value is its mean over folds {', '.join(map(str, config['folds']))}: a seed is one repetition of "
         "the cross-validation)"))
-    note = (f"\n\nmean ± sample std over {over}, ×100; p: independent two-sample {test} t-test against "
-            f"`{config['baseline']}` at the same label fraction")
+    if test == "paired":
+        counts = sorted({c.pairs for c in cells if c.pairs is not None})
+        pairs = "no pairs yet" if not counts else (f"{counts[0]} pair{'s' if counts[0] != 1 else ''}" if len(counts) == 1
+                                                   else f"{counts[0]} to {counts[-1]} pairs")
+        note = (f"\n\nmean ± sample std over {over}, ×100; p: paired t-test against `{config['baseline']}` at the same "
+                f"label fraction, over the seeds both have ({pairs}; a seed gives both the same label subset, holdout "
+                "and split)")
+    else:
+        name = "Welch's" if test == "welch" else "Student's"
+        note = (f"\n\nmean ± sample std over {over}, ×100; p: independent two-sample {name} t-test against "
+                f"`{config['baseline']}` at the same label fraction")
     if any(c.n < seeds for c in cells):
         note += "; n=…: a cell of fewer seeds (the others are left out, below)"
+    if "pairs=" in table:
+        note += "; pairs=…: a cell tested on fewer of its seeds (the baseline lacks the others, below)"
     if "p n/a" in table:
-        note += "; p n/a: the test is undefined there (fewer than 2 seeds on a side, or one value in every seed of both)"
+        note += ("; p n/a: the test is undefined there (fewer than 2 pairs, or the same difference in every pair)"
+                 if test == "paired" else
+                 "; p n/a: the test is undefined there (fewer than 2 seeds on a side, or one value in every seed of both)")
     note += ".\n"
     if incomplete:
-        shown = "; ".join(incomplete[:_LISTED]) + (f"; and {len(incomplete) - _LISTED} more" if len(incomplete) > _LISTED else "")
         why = "not all folds finished or some failed" if "folds" in config else "not run yet, or failed: see failures.json"
-        note += f"\nLeft out ({why}): {shown}.\n"
+        note += f"\nLeft out ({why}): {_listed(incomplete)}.\n"
+    unpaired = _unpaired(cells, config["baseline"]) if test == "paired" else []
+    if unpaired:
+        note += f"\nUnpaired (a seed of one side only, out of that cell's paired test): {_listed(unpaired)}.\n"
     atomic_write_text(out / "table.md", table + note)
     atomic_write_text(out / "summary.json", json.dumps([c.__dict__ for c in cells], indent=2))
     if plots:
         _plot(cells, metric, list(config["methods"]), out)
     return table
+
+
+def _listed(runs: list[str]) -> str:
+    return "; ".join(runs[:_LISTED]) + (f"; and {len(runs) - _LISTED} more" if len(runs) > _LISTED else "")
+
+
+def _unpaired(cells: list[CellSummary], baseline: str) -> list[str]:
+    """``dira vs random @ 10 % labels: seed 3 (dira only)``: each seed of a paired comparison that only
+    one of its two cells has."""
+    base = {c.label_fraction: c for c in cells if c.method == baseline}
+    named = []
+    for cell in cells:
+        ref = base.get(cell.label_fraction)
+        if cell.pairs is None or ref is None:
+            continue
+        one_side = [(s, cell.method) for s in cell.seeds if s not in ref.seeds]
+        one_side += [(s, baseline) for s in ref.seeds if s not in cell.seeds]
+        if one_side:
+            named.append(f"{cell.method} vs {baseline} @ {100 * cell.label_fraction:g} % labels: "
+                         + ", ".join(f"seed {s} ({who} only)" for s, who in sorted(one_side)))
+    return named
 
 
 _LISTED = 20  # runs named under the table (all of them in the log)

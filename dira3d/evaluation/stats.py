@@ -2,21 +2,24 @@
 
 Each run is one row ``{"method", "label_fraction", "seed", <metric>: value}``. Per cell
 (method × label fraction) we report mean ± sample standard deviation (``ddof=1``, as in the
-paper's tables) over seeds, and an independent two-sample t-test of each method against the
-baseline (Student's by default, Welch's with ``equal_var=False``) via ``scipy.stats.ttest_ind``.
+paper's tables) over seeds, and a t-test of each method against the baseline: independent two-sample
+as in the paper (Student's by default, Welch's with ``equal_var=False``) via ``scipy.stats.ttest_ind``,
+or paired by seed (``paired=True``) via ``scipy.stats.ttest_rel`` over the seeds both cells have.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["CellSummary", "aggregate", "compare_to_baseline", "markdown_table"]
+__all__ = ["TESTS", "CellSummary", "aggregate", "compare_to_baseline", "markdown_table"]
+
+TESTS = ("student", "welch", "paired")  # the t-tests compare_to_baseline runs (equal_var, paired)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class CellSummary:
     std: float
     values: tuple[float, ...]
     p_value: float | None = None  # against the baseline at the same label fraction
+    seeds: tuple[int, ...] = ()  # the seed of each value, in the same order; empty when the rows name none
+    pairs: int | None = None  # paired test only: the seeds this cell shares with the baseline's, which it is over
 
 
 def aggregate(rows: Iterable[Mapping], metric: str) -> list[CellSummary]:
@@ -39,42 +44,93 @@ def aggregate(rows: Iterable[Mapping], metric: str) -> list[CellSummary]:
         ValueError: a row lacks ``metric`` — the message names the row's method and seed.
     """
     cells: dict[tuple[str, float], list[float]] = defaultdict(list)
+    seeds: dict[tuple[str, float], list] = defaultdict(list)
     for row in rows:
         if metric not in row or row[metric] in (None, ""):
             raise ValueError(f"result row for method {row.get('method')!r}, seed {row.get('seed')!r} has no {metric!r}")
-        cells[(str(row["method"]), float(row["label_fraction"]))].append(float(row[metric]))
+        key = (str(row["method"]), float(row["label_fraction"]))
+        cells[key].append(float(row[metric]))
+        seeds[key].append(_seed_of(row))
     out = []
     for (method, fraction), values in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         arr = np.asarray(values, dtype=float)
         std = float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
-        out.append(CellSummary(method, fraction, len(arr), float(arr.mean()), std, tuple(values)))
+        named = tuple(seeds[(method, fraction)]) if None not in seeds[(method, fraction)] else ()
+        out.append(CellSummary(method, fraction, len(arr), float(arr.mean()), std, tuple(values), seeds=named))
     return out
 
 
-def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: bool = True) -> list[CellSummary]:
-    """Add the p-value of an independent two-sample t-test against ``baseline`` to every other cell.
+def _seed_of(row: Mapping) -> int | None:
+    try:
+        return int(row["seed"])
+    except (KeyError, TypeError, ValueError):
+        return None  # no seed (or not a whole number): the cell has no seeds, and a paired test refuses it
 
-    ``equal_var=False`` gives Welch's test. Cells with fewer than two values on either side, cells where
-    both sides hold one value each in every seed (no spread: the test is undefined), and the baseline
-    itself get ``p_value=None``.
+
+def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: bool = True,
+                        paired: bool = False) -> list[CellSummary]:
+    """Add the p-value of a t-test against ``baseline`` (same label fraction) to every other cell.
+
+    By default an independent two-sample test (``scipy.stats.ttest_ind``); ``equal_var=False`` gives
+    Welch's test. With ``paired=True``, a paired test (``scipy.stats.ttest_rel``) over the seeds both
+    cells have, value against value of the same seed; the cell's ``pairs`` says how many (seeds of one
+    side only are not in it). Cells with fewer than two values (pairs) on either side, cells where both
+    sides hold one value each in every seed (paired: the same difference in every pair; no spread: the
+    test is undefined), and the baseline itself get ``p_value=None``.
 
     Raises:
-        ValueError: ``baseline`` is not one of the methods.
+        ValueError: ``baseline`` is not one of the methods; ``paired`` with ``equal_var=False`` (a paired
+            test has no Welch variant), or a compared cell without one seed per value.
     """
     methods = {c.method for c in cells}
     if baseline not in methods:
         raise ValueError(f"baseline {baseline!r} is not among the methods {sorted(methods)}; set 'baseline' to one of them")
+    if paired and not equal_var:
+        raise ValueError("a paired t-test has no Welch variant (it tests the differences of the pairs): ask for one of "
+                         "paired=True or equal_var=False")
     base = {c.label_fraction: c for c in cells if c.method == baseline}
     out = []
     for cell in cells:
         ref = base.get(cell.label_fraction)
+        if paired:
+            p, pairs = _paired_p(cell, ref) if cell.method != baseline and ref is not None else (None, None)
+            out.append(replace(cell, p_value=p, pairs=pairs))
+            continue
         p = None
         spread = ref is not None and (len(set(cell.values)) > 1 or len(set(ref.values)) > 1)  # else t is 0/0 or x/0
         if cell.method != baseline and ref is not None and cell.n > 1 and ref.n > 1 and spread:
             result = stats.ttest_ind(cell.values, ref.values, equal_var=equal_var)
             p = float(result.pvalue) if not math.isnan(result.pvalue) else None
-        out.append(CellSummary(cell.method, cell.label_fraction, cell.n, cell.mean, cell.std, cell.values, p))
+        out.append(CellSummary(cell.method, cell.label_fraction, cell.n, cell.mean, cell.std, cell.values, p,
+                               seeds=cell.seeds))
     return out
+
+
+def _paired_p(cell: CellSummary, ref: CellSummary) -> tuple[float | None, int]:
+    """``(p, pairs)`` of the paired t-test of ``cell`` against ``ref`` over the seeds both have; ``p`` is
+    ``None`` below two pairs or when every pair differs by the same amount (t is x/0 or 0/0)."""
+    mine, theirs = _by_seed(cell), _by_seed(ref)
+    common = sorted(set(mine) & set(theirs))
+    a, b = np.array([mine[s] for s in common]), np.array([theirs[s] for s in common])
+    if len(common) < 2:
+        return None, len(common)
+    # a difference repeated up to float rounding (0.75 - 0.65 vs 0.76 - 0.66) is no spread: the test is undefined
+    # there, not p ~ 0 from a t of 1e15
+    scale = float(np.max(np.abs(np.concatenate([a, b])))) or 1.0
+    if np.ptp(a - b) <= 64 * np.finfo(float).eps * scale:
+        return None, len(common)
+    result = stats.ttest_rel(a, b)
+    return (float(result.pvalue) if not math.isnan(result.pvalue) else None), len(common)
+
+
+def _by_seed(cell: CellSummary) -> dict[int, float]:
+    where = f"method {cell.method!r} at label fraction {cell.label_fraction:g}"
+    if len(cell.seeds) != len(cell.values):
+        raise ValueError(f"a paired t-test pairs values by seed, but the rows of {where} do not all give a seed")
+    if len(set(cell.seeds)) < len(cell.seeds):
+        twice = sorted({s for s in cell.seeds if cell.seeds.count(s) > 1})
+        raise ValueError(f"a paired t-test needs one value per seed, but {where} has seed {twice[0]} more than once")
+    return dict(zip(cell.seeds, cell.values))
 
 
 def _fmt(cell: CellSummary, scale: float, digits: int, full_n: int | None = None, untested: bool = False) -> str:
@@ -88,6 +144,8 @@ def _fmt(cell: CellSummary, scale: float, digits: int, full_n: int | None = None
         notes.append("p n/a")
     if full_n is not None and cell.n < full_n:
         notes.append(f"n={cell.n}")
+    if cell.pairs is not None and cell.pairs < cell.n:  # paired: some of its seeds have no baseline value
+        notes.append(f"pairs={cell.pairs}")
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -99,6 +157,7 @@ def markdown_table(cells: Sequence[CellSummary], metric: str, scale: float = 100
     Values are multiplied by ``scale`` (100 gives the paper's percentages). With ``full_n`` (the number
     of seeds of the grid), a cell of fewer values says ``n=…``; with ``baseline``, a cell compared with
     no p-value (the t-test undefined: fewer than two values on a side, or no spread on either) says ``p n/a``.
+    A cell of a paired test over fewer pairs than it has values says ``pairs=…``.
     """
     fractions = sorted({c.label_fraction for c in cells})
     methods = list(method_order) if method_order else list(dict.fromkeys(c.method for c in cells))

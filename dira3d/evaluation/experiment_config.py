@@ -1,0 +1,229 @@
+"""``dira3d experiment``'s config: read, checked and resolved before any run (:func:`load_config`).
+
+Every setting is checked here, so that a typo, a missing file or a value of the wrong kind is
+refused with the setting named instead of failing mid-grid. The settings are described in
+``dira3d experiment --help`` (:mod:`dira3d.evaluation.experiment`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from dira3d.utils.files import read_yaml
+from dira3d.utils.overrides import check_overrides, did_you_mean
+from dira3d.evaluation.experiment_pretrain import _pretrain_configs
+from dira3d.evaluation.stats import TESTS
+
+__all__ = ["REQUIRED", "KNOWN", "load_config"]
+
+REQUIRED = ("bundle", "datalist", "metric", "methods", "seeds", "label_fractions", "output_dir")
+KNOWN = REQUIRED + ("baseline", "test", "welch", "overrides", "pretrain", "folds")
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and check an experiment config; relative paths are resolved against its folder.
+
+    Raises:
+        FileNotFoundError: the config or a listed checkpoint does not exist.
+        ValueError: a required key is missing or a value is out of range (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment config {path} does not exist")
+    config = read_yaml(path, "experiment config", "fix it there (`dira3d experiment --help` lists its settings)")
+    missing = [key for key in REQUIRED if key not in config]
+    if missing:
+        raise ValueError(f"experiment config {path} lacks {', '.join(missing)}; see `dira3d experiment --help`")
+    unknown = [key for key in config if key not in KNOWN]
+    if unknown:  # a typo (`welsh: true`) would silently run with the default
+        raise ValueError(f"experiment config {path}: unknown setting {did_you_mean(unknown, KNOWN)}; "
+                         f"the settings are {', '.join(KNOWN)}")
+    for key in ("seeds", "label_fractions"):
+        if not isinstance(config[key], list) or not config[key]:
+            raise ValueError(f"{key} in {path} must be a non-empty list, e.g. {key}: [{'0, 1, 2' if key == 'seeds' else '0.1, 1.0'}]")
+        # int(0.5) would silently run seed 0, float('ten') fails mid-grid without naming the setting
+        kinds = (int,) if key == "seeds" else (int, float)
+        bad = [v for v in config[key] if isinstance(v, bool) or not isinstance(v, kinds)]
+        if bad:
+            raise ValueError(f"{key} in {path} must be {'whole numbers' if key == 'seeds' else 'numbers in (0, 1]'}, "
+                             f"got {bad[0]!r}; e.g. {key}: [{'0, 1, 2' if key == 'seeds' else '0.1, 1.0'}]")
+        twice = sorted({v for v in config[key] if config[key].count(v) > 1})
+        if twice:
+            raise ValueError(f"{key} in {path} lists {twice[0]!r} more than once; list each value once")
+    _check_folds(config, path)
+    _check_types(config, path)
+    _check_test(config, path)
+    base = path.parent
+    resolve = lambda p: str(p if Path(p).is_absolute() else (base / p).resolve())  # noqa: E731
+    config["datalist"] = resolve(config["datalist"])
+    config["output_dir"] = resolve(config["output_dir"])
+    for name, ckpt in list(config["methods"].items()):
+        if isinstance(ckpt, dict):
+            if "pretrain" not in ckpt or "pretrain" not in config:
+                raise ValueError(f"method {name!r} in {path}: a mapping needs a 'pretrain' entry and a top-level 'pretrain' section")
+        elif ckpt:
+            config["methods"][name] = resolve(ckpt)
+            if not Path(config["methods"][name]).is_file():
+                raise FileNotFoundError(f"checkpoint {config['methods'][name]} of method {name!r} in {path} does not exist; "
+                                        "fix the path (paths are relative to the config's folder) or use null for random init")
+    if not Path(config["datalist"]).is_file():
+        raise FileNotFoundError(f"datalist {config['datalist']} in {path} does not exist; run `dira3d prepare` or fix the "
+                                "path (relative to the config's folder)")
+    from dira3d.evaluation.finetune import bundle_path
+
+    bundle_configs = bundle_path(config["bundle"]) / "configs"  # FileNotFoundError naming the valid bundles
+    overrides = dict(config.get("overrides") or {})
+    check_overrides([bundle_configs / "train.json", bundle_configs / "evaluate.json"]
+                    + ([bundle_configs / "tiny.json"] if overrides.get("tiny") else []),
+                    {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
+    if "folds" in config:
+        _check_fold_data(config, path, bundle_configs)
+    metrics = _bundle_metrics(bundle_configs)  # else a wrong name is found only after the first fine-tuning
+    if metrics and config["metric"] not in metrics:
+        raise ValueError(f"metric {config['metric']!r} in {path}: bundle {config['bundle']!r} reports "
+                         f"{', '.join(map(repr, metrics))} on the test split; use one of them")
+    if "pretrain" in config:
+        if not isinstance(config["pretrain"], dict) or "dataset_dir" not in config["pretrain"]:
+            raise ValueError(f"pretrain in {path} needs a dataset_dir (the visual-words folder given to bundles/dira_pretrain)")
+        config["pretrain"]["dataset_dir"] = resolve(config["pretrain"]["dataset_dir"])
+        if not Path(config["pretrain"]["dataset_dir"]).is_dir():
+            raise FileNotFoundError(f"pretrain dataset_dir {config['pretrain']['dataset_dir']} in {path} does not exist; "
+                                    "point it to the output of `dira3d visual-words` (or a prepared dataset folder); "
+                                    "paths are relative to the config's folder")
+        # a bare file name is one of the pretraining bundle's configs; anything else a path
+        config["pretrain"]["configs"] = [str(c) if "/" not in str(c) else resolve(c)
+                                         for c in config["pretrain"].get("configs", ["train.json"])]
+        from dira3d.engines.command import BUNDLE_DIR
+
+        configs = [Path(c) for c in _pretrain_configs(config["pretrain"])]
+        missing_configs = [str(c) for c in configs if not c.is_file()]
+        if missing_configs:
+            raise FileNotFoundError(f"pretrain configs {missing_configs} in {path} do not exist; name files of "
+                                    f"{BUNDLE_DIR / 'configs'} or give paths")
+        for name, spec in config["methods"].items():
+            if isinstance(spec, dict):
+                check_overrides(configs, {**(config["pretrain"].get("overrides") or {}), **(spec.get("pretrain") or {})},
+                                where=f"pretrain overrides of method {name!r} in {path}")
+    for fraction in config["label_fractions"]:
+        if not 0 < float(fraction) <= 1:
+            raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
+    config.setdefault("baseline", next(iter(config["methods"])))
+    if config["baseline"] not in config["methods"]:
+        raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
+    return config
+
+
+def _check_types(config: dict, path: Path) -> None:
+    """Refuse settings of the wrong kind (``datalist: 5``, ``output_dir: null``, ``overrides: [..]``) with
+    the setting named, before they fail as a TypeError deep in the run."""
+    for key in ("bundle", "datalist", "metric", "output_dir") + (("baseline",) if "baseline" in config else ()):
+        if not isinstance(config[key], str) or not config[key].strip():
+            raise ValueError(f"{key} in {path} must be text (a name or a path), got {config[key]!r}")
+    if not isinstance(config["methods"], dict) or not config["methods"]:
+        raise ValueError(f"methods in {path} must map names to a checkpoint, null or {{pretrain: ...}}")
+    bad = [name for name, spec in config["methods"].items() if spec is not None and not isinstance(spec, (str, dict))]
+    if bad:
+        raise ValueError(f"method {bad[0]!r} in {path} must be a checkpoint path, null (random init) or {{pretrain: "
+                         f"{{...}}}}, got {config['methods'][bad[0]]!r}")
+    for key in ("overrides", "pretrain"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ValueError(f"{key} in {path} must be a mapping of settings, e.g. {key}: "
+                             f"{{{'max_epochs: 10' if key == 'overrides' else 'dataset_dir: visual_words'}}}, got {config[key]!r}")
+    pretrain = config.get("pretrain") or {}
+    for name, spec in [("pretrain", pretrain)] + [(f"method {n!r}", s) for n, s in config["methods"].items() if isinstance(s, dict)]:
+        overrides = spec.get("overrides") if name == "pretrain" else spec.get("pretrain")
+        if overrides is not None and not isinstance(overrides, dict):
+            what = "pretrain overrides" if name == "pretrain" else f"pretrain of {name}"
+            raise ValueError(f"{what} in {path} must be a mapping of bundle settings (or {{}}), got {overrides!r}")
+    configs = pretrain.get("configs", [])
+    if not isinstance(configs, list) or not all(isinstance(c, str) for c in configs):
+        raise ValueError(f"pretrain configs in {path} must be a list of config files, e.g. configs: [train.json, tiny.json], "
+                         f"got {configs!r}")
+    if not isinstance(config.get("welch", False), bool):
+        raise ValueError(f"welch in {path} must be true or false, got {config['welch']!r}")
+    if not isinstance(pretrain.get("dataset_dir", ""), str):
+        raise ValueError(f"pretrain dataset_dir in {path} must be a folder path, got {pretrain['dataset_dir']!r}")
+
+
+def _check_test(config: dict, path: Path) -> None:
+    """Check ``test`` (student, welch or paired; ``test: null`` is the same as none) against ``welch``, its
+    older spelling: ``welch: true`` beside ``test: student`` or ``test: paired`` asks for two tests at once."""
+    if config.get("test") is None:
+        config.pop("test", None)
+        return
+    test = config["test"]
+    if not isinstance(test, str) or test not in TESTS:
+        raise ValueError(f"test in {path} must be one of {', '.join(TESTS)} (the t-test against the baseline), got "
+                         f"{test!r}; e.g. test: paired")
+    if config.get("welch") is True and test != "welch":
+        raise ValueError(f"welch: true and test: {test} in {path} ask for two different t-tests; keep test: {test} and "
+                         "remove welch (welch: true is the older spelling of test: welch)")
+
+
+def _check_folds(config: dict, path: Path) -> None:
+    """Check the ``folds`` list: distinct whole numbers >= 0, and no ``fold`` override beside it
+    (``folds: null`` is the same as no ``folds``)."""
+    if config.get("folds") is None:
+        config.pop("folds", None)
+        return
+    folds = config["folds"]
+    if not isinstance(folds, list) or not folds:
+        raise ValueError(f"folds in {path} must be a non-empty list of the datalist's fold numbers, e.g. folds: [0, 1, 2] "
+                         "(or leave folds out to test on the datalist's 'test' list)")
+    bad = [f for f in folds if isinstance(f, bool) or not isinstance(f, int) or f < 0]
+    if bad:
+        raise ValueError(f"folds in {path} must be whole numbers >= 0 (the datalist's fold numbers), got {bad[0]!r}; "
+                         "e.g. folds: [0, 1, 2]")
+    twice = sorted({f for f in folds if folds.count(f) > 1})
+    if twice:
+        raise ValueError(f"folds in {path} lists {twice[0]!r} more than once; list each fold once")
+    if "fold" in (config.get("overrides") or {}):
+        raise ValueError(f"overrides in {path} set fold, but folds runs every listed fold; remove fold from "
+                         f"overrides (folds: [{config['overrides']['fold']}] runs that one fold)")
+
+
+def _check_fold_data(config: Mapping[str, Any], path: Path, bundle_configs: Path) -> None:
+    """Refuse ``folds`` when the bundle has no ``fold`` setting or the datalist lacks a listed fold:
+    every fold would run on the same test split, or fail only when its turn comes."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.data.datalist import read_datalist_json
+
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in (bundle_configs / "train.json", bundle_configs / "evaluate.json") if c.is_file()])
+    if "fold" not in parser:
+        raise ValueError(f"folds in {path}: bundle {config['bundle']!r} has no `fold` setting, so every fold would be "
+                         "tested on the same split; remove folds, or use a bundle that tests on one fold of the "
+                         "datalist (e.g. pecad_embolism_fpr)")
+    try:
+        content = read_datalist_json(config["datalist"])
+    except ValueError as err:
+        raise ValueError(f"folds in {path}: {err}; folds need a cross-validation datalist (training entries with "
+                         "'fold'), or remove folds") from None
+    present = sorted({e["fold"] for e in content["training"] or [] if isinstance(e, dict) and e.get("fold") is not None})
+    if not present:
+        raise ValueError(f"folds in {path}: datalist {config['datalist']} has no cross-validation folds (no 'fold' in "
+                         "its training entries); remove folds to test on its 'test' list, or use a datalist prepared "
+                         "with folds (e.g. `dira3d prepare pecad`)")
+    missing = [f for f in config["folds"] if f not in present]
+    if missing:
+        raise ValueError(f"folds in {path} lists fold {missing[0]}, which datalist {config['datalist']} does not have "
+                         f"(folds present: {present}); list only those, e.g. folds: {present}")
+
+
+def _bundle_metrics(configs: Path) -> list[str]:
+    """Names of the test metrics ``run_finetune`` returns for a bundle: the keys of its evaluator's
+    ``key_metric`` and ``additional_metrics``; empty when the configs do not spell them out."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in (configs / "train.json", configs / "evaluate.json") if c.is_file()])
+    names: list[str] = []
+    for key in ("validate#key_metric", "validate#additional_metrics"):
+        value = parser.get(key)
+        if key == "validate#key_metric" and not isinstance(value, dict):
+            return []  # computed (an expression or a reference): not checkable here
+        if isinstance(value, dict):
+            names += [str(k) for k in value]
+    return names

@@ -1,0 +1,171 @@
+"""``dira3d experiment``'s grid: every (method, label fraction, seed[, fold]) not yet in ``results.csv``
+is fine-tuned, one after the other, under the ``output_dir``'s folder lock (:func:`run_experiment`).
+
+A failed run is recorded in ``failures.json`` and the others go on; each finished run is added to
+``results.csv`` at once and the report (:func:`dira3d.evaluation.results.write_report`) rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from dira3d.utils.atomic import atomic_write_text, check_writable
+from dira3d.utils.folder_lock import FolderInUseError, FolderLock
+from dira3d.evaluation.experiment_pretrain import _check_pretrain_settings, _pretrain_settings, pretrain_method
+from dira3d.evaluation.results import (
+    FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows,
+    row_key, seed_values, write_report, write_rows,
+)  # fmt: skip
+
+__all__ = ["Runner", "ExperimentRunsFailed", "ExperimentBusy", "run_experiment"]
+
+Runner = Callable[[str, dict], Mapping[str, float]]
+
+
+class ExperimentRunsFailed(RuntimeError):
+    """Some runs of the grid failed; the others finished and are in ``results.csv``."""
+
+
+
+def _describe(method: str, fraction: float, seed: int, fold: int | None = None) -> str:
+    """``dira labels=0.5 seed=1`` (`` fold=2`` with folds): one run in logs and errors."""
+    return f"{method} labels={fraction:g} seed={seed}" + ("" if fold is None else f" fold={fold}")
+
+
+def _default_runner(bundle: str, overrides: dict) -> Mapping[str, float]:
+    from dira3d.evaluation.finetune import run_finetune
+
+    overrides = dict(overrides)
+    tiny = bool(overrides.pop("tiny", False))
+    # results.csv is the grid's resume point: a cell run again has no row, so its folder holds only an
+    # interrupted or failed attempt, which is replaced
+    return run_finetune(bundle, overrides, tiny=tiny, overwrite=True)["metrics"]
+
+
+class ExperimentBusy(FolderInUseError):
+    """Another process is running an experiment in the same ``output_dir``."""
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold ``out``'s :class:`~dira3d.utils.folder_lock.FolderLock`, or raise :class:`ExperimentBusy` at once."""
+    lock = FolderLock(out, what="the experiment's output_dir",
+                      clash="a second `dira3d experiment` there would run the same grid into one results.csv")
+    try:
+        lock.acquire()
+    except FolderInUseError as err:
+        raise ExperimentBusy(str(err)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_experiment(config: Mapping[str, Any], runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every (method, label fraction, seed[, fold]) not yet in ``results.csv``; returns all rows.
+
+    ``runner(bundle, overrides) -> metrics`` fine-tunes once; the default runs the bundle through
+    :func:`dira3d.evaluation.finetune.run_finetune`.
+
+    Raises:
+        ExperimentBusy: another process runs an experiment in the same ``output_dir``.
+        ExperimentRunsFailed: some runs failed (the others are in ``results.csv``).
+        FolderNotWritableError: ``output_dir`` cannot be created or written to (before any run).
+    """
+    out = check_writable(config["output_dir"], what="the experiment's output_dir",
+                         advice="set output_dir in the config to a writable folder, or fix its permissions")
+    with _exclusive(out):
+        return _run_grid(config, runner or _default_runner, log, out)
+
+
+def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], None], out: Path) -> list[dict]:
+    csv_path = out / "results.csv"
+    rows = read_rows(csv_path)
+    check_rows_match(rows, config, csv_path)
+    check_fold_column(rows, config, csv_path)
+    check_run_settings(config, out, rows)
+    check_checkpoints(config, out, rows)
+    for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
+        if isinstance(spec, Mapping):
+            _check_pretrain_settings(method, *_pretrain_settings(method, spec, config))
+    folded = "folds" in config
+    done = {row_key(r, folded) for r in rows}
+    grid = grid_cells(config)
+    todo = [key for key in grid if key not in done]
+    log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
+    checkpoints = {}
+    for method, spec in config["methods"].items():
+        if isinstance(spec, Mapping):
+            if any(key[0] == method for key in todo):
+                checkpoints[method] = pretrain_method(method, spec, config, log)
+        else:
+            checkpoints[method] = spec or ""
+    failures: list[dict] = []
+    for i, (method, fraction, seed, *fold) in enumerate(todo, 1):
+        fold = fold[0] if fold else None
+        checkpoint = checkpoints[method]
+        run_dir = out / "runs" / (f"{method}_lf{fraction:g}_seed{seed}" + ("" if fold is None else f"_fold{fold}"))
+        overrides = dict(config.get("overrides", {}))
+        overrides.update(datalist=config["datalist"], pretrained=checkpoint, label_fraction=fraction, seed=seed,
+                         output_dir=str(run_dir))
+        if fold is not None:
+            overrides["fold"] = fold
+        run = _describe(method, fraction, seed, fold)
+        start = time.perf_counter()
+        try:
+            metrics = runner(str(config["bundle"]), overrides)
+            _check_value(metrics, config["metric"])
+        except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
+            cause = _cause_of(err)
+            failures.append({"method": method, "label_fraction": fraction, "seed": seed,
+                             **({} if fold is None else {"fold": fold}), "run_dir": str(run_dir),
+                             "error": f"{type(cause).__name__}: {cause}"})
+            log(f"[{i}/{len(todo)}] {run}: FAILED ({type(cause).__name__}: {cause}); going on with the other runs")
+            continue
+        if config["metric"] not in metrics:
+            raise ValueError(f"fine-tuning returned {sorted(metrics)}, not the experiment's metric {config['metric']!r}")
+        row = {"method": method, "checkpoint": checkpoint, "label_fraction": fraction, "seed": seed,
+               **({} if fold is None else {"fold": fold}),
+               "metric": config["metric"], "value": float(metrics[config["metric"]]),
+               "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir)}
+        rows.append({k: str(v) for k, v in row.items()})
+        write_rows(csv_path, rows, FOLD_FIELDS if folded else FIELDS)  # one row per finished run: the resume point
+        log(f"[{i}/{len(todo)}] {run}: {config['metric']}={row['value']:.4f}")
+        write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
+    write_report(config, rows)
+    incomplete = seed_values(config, rows)[1]
+    if incomplete:
+        why = "not all folds finished" if folded else "failed: see failures.json"
+        log(f"experiment: left out of the statistics ({why}): {'; '.join(incomplete)}")
+    failures_path = out / "failures.json"
+    if failures:
+        atomic_write_text(failures_path, json.dumps(failures, indent=2))
+        raise ExperimentRunsFailed(
+            f"{len(failures)} of {len(todo)} runs failed (details in {failures_path}): "
+            + "; ".join(f"{_describe(f['method'], f['label_fraction'], f['seed'], f.get('fold'))}: {f['error']}"
+                        for f in failures[:3])
+            + ("; ..." if len(failures) > 3 else "")
+            + ". The other runs are in results.csv; rerun the same command to retry only the failed ones")
+    failures_path.unlink(missing_ok=True)
+    return rows
+
+
+def _check_value(metrics: Mapping[str, Any], metric: str) -> None:
+    """Refuse an undefined test metric (``run_finetune`` writes a NaN, e.g. an AUC on a test split of
+    one class, as ``None``): the run is a failure of its own, not a crash of the grid."""
+    value = metrics.get(metric, 0.0)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"the test metric {metric!r} is undefined (NaN), e.g. an AUC on a test split that holds "
+                         "one class only; check the test split")
+
+
+def _cause_of(err: BaseException) -> BaseException:
+    """The bad setting or path behind MONAI's wrappers, else ``err`` itself."""
+    from dira3d.engines.inputs import setting_error_in
+
+    return setting_error_in(err) or err
