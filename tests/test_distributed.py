@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from dira3d.engines import DiRATrainer, build_dis_loss
+from dira3d.engines.optim import _average_gradients
 from dira3d.engines.distributed import all_ranks_true, cleanup_distributed, get_rank, get_world_size, maybe_sync_batchnorm
 from dira3d.networks import UNet
 from dira3d.networks.heads import ProjectionHead
@@ -68,6 +70,20 @@ def run_trainer(mode: str, rank: int, world: int) -> tuple[list[float], dict[str
     return losses, weights, None if trainer.queue is None else trainer.queue.queue.clone()
 
 
+def averaged_gradients(rank: int) -> list[torch.Tensor | None]:
+    """Gradients of several shapes, layouts and dtypes (and one parameter without a gradient), rank-dependent,
+    after ``optimizer_step``'s averaging over the ranks."""
+    shapes = [(3, 2, 3, 3, 3), (5,), (4, 3), (2, 3, 2, 2, 2)]
+    params = [nn.Parameter(torch.zeros(s)) for s in shapes] + [nn.Parameter(torch.zeros(2, dtype=torch.float64)),
+                                                                nn.Parameter(torch.zeros(3))]
+    for i, p in enumerate(params[:-1]):
+        grad = torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) * (rank + 1) + 10 * i
+        p.grad = grad.to(memory_format=torch.channels_last_3d) if grad.dim() == 5 and i == 3 else grad
+    _average_gradients(params)
+    assert params[3].grad.is_contiguous(memory_format=torch.channels_last_3d)  # the gradient object is kept
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -75,6 +91,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         assert get_rank() == rank and get_world_size() == world
         results = {mode: run_trainer(mode, rank, world) for mode in ("moco", "barlow")}
         assert all_ranks_true(True) and not all_ranks_true(rank == 0)
+        results["gradients"] = averaged_gradients(rank)
         if rank == 0:
             torch.save(results, out)
         cleanup_distributed()  # a barrier first: a rank that leaves gloo early makes the other abort
@@ -106,6 +123,12 @@ def test_two_ranks_with_half_batches_match_one_rank_with_the_full_batch(tmp_path
         assert diff ** 0.5 < 1e-3 * update ** 0.5, (mode, diff ** 0.5, update ** 0.5)
         if mode == "moco":  # keys of both ranks entered the queue, rank 0's first: as in one process
             torch.testing.assert_close(queue, single_queue, rtol=1e-5, atol=1e-6)
+    # every gradient is the mean of the two ranks' (rank r's is (r + 1) * arange + 10 i): 1.5 * arange + 10 i
+    grads = results["gradients"]
+    for i, grad in enumerate(grads[:-1]):
+        expected = torch.arange(grad.numel(), dtype=grad.dtype).reshape(grad.shape) * 1.5 + 10 * i
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+    assert grads[-1] is None
 
 
 def test_single_process_helpers_are_identities():

@@ -52,12 +52,23 @@ def make_grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | N
 
 def _average_gradients(params: list[nn.Parameter]) -> None:
     """Average gradients over ranks (our modules are not wrapped in DDP: the trainer calls
-    ``encode``/``decode`` directly, which DDP's forward hook would not see)."""
+    ``encode``/``decode`` directly, which DDP's forward hook would not see).
+
+    One all-reduce per (device, dtype) of all gradients flattened into one buffer, not one per
+    parameter: with NCCL every collective is a launch with a fixed latency (tens of µs), and the
+    default model has over a hundred parameter tensors. Every rank must hold gradients for the same
+    parameters (the same stage and losses on every rank), as with one collective per parameter.
+    """
     world = dist.get_world_size()
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 def optimizer_step(
