@@ -99,13 +99,15 @@ def _refused(bundle: str, tmp_path: Path, image: Path, **overrides) -> str:
 @pytest.mark.parametrize("bundle, mode", [("chestxray14_cls", "RGBA"), ("chexpert_cls", "RGB"),
                                           ("siim_pneumothorax_seg", "RGB"), ("montgomery_lung_seg", "RGBA")])
 def test_2d_inference_refuses_a_colour_png_naming_it(bundle, mode, tmp_path):
-    """It failed in the first convolution: "the network expects 1 input channel(s), got 3 ...; set in_channels"."""
+    """It failed in the first convolution: "the network expects 1 input channel(s), got 3 ...; set in_channels". The
+    file is read as `dira3d prepare` reads it (tests/test_cxr_inference_read.py), which refuses colour channels that
+    differ (a grey image stored as RGB(A) is read as its one channel)."""
     grey = np.asarray(Image.open(_grey_png(tmp_path / "grey.png")))
     image = tmp_path / "colour.png"
     Image.fromarray(np.stack([grey, grey[::-1], grey] + ([np.full_like(grey, 255)] if mode == "RGBA" else []), -1),
                     mode=mode).save(image)
     message = _refused(bundle, tmp_path, image)
-    assert f"has {len(mode)} channels" in message and "colour (RGB/RGBA) image" in message and "grey" in message
+    assert f"is a colour {mode} image: its colour channels differ" in message and "grey original" in message
     assert any(_infer(bundle, tmp_path, tmp_path / "grey.png").iterdir())  # the grey image runs
 
 
@@ -163,9 +165,12 @@ def test_2d_inference_refuses_a_mask_and_images_of_another_scale(bundle, tmp_pat
     mask = ((np.asarray(Image.open(_grey_png(tmp_path / "grey.png"))) > 120) * 255).astype(np.uint8)
     Image.fromarray(mask).save(tmp_path / "mask.png")
     assert "distinct values (0, 255): it looks like a mask" in _refused(bundle, tmp_path, tmp_path / "mask.png")
-    wide = np.random.default_rng(0).integers(0, 4096, (64, 80)).astype(np.uint16)  # a 12-bit image: clipped to white
-    Image.fromarray(wide).save(tmp_path / "wide.png")
-    assert "outside [0, 255]" in (message := _refused(bundle, tmp_path, tmp_path / "wide.png")) and "8-bit" in message
+    # a 16-bit mask is min-max scaled to 0/255 as `dira3d prepare` reads a 16-bit PNG, and still refused as a mask
+    # (a 16-bit radiograph is now read as preparation reads it: tests/test_cxr_inference_read.py)
+    Image.fromarray((mask // 255).astype(np.uint16)).save(tmp_path / "mask16.png")
+    assert "distinct values (0, 255): it looks like a mask" in _refused(bundle, tmp_path, tmp_path / "mask16.png")
+    wide = _nifti(tmp_path / "wide.nii.gz", np.random.default_rng(0).integers(0, 4096, (64, 80)))  # not a radiograph file
+    assert "outside [0, 255]" in (message := _refused(bundle, tmp_path, wide)) and "NIfTI" in message
     scaled = _nifti(tmp_path / "scaled.nii.gz", np.random.default_rng(0).random((64, 80)))  # scaled to [0, 1]: black
     assert "within [0, 1]" in _refused(bundle, tmp_path, scaled)
 

@@ -8,7 +8,7 @@ Every 2D dataset is written the same way (docs/data_2d.md):
   to 0..255 (a DICOM's VOI window, WindowCenter/Width, is not applied); ``MONOCHROME1`` DICOMs are
   read as ``MONOCHROME2`` (bone bright) by SimpleITK. :func:`read_radiograph` is that reading, shared
   by the preparations and by the 2D bundles' inference (:mod:`dira3d.evaluation.radiographs`), so a
-  DICOM given to a bundle reaches the network as its prepared PNG would.
+  PNG, JPEG, TIFF, BMP or DICOM given to a bundle reaches the network as its prepared PNG would.
   A grey image stored as RGB(A), grey + alpha or with a grey palette becomes one channel (a
   warning in the report); a coloured or transparent one is a failed case (:func:`one_channel`).
   SimpleITK reads neither grey + alpha nor transparent grey PNGs, so those and palette PNGs are
@@ -117,11 +117,11 @@ def read_radiograph(path: str | os.PathLike) -> np.ndarray:
     """A radiograph as the 2D datasets store it: :func:`read_grey`, then :func:`to_uint8`.
 
     The one reading of a chest X-ray file that preparation (:func:`convert_image`, SIIM-ACR's DICOMs) and the
-    2D bundles' inference (:class:`dira3d.evaluation.radiographs.DicomRadiographReader`) share, so they cannot
-    drift: a ``MONOCHROME1`` DICOM comes back bone bright (inverted by SimpleITK's GDCM reader), an 8-bit image
-    as it is, and a 12/16-bit one (``BitsStored`` 12, say) min-max scaled to 0..255 (its own lowest value 0,
-    highest 255). A DICOM's VOI window (WindowCenter/Width) or VOI LUT is not applied: the training images
-    were scaled min-max, and the model is only right on images scaled the same way.
+    2D bundles' inference (:class:`dira3d.evaluation.radiographs.RadiographReader`, for PNG, JPEG, TIFF, BMP and
+    DICOM) share, so they cannot drift: a ``MONOCHROME1`` DICOM comes back bone bright (inverted by SimpleITK's
+    GDCM reader), an 8-bit image as it is, and a 12/16-bit one (``BitsStored`` 12, say) min-max scaled to 0..255
+    (its own lowest value 0, highest 255). A DICOM's VOI window (WindowCenter/Width) or VOI LUT is not applied:
+    the training images were scaled min-max, and the model is only right on images scaled the same way.
 
     Returns:
         ``(rows, cols)`` ``uint8`` array.

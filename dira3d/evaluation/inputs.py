@@ -8,6 +8,10 @@ NIfTI or a 2D image given to a 3D bundle fail deep in the network with a shape e
 - :class:`CheckInferenceInputd` (right after ``LoadImaged`` + ``EnsureChannelFirstd``) refuses such an input
   with one :class:`~dira3d.data.errors.DataError` that names the file and says what to do; the checks that
   training shares (NaN/Inf, intensity range, header spacing) are :func:`dira3d.engines.inputs.check_volume`'s.
+- the 2D bundles read a radiograph file (PNG, JPEG, TIFF, BMP, DICOM) as ``dira3d prepare`` reads it before these
+  checks (:class:`~dira3d.evaluation.radiographs.LoadRadiographd`): a 12/16-bit one arrives min-max scaled to 0..255
+  and a grey one stored in colour as one channel, so their ``"8bit"`` range and channel checks meet only the other
+  formats (a 2D NIfTI, say), while a mask given as the image is still refused.
 - :func:`screen_inputs` runs those checks on every entry of a ``datalist`` of several inputs before the
   evaluator starts, leaves out the bad ones with a warning each and goes on with the others.
 """

@@ -1,17 +1,24 @@
-"""Loading a chest X-ray for the 2D bundles' ``inference.json``: a DICOM is read as ``dira3d prepare`` reads it.
+"""Loading a chest X-ray for the 2D bundles' ``inference.json``: every radiograph file is read as ``dira3d prepare`` reads it.
 
-The 2D bundles were trained on the 8-bit PNGs ``dira3d prepare <dataset>`` writes (docs/data_2d.md). A PNG is
-loaded as it is (MONAI's ``PILReader``); a DICOM goes through :func:`dira3d.data.cxr.read_radiograph`, the same
-function the preparations use for their DICOMs, so the two cannot drift:
+The 2D bundles were trained on the 8-bit grey PNGs ``dira3d prepare <dataset>`` writes (docs/data_2d.md). Each PNG,
+JPEG, TIFF, BMP or DICOM file given for inference goes through :func:`dira3d.data.cxr.read_radiograph`, the function
+the preparations read their images with, so the two cannot drift:
 
-- ``MONOCHROME1`` (high values dark, common in hospital radiographs) comes back bone bright, as ``MONOCHROME2``;
-  MONAI's ``PydicomReader``, which read DICOMs here before, kept it inverted and the network saw a negative.
-- 12/16-bit data (``BitsStored`` 12 ...) is min-max scaled to 0..255 as the training images were; the VOI window
-  (WindowCenter/Width) is not applied. Before, such a DICOM was refused by the 0..255 range check.
-- a colour or multi-frame DICOM is refused with a :class:`~dira3d.data.errors.DataError` naming the file.
+- an 8-bit grey image is taken as it is; a 12/16-bit one (PNG, TIFF, DICOM ``BitsStored`` 12 ...) is min-max scaled to
+  0..255 as the training images were (the DICOM VOI window is not applied). MONAI's ``PILReader``, which read PNGs
+  here before, kept a 16-bit PNG's own values: one above 255 was refused, and one within 0..255 reached the network
+  unscaled without a word.
+- a ``MONOCHROME1`` DICOM (high values dark) comes back bone bright, as ``MONOCHROME2``.
+- a grey image stored as RGB(A), grey + alpha or with a grey palette becomes its one grey channel, with a
+  :class:`~dira3d.data.errors.DataWarning` (``PILReader`` gave 2 to 4 channels, refused, or a palette PNG's palette
+  indices, which reached the network in place of its grey values); a coloured or transparent image, a 16-bit grey +
+  alpha PNG and a colour or multi-frame DICOM are refused with a :class:`~dira3d.data.errors.DataError` naming the
+  file, as preparation refuses them.
 
 The array and metadata are those ``PILReader`` gives for the equivalent 8-bit PNG (width first), so the rest of
-the bundle (resizing, ``Invertd``, the PNG written) treats both alike.
+the bundle (the input checks, resizing, ``Invertd``, the PNG written) treats every format alike. Other files (a NIfTI,
+NRRD or MetaImage file, a file that is not an image) go to the configured reader, and the bundle's checks refuse
+what is not a 2D grey image of 0..255 (a 3D volume, a scaled image) naming the file.
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ from PIL import Image
 from dira3d.engines.inputs import LoadVolumed
 from dira3d.utils.files import looks_like_dicom
 
-__all__ = ["DicomRadiographReader", "LoadRadiographd", "is_dicom"]
+__all__ = ["DicomRadiographReader", "LoadRadiographd", "RadiographReader", "is_dicom", "radiograph_format"]
+
+# the first bytes of the image files read as radiographs (a DICOM is told by looks_like_dicom)
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+               (b"BM", "BMP"))
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
@@ -38,26 +49,46 @@ def is_dicom(path: str | os.PathLike) -> bool:
     return path.is_file() and looks_like_dicom(path)
 
 
-class DicomRadiographReader(PILReader):
-    """A MONAI ``ImageReader`` for single-frame grey DICOM radiographs, read by :func:`dira3d.data.cxr.read_radiograph`.
+def radiograph_format(path: str | os.PathLike) -> str | None:
+    """``"DICOM"``, ``"PNG"``, ``"JPEG"``, ``"TIFF"`` or ``"BMP"`` for a file read by :class:`RadiographReader`, told
+    by its content (a DICOM also by its name, as :func:`is_dicom`); None for anything else (a volume format, a folder,
+    an empty file or one that is not an image), which MONAI's readers load or name as unreadable."""
+    path = Path(path)
+    if is_dicom(path):
+        return "DICOM"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:  # missing, a folder, unreadable: LoadVolumed's own error names it
+        return None
+    return next((name for signature, name in _SIGNATURES if head.startswith(signature)), None)
 
-    ``read`` returns each file as an 8-bit grey PIL image, so ``get_data`` (``PILReader``'s) gives exactly what a
-    PNG of the same pixels gives.
+
+class RadiographReader(PILReader):
+    """A MONAI ``ImageReader`` for 2D radiograph files (PNG, JPEG, TIFF, BMP, single-frame DICOM) read by
+    :func:`dira3d.data.cxr.read_radiograph`, as ``dira3d prepare`` reads them.
+
+    ``read`` returns each file as an 8-bit grey PIL image, so ``get_data`` (``PILReader``'s) gives exactly what the
+    8-bit PNG preparation writes of it gives.
     """
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
-        return all(is_dicom(name) for name in ensure_tuple(filename))
+        return all(radiograph_format(name) is not None for name in ensure_tuple(filename))
 
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> Image.Image | list[Image.Image]:
-        from dira3d.data.cxr import read_radiograph  # SimpleITK only when a DICOM comes
+        from dira3d.data.cxr import read_radiograph  # SimpleITK only when a radiograph comes
 
         images = [Image.fromarray(np.ascontiguousarray(read_radiograph(name)), mode="L") for name in ensure_tuple(data)]
         return images if len(images) > 1 else images[0]
 
 
+DicomRadiographReader = RadiographReader  # its name before it read every radiograph format (bundles 0.1.15 and earlier)
+
+
 class LoadRadiographd(LoadVolumed):
-    """``LoadVolumed`` for the 2D bundles: DICOM files through :class:`DicomRadiographReader`, other files
-    (PNG, JPEG) with ``reader`` (default ``PILReader``) as before. Its errors name the file."""
+    """``LoadVolumed`` for the 2D bundles: radiograph files (:func:`radiograph_format`) through
+    :class:`RadiographReader` alone, other files with ``reader`` (default ``PILReader``) and MONAI's fallbacks.
+    Its errors name the file."""
 
     def __init__(self, keys: KeysCollection, reader: str | object | None = "PILReader", image_only: bool = True,
                  **kwargs) -> None:
@@ -65,6 +96,6 @@ class LoadRadiographd(LoadVolumed):
 
     def __call__(self, data, reader=None):  # noqa: D102 - as LoadImaged
         files = [data[k] for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
-        if reader is None and files and all(is_dicom(f) for f in files):
-            reader = DicomRadiographReader()  # used alone: no fallback to a reader that would keep MONOCHROME1
+        if reader is None and files and all(radiograph_format(f) is not None for f in files):
+            reader = RadiographReader()  # used alone: no fallback to a reader that would read it another way
         return super().__call__(data, reader)
