@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from dira3d.data import generic
 from dira3d.data.cxr import earlier_patient_split, patient_split, write_patient_split
 from dira3d.data.io import xyz_to_image
+from dira3d.data.patients import patient_parts
 from dira3d.data.splits import earlier_split, extend_split, split_patients, write_split_file
 
 PARTS = {"training": 60, "validation": 20, "test": 20}
@@ -95,9 +96,9 @@ def test_generic_rerun_with_added_and_removed_scans_moves_no_patient(tmp_path):
     after = parts()
     assert {p: after[p] for p in before if p != "case03"} == {p: before[p] for p in before if p != "case03"}
     assert "case03" not in after and all(f"case{i}" in after for i in range(12, 16))
-    fresh = generic._split_patients(sorted(after), 0.25, 0.25, 0)  # a fresh cut of the new set moves some
+    fresh = patient_parts(sorted(after), 0.25, 0.25, 0)  # a fresh cut of the new set moves some
     assert any(fresh[p] != before[p] for p in before if p != "case03")
     assert sorted(after.values()).count("test") == 4 and sorted(after.values()).count("validation") == 4  # 15 patients
 
     generic.prepare(src, dst, **{**options, "seed": 5})  # another seed is another rule: a fresh cut
-    assert parts() == generic._split_patients(sorted(after), 0.25, 0.25, 5) != after
+    assert parts() == patient_parts(sorted(after), 0.25, 0.25, 5) != after

@@ -120,10 +120,12 @@ def test_the_three_readers_keep_their_own_rules(folder):
     with pytest.raises(FileNotFoundError, match="gone.nii.gz does not exist"):
         read_datalist(path)
     # fine-tuning: the files of the entries a run uses must exist (all missing ones named), entries need an image
-    write(path, {"training": [*entries, {"image": "images/gone.nii.gz", "case_id": "g", "label": 0, "fold": 0}]})
+    # (a test fold of one class is refused: its AUC is undefined; c makes fold 1 hold both)
+    write(path, {"training": [*entries, {"image": "images/c.nii.gz", "case_id": "c", "label": 0, "fold": 1},
+                              {"image": "images/gone.nii.gz", "case_id": "g", "label": 0, "fold": 0}]})
     with pytest.raises(FileNotFoundError, match=r"case g: .*gone\.nii\.gz does not exist"):
         load_split(path, "test", fold=0)
-    assert len(load_split(path, "test", fold=1)) == 1  # another fold's missing file is not this run's
+    assert len(load_split(path, "test", fold=1)) == 2  # another fold's missing file is not this run's
     write(path, {"training": [*entries, {"case_id": "g", "label": 0, "fold": 0}]})
     with pytest.raises(ValueError, match="entry 2 has no 'image'"):
         load_split(path, "test", fold=0)

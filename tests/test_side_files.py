@@ -254,7 +254,7 @@ def test_experiment_results_csv(tmp_path, data, problem):
 @pytest.mark.parametrize("name", ["settings.json", "done.json"])
 @pytest.mark.parametrize("variant", [*BROKEN_JSON, "overrides number"])
 def test_experiment_pretraining_records(tmp_path, name, variant):
-    from dira3d.evaluation.experiment_pretrain import _check_pretrain_settings
+    from dira3d.evaluation.experiment_pretrain import check_pretrain_settings
 
     out = tmp_path / "pretrain" / "dira"
     (out / "models").mkdir(parents=True)
@@ -264,7 +264,7 @@ def test_experiment_pretraining_records(tmp_path, name, variant):
                                               "overrides 3, not a mapping"))
     (out / name).write_bytes(data)
     settings = {"configs": ["train.json"], "dataset_dir": "d", "overrides": {}}
-    _call(lambda: _check_pretrain_settings("dira", out, settings), out / name, problem,
+    _call(lambda: check_pretrain_settings("dira", out, settings), out / name, problem,
           f"delete the folder {out}")
 
 

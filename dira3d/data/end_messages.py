@@ -2,28 +2,49 @@
 
 :func:`finish`: the one-line summary of the cases, each warning and failure, and what to do about a
 failure; :func:`next_steps`: where each datalist written is and the command to run next
-(:data:`NEXT_STEPS`), for the datalists that :func:`~dira3d.data.runner.write_datalist` records in
-``_datalists_written`` while :func:`~dira3d.data.runner.run_prepare` runs. Re-exported by
-:mod:`dira3d.data.runner`.
+(:data:`NEXT_STEPS`), for the datalists that :func:`~dira3d.data.runner.write_datalist` records
+(:func:`record_datalist`) while :func:`~dira3d.data.runner.run_prepare` collects them
+(:func:`datalists_recorded`). Re-exported by :mod:`dira3d.data.runner`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
 from dira3d.data.cases import STATUSES, CaseResult
 
-__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "next_steps", "finish"]
+__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "next_steps", "finish", "datalists_recorded", "record_datalist"]
 
 
 # inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
 _datalists_written: ContextVar[list[tuple[Path, bool]] | None] = ContextVar("_datalists_written", default=None)
+
+
+@contextlib.contextmanager
+def datalists_recorded() -> Iterator[list[tuple[Path, bool]]]:
+    """Collect the datalists :func:`record_datalist` is told of inside this block, as ``(path, whether its
+    training entries have labels)``, in the list it yields (still filled after the block)."""
+    written: list[tuple[Path, bool]] = []
+    token = _datalists_written.set(written)
+    try:
+        yield written
+    finally:
+        _datalists_written.reset(token)
+
+
+def record_datalist(path: Path, labelled: bool) -> None:
+    """Note a datalist just written, for the lines :func:`next_steps` prints at the end; outside
+    :func:`datalists_recorded` (a ``prepare`` function called from Python) nothing is noted."""
+    written = _datalists_written.get()
+    if written is not None:
+        written.append((path, labelled))
 
 
 def _finetune_step(bundle: str, doc: str = "docs/finetuning.md") -> str:

@@ -14,7 +14,7 @@ folder, ``--patient-regex`` takes the patient id from the path (see :func:`patie
 
 The volume pipeline (:func:`normalise_image`, :func:`prepare_mask`) is shared by the dataset
 modules: reorient to RAS → normalise → optionally resample. It lives in :mod:`dira3d.data.pipeline`,
-the patient grouping and split in :mod:`dira3d.data.patients`, the ``--sequences`` settings checks in
+the patient grouping and split in :mod:`dira3d.data.patients`, the ``--sequences`` settings check in
 :mod:`dira3d.data.sequences`; the names of ``__all__`` are importable from here.
 """
 
@@ -42,11 +42,11 @@ from dira3d.data.io import (
     write_nifti,
 )
 from dira3d.data.modality import MODALITIES, check_hu, check_mr, check_not_a_mask, modality_from_scans, recorded_modality
-from dira3d.data.patients import (PATIENT_FROM, _check_grouping, _check_patient_setting, _check_split_sizes, _earlier_parts,
-                                  _split_patients, patient_ids)
+from dira3d.data.patients import (PATIENT_FROM, check_grouping, check_patient_setting, check_split_sizes, earlier_parts,
+                                  patient_ids, patient_parts)
 from dira3d.data.pipeline import normalise_image, prepare_mask
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
-from dira3d.data.sequences import _check_sequence_settings, _check_volume_channels, find_sequence_cases, stack_sequences
+from dira3d.data.sequences import check_channels, check_sequence_settings, find_sequence_cases, stack_sequences
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = ["normalise_image", "prepare_mask", "discover", "patient_ids", "prepare", "main"]
@@ -172,6 +172,11 @@ def _process_sequences(case: Case, percentiles: Sequence[float], spacing: Sequen
     return info
 
 
+def _check_volume_channels(case: Case, channels: int) -> None:
+    """``check_outputs`` of ``--sequences``: a volume of another run (other sequences, a single scan) is redone."""
+    check_channels(case.outputs[0], channels)
+
+
 def _check_src_outside_outputs(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Refuse a ``--dst`` whose output folders hold the scans of ``--src`` (or are ``--src`` itself).
 
@@ -244,13 +249,13 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     """
     if modality is not None and modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {MODALITIES}, got {modality!r}")
-    patterns = _check_sequence_settings(sequences, label_pattern, modality, image_suffix, label_suffix)
+    patterns = check_sequence_settings(sequences, label_pattern, modality, image_suffix, label_suffix)
     if patterns:
         modality = "mr"
     for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
-    _check_patient_setting(patient_from, patient_regex)
+    check_patient_setting(patient_from, patient_regex)
     _check_src_outside_outputs(src, dst)
     problems: dict[str, str] = {}
     if patterns:
@@ -268,11 +273,11 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     patients = patient_ids(src, found, patient_from, patient_regex, problems)
     unit = "case" if patient_from == "case" else "patient"
     # before any case: a bad split wastes no work (a case without a patient counts as one)
-    _check_split_sizes(len(set(patients.values())) + sum(cid not in patients for cid, _, _ in found),
-                       val_fraction, test_fraction, unit)
+    check_split_sizes(len(set(patients.values())) + sum(cid not in patients for cid, _, _ in found),
+                      val_fraction, test_fraction, unit)
     dst = Path(dst)
     grouping = {"patient_from": patient_from, "patient_regex": patient_regex}
-    _check_grouping(dst / "pretrain_datalist.json", src, grouping, overwrite)
+    check_grouping(dst / "pretrain_datalist.json", src, grouping, overwrite)
     cases = []
     for cid, image_path, mask_path in found:
         if patterns:  # with --label-pattern every case has a mask, or fails for the lack of one
@@ -311,9 +316,9 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     if dry_run or batch_stopped(results, keep_going):
         return results
     good = [c for c, r in zip(cases, results) if r.ok]
-    earlier = _earlier_parts(dst / "pretrain_datalist.json", src, {"val_fraction": val_fraction, "test_fraction": test_fraction,
-                                                                  "seed": seed, **grouping})  # fmt: skip
-    part = _split_patients(sorted({patients[c.case_id] for c in good}), val_fraction, test_fraction, seed, unit, earlier)
+    earlier = earlier_parts(dst / "pretrain_datalist.json", src, {"val_fraction": val_fraction, "test_fraction": test_fraction,
+                                                                 "seed": seed, **grouping})  # fmt: skip
+    part = patient_parts(sorted({patients[c.case_id] for c in good}), val_fraction, test_fraction, seed, unit, earlier)
     # asked for (--test-fraction) but rounded to no patient: an empty list, which write_datalist warns about
     has_test = test_fraction > 0 or "test" in part.values()
     splits: dict[str, list[dict]] = {"training": [], "validation": []} | ({"test": []} if has_test else {})

@@ -1,10 +1,10 @@
 """What :func:`~dira3d.data.runner.run_cases` checks and holds before any case runs.
 
 A rerun into ``--dst`` must not mix in another ``--src`` or outputs made with other settings, nor
-replace a file that is not a report (:func:`_check_rerun`); existing outputs count as done only when
-they are not empty and the dataset's ``check_outputs`` accepts them (:func:`_not_done`); and ``--dst``
-is locked so that two runs cannot write into it at once (:func:`_lock`, kept until a ``dira3d
-prepare`` command has written its datalists by :func:`_locks_held_until_done`).
+replace a file that is not a report (:func:`check_rerun`); existing outputs count as done only when
+they are not empty and the dataset's ``check_outputs`` accepts them (:func:`why_not_done`); and ``--dst``
+is locked so that two runs cannot write into it at once (:func:`lock_output_folder`, kept until a ``dira3d
+prepare`` command has written its datalists: :func:`locks_held_until_done`, :func:`release_when_done`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from dira3d.data.errors import DataError
 from dira3d.utils.atomic import check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 
+__all__ = ["why_not_done", "check_rerun", "locks_held_until_done", "release_when_done", "lock_output_folder"]
 
-def _not_done(case: Case, check_outputs: Callable[[Case], Any] | None) -> str:
+
+def why_not_done(case: Case, check_outputs: Callable[[Case], Any] | None) -> str:
     """Why the existing outputs of ``case`` do not count as done: an empty file, or what
     ``check_outputs`` raised; ``""`` when they do."""
     empty = [str(p) for p in case.outputs if Path(p).stat().st_size == 0]
@@ -42,8 +44,8 @@ def _same_setting(old: Any, new: Any) -> bool:
     return json.loads(json.dumps(old)) == json.loads(json.dumps(new))
 
 
-def _check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
-                 report: Path, desc: str, overwrite: bool, settings: Mapping[str, Any] | None = None) -> None:
+def check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
+                report: Path, desc: str, overwrite: bool, settings: Mapping[str, Any] | None = None) -> None:
     """Refuse a rerun that would mix in another ``--src``, outputs made with other ``settings`` (their
     cases would be skipped while the datalist claims the new settings), or replace a file that is not a report."""
     if report.is_dir():
@@ -94,7 +96,7 @@ _held_until_done: ContextVar[list[FolderLock] | None] = ContextVar("_held_until_
 
 
 @contextlib.contextmanager
-def _locks_held_until_done() -> Iterator[None]:
+def locks_held_until_done() -> Iterator[None]:
     """Keep the ``--dst`` locks that :func:`run_cases` takes inside this block until it ends, so that
     the datalists a ``prepare`` function writes after its cases are written under the lock too."""
     held: list[FolderLock] = []
@@ -107,7 +109,17 @@ def _locks_held_until_done() -> Iterator[None]:
             lock.release()
 
 
-def _lock(out_dir: Path, report_path: Path) -> FolderLock:
+def release_when_done(lock: FolderLock) -> None:
+    """Release ``lock`` (taken by :func:`~dira3d.data.runner.run_cases`) now, or, inside
+    :func:`locks_held_until_done`, when that block ends."""
+    held = _held_until_done.get()
+    if held is not None:
+        held.append(lock)  # dira3d prepare: released once the datalists are written
+    else:
+        lock.release()
+
+
+def lock_output_folder(out_dir: Path, report_path: Path) -> FolderLock:
     """Check that ``out_dir`` (and the report's folder) can be written, then lock ``out_dir``: two runs into
     one ``--dst`` would both pass the checks of an earlier run and mix their cases (e.g. two --window values)
     under one datalist.

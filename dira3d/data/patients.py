@@ -1,10 +1,10 @@
 """Patients and the validation / test split of ``dira3d prepare generic``.
 
 Which scans are one patient (``--patient-from``, ``--patient-regex``: :func:`patient_ids`), the seeded
-split over patients that keeps an earlier run's split when the same rule is rerun (:func:`_split_patients`,
-its sizes checked by :func:`_check_split_sizes`, the earlier split read back from the datalist by
-:func:`_earlier_parts`), and the refusal to re-split a datalist with another patient grouping
-(:func:`_check_grouping`). :mod:`dira3d.data.generic` re-exports :func:`patient_ids` and uses the rest.
+split over patients that keeps an earlier run's split when the same rule is rerun (:func:`patient_parts`,
+its sizes checked by :func:`check_split_sizes`, the earlier split read back from the datalist by
+:func:`earlier_parts`), and the refusal to re-split a datalist with another patient grouping
+(:func:`check_grouping`). :mod:`dira3d.data.generic` re-exports :func:`patient_ids` and uses the rest.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import numpy as np
 from dira3d.data.errors import DataError, record_or_raise
 from dira3d.data.splits import extend_split
 
-__all__ = ["PATIENT_FROM", "patient_ids"]
+__all__ = ["PATIENT_FROM", "patient_ids", "check_patient_setting", "check_split_sizes", "patient_parts",
+           "earlier_parts", "check_grouping"]
 
 PATIENT_FROM = ("case", "parent", "regex")
 
 
-def _check_patient_setting(patient_from: str, patient_regex: str | None) -> re.Pattern | None:
+def check_patient_setting(patient_from: str, patient_regex: str | None) -> re.Pattern | None:
     """The compiled ``--patient-regex`` (``None`` unless ``patient_from == "regex"``).
 
     Raises:
@@ -101,7 +102,7 @@ def patient_ids(src: str | os.PathLike, found: Sequence[tuple[str, Path | None, 
         ValueError: a bad ``patient_from`` / ``patient_regex`` (see ``--patient-regex``).
         DataError: without ``problems``, a scan without a patient.
     """
-    pattern = _check_patient_setting(patient_from, patient_regex)
+    pattern = check_patient_setting(patient_from, patient_regex)
     src = Path(src)
     out: dict[str, str] = {}
     for cid, image_path, mask_path in found:
@@ -128,7 +129,7 @@ def _earlier_datalist(datalist: Path, src: str | os.PathLike) -> tuple[dict, dic
         return None
 
 
-def _earlier_parts(datalist: Path, src: str | os.PathLike, rule: dict) -> dict[str, list[str]] | None:
+def earlier_parts(datalist: Path, src: str | os.PathLike, rule: dict) -> dict[str, list[str]] | None:
     """Part → patient ids of the datalist an earlier run of this ``src`` wrote with the same split ``rule``
     (fractions, seed, grouping; as its meta records them); None when there is none or it differs."""
     earlier = _earlier_datalist(datalist, src)
@@ -147,14 +148,14 @@ def _earlier_parts(datalist: Path, src: str | os.PathLike, rule: dict) -> dict[s
         return None
 
 
-def _split_patients(patients: Sequence[str], val_fraction: float, test_fraction: float, seed: int,
-                    unit: str = "patient", earlier: dict[str, list[str]] | None = None) -> dict[str, str]:
+def patient_parts(patients: Sequence[str], val_fraction: float, test_fraction: float, seed: int,
+                  unit: str = "patient", earlier: dict[str, list[str]] | None = None) -> dict[str, str]:
     """``{patient: "training" | "validation" | "test"}``: a seeded permutation of ``patients`` (in
     the order given: sorted), whose first ``val_fraction`` go to validation and the next
-    ``test_fraction`` to test (each rounded; see :func:`_check_split_sizes`). With ``earlier`` (the
+    ``test_fraction`` to test (each rounded; see :func:`check_split_sizes`). With ``earlier`` (the
     split of an earlier run of the same rule) its patients keep their parts and only new ones are
     dealt out (:func:`dira3d.data.splits.extend_split`)."""
-    n_val, n_test = _check_split_sizes(len(patients), val_fraction, test_fraction, unit)
+    n_val, n_test = check_split_sizes(len(patients), val_fraction, test_fraction, unit)
     kept = extend_split(patients, {"training": len(patients) - n_val - n_test, "validation": n_val, "test": n_test},
                         seed, earlier)
     if kept is not None:
@@ -166,7 +167,7 @@ def _split_patients(patients: Sequence[str], val_fraction: float, test_fraction:
     return part
 
 
-def _check_split_sizes(count: int, val_fraction: float, test_fraction: float, unit: str = "case") -> tuple[int, int]:
+def check_split_sizes(count: int, val_fraction: float, test_fraction: float, unit: str = "case") -> tuple[int, int]:
     """``(validation, test)`` counts of ``unit`` (each fraction of ``count``, rounded), leaving training at least one.
 
     Raises:
@@ -179,7 +180,7 @@ def _check_split_sizes(count: int, val_fraction: float, test_fraction: float, un
     return n_val, n_test
 
 
-def _check_grouping(datalist: Path, src: str | os.PathLike, grouping: dict[str, str | None], overwrite: bool) -> None:
+def check_grouping(datalist: Path, src: str | os.PathLike, grouping: dict[str, str | None], overwrite: bool) -> None:
     """Refuse to re-split ``datalist`` (of this ``src``) with another patient grouping: its validation /
     test lists would change under results already made with them. A datalist written before the
     option existed was split by case. An unreadable datalist or one of another ``src`` is left to

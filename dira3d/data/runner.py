@@ -47,9 +47,9 @@ from typing import Any
 from tqdm import tqdm
 
 from dira3d.data.cases import STATUSES, Case, CaseResult, batch_stopped, case_outputs, safe_case_path
-from dira3d.data.end_messages import NEXT_STEPS, _datalists_written, finish, next_steps
+from dira3d.data.end_messages import NEXT_STEPS, datalists_recorded, finish, next_steps, record_datalist
 from dira3d.data.errors import DataWarning, join_errors  # join_errors: re-exported
-from dira3d.data.guards import _check_rerun, _held_until_done, _lock, _locks_held_until_done, _not_done
+from dira3d.data.guards import check_rerun, lock_output_folder, locks_held_until_done, release_when_done, why_not_done
 from dira3d.utils.atomic import atomic_write_text, stale_temporaries
 from dira3d.utils.files import read_json
 
@@ -110,9 +110,8 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
     if empty:  # e.g. LUNA16's default test subsets 7-9 not downloaded: the fine-tuning test would fail much later
         print(f"WARNING {path.name}: its {', '.join(repr(s) for s in empty)} list{'s are' if len(empty) > 1 else ' is'} "
               f"empty: no prepared case went there; {split_advice or _SPLIT_ADVICE}", file=sys.stderr)
-    written = _datalists_written.get()
-    if written is not None:  # dira3d prepare: named at the end, with the next step
-        written.append((path, any("label" in e for e in splits.get("training", []))))
+    # dira3d prepare: named at the end, with the next step
+    record_datalist(path, any("label" in e for e in splits.get("training", [])))
     return write_json(path, out)
 
 
@@ -184,18 +183,15 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     if duplicates:
         raise ValueError(f"duplicate case ids {duplicates[:5]}: two inputs would write the same outputs; rename one")
     report_path = Path(report_path or Path(out_dir) / "report.json")
-    lock = None if dry_run else _lock(Path(out_dir), report_path)
+    lock = None if dry_run else lock_output_folder(Path(out_dir), report_path)
     try:
         return _run_cases(cases, process_fn, out_dir=Path(out_dir), workers=workers, overwrite=overwrite,
                           dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc=desc,
                           progress=progress, source=source, datalists=datalists, settings=settings,
                           check_outputs=check_outputs)
     finally:
-        held = _held_until_done.get()
-        if lock is not None and held is not None:
-            held.append(lock)  # dira3d prepare: released once the datalists are written
-        elif lock is not None:
-            lock.release()
+        if lock is not None:
+            release_when_done(lock)  # dira3d prepare: released once the datalists are written
 
 
 def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, out_dir: Path, workers: int,
@@ -203,7 +199,7 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
                source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
                settings: Mapping[str, Any] | None, check_outputs: Callable[[Case], Any] | None) -> list[CaseResult]:
     """The body of :func:`run_cases` (``out_dir`` locked unless ``dry_run``)."""
-    _check_rerun(Path(out_dir), source, datalists, report_path, desc, overwrite, settings)
+    check_rerun(Path(out_dir), source, datalists, report_path, desc, overwrite, settings)
     if not dry_run:  # locked: no other run writes here, so these are a killed run's half-written files
         left = stale_temporaries(out_dir)
         for path in left:
@@ -222,7 +218,7 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
             todo.append(case)
             continue
         if case.outputs and not overwrite and all(Path(p).is_file() for p in case.outputs):
-            why = _not_done(case, check_outputs)
+            why = why_not_done(case, check_outputs)
             if not why:
                 results[case.case_id] = CaseResult(case.case_id, "skipped", [str(p) for p in case.outputs],
                                                    "outputs exist (use --overwrite to redo)")
@@ -364,10 +360,8 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     :func:`finish`'s exit code. The lock :func:`run_cases` takes on ``--dst`` is held until ``prepare``
     returns (its datalists written).
     """
-    datalists: list[tuple[Path, bool]] = []
-    token = _datalists_written.set(datalists)
-    try:
-        with _locks_held_until_done():  # run_cases' lock of --dst: kept until the datalists are written
+    try:  # run_cases' lock of --dst: kept until the datalists are written
+        with datalists_recorded() as datalists, locks_held_until_done():
             results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
                               dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report)
     except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
@@ -377,8 +371,6 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
         print(f"\n{prog}: interrupted; the cases finished so far are kept in {args.dst}: rerun the same command to "
               "prepare the rest (finished cases are skipped, an unfinished one is redone)", file=sys.stderr)
         return 130
-    finally:
-        _datalists_written.reset(token)
     code = finish(results, args.keep_going, dry_run=args.dry_run, report=args.report or Path(args.dst) / "report.json")
     for path, labelled in datalists:  # where the datalists are, and what to run next
         print("\n".join(next_steps(path.resolve(), labelled)))

@@ -5,9 +5,9 @@ any folder per case (a hospital export, BIDS ``anat/``): each sequence is the on
 series folder, in the case folder whose name matches its pattern (:func:`parse_sequences`,
 :func:`find_sequence_cases`). Both write the volume :func:`stack_sequences` makes, so the
 ``brats_tumor_seg`` bundle reads either. The sequence names are those the bundle knows
-(:data:`SEQUENCE_NAMES`; its ``modalities`` and ``image_channels`` settings). ``generic``'s checks of its
-``--sequences`` settings (:func:`_check_sequence_settings`) and of a written volume's channels
-(:func:`_check_volume_channels`) are here too.
+(:data:`SEQUENCE_NAMES`; its ``modalities`` and ``image_channels`` settings). ``generic``'s check of its
+``--sequences`` settings (:func:`check_sequence_settings`) and of a written volume's channels
+(:func:`check_channels`) are here too.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from dira3d.data.cases import Case
 from dira3d.data.errors import DataError, record_or_raise
 from dira3d.data.io import check_mask_matches, image_suffix, looks_like_dicom, read_image
 
-__all__ = ["SEQUENCE_NAMES", "parse_sequences", "find_sequence_cases", "stack_sequences", "check_channels"]
+__all__ = ["SEQUENCE_NAMES", "parse_sequences", "find_sequence_cases", "stack_sequences", "check_channels",
+           "check_sequence_settings"]
 
 # the sequences brats_tumor_seg knows (dira3d.evaluation.transforms.BRATS_MODALITIES, kept free of torch here)
 SEQUENCE_NAMES = ("t1", "t1ce", "t2", "flair")
@@ -193,8 +193,8 @@ def check_channels(path: str | os.PathLike, channels: int) -> None:
         raise DataError(path, f"holds {held} channel(s), not the {channels} sequence(s) of --sequences")
 
 
-def _check_sequence_settings(sequences: str | Sequence[str] | None, label_pattern: str | None, modality: str | None,
-                             image_suffix: str, label_suffix: str | None) -> dict[str, str]:
+def check_sequence_settings(sequences: str | Sequence[str] | None, label_pattern: str | None, modality: str | None,
+                            image_suffix: str, label_suffix: str | None) -> dict[str, str]:
     """The ``{name: pattern}`` of ``--sequences`` (empty without it).
 
     Raises:
@@ -216,7 +216,3 @@ def _check_sequence_settings(sequences: str | Sequence[str] | None, label_patter
         raise ValueError("--label-pattern is empty; give the mask's file name pattern, e.g. '*mask*'")
     return patterns
 
-
-def _check_volume_channels(case: Case, channels: int) -> None:
-    """``check_outputs`` of ``--sequences``: a volume of another run (other sequences, a single scan) is redone."""
-    check_channels(case.outputs[0], channels)

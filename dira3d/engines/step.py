@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from ignite.engine import Engine
 
+from dira3d.engines.cpu_bf16 import onednn_off
 from dira3d.engines.distributed import get_rank, get_world_size
 from dira3d.engines.faults import step_is_finite
 from dira3d.engines.optim import autocast_context, frozen, learning_rate, optimizer_step
@@ -159,6 +160,12 @@ class TrainingStepMixin:
         return loss, real_logits.mean().detach(), fake_logits.mean().detach()
 
     def _iteration(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if self.onednn_off:  # bf16 on a CPU whose oneDNN gets 3D weight gradients wrong (dira3d.engines.cpu_bf16)
+            with onednn_off():
+                return self._train_step(engine, batchdata)
+        return self._train_step(engine, batchdata)
+
+    def _train_step(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         stage = self.schedule.stage_at(engine.state.epoch, engine.state.iteration)
         if stage.name != engine.state.stage:
             self.logger.info(f"stage '{stage.name}' from iteration {engine.state.iteration}: losses {list(stage.losses)}")

@@ -47,8 +47,8 @@ class SignalStop:
     """Record SIGTERM / SIGINT while an engine runs and end the run at an iteration boundary.
 
     ``requested`` (the first signal's number, or None) is all the handler sets. :meth:`poll` runs on
-    every ``ITERATION_COMPLETED`` and stops a one-process run; under DDP :meth:`requested_here` feeds
-    the periodic joint decision, whose result goes to :meth:`stop`.
+    every ``ITERATION_COMPLETED`` and stops a one-process run; under DDP ``requested`` feeds the periodic
+    joint decision (:meth:`~dira3d.engines.faults.NonFiniteGuard.periodic_check`), whose result goes to :meth:`stop`.
     """
 
     def __init__(self) -> None:
@@ -87,10 +87,6 @@ class SignalStop:
             for signum, previous in self._previous.items():
                 signal.signal(signum, previous)
             self._previous = {}
-
-    def requested_here(self) -> bool:
-        """Whether this process got a signal (a plain attribute test; for the periodic joint decision)."""
-        return self.requested is not None
 
     def poll(self, engine: Engine) -> None:
         """``ITERATION_COMPLETED``: a one-process run stops after this step when a signal came."""

@@ -66,6 +66,7 @@ from torch import nn
 
 from dira3d.engines.batches import STREAM_DATA, STREAM_STEP, BatchFeedMixin
 from dira3d.engines.components import build_dis_loss, check_dis_mode, resolve_views
+from dira3d.engines.cpu_bf16 import onednn_bf16_conv3d_grad_is_wrong
 from dira3d.engines.faults import NonFiniteGuard
 from dira3d.engines.moco import STREAM_SHUFFLE, MoCoKeyEncoder
 from dira3d.engines.optim import autocast_context, make_grad_scaler, unique_parameters
@@ -257,6 +258,13 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         self.prefetch = bool(prefetch)
         self._side_stream = side_stream(self.state.device) if self.prefetch else None
         autocast_context(amp, device)  # validates the value early
+        self.onednn_off = (torch.device(device).type == "cpu" and amp == "bf16"
+                           and getattr(network, "spatial_dims", 3) == 3 and onednn_bf16_conv3d_grad_is_wrong())
+        if self.onednn_off:
+            self.logger.warning(
+                "amp='bf16' on the CPU: this PyTorch's oneDNN computes wrong bf16 weight gradients of 3D convolutions "
+                "on this CPU (checked at start-up; dira3d.engines.cpu_bf16), so the training steps run with oneDNN "
+                "off: right, and slower. bf16 is meant for GPUs; amp='none' is the CPU setting.")
         self.scaler_g, self.scaler_d = make_grad_scaler(amp, device), make_grad_scaler(amp, device)
         check_yields_batches(train_data_loader)
 

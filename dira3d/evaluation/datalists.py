@@ -10,7 +10,8 @@ Splits, by name:
 - ``"train"``   — the selected training labels minus the held-out patients;
 - ``"holdout"`` — the held-out patients (early stopping / model selection), completed so that it can be
   scored: both classes, or a non-empty mask where the datalist says which masks are empty
-  (:func:`holdout_by_patient`);
+  (:func:`holdout_by_patient`); a classification holdout or test split whose AUC is undefined all the same
+  (one class) is refused (:func:`dira3d.evaluation.split_checks.check_auc_defined`);
 - ``"validation"`` — the datalist's own ``"validation"`` key, untouched (empty if absent);
 - ``"test"``    — the datalist's ``"test"`` key, or the training entries of ``fold``.
 """
@@ -33,23 +34,23 @@ __all__ = ["SPLITS", "FOREGROUND_KEYS", "load_split", "select_fraction", "holdou
 SPLITS = ("train", "holdout", "validation", "test")
 
 
-def _is_classification(entries: list[dict]) -> bool:
+def is_classification(entries: list[dict]) -> bool:
     """Integer labels mean classification; a path (mask) means segmentation."""
     return bool(entries) and all(isinstance(e.get("label"), (int, bool, np.integer)) for e in entries)
 
 
-def _is_multilabel(entries: list[dict]) -> bool:
+def is_multilabel(entries: list[dict]) -> bool:
     """List labels (one float per class) mean multi-label classification (2D chest X-rays)."""
     return bool(entries) and all(isinstance(e.get("label"), (list, tuple)) for e in entries)
 
 
-def _patient(entry: dict) -> str:
+def patient_of(entry: dict) -> str:
     """The patient of an entry: its ``patient_id`` when it has one (``dira3d prepare generic`` records it,
     since there a case is a scan), else its ``case_id`` (the patient in the other datasets)."""
     return str(entry.get("patient_id", entry["case_id"]))
 
 
-def _classes_of(entry: dict) -> set[int]:
+def entry_classes(entry: dict) -> set[int]:
     """Classes an entry counts for: its integer label, or its positive (≥ 0.5) classes when multi-label."""
     label = entry["label"]
     if isinstance(label, (list, tuple)):
@@ -63,10 +64,10 @@ def _classes_of(entry: dict) -> set[int]:
 FOREGROUND_KEYS = ("pneumothorax", "voxels")
 
 
-def _foreground_key(entries: list[dict]) -> str | None:
+def foreground_key(entries: list[dict]) -> str | None:
     """The first of :data:`FOREGROUND_KEYS` that every segmentation entry carries as a number, else None
     (classification entries, or a datalist that does not say which masks are empty)."""
-    if not entries or _is_classification(entries) or _is_multilabel(entries):
+    if not entries or is_classification(entries) or is_multilabel(entries):
         return None
     for key in FOREGROUND_KEYS:
         if all(isinstance(e.get(key), (int, float, np.integer, np.floating)) for e in entries):
@@ -74,7 +75,7 @@ def _foreground_key(entries: list[dict]) -> str | None:
     return None
 
 
-def _has_foreground(key: str) -> Callable[[dict], set[bool]]:
+def has_foreground(key: str) -> Callable[[dict], set[bool]]:
     """``classes_of`` for :func:`_complete_classes`: ``{True}`` for an entry whose mask has foreground, else
     nothing, so that the holdout is completed with a positive only (never with an empty mask)."""
     return lambda entry: {True} if float(entry[key]) > 0 else set()
@@ -117,7 +118,7 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
         return list(entries)
     rng = _rng(seed, 1)
     keep: set[int] = set()
-    if _is_classification(entries):
+    if is_classification(entries):
         by_class: dict[int, list[int]] = defaultdict(list)
         for index, entry in enumerate(entries):
             by_class[int(entry["label"])].append(index)
@@ -126,12 +127,12 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
             order = rng.permutation(members)  # drawn in full whatever the fraction: the prefixes nest
             keep.update(order[: max(1, round(fraction * len(members)))].tolist())
     else:
-        patients = sorted({_patient(e) for e in entries})
+        patients = sorted({patient_of(e) for e in entries})
         order = [patients[i] for i in rng.permutation(len(patients))]
         chosen = set(order[: max(1, round(fraction * len(patients)))])
-        if _is_multilabel(entries):
+        if is_multilabel(entries):
             chosen |= _first_carriers_of_missing_classes(entries, chosen, order)
-        keep = {i for i, e in enumerate(entries) if _patient(e) in chosen}
+        keep = {i for i, e in enumerate(entries) if patient_of(e) in chosen}
     return [entries[i] for i in sorted(keep)]
 
 
@@ -144,7 +145,7 @@ def _first_carriers_of_missing_classes(entries: list[dict], chosen: set[str], or
     """
     classes_of: dict[str, set[int]] = defaultdict(set)
     for entry in entries:
-        classes_of[_patient(entry)] |= _classes_of(entry)
+        classes_of[patient_of(entry)] |= entry_classes(entry)
     have = set().union(*(classes_of[p] for p in chosen))
     missing = set().union(*classes_of.values()) - have
     first: dict[int, str] = {}
@@ -184,7 +185,7 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
         raise ValueError(f"holdout={holdout} is outside [0, 1); the protocol uses 0.1")
     by_patient: dict[str, list[int]] = defaultdict(list)
     for index, entry in enumerate(entries):
-        by_patient[_patient(entry)].append(index)
+        by_patient[patient_of(entry)].append(index)
     patients = sorted(by_patient)
     if holdout == 0.0 or len(patients) < 2:
         return list(entries), []
@@ -195,16 +196,16 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
         if sum(len(by_patient[p]) for p in held) >= target:
             break
         held.append(patient)
-    if _is_classification(entries) or _is_multilabel(entries):
+    if is_classification(entries) or is_multilabel(entries):
         held = _complete_classes(entries, by_patient, order, held)
-    if _is_multilabel(entries):  # then both values of each class, when training can spare them
+    if is_multilabel(entries):  # then both values of each class, when training can spare them
         held = _complete_classes(entries, by_patient, order, held, _outcomes_of)
-    key = _foreground_key(entries)
+    key = foreground_key(entries)
     if key is not None:  # segmentation: a non-empty mask, when training can spare one
-        held = _complete_classes(entries, by_patient, order, held, _has_foreground(key))
+        held = _complete_classes(entries, by_patient, order, held, has_foreground(key))
     held_set = set(held)
-    train = [e for e in entries if _patient(e) not in held_set]
-    kept = [e for e in entries if _patient(e) in held_set]
+    train = [e for e in entries if patient_of(e) not in held_set]
+    kept = [e for e in entries if patient_of(e) in held_set]
     return train, kept
 
 
@@ -214,7 +215,7 @@ def _outcomes_of(entry: dict) -> set[tuple[int, bool]]:
 
 
 def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], order: list[str], held: list[str],
-                      classes_of: Callable[[dict], set] = _classes_of) -> list[str]:
+                      classes_of: Callable[[dict], set] = entry_classes) -> list[str]:
     """Add patients to the holdout until it has every class (what ``classes_of`` gives an entry), as long as
     training keeps them too."""
 
@@ -271,7 +272,9 @@ def load_split(
 
     Raises:
         FileNotFoundError: the datalist does not exist.
-        ValueError: unknown split, a bad fraction, a fold that no entry has, an empty split, or (with
+        ValueError: unknown split, a bad fraction, a fold that no entry has, an empty split, a classification
+            holdout or test split whose AUC is undefined (one class only; multi-label: no class with both values;
+            :func:`dira3d.evaluation.split_checks.check_auc_defined`), or (with
             ``num_labels``) a label that is not a list of ``num_labels`` numbers (names the file, the entry and
             what to do: a segmentation datalist, or CheXpert prepared with ``--labels all`` for the 5-class bundle).
         dira3d.data.datalist.DatalistFilesMissingError: image or label files of the returned entries that
@@ -306,8 +309,8 @@ def load_split(
     if not result and not (split == "holdout" and holdout == 0.0):
         hint = "check the datalist or use more data"
         if split == "holdout":
-            kept = len({_patient(e) for e in chosen})
-            total = len({_patient(e) for e in training})
+            kept = len({patient_of(e) for e in chosen})
+            total = len({patient_of(e) for e in training})
             if kept < 2:
                 # e.g. LiTS at 1 %: 100 training volumes -> one patient, nothing left to hold out
                 hint = (f"label_fraction={label_fraction} keeps {kept} of the {total} training patient(s), and the "
@@ -324,6 +327,12 @@ def load_split(
         )
     # the entries this run uses (not the whole list: a 1 % run does not need the other 99 %)
     check_entry_files(path, "test" if split == "test" and (fold is None or int(fold) < 0) else "training", result)
+    if split in ("test", "holdout"):  # an AUC of one class is NaN: refused before any training
+        from dira3d.evaluation.split_checks import check_auc_defined
+
+        check_auc_defined(path, split, result, chosen=None if split == "test" else chosen,
+                          fold=int(fold) if fold is not None and int(fold) >= 0 else None,
+                          settings=f"label_fraction={label_fraction}, seed={seed}, holdout={holdout}, fold={fold}")
     _check_label_vectors(path, content, split, result, num_labels)
     return _common_keys(result)
 
@@ -362,14 +371,14 @@ _WARNED: set[tuple] = set()  # (datalist, settings) already warned about in this
 def _warn_holdout_without_foreground(path: Path, chosen: list[dict], held: list[dict], settings: dict) -> None:
     """Warn, once per datalist and settings, when the early-stopping holdout holds only empty masks although
     the datalist says which masks are empty (:func:`holdout_by_patient` could not complete it)."""
-    key = _foreground_key(chosen)
-    if key is None or not held or any(_has_foreground(key)(e) for e in held):
+    key = foreground_key(chosen)
+    if key is None or not held or any(has_foreground(key)(e) for e in held):
         return
     seen = (str(path), *sorted(settings.items()))
     if seen in _WARNED:
         return
     _WARNED.add(seen)
-    positive = {_patient(e) for e in chosen if _has_foreground(key)(e)}
+    positive = {patient_of(e) for e in chosen if has_foreground(key)(e)}
     why = (f"none of the {len(chosen)} training entries this label_fraction keeps has one" if not positive else
            f"the only patient of the {len(chosen)} training entries with one stays in training")
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())

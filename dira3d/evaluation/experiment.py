@@ -92,7 +92,7 @@ from dira3d.evaluation.results import write_report
 # before: the config check (experiment_config), the methods' pretraining (experiment_pretrain), the grid
 # of runs (experiment_grid); results.csv and the report are dira3d.evaluation.results.
 from dira3d.evaluation.experiment_config import KNOWN, REQUIRED, load_config
-from dira3d.evaluation.experiment_grid import ExperimentBusy, ExperimentRunsFailed, Runner, _cause_of, run_experiment
+from dira3d.evaluation.experiment_grid import ExperimentBusy, ExperimentRunsFailed, Runner, cause_of, run_experiment
 from dira3d.evaluation.experiment_pretrain import SETTINGS_NAME, pretrain_method
 
 __all__ = ["load_config", "run_experiment", "write_report", "main", "ExperimentRunsFailed", "ExperimentBusy", "Runner",
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
               "rerun the same command to go on from there", file=sys.stderr)
         return interrupt_exit_code(err)
     except Exception as err:
-        cause = _cause_of(err)
+        cause = cause_of(err)
         if cause is err and not isinstance(err, (ValueError, FileNotFoundError, FolderNotWritableError)):
             raise
         print(f"dira3d experiment: error: {cause}", file=sys.stderr)

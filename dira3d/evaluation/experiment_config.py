@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from dira3d.utils.files import read_yaml
 from dira3d.utils.overrides import check_overrides, did_you_mean
-from dira3d.evaluation.experiment_pretrain import _pretrain_configs
+from dira3d.evaluation.experiment_pretrain import pretrain_configs
 from dira3d.evaluation.stats import TESTS
 
 __all__ = ["REQUIRED", "KNOWN", "load_config"]
@@ -96,7 +96,7 @@ def load_config(path: str | Path) -> dict:
                                          for c in config["pretrain"].get("configs", ["train.json"])]
         from dira3d.engines.command import BUNDLE_DIR
 
-        configs = [Path(c) for c in _pretrain_configs(config["pretrain"])]
+        configs = [Path(c) for c in pretrain_configs(config["pretrain"])]
         missing_configs = [str(c) for c in configs if not c.is_file()]
         if missing_configs:
             raise FileNotFoundError(f"pretrain configs {missing_configs} in {path} do not exist; name files of "

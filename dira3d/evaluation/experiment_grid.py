@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from dira3d.utils.atomic import atomic_write_text, check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
-from dira3d.evaluation.experiment_pretrain import _check_pretrain_settings, _pretrain_settings, pretrain_method
+from dira3d.evaluation.experiment_pretrain import check_pretrain_settings, pretrain_settings, pretrain_method
 from dira3d.evaluation.results import (
     FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows,
     row_key, seed_values, write_report, write_rows,
@@ -92,7 +92,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     check_checkpoints(config, out, rows)
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
         if isinstance(spec, Mapping):
-            _check_pretrain_settings(method, *_pretrain_settings(method, spec, config))
+            check_pretrain_settings(method, *pretrain_settings(method, spec, config))
     folded = "folds" in config
     done = {row_key(r, folded) for r in rows}
     grid = grid_cells(config)
@@ -121,7 +121,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
             metrics = runner(str(config["bundle"]), overrides)
             _check_value(metrics, config["metric"])
         except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
-            cause = _cause_of(err)
+            cause = cause_of(err)
             failures.append({"method": method, "label_fraction": fraction, "seed": seed,
                              **({} if fold is None else {"fold": fold}), "run_dir": str(run_dir),
                              "error": f"{type(cause).__name__}: {cause}"})
@@ -164,7 +164,7 @@ def _check_value(metrics: Mapping[str, Any], metric: str) -> None:
                          "one class only; check the test split")
 
 
-def _cause_of(err: BaseException) -> BaseException:
+def cause_of(err: BaseException) -> BaseException:
     """The bad setting or path behind MONAI's wrappers, else ``err`` itself."""
     from dira3d.engines.inputs import setting_error_in
 

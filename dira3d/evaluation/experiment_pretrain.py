@@ -26,9 +26,9 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     from dira3d.engines.command import BUNDLE_DIR
     from dira3d.utils.overrides import run_bundle
 
-    out, settings = _pretrain_settings(name, spec, config)
+    out, settings = pretrain_settings(name, spec, config)
     best = out / "models" / "best.pt"
-    _check_pretrain_settings(name, out, settings)
+    check_pretrain_settings(name, out, settings)
     if (out / "done.json").is_file() and best.is_file():
         return str(best)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,23 +42,23 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     return str(best)
 
 
-def _pretrain_configs(section: Mapping[str, Any]) -> list[str]:
+def pretrain_configs(section: Mapping[str, Any]) -> list[str]:
     """The pretraining config files of the ``pretrain`` section: paths, or names in the bundle's configs/."""
     from dira3d.engines.command import BUNDLE_DIR
 
     return [c if Path(c).is_absolute() else str(BUNDLE_DIR / "configs" / c) for c in section.get("configs", ["train.json"])]
 
 
-def _pretrain_settings(name: str, spec: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[Path, dict]:
+def pretrain_settings(name: str, spec: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[Path, dict]:
     """``(folder, settings)`` of a method's pretraining: its config files, data and overrides (JSON values)."""
     section = config["pretrain"]
-    configs = _pretrain_configs(section)
+    configs = pretrain_configs(section)
     overrides = {**section.get("overrides", {}), **(spec.get("pretrain") or {})}
     settings = {"configs": configs, "dataset_dir": section["dataset_dir"], "overrides": overrides}
     return Path(config["output_dir"]) / "pretrain" / name, json.loads(json.dumps(settings, default=str))
 
 
-def _check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
+def check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
     """Refuse to reuse (or resume) a pretraining of ``name`` made with other settings: its
     ``best.pt`` and the fine-tuning rows built on it would be reported under the new settings."""
     if not (out / "done.json").is_file() and not any((out / "models").glob("*.pt")):

@@ -139,7 +139,11 @@ def run_finetune(
         overrides_from: what an unknown override id is said to come from (the command line: ``--set``).
 
     Returns:
-        ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "settings"}``.
+        ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "splits", "settings"}``;
+        ``splits`` holds ``{"cases", "patients", "positive"}`` of the early-stopping holdout and of the test split
+        (:func:`dira3d.evaluation.split_checks.describe_split`). A segmentation test split with no or few cases
+        with foreground, or a multi-label one with classes of one value, is warned about once
+        (:func:`dira3d.evaluation.split_checks.warn_test_split`).
 
     Raises:
         FileNotFoundError: unknown bundle, missing datalist or checkpoint.
@@ -245,6 +249,8 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     with quiet_interrupt_logs():
         eval_flow.run()
     metrics = {name: _number(value) for name, value in evaluator.state.metrics.items()}
+    splits = {name: summary for name, summary in (("holdout", _split_summary(parser, validator)),
+                                                  ("test", _split_summary(eval_flow.parser, evaluator))) if summary}
     eval_flow.finalize()
 
     result = {
@@ -252,12 +258,34 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
         "metrics": metrics,
         "holdout": holdout,
         "epochs": epochs,
+        "splits": splits,
         "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))}
         | {k: v for k, v in effective.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
     }
     _write_json(result, out / "metrics.json")
+    if "test" in splits and effective.get("datalist"):  # a test split of no (or few) masks with foreground, ...
+        from dira3d.evaluation.split_checks import split_kind, warn_test_split
+
+        fold = effective.get("fold")
+        warn_test_split(Path(effective["datalist"]), split_kind(eval_flow.parser.get_parsed_content("validate#datalist")),
+                        splits["test"], fold=int(fold) if fold is not None and int(fold) >= 0 else None,
+                        class_names=parser.get_parsed_content("class_names") if "class_names" in parser else None)
     logger.info("fine-tuning %s finished: %s", root.name, metrics)
     return result
+
+
+def _split_summary(parser, engine) -> dict | None:
+    """``{"cases", "patients", "positive"}`` of the split ``engine`` scored (``validate#datalist`` of its config;
+    :func:`dira3d.evaluation.split_checks.describe_split`), with the cases with foreground that its
+    :class:`~dira3d.evaluation.ForegroundDice` counted; None without such a datalist."""
+    from dira3d.evaluation.split_checks import describe_split
+
+    entries = parser.get_parsed_content("validate#datalist") if "validate#datalist" in parser else None
+    if not isinstance(entries, list) or not entries:
+        return None
+    counted = getattr(engine.state, "foreground_cases", None) or {}
+    scored = counted.get(getattr(engine.state, "key_metric_name", None)) or next(iter(counted.values()), None)
+    return describe_split(entries, scored)
 
 
 # ids of inference.json that say where its input and outputs are, not what network was trained: never passed on

@@ -19,7 +19,9 @@ scikit-learn's ``roc_auc_score``). Multi-label 2D classification (ChestX-ray14, 
 out of the mean (it is named in ``MeanAUCMetric.per_class`` as NaN).
 
 The ignite handlers (:class:`ForegroundDice`, :class:`ForegroundIoU`) wrap the same MONAI
-metrics for the bundles' evaluators; they expect decollated ``(1, *spatial)`` binary masks.
+metrics for the bundles' evaluators; they expect decollated ``(1, *spatial)`` binary masks, and count
+the cases whose ground truth has foreground (``engine.state.foreground_cases``): a mean over empty masks
+rewards predicting nothing (:mod:`dira3d.evaluation.split_checks`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from monai.handlers import IgniteMetricHandler
-from monai.metrics import DiceMetric, MeanIoU, ROCAUCMetric
+from monai.metrics import Cumulative, DiceMetric, MeanIoU, ROCAUCMetric
 
 __all__ = ["roc_auc", "mean_auc", "per_class_auc", "foreground_dice", "foreground_iou", "ForegroundDice", "ForegroundIoU",
            "MeanAUCMetric", "MeanAUC"]
@@ -102,11 +104,11 @@ def mean_auc(probabilities: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     """
     values = np.asarray(per_class_auc(probabilities, labels))
     if np.all(np.isnan(values)):
-        raise ValueError(_undefined_auc(split, len(torch.as_tensor(labels))))
+        raise ValueError(undefined_auc(split, len(torch.as_tensor(labels))))
     return float(np.nanmean(values))
 
 
-def _undefined_auc(split: str | None, samples: int) -> str:
+def undefined_auc(split: str | None, samples: int) -> str:
     """The error for a mean AUC with no class that has both positive and negative samples in ``split``."""
     what = "no class has both positive and negative samples"
     if split == "holdout":
@@ -167,8 +169,43 @@ def foreground_iou(pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.nda
     return float(MeanIoU(include_background=True, reduction="mean", ignore_empty=False)(p, g).mean())
 
 
-class ForegroundDice(IgniteMetricHandler):
+class _CountsForeground(IgniteMetricHandler):
+    """An ignite metric handler that also counts the cases it scores whose ground truth has foreground (any voxel
+    above 0, as MONAI's metrics tell an empty mask), into ``engine.state.foreground_cases[name]`` as
+    ``{"cases": N, "positive": K}`` when the metric is computed: a mean Dice over empty masks alone rewards
+    predicting nothing (:mod:`dira3d.evaluation.split_checks`). The masks are already in memory: no cost. The
+    counts are gathered over the ranks of a distributed run, as MONAI gathers the metric's own buffer."""
+
+    def __init__(self, metric_fn, output_transform: Callable, save_details: bool) -> None:
+        self._foreground = Cumulative()  # before ignite's __init__, which calls reset()
+        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+
+    def reset(self) -> None:
+        super().reset()
+        self._foreground.reset()
+
+    def update(self, output) -> None:
+        if len(output) == 2:
+            truth = output[1]
+            cases = truth if isinstance(truth, (list, tuple)) else list(truth)  # decollated or batch-first
+            self._foreground.extend(torch.tensor([float(torch.as_tensor(t).sum() > 0) for t in cases]))
+        super().update(output)
+
+    def compute(self):
+        result = super().compute()
+        flags = self._foreground.get_buffer()
+        if self._engine is not None and self._name is not None and flags is not None:
+            if not isinstance(getattr(self._engine.state, "foreground_cases", None), dict):
+                self._engine.state.foreground_cases = {}
+            self._engine.state.foreground_cases[self._name] = {"cases": int(flags.numel()), "positive": int(flags.sum())}
+        return result
+
+
+class ForegroundDice(_CountsForeground):
     """Ignite handler: mean foreground Dice of single-channel binary masks (see module docstring).
+
+    It also counts the scored cases whose ground truth has foreground, into ``engine.state.foreground_cases``
+    (``{name: {"cases", "positive"}}``): ``dira3d finetune`` records them in ``metrics.json``.
 
     Args:
         output_transform: maps the engine output to ``(y_pred, y)`` lists of ``(1, *spatial)`` masks,
@@ -179,11 +216,12 @@ class ForegroundDice(IgniteMetricHandler):
     def __init__(self, output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
         # one foreground channel: "include_background=True" means "score channel 0", which *is* the foreground
         metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=False)
-        super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
+        super().__init__(metric, output_transform, save_details)
 
 
-class ForegroundIoU(IgniteMetricHandler):
-    """Ignite handler: mean foreground IoU of single-channel binary masks (see module docstring).
+class ForegroundIoU(_CountsForeground):
+    """Ignite handler: mean foreground IoU of single-channel binary masks (see module docstring); counts the cases
+    with foreground as :class:`ForegroundDice` does.
 
     Args:
         output_transform: maps the engine output to ``(y_pred, y)`` lists of ``(1, *spatial)`` masks.
@@ -192,7 +230,7 @@ class ForegroundIoU(IgniteMetricHandler):
 
     def __init__(self, output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
         metric = MeanIoU(include_background=True, reduction="mean", ignore_empty=False)
-        super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
+        super().__init__(metric, output_transform, save_details)
 
 
 class MeanAUCMetric(ROCAUCMetric):

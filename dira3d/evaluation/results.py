@@ -134,7 +134,7 @@ def check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path
     """Rows of a method fine-tuned from another checkpoint than the config now gives are not reused."""
     for method, spec in config["methods"].items():
         if isinstance(spec, Mapping):
-            continue  # its checkpoint path never changes; _check_pretrain_settings guards its content
+            continue  # its checkpoint path never changes; check_pretrain_settings guards its content
         stale = {r["checkpoint"] for r in rows if r["method"] == method and r["checkpoint"] != (spec or "")}
         if stale:
             raise ValueError(f"{csv_path} holds runs of method {method!r} fine-tuned from {sorted(stale)[0] or 'random init'}, "

@@ -9,7 +9,8 @@
   output conv (``decoder.head``), exactly what ``FlexibleUNet(backbone="resnet50")`` builds.
 
 :class:`ResNetUNet` has the interface of :class:`~dira3d.networks.UNet` (``encode``, ``decode``,
-``forward``, ``bottleneck_channels``, ``spatial_dims``), so the DiRA engine uses either. The task
+``forward``, ``bottleneck_channels``, ``spatial_dims``: their shared base
+:class:`~dira3d.networks.unet.EncoderDecoder`), so the DiRA engine uses either. The task
 networks :class:`ResNetClassifier` and :class:`ResNetSegmenter` share the ``encoder`` / ``decoder``
 key names, so :func:`~dira3d.networks.load_pretrained` copies pretraining weights one to one.
 Spatial sizes must be multiples of 32 (five halvings).
@@ -23,10 +24,9 @@ import torch
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE, SegmentationHead
 from monai.networks.nets.flexible_unet import UNetDecoder as _FlexibleUNetDecoder
 from monai.networks.nets.resnet import ResNetFeatures
-from torch import nn
 
 from dira3d.networks.task import EncoderClassifier
-from dira3d.networks.unet import check_input
+from dira3d.networks.unet import EncoderDecoder
 
 __all__ = ["BACKBONES", "ResNetUNetEncoder", "ResNetUNetDecoder", "ResNetUNet", "ResNetClassifier",
            "ResNetSegmenter", "RESNET_DIVISOR"]
@@ -112,7 +112,7 @@ class ResNetUNetDecoder(_FlexibleUNetDecoder):
         return self.head(super().forward([*skips, bottleneck], skip_connect=len(skips)))
 
 
-class ResNetUNet(nn.Module):
+class ResNetUNet(EncoderDecoder):
     """U-Net with a ResNet encoder: ``forward(x) = activation(decode(*encode(x)))``.
 
     Args:
@@ -136,35 +136,10 @@ class ResNetUNet(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 1, backbone: str = "resnet50",
                  decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), out_activation: str | None = "sigmoid",
                  spatial_dims: int = 2) -> None:
-        super().__init__()
-        if out_activation not in ("sigmoid", None):
-            raise ValueError(f"out_activation={out_activation!r} is not supported; use 'sigmoid' or None (logits)")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.divisor = RESNET_DIVISOR
-        self.encoder = ResNetUNetEncoder(backbone, spatial_dims, in_channels)
-        self.decoder = ResNetUNetDecoder(_feature_channels(backbone), out_channels, decoder_channels, spatial_dims)
-        self.bottleneck_channels = self.encoder.out_channels
-        self.out_activation = nn.Sigmoid() if out_activation == "sigmoid" else nn.Identity()
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encode ``(B, C, H, W)`` into ``(bottleneck (B, 2048, H/32, W/32), four skips finest first)``.
-
-        Raises:
-            ValueError: wrong shape, channel count, or a size that is not a multiple of 32.
-        """
-        if not torch.jit.is_tracing():
-            check_input(x, self.spatial_dims, self.in_channels, self.divisor)
-        return self.encoder(x)
-
-    def decode(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """Decode to ``(B, out_channels, H, W)`` and apply the output activation."""
-        return self.out_activation(self.decoder(bottleneck, skips))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bottleneck, skips = self.encode(x)
-        return self.decode(bottleneck, skips)
+        super().__init__(spatial_dims, in_channels, out_channels, RESNET_DIVISOR, out_activation,
+                         lambda: (ResNetUNetEncoder(backbone, spatial_dims, in_channels),
+                                  ResNetUNetDecoder(_feature_channels(backbone), out_channels, decoder_channels,
+                                                    spatial_dims)))
 
 
 class ResNetClassifier(EncoderClassifier):

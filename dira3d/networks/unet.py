@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from monai.networks.blocks import Convolution
@@ -28,6 +29,7 @@ from torch import nn
 
 __all__ = [
     "UNet",
+    "EncoderDecoder",
     "UNetEncoder",
     "UNetDecoder",
     "NORMS",
@@ -227,7 +229,65 @@ class UNetDecoder(nn.Module):
         return self.head(x)
 
 
-class UNet(nn.Module):
+class EncoderDecoder(nn.Module):
+    """An ``encoder`` f_θ and a ``decoder`` g_θ: ``forward(x) = activation(decode(*encode(x)))``.
+
+    The interface :class:`UNet` and :class:`~dira3d.networks.ResNetUNet` share (``encode``, ``decode``,
+    ``forward``, ``spatial_dims``, ``in_channels``, ``out_channels``, ``divisor``, ``bottleneck_channels``),
+    so the DiRA engine uses either.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels (checked by :meth:`encode`).
+        out_channels: output channels.
+        divisor: every spatial size of the input must be a multiple of it.
+        out_activation: ``"sigmoid"`` or ``None`` for logits.
+        build: makes ``(encoder, decoder)`` once ``out_activation`` is checked; the encoder maps ``x`` to
+            ``(bottleneck, skips)`` and has an ``out_channels`` attribute, the decoder maps them back.
+
+    Raises:
+        ValueError: an unsupported ``out_activation`` (or whatever ``build`` raises).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, divisor: int,
+                 out_activation: str | None, build: Callable[[], tuple[nn.Module, nn.Module]]) -> None:
+        super().__init__()
+        if out_activation not in ("sigmoid", None):
+            raise ValueError(f"out_activation={out_activation!r} is not supported; use 'sigmoid' or None (logits)")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.divisor = divisor
+        self.encoder, self.decoder = build()
+        self.bottleneck_channels = self.encoder.out_channels
+        self.out_activation = nn.Sigmoid() if out_activation == "sigmoid" else nn.Identity()
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode a batch ``(B, C, *spatial)``.
+
+        Returns:
+            ``(bottleneck, skips)``: the bottleneck and the skip feature maps from the finest to the
+            coarsest level (:class:`UNet`: ``(B, 512·width, *spatial/8)`` and three skips;
+            :class:`~dira3d.networks.ResNetUNet`: ``(B, 2048, *spatial/32)`` and four).
+
+        Raises:
+            ValueError: wrong shape, channel count, or a size that is not a multiple of ``divisor``
+                (see :func:`check_input`).
+        """
+        if not torch.jit.is_tracing():
+            check_input(x, self.spatial_dims, self.in_channels, self.divisor)
+        return self.encoder(x)
+
+    def decode(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Decode to ``(B, out_channels, *spatial)`` and apply the output activation."""
+        return self.out_activation(self.decoder(bottleneck, skips))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bottleneck, skips = self.encode(x)
+        return self.decode(bottleneck, skips)
+
+
+class UNet(EncoderDecoder):
     """Models Genesis U-Net: ``forward(x) = activation(decode(*encode(x)))``.
 
     Args:
@@ -259,36 +319,6 @@ class UNet(nn.Module):
         norm: str = "batch",
         out_activation: str | None = "sigmoid",
     ) -> None:
-        super().__init__()
-        if out_activation not in ("sigmoid", None):
-            raise ValueError(f"out_activation={out_activation!r} is not supported; use 'sigmoid' or None (logits)")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.divisor = DIVISOR
-        self.encoder = UNetEncoder(spatial_dims, in_channels, width, norm)
-        self.decoder = UNetDecoder(spatial_dims, out_channels, width, norm)
-        self.bottleneck_channels = self.encoder.out_channels
-        self.out_activation = nn.Sigmoid() if out_activation == "sigmoid" else nn.Identity()
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encode a batch ``(B, C, *spatial)``.
-
-        Returns:
-            ``(bottleneck, skips)``: the bottleneck ``(B, 512·width, *spatial/8)`` and the three
-            skip feature maps from the finest to the coarsest level.
-
-        Raises:
-            ValueError: wrong shape (see :func:`check_input`).
-        """
-        if not torch.jit.is_tracing():
-            check_input(x, self.spatial_dims, self.in_channels, self.divisor)
-        return self.encoder(x)
-
-    def decode(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """Decode to ``(B, out_channels, *spatial)`` and apply the output activation."""
-        return self.out_activation(self.decoder(bottleneck, skips))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bottleneck, skips = self.encode(x)
-        return self.decode(bottleneck, skips)
+        super().__init__(spatial_dims, in_channels, out_channels, DIVISOR, out_activation,
+                         lambda: (UNetEncoder(spatial_dims, in_channels, width, norm),
+                                  UNetDecoder(spatial_dims, out_channels, width, norm)))

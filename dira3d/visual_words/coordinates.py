@@ -15,7 +15,7 @@ A coordinate is the **centre** voxel ``(x, y, z)`` of the patch; the patch spans
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -77,10 +77,6 @@ class CoordinateRules:
             raise ValueError(f"max dense fraction {self.max_dense_fraction} must be in [0, 1]")
         if self.max_tries < 1:
             raise ValueError(f"max tries {self.max_tries} must be >= 1")
-
-    def to_dict(self) -> dict:
-        """JSON-friendly form (lists, floats)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def dense_fraction(cube: np.ndarray, threshold: float) -> float:

@@ -1,0 +1,161 @@
+"""What the early-stopping holdout and the test split hold for their metric.
+
+A metric is only as meaningful as the split it averages over:
+
+- an AUC needs both classes: :func:`check_auc_defined` refuses, before any training, a classification
+  holdout or test split with one class only (a multi-label one: with no class that has both values),
+  naming the datalist, the split and the class; MONAI's ``ROCAUCMetric`` returned NaN with a generic
+  warning, so early stopping never fired, the first epoch's model was kept and ``metrics.json`` said
+  ``null``;
+- a mean Dice with MONAI's convention scores an empty prediction of an empty mask as 1: a segmentation
+  test split with no (or very few) cases with foreground rewards predicting nothing.
+  :func:`warning_for_test_split` says so, and :func:`describe_split` gives the counts ``metrics.json`` records
+  (``splits``), from the masks the metric scored (:class:`dira3d.evaluation.ForegroundDice` counts them at no
+  cost: the evaluator has loaded them anyway) or, failing that, the datalist's
+  :data:`~dira3d.evaluation.datalists.FOREGROUND_KEYS` flags.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from dira3d.evaluation.datalists import (entry_classes, foreground_key, has_foreground, is_classification,
+                                         is_multilabel, patient_of)
+
+__all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "warning_for_test_split", "warn_test_split"]
+
+# a segmentation test split with fewer cases with foreground than this, and fewer than half its cases, is warned about
+FEW_POSITIVE = 5
+
+
+def describe_split(entries: list[dict], scored: dict | None = None) -> dict:
+    """``{"cases", "patients", "positive"}`` of a split, as ``metrics.json`` records it.
+
+    ``positive``: binary classification, the entries of class 1; multi-label, the positive (≥ 0.5) entries of
+    each class (a list); segmentation, the cases whose ground truth has foreground: ``scored``
+    (``{"cases", "positive"}`` as :class:`~dira3d.evaluation.ForegroundDice` counted the masks it scored) when
+    given, else the datalist's ``pneumothorax`` / ``voxels`` flags, else None (not known).
+    """
+    summary = {"cases": len(entries), "patients": len({patient_of(e) for e in entries}), "positive": None}
+    if is_classification(entries):
+        summary["positive"] = sum(int(e["label"]) > 0 for e in entries)
+    elif is_multilabel(entries):
+        width = max(len(e["label"]) for e in entries)
+        summary["positive"] = [sum(k in entry_classes(e) for e in entries) for k in range(width)]
+    elif scored:
+        summary.update(cases=int(scored["cases"]), positive=int(scored["positive"]))
+    elif (key := foreground_key(entries)) is not None:
+        summary["positive"] = sum(bool(has_foreground(key)(e)) for e in entries)
+    return summary
+
+
+def _where(path: Path, split: str, fold: int | None) -> str:
+    if split == "test":
+        return (f"the test split of datalist {path} (fold {fold} of its training entries)" if fold is not None
+                else f"the test split of datalist {path} (its 'test' list)")
+    return f"the {split} split of datalist {path}"
+
+
+def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[dict] | None = None,
+                      fold: int | None = None, settings: str = "") -> None:
+    """Refuse a classification ``split`` (``"holdout"`` or ``"test"``) on which its AUC is undefined.
+
+    Binary labels: all ``entries`` of one class. Multi-label: no class with both values (the bundles' mean AUC
+    leaves a class of one value out; :func:`warning_for_test_split` names those). Segmentation entries pass.
+
+    Args:
+        path: the datalist (named in the error). split: the split's name. entries: its entries.
+        chosen: for the holdout, the training entries the label fraction kept (to say why it could not be
+            completed). fold: the test fold of a cross-validation datalist. settings: the split's settings
+            (``"label_fraction=0.01, seed=0, ..."``), for the error.
+
+    Raises:
+        ValueError: naming the datalist, the split, the class it holds and what to do.
+    """
+    from dira3d.evaluation.metrics import undefined_auc
+
+    if not entries:
+        return
+    if is_multilabel(entries):
+        if any(len({k in entry_classes(e) for e in entries}) == 2 for k in range(len(entries[0]["label"]))):
+            return
+        raise ValueError(f"{undefined_auc(split if split == 'holdout' else 'test', len(entries))} "
+                         f"({_where(path, split, fold)}{'; ' + settings if settings else ''})")
+    if not is_classification(entries):
+        return
+    classes = {int(e["label"]) for e in entries}
+    if len(classes) > 1:
+        return
+    (held,) = classes
+    missing = "1 (positive)" if held == 0 else "0 (negative)"
+    what = f"all its {len(entries)} candidate(s) ({len({patient_of(e) for e in entries})} patient(s)) are of class {held}"
+    if split == "holdout":
+        carriers = {patient_of(e) for e in chosen or [] if int(e["label"]) != held}
+        # holdout_by_patient completes the holdout with a patient of the other class whenever training keeps another
+        why = (f"the {len(chosen or [])} training candidates this label fraction keeps have class {missing} in "
+               f"{len(carriers)} patient(s) only, which training needs" if carriers else
+               f"the training candidates this label fraction keeps are of class {held} only")
+        raise ValueError(f"AUC is undefined on the early-stopping holdout of datalist {path} ({settings}): "
+                         f"{what}, because {why}; its AUC would be NaN every epoch, so early stopping would never stop and "
+                         "the first epoch's model would be kept. Use a larger label fraction (--label-fraction) or more "
+                         "training data (docs/finetuning.md)")
+    fix = ("assign the folds again (e.g. `dira3d prepare pecad --seed`) or test on another fold" if fold is not None
+           else "add candidates of the other class to its 'test' list")
+    raise ValueError(f"AUC is undefined on {_where(path, split, fold)}: {what}, none of class {missing}, so the test "
+                     f"AUC would be NaN after the whole training; {fix}")
+
+
+def split_kind(entries: list[dict]) -> str:
+    """``"classification"`` (an integer label), ``"multilabel"`` (a list of labels) or ``"segmentation"`` (a mask)."""
+    return "classification" if is_classification(entries) else "multilabel" if is_multilabel(entries) else "segmentation"
+
+
+def warning_for_test_split(path: Path, kind: str, summary: dict, fold: int | None = None,
+                       class_names: list[str] | None = None) -> str | None:
+    """What to warn about a test split of ``kind`` (:func:`split_kind`) described by ``summary``
+    (:func:`describe_split`), or None.
+
+    Segmentation: no case with foreground, or fewer than :data:`FEW_POSITIVE` and fewer than half the cases.
+    Multi-label: the classes of one value only, which the mean AUC leaves out. (A binary test split of one
+    class is refused before training: :func:`check_auc_defined`.)
+    """
+    where = _where(path, "test", fold)
+    positive, cases = summary.get("positive"), int(summary.get("cases") or 0)
+    if kind == "multilabel" and isinstance(positive, list):
+        names = [str(n) for n in class_names or []][: len(positive)]
+        names += [f"class {k}" for k in range(len(names), len(positive))]
+        single = [f"{names[k]} ({'all positive' if p == cases else 'all negative'})"
+                  for k, p in enumerate(positive) if p in (0, cases)]
+        if not single or len(single) == len(positive):
+            return None
+        return (f"{where}: {len(single)} of {len(positive)} classes have one value in all its {cases} image(s) and are "
+                f"left out of the mean AUC: {', '.join(single)}; the mean AUC is over the other "
+                f"{len(positive) - len(single)} classes, so it is not comparable with a mean over all of them")
+    if kind != "segmentation" or not isinstance(positive, int) or not cases:
+        return None
+    if positive == 0:
+        return (f"{where} has no case with foreground (0 of {cases} ground-truth masks): its mean Dice and IoU score an "
+                "empty prediction of an empty mask as 1, so they only say how often the model predicts nothing, and "
+                "predicting nothing everywhere scores 1.0; test on a split with cases with foreground: prepare the datalist "
+                "again with another split `--seed` (or a larger `--test-fraction`), or add such cases to its test list")
+    if positive < FEW_POSITIVE and 2 * positive < cases:
+        return (f"{where} has only {positive} of {cases} cases with foreground: its mean Dice and IoU score an empty "
+                f"prediction of each of the {cases - positive} empty masks as 1, so predicting nothing everywhere scores "
+                f"{(cases - positive) / cases:.3g} and the mean rests on {positive} segmentation(s); compare runs on the "
+                "same split only, and prefer a test split with more cases with foreground")
+    return None
+
+
+_WARNED: set[str] = set()  # warnings already given in this process (an experiment grid tests one split many times)
+
+
+def warn_test_split(path: Path, kind: str, summary: dict, fold: int | None = None,
+                    class_names: list[str] | None = None) -> None:
+    """Warn once per process about a test split (:func:`warning_for_test_split`): the same split tested again (the runs
+    of an experiment grid) is not warned about again."""
+    message = warning_for_test_split(path, kind, summary, fold, class_names)
+    if message is None or message in _WARNED:
+        return
+    _WARNED.add(message)
+    warnings.warn(message, UserWarning, stacklevel=2)
