@@ -119,6 +119,28 @@ def test_each_2d_bundle_gives_a_file_the_network_input_of_its_prepared_png(bundl
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_a_prepared_png_reaches_the_network_as_training_reads_it(bundle, tmp_path):
+    """The tests above compare two files read by the same reader (the inference one); this one anchors that reader
+    to train.json's: MONAI's PILReader on the prepared 8-bit PNG (width first). A transposed or otherwise different
+    reading would give the network other inputs than fine-tuning gave it, for every file kind alike."""
+    from monai.transforms import Compose, LoadImaged
+
+    from dira3d.evaluation import LoadRadiographd
+
+    png = _save(tmp_path / "cxr.png", Image.fromarray(BASE))  # rows != cols
+    inference = _preprocessing(bundle)
+    first = inference.transforms[0]
+    assert isinstance(first, LoadRadiographd)
+    training = Compose([LoadImaged(keys=["image"], reader="PILReader", image_only=True), *inference.transforms[1:]])
+    got, expected = inference({"image": str(png)})["image"], training({"image": str(png)})["image"]
+    assert tuple(got.shape) == tuple(expected.shape)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    loaded = first({"image": str(png)})["image"]
+    assert tuple(loaded.shape) == (COLS, ROWS)  # PILReader's width-first array
+    np.testing.assert_array_equal(np.asarray(loaded), BASE.T)
+
+
 def test_a_grey_image_stored_in_colour_is_read_with_the_warning_preparation_gives(tmp_path):
     path = _write("RGB PNG of a grey image", tmp_path)
     with pytest.warns(DataWarning, match=r"rgb\.png: stored as RGB with equal colour channels"):

@@ -84,6 +84,23 @@ def averaged_gradients(rank: int) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in params]
 
 
+def foreground_counts(rank: int) -> dict:
+    """ForegroundDice's count of the cases with foreground, on uneven shares of the ranks (a validation sampler with
+    ``even_divisible: false``): rank 0 scores 3 cases in 2 iterations, rank 1 one, in two evaluations in a row."""
+    from ignite.engine import Engine
+
+    from dira3d.evaluation import ForegroundDice
+
+    empty, full = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+    engine = Engine(lambda engine, batch: batch)
+    ForegroundDice().attach(engine, "dice")
+    data = [[[full, full], [full, empty]], [[empty], [full]]] if rank == 0 else [[[empty], [empty]]]
+    engine.run(data)
+    first = dict(engine.state.foreground_cases["dice"], details=engine.state.metric_details["dice"].numel())
+    engine.run(data)  # counted again, not added to the first evaluation's count
+    return {"first": first, "second": engine.state.foreground_cases["dice"], "dice": engine.state.metrics["dice"]}
+
+
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -92,6 +109,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         results = {mode: run_trainer(mode, rank, world) for mode in ("moco", "barlow")}
         assert all_ranks_true(True) and not all_ranks_true(rank == 0)
         results["gradients"] = averaged_gradients(rank)
+        results["foreground"] = foreground_counts(rank)
         if rank == 0:
             torch.save(results, out)
         cleanup_distributed()  # a barrier first: a rank that leaves gloo early makes the other abort
@@ -129,6 +147,11 @@ def test_two_ranks_with_half_batches_match_one_rank_with_the_full_batch(tmp_path
         expected = torch.arange(grad.numel(), dtype=grad.dtype).reshape(grad.shape) * 1.5 + 10 * i
         torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
     assert grads[-1] is None
+    # the count of cases with foreground is gathered over the ranks once, over the cases the Dice itself scored
+    # (rank 0: full, empty, full; rank 1: empty): 4 cases, 2 with foreground; Dice 1, 0, 0, 1
+    counted = results["foreground"]
+    assert counted["first"] == {"cases": 4, "positive": 2, "details": 4}
+    assert counted["second"] == {"cases": 4, "positive": 2} and counted["dice"] == pytest.approx(0.5)
 
 
 def test_single_process_helpers_are_identities():

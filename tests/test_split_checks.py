@@ -99,6 +99,25 @@ def test_multilabel_test_split_without_a_class_of_both_values_is_refused_before_
     assert len(load_split(path, "test")) == 3
 
 
+def test_a_label_that_is_not_numbers_gets_the_label_error_not_a_type_error(tmp_path):
+    """The AUC check reads each label; a hand-made multi-label datalist with a blank (null) label value crashed it
+    with a bare ``TypeError: float() argument must be ... not 'NoneType'`` naming no file, before the label check
+    that names the datalist and the entry (and, without ``num_labels``, the split loaded as it did before)."""
+    training = [{"image": f"{i}.png", "label": [float(i % 2), float(i % 3 == 0)], "case_id": f"p{i}"} for i in range(12)]
+    test = [{"image": f"t{i}.png", "label": [float(i % 2), None], "case_id": f"q{i}"} for i in range(3)]
+    path = _write(tmp_path, "cxr.json", {"training": training, "test": test, "meta": {}})
+    with pytest.raises(ValueError, match=r"datalist .*cxr\.json: entry 0 of split 'test' .* has label \[0\.0, None\]; "
+                                         r"expected a list of 2 numbers"):
+        load_split(path, "test", num_labels=2)
+    assert len(load_split(path, "test")) == 3  # dira3d finetune's up-front check (no num_labels): left to the above
+    # a binary datalist given to a multi-label bundle: the label error, not the AUC advice for a one-class test list
+    binary = [{"image": f"c{i}.nii.gz", "label": i % 2, "case_id": f"p{i}"} for i in range(8)]
+    one_class = [{"image": f"t{i}.nii.gz", "label": 0, "case_id": f"q{i}"} for i in range(3)]
+    path = _write(tmp_path, "ncc.json", {"training": binary, "test": one_class, "meta": {}})
+    with pytest.raises(ValueError, match=r"entry 0 of split 'test' .* has label 0; expected a list of 14 numbers"):
+        load_split(path, "test", num_labels=14)
+
+
 def test_describe_split_counts_positives_of_each_kind():
     binary = [{"label": k, "case_id": f"p{i}"} for i, k in enumerate([0, 1, 0, 0])]
     assert describe_split(binary) == {"cases": 4, "patients": 4, "positive": 1}

@@ -327,13 +327,14 @@ def load_split(
         )
     # the entries this run uses (not the whole list: a 1 % run does not need the other 99 %)
     check_entry_files(path, "test" if split == "test" and (fold is None or int(fold) < 0) else "training", result)
+    # labels the bundle cannot take first: their error names the entry (the AUC check would give other advice)
+    _check_label_vectors(path, content, split, result, num_labels)
     if split in ("test", "holdout"):  # an AUC of one class is NaN: refused before any training
         from dira3d.evaluation.split_checks import check_auc_defined
 
         check_auc_defined(path, split, result, chosen=None if split == "test" else chosen,
                           fold=int(fold) if fold is not None and int(fold) >= 0 else None,
                           settings=f"label_fraction={label_fraction}, seed={seed}, holdout={holdout}, fold={fold}")
-    _check_label_vectors(path, content, split, result, num_labels)
     return _common_keys(result)
 
 

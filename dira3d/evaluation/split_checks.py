@@ -78,7 +78,9 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
     if not entries:
         return
     if is_multilabel(entries):
-        if any(len({k in entry_classes(e) for e in entries}) == 2 for k in range(len(entries[0]["label"]))):
+        if not all(_numbers(e["label"]) for e in entries):
+            return  # a label the bundle cannot take: refused by load_split's label check, naming the entry
+        if any(len({k in entry_classes(e) for e in entries}) == 2 for k in range(max(len(e["label"]) for e in entries))):
             return
         raise ValueError(f"{undefined_auc(split if split == 'holdout' else 'test', len(entries))} "
                          f"({_where(path, split, fold)}{'; ' + settings if settings else ''})")
@@ -104,6 +106,11 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
            else "add candidates of the other class to its 'test' list")
     raise ValueError(f"AUC is undefined on {_where(path, split, fold)}: {what}, none of class {missing}, so the test "
                      f"AUC would be NaN after the whole training; {fix}")
+
+
+def _numbers(label: list | tuple) -> bool:
+    """Whether a multi-label ``label`` holds numbers only (what ``load_split``'s label check asks of it)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in label)
 
 
 def split_kind(entries: list[dict]) -> str:
