@@ -446,3 +446,16 @@ def test_chexpert_bundle_refuses_a_datalist_of_all_14_observations_naming_it(tmp
                      r"labels, but the network has out_channels 5: .*`dira3d prepare chexpert` with the default "
                      r"--labels five", err), err
     assert not (tmp_path / "out" / "models" / "model.pt").exists()
+
+
+def test_finetune_refuses_bad_test_labels_before_training(tmp_path):
+    """A test label that is not a list of out_channels numbers was found only after the whole training (the
+    up-front check of the test split did not know the bundle is multi-label); now before any training."""
+    datalist = write_grid_labels(tmp_path / "data", "chexpert.json", CLASSES["chexpert_cls"], train=8, test=4)
+    content = json.loads(datalist.read_text())
+    content["test"][2]["label"] = content["test"][2]["label"][:3]  # 3 numbers for a 5-output classifier
+    datalist.write_text(json.dumps(content))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"(?s)split .test.*te2.png.*has 3 labels.*out_channels 5"):
+        run_finetune("chexpert_cls", {"datalist": str(datalist), "pretrained": "", "seed": 0}, output_dir=out, tiny=True)
+    assert not (out / "models" / "model.pt").exists() and not (out / "metrics.json").exists()
