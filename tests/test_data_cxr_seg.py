@@ -79,6 +79,48 @@ def test_siim_bad_rle_fails_the_case(tmp_path):
     assert len(failed) == 1 and "train-rle.csv" in failed[0].reason and "past the" in failed[0].reason
 
 
+def test_siim_pneumothorax_flag_says_whether_the_mask_written_has_foreground(tmp_path):
+    """The flag came from the CSV (any RLE but -1) before the mask was resized: a pneumothorax that vanished in the
+    resize gave pneumothorax 1 for an empty stored mask, and the fine-tuning holdout kept it as its case with
+    foreground. It now says what the stored mask holds, with a warning for that case."""
+    images, _ = _siim_layout(tmp_path / "siim")
+    tiny_id = sorted(images)[3]  # " -1" in the layout: give it a pneumothorax of one pixel
+    tiny = np.zeros(SHAPE, np.uint8)
+    tiny[7, 9] = 1
+    csv_path = tmp_path / "siim" / "train-rle.csv"
+    csv_path.write_text(csv_path.read_text().replace(f"{tiny_id}, -1", f"{tiny_id}, {encode_rle(tiny)}"))
+    dst, report = tmp_path / "out", tmp_path / "report.json"
+    results = siim.prepare(tmp_path / "siim", dst, size=8, report_path=report, progress=False)
+    assert [r.status for r in results] == ["written"] * 4
+    masks = {uid: np.asarray(Image.open(dst / "masks" / f"{uid}.png")) for uid in images}
+    assert not masks[tiny_id].any()  # 1 of the 5 source pixels under each stored pixel: area average 0.2 < 0.5
+
+    def flags() -> dict[str, int]:
+        datalist = json.loads((dst / "siim_datalist.json").read_text())
+        return {e["image"]: e["pneumothorax"] for s in ("training", "validation", "test") for e in datalist[s]}
+
+    assert flags() == {f"images/{uid}.png": int(masks[uid].any()) for uid in images}
+    assert [flags()[f"images/{uid}.png"] for uid in sorted(images)] == [1, 0, 1, 0]
+    cases = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
+    assert cases[tiny_id]["info"] == {"pixels": 1, "mask_pixels": 0}
+    assert len(cases[tiny_id]["warnings"]) == 1 and "the pneumothorax of 1 pixel(s)" in cases[tiny_id]["warnings"][0]
+    assert "mask written is empty, so the entry's pneumothorax is 0" in cases[tiny_id]["warnings"][0]
+    assert not any(c["warnings"] for uid, c in cases.items() if uid != tiny_id)
+
+    # a rerun skips the cases and reads each flag from its mask PNG: a datalist whose flag came from the CSV (an
+    # earlier version) is rewritten with the masks' flags; a mask PNG that cannot be read is redone
+    datalist = json.loads((dst / "siim_datalist.json").read_text())
+    for entry in (e for s in ("training", "validation", "test") for e in datalist[s]):
+        entry["pneumothorax"] = 1 if entry["image"] == f"images/{tiny_id}.png" else entry["pneumothorax"]
+    (dst / "siim_datalist.json").write_text(json.dumps(datalist))
+    (dst / "masks" / f"{sorted(images)[0]}.png").write_bytes(b"not a png")
+    again = {r.case_id: r for r in siim.prepare(tmp_path / "siim", dst, size=8, progress=False)}
+    redone = again[sorted(images)[0]]
+    assert redone.status == "written" and any("cannot be read as a PNG" in w for w in redone.warnings), redone.warnings
+    assert [again[uid].status for uid in sorted(images)[1:]] == ["skipped"] * 3
+    assert [flags()[f"images/{uid}.png"] for uid in sorted(images)] == [1, 0, 1, 0]
+
+
 def test_monochrome1_dicom_is_read_bone_bright(tmp_path):
     array = np.arange(SHAPE[0] * SHAPE[1], dtype=np.uint16).reshape(SHAPE) % 256
     _write_dicom(tmp_path / "a.dcm", array.astype(np.uint8), "p")

@@ -163,6 +163,7 @@ def test_prepare_consensus_crop_and_missing_slice(tmp_path: Path) -> None:
     image = nib.load(dst / entry["image"])
     mask = np.asarray(nib.load(dst / entry["label"]).dataobj)
     assert image.shape == (64, 64, 32) and mask.dtype == np.uint8 and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    assert entry["voxels"] == int(mask.sum())  # the written crop mask's size (fine-tuning's foreground flag)
     centroid = np.argwhere(mask).mean(axis=0)
     assert np.all(np.abs(centroid - np.array([32, 32, 16])) <= 1.0)
     sphere_mm3 = 4 / 3 * math.pi * RADIUS ** 3

@@ -359,7 +359,9 @@ def test_a_results_row_cut_short_is_refused_and_rows_are_written_atomically(tmp_
     csv_path = tmp_path / "out" / "results.csv"
     whole = csv_path.read_text()
     lines = whole.splitlines()
-    for cut in (25, lines[-1].rindex(",") - 5):  # inside the checkpoint path; inside the seconds
+    seconds_end = len(",".join(lines[-1].split(",")[:7]))
+    # inside the checkpoint path; inside the seconds; inside run_dir (the empty test split columns are lost)
+    for cut in (25, seconds_end - 1, len(lines[-1]) - 5):
         csv_path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:cut])
         calls = []
         with pytest.raises(ValueError, match=rf"{csv_path} line 13 is incomplete or garbled .*delete that line"):
@@ -381,3 +383,68 @@ def test_a_results_row_cut_short_is_refused_and_rows_are_written_atomically(tmp_
     monkeypatch.setattr(results, "atomic_write_text", real)
     assert len(run_experiment(config, runner=fake_runner([]), log=lambda _: None)) == 12
     assert csv_path.read_text().splitlines()[:-1] == lines[:-1]
+
+
+def _runner_writing_metrics(calls, positive, earlier=False):
+    """fake_runner that also writes the run's metrics.json as run_finetune does (``splits.test`` of 20 cases with
+    ``positive``); ``earlier``: the metrics.json of an earlier attempt (another AUC) stays in the folder."""
+    import json
+    from pathlib import Path
+
+    inner = fake_runner(calls)
+
+    def run(bundle, overrides):
+        metrics = inner(bundle, overrides)
+        out = Path(overrides["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        splits = {"holdout": {"cases": 3, "patients": 3, "positive": 1},
+                  "test": {"cases": 20, "patients": 20, "positive": positive}}
+        (out / "metrics.json").write_text(json.dumps({"metrics": {"auc": metrics["auc"] - 0.5 * earlier}, "splits": splits}))
+        return metrics
+    return run
+
+
+@pytest.mark.parametrize("positive, shown", [(7, "7"), ([3, 0, 12], "3;0;12"), (None, "")])
+def test_results_csv_records_the_test_split_of_each_run(tmp_path, positive, shown):
+    """Each row gives the test split's cases and positives from its run's metrics.json (a multi-label split's
+    positives per class, ';'-joined; a segmentation split's unknown count empty), so a table's numbers can be read
+    against what they were scored on."""
+    config = _config(tmp_path, seeds=[0], label_fractions=[1.0])
+    run_experiment(config, runner=_runner_writing_metrics([], positive), log=lambda _: None)
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames[-2:] == ["test_cases", "test_positive"]
+    assert [(r["test_cases"], r["test_positive"]) for r in rows] == [("20", shown)] * 2
+    assert len(run_experiment(config, runner=fake_runner([]), log=lambda _: None)) == 2  # read back: nothing to redo
+
+
+def test_results_csv_leaves_the_test_split_empty_without_this_runs_metrics_json(tmp_path):
+    config = _config(tmp_path, seeds=[0], label_fractions=[1.0])
+    run_experiment(config, runner=_runner_writing_metrics([], 7, earlier=True), log=lambda _: None)
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        assert [(r["test_cases"], r["test_positive"]) for r in csv.DictReader(handle)] == [("", "")] * 2
+
+
+def test_an_older_results_csv_without_the_test_split_columns_loads_and_resumes(tmp_path):
+    """A results.csv written before the test split columns is read, its rows kept, and the rerun adds the missing
+    runs (with the columns; the older rows' are empty) without a settings refusal; the file then reads back."""
+    config = _config(tmp_path, seeds=[0, 1])
+    run_experiment(config, runner=fake_runner([]), log=lambda _: None)
+    csv_path = tmp_path / "out" / "results.csv"
+    older = [",".join(line.split(",")[:8]) for line in csv_path.read_text().splitlines()]  # the columns of before
+    assert older[0] == "method,checkpoint,label_fraction,seed,metric,value,seconds,run_dir"
+    csv_path.write_text("\n".join(older) + "\n")
+    calls = []
+    rows = run_experiment(_config(tmp_path, seeds=[0, 1, 2]), runner=_runner_writing_metrics(calls, 7), log=lambda _: None)
+    assert len(calls) == 4 and len(rows) == 12  # seed 2 only
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        written = list(reader)
+    assert reader.fieldnames == older[0].split(",") + ["test_cases", "test_positive"]
+    assert [",".join(list(r.values())[:8]) for r in written[:8]] == older[1:]  # the older rows, as they were
+    assert {(r["test_cases"], r["test_positive"]) for r in written[:8]} == {("", "")}
+    assert {(r["test_cases"], r["test_positive"]) for r in written[8:]} == {("20", "7")}
+    calls = []
+    assert len(run_experiment(_config(tmp_path, seeds=[0, 1, 2]), runner=fake_runner(calls), log=lambda _: None)) == 12
+    assert calls == []

@@ -37,7 +37,10 @@ def test_tiny_experiment_writes_csv_table_and_plots(tmp_path):
     assert "| random |" in table and "| pretrained |" in table
     assert (tmp_path / "out" / "auc_vs_label_fraction.png").stat().st_size > 1000
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 1000
-    assert (tmp_path / "out" / "runs" / "pretrained_lf1_seed0" / "metrics.json").is_file()
+    result = json.loads((tmp_path / "out" / "runs" / "pretrained_lf1_seed0" / "metrics.json").read_text())
+    test = result["splits"]["test"]  # results.csv gives the test split the value was scored on
+    assert (rows[1]["test_cases"], rows[1]["test_positive"]) == (str(test["cases"]), str(test["positive"]))
+    assert int(rows[1]["test_cases"]) > 0
 
 
 @pytest.mark.slow

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cxr_dicom import BASE, preprocessing, write_dicom
 from torch import nn
 
-from dira3d.evaluation.localise import load_box_entries, localise, main, scale_box
+from dira3d.data.errors import DataWarning
+from dira3d.evaluation.localise import load_box_entries, load_cxr_image, localise, main, scale_box
 from dira3d.networks import ResNetClassifier
 from dira3d.utils import atomic_save
 
@@ -172,11 +175,17 @@ def test_localise_refuses_a_label_index_its_model_does_not_have(tmp_path):
     assert not list((tmp_path / "out").glob("**/*.png")) and not (tmp_path / "out" / "localisation.json").exists()
 
 
+def _colour(path: Path) -> None:
+    """Rewrite the grey PNG at ``path`` as a coloured RGB one (its red channel differs from green and blue)."""
+    grey = np.asarray(Image.open(path))
+    Image.fromarray(np.stack([255 - grey, grey, grey], -1)).save(path)
+
+
 def test_localise_refuses_a_colour_png_naming_it(tmp_path):
     datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)], [0])
     path = tmp_path / "data" / "images" / "img0.png"
-    Image.fromarray(np.stack([np.asarray(Image.open(path))] * 3, -1)).save(path)
-    with pytest.raises(ValueError, match=rf"{path}: has 3 channels \(loaded shape \(3, 128, 96\)\), not 1: a colour"):
+    _colour(path)
+    with pytest.raises(ValueError, match=rf"{path}: is a colour RGB image: its colour channels differ in 12288 pixels"):
         localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features", roi_size=(64, 48))
 
 
@@ -214,14 +223,14 @@ def test_localise_leaves_out_a_box_whose_image_is_bad_and_scores_the_others(tmp_
     datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)] * 3, [0, 0, 0])
     images = tmp_path / "data" / "images"
     (images / "img0.png").write_bytes(b"not a png")
-    Image.fromarray(np.stack([np.asarray(Image.open(images / "img2.png"))] * 3, -1)).save(images / "img2.png")
+    _colour(images / "img2.png")
     with pytest.warns(UserWarning, match=r"box 0 left out: \S+img0\.png: cannot be read as an image"):
         result = localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
                           roi_size=(64, 48))
     assert result["count"] == 1 and [b["image"] for b in result["boxes"]] == [str(images / "img1.png")]
     assert result["accuracy"]["0.6"] == 1.0  # the good box is found as before
     assert [s["image"] for s in result["skipped"]] == [str(images / "img0.png"), str(images / "img2.png")]
-    assert "has 3 channels" in result["skipped"][1]["reason"]
+    assert "is a colour RGB image" in result["skipped"][1]["reason"]
     assert json.loads((tmp_path / "out" / "localisation.json").read_text())["skipped"] == result["skipped"]
     # the command: the numbers, then one line per left-out box; a run whose every image is bad stops with the first
     torch.save(ResNetClassifier(1, 2, backbone="resnet10").state_dict(), tmp_path / "model.pt")
@@ -236,3 +245,61 @@ def test_localise_leaves_out_a_box_whose_image_is_bad_and_scores_the_others(tmp_
               "--num-classes", "2", "--backbone", "resnet10", "--roi-size", "64", "64"])
     assert re.search(r"dira3d localise: error: \S+img0\.png: cannot be read as an image", capsys.readouterr().err)
     assert not (tmp_path / "cli2" / "localisation.json").exists()
+
+
+def _sixteen_bit(path: Path, low: int = 1000, high: int = 40000) -> None:
+    """Rewrite the 0/255 PNG at ``path`` as a raw 16-bit grey PNG of ``low`` / ``high`` (a detector's own values)."""
+    grey = np.asarray(Image.open(path))
+    Image.fromarray(np.where(grey > 0, high, low).astype(np.uint16)).save(path)
+
+
+def test_localise_reads_each_radiograph_as_the_bundle_inference_does(tmp_path):
+    """localise read its images with MONAI's PILReader and clipped them to 0..255: a raw 16-bit PNG came white, a
+    DICOM was not read, a grey PNG stored as RGB was refused as 3 channels. It now reads them as the 2D bundles'
+    inference.json does (LoadRadiographd, read_radiograph): the same network input as the bundle, which is that of
+    the 8-bit PNG `dira3d prepare` writes."""
+    bundle = preprocessing("chestxray14_cls")
+    Image.fromarray(BASE).save(tmp_path / "prepared.png")
+    files = {"16-bit PNG": tmp_path / "raw16.png", "MONOCHROME1 DICOM": tmp_path / "m1.dcm", "grey RGB": tmp_path / "rgb.png"}
+    Image.fromarray((300 + 100 * BASE.astype(np.uint16)).astype(np.uint16)).save(files["16-bit PNG"])
+    write_dicom(files["MONOCHROME1 DICOM"], 4095 - (100 + 10 * BASE.astype(np.uint16)), "MONOCHROME1", 12)
+    Image.fromarray(np.stack([BASE] * 3, -1)).save(files["grey RGB"])
+    expected, size = load_cxr_image(tmp_path / "prepared.png", (224, 224))
+    assert torch.equal(expected, torch.as_tensor(bundle({"image": str(tmp_path / "prepared.png")})["image"]))
+    for kind, path in files.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)  # the grey RGB image's "one grey channel" warning
+            image, image_size = load_cxr_image(path, (224, 224))
+            by_bundle = torch.as_tensor(bundle({"image": str(path)})["image"])
+        assert image_size == size, kind
+        assert torch.allclose(image, expected, atol=1e-6), kind
+        assert torch.allclose(image, by_bundle, atol=1e-6), kind
+
+
+def test_localise_finds_the_box_of_a_raw_16bit_png(tmp_path):
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10), (50, 10, 30, 60)], [0, 0])
+    for name in ("img0.png", "img1.png"):
+        _sixteen_bit(tmp_path / "data" / "images" / name)
+    result = localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
+                      roi_size=(64, 48))
+    assert result["count"] == 2 and not result["skipped"]
+    assert result["accuracy"]["0.6"] == 1.0  # clipped to 0..255 the whole image was white: no box found
+
+
+def test_localise_leaves_out_an_image_outside_0_255_naming_it(tmp_path):
+    """A 2D NIfTI (not a radiograph file: MONAI reads it as it is) with values above 255 was clipped to white and
+    scored without a word; it is now left out, named, and the other boxes are scored."""
+    import nibabel as nib
+
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)] * 2, [0, 0])
+    images = tmp_path / "data" / "images"
+    pixels = np.asarray(Image.open(images / "img0.png")).T.astype(np.float32) * 4  # (x, y), 0..1020
+    nib.save(nib.Nifti1Image(pixels, np.eye(4)), images / "img0.nii.gz")
+    content = json.loads(datalist.read_text())
+    content["test"][0]["image"] = "images/img0.nii.gz"
+    datalist.write_text(json.dumps(content))
+    with pytest.warns(UserWarning, match=r"box 0 left out: \S+img0\.nii\.gz: has intensities from 0 to 1020, outside \[0, 255\]"):
+        result = localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
+                          roi_size=(64, 48))
+    assert result["count"] == 1 and [s["image"] for s in result["skipped"]] == [str(images / "img0.nii.gz")]
+    assert result["accuracy"]["0.6"] == 1.0

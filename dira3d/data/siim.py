@@ -11,17 +11,27 @@ Output (``--dst``): ``images/<ImageId>.png``, ``masks/<ImageId>.png`` (values 0/
 ``siim_datalist.json`` with ``{"image", "label": mask, "case_id": DICOM PatientID, "pneumothorax":
 0|1}``; training / validation / test are a seeded patient-level split (default 70 / 10 / 20 %
 of the patients, recorded in ``split.json``), as the challenge's test labels are not public.
+
+``pneumothorax`` says whether the mask written has foreground, which fine-tuning relies on to keep a case
+with pneumothorax in its holdout (:data:`dira3d.evaluation.datalists.FOREGROUND_KEYS`): a pneumothorax so
+small that it vanishes when the mask is resized to ``--size`` (area average below one half everywhere)
+gives an empty mask and ``pneumothorax`` 0, with a warning for that case in ``report.json``. A case
+written by this run gives it from the mask array; a case skipped by a rerun, from its mask PNG (read once,
+when it is checked; an unreadable mask PNG is redone), so a rerun into a ``--dst`` prepared by an
+earlier version, whose flag came from the CSV, rewrites the datalist with the flags of the masks there.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from PIL import Image
 
 from dira3d.data.cxr import (
     add_size_argument,
@@ -37,7 +47,7 @@ from dira3d.data.cxr import (
     earlier_patient_split,
     write_png,
 )
-from dira3d.data.errors import record_or_raise
+from dira3d.data.errors import DataWarning, record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.rle import decode_rle
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
@@ -98,9 +108,26 @@ def _process(case: Case, size: int) -> dict:
     read_patient_id(path)  # the split needs it: a DICOM without one fails its own case, not the whole run
     array = read_radiograph(path)  # the reading the bundles' inference shares (MONOCHROME1, >8-bit)
     mask = decode_masks(case.params["rles"], array.shape, f"{case.params['csv']} ImageId {case.case_id}")
-    write_png(case.outputs[1], resize_mask(mask, size))
+    stored = resize_mask(mask, size)
+    write_png(case.outputs[1], stored)
     write_png(case.outputs[0], resize_image(array, size))
-    return {"pixels": int(mask.sum())}
+    pixels, kept = int(mask.sum()), int(stored.sum())
+    if pixels and not kept:
+        warnings.warn(f"{case.outputs[1]}: the pneumothorax of {pixels} pixel(s) in {case.params['csv']} vanished when "
+                      f"the mask was resized to {size}x{size} (area average below one half everywhere): the mask "
+                      "written is empty, so the entry's pneumothorax is 0; a larger --size (0 keeps the native size) "
+                      "keeps it", DataWarning, stacklevel=2)
+    return {"pixels": pixels, "mask_pixels": kept}
+
+
+def _read_stored_flag(case: Case, flags: dict[str, bool]) -> None:
+    """``check_outputs`` of :func:`run_cases`: whether the mask PNG of a case about to be skipped has
+    foreground, into ``flags``; a mask that cannot be read is a :class:`DataError`, and the case is redone."""
+    try:
+        with Image.open(case.outputs[1]) as image:
+            flags[case.case_id] = bool(np.asarray(image).any())
+    except (OSError, ValueError, SyntaxError) as err:  # Pillow: UnidentifiedImageError, truncated file...
+        raise DataError(case.outputs[1], f"cannot be read as a PNG ({type(err).__name__}: {str(err)[:200]})") from err
 
 
 def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: float = 0.1,
@@ -153,18 +180,21 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                                                                     "prepare the images that are there"))
         cases.append(Case(image_id, outputs, {"path": dicoms.get(image_id), "rles": rles[image_id], "csv": csv_path},
                           error=problems.get(image_id, "")))
+    skipped_flags: dict[str, bool] = {}  # a skipped case's mask has foreground (read when it is checked)
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
                         dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="siim",
                         progress=progress, source=src, datalists=[dst / "siim_datalist.json"],
-                        settings={"size": size})
+                        settings={"size": size}, check_outputs=partial(_read_stored_flag, flags=skipped_flags))
     if dry_run or batch_stopped(results, keep_going):
         return results
 
-    done = [case for case, result in zip(cases, results) if result.ok]
     entries = []
-    for case in done:
+    for case, result in zip(cases, results):
+        if not result.ok:
+            continue
         patient = read_patient_id(case.params["path"])
-        positive = any(r.strip() not in ("", "-1") for r in case.params["rles"])
+        # the mask written, not the CSV: a tiny pneumothorax can vanish in the resize
+        positive = result.info["mask_pixels"] > 0 if result.status == "written" else skipped_flags[case.case_id]
         entries.append((patient, {"image": case.outputs[0], "label": case.outputs[1], "case_id": patient,
                                   "pneumothorax": int(positive)}))
     split, lists = split_entries(entries, val_fraction, test_fraction, seed,  # a rerun keeps its patients' parts

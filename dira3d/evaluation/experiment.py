@@ -50,6 +50,11 @@ list is a recorded setting: a rerun with another one on the same ``results.csv``
 bundle must have a ``fold`` setting and the datalist's ``training`` entries must carry every listed
 ``fold``, else the config is refused.
 
+``results.csv`` has one row per finished run: method, checkpoint, label_fraction, seed (fold), metric,
+value, seconds, run_dir, and test_cases / test_positive, the test split's size and positives from the run's
+``metrics.json`` (multi-label: each class's positives, ``;``-joined; empty where not known; docs/finetuning.md).
+A results.csv written before those two columns is resumed as it is (its rows keep them empty).
+
 The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
 override ids no bundle config defines are refused with the setting named. A run that fails is
 logged and listed in ``failures.json``; the other runs go on, the command exits 1 at the end, and

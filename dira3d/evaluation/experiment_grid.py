@@ -19,7 +19,7 @@ from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.evaluation.experiment_pretrain import check_pretrain_settings, pretrain_settings, pretrain_method
 from dira3d.evaluation.results import (
     FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows,
-    row_key, seed_values, write_report, write_rows,
+    row_key, seed_values, split_columns, write_report, write_rows,
 )  # fmt: skip
 
 __all__ = ["Runner", "ExperimentRunsFailed", "ExperimentBusy", "run_experiment"]
@@ -132,7 +132,8 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
         row = {"method": method, "checkpoint": checkpoint, "label_fraction": fraction, "seed": seed,
                **({} if fold is None else {"fold": fold}),
                "metric": config["metric"], "value": float(metrics[config["metric"]]),
-               "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir)}
+               "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir),
+               **split_columns(run_dir, config["metric"], float(metrics[config["metric"]]))}
         rows.append({k: str(v) for k, v in row.items()})
         write_rows(csv_path, rows, FOLD_FIELDS if folded else FIELDS)  # one row per finished run: the resume point
         log(f"[{i}/{len(todo)}] {run}: {config['metric']}={row['value']:.4f}")

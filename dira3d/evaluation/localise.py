@@ -8,8 +8,9 @@ correct at level δ when the best box reaches IoU ≥ δ with the ground truth (
 
 Inputs: ``bbox_datalist.json`` as written by ``dira3d prepare chestxray14`` (entries ``image``,
 ``label`` (finding), ``label_index``, ``box`` = ``[x, y, w, h]`` in pixels of the prepared PNG). The
-image is loaded like the bundle loads it (``(x, y)`` axes, [0, 1], resized to ``roi_size``) and the box
-is scaled by the same factors. Outputs in ``output_dir``: ``localisation.json`` (accuracy per δ, the
+image is loaded like the bundle's inference loads it (a PNG, JPEG, TIFF, BMP or DICOM read as ``dira3d prepare``
+reads it, so a 16-bit PNG is min-max scaled; ``(x, y)`` axes, [0, 1], resized to ``roi_size``) and the box is
+scaled by the same factors. Outputs in ``output_dir``: ``localisation.json`` (accuracy per δ, the
 settings, the best IoU of every box, the boxes left out) and PNG overlays (heatmap, predicted boxes yellow, truth green).
 
 Command line (``dira3d localise``)::
@@ -121,20 +122,30 @@ def scale_box(box: Sequence[float], image_size: Sequence[int], roi_size: Sequenc
 
 
 def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Load an 8-bit PNG as the 2D bundles do: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``; also the original (x, y) size.
+    """Load a radiograph as the 2D bundles' inference does: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``; also
+    the original (x, y) size.
+
+    A PNG, JPEG, TIFF, BMP or DICOM file is read by :class:`~dira3d.evaluation.radiographs.LoadRadiographd`, i.e.
+    by :func:`dira3d.data.cxr.read_radiograph` as ``dira3d prepare chestxray14`` reads it: a 12/16-bit image min-max
+    scaled to 0..255 (MONAI's ``PILReader`` kept a 16-bit PNG's own values, which were clipped to white), a
+    ``MONOCHROME1`` DICOM bone bright, a grey image stored in colour as its grey channel (with a warning). Any other
+    file must hold a grey image of 0..255.
 
     Raises:
-        DataError: not an image (unreadable, empty, missing) or not a one-channel 2D image (an RGB(A) PNG:
-            ``dira3d prepare chestxray14`` writes grey ones), naming the file.
+        DataError: not an image (unreadable, empty, missing), a colour or transparent image, not a one-channel 2D
+            image, or intensities outside 0..255 (a file read by MONAI's other readers), naming the file.
     """
     from monai.transforms import EnsureChannelFirst, Resize, ScaleIntensityRange
 
-    from dira3d.engines.inputs import LoadVolumed, check_volume
+    from dira3d.engines.inputs import check_volume
+    from dira3d.evaluation.radiographs import LoadRadiographd
 
-    # LoadVolumed: a file that is not an image, empty or missing is a DataError naming it (MONAI's LoadImage
-    # raised a RuntimeError traceback of every reader's failure)
-    image = EnsureChannelFirst()(LoadVolumed("image", reader="PILReader", image_only=True)({"image": str(path)})["image"])
-    check_volume(image, path, spatial_dims=2, check_finite=False, slices=False, channels=1)
+    # LoadRadiographd (a LoadVolumed): a file that is not an image, empty or missing is a DataError naming it
+    image = EnsureChannelFirst()(LoadRadiographd("image", image_only=True)({"image": str(path)})["image"])
+    check_volume(image, path, spatial_dims=2, slices=False, channels=1, value_range=(0.0, 255.0),
+                 range_advice="the classifier takes a grey image of 0..255 (the PNGs `dira3d prepare chestxray14` "
+                              "writes): save the radiograph as PNG or DICOM, which are min-max scaled as preparation "
+                              "scales them, or give the prepared PNG")
     size = (int(image.shape[1]), int(image.shape[2]))
     image = ScaleIntensityRange(0.0, 255.0, 0.0, 1.0, clip=True)(image)
     image = Resize(tuple(int(s) for s in roi_size), mode="area")(image)
@@ -171,8 +182,8 @@ def localise(
         ``{"accuracy": {δ: share of all boxes}, "mean_accuracy_over_findings": {δ: mean over findings of
         their accuracy} (the paper's number), "accuracy_per_finding": {finding: {δ: share}}, "count",
         "threshold", "target_layer", "roi_size", "boxes": [...], "skipped": [{image, label, reason}]}``: a box whose
-        image cannot be used (not an image, a colour PNG) is left out with a warning naming it and listed under
-        ``skipped``; ``count`` and the accuracies are of the other boxes.
+        image cannot be used (not an image, a colour PNG, values outside 0..255) is left out with a warning naming it
+        and listed under ``skipped``; ``count`` and the accuracies are of the other boxes.
 
     Raises:
         ValueError: unknown ``target_layer``, a ``label_index`` outside the model's outputs, or no entries;

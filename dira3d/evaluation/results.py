@@ -22,12 +22,15 @@ from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.files import FileContentError, read_json, read_text
 
 __all__ = [
-    "FIELDS", "FOLD_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows", "write_rows",
-    "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints", "seed_values", "write_report",
-    "chosen_test",
+    "FIELDS", "FOLD_FIELDS", "SPLIT_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows",
+    "write_rows", "split_columns", "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints",
+    "seed_values", "write_report", "chosen_test",
 ]
 
-FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"]
+# the test split's size and positives (split_columns); may be empty, and absent from a results.csv written
+# before 2026-11-26 (its rows are read and kept; the columns are added when a run is added)
+SPLIT_FIELDS = ["test_cases", "test_positive"]
+FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"] + SPLIT_FIELDS
 FOLD_FIELDS = FIELDS[:4] + ["fold"] + FIELDS[4:]  # results.csv of a config with folds
 # what makes one fine-tuning row comparable with another: a change would mix two protocols in one table
 RUN_SETTINGS = ("bundle", "datalist", "metric", "overrides")
@@ -90,6 +93,9 @@ def read_rows(csv_path: Path) -> list[dict]:
     """The rows of ``results.csv``; a row cut short (a full disk while an older dira3d appended it) or
     garbled is refused with its line, never taken as a finished run.
 
+    The :data:`SPLIT_FIELDS` may be empty (not known) or absent from the header (a results.csv written before
+    them), but a row that has the header's columns missing is cut short.
+
     Raises:
         ValueError: a row lacks a value, has too many, or a number that does not parse (names file and line).
     """
@@ -105,9 +111,10 @@ def read_rows(csv_path: Path) -> list[dict]:
                          "it is not the results.csv of `dira3d experiment`; use another output_dir, or move that file away "
                          "(every run is then redone)")
     for row in reader:
-        needed = [k for k in reader.fieldnames or () if k != "checkpoint"]  # checkpoint "" is random init
+        # checkpoint "" is random init; an empty test split column is not known (a runner without metrics.json)
+        needed = [k for k in reader.fieldnames or () if k != "checkpoint" and k not in SPLIT_FIELDS]
         try:
-            ok = None not in row and all(row[k] not in (None, "") for k in needed) and \
+            ok = None not in row and None not in row.values() and all(row[k] != "" for k in needed) and \
                 row_key(row, "fold" in row) is not None and math.isfinite(float(row["value"]))
         except (KeyError, TypeError, ValueError):
             ok = False
@@ -128,6 +135,31 @@ def write_rows(csv_path: Path, rows: list[dict], fields: list[str]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(csv_path, text.getvalue())
+
+
+def split_columns(run_dir: Path, metric: str, value: float) -> dict[str, str]:
+    """``test_cases`` and ``test_positive`` of a finished run, from ``splits.test`` of its ``metrics.json``
+    (:func:`dira3d.evaluation.split_checks.describe_split`): the test split's number of cases and its positives,
+    a number (binary classification: entries of class 1; segmentation: cases with foreground) or, multi-label,
+    the positives of each class in class order joined by ``;`` (``"3;0;12"``). ``""`` where not known: no
+    ``metrics.json`` (a runner that writes none), one of an earlier run (its ``metric`` is not ``value``), or no
+    such count recorded (a segmentation split without flags or scored masks)."""
+    columns = dict.fromkeys(SPLIT_FIELDS, "")
+    try:
+        result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        saved = result["metrics"][metric]
+        if saved is None or float(saved) != value:
+            return columns
+        test = result["splits"]["test"]
+        cases, positive = test.get("cases"), test.get("positive")
+        if cases is not None:
+            columns["test_cases"] = str(int(cases))
+        if positive is not None:
+            columns["test_positive"] = (";".join(str(int(p)) for p in positive) if isinstance(positive, list)
+                                        else str(int(positive)))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # unreadable or of another layout: not known
+        return dict.fromkeys(SPLIT_FIELDS, "")
+    return columns
 
 
 def check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
