@@ -215,10 +215,10 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
         from dira3d.evaluation.datalists import is_multilabel, load_split
 
         fold = parser.get_parsed_content("fold") if "fold" in parser else None
-        # a multi-label classifier's test labels must be lists of out_channels numbers, as train.json checks its own
-        multilabel = "train#datalist" in parser and is_multilabel(parser.get_parsed_content("train#datalist"))
-        num_labels = parser.get_parsed_content("out_channels") if multilabel and "out_channels" in parser else None
-        load_split(parser.get_parsed_content("datalist"), "test", fold=fold, num_labels=num_labels)
+        datalist = parser.get_parsed_content("datalist")
+        test = load_split(datalist, "test", fold=fold)
+        if is_multilabel(test) and "out_channels" in parser:  # lists of out_channels numbers, as train.json checks its own
+            load_split(datalist, "test", fold=fold, num_labels=parser.get_parsed_content("out_channels"))
     # what the run used, defaults included (metrics.json must say which subset and seed made a number)
     effective = {key: parser.get_parsed_content(key) for key in _RECORDED if key in parser}
     for key in ("datalist", "pretrained"):  # absolute: metrics.json must name the files wherever it is read
