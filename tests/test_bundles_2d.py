@@ -431,6 +431,39 @@ def test_load_split_checks_label_vectors_for_a_classifier(tmp_path):
     with pytest.raises(ValueError, match=r"seg\.json: entry 0 of split 'test' \(image \S+te0\.png\) has label '\S+te0\.png', "
                                          r"a file \(a segmentation datalist\?\); this classification bundle takes a list of 5"):
         load_split(masks, "test", num_labels=5)
+    # the validation split is checked too, and a label of true / false (not 1 / 0) is refused, naming it
+    content = json.loads(five.read_text())
+    content["validation"] = content["test"]
+    five.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"five\.json: entry 0 of split 'validation' .* has 5 labels .* out_channels 14"):
+        load_split(five, "validation", num_labels=14)
+    content["test"][1]["label"] = [True, False, True, False, True]
+    five.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"entry 1 of split 'test' .* has label \[True, False, True, False, True\]; "
+                                         r"expected a list of 5 numbers \(1 = finding present\)"):
+        load_split(five, "test", num_labels=5)
+
+
+@pytest.mark.parametrize("bundle", ["chestxray14_cls", "chexpert_cls"])
+@pytest.mark.parametrize("config, split_id", [("train.json", "train#datalist"), ("train.json", "validate#datalist"),
+                                              ("evaluate.json", "validate#datalist")])
+def test_every_split_a_classification_bundle_loads_is_checked_against_out_channels(bundle, config, split_id, tmp_path):
+    """The training split, the early-stopping holdout and the split evaluate.json scores each pass num_labels: a
+    datalist of another number of labels is refused naming it, whichever of them is loaded."""
+    from monai.bundle import ConfigParser
+
+    folder = bundle_path(bundle) / "configs"
+    datalist = write_cxr(tmp_path / "data", "three.json", 3, train=8, test=2)
+    parser = ConfigParser()
+    parser.read_config([str(folder / "train.json")] + ([str(folder / config)] if config != "train.json" else []))
+    parser["datalist"] = str(datalist)
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content(split_id)
+    error = raised.value
+    while error is not None and not isinstance(error, ValueError):
+        error = error.__cause__
+    assert error is not None and re.search(rf"three\.json: entry \d+ of split '\w+' .* has 3 labels, but the network "
+                                           rf"has out_channels {CLASSES[bundle]}", str(error)), repr(raised.value)
 
 
 def test_chexpert_bundle_refuses_a_datalist_of_all_14_observations_naming_it(tmp_path, capsys):
@@ -442,7 +475,7 @@ def test_chexpert_bundle_refuses_a_datalist_of_all_14_observations_naming_it(tmp
     code = main(["--bundle", "chexpert_cls", "--datalist", str(datalist), "--output-dir", str(tmp_path / "out"), "--tiny"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
-    assert re.search(r"dira3d finetune: error: datalist \S*chexpert_datalist\.json: entry 0 of split 'train' .* has 14 "
+    assert re.search(r"dira3d finetune: error: datalist \S*chexpert_datalist\.json: entry 0 of split '(train|test)' .* has 14 "
                      r"labels, but the network has out_channels 5: .*`dira3d prepare chexpert` with the default "
                      r"--labels five", err), err
     assert not (tmp_path / "out" / "models" / "model.pt").exists()

@@ -148,12 +148,32 @@ def test_dicom_series_folders_are_sequences_and_a_mask_matching_a_sequence_patte
     assert "flair_lesion.nii.gz matches the patterns of flair and label" in reason
 
 
+def test_case_folders_leave_out_hidden_and_output_folders_and_refuse_a_case_id_given_twice(tmp_path):
+    """The case search under --src: a hidden folder (.git, a viewer's .cache) and the output folder inside --src (whose
+    volumes a rerun would take for cases) are not searched; two folders that give one case id (`site_a/sub-01` and
+    `site_a_sub-01`) would write the same volume: the second is a problem naming both."""
+    from dira3d.data.sequences import find_sequence_cases
+
+    src = tmp_path / "export"
+    for folder in ("site_a/sub-01", "site_a_sub-01", ".cache/sub-09", "prepared/volumes"):
+        (src / folder).mkdir(parents=True)
+        (src / folder / f"{Path(folder).name}_T1w.nii.gz").write_bytes(b"")
+    problems: dict[str, str] = {}
+    found = find_sequence_cases(src, {"t1": "*T1w*"}, exclude=[src / "prepared"], problems=problems)
+    assert [(cid, folder) for cid, folder, _, _ in found] == [("site_a_sub-01", src / "site_a" / "sub-01")]
+    assert found[0][2] == {"t1": src / "site_a" / "sub-01" / "sub-01_T1w.nii.gz"} and found[0][3] is None
+    assert list(problems) == ["site_a_sub-01"]
+    assert f"{src / 'site_a_sub-01'}: gives the same case id 'site_a_sub-01' as {src / 'site_a' / 'sub-01'}" in \
+        problems["site_a_sub-01"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sequences", "t1=*T1w*", "dwi=*DWI*"], "'dwi' is unknown"),
     (["--sequences", "t1"], "must be NAME=PATTERN"),
     (["--sequences", "t1=*T1w*", "T1=*T1*"], "names t1 twice"),
     (["--sequences", "t1=*T1w*", "--modality", "ct"], "drop --modality ct"),
     (["--sequences", "t1=*T1w*", "--label-suffix", "_mask"], "--label-pattern"),
+    (["--sequences", "t1=*T1w*", "--image-suffix", "_T1w"], "--image-suffix / --label-suffix pair single scans"),
     (["--label-pattern", "*mask*"], "give --sequences too"),
     (["--sequences", "t1=*nothing*"], "no folder holds"),
 ])

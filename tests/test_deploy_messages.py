@@ -253,6 +253,24 @@ def test_an_interrupted_monailabel_app_export_leaves_no_half_copied_folder(repo_
     assert (tmp_path / "app" / "main.py").is_file() and "start_server" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("stop, code", [(RuntimeError("building the MONAI Label environment failed (exit 1)"), 2),
+                                         (KeyboardInterrupt(), 130)])
+def test_a_failed_or_interrupted_build_env_removes_the_app_it_copied(repo_root, tmp_path, capsys, monkeypatch, stop, code):
+    """`export monailabel-app --build-env`: the app is copied, then the environment is built (minutes); a build that
+    fails or is stopped left the app folder, so the rerun refused it ('is not empty')."""
+    import dira3d.deploy.monailabel as monailabel
+
+    def build():
+        assert (tmp_path / "app" / "main.py").is_file()  # the app was copied first
+        raise stop
+
+    monkeypatch.setattr(monailabel, "ensure_monailabel_env", build)
+    argv = ["monailabel-app", "--out", str(tmp_path / "app"), "--bundles", str(repo_root / "bundles"), "--build-env"]
+    assert export_main(argv) == code
+    capsys.readouterr()
+    assert not (tmp_path / "app").exists()
+
+
 def test_removed_if_failed_leaves_a_folder_that_held_files_alone(tmp_path):
     from dira3d.utils.atomic import removed_if_failed
 

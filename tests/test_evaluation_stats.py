@@ -147,3 +147,14 @@ def test_paired_t_refuses_welch_and_values_without_their_seed():
     twice = PAIRED_ROWS + [{"method": "dira", "label_fraction": 0.1, "seed": 1, "auc": 0.5}]
     with pytest.raises(ValueError, match="seed 1 more than once"):
         compare_to_baseline(aggregate(twice, "auc"), "random", paired=True)
+
+
+def test_no_p_n_a_where_the_baseline_has_no_cell_to_compare_with():
+    """A label fraction whose baseline runs all failed (or are not run yet) has nothing to test against: its cells show
+    no p at all, not `p n/a` (which says the test against a baseline cell is undefined)."""
+    rows = [{"method": m, "label_fraction": f, "seed": s, "auc": 0.5 + 0.1 * s + (m == "dira") * 0.05} for s in range(3)
+            for m, f in (("random", 0.1), ("dira", 0.1), ("dira", 1.0))]
+    cells = compare_to_baseline(aggregate(rows, "auc"), "random")
+    table = markdown_table(cells, "AUC", baseline="random", method_order=["random", "dira"])
+    assert "| dira | 65.00 ± 10.00 (p=0.573) | 65.00 ± 10.00 |" in table, table
+    assert "| random | 60.00 ± 10.00 | – |" in table, table

@@ -1,6 +1,7 @@
 """The experiment grid: resumable CSV, aggregation, table and plots (fine-tuning replaced by a known function)."""
 
 import csv
+import json
 
 import pytest
 import yaml
@@ -243,6 +244,55 @@ def test_a_checkpoint_replaced_at_the_same_path_is_not_mixed_into_its_rows(tmp_p
     # a method without runs yet records the new file; so does a fresh output_dir
     (tmp_path / "ckpt.pt").write_bytes(b"other weights")
     run_experiment(dict(config, output_dir=str(tmp_path / "out2")), runner=fake_runner([]), log=lambda _: None)
+
+
+def test_a_checkpoint_without_runs_may_change_and_a_method_left_out_keeps_its_record(tmp_path):
+    """checkpoints.json guards rows, not files: a method whose every run failed may get a new checkpoint; and the
+    record of a method left out of one run of the config (its rows stay in results.csv) is kept, so that its rows are
+    still guarded when it comes back."""
+    from dira3d.evaluation.experiment import ExperimentRunsFailed
+
+    config = _config(tmp_path)
+    record = tmp_path / "out" / "checkpoints.json"
+
+    def pretrained_fails(bundle, overrides):
+        if overrides["pretrained"]:
+            raise RuntimeError("the checkpoint does not load")
+        return fake_runner([])(bundle, overrides)
+
+    with pytest.raises(ExperimentRunsFailed, match="6 of 12 runs failed"):
+        run_experiment(config, runner=pretrained_fails, log=lambda _: None)
+    first = json.loads(record.read_text())["dira"]["sha256"]
+    (tmp_path / "ckpt.pt").write_bytes(b"the fixed checkpoint")  # no row of dira yet: taken, and recorded
+    calls = []
+    run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
+    assert len(calls) == 6 and all(c["pretrained"] for c in calls)
+    assert json.loads(record.read_text())["dira"]["sha256"] not in ("", first)
+    # a run of the baseline alone, then dira again with a replaced checkpoint: its 6 rows are still guarded
+    run_experiment(dict(config, methods={"random": None}, seeds=[0, 1, 2, 3]), runner=fake_runner([]),
+                   log=lambda _: None)
+    assert "dira" in json.loads(record.read_text())
+    (tmp_path / "ckpt.pt").write_bytes(b"other weights")
+    with pytest.raises(ValueError, match=r"checkpoint .*ckpt\.pt of method 'dira' changed since 6 run\(s\)"):
+        run_experiment(dict(config, seeds=[0, 1, 2, 3]), runner=fake_runner([]), log=lambda _: None)
+
+
+def test_the_table_names_the_first_20_runs_left_out_and_counts_the_others(tmp_path):
+    from dira3d.evaluation.experiment import ExperimentRunsFailed
+
+    def dira_fails(bundle, overrides):
+        if overrides["pretrained"]:
+            raise RuntimeError("out of memory")
+        return fake_runner([])(bundle, overrides)
+
+    for seeds, shown, more in ((10, 20, ""), (11, 20, "; and 2 more")):
+        config = _config(tmp_path, seeds=list(range(seeds)), output_dir=f"out{seeds}")
+        with pytest.raises(ExperimentRunsFailed):
+            run_experiment(config, runner=dira_fails, log=lambda _: None)
+        note = (tmp_path / f"out{seeds}" / "table.md").read_text().split("Left out (not run yet, or failed: see "
+                                                                         "failures.json): ")[1]
+        names = [f"dira @ {f} % labels, seed {s}" for f in (50, 100) for s in range(seeds)]
+        assert note == "; ".join(names[:shown]) + more + ".\n", note
 
 
 def test_a_second_experiment_on_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):

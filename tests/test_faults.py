@@ -74,14 +74,22 @@ def test_skipped_steps_count_on_after_a_resume(tmp_path, caplog):
     assert resumed.state.iteration == 8 and resumed.nonfinite_guard.skipped == 2
     assert "2 step(s) with a NaN/Inf loss were skipped so far" in caplog.text
     assert load_checkpoint(ckpt.last_path)["trainer"]["nonfinite_skipped"] == 2
+    # a resume without a new NaN step keeps the count and does not report those 2 again (they were reported)
+    caplog.clear()
+    calm = make_trainer(stages=STAGES, max_epochs=5, batch=2, volumes=4,
+                        handlers=[DiRACheckpoint(tmp_path / "models")], on_nonfinite="skip")
+    with caplog.at_level(logging.WARNING, logger="DiRATrainer"):
+        calm.run()
+    assert calm.state.iteration == 10 and calm.nonfinite_guard.skipped == 2
+    assert "skipped so far" not in caplog.text, caplog.text
     # a checkpoint written before the count was saved still resumes, counting from the resume
     old = load_checkpoint(ckpt.last_path)
     del old["trainer"]["nonfinite_skipped"]
     torch.save(old, ckpt.last_path)
-    again = make_trainer(stages=STAGES, max_epochs=5, batch=2, volumes=4,
+    again = make_trainer(stages=STAGES, max_epochs=6, batch=2, volumes=4,
                          handlers=[DiRACheckpoint(tmp_path / "models")], on_nonfinite="skip")
     again.run()
-    assert again.state.iteration == 10 and again.nonfinite_guard.skipped == 0
+    assert again.state.iteration == 12 and again.nonfinite_guard.skipped == 0
 
 
 def test_guard_and_weight_check_without_a_trainer():

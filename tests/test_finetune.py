@@ -199,6 +199,31 @@ def test_segmentation_holdout_without_a_non_empty_mask_warns_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_split(plain, "holdout", seed=seed)
+    # no holdout asked (holdout=0.0): nothing to warn about, although no held-out case has a non-empty mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_split(path, "train", seed=seed, holdout=0.0)) == len(entries)
+
+
+def test_a_foreground_key_on_only_some_entries_leaves_the_holdout_as_drawn(tmp_path):
+    """The holdout is completed only when every entry says whether its mask is empty: an entry added by hand without
+    ``voxels`` (or with null) must neither fail the split (KeyError / TypeError) nor be taken for an empty mask."""
+    for missing in ("absent", None):
+        entries = _seg_entries("voxels")
+        if missing == "absent":
+            del entries[7]["voxels"]
+        else:
+            entries[7]["voxels"] = None
+        for seed in range(6):
+            drawn = holdout_by_patient(_without(entries, "voxels"), 0.1, seed)
+            assert tuple(_ids_of(part) for part in holdout_by_patient(entries, 0.1, seed)) == tuple(
+                _ids_of(part) for part in drawn), (missing, seed)
+        path = tmp_path / f"lidc_{missing}.json"
+        path.write_text(json.dumps({"training": entries, "meta": {}}))
+        _touch(tmp_path, entries)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and no warning about the holdout's masks
+            assert len(load_split(path, "holdout", seed=0)) == 2
 
 
 def test_load_split_test_key_fold_and_errors(tmp_path):

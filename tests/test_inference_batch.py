@@ -375,3 +375,35 @@ def test_repeated_failures_takes_a_whole_number_as_text():
 
     assert InferenceBatch([{"image": "a.nii.gz"}], repeated_failures="5").repeated_failures == 5
     assert InferenceBatch([{"image": "a.nii.gz"}], repeated_failures=0).repeated_failures == 0
+
+
+class _FailingEngine:
+    """An evaluator whose own iteration fails every time, with the same error."""
+
+    @staticmethod
+    def _iteration(engine, batchdata):
+        raise RuntimeError("expected input to have 1 channels, but got 2 channels instead")
+
+
+def test_the_repeated_failure_count_is_per_input_and_starts_again_with_each_run():
+    """A failed batch of 2 inputs is 2 inputs failing the same way (a model of another in_channels on a batch_size 2
+    loader failed 6 inputs before the stop of 3), and a run of the same record counts from 0 again."""
+    import torch
+    from monai.transforms import Compose
+
+    from dira3d.evaluation import InferenceBatch
+    from dira3d.evaluation.batch import RepeatedFailureError
+
+    batch = InferenceBatch([{"image": f"/data/case{i}.nii.gz"} for i in range(6)])
+    two, one = {"image": torch.zeros(2, 1, 4, 4, 4)}, {"image": torch.zeros(1, 1, 4, 4, 4)}
+    batch.screen(Compose([]))
+    assert batch.iteration(_FailingEngine, two) == []  # inputs 0 and 1
+    with pytest.raises(RepeatedFailureError, match=r"^the batch stops: 4 inputs in a row failed .*\(the other 2 "
+                                                   r"inputs are not run;"):
+        batch.iteration(_FailingEngine, two)  # inputs 2 and 3
+    assert sorted(batch.failed) == [0, 1, 2, 3]
+    # the same record run again (the workflow's run called once more): its first failures do not stop it at once
+    batch.screen(Compose([]))
+    assert batch.iteration(_FailingEngine, one) == [] and batch.iteration(_FailingEngine, one) == []
+    with pytest.raises(RepeatedFailureError, match=r"^the batch stops: 3 inputs in a row"):
+        batch.iteration(_FailingEngine, one)

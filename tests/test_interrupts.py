@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import os
 
 import pytest
 from ignite.engine import Engine, Events
 from monai.handlers import StatsHandler
 
-from dira3d.utils.interrupts import quiet_interrupt_logs
+from dira3d.utils.interrupts import WrittenFiles, quiet_interrupt_logs
 
 
 def _run(error: BaseException, quiet: bool) -> str:
@@ -95,3 +96,24 @@ def test_dira_engines_take_the_mixin():
     from dira3d.utils.interrupts import QuietInterruptMixin
 
     assert issubclass(DiRATrainer, QuietInterruptMixin) and issubclass(DiRAEvaluator, QuietInterruptMixin)
+
+
+def test_written_files_lists_new_and_changed_files_but_not_hidden_ones(tmp_path):
+    """What a command's one line after Ctrl-C counts: a file it rewrote (--overwrite) is written too, and its own lock
+    and the temporaries of atomic writes (hidden) are not files it wrote."""
+    out = tmp_path / "out"
+    (out / "subset0").mkdir(parents=True)
+    for name in ("subset0/1.mhd", "subset0/2.mhd"):
+        (out / name).write_text("before")
+    single = tmp_path / "model.ts"  # a command whose output is one file, not there yet
+    written = WrittenFiles(out, single)
+    assert written.since() == []
+    rewritten = out / "subset0" / "1.mhd"
+    stat = rewritten.stat()
+    os.utime(rewritten, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten, a second later
+    (out / "subset1").mkdir()
+    (out / "subset1" / "3.mhd").write_text("new")
+    (out / ".dira3d.lock").write_text("")
+    (out / "subset1" / ".4.mhd.abcd1234.tmp").write_text("half")
+    single.write_bytes(b"x")
+    assert written.since() == sorted([rewritten, out / "subset1" / "3.mhd", single])

@@ -239,6 +239,13 @@ def test_localise_leaves_out_a_box_whose_image_is_bad_and_scores_the_others(tmp_
     err = capsys.readouterr().err
     assert err.count("dira3d localise: warning: left out (not in the accuracies): ") == 2 and "img0.png: cannot be read" in err
     assert "Traceback" not in err and "UserWarning" not in err
+    with warnings.catch_warnings(record=True) as caught:  # pytest records warnings: stderr alone cannot show one
+        warnings.simplefilter("always")
+        assert main(["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir",
+                     str(tmp_path / "cli"), "--num-classes", "2", "--backbone", "resnet10", "--roi-size", "64", "64",
+                     "--overwrite"]) == 0
+    assert not [str(w.message) for w in caught if "left out" in str(w.message)]  # the lines after the numbers only
+    assert capsys.readouterr().err.count("left out (not in the accuracies)") == 2
     (images / "img1.png").write_bytes(b"")
     with pytest.raises(SystemExit):
         main(["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir", str(tmp_path / "cli2"),
@@ -303,3 +310,15 @@ def test_localise_leaves_out_an_image_outside_0_255_naming_it(tmp_path):
                           roi_size=(64, 48))
     assert result["count"] == 1 and [s["image"] for s in result["skipped"]] == [str(images / "img0.nii.gz")]
     assert result["accuracy"]["0.6"] == 1.0
+
+
+def test_the_model_check_runs_on_the_first_usable_image_when_the_first_box_is_bad(tmp_path):
+    """The label_index check ran on box 0's image only: with box 0's image bad, a box of a class the model does not have
+    reached Grad-CAM (an IndexError naming nothing) instead of the error naming it, before any overlay is written."""
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)] * 3, [0, 0, 2])  # _ImageCAM has 2 classes
+    (tmp_path / "data" / "images" / "img0.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="box 0 left out"), \
+            pytest.raises(ValueError, match=r"box entry 2 \(image \S+img2\.png\) has label_index 2"):
+        localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
+                 roi_size=(64, 48))
+    assert not (tmp_path / "out").exists()
