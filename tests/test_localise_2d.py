@@ -185,7 +185,8 @@ def test_localise_refuses_a_colour_png_naming_it(tmp_path):
     datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)], [0])
     path = tmp_path / "data" / "images" / "img0.png"
     _colour(path)
-    with pytest.raises(ValueError, match=rf"{path}: is a colour RGB image: its colour channels differ in 12288 pixels"):
+    with pytest.warns(UserWarning, match=r"box 0 left out: \S+img0\.png: is a colour RGB image"), \
+            pytest.raises(ValueError, match=rf"{path}: is a colour RGB image: its colour channels differ in 12288 pixels"):
         localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features", roi_size=(64, 48))
 
 
@@ -224,7 +225,8 @@ def test_localise_leaves_out_a_box_whose_image_is_bad_and_scores_the_others(tmp_
     images = tmp_path / "data" / "images"
     (images / "img0.png").write_bytes(b"not a png")
     _colour(images / "img2.png")
-    with pytest.warns(UserWarning, match=r"box 0 left out: \S+img0\.png: cannot be read as an image"):
+    with pytest.warns(UserWarning, match=r"box 2 left out: \S+img2\.png: is a colour RGB image"), \
+            pytest.warns(UserWarning, match=r"box 0 left out: \S+img0\.png: cannot be read as an image"):
         result = localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
                           roi_size=(64, 48))
     assert result["count"] == 1 and [b["image"] for b in result["boxes"]] == [str(images / "img1.png")]
