@@ -56,6 +56,9 @@ KINDS = {
                                       "I;16", np.rint((BASE // 2) * (255 / 127)).astype(np.uint8)),
     "16-bit grey TIFF": ("wide.tif", lambda p: _save(p, Image.fromarray(LOW + STEP * BASE.astype(np.uint16))),
                          "I;16", BASE),
+    # big-endian ("MM"): how Pillow writes I;16B, and many scanners' TIFFs; the little-endian one above starts "II"
+    "16-bit grey TIFF, big-endian": ("wide_be.tif", lambda p: _save(p, Image.frombytes(
+        "I;16B", (COLS, ROWS), (LOW + STEP * BASE.astype(np.uint16)).astype(">u2").tobytes())), "I;16B", BASE),
     "grey + alpha PNG, opaque": ("la.png", lambda p: _save(p, Image.fromarray(np.stack([BASE, OPAQUE], -1), "LA")),
                                  "LA", BASE),
     "RGB PNG of a grey image": ("rgb.png", lambda p: _save(p, Image.fromarray(np.stack([BASE] * 3, -1), "RGB")),
@@ -174,3 +177,19 @@ def test_a_png_with_transparent_pixels_is_refused_as_preparation_refuses_it(bund
     with pytest.raises(DataError, match=re.escape(expected)):
         read_radiograph(path)  # what preparation reports for the case
     assert expected in _refused(bundle, tmp_path, path)  # names the file, writes nothing
+
+
+def test_the_radiograph_reader_claims_only_radiograph_files(tmp_path):
+    """MONAI asks a reader whether it can read the files (verify_suffix): RadiographReader says yes only when every
+    file is a radiograph, told by content (a volume or a file that is not an image goes to another reader)."""
+    from dira3d.evaluation.radiographs import RadiographReader, radiograph_format
+
+    png = _write("palette PNG with grey colours", tmp_path)
+    tif = _write("16-bit grey TIFF, big-endian", tmp_path)
+    other = tmp_path / "scan.nii.gz"
+    other.write_bytes(b"\x1f\x8b\x08\x00not a radiograph")
+    assert [radiograph_format(p) for p in (png, tif, other, tmp_path / "missing.png")] == ["PNG", "TIFF", None, None]
+    reader = RadiographReader()
+    assert reader.verify_suffix([str(png), str(tif)]) is True
+    assert reader.verify_suffix([str(png), str(other)]) is False
+    assert reader.verify_suffix(str(other)) is False

@@ -124,3 +124,21 @@ def test_bad_test_settings_are_refused_naming_the_setting(tmp_path, extra, text)
 @pytest.mark.parametrize("extra", [{"welch": True, "test": "welch"}, {"welch": False, "test": "paired"}, {"test": None}])
 def test_consistent_test_settings_are_accepted(tmp_path, extra):
     assert _config(tmp_path, **extra)["baseline"] == "random"
+
+
+def test_the_note_gives_the_range_of_pairs_when_cells_differ(tmp_path):
+    """Two label fractions, dira's seed 3 failed at 50 % only: one cell is tested over 3 pairs, the other over 4, and
+    the note says so ("3 to 4 pairs"), not the largest or smallest count alone."""
+    def run(bundle, overrides):
+        dira = bool(overrides["pretrained"])
+        if dira and overrides["seed"] == 3 and overrides["label_fraction"] == 0.5:
+            raise RuntimeError("holdout is empty")
+        return {"auc": BASE[overrides["seed"]] + (GAIN[overrides["seed"]] if dira else 0.0)}
+
+    config = _config(tmp_path, test="paired", label_fractions=[0.5, 1.0])
+    with pytest.raises(ExperimentRunsFailed, match="1 of 16 runs failed"):
+        run_experiment(config, runner=run, log=lambda _: None)
+    cells = [c for c in json.loads((tmp_path / "out" / "summary.json").read_text()) if c["method"] == "dira"]
+    assert sorted((c["label_fraction"], c["pairs"]) for c in cells) == [(0.5, 3), (1.0, 4)]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "over the seeds both have (3 to 4 pairs;" in table

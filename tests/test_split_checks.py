@@ -97,6 +97,10 @@ def test_multilabel_test_split_without_a_class_of_both_values_is_refused_before_
     test[0]["label"] = [0.0, 0.0]  # class 0 has both values now: scored (class 1 is left out, and named after the run)
     path = _write(tmp_path, "cxr.json", {"training": training, "test": test, "meta": {}})
     assert len(load_split(path, "test")) == 3
+    # only the last class has both values: scored too (every class is looked at, the last one included)
+    test = [{"image": f"t{i}.png", "label": [1.0, float(i == 0)], "case_id": f"q{i}"} for i in range(3)]
+    path = _write(tmp_path, "cxr.json", {"training": training, "test": test, "meta": {}})
+    assert len(load_split(path, "test")) == 3
 
 
 def test_a_label_that_is_not_numbers_gets_the_label_error_not_a_type_error(tmp_path):
@@ -116,6 +120,13 @@ def test_a_label_that_is_not_numbers_gets_the_label_error_not_a_type_error(tmp_p
     path = _write(tmp_path, "ncc.json", {"training": binary, "test": one_class, "meta": {}})
     with pytest.raises(ValueError, match=r"entry 0 of split 'test' .* has label 0; expected a list of 14 numbers"):
         load_split(path, "test", num_labels=14)
+    # true / false in place of 1.0 / 0.0 are not numbers either: left to the label check, not refused by the AUC check
+    # (here every class has one value, which the AUC check would refuse with its own advice)
+    flags = [{"image": f"t{i}.png", "label": [True, False], "case_id": f"q{i}"} for i in range(3)]
+    path = _write(tmp_path, "flags.json", {"training": training, "test": flags, "meta": {}})
+    assert len(load_split(path, "test")) == 3
+    with pytest.raises(ValueError, match=r"entry 0 of split 'test' .* has label \[True, False\]"):
+        load_split(path, "test", num_labels=2)
 
 
 def test_describe_split_counts_positives_of_each_kind():
@@ -146,6 +157,11 @@ def test_warning_for_a_segmentation_test_split_of_no_or_few_masks_with_foregroun
                  {"cases": 3, "positive": 2},  # few cases, but mostly with foreground (a small Montgomery test list)
                  {"cases": 4, "positive": None}):  # not known
         assert warning_for_test_split(path, "segmentation", dict(fine, patients=1)) is None, fine
+    # the bounds: fewer than FEW_POSITIVE (5) cases with foreground *and* fewer than half the cases
+    assert "has only 4 of 20 cases" in warning_for_test_split(path, "segmentation", {"cases": 20, "positive": 4})
+    assert warning_for_test_split(path, "segmentation", {"cases": 20, "positive": 5}) is None
+    assert warning_for_test_split(path, "segmentation", {"cases": 8, "positive": 4}) is None  # half
+    assert "has only 4 of 9 cases" in warning_for_test_split(path, "segmentation", {"cases": 9, "positive": 4})
     # a binary classification split is refused earlier when it has one class; its positives are not about Dice
     assert warning_for_test_split(path, "classification", {"cases": 12, "patients": 6, "positive": 0}) is None
 
@@ -158,6 +174,8 @@ def test_warning_names_the_classes_a_mean_auc_leaves_out_and_is_given_once(tmp_p
                        "image(s) and are left out of the mean AUC: Cardiomegaly (all negative), Consolidation (all positive); "
                        "the mean AUC is over the other 2 classes, so it is not comparable with a mean over all of them")
     assert warning_for_test_split(path, "multilabel", dict(summary, positive=[2, 1, 3, 1])) is None
+    # every class of one value: refused before training (check_auc_defined), nothing to warn about after it
+    assert warning_for_test_split(path, "multilabel", dict(summary, positive=[0, 4, 4, 0])) is None
     with pytest.warns(UserWarning, match="2 of 4 classes have one value"):
         warn_test_split(path, "multilabel", summary)
     with warnings.catch_warnings():  # an experiment grid tests the same split many times: warned once
@@ -176,6 +194,10 @@ def test_foreground_dice_counts_the_cases_with_foreground_it_scores():
     assert engine.state.foreground_cases == {"dice": {"cases": 3, "positive": 0}, "iou": {"cases": 3, "positive": 0}}
     engine.run([[[full], [full]]])  # counted again for every run (each validation of the holdout)
     assert engine.state.foreground_cases["dice"] == {"cases": 1, "positive": 1}
+    one_voxel = torch.zeros(1, 4, 4)
+    one_voxel[0, 1, 2] = 1
+    engine.run([[[empty, empty], [one_voxel, empty]]])  # any voxel above 0 is foreground, one is enough
+    assert engine.state.foreground_cases["dice"] == {"cases": 2, "positive": 1}
 
 
 @pytest.mark.slow
