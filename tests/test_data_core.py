@@ -70,7 +70,7 @@ def test_to_ras_writes_ras_nifti_and_keeps_world_positions(tmp_path):
     monai_img = EnsureChannelFirst()(LoadImage(image_only=True)(str(path)))
     assert tuple(monai_img.shape) == (1, *ras.GetSize())
     assert np.array_equal(np.asarray(monai_img[0]), image_to_xyz(ras))
-    assert np.array_equal(np.asarray(Orientation(axcodes="RAS")(monai_img)), np.asarray(monai_img))  # already RAS
+    assert np.array_equal(np.asarray(Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(monai_img)), np.asarray(monai_img))  # already RAS
 
 
 def test_read_image_roundtrip_and_errors(tmp_path):
