@@ -53,9 +53,27 @@ def _private_attributes(source: str, module: str, is_package: bool, modules: set
             for alias in node.names:
                 if f"{base}.{alias.name}" in modules:
                     bound[alias.asname or alias.name] = f"{base}.{alias.name}"
-    return [f"{node.lineno}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
-            and node.attr.startswith("_") and not node.attr.startswith("__")]
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+            continue
+        chain = _dotted(node.value)  # "dira3d.x.y" of ``dira3d.x.y._z`` after ``import dira3d.x.y``
+        if chain is None or chain.split(".")[0] not in bound:
+            continue
+        head, _, rest = chain.partition(".")
+        target = ".".join([bound[head]] + ([rest] if rest else []))
+        if target in modules:
+            found.append(f"{node.lineno}: {chain}.{node.attr}")
+    return found
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``"a.b.c"`` of the expression ``a.b.c`` (names and attributes only), else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id] + parts[::-1]) if isinstance(node, ast.Name) else None
 
 
 def test_no_module_imports_a_private_name_of_another():
@@ -82,5 +100,9 @@ def test_the_check_sees_a_private_attribute_of_an_imported_module():
               "dira3d._x\n")
     assert _private_attributes(source, "dira3d.evaluation.results", False, modules) == [
         "7: stats._by_seed", "8: s._paired_p", "9: m._fmt", "12: dira3d._x"]
+    # a submodule reached through the package's name after ``import dira3d.x.y`` (which binds ``dira3d``)
+    deep = "import dira3d.evaluation.stats\ndira3d.evaluation.stats._fmt\ndira3d.evaluation.stats.aggregate\nos.path._x\n"
+    assert _private_attributes(deep, "dira3d.evaluation.results", False, modules) == [
+        "2: dira3d.evaluation.stats._fmt"]
     # in a package's __init__.py, "." is the package itself
     assert _private_attributes("from . import stats\nstats._y\n", "dira3d.evaluation", True, modules) == ["2: stats._y"]
