@@ -162,6 +162,16 @@ def test_montgomery_merges_left_and_right(tmp_path):
     assert entries["MCUCXR_0002"]["label"] == "masks/MCUCXR_0002_1.png"
 
 
+def test_montgomery_val_fraction_0_gives_the_patents_train_test_split(tmp_path):
+    # docs/data_2d.md: fine-tuning does not read `validation`; --val-fraction 0 gives the patent's 80 / 20 % form
+    src, _ = _montgomery_layout(tmp_path / "data")
+    dst = tmp_path / "out"
+    assert prepare_main(["montgomery", "--src", str(src), "--dst", str(dst), "--size", "0",
+                         "--val-fraction", "0", "--test-fraction", "0.34"]) == 0
+    datalist = json.loads((dst / "montgomery_datalist.json").read_text())
+    assert [len(datalist.get(s, [])) for s in ("training", "validation", "test")] == [2, 0, 1]
+
+
 def test_montgomery_missing_mask_and_merge_errors(tmp_path):
     src, _ = _montgomery_layout(tmp_path / "data")
     missing = src / "MontgomerySet" / "ManualMask" / "rightMask" / "MCUCXR_0002_1.png"

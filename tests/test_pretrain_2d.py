@@ -58,6 +58,10 @@ def test_full_2d_configs_follow_method_md(cxr_dir):
         assert get("spatial_dims") == 2 and get("in_channels") == 1 and get("patch_size") == [224, 224]
         assert (get("lambda_dis"), get("lambda_res"), get("lambda_adv")) == (1.0, 10.0, 0.001)
         assert get("distortion") == "dira2d" and get("pair") == "views"
+        views = get("views").settings  # T(.): MoCo-v2's crop 0.2-1, flip, ColorJitter (brightness scales), blur
+        assert views.scale == (0.2, 1.0) and views.flip_axes == [0] and views.jitter_prob == 0.8
+        assert (views.brightness, views.brightness_kind, views.contrast) == (0.4, "scale", 0.4)
+        assert views.blur_sigma == (0.1, 2.0) and views.blur_prob == 0.5
         net = get("network_def")
         assert type(net).__name__ == "ResNetUNet" and net.bottleneck_channels == 2048
         head = get("dis_head")

@@ -413,6 +413,40 @@ def test_view_without_augmentation_is_identity_and_blur_keeps_the_mean() -> None
         gaussian_blur(x, torch.tensor([0.3, 1.5]), radius=0)
 
 
+def _jitter_only(dims: int, **overrides: object) -> ViewAugment:
+    return ViewAugment(dims, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0, jitter_prob=1.0, gamma_prob=0,
+                       noise_prob=0, blur_prob=0, **overrides)
+
+
+def test_2d_brightness_jitter_scales_as_moco_colour_jitter() -> None:
+    # METHOD.md section 3: T(.) has MoCo-v2's ColorJitter(0.4, 0.4, ...): brightness multiplies by U[0.6, 1.4]
+    # (black stays black), it does not add U(-0.4, 0.4); contrast 0 isolates the brightness step
+    x = 0.1 + 0.4 * rand(16, 1, 12, 12)
+    v1, v2 = _jitter_only(2, contrast=0.0)(x, gen(3))
+    ratios = torch.cat([v1, v2]) / torch.cat([x, x])
+    per_sample = ratios.flatten(1)
+    assert torch.allclose(per_sample, per_sample[:, :1].expand_as(per_sample), atol=1e-5)  # one factor per view
+    factors = per_sample[:, 0]
+    assert float(factors.min()) >= 0.6 - 1e-6 and float(factors.max()) <= 1.4 + 1e-6
+    assert float((factors - 1).abs().max()) > 0.1  # the factors are drawn, not 1
+    black = torch.zeros(4, 1, 8, 8)
+    assert torch.equal(_jitter_only(2, contrast=0.0)(black, gen(3))[0], black)
+    # contrast about the mean after the brightness step, as ColorJitter does it: a flat image stays flat
+    flat = torch.full((4, 1, 8, 8), 0.5)
+    out = _jitter_only(2)(flat, gen(4))[0]
+    assert torch.allclose(out, out.flatten(1)[:, :1, None, None].expand_as(out))
+    assert ViewAugment(2).settings.brightness_kind == "scale" and ViewAugment(3).settings.brightness_kind == "shift"
+
+
+def test_3d_brightness_jitter_is_a_shift() -> None:
+    # 3D (our CT setting): brightness adds U(-b, b) to the [0, 1] intensities, so air (0) can brighten
+    black = torch.zeros(8, 1, 8, 8, 8)
+    v1, _ = _jitter_only(3, contrast=0.0)(black, gen(5))
+    assert float(v1.max()) > 0.0 and float(v1.max()) <= 0.2 + 1e-6
+    with pytest.raises(ValueError, match="brightness_kind must be one of"):
+        random_views(black, gen(), _jitter_only(3, brightness_kind="add").settings)
+
+
 # --- MONAI wrappers -------------------------------------------------------------------------
 
 def test_dictionary_wrappers_are_reproducible_through_set_random_state() -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ._common import bernoulli, check_batch, check_static, to_device, uniform
 
-__all__ = ["ViewSettings", "ViewAugment", "random_views", "gaussian_blur", "blur_radius"]
+__all__ = ["ViewSettings", "ViewAugment", "random_views", "gaussian_blur", "blur_radius", "BRIGHTNESS_KINDS"]
 
 
 @dataclass
@@ -35,6 +35,7 @@ class ViewSettings:
     flip_prob: float = 0.5
     jitter_prob: float = 0.8
     brightness: float = 0.4
+    brightness_kind: str = "scale"
     contrast: float = 0.4
     gamma: tuple[float, float] = (1.0, 1.0)
     gamma_prob: float = 0.0
@@ -44,13 +45,17 @@ class ViewSettings:
     blur_prob: float = 0.5
 
 
+BRIGHTNESS_KINDS = ("scale", "shift")
+
+
 def _defaults(spatial_dims: int) -> ViewSettings:
     if spatial_dims == 2:  # SimCLR / MoCo-v2 on chest X-rays (grey: no saturation or hue)
         return ViewSettings()
-    # 3D: milder crops (patches are already small), flips along every axis, gamma and noise.
+    # 3D: milder crops (patches are already small), flips along every axis, gamma and noise; brightness
+    # as a shift of the [0, 1] intensities (a HU offset), not a scaling, which would leave air (0) dark.
     return ViewSettings(scale=(0.5, 1.0), ratio=(1.0, 1.0), flip_axes=(0, 1, 2), jitter_prob=0.8, brightness=0.2,
-                        contrast=0.2, gamma=(0.7, 1.5), gamma_prob=0.5, noise_std=0.05, noise_prob=0.5,
-                        blur_sigma=(0.1, 1.0), blur_prob=0.5)
+                        brightness_kind="shift", contrast=0.2, gamma=(0.7, 1.5), gamma_prob=0.5, noise_std=0.05,
+                        noise_prob=0.5, blur_sigma=(0.1, 1.0), blur_prob=0.5)
 
 
 def _crop_resize(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
@@ -135,7 +140,10 @@ def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSett
 
     Steps, each drawn per sample: crop covering ``scale`` of the area/volume (2D aspect in
     ``ratio``) resized back; flip along each of ``flip_axes`` with ``flip_prob``; with
-    ``jitter_prob`` brightness (add U(-b, b)) and contrast (scale about the mean by U(1-c, 1+c));
+    ``jitter_prob`` brightness and contrast: ``brightness_kind`` ``"scale"`` (the 2D default, MoCo-v2's
+    torchvision ``ColorJitter``) multiplies by U(1-b, 1+b), clips, then scales about the new mean by
+    U(1-c, 1+c) and clips (a fixed order: ``ColorJitter`` draws the order); ``"shift"`` (the 3D default)
+    scales about the mean by U(1-c, 1+c) and adds U(-b, b), then clips;
     with ``gamma_prob`` a gamma in ``gamma`` (log-uniform); with ``noise_prob`` Gaussian noise of
     std U(0, noise_std); with ``blur_prob`` a Gaussian blur of sigma in ``blur_sigma`` (kernel
     radius ``ceil(3 * blur_sigma[1])``). Output clipped to [0, 1].
@@ -163,6 +171,8 @@ def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSett
         raise ValueError(f"view scale must satisfy 0 < min <= max <= 1, got {s.scale}")
     if not 0.0 <= s.blur_sigma[0] <= s.blur_sigma[1]:
         raise ValueError(f"view blur_sigma must satisfy 0 <= min <= max, got {s.blur_sigma}")
+    if s.brightness_kind not in BRIGHTNESS_KINDS:
+        raise ValueError(f"view brightness_kind must be one of {BRIGHTNESS_KINDS}, got {s.brightness_kind!r}")
     b, dev = x.shape[0], x.device
     out = _crop_resize(x, generator, s.scale, s.ratio)
     for axis in s.flip_axes:
@@ -175,8 +185,15 @@ def random_views(x: torch.Tensor, generator: torch.Generator, settings: ViewSett
     u = uniform((b, 2), generator, dev)
     shift = ((u[:, 0] * 2 - 1) * s.brightness).view(view_shape)
     factor = (1 + (u[:, 1] * 2 - 1) * s.contrast).view(view_shape)
-    mean = out.mean(dim=tuple(range(1, d + 2)), keepdim=True)
-    out = torch.where(jitter, ((out - mean) * factor + mean + shift).clamp(0, 1), out)
+    axes = tuple(range(1, d + 2))
+    if s.brightness_kind == "shift":
+        mean = out.mean(dim=axes, keepdim=True)
+        jittered = ((out - mean) * factor + mean + shift).clamp(0, 1)
+    else:  # torchvision ColorJitter: brightness scales by U[1 - b, 1 + b], then contrast about the new mean
+        bright = (out * (1 + shift).clamp_min(0)).clamp(0, 1)
+        mean = bright.mean(dim=axes, keepdim=True)
+        jittered = ((bright - mean) * factor + mean).clamp(0, 1)
+    out = torch.where(jitter, jittered, out)
     if s.gamma_prob > 0:
         use = bernoulli(b, s.gamma_prob, generator, dev).view(view_shape)
         lg = math.log(s.gamma[0]) + (math.log(s.gamma[1]) - math.log(s.gamma[0])) * uniform((b,), generator, dev)
