@@ -7,8 +7,9 @@ Every 2D dataset is written the same way (docs/data_2d.md):
   224²; bundles resize further. Images that are not 8-bit (12/16-bit PNG, DICOM) are min-max scaled
   to 0..255 (a DICOM's VOI window, WindowCenter/Width, is not applied); ``MONOCHROME1`` DICOMs are
   read as ``MONOCHROME2`` (bone bright) by SimpleITK. :func:`read_radiograph` is that reading, shared
-  by the preparations and by the 2D bundles' inference (:mod:`dira3d.evaluation.radiographs`), so a
-  PNG, JPEG, TIFF, BMP or DICOM given to a bundle reaches the network as its prepared PNG would.
+  by the preparations and by the 2D bundles' inference (:mod:`dira3d.evaluation.radiographs`), as is
+  :func:`resize_image` (``PrepareRadiographd``, the bundles' ``prepared_size``), so a PNG, JPEG, TIFF, BMP or
+  DICOM given to a bundle reaches the network as its prepared PNG would.
   A grey image stored as RGB(A), grey + alpha or with a grey palette becomes one channel (a
   warning in the report); a coloured or transparent one is a failed case (:func:`one_channel`).
   SimpleITK reads neither grey + alpha nor transparent grey PNGs, so those and palette PNGs are
@@ -47,6 +48,7 @@ __all__ = [
     "one_channel",
     "to_uint8",
     "resize_image",
+    "image_resize_mode",
     "resize_mask",
     "write_png",
     "convert_image",
@@ -273,13 +275,18 @@ def resize_image(array: np.ndarray, size: int) -> np.ndarray:
     """
     if size == 0 or array.shape == (size, size):
         return array
-    if min(array.shape) >= size:
+    resized = _resize(array, size, **image_resize_mode(array.shape, size))
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+
+def image_resize_mode(shape: Sequence[int], size: int) -> dict:
+    """The interpolation :func:`resize_image` resizes an image of ``shape`` to ``size × size`` with, as MONAI
+    ``Resize`` arguments: ``mode="area"`` when no side is enlarged, else bilinear (``align_corners=False``)."""
+    if min(shape) >= size:
         # area averaging: no aliasing, and (unlike a Gaussian pre-filter, which pads with zeros)
         # no darkened border
-        resized = _resize(array, size, mode="area")
-    else:
-        resized = _resize(array, size, mode="bilinear", align_corners=False)
-    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+        return {"mode": "area"}
+    return {"mode": "bilinear", "align_corners": False}
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

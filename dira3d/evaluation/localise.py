@@ -9,8 +9,8 @@ correct at level δ when the best box reaches IoU ≥ δ with the ground truth (
 Inputs: ``bbox_datalist.json`` as written by ``dira3d prepare chestxray14`` (entries ``image``,
 ``label`` (finding), ``label_index``, ``box`` = ``[x, y, w, h]`` in pixels of the prepared PNG). The
 image is loaded like the bundle's inference loads it (a PNG, JPEG, TIFF, BMP or DICOM read as ``dira3d prepare``
-reads it, so a 16-bit PNG is min-max scaled; ``(x, y)`` axes, [0, 1], resized to ``roi_size``) and the box is
-scaled by the same factors. Outputs in ``output_dir``: ``localisation.json`` (accuracy per δ, the
+reads it, so a 16-bit PNG is min-max scaled; ``(x, y)`` axes, resized to ``prepared_size`` as ``dira3d prepare``
+stores it, [0, 1], resized to ``roi_size``) and the box is scaled by the same factors. Outputs in ``output_dir``: ``localisation.json`` (accuracy per δ, the
 settings, the best IoU of every box, the boxes left out) and PNG overlays (heatmap, predicted boxes yellow, truth green).
 
 Command line (``dira3d localise``)::
@@ -45,6 +45,10 @@ from dira3d.utils.files import read_json
 from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
+
+# dira3d.data.cxr.DEFAULT_SIZE, the bundles' prepared_size (not imported here: dira3d.data.cxr loads SimpleITK;
+# tests/test_cxr_prepared_size.py checks they agree)
+DEFAULT_SIZE = 512
 
 
 def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test",
@@ -121,9 +125,11 @@ def scale_box(box: Sequence[float], image_size: Sequence[int], roi_size: Sequenc
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
-def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Load a radiograph as the 2D bundles' inference does: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``; also
-    the original (x, y) size.
+def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int],
+                   prepared_size: int | None = DEFAULT_SIZE) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Load a radiograph as the 2D bundles' inference does: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``, through
+    ``prepared_size`` as the bundle's setting (:class:`~dira3d.evaluation.radiographs.PrepareRadiographd`; 0 or None:
+    straight); also the original (x, y) size.
 
     A PNG, JPEG, TIFF, BMP or DICOM file is read by :class:`~dira3d.evaluation.radiographs.LoadRadiographd`, i.e.
     by :func:`dira3d.data.cxr.read_radiograph` as ``dira3d prepare chestxray14`` reads it: a 12/16-bit image min-max
@@ -138,7 +144,7 @@ def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int]) -> tuple[to
     from monai.transforms import EnsureChannelFirst, Resize, ScaleIntensityRange
 
     from dira3d.engines.inputs import check_volume
-    from dira3d.evaluation.radiographs import LoadRadiographd
+    from dira3d.evaluation.radiographs import LoadRadiographd, PrepareRadiographd
 
     # LoadRadiographd (a LoadVolumed): a file that is not an image, empty or missing is a DataError naming it
     image = EnsureChannelFirst()(LoadRadiographd("image", image_only=True)({"image": str(path)})["image"])
@@ -147,6 +153,7 @@ def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int]) -> tuple[to
                               "writes): save the radiograph as PNG or DICOM, which are min-max scaled as preparation "
                               "scales them, or give the prepared PNG")
     size = (int(image.shape[1]), int(image.shape[2]))
+    image = PrepareRadiographd("image", prepared_size)({"image": image})["image"]
     image = ScaleIntensityRange(0.0, 255.0, 0.0, 1.0, clip=True)(image)
     image = Resize(tuple(int(s) for s in roi_size), mode="area")(image)
     return torch.as_tensor(image, dtype=torch.float32), size
@@ -158,6 +165,7 @@ def localise(
     output_dir: str | os.PathLike,
     target_layer: str = "encoder.layer4",
     roi_size: Sequence[int] = (224, 224),
+    prepared_size: int | None = DEFAULT_SIZE,
     threshold: float = 0.5,
     deltas: Sequence[float] = DELTAS,
     max_overlays: int = 20,
@@ -172,6 +180,7 @@ def localise(
         output_dir: folder for ``localisation.json`` and ``overlays/*.png``.
         target_layer: name of the module whose activations Grad-CAM weighs.
         roi_size: the classifier's input size (x, y).
+        prepared_size: the side the training PNGs were stored at (the bundle's ``prepared_size``); 0 or None: none.
         threshold: binarisation level of the min-max normalised heatmap.
         deltas: IoU levels at which accuracy is reported.
         max_overlays: how many overlays to write (the first entries).
@@ -198,12 +207,13 @@ def localise(
         raise FileExistsError(f"{out / 'localisation.json'} holds an earlier run's results, which this run would replace; "
                               "choose another --output-dir, or pass --overwrite to replace them")
     with removed_if_failed_empty(out):  # entries the model does not fit (refused before any overlay) leave no empty folder
-        return _localise(model, entries, out, target_layer, roi_size, threshold, deltas, max_overlays, device)
+        return _localise(model, entries, out, target_layer, roi_size, prepared_size, threshold, deltas, max_overlays,
+                         device)
 
 
 def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out: Path, target_layer: str,
-              roi_size: Sequence[int], threshold: float, deltas: Sequence[float], max_overlays: int,
-              device: str | torch.device) -> dict[str, Any]:
+              roi_size: Sequence[int], prepared_size: int | None, threshold: float, deltas: Sequence[float],
+              max_overlays: int, device: str | torch.device) -> dict[str, Any]:
     """:func:`localise` once its inputs are checked and ``localisation.json`` may be written."""
     check_writable(out, what="output folder (--output-dir)")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -211,7 +221,7 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
     heatmaps, truths, records, skipped, first_error = [], [], [], [], None
     for index, entry in enumerate(entries):
         try:
-            image, size = load_cxr_image(entry["image"], roi_size)
+            image, size = load_cxr_image(entry["image"], roi_size, prepared_size)
         except DataError as err:  # this box is left out, the others are scored (docs/2d.md)
             first_error = first_error or err
             skipped.append({"image": entry["image"], "label": entry.get("label"), "reason": str(err)})
@@ -243,7 +253,8 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
                           for delta in deltas}
     result = {"accuracy": {f"{delta:g}": value for delta, value in accuracy.items()},
               "mean_accuracy_over_findings": mean_over_findings, "accuracy_per_finding": per_finding, "count": len(records),
-              "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size], "boxes": records,
+              "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size],
+              "prepared_size": prepared_size or 0, "boxes": records,
               "skipped": skipped}
     atomic_write_text(out / "localisation.json", json.dumps(result, indent=2))
     return result
@@ -361,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="resnet50", help="backbone the classifier was built with")
     parser.add_argument("--num-classes", type=int, default=14)
     parser.add_argument("--roi-size", type=int, nargs=2, default=[224, 224], help="classifier input size (x y)")
+    parser.add_argument("--prepared-size", type=int, default=DEFAULT_SIZE,
+                        help="side the training PNGs were stored at (`dira3d prepare chestxray14 --size`; the bundle's "
+                             "prepared_size): each image is resized to it as preparation does before --roi-size; 0 = "
+                             "straight to --roi-size")
     parser.add_argument("--target-layer", default="encoder.layer4", help="module Grad-CAM weighs, e.g. encoder.layer3")
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap binarisation level")
     parser.add_argument("--max-overlays", type=int, default=20)
@@ -368,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:  # the heatmap is min-max normalised: 0 or above 1 would box everything or nothing
         parser.error(f"--threshold {args.threshold:g} must be between 0 and 1 (the heatmap is scaled to [0, 1]), e.g. 0.5")
+    if args.prepared_size != 0 and args.prepared_size < 8:
+        parser.error(f"--prepared-size {args.prepared_size} is not a storage size; give the --size the PNGs were prepared "
+                     f"with (`dira3d prepare chestxray14 --size`, default {DEFAULT_SIZE}), or 0 to resize straight to --roi-size")
     written = WrittenFiles(args.output_dir)
     try:
         # SIGTERM as Ctrl-C: the same one line, exit 143; a left-out box: one line each after the numbers (below),
@@ -376,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=r"box \d+ left out: ")
             result = run_localisation(args.bbox_datalist, args.model, args.output_dir, None if args.split == "all" else args.split,
                                       num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
-                                      roi_size=args.roi_size, threshold=args.threshold, max_overlays=args.max_overlays,
-                                      overwrite=args.overwrite)
+                                      roi_size=args.roi_size, prepared_size=args.prepared_size, threshold=args.threshold,
+                                      max_overlays=args.max_overlays, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, FolderNotWritableError) as err:
         parser.error(str(err))
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was written, in one line, not a traceback
