@@ -11,7 +11,10 @@ Splits, by name:
 - ``"holdout"`` — the held-out patients (early stopping / model selection), completed so that it can be
   scored: both classes, or a non-empty mask where the datalist says which masks are empty
   (:func:`holdout_by_patient`); a classification holdout or test split whose AUC is undefined all the same
-  (one class) is refused (:func:`dira3d.evaluation.split_checks.check_auc_defined`);
+  (one class) is refused (:func:`dira3d.evaluation.split_checks.check_auc_defined`). With
+  ``holdout="validation"`` (:data:`VALIDATION`) it is the datalist's whole ``"validation"`` list instead, and
+  ``"train"`` all the selected training labels
+  (:func:`dira3d.evaluation.split_checks.check_validation_holdout`);
 - ``"validation"`` — the datalist's own ``"validation"`` key, untouched (empty if absent);
 - ``"test"``    — the datalist's ``"test"`` key, or the training entries of ``fold``.
 """
@@ -29,9 +32,11 @@ import numpy as np
 
 from dira3d.data.datalist import check_entry_files, datalist_entries, read_datalist_json
 
-__all__ = ["SPLITS", "FOREGROUND_KEYS", "load_split", "select_fraction", "holdout_by_patient"]
+__all__ = ["SPLITS", "VALIDATION", "FOREGROUND_KEYS", "load_split", "select_fraction", "holdout_by_patient"]
 
 SPLITS = ("train", "holdout", "validation", "test")
+# the `holdout` setting that early-stops on the datalist's own "validation" list instead of a share of training
+VALIDATION = "validation"
 
 
 def is_classification(entries: list[dict]) -> bool:
@@ -260,7 +265,10 @@ def load_split(
         split: one of ``"train"``, ``"holdout"``, ``"validation"``, ``"test"``.
         label_fraction: share of the training labels used (seeded; see :func:`select_fraction`).
         seed: seed of the label fraction and of the early-stopping holdout.
-        holdout: share of the (selected) training entries held out by patient for early stopping.
+        holdout: share of the (selected) training entries held out by patient for early stopping, or
+            ``"validation"``: the datalist's whole ``"validation"`` list is the holdout and ``"train"`` is all the
+            selected training entries (the label fraction does not shrink it;
+            :func:`dira3d.evaluation.split_checks.check_validation_holdout`).
         fold: for cross-validation datalists (entries with ``"fold"``): test on this fold and
             train on the others. ``None`` uses the ``"test"`` key.
         num_labels: a multi-label classifier's number of outputs (``@out_channels`` of the 2D
@@ -272,7 +280,9 @@ def load_split(
 
     Raises:
         FileNotFoundError: the datalist does not exist.
-        ValueError: unknown split, a bad fraction, a fold that no entry has, an empty split, a classification
+        ValueError: unknown split, a bad fraction or holdout, a fold that no entry has, an empty split,
+            ``holdout="validation"`` refused (no or an empty validation list, a patient shared with training or
+            test, ``fold`` set), a classification
             holdout or test split whose AUC is undefined (one class only; multi-label: no class with both values;
             :func:`dira3d.evaluation.split_checks.check_auc_defined`), or (with
             ``num_labels``) a label that is not a list of ``num_labels`` numbers (names the file, the entry and
@@ -282,6 +292,11 @@ def load_split(
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is unknown; use one of {SPLITS}")
+    if isinstance(holdout, str) and holdout != VALIDATION:
+        raise ValueError(f"holdout={holdout!r} is neither a share in [0, 1) of the training patients nor "
+                         f"{VALIDATION!r}; use 0.1 (the protocol's default) or {VALIDATION!r} (early stopping on the "
+                         "datalist's own 'validation' list)")
+    on_validation = holdout == VALIDATION
     path = Path(datalist).resolve()
     content = read_datalist_json(path)
     training = _load_key(path, content, "training")
@@ -300,6 +315,13 @@ def load_split(
         check_entry_files(path, "validation", result)
         _check_label_vectors(path, content, split, result, num_labels)
         return _common_keys(result)
+    elif on_validation:  # checked for "train" too: a bad setting must fail whichever split is loaded first
+        from dira3d.evaluation.split_checks import check_validation_holdout
+
+        held = _load_key(path, content, VALIDATION)
+        check_validation_holdout(path, content, held, training, test, fold)
+        chosen = select_fraction(training, label_fraction, seed)
+        result = chosen if split == "train" else held
     else:
         chosen = select_fraction(training, label_fraction, seed)
         train, held = holdout_by_patient(chosen, holdout, seed)
@@ -326,13 +348,15 @@ def load_split(
             f"fold={fold}); {hint}"
         )
     # the entries this run uses (not the whole list: a 1 % run does not need the other 99 %)
-    check_entry_files(path, "test" if split == "test" and (fold is None or int(fold) < 0) else "training", result)
+    listed = "test" if split == "test" and (fold is None or int(fold) < 0) else "training"
+    check_entry_files(path, VALIDATION if split == "holdout" and on_validation else listed, result)
     # labels the bundle cannot take first: their error names the entry (the AUC check would give other advice)
     _check_label_vectors(path, content, split, result, num_labels)
     if split in ("test", "holdout"):  # an AUC of one class is NaN: refused before any training
         from dira3d.evaluation.split_checks import check_auc_defined
 
-        check_auc_defined(path, split, result, chosen=None if split == "test" else chosen,
+        check_auc_defined(path, VALIDATION if split == "holdout" and on_validation else split, result,
+                          chosen=None if split == "test" else chosen,
                           fold=int(fold) if fold is not None and int(fold) >= 0 else None,
                           settings=f"label_fraction={label_fraction}, seed={seed}, holdout={holdout}, fold={fold}")
     return _common_keys(result)

@@ -50,6 +50,11 @@ list is a recorded setting: a rerun with another one on the same ``results.csv``
 bundle must have a ``fold`` setting and the datalist's ``training`` entries must carry every listed
 ``fold``, else the config is refused.
 
+``overrides: {holdout: validation}`` early-stops every run on the datalist's own ``validation`` list instead of
+10 % of the selected training patients (docs/finetuning.md); it is recorded in ``experiment.json`` and each run's
+``metrics.json`` as any override, and refused before any run with ``folds`` or where the runs would refuse it
+(no or an empty ``validation`` list, a patient in it also in ``training`` or ``test``, one class only).
+
 ``results.csv`` has one row per finished run: method, checkpoint, label_fraction, seed (fold), metric,
 value, seconds, run_dir, and test_cases / test_positive, the test split's size and positives from the run's
 ``metrics.json`` (multi-label: each class's positives, ``;``-joined; empty where not known; docs/finetuning.md).

@@ -79,6 +79,8 @@ def load_config(path: str | Path) -> dict:
                     {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
     if "folds" in config:
         _check_fold_data(config, path, bundle_configs)
+    if overrides.get("holdout") == "validation":  # else every run of the grid fails on it, one after the other
+        _check_validation_holdout(config, path, overrides.get("fold"))
     metrics = _bundle_metrics(bundle_configs)  # else a wrong name is found only after the first fine-tuning
     if metrics and config["metric"] not in metrics:
         raise ValueError(f"metric {config['metric']!r} in {path}: bundle {config['bundle']!r} reports "
@@ -210,6 +212,22 @@ def _check_fold_data(config: Mapping[str, Any], path: Path, bundle_configs: Path
     if missing:
         raise ValueError(f"folds in {path} lists fold {missing[0]}, which datalist {config['datalist']} does not have "
                          f"(folds present: {present}); list only those, e.g. folds: {present}")
+
+
+def _check_validation_holdout(config: Mapping[str, Any], path: Path, fold: Any) -> None:
+    """Refuse ``holdout: validation`` in ``overrides`` with ``folds``, or on a datalist whose 'validation' list
+    the runs would refuse (:func:`dira3d.evaluation.split_checks.check_validation_holdout`), before any run."""
+    from dira3d.evaluation.datalists import load_split
+
+    if "folds" in config:
+        raise ValueError(f"overrides in {path} set holdout: validation, but folds runs a cross-validation, which holds "
+                         "out for early stopping from the training folds: the datalist's 'validation' list lies outside "
+                         "them, so every fold would select its model on the same cases; remove holdout (0.1, the "
+                         "default) or remove folds")
+    try:
+        load_split(config["datalist"], "holdout", holdout="validation", fold=fold)
+    except ValueError as err:
+        raise ValueError(f"overrides in {path}: {err}") from None
 
 
 def _bundle_metrics(configs: Path) -> list[str]:

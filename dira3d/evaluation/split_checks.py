@@ -12,7 +12,10 @@ A metric is only as meaningful as the split it averages over:
   :func:`warning_for_test_split` says so, and :func:`describe_split` gives the counts ``metrics.json`` records
   (``splits``), from the masks the metric scored (:class:`dira3d.evaluation.ForegroundDice` counts them at no
   cost: the evaluator has loaded them anyway) or, failing that, the datalist's
-  :data:`~dira3d.evaluation.datalists.FOREGROUND_KEYS` flags.
+  :data:`~dira3d.evaluation.datalists.FOREGROUND_KEYS` flags;
+- a model selected on patients it trains or is tested on is no model selection: :func:`check_validation_holdout`
+  refuses the datalist's ``validation`` list as the holdout (``holdout="validation"``) where it shares a patient
+  with ``training`` or ``test``, is absent or empty, or meets cross-validation folds.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from dira3d.evaluation.datalists import (entry_classes, foreground_key, has_foreground, is_classification,
-                                         is_multilabel, patient_of)
+from dira3d.evaluation.datalists import (VALIDATION, entry_classes, foreground_key, has_foreground,
+                                         is_classification, is_multilabel, patient_of)
 
-__all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "warning_for_test_split", "warn_test_split"]
+__all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "check_validation_holdout",
+           "warning_for_test_split", "warn_test_split"]
 
 # a segmentation test split with fewer cases with foreground than this, and fewer than half its cases, is warned about
 FEW_POSITIVE = 5
@@ -59,7 +63,8 @@ def _where(path: Path, split: str, fold: int | None) -> str:
 
 def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[dict] | None = None,
                       fold: int | None = None, settings: str = "") -> None:
-    """Refuse a classification ``split`` (``"holdout"`` or ``"test"``) on which its AUC is undefined.
+    """Refuse a classification ``split`` (``"holdout"``, ``"test"``, or ``"validation"``: the datalist's
+    'validation' list as the holdout, ``holdout="validation"``) on which its AUC is undefined.
 
     Binary labels: all ``entries`` of one class. Multi-label: no class with both values (the bundles' mean AUC
     leaves a class of one value out; :func:`warning_for_test_split` names those). Segmentation entries pass.
@@ -82,8 +87,8 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
             return  # a label the bundle cannot take: refused by load_split's label check, naming the entry
         if any(len({k in entry_classes(e) for e in entries}) == 2 for k in range(max(len(e["label"]) for e in entries))):
             return
-        raise ValueError(f"{undefined_auc(split if split == 'holdout' else 'test', len(entries))} "
-                         f"({_where(path, split, fold)}{'; ' + settings if settings else ''})")
+        raise ValueError(f"{undefined_auc(split if split in ('holdout', VALIDATION) else 'test', len(entries))} "
+                         f"({_where(path, split, fold)}{'; ' + settings if settings else ''}){_OR_SHARE * (split == VALIDATION)}")
     if not is_classification(entries):
         return
     classes = {int(e["label"]) for e in entries}
@@ -92,6 +97,11 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
     (held,) = classes
     missing = "1 (positive)" if held == 0 else "0 (negative)"
     what = f"all its {len(entries)} candidate(s) ({len({patient_of(e) for e in entries})} patient(s)) are of class {held}"
+    if split == VALIDATION:
+        raise ValueError(f"AUC is undefined on the early-stopping holdout, the 'validation' list of datalist {path} "
+                         f"({settings}): {what}, none of class {missing}; its AUC would be NaN every epoch, so early "
+                         "stopping would never stop and the first epoch's model would be kept. Add candidates of class "
+                         f"{missing} to its 'validation' list{_OR_SHARE}")
     if split == "holdout":
         carriers = {patient_of(e) for e in chosen or [] if int(e["label"]) != held}
         # holdout_by_patient completes the holdout with a patient of the other class whenever training keeps another
@@ -106,6 +116,48 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
            else "add candidates of the other class to its 'test' list")
     raise ValueError(f"AUC is undefined on {_where(path, split, fold)}: {what}, none of class {missing}, so the test "
                      f"AUC would be NaN after the whole training; {fix}")
+
+
+_OR_SHARE = ", or set holdout to a share of the training patients, e.g. 0.1 (the default)"
+
+
+def check_validation_holdout(path: Path, content: dict, entries: list[dict], training: list[dict], test: list[dict],
+                             fold: int | None = None) -> None:
+    """Refuse the datalist's ``"validation"`` list, ``entries``, as the early-stopping holdout (``holdout="validation"``)
+    where it cannot be one.
+
+    Args:
+        path: the datalist (named in the errors). content: its parsed JSON (its keys are named). training / test: its
+            "training" and "test" entries (all of them: a patient shared with any would leak, whatever the label
+            fraction selects; the runs of one grid are all allowed or all refused).
+        fold: the cross-validation fold, refused with this setting.
+
+    Raises:
+        ValueError: naming the datalist and the setting: ``fold`` is set; the datalist has no (or an empty)
+            "validation" list; a patient (``patient_id``, else ``case_id``) of it is also in "training" or "test".
+    """
+    setting = f"holdout={VALIDATION!r}"
+    if fold is not None and int(fold) >= 0:
+        raise ValueError(f"{setting} cannot be used with fold={fold} (datalist {path}): a cross-validation run trains "
+                         "on the other folds and holds out for early stopping from them, while the 'validation' list "
+                         "lies outside the folds (`dira3d prepare pecad` writes none), so every fold would select its "
+                         "model on the same cases outside the cross-validation; use holdout=0.1 (the default) with "
+                         "folds, or set fold to null to test on the datalist's 'test' list")
+    if not entries:
+        has = ("its 'validation' list is empty" if VALIDATION in content
+               else f"it has no 'validation' list (it has {sorted(k for k in content if k != 'meta')})")
+        raise ValueError(f"{setting} early-stops on the 'validation' list of datalist {path}, but {has}; add one "
+                         "(`dira3d prepare` writes one: the official validation subsets, or --val-fraction of the "
+                         f"patients){_OR_SHARE}")
+    patients = {patient_of(e) for e in entries}
+    for name, entries_of in (("training", training), ("test", test)):
+        shared = sorted(patients & {patient_of(e) for e in entries_of})
+        if shared:
+            use = "trains on" if name == "training" else "is tested on"
+            raise ValueError(f"{setting}: {len(shared)} patient(s) of the 'validation' list of datalist {path} are also "
+                             f"in its '{name}' list ({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}), so "
+                             f"early stopping would select the model on patients it {use}; keep each patient "
+                             f"(patient_id, else case_id) in one list, as `dira3d prepare` does{_OR_SHARE}")
 
 
 def _numbers(label: list | tuple) -> bool:

@@ -73,9 +73,17 @@ def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str
         folder = files[0].parent.parent if files else "the bundle"
         raise ValueError(f"{where}: no setting {hints} in {', '.join(f.name for f in files)} of {folder}; fix or remove it")
     for key, value in overrides.items():
-        problem = _type_mismatch(parser.get(key), value)
+        words = NUMBER_OR_WORD.get(key, ())
+        problem = "" if value in words else _type_mismatch(parser.get(key), value)
+        if problem and words:
+            problem += f" or {' or '.join(map(repr, words))}"
         if problem:
             raise ValueError(f"{where}: {key}={value!r} {problem}; fix the value")
+
+
+# number settings that also take these words (the fine-tuning bundles' `holdout`: a share, or the datalist's own
+# 'validation' list, dira3d.evaluation.load_split)
+NUMBER_OR_WORD = {"holdout": ("validation",)}
 
 
 def _type_mismatch(default: Any, value: Any) -> str:
