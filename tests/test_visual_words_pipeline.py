@@ -191,7 +191,7 @@ def test_one_instance_per_word_names_the_option_to_raise(datalist, tmp_path, mon
     """Visual words made before discovery refused one instance per word still name the option at pretraining."""
     from dira3d.visual_words import discover
 
-    monkeypatch.setattr(discover, "_check_counts", lambda *args, **kwargs: None)
+    monkeypatch.setattr(discover, "check_counts", lambda *args, **kwargs: None)
     out = tmp_path / "one"
     discover_visual_words(datalist, out, extractor=_extractor(), **{**SETTINGS, "val_neighbours": 1})
     with pytest.raises(ValueError, match=r"1 instance\(s\); pairs need >= 2 \(rerun `dira3d visual-words` with --val-neighbours >= 2\)"):
@@ -465,7 +465,9 @@ def test_no_validation_volumes_says_how_to_get_some(datalist, tmp_path):
         entry["image"] = str(datalist.parent / entry["image"])
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"no 'validation' volumes: pass --val-neighbours 0.*--val-fraction"):
+    with pytest.raises(ValueError, match=r"no 'validation' volumes: prepare the scans with 2 or more validation volumes "
+                                         r"\(`dira3d prepare generic \.\.\. --val-fraction`; datalist\.json has 0\), or pass "
+                                         r"--val-neighbours 0"):
         discover_visual_words(path, tmp_path / "out", extractor=_extractor(), **SETTINGS)
     with pytest.raises(ValueError, match=r"choose classes \(--classes\) between 2 and 12"):
         discover_visual_words(datalist, tmp_path / "out", extractor=_extractor(), **{**SETTINGS, "classes": 13})

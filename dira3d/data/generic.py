@@ -41,10 +41,11 @@ from dira3d.data.io import (
     read_mask,
     write_nifti,
 )
+from dira3d.data.nifti_header import is_marked_prediction
 from dira3d.data.modality import MODALITIES, check_hu, check_mr, check_not_a_mask, modality_from_scans, recorded_modality
 from dira3d.data.patients import (PATIENT_FROM, check_grouping, check_patient_setting, check_split_sizes, earlier_parts,
                                   patient_ids, patient_parts)
-from dira3d.data.pipeline import normalise_image, prepare_mask
+from dira3d.data.pipeline import normalise_image, prepare_mask, spacing_spread
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.data.sequences import check_channels, check_sequence_settings, find_sequence_cases, stack_sequences
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -62,7 +63,8 @@ def _case_id(src: Path, path: Path, strip: str) -> str:
 
 def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str | None = None,
              dicom: bool = True, exclude: Sequence[str | os.PathLike] = (),
-             problems: dict[str, str] | None = None) -> list[tuple[str, Path | None, Path | None]]:
+             problems: dict[str, str] | None = None,
+             predictions: list[Path] | None = None) -> list[tuple[str, Path | None, Path | None]]:
     """Find the scans under ``src``.
 
     Args:
@@ -74,6 +76,9 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
             with the same case id) is recorded here as ``{case_id: message}`` instead of raised
             (:func:`~dira3d.data.errors.record_or_raise`); the case is still returned (with image
             ``None`` for a lone mask).
+        predictions: when given, collects the NIfTI files that carry the mark of a task bundle's prediction
+            (``inference.json`` writes ``<scan>_seg.nii.gz`` next to the scan): they are left out of the scans
+            (a prediction named like a mask, ``label_suffix``, stays a mask: e.g. one corrected by hand).
 
     Returns:
         Sorted ``(case_id, image_path, mask_path or None)``.
@@ -110,6 +115,8 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
             stem = name[: -len(suffix)]
             if label_suffix and stem.endswith(label_suffix):
                 add(masks, _case_id(src, path, label_suffix), path)
+            elif predictions is not None and is_marked_prediction(path):
+                predictions.append(path)
             else:
                 add(images, _case_id(src, path, image_suffix_), path)
         if dicom and any(looks_like_dicom(Path(root) / n) for n in other) \
@@ -267,7 +274,12 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
         found = [(cid, folder, None) for cid, folder, _, _ in folders]  # the case folder stands for its scans
         files = {cid: (paths, mask) for cid, _, paths, mask in folders}
     else:
-        found = discover(src, image_suffix, label_suffix, exclude=[dst], problems=problems)
+        predictions: list[Path] = []
+        found = discover(src, image_suffix, label_suffix, exclude=[dst], problems=problems, predictions=predictions)
+        if predictions:  # inference writes next to the scan by default: a rerun found them among the scans
+            print(f"left out {len(predictions)} prediction file(s) written by a dira3d bundle's inference, not scans: "
+                  f"{', '.join(str(p) for p in predictions[:3])}{', ...' if len(predictions) > 3 else ''} (to use them "
+                  "as masks, e.g. corrected by hand, pass their suffix as --label-suffix)", file=sys.stderr)
     if not found:
         raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)")
     patients = patient_ids(src, found, patient_from, patient_regex, problems)
@@ -338,12 +350,25 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
               f"{option} {fraction:g} of the {n_patients} patient(s) rounds to none (whole patients)"
               for part, option, fraction in (("validation", "--val-fraction", val_fraction), ("test", "--test-fraction", test_fraction))
               if part in splits and not splits[part]]
-    advice = "; ".join(causes) + ("; `dira3d visual-words` (unless --val-neighbours 0) and pretraining with dis_mode moco, "
-                                  "barlow or simsiam validate on the 'validation' list" if not splits["validation"] else "")
+    advice = "; ".join(causes) + (f"; {_VALIDATION_USERS}" if not splits["validation"] else "")
     example = "--val-fraction 0.1" if not splits["validation"] else "--test-fraction 0.2"
     advice += f"; rerun with a larger fraction (e.g. {example}; the volumes written are kept)"
     write_datalist(dst / "pretrain_datalist.json", splits, meta, split_advice=advice)
+    spread = "" if spacing_t is not None else spacing_spread([(c.case_id, c.outputs[0]) for c in good])
+    if spread:
+        print(f"WARNING pretrain_datalist.json: {spread}", file=sys.stderr)
+    if len(splits["validation"]) == 1 and not any("label" in e for e in splits["training"]):  # for pretraining
+        print("WARNING pretrain_datalist.json: its 'validation' list holds 1 volume; `dira3d visual-words` validation "
+              "words (--val-neighbours 2 or more, which pretraining on its output needs) and Barlow Twins pretraining "
+              "(dis_mode barlow) need 2 or more: rerun with a larger --val-fraction (the volumes written are kept)",
+              file=sys.stderr)
     return results
+
+
+# what needs the 'validation' list of a pretraining datalist: the pretraining bundle refuses visual words without
+# validation words (a `dira3d visual-words --val-neighbours 0` output), and pairs two instances of each of them
+_VALIDATION_USERS = ("`dira3d visual-words` (its validation words, which pretraining on its output needs) and pretraining "
+                     "with dis_mode moco, barlow or simsiam validate on the 'validation' list")
 
 
 def build_parser() -> argparse.ArgumentParser:

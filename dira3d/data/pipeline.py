@@ -17,9 +17,10 @@ from dira3d.data.errors import DataError
 from dira3d.data.geometry import resample
 from dira3d.data.io import image_to_xyz, to_ras, xyz_to_image
 from dira3d.data.modality import MODALITIES
+from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.data.normalize import normalize_mr, window_hu
 
-__all__ = ["normalise_image", "prepare_mask"]
+__all__ = ["normalise_image", "prepare_mask", "spacing_spread"]
 
 
 def normalise_image(image: sitk.Image, modality: str = "ct", window: Sequence[float] = (-1000.0, 1000.0),
@@ -55,3 +56,35 @@ def prepare_mask(mask: sitk.Image, image: sitk.Image, spacing: Sequence[float] |
     """A ``uint8`` mask reoriented to RAS (and resampled with nearest neighbour) like its image."""
     mask = to_ras(sitk.Cast(mask, sitk.sitkUInt8))
     return resample(mask, spacing, "nearest", 0) if spacing is not None else mask
+
+
+SPACING_SPREAD = 1.5  # largest / smallest voxel size on one axis above which native spacings are called mixed
+
+
+def spacing_spread(volumes: Sequence[tuple[str, str | os.PathLike]], ratio: float = SPACING_SPREAD) -> str:
+    """A warning when prepared volumes kept at their native spacing (no ``--spacing``) differ by more than
+    ``ratio`` in voxel size on an axis: a patch of N voxels then covers very different physical sizes in
+    pretraining, and a model fine-tuned on some of them sees the others at another scale. ``""`` when they agree.
+
+    Args:
+        volumes: ``(case_id, NIfTI path)`` of the volumes written (their headers are read, not their voxels).
+    """
+    sizes = []
+    for case_id, path in volumes:
+        try:
+            sizes.append((case_id, header_pixdim(read_raw_nifti_header(path))[:3]))
+        except Exception:  # noqa: BLE001 - a volume that cannot be read is reported by whoever reads it next
+            continue
+    sizes = [(c, v) for c, v in sizes if len(v) == 3 and min(v) > 0]
+    if len(sizes) < 2:
+        return ""
+    for axis, name in enumerate("xyz"):
+        low, high = min(sizes, key=lambda cv: cv[1][axis]), max(sizes, key=lambda cv: cv[1][axis])
+        if high[1][axis] > ratio * low[1][axis]:
+            median = [sorted(v[a] for _, v in sizes)[len(sizes) // 2] for a in range(3)]
+            suggestion = " ".join(f"{m:.3g}" for m in median)
+            return (f"the volumes kept their native spacing, which differs by more than {ratio:g}x on axis {name}: "
+                    f"{low[1][axis]:.3g} mm ({low[0]}) to {high[1][axis]:.3g} mm ({high[0]}), so a patch covers very "
+                    f"different physical sizes; to resample every scan to one grid rerun with --spacing (e.g. --spacing "
+                    f"{suggestion}, the median) into a new --dst, or with --overwrite")
+    return ""

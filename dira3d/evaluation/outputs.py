@@ -36,6 +36,7 @@ from monai.data.image_writer import ImageWriter, NibabelWriter, PILWriter
 from monai.transforms import SaveImage, SaveImaged
 from monai.utils import ImageMetaKey
 
+from dira3d.data.nifti_header import PREDICTION_MARK_PREFIX
 from dira3d.utils.atomic import atomic_path
 from dira3d.utils.overrides import as_bool
 
@@ -45,7 +46,7 @@ __all__ = ["CheckPredictionFiles", "PredictionNiftiWriter", "PredictionPNGWriter
 
 logger = logging.getLogger(__name__)
 
-MARK_PREFIX = "dira3d prediction sha256:"
+MARK_PREFIX = PREDICTION_MARK_PREFIX  # dira3d prepare generic leaves such files out of the scans
 _MARK = re.compile(r"^dira3d prediction sha256:(?P<digest>[0-9a-f]{32})$")
 PNG_KEY = "dira3d"
 NIFTI_EXTS = (".nii.gz", ".nii")

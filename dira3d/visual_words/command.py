@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checkpoint {args.checkpoint} is used only with --extractor checkpoint; add --extractor checkpoint "
                      "to embed with its encoder, or drop --checkpoint to train the autoencoder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.val_neighbours == 0:  # said before the extractor trains (minutes to hours), and again at the end
+        logging.getLogger(__name__).warning(NO_VALIDATION_WORDS)
     try:
         manifest = discover_visual_words(
             args.datalist, args.out, classes=args.classes, neighbours=args.neighbours, val_neighbours=args.val_neighbours,
@@ -100,19 +102,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d visual-words: {interrupted_message(Path(args.out))}", file=sys.stderr)
         return 130
     except (ValueError, OSError, CoordinateSamplingError, FolderInUseError) as err:  # OSError: e.g. a full disk
-        print(f"dira3d visual-words: error: {err}", file=sys.stderr)
+        kept = ""
+        if isinstance(err, CoordinateSamplingError) and extractor_progress(Path(args.out) / EXTRACTOR_NAME):
+            kept = f"; a rerun with other planning rules reuses the trained extractor ({Path(args.out) / EXTRACTOR_NAME})"
+        print(f"dira3d visual-words: error: {err}{kept}", file=sys.stderr)
         return 1
     print(f"{len(manifest['classes'])} visual words written to {args.out} ({DATALIST_NAME}, {MANIFEST_NAME}, shards/)")
-    print(next_step(Path(args.out), args.patch_size))
+    print(next_step(Path(args.out), args.patch_size, validation_words=args.val_neighbours > 0))
     return 0
 
 
 DEFAULT_PATCH_SIZE = (64, 64, 32)  # the pretraining bundle's patch_size (bundles/dira_pretrain/configs/train.json)
 
 
-def next_step(out: Path, patch_size: Sequence[int]) -> str:
-    """The pretraining command that reads this output (with the patch size, when not the bundle's default)."""
+NO_VALIDATION_WORDS = (
+    "--val-neighbours 0: no validation visual words, and the pretraining bundle (--config visual_words.json) validates "
+    "on them, so it refuses this output; for pretraining, prepare the scans with 2 or more validation volumes "
+    "(`dira3d prepare generic ... --val-fraction`) and pass --val-neighbours 2 or more"
+)
+
+
+def next_step(out: Path, patch_size: Sequence[int], validation_words: bool = True) -> str:
+    """The pretraining command that reads this output (with the patch size, when not the bundle's default); without
+    validation words (``--val-neighbours 0``), which that command refuses, what to do instead."""
     size = [int(v) for v in patch_size]
+    if not validation_words:
+        return f"note:     {NO_VALIDATION_WORDS} (docs/visual_words.md)"
     override = "" if tuple(size) == DEFAULT_PATCH_SIZE else f" --override patch_size=[{','.join(map(str, size))}]"
     return (f"next:     dira3d pretrain --datalist {(out / DATALIST_NAME).resolve()} --config visual_words.json{override} "
             "--output runs/dira_pretrain (docs/visual_words.md)")

@@ -39,8 +39,9 @@ from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.files import FileContentError
 from dira3d.utils.seeding import derive_seed
 from dira3d.visual_words.coordinates import (
-    CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, centre_range, hu_to_unit, sample_coordinate,
+    CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, hu_to_unit, sample_coordinate,
 )  # fmt: skip
+from dira3d.visual_words.checks import check_counts, check_validation_sizes, check_volume_sizes, entry_name
 from dira3d.visual_words.extractor import (
     EXTRACTOR_NAME, embed_volumes, extractor_from_checkpoint, extractor_progress, train_extractor,
 )  # fmt: skip
@@ -58,8 +59,7 @@ logger = logging.getLogger(__name__)
 _SPLIT_ID = {"training": 0, "validation": 1}
 
 
-def _entry_name(entry: dict) -> str:
-    return f"volume {entry['image']} (case {entry['case_id']})"
+EXTRACTOR_SETTINGS = ("extractor", "extractor_size", "extractor_epochs", "extractor_width", "orient", "raw_hu_window")
 
 
 def _embed(data: dict, params: dict, extractor: str | nn.Module, seed: int, workers: int, device: str, out_dir: Path) -> torch.Tensor:
@@ -68,8 +68,11 @@ def _embed(data: dict, params: dict, extractor: str | nn.Module, seed: int, work
         model = extractor
     elif extractor == "autoencoder":
         logger.info("training the skip-free extractor on %d volumes for %d epochs", len(data["training"]), params["extractor_epochs"])
+        # only the settings that shape the extractor: a rerun that changes a planning rule after a failed plan
+        # (--max-dense-fraction, --border, --classes, ...) reuses the trained extractor instead of refusing it
+        settings = {k: params[k] for k in EXTRACTOR_SETTINGS}
         model = train_extractor(data["training"], epochs=params["extractor_epochs"], width=params["extractor_width"], seed=seed,
-                                checkpoint_path=out_dir / EXTRACTOR_NAME, settings=params, **kwargs)  # fmt: skip
+                                checkpoint_path=out_dir / EXTRACTOR_NAME, settings=settings, **kwargs)  # fmt: skip
     elif extractor == "checkpoint":
         if not params["checkpoint"]:
             raise ValueError("--extractor checkpoint needs --checkpoint PATH (a dira3d pretraining checkpoint)")
@@ -121,84 +124,6 @@ def resolve_lung_filter(lung_filter: str, datalist: str | os.PathLike) -> str:
     return "on"
 
 
-def _check_counts(datalist: str | os.PathLike, n_train: int, n_val: int, classes: int, neighbours: int,
-                  val_neighbours: int) -> None:
-    """Refuse class and neighbour counts that the datalist's volumes cannot supply.
-
-    Raises:
-        ValueError: fewer than 2 classes, validation neighbours without validation volumes, or a count
-            outside its range (naming the option and the range).
-    """
-    if classes < 2:  # cross-entropy over one class: log softmax of a single logit is 0, whatever the network does
-        raise ValueError(
-            f"classes={classes}: visual-word classification needs at least 2 visual words (with one, loss_dis is "
-            f"always 0 and pretraining learns nothing from it); "
-            + (f"choose classes (--classes) between 2 and {n_train}, the training volumes in {datalist}" if n_train >= 2 else
-               f"{datalist} has {n_train} training volume: add more (one reference volume per class)")
-        )
-    if val_neighbours > 0 and n_val == 0:
-        raise ValueError(
-            f"val_neighbours={val_neighbours} (--val-neighbours) but {datalist} has no 'validation' volumes: pass "
-            "--val-neighbours 0 (pretraining with configs/visual_words.json then has nothing to validate on), or prepare "
-            "the scans with a validation split (e.g. `dira3d prepare generic ... --val-fraction 0.2`)"
-        )
-    # pretraining (configs/visual_words.json) pairs two instances of one visual word in each split: a split of
-    # one instance per class passed here and failed there, after the whole extraction
-    if val_neighbours == 1:
-        raise ValueError(
-            "val_neighbours=1 (--val-neighbours): pretraining pairs two instances of each validation visual word; "
-            f"choose 0 (no validation words) or between 2 and {max(n_val, 2)}"
-            + ("" if n_val >= 2 else f" (with validation volumes: {datalist} has {n_val})")
-        )
-    lowest = {"classes": 2, "neighbours": 2, "val_neighbours": 0}
-    for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train), ("val_neighbours", val_neighbours, n_val)):
-        if value > limit or value < lowest[name]:
-            raise ValueError(
-                f"{name}={value} is not possible with {n_train} training and {n_val} validation volumes in {datalist}; "
-                f"choose {name} (--{name.replace('_', '-')}) between {lowest[name]} and {limit}"
-            )
-
-
-def _check_volume_sizes(train: list[dict], shapes: list[tuple[int, int, int]], rules: CoordinateRules) -> None:
-    """Refuse, from the shapes alone, training volumes that cannot hold patch + borders.
-
-    Any training volume can be drawn as a class reference, and the planner stops at one that is too
-    small: checked here, before the extractor is trained, such a run fails in seconds, not minutes.
-
-    Raises:
-        VolumeTooSmallError: names the first such volume, the options to change, and the others' count and names.
-    """
-    errors = []
-    for entry, shape in zip(train, shapes):
-        try:
-            centre_range(shape, rules, _entry_name(entry))
-        except VolumeTooSmallError as err:
-            errors.append((entry, err))
-    if len(errors) > 1:
-        others = ", ".join(str(entry["image"]) for entry, _ in errors[1:4]) + (", …" if len(errors) > 4 else "")
-        more = len(errors) - 1
-        raise VolumeTooSmallError(f"{errors[0][1]} ({more} other of the {len(train)} training volumes "
-                                  f"{'is' if more == 1 else 'are'} too small as well: {others})")
-    if errors:
-        raise errors[0][1]
-
-
-def _check_validation_sizes(val: list[dict], shapes: list[tuple[int, int, int]], patch_size: Sequence[int]) -> None:
-    """Refuse validation volumes smaller than the patch: every neighbour is cut at its reference's centre,
-    so such a volume, once a neighbour, rejects every reference with a reason that does not name it.
-
-    Raises:
-        VolumeTooSmallError: names the first such volume and its size.
-    """
-    for entry, shape in zip(val, shapes):
-        axes = [axis for axis, (s, p) in zip("xyz", zip(shape, patch_size)) if s < p]
-        if axes:
-            raise VolumeTooSmallError(
-                f"validation {_entry_name(entry)} has size {tuple(shape)}, smaller than the patch {tuple(patch_size)} on axis "
-                f"{', '.join(axes)}: no patch can be cut from it; leave it out of the datalist or use a smaller --patch-size"
-            )
-
-
 def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
           shapes: dict[str, list[tuple[int, int, int]]] | None = None) -> tuple[list[dict], int]:
     """Choose references, neighbours and centres for every class; returns (classes, channels).
@@ -230,7 +155,7 @@ def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
             channels = int(volume.shape[0])
             rng = np.random.RandomState(derive_seed(seed, 1, c, len(rejected), bits=32))
             try:
-                centre = sample_coordinate(volume.numpy(), rules, rng, centres, name=_entry_name(train[ref]), fit=fit.tolist())
+                centre = sample_coordinate(volume.numpy(), rules, rng, centres, name=entry_name(train[ref]), fit=fit.tolist())
                 break
             except VolumeTooSmallError:
                 raise
@@ -287,7 +212,7 @@ def _extract(data: dict, manifest: dict, out_dir: Path, class_block: int, worker
                     try:
                         patches = cropper({"image": item["image"], "vw_centres": [cls["centre"]], "vw_seeds": seeds})["image_patches"]
                     except ValueError as err:
-                        raise ValueError(f"class {cls['index']}: cannot crop {_entry_name(data[split][index])} at the centre "
+                        raise ValueError(f"class {cls['index']}: cannot crop {entry_name(data[split][index])} at the centre "
                                          f"chosen in reference {cls['reference']['case_id']}: {err}") from err
                     writer.write(split, cls["index"], slot, patches[0].numpy())
                     written[cls["index"]] += 1
@@ -435,7 +360,7 @@ def discover_visual_words(
         # one run per --out: two would plan the same classes and re-create (zero) each other's finished shards
         held.enter_context(FolderLock(out_dir, what="--out folder", clash="a second run into it would re-create the shards it fills"))
         data = read_datalist(datalist)
-        _check_counts(datalist, len(data["training"]), len(data["validation"]), classes, neighbours, val_neighbours)
+        check_counts(datalist, len(data["training"]), len(data["validation"]), classes, neighbours, val_neighbours)
         lung_filter = resolve_lung_filter(lung_filter, datalist)
         if class_block < 1:
             raise ValueError(f"class_block must be >= 1, got {class_block}")
@@ -469,9 +394,9 @@ def discover_visual_words(
             # shapes from the image headers (NIfTI) before any training: a volume too small for the
             # borders (48 CT slices, default z border 30) fails now, not after the extractor is trained
             shapes = {split: volume_shapes(data[split], params["orient"]) for split in SPLITS}
-            _check_volume_sizes(data["training"], shapes["training"], _rules(params))
+            check_volume_sizes(data["training"], shapes["training"], _rules(params))
             if val_neighbours > 0:
-                _check_validation_sizes(data["validation"], shapes["validation"], params["patch_size"])
+                check_validation_sizes(data["validation"], shapes["validation"], params["patch_size"])
             embeddings = _embed(data, params, extractor, seed, workers, device, out_dir)
             save_embeddings(embeddings.numpy(), out_dir / EMBEDDINGS_NAME)
             embedding_info = {"file": EMBEDDINGS_NAME, "dim": int(embeddings.shape[1]), "rows": "training then validation"}

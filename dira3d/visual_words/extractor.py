@@ -112,6 +112,7 @@ class _Progress:
 
     def __init__(self, what: str, total: int) -> None:
         self.what, self.total = what, total
+        self.scope = " in this epoch" if what.startswith("extractor epoch") else ""  # not the whole run's
         self.start = self.last = time.monotonic()
 
     def step(self, done: int) -> None:
@@ -119,8 +120,15 @@ class _Progress:
         if now - self.last < PROGRESS_SECONDS or done >= self.total:
             return
         self.last, elapsed = now, now - self.start
-        logger.info("%s: %d/%d volumes, %.0f s, about %.0f s to go", self.what, done, self.total, elapsed,
-                    elapsed / max(done, 1) * (self.total - done))
+        logger.info("%s: %d/%d volumes, %.0f s, about %.0f s to go%s", self.what, done, self.total, elapsed,
+                    elapsed / max(done, 1) * (self.total - done), self.scope)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def train_extractor(
@@ -158,7 +166,8 @@ def train_extractor(
         workers: DataLoader workers.
         device: where to train.
         checkpoint_path: the per-epoch checkpoint (see above); None keeps nothing.
-        settings: stored with the checkpoint and compared on resume (None: only the training arguments).
+        settings: stored with the checkpoint and compared on resume (a dict: on its own keys; None: only the
+            training arguments).
 
     Returns:
         The trained autoencoder in eval mode.
@@ -199,7 +208,10 @@ def train_extractor(
             optimiser.step()
             total, count = total + loss.item() * len(x), count + len(x)
             progress.step(count)
-        logger.info("extractor epoch %d/%d: mse %.5f", epoch + 1, epochs, total / max(count, 1))
+        # the whole run's time to go: the progress lines inside an epoch give that epoch's only
+        took, left = progress.elapsed(), epochs - epoch - 1
+        logger.info("extractor epoch %d/%d: mse %.5f (%s%s)", epoch + 1, epochs, total / max(count, 1), _minutes(took),
+                    f"; about {_minutes(took * left)} for the {left} epoch(s) left" if left else "")
         if checkpoint_path:
             state = {"format": _FORMAT, "epoch": epoch + 1, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
                      "generator": generator.get_state(), "recorded": recorded}  # fmt: skip
@@ -238,7 +250,12 @@ def _resume_extractor(path: str | os.PathLike, recorded: dict, model: nn.Module,
     differences = [f"{k}: {before.get(k)!r} → {recorded[k]!r}" for k in recorded if k not in ("volumes", "settings") and before.get(k) != recorded[k]]
     if before.get("volumes") != recorded["volumes"]:
         differences.append("the training volumes")
-    if before.get("settings") != recorded["settings"]:
+    # compared on the keys this run records: a checkpoint of an earlier version stored every visual-word setting,
+    # planning rules included, which do not shape the extractor
+    settings, earlier = recorded["settings"], before.get("settings")
+    if isinstance(settings, dict) and isinstance(earlier, dict):
+        differences += [f"{k}: {earlier.get(k)!r} → {settings[k]!r}" for k in settings if earlier.get(k) != settings[k]]
+    elif earlier != settings:
         differences.append("the visual-word settings")
     if differences:
         raise ValueError(f"{path} was trained with other settings ({'; '.join(differences)}); rerun with the same settings "
