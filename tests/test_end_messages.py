@@ -29,6 +29,9 @@ def test_prepare_ends_naming_its_datalists_the_report_and_the_next_step(tmp_path
     assert lines[1:] == [f"datalist: {pretrain}",
                          f"next:     dira3d visual-words --datalist {pretrain} --out runs/visual_words (then dira3d "
                          "pretrain; docs/visual_words.md)",
+                         f"or:       dira3d pretrain --datalist {pretrain} --output runs/dira_pretrain (every volume its "
+                         "own class, no visual words: quicker, for a small dataset or a first run; "
+                         "bundles/dira_pretrain/docs/README.md)",
                          f"datalist: {ncc}",
                          f"next:     dira3d finetune --bundle luna16_nodule_fpr --datalist {ncc} --pretrained "
                          "runs/dira_pretrain/models/best.pt --output-dir runs/ft_luna16_nodule_fpr (docs/finetuning.md)"]
@@ -45,8 +48,8 @@ def test_the_next_step_of_every_datalist_is_a_command_its_parser_takes(tmp_path)
     from dira3d.evaluation.finetune import BUNDLES, BUNDLES_2D
 
     path = tmp_path / "my data" / "x_datalist.json"
-    for name in NEXT_STEPS:
-        lines = next_steps(path.with_name(name), labelled=True)
+    for name, labelled in [(name, True) for name in NEXT_STEPS] + [("pretrain_datalist.json", False)]:
+        lines = next_steps(path.with_name(name), labelled=labelled)
         commands = [line.split(None, 1)[1] for line in lines[1:]]
         for command in commands:
             words = shlex.split(command.rsplit(" (", 1)[0])
@@ -59,7 +62,11 @@ def test_the_next_step_of_every_datalist_is_a_command_its_parser_takes(tmp_path)
     # a pretraining datalist with labels (generic --label-suffix) can also be fine-tuned on
     assert [line.split()[0] for line in next_steps(path.with_name("pretrain_datalist.json"), labelled=True)] == [
         "datalist:", "next:", "or:"]
-    assert len(next_steps(path.with_name("pretrain_datalist.json"))) == 2
+    # one without labels can be pretrained on straight away (every volume a class), without visual words
+    unlabelled = next_steps(path.with_name("pretrain_datalist.json"))
+    assert [line.split()[:3] for line in unlabelled[1:]] == [["next:", "dira3d", "visual-words"],
+                                                              ["or:", "dira3d", "pretrain"]]
+    assert len(next_steps(path.with_name("ncc_datalist.json"), labelled=True)) == 2
 
 
 def test_finetune_ends_naming_its_outputs_and_the_inference_command(tmp_path, monkeypatch, capsys):

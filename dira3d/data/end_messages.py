@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dira3d.data.cases import STATUSES, CaseResult
 
-__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "next_steps", "finish", "datalists_recorded", "record_datalist"]
+__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "next_steps", "finish", "datalists_recorded", "record_datalist"]
 
 
 # inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
@@ -71,17 +71,23 @@ NEXT_STEPS: dict[str, str] = {
 }
 # a pretraining datalist whose volumes have labels (dira3d prepare generic --label-suffix) can train a task too
 LABELLED_NEXT_STEP = _finetune_step("lits_liver_seg")
+# one without: pretraining straight on the volumes, every volume a class ("every image a class"), skips the visual
+# words (at their defaults hours on a CPU) for a small dataset or a first run
+UNLABELLED_OTHER_STEP = ("dira3d pretrain --datalist {datalist} --output runs/dira_pretrain (every volume its own class, "
+                         "no visual words: quicker, for a small dataset or a first run; bundles/dira_pretrain/docs/README.md)")
 
 
 def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
     """The lines ``dira3d prepare`` ends with for a datalist it wrote: where it is, and the command to run next
-    (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`)."""
+    (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`, and an
+    unlabelled one pretrained on without visual words, :data:`UNLABELLED_OTHER_STEP`)."""
     path = shlex.quote(str(datalist))
     lines = [f"datalist: {datalist}"]
     if datalist.name in NEXT_STEPS:
         lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
-        if labelled and datalist.name == "pretrain_datalist.json":
-            lines.append(f"or:       {LABELLED_NEXT_STEP.format(datalist=path)}")
+        if datalist.name == "pretrain_datalist.json":
+            other = LABELLED_NEXT_STEP if labelled else UNLABELLED_OTHER_STEP
+            lines.append(f"or:       {other.format(datalist=path)}")
     return lines
 
 
