@@ -207,3 +207,25 @@ def test_brats_bundle_fine_tunes_on_the_prepared_export_and_inference_reads_its_
     parser.read_config([str(bundle_path("brats_tumor_seg") / "configs" / "inference.json")])
     parser.update({"ckpt_dir": str(models)})
     assert parser.get_parsed_content("image_channels") == ["t1", "flair"]
+
+
+def test_a_prediction_written_next_to_a_sequence_is_not_taken_for_it(tmp_path):
+    """inference writes `<scan>_seg.nii.gz` next to the scan: `sub-01_T1w_seg.nii.gz` matches the T1 pattern `*T1w*`
+    too, and the case failed with '2 files match the t1 pattern'; an unmarked file of that name still does."""
+    from dira3d.evaluation.outputs import PredictionNiftiWriter
+
+    src = tmp_path / "export"
+    _hospital_case(src, "sub-01", seed=1)
+    _hospital_case(src, "sub-02", seed=2)
+    scan = nib.load(str(src / "sub-01" / "sub-01_T1w.nii.gz"))
+    mask = (np.asarray(scan.dataobj) > 0).astype(np.uint8)
+    nib.save(PredictionNiftiWriter.create_backend_obj(mask, affine=scan.affine), str(src / "sub-01" / "sub-01_T1w_seg.nii.gz"))
+    nib.save(nib.Nifti1Image(mask, scan.affine), str(src / "sub-02" / "sub-02_T1w_seg.nii.gz"))  # not dira3d's
+    results = {r.case_id: r for r in generic.prepare(src, tmp_path / "prepared", sequences=SEQUENCES, label_pattern="*mask*",
+                                                     keep_going=True, progress=False)}
+    assert results["sub-01"].status == "written", results["sub-01"].reason
+    assert results["sub-02"].status == "failed" and "2 files match the t1 pattern" in results["sub-02"].reason
+    datalist = json.loads((tmp_path / "prepared" / "pretrain_datalist.json").read_text())
+    entry = next(e for split in ("training", "validation") for e in datalist[split] if e["case_id"] == "sub-01")
+    t1 = np.asarray(nib.load(tmp_path / "prepared" / entry["image"]).dataobj)[..., 0]
+    assert len(np.unique(t1)) > 10  # the T1 channel is the scan, not the 0/1 prediction

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from dira3d.data.errors import DataError, record_or_raise
 from dira3d.data.io import check_mask_matches, image_suffix, looks_like_dicom, read_image
+from dira3d.data.nifti_header import is_marked_prediction
 
 __all__ = ["SEQUENCE_NAMES", "parse_sequences", "find_sequence_cases", "stack_sequences", "check_channels",
            "check_sequence_settings"]
@@ -67,14 +68,16 @@ def _is_series_folder(folder: Path) -> bool:
     return any(looks_like_dicom(p) for p in files) and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
-def _case_problems(folder: Path, candidates: list[Path], patterns: Mapping[str, str]) -> tuple[dict[str, Path | None], list[str]]:
+def _case_problems(folder: Path, candidates: list[Path], patterns: Mapping[str, str],
+                   predictions: frozenset[Path] = frozenset()) -> tuple[dict[str, Path | None], list[str]]:
     """The one candidate of each pattern, and what is wrong (a pattern matching none or several, a
-    file matched by two patterns)."""
+    file matched by two patterns). ``predictions``: candidates that are a dira3d bundle's predictions, which no
+    sequence pattern takes (``x_T1w_seg.nii.gz``, written next to ``x_T1w.nii.gz``, matches ``*T1w*`` too)."""
     found: dict[str, Path | None] = {}
     problems = []
     shown = ", ".join(p.name for p in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
     for key, pattern in patterns.items():
-        hits = [p for p in candidates if _matches(p.name, pattern)]
+        hits = [p for p in candidates if _matches(p.name, pattern) and (key == "label" or p not in predictions)]
         found[key] = hits[0] if len(hits) == 1 else None
         what = "--label-pattern" if key == "label" else f"the {key} pattern of --sequences"
         if not hits:
@@ -84,7 +87,7 @@ def _case_problems(folder: Path, candidates: list[Path], patterns: Mapping[str, 
             problems.append(f"{len(hits)} files match {what} {pattern!r}: {', '.join(p.name for p in hits)}; make "
                             "the pattern match one of them (e.g. add the part of the name that tells them apart)")
     for path in candidates:
-        keys = [k for k, pattern in patterns.items() if _matches(path.name, pattern)]
+        keys = [k for k, pattern in patterns.items() if _matches(path.name, pattern) and (k == "label" or path not in predictions)]
         if len(keys) > 1:
             problems.append(f"{path.name} matches the patterns of {' and '.join(keys)}; make each pattern match "
                             "its own file")
@@ -96,7 +99,8 @@ def find_sequence_cases(src: str | os.PathLike, sequences: Mapping[str, str], la
                         ) -> list[tuple[str, Path, dict[str, Path | None], Path | None]]:
     """The case folders under ``src``: every folder (searched recursively, hidden ones left out) holding an
     image file or a DICOM series folder whose name matches a pattern of ``sequences`` or ``label_pattern``
-    (shell patterns, case-insensitive; non-image files such as BIDS ``.json`` sidecars are ignored).
+    (shell patterns, case-insensitive; non-image files such as BIDS ``.json`` sidecars are ignored). A NIfTI file
+    that carries the mark of a dira3d bundle's prediction is no sequence (the label pattern may still take it).
 
     Args:
         sequences: ``{name: pattern}`` (:func:`parse_sequences`).
@@ -130,7 +134,10 @@ def find_sequence_cases(src: str | os.PathLike, sequences: Mapping[str, str], la
             continue
         rel = folder.relative_to(src)
         cid = "_".join(rel.parts) if rel.parts else src.name
-        found, wrong = _case_problems(folder, candidates, patterns)
+        # inference writes its prediction next to the scan by default: not a sequence, however it is named
+        marked = frozenset(p for p in candidates if any(_matches(p.name, pattern) for pattern in sequences.values())
+                           and is_marked_prediction(p))
+        found, wrong = _case_problems(folder, candidates, patterns, marked)
         if cid in cases:
             wrong.append(f"{folder}: gives the same case id {cid!r} as {cases[cid][0]}, so both would write the same "
                          "output; rename or move one of them")
