@@ -95,6 +95,21 @@ def test_missing_checkpoint_message_fits_the_caller(tmp_path, capsys):
         assert "--checkpoint (`dira3d finetune --output-dir D` writes D/models/model.pt)" in err and "checkpoint=" not in err, err
 
 
+def test_export_pretrained_of_a_fine_tuned_classifier_names_its_parts_as_options(tmp_path, capsys):
+    """A fine-tuned model.pt is a flat state_dict: the refusal said "parts available: []" and suggested
+    parts=('encoder',), the Python spelling, to a command-line user."""
+    model = atomic_save(Classifier(3, 1, 1, width=0.125).state_dict(), tmp_path / "model.pt")
+    assert export_main(["pretrained", "--checkpoint", str(model), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "has no 'decoder' part (parts available: encoder, fc)" in err and "e.g. --parts encoder fc" in err, err
+    assert "parts=(" not in err and not (tmp_path / "w").exists()
+    assert export_main(["pretrained", "--checkpoint", str(model), "--out", str(tmp_path / "w"), "--parts", "encoder", "fc"]) == 0
+    key_map = json.loads((tmp_path / "w" / "key_map.json").read_text())
+    assert key_map["parts"]["fc"]["weight"]["shape"] == [1, 4 * 16]  # 512 x width 0.125 features in
+    with pytest.raises(ValueError, match=r"e\.g\. parts=\('encoder', 'fc'\)"):  # from Python, the Python spelling
+        export_pretrained(model, tmp_path / "w2")
+
+
 # 3. 3D checkpoint for a 2D bundle, and the reverse
 
 def test_a_checkpoint_of_the_other_dimensionality_is_one_sentence(tmp_path):

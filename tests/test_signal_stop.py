@@ -249,6 +249,22 @@ def test_a_run_stopped_mid_epoch_and_resumed_has_the_epoch_means_of_an_uninterru
     assert run._epoch_count == 1 and float(run._epoch_sums["loss"]) == 1.0
 
 
+def test_a_resume_in_the_first_epoch_of_a_stage_names_that_stage(tmp_path, caplog):
+    """Stopped at the first step of epoch 2, where stage 'b' begins, the resume said "stage 'a'" (the stage of
+    the completed epochs) and then announced "stage 'b' from iteration 5", as if the stage began there."""
+    stages = [{"name": "a", "until_epoch": 1, "losses": ["dis"]}, {"name": "b", "losses": ["dis", "res"]}]
+    caplog.set_level(logging.INFO)
+    for stop_at in (4, None):  # 6 volumes, batch 2: 3 iterations per epoch; iteration 4 is epoch 2's first
+        run = make_trainer(stages=stages, max_epochs=2, batch=2, volumes=6, handlers=[DiRACheckpoint(tmp_path)])
+        if stop_at:
+            kill_self_at(run, stop_at, signal.SIGINT)
+        run.run()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["trainer"]["iteration"] == 6
+    log = caplog.text
+    assert "resumed from" in log and "at iteration 4, mid-epoch (epoch 2: 1 of its 3 iterations done), stage 'b'" in log
+    assert "stage 'b' from iteration 4" in log and "stage 'b' from iteration 5" not in log
+
+
 def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

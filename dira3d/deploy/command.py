@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check")
     onnx.add_argument("--tolerance", type=float, default=None, help="max |logit difference| accepted, per unit of max(1, max |logit|) (default 1e-4)")
     pre = sub.add_parser("pretrained", help="encoder/decoder as state_dict + safetensors + key_map.json", formatter_class=DefaultsHelpFormatter)
-    pre.add_argument("--checkpoint", required=True, help="dira3d pretraining checkpoint")
+    pre.add_argument("--checkpoint", required=True,
+                     help="dira3d pretraining checkpoint, or a fine-tuned models/model.pt (parts encoder, decoder or fc)")
     pre.add_argument("--out", required=True, help="output folder")
     pre.add_argument("--parts", nargs="+", default=["encoder", "decoder"])
     pre.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")

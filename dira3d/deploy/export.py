@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,12 +85,15 @@ def _config_value(parser: ConfigParser, key: str) -> Any:
         return None
 
 
-def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network: torch.nn.Module | None = None) -> str:
+def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network: torch.nn.Module | None = None,
+             option: Callable[[Mapping[str, Any]], str] | None = None) -> str:
     """Which config overrides make ``state`` fit the bundle's network, as a sentence for an error.
 
     The settings that matter are named (2D: backbone / decoder_channels / roi_size; 3D: width); the
     values that fit are read from the state_dict's keys and shapes; when they are those of the
-    bundle's ``tiny.json`` (a ``dira3d finetune --tiny`` model) its ``roi_size`` is added.
+    bundle's ``tiny.json`` (a ``dira3d finetune --tiny`` model) its ``roi_size`` is added. ``option`` writes
+    settings as the caller takes them (default ``--override id=value ...`` of ``dira3d export``; the MONAI
+    Label app passes its ``--conf bundle_overrides`` JSON).
     """
     from dira3d.evaluation.finetune import tiny_settings
     from dira3d.networks.weights_fit import format_overrides, infer_network_settings, same_value, settings_that_fit
@@ -116,13 +119,14 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
     if from_tiny:  # a --tiny model: roi_size cannot be read from weights, tiny.json has it
         fits = {**fits, **{k: v for k, v in tiny.items() if k not in fits and not same_value(current.get(k), v)}}
     settings = " / ".join(k for k in names if k != "in_channels")
-    example = "backbone=resnet10 --override decoder_channels=[16,16,8,8,8] --override roi_size=[64,64]" if two_d \
-        else "width=0.125"
+    example = {"backbone": "resnet10", "decoder_channels": [16, 16, 8, 8, 8], "roi_size": [64, 64]} if two_d \
+        else {"width": 0.125}
     if not fits:
-        return (f"pass the settings the weights were trained with ({settings}; e.g. --override {example} "
-                "for a model fine-tuned with --tiny)")
+        return (f"pass the settings the weights were trained with ({settings}; e.g. "
+                f"{(option or format_overrides)(example)} for a model fine-tuned with --tiny)")
     origin = f" (those of {root.name}'s tiny.json: a model fine-tuned with --tiny)" if from_tiny else ""
-    return f"the weights fit other settings{origin}: pass {format_overrides(fits)} (overrides={dict(fits)})"
+    text = option(fits) if option else f"{format_overrides(fits)} (overrides={dict(fits)})"
+    return f"the weights fit other settings{origin}: pass {text}"
 
 
 def _missing_weights(path: Path) -> FileNotFoundError:
@@ -135,6 +139,7 @@ def load_bundle_network(
     checkpoint: str | os.PathLike | None = None,
     config_file: str = "inference.json",
     overrides: Mapping[str, Any] | None = None,
+    hint_option: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> torch.nn.Module:
     """Build the bundle's ``network_def`` and load its fine-tuned weights (eval mode, CPU).
 
@@ -144,6 +149,7 @@ def load_bundle_network(
             one under ``"model"`` / ``"network"``).
         config_file: the config that defines ``network_def``.
         overrides: config ids to override, e.g. ``{"width": 0.125}``.
+        hint_option: how the error writes the overrides that fit (see :func:`fit_hint`).
 
     Returns:
         the network with the weights loaded, in eval mode.
@@ -167,11 +173,17 @@ def load_bundle_network(
         if isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
             break
+    if isinstance(state.get("encoder"), Mapping):  # {"encoder": sd, "decoder": sd, "meta": ...}: was called a classifier
+        parts = " and ".join(repr(k) for k in ("encoder", "decoder") if isinstance(state.get(k), Mapping))
+        raise ValueError(f"{path} is a dira3d pretraining checkpoint (weights under {parts}), not a model fine-tuned "
+                         f"with {root.name}: "
+                         f"fine-tune it first (`dira3d finetune --bundle {root.name} --pretrained {path}`) and give that "
+                         "run's models/model.pt; `dira3d export pretrained` exports the pretrained weights themselves")
     missing, unexpected, mismatched = state_dict_mismatch(state, network)
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{path} does not fit the network of {root} (config overrides {dict(overrides or {})}): "
-            f"{mismatch_summary(missing, unexpected, mismatched)}.\n{fit_hint(state, parser, root, network)}"
+            f"{mismatch_summary(missing, unexpected, mismatched)}.\n{fit_hint(state, parser, root, network, hint_option)}"
         )
     network.load_state_dict(state)
     return network.eval()

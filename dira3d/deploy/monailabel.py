@@ -40,6 +40,8 @@ __all__ = [
     "bundle_kind",
     "first_output",
     "prepare_app",
+    "parse_overrides",
+    "check_served_bundle",
     "start_command",
     "free_port",
     "MonaiLabelServer",
@@ -161,6 +163,77 @@ def find_bundles(
             )
         found = {n: found[n] for n in names}
     return dict(sorted(found.items()))
+
+
+def _conf_overrides(conf: Mapping[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(shared, own)`` overrides of bundle ``name`` from the app conf ``bundle_overrides`` (JSON)."""
+    raw = conf.get("bundle_overrides", "")
+    if not raw:
+        return {}, {}
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--conf bundle_overrides {raw!r} is not JSON; e.g. '{{\"width\": 0.125}}'") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"--conf bundle_overrides must be a JSON object, got {raw!r}")
+    own = value.get(name, {})
+    if not isinstance(own, dict):
+        raise ValueError(f"--conf bundle_overrides: the value of {name!r} must be a JSON object of settings, got {own!r}")
+    return {k: v for k, v in value.items() if not isinstance(v, dict)}, own
+
+
+def parse_overrides(conf: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Config overrides for bundle ``name`` from the app conf ``bundle_overrides`` (JSON).
+
+    ``{"width": 0.125}`` applies to every bundle; ``{"lits_liver_seg": {"width": 0.125}}`` to one.
+
+    Raises:
+        ValueError: ``bundle_overrides`` is not a JSON object (or a bundle's value is not one).
+    """
+    shared, own = _conf_overrides(conf, name)
+    return {**shared, **own}
+
+
+def _inference_config(bundle: Path) -> Path:
+    return next((bundle / "configs" / c for c in _INFER_CONFIGS if (bundle / "configs" / c).is_file()),
+                bundle / "configs" / _INFER_CONFIGS[0])
+
+
+def check_served_bundle(name: str, bundle: str | os.PathLike, overrides: Mapping[str, Any],
+                        conf: Mapping[str, Any] | None = None) -> None:
+    """Refuse a bundle that MONAI Label would serve wrongly, before it is served (the app's tasks call it).
+
+    - an id of the bundle's own ``bundle_overrides`` entry (``{"lits_liver_seg": {"pixdm": ...}}``, from ``conf``)
+      that its inference config does not define: MONAI Label adds it without a word and serves the default;
+    - ``models/model.pt`` that does not load into the network the config builds with ``overrides`` (a model
+      fine-tuned with ``--tiny`` served without its ``width``; another bundle's or a pretraining checkpoint):
+      every request failed with PyTorch's list of tensors (HTTP 500), and weights whose names differ were
+      skipped by MONAI Label's non-strict load, which served a network with random weights. The error names
+      the ``--conf bundle_overrides`` that fit. A bundle with ``models/model.ts`` only is not checked.
+
+    Raises:
+        ValueError: either problem, naming the bundle and what to pass.
+    """
+    from monai.bundle import ConfigParser
+
+    from dira3d.deploy.export import load_bundle_network
+    from dira3d.utils.overrides import check_overrides
+
+    bundle = Path(bundle)
+    config = _inference_config(bundle)
+    if conf is not None:
+        check_overrides([config], _conf_overrides(conf, name)[1], where=f"--conf bundle_overrides {{{name!r}: ...}}")
+    weights = bundle / "models" / "model.pt"
+    if not weights.is_file():
+        return
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    known = {k: v for k, v in overrides.items() if k in parser}  # shared ones another bundle may define
+
+    def option(fits: Mapping[str, Any]) -> str:
+        return f"--conf bundle_overrides '{json.dumps({name: {**known, **fits}})}'"
+
+    load_bundle_network(bundle, weights, config_file=config.name, overrides=known, hint_option=option)
 
 
 def prepare_app(dest: str | os.PathLike) -> Path:

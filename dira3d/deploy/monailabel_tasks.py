@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -24,32 +23,11 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
-from dira3d.deploy.monailabel import bundle_kind, find_bundles, first_output
+from dira3d.deploy.monailabel import bundle_kind, check_served_bundle, find_bundles, first_output, parse_overrides
 
 __all__ = ["SegmentationBundleTask", "ClassificationBundleTask", "infer_tasks", "parse_overrides"]
 
 logger = logging.getLogger(__name__)
-
-
-def parse_overrides(conf: Mapping[str, str], name: str) -> dict[str, Any]:
-    """Config overrides for bundle ``name`` from the app conf ``bundle_overrides`` (JSON).
-
-    ``{"width": 0.125}`` applies to every bundle; ``{"lits_liver_seg": {"width": 0.125}}`` to one.
-
-    Raises:
-        ValueError: ``bundle_overrides`` is not a JSON object.
-    """
-    raw = conf.get("bundle_overrides", "")
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--conf bundle_overrides {raw!r} is not JSON; e.g. '{{\"width\": 0.125}}'") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"--conf bundle_overrides must be a JSON object, got {raw!r}")
-    shared = {k: v for k, v in value.items() if not isinstance(v, dict)}
-    return {**shared, **value.get(name, {})}
 
 
 class _OverridableBundleTask(BundleInferTask):
@@ -68,7 +46,9 @@ class _OverridableBundleTask(BundleInferTask):
     def _get_network(self, device: Any, data: Any) -> Any:
         """MONAI Label's own ``torch.load`` of the model file is weights-only only because torch's default
         says so (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns that off, and a crafted ``model.pt`` would then
-        run code on the server): the file is read with ``weights_only=True`` first, each time it changes."""
+        run code on the server): the file is read with ``weights_only=True`` first, each time it changes. A model
+        replaced while the server runs is checked against the network as at the start (:func:`check_served_bundle`):
+        one that does not fit is refused with the overrides that fit, not loaded in part or with PyTorch's list."""
         path = self.get_path()
         if path and os.path.isfile(path) and str(path).endswith(".pt"):
             stamp = (str(path), os.stat(path).st_mtime_ns)
@@ -76,6 +56,7 @@ class _OverridableBundleTask(BundleInferTask):
                 from dira3d.utils.checkpoint import load_checkpoint
 
                 load_checkpoint(path)  # refuses pickled Python objects with a message naming the file
+                check_served_bundle(os.path.basename(self.bundle_path), self.bundle_path, self._overrides)
                 self._checked_model = stamp
         return super()._get_network(device, data)
 
@@ -124,16 +105,27 @@ def infer_tasks(conf: Mapping[str, str]) -> dict[str, InferTask]:
     repository's ``bundles/``), ``models`` (``,``-separated names to serve; default all with
     weights), ``bundle_overrides`` (JSON, see :func:`parse_overrides`).
 
+    A bundle refused by :func:`check_served_bundle` (weights that do not fit, an unknown id in its own
+    ``bundle_overrides``) is logged as an error and left out; the others are served.
+
     Raises:
         FileNotFoundError: a bundle path or a requested model does not exist.
+        ValueError: ``bundle_overrides`` is not a JSON object.
     """
     from dira3d.deploy.monailabel import REPO_ROOT
 
     paths = conf.get("bundles") or str(REPO_ROOT / "bundles")
     names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or None
     tasks: dict[str, InferTask] = {}
+    refused: list[str] = []
     for name, folder in find_bundles(paths, names).items():
         overrides = parse_overrides(conf, name)
+        try:  # the other bundles are served; this one's error is in the log, with what to pass
+            check_served_bundle(name, folder, overrides, conf)
+        except ValueError as err:
+            logger.error(f"dira3d: bundle {name} ({folder}) is not served: {err}")
+            refused.append(name)
+            continue
         kind = bundle_kind(folder)
         task_cls = SegmentationBundleTask if kind == "segmentation" else ClassificationBundleTask
         task = task_cls(str(folder), conf, overrides)
@@ -142,6 +134,8 @@ def infer_tasks(conf: Mapping[str, str]) -> dict[str, InferTask]:
             tasks[name] = task
         else:
             logger.warning(f"dira3d: bundle {folder} is not valid for MONAI Label; skipped")
-    if not tasks:
+    if not tasks and refused:
+        logger.warning(f"dira3d: no bundle served: {', '.join(refused)} refused (see the errors above)")
+    elif not tasks:
         logger.warning(f"dira3d: no bundle with weights found under {paths}; train one (models/model.pt) first")
     return tasks

@@ -107,15 +107,28 @@ def _layout(meta: Mapping[str, Any], parts: Mapping[str, Mapping[str, torch.Tens
     return dims, f"{name}; {weights}; {inputs}"
 
 
-def _part(checkpoint: Mapping[str, Any], part: str, source: str) -> dict[str, torch.Tensor]:
+def _available_parts(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The parts of a checkpoint: its non-empty mappings (a pretraining checkpoint's ``encoder``, ``decoder``, ...)
+    and the first names of its tensor keys (a fine-tuned ``model.pt``, a flat state_dict: ``encoder``, ``decoder``
+    or ``fc``)."""
+    nested = {k for k, v in checkpoint.items() if isinstance(v, Mapping) and v}
+    flat = {k.split(".", 1)[0] for k, v in checkpoint.items() if isinstance(v, torch.Tensor) and "." in k}
+    return sorted(nested | flat)
+
+
+def _part(checkpoint: Mapping[str, Any], part: str, source: str, cli: bool = False) -> dict[str, torch.Tensor]:
     state = checkpoint.get(part)
     if not isinstance(state, Mapping) or not state:
         prefix = f"{part}."
         state = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
     if not state:
-        available = sorted(k for k, v in checkpoint.items() if isinstance(v, Mapping) and v)
-        raise ValueError(f"checkpoint {source} has no '{part}' part (parts available: {available}); "
-                         "choose parts among those, e.g. parts=('encoder',)")
+        available = _available_parts(checkpoint)
+        if not available:
+            raise ValueError(f"checkpoint {source} holds no weights to export (no encoder, decoder or other part); "
+                             "give a dira3d pretraining checkpoint or a fine-tuned models/model.pt")
+        choice = f"--parts {' '.join(available)}" if cli else f"parts={tuple(available)!r}"
+        raise ValueError(f"checkpoint {source} has no '{part}' part (parts available: {', '.join(available)}); "
+                         f"choose parts among those, e.g. {choice}")
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -130,7 +143,8 @@ def export_pretrained(
     """Write the pretrained parts as plain state_dicts / safetensors and a documented key map (atomically).
 
     Args:
-        checkpoint: a dira3d pretraining checkpoint (path or dict ``{"encoder": sd, "decoder": sd, "meta": ...}``).
+        checkpoint: a dira3d pretraining checkpoint (path or dict ``{"encoder": sd, "decoder": sd, "meta": ...}``),
+            or a fine-tuned ``models/model.pt`` (a flat state_dict: parts ``encoder``, ``decoder``, ``fc``).
         out_dir: folder for ``<part>.pt``, ``<part>.safetensors`` and ``key_map.json``.
         parts: parts to export; ``("encoder",)`` for classification backbones.
         formats: any of ``"pt"`` and ``"safetensors"``.
@@ -167,7 +181,7 @@ def export_pretrained(
         except ImportError as err:
             raise ImportError("safetensors export needs the 'safetensors' package: pip install 'dira3d[deploy]'") from err
     meta = dict(ckpt.get("meta") or {}) if isinstance(ckpt.get("meta"), Mapping) else {}
-    states = {part: _part(ckpt, part, source) for part in parts}
+    states = {part: _part(ckpt, part, source, cli=given_by.startswith("--")) for part in parts}
     spatial_dims, layout = _layout(meta, states)  # 2D (chest X-ray) and 3D checkpoints have different layouts
     # only now: a checkpoint refused above leaves no empty folder behind
     check_writable(out, what="output folder (--out)")

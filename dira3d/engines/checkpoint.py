@@ -173,7 +173,11 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
         set_rng_state(ckpt["rng"])
     trainer.state.epoch = int(ckpt["trainer"]["epoch"])
     trainer.state.iteration = int(ckpt["trainer"]["iteration"])
-    trainer.state.stage = trainer.current_stage().name
+    # state.epoch counts completed epochs: a mid-epoch checkpoint was written inside the next one, whose stage
+    # is the one in force (the first epoch of a new stage was named by the stage before it)
+    in_progress = 1 if int(ckpt["trainer"].get("epoch_iteration", 0)) else 0
+    trainer.state.stage = trainer.schedule.stage_at(max(trainer.state.epoch + in_progress, 1),
+                                                    max(trainer.state.iteration, 1)).name
     guard = getattr(trainer, "nonfinite_guard", None)
     if guard is not None:  # a checkpoint written before the count was saved: counted from the resume on
         guard.restore_skipped(ckpt["trainer"].get("nonfinite_skipped", 0))
