@@ -5,6 +5,8 @@
 - :class:`DiRAEvaluator` — validation loss on a held-out split (criterion for ``best.pt``).
 - :class:`DiRACheckpoint` — ``last.pt`` / ``best.pt`` in the documented format, and resume.
 - :func:`exit_if_stopped`, :class:`StoppedBySignal` — SIGTERM / Ctrl-C: ``last.pt`` at the step, exit 143 / 130.
+- :class:`FinalStageEarlyStop`, :func:`check_early_stop_patience` — opt-in early stopping on the validation
+  loss in the final stage (``DiRACheckpoint(early_stop_patience=N)``).
 - :class:`RestorationImageHandler`, :func:`scalar_output` — TensorBoard images and scalars.
 - Factories for the mode-dependent parts and the volume → patch-pair transforms.
 """
@@ -19,7 +21,7 @@ from dira3d.engines.inputs import CheckSameShaped, CheckVolumed, load_datalist
 from dira3d.engines.handlers import RestorationImageHandler, scalar_output, side_by_side
 from dira3d.engines.optim import unique_parameters
 from dira3d.engines.stages import Stage, StageSchedule
-from dira3d.engines.stopping import StoppedBySignal, exit_if_stopped
+from dira3d.engines.stopping import FinalStageEarlyStop, StoppedBySignal, check_early_stop_patience, exit_if_stopped
 from dira3d.engines.trainer import DiRATrainer
 
 __all__ = [
@@ -54,4 +56,6 @@ __all__ = [
     "StageSchedule",
     "StoppedBySignal",
     "exit_if_stopped",
+    "FinalStageEarlyStop",
+    "check_early_stop_patience",
 ]

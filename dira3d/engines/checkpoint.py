@@ -7,7 +7,9 @@ Format (docs/architecture.md, "Checkpoint format")::
      "optimizer_g", "optimizer_d", "scaler_g", "scaler_d",
      "trainer": {"epoch", "iteration", "epoch_iteration", "stage", "best_metric", "best_epoch", "best_stage",
                  "epoch_sums": {"count", "sums": {key: one value per rank}},  # running sums of the epoch's outputs
-                 "nonfinite_skipped"},                                 # steps on_nonfinite='skip' dropped so far
+                 "nonfinite_skipped",                                  # steps on_nonfinite='skip' dropped so far
+                 "early_stop"},       # with early_stop_patience: {"counter", "best_score", "best_epoch", "stage",
+                                      #   "stopped_epoch", "patience", "metric"} (engines.stopping.FinalStageEarlyStop)
      "schedulers": {name: state_dict},                                     # learning-rate schedulers
      "rng": {"torch", "cuda", "python", "numpy"},                          # tensors / lists only
      "meta": {"spatial_dims", "in_channels", "width", "dis_mode", "patch_size", "dira3d_version"}}
@@ -31,6 +33,7 @@ from ignite.engine import Engine, Events
 import dira3d
 from dira3d.engines.distributed import is_main_process
 from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_bytes
+from dira3d.engines.stopping import FinalStageEarlyStop, check_early_stop_patience
 from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
 from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.overrides import as_bool
@@ -222,6 +225,11 @@ class DiRACheckpoint:
             checkpoint size, since a save briefly holds the old and the new file).
         metric_name: key in ``engine.state.metrics`` to minimise for ``best.pt``.
         meta: extra entries for ``checkpoint["meta"]`` (width, patch_size, ...).
+        early_stop_patience: stop the run after this many validations in a row in the final stage without a
+            lower ``metric_name`` (:class:`~dira3d.engines.stopping.FinalStageEarlyStop`; its count is in every
+            checkpoint, ``trainer`` key ``early_stop``); None (default): no early stopping, the run goes to
+            ``max_epochs``. Needs a :class:`~dira3d.engines.DiRAEvaluator` attached before this handler.
+        summary_writer: TensorBoard writer for the early stop's text (``early_stop``); None: none.
 
     While the run lasts, the main process locks ``ckpt_dir`` (:class:`~dira3d.utils.folder_lock.FolderLock`):
     a second run into the same folder stops at its start instead of replacing the first one's
@@ -229,6 +237,7 @@ class DiRACheckpoint:
 
     Raises:
         PermissionError: ``ckpt_dir`` is not writable.
+        ValueError: a bad ``early_stop_patience``; (when attached) early stopping without an evaluator before it.
         dira3d.utils.folder_lock.FolderInUseError: (at the run's start) another process is writing there.
     """
 
@@ -242,6 +251,8 @@ class DiRACheckpoint:
         meta: Mapping[str, Any] | None = None,
         schedulers: Mapping[str, Any] | None = None,
         min_free_bytes: int | None = None,
+        early_stop_patience: int | None = None,
+        summary_writer: Any = None,
     ) -> None:
         self.schedulers = dict(schedulers or {})
         self.ckpt_dir = Path(ckpt_dir)
@@ -250,6 +261,9 @@ class DiRACheckpoint:
         self.save_every_epochs, self.save_every_iterations = max(int(save_every_epochs), 1), int(save_every_iterations)
         self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
         self.best: dict[str, Any] = {"best_metric": None, "best_epoch": -1, "best_stage": ""}
+        patience = check_early_stop_patience(early_stop_patience)
+        self.early_stop = None if patience is None else FinalStageEarlyStop(
+            patience, metric_name, summary_writer=summary_writer, best_path=self.best_path)
         self.lock = FolderLock(self.ckpt_dir, what=CHECKPOINT_FOLDER)
 
     @property
@@ -271,6 +285,8 @@ class DiRACheckpoint:
             check_writable(self.ckpt_dir, min_free_bytes=need)
             engine.add_event_handler(Events.STARTED, lambda _: self.lock.acquire())  # before anything is loaded
         engine.add_event_handler(Events.STARTED, self.load)
+        if self.early_stop is not None:  # after the resume on STARTED; counts before last.pt is written on EPOCH_COMPLETED
+            self.early_stop.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every_epochs), self.epoch_completed)
         if self.save_every_iterations > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every_iterations), self.save_last)
@@ -285,6 +301,12 @@ class DiRACheckpoint:
         ckpt = load_checkpoint(self.last_path, map_location=engine.state.device)
         partial = restore_checkpoint(engine, ckpt, source=str(self.last_path))
         self.best.update({k: ckpt["trainer"].get(k, v) for k, v in self.best.items()})
+        if self.early_stop is not None:
+            if ckpt["trainer"].get("early_stop"):
+                self.early_stop.load_state_dict(ckpt["trainer"]["early_stop"])
+            else:  # written without early_stop_patience, or by dira3d before it
+                engine.logger.info(f"{self.last_path} holds no early-stopping count: validations without improvement "
+                                   "are counted from this resume on")
         epoch, done = engine.state.epoch, int(ckpt["trainer"].get("epoch_iteration", 0))
         if done:
             length = engine.state.epoch_length
@@ -313,11 +335,17 @@ class DiRACheckpoint:
         state = getattr(engine, "epoch_sums_state", None)
         return state() if callable(state) else {"count": 0, "sums": {}}
 
+    def _trainer_state(self) -> dict[str, Any]:
+        # the checkpoint's "trainer" entries this handler keeps: the best so far and the early-stopping count
+        if self.early_stop is None:
+            return self.best
+        return {**self.best, "early_stop": self.early_stop.state_dict()}
+
     def save_last(self, engine: Engine, epoch_sums: Mapping[str, Any] | None = None) -> None:
         self._ensure_finite(engine)
         epoch_sums = self._epoch_sums(engine) if epoch_sums is None else epoch_sums
         if is_main_process():
-            atomic_save(checkpoint_dict(engine, self.meta, self.best, epoch_sums), self.last_path)
+            atomic_save(checkpoint_dict(engine, self.meta, self._trainer_state(), epoch_sums), self.last_path)
 
     def completed(self, engine: Engine) -> None:
         """The run's end: ``last.pt`` at its last iteration, also when SIGTERM / Ctrl-C ended it mid-epoch
@@ -338,6 +366,6 @@ class DiRACheckpoint:
             if self.best["best_stage"] != stage or self.best["best_metric"] is None or value < self.best["best_metric"]:
                 self.best = {"best_metric": float(value), "best_epoch": int(engine.state.epoch), "best_stage": stage}
                 if is_main_process():
-                    atomic_save(checkpoint_dict(engine, self.meta, self.best, epoch_sums), self.best_path)
+                    atomic_save(checkpoint_dict(engine, self.meta, self._trainer_state(), epoch_sums), self.best_path)
                 engine.logger.info(f"new best {self.metric_name}={value:.5f} (stage '{stage}') -> {self.best_path}")
         self.save_last(engine, epoch_sums)

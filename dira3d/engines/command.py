@@ -20,7 +20,8 @@ from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool, parse_value
 
-__all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "visual_words_mismatch", "finished_message", "main"]
+__all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "visual_words_mismatch", "early_stop_note",
+           "finished_message", "main"]
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "dira_pretrain"
 
@@ -96,9 +97,27 @@ def visual_words_mismatch(datalist: Path, configs: list[str], overrides: dict) -
     return ""
 
 
+def early_stop_note(last: Path) -> str:
+    """Why the run in ``last`` (a ``last.pt``) ended before ``max_epochs``, when early stopping ended it; else ''.
+    The file is memory-mapped (only the ``trainer`` entries are read); an unreadable one gives ''."""
+    import torch
+
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["trainer"].get("early_stop") or {}
+    except Exception:  # no checkpoint of ours: the other lines say what there is
+        return ""
+    if state.get("stopped_epoch") is None:
+        return ""
+    return (f"stopped early after epoch {state['stopped_epoch']}: {state.get('metric', 'the validation loss')} had not "
+            f"improved for {state['counter']} validation(s) in the final stage '{state['stage']}' (early_stop_patience="
+            f"{state['patience']}); best.pt holds its best epoch, {state['best_epoch']}; rerun with a larger "
+            "--override early_stop_patience=N (or null) to train on")
+
+
 def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
-    """What ``dira3d pretrain`` prints at the end of a run: where the checkpoints and the TensorBoard logs
-    are, and the fine-tuning command that starts from them (with the width the task bundle needs)."""
+    """What ``dira3d pretrain`` prints at the end of a run: why it ended early when early stopping ended it
+    (:func:`early_stop_note`), where the checkpoints and the TensorBoard logs are, and the fine-tuning command
+    that starts from them (with the width the task bundle needs)."""
     models, best, last = output / "models", output / "models" / "best.pt", output / "models" / "last.pt"
     if not last.is_file():
         return f"no checkpoint was written in {models}"
@@ -108,7 +127,8 @@ def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
         width = 1.0
     start = best if best.is_file() else last
     width_hint = "" if width == 1.0 else f" --set width={width:g}"
-    return "\n".join([
+    stopped = early_stop_note(last)
+    return "\n".join(([stopped] if stopped else []) + [
         f"checkpoints: {best} (lowest validation loss of the last stage) and {last} (rerun the same command to resume "
         "or, with a higher --override max_epochs=N, to train on)" if best.is_file() else f"checkpoint: {last}",
         f"TensorBoard: tensorboard --logdir {output / 'eval'}",

@@ -41,6 +41,7 @@ __all__ = [
     "local_device",
     "all_ranks_true",
     "all_ranks_min",
+    "main_process_value",
     "quiet_other_ranks",
 ]
 
@@ -173,6 +174,20 @@ def all_ranks_min(values: list[int], device: Any = "cpu") -> list[int]:
     tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return [int(v) for v in tensor.tolist()]
+
+
+def main_process_value(value: float, device: Any = "cpu") -> float:
+    """Rank 0's ``value`` on every rank, in ONE broadcast (``value`` itself with one process).
+
+    For decisions every rank must take alike from a number that may differ between ranks, e.g. a
+    validation loss with per-rank BatchNorm statistics (early stopping: a rank that stopped alone would
+    leave the others waiting in an all-reduce). ``device``: the training device (NCCL moves CUDA tensors only).
+    """
+    if get_world_size() < 2:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
 
 
 def quiet_other_ranks(names: tuple[str, ...] = ("DiRATrainer", "DiRAEvaluator", "ignite", "monai")) -> None:

@@ -87,6 +87,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         if not isinstance(trainer, DiRATrainer):
             raise TypeError(f"DiRAEvaluator attaches to a DiRATrainer, got {type(trainer).__name__}")
         self.trainer = trainer
+        trainer.evaluator = self  # what the checkpoint handler's early stopping looks for (it needs a validation)
         trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._validate)
 
     def _validate(self, trainer: DiRATrainer) -> None:

@@ -1,4 +1,6 @@
-"""Stop a pretraining run cleanly on SIGTERM or Ctrl-C (SIGINT): finish the step, write ``last.pt``, exit.
+"""How a pretraining run ends before ``max_epochs``: on SIGTERM or Ctrl-C (SIGINT), and by early stopping.
+
+**Signals** (:class:`SignalStop`): finish the step, write ``last.pt``, exit.
 
 SLURM (preemption, ``scancel``, the time limit), Kubernetes evictions and ``torchrun`` send SIGTERM,
 then SIGKILL after a grace period (SLURM's ``KillWait`` and Kubernetes' default: 30 s; ``torchrun``
@@ -23,22 +25,35 @@ writes ``last.pt`` at that iteration (the atomic mid-epoch checkpoint) and relea
 After such a stop ``trainer.run()`` returns with ``trainer.state.stopped_by`` set to ``"SIGTERM"`` or
 ``"SIGINT"`` (None after a full run); :func:`exit_if_stopped` (the bundle's last ``finalize`` step) then
 raises :class:`StoppedBySignal`, a ``SystemExit`` with code 143 (SIGTERM) or 130 (SIGINT).
+
+**Early stopping** (:class:`FinalStageEarlyStop`, opt-in: ``DiRACheckpoint(early_stop_patience=N)``, the bundle's
+``early_stop_patience``): the run ends, with exit code 0, after the ``N``-th validation in a row that does not
+lower the criterion (``val_selection_loss``, the ``best.pt`` criterion) below its best **in the final stage**.
+Earlier stages always run to their bound, so no stage is skipped; the count starts afresh at the final stage's
+first validation, which sets its first best (a stage's losses are not comparable with another's: adding a term
+changes the scale). Ties count as no improvement. The counting is ignite's :class:`~ignite.handlers.EarlyStopping`;
+its state (count, best value, best epoch, final stage, stop epoch, patience, criterion) goes into every checkpoint (``trainer`` key
+``early_stop``), so a resumed run stops at the epoch an uninterrupted one does. Under DDP every rank takes rank 0's
+validation value (one broadcast per validation in the final stage), so all ranks stop after the same epoch.
 """
 
 from __future__ import annotations
 
+import numbers
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
+from ignite.handlers.early_stopping import EarlyStopping
 
-from dira3d.engines.distributed import get_world_size
+from dira3d.engines.distributed import get_world_size, main_process_value
 from dira3d.utils.interrupts import StoppedBySignal
 
-__all__ = ["STOP_SIGNALS", "SignalStop", "StoppedBySignal", "exit_if_stopped"]
+__all__ = ["STOP_SIGNALS", "SignalStop", "StoppedBySignal", "exit_if_stopped", "FinalStageEarlyStop",
+           "check_early_stop_patience"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -112,3 +127,132 @@ def exit_if_stopped(engine: Engine) -> None:
     name = getattr(engine.state, "stopped_by", None)
     if name:
         raise StoppedBySignal(name, engine.state.iteration)
+
+
+def check_early_stop_patience(patience: Any) -> int | None:
+    """``early_stop_patience`` as an int, or None (off); the bundles call it in ``initialize``, before any data is cached.
+
+    Raises:
+        ValueError: not a whole number >= 1 (a negative, zero, fractional, boolean or text value), naming the setting.
+    """
+    if patience is None:
+        return None
+    if isinstance(patience, bool) or not isinstance(patience, numbers.Real) or int(patience) != patience or patience < 1:
+        raise ValueError(f"early_stop_patience={patience!r} must be a whole number >= 1: the validations in a row "
+                         "without a lower validation loss in the final stage after which pretraining stops (null: "
+                         "no early stopping, the run goes to max_epochs)")
+    return int(patience)
+
+
+class FinalStageEarlyStop:
+    """Stop pretraining when ``metric_name`` has not improved for ``patience`` validations in the final stage.
+
+    Made and attached by :class:`~dira3d.engines.DiRACheckpoint` (``early_stop_patience``), which writes
+    :meth:`state_dict` into each checkpoint and restores it on resume; see the module docstring.
+
+    Args:
+        patience: validations in a row without improvement (:func:`check_early_stop_patience`).
+        metric_name: the validation metric, lower is better.
+        summary_writer: TensorBoard writer for the text ``early_stop`` when the run stops (None: none).
+        best_path: the ``best.pt`` file, named in the message.
+
+    Raises:
+        ValueError: a bad ``patience``; when attached, no :class:`~dira3d.engines.DiRAEvaluator` attached
+            to the trainer before it (no validation loss to stop on); in the run, ``metric_name`` missing
+            from the validation metrics.
+    """
+
+    def __init__(self, patience: int, metric_name: str = "val_selection_loss", summary_writer: Any = None,
+                 best_path: Any = None) -> None:
+        checked = check_early_stop_patience(patience)
+        if checked is None:
+            raise ValueError("early_stop_patience is None: do not create FinalStageEarlyStop (early stopping is off)")
+        self.patience, self.metric_name = checked, metric_name
+        self.summary_writer, self.best_path = summary_writer, best_path
+        self.stopper: EarlyStopping | None = None  # ignite's counter, made at attach (it needs the trainer)
+        self.stage = ""  # the final stage the count belongs to
+        self.best_epoch = -1
+        self.stopped_epoch: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Check that a validation runs before this handler; count on ``EPOCH_COMPLETED``, resume on ``STARTED``."""
+        if getattr(engine, "evaluator", None) is None:
+            raise ValueError(
+                f"early_stop_patience={self.patience} stops on the validation loss, but no DiRAEvaluator is attached "
+                "before the checkpoint handler: list a DiRAEvaluator before DiRACheckpoint in train_handlers (in the "
+                "dira_pretrain bundle: keep '@validate#evaluator' first in train#handlers), or set "
+                "early_stop_patience to null to train for max_epochs")
+        self.stopper = EarlyStopping(self.patience, self._score, engine, mode="min")
+        self.stopper.logger = engine.logger
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (plain numbers and text: loadable with ``weights_only=True``)."""
+        stopper = self.stopper
+        return {"counter": int(stopper.counter) if stopper else 0,
+                "best_score": None if stopper is None or stopper.best_score is None else float(stopper.best_score),
+                "best_epoch": int(self.best_epoch), "stage": self.stage, "stopped_epoch": self.stopped_epoch,
+                "patience": self.patience, "metric": self.metric_name}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (after ``attach``). A count below this run's patience (a larger
+        ``early_stop_patience`` given to a run that had stopped) goes on counting."""
+        self.stopper.load_state_dict({"counter": int(state["counter"]), "best_score": state["best_score"],
+                                      "threshold_mode": "abs"})
+        self.best_epoch, self.stage = int(state["best_epoch"]), str(state["stage"])
+        self.stopped_epoch = state.get("stopped_epoch")
+
+    def _score(self, engine: Engine) -> float:
+        value = engine.state.metrics.get(self.metric_name)
+        if value is None:
+            known = sorted(k for k in engine.state.metrics if k.startswith("val_"))
+            raise ValueError(f"early stopping: the validation gave no {self.metric_name!r} (it gave {known}); set the "
+                             "checkpoint handler's metric_name to one of them, or early_stop_patience to null")
+        return main_process_value(value, engine.state.device)  # every rank decides on rank 0's value
+
+    def _in_final_stage(self, engine: Engine) -> bool:
+        schedule = engine.schedule
+        return schedule.index(engine.current_stage()) == len(schedule.stages) - 1
+
+    def __call__(self, engine: Engine) -> None:
+        """``EPOCH_COMPLETED``, before the checkpoint is written: count this epoch's validation in the final stage."""
+        if getattr(engine.state, "val_epoch", None) != engine.state.epoch or not self._in_final_stage(engine):
+            return  # no validation this epoch, or an earlier stage (which runs to its bound)
+        stage = engine.current_stage().name
+        if stage != self.stage:  # the final stage's first validation (or the stages were renamed): count afresh
+            self.stopper.reset()
+            self.stage, self.best_epoch, self.stopped_epoch = stage, -1, None
+        self.stopper(engine)  # ignite's EarlyStopping: terminate() once the count reaches the patience
+        if self.stopper.counter == 0:
+            self.best_epoch = int(engine.state.epoch)
+        engine.state.metrics["early_stop_wait"] = float(self.stopper.counter)  # console and TensorBoard, each epoch
+        if self.stopper.counter >= self.patience:
+            self.stopped_epoch = int(engine.state.epoch)
+            self._report(engine, self.message(engine.state.epoch, engine.state.max_epochs))
+
+    def message(self, epoch: int, max_epochs: int | None) -> str:
+        """Why and when the run stopped, in one line."""
+        best = "" if self.stopper.best_score is None else f" ({self.stopper.best_score:.5f})"
+        where = f"; {self.best_path} holds that epoch" if self.best_path else ""
+        return (f"early stop after epoch {epoch} of max_epochs {max_epochs}: {self.metric_name} has not improved for "
+                f"{self.stopper.counter} validation(s) in the final stage '{self.stage}' (early_stop_patience="
+                f"{self.patience}); its best{best} was at epoch {self.best_epoch}{where}")
+
+    def _report(self, engine: Engine, message: str, tensorboard: bool = True) -> None:
+        engine.state.early_stopped = message  # DiRATrainer.run repeats it as the run's last line
+        engine.logger.info(message)
+        if tensorboard and self.summary_writer is not None:
+            self.summary_writer.add_text("early_stop", message, int(engine.state.epoch))
+            self.summary_writer.flush()
+
+    def started(self, engine: Engine) -> None:
+        """``STARTED``, after the checkpoint handler's resume: a run whose count already reaches the patience
+        (it stopped early, or this run's patience is smaller) stops at once."""
+        if (self.stopper.counter >= self.patience and self._in_final_stage(engine)
+                and engine.current_stage().name == self.stage):
+            self.stopped_epoch = self.stopped_epoch or int(engine.state.epoch)
+            message = (f"{self.message(self.stopped_epoch, engine.state.max_epochs)}; resumed from there: nothing to do "
+                       "(a larger early_stop_patience, or null, trains on)")
+            self._report(engine, message, tensorboard=False)
+            engine.terminate()

@@ -175,6 +175,8 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
     writes ``last.pt`` at that iteration, and ``run`` returns with ``state.stopped_by`` set to
     ``"SIGTERM"`` / ``"SIGINT"`` (None after a full run); :func:`dira3d.engines.exit_if_stopped` then exits
     with 143 / 130 (:mod:`dira3d.engines.stopping`). The previous signal handlers are put back after the run.
+    Early stopping (``DiRACheckpoint(early_stop_patience=N)``) ends the run after an epoch instead, with
+    ``state.early_stopped`` saying why (None otherwise), which ``run`` logs as its last line.
 
     Raises:
         ValueError: a bad mode, AMP value, ``d_steps``, ``shuffle_bn`` outside ``moco``, missing
@@ -310,17 +312,21 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         # under DDP the guard's periodic check agrees on it over the ranks (dira3d.engines.stopping)
         self.signal_stop = SignalStop()
         self.add_event_handler(Events.ITERATION_COMPLETED, self.signal_stop.poll)
+        self.evaluator = None  # the DiRAEvaluator, once one attaches itself (early stopping needs one)
         if train_handlers is not None:
             self._register_handlers(train_handlers)
 
     def run(self) -> None:
         """Train (``monai.engines.Trainer.run``) with SIGTERM / SIGINT caught while it lasts (see the class)."""
         self.state.stop_saved = None  # what the checkpoint handler wrote when a signal stopped the run
+        self.state.early_stopped = None  # why early stopping ended the run (dira3d.engines.stopping.FinalStageEarlyStop)
         with self.signal_stop.installed(self):
             super().run()
         if self.state.stopped_by:
             saved = self.state.stop_saved or "no checkpoint handler saved the run"
             self.logger.info(f"stopped by {self.state.stopped_by} at iteration {self.state.iteration}; {saved}")
+        elif self.state.early_stopped:
+            self.logger.info(f"training ended by early stopping: {self.state.early_stopped}")
 
     # ------------------------------------------------------------------ bookkeeping
     @property
