@@ -179,6 +179,28 @@ def test_resnet_task_network_loads_the_2d_checkpoint(pretrained_2d):
         build_resnet_task_network("classification", 1, 14, pretrained="missing.pt")
 
 
+
+def test_a_checkpoint_of_other_network_settings_is_refused_naming_the_settings_that_fit(pretrained_2d, tmp_path):
+    # a 2d_tiny.json checkpoint given to a bundle at its default resnet50 failed with 19 shape mismatches and
+    # "Build the network with the checkpoint's width / in_channels / out_channels, or load fewer parts"
+    with pytest.raises(ValueError) as err:
+        build_resnet_task_network("classification", 1, 14, pretrained=str(pretrained_2d))
+    message = str(err.value)
+    assert "fit backbone resnet10 (read from its weights), but the task network is built with backbone resnet50" in message
+    assert "`dira3d finetune --tiny`" in message and "--set backbone=resnet10" in message
+    assert "--backbone resnet10` for monai.bundle run" in message
+    assert "Build the network" not in message and "decoder_channels" not in message  # a classifier loads no decoder
+    with pytest.raises(ValueError) as err:  # the decoder of a segmenter too; a list value quoted for the shell
+        build_resnet_task_network("segmentation", 1, 1, backbone="resnet10", pretrained=str(pretrained_2d))
+    message = str(err.value)
+    assert "fit decoder_channels [16, 16, 8, 8, 8]" in message and "built with decoder_channels [256, 128, 64, 32, 16]" in message
+    assert '--set "decoder_channels=[16,16,8,8,8]"' in message and "--tiny" in message
+    resnet18 = ResNetUNet(1, 1, backbone="resnet18", decoder_channels=TINY_NET["decoder_channels"])
+    atomic_save({"encoder": resnet18.encoder.state_dict(), "decoder": resnet18.decoder.state_dict()}, tmp_path / "r18.pt")
+    with pytest.raises(ValueError) as err:  # settings that are not tiny.json's: no --tiny
+        build_resnet_task_network("classification", 1, 14, pretrained=str(tmp_path / "r18.pt"))
+    assert "--set backbone=resnet18" in str(err.value) and "--tiny" not in str(err.value)
+
 @pytest.mark.parametrize("bundle", BUNDLES_2D)
 def test_2d_bundle_metadata_and_network(bundle):
     from monai.bundle import verify_metadata, verify_net_in_out

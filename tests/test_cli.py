@@ -169,6 +169,17 @@ def test_pretrain_ends_saying_where_the_checkpoints_are_and_how_to_fine_tune(tmp
     assert f"dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {out / 'models' / 'best.pt'} --set width=0.125" in printed
     assert pretrain_main(["--datalist", str(volumes), "--output", str(tmp_path / "run2")]) == 0
     assert "--set width" not in capsys.readouterr().out  # the bundles' default width
+    # 2D (2d.json): the width says nothing; a 2d_tiny.json checkpoint needs --tiny (the bundles' resnet50 refused it)
+    assert pretrain_main(["--datalist", str(volumes), "--output", str(tmp_path / "run3"), "--config", "2d.json",
+                          "--config", "2d_moco.json", "--config", "2d_tiny.json"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--pretrained {tmp_path / 'run3' / 'models' / 'best.pt'} --tiny --output-dir runs/ft (docs/2d.md)" in printed
+    assert pretrain_main(["--datalist", str(volumes), "--output", str(tmp_path / "run4"), "--config", "2d.json",
+                          "--override", "backbone=resnet18"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--pretrained {tmp_path / 'run4' / 'models' / 'best.pt'} --set backbone=resnet18 --output-dir" in printed
+    assert pretrain_main(["--datalist", str(volumes), "--output", str(tmp_path / "run5"), "--config", "2d.json"]) == 0
+    assert "best.pt --output-dir runs/ft (docs/2d.md)" in capsys.readouterr().out  # the bundles' defaults
 
 
 def test_version_names_dira3d_torch_and_monai(capsys):

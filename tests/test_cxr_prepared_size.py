@@ -200,3 +200,40 @@ def test_localise_refuses_a_prepared_size_that_is_no_storage_size(tmp_path, caps
     assert info.value.code == 2
     assert "--prepared-size 4 is not a storage size" in capsys.readouterr().err
     assert not (tmp_path / "loc").exists()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_a_model_trained_on_pngs_prepared_at_another_size_gets_raw_images_through_that_size(bundle, tmp_path):
+    """Found by a 2D walkthrough: data prepared with `--size 128` trained a model that inference then fed through the
+    default 512 (up to 16 grey levels off on a noisy image) unless the user remembered --prepared_size. dira3d
+    finetune keeps the datalist's meta.size in preprocessing.json beside the model, and inference.json reads it."""
+    from dira3d.evaluation import datalist_preprocessing
+    from dira3d.evaluation.preprocessing import write_preprocessing
+
+    raw = RAW["16-bit PNG 1200x1000"](tmp_path)
+    png = tmp_path / "prepared" / "raw_128.png"
+    png.parent.mkdir()
+    convert_image(raw, png, 128)
+    expected = _evaluated(bundle, png, tmp_path)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "meta": {"dataset": "x", "size": 128, "image_format": "png uint8 grey"}}))
+    assert datalist_preprocessing(datalist) == {"prepared_size": 128}
+    write_preprocessing(tmp_path / "models", datalist_preprocessing(datalist))  # what the bundles' model saver writes
+    parser = _parser(bundle, ("inference.json",), ckpt_dir=str(tmp_path / "models"))
+    assert parser.get_parsed_content("prepared_size") == 128
+    np.testing.assert_array_equal(np.asarray(parser.get_parsed_content("preprocessing")({"image": str(raw)})["image"]),
+                                  expected)
+    assert not np.array_equal(np.asarray(_inference(bundle)({"image": str(raw)})["image"]), expected)  # through 512
+    # a value given on the command line wins; a model without the file keeps the default
+    assert _parser(bundle, ("inference.json",), ckpt_dir=str(tmp_path / "models"), prepared_size=0).get_parsed_content(
+        "prepared_size") == 0
+    assert _parser(bundle, ("inference.json",), ckpt_dir=str(tmp_path)).get_parsed_content("prepared_size") == DEFAULT_SIZE
+
+
+@pytest.mark.parametrize("size", [True, -1, None, "512", 1.5])
+def test_a_datalist_size_that_is_no_whole_side_is_not_kept(size, tmp_path):
+    from dira3d.evaluation import datalist_preprocessing
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "meta": {"size": size}}))
+    assert datalist_preprocessing(datalist) == {}

@@ -78,6 +78,22 @@ def test_barlow_validation_of_one_image_names_the_datalist(tmp_path, dims, items
     with pytest.raises(ValueError, match=rf"put at least 2 {items} in the validation split of "
                                          rf"{re.escape(str(tmp_path / 'pretrain_datalist.json'))} \(and keep"):
         trainer.run()
+    # found by a 2D walkthrough (a folder of 5 X-rays, 10 % for validation: 1 image): refused before training, not
+    # at the end of the first epoch
+    assert trainer.state.iteration == 0
+
+
+def test_a_validation_batch_size_of_one_is_refused_before_training_and_moco_takes_it(tmp_path):
+    loader = DataLoader(Dataset(smooth_volumes(3, seed=1), RandPatchPaird("image", PATCH3)), batch_size=1)
+    trainer = make_trainer("barlow", 3, stages=[{"name": "dis", "losses": ["dis"]}], max_epochs=1, volumes=2, batch=2,
+                           handlers=[DiRAEvaluator("cpu", loader)])
+    with pytest.raises(ValueError, match=r"put at least 2 volumes .* \(and keep batch_size >= 2\)"):
+        trainer.run()
+    assert trainer.state.iteration == 0
+    trainer = make_trainer("moco", 3, stages=[{"name": "dis", "losses": ["dis"]}], max_epochs=1, volumes=2, batch=2,
+                           handlers=[DiRAEvaluator("cpu", loader)])  # MoCo's loss takes a batch of one
+    trainer.run()
+    assert np.isfinite(trainer.state.metrics["val_loss_dis"])
 
 
 def test_the_bundle_hands_its_datalist_to_the_evaluator(repo_root):

@@ -158,3 +158,26 @@ def test_no_p_n_a_where_the_baseline_has_no_cell_to_compare_with():
     table = markdown_table(cells, "AUC", baseline="random", method_order=["random", "dira"])
     assert "| dira | 65.00 ± 10.00 (p=0.573) | 65.00 ± 10.00 |" in table, table
     assert "| random | 60.00 ± 10.00 | – |" in table, table
+
+
+@pytest.mark.parametrize("equal_var", [True, False])
+def test_one_side_of_equal_values_is_tested_without_scipys_precision_warning(equal_var):
+    """Found by a 2D walkthrough: a method whose every seed scored the same (a tiny segmenter predicting nothing:
+    Dice 0.25 twice) against a baseline with spread printed scipy's "Precision loss occurred in moment calculation
+    ... Results may be unreliable" in the middle of `dira3d experiment`'s table; its variance is exactly 0 and the
+    t-test is defined by the other side (p by hand below)."""
+    import warnings
+
+    from scipy.stats import t as student
+
+    rows = [{"method": "random", "label_fraction": 1.0, "seed": s, "dice": v} for s, v in enumerate([0.0914, 0.1809])]
+    rows += [{"method": "dira", "label_fraction": 1.0, "seed": s, "dice": 0.25} for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cells = compare_to_baseline(aggregate(rows, "dice"), "random", equal_var=equal_var)
+    cell = next(c for c in cells if c.method == "dira")
+    # two seeds a side: pooled (0 + s^2) / 2 * (1/2 + 1/2) and Welch's 0/2 + s^2/2 give the same standard error
+    se = np.sqrt(np.var([0.0914, 0.1809], ddof=1) / 2)
+    t = (0.25 - np.mean([0.0914, 0.1809])) / se
+    df = 2 if equal_var else 1  # Welch-Satterthwaite with one side of 0 variance: n - 1 of the other side
+    assert cell.p_value == pytest.approx(2 * student.sf(t, df=df), rel=1e-6)

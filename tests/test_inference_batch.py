@@ -407,3 +407,27 @@ def test_the_repeated_failure_count_is_per_input_and_starts_again_with_each_run(
     assert batch.iteration(_FailingEngine, one) == [] and batch.iteration(_FailingEngine, one) == []
     with pytest.raises(RepeatedFailureError, match=r"^the batch stops: 3 inputs in a row"):
         batch.iteration(_FailingEngine, one)
+
+
+def test_the_summary_names_each_file_once(caplog):
+    """Found by a 2D walkthrough: the end of a batch logged `left out: /x/bad.png: /x/bad.png: cannot be read ...`,
+    the refusal's reason naming its file after the line had; a failure's reason (an exception) still gets the name."""
+    import logging
+
+    from dira3d.evaluation import InferenceBatch
+
+    batch = InferenceBatch([{"image": "/x/a.png"}, {"image": "/x/bad.png"}, {"image": "/x/c.png"}], report_path=None)
+    batch.left_out[1] = "/x/bad.png: is empty (0 bytes): a copy or download that did not finish? copy it again"
+    batch.failed[2] = "RuntimeError: out of memory"
+    batch.done.add(0)
+
+    class _Evaluator:
+        def run(self):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="dira3d.evaluation.batch"):
+        assert batch.run(_Evaluator()) == 3
+    lines = [r.getMessage() for r in caplog.records]
+    assert "left out: /x/bad.png: is empty (0 bytes): a copy or download that did not finish? copy it again" in lines
+    assert "failed: /x/c.png: RuntimeError: out of memory" in lines
+    assert not any("/x/bad.png: /x/bad.png" in line for line in lines)

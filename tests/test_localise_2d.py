@@ -324,3 +324,45 @@ def test_the_model_check_runs_on_the_first_usable_image_when_the_first_box_is_ba
         localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
                  roi_size=(64, 48))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_flat_heatmap_is_counted_and_named_and_the_command_labels_its_numbers(tmp_path, capsys, monkeypatch):
+    """Found by a 2D walkthrough: a tiny classifier's encoder.layer4 maps were zero everywhere, so every box scored
+    IoU 0 without a word, and the command printed an unlabelled dict (the share of all boxes, not the paper's
+    mean over findings)."""
+    import dira3d.evaluation.localise as module
+
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10), (20, 30, 40, 10)], [0, 1])
+    result = localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
+                      roi_size=(64, 48))
+    assert [b["flat_heatmap"] for b in result["boxes"]] == [False, True] and result["flat_heatmaps"] == 1
+    assert json.loads((tmp_path / "out" / "localisation.json").read_text())["flat_heatmaps"] == 1
+    assert module.flat_message(result).startswith("1 of 2 Grad-CAM heatmaps at features are zero everywhere")
+    assert "try --target-layer" not in module.flat_message(result)  # only said of encoder.layer4
+
+    atomic_save(ResNetClassifier(1, 3, backbone="resnet10").state_dict(), tmp_path / "model.pt")
+    monkeypatch.setattr(module, "gradcam_maps", lambda model, images, layer, class_idx: np.zeros((1, 64, 64), np.float32))
+    argv = ["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir", str(tmp_path / "loc"),
+            "--backbone", "resnet10", "--num-classes", "3", "--roi-size", "64", "64"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    printed = json.loads(out[:out.index("\nresults: ")])
+    assert set(printed) == {"mean_accuracy_over_findings", "accuracy", "count"} and printed["count"] == 2
+    assert f"results: {tmp_path / 'loc' / 'localisation.json'} (mean_accuracy_over_findings: the paper's number" in out
+    assert "warning: 2 of 2 Grad-CAM heatmaps at encoder.layer4 are zero everywhere" in err
+    assert "try --target-layer encoder.layer3" in err
+    assert "localise: 100%" in err and "2/2" in err  # a progress bar, one step per box (a silent run of minutes)
+
+
+@pytest.mark.parametrize(("meta", "option", "expected"), [({"size": 96}, [], 96), ({}, [], 512), ({"size": 0}, [], 0),
+                                                          ({"size": 96}, ["--prepared-size", "512"], 512)])
+def test_the_prepared_size_defaults_to_the_box_datalists_own(tmp_path, meta, option, expected):
+    """Found by a 2D walkthrough: boxes prepared with `--size 128` were localised through a 512 resize (the default),
+    so the classifier saw an image its training (the 128 PNG straight to roi_size) never gave it."""
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)], [0], size=(96, 96))
+    datalist.write_text(json.dumps({**json.loads(datalist.read_text()), "meta": meta}))
+    atomic_save(ResNetClassifier(1, 3, backbone="resnet10").state_dict(), tmp_path / "model.pt")
+    assert main(["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--output-dir",
+                 str(tmp_path / "loc"), "--backbone", "resnet10", "--num-classes", "3", "--roi-size", "64", "64",
+                 "--target-layer", "encoder.layer3", *option]) == 0
+    assert json.loads((tmp_path / "loc" / "localisation.json").read_text())["prepared_size"] == expected

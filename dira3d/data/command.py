@@ -23,6 +23,8 @@ DATASETS: dict[str, tuple[str, str]] = {
     "montgomery": ("dira3d.data.montgomery", "Montgomery CXR PNG + left/right lung masks (2D segmentation)"),
     "chestxray14": ("dira3d.data.chestxray14", "ChestX-ray14 (2D): PNGs + multi-label datalist"),
     "chexpert": ("dira3d.data.chexpert", "CheXpert (2D): PNGs + multi-label datalist"),
+    "radiographs": ("dira3d.data.radiographs", "any folder of chest X-rays (PNG / JPEG / TIFF / BMP / DICOM, 2D): "
+                                               "PNGs + a 2D pretraining datalist"),
 }
 
 
@@ -31,7 +33,7 @@ def _usage() -> str:
     lines = ["usage: dira3d prepare <dataset> --src SRC --dst DST [options]", "", "datasets:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in DATASETS.items()]
     lines += ["", "Run `dira3d prepare <dataset> --help` for its options; see docs/data.md (3D datasets, shared "
-                  "options) and docs/data_2d.md (2D chest X-ray: siim, montgomery, chestxray14, chexpert)."]
+                  "options) and docs/data_2d.md (2D chest X-ray: siim, montgomery, chestxray14, chexpert, radiographs)."]
     return "\n".join(lines)
 
 

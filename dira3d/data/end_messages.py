@@ -66,6 +66,8 @@ NEXT_STEPS: dict[str, str] = {
     "montgomery_datalist.json": _finetune_step("montgomery_lung_seg", "docs/2d.md"),
     "chestxray14_datalist.json": _finetune_step("chestxray14_cls", "docs/2d.md"),
     "chexpert_datalist.json": _finetune_step("chexpert_cls", "docs/2d.md"),
+    "radiographs_datalist.json": "dira3d pretrain --datalist {datalist} --config 2d.json --config 2d_moco.json "
+                                 "--output runs/dira_pretrain (docs/2d.md)",
     "bbox_datalist.json": "dira3d localise --bbox-datalist {datalist} --model runs/ft_chestxray14_cls/models/model.pt "
                           "--output-dir runs/localise (once chestxray14_cls is fine-tuned; docs/2d.md)",
 }

@@ -61,6 +61,22 @@ def _case_id(src: Path, path: Path, strip: str) -> str:
     return "_".join([*rel.parent.parts, name]) if rel.parent.parts else name
 
 
+def _radiographs_hint(src: Path) -> str:
+    """What to run for a folder of 2D images (chest X-rays as PNG / JPEG ...), which ``generic`` does not read
+    ('' when it holds none): it said only that no scans were found."""
+    from dira3d.data.radiographs import find_radiographs
+
+    try:  # as `prepare radiographs` would find them (hidden files left out), DICOMs aside: generic reads those
+        found = find_radiographs(src)
+    except DataError:
+        return ""
+    images = sorted(p.relative_to(src).as_posix() for p in found.values() if p.suffix.lower() not in ("", ".dcm"))
+    if not images:
+        return ""
+    return (f"; it holds {len(images)} 2D image file(s) (e.g. {', '.join(images[:3])}): chest X-rays are prepared by "
+            "`dira3d prepare radiographs` (docs/data_2d.md)")
+
+
 def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str | None = None,
              dicom: bool = True, exclude: Sequence[str | os.PathLike] = (),
              problems: dict[str, str] | None = None,
@@ -281,7 +297,8 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
                   f"{', '.join(str(p) for p in predictions[:3])}{', ...' if len(predictions) > 3 else ''} (to use them "
                   "as masks, e.g. corrected by hand, pass their suffix as --label-suffix)", file=sys.stderr)
     if not found:
-        raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)")
+        raise DataError(src, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)"
+                             + _radiographs_hint(src))
     patients = patient_ids(src, found, patient_from, patient_regex, problems)
     unit = "case" if patient_from == "case" else "patient"
     # before any case: a bad split wastes no work (a case without a patient counts as one)

@@ -199,7 +199,8 @@ def _read_dicom_series(folder: Path, tolerance: float = 0.1) -> sitk.Image:
     left_out = _left_out(folder, series)
     also = f"; {left_out}" if left_out else ""
     if len(files) < 2:
-        raise DataError(folder, f"the DICOM series has a single slice{also}; a 3D volume needs at least 2")
+        raise DataError(folder, f"the DICOM series has a single slice{also}; a 3D volume needs at least 2 (a "
+                                "radiograph? 2D X-rays are prepared by `dira3d prepare radiographs`, docs/data_2d.md)")
     positions = _dicom_slice_positions(files)
     if positions.size:
         gaps = np.diff(positions)

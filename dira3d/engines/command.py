@@ -121,20 +121,45 @@ def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
     models, best, last = output / "models", output / "models" / "best.pt", output / "models" / "last.pt"
     if not last.is_file():
         return f"no checkpoint was written in {models}"
+    parser = _merged_config(configs, overrides)
     try:
-        width = float(_merged_config(configs, overrides).get_parsed_content("width"))
+        width = float(parser.get_parsed_content("width"))
     except Exception:  # an expression of the user's: leave the width out of the hint
         width = 1.0
     start = best if best.is_file() else last
     width_hint = "" if width == 1.0 else f" --set width={width:g}"
     stopped = early_stop_note(last)
+    hint, doc = (_resnet_hint(parser), "docs/2d.md") if "backbone" in parser.get() else (width_hint, "docs/finetuning.md")
     return "\n".join(([stopped] if stopped else []) + [
         f"checkpoints: {best} (lowest validation loss of the last stage) and {last} (rerun the same command to resume "
         "or, with a higher --override max_epochs=N, to train on)" if best.is_file() else f"checkpoint: {last}",
         f"TensorBoard: tensorboard --logdir {output / 'eval'}",
-        f"fine-tune:   dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {start}{width_hint} "
-        "--output-dir runs/ft (docs/finetuning.md)",
+        f"fine-tune:   dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {start}{hint} "
+        f"--output-dir runs/ft ({doc})",
     ])
+
+
+def _resnet_hint(parser: Any) -> str:
+    """The ``dira3d finetune`` options a 2D (``2d.json``: ResNet U-Net) checkpoint needs: ``--tiny`` for the network
+    of ``2d_tiny.json`` (what the 2D bundles' ``tiny.json`` builds), ``--set`` of the settings that differ from the
+    2D bundles' defaults otherwise; the width hint said nothing of them, and the bundles' resnet50 refused the weights."""
+    from dira3d.evaluation.finetune import BUNDLES_2D, bundle_path, tiny_settings
+
+    try:
+        used = {key: parser.get_parsed_content(key) for key in ("backbone", "decoder_channels")}
+    except Exception:  # an expression of the user's: leave the settings out of the hint
+        return ""
+    used["decoder_channels"] = [int(c) for c in used["decoder_channels"]]
+    tiny = tiny_settings(BUNDLES_2D[0], tuple(used))
+    if tiny and all(tiny.get(key) == value for key, value in used.items()):
+        return " --tiny"
+    try:  # the 2D bundles' defaults (they share their network settings)
+        defaults = json.loads((bundle_path(BUNDLES_2D[0]) / "configs" / "train.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return "".join(f" --set {key}={value}" if isinstance(value, str) else
+                   f' --set "{key}={json.dumps(value, separators=(",", ":"))}"'
+                   for key, value in used.items() if value != defaults.get(key))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,7 +88,30 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
             raise TypeError(f"DiRAEvaluator attaches to a DiRATrainer, got {type(trainer).__name__}")
         self.trainer = trainer
         trainer.evaluator = self  # what the checkpoint handler's early stopping looks for (it needs a validation)
+        trainer.add_event_handler(Events.STARTED, self._check_batches)
         trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._validate)
+
+    def _check_batches(self, trainer: DiRATrainer) -> None:
+        """Refuse, before training, a validation set whose every batch is too small for the discrimination loss
+        (Barlow Twins and SimSiam standardise over the batch: one image, or ``batch_size`` 1): it failed at the end of
+        the first epoch, a whole epoch later."""
+        min_batch = getattr(trainer.dis_loss, "min_batch", 1)
+        if min_batch < 2 or not any("dis" in stage.losses for stage in trainer.schedule.stages):
+            return
+        try:
+            size = min(len(self.data_loader.dataset), self.data_loader.batch_size or min_batch)
+        except (AttributeError, TypeError):  # a loader without a sized dataset: found at the first validation
+            return
+        if size < min_batch:
+            raise ValueError(self._too_small())
+
+    def _too_small(self) -> str:
+        network = getattr(self.trainer, "network", None)
+        items = "images" if getattr(network, "spatial_dims", 3) == 2 else "volumes"
+        split = ("the datalist's validation split" if self.datalist is None else
+                 f"the validation split of {os.fspath(self.datalist)}")
+        return ("every validation batch was too small for the discrimination loss, so there is no "
+                f"validation loss; put at least 2 {items} in {split} (and keep batch_size >= 2)")
 
     def _validate(self, trainer: DiRATrainer) -> None:
         modules = list(trainer.modules().values())
@@ -141,12 +164,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
 
     def _publish(self, engine: Engine) -> None:
         if self._count == 0 and self._short_batches:
-            network = getattr(self.trainer, "network", None)
-            items = "images" if getattr(network, "spatial_dims", 3) == 2 else "volumes"
-            split = ("the datalist's validation split" if self.datalist is None else
-                     f"the validation split of {os.fspath(self.datalist)}")
-            raise ValueError("every validation batch was too small for the discrimination loss, so there is no "
-                             f"validation loss; put at least 2 {items} in {split} (and keep batch_size >= 2)")
+            raise ValueError(self._too_small())
         metrics = {f"val_{k}": float(v) / max(self._count, 1) for k, v in self._sums.items()}
         engine.state.metrics.update(metrics)
         self._sums, self._count = {}, 0

@@ -313,7 +313,8 @@ class InferenceBatch:
         log(summary)
         for row in rows:
             if row["status"] not in ("written", "not run"):
-                log(f"{row['status']}: {_first(row['image'])}: {row['reason']}")
+                name = _first(row["image"])  # a refusal's reason names its file already: not twice
+                log(f"{row['status']}: {row['reason'] if row['reason'].startswith(name) else f'{name}: ' + row['reason']}")
         not_run = [_first(r["image"]) for r in rows if r["status"] == "not run"]
         if not_run:  # one line, not one per input: their reason is the same (a stop after 3 of 1,000 inputs)
             names = ", ".join(not_run[:3]) + (f", ... {not_run[-1]}" if len(not_run) > 3 else "")

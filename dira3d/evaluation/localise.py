@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from dira3d.data.errors import DataError
 from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
@@ -171,6 +172,7 @@ def localise(
     max_overlays: int = 20,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the Grad-CAM protocol on box entries and write ``localisation.json`` (atomically) and overlays.
 
@@ -186,11 +188,15 @@ def localise(
         max_overlays: how many overlays to write (the first entries).
         device: where the model runs.
         overwrite: replace the ``localisation.json`` of an earlier run in ``output_dir`` (refused otherwise).
+        progress: a progress bar on stderr, one step per box (``dira3d localise``: a ResNet-50 Grad-CAM per box on a CPU
+            made a silent run of minutes for ChestX-ray14's ~1,000 boxes).
 
     Returns:
         ``{"accuracy": {δ: share of all boxes}, "mean_accuracy_over_findings": {δ: mean over findings of
         their accuracy} (the paper's number), "accuracy_per_finding": {finding: {δ: share}}, "count",
-        "threshold", "target_layer", "roi_size", "boxes": [...], "skipped": [{image, label, reason}]}``: a box whose
+        "threshold", "target_layer", "roi_size", "prepared_size", "flat_heatmaps" (boxes whose Grad-CAM map is zero
+        everywhere: no predicted box, IoU 0; each box says ``flat_heatmap``), "boxes": [...], "skipped": [{image,
+        label, reason}]}``: a box whose
         image cannot be used (not an image, a colour PNG, values outside 0..255) is left out with a warning naming it
         and listed under ``skipped``; ``count`` and the accuracies are of the other boxes.
 
@@ -208,18 +214,18 @@ def localise(
                               "choose another --output-dir, or pass --overwrite to replace them")
     with removed_if_failed_empty(out):  # entries the model does not fit (refused before any overlay) leave no empty folder
         return _localise(model, entries, out, target_layer, roi_size, prepared_size, threshold, deltas, max_overlays,
-                         device)
+                         device, progress)
 
 
 def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out: Path, target_layer: str,
               roi_size: Sequence[int], prepared_size: int | None, threshold: float, deltas: Sequence[float],
-              max_overlays: int, device: str | torch.device) -> dict[str, Any]:
+              max_overlays: int, device: str | torch.device, progress: bool = False) -> dict[str, Any]:
     """:func:`localise` once its inputs are checked and ``localisation.json`` may be written."""
     check_writable(out, what="output folder (--output-dir)")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     model = model.to(device)
     heatmaps, truths, records, skipped, first_error = [], [], [], [], None
-    for index, entry in enumerate(entries):
+    for index, entry in enumerate(tqdm(entries, desc="localise", unit="box", disable=not progress, file=sys.stderr)):
         try:
             image, size = load_cxr_image(entry["image"], roi_size, prepared_size)
         except DataError as err:  # this box is left out, the others are scored (docs/2d.md)
@@ -235,7 +241,7 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
         heatmaps.append(heatmap)
         truths.append(gt)
         records.append({"image": entry["image"], "label": entry.get("label"), "label_index": int(entry["label_index"]),
-                        "box": list(gt), "best_iou": best})
+                        "box": list(gt), "best_iou": best, "flat_heatmap": bool(heatmap.max() <= heatmap.min())})
         if index < max_overlays:
             name = f"{index:04d}_{Path(entry['image']).stem}_{entry.get('label', entry['label_index'])}.png"
             save_overlay(image[0].numpy(), heatmap, out / "overlays" / name, gt_box=gt, threshold=threshold)
@@ -254,8 +260,8 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
     result = {"accuracy": {f"{delta:g}": value for delta, value in accuracy.items()},
               "mean_accuracy_over_findings": mean_over_findings, "accuracy_per_finding": per_finding, "count": len(records),
               "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size],
-              "prepared_size": prepared_size or 0, "boxes": records,
-              "skipped": skipped}
+              "prepared_size": prepared_size or 0, "flat_heatmaps": sum(r["flat_heatmap"] for r in records),
+              "boxes": records, "skipped": skipped}
     atomic_write_text(out / "localisation.json", json.dumps(result, indent=2))
     return result
 
@@ -372,10 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="resnet50", help="backbone the classifier was built with")
     parser.add_argument("--num-classes", type=int, default=14)
     parser.add_argument("--roi-size", type=int, nargs=2, default=[224, 224], help="classifier input size (x y)")
-    parser.add_argument("--prepared-size", type=int, default=DEFAULT_SIZE,
+    parser.add_argument("--prepared-size", type=int, default=None,
                         help="side the training PNGs were stored at (`dira3d prepare chestxray14 --size`; the bundle's "
                              "prepared_size): each image is resized to it as preparation does before --roi-size; 0 = "
-                             "straight to --roi-size")
+                             f"straight to --roi-size; default: the box datalist's meta.size, else {DEFAULT_SIZE}")
     parser.add_argument("--target-layer", default="encoder.layer4", help="module Grad-CAM weighs, e.g. encoder.layer3")
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap binarisation level")
     parser.add_argument("--max-overlays", type=int, default=20)
@@ -383,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:  # the heatmap is min-max normalised: 0 or above 1 would box everything or nothing
         parser.error(f"--threshold {args.threshold:g} must be between 0 and 1 (the heatmap is scaled to [0, 1]), e.g. 0.5")
+    if args.prepared_size is None:  # the size the box datalist's PNGs were prepared at (a 128 PNG went through 512)
+        args.prepared_size = _prepared_size_of(args.bbox_datalist)
     if args.prepared_size != 0 and args.prepared_size < 8:
         parser.error(f"--prepared-size {args.prepared_size} is not a storage size; give the --size the PNGs were prepared "
                      f"with (`dira3d prepare chestxray14 --size`, default {DEFAULT_SIZE}), or 0 to resize straight to --roi-size")
@@ -395,14 +403,37 @@ def main(argv: list[str] | None = None) -> int:
             result = run_localisation(args.bbox_datalist, args.model, args.output_dir, None if args.split == "all" else args.split,
                                       num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
                                       roi_size=args.roi_size, prepared_size=args.prepared_size, threshold=args.threshold,
-                                      max_overlays=args.max_overlays, overwrite=args.overwrite)
+                                      max_overlays=args.max_overlays, overwrite=args.overwrite,
+                                      progress=True)
     except (FileNotFoundError, FileExistsError, ValueError, FolderNotWritableError) as err:
         parser.error(str(err))
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was written, in one line, not a traceback
         print(f"dira3d localise: {interrupted_word(err)}; {interrupted_message(Path(args.output_dir), written.since())}",
               file=sys.stderr)
         return interrupt_exit_code(err)
-    print(json.dumps(result["accuracy"], indent=2))
+    print(json.dumps({key: result[key] for key in ("mean_accuracy_over_findings", "accuracy", "count")}, indent=2))
+    print(f"results: {Path(args.output_dir) / 'localisation.json'} (mean_accuracy_over_findings: the paper's number, "
+          "the mean of each finding's accuracy; accuracy: the share of all boxes with IoU >= delta)")
     for item in result["skipped"]:  # after the numbers, so that they are not missed
         print(f"dira3d localise: warning: left out (not in the accuracies): {item['reason']}", file=sys.stderr)
+    if result["flat_heatmaps"]:
+        print(f"dira3d localise: warning: {flat_message(result)}", file=sys.stderr)
     return 0
+
+
+def flat_message(result: Mapping[str, Any]) -> str:
+    """Why boxes scored IoU 0 without a predicted box: their Grad-CAM map was zero everywhere."""
+    coarse = ("; a coarse layer gives them more often (encoder.layer4 is 7x7 at 224, 2x2 at 64): try --target-layer "
+              "encoder.layer3" if result["target_layer"] == "encoder.layer4" else "")
+    return (f"{result['flat_heatmaps']} of {result['count']} Grad-CAM heatmaps at {result['target_layer']} are zero "
+            "everywhere (the class score's gradients weigh that layer's activations negatively or not at all), so those "
+            "boxes have no predicted box and score IoU 0 ('flat_heatmap' in localisation.json); an untrained or barely "
+            f"trained classifier gives them{coarse}")
+
+
+def _prepared_size_of(bbox_datalist: str | os.PathLike) -> int:
+    """``meta.size`` of a box datalist (the ``--size`` of ``dira3d prepare chestxray14``), else :data:`DEFAULT_SIZE`."""
+    from dira3d.data.datalist import datalist_meta
+
+    size = datalist_meta(bbox_datalist).get("size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else DEFAULT_SIZE

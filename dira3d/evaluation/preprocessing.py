@@ -11,6 +11,9 @@ and ``percentiles`` defaults from there, and that of ``brats_tumor_seg`` its ``p
 ``modalities`` and ``image_channels`` (:func:`trained_preprocessing`), so a model fine-tuned on MRI
 (``prepare generic --modality mr``), on a soft-tissue window (``--window -100 400``), on BraTS data
 prepared with ``--percentiles 1 99`` or ``--modalities flair t1`` is fed raw scans as it was trained.
+For the 2D chest X-ray datasets the datalist's ``meta.size`` (``dira3d prepare <dataset> --size``) is kept as
+``prepared_size``, which the 2D bundles' ``inference.json`` reads, so a model trained on PNGs prepared at 256 is
+given a raw radiograph resized through 256 as its training images were, not through the default 512.
 A value given on the command line (``--modality ct``) wins.
 """
 
@@ -33,15 +36,21 @@ logger = logging.getLogger(__name__)
 PREPROCESSING_FILE = "preprocessing.json"
 # datalist meta keys that say how intensities were scaled and (BraTS) which sequences the channels hold
 _DATALIST_KEYS = ("modality", "window", "percentiles", "channels")
-# ... and the bundle setting that says which sequences the network was given, in its channel order
-_KEYS = (*_DATALIST_KEYS, "modalities")
+# ... and the bundle setting that says which sequences the network was given, in its channel order; and the side
+# the 2D PNGs were stored at (meta "size" of the 2D preparations), the 2D bundles' prepared_size
+_KEYS = (*_DATALIST_KEYS, "modalities", "prepared_size")
 
 
 def datalist_preprocessing(datalist: str | os.PathLike | None) -> dict[str, Any]:
     """``modality`` / ``window`` / ``percentiles`` / ``channels`` of a prepared datalist's ``meta`` (those
-    it records, without nulls); empty for a datalist without them (or none)."""
+    it records, without nulls), and ``prepared_size``, its ``size`` (the 2D preparations' ``--size``, a whole
+    number; 0 = native size); empty for a datalist without them (or none)."""
     meta = datalist_meta(datalist)  # lenient: the datalist reader reports a broken file with its own message
-    return {key: meta[key] for key in _DATALIST_KEYS if meta.get(key) is not None}
+    settings = {key: meta[key] for key in _DATALIST_KEYS if meta.get(key) is not None}
+    size = meta.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        settings["prepared_size"] = size
+    return settings
 
 
 def training_preprocessing(datalist: str | os.PathLike | None, modalities: Any = None,
@@ -75,7 +84,7 @@ def write_preprocessing(ckpt_dir: str | os.PathLike, settings: dict[str, Any]) -
 
 
 def trained_preprocessing(ckpt_dir: str | os.PathLike, key: str, default: Any) -> Any:
-    """The ``key`` (``modality``, ``window``, ``percentiles``, ``channels`` or ``modalities``) the model in
+    """The ``key`` (``modality``, ``window``, ``percentiles``, ``channels``, ``modalities`` or ``prepared_size``) the model in
     ``ckpt_dir`` was trained with, read from ``<ckpt_dir>/preprocessing.json``; ``default`` when the file or the key is absent
     (a model trained before dira3d recorded it, or on a datalist that does not say).
 

@@ -10,6 +10,7 @@ or paired by seed (``paired=True``) via ``scipy.stats.ttest_rel`` over the seeds
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
@@ -99,7 +100,11 @@ def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: 
         p = None
         spread = ref is not None and (len(set(cell.values)) > 1 or len(set(ref.values)) > 1)  # else t is 0/0 or x/0
         if cell.method != baseline and ref is not None and cell.n > 1 and ref.n > 1 and spread:
-            result = stats.ttest_ind(cell.values, ref.values, equal_var=equal_var)
+            with warnings.catch_warnings():  # one side of equal values (a run that predicts nothing, every seed):
+                # its variance is exactly 0 and t is defined by the other side's; scipy warned "Results may be unreliable"
+                warnings.filterwarnings("ignore", message="Precision loss occurred in moment calculation",
+                                        category=RuntimeWarning)
+                result = stats.ttest_ind(cell.values, ref.values, equal_var=equal_var)
             p = float(result.pvalue) if not math.isnan(result.pvalue) else None
         out.append(CellSummary(cell.method, cell.label_fraction, cell.n, cell.mean, cell.std, cell.values, p,
                                seeds=cell.seeds))

@@ -10,6 +10,7 @@ another backbone or decoder fails with the keys and shapes that differ.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -69,7 +70,50 @@ def build_resnet_task_network(
     if pretrained and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist; give a dira3d 2D checkpoint "
                                 "(bundles/dira_pretrain with configs/2d.json) or an empty string for random init")
-    return initialise_task_network(network, kind, pretrained, in_channels_policy, bn_momentum,
-                                   random_message=None if weights_loaded_later else
-                                   f"pretrained: none; 2D {kind} network ({backbone}) initialised at random",
-                                   log=logger)
+    try:
+        return initialise_task_network(network, kind, pretrained, in_channels_policy, bn_momentum,
+                                       random_message=None if weights_loaded_later else
+                                       f"pretrained: none; 2D {kind} network ({backbone}) initialised at random",
+                                       log=logger)
+    except ValueError as err:
+        hint = _settings_mismatch(pretrained, kind, backbone, decoder_channels)
+        if hint:  # the settings to change, rather than a list of shape mismatches and advice for Python callers
+            raise ValueError(hint) from err
+        raise
+
+
+def _settings_mismatch(pretrained: str | os.PathLike | None, kind: str, backbone: str,
+                       decoder_channels: Sequence[int]) -> str:
+    """The error for a 2D checkpoint whose weights fit another ``backbone`` / ``decoder_channels`` than the task
+    network's ('' when they fit these, or cannot be read): e.g. a ``2d_tiny.json`` checkpoint (resnet10) given to a
+    bundle at its default resnet50 failed with 19 shape mismatches and advice for building the network in Python."""
+    from dira3d.evaluation.finetune import BUNDLES_2D, tiny_settings
+    from dira3d.networks.weights_fit import settings_that_fit
+    from dira3d.utils.checkpoint import load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(pretrained)
+        state = {f"{part}.{key}": value for part in TASK_KINDS[kind] if isinstance(checkpoint.get(part), dict)
+                 for key, value in checkpoint[part].items()}
+    except (OSError, ValueError, TypeError, AttributeError, RuntimeError):
+        return ""
+    current = {"backbone": backbone}
+    if kind == "segmentation":  # a classifier loads the encoder only
+        current["decoder_channels"] = [int(c) for c in decoder_channels]
+    fits = settings_that_fit(state, current)
+    if not fits:
+        return ""
+    named = ", ".join(f"{key} {value}" for key, value in fits.items())
+    built = ", ".join(f"{key} {current[key]}" for key in fits)
+    tiny = tiny_settings(BUNDLES_2D[0], tuple(current))  # the 2D bundles share their tiny.json network
+    tiny_hint = ("a checkpoint of the pretraining bundle's 2d_tiny.json is fine-tuned with `dira3d finetune --tiny` "
+                 "(the bundle's tiny.json: these settings and its roi_size); otherwise "
+                 if tiny and all(tiny.get(key) == value for key, value in fits.items()) else "")
+    values = {key: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+              for key, value in fits.items()}
+    quote = {key: value if key == "backbone" else f'"{value}"' for key, value in values.items()}  # [..] for the shell
+    sets = " ".join(f"--set {key}={value}" if key == "backbone" else f'--set "{key}={value}"' for key, value in values.items())
+    bundle_options = " ".join(f"--{key} {quote[key]}" for key in values)
+    return (f"pretrained weights from {pretrained} fit {named} (read from its weights), but the task network is built "
+            f"with {built}: {tiny_hint}pass the settings it was pretrained with (`dira3d finetune {sets}`; "
+            f"`{bundle_options}` for monai.bundle run)")

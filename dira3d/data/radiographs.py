@@ -1,0 +1,153 @@
+"""Any folder of chest radiographs (PNG, JPEG, TIFF, BMP, DICOM) → 8-bit grey PNGs + a 2D pretraining datalist.
+
+The 2D counterpart of ``dira3d prepare generic`` for your own X-rays, without labels: what the 2D pretraining
+configs (``bundles/dira_pretrain/configs/2d.json``) read. Each file is read as the other 2D preparations and the
+2D bundles' inference read theirs (:func:`dira3d.data.cxr.read_radiograph`: 12/16-bit and DICOM min-max scaled,
+``MONOCHROME1`` inverted, a grey image stored in colour taken as its grey channel with a warning, a coloured or
+transparent one a failed case) and resized to ``--size``.
+
+Input (``--src``, searched recursively; hidden files and folders, and ``--dst`` inside it, are left out): files
+ending in ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp`` or ``.dcm``, and DICOM files without a suffix.
+
+Output (``--dst``): ``images/<case_id>.png`` (the case id is the file name without its suffix, prefixed by its
+sub-folders: ``site_b/x1.dcm`` → ``site_b_x1``), ``radiographs_datalist.json`` whose entries are ``{"image",
+"case_id": patient id}`` in ``training`` / ``validation`` (/ ``test`` with ``--test-fraction``), a seeded split of
+the patients (``--patient-from`` / ``--patient-regex`` as for ``generic``; by default each image is its own patient),
+recorded in ``split.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+from pathlib import Path
+
+from dira3d.data.cxr import (add_size_argument, add_split_arguments, check_size, convert_image, earlier_patient_split,
+                             patient_split, split_entries, write_patient_split)
+from dira3d.data.errors import record_or_raise
+from dira3d.data.io import DataError
+from dira3d.data.patients import PATIENT_FROM, check_patient_setting, patient_ids
+from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.files import looks_like_dicom
+
+__all__ = ["SUFFIXES", "DATALIST", "find_radiographs", "prepare", "main"]
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
+DATALIST = "radiographs_datalist.json"
+
+
+def find_radiographs(src: str | os.PathLike, exclude: str | os.PathLike | None = None,
+                     problems: dict[str, str] | None = None) -> dict[str, Path]:
+    """``{case_id: file}`` of the radiographs under ``src`` (see the module docstring).
+
+    Args:
+        exclude: a folder not searched (``--dst`` inside ``--src``).
+        problems: when given, two files of one case id (``a.png`` and ``a.dcm``) are recorded here as
+            ``{case_id: message}`` naming both, and the case fails; without it they raise.
+
+    Raises:
+        DataError: ``src`` is not a folder, or holds no radiograph (the message names what it holds).
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(src, "is not a folder; --src must be the folder holding the radiographs")
+    skip = Path(exclude).resolve() if exclude else None
+    found: dict[str, Path] = {}
+    others: list[str] = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() != skip)
+        for name in sorted(files):
+            path = Path(root) / name
+            suffix = path.suffix.lower()
+            if name.startswith("."):
+                continue
+            if not (suffix in SUFFIXES or (not suffix and looks_like_dicom(path))):
+                others.append(name)
+                continue
+            rel = path.relative_to(src)
+            cid = "_".join([*rel.parent.parts, path.stem if suffix else name])
+            if cid in found:
+                record_or_raise(problems, cid, DataError(path, f"gives the same case id {cid!r} as {found[cid]}, so both "
+                                                               "would write the same PNG; rename or move one of them"))
+                continue
+            found[cid] = path
+    if not found:
+        held = f" (it holds {len(others)} other file(s), e.g. {sorted(others)[:3]})" if others else " (it is empty)"
+        raise DataError(src, f"holds no radiograph: no file ending in {', '.join(SUFFIXES)} and no DICOM file{held}; "
+                             "3D scans (NIfTI, NRRD, MetaImage, DICOM series) are prepared by `dira3d prepare generic`")
+    return found
+
+
+def _process(case: Case, size: int) -> dict:
+    return convert_image(case.params["path"], case.outputs[0], size)
+
+
+def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: float = 0.1, test_fraction: float = 0.0,
+            seed: int = 0, patient_from: str = "case", patient_regex: str | None = None, workers: int = 1,
+            overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
+            report_path: str | Path | None = None, progress: bool = True) -> list[CaseResult]:
+    """Prepare a folder of radiographs under ``dst`` (see the module docstring for the outputs).
+
+    Returns:
+        One result per file found; a file that cannot be read, a coloured or transparent image, a multi-frame DICOM,
+        two files of one case id or an image without a patient (a ``--patient-regex`` that does not match) is a
+        failed case, named in the report, without stopping the others under ``keep_going``.
+
+    Raises:
+        DataError: no radiograph under ``src``. ValueError: bad settings.
+    """
+    src, dst = Path(src), Path(dst)
+    size = check_size(size)
+    patient_split([], val_fraction, test_fraction)  # validates the fractions before any work
+    check_patient_setting(patient_from, patient_regex)
+    problems: dict[str, str] = {}
+    found = find_radiographs(src, exclude=dst, problems=problems)
+    patients = patient_ids(src, [(cid, path, None) for cid, path in found.items()], patient_from, patient_regex, problems)
+    cases = [Case(cid, [safe_case_path(dst / "images", cid, ".png")], {"path": path}, error=problems.get(cid, ""))
+             for cid, path in found.items()]
+    results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
+                        dry_run=dry_run, keep_going=keep_going, report_path=report_path, desc="radiographs",
+                        progress=progress, source=src, datalists=[dst / DATALIST], settings={"size": size})
+    if dry_run or batch_stopped(results, keep_going):
+        return results
+    grouping = {"patient_from": patient_from, "patient_regex": patient_regex}
+    done = [case for case, result in zip(cases, results) if result.ok]
+    split, lists = split_entries(
+        [(patients[case.case_id], {"image": case.outputs[0], "case_id": patients[case.case_id]}) for case in done],
+        val_fraction, test_fraction, seed,  # a rerun with the same rule keeps its patients' parts
+        earlier_patient_split(dst, seed, val_fraction=val_fraction, test_fraction=test_fraction, **grouping))
+    meta = {"dataset": "radiographs", "size": size, "image_format": "png uint8 grey",
+            "split": {"method": "patient-level", "val_fraction": val_fraction, "test_fraction": test_fraction,
+                      "seed": seed, **grouping},
+            "source": str(src.resolve())}
+    write_datalist(dst / DATALIST, lists, meta,
+                   split_advice="--val-fraction / --test-fraction round to whole patients; 2D pretraining with 2d.json "
+                                "validates on the 'validation' list: rerun with a larger --val-fraction (the PNGs "
+                                "written are kept)")
+    write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction, **grouping)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dira3d prepare radiographs", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
+    add_common_arguments(parser)
+    add_size_argument(parser)
+    add_split_arguments(parser, test_fraction=0.0)
+    parser.add_argument("--patient-from", choices=PATIENT_FROM, default=None,
+                        help="what makes images one patient, kept in one part of the split: case (default: each image "
+                             "is its own patient), parent (the folder holding it), regex (--patient-regex)")
+    parser.add_argument("--patient-regex", default=None, metavar="REGEX",
+                        help="regular expression with one group, searched in each image's path relative to --src; the "
+                             "group is the patient id; implies --patient-from regex")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_prepare("dira3d prepare radiographs", prepare, args, size=args.size, val_fraction=args.val_fraction,
+                       test_fraction=args.test_fraction, seed=args.seed,
+                       patient_from=args.patient_from or ("regex" if args.patient_regex is not None else "case"),
+                       patient_regex=args.patient_regex)

@@ -1,0 +1,96 @@
+"""`dira3d prepare radiographs`: a folder of one's own chest X-rays (8/16-bit PNG, JPEG, DICOM) → PNGs + a 2D datalist.
+
+Found by a 2D walkthrough: a researcher with a folder of X-rays had no `dira3d prepare` command for it. `generic`
+(the only "any folder" one) ignored the PNGs and JPEGs without a word and failed the DICOM as "a single slice".
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_cxr_dicom import BASE, write_dicom
+
+from dira3d.cli import main as cli_main
+from dira3d.data import generic, radiographs
+from dira3d.data.cxr import resize_image
+from dira3d.data.io import DataError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+def _folder(root):
+    """The same radiograph (BASE: 0 and 255 present) stored five ways, in two sub-folders."""
+    (root / "site_a").mkdir(parents=True)
+    (root / "site_b").mkdir()
+    Image.fromarray(BASE).save(root / "site_a" / "p1_8bit.png")
+    Image.fromarray(BASE.astype(np.uint16) * 200 + 100).save(root / "site_a" / "p1_16bit.png")  # min-max gives BASE
+    Image.fromarray(BASE).convert("RGB").save(root / "site_b" / "p2.bmp")  # grey stored as RGB: a warning
+    write_dicom(root / "site_b" / "p3.dcm", 255 - BASE, "MONOCHROME1", 8)  # inverted to BASE
+    write_dicom(root / "site_b" / "p4", BASE, "MONOCHROME2", 8)  # a DICOM without a suffix
+    (root / "site_b" / "notes.txt").write_text("not an image")
+    (root / ".cache").mkdir()
+    Image.fromarray(BASE).save(root / ".cache" / "thumb.png")  # hidden: left out
+    return root
+
+
+def test_a_mixed_folder_is_prepared_as_the_2d_preparations_prepare_images(tmp_path, capsys):
+    src = _folder(tmp_path / "xrays")
+    dst = tmp_path / "out"
+    assert cli_main(["prepare", "radiographs", "--src", str(src), "--dst", str(dst), "--size", "16",
+                     "--val-fraction", "0.2"]) == 0
+    out = capsys.readouterr()
+    datalist = json.loads((dst / "radiographs_datalist.json").read_text())
+    entries = {e["case_id"]: e for part in ("training", "validation") for e in datalist[part]}
+    assert sorted(entries) == ["site_a_p1_16bit", "site_a_p1_8bit", "site_b_p2", "site_b_p3", "site_b_p4"]
+    assert len(datalist["validation"]) == 1 and "test" not in datalist
+    assert datalist["meta"]["size"] == 16 and datalist["meta"]["dataset"] == "radiographs"
+    expected = resize_image(BASE, 16)
+    for case_id, entry in entries.items():  # every storage reads as the one radiograph
+        np.testing.assert_array_equal(np.asarray(Image.open(dst / entry["image"])), expected, err_msg=case_id)
+    report = {c["case_id"]: c for c in json.loads((dst / "report.json").read_text())["cases"]}
+    assert "stored as RGB with equal colour channels" in report["site_b_p2"]["warnings"][0]
+    assert f"dira3d pretrain --datalist {dst / 'radiographs_datalist.json'} --config 2d.json" in out.out
+    assert json.loads((dst / "split.json").read_text())  # the split is recorded, so a rerun keeps it
+    assert {r.status for r in radiographs.prepare(src, dst, size=16, val_fraction=0.2, progress=False)} == {"skipped"}
+    assert json.loads((dst / "radiographs_datalist.json").read_text())["validation"] == datalist["validation"]
+
+
+def test_a_bad_file_fails_its_case_and_patients_stay_together(tmp_path):
+    src = _folder(tmp_path / "xrays")
+    colour = np.stack([BASE, BASE // 2, BASE], axis=-1)
+    Image.fromarray(colour).save(src / "site_a" / "photo.png")  # coloured: no one grey reading
+    Image.fromarray(BASE).save(src / "site_b" / "p3.png")  # the same case id as p3.dcm
+    results = radiographs.prepare(src, tmp_path / "out", size=16, val_fraction=0.5, patient_from="parent",
+                                  keep_going=True, progress=False)
+    failed = {r.case_id: r.reason for r in results if r.status == "failed"}
+    assert sorted(failed) == ["site_a_photo", "site_b_p3"]
+    assert "photo.png" in failed["site_a_photo"] and "colour" in failed["site_a_photo"]
+    assert "gives the same case id 'site_b_p3'" in failed["site_b_p3"]
+    datalist = json.loads((tmp_path / "out" / "radiographs_datalist.json").read_text())
+    parts = {e["case_id"]: part for part in ("training", "validation") for e in datalist[part]}
+    assert set(parts) == {"site_a", "site_b"} and set(parts.values()) == {"training", "validation"}  # one part each
+
+
+def test_a_folder_without_radiographs_says_what_it_holds(tmp_path):
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "ct.nii.gz").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"holds no radiograph: .*it holds 1 other file\(s\), e.g. \['ct.nii.gz'\]\); 3D "
+                                        r"scans .* `dira3d prepare generic`"):
+        radiographs.find_radiographs(tmp_path / "scans")
+
+
+def test_generic_points_a_folder_of_x_rays_to_radiographs(tmp_path):
+    """generic said only "no scans found" for a folder of PNGs, and "a single slice" for a radiograph DICOM."""
+    src = _folder(tmp_path / "xrays")
+    for dicom in (src / "site_b" / "p3.dcm", src / "site_b" / "p4"):
+        dicom.unlink()
+    with pytest.raises(DataError, match=r"no scans found .*; it holds 3 2D image file\(s\) \(e.g. site_a/p1_16bit.png, "
+                                        r"site_a/p1_8bit.png, site_b/p2.bmp\): chest X-rays are prepared by `dira3d "
+                                        r"prepare radiographs`"):
+        generic.prepare(src, tmp_path / "out", modality="ct", progress=False)
+    write_dicom(tmp_path / "one" / "x.dcm", BASE, "MONOCHROME2", 8)
+    results = generic.prepare(tmp_path / "one", tmp_path / "out1", modality="ct", keep_going=True, progress=False)
+    assert "single slice" in results[0].reason and "`dira3d prepare radiographs`" in results[0].reason
