@@ -320,3 +320,52 @@ def test_barlow_twins_global_batch_over_two_gloo_ranks(tmp_path):
         torch.testing.assert_close(out["grad"] / 2, full_z1.grad[rank * 4 : (rank + 1) * 4], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out["gathered"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
         assert out["keys_grad"] is False
+
+
+# ---------------------------------------------------------------- defaults (METHOD.md) and edge cases
+def test_defaults_follow_method_md():
+    """The patent's forms and the published constants are the defaults: vanilla GAN (patent eq. 3),
+    MoCo-v2 τ = 0.2, Barlow Twins λ = 5e-3, MSE restoration, λ_dis/res/adv = 1/100/1 (3D)."""
+    assert AdversarialLoss().kind == "vanilla"
+    assert AdversarialLoss().generator(torch.zeros(3)).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert InfoNCELoss().temperature == 0.2
+    assert BarlowTwinsLoss().lambda_offdiag == 5e-3
+    assert RestorationLoss().kind == "mse"
+    assert DiRALoss().weights == {"dis": 1.0, "res": 100.0, "adv": 1.0}
+
+
+def test_visual_word_label_smoothing_is_applied_and_one_is_refused():
+    logits, target = torch.tensor([[2.0, 0.0, 0.0, 0.0]]), torch.tensor([0])
+    log_p = torch.log_softmax(logits, dim=1)[0]
+    eps = 0.2  # target distribution: (1 − ε) on the class plus ε/C everywhere
+    by_hand = -((1 - eps) * log_p[0] + eps / 4 * log_p.sum())
+    assert VisualWordLoss(label_smoothing=eps)(logits, target).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        VisualWordLoss(label_smoothing=1.0)  # a uniform target: the loss would not depend on the label
+
+
+def test_moco_queue_takes_a_batch_of_exactly_its_size():
+    queue = MoCoQueue(dim=2, size=3, generator=torch.Generator().manual_seed(0))
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    queue.enqueue(keys)
+    torch.testing.assert_close(queue.queue, keys)
+    assert int(queue.ptr) == 0
+
+
+def test_a_zero_weight_is_allowed():
+    """λ = 0 switches a term off without changing the stages (an ablation), so it is accepted."""
+    total, weighted = DiRALoss("adv=0")({"dis": torch.tensor(2.0), "adv": torch.tensor(5.0)}, active=["dis", "adv"])
+    assert float(total) == 2.0 and float(weighted["adv"]) == 0.0
+
+
+def test_a_world_of_one_process_is_not_distributed(tmp_path):
+    """With a process group of one rank the helpers stay the identity (no copy, no gather)."""
+    from dira3d.losses import is_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        assert not is_distributed()
+        t = torch.randn(3, 2, requires_grad=True)
+        assert concat_all_gather(t) is t and gather_with_grad(t) is t
+    finally:
+        cleanup_distributed()
