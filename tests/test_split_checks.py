@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def _write(folder: Path, name: str, content: dict) -> Path:
     """A datalist and empty files for its entries (load_split checks that they exist)."""
-    for key in ("training", "test"):
-        for entry in content.get(key, []):
+    for key in ("training", "validation", "test"):
+        for entry in content.get(key) or []:
             for field in ("image", "label"):
                 if isinstance(entry.get(field), str):
                     (folder / entry[field]).write_bytes(b"")

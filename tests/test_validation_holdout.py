@@ -18,6 +18,7 @@ from dira3d.data.datalist import DatalistFilesMissingError
 from dira3d.evaluation import load_split, select_fraction
 from dira3d.evaluation.finetune import BUNDLES, BUNDLES_2D, bundle_path
 from dira3d.utils.overrides import check_overrides
+from test_split_checks import _write as write_datalist_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -38,14 +39,7 @@ def _entries(prefix: str, patients: int, kind: str = "classification", per_patie
 
 def _write(folder: Path, content: dict, name: str = "dl.json") -> Path:
     """The datalist and empty files for every entry (load_split checks that they exist)."""
-    for key in ("training", "validation", "test"):
-        for entry in content.get(key) or []:
-            for field in ("image", "label"):
-                if isinstance(entry.get(field), str):
-                    (folder / entry[field]).write_bytes(b"")
-    path = folder / name
-    path.write_text(json.dumps(content))
-    return path
+    return write_datalist_files(folder, name, content)
 
 
 def _ids(entries: list[dict]) -> list[str]:
