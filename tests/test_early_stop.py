@@ -209,6 +209,37 @@ def test_the_pretrain_command_refuses_a_bad_patience_before_loading_data(tmp_pat
     assert not (tmp_path / "run").exists()  # nothing left behind
 
 
+
+ONE_STAGE = [{"name": "final", "losses": ["res"]}]
+
+
+def test_best_pt_holds_the_best_validated_epoch_whatever_save_every_epochs(tmp_path):
+    """save_every_epochs=2: best.pt was decided on the save epochs only (2, 4, ...), so a best validation of an odd
+    epoch never reached it. The loss falls at every epoch here: best.pt must be the last epoch, 3; last.pt is
+    written every 2 epochs and at the end."""
+    trainer = make_run(tmp_path, max_epochs=3, stages=ONE_STAGE, evaluator_class=FallingLossEvaluator,
+                       save_every_epochs=2)
+    written = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: written.append(
+        (e.state.epoch, (tmp_path / "last.pt").is_file() and load_checkpoint(tmp_path / "last.pt")["trainer"]["epoch"])))
+    trainer.run()
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["trainer"]["best_epoch"] == 3 and best["trainer"]["epoch"] == 3
+    assert best["trainer"]["best_metric"] == pytest.approx(1 / 3)
+    assert written == [(1, False), (2, 2), (3, 2)]  # last.pt only every save_every_epochs (the end: COMPLETED)
+    assert load_checkpoint(tmp_path / "last.pt")["trainer"]["best_epoch"] == 3
+
+
+def test_early_stopping_with_save_every_epochs_keeps_the_best_epoch_it_names_in_best_pt(tmp_path):
+    """The plateau run stops after epoch 7 naming epoch 5 (an odd one) as the final stage's best and best.pt as
+    holding it; with save_every_epochs=2 best.pt held epoch 6."""
+    trainer = make_run(tmp_path, max_epochs=14, patience=2, save_every_epochs=2)
+    trainer.run()
+    assert trainer.state.epoch == 7 and "was at epoch 5" in trainer.state.early_stopped
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert (best["trainer"]["best_epoch"], best["trainer"]["best_stage"], best["trainer"]["epoch"]) == (5, "final", 5)
+    assert load_checkpoint(tmp_path / "last.pt")["trainer"]["epoch"] == 7
+
 # ---------------------------------------------------------------- two gloo ranks
 def _rank_run(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)

@@ -25,8 +25,25 @@ def test_stage_bounds_must_be_positive_and_strictly_increasing():
                        {"name": "b", "until_epoch": 2, "losses": ["dis", "res"]},
                        {"name": "c", "losses": ["dis", "res", "adv"]}])
     for key in ("until_epoch", "until_iteration"):
-        with pytest.raises(ValueError, match=f"{key} must be a positive integer"):
+        with pytest.raises(ValueError, match=f"{key} must be a whole number >= 1"):
             StageSchedule([{"name": "a", key: 0, "losses": ["dis"]}, {"name": "b", "losses": ["res"]}])
+
+
+@pytest.mark.parametrize("key", ["until_epoch", "until_iteration"])
+@pytest.mark.parametrize("bad", [True, False, 2.5, -3, "3", "two", [2], float("nan"), float("inf")])
+def test_a_stage_bound_that_is_not_a_whole_number_is_refused_naming_the_setting_and_the_stage(key, bad):
+    """True passed as 1 (int(True) == True) and a text bound failed with int()'s bare 'invalid literal for int()';
+    NaN and infinity with int()'s ValueError / OverflowError."""
+    with pytest.raises(ValueError) as refused:
+        StageSchedule([{"name": "warm", key: bad, "losses": ["dis"]}, {"name": "b", "losses": ["res"]}])
+    message = str(refused.value)
+    assert message.startswith(f"stages[0] (warm): {key} must be a whole number >= 1 (the last") , message
+    assert repr(bad) in message and "stages" in message
+
+
+def test_whole_number_stage_bounds_are_taken():
+    s = StageSchedule([{"name": "a", "until_epoch": 2.0, "losses": ["dis"]}, {"name": "b", "losses": ["res"]}])
+    assert s.stages[0].until_epoch == 2 and type(s.stages[0].until_epoch) is int
 
 
 def test_restoration_term_compares_the_restoration_with_the_clean_target():

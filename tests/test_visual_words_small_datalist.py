@@ -1,6 +1,6 @@
 """`dira3d visual-words` on a user's small datalist (a handful of own scans): every count that does not fit is named
-at once, a hint never suggests a refused value, a run without validation words does not end with a pretraining
-command that refuses it, and a rerun with relaxed planning rules keeps the trained extractor."""
+at once, a hint never suggests a refused value, a run without validation words ends with the pretraining command
+and a note on pretraining without validation, and a rerun with relaxed planning rules keeps the trained extractor."""
 
 from __future__ import annotations
 
@@ -54,23 +54,27 @@ def test_every_count_that_does_not_fit_is_named_in_one_error(datalist, tmp_path,
     assert "between 2 and 2" not in str(refused.value)
 
 
-def test_no_validation_words_is_said_at_the_start_and_the_end_instead_of_a_command_that_refuses(
+def test_no_validation_words_is_said_at_the_start_and_the_end_with_the_pretraining_command(
         datalist, tmp_path, capsys, caplog):
-    """--val-neighbours 0 (what the count error allowed) ended with `next: dira3d pretrain ... --config
-    visual_words.json`, which stops at once: 'lists no validation visual words'."""
+    """--val-neighbours 0 (what the count error allowed): the pretraining bundle refused such an output ('lists no
+    validation visual words'), so the run ended with a note instead of the command; it now pretrains without
+    validation (configs/visual_words.json turns validation off for it), and the note says what that means."""
     out = tmp_path / "vw"
     args = ["visual-words", "--datalist", str(datalist), "--out", str(out), "--classes", "2", "--neighbours", "3",
             "--val-neighbours", "0", "--lung-filter", "off", *SMALL]  # fmt: skip
     with caplog.at_level(logging.WARNING):
         assert cli_main(args) == 0
     stdout = capsys.readouterr().out
-    assert "next:     dira3d pretrain" not in stdout, stdout
-    assert "note:     --val-neighbours 0: no validation visual words" in stdout and "refuses this output" in stdout
+    assert f"next:     dira3d pretrain --datalist {(out / 'visual_words.json').resolve()} --config visual_words.json " \
+           "--override patch_size=[16,16,8]" in stdout, stdout
+    assert "note:     --val-neighbours 0: no validation visual words, so pretraining on this output" in stdout
+    assert "no best.pt (fine-tune from last.pt" in stdout and "refuses" not in stdout
     assert "--val-neighbours 0: no validation visual words" in caplog.text  # before the extractor trained
 
-    from dira3d.visual_words import VisualWordPairDataset
+    from dira3d.visual_words import VisualWordPairDataset, has_validation_words
 
-    with pytest.raises(ValueError, match="lists no 'validation' visual words"):  # what the note says the bundle does
+    assert has_validation_words(out) is False  # what visual_words.json's validation setting becomes for it
+    with pytest.raises(ValueError, match="lists no 'validation' visual words.*validation=false"):  # asked for anyway
         VisualWordPairDataset(out / "visual_words.json", split="validation")
 
 

@@ -376,16 +376,17 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
         print(f"WARNING pretrain_datalist.json: {spread}", file=sys.stderr)
     if len(splits["validation"]) == 1 and not any("label" in e for e in splits["training"]):  # for pretraining
         print("WARNING pretrain_datalist.json: its 'validation' list holds 1 volume; `dira3d visual-words` validation "
-              "words (--val-neighbours 2 or more, which pretraining on its output needs) and Barlow Twins pretraining "
+              "words (--val-neighbours 2 or more, for a validation of pretraining on its output) and Barlow Twins pretraining "
               "(dis_mode barlow) need 2 or more: rerun with a larger --val-fraction (the volumes written are kept)",
               file=sys.stderr)
     return results
 
 
-# what needs the 'validation' list of a pretraining datalist: the pretraining bundle refuses visual words without
-# validation words (a `dira3d visual-words --val-neighbours 0` output), and pairs two instances of each of them
-_VALIDATION_USERS = ("`dira3d visual-words` (its validation words, which pretraining on its output needs) and pretraining "
-                     "with dis_mode moco, barlow or simsiam validate on the 'validation' list")
+# what needs the 'validation' list of a pretraining datalist: visual-word validation words (without them, a
+# `dira3d visual-words --val-neighbours 0` output, pretraining runs without validation), and the instance modes
+_VALIDATION_USERS = ("`dira3d visual-words` (its validation words: without them pretraining on its output runs without "
+                     "validation) and pretraining with dis_mode moco, barlow or simsiam validate on the 'validation' "
+                     "list (or pretrain without validation: --override validation=false)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 - :class:`DiRATrainer` — a ``monai.engines.Trainer``: one generator step on the λ-weighted active
   losses, then the discriminator step(s); staged by :class:`StageSchedule`.
 - :class:`DiRAEvaluator` — validation loss on a held-out split (criterion for ``best.pt``).
-- :class:`DiRACheckpoint` — ``last.pt`` / ``best.pt`` in the documented format, and resume.
+- :class:`DiRACheckpoint` — ``last.pt`` / ``best.pt`` in the documented format, and resume; :func:`pretrained_checkpoint`
+  — the one to fine-tune from (``last.pt`` for a run without validation).
 - :func:`exit_if_stopped`, :class:`StoppedBySignal` — SIGTERM / Ctrl-C: ``last.pt`` at the step, exit 143 / 130.
 - :class:`FinalStageEarlyStop`, :func:`check_early_stop_patience` — opt-in early stopping on the validation
   loss in the final stage (``DiRACheckpoint(early_stop_patience=N)``).
@@ -11,7 +12,8 @@
 - Factories for the mode-dependent parts and the volume → patch-pair transforms.
 """
 
-from dira3d.engines.checkpoint import DiRACheckpoint, check_checkpoint_folder_free, checkpoint_dict, restore_checkpoint
+from dira3d.engines.checkpoint import (DiRACheckpoint, check_checkpoint_folder_free, checkpoint_dict, pretrained_checkpoint,
+                                       restore_checkpoint)
 from dira3d.engines.components import DIS_MODES, build_dis_head, build_dis_loss, build_predictor, check_dis_mode
 from dira3d.engines.data import RandPatchPair, RandPatchPaird, with_image_labels
 from dira3d.engines.distributed import init_distributed, is_main_process, maybe_sync_batchnorm
@@ -39,6 +41,7 @@ __all__ = [
     "DiRACheckpoint",
     "checkpoint_dict",
     "check_checkpoint_folder_free",
+    "pretrained_checkpoint",
     "restore_checkpoint",
     "DIS_MODES",
     "build_dis_head",

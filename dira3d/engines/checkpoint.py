@@ -39,7 +39,7 @@ from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.overrides import as_bool
 
 __all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state", "DiRACheckpoint",
-           "check_checkpoint_folder_free"]
+           "check_checkpoint_folder_free", "pretrained_checkpoint"]
 
 _META_CHECKED = ("spatial_dims", "in_channels", "dis_mode")
 
@@ -190,6 +190,13 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     return None
 
 
+def pretrained_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
+    """The checkpoint of a pretraining run to fine-tune or export from: ``best.pt`` when the run wrote one (it validated),
+    else ``last.pt`` (a run without validation: its latest epoch)."""
+    best = Path(ckpt_dir) / "best.pt"
+    return best if best.is_file() else Path(ckpt_dir) / "last.pt"
+
+
 def check_checkpoint_folder_free(ckpt_dir: str | os.PathLike) -> None:
     """For a bundle config's ``initialize``: stop at once when another run writes checkpoints into ``ckpt_dir``,
     before any dataset is cached (caching a real dataset takes minutes to hours, and :class:`DiRACheckpoint`
@@ -205,6 +212,7 @@ def check_checkpoint_folder_free(ckpt_dir: str | os.PathLike) -> None:
 
 class DiRACheckpoint:
     """Writes ``last.pt`` (resume) and ``best.pt`` (lowest validation loss) and resumes from ``last.pt``.
+    Without a :class:`~dira3d.engines.DiRAEvaluator` (no validation) there is no ``best.pt``: ``last.pt`` is the result.
 
     The best checkpoint is chosen within the latest stage: adding a loss term raises the total,
     so losses of different stages are not comparable; a new stage starts a new best.
@@ -214,7 +222,8 @@ class DiRACheckpoint:
     Args:
         ckpt_dir: folder of ``last.pt`` / ``best.pt`` (created; must be writable).
         resume: continue from ``ckpt_dir/last.pt`` when it exists.
-        save_every_epochs: write ``last.pt`` every N epochs (and at the end).
+        save_every_epochs: write ``last.pt`` every N epochs (and at the end); ``best.pt`` is written after every
+            validation that improves on the best, whatever N.
         save_every_iterations: also write ``last.pt`` every N iterations (0: never). A resume from a
             mid-epoch file continues at the next iteration, bit-exact on CPU (the consumed batches
             of that epoch are re-drawn and dropped, without a training step), with the epoch's
@@ -285,9 +294,11 @@ class DiRACheckpoint:
             check_writable(self.ckpt_dir, min_free_bytes=need)
             engine.add_event_handler(Events.STARTED, lambda _: self.lock.acquire())  # before anything is loaded
         engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.STARTED, self.note_no_validation)
         if self.early_stop is not None:  # after the resume on STARTED; counts before last.pt is written on EPOCH_COMPLETED
             self.early_stop.attach(engine)
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every_epochs), self.epoch_completed)
+        # every epoch: best.pt follows each validation, last.pt only every save_every_epochs (epoch_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         if self.save_every_iterations > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every_iterations), self.save_last)
         engine.add_event_handler(Events.COMPLETED, self.completed)
@@ -320,6 +331,17 @@ class DiRACheckpoint:
                                f"{self.last_path} {partial}")
         if engine.state.epoch >= engine.state.max_epochs:
             engine.logger.info(f"{self.last_path} already reached max_epochs={engine.state.max_epochs}; nothing to do")
+
+    def note_no_validation(self, engine: Engine) -> None:
+        """``STARTED``: without a :class:`~dira3d.engines.DiRAEvaluator` (the bundle's ``validation`` false) say that
+        ``last.pt`` is the result, and that a ``best.pt`` already in ``ckpt_dir`` (an earlier run's) is not this run's."""
+        if getattr(engine, "evaluator", None) is not None:
+            return
+        epoch = f" (epoch {self.best['best_epoch']})" if self.best["best_epoch"] >= 0 else ""
+        stale = (f"; {self.best_path}{epoch} is from an earlier run with validation and is not updated"
+                 if self.best_path.is_file() else "")
+        engine.logger.info(f"no validation: best.pt is not written; {self.last_path} holds the latest epoch's weights "
+                           f"(fine-tune from it){stale}")
 
     def _ensure_finite(self, engine: Engine) -> None:
         # a NaN must never reach a checkpoint: look at the guard's record and the weights first
@@ -357,15 +379,22 @@ class DiRACheckpoint:
             engine.state.stop_saved = f"{self.last_path} saved; {how}"
 
     def epoch_completed(self, engine: Engine) -> None:
+        """``EPOCH_COMPLETED``: ``best.pt`` after every validation that improves (whatever ``save_every_epochs``:
+        early stopping and the logs name that epoch), ``last.pt`` every ``save_every_epochs`` epochs."""
+        validated = getattr(engine.state, "val_epoch", None) == engine.state.epoch  # alike on every rank
+        save_last = engine.state.epoch % self.save_every_epochs == 0
+        if not (validated or save_last):
+            return
         # checked on every rank before the (rank-local) best decision: the check is collective
         self._ensure_finite(engine)
         epoch_sums = self._epoch_sums(engine)  # empty: the trainer's epoch means have been taken
         value = engine.state.metrics.get(self.metric_name)
         stage = engine.current_stage().name
-        if value is not None and getattr(engine.state, "val_epoch", None) == engine.state.epoch:
+        if value is not None and validated:
             if self.best["best_stage"] != stage or self.best["best_metric"] is None or value < self.best["best_metric"]:
                 self.best = {"best_metric": float(value), "best_epoch": int(engine.state.epoch), "best_stage": stage}
                 if is_main_process():
                     atomic_save(checkpoint_dict(engine, self.meta, self._trainer_state(), epoch_sums), self.best_path)
                 engine.logger.info(f"new best {self.metric_name}={value:.5f} (stage '{stage}') -> {self.best_path}")
-        self.save_last(engine, epoch_sums)
+        if save_last:
+            self.save_last(engine, epoch_sums)

@@ -118,6 +118,8 @@ def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
     """What ``dira3d pretrain`` prints at the end of a run: why it ended early when early stopping ended it
     (:func:`early_stop_note`), where the checkpoints and the TensorBoard logs are, and the fine-tuning command
     that starts from them (with the width the task bundle needs)."""
+    from dira3d.engines.checkpoint import pretrained_checkpoint
+
     models, best, last = output / "models", output / "models" / "best.pt", output / "models" / "last.pt"
     if not last.is_file():
         return f"no checkpoint was written in {models}"
@@ -126,13 +128,14 @@ def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
         width = float(parser.get_parsed_content("width"))
     except Exception:  # an expression of the user's: leave the width out of the hint
         width = 1.0
-    start = best if best.is_file() else last
+    start = pretrained_checkpoint(models)  # best.pt, or last.pt after a run without validation
     width_hint = "" if width == 1.0 else f" --set width={width:g}"
     stopped = early_stop_note(last)
     hint, doc = (_resnet_hint(parser), "docs/2d.md") if "backbone" in parser.get() else (width_hint, "docs/finetuning.md")
     return "\n".join(([stopped] if stopped else []) + [
         f"checkpoints: {best} (lowest validation loss of the last stage) and {last} (rerun the same command to resume "
-        "or, with a higher --override max_epochs=N, to train on)" if best.is_file() else f"checkpoint: {last}",
+        "or, with a higher --override max_epochs=N, to train on)" if best.is_file() else
+        f"checkpoint: {last} (no validation ran, so there is no best.pt: the last epoch's weights)",
         f"TensorBoard: tensorboard --logdir {output / 'eval'}",
         f"fine-tune:   dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {start}{hint} "
         f"--output-dir runs/ft ({doc})",

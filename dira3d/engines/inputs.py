@@ -54,7 +54,8 @@ def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str
     if isinstance(content[key], list) and not content[key]:
         hint = (
             "prepare a validation share (e.g. `dira3d prepare generic ... --val-fraction 0.1`; `dira3d prepare luna16 "
-            "... --val-subsets 8`, see docs/data.md) or add entries; "
+            "... --val-subsets 8`, see docs/data.md) or add entries, or pretrain without validation (validation false: "
+            "`dira3d pretrain --override validation=false`, no best.pt); "
             "dis_mode visual_words on volumes validates on the training list instead"
             if key == "validation" else "add entries (check the paths given to `dira3d prepare`)"
         )

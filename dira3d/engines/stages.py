@@ -17,6 +17,8 @@ Models Genesis-style restoration, ``["dis", "res"]`` is the official 2D ``dir`` 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +29,12 @@ LOSS_TERMS = ("dis", "res", "adv")
 DEFAULT_STAGES: list[dict] = [{"name": "dira", "losses": ["dis", "res", "adv"]}]
 
 _KEYS = {"name", "losses", "until_epoch", "until_iteration"}
+
+
+def _whole_number(value: object) -> bool:
+    """A number >= 1 with no fractional part (2 and 2.0); not a bool, text, NaN or infinity."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 1 and int(value) == value)
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,10 @@ class StageSchedule:
         if epoch is not None and iteration is not None:
             raise ValueError(f"stages[{index}] ({name}): give 'until_epoch' or 'until_iteration', not both")
         for key, value in (("until_epoch", epoch), ("until_iteration", iteration)):
-            if value is not None and (int(value) != value or value < 1):
-                raise ValueError(f"stages[{index}] ({name}): {key} must be a positive integer, got {value!r}")
+            if value is not None and not _whole_number(value):  # int() took True as 1 and failed bare on text
+                unit = key.split("_")[1]
+                raise ValueError(f"stages[{index}] ({name}): {key} must be a whole number >= 1 (the last {unit} of "
+                                 f"this stage), got {value!r}; fix the stages setting")
         return Stage(
             name=name,
             losses=tuple(dict.fromkeys(losses)),

@@ -51,6 +51,7 @@ from ignite.handlers.early_stopping import EarlyStopping
 
 from dira3d.engines.distributed import get_world_size, main_process_value
 from dira3d.utils.interrupts import StoppedBySignal
+from dira3d.utils.overrides import as_bool
 
 __all__ = ["STOP_SIGNALS", "SignalStop", "StoppedBySignal", "exit_if_stopped", "FinalStageEarlyStop",
            "check_early_stop_patience"]
@@ -129,18 +130,26 @@ def exit_if_stopped(engine: Engine) -> None:
         raise StoppedBySignal(name, engine.state.iteration)
 
 
-def check_early_stop_patience(patience: Any) -> int | None:
-    """``early_stop_patience`` as an int, or None (off); the bundles call it in ``initialize``, before any data is cached.
+def check_early_stop_patience(patience: Any, validation: Any = True) -> int | None:
+    """``early_stop_patience`` as an int, or None (off); the bundles call it in ``initialize``, before any data is cached,
+    with their ``validation`` setting (False: no validation set, so no loss to stop on).
 
     Raises:
-        ValueError: not a whole number >= 1 (a negative, zero, fractional, boolean or text value), naming the setting.
+        ValueError: not a whole number >= 1 (a negative, zero, fractional, boolean or text value), naming the setting;
+            a patience with ``validation`` false, naming both settings; a ``validation`` that is not a boolean.
     """
+    validation = as_bool(validation, "validation")
     if patience is None:
         return None
     if isinstance(patience, bool) or not isinstance(patience, numbers.Real) or int(patience) != patience or patience < 1:
         raise ValueError(f"early_stop_patience={patience!r} must be a whole number >= 1: the validations in a row "
                          "without a lower validation loss in the final stage after which pretraining stops (null: "
                          "no early stopping, the run goes to max_epochs)")
+    if not validation:
+        raise ValueError(f"early_stop_patience={patience!r} stops on the validation loss, but validation is false (no "
+                         "validation set, e.g. a `dira3d visual-words` output without validation words): set "
+                         "early_stop_patience to null to train for max_epochs, or validation to true with a validation "
+                         "set (docs: bundles/dira_pretrain/docs/README.md, 'Without validation')")
     return int(patience)
 
 

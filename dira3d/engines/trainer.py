@@ -160,7 +160,8 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
             ``moco`` mode; True outside ``moco`` is refused. With one process it changes nothing.
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
-        train_handlers: handlers attached after the trainer's own bookkeeping.
+        train_handlers: handlers attached after the trainer's own bookkeeping; None entries (a handler a bundle
+            config disabled with ``_disabled_``, e.g. ``validate#evaluator`` with ``validation`` false) are left out.
         non_blocking: non-blocking host→device copies (None: on for CUDA; pair with a loader's
             ``pin_memory=True``).
         on_nonfinite: ``"stop"`` (raise :class:`~dira3d.engines.faults.NonFiniteLossError` naming the
@@ -313,8 +314,8 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         self.signal_stop = SignalStop()
         self.add_event_handler(Events.ITERATION_COMPLETED, self.signal_stop.poll)
         self.evaluator = None  # the DiRAEvaluator, once one attaches itself (early stopping needs one)
-        if train_handlers is not None:
-            self._register_handlers(train_handlers)
+        if train_handlers is not None:  # None: a handler the bundle config disabled (validate#evaluator without validation)
+            self._register_handlers([h for h in train_handlers if h is not None])
 
     def run(self) -> None:
         """Train (``monai.engines.Trainer.run``) with SIGTERM / SIGINT caught while it lasts (see the class)."""

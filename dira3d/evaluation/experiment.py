@@ -29,7 +29,8 @@ Config (YAML or JSON)::
       overrides: {max_epochs: 6}       # bundle ids shared by every pretraining run
 
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
-entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt``; a finished
+entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt`` (its ``last.pt`` when
+it had no validation, ``validation: false``); a finished
 pretraining (``done.json``) is not repeated; its settings (``settings.json``) must match the
 config's, and rows of a method fine-tuned from another checkpoint are not reused either: another
 path, or the same path holding another file (a pretraining rerun into the same folder; the sha256 of

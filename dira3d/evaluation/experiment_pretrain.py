@@ -18,19 +18,21 @@ SETTINGS_NAME = "settings.json"  # what a method's pretraining was made with (ou
 
 
 def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any], log: Callable[[str], None] = print) -> str:
-    """Pretrain one method of the grid with ``bundles/dira_pretrain``; returns its ``best.pt``.
+    """Pretrain one method of the grid with ``bundles/dira_pretrain``; returns its ``best.pt``, or its ``last.pt``
+    when it has no ``best.pt`` (pretrained without validation: ``validation`` false, or visual words without
+    validation words).
 
     Resumable twice over: a finished run (``done.json``) is skipped, an interrupted one resumes
     from its ``last.pt`` (the bundle's own resume).
     """
+    from dira3d.engines.checkpoint import pretrained_checkpoint
     from dira3d.engines.command import BUNDLE_DIR
     from dira3d.utils.overrides import run_bundle
 
     out, settings = pretrain_settings(name, spec, config)
-    best = out / "models" / "best.pt"
     check_pretrain_settings(name, out, settings)
-    if (out / "done.json").is_file() and best.is_file():
-        return str(best)
+    if (out / "done.json").is_file() and pretrained_checkpoint(out / "models").is_file():
+        return str(pretrained_checkpoint(out / "models"))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / SETTINGS_NAME, json.dumps(settings, indent=1))
     log(f"experiment: pretraining {name!r} into {out}")
@@ -39,7 +41,7 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
                logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
                dataset_dir=settings["dataset_dir"], **overrides)
     atomic_write_text(out / "done.json", json.dumps({"method": name, "overrides": overrides}, default=str))
-    return str(best)
+    return str(pretrained_checkpoint(out / "models"))
 
 
 def pretrain_configs(section: Mapping[str, Any]) -> list[str]:

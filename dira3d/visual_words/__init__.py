@@ -14,7 +14,7 @@ from dira3d.visual_words.coordinates import (
     is_mostly_lung,
     sample_coordinate,
 )
-from dira3d.visual_words.dataset import VisualWordPairDataset, load_visual_word_classes
+from dira3d.visual_words.dataset import VisualWordPairDataset, has_validation_words, load_visual_word_classes
 from dira3d.visual_words.discover import discover_visual_words
 from dira3d.visual_words.extractor import VolumeAutoencoder, embed_volumes, extractor_from_checkpoint, train_extractor
 from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours, pairwise_distances
@@ -31,6 +31,7 @@ __all__ = [
     "sample_coordinate",
     "VisualWordPairDataset",
     "load_visual_word_classes",
+    "has_validation_words",
     "discover_visual_words",
     "VolumeAutoencoder",
     "embed_volumes",

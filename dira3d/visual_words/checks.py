@@ -44,7 +44,7 @@ def check_counts(datalist: str | os.PathLike, n_train: int, n_val: int, classes:
     # one instance per class passed here and failed there, after the whole extraction
     more_volumes = (f"prepare the scans with 2 or more validation volumes (`dira3d prepare generic ... --val-fraction`; "
                     f"{Path(datalist).name} has {n_val}), or pass --val-neighbours 0 (no validation words; pretraining on "
-                    "them with configs/visual_words.json then refuses to start, as it validates on them)")
+                    "them with configs/visual_words.json then runs without validation: no best.pt, no early stopping)")
     if val_neighbours > 0 and n_val == 0:
         problems.append(f"val_neighbours={val_neighbours} (--val-neighbours) but {datalist} has no 'validation' volumes: "
                         + more_volumes)

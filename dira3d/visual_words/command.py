@@ -116,21 +116,21 @@ DEFAULT_PATCH_SIZE = (64, 64, 32)  # the pretraining bundle's patch_size (bundle
 
 
 NO_VALIDATION_WORDS = (
-    "--val-neighbours 0: no validation visual words, and the pretraining bundle (--config visual_words.json) validates "
-    "on them, so it refuses this output; for pretraining, prepare the scans with 2 or more validation volumes "
+    "--val-neighbours 0: no validation visual words, so pretraining on this output (--config visual_words.json) runs "
+    "without validation: no val_* losses and no best.pt (fine-tune from last.pt, the last epoch), and "
+    "early_stop_patience is refused; for a validation set, prepare the scans with 2 or more validation volumes "
     "(`dira3d prepare generic ... --val-fraction`) and pass --val-neighbours 2 or more"
 )
 
 
 def next_step(out: Path, patch_size: Sequence[int], validation_words: bool = True) -> str:
     """The pretraining command that reads this output (with the patch size, when not the bundle's default); without
-    validation words (``--val-neighbours 0``), which that command refuses, what to do instead."""
+    validation words (``--val-neighbours 0``) also a note on what pretraining without validation means."""
     size = [int(v) for v in patch_size]
-    if not validation_words:
-        return f"note:     {NO_VALIDATION_WORDS} (docs/visual_words.md)"
     override = "" if tuple(size) == DEFAULT_PATCH_SIZE else f" --override patch_size=[{','.join(map(str, size))}]"
-    return (f"next:     dira3d pretrain --datalist {(out / DATALIST_NAME).resolve()} --config visual_words.json{override} "
-            "--output runs/dira_pretrain (docs/visual_words.md)")
+    command = (f"next:     dira3d pretrain --datalist {(out / DATALIST_NAME).resolve()} --config visual_words.json"
+               f"{override} --output runs/dira_pretrain (docs/visual_words.md)")
+    return command if validation_words else f"{command}\nnote:     {NO_VALIDATION_WORDS}"
 
 
 if __name__ == "__main__":

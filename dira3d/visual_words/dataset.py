@@ -9,6 +9,7 @@ is the engine's batch contract::
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,19 +22,44 @@ from torch.utils.data import Dataset
 from dira3d.utils.files import FileContentError, json_type, read_json
 from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
 
-__all__ = ["VisualWordPairDataset", "load_visual_word_classes"]
+__all__ = ["VisualWordPairDataset", "load_visual_word_classes", "has_validation_words"]
 
 
-def load_visual_word_classes(path: str | os.PathLike, split: str = "training") -> list[tuple[Path, int]]:
+NO_VALIDATION_FIX = ("the pretraining bundle validates on them with validation true: rerun `dira3d visual-words` with "
+                     "--val-neighbours 2 or more (and 2 or more 'validation' volumes in its datalist) for a validation "
+                     "set, or pretrain without one: validation=false (`dira3d pretrain --override validation=false`, "
+                     "`--validation false` for monai.bundle run; the default of configs/visual_words.json for such an "
+                     "output)")
+
+
+def has_validation_words(path: str | os.PathLike) -> bool:
+    """Whether the output of `dira3d visual-words` at ``path`` has validation words: the default of the pretraining
+    bundle's ``validation`` setting in ``configs/visual_words.json``. Without them (``--val-neighbours 0``) a warning
+    says that the run pretrains without validation (no ``best.pt``: ``last.pt`` is the result; no early stopping).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_visual_word_classes` (no output there, an incomplete run).
+    """
+    if load_visual_word_classes(path, "validation", required=False):
+        return True
+    logging.getLogger(__name__).warning(
+        f"{path} lists no 'validation' visual words: pretraining without validation (no val_* losses and no best.pt: "
+        "fine-tune from last.pt, the last epoch; early_stop_patience is refused). For a validation set, rerun "
+        "`dira3d visual-words` with --val-neighbours 2 or more (docs/visual_words.md)")
+    return False
+
+
+def load_visual_word_classes(path: str | os.PathLike, split: str = "training", required: bool = True) -> list[tuple[Path, int]]:
     """``(shard path, label)`` of every class of a split.
 
     Args:
         path: ``visual_words.json``, ``manifest.json`` or the output folder holding them.
         split: ``"training"`` or ``"validation"``.
+        required: refuse an empty split (False: return ``[]``).
 
     Raises:
         FileNotFoundError: no datalist/manifest, or a listed shard is missing.
-        ValueError: the manifest is not complete, or the split is empty.
+        ValueError: the manifest is not complete, or the split is empty (with ``required``).
     """
     path = Path(path)
     if path.is_dir():
@@ -59,8 +85,9 @@ def load_visual_word_classes(path: str | os.PathLike, split: str = "training") -
                 f"entry {bad[0]} of '{split}' is not {{\"image\": <shard path>, \"label\": <whole number>}}"
             raise FileContentError(path, f"visual-word datalist {path}: {where}; {fix}")
         classes = [(base / e["image"], int(e["label"])) for e in entries]
-    if not classes:
-        raise ValueError(f"{path} lists no '{split}' visual words (the pretraining bundle validates on them: rerun `dira3d visual-words` with --val-neighbours 2 or more)")
+    if not classes and required:
+        fix = NO_VALIDATION_FIX if split == "validation" else "rerun `dira3d visual-words`"
+        raise ValueError(f"{path} lists no '{split}' visual words; {fix}")
     for shard, _ in classes:
         if not shard.is_file():
             raise FileNotFoundError(f"visual-word shard {shard} listed in {path} is missing; rerun `dira3d visual-words`")

@@ -1,0 +1,172 @@
+"""Pretraining without a validation set (``validation: false``, or a visual-words output without validation words):
+no evaluator, no best.pt (last.pt is the result, what fine-tuning and `dira3d export pretrained` take), early stopping
+refused naming both settings. It used to crash: a disabled ``validate#evaluator`` left None in ``train#handlers``
+('NoneType' object has no attribute 'attach'), and an output of `dira3d visual-words --val-neighbours 0` was refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+
+from dira3d.engines import DiRACheckpoint, DiRATrainer, RandPatchPaird, check_early_stop_patience
+from dira3d.networks import UNet
+from dira3d.transforms.compositions import build_distortion
+from dira3d.utils import load_checkpoint
+from test_bundle_pretrain import CONFIGS, scalars, write_volumes
+from test_engine import PATCH3, smooth_volumes
+
+NO_VALIDATION_LINE = "no validation: best.pt is not written"
+
+
+def volumes_without_validation(folder):
+    """The 6 tiny volumes of test_bundle_pretrain, all in 'training', and an empty 'validation' list."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_volumes(folder)
+    content = json.loads(path.read_text())
+    content["training"] += content.pop("validation")
+    content["validation"] = []
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_a_disabled_evaluator_is_left_out_of_the_handlers(tmp_path, caplog):
+    """``validate#evaluator#_disabled_ true`` puts None where the evaluator was in ``train#handlers``."""
+    torch.manual_seed(0)
+    data = DataLoader(Dataset(smooth_volumes(2), RandPatchPaird("image", PATCH3)), batch_size=2)
+    net = UNet(3, width=1 / 8, norm="instance")
+    trainer = DiRATrainer("cpu", 2, data, net, torch.optim.Adam(net.parameters(), 1e-3), None, None, None,
+                          stages=[{"name": "res", "losses": ["res"]}], distortion=build_distortion("none"),
+                          train_handlers=[None, DiRACheckpoint(tmp_path, metric_name="val_selection_loss")])
+    assert trainer.evaluator is None
+    with caplog.at_level(logging.INFO):
+        trainer.run()
+    assert load_checkpoint(tmp_path / "last.pt")["trainer"]["epoch"] == 2
+    assert not (tmp_path / "best.pt").exists()
+    assert NO_VALIDATION_LINE in caplog.text and "last.pt" in caplog.text
+
+
+def test_early_stopping_without_validation_is_refused_naming_both_settings():
+    with pytest.raises(ValueError, match=r"early_stop_patience=3 stops on the validation loss, but validation is false"
+                                         r".*set early_stop_patience to null.*or validation to true"):
+        check_early_stop_patience(3, validation=False)
+    assert check_early_stop_patience(None, validation=False) is None
+    assert check_early_stop_patience(3, validation=True) == 3
+    with pytest.raises(ValueError, match="validation='maybe' is not a boolean"):
+        check_early_stop_patience(None, validation="maybe")
+
+
+def test_the_pretrain_command_refuses_early_stopping_without_validation_before_loading_data(tmp_path, capsys):
+    from dira3d.engines.command import main as pretrain_main
+
+    datalist = tmp_path / "pretrain_datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "missing.nii.gz"}] * 2, "meta": {}}))
+    code = pretrain_main(["--datalist", str(datalist), "--output", str(tmp_path / "run"), "--tiny",
+                          "--override", "validation=false", "--override", "early_stop_patience=2"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error: early_stop_patience=2 stops on the validation loss, but validation is false" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_bundle_pretrains_without_validation(tmp_path, repo_root):
+    """`python -m monai.bundle run ... --validation false`, MoCo (which validates on the 'validation' list, empty
+    here): no validation list is read, no val_* is logged, last.pt is written, best.pt is not."""
+    volumes_without_validation(tmp_path / "data")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "monai.bundle", "run",
+           "--config_file", f"['{CONFIGS}/train.json','{CONFIGS}/tiny.json']",
+           "--meta_file", f"{CONFIGS}/metadata.json", "--logging_file", f"{CONFIGS}/logging.conf",
+           "--dataset_dir", str(tmp_path / "data"), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
+           "--patch_size", "[16,16,8]", "--max_epochs", "2", "--dis_mode", "moco", "--validation", "false"]
+    proc = subprocess.run(cmd, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert NO_VALIDATION_LINE in log, log[-3000:]
+    last = load_checkpoint(out / "models" / "last.pt")
+    assert last["trainer"]["epoch"] == 2 and last["trainer"]["best_epoch"] == -1
+    assert not (out / "models" / "best.pt").exists()
+    values, _ = scalars(out / "eval")
+    assert "loss" in values and not [tag for tag in values if tag.startswith("val_")], sorted(values)
+
+
+def test_the_pretrain_command_without_validation_points_fine_tuning_at_last_pt(tmp_path, capsys):
+    """`dira3d pretrain --override validation=false`: ends naming last.pt as the checkpoint to fine-tune from, not a
+    best.pt that does not exist; `dira3d export pretrained` takes it."""
+    from dira3d.deploy.weights import export_pretrained
+    from dira3d.engines.command import main as pretrain_main
+
+    datalist = volumes_without_validation(tmp_path / "data")
+    out = tmp_path / "run"
+    code = pretrain_main(["--datalist", str(datalist), "--output", str(out), "--tiny", "--override", "validation=false",
+                          "--override", "max_epochs=1", "--override", "patch_size=[16,16,8]"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    last = out / "models" / "last.pt"
+    assert not (out / "models" / "best.pt").exists()
+    assert f"checkpoint: {last.resolve()} (no validation ran, so there is no best.pt: the last epoch's weights)" in captured.out
+    assert f"--pretrained {last.resolve()} --set width=0.125" in captured.out
+    written = export_pretrained(last, tmp_path / "weights", parts=("encoder",), formats=("pt",))
+    assert (tmp_path / "weights" / "encoder.pt").is_file() and "encoder.pt" in written
+
+
+def _visual_words_without_validation(tmp_path):
+    from dira3d.visual_words import VolumeAutoencoder, discover_visual_words
+    from dira3d.visual_words.synthetic import write_template_datalist
+
+    datalist = write_template_datalist(tmp_path / "volumes", templates=2, per_template=3, shape=(48, 48, 24))
+    torch.manual_seed(0)
+    vw = tmp_path / "vw"
+    discover_visual_words(datalist, vw, extractor=VolumeAutoencoder(width=0.125).eval(), classes=2, neighbours=3,
+                          val_neighbours=0, patch_size=(16, 16, 8), border=(4, 4, 2), extractor_size=(32, 32, 16),
+                          seed=0, lung_filter="off")
+    return vw / "visual_words.json"
+
+
+def test_visual_words_without_validation_words_pretrain_without_validation_with_a_warning(tmp_path, capsys):
+    """The output of `dira3d visual-words --val-neighbours 0` was refused ('lists no validation visual words'):
+    visual_words.json now turns validation off for it, with a warning saying what that means."""
+    from dira3d.engines.command import main as pretrain_main
+
+    datalist = _visual_words_without_validation(tmp_path)
+    out = tmp_path / "run"
+    args = ["--datalist", str(datalist), "--tiny", "--config", "visual_words.json", "--override", "max_epochs=1",
+            "--override", "patch_size=[16,16,8]"]
+    code = pretrain_main(args + ["--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    log = captured.out + captured.err
+    assert "lists no 'validation' visual words: pretraining without validation" in log, log[-3000:]
+    assert "early_stop_patience" in log and "last.pt" in log
+    assert (out / "models" / "last.pt").is_file() and not (out / "models" / "best.pt").exists()
+    # asked for explicitly, validation on such an output is refused, saying how to go without it
+    code = pretrain_main(args + ["--output", str(tmp_path / "again"), "--override", "validation=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lists no 'validation' visual words" in err and "validation=false" in err, err[-3000:]
+
+
+def test_an_experiment_fine_tunes_from_last_pt_when_its_pretraining_had_no_validation(tmp_path, monkeypatch):
+    """`dira3d experiment` handed the methods' fine-tuning models/best.pt, which a run without validation lacks."""
+    from dira3d.evaluation.experiment_pretrain import pretrain_method
+
+    (tmp_path / "vw").mkdir()
+    out = tmp_path / "out" / "pretrain" / "dira" / "models"
+
+    def fake_bundle(configs, **kwargs):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "last.pt").write_bytes(b"")
+
+    monkeypatch.setattr("dira3d.utils.overrides.run_bundle", fake_bundle)
+    config = {"output_dir": str(tmp_path / "out"),
+              "pretrain": {"dataset_dir": str(tmp_path / "vw"), "overrides": {"validation": False}}}
+    assert pretrain_method("dira", {"pretrain": {}}, config, log=lambda _: None) == str(out / "last.pt")
+    (out / "best.pt").write_bytes(b"")  # a run that validated: its best epoch
+    assert pretrain_method("dira", {"pretrain": {}}, config, log=lambda _: None) == str(out / "best.pt")
