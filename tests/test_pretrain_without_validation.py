@@ -50,6 +50,25 @@ def test_a_disabled_evaluator_is_left_out_of_the_handlers(tmp_path, caplog):
     assert load_checkpoint(tmp_path / "last.pt")["trainer"]["epoch"] == 2
     assert not (tmp_path / "best.pt").exists()
     assert NO_VALIDATION_LINE in caplog.text and "last.pt" in caplog.text
+    assert load_checkpoint(tmp_path / "last.pt")["trainer"]["validation"] is False
+
+
+def test_a_best_pt_of_an_earlier_validated_run_is_not_taken_after_a_run_without_validation(tmp_path):
+    """A validated run resumed with validation=false leaves its old best.pt: last.pt (trainer validation False) says
+    the result is last.pt; a last.pt that validated (or of dira3d before the key) keeps best.pt the result."""
+    from dira3d.engines import pretrained_checkpoint
+
+    assert pretrained_checkpoint(tmp_path) == tmp_path / "last.pt"  # nothing yet: last.pt is where it will be
+    torch.save({"trainer": {"validation": False}}, tmp_path / "last.pt")
+    assert pretrained_checkpoint(tmp_path) == tmp_path / "last.pt"
+    torch.save({"trainer": {"best_epoch": 3}}, tmp_path / "best.pt")
+    assert pretrained_checkpoint(tmp_path) == tmp_path / "last.pt"
+    torch.save({"trainer": {"validation": True}}, tmp_path / "last.pt")
+    assert pretrained_checkpoint(tmp_path) == tmp_path / "best.pt"
+    torch.save({"trainer": {"epoch": 4}}, tmp_path / "last.pt")  # written before the key existed
+    assert pretrained_checkpoint(tmp_path) == tmp_path / "best.pt"
+    (tmp_path / "last.pt").unlink()
+    assert pretrained_checkpoint(tmp_path) == tmp_path / "best.pt"
 
 
 def test_early_stopping_without_validation_is_refused_naming_both_settings():
@@ -170,3 +189,22 @@ def test_an_experiment_fine_tunes_from_last_pt_when_its_pretraining_had_no_valid
     assert pretrain_method("dira", {"pretrain": {}}, config, log=lambda _: None) == str(out / "last.pt")
     (out / "best.pt").write_bytes(b"")  # a run that validated: its best epoch
     assert pretrain_method("dira", {"pretrain": {}}, config, log=lambda _: None) == str(out / "best.pt")
+
+
+def test_the_end_message_names_last_pt_and_an_earlier_runs_best_pt_as_not_updated(tmp_path):
+    """`dira3d pretrain`'s closing lines after a validated run was resumed with validation=false: the fine-tuning
+    command takes last.pt, and the old best.pt is named as an earlier run's (it said 'checkpoints: best.pt ...')."""
+    from dira3d.engines.command import finished_message
+
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    torch.save({"trainer": {"best_epoch": 3}}, models / "best.pt")
+    torch.save({"trainer": {"epoch": 6, "validation": False}}, models / "last.pt")
+    lines = finished_message(tmp_path / "run", [f"{CONFIGS}/train.json", f"{CONFIGS}/tiny.json"], {}).splitlines()
+    assert lines[0] == (f"checkpoint: {models / 'last.pt'} (no validation ran: the last epoch's weights; "
+                        f"{models / 'best.pt'} is an earlier run's, not updated)")
+    assert f"--pretrained {models / 'last.pt'} --set width=0.125" in lines[-1]
+    torch.save({"trainer": {"epoch": 6, "validation": True}}, models / "last.pt")
+    lines = finished_message(tmp_path / "run", [f"{CONFIGS}/train.json", f"{CONFIGS}/tiny.json"], {}).splitlines()
+    assert lines[0].startswith(f"checkpoints: {models / 'best.pt'} (lowest validation loss")
+    assert f"--pretrained {models / 'best.pt'} --set width=0.125" in lines[-1]

@@ -8,6 +8,7 @@ Format (docs/architecture.md, "Checkpoint format")::
      "trainer": {"epoch", "iteration", "epoch_iteration", "stage", "best_metric", "best_epoch", "best_stage",
                  "epoch_sums": {"count", "sums": {key: one value per rank}},  # running sums of the epoch's outputs
                  "nonfinite_skipped",                                  # steps on_nonfinite='skip' dropped so far
+                 "validation",                                         # False: the run (since its last resume) ran without validation
                  "early_stop"},       # with early_stop_patience: {"counter", "best_score", "best_epoch", "stage",
                                       #   "stopped_epoch", "patience", "metric"} (engines.stopping.FinalStageEarlyStop)
      "schedulers": {name: state_dict},                                     # learning-rate schedulers
@@ -192,9 +193,17 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
 
 def pretrained_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
     """The checkpoint of a pretraining run to fine-tune or export from: ``best.pt`` when the run wrote one (it validated),
-    else ``last.pt`` (a run without validation: its latest epoch)."""
-    best = Path(ckpt_dir) / "best.pt"
-    return best if best.is_file() else Path(ckpt_dir) / "last.pt"
+    else ``last.pt`` (a run without validation: its latest epoch). A ``best.pt`` left by an earlier, validated run is
+    not this run's when ``last.pt`` says its latest part ran without validation (trainer ``validation`` false, read
+    memory-mapped): then ``last.pt``."""
+    best, last = Path(ckpt_dir) / "best.pt", Path(ckpt_dir) / "last.pt"
+    if not best.is_file():
+        return last
+    try:
+        validated = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["trainer"].get("validation", True)
+    except Exception:  # no last.pt (or not ours): best.pt is all there is
+        return best
+    return best if validated else last
 
 
 def check_checkpoint_folder_free(ckpt_dir: str | os.PathLike) -> None:
@@ -270,6 +279,7 @@ class DiRACheckpoint:
         self.save_every_epochs, self.save_every_iterations = max(int(save_every_epochs), 1), int(save_every_iterations)
         self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
         self.best: dict[str, Any] = {"best_metric": None, "best_epoch": -1, "best_stage": ""}
+        self.validation = True  # whether this run validates (an evaluator attached; set on STARTED)
         patience = check_early_stop_patience(early_stop_patience)
         self.early_stop = None if patience is None else FinalStageEarlyStop(
             patience, metric_name, summary_writer=summary_writer, best_path=self.best_path)
@@ -335,7 +345,8 @@ class DiRACheckpoint:
     def note_no_validation(self, engine: Engine) -> None:
         """``STARTED``: without a :class:`~dira3d.engines.DiRAEvaluator` (the bundle's ``validation`` false) say that
         ``last.pt`` is the result, and that a ``best.pt`` already in ``ckpt_dir`` (an earlier run's) is not this run's."""
-        if getattr(engine, "evaluator", None) is not None:
+        self.validation = getattr(engine, "evaluator", None) is not None
+        if self.validation:
             return
         epoch = f" (epoch {self.best['best_epoch']})" if self.best["best_epoch"] >= 0 else ""
         stale = (f"; {self.best_path}{epoch} is from an earlier run with validation and is not updated"
@@ -359,9 +370,11 @@ class DiRACheckpoint:
 
     def _trainer_state(self) -> dict[str, Any]:
         # the checkpoint's "trainer" entries this handler keeps: the best so far and the early-stopping count
+        # "validation": pretrained_checkpoint takes last.pt, not an earlier run's best.pt, after a run without it
+        state = {**self.best, "validation": self.validation}
         if self.early_stop is None:
-            return self.best
-        return {**self.best, "early_stop": self.early_stop.state_dict()}
+            return state
+        return {**state, "early_stop": self.early_stop.state_dict()}
 
     def save_last(self, engine: Engine, epoch_sums: Mapping[str, Any] | None = None) -> None:
         self._ensure_finite(engine)

@@ -134,8 +134,9 @@ def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
     hint, doc = (_resnet_hint(parser), "docs/2d.md") if "backbone" in parser.get() else (width_hint, "docs/finetuning.md")
     return "\n".join(([stopped] if stopped else []) + [
         f"checkpoints: {best} (lowest validation loss of the last stage) and {last} (rerun the same command to resume "
-        "or, with a higher --override max_epochs=N, to train on)" if best.is_file() else
-        f"checkpoint: {last} (no validation ran, so there is no best.pt: the last epoch's weights)",
+        "or, with a higher --override max_epochs=N, to train on)" if start == best else
+        f"checkpoint: {last} (no validation ran, so there is no best.pt: the last epoch's weights)" if not best.is_file()
+        else f"checkpoint: {last} (no validation ran: the last epoch's weights; {best} is an earlier run's, not updated)",
         f"TensorBoard: tensorboard --logdir {output / 'eval'}",
         f"fine-tune:   dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {start}{hint} "
         f"--output-dir runs/ft ({doc})",
