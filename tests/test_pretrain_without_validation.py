@@ -208,3 +208,13 @@ def test_the_end_message_names_last_pt_and_an_earlier_runs_best_pt_as_not_update
     lines = finished_message(tmp_path / "run", [f"{CONFIGS}/train.json", f"{CONFIGS}/tiny.json"], {}).splitlines()
     assert lines[0].startswith(f"checkpoints: {models / 'best.pt'} (lowest validation loss")
     assert f"--pretrained {models / 'best.pt'} --set width=0.125" in lines[-1]
+
+
+@pytest.mark.parametrize("interval", [0, -1, 1.5, True, "often", None])
+def test_a_validation_interval_that_is_not_a_whole_number_of_epochs_is_refused(interval):
+    """val_interval 0 or negative ran as 1 without a word; text and fractions failed with int()'s message or ran."""
+    from dira3d.engines import DiRAEvaluator
+
+    with pytest.raises(ValueError, match=r"val_interval=.*whole number N >= 1.*set validation to false"):
+        DiRAEvaluator("cpu", [], interval=interval)
+    assert DiRAEvaluator("cpu", [], interval=2.0).interval == 2

@@ -53,6 +53,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         datalist: the datalist file the validation entries come from, named in its errors (None: unknown).
 
     Raises:
+        ValueError: ``interval`` is not a whole number >= 1 (0 or a negative number ran as 1).
         RuntimeError: run before being attached to a :class:`DiRATrainer`.
     """
 
@@ -73,7 +74,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
             val_handlers=val_handlers,
             decollate=False,
         )
-        self.interval, self.seed = max(int(interval), 1), int(seed)
+        self.interval, self.seed = _check_interval(interval), int(seed)
         self.datalist = datalist
         self.trainer: DiRATrainer | None = None
         self._sums: dict[str, torch.Tensor] = {}
@@ -168,3 +169,15 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         metrics = {f"val_{k}": float(v) / max(self._count, 1) for k, v in self._sums.items()}
         engine.state.metrics.update(metrics)
         self._sums, self._count = {}, 0
+
+
+def _check_interval(interval: Any) -> int:
+    """``interval`` (the bundle's ``val_interval``) as an int >= 1, or a ValueError naming the setting."""
+    try:
+        whole = not isinstance(interval, bool) and float(interval).is_integer() and int(interval) >= 1
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise ValueError(f"val_interval={interval!r}: validate every N epochs needs a whole number N >= 1; "
+                         "to pretrain without validation set validation to false")
+    return int(interval)
