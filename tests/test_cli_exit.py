@@ -248,7 +248,7 @@ WORKING = textwrap.dedent(
         argv = ["export", "pretrained", "--checkpoint", "best.pt", "--out", str(out)]
     elif command == "export torchscript":
         import dira3d.deploy.export as module
-        module.export_torchscript = working("model.ts")
+        module.export_torchscript_with_report = working("model.ts")
         argv = ["export", "torchscript", "--bundle", "luna16_nodule_fpr", "--out", str(out / "model.ts")]
     else:
         import dira3d.demo as module

@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dira3d.data import generic
-from dira3d.data.cxr import earlier_patient_split, patient_split, write_patient_split
+from dira3d.data.cxr_splits import earlier_patient_split, patient_split, write_patient_split
 from dira3d.data.io import xyz_to_image
 from dira3d.data.patients import patient_parts
 from dira3d.data.splits import earlier_split, extend_split, split_patients, write_split_file
@@ -67,6 +67,17 @@ def test_chest_xray_patient_split_keeps_the_recorded_parts(tmp_path):
     assert earlier_patient_split(tmp_path, 0, val_fraction=0.1, test_fraction=0.2) is None  # another rule: a fresh split
     more = patient_split(patients + ["99999", "99998"], 0.2, 0.2, seed=0, earlier=earlier)
     assert all(_part_of(more)[p] == _part_of(first)[p] for p in patients)
+
+
+def test_a_split_json_written_before_the_split_moved_to_cxr_splits_is_still_kept(tmp_path):
+    """The split helpers moved from dira3d.data.cxr to dira3d.data.cxr_splits; split.json records the method by
+    its first name, so a dataset prepared before the move keeps its patients' parts when it is prepared again."""
+    first = patient_split([f"{i:05d}" for i in range(30)], 0.2, 0.2, seed=0)
+    rule = {"method": "dira3d.data.cxr.patient_split", "seed": 0, "val_fraction": 0.2, "test_fraction": 0.2}
+    write_split_file(tmp_path / "split.json", first, rule)  # as the preparations wrote it before the move
+    assert earlier_patient_split(tmp_path, 0, val_fraction=0.2, test_fraction=0.2) == first
+    write_patient_split(tmp_path, first, 0, val_fraction=0.2, test_fraction=0.2)
+    assert json.loads((tmp_path / "split.json").read_text())["rule"] == rule
 
 
 def _scan(path, seed):

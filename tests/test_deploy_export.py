@@ -12,6 +12,7 @@ import torch
 
 from dira3d.deploy import (
     DEFAULT_TOLERANCE,
+    AgreementError,
     AgreementReport,
     check_agreement,
     export_onnx,
@@ -250,6 +251,56 @@ def test_export_command_pretrained_and_onnx(repo_root, real_data, tmp_path, caps
     assert code == 0 and '"ok": true' in capsys.readouterr().out
     assert export_main(["torchscript", "--bundle", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_torchscript_command_checks_the_graph_against_pytorch(repo_root, real_data, tmp_path, capsys):
+    """`dira3d export torchscript` ran no agreement check (`dira3d export onnx` did): it now runs the traced graph and
+    the PyTorch network on the example input (or a --check-scan crop) and prints the report, as onnx does."""
+    bundle = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
+    out = tmp_path / "liver.ts"
+    code = export_main(["torchscript", "--bundle", str(bundle), "--out", str(out), "--override", "width=0.125",
+                        "--input-shape", "1", "1", "32", "32", "16", "--check-scan", str(real_data / "lung1_image.nrrd")])
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.startswith(f"TorchScript written to {out}\n"), printed
+    report = json.loads(printed.split("\n", 1)[1])
+    assert report["ok"] is True and set(report["max_abs_diff"]) == {"torchscript"}
+    assert report["output_shape"] == [1, 1, 32, 32, 16] and report["tolerance"] == DEFAULT_TOLERANCE
+    assert torch.jit.load(str(out)) is not None
+
+
+def test_export_torchscript_that_disagrees_writes_nothing_and_keeps_the_earlier_file(repo_root, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A traced graph that does not compute what the PyTorch network computes (forced here: the reference network's
+    last bias moves after loading) exits 1 with the report and a line naming the runtime; --out is not written, and
+    an earlier export there stays byte for byte."""
+    import dira3d.deploy.export as export
+
+    bundle = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
+    real_load = export.load_bundle_network
+
+    def shifted(*args, **kwargs):
+        network = real_load(*args, **kwargs)
+        with torch.no_grad():
+            network.decoder.levels[-1].convs.conv2.conv.bias.add_(0.5)
+        return network
+
+    monkeypatch.setattr(export, "load_bundle_network", shifted)
+    out = tmp_path / "exports" / "liver.ts"
+    out.parent.mkdir()
+    out.write_bytes(b"the user's earlier export")
+    args = ["torchscript", "--bundle", str(bundle), "--out", str(out), "--override", "width=0.125",
+            "--input-shape", "1", "1", "32", "32", "16", "--overwrite"]
+    assert export_main(args) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ok"] is False
+    assert "dira3d export: error: torchscript: max |logit difference|" in captured.err
+    assert f"{out} was not written (the earlier export there is kept)" in captured.err
+    assert out.read_bytes() == b"the user's earlier export"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["liver.ts"]  # no temporary file left
+    fresh = tmp_path / "fresh.ts"
+    with pytest.raises(AgreementError, match="torchscript: max") as err:
+        export_torchscript(bundle, fresh, overrides=TINY, input_shape=[1, 1, 32, 32, 16])
+    assert not err.value.report.ok and not fresh.exists()
 
 
 def test_export_onnx_of_a_2d_bundle_uses_its_roi_size(repo_root, tmp_path, capsys):

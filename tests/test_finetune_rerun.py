@@ -169,7 +169,8 @@ def test_every_task_bundle_keeps_preprocessing_json_with_its_model(bundle):
     expected = ("$dira3d.evaluation.training_preprocessing(@datalist, modalities=@modalities, image_channels=@image_channels)"
                 if "modalities" in config else "$dira3d.evaluation.datalist_preprocessing(@datalist)")
     assert saver[0]["preprocessing"] == expected
-    assert config["overwrite"] is False and config["finalize"] == ["$dira3d.evaluation.release_run_folders(@ckpt_dir)"]
+    assert config["overwrite"] is False and config["finalize"] == ["$dira3d.evaluation.release_run_folders(@ckpt_dir)",
+                                                                   "$dira3d.evaluation.exit_if_training_stopped()"]
 
 
 def test_finetune_calls_a_folder_with_only_tensorboard_files_an_unfinished_run(tmp_path, capsys):

@@ -106,3 +106,14 @@ def test_the_check_sees_a_private_attribute_of_an_imported_module():
         "2: dira3d.evaluation.stats._fmt"]
     # in a package's __init__.py, "." is the package itself
     assert _private_attributes("from . import stats\nstats._y\n", "dira3d.evaluation", True, modules) == ["2: stats._y"]
+
+
+MAX_LINES = 450  # the house guideline for a module (README / helper briefs: "< ~450 lines")
+
+
+def test_no_module_is_longer_than_the_house_limit():
+    """export.py (471 lines) and data/cxr.py (486) had grown past it: the bundle network loading and the chest X-ray
+    split helpers went to modules of their own (dira3d.deploy.bundle_network, dira3d.data.cxr_splits)."""
+    long = {path.relative_to(PACKAGE.parent).as_posix(): n for path in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by what they do): {long}"

@@ -22,16 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from dira3d.data.cxr import (
-    convert_image,
-    add_size_argument,
-    check_size,
-    patient_split,
-    read_csv_rows,
-    scale_box,
-    write_patient_split,
-    earlier_patient_split,
-)
+from dira3d.data.cxr import convert_image, add_size_argument, check_size, read_csv_rows, scale_box
+from dira3d.data.cxr_splits import earlier_patient_split, patient_split, write_patient_split
 from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist

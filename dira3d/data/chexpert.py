@@ -28,15 +28,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from dira3d.data.cxr import (
-    convert_image,
-    add_size_argument,
-    check_size,
-    read_csv_rows,
-    split_entries,
-    write_patient_split,
-    earlier_patient_split,
-)
+from dira3d.data.cxr import convert_image, add_size_argument, check_size, read_csv_rows
+from dira3d.data.cxr_splits import earlier_patient_split, split_entries, write_patient_split
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist

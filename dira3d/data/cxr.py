@@ -18,6 +18,8 @@ Every 2D dataset is written the same way (docs/data_2d.md):
 - arrays in this module are ``(rows, cols)`` = ``(y, x)`` as in the PNG file. MONAI's
   ``LoadImaged`` returns a PNG as ``(x, y)`` (width first), so a box ``[x, y, w, h]`` indexes
   axis 0 of the loaded image with ``x``.
+
+The patient-level split the preparations share and its ``split.json`` are in :mod:`dira3d.data.cxr_splits`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import csv
 import io
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,6 @@ from PIL import Image
 
 from dira3d.data.errors import DataWarning
 from dira3d.data.io import DataError
-from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.atomic import atomic_path
 from dira3d.utils.files import read_text
 
@@ -56,11 +57,6 @@ __all__ = [
     "read_csv_rows",
     "add_size_argument",
     "check_size",
-    "patient_split",
-    "split_entries",
-    "write_patient_split",
-    "earlier_patient_split",
-    "add_split_arguments",
 ]
 
 DEFAULT_SIZE = 512  # storage size: 2× the 224² training input, so bundles can crop/resize freely
@@ -393,94 +389,3 @@ def check_size(size: int) -> int:
         raise ValueError(f"--size {size} is too small; use 0 (keep the native size) or at least 8 (default "
                          f"{DEFAULT_SIZE})")
     return size
-
-
-def patient_split(patients: Sequence[str], val_fraction: float, test_fraction: float = 0.0,
-                  seed: int = 0, earlier: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
-    """Seeded patient-level split into training / validation (/ test) by fractions of the patients.
-
-    Uses :func:`dira3d.data.splits.split_patients` (sorted ids, ``default_rng(seed)`` permutation,
-    largest-remainder sizes), so the same ids and seed always give the same split.
-
-    Args:
-        patients: patient ids (duplicates are merged).
-        val_fraction: fraction of the patients for validation, in [0, 1).
-        test_fraction: fraction for test, in [0, 1); 0 makes no test part.
-        seed: permutation seed.
-        earlier: the split an earlier run recorded (:func:`earlier_patient_split`): its patients keep
-            their parts, only new patients are dealt out.
-
-    Returns:
-        ``{"training": [...], "validation": [...](, "test": [...])}``, disjoint, covering ``patients``.
-
-    Raises:
-        ValueError: fractions outside [0, 1) or summing to 1 or more (names the options).
-    """
-    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} {value} must be in [0, 1)")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"--val-fraction {val_fraction} + --test-fraction {test_fraction} leave no training "
-                         "patients; make their sum smaller than 1")
-    parts = {"training": 1.0 - val_fraction - test_fraction, "validation": val_fraction}
-    if test_fraction > 0:
-        parts["test"] = test_fraction
-    ids = sorted(set(patients))
-    if not ids:
-        return {name: [] for name in parts}
-    # integer reference sizes in parts per million (split_patients scales them to len(ids))
-    return split_patients(ids, {k: int(round(v * 1_000_000)) for k, v in parts.items()}, seed=seed, earlier=earlier)
-
-
-def split_entries(entries: Sequence[tuple[str, dict]], val_fraction: float, test_fraction: float = 0.0,
-                  seed: int = 0, earlier: Mapping[str, Sequence[str]] | None = None,
-                  ) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
-    """Patient-level split (:func:`patient_split`) of datalist entries, each tagged with its patient.
-
-    Args:
-        entries: ``(patient id, datalist entry)`` pairs; a patient may own several entries.
-        val_fraction: fraction of the patients for validation, in [0, 1).
-        test_fraction: fraction for test, in [0, 1); 0 makes no test part.
-        seed: permutation seed.
-        earlier: an earlier run's split to keep (see :func:`patient_split`).
-
-    Returns:
-        ``(split, lists)``: part name → patient ids, and part name → the entries of those patients
-        (in the order of ``entries``).
-
-    Raises:
-        ValueError: bad fractions (see :func:`patient_split`).
-    """
-    split = patient_split([patient for patient, _ in entries], val_fraction, test_fraction, seed, earlier)
-    part_of_patient = {p: name for name, ids in split.items() for p in ids}
-    lists: dict[str, list[dict]] = {name: [] for name in split}
-    for patient, entry in entries:
-        lists[part_of_patient[patient]].append(entry)
-    return split, lists
-
-
-def _split_rule(seed: int, details: Mapping[str, object]) -> dict[str, object]:
-    return {"method": "dira3d.data.cxr.patient_split", "seed": seed, **details}
-
-
-def write_patient_split(dst: str | os.PathLike, split: dict[str, list[str]], seed: int, **details) -> Path:
-    """Record a :func:`patient_split` as ``dst/split.json`` (method, seed and ``details``, e.g. the fractions).
-
-    Returns:
-        The path written.
-    """
-    return write_split_file(Path(dst) / "split.json", split, _split_rule(seed, details))
-
-
-def earlier_patient_split(dst: str | os.PathLike, seed: int, **details) -> dict[str, list[str]] | None:
-    """The split an earlier run into ``dst`` recorded with the same seed and ``details`` (see
-    :func:`write_patient_split`), for :func:`patient_split`'s ``earlier``; None when there is none."""
-    return earlier_split(Path(dst) / "split.json", _split_rule(seed, details))
-
-
-def add_split_arguments(parser, test_fraction: float = 0.2) -> None:
-    """Add ``--val-fraction`` (default 0.1), ``--test-fraction`` and ``--seed`` (patient split) to a parser."""
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation (0.1)")
-    parser.add_argument("--test-fraction", type=float, default=test_fraction,
-                        help=f"fraction of patients for test ({test_fraction})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")

@@ -21,17 +21,19 @@ import numpy as np
 
 from dira3d.data.cxr import (
     add_size_argument,
-    add_split_arguments,
     check_size,
-    patient_split,
     read_grey,
     read_radiograph,
     resize_image,
     resize_mask,
+    write_png,
+)
+from dira3d.data.cxr_splits import (
+    add_split_arguments,
+    earlier_patient_split,
+    patient_split,
     split_entries,
     write_patient_split,
-    earlier_patient_split,
-    write_png,
 )
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError

@@ -23,8 +23,14 @@ import os
 from functools import partial
 from pathlib import Path
 
-from dira3d.data.cxr import (add_size_argument, add_split_arguments, check_size, convert_image, earlier_patient_split,
-                             patient_split, split_entries, write_patient_split)
+from dira3d.data.cxr import add_size_argument, check_size, convert_image
+from dira3d.data.cxr_splits import (
+    add_split_arguments,
+    earlier_patient_split,
+    patient_split,
+    split_entries,
+    write_patient_split,
+)
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.patients import PATIENT_FROM, check_patient_setting, patient_ids

@@ -7,6 +7,7 @@ Examples::
     dira3d export onnx --bundle montgomery_lung_seg --out m.onnx --checkpoint runs/ft/m/models/model.pt \\
         --override backbone=resnet10 --override "decoder_channels=[16,16,8,8,8]" --override "roi_size=[64,64]"  # --tiny
     dira3d export onnx --bundle bundles/lits_liver_seg --out liver.onnx --check-scan ct.nrrd
+    dira3d export torchscript --bundle bundles/lits_liver_seg --out liver.ts --check-scan ct.nrrd
     dira3d export pretrained --checkpoint runs/dira/best.pt --out weights/ --parts encoder decoder
     dira3d export monailabel-app --out ~/dira3d-app      # prints the start command
 """
@@ -52,16 +53,23 @@ def _parser() -> argparse.ArgumentParser:
                             "(3D --tiny) or backbone=resnet10, decoder_channels=[16,16,8,8,8], roi_size=[64,64] (2D --tiny)")
         p.add_argument("--input-shape", type=int, nargs="+", help="example input B C X Y Z (default 1 C roi_size)")
 
-    ts = sub.add_parser("torchscript", help="model.ts via monai.bundle ckpt_export", formatter_class=DefaultsHelpFormatter)
+    def check_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check "
+                                            "(default a random input of the example shape)")
+        p.add_argument("--tolerance", type=float, default=None,
+                       help="max |logit difference| accepted, per unit of max(1, max |logit|) (default 1e-4)")
+
+    ts = sub.add_parser("torchscript", help="model.ts via monai.bundle ckpt_export (checked against PyTorch)",
+                        formatter_class=DefaultsHelpFormatter)
     bundle_args(ts)
     ts.add_argument("--out", help="output file (default <bundle>/models/model.ts)")
     ts.add_argument("--overwrite", action="store_true", help="replace an existing --out (an earlier export)")
+    check_args(ts)
     onnx = sub.add_parser("onnx", help="ONNX graph (checked against PyTorch with onnxruntime)", formatter_class=DefaultsHelpFormatter)
     bundle_args(onnx)
     onnx.add_argument("--out", required=True, help="output .onnx file")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing --out (an earlier export)")
-    onnx.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check")
-    onnx.add_argument("--tolerance", type=float, default=None, help="max |logit difference| accepted, per unit of max(1, max |logit|) (default 1e-4)")
+    check_args(onnx)
     pre = sub.add_parser("pretrained", help="encoder/decoder as state_dict + safetensors + key_map.json", formatter_class=DefaultsHelpFormatter)
     pre.add_argument("--checkpoint", required=True,
                      help="dira3d pretraining checkpoint, or a fine-tuned models/model.pt (parts encoder, decoder or fc)")
@@ -126,22 +134,38 @@ def interrupted_message(what: str, out: Path | None, written: list[Path]) -> str
 
 def _run(args: argparse.Namespace) -> int:
     if args.what == "torchscript":
-        from dira3d.deploy.export import export_torchscript
+        from dira3d.deploy.export import (
+            DEFAULT_TOLERANCE,
+            AgreementError,
+            bundle_example_shape,
+            export_torchscript_with_report,
+            scan_patch,
+        )
 
-        out = export_torchscript(args.bundle, args.out, args.checkpoint, args.input_shape,
-                                 overrides=parse_overrides(args.override), overwrite=args.overwrite)
-        print(f"TorchScript written to {out}")
+        overrides = parse_overrides(args.override)
+        example = None
+        if args.check_scan:  # the bundle's example shape, as for onnx
+            example = scan_patch(args.check_scan, bundle_example_shape(args.bundle, args.input_shape, overrides=overrides)[2:])
+        try:
+            out, report = export_torchscript_with_report(
+                args.bundle, args.out, args.checkpoint, args.input_shape, overrides=overrides, overwrite=args.overwrite,
+                example=example, tolerance=args.tolerance or DEFAULT_TOLERANCE)
+        except AgreementError as err:  # nothing written: the report, and the line saying so
+            print(err.report.to_json())
+            print(f"dira3d export: error: {err}", file=sys.stderr)
+            return 1
+        print(f"TorchScript written to {out}\n{report.to_json()}")
         return 0
     if args.what == "onnx":
         import torch
 
+        from dira3d.deploy.bundle_network import load_bundle_network
         from dira3d.deploy.export import (
             DEFAULT_TOLERANCE,
             bundle_example_shape,
             check_agreement,
             check_new_output,
             export_onnx,
-            load_bundle_network,
             scan_patch,
         )
 

@@ -1,8 +1,10 @@
 """Export fine-tuned bundles for deployment: TorchScript, ONNX, and a numerical agreement check.
 
-- :func:`load_bundle_network` builds a bundle's ``network_def`` and loads ``models/model.pt``.
+- :func:`~dira3d.deploy.bundle_network.load_bundle_network` (in :mod:`dira3d.deploy.bundle_network`) builds a
+  bundle's ``network_def`` and loads ``models/model.pt``.
 - :func:`export_torchscript` is ``python -m monai.bundle ckpt_export`` (the same function, called
-  in-process) with the arguments a dira3d bundle needs.
+  in-process) with the arguments a dira3d bundle needs, and checks the traced graph against the PyTorch
+  network before the file is put in place (:class:`AgreementError` when they disagree).
 - :func:`export_onnx` writes an ONNX graph with dynamic batch and spatial axes.
 - :func:`check_agreement` runs PyTorch, TorchScript and onnxruntime (CPU) on the same input and
   reports the largest absolute difference of the logits; :func:`scan_patch` cuts that input from
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,21 +24,20 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser, ckpt_export
 
-from dira3d.utils import load_checkpoint
+from dira3d.deploy.bundle_network import bundle_parser, bundle_paths, load_bundle_network, missing_weights_error
 from dira3d.utils.atomic import atomic_path, check_writable
-from dira3d.utils.overrides import check_overrides
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "AgreementError",
     "AgreementReport",
-    "load_bundle_network",
     "export_torchscript",
+    "export_torchscript_with_report",
     "export_onnx",
     "bundle_example_shape",
     "scan_patch",
     "check_agreement",
     "check_new_output",
-    "fit_hint",
 ]
 
 # Max |logit difference| accepted between PyTorch and an exported graph (float32, CPU). The
@@ -44,149 +45,6 @@ __all__ = [
 # networks without hiding a wrong graph (a wrong weight or op moves logits by >1e-2).
 DEFAULT_TOLERANCE = 1e-4
 ONNX_OPSET = 17
-
-
-def _bundle_paths(bundle_dir: str | os.PathLike, config_file: str) -> tuple[Path, Path, Path]:
-    """``(root, config, metadata)`` of a bundle given as a folder or as a name (``luna16_nodule_fpr``),
-    resolved as ``dira3d finetune --bundle`` resolves it (:func:`dira3d.evaluation.finetune.bundle_path`)."""
-    from dira3d.evaluation.finetune import bundle_path  # light module; one resolution rule for every command
-
-    root = bundle_path(bundle_dir, config_file)  # FileNotFoundError naming the valid bundle names
-    config = root / "configs" / config_file
-    meta = root / "configs" / "metadata.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} does not exist: is {root} a dira3d bundle (configs/{config_file}, configs/metadata.json)?")
-    return root, config, meta
-
-
-def _parser(bundle_dir: str | os.PathLike, config_file: str, overrides: Mapping[str, Any] | None) -> ConfigParser:
-    root, config, meta = _bundle_paths(bundle_dir, config_file)
-    # MONAI adds an unknown id silently: a typo (widht=0.125) would build the default network
-    check_overrides([config], overrides or {}, where="--override (overrides=)")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser.read_meta(str(meta))
-    parser["bundle_root"] = str(root)
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    return parser
-
-
-# config ids that decide the shape of a bundle's network (2D: ResNet depth and decoder; 3D: width),
-# plus roi_size, which sets the example input of an export and the image size of the 2D bundles
-_NETWORK_SETTINGS_2D = ("backbone", "decoder_channels", "in_channels", "roi_size")
-_NETWORK_SETTINGS_3D = ("width", "in_channels", "roi_size")
-
-
-def _config_value(parser: ConfigParser, key: str) -> Any:
-    try:
-        return parser.get_parsed_content(key) if key in parser else None
-    except Exception:  # an expression that does not resolve on its own: not worth a second error
-        return None
-
-
-def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network: torch.nn.Module | None = None,
-             option: Callable[[Mapping[str, Any]], str] | None = None) -> str:
-    """Which config overrides make ``state`` fit the bundle's network, as a sentence for an error.
-
-    The settings that matter are named (2D: backbone / decoder_channels / roi_size; 3D: width); the
-    values that fit are read from the state_dict's keys and shapes; when they are those of the
-    bundle's ``tiny.json`` (a ``dira3d finetune --tiny`` model) its ``roi_size`` is added. ``option`` writes
-    settings as the caller takes them (default ``--override id=value ...`` of ``dira3d export``; the MONAI
-    Label app passes its ``--conf bundle_overrides`` JSON).
-    """
-    from dira3d.evaluation.finetune import tiny_settings
-    from dira3d.networks.weights_fit import format_overrides, infer_network_settings, same_value, settings_that_fit
-
-    two_d = "backbone" in parser
-    names = _NETWORK_SETTINGS_2D if two_d else _NETWORK_SETTINGS_3D
-    current = {k: _config_value(parser, k) for k in names if k in parser}
-    current = {k: v for k, v in current.items() if v is not None}
-    inferred = infer_network_settings(state)
-    network_dims = 2 if two_d else _config_value(parser, "spatial_dims") or 3
-    if isinstance(inferred.get("spatial_dims"), int) and inferred["spatial_dims"] != network_dims:
-        return (f"the weights are of a {inferred['spatial_dims']}D network and {root.name} builds a {network_dims}D one: "
-                "use the weights fine-tuned with this bundle")
-    if network is not None:
-        kinds = ["segmentation" if any(k.startswith("decoder.") for k in keys) else "classification"
-                 for keys in (state, network.state_dict())]
-        if kinds[0] != kinds[1]:
-            return (f"the weights are of a {kinds[0]} network and {root.name} builds a {kinds[1]} one: "
-                    "use the weights fine-tuned with this bundle")
-    fits = settings_that_fit(state, current)
-    tiny = tiny_settings(root, names)
-    from_tiny = bool(fits) and all(k in tiny and same_value(tiny[k], fits[k]) for k in fits)
-    if from_tiny:  # a --tiny model: roi_size cannot be read from weights, tiny.json has it
-        fits = {**fits, **{k: v for k, v in tiny.items() if k not in fits and not same_value(current.get(k), v)}}
-    settings = " / ".join(k for k in names if k != "in_channels")
-    example = {"backbone": "resnet10", "decoder_channels": [16, 16, 8, 8, 8], "roi_size": [64, 64]} if two_d \
-        else {"width": 0.125}
-    if not fits:
-        return (f"pass the settings the weights were trained with ({settings}; e.g. "
-                f"{(option or format_overrides)(example)} for a model fine-tuned with --tiny)")
-    origin = f" (those of {root.name}'s tiny.json: a model fine-tuned with --tiny)" if from_tiny else ""
-    text = option(fits) if option else f"{format_overrides(fits)} (overrides={dict(fits)})"
-    return f"the weights fit other settings{origin}: pass {text}"
-
-
-def _missing_weights(path: Path) -> FileNotFoundError:
-    return FileNotFoundError(f"fine-tuned weights {path} do not exist; pass the model to export with --checkpoint "
-                             "(`dira3d finetune --output-dir D` writes D/models/model.pt)")
-
-
-def load_bundle_network(
-    bundle_dir: str | os.PathLike,
-    checkpoint: str | os.PathLike | None = None,
-    config_file: str = "inference.json",
-    overrides: Mapping[str, Any] | None = None,
-    hint_option: Callable[[Mapping[str, Any]], str] | None = None,
-) -> torch.nn.Module:
-    """Build the bundle's ``network_def`` and load its fine-tuned weights (eval mode, CPU).
-
-    Args:
-        bundle_dir: the bundle folder (``configs/``, ``models/``), or a bundle name (``luna16_nodule_fpr``).
-        checkpoint: weights to load; default ``<bundle>/models/model.pt`` (a plain state_dict, or
-            one under ``"model"`` / ``"network"``).
-        config_file: the config that defines ``network_def``.
-        overrides: config ids to override, e.g. ``{"width": 0.125}``.
-        hint_option: how the error writes the overrides that fit (see :func:`fit_hint`).
-
-    Returns:
-        the network with the weights loaded, in eval mode.
-
-    Raises:
-        FileNotFoundError: the bundle configs or the checkpoint are missing (or no bundle has that name).
-        ValueError: the checkpoint does not fit the network: counts and the first keys, and the
-            overrides that fit (2D: backbone / decoder_channels / roi_size; 3D: width).
-            Also an override id that ``config_file`` does not define (with the closest one).
-    """
-    from dira3d.networks.weights_fit import mismatch_summary, state_dict_mismatch
-
-    root, _, _ = _bundle_paths(bundle_dir, config_file)
-    parser = _parser(root, config_file, overrides)
-    network = parser.get_parsed_content("network_def", instantiate=True)
-    path = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
-    if not path.is_file():
-        raise _missing_weights(path)
-    state = load_checkpoint(path)
-    for wrapper in ("model", "network", "state_dict"):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if isinstance(state.get("encoder"), Mapping):  # {"encoder": sd, "decoder": sd, "meta": ...}: was called a classifier
-        parts = " and ".join(repr(k) for k in ("encoder", "decoder") if isinstance(state.get(k), Mapping))
-        raise ValueError(f"{path} is a dira3d pretraining checkpoint (weights under {parts}), not a model fine-tuned "
-                         f"with {root.name}: "
-                         f"fine-tune it first (`dira3d finetune --bundle {root.name} --pretrained {path}`) and give that "
-                         "run's models/model.pt; `dira3d export pretrained` exports the pretrained weights themselves")
-    missing, unexpected, mismatched = state_dict_mismatch(state, network)
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{path} does not fit the network of {root} (config overrides {dict(overrides or {})}): "
-            f"{mismatch_summary(missing, unexpected, mismatched)}.\n{fit_hint(state, parser, root, network, hint_option)}"
-        )
-    network.load_state_dict(state)
-    return network.eval()
 
 
 def _example_shape(parser: ConfigParser, input_shape: Sequence[int] | None) -> list[int]:
@@ -211,7 +69,7 @@ def bundle_example_shape(
         FileNotFoundError: the bundle configs are missing.
         ValueError: no ``input_shape`` and the bundle has no ``roi_size``; an override id the config does not define.
     """
-    return _example_shape(_parser(bundle_dir, config_file, overrides), input_shape)
+    return _example_shape(bundle_parser(bundle_dir, config_file, overrides), input_shape)
 
 
 def export_torchscript(
@@ -222,10 +80,12 @@ def export_torchscript(
     config_file: str = "inference.json",
     overrides: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    example: torch.Tensor | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> Path:
-    """Write ``model.ts`` with ``monai.bundle.ckpt_export`` (traced; configs embedded).
+    """Write ``model.ts`` with ``monai.bundle.ckpt_export`` (traced; configs embedded), checked against PyTorch.
 
-    The command-line equivalent is::
+    The command-line equivalent of the export is::
 
         python -m monai.bundle ckpt_export network_def --bundle_root B --filepath B/models/model.ts \\
             --ckpt_file B/models/model.pt --meta_file B/configs/metadata.json \\
@@ -233,6 +93,8 @@ def export_torchscript(
 
     Tracing is used because the task networks check their input shape in Python (skipped while
     tracing); the traced graph has no shape-dependent branches, so it accepts any size divisible by 8.
+    Before the file is put in place, the traced graph and the PyTorch network run on ``example``
+    (:func:`check_agreement`, the ONNX export's check); when they disagree nothing is written.
 
     Args:
         bundle_dir: the bundle folder, or a bundle name (``luna16_nodule_fpr``).
@@ -243,6 +105,9 @@ def export_torchscript(
         overrides: config ids to override (e.g. ``{"width": 0.125}``).
         overwrite: replace an existing ``out`` (refused otherwise). The file is written under a
             temporary name and renamed, so a failed export leaves an earlier one as it was.
+        example: the input of the agreement check (e.g. :func:`scan_patch` of a real scan); default a
+            seeded uniform [0, 1) batch of the ``input_shape``.
+        tolerance: accepted max |logit difference| per unit of logit scale (see :class:`AgreementReport`).
 
     Returns:
         the path of the TorchScript file (exactly ``out``, whatever its suffix).
@@ -251,20 +116,55 @@ def export_torchscript(
         FileExistsError: ``out`` exists (without ``overwrite``) or is a folder.
         FolderNotWritableError: ``out``'s folder cannot be written (the default one is in the bundle).
         FileNotFoundError: bundle configs or checkpoint missing.
+        AgreementError: the traced graph does not compute what the PyTorch network computes (a ``ValueError``;
+            ``out`` is not written, an earlier file there is kept).
         ValueError: the checkpoint does not fit the network (pass the overrides it was trained with),
             or an override id the config does not define.
     """
-    root, config, meta = _bundle_paths(bundle_dir, config_file)
+    return export_torchscript_with_report(bundle_dir, out, checkpoint, input_shape, config_file, overrides, overwrite,
+                                          example, tolerance)[0]
+
+
+class AgreementError(ValueError):
+    """An exported graph that disagrees with the PyTorch network: :func:`export_torchscript` wrote nothing.
+
+    Attributes:
+        report: the :class:`AgreementReport` of the check.
+        out: the file that was not written.
+    """
+
+    def __init__(self, report: AgreementReport, out: Path) -> None:
+        super().__init__(f"{report.failures()}; {out} was not written"
+                         f"{' (the earlier export there is kept)' if out.exists() else ''}")
+        self.report, self.out = report, out
+
+
+def export_torchscript_with_report(
+    bundle_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    input_shape: Sequence[int] | None = None,
+    config_file: str = "inference.json",
+    overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    example: torch.Tensor | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> tuple[Path, AgreementReport]:
+    """:func:`export_torchscript` that also returns the agreement check's :class:`AgreementReport`
+    (``dira3d export torchscript`` prints it). Same arguments and errors."""
+    root, config, meta = bundle_paths(bundle_dir, config_file)
     # the default is inside the bundle, which may be read-only (installed by an admin, in a container image)
     what = "--out folder" if out else "the bundle's models folder (the default --out)"
     out = Path(out) if out else root / "models" / "model.ts"
     check_new_output(out, overwrite, what=what)
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
-        raise _missing_weights(ckpt)
+        raise missing_weights_error(ckpt)
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
-    load_bundle_network(root, ckpt, config_file, overrides)
-    shape = _example_shape(_parser(root, config_file, overrides), input_shape)
+    network = load_bundle_network(root, ckpt, config_file, overrides)
+    shape = _example_shape(bundle_parser(root, config_file, overrides), input_shape)
+    if example is None:
+        example = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     # the temporary name ends in .ts: ckpt_export appends .ts to a name without a suffix
     with atomic_path(out, suffix=".ts") as partial:
         ckpt_export(
@@ -278,7 +178,11 @@ def export_torchscript(
             bundle_root=str(root),
             **dict(overrides or {}),
         )
-    return out
+        # checked before the rename: a graph that disagrees never replaces an earlier export
+        report = check_agreement(network, example, torchscript=partial, tolerance=tolerance)
+        if not report.ok:
+            raise AgreementError(report, out)
+    return out, report
 
 
 def check_new_output(out: Path, overwrite: bool, what: str = "--out folder") -> None:

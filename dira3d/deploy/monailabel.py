@@ -216,7 +216,7 @@ def check_served_bundle(name: str, bundle: str | os.PathLike, overrides: Mapping
     """
     from monai.bundle import ConfigParser
 
-    from dira3d.deploy.export import load_bundle_network
+    from dira3d.deploy.bundle_network import load_bundle_network
     from dira3d.utils.overrides import check_overrides
 
     bundle = Path(bundle)

@@ -28,7 +28,7 @@ from dira3d.evaluation.preprocessing import PREPROCESSING_FILE, training_preproc
 from dira3d.utils.atomic import atomic_write_text, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
-from dira3d.utils.interrupts import interrupt_exit_code, sigterm_as_interrupt
+from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
 from dira3d.utils.overrides import check_overrides, parse_value
 
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "finished_message", "main"]
@@ -151,6 +151,8 @@ def run_finetune(
             (without ``overwrite``).
         FolderInUseError: another process is fine-tuning into ``output_dir`` (it is locked while a run lasts).
         ValueError: bad settings (label fraction, fold, checkpoint shapes...).
+        StoppedBySignal: SIGTERM or Ctrl-C stopped the training (a ``SystemExit``, 143 / 130; the bundle logged where):
+            no test evaluation, no ``metrics.json`` (:mod:`dira3d.evaluation.stopping`).
     """
     from dira3d.utils.checkpoint import check_writable
 
@@ -242,7 +244,11 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
         trainer_flow.run()
     holdout = {"best_" + str(getattr(validator.state, "key_metric_name", "metric")): _number(validator.state.best_metric)}
     epochs = int(trainer.state.epoch)
-    trainer_flow.finalize()
+    trainer_flow.finalize()  # a run stopped by SIGTERM / Ctrl-C ends here (the bundles' exit_if_training_stopped)
+    if getattr(trainer.state, "stopped_by", None):  # a bundle of one's own without that step: no test, no metrics.json
+        from dira3d.evaluation.stopping import exit_if_training_stopped
+
+        exit_if_training_stopped()
 
     # the test run loads the fine-tuned weights, not the pretrained ones
     eval_overrides = {k: v for k, v in overrides.items() if k != "pretrained"}
@@ -373,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FolderInUseError) as err:  # an earlier run's results, or a run going on there: kept
         print(f"dira3d finetune: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback; 130 / 143
+    except (KeyboardInterrupt, StoppedBySignal) as err:  # Ctrl-C or SIGTERM (the training stops after its step, the
+        # bundle logs where): one line on how to go on, not a traceback; 130 / 143
         where = _output_dir(args, overrides)
         print(f"dira3d finetune: {'interrupted' if interrupt_exit_code(err) == 130 else 'stopped by SIGTERM'}; "
               f"{where.resolve()} holds an unfinished run (no test metrics); rerun with --overwrite to start it again",

@@ -10,6 +10,7 @@ _EXPORTS = {
     "dira3d.utils.atomic": ("atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_output_settings",
                             "FolderNotWritableError"),
     "dira3d.utils.checkpoint": ("atomic_save", "load_checkpoint"),
+    "dira3d.utils.progress": ("show_progress",),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
@@ -22,5 +23,6 @@ __all__ = [
     "FolderNotWritableError",
     "atomic_save",
     "load_checkpoint",
+    "show_progress",
     "lazy_exports",
 ]

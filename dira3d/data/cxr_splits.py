@@ -1,0 +1,123 @@
+"""The patient-level split of the 2D chest X-ray preparations (ChestX-ray14, CheXpert, SIIM-ACR, Montgomery,
+``dira3d prepare radiographs``) and its ``split.json`` record.
+
+:func:`patient_split` deals patients into training / validation (/ test) by fractions with
+:func:`dira3d.data.splits.split_patients` (seeded, reproducible); :func:`split_entries` does it for datalist
+entries tagged with their patient; :func:`write_patient_split` records the split in ``split.json`` and
+:func:`earlier_patient_split` reads back the one an earlier run recorded with the same rule, so that a rerun keeps its
+patients' parts. The file records the method as ``dira3d.data.cxr.patient_split`` (:data:`SPLIT_METHOD`), the
+module these functions were first in, so that files written before they moved here still match.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from dira3d.data.splits import earlier_split, split_patients, write_split_file
+
+__all__ = [
+    "SPLIT_METHOD",
+    "patient_split",
+    "split_entries",
+    "write_patient_split",
+    "earlier_patient_split",
+    "add_split_arguments",
+]
+
+
+def patient_split(patients: Sequence[str], val_fraction: float, test_fraction: float = 0.0,
+                  seed: int = 0, earlier: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """Seeded patient-level split into training / validation (/ test) by fractions of the patients.
+
+    Uses :func:`dira3d.data.splits.split_patients` (sorted ids, ``default_rng(seed)`` permutation,
+    largest-remainder sizes), so the same ids and seed always give the same split.
+
+    Args:
+        patients: patient ids (duplicates are merged).
+        val_fraction: fraction of the patients for validation, in [0, 1).
+        test_fraction: fraction for test, in [0, 1); 0 makes no test part.
+        seed: permutation seed.
+        earlier: the split an earlier run recorded (:func:`earlier_patient_split`): its patients keep
+            their parts, only new patients are dealt out.
+
+    Returns:
+        ``{"training": [...], "validation": [...](, "test": [...])}``, disjoint, covering ``patients``.
+
+    Raises:
+        ValueError: fractions outside [0, 1) or summing to 1 or more (names the options).
+    """
+    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} {value} must be in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"--val-fraction {val_fraction} + --test-fraction {test_fraction} leave no training "
+                         "patients; make their sum smaller than 1")
+    parts = {"training": 1.0 - val_fraction - test_fraction, "validation": val_fraction}
+    if test_fraction > 0:
+        parts["test"] = test_fraction
+    ids = sorted(set(patients))
+    if not ids:
+        return {name: [] for name in parts}
+    # integer reference sizes in parts per million (split_patients scales them to len(ids))
+    return split_patients(ids, {k: int(round(v * 1_000_000)) for k, v in parts.items()}, seed=seed, earlier=earlier)
+
+
+def split_entries(entries: Sequence[tuple[str, dict]], val_fraction: float, test_fraction: float = 0.0,
+                  seed: int = 0, earlier: Mapping[str, Sequence[str]] | None = None,
+                  ) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
+    """Patient-level split (:func:`patient_split`) of datalist entries, each tagged with its patient.
+
+    Args:
+        entries: ``(patient id, datalist entry)`` pairs; a patient may own several entries.
+        val_fraction: fraction of the patients for validation, in [0, 1).
+        test_fraction: fraction for test, in [0, 1); 0 makes no test part.
+        seed: permutation seed.
+        earlier: an earlier run's split to keep (see :func:`patient_split`).
+
+    Returns:
+        ``(split, lists)``: part name → patient ids, and part name → the entries of those patients
+        (in the order of ``entries``).
+
+    Raises:
+        ValueError: bad fractions (see :func:`patient_split`).
+    """
+    split = patient_split([patient for patient, _ in entries], val_fraction, test_fraction, seed, earlier)
+    part_of_patient = {p: name for name, ids in split.items() for p in ids}
+    lists: dict[str, list[dict]] = {name: [] for name in split}
+    for patient, entry in entries:
+        lists[part_of_patient[patient]].append(entry)
+    return split, lists
+
+
+# the method name split.json records: the module these functions came from (dira3d.data.cxr), kept so that an
+# earlier run's split.json still matches the rule and its patients keep their parts (earlier_split compares it)
+SPLIT_METHOD = "dira3d.data.cxr.patient_split"
+
+
+def _split_rule(seed: int, details: Mapping[str, object]) -> dict[str, object]:
+    return {"method": SPLIT_METHOD, "seed": seed, **details}
+
+
+def write_patient_split(dst: str | os.PathLike, split: dict[str, list[str]], seed: int, **details) -> Path:
+    """Record a :func:`patient_split` as ``dst/split.json`` (method, seed and ``details``, e.g. the fractions).
+
+    Returns:
+        The path written.
+    """
+    return write_split_file(Path(dst) / "split.json", split, _split_rule(seed, details))
+
+
+def earlier_patient_split(dst: str | os.PathLike, seed: int, **details) -> dict[str, list[str]] | None:
+    """The split an earlier run into ``dst`` recorded with the same seed and ``details`` (see
+    :func:`write_patient_split`), for :func:`patient_split`'s ``earlier``; None when there is none."""
+    return earlier_split(Path(dst) / "split.json", _split_rule(seed, details))
+
+
+def add_split_arguments(parser, test_fraction: float = 0.2) -> None:
+    """Add ``--val-fraction`` (default 0.1), ``--test-fraction`` and ``--seed`` (patient split) to a parser."""
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation (0.1)")
+    parser.add_argument("--test-fraction", type=float, default=test_fraction,
+                        help=f"fraction of patients for test ({test_fraction})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")

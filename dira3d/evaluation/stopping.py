@@ -1,0 +1,157 @@
+"""How a fine-tuning run ends on SIGTERM or Ctrl-C (SIGINT): one line, exit 143 / 130, nothing that looks finished.
+
+SLURM (preemption, ``scancel``, the time limit), Kubernetes and ``torchrun`` (which passes the signal on to its
+workers) send SIGTERM, then SIGKILL after a grace period. A fine-tuning ``train.json`` used to die at once without a
+word (exit -15; under ``torchrun`` every worker silently), and a Ctrl-C printed MONAI's traceback. The task bundles
+now run their trainer through :func:`run_training` (``run``) and end ``finalize`` with :func:`exit_if_training_stopped`:
+the pretraining mechanism (:class:`dira3d.engines.stopping.SignalStop`) on MONAI's ``SupervisedTrainer``:
+
+- The signal is recorded; the run stops after the training step in progress. In one process a signal that comes
+  during a validation stops that validation after its step in progress instead: a validation cut short computes no
+  metric, so it neither saves ``model.pt`` nor counts for early stopping or the learning-rate schedule.
+- Under DDP every rank must stop at the same iteration: the ranks agree after every training step (one all-reduce
+  of one number; the gradients take one per step already). A signal during a validation is acted on after the next
+  training step (a validation has no common step count: the ranks' shares differ).
+- A signal that comes after the last check (the last validation's end) still ends the run as stopped (one last
+  agreement after the run), so ``dira3d finetune`` does not go on to the test evaluation.
+- Rank 0 logs one line: the signal, the epoch and iteration, what ``model.pt`` holds (the model of this run's
+  best validation so far, an earlier run's, or nothing) and that fine-tuning does not resume: start it again with
+  ``--overwrite True``. ``finalize`` releases ``ckpt_dir`` and leaves the process group, then
+  :func:`exit_if_training_stopped` exits with 143 (SIGTERM) or 130 (SIGINT). ``model.pt`` is written atomically, so it
+  is never half-written; ``dira3d finetune`` writes no ``metrics.json`` for a stopped run.
+
+The stop is kept for :func:`exit_if_training_stopped` in this module (one per process), not read from the trainer:
+``finalize`` naming ``@train#trainer`` would build the trainer, and cache its training data, in a workflow that never
+ran it (``initialize`` then ``finalize``; ``train.json`` + ``evaluate.json``, which keeps ``train.json``'s ``finalize``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from dira3d.engines.distributed import all_ranks_min, is_main_process
+from dira3d.engines.stopping import SignalStop
+from dira3d.utils.interrupts import StoppedBySignal
+
+__all__ = ["run_training", "exit_if_training_stopped", "stop_message"]
+
+_STOPPED: list[StoppedBySignal] = []  # the stop of this process's last run_training, until it is raised
+
+
+def _mtime(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:
+        return None
+
+
+def _agreed_signal(stop: SignalStop, engine: Engine) -> int:
+    """The largest signal number any rank has recorded (0: none): one all-reduce under DDP."""
+    return -all_ranks_min([-(stop.requested or 0)], getattr(engine.state, "device", None) or "cpu")[0]
+
+
+def _poll_training(engine: Engine, stop: SignalStop) -> None:
+    """``ITERATION_COMPLETED`` of the trainer: stop after this step when a signal came (to any rank)."""
+    if stop.single_process:
+        stop.poll(engine)
+        return
+    signum = _agreed_signal(stop, engine)
+    if signum:
+        stop.stop(engine, signum)
+
+
+def _poll_validation(validator: Engine, stop: SignalStop, trainer: Engine, cut: dict[str, Any]) -> None:
+    """``ITERATION_COMPLETED`` of the validator, one process only: end the validation after this step (its
+    ``EPOCH_COMPLETED`` handlers, the model saver among them, do not run) and the trainer after it."""
+    if stop.single_process and stop.requested is not None and not stop.stopping:
+        stop.stop(trainer, stop.requested)
+        cut["validation"] = True
+        validator.terminate()
+
+
+def run_training(trainer: Engine, validator: Engine | None = None, ckpt_dir: str | os.PathLike | None = None) -> None:
+    """``trainer.run()`` that SIGTERM and Ctrl-C end cleanly (see the module docstring); the bundles' ``run``.
+
+    Args:
+        trainer: the fine-tuning ``SupervisedTrainer``.
+        validator: its validation ``SupervisedEvaluator`` (one process: a signal during a validation ends it there).
+        ckpt_dir: where the bundle saves ``model.pt`` (named in the line of a stopped run).
+
+    After a stop ``trainer.state.stopped_by`` is ``"SIGTERM"`` or ``"SIGINT"`` (None after a whole run), and the
+    bundle's last ``finalize`` step, :func:`exit_if_training_stopped`, exits with 143 or 130.
+    """
+    _STOPPED.clear()
+    stop = SignalStop()
+    model = Path(ckpt_dir) / "model.pt" if ckpt_dir else None
+    before, cut = _mtime(model), {"validation": False}
+    handles = [trainer.add_event_handler(Events.ITERATION_COMPLETED, _poll_training, stop)]
+    if validator is not None:
+        handles.append(validator.add_event_handler(Events.ITERATION_COMPLETED, _poll_validation, stop, trainer, cut))
+    try:
+        with stop.installed(trainer):
+            trainer.run()
+            if not stop.stopping:  # a signal after the last check (the last validation's end): stopped all the same
+                signum = _agreed_signal(stop, trainer)
+                if signum:
+                    trainer.state.stopped_by = signal.Signals(signum).name
+                    cut["finished"] = True
+    finally:
+        for handle in handles:
+            handle.remove()
+    if trainer.state.stopped_by:
+        _STOPPED.append(StoppedBySignal(trainer.state.stopped_by, trainer.state.iteration))
+        if is_main_process():
+            trainer.logger.warning(stop_message(trainer, validator, model, _mtime(model) != before, cut))
+
+
+def exit_if_training_stopped() -> None:
+    """Raise :class:`~dira3d.utils.interrupts.StoppedBySignal` (a ``SystemExit``, code 143 or 130) when this process's
+    last :func:`run_training` was stopped by a signal; a no-op otherwise, and after it has raised once.
+
+    The bundles call it as the last ``finalize`` step, after ``ckpt_dir`` is released and the process group left, so
+    that ``python -m monai.bundle run`` / ``torchrun`` exit with 143 (SIGTERM) or 130 (SIGINT) without a traceback.
+    """
+    if _STOPPED:
+        raise _STOPPED.pop()
+
+
+def stop_message(trainer: Engine, validator: Engine | None, model: Path | None, saved: bool,
+                 cut: dict[str, Any] | None = None) -> str:
+    """The one line of a stopped fine-tuning run: signal, where it stopped, what ``model`` holds, what to do.
+
+    Args:
+        trainer: the stopped trainer (``state.stopped_by``, ``epoch``, ``max_epochs``, ``iteration``).
+        validator: the validator (its best metric so far), or None.
+        model: the ``model.pt`` path, or None when not known.
+        saved: whether this run wrote ``model`` (it changed since the run started).
+        cut: ``{"validation": True}`` when a validation was cut short, ``{"finished": True}`` when the signal came
+            after the training had ended.
+    """
+    cut = cut or {}
+    state = trainer.state
+    if cut.get("finished"):
+        where = f"after its last epoch ({state.epoch} of {state.max_epochs}): the training had ended"
+    elif cut.get("validation"):
+        where = f"in the validation after epoch {state.epoch} of {state.max_epochs}, which was left unfinished"
+    else:
+        where = f"in epoch {state.epoch} of {state.max_epochs} (iteration {state.iteration})"
+    if model is None:
+        what = "a model.pt it saved is that of the best validation so far, not that of a finished run"
+    elif saved:
+        best = ""
+        vstate = getattr(validator, "state", None)
+        epoch = getattr(vstate, "best_metric_epoch", -1)
+        if isinstance(epoch, int) and epoch > 0:
+            best = f" ({getattr(vstate, 'key_metric_name', 'metric')} {float(vstate.best_metric):.4g} at epoch {epoch})"
+        what = f"{model} holds the model of this run's best validation so far{best}, not that of a finished run"
+    elif model.is_file():
+        what = f"no validation of this run finished: {model} is an earlier run's"
+    else:
+        what = "no validation finished, so no model.pt was written"
+    return (f"fine-tuning stopped by {state.stopped_by} {where}; {what}; fine-tuning does not resume: start it "
+            "again with --overwrite True (dira3d finetune: --overwrite)")

@@ -1,0 +1,117 @@
+"""Progress where a user waits: the validation of each fine-tuning epoch, the test evaluation and sliding-window
+inference over a whole CT printed nothing for minutes (lidc --tiny inference on a real CT: 10 minutes without a
+line). The bundles now draw a tqdm bar there, but only on a terminal and on rank 0 (dira3d.utils.show_progress):
+never into a log file or a CI log."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from dira3d.evaluation.finetune import BUNDLES, BUNDLES_2D
+from dira3d.utils import show_progress
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SLIDING_WINDOW = ("lidc_nodule_seg", "lits_liver_seg", "brats_tumor_seg")  # inference over a whole scan
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal (and keeps what is drawn on it)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class Closed(io.StringIO):
+    def isatty(self) -> bool:
+        raise ValueError("I/O operation on closed file")
+
+
+def test_show_progress_only_on_a_terminal_of_rank_0(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert show_progress(Terminal()) is True
+    assert show_progress(io.StringIO()) is False  # a file, a pipe, a CI log
+    assert show_progress(Closed()) is False
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert show_progress() is True  # sys.stderr, where tqdm draws
+    monkeypatch.setattr(sys, "stderr", None)  # pythonw, a daemon
+    assert show_progress() is False
+    monkeypatch.setenv("RANK", "1")  # torchrun's other ranks share the terminal: rank 0 alone draws
+    assert show_progress(Terminal()) is False
+    monkeypatch.setenv("RANK", "0")
+    assert show_progress(Terminal()) is True
+
+
+def _progress_bars(parser: ConfigParser, key: str) -> list[str]:
+    """The ids of the ignite ProgressBar entries of the handler list ``key``."""
+    handlers = parser.get(key)
+    return [f"{key}#{i}" for i, h in enumerate(handlers)
+            if isinstance(h, dict) and h.get("_target_") == "ignite.handlers.ProgressBar"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES + BUNDLES_2D)
+def test_validation_and_test_evaluation_draw_a_bar_on_a_terminal_only(bundle, repo_root, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    configs = repo_root / "bundles" / bundle / "configs"
+    for files, key, desc in ((["train.json"], "validate#handlers", "validation"),
+                             (["train.json", "evaluate.json"], "validate#handlers", "evaluation")):
+        parser = ConfigParser()
+        parser.read_config([str(configs / f) for f in files])
+        ids = _progress_bars(parser, key)
+        assert len(ids) == 1, (bundle, files)
+        for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+            monkeypatch.setattr(sys, "stderr", stream)
+            bar = parser.get_parsed_content(ids[0], lazy=False)
+            assert bar.tqdm_kwargs == {"desc": desc, "disable": not drawn} and bar.persist is False, (bundle, files)
+    # multi_gpu_train.json disables rank 1's StatsHandler / TensorBoardStatsHandler by index: the bar came last
+    multi = json.loads((configs / "multi_gpu_train.json").read_text(encoding="ascii"))
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json")])
+    for key in (k for k in multi if k.startswith("validate#handlers#")):
+        assert parser.get(key.rsplit("#", 1)[0])["_target_"] in ("StatsHandler", "TensorBoardStatsHandler"), key
+
+
+@pytest.mark.parametrize("bundle", SLIDING_WINDOW)
+def test_sliding_window_inference_draws_a_bar_on_a_terminal_only(bundle, repo_root, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / "bundles" / bundle / "configs" / "inference.json"))
+    parser["roi_size"] = [16, 16, 8]
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    inferer = parser.get_parsed_content("inferer", lazy=False)
+    assert inferer.progress is True
+    inferer(torch.zeros(1, 1, 40, 40, 20), lambda x: x)  # MONAI's bar over the window batches
+    assert "100%|" in terminal.getvalue()
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    inferer = parser.get_parsed_content("inferer", lazy=False)
+    assert inferer.progress is False
+    inferer(torch.zeros(1, 1, 40, 40, 20), lambda x: x)
+    assert log.getvalue() == ""
+
+
+def test_a_fine_tuning_epoch_shows_its_validation_on_a_terminal(tmp_path, repo_root, monkeypatch):
+    from test_bundles_finetune import make_classification
+
+    monkeypatch.delenv("RANK", raising=False)
+    datalist = make_classification(tmp_path / "data", "ncc_datalist.json", (16, 16, 8), folds=False)
+    configs = repo_root / "bundles" / "luna16_nodule_fpr" / "configs"
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    flow = ConfigWorkflow(config_file=[str(configs / "train.json"), str(configs / "tiny.json")],
+                          meta_file=str(configs / "metadata.json"), logging_file=False, workflow_type=None,
+                          bundle_root=str(tmp_path / "run"), ckpt_dir=str(tmp_path / "run" / "models"),
+                          output_dir=str(tmp_path / "run"), datalist=str(datalist), max_epochs=1)
+    flow.initialize()
+    flow.run()
+    flow.finalize()
+    assert "validation: [1/1] 100%" in terminal.getvalue()
+    assert Path(tmp_path / "run" / "models" / "model.pt").is_file()
