@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.utils.progress import show_progress
 
 __all__ = ["main", "stage_table"]
 
@@ -68,7 +69,7 @@ def _phantoms_and_prepare(out: Path, count: int, size: tuple[int, int, int], see
     else:
         _say(f"1/5 phantoms already in {raw}")
     _say(f"2/5 preparing them (HU window → [0, 1], RAS, candidate cubes) into {prepared}")
-    results = prepare(raw, prepared, workers=2)
+    results = prepare(raw, prepared, workers=2, progress=show_progress())  # a bar on a terminal only
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"data preparation failed for {len(failed)} case(s); see {prepared / 'report.json'}")

@@ -334,9 +334,9 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_skips_the_finished_case
     out = tmp_path / "out"
     cases = [Case(f"c{i}", [out / f"c{i}.txt"]) for i in range(4)]
 
-    def prepare(src, dst, *, workers, overwrite, dry_run, keep_going, report_path, process=_interrupted_at_c2):
+    def prepare(src, dst, *, workers, overwrite, dry_run, keep_going, report_path, progress, process=_interrupted_at_c2):
         return run_cases(cases, process, out_dir=dst, workers=workers, overwrite=overwrite, dry_run=dry_run,
-                         keep_going=keep_going, report_path=report_path, progress=False)
+                         keep_going=keep_going, report_path=report_path, progress=progress)
 
     args = argparse.Namespace(src=str(tmp_path), dst=str(out), workers=1, overwrite=False, dry_run=False,
                               keep_going=False, report=None)
@@ -345,5 +345,5 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_skips_the_finished_case
     assert "Traceback" not in err and "dira3d prepare test: interrupted; the cases finished so far are kept in" in err
     assert sorted(p.name for p in out.glob("*.txt")) == ["c0.txt", "c1.txt"]
     results = prepare(str(tmp_path), out, workers=1, overwrite=False, dry_run=False, keep_going=False,
-                      report_path=None, process=_write_case)
+                      report_path=None, progress=False, process=_write_case)
     assert [r.status for r in results] == ["skipped", "skipped", "written", "written"]

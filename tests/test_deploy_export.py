@@ -303,6 +303,111 @@ def test_export_torchscript_that_disagrees_writes_nothing_and_keeps_the_earlier_
     assert not err.value.report.ok and not fresh.exists()
 
 
+class _OffInOnnx(torch.nn.Module):
+    """A network whose ONNX graph does not compute what it computes: +0.5 on every logit while being exported."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.network(x)
+        return y + 0.5 if torch.onnx.is_in_onnx_export() else y
+
+
+def test_export_onnx_that_disagrees_writes_nothing_and_keeps_the_earlier_file(repo_root, tmp_path, capsys, monkeypatch):
+    """`dira3d export onnx` wrote the graph to --out and checked it after: a disagreeing graph was left at --out (exit
+    1), and with --overwrite the user's earlier export was already replaced. It is now checked under a temporary name
+    and renamed only when it agrees, as `dira3d export torchscript` is."""
+    import dira3d.deploy.bundle_network as bundle_network
+
+    bundle = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
+    real_load = bundle_network.load_bundle_network
+    monkeypatch.setattr(bundle_network, "load_bundle_network", lambda *a, **k: _OffInOnnx(real_load(*a, **k)))
+    out = tmp_path / "exports" / "liver.onnx"
+    out.parent.mkdir()
+    out.write_bytes(b"the user's earlier export")
+    args = ["onnx", "--bundle", str(bundle), "--out", str(out), "--override", "width=0.125",
+            "--input-shape", "1", "1", "32", "32", "16", "--overwrite"]
+    assert export_main(args) == 1
+    assert out.read_bytes() == b"the user's earlier export"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["liver.onnx"]  # no temporary file left
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["ok"] is False and report["max_abs_diff"]["onnxruntime"] == pytest.approx(0.5, abs=1e-3)
+    assert "dira3d export: error: onnxruntime: max |logit difference|" in captured.err
+    assert f"{out} was not written (the earlier export there is kept)" in captured.err
+    # the library: AgreementError with the report, nothing at a new path, nothing left beside it
+    torch.manual_seed(0)
+    fresh = tmp_path / "fresh" / "seg.onnx"
+    with pytest.raises(AgreementError, match="onnxruntime: max") as err:
+        export_onnx(_OffInOnnx(Segmenter(3, 1, 1, width=0.125)), torch.rand(1, 1, 16, 16, 8), fresh)
+    assert not err.value.report.ok and err.value.out == fresh and not list(fresh.parent.iterdir())
+    # a graph that agrees: written, and its report returned by export_onnx_with_report
+    from dira3d.deploy.export import export_onnx_with_report
+
+    written, good = export_onnx_with_report(Segmenter(3, 1, 1, width=0.125), torch.rand(1, 1, 16, 16, 8), fresh)
+    assert written == fresh and good.ok and set(good.max_abs_diff) == {"onnxruntime"}
+    assert [p.name for p in fresh.parent.iterdir()] == ["seg.onnx"]
+
+
+@pytest.mark.parametrize("what", ["torchscript", "onnx"])
+def test_export_refuses_before_it_reads_the_check_scan(what, repo_root, tmp_path, capsys, monkeypatch):
+    """`dira3d export torchscript --check-scan` read the scan (a whole CT) before refusing an --out that exists, or a
+    missing checkpoint; and a --check-scan that does not exist was named only after the network was built (onnx).
+    Every refusal now comes first; the scan is read last."""
+    import dira3d.deploy.bundle_network as bundle_network
+    import dira3d.deploy.export as export
+
+    bundle = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
+    scan = tmp_path / "ct.nrrd"
+    scan.write_bytes(b"a large scan")
+    reads, builds = [], []
+
+    def no_read(*args, **kwargs):
+        reads.append(args[0])
+        raise AssertionError("the scan was read")
+
+    def counted(load):
+        def load_counted(*args, **kwargs):
+            builds.append(args[0])
+            return load(*args, **kwargs)
+        return load_counted
+
+    monkeypatch.setattr(export, "scan_patch", no_read)
+    monkeypatch.setattr(export, "load_bundle_network", counted(export.load_bundle_network))
+    monkeypatch.setattr(bundle_network, "load_bundle_network", counted(bundle_network.load_bundle_network))
+    out = tmp_path / f"model.{'ts' if what == 'torchscript' else 'onnx'}"
+    base = [what, "--bundle", str(bundle), "--override", "width=0.125", "--input-shape", "1", "1", "32", "32", "16"]
+    out.write_bytes(b"earlier")
+    assert export_main(base + ["--out", str(out), "--check-scan", str(scan)]) == 2
+    assert "already exists (an earlier export)" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier" and not reads and not builds
+    fresh = tmp_path / f"fresh_{out.name}"
+    assert export_main(base + ["--out", str(fresh), "--check-scan", str(scan), "--checkpoint", str(tmp_path / "no.pt")]) == 2
+    assert "no.pt" in capsys.readouterr().err and not reads and not fresh.exists()
+    builds.clear()  # onnx: load_bundle_network is what refuses the missing checkpoint
+    assert export_main(base + ["--out", str(fresh), "--check-scan", str(tmp_path / "missing.nrrd")]) == 2
+    assert f"--check-scan {tmp_path / 'missing.nrrd'} does not exist" in capsys.readouterr().err
+    assert not builds and not reads and not fresh.exists()
+    with pytest.raises(AssertionError, match="the scan was read"):  # a run that goes ahead reads it, last
+        export_main(base + ["--out", str(fresh), "--check-scan", str(scan)])
+    assert reads == [str(scan)] and len(builds) == 1 and not fresh.exists()
+    if what == "torchscript":  # the library: the check's input is example= or check_scan=, not both
+        with pytest.raises(ValueError, match="example= or check_scan="):
+            export_torchscript(bundle, fresh, overrides=TINY, example=torch.rand(1, 1, 32, 32, 16), check_scan=scan)
+
+
+def test_an_interrupted_model_export_says_what_is_at_out(tmp_path):
+    from dira3d.deploy.command import interrupted_message
+
+    out = tmp_path / "m.onnx"
+    # renamed into place only after the check: a file there is whole and checked (it was "not checked" for onnx)
+    for what in ("torchscript", "onnx"):
+        assert interrupted_message(what, out, [out]) == f"{out} was written (whole, and checked against PyTorch) before it stopped"
+        assert interrupted_message(what, out, []) == f"nothing was written to {out}"
+
+
 def test_export_onnx_of_a_2d_bundle_uses_its_roi_size(repo_root, tmp_path, capsys):
     # without --input-shape the example input is (1, in_channels, *roi_size), as for torchscript; it was a
     # fixed 3D (1, C, 64, 64, 32) that no 2D bundle accepts

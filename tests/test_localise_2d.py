@@ -351,7 +351,8 @@ def test_a_flat_heatmap_is_counted_and_named_and_the_command_labels_its_numbers(
     assert f"results: {tmp_path / 'loc' / 'localisation.json'} (mean_accuracy_over_findings: the paper's number" in out
     assert "warning: 2 of 2 Grad-CAM heatmaps at encoder.layer4 are zero everywhere" in err
     assert "try --target-layer encoder.layer3" in err
-    assert "localise: 100%" in err and "2/2" in err  # a progress bar, one step per box (a silent run of minutes)
+    # the bar over the boxes is drawn on a terminal only: captured stderr, like a log, gets none (tests/test_progress.py)
+    assert "localise:" not in err.replace("dira3d localise:", "") and "box/s" not in err
 
 
 @pytest.mark.parametrize(("meta", "option", "expected"), [({"size": 96}, [], 96), ({}, [], 512), ({"size": 0}, [], 0),

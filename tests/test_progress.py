@@ -115,3 +115,75 @@ def test_a_fine_tuning_epoch_shows_its_validation_on_a_terminal(tmp_path, repo_r
     flow.finalize()
     assert "validation: [1/1] 100%" in terminal.getvalue()
     assert Path(tmp_path / "run" / "models" / "model.pt").is_file()
+
+
+def _localise_argv(tmp_path: Path) -> list[str]:
+    from test_localise_2d import _write_boxes
+
+    from dira3d.networks import ResNetClassifier
+    from dira3d.utils import atomic_save
+
+    torch.manual_seed(0)
+    datalist = _write_boxes(tmp_path / "data", [(10, 20, 30, 30), (60, 40, 20, 30)], [0, 1])
+    atomic_save(ResNetClassifier(1, 2, backbone="resnet10").state_dict(), tmp_path / "model.pt")
+    return ["--bbox-datalist", str(datalist), "--model", str(tmp_path / "model.pt"), "--backbone", "resnet10",
+            "--num-classes", "2", "--roi-size", "64", "64", "--target-layer", "encoder.layer3", "--max-overlays", "0"]
+
+
+def test_localise_draws_its_bar_over_the_boxes_on_a_terminal_only(tmp_path, monkeypatch):
+    """`dira3d localise` passed progress=True: its tqdm bar went into log files and pipes (a CI log got the carriage-
+    return redraws). It now asks show_progress, as the bundles do."""
+    from dira3d.evaluation.localise import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    argv = _localise_argv(tmp_path)
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    assert main(argv + ["--output-dir", str(tmp_path / "piped")]) == 0
+    assert "localise:" not in log.getvalue() and "box/s" not in log.getvalue(), log.getvalue()
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(argv + ["--output-dir", str(tmp_path / "watched")]) == 0
+    assert "localise: 100%|" in terminal.getvalue() and "2/2" in terminal.getvalue()
+
+
+def _write_text_case(case) -> dict:
+    for path in case.outputs:
+        path.write_text(case.case_id)
+    return {}
+
+
+def test_dira3d_prepare_draws_its_bar_over_the_cases_on_a_terminal_only(tmp_path, monkeypatch):
+    """Every `dira3d prepare <dataset>` (run_prepare) left run_cases' progress at its default True: a bar in every log
+    of a preparation job. run_prepare now passes show_progress()."""
+    import argparse
+
+    from dira3d.data.runner import Case, add_common_arguments, run_cases, run_prepare
+
+    def prepare(src, dst, **options):
+        cases = [Case(f"c{i}", [Path(dst) / f"c{i}.txt"]) for i in range(3)]
+        return run_cases(cases, _write_text_case, out_dir=dst, desc="toy", **options)
+
+    monkeypatch.delenv("RANK", raising=False)
+    parser = add_common_arguments(argparse.ArgumentParser())
+    for name, stream, drawn in (("piped", io.StringIO(), False), ("watched", Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        args = parser.parse_args(["--src", str(tmp_path), "--dst", str(tmp_path / name)])
+        assert run_prepare("dira3d prepare toy", prepare, args) == 0
+        assert sorted(p.name for p in (tmp_path / name).glob("c*.txt")) == ["c0.txt", "c1.txt", "c2.txt"]
+        assert ("toy: 100%|" in stream.getvalue()) is drawn, (name, stream.getvalue())
+
+
+def test_the_demo_prepares_its_phantoms_with_a_bar_on_a_terminal_only(tmp_path, monkeypatch):
+    import dira3d.data.luna16 as luna16
+    import dira3d.data.synthetic as synthetic
+    from dira3d import demo
+
+    asked = []
+    monkeypatch.setattr(synthetic, "write_luna16_phantoms", lambda raw, **kwargs: None)
+    monkeypatch.setattr(luna16, "prepare", lambda raw, prepared, **kwargs: asked.append(kwargs["progress"]) or [])
+    monkeypatch.delenv("RANK", raising=False)
+    for stream in (io.StringIO(), Terminal()):
+        monkeypatch.setattr(sys, "stderr", stream)
+        demo._phantoms_and_prepare(tmp_path, count=2, size=(32, 32, 16), seed=0)
+    assert asked == [False, True]

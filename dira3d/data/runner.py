@@ -52,6 +52,7 @@ from dira3d.data.errors import DataWarning, join_errors  # join_errors: re-expor
 from dira3d.data.guards import check_rerun, lock_output_folder, locks_held_until_done, release_when_done, why_not_done
 from dira3d.utils.atomic import atomic_write_text, stale_temporaries
 from dira3d.utils.files import read_json
+from dira3d.utils.progress import show_progress
 
 __all__ = [
     "Case",
@@ -158,6 +159,8 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
         keep_going: process every case despite failures.
         report_path: JSON report (default ``out_dir/report.json``).
         desc: label of the progress bar and the report.
+        progress: draw a tqdm bar over the cases on stderr (``dira3d prepare`` passes
+            :func:`dira3d.utils.show_progress`: a terminal only, so a log file or a pipe gets no bar).
         source: the input (``--src``); with ``datalists``, the datalists the caller will write
             afterwards: one whose ``meta.source`` names another input stops the run before any case.
         settings: the processing settings that shape every output (window, spacing, ...), as the
@@ -363,7 +366,8 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     try:  # run_cases' lock of --dst: kept until the datalists are written
         with datalists_recorded() as datalists, locks_held_until_done():
             results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
-                              dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report)
+                              dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report,
+                              progress=show_progress())  # a bar on a terminal only, never into a log
     except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

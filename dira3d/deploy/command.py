@@ -105,6 +105,56 @@ def main(argv: list[str] | None = None) -> int:
         return interrupt_exit_code(err)
 
 
+def _export_model(args: argparse.Namespace) -> int:
+    """``dira3d export torchscript / onnx``. Every refusal (``--out`` exists, a missing ``--check-scan``, checkpoint or
+    bundle, weights that do not fit) comes before the scan is read; the graph is checked against the PyTorch network
+    before it is renamed into place, so a disagreement exits 1 with the report and leaves an earlier export as it was."""
+    from dira3d.deploy.export import DEFAULT_TOLERANCE, AgreementError
+
+    overrides = parse_overrides(args.override)
+    tolerance = args.tolerance or DEFAULT_TOLERANCE
+    try:
+        if args.what == "torchscript":
+            from dira3d.deploy.export import export_torchscript_with_report
+
+            out, report = export_torchscript_with_report(
+                args.bundle, args.out, args.checkpoint, args.input_shape, overrides=overrides, overwrite=args.overwrite,
+                tolerance=tolerance, check_scan=args.check_scan)
+        else:
+            out, report = _export_onnx(args, overrides, tolerance)
+    except AgreementError as err:  # nothing written: the report, and the line saying so
+        print(err.report.to_json())
+        print(f"dira3d export: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{'TorchScript' if args.what == 'torchscript' else 'ONNX'} written to {out}\n{report.to_json()}")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace, overrides: dict[str, Any], tolerance: float) -> tuple[Path, Any]:
+    """The bundle's network to ``--out`` (:func:`~dira3d.deploy.export.export_onnx_with_report`), refusals first."""
+    import torch
+
+    from dira3d.deploy.bundle_network import load_bundle_network
+    from dira3d.deploy.export import (
+        bundle_example_shape,
+        check_new_output,
+        check_scan_exists,
+        export_onnx_with_report,
+        scan_patch,
+    )
+
+    check_new_output(Path(args.out), args.overwrite)  # before any work
+    check_scan_exists(args.check_scan)  # read last, once the network is built
+    network = load_bundle_network(args.bundle, args.checkpoint, overrides=overrides)
+    # the bundle's own input (1, in_channels, *roi_size), as for torchscript: a fixed 3D shape
+    # would not fit the 2D bundles (or a 3D bundle of another roi_size)
+    shape = bundle_example_shape(args.bundle, args.input_shape, overrides=overrides)
+    # seeded as export_torchscript's default example: the same check on every run
+    example = (scan_patch(args.check_scan, shape[2:]) if args.check_scan
+               else torch.rand(*shape, generator=torch.Generator().manual_seed(0)))
+    return export_onnx_with_report(network, example, args.out, overwrite=args.overwrite, tolerance=tolerance)
+
+
 def _output_of(args: argparse.Namespace) -> Path | None:
     """Where ``dira3d export <what>`` writes: ``--out``, or for ``torchscript`` without it the bundle's
     ``models/model.ts`` (None when the bundle cannot be found: the export names the problem)."""
@@ -120,11 +170,12 @@ def _output_of(args: argparse.Namespace) -> Path | None:
 
 def interrupted_message(what: str, out: Path | None, written: list[Path]) -> str:
     """What an interrupted ``dira3d export <what>`` wrote to ``out`` (``written``: the files new or changed there).
-    The model files are written whole under a temporary name and renamed, so an earlier export stays as it was."""
+    The model files are written whole under a temporary name, checked, and renamed, so an earlier export stays as it
+    was, and a model file that was renamed into place is whole and checked."""
     if not written:
         return f"nothing was written{f' to {out}' if out else ''}"
-    if what == "onnx":
-        return f"{out} was written but not checked against PyTorch; rerun with --overwrite to export and check it"
+    if what in ("torchscript", "onnx"):
+        return f"{out} was written (whole, and checked against PyTorch) before it stopped"
     if what == "monailabel-app":
         return (f"the app folder {out} is incomplete ({len(written)} file(s) written); remove it, or choose another "
                 "--out, and rerun")
@@ -133,55 +184,8 @@ def interrupted_message(what: str, out: Path | None, written: list[Path]) -> str
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.what == "torchscript":
-        from dira3d.deploy.export import (
-            DEFAULT_TOLERANCE,
-            AgreementError,
-            bundle_example_shape,
-            export_torchscript_with_report,
-            scan_patch,
-        )
-
-        overrides = parse_overrides(args.override)
-        example = None
-        if args.check_scan:  # the bundle's example shape, as for onnx
-            example = scan_patch(args.check_scan, bundle_example_shape(args.bundle, args.input_shape, overrides=overrides)[2:])
-        try:
-            out, report = export_torchscript_with_report(
-                args.bundle, args.out, args.checkpoint, args.input_shape, overrides=overrides, overwrite=args.overwrite,
-                example=example, tolerance=args.tolerance or DEFAULT_TOLERANCE)
-        except AgreementError as err:  # nothing written: the report, and the line saying so
-            print(err.report.to_json())
-            print(f"dira3d export: error: {err}", file=sys.stderr)
-            return 1
-        print(f"TorchScript written to {out}\n{report.to_json()}")
-        return 0
-    if args.what == "onnx":
-        import torch
-
-        from dira3d.deploy.bundle_network import load_bundle_network
-        from dira3d.deploy.export import (
-            DEFAULT_TOLERANCE,
-            bundle_example_shape,
-            check_agreement,
-            check_new_output,
-            export_onnx,
-            scan_patch,
-        )
-
-        check_new_output(Path(args.out), args.overwrite)  # before any work
-        overrides = parse_overrides(args.override)
-        network = load_bundle_network(args.bundle, args.checkpoint, overrides=overrides)
-        # the bundle's own input (1, in_channels, *roi_size), as for torchscript: a fixed 3D shape
-        # would not fit the 2D bundles (or a 3D bundle of another roi_size)
-        shape = bundle_example_shape(args.bundle, args.input_shape, overrides=overrides)
-        example = scan_patch(args.check_scan, shape[2:]) if args.check_scan else torch.rand(*shape)
-        out = export_onnx(network, example, args.out, overwrite=args.overwrite)
-        report = check_agreement(network, example, onnx_path=out, tolerance=args.tolerance or DEFAULT_TOLERANCE)
-        print(f"ONNX written to {out}\n{report.to_json()}")
-        if not report.ok:
-            print(f"dira3d export: error: {report.failures()}", file=sys.stderr)
-        return 0 if report.ok else 1
+    if args.what in ("torchscript", "onnx"):
+        return _export_model(args)
     if args.what == "pretrained":
         from dira3d.deploy.weights import export_pretrained
 

@@ -5,7 +5,8 @@
 - :func:`export_torchscript` is ``python -m monai.bundle ckpt_export`` (the same function, called
   in-process) with the arguments a dira3d bundle needs, and checks the traced graph against the PyTorch
   network before the file is put in place (:class:`AgreementError` when they disagree).
-- :func:`export_onnx` writes an ONNX graph with dynamic batch and spatial axes.
+- :func:`export_onnx` writes an ONNX graph with dynamic batch and spatial axes, checked against the network
+  with onnxruntime before the file is put in place (:class:`AgreementError` too).
 - :func:`check_agreement` runs PyTorch, TorchScript and onnxruntime (CPU) on the same input and
   reports the largest absolute difference of the logits; :func:`scan_patch` cuts that input from
   a real scan.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -34,10 +36,12 @@ __all__ = [
     "export_torchscript",
     "export_torchscript_with_report",
     "export_onnx",
+    "export_onnx_with_report",
     "bundle_example_shape",
     "scan_patch",
     "check_agreement",
     "check_new_output",
+    "check_scan_exists",
 ]
 
 # Max |logit difference| accepted between PyTorch and an exported graph (float32, CPU). The
@@ -82,6 +86,7 @@ def export_torchscript(
     overwrite: bool = False,
     example: torch.Tensor | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    check_scan: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model.ts`` with ``monai.bundle.ckpt_export`` (traced; configs embedded), checked against PyTorch.
 
@@ -108,6 +113,9 @@ def export_torchscript(
         example: the input of the agreement check (e.g. :func:`scan_patch` of a real scan); default a
             seeded uniform [0, 1) batch of the ``input_shape``.
         tolerance: accepted max |logit difference| per unit of logit scale (see :class:`AgreementReport`).
+        check_scan: a CT scan whose central crop of the ``input_shape`` is the check's input (instead of
+            ``example``): read only after ``out``, the checkpoint and the weights' fit are checked, so that a run
+            that is refused does not read a large scan first.
 
     Returns:
         the path of the TorchScript file (exactly ``out``, whatever its suffix).
@@ -115,18 +123,20 @@ def export_torchscript(
     Raises:
         FileExistsError: ``out`` exists (without ``overwrite``) or is a folder.
         FolderNotWritableError: ``out``'s folder cannot be written (the default one is in the bundle).
-        FileNotFoundError: bundle configs or checkpoint missing.
+        FileNotFoundError: bundle configs, checkpoint or ``check_scan`` missing.
         AgreementError: the traced graph does not compute what the PyTorch network computes (a ``ValueError``;
             ``out`` is not written, an earlier file there is kept).
         ValueError: the checkpoint does not fit the network (pass the overrides it was trained with),
-            or an override id the config does not define.
+            an override id the config does not define, both ``example`` and ``check_scan`` given, or a
+            ``check_scan`` smaller than the example shape.
     """
     return export_torchscript_with_report(bundle_dir, out, checkpoint, input_shape, config_file, overrides, overwrite,
-                                          example, tolerance)[0]
+                                          example, tolerance, check_scan)[0]
 
 
 class AgreementError(ValueError):
-    """An exported graph that disagrees with the PyTorch network: :func:`export_torchscript` wrote nothing.
+    """An exported graph that disagrees with the PyTorch network: :func:`export_torchscript` or
+    :func:`export_onnx` wrote nothing (the graph was checked under a temporary name, which is removed).
 
     Attributes:
         report: the :class:`AgreementReport` of the check.
@@ -149,21 +159,27 @@ def export_torchscript_with_report(
     overwrite: bool = False,
     example: torch.Tensor | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    check_scan: str | os.PathLike | None = None,
 ) -> tuple[Path, AgreementReport]:
     """:func:`export_torchscript` that also returns the agreement check's :class:`AgreementReport`
     (``dira3d export torchscript`` prints it). Same arguments and errors."""
+    if example is not None and check_scan is not None:
+        raise ValueError("give example= or check_scan= (the input of the agreement check), not both")
     root, config, meta = bundle_paths(bundle_dir, config_file)
     # the default is inside the bundle, which may be read-only (installed by an admin, in a container image)
     what = "--out folder" if out else "the bundle's models folder (the default --out)"
     out = Path(out) if out else root / "models" / "model.ts"
     check_new_output(out, overwrite, what=what)
+    check_scan_exists(check_scan)
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
         raise missing_weights_error(ckpt)
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
     network = load_bundle_network(root, ckpt, config_file, overrides)
     shape = _example_shape(bundle_parser(root, config_file, overrides), input_shape)
-    if example is None:
+    if check_scan is not None:  # read last: every refusal above comes before a (large) scan is read
+        example = scan_patch(check_scan, shape[2:])
+    elif example is None:
         example = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     # the temporary name ends in .ts: ckpt_export appends .ts to a name without a suffix
     with atomic_path(out, suffix=".ts") as partial:
@@ -201,6 +217,17 @@ def check_new_output(out: Path, overwrite: bool, what: str = "--out folder") -> 
     check_writable(out.parent, what=what, advice="pass --out with a file in a writable folder")
 
 
+def check_scan_exists(check_scan: str | os.PathLike | None) -> None:
+    """Refuse a ``--check-scan`` (``check_scan=``) that does not exist before the network is built; it is read last.
+
+    Raises:
+        FileNotFoundError: ``check_scan`` is given and is not a file.
+    """
+    if check_scan is not None and not Path(check_scan).is_file():
+        raise FileNotFoundError(f"--check-scan {check_scan} does not exist (or is not a file); give a CT scan "
+                                "(NRRD, NIfTI, MetaImage), or leave it out to check on a random input")
+
+
 def export_onnx(
     network: torch.nn.Module,
     example: torch.Tensor,
@@ -208,29 +235,54 @@ def export_onnx(
     opset: int = ONNX_OPSET,
     dynamic: bool = True,
     overwrite: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> Path:
-    """Export ``network`` to ONNX (TorchScript-based exporter, ``dynamo=False``).
+    """Export ``network`` to ONNX (TorchScript-based exporter, ``dynamo=False``), checked against ``network``.
+
+    The graph is written under a temporary name in ``out``'s folder, checked with ``onnx.checker`` and run by
+    onnxruntime (CPU) on ``example`` against ``network`` (:func:`check_agreement`, as :func:`export_torchscript`
+    checks its traced graph), and only then renamed to ``out``: when they disagree nothing is written.
 
     Args:
         network: the PyTorch network (put in eval mode here).
-        example: an input batch ``(B, C, *spatial)``.
+        example: an input batch ``(B, C, *spatial)``: the export's example and the agreement check's input.
         out: the ``.onnx`` file to write.
         opset: ONNX opset.
         dynamic: make batch and spatial axes dynamic (input ``image``, output ``pred``).
-        overwrite: replace an existing ``out`` (refused otherwise); the file is checked under a
-            temporary name and renamed, so a failed export leaves an earlier one as it was.
+        overwrite: replace an existing ``out`` (refused otherwise); a failed export or check leaves an earlier
+            one as it was.
+        tolerance: accepted max |logit difference| per unit of logit scale (see :class:`AgreementReport`).
 
     Returns:
-        the path of the ONNX file (checked with ``onnx.checker``).
+        the path of the ONNX file (exactly ``out``).
 
     Raises:
         FileExistsError: ``out`` exists (without ``overwrite``) or is a folder.
-        ImportError: ``onnx`` is not installed (``pip install dira3d[deploy]``).
+        FolderNotWritableError: ``out``'s folder cannot be written.
+        ImportError: ``onnx`` or ``onnxruntime`` is not installed (``pip install dira3d[deploy]``).
+        AgreementError: onnxruntime's output does not match the network's (a ``ValueError``; ``out`` is not
+            written, an earlier file there is kept).
     """
-    try:
-        import onnx
-    except ImportError as err:  # optional dependency
-        raise ImportError("ONNX export needs the 'onnx' package: pip install 'dira3d[deploy]' (onnx, onnxruntime)") from err
+    return export_onnx_with_report(network, example, out, opset, dynamic, overwrite, tolerance)[0]
+
+
+def export_onnx_with_report(
+    network: torch.nn.Module,
+    example: torch.Tensor,
+    out: str | os.PathLike,
+    opset: int = ONNX_OPSET,
+    dynamic: bool = True,
+    overwrite: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> tuple[Path, AgreementReport]:
+    """:func:`export_onnx` that also returns the agreement check's :class:`AgreementReport`
+    (``dira3d export onnx`` prints it). Same arguments and errors."""
+    # optional dependencies; onnxruntime runs the check, so it is asked for before the export, not after
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs the {' and '.join(missing)} package(s): pip install 'dira3d[deploy]' "
+                          "(onnx, onnxruntime)")
+    import onnx
     out = Path(out)
     check_new_output(out, overwrite)
     network = network.eval()
@@ -246,7 +298,11 @@ def export_onnx(
             dynamic_axes=axes, opset_version=opset, dynamo=False,
         )
         onnx.checker.check_model(str(partial))
-    return out
+        # checked before the rename: a graph that disagrees never replaces an earlier export
+        report = check_agreement(network, example, onnx_path=partial, tolerance=tolerance)
+        if not report.ok:
+            raise AgreementError(report, out)
+    return out, report
 
 
 def scan_patch(

@@ -44,6 +44,7 @@ from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.files import read_json
 from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
+from dira3d.utils.progress import show_progress
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
 
@@ -189,7 +190,8 @@ def localise(
         device: where the model runs.
         overwrite: replace the ``localisation.json`` of an earlier run in ``output_dir`` (refused otherwise).
         progress: a progress bar on stderr, one step per box (``dira3d localise``: a ResNet-50 Grad-CAM per box on a CPU
-            made a silent run of minutes for ChestX-ray14's ~1,000 boxes).
+            made a silent run of minutes for ChestX-ray14's ~1,000 boxes; it asks :func:`dira3d.utils.show_progress`,
+            so a log file or a pipe gets no bar).
 
     Returns:
         ``{"accuracy": {δ: share of all boxes}, "mean_accuracy_over_findings": {δ: mean over findings of
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                                       num_classes=args.num_classes, backbone=args.backbone, target_layer=args.target_layer,
                                       roi_size=args.roi_size, prepared_size=args.prepared_size, threshold=args.threshold,
                                       max_overlays=args.max_overlays, overwrite=args.overwrite,
-                                      progress=True)
+                                      progress=show_progress())  # a bar on a terminal only, never into a log
     except (FileNotFoundError, FileExistsError, ValueError, FolderNotWritableError) as err:
         parser.error(str(err))
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was written, in one line, not a traceback
