@@ -204,20 +204,20 @@ def test_a_changed_checkpoint_or_pretraining_is_not_reused_silently(tmp_path):
         run_experiment(changed, runner=fake_runner([]), log=lambda _: None)
 
     (tmp_path / "vw").mkdir()
-    spec = {"pretrain": {"dataset_dir": "vw", "overrides": {"max_epochs": 1}},
+    spec = {"pretrain": {"dataset_dir": "vw", "overrides": {"max_epochs": 200}},
             "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.5}}}, "output_dir": "out2"}
     config = _config(tmp_path, **spec)
     folder = tmp_path / "out2" / "pretrain" / "dira"
     (folder / "models").mkdir(parents=True)
     (folder / "models" / "best.pt").write_bytes(b"")
     # a pretraining finished by an earlier version (done.json only) with the same overrides is reused
-    (folder / "done.json").write_text(json.dumps({"method": "dira", "overrides": {"max_epochs": 1, "lambda_adv": 0.5}}))
+    (folder / "done.json").write_text(json.dumps({"method": "dira", "overrides": {"max_epochs": 200, "lambda_adv": 0.5}}))
     calls = []
     run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
     assert len(calls) == 12 and {c["pretrained"] for c in calls} == {"", str(folder / "models" / "best.pt")}
     # ... and once its settings are recorded, a change of one override is refused, even with every run done
     (folder / "settings.json").write_text(json.dumps({"configs": [], "dataset_dir": str(tmp_path / "vw"),
-                                                       "overrides": {"max_epochs": 1, "lambda_adv": 0.5}}))
+                                                       "overrides": {"max_epochs": 200, "lambda_adv": 0.5}}))
     with pytest.raises(ValueError, match=r"method 'dira' was pretrained in .* \(configs changed\)"):
         run_experiment(config, runner=fake_runner([]), log=lambda _: None)
     changed = _config(tmp_path, **{**spec, "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.1}}}})
@@ -355,12 +355,12 @@ def test_a_pretraining_that_failed_at_its_start_does_not_lock_the_method(tmp_pat
     from dira3d.evaluation import experiment
 
     (tmp_path / "vw").mkdir()
-    spec = {"pretrain": {"dataset_dir": "vw", "overrides": {"max_epochs": 1}},
+    spec = {"pretrain": {"dataset_dir": "vw", "overrides": {"max_epochs": 200}},
             "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.5}}}}
     folder = tmp_path / "out" / "pretrain" / "dira"
     folder.mkdir(parents=True)
     (folder / "settings.json").write_text(json.dumps({"configs": [], "dataset_dir": str(tmp_path / "vw_typo"),
-                                                       "overrides": {"max_epochs": 1, "lambda_adv": 0.5}}))
+                                                       "overrides": {"max_epochs": 200, "lambda_adv": 0.5}}))
     runs = []
 
     def fake_bundle(configs, **kwargs):
@@ -464,7 +464,7 @@ def test_results_csv_records_the_test_split_of_each_run(tmp_path, positive, show
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         reader = csv.DictReader(handle)
         rows = list(reader)
-    assert reader.fieldnames[-2:] == ["test_cases", "test_positive"]
+    assert reader.fieldnames[-3:] == ["test_cases", "test_positive", "train_cases"]
     assert [(r["test_cases"], r["test_positive"]) for r in rows] == [("20", shown)] * 2
     assert len(run_experiment(config, runner=fake_runner([]), log=lambda _: None)) == 2  # read back: nothing to redo
 
@@ -491,7 +491,7 @@ def test_an_older_results_csv_without_the_test_split_columns_loads_and_resumes(t
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         written = list(reader)
-    assert reader.fieldnames == older[0].split(",") + ["test_cases", "test_positive"]
+    assert reader.fieldnames == older[0].split(",") + ["test_cases", "test_positive", "train_cases"]
     assert [",".join(list(r.values())[:8]) for r in written[:8]] == older[1:]  # the older rows, as they were
     assert {(r["test_cases"], r["test_positive"]) for r in written[:8]} == {("", "")}
     assert {(r["test_cases"], r["test_positive"]) for r in written[8:]} == {("20", "7")}

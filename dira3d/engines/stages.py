@@ -126,6 +126,28 @@ class StageSchedule:
         """Position of ``stage`` in the schedule (0-based; logged as a scalar)."""
         return self.stages.index(stage)
 
+    def unreached(self, max_epochs: int, epoch_length: int | None = None) -> list[Stage]:
+        """The stages a run of ``max_epochs`` epochs (of ``epoch_length`` iterations, when known) never enters: those
+        after a stage whose ``until_epoch`` (or, with ``epoch_length``, ``until_iteration``) is the run's end or later.
+        ``[{dis, until_epoch 20}, {dis_res, until_epoch 60}, {dira}]`` with ``max_epochs`` 10 trains ``dis`` only."""
+        last_iteration = None if epoch_length is None else max_epochs * epoch_length
+        for i, stage in enumerate(self.stages[:-1]):
+            if (stage.until_epoch is not None and stage.until_epoch >= max_epochs) or (
+                    stage.until_iteration is not None and last_iteration is not None
+                    and stage.until_iteration >= last_iteration):
+                return self.stages[i + 1:]
+        return []
+
+    def unreached_text(self, unreached: list[Stage], max_epochs: int) -> str:
+        """``stage(s) 'dis_res', 'dira' never run: stage 'dis' lasts until epoch 20 and max_epochs is 10``."""
+        before = self.stages[self.stages.index(unreached[0]) - 1]
+        bound = (f"epoch {before.until_epoch}" if before.until_epoch is not None
+                 else f"iteration {before.until_iteration}")
+        names = ", ".join(repr(s.name) for s in unreached)
+        return (f"stage{'s' if len(unreached) > 1 else ''} {names} (losses "
+                f"{', '.join('+'.join(s.losses) for s in unreached)}) never run{'s' if len(unreached) == 1 else ''}: "
+                f"stage {before.name!r} lasts until {bound} and max_epochs is {max_epochs}")
+
     @property
     def uses(self) -> set[str]:
         """Every loss term that is active in at least one stage."""

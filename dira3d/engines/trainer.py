@@ -60,7 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from torch import nn
 
@@ -301,6 +301,7 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         self.state.images = {}
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_count = 0
+        self.add_event_handler(Events.STARTED, self._warn_unreached_stages)
         self.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
         # ignite exhausts the previous epoch's iterator inside the new epoch, and torch's
         # RandomSampler draws once more on exhaustion: seed again just before the new iterator
@@ -328,6 +329,15 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
             self.logger.info(f"stopped by {self.state.stopped_by} at iteration {self.state.iteration}; {saved}")
         elif self.state.early_stopped:
             self.logger.info(f"training ended by early stopping: {self.state.early_stopped}")
+
+    def _warn_unreached_stages(self, engine: Engine) -> None:
+        """Say so when ``max_epochs`` ends the run before a stage starts (``max_epochs`` 10 with train.json's stages,
+        dis to epoch 20: no restoration, no adversary), which trained without a word."""
+        unreached = self.schedule.unreached(int(engine.state.max_epochs), engine.state.epoch_length)
+        if unreached:
+            self.logger.warning(f"{self.schedule.unreached_text(unreached, int(engine.state.max_epochs))}: this run "
+                                "trains without them; raise max_epochs or lower the stages' until_epoch / until_iteration "
+                                "(a rerun with a higher max_epochs resumes from last.pt and trains them)")
 
     # ------------------------------------------------------------------ bookkeeping
     @property

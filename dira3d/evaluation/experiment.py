@@ -35,8 +35,9 @@ pretraining (``done.json``) is not repeated; its settings (``settings.json``) mu
 config's, and rows of a method fine-tuned from another checkpoint are not reused either: another
 path, or the same path holding another file (a pretraining rerun into the same folder; the sha256 of
 each checkpoint is recorded in ``checkpoints.json``) is refused while the method has rows. The
-fine-tuning settings (bundle, datalist, metric, overrides, folds) are recorded in ``experiment.json``: a rerun
-with other ones on a ``results.csv`` that has rows is refused rather than mixed into one table.
+fine-tuning settings (bundle, datalist, metric, overrides, folds) and the datalist's sha256 are recorded in
+``experiment.json``: a rerun with other ones (or a datalist prepared again at the same path) on a ``results.csv``
+that has rows is refused rather than mixed into one table.
 
 With ``folds``, every (method, label fraction, seed) runs once per fold, with the bundle's ``fold``
 set to it (that fold is the test set, the others are trained on;
@@ -58,13 +59,20 @@ bundle must have a ``fold`` setting and the datalist's ``training`` entries must
 
 ``results.csv`` has one row per finished run: method, checkpoint, label_fraction, seed (fold), metric,
 value, seconds, run_dir, and test_cases / test_positive, the test split's size and positives from the run's
-``metrics.json`` (multi-label: each class's positives, ``;``-joined; empty where not known; docs/finetuning.md).
-A results.csv written before those two columns is resumed as it is (its rows keep them empty).
+``metrics.json`` (multi-label: each class's positives, ``;``-joined; empty where not known; docs/finetuning.md),
+then train_cases, the cases the run trained on (the label fraction's selection less the early-stopping holdout).
+A results.csv written before those columns is resumed as it is (its rows keep them empty).
 
 The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
-override ids no bundle config defines are refused with the setting named. A run that fails is
-logged and listed in ``failures.json``; the other runs go on, the command exits 1 at the end, and
-rerunning it retries only the failed runs. The table and ``summary.json`` count each run of the
+override ids no bundle config defines are refused with the setting named; so are a negative seed, a method name
+that is not text (quote ``'2024':``) or not a plain folder name, ``overrides`` the grid sets for every run
+(datalist, pretrained, label_fraction, seed, output_dir, bundle_root, ckpt_dir: use the config's own settings),
+pretraining overrides that move its folders (dataset_dir, bundle_root, ckpt_dir, output_dir), and a method's
+pretraining stages the bundle would refuse or its max_epochs never reaches. A run that fails is
+logged and listed in ``failures.json`` (rewritten after every run, so it is there after Ctrl-C too); the other
+runs go on, the command exits 1 at the end, and rerunning it retries only the failed runs. The command ends by
+naming its outputs (results.csv, table.md, summary.json, the plots, runs/ with each run's metrics.json and
+TensorBoard files). The table and ``summary.json`` count each run of the
 current grid once (rows of seeds, fractions or methods no longer in the config stay in
 ``results.csv`` but out of the statistics). The note under the table gives the number of seeds and
 the test; a cell of fewer seeds says ``n=…`` and every run left out (failed, or not run yet) is
@@ -140,7 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d experiment: error: {cause}", file=sys.stderr)
         return 2
     print((Path(config["output_dir"]) / "table.md").read_text(encoding="utf-8"))
+    print(written_message(config))
     return 0
+
+
+def written_message(config: dict) -> str:
+    """Where the experiment's outputs are, printed after the table (as every dira3d command ends)."""
+    out = Path(config["output_dir"])
+    run = "<method>_lf<fraction>_seed<seed>" + ("_fold<fold>" if "folds" in config else "")
+    return (f"results:     {out / 'results.csv'} (one row per run; mean ± std and p-values in {out / 'summary.json'})\n"
+            f"table:       {out / 'table.md'}; plots: {out / (config['metric'] + '_vs_label_fraction.png')}, "
+            f"{out / 'ablation.png'}\n"
+            f"each run:    {out / 'runs'}/{run}/ (metrics.json: test metric, splits, settings; models/model.pt)\n"
+            f"TensorBoard: tensorboard --logdir {out / 'runs'}")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,14 @@ def load_config(path: str | Path) -> dict:
         twice = sorted({v for v in config[key] if config[key].count(v) > 1})
         if twice:
             raise ValueError(f"{key} in {path} lists {twice[0]!r} more than once; list each value once")
+    negative = [s for s in config["seeds"] if s < 0]
+    if negative:  # else every run of the seed failed, one after the other, with numpy's 'expected non-negative integer'
+        raise ValueError(f"seeds in {path} must be whole numbers >= 0, got {negative[0]!r}; e.g. seeds: [0, 1, 2]")
     _check_folds(config, path)
     _check_types(config, path)
+    _check_method_names(config, path)
     _check_test(config, path)
+    _check_grid_overrides(config, path)
     base = path.parent
     resolve = lambda p: str(p if Path(p).is_absolute() else (base / p).resolve())  # noqa: E731
     config["datalist"] = resolve(config["datalist"])
@@ -105,8 +110,9 @@ def load_config(path: str | Path) -> dict:
                                     f"{BUNDLE_DIR / 'configs'} or give paths")
         for name, spec in config["methods"].items():
             if isinstance(spec, dict):
-                check_overrides(configs, {**(config["pretrain"].get("overrides") or {}), **(spec.get("pretrain") or {})},
-                                where=f"pretrain overrides of method {name!r} in {path}")
+                overrides = {**(config["pretrain"].get("overrides") or {}), **(spec.get("pretrain") or {})}
+                check_overrides(configs, overrides, where=f"pretrain overrides of method {name!r} in {path}")
+                _check_pretrain_run(name, configs, overrides, path)
     for fraction in config["label_fractions"]:
         if not 0 < float(fraction) <= 1:
             raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
@@ -146,6 +152,78 @@ def _check_types(config: dict, path: Path) -> None:
         raise ValueError(f"welch in {path} must be true or false, got {config['welch']!r}")
     if not isinstance(pretrain.get("dataset_dir", ""), str):
         raise ValueError(f"pretrain dataset_dir in {path} must be a folder path, got {pretrain['dataset_dir']!r}")
+
+
+def _check_method_names(config: dict, path: Path) -> None:
+    """Method names are text that makes one folder name (``runs/<method>_lf..``, ``pretrain/<method>``): a YAML key
+    ``2024:`` or ``yes:`` is a number or a bool, which results.csv gives back as text, so its finished runs were run
+    again on every rerun and added twice; ``a/b`` or ``../x`` wrote outside the output_dir's folders."""
+    for name in config["methods"]:
+        if not isinstance(name, str):
+            raise ValueError(f"method {name!r} in {path} is read as {type(name).__name__}, not a name; quote it "
+                             f"('{name}': ...) or give it a name that starts with a letter")
+        if not name.strip() or name.strip(".") == "" or any(c in name for c in '/\\:') or name != name.strip():
+            raise ValueError(f"method {name!r} in {path} must be a plain name (its runs go to folders named after it): "
+                             "no '/', '\\' or ':', not '.' or '..', no leading or trailing spaces; e.g. dira_tiny")
+
+
+# ids the grid sets for every run (and the config setting that gives them): in `overrides`, replaced without a word
+_GRID_SETS = {"datalist": "datalist", "pretrained": "methods", "label_fraction": "label_fractions", "seed": "seeds",
+              "output_dir": "output_dir", "bundle_root": "bundle", "ckpt_dir": "output_dir"}
+# ids the experiment sets for each method's pretraining (bundles/dira_pretrain): a TypeError (bundle_root,
+# dataset_dir) or a checkpoint written outside <output_dir>/pretrain/<method>, which the runs then did not find
+_PRETRAIN_SETS = {"bundle_root": "output_dir", "dataset_dir": "pretrain: {dataset_dir: ...}", "ckpt_dir": "output_dir",
+                  "output_dir": "output_dir"}
+
+
+def _check_grid_overrides(config: dict, path: Path) -> None:
+    """Refuse ``overrides`` the grid replaces for every run, ``tiny`` that is not true or false, and pretraining
+    overrides that move the pretraining's folders."""
+    overrides = config.get("overrides") or {}
+    taken = [key for key in overrides if key in _GRID_SETS]
+    if taken:
+        key = taken[0]
+        raise ValueError(f"overrides in {path} set {key}, which the experiment sets for every run from `{_GRID_SETS[key]}`; "
+                         f"remove {key} from overrides and use {_GRID_SETS[key]} (`dira3d experiment --help`)")
+    if "tiny" in overrides and not isinstance(overrides["tiny"], bool):  # bool("no") is True
+        raise ValueError(f"tiny in the overrides of {path} must be true or false, got {overrides['tiny']!r}")
+    pretrain = config.get("pretrain") or {}
+    sources = [("pretrain overrides", pretrain.get("overrides") or {})] + [
+        (f"pretrain of method {name!r}", spec.get("pretrain") or {}) for name, spec in config["methods"].items()
+        if isinstance(spec, dict)]
+    for where, values in sources:
+        taken = [key for key in values if key in _PRETRAIN_SETS]
+        if taken:
+            key = taken[0]
+            raise ValueError(f"{where} in {path} set {key}, which the experiment sets for each method's pretraining "
+                             f"(<output_dir>/pretrain/<method>); remove it (the setting to use: {_PRETRAIN_SETS[key]})")
+
+
+def _check_pretrain_run(name: str, configs: list[Path], overrides: Mapping[str, Any], path: Path) -> None:
+    """Check a method's pretraining stages before any run, naming the method: bad stages stopped the experiment only
+    when that method's turn came, after the others had pretrained, and a stage that starts after ``max_epochs`` never
+    ran, so an ablation arm (``dis+res+adv``) was pretrained as another (``dis`` only) under its name."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.engines.stages import StageSchedule
+
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in configs])
+    stages = overrides["stages"] if "stages" in overrides else parser.get("stages")
+    max_epochs = overrides["max_epochs"] if "max_epochs" in overrides else parser.get("max_epochs")
+    if isinstance(stages, str) or isinstance(max_epochs, str):
+        return  # an expression: the pretraining itself checks it
+    try:
+        schedule = StageSchedule(stages)
+    except ValueError as err:
+        raise ValueError(f"pretrain stages of method {name!r} in {path}: {err}") from None
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int):
+        return  # the bundle refuses it
+    unreached = schedule.unreached(max_epochs)
+    if unreached:
+        raise ValueError(f"pretrain stages of method {name!r} in {path}: {schedule.unreached_text(unreached, max_epochs)}; "
+                         f"its pretraining would be reported as {name!r} without them. Raise max_epochs (pretrain "
+                         "overrides) or lower the stages' until_epoch")
 
 
 def _check_test(config: dict, path: Path) -> None:

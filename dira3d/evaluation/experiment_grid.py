@@ -39,9 +39,10 @@ def _describe(method: str, fraction: float, seed: int, fold: int | None = None) 
 
 def _default_runner(bundle: str, overrides: dict) -> Mapping[str, float]:
     from dira3d.evaluation.finetune import run_finetune
+    from dira3d.utils.overrides import as_bool
 
     overrides = dict(overrides)
-    tiny = bool(overrides.pop("tiny", False))
+    tiny = as_bool(overrides.pop("tiny", False), "tiny")  # bool("no") is True
     # results.csv is the grid's resume point: a cell run again has no row, so its folder holds only an
     # interrupted or failed attempt, which is replaced
     return run_finetune(bundle, overrides, tiny=tiny, overwrite=True)["metrics"]
@@ -105,7 +106,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
                 checkpoints[method] = pretrain_method(method, spec, config, log)
         else:
             checkpoints[method] = spec or ""
-    failures: list[dict] = []
+    failures = _Failures(out / "failures.json", todo, folded)
     for i, (method, fraction, seed, *fold) in enumerate(todo, 1):
         fold = fold[0] if fold else None
         checkpoint = checkpoints[method]
@@ -122,9 +123,9 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
             _check_value(metrics, config["metric"])
         except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
             cause = cause_of(err)
-            failures.append({"method": method, "label_fraction": fraction, "seed": seed,
-                             **({} if fold is None else {"fold": fold}), "run_dir": str(run_dir),
-                             "error": f"{type(cause).__name__}: {cause}"})
+            failures.add({"method": method, "label_fraction": fraction, "seed": seed,
+                          **({} if fold is None else {"fold": fold}), "run_dir": str(run_dir),
+                          "error": f"{type(cause).__name__}: {cause}"})
             log(f"[{i}/{len(todo)}] {run}: FAILED ({type(cause).__name__}: {cause}); going on with the other runs")
             continue
         if config["metric"] not in metrics:
@@ -136,6 +137,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
                **split_columns(run_dir, config["metric"], float(metrics[config["metric"]]))}
         rows.append({k: str(v) for k, v in row.items()})
         write_rows(csv_path, rows, FOLD_FIELDS if folded else FIELDS)  # one row per finished run: the resume point
+        failures.done(row_key(rows[-1], folded))
         log(f"[{i}/{len(todo)}] {run}: {config['metric']}={row['value']:.4f}")
         write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
     write_report(config, rows)
@@ -143,17 +145,50 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     if incomplete:
         why = "not all folds finished" if folded else "failed: see failures.json"
         log(f"experiment: left out of the statistics ({why}): {'; '.join(incomplete)}")
-    failures_path = out / "failures.json"
-    if failures:
-        atomic_write_text(failures_path, json.dumps(failures, indent=2))
+    if failures.new:
         raise ExperimentRunsFailed(
-            f"{len(failures)} of {len(todo)} runs failed (details in {failures_path}): "
+            f"{len(failures.new)} of {len(todo)} runs failed (details in {failures.path}): "
             + "; ".join(f"{_describe(f['method'], f['label_fraction'], f['seed'], f.get('fold'))}: {f['error']}"
-                        for f in failures[:3])
-            + ("; ..." if len(failures) > 3 else "")
-            + ". The other runs are in results.csv; rerun the same command to retry only the failed ones")
-    failures_path.unlink(missing_ok=True)
+                        for f in failures.new[:3])
+            + ("; ..." if len(failures.new) > 3 else "")
+            + f". The other runs are in results.csv (their table: {out / 'table.md'}); rerun the same command to retry "
+              "only the failed ones")
     return rows
+
+
+class _Failures:
+    """``failures.json``, kept up to date after every run: this call's failed runs, and those of an earlier call that
+    this one has not reached yet. It was written only when the grid ended, so after Ctrl-C, SIGTERM or a kill the
+    table's 'see failures.json' pointed to no file, or to the failures of an older call."""
+
+    def __init__(self, path: Path, todo: list[tuple], folded: bool) -> None:
+        self.path, self.folded, self.new = path, folded, []
+        self._todo, self._reached = set(todo), set()
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+            self._earlier = [f for f in earlier if self._key(f) in self._todo]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):  # our own file, unreadable: rewritten
+            self._earlier = []
+        self._write()
+
+    def _key(self, failure: Mapping[str, Any]) -> tuple:
+        return row_key(failure, self.folded)
+
+    def add(self, failure: dict) -> None:
+        self.new.append(failure)
+        self.done(self._key(failure))
+
+    def done(self, key: tuple) -> None:
+        """The run ``key`` was made in this call (a row, or a failure in :attr:`new`)."""
+        self._reached.add(key)
+        self._write()
+
+    def _write(self) -> None:
+        current = self.new + [f for f in self._earlier if self._key(f) not in self._reached]
+        if current:
+            atomic_write_text(self.path, json.dumps(current, indent=2))
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 def _check_value(metrics: Mapping[str, Any], metric: str) -> None:

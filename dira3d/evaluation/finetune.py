@@ -140,7 +140,8 @@ def run_finetune(
 
     Returns:
         ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "splits", "settings"}``;
-        ``splits`` holds ``{"cases", "patients", "positive"}`` of the early-stopping holdout and of the test split
+        ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label fraction's selection
+        less the holdout), of the early-stopping holdout and of the test split
         (:func:`dira3d.evaluation.split_checks.describe_split`). A segmentation test split with no or few cases
         with foreground, or a multi-label one with classes of one value, is warned about once
         (:func:`dira3d.evaluation.split_checks.warn_test_split`).
@@ -258,7 +259,8 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     with quiet_interrupt_logs():
         eval_flow.run()
     metrics = {name: _number(value) for name, value in evaluator.state.metrics.items()}
-    splits = {name: summary for name, summary in (("holdout", _split_summary(parser, validator)),
+    splits = {name: summary for name, summary in (("train", _split_summary(parser, None, "train#datalist")),
+                                                  ("holdout", _split_summary(parser, validator)),
                                                   ("test", _split_summary(eval_flow.parser, evaluator))) if summary}
     eval_flow.finalize()
 
@@ -283,17 +285,19 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     return result
 
 
-def _split_summary(parser, engine) -> dict | None:
+def _split_summary(parser, engine, key: str = "validate#datalist") -> dict | None:
     """``{"cases", "patients", "positive"}`` of the split ``engine`` scored (``validate#datalist`` of its config;
     :func:`dira3d.evaluation.split_checks.describe_split`), with the cases with foreground that its
-    :class:`~dira3d.evaluation.ForegroundDice` counted; None without such a datalist."""
+    :class:`~dira3d.evaluation.ForegroundDice` counted; None without such a datalist. ``engine`` None, ``key``
+    ``train#datalist``: what the network trained on (the label fraction's selection less the holdout)."""
     from dira3d.evaluation.split_checks import describe_split
 
-    entries = parser.get_parsed_content("validate#datalist") if "validate#datalist" in parser else None
+    entries = parser.get_parsed_content(key) if key in parser else None
     if not isinstance(entries, list) or not entries:
         return None
-    counted = getattr(engine.state, "foreground_cases", None) or {}
-    scored = counted.get(getattr(engine.state, "key_metric_name", None)) or next(iter(counted.values()), None)
+    state = getattr(engine, "state", None)
+    counted = getattr(state, "foreground_cases", None) or {}
+    scored = counted.get(getattr(state, "key_metric_name", None)) or next(iter(counted.values()), None)
     return describe_split(entries, scored)
 
 

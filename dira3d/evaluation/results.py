@@ -27,14 +27,16 @@ __all__ = [
     "seed_values", "write_report", "chosen_test",
 ]
 
-# the test split's size and positives (split_columns); may be empty, and absent from a results.csv written
-# before 2026-11-26 (its rows are read and kept; the columns are added when a run is added)
-SPLIT_FIELDS = ["test_cases", "test_positive"]
+# the test split's size and positives, and the number of training cases (split_columns); may be empty, and absent
+# from a results.csv written before 2026-11-26 (train_cases: 2026-11-27; its rows are read and kept; the columns are
+# added when a run is added)
+SPLIT_FIELDS = ["test_cases", "test_positive", "train_cases"]
 FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"] + SPLIT_FIELDS
 FOLD_FIELDS = FIELDS[:4] + ["fold"] + FIELDS[4:]  # results.csv of a config with folds
 # what makes one fine-tuning row comparable with another: a change would mix two protocols in one table
 RUN_SETTINGS = ("bundle", "datalist", "metric", "overrides")
 RUN_SETTINGS_NAME = "experiment.json"  # in output_dir
+DATALIST_SHA256 = "datalist_sha256"  # experiment.json: the datalist's content (from 2026-11-27)
 
 
 def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -> None:
@@ -42,6 +44,9 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -
     record the settings otherwise."""
     recorded = RUN_SETTINGS + (("folds",) if "folds" in config else ())  # no folds: experiment.json as before them
     settings = json.loads(json.dumps({k: config.get(k) for k in recorded}, default=str))
+    datalist = Path(str(config["datalist"]))
+    if datalist.is_file():  # its content: a datalist prepared again at the same path (more scans) has other splits
+        settings[DATALIST_SHA256] = _file_sha256(datalist)
     path = out / RUN_SETTINGS_NAME
     if rows and path.is_file():
         fix = (f"it records the fine-tuning settings of the runs in {out / 'results.csv'}; put it back, or delete it "
@@ -50,7 +55,18 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -
         if not isinstance(old.get("overrides") or {}, dict):
             raise FileContentError(path, f"experiment settings {path} hold overrides {old['overrides']!r}, not a mapping; "
                                          f"{fix}")
-        if old != settings:
+        compared = dict(settings)
+        if DATALIST_SHA256 not in old or DATALIST_SHA256 not in compared:  # recorded before 2026-11-27: not compared
+            old.pop(DATALIST_SHA256, None)
+            compared.pop(DATALIST_SHA256, None)
+        elif old.get("datalist") == compared["datalist"] and old[DATALIST_SHA256] != compared[DATALIST_SHA256]:
+            raise ValueError(f"datalist {datalist} changed since the runs in {out / 'results.csv'} were made from it "
+                             f"(sha256 {str(old[DATALIST_SHA256])[:12]}… recorded in {path}, now "
+                             f"{settings[DATALIST_SHA256][:12]}…; e.g. prepared again with other scans): its splits, and "
+                             "so the runs' label subsets and test split, may differ, and adding runs would mix them in one "
+                             "table. Use another output_dir, or put the earlier datalist back (or delete results.csv to "
+                             "redo every run)")
+        if old != compared:
             changed = [k for k in RUN_SETTINGS + ("folds",) if k != "overrides" and old.get(k) != settings.get(k)]
             before, now = old.get("overrides") or {}, settings["overrides"] or {}
             changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
@@ -141,7 +157,9 @@ def split_columns(run_dir: Path, metric: str, value: float) -> dict[str, str]:
     """``test_cases`` and ``test_positive`` of a finished run, from ``splits.test`` of its ``metrics.json``
     (:func:`dira3d.evaluation.split_checks.describe_split`): the test split's number of cases and its positives,
     a number (binary classification: entries of class 1; segmentation: cases with foreground) or, multi-label,
-    the positives of each class in class order joined by ``;`` (``"3;0;12"``). ``""`` where not known: no
+    the positives of each class in class order joined by ``;`` (``"3;0;12"``); ``train_cases``, from
+    ``splits.train``: the cases the network trained on (the label fraction's selection less the early-stopping
+    holdout). ``""`` where not known: no
     ``metrics.json`` (a runner that writes none), one of an earlier run (its ``metric`` is not ``value``), or no
     such count recorded (a segmentation split without flags or scored masks)."""
     columns = dict.fromkeys(SPLIT_FIELDS, "")
@@ -157,6 +175,9 @@ def split_columns(run_dir: Path, metric: str, value: float) -> dict[str, str]:
         if positive is not None:
             columns["test_positive"] = (";".join(str(int(p)) for p in positive) if isinstance(positive, list)
                                         else str(int(positive)))
+        train = result["splits"].get("train") or {}
+        if train.get("cases") is not None:
+            columns["train_cases"] = str(int(train["cases"]))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):  # unreadable or of another layout: not known
         return dict.fromkeys(SPLIT_FIELDS, "")
     return columns
@@ -270,7 +291,9 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
     if unpaired:
         note += f"\nUnpaired (a seed of one side only, out of that cell's paired test): {_listed(unpaired)}.\n"
     atomic_write_text(out / "table.md", table + note)
-    atomic_write_text(out / "summary.json", json.dumps([c.__dict__ for c in cells], indent=2))
+    # std of a one-seed cell is NaN: null, as p_value, since NaN is no JSON (jq, JavaScript and strict readers refuse it)
+    summary = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in c.__dict__.items()} for c in cells]
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
     if plots:
         _plot(cells, metric, list(config["methods"]), out)
     return table
