@@ -396,6 +396,8 @@ _WARNED: set[tuple] = set()  # (datalist, settings) already warned about in this
 def _warn_holdout_without_foreground(path: Path, chosen: list[dict], held: list[dict], settings: dict) -> None:
     """Warn, once per datalist and settings, when the early-stopping holdout holds only empty masks although
     the datalist says which masks are empty (:func:`holdout_by_patient` could not complete it)."""
+    from dira3d.utils.setting_hints import label_fraction_setting
+
     key = foreground_key(chosen)
     if key is None or not held or any(has_foreground(key)(e) for e in held):
         return
@@ -411,7 +413,7 @@ def _warn_holdout_without_foreground(path: Path, chosen: list[dict], held: list[
         f"{path}: the early-stopping holdout ({len(held)} entries; {shown}) has no case with a non-empty mask "
         f"(`{key}` is 0 in all of them): {why}. Its mean Dice scores an empty prediction of an empty mask as 1, so "
         "early stopping and the saved model reward predicting nothing; use a larger label_fraction "
-        "(--label-fraction) or more training data, and compare `holdout` in metrics.json with the test Dice",
+        f"({label_fraction_setting()}) or more training data, and compare `holdout` in metrics.json with the test Dice",
         UserWarning, stacklevel=3)
 
 

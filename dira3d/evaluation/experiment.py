@@ -67,7 +67,9 @@ The config is checked before any run: unknown keys, missing checkpoints, datalis
 override ids no bundle config defines are refused with the setting named; so are a negative seed, a method name
 that is not text (quote ``'2024':``) or not a plain folder name, ``overrides`` the grid sets for every run
 (datalist, pretrained, label_fraction, seed, output_dir, bundle_root, ckpt_dir: use the config's own settings),
-pretraining overrides that move its folders (dataset_dir, bundle_root, ckpt_dir, output_dir), and a method's
+pretraining overrides that move its folders (dataset_dir, bundle_root, ckpt_dir, output_dir), a method's checkpoint
+pretrained at another width than the runs build the network at (2D: another backbone or decoder_channels; the error
+names the ``overrides`` to set, e.g. ``overrides: {width: 0.125}``), and a method's
 pretraining stages the bundle would refuse or its max_epochs never reaches. A run that fails is
 logged and listed in ``failures.json`` (rewritten after every run, so it is there after Ctrl-C too); the other
 runs go on, the command exits 1 at the end, and rerunning it retries only the failed runs. The command ends by

@@ -82,6 +82,7 @@ def load_config(path: str | Path) -> dict:
     check_overrides([bundle_configs / "train.json", bundle_configs / "evaluate.json"]
                     + ([bundle_configs / "tiny.json"] if overrides.get("tiny") else []),
                     {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
+    _check_checkpoints_fit(config, path, bundle_configs, overrides)
     if "folds" in config:
         _check_fold_data(config, path, bundle_configs)
     if overrides.get("holdout") == "validation":  # else every run of the grid fails on it, one after the other
@@ -197,6 +198,32 @@ def _check_grid_overrides(config: dict, path: Path) -> None:
             key = taken[0]
             raise ValueError(f"{where} in {path} set {key}, which the experiment sets for each method's pretraining "
                              f"(<output_dir>/pretrain/<method>); remove it (the setting to use: {_PRETRAIN_SETS[key]})")
+
+
+def _check_checkpoints_fit(config: Mapping[str, Any], path: Path, bundle_configs: Path, overrides: Mapping[str, Any]) -> None:
+    """Refuse a method's checkpoint pretrained with another network than the bundle builds with the config's
+    overrides (another width; in 2D another backbone or decoder_channels), before any run: each of the method's
+    runs failed on it, one after the other (:func:`dira3d.evaluation.pretrained.checkpoint_mismatch`)."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.evaluation.pretrained import checkpoint_mismatch
+    from dira3d.utils.setting_hints import experiment_settings
+
+    checkpoints = {name: spec for name, spec in config["methods"].items() if isinstance(spec, str) and spec}
+    if not checkpoints:
+        return
+    parser = ConfigParser()
+    parser.read_config([str(bundle_configs / "train.json")] + ([str(bundle_configs / "tiny.json")] if overrides.get("tiny") else []))
+    parser.update({key: value for key, value in overrides.items() if key != "tiny"})
+    try:
+        network_def = parser.get_parsed_content("network_def", instantiate=False).get_config()
+    except Exception:  # a bundle of the user's without network_def, or an expression only a run resolves: the runs check
+        return
+    with experiment_settings():  # the error names overrides: {width: ...}, not dira3d finetune's --set
+        for name, checkpoint in checkpoints.items():
+            mismatch = checkpoint_mismatch(network_def, checkpoint)
+            if mismatch:
+                raise ValueError(f"method {name!r} in {path}: {mismatch}; each of its runs would refuse it")
 
 
 def _check_pretrain_run(name: str, configs: list[Path], overrides: Mapping[str, Any], path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from dira3d.utils.atomic import atomic_write_text, check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
+from dira3d.utils.setting_hints import experiment_settings
 from dira3d.evaluation.experiment_pretrain import check_pretrain_settings, pretrain_settings, pretrain_method
 from dira3d.evaluation.results import (
     FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows,
@@ -119,7 +120,8 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
         run = _describe(method, fraction, seed, fold)
         start = time.perf_counter()
         try:
-            metrics = runner(str(config["bundle"]), overrides)
+            with experiment_settings():  # its errors name the config's settings, not dira3d finetune's options
+                metrics = runner(str(config["bundle"]), overrides)
             _check_value(metrics, config["metric"])
         except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
             cause = cause_of(err)

@@ -110,12 +110,14 @@ def mean_auc(probabilities: np.ndarray | torch.Tensor, labels: np.ndarray | torc
 
 def undefined_auc(split: str | None, samples: int) -> str:
     """The error for a mean AUC with no class that has both positive and negative samples in ``split``."""
+    from dira3d.utils.setting_hints import label_fraction_setting
+
     what = "no class has both positive and negative samples"
     if split == "holdout":
         return (f"mean AUC is undefined on the early-stopping holdout ({samples} sample(s), the share `holdout` of the "
                 f"training labels that the label fraction selects, by patient): {what} in it; use a larger label "
-                "fraction (--label-fraction) or more training data, so that the holdout can hold both values of a "
-                "class while training keeps every class (docs/finetuning.md)")
+                f"fraction ({label_fraction_setting()}) or more training data, so that the holdout can hold both values "
+                "of a class while training keeps every class (docs/finetuning.md)")
     if split:
         return (f"mean AUC is undefined on the {split} split ({samples} sample(s)): {what} in it; the datalist's "
                 f"{split} entries must hold, for some class, both positive and negative images")

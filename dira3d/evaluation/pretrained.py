@@ -8,12 +8,15 @@ so that every fine-tuning log says where its weights came from.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network"]
+__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def _width_mismatch(pretrained: str | os.PathLike | None, width: float) -> str:
     meta records none, or the same): e.g. a ``dira3d pretrain --tiny`` checkpoint (width 0.125) given to a
     task bundle at its default width 1.0, which failed with the shapes of 48 tensors."""
     from dira3d.utils.checkpoint import load_checkpoint
+    from dira3d.utils.setting_hints import bundle_setting
 
     try:
         meta = load_checkpoint(pretrained).get("meta") or {}
@@ -95,9 +99,35 @@ def _width_mismatch(pretrained: str | os.PathLike | None, width: float) -> str:
         return ""
     if ckpt_width == float(width):
         return ""
+    how = bundle_setting({"width": ckpt_width}, f"`dira3d finetune --set width={ckpt_width:g}`, `--width {ckpt_width:g}` "
+                         "for monai.bundle run")
     return (f"pretrained weights from {pretrained} were pretrained at width {ckpt_width:g}, but the task network is built "
-            f"at width {float(width):g}; set the bundle's width to {ckpt_width:g} (`dira3d finetune --set "
-            f"width={ckpt_width:g}`, `--width {ckpt_width:g}` for monai.bundle run)")
+            f"at width {float(width):g}; set the bundle's width to {ckpt_width:g} ({how})")
+
+
+def checkpoint_mismatch(network_def: Mapping[str, Any], pretrained: str | os.PathLike) -> str:
+    """The error the task network of a bundle's ``network_def`` (its arguments, references resolved) would raise for
+    the checkpoint ``pretrained`` when it was pretrained with another network: another width
+    (:func:`build_task_network`), another backbone or decoder_channels (:func:`~dira3d.evaluation.build_resnet_task_network`).
+    '' when it fits, cannot be read, or the network is built otherwise; read without building the network, so that
+    ``dira3d experiment`` refuses such a checkpoint once, before any run."""
+    target, kind = str(network_def.get("_target_", "")), network_def.get("kind")
+    try:
+        if target.endswith(".build_task_network"):
+            return _width_mismatch(pretrained, float(network_def.get("width", _default(build_task_network, "width"))))
+        if target.endswith(".build_resnet_task_network") and kind in TASK_KINDS:
+            from dira3d.evaluation.tasks2d import settings_mismatch, build_resnet_task_network
+
+            backbone, channels = (network_def.get(key, _default(build_resnet_task_network, key))
+                                  for key in ("backbone", "decoder_channels"))
+            return settings_mismatch(pretrained, kind, str(backbone), [int(c) for c in channels])
+    except (TypeError, ValueError):  # a value the network itself refuses, naming it
+        return ""
+    return ""
+
+
+def _default(function, name: str) -> Any:
+    return inspect.signature(function).parameters[name].default
 
 
 def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str | os.PathLike | None,

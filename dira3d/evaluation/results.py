@@ -24,7 +24,7 @@ from dira3d.utils.files import FileContentError, read_json, read_text
 __all__ = [
     "FIELDS", "FOLD_FIELDS", "SPLIT_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows",
     "write_rows", "split_columns", "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints",
-    "seed_values", "write_report", "chosen_test",
+    "seed_values", "write_report", "chosen_test", "metric_figure", "ablation_figure",
 ]
 
 # the test split's size and positives, and the number of training cases (split_columns); may be empty, and absent
@@ -357,11 +357,31 @@ def seed_values(config: Mapping[str, Any], rows: list[dict]) -> tuple[list[dict]
 
 
 def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) -> None:
+    plt = _pyplot()
+    for fig, name in ((metric_figure(cells, metric, methods), f"{metric}_vs_label_fraction.png"),
+                      (ablation_figure(cells, metric, methods), "ablation.png")):
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+
+def _percent(fraction: float) -> str:
+    """A label fraction as the table writes it: ``0.1`` -> ``10 %``."""
+    return f"{100 * fraction:g} %"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def metric_figure(cells: list[CellSummary], metric: str, methods: list[str]):
+    """``<metric>_vs_label_fraction.png``: mean ± std per method over the label fractions, on a log axis whose ticks
+    are the grid's own fractions as percentages (matplotlib's log ticks read 5×10¹ … 10² on a grid of 50 % and 100 %)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method in methods:
         mine = sorted((c for c in cells if c.method == method), key=lambda c: c.label_fraction)
@@ -369,13 +389,20 @@ def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) 
             ax.errorbar([c.label_fraction * 100 for c in mine], [c.mean for c in mine],
                         yerr=[0 if math.isnan(c.std) else c.std for c in mine], marker="o", capsize=3, label=method)
     ax.set_xscale("log")
+    fractions = sorted({c.label_fraction for c in cells})
+    ax.set_xticks([100 * f for f in fractions], [_percent(f) for f in fractions])
+    ax.set_xticks([], minor=True)  # the log axis's minor ticks are labelled too on a short range
     ax.set_xlabel("training labels (%)")
     ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # every run failed: no line to name (matplotlib warned)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / f"{metric}_vs_label_fraction.png", dpi=100)
-    plt.close(fig)
+    return fig
 
+
+def ablation_figure(cells: list[CellSummary], metric: str, methods: list[str]):
+    """``ablation.png``: a bar per method at each label fraction (labelled as a percentage)."""
+    plt = _pyplot()
     fractions = sorted({c.label_fraction for c in cells})
     fig, ax = plt.subplots(figsize=(5, 3.5))
     width = 0.8 / max(len(methods), 1)
@@ -385,11 +412,11 @@ def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) 
         ys = [mine[f].mean for f in fractions if f in mine]
         errs = [0 if math.isnan(mine[f].std) else mine[f].std for f in fractions if f in mine]
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=method)
-    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(fractions))])
-    ax.set_xticklabels([f"{f * 100:g}%" for f in fractions])
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(fractions))], [_percent(f) for f in fractions])
+    ax.set_xlabel("training labels (%)")
     ax.set_ylabel(metric)
     ax.set_title("ablation")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "ablation.png", dpi=100)
-    plt.close(fig)
+    return fig

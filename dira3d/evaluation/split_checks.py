@@ -79,6 +79,7 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
         ValueError: naming the datalist, the split, the class it holds and what to do.
     """
     from dira3d.evaluation.metrics import undefined_auc
+    from dira3d.utils.setting_hints import label_fraction_setting
 
     if not entries:
         return
@@ -110,8 +111,8 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
                f"the training candidates this label fraction keeps are of class {held} only")
         raise ValueError(f"AUC is undefined on the early-stopping holdout of datalist {path} ({settings}): "
                          f"{what}, because {why}; its AUC would be NaN every epoch, so early stopping would never stop and "
-                         "the first epoch's model would be kept. Use a larger label fraction (--label-fraction) or more "
-                         "training data (docs/finetuning.md)")
+                         f"the first epoch's model would be kept. Use a larger label fraction ({label_fraction_setting()}) "
+                         "or more training data (docs/finetuning.md)")
     fix = ("assign the folds again (e.g. `dira3d prepare pecad --seed`) or test on another fold" if fold is not None
            else "add candidates of the other class to its 'test' list")
     raise ValueError(f"AUC is undefined on {_where(path, split, fold)}: {what}, none of class {missing}, so the test "

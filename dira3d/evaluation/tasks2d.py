@@ -19,7 +19,7 @@ import torch
 
 from dira3d.evaluation.pretrained import TASK_KINDS, initialise_task_network
 
-__all__ = ["build_resnet_task_network"]
+__all__ = ["build_resnet_task_network", "settings_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +76,13 @@ def build_resnet_task_network(
                                        f"pretrained: none; 2D {kind} network ({backbone}) initialised at random",
                                        log=logger)
     except ValueError as err:
-        hint = _settings_mismatch(pretrained, kind, backbone, decoder_channels)
+        hint = settings_mismatch(pretrained, kind, backbone, decoder_channels)
         if hint:  # the settings to change, rather than a list of shape mismatches and advice for Python callers
             raise ValueError(hint) from err
         raise
 
 
-def _settings_mismatch(pretrained: str | os.PathLike | None, kind: str, backbone: str,
+def settings_mismatch(pretrained: str | os.PathLike | None, kind: str, backbone: str,
                        decoder_channels: Sequence[int]) -> str:
     """The error for a 2D checkpoint whose weights fit another ``backbone`` / ``decoder_channels`` than the task
     network's ('' when they fit these, or cannot be read): e.g. a ``2d_tiny.json`` checkpoint (resnet10) given to a
@@ -90,6 +90,7 @@ def _settings_mismatch(pretrained: str | os.PathLike | None, kind: str, backbone
     from dira3d.evaluation.finetune import BUNDLES_2D, tiny_settings
     from dira3d.networks.weights_fit import settings_that_fit
     from dira3d.utils.checkpoint import load_checkpoint
+    from dira3d.utils.setting_hints import bundle_setting, in_experiment
 
     try:
         checkpoint = load_checkpoint(pretrained)
@@ -114,6 +115,8 @@ def _settings_mismatch(pretrained: str | os.PathLike | None, kind: str, backbone
     quote = {key: value if key == "backbone" else f'"{value}"' for key, value in values.items()}  # [..] for the shell
     sets = " ".join(f"--set {key}={value}" if key == "backbone" else f'--set "{key}={value}"' for key, value in values.items())
     bundle_options = " ".join(f"--{key} {quote[key]}" for key in values)
+    if in_experiment():  # tiny.json is `tiny: true` in the experiment's overrides
+        tiny_hint = tiny_hint.replace("`dira3d finetune --tiny`", "`tiny: true` in the experiment config's overrides")
+    how = bundle_setting(fits, f"`dira3d finetune {sets}`; `{bundle_options}` for monai.bundle run")
     return (f"pretrained weights from {pretrained} fit {named} (read from its weights), but the task network is built "
-            f"with {built}: {tiny_hint}pass the settings it was pretrained with (`dira3d finetune {sets}`; "
-            f"`{bundle_options}` for monai.bundle run)")
+            f"with {built}: {tiny_hint}pass the settings it was pretrained with ({how})")

@@ -1,0 +1,142 @@
+"""``dira3d experiment``'s errors and plots speak the experiment's language (found by a user walkthrough, 2026-11-27):
+a run's error names the config setting to change (``overrides: {width: ...}``, ``label_fractions``), not
+``dira3d finetune``'s option; a checkpoint of another width is refused once, before any run; the plots label
+their x ticks with the grid's own label fractions as percentages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dira3d.evaluation import build_task_network, load_split
+from dira3d.evaluation.experiment import load_config, run_experiment
+from dira3d.evaluation.metrics import mean_auc
+from dira3d.evaluation.results import ablation_figure, metric_figure
+from dira3d.evaluation.stats import CellSummary
+from dira3d.networks import ResNetUNet, UNet
+from dira3d.utils import atomic_save
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+def _config(tmp_path: Path, **extra) -> Path:
+    (tmp_path / "dl.json").write_text('{"training": [], "test": []}')
+    config = {"bundle": "luna16_nodule_fpr", "datalist": "dl.json", "metric": "auc", "output_dir": "out",
+              "seeds": [0], "label_fractions": [0.1, 1.0], "methods": {"random": None}, **extra}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _checkpoint_3d(path: Path, width: float = 0.125) -> Path:
+    """What `dira3d pretrain --tiny` writes: encoder, decoder and meta with the width."""
+    unet = UNet(spatial_dims=3, in_channels=1, out_channels=1, width=width)
+    return atomic_save({"encoder": unet.encoder.state_dict(), "decoder": unet.decoder.state_dict(),
+                        "meta": {"spatial_dims": 3, "in_channels": 1, "width": width}}, path)
+
+
+def _failures(tmp_path: Path) -> list[str]:
+    return [f["error"] for f in json.loads((tmp_path / "out" / "failures.json").read_text())]
+
+
+def test_a_checkpoint_of_another_width_is_refused_before_any_run_naming_the_config_setting(tmp_path):
+    """A `dira3d pretrain --tiny` checkpoint (width 0.125) in a grid at the bundle's width 1 failed every run of the
+    method, one after the other, each saying `dira3d finetune --set width=0.125`, an option the experiment has not."""
+    _checkpoint_3d(tmp_path / "tiny.pt")
+    with pytest.raises(ValueError) as err:
+        load_config(_config(tmp_path, methods={"random": None, "dira": "tiny.pt"}))
+    message = str(err.value)
+    assert "method 'dira' in" in message and "pretrained at width 0.125, but the task network is built at width 1" in message
+    assert "`overrides: {width: 0.125}` in the experiment config" in message and "--set" not in message
+    load_config(_config(tmp_path, methods={"random": None, "dira": "tiny.pt"}, overrides={"width": 0.125}))
+    load_config(_config(tmp_path, methods={"random": None, "dira": "tiny.pt"}, overrides={"tiny": True}))  # tiny.json: 0.125
+    _checkpoint_3d(tmp_path / "wide.pt", width=0.25)  # and the other way round: tiny.json's 0.125 against 0.25
+    with pytest.raises(ValueError, match=r"method 'wide' .* built at width 0\.125; .*`overrides: \{width: 0\.25\}`"):
+        load_config(_config(tmp_path, methods={"wide": "wide.pt"}, overrides={"tiny": True}))
+
+
+def test_a_2d_checkpoint_of_another_backbone_is_refused_before_any_run(tmp_path):
+    net = ResNetUNet(1, 1, backbone="resnet10", decoder_channels=[16, 16, 8, 8, 8])
+    atomic_save({"encoder": net.encoder.state_dict(), "decoder": net.decoder.state_dict(), "meta": {"spatial_dims": 2}},
+                tmp_path / "r10.pt")
+    methods = {"random": None, "dira2d": "r10.pt"}
+    with pytest.raises(ValueError) as err:
+        load_config(_config(tmp_path, bundle="siim_pneumothorax_seg", metric="dice", methods=methods))
+    message = str(err.value)
+    assert "method 'dira2d' in" in message and "fit backbone resnet10, decoder_channels [16, 16, 8, 8, 8]" in message
+    assert "`overrides: {backbone: resnet10, decoder_channels: [16, 16, 8, 8, 8]}` in the experiment config" in message
+    assert "`tiny: true` in the experiment config's overrides" in message and "dira3d finetune" not in message
+    load_config(_config(tmp_path, bundle="siim_pneumothorax_seg", metric="dice", methods=methods, overrides={"tiny": True}))
+
+
+def test_a_run_refused_for_its_checkpoint_width_names_the_experiment_setting(tmp_path):
+    """The runs' own refusal (a checkpoint the config check cannot read ahead, e.g. one written after it) names the
+    experiment's overrides; outside an experiment it still names `dira3d finetune --set`."""
+    ckpt = _checkpoint_3d(tmp_path / "tiny.pt")
+    with pytest.raises(ValueError, match=r"`dira3d finetune --set width=0\.125`, `--width 0\.125` for monai\.bundle run"):
+        build_task_network("classification", 3, 1, 1, 1.0, str(ckpt))
+    config = load_config(_config(tmp_path, label_fractions=[1.0]))
+
+    def runner(bundle, overrides):
+        build_task_network("classification", 3, 1, 1, 1.0, str(ckpt))
+
+    with pytest.raises(RuntimeError, match="1 of 1 runs failed"):
+        run_experiment(config, runner=runner, log=lambda _: None)
+    (error,) = _failures(tmp_path)
+    assert "set the bundle's width to 0.125 (`overrides: {width: 0.125}` in the experiment config)" in error, error
+    assert "--set" not in error and "--width" not in error
+
+
+def _pecad(n_patients: int = 12) -> list[dict]:
+    """Candidates of 12 patients, one embolus and one false positive each, in 3 folds."""
+    return [{"image": f"PE{p:02d}_{k}.nii.gz", "label": int(k == 0), "case_id": f"PE{p:02d}", "fold": p % 3}
+            for p in range(n_patients) for k in range(2)]
+
+
+@pytest.mark.parametrize("where", ["split check", "holdout metric"])
+def test_an_undefined_holdout_auc_names_label_fractions_in_an_experiment(tmp_path, where):
+    """At a small label fraction the holdout held one class; the error told experiment users to change
+    --label-fraction, which the experiment sets from its config's label_fractions."""
+    datalist = tmp_path / "pecad.json"
+    for entry in _pecad():
+        (tmp_path / entry["image"]).write_bytes(b"")
+    datalist.write_text(json.dumps({"training": _pecad(), "meta": {}}))
+
+    def runner(bundle, overrides):
+        if where == "split check":
+            load_split(datalist, "holdout", label_fraction=overrides["label_fraction"], seed=overrides["seed"], fold=0)
+        else:  # the bundles' validation metric on a holdout of one class
+            mean_auc(np.array([0.2, 0.7]), np.array([0, 0]), split="holdout")
+        return {"auc": 0.7}
+
+    config = load_config(_config(tmp_path, label_fractions=[0.1]))
+    with pytest.raises(RuntimeError, match="1 of 1 runs failed"):
+        run_experiment(config, runner=runner, log=lambda _: None)
+    (error,) = _failures(tmp_path)
+    assert "undefined on the early-stopping holdout" in error, error
+    assert "larger label fraction (label_fractions in the experiment config)" in error and "--label-fraction" not in error
+    with pytest.raises(ValueError, match=r"larger label fraction \(--label-fraction\)"):  # dira3d finetune's own
+        runner("luna16_nodule_fpr", {"label_fraction": 0.1, "seed": 0})
+
+
+def _cells(fractions: list[float]) -> list[CellSummary]:
+    return [CellSummary(method, f, 3, 0.7 + 0.1 * f, 0.01, (0.7,)) for method in ("random", "dira") for f in fractions]
+
+
+@pytest.mark.parametrize("fractions", [[0.5, 1.0], [0.01, 0.1, 0.5, 1.0], [0.25]])
+def test_the_plots_label_the_grids_label_fractions_as_percentages(fractions):
+    """auc_vs_label_fraction.png's log axis read 5×10¹ … 10² on a grid of 50 % and 100 % (matplotlib's log ticks)."""
+    shown = [f"{100 * f:g} %" for f in fractions]
+    figure = metric_figure(_cells(fractions), "auc", ["random", "dira"])
+    figure.canvas.draw()
+    (axis,) = figure.axes
+    assert [t.get_text() for t in axis.get_xticklabels()] == shown
+    assert list(axis.get_xticks()) == pytest.approx([100 * f for f in fractions])
+    assert [t.get_text() for t in axis.get_xticklabels(minor=True) if t.get_text()] == []
+    figure = ablation_figure(_cells(fractions), "auc", ["random", "dira"])
+    figure.canvas.draw()
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == shown
