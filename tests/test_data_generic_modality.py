@@ -155,3 +155,45 @@ def test_explicit_modality_mr_on_ct_still_prepares_with_warnings(tmp_path, capsy
     captured = capsys.readouterr()
     assert "2 written" in captured.out and captured.err.count("looks like a CT") == 2, captured.err
     assert json.loads((dst / "pretrain_datalist.json").read_text())["meta"]["modality"] == "mr"
+
+
+@pytest.mark.parametrize("lowest", [-500, -500.0, -500.25, -499.75, -501])
+def test_check_hu_and_check_mr_are_complements_at_the_air_boundary(lowest):
+    """A scan is CT when some voxel lies strictly below AIR_HU (-500): one whose lowest voxel is exactly -500 used to
+    pass both checks (check_hu: "lowest > -500 is no air", check_mr: "lowest >= -500 is no air"); now every scan
+    fails exactly one of them, and a lowest voxel of -500 is no air (MR)."""
+    from dira3d.data.io import DataError
+    from dira3d.data.modality import AIR_HU, check_hu, check_mr
+
+    dtype = np.int16 if isinstance(lowest, int) else np.float32
+    array = np.full(SHAPE, 300, dtype)
+    array[0, 0, 0] = lowest
+    image = xyz_to_image(array)
+    refused = []
+    for name, check in (("ct", check_hu), ("mr", check_mr)):
+        try:
+            check(image, "scan.nii.gz", chosen_by="taken from the scans")
+        except DataError:
+            refused.append(name)
+    assert refused == (["mr"] if lowest < AIR_HU else ["ct"]), refused
+    if lowest == AIR_HU:  # the message states the rule it applied
+        with pytest.raises(DataError, match=r"no voxel below -500 HU \(lowest -500\)"):
+            check_hu(image, "scan.nii.gz", chosen_by="taken from the scans")
+
+
+def test_the_inference_ct_warning_uses_the_same_air_boundary():
+    """The inference bundles' NormalizeScand (modality ct) warns about a scan without air by the same strict rule as
+    check_hu: a lowest voxel of exactly -500 is no air (warned), -500.25 is air (silent)."""
+    import warnings
+
+    import torch
+
+    from dira3d.evaluation.transforms import NormalizeScand
+
+    for lowest, warned in ((-500.0, True), (-500.25, False)):
+        array = torch.full((1, 8, 8, 4), 300.0)
+        array[0, 0, 0, 0] = lowest
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            NormalizeScand(["image"], modality="ct")({"image": array})
+        assert any("no voxel below -500 HU" in str(w.message) for w in caught) == warned, (lowest, caught)

@@ -63,7 +63,7 @@ def test_official_splits_and_sizes_are_those_of_the_method():
 
 def test_resample_size_is_the_rounded_field_of_view():
     """The new grid covers the old box to the nearest voxel: 12 x 0.7 mm = 8.4 mm is 8 voxels of 1 mm (not 9),
-    and an axis thinner than half a new voxel still keeps one voxel."""
+    12.6 mm is 13, and an axis thinner than half a new voxel still keeps one voxel."""
     image = _image(np.zeros((12, 10, 2), np.float32), spacing=(0.7, 1.26, 0.2))
     out = resample(image, 1.0)
     assert out.GetSize() == (8, 13, 1)  # 8.4 -> 8, 12.6 -> 13, 0.4 -> 1 (at least one voxel)
@@ -71,6 +71,21 @@ def test_resample_size_is_the_rounded_field_of_view():
         resample(image, 0.0)
     with pytest.raises(ValueError, match="positive"):
         resample(image, (1.0, -1.0, 1.0))
+
+
+def test_resample_puts_no_plane_outside_the_field_of_view():
+    """A field of view of a whole number and a half of new voxels (3 x 0.5 mm = 1.5 mm at 1 mm, 11 x 1 mm = 5.5 at
+    2 mm) rounds down: a last plane centred on the box's edge would be all fill value (a plane of -1024 HU at the edge
+    of a scan). Float noise (0.1 mm steps) does not bring that plane back, and the one voxel of an axis thinner than
+    half a new voxel is centred on the old box, so it samples the scan too."""
+    for (size, spacing, new, expected) in (((4, 4, 3), 0.5, 1.0, 1), ((4, 4, 11), 1.0, 2.0, 5), ((4, 4, 9), 1.0, 2.0, 4),
+                                           ((4, 4, 15), 0.1, 0.2, 7), ((4, 4, 35), 0.3, 0.2, 52),
+                                           ((4, 4, 2), 0.2, 1.0, 1), ((4, 4, 5), 0.2, 2.0, 1)):
+        image = _image(np.full(size, 5.0, np.float32), spacing=(1.0, 1.0, spacing), origin=(3.0, -2.0, 7.0))
+        for interpolator in ("linear", "nearest"):
+            out = resample(image, (1.0, 1.0, new), interpolator, default_value=-1024.0)
+            assert out.GetSize()[2] == expected, (size, spacing, new)
+            assert np.all(sitk.GetArrayFromImage(out) == 5.0), (size, spacing, new, interpolator)
 
 
 def test_crop_cube_outside_along_one_axis_only_is_all_padding():

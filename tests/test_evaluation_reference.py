@@ -55,6 +55,25 @@ def test_foreground_dice_binarises_probabilities_at_one_half():
     assert foreground_iou(pred, label) == pytest.approx(12 / 18)
 
 
+def test_foreground_dice_counts_a_probability_of_exactly_one_half_as_foreground_as_asdiscrete_does():
+    """MONAI's AsDiscrete(threshold=0.5), which the bundles' postprocessing applies, keeps p >= 0.5; foreground_dice /
+    foreground_iou used p > 0.5, so a voxel of exactly 0.5 was foreground in the bundles' masks and background here."""
+    from monai.transforms import AsDiscrete
+
+    label = np.zeros((6, 6), np.float32)
+    label[:3, :] = 1  # 18 voxels
+    pred = np.zeros((6, 6), np.float32)
+    pred[:2, :] = 0.9
+    pred[2, :] = 0.5  # 6 more voxels inside the label
+    pred[3, :] = 0.5  # 6 false positives
+    as_bundle = AsDiscrete(threshold=0.5)(torch.as_tensor(pred)[None]).numpy()[0]
+    assert as_bundle.sum() == 24  # MONAI's convention, which the bundles follow
+    assert foreground_dice(pred, label) == pytest.approx(foreground_dice(as_bundle, label)) == pytest.approx(2 * 18 / 42)
+    assert foreground_iou(pred, label) == pytest.approx(18 / 24)
+    # the ground truth too: a soft label of 0.5 is foreground
+    assert foreground_dice(np.full((4, 4), 1.0, np.float32), np.full((4, 4), 0.5, np.float32)) == 1.0
+
+
 def test_per_class_auc_binarises_soft_labels_at_one_half_as_sklearn_on_the_rounded_labels():
     """CheXpert's soft labels: 0.45 is negative, 0.5 and above positive (independent reference: scikit-learn on the
     labels binarised at 0.5)."""
@@ -206,6 +225,20 @@ def test_label_fraction_keeps_the_nearest_whole_number_of_each_class_and_of_pati
     assert sum(e["label"] for e in kept) == 3 and len(kept) == 3 + 6
     scans = [{"image": f"{p}_{k}", "label": f"{p}_{k}_seg", "case_id": f"p{p}"} for p in range(9) for k in range(2)]
     assert len({e["case_id"] for e in select_fraction(scans, 0.3, seed=0)}) == 3
+
+
+@pytest.mark.parametrize("fraction, patients, kept", [(0.25, 10, 3), (0.05, 10, 1), (0.15, 10, 2), (0.35, 10, 4),
+                                                      (0.45, 10, 5), (0.5, 5, 3), (0.1, 25, 3), (0.35, 90, 32),
+                                                      (0.24, 10, 2), (0.26, 10, 3), (0.01, 10, 1)])
+def test_a_label_fraction_rounds_a_half_up(fraction, patients, kept):
+    """The count is fraction x patients rounded to the nearest, a half up, at least one: 25 % of 10 patients keeps 3
+    (Python's round, half to even, kept 2; 45 % kept 4), 35 % of 90 is 31.4999... in floats and keeps 32. The same
+    rule for each class of a classification list."""
+    scans = [{"image": f"{p}_{k}", "label": f"{p}_{k}_seg", "case_id": f"p{p}"} for p in range(patients) for k in range(2)]
+    assert len({e["case_id"] for e in select_fraction(scans, fraction, seed=3)}) == kept
+    labelled = [{"image": f"{i}", "label": int(i < patients), "case_id": f"c{i}"} for i in range(2 * patients)]
+    chosen = select_fraction(labelled, fraction, seed=3)
+    assert sum(e["label"] for e in chosen) == kept and len(chosen) == 2 * kept
 
 
 @pytest.mark.parametrize("count, held", [(25, 3), (14, 2), (10, 1)])

@@ -205,7 +205,8 @@ def test_a_changed_checkpoint_or_pretraining_is_not_reused_silently(tmp_path):
 
     (tmp_path / "vw").mkdir()
     spec = {"pretrain": {"dataset_dir": "vw", "overrides": {"max_epochs": 200}},
-            "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.5}}}, "output_dir": "out2"}
+            "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.5}}}, "output_dir": "out2",
+            "overrides": {"tiny": True, "width": 1.0}}  # the width train.json pretrains at (load_config checks it)
     config = _config(tmp_path, **spec)
     folder = tmp_path / "out2" / "pretrain" / "dira"
     (folder / "models").mkdir(parents=True)
@@ -356,7 +357,8 @@ def test_a_pretraining_that_failed_at_its_start_does_not_lock_the_method(tmp_pat
 
     (tmp_path / "vw").mkdir()
     spec = {"pretrain": {"dataset_dir": "vw", "overrides": {"max_epochs": 200}},
-            "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.5}}}}
+            "methods": {"random": None, "dira": {"pretrain": {"lambda_adv": 0.5}}},
+            "overrides": {"tiny": True, "width": 1.0}}  # the width train.json pretrains at (load_config checks it)
     folder = tmp_path / "out" / "pretrain" / "dira"
     folder.mkdir(parents=True)
     (folder / "settings.json").write_text(json.dumps({"configs": [], "dataset_dir": str(tmp_path / "vw_typo"),

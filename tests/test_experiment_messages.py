@@ -140,3 +140,47 @@ def test_the_plots_label_the_grids_label_fractions_as_percentages(fractions):
     figure = ablation_figure(_cells(fractions), "auc", ["random", "dira"])
     figure.canvas.draw()
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == shown
+
+
+@pytest.mark.parametrize("pretrain, method, finetune, match", [
+    # tiny.json pretrains at width 0.125; the bundle fine-tunes at its width 1: every run refused the checkpoint
+    ({"configs": ["train.json", "tiny.json"]}, {}, {},
+     r"method 'dira' pretrains its network with width 0\.125 from the pretrain configs \(train\.json, tiny\.json\), but "
+     r"bundle 'luna16_nodule_fpr' fine-tunes it with width 1\.0, .*`pretrain: \{width: 1\.0\}` in method 'dira'.*"
+     r"`overrides: \{width: 0\.125\}` in the experiment config"),
+    # the method's own pretrain setting, against the tiny fine-tuning (tiny.json: width 0.125)
+    ({"configs": ["train.json", "tiny.json"]}, {"width": 0.25}, {"tiny": True},
+     r"method 'dira' pretrains its network with width 0\.25 from its pretrain: \{width: \.\.\.\}, but .* width 0\.125"),
+    ({"configs": ["train.json"], "overrides": {"width": 0.5}}, {}, {},
+     r"width 0\.5 from the pretrain section's overrides"),
+])
+def test_a_methods_own_pretraining_at_another_width_is_refused_before_any_run(tmp_path, pretrain, method, finetune, match):
+    """A method with its own `pretrain:` at another width than the fine-tuning bundle pretrained in full, then failed
+    every one of its runs in turn on the checkpoint; now load_config refuses it, naming the method and the settings."""
+    (tmp_path / "vw").mkdir()
+    methods = {"random": None, "dira": {"pretrain": method}}
+    with pytest.raises(ValueError, match=match):
+        load_config(_config(tmp_path, methods=methods, pretrain={"dataset_dir": "vw", **pretrain}, overrides=finetune))
+    # the same widths on both sides pass
+    load_config(_config(tmp_path, methods={"random": None, "dira": {"pretrain": {}}},
+                        pretrain={"dataset_dir": "vw", "configs": ["train.json", "tiny.json"]}, overrides={"tiny": True}))
+    load_config(_config(tmp_path, methods={"random": None, "dira": {"pretrain": {"width": 0.5}}},
+                        pretrain={"dataset_dir": "vw"}, overrides={"width": 0.5}))
+
+
+def test_a_methods_own_2d_pretraining_of_another_backbone_is_refused_before_any_run(tmp_path):
+    (tmp_path / "vw").mkdir()
+    pretrain = {"dataset_dir": "vw", "configs": ["train.json", "2d.json", "2d_tiny.json"]}
+    methods = {"random": None, "dira2d": {"pretrain": {"backbone": "resnet18"}}}
+    with pytest.raises(ValueError) as err:
+        load_config(_config(tmp_path, bundle="siim_pneumothorax_seg", metric="dice", methods=methods, pretrain=pretrain,
+                            overrides={"tiny": True}))
+    message = str(err.value)
+    assert "method 'dira2d' pretrains its network with backbone resnet18 from its pretrain: {backbone: ...}" in message
+    assert "fine-tunes it with backbone resnet10" in message and "`pretrain: {backbone: resnet10}` in method 'dira2d'" in message
+    # a classifier loads the encoder only: another decoder is no mismatch; a segmenter's is
+    methods = {"random": None, "dira2d": {"pretrain": {"decoder_channels": [8, 8, 8, 8, 8]}}}
+    load_config(_config(tmp_path, bundle="chestxray14_cls", methods=methods, pretrain=pretrain, overrides={"tiny": True}))
+    with pytest.raises(ValueError, match=r"decoder_channels \[8, 8, 8, 8, 8\] from its pretrain"):
+        load_config(_config(tmp_path, bundle="siim_pneumothorax_seg", metric="dice", methods=methods, pretrain=pretrain,
+                            overrides={"tiny": True}))

@@ -104,7 +104,7 @@ def test_a_stage_that_max_epochs_never_reaches_is_refused_naming_the_method(tmp_
     # the method's own max_epochs wins over the section's; tiny.json's stages end at epochs 1 and 2 of its 3
     ok = {"random": None, "dira": {"pretrain": {"max_epochs": 61}}, "tiny": {"pretrain": {"stages": [
         {"name": "dis", "until_epoch": 1, "losses": ["dis"]}, {"name": "dira", "losses": ["dis", "res", "adv"]}]}}}
-    load_config(_config(tmp_path, methods=ok, pretrain={**pretrain, "overrides": {}}))
+    load_config(_config(tmp_path, methods=ok, pretrain={**pretrain, "overrides": {"width": 0.125}}))  # tiny fine-tuning's
     load_config(_config(tmp_path, methods={"random": None, "dira": {"pretrain": {}}}, pretrain=TINY_PRETRAIN))
     with pytest.raises(ValueError, match=r"stage 'dira' \(losses dis\+res\+adv\) never runs: stage 'dis_res' lasts "
                                          r"until epoch 2 and max_epochs is 2"):

@@ -45,8 +45,8 @@ def _touch(folder, entries: list[dict]) -> None:
 def test_select_fraction_is_stratified_seeded_and_keeps_every_class():
     entries = [{"image": str(i), "label": int(i < 10), "case_id": str(i)} for i in range(100)]  # 10 positives
     quarter = select_fraction(entries, 0.25, seed=3)
-    assert sum(e["label"] for e in quarter) == round(0.25 * 10)  # 3 of 10 positives (stratified)
-    assert len(quarter) == round(0.25 * 10) + round(0.25 * 90)
+    assert sum(e["label"] for e in quarter) == 3  # 2.5 of 10 positives, a half rounded up (stratified)
+    assert len(quarter) == 3 + 23  # and 22.5 of 90 negatives
     assert quarter == select_fraction(entries, 0.25, seed=3)
     assert quarter != select_fraction(entries, 0.25, seed=4)
     one_percent = select_fraction(entries, 0.01, seed=0)

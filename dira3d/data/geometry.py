@@ -24,6 +24,8 @@ INTERPOLATORS = {
     "label_gaussian": sitk.sitkLabelGaussian,
 }
 
+_EDGE_TOLERANCE = 1e-6  # in new voxels: a centre this close to the old box's edge counts as on it
+
 
 def world_to_voxel(image: sitk.Image, xyz_mm: Sequence[float] | np.ndarray) -> np.ndarray:
     """Continuous voxel index ``(x, y, z)`` of world point(s) in mm.
@@ -53,9 +55,13 @@ def resample(image: sitk.Image, spacing: float | Sequence[float], interpolator: 
              default_value: float = 0.0) -> sitk.Image:
     """Resample to a new voxel spacing, keeping the direction and the physical field of view.
 
-    The new grid covers the same box as the old one (voxel edges, not centres, are kept), so
+    The new grid starts at the old box's corner (voxel edges, not centres, are kept), so
     structures keep their world position: a mask resampled with ``"nearest"`` stays aligned
-    with its image resampled with ``"linear"``.
+    with its image resampled with ``"linear"``. Along each axis the new size is the largest
+    number of new voxels whose centres all lie inside the old box, ``floor(extent / spacing + 1/2)``
+    (the rounded field of view, a half rounded down): a last plane centred on the box's edge or
+    beyond it would be all ``default_value``. An axis thinner than half a new voxel keeps one
+    voxel, centred on the old box.
 
     Args:
         spacing: new spacing in mm, one number (isotropic) or one per axis (x, y, z).
@@ -73,11 +79,14 @@ def resample(image: sitk.Image, spacing: float | Sequence[float], interpolator: 
         raise ValueError(f"unknown interpolator {interpolator!r}; choose one of {sorted(INTERPOLATORS)}")
     old_spacing = np.asarray(image.GetSpacing())
     extent = np.asarray(image.GetSize()) * old_spacing
-    new_size = np.maximum(np.round(extent / new_spacing), 1).astype(int)
+    # last centre (n - 1/2) new voxels from the corner must lie inside the box (1e-6 voxel of float slack)
+    fitting = np.floor(extent / new_spacing + 0.5 - _EDGE_TOLERANCE).astype(int)
+    new_size = np.maximum(fitting, 1)
     direction = np.asarray(image.GetDirection()).reshape(dims, dims)
-    # first new voxel centre = old box corner + half a new voxel (along the image axes)
+    # first new voxel centre = old box corner + half a new voxel (along the image axes), or the box's
+    # centre along an axis too thin for one whole voxel centre
     corner = np.asarray(image.GetOrigin()) - direction @ (old_spacing / 2)
-    new_origin = corner + direction @ (new_spacing / 2)
+    new_origin = corner + direction @ np.where(fitting >= 1, new_spacing / 2, extent / 2)
     return sitk.Resample(image, [int(s) for s in new_size], sitk.Transform(), INTERPOLATORS[interpolator],
                          tuple(new_origin), tuple(new_spacing), image.GetDirection(), float(default_value),
                          image.GetPixelID())

@@ -1,6 +1,8 @@
 """Which modality the scans of ``dira3d prepare generic`` are, and the checks that keep CT and MR apart.
 
 CT in Hounsfield units always has air (or the scanner's padding) below :data:`AIR_HU`; an MRI has none.
+The boundary is strict: a scan is CT when some voxel is *below* :data:`AIR_HU` (a lowest voxel of exactly
+-500 is no air), so every non-constant scan passes exactly one of :func:`check_hu` and :func:`check_mr`.
 Without ``--modality`` the modality an earlier run into ``--dst`` recorded is taken
 (:func:`recorded_modality`), else a few scans spread over the folder decide (:func:`modality_from_scans`);
 each case is then checked against it (:func:`check_hu`, :func:`check_mr`), so a scan of the other kind
@@ -47,12 +49,12 @@ def check_not_a_mask(image: sitk.Image, path: str | os.PathLike, advice: str = _
 
 
 def _lowest_if_not_hu(image: sitk.Image) -> float | None:
-    """The lowest voxel of a scan with no voxel below :data:`AIR_HU` (no air: an MRI, or a CT stored without
-    its rescale intercept or cropped to soft tissue); None for a scan with air, and for a constant image
-    (no scan at all: judged elsewhere)."""
+    """The lowest voxel of a scan with no voxel below :data:`AIR_HU` (lowest ``>= AIR_HU``: no air, an MRI, or a
+    CT stored without its rescale intercept or cropped to soft tissue); None for a scan with air (a voxel
+    strictly below), and for a constant image (no scan at all: judged elsewhere)."""
     array = sitk.GetArrayViewFromImage(image)
     lowest = float(np.min(array))
-    return lowest if lowest > AIR_HU and float(np.max(array)) > lowest else None
+    return lowest if lowest >= AIR_HU and float(np.max(array)) > lowest else None
 
 
 _NO_AIR_ADVICE = ("for an MRI pass --modality mr; for a CT stored without its rescale intercept, or a CT cropped "
@@ -66,7 +68,8 @@ def check_hu(image: sitk.Image, path: str | os.PathLike, chosen_by: str = "") ->
     the case fails, so no windowed MRI is written; empty (``--modality ct`` given): a warning names the file.
 
     Raises:
-        DataError: ``chosen_by`` and no voxel below :data:`AIR_HU`.
+        DataError: ``chosen_by`` and no voxel strictly below :data:`AIR_HU` (the complement of
+            :func:`check_mr`'s test).
     """
     lowest = _lowest_if_not_hu(image)
     if lowest is None:
@@ -89,7 +92,8 @@ def check_mr(image: sitk.Image, path: str | os.PathLike, chosen_by: str = "") ->
     written as MR; empty (``--modality mr`` given): a warning names the file.
 
     Raises:
-        DataError: ``chosen_by`` and a voxel below :data:`AIR_HU`.
+        DataError: ``chosen_by`` and a voxel strictly below :data:`AIR_HU` (a lowest voxel of exactly
+            :data:`AIR_HU` is no air; the complement of :func:`check_hu`'s test).
     """
     lowest = float(np.min(sitk.GetArrayViewFromImage(image)))
     if lowest >= AIR_HU:

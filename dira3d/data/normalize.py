@@ -11,6 +11,7 @@ import numpy as np
 __all__ = ["window_hu", "normalize_mr", "AIR_HU", "MASK_VALUES", "mask_values"]
 
 AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this; an MRI has none
+# (strictly below: a scan whose lowest voxel is exactly AIR_HU has no air)
 
 
 def window_hu(array: np.ndarray, lo: float = -1000.0, hi: float = 1000.0) -> np.ndarray:

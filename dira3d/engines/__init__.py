@@ -5,7 +5,8 @@
 - :class:`DiRAEvaluator` — validation loss on a held-out split (criterion for ``best.pt``).
 - :class:`DiRACheckpoint` — ``last.pt`` / ``best.pt`` in the documented format, and resume; :func:`pretrained_checkpoint`
   — the one to fine-tune from (``last.pt`` for a run without validation).
-- :func:`exit_if_stopped`, :class:`StoppedBySignal` — SIGTERM / Ctrl-C: ``last.pt`` at the step, exit 143 / 130.
+- :func:`exit_if_stopped`, :class:`StoppedBySignal` — SIGTERM / Ctrl-C: ``last.pt`` at the step, exit 143 / 130;
+  :func:`stop_before_training` — the same exit, with one line, while the data are cached before training.
 - :class:`FinalStageEarlyStop`, :func:`check_early_stop_patience` — opt-in early stopping on the validation
   loss in the final stage (``DiRACheckpoint(early_stop_patience=N)``).
 - :class:`RestorationImageHandler`, :func:`scalar_output` — TensorBoard images and scalars.
@@ -23,7 +24,8 @@ from dira3d.engines.inputs import CheckSameShaped, CheckVolumed, load_datalist
 from dira3d.engines.handlers import RestorationImageHandler, scalar_output, side_by_side
 from dira3d.engines.optim import unique_parameters
 from dira3d.engines.stages import Stage, StageSchedule
-from dira3d.engines.stopping import FinalStageEarlyStop, StoppedBySignal, check_early_stop_patience, exit_if_stopped
+from dira3d.engines.stopping import (FinalStageEarlyStop, StoppedBySignal, check_early_stop_patience, exit_if_stopped,
+                                     stop_before_training)
 from dira3d.engines.trainer import DiRATrainer
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "StageSchedule",
     "StoppedBySignal",
     "exit_if_stopped",
+    "stop_before_training",
     "FinalStageEarlyStop",
     "check_early_stop_patience",
 ]

@@ -26,6 +26,14 @@ After such a stop ``trainer.run()`` returns with ``trainer.state.stopped_by`` se
 ``"SIGINT"`` (None after a full run); :func:`exit_if_stopped` (the bundle's last ``finalize`` step) then
 raises :class:`StoppedBySignal`, a ``SystemExit`` with code 143 (SIGTERM) or 130 (SIGINT).
 
+**Before training** (:func:`stop_before_training`, the last ``initialize`` step of the pretraining and task bundles'
+``train.json`` / ``multi_gpu_train.json``): building the trainer loads and caches the data (MONAI's ``CacheDataset``),
+minutes before :class:`SignalStop` is installed, and a SIGTERM then ended ``python -m monai.bundle run`` at once
+without a word (exit -15), a Ctrl-C with a traceback. Until the engine runs, the first signal now logs one line
+(``<what> stopped by SIGTERM before training started (...)``) and raises :class:`StoppedBySignal` (exit 143 / 130);
+:meth:`SignalStop.installed` puts the handlers it replaced back when the training starts. A process that handles
+SIGTERM itself (``dira3d pretrain`` / ``finetune`` / ``experiment``: their one line on how to go on) is left as it is.
+
 **Early stopping** (:class:`FinalStageEarlyStop`, opt-in: ``DiRACheckpoint(early_stop_patience=N)``, the bundle's
 ``early_stop_patience``): the run ends, with exit code 0, after the ``N``-th validation in a row that does not
 lower the criterion (``val_selection_loss``, the ``best.pt`` criterion) below its best **in the final stage**.
@@ -39,6 +47,7 @@ validation value (one broadcast per validation in the final stage), so all ranks
 
 from __future__ import annotations
 
+import logging
 import numbers
 import signal
 import threading
@@ -49,14 +58,57 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers.early_stopping import EarlyStopping
 
-from dira3d.engines.distributed import get_world_size, main_process_value
+from dira3d.engines.distributed import get_world_size, is_main_process, main_process_value
 from dira3d.utils.interrupts import StoppedBySignal
 from dira3d.utils.overrides import as_bool
 
-__all__ = ["STOP_SIGNALS", "SignalStop", "StoppedBySignal", "exit_if_stopped", "FinalStageEarlyStop",
-           "check_early_stop_patience"]
+__all__ = ["STOP_SIGNALS", "SignalStop", "StoppedBySignal", "exit_if_stopped", "stop_before_training",
+           "FinalStageEarlyStop", "check_early_stop_patience"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+_BEFORE_TRAINING: dict[int, Any] = {}  # the handlers stop_before_training replaced, until the training starts
+
+
+def stop_before_training(what: str = "training") -> None:
+    """A bundle's ``initialize`` step: until the training starts (the data are loaded and cached while the trainer
+    is built, in ``run``), SIGTERM / Ctrl-C end the run with one line and :class:`StoppedBySignal` (exit 143 / 130)
+    instead of killing it without a word.
+
+    Args:
+        what: the run's name in the line (``"pretraining"``, ``"fine-tuning"``).
+
+    Only in the main thread, and only when the process has its default handlers (``python -m monai.bundle run``,
+    ``torchrun``): a command that handles SIGTERM itself says what to do in its own line. Idempotent.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    if any(signal.getsignal(s) is not defaults[s] for s in STOP_SIGNALS if s not in _BEFORE_TRAINING):
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        end_stop_before_training()  # a second signal while this one unwinds: the default (stop now)
+        name = signal.Signals(signum).name
+        if is_main_process():  # every rank of a torchrun gets the signal: one line
+            logging.getLogger("dira3d.stopping").warning(
+                f"{what} stopped by {name} before training started (while the data were loaded and cached); nothing "
+                "was trained or saved; run the same command again to start it")
+        raise StoppedBySignal(name, 0)
+
+    for signum in STOP_SIGNALS:
+        _BEFORE_TRAINING.setdefault(signum, signal.getsignal(signum))
+        signal.signal(signum, handle)
+
+
+def end_stop_before_training() -> None:
+    """Put back the handlers :func:`stop_before_training` replaced (a no-op when it replaced none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, previous in _BEFORE_TRAINING.items():
+        signal.signal(signum, previous)
+    _BEFORE_TRAINING.clear()
 
 
 class SignalStop:
@@ -91,6 +143,7 @@ class SignalStop:
         if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
             yield
             return
+        end_stop_before_training()  # the handlers of the data loading: this one takes over, and puts back theirs
         for signum in STOP_SIGNALS:
             previous = signal.getsignal(signum)
             if previous in (signal.SIG_IGN, None):  # ignored on purpose, or set outside Python: leave it

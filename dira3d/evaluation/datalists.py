@@ -91,12 +91,24 @@ def _rng(seed: int, salt: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), salt])
 
 
+def fraction_count(fraction: float, total: int) -> int:
+    """How many of ``total`` samples (or patients) a label ``fraction`` keeps: ``fraction * total`` rounded to
+    the nearest whole number, a half rounded **up** (25 % of 10 keeps 3, 15 % of 10 keeps 2), and at least one.
+
+    Python's ``round`` rounds a half to even (25 % of 10 kept 2, 35 % kept 4, 45 % kept 4) until 2026-11-27;
+    the 1e-9 slack makes a product that float arithmetic leaves just under a half (0.35 * 90 = 31.4999...)
+    count as the half it is.
+    """
+    return max(1, math.floor(float(fraction) * total + 0.5 + 1e-9))
+
+
 def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list[dict]:
     """Seeded subset of ``entries`` keeping ``fraction`` of the labels; smaller fractions nest in larger ones.
 
     Classification entries are sampled per class (stratified), keeping at least one sample of
     every class; segmentation entries are sampled per patient (``patient_id``, else ``case_id``),
-    keeping at least one.
+    keeping at least one. Each count is :func:`fraction_count`: rounded to the nearest, a half up
+    (25 % of 10 patients keeps 3; before 2026-11-27 a half was rounded to even, and kept 2).
     Multi-label entries (``label`` a list) are sampled per patient too, then completed, for every
     class that has positives in ``entries`` but none in the subset, with the first patient carrying it.
 
@@ -130,11 +142,11 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
         for label in sorted(by_class):
             members = by_class[label]
             order = rng.permutation(members)  # drawn in full whatever the fraction: the prefixes nest
-            keep.update(order[: max(1, round(fraction * len(members)))].tolist())
+            keep.update(order[: fraction_count(fraction, len(members))].tolist())
     else:
         patients = sorted({patient_of(e) for e in entries})
         order = [patients[i] for i in rng.permutation(len(patients))]
-        chosen = set(order[: max(1, round(fraction * len(patients)))])
+        chosen = set(order[: fraction_count(fraction, len(patients))])
         if is_multilabel(entries):
             chosen |= _first_carriers_of_missing_classes(entries, chosen, order)
         keep = {i for i, e in enumerate(entries) if patient_of(e) in chosen}

@@ -69,7 +69,9 @@ that is not text (quote ``'2024':``) or not a plain folder name, ``overrides`` t
 (datalist, pretrained, label_fraction, seed, output_dir, bundle_root, ckpt_dir: use the config's own settings),
 pretraining overrides that move its folders (dataset_dir, bundle_root, ckpt_dir, output_dir), a method's checkpoint
 pretrained at another width than the runs build the network at (2D: another backbone or decoder_channels; the error
-names the ``overrides`` to set, e.g. ``overrides: {width: 0.125}``), and a method's
+names the ``overrides`` to set, e.g. ``overrides: {width: 0.125}``), a method's own pretraining (``{pretrain: {...}}``)
+whose settings build another network than the runs (the error names the method and the setting to change, in its
+``pretrain:`` or in ``overrides``), and a method's
 pretraining stages the bundle would refuse or its max_epochs never reaches. A run that fails is
 logged and listed in ``failures.json`` (rewritten after every run, so it is there after Ctrl-C too); the other
 runs go on, the command exits 1 at the end, and rerunning it retries only the failed runs. The command ends by

@@ -114,6 +114,7 @@ def load_config(path: str | Path) -> dict:
                 overrides = {**(config["pretrain"].get("overrides") or {}), **(spec.get("pretrain") or {})}
                 check_overrides(configs, overrides, where=f"pretrain overrides of method {name!r} in {path}")
                 _check_pretrain_run(name, configs, overrides, path)
+        _check_pretrainings_fit(config, path, bundle_configs, dict(config.get("overrides") or {}))
     for fraction in config["label_fractions"]:
         if not 0 < float(fraction) <= 1:
             raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
@@ -200,30 +201,52 @@ def _check_grid_overrides(config: dict, path: Path) -> None:
                              f"(<output_dir>/pretrain/<method>); remove it (the setting to use: {_PRETRAIN_SETS[key]})")
 
 
-def _check_checkpoints_fit(config: Mapping[str, Any], path: Path, bundle_configs: Path, overrides: Mapping[str, Any]) -> None:
-    """Refuse a method's checkpoint pretrained with another network than the bundle builds with the config's
-    overrides (another width; in 2D another backbone or decoder_channels), before any run: each of the method's
-    runs failed on it, one after the other (:func:`dira3d.evaluation.pretrained.checkpoint_mismatch`)."""
+def _task_network_def(bundle_configs: Path, overrides: Mapping[str, Any]) -> dict | None:
+    """The fine-tuning bundle's ``network_def`` with the experiment's ``overrides`` (references resolved); None for a
+    bundle of the user's without one, or an expression only a run resolves (the runs check then)."""
     from monai.bundle import ConfigParser
 
-    from dira3d.evaluation.pretrained import checkpoint_mismatch
-    from dira3d.utils.setting_hints import experiment_settings
-
-    checkpoints = {name: spec for name, spec in config["methods"].items() if isinstance(spec, str) and spec}
-    if not checkpoints:
-        return
     parser = ConfigParser()
     parser.read_config([str(bundle_configs / "train.json")] + ([str(bundle_configs / "tiny.json")] if overrides.get("tiny") else []))
     parser.update({key: value for key, value in overrides.items() if key != "tiny"})
     try:
-        network_def = parser.get_parsed_content("network_def", instantiate=False).get_config()
-    except Exception:  # a bundle of the user's without network_def, or an expression only a run resolves: the runs check
+        return parser.get_parsed_content("network_def", instantiate=False).get_config()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _check_checkpoints_fit(config: Mapping[str, Any], path: Path, bundle_configs: Path, overrides: Mapping[str, Any]) -> None:
+    """Refuse a method's checkpoint pretrained with another network than the bundle builds with the config's
+    overrides (another width; in 2D another backbone or decoder_channels), before any run: each of the method's
+    runs failed on it, one after the other (:func:`dira3d.evaluation.pretrained.checkpoint_mismatch`)."""
+    from dira3d.evaluation.pretrained import checkpoint_mismatch
+    from dira3d.utils.setting_hints import experiment_settings
+
+    checkpoints = {name: spec for name, spec in config["methods"].items() if isinstance(spec, str) and spec}
+    network_def = _task_network_def(bundle_configs, overrides) if checkpoints else None
+    if network_def is None:
         return
     with experiment_settings():  # the error names overrides: {width: ...}, not dira3d finetune's --set
         for name, checkpoint in checkpoints.items():
             mismatch = checkpoint_mismatch(network_def, checkpoint)
             if mismatch:
                 raise ValueError(f"method {name!r} in {path}: {mismatch}; each of its runs would refuse it")
+
+
+def _check_pretrainings_fit(config: Mapping[str, Any], path: Path, bundle_configs: Path, overrides: Mapping[str, Any]) -> None:
+    """The same for a method's own pretraining (``{pretrain: {...}}``), from its settings, as its checkpoint does not
+    exist yet (:func:`dira3d.evaluation.experiment_pretrain.pretrain_fit_mismatch`): each of its runs failed on it
+    after the whole pretraining."""
+    from dira3d.evaluation.experiment_pretrain import pretrain_fit_mismatch
+
+    pretrained = {name: spec for name, spec in config["methods"].items() if isinstance(spec, dict)}
+    network_def = _task_network_def(bundle_configs, overrides) if pretrained else None
+    if network_def is None:
+        return
+    for name, spec in pretrained.items():
+        mismatch = pretrain_fit_mismatch(name, spec, config, network_def)
+        if mismatch:
+            raise ValueError(f"{mismatch} ({path})")
 
 
 def _check_pretrain_run(name: str, configs: list[Path], overrides: Mapping[str, Any], path: Path) -> None:

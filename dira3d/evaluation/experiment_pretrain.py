@@ -1,18 +1,21 @@
 """``dira3d experiment``'s pretraining of the methods given as ``{pretrain: {...}}``: run once with
 ``bundles/dira_pretrain`` into ``<output_dir>/pretrain/<method>``, resumed or reused on a rerun, and
-refused when the recorded settings (``settings.json``) differ from the config's.
+refused when the recorded settings (``settings.json``) differ from the config's, and, before any run, when it
+would build another network than the fine-tuning bundle loads (:func:`pretrain_fit_mismatch`).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import pydoc
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.files import FileContentError, read_json
 
-__all__ = ["SETTINGS_NAME", "pretrain_method"]
+__all__ = ["SETTINGS_NAME", "pretrain_method", "pretrain_fit_mismatch"]
 
 SETTINGS_NAME = "settings.json"  # what a method's pretraining was made with (output_dir/pretrain/<method>/)
 
@@ -88,3 +91,97 @@ def check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
                          "its checkpoint and the results built on it would be reported under the new ones. Give the "
                          "method a new name or use another output_dir (or delete that folder and its rows in "
                          "results.csv to redo it)")
+
+
+def _flow(values: Mapping[str, Any]) -> str:
+    """``width: 0.125, decoder_channels: [16, 16, 8, 8, 8]``: settings as the experiment's YAML writes them."""
+    return ", ".join(f"{key}: {value if isinstance(value, str) else json.dumps(value, separators=(', ', ': '))}"
+                     for key, value in values.items())
+
+
+def _network_settings(network_def: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of ``keys`` a ``network_def`` (references resolved) builds its network with, its target's defaults
+    where it leaves them out; keys the target does not take are left out."""
+    target = pydoc.locate(str(network_def.get("_target_", "")))
+    try:
+        parameters = inspect.signature(target).parameters if target is not None else {}
+    except (TypeError, ValueError):
+        parameters = {}
+    values = {}
+    for key in keys:
+        if key in network_def:
+            values[key] = network_def[key]
+        elif key in parameters and parameters[key].default is not inspect.Parameter.empty:
+            values[key] = parameters[key].default
+    return values
+
+
+def _task_settings(network_def: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a fine-tuning bundle's ``network_def`` that a pretrained checkpoint must share: ``width``
+    (3D task networks), ``backbone`` and, for a segmenter, ``decoder_channels`` (2D); empty for another network."""
+    from dira3d.evaluation.pretrained import TASK_KINDS
+
+    target = str(network_def.get("_target_", ""))
+    if target.endswith(".build_task_network"):
+        keys: tuple[str, ...] = ("width",)
+    elif target.endswith(".build_resnet_task_network") and network_def.get("kind") in TASK_KINDS:
+        keys = ("backbone",) + (("decoder_channels",) if network_def["kind"] == "segmentation" else ())
+    else:
+        return {}
+    return _network_settings(network_def, keys)
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    try:
+        if key == "width":
+            return float(a) == float(b)
+        if key == "decoder_channels":
+            return [int(c) for c in a] == [int(c) for c in b]
+    except (TypeError, ValueError):
+        return True  # a value the network itself refuses, naming it
+    return str(a) == str(b)
+
+
+def pretrain_fit_mismatch(name: str, spec: Mapping[str, Any], config: Mapping[str, Any],
+                          task_network_def: Mapping[str, Any]) -> str:
+    """The error for method ``name``'s own pretraining (``{pretrain: {...}}``) building its network at another width
+    (2D: backbone, decoder_channels) than the fine-tuning bundle's ``task_network_def`` (references resolved, the
+    experiment's ``overrides`` applied): each of the method's runs refused the checkpoint it pretrained, one after
+    the other, after the whole pretraining. '' when they fit, or when either network cannot be judged here."""
+    from monai.bundle import ConfigParser
+
+    wanted = _task_settings(task_network_def)
+    if not wanted:
+        return ""
+    section = config["pretrain"]
+    own = spec.get("pretrain") or {}
+    shared = section.get("overrides") or {}
+    parser = ConfigParser()
+    parser.read_config(pretrain_configs(section))
+    parser.update({**shared, **own})
+    try:
+        network_def = parser.get_parsed_content("network_def", instantiate=False).get_config()
+    except Exception:  # noqa: BLE001 - an expression only a run resolves: the runs check the checkpoint
+        return ""
+    built = _network_settings(network_def, tuple(wanted))
+    differ = [key for key in wanted if key in built and not _same(key, built[key], wanted[key])]
+    if not differ:
+        return ""
+    configs = ", ".join(Path(c).name for c in pretrain_configs(section))
+
+    def source(key: str) -> str:
+        if key in own:
+            return f"its pretrain: {{{key}: ...}}"
+        return "the pretrain section's overrides" if key in shared else f"the pretrain configs ({configs})"
+
+    def shown(values: Mapping[str, Any], keys: list[str]) -> str:
+        return ", ".join(f"{key} {values[key] if isinstance(values[key], str) else json.dumps(values[key])}" for key in keys)
+
+    sources = {source(key): [k for k in differ if source(k) == source(key)] for key in differ}
+    pretrained = "; ".join(f"{shown(built, keys)} from {where}" for where, keys in sources.items())
+    task = shown(wanted, differ)
+    return (f"method {name!r} pretrains its network with {pretrained}, but bundle {config['bundle']!r} fine-tunes it "
+            f"with {task}, so each of its runs would refuse the checkpoint after the whole pretraining; pretrain it "
+            f"as the runs build it (`pretrain: {{{_flow({k: wanted[k] for k in differ})}}}` in method {name!r}) or "
+            f"fine-tune every method as it is pretrained (`overrides: {{{_flow({k: built[k] for k in differ})}}}` "
+            "in the experiment config)")

@@ -179,9 +179,11 @@ def run_finetune(
             try:
                 return _run_finetune(root, overrides, out, files, tiny, overwrite)
             finally:  # the lock of models/ that train.json's initialize took, also when the run failed
+                from dira3d.engines.stopping import end_stop_before_training
                 from dira3d.evaluation.run_folders import release_run_folders
 
                 release_run_folders(out / "models")
+                end_stop_before_training()  # the handlers of its data loading, when it failed before training
 
 
 def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[Path], tiny: bool,
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datalist", help="prepared datalist JSON (default: the bundle's dataset_dir/<task>_datalist.json)")
     parser.add_argument("--dataset-dir", help="folder holding the prepared datalist")
     parser.add_argument("--pretrained", default=None, help="dira3d checkpoint to start from; empty = random initialisation")
-    parser.add_argument("--label-fraction", type=float, default=None, help="share of the training labels used (seeded)")
+    parser.add_argument("--label-fraction", type=float, default=None, help="share of the training labels used (seeded; the count is rounded to the nearest, a half up, at least one: 0.25 of 10 patients keeps 3)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the label subset, holdout and training")
     parser.add_argument("--fold", type=int, default=None, help="test fold for cross-validation datalists (PE-CAD)")
     parser.add_argument("--output-dir", default=None, help="folder for the model, logs and metrics.json")

@@ -125,7 +125,8 @@ def undefined_auc(split: str | None, samples: int) -> str:
 
 
 def _binary_masks(pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 1, *spatial) float masks from binary arrays of shape (B, 1, *spatial) or (*spatial)."""
+    """(B, 1, *spatial) float masks from binary arrays of shape (B, 1, *spatial) or (*spatial); probabilities
+    are binarised as MONAI's ``AsDiscrete(threshold=0.5)`` in the bundles does it: ``>= 0.5`` is foreground."""
     p = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred)
     g = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label)
     if p.shape != g.shape:
@@ -134,14 +135,15 @@ def _binary_masks(pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndar
         p, g = p[None, None], g[None, None]
     if p.ndim < 4 or p.shape[1] != 1:
         raise ValueError(f"masks must be (B, 1, *spatial) foreground masks, got shape {tuple(p.shape)}")
-    return (p > 0.5).float(), (g > 0.5).float()
+    return (p >= 0.5).float(), (g >= 0.5).float()
 
 
 def foreground_dice(pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray) -> float:
     """Mean over cases of the foreground Dice 2|P∩G| / (|P| + |G|).
 
     Args:
-        pred: binary prediction, ``(B, 1, *spatial)`` or a single ``(*spatial)`` mask.
+        pred: binary prediction, ``(B, 1, *spatial)`` or a single ``(*spatial)`` mask (a probability map
+            counts ``>= 0.5`` as foreground, as ``AsDiscrete(threshold=0.5)``).
         label: binary ground truth of the same shape.
 
     Returns:
@@ -158,7 +160,8 @@ def foreground_iou(pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.nda
     """Mean over cases of the foreground IoU |P∩G| / |P∪G| (both empty → 1).
 
     Args:
-        pred: binary prediction, ``(B, 1, *spatial)`` or a single ``(*spatial)`` mask.
+        pred: binary prediction, ``(B, 1, *spatial)`` or a single ``(*spatial)`` mask (a probability map
+            counts ``>= 0.5`` as foreground, as ``AsDiscrete(threshold=0.5)``).
         label: binary ground truth of the same shape.
 
     Returns:

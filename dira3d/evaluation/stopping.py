@@ -20,6 +20,10 @@ the pretraining mechanism (:class:`dira3d.engines.stopping.SignalStop`) on MONAI
   :func:`exit_if_training_stopped` exits with 143 (SIGTERM) or 130 (SIGINT). ``model.pt`` is written atomically, so it
   is never half-written; ``dira3d finetune`` writes no ``metrics.json`` for a stopped run.
 
+A signal before the training starts, while building the trainer loads and caches the data, ends the run with one
+line (``fine-tuning stopped by SIGTERM before training started ...``) and the same exit status:
+:func:`stop_before_training` (:mod:`dira3d.engines.stopping`), the last ``initialize`` step of ``train.json``.
+
 The stop is kept for :func:`exit_if_training_stopped` in this module (one per process), not read from the trainer:
 ``finalize`` naming ``@train#trainer`` would build the trainer, and cache its training data, in a workflow that never
 ran it (``initialize`` then ``finalize``; ``train.json`` + ``evaluate.json``, which keeps ``train.json``'s ``finalize``).
@@ -35,10 +39,10 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from dira3d.engines.distributed import all_ranks_min, is_main_process
-from dira3d.engines.stopping import SignalStop
+from dira3d.engines.stopping import SignalStop, stop_before_training
 from dira3d.utils.interrupts import StoppedBySignal
 
-__all__ = ["run_training", "exit_if_training_stopped", "stop_message"]
+__all__ = ["run_training", "exit_if_training_stopped", "stop_message", "stop_before_training"]
 
 _STOPPED: list[StoppedBySignal] = []  # the stop of this process's last run_training, until it is raised
 

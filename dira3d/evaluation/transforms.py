@@ -205,7 +205,7 @@ class NormalizeScand(MapTransform):
             array = img.detach().cpu().numpy()
             lowest = float(array.min()) if array.size else 0.0
             # (a window within [0, 1] takes a volume prepared by `dira3d prepare` as it is: no HU expected)
-            if lowest > _AIR_HU and float(array.max()) > lowest and self.hu_window[1] - self.hu_window[0] > 2.0:
+            if lowest >= _AIR_HU and float(array.max()) > lowest and self.hu_window[1] - self.hu_window[0] > 2.0:
                 name = getattr(img, "meta", {}).get("filename_or_obj", key)
                 warnings.warn(f"{name}: no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT "
                               f"in Hounsfield units and the HU window {list(self.hu_window)} will flatten it; for an MRI set "

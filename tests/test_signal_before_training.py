@@ -1,0 +1,129 @@
+"""SIGTERM / Ctrl-C while a bundle caches its data, before training starts (found 2026-11-27): building the trainer
+loads and caches the data (MONAI's CacheDataset) before the engine's SignalStop handler is installed, and a SIGTERM
+then ended `python -m monai.bundle run` of the pretraining or a fine-tuning bundle at once without a word (exit -15);
+a Ctrl-C printed a traceback. The bundles' last initialize step, stop_before_training, now makes both end with one
+line and exit 143 / 130, as a stop during training does."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import textwrap
+
+import pytest
+
+from dira3d.engines.stopping import SignalStop, stop_before_training
+from dira3d.utils.interrupts import StoppedBySignal
+from test_finetune_signal_stop import _bundle_args, _datalist
+from test_resume_kill import CONFIGS as PRETRAIN_CONFIGS
+from test_signal_stop_runs import run_until
+
+# Wraps `python -m monai.bundle`: each item CacheDataset loads prints "CACHING" on a line of its own (tqdm's bar
+# shares the pipe, hence the leading newline) and takes CACHE_PAUSE seconds, so the signal comes during the caching.
+RUNNER = textwrap.dedent('''
+    import os, runpy, sys, time
+    from monai.data import CacheDataset
+
+    def say(*words):
+        os.write(1, ("\\n" + " ".join(str(w) for w in words) + "\\n").encode())
+
+    load = CacheDataset._load_cache_item
+
+    def slow_load(self, *args, **kwargs):
+        say("CACHING")
+        time.sleep(0.5)
+        return load(self, *args, **kwargs)
+
+    CacheDataset._load_cache_item = slow_load
+    sys.argv = ["monai.bundle"] + sys.argv[1:]
+    try:
+        runpy.run_module("monai.bundle", run_name="__main__")
+    except SystemExit as stop:
+        say("EXIT", stop.code)
+        raise
+    say("EXIT", 0)
+''')
+
+
+def _pretrain_args(tmp_path, out) -> list[str]:
+    from test_bundle_pretrain import write_volumes
+
+    data = tmp_path / "volumes"
+    data.mkdir()
+    write_volumes(data, count=6)
+    return ["run", "--config_file", f"['{PRETRAIN_CONFIGS}/train.json','{PRETRAIN_CONFIGS}/tiny.json']",
+            "--meta_file", f"{PRETRAIN_CONFIGS}/metadata.json", "--logging_file", f"{PRETRAIN_CONFIGS}/logging.conf",
+            "--dataset_dir", str(data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
+            "--patch_size", "[16,16,8]"]
+
+
+@pytest.mark.parametrize(("what", "signum", "code"), [("fine-tuning", signal.SIGTERM, 143),
+                                                      ("pretraining", signal.SIGINT, 130)])
+def test_a_signal_while_the_data_are_cached_ends_the_bundle_run_with_one_line(tmp_path, repo_root, what, signum, code):
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER)
+    out = tmp_path / "run"
+    args = (_bundle_args(repo_root, _datalist(tmp_path), out, ["train.json", "tiny.json"]) if what == "fine-tuning"
+            else _pretrain_args(tmp_path, out))
+    returncode, output = run_until([sys.executable, str(runner), *args], repo_root, {}, [("CACHING", signum)])
+    assert returncode == code, output[-3000:]
+    assert re.search(rf"^EXIT {code}$", output, flags=re.M), output[-3000:]
+    name = signal.Signals(signum).name
+    lines = re.findall(r"WARNING - (.* before training started.*)", output)
+    assert lines == [f"{what} stopped by {name} before training started (while the data were loaded and cached); "
+                     "nothing was trained or saved; run the same command again to start it"], output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert not list(out.rglob("*.pt"))
+
+
+def test_the_engine_takes_the_signals_over_and_puts_back_the_handlers_from_before(monkeypatch):
+    """stop_before_training replaces the default handlers only; SignalStop (the training) puts back those it replaced, so
+    its second Ctrl-C is Python's KeyboardInterrupt again and nothing of the data loading's handler is left after."""
+    from ignite.engine import Engine
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # a test runner may have its own
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    try:
+        for signum, handler in defaults.items():
+            signal.signal(signum, handler)
+        stop_before_training("pretraining")
+        installed = {s: signal.getsignal(s) for s in defaults}
+        assert all(h not in (signal.SIG_DFL, signal.default_int_handler) for h in installed.values())
+        stop_before_training("pretraining")  # a second initialize: the defaults stay the ones to put back
+        engine = Engine(lambda e, b: None)
+        stop = SignalStop()
+        with stop.installed(engine):
+            assert stop._previous == defaults  # the engine's handlers replace the defaults, not the data loading's
+        assert {s: signal.getsignal(s) for s in defaults} == defaults
+        stop_before_training("fine-tuning")
+        with pytest.raises(StoppedBySignal) as stopped:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert stopped.value.code == 143
+        assert {s: signal.getsignal(s) for s in defaults} == defaults  # the first signal put the defaults back
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def test_a_process_that_handles_sigterm_itself_is_left_as_it_is():
+    """dira3d pretrain / finetune / experiment handle SIGTERM (sigterm_as_interrupt) and print their own line."""
+    from dira3d.utils.interrupts import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        stop_before_training("fine-tuning")
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_every_training_config_ends_its_initialize_with_the_stop_before_training(repo_root):
+    import json
+
+    from dira3d.evaluation.finetune import BUNDLES, BUNDLES_2D
+
+    for bundle in (*BUNDLES, *BUNDLES_2D, "dira_pretrain"):
+        step = ("$dira3d.engines.stop_before_training('pretraining')" if bundle == "dira_pretrain" else
+                "$dira3d.evaluation.stop_before_training('fine-tuning')")
+        for name in ("train.json", "multi_gpu_train.json"):
+            config = json.loads((repo_root / "bundles" / bundle / "configs" / name).read_text(encoding="ascii"))
+            assert config["initialize"][-1] == step, (bundle, name)
