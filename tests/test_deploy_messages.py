@@ -149,6 +149,20 @@ def test_infer_network_settings_reads_depth_decoder_and_width():
     assert infer_network_settings(Classifier(3, 1, 2, width=0.125).state_dict())["width"] == 0.125
 
 
+@pytest.mark.parametrize("width", [1.0, 0.5, 0.125, 0.3, 1 / 3, 0.30625])
+def test_inferred_width_rebuilds_every_encoder_convolution(width):
+    """A width whose channel counts round unevenly (0.3: 10, 19, 19, 38 ... filters) was read from level 0 alone
+    (10 / 32 = 0.3125, which builds 20 where the checkpoint has 19): the hint named settings that did not fit."""
+    from dira3d.networks.weights_fit import infer_network_settings
+
+    state = Classifier(3, 1, 2, width=width).state_dict()
+    inferred = infer_network_settings(state)["width"]
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert {k: tuple(v.shape) for k, v in Classifier(3, 1, 2, width=inferred).state_dict().items()} == shapes
+    if width in (1.0, 0.5, 0.125, 0.3):
+        assert inferred == width  # the round number, not 154 / 512
+
+
 def test_export_of_a_tiny_2d_model_names_the_overrides(repo_root, tmp_path, capsys):
     bundle = tmp_path / "montgomery_lung_seg"
     shutil.copytree(repo_root / "bundles" / "montgomery_lung_seg" / "configs", bundle / "configs")

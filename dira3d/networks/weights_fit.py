@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from dira3d.networks.pretrained import Shape, preview_keys
+from dira3d.networks.unet import _ENCODER_PLAN, scale_channels
 
 __all__ = ["infer_network_settings", "state_dict_mismatch", "mismatch_summary", "settings_that_fit", "format_overrides", "same_value"]
 
-_UNET_BASE_CHANNELS = 32  # dira3d.networks.UNet: level 0 has 32 x width filters
 _LAYER_BLOCK = re.compile(r"(?:^|\.)layer([1-4])\.(\d+)\.")
 _DECODER_BLOCK = re.compile(r"^(?:decoder\.)?blocks\.(\d+)\.convs\.conv_1\.conv\.weight$")
 
@@ -31,6 +31,27 @@ def _resnet_params() -> dict[str, tuple[str, tuple[int, ...]]]:
     except ImportError:  # pragma: no cover - older/newer MONAI without the table
         return {}
     return {name: (str(value[0]), tuple(value[1])) for name, value in resnet_params.items()}
+
+
+def _unet_width(state: Mapping[str, torch.Tensor]) -> float:
+    """The ``width`` of a Models Genesis U-Net state_dict: the shortest decimal that rebuilds the channel count of
+    every encoder convolution it holds (``scale_channels`` rounds each: width 0.3 gives 10, 19, 19, 38, ... filters,
+    so level 0 alone (10 / 32 = 0.3125) names a width that builds 20 where the checkpoint has 19); else the ratio
+    of its deepest convolution, the finest one."""
+    plan = [c for level in _ENCODER_PLAN for c in level]
+    observed = []
+    for i in range(len(_ENCODER_PLAN)):
+        for j, conv in enumerate(("conv1", "conv2")):
+            weight = _tensor(state, f"encoder.levels.{i}.{conv}.conv.weight", f"levels.{i}.{conv}.conv.weight")
+            if weight is not None:
+                observed.append((plan[2 * i + j], int(weight.shape[0])))
+    base, count = observed[-1]
+    ratio = count / base
+    for decimals in range(1, 7):
+        width = round(ratio, decimals)
+        if width > 0 and all(scale_channels(b, width) == n for b, n in observed):
+            return width
+    return ratio
 
 
 def _tensor(state: Mapping[str, Any], *names: str) -> torch.Tensor | None:
@@ -62,7 +83,7 @@ def infer_network_settings(state: Mapping[str, Any]) -> dict[str, Any]:
         found["spatial_dims"] = first.dim() - 2
         found["in_channels"] = int(first.shape[1])
     if level0 is not None:
-        found["width"] = level0.shape[0] / _UNET_BASE_CHANNELS
+        found["width"] = _unet_width(state)
     if stem is not None:
         blocks: dict[int, int] = {}
         for key in state:
