@@ -304,7 +304,9 @@ def _grads(layer: nn.Module, x: torch.Tensor, fn, *args, **kwargs):
     return results
 
 
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-11)}
+# float32: a bias gradient sums a symmetric upstream (linspace -1..1) to nearly zero, and the summation order of the
+# two paths depends on the thread count (1e-5 apart under pytest-xdist): atol 1e-4; float64 keeps the exactness
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-11)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

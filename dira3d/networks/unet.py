@@ -36,13 +36,14 @@ __all__ = [
     "scale_channels",
     "check_input",
     "DIVISOR",
+    "ENCODER_PLAN",
 ]
 
 NORMS = ("batch", "instance", "group")
 
 # Channel plan of the reference network at width 1.
-_ENCODER_PLAN = ((32, 64), (64, 128), (128, 256), (256, 512))
-DIVISOR = 2 ** (len(_ENCODER_PLAN) - 1)  # three poolings → sizes must be multiples of 8
+ENCODER_PLAN = ((32, 64), (64, 128), (128, 256), (256, 512))
+DIVISOR = 2 ** (len(ENCODER_PLAN) - 1)  # three poolings → sizes must be multiples of 8
 
 
 def scale_channels(channels: int, width: float) -> int:
@@ -156,7 +157,7 @@ class UNetEncoder(nn.Module):
         levels = []
         channels = in_channels
         self.skip_channels: list[int] = []
-        for mid, out in _ENCODER_PLAN:
+        for mid, out in ENCODER_PLAN:
             mid, out = scale_channels(mid, width), scale_channels(out, width)
             levels.append(_double_conv(spatial_dims, channels, mid, out, norm))
             self.skip_channels.append(out)
@@ -207,7 +208,7 @@ class UNetDecoder(nn.Module):
         _check_settings(spatial_dims, width, norm)
         if out_channels < 1:
             raise ValueError(f"out_channels={out_channels!r} must be at least 1")
-        enc_out = [scale_channels(out, width) for _, out in _ENCODER_PLAN]
+        enc_out = [scale_channels(out, width) for _, out in ENCODER_PLAN]
         levels = []
         channels = enc_out[-1]
         for skip_channels in reversed(enc_out[:-1]):

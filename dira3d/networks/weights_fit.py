@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dira3d.networks.pretrained import Shape, preview_keys
-from dira3d.networks.unet import _ENCODER_PLAN, scale_channels
+from dira3d.networks.unet import ENCODER_PLAN, scale_channels
 
 __all__ = ["infer_network_settings", "state_dict_mismatch", "mismatch_summary", "settings_that_fit", "format_overrides", "same_value"]
 
@@ -38,9 +38,9 @@ def _unet_width(state: Mapping[str, torch.Tensor]) -> float:
     every encoder convolution it holds (``scale_channels`` rounds each: width 0.3 gives 10, 19, 19, 38, ... filters,
     so level 0 alone (10 / 32 = 0.3125) names a width that builds 20 where the checkpoint has 19); else the ratio
     of its deepest convolution, the finest one."""
-    plan = [c for level in _ENCODER_PLAN for c in level]
+    plan = [c for level in ENCODER_PLAN for c in level]
     observed = []
-    for i in range(len(_ENCODER_PLAN)):
+    for i in range(len(ENCODER_PLAN)):
         for j, conv in enumerate(("conv1", "conv2")):
             weight = _tensor(state, f"encoder.levels.{i}.{conv}.conv.weight", f"levels.{i}.{conv}.conv.weight")
             if weight is not None:
