@@ -40,6 +40,18 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return result
 
 
+def _tolerance(text: str) -> float:
+    """``--tolerance``: a number >= 0 (a negative one would refuse every graph)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 (max |logit difference| per unit of logit "
+                                         "scale, e.g. 1e-4)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dira3d export", description="deployment exports of dira3d models", formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -56,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     def check_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check "
                                             "(default a random input of the example shape)")
-        p.add_argument("--tolerance", type=float, default=None,
+        p.add_argument("--tolerance", type=_tolerance, default=None,
                        help="max |logit difference| accepted, per unit of max(1, max |logit|) (default 1e-4)")
 
     ts = sub.add_parser("torchscript", help="model.ts via monai.bundle ckpt_export (checked against PyTorch)",
@@ -112,7 +124,7 @@ def _export_model(args: argparse.Namespace) -> int:
     from dira3d.deploy.export import DEFAULT_TOLERANCE, AgreementError
 
     overrides = parse_overrides(args.override)
-    tolerance = args.tolerance or DEFAULT_TOLERANCE
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance  # 0 (exact) is a tolerance too
     try:
         if args.what == "torchscript":
             from dira3d.deploy.export import export_torchscript_with_report
