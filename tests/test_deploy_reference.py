@@ -252,6 +252,17 @@ def test_load_into_strict_refuses_a_missing_key_alone(tmp_path):
     assert report.loaded == ["second.weight"] and torch.equal(network.second.weight, torch.ones(4, 2))
 
 
+def test_load_into_refuses_a_mapping_that_sends_two_keys_to_one_and_copies_nothing(tmp_path):
+    """{"a.": "second.", "b.": "second."} put both files' tensors into second.weight: both were reported loaded and
+    the last one won without a word."""
+    path = _weights(tmp_path / "part.pt", {"a.weight": torch.ones(4, 2), "b.weight": torch.zeros(4, 2)})
+    network = _Users()
+    before = network.second.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"renames both 'a.weight' and 'b.weight' .* to 'second.weight'"):
+        load_into(network, path, mapping={"a.": "second.", "b.": "second."})
+    assert torch.equal(network.second.weight, before)
+
+
 @pytest.mark.parametrize("wrapper", ["model", "network", "state_dict"])
 def test_load_bundle_network_reads_weights_under_a_wrapper_key(wrapper, repo_root, tmp_path):
     bundle, reference = _bundle(repo_root, tmp_path, lambda sd: {wrapper: sd, "epoch": 3})

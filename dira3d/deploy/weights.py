@@ -277,17 +277,23 @@ def load_into(
     Raises:
         FileNotFoundError: ``weights_path`` does not exist.
         ValueError: the file's kernels are of another rank than the network's (a 3D file in a 2D
-            network or the reverse: only biases and normalisation statistics would fit); with
+            network or the reverse: only biases and normalisation statistics would fit); the mapping
+            renames two of the file's keys to one network key; with
             ``strict``, when any key did not fit (the message lists keys and shapes).
     """
     source = read_weights(weights_path)
     target = network.state_dict()
     report = LoadReport(source=str(weights_path), parts=(Path(weights_path).stem,))
     selected: dict[str, torch.Tensor] = {}
+    renamed: dict[str, str] = {}  # network key -> the file's key mapped to it
     for key, value in source.items():
         name = _rename(key, mapping)
         if name is None:
             continue
+        if name in renamed:  # two of the file's tensors would be loaded into one of the network's: the last won silently
+            raise ValueError(f"load_into: the mapping renames both {renamed[name]!r} and {key!r} of {weights_path} to "
+                             f"{name!r}; each network key can take one tensor: fix the mapping (a None value drops keys)")
+        renamed[name] = key
         if name not in target:
             report.unexpected.append(name)
         elif tuple(target[name].shape) != tuple(value.shape):
