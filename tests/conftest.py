@@ -45,6 +45,17 @@ def one_torch_thread():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def write_dicom_radiograph(path: Path, array, patient: str) -> None:
+    """One 2D DICOM file (a SIIM-ACR radiograph): PatientID ``patient``, SOPInstanceUID the file's stem."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetMetaData("0010|0020", patient)
+    image.SetMetaData("0008|0018", path.stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
 def write_dicom_series(folder: Path, array_xyz, spacing=(0.7, 0.7, 2.0), origin=(-50.0, -60.0, 100.0), *,
                        modality: str = "CT", series_uid: str = "1.2.826.0.1.3680043.2.1125.2",
                        sop_prefix: str = "1.2.826.0.1.3680043.2.1125.3", file_name: str = "slice{:03d}.dcm") -> None:

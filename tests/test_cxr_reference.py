@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_dicom_radiograph
+
 from dira3d.data import chestxray14, chexpert, montgomery, radiographs, siim
 from dira3d.data.cxr import check_size, image_resize_mode, resize_image, resize_mask, to_uint8
 from dira3d.data.cxr_splits import patient_split, split_entries
@@ -209,16 +211,6 @@ def test_chexpert_defaults_are_u_ones_and_the_five_tasks(monkeypatch):
 # ---------------------------------------------------------------- SIIM-ACR end to end
 
 
-def _write_dicom(path, array, patient):
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(array)
-    image.SetMetaData("0010|0020", patient)
-    image.SetMetaData("0008|0018", path.stem)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path))
-
-
 def test_siim_keeps_a_patients_images_together_and_a_half_covered_mask_block(tmp_path):
     """Two images of each of three patients (DICOM PatientID): each patient's images fall in one part, the parts
     are patient_split of the PatientIDs, and case_id is the PatientID. The mask is resized as a mask (area average
@@ -231,7 +223,7 @@ def test_siim_keeps_a_patients_images_together_and_a_half_covered_mask_block(tmp
     for p in range(3):
         for k in range(2):
             uid = f"1.2.{p}.{k}"
-            _write_dicom(src / "dicom-images-train" / uid / f"{uid}.dcm", np.full((16, 16), 50 * k + p, np.uint8),
+            write_dicom_radiograph(src / "dicom-images-train" / uid / f"{uid}.dcm", np.full((16, 16), 50 * k + p, np.uint8),
                          f"P{p}")
             patient_of[uid] = f"P{p}"
             rows.append([uid, " " + (encode_rle(half) if (p, k) == (0, 0) else "-1")])

@@ -9,6 +9,8 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from conftest import write_dicom_radiograph
+
 from dira3d.data import montgomery, siim
 from dira3d.data.command import main as prepare_main
 from dira3d.data.cxr import read_grey
@@ -16,14 +18,6 @@ from dira3d.data.io import DataError
 from dira3d.data.rle import encode_rle
 
 SHAPE = (16, 20)  # rows ≠ cols: a transposed decoding would not even fit
-
-
-def _write_dicom(path, array, patient):
-    image = sitk.GetImageFromArray(array)
-    image.SetMetaData("0010|0020", patient)
-    image.SetMetaData("0008|0018", path.stem)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path))
 
 
 def _siim_layout(root, missing=False):
@@ -35,7 +29,7 @@ def _siim_layout(root, missing=False):
     images = {f"1.2.276.0.7230010.3.1.4.{i}": rng.integers(0, 256, SHAPE, dtype=np.uint8) for i in range(4)}
     ids = sorted(images)
     for i, (uid, array) in enumerate(images.items()):
-        _write_dicom(root / "dicom-images-train" / f"1.2.{i}" / f"1.3.{i}" / f"{uid}.dcm", array, f"patient-{i}")
+        write_dicom_radiograph(root / "dicom-images-train" / f"1.2.{i}" / f"1.3.{i}" / f"{uid}.dcm", array, f"patient-{i}")
     rows = [[ids[0], " " + encode_rle(component_a)], [ids[0], " " + encode_rle(component_b)],
             [ids[1], " -1"], [ids[2], " " + encode_rle(component_b)], [ids[3], " -1"]]
     if missing:
@@ -123,7 +117,7 @@ def test_siim_pneumothorax_flag_says_whether_the_mask_written_has_foreground(tmp
 
 def test_monochrome1_dicom_is_read_bone_bright(tmp_path):
     array = np.arange(SHAPE[0] * SHAPE[1], dtype=np.uint16).reshape(SHAPE) % 256
-    _write_dicom(tmp_path / "a.dcm", array.astype(np.uint8), "p")
+    write_dicom_radiograph(tmp_path / "a.dcm", array.astype(np.uint8), "p")
     dataset = pydicom.dcmread(tmp_path / "a.dcm")
     dataset.PhotometricInterpretation = "MONOCHROME1"
     dataset.save_as(tmp_path / "b.dcm")
