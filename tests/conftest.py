@@ -45,6 +45,16 @@ def one_torch_thread():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+class RunsCodeWhenUnpickled:
+    """A crafted checkpoint entry: unpickling it runs ``touch marker`` (what a weights-only load must never do)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def write_dicom_radiograph(path: Path, array, patient: str) -> None:
     """One 2D DICOM file (a SIIM-ACR radiograph): PatientID ``patient``, SOPInstanceUID the file's stem."""
     import SimpleITK as sitk

@@ -7,6 +7,8 @@ import textwrap
 import pytest
 import torch
 
+from conftest import RunsCodeWhenUnpickled
+
 from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
 
 
@@ -75,19 +77,9 @@ def test_check_writable_names_folder(tmp_path):
         check_writable(tmp_path, min_free_bytes=2**62)
 
 
-class _RunsCode:
-    """A crafted checkpoint: unpickling it calls ``os.system`` (what a weights-only load must never do)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_checkpoint_crafted_to_run_code_is_refused_without_advice_to_turn_the_check_off(tmp_path):
     marker = tmp_path / "code_ran"
-    torch.save({"encoder": _RunsCode(marker), "meta": {"width": 1}}, tmp_path / "crafted.pt")
+    torch.save({"encoder": RunsCodeWhenUnpickled(marker), "meta": {"width": 1}}, tmp_path / "crafted.pt")
     with pytest.raises(ValueError) as info:
         load_checkpoint(tmp_path / "crafted.pt")
     assert not marker.exists()

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import RunsCodeWhenUnpickled
+
 from dira3d.engines import checkpoint as ckpt_module
 from dira3d.engines import pretrained_checkpoint
 from dira3d.engines.checkpoint import DiRACheckpoint
@@ -75,22 +77,12 @@ def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp
 # ---------------------------------------------------------------- which checkpoint is the result: weights-only reads
 
 
-class _Touches:
-    """Unpickling it creates a file: a weights-only load never does."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_choosing_best_or_last_reads_last_pt_weights_only(tmp_path):
     """pretrained_checkpoint opens last.pt to read one flag: a crafted last.pt must not run code there either
     (the house rule: every checkpoint read is weights_only=True); it is 'not ours', so best.pt is the result."""
     marker = tmp_path / "code_ran"
     torch.save({"v": torch.zeros(1)}, tmp_path / "best.pt")
-    torch.save({"trainer": {"validation": False}, "x": _Touches(marker)}, tmp_path / "last.pt")
+    torch.save({"trainer": {"validation": False}, "x": RunsCodeWhenUnpickled(marker)}, tmp_path / "last.pt")
     assert pretrained_checkpoint(tmp_path) == tmp_path / "best.pt"
     assert not marker.exists()
 
