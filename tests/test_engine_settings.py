@@ -66,6 +66,24 @@ def test_barlow_validation_with_a_last_batch_of_one(tmp_path):
         trainer.run()
 
 
+def test_each_validation_counts_its_own_short_batches(caplog):
+    """5 validation volumes, batch 2: batches of 2, 2 and 1 (the 1 left out by Barlow Twins). The count of short
+    batches, which decides "every validation batch was too small", added up over the validations; it is now that of
+    each validation, with the same val_loss each time, and the warning is still given once."""
+    val_loader = DataLoader(Dataset(smooth_volumes(5, seed=1), RandPatchPaird("image", PATCH3)), batch_size=2)
+    evaluator = DiRAEvaluator("cpu", val_loader, seed=7)
+    trainer = make_trainer("barlow", 3, stages=[{"name": "dis_res", "losses": ["dis", "res"]}], max_epochs=1,
+                           volumes=2, batch=2, handlers=[evaluator])
+    with caplog.at_level("WARNING"):
+        trainer.run()
+        first = trainer.state.metrics["val_loss"]
+        assert evaluator._short_batches == 1
+        evaluator._validate(trainer)
+    assert evaluator._short_batches == 1  # this validation's, not 2
+    assert trainer.state.metrics["val_loss"] == first
+    assert sum("is left out" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.parametrize("dims, items", [(3, "volumes"), (2, "images")])
 def test_barlow_validation_of_one_image_names_the_datalist(tmp_path, dims, items):
     """The message named no datalist and said "volumes" for 2D images too."""
@@ -200,3 +218,16 @@ def test_check_overrides_refuses_text_for_numbers_but_not_expressions_or_backend
         check_overrides(configs, {"max_epochs": "two"}, where="--override")
     # expressions, references and text for a true/false setting that also takes a backend name pass
     check_overrides(configs, {"max_epochs": "$2 * 3", "lr_g": "@lr_d", "compile": "aot_eager", "width": 0.5})
+
+
+@pytest.mark.parametrize("losses, shown", [("dis", '["dis"]'), ("dis+res", '["dis", "res"]'),
+                                           ({"dis": True}, '["dis"]'), (5, '["dis", "res", "adv"]')])
+def test_stage_losses_that_are_not_a_list_are_refused_showing_the_list_form(losses, shown):
+    """"losses": "dis" (a common slip) was refused without the list form; {"dis": true} was taken as its keys and a
+    number failed with Python's bare "'int' object is not iterable"."""
+    from dira3d.engines.stages import StageSchedule
+
+    with pytest.raises(ValueError, match=re.escape("stages[1] (warm): 'losses' must be a non-empty list") + ".*"
+                       + re.escape(f"got {losses!r}; write it as a list, e.g. \"losses\": {shown}")):
+        StageSchedule([{"name": "dis", "until_epoch": 1, "losses": ["dis"]}, {"name": "warm", "losses": losses}])
+    assert StageSchedule([{"name": "warm", "losses": ("dis", "res")}]).stages[0].losses == ("dis", "res")

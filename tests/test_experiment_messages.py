@@ -184,3 +184,40 @@ def test_a_methods_own_2d_pretraining_of_another_backbone_is_refused_before_any_
     with pytest.raises(ValueError, match=r"decoder_channels \[8, 8, 8, 8, 8\] from its pretrain"):
         load_config(_config(tmp_path, bundle="siim_pneumothorax_seg", metric="dice", methods=methods, pretrain=pretrain,
                             overrides={"tiny": True}))
+
+
+@pytest.mark.parametrize("bundle, metric, pretrain, match", [
+    ("luna16_nodule_fpr", "auc", {"configs": ["train.json", "2d.json"]},
+     r"method 'dira' pretrains a 2D network \(spatial_dims 2 from the pretrain configs \(train\.json, 2d\.json\)\), but "
+     r"bundle 'luna16_nodule_fpr' fine-tunes a 3D one, .*`configs: \[train\.json\]` in the pretrain section"),
+    ("luna16_nodule_fpr", "auc", {"configs": ["train.json"], "overrides": {"spatial_dims": 2}},
+     r"pretrains a 2D network \(spatial_dims 2 from the pretrain section's overrides\), .* fine-tunes a 3D one"),
+    ("siim_pneumothorax_seg", "dice", {"configs": ["train.json"]},
+     r"pretrains a 3D network .* bundle 'siim_pneumothorax_seg' fine-tunes a 2D one, .*`configs: \[train\.json, 2d\.json\]`"),
+])
+def test_a_methods_own_pretraining_in_other_dimensions_is_refused_before_any_run(tmp_path, bundle, metric, pretrain, match):
+    """A 2D pretraining for a 3D bundle (or the reverse) was not compared (only width, backbone, decoder_channels): the
+    method pretrained in full, then each of its runs refused the checkpoint."""
+    (tmp_path / "vw").mkdir()
+    with pytest.raises(ValueError, match=match):
+        load_config(_config(tmp_path, bundle=bundle, metric=metric, methods={"random": None, "dira": {"pretrain": {}}},
+                            pretrain={"dataset_dir": "vw", **pretrain}))
+
+
+def test_a_checkpoint_in_other_dimensions_is_refused_before_any_run_and_named_by_the_bundle(tmp_path):
+    """A 2D checkpoint for a 3D bundle passed the experiment's check (its meta width fit) and failed every run; and
+    when its width differed too, the bundle said to change the width, after which it refused the checkpoint as 2D."""
+    for width, name in ((1.0, "u2.pt"), (0.125, "u2_tiny.pt")):
+        unet = UNet(spatial_dims=2, in_channels=1, out_channels=1, width=width)
+        atomic_save({"encoder": unet.encoder.state_dict(), "decoder": unet.decoder.state_dict(),
+                     "meta": {"spatial_dims": 2, "in_channels": 1, "width": width}}, tmp_path / name)
+    with pytest.raises(ValueError, match=r"method 'dira' in .*u2\.pt were pretrained in 2D \(checkpoint meta spatial_dims "
+                                         r"2\), but the task network is 3D: .*configs/train\.json without 2d\.json"):
+        load_config(_config(tmp_path, methods={"random": None, "dira": "u2.pt"}))
+    _checkpoint_3d(tmp_path / "u3.pt")
+    with pytest.raises(ValueError, match=r"u3\.pt were pretrained in 3D .* task network is 2D: .*configs/2d\.json"):
+        load_config(_config(tmp_path, bundle="siim_pneumothorax_seg", metric="dice", methods={"dira": "u3.pt"}))
+    with pytest.raises(ValueError) as err:
+        build_task_network("classification", 3, width=1.0, pretrained=str(tmp_path / "u2_tiny.pt"))
+    assert "u2_tiny.pt were pretrained in 2D" in str(err.value) and "task network is 3D" in str(err.value)
+    assert "width" not in str(err.value)

@@ -129,7 +129,7 @@ def test_torchrun_two_gloo_ranks_stopped_by_sigterm_stop_at_the_same_step_and_lo
 # in-process: a MONAI trainer and validator of a linear network, as the bundles build them
 
 
-def _engines(tmp_path: Path, max_epochs: int = 4):
+def _engines(tmp_path: Path, max_epochs: int = 4, val_handlers: tuple = ()):
     torch.manual_seed(0)
     network = torch.nn.Linear(4, 1)
     data = [{"image": torch.rand(4), "label": torch.rand(1)} for _ in range(6)]
@@ -137,7 +137,7 @@ def _engines(tmp_path: Path, max_epochs: int = 4):
     saver = BestModelSaver(network, tmp_path / "models" / "model.pt", "val_mse")
     validator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=network,
                                     key_val_metric={"val_mse": MeanSquaredError(output_transform=from_engine(["pred", "label"]))},
-                                    val_handlers=[saver])
+                                    val_handlers=[saver, *val_handlers])
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=loader,
                                 network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
                                 loss_function=torch.nn.MSELoss(),
@@ -175,6 +175,33 @@ def test_a_signal_during_a_validation_leaves_it_unfinished_and_saves_nothing(tmp
         exit_if_training_stopped()
     assert stop.value.code == 143 and stop.value.iteration == 6
     exit_if_training_stopped()  # raised once: a later workflow's finalize in this process goes on
+
+
+def test_the_progress_bar_of_a_validation_cut_short_is_closed(tmp_path):
+    """The validation's bar (the bundles' ClosingProgressBar) stayed open when a signal cut the validation short (ignite
+    closes it at EPOCH_COMPLETED, which a terminated run does not fire): the stop line was written after it."""
+    import io
+
+    from dira3d.evaluation import ClosingProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    bar = ClosingProgressBar(desc="validation", persist=False, file=terminal)
+    trainer, validator, validations = _engines(tmp_path, val_handlers=(bar,))
+
+    def signal_in_validation(engine):
+        if trainer.state.epoch == 2 and engine.state.iteration == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    validator.add_event_handler(Events.ITERATION_STARTED, signal_in_validation)
+    run_training(trainer, validator, tmp_path / "models")
+    assert trainer.state.stopped_by == "SIGTERM" and validator.state.iteration == 1
+    assert bar.pbar is None and terminal.getvalue().endswith("\r")  # closed: the line cleared (persist False)
+    with pytest.raises(StoppedBySignal):
+        exit_if_training_stopped()
 
 
 def test_a_signal_after_the_last_validation_still_ends_the_run_as_stopped(tmp_path, caplog):

@@ -218,3 +218,51 @@ def test_a_validation_interval_that_is_not_a_whole_number_of_epochs_is_refused(i
     with pytest.raises(ValueError, match=r"val_interval=.*whole number N >= 1.*set validation to false"):
         DiRAEvaluator("cpu", [], interval=interval)
     assert DiRAEvaluator("cpu", [], interval=2.0).interval == 2
+
+
+def test_an_override_of_the_whole_validation_dataset_keeps_its_switch(tmp_path, repo_root):
+    """With validation false, validate#dataset is off only by its own _disabled_ (MONAI builds every item a disabled
+    one refers to: validate#dataloader and validate#evaluator are disabled, yet the dataset was built). An override of
+    the whole dataset (`--override 'validate#dataset={...}'`, dira3d experiment's pretrain overrides) replaced that
+    switch too, so the dataset was built, reading the validation data (visual words without validation words: the run
+    stopped). dira3d's runs (run_bundle) now keep the switch unless the override sets its own."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.utils.overrides import keep_disabled_switches, run_bundle
+
+    configs = [str(repo_root / CONFIGS / "train.json"), str(repo_root / CONFIGS / "visual_words.json")]
+    built = tmp_path / "built"
+    dataset = {"_target_": "builtins.open", "file": str(built), "mode": "a"}  # leaves a file when built
+    for overrides, is_built in (({"validate#dataset": dataset}, False),
+                                ({"validate#dataset": {**dataset, "_disabled_": False}}, True)):
+        parser = ConfigParser()
+        parser.read_config(configs)
+        parser.update({"validation": False, **keep_disabled_switches(configs, overrides)})
+        assert parser.get_parsed_content("validate#evaluator") is None
+        assert built.exists() is is_built
+        built.unlink(missing_ok=True)
+    # through run_bundle: a small bundle of the same shape, its dataset off with validation false
+    (tmp_path / "c.json").write_text(json.dumps({
+        "validation": False, "seen": [],
+        "dataset": {"_target_": "builtins.dict", "_disabled_": "$not @validation"},
+        "loader": {"_target_": "builtins.list", "_disabled_": "$not @validation", "_args_": ["@dataset"]},
+        "run": ["$@seen.append(@loader)"], "initialize": [], "finalize": []}))
+    run_bundle([tmp_path / "c.json"], repo_root / CONFIGS / "metadata.json", dataset=dataset)
+    assert not built.exists()
+
+
+def test_a_whole_validation_dataset_override_on_visual_words_without_validation_words_pretrains(tmp_path, capsys):
+    """`--override 'validate#dataset={...}'` (here: another validation seed) on a `--val-neighbours 0` output: the
+    replacement lost the switch, was built with validation false and stopped the run with 'lists no validation
+    visual words ... or pretrain without one: validation=false', which it already was."""
+    from dira3d.engines.command import main as pretrain_main
+
+    datalist = _visual_words_without_validation(tmp_path)
+    dataset = ("validate#dataset={'_target_': 'dira3d.visual_words.VisualWordPairDataset', 'datalist_or_manifest': "
+               "'@visual_words_dir', 'split': 'validation', 'seed': 5, 'patch_size': '@patch_size'}")
+    code = pretrain_main(["--datalist", str(datalist), "--tiny", "--config", "visual_words.json", "--override",
+                          "max_epochs=1", "--override", "patch_size=[16,16,8]", "--override", dataset,
+                          "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "run" / "models" / "last.pt").is_file() and not (tmp_path / "run" / "models" / "best.pt").exists()

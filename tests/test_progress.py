@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -50,10 +51,10 @@ def test_show_progress_only_on_a_terminal_of_rank_0(monkeypatch):
 
 
 def _progress_bars(parser: ConfigParser, key: str) -> list[str]:
-    """The ids of the ignite ProgressBar entries of the handler list ``key``."""
+    """The ids of the progress bar entries (ignite ProgressBar, closed also on an early end) of the handler list ``key``."""
     handlers = parser.get(key)
     return [f"{key}#{i}" for i, h in enumerate(handlers)
-            if isinstance(h, dict) and h.get("_target_") == "ignite.handlers.ProgressBar"]
+            if isinstance(h, dict) and h.get("_target_") == "dira3d.evaluation.ClosingProgressBar"]
 
 
 @pytest.mark.parametrize("bundle", BUNDLES + BUNDLES_2D)
@@ -76,6 +77,82 @@ def test_validation_and_test_evaluation_draw_a_bar_on_a_terminal_only(bundle, re
     parser.read_config([str(configs / "train.json")])
     for key in (k for k in multi if k.startswith("validate#handlers#")):
         assert parser.get(key.rsplit("#", 1)[0])["_target_"] in ("StatsHandler", "TensorBoardStatsHandler"), key
+
+
+@pytest.mark.parametrize("end", ["terminate", "interrupt", "fault", "alone"])
+def test_the_bar_of_a_run_that_ends_early_is_closed(end, monkeypatch):
+    """A validation cut short by a signal (terminate(): no EPOCH_COMPLETED, where ignite closes its bar) or ended by an
+    exception left its bar on the terminal, the run's last line written after it. The exception still reaches the
+    engine's other handlers (StatsHandler logs it, listed first as in the bundles) and the caller."""
+    from ignite.engine import Engine, Events
+    from monai.handlers import StatsHandler
+
+    from dira3d.evaluation import ClosingProgressBar
+
+    engine = Engine(lambda e, b: None)
+    logged = []
+    if end != "alone":
+        stats = StatsHandler(iteration_log=False, name="dira3d.test.progress_stats")
+        stats.attach(engine)
+        monkeypatch.setattr(stats.logger, "exception", lambda message, *a, **k: logged.append(message))
+    terminal = Terminal()
+    bar = ClosingProgressBar(desc="validation", persist=False, file=terminal)
+    bar.attach(engine)
+    errors = {"terminate": None, "interrupt": KeyboardInterrupt, "fault": RuntimeError, "alone": RuntimeError}
+
+    @engine.on(Events.ITERATION_COMPLETED(once=2))
+    def cut(e):
+        if errors[end] is None:
+            e.terminate()
+        else:
+            raise errors[end]("cut")
+
+    if errors[end] is None:
+        engine.run(range(5))
+    else:
+        with pytest.raises(errors[end]):
+            engine.run(range(5))
+        # StatsHandler's handler ran, after the bar's (ignite handles an Exception twice: the iteration's, the run's)
+        assert set(logged) == (set() if end == "alone" else {"Exception: cut"})
+    drawn = terminal.getvalue()
+    assert bar.pbar is None and "validation: [1/5]" in drawn and re.search(r"\r +\r$", drawn)  # cleared (persist False)
+    if errors[end] is not None:
+        return  # ignite runs no more after an exception (its run generator is spent)
+    engine.run(range(3))  # the next validation draws a bar of its own and closes it as ignite does
+    assert bar.pbar is None and "[1/3]" in terminal.getvalue()[len(drawn):] and re.search(r"\r +\r$", terminal.getvalue())
+
+
+def _cache_datasets(config, path=""):
+    """The ids of the CacheDataset items of a config (nested dicts and lists)."""
+    if isinstance(config, dict):
+        found = [path] if config.get("_target_") in ("CacheDataset", "monai.data.CacheDataset") else []
+        return found + [i for k, v in config.items() for i in _cache_datasets(v, f"{path}#{k}" if path else str(k))]
+    if isinstance(config, list):
+        return [i for n, v in enumerate(config) for i in _cache_datasets(v, f"{path}#{n}")]
+    return []
+
+
+@pytest.mark.parametrize("bundle", BUNDLES + BUNDLES_2D + ("dira_pretrain",))
+def test_cache_datasets_draw_their_loading_bar_on_a_terminal_only(bundle, repo_root, monkeypatch):
+    """MONAI's CacheDataset draws its "Loading dataset" bar (progress=True by default) whatever stderr is: a run under
+    nohup or SLURM got its redraws in the log. Every CacheDataset of the bundles now asks show_progress."""
+    monkeypatch.delenv("RANK", raising=False)
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / "bundles" / bundle / "configs" / "train.json"))
+    ids = _cache_datasets(parser.get())
+    assert len(ids) == 2, ids  # train and validate
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        parser.parse(True)
+        assert [parser.get_parsed_content(f"{i}#progress") for i in ids] == [drawn, drawn], (bundle, ids)
+    # and MONAI then draws nothing into a log file
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        parser.parse(True)
+        parser[f"{ids[0]}#data"], parser[f"{ids[0]}#transform"] = [{"image": 0}, {"image": 1}], None
+        parser[f"{ids[0]}#num_workers"] = 0
+        parser.get_parsed_content(ids[0])
+        assert ("Loading dataset" in stream.getvalue()) is drawn, bundle
 
 
 @pytest.mark.parametrize("bundle", SLIDING_WINDOW)

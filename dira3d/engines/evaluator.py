@@ -79,7 +79,9 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         self.trainer: DiRATrainer | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
-        self._short_batches = 0  # validation batches too small for the loss, left out
+        self._short_batches = 0  # validation batches of this run too small for the loss, left out
+        self._warned_short = False  # the warning about them is given once, at the first validation that has one
+        self.add_event_handler(Events.STARTED, self._start)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._publish)
 
@@ -139,9 +141,11 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
             # e.g. Barlow Twins standardises over the batch: a last validation batch of one sample
             # (len(validation) % batch_size == 1) has no loss; leave it out instead of failing
             # after a whole training epoch
-            if not self._short_batches:
+            if not self._warned_short:
+                self._warned_short = True
                 self.logger.warning(f"dis_mode {trainer.dis_mode}: a validation batch of {batch['image'].shape[0]} "
-                                    f"sample(s) is left out (the loss needs >= {min_batch})")
+                                    f"sample(s) is left out (the loss needs >= {min_batch}); said once, not at every "
+                                    "validation")
             self._short_batches += 1
             return {}
         # fixed per validation batch: every validation sees the same views and distortions
@@ -155,6 +159,10 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
                   else torch.zeros((), device=total.device)}
         output.update({f"loss_{k}": v.detach() for k, v in fwd.terms.items()})
         return output
+
+    def _start(self, engine: Engine) -> None:
+        """``STARTED``: each validation counts its own batches (the short ones added up over the validations)."""
+        self._sums, self._count, self._short_batches = {}, 0, 0
 
     def _accumulate(self, engine: Engine) -> None:
         if not engine.state.output:

@@ -17,8 +17,10 @@ Models Genesis-style restoration, ``["dis", "res"]`` is the official 2D ``dir`` 
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +31,13 @@ LOSS_TERMS = ("dis", "res", "adv")
 DEFAULT_STAGES: list[dict] = [{"name": "dira", "losses": ["dis", "res", "adv"]}]
 
 _KEYS = {"name", "losses", "until_epoch", "until_iteration"}
+
+
+def _losses_example(losses: object) -> list[str]:
+    """The list a mistyped ``losses`` meant: its terms ("dis+res" -> ["dis", "res"]), else all three."""
+    words = re.findall(r"[A-Za-z]+", losses if isinstance(losses, str) else
+                       " ".join(map(str, losses)) if isinstance(losses, Mapping) else "")
+    return [w for w in words if w in LOSS_TERMS] or list(LOSS_TERMS)
 
 
 def _whole_number(value: object) -> bool:
@@ -93,8 +102,12 @@ class StageSchedule:
         if not name:
             raise ValueError(f"stages[{index}]: every stage needs a non-empty 'name'")
         losses = item.get("losses")
-        if isinstance(losses, str) or not losses:
-            raise ValueError(f"stages[{index}] ({name}): 'losses' must be a non-empty list drawn from {list(LOSS_TERMS)}")
+        if not isinstance(losses, (list, tuple)) or not losses:
+            # a string ("dis") was refused without showing the list form; a mapping ({"dis": true}) was taken as its
+            # keys and a number failed with Python's bare "'int' object is not iterable"
+            raise ValueError(f"stages[{index}] ({name}): 'losses' must be a non-empty list drawn from "
+                             f"{list(LOSS_TERMS)}, got {losses!r}; write it as a list, e.g. "
+                             f"\"losses\": {json.dumps(_losses_example(losses))}")
         bad = [t for t in losses if t not in LOSS_TERMS]
         if bad:
             raise ValueError(f"stages[{index}] ({name}): unknown loss term(s) {bad}; the terms are {list(LOSS_TERMS)}")

@@ -11,7 +11,8 @@ from dira3d.utils.lazy import lazy_exports
 _EXPORTS = {
     "dira3d.evaluation.batch": ("InferenceBatch",),
     "dira3d.evaluation.datalists": ("SPLITS", "holdout_by_patient", "load_split", "select_fraction"),
-    "dira3d.evaluation.handlers": ("BestModelSaver", "FineTunedCheckpointLoader", "ProbabilityWriter", "fine_tuned_weights", "prediction_path", "scan_stem"),
+    "dira3d.evaluation.handlers": ("BestModelSaver", "ClosingProgressBar", "FineTunedCheckpointLoader", "ProbabilityWriter",
+                                   "fine_tuned_weights", "prediction_path", "scan_stem"),
     "dira3d.evaluation.inputs": ("CheckInferenceInputd", "check_inference_input", "screen_inputs"),
     "dira3d.evaluation.metrics": ("ForegroundDice", "ForegroundIoU", "MeanAUC", "foreground_dice", "foreground_iou",
                                   "mean_auc", "roc_auc"),
@@ -35,6 +36,7 @@ __all__ = [
     "SPLITS",
     "TASK_KINDS",
     "BestModelSaver",
+    "ClosingProgressBar",
     "CheckInferenceInputd",
     "CheckPredictionFiles",
     "DicomRadiographReader",

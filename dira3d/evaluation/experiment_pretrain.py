@@ -93,6 +93,27 @@ def check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
                          "results.csv to redo it)")
 
 
+def _dims_mismatch(name: str, bundle: str, network_def: Mapping[str, Any], task_network_def: Mapping[str, Any],
+                   source: str) -> str:
+    """The error for a method whose pretraining builds a 2D network for a 3D fine-tuning bundle or the reverse ('' when
+    the dimensions agree or cannot be told): its runs refused the checkpoint only after the whole pretraining."""
+    pretrained = _network_settings(network_def, ("spatial_dims",)).get("spatial_dims")
+    task = 2 if str(task_network_def.get("_target_", "")).endswith(".build_resnet_task_network") else \
+        _network_settings(task_network_def, ("spatial_dims",)).get("spatial_dims")
+    try:
+        pretrained, task = int(pretrained), int(task)
+    except (TypeError, ValueError):
+        return ""
+    if pretrained == task:
+        return ""
+    how = ("pretrain it in 3D (`configs: [train.json]` in the pretrain section, without 2d.json, and spatial_dims 3)"
+           if task == 3 else
+           "pretrain it with the 2D configs (`configs: [train.json, 2d.json]` in the pretrain section, docs/2d.md)")
+    return (f"method {name!r} pretrains a {pretrained}D network (spatial_dims {pretrained} from {source}), but bundle "
+            f"{bundle!r} fine-tunes a {task}D one, so each of its runs would refuse the checkpoint after the whole "
+            f"pretraining; {how}, or fine-tune it with a {pretrained}D bundle in another experiment")
+
+
 def _flow(values: Mapping[str, Any]) -> str:
     """``width: 0.125, decoder_channels: [16, 16, 8, 8, 8]``: settings as the experiment's YAML writes them."""
     return ", ".join(f"{key}: {value if isinstance(value, str) else json.dumps(value, separators=(', ', ': '))}"
@@ -144,10 +165,11 @@ def _same(key: str, a: Any, b: Any) -> bool:
 
 def pretrain_fit_mismatch(name: str, spec: Mapping[str, Any], config: Mapping[str, Any],
                           task_network_def: Mapping[str, Any]) -> str:
-    """The error for method ``name``'s own pretraining (``{pretrain: {...}}``) building its network at another width
-    (2D: backbone, decoder_channels) than the fine-tuning bundle's ``task_network_def`` (references resolved, the
-    experiment's ``overrides`` applied): each of the method's runs refused the checkpoint it pretrained, one after
-    the other, after the whole pretraining. '' when they fit, or when either network cannot be judged here."""
+    """The error for method ``name``'s own pretraining (``{pretrain: {...}}``) building its network in other spatial
+    dimensions (a 2D pretraining for a 3D bundle or the reverse) or at another width (2D: backbone, decoder_channels)
+    than the fine-tuning bundle's ``task_network_def`` (references resolved, the experiment's ``overrides`` applied):
+    each of the method's runs refused the checkpoint it pretrained, one after the other, after the whole pretraining.
+    '' when they fit, or when either network cannot be judged here."""
     from monai.bundle import ConfigParser
 
     wanted = _task_settings(task_network_def)
@@ -163,16 +185,20 @@ def pretrain_fit_mismatch(name: str, spec: Mapping[str, Any], config: Mapping[st
         network_def = parser.get_parsed_content("network_def", instantiate=False).get_config()
     except Exception:  # noqa: BLE001 - an expression only a run resolves: the runs check the checkpoint
         return ""
-    built = _network_settings(network_def, tuple(wanted))
-    differ = [key for key in wanted if key in built and not _same(key, built[key], wanted[key])]
-    if not differ:
-        return ""
     configs = ", ".join(Path(c).name for c in pretrain_configs(section))
 
     def source(key: str) -> str:
         if key in own:
             return f"its pretrain: {{{key}: ...}}"
         return "the pretrain section's overrides" if key in shared else f"the pretrain configs ({configs})"
+
+    dims = _dims_mismatch(name, config["bundle"], network_def, task_network_def, source("spatial_dims"))
+    if dims:
+        return dims
+    built = _network_settings(network_def, tuple(wanted))
+    differ = [key for key in wanted if key in built and not _same(key, built[key], wanted[key])]
+    if not differ:
+        return ""
 
     def shown(values: Mapping[str, Any], keys: list[str]) -> str:
         return ", ".join(f"{key} {values[key] if isinstance(values[key], str) else json.dumps(values[key])}" for key in keys)

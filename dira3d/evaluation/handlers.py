@@ -4,6 +4,7 @@
 writes them as one JSON file (the classification bundles' ``inference.json`` output).
 :class:`BestModelSaver` keeps the fine-tuned weights of the best validation epoch as a plain
 ``state_dict`` written atomically. :func:`prediction_path` names an output file next to an input scan.
+:class:`ClosingProgressBar` is ignite's ``ProgressBar`` over the cases, also closed when a run ends early.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.engines import Workflow
 from monai.handlers import CheckpointLoader
 from monai.utils import ImageMetaKey
 
 from dira3d.utils.atomic import atomic_write_bytes, atomic_write_text
 
-__all__ = ["BestModelSaver", "ProbabilityWriter", "FineTunedCheckpointLoader", "fine_tuned_weights", "prediction_path", "scan_stem"]
+__all__ = ["BestModelSaver", "ClosingProgressBar", "ProbabilityWriter", "FineTunedCheckpointLoader", "fine_tuned_weights",
+           "prediction_path", "scan_stem"]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
@@ -176,6 +179,38 @@ class ProbabilityWriter:
         payload = {"classes": self.class_names, "predictions": self.rows}
         payload.update(written_by=f"dira3d {dira3d.__version__}", sha256=json_digest(payload))
         atomic_write_text(self.output_path, json.dumps(payload, indent=2))
+
+
+class ClosingProgressBar(ProgressBar):
+    """ignite's :class:`~ignite.handlers.ProgressBar`, also closed when its engine's run ends early.
+
+    ignite closes the bar at ``EPOCH_COMPLETED``, which a run that is terminated (a validation cut short by
+    SIGTERM / Ctrl-C, :mod:`dira3d.evaluation.stopping`) or that raises (a second Ctrl-C, a fault in a case) never
+    fires: the bar stayed on the terminal and the run's last line (``fine-tuning stopped by SIGTERM ...``, the
+    traceback) was written after it, on its line. This one closes it on ``TERMINATE``, ``COMPLETED`` and
+    ``EXCEPTION_RAISED`` too, where it is left as it stood (ignite's close fills it to 100 % first). The exception
+    handler goes before the engine's others (ignite's handler list: ``StatsHandler``'s, listed earlier in a bundle,
+    raises the exception again, so no later handler would run); it raises the exception itself only when it is the
+    engine's one exception handler, as ignite does when there is none. Same arguments as ignite's.
+    """
+
+    def attach(self, engine: Engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().attach(engine, *args, **kwargs)
+        engine.add_event_handler(Events.TERMINATE, self._close_early)
+        engine.add_event_handler(Events.COMPLETED, self._close_early)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._close_on_exception)
+        handlers = engine._event_handlers[Events.EXCEPTION_RAISED]  # ignite's list, run in order
+        handlers.insert(0, handlers.pop())
+
+    def _close_early(self, engine: Engine) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+        self.pbar = None
+
+    def _close_on_exception(self, engine: Engine, err: BaseException) -> None:
+        self._close_early(engine)
+        if len(engine._event_handlers[Events.EXCEPTION_RAISED]) == 1:
+            raise err
 
 
 class BestModelSaver:

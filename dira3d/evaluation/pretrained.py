@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch"]
+__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch", "dims_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def build_task_network(
             random_message=None if weights_loaded_later else
             f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})")
     except ValueError as err:
-        hint = _width_mismatch(pretrained, width)
+        # the dimensions first: a 2D checkpoint at another width was told to change the width, then refused for being 2D
+        hint = dims_mismatch(pretrained, spatial_dims) or _width_mismatch(pretrained, width)
         if hint:  # the one setting to change, rather than dozens of shape mismatches
             raise ValueError(hint) from err
         raise
@@ -105,22 +106,43 @@ def _width_mismatch(pretrained: str | os.PathLike | None, width: float) -> str:
             f"at width {float(width):g}; set the bundle's width to {ckpt_width:g} ({how})")
 
 
+def dims_mismatch(pretrained: str | os.PathLike | None, spatial_dims: int) -> str:
+    """The error for a checkpoint pretrained in other spatial dimensions than the task network's (its meta
+    ``spatial_dims``): a 2D pretraining (``2d.json``, or ``spatial_dims`` 2) given to a 3D bundle, or a 3D one to a 2D
+    bundle. '' when they are the same, or the meta records none or cannot be read."""
+    from dira3d.networks.pretrained import dims_hint
+    from dira3d.utils.checkpoint import load_checkpoint
+
+    try:
+        meta = load_checkpoint(pretrained).get("meta") or {}
+        ckpt_dims, task_dims = int(meta["spatial_dims"]), int(spatial_dims)
+    except (KeyError, TypeError, ValueError, OSError, AttributeError):
+        return ""
+    if ckpt_dims == task_dims:
+        return ""
+    return (f"pretrained weights from {pretrained} were pretrained in {ckpt_dims}D (checkpoint meta spatial_dims "
+            f"{ckpt_dims}), but the task network is {task_dims}D: {dims_hint(ckpt_dims, task_dims)}")
+
+
 def checkpoint_mismatch(network_def: Mapping[str, Any], pretrained: str | os.PathLike) -> str:
     """The error the task network of a bundle's ``network_def`` (its arguments, references resolved) would raise for
-    the checkpoint ``pretrained`` when it was pretrained with another network: another width
-    (:func:`build_task_network`), another backbone or decoder_channels (:func:`~dira3d.evaluation.build_resnet_task_network`).
+    the checkpoint ``pretrained`` when it was pretrained with another network: in other spatial dimensions
+    (:func:`dims_mismatch`), at another width (:func:`build_task_network`), with another backbone or decoder_channels
+    (:func:`~dira3d.evaluation.build_resnet_task_network`).
     '' when it fits, cannot be read, or the network is built otherwise; read without building the network, so that
     ``dira3d experiment`` refuses such a checkpoint once, before any run."""
     target, kind = str(network_def.get("_target_", "")), network_def.get("kind")
     try:
         if target.endswith(".build_task_network"):
-            return _width_mismatch(pretrained, float(network_def.get("width", _default(build_task_network, "width"))))
+            dims, width = (network_def.get(key, _default(build_task_network, key)) for key in ("spatial_dims", "width"))
+            return dims_mismatch(pretrained, dims) or _width_mismatch(pretrained, float(width))
         if target.endswith(".build_resnet_task_network") and kind in TASK_KINDS:
             from dira3d.evaluation.tasks2d import settings_mismatch, build_resnet_task_network
 
             backbone, channels = (network_def.get(key, _default(build_resnet_task_network, key))
                                   for key in ("backbone", "decoder_channels"))
-            return settings_mismatch(pretrained, kind, str(backbone), [int(c) for c in channels])
+            return (dims_mismatch(pretrained, 2)
+                    or settings_mismatch(pretrained, kind, str(backbone), [int(c) for c in channels]))
     except (TypeError, ValueError):  # a value the network itself refuses, naming it
         return ""
     return ""

@@ -16,7 +16,7 @@ from torch import nn
 
 from dira3d.utils import load_checkpoint
 
-__all__ = ["load_pretrained", "LoadReport"]
+__all__ = ["load_pretrained", "LoadReport", "dims_hint"]
 
 _POLICIES = ("error", "repeat")
 # wrappers some trainers put around a flat state_dict (MONAI CheckpointSaver, Lightning, plain)
@@ -79,7 +79,9 @@ def preview_keys(keys: Sequence[str], limit: int = _SHOWN) -> str:
     return shown + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _dims_hint(ckpt_dims: int, net_dims: int) -> str:
+def dims_hint(ckpt_dims: int, net_dims: int) -> str:
+    """What to do with a ``ckpt_dims``-D checkpoint for a ``net_dims``-D network: which pretraining config makes one
+    that fits (also named by :func:`dira3d.evaluation.pretrained.dims_mismatch`, before any network is built)."""
     if net_dims == 2:
         return (f"this is a {ckpt_dims}D checkpoint; a 2D bundle needs one pretrained with bundles/dira_pretrain "
                 "configs/2d.json (train.json + 2d.json, see docs/2d.md)")
@@ -112,7 +114,7 @@ def _check_spatial_dims(network: nn.Module, meta: Mapping[str, Any] | None, chec
                 break
     if isinstance(ckpt_dims, int) and ckpt_dims != net_dims:
         raise ValueError(f"pretrained weights from {source} do not fit {type(network).__name__}, a {net_dims}D network "
-                         f"(checkpoint {how}: {ckpt_dims}D): {_dims_hint(ckpt_dims, net_dims)}")
+                         f"(checkpoint {how}: {ckpt_dims}D): {dims_hint(ckpt_dims, net_dims)}")
 
 
 def _available_parts(checkpoint: Mapping[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from dira3d.utils.files import read_json, read_yaml
 
-__all__ = ["parse_value", "as_bool", "check_overrides", "did_you_mean", "run_bundle"]
+__all__ = ["parse_value", "as_bool", "check_overrides", "did_you_mean", "keep_disabled_switches", "run_bundle"]
 
 
 def parse_value(text: str) -> Any:
@@ -111,13 +111,44 @@ def did_you_mean(unknown: Iterable[Any], known: Iterable[str]) -> str:
     return "; ".join(hints)
 
 
+def keep_disabled_switches(configs: Iterable[str | os.PathLike], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` with the ``_disabled_`` switch of each component that an override replaces whole put back.
+
+    An override of a whole component (a mapping with ``_target_``, e.g. ``validate#dataset``) replaces the
+    component's switch too, and MONAI builds every item a disabled one refers to: with ``validation`` false the
+    pretraining bundle's ``validate#dataset`` is off only by its own ``_disabled_``, so a replacement without one
+    was built, reading the validation data that the run was told not to use (a ``dira3d visual-words`` output
+    without validation words stopped the run). The replaced component's switch is kept unless the override sets
+    its own (``"_disabled_": false`` builds it always).
+
+    Args:
+        configs: the bundle config files, merged as MONAI merges them (later files win).
+        overrides: ``{id: value}`` as given to the run.
+    """
+    from monai.bundle import ConfigParser
+
+    replaced = {key: value for key, value in overrides.items()
+                if isinstance(value, Mapping) and "_target_" in value and "_disabled_" not in value}
+    if not replaced:
+        return dict(overrides)
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in configs])
+    kept = dict(overrides)
+    for key, value in replaced.items():
+        original = parser.get(key) if key in parser else None
+        if isinstance(original, Mapping) and "_disabled_" in original:
+            kept[key] = {**value, "_disabled_": original["_disabled_"]}
+    return kept
+
+
 def run_bundle(config_file: Iterable[str | os.PathLike], meta_file: str | os.PathLike,
                logging_file: str | os.PathLike | None = None, **overrides: Any) -> None:
     """Run a bundle as ``monai.bundle.run`` does (initialize, run, finalize) with ``overrides`` applied.
 
     Unlike ``monai.bundle.run``, which drops every override whose value is ``None``, a ``None``
     value here sets the id to null: ``views=None`` (identity views) or ``intensity_range=None``
-    take effect instead of silently keeping the default.
+    take effect instead of silently keeping the default. An override that replaces a whole component
+    keeps its ``_disabled_`` switch (:func:`keep_disabled_switches`).
     """
     import logging
 
@@ -125,7 +156,9 @@ def run_bundle(config_file: Iterable[str | os.PathLike], meta_file: str | os.Pat
 
     from dira3d.utils.interrupts import quiet_interrupt_logs
 
-    workflow = ConfigWorkflow(config_file=[str(c) for c in config_file], meta_file=str(meta_file),
+    config_file = [str(c) for c in config_file]
+    overrides = keep_disabled_switches(config_file, overrides)
+    workflow = ConfigWorkflow(config_file=config_file, meta_file=str(meta_file),
                               logging_file=None if logging_file is None else str(logging_file), **overrides)
     workflow.initialize()
     logging.getLogger("dira3d.bundle").info("bundle %s with overrides %s",

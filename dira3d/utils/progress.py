@@ -3,9 +3,9 @@
 A tqdm bar redraws itself with carriage returns several times a second; written to a file (a CI log, SLURM's
 ``slurm-<id>.out``, ``python -m monai.bundle run ... > log``) that is thousands of partial lines. The bundles
 show one where a person waits without other output (the validation of each fine-tuning epoch and the test
-evaluation: ignite's ``ProgressBar`` over the cases; sliding-window inference over a whole CT: MONAI's
-``progress``) and ask :func:`show_progress` first. Under ``torchrun`` only rank 0 draws one (every rank shares
-the terminal).
+evaluation: ignite's ``ProgressBar`` over the cases; sliding-window inference over a whole CT and the caching of a
+``CacheDataset``: MONAI's ``progress``) and ask :func:`show_progress` first. Under ``torchrun`` only rank 0 draws one
+(every rank shares the terminal).
 """
 
 from __future__ import annotations
