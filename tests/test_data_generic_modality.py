@@ -197,3 +197,7 @@ def test_the_inference_ct_warning_uses_the_same_air_boundary():
             warnings.simplefilter("always")
             NormalizeScand(["image"], modality="ct")({"image": array})
         assert any("no voxel below -500 HU" in str(w.message) for w in caught) == warned, (lowest, caught)
+        # the advice fits a CT model too: it said "for an MRI set modality to mr, as the model's training volumes were
+        # prepared" to a model fine-tuned on CT, whose preprocessing.json had chosen ct
+        assert all("if the model was fine-tuned on MRI" in str(w.message) and "fine-tuned on CT" in str(w.message)
+                   for w in caught if "no voxel below" in str(w.message)), caught

@@ -95,6 +95,26 @@ def test_finetune_ends_naming_its_outputs_and_the_inference_command(tmp_path, mo
                     {k[2:]: parse_value(v) for k, v in given.items() if k not in ("--config_file", "--image")})
 
 
+def test_finetune_inference_command_resamples_as_the_datalist_was_prepared(tmp_path, monkeypatch, capsys):
+    # `dira3d prepare generic --spacing 2 2 5`: the printed inference command kept the scan's own spacing (pixdim 0),
+    # so the model saw a 0.57 mm CT it was trained on at 2 x 2 x 5 mm, without a word (and took minutes on a CPU)
+    from dira3d.evaluation import finetune
+
+    def given_words(meta):
+        datalist = tmp_path / "pretrain_datalist.json"
+        datalist.write_text(json.dumps({"training": [], "meta": meta}))
+        monkeypatch.setattr(finetune, "run_finetune", lambda *args, **kwargs: {
+            "metrics": {"dice": 0.5}, "settings": {"datalist": str(datalist)}})
+        out = tmp_path / f"ft{len(meta)}"
+        assert finetune.main(["--bundle", "lits_liver_seg", "--tiny", "--output-dir", str(out)]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("inference:")][0]
+        words = shlex.split(line.split(None, 1)[1].rsplit(" (", 1)[0])
+        return dict(zip(words[4::2], words[5::2]))
+
+    assert given_words({"spacing": [2, 2, 5], "modality": "ct"})["--pixdim"] == "[2.0, 2.0, 5.0]"
+    assert "--pixdim" not in given_words({"spacing": None})  # the scans kept their own spacing
+
+
 def test_a_refused_pretrain_leaves_no_empty_folder_it_created(tmp_path, capsys):
     import nibabel as nib
 

@@ -403,6 +403,22 @@ def test_load_split_names_a_label_fraction_too_small_for_the_holdout(tmp_path):
     assert len(load_split(path, "holdout", label_fraction=0.02)) == 1
 
 
+def test_load_split_names_too_few_labelled_patients_and_refuses_holdout_zero(tmp_path):
+    # two labelled scans prepared with --test-fraction 0.5: one training patient, so no holdout whatever the label
+    # fraction (the hint said "use a label_fraction of at least 1 or more patients"); holdout=0 trained and then
+    # found no models/model.pt at the test ("fine-tune first"): it is refused before any training
+    entries = [{"image": f"v{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"lung{i}"} for i in range(2)]
+    path = tmp_path / "pretrain_datalist.json"
+    path.write_text(json.dumps({"training": entries[:1], "validation": [], "test": entries[1:]}))
+    _touch(tmp_path, entries)
+    with pytest.raises(ValueError, match=r"'training' list has 1 patient\(s\).*3 or more labelled patients") as err:
+        load_split(path, "holdout")
+    assert "label_fraction of at least" not in str(err.value)
+    with pytest.raises(ValueError, match=r"holdout=0 holds out no training patient.*models/model.pt.*0\.1"):
+        load_split(path, "holdout", holdout=0.0)
+    assert len(load_split(path, "train", holdout=0.0)) == 1  # the training split itself is still available
+
+
 def test_finetune_keeps_an_earlier_run_in_the_output_dir(tmp_path, capsys):
     # a second `dira3d finetune` into the same --output-dir replaced the earlier model.pt (first epoch)
     # and metrics.json without a word; it must refuse before any work unless --overwrite is given
@@ -538,3 +554,33 @@ def test_brats_input_errors_name_the_file(tmp_path):
         SelectModalitiesd("image", "flair")({"image": image})
     with pytest.raises(DataError, match=rf"^{scan}: "):
         NormalizeMRd("image")({"image": MetaTensor(torch.zeros(1, 8, 8, 4), meta={"filename_or_obj": scan})})
+
+
+def test_a_missing_best_pt_names_the_last_pt_beside_it(tmp_path):
+    # pretraining without validation (visual words of --val-neighbours 0, the README's two-scan recipe) writes
+    # last.pt only; `dira3d finetune --pretrained .../best.pt` said only that best.pt does not exist
+    from dira3d.evaluation.pretrained import initialise_task_network
+
+    network = torch.nn.Sequential(torch.nn.BatchNorm3d(2))
+    with pytest.raises(FileNotFoundError, match="best.pt does not exist") as err:
+        initialise_task_network(network, "segmentation", str(tmp_path / "best.pt"), "average", 0.1, None)
+    assert "last.pt" not in str(err.value)  # nothing beside it: the message stays as it was
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"best.pt does not exist; .*last.pt exists: a pretraining without "
+                                                r"validation .* so pass that"):
+        initialise_task_network(network, "segmentation", str(tmp_path / "best.pt"), "average", 0.1, None)
+
+
+def test_a_test_patient_also_in_training_is_warned_about(tmp_path):
+    # a datalist edited by hand (two labelled scans: lung1 listed in training and test) was scored without a word
+    entries = [{"image": f"v{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"lung{i}"} for i in range(3)]
+    _touch(tmp_path, entries)
+    path = tmp_path / "hand_datalist.json"
+    path.write_text(json.dumps({"training": entries, "test": entries[1:2]}))
+    with pytest.warns(UserWarning, match=r"1 patient\(s\) of its 'test' list are also in its 'training' list \(lung1\)"):
+        assert len(load_split(path, "test")) == 1
+    clean = tmp_path / "clean_datalist.json"
+    clean.write_text(json.dumps({"training": entries[:2], "test": entries[2:]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        assert len(load_split(clean, "test")) == 1

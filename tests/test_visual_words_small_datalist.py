@@ -54,6 +54,18 @@ def test_every_count_that_does_not_fit_is_named_in_one_error(datalist, tmp_path,
     assert "between 2 and 2" not in str(refused.value)
 
 
+def test_one_training_volume_names_the_split_not_an_impossible_range(tmp_path):
+    """Two scans prepared with --val-fraction 0.5 (the README's recipe) leave 1 training volume: the error said
+    'choose classes (--classes) between 2 and 1', a range with no value in it."""
+    from dira3d.visual_words.checks import check_counts
+
+    with pytest.raises(ValueError) as refused:
+        check_counts(tmp_path / "pretrain_datalist.json", 1, 1, classes=2, neighbours=2, val_neighbours=0)
+    message = str(refused.value)
+    assert "between 2 and 1" not in message, message
+    assert "2 or more training volumes" in message and "--val-fraction" in message and "1 training" in message
+
+
 def test_no_validation_words_is_said_at_the_start_and_the_end_with_the_pretraining_command(
         datalist, tmp_path, capsys, caplog):
     """--val-neighbours 0 (what the count error allowed): the pretraining bundle refused such an output ('lists no

@@ -322,6 +322,9 @@ def load_split(
         test = _load_key(path, content, "test")
     if split == "test":
         result = test
+        if fold is None or int(fold) < 0:  # a fold's test entries come out of training
+            import dira3d.evaluation.split_checks as checks  # (it imports this module)
+            checks.warn_test_patients_in_training(path, training, test)
     elif split == "validation":
         result = _load_key(path, content, "validation")
         check_entry_files(path, "validation", result)
@@ -340,21 +343,30 @@ def load_split(
         result = train if split == "train" else held
         _warn_holdout_without_foreground(path, chosen, held, dict(label_fraction=label_fraction, seed=seed,
                                                                   holdout=holdout, fold=fold))
-    if not result and not (split == "holdout" and holdout == 0.0):
+    if not result:
         hint = "check the datalist or use more data"
-        if split == "holdout":
+        if split == "holdout" and holdout == 0.0:
+            hint = ("holdout=0 holds out no training patient, but fine-tuning selects and saves models/model.pt at "
+                    "its early-stopping holdout; use a share such as 0.1 (the default), or holdout=validation "
+                    "(the datalist's 'validation' list)")
+        elif split == "holdout":
             kept = len({patient_of(e) for e in chosen})
             total = len({patient_of(e) for e in training})
-            if kept < 2:
+            if total < 2:  # no label fraction helps: e.g. 2 labelled scans prepared with --test-fraction 0.5
+                hint = (f"the 'training' list has {total} patient(s), and the early-stopping holdout needs at least "
+                        "2 (one held out, one to train on); fine-tuning needs 3 or more labelled patients in all "
+                        "(training, holdout, test): add labelled scans, or early-stop on the datalist's own "
+                        "'validation' list with holdout=validation (`dira3d prepare generic --val-fraction`)")
+            elif kept < 2:
                 # e.g. LiTS at 1 %: 100 training volumes -> one patient, nothing left to hold out
                 hint = (f"label_fraction={label_fraction} keeps {kept} of the {total} training patient(s), and the "
-                        f"early-stopping holdout needs at least 2 (one held out, one to train on); "
-                        f"use a label_fraction of at least {min(1.0, 2 / total) if total else 1.0:.3g} or more patients")
+                        f"early-stopping holdout needs 2 (one held out, one to train on); label_fraction at least {2 / total:.3g}")
         if split == "test" and (fold is None or int(fold) < 0):
             where = ("its 'test' list has no entries" if "test" in content
                      else f"add a 'test' list to the datalist (it has {sorted(k for k in content if k != 'meta')})")
-            hint = (f"{where} (`dira3d prepare generic --test-fraction F` writes one: F of the patients, rounded, "
-                    "at least one), or set fold for a cross-validation datalist")
+            hint = (f"{where} (`dira3d prepare generic --test-fraction F` writes one: F of the patients, rounded to "
+                    "whole patients, so choose F for one or more: 0.2 of 2 patients rounds to none), or set fold for a "
+                    "cross-validation datalist")
         raise ValueError(
             f"split {split!r} of datalist {path} is empty (label_fraction={label_fraction}, holdout={holdout}, "
             f"fold={fold}); {hint}"

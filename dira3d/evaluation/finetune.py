@@ -334,6 +334,18 @@ def finished_message(out: str | os.PathLike, bundle: str | os.PathLike, tiny: bo
     return "\n".join(lines)
 
 
+def _prepared_spacing(datalist: str | os.PathLike | None) -> list[float] | None:
+    """The voxel size the datalist's volumes were resampled to (``meta.spacing``, ``dira3d prepare --spacing``), for
+    ``pixdim`` in the inference command; None when it records none (the scans kept their own) or cannot be read."""
+    try:
+        spacing = json.loads(Path(datalist).read_text(encoding="utf-8")).get("meta", {}).get("spacing")
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+    if isinstance(spacing, list) and spacing and all(isinstance(v, (int, float)) and v > 0 for v in spacing):
+        return [float(v) for v in spacing]
+    return None
+
+
 def _shell_word(text: str) -> str:
     """``text`` as one shell word: as it is when it needs no quotes, in double quotes when they keep it whole
     (``"['a.json','b.json']"``, as the docs write lists), else in single quotes."""
@@ -402,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d finetune: error: {cause}", file=sys.stderr)
         return 2
     print(json.dumps(result["metrics"], indent=2))
+    spacing = _prepared_spacing(result.get("settings", {}).get("datalist"))
+    if spacing and "pixdim" not in settings:  # a new scan must be resampled as the training volumes were
+        settings["pixdim"] = spacing
     print(finished_message(_output_dir(args, overrides), args.bundle, tiny=args.tiny, settings=settings), flush=True)
     return 0
 

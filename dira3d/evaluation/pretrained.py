@@ -186,8 +186,13 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
         message = random_message
     else:
         if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist; check the bundle's 'pretrained' "
-                                    "setting (`dira3d finetune --pretrained`), or leave it empty for random initialisation")
+            last = os.path.join(os.path.dirname(str(pretrained)), "last.pt")
+            beside = (f"; {last} exists: a pretraining without validation (e.g. on visual words of --val-neighbours 0) "
+                      "writes last.pt (its last epoch) and no best.pt, so pass that"
+                      if os.path.basename(str(pretrained)) == "best.pt" and os.path.isfile(last) else "")
+            raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist{beside}; check the bundle's "
+                                    "'pretrained' setting (`dira3d finetune --pretrained`), or leave it empty for "
+                                    "random initialisation")
         # strict: a checkpoint of another architecture would otherwise load nothing, silently
         report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
                                  in_channels_policy=in_channels_policy)

@@ -27,7 +27,7 @@ from dira3d.evaluation.datalists import (VALIDATION, entry_classes, foreground_k
                                          is_classification, is_multilabel, patient_of)
 
 __all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "check_validation_holdout",
-           "warning_for_test_split", "warn_test_split"]
+           "warning_for_test_split", "warn_test_split", "warn_test_patients_in_training"]
 
 # a segmentation test split with fewer cases with foreground than this, and fewer than half its cases, is warned about
 FEW_POSITIVE = 5
@@ -219,3 +219,20 @@ def warn_test_split(path: Path, kind: str, summary: dict, fold: int | None = Non
         return
     _WARNED.add(message)
     warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def warn_test_patients_in_training(path: Path, training: list[dict], test: list[dict]) -> None:
+    """Warn, once per process and datalist, when a patient (``patient_id``, else ``case_id``) of the ``"test"`` list
+    is also in ``"training"``: the test score then rests on scans the model trained on (a datalist edited by hand;
+    ``dira3d prepare`` keeps each patient in one list). It was scored without a word."""
+    shared = sorted({patient_of(e) for e in test} & {patient_of(e) for e in training})
+    if not shared:
+        return
+    message = (f"{path}: {len(shared)} patient(s) of its 'test' list are also in its 'training' list "
+               f"({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}), so the test score is measured on "
+               "patients the model may train on; keep each patient (patient_id, else case_id) in one list, as "
+               "`dira3d prepare` does")
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    warnings.warn(message, UserWarning, stacklevel=3)

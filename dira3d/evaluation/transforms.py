@@ -208,8 +208,10 @@ class NormalizeScand(MapTransform):
             if lowest >= _AIR_HU and float(array.max()) > lowest and self.hu_window[1] - self.hu_window[0] > 2.0:
                 name = getattr(img, "meta", {}).get("filename_or_obj", key)
                 warnings.warn(f"{name}: no voxel below {_AIR_HU:g} HU (lowest {lowest:g}), so this does not look like a CT "
-                              f"in Hounsfield units and the HU window {list(self.hu_window)} will flatten it; for an MRI set "
-                              "modality to mr (--modality mr), as the model's training volumes were prepared", stacklevel=2)
+                              f"in Hounsfield units and the HU window {list(self.hu_window)} will flatten it; if the model was "
+                              "fine-tuned on MRI, set modality to mr (--modality mr), as its training volumes were "
+                              "prepared; a model fine-tuned on CT (modality ct in its preprocessing.json) is not made for "
+                              "an MRI: fine-tune one on MRI", stacklevel=2)
             out = torch.as_tensor(window_hu(array, *self.hu_window)).to(img.device)
             # keep the MetaTensor (affine, applied operations) so Invertd can undo the spatial steps
             d[key] = img.clone().float().copy_(out) if hasattr(img, "meta") else out

@@ -36,8 +36,14 @@ def check_counts(datalist: str | os.PathLike, n_train: int, n_val: int, classes:
             + (f"choose classes (--classes) between 2 and {n_train}, the training volumes in {datalist}" if n_train >= 2 else
                f"{datalist} has {n_train} training volume: add more (one reference volume per class)")
         )
+    if n_train < 2:  # no count fits ("choose classes between 2 and 1"): the split is what to change
+        problems.append(f"classes={classes} and neighbours={neighbours} are not possible with {n_train} training and "
+                        f"{n_val} validation volumes in {datalist}: visual words need 2 or more training volumes (one "
+                        "reference volume per class, 2 or more instances of each); add scans, or prepare the scans "
+                        "again with a smaller --val-fraction (e.g. 0, with --val-neighbours 0 here; the volumes "
+                        "written are kept)")
     for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train)):
-        if (value > limit or value < 2) and not (name == "classes" and value < 2):
+        if n_train >= 2 and (value > limit or value < 2) and not (name == "classes" and value < 2):
             problems.append(f"{name}={value} is not possible with {n_train} training and {n_val} validation volumes in "
                             f"{datalist}; choose {name} (--{name.replace('_', '-')}) between 2 and {limit}")
     # pretraining (configs/visual_words.json) validates on pairs of two instances of one visual word: a split of
