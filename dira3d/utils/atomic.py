@@ -1,7 +1,9 @@
 """Atomic file writes: a file is always either the old version or the complete new one.
 
 Every writer goes through a temporary file in the target's own folder (so that the final
-``os.replace`` stays on one file system, where it is atomic on POSIX and Windows). A process
+``os.replace`` stays on one file system, where it is atomic on POSIX and Windows), which is flushed
+to disk (``os.fsync``) before the rename makes it visible: after a power loss the target is the old
+file or the complete new one, never a renamed file whose data had not reached the disk. A process
 killed mid-write leaves the previous file intact and at most a stray hidden ``.tmp`` file; an
 exception removes the temporary file.
 """
@@ -34,9 +36,18 @@ def _final_mode(path: Path) -> int:
         return 0o666 & ~_UMASK
 
 
+def _sync_to_disk(path: str | os.PathLike) -> None:
+    """``os.fsync`` a closed file (Windows needs a handle open for writing to flush it)."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on a clean exit it is renamed over ``path``.
+    """Yield a temporary path next to ``path``; on a clean exit it is flushed to disk and renamed over ``path``.
 
     For writers that want a file name rather than a handle (PIL, SimpleITK, which pick the
     format from the name's suffix: pass e.g. ``suffix=".nii.gz"``). The parent folder is created.
@@ -57,6 +68,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     os.close(fd)
     try:
         yield Path(tmp)
+        _sync_to_disk(tmp)  # the data are on disk before the rename makes them visible
         os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except BaseException:
@@ -65,7 +77,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(handle)`` on a binary temporary file, flush it to disk, rename it over ``path``.
+    """Call ``write(handle)`` on a binary temporary file, flush it to disk, rename it over ``path``
+    (through :func:`atomic_path`).
 
     Args:
         path: the final file (its folder is created).
@@ -82,8 +95,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
                 write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())  # the data is on disk before the rename makes it visible
+            # closed (flushed): atomic_path syncs it to disk, then renames it
     except OSError as err:
         if err.filename is not None or err.errno is None:
             raise
