@@ -374,7 +374,8 @@ def test_readme_torchscript_export_writes_outside_the_repository(readme):
 
 def test_docs_say_new_scans_are_resampled_as_the_training_volumes(repo_root=Path(__file__).resolve().parents[1]):
     """A model fine-tuned on `dira3d prepare --spacing` volumes silently sees another resolution on a raw
-    scan: the docs name the inference setting (`pixdim`), and it is what the bundles really have."""
+    scan: the docs name the inference setting (`pixdim`, by default the spacing recorded in preprocessing.json), and
+    it is what the bundles really have."""
     finetuning = (repo_root / "docs" / "finetuning.md").read_text(encoding="utf-8")
     deployment = (repo_root / "docs" / "deployment.md").read_text(encoding="utf-8")
     assert '--pixdim "[1, 1, 1]"' in finetuning and "meta.spacing" in finetuning and "--spacing" in finetuning
@@ -386,7 +387,9 @@ def test_docs_say_new_scans_are_resampled_as_the_training_volumes(repo_root=Path
             continue
         spacing = [t for t in config["preprocessing"]["transforms"] if t["_target_"] == "Spacingd"]
         assert spacing and spacing[0]["pixdim"] == "@pixdim", bundle
-        assert config["pixdim"] == ([1.0] * 3 if bundle == "lidc_nodule_seg" else [0.0] * 3), bundle
+        # the training spacing recorded beside the model (tests/test_inference_spacing.py), else the old default
+        default = ", [1.0, 1.0, 1.0]" if bundle == "lidc_nodule_seg" else ""
+        assert config["pixdim"] == f"$dira3d.evaluation.trained_spacing(@ckpt_dir{default})", bundle
         assert f"`{bundle}`" in finetuning, bundle
 
 

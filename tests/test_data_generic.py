@@ -172,7 +172,7 @@ def test_test_fraction_makes_a_test_list_own_labelled_scans_fine_tune_on(tmp_pat
     # how the volumes were scaled goes beside the model, and inference.json scales a raw scan the same way
     # (it windowed every scan to HU [-1000, 1000] unless the user remembered --modality mr)
     assert json.loads((tmp_path / "ft" / "models" / "preprocessing.json").read_text()) == {
-        "modality": "mr", "percentiles": [0.5, 99.5]}
+        "modality": "mr", "percentiles": [0.5, 99.5], "spacing": None}
     from monai.bundle import ConfigParser
 
     from dira3d.evaluation.finetune import bundle_path

@@ -31,7 +31,8 @@ def _inference(ckpt_dir) -> ConfigParser:
 def test_a_soft_tissue_window_recorded_by_prepare_reaches_inference(tmp_path):
     datalist = tmp_path / "pretrain_datalist.json"
     datalist.write_text(json.dumps({"training": [], "meta": {"dataset": "lits", "window": [-100, 400], "spacing": None}}))
-    assert datalist_preprocessing(datalist) == {"window": [-100, 400]}  # nulls and other keys left out
+    # nulls and other keys left out, but a null spacing is kept: the volumes kept their own voxel size
+    assert datalist_preprocessing(datalist) == {"window": [-100, 400], "spacing": None}
     write_preprocessing(tmp_path / "models", datalist_preprocessing(datalist))
     parser = _inference(tmp_path / "models")
     assert parser.get_parsed_content("hu_window") == [-100, 400]
@@ -86,7 +87,8 @@ def test_brats_inference_prepares_a_scan_as_the_training_volumes_were(tmp_path):
     datalist.write_text(json.dumps({"training": [], "meta": {"dataset": "brats2018", "channels": BRATS_ORDER,
                                                              "percentiles": [2.0, 98.0], "spacing": None}}))
     settings = training_preprocessing(datalist, modalities="t2,flair", image_channels=datalist_channels(str(datalist)))
-    assert settings == {"percentiles": [2.0, 98.0], "channels": BRATS_ORDER, "modalities": ["t2", "flair"]}
+    assert settings == {"percentiles": [2.0, 98.0], "channels": BRATS_ORDER, "modalities": ["t2", "flair"],
+                        "spacing": None}
     write_preprocessing(tmp_path / "models", settings)
     parser = _brats_inference(tmp_path / "models")
     assert parser.get_parsed_content("in_channels") == 2

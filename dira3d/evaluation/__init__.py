@@ -18,7 +18,8 @@ _EXPORTS = {
                                   "mean_auc", "roc_auc"),
     "dira3d.evaluation.outputs": ("CheckPredictionFiles", "SavePredictiond", "check_prediction_targets", "is_own_prediction",
                                   "prediction_target"),
-    "dira3d.evaluation.preprocessing": ("datalist_preprocessing", "trained_preprocessing", "training_preprocessing"),
+    "dira3d.evaluation.preprocessing": ("datalist_preprocessing", "trained_preprocessing", "trained_spacing",
+                                        "training_preprocessing"),
     "dira3d.evaluation.run_folders": ("claim_run_folders", "release_run_folders"),
     "dira3d.evaluation.stopping": ("exit_if_training_stopped", "run_training", "stop_before_training"),
     "dira3d.evaluation.pretrained": ("TASK_KINDS", "build_task_network"),
@@ -77,5 +78,6 @@ __all__ = [
     "screen_inputs",
     "select_fraction",
     "trained_preprocessing",
+    "trained_spacing",
     "training_preprocessing",
 ]

@@ -168,6 +168,7 @@ class InferenceBatch:
         self.stopped: str | None = None
         self._order = list(range(len(self.datalist)))
         self._next = 0
+        self._unusable: BaseException | None = None  # screen's error when no input can be used, for run to raise
 
     @property
     def several(self) -> bool:
@@ -192,13 +193,15 @@ class InferenceBatch:
             check_output_settings(hint='"" for none', report_path=self.report_path)
         self._check_report()
         self.left_out.clear()
+        self._unusable = None
         try:
             good = screen_inputs(self.datalist, preprocessing, left_out=self.left_out)
         except DataError as err:
             if self.left_out:
                 self.stopped = "none of the inputs can be used"
                 self._finish(completed=False)
-            raise err
+            # raised by run(), not here: under config evaluation MONAI wrapped it in three tracebacks
+            self._unusable, good = err, []
         self._order = [i for i in range(len(self.datalist)) if i not in self.left_out]
         self._next, self._repeat = 0, ("", 0)
         return good
@@ -250,16 +253,37 @@ class InferenceBatch:
             0 when every input was written, :data:`NOT_ALL_WRITTEN` otherwise; under ``python -m monai.bundle run``
             a non-zero status ends the process with it (``SystemExit``).
         """
+        from dira3d.engines.inputs import data_error_in
+        from dira3d.utils.interrupts import quiet_error_logs
+
+        if self._unusable is not None:  # no input can be used (screen)
+            self._exit_on_input_error(self._unusable)
+            raise self._unusable
         try:
-            evaluator.run()
+            with quiet_error_logs(lambda err: data_error_in(err) is not None):  # said once, below
+                evaluator.run()
         except BaseException as err:
             self.stopped = _reason(err)
             self._finish(completed=False)
+            self._exit_on_input_error(err)
             raise
         code = self._finish(completed=True)
         if code and _run_by_monai_bundle_command():
             raise SystemExit(code)
         return code
+
+    @staticmethod
+    def _exit_on_input_error(err: BaseException) -> None:
+        """Under ``python -m monai.bundle run``, a bad input's error (a :class:`DataError` or a missing file, behind
+        MONAI's wrappers) is printed as one line and the process exits 1 (:class:`SystemExit` passes through MONAI's
+        config evaluation): its ``Failed to evaluate ConfigExpression`` traceback repeated the error three times and
+        ended with its own line, not the file's. Otherwise (called in-process) nothing: the caller raises it."""
+        from dira3d.engines.inputs import data_error_in
+
+        cause = data_error_in(err)
+        if cause is not None and _run_by_monai_bundle_command():
+            print(f"error: {cause}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
     # --- the record --------------------------------------------------------------------------------------------
 

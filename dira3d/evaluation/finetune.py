@@ -24,7 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dira3d.evaluation.preprocessing import PREPROCESSING_FILE, training_preprocessing, write_preprocessing
+from dira3d.evaluation.preprocessing import (
+    PREPROCESSING_FILE,
+    datalist_preprocessing,
+    training_preprocessing,
+    write_preprocessing,
+)
 from dira3d.utils.atomic import atomic_write_text, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
@@ -337,13 +342,7 @@ def finished_message(out: str | os.PathLike, bundle: str | os.PathLike, tiny: bo
 def _prepared_spacing(datalist: str | os.PathLike | None) -> list[float] | None:
     """The voxel size the datalist's volumes were resampled to (``meta.spacing``, ``dira3d prepare --spacing``), for
     ``pixdim`` in the inference command; None when it records none (the scans kept their own) or cannot be read."""
-    try:
-        spacing = json.loads(Path(datalist).read_text(encoding="utf-8")).get("meta", {}).get("spacing")
-    except (OSError, TypeError, ValueError, AttributeError):
-        return None
-    if isinstance(spacing, list) and spacing and all(isinstance(v, (int, float)) and v > 0 for v in spacing):
-        return [float(v) for v in spacing]
-    return None
+    return datalist_preprocessing(datalist).get("spacing")
 
 
 def _shell_word(text: str) -> str:

@@ -14,22 +14,27 @@ prepared with ``--percentiles 1 99`` or ``--modalities flair t1`` is fed raw sca
 For the 2D chest X-ray datasets the datalist's ``meta.size`` (``dira3d prepare <dataset> --size``) is kept as
 ``prepared_size``, which the 2D bundles' ``inference.json`` reads, so a model trained on PNGs prepared at 256 is
 given a raw radiograph resized through 256 as its training images were, not through the default 512.
-A value given on the command line (``--modality ct``) wins.
+For the 3D datasets the voxel size the volumes were resampled to (``meta.spacing``, ``dira3d prepare --spacing``;
+null when they kept their own) is kept as ``spacing``, and ``inference.json`` of the 3D segmentation bundles takes its
+``pixdim`` default from it (:func:`trained_spacing`): a raw scan is resampled to the training voxel size, as
+nnU-Net does, and the prediction is written back on the scan's own grid.
+A value given on the command line (``--modality ct``, ``--pixdim 0``) wins.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dira3d.data.datalist import datalist_meta
 from dira3d.utils.atomic import atomic_write_text
 
-__all__ = ["PREPROCESSING_FILE", "datalist_preprocessing", "trained_preprocessing", "training_preprocessing",
-           "write_preprocessing"]
+__all__ = ["PREPROCESSING_FILE", "datalist_preprocessing", "prepared_spacing", "trained_preprocessing", "trained_spacing",
+           "training_preprocessing", "write_preprocessing"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +43,31 @@ PREPROCESSING_FILE = "preprocessing.json"
 _DATALIST_KEYS = ("modality", "window", "percentiles", "channels")
 # ... and the bundle setting that says which sequences the network was given, in its channel order; and the side
 # the 2D PNGs were stored at (meta "size" of the 2D preparations), the 2D bundles' prepared_size
-_KEYS = (*_DATALIST_KEYS, "modalities", "prepared_size")
+_KEYS = (*_DATALIST_KEYS, "modalities", "prepared_size", "spacing")
+NATIVE_PIXDIM = [0.0, 0.0, 0.0]  # Spacingd: a zero keeps the scan's own voxel size along that axis
+
+
+def prepared_spacing(value: Any) -> list[float] | None:
+    """A datalist's ``meta.spacing`` as three voxel sizes in mm (one number = isotropic, as ``prepare lidc --spacing``
+    writes it); None for null (the volumes kept their own) or anything that is not one or three positive numbers."""
+    values = [value] if isinstance(value, (int, float)) else value
+    if not isinstance(values, list) or len(values) not in (1, 3):
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
+        return None
+    return [float(v) for v in values] * (3 // len(values))
 
 
 def datalist_preprocessing(datalist: str | os.PathLike | None) -> dict[str, Any]:
     """``modality`` / ``window`` / ``percentiles`` / ``channels`` of a prepared datalist's ``meta`` (those
-    it records, without nulls), and ``prepared_size``, its ``size`` (the 2D preparations' ``--size``, a whole
-    number; 0 = native size); empty for a datalist without them (or none)."""
+    it records, without nulls), ``prepared_size``, its ``size`` (the 2D preparations' ``--size``, a whole
+    number; 0 = native size), and ``spacing``, the voxel size the 3D volumes were resampled to
+    (:func:`prepared_spacing`; null when the meta records a null spacing: the volumes kept their own);
+    empty for a datalist without them (or none)."""
     meta = datalist_meta(datalist)  # lenient: the datalist reader reports a broken file with its own message
     settings = {key: meta[key] for key in _DATALIST_KEYS if meta.get(key) is not None}
+    if "spacing" in meta and (meta["spacing"] is None or prepared_spacing(meta["spacing"])):
+        settings["spacing"] = prepared_spacing(meta["spacing"])
     size = meta.get("size")
     if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
         settings["prepared_size"] = size
@@ -84,7 +105,7 @@ def write_preprocessing(ckpt_dir: str | os.PathLike, settings: dict[str, Any]) -
 
 
 def trained_preprocessing(ckpt_dir: str | os.PathLike, key: str, default: Any) -> Any:
-    """The ``key`` (``modality``, ``window``, ``percentiles``, ``channels``, ``modalities`` or ``prepared_size``) the model in
+    """The ``key`` (``modality``, ``window``, ``percentiles``, ``channels``, ``modalities``, ``prepared_size`` or ``spacing``) the model in
     ``ckpt_dir`` was trained with, read from ``<ckpt_dir>/preprocessing.json``; ``default`` when the file or the key is absent
     (a model trained before dira3d recorded it, or on a datalist that does not say).
 
@@ -108,3 +129,29 @@ def trained_preprocessing(ckpt_dir: str | os.PathLike, key: str, default: Any) -
         return default
     logger.info("inference %s %s: as the model was trained (%s)", key, settings[key], path)
     return settings[key]
+
+
+def trained_spacing(ckpt_dir: str | os.PathLike, default: Sequence[float] = tuple(NATIVE_PIXDIM)) -> list[float]:
+    """The ``pixdim`` default of the 3D ``inference.json``: the voxel size the model's training volumes were resampled
+    to (``spacing`` in ``<ckpt_dir>/preprocessing.json``), so that a raw scan is resampled the same way; ``[0, 0, 0]``
+    (the scan's own voxels) when they kept their own (null); the bundle's ``default`` when there is no file and, with
+    a one-line note, when the file predates the record (pass ``--pixdim`` as the volumes were prepared).
+
+    Raises:
+        ValueError: the file is garbled, or its ``spacing`` is not null or three positive numbers (named, with what to do).
+    """
+    missing = object()
+    spacing = trained_preprocessing(ckpt_dir, "spacing", missing)
+    path = Path(ckpt_dir) / PREPROCESSING_FILE
+    if spacing is missing:
+        if path.is_file():
+            logger.warning("%s does not record the voxel spacing the model was trained at (fine-tuned before dira3d "
+                           "recorded it): pixdim stays %s (0 = the scan's own voxel size); pass --pixdim as the training "
+                           "volumes were prepared (dira3d prepare --spacing, the datalist's meta.spacing)", path, list(default))
+        return [float(v) for v in default]
+    if spacing is None:
+        return list(NATIVE_PIXDIM)
+    if prepared_spacing(spacing) is None:
+        raise ValueError(f"{path}: spacing {spacing!r} is not null or three positive voxel sizes in mm; fix or delete "
+                         "it, or pass --pixdim on the command line")
+    return prepared_spacing(spacing)

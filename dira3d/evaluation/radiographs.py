@@ -30,6 +30,7 @@ levels on synthetic 1200 × 1000 radiographs (tests/test_cxr_prepared_size.py).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,17 +99,36 @@ DicomRadiographReader = RadiographReader  # its name before it read every radiog
 class LoadRadiographd(LoadVolumed):
     """``LoadVolumed`` for the 2D bundles: radiograph files (:func:`radiograph_format`) through
     :class:`RadiographReader` alone, other files with ``reader`` (default ``PILReader``) and MONAI's fallbacks.
-    Its errors name the file."""
+
+    The reader is chosen per key: in a dict with a radiograph and a file of another format (a PNG image and a NIfTI
+    mask), the radiograph is still read as ``dira3d prepare`` reads it and the other file by the configured reader.
+    (The reader was chosen for the whole dict, RadiographReader only when every file was a radiograph, so such an
+    image was read by ``PILReader``: a 16-bit PNG unscaled.) A reader passed to the call reads every key. Its errors
+    name the file."""
 
     def __init__(self, keys: KeysCollection, reader: str | object | None = "PILReader", image_only: bool = True,
                  **kwargs) -> None:
         super().__init__(keys, reader=reader, image_only=image_only, **kwargs)
 
     def __call__(self, data, reader=None):  # noqa: D102 - as LoadImaged
-        files = [data[k] for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
-        if reader is None and files and all(radiograph_format(f) is not None for f in files):
-            reader = RadiographReader()  # used alone: no fallback to a reader that would read it another way
-        return super().__call__(data, reader)
+        if reader is not None:
+            return super().__call__(data, reader)
+        d = dict(data)
+        present = list(self.key_iterator(d))
+        radiographs = {k for k in present if isinstance(d[k], (str, os.PathLike)) and radiograph_format(d[k]) is not None}
+        if radiographs:  # used alone on them: no fallback to a reader that would read them another way
+            d = super(LoadRadiographd, self._for_keys(radiographs)).__call__(d, RadiographReader())
+        others = [k for k in present if k not in radiographs]
+        return super(LoadRadiographd, self._for_keys(others)).__call__(d) if others else d
+
+    def _for_keys(self, keys) -> LoadRadiographd:
+        """A shallow copy of this transform acting on ``keys`` only (with their meta keys); the loader is shared."""
+        part = copy.copy(self)
+        index = [i for i, key in enumerate(self.keys) if key in keys]
+        part.keys = tuple(self.keys[i] for i in index)
+        part.meta_keys = tuple(self.meta_keys[i] for i in index)
+        part.meta_key_postfix = tuple(self.meta_key_postfix[i] for i in index)
+        return part
 
 
 class PrepareRadiographd(Resized):

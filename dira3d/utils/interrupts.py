@@ -33,13 +33,13 @@ import signal
 import sys
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "TerminatedBySignal", "WrittenFiles",
            "forget_caught_interrupt", "install_interrupt_exit_hook", "interrupt_exit_code", "interrupted_word",
-           "quiet_interrupt_logs", "sigterm_as_interrupt"]
+           "quiet_error_logs", "quiet_interrupt_logs", "sigterm_as_interrupt"]
 
 
 class StoppedBySignal(SystemExit):
@@ -170,6 +170,32 @@ def quiet_interrupt_logs() -> Iterator[None]:
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
+
+
+class _QuietErrorFilter(logging.Filter):
+    def __init__(self, quiet: Callable[[BaseException], bool]) -> None:
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = (record.exc_info or sys.exc_info())[1]  # the filter runs inside the logging call
+        return not (record.levelno >= logging.ERROR and error is not None and self.quiet(error))
+
+
+@contextmanager
+def quiet_error_logs(quiet: Callable[[BaseException], bool]) -> Iterator[None]:
+    """While the body runs, the handlers configured now leave out the error records logged about an error for which
+    ``quiet`` is true (ignite's and ``StatsHandler``'s traceback of an error the caller reports in its own line).
+    Enter it after the logging set-up; the error itself still propagates."""
+    quiet_filter = _QuietErrorFilter(quiet)
+    handlers = _all_handlers()
+    for handler in handlers:
+        handler.addFilter(quiet_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet_filter)
 
 
 class QuietInterruptMixin:

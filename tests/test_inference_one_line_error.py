@@ -1,0 +1,70 @@
+"""A bad input given to ``python -m monai.bundle run ... inference.json`` ends the run with one line naming the file.
+
+The input check (``CheckInferenceInputd``) raised its clear error inside the evaluator's data loader, or, for a batch
+where no input can be used, inside the evaluation of ``dataset.data``: MONAI's ``Failed to evaluate ConfigExpression``
+wrapped it, ``StatsHandler`` logged its traceback too, and the user got about 244 lines with the error three times,
+ending with MONAI's line. ``InferenceBatch.run`` now prints the error once, as the last line, and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from dira3d.evaluation import build_task_network
+from dira3d.utils import atomic_save
+
+BUNDLE = "lits_liver_seg"
+
+
+@pytest.fixture
+def model(tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        atomic_save(build_task_network("segmentation", 3, 1, 1, 0.125, "").state_dict(), tmp_path / "models" / "model.pt")
+    return tmp_path / "models"
+
+
+def _prepared(path):
+    """A volume already scaled to [0, 1] by `dira3d prepare`: refused by a bundle that takes the raw CT."""
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((24, 24, 12)).astype(np.float32), np.eye(4)), str(path))
+    return path
+
+
+def _run(repo_root, model, out, *settings):
+    configs = repo_root / "bundles" / BUNDLE / "configs"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "inference.json"),
+           "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf"),
+           "--bundle_root", str(repo_root / "bundles" / BUNDLE), "--ckpt_dir", str(model), "--width", "0.125",
+           "--roi_size", "[16,16,8]", "--device", "cpu", "--output_dir", str(out), *settings]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_bad_image_ends_the_run_with_one_line_naming_it(repo_root, model, tmp_path):
+    image = _prepared(tmp_path / "case_prepared.nii.gz")
+    proc = _run(repo_root, model, tmp_path / "out", "--image", str(image))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {image}: ") and "already prepared by `dira3d prepare`" in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and "Failed to evaluate" not in proc.stderr
+    assert (proc.stderr + proc.stdout).count("already prepared by") == 1  # said once
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_batch_of_bad_inputs_ends_with_one_error_listing_them(repo_root, model, tmp_path):
+    images = [_prepared(tmp_path / f"{name}_prepared.nii.gz") for name in ("a", "b")]
+    datalist = "[" + ", ".join(f"{{'image': '{image}'}}" for image in images) + "]"
+    proc = _run(repo_root, model, tmp_path / "out", "--datalist", datalist)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-3] == "error: none of the 2 inputs can be used:", proc.stderr[-3000:]
+    assert [line.split(": ")[0].strip() for line in lines[-2:]] == [str(image) for image in images]
+    assert "Traceback" not in proc.stderr + proc.stdout and proc.stderr.count("none of the 2 inputs") == 1
+    assert (tmp_path / "out" / "inference_report.json").is_file()  # the report lists them, as before
