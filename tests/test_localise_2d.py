@@ -87,6 +87,23 @@ def test_localise_reports_the_mean_over_findings_of_their_accuracy(tmp_path):
     assert written["mean_accuracy_over_findings"] == result["mean_accuracy_over_findings"]
 
 
+def test_boxes_without_a_label_name_are_grouped_by_their_label_index(tmp_path):
+    """A box datalist of your own may carry label_index alone: its findings are told apart by the index (grouping by
+    the missing name put every box in one finding "None", and the mean over findings became the pooled accuracy)."""
+    datalist = _write_boxes(tmp_path / "data", [(20, 30, 40, 10)] * 4, [0, 0, 0, 1])
+    content = json.loads(datalist.read_text())
+    for entry in content["test"]:
+        del entry["label"]
+    datalist.write_text(json.dumps(content))
+    result = localise(_ImageCAM(), load_box_entries(datalist, "test"), tmp_path / "out", target_layer="features",
+                      roi_size=(64, 48))
+    deltas = [f"{d:g}" for d in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
+    assert result["accuracy_per_finding"] == {"0": {d: 1.0 for d in deltas}, "1": {d: 0.0 for d in deltas}}
+    assert result["mean_accuracy_over_findings"] == {d: 0.5 for d in deltas}
+    assert sorted(p.name for p in (tmp_path / "out" / "overlays").glob("*.png")) == [
+        "0000_img0_0.png", "0001_img1_0.png", "0002_img2_0.png", "0003_img3_1.png"]
+
+
 def test_localise_command_with_a_resnet_classifier(tmp_path):
     torch.manual_seed(0)
     datalist = _write_boxes(tmp_path / "data", [(10, 20, 30, 30), (60, 40, 20, 30), (5, 5, 40, 20)], [0, 2, 1])
