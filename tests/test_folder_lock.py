@@ -134,3 +134,26 @@ def test_check_free_refuses_while_another_process_holds_the_folder_and_takes_not
     with FolderLock(folder):  # this process holds it: its own check passes, and the lock stays held
         FolderLock(folder).check_free()
         assert try_in_another_process(folder).returncode == 1
+
+
+def test_a_folder_without_write_permission_is_named_instead_of_a_bare_missing_file(tmp_path, monkeypatch):
+    """In a folder the user cannot write, with no lock file of another user to share, taking the lock ended in a bare
+    FileNotFoundError of the read-only fallback (the file was never there): now a PermissionError names the folder.
+    (Simulated: the tests may run as root, for whom no folder is read-only.)"""
+    import builtins
+
+    import dira3d.utils.folder_lock as folder_lock
+
+    def refuse_writes(path, mode="r", *args, **kwargs):
+        if "a" in mode or "w" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(folder_lock, "open", refuse_writes, raising=False)
+    with pytest.raises(PermissionError, match=rf"cannot write in {tmp_path}.*Permission denied.*choose a folder you can"):
+        FolderLock(tmp_path).acquire()
+    # a lock file another user left is shared read-only, as before
+    (tmp_path / folder_lock.LOCK_NAME).write_text("")
+    lock = FolderLock(tmp_path).acquire()
+    assert lock.held
+    lock.release()

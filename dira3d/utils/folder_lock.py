@@ -118,8 +118,12 @@ class FolderLock:
             return self
         try:
             handle = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
-        except PermissionError:  # left by another user of a shared (group-writable) folder: flock needs no write access
-            handle = open(self.folder / LOCK_NAME, encoding="utf-8")  # noqa: SIM115
+        except PermissionError as denied:  # left by another user of a shared (group-writable) folder: flock needs no write
+            try:
+                handle = open(self.folder / LOCK_NAME, encoding="utf-8")  # noqa: SIM115
+            except FileNotFoundError:  # no lock file to share: the folder itself is not writable
+                raise PermissionError(f"cannot write in {self.folder} (its lock file {LOCK_NAME} cannot be created: "
+                                      f"{denied.strerror}); choose a folder you can write to, or make it writable") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
