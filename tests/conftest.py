@@ -147,3 +147,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             f"the tests left {new} in {Path.cwd()}: a test wrote into the folder pytest ran from; give it tmp_path",
             red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def run_two_gloo_ranks(worker, tmp_path: Path) -> list:
+    """Spawn ``worker(rank, init_file, out)`` on two processes (the worker sets up its gloo group from ``init_file``
+    and saves what it measured to ``f"{out}.{rank}"``); return the two results, loaded weights-only. Import it with
+    ``from conftest import run_two_gloo_ranks``; the worker must be a module-level function of the test file."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.spawn(worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1)]

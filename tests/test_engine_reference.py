@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RunsCodeWhenUnpickled
+from conftest import RunsCodeWhenUnpickled, run_two_gloo_ranks
 
 from dira3d.engines import checkpoint as ckpt_module
 from dira3d.engines import pretrained_checkpoint
@@ -264,11 +264,7 @@ def _collectives_worker(rank: int, init_file: str, out: str) -> None:
 
 
 def test_two_gloo_ranks_reduce_broadcast_and_shuffle_as_worked_out_by_hand(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "result")
-    mp.spawn(_collectives_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]
+    ranks = run_two_gloo_ranks(_collectives_worker, tmp_path)
     # the permutation every rank draws alike from the (seed, iteration) generator; rank r encodes its rows 2r, 2r+1
     perm = torch.randperm(4, generator=torch.Generator().manual_seed(16))
     # this seed's permutation mixes the ranks' samples in both shares and is not its own inverse

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from conftest import run_two_gloo_ranks
 
 from dira3d.engines import build_dis_head, build_dis_loss, build_predictor, scalar_output, side_by_side
 from dira3d.engines.batches import STREAM_DATA, STREAM_STEP, BatchFeedMixin
@@ -157,12 +158,7 @@ def _gloo_worker(rank: int, init_file: str, out: str) -> None:
 
 
 def test_two_gloo_ranks_gather_the_barlow_batch_and_stop_early_on_rank_0s_validation(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "result")
-    mp.spawn(_gloo_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
-    for rank in (0, 1):
-        result = torch.load(f"{out}.{rank}", weights_only=True)
+    for result in run_two_gloo_ranks(_gloo_worker, tmp_path):
         assert isinstance(result["barlow"], float), result["barlow"]
         assert result["barlow"] == pytest.approx(0.5, rel=1e-4)  # as one process with both samples
         assert result["stop"] == (True, 4, 3, 1.0)  # stopped after epoch 4, the best at epoch 3, one wait

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from conftest import run_two_gloo_ranks
 
 # ---------------------------------------------------------------- optim.py / build_adam
 
@@ -177,12 +178,7 @@ def _average_worker(rank: int, init_file: str, out: str) -> None:
 
 
 def test_two_gloo_ranks_step_with_the_mean_gradient_and_leave_the_callers_flag_alone(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "result")
-    mp.spawn(_average_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
-    for rank in (0, 1):
-        result = torch.load(f"{out}.{rank}", weights_only=True)
+    for rank, result in enumerate(run_two_gloo_ranks(_average_worker, tmp_path)):
         torch.testing.assert_close(result["p"], torch.tensor([-2.0, -4.0]))
         assert result["all"] is False and result["flag"] == rank
 
