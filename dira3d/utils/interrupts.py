@@ -133,16 +133,23 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _handling_interrupt(record: logging.LogRecord) -> bool:
-    exc_type = (record.exc_info or sys.exc_info())[0]  # the filter runs inside the logging call
-    return exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+class _QuietErrorFilter(logging.Filter):
+    """Drop records of level ERROR and above logged about an error for which ``quiet`` is true."""
 
-
-class InterruptLogFilter(logging.Filter):
-    """Drop records of level ERROR and above that are logged about a ``KeyboardInterrupt``."""
+    def __init__(self, quiet: Callable[[BaseException], bool]) -> None:
+        super().__init__()
+        self.quiet = quiet
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and _handling_interrupt(record))
+        error = (record.exc_info or sys.exc_info())[1]  # the filter runs inside the logging call
+        return not (record.levelno >= logging.ERROR and error is not None and self.quiet(error))
+
+
+class InterruptLogFilter(_QuietErrorFilter):
+    """Drop records of level ERROR and above that are logged about a ``KeyboardInterrupt``."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda error: isinstance(error, KeyboardInterrupt))
 
 
 def _all_handlers() -> list[logging.Handler]:
@@ -161,25 +168,8 @@ def quiet_interrupt_logs() -> Iterator[None]:
     Enter it after the logging set-up (a bundle's ``logging.conf`` replaces the handlers).
     The interrupt itself still propagates: the caller says what to do next.
     """
-    quiet = InterruptLogFilter()
-    handlers = _all_handlers()
-    for handler in handlers:
-        handler.addFilter(quiet)
-    try:
+    with quiet_error_logs(lambda error: isinstance(error, KeyboardInterrupt)):
         yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(quiet)
-
-
-class _QuietErrorFilter(logging.Filter):
-    def __init__(self, quiet: Callable[[BaseException], bool]) -> None:
-        super().__init__()
-        self.quiet = quiet
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = (record.exc_info or sys.exc_info())[1]  # the filter runs inside the logging call
-        return not (record.levelno >= logging.ERROR and error is not None and self.quiet(error))
 
 
 @contextmanager
