@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from dira3d.utils.bundle_errors import install_bundle_error_hook  # noqa: E402 - light: no torch
 from dira3d.utils.interrupts import install_interrupt_exit_hook  # noqa: E402 - light: no torch
 from dira3d.utils.threads import install_exit_hook  # noqa: E402 - light: no torch
 
@@ -10,3 +11,6 @@ from dira3d.utils.threads import install_exit_hook  # noqa: E402 - light: no tor
 install_exit_hook()
 # a Ctrl-C a command caught (exit 130) does not end `python -m dira3d.cli ...` by SIGINT (dira3d.utils.interrupts)
 install_interrupt_exit_hook()
+# a bad file or setting under `python -m monai.bundle run` ends in one error line, not MONAI's wrapped traceback
+# (dira3d.utils.bundle_errors)
+install_bundle_error_hook()

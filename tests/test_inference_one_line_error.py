@@ -8,6 +8,7 @@ ending with MONAI's line. ``InferenceBatch.run`` now prints the error once, as t
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -68,3 +69,64 @@ def test_a_batch_of_bad_inputs_ends_with_one_error_listing_them(repo_root, model
     assert [line.split(": ")[0].strip() for line in lines[-2:]] == [str(image) for image in images]
     assert "Traceback" not in proc.stderr + proc.stdout and proc.stderr.count("none of the 2 inputs") == 1
     assert (tmp_path / "out" / "inference_report.json").is_file()  # the report lists them, as before
+
+
+def test_a_missing_image_is_one_line_without_a_line_per_monai_reader(repo_root, model, tmp_path):
+    # LoadImage tried each of its six readers on the missing file and logged "<Reader>: unable to load" (and a blank
+    # line) for each before our error; the file's existence is checked before it
+    missing = tmp_path / "no_such_scan.nii.gz"
+    proc = _run(repo_root, model, tmp_path / "out", "--image", str(missing))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {missing}: does not exist; check the path", proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "unable to load" not in output and "LoadImage" not in output, output[-3000:]
+    assert output.count("does not exist") == 1 and "Traceback" not in output
+
+
+@pytest.mark.parametrize("files", [["gone.nii.gz"], ["here.nii.gz", "gone.nii.gz"]])  # a list: one file per channel
+def test_loading_a_missing_file_logs_nothing_before_its_error(files, tmp_path, caplog):
+    from dira3d.data.errors import DataError
+    from dira3d.engines.inputs import LoadVolumed
+    from dira3d.evaluation import SimpleITKReader
+
+    _prepared(tmp_path / "here.nii.gz")
+    paths = [str(tmp_path / name) for name in files]
+    # with a reader named, as the 3D bundles' inference.json name SimpleITKReader, LoadImage tries every reader in turn
+    # and logs each failure (its readers log what is not installed as they are built: before the block)
+    load = LoadVolumed(keys="image", reader=SimpleITKReader(), image_only=True)
+    with caplog.at_level(logging.DEBUG), pytest.raises(DataError) as raised:
+        load({"image": paths[0] if len(paths) == 1 else paths})
+    assert str(raised.value) == f"{tmp_path / 'gone.nii.gz'}: does not exist; check the path"
+    # (MONAI's note that nvImageCodec is not installed may come here too: not about the file)
+    assert [r.getMessage() for r in caplog.records if r.name == "LoadImage" or "gone.nii.gz" in r.getMessage()] == []
+
+
+# --- models/preprocessing.json beside the model: garbled, or of the wrong form ----------------------------------
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "the model's preprocessing record {} is not valid JSON (Expecting property name"),
+    ('{"spacing": "1.0"}', "{}: spacing '1.0' is not null or three positive voxel sizes in mm"),
+    ('{"window": "lung", "spacing": [1, 1, 2]}', "{}: window 'lung' is not two numbers"),
+])
+def test_a_bad_preprocessing_json_ends_the_run_with_one_line_naming_it(content, problem, repo_root, model, tmp_path):
+    # it is read while MONAI evaluates the config ($dira3d.evaluation.trained_spacing(@ckpt_dir), ...): its error came
+    # wrapped in "Failed to evaluate ConfigExpression", some 60 lines of chained tracebacks
+    (model / "preprocessing.json").write_text(content)
+    image = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(0, 300, (24, 24, 12)).astype(np.float32), np.eye(4)), str(image))
+    proc = _run(repo_root, model, tmp_path / "out", "--image", str(image))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: " + problem.format(model / "preprocessing.json")), proc.stderr[-3000:]
+    assert "fine-tune again" in last and "delete it" in last
+    assert "Traceback" not in proc.stderr + proc.stdout and "Failed to evaluate" not in proc.stderr
+    assert (proc.stderr + proc.stdout).count("preprocessing.json") == 1
+
+
+def test_other_programs_keep_the_traceback_of_such_an_error(tmp_path):
+    # the one-line hook is for `python -m monai.bundle` only: a script of one's own that lets it out sees where
+    script = ("import dira3d\nfrom dira3d.data.errors import DataError\n"
+              "raise RuntimeError('Failed to evaluate') from DataError('x.json', 'garbled')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "RuntimeError: Failed to evaluate" in proc.stderr
+    assert "error: x.json" not in proc.stderr

@@ -47,12 +47,31 @@ def test_without_the_file_the_bundle_defaults_hold(tmp_path):
     assert write_preprocessing(tmp_path / "models", {}) is None and not (tmp_path / "models").exists()
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "cannot be read"), ("[1, 2]", "holds a JSON list")])
+@pytest.mark.parametrize("content, message", [("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON array"),
+                                              ("", "is empty")])
 def test_a_garbled_file_is_named_with_what_to_do(tmp_path, content, message):
     (tmp_path / "preprocessing.json").write_text(content)
     with pytest.raises(ValueError, match=rf"preprocessing\.json.*{message}") as raised:
         trained_preprocessing(tmp_path, "modality", "ct")
     assert "delete" in str(raised.value)
+
+
+@pytest.mark.parametrize("key, value, setting", [
+    ("modality", 5, "--modality"), ("modality", "pet", "--modality"), ("window", "lung", "--hu_window"),
+    ("window", [400, -100], "--hu_window"), ("percentiles", [0.5], "--percentiles"), ("percentiles", [1, 101], "--percentiles"),
+    ("channels", "flair", "--image_channels"), ("modalities", ["flair", "t9"], "--modalities"),
+    ("prepared_size", "512", "--prepared_size"), ("prepared_size", True, "--prepared_size"), ("spacing", "1.0", "--pixdim"),
+])
+def test_a_value_of_the_wrong_form_is_named_with_its_setting(tmp_path, caplog, key, value, setting):
+    # valid JSON edited by hand: its value went on as the setting and failed later, elsewhere, or not at all
+    from dira3d.data.errors import DataError
+
+    (tmp_path / "preprocessing.json").write_text(json.dumps({key: value}))
+    with caplog.at_level("INFO", logger="dira3d.evaluation.preprocessing"), pytest.raises(DataError) as raised:
+        trained_preprocessing(tmp_path, key, None)
+    assert str(raised.value).startswith(f"{tmp_path / 'preprocessing.json'}: {key} {value!r} is not "), raised.value
+    assert f"pass {setting} on the command line" in str(raised.value) and "fine-tune again" in str(raised.value)
+    assert not caplog.records  # no "inference <key> <value>: as the model was trained" before the error
 
 
 # --- brats_tumor_seg: the percentiles, the sequences and their channel order ------------------------------------

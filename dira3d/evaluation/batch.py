@@ -35,7 +35,6 @@ import logging
 import numbers
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,12 +119,6 @@ def _batch_size(batchdata: Any, key: str) -> int:
     return int(image.shape[0]) if getattr(image, "shape", None) else 1
 
 
-def _run_by_monai_bundle_command() -> bool:
-    """Whether this process is ``python -m monai.bundle ...`` (whose exit status a script tests)."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) == "monai.bundle.__main__"
-
-
 class InferenceBatch:
     """The record of a batch run of ``inference.json``: what was written, left out or failed, and why.
 
@@ -200,7 +193,7 @@ class InferenceBatch:
             if self.left_out:
                 self.stopped = "none of the inputs can be used"
                 self._finish(completed=False)
-            # raised by run(), not here: under config evaluation MONAI wrapped it in three tracebacks
+            # raised by run() as the run starts, not while MONAI builds the dataset
             self._unusable, good = err, []
         self._order = [i for i in range(len(self.datalist)) if i not in self.left_out]
         self._next, self._repeat = 0, ("", 0)
@@ -252,38 +245,28 @@ class InferenceBatch:
         Returns:
             0 when every input was written, :data:`NOT_ALL_WRITTEN` otherwise; under ``python -m monai.bundle run``
             a non-zero status ends the process with it (``SystemExit``).
+
+        Raises:
+            DataError: no input can be used, or the single input is refused; under ``python -m monai.bundle run`` it
+                ends the process in one ``error:`` line (:mod:`dira3d.utils.bundle_errors`), ignite's traceback of it
+                left out.
         """
-        from dira3d.engines.inputs import data_error_in
+        from dira3d.utils.bundle_errors import run_by_monai_bundle_command, user_error_in
         from dira3d.utils.interrupts import quiet_error_logs
 
         if self._unusable is not None:  # no input can be used (screen)
-            self._exit_on_input_error(self._unusable)
             raise self._unusable
-        try:
-            with quiet_error_logs(lambda err: data_error_in(err) is not None):  # said once, below
+        try:  # a bad input's error ends `python -m monai.bundle run` in one line (dira3d.utils.bundle_errors)
+            with quiet_error_logs(lambda err: user_error_in(err) is not None):  # not also ignite's traceback
                 evaluator.run()
         except BaseException as err:
             self.stopped = _reason(err)
             self._finish(completed=False)
-            self._exit_on_input_error(err)
             raise
         code = self._finish(completed=True)
-        if code and _run_by_monai_bundle_command():
+        if code and run_by_monai_bundle_command():
             raise SystemExit(code)
         return code
-
-    @staticmethod
-    def _exit_on_input_error(err: BaseException) -> None:
-        """Under ``python -m monai.bundle run``, a bad input's error (a :class:`DataError` or a missing file, behind
-        MONAI's wrappers) is printed as one line and the process exits 1 (:class:`SystemExit` passes through MONAI's
-        config evaluation): its ``Failed to evaluate ConfigExpression`` traceback repeated the error three times and
-        ended with its own line, not the file's. Otherwise (called in-process) nothing: the caller raises it."""
-        from dira3d.engines.inputs import data_error_in
-
-        cause = data_error_in(err)
-        if cause is not None and _run_by_monai_bundle_command():
-            print(f"error: {cause}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
 
     # --- the record --------------------------------------------------------------------------------------------
 

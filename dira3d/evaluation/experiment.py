@@ -76,8 +76,8 @@ pretraining stages the bundle would refuse or its max_epochs never reaches. A ru
 logged and listed in ``failures.json`` (rewritten after every run, so it is there after Ctrl-C too); the other
 runs go on, the command exits 1 at the end, and rerunning it retries only the failed runs. The command ends by
 naming its outputs (results.csv, table.md, summary.json, the plots, runs/ with each run's metrics.json and
-TensorBoard files). The table and ``summary.json`` count each run of the
-current grid once (rows of seeds, fractions or methods no longer in the config stay in
+TensorBoard files, where its test metrics are the scalars test/<metric> at its last epoch). The table and
+``summary.json`` count each run of the current grid once (rows of seeds, fractions or methods no longer in the config stay in
 ``results.csv`` but out of the statistics). The note under the table gives the number of seeds and
 the test; a cell of fewer seeds says ``n=…`` and every run left out (failed, or not run yet) is
 named below it (and, at the end, in the log); a cell whose t-test is undefined (fewer than two
@@ -163,7 +163,8 @@ def written_message(config: dict) -> str:
     return (f"results:     {out / 'results.csv'} (one row per run; mean ± std and p-values in {out / 'summary.json'})\n"
             f"table:       {out / 'table.md'}; plots: {out / (config['metric'] + '_vs_label_fraction.png')}, "
             f"{out / 'ablation.png'}\n"
-            f"each run:    {out / 'runs'}/{run}/ (metrics.json: test metric, splits, settings; models/model.pt)\n"
+            f"each run:    {out / 'runs'}/{run}/ (metrics.json: test metric, splits, settings; models/model.pt; "
+            "TensorBoard files: curves, and the test metrics as test/<metric>)\n"
             f"TensorBoard: tensorboard --logdir {out / 'runs'}")
 
 

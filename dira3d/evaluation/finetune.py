@@ -280,6 +280,7 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
         "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))}
         | {k: v for k, v in effective.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
     }
+    _log_test_metrics(out, metrics, epochs)  # before metrics.json, which marks the run finished
     _write_json(result, out / "metrics.json")
     if "test" in splits and effective.get("datalist"):  # a test split of no (or few) masks with foreground, ...
         from dira3d.evaluation.split_checks import split_kind, warn_test_split
@@ -290,6 +291,20 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
                         class_names=parser.get_parsed_content("class_names") if "class_names" in parser else None)
     logger.info("fine-tuning %s finished: %s", root.name, metrics)
     return result
+
+
+def _log_test_metrics(out: Path, metrics: dict[str, Any], epoch: int) -> None:
+    """The test metrics as TensorBoard scalars ``test/<name>`` at the last epoch trained, beside the run's training and
+    validation curves in ``out``; an undefined one (None in metrics.json) is left out."""
+    from dira3d.engines.summary import LazySummaryWriter  # no event file when there is no value
+
+    writer = LazySummaryWriter(log_dir=str(out))
+    try:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"test/{name}", value, epoch)
+    finally:
+        writer.close()
 
 
 def _split_summary(parser, engine, key: str = "validate#datalist") -> dict | None:

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dira3d.data.datalist import datalist_meta
+from dira3d.data.errors import DataError
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.files import read_json
 
 __all__ = ["PREPROCESSING_FILE", "datalist_preprocessing", "prepared_spacing", "trained_preprocessing", "trained_spacing",
            "training_preprocessing", "write_preprocessing"]
@@ -45,6 +47,10 @@ _DATALIST_KEYS = ("modality", "window", "percentiles", "channels")
 # the 2D PNGs were stored at (meta "size" of the 2D preparations), the 2D bundles' prepared_size
 _KEYS = (*_DATALIST_KEYS, "modalities", "prepared_size", "spacing")
 NATIVE_PIXDIM = [0.0, 0.0, 0.0]  # Spacingd: a zero keeps the scan's own voxel size along that axis
+# the inference.json setting each key is the default of (what to pass instead of a bad file)
+_SETTINGS = {"modality": "--modality", "window": "--hu_window", "percentiles": "--percentiles", "channels": "--image_channels",
+             "modalities": "--modalities", "prepared_size": "--prepared_size", "spacing": "--pixdim"}
+_REDO = "fine-tune again to write it, or fix it, or delete it and pass {} on the command line"
 
 
 def prepared_spacing(value: Any) -> list[float] | None:
@@ -110,25 +116,54 @@ def trained_preprocessing(ckpt_dir: str | os.PathLike, key: str, default: Any) -
     (a model trained before dira3d recorded it, or on a datalist that does not say).
 
     Raises:
-        ValueError: the file exists but is not a JSON object (it names the file and what to do).
+        DataError: (a ``ValueError``) the file exists but is not a JSON object, or its ``key`` is not of the form that
+            setting takes (``spacing`` a string, ``percentiles`` not two numbers, ...); it names the file, the key and
+            what to do, and under ``python -m monai.bundle run`` ends the run in one ``error:`` line
+            (:mod:`dira3d.utils.bundle_errors`).
     """
     if key not in _KEYS:
         raise ValueError(f"unknown preprocessing key {key!r}; one of {_KEYS}")
     path = Path(ckpt_dir) / PREPROCESSING_FILE
     if not path.is_file():
         return default
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} cannot be read ({err}); it records how the model's training volumes were scaled: "
-                         "restore it, or delete it and pass the setting (e.g. --modality mr) on the command line") from err
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path} holds a JSON {type(settings).__name__}, not an object like "
-                         '{"modality": "mr", "percentiles": [0.5, 99.5]}; fix or delete it')
+    fix = _REDO.format(f"the settings it recorded (those of {', '.join(_SETTINGS.values())} that the bundle takes)")
+    try:  # garbled, empty, not UTF-8, not a JSON object: one FileContentError (a DataError) naming it
+        settings = read_json(path, "the model's preprocessing record", fix)
+    except OSError as err:
+        raise DataError(path, f"cannot be read ({err}); {fix}") from err
     if key not in settings:
         return default
+    problem = _bad_value(key, settings[key])
+    if problem:
+        raise DataError(path, f"{key} {settings[key]!r} is not {problem}; {_REDO.format(_SETTINGS[key])}")
     logger.info("inference %s %s: as the model was trained (%s)", key, settings[key], path)
     return settings[key]
+
+
+def _numbers(value: Any, count: int) -> bool:
+    return (isinstance(value, list) and len(value) == count and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _bad_value(key: str, value: Any) -> str:
+    """What the ``key`` of ``preprocessing.json`` must be, when ``value`` is not that (a file edited by hand, or
+    written by something else); empty when it is."""
+    from dira3d.evaluation.transforms import BRATS_MODALITIES
+
+    if key == "modality" and not (isinstance(value, str) and value.lower() in ("ct", "mr")):
+        return '"ct" or "mr"'
+    if key == "window" and not (_numbers(value, 2) and value[0] < value[1]):
+        return "two numbers, the low and high ends of the HU window"
+    if key == "percentiles" and not (_numbers(value, 2) and 0 <= value[0] < value[1] <= 100):
+        return "two increasing percentiles between 0 and 100"
+    if key in ("channels", "modalities") and not (isinstance(value, list) and value and
+                                                  all(isinstance(v, str) and v.lower() in BRATS_MODALITIES for v in value)):
+        return f"a list of sequence names from {list(BRATS_MODALITIES)}"
+    if key == "prepared_size" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return "a whole number of pixels (0: the native size)"
+    if key == "spacing" and value is not None and prepared_spacing(value) is None:
+        return "null or three positive voxel sizes in mm"
+    return ""
 
 
 def trained_spacing(ckpt_dir: str | os.PathLike, default: Sequence[float] = tuple(NATIVE_PIXDIM)) -> list[float]:
@@ -138,7 +173,7 @@ def trained_spacing(ckpt_dir: str | os.PathLike, default: Sequence[float] = tupl
     a one-line note, when the file predates the record (pass ``--pixdim`` as the volumes were prepared).
 
     Raises:
-        ValueError: the file is garbled, or its ``spacing`` is not null or three positive numbers (named, with what to do).
+        DataError: the file is garbled, or its ``spacing`` is not null or three positive numbers (named, with what to do).
     """
     missing = object()
     spacing = trained_preprocessing(ckpt_dir, "spacing", missing)
@@ -151,7 +186,4 @@ def trained_spacing(ckpt_dir: str | os.PathLike, default: Sequence[float] = tupl
         return [float(v) for v in default]
     if spacing is None:
         return list(NATIVE_PIXDIM)
-    if prepared_spacing(spacing) is None:
-        raise ValueError(f"{path}: spacing {spacing!r} is not null or three positive voxel sizes in mm; fix or delete "
-                         "it, or pass --pixdim on the command line")
-    return prepared_spacing(spacing)
+    return prepared_spacing(spacing)  # checked by trained_preprocessing

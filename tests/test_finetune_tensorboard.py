@@ -1,0 +1,51 @@
+"""``dira3d finetune`` puts the test metrics in the run's TensorBoard logdir, beside its training and validation curves.
+
+The training / validation curves were in the event files but the test metrics (AUC, Dice, ...) only in
+``metrics.json``: a user comparing runs in TensorBoard (``tensorboard --logdir <output-dir>``, or the ``runs/`` folder
+of ``dira3d experiment``, whose runs go through the same ``run_finetune``) could not see the test numbers there.
+Now each is a scalar ``test/<metric>`` at the last epoch trained, read back here with TensorBoard's own reader.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_bundles_2d import write_cxr
+from test_bundles_finetune import SEGMENTATION, make_segmentation
+
+from dira3d.evaluation.finetune import run_finetune
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+def _data(bundle, root):
+    if bundle == "chestxray14_cls":  # 2D, multi-label: auc
+        return write_cxr(root, "cxr14_datalist.json", 14)
+    name, shape, channels = SEGMENTATION[bundle]  # 3D segmentation: dice and iou
+    return make_segmentation(root, name, shape, channels, n_train=4, n_test=2)[0]
+
+
+def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("bundle", ["lidc_nodule_seg", "chestxray14_cls"])
+def test_the_test_metrics_are_tensorboard_scalars_at_the_last_epoch(bundle, tmp_path):
+    datalist = _data(bundle, tmp_path / "data")
+    out = tmp_path / "run"
+    result = run_finetune(bundle, {"datalist": str(datalist), "seed": 0}, output_dir=out, tiny=True)
+    recorded = json.loads((out / "metrics.json").read_text())
+    scalars = _scalars(out)
+    tests = {tag: points for tag, points in scalars.items() if tag.startswith("test/")}
+    assert recorded["metrics"] and set(tests) == {f"test/{name}" for name in recorded["metrics"]}, sorted(scalars)
+    for name, value in recorded["metrics"].items():
+        assert len(tests[f"test/{name}"]) == 1, tests
+        step, logged = tests[f"test/{name}"][0]
+        assert step == recorded["epochs"] == result["epochs"] and logged == pytest.approx(value, rel=1e-6), (name, value)
+    # beside the run's own curves, one run in TensorBoard: its validation metric over the epochs trained
+    key = "val_auc" if bundle == "chestxray14_cls" else "val_dice"
+    assert [step for step, _ in scalars[key]] == list(range(1, recorded["epochs"] + 1)), sorted(scalars)
