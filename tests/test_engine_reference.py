@@ -46,8 +46,9 @@ def test_a_checkpoint_is_flushed_and_fsynced_in_its_own_folder_before_it_replace
     monkeypatch.setattr(atomic.os, "fsync", fsync)
     monkeypatch.setattr(atomic.os, "replace", replace)
     atomic_save({"v": torch.arange(5.0)}, target)
-    assert [c[0] for c in calls] == ["fsync", "replace"], calls
-    (_, synced, size, old_kept_at_sync), (_, src, dst, old_kept_at_replace) = calls
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"], calls
+    (_, synced, size, old_kept_at_sync), (_, src, dst, old_kept_at_replace), (_, folder, _, _) = calls
+    assert folder == str(tmp_path)  # after the rename, the folder that holds it is synced: the rename is on disk
     assert synced == src and dst == str(target)  # the file fsynced is the one renamed
     assert os.path.dirname(src) == str(tmp_path) and src != str(target)  # next to the target, not in /tmp
     assert size == target.stat().st_size > 0  # flushed: all bytes were on the file, not in Python's buffer
@@ -57,7 +58,7 @@ def test_a_checkpoint_is_flushed_and_fsynced_in_its_own_folder_before_it_replace
     # a writer that does not flush by itself (torch.save does): 100 bytes sit in Python's buffer until flushed
     calls.clear()
     atomic.atomic_write_bytes(tmp_path / "note.bin", b"x" * 100)
-    assert [(c[0], c[2]) for c in calls if c[0] == "fsync"] == [("fsync", 100)]
+    assert [(c[0], c[2]) for c in calls if c[0] == "fsync" and c[1] != str(tmp_path)] == [("fsync", 100)]
 
 
 def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path):

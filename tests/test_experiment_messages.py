@@ -221,3 +221,63 @@ def test_a_checkpoint_in_other_dimensions_is_refused_before_any_run_and_named_by
         build_task_network("classification", 3, width=1.0, pretrained=str(tmp_path / "u2_tiny.pt"))
     assert "u2_tiny.pt were pretrained in 2D" in str(err.value) and "task network is 3D" in str(err.value)
     assert "width" not in str(err.value)
+
+
+def test_a_2d_unet_checkpoint_is_refused_for_a_resnet_bundle_before_any_run_naming_the_pretraining(tmp_path):
+    """A U-Net pretrained in 2D (train.json with spatial_dims 2) passed the experiment's check for a 2D ResNet bundle
+    (its dimensions fit, and backbone / decoder_channels could not be read from a U-Net) and every run refused it at
+    the load, with hundreds of missing and unexpected keys."""
+    from dira3d.evaluation import build_resnet_task_network
+    from dira3d.evaluation.pretrained import checkpoint_mismatch
+
+    unet = UNet(spatial_dims=2, in_channels=1, out_channels=1, width=0.125)
+    atomic_save({"encoder": unet.encoder.state_dict(), "decoder": unet.decoder.state_dict(),
+                 "meta": {"spatial_dims": 2, "in_channels": 1, "width": 0.125}}, tmp_path / "unet2d.pt")
+    for bundle, metric in (("chestxray14_cls", "auc"), ("siim_pneumothorax_seg", "dice")):
+        with pytest.raises(ValueError) as err:
+            load_config(_config(tmp_path, bundle=bundle, metric=metric, methods={"random": None, "dira": "unet2d.pt"}))
+        message = str(err.value)
+        assert f"pretrained weights from {tmp_path / 'unet2d.pt'} are a Models Genesis U-Net's" in message, message
+        assert f"runs of bundle {bundle!r} would refuse it" in message
+        assert "takes a ResNet U-Net's weights: it needs a checkpoint pretrained with bundles/dira_pretrain " \
+               "configs/2d.json (train.json + 2d.json, see docs/2d.md)" in message
+    # the run's own refusal says the same, not the key lists
+    with pytest.raises(ValueError, match=r"^pretrained weights from .*unet2d\.pt are a Models Genesis U-Net's .*"
+                                         r"configs/2d\.json") as err:
+        build_resnet_task_network("classification", pretrained=str(tmp_path / "unet2d.pt"))
+    assert "missing keys" not in str(err.value)
+    # and the reverse: a 2D ResNet U-Net (2d.json) for a bundle built on the U-Net in 2D
+    net = ResNetUNet(1, 1, backbone="resnet10", decoder_channels=[16, 16, 8, 8, 8])
+    atomic_save({"encoder": net.encoder.state_dict(), "decoder": net.decoder.state_dict(),
+                 "meta": {"spatial_dims": 2, "network": "ResNetUNet"}}, tmp_path / "r10.pt")
+    message = checkpoint_mismatch({"_target_": "dira3d.evaluation.build_task_network", "spatial_dims": 2,
+                                   "width": 0.125}, tmp_path / "r10.pt")
+    assert "r10.pt are a ResNet U-Net's" in message and "takes a Models Genesis U-Net's weights" in message
+    assert "configs/train.json without 2d.json" in message
+    with pytest.raises(ValueError, match=r"r10\.pt are a ResNet U-Net's"):
+        build_task_network("segmentation", 2, width=0.125, pretrained=str(tmp_path / "r10.pt"))
+    # the same networks still pass
+    assert checkpoint_mismatch({"_target_": "dira3d.evaluation.build_resnet_task_network", "kind": "classification",
+                                "backbone": "resnet10"}, tmp_path / "r10.pt") == ""
+    assert checkpoint_mismatch({"_target_": "dira3d.evaluation.build_task_network", "spatial_dims": 2,
+                                "width": 0.125}, tmp_path / "unet2d.pt") == ""
+
+
+@pytest.mark.parametrize("bundle, metric", [("chestxray14_cls", "auc"), ("chexpert_cls", "auc"),
+                                            ("montgomery_lung_seg", "dice")])
+def test_a_methods_own_2d_unet_pretraining_is_refused_for_a_resnet_bundle_before_any_run(tmp_path, bundle, metric):
+    """train.json with spatial_dims 2 pretrains a 2D U-Net: it passed the dimension check of a 2D ResNet bundle and
+    the settings check (a U-Net has no backbone), pretrained in full, then each run refused its checkpoint."""
+    (tmp_path / "vw").mkdir()
+    pretrain = {"dataset_dir": "vw", "configs": ["train.json"], "overrides": {"spatial_dims": 2}}
+    with pytest.raises(ValueError) as err:
+        load_config(_config(tmp_path, bundle=bundle, metric=metric, methods={"random": None, "dira": {"pretrain": {}}},
+                            pretrain=pretrain))
+    message = str(err.value)
+    assert "method 'dira' pretrains a Models Genesis U-Net (network_def from the pretrain configs (train.json))" \
+        in message
+    assert f"bundle {bundle!r} fine-tunes the weights of a ResNet U-Net" in message, message
+    assert "`configs: [train.json, 2d.json]` in the pretrain section" in message
+    load_config(_config(tmp_path, bundle=bundle, metric=metric, methods={"random": None, "dira": {"pretrain": {}}},
+                        pretrain={"dataset_dir": "vw", "configs": ["train.json", "2d.json", "2d_tiny.json"]},
+                        overrides={"tiny": True}))  # the ResNet U-Net of 2d.json passes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -188,6 +190,18 @@ def test_adversary_default_blocks_and_init():
     assert all(c.kernel_size == (3, 3, 3) for c in convs)
     weights = torch.cat([c.weight.flatten() for c in convs])
     assert abs(weights.mean().item()) < 1e-3 and abs(weights.std().item() - 0.02) < 1e-3
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 4, 5])
+def test_adversary_stride_factor_is_the_score_maps_reduction_and_needs_no_divisible_sizes(num_layers):
+    """``stride_factor`` (documented in the class docstring and docs/architecture.md) is the product of the convs'
+    strides, and a side ``n`` that is not a multiple of it gives ``ceil(n / stride_factor)`` logits."""
+    adversary = Adversary(spatial_dims=3, channels=4, num_layers=num_layers)
+    strides = [m.stride[0] for m in adversary.modules() if isinstance(m, nn.Conv3d)]
+    assert adversary.stride_factor == math.prod(strides) == 2 ** max(1, num_layers - 1)
+    size = (37, 21, 18)  # odd, and no side a multiple of 4, 8 or 16
+    out = adversary(torch.rand(1, 1, *size))
+    assert out.shape[2:] == tuple(math.ceil(n / adversary.stride_factor) for n in size)
 
 
 @pytest.mark.parametrize("dims", [2, 3])

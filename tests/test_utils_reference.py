@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -55,7 +56,9 @@ def record_calls(monkeypatch):
     fsync, replace = os.fsync, os.replace
 
     def recording_fsync(fd):
-        calls.append(("fsync", os.fstat(fd).st_size))
+        info = os.fstat(fd)
+        calls.append(("fsync folder", os.readlink(f"/proc/self/fd/{fd}")) if stat.S_ISDIR(info.st_mode)
+                     else ("fsync", info.st_size))
         return fsync(fd)
 
     def recording_replace(src, dst, *args, **kwargs):
@@ -71,8 +74,10 @@ def test_atomic_write_syncs_the_whole_temporary_file_then_renames_it_over_the_ta
     target = tmp_path / "out" / "last.pt"
     calls = record_calls(monkeypatch)
     atomic_write(target, lambda handle: handle.write(b"x" * 1000))
-    assert [c[0] for c in calls] == ["fsync", "replace"]  # the data are on disk before the rename shows them
+    # the data are on disk before the rename shows them, and the rename is on disk before the write returns
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync folder"]
     assert calls[0][1] == 1000  # flushed before the fsync: it synced all of the data
+    assert calls[2][1] == str(target.parent)  # the folder the rename changed
     src, dst = calls[1][1], calls[1][2]
     assert dst == target and src.parent == target.parent  # one folder: one file system
     assert src.name.startswith(".last.pt.") and src.name.endswith(".tmp")  # hidden, named after the target
@@ -82,7 +87,7 @@ def test_atomic_write_syncs_the_whole_temporary_file_then_renames_it_over_the_ta
 def test_atomic_save_of_a_checkpoint_goes_through_the_rename(tmp_path, monkeypatch):
     calls = record_calls(monkeypatch)
     atomic_save({"w": torch.ones(2)}, tmp_path / "best.pt")
-    assert [c[0] for c in calls] == ["fsync", "replace"] and calls[1][2] == tmp_path / "best.pt"
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync folder"] and calls[1][2] == tmp_path / "best.pt"
     assert torch.equal(load_checkpoint(tmp_path / "best.pt")["w"], torch.ones(2))
 
 
@@ -93,7 +98,66 @@ def test_a_file_written_by_name_is_synced_before_the_rename_too(tmp_path, monkey
     calls = record_calls(monkeypatch)
     with atomic_path(target, suffix=".safetensors") as tmp:
         tmp.write_bytes(b"w" * 300)  # written and closed by name, as those writers do
-    assert [c[0] for c in calls] == ["fsync", "replace"] and calls[0][1] == 300 and calls[1][2] == target
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync folder"]
+    assert calls[0][1] == 300 and calls[1][2] == target
+
+
+def test_the_folder_is_synced_after_the_rename_so_that_a_power_loss_cannot_undo_it(tmp_path, monkeypatch):
+    """POSIX keeps a rename in the folder's entries, which reach the disk only when the folder is fsynced: the
+    write syncs the target's own folder, after ``os.replace`` (before it, the folder does not hold the rename)."""
+    target = tmp_path / "deep" / "er" / "best.pt"
+    calls = record_calls(monkeypatch)
+    atomic_write_text(target, "new")
+    assert calls[-2][0] == "replace" and calls[-1] == ("fsync folder", str(target.parent))
+    assert target.read_text() == "new"
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EACCES])
+def test_a_folder_that_cannot_be_synced_is_skipped_and_a_failing_disk_is_not(tmp_path, monkeypatch, code):
+    """A file system that refuses fsync on a folder (EINVAL: some FUSE and network mounts) or a folder the user may
+    write but not read (EACCES on opening it) keeps the write (the rename is done, its durability is not forced);
+    an EIO (the disk failed) is raised, naming the target."""
+    fsync, opened = os.fsync, os.open
+
+    def failing_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}" and os.listdir(tmp_path) == ["a.json"]
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    def failing_open(path, flags, *args, **kwargs):
+        if Path(path) == tmp_path:
+            raise OSError(code, os.strerror(code))
+        return opened(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    atomic_write_text(tmp_path / "a.json", "[]")
+    assert (tmp_path / "a.json").read_text() == "[]" and os.listdir(tmp_path) == ["a.json"]
+    monkeypatch.setattr(os, "open", opened)
+
+    def broken_disk(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", broken_disk)
+    with pytest.raises(OSError) as raised:
+        atomic_write_text(tmp_path / "a.json", "1")
+    assert raised.value.errno == errno.EIO and raised.value.filename == str(tmp_path / "a.json")
+
+
+def test_windows_does_not_open_the_folder(tmp_path, monkeypatch):
+    """Windows cannot ``os.open`` a folder (and NTFS journals the rename): no folder is opened or synced there."""
+    from dira3d.utils import atomic
+
+    monkeypatch.setattr(atomic, "_SYNCS_FOLDERS", False)
+    calls = record_calls(monkeypatch)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert [c[0] for c in calls] == ["fsync", "replace"] and (tmp_path / "a.json").read_text() == "{}"
 
 
 def test_a_new_file_gets_the_mode_of_an_ordinary_open_and_a_replaced_one_keeps_its_own(tmp_path):

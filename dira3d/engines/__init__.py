@@ -9,7 +9,8 @@
   :func:`stop_before_training` — the same exit, with one line, while the data are cached before training.
 - :class:`FinalStageEarlyStop`, :func:`check_early_stop_patience` — opt-in early stopping on the validation
   loss in the final stage (``DiRACheckpoint(early_stop_patience=N)``).
-- :class:`RestorationImageHandler`, :func:`scalar_output` — TensorBoard images and scalars.
+- :class:`RestorationImageHandler`, :func:`scalar_output` — TensorBoard images and scalars;
+  :func:`rank_zero_handlers` — the reporting handlers on rank 0 alone.
 - Factories for the mode-dependent parts and the volume → patch-pair transforms.
 """
 
@@ -21,7 +22,7 @@ from dira3d.engines.distributed import init_distributed, is_main_process, maybe_
 from dira3d.engines.evaluator import DiRAEvaluator
 from dira3d.engines.faults import CollapseMonitor, NonFiniteGuard, NonFiniteLossError
 from dira3d.engines.inputs import CheckSameShaped, CheckVolumed, load_datalist
-from dira3d.engines.handlers import RestorationImageHandler, scalar_output, side_by_side
+from dira3d.engines.handlers import RestorationImageHandler, rank_zero_handlers, scalar_output, side_by_side
 from dira3d.engines.optim import unique_parameters
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.engines.stopping import (FinalStageEarlyStop, StoppedBySignal, check_early_stop_patience, exit_if_stopped,
@@ -54,6 +55,7 @@ __all__ = [
     "RandPatchPaird",
     "with_image_labels",
     "RestorationImageHandler",
+    "rank_zero_handlers",
     "scalar_output",
     "side_by_side",
     "unique_parameters",

@@ -13,7 +13,9 @@ What each rank does under DDP (``bundles/dira_pretrain/configs/multi_gpu_train.j
   Barlow Twins' cross-correlation is computed over the global batch (``gather_distributed``);
 - per-iteration draws (views, distortions) and per-epoch random crops are seeded by
   (seed, rank, iteration / epoch): ranks draw different augmentations, a resumed run draws the same;
-- only rank 0 writes checkpoints, TensorBoard events and console logs (:func:`is_main_process`).
+- only rank 0 writes checkpoints, TensorBoard events and console logs (:func:`is_main_process`; the trainer
+  leaves the reporting handlers out on the other ranks by their class,
+  :func:`dira3d.engines.handlers.rank_zero_handlers`).
 
 BatchNorm statistics are per rank unless :func:`maybe_sync_batchnorm` converts the networks to
 ``SyncBatchNorm`` — which PyTorch implements for GPU tensors only, so it is a no-op on CPU.

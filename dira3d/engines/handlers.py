@@ -2,18 +2,19 @@
 
 Scalars go through MONAI's own ``StatsHandler`` / ``TensorBoardStatsHandler`` with
 :func:`scalar_output` as their ``output_transform``; :class:`RestorationImageHandler` adds
-original | distorted | restored slices side by side to TensorBoard.
+original | distorted | restored slices side by side to TensorBoard. :func:`rank_zero_handlers` keeps these
+reporting handlers off the ranks other than 0 of a distributed run, whatever their place in the bundle's list.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["scalar_output", "side_by_side", "RestorationImageHandler"]
+__all__ = ["scalar_output", "side_by_side", "RestorationImageHandler", "rank_zero_handlers"]
 
 
 def scalar_output(output: Any) -> dict[str, float]:
@@ -76,6 +77,10 @@ class RestorationImageHandler:
         self._own_writer = summary_writer is None
 
     def attach(self, engine: Engine) -> None:
+        from dira3d.engines.distributed import is_main_process
+
+        if not is_main_process():  # rank 0 alone writes TensorBoard: the other ranks would repeat its images
+            return
         if self._own_writer:
             from dira3d.engines.summary import LazySummaryWriter  # no event file before the first image
 
@@ -89,3 +94,24 @@ class RestorationImageHandler:
             return
         self.summary_writer.add_image(self.tag, side_by_side(images), engine.state.iteration, dataformats="CHW")
         self.summary_writer.flush()
+
+
+def rank_zero_handlers(handlers: Iterable[Any]) -> list[Any]:
+    """The handlers this process attaches: all of them on rank 0 and in a single-process run; on the other ranks of a
+    distributed run, all but those that only report: MONAI's ``StatsHandler`` (the console summary) and
+    ``TensorBoardHandler`` subclasses (``TensorBoardStatsHandler``, ``TensorBoardImageHandler``), and
+    :class:`RestorationImageHandler`, which would repeat rank 0's output once per rank.
+
+    Picked by the handler's class, not by its place in a bundle's list: a config or an override that replaces or
+    reorders ``train#handlers`` (a ``_disabled_`` switch keyed on a list index would be lost with the list, or land on
+    another handler, such as the checkpoint handler or the evaluator, whose collectives every rank must join) still
+    leaves rank 0 alone reporting. The checkpoint handler and the evaluator run on every rank (they decide on rank 0).
+    """
+    from monai.handlers import StatsHandler, TensorBoardHandler
+
+    from dira3d.engines.distributed import is_main_process
+
+    handlers = list(handlers)
+    if is_main_process():
+        return handlers
+    return [h for h in handlers if not isinstance(h, (StatsHandler, TensorBoardHandler, RestorationImageHandler))]

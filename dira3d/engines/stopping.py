@@ -215,7 +215,8 @@ class FinalStageEarlyStop:
     Args:
         patience: validations in a row without improvement (:func:`check_early_stop_patience`).
         metric_name: the validation metric, lower is better.
-        summary_writer: TensorBoard writer for the text ``early_stop`` when the run stops (None: none).
+        summary_writer: TensorBoard writer for the text ``early_stop`` when the run stops (None: none); written
+            on rank 0 alone.
         best_path: the ``best.pt`` file, named in the message.
 
     Raises:
@@ -304,7 +305,8 @@ class FinalStageEarlyStop:
     def _report(self, engine: Engine, message: str, tensorboard: bool = True) -> None:
         engine.state.early_stopped = message  # DiRATrainer.run repeats it as the run's last line
         engine.logger.info(message)
-        if tensorboard and self.summary_writer is not None:
+        # rank 0 alone writes TensorBoard (the other ranks of multi_gpu_train.json hold a writer that stays unused)
+        if tensorboard and self.summary_writer is not None and is_main_process():
             self.summary_writer.add_text("early_stop", message, int(engine.state.epoch))
             self.summary_writer.flush()
 

@@ -68,6 +68,7 @@ from dira3d.engines.batches import STREAM_DATA, STREAM_STEP, BatchFeedMixin
 from dira3d.engines.components import build_dis_loss, check_dis_mode, resolve_views
 from dira3d.engines.cpu_bf16 import onednn_bf16_conv3d_grad_is_wrong
 from dira3d.engines.faults import NonFiniteGuard
+from dira3d.engines.handlers import rank_zero_handlers
 from dira3d.engines.moco import STREAM_SHUFFLE, MoCoKeyEncoder
 from dira3d.engines.optim import autocast_context, make_grad_scaler, unique_parameters
 from dira3d.engines.performance import apply_layer_options, compile_modules
@@ -161,7 +162,9 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         classify_both: visual_words mode: also classify the distorted second instance.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
         train_handlers: handlers attached after the trainer's own bookkeeping; None entries (a handler a bundle
-            config disabled with ``_disabled_``, e.g. ``validate#evaluator`` with ``validation`` false) are left out.
+            config disabled with ``_disabled_``, e.g. ``validate#evaluator`` with ``validation`` false) are left out,
+            and so are, on the ranks other than 0 of a distributed run, the console summary and TensorBoard handlers
+            (:func:`~dira3d.engines.handlers.rank_zero_handlers`, by class: any order of the list).
         non_blocking: non-blocking host→device copies (None: on for CUDA; pair with a loader's
             ``pin_memory=True``).
         on_nonfinite: ``"stop"`` (raise :class:`~dira3d.engines.faults.NonFiniteLossError` naming the
@@ -316,7 +319,8 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         self.add_event_handler(Events.ITERATION_COMPLETED, self.signal_stop.poll)
         self.evaluator = None  # the DiRAEvaluator, once one attaches itself (early stopping needs one)
         if train_handlers is not None:  # None: a handler the bundle config disabled (validate#evaluator without validation)
-            self._register_handlers([h for h in train_handlers if h is not None])
+            # on ranks other than 0, without the handlers that only report (by their class, whatever the list's order)
+            self._register_handlers(rank_zero_handlers(h for h in train_handlers if h is not None))
 
     def run(self) -> None:
         """Train (``monai.engines.Trainer.run``) with SIGTERM / SIGINT caught while it lasts (see the class)."""

@@ -230,7 +230,8 @@ def _check_checkpoints_fit(config: Mapping[str, Any], path: Path, bundle_configs
         for name, checkpoint in checkpoints.items():
             mismatch = checkpoint_mismatch(network_def, checkpoint)
             if mismatch:
-                raise ValueError(f"method {name!r} in {path}: {mismatch}; each of its runs would refuse it")
+                raise ValueError(f"method {name!r} in {path}: {mismatch}; each of its runs of bundle "
+                                 f"{config['bundle']!r} would refuse it")
 
 
 def _check_pretrainings_fit(config: Mapping[str, Any], path: Path, bundle_configs: Path, overrides: Mapping[str, Any]) -> None:

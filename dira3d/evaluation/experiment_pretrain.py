@@ -114,6 +114,28 @@ def _dims_mismatch(name: str, bundle: str, network_def: Mapping[str, Any], task_
             f"pretraining; {how}, or fine-tune it with a {pretrained}D bundle in another experiment")
 
 
+def _network_mismatch(name: str, bundle: str, network_def: Mapping[str, Any], task_network_def: Mapping[str, Any],
+                      source: str) -> str:
+    """The error for a method whose pretraining builds another network than the fine-tuning bundle loads ('' when they
+    agree or cannot be told): a U-Net (train.json with spatial_dims 2) for a 2D bundle's ResNet, or the reverse; it
+    passed the dimension check, and each run refused the checkpoint only after the whole pretraining."""
+    from dira3d.evaluation.pretrained import PRETRAINED_NETWORKS
+
+    def family(target: str, names: dict[str, str]) -> str:
+        return next((network for suffix, network in names.items() if target.endswith(suffix)), "")
+
+    pretrained = family(str(network_def.get("_target_", "")), {".ResNetUNet": "ResNetUNet", ".UNet": "UNet"})
+    task = family(str(task_network_def.get("_target_", "")),
+                  {".build_resnet_task_network": "ResNetUNet", ".build_task_network": "UNet"})
+    if not pretrained or not task or pretrained == task:
+        return ""
+    how = ("the 2D configs (`configs: [train.json, 2d.json]` in the pretrain section, docs/2d.md)"
+           if task == "ResNetUNet" else "`configs: [train.json]` in the pretrain section (without 2d.json)")
+    return (f"method {name!r} pretrains a {PRETRAINED_NETWORKS[pretrained][0]} (network_def from {source}), but bundle "
+            f"{bundle!r} fine-tunes the weights of a {PRETRAINED_NETWORKS[task][0]}, so each of its runs would refuse "
+            f"the checkpoint after the whole pretraining; pretrain it with {how}")
+
+
 def _flow(values: Mapping[str, Any]) -> str:
     """``width: 0.125, decoder_channels: [16, 16, 8, 8, 8]``: settings as the experiment's YAML writes them."""
     return ", ".join(f"{key}: {value if isinstance(value, str) else json.dumps(value, separators=(', ', ': '))}"
@@ -166,7 +188,8 @@ def _same(key: str, a: Any, b: Any) -> bool:
 def pretrain_fit_mismatch(name: str, spec: Mapping[str, Any], config: Mapping[str, Any],
                           task_network_def: Mapping[str, Any]) -> str:
     """The error for method ``name``'s own pretraining (``{pretrain: {...}}``) building its network in other spatial
-    dimensions (a 2D pretraining for a 3D bundle or the reverse) or at another width (2D: backbone, decoder_channels)
+    dimensions (a 2D pretraining for a 3D bundle or the reverse), another network (a U-Net for a 2D bundle's ResNet) or
+    at another width (2D: backbone, decoder_channels)
     than the fine-tuning bundle's ``task_network_def`` (references resolved, the experiment's ``overrides`` applied):
     each of the method's runs refused the checkpoint it pretrained, one after the other, after the whole pretraining.
     '' when they fit, or when either network cannot be judged here."""
@@ -192,7 +215,8 @@ def pretrain_fit_mismatch(name: str, spec: Mapping[str, Any], config: Mapping[st
             return f"its pretrain: {{{key}: ...}}"
         return "the pretrain section's overrides" if key in shared else f"the pretrain configs ({configs})"
 
-    dims = _dims_mismatch(name, config["bundle"], network_def, task_network_def, source("spatial_dims"))
+    dims = (_dims_mismatch(name, config["bundle"], network_def, task_network_def, source("spatial_dims"))
+            or _network_mismatch(name, config["bundle"], network_def, task_network_def, source("network_def")))
     if dims:
         return dims
     built = _network_settings(network_def, tuple(wanted))

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch", "dims_mismatch"]
+__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch", "dims_mismatch",
+           "network_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def build_task_network(
             f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})")
     except ValueError as err:
         # the dimensions first: a 2D checkpoint at another width was told to change the width, then refused for being 2D
-        hint = dims_mismatch(pretrained, spatial_dims) or _width_mismatch(pretrained, width)
+        hint = (dims_mismatch(pretrained, spatial_dims) or network_mismatch(pretrained, "UNet", spatial_dims)
+                or _width_mismatch(pretrained, width))
         if hint:  # the one setting to change, rather than dozens of shape mismatches
             raise ValueError(hint) from err
         raise
@@ -124,10 +126,41 @@ def dims_mismatch(pretrained: str | os.PathLike | None, spatial_dims: int) -> st
             f"{ckpt_dims}), but the task network is {task_dims}D: {dims_hint(ckpt_dims, task_dims)}")
 
 
+# what each pretrained network is, and the pretraining that makes it (bundles/dira_pretrain)
+PRETRAINED_NETWORKS = {
+    "UNet": ("Models Genesis U-Net", "configs/train.json without 2d.json (2D patches: spatial_dims 2, see "
+                                       "bundles/dira_pretrain/docs/README.md)"),
+    "ResNetUNet": ("ResNet U-Net", "configs/2d.json (train.json + 2d.json, see docs/2d.md)"),
+}
+
+
+def network_mismatch(pretrained: str | os.PathLike | None, network: str, spatial_dims: int) -> str:
+    """The error for a checkpoint pretrained with another network than the task network's, ``network`` (a key of
+    :data:`PRETRAINED_NETWORKS`) in ``spatial_dims``: a U-Net pretraining (``train.json``, in 2D too with
+    ``spatial_dims`` 2) given to a 2D bundle's ResNet, or a ResNet U-Net (``2d.json``) to a bundle built on the U-Net.
+    Read from the key names of the checkpoint's encoder; '' when it is the same network, when it has other spatial
+    dimensions (the dimension check names that), or when the encoder cannot be read or told."""
+    from dira3d.networks.weights_fit import infer_network_settings, network_family
+    from dira3d.utils.checkpoint import load_checkpoint
+
+    try:
+        encoder = load_checkpoint(pretrained).get("encoder")
+        found = network_family(encoder) if isinstance(encoder, Mapping) else ""
+        dims = infer_network_settings(encoder).get("spatial_dims", spatial_dims) if found else spatial_dims
+    except (OSError, ValueError, TypeError, AttributeError, RuntimeError):
+        return ""
+    if not found or found == network or network not in PRETRAINED_NETWORKS or dims != spatial_dims:
+        return ""
+    (is_a, _), (needs, how) = PRETRAINED_NETWORKS[found], PRETRAINED_NETWORKS[network]
+    return (f"pretrained weights from {pretrained} are a {is_a}'s (read from its encoder's keys), but the task network "
+            f"takes a {needs}'s weights: it needs a checkpoint pretrained with bundles/dira_pretrain {how}")
+
+
 def checkpoint_mismatch(network_def: Mapping[str, Any], pretrained: str | os.PathLike) -> str:
     """The error the task network of a bundle's ``network_def`` (its arguments, references resolved) would raise for
     the checkpoint ``pretrained`` when it was pretrained with another network: in other spatial dimensions
-    (:func:`dims_mismatch`), at another width (:func:`build_task_network`), with another backbone or decoder_channels
+    (:func:`dims_mismatch`), another kind of network (a U-Net for a ResNet or the reverse, :func:`network_mismatch`),
+    at another width (:func:`build_task_network`), with another backbone or decoder_channels
     (:func:`~dira3d.evaluation.build_resnet_task_network`).
     '' when it fits, cannot be read, or the network is built otherwise; read without building the network, so that
     ``dira3d experiment`` refuses such a checkpoint once, before any run."""
@@ -135,13 +168,14 @@ def checkpoint_mismatch(network_def: Mapping[str, Any], pretrained: str | os.Pat
     try:
         if target.endswith(".build_task_network"):
             dims, width = (network_def.get(key, _default(build_task_network, key)) for key in ("spatial_dims", "width"))
-            return dims_mismatch(pretrained, dims) or _width_mismatch(pretrained, float(width))
+            return (dims_mismatch(pretrained, dims) or network_mismatch(pretrained, "UNet", int(dims))
+                    or _width_mismatch(pretrained, float(width)))
         if target.endswith(".build_resnet_task_network") and kind in TASK_KINDS:
             from dira3d.evaluation.tasks2d import settings_mismatch, build_resnet_task_network
 
             backbone, channels = (network_def.get(key, _default(build_resnet_task_network, key))
                                   for key in ("backbone", "decoder_channels"))
-            return (dims_mismatch(pretrained, 2)
+            return (dims_mismatch(pretrained, 2) or network_mismatch(pretrained, "ResNetUNet", 2)
                     or settings_mismatch(pretrained, kind, str(backbone), [int(c) for c in channels]))
     except (TypeError, ValueError):  # a value the network itself refuses, naming it
         return ""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dira3d.evaluation.pretrained import TASK_KINDS, initialise_task_network
+from dira3d.evaluation.pretrained import TASK_KINDS, initialise_task_network, network_mismatch
 
 __all__ = ["build_resnet_task_network", "settings_mismatch"]
 
@@ -76,7 +76,8 @@ def build_resnet_task_network(
                                        f"pretrained: none; 2D {kind} network ({backbone}) initialised at random",
                                        log=logger)
     except ValueError as err:
-        hint = settings_mismatch(pretrained, kind, backbone, decoder_channels)
+        hint = (network_mismatch(pretrained, "ResNetUNet", 2)
+                or settings_mismatch(pretrained, kind, backbone, decoder_channels))
         if hint:  # the settings to change, rather than a list of shape mismatches and advice for Python callers
             raise ValueError(hint) from err
         raise

@@ -29,9 +29,19 @@ class Adversary(nn.Module):
         num_layers: number of conv blocks before the final 1-channel conv (≥ 1).
         norm: ``"instance"`` (default), ``"batch"`` or ``"none"``, used on the middle blocks.
 
+    Attributes:
+        stride_factor: how many times smaller each side of the score map is than the input's,
+            ``2**max(1, num_layers - 1)`` (8 with the defaults): the first conv and every middle block
+            but the last have stride 2, so neighbouring logits are ``stride_factor`` voxels apart in
+            the input (each one sees a larger receptive field). The input sides need NOT be
+            multiples of it: each stride-2 conv (kernel 3, padding 1) rounds up, so a side ``n``
+            gives ``ceil(n / stride_factor)`` logits (the U-Net's own multiple-of-8 rule is
+            separate). Its one use is the size check: with a norm the input must leave more than one
+            value per channel after this reduction (see Raises).
+
     Returns (forward):
-        logits ``(B, 1, *ceil(spatial / 2**max(1, num_layers-1)))`` — no sigmoid, the adversarial
-        loss applies it.
+        logits ``(B, 1, *ceil(spatial / stride_factor))`` — no sigmoid, the adversarial loss
+        applies it; real and restored patches of one size give maps of one shape.
 
     Raises:
         ValueError: an unsupported setting; in ``forward``, a batch of the wrong shape or channel
@@ -60,7 +70,8 @@ class Adversary(nn.Module):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.norm = norm if num_layers > 1 else "none"  # (one layer: the first conv only, never normalised)
-        # the sides are halved by the first conv and by every middle block but the last
+        # the sides are halved (rounded up) by the first conv and by every middle block but the last
+        # (see stride_factor in the class docstring)
         self.stride_factor = 2 ** max(1, num_layers - 1)
         self.net = PatchDiscriminator(
             spatial_dims=spatial_dims,

@@ -18,7 +18,8 @@ from torch import nn
 from dira3d.networks.pretrained import Shape, preview_keys
 from dira3d.networks.unet import ENCODER_PLAN, scale_channels
 
-__all__ = ["infer_network_settings", "state_dict_mismatch", "mismatch_summary", "settings_that_fit", "format_overrides", "same_value"]
+__all__ = ["infer_network_settings", "network_family", "state_dict_mismatch", "mismatch_summary", "settings_that_fit",
+           "format_overrides", "same_value"]
 
 _LAYER_BLOCK = re.compile(r"(?:^|\.)layer([1-4])\.(\d+)\.")
 _DECODER_BLOCK = re.compile(r"^(?:decoder\.)?blocks\.(\d+)\.convs\.conv_1\.conv\.weight$")
@@ -104,6 +105,19 @@ def infer_network_settings(state: Mapping[str, Any]) -> dict[str, Any]:
     if out is not None:
         found["out"] = int(out.shape[0])
     return found
+
+
+def network_family(state: Mapping[str, Any]) -> str:
+    """Which dira3d network a state_dict (an encoder, with or without its ``encoder.`` prefix, or a whole task
+    network) was built as, from its key names: ``"UNet"`` (the Models Genesis U-Net of ``configs/train.json``, in 2D
+    or 3D: ``levels.*``), ``"ResNetUNet"`` (a ResNet encoder, ``configs/2d.json``: ``conv1`` and ``layer1..4``), or
+    '' for neither."""
+    if _tensor(state, "encoder.levels.0.conv1.conv.weight", "levels.0.conv1.conv.weight") is not None:
+        return "UNet"
+    stem = _tensor(state, "encoder.conv1.weight", "conv1.weight")
+    if stem is not None and any(_LAYER_BLOCK.search(k) for k in state):
+        return "ResNetUNet"
+    return ""
 
 
 def state_dict_mismatch(

@@ -3,13 +3,15 @@
 Every writer goes through a temporary file in the target's own folder (so that the final
 ``os.replace`` stays on one file system, where it is atomic on POSIX and Windows), which is flushed
 to disk (``os.fsync``) before the rename makes it visible: after a power loss the target is the old
-file or the complete new one, never a renamed file whose data had not reached the disk. A process
-killed mid-write leaves the previous file intact and at most a stray hidden ``.tmp`` file; an
-exception removes the temporary file.
+file or the complete new one, never a renamed file whose data had not reached the disk. After the
+rename the folder itself is fsynced (POSIX), so that the rename, a change to the folder's entries,
+is on disk too when the write returns. A process killed mid-write leaves the previous file intact
+and at most a stray hidden ``.tmp`` file; an exception removes the temporary file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -45,9 +47,39 @@ def _sync_to_disk(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+# Windows cannot open a folder with os.open (nor needs to: NTFS journals the rename itself)
+_SYNCS_FOLDERS = os.name != "nt"
+# errors of a folder that cannot be opened or fsynced (no read permission, a file system such as some FUSE or
+# network mounts that refuses fsync on a folder): the rename is done, only its durability is not forced
+_FOLDER_SYNC_UNSUPPORTED = {errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF,
+                            errno.EISDIR}
+
+
+def _sync_folder(folder: str | os.PathLike) -> None:
+    """``os.fsync`` a folder so that a rename in it survives a power loss (POSIX: a rename changes the folder,
+    which the file system may keep in memory for a while). Skipped on Windows and where the folder cannot be
+    opened or the file system does not sync folders; any other error (``EIO``: the disk failed) is raised."""
+    if not _SYNCS_FOLDERS:
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as err:
+        if err.errno in _FOLDER_SYNC_UNSUPPORTED:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _FOLDER_SYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on a clean exit it is flushed to disk and renamed over ``path``.
+    """Yield a temporary path next to ``path``; on a clean exit it is flushed to disk and renamed over ``path``,
+    and the folder is flushed to disk after the rename (POSIX; see :func:`_sync_folder`).
 
     For writers that want a file name rather than a handle (PIL, SimpleITK, which pick the
     format from the name's suffix: pass e.g. ``suffix=".nii.gz"``). The parent folder is created.
@@ -74,6 +106,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)  # the rename is on disk too: a power loss now cannot bring the old file back
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
