@@ -396,7 +396,10 @@ def test_documented_experiment_configs_pass_the_config_check(text, folder, tmp_p
     datalist = place(config["datalist"])
     datalist.parent.mkdir(parents=True, exist_ok=True)
     entry = {"image": "x.nii.gz", "label": 0, "case_id": "p"}
-    datalist.write_text(json.dumps({"training": [{**entry, "fold": f} for f in range(3)], "test": [entry]}))
+    # 120 patients of two classes: enough that the documented label fractions keep different entries (1 % of 60
+    # keeps 1 per class, 25 % keeps 15), which the config check now asks for
+    training = [{**entry, "label": i % 2, "case_id": f"p{i}", "fold": i % 3} for i in range(120)]
+    datalist.write_text(json.dumps({"training": training, "test": [entry]}))
     for spec in config["methods"].values():
         if isinstance(spec, str):
             place(spec).parent.mkdir(parents=True, exist_ok=True)

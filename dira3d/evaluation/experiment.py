@@ -12,7 +12,7 @@ Config (YAML or JSON)::
     datalist: prepared/ncc_datalist.json
     metric: auc                        # key of the metrics dict the fine-tuning returns
     output_dir: runs/experiment
-    baseline: random                   # method the t-tests compare against
+    baseline: random                   # method the t-tests compare against (default: the first method)
     test: student                      # or welch, or paired (by seed; see below)
     seeds: [0, 1, 2, 3, 4]
     label_fractions: [0.1, 0.25, 1.0]
@@ -28,13 +28,21 @@ Config (YAML or JSON)::
       configs: [train.json, tiny.json, visual_words.json]   # in bundles/dira_pretrain/configs, or paths
       overrides: {max_epochs: 6}       # bundle ids shared by every pretraining run
 
+Relative paths in the config (datalist, output_dir, checkpoints, the pretraining's dataset_dir and config paths)
+are relative to the config file's folder, not to the folder the command runs in.
+
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt`` (its ``last.pt`` when
 it had no validation, ``validation: false``); a finished
 pretraining (``done.json``) is not repeated; its settings (``settings.json``) must match the
 config's, and rows of a method fine-tuned from another checkpoint are not reused either: another
 path, or the same path holding another file (a pretraining rerun into the same folder; the sha256 of
-each checkpoint is recorded in ``checkpoints.json``) is refused while the method has rows. The
+each checkpoint is recorded in ``checkpoints.json``) is refused while the method has rows, and so are rows of a
+method the config now pretrains itself that were fine-tuned from random init or a checkpoint file. A checkpoint
+file replaced while the grid runs (a pretraining still writing it) stops the grid after the run that noticed it,
+without adding that run; so does a run whose split sizes (train_cases, test_cases, test_positive) differ from another
+method's run of the same label fraction and seed (the split rules changed since, e.g. an upgrade), and a results.csv
+that already holds such runs is refused. The
 fine-tuning settings (bundle, datalist, metric, overrides, folds) and the datalist's sha256 are recorded in
 ``experiment.json``: a rerun with other ones (or a datalist prepared again at the same path) on a ``results.csv``
 that has rows is refused rather than mixed into one table.
@@ -64,7 +72,12 @@ then train_cases, the cases the run trained on (the label fraction's selection l
 A results.csv written before those columns is resumed as it is (its rows keep them empty).
 
 The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
-override ids no bundle config defines are refused with the setting named; so are a negative seed, a method name
+override ids no bundle config defines are refused with the setting named; so are a negative seed, two label
+fractions that the run folders or the table write alike (0.1 and 0.1000001: ``lf0.1``) or that keep the same
+training entries for every seed (10 % and 25 % of 4 patients both keep 1: counts are rounded to whole patients, or
+samples per class, at least one; without folds), a key beside ``pretrain`` in a method's mapping (a method has no
+fine-tuning settings of its own: ``overrides`` are the same for every method), an empty checkpoint path (use null
+for random init), a method name
 that is not text (quote ``'2024':``) or not a plain folder name, ``overrides`` the grid sets for every run
 (datalist, pretrained, label_fraction, seed, output_dir, bundle_root, ckpt_dir: use the config's own settings),
 pretraining overrides that move its folders (dataset_dir, bundle_root, ckpt_dir, output_dir), a method's checkpoint
@@ -76,8 +89,9 @@ pretraining stages the bundle would refuse or its max_epochs never reaches. A ru
 logged and listed in ``failures.json`` (rewritten after every run, so it is there after Ctrl-C too); the other
 runs go on, the command exits 1 at the end, and rerunning it retries only the failed runs. The command ends by
 naming its outputs (results.csv, table.md, summary.json, the plots, runs/ with each run's metrics.json and
-TensorBoard files, where its test metrics are the scalars test/<metric> at its last epoch). The table and
-``summary.json`` count each run of the current grid once (rows of seeds, fractions or methods no longer in the config stay in
+TensorBoard files, where its test metrics are the scalars test/<metric> at its last epoch; the plots' error bars are
+the sample std over seeds). The table and ``summary.json`` count each run of the current grid once (rows of seeds,
+fractions or methods no longer in the config stay in
 ``results.csv`` but out of the statistics). The note under the table gives the number of seeds and
 the test; a cell of fewer seeds says ``n=…`` and every run left out (failed, or not run yet) is
 named below it (and, at the end, in the log); a cell whose t-test is undefined (fewer than two

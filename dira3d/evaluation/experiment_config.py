@@ -67,8 +67,21 @@ def load_config(path: str | Path) -> dict:
         if isinstance(ckpt, dict):
             if "pretrain" not in ckpt or "pretrain" not in config:
                 raise ValueError(f"method {name!r} in {path}: a mapping needs a 'pretrain' entry and a top-level 'pretrain' section")
+            extra = [key for key in ckpt if key != "pretrain"]
+            if extra:  # `overrides: {learning_rate: ...}` beside `pretrain` was ignored: every run used the grid's
+                raise ValueError(f"method {name!r} in {path} sets {', '.join(map(str, extra))} beside pretrain; a method "
+                                 "takes only {pretrain: {...}} (its pretraining's bundle ids). The fine-tuning settings "
+                                 "are the grid's `overrides`, the same for every method so that methods differ only in "
+                                 "their initialisation; for other fine-tuning settings use another experiment "
+                                 "(output_dir)")
+        elif isinstance(ckpt, str) and not ckpt.strip():  # "" was random init under the method's name
+            raise ValueError(f"method {name!r} in {path} has an empty checkpoint path; give the checkpoint file, or null "
+                             "for random init")
         elif ckpt:
             config["methods"][name] = resolve(ckpt)
+            if Path(config["methods"][name]).is_dir():
+                raise FileNotFoundError(f"checkpoint {config['methods'][name]} of method {name!r} in {path} is a folder; "
+                                        "give the checkpoint file in it (e.g. models/best.pt of a pretraining)")
             if not Path(config["methods"][name]).is_file():
                 raise FileNotFoundError(f"checkpoint {config['methods'][name]} of method {name!r} in {path} does not exist; "
                                         "fix the path (paths are relative to the config's folder) or use null for random init")
@@ -118,10 +131,51 @@ def load_config(path: str | Path) -> dict:
     for fraction in config["label_fractions"]:
         if not 0 < float(fraction) <= 1:
             raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
+    _check_fractions_distinct(config["label_fractions"], path)
+    if "folds" not in config:  # with folds each fold has its own training entries: its runs say what they kept
+        _check_fractions_select_apart(config, path)
     config.setdefault("baseline", next(iter(config["methods"])))
     if config["baseline"] not in config["methods"]:
         raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
     return config
+
+
+def _check_fractions_distinct(fractions: list, path: Path) -> None:
+    """Refuse two label fractions that the runs' folders (``runs/<method>_lf0.1_seed0``) or the table's columns
+    (``10 % labels``) write alike: the second one's runs replaced the first one's folders, and the table showed
+    two columns of the same name."""
+    seen: dict[str, Any] = {}
+    for fraction in fractions:
+        for name in (f"{float(fraction):g}", f"{100 * float(fraction):g} %"):
+            if name in seen and seen[name] != fraction:
+                raise ValueError(f"label_fractions in {path} lists {seen[name]!r} and {fraction!r}, which the run folders "
+                                 f"or the table's columns both name {name!r} (6 significant digits), so the runs of one "
+                                 "would replace the other's; list only one of them")
+            seen[name] = fraction
+
+
+def _check_fractions_select_apart(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse two label fractions that keep the same training entries for every seed: on a small labelled set the
+    counts are rounded to whole patients (or samples per class, at least one), so 10 % and 25 % of 4 patients both
+    keep 1, and as the subsets nest, their runs were the same runs, shown as two points of a label-efficiency curve."""
+    from dira3d.data.datalist import read_datalist_json
+    from dira3d.evaluation.datalists import select_fraction
+
+    try:
+        training = read_datalist_json(config["datalist"]).get("training") or []
+        if not isinstance(training, list) or not training:
+            return  # the runs refuse it, naming the datalist
+        kept = {float(f): [len(select_fraction(training, float(f), int(s))) for s in config["seeds"]]
+                for f in config["label_fractions"]}
+    except Exception:  # noqa: BLE001  (a datalist the runs refuse themselves, with their own error)
+        return
+    fractions = sorted(kept)
+    for small, large in zip(fractions, fractions[1:]):
+        if kept[small] == kept[large]:
+            raise ValueError(f"label_fractions in {path}: {small:g} and {large:g} keep the same "
+                             f"{kept[small][0]} of the {len(training)} training entries of datalist {config['datalist']} "
+                             "for every seed (rounded to whole patients, or to samples of each class, at least one), so "
+                             "their runs would be the same; list one of them, or fractions further apart")
 
 
 def _check_types(config: dict, path: Path) -> None:

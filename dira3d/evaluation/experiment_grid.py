@@ -19,8 +19,8 @@ from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.setting_hints import experiment_settings
 from dira3d.evaluation.experiment_pretrain import check_pretrain_settings, pretrain_settings, pretrain_method
 from dira3d.evaluation.results import (
-    FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, grid_cells, read_rows,
-    row_key, seed_values, split_columns, write_report, write_rows,
+    FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, file_sha256, grid_cells,
+    read_rows, row_key, seed_values, split_columns, write_report, write_rows,
 )  # fmt: skip
 
 __all__ = ["Runner", "ExperimentRunsFailed", "ExperimentBusy", "run_experiment"]
@@ -91,13 +91,19 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     check_rows_match(rows, config, csv_path)
     check_fold_column(rows, config, csv_path)
     check_run_settings(config, out, rows)
-    check_checkpoints(config, out, rows)
+    fingerprints = check_checkpoints(config, out, rows)  # method: sha256 of its checkpoint file, now
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
         if isinstance(spec, Mapping):
             check_pretrain_settings(method, *pretrain_settings(method, spec, config))
     folded = "folds" in config
     done = {row_key(r, folded) for r in rows}
     grid = grid_cells(config)
+    clash = _split_clash(rows, set(grid), folded)
+    if clash:
+        raise ValueError(f"{csv_path} holds runs of one label fraction and seed that drew different splits ({clash}): "
+                         "the datalist or dira3d's split rules changed between them (e.g. an upgrade; docs/finetuning.md, "
+                         "'Splits'), so they are no fair pair, and the table would compare them. Rerun the whole grid "
+                         "into another output_dir (or delete the rows of one side in results.csv to redo them)")
     todo = [key for key in grid if key not in done]
     log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
     checkpoints = {}
@@ -132,15 +138,25 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
             continue
         if config["metric"] not in metrics:
             raise ValueError(f"fine-tuning returned {sorted(metrics)}, not the experiment's metric {config['metric']!r}")
+        if method in fingerprints:
+            _check_checkpoint_unchanged(method, checkpoint, fingerprints[method], run, out)
         row = {"method": method, "checkpoint": checkpoint, "label_fraction": fraction, "seed": seed,
                **({} if fold is None else {"fold": fold}),
                "metric": config["metric"], "value": float(metrics[config["metric"]]),
                "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir),
                **split_columns(run_dir, config["metric"], float(metrics[config["metric"]]))}
-        rows.append({k: str(v) for k, v in row.items()})
+        value = row["value"]
+        row = {k: str(v) for k, v in row.items()}
+        clash = _split_clash(rows + [row], set(grid), folded, new=row)
+        if clash:  # every later run would clash too: stop, as for a checkpoint replaced mid-grid
+            raise ValueError(f"the run {run} drew another split than the runs of the same label fraction and seed in "
+                             f"{csv_path} ({clash}): the datalist or dira3d's split rules changed since they were made "
+                             "(e.g. an upgrade; docs/finetuning.md, 'Splits'), so they would be no fair pair; the run is "
+                             "not added, and the grid stops. Rerun the whole grid into another output_dir")
+        rows.append(row)
         write_rows(csv_path, rows, FOLD_FIELDS if folded else FIELDS)  # one row per finished run: the resume point
         failures.done(row_key(rows[-1], folded))
-        log(f"[{i}/{len(todo)}] {run}: {config['metric']}={row['value']:.4f}")
+        log(f"[{i}/{len(todo)}] {run}: {config['metric']}={value:.4f}")
         write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
     write_report(config, rows)
     incomplete = seed_values(config, rows)[1]
@@ -191,6 +207,54 @@ class _Failures:
             atomic_write_text(self.path, json.dumps(current, indent=2))
         else:
             self.path.unlink(missing_ok=True)
+
+
+# what results.csv knows of a run's split (split_columns): every method's run of one label fraction and seed (and fold)
+# draws the same split, so that they are pairs; a grid resumed across a change of the split rules (the rounding of
+# 2026-11-27) mixed runs of other subsets into one comparison without a word
+_SPLIT_COLUMNS = ("train_cases", "test_cases", "test_positive")
+
+
+def _split_clash(rows: list[dict], grid: set, folded: bool, new: Mapping[str, str] | None = None) -> str | None:
+    """Two runs of the grid of one (label fraction, seed[, fold]) whose recorded splits differ, in words
+    (``dira labels=0.5 seed=1 has train_cases 43, random labels=0.5 seed=1 44``), else None; with ``new``,
+    only a clash of that row with the others. Columns not known (empty) are not compared."""
+    groups: dict[tuple, list[Mapping[str, str]]] = {}
+    for row in rows:
+        key = row_key(row, folded)
+        if key in grid:
+            groups.setdefault(key[1:], []).append(row)
+    for row in [new] if new is not None else [r for group in groups.values() for r in group]:
+        for other in groups.get(row_key(row, folded)[1:], []):
+            if other["method"] == row["method"]:
+                continue
+            for column in _SPLIT_COLUMNS:
+                mine, theirs = row.get(column) or "", other.get(column) or ""
+                if mine and theirs and mine != theirs:
+                    return (f"{_describe(*_run_of(row, folded))} has {column} {mine}, "
+                            f"{_describe(*_run_of(other, folded))} {theirs}")
+    return None
+
+
+def _run_of(row: Mapping[str, str], folded: bool) -> tuple:
+    return row_key(row, folded) + (() if folded else (None,))
+
+
+def _check_checkpoint_unchanged(method: str, checkpoint: str, sha256: str, run: str, out: Path) -> None:
+    """Stop the grid when ``method``'s checkpoint file was replaced since the grid started (a ``dira3d pretrain``
+    still writing its ``best.pt`` there): the run just made may have loaded either file, and the method's next runs
+    would load the new one, so one cell would mix two checkpoints (between two calls ``check_checkpoints``
+    refuses it; within one it went unnoticed)."""
+    try:
+        now = file_sha256(Path(checkpoint))
+    except OSError:
+        now = None
+    if now != sha256:
+        raise ValueError(f"checkpoint {checkpoint} of method {method!r} changed while the experiment ran (sha256 "
+                         f"{sha256[:12]}… when it started, now {(now or 'unreadable')[:12]}…; e.g. a pretraining still "
+                         f"writing it): the run {run} is not added to {out / 'results.csv'}, and the grid stops rather than "
+                         "mix two checkpoints in one cell. Let the pretraining finish, then give the method a copy of "
+                         "the checkpoint that nothing writes to (and a new name, or another output_dir, if it has rows)")
 
 
 def _check_value(metrics: Mapping[str, Any], metric: str) -> None:

@@ -24,7 +24,7 @@ from dira3d.utils.files import FileContentError, read_json, read_text
 __all__ = [
     "FIELDS", "FOLD_FIELDS", "SPLIT_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows",
     "write_rows", "split_columns", "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints",
-    "seed_values", "write_report", "chosen_test", "metric_figure", "ablation_figure",
+    "seed_values", "write_report", "chosen_test", "metric_figure", "ablation_figure", "file_sha256",
 ]
 
 # the test split's size and positives, and the number of training cases (split_columns); may be empty, and absent
@@ -46,7 +46,7 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -
     settings = json.loads(json.dumps({k: config.get(k) for k in recorded}, default=str))
     datalist = Path(str(config["datalist"]))
     if datalist.is_file():  # its content: a datalist prepared again at the same path (more scans) has other splits
-        settings[DATALIST_SHA256] = _file_sha256(datalist)
+        settings[DATALIST_SHA256] = file_sha256(datalist)
     path = out / RUN_SETTINGS_NAME
     if rows and path.is_file():
         fix = (f"it records the fine-tuning settings of the runs in {out / 'results.csv'}; put it back, or delete it "
@@ -184,10 +184,20 @@ def split_columns(run_dir: Path, metric: str, value: float) -> dict[str, str]:
 
 
 def check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
-    """Rows of a method fine-tuned from another checkpoint than the config now gives are not reused."""
+    """Rows of a method fine-tuned from another checkpoint than the config now gives are not reused.
+
+    A method the experiment pretrains itself (``{pretrain: {...}}``) is fine-tuned from a checkpoint in
+    ``pretrain/<method>/models/`` (its content guarded by ``check_pretrain_settings``); rows of it made from
+    anything else (random init, or a checkpoint file the config gave before) were reused as its runs."""
     for method, spec in config["methods"].items():
         if isinstance(spec, Mapping):
-            continue  # its checkpoint path never changes; check_pretrain_settings guards its content
+            stale = {r["checkpoint"] for r in rows if r["method"] == method and not _from_own_pretraining(r["checkpoint"], method)}
+            if stale:
+                raise ValueError(f"{csv_path} holds runs of method {method!r} fine-tuned from "
+                                 f"{sorted(stale)[0] or 'random init'}, but the config now pretrains it ({{pretrain: ...}}, "
+                                 f"into pretrain/{method}); give the method a new name, use another output_dir, or delete "
+                                 "its rows to redo them")
+            continue
         stale = {r["checkpoint"] for r in rows if r["method"] == method and r["checkpoint"] != (spec or "")}
         if stale:
             raise ValueError(f"{csv_path} holds runs of method {method!r} fine-tuned from {sorted(stale)[0] or 'random init'}, "
@@ -195,13 +205,20 @@ def check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path
                              "another output_dir, or delete its rows to redo them")
 
 
+def _from_own_pretraining(checkpoint: str, method: str) -> bool:
+    """Whether ``checkpoint`` is one the experiment's pretraining of ``method`` writes (``.../pretrain/<method>/models/
+    <file>.pt``; the folders above it may have moved with the output_dir)."""
+    return bool(checkpoint) and Path(checkpoint).parts[-4:-1] == ("pretrain", method, "models")
+
+
 CHECKPOINTS_NAME = "checkpoints.json"  # in output_dir: the sha256 of each method's checkpoint file
 
 
-def check_checkpoints(config: Mapping[str, Any], out: Path, rows: list[dict]) -> None:
+def check_checkpoints(config: Mapping[str, Any], out: Path, rows: list[dict]) -> dict[str, str]:
     """Refuse to add runs of a method whose checkpoint file changed (same path, other content: a pretraining
     rerun into the same folder) since its rows in ``results.csv`` were fine-tuned from it; record the
-    checkpoints' sha256 otherwise. Pretrained methods are guarded by their ``settings.json`` instead."""
+    checkpoints' sha256 otherwise, and return them (method: sha256). Pretrained methods are guarded by their
+    ``settings.json`` instead."""
     path = out / CHECKPOINTS_NAME
     fix = (f"it records the checkpoints the runs in {out / 'results.csv'} were fine-tuned from; put it back, or delete "
            "it (the checkpoints as they are now are then recorded for those runs)")
@@ -212,7 +229,7 @@ def check_checkpoints(config: Mapping[str, Any], out: Path, rows: list[dict]) ->
     for method, spec in config["methods"].items():
         if not isinstance(spec, str) or not spec:
             continue  # random init, or pretrained by the experiment itself
-        current[method] = {"path": spec, "sha256": _file_sha256(Path(spec))}
+        current[method] = {"path": spec, "sha256": file_sha256(Path(spec))}
         before = recorded.get(method)
         runs = sum(r["method"] == method and r["checkpoint"] == spec for r in rows)
         if runs and isinstance(before, dict) and before.get("path") == spec and before.get("sha256") != current[method]["sha256"]:
@@ -223,9 +240,11 @@ def check_checkpoints(config: Mapping[str, Any], out: Path, rows: list[dict]) ->
                              "back, or delete the method's rows in results.csv to redo them)")
     if current != recorded:
         atomic_write_text(path, json.dumps({**recorded, **current}, indent=1))
+    return {method: entry["sha256"] for method, entry in current.items()}
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content (hex), read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -364,6 +383,10 @@ def _plot(cells: list[CellSummary], metric: str, methods: list[str], out: Path) 
         plt.close(fig)
 
 
+# what the bars are, on the plots themselves (a figure copied into a draft lost the table's note): std, not SEM or CI
+_ERROR_BARS = "{metric} (mean ± sample std over seeds)"
+
+
 def _percent(fraction: float) -> str:
     """A label fraction as the table writes it: ``0.1`` -> ``10 %``."""
     return f"{100 * fraction:g} %"
@@ -393,7 +416,7 @@ def metric_figure(cells: list[CellSummary], metric: str, methods: list[str]):
     ax.set_xticks([100 * f for f in fractions], [_percent(f) for f in fractions])
     ax.set_xticks([], minor=True)  # the log axis's minor ticks are labelled too on a short range
     ax.set_xlabel("training labels (%)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(_ERROR_BARS.format(metric=metric))
     if ax.get_legend_handles_labels()[0]:  # every run failed: no line to name (matplotlib warned)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -414,7 +437,7 @@ def ablation_figure(cells: list[CellSummary], metric: str, methods: list[str]):
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=method)
     ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(fractions))], [_percent(f) for f in fractions])
     ax.set_xlabel("training labels (%)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(_ERROR_BARS.format(metric=metric))
     ax.set_title("ablation")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
