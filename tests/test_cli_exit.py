@@ -111,9 +111,18 @@ SITECUSTOMIZE = textwrap.dedent(
 )
 
 
+def _default_sigint() -> None:
+    # in the child, before it starts Python: a SIGINT ignored by the process that runs the tests (a background job
+    # of a shell script, nohup) would be inherited as ignored, and Python installs no Ctrl-C handler then: the
+    # command never saw the test's SIGINT, slept on, and the case failed with subprocess.TimeoutExpired
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_when_ready(cmd: list[str], env: dict, signum: int) -> tuple[int, str]:
-    """Run ``cmd``, send it ``signum`` once it prints READY; its return code and stderr."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Run ``cmd``, send it ``signum`` once it prints READY; its return code and stderr. The command starts with
+    SIGINT at its default, whatever the test run's (a Ctrl-C from a terminal reaches a command that way)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     try:
         assert proc.stdout.readline().strip() == "READY"
         proc.send_signal(signum)

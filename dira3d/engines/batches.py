@@ -23,11 +23,41 @@ from dira3d.engines.prefetch import Prefetcher
 from dira3d.engines.step import Prepared
 from dira3d.utils.seeding import stream_seed
 
-__all__ = ["BatchFeedMixin", "STREAM_DATA", "STREAM_STEP"]
+__all__ = ["BatchFeedMixin", "STREAM_DATA", "STREAM_STEP", "resume_position", "epoch_length_note",
+           "saved_epoch_length"]
 
 # seed streams (dira3d.utils.seeding.stream_seed): per-epoch data order, per-iteration views/distortions;
 # 0 is the MoCo queue's and 4 (STREAM_SHUFFLE) the shuffle-BN permutation's (dira3d.engines.moco), 3 validation's
 STREAM_DATA, STREAM_STEP = 1, 2
+
+
+def saved_epoch_length(saved: Mapping[str, Any]) -> int:
+    """The epoch length of the run that wrote a checkpoint's ``trainer`` entry (0: unknown). A checkpoint written before
+    dira3d recorded it: its iteration was then epoch × epoch_length + the iterations done in the next epoch."""
+    done, epoch, iteration = (int(saved.get(k, 0)) for k in ("epoch_iteration", "epoch", "iteration"))
+    return int(saved.get("epoch_length") or ((iteration - done) // epoch if epoch else 0))
+
+
+def resume_position(saved: Mapping[str, Any], epoch_length: int | None) -> int:
+    """Where a run resumed from a checkpoint's ``trainer`` entry goes on in its epoch: the iterations it had done, or,
+    when this run's ``epoch_length`` differs from the checkpoint's (another number of processes, batch_size or data),
+    the same share of the epoch in this run's iterations, rounded down (at least one iteration left)."""
+    done, before = int(saved.get("epoch_iteration", 0)), saved_epoch_length(saved)
+    if not (done and epoch_length and before) or before == epoch_length:
+        return done
+    return min(done * int(epoch_length) // before, int(epoch_length) - 1)
+
+
+def epoch_length_note(saved: Mapping[str, Any], epoch_length: int | None) -> str | None:
+    """For the resume's log, after the checkpoint's name: how a run whose epoch length differs from the checkpoint's
+    goes on (None: the same length, or unknown)."""
+    before, done, epoch = saved_epoch_length(saved), int(saved.get("epoch_iteration", 0)), int(saved.get("epoch", 0))
+    if not (before and epoch_length) or before == int(epoch_length):
+        return None
+    go_on = (f"epoch {epoch + 1} goes on at iteration {resume_position(saved, epoch_length)} of its {epoch_length} "
+             "(the same share of its data)" if done else f"epoch {epoch + 1} has {epoch_length} iterations")
+    return (f"was written with {before} iterations per epoch and this run has {epoch_length} (another number of "
+            f"processes, batch_size or data): {go_on}; the iteration counter goes on from the checkpoint's")
 
 
 class BatchFeedMixin:
@@ -48,8 +78,43 @@ class BatchFeedMixin:
         if callable(set_epoch):  # e.g. VisualWordPairDataset: new partners every epoch
             set_epoch(engine.state.epoch)
 
+    @staticmethod
+    def _is_done(state: Any) -> bool:
+        # epochs, not ignite's count of iterations (iteration >= epoch_length * max_epochs): after a resume with
+        # another epoch length (number of processes, batch_size, data) the iteration counter goes on from the
+        # checkpoint's, so it is no longer epoch × epoch_length (a larger batch ended such a run at once)
+        if state.max_epochs is not None and (state.max_iters is None or state.iteration < state.max_iters):
+            return state.epoch >= state.max_epochs
+        return Engine._is_done(state)
+
+    def resume_at(self, done: int) -> None:
+        """A resume (:func:`~dira3d.engines.checkpoint.restore_checkpoint`): the run goes on ``done`` iterations
+        into epoch ``state.epoch + 1`` (0: at its start), wherever the iteration counter stands."""
+        self._resume_position = int(done)
+
+    def _forget_epoch_start(self, engine: Engine) -> None:
+        # STARTED, before a checkpoint handler resumes: no epoch in progress, no resume position yet
+        engine.state.epoch_start_iteration, self._resume_position = None, None
+
+    def _mark_epoch_start(self, engine: Engine) -> None:
+        # EPOCH_STARTED: the iteration after which the epoch in progress began (a resumed one: before the resume)
+        engine.state.epoch_start_iteration = engine.state.iteration - (getattr(self, "_resume_position", None) or 0)
+
+    def epoch_position(self) -> tuple[int, int]:
+        """(completed epochs, iterations done in the epoch in progress) for a checkpoint; (E, 0) at an epoch's end."""
+        length, start = self.state.epoch_length or 0, getattr(self.state, "epoch_start_iteration", None)
+        if start is None:  # before the first epoch starts (a resumed run that stops at once): where it resumed
+            return int(self.state.epoch), int(getattr(self, "_resume_position", None) or 0)
+        done = int(self.state.iteration) - int(start)
+        if length and done >= length:
+            return int(self.state.epoch), 0
+        return int(self.state.epoch) - 1, done
+
     def _setup_engine(self) -> None:
         super()._setup_engine()
+        resume = getattr(self, "_resume_position", None)
+        if resume is not None:  # ignite takes iteration % epoch_length, wrong after a change of epoch length
+            self._init_iter, self._resume_position = resume, None
         # a resume from a mid-epoch checkpoint: draw and drop the batches this epoch already
         # consumed (data only, no step), so order and random crops continue exactly where the
         # interrupted run stopped; the epoch's seeds were set at EPOCH_STARTED, as in that run.
@@ -67,8 +132,8 @@ class BatchFeedMixin:
     def _another_in_epoch(self) -> bool:
         """Asked as the batch of iteration ``state.iteration + 1`` is handed out: is it not the epoch's
         last? (Never prepare across an epoch's end: the next epoch reseeds the data first.)"""
-        length = self.state.epoch_length
-        return length is None or (self.state.iteration + 1) % length != 0
+        length, start = self.state.epoch_length, getattr(self.state, "epoch_start_iteration", None) or 0
+        return length is None or self.state.iteration + 1 - start < length
 
     def _prepare_ahead(self, batchdata: Mapping[str, Any], ahead: bool) -> Prepared:
         """The batch of the next iteration (``ahead``: of the one after it), prepared for its step."""

@@ -5,7 +5,7 @@ Format (docs/architecture.md, "Checkpoint format")::
     {"encoder", "decoder", "dis_head", "predictor", "adversary",          # state_dicts ({} if absent)
      "momentum_encoder", "momentum_head", "queue",                         # MoCo only
      "optimizer_g", "optimizer_d", "scaler_g", "scaler_d",
-     "trainer": {"epoch", "iteration", "epoch_iteration", "stage", "best_metric", "best_epoch", "best_stage",
+     "trainer": {"epoch", "iteration", "epoch_iteration", "epoch_length", "stage", "best_metric", "best_epoch", "best_stage",
                  "epoch_sums": {"count", "sums": {key: one value per rank}},  # running sums of the epoch's outputs
                  "nonfinite_skipped",                                  # steps on_nonfinite='skip' dropped so far
                  "validation",                                         # False: the run (since its last resume) ran without validation
@@ -32,9 +32,11 @@ import torch
 from ignite.engine import Engine, Events
 
 import dira3d
+from dira3d.engines.batches import epoch_length_note, resume_position, saved_epoch_length
 from dira3d.engines.distributed import is_main_process
 from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_bytes
 from dira3d.engines.stopping import FinalStageEarlyStop, check_early_stop_patience
+from dira3d.engines.summary import purge_from
 from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
 from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.overrides import as_bool
@@ -88,8 +90,14 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
     epoch_length = trainer.state.epoch_length or 0
     iteration = int(trainer.state.iteration)
     # completed epochs; a mid-epoch save also records the position inside the epoch, and the
-    # resumed trainer skips the batches already consumed (DiRATrainer._setup_engine)
-    epoch = iteration // epoch_length if epoch_length else trainer.state.epoch
+    # resumed trainer skips the batches already consumed (DiRATrainer._setup_engine). Not iteration // epoch_length:
+    # after a resume with another epoch length the iteration counter goes on from the checkpoint's
+    position = getattr(trainer, "epoch_position", None)
+    if callable(position):
+        epoch, done = position()
+    else:
+        epoch = iteration // epoch_length if epoch_length else trainer.state.epoch
+        done = iteration - epoch * epoch_length if epoch_length else 0
     guard = getattr(trainer, "nonfinite_guard", None)
     return {
         "encoder": net.encoder.state_dict(),
@@ -107,7 +115,8 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
         "trainer": {
             "epoch": int(epoch),
             "iteration": iteration,
-            "epoch_iteration": int(iteration - epoch * epoch_length) if epoch_length else 0,
+            "epoch_iteration": int(done),
+            "epoch_length": int(epoch_length),  # to place a resume with another one (resume_position)
             "stage": str(trainer.current_stage().name),
             "epoch_sums": {"count": int(epoch_sums["count"]), "sums": dict(epoch_sums["sums"])},
             "nonfinite_skipped": int(getattr(guard, "skipped", 0)),
@@ -177,9 +186,13 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
         set_rng_state(ckpt["rng"])
     trainer.state.epoch = int(ckpt["trainer"]["epoch"])
     trainer.state.iteration = int(ckpt["trainer"]["iteration"])
+    done = resume_position(ckpt["trainer"], trainer.state.epoch_length)
+    resume_at = getattr(trainer, "resume_at", None)
+    if callable(resume_at):  # DiRATrainer: the batches to skip, whatever the iteration counter
+        resume_at(done)
     # state.epoch counts completed epochs: a mid-epoch checkpoint was written inside the next one, whose stage
     # is the one in force (the first epoch of a new stage was named by the stage before it)
-    in_progress = 1 if int(ckpt["trainer"].get("epoch_iteration", 0)) else 0
+    in_progress = 1 if done or int(ckpt["trainer"].get("epoch_iteration", 0)) else 0
     trainer.state.stage = trainer.schedule.stage_at(max(trainer.state.epoch + in_progress, 1),
                                                     max(trainer.state.iteration, 1)).name
     guard = getattr(trainer, "nonfinite_guard", None)
@@ -247,7 +260,9 @@ class DiRACheckpoint:
             lower ``metric_name`` (:class:`~dira3d.engines.stopping.FinalStageEarlyStop`; its count is in every
             checkpoint, ``trainer`` key ``early_stop``); None (default): no early stopping, the run goes to
             ``max_epochs``. Needs a :class:`~dira3d.engines.DiRAEvaluator` attached before this handler.
-        summary_writer: TensorBoard writer for the early stop's text (``early_stop``); None: none.
+        summary_writer: TensorBoard writer for the early stop's text (``early_stop``), and of the run's values: on a
+            resume, what an earlier event file holds after ``last.pt``'s iteration is hidden (a killed run logged it;
+            :func:`~dira3d.engines.summary.purge_from`); None: none.
 
     While the run lasts, the main process locks ``ckpt_dir`` (:class:`~dira3d.utils.folder_lock.FolderLock`):
     a second run into the same folder stops at its start instead of replacing the first one's
@@ -284,6 +299,7 @@ class DiRACheckpoint:
         self.early_stop = None if patience is None else FinalStageEarlyStop(
             patience, metric_name, summary_writer=summary_writer, best_path=self.best_path)
         self.lock = FolderLock(self.ckpt_dir, what=CHECKPOINT_FOLDER)
+        self.summary_writer = summary_writer
 
     @property
     def last_path(self) -> Path:
@@ -321,6 +337,8 @@ class DiRACheckpoint:
             return
         ckpt = load_checkpoint(self.last_path, map_location=engine.state.device)
         partial = restore_checkpoint(engine, ckpt, source=str(self.last_path))
+        # TensorBoard: what a killed run logged after this checkpoint is hidden, the resumed run logs it again
+        purge_from(self.summary_writer, engine.state.iteration + 1)
         self.best.update({k: ckpt["trainer"].get(k, v) for k, v in self.best.items()})
         if self.early_stop is not None:
             if ckpt["trainer"].get("early_stop"):
@@ -328,14 +346,17 @@ class DiRACheckpoint:
             else:  # written without early_stop_patience, or by dira3d before it
                 engine.logger.info(f"{self.last_path} holds no early-stopping count: validations without improvement "
                                    "are counted from this resume on")
-        epoch, done = engine.state.epoch, int(ckpt["trainer"].get("epoch_iteration", 0))
+        epoch, length, saved = engine.state.epoch, engine.state.epoch_length, ckpt["trainer"]
+        done, before = int(saved.get("epoch_iteration", 0)), saved_epoch_length(saved) or length
         if done:
-            length = engine.state.epoch_length
-            where = f"mid-epoch (epoch {epoch + 1}: {done}{f' of its {length}' if length else ''} iterations done)"
+            where = f"mid-epoch (epoch {epoch + 1}: {done}{f' of its {before}' if before else ''} iterations done)"
         else:
             where = f"the end of epoch {epoch}"
         engine.logger.info(f"resumed from {self.last_path} at iteration {engine.state.iteration}, {where}, "
                            f"stage '{engine.state.stage}'")
+        note = epoch_length_note(saved, length)
+        if note:
+            engine.logger.info(f"{self.last_path} {note}")
         if partial:
             engine.logger.info(f"epoch {epoch + 1}'s train_* means will cover only its iterations after the resume: "
                                f"{self.last_path} {partial}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "init_distributed",
+    "restart_store",
     "cleanup_distributed",
     "maybe_sync_batchnorm",
     "per_rank_batchnorm",
@@ -45,6 +47,7 @@ __all__ = [
     "all_ranks_min",
     "main_process_value",
     "quiet_other_ranks",
+    "brief_errors_on_other_ranks",
 ]
 
 
@@ -97,8 +100,36 @@ def init_distributed(backend: str | None = None) -> bool:
         raise ValueError("backend='nccl' needs CUDA GPUs; use backend='gloo' for CPU training")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device())
-    dist.init_process_group(backend=backend)
+    store = restart_store()
+    if store is None:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
     return True
+
+
+def restart_store() -> Any:
+    """The rendezvous store of a single-node ``torchrun --max_restarts N`` worker: torchrun's own store (the agent's, at
+    ``MASTER_ADDR:MASTER_PORT``) under a prefix of this restart (``TORCHELASTIC_RESTART_COUNT``); None elsewhere
+    (``init_process_group``'s ``env://`` then).
+
+    torchrun keeps one store for all the restarts of a run, and the process group's keys (each rank's address) are
+    the same in every attempt: a restarted rank that read another's key before that rank had written it again got
+    the address of the process that had failed, and the restart died in ``init_process_group`` with ``Gloo
+    connectFullMesh failed ... Connection refused`` (NCCL: ``socketPollConnect ... Connection refused``; PyTorch
+    issue 167288). Only with one node (``GROUP_WORLD_SIZE`` 1): the agents of several nodes may count restarts
+    differently (a node restarts its workers without counting when another node's failed), and a prefix the
+    ranks disagree on would leave them waiting for each other.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"dira3d/restart_{int(env.get('TORCHELASTIC_RESTART_COUNT', '0'))}", store)
 
 
 def cleanup_distributed() -> None:
@@ -198,3 +229,32 @@ def quiet_other_ranks(names: tuple[str, ...] = ("DiRATrainer", "DiRAEvaluator", 
         return
     for name in names:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def brief_errors_on_other_ranks() -> None:
+    """On ranks other than 0, an error that ends the process is one line, ``[rank1]: ValueError: <message>`` (the
+    error inside MONAI's ``Failed to evaluate ConfigExpression`` or ``applying transform``), not its traceback.
+
+    Every rank of a run that fails for a common reason (a checkpoint of other settings, a bad setting) printed the
+    same tracebacks, interleaved, screens of them; rank 0 prints its own in full, and the one line of a rank that
+    failed alone names its error. ``DIRA3D_ALL_TRACEBACKS=1`` in the environment keeps every rank's traceback. The
+    engines' error logs of such a rank are left out too (the ``ignite`` loggers log nothing below CRITICAL there,
+    rank 0 logs the same; ``StatsHandler``'s through :class:`dira3d.utils.interrupts.QuietInterruptMixin`). For a
+    bundle's ``initialize``, after the process group is formed."""
+    if is_main_process() or os.environ.get("DIRA3D_ALL_TRACEBACKS") == "1":
+        return
+    from dira3d.utils.interrupts import quiet_engine_errors
+
+    quiet_engine_errors()
+    logging.getLogger("ignite").setLevel(logging.CRITICAL)  # the engines' "terminating due to exception" lines
+    rank = get_rank()
+
+    def one_line(kind: type, error: BaseException, tb: Any) -> None:
+        root = error  # the error inside MONAI's wrappers (a config expression, a transform), not its own cause
+        while root.__cause__ is not None and str(root).startswith(("Failed to evaluate", "applying transform")):
+            root = root.__cause__
+        first = (str(root).strip().splitlines() or [""])[0]
+        print(f"[rank{rank}]: {type(root).__name__}: {first} (this rank's traceback is left out; "
+              "DIRA3D_ALL_TRACEBACKS=1 prints it)", file=sys.stderr, flush=True)
+
+    sys.excepthook = one_line

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["LazySummaryWriter"]
+__all__ = ["LazySummaryWriter", "purge_from"]
 
 
 class LazySummaryWriter(SummaryWriter):
@@ -34,3 +34,18 @@ class LazySummaryWriter(SummaryWriter):
         if self._constructing:
             return None
         return super()._get_file_writer()
+
+
+def purge_from(writer: Any, step: int) -> None:
+    """Tell TensorBoard that a run goes on from ``step`` (a resume from a checkpoint): the values that an earlier
+    event file of the same folder holds at ``step`` or later (logged after that checkpoint by a run that was then
+    killed) are hidden, so every step shows once. torch's ``purge_step`` (a ``SessionLog.START`` event): written as
+    the writer's event file is created, or at once when it exists already. ``writer`` None: nothing to do."""
+    if writer is None or not hasattr(writer, "purge_step"):
+        return
+    if getattr(writer, "file_writer", None) is None:
+        writer.purge_step = int(step)  # LazySummaryWriter: with the event file, at the first value logged
+        return
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer.file_writer.add_event(Event(step=int(step), session_log=SessionLog(status=SessionLog.START)))

@@ -305,6 +305,8 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_count = 0
         self.add_event_handler(Events.STARTED, self._warn_unreached_stages)
+        self.add_event_handler(Events.STARTED, self._forget_epoch_start)  # before a checkpoint handler resumes
+        self.add_event_handler(Events.EPOCH_STARTED, self._mark_epoch_start)
         self.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
         # ignite exhausts the previous epoch's iterator inside the new epoch, and torch's
         # RandomSampler draws once more on exhaustion: seed again just before the new iterator

@@ -39,7 +39,7 @@ from pathlib import Path
 
 __all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "TerminatedBySignal", "WrittenFiles",
            "forget_caught_interrupt", "install_interrupt_exit_hook", "interrupt_exit_code", "interrupted_word",
-           "quiet_error_logs", "quiet_interrupt_logs", "sigterm_as_interrupt"]
+           "quiet_engine_errors", "quiet_error_logs", "quiet_interrupt_logs", "sigterm_as_interrupt"]
 
 
 class StoppedBySignal(SystemExit):
@@ -188,11 +188,24 @@ def quiet_error_logs(quiet: Callable[[BaseException], bool]) -> Iterator[None]:
             handler.removeFilter(quiet_filter)
 
 
+_ENGINE_ERRORS_QUIET = False  # set by quiet_engine_errors()
+
+
+def quiet_engine_errors() -> None:
+    """From now on, :class:`QuietInterruptMixin` engines leave out the error logs of every error, not only of a Ctrl-C
+    (for a rank that reports its error in one line: ``dira3d.engines.distributed.brief_errors_on_other_ranks``)."""
+    global _ENGINE_ERRORS_QUIET
+    _ENGINE_ERRORS_QUIET = True
+
+
 class QuietInterruptMixin:
     """For ignite engines: the ``EXCEPTION_RAISED`` handlers of a Ctrl-C run as before (a checkpoint
     handler still sees it), but their error logs, e.g. ``StatsHandler``'s traceback, are left out."""
 
     def _handle_exception(self, e: BaseException) -> None:
+        if _ENGINE_ERRORS_QUIET:  # a torchrun rank other than 0 that reports its error in one line
+            with quiet_error_logs(lambda error: True):
+                return super()._handle_exception(e)  # type: ignore[misc]
         if not isinstance(e, KeyboardInterrupt):
             return super()._handle_exception(e)  # type: ignore[misc]
         with quiet_interrupt_logs():
