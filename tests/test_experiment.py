@@ -466,7 +466,8 @@ def test_results_csv_records_the_test_split_of_each_run(tmp_path, positive, show
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         reader = csv.DictReader(handle)
         rows = list(reader)
-    assert reader.fieldnames[-3:] == ["test_cases", "test_positive", "train_cases"]
+    assert reader.fieldnames[-6:] == ["test_cases", "test_positive", "train_cases", "train_digest", "holdout_digest",
+                                      "test_digest"]
     assert [(r["test_cases"], r["test_positive"]) for r in rows] == [("20", shown)] * 2
     assert len(run_experiment(config, runner=fake_runner([]), log=lambda _: None)) == 2  # read back: nothing to redo
 
@@ -493,7 +494,8 @@ def test_an_older_results_csv_without_the_test_split_columns_loads_and_resumes(t
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         written = list(reader)
-    assert reader.fieldnames == older[0].split(",") + ["test_cases", "test_positive", "train_cases"]
+    assert reader.fieldnames == older[0].split(",") + ["test_cases", "test_positive", "train_cases", "train_digest",
+                                                       "holdout_digest", "test_digest"]
     assert [",".join(list(r.values())[:8]) for r in written[:8]] == older[1:]  # the older rows, as they were
     assert {(r["test_cases"], r["test_positive"]) for r in written[:8]} == {("", "")}
     assert {(r["test_cases"], r["test_positive"]) for r in written[8:]} == {("20", "7")}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from dira3d.evaluation.datalists import load_split
 from dira3d.evaluation.experiment import load_config, run_experiment
 from dira3d.networks import UNet
 from dira3d.utils import atomic_save
@@ -41,6 +44,15 @@ def test_tiny_experiment_writes_csv_table_and_plots(tmp_path):
     test = result["splits"]["test"]  # results.csv gives the test split the value was scored on
     assert (rows[1]["test_cases"], rows[1]["test_positive"]) == (str(test["cases"]), str(test["positive"]))
     assert int(rows[1]["test_cases"]) > 0
+    # which cases each split held: splits.json lists them (image paths relative to the datalist), metrics.json and
+    # results.csv give their digests, and both methods' runs of seed 0 drew the same ones
+    record = json.loads((tmp_path / "out" / "runs" / "pretrained_lf1_seed0" / "splits.json").read_text())
+    assert result["split_digests"] == {name: record[name]["digest"] for name in ("train", "holdout", "test")}
+    for name, split in (("train", "train"), ("holdout", "holdout"), ("test", "test")):
+        cases = sorted(Path(e["image"]).relative_to(datalist.parent).as_posix() for e in load_split(datalist, split))
+        assert record[name]["cases"] == cases
+        assert rows[0][f"{name}_digest"] == rows[1][f"{name}_digest"] == result["split_digests"][name] \
+            == hashlib.sha256("\n".join(cases).encode()).hexdigest()[:16]
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ def test_every_cell_runs_once_per_fold_and_a_seed_counts_the_mean_over_its_folds
     assert calls[5]["output_dir"].endswith("random_lf0.5_seed1_fold2")
     written = _rows(tmp_path)
     assert list(written[0]) == ["method", "checkpoint", "label_fraction", "seed", "fold", "metric", "value", "seconds",
-                                "run_dir", "test_cases", "test_positive", "train_cases"]
+                                "run_dir", "test_cases", "test_positive", "train_cases", "train_digest",
+                                "holdout_digest", "test_digest"]
     assert sorted({(r["method"], r["label_fraction"], r["seed"], r["fold"]) for r in written}) == sorted(
         {(m, str(f), str(s), str(k)) for m in ("random", "dira") for f in (0.5, 1.0) for s in (0, 1, 2) for k in (0, 1, 2)})
     table = (tmp_path / "out" / "table.md").read_text()
@@ -152,9 +153,9 @@ def test_without_folds_the_files_are_as_before(tmp_path):
     out = tmp_path / "out"
     header = (out / "results.csv").read_text().splitlines()[0]
     assert header == ("method,checkpoint,label_fraction,seed,metric,value,seconds,run_dir,test_cases,test_positive,"
-                      "train_cases")
+                      "train_cases,train_digest,holdout_digest,test_digest")
     assert list(json.loads((out / "experiment.json").read_text())) == ["bundle", "datalist", "metric", "overrides",
-                                                                       "datalist_sha256"]
+                                                                       "datalist_sha256", "versions"]
     assert (out / "table.md").read_text().endswith(
         "\n\nmean ± sample std over 2 seeds, ×100; p: independent two-sample Student's t-test against `random` at the "
         "same label fraction.\n")

@@ -292,6 +292,9 @@ def test_overwrite_removes_the_per_case_csvs_of_the_earlier_evaluation_and_nothi
     (out / "metrics.csv").write_bytes(b"\xff\xfe")
     (out / "metrics.json").write_text(json.dumps({"metrics": {"dice": 0.8}}))
     assert {p.name for p in _earlier_outputs(out)} == {"metrics.json", "metrics.csv", "dice_raw.csv", "dice_summary.csv"}
+    # the earlier run's splits.json goes with its metrics.json: a run that fails after it must not leave it behind
+    (out / "splits.json").write_text("{}")
+    assert "splits.json" in {p.name for p in _earlier_outputs(out)}
 
 
 def test_finetune_overwrite_leaves_no_per_case_csv_of_the_earlier_run(tmp_path):

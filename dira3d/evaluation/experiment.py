@@ -40,12 +40,15 @@ path, or the same path holding another file (a pretraining rerun into the same f
 each checkpoint is recorded in ``checkpoints.json``) is refused while the method has rows, and so are rows of a
 method the config now pretrains itself that were fine-tuned from random init or a checkpoint file. A checkpoint
 file replaced while the grid runs (a pretraining still writing it) stops the grid after the run that noticed it,
-without adding that run; so does a run whose split sizes (train_cases, test_cases, test_positive) differ from another
-method's run of the same label fraction and seed (the split rules changed since, e.g. an upgrade), and a results.csv
-that already holds such runs is refused. The
+without adding that run; so does a run whose split sizes (train_cases, test_cases, test_positive) or cases
+(train_digest, holdout_digest, test_digest) differ from another method's run of the same label fraction and seed (and
+fold; the split rules changed since, e.g. an upgrade; the error names both runs' splits.json), and a results.csv that
+already holds such runs is refused. Rows of before the digests are kept, with one warning (checked on sizes only). The
 fine-tuning settings (bundle, datalist, metric, overrides, folds) and the datalist's sha256 are recorded in
 ``experiment.json``: a rerun with other ones (or a datalist prepared again at the same path) on a ``results.csv``
-that has rows is refused rather than mixed into one table.
+that has rows is refused rather than mixed into one table. It also records ``versions`` (dira3d's, and each bundle's
+configs/metadata.json ``version``: the fine-tuning bundle, and dira_pretrain when a method is pretrained); a bundle
+upgraded since the rows were made is warned about, not refused, and the earlier record kept (``earlier_versions``).
 
 With ``folds``, every (method, label fraction, seed) runs once per fold, with the bundle's ``fold``
 set to it (that fold is the test set, the others are trained on;
@@ -68,7 +71,9 @@ bundle must have a ``fold`` setting and the datalist's ``training`` entries must
 ``results.csv`` has one row per finished run: method, checkpoint, label_fraction, seed (fold), metric,
 value, seconds, run_dir, and test_cases / test_positive, the test split's size and positives from the run's
 ``metrics.json`` (multi-label: each class's positives, ``;``-joined; empty where not known; docs/finetuning.md),
-then train_cases, the cases the run trained on (the label fraction's selection less the early-stopping holdout).
+then train_cases, the cases the run trained on (the label fraction's selection less the early-stopping holdout), and
+train_digest, holdout_digest, test_digest: which cases each split held (16 hex digits of a sha256 of the sorted case
+ids; each run's ``splits.json`` lists them; docs/finetuning.md).
 A results.csv written before those columns is resumed as it is (its rows keep them empty).
 
 The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
@@ -177,7 +182,8 @@ def written_message(config: dict) -> str:
     return (f"results:     {out / 'results.csv'} (one row per run; mean ± std and p-values in {out / 'summary.json'})\n"
             f"table:       {out / 'table.md'}; plots: {out / (config['metric'] + '_vs_label_fraction.png')}, "
             f"{out / 'ablation.png'}\n"
-            f"each run:    {out / 'runs'}/{run}/ (metrics.json: test metric, splits, settings; models/model.pt; "
+            f"each run:    {out / 'runs'}/{run}/ (metrics.json: test metric, splits, settings; splits.json: the cases "
+            "of each split; models/model.pt; "
             "TensorBoard files: curves, and the test metrics as test/<metric>)\n"
             f"TensorBoard: tensorboard --logdir {out / 'runs'}")
 

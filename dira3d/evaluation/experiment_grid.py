@@ -18,9 +18,11 @@ from dira3d.utils.atomic import atomic_write_text, check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.setting_hints import experiment_settings
 from dira3d.evaluation.experiment_pretrain import check_pretrain_settings, pretrain_settings, pretrain_method
+from dira3d.evaluation.experiment_versions import versions_record, warn_rows_without_digests
+from dira3d.evaluation.split_ids import SPLITS_FILE
 from dira3d.evaluation.results import (
-    FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, file_sha256, grid_cells,
-    read_rows, row_key, seed_values, split_columns, write_report, write_rows,
+    DIGEST_FIELDS, FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings,
+    file_sha256, grid_cells, read_rows, row_key, seed_values, split_columns, write_report, write_rows,
 )  # fmt: skip
 
 __all__ = ["Runner", "ExperimentRunsFailed", "ExperimentBusy", "run_experiment"]
@@ -90,7 +92,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     rows = read_rows(csv_path)
     check_rows_match(rows, config, csv_path)
     check_fold_column(rows, config, csv_path)
-    check_run_settings(config, out, rows)
+    check_run_settings(config, out, rows, versions=versions_record(config, out, rows))  # warns of a bundle upgrade
     fingerprints = check_checkpoints(config, out, rows)  # method: sha256 of its checkpoint file, now
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
         if isinstance(spec, Mapping):
@@ -104,6 +106,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
                          "the datalist or dira3d's split rules changed between them (e.g. an upgrade; docs/finetuning.md, "
                          "'Splits'), so they are no fair pair, and the table would compare them. Rerun the whole grid "
                          "into another output_dir (or delete the rows of one side in results.csv to redo them)")
+    warn_rows_without_digests(rows, set(grid), folded, csv_path)
     todo = [key for key in grid if key not in done]
     log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
     checkpoints = {}
@@ -211,8 +214,9 @@ class _Failures:
 
 # what results.csv knows of a run's split (split_columns): every method's run of one label fraction and seed (and fold)
 # draws the same split, so that they are pairs; a grid resumed across a change of the split rules (the rounding of
-# 2026-11-27) mixed runs of other subsets into one comparison without a word
-_SPLIT_COLUMNS = ("train_cases", "test_cases", "test_positive")
+# 2026-11-27) mixed runs of other subsets into one comparison without a word; the sizes see a change that moved the
+# counts, the digests of the cases (split_ids) one that kept them (the nested label fractions of 2026-11-26)
+_SPLIT_COLUMNS = ("train_cases", "test_cases", "test_positive", *DIGEST_FIELDS)
 
 
 def _split_clash(rows: list[dict], grid: set, folded: bool, new: Mapping[str, str] | None = None) -> str | None:
@@ -231,8 +235,11 @@ def _split_clash(rows: list[dict], grid: set, folded: bool, new: Mapping[str, st
             for column in _SPLIT_COLUMNS:
                 mine, theirs = row.get(column) or "", other.get(column) or ""
                 if mine and theirs and mine != theirs:
+                    where = "" if column not in DIGEST_FIELDS else (
+                        f"; the cases are listed in {Path(row['run_dir']) / SPLITS_FILE} and "
+                        f"{Path(other['run_dir']) / SPLITS_FILE}")
                     return (f"{_describe(*_run_of(row, folded))} has {column} {mine}, "
-                            f"{_describe(*_run_of(other, folded))} {theirs}")
+                            f"{_describe(*_run_of(other, folded))} {theirs}{where}")
     return None
 
 

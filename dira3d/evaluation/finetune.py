@@ -30,6 +30,7 @@ from dira3d.evaluation.preprocessing import (
     training_preprocessing,
     write_preprocessing,
 )
+from dira3d.evaluation.split_ids import SPLITS_FILE, write_splits
 from dira3d.utils.atomic import atomic_write_text, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
@@ -116,7 +117,7 @@ def _earlier_outputs(out: Path) -> list[Path]:
     except (OSError, ValueError, AttributeError):  # absent or damaged: metrics.csv still names them
         recorded = {}
     names = list(recorded) if isinstance(recorded, dict) else []
-    return [p for p in (out / "metrics.json",) if p.is_file()] + earlier_run_files(out / "models", out, names)
+    return [p for p in (out / "metrics.json", out / SPLITS_FILE) if p.is_file()] + earlier_run_files(out / "models", out, names)
 
 
 def _write_json(obj: dict, path: Path) -> None:
@@ -144,10 +145,11 @@ def run_finetune(
         overrides_from: what an unknown override id is said to come from (the command line: ``--set``).
 
     Returns:
-        ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "splits", "settings"}``;
-        ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label fraction's selection
-        less the holdout), of the early-stopping holdout and of the test split
-        (:func:`dira3d.evaluation.split_checks.describe_split`). A segmentation test split with no or few cases
+        ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "splits", "split_digests",
+        "settings"}``; ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label
+        fraction's selection less the holdout), of the early-stopping holdout and of the test split
+        (:func:`dira3d.evaluation.split_checks.describe_split`); ``split_digests`` a digest of each one's cases, which
+        ``<output_dir>/splits.json`` lists (:mod:`dira3d.evaluation.split_ids`). A segmentation test split with no or few cases
         with foreground, or a multi-label one with classes of one value, is warned about once
         (:func:`dira3d.evaluation.split_checks.warn_test_split`).
 
@@ -266,9 +268,11 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     with quiet_interrupt_logs():
         eval_flow.run()
     metrics = {name: _number(value) for name, value in evaluator.state.metrics.items()}
-    splits = {name: summary for name, summary in (("train", _split_summary(parser, None, "train#datalist")),
-                                                  ("holdout", _split_summary(parser, validator)),
-                                                  ("test", _split_summary(eval_flow.parser, evaluator))) if summary}
+    entries = {"train": _entries(parser, "train#datalist"), "holdout": _entries(parser, "validate#datalist"),
+               "test": _entries(eval_flow.parser, "validate#datalist")}
+    splits = {name: summary for name, summary in (("train", _split_summary(entries["train"], None)),
+                                                  ("holdout", _split_summary(entries["holdout"], validator)),
+                                                  ("test", _split_summary(entries["test"], evaluator))) if summary}
     eval_flow.finalize()
 
     result = {
@@ -277,6 +281,8 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
         "holdout": holdout,
         "epochs": epochs,
         "splits": splits,
+        # which cases: splits.json lists them, these are their digests (dira3d experiment pairs runs on them)
+        "split_digests": write_splits(out, effective.get("datalist"), entries),
         "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))}
         | {k: v for k, v in effective.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
     }
@@ -307,15 +313,19 @@ def _log_test_metrics(out: Path, metrics: dict[str, Any], epoch: int) -> None:
         writer.close()
 
 
-def _split_summary(parser, engine, key: str = "validate#datalist") -> dict | None:
-    """``{"cases", "patients", "positive"}`` of the split ``engine`` scored (``validate#datalist`` of its config;
-    :func:`dira3d.evaluation.split_checks.describe_split`), with the cases with foreground that its
-    :class:`~dira3d.evaluation.ForegroundDice` counted; None without such a datalist. ``engine`` None, ``key``
-    ``train#datalist``: what the network trained on (the label fraction's selection less the holdout)."""
+def _entries(parser, key: str) -> list:
+    """The datalist entries of a split (``validate#datalist``: what the engine scored; ``train#datalist``: what the
+    network trained on, the label fraction's selection less the holdout); [] without such a list."""
+    entries = parser.get_parsed_content(key) if key in parser else None
+    return entries if isinstance(entries, list) else []
+
+
+def _split_summary(entries: list, engine) -> dict | None:
+    """``{"cases", "patients", "positive"}`` of a split (:func:`dira3d.evaluation.split_checks.describe_split`), with
+    the cases with foreground that ``engine``'s :class:`~dira3d.evaluation.ForegroundDice` counted; None when empty."""
     from dira3d.evaluation.split_checks import describe_split
 
-    entries = parser.get_parsed_content(key) if key in parser else None
-    if not isinstance(entries, list) or not entries:
+    if not entries:
         return None
     state = getattr(engine, "state", None)
     counted = getattr(state, "foreground_cases", None) or {}

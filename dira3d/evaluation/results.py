@@ -17,31 +17,31 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from dira3d.evaluation.split_ids import DIGEST_FIELDS, SPLIT_FIELDS, split_columns
 from dira3d.evaluation.stats import TESTS, CellSummary, aggregate, compare_to_baseline, markdown_table
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.files import FileContentError, read_json, read_text
 
 __all__ = [
-    "FIELDS", "FOLD_FIELDS", "SPLIT_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells", "row_key", "read_rows",
-    "write_rows", "split_columns", "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints",
+    "FIELDS", "FOLD_FIELDS", "SPLIT_FIELDS", "DIGEST_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells",
+    "row_key", "read_rows", "write_rows", "split_columns", "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints",
     "seed_values", "write_report", "chosen_test", "metric_figure", "ablation_figure", "file_sha256",
 ]
 
-# the test split's size and positives, and the number of training cases (split_columns); may be empty, and absent
-# from a results.csv written before 2026-11-26 (train_cases: 2026-11-27; its rows are read and kept; the columns are
-# added when a run is added)
-SPLIT_FIELDS = ["test_cases", "test_positive", "train_cases"]
 FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"] + SPLIT_FIELDS
 FOLD_FIELDS = FIELDS[:4] + ["fold"] + FIELDS[4:]  # results.csv of a config with folds
 # what makes one fine-tuning row comparable with another: a change would mix two protocols in one table
 RUN_SETTINGS = ("bundle", "datalist", "metric", "overrides")
 RUN_SETTINGS_NAME = "experiment.json"  # in output_dir
 DATALIST_SHA256 = "datalist_sha256"  # experiment.json: the datalist's content (from 2026-11-27)
+RECORDED_ONLY = ("versions", "earlier_versions")  # experiment.json: dira3d's and the bundles' (experiment_versions)
 
 
-def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -> None:
+def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict],
+                       versions: Mapping[str, Any] | None = None) -> None:
     """Refuse to add runs to (and report together with) rows made with other fine-tuning settings;
-    record the settings otherwise."""
+    record the settings otherwise, with ``versions`` (:func:`dira3d.evaluation.experiment_versions.versions_record`:
+    written, not compared)."""
     recorded = RUN_SETTINGS + (("folds",) if "folds" in config else ())  # no folds: experiment.json as before them
     settings = json.loads(json.dumps({k: config.get(k) for k in recorded}, default=str))
     datalist = Path(str(config["datalist"]))
@@ -55,6 +55,7 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -
         if not isinstance(old.get("overrides") or {}, dict):
             raise FileContentError(path, f"experiment settings {path} hold overrides {old['overrides']!r}, not a mapping; "
                                          f"{fix}")
+        old = {k: v for k, v in old.items() if k not in RECORDED_ONLY}
         compared = dict(settings)
         if DATALIST_SHA256 not in old or DATALIST_SHA256 not in compared:  # recorded before 2026-11-27: not compared
             old.pop(DATALIST_SHA256, None)
@@ -74,7 +75,7 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict]) -
                              f"changed; the earlier ones are in {path}); adding runs with the new ones would mix them in "
                              "one table. Use another output_dir, or put the settings back (or delete results.csv to redo "
                              "every run)")
-    atomic_write_text(path, json.dumps(settings, indent=1))
+    atomic_write_text(path, json.dumps({**settings, **(versions or {})}, indent=1))
 
 
 def check_fold_column(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
@@ -151,36 +152,6 @@ def write_rows(csv_path: Path, rows: list[dict], fields: list[str]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(csv_path, text.getvalue())
-
-
-def split_columns(run_dir: Path, metric: str, value: float) -> dict[str, str]:
-    """``test_cases`` and ``test_positive`` of a finished run, from ``splits.test`` of its ``metrics.json``
-    (:func:`dira3d.evaluation.split_checks.describe_split`): the test split's number of cases and its positives,
-    a number (binary classification: entries of class 1; segmentation: cases with foreground) or, multi-label,
-    the positives of each class in class order joined by ``;`` (``"3;0;12"``); ``train_cases``, from
-    ``splits.train``: the cases the network trained on (the label fraction's selection less the early-stopping
-    holdout). ``""`` where not known: no
-    ``metrics.json`` (a runner that writes none), one of an earlier run (its ``metric`` is not ``value``), or no
-    such count recorded (a segmentation split without flags or scored masks)."""
-    columns = dict.fromkeys(SPLIT_FIELDS, "")
-    try:
-        result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        saved = result["metrics"][metric]
-        if saved is None or float(saved) != value:
-            return columns
-        test = result["splits"]["test"]
-        cases, positive = test.get("cases"), test.get("positive")
-        if cases is not None:
-            columns["test_cases"] = str(int(cases))
-        if positive is not None:
-            columns["test_positive"] = (";".join(str(int(p)) for p in positive) if isinstance(positive, list)
-                                        else str(int(positive)))
-        train = result["splits"].get("train") or {}
-        if train.get("cases") is not None:
-            columns["train_cases"] = str(int(train["cases"]))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # unreadable or of another layout: not known
-        return dict.fromkeys(SPLIT_FIELDS, "")
-    return columns
 
 
 def check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
