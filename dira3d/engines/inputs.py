@@ -273,13 +273,9 @@ class CheckSameShaped(MapTransform):
 def data_error_in(err: BaseException, kinds: tuple[type[BaseException], ...] = (DataError, FileNotFoundError)) -> BaseException | None:
     """The first error of one of ``kinds`` behind ``err`` (MONAI wraps transform and config errors),
     or None. The default finds bad data; ``(ValueError, FileNotFoundError)`` also finds bad settings."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, kinds):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+    from dira3d.utils.bundle_errors import error_in_chain
+
+    return error_in_chain(err, kinds)
 
 
 def setting_error_in(err: BaseException) -> BaseException | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["install_bundle_error_hook", "run_by_monai_bundle_command", "user_error_in"]
+__all__ = ["error_in_chain", "install_bundle_error_hook", "run_by_monai_bundle_command", "user_error_in"]
 
 
 def run_by_monai_bundle_command() -> bool:
@@ -35,8 +35,12 @@ def user_error_in(err: BaseException | None) -> BaseException | None:
     from dira3d.utils.atomic import FolderNotWritableError
     from dira3d.utils.folder_lock import FolderInUseError
 
-    # (dira3d.engines.inputs.data_error_in walks the chain alike; utils does not import the engines and their torch)
-    kinds = (DataError, FileNotFoundError, FolderInUseError, FolderNotWritableError)
+    return error_in_chain(err, (DataError, FileNotFoundError, FolderInUseError, FolderNotWritableError))
+
+
+def error_in_chain(err: BaseException | None, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first error of one of ``kinds`` in ``err``'s chain of causes and contexts (``err`` first; MONAI wraps
+    transform and config errors), or None."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
