@@ -106,6 +106,15 @@ def rank_zero_handlers(handlers: Iterable[Any]) -> list[Any]:
     reorders ``train#handlers`` (a ``_disabled_`` switch keyed on a list index would be lost with the list, or land on
     another handler, such as the checkpoint handler or the evaluator, whose collectives every rank must join) still
     leaves rank 0 alone reporting. The checkpoint handler and the evaluator run on every rank (they decide on rank 0).
+
+    The fine-tuning bundles pass their ``train#handlers`` and ``validate#handlers`` through it too
+    (``train.json``: ``"train_handlers": "$dira3d.engines.rank_zero_handlers(@train#handlers)"``): MONAI's
+    ``ValidationHandler``, ``LrScheduleHandler``, ``EarlyStopHandler``, ``CheckpointSaver`` (ignite saves on rank 0)
+    and dira3d's ``BestModelSaver`` (rank 0 writes) stay on every rank, since the validation's metrics gather over the
+    ranks and every rank must step its learning rate and stop together. A MONAI TensorBoard handler built without a
+    ``summary_writer`` opened a writer of its own, and torch's ``SummaryWriter`` creates its event file as it is built:
+    on a rank that leaves the handler out, that writer is closed and the file it created (a header, nothing logged)
+    removed, so rank 0's are the run's only event files.
     """
     from monai.handlers import StatsHandler, TensorBoardHandler
 
@@ -114,4 +123,24 @@ def rank_zero_handlers(handlers: Iterable[Any]) -> list[Any]:
     handlers = list(handlers)
     if is_main_process():
         return handlers
-    return [h for h in handlers if not isinstance(h, (StatsHandler, TensorBoardHandler, RestorationImageHandler))]
+    kept = []
+    for handler in handlers:
+        if isinstance(handler, TensorBoardHandler) and getattr(handler, "internal_writer", False):
+            _discard_writer(handler._writer)
+        if not isinstance(handler, (StatsHandler, TensorBoardHandler, RestorationImageHandler)):
+            kept.append(handler)
+    return kept
+
+
+def _discard_writer(writer: Any) -> None:
+    """Close a ``SummaryWriter`` nothing has logged to and remove the event file it created (only the header)."""
+    import os
+
+    file_writer = getattr(writer, "file_writer", None)  # None: a lazy writer that made no file yet
+    path = getattr(getattr(file_writer, "event_writer", None), "_file_name", None)
+    writer.close()
+    if path:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
