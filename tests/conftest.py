@@ -158,3 +158,44 @@ def run_two_gloo_ranks(worker, tmp_path: Path) -> list:
     out = str(tmp_path / "result")
     mp.spawn(worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
     return [torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1)]
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, read from /proc (torchrun starts its workers in sessions of their
+    own: killing torchrun, or its process group, leaves them running, holding the output pipes open)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for each in tree:
+        try:
+            os.kill(each, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_torchrun_command(cmd: list, *, timeout: float, **kwargs):
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a ``torchrun`` command: on
+    a timeout the whole process tree is killed (not torchrun alone, whose orphaned workers would keep the pipes open
+    and ``subprocess.run`` waiting for ever) and the test fails with the end of the output. Import it with ``from
+    conftest import run_torchrun_command``."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the torchrun run did not end in {timeout} s (a rank waiting on a collective?); its process tree "
+                    f"was killed:\n{(stdout + stderr)[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from conftest import run_torchrun_command
 
 from dira3d.engines import DiRATrainer, build_dis_loss
 from dira3d.engines.optim import _average_gradients
@@ -168,7 +169,7 @@ def test_torchrun_shuffle_bn_mixes_the_key_encoders_batch_and_resumes_exactly(tm
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "tests/shuffle_bn_torchrun.py", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun_command(cmd, cwd=repo_root, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert len(result["losses"]) == 4 and len(result["options"]) == 4
@@ -185,7 +186,7 @@ def run_torchrun(repo_root, data_dir, out, *extra):
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun_command(cmd, cwd=repo_root, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -224,8 +225,7 @@ def test_torchrun_two_gloo_ranks_fine_tune_a_task_bundle(tmp_path, repo_root):
         "--bundle_root", f"{repo_root}/bundles/luna16_nodule_fpr", "--datalist", str(datalist),
         "--output_dir", str(out), "--ckpt_dir", str(out / "models"), "--max_epochs", "2",
     ]
-    proc = subprocess.run(cmd, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_torchrun_command(cmd, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     weights = torch.load(out / "models" / "model.pt", weights_only=True)
     assert any(k.startswith("encoder.") for k in weights)  # a plain state_dict, DDP's "module." prefix removed

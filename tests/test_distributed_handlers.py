@@ -14,14 +14,13 @@ import os
 import random
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 
-from conftest import run_two_gloo_ranks
+from conftest import run_torchrun_command, run_two_gloo_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "dira_pretrain" / "configs"
@@ -107,7 +106,7 @@ def test_torchrun_with_a_reordered_handler_list_leaves_rank_0_alone_reporting(tm
            "--patch_size", "[16,16,8]", "--max_epochs", "2", "--queue_size", "16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun_command(cmd, cwd=work, env=env, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     events = sorted(tmp_path.rglob("events.out.tfevents*"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
+
+from conftest import run_torchrun_command
 
 from dira3d.engines import DiRACheckpoint, DiRAEvaluator, DiRATrainer, RandPatchPaird, check_early_stop_patience
 from dira3d.networks import UNet
@@ -293,8 +294,7 @@ def test_the_bundle_stops_early_and_says_so(tmp_path, repo_root, ranks):
         "--lr_g", "0", "--network_def#norm", "instance", "--max_epochs", "8", "--early_stop_patience", "2",
         "--stages", "[{'name':'warm','until_epoch':1,'losses':['res']},{'name':'final','losses':['res']}]",
     ]
-    proc = subprocess.run(cmd, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=400)
+    proc = run_torchrun_command(cmd, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     expected = ("early stop after epoch 4 of max_epochs 8: val_selection_loss has not improved for 2 validation(s) in "

@@ -7,9 +7,9 @@ dira3d.engines.init_distributed puts the keys of each restart under their own pr
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
+from conftest import run_torchrun_command
 from dira3d.engines.distributed import restart_store
 
 
@@ -25,9 +25,8 @@ def test_restart_store_is_used_only_for_one_node_under_torchrun(monkeypatch):
 def test_torchrun_max_restarts_restarts_two_gloo_workers_after_one_failed(tmp_path, repo_root):
     script = repo_root / "tests" / "elastic_restart_torchrun.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "--max_restarts=1", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_torchrun_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max_restarts=1", str(script)], cwd=tmp_path, env=env, timeout=300)
     output = proc.stdout + proc.stderr
     assert "ATTEMPT 0 RANK 1 SUM 2" in output  # the first attempt ran, then rank 1 failed
     assert "Connection refused" not in output, output[-3000:]

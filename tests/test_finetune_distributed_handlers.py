@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_two_gloo_ranks
+from conftest import run_torchrun_command, run_two_gloo_ranks
 from dira3d.evaluation.finetune import BUNDLES, BUNDLES_2D
 from test_distributed import free_port
 
@@ -94,26 +92,6 @@ RUNNER = textwrap.dedent('''
 ''')
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    for each in tree:
-        try:
-            os.kill(each, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="a hung run is killed through /proc (Linux)")
 @pytest.mark.parametrize("place", ["after", "before"])
 def test_torchrun_with_reordered_handler_lists_leaves_rank_0_alone_reporting_and_finishes(tmp_path, place):
@@ -148,13 +126,8 @@ def test_torchrun_with_reordered_handler_lists_leaves_rank_0_alone_reporting_and
            "--logging_file", str(configs / "logging.conf"), "--bundle_root", str(configs.parent),
            "--datalist", str(datalist), "--output_dir", str(out), "--ckpt_dir", str(out / "models"), "--max_epochs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log, _ = proc.communicate(timeout=150)  # about 15 s; a hung run waits for ever
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)  # torchrun's workers run in sessions of their own
-        log, _ = proc.communicate()
-        pytest.fail(f"the run hung (a rank waits on a collective the other skipped):\n{log[-3000:]}")
+    proc = run_torchrun_command(cmd, cwd=work, env=env, timeout=150)  # about 15 s; a hung run waits for ever
+    log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     events = sorted(tmp_path.rglob("events.out.tfevents*"))
     # rank 0's alone: the train writer's in ./runs, the validation's in output_dir (a process's id in each name)
@@ -199,13 +172,8 @@ def test_a_2d_task_bundle_fine_tunes_under_a_cpu_torchrun(tmp_path):
            "--logging_file", str(configs / "logging.conf"), "--bundle_root", str(configs.parent),
            "--datalist", str(datalist), "--output_dir", str(out), "--ckpt_dir", str(out / "models"), "--max_epochs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
-        log, _ = proc.communicate()
-        pytest.fail(f"the run hung:\n{log[-3000:]}")
+    proc = run_torchrun_command(cmd, cwd=work, env=env, timeout=150)
+    log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert len(re.findall(r"Key metric: val_dice best value", log)) == 2, log[-3000:]  # rank 0's, once per validation
     events = sorted(tmp_path.rglob("events.out.tfevents*"))

@@ -8,9 +8,9 @@ left one behind in ``eval/``, listed by TensorBoard as an empty run."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
+from conftest import run_torchrun_command
 from test_bundle_pretrain import write_volumes
 from test_distributed import CONFIGS, free_port
 from test_folder_lock import hold_in_another_process
@@ -74,8 +74,7 @@ def test_torchrun_refused_at_its_start_leaves_no_event_file(tmp_path, repo_root)
            "--dataset_dir", str(tmp_path / "data"), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
            "--patch_size", "[16,16,8]", "--max_epochs", "1", "--queue_size", "16"]
     try:
-        proc = subprocess.run(cmd, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, timeout=300)
+        proc = run_torchrun_command(cmd, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     finally:
         holder.kill()
         holder.wait()
