@@ -200,12 +200,14 @@ def test_chestxray14_missing_image_is_a_failed_case(tmp_path, capsys):
     src = _nih_layout(tmp_path / "nih")
     next(src.rglob("00000005_000.png")).unlink()
     assert chestxray14.main(["--src", str(src), "--dst", str(tmp_path / "stop"), "--size", "32"]) == 1
-    assert "FAILED 00000005_000:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "FAILED 00000005_000:" in err and "or add --keep-going to prepare the images that are there" in err
     assert not (tmp_path / "stop" / "chestxray14_datalist.json").exists()
     results = chestxray14.prepare(src, tmp_path / "out", size=32, keep_going=True, progress=False)
     failed = [r for r in results if r.status == "failed"]
     assert [r.case_id for r in failed] == ["00000005_000"]
     assert "Data_Entry_2017_v2020.csv: row 7: image 00000005_000.png is not under" in failed[0].reason
+    assert "--keep-going" not in failed[0].reason  # given already: it said to add it (a 2D walkthrough)
     datalist = json.loads((tmp_path / "out" / "chestxray14_datalist.json").read_text())
     assert len(_listed(datalist)) == len(ENTRIES) - 1 and datalist["meta"]["images_missing_on_disk"] == 1
 
@@ -369,6 +371,9 @@ def test_chexpert_missing_image_is_a_failed_case(tmp_path):
     failed = [r for r in results if r.status == "failed"]
     assert [r.case_id for r in failed] == ["train/patient00003/study2/view1_frontal"]
     assert re.search(r"train.csv: row 5: image \S+view1_frontal.jpg does not exist", failed[0].reason)
+    assert "--keep-going" not in failed[0].reason  # given already: it said to add it (a 2D walkthrough)
+    stopped = chexpert.prepare(src, tmp_path / "stop", size=8, progress=False)
+    assert any("or add --keep-going to prepare the images that are there" in r.reason for r in stopped)
     datalist = json.loads((tmp_path / "out" / "chexpert_datalist.json").read_text())
     assert len(_listed(datalist)) == 4 and datalist["meta"]["images_missing_on_disk"] == 1
 

@@ -210,12 +210,14 @@ def test_siim_image_without_dicom_is_a_failed_case(tmp_path, capsys):
     images, _ = _siim_layout(tmp_path / "siim", missing=True)
     src = tmp_path / "siim"
     assert prepare_main(["siim", "--src", str(src), "--dst", str(tmp_path / "stop"), "--size", "0"]) == 1
-    assert "FAILED 1.2.999:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "FAILED 1.2.999:" in err and "or add --keep-going to prepare the images that are there" in err
     assert not (tmp_path / "stop" / "siim_datalist.json").exists()
     results = siim.prepare(src, tmp_path / "out", size=0, keep_going=True, progress=False)
     by_id = {r.case_id: r for r in results}
     assert by_id["1.2.999"].status == "failed" and [r.status for r in results].count("written") == 4
     assert "train-rle.csv" in by_id["1.2.999"].reason and "ImageId 1.2.999 has no DICOM" in by_id["1.2.999"].reason
+    assert "--keep-going" not in by_id["1.2.999"].reason  # given already: it said to add it (a 2D walkthrough)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["summary"]["failed"] == 1
     datalist = json.loads((tmp_path / "out" / "siim_datalist.json").read_text())

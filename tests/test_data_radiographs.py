@@ -94,3 +94,29 @@ def test_generic_points_a_folder_of_x_rays_to_radiographs(tmp_path):
     write_dicom(tmp_path / "one" / "x.dcm", BASE, "MONOCHROME2", 8)
     results = generic.prepare(tmp_path / "one", tmp_path / "out1", modality="ct", keep_going=True, progress=False)
     assert "single slice" in results[0].reason and "`dira3d prepare radiographs`" in results[0].reason
+
+
+def test_the_dicomdir_of_a_patient_cd_is_left_out(tmp_path):
+    """Found by a 2D walkthrough: X-rays handed out on a CD or USB stick come with a DICOMDIR (the DICOM index of the
+    medium, a DICOM file without pixels). It was taken for a radiograph without a suffix and failed its case with
+    "cannot be read as an image ...; re-download it", which stopped the whole batch without --keep-going."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    src = tmp_path / "cd"
+    write_dicom(src / "IMAGES" / "IM000001", BASE, "MONOCHROME2", 8)
+    write_dicom(src / "IMAGES" / "IM000002", 255 - BASE, "MONOCHROME1", 8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
+    index = FileDataset(str(src / "DICOMDIR"), {}, file_meta=meta, preamble=b"\0" * 128)
+    index.FileSetID = "CD"
+    index.save_as(src / "DICOMDIR", enforce_file_format=True)
+    dst = tmp_path / "out"
+    assert cli_main(["prepare", "radiographs", "--src", str(src), "--dst", str(dst), "--size", "0",
+                     "--val-fraction", "0"]) == 0
+    datalist = json.loads((dst / "radiographs_datalist.json").read_text())
+    assert sorted(e["case_id"] for e in datalist["training"]) == ["IMAGES_IM000001", "IMAGES_IM000002"]
+    for entry in datalist["training"]:
+        np.testing.assert_array_equal(np.asarray(Image.open(dst / entry["image"])), BASE)
+    assert "DICOMDIR" not in {c["case_id"] for c in json.loads((dst / "report.json").read_text())["cases"]}

@@ -24,7 +24,7 @@ from PIL import Image
 
 from dira3d.data.cxr import convert_image, add_size_argument, check_size, read_csv_rows, scale_box
 from dira3d.data.cxr_splits import earlier_patient_split, patient_split, write_patient_split
-from dira3d.data.errors import join_errors, record_or_raise
+from dira3d.data.errors import OR_KEEP_GOING, join_errors, record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -226,8 +226,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         if name in absent:
             record_or_raise(problems, name, DataError(entry_csv, f"row {entries[name]['row']}: image {name} is not "
                                                                  f"under {src} (partial download?); extract every "
-                                                                 "images_*.tar.gz archive under --src, or add "
-                                                                 "--keep-going to prepare the images that are there"))
+                                                                 "images_*.tar.gz archive under --src"
+                                                                 + OR_KEEP_GOING * (not keep_going)))
         outputs, bad_id = case_outputs(Path(name).stem, [(dst / "images", ".png")], f"{entry_csv} Image Index")
         cases.append(Case(Path(name).stem, outputs, {"path": files.get(name), "name": name},
                           error=join_errors(bad_id, problems.get(name, ""))))

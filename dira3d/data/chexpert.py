@@ -30,7 +30,7 @@ import numpy as np
 
 from dira3d.data.cxr import convert_image, add_size_argument, check_size, read_csv_rows
 from dira3d.data.cxr_splits import earlier_patient_split, split_entries, write_patient_split
-from dira3d.data.errors import record_or_raise
+from dira3d.data.errors import OR_KEEP_GOING, record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -198,7 +198,7 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
             if missing and path is not None:
                 record_or_raise(problems, row["path"], DataError(
                     csv_path, f"row {row['row']}: image {row['path']} does not exist ({path}; partial download?); "
-                              "unzip the whole download, or add --keep-going to prepare the images that are there"))
+                              "unzip the whole download" + OR_KEEP_GOING * (not keep_going)))
             records[case_id] = {"split": split_name, "patient": row["patient"], "view": row["view"],
                                 "label": [float(v) for v in label], "row": row["row"], "missing": missing,
                                 "path": row["path"], "file": path, "csv": csv_path}

@@ -37,6 +37,7 @@ import torch
 from monai.transforms import Resize
 from PIL import Image
 
+from dira3d.data.cxr_orientation import as_displayed
 from dira3d.data.errors import DataWarning
 from dira3d.data.io import DataError
 from dira3d.utils.atomic import atomic_path
@@ -71,7 +72,9 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     (:func:`_read_png_with_pillow`), so a grey + alpha image with an opaque alpha or a grey palette
     becomes one channel with a warning too. A ``MONOCHROME1``
     DICOM comes back inverted to ``MONOCHROME2`` (bone bright): SimpleITK's GDCM reader does it,
-    so it must not be inverted again (tests/test_data_cxr.py pins this).
+    so it must not be inverted again (tests/test_data_cxr.py pins this). A file with an EXIF orientation tag (a JPEG
+    stored sideways) is turned upright as viewers show it, with a warning
+    (:func:`dira3d.data.cxr_orientation.as_displayed`).
 
     Args:
         path: the image file.
@@ -108,7 +111,7 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
                               "PNG, one image per file")
     if array.ndim != 2 or min(array.shape) < 2:
         raise DataError(path, f"is not a 2D image (array shape {array.shape}); give one radiograph per file")
-    return array
+    return as_displayed(array, path)  # a JPEG stored sideways with an EXIF orientation tag: upright, as viewers show it
 
 
 def read_radiograph(path: str | os.PathLike) -> np.ndarray:

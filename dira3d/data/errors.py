@@ -7,7 +7,11 @@ import os
 from collections.abc import Hashable
 from pathlib import Path
 
-__all__ = ["DataError", "DataWarning", "join_errors", "record_or_raise"]
+__all__ = ["OR_KEEP_GOING", "DataError", "DataWarning", "join_errors", "record_or_raise"]
+
+# the end of a missing-image message when the batch stops at it (without --keep-going); with --keep-going the
+# others are prepared already, and the report said to add the option that was given
+OR_KEEP_GOING = ", or add --keep-going to prepare the images that are there"
 
 
 class DataError(ValueError):

@@ -7,7 +7,8 @@ configs (``bundles/dira_pretrain/configs/2d.json``) read. Each file is read as t
 transparent one a failed case) and resized to ``--size``.
 
 Input (``--src``, searched recursively; hidden files and folders, and ``--dst`` inside it, are left out): files
-ending in ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp`` or ``.dcm``, and DICOM files without a suffix.
+ending in ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp`` or ``.dcm``, and DICOM files without a suffix
+but ``DICOMDIR`` (the index of a DICOM CD, which holds no image).
 
 Output (``--dst``): ``images/<case_id>.png`` (the case id is the file name without its suffix, prefixed by its
 sub-folders: ``site_b/x1.dcm`` → ``site_b_x1``), ``radiographs_datalist.json`` whose entries are ``{"image",
@@ -69,7 +70,8 @@ def find_radiographs(src: str | os.PathLike, exclude: str | os.PathLike | None =
             suffix = path.suffix.lower()
             if name.startswith("."):
                 continue
-            if not (suffix in SUFFIXES or (not suffix and looks_like_dicom(path))):
+            # DICOMDIR: the index of a DICOM CD or USB stick (a DICOM file without pixels), not a radiograph
+            if name.upper() == "DICOMDIR" or not (suffix in SUFFIXES or (not suffix and looks_like_dicom(path))):
                 others.append(name)
                 continue
             rel = path.relative_to(src)

@@ -49,7 +49,7 @@ from dira3d.data.cxr_splits import (
     split_entries,
     write_patient_split,
 )
-from dira3d.data.errors import DataWarning, record_or_raise
+from dira3d.data.errors import OR_KEEP_GOING, DataWarning, record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.rle import decode_rle
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
@@ -178,8 +178,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         if image_id not in dicoms:
             record_or_raise(problems, image_id, DataError(csv_path, f"ImageId {image_id} has no DICOM {image_id}.dcm "
                                                                     f"under {src} (partial download?); extract the "
-                                                                    "whole dicom-images-train, or add --keep-going to "
-                                                                    "prepare the images that are there"))
+                                                                    "whole dicom-images-train"
+                                                                    + OR_KEEP_GOING * (not keep_going)))
         cases.append(Case(image_id, outputs, {"path": dicoms.get(image_id), "rles": rles[image_id], "csv": csv_path},
                           error=problems.get(image_id, "")))
     skipped_flags: dict[str, bool] = {}  # a skipped case's mask has foreground (read when it is checked)

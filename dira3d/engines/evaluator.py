@@ -114,7 +114,9 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         split = ("the datalist's validation split" if self.datalist is None else
                  f"the validation split of {os.fspath(self.datalist)}")
         return ("every validation batch was too small for the discrimination loss, so there is no "
-                f"validation loss; put at least 2 {items} in {split} (and keep batch_size >= 2)")
+                f"validation loss; put at least 2 {items} in {split} (and keep batch_size >= 2): for a datalist "
+                "written by `dira3d prepare`, run the same command again with a larger --val-fraction (the prepared "
+                "files are kept), or pretrain with MoCo (2d_moco.json in 2D), whose loss takes a batch of one")
 
     def _validate(self, trainer: DiRATrainer) -> None:
         modules = list(trainer.modules().values())

@@ -33,6 +33,7 @@ from dira3d.data.datalist import DatalistError, datalist_entries, read_datalist_
 from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.atomic import FolderNotWritableError
+from dira3d.utils.files import looks_like_dicom
 from dira3d.utils.folder_lock import FolderInUseError
 
 __all__ = ["load_datalist", "header_spacing", "check_volume", "source_of", "LoadVolumed", "CheckVolumed", "CheckSameShaped",
@@ -93,7 +94,8 @@ _RANGE_ADVICE = ("pretraining expects normalised volumes (raw HU, or an MRI that
 
 def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True,
                  value_range: tuple[float, float] | None = None, range_advice: str | None = None,
-                 slices: bool = True, channels: int | None = None, dims_advice: str | None = None) -> None:
+                 slices: bool = True, channels: int | None = None, dims_advice: str | None = None,
+                 dicom_advice: str | None = None) -> None:
     """Raise a :class:`DataError` naming ``source`` when a loaded channel-first volume is unusable.
 
     Args:
@@ -111,12 +113,18 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
             it, or an RGB PNG arrives as a 3-slice volume with one channel.
         dims_advice: with ``slices=False``, what the error for a 3D volume says after its shape (default: the
             2D fine-tuning bundles' advice; 2D pretraining's ``2d.json`` gives its own).
+        dicom_advice: refuse a ``source`` that is a DICOM file, saying this; None: taken. The 2D training pipelines
+            (``LoadImaged(PILReader)``, which falls back to MONAI's ``PydicomReader``) read a DICOM as stored: a
+            ``MONOCHROME1`` radiograph inverted, bones dark, within 0..255 and so past ``value_range``.
 
     Raises:
         DataError: wrong dimensionality, another number of channels (a colour image), a single slice,
             an empty volume, NaN/Inf voxels, intensities outside ``value_range`` (e.g. raw HU or an
             unnormalised MRI), or a non-positive / invalid spacing in the header.
     """
+    if dicom_advice and source and looks_like_dicom(source) and Path(str(source)).is_file():
+        raise DataError(source, "is a DICOM file, which is read here as it is stored (a MONOCHROME1 radiograph "
+                                f"inverted, bones dark; a 12/16-bit one unscaled), not as `dira3d prepare` reads it: {dicom_advice}")
     shape = tuple(img.shape)
     allowed = (3,) if spatial_dims == 3 else (2, 3) if slices else (2,)
     if not slices and spatial_dims == 2 and len(shape) - 1 != 2:
@@ -224,23 +232,24 @@ class CheckVolumed(MapTransform):
             bundles, which resize the whole image).
         channels: the number of channels an image must have (e.g. ``@in_channels``); None: not checked.
         dims_advice: what the error for a 3D volume says to do when ``slices`` is False (see :func:`check_volume`).
+        dicom_advice: refuse a DICOM file, saying this (see :func:`check_volume`); None: taken.
     """
 
     def __init__(self, keys: KeysCollection, spatial_dims: int = 3, check_finite: bool = True,
                  allow_missing_keys: bool = False, value_range: tuple[float, float] | None = None,
                  range_advice: str | None = None, slices: bool = True, channels: int | None = None,
-                 dims_advice: str | None = None) -> None:
+                 dims_advice: str | None = None, dicom_advice: str | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims, self.check_finite, self.slices = int(spatial_dims), bool(check_finite), bool(slices)
         self.channels = None if channels is None else int(channels)
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
-        self.range_advice, self.dims_advice = range_advice, dims_advice
+        self.range_advice, self.dims_advice, self.dicom_advice = range_advice, dims_advice, dicom_advice
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             check_volume(d[key], source_of(d, key), self.spatial_dims, self.check_finite, self.value_range,
-                         self.range_advice, self.slices, self.channels, self.dims_advice)
+                         self.range_advice, self.slices, self.channels, self.dims_advice, self.dicom_advice)
         return d
 
 

@@ -19,7 +19,8 @@ import torch
 from monai.visualize import GradCAM
 from scipy import ndimage
 
-__all__ = ["DELTAS", "gradcam_maps", "boxes_from_heatmap", "box_iou", "localisation_accuracy", "save_overlay"]
+__all__ = ["DELTAS", "gradcam_maps", "boxes_from_heatmap", "box_iou", "box_on_image", "localisation_accuracy",
+           "save_overlay"]
 
 DELTAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
@@ -71,6 +72,15 @@ def box_iou(a: Sequence[int], b: Sequence[int]) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def box_on_image(box: Sequence[int], grid_size: Sequence[int], image_size: Sequence[int]) -> list[float]:
+    """A box ``(lo..., hi...)`` on the network's grid of ``grid_size`` as ``[x, y, ..., w, h, ...]`` in pixels of
+    the image of ``image_size`` it was resized from (the frame of a box datalist's ``[x, y, w, h]``), to 0.01 pixel."""
+    d = len(box) // 2
+    scale = [image_size[i] / grid_size[i] for i in range(d)]
+    return ([round(box[i] * scale[i], 2) for i in range(d)]
+            + [round((box[d + i] - box[i]) * scale[i], 2) for i in range(d)])
+
+
 def localisation_accuracy(heatmaps: Sequence[np.ndarray], gt_boxes: Sequence[Sequence[int]],
                           threshold: float = 0.5, deltas: Sequence[float] = DELTAS) -> dict[float, float]:
     """Fraction of images whose best heatmap box reaches IoU ≥ δ with the ground-truth box, per δ."""
@@ -86,7 +96,10 @@ def localisation_accuracy(heatmaps: Sequence[np.ndarray], gt_boxes: Sequence[Seq
 
 def save_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, gt_box: Sequence[int] | None = None,
                  threshold: float = 0.5) -> Path:
-    """Save a PNG of the image with the heatmap and boxes on top (3D: the slice through the heatmap's peak)."""
+    """Save a PNG of the image with the heatmap and boxes on top (3D: the slice through the heatmap's peak).
+
+    A 2D ``image`` is ``(x, y)`` as MONAI loads a PNG: it is shown as the file is, row ``y = 0`` at the top.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,14 +107,17 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, gt_bo
     from matplotlib.patches import Rectangle
 
     boxes = boxes_from_heatmap(heatmap, threshold)
+    # a 2D radiograph is (x, y) with y counted from the file's top row: row 0 at the top, as a viewer shows the PNG
+    # (origin "lower" drew chest X-rays upside down); a volume's axial slice keeps its earlier display
+    origin = "upper" if image.ndim == 2 else "lower"
     if image.ndim == 3:  # (x, y, z): show the axial slice through the hottest voxel
         z = int(np.unravel_index(np.argmax(heatmap), heatmap.shape)[2])
         image, heatmap = image[:, :, z], heatmap[:, :, z]
         boxes = [(b[0], b[1], b[3], b[4]) for b in boxes if b[2] <= z < b[5]]
         gt_box = (gt_box[0], gt_box[1], gt_box[3], gt_box[4]) if gt_box is not None else None
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(image.T, cmap="gray", origin="lower")
-    ax.imshow(heatmap.T, cmap="jet", alpha=0.4, origin="lower")
+    ax.imshow(image.T, cmap="gray", origin=origin)
+    ax.imshow(heatmap.T, cmap="jet", alpha=0.4, origin=origin)
     for box, colour in [(b, "yellow") for b in boxes] + ([(gt_box, "lime")] if gt_box is not None else []):
         ax.add_patch(Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1], fill=False,
                                edgecolor=colour, linewidth=1.5))

@@ -38,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 from dira3d.data.errors import DataError
-from dira3d.evaluation.gradcam import DELTAS, box_iou, boxes_from_heatmap, gradcam_maps, localisation_accuracy, save_overlay
+from dira3d.evaluation.gradcam import (DELTAS, box_iou, box_on_image, boxes_from_heatmap, gradcam_maps,
+                                      localisation_accuracy, save_overlay)
 from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -197,10 +198,11 @@ def localise(
         ``{"accuracy": {δ: share of all boxes}, "mean_accuracy_over_findings": {δ: mean over findings of
         their accuracy} (the paper's number), "accuracy_per_finding": {finding: {δ: share}}, "count",
         "threshold", "target_layer", "roi_size", "prepared_size", "flat_heatmaps" (boxes whose Grad-CAM map is zero
-        everywhere: no predicted box, IoU 0; each box says ``flat_heatmap``), "boxes": [...], "skipped": [{image,
-        label, reason}]}``: a box whose
-        image cannot be used (not an image, a colour PNG, values outside 0..255) is left out with a warning naming it
-        and listed under ``skipped``; ``count`` and the accuracies are of the other boxes.
+        everywhere: no predicted box, IoU 0; each box says ``flat_heatmap``), "boxes": [... each with
+        ``predicted_boxes``, the Grad-CAM boxes as ``[x, y, w, h]`` in the image file's pixels, best IoU first],
+        "skipped": [{image, label, reason}]}``: a box whose image cannot be used (not an image, a colour PNG, values
+        outside 0..255) is left out with a warning naming it and listed under ``skipped``; ``count`` and the
+        accuracies are of the other boxes.
 
     Raises:
         ValueError: unknown ``target_layer``, a ``label_index`` outside the model's outputs, or no entries;
@@ -239,11 +241,13 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
             _check_entries_fit(model, image, entries, device)
         gt = scale_box(entry["box"], size, roi_size)
         heatmap = gradcam_maps(model, image[None].to(device), target_layer, class_idx=int(entry["label_index"]))[0]
-        best = max((box_iou(box, gt) for box in boxes_from_heatmap(heatmap, threshold)), default=0.0)
+        predicted = sorted(boxes_from_heatmap(heatmap, threshold), key=lambda box: -box_iou(box, gt))  # best first
+        best = box_iou(predicted[0], gt) if predicted else 0.0
         heatmaps.append(heatmap)
         truths.append(gt)
         records.append({"image": entry["image"], "label": entry.get("label"), "label_index": int(entry["label_index"]),
-                        "box": list(gt), "best_iou": best, "flat_heatmap": bool(heatmap.max() <= heatmap.min())})
+                        "box": list(gt), "best_iou": best, "flat_heatmap": bool(heatmap.max() <= heatmap.min()),
+                        "predicted_boxes": [box_on_image(box, roi_size, size) for box in predicted]})
         if index < max_overlays:
             name = f"{index:04d}_{Path(entry['image']).stem}_{entry.get('label', entry['label_index'])}.png"
             save_overlay(image[0].numpy(), heatmap, out / "overlays" / name, gt_box=gt, threshold=threshold)
