@@ -103,3 +103,28 @@ def test_a_validation_list_of_one_volume_is_warned_about(tmp_path, capsys):
     assert "its 'validation' list holds 1 volume" in err and "--val-neighbours 2 or more" in err, err
     generic.prepare(src, tmp_path / "two", modality="ct", val_fraction=0.5, progress=False)
     assert "holds 1 volume" not in capsys.readouterr().err
+
+
+def test_a_dicom_folder_without_a_readable_series_fails_by_name_while_the_good_scans_go_on(tmp_path):
+    """A folder of `.dcm` files that GDCM reads no series from (zero-byte or truncated copies) was left out without a
+    word: `1 written`, no failed case, no warning, so the user never learned that a scan was missing."""
+    from conftest import write_dicom_series
+
+    src = tmp_path / "my_scans"
+    src.mkdir()
+    sitk.WriteImage(_ct(0), str(src / "good.nii.gz"))
+    write_dicom_series(src / "series_ok", sitk.GetArrayFromImage(_ct(1)).transpose(2, 1, 0))
+    (src / "empty_copy").mkdir()
+    (src / "empty_copy" / "IM0001.dcm").write_bytes(b"")
+    (src / "empty_copy" / "IM0002.dcm").write_bytes(b"not a dicom file")
+    (src / "cd_root").mkdir()  # a DICOMDIR alone (its series in sub-folders) is no scan of its own
+    (src / "cd_root" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    results = {r.case_id: r for r in generic.prepare(src, tmp_path / "out", modality="ct", keep_going=True,
+                                                     progress=False)}
+    assert set(results) == {"good", "series_ok", "empty_copy"}, results
+    assert results["good"].status == results["series_ok"].status == "written"
+    assert results["empty_copy"].status == "failed"
+    reason = results["empty_copy"].reason
+    assert "empty_copy" in reason and "2 DICOM file(s) (IM0001.dcm, IM0002.dcm)" in reason and "no image series" in reason
+    datalist = json.loads((tmp_path / "out" / "pretrain_datalist.json").read_text())
+    assert sorted(e["case_id"] for e in datalist["training"]) == ["good", "series_ok"]

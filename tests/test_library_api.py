@@ -71,8 +71,14 @@ def test_load_pretrained_names_the_way_out_of_an_output_head_mismatch() -> None:
     assert report.missing == ["decoder.head.weight", "decoder.head.bias"]
     assert torch.equal(three_classes.decoder.levels[0].up.weight, pretrained.decoder.levels[0].up.weight)
     # another width still gets the general advice
-    with pytest.raises(ValueError, match="Build the network with the checkpoint's width"):
+    with pytest.raises(ValueError, match="Build the network with the checkpoint's width") as err:
         load_pretrained(Segmenter(3, 1, 1, width=0.25), checkpoint, parts=("encoder",))
+    # and the width to build it with, from the checkpoint's meta (the bundle docs' Classifier(3, 1, ...) of width 1
+    # did not fit the walkthrough's --tiny checkpoint, and the message named no value)
+    assert str(err.value).endswith("this checkpoint was pretrained at width=0.125: build Segmenter(..., width=0.125)")
+    with pytest.raises(ValueError) as err:  # other input channels, same width: no width advice
+        load_pretrained(Segmenter(3, 2, 1, width=0.125), checkpoint, parts=("encoder",))
+    assert "pretrained at width" not in str(err.value)
 
 
 def _tiny_trainer(handlers=None) -> DiRATrainer:

@@ -77,6 +77,10 @@ def _radiographs_hint(src: Path) -> str:
             "`dira3d prepare radiographs` (docs/data_2d.md)")
 
 
+_NO_SERIES = ("holds {n} DICOM file(s) ({names}) but GDCM found no image series in them (empty, truncated "
+              "or not DICOM image files); copy the series again, or move the folder out of --src")
+
+
 def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str | None = None,
              dicom: bool = True, exclude: Sequence[str | os.PathLike] = (),
              problems: dict[str, str] | None = None,
@@ -135,9 +139,13 @@ def discover(src: str | os.PathLike, image_suffix_: str = "", label_suffix: str 
                 predictions.append(path)
             else:
                 add(images, _case_id(src, path, image_suffix_), path)
-        if dicom and any(looks_like_dicom(Path(root) / n) for n in other) \
-                and sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
-            add(images, _case_id(src, Path(root), "") if Path(root) != src else src.name, Path(root))
+        dicoms = [n for n in other if n.upper() != "DICOMDIR" and looks_like_dicom(Path(root) / n)] if dicom else []
+        if dicoms:
+            cid = _case_id(src, Path(root), "") if Path(root) != src else src.name
+            if not sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):  # every file unreadable: was left out silently
+                record_or_raise(problems, cid, DataError(Path(root), _NO_SERIES.format(
+                    n=len(dicoms), names=", ".join(dicoms[:3]) + (", ..." if len(dicoms) > 3 else ""))))
+            add(images, cid, Path(root))
     for cid in sorted(set(masks) - set(images)):
         record_or_raise(problems, cid, DataError(masks[cid], f"mask has no matching image (expected case {cid!r}); "
                                                              "check --image-suffix / --label-suffix"))

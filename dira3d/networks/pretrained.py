@@ -215,6 +215,9 @@ def _shape_mismatch_error(network: nn.Module, source: str, meta: Mapping[str, An
                "parts=('encoder', 'decoder'))" if head_only else
                "\nBuild the network with the checkpoint's width / in_channels / out_channels, or load fewer "
                "parts (e.g. parts=('encoder',) when only the output channels differ)")
+    widths_differ = any(c[:1] != n[:1] for k, (c, n) in report.mismatched.items() if not k.startswith("decoder.head."))
+    if not head_only and widths_differ and meta and meta.get("width") is not None:  # e.g. a --tiny (width 0.125) run
+        way_out += f"; this checkpoint was pretrained at width={meta['width']}: build {type(network).__name__}(..., width={meta['width']})"
     return ValueError(
         f"pretrained weights from {source} do not fit {type(network).__name__}: {len(errors)} shape "
         f"mismatch(es){described}:\n  " + "\n  ".join(errors[:_SHOWN])

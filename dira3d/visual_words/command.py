@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-dense-fraction", type=float, default=0.15, help="lung filter: max fraction of dense voxels")
     p.add_argument("--lung-filter", choices=LUNG_FILTER_CHOICES, default="auto",
                    help="TransVW's lung filter (a CT rule): auto = off for a datalist prepared as MR (meta.modality mr), on otherwise")
+    p.add_argument("--body-filter", choices=LUNG_FILTER_CHOICES, default="auto",
+                   help="refuse patches more than --max-outside-fraction outside the body (air around the patient passes the "
+                        "lung filter): auto = on for a datalist prepared as CT by `dira3d prepare generic` (meta.modality ct)")
+    p.add_argument("--max-outside-fraction", type=float, default=0.5, help="body filter: max fraction of a patch outside the body")
     p.add_argument("--max-tries", type=int, default=200, help="centres tried per reference before the next reference")
     p.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="embedding distance for the nearest neighbours")
     p.add_argument("--multi-resolution", action="store_true", help="two extra rescaled crops per instance")
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             extractor_size=args.extractor_size, extractor_epochs=args.extractor_epochs, extractor_width=args.extractor_width,
             orient=not args.no_orient, raw_hu=args.raw_hu, class_block=args.class_block, workers=args.workers,
             seed=args.seed, overwrite=args.overwrite, device=args.device, lung_filter=args.lung_filter,
+            body_filter=args.body_filter, max_outside_fraction=args.max_outside_fraction,
         )  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
         print(f"dira3d visual-words: {interrupted_message(Path(args.out))}", file=sys.stderr)

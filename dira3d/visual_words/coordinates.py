@@ -9,7 +9,10 @@ A coordinate is the **centre** voxel ``(x, y, z)`` of the patch; the patch spans
   crops are taken at the same voxel coordinate from all neighbours, so nearby centres would make
   two classes out of the same anatomy;
 - the patch is "mostly lung": at most ``max_dense_fraction`` of its voxels are at or above
-  ``dense_threshold`` (−150 HU → 0.425 on the [−1000, 1000] window).
+  ``dense_threshold`` (−150 HU → 0.425 on the [−1000, 1000] window);
+- (an addition to TransVW, off unless ``max_outside_fraction`` < 1) at most ``max_outside_fraction`` of the
+  patch lies outside the body: air (below ``air_threshold``, −500 HU → 0.25) connected to the edge of its axial
+  slice. Air around the patient passes the lung rule as well as lung does (nothing in it is dense).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "hu_to_unit",
     "dense_fraction",
     "is_mostly_lung",
+    "outside_body",
     "centre_range",
     "patch_slices",
     "sample_coordinate",
@@ -58,6 +62,8 @@ class CoordinateRules:
         min_distance: minimum Euclidean distance (voxels) between class centres.
         dense_threshold: intensity (on the [0, 1] scale) counted as dense tissue.
         max_dense_fraction: largest allowed fraction of dense voxels in the patch.
+        max_outside_fraction: largest allowed fraction of the patch outside the body (1.0: not checked).
+        air_threshold: intensity below which a voxel is air, for the body outline (:func:`outside_body`).
         max_tries: random centres tried per reference before giving up on it.
     """
 
@@ -67,6 +73,8 @@ class CoordinateRules:
     dense_threshold: float = 0.425
     max_dense_fraction: float = 0.15
     max_tries: int = 200
+    max_outside_fraction: float = 1.0
+    air_threshold: float = 0.25
 
     def __post_init__(self) -> None:
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
@@ -75,6 +83,8 @@ class CoordinateRules:
             raise ValueError(f"border {self.border} must be three non-negative sizes (x, y, z)")
         if not 0.0 <= self.max_dense_fraction <= 1.0:
             raise ValueError(f"max dense fraction {self.max_dense_fraction} must be in [0, 1]")
+        if not 0.0 <= self.max_outside_fraction <= 1.0:
+            raise ValueError(f"max outside fraction {self.max_outside_fraction} must be in [0, 1] (--max-outside-fraction)")
         if self.max_tries < 1:
             raise ValueError(f"max tries {self.max_tries} must be >= 1")
 
@@ -87,6 +97,15 @@ def dense_fraction(cube: np.ndarray, threshold: float) -> float:
 def is_mostly_lung(cube: np.ndarray, threshold: float = 0.425, max_fraction: float = 0.15) -> bool:
     """TransVW's lung filter: at most ``max_fraction`` of the cube is at/above ``threshold``."""
     return dense_fraction(cube, threshold) <= max_fraction
+
+
+def outside_body(image: np.ndarray, air_threshold: float = 0.25) -> np.ndarray:
+    """``(X, Y, Z)`` mask of the air outside the body: per axial slice, the voxels below ``air_threshold``
+    connected to the slice's edge (the lungs and bowel gas, enclosed by the body, are inside)."""
+    from scipy.ndimage import binary_fill_holes
+
+    tissue = np.asarray(image) >= air_threshold
+    return ~np.stack([binary_fill_holes(tissue[..., k]) for k in range(tissue.shape[-1])], axis=-1)
 
 
 def centre_range(shape: Sequence[int], rules: CoordinateRules, name: str = "volume",
@@ -119,7 +138,9 @@ def centre_range(shape: Sequence[int], rules: CoordinateRules, name: str = "volu
                 raise CoordinateSamplingError(
                     f"{name}: a neighbour of size {tuple(int(s) for s in fit)} (the smallest extent on each axis) "
                     f"leaves no centre on axis {'xyz'[axis]} that keeps the patch inside it and {b} voxels from "
-                    "the reference's faces"
+                    "the reference's faces; "
+                    + (f"use --border with {'xyz'[axis]} {int(fit[axis]) - p} or less" if int(fit[axis]) >= p else
+                       f"use --patch-size with {'xyz'[axis]} {int(fit[axis])} or less (or leave the smaller volumes out)")
                 )
         ranges.append((lo, hi))
     return ranges
@@ -162,18 +183,43 @@ def sample_coordinate(
         raise ValueError(f"{name}: expected a (C, X, Y, Z) or (X, Y, Z) volume, got shape {np.asarray(volume).shape}")
     ranges = centre_range(image.shape, rules, name, fit)
     prev = np.asarray(previous, dtype=float).reshape(-1, 3)
-    too_close = too_dense = 0
+    too_close = too_dense = outside = 0
+    least_dense = least_outside = 1.0  # of the patches tried: the setting that would have taken one
+    air = outside_body(image, rules.air_threshold) if rules.max_outside_fraction < 1.0 else None
     for _ in range(rules.max_tries):
         centre = np.array([rng.randint(lo, hi + 1) for lo, hi in ranges])
         if len(prev) and np.sqrt(((prev - centre) ** 2).sum(axis=1)).min() < rules.min_distance:
             too_close += 1
             continue
-        if not is_mostly_lung(image[patch_slices(centre, rules.patch_size)], rules.dense_threshold, rules.max_dense_fraction):
-            too_dense += 1
+        dense = dense_fraction(image[patch_slices(centre, rules.patch_size)], rules.dense_threshold)
+        if dense > rules.max_dense_fraction:
+            too_dense, least_dense = too_dense + 1, min(least_dense, dense)
+            continue
+        share = float(air[patch_slices(centre, rules.patch_size)].mean()) if air is not None else 0.0
+        if share > rules.max_outside_fraction:
+            outside, least_outside = outside + 1, min(least_outside, share)
             continue
         return tuple(int(c) for c in centre)  # type: ignore[return-value]
     raise CoordinateSamplingError(
         f"{name}: no valid patch centre in {rules.max_tries} tries ({too_dense} had more than "
         f"{rules.max_dense_fraction:.0%} of voxels >= {rules.dense_threshold:.3f}, {too_close} were closer than "
-        f"{rules.min_distance} voxels to an earlier class)"
+        f"{rules.min_distance} voxels to an earlier class"
+        + (f", {outside} lay more than {rules.max_outside_fraction:.0%} outside the body" if air is not None else "")
+        + ")" + _advice(too_dense, least_dense, outside, least_outside, too_close, rules)
     )
+
+
+def _advice(too_dense: int, least_dense: float, outside: int, least_outside: float, too_close: int,
+            rules: CoordinateRules) -> str:
+    """The setting to change, and to what, for the rule that refused most of the tries."""
+    most = max(too_dense, outside, too_close)
+    if most == 0:
+        return ""
+    if most == too_dense:
+        return (f"; --max-dense-fraction {np.ceil(least_dense * 100) / 100:g} would take the least dense patch "
+                "tried (or --lung-filter off for scans that are not chest CT)")
+    if most == outside:
+        return (f"; --max-outside-fraction {np.ceil(least_outside * 100) / 100:g} would take the patch least outside "
+                "the body (or --body-filter off), or use smaller --border / --patch-size")
+    return f"; use a --min-distance below {rules.min_distance:g} or fewer --classes"
+

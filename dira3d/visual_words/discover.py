@@ -87,7 +87,8 @@ def _rules(params: dict) -> CoordinateRules:
     return CoordinateRules(
         patch_size=tuple(params["patch_size"]), border=tuple(params["border"]), min_distance=params["min_distance"],
         dense_threshold=params["dense_threshold"], max_dense_fraction=params["max_dense_fraction"] if lung_filter else 1.0,
-        max_tries=params["max_tries"],
+        max_tries=params["max_tries"], max_outside_fraction=params.get("max_outside_fraction", 1.0),
+        air_threshold=params.get("air_threshold", 0.25),
     )  # fmt: skip
 
 
@@ -124,6 +125,17 @@ def resolve_lung_filter(lung_filter: str, datalist: str | os.PathLike) -> str:
     return "on"
 
 
+def resolve_body_filter(body_filter: str, lung_filter: str, datalist: str | os.PathLike) -> str:
+    """``"on"`` or ``"off"``: ``auto`` is on for a datalist prepared as CT by ``dira3d prepare generic`` (``meta.modality``
+    ``ct``: a user's own scans, whose air around the patient passes the lung rule) while the lung filter is on; off
+    otherwise, as TransVW has no such rule (LUNA16's 100-voxel borders keep patches mostly inside the body)."""
+    if body_filter not in LUNG_FILTER_CHOICES:
+        raise ValueError(f"body_filter must be one of {LUNG_FILTER_CHOICES}, got {body_filter!r} (--body-filter)")
+    if body_filter != "auto":
+        return body_filter
+    return "on" if lung_filter == "on" and datalist_modality(datalist) == "ct" else "off"
+
+
 def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
           shapes: dict[str, list[tuple[int, int, int]]] | None = None) -> tuple[list[dict], int]:
     """Choose references, neighbours and centres for every class; returns (classes, channels).
@@ -148,7 +160,8 @@ def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
             try:
                 ref = sampler.next()
             except ValueError as err:
-                raise CoordinateSamplingError(f"class {c}: {err} (rejected: {[r['case_id'] for r in rejected]})") from None
+                why = "; ".join(f"{r['case_id']}: {r['reason'].partition(': ')[2]}" for r in rejected[:3])
+                raise CoordinateSamplingError(f"class {c}: {err}. Rejected: {why}" + ("; ..." if len(rejected) > 3 else "")) from None
             neighbours = _neighbours(ref, emb_train, emb_val, train, val, params)
             fit = np.min([shapes[split][i] for split, info in neighbours.items() for i in info["indices"]], axis=0)
             volume = load(dict(train[ref]))["image"]
@@ -255,7 +268,8 @@ def _clear_outputs(out_dir: Path) -> None:
 
 def _settings_differ(manifest: dict, params: dict, seed: int, volumes: dict) -> str:
     """What differs between the run in a manifest and this one, as ``name: before → now``; '' when nothing."""
-    before = {"lung_filter": "on", **manifest["params"]}  # a run from before the lung_filter setting filtered
+    # a run from before the lung_filter setting filtered; one from before the body filter had none
+    before = {"lung_filter": "on", "max_outside_fraction": 1.0, "air_threshold": 0.25, **manifest["params"]}
     differences = [f"{k}: {before.get(k)!r} → {params[k]!r}" for k in params if before.get(k) != params[k]]
     if manifest["seed"] != seed:
         differences.append(f"seed: {manifest['seed']!r} → {seed!r}")
@@ -313,6 +327,8 @@ def discover_visual_words(
     overwrite: bool = False,
     device: str = "cpu",
     lung_filter: str = "auto",
+    body_filter: str = "auto",
+    max_outside_fraction: float = 0.5,
 ) -> dict:
     """Discover visual words and write them as shards + manifest + datalist in ``out_dir``.
 
@@ -327,6 +343,9 @@ def discover_visual_words(
         hu_window, dense_hu: the volumes' HU window and the lung-filter threshold in HU.
         lung_filter: ``"auto"`` (off for a datalist whose ``meta.modality`` is ``"mr"``, on otherwise),
             ``"on"`` or ``"off"`` (see :func:`resolve_lung_filter`).
+        body_filter, max_outside_fraction: at most ``max_outside_fraction`` of a patch outside the body (air
+            connected to its slice's edge, below −500 HU); ``"auto"`` (on for a ``meta.modality`` ``ct`` datalist
+            with the lung filter on), ``"on"`` or ``"off"`` (see :func:`resolve_body_filter`).
         metric: ``"l2"`` or ``"cosine"`` neighbour distance.
         multi_resolution: add two rescaled crops per instance.
         extractor: ``"autoencoder"`` (train one), ``"checkpoint"`` (``checkpoint`` = dira3d
@@ -362,6 +381,7 @@ def discover_visual_words(
         data = read_datalist(datalist)
         check_counts(datalist, len(data["training"]), len(data["validation"]), classes, neighbours, val_neighbours)
         lung_filter = resolve_lung_filter(lung_filter, datalist)
+        body_on = resolve_body_filter(body_filter, lung_filter, datalist) == "on"
         if class_block < 1:
             raise ValueError(f"class_block must be >= 1, got {class_block}")
         params = {
@@ -369,6 +389,7 @@ def discover_visual_words(
             "border": [int(b) for b in border], "min_distance": float(min_distance), "hu_window": [float(h) for h in hu_window],
             "dense_hu": float(dense_hu), "dense_threshold": hu_to_unit(dense_hu, tuple(hu_window)),
             "max_dense_fraction": float(max_dense_fraction), "lung_filter": lung_filter, "max_tries": int(max_tries), "metric": metric,
+            "max_outside_fraction": float(max_outside_fraction) if body_on else 1.0, "air_threshold": hu_to_unit(-500.0, tuple(hu_window)),
             "multi_resolution": bool(multi_resolution), "resolutions": 3 if multi_resolution else 1,
             "extractor": extractor if isinstance(extractor, str) else type(extractor).__name__,
             "checkpoint": str(checkpoint) if checkpoint else None, "extractor_size": [int(s) for s in extractor_size],

@@ -95,6 +95,6 @@ class ReferenceSampler:
                 return index
         raise ValueError(
             f"all {self.num_volumes} training volumes have been used as references; ask for fewer classes "
-            "or relax the coordinate rules (borders, --max-dense-fraction, --min-distance; --lung-filter off for scans "
-            "that are not chest CT)"
+            "or relax the coordinate rules (borders, --max-dense-fraction, --min-distance, --max-outside-fraction; --lung-filter "
+            "off for scans that are not chest CT)"
         )
