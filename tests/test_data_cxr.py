@@ -582,3 +582,23 @@ def test_chexpert_a_path_cell_leaving_the_dataset_fails_its_row_only(tmp_path):
     assert sum(r.status == "written" for r in results) == 4
     datalist = json.loads((tmp_path / "out" / "chexpert_datalist.json").read_text())
     assert all(".." not in e["image"] for s in ("training", "validation", "test") for e in datalist[s])
+
+
+def test_chestxray14_boxes_of_an_image_not_prepared_are_counted_and_named(tmp_path, capsys):
+    """Found by a 2D walkthrough: a box whose image failed (or is absent from the CSV) dropped out of
+    bbox_datalist.json without a word; it is now counted in the box datalist's meta, on the image's case in the
+    report and in the end message."""
+    src = _nih_layout(tmp_path / "nih")
+    next(src.rglob("00000007_000.png")).unlink()  # the boxed test image: a failed case
+    with open(src / "BBox_List_2017.csv", "a", newline="") as handle:
+        csv.writer(handle).writerows([["00000007_000.png", "Mass", 1, 2, 3, 4, "", "", ""],
+                                      ["99999999_000.png", "Nodule", 1, 2, 3, 4, "", "", ""]])
+    dst = tmp_path / "out"
+    assert chestxray14.main(["--src", str(src), "--dst", str(dst), "--size", "32", "--keep-going"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING 00000007_000: its 2 box(es) of BBox_List_2017.csv are left out of bbox_datalist.json" in err
+    assert "3 box(es) of" in err and "on 2 image(s) not prepared (00000007_000.png, 99999999_000.png)" in err
+    meta = json.loads((dst / "bbox_datalist.json").read_text())["meta"]
+    assert meta["boxes_dropped"] == 3 and meta["boxes_dropped_images"] == ["00000007_000.png", "99999999_000.png"]
+    case = next(c for c in json.loads((dst / "report.json").read_text())["cases"] if c["case_id"] == "00000007_000")
+    assert case["status"] == "failed" and any("its 2 box(es)" in w for w in case["warnings"])

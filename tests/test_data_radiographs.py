@@ -44,7 +44,8 @@ def test_a_mixed_folder_is_prepared_as_the_2d_preparations_prepare_images(tmp_pa
     out = capsys.readouterr()
     datalist = json.loads((dst / "radiographs_datalist.json").read_text())
     entries = {e["case_id"]: e for part in ("training", "validation") for e in datalist[part]}
-    assert sorted(entries) == ["site_a_p1_16bit", "site_a_p1_8bit", "site_b_p2", "site_b_p3", "site_b_p4"]
+    # the DICOMs are grouped by their PatientID (write_dicom: the file's stem), the other files by case id
+    assert sorted(entries) == ["p3", "p4", "site_a_p1_16bit", "site_a_p1_8bit", "site_b_p2"]
     assert len(datalist["validation"]) == 1 and "test" not in datalist
     assert datalist["meta"]["size"] == 16 and datalist["meta"]["dataset"] == "radiographs"
     expected = resize_image(BASE, 16)
@@ -116,7 +117,7 @@ def test_the_dicomdir_of_a_patient_cd_is_left_out(tmp_path):
     assert cli_main(["prepare", "radiographs", "--src", str(src), "--dst", str(dst), "--size", "0",
                      "--val-fraction", "0"]) == 0
     datalist = json.loads((dst / "radiographs_datalist.json").read_text())
-    assert sorted(e["case_id"] for e in datalist["training"]) == ["IMAGES_IM000001", "IMAGES_IM000002"]
+    assert sorted(e["case_id"] for e in datalist["training"]) == ["IM000001", "IM000002"]  # their PatientIDs
     for entry in datalist["training"]:
         np.testing.assert_array_equal(np.asarray(Image.open(dst / entry["image"])), BASE)
     assert "DICOMDIR" not in {c["case_id"] for c in json.loads((dst / "report.json").read_text())["cases"]}

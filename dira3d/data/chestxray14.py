@@ -16,7 +16,8 @@ w, h]}`` with the box rescaled to the prepared image's pixels, under the split o
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
+import sys
+from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +27,17 @@ from dira3d.data.cxr import convert_image, add_size_argument, check_size, read_c
 from dira3d.data.cxr_splits import earlier_patient_split, patient_split, write_patient_split
 from dira3d.data.errors import OR_KEEP_GOING, join_errors, record_or_raise
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
+from dira3d.data.runner import (
+    Case,
+    CaseResult,
+    add_common_arguments,
+    batch_stopped,
+    case_outputs,
+    run_cases,
+    run_prepare,
+    update_report,
+    write_datalist,
+)
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.files import read_text
 
@@ -261,17 +272,37 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     write_patient_split(dst, split, seed, val_fraction=val_fraction, of="train_val_list.txt patients")
     if boxes is not None:
         boxed: dict[str, list[dict]] = defaultdict(list)
+        dropped: Counter[str] = Counter()  # image name -> its boxes left out (the image failed or is not in the CSV)
         for box in boxes:
             name = box["image"]
             if name not in done:
+                dropped[name] += 1
                 continue
             shape = _png_shape(files[name])
             boxed[split_of_image.get(name, "unlisted")].append(
                 {"image": done[name].outputs[0], "case_id": entries[name]["patient"], "label": box["label"],
                  "label_index": box["label_index"], "box": scale_box(box["box"], shape, size)})
         write_datalist(dst / "bbox_datalist.json", dict(boxed),
-                       {**meta, "box_format": "[x, y, w, h] in prepared-image pixels (x = column)"})
+                       {**meta, "box_format": "[x, y, w, h] in prepared-image pixels (x = column)",
+                        "boxes_dropped": sum(dropped.values()), "boxes_dropped_images": sorted(dropped)})
+        if dropped:
+            _report_dropped_boxes(dropped, box_csv, cases, results, report_path or dst / "report.json")
     return results
+
+
+def _report_dropped_boxes(dropped: Counter, box_csv: Path, cases: list[Case], results: list[CaseResult],
+                          report_path: str | Path) -> None:
+    """Name the boxes left out of ``bbox_datalist.json``: a warning on the failed case of each image (in the
+    report and the end message) and one line counting them all (also those of images absent from the CSV)."""
+    for case, result in zip(cases, results):
+        if case.params["name"] in dropped:
+            result.warnings.append(f"its {dropped[case.params['name']]} box(es) of {box_csv.name} are left out of "
+                                   "bbox_datalist.json, as the image was not prepared")
+    update_report(Path(report_path), results)
+    names = sorted(dropped)
+    print(f"WARNING bbox_datalist.json: {sum(dropped.values())} box(es) of {box_csv} left out, on {len(names)} "
+          f"image(s) not prepared ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); they are counted in "
+          "its meta.boxes_dropped", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_SIZE",
     "read_grey",
     "read_radiograph",
+    "dicom_patient_id",
     "one_channel",
     "to_uint8",
     "resize_image",
@@ -135,6 +136,23 @@ def read_radiograph(path: str | os.PathLike) -> np.ndarray:
         return to_uint8(array)
     except ValueError as err:
         raise DataError(path, f"{err}; repair or remove it") from err
+
+
+def dicom_patient_id(path: str | os.PathLike) -> str:
+    """The ``PatientID`` (0010,0020) of a DICOM file, stripped; ``""`` when the tag is absent or blank (anonymised).
+
+    Read from the header only, with SimpleITK's reader, as :func:`read_grey` reads the pixels.
+
+    Raises:
+        DataError: the header cannot be read.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DataError(path, "is not a readable DICOM file; re-download it") from err
+    return reader.GetMetaData("0010|0020").strip() if reader.HasMetaDataKey("0010|0020") else ""
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

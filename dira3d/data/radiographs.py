@@ -13,18 +13,24 @@ but ``DICOMDIR`` (the index of a DICOM CD, which holds no image).
 Output (``--dst``): ``images/<case_id>.png`` (the case id is the file name without its suffix, prefixed by its
 sub-folders: ``site_b/x1.dcm`` → ``site_b_x1``), ``radiographs_datalist.json`` whose entries are ``{"image",
 "case_id": patient id}`` in ``training`` / ``validation`` (/ ``test`` with ``--test-fraction``), a seeded split of
-the patients (``--patient-from`` / ``--patient-regex`` as for ``generic``; by default each image is its own patient),
-recorded in ``split.json``.
+the patients, recorded in ``split.json``.
+
+Patients (kept in one part of the split): by default (``--patient-from dicom``) a DICOM file's ``PatientID``
+(0010,0020), so a patient's PA and lateral views or two visits never land in different parts; a DICOM whose
+PatientID is blank (anonymised) and every non-DICOM file is its own patient (its case id), with one warning that
+counts the DICOMs without one. ``--patient-from case`` makes every image its own patient, ``parent`` / ``--patient-regex``
+take the patient from the path as for ``generic``; these options win over the DICOM PatientID.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
-from dira3d.data.cxr import add_size_argument, check_size, convert_image
+from dira3d.data.cxr import add_size_argument, check_size, convert_image, dicom_patient_id
 from dira3d.data.cxr_splits import (
     add_split_arguments,
     earlier_patient_split,
@@ -39,10 +45,11 @@ from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_sto
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.files import looks_like_dicom
 
-__all__ = ["SUFFIXES", "DATALIST", "find_radiographs", "prepare", "main"]
+__all__ = ["SUFFIXES", "DATALIST", "PATIENT_CHOICES", "find_radiographs", "prepare", "main"]
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 DATALIST = "radiographs_datalist.json"
+PATIENT_CHOICES = ("dicom", *PATIENT_FROM)  # dicom: the DICOM PatientID, else the case (the default)
 
 
 def find_radiographs(src: str | os.PathLike, exclude: str | os.PathLike | None = None,
@@ -92,11 +99,35 @@ def _process(case: Case, size: int) -> dict:
     return convert_image(case.params["path"], case.outputs[0], size)
 
 
+def _dicom_patients(cases: list[Case], patients: dict[str, str]) -> list[str]:
+    """Put the ``PatientID`` of each DICOM case (a ``.dcm`` file, or one without a suffix) into ``patients``; the
+    case ids of the DICOMs without one (blank, anonymised, or a header that cannot be read) are returned and keep
+    their case id as patient."""
+    without = []
+    for case in cases:
+        path = Path(case.params["path"])
+        if path.suffix.lower() not in (".dcm", ""):
+            continue
+        try:
+            patient = dicom_patient_id(path)
+        except DataError:
+            patient = ""
+        if patient:
+            patients[case.case_id] = patient
+        else:
+            without.append(case.case_id)
+    return without
+
+
 def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: float = 0.1, test_fraction: float = 0.0,
-            seed: int = 0, patient_from: str = "case", patient_regex: str | None = None, workers: int = 1,
+            seed: int = 0, patient_from: str = "dicom", patient_regex: str | None = None, workers: int = 1,
             overwrite: bool = False, dry_run: bool = False, keep_going: bool = False,
             report_path: str | Path | None = None, progress: bool = True) -> list[CaseResult]:
     """Prepare a folder of radiographs under ``dst`` (see the module docstring for the outputs).
+
+    Args:
+        patient_from: ``"dicom"`` (a DICOM's PatientID, else the case), ``"case"``, ``"parent"`` or ``"regex"``
+            (see the module docstring).
 
     Returns:
         One result per file found; a file that cannot be read, a coloured or transparent image, a multi-frame DICOM,
@@ -109,10 +140,13 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     src, dst = Path(src), Path(dst)
     size = check_size(size)
     patient_split([], val_fraction, test_fraction)  # validates the fractions before any work
-    check_patient_setting(patient_from, patient_regex)
+    if patient_from not in PATIENT_CHOICES:
+        raise ValueError(f"--patient-from must be one of {PATIENT_CHOICES}, got {patient_from!r}")
+    by_path = "case" if patient_from == "dicom" else patient_from
+    check_patient_setting(by_path, patient_regex)
     problems: dict[str, str] = {}
     found = find_radiographs(src, exclude=dst, problems=problems)
-    patients = patient_ids(src, [(cid, path, None) for cid, path in found.items()], patient_from, patient_regex, problems)
+    patients = patient_ids(src, [(cid, path, None) for cid, path in found.items()], by_path, patient_regex, problems)
     cases = [Case(cid, [safe_case_path(dst / "images", cid, ".png")], {"path": path}, error=problems.get(cid, ""))
              for cid, path in found.items()]
     results = run_cases(cases, partial(_process, size=size), out_dir=dst, workers=workers, overwrite=overwrite,
@@ -122,6 +156,11 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         return results
     grouping = {"patient_from": patient_from, "patient_regex": patient_regex}
     done = [case for case, result in zip(cases, results) if result.ok]
+    without_id = _dicom_patients(done, patients) if patient_from == "dicom" else []
+    if without_id:
+        print(f"WARNING {DATALIST}: {len(without_id)} DICOM file(s) have no PatientID (0010,0020) (e.g. "
+              f"{', '.join(sorted(without_id)[:3])}), so each of them is its own patient in the split; give their "
+              "patients with --patient-from parent or --patient-regex", file=sys.stderr)
     split, lists = split_entries(
         [(patients[case.case_id], {"image": case.outputs[0], "case_id": patients[case.case_id]}) for case in done],
         val_fraction, test_fraction, seed,  # a rerun with the same rule keeps its patients' parts
@@ -130,6 +169,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             "split": {"method": "patient-level", "val_fraction": val_fraction, "test_fraction": test_fraction,
                       "seed": seed, **grouping},
             "source": str(src.resolve())}
+    if patient_from == "dicom":
+        meta["dicoms_without_patient_id"] = len(without_id)
     write_datalist(dst / DATALIST, lists, meta,
                    split_advice="--val-fraction / --test-fraction round to whole patients; 2D pretraining with 2d.json "
                                 "validates on the 'validation' list: rerun with a larger --val-fraction (the PNGs "
@@ -144,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     add_size_argument(parser)
     add_split_arguments(parser, test_fraction=0.0)
-    parser.add_argument("--patient-from", choices=PATIENT_FROM, default=None,
-                        help="what makes images one patient, kept in one part of the split: case (default: each image "
+    parser.add_argument("--patient-from", choices=PATIENT_CHOICES, default=None,
+                        help="what makes images one patient, kept in one part of the split: dicom (default: a DICOM's "
+                             "PatientID; a DICOM without one and any other image is its own patient), case (each image "
                              "is its own patient), parent (the folder holding it), regex (--patient-regex)")
     parser.add_argument("--patient-regex", default=None, metavar="REGEX",
                         help="regular expression with one group, searched in each image's path relative to --src; the "
@@ -157,5 +199,5 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_prepare("dira3d prepare radiographs", prepare, args, size=args.size, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, seed=args.seed,
-                       patient_from=args.patient_from or ("regex" if args.patient_regex is not None else "case"),
+                       patient_from=args.patient_from or ("regex" if args.patient_regex is not None else "dicom"),
                        patient_regex=args.patient_regex)

@@ -14,7 +14,7 @@ The runner gives every dataset the same behaviour:
 - a problem found while listing the work (a duplicate file, a bad CSV row) is a case with an
   ``error``: reported as ``"failed"`` like a case whose ``process_fn`` raised, never skipped;
 - :class:`~dira3d.data.errors.DataWarning` raised while a case runs is listed under its
-  ``warnings`` in the report;
+  ``warnings`` in the report; a rerun that skips the case keeps the warnings the earlier report gave it;
 - ``dry_run``: prints what would be written, writes nothing;
 - ``workers > 1``: a process pool (``process_fn`` and case params must be picklable:
   a module-level function or a ``functools.partial`` of one);
@@ -69,6 +69,7 @@ __all__ = [
     "write_json",
     "write_datalist",
     "read_case_outputs",
+    "update_report",
     "NEXT_STEPS",
     "next_steps",
 ]
@@ -213,6 +214,7 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
     results: dict[str, CaseResult] = {}
     todo: list[Case] = []
     redo: dict[str, str] = {}  # case id -> why its existing outputs are not done
+    earlier: dict[str, list[str]] | None = None  # the warnings the last report gave the cases it wrote or skipped
     for case in cases:
         if case.error and dry_run:  # finish() prints it with the failures
             results[case.case_id] = CaseResult(case.case_id, "failed", [], case.error)
@@ -223,8 +225,11 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
         if case.outputs and not overwrite and all(Path(p).is_file() for p in case.outputs):
             why = why_not_done(case, check_outputs)
             if not why:
+                if earlier is None:
+                    earlier = {} if dry_run else _earlier_warnings(report_path, desc)
                 results[case.case_id] = CaseResult(case.case_id, "skipped", [str(p) for p in case.outputs],
-                                                   "outputs exist (use --overwrite to redo)")
+                                                   "outputs exist (use --overwrite to redo)",
+                                                   warnings=list(earlier.get(case.case_id, [])))
                 continue
             redo[case.case_id] = f"redone: {why}"
         if dry_run:
@@ -284,6 +289,20 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
     return ordered
 
 
+def _earlier_warnings(report_path: Path, desc: str) -> dict[str, list[str]]:
+    """Case id -> the warnings of the report an earlier run of this dataset (``desc``) wrote at ``report_path``, for
+    the cases it wrote or skipped, so that a rerun that skips them keeps them (a grey image stored as RGB is still
+    one); its notes on its own run ("redone: ...") are left out. ``{}`` when there is no such report."""
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        if report.get("desc") != desc:
+            return {}
+        return {str(c["case_id"]): [str(w) for w in c.get("warnings") or [] if not str(w).startswith("redone: ")]
+                for c in report["cases"] if c.get("status") in ("written", "skipped")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def read_case_outputs(cases: Sequence[Case], results: list[CaseResult], read: Callable[[Case, CaseResult], Any], *,
                       keep_going: bool, out_dir: str | os.PathLike,
                       report_path: str | os.PathLike | None = None) -> list[Any] | None:
@@ -315,12 +334,13 @@ def read_case_outputs(cases: Sequence[Case], results: list[CaseResult], read: Ca
                 result.reason = join_errors(result.reason, str(err))
             changed = True
     if changed:
-        _update_report(Path(report_path or Path(out_dir) / "report.json"), results)
+        update_report(Path(report_path or Path(out_dir) / "report.json"), results)
     return None if batch_stopped(results, keep_going) else parts
 
 
-def _update_report(report_path: Path, results: Sequence[CaseResult]) -> None:
-    """Rewrite the cases and summary of the report :func:`run_cases` wrote with ``results``."""
+def update_report(report_path: Path, results: Sequence[CaseResult]) -> None:
+    """Rewrite the cases and summary of the report :func:`run_cases` wrote with ``results`` (e.g. after a case's
+    result changed, or a warning was added to it, once the datalists were assembled)."""
     report = read_json(report_path, "prepare report", "rerun the same command")
     counts = Counter(r.status for r in results)
     report["summary"] = {s: counts.get(s, 0) for s in STATUSES}

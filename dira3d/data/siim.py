@@ -30,12 +30,12 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from PIL import Image
 
 from dira3d.data.cxr import (
     add_size_argument,
     check_size,
+    dicom_patient_id,
     read_csv_rows,
     read_radiograph,
     resize_image,
@@ -78,13 +78,7 @@ def read_patient_id(path: str | Path) -> str:
     Raises:
         DataError: unreadable header or no PatientID.
     """
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise DataError(path, "is not a readable DICOM file; re-download it") from err
-    patient = reader.GetMetaData("0010|0020").strip() if reader.HasMetaDataKey("0010|0020") else ""
+    patient = dicom_patient_id(path)
     if not patient:
         raise DataError(path, "has no PatientID (0010,0020); the patient-level split needs it")
     return patient
