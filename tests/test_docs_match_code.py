@@ -396,9 +396,9 @@ def test_documented_experiment_configs_pass_the_config_check(text, folder, tmp_p
     datalist = place(config["datalist"])
     datalist.parent.mkdir(parents=True, exist_ok=True)
     entry = {"image": "x.nii.gz", "label": 0, "case_id": "p"}
-    # 120 patients of two classes: enough that the documented label fractions keep different entries (1 % of 60
-    # keeps 1 per class, 25 % keeps 15), which the config check now asks for
-    training = [{**entry, "label": i % 2, "case_id": f"p{i}", "fold": i % 3} for i in range(120)]
+    # 400 patients of two classes: enough that the documented label fractions keep different entries (1 % of 200
+    # keeps 2 per class, 25 % keeps 50) and an early-stopping holdout of both classes, which the config check asks for
+    training = [{**entry, "label": i % 2, "case_id": f"p{i}", "fold": i % 3} for i in range(400)]
     datalist.write_text(json.dumps({"training": training, "test": [entry]}))
     for spec in config["methods"].values():
         if isinstance(spec, str):

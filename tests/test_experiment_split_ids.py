@@ -124,7 +124,7 @@ def test_rows_without_digests_are_kept_with_one_warning(tmp_path):
 def test_runs_of_other_folds_may_test_on_other_cases(tmp_path):
     """With folds each (seed, fold) has its own test split: only runs of the same fold are compared."""
     (tmp_path / "dl.json").write_text(json.dumps({"training": [
-        {"image": "x.nii.gz", "label": i % 2, "case_id": f"p{i}", "fold": i % 2} for i in range(8)]}))
+        {"image": "x.nii.gz", "label": i % 2, "case_id": f"p{i}", "fold": i // 2 % 2} for i in range(8)]}))
     config = {"bundle": "pecad_embolism_fpr", "datalist": "dl.json", "metric": "auc", "output_dir": "out",
               "seeds": [0], "label_fractions": [1.0], "folds": [0, 1], "methods": {"random": None, "dira": None},
               "overrides": {"tiny": True}}

@@ -10,6 +10,7 @@
 - :class:`FinalStageEarlyStop`, :func:`check_early_stop_patience` — opt-in early stopping on the validation
   loss in the final stage (``DiRACheckpoint(early_stop_patience=N)``).
 - :class:`RestorationImageHandler`, :func:`scalar_output` — TensorBoard images and scalars;
+  :class:`EpochStatsHandler` — MONAI's console line, its ``Iter`` counted in the epoch also after a resume;
   :func:`rank_zero_handlers` — the reporting handlers on rank 0 alone.
 - Factories for the mode-dependent parts and the volume → patch-pair transforms.
 """
@@ -22,7 +23,8 @@ from dira3d.engines.distributed import init_distributed, is_main_process, maybe_
 from dira3d.engines.evaluator import DiRAEvaluator
 from dira3d.engines.faults import CollapseMonitor, NonFiniteGuard, NonFiniteLossError
 from dira3d.engines.inputs import CheckSameShaped, CheckVolumed, load_datalist
-from dira3d.engines.handlers import RestorationImageHandler, rank_zero_handlers, scalar_output, side_by_side
+from dira3d.engines.handlers import (EpochStatsHandler, RestorationImageHandler, rank_zero_handlers, scalar_output,
+                                     side_by_side)
 from dira3d.engines.optim import unique_parameters
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.engines.stopping import (FinalStageEarlyStop, StoppedBySignal, check_early_stop_patience, exit_if_stopped,
@@ -55,6 +57,7 @@ __all__ = [
     "RandPatchPaird",
     "with_image_labels",
     "RestorationImageHandler",
+    "EpochStatsHandler",
     "rank_zero_handlers",
     "scalar_output",
     "side_by_side",

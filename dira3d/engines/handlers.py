@@ -2,7 +2,9 @@
 
 Scalars go through MONAI's own ``StatsHandler`` / ``TensorBoardStatsHandler`` with
 :func:`scalar_output` as their ``output_transform``; :class:`RestorationImageHandler` adds
-original | distorted | restored slices side by side to TensorBoard. :func:`rank_zero_handlers` keeps these
+original | distorted | restored slices side by side to TensorBoard. :class:`EpochStatsHandler` is MONAI's
+``StatsHandler`` whose console line ``Epoch: e/E, Iter: k/N`` counts ``k`` inside the epoch also after a resume with
+another epoch length. :func:`rank_zero_handlers` keeps these
 reporting handlers off the ranks other than 0 of a distributed run, whatever their place in the bundle's list.
 """
 
@@ -14,7 +16,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["scalar_output", "side_by_side", "RestorationImageHandler", "rank_zero_handlers"]
+from monai.handlers import StatsHandler
+
+__all__ = ["scalar_output", "side_by_side", "RestorationImageHandler", "EpochStatsHandler", "rank_zero_handlers"]
 
 
 def scalar_output(output: Any) -> dict[str, float]:
@@ -32,6 +36,40 @@ def scalar_output(output: Any) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             scalars[key] = float(value)
     return scalars
+
+
+class _IterationInEpoch:
+    """``engine`` as MONAI's iteration print reads it, with ``state.iteration`` counted as if every epoch had had
+    this run's epoch length: ``(iteration - 1) % epoch_length + 1`` is then the iteration in the epoch."""
+
+    def __init__(self, engine: Engine, iteration: int) -> None:
+        self._state, self.iteration = engine.state, iteration
+
+    @property
+    def state(self) -> "_IterationInEpoch":
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+
+class EpochStatsHandler(StatsHandler):
+    """MONAI's ``StatsHandler`` whose iteration line says the iteration in the epoch after a resume too.
+
+    MONAI prints ``Iter: (iteration - 1) % epoch_length + 1``. A run resumed with another epoch length (another
+    number of torchrun processes, batch_size or data) goes on by epochs while the iteration counter goes on from
+    the checkpoint's (:func:`dira3d.engines.batches.resume_position`), so that count was off (``Iter: 3/3`` for the
+    first iteration of an epoch). The trainer records where the epoch in progress began
+    (``state.epoch_start_iteration``, :class:`~dira3d.engines.batches.BatchFeedMixin`); the line is MONAI's own,
+    printed from it. An engine without that record prints as MONAI does.
+    """
+
+    def _default_iteration_print(self, engine: Engine) -> None:
+        start, length = getattr(engine.state, "epoch_start_iteration", None), engine.state.epoch_length
+        if start is None or not length:
+            return super()._default_iteration_print(engine)
+        done = int(engine.state.iteration) - int(start)
+        super()._default_iteration_print(_IterationInEpoch(engine, (int(engine.state.epoch) - 1) * int(length) + done))
 
 
 def _middle_slice(x: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ Driven from Python (the bundle ``bundles/dira_pretrain/configs/train.json`` wire
                           stages=[{"name": "dis", "until_epoch": 20, "losses": ["dis"]},
                                   {"name": "dira", "losses": ["dis", "res", "adv"]}],
                           train_handlers=[evaluator, DiRACheckpoint(ckpt_dir),
-                                          StatsHandler(output_transform=scalar_output)])
+                                          EpochStatsHandler(output_transform=scalar_output)])
     trainer.run()
 
 with batches ``{"image": (B, C, *patch), "label": (B,)}`` (``visual_words``; ``"image2"``: a

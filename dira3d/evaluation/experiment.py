@@ -80,7 +80,9 @@ The config is checked before any run: unknown keys, missing checkpoints, datalis
 override ids no bundle config defines are refused with the setting named; so are a negative seed, two label
 fractions that the run folders or the table write alike (0.1 and 0.1000001: ``lf0.1``) or that keep the same
 training entries for every seed (10 % and 25 % of 4 patients both keep 1: counts are rounded to whole patients, or
-samples per class, at least one; without folds), a key beside ``pretrain`` in a method's mapping (a method has no
+samples per class, at least one; without folds), a label fraction whose subset no run could train on for some seed
+(and fold: fewer than 2 patients for the early-stopping holdout, or a classification holdout of one class; use a
+larger fraction), a key beside ``pretrain`` in a method's mapping (a method has no
 fine-tuning settings of its own: ``overrides`` are the same for every method), an empty checkpoint path (use null
 for random init), a method name
 that is not text (quote ``'2024':``) or not a plain folder name, ``overrides`` the grid sets for every run

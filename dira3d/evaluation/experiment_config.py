@@ -134,6 +134,10 @@ def load_config(path: str | Path) -> dict:
     _check_fractions_distinct(config["label_fractions"], path)
     if "folds" not in config:  # with folds each fold has its own training entries: its runs say what they kept
         _check_fractions_select_apart(config, path)
+    from dira3d.evaluation.fraction_checks import check_fractions_trainable, split_settings
+
+    # a fraction that keeps too few patients failed each of its runs at its start, listed as failed after the grid
+    check_fractions_trainable(config, path, *split_settings(bundle_configs, dict(config.get("overrides") or {})))
     config.setdefault("baseline", next(iter(config["methods"])))
     if config["baseline"] not in config["methods"]:
         raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
