@@ -122,6 +122,29 @@ def _logging_as_it_was():
         logger.setLevel(level)  # also clears the loggers' cached isEnabledFor answers
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_they_were():
+    """Put SIGTERM's and SIGINT's handlers back after each test. A bundle's ``initialize`` run in-process
+    (``ConfigWorkflow.initialize()``, a test that checks a config without training) installs
+    :func:`dira3d.engines.stop_before_training`'s handlers, which training takes down; left in place, a later test
+    of the same worker found them instead of the defaults (test_signal_stop failed, depending on the order)."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    stopping = sys.modules.get("dira3d.engines.stopping")
+    if stopping is not None:
+        stopping.end_stop_before_training()  # its record of the handlers it replaced, too
+    for signum, handler in before.items():
+        if handler is not None:
+            signal.signal(signum, handler)
+
+
 # ---- the tests write nothing into the checkout (a bundle initialised with its default bundle_root "." wrote
 # models/.dira3d.lock into the folder pytest ran from) ----
 _CACHES = {".pytest_cache", "__pycache__", ".coverage", ".hypothesis"}
