@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_experiment_walkthrough_grid import write_experiment_config
 
 import dira3d
 from dira3d.evaluation.experiment import load_config, run_experiment
@@ -18,16 +19,6 @@ from dira3d.evaluation.experiment_versions import bundle_version, current_versio
 from dira3d.evaluation.finetune import bundle_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-def _config(tmp_path: Path, **extra) -> Path:
-    (tmp_path / "dl.json").write_text('{"training": [], "test": []}')
-    config = {"bundle": "luna16_nodule_fpr", "datalist": "dl.json", "metric": "auc", "output_dir": "out",
-              "baseline": "random", "seeds": [0, 1], "label_fractions": [1.0], "methods": {"random": None, "dira": None},
-              "overrides": {"tiny": True}, **extra}
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def _runner(calls: list, train_digest=lambda o: "a" * 16, digests: bool = True):
@@ -62,7 +53,7 @@ def _write_rows(tmp_path: Path, rows: list[dict], fields: list[str]) -> None:
 
 
 def test_results_csv_records_each_runs_split_digests(tmp_path):
-    run_experiment(load_config(_config(tmp_path)), runner=_runner([]), log=lambda _: None)
+    run_experiment(load_config(write_experiment_config(tmp_path)), runner=_runner([]), log=lambda _: None)
     rows, fields = _rows(tmp_path)
     assert fields[-3:] == ["train_digest", "holdout_digest", "test_digest"]
     assert {(r["train_digest"], r["holdout_digest"], r["test_digest"]) for r in rows} == {("a" * 16, "b" * 16, "0" * 16)}
@@ -71,8 +62,8 @@ def test_results_csv_records_each_runs_split_digests(tmp_path):
 def test_a_run_of_the_same_sizes_but_other_cases_stops_the_grid_naming_both_runs(tmp_path):
     """The nested label fractions of 2026-11-26 drew other subsets of the same size: the size check let a grid resumed
     across that change pair runs of other cases. The digest sees it; the run is not added and the grid stops."""
-    run_experiment(load_config(_config(tmp_path)), runner=_runner([]), log=lambda _: None)
-    more = load_config(_config(tmp_path, methods={"random": None, "dira": None, "dis": None}))
+    run_experiment(load_config(write_experiment_config(tmp_path)), runner=_runner([]), log=lambda _: None)
+    more = load_config(write_experiment_config(tmp_path, methods={"random": None, "dira": None, "dis": None}))
     calls: list = []
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=rf"the run dis labels=1 seed=0 drew another split than the runs of the same "
@@ -88,7 +79,7 @@ def test_a_run_of_the_same_sizes_but_other_cases_stops_the_grid_naming_both_runs
 
 
 def test_a_results_csv_whose_pairs_differ_in_their_cases_is_refused_before_any_run(tmp_path):
-    config = load_config(_config(tmp_path))
+    config = load_config(write_experiment_config(tmp_path))
     run_experiment(config, runner=_runner([]), log=lambda _: None)
     rows, fields = _rows(tmp_path)
     rows[-1]["test_digest"] = "d" * 16  # dira, seed 1
@@ -97,17 +88,17 @@ def test_a_results_csv_whose_pairs_differ_in_their_cases_is_refused_before_any_r
     with pytest.raises(ValueError, match=r"results\.csv holds runs of one label fraction and seed that drew different "
                                          r"splits \(.*seed=1 has test_digest [0d]{16}, .*seed=1 [0d]{16}; the cases are "
                                          r"listed in .*splits\.json and .*splits\.json\)"):
-        run_experiment(load_config(_config(tmp_path, seeds=[0, 1, 2])), runner=_runner(calls), log=lambda _: None)
+        run_experiment(load_config(write_experiment_config(tmp_path, seeds=[0, 1, 2])), runner=_runner(calls), log=lambda _: None)
     assert calls == []
 
 
 def test_rows_without_digests_are_kept_with_one_warning(tmp_path):
     """A results.csv of before the digests (sizes only) is resumed, not refused; one warning says its runs are paired
     on the sizes only. New runs (with digests) are added beside them."""
-    run_experiment(load_config(_config(tmp_path)), runner=_runner([], digests=False), log=lambda _: None)
+    run_experiment(load_config(write_experiment_config(tmp_path)), runner=_runner([], digests=False), log=lambda _: None)
     rows, fields = _rows(tmp_path)
     _write_rows(tmp_path, rows, [f for f in fields if not f.endswith("_digest")])  # the columns of before
-    more = load_config(_config(tmp_path, seeds=[0, 1, 2]))
+    more = load_config(write_experiment_config(tmp_path, seeds=[0, 1, 2]))
     with pytest.warns(UserWarning) as caught:
         rows = run_experiment(more, runner=_runner([]), log=lambda _: None)
     ours = [str(w.message) for w in caught if "split digest" in str(w.message) or "_digest" in str(w.message)]
@@ -117,8 +108,8 @@ def test_rows_without_digests_are_kept_with_one_warning(tmp_path):
     (tmp_path / "new").mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run_experiment(load_config(_config(tmp_path / "new")), runner=_runner([]), log=lambda _: None)
-        run_experiment(load_config(_config(tmp_path / "new")), runner=_runner([]), log=lambda _: None)
+        run_experiment(load_config(write_experiment_config(tmp_path / "new")), runner=_runner([]), log=lambda _: None)
+        run_experiment(load_config(write_experiment_config(tmp_path / "new")), runner=_runner([]), log=lambda _: None)
 
 
 def test_runs_of_other_folds_may_test_on_other_cases(tmp_path):
@@ -134,7 +125,7 @@ def test_runs_of_other_folds_may_test_on_other_cases(tmp_path):
 
 
 def test_experiment_json_records_dira3ds_and_the_bundles_versions(tmp_path):
-    run_experiment(load_config(_config(tmp_path)), runner=_runner([]), log=lambda _: None)
+    run_experiment(load_config(write_experiment_config(tmp_path)), runner=_runner([]), log=lambda _: None)
     recorded = json.loads((tmp_path / "out" / "experiment.json").read_text())
     version = json.loads((bundle_path("luna16_nodule_fpr") / "configs" / "metadata.json").read_text())["version"]
     assert recorded["versions"] == {"dira3d": dira3d.__version__, "bundles": {"luna16_nodule_fpr": version}}
@@ -150,14 +141,14 @@ def test_a_method_pretrained_by_the_experiment_records_the_pretraining_bundles_v
 
 
 def test_a_bundle_upgraded_since_the_rows_were_made_is_warned_about_not_refused(tmp_path):
-    config = load_config(_config(tmp_path))
+    config = load_config(write_experiment_config(tmp_path))
     run_experiment(config, runner=_runner([]), log=lambda _: None)
     path = tmp_path / "out" / "experiment.json"
     recorded = json.loads(path.read_text())
     now = recorded["versions"]["bundles"]["luna16_nodule_fpr"]
     before = {"dira3d": "0.0.9", "bundles": {"luna16_nodule_fpr": "0.0.1"}}
     path.write_text(json.dumps({**recorded, "versions": before}))
-    more = load_config(_config(tmp_path, seeds=[0, 1, 2]))
+    more = load_config(write_experiment_config(tmp_path, seeds=[0, 1, 2]))
     with pytest.warns(UserWarning, match=rf"bundle version changed since its 4 runs were made \(luna16_nodule_fpr "
                                          rf"0\.0\.1 -> {now.replace('.', '[.]')};"):
         rows = run_experiment(more, runner=_runner([]), log=lambda _: None)
@@ -173,13 +164,13 @@ def test_a_bundle_upgraded_since_the_rows_were_made_is_warned_about_not_refused(
 
 
 def test_rows_of_before_the_versions_record_are_not_passed_off_as_the_current_versions(tmp_path):
-    config = load_config(_config(tmp_path))
+    config = load_config(write_experiment_config(tmp_path))
     run_experiment(config, runner=_runner([]), log=lambda _: None)
     path = tmp_path / "out" / "experiment.json"
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "versions"}))
     with warnings.catch_warnings():  # nothing to compare: no warning, and no refusal
         warnings.simplefilter("error")
-        run_experiment(load_config(_config(tmp_path, seeds=[0, 1, 2])), runner=_runner([]), log=lambda _: None)
+        run_experiment(load_config(write_experiment_config(tmp_path, seeds=[0, 1, 2])), runner=_runner([]), log=lambda _: None)
     recorded = json.loads(path.read_text())
     assert recorded["earlier_versions"] == ["not recorded (before 2026-11-27)"]
     assert recorded["versions"]["dira3d"] == dira3d.__version__

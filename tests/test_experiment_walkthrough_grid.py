@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 TINY_PRETRAIN = {"dataset_dir": "vw", "configs": ["train.json", "tiny.json"]}
 
 
-def _config(tmp_path: Path, **extra) -> Path:
+def write_experiment_config(tmp_path: Path, **extra) -> Path:
     (tmp_path / "dl.json").write_text('{"training": [], "test": []}')
     (tmp_path / "vw").mkdir(exist_ok=True)
     (tmp_path / "ckpt.pt").write_bytes(b"")
@@ -41,9 +41,9 @@ def test_rows_of_a_method_now_pretrained_by_the_experiment_are_not_reused(tmp_pa
     """`dira: null` (or `dira: ckpt.pt`) run first, then `dira: {pretrain: {}}`: every row of `dira` was taken as done,
     nothing was pretrained, and the table reported random-init (or the other checkpoint's) numbers as the pretrained
     method's."""
-    run_experiment(load_config(_config(tmp_path, methods={"random": None, "dira": before})), runner=_runner([]),
+    run_experiment(load_config(write_experiment_config(tmp_path, methods={"random": None, "dira": before})), runner=_runner([]),
                    log=lambda _: None)
-    now = load_config(_config(tmp_path, methods={"random": None, "dira": {"pretrain": {}}}, pretrain=TINY_PRETRAIN))
+    now = load_config(write_experiment_config(tmp_path, methods={"random": None, "dira": {"pretrain": {}}}, pretrain=TINY_PRETRAIN))
     calls: list = []
     what = "random init" if before is None else r".*ckpt\.pt"
     with pytest.raises(ValueError, match=rf"results\.csv holds runs of method 'dira' fine-tuned from {what}, but the "
@@ -55,7 +55,7 @@ def test_rows_of_a_method_now_pretrained_by_the_experiment_are_not_reused(tmp_pa
 def test_rows_of_the_experiments_own_pretraining_are_reused_also_after_the_output_dir_moved(tmp_path):
     """The rows a pretrained method made itself (``.../pretrain/<method>/models/best.pt``) are its own, also when
     the output_dir was moved since (the path's start differs): nothing is run again."""
-    path = _config(tmp_path, methods={"random": None, "dira": {"pretrain": {}}}, pretrain=TINY_PRETRAIN)
+    path = write_experiment_config(tmp_path, methods={"random": None, "dira": {"pretrain": {}}}, pretrain=TINY_PRETRAIN)
     config = load_config(path)
     out = tmp_path / "out"
     out.mkdir()
@@ -81,18 +81,18 @@ def test_label_fractions_named_alike_are_refused_before_any_run(tmp_path, fracti
     rows pointed to it) and the table had two columns '10 % labels'."""
     with pytest.raises(ValueError, match=rf"label_fractions in .* lists {fractions[0]!r} and {fractions[1]!r}, which "
                                          rf"the run folders or the table's columns both name {name}"):
-        load_config(_config(tmp_path, label_fractions=fractions))
+        load_config(write_experiment_config(tmp_path, label_fractions=fractions))
 
 
 def test_label_fractions_named_apart_are_accepted(tmp_path):
-    config = load_config(_config(tmp_path, label_fractions=[0.01, 0.1, 0.125, 1.0]))
+    config = load_config(write_experiment_config(tmp_path, label_fractions=[0.01, 0.1, 0.125, 1.0]))
     assert config["label_fractions"] == [0.01, 0.1, 0.125, 1.0]
 
 
 def test_a_checkpoint_replaced_while_the_grid_runs_stops_it_before_its_runs_mix(tmp_path):
     """A `dira3d pretrain` still writing the method's best.pt: its sha256 was checked only when the command started,
     so the method's later seeds were fine-tuned from another file than its first ones, in one cell, without a word."""
-    config = load_config(_config(tmp_path, methods={"dira": "ckpt.pt", "random": None}, seeds=[0, 1, 2]))
+    config = load_config(write_experiment_config(tmp_path, methods={"dira": "ckpt.pt", "random": None}, seeds=[0, 1, 2]))
     calls: list = []
 
     def run(bundle, overrides):
@@ -114,7 +114,7 @@ def test_a_checkpoint_replaced_while_the_grid_runs_stops_it_before_its_runs_mix(
 
 
 def test_an_unchanged_checkpoint_lets_every_run_of_the_grid_through(tmp_path):
-    config = load_config(_config(tmp_path, methods={"dira": "ckpt.pt", "random": None}, seeds=[0, 1, 2]))
+    config = load_config(write_experiment_config(tmp_path, methods={"dira": "ckpt.pt", "random": None}, seeds=[0, 1, 2]))
     calls: list = []
     assert len(run_experiment(config, runner=_runner(calls), log=lambda _: None)) == len(calls) == 6
 
@@ -146,7 +146,7 @@ def test_label_fractions_that_keep_the_same_entries_are_refused_before_any_run(t
     the subsets nest, so the two fractions' runs were the same runs, shown as two points of the curve."""
     from dira3d.evaluation import select_fraction
 
-    path = _config(tmp_path, label_fractions=fractions, bundle="lits_liver_seg", metric="dice")
+    path = write_experiment_config(tmp_path, label_fractions=fractions, bundle="lits_liver_seg", metric="dice")
     _patients_datalist(tmp_path, count)
     training = [{"case_id": f"p{i}"} for i in range(count)]
     for seed in (0, 1):  # what the refusal says: the same entries for every seed
@@ -157,7 +157,7 @@ def test_label_fractions_that_keep_the_same_entries_are_refused_before_any_run(t
 
 
 def test_label_fractions_that_keep_different_entries_are_accepted(tmp_path):
-    path = _config(tmp_path, label_fractions=[0.25, 0.5, 1.0], bundle="lits_liver_seg", metric="dice")
+    path = write_experiment_config(tmp_path, label_fractions=[0.25, 0.5, 1.0], bundle="lits_liver_seg", metric="dice")
     _patients_datalist(tmp_path, 8)  # 2, 4 and 8 patients
     assert load_config(path)["label_fractions"] == [0.25, 0.5, 1.0]
 
@@ -180,9 +180,9 @@ def test_a_run_that_drew_another_split_than_its_pairs_stops_the_grid(tmp_path):
     """A grid resumed after an upgrade that changed the split rules (the rounding of 2026-11-27: 25 % of 10 patients
     kept 2, then 3) added runs of other label subsets to the same cells and paired them by seed without a word;
     results.csv records each run's train_cases, so the clash is seen."""
-    config = load_config(_config(tmp_path, seeds=[0, 1]))
+    config = load_config(write_experiment_config(tmp_path, seeds=[0, 1]))
     run_experiment(config, runner=_runner_writing_splits([], lambda o: 43), log=lambda _: None)
-    more = load_config(_config(tmp_path, seeds=[0, 1], methods={"random": None, "dira": None, "dis": None}))
+    more = load_config(write_experiment_config(tmp_path, seeds=[0, 1], methods={"random": None, "dira": None, "dis": None}))
     calls: list = []
     with pytest.raises(ValueError, match=r"the run dis labels=1 seed=0 drew another split than the runs of the same "
                                          r"label fraction and seed in .*results\.csv \(dis labels=1 seed=0 has "
@@ -197,7 +197,7 @@ def test_a_run_that_drew_another_split_than_its_pairs_stops_the_grid(tmp_path):
 
 def test_rows_of_one_seed_with_different_splits_are_refused_before_any_run(tmp_path):
     """A results.csv that already mixes them (made before the check) is refused, naming the two runs."""
-    config = load_config(_config(tmp_path, seeds=[0, 1]))
+    config = load_config(write_experiment_config(tmp_path, seeds=[0, 1]))
     run_experiment(config, runner=_runner_writing_splits([], lambda o: 43), log=lambda _: None)
     path = tmp_path / "out" / "results.csv"
     with open(path, newline="") as handle:
@@ -228,7 +228,7 @@ def test_rows_of_one_seed_with_different_splits_are_refused_before_any_run(tmp_p
 def test_settings_beside_a_methods_pretrain_are_refused_not_ignored(tmp_path, extra, named):
     """`dira: {pretrain: {}, overrides: {learning_rate: 1e-4}}` (a lower fine-tuning rate for the pretrained method, as
     some papers use) ran the whole grid with the grid's rate, without a word."""
-    path = _config(tmp_path, methods={"random": None, "dira": {"pretrain": {}, **extra}}, pretrain=TINY_PRETRAIN)
+    path = write_experiment_config(tmp_path, methods={"random": None, "dira": {"pretrain": {}, **extra}}, pretrain=TINY_PRETRAIN)
     with pytest.raises(ValueError, match=rf"method 'dira' in .* sets {named} beside pretrain; a method takes only "
                                          r"\{pretrain: \{\.\.\.\}\}"):
         load_config(path)
@@ -243,4 +243,4 @@ def test_settings_beside_a_methods_pretrain_are_refused_not_ignored(tmp_path, ex
 def test_an_empty_or_folder_checkpoint_is_refused_naming_the_method(tmp_path, spec, match):
     (tmp_path / "pre").mkdir()
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-        load_config(_config(tmp_path, methods={"random": None, "dira": spec}))
+        load_config(write_experiment_config(tmp_path, methods={"random": None, "dira": spec}))
