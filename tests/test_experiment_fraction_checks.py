@@ -161,3 +161,17 @@ def test_run_finetune_fails_at_its_start_on_the_fraction_the_config_check_refuse
         err = err.__cause__ or err.__context__
     assert any("label_fraction=0.1 keeps 1 of the 6 training patient(s)" in text for text in chain), chain
     assert not (tmp_path / "run" / "models" / "model.pt").exists()
+
+
+def test_holdout_0_is_refused_before_any_run_naming_the_setting(tmp_path):
+    """Every run of holdout 0 fails at its start (load_split: no patient to select the model on), whatever the
+    fraction; the grid listed each run as failed."""
+    datalist = _datalist(tmp_path, _segmentation(12))
+    with pytest.raises(ValueError, match="holdout"):
+        load_split(datalist, "holdout", label_fraction=1.0, seed=0, holdout=0.0, fold=None)  # what a run does
+    path = _config(tmp_path, "lits_liver_seg", "dice", [0.5, 1.0], [0], overrides={"tiny": True, "holdout": 0})
+    with pytest.raises(ValueError, match=r"overrides in .*experiment\.yaml: holdout=0 holds out no training patient.*"
+                                         r"holdout: validation"):
+        load_config(path)
+    load_config(_config(tmp_path, "lits_liver_seg", "dice", [0.5, 1.0], [0],
+                        overrides={"tiny": True, "holdout": 0.2}))  # a share: accepted

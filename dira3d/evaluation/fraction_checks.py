@@ -37,13 +37,13 @@ def split_settings(bundle_configs: Path, overrides: Mapping[str, Any]) -> tuple[
 
 
 def check_fractions_trainable(config: Mapping[str, Any], path: Path, holdout: Any, fold: Any) -> None:
-    """Refuse a label fraction whose subset, for some seed (and fold of ``folds``), leaves an empty early-stopping
+    """Refuse ``holdout`` 0, and a label fraction whose subset, for some seed (and fold of ``folds``), leaves an empty early-stopping
     holdout (fewer than 2 patients) or a classification holdout with an undefined AUC.
 
     Args:
         config: the experiment config (``datalist`` resolved). path: the config file (named in the error).
-        holdout: the bundle's ``holdout`` share; anything else (``"validation"``, 0, a bad value) is left to the
-            checks of that setting, as no label fraction helps there.
+        holdout: the bundle's ``holdout`` share; 0 is refused (no run could select its model); anything else
+            (``"validation"``, a bad value) is left to the checks of that setting, as no label fraction helps there.
         fold: the bundle's ``fold`` (used when the config has no ``folds``).
 
     Raises:
@@ -54,6 +54,12 @@ def check_fractions_trainable(config: Mapping[str, Any], path: Path, holdout: An
     from dira3d.evaluation.split_checks import check_auc_defined
     from dira3d.utils.setting_hints import experiment_settings
 
+    if not isinstance(holdout, bool) and isinstance(holdout, (int, float)) and holdout == 0:
+        raise ValueError(
+            f"overrides in {path}: holdout=0 holds out no training patient, but fine-tuning selects and saves "
+            "models/model.pt at its early-stopping holdout, so every run of the grid would fail at its start; use a "
+            "share such as 0.1 (the bundle's default: leave holdout out) or holdout: validation (the datalist's "
+            "'validation' list)")
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
         return
     datalist = Path(config["datalist"]).resolve()
