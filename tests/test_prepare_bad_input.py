@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from conftest import write_dicom_series
 
 from dira3d.data import generic
-from dira3d.data.io import DataError, DataWarning, read_image
+from dira3d.data.io import DataError, DataWarning, image_to_xyz, read_image
 
 
 def _ct(path: Path, shape=(8, 12, 12), dtype=np.int16, nan: bool = False) -> Path:
@@ -258,6 +258,31 @@ def test_second_dicom_series_is_a_warning_in_the_report(tmp_path, capsys):
     assert "1.2.826.0.1.3680043.2.1125.9 (2 file(s))" in case["warnings"][0]
     assert "1.2.826.0.1.3680043.2.1125.2 (6 files)" in case["warnings"][0]
     assert sitk.ReadImage(str(dst / "volumes" / "ct.nii.gz")).GetSize()[2] == 6
+
+
+def test_two_equally_large_dicom_series_say_which_was_read_and_how_to_choose(tmp_path):
+    """Two reconstructions of one scan (same number of files): the warning said 'read the largest', which neither
+    is, and which one was read followed GDCM's listing order. Now the first by series UID, said so, with the fix."""
+    folder = tmp_path / "ct"
+    write_dicom_series(folder, np.full((16, 12, 6), 7, np.int16), series_uid="1.2.826.0.1.3680043.2.1125.8")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, path in enumerate(sorted(folder.glob("slice*.dcm"))):  # a second kernel, UID sorting before the first
+        image = sitk.ReadImage(str(path))
+        image = sitk.Cast(image * 0 + 3, image.GetPixelID())
+        for key in ("0008|0060", "0020|000d", "0020|0037", "0028|0030", "0020|0013", "0020|0032"):
+            image.SetMetaData(key, sitk.ReadImage(str(path)).GetMetaData(key))
+        image.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.10")
+        image.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.10.{k + 1}")
+        writer.SetFileName(str(folder / f"lung{k}.dcm"))
+        writer.Execute(image)
+    with pytest.warns(DataWarning) as caught:
+        image = read_image(folder)
+    text = str(caught[0].message)
+    assert "2 series have 6 files each" in text and "read the first by series UID, 1.2.826.0.1.3680043.2.1125.10" in text
+    assert "left out 1.2.826.0.1.3680043.2.1125.8 (6 file(s))" in text and "put each series in its own folder" in text
+    assert "the largest" not in text
+    assert np.all(image_to_xyz(image) == 3)  # the series named, not the other
 
 
 def test_a_mask_among_the_scans_is_named_not_normalised(tmp_path, capsys):

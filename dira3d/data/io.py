@@ -189,13 +189,20 @@ def _read_dicom_series(folder: Path, tolerance: float = 0.1) -> sitk.Image:
         raise DataError(folder, f"no DICOM series found in this folder{'; ' + left_out if left_out else ''}; "
                                 "point at the folder holding the .dcm files")
     series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
-    largest = max(range(len(series)), key=lambda i: len(series[i]))  # several series (scout, dose report)
+    # Several series (scout, dose report, a second reconstruction): read the one with most files; of
+    # equally large ones the first by series UID, so the choice does not depend on GDCM's listing order.
+    largest = min(range(len(series)), key=lambda i: (-len(series[i]), series_ids[i]))
     files = list(series[largest])
     if len(series) > 1:
         dropped = ", ".join(f"{sid} ({len(f)} file(s))" for i, (sid, f) in enumerate(zip(series_ids, series))
                             if i != largest)
-        warnings.warn(f"{folder}: holds {len(series)} DICOM series; read the largest, {series_ids[largest]} "
-                      f"({len(files)} files), and left out {dropped}", DataWarning, stacklevel=2)
+        ties = sum(len(f) == len(files) for f in series)
+        how = (f"{ties} series have {len(files)} files each (e.g. two reconstructions or phases of one scan); "
+               f"read the first by series UID, {series_ids[largest]}" if ties > 1 else
+               f"read the largest, {series_ids[largest]} ({len(files)} files)")
+        warnings.warn(f"{folder}: holds {len(series)} DICOM series; {how}, and left out {dropped}"
+                      + ("; to choose another, put each series in its own folder" if ties > 1 else ""),
+                      DataWarning, stacklevel=2)
     left_out = _left_out(folder, series)
     also = f"; {left_out}" if left_out else ""
     if len(files) < 2:
@@ -231,7 +238,8 @@ def read_image(path: str | os.PathLike, expect_dims: int = 3, check_finite: bool
 
     Args:
         path: an image file (``.mhd``, ``.mha``, ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``) or a
-            folder holding a DICOM series (the largest series in it is read).
+            folder holding a DICOM series (the largest series in it is read; of equally large ones the
+            first by series UID).
         expect_dims: the number of spatial dimensions required (a 4D file with one time point
             counts as 3D).
         check_finite: reject NaN / Inf voxels (floating-point images only).
