@@ -134,6 +134,7 @@ def test_torchrun_with_reordered_handler_lists_leaves_rank_0_alone_reporting_and
     assert sorted(e.parent for e in events) == [out, work / "runs"], events
     assert len({re.fullmatch(r"events\.out\.tfevents\.\d+\.(.+)\.\d+", e.name).group(1) for e in events}) == 1, events
     assert len(re.findall(r"Epoch: 1/2, Iter: 1/\d+ -- train_loss", log)) == 1, log[-3000:]  # not once per rank
+    assert log.count("--- input summary of monai.bundle.scripts.run ---") == 1, log[-3000:]  # was once per rank
     assert len(re.findall(r"Key metric: val_auc best value", log)) == 2, log[-3000:]  # one per validation
     saves = re.findall(r"^SAVE (\d) (\S+)$", log, flags=re.M)
     assert saves and {rank for rank, _ in saves} == {"0"}, log[-3000:]  # one checkpoint writer

@@ -240,8 +240,12 @@ def brief_errors_on_other_ranks() -> None:
     failed alone names its error. ``DIRA3D_ALL_TRACEBACKS=1`` in the environment keeps every rank's traceback. The
     engines' error logs of such a rank are left out too (the ``ignite`` loggers log nothing below CRITICAL there,
     rank 0 logs the same; ``StatsHandler``'s through :class:`dira3d.utils.interrupts.QuietInterruptMixin`). For a
-    bundle's ``initialize``, after the process group is formed."""
-    if is_main_process() or os.environ.get("DIRA3D_ALL_TRACEBACKS") == "1":
+    bundle's ``initialize``, after the process group is formed. MONAI's ``--- input summary of
+    monai.bundle.scripts.run ---`` block, which every rank logged after ``initialize``, is left to rank 0 too."""
+    if is_main_process():
+        return
+    logging.getLogger("monai.bundle.scripts").setLevel(logging.WARNING)  # its input summary: rank 0 logs the same
+    if os.environ.get("DIRA3D_ALL_TRACEBACKS") == "1":
         return
     from dira3d.utils.interrupts import quiet_engine_errors
 
