@@ -210,7 +210,7 @@ def test_each_run_records_what_it_trained_on_and_the_command_names_its_outputs(t
     assert main(["--config", str(tmp_path / "experiment.yaml")]) == 0
     printed = capsys.readouterr().out
     out = tmp_path / "out"
-    assert f"results:     {out / 'results.csv'} (one row per run; mean ± std and p-values in {out / 'summary.json'})" in printed
+    assert f"results:     {out / 'results.csv'} (one row per run; mean ± std, 95 % CI and p-values in {out / 'summary.json'})" in printed
     assert f"TensorBoard: tensorboard --logdir {out / 'runs'}" in printed
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -273,6 +273,8 @@ def test_overwrite_removes_the_per_case_csvs_of_the_earlier_evaluation_and_nothi
     root = tmp_path / "run"
     _earlier_run(root)
     earlier = _evaluation_reports(root / "eval", {"dice": 0.8, "iou": 0.7})
+    (root / "eval" / "test_cases.csv").write_text("case,dice,iou,empty_reference\na.png,0.5,0.3,0\n")  # its per-case rows
+    earlier.add("test_cases.csv")
     users = {"notes.csv": "mine", "other_raw.csv": "not a metric of that run", "dice.csv": "mine too"}
     for name, text in users.items():
         (root / "eval" / name).write_text(text)
@@ -305,7 +307,8 @@ def test_finetune_overwrite_leaves_no_per_case_csv_of_the_earlier_run(tmp_path):
     out = tmp_path / "out"
     seg = write_cxr(tmp_path / "seg", "seg.json", None, train=4, test=2)
     assert main(["--bundle", "montgomery_lung_seg", "--tiny", "--datalist", str(seg), "--output-dir", str(out)]) == 0
-    assert {"dice_raw.csv", "dice_summary.csv", "iou_raw.csv", "iou_summary.csv"} <= {p.name for p in out.iterdir()}
+    assert {"dice_raw.csv", "dice_summary.csv", "iou_raw.csv", "iou_summary.csv", "test_cases.csv"} <= \
+        {p.name for p in out.iterdir()}
     (out / "notes_raw.csv").write_text("the user's")
     cls = write_cxr(tmp_path / "cls", "cls.json", 14, train=8, test=4)
     assert main(["--bundle", "chestxray14_cls", "--tiny", "--datalist", str(cls), "--output-dir", str(out), "--overwrite"]) == 0

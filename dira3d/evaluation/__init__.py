@@ -10,6 +10,7 @@ from dira3d.utils.lazy import lazy_exports
 # images that lack them.
 _EXPORTS = {
     "dira3d.evaluation.batch": ("InferenceBatch",),
+    "dira3d.evaluation.case_metrics": ("CaseMetricsWriter",),
     "dira3d.evaluation.datalists": ("SPLITS", "holdout_by_patient", "load_split", "select_fraction"),
     "dira3d.evaluation.handlers": ("BestModelSaver", "ClosingProgressBar", "FineTunedCheckpointLoader", "ProbabilityWriter",
                                    "fine_tuned_weights", "prediction_path", "scan_stem"),
@@ -37,6 +38,7 @@ __all__ = [
     "SPLITS",
     "TASK_KINDS",
     "BestModelSaver",
+    "CaseMetricsWriter",
     "ClosingProgressBar",
     "CheckInferenceInputd",
     "CheckPredictionFiles",

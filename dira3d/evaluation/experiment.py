@@ -102,7 +102,9 @@ fractions or methods no longer in the config stay in
 ``results.csv`` but out of the statistics). The note under the table gives the number of seeds and
 the test; a cell of fewer seeds says ``n=…`` and every run left out (failed, or not run yet) is
 named below it (and, at the end, in the log); a cell whose t-test is undefined (fewer than two
-seeds on a side, or one value in every seed of both sides) says ``p n/a`` rather than showing none. One experiment runs in an ``output_dir`` at a time: a
+seeds on a side, or one value in every seed of both sides) says ``p n/a`` rather than showing none. A second table
+gives the 95 % confidence interval of each cell's mean over its seeds (t-based; ``n/a`` for one seed), also in
+``summary.json`` (``ci_low``, ``ci_high``). One experiment runs in an ``output_dir`` at a time: a
 second ``dira3d experiment`` on the same folder is refused at once (the folder lock of every dira3d
 output folder, ``<output_dir>/.dira3d.lock``, released by the system when the first process ends,
 however it ends), so two processes never run the same grid twice into one ``results.csv``.
@@ -181,11 +183,11 @@ def written_message(config: dict) -> str:
     """Where the experiment's outputs are, printed after the table (as every dira3d command ends)."""
     out = Path(config["output_dir"])
     run = "<method>_lf<fraction>_seed<seed>" + ("_fold<fold>" if "folds" in config else "")
-    return (f"results:     {out / 'results.csv'} (one row per run; mean ± std and p-values in {out / 'summary.json'})\n"
+    return (f"results:     {out / 'results.csv'} (one row per run; mean ± std, 95 % CI and p-values in {out / 'summary.json'})\n"
             f"table:       {out / 'table.md'}; plots: {out / (config['metric'] + '_vs_label_fraction.png')}, "
             f"{out / 'ablation.png'}\n"
             f"each run:    {out / 'runs'}/{run}/ (metrics.json: test metric, splits, settings; splits.json: the cases "
-            "of each split; models/model.pt; "
+            "of each split; test_cases.csv: the test metrics of each case, segmentation; models/model.pt; "
             "TensorBoard files: curves, and the test metrics as test/<metric>)\n"
             f"TensorBoard: tensorboard --logdir {out / 'runs'}")
 

@@ -146,7 +146,8 @@ def run_finetune(
 
     Returns:
         ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "splits", "split_digests",
-        "settings"}``; ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label
+        "settings"}`` (and ``"test_cases": "test_cases.csv"``, the per-case test metrics, for the segmentation bundles,
+        :mod:`dira3d.evaluation.case_metrics`); ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label
         fraction's selection less the holdout), of the early-stopping holdout and of the test split
         (:func:`dira3d.evaluation.split_checks.describe_split`); ``split_digests`` a digest of each one's cases, which
         ``<output_dir>/splits.json`` lists (:mod:`dira3d.evaluation.split_ids`). A segmentation test split with no or few cases
@@ -283,6 +284,8 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
         "splits": splits,
         # which cases: splits.json lists them, these are their digests (dira3d experiment pairs runs on them)
         "split_digests": write_splits(out, effective.get("datalist"), entries),
+        # the per-case rows (dira3d.evaluation.case_metrics) that evaluate.json's CaseMetricsWriter wrote, when it has one
+        **({"test_cases": Path(evaluator.state.case_metrics_file).name} if getattr(evaluator.state, "case_metrics_file", None) else {}),
         "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))}
         | {k: v for k, v in effective.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
     }

@@ -178,8 +178,10 @@ class _CountsForeground(IgniteMetricHandler):
     """An ignite metric handler that also counts the cases it scores whose ground truth has foreground (any voxel
     above 0, as MONAI's metrics tell an empty mask), into ``engine.state.foreground_cases[name]`` as
     ``{"cases": N, "positive": K}`` when the metric is computed: a mean Dice over empty masks alone rewards
-    predicting nothing (:mod:`dira3d.evaluation.split_checks`). The masks are already in memory: no cost. The
-    counts are gathered over the ranks of a distributed run, as MONAI gathers the metric's own buffer."""
+    predicting nothing (:mod:`dira3d.evaluation.split_checks`); the flag of each case, in the order of the per-case
+    values, goes to ``engine.state.foreground_flags[name]`` (:mod:`dira3d.evaluation.case_metrics`). The masks are
+    already in memory: no cost. The counts are gathered over the ranks of a distributed run, as MONAI gathers the
+    metric's own buffer."""
 
     def __init__(self, metric_fn, output_transform: Callable, save_details: bool) -> None:
         self._foreground = Cumulative()  # before ignite's __init__, which calls reset()
@@ -203,6 +205,9 @@ class _CountsForeground(IgniteMetricHandler):
             if not isinstance(getattr(self._engine.state, "foreground_cases", None), dict):
                 self._engine.state.foreground_cases = {}
             self._engine.state.foreground_cases[self._name] = {"cases": int(flags.numel()), "positive": int(flags.sum())}
+            if not isinstance(getattr(self._engine.state, "foreground_flags", None), dict):
+                self._engine.state.foreground_flags = {}
+            self._engine.state.foreground_flags[self._name] = [bool(f) for f in flags.reshape(-1).tolist()]
         return result
 
 

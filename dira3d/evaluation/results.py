@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dira3d.evaluation.split_ids import DIGEST_FIELDS, SPLIT_FIELDS, split_columns
-from dira3d.evaluation.stats import TESTS, CellSummary, aggregate, compare_to_baseline, markdown_table
+from dira3d.evaluation.stats import TESTS, CellSummary, aggregate, compare_to_baseline, markdown_ci_table, markdown_table
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.files import FileContentError, read_json, read_text
 
@@ -239,7 +239,9 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
     table gives the number of seeds and the test, a cell with fewer seeds says ``n=…``, and every run of
     the grid missing from the statistics (not run yet, or failed) is named there. With the paired test
     (:func:`chosen_test`) the note gives the number of pairs, a cell over fewer pairs than it has seeds
-    says ``pairs=…``, and the seeds of one side only are named.
+    says ``pairs=…``, and the seeds of one side only are named. A second table gives the 95 % confidence interval of
+    each cell's mean (:func:`dira3d.evaluation.stats.mean_interval`), also in ``summary.json`` (``ci_low``,
+    ``ci_high``; null for one seed).
     """
     out = Path(config["output_dir"])
     metric = config["metric"]
@@ -274,6 +276,9 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
                  if test == "paired" else
                  "; p n/a: the test is undefined there (fewer than 2 seeds on a side, or one value in every seed of both)")
     note += ".\n"
+    intervals = markdown_ci_table(cells, metric.upper(), method_order=list(config["methods"]))
+    note += (f"\n{intervals}\n\n95 % CI: t-based confidence interval of the mean over the seeds (mean ± t(0.975, n−1) × "
+             "std / √n, ×100; it says how precisely the seeds pin the mean, not where one run falls); n/a: one seed.\n")
     if incomplete:
         why = "not all folds finished or some failed" if "folds" in config else "not run yet, or failed: see failures.json"
         note += f"\nLeft out ({why}): {_listed(incomplete)}.\n"

@@ -2,7 +2,8 @@
 
 Each run is one row ``{"method", "label_fraction", "seed", <metric>: value}``. Per cell
 (method × label fraction) we report mean ± sample standard deviation (``ddof=1``, as in the
-paper's tables) over seeds, and a t-test of each method against the baseline: independent two-sample
+paper's tables) over seeds, the 95 % confidence interval of that mean (t-based: mean ± t(0.975, n−1) · std / √n,
+``scipy.stats.t``; none for one seed), and a t-test of each method against the baseline: independent two-sample
 as in the paper (Student's by default, Welch's with ``equal_var=False``) via ``scipy.stats.ttest_ind``,
 or paired by seed (``paired=True``) via ``scipy.stats.ttest_rel`` over the seeds both cells have.
 """
@@ -18,14 +19,17 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-__all__ = ["TESTS", "CellSummary", "aggregate", "compare_to_baseline", "markdown_table"]
+__all__ = ["TESTS", "CONFIDENCE", "CellSummary", "aggregate", "compare_to_baseline", "markdown_table", "markdown_ci_table",
+           "mean_interval"]
 
 TESTS = ("student", "welch", "paired")  # the t-tests compare_to_baseline runs (equal_var, paired)
+CONFIDENCE = 0.95  # of the interval of each cell's mean over seeds
 
 
 @dataclass(frozen=True)
 class CellSummary:
-    """Mean, sample std and count of one metric over the seeds of one (method, label fraction) cell."""
+    """Mean, sample std, count and the 95 % confidence interval of the mean (:func:`mean_interval`; None for one
+    value) of one metric over the seeds of one (method, label fraction) cell."""
 
     method: str
     label_fraction: float
@@ -36,6 +40,20 @@ class CellSummary:
     p_value: float | None = None  # against the baseline at the same label fraction
     seeds: tuple[int, ...] = ()  # the seed of each value, in the same order; empty when the rows name none
     pairs: int | None = None  # paired test only: the seeds this cell shares with the baseline's, which it is over
+    ci_low: float | None = None  # the 95 % confidence interval of the mean over seeds; None for one seed
+    ci_high: float | None = None
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """The t-based confidence interval of the mean of ``values`` (independent draws, e.g. one per seed): mean ±
+    ``scipy.stats.t.ppf((1 + confidence) / 2, n - 1)`` × sample std / √n; None for fewer than two values. Values all
+    equal give the mean twice (no spread between seeds, not a certainty about the population)."""
+    arr = np.asarray(values, dtype=float)
+    if len(arr) < 2:
+        return None
+    mean = float(arr.mean())
+    half = float(stats.t.ppf((1 + confidence) / 2, len(arr) - 1)) * float(arr.std(ddof=1)) / math.sqrt(len(arr))
+    return mean - half, mean + half
 
 
 def aggregate(rows: Iterable[Mapping], metric: str) -> list[CellSummary]:
@@ -57,7 +75,9 @@ def aggregate(rows: Iterable[Mapping], metric: str) -> list[CellSummary]:
         arr = np.asarray(values, dtype=float)
         std = float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
         named = tuple(seeds[(method, fraction)]) if None not in seeds[(method, fraction)] else ()
-        out.append(CellSummary(method, fraction, len(arr), float(arr.mean()), std, tuple(values), seeds=named))
+        low, high = mean_interval(arr) or (None, None)
+        out.append(CellSummary(method, fraction, len(arr), float(arr.mean()), std, tuple(values), seeds=named,
+                               ci_low=low, ci_high=high))
     return out
 
 
@@ -106,8 +126,7 @@ def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: 
                                         category=RuntimeWarning)
                 result = stats.ttest_ind(cell.values, ref.values, equal_var=equal_var)
             p = float(result.pvalue) if not math.isnan(result.pvalue) else None
-        out.append(CellSummary(cell.method, cell.label_fraction, cell.n, cell.mean, cell.std, cell.values, p,
-                               seeds=cell.seeds))
+        out.append(replace(cell, p_value=p))
     return out
 
 
@@ -176,6 +195,29 @@ def markdown_table(cells: Sequence[CellSummary], metric: str, scale: float = 100
         return _fmt(cell, scale, digits, full_n, untested)
 
     header = "| method | " + " | ".join(f"{metric} @ {100 * f:g} % labels" for f in fractions) + " |"
+    lines = [header, "|---|" + "---|" * len(fractions)]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(text(method, f) for f in fractions) + " |")
+    return "\n".join(lines)
+
+
+def markdown_ci_table(cells: Sequence[CellSummary], metric: str, scale: float = 100.0, digits: int = 2,
+                      method_order: Sequence[str] | None = None) -> str:
+    """A Markdown table laid out as :func:`markdown_table` whose cells are the 95 % confidence interval of the mean
+    over seeds, ``[low, high]`` (× ``scale``); ``n/a`` for a cell of one seed."""
+    fractions = sorted({c.label_fraction for c in cells})
+    methods = list(method_order) if method_order else list(dict.fromkeys(c.method for c in cells))
+    index = {(c.method, c.label_fraction): c for c in cells}
+
+    def text(method: str, fraction: float) -> str:
+        cell = index.get((method, fraction))
+        if cell is None:
+            return "–"
+        if cell.ci_low is None or cell.ci_high is None:
+            return "n/a"
+        return f"[{cell.ci_low * scale:.{digits}f}, {cell.ci_high * scale:.{digits}f}]"
+
+    header = "| method | " + " | ".join(f"{metric} 95 % CI @ {100 * f:g} % labels" for f in fractions) + " |"
     lines = [header, "|---|" + "---|" * len(fractions)]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(text(method, f) for f in fractions) + " |")
