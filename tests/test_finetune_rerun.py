@@ -313,5 +313,6 @@ def test_finetune_overwrite_leaves_no_per_case_csv_of_the_earlier_run(tmp_path):
     cls = write_cxr(tmp_path / "cls", "cls.json", 14, train=8, test=4)
     assert main(["--bundle", "chestxray14_cls", "--tiny", "--datalist", str(cls), "--output-dir", str(out), "--overwrite"]) == 0
     csvs = sorted(p.name for p in out.glob("*.csv"))
-    assert csvs == ["metrics.csv", "notes_raw.csv"], csvs
+    assert csvs == ["metrics.csv", "notes_raw.csv", "test_cases.csv"], csvs  # test_cases.csv: this run's predictions
+    assert (out / "test_cases.csv").read_text().startswith("case,label_Atelectasis,")
     assert (out / "metrics.csv").read_text().startswith("auc,")

@@ -10,7 +10,7 @@ from dira3d.utils.lazy import lazy_exports
 # images that lack them.
 _EXPORTS = {
     "dira3d.evaluation.batch": ("InferenceBatch",),
-    "dira3d.evaluation.case_metrics": ("CaseMetricsWriter",),
+    "dira3d.evaluation.case_metrics": ("CaseMetricsWriter", "CasePredictionsWriter"),
     "dira3d.evaluation.datalists": ("SPLITS", "holdout_by_patient", "load_split", "select_fraction"),
     "dira3d.evaluation.handlers": ("BestModelSaver", "ClosingProgressBar", "FineTunedCheckpointLoader", "ProbabilityWriter",
                                    "fine_tuned_weights", "prediction_path", "scan_stem"),
@@ -39,6 +39,7 @@ __all__ = [
     "TASK_KINDS",
     "BestModelSaver",
     "CaseMetricsWriter",
+    "CasePredictionsWriter",
     "ClosingProgressBar",
     "CheckInferenceInputd",
     "CheckPredictionFiles",

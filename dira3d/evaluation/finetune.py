@@ -146,7 +146,7 @@ def run_finetune(
 
     Returns:
         ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "splits", "split_digests",
-        "settings"}`` (and ``"test_cases": "test_cases.csv"``, the per-case test metrics, for the segmentation bundles,
+        "settings"}`` (and ``"test_cases": "test_cases.csv"``, the per-case test metrics or predictions, every task bundle,
         :mod:`dira3d.evaluation.case_metrics`); ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label
         fraction's selection less the holdout), of the early-stopping holdout and of the test split
         (:func:`dira3d.evaluation.split_checks.describe_split`); ``split_digests`` a digest of each one's cases, which
