@@ -52,7 +52,7 @@ from dira3d.data.errors import DataWarning, join_errors  # join_errors: re-expor
 from dira3d.data.guards import check_rerun, lock_output_folder, locks_held_until_done, release_when_done, why_not_done
 from dira3d.utils.atomic import atomic_write_text, stale_temporaries
 from dira3d.utils.files import read_json
-from dira3d.utils.progress import show_progress
+from dira3d.utils.progress import ProgressLines, show_progress
 
 __all__ = [
     "Case",
@@ -161,7 +161,9 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
         report_path: JSON report (default ``out_dir/report.json``).
         desc: label of the progress bar and the report.
         progress: draw a tqdm bar over the cases on stderr (``dira3d prepare`` passes
-            :func:`dira3d.utils.show_progress`: a terminal only, so a log file or a pipe gets no bar).
+            :func:`dira3d.utils.show_progress`: a terminal only, so a log file or a pipe gets no bar); without it, a
+            line ``<desc>: done/total cases (...; about ... to go)`` at most every minute
+            (:class:`dira3d.utils.progress.ProgressLines`).
         source: the input (``--src``); with ``datalists``, the datalists the caller will write
             afterwards: one whose ``meta.source`` names another input stops the run before any case.
         settings: the processing settings that shape every output (window, spacing, ...), as the
@@ -245,6 +247,7 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
         return [results[c.case_id] for c in cases]
 
     bar = tqdm(total=len(todo), desc=desc or "cases", unit="case", disable=not progress or not todo, file=sys.stderr)
+    lines = ProgressLines(desc or "cases", len(todo), enabled=not progress)  # a line a minute where no bar is drawn
     try:  # closed before anything else is printed, also on Ctrl-C
         stop = False
         if workers == 1:
@@ -254,6 +257,7 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
                 result = results[case.case_id] = _run_one(process_fn, case)
                 stop = result.status == "failed" and not keep_going
                 bar.update()
+                lines.update()
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool, _cancelled_when_interrupted(pool):
                 queue = list(reversed(todo))
@@ -272,6 +276,7 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
                         results[case.case_id] = result
                         stop = stop or (result.status == "failed" and not keep_going)
                         bar.update()
+                        lines.update()
     finally:
         bar.close()
     not_run = "not run: an earlier case failed (use --keep-going to process all)"

@@ -37,6 +37,7 @@ from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.checkpoint import check_writable
 from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.files import FileContentError
+from dira3d.utils.progress import ProgressLines
 from dira3d.utils.seeding import derive_seed
 from dira3d.visual_words.coordinates import (
     CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, hu_to_unit, sample_coordinate,
@@ -219,6 +220,8 @@ def _extract(data: dict, manifest: dict, out_dir: Path, class_block: int, worker
                     writer.create(split, cls["index"], len(cls["neighbours"][split]["indices"]))
                     for slot, index in enumerate(cls["neighbours"][split]["indices"]):
                         tasks[index].append((cls, slot))
+            names = f"{block[0]['index']}-{block[-1]['index']}" if len(block) > 1 else str(block[0]["index"])
+            lines = ProgressLines(f"classes {names}, {split} volumes", len(tasks), unit="volumes", emit=logger.info)
             for index, item in iterate_volumes(data[split], load, workers, order=sorted(tasks)):
                 for cls, slot in tasks[index]:
                     seeds = [derive_seed(cls["crop_seed"], _SPLIT_ID[split], slot, bits=32)]
@@ -229,6 +232,7 @@ def _extract(data: dict, manifest: dict, out_dir: Path, class_block: int, worker
                                          f"chosen in reference {cls['reference']['case_id']}: {err}") from err
                     writer.write(split, cls["index"], slot, patches[0].numpy())
                     written[cls["index"]] += 1
+                lines.update()  # a line a minute: a block reads up to every volume (minutes for hundreds of CTs)
         for cls in block:
             expected = sum(len(info["indices"]) for info in cls["neighbours"].values())
             if written[cls["index"]] != expected:  # the reference code silently dropped rows; never mark those done
