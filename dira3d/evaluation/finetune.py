@@ -18,12 +18,12 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dira3d.evaluation.finetune_messages import finished_message
 from dira3d.evaluation.preprocessing import (
     PREPROCESSING_FILE,
     datalist_preprocessing,
@@ -336,50 +336,10 @@ def _split_summary(entries: list, engine) -> dict | None:
     return describe_split(entries, scored)
 
 
-# ids of inference.json that say where its input and outputs are, not what network was trained: never passed on
-_NOT_FOR_INFERENCE = {"bundle_root", "ckpt_dir", "pretrained", "image", "datalist", "dataset_dir", "output_dir",
-                      "output_path", "output_postfix", "output_ext", "overwrite", "report_path", "device"}
-
-
-def finished_message(out: str | os.PathLike, bundle: str | os.PathLike, tiny: bool = False,
-                     settings: dict[str, Any] | None = None) -> str:
-    """What ``dira3d finetune`` prints after the test metrics: where ``metrics.json``, ``models/model.pt`` and the
-    TensorBoard logs are, and the inference command for the model (with ``tiny.json`` for a ``--tiny`` run, and the
-    ``--set`` ``settings`` that inference.json defines, e.g. ``width``: the network must be built as it was trained)."""
-    from monai.bundle import ConfigParser
-
-    out, root = Path(out).resolve(), bundle_path(bundle).resolve()
-    lines = [f"metrics:     {out / 'metrics.json'}", f"model:       {out / 'models' / 'model.pt'}",
-             f"TensorBoard: tensorboard --logdir {out}"]
-    configs = [root / "configs" / "inference.json"] + ([root / "configs" / "tiny.json"] if tiny else [])
-    if not all(c.is_file() for c in configs):  # a bundle of the user's without inference.json
-        return "\n".join(lines)
-    parser = ConfigParser()  # inference.json alone: tiny.json's training settings (max_epochs) are not for it
-    parser.read_config(str(configs[0]))
-    passed = {k: v for k, v in (settings or {}).items() if k not in _NOT_FOR_INFERENCE and k in parser}
-    config_file = str(configs[0]) if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    words = ["python -m monai.bundle run --config_file", _shell_word(config_file), "--bundle_root", _shell_word(str(root)),
-             "--ckpt_dir", _shell_word(str(out / "models")), "--image IMAGE"]
-    for key, value in passed.items():
-        words += [f"--{key}", _shell_word(value if isinstance(value, str) else repr(value))]
-    doc = root / "docs" / "README.md"
-    lines.append(f"inference:   {' '.join(words)} ({doc if doc.is_file() else 'docs/finetuning.md'})")
-    return "\n".join(lines)
-
-
 def _prepared_spacing(datalist: str | os.PathLike | None) -> list[float] | None:
     """The voxel size the datalist's volumes were resampled to (``meta.spacing``, ``dira3d prepare --spacing``), for
     ``pixdim`` in the inference command; None when it records none (the scans kept their own) or cannot be read."""
     return datalist_preprocessing(datalist).get("spacing")
-
-
-def _shell_word(text: str) -> str:
-    """``text`` as one shell word: as it is when it needs no quotes, in double quotes when they keep it whole
-    (``"['a.json','b.json']"``, as the docs write lists), else in single quotes."""
-    quoted = shlex.quote(text)
-    if quoted == text or any(c in text for c in '"$`\\!'):
-        return quoted
-    return f'"{text}"'
 
 
 def _output_dir(args: argparse.Namespace, overrides: dict[str, Any]) -> Path:

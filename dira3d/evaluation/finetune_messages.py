@@ -1,0 +1,56 @@
+"""What ``dira3d finetune`` prints when a run has finished: where its outputs are, and the inference command.
+
+The command is built from the bundle's ``inference.json`` (with ``tiny.json`` for a ``--tiny`` run) and the
+run's own settings that ``inference.json`` defines (e.g. ``width``), so that the network is built as it was
+trained; each word is quoted for a shell only where it needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+__all__ = ["finished_message"]
+
+# ids of inference.json that say where its input and outputs are, not what network was trained: never passed on
+_NOT_FOR_INFERENCE = {"bundle_root", "ckpt_dir", "pretrained", "image", "datalist", "dataset_dir", "output_dir",
+                      "output_path", "output_postfix", "output_ext", "overwrite", "report_path", "device"}
+
+
+def finished_message(out: str | os.PathLike, bundle: str | os.PathLike, tiny: bool = False,
+                     settings: dict[str, Any] | None = None) -> str:
+    """What ``dira3d finetune`` prints after the test metrics: where ``metrics.json``, ``models/model.pt`` and the
+    TensorBoard logs are, and the inference command for the model (with ``tiny.json`` for a ``--tiny`` run, and the
+    ``--set`` ``settings`` that inference.json defines, e.g. ``width``: the network must be built as it was trained)."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.evaluation.finetune import bundle_path  # the module that imports this one
+
+    out, root = Path(out).resolve(), bundle_path(bundle).resolve()
+    lines = [f"metrics:     {out / 'metrics.json'}", f"model:       {out / 'models' / 'model.pt'}",
+             f"TensorBoard: tensorboard --logdir {out}"]
+    configs = [root / "configs" / "inference.json"] + ([root / "configs" / "tiny.json"] if tiny else [])
+    if not all(c.is_file() for c in configs):  # a bundle of the user's without inference.json
+        return "\n".join(lines)
+    parser = ConfigParser()  # inference.json alone: tiny.json's training settings (max_epochs) are not for it
+    parser.read_config(str(configs[0]))
+    passed = {k: v for k, v in (settings or {}).items() if k not in _NOT_FOR_INFERENCE and k in parser}
+    config_file = str(configs[0]) if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    words = ["python -m monai.bundle run --config_file", _shell_word(config_file), "--bundle_root", _shell_word(str(root)),
+             "--ckpt_dir", _shell_word(str(out / "models")), "--image IMAGE"]
+    for key, value in passed.items():
+        words += [f"--{key}", _shell_word(value if isinstance(value, str) else repr(value))]
+    doc = root / "docs" / "README.md"
+    lines.append(f"inference:   {' '.join(words)} ({doc if doc.is_file() else 'docs/finetuning.md'})")
+    return "\n".join(lines)
+
+
+def _shell_word(text: str) -> str:
+    """``text`` as one shell word: as it is when it needs no quotes, in double quotes when they keep it whole
+    (``"['a.json','b.json']"``, as the docs write lists), else in single quotes."""
+    quoted = shlex.quote(text)
+    if quoted == text or any(c in text for c in '"$`\\!'):
+        return quoted
+    return f'"{text}"'
