@@ -40,6 +40,22 @@ def test_prepare_ends_naming_its_datalists_the_report_and_the_next_step(tmp_path
     assert "datalist:" not in capsys.readouterr().out
 
 
+def test_synthetic_ends_naming_the_prepare_command_that_takes_its_tree(tmp_path, capsys):
+    # the README's "each command ends by naming what it wrote and the next command": `dira3d synthetic` ended with
+    # "wrote N phantoms ..." alone, and the LUNA16 tree it writes is the --src of `dira3d prepare luna16`
+    from test_docs_match_code import _command_main, _parser_of
+
+    out = tmp_path / "my data" / "luna16"
+    assert cli_main(["synthetic", "--out", str(out), "--count", "1", "--size", "48", "48", "24"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wrote 1 phantoms in the LUNA16 layout to {out}"
+    assert lines[1].startswith("next:     dira3d prepare luna16 ")
+    words = shlex.split(lines[1].split(None, 1)[1].rsplit(" (", 1)[0])
+    label, main, rest = _command_main(words)
+    args = _parser_of(main).parse_args(rest)  # SystemExit (2) on an option the parser does not take
+    assert label == "dira3d prepare luna16" and Path(args.src) == out and Path(args.dst) == Path("prepared/luna16")
+
+
 def test_the_next_step_of_every_datalist_is_a_command_its_parser_takes(tmp_path):
     # the hints must stay runnable: every option one names exists (the parsers are built, nothing runs)
     from test_docs_match_code import _command_main, _parser_of

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d synthetic: {interrupted_word(err)}; {what}", file=sys.stderr)
         return interrupt_exit_code(err)
     print(f"wrote {args.count} phantoms in the LUNA16 layout to {out}")
+    print(f"next:     dira3d prepare luna16 --src {shlex.quote(str(out))} --dst prepared/luna16 (docs/data.md)")
     return 0
 
 
