@@ -8,6 +8,7 @@ patient's PA and lateral DICOMs (or two visits) could land in training and test:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -96,3 +97,25 @@ def test_the_help_names_the_dicom_default(capsys):
     with pytest.raises(SystemExit):
         radiographs.main(["--help"])
     assert "dicom (default: a DICOM's PatientID" in " ".join(capsys.readouterr().out.split())
+
+
+def test_dicoms_named_by_their_uid_are_found_and_grouped_by_patient(tmp_path):
+    """A PACS export names each file by its SOP instance UID (``1.2.840.113619.2.55.3.5``: Python's suffix is ``.5``):
+    such files were counted as other files and left out, and a folder of them held 'no radiograph'. They are found by
+    their DICM tag, keep their whole name as case id, and their PatientID groups them; a text file named like a UID
+    is still not taken."""
+    src = tmp_path / "pacs"
+    _dicom(src / "study1" / "1.2.840.113619.2.55.3.5", "PAT-U")
+    _dicom(src / "study1" / "1.2.840.113619.2.55.3.17", "PAT-U")
+    _dicom(src / "study2" / "1.3.6.1.4.1.9328.2", "PAT-V")
+    (src / "study2" / "1.2.3.4").write_text("not an image")
+    found = radiographs.find_radiographs(src)
+    assert sorted(found) == ["study1_1.2.840.113619.2.55.3.17", "study1_1.2.840.113619.2.55.3.5",
+                             "study2_1.3.6.1.4.1.9328.2"]
+    dst = tmp_path / "out"
+    assert radiographs.main(["--src", str(src), "--dst", str(dst), "--size", "32", "--val-fraction", "0.5"]) == 0
+    datalist, parts = _parts(dst)
+    assert sorted(parts) == ["PAT-U", "PAT-V"] and all(len(p) == 1 for p in parts.values())
+    images = sorted(Path(e["image"]).name for part in ("training", "validation") for e in datalist.get(part, []))
+    assert images == ["study1_1.2.840.113619.2.55.3.17.png", "study1_1.2.840.113619.2.55.3.5.png",
+                      "study2_1.3.6.1.4.1.9328.2.png"]

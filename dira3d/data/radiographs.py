@@ -7,11 +7,12 @@ configs (``bundles/dira_pretrain/configs/2d.json``) read. Each file is read as t
 transparent one a failed case) and resized to ``--size``.
 
 Input (``--src``, searched recursively; hidden files and folders, and ``--dst`` inside it, are left out): files
-ending in ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp`` or ``.dcm``, and DICOM files without a suffix
-but ``DICOMDIR`` (the index of a DICOM CD, which holds no image).
+ending in ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp`` or ``.dcm``, and DICOM files (the ``DICM`` tag
+after the preamble) without a suffix, ending in ``.ima`` / ``.dicom``, or named by a UID (``1.2.840.113619.5``, whose
+suffix is a number), but ``DICOMDIR`` (the index of a DICOM CD, which holds no image).
 
 Output (``--dst``): ``images/<case_id>.png`` (the case id is the file name without its suffix, prefixed by its
-sub-folders: ``site_b/x1.dcm`` → ``site_b_x1``), ``radiographs_datalist.json`` whose entries are ``{"image",
+sub-folders: ``site_b/x1.dcm`` → ``site_b_x1``; a DICOM found by its tag keeps its whole name: ``1.2.840.5``), ``radiographs_datalist.json`` whose entries are ``{"image",
 "case_id": patient id}`` in ``training`` / ``validation`` (/ ``test`` with ``--test-fraction``), a seeded split of
 the patients, recorded in ``split.json``.
 
@@ -77,12 +78,14 @@ def find_radiographs(src: str | os.PathLike, exclude: str | os.PathLike | None =
             suffix = path.suffix.lower()
             if name.startswith("."):
                 continue
-            # DICOMDIR: the index of a DICOM CD or USB stick (a DICOM file without pixels), not a radiograph
-            if name.upper() == "DICOMDIR" or not (suffix in SUFFIXES or (not suffix and looks_like_dicom(path))):
+            # DICOMDIR: the index of a DICOM CD or USB stick (a DICOM file without pixels), not a radiograph. A DICOM
+            # named by its SOP instance UID (1.2.840.113619.2.55.3.5: its "suffix" is .5) is found by its DICM tag.
+            named = suffix in SUFFIXES
+            if name.upper() == "DICOMDIR" or not (named or _is_dicom(path)):
                 others.append(name)
                 continue
             rel = path.relative_to(src)
-            cid = "_".join([*rel.parent.parts, path.stem if suffix else name])
+            cid = "_".join([*rel.parent.parts, path.stem if named else name])
             if cid in found:
                 record_or_raise(problems, cid, DataError(path, f"gives the same case id {cid!r} as {found[cid]}, so both "
                                                                "would write the same PNG; rename or move one of them"))
@@ -95,18 +98,25 @@ def find_radiographs(src: str | os.PathLike, exclude: str | os.PathLike | None =
     return found
 
 
+def _is_dicom(path: Path) -> bool:
+    """A DICOM file whose name does not end in a radiograph suffix: none (``IM0001``), ``.ima`` / ``.dicom``, or a
+    number (a UID file name); the ``DICM`` tag after the preamble decides (:func:`looks_like_dicom`)."""
+    suffix = path.suffix.lower()
+    return (not suffix or suffix in (".ima", ".dicom") or suffix[1:].isdigit()) and looks_like_dicom(path)
+
+
 def _process(case: Case, size: int) -> dict:
     return convert_image(case.params["path"], case.outputs[0], size)
 
 
 def _dicom_patients(cases: list[Case], patients: dict[str, str]) -> list[str]:
-    """Put the ``PatientID`` of each DICOM case (a ``.dcm`` file, or one without a suffix) into ``patients``; the
+    """Put the ``PatientID`` of each DICOM case (a ``.dcm`` file, or one found by its DICM tag) into ``patients``; the
     case ids of the DICOMs without one (blank, anonymised, or a header that cannot be read) are returned and keep
     their case id as patient."""
     without = []
     for case in cases:
         path = Path(case.params["path"])
-        if path.suffix.lower() not in (".dcm", ""):
+        if path.suffix.lower() in SUFFIXES and path.suffix.lower() != ".dcm":  # PNG, JPEG, ...: no header to ask
             continue
         try:
             patient = dicom_patient_id(path)
