@@ -252,6 +252,25 @@ def test_monailabel_app_checks_the_bundles_path_before_copying(repo_root, tmp_pa
     assert (tmp_path / "app" / "main.py").is_file() and "start_server" in out
 
 
+def test_monailabel_app_names_a_studies_folder_that_is_not_there_and_prints_it_absolute(repo_root, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """--studies was only pasted into the printed start command: a misspelt folder went unnoticed until the server
+    listed no scan, and a relative one named another folder when the server was started from elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scans").mkdir()
+    base = ["monailabel-app", "--bundles", str(repo_root / "bundles")]
+    assert export_main(base + ["--out", str(tmp_path / "app1"), "--studies", "scans"]) == 0
+    out = capsys.readouterr().out
+    assert f"--studies {tmp_path / 'scans'} --conf" in out and "note: --studies" not in out
+    assert export_main(base + ["--out", str(tmp_path / "app2"), "--studies", "scnas"]) == 0
+    out = capsys.readouterr().out
+    assert f"--studies {tmp_path / 'scnas'} --conf" in out
+    assert "note: --studies scnas is not a folder (yet)" in out
+    assert export_main(base + ["--out", str(tmp_path / "app3")]) == 0  # not given: a placeholder, no note
+    out = capsys.readouterr().out
+    assert "--studies <studies folder> --conf" in out and "note: --studies" not in out
+
+
 def _copy_half_then(stop: BaseException):
     """A shutil.copytree that copies main.py and then stops as a Ctrl-C (or a full disk) would."""
     def copytree(src, dst, **kwargs):

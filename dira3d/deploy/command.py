@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     app = sub.add_parser("monailabel-app", help="copy the MONAI Label app and print its start command", formatter_class=DefaultsHelpFormatter)
     app.add_argument("--out", required=True, help="new folder for the app")
     app.add_argument("--bundles", default=None, help="bundle folder(s) to serve (default <repo>/bundles)")
-    app.add_argument("--studies", default="<studies folder>")
+    app.add_argument("--studies", default=None,
+                     help="the folder of scans the server lists and infers on (named in the printed start command)")
     app.add_argument("--build-env", action="store_true", help="also build the MONAI Label environment")
     return parser
 
@@ -217,9 +218,13 @@ def _run(args: argparse.Namespace) -> int:
     with removed_if_failed(args.out):  # an app without its environment (--build-env failed or stopped) goes too
         app = prepare_app(args.out)  # checks that --out can be written before copying
         venv = ensure_monailabel_env() if args.build_env else default_venv()
+    studies = str(Path(args.studies).resolve()) if args.studies else "<studies folder>"  # the server's cwd may differ
     print(f"MONAI Label app copied to {app}. Start it with:\n"
           f"  PYTHONPATH={REPO_ROOT} {Path(venv) / 'bin' / 'python'} -m monailabel.main start_server "
-          f"--app {app} --studies {args.studies} --conf bundles {bundles} --host 127.0.0.1 --port 8000")
+          f"--app {app} --studies {studies} --conf bundles {bundles} --host 127.0.0.1 --port 8000")
+    if args.studies and not Path(args.studies).is_dir():
+        print(f"note: --studies {args.studies} is not a folder (yet): the server would start with no scan to list; put "
+              "the scans there (NIfTI, NRRD, DICOM folders) or pass the folder that holds them")
     if not find_bundles(bundles):
         print(f"note: no bundle under {bundles} has weights (models/model.pt or model.ts) yet; the server "
               "serves only bundles with weights")
