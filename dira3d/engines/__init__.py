@@ -13,11 +13,14 @@
   :class:`EpochStatsHandler` — MONAI's console line, its ``Iter`` counted in the epoch also after a resume;
   :func:`rank_zero_handlers` — the reporting handlers on rank 0 alone.
 - :func:`checked_cache_data`, :func:`shared_cache` — the volumes cached before training: the estimate logged, a
-  cache that would not fit refused (``num_samples_cache``), one copy when validation uses the training list.
+  cache that would not fit refused (``num_samples_cache``), one copy when validation uses the training list;
+  :func:`checked_task_cache_data` the same for the task bundles' caches (``cache_rate``), measured after their
+  deterministic preprocessing.
 - Factories for the mode-dependent parts and the volume → patch-pair transforms.
 """
 
-from dira3d.engines.cache import check_cache_memory, checked_cache_data, shared_cache
+from dira3d.engines.cache import (check_cache_memory, check_task_cache_memory, checked_cache_data,
+                                  checked_task_cache_data, shared_cache)
 from dira3d.engines.checkpoint import (DiRACheckpoint, check_checkpoint_folder_free, checkpoint_dict, pretrained_checkpoint,
                                        restore_checkpoint)
 from dira3d.engines.components import DIS_MODES, build_dis_head, build_dis_loss, build_predictor, check_dis_mode
@@ -36,7 +39,9 @@ from dira3d.engines.trainer import DiRATrainer
 
 __all__ = [
     "check_cache_memory",
+    "check_task_cache_memory",
     "checked_cache_data",
+    "checked_task_cache_data",
     "shared_cache",
     "init_distributed",
     "is_main_process",

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available_memory", "cached_items", "cache_bytes", "check_cache_memory", "checked_cache_data",
-           "shared_cache"]
+__all__ = ["available_memory", "cached_items", "cache_bytes", "check_cache_memory", "check_task_cache_memory",
+           "checked_cache_data", "checked_task_cache_data", "item_bytes", "prefix_item_bytes", "shared_cache",
+           "task_cache_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,21 +137,38 @@ def check_cache_memory(train_datalist: Sequence[Mapping[str, Any]], val_datalist
     if volumes == 0:
         return 0
     note = f" ({unknown} without a readable header not counted)" if unknown else ""
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun: every process caches every volume
+    local = _local_processes()
     each = f", in each of the {local} processes on this node" if local > 1 else ""
     logger.info("caching %d volume(s) in memory before training: about %.2f GiB as float32%s%s (%s=%g; "
                 "progress is not shown outside a terminal)", volumes, total / _GIB, note, each, setting, rate)
+    return _refuse_unless_it_fits(total, f"{volumes} volume(s) in memory", "as float32", setting, rate, fraction,
+                                  "prepare the volumes with a coarser --spacing, or free memory")
+
+
+def _local_processes() -> int:
+    """Processes of this node that each hold a whole cache: ``LOCAL_WORLD_SIZE`` under ``torchrun`` (the
+    ``DistributedSampler`` of ``multi_gpu_train.json`` splits the iterations, not the cache), else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def _refuse_unless_it_fits(total: int, what: str, how: str, setting: str, rate: float, fraction: float,
+                           advice: str, override: str = "--override {setting}={value}", unit: str = "volume") -> int:
+    """``total`` bytes for one process, times the processes of the node; raises the ``ValueError`` naming
+    ``setting`` and the share that fits (as ``override`` spells it) when that exceeds ``fraction`` of
+    :func:`available_memory`."""
+    local = _local_processes()
+    each = f", in each of the {local} processes on this node" if local > 1 else ""
     need = total * local
     free = available_memory()
     if free is None or need <= fraction * free:
         return need
-    fits = int(rate * fraction * free / need * 100) / 100  # rounded down to 0.01
-    size = f"about {total / _GIB:.1f} GiB as float32" + (f"{each} ({need / _GIB:.1f} GiB in all)" if local > 1 else "")
+    fits = f"{int(rate * fraction * free / need * 100) / 100:g}"  # rounded down to 0.01
+    size = f"about {total / _GIB:.1f} GiB {how}" + (f"{each} ({need / _GIB:.1f} GiB in all)" if local > 1 else "")
     raise ValueError(
-        f"{setting}={rate:g} caches {volumes} volume(s) in memory, {size}, but only {free / _GIB:.1f} GiB is "
-        f"available: the run would be killed for memory while caching. Lower it (--override {setting}={fits:g} "
-        f"caches the share that fits; {setting}=0 caches none and reads every volume from disk at each use, slower), "
-        "prepare the volumes with a coarser --spacing, or free memory")
+        f"{setting}={rate:g} caches {what}, {size}, but only {free / _GIB:.1f} GiB is "
+        f"available: the run would be killed for memory while caching. Lower it "
+        f"({override.format(setting=setting, value=fits)} caches the share that fits; {setting}=0 caches none and "
+        f"reads every {unit} from disk at each use, slower), {advice}")
 
 
 def checked_cache_data(train_datalist: Sequence[Mapping[str, Any]], val_datalist: Sequence[Mapping[str, Any]] = (),
@@ -158,4 +176,145 @@ def checked_cache_data(train_datalist: Sequence[Mapping[str, Any]], val_datalist
     """``train_datalist``, after :func:`check_cache_memory`: the training ``CacheDataset``'s ``data`` in the
     pretraining bundle, so that the check runs where (and only where) volumes are cached, before the first load."""
     check_cache_memory(train_datalist, val_datalist, rate)
+    return train_datalist
+
+
+# The task (fine-tuning) bundles cache the output of their deterministic preprocessing, not the file: a 512 x 512
+# chest X-ray PNG resized to 224 x 224 float32 is 196 KiB whatever the file's header says, a LUNA16 cube is the
+# cube. Their estimate runs the bundle's own deterministic prefix on the first entry of each list (a one-entry MONAI
+# CacheDataset, which splits the transform where the bundle's own does), times the entries that list caches; when
+# its last entry caches another size (LiTS CTs kept at native size: 74 to 987 slices), by the entries' headers.
+
+
+def item_bytes(item: Any) -> int:
+    """Bytes the arrays of a cached item hold: every tensor's storage and every NumPy array, each once."""
+    import numpy as np
+    import torch
+
+    seen: set[int] = set()
+
+    def walk(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() in seen:
+                return 0
+            seen.add(storage.data_ptr())
+            return int(storage.nbytes())
+        if isinstance(value, np.ndarray):
+            return int(value.nbytes)
+        if isinstance(value, Mapping):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        return 0
+
+    return walk(item)
+
+
+def prefix_item_bytes(entry: Mapping[str, Any], transform: Any) -> int | None:
+    """Bytes of ``entry`` as a ``CacheDataset`` with ``transform`` caches it (the transforms up to the first random
+    one, MONAI's split); None when that fails (the entry is then estimated from its headers, and the bundle's own
+    ``CacheDataset`` reports the fault when it loads it)."""
+    from monai.data import CacheDataset
+
+    try:
+        one = CacheDataset([entry], transform=transform, cache_rate=1.0, num_workers=1, progress=False,
+                           copy_cache=False)
+        return item_bytes(one._cache[0])  # MONAI's cache list, pinned by tests/test_engines_cache.py
+    except Exception as err:  # noqa: BLE001 - any fault of the entry is reported by the bundle's dataset
+        logger.debug("the cache estimate could not preprocess %s (%s); using its headers", entry, err)
+        return None
+
+
+def _entry_header_bytes(entry: Any, keys: Sequence[str], sizes: dict[str, int | None]) -> int | None:
+    """float32 bytes of the files of ``entry`` under ``keys`` from their headers; None when one is unreadable."""
+    total = 0
+    for key in keys:
+        path = entry.get(key) if isinstance(entry, Mapping) else None
+        if not isinstance(path, (str, os.PathLike)):
+            continue
+        if str(path) not in sizes:
+            sizes[str(path)] = _volume_bytes(str(path))
+        if sizes[str(path)] is None:
+            return None
+        total += sizes[str(path)]
+    return total
+
+
+def _list_bytes(cached: Sequence[Any], transform: Any, keys: Sequence[str]) -> int | None:
+    """Bytes of one list's cache: its first entry through the prefix, times the entries, when its last entry caches
+    as many bytes (a resize, a crop, cubes of one size); when they differ (volumes of their own size, kept so by the
+    prefix) each entry is scaled by its headers along the line through those two. None when the first fails."""
+    first = prefix_item_bytes(cached[0], transform)
+    if first is None or len(cached) == 1:
+        return first
+    last = prefix_item_bytes(cached[-1], transform)
+    if last is None or last == first:
+        return first * len(cached)
+    sizes: dict[str, int | None] = {}
+    h_first, h_last = _entry_header_bytes(cached[0], keys, sizes), _entry_header_bytes(cached[-1], keys, sizes)
+    if not h_first or not h_last or h_first == h_last:
+        return (first + last) * len(cached) // 2
+    slope = (last - first) / (h_last - h_first)
+    total = 0.0
+    for entry in cached:
+        header = _entry_header_bytes(entry, keys, sizes)
+        total += (first + last) / 2 if header is None else max(0.0, first + slope * (header - h_first))
+    return int(total)
+
+
+def task_cache_bytes(caches: Sequence[tuple[Sequence[Mapping[str, Any]], Any]], rate: float,
+                     keys: Sequence[str] = ("image", "label")) -> tuple[int, int, int]:
+    """``(bytes, items, from_headers)`` of the caches ``(datalist, transform)`` of a task bundle at ``cache_rate``
+    ``rate``: the first (and last) cached entry of each list through its deterministic prefix
+    (:func:`prefix_item_bytes`), extended to the entries that list caches (:func:`_list_bytes`); a list whose first
+    entry fails is estimated from the headers of ``keys`` (float32), and its entries are counted in
+    ``from_headers``."""
+    total = items = from_headers = 0
+    for datalist, transform in caches:
+        cached = cached_items(datalist, rate)
+        if not cached:
+            continue
+        items += len(cached)
+        measured = _list_bytes(cached, transform, keys)
+        if measured is not None:
+            total += measured
+            continue
+        from_headers += len(cached)
+        total += sum(cache_bytes([cached], 1.0, key)[0] for key in keys)
+    return total, items, from_headers
+
+
+def check_task_cache_memory(caches: Sequence[tuple[Sequence[Mapping[str, Any]], Any]], rate: float = 1.0,
+                            setting: str = "cache_rate", fraction: float = 0.9,
+                            stage: str = "training (training and validation)") -> int:
+    """Log what a task bundle's ``CacheDataset``s (training and validation: different entries) will cache before
+    ``stage``, and refuse a cache larger than ``fraction`` of :func:`available_memory` naming ``setting`` and the
+    share that fits, as :func:`check_cache_memory` does for pretraining (under ``torchrun`` times
+    ``LOCAL_WORLD_SIZE``). Returns the estimated bytes for the node."""
+    rate = float(rate)
+    total, items, from_headers = task_cache_bytes(caches, rate)
+    if items == 0:
+        return 0
+    note = f"; {from_headers} from the file headers as float32" if from_headers else ""
+    local = _local_processes()
+    each = f", in each of the {local} processes on this node" if local > 1 else ""
+    logger.info("caching %d item(s) in memory before %s: about %.2f GiB%s (the first and last entry of each list "
+                "after the deterministic preprocessing, for all its entries%s; %s=%g; progress is not shown outside "
+                "a terminal)", items, stage, total / _GIB, each, note, setting, rate)
+    return _refuse_unless_it_fits(total, f"{items} item(s) in memory before {stage}", "after preprocessing",
+                                  setting, rate, fraction, "or free memory",
+                                  "{setting}={value} (dira3d finetune --set {setting}={value}; --{setting} {value} "
+                                  "on a monai.bundle command line)", unit="item")
+
+
+def checked_task_cache_data(train_datalist: Sequence[Mapping[str, Any]], train_transform: Any,
+                            val_datalist: Sequence[Mapping[str, Any]] = (), val_transform: Any = None,
+                            rate: float = 1.0, stage: str = "training (training and validation)"
+                            ) -> Sequence[Mapping[str, Any]]:
+    """``train_datalist``, after :func:`check_task_cache_memory` of the training and validation caches: the training
+    ``CacheDataset``'s ``data`` in the task bundles' ``train.json``, so the check runs before the first entry is cached
+    (``stage`` names the caching in the log and the refusal). Their ``evaluate.json`` caches no test entry
+    (``cache_rate`` 0: one pass over them gains nothing from a cache)."""
+    check_task_cache_memory([(train_datalist, train_transform), (val_datalist, val_transform)], rate, stage=stage)
     return train_datalist
