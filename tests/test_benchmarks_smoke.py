@@ -16,3 +16,13 @@ def test_distortions_benchmark_quick(repo_root: Path) -> None:
     assert match, result.stdout
     assert float(match.group(1)) > 0
     assert "dira3d batched torch" in result.stdout and "per-patch NumPy" in result.stdout
+
+
+def test_split_loading_benchmark_small(repo_root: Path) -> None:
+    result = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "split_loading.py"), "--entries", "400"],
+                            capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert result.returncode == 0, result.stderr
+    counts = {(m[0], m[1]): int(m[2]) for m in re.findall(r"load_split\('(\w+)', label_fraction=([0-9.]+)\): (\d+) entries",
+                                                         result.stdout)}
+    assert set(counts) == {(s, f) for s in ("train", "holdout", "test") for f in ("1", "0.01")}, result.stdout
+    assert counts["train", "1"] + counts["holdout", "1"] == 400 and counts["test", "1"] == 234

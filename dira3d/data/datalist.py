@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,7 @@ def datalist_entries(
     if key == "test" and raw and not isinstance(raw[0], dict):  # the decathlon's bare list of test images
         raw = [{"image": item} for item in raw]
     base = str(path.parent if base_dir is None else base_dir)
+    resolve = _resolver(base)
     entries, problems, missing_files = [], [], 0
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict):
@@ -148,8 +149,7 @@ def datalist_entries(
         if absent:
             problems.append(f"entry {index} has no {' or '.join(repr(a) for a in absent)}")
             continue
-        item = {k: _resolve(base, v, always=k in path_keys) if k in path_keys or detect_paths else v
-                for k, v in entry.items()}
+        item = {k: resolve(v, k in path_keys) if k in path_keys or detect_paths else v for k, v in entry.items()}
         if check_files is not None:
             for name in (k for k in required if k in path_keys):
                 for file in _strings(item[name]):
@@ -165,19 +165,49 @@ def datalist_entries(
     return entries
 
 
-def _resolve(base: str, value: Any, always: bool) -> Any:
-    """``value`` (a path or a list of paths) joined to ``base`` as MONAI does; ``always=False``: only
-    where the joined path exists (other values are returned as they are)."""
+_NOT_PATHS = (int, float, bool, type(None), dict)  # exact types of JSON values that are never paths
 
-    def join(item: str) -> str:
-        result = os.path.normpath(os.path.join(base, item))
-        return result if always or os.path.exists(result) else f"{item}"
 
-    if isinstance(value, (str, os.PathLike)):
-        return join(value)
-    if isinstance(value, list) and all(isinstance(v, (str, os.PathLike)) for v in value):
-        return [join(v) for v in value]
-    return value
+def _resolver(base: str) -> Callable[[Any, bool], Any]:
+    """``resolve(value, always)``: ``value`` (a path or a list of paths) joined to ``base`` as MONAI does;
+    ``always=False``: only where the joined path exists (other values are returned as they are). Made once per
+    read: a value looked up once is not looked up again (a patient id or a view repeats over many entries)."""
+    detected: dict[str, str] = {}
+    normpath, exists = os.path.normpath, os.path.exists
+    # posixpath.join(base, item) of a str, in one step: item if absolute, else base + "/" + item ("/" not doubled)
+    prefix = base if not base or base.endswith("/") else base + "/"
+    posix = os.path.__name__ == "posixpath"
+
+    def join(item: str | os.PathLike) -> str:
+        if posix and type(item) is str:
+            return normpath(item if item.startswith("/") else prefix + item)
+        return normpath(os.path.join(base, item))
+
+    def one(item: str | os.PathLike, always: bool) -> str:
+        if always:
+            return join(item)
+        if isinstance(item, str) and item in detected:
+            return detected[item]
+        result = join(item)
+        result = result if exists(result) else f"{item}"
+        if isinstance(item, str):
+            detected[item] = result
+        return result
+
+    def resolve(value: Any, always: bool) -> Any:
+        kind = type(value)
+        if kind in _NOT_PATHS:  # first: isinstance of os.PathLike (an ABC) is slow, and most values are these
+            return value
+        if kind is str or isinstance(value, (str, os.PathLike)):
+            return one(value, always)
+        if isinstance(value, list):
+            if value and type(value[0]) in _NOT_PATHS:  # a label vector
+                return value
+            if all(isinstance(v, (str, os.PathLike)) for v in value):
+                return [one(v, always) for v in value]
+        return value
+
+    return resolve
 
 
 def check_entry_files(datalist: str | os.PathLike, key: str, entries: Sequence[Mapping[str, Any]],

@@ -21,237 +21,23 @@ Splits, by name:
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from dira3d.data.datalist import check_entry_files, datalist_entries, read_datalist_json
+# the draws and entry kinds live in split_draws.py; importable from here as before
+from dira3d.evaluation.split_draws import (FOREGROUND_KEYS, entry_classes, foreground_key, fraction_count,
+                                           has_foreground, holdout_by_patient, is_classification, is_multilabel,
+                                           patient_of, select_fraction)
 
-__all__ = ["SPLITS", "VALIDATION", "FOREGROUND_KEYS", "load_split", "select_fraction", "holdout_by_patient"]
+__all__ = ["SPLITS", "VALIDATION", "FOREGROUND_KEYS", "load_split", "select_fraction", "holdout_by_patient",
+           "is_classification", "is_multilabel", "patient_of", "entry_classes", "foreground_key", "has_foreground",
+           "fraction_count"]
 
 SPLITS = ("train", "holdout", "validation", "test")
 # the `holdout` setting that early-stops on the datalist's own "validation" list instead of a share of training
 VALIDATION = "validation"
-
-
-def is_classification(entries: list[dict]) -> bool:
-    """Integer labels mean classification; a path (mask) means segmentation."""
-    return bool(entries) and all(isinstance(e.get("label"), (int, bool, np.integer)) for e in entries)
-
-
-def is_multilabel(entries: list[dict]) -> bool:
-    """List labels (one float per class) mean multi-label classification (2D chest X-rays)."""
-    return bool(entries) and all(isinstance(e.get("label"), (list, tuple)) for e in entries)
-
-
-def patient_of(entry: dict) -> str:
-    """The patient of an entry: its ``patient_id`` when it has one (``dira3d prepare generic`` records it,
-    since there a case is a scan), else its ``case_id`` (the patient in the other datasets)."""
-    return str(entry.get("patient_id", entry["case_id"]))
-
-
-def entry_classes(entry: dict) -> set[int]:
-    """Classes an entry counts for: its integer label, or its positive (≥ 0.5) classes when multi-label."""
-    label = entry["label"]
-    if isinstance(label, (list, tuple)):
-        return {i for i, value in enumerate(label) if float(value) >= 0.5}
-    return {int(label)}
-
-
-# keys of a segmentation entry that say whether its mask has foreground, as `dira3d prepare` writes them:
-# SIIM-ACR's 0/1 ``pneumothorax`` and LIDC-IDRI's consensus ``voxels`` count (the other prepared segmentation
-# datasets, lung, liver and whole tumour, have foreground in every mask and carry neither)
-FOREGROUND_KEYS = ("pneumothorax", "voxels")
-
-
-def foreground_key(entries: list[dict]) -> str | None:
-    """The first of :data:`FOREGROUND_KEYS` that every segmentation entry carries as a number, else None
-    (classification entries, or a datalist that does not say which masks are empty)."""
-    if not entries or is_classification(entries) or is_multilabel(entries):
-        return None
-    for key in FOREGROUND_KEYS:
-        if all(isinstance(e.get(key), (int, float, np.integer, np.floating)) for e in entries):
-            return key
-    return None
-
-
-def has_foreground(key: str) -> Callable[[dict], set[bool]]:
-    """``classes_of`` for :func:`_complete_classes`: ``{True}`` for an entry whose mask has foreground, else
-    nothing, so that the holdout is completed with a positive only (never with an empty mask)."""
-    return lambda entry: {True} if float(entry[key]) > 0 else set()
-
-
-def _rng(seed: int, salt: int) -> np.random.Generator:
-    # one independent stream per purpose, so changing the fraction does not move the holdout seed
-    return np.random.default_rng([int(seed), salt])
-
-
-def fraction_count(fraction: float, total: int) -> int:
-    """How many of ``total`` samples (or patients) a label ``fraction`` keeps: ``fraction * total`` rounded to
-    the nearest whole number, a half rounded **up** (25 % of 10 keeps 3, 15 % of 10 keeps 2), and at least one.
-
-    Python's ``round`` rounds a half to even (25 % of 10 kept 2, 35 % kept 4, 45 % kept 4) until 2026-11-27;
-    the 1e-9 slack makes a product that float arithmetic leaves just under a half (0.35 * 90 = 31.4999...)
-    count as the half it is.
-    """
-    return max(1, math.floor(float(fraction) * total + 0.5 + 1e-9))
-
-
-def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list[dict]:
-    """Seeded subset of ``entries`` keeping ``fraction`` of the labels; smaller fractions nest in larger ones.
-
-    Classification entries are sampled per class (stratified), keeping at least one sample of
-    every class; segmentation entries are sampled per patient (``patient_id``, else ``case_id``),
-    keeping at least one. Each count is :func:`fraction_count`: rounded to the nearest, a half up
-    (25 % of 10 patients keeps 3; before 2026-11-27 a half was rounded to even, and kept 2).
-    Multi-label entries (``label`` a list) are sampled per patient too, then completed, for every
-    class that has positives in ``entries`` but none in the subset, with the first patient carrying it.
-
-    The draw is one seeded order per class (or of the patients) of which a fraction keeps a prefix,
-    so for one seed the subsets are **nested**: the 10 % subset lies inside the 25 % one, which lies
-    inside the 50 % one, as in a label-efficiency curve where each step adds labels to the ones a
-    user already had instead of drawing a new set. (Selections made before 2026-11-26 drew each
-    fraction independently; the same seed now gives another subset below 100 %.)
-
-    Args:
-        entries: datalist entries with ``"case_id"`` (or ``"patient_id"``) and ``"label"``.
-        fraction: share in (0, 1] of the labels to keep.
-        seed: seed of the selection.
-
-    Returns:
-        The kept entries, in their original order.
-
-    Raises:
-        ValueError: ``fraction`` is outside (0, 1].
-    """
-    if not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"label_fraction={fraction} is outside (0, 1]; use e.g. 0.01, 0.25, 0.5 or 1.0")
-    if fraction >= 1.0 or not entries:
-        return list(entries)
-    rng = _rng(seed, 1)
-    keep: set[int] = set()
-    if is_classification(entries):
-        by_class: dict[int, list[int]] = defaultdict(list)
-        for index, entry in enumerate(entries):
-            by_class[int(entry["label"])].append(index)
-        for label in sorted(by_class):
-            members = by_class[label]
-            order = rng.permutation(members)  # drawn in full whatever the fraction: the prefixes nest
-            keep.update(order[: fraction_count(fraction, len(members))].tolist())
-    else:
-        patients = sorted({patient_of(e) for e in entries})
-        order = [patients[i] for i in rng.permutation(len(patients))]
-        chosen = set(order[: fraction_count(fraction, len(patients))])
-        if is_multilabel(entries):
-            chosen |= _first_carriers_of_missing_classes(entries, chosen, order)
-        keep = {i for i, e in enumerate(entries) if patient_of(e) in chosen}
-    return [entries[i] for i in sorted(keep)]
-
-
-def _first_carriers_of_missing_classes(entries: list[dict], chosen: set[str], order: list[str]) -> set[str]:
-    """For each class with positives in ``entries`` but none among ``chosen``'s, the first patient of ``order`` with it.
-
-    Every missing class gets its own first carrier, even when another class's carrier already brings
-    it: that keeps the subsets nested (a larger prefix either holds a class, and then its first
-    carrier, or adds that same carrier) at the price of at most one patient per missing class.
-    """
-    classes_of: dict[str, set[int]] = defaultdict(set)
-    for entry in entries:
-        classes_of[patient_of(entry)] |= entry_classes(entry)
-    have = set().union(*(classes_of[p] for p in chosen))
-    missing = set().union(*classes_of.values()) - have
-    first: dict[int, str] = {}
-    for patient in order:
-        for cls in classes_of[patient] & missing:
-            first.setdefault(cls, patient)
-    return set(first.values())
-
-
-def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Split ``entries`` into (train, holdout) so that no patient is in both.
-
-    Patients are drawn in a seeded random order until the holdout holds at least ``holdout`` of
-    the entries. For classification the holdout is then completed so that it holds every class
-    (an AUC needs both) while the training part keeps every class too, when the data allow it;
-    multi-label entries count for each of their positive classes, and the holdout is then also
-    completed with a negative of each class (a class positive in every holdout entry has no AUC),
-    while training keeps a positive and a negative of each class.
-    For segmentation entries that say whether their mask has foreground (a :data:`FOREGROUND_KEYS` key on
-    every entry: SIIM-ACR's ``pneumothorax``, LIDC-IDRI's ``voxels``), a holdout drawn with empty masks
-    only takes, in addition, the first patient of the seeded order with a non-empty mask, as long as
-    another one stays in training; a holdout that has one already is left as drawn.
-    With a single patient the holdout is empty.
-
-    Args:
-        entries: datalist entries with ``"case_id"`` (the patient, unless a ``"patient_id"`` names it).
-        holdout: share in [0, 1) of the entries to hold out.
-        seed: seed of the draw.
-
-    Returns:
-        ``(train, holdout)`` lists, each in the original order.
-
-    Raises:
-        ValueError: ``holdout`` is outside [0, 1).
-    """
-    if not 0.0 <= float(holdout) < 1.0:
-        raise ValueError(f"holdout={holdout} is outside [0, 1); the protocol uses 0.1")
-    by_patient: dict[str, list[int]] = defaultdict(list)
-    for index, entry in enumerate(entries):
-        by_patient[patient_of(entry)].append(index)
-    patients = sorted(by_patient)
-    if holdout == 0.0 or len(patients) < 2:
-        return list(entries), []
-    order = [patients[i] for i in _rng(seed, 2).permutation(len(patients))]
-    target = max(1, math.ceil(holdout * len(entries)))
-    held: list[str] = []
-    for patient in order[:-1]:  # the last patient always stays in training
-        if sum(len(by_patient[p]) for p in held) >= target:
-            break
-        held.append(patient)
-    if is_classification(entries) or is_multilabel(entries):
-        held = _complete_classes(entries, by_patient, order, held)
-    if is_multilabel(entries):  # then both values of each class, when training can spare them
-        held = _complete_classes(entries, by_patient, order, held, _outcomes_of)
-    key = foreground_key(entries)
-    if key is not None:  # segmentation: a non-empty mask, when training can spare one
-        held = _complete_classes(entries, by_patient, order, held, has_foreground(key))
-    held_set = set(held)
-    train = [e for e in entries if patient_of(e) not in held_set]
-    kept = [e for e in entries if patient_of(e) in held_set]
-    return train, kept
-
-
-def _outcomes_of(entry: dict) -> set[tuple[int, bool]]:
-    """``(class, positive)`` for every class of a multi-label entry: its positive and its negative classes."""
-    return {(i, float(value) >= 0.5) for i, value in enumerate(entry["label"])}
-
-
-def _complete_classes(entries: list[dict], by_patient: dict[str, list[int]], order: list[str], held: list[str],
-                      classes_of: Callable[[dict], set] = entry_classes) -> list[str]:
-    """Add patients to the holdout until it has every class (what ``classes_of`` gives an entry), as long as
-    training keeps them too."""
-
-    def classes(patients: list[str]) -> set:
-        return {c for p in patients for i in by_patient[p] for c in classes_of(entries[i])}
-
-    all_classes = classes(order)
-    have = classes(held)  # kept up to date: recounting the holdout for every patient is quadratic
-    for patient in order:
-        missing = all_classes - have
-        if not missing:
-            break
-        if patient in held or not classes([patient]) & missing:
-            continue
-        rest = [p for p in order if p not in held and p != patient]
-        if classes(rest) == all_classes:  # never starve training of a class
-            held.append(patient)
-            have |= classes([patient])
-    return held
 
 
 def _load_key(datalist: Path, content: dict, key: str) -> list[dict]:
@@ -386,6 +172,9 @@ def load_split(
     return _common_keys(result)
 
 
+_NUMBERS = {int, float}
+
+
 def _check_label_vectors(path: Path, content: dict, split: str, entries: list[dict], num_labels: int | None) -> None:
     """Refuse a label that a multi-label classifier with ``num_labels`` outputs cannot take: it failed deep in
     training (``Target size ([2, 14]) must be the same as input size ([2, 5])``, or ``new(): invalid data type
@@ -395,7 +184,8 @@ def _check_label_vectors(path: Path, content: dict, split: str, entries: list[di
     for index, entry in enumerate(entries):
         label = entry.get("label")
         if isinstance(label, (list, tuple)) and len(label) == int(num_labels) \
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in label):
+                and (set(map(type, label)) <= _NUMBERS  # quick: JSON numbers are of these exact types
+                     or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in label)):
             continue
         where = f"datalist {path}: entry {index} of split {split!r} (image {entry.get('image')})"
         if isinstance(label, str):
@@ -446,5 +236,6 @@ def _common_keys(entries: list[dict]) -> list[dict]:
     (e.g. LUNA16 positives carry ``diameter_mm``, negatives do not)."""
     if not entries:
         return entries
-    common = set.intersection(*(set(e) for e in entries))
-    return [{k: v for k, v in e.items() if k in common} for e in entries]
+    common = set(entries[0]).intersection(*entries)
+    size = len(common)  # an entry with that many keys has exactly these: copied as it is, in one step
+    return [dict(e) if len(e) == size else {k: v for k, v in e.items() if k in common} for e in entries]
