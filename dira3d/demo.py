@@ -92,7 +92,7 @@ def _visual_words(prepared: Path, out: Path, classes: int, patch: tuple[int, int
 
 
 def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage: int, seed: int) -> tuple[Path, list]:
-    from monai.bundle import run
+    from dira3d.utils.overrides import run_bundle as run  # as `dira3d pretrain` (monai.bundle.run warns of eval)
 
     run_dir = out / "pretrain"
     stages = [

@@ -164,7 +164,8 @@ def test_pretrain_wrapper_applies_null_overrides(tmp_path, capsys):
 
     from dira3d.engines.command import main
 
-    data = np.random.default_rng(0).random((24, 24, 12)).astype(np.float32) * 3000  # an unnormalised MRI
+    # an unnormalised MRI, of tiny.json's patch size (a smaller one trains on zero padding, with a warning)
+    data = np.random.default_rng(0).random((32, 32, 16)).astype(np.float32) * 3000
     for name in ("a", "b"):
         nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
     entries = [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]

@@ -371,8 +371,9 @@ def test_load_split_drops_keys_some_entries_lack(tmp_path):
     from dira3d.evaluation import load_split
 
     entries = [{"image": f"c{i}.nii.gz", "case_id": f"p{i}", "label": i % 2, **({"diameter_mm": 5.0} if i % 2 else {})}
-               for i in range(20)]
-    (tmp_path / "dl.json").write_text(json.dumps({"training": entries, "test": entries[:4]}))
+               for i in range(24)]
+    # a test list of its own patients (one that repeats training patients is warned of)
+    (tmp_path / "dl.json").write_text(json.dumps({"training": entries[:20], "test": entries[20:]}))
     _touch(tmp_path, entries)
     train = load_split(tmp_path / "dl.json", "train", holdout=0.0)
     assert all(set(e) == {"image", "case_id", "label"} for e in train)
@@ -525,9 +526,9 @@ def test_load_split_names_every_missing_file_of_the_entries_the_run_uses(tmp_pat
 def test_finetune_with_a_missing_file_stops_before_caching_and_leaves_no_folder(tmp_path, capsys):
     from dira3d.evaluation.finetune import main as finetune_main
 
-    training = [{"image": f"c{i}.nii.gz", "case_id": f"p{i}", "label": i % 2} for i in range(12)]
+    training = [{"image": f"c{i}.nii.gz", "case_id": f"p{i}", "label": i % 2} for i in range(16)]
     path = tmp_path / "dl.json"
-    path.write_text(json.dumps({"training": training, "test": training[:4]}))
+    path.write_text(json.dumps({"training": training[:12], "test": training[12:]}))  # no patient in both lists
     _touch(tmp_path, training[1:])
     out = tmp_path / "out"
     assert finetune_main(["--bundle", "luna16_nodule_fpr", "--tiny", "--datalist", str(path),

@@ -85,11 +85,11 @@ def test_full_2d_configs_follow_method_md(cxr_dir):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_2d_variant_runs_and_transfers(method, cxr_dir, tmp_path):
-    from monai.bundle import run
+    from dira3d.utils.overrides import run_bundle  # as `dira3d pretrain` runs it (monai.bundle.run warns of eval)
 
     out = tmp_path / method
-    run(config_file=_config_files(method), meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"),
-        dataset_dir=str(cxr_dir), bundle_root=str(out))
+    run_bundle(config_file=_config_files(method), meta_file=str(CONFIGS / "metadata.json"),
+               logging_file=str(CONFIGS / "logging.conf"), dataset_dir=str(cxr_dir), bundle_root=str(out))
     last, best = out / "models" / "last.pt", out / "models" / "best.pt"
     assert last.is_file() and best.is_file()
     ckpt = load_checkpoint(last)
