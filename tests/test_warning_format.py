@@ -19,6 +19,8 @@ SCRIPT = textwrap.dedent(
     from dira3d.data.errors import DataWarning
     warnings.warn("a scan was left out", DataWarning)
     warnings.warn_explicit("a split has no foreground", UserWarning, {package!r}, 12)
+    from dira3d.utils.warning_format import Dira3dWarning
+    warnings.warn_explicit("a holdout without foreground", Dira3dWarning, "<string>", 9)
     warnings.warn("a script's own warning")
     warnings.warn("going away", DeprecationWarning)
     """
@@ -35,10 +37,11 @@ def test_dira3d_warnings_print_as_one_line_and_others_as_python_prints_them():
     proc = _run(SCRIPT.format(package=target))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
-    assert lines[:2] == ["WARNING: a scan was left out", "WARNING: a split has no foreground"], proc.stderr
+    assert lines[:3] == ["WARNING: a scan was left out", "WARNING: a split has no foreground",
+                         "WARNING: a holdout without foreground"], proc.stderr  # the category decides, not the frame
     assert "inputs.py:12" not in proc.stderr and "DataWarning:" not in proc.stderr
-    assert "<string>:6: UserWarning: a script's own warning" in proc.stderr  # not dira3d's: as Python prints it
-    assert "<string>:7: DeprecationWarning: going away" in proc.stderr
+    assert "<string>:8: UserWarning: a script's own warning" in proc.stderr  # not dira3d's: as Python prints it
+    assert "<string>:9: DeprecationWarning: going away" in proc.stderr
 
 
 def test_which_warnings_are_dira3d_s():
@@ -47,6 +50,9 @@ def test_which_warnings_are_dira3d_s():
     inside = str(Path(dira3d.__file__).parent / "data" / "io.py")
     assert is_dira3d_warning(DataWarning, "/elsewhere/script.py")  # its category says so, wherever it was raised
     assert is_dira3d_warning(UserWarning, inside)
+    from dira3d.utils.warning_format import Dira3dWarning
+
+    assert is_dira3d_warning(Dira3dWarning, "<string>") and issubclass(DataWarning, Dira3dWarning)
     assert not is_dira3d_warning(UserWarning, "/elsewhere/monai/bundle/scripts.py")
     assert not is_dira3d_warning(DeprecationWarning, inside)  # a deprecation keeps its file and line
     assert not is_dira3d_warning(UserWarning, "")

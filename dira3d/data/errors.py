@@ -7,6 +7,8 @@ import os
 from collections.abc import Hashable
 from pathlib import Path
 
+from dira3d.utils.warning_format import Dira3dWarning
+
 __all__ = ["OR_KEEP_GOING", "DataError", "DataWarning", "join_errors", "record_or_raise"]
 
 # the end of a missing-image message when the batch stops at it (without --keep-going); with --keep-going the
@@ -22,7 +24,7 @@ class DataError(ValueError):
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 
-class DataWarning(UserWarning):
+class DataWarning(Dira3dWarning):
     """A problem that does not stop a case (e.g. a second DICOM series left out); the batch runner
     lists it under the case's ``warnings`` in ``report.json``."""
 

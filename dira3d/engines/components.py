@@ -24,6 +24,7 @@ from torch import nn
 
 from dira3d.losses import BarlowTwinsLoss, InfoNCELoss, SimSiamLoss, VisualWordLoss
 from dira3d.networks.heads import PredictorHead, ProjectionHead, VisualWordHead
+from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["DIS_MODES", "check_dis_mode", "build_dis_head", "build_predictor", "build_dis_loss", "resolve_views"]
 
@@ -73,7 +74,7 @@ def build_dis_head(
                 "num_classes is 1 in dis_mode='visual_words': the discrimination loss is always 0 and trains nothing "
                 "(with one class per training volume, the datalist has a single training volume); add training "
                 "volumes, pretrain on `dira3d visual-words` output (configs/visual_words.json), or choose an "
-                "instance mode (dis_mode moco, barlow or simsiam)", UserWarning, stacklevel=2)
+                "instance mode (dis_mode moco, barlow or simsiam)", Dira3dWarning, stacklevel=2)
         return VisualWordHead(spatial_dims, in_channels, int(num_classes), hidden=hidden)
     if dis_mode == "moco":
         return ProjectionHead(in_channels, hidden, proj_dim, num_layers=2, batch_norm=False)  # MoCo-v2: no BN

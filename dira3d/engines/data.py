@@ -24,6 +24,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, SpatialPad
 
+from dira3d.utils.warning_format import Dira3dWarning
+
 __all__ = ["PAIR_POLICIES", "RandPatchPair", "RandPatchPaird", "with_image_labels"]
 
 PAIR_POLICIES = ("instances", "views")
@@ -101,7 +103,7 @@ def _warn_padding(shape: tuple[int, ...], roi: tuple[int, ...], source: str | No
         f"a volume of shape {list(shape)}{f' ({source}; others of this shape are not named)' if source else ''} is "
         f"smaller than the patch {list(roi)} ({short}): its patches are padded with zeros; resample it to thinner "
         "slices (`dira3d prepare ... --spacing`) or choose a smaller patch_size",
-        UserWarning, stacklevel=3)
+        Dira3dWarning, stacklevel=3)
 
 
 class RandPatchPaird(Randomizable, MapTransform):

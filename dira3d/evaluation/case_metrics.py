@@ -30,6 +30,7 @@ from typing import Any
 
 from dira3d.evaluation.split_ids import case_id
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["CASES_FILE", "CaseMetricsWriter", "CasePredictionsWriter", "case_rows", "prediction_columns",
            "prediction_rows", "write_case_rows"]
@@ -171,7 +172,7 @@ def prediction_columns(class_names: Sequence[str], count: int) -> tuple[list[str
 
         warnings.warn(f"class_names names {len(class_names)} classes for the {count} outputs of the network; "
                       f"{CASES_FILE} numbers the columns of the classes it does not name (class<k>); set class_names to "
-                      "one name per output (out_channels)", UserWarning, stacklevel=2)
+                      "one name per output (out_channels)", Dira3dWarning, stacklevel=2)
     names += [f"class{k}" for k in range(len(names), count)]
     return [f"{LABEL}_{n}" for n in names], [f"{PROBABILITY}_{n}" for n in names]
 

@@ -30,6 +30,7 @@ from dira3d.data.datalist import check_entry_files, datalist_entries, read_datal
 from dira3d.evaluation.split_draws import (FOREGROUND_KEYS, entry_classes, foreground_key, fraction_count,
                                            has_foreground, holdout_by_patient, is_classification, is_multilabel,
                                            patient_of, select_fraction)
+from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["SPLITS", "VALIDATION", "FOREGROUND_KEYS", "load_split", "select_fraction", "holdout_by_patient",
            "is_classification", "is_multilabel", "patient_of", "entry_classes", "foreground_key", "has_foreground",
@@ -228,7 +229,7 @@ def _warn_holdout_without_foreground(path: Path, chosen: list[dict], held: list[
         f"(`{key}` is 0 in all of them): {why}. Its mean Dice scores an empty prediction of an empty mask as 1, so "
         "early stopping and the saved model reward predicting nothing; use a larger label_fraction "
         f"({label_fraction_setting()}) or more training data, and compare `holdout` in metrics.json with the test Dice",
-        UserWarning, stacklevel=3)
+        Dira3dWarning, stacklevel=3)
 
 
 def _common_keys(entries: list[dict]) -> list[dict]:

@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from dira3d.utils.warning_format import Dira3dWarning
+
 __all__ = ["VERSIONS", "EARLIER_VERSIONS", "bundle_version", "current_versions", "versions_record",
            "warn_rows_without_digests"]
 
@@ -74,7 +76,7 @@ def versions_record(config: Mapping[str, Any], out: Path, rows: list[dict]) -> d
                 f"({'; '.join(changed)}; recorded in {out / 'experiment.json'}): the new runs are fine-tuned by the new "
                 "bundle and added to the same table. Read the bundle's changelog (configs/metadata.json); where a change "
                 "there affects training or the splits, rerun the whole grid into another output_dir",
-                UserWarning, stacklevel=3)
+                Dira3dWarning, stacklevel=3)
     return {VERSIONS: now, **({EARLIER_VERSIONS: earlier} if earlier else {})}
 
 
@@ -94,4 +96,4 @@ def warn_rows_without_digests(rows: list[dict], grid: set, folded: bool, csv_pat
             "holdout_digest, test_digest; each run's splits.json): they are checked against the other methods' runs of "
             "their seed on the split sizes only, so a change of the subset rules that kept the sizes would go unnoticed. "
             "They are kept; rerun the grid into another output_dir to have every pair checked on its cases",
-            UserWarning, stacklevel=3)
+            Dira3dWarning, stacklevel=3)

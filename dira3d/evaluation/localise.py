@@ -46,6 +46,7 @@ from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.files import read_json
 from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 from dira3d.utils.progress import show_progress
+from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
 
@@ -235,7 +236,7 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
         except DataError as err:  # this box is left out, the others are scored (docs/2d.md)
             first_error = first_error or err
             skipped.append({"image": entry["image"], "label": entry.get("label"), "reason": str(err)})
-            warnings.warn(f"box {index} left out: {err}", UserWarning, stacklevel=2)
+            warnings.warn(f"box {index} left out: {err}", Dira3dWarning, stacklevel=2)
             continue
         if not records:  # before any overlay is written
             _check_entries_fit(model, image, entries, device)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dira3d.evaluation.datalists import (VALIDATION, entry_classes, foreground_key, has_foreground,
                                          is_classification, is_multilabel, patient_of)
+from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "check_validation_holdout",
            "warning_for_test_split", "warn_test_split", "warn_test_patients_in_training"]
@@ -218,7 +219,7 @@ def warn_test_split(path: Path, kind: str, summary: dict, fold: int | None = Non
     if message is None or message in _WARNED:
         return
     _WARNED.add(message)
-    warnings.warn(message, UserWarning, stacklevel=2)
+    warnings.warn(message, Dira3dWarning, stacklevel=2)
 
 
 def warn_test_patients_in_training(path: Path, training: list[dict], test: list[dict]) -> None:
@@ -235,4 +236,4 @@ def warn_test_patients_in_training(path: Path, training: list[dict], test: list[
     if message in _WARNED:
         return
     _WARNED.add(message)
-    warnings.warn(message, UserWarning, stacklevel=3)
+    warnings.warn(message, Dira3dWarning, stacklevel=3)

@@ -4,8 +4,9 @@ Python prints a warning as ``/…/site-packages/dira3d/evaluation/inputs.py:194:
 by the source line that raised it (``  warnings.warn(f"left out: {message}", …)``): two lines, one of them code, in
 front of a message written for the user (a scan left out, a split without foreground, a bundle upgraded since a
 table's rows). :func:`install_warning_format` (called when ``dira3d`` is imported) wraps ``warnings.formatwarning``
-so that a :class:`~dira3d.data.errors.DataWarning`, or a ``UserWarning`` that dira3d's code raised, prints as
-``WARNING: <message>``. Every other warning (PyTorch's, MONAI's, a deprecation) keeps Python's format; filters,
+so that a :class:`Dira3dWarning` (dira3d's category for its warnings to the user; ``DataWarning`` is one), or a
+``UserWarning`` attributed to dira3d's code, prints as ``WARNING: <message>``: the category decides, so the format
+does not depend on the frame ``stacklevel`` attributes a warning to (a bundle's config expression, a user's script). Every other warning (PyTorch's, MONAI's, a deprecation) keeps Python's format; filters,
 ``pytest.warns`` and ``warnings.catch_warnings(record=True)`` are untouched (they do not format).
 """
 
@@ -14,17 +15,20 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-__all__ = ["install_warning_format", "is_dira3d_warning"]
+__all__ = ["Dira3dWarning", "install_warning_format", "is_dira3d_warning"]
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # .../dira3d
 
 
-def is_dira3d_warning(category: type[Warning], filename: str) -> bool:
-    """Whether a warning is one of dira3d's messages for the user: a ``DataWarning``, or a ``UserWarning`` whose
-    reported location (``filename``) is in the dira3d package."""
-    from dira3d.data.errors import DataWarning
+class Dira3dWarning(UserWarning):
+    """A warning of dira3d to its user (a setting or an input that works but deserves a look): printed as one
+    ``WARNING: <message>`` line; filter it as a ``UserWarning``."""
 
-    if issubclass(category, DataWarning):
+
+def is_dira3d_warning(category: type[Warning], filename: str) -> bool:
+    """Whether a warning is one of dira3d's messages for the user: a :class:`Dira3dWarning` (``DataWarning``
+    included), or a ``UserWarning`` whose reported location (``filename``) is in the dira3d package."""
+    if issubclass(category, Dira3dWarning):
         return True
     if not issubclass(category, UserWarning) or not filename:
         return False
