@@ -91,13 +91,12 @@ def cache_bytes(datalists: Sequence[Sequence[Mapping[str, Any]]], rate: float,
             path = item.get(key) if isinstance(item, Mapping) else None
             if not isinstance(path, (str, os.PathLike)):
                 continue
-            if str(path) not in sizes:
-                sizes[str(path)] = _volume_bytes(str(path))
             volumes += 1
-            if sizes[str(path)] is None:
+            size = _entry_header_bytes(item, (key,), sizes)
+            if size is None:
                 unknown += 1
             else:
-                total += sizes[str(path)]
+                total += size
     return total, volumes, unknown
 
 

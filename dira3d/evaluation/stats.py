@@ -14,7 +14,7 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -173,6 +173,25 @@ def _fmt(cell: CellSummary, scale: float, digits: int, full_n: int | None = None
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def _grid_table(cells: Sequence[CellSummary], column: str, method_order: Sequence[str] | None,
+                text: Callable[[CellSummary, dict, float], str]) -> str:
+    """One row per method, one column per label fraction (``<column> @ <f> % labels``); each cell ``text(cell, index,
+    fraction)``, ``–`` where a method has no cell at that fraction."""
+    fractions = sorted({c.label_fraction for c in cells})
+    methods = list(method_order) if method_order else list(dict.fromkeys(c.method for c in cells))
+    index = {(c.method, c.label_fraction): c for c in cells}
+
+    def shown(method: str, fraction: float) -> str:
+        cell = index.get((method, fraction))
+        return "–" if cell is None else text(cell, index, fraction)
+
+    header = "| method | " + " | ".join(f"{column} @ {100 * f:g} % labels" for f in fractions) + " |"
+    lines = [header, "|---|" + "---|" * len(fractions)]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(shown(method, f) for f in fractions) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(cells: Sequence[CellSummary], metric: str, scale: float = 100.0, digits: int = 2,
                    method_order: Sequence[str] | None = None, full_n: int | None = None,
                    baseline: str | None = None) -> str:
@@ -183,42 +202,20 @@ def markdown_table(cells: Sequence[CellSummary], metric: str, scale: float = 100
     no p-value (the t-test undefined: fewer than two values on a side, or no spread on either) says ``p n/a``.
     A cell of a paired test over fewer pairs than it has values says ``pairs=…``.
     """
-    fractions = sorted({c.label_fraction for c in cells})
-    methods = list(method_order) if method_order else list(dict.fromkeys(c.method for c in cells))
-    index = {(c.method, c.label_fraction): c for c in cells}
-
-    def text(method: str, fraction: float) -> str:
-        cell = index.get((method, fraction))
-        if cell is None:
-            return "–"
-        untested = baseline is not None and method != baseline and (baseline, fraction) in index
+    def text(cell: CellSummary, index: dict, fraction: float) -> str:
+        untested = baseline is not None and cell.method != baseline and (baseline, fraction) in index
         return _fmt(cell, scale, digits, full_n, untested)
 
-    header = "| method | " + " | ".join(f"{metric} @ {100 * f:g} % labels" for f in fractions) + " |"
-    lines = [header, "|---|" + "---|" * len(fractions)]
-    for method in methods:
-        lines.append(f"| {method} | " + " | ".join(text(method, f) for f in fractions) + " |")
-    return "\n".join(lines)
+    return _grid_table(cells, metric, method_order, text)
 
 
 def markdown_ci_table(cells: Sequence[CellSummary], metric: str, scale: float = 100.0, digits: int = 2,
                       method_order: Sequence[str] | None = None) -> str:
     """A Markdown table laid out as :func:`markdown_table` whose cells are the 95 % confidence interval of the mean
     over seeds, ``[low, high]`` (× ``scale``); ``n/a`` for a cell of one seed."""
-    fractions = sorted({c.label_fraction for c in cells})
-    methods = list(method_order) if method_order else list(dict.fromkeys(c.method for c in cells))
-    index = {(c.method, c.label_fraction): c for c in cells}
-
-    def text(method: str, fraction: float) -> str:
-        cell = index.get((method, fraction))
-        if cell is None:
-            return "–"
+    def text(cell: CellSummary, index: dict, fraction: float) -> str:
         if cell.ci_low is None or cell.ci_high is None:
             return "n/a"
         return f"[{cell.ci_low * scale:.{digits}f}, {cell.ci_high * scale:.{digits}f}]"
 
-    header = "| method | " + " | ".join(f"{metric} 95 % CI @ {100 * f:g} % labels" for f in fractions) + " |"
-    lines = [header, "|---|" + "---|" * len(fractions)]
-    for method in methods:
-        lines.append(f"| {method} | " + " | ".join(text(method, f) for f in fractions) + " |")
-    return "\n".join(lines)
+    return _grid_table(cells, f"{metric} 95 % CI", method_order, text)
