@@ -56,7 +56,7 @@ def test_every_segmentation_bundle_writes_the_per_case_rows_in_its_evaluation():
         assert targets.index("dira3d.evaluation.CaseMetricsWriter") > targets.index("MetricsSaver"), bundle
         writer = next(h for h in evaluate["validate#handlers"] if h.get("_target_") == "dira3d.evaluation.CaseMetricsWriter")
         assert writer == {"_target_": "dira3d.evaluation.CaseMetricsWriter", "save_dir": "@output_dir",
-                          "datalist": "@datalist", "entries": "@validate#datalist"}, bundle
+                          "datalist": "@datalist", "entries": "@validate#datalist", "split": "@eval_split"}, bundle
     assert ConfigParser({"w": {"_target_": "dira3d.evaluation.CaseMetricsWriter", "save_dir": "x"}}).get_parsed_content("w")
 
 

@@ -76,7 +76,7 @@ def test_every_classification_bundle_writes_the_per_case_predictions_in_its_eval
         assert targets.index("dira3d.evaluation.CasePredictionsWriter") > targets.index("MetricsSaver"), bundle
         writer = next(h for h in evaluate["validate#handlers"] if h.get("_target_") == "dira3d.evaluation.CasePredictionsWriter")
         assert writer == {"_target_": "dira3d.evaluation.CasePredictionsWriter", "save_dir": "@output_dir",
-                          "datalist": "@datalist", "entries": "@validate#datalist", **settings}, bundle
+                          "datalist": "@datalist", "entries": "@validate#datalist", **settings, "split": "@eval_split"}, bundle
         parser = ConfigParser()
         parser.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
         if "class_names" in settings:  # one name per output

@@ -208,6 +208,33 @@ def test_load_report_summary_names_the_tensors_of_another_shape(tmp_path):
     assert "another shape" not in fitting.summary()
 
 
+def test_load_report_summary_of_a_users_network_says_what_went_where(tmp_path):
+    # it read "pretrained weights from .../encoder.pt into encoder: 42 tensors loaded, 16 missing, 0 unexpected":
+    # "encoder" was the file's part, not where the weights went, and the counts did not say of what
+    written = export_pretrained(_pretraining_checkpoint(width=0.125), tmp_path)
+    encoder = list(UNet(3, 1, 1, width=0.125).encoder.state_dict())
+    file_keys, level3 = len(encoder), [k for k in encoder if k.startswith("levels.3.")]
+
+    class MyNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = UNet(3, 1, 1, width=0.125).encoder
+            self.head = torch.nn.Linear(4, 2)
+
+    net = MyNet()
+    report = load_into(net, written["encoder.pt"], mapping={"": "backbone.", "levels.3.": None})
+    loaded, in_net = file_keys - len(level3), len(net.state_dict())
+    assert len(report.loaded) == loaded and level3
+    lines = report.summary().split("\n")
+    assert lines[0] == (
+        f"encoder weights from {written['encoder.pt']} into MyNet: {loaded} tensors loaded, of the file's {file_keys} "
+        f"and of MyNet's {in_net}; {in_net - loaded} of MyNet's not in the file (kept their initial values), 0 of the "
+        f"file's not in MyNet (ignored), {len(level3)} of the file's dropped by the mapping")
+    assert lines[1].startswith("  in MyNet, not in the file (kept their initial values): backbone.levels.3.")
+    assert "into encoder" not in report.summary()
+    assert sorted(report.dropped) == sorted(level3)
+
+
 def test_load_into_refuses_a_file_of_other_spatial_dims_and_warns_when_nothing_fits(tmp_path, recwarn):
     # a 3D export in a 2D encoder: every kernel mismatches but the biases and BN statistics would
     # load, leaving a half-initialised network behind a summary that reads "48 tensors loaded"

@@ -169,7 +169,8 @@ def test_every_task_bundle_keeps_preprocessing_json_with_its_model(bundle):
     expected = ("$dira3d.evaluation.training_preprocessing(@datalist, modalities=@modalities, image_channels=@image_channels)"
                 if "modalities" in config else "$dira3d.evaluation.datalist_preprocessing(@datalist)")
     assert saver[0]["preprocessing"] == expected
-    assert config["overwrite"] is False and config["finalize"] == ["$dira3d.evaluation.release_run_folders(@ckpt_dir)",
+    assert config["overwrite"] is False and config["finalize"] == ["$dira3d.evaluation.end_stop_before_training()",
+                                                                   "$dira3d.evaluation.release_run_folders(@ckpt_dir)",
                                                                    "$dira3d.evaluation.exit_if_training_stopped()"]
 
 
@@ -275,7 +276,11 @@ def test_overwrite_removes_the_per_case_csvs_of_the_earlier_evaluation_and_nothi
     earlier = _evaluation_reports(root / "eval", {"dice": 0.8, "iou": 0.7})
     (root / "eval" / "test_cases.csv").write_text("case,dice,iou,empty_reference\na.png,0.5,0.3,0\n")  # its per-case rows
     earlier.add("test_cases.csv")
-    users = {"notes.csv": "mine", "other_raw.csv": "not a metric of that run", "dice.csv": "mine too"}
+    # and the rows of an evaluation of the holdout (eval_split=holdout), named after it
+    (root / "eval" / "holdout_cases.csv").write_text("case,dice,iou,empty_reference\nb.png,0.5,0.3,0\n")
+    earlier.add("holdout_cases.csv")
+    users = {"notes.csv": "mine", "other_raw.csv": "not a metric of that run", "dice.csv": "mine too",
+             "my_cases.csv": "not a split's"}
     for name, text in users.items():
         (root / "eval" / name).write_text(text)
     listed = {p.name for p in earlier_run_files(root / "models", root / "eval")}

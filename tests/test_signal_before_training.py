@@ -127,3 +127,35 @@ def test_every_training_config_ends_its_initialize_with_the_stop_before_training
         for name in ("train.json", "multi_gpu_train.json"):
             config = json.loads((repo_root / "bundles" / bundle / "configs" / name).read_text(encoding="ascii"))
             assert config["initialize"][-1] == step, (bundle, name)
+
+
+def test_every_training_config_puts_the_handlers_back_first_in_its_finalize(repo_root):
+    import json
+
+    from dira3d.evaluation.finetune import BUNDLES, BUNDLES_2D
+
+    for bundle in (*BUNDLES, *BUNDLES_2D, "dira_pretrain"):
+        step = ("$dira3d.engines.end_stop_before_training()" if bundle == "dira_pretrain" else
+                "$dira3d.evaluation.end_stop_before_training()")
+        for name in ("train.json", "multi_gpu_train.json"):
+            config = json.loads((repo_root / "bundles" / bundle / "configs" / name).read_text(encoding="ascii"))
+            assert config["finalize"][0] == step, (bundle, name)  # first: a later step may raise
+
+
+@pytest.mark.parametrize("bundle", ["luna16_nodule_fpr", "montgomery_lung_seg"])
+def test_a_workflow_initialised_and_finalised_without_run_puts_the_handlers_back(bundle, tmp_path, repo_root):
+    """A notebook: ``initialize()``, then ``finalize()`` without ``run()``. The handlers of stop_before_training stayed:
+    a later Ctrl-C in the notebook raised StoppedBySignal (a SystemExit) with a line about a training that never
+    started. finalize now puts back the handlers from before initialize."""
+    from monai.bundle import create_workflow
+
+    configs = repo_root / "bundles" / bundle / "configs"
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    for signum, handler in defaults.items():  # as a fresh `python` or a notebook kernel has them (the conftest
+        signal.signal(signum, handler)        # fixture puts the test runner's back after)
+    with pytest.warns(UserWarning, match="Only proceed if this config is from a source you trust"):  # MONAI's
+        flow = create_workflow(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
+                               workflow_type="train", bundle_root=str(tmp_path))  # initialised
+    assert all(signal.getsignal(s) is not h for s, h in defaults.items())  # the data loading's, until training starts
+    flow.finalize()
+    assert {s: signal.getsignal(s) for s in defaults} == defaults

@@ -7,6 +7,7 @@ list is the holdout and training uses all the selected training entries.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -187,6 +188,11 @@ def test_finetune_cli_early_stops_and_selects_the_model_on_the_validation_list(t
     best = result["holdout"]["best_val_auc"]
     assert best < 0.9 and result["metrics"]["auc"] == pytest.approx(best, abs=1e-6), result
     assert [e["label"] for e in validation] == [0, 1, 1, 0]
+    # its per-case rows are named after the split scored, and metrics.json names that file (it said test_cases.csv)
+    assert result["test_cases"] == "holdout_cases.csv" and not (out / "test_cases.csv").exists()
+    with open(out / "holdout_cases.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["case"] for r in rows) == sorted(e["image"] for e in validation)
 
 
 @pytest.mark.slow

@@ -268,7 +268,9 @@ def load_into(
 
     Returns:
         a :class:`dira3d.networks.LoadReport`: ``loaded`` / ``missing`` / ``unexpected`` (network
-        key names after mapping) and ``mismatched`` (key → (file shape, network shape)).
+        key names after mapping), ``mismatched`` (key → (file shape, network shape)) and ``dropped`` (the file's
+        keys the mapping dropped); its ``summary()`` says what went where: ``encoder weights from <file> into
+        <network class>: N tensors loaded, of the file's F and of <network class>'s T; ...``.
 
     Warns:
         UserWarning: not one weight tensor was loaded (only counters such as ``num_batches_tracked``,
@@ -283,12 +285,13 @@ def load_into(
     """
     source = read_weights(weights_path)
     target = network.state_dict()
-    report = LoadReport(source=str(weights_path), parts=(Path(weights_path).stem,))
+    report = LoadReport(source=str(weights_path), parts=(Path(weights_path).stem,), target=type(network).__name__)
     selected: dict[str, torch.Tensor] = {}
     renamed: dict[str, str] = {}  # network key -> the file's key mapped to it
     for key, value in source.items():
         name = _rename(key, mapping)
         if name is None:
+            report.dropped.append(key)
             continue
         if name in renamed:  # two of the file's tensors would be loaded into one of the network's: the last won silently
             raise ValueError(f"load_into: the mapping renames both {renamed[name]!r} and {key!r} of {weights_path} to "

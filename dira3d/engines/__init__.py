@@ -33,8 +33,8 @@ from dira3d.engines.handlers import (EpochStatsHandler, RestorationImageHandler,
                                      side_by_side)
 from dira3d.engines.optim import unique_parameters
 from dira3d.engines.stages import Stage, StageSchedule
-from dira3d.engines.stopping import (FinalStageEarlyStop, StoppedBySignal, check_early_stop_patience, exit_if_stopped,
-                                     stop_before_training)
+from dira3d.engines.stopping import (FinalStageEarlyStop, StoppedBySignal, check_early_stop_patience,
+                                     end_stop_before_training, exit_if_stopped, stop_before_training)
 from dira3d.engines.trainer import DiRATrainer
 
 __all__ = [
@@ -78,6 +78,7 @@ __all__ = [
     "StoppedBySignal",
     "exit_if_stopped",
     "stop_before_training",
+    "end_stop_before_training",
     "FinalStageEarlyStop",
     "check_early_stop_patience",
 ]

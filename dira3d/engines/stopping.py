@@ -31,7 +31,8 @@ raises :class:`StoppedBySignal`, a ``SystemExit`` with code 143 (SIGTERM) or 130
 minutes before :class:`SignalStop` is installed, and a SIGTERM then ended ``python -m monai.bundle run`` at once
 without a word (exit -15), a Ctrl-C with a traceback. Until the engine runs, the first signal now logs one line
 (``<what> stopped by SIGTERM before training started (...)``) and raises :class:`StoppedBySignal` (exit 143 / 130);
-:meth:`SignalStop.installed` puts the handlers it replaced back when the training starts. A process that handles
+:meth:`SignalStop.installed` puts the handlers it replaced back when the training starts, and
+:func:`end_stop_before_training` (the bundles' first ``finalize`` step) when no training started. A process that handles
 SIGTERM itself (``dira3d pretrain`` / ``finetune`` / ``experiment``: their one line on how to go on) is left as it is.
 
 **Early stopping** (:class:`FinalStageEarlyStop`, opt-in: ``DiRACheckpoint(early_stop_patience=N)``, the bundle's
@@ -63,7 +64,7 @@ from dira3d.utils.interrupts import StoppedBySignal
 from dira3d.utils.overrides import as_bool
 
 __all__ = ["STOP_SIGNALS", "SignalStop", "StoppedBySignal", "exit_if_stopped", "stop_before_training",
-           "FinalStageEarlyStop", "check_early_stop_patience"]
+           "end_stop_before_training", "FinalStageEarlyStop", "check_early_stop_patience"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -103,7 +104,12 @@ def stop_before_training(what: str = "training") -> None:
 
 
 def end_stop_before_training() -> None:
-    """Put back the handlers :func:`stop_before_training` replaced (a no-op when it replaced none)."""
+    """Put back the handlers :func:`stop_before_training` replaced (a no-op when it replaced none).
+
+    The training puts them back when it starts (:meth:`SignalStop.installed`); the bundles' first ``finalize`` step
+    calls this too, for a workflow that was initialised and never ran, or whose ``run`` failed before the training
+    started (a notebook's ``workflow.initialize()`` then ``workflow.finalize()``): Ctrl-C there then interrupts the
+    cell again instead of raising :class:`StoppedBySignal` with a line about a training that never started."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum, previous in _BEFORE_TRAINING.items():

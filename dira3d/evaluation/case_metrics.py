@@ -1,4 +1,4 @@
-"""Per-case test results: ``test_cases.csv`` beside ``metrics.json``.
+"""Per-case test results: ``test_cases.csv`` beside ``metrics.json`` (``<split>_cases.csv`` for another ``eval_split``).
 
 Segmentation: ``evaluate.json`` lists :class:`CaseMetricsWriter`, which writes one row per scored
 case: its id as ``splits.json`` names it (:func:`dira3d.evaluation.split_ids.case_id`: the image path relative to the
@@ -13,6 +13,9 @@ one row per case: its id, the reference label(s) and the predicted probability(i
 (:func:`prediction_rows`), and for the candidates of LUNA16 / PE-CAD their scan and world position, so that the AUC
 can be bootstrapped, two models compared case by case, or the LUNA16 challenge's FROC evaluation run on it.
 
+The file is named after the split the evaluation scores (:func:`cases_file`: ``evaluate.json`` passes its
+``eval_split``): ``test_cases.csv`` for the test split, ``holdout_cases.csv`` when the holdout is scored.
+
 In a distributed evaluation (``DistributedSampler`` with ``even_divisible=False``, as ``multi_gpu_train.json`` sets
 the validation) every rank scores its own cases; the ids are gathered as MONAI's ``MetricsSaver`` gathers its file
 names and the values as the metrics gather theirs (both in rank order), and rank 0 writes the file: every case once.
@@ -24,6 +27,7 @@ import csv
 import io
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +36,24 @@ from dira3d.evaluation.split_ids import case_id
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.warning_format import Dira3dWarning
 
-__all__ = ["CASES_FILE", "CaseMetricsWriter", "CasePredictionsWriter", "case_rows", "prediction_columns",
+__all__ = ["CASES_FILE", "CaseMetricsWriter", "CasePredictionsWriter", "case_rows", "cases_file", "prediction_columns",
            "prediction_rows", "write_case_rows"]
 
-CASES_FILE = "test_cases.csv"  # in the evaluation's output_dir (dira3d finetune: beside metrics.json)
+CASES_FILE = "test_cases.csv"  # the test split's, in the evaluation's output_dir (dira3d finetune: beside metrics.json)
+
+
+def cases_file(split: str = "test") -> str:
+    """The name of the per-case file of an evaluation of ``split`` (a bundle's ``eval_split``): ``<split>_cases.csv``,
+    :data:`CASES_FILE` for ``"test"``.
+
+    Raises:
+        ValueError: ``split`` is not a plain name (letters, digits, ``_``, ``-``), naming the setting.
+    """
+    split = str(split)
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", split):
+        raise ValueError(f"eval_split={split!r} cannot name the per-case results file (<split>_cases.csv); use one of "
+                         "the datalist's splits: test (the default) or holdout")
+    return f"{split}_cases.csv"
 EMPTY_COLUMN = "empty_reference"
 LABEL, PROBABILITY = "label", "probability"  # a classifier's columns (with the class name for several classes)
 COORDINATES = ("coordX", "coordY", "coordZ")  # a candidate's world position (mm), as the LUNA16 challenge names it
@@ -90,7 +108,7 @@ def write_case_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) 
 
 
 class CaseMetricsWriter:
-    """Ignite handler: write the evaluation's per-case metrics to ``<save_dir>/test_cases.csv`` when it completes.
+    """Ignite handler: write the evaluation's per-case metrics to ``<save_dir>/<split>_cases.csv`` when it completes.
 
     Listed in ``validate#handlers`` of ``evaluate.json`` after the metrics (MONAI attaches the metrics first, so their
     per-case values are there at ``EPOCH_COMPLETED``); keeps the written path in ``engine.state.case_metrics_file``.
@@ -99,14 +117,16 @@ class CaseMetricsWriter:
         save_dir: the folder of the file (``@output_dir``).
         datalist: the datalist file, whose folder the case ids are relative to (``@datalist``); None: absolute paths.
         entries: the entries the evaluator scores (``@validate#datalist``), for the ids of entries of several images.
-        filename: the file's name in ``save_dir``.
+        filename: the file's name in ``save_dir``; None: named after ``split`` (:func:`cases_file`).
         batch_transform: the meta data of each item of a (decollated) batch, whose ``filename_or_obj`` names its image.
+        split: the split the evaluation scores (``@eval_split``): ``test`` writes ``test_cases.csv``, ``holdout``
+            ``holdout_cases.csv``.
     """
 
     def __init__(self, save_dir: str | os.PathLike, datalist: str | os.PathLike | None = None,
-                 entries: Sequence[Mapping] = (), filename: str = CASES_FILE,
-                 batch_transform: Callable[[Any], list] = _image_meta) -> None:
-        self.path = Path(save_dir) / filename
+                 entries: Sequence[Mapping] = (), filename: str | None = None,
+                 batch_transform: Callable[[Any], list] = _image_meta, split: str = "test") -> None:
+        self.path = Path(save_dir) / (filename or cases_file(split))
         self.root = Path(datalist).resolve().parent if datalist else None
         self.entries: dict[str, Mapping] = {}  # first image of an entry -> the entry
         for entry in entries or ():
@@ -171,7 +191,7 @@ def prediction_columns(class_names: Sequence[str], count: int) -> tuple[list[str
         import warnings
 
         warnings.warn(f"class_names names {len(class_names)} classes for the {count} outputs of the network; "
-                      f"{CASES_FILE} numbers the columns of the classes it does not name (class<k>); set class_names to "
+                      "the per-case file numbers the columns of the classes it does not name (class<k>); set class_names to "
                       "one name per output (out_channels)", Dira3dWarning, stacklevel=2)
     names += [f"class{k}" for k in range(len(names), count)]
     return [f"{LABEL}_{n}" for n in names], [f"{PROBABILITY}_{n}" for n in names]
@@ -216,7 +236,7 @@ def _pred_and_label(output: Any) -> tuple:
 
 
 class CasePredictionsWriter(CaseMetricsWriter):
-    """Ignite handler: write a classification's per-case predictions to ``<save_dir>/test_cases.csv``.
+    """Ignite handler: write a classification's per-case predictions to ``<save_dir>/<split>_cases.csv``.
 
     The AUC of the classification bundles is not a per-case metric; this file holds what it is computed from, one
     row per test case (:func:`prediction_rows`): its id (as ``splits.json``), the reference label(s) and the
@@ -226,20 +246,21 @@ class CasePredictionsWriter(CaseMetricsWriter):
     :class:`CaseMetricsWriter`, every case once.
 
     Args:
-        save_dir, datalist, entries, filename, batch_transform: as :class:`CaseMetricsWriter`.
+        save_dir, datalist, entries, filename, batch_transform, split: as :class:`CaseMetricsWriter`.
         class_names: the names of the network's outputs (``@class_names``), for the columns of several classes.
         id_column: where the entries carry the candidate's world position (``world_mm``, as ``dira3d prepare luna16`` /
             ``pecad`` write it), add its scan (the entry's ``case_id``) as this column and the position (mm) as
             ``coordX``, ``coordY``, ``coordZ`` (the LUNA16 challenge's ``seriesuid,coordX,coordY,coordZ,probability``);
-            empty cells for an entry without it; None, or no scored entry with it: no such columns.
+            empty cells for an entry without it (or with :func:`~dira3d.evaluation.load_split`'s placeholder, three
+            NaN, where other entries of the split have one); None, or no scored entry with it: no such columns.
         output_transform: maps ``engine.state.output`` to ``(probabilities, labels)``, as the AUC metric's.
     """
 
     def __init__(self, save_dir: str | os.PathLike, datalist: str | os.PathLike | None = None,
                  entries: Sequence[Mapping] = (), class_names: Sequence[str] = (), id_column: str | None = None,
-                 output_transform: Callable[[Any], tuple] = _pred_and_label, filename: str = CASES_FILE,
-                 batch_transform: Callable[[Any], list] = _image_meta) -> None:
-        super().__init__(save_dir, datalist, entries, filename, batch_transform)
+                 output_transform: Callable[[Any], tuple] = _pred_and_label, filename: str | None = None,
+                 batch_transform: Callable[[Any], list] = _image_meta, split: str = "test") -> None:
+        super().__init__(save_dir, datalist, entries, filename, batch_transform, split)
         self.class_names = [str(n) for n in class_names or ()]
         self.id_column = id_column
         self.output_transform = output_transform
@@ -274,6 +295,8 @@ class CasePredictionsWriter(CaseMetricsWriter):
         entry = self.entries.get(os.path.normpath(filename)) or {}
         where = entry.get("world_mm")
         where = [float(v) for v in where] if isinstance(where, (list, tuple)) and len(where) == 3 else ["", "", ""]
+        if not all(isinstance(v, str) or math.isfinite(v) for v in where):  # load_split's placeholder: no position
+            where = ["", "", ""]
         return {str(self.id_column): entry.get("case_id", ""), **dict(zip(COORDINATES, where))}
 
     def rows(self, engine: Any, names: list[str]) -> list[dict]:

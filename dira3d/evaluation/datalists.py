@@ -21,6 +21,7 @@ Splits, by name:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -75,7 +76,8 @@ def load_split(
             numbers. None: not checked.
 
     Returns:
-        A list of entry dicts (``"image"``, ``"label"``, ``"case_id"``, ...).
+        A list of entry dicts (``"image"``, ``"label"``, ``"case_id"``, ...), each with the keys every entry of the
+        split has (a batch collates no other); a ``world_mm`` that only some have is kept, with three NaN in the others.
 
     Raises:
         FileNotFoundError: the datalist does not exist.
@@ -232,11 +234,25 @@ def _warn_holdout_without_foreground(path: Path, chosen: list[dict], held: list[
         Dira3dWarning, stacklevel=3)
 
 
+# optional keys kept when only some entries have them, with this placeholder in the others: a candidate's world
+# position (dira3d prepare luna16 / pecad), which CasePredictionsWriter writes beside its prediction (empty cells
+# for the placeholder; it collates as the positions do: three numbers)
+_PLACEHOLDERS = {"world_mm": (math.nan, math.nan, math.nan)}
+
+
 def _common_keys(entries: list[dict]) -> list[dict]:
-    """Keep only the keys every entry has: a batch cannot collate a key that some samples lack
-    (e.g. LUNA16 positives carry ``diameter_mm``, negatives do not)."""
+    """Keep only the keys every entry has: a batch cannot collate a key that some samples lack (MONAI's
+    ``list_data_collate`` takes the keys of the batch's first sample: a KeyError, or the key dropped from the batch;
+    e.g. LUNA16 positives carry ``diameter_mm``, negatives do not). A key of :data:`_PLACEHOLDERS` that some entries
+    have is kept, and the others get its placeholder (``world_mm``: three NaN), so the positions that exist are not
+    lost for all."""
     if not entries:
         return entries
     common = set(entries[0]).intersection(*entries)
     size = len(common)  # an entry with that many keys has exactly these: copied as it is, in one step
+    filled = {k: v for k, v in _PLACEHOLDERS.items() if k not in common and any(k in e for e in entries)}
+    if filled:
+        common |= set(filled)
+        return [{**{k: v for k, v in e.items() if k in common}, **{k: list(v) for k, v in filled.items() if k not in e}}
+                for e in entries]
     return [dict(e) if len(e) == size else {k: v for k, v in e.items() if k in common} for e in entries]

@@ -181,14 +181,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def written_message(config: dict) -> str:
     """Where the experiment's outputs are, printed after the table (as every dira3d command ends)."""
+    from dira3d.evaluation.case_metrics import cases_file
+
     out = Path(config["output_dir"])
     run = "<method>_lf<fraction>_seed<seed>" + ("_fold<fold>" if "folds" in config else "")
+    cases = cases_file((config.get("overrides") or {}).get("eval_split") or "test")  # the split evaluate.json scored
     return (f"results:     {out / 'results.csv'} (one row per run; mean ± std, 95 % CI and p-values in {out / 'summary.json'})\n"
             f"table:       {out / 'table.md'}; plots: {out / (config['metric'] + '_vs_label_fraction.png')}, "
             f"{out / 'ablation.png'}\n"
             f"each run:    {out / 'runs'}/{run}/ (metrics.json: test metric, splits, settings; splits.json: the cases "
-            "of each split; test_cases.csv: the test metrics of each case, segmentation; models/model.pt; "
-            "TensorBoard files: curves, and the test metrics as test/<metric>)\n"
+            f"of each split; {cases}: each case's metrics (segmentation) or label(s) and probability(ies) "
+            "(classification); models/model.pt; TensorBoard files: curves, and the test metrics as test/<metric>)\n"
             f"TensorBoard: tensorboard --logdir {out / 'runs'}")
 
 

@@ -147,7 +147,8 @@ def run_finetune(
     Returns:
         ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "splits", "split_digests",
         "settings"}`` (and ``"test_cases": "test_cases.csv"``, the per-case test metrics or predictions, every task bundle,
-        :mod:`dira3d.evaluation.case_metrics`); ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label
+        :mod:`dira3d.evaluation.case_metrics`; named after the split scored: ``"holdout_cases.csv"`` with
+        ``eval_split=holdout``); ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label
         fraction's selection less the holdout), of the early-stopping holdout and of the test split
         (:func:`dira3d.evaluation.split_checks.describe_split`); ``split_digests`` a digest of each one's cases, which
         ``<output_dir>/splits.json`` lists (:mod:`dira3d.evaluation.split_ids`). A segmentation test split with no or few cases

@@ -42,15 +42,17 @@ def _metric_names(metrics_csv: Path) -> list[str]:
 def metric_reports(output_dir: str | os.PathLike, names: Iterable[str] = ()) -> list[Path]:
     """The per-case CSVs an evaluation's ``MetricsSaver`` wrote in ``output_dir``: ``<name>_raw.csv`` and
     ``<name>_summary.csv`` for each metric its ``metrics.csv`` lists, and for ``names`` (e.g. the metrics an
-    earlier run's ``metrics.json`` records); and ``test_cases.csv`` (:mod:`dira3d.evaluation.case_metrics`). Other
-    files are not the evaluation's and are never listed."""
-    from dira3d.evaluation.case_metrics import CASES_FILE
+    earlier run's ``metrics.json`` records); and the per-case file of each split an evaluation can score,
+    ``test_cases.csv``, ``holdout_cases.csv``, ... (:mod:`dira3d.evaluation.case_metrics`). Other files are not the
+    evaluation's and are never listed."""
+    from dira3d.evaluation.case_metrics import cases_file
+    from dira3d.evaluation.datalists import SPLITS
 
     output_dir = Path(output_dir)
     wanted = dict.fromkeys([*_metric_names(output_dir / "metrics.csv"), *names])
     files = [output_dir / f"{name}{suffix}" for name in wanted for suffix in ("_raw.csv", "_summary.csv")
              if re.fullmatch(r"[A-Za-z0-9_.\-]+", str(name)) and str(name).strip(".")]
-    return [p for p in files + [output_dir / CASES_FILE] if p.is_file()]
+    return [p for p in files + [output_dir / cases_file(split) for split in SPLITS] if p.is_file()]
 
 
 def earlier_run_files(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, metric_names: Iterable[str] = ()) -> list[Path]:

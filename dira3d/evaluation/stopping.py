@@ -22,7 +22,9 @@ the pretraining mechanism (:class:`dira3d.engines.stopping.SignalStop`) on MONAI
 
 A signal before the training starts, while building the trainer loads and caches the data, ends the run with one
 line (``fine-tuning stopped by SIGTERM before training started ...``) and the same exit status:
-:func:`stop_before_training` (:mod:`dira3d.engines.stopping`), the last ``initialize`` step of ``train.json``.
+:func:`stop_before_training` (:mod:`dira3d.engines.stopping`), the last ``initialize`` step of ``train.json``; the first
+``finalize`` step, :func:`end_stop_before_training`, puts the handlers it replaced back in a workflow whose training
+never started (``initialize()`` then ``finalize()`` in a notebook).
 
 The stop is kept for :func:`exit_if_training_stopped` in this module (one per process), not read from the trainer:
 ``finalize`` naming ``@train#trainer`` would build the trainer, and cache its training data, in a workflow that never
@@ -39,10 +41,10 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from dira3d.engines.distributed import all_ranks_min, is_main_process
-from dira3d.engines.stopping import SignalStop, stop_before_training
+from dira3d.engines.stopping import SignalStop, end_stop_before_training, stop_before_training
 from dira3d.utils.interrupts import StoppedBySignal
 
-__all__ = ["run_training", "exit_if_training_stopped", "stop_message", "stop_before_training"]
+__all__ = ["run_training", "exit_if_training_stopped", "stop_message", "stop_before_training", "end_stop_before_training"]
 
 _STOPPED: list[StoppedBySignal] = []  # the stop of this process's last run_training, until it is raised
 

@@ -36,8 +36,11 @@ class LoadReport:
         unexpected: keys of the checkpoint that the network does not have (ignored).
         mismatched: key → (checkpoint shape, network shape) for every shape difference.
         adapted: keys whose pretrained tensor was adapted to the network (``in_channels_policy``).
-        parts: the parts that were loaded.
+        parts: the parts that were loaded (:func:`~dira3d.deploy.load_into`: the part the file holds, e.g. ``encoder``).
         source: where the weights came from (a path, or ``"<dict>"``).
+        target: the network the weights went into (its class name), set by :func:`~dira3d.deploy.load_into`: the
+            summary then counts the file's tensors and the network's apart.
+        dropped: keys of the file that ``load_into``'s mapping dropped (a ``None`` value).
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -47,13 +50,24 @@ class LoadReport:
     adapted: list[str] = field(default_factory=list)
     parts: tuple[str, ...] = ()
     source: str = "<dict>"
+    target: str = ""
+    dropped: list[str] = field(default_factory=list)
+
+    def _counts(self) -> str:
+        if not self.target:  # load_pretrained: the parts are the network's
+            return (f"pretrained weights from {self.source} into {', '.join(self.parts)}: "
+                    f"{len(self.loaded)} tensors loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected")
+        net, loaded = self.target, len(self.loaded)
+        in_net = loaded + len(self.missing) + len(self.mismatched)
+        in_file = loaded + len(self.unexpected) + len(self.mismatched) + len(self.dropped)
+        dropped = f", {len(self.dropped)} of the file's dropped by the mapping" if self.dropped else ""
+        return (f"{' and '.join(self.parts)} weights from {self.source} into {net}: {loaded} tensors loaded, of the "
+                f"file's {in_file} and of {net}'s {in_net}; {len(self.missing)} of {net}'s not in the file (kept their "
+                f"initial values), {len(self.unexpected)} of the file's not in {net} (ignored){dropped}")
 
     def summary(self) -> str:
         """A few human-readable lines for logs (counts, then the keys that were not copied)."""
-        lines = [
-            f"pretrained weights from {self.source} into {', '.join(self.parts)}: "
-            f"{len(self.loaded)} tensors loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected"
-        ]
+        lines = [self._counts()]
         not_adapted = [k for k in self.mismatched if k not in self.adapted]
         if not_adapted:  # not copied: a shape difference leaves the network's tensor as initialised
             lines[0] += f", {len(not_adapted)} of another shape (not loaded)"
@@ -63,10 +77,12 @@ class LoadReport:
                 f"  adapted {key}: input channels {ckpt_shape[1]} -> {model_shape[1]} "
                 "(kernel averaged over channels and repeated)"
             )
+        missing, unexpected = (("missing", "unexpected") if not self.target else
+                               (f"in {self.target}, not in the file", f"in the file, not in {self.target}"))
         if self.missing:
-            lines.append(f"  missing (kept their initial values): {preview_keys(self.missing)}")
+            lines.append(f"  {missing} (kept their initial values): {preview_keys(self.missing)}")
         if self.unexpected:
-            lines.append(f"  unexpected (ignored): {preview_keys(self.unexpected)}")
+            lines.append(f"  {unexpected} (ignored): {preview_keys(self.unexpected)}")
         if not_adapted:
             shapes = [f"{k} {self.mismatched[k][0]} vs network {self.mismatched[k][1]}" for k in not_adapted]
             lines.append(f"  other shape (kept their initial values): {preview_keys(shapes)}")
