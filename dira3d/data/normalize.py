@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["window_hu", "normalize_mr", "AIR_HU", "MASK_VALUES", "mask_values"]
+__all__ = ["window_hu", "normalize_mr", "mr_range", "scale_mr", "AIR_HU", "MASK_VALUES", "mask_values"]
 
 AIR_HU = -500.0  # every CT in HU has air (or the scanner's padding, -1024 / -3024) below this; an MRI has none
 # (strictly below: a scan whose lowest voxel is exactly AIR_HU has no air)
 
 
+def _to_unit(array: np.ndarray, offset: np.float32, width: np.float32) -> np.ndarray:
+    """``(array - offset) / width`` clipped to [0, 1], computed in float32 into one new array (no temporaries)."""
+    out = np.subtract(array, offset, dtype=np.float32)
+    np.divide(out, width, out=out)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
 def window_hu(array: np.ndarray, lo: float = -1000.0, hi: float = 1000.0) -> np.ndarray:
     """Clip CT intensities to the HU window ``[lo, hi]`` and scale them linearly to [0, 1].
+
+    Voxel by voxel: a slice of the volume gives that slice of the volume's result, to the bit.
 
     Returns:
         float32 array of the same shape.
@@ -25,8 +34,50 @@ def window_hu(array: np.ndarray, lo: float = -1000.0, hi: float = 1000.0) -> np.
     """
     if not lo < hi:
         raise ValueError(f"HU window must satisfy lo < hi, got [{lo}, {hi}]; check the --window setting")
-    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    return _to_unit(np.asarray(array), np.float32(lo), np.float32(hi - lo))
+
+
+def _foreground(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The float32 values of the voxels :func:`normalize_mr` takes percentiles from, gathered slice by slice (the
+    non-zero ones after the cast to float32, or those of ``mask``): a float32 copy of a whole int16 scan plus a
+    boolean mask would be 2.5 times the scan, this is at most 2 times its foreground."""
+    if array.ndim < 2:
+        data = array.astype(np.float32)  # a copy: the percentiles may reorder it
+        return data[data != 0] if mask is None else data[np.asarray(mask, dtype=bool)]
+    mask = None if mask is None else np.asarray(mask, dtype=bool)
+
+    def pick(i: int) -> tuple[np.ndarray, np.ndarray]:
+        piece = array[i].astype(np.float32, copy=False)
+        return piece, (piece != 0 if mask is None else mask[i])
+
+    values = np.empty(sum(int(np.count_nonzero(pick(i)[1])) for i in range(len(array))), dtype=np.float32)
+    filled = 0
+    for i in range(len(array)):
+        piece, select = pick(i)
+        chosen = piece[select]
+        values[filled : filled + chosen.size] = chosen
+        filled += chosen.size
+    return values
+
+
+def mr_range(array: np.ndarray, mask: np.ndarray | None = None, lower: float = 0.5,
+             upper: float = 99.5) -> tuple[np.float32, np.float32]:
+    """``(offset, width)`` of :func:`normalize_mr`: its ``lower`` percentile and the distance to its ``upper`` one, as
+    float32 (arguments and errors as there). :func:`scale_mr` with them gives any slice of ``normalize_mr``'s result."""
+    if not 0 <= lower < upper <= 100:
+        raise ValueError(f"MR percentiles must satisfy 0 <= lower < upper <= 100, got ({lower}, {upper})")
+    values = _foreground(np.asarray(array), mask)
+    if values.size == 0:
+        raise ValueError("MR volume has no foreground voxels to take percentiles from (all zero or empty mask)")
+    p_lo, p_hi = np.percentile(values, [lower, upper], overwrite_input=True)  # values is this function's own copy
+    if not p_hi > p_lo:
+        raise ValueError(f"MR volume is constant in its foreground (percentiles {p_lo} and {p_hi}); cannot normalise it")
+    return np.float32(p_lo), np.float32(p_hi - p_lo)
+
+
+def scale_mr(array: np.ndarray, offset: np.float32, width: np.float32) -> np.ndarray:
+    """``(array - offset) / width`` clipped to [0, 1] in float32: :func:`normalize_mr` with :func:`mr_range`'s values."""
+    return _to_unit(np.asarray(array), offset, width)
 
 
 def normalize_mr(array: np.ndarray, mask: np.ndarray | None = None, lower: float = 0.5,
@@ -45,18 +96,7 @@ def normalize_mr(array: np.ndarray, mask: np.ndarray | None = None, lower: float
     Raises:
         ValueError: bad percentiles, an empty foreground, or a constant foreground.
     """
-    if not 0 <= lower < upper <= 100:
-        raise ValueError(f"MR percentiles must satisfy 0 <= lower < upper <= 100, got ({lower}, {upper})")
-    data = np.asarray(array, dtype=np.float32)
-    select = data != 0 if mask is None else np.asarray(mask, dtype=bool)
-    values = data[select]
-    if values.size == 0:
-        raise ValueError("MR volume has no foreground voxels to take percentiles from (all zero or empty mask)")
-    p_lo, p_hi = np.percentile(values, [lower, upper])
-    if not p_hi > p_lo:
-        raise ValueError(f"MR volume is constant in its foreground (percentiles {p_lo} and {p_hi}); cannot normalise it")
-    out = (data - np.float32(p_lo)) / np.float32(p_hi - p_lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    return scale_mr(array, *mr_range(array, mask, lower, upper))
 
 
 MASK_VALUES = 16  # an image of integer values with this few distinct ones is a label map, not a scan

@@ -18,6 +18,7 @@ from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError
 from dira3d.visual_words.coordinates import CoordinateSamplingError
 from dira3d.visual_words.discover import LUNG_FILTER_CHOICES, discover_visual_words
+from dira3d.visual_words.embedding_chunks import PARTIAL_NAME, kept_rows
 from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_progress
 from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
 
@@ -70,7 +71,11 @@ def interrupted_message(out: Path) -> str:
     try:
         manifest = read_manifest(out)
     except (FileNotFoundError, ValueError):
-        progress = extractor_progress(out / EXTRACTOR_NAME)
+        progress, rows = extractor_progress(out / EXTRACTOR_NAME), kept_rows(out)
+        if rows:
+            trained = f" (and the trained extractor in {out / EXTRACTOR_NAME})" if progress else ""
+            return (f"interrupted while embedding the volumes; the embeddings of the first {rows} are kept in "
+                    f"{out / PARTIAL_NAME}{trained}: rerun the same command to continue after them")
         if progress is None:
             return (f"interrupted before the classes were planned (no {out / MANIFEST_NAME}); nothing is kept: "
                     "rerunning the same command starts afresh")

@@ -1,7 +1,8 @@
 """TransVW self-discovery end to end: embed → plan classes → extract patches → shards.
 
 1. **Embed** every training and validation volume with a feature extractor (a skip-free
-   autoencoder trained here, a dira3d pretraining checkpoint, or a given module).
+   autoencoder trained here, a dira3d pretraining checkpoint, or a given module). The finished rows are kept in
+   chunks (:mod:`~dira3d.visual_words.embedding_chunks`): an interrupted embedding continues after them.
 2. **Plan** class by class: an unused, seeded-random training reference; its K nearest training
    and K_val nearest validation volumes; a patch centre in the reference under the sampling rules,
    such that the patch also lies inside every neighbour (all are cut at that voxel, and scans
@@ -43,9 +44,8 @@ from dira3d.visual_words.coordinates import (
     CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, hu_to_unit, sample_coordinate,
 )  # fmt: skip
 from dira3d.visual_words.checks import check_counts, check_validation_sizes, check_volume_sizes, entry_name
-from dira3d.visual_words.extractor import (
-    EXTRACTOR_NAME, embed_volumes, extractor_from_checkpoint, extractor_progress, train_extractor,
-)  # fmt: skip
+from dira3d.visual_words.embedding_chunks import PARTIAL_NAME, clear_partial, embed_resumable, embedding_key, extractor_identity
+from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_from_checkpoint, extractor_progress, train_extractor
 from dira3d.visual_words.loading import SPLITS, case_ids, iterate_volumes, read_datalist, volume_shapes, volume_transform
 from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours
 from dira3d.visual_words.transforms import VisualWordCropd
@@ -80,7 +80,11 @@ def _embed(data: dict, params: dict, extractor: str | nn.Module, seed: int, work
         model = extractor_from_checkpoint(params["checkpoint"])
     else:
         raise ValueError(f"extractor {extractor!r} is not 'autoencoder', 'checkpoint' or a torch module")
-    return embed_volumes(model, data["training"] + data["validation"], **kwargs)
+    entries = data["training"] + data["validation"]
+    identity = extractor_identity(model, params["checkpoint"] if extractor == "checkpoint" else None)
+    settings = {"extractor_size": params["extractor_size"], "orient": params["orient"], "raw_hu_window": params["raw_hu_window"],
+                "batch_size": 2, "device": str(device)}  # fmt: skip
+    return embed_resumable(model, entries, out_dir, embedding_key(identity, entries, settings), **kwargs)
 
 
 def _rules(params: dict) -> CoordinateRules:
@@ -253,8 +257,8 @@ def _earlier_run(out_dir: Path) -> dict:
 
 
 def _clear_outputs(out_dir: Path) -> None:
-    """Delete an earlier run's own files (``--overwrite``): its manifest, datalist, embeddings, extractor
-    checkpoint and class shards; anything else in ``out_dir`` (or in ``shards/``) is left alone."""
+    """Delete an earlier run's own files (``--overwrite``): its manifest, datalist, embeddings (and their chunks),
+    extractor checkpoint and class shards; anything else in ``out_dir`` (or in ``shards/``) is left alone."""
     if (out_dir / MANIFEST_NAME).exists():
         _earlier_run(out_dir)
     if (out_dir / EXTRACTOR_NAME).exists() and extractor_progress(out_dir / EXTRACTOR_NAME) is None:
@@ -262,6 +266,7 @@ def _clear_outputs(out_dir: Path) -> None:
                          "would delete; move it away or choose another --out")
     for name in (MANIFEST_NAME, DATALIST_NAME, EMBEDDINGS_NAME, EXTRACTOR_NAME):
         (out_dir / name).unlink(missing_ok=True)
+    clear_partial(out_dir)
     for split in SPLITS:
         for shard in (out_dir / "shards" / split).glob("class_*.npy"):
             shard.unlink()
@@ -401,7 +406,7 @@ def discover_visual_words(
             "raw_hu_window": [float(h) for h in hu_window] if raw_hu else None, "dtype": "float16",
         }  # fmt: skip
         volumes = {split: case_ids(data[split]) for split in SPLITS}
-        if (out_dir / MANIFEST_NAME).exists() or (out_dir / EXTRACTOR_NAME).exists():  # a run, or one stopped in extractor training
+        if any((out_dir / name).exists() for name in (MANIFEST_NAME, EXTRACTOR_NAME, PARTIAL_NAME)):  # a run, or one stopped before planning
             if overwrite:
                 _clear_outputs(out_dir)
             elif not resume:
@@ -429,6 +434,7 @@ def discover_visual_words(
             manifest["classes"], manifest["channels"] = _plan(data, embeddings, params, seed, shapes)
             manifest["status"] = "planned"
             write_json_atomic(manifest, out_dir / MANIFEST_NAME)
+        clear_partial(out_dir)  # the manifest holds the plan: no rerun embeds again
         _extract(data, manifest, out_dir, class_block, workers)
         manifest["status"] = "complete"
         write_json_atomic(manifest, out_dir / MANIFEST_NAME)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from dira3d.utils.checkpoint import atomic_save, load_checkpoint
 from dira3d.visual_words.loading import volume_transform
 
-__all__ = ["EXTRACTOR_NAME", "VolumeAutoencoder", "train_extractor", "embed_volumes", "extractor_from_checkpoint", "extractor_progress"]
+__all__ = ["EXTRACTOR_NAME", "VolumeAutoencoder", "train_extractor", "embed_volumes", "iter_embeddings", "extractor_from_checkpoint",
+           "extractor_progress"]
 
 EXTRACTOR_NAME = "extractor.pt"  # the autoencoder's per-epoch checkpoint in a visual-words output folder
 
@@ -304,15 +305,36 @@ def embed_volumes(
     Returns:
         A ``(N, D)`` float32 CPU tensor, rows in the order of ``entries``.
     """
+    rows = list(iter_embeddings(encoder, entries, size, batch_size, orient, raw_hu_window, workers, device))
+    return torch.cat(rows) if rows else torch.zeros(0, 0)
+
+
+def iter_embeddings(
+    encoder: nn.Module,
+    entries: Sequence[dict],
+    size: Sequence[int] = (128, 128, 64),
+    batch_size: int = 2,
+    orient: bool = True,
+    raw_hu_window: tuple[float, float] | None = None,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    done: int = 0,
+) -> Iterator[torch.Tensor]:
+    """:func:`embed_volumes` batch by batch: yields ``(b, D)`` float32 CPU tensors, rows in the order of ``entries``
+    (``batch_size`` rows each but the last). ``done``: volumes embedded by an earlier run (named in the progress lines)."""
     was_training = encoder.training
     encoder.eval().to(device)
     loader = DataLoader(_resized_dataset(entries, size, orient, raw_hu_window), batch_size=batch_size, shuffle=False, num_workers=workers)
-    rows, progress = [], _Progress("embedding", len(entries))
-    for batch in loader:
-        rows.append(_feature_vectors(encoder, torch.as_tensor(batch["image"]).float().to(device)).float().cpu())
-        progress.step(sum(len(r) for r in rows))
-    encoder.train(was_training)
-    return torch.cat(rows) if rows else torch.zeros(0, 0)
+    progress, count = _Progress("embedding" if not done else f"embedding the {len(entries)} volumes left", len(entries)), 0
+    try:
+        for batch in loader:
+            with torch.no_grad():
+                rows = _feature_vectors(encoder, torch.as_tensor(batch["image"]).float().to(device)).float().cpu()
+            count += len(rows)
+            progress.step(count)
+            yield rows
+    finally:
+        encoder.train(was_training)
 
 
 def extractor_from_checkpoint(checkpoint: str | os.PathLike | dict) -> nn.Module:
