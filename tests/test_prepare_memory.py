@@ -53,8 +53,8 @@ def test_windowing_a_ct_holds_few_copies_of_it():
     out = normalise_image(image, "ct")
     peak = (_peak_bytes() - base) / (np.prod(shape) * 2)
     # the RAS copy (1x; at this size the allocator keeps the one DICOMOrient made on its way: 2x) and the float32 image
-    # (2x), filled a slab of slices at a time: about 4 copies of the int16 scan (limit 5 for margin); it was 9, then 6 with a whole float32
-    # scaled array copied into its image
+    # (2x), filled a slab of slices at a time: about 4 copies of the int16 scan (the limit, 5, leaves a margin); it was
+    # 9, then 6 with a whole float32 scaled array copied into its image
     assert peak < 5.0, f"peak {peak:.1f} x the int16 scan"
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(out), expected)
     assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(out.GetDirection()) == "RAS"
