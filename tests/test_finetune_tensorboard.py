@@ -39,6 +39,7 @@ def test_the_test_metrics_are_tensorboard_scalars_at_the_last_epoch(bundle, tmp_
     out = tmp_path / "run"
     result = run_finetune(bundle, {"datalist": str(datalist), "seed": 0}, output_dir=out, tiny=True)
     recorded = json.loads((out / "metrics.json").read_text())
+    assert recorded["eval_split"] == "test" and "test" in recorded["splits"]  # the split the scalars are named after
     scalars = _scalars(out)
     tests = {tag: points for tag, points in scalars.items() if tag.startswith("test/")}
     assert recorded["metrics"] and set(tests) == {f"test/{name}" for name in recorded["metrics"]}, sorted(scalars)

@@ -178,18 +178,24 @@ def test_finetune_cli_early_stops_and_selects_the_model_on_the_validation_list(t
     # scored after training on the holdout too (eval_split), with the model the holdout selected
     code = main(["--bundle", "luna16_nodule_fpr", "--tiny", "--datalist", str(datalist), "--output-dir", str(out),
                  "--set", "holdout=validation", "--set", "max_epochs=2", "--set", "eval_split=holdout"])
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    # the printed metrics are said to be the holdout's
+    assert "scored on:   the holdout split (eval_split=holdout), not the test split" in printed.out
     result = json.loads((out / "metrics.json").read_text())
     assert result["settings"]["holdout"] == "validation"
     # the holdout was the validation list: its cases, patients and positives (10 % of training: 2, 1, 1)
-    assert result["splits"]["holdout"] == {"cases": 4, "patients": 2, "positive": 2} == result["splits"]["test"]
+    assert result["splits"]["holdout"] == {"cases": 4, "patients": 2, "positive": 2}
+    # the split scored is recorded as the holdout: no test split was scored (it was filed under splits.test)
+    assert result["eval_split"] == "holdout" and "test" not in result["splits"] and "test" not in result["split_digests"]
     # and its metric was computed on those cases: far from the 1.0 of the easy training cases, and what the saved
     # (best) model scores on them
     best = result["holdout"]["best_val_auc"]
     assert best < 0.9 and result["metrics"]["auc"] == pytest.approx(best, abs=1e-6), result
     assert [e["label"] for e in validation] == [0, 1, 1, 0]
-    # its per-case rows are named after the split scored, and metrics.json names that file (it said test_cases.csv)
-    assert result["test_cases"] == "holdout_cases.csv" and not (out / "test_cases.csv").exists()
+    # its per-case rows are named after the split scored, and metrics.json names that file under the split's key
+    assert result["holdout_cases"] == "holdout_cases.csv" and "test_cases" not in result
+    assert not (out / "test_cases.csv").exists()
     with open(out / "holdout_cases.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(r["case"] for r in rows) == sorted(e["image"] for e in validation)

@@ -67,6 +67,9 @@ bundle must have a ``fold`` setting and the datalist's ``training`` entries must
 10 % of the selected training patients (docs/finetuning.md); it is recorded in ``experiment.json`` and each run's
 ``metrics.json`` as any override, and refused before any run with ``folds`` or where the runs would refuse it
 (no or an empty ``validation`` list, a patient in it also in ``training`` or ``test``, one class only).
+The runs are scored on the test split, which the table compares: ``overrides: {eval_split: holdout}`` (or any split
+but ``test``) is refused before any run, and a run whose ``metrics.json`` records another ``eval_split`` (a bundle whose
+evaluate.json scores another split) fails with that reason and is not added to ``results.csv``.
 
 ``results.csv`` has one row per finished run: method, checkpoint, label_fraction, seed (fold), metric,
 value, seconds, run_dir, and test_cases / test_positive, the test split's size and positives from the run's

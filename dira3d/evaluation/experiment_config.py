@@ -247,6 +247,11 @@ def _check_grid_overrides(config: dict, path: Path) -> None:
                          f"remove {key} from overrides and use {_GRID_SETS[key]} (`dira3d experiment --help`)")
     if "tiny" in overrides and not isinstance(overrides["tiny"], bool):  # bool("no") is True
         raise ValueError(f"tiny in the overrides of {path} must be true or false, got {overrides['tiny']!r}")
+    if overrides.get("eval_split", "test") != "test":  # its scores went into the table as test scores, unlabelled
+        raise ValueError(f"overrides in {path} set eval_split={overrides['eval_split']!r}, but dira3d experiment compares "
+                         "the methods on the test split (results.csv's value and test_cases, the table, the t-tests); "
+                         "remove eval_split from overrides (each run's metrics.json keeps its best early-stopping holdout "
+                         "score, `holdout`; `dira3d finetune --set eval_split=...` scores another split for one run)")
     pretrain = config.get("pretrain") or {}
     sources = [("pretrain overrides", pretrain.get("overrides") or {})] + [
         (f"pretrain of method {name!r}", spec.get("pretrain") or {}) for name, spec in config["methods"].items()

@@ -19,7 +19,7 @@ from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.setting_hints import experiment_settings
 from dira3d.evaluation.experiment_pretrain import check_pretrain_settings, pretrain_settings, pretrain_method
 from dira3d.evaluation.experiment_versions import versions_record, warn_rows_without_digests
-from dira3d.evaluation.split_ids import SPLITS_FILE
+from dira3d.evaluation.split_ids import SPLITS_FILE, scored_split
 from dira3d.evaluation.results import (
     DIGEST_FIELDS, FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings,
     file_sha256, grid_cells, read_rows, row_key, seed_values, split_columns, write_report, write_rows,
@@ -132,6 +132,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
             with experiment_settings():  # its errors name the config's settings, not dira3d finetune's options
                 metrics = runner(str(config["bundle"]), overrides)
             _check_value(metrics, config["metric"])
+            _check_scored_test(run_dir)
         except Exception as err:  # one failed run must not stop (or lose) the rest of the grid
             cause = cause_of(err)
             failures.add({"method": method, "label_fraction": fraction, "seed": seed,
@@ -271,6 +272,21 @@ def _check_value(metrics: Mapping[str, Any], metric: str) -> None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise ValueError(f"the test metric {metric!r} is undefined (NaN), e.g. an AUC on a test split that holds "
                          "one class only; check the test split")
+
+
+def _check_scored_test(run_dir: Path) -> None:
+    """Refuse a run whose ``metrics.json`` says it scored another split than the test split (a bundle whose
+    evaluate.json sets another ``eval_split``): the table compares test scores. A runner that writes no (readable)
+    ``metrics.json`` is taken at its word."""
+    try:
+        result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        scored = scored_split(result)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return
+    if scored != "test":
+        raise ValueError(f"{run_dir / 'metrics.json'} was scored on the {scored} split (eval_split={scored}), not the "
+                         "test split that the experiment's table compares: set eval_split to test in the bundle's "
+                         "configs/evaluate.json (or overrides: {eval_split: test})")
 
 
 def cause_of(err: BaseException) -> BaseException:

@@ -4,6 +4,9 @@
 ``ConfigWorkflow``: ``train.json`` (plus ``tiny.json`` for smoke runs), then ``train.json`` +
 ``evaluate.json`` on the test split with the best checkpoint. It returns the test metrics and
 writes them to ``<output_dir>/metrics.json``, which is what the multi-seed experiment grid reads.
+``--set eval_split=holdout`` (or ``validation``, ``train``) scores that split instead, and every record says so:
+``metrics.json``'s ``eval_split`` and ``splits.<split>``, the per-case file ``<split>_cases.csv``, the TensorBoard
+scalars ``<split>/<metric>`` (``dira3d experiment`` takes test scores only).
 
 Command line (``dira3d finetune``)::
 
@@ -145,14 +148,16 @@ def run_finetune(
         overrides_from: what an unknown override id is said to come from (the command line: ``--set``).
 
     Returns:
-        ``{"bundle", "metrics": {name: value}, "holdout": {name: best value}, "epochs", "splits", "split_digests",
-        "settings"}`` (and ``"test_cases": "test_cases.csv"``, the per-case test metrics or predictions, every task bundle,
-        :mod:`dira3d.evaluation.case_metrics`; named after the split scored: ``"holdout_cases.csv"`` with
-        ``eval_split=holdout``); ``splits`` holds ``{"cases", "patients", "positive"}`` of the training split (the label
-        fraction's selection less the holdout), of the early-stopping holdout and of the test split
-        (:func:`dira3d.evaluation.split_checks.describe_split`); ``split_digests`` a digest of each one's cases, which
-        ``<output_dir>/splits.json`` lists (:mod:`dira3d.evaluation.split_ids`). A segmentation test split with no or few cases
-        with foreground, or a multi-label one with classes of one value, is warned about once
+        ``{"bundle", "metrics": {name: value}, "eval_split", "holdout": {name: best value}, "epochs", "splits",
+        "split_digests", "settings"}`` (and ``"test_cases": "test_cases.csv"``, the per-case test metrics or predictions,
+        every task bundle, :mod:`dira3d.evaluation.case_metrics`); ``eval_split`` is the split ``metrics`` were scored
+        on (``"test"``; another with ``eval_split=holdout``, ``validation`` or ``train``, whose per-case file is then
+        ``"<split>_cases": "<split>_cases.csv"``); ``splits`` holds ``{"cases", "patients", "positive"}`` of the
+        training split (the label fraction's selection less the holdout), of the early-stopping holdout and of the
+        scored split under its name (``test``) (:func:`dira3d.evaluation.split_checks.describe_split`);
+        ``split_digests`` a digest of each one's cases, which ``<output_dir>/splits.json`` lists
+        (:mod:`dira3d.evaluation.split_ids`). A segmentation split scored with no or few cases with foreground, or a
+        multi-label one with classes of one value, is warned about once, naming the split
         (:func:`dira3d.evaluation.split_checks.warn_test_split`).
 
     Raises:
@@ -225,14 +230,17 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     trainer_flow = _workflow(files, configs / "metadata.json", overrides)
     trainer_flow.initialize()
     parser = trainer_flow.parser
-    if "datalist" in parser:  # the test split is scored after training: a missing one must fail now, not hours later
+    scored = _eval_split(configs, overrides)  # the split evaluate.json scores after training (test by default)
+    # the test split (or the 'validation' list) is scored after training: a missing one must fail now, not hours later;
+    # the training and holdout splits were loaded by train.json's initialize
+    if "datalist" in parser and scored not in ("train", "holdout"):
         from dira3d.evaluation.datalists import is_multilabel, load_split
 
         fold = parser.get_parsed_content("fold") if "fold" in parser else None
         datalist = parser.get_parsed_content("datalist")
-        test = load_split(datalist, "test", fold=fold)
+        test = load_split(datalist, scored, fold=fold)
         if is_multilabel(test) and "out_channels" in parser:  # lists of out_channels numbers, as train.json checks its own
-            load_split(datalist, "test", fold=fold, num_labels=parser.get_parsed_content("out_channels"))
+            load_split(datalist, scored, fold=fold, num_labels=parser.get_parsed_content("out_channels"))
     # what the run used, defaults included (metrics.json must say which subset and seed made a number)
     effective = {key: parser.get_parsed_content(key) for key in _RECORDED if key in parser}
     for key in ("datalist", "pretrained"):  # absolute: metrics.json must name the files wherever it is read
@@ -270,49 +278,67 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     with quiet_interrupt_logs():
         eval_flow.run()
     metrics = {name: _number(value) for name, value in evaluator.state.metrics.items()}
-    entries = {"train": _entries(parser, "train#datalist"), "holdout": _entries(parser, "validate#datalist"),
-               "test": _entries(eval_flow.parser, "validate#datalist")}
-    splits = {name: summary for name, summary in (("train", _split_summary(entries["train"], None)),
-                                                  ("holdout", _split_summary(entries["holdout"], validator)),
-                                                  ("test", _split_summary(entries["test"], evaluator))) if summary}
+    if "eval_split" in eval_flow.parser:  # what evaluate.json scored, as it resolved it
+        scored = str(eval_flow.parser.get_parsed_content("eval_split"))
+    # the scored split under its own name (eval_split=holdout: the holdout, as the evaluator counted it; no "test")
+    entries = {"train": _entries(parser, "train#datalist"), "holdout": _entries(parser, "validate#datalist")}
+    entries[scored] = _entries(eval_flow.parser, "validate#datalist")
+    summaries = {"train": _split_summary(entries["train"], None), "holdout": _split_summary(entries["holdout"], validator)}
+    summaries[scored] = _split_summary(entries[scored], evaluator)
+    splits = {name: summary for name, summary in summaries.items() if summary}
     eval_flow.finalize()
 
     result = {
         "bundle": root.name,
         "metrics": metrics,
+        "eval_split": scored,  # the split `metrics` were scored on (a metrics.json without it: test)
         "holdout": holdout,
         "epochs": epochs,
         "splits": splits,
         # which cases: splits.json lists them, these are their digests (dira3d experiment pairs runs on them)
         "split_digests": write_splits(out, effective.get("datalist"), entries),
         # the per-case rows (dira3d.evaluation.case_metrics) that evaluate.json's CaseMetricsWriter wrote, when it has one
-        **({"test_cases": Path(evaluator.state.case_metrics_file).name} if getattr(evaluator.state, "case_metrics_file", None) else {}),
+        # ("test_cases"; "holdout_cases" with eval_split=holdout)
+        **({f"{scored}_cases": Path(evaluator.state.case_metrics_file).name}
+           if getattr(evaluator.state, "case_metrics_file", None) else {}),
         "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))}
         | {k: v for k, v in effective.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
     }
-    _log_test_metrics(out, metrics, epochs)  # before metrics.json, which marks the run finished
+    _log_test_metrics(out, metrics, epochs, split=scored)  # before metrics.json, which marks the run finished
     _write_json(result, out / "metrics.json")
-    if "test" in splits and effective.get("datalist"):  # a test split of no (or few) masks with foreground, ...
+    if scored in splits and effective.get("datalist"):  # a scored split of no (or few) masks with foreground, ...
         from dira3d.evaluation.split_checks import split_kind, warn_test_split
 
         fold = effective.get("fold")
         warn_test_split(Path(effective["datalist"]), split_kind(eval_flow.parser.get_parsed_content("validate#datalist")),
-                        splits["test"], fold=int(fold) if fold is not None and int(fold) >= 0 else None,
-                        class_names=parser.get_parsed_content("class_names") if "class_names" in parser else None)
-    logger.info("fine-tuning %s finished: %s", root.name, metrics)
+                        splits[scored], fold=int(fold) if fold is not None and int(fold) >= 0 else None,
+                        class_names=parser.get_parsed_content("class_names") if "class_names" in parser else None,
+                        split=scored)
+    logger.info("fine-tuning %s finished: %s metrics %s", root.name, scored, metrics)
     return result
 
 
-def _log_test_metrics(out: Path, metrics: dict[str, Any], epoch: int) -> None:
-    """The test metrics as TensorBoard scalars ``test/<name>`` at the last epoch trained, beside the run's training and
-    validation curves in ``out``; an undefined one (None in metrics.json) is left out."""
+def _eval_split(configs: Path, overrides: dict[str, Any]) -> str:
+    """The split ``evaluate.json`` scores: ``eval_split`` of the overrides, else of ``evaluate.json`` (``"test"``)."""
+    if "eval_split" in overrides:
+        return str(overrides["eval_split"])
+    try:
+        return str(json.loads((configs / "evaluate.json").read_text(encoding="utf-8")).get("eval_split", "test"))
+    except (OSError, ValueError, AttributeError):  # a bundle of one's own without it: the workflow says why
+        return "test"
+
+
+def _log_test_metrics(out: Path, metrics: dict[str, Any], epoch: int, split: str = "test") -> None:
+    """The metrics of the scored ``split`` as TensorBoard scalars ``<split>/<name>`` (``test/auc``; ``holdout/auc``
+    with eval_split=holdout) at the last epoch trained, beside the run's training and validation curves in ``out``;
+    an undefined one (None in metrics.json) is left out."""
     from dira3d.engines.summary import LazySummaryWriter  # no event file when there is no value
 
     writer = LazySummaryWriter(log_dir=str(out))
     try:
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(f"test/{name}", value, epoch)
+                writer.add_scalar(f"{split}/{name}", value, epoch)
     finally:
         writer.close()
 
@@ -402,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d finetune: error: {cause}", file=sys.stderr)
         return 2
     print(json.dumps(result["metrics"], indent=2))
+    if result.get("eval_split", "test") != "test":  # the numbers above are not test scores
+        print(f"scored on:   the {result['eval_split']} split (eval_split={result['eval_split']}), not the test split")
     spacing = _prepared_spacing(result.get("settings", {}).get("datalist"))
     if spacing and "pixdim" not in settings:  # a new scan must be resampled as the training volumes were
         settings["pixdim"] = spacing

@@ -173,15 +173,16 @@ def split_kind(entries: list[dict]) -> str:
 
 
 def warning_for_test_split(path: Path, kind: str, summary: dict, fold: int | None = None,
-                       class_names: list[str] | None = None) -> str | None:
+                           class_names: list[str] | None = None, split: str = "test") -> str | None:
     """What to warn about a test split of ``kind`` (:func:`split_kind`) described by ``summary``
-    (:func:`describe_split`), or None.
+    (:func:`describe_split`), or None; ``split``: the split scored, when not the test split (``eval_split=holdout``:
+    the message names it, and its advice is not the test split's).
 
     Segmentation: no case with foreground, or fewer than :data:`FEW_POSITIVE` and fewer than half the cases.
     Multi-label: the classes of one value only, which the mean AUC leaves out. (A binary test split of one
     class is refused before training: :func:`check_auc_defined`.)
     """
-    where = _where(path, "test", fold)
+    where = _where(path, split, fold) + ("" if split == "test" else f" (eval_split={split})")
     positive, cases = summary.get("positive"), int(summary.get("cases") or 0)
     if kind == "multilabel" and isinstance(positive, list):
         names = [str(n) for n in class_names or []][: len(positive)]
@@ -198,13 +199,15 @@ def warning_for_test_split(path: Path, kind: str, summary: dict, fold: int | Non
     if positive == 0:
         return (f"{where} has no case with foreground (0 of {cases} ground-truth masks): its mean Dice and IoU score an "
                 "empty prediction of an empty mask as 1, so they only say how often the model predicts nothing, and "
-                "predicting nothing everywhere scores 1.0; test on a split with cases with foreground: prepare the datalist "
-                "again with another split `--seed` (or a larger `--test-fraction`), or add such cases to its test list")
+                "predicting nothing everywhere scores 1.0; "
+                + ("test on a split with cases with foreground: prepare the datalist again with another split `--seed` "
+                   "(or a larger `--test-fraction`), or add such cases to its test list" if split == "test" else
+                   "score a split with cases with foreground (the test split: eval_split=test)"))
     if positive < FEW_POSITIVE and 2 * positive < cases:
         return (f"{where} has only {positive} of {cases} cases with foreground: its mean Dice and IoU score an empty "
                 f"prediction of each of the {cases - positive} empty masks as 1, so predicting nothing everywhere scores "
                 f"{(cases - positive) / cases:.3g} and the mean rests on {positive} segmentation(s); compare runs on the "
-                "same split only, and prefer a test split with more cases with foreground")
+                f"same split only, and prefer a {'test ' if split == 'test' else ''}split with more cases with foreground")
     return None
 
 
@@ -212,10 +215,10 @@ _WARNED: set[str] = set()  # warnings already given in this process (an experime
 
 
 def warn_test_split(path: Path, kind: str, summary: dict, fold: int | None = None,
-                    class_names: list[str] | None = None) -> None:
-    """Warn once per process about a test split (:func:`warning_for_test_split`): the same split tested again (the runs
-    of an experiment grid) is not warned about again."""
-    message = warning_for_test_split(path, kind, summary, fold, class_names)
+                    class_names: list[str] | None = None, split: str = "test") -> None:
+    """Warn once per process about a test split, or the ``split`` scored instead (:func:`warning_for_test_split`): the
+    same split tested again (the runs of an experiment grid) is not warned about again."""
+    message = warning_for_test_split(path, kind, summary, fold, class_names, split)
     if message is None or message in _WARNED:
         return
     _WARNED.add(message)

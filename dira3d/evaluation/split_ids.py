@@ -27,7 +27,7 @@ from dira3d.evaluation.datalists import patient_of
 from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["SPLITS_FILE", "DIGEST_LENGTH", "DIGEST_FIELDS", "SPLIT_FIELDS", "case_id", "split_digest", "split_ids",
-           "write_splits", "split_columns"]
+           "write_splits", "split_columns", "scored_split"]
 
 SPLITS_FILE = "splits.json"  # in a fine-tuning run's output folder
 DIGEST_LENGTH = 16  # hex digits of the sha256 kept: 64 bits, no accidental clash between a grid's splits
@@ -85,6 +85,16 @@ DIGEST_FIELDS = ["train_digest", "holdout_digest", "test_digest"]
 SPLIT_FIELDS = ["test_cases", "test_positive", "train_cases"] + DIGEST_FIELDS
 
 
+def scored_split(result: Mapping) -> str:
+    """The split a fine-tuning run's ``metrics`` were scored on, from its ``metrics.json`` (``result``): its
+    ``eval_split``; a ``metrics.json`` written before that was recorded (2026-11-27) scored ``settings.eval_split``
+    when given (``--set eval_split=holdout``: it still filed that split under ``splits.test``), else the test split."""
+    recorded = result.get("eval_split")
+    if recorded is None:
+        recorded = (result.get("settings") or {}).get("eval_split")
+    return "test" if recorded is None else str(recorded)
+
+
 def split_columns(run_dir: Path, metric: str, value: float) -> dict[str, str]:
     """``test_cases`` and ``test_positive`` of a finished run, from ``splits.test`` of its ``metrics.json``
     (:func:`dira3d.evaluation.split_checks.describe_split`): the test split's number of cases and its positives,
@@ -94,14 +104,17 @@ def split_columns(run_dir: Path, metric: str, value: float) -> dict[str, str]:
     holdout); ``train_digest``, ``holdout_digest``, ``test_digest``, from ``split_digests``: which cases each split
     holds (:mod:`dira3d.evaluation.split_ids`, listed in the run's ``splits.json``). ``""`` where not known: no
     ``metrics.json`` (a runner that writes none), one of an earlier run (its ``metric`` is not ``value``), or no
-    such count recorded (a segmentation split without flags or scored masks)."""
+    such count recorded (a segmentation split without flags or scored masks); the test split's columns are ``""``
+    too for a run that scored another split (:func:`scored_split`)."""
     columns = dict.fromkeys(SPLIT_FIELDS, "")
     try:
         result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         saved = result["metrics"][metric]
         if saved is None or float(saved) != value:
             return columns
-        test = result["splits"]["test"]
+        scored_test = scored_split(result) == "test"  # else no test split was scored (an earlier dira3d filed the
+        # scored holdout under splits.test: not read as the test split's)
+        test = result["splits"]["test"] if scored_test else {}
         cases, positive = test.get("cases"), test.get("positive")
         if cases is not None:
             columns["test_cases"] = str(int(cases))
@@ -112,7 +125,8 @@ def split_columns(run_dir: Path, metric: str, value: float) -> dict[str, str]:
         if train.get("cases") is not None:
             columns["train_cases"] = str(int(train["cases"]))
         digests = result.get("split_digests") or {}
-        columns.update({f"{name}_digest": str(digests[name]) for name in ("train", "holdout", "test") if digests.get(name)})
+        names = ("train", "holdout", "test") if scored_test else ("train", "holdout")
+        columns.update({f"{name}_digest": str(digests[name]) for name in names if digests.get(name)})
     except (OSError, ValueError, TypeError, KeyError, AttributeError):  # unreadable or of another layout: not known
         return dict.fromkeys(SPLIT_FIELDS, "")
     return columns
