@@ -57,7 +57,7 @@ def test_every_task_bundle_checks_its_caches_before_filling_them():
         config = json.loads((REPO / "bundles" / bundle / "configs" / "train.json").read_text())
         assert config["train"]["dataset"]["data"] == (
             "$dira3d.engines.checked_task_cache_data(@train#datalist, @train#preprocessing, @validate#datalist, "
-            "@validate#preprocessing, @cache_rate)"), bundle
+            "@validate#preprocessing, @cache_rate, cache_dir=@cache_dir)"), bundle
         assert config["validate"]["dataset"]["cache_rate"] == "@cache_rate", bundle
         evaluate = json.loads((REPO / "bundles" / bundle / "configs" / "evaluate.json").read_text())
         assert evaluate["validate#dataset#cache_rate"] == 0, bundle  # one pass over the test entries: no cache

@@ -118,7 +118,8 @@ def test_the_bar_of_a_run_that_ends_early_is_closed(end, monkeypatch):
 def _cache_datasets(config, path=""):
     """The ids of the CacheDataset items of a config (nested dicts and lists)."""
     if isinstance(config, dict):
-        found = [path] if config.get("_target_") in ("CacheDataset", "monai.data.CacheDataset") else []
+        kinds = ("CacheDataset", "monai.data.CacheDataset", "dira3d.engines.cached_dataset")  # the last: cache_dir ''
+        found = [path] if config.get("_target_") in kinds else []
         return found + [i for k, v in config.items() for i in _cache_datasets(v, f"{path}#{k}" if path else str(k))]
     if isinstance(config, list):
         return [i for n, v in enumerate(config) for i in _cache_datasets(v, f"{path}#{n}")]

@@ -15,12 +15,15 @@
 - :func:`checked_cache_data`, :func:`shared_cache` — the volumes cached before training: the estimate logged, a
   cache that would not fit refused (``num_samples_cache``), one copy when validation uses the training list;
   :func:`checked_task_cache_data` the same for the task bundles' caches (``cache_rate``), measured after their
-  deterministic preprocessing.
+  deterministic preprocessing; with the bundle setting ``cache_dir``, :func:`cached_dataset` keeps them on disk
+  instead (:class:`DiskCacheDataset`, a MONAI ``PersistentDataset``: a restart or resume reads them back), and the
+  check is of the free disk space there.
 - Factories for the mode-dependent parts and the volume → patch-pair transforms.
 """
 
 from dira3d.engines.cache import (check_cache_memory, check_task_cache_memory, checked_cache_data,
                                   checked_task_cache_data, shared_cache)
+from dira3d.engines.diskcache import DiskCacheDataset, cached_dataset
 from dira3d.engines.checkpoint import (DiRACheckpoint, check_checkpoint_folder_free, checkpoint_dict, pretrained_checkpoint,
                                        restore_checkpoint)
 from dira3d.engines.components import DIS_MODES, build_dis_head, build_dis_loss, build_predictor, check_dis_mode
@@ -43,6 +46,8 @@ __all__ = [
     "checked_cache_data",
     "checked_task_cache_data",
     "shared_cache",
+    "DiskCacheDataset",
+    "cached_dataset",
     "init_distributed",
     "is_main_process",
     "maybe_sync_batchnorm",

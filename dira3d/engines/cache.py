@@ -141,7 +141,8 @@ def check_cache_memory(train_datalist: Sequence[Mapping[str, Any]], val_datalist
     logger.info("caching %d volume(s) in memory before training: about %.2f GiB as float32%s%s (%s=%g; "
                 "progress is not shown outside a terminal)", volumes, total / _GIB, note, each, setting, rate)
     return _refuse_unless_it_fits(total, f"{volumes} volume(s) in memory", "as float32", setting, rate, fraction,
-                                  "prepare the volumes with a coarser --spacing, or free memory")
+                                  "prepare the volumes with a coarser --spacing, free memory, or keep them on disk "
+                                  "instead (--override cache_dir=FOLDER: read back at every restart)")
 
 
 def _local_processes() -> int:
@@ -171,10 +172,19 @@ def _refuse_unless_it_fits(total: int, what: str, how: str, setting: str, rate: 
 
 
 def checked_cache_data(train_datalist: Sequence[Mapping[str, Any]], val_datalist: Sequence[Mapping[str, Any]] = (),
-                       rate: float = 1.0) -> Sequence[Mapping[str, Any]]:
+                       rate: float = 1.0, cache_dir: Any = None, transform: Any = None) -> Sequence[Mapping[str, Any]]:
     """``train_datalist``, after :func:`check_cache_memory`: the training ``CacheDataset``'s ``data`` in the
-    pretraining bundle, so that the check runs where (and only where) volumes are cached, before the first load."""
-    check_cache_memory(train_datalist, val_datalist, rate)
+    pretraining bundle, so that the check runs where (and only where) volumes are cached, before the first load.
+    With ``cache_dir`` set (the datasets on disk, :func:`dira3d.engines.diskcache.cached_dataset`) nothing is cached
+    in memory: :func:`dira3d.engines.diskcache.check_cache_disk` checks the free space there instead (float32 volumes
+    from their headers; ``transform`` is the preprocessing, which names the files)."""
+    from dira3d.engines.diskcache import cache_dir_of, check_cache_disk
+
+    if cache_dir_of(cache_dir) is None:
+        check_cache_memory(train_datalist, val_datalist, rate)
+    else:
+        check_cache_disk([(train_datalist, transform), (val_datalist, transform)], cache_dir,
+                         lambda missing: cache_bytes([items for items, _ in missing], 1.0)[0])
     return train_datalist
 
 
@@ -302,18 +312,28 @@ def check_task_cache_memory(caches: Sequence[tuple[Sequence[Mapping[str, Any]], 
                 "after the deterministic preprocessing, for all its entries%s; %s=%g; progress is not shown outside "
                 "a terminal)", items, stage, total / _GIB, each, note, setting, rate)
     return _refuse_unless_it_fits(total, f"{items} item(s) in memory before {stage}", "after preprocessing",
-                                  setting, rate, fraction, "or free memory",
+                                  setting, rate, fraction,
+                                  "free memory, or keep them on disk instead (cache_dir=FOLDER: read back at every "
+                                  "restart; dira3d finetune --set cache_dir=FOLDER)",
                                   "{setting}={value} (dira3d finetune --set {setting}={value}; --{setting} {value} "
                                   "on a monai.bundle command line)", unit="item")
 
 
 def checked_task_cache_data(train_datalist: Sequence[Mapping[str, Any]], train_transform: Any,
                             val_datalist: Sequence[Mapping[str, Any]] = (), val_transform: Any = None,
-                            rate: float = 1.0, stage: str = "training (training and validation)"
-                            ) -> Sequence[Mapping[str, Any]]:
+                            rate: float = 1.0, stage: str = "training (training and validation)",
+                            cache_dir: Any = None) -> Sequence[Mapping[str, Any]]:
     """``train_datalist``, after :func:`check_task_cache_memory` of the training and validation caches: the training
     ``CacheDataset``'s ``data`` in the task bundles' ``train.json``, so the check runs before the first entry is cached
     (``stage`` names the caching in the log and the refusal). Their ``evaluate.json`` caches no test entry
-    (``cache_rate`` 0: one pass over them gains nothing from a cache)."""
-    check_task_cache_memory([(train_datalist, train_transform), (val_datalist, val_transform)], rate, stage=stage)
+    (``cache_rate`` 0: one pass over them gains nothing from a cache). With ``cache_dir`` set (the datasets on disk,
+    :func:`dira3d.engines.diskcache.cached_dataset`) the free space there is checked instead of the memory
+    (:func:`dira3d.engines.diskcache.check_cache_disk`, the entries not yet on disk measured as above)."""
+    from dira3d.engines.diskcache import cache_dir_of, check_cache_disk
+
+    caches = [(train_datalist, train_transform), (val_datalist, val_transform)]
+    if cache_dir_of(cache_dir) is None:
+        check_task_cache_memory(caches, rate, stage=stage)
+    else:
+        check_cache_disk(caches, cache_dir, lambda missing: task_cache_bytes(missing, 1.0)[0])
     return train_datalist
