@@ -19,7 +19,8 @@ from test_docs_match_code import DOCS, ROOT, _command_main, _doc_id, _parser_of,
 def _code_block_command_lines():
     """Each whole ``dira3d`` / ``data_prep`` / ``benchmarks`` command of a fenced code block, as the shell splits it:
     its comment cut off, and the words after a shell separator or a prose note in parentheses (the "next:" lines the
-    commands print) left out; a line with ``[optional]`` words, ``<placeholders>`` or ``…`` is left out too."""
+    commands print) left out; a line with ``[optional]`` words, ``<placeholders>`` or ``…`` is left out too, and so is
+    a command quoted inside a parenthesis of a message's prose (``...; dira3d finetune --set cache_dir=FOLDER)``)."""
     for doc in DOCS:
         for block in re.findall(r"^\s*```[\w-]*\n(.*?)^\s*```", _text(doc), flags=re.S | re.M):
             for line in block.splitlines():
@@ -27,6 +28,8 @@ def _code_block_command_lines():
                 match = re.search(r"(?:^|(?<=\s))(?:dira3d (?=\S)|python3? (?:data_prep|benchmarks)/)", code)
                 if not match or any(mark in code for mark in ("…", "...", "<", " [")):
                     continue
+                if code[match.start():].count(")") > code[match.start():].count("("):
+                    continue  # the command closes a parenthesis opened before it: quoted in a message's prose
                 try:
                     words = shlex.split(code[match.start():])
                 except ValueError:
