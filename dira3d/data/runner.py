@@ -50,8 +50,10 @@ from dira3d.data.cases import STATUSES, Case, CaseResult, batch_stopped, case_ou
 from dira3d.data.end_messages import NEXT_STEPS, datalists_recorded, finish, next_steps, record_datalist
 from dira3d.data.errors import DataWarning, join_errors  # join_errors: re-exported
 from dira3d.data.guards import check_rerun, lock_output_folder, locks_held_until_done, release_when_done, why_not_done
+from dira3d.data.workers import case_pool
 from dira3d.utils.atomic import atomic_write_text, stale_temporaries
 from dira3d.utils.files import read_json
+from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 from dira3d.utils.progress import ProgressLines, show_progress
 
 __all__ = [
@@ -259,7 +261,7 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
                 bar.update()
                 lines.update()
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool, _cancelled_when_interrupted(pool):
+            with case_pool(workers) as pool, _cancelled_when_interrupted(pool):  # workers end with this process
                 queue = list(reversed(todo))
                 running: dict[Any, Case] = {}
                 while (queue and not stop) or running:
@@ -388,18 +390,18 @@ def run_prepare(prog: str, prepare: Callable[..., list[CaseResult]], args: argpa
     :func:`finish`'s exit code. The lock :func:`run_cases` takes on ``--dst`` is held until ``prepare``
     returns (its datalists written).
     """
-    try:  # run_cases' lock of --dst: kept until the datalists are written
-        with datalists_recorded() as datalists, locks_held_until_done():
+    try:  # run_cases' lock of --dst: kept until the datalists are written; SIGTERM (scancel, kill) as Ctrl-C
+        with sigterm_as_interrupt(), datalists_recorded() as datalists, locks_held_until_done():
             results = prepare(args.src, args.dst, **options, workers=args.workers, overwrite=args.overwrite,
                               dry_run=args.dry_run, keep_going=args.keep_going, report_path=args.report,
                               progress=show_progress())  # a bar on a terminal only, never into a log
     except (ValueError, OSError) as err:  # DataError included; OSError: e.g. the report could not be written
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: every output is written whole (atomically), and a rerun skips finished cases
-        print(f"\n{prog}: interrupted; the cases finished so far are kept in {args.dst}: rerun the same command to "
-              "prepare the rest (finished cases are skipped, an unfinished one is redone)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: every output is written whole (atomically), a rerun skips them
+        print(f"\n{prog}: {interrupted_word(err)}; the cases finished so far are kept in {args.dst}: rerun the same "
+              "command to prepare the rest (finished cases are skipped, an unfinished one is redone)", file=sys.stderr)
+        return interrupt_exit_code(err)
     code = finish(results, args.keep_going, dry_run=args.dry_run, report=args.report or Path(args.dst) / "report.json")
     for path, labelled in datalists:  # where the datalists are, and what to run next
         print("\n".join(next_steps(path.resolve(), labelled)))

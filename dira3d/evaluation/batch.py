@@ -23,7 +23,9 @@ predictions: a rerun replaces it; a file from elsewhere, or a folder that cannot
 before any input is read), logs a summary naming each input not written (those not run on one line), and gives
 the exit status: 0 when every input was written, :data:`NOT_ALL_WRITTEN` (3) when some were not (under ``python -m
 monai.bundle run`` the process exits with it; called in-process, :meth:`~InferenceBatch.run` returns it). A batch
-that stops (a full disk, the same error on its first inputs, Ctrl-C) exits with its error (1).
+that stops (a full disk, the same error on its first inputs) exits with its error (1). Ctrl-C and SIGTERM (which
+ended the run without a word or a report) while the inputs are screened or the model runs write the report, log one
+line on what was kept and exit 130 / 143 under ``python -m monai.bundle run`` (in-process the interrupt is raised).
 A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
 """
 
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.utils.atomic import atomic_write_text
+from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
 
 __all__ = ["InferenceBatch", "NOT_ALL_WRITTEN", "REPEATED_FAILURES", "REPORT_NAME", "RepeatedFailureError", "STATUSES",
@@ -78,8 +81,8 @@ def _cause(err: BaseException) -> BaseException:
 
 
 def _reason(err: BaseException) -> str:
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)"
+    if isinstance(err, KeyboardInterrupt):  # SIGTERM too (dira3d.utils.interrupts.TerminatedBySignal)
+        return "stopped by SIGTERM" if getattr(err, "code", None) == 143 else "interrupted (Ctrl-C)"
     err = _cause(err)
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
@@ -188,7 +191,11 @@ class InferenceBatch:
         self.left_out.clear()
         self._unusable = None
         try:
-            good = screen_inputs(self.datalist, preprocessing, left_out=self.left_out)
+            with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: one line, the report, exit 143 (it ended without a word)
+                good = screen_inputs(self.datalist, preprocessing, left_out=self.left_out)
+        except KeyboardInterrupt as err:
+            self._stop_on_signal(err, "while the inputs were checked")
+            raise
         except DataError as err:
             if self.left_out:
                 self.stopped = "none of the inputs can be used"
@@ -257,8 +264,12 @@ class InferenceBatch:
         if self._unusable is not None:  # no input can be used (screen)
             raise self._unusable
         try:  # a bad input's error ends `python -m monai.bundle run` in one line (dira3d.utils.bundle_errors)
-            with quiet_error_logs(lambda err: user_error_in(err) is not None):  # not also ignite's traceback
+            with sigterm_as_interrupt(), quiet_error_logs(  # not also ignite's traceback of it, nor of a Ctrl-C
+                    lambda err: isinstance(err, KeyboardInterrupt) or user_error_in(err) is not None):
                 evaluator.run()
+        except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: the report and one line, not a traceback
+            self._stop_on_signal(err, "")
+            raise
         except BaseException as err:
             self.stopped = _reason(err)
             self._finish(completed=False)
@@ -267,6 +278,23 @@ class InferenceBatch:
         if code and run_by_monai_bundle_command():
             raise SystemExit(code)
         return code
+
+    def _stop_on_signal(self, err: KeyboardInterrupt, when: str) -> None:
+        """After Ctrl-C or SIGTERM: write the report, log one line on what was written and how to go on, and under
+        ``python -m monai.bundle run`` exit with 130 / 143 (``SystemExit``) instead of the interrupt's traceback
+        (called in-process, the caller re-raises the interrupt)."""
+        from dira3d.utils.bundle_errors import run_by_monai_bundle_command
+        from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word
+
+        self.stopped = _reason(err) + (f" {when}" if when else "")
+        self._finish(completed=False)
+        kept = (f"nothing was written to {self.output_path} (written when the run ends)" if self.output_path is not None
+                else f"the {len(self.done)} prediction(s) written are kept, each whole")  # written atomically
+        logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}"
+                       + (f"; report: {self.report_path}" if self.report_path is not None and self.several else "")
+                       + "; run the same command again for every input (it replaces dira3d's own earlier predictions)")
+        if run_by_monai_bundle_command():
+            raise SystemExit(interrupt_exit_code(err)) from None
 
     # --- the record --------------------------------------------------------------------------------------------
 
