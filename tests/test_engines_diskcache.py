@@ -182,6 +182,23 @@ def test_a_changed_preprocessing_setting_is_cached_again(tmp_path, monkeypatch):
     assert len(calls) == 5 and len(_cache_files(cache_dir)) == 10
 
 
+def test_runs_of_other_seeds_and_label_fractions_share_the_files(tmp_path, monkeypatch):
+    """An experiment grid (methods x seeds x label fractions, `overrides: {cache_dir: FOLDER}`) preprocesses each
+    entry once: the seed and the label fraction choose entries and drive the random transforms, not the cached
+    prefix, so a run of another seed or fraction finds every entry it uses already there (docs/results.md)."""
+    datalist, _ = make_segmentation(tmp_path, "lidc.json", (16, 16, 8), None)
+    cache_dir = tmp_path / "cache"
+    parser = _lidc(datalist, cache_dir=str(cache_dir), seed=0)
+    _fill(parser.get_parsed_content("train#dataset"), parser.get_parsed_content("validate#dataset"))
+    written = len(_cache_files(cache_dir))
+    assert written == 6  # 5 training entries and 1 holdout entry
+    calls = _count_preprocessing(monkeypatch)
+    for seed, fraction in ((1, 1.0), (2, 0.5)):
+        other = _lidc(datalist, cache_dir=str(cache_dir), seed=seed, label_fraction=fraction)
+        _fill(other.get_parsed_content("train#dataset"), other.get_parsed_content("validate#dataset"))
+    assert calls == [] and len(_cache_files(cache_dir)) == written
+
+
 def test_transform_hash_covers_the_settings_that_matter():
     def digest(*transforms):
         return transform_hashing(list(transforms))
