@@ -102,7 +102,8 @@ def cache_bytes(datalists: Sequence[Sequence[Mapping[str, Any]]], rate: float,
 
 def available_memory() -> int | None:
     """Bytes this process may still allocate: ``MemAvailable`` of ``/proc/meminfo``, lowered to the room left
-    under a cgroup v2 memory limit (a container, a SLURM job); None where neither can be read (not Linux)."""
+    under every cgroup memory limit above this process (a container, a SLURM job or step, a systemd slice; cgroup
+    v2 ``memory.max`` or v1 ``memory.limit_in_bytes``); None where neither can be read (not Linux)."""
     found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -110,14 +111,64 @@ def available_memory() -> int | None:
                 found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            found.append(max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
+    for limit_file, used_file in _cgroup_memory_files():
+        try:
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < _NO_V1_LIMIT:
+                used = int(Path(used_file).read_text().strip()) - _inactive_file_cache(used_file)
+                found.append(max(0, int(limit) - used))
+        except (OSError, ValueError):
+            continue
     return min(found) if found else None
+
+
+def _inactive_file_cache(used_file: str) -> int:
+    """Bytes of the cgroup's usage that are inactive file cache (``memory.stat`` beside ``used_file``): the kernel
+    reclaims them before it kills, so they are room (the "working set" Kubernetes and cAdvisor use). After reading a
+    dataset a job's usage is mostly such cache; counting it as used refused caches that fit. 0 if unreadable."""
+    try:
+        text = Path(used_file.rsplit("/", 1)[0] + "/memory.stat").read_text()
+    except OSError:
+        return 0
+    stats = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    for key in ("total_inactive_file", "inactive_file"):  # v1: the hierarchy's, as its usage; v2
+        if key in stats:
+            try:
+                return int(stats[key])
+            except ValueError:
+                return 0
+    return 0
+
+
+_NO_V1_LIMIT = 2**62  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_memory_files() -> list[tuple[str, str]]:
+    """``(limit, usage)`` files of the memory cgroup of this process and of each cgroup above it, from
+    ``/proc/self/cgroup``: a SLURM step's limit is in its own cgroup (``/sys/fs/cgroup/system.slice/.../step_0``),
+    not at the root, which is all a container sees. Without ``/proc/self/cgroup``: the root's cgroup v2 files."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = ["0::/"]
+    files = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            base, limit, used = "/sys/fs/cgroup", "memory.max", "memory.current"  # v2
+        elif "memory" in parts[1].split(","):
+            base, limit, used = "/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"  # v1
+        else:
+            continue
+        level = parts[2].rstrip("/")
+        while True:
+            files.append((f"{base}{level}/{limit}", f"{base}{level}/{used}"))
+            if not level:
+                break
+            level = level.rsplit("/", 1)[0]
+    return list(dict.fromkeys(files))
 
 
 def check_cache_memory(train_datalist: Sequence[Mapping[str, Any]], val_datalist: Sequence[Mapping[str, Any]] = (),
