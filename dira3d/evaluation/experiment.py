@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
+    from dira3d.evaluation.finetune_messages import show_cache_lines
+
+    show_cache_lines()  # each fine-tuning's cache: its size, or with cache_dir how many entries are already there
     try:
         with sigterm_as_interrupt():  # SIGTERM (SLURM preemption, scancel) as Ctrl-C; a pretraining stops gently itself
             run_experiment(config)

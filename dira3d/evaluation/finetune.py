@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dira3d.evaluation.finetune_messages import finished_message
+from dira3d.evaluation.finetune_messages import finished_message, show_cache_lines
 from dira3d.evaluation.preprocessing import (
     PREPROCESSING_FILE,
     datalist_preprocessing,
@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r} must look like ID=VALUE, e.g. --set max_epochs=50")
         key, value = item.split("=", 1)
         overrides[key] = settings[key] = parse_value(value)
+    show_cache_lines()  # how large the cache is, or where on disk (the bundle's logging.conf is not applied)
     try:
         with sigterm_as_interrupt():  # SIGTERM (SLURM preemption, scancel) as Ctrl-C: no resume, so stop with the line
             result = run_finetune(args.bundle, overrides, output_dir=args.output_dir, tiny=args.tiny,

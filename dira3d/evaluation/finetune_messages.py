@@ -1,4 +1,5 @@
-"""What ``dira3d finetune`` prints when a run has finished: where its outputs are, and the inference command.
+"""What ``dira3d finetune`` prints when a run has finished: where its outputs are, and the inference command; and,
+before it, the caches' lines (:func:`show_cache_lines`).
 
 The command is built from the bundle's ``inference.json`` (with ``tiny.json`` for a ``--tiny`` run) and the
 run's own settings that ``inference.json`` defines (e.g. ``width``), so that the network is built as it was
@@ -7,12 +8,35 @@ trained; each word is quoted for a shell only where it needs it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from pathlib import Path
 from typing import Any
 
-__all__ = ["finished_message"]
+__all__ = ["finished_message", "show_cache_lines"]
+
+# the loggers of the lines on the training caches: their size and, with cache_dir, where they are
+CACHE_LOGGERS = ("dira3d.engines.cache", "dira3d.engines.diskcache")
+_MARK = "_dira3d_finetune_cache_lines"
+
+
+def show_cache_lines(stream=None) -> None:
+    """Show the caches' INFO lines (``caching N item(s) in memory before training ...: about X GiB``, ``caching on
+    disk in DIR (cache_dir): N entries already there ...``) on stderr, as the bundles' ``logging.conf`` does under
+    ``python -m monai.bundle run``: :func:`run_finetune` leaves the logging setup as it is (``logging_file=False``),
+    and with none these INFO lines were dropped, so ``dira3d finetune`` never said how large its cache was or where.
+    Only these two loggers; the handler is silent while the root logger has handlers (they print the line then);
+    called twice, one handler."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))  # as MONAI's lines
+    handler.addFilter(lambda record: not logging.getLogger().handlers)
+    setattr(handler, _MARK, True)
+    for name in CACHE_LOGGERS:
+        log = logging.getLogger(name)
+        log.handlers[:] = [h for h in log.handlers if not getattr(h, _MARK, False)] + [handler]
+        log.setLevel(logging.INFO)
+
 
 # ids of inference.json that say where its input and outputs are, not what network was trained: never passed on
 _NOT_FOR_INFERENCE = {"bundle_root", "ckpt_dir", "pretrained", "image", "datalist", "dataset_dir", "output_dir",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError
+from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 from dira3d.visual_words.coordinates import CoordinateSamplingError
 from dira3d.visual_words.discover import LUNG_FILTER_CHOICES, discover_visual_words
 from dira3d.visual_words.embedding_chunks import PARTIAL_NAME, kept_rows
@@ -65,25 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def interrupted_message(out: Path) -> str:
-    """The one line printed when ``dira3d visual-words`` is stopped with Ctrl-C: what is kept in ``out``
-    and how to go on."""
+def interrupted_message(out: Path, word: str = "interrupted") -> str:
+    """The one line printed when ``dira3d visual-words`` is stopped with Ctrl-C or SIGTERM (``word``: "interrupted"
+    or "stopped by SIGTERM"): what is kept in ``out`` and how to go on."""
     try:
         manifest = read_manifest(out)
     except (FileNotFoundError, ValueError):
         progress, rows = extractor_progress(out / EXTRACTOR_NAME), kept_rows(out)
         if rows:
             trained = f" (and the trained extractor in {out / EXTRACTOR_NAME})" if progress else ""
-            return (f"interrupted while embedding the volumes; the embeddings of the first {rows} are kept in "
+            return (f"{word} while embedding the volumes; the embeddings of the first {rows} are kept in "
                     f"{out / PARTIAL_NAME}{trained}: rerun the same command to continue after them")
         if progress is None:
-            return (f"interrupted before the classes were planned (no {out / MANIFEST_NAME}); nothing is kept: "
+            return (f"{word} before the classes were planned (no {out / MANIFEST_NAME}); nothing is kept: "
                     "rerunning the same command starts afresh")
         done, planned = progress
-        return (f"interrupted before the classes were planned; the extractor is kept after epoch {done} of {planned} "
+        return (f"{word} before the classes were planned; the extractor is kept after epoch {done} of {planned} "
                 f"in {out / EXTRACTOR_NAME}: rerun the same command to continue from there")
     done = sum(c["status"] == "done" for c in manifest["classes"])
-    return (f"interrupted; {done} of {len(manifest['classes'])} visual words are complete in {out}; "
+    return (f"{word}; {done} of {len(manifest['classes'])} visual words are complete in {out}; "
             "rerun the same command to resume")
 
 
@@ -98,19 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.val_neighbours == 0:  # said before the extractor trains (minutes to hours), and again at the end
         logging.getLogger(__name__).warning(NO_VALIDATION_WORDS)
     try:
-        manifest = discover_visual_words(
-            args.datalist, args.out, classes=args.classes, neighbours=args.neighbours, val_neighbours=args.val_neighbours,
-            patch_size=args.patch_size, border=args.border, min_distance=args.min_distance, hu_window=tuple(args.hu_window),
-            dense_hu=args.dense_hu, max_dense_fraction=args.max_dense_fraction, max_tries=args.max_tries, metric=args.metric,
-            multi_resolution=args.multi_resolution, extractor=args.extractor, checkpoint=args.checkpoint,
-            extractor_size=args.extractor_size, extractor_epochs=args.extractor_epochs, extractor_width=args.extractor_width,
-            orient=not args.no_orient, raw_hu=args.raw_hu, class_block=args.class_block, workers=args.workers,
-            seed=args.seed, overwrite=args.overwrite, device=args.device, lung_filter=args.lung_filter,
-            body_filter=args.body_filter, max_outside_fraction=args.max_outside_fraction,
-        )  # fmt: skip
-    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
-        print(f"dira3d visual-words: {interrupted_message(Path(args.out))}", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():  # SIGTERM (scancel, a SLURM time limit) as Ctrl-C: the rows embedded are kept
+            manifest = discover_visual_words(
+                args.datalist, args.out, classes=args.classes, neighbours=args.neighbours, val_neighbours=args.val_neighbours,
+                patch_size=args.patch_size, border=args.border, min_distance=args.min_distance, hu_window=tuple(args.hu_window),
+                dense_hu=args.dense_hu, max_dense_fraction=args.max_dense_fraction, max_tries=args.max_tries, metric=args.metric,
+                multi_resolution=args.multi_resolution, extractor=args.extractor, checkpoint=args.checkpoint,
+                extractor_size=args.extractor_size, extractor_epochs=args.extractor_epochs, extractor_width=args.extractor_width,
+                orient=not args.no_orient, raw_hu=args.raw_hu, class_block=args.class_block, workers=args.workers,
+                seed=args.seed, overwrite=args.overwrite, device=args.device, lung_filter=args.lung_filter,
+                body_filter=args.body_filter, max_outside_fraction=args.max_outside_fraction,
+            )  # fmt: skip
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback; 130 / 143
+        print(f"dira3d visual-words: {interrupted_message(Path(args.out), interrupted_word(err))}", file=sys.stderr)
+        return interrupt_exit_code(err)
     except (ValueError, OSError, CoordinateSamplingError, FolderInUseError) as err:  # OSError: e.g. a full disk
         kept = ""
         if isinstance(err, CoordinateSamplingError) and extractor_progress(Path(args.out) / EXTRACTOR_NAME):
