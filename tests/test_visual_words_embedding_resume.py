@@ -10,6 +10,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,18 @@ def test_extractor_identity_follows_the_weights_or_the_checkpoint_bytes(tmp_path
     ckpt.write_bytes(b"weights-2")
     assert extractor_identity(model, ckpt) != first
     assert extractor_identity(model, tmp_path / "gone.pt") == extractor_identity(model)  # deleted since it was loaded
+
+
+def test_a_chunk_of_other_length_than_its_name_is_not_reused(datalist, tmp_path, monkeypatch, caplog):
+    """A chunk named rows_4-6 that holds one row would shift every later row onto another volume."""
+    out = tmp_path / "out"
+    _interrupted(datalist, out, monkeypatch)
+    chunk = out / PARTIAL_NAME / "rows_0000004-0000006.npy"
+    np.save(chunk, np.load(chunk)[:1])
+    counts = _watch(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="dira3d.visual_words.embedding_chunks"):
+        discover_visual_words(datalist, out, extractor=_extractor(), **SETTINGS)
+    assert sum(counts) == VOLUMES and "another number of rows than its name says" in caplog.text
 
 
 def test_a_damaged_chunk_is_not_reused(datalist, tmp_path, monkeypatch, caplog):

@@ -121,6 +121,12 @@ def _finished_chunks(folder: Path, key: dict) -> list[Path]:
     return kept
 
 
+def _span(path: Path) -> int:
+    """The number of rows a chunk's name ``rows_<start>-<stop>.npy`` says it holds."""
+    found = _CHUNK.match(path.name)
+    return int(found[2]) - int(found[1])
+
+
 def kept_rows(out_dir: str | os.PathLike) -> int:
     """How many volumes' embeddings the chunks in ``out_dir`` hold from row 0 on (0 when none)."""
     folder = Path(out_dir) / PARTIAL_NAME
@@ -157,11 +163,14 @@ def embed_resumable(model: nn.Module, entries: Sequence[dict], out_dir: str | os
     folder = Path(out_dir) / PARTIAL_NAME
     reason = ""
     try:
-        parts = [torch.from_numpy(np.load(path, allow_pickle=False)) for path in _finished_chunks(folder, key)]
+        chunks = _finished_chunks(folder, key)
+        parts = [torch.from_numpy(np.load(path, allow_pickle=False)) for path in chunks]
     except (OSError, ValueError) as err:  # a damaged file
-        parts, reason = [], f"a chunk cannot be read ({err})"
+        chunks, parts, reason = [], [], f"a chunk cannot be read ({err})"
     if any(r.ndim != 2 or r.dtype != torch.float32 for r in parts) or sum(len(r) for r in parts) > len(entries):
         reason = f"they do not fit the {len(entries)} volumes"
+    elif any(len(r) != _span(path) for r, path in zip(parts, chunks)):  # every later row would be shifted
+        reason = "a chunk holds another number of rows than its name says"
     if reason:
         logger.info("not reusing the embedding chunks in %s: %s", folder, reason)
         clear_partial(out_dir)
