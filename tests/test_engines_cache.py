@@ -78,7 +78,7 @@ def test_what_is_cached_is_logged(tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="dira3d.engines.cache"):
         total = check_cache_memory(load_datalist(datalist), load_datalist(datalist, "validation"), 1.0)
     assert total == 6 * VOLUME_BYTES
-    assert ("caching 6 volume(s) in memory before training: about 0.00 GiB as float32 (num_samples_cache=1;"
+    assert ("caching 6 volume(s) in memory before training: about 0.2 MiB as float32 (num_samples_cache=1;"
             in caplog.text)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available_memory", "cached_items", "cache_bytes", "check_cache_memory", "check_task_cache_memory",
+__all__ = ["available_memory", "size_text", "cached_items", "cache_bytes", "check_cache_memory", "check_task_cache_memory",
            "checked_cache_data", "checked_task_cache_data", "item_bytes", "prefix_item_bytes", "shared_cache",
            "task_cache_bytes"]
 
@@ -98,6 +98,11 @@ def cache_bytes(datalists: Sequence[Sequence[Mapping[str, Any]]], rate: float,
             else:
                 total += size
     return total, volumes, unknown
+
+
+def size_text(count: int) -> str:
+    """Bytes as a log shows them: ``3.00 GiB`` from 1 GiB, ``12.5 MiB`` below (a small cache read ``0.00 GiB``)."""
+    return f"{count / _GIB:.2f} GiB" if count >= _GIB else f"{count / 2**20:.1f} MiB"
 
 
 def available_memory() -> int | None:
@@ -189,8 +194,8 @@ def check_cache_memory(train_datalist: Sequence[Mapping[str, Any]], val_datalist
     note = f" ({unknown} without a readable header not counted)" if unknown else ""
     local = _local_processes()
     each = f", in each of the {local} processes on this node" if local > 1 else ""
-    logger.info("caching %d volume(s) in memory before training: about %.2f GiB as float32%s%s (%s=%g; "
-                "progress is not shown outside a terminal)", volumes, total / _GIB, note, each, setting, rate)
+    logger.info("caching %d volume(s) in memory before training: about %s as float32%s%s (%s=%g; "
+                "progress is not shown outside a terminal)", volumes, size_text(total), note, each, setting, rate)
     return _refuse_unless_it_fits(total, f"{volumes} volume(s) in memory", "as float32", setting, rate, fraction,
                                   "prepare the volumes with a coarser --spacing, free memory, or keep them on disk "
                                   "instead (--override cache_dir=FOLDER: read back at every restart)")
@@ -359,9 +364,9 @@ def check_task_cache_memory(caches: Sequence[tuple[Sequence[Mapping[str, Any]], 
     note = f"; {from_headers} from the file headers as float32" if from_headers else ""
     local = _local_processes()
     each = f", in each of the {local} processes on this node" if local > 1 else ""
-    logger.info("caching %d item(s) in memory before %s: about %.2f GiB%s (the first and last entry of each list "
+    logger.info("caching %d item(s) in memory before %s: about %s%s (the first and last entry of each list "
                 "after the deterministic preprocessing, for all its entries%s; %s=%g; progress is not shown outside "
-                "a terminal)", items, stage, total / _GIB, each, note, setting, rate)
+                "a terminal)", items, stage, size_text(total), each, note, setting, rate)
     return _refuse_unless_it_fits(total, f"{items} item(s) in memory before {stage}", "after preprocessing",
                                   setting, rate, fraction,
                                   "free memory, or keep them on disk instead (cache_dir=FOLDER: read back at every "

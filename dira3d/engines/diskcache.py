@@ -58,6 +58,7 @@ import torch
 from monai.data import CacheDataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 
+from dira3d.engines.cache import size_text
 from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["DiskCacheDataset", "cache_dir_of", "cached_dataset", "check_cache_disk", "disk_free", "source_hashing",
@@ -247,10 +248,6 @@ def disk_free(folder: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def _size(count: int) -> str:
-    return f"{count / _GIB:.2f} GiB" if count >= _GIB else f"{count / 2**20:.1f} MiB"
-
-
 def check_cache_disk(caches: Sequence[tuple[Sequence[Any], Callable]], cache_dir: Any,
                      estimate: Callable[[list[tuple[list[Any], Callable]]], int], fraction: float = 0.9) -> int:
     """Log where the datasets of ``caches`` (``(datalist, transform)``) are kept on disk, how many of their entries
@@ -286,8 +283,8 @@ def check_cache_disk(caches: Sequence[tuple[Sequence[Any], Callable]], cache_dir
     free = disk_free(folder)
     count = sum(len(todo) for todo, _ in missing)
     logger.info("caching on disk in %s (cache_dir): %d entr%s already there (%s), %d to write at their first use "
-                "(about %s); %s free there", folder, there, "y" if there == 1 else "ies", _size(held), count,
-                _size(need), _size(free))
+                "(about %s); %s free there", folder, there, "y" if there == 1 else "ies", size_text(held), count,
+                size_text(need), size_text(free))
     if need > fraction * free:
         raise ValueError(
             f"cache_dir={folder}: the {count} entr{'y' if count == 1 else 'ies'} still to cache there take about "
