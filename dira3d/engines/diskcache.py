@@ -28,7 +28,8 @@ What ``PersistentDataset`` does not do, and :class:`DiskCacheDataset` adds:
   ``cache_dir/.partial`` (same file system: an atomic rename);
 - a truncated file (copied across file systems by a run that was killed) stopped every later run with PyTorch's
   ``PytorchStreamReader failed reading zip archive`` (or ``OSError: Invalid argument``), naming no file: it is
-  named in a warning and written again;
+  named in a warning and written again (where it cannot be removed, a shared cache this user cannot write, the entry
+  is preprocessed without the cache);
 - ``set_data`` removes the whole ``cache_dir`` (``shutil.rmtree``). ``cache_dir`` is the user's folder: here it only
   replaces the entries (a stale file is never read, its key differs).
 
@@ -40,6 +41,7 @@ anything is written, a cache larger than 90 % of the free space of ``cache_dir``
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import functools
 import hashlib
@@ -216,11 +218,19 @@ class DiskCacheDataset(PersistentDataset):
             try:
                 return torch.load(path, weights_only=True)
             except Exception as err:  # noqa: BLE001 - any unreadable copy of ours is written again
-                warnings.warn(f"cache_dir: {path} is truncated or unreadable ({type(err).__name__}: "
-                              f"{str(err)[:80]}), e.g. copied by a run that was killed; it is preprocessed and "
-                              "written again", Dira3dWarning, stacklevel=2)
-                with contextlib.suppress(OSError):
+                try:
                     path.unlink(missing_ok=True)
+                    kept = None
+                except OSError as why:  # a shared cache this user cannot write: MONAI would load it again and stop
+                    kept = why
+                warnings.warn(f"cache_dir: {path} is truncated or unreadable ({type(err).__name__}: "
+                              f"{str(err)[:80]}), e.g. copied by a run that was killed; "
+                              + ("it is preprocessed and written again" if kept is None else
+                                 f"it cannot be removed ({type(kept).__name__}), so the entry is preprocessed without "
+                                 "the cache at each use: remove the file (or ask whoever owns cache_dir to)"),
+                              Dira3dWarning, stacklevel=2)
+                if kept is not None:
+                    return self._pre_transform(copy.deepcopy(item_transformed))
         with _temporary_files_in(self.cache_dir / PARTIAL):
             return super()._cachecheck(item_transformed)
 
