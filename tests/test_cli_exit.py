@@ -223,6 +223,17 @@ def test_ctrl_c_while_the_command_module_loads_is_one_line_and_exit_130(tmp_path
     assert returncode == 130, (returncode, err)
 
 
+def test_sigterm_while_the_command_module_loads_is_one_line_and_exit_143(tmp_path):
+    """SIGTERM (``kill``, ``scancel``) in the first seconds of a command, while torch / MONAI are imported, ended it
+    without a word (exit -15; found 2026-11-27 with ``dira3d export``): the Ctrl-C line, naming the signal, and 143."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    returncode, err = _signal_when_ready([sys.executable, "-m", "dira3d.cli", "prepare", "--help"], env, signal.SIGTERM)
+    assert err.strip() == ("dira3d prepare: stopped by SIGTERM while loading, before the command started; nothing was "
+                           "written"), err
+    assert returncode == 143, (returncode, err)
+
+
 # Ctrl-C (or SIGTERM) once a command has loaded and works: `dira3d synthetic`, `localise`, `export` and `demo` printed
 # a KeyboardInterrupt traceback (SIGTERM ended them without a word). The work is stood in for by a function that
 # writes one file of the command's (or none), prints READY and sleeps: the signal comes in the middle of the work.

@@ -658,8 +658,9 @@ def test_every_dira3d_command_leaves_out_the_nvimgcodec_notices(monkeypatch, cap
                    for f in warnings.filters)
 
 
-@pytest.mark.parametrize(("error", "code"), [(KeyboardInterrupt(), 130), (TerminatedBySignal(), 143)])
-def test_a_signal_while_the_command_module_loads_gives_its_code(monkeypatch, capsys, error, code):
+@pytest.mark.parametrize(("error", "code", "word"), [(KeyboardInterrupt(), 130, "interrupted"),
+                                                     (TerminatedBySignal(), 143, "stopped by SIGTERM")])
+def test_a_signal_while_the_command_module_loads_gives_its_code(monkeypatch, capsys, error, code, word):
     class Loading(types.ModuleType):
         def __getattr__(self, name):
             raise error
@@ -667,4 +668,4 @@ def test_a_signal_while_the_command_module_loads_gives_its_code(monkeypatch, cap
     monkeypatch.setitem(sys.modules, "dira3d_reference_loading", Loading("dira3d_reference_loading"))
     monkeypatch.setitem(cli.COMMANDS, "slow", ("dira3d_reference_loading:main", "loads"))
     assert cli.main(["slow"]) == code
-    assert "interrupted while loading, before the command started; nothing was written" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"dira3d slow: {word} while loading, before the command started; nothing was written\n"

@@ -27,7 +27,7 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 
 from dira3d.deploy.bundle_network import bundle_parser, bundle_paths, load_bundle_network, missing_weights_error
-from dira3d.utils.atomic import atomic_path, check_writable
+from dira3d.utils.atomic import atomic_path, check_writable, remove_stale_temporaries_of
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -181,7 +181,9 @@ def export_torchscript_with_report(
         example = scan_patch(check_scan, shape[2:])
     elif example is None:
         example = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
-    # the temporary name ends in .ts: ckpt_export appends .ts to a name without a suffix
+    # the temporary name ends in .ts: ckpt_export appends .ts to a name without a suffix; an export killed (SIGKILL)
+    # while it wrote left its temporary, which no later export would replace
+    remove_stale_temporaries_of(out, ".ts", what="export")
     with atomic_path(out, suffix=".ts") as partial:
         ckpt_export(
             net_id="network_def",
@@ -292,6 +294,7 @@ def export_onnx_with_report(
         with torch.no_grad():
             out_dims = network(example).dim()
         axes = {"image": names, "pred": {i: names[i] for i in names if i < out_dims}}
+    remove_stale_temporaries_of(out, ".onnx", what="export")  # an export killed while it wrote (SIGKILL) left its own
     with atomic_path(out, suffix=".onnx") as partial, torch.no_grad():
         torch.onnx.export(
             network, (example,), str(partial), input_names=["image"], output_names=["pred"],

@@ -30,7 +30,7 @@ from torch import nn
 
 from dira3d.networks import LoadReport
 from dira3d.utils import atomic_save, load_checkpoint
-from dira3d.utils.atomic import atomic_path, atomic_write_text
+from dira3d.utils.atomic import atomic_path, atomic_write_text, remove_stale_temporaries_of
 from dira3d.utils.checkpoint import check_writable
 
 __all__ = ["KEY_MAP_VERSION", "export_pretrained", "describe_key", "read_weights", "load_into"]
@@ -185,6 +185,9 @@ def export_pretrained(
     spatial_dims, layout = _layout(meta, states)  # 2D (chest X-ray) and 3D checkpoints have different layouts
     # only now: a checkpoint refused above leaves no empty folder behind
     check_writable(out, what="output folder (--out)")
+    for target in targets:  # an export killed (SIGKILL) while it wrote left its temporaries, which no rerun replaces
+        for suffix in dict.fromkeys((".tmp", target.suffix)):
+            remove_stale_temporaries_of(target, suffix, what="export")
     written: dict[str, Path] = {}
     key_map: dict[str, Any] = {
         "version": KEY_MAP_VERSION,

@@ -327,6 +327,7 @@ class DiRACheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         if self.save_every_iterations > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every_iterations), self.save_last)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.save_before_epoch_end)
         engine.add_event_handler(Events.COMPLETED, self.completed)
         if is_main_process():  # after the last save (ignite also fires COMPLETED after terminate())
             engine.add_event_handler(Events.COMPLETED, lambda _: self.lock.release())
@@ -402,6 +403,14 @@ class DiRACheckpoint:
         epoch_sums = self._epoch_sums(engine) if epoch_sums is None else epoch_sums
         if is_main_process():
             atomic_save(checkpoint_dict(engine, self.meta, self._trainer_state(), epoch_sums), self.last_path)
+
+    def save_before_epoch_end(self, engine: Engine) -> None:
+        """``ITERATION_COMPLETED``: a signal on an epoch's last step lets the epoch end (validation) run before the
+        run stops (:class:`~dira3d.engines.stopping.SignalStop` ``finish_epoch``): ``last.pt`` is written now, so that a
+        SIGKILL during that validation (SLURM's grace period) loses no training; the epoch's end writes it again."""
+        if getattr(engine.state, "stop_deferred", False):
+            engine.state.stop_deferred = False
+            self.save_last(engine)
 
     def completed(self, engine: Engine) -> None:
         """The run's end: ``last.pt`` at its last iteration, also when SIGTERM / Ctrl-C ended it mid-epoch

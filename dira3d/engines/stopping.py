@@ -10,15 +10,21 @@ at the record on ``ITERATION_COMPLETED`` (a Python attribute test, nothing in th
 with ``engine.terminate()``: ignite then fires ``COMPLETED``, where :class:`~dira3d.engines.DiRACheckpoint`
 writes ``last.pt`` at that iteration (the atomic mid-epoch checkpoint) and releases its lock.
 
-- One process: the run stops after the step in progress.
+- One process: the run stops after the step in progress. On an epoch's last step (``SignalStop(finish_epoch=True)``,
+  :class:`DiRATrainer`'s) the epoch's end runs first (its validation, ``best.pt``, ``train_*`` means, epoch-end
+  ``last.pt``), as in a run not stopped: ignite skips ``EPOCH_COMPLETED`` after ``terminate()`` and the resume starts
+  the next epoch, so that epoch was never validated (``best.pt`` could differ from an uninterrupted run's).
+  :class:`~dira3d.engines.DiRACheckpoint` writes ``last.pt`` before that validation (a SIGKILL during it, SLURM's
+  grace period, loses no training) and again after it.
 - Under DDP every rank must stop at the same iteration (a rank that left would leave the others
   waiting in an all-reduce): the ranks agree in the all-reduce the non-finite check already makes every
   ``check_every`` iterations (:meth:`dira3d.engines.NonFiniteGuard.periodic_check`), and stop when a signal
   reached any of them. The stop comes up to ``check_every`` iterations after the signal.
-- Once the stop is decided, further signals are ignored (``last.pt`` is being written). Before that, a
-  second Ctrl-C in a one-process run does what Ctrl-C did before the run (``KeyboardInterrupt``: stop
-  now, ``last.pt`` stays the last one written); a second SIGTERM is ignored, and so is a second SIGINT
-  under ``torchrun`` (which forwards the Ctrl-C it gets to workers that had it from the terminal already).
+- Once the stop is decided, further signals are ignored (``last.pt`` is being written). Before that, and during
+  the epoch end of a stop on its last step, a second Ctrl-C in a one-process run does what Ctrl-C did before the
+  run (``KeyboardInterrupt``: stop now, ``last.pt`` stays the last one written); a second SIGTERM is ignored, and
+  so is a second SIGINT under ``torchrun`` (which forwards the Ctrl-C it gets to workers that had it from the
+  terminal already).
 - The handlers are installed only while the engine runs, in the main thread, and the previous ones are
   put back afterwards; a signal set to be ignored (``SIG_IGN``) stays ignored.
 
@@ -125,10 +131,12 @@ class SignalStop:
     joint decision (:meth:`~dira3d.engines.faults.NonFiniteGuard.periodic_check`), whose result goes to :meth:`stop`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, finish_epoch: bool = False) -> None:
         self.requested: int | None = None
         self.stopping = False
         self.single_process = True
+        self.finish_epoch = bool(finish_epoch)
+        self.deferred = False  # a stop on an epoch's last step, waiting for that epoch's end (finish_epoch)
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -136,14 +144,16 @@ class SignalStop:
             self.requested = signum
             return
         previous = self._previous.get(signum)
-        if signum == signal.SIGINT and self.single_process and not self.stopping and callable(previous):
+        waiting = not self.stopping or self.deferred  # (a deferred stop: its epoch end, a validation, still runs)
+        if signum == signal.SIGINT and self.single_process and waiting and callable(previous):
             previous(signum, frame)  # Ctrl-C twice: what Ctrl-C did before the run (KeyboardInterrupt)
         # otherwise ignored: the run is already stopping (and last.pt may be being written)
 
     @contextmanager
     def installed(self, engine: Engine) -> Iterator[None]:
         """Catch the signals while the body (the engine's run) lasts; put the previous handlers back after."""
-        self.requested, self.stopping = None, False
+        self.requested, self.stopping, self.deferred = None, False, False
+        engine.state.stop_deferred = False
         self.single_process = get_world_size() == 1
         engine.state.stopped_by = None
         if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
@@ -175,7 +185,28 @@ class SignalStop:
         self.stopping = True
         signum = signum or self.requested or signal.SIGTERM  # another rank's signal: this one may have had none yet
         engine.state.stopped_by = signal.Signals(signum).name
+        if self.finish_epoch and _at_epoch_end(engine):  # the same decision on every rank: the same iteration
+            # the epoch's last step: its end (validation, best.pt, the epoch-end last.pt) runs before the run ends,
+            # as in a run not stopped (ignite skips EPOCH_COMPLETED after terminate(), and the resume, which starts
+            # the next epoch, never ran it); the checkpoint handler writes last.pt first (state.stop_deferred)
+            self.deferred = engine.state.stop_deferred = True
+            return
         engine.terminate()
+
+    def epoch_completed(self, engine: Engine) -> None:
+        """``EPOCH_COMPLETED``: end the run after this epoch's end when a stop waits for it (``finish_epoch``); the
+        other handlers of the event still run (``terminate`` only sets ignite's flag)."""
+        if self.deferred:
+            engine.terminate()
+
+
+def _at_epoch_end(engine: Engine) -> bool:
+    """Whether the iteration just completed is its epoch's last (:meth:`DiRATrainer.epoch_position`, else the count)."""
+    position = getattr(engine, "epoch_position", None)
+    if callable(position):
+        return position()[1] == 0 and engine.state.iteration > 0
+    length = engine.state.epoch_length or 0
+    return bool(length) and engine.state.iteration > 0 and engine.state.iteration % length == 0
 
 
 def exit_if_stopped(engine: Engine) -> None:

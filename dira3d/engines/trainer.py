@@ -317,8 +317,10 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         self.nonfinite_guard.attach(self)
         # SIGTERM / Ctrl-C: the handler only records the signal; one process looks at it after each step,
         # under DDP the guard's periodic check agrees on it over the ranks (dira3d.engines.stopping)
-        self.signal_stop = SignalStop()
+        # a stop on an epoch's last step first lets that epoch end (validation, best.pt): a resume starts the next one
+        self.signal_stop = SignalStop(finish_epoch=True)
         self.add_event_handler(Events.ITERATION_COMPLETED, self.signal_stop.poll)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self.signal_stop.epoch_completed)
         self.evaluator = None  # the DiRAEvaluator, once one attaches itself (early stopping needs one)
         if train_handlers is not None:  # None: a handler the bundle config disabled (validate#evaluator without validation)
             # on ranks other than 0, without the handlers that only report (by their class, whatever the list's order)

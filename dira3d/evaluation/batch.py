@@ -46,7 +46,7 @@ from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
 
 __all__ = ["InferenceBatch", "NOT_ALL_WRITTEN", "REPEATED_FAILURES", "REPORT_NAME", "RepeatedFailureError", "STATUSES",
-           "failure_key"]
+           "batch_entries", "failure_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ _HINT = "pass --report_path with another file (\"\" for none)"  # the refusal ad
 # the same error on this many inputs in a row, before any input was written: the batch stops (0: never);
 # InferenceBatch(repeated_failures=...), in a bundle: --inference_batch#repeated_failures N
 REPEATED_FAILURES = 3
+# the key of a datalist file's inputs (MONAI's decathlon datalists and `dira3d prepare`'s keep the test images there)
+DATALIST_KEY = "test"
+_FORMS = (f'--datalist takes a list of inputs [{{"image": path}}, ...] (on the command line or in a JSON file) or a '
+          f'datalist JSON file whose "{DATALIST_KEY}" key lists them')
 # a path (has a slash) or a file name with an image, archive or model extension, as error messages quote them
 _FILE = re.compile(r"[^\s'\"`()\[\]{},;]*[/\\][^\s'\"`()\[\]{},;]*"
                    r"|[\w.+-]+\.(?:nii|gz|nrrd|nhdr|mha|mhd|raw|dcm|png|jpe?g|tiff?|bmp|npy|npz|json|ya?ml|pt|pth|ts"
@@ -122,11 +126,43 @@ def _batch_size(batchdata: Any, key: str) -> int:
     return int(image.shape[0]) if getattr(image, "shape", None) else 1
 
 
+def batch_entries(datalist: Sequence[Mapping[str, Any]] | str | os.PathLike) -> list[Mapping[str, Any]]:
+    """The entries of a batch: ``datalist`` as given (a list, relative paths as they are), or read from the JSON file it
+    names (``--datalist path/to/file.json``): a list of inputs (``[{"image": path}, ...]`` or bare paths) or a MONAI
+    decathlon-style datalist whose :data:`DATALIST_KEY` (``"test"``) list holds them. A file's relative ``image`` paths
+    are resolved against its folder, as every datalist file's are (:func:`dira3d.data.datalist.datalist_entries`, as
+    :func:`monai.data.load_decathlon_datalist`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        DatalistError: not JSON, neither form, or entries without an ``image`` (one message naming the file and the
+            forms taken).
+    """
+    from dira3d.data.datalist import DatalistError, datalist_entries
+
+    if not isinstance(datalist, (str, os.PathLike)):
+        return list(datalist)
+    path = Path(datalist)
+    if not str(datalist).strip() or not path.is_file():
+        raise FileNotFoundError(f"datalist {str(datalist)!r} is not a file; {_FORMS}")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatalistError(path, f"is not valid JSON ({err}); {_FORMS}") from err
+    if isinstance(content, list):
+        content = {DATALIST_KEY: content}
+    elif not isinstance(content, dict) or DATALIST_KEY not in content:
+        held = f"an object with keys {sorted(content)}" if isinstance(content, dict) else f"a JSON {type(content).__name__}"
+        raise DatalistError(path, f"holds {held}; {_FORMS}")
+    return datalist_entries(path, DATALIST_KEY, content=content, path_keys=("image",), detect_paths=False)
+
+
 class InferenceBatch:
     """The record of a batch run of ``inference.json``: what was written, left out or failed, and why.
 
     Args:
-        datalist: the run's entries (``[{"image": path}, ...]``; the image may be a list of files, one per channel).
+        datalist: the run's entries (``[{"image": path}, ...]``; the image may be a list of files, one per channel), or
+            the path of a JSON file holding them (:func:`batch_entries`).
         report_path: the JSON report to write at the end; ``""`` / None: none (a single ``--image``).
         output_dir, output_postfix, output_ext: as given to ``SavePredictiond`` (segmentation bundles): the report
             names each written mask.
@@ -140,11 +176,11 @@ class InferenceBatch:
     bundles' do.
     """
 
-    def __init__(self, datalist: Sequence[Mapping[str, Any]], report_path: str | os.PathLike | None = "",
+    def __init__(self, datalist: Sequence[Mapping[str, Any]] | str | os.PathLike, report_path: str | os.PathLike | None = "",
                  output_dir: str | os.PathLike | None = None, output_postfix: str = "", output_ext: str = ".nii.gz",
                  output_path: str | os.PathLike | None = None, overwrite: Any = False, image_key: str = "image",
                  repeated_failures: int = REPEATED_FAILURES) -> None:
-        self.datalist = list(datalist)
+        self.datalist = batch_entries(datalist)
         self.report_path = Path(report_path) if report_path else None
         self.output_dir, self.output_postfix, self.output_ext = output_dir, output_postfix, output_ext
         self.output_path = output_path

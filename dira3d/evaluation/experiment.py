@@ -134,7 +134,7 @@ from pathlib import Path
 
 from dira3d.utils.atomic import FolderNotWritableError
 from dira3d.utils.cli_help import DefaultsRawDescriptionHelpFormatter
-from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
+from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 from dira3d.evaluation.results import write_report
 
 # The command's parts, split out of this module; the names of ``__all__`` are importable from here as
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, StoppedBySignal) as err:  # Ctrl-C, SIGTERM: one line on how to go on, not a traceback
         # (a pretraining stopped by a signal wrote its last.pt first: the rerun resumes it); 130 / 143
-        print(f"dira3d experiment: interrupted; the finished runs are in {Path(config['output_dir']) / 'results.csv'}; "
+        print(f"dira3d experiment: {interrupted_word(err)}; the finished runs are in {Path(config['output_dir']) / 'results.csv'}; "
               "rerun the same command to go on from there", file=sys.stderr)
         return interrupt_exit_code(err)
     except Exception as err:

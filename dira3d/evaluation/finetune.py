@@ -37,7 +37,7 @@ from dira3d.evaluation.split_ids import SPLITS_FILE, write_splits
 from dira3d.utils.atomic import atomic_write_text, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
-from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
+from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 from dira3d.utils.overrides import check_overrides, parse_value
 
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "finished_message", "main"]
@@ -190,8 +190,11 @@ def run_finetune(
         # test it under the other's metrics.json
         with FolderLock(out, what="fine-tuning output folder (--output-dir)",
                         clash="a second run into it would replace its model.pt and metrics.json"):
+            from dira3d.evaluation.stopping import stopped_before_training
+
             try:
-                return _run_finetune(root, overrides, out, files, tiny, overwrite)
+                with stopped_before_training(out) as watch:  # a stop before it says so, and a plain rerun starts it
+                    return _run_finetune(root, overrides, out, files, tiny, overwrite, watch)
             finally:  # the lock of models/ that train.json's initialize took, also when the run failed
                 from dira3d.engines.stopping import end_stop_before_training
                 from dira3d.evaluation.run_folders import release_run_folders
@@ -201,7 +204,7 @@ def run_finetune(
 
 
 def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[Path], tiny: bool,
-                  overwrite: bool) -> dict[str, Any]:
+                  overwrite: bool, watch: Any) -> dict[str, Any]:
     """The body of :func:`run_finetune`, with ``out`` locked."""
     from dira3d.utils.interrupts import quiet_interrupt_logs
 
@@ -260,6 +263,7 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     (out / "models" / PREPROCESSING_FILE).unlink(missing_ok=True)
     inputs = {key: parser.get_parsed_content(key) for key in ("modalities", "image_channels") if key in parser}
     write_preprocessing(out / "models", training_preprocessing(effective.get("datalist"), **inputs))
+    watch.started()  # the training runs: a stop from here leaves its TensorBoard curves (and perhaps model.pt)
     with quiet_interrupt_logs():
         trainer_flow.run()
     holdout = {"best_" + str(getattr(validator.state, "key_metric_name", "metric")): _number(validator.state.best_metric)}
@@ -414,10 +418,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, StoppedBySignal) as err:  # Ctrl-C or SIGTERM (the training stops after its step, the
         # bundle logs where): one line on how to go on, not a traceback; 130 / 143
-        where = _output_dir(args, overrides)
-        print(f"dira3d finetune: {'interrupted' if interrupt_exit_code(err) == 130 else 'stopped by SIGTERM'}; "
-              f"{where.resolve()} holds an unfinished run (no test metrics); rerun with --overwrite to start it again",
-              file=sys.stderr)
+        from dira3d.evaluation.stopping import stopped_before_training_of
+
+        where, word = _output_dir(args, overrides).resolve(), interrupted_word(err)
+        if stopped_before_training_of(err):  # nothing saved: the same command starts it (--overwrite was not needed)
+            print(f"dira3d finetune: {word} before training started (while the data were loaded and cached); nothing "
+                  f"was trained or saved in {where}; run the same command again to start it", file=sys.stderr)
+        else:
+            print(f"dira3d finetune: {word}; {where} holds an unfinished run (no test metrics); rerun with --overwrite "
+                  "to start it again", file=sys.stderr)
         return interrupt_exit_code(err)
     except Exception as err:
         from dira3d.engines.inputs import setting_error_in

@@ -29,12 +29,18 @@ never started (``initialize()`` then ``finalize()`` in a notebook).
 The stop is kept for :func:`exit_if_training_stopped` in this module (one per process), not read from the trainer:
 ``finalize`` naming ``@train#trainer`` would build the trainer, and cache its training data, in a workflow that never
 ran it (``initialize`` then ``finalize``; ``train.json`` + ``evaluate.json``, which keeps ``train.json``'s ``finalize``).
+
+``dira3d finetune`` handles SIGTERM itself (as Ctrl-C); :class:`BeforeTraining` tells its line whether the training had
+started: a run stopped before (while its data were loaded and cached) saved nothing, and a plain rerun starts it (it
+said the folder held an unfinished run to restart with ``--overwrite``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,8 @@ from dira3d.engines.distributed import all_ranks_min, is_main_process
 from dira3d.engines.stopping import SignalStop, end_stop_before_training, stop_before_training
 from dira3d.utils.interrupts import StoppedBySignal
 
-__all__ = ["run_training", "exit_if_training_stopped", "stop_message", "stop_before_training", "end_stop_before_training"]
+__all__ = ["BeforeTraining", "run_training", "exit_if_training_stopped", "stop_message", "stop_before_training",
+           "end_stop_before_training", "stopped_before_training", "stopped_before_training_of"]
 
 _STOPPED: list[StoppedBySignal] = []  # the stop of this process's last run_training, until it is raised
 
@@ -161,3 +168,39 @@ def stop_message(trainer: Engine, validator: Engine | None, model: Path | None, 
         what = "no validation finished, so no model.pt was written"
     return (f"fine-tuning stopped by {state.stopped_by} {where}; {what}; fine-tuning does not resume: start it "
             "again with --overwrite True (dira3d finetune: --overwrite)")
+
+
+class BeforeTraining:
+    """Whether a fine-tuning run's training has started (:meth:`started`, called just before the workflow's ``run``)."""
+
+    def __init__(self) -> None:
+        self.training = False
+
+    def started(self) -> None:
+        self.training = True
+
+
+@contextmanager
+def stopped_before_training(output_dir: str | os.PathLike) -> Iterator[BeforeTraining]:
+    """Around a ``dira3d finetune`` run: a Ctrl-C / SIGTERM that comes before :meth:`BeforeTraining.started` is marked
+    (``err.before_training = True``, :func:`stopped_before_training_of`), and the TensorBoard event files this run
+    created in ``output_dir`` (empty: no step was logged) are removed, so that the folder is as it was and the same
+    command starts the run again (the next run took them for an earlier run's and asked for ``--overwrite``). Event
+    files that were there before are never touched."""
+    output_dir = Path(output_dir)
+    earlier = set(output_dir.glob("events.out.tfevents.*"))
+    watch = BeforeTraining()
+    try:
+        yield watch
+    except (KeyboardInterrupt, StoppedBySignal) as err:
+        if not watch.training:
+            for path in output_dir.glob("events.out.tfevents.*"):
+                if path not in earlier:
+                    path.unlink(missing_ok=True)
+            err.before_training = True  # type: ignore[attr-defined]
+        raise
+
+
+def stopped_before_training_of(err: BaseException) -> bool:
+    """Whether ``err`` (a Ctrl-C / SIGTERM) stopped a run before its training started (:func:`stopped_before_training`)."""
+    return bool(getattr(err, "before_training", False))

@@ -12,6 +12,7 @@ and at most a stray hidden ``.tmp`` file; an exception removes the temporary fil
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import shutil
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["FolderNotWritableError", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable",
-           "check_output_settings", "removed_if_failed", "removed_if_failed_empty", "stale_temporaries"]
+           "check_output_settings", "removed_if_failed", "removed_if_failed_empty", "stale_temporaries",
+           "stale_temporaries_of", "remove_stale_temporaries_of"]
 
 # mkstemp creates the temporary file 0600; the final file gets the mode an ordinary open() would
 # give it (0666 less the umask), or keeps the mode of the file it replaces. The umask is read once:
@@ -97,7 +99,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    if not _hold(fd):  # held while written: stale_temporaries_of leaves it alone (the lock goes with the process)
+        os.close(fd)  # no flock here (Windows, some network file systems): closed at once, as before
+        fd = -1
     try:
         yield Path(tmp)
         _sync_to_disk(tmp)  # the data are on disk before the rename makes them visible
@@ -106,6 +110,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
     _sync_folder(path.parent)  # the rename is on disk too: a power loss now cannot bring the old file back
 
 
@@ -270,3 +277,60 @@ def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 match["suffix"] == ".tmp" or match["target"].endswith(match["suffix"])):
             found.append(path)
     return sorted(found)
+
+
+def _hold(fd: int) -> bool:
+    """Take an advisory ``flock`` on a temporary file being written; False where the system has no ``flock``."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process writes ``path`` (holds the ``flock`` of :func:`atomic_path`)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # gone, or not ours to read: left alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (the lock taken above goes with it)
+    return False
+
+
+def stale_temporaries_of(path: str | os.PathLike, suffix: str = ".tmp") -> list[Path]:
+    """The temporary files that :func:`atomic_path` made for ``path`` (with ``suffix``) and a killed process left
+    behind, next to it: ``.<name>.<8 characters><suffix>``, not held by a live writer (an export of the same file
+    running now keeps its own). For a file in a folder other programs write too (``dira3d export --out``), where
+    :func:`stale_temporaries` would take every dira3d temporary under the folder."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}$")
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*")
+                  if pattern.match(p.name) and p.is_file() and not p.is_symlink() and not _held(p))
+
+
+def remove_stale_temporaries_of(path: str | os.PathLike, suffix: str = ".tmp", what: str = "run") -> list[Path]:
+    """Remove :func:`stale_temporaries_of` ``path`` and say so on stderr (``what`` names the command's run);
+    returns them."""
+    import sys
+
+    left = stale_temporaries_of(path, suffix)
+    for stale in left:
+        stale.unlink(missing_ok=True)
+    if left:
+        print(f"removed {len(left)} half-written temporary file(s) an interrupted {what} left beside {path} "
+              f"({', '.join(p.name for p in left)})", file=sys.stderr)
+    return left
