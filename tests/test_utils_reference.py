@@ -426,6 +426,7 @@ def test_a_refused_lock_leaves_no_open_file(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        gc.collect()  # files earlier tests of this worker left to the collector are closed before counting
         before = len(os.listdir("/proc/self/fd"))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -434,7 +435,7 @@ def test_a_refused_lock_leaves_no_open_file(tmp_path):
                     FolderLock(tmp_path).acquire()
             gc.collect()
         assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # closed, not left to the collector
-        assert len(os.listdir("/proc/self/fd")) == before
+        assert len(os.listdir("/proc/self/fd")) <= before  # a leak adds one per refused lock
     finally:
         holder.kill()
         holder.wait()
