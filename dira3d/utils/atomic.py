@@ -315,11 +315,11 @@ def stale_temporaries_of(path: str | os.PathLike, suffix: str = ".tmp") -> list[
     running now keeps its own). For a file in a folder other programs write too (``dira3d export --out``), where
     :func:`stale_temporaries` would take every dira3d temporary under the folder."""
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}$")
     if not path.parent.is_dir():
         return []
     return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*")
-                  if pattern.match(p.name) and p.is_file() and not p.is_symlink() and not _held(p))
+                  if (found := _TEMPORARY.match(p.name)) and found["target"] == path.name and found["suffix"] == suffix
+                  and p.is_file() and not p.is_symlink() and not _held(p))
 
 
 def remove_stale_temporaries_of(path: str | os.PathLike, suffix: str = ".tmp", what: str = "run") -> list[Path]:
