@@ -66,6 +66,18 @@ def test_a_file_without_images_or_not_json_is_refused_naming_it(tmp_path):
         batch_entries(str(path))
 
 
+def test_a_listed_entry_without_an_image_or_not_an_object_is_refused_naming_it():
+    """As a file's entries are: a list given on the command line with an entry without ``image`` (a typo, a
+    decathlon entry's ``label``) stopped the batch with MONAI's tracebacks of a ``KeyError`` and no report."""
+    from dira3d.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"^--datalist: entry 1 \(\{'label': 'a.nii.gz'\}\) has no 'image'; entry 2 "
+                                        r"\('b.nii.gz'\) is not an object; --datalist takes a list of inputs"):
+        batch_entries([{"image": "a.nii.gz"}, {"label": "a.nii.gz"}, "b.nii.gz"])
+    with pytest.raises(DataError, match=r"entry 2 \(\{'image': None\}\) has no 'image' and 2 more; --datalist takes"):
+        batch_entries([{"image": None}, {"img": "a"}, {"image": None}, {}, {}, {"image": "c.nii.gz"}])
+
+
 @pytest.mark.parametrize("given", ["missing.json", ""])
 def test_a_path_that_is_not_a_file_is_refused_naming_it(tmp_path, given):
     with pytest.raises(FileNotFoundError, match=rf"^datalist '{given}' is not a file; --datalist takes a list"):
@@ -104,3 +116,22 @@ def test_a_bad_datalist_file_ends_the_bundle_command_in_one_line(tmp_path, repo_
         f"error: datalist {listed} holds an object with keys ['training']; --datalist takes a list of inputs "
         '[{"image": path}, ...] (on the command line or in a JSON file) or a datalist JSON file whose "test" key '
         "lists them")
+
+
+def test_a_listed_entry_without_an_image_ends_the_bundle_command_in_one_line(tmp_path, repo_root):
+    """It ended ``python -m monai.bundle run`` with about 80 lines of tracebacks (``KeyError: 'Key `image` of
+    transform `LoadVolumed` was missing'``, ``Failed to evaluate ConfigExpression``)."""
+    folder = bundle_path("lits_liver_seg")
+    given = json.dumps([{"image": "a.nii.gz"}, {"label": "a.nii.gz"}])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(folder / "configs" / "inference.json"),
+           "--meta_file", str(folder / "configs" / "metadata.json"), "--bundle_root", str(folder),
+           "--device", "$torch.device('cpu')", "--output_dir", str(tmp_path / "out"), "--datalist", given]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --datalist: entry 1 ({'label': 'a.nii.gz'}) has no 'image'; --datalist takes a list of inputs"), \
+        proc.stderr[-3000:]
+    assert not any((tmp_path / "out").rglob("*"))  # refused before any input was read: no report, no prediction

@@ -123,3 +123,81 @@ def test_sigterm_while_the_inputs_are_checked_writes_the_report_and_raises_the_i
     assert report["stopped"] == "stopped by SIGTERM while the inputs were checked"
     assert report["summary"] == {"inputs": 2, "written": 0, "left out": 0, "failed": 0, "not run": 2}
     assert sorted(p.name for p in out.iterdir()) == ["inference_report.json"]
+
+
+def _interrupt_after(monkeypatch, where: str, stem: str) -> None:
+    """Raise ``KeyboardInterrupt`` (as a Ctrl-C arriving then would) right after the prediction of ``<stem>.nii.gz`` is
+    renamed into place (``where="rename"``) or right after the model's iteration that wrote it returned, before the
+    batch records the input (``where="record"``)."""
+    from monai.engines import SupervisedEvaluator
+
+    from dira3d.utils import atomic
+
+    if where == "rename":
+        replace = os.replace
+
+        def replaced(src, dst, *args, **kwargs):
+            replace(src, dst, *args, **kwargs)
+            if os.path.basename(str(dst)) == f"{stem}_seg.nii.gz":
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(atomic.os, "replace", replaced)
+        return
+    step = SupervisedEvaluator._iteration
+
+    def stepped(self, engine, batchdata):
+        output = step(self, engine, batchdata)
+        if os.path.basename(str(batchdata["image"].meta["filename_or_obj"][0])) == f"{stem}.nii.gz":
+            raise KeyboardInterrupt
+        return output
+
+    monkeypatch.setattr(SupervisedEvaluator, "_iteration", stepped)
+
+
+@pytest.mark.parametrize("where", ["rename", "record"])
+def test_an_interrupt_between_a_predictions_rename_and_its_record_reports_it_written_and_a_rerun_replaces_it(
+        tmp_path, monkeypatch, where):
+    """A Ctrl-C or SIGTERM landing after ``b_seg.nii.gz`` was renamed into place, before the batch recorded ``b`` as
+    done, reported ``b`` as ``not run`` next to its whole prediction (and "the 1 prediction(s) written are kept")."""
+    from test_inference_batch import _report, _run
+
+    scans = [_raw_ct(tmp_path / f"{name}.nii.gz") for name in ("a", "b", "c")]
+    datalist, out = [{"image": str(p)} for p in scans], tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, where, "b")
+        with pytest.raises(KeyboardInterrupt):
+            _run("lits_liver_seg", tmp_path, datalist, out)
+    report = _report(out)
+    assert [r["status"] for r in report["inputs"]] == ["written", "written", "not run"]
+    assert report["inputs"][1]["output"] == str(out / "b_seg.nii.gz")
+    assert report["summary"] == {"inputs": 3, "written": 2, "left out": 0, "failed": 0, "not run": 1}
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "b_seg.nii.gz", "inference_report.json"]
+    assert is_own_prediction(out / "b_seg.nii.gz")
+    # the rerun replaces dira3d's own predictions of the stopped run, as the stop's last line says, and writes all
+    assert _run("lits_liver_seg", tmp_path, datalist, out) == [0]
+    assert [r["status"] for r in _report(out)["inputs"]] == ["written", "written", "written"]
+
+
+def test_an_interrupt_before_a_predictions_rename_leaves_the_earlier_file_and_reports_not_run(tmp_path, monkeypatch):
+    """The other side of the boundary: an earlier run's prediction of ``b`` that is still in place when the stop comes
+    (this run's was not renamed over it) is not taken for this run's."""
+    from dira3d.utils import atomic
+    from test_inference_batch import _report, _run
+
+    scans = [_raw_ct(tmp_path / f"{name}.nii.gz") for name in ("a", "b")]
+    datalist, out = [{"image": str(p)} for p in scans], tmp_path / "out"
+    assert _run("lits_liver_seg", tmp_path, datalist, out) == [0]
+    earlier = (out / "b_seg.nii.gz").stat()
+    replace = os.replace
+
+    def stopped_before(src, dst, *args, **kwargs):
+        if os.path.basename(str(dst)) == "b_seg.nii.gz":
+            raise KeyboardInterrupt
+        return replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic.os, "replace", stopped_before)
+        with pytest.raises(KeyboardInterrupt):
+            _run("lits_liver_seg", tmp_path, datalist, out)
+    assert [r["status"] for r in _report(out)["inputs"]] == ["written", "not run"]
+    assert (out / "b_seg.nii.gz").stat().st_ino == earlier.st_ino and is_own_prediction(out / "b_seg.nii.gz")

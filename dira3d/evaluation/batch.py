@@ -25,7 +25,8 @@ the exit status: 0 when every input was written, :data:`NOT_ALL_WRITTEN` (3) whe
 monai.bundle run`` the process exits with it; called in-process, :meth:`~InferenceBatch.run` returns it). A batch
 that stops (a full disk, the same error on its first inputs) exits with its error (1). Ctrl-C and SIGTERM (which
 ended the run without a word or a report) while the inputs are screened or the model runs write the report, log one
-line on what was kept and exit 130 / 143 under ``python -m monai.bundle run`` (in-process the interrupt is raised).
+line on what was kept and exit 130 / 143 under ``python -m monai.bundle run`` (in-process the interrupt is raised); an
+input whose prediction was renamed into place before the signal is ``written``, as its file is whole.
 A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
 """
 
@@ -41,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dira3d.evaluation.batch_datalist import batch_entries
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
@@ -58,10 +60,6 @@ _HINT = "pass --report_path with another file (\"\" for none)"  # the refusal ad
 # the same error on this many inputs in a row, before any input was written: the batch stops (0: never);
 # InferenceBatch(repeated_failures=...), in a bundle: --inference_batch#repeated_failures N
 REPEATED_FAILURES = 3
-# the key of a datalist file's inputs (MONAI's decathlon datalists and `dira3d prepare`'s keep the test images there)
-DATALIST_KEY = "test"
-_FORMS = (f'--datalist takes a list of inputs [{{"image": path}}, ...] (on the command line or in a JSON file) or a '
-          f'datalist JSON file whose "{DATALIST_KEY}" key lists them')
 # a path (has a slash) or a file name with an image, archive or model extension, as error messages quote them
 _FILE = re.compile(r"[^\s'\"`()\[\]{},;]*[/\\][^\s'\"`()\[\]{},;]*"
                    r"|[\w.+-]+\.(?:nii|gz|nrrd|nhdr|mha|mhd|raw|dcm|png|jpe?g|tiff?|bmp|npy|npz|json|ya?ml|pt|pth|ts"
@@ -126,37 +124,6 @@ def _batch_size(batchdata: Any, key: str) -> int:
     return int(image.shape[0]) if getattr(image, "shape", None) else 1
 
 
-def batch_entries(datalist: Sequence[Mapping[str, Any]] | str | os.PathLike) -> list[Mapping[str, Any]]:
-    """The entries of a batch: ``datalist`` as given (a list, relative paths as they are), or read from the JSON file it
-    names (``--datalist path/to/file.json``): a list of inputs (``[{"image": path}, ...]`` or bare paths) or a MONAI
-    decathlon-style datalist whose :data:`DATALIST_KEY` (``"test"``) list holds them. A file's relative ``image`` paths
-    are resolved against its folder, as every datalist file's are (:func:`dira3d.data.datalist.datalist_entries`, as
-    :func:`monai.data.load_decathlon_datalist`).
-
-    Raises:
-        FileNotFoundError: no such file.
-        DatalistError: not JSON, neither form, or entries without an ``image`` (one message naming the file and the
-            forms taken).
-    """
-    from dira3d.data.datalist import DatalistError, datalist_entries
-
-    if not isinstance(datalist, (str, os.PathLike)):
-        return list(datalist)
-    path = Path(datalist)
-    if not str(datalist).strip() or not path.is_file():
-        raise FileNotFoundError(f"datalist {str(datalist)!r} is not a file; {_FORMS}")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatalistError(path, f"is not valid JSON ({err}); {_FORMS}") from err
-    if isinstance(content, list):
-        content = {DATALIST_KEY: content}
-    elif not isinstance(content, dict) or DATALIST_KEY not in content:
-        held = f"an object with keys {sorted(content)}" if isinstance(content, dict) else f"a JSON {type(content).__name__}"
-        raise DatalistError(path, f"holds {held}; {_FORMS}")
-    return datalist_entries(path, DATALIST_KEY, content=content, path_keys=("image",), detect_paths=False)
-
-
 class InferenceBatch:
     """The record of a batch run of ``inference.json``: what was written, left out or failed, and why.
 
@@ -200,6 +167,8 @@ class InferenceBatch:
         self.stopped: str | None = None
         self._order = list(range(len(self.datalist)))
         self._next = 0
+        # the inputs the model runs on now, with the state of their prediction file before (_settle_in_flight)
+        self._in_flight: dict[int, tuple[int, ...] | None] = {}
         self._unusable: BaseException | None = None  # screen's error when no input can be used, for run to raise
 
     @property
@@ -239,7 +208,7 @@ class InferenceBatch:
             # raised by run() as the run starts, not while MONAI builds the dataset
             self._unusable, good = err, []
         self._order = [i for i in range(len(self.datalist)) if i not in self.left_out]
-        self._next, self._repeat = 0, ("", 0)
+        self._next, self._repeat, self._in_flight = 0, ("", 0), {}
         return good
 
     def iteration(self, engine: Any, batchdata: Any) -> Any:
@@ -250,9 +219,12 @@ class InferenceBatch:
         size = _batch_size(batchdata, self.image_key)
         indices = self._order[self._next: self._next + size]
         self._next += size
+        if self.output_path is None:  # a file per input: its state before, for _settle_in_flight
+            self._in_flight = {index: _file_state(self._output(index)) for index in indices}
         try:
             output = engine._iteration(engine, batchdata)
         except Exception as err:  # noqa: BLE001 - one input's failure is recorded; the batch goes on
+            self._in_flight = {}
             reason = _reason(err)
             for index in indices:
                 self.failed[index] = reason
@@ -264,6 +236,7 @@ class InferenceBatch:
             _release_gpu_memory()
             return []
         self.done.update(indices)
+        self._in_flight = {}
         return output
 
     def _stop_if_repeated(self, err: BaseException, files: list[str]) -> None:
@@ -344,6 +317,22 @@ class InferenceBatch:
         return prediction_target(_first(self.datalist[index][self.image_key]), self.output_dir, self.output_postfix,
                                  self.output_ext)
 
+    def _settle_in_flight(self) -> None:
+        """Record as written an input the batch stopped in (Ctrl-C, SIGTERM) after its prediction was renamed into place
+        but before :meth:`iteration` recorded it: its file is dira3d's own and another file than the one there when the
+        input started (the atomic rename puts a new file in place). Without this the report said ``not run`` next to
+        its whole prediction."""
+        from dira3d.evaluation.outputs import is_own_prediction
+
+        for index, before in self._in_flight.items():
+            target = self._output(index)
+            if index in self.done or index in self.failed or target is None:
+                continue
+            now = _file_state(target)
+            if now is not None and now != before and is_own_prediction(target):
+                self.done.add(index)
+        self._in_flight = {}
+
     def rows(self, completed: bool = True) -> list[dict[str, Any]]:
         """One row per input, in datalist order: ``image``, ``status`` and ``output`` or ``reason``."""
         rows = []
@@ -370,6 +359,7 @@ class InferenceBatch:
             check_prediction_targets([self.report_path], self.overwrite, hint=_HINT, before_marks=False)  # always marked
 
     def _finish(self, completed: bool) -> int:
+        self._settle_in_flight()
         rows = self.rows(completed)
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
         code = 0 if counts["written"] == len(rows) else NOT_ALL_WRITTEN
@@ -413,6 +403,15 @@ class InferenceBatch:
             logger.error(f"the inference report could not be written: {err}")
             return None
         return self.report_path
+
+
+def _file_state(path: str | None) -> tuple[int, ...] | None:
+    """What tells a file from the one that was at ``path`` before (a rename puts another inode there), None: no file."""
+    try:
+        stat = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def _release_gpu_memory() -> None:

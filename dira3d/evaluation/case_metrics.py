@@ -17,8 +17,10 @@ The file is named after the split the evaluation scores (:func:`cases_file`: ``e
 ``eval_split``): ``test_cases.csv`` for the test split, ``holdout_cases.csv`` when the holdout is scored.
 
 In a distributed evaluation (``DistributedSampler`` with ``even_divisible=False``, as ``multi_gpu_train.json`` sets
-the validation) every rank scores its own cases; the ids are gathered as MONAI's ``MetricsSaver`` gathers its file
-names and the values as the metrics gather theirs (both in rank order), and rank 0 writes the file: every case once.
+the validation) every rank scores its own cases; the ids, and a classification's values, are gathered as each rank's
+list (``ignite.distributed.all_gather`` of the list), the segmentation metrics' values as the metrics gather them (all in
+rank order), and rank 0 writes the file: every case once. A rank without a case adds no id (MONAI's
+``string_list_all_gather``, used before, gave it one empty id) and no row of another width (:func:`merge_rank_values`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from dira3d.evaluation.split_ids import case_id
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.warning_format import Dira3dWarning
 
-__all__ = ["CASES_FILE", "CaseMetricsWriter", "CasePredictionsWriter", "case_rows", "cases_file", "prediction_columns",
-           "prediction_rows", "write_case_rows"]
+__all__ = ["CASES_FILE", "CaseMetricsWriter", "CasePredictionsWriter", "case_rows", "cases_file", "merge_rank_values",
+           "prediction_columns", "prediction_rows", "write_case_rows"]
 
 CASES_FILE = "test_cases.csv"  # the test split's, in the evaluation's output_dir (dira3d finetune: beside metrics.json)
 
@@ -159,10 +161,9 @@ class CaseMetricsWriter:
         return self.ids.get(os.path.normpath(filename)) or case_id({"image": filename}, self.root)
 
     def _gathered_names(self) -> list[str]:
-        import ignite.distributed as idist
-        from monai.utils import string_list_all_gather
-
-        return string_list_all_gather(self._names) if idist.get_world_size() > 1 else list(self._names)
+        # every rank's list as it is (MONAI's string_list_all_gather joins them into one text: a rank without a case
+        # added one name "")
+        return [name for names in _gathered_per_rank(list(self._names)) for name in names]
 
     def rows(self, engine: Any, names: list[str]) -> list[dict]:
         """The rows of the cases whose images are ``names`` (gathered over the ranks, in the order of their values)."""
@@ -229,6 +230,30 @@ def prediction_rows(ids: Sequence[str], labels: Any, probabilities: Any, class_n
     return rows
 
 
+def merge_rank_values(per_rank: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
+    """The rows of every rank (one list per rank, in rank order, as the ids are gathered) as one list. A rank without a
+    case adds none: the width of the rows is the other ranks' (a rank that scored nothing cannot know the number of
+    outputs of the network; it padded its empty rows to ``class_names``' width before, which does not match a network of
+    several outputs without ``class_names``).
+
+    Raises:
+        ValueError: the rows are not all of one width (labels and probabilities of another number of classes).
+    """
+    rows = [[float(v) for v in row] for values in per_rank for row in values]
+    widths = sorted({len(row) for row in rows})
+    if len(widths) > 1:
+        raise ValueError(f"the per-case rows gathered from the ranks hold {' or '.join(map(str, widths))} values; every "
+                         "rank must score the same network (labels and probabilities of the same classes)")
+    return rows
+
+
+def _gathered_per_rank(items: list) -> list[list]:
+    """``items`` of every rank, one list per rank in rank order (``[items]`` when not distributed)."""
+    import ignite.distributed as idist
+
+    return list(idist.all_gather(items)) if idist.get_world_size() > 1 else [items]
+
+
 def _pred_and_label(output: Any) -> tuple:
     from monai.handlers import from_engine
 
@@ -280,16 +305,7 @@ class CasePredictionsWriter(CaseMetricsWriter):
             self._values.append([float(v) for v in [*y, *p]])
 
     def _gathered_values(self) -> list[list[float]]:
-        import ignite.distributed as idist
-        import torch
-
-        width = len(self._values[0]) if self._values else 2 * max(len(self.class_names), 1)
-        values = torch.tensor(self._values, dtype=torch.float64).reshape(-1, width)
-        if idist.get_world_size() > 1:
-            from monai.utils import evenly_divisible_all_gather
-
-            values = evenly_divisible_all_gather(values, concat=True)
-        return values.tolist()
+        return merge_rank_values(_gathered_per_rank(self._values))
 
     def _candidate(self, filename: str) -> dict:
         entry = self.entries.get(os.path.normpath(filename)) or {}
