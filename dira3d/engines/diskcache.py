@@ -34,8 +34,9 @@ What ``PersistentDataset`` does not do, and :class:`DiskCacheDataset` adds:
   replaces the entries (a stale file is never read, its key differs).
 
 :func:`check_cache_disk` (run by ``checked_task_cache_data`` / ``checked_cache_data`` instead of the memory check when
-``cache_dir`` is set) logs where the cache is, how many entries are already there and their size, and refuses, before
-anything is written, a cache larger than 90 % of the free space of ``cache_dir``'s file system, naming ``cache_dir``.
+``cache_dir`` is set) logs (rank 0 alone under ``torchrun``) where the cache is, how many entries are already there
+(whole files: a truncated one counts as still to write) and their size, and refuses, before anything is written, a
+cache larger than 90 % of the free space of ``cache_dir``'s file system, naming ``cache_dir``.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import types
 import warnings
+import weakref
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,7 +68,7 @@ from dira3d.engines.cache import size_text
 from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["DiskCacheDataset", "cache_dir_of", "cached_dataset", "check_cache_disk", "disk_free", "source_hashing",
-           "transform_hashing"]
+           "transform_hashing", "whole_file_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +162,7 @@ def _describe(value: Any, seen: set[int], depth: int = 0) -> Any:
     return {"class": name, "state": _describe(state, seen, depth + 1)}
 
 
-_HASHED: dict[tuple[int, ...], tuple[Any, bytes]] = {}  # ids of transforms -> (the transforms, their hash)
+_HASHED: dict[tuple[int, ...], tuple[Any, bytes]] = {}  # ids of transforms -> (held transforms or None, hash)
 
 
 def transform_hashing(transforms: Any) -> bytes:
@@ -168,11 +172,21 @@ def transform_hashing(transforms: Any) -> bytes:
 
     Transforms keep state of their use among their attributes (a reader its last file names, a thread-local flag),
     so the hash is taken once per transform instance, when first asked (before any use in the bundles: the disk check
-    asks first), and that value is given for the same instances later."""
-    key = tuple(id(t) for t in transforms) if isinstance(transforms, (list, tuple)) else (id(transforms),)
+    asks first), and that value is given for the same instances while they live. The memo does not keep them alive
+    (a notebook or an experiment grid builds many bundles): it is keyed by their ids, and each instance's finaliser
+    drops the entry when it is collected, before its id can be reused. Only a transform that takes no weak reference
+    is held by the memo (as every transform was before)."""
+    group = list(transforms) if isinstance(transforms, (list, tuple)) else [transforms]
+    key = tuple(id(t) for t in group)
     if key not in _HASHED:
         text = json.dumps(_describe(transforms, set()), sort_keys=True)
-        _HASHED[key] = (transforms, hashlib.sha256(text.encode("utf-8")).hexdigest().encode("utf-8"))
+        held = []
+        for transform in group:
+            try:
+                weakref.finalize(transform, _HASHED.pop, key, None).atexit = False
+            except TypeError:  # no weak reference to it (a tuple, an int): held, so its id is never reused
+                held.append(transform)
+        _HASHED[key] = (held or None, hashlib.sha256(text.encode("utf-8")).hexdigest().encode("utf-8"))
     return _HASHED[key][1]
 
 
@@ -258,19 +272,57 @@ def disk_free(folder: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+_END_RECORD = b"PK\x05\x06"  # a zip archive's end record; torch.save's ends the file (22 bytes, no comment)
+
+
+def whole_file_size(path: Path) -> int | None:
+    """The size of the cache file ``path`` when it looks whole, else None (none there, or truncated: a copy across
+    file systems cut by a killed run). Cheap enough for every entry at start-up: ``torch.save`` writes a zip archive
+    whose end record is the file's last 22 bytes, and a truncated file has none there. The 4 bytes of its signature
+    are read (about twice a ``stat``); a file without them there is asked of ``zipfile.is_zipfile`` (an archive
+    comment after the record). Damage inside a file is found when it is read (:class:`DiskCacheDataset` writes it
+    again)."""
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            state = os.fstat(handle.fileno())
+            if not stat.S_ISREG(state.st_mode) or state.st_size < len(_END_RECORD):
+                return None
+            handle.seek(max(0, state.st_size - 22))
+            if handle.read(len(_END_RECORD)) == _END_RECORD:
+                return state.st_size
+            return state.st_size if zipfile.is_zipfile(handle) else None
+    except OSError:  # none there, a folder, unreadable: counted as to write (an unreadable one is named when read)
+        return None
+
+
+def _rank() -> int:
+    """This process's rank: the process group's, else ``torchrun``'s ``RANK`` (the check may run before the group is
+    formed), else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def check_cache_disk(caches: Sequence[tuple[Sequence[Any], Callable]], cache_dir: Any,
                      estimate: Callable[[list[tuple[list[Any], Callable]]], int], fraction: float = 0.9) -> int:
     """Log where the datasets of ``caches`` (``(datalist, transform)``) are kept on disk, how many of their entries
     are there already (and their size), and how much the others will add (``estimate`` of the missing entries, in
-    bytes); raise ``ValueError`` naming ``cache_dir`` when that exceeds ``fraction`` of the free space there. Under
-    ``torchrun`` the ranks share the files (one copy per entry). Returns the bytes still to be written."""
+    bytes); raise ``ValueError`` naming ``cache_dir`` when that exceeds ``fraction`` of the free space there. A file
+    there that is truncated (:func:`whole_file_size`) counts as still to write, and the log says how many. Under
+    ``torchrun`` the ranks share the files (one copy per entry): rank 0 alone logs, every rank refuses. Returns the
+    bytes still to be written."""
     folder = cache_dir_of(cache_dir)
     if folder is None:
         return 0
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cache_dir={folder} is not a folder; set cache_dir to a folder for the preprocessed "
                          "entries (created if missing), or to '' to cache in memory")
-    missing, there, held, seen = [], 0, 0, set()
+    missing, there, held, damaged, seen = [], 0, 0, 0, set()
     for datalist, transform in caches:
         if not datalist:
             continue
@@ -283,18 +335,23 @@ def check_cache_disk(caches: Sequence[tuple[Sequence[Any], Callable]], cache_dir
             if path in seen:  # listed twice (validation on the training list): one file
                 continue
             seen.add(path)
-            if path.is_file():
-                there, held = there + 1, held + path.stat().st_size
+            size = whole_file_size(path)
+            if size is not None:
+                there, held = there + 1, held + size
             else:
+                damaged += path.is_file()
                 todo.append(item)
         if todo:
             missing.append((todo, transform))
     need = estimate(missing) if missing else 0
     free = disk_free(folder)
     count = sum(len(todo) for todo, _ in missing)
-    logger.info("caching on disk in %s (cache_dir): %d entr%s already there (%s), %d to write at their first use "
-                "(about %s); %s free there", folder, there, "y" if there == 1 else "ies", size_text(held), count,
-                size_text(need), size_text(free))
+    if _rank() == 0:  # the ranks of a torchrun share cache_dir: one line (the refusal below stops every rank)
+        logger.info("caching on disk in %s (cache_dir): %d entr%s already there (%s), %d to write at their first use "
+                    "(about %s); %s free there%s", folder, there, "y" if there == 1 else "ies", size_text(held), count,
+                    size_text(need), size_text(free),
+                    f"; {damaged} of the files there truncated or damaged (written again at their first use)"
+                    if damaged else "")
     if need > fraction * free:
         raise ValueError(
             f"cache_dir={folder}: the {count} entr{'y' if count == 1 else 'ies'} still to cache there take about "
