@@ -223,8 +223,10 @@ def main_process_value(value: float, device: Any = "cpu") -> float:
     return float(tensor.item())
 
 
-def quiet_other_ranks(names: tuple[str, ...] = ("DiRATrainer", "DiRAEvaluator", "ignite", "monai")) -> None:
-    """Raise the log level on ranks other than 0 to WARNING (rank 0 alone reports progress)."""
+def quiet_other_ranks(names: tuple[str, ...] = ("DiRATrainer", "DiRAEvaluator", "ignite", "monai", "dira3d")) -> None:
+    """Raise the log level on ranks other than 0 to WARNING (rank 0 alone reports progress; warnings and errors are
+    still every rank's). ``dira3d`` is among the defaults: the cache lines of :mod:`dira3d.engines.cache` (logged by
+    each process) were repeated by every rank of ``dira_pretrain``'s ``multi_gpu_train.json``."""
     if is_main_process():
         return
     for name in names:
