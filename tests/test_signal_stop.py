@@ -265,14 +265,42 @@ def test_a_resume_in_the_first_epoch_of_a_stage_names_that_stage(tmp_path, caplo
     assert "stage 'b' from iteration 4" in log and "stage 'b' from iteration 5" not in log
 
 
+def _validation(snapshot_of=None, into=None):
+    """A DiRAEvaluator on 2 volumes; ``snapshot_of``: a last.pt whose bytes go to ``into`` as each validation starts
+    (what a SIGKILL during that validation would leave)."""
+    from monai.data import DataLoader, Dataset
+
+    from dira3d.engines import DiRAEvaluator, RandPatchPaird
+    from test_engine import PATCH3, smooth_volumes
+
+    evaluator = DiRAEvaluator("cpu", DataLoader(Dataset(smooth_volumes(2, seed=1), RandPatchPaird("image", PATCH3)),
+                                                batch_size=2), seed=7)
+    if snapshot_of is not None:
+        validate = evaluator._validate
+
+        def snapshot(trainer):
+            into.append(open(snapshot_of, "rb").read())
+            return validate(trainer)
+
+        evaluator._validate = snapshot  # before it attaches
+    return evaluator
+
+
+def epoch_values(trainer, into: dict) -> None:
+    """Record the trainer's ``train_*`` and ``val_*`` epoch values by epoch."""
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: into.setdefault(e.state.epoch, {
+        k: v for k, v in e.state.metrics.items() if k.startswith(("train_", "val_"))}))
+
+
 def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        full, resumed, stops = {}, {}, []
+        full, resumed, stops, validated = {}, {}, [], {}
         # 8 volumes, batch 2 on each rank: 4 iterations per epoch; the ranks agree every 3 iterations
-        whole = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=3)
+        whole = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=3, handlers=[_validation()])
         epoch_means(whole, full)
+        epoch_values(whole, validated)
         whole.run()
         for stop in (True, False):
             run = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=3,
@@ -283,7 +311,26 @@ def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
             run.run()
             stops.append((run.state.iteration, run.state.stopped_by))
             dist.barrier()  # rank 0 has written last.pt before any rank reads it
-        torch.save({"full": full, "resumed": resumed, "stops": stops}, f"{out}.{rank}")
+        # with a validation, agreeing every 2 iterations: a signal to rank 1 in step 3 stops both ranks on epoch 1's
+        # last step, so both run its end first (SignalStop finish_epoch); last.pt as a SIGKILL during that validation
+        # leaves it (its epoch end pending) then resumes on both ranks with that end first
+        last, snapshots, ended = os.path.join(ckpt_dir + "_end", "last.pt"), [], [{}, {}]
+        for stop in (True, False):
+            run = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=2,
+                               handlers=[_validation(last if stop and rank == 0 else None, snapshots),
+                                         DiRACheckpoint(ckpt_dir + "_end")])
+            epoch_values(run, ended[0 if stop else 1])
+            if stop and rank == 1:
+                kill_self_at(run, 3)
+            run.run()
+            stops.append((run.state.iteration, run.state.stopped_by))
+            dist.barrier()
+            if stop and rank == 0:
+                with open(last, "wb") as f:  # the last.pt written before epoch 1's validation
+                    f.write(snapshots[0])
+            dist.barrier()
+        torch.save({"full": full, "resumed": resumed, "stops": stops, "validated": validated, "ended": ended},
+                   f"{out}.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -291,16 +338,29 @@ def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
 
 def test_two_ranks_resumed_mid_epoch_keep_each_ranks_own_epoch_means(tmp_path):
     """The means are per rank (each rank averages its own outputs; rank 0's are logged) and rank 0 alone
-    writes last.pt: it holds every rank's sums, and each rank resumes its own."""
+    writes last.pt: it holds every rank's sums, and each rank resumes its own. Then a stop that the ranks agree on
+    at an epoch's last step: both run that epoch's end (validation) before stopping, and a resume from the last.pt
+    written before that validation (a SIGKILL during it) runs it first on both ranks (dira3d.engines.epoch_end)."""
     mp.spawn(_means_rank, args=(str(tmp_path / "init"), str(tmp_path / "models"), str(tmp_path / "rank")), nprocs=2,
              join=True)
     results = [torch.load(tmp_path / f"rank.{r}", weights_only=True) for r in (0, 1)]
     for r in results:
-        assert r["stops"] == [(3, "SIGTERM"), (8, None)]
+        assert r["stops"] == [(3, "SIGTERM"), (8, None), (4, "SIGTERM"), (8, None)]
         assert sorted(r["full"]) == [1, 2] and r["resumed"] == r["full"]
+        # every rank ran epoch 1's end in the stopped run and again in the resume (its last.pt said it was pending)
+        assert sorted(r["validated"]) == [1, 2] and "val_loss" in r["validated"][1]
+        assert [sorted(e) for e in r["ended"]] == [[1], [1, 2]]
+    # rank 0's values (logged, and best.pt's) equal; rank 1 resumes with rank 0's BatchNorm running statistics (last.pt
+    # is rank 0's), so its validation values after a resume differ a little: its train_* means must not
+    assert results[0]["ended"] == [{1: results[0]["validated"][1]}, results[0]["validated"]]
+    train = [{e: {k: v for k, v in m.items() if k.startswith("train_")} for e, m in run.items()}
+             for run in (*results[1]["ended"], results[1]["validated"])]
+    assert train[:2] == [{1: train[2][1]}, train[2]]
     assert results[0]["full"][1] != results[1]["full"][1]  # the ranks' means differ: each kept its own
     ckpt = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 8 and ckpt["trainer"]["epoch_sums"]["count"] == 0
+    ended = torch.load(tmp_path / "models_end" / "last.pt", weights_only=True)["trainer"]
+    assert (ended["iteration"], ended["epoch_end_pending"]) == (8, False)
 
 
 def test_the_commands_print_one_line_and_exit_with_the_signals_code(tmp_path, monkeypatch, capsys):

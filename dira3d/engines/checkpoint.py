@@ -9,6 +9,7 @@ Format (docs/architecture.md, "Checkpoint format")::
                  "epoch_sums": {"count", "sums": {key: one value per rank}},  # running sums of the epoch's outputs
                  "nonfinite_skipped",                                  # steps on_nonfinite='skip' dropped so far
                  "validation",                                         # False: the run (since its last resume) ran without validation
+                 "epoch_end_pending",     # True: written at an epoch's last iteration before its end (engines.epoch_end)
                  "early_stop"},       # with early_stop_patience: {"counter", "best_score", "best_epoch", "stage",
                                       #   "stopped_epoch", "patience", "metric"} (engines.stopping.FinalStageEarlyStop)
      "schedulers": {name: state_dict},                                     # learning-rate schedulers
@@ -22,19 +23,19 @@ Hand the encoder (classification) or encoder + decoder (segmentation) to a task 
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
 import dira3d
 from dira3d.engines.batches import epoch_length_note, resume_position, saved_epoch_length
 from dira3d.engines.distributed import is_main_process
+from dira3d.engines.epoch_end import EpochEndRecord
 from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_bytes
+from dira3d.engines.rng import rng_state, set_rng_state  # defined here before: still importable from here
 from dira3d.engines.stopping import FinalStageEarlyStop, check_early_stop_patience
 from dira3d.engines.summary import purge_from
 from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
@@ -47,29 +48,6 @@ __all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state"
 _META_CHECKED = ("spatial_dims", "in_channels", "dis_mode")
 
 CHECKPOINT_FOLDER = "checkpoint folder"  # how the lock names ckpt_dir in its error
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states as tensors and plain lists (loadable with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": [version, list(internal), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _state(module: Any) -> dict:
@@ -137,6 +115,10 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
 def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<dict>") -> str | None:
     """Load ``ckpt`` (from :func:`checkpoint_dict`) into ``trainer`` and set its epoch/iteration.
 
+    A checkpoint written at an epoch's last iteration before that epoch's end (``trainer`` key ``epoch_end_pending``)
+    sets ``trainer.state.epoch_end_pending`` and keeps the epoch's running sums: DiRATrainer runs that end first
+    (:mod:`dira3d.engines.epoch_end`).
+
     Returns:
         None, or, for a checkpoint written mid-epoch whose running sums cannot be put back (one written
         before they were saved, or by a run with another number of processes), why the epoch's ``train_*`` means will cover only the iterations after
@@ -190,6 +172,10 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     resume_at = getattr(trainer, "resume_at", None)
     if callable(resume_at):  # DiRATrainer: the batches to skip, whatever the iteration counter
         resume_at(done)
+    # written at an epoch's last iteration before its end (validation...): the resume runs that end first, with the
+    # epoch's running sums (dira3d.engines.epoch_end)
+    pending = bool(ckpt["trainer"].get("epoch_end_pending")) and not int(ckpt["trainer"].get("epoch_iteration", 0))
+    trainer.state.epoch_end_pending = pending
     # state.epoch counts completed epochs: a mid-epoch checkpoint was written inside the next one, whose stage
     # is the one in force (the first epoch of a new stage was named by the stage before it)
     in_progress = 1 if done or int(ckpt["trainer"].get("epoch_iteration", 0)) else 0
@@ -200,7 +186,8 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
         guard.restore_skipped(ckpt["trainer"].get("nonfinite_skipped", 0))
     restore_sums = getattr(trainer, "restore_epoch_sums", None)
     if callable(restore_sums):
-        return restore_sums(ckpt["trainer"].get("epoch_sums"), int(ckpt["trainer"].get("epoch_iteration", 0)))
+        done = saved_epoch_length(ckpt["trainer"]) if pending else int(ckpt["trainer"].get("epoch_iteration", 0))
+        return restore_sums(ckpt["trainer"].get("epoch_sums"), done)
     return None
 
 
@@ -249,7 +236,9 @@ class DiRACheckpoint:
         save_every_iterations: also write ``last.pt`` every N iterations (0: never). A resume from a
             mid-epoch file continues at the next iteration, bit-exact on CPU (the consumed batches
             of that epoch are re-drawn and dropped, without a training step), with the epoch's
-            running sums, so that its ``train_*`` means cover all its iterations.
+            running sums, so that its ``train_*`` means cover all its iterations. One written at an epoch's last
+            iteration says that epoch's end is pending: a resume after a kill during its validation runs it first
+            (:mod:`dira3d.engines.epoch_end`).
         schedulers: learning-rate schedulers to save and restore with the run, by name
             (e.g. ``{"g": sched_g, "d": sched_d}``; step them with handlers of your own).
         min_free_bytes: free space ``ckpt_dir`` must have at start (None: twice the estimated
@@ -295,6 +284,7 @@ class DiRACheckpoint:
         self.meta = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in (meta or {}).items()}
         self.best: dict[str, Any] = {"best_metric": None, "best_epoch": -1, "best_stage": ""}
         self.validation = True  # whether this run validates (an evaluator attached; set on STARTED)
+        self.epoch_end = EpochEndRecord()  # whether last.pt written now precedes its epoch's end (epoch_end_pending)
         patience = check_early_stop_patience(early_stop_patience)
         self.early_stop = None if patience is None else FinalStageEarlyStop(
             patience, metric_name, summary_writer=summary_writer, best_path=self.best_path)
@@ -334,10 +324,13 @@ class DiRACheckpoint:
 
     def load(self, engine: Engine) -> None:
         """Resume from ``last.pt`` when asked and present (every rank reads the same file)."""
+        self.epoch_end = EpochEndRecord()
         if not (self.resume and self.last_path.is_file()):
             return
         ckpt = load_checkpoint(self.last_path, map_location=engine.state.device)
         partial = restore_checkpoint(engine, ckpt, source=str(self.last_path))
+        pending = bool(getattr(engine.state, "epoch_end_pending", False))
+        self.epoch_end.resumed(engine, pending)
         # TensorBoard: what a killed run logged after this checkpoint is hidden, the resumed run logs it again
         purge_from(self.summary_writer, engine.state.iteration + 1)
         self.best.update({k: ckpt["trainer"].get(k, v) for k, v in self.best.items()})
@@ -351,16 +344,17 @@ class DiRACheckpoint:
         done, before = int(saved.get("epoch_iteration", 0)), saved_epoch_length(saved) or length
         if done:
             where = f"mid-epoch (epoch {epoch + 1}: {done}{f' of its {before}' if before else ''} iterations done)"
-        else:
-            where = f"the end of epoch {epoch}"
+        else:  # pending: a kill during its validation; DiRATrainer runs that end first (engines.epoch_end)
+            where = f"the end of epoch {epoch}{' (its validation and epoch end did not complete)' if pending else ''}"
         engine.logger.info(f"resumed from {self.last_path} at iteration {engine.state.iteration}, {where}, "
                            f"stage '{engine.state.stage}'")
         note = epoch_length_note(saved, length)
         if note:
             engine.logger.info(f"{self.last_path} {note}")
-        if partial:
-            engine.logger.info(f"epoch {epoch + 1}'s train_* means will cover only its iterations after the resume: "
-                               f"{self.last_path} {partial}")
+        if partial:  # pending: the epoch's end, which runs first, takes its means from the sums last.pt holds
+            which = (f"epoch {epoch}'s train_* means will cover only the iterations whose sums it holds" if pending else
+                     f"epoch {epoch + 1}'s train_* means will cover only its iterations after the resume")
+            engine.logger.info(f"{which}: {self.last_path} {partial}")
         if engine.state.epoch >= engine.state.max_epochs:
             engine.logger.info(f"{self.last_path} already reached max_epochs={engine.state.max_epochs}; nothing to do")
 
@@ -390,10 +384,10 @@ class DiRACheckpoint:
         state = getattr(engine, "epoch_sums_state", None)
         return state() if callable(state) else {"count": 0, "sums": {}}
 
-    def _trainer_state(self) -> dict[str, Any]:
+    def _trainer_state(self, engine: Engine) -> dict[str, Any]:
         # the checkpoint's "trainer" entries this handler keeps: the best so far and the early-stopping count
         # "validation": pretrained_checkpoint takes last.pt, not an earlier run's best.pt, after a run without it
-        state = {**self.best, "validation": self.validation}
+        state = {**self.best, "validation": self.validation, "epoch_end_pending": self.epoch_end.pending(engine)}
         if self.early_stop is None:
             return state
         return {**state, "early_stop": self.early_stop.state_dict()}
@@ -401,13 +395,16 @@ class DiRACheckpoint:
     def save_last(self, engine: Engine, epoch_sums: Mapping[str, Any] | None = None) -> None:
         self._ensure_finite(engine)
         epoch_sums = self._epoch_sums(engine) if epoch_sums is None else epoch_sums
+        state = self._trainer_state(engine)
         if is_main_process():
-            atomic_save(checkpoint_dict(engine, self.meta, self._trainer_state(), epoch_sums), self.last_path)
+            atomic_save(checkpoint_dict(engine, self.meta, state, epoch_sums), self.last_path)
+        self.epoch_end.saved(state["epoch_end_pending"])  # on every rank: the epoch end's rewrite is collective
 
     def save_before_epoch_end(self, engine: Engine) -> None:
         """``ITERATION_COMPLETED``: a signal on an epoch's last step lets the epoch end (validation) run before the
         run stops (:class:`~dira3d.engines.stopping.SignalStop` ``finish_epoch``): ``last.pt`` is written now, so that a
-        SIGKILL during that validation (SLURM's grace period) loses no training; the epoch's end writes it again."""
+        SIGKILL during that validation (SLURM's grace period) loses no training (it records the epoch's end as pending:
+        the resume runs it first, :mod:`dira3d.engines.epoch_end`); the epoch's end writes it again."""
         if getattr(engine.state, "stop_deferred", False):
             engine.state.stop_deferred = False
             self.save_last(engine)
@@ -425,7 +422,8 @@ class DiRACheckpoint:
         """``EPOCH_COMPLETED``: ``best.pt`` after every validation that improves (whatever ``save_every_epochs``:
         early stopping and the logs name that epoch), ``last.pt`` every ``save_every_epochs`` epochs."""
         validated = getattr(engine.state, "val_epoch", None) == engine.state.epoch  # alike on every rank
-        save_last = engine.state.epoch % self.save_every_epochs == 0
+        # last.pt written at the epoch's last iteration says its end is pending: written again now, whatever N
+        save_last = self.epoch_end.end(engine) or engine.state.epoch % self.save_every_epochs == 0
         if not (validated or save_last):
             return
         # checked on every rank before the (rank-local) best decision: the check is collective
@@ -437,7 +435,7 @@ class DiRACheckpoint:
             if self.best["best_stage"] != stage or self.best["best_metric"] is None or value < self.best["best_metric"]:
                 self.best = {"best_metric": float(value), "best_epoch": int(engine.state.epoch), "best_stage": stage}
                 if is_main_process():
-                    atomic_save(checkpoint_dict(engine, self.meta, self._trainer_state(), epoch_sums), self.best_path)
+                    atomic_save(checkpoint_dict(engine, self.meta, self._trainer_state(engine), epoch_sums), self.best_path)
                 engine.logger.info(f"new best {self.metric_name}={value:.5f} (stage '{stage}') -> {self.best_path}")
         if save_last:
             self.save_last(engine, epoch_sums)

@@ -15,7 +15,8 @@ writes ``last.pt`` at that iteration (the atomic mid-epoch checkpoint) and relea
   ``last.pt``), as in a run not stopped: ignite skips ``EPOCH_COMPLETED`` after ``terminate()`` and the resume starts
   the next epoch, so that epoch was never validated (``best.pt`` could differ from an uninterrupted run's).
   :class:`~dira3d.engines.DiRACheckpoint` writes ``last.pt`` before that validation (a SIGKILL during it, SLURM's
-  grace period, loses no training) and again after it.
+  grace period, loses no training; that ``last.pt`` records the epoch's end as pending, and the resume runs it first:
+  :mod:`dira3d.engines.epoch_end`) and again after it.
 - Under DDP every rank must stop at the same iteration (a rank that left would leave the others
   waiting in an all-reduce): the ranks agree in the all-reduce the non-finite check already makes every
   ``check_every`` iterations (:meth:`dira3d.engines.NonFiniteGuard.periodic_check`), and stop when a signal
@@ -66,6 +67,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers.early_stopping import EarlyStopping
 
 from dira3d.engines.distributed import get_world_size, is_main_process, main_process_value
+from dira3d.engines.epoch_end import at_epoch_end
 from dira3d.utils.interrupts import StoppedBySignal
 from dira3d.utils.overrides import as_bool
 
@@ -185,7 +187,7 @@ class SignalStop:
         self.stopping = True
         signum = signum or self.requested or signal.SIGTERM  # another rank's signal: this one may have had none yet
         engine.state.stopped_by = signal.Signals(signum).name
-        if self.finish_epoch and _at_epoch_end(engine):  # the same decision on every rank: the same iteration
+        if self.finish_epoch and at_epoch_end(engine):  # the same decision on every rank: the same iteration
             # the epoch's last step: its end (validation, best.pt, the epoch-end last.pt) runs before the run ends,
             # as in a run not stopped (ignite skips EPOCH_COMPLETED after terminate(), and the resume, which starts
             # the next epoch, never ran it); the checkpoint handler writes last.pt first (state.stop_deferred)
@@ -198,15 +200,6 @@ class SignalStop:
         other handlers of the event still run (``terminate`` only sets ignite's flag)."""
         if self.deferred:
             engine.terminate()
-
-
-def _at_epoch_end(engine: Engine) -> bool:
-    """Whether the iteration just completed is its epoch's last (:meth:`DiRATrainer.epoch_position`, else the count)."""
-    position = getattr(engine, "epoch_position", None)
-    if callable(position):
-        return position()[1] == 0 and engine.state.iteration > 0
-    length = engine.state.epoch_length or 0
-    return bool(length) and engine.state.iteration > 0 and engine.state.iteration % length == 0
 
 
 def exit_if_stopped(engine: Engine) -> None:

@@ -67,6 +67,7 @@ from torch import nn
 from dira3d.engines.batches import STREAM_DATA, STREAM_STEP, BatchFeedMixin
 from dira3d.engines.components import build_dis_loss, check_dis_mode, resolve_views
 from dira3d.engines.cpu_bf16 import onednn_bf16_conv3d_grad_is_wrong
+from dira3d.engines.epoch_end import run_pending_epoch_end
 from dira3d.engines.faults import NonFiniteGuard
 from dira3d.engines.handlers import rank_zero_handlers
 from dira3d.engines.moco import STREAM_SHUFFLE, MoCoKeyEncoder
@@ -325,11 +326,15 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         if train_handlers is not None:  # None: a handler the bundle config disabled (validate#evaluator without validation)
             # on ranks other than 0, without the handlers that only report (by their class, whatever the list's order)
             self._register_handlers(rank_zero_handlers(h for h in train_handlers if h is not None))
+        # after every handler's STARTED (the checkpoint handler's resume): a last.pt written at an epoch's last
+        # iteration before its end (a kill during its validation) has that end run first (dira3d.engines.epoch_end)
+        self.add_event_handler(Events.STARTED, run_pending_epoch_end)
 
     def run(self) -> None:
         """Train (``monai.engines.Trainer.run``) with SIGTERM / SIGINT caught while it lasts (see the class)."""
         self.state.stop_saved = None  # what the checkpoint handler wrote when a signal stopped the run
         self.state.early_stopped = None  # why early stopping ended the run (dira3d.engines.stopping.FinalStageEarlyStop)
+        self.state.epoch_end_pending = False  # set by a resume from a last.pt written before its epoch's end
         with self.signal_stop.installed(self):
             super().run()
         if self.state.stopped_by:
