@@ -353,3 +353,20 @@ def test_a_rerun_removes_the_temporary_files_a_killed_run_left_and_nothing_else(
     generic.prepare(src, dst, modality="mr", val_fraction=0.0, progress=False)
     assert "removed 2 half-written temporary file(s) an interrupted run left in" in capsys.readouterr().err
     assert sorted(p.name for p in dst.rglob(".*") if p.name != ".dira3d.lock") == [".case0.nii.gz.backup", ".my_notes.txt"]
+
+
+def _fails_in_two_lines(case):
+    raise RuntimeError("Exception thrown in SimpleITK Execute:\n sitk::ERROR: the resampler failed")
+
+
+def test_a_failed_case_reason_is_one_line_in_the_report(tmp_path):
+    """A library's message may hold line breaks (SimpleITK's, nibabel's "...\\n - could the file be damaged?"): the
+    report's reason and the FAILED line were split across lines."""
+    from dira3d.data.runner import Case, run_cases
+
+    out = tmp_path / "out"
+    results = run_cases([Case("a", [out / "a.nii.gz"], {})], _fails_in_two_lines, out_dir=out, keep_going=True,
+                        progress=False)
+    reason = json.loads((out / "report.json").read_text())["cases"][0]["reason"]
+    assert results[0].status == "failed" and reason == results[0].reason
+    assert reason == "RuntimeError: Exception thrown in SimpleITK Execute: sitk::ERROR: the resampler failed"

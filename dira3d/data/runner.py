@@ -129,6 +129,7 @@ def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResul
         except Exception as err:  # a bad case must not stop the others; the reason goes to the report
             # DataError / OSError messages already name the file; other errors need their type
             reason = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
+            reason = " ".join(reason.split())  # one line in the report and the FAILED line: a library's may break
             info = None
     notes = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
     for w in caught:  # other warnings are shown as usual

@@ -18,9 +18,11 @@ MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +202,8 @@ class LoadVolumed(LoadImaged):
 
             reader = SimpleITKReader()
         try:
-            return super().__call__(data, reader)
+            with _reader_attempts_held(type(self._loader).__name__):
+                return super().__call__(data, reader)
         except DataError:  # a reader's own error already names the file and says what to do
             raise
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
@@ -214,8 +217,33 @@ class LoadVolumed(LoadImaged):
             if "cannot find a suitable reader" in str(err):  # MONAI's advice to install readers misleads here
                 raise DataError(source, "cannot be read as an image by any reader: not an image, or a file cut short? "
                                         "pass an image file (NIfTI, NRRD, MetaImage, DICOM, PNG)") from err
-            raise DataError(source, f"cannot be loaded ({type(err).__name__}: {err}); "
+            reason = " ".join(str(err).split())  # one line: nibabel's "got 32592 bytes from \n - could the file be ..."
+            raise DataError(source, f"cannot be loaded ({type(err).__name__}: {reason}); "
                                     "the file is truncated, corrupt or not an image — repair or exclude it") from err
+
+
+@contextmanager
+def _reader_attempts_held(logger_name: str) -> Iterator[None]:
+    """Hold the INFO line ``<Reader>: unable to load <file>`` that MONAI's ``LoadImage`` (logger ``logger_name``) logs
+    for each reader that fails on a file before it tries the next (six for a file of random bytes): dropped when the
+    load fails, as :class:`LoadVolumed` then raises its one :class:`DataError` naming the file instead; logged as they
+    were when a later reader loads the file. Every other record passes as before."""
+    log = logging.getLogger(logger_name)
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and "unable to load" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    log.addFilter(hold)
+    try:
+        yield
+    finally:
+        log.removeFilter(hold)
+    for record in held:  # reached only when the file was loaded: nothing replaces these lines
+        log.handle(record)
 
 
 class CheckVolumed(MapTransform):

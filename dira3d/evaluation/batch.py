@@ -12,7 +12,9 @@ Each input of a batch ends up as one of :data:`STATUSES`:
   loaded after its check. So does the same error (:func:`failure_key`: its type and message, file names left
   out) on :data:`REPEATED_FAILURES` (3) inputs in a row while none was written yet: a bad setting, a model
   that does not fit the inputs or a lost GPU, which every input would meet (:class:`RepeatedFailureError`);
-  once an input was written, a failure is one input's and the batch goes on;
+  once an input was written, a failure is one input's and the batch goes on. With a ``batch_size`` above 1 (the
+  bundles use 1), a failure fails the inputs of its batch not written yet, with its reason; one whose prediction was
+  written before it is ``written``;
 - ``not run``: the batch stopped before it.
 
 :class:`InferenceBatch` keeps that record. ``inference.json`` builds it from the ``datalist`` and uses it three
@@ -224,8 +226,11 @@ class InferenceBatch:
         try:
             output = engine._iteration(engine, batchdata)
         except Exception as err:  # noqa: BLE001 - one input's failure is recorded; the batch goes on
-            self._in_flight = {}
+            # in a batch of several inputs (batch_size > 1), one whose prediction was written before another failed
+            # is written: its file is whole (renamed into place) and dira3d's own
+            self.done.update(self._settle_in_flight())
             reason = _reason(err)
+            indices = [index for index in indices if index not in self.done]
             for index in indices:
                 self.failed[index] = reason
             if not self.several or _stops_batch(err):
@@ -317,21 +322,24 @@ class InferenceBatch:
         return prediction_target(_first(self.datalist[index][self.image_key]), self.output_dir, self.output_postfix,
                                  self.output_ext)
 
-    def _settle_in_flight(self) -> None:
-        """Record as written an input the batch stopped in (Ctrl-C, SIGTERM) after its prediction was renamed into place
-        but before :meth:`iteration` recorded it: its file is dira3d's own and another file than the one there when the
-        input started (the atomic rename puts a new file in place). Without this the report said ``not run`` next to
-        its whole prediction."""
+    def _settle_in_flight(self) -> set[int]:
+        """The inputs the model ran on whose prediction was renamed into place before the batch stopped in them (Ctrl-C,
+        SIGTERM) or another input of their batch failed (``batch_size`` > 1), but before :meth:`iteration` recorded
+        them: their file is dira3d's own and another file than the one there when the input started (the atomic rename
+        puts a new file in place). Without this the report said ``not run`` (or ``failed``) next to a whole prediction.
+        Clears the inputs in flight."""
         from dira3d.evaluation.outputs import is_own_prediction
 
+        written = set()
         for index, before in self._in_flight.items():
             target = self._output(index)
             if index in self.done or index in self.failed or target is None:
                 continue
             now = _file_state(target)
             if now is not None and now != before and is_own_prediction(target):
-                self.done.add(index)
+                written.add(index)
         self._in_flight = {}
+        return written
 
     def rows(self, completed: bool = True) -> list[dict[str, Any]]:
         """One row per input, in datalist order: ``image``, ``status`` and ``output`` or ``reason``."""
@@ -359,7 +367,7 @@ class InferenceBatch:
             check_prediction_targets([self.report_path], self.overwrite, hint=_HINT, before_marks=False)  # always marked
 
     def _finish(self, completed: bool) -> int:
-        self._settle_in_flight()
+        self.done.update(self._settle_in_flight())
         rows = self.rows(completed)
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
         code = 0 if counts["written"] == len(rows) else NOT_ALL_WRITTEN

@@ -70,7 +70,8 @@ def check_inference_input(img: Any, source: str | os.PathLike, spatial_dims: int
         range_advice: what a value-range error says to do.
 
     Raises:
-        DataError: another dimensionality or number of channels (a 4D NIfTI, a colour PNG), a mask or label map
+        DataError: another dimensionality or number of channels (a 4D NIfTI, a colour PNG, an entry listing another
+            number of files than the channels taken), a mask or label map
             (2 to 16 distinct integer values), a prepared volume given for a raw CT, an 8-bit bundle's image
             within [0, 1], or what :func:`~dira3d.engines.inputs.check_volume` refuses.
     """
@@ -83,6 +84,11 @@ def check_inference_input(img: Any, source: str | os.PathLike, spatial_dims: int
         what = "volume" if dims == 3 else "image"
         raise DataError(source, f"loaded as a {dims}D {what} of shape {shape[1:]}; this bundle takes {_FORMATS[spatial_dims]}: "
                                 f"pass such a file; {_OTHER_BUNDLES[spatial_dims]}")
+    if channels is not None and shape[0] != channels and _stacked_files(img):  # not one file: "a 4D file?" misled
+        wanted = "one file" if channels == 1 else f"{channels} files, one per channel, or one file of {channels} channels"
+        raise DataError(source, f"is the first of {shape[0]} files its entry lists, stacked as {shape[0]} channels, but "
+                                f"this bundle takes {channels} channel{'s' if channels > 1 else ''}: list {wanted} in "
+                                'each entry ({"image": path})')
     if channels is not None and shape[0] != channels:
         kind = ("a colour (RGB/RGBA) image? save it as a grey (one-channel) PNG, or run `dira3d prepare <dataset>` "
                 "(docs/data_2d.md), which turns a grey image stored in colour into one channel"
@@ -117,6 +123,18 @@ def check_inference_input(img: Any, source: str | os.PathLike, spatial_dims: int
                                 "image; pass the 8-bit PNG (`dira3d prepare <dataset>` writes them, docs/data_2d.md)")
     check_volume(img, source, spatial_dims=spatial_dims, value_range=value_range, range_advice=range_advice,
                  slices=False, channels=None)
+
+
+def _stacked_files(img: Any) -> bool:
+    """Whether ``img`` was loaded from a list of files, one channel each: MONAI's readers (and
+    :class:`~dira3d.evaluation.readers.SimpleITKReader`) stack them at a new first axis and record that axis as
+    ``original_channel_dim`` 0; a single file's channels are recorded as its last axis or as none."""
+    meta = getattr(img, "meta", None)
+    dim = meta.get("original_channel_dim") if isinstance(meta, Mapping) else None
+    try:
+        return dim is not None and float(dim) == 0
+    except (TypeError, ValueError):  # "no_channel"
+        return False
 
 
 class CheckInferenceInputd(MapTransform):
@@ -183,9 +201,12 @@ def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose,
             found = data_error_in(err)
             if found is None:
                 raise
-            bad.append(str(found))
+            # one line, for the warning, the batch's log and its report: a reader's message may hold a newline
+            # (nibabel's "got 32592 bytes from \n - could the file be damaged?")
+            reason = " ".join(str(found).split())
+            bad.append(reason)
             if left_out is not None:
-                left_out[index] = str(found)
+                left_out[index] = reason
         else:
             good.append(entry)
     if not good:
