@@ -7,18 +7,16 @@
   network before the file is put in place (:class:`AgreementError` when they disagree).
 - :func:`export_onnx` writes an ONNX graph with dynamic batch and spatial axes, checked against the network
   with onnxruntime before the file is put in place (:class:`AgreementError` too).
-- :func:`check_agreement` runs PyTorch, TorchScript and onnxruntime (CPU) on the same input and
-  reports the largest absolute difference of the logits; :func:`scan_patch` cuts that input from
-  a real scan.
+- :func:`check_agreement` (in :mod:`dira3d.deploy.agreement`, with :class:`AgreementReport` and
+  :class:`AgreementError`; importable from here) runs PyTorch, TorchScript and onnxruntime (CPU) on the same input
+  and reports the largest absolute difference of the logits; :func:`scan_patch` cuts that input from a real scan.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser, ckpt_export
 
+from dira3d.deploy.agreement import DEFAULT_TOLERANCE, AgreementError, AgreementReport, check_agreement
 from dira3d.deploy.bundle_network import bundle_parser, bundle_paths, load_bundle_network, missing_weights_error
 from dira3d.utils.atomic import atomic_path, check_writable, remove_stale_temporaries_of
 
@@ -44,10 +43,6 @@ __all__ = [
     "check_scan_exists",
 ]
 
-# Max |logit difference| accepted between PyTorch and an exported graph (float32, CPU). The
-# runtimes reorder the same float32 sums, so differences are ~1e-6; 1e-4 leaves room for wider
-# networks without hiding a wrong graph (a wrong weight or op moves logits by >1e-2).
-DEFAULT_TOLERANCE = 1e-4
 ONNX_OPSET = 17
 
 
@@ -132,21 +127,6 @@ def export_torchscript(
     """
     return export_torchscript_with_report(bundle_dir, out, checkpoint, input_shape, config_file, overrides, overwrite,
                                           example, tolerance, check_scan)[0]
-
-
-class AgreementError(ValueError):
-    """An exported graph that disagrees with the PyTorch network: :func:`export_torchscript` or
-    :func:`export_onnx` wrote nothing (the graph was checked under a temporary name, which is removed).
-
-    Attributes:
-        report: the :class:`AgreementReport` of the check.
-        out: the file that was not written.
-    """
-
-    def __init__(self, report: AgreementReport, out: Path) -> None:
-        super().__init__(f"{report.failures()}; {out} was not written"
-                         f"{' (the earlier export there is kept)' if out.exists() else ''}")
-        self.report, self.out = report, out
 
 
 def export_torchscript_with_report(
@@ -342,93 +322,3 @@ def scan_patch(
     lo, hi = window
     crop = (np.clip(crop, lo, hi) - lo) / (hi - lo)
     return torch.from_numpy(np.ascontiguousarray(crop))[None, None]
-
-
-@dataclass
-class AgreementReport:
-    """Largest logit difference of each exported runtime against PyTorch, judged against the logits' size.
-
-    A runtime agrees when max |y_runtime − y_torch| ≤ ``tolerance`` · max(1, max |y_torch|): float32
-    rounding grows with the magnitude of the logits, and a trained segmentation's background logits
-    reach 10³ (7e-4 apart at −1,589 is rounding, not a wrong graph). Logits below 1 are held to the
-    absolute ``tolerance``.
-
-    Attributes:
-        max_abs_diff: runtime name (``"torchscript"``, ``"onnxruntime"``) → max |y_runtime − y_torch|.
-        tolerance: the accepted difference per unit of logit scale.
-        output_shape: shape of the PyTorch output.
-        scale: max |y_torch|.
-    """
-
-    max_abs_diff: dict[str, float] = field(default_factory=dict)
-    tolerance: float = DEFAULT_TOLERANCE
-    output_shape: tuple[int, ...] = ()
-    scale: float = 0.0
-
-    @property
-    def allowed(self) -> float:
-        """The largest accepted difference: ``tolerance · max(1, scale)``."""
-        return self.tolerance * max(1.0, self.scale)
-
-    @property
-    def ok(self) -> bool:
-        return all(v <= self.allowed for v in self.max_abs_diff.values())
-
-    def failures(self) -> str:
-        """One line per runtime outside the tolerance ('' when all agree)."""
-        return "\n".join(f"{name}: max |logit difference| {diff:.3g} > {self.allowed:.3g} (tolerance {self.tolerance:g} x "
-                         f"max(1, max |logit| {self.scale:.4g})): the exported graph does not compute what the PyTorch "
-                         "network computes" for name, diff in self.max_abs_diff.items() if diff > self.allowed)
-
-    def to_json(self) -> str:
-        return json.dumps({"max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance, "scale": self.scale,
-                           "allowed": self.allowed, "output_shape": list(self.output_shape), "ok": self.ok}, indent=2)
-
-
-def check_agreement(
-    network: torch.nn.Module,
-    inputs: torch.Tensor,
-    torchscript: str | os.PathLike | None = None,
-    onnx_path: str | os.PathLike | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> AgreementReport:
-    """Run PyTorch, TorchScript and onnxruntime (CPU) on ``inputs`` and compare the outputs.
-
-    Args:
-        network: the reference PyTorch network.
-        inputs: the input batch (e.g. :func:`scan_patch` of a real scan).
-        torchscript: a ``.ts`` file to compare (skipped when None).
-        onnx_path: an ``.onnx`` file to compare with onnxruntime's CPU provider (skipped when None).
-        tolerance: the accepted max |difference| per unit of logit scale (see :class:`AgreementReport`).
-
-    Returns:
-        an :class:`AgreementReport`; ``report.ok`` says whether every runtime is within tolerance.
-
-    Raises:
-        ValueError: nothing to compare, or an exported graph returns another shape.
-        ImportError: ``onnx_path`` given but onnxruntime is not installed.
-    """
-    if torchscript is None and onnx_path is None:
-        raise ValueError("give torchscript= and/or onnx_path= to compare against PyTorch")
-    with torch.no_grad():
-        reference = network.eval()(inputs).float()
-    outputs: dict[str, torch.Tensor] = {}
-    if torchscript is not None:
-        scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
-        with torch.no_grad():
-            outputs["torchscript"] = scripted(inputs).float()
-    if onnx_path is not None:
-        try:
-            import onnxruntime
-        except ImportError as err:
-            raise ImportError("the ONNX check needs onnxruntime: pip install 'dira3d[deploy]'") from err
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        result = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
-        outputs["onnxruntime"] = torch.from_numpy(result).float()
-    report = AgreementReport(tolerance=tolerance, output_shape=tuple(reference.shape),
-                             scale=float(reference.abs().max()) if reference.numel() else 0.0)
-    for name, value in outputs.items():
-        if value.shape != reference.shape:
-            raise ValueError(f"{name} output shape {tuple(value.shape)} differs from PyTorch {tuple(reference.shape)}")
-        report.max_abs_diff[name] = float((value - reference).abs().max())
-    return report

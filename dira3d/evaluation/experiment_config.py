@@ -2,7 +2,8 @@
 
 Every setting is checked here, so that a typo, a missing file or a value of the wrong kind is
 refused with the setting named instead of failing mid-grid. The settings are described in
-``dira3d experiment --help`` (:mod:`dira3d.evaluation.experiment`).
+``dira3d experiment --help`` (:mod:`dira3d.evaluation.experiment`). The checks of the methods' checkpoints and
+pretrainings against the bundle's network live in :mod:`dira3d.evaluation.experiment_method_checks`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Mapping
 
 from dira3d.utils.files import read_yaml
 from dira3d.utils.overrides import check_overrides, did_you_mean
+from dira3d.evaluation.experiment_method_checks import check_checkpoints_fit, check_pretrain_run, check_pretrainings_fit
 from dira3d.evaluation.experiment_pretrain import pretrain_configs
 from dira3d.evaluation.stats import TESTS
 
@@ -95,7 +97,7 @@ def load_config(path: str | Path) -> dict:
     check_overrides([bundle_configs / "train.json", bundle_configs / "evaluate.json"]
                     + ([bundle_configs / "tiny.json"] if overrides.get("tiny") else []),
                     {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
-    _check_checkpoints_fit(config, path, bundle_configs, overrides)
+    check_checkpoints_fit(config, path, bundle_configs, overrides)
     if "folds" in config:
         _check_fold_data(config, path, bundle_configs)
     if overrides.get("holdout") == "validation":  # else every run of the grid fails on it, one after the other
@@ -126,8 +128,8 @@ def load_config(path: str | Path) -> dict:
             if isinstance(spec, dict):
                 overrides = {**(config["pretrain"].get("overrides") or {}), **(spec.get("pretrain") or {})}
                 check_overrides(configs, overrides, where=f"pretrain overrides of method {name!r} in {path}")
-                _check_pretrain_run(name, configs, overrides, path)
-        _check_pretrainings_fit(config, path, bundle_configs, dict(config.get("overrides") or {}))
+                check_pretrain_run(name, configs, overrides, path)
+        check_pretrainings_fit(config, path, bundle_configs, dict(config.get("overrides") or {}))
     for fraction in config["label_fractions"]:
         if not 0 < float(fraction) <= 1:
             raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
@@ -262,82 +264,6 @@ def _check_grid_overrides(config: dict, path: Path) -> None:
             key = taken[0]
             raise ValueError(f"{where} in {path} set {key}, which the experiment sets for each method's pretraining "
                              f"(<output_dir>/pretrain/<method>); remove it (the setting to use: {_PRETRAIN_SETS[key]})")
-
-
-def _task_network_def(bundle_configs: Path, overrides: Mapping[str, Any]) -> dict | None:
-    """The fine-tuning bundle's ``network_def`` with the experiment's ``overrides`` (references resolved); None for a
-    bundle of the user's without one, or an expression only a run resolves (the runs check then)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(bundle_configs / "train.json")] + ([str(bundle_configs / "tiny.json")] if overrides.get("tiny") else []))
-    parser.update({key: value for key, value in overrides.items() if key != "tiny"})
-    try:
-        return parser.get_parsed_content("network_def", instantiate=False).get_config()
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _check_checkpoints_fit(config: Mapping[str, Any], path: Path, bundle_configs: Path, overrides: Mapping[str, Any]) -> None:
-    """Refuse a method's checkpoint pretrained with another network than the bundle builds with the config's
-    overrides (another width; in 2D another backbone or decoder_channels), before any run: each of the method's
-    runs failed on it, one after the other (:func:`dira3d.evaluation.pretrained.checkpoint_mismatch`)."""
-    from dira3d.evaluation.pretrained import checkpoint_mismatch
-    from dira3d.utils.setting_hints import experiment_settings
-
-    checkpoints = {name: spec for name, spec in config["methods"].items() if isinstance(spec, str) and spec}
-    network_def = _task_network_def(bundle_configs, overrides) if checkpoints else None
-    if network_def is None:
-        return
-    with experiment_settings():  # the error names overrides: {width: ...}, not dira3d finetune's --set
-        for name, checkpoint in checkpoints.items():
-            mismatch = checkpoint_mismatch(network_def, checkpoint)
-            if mismatch:
-                raise ValueError(f"method {name!r} in {path}: {mismatch}; each of its runs of bundle "
-                                 f"{config['bundle']!r} would refuse it")
-
-
-def _check_pretrainings_fit(config: Mapping[str, Any], path: Path, bundle_configs: Path, overrides: Mapping[str, Any]) -> None:
-    """The same for a method's own pretraining (``{pretrain: {...}}``), from its settings, as its checkpoint does not
-    exist yet (:func:`dira3d.evaluation.experiment_pretrain.pretrain_fit_mismatch`): each of its runs failed on it
-    after the whole pretraining."""
-    from dira3d.evaluation.experiment_pretrain import pretrain_fit_mismatch
-
-    pretrained = {name: spec for name, spec in config["methods"].items() if isinstance(spec, dict)}
-    network_def = _task_network_def(bundle_configs, overrides) if pretrained else None
-    if network_def is None:
-        return
-    for name, spec in pretrained.items():
-        mismatch = pretrain_fit_mismatch(name, spec, config, network_def)
-        if mismatch:
-            raise ValueError(f"{mismatch} ({path})")
-
-
-def _check_pretrain_run(name: str, configs: list[Path], overrides: Mapping[str, Any], path: Path) -> None:
-    """Check a method's pretraining stages before any run, naming the method: bad stages stopped the experiment only
-    when that method's turn came, after the others had pretrained, and a stage that starts after ``max_epochs`` never
-    ran, so an ablation arm (``dis+res+adv``) was pretrained as another (``dis`` only) under its name."""
-    from monai.bundle import ConfigParser
-
-    from dira3d.engines.stages import StageSchedule
-
-    parser = ConfigParser()
-    parser.read_config([str(c) for c in configs])
-    stages = overrides["stages"] if "stages" in overrides else parser.get("stages")
-    max_epochs = overrides["max_epochs"] if "max_epochs" in overrides else parser.get("max_epochs")
-    if isinstance(stages, str) or isinstance(max_epochs, str):
-        return  # an expression: the pretraining itself checks it
-    try:
-        schedule = StageSchedule(stages)
-    except ValueError as err:
-        raise ValueError(f"pretrain stages of method {name!r} in {path}: {err}") from None
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int):
-        return  # the bundle refuses it
-    unreached = schedule.unreached(max_epochs)
-    if unreached:
-        raise ValueError(f"pretrain stages of method {name!r} in {path}: {schedule.unreached_text(unreached, max_epochs)}; "
-                         f"its pretraining would be reported as {name!r} without them. Raise max_epochs (pretrain "
-                         "overrides) or lower the stages' until_epoch")
 
 
 def _check_test(config: dict, path: Path) -> None:

@@ -12,6 +12,10 @@ Command line (``dira3d finetune``)::
 
     dira3d finetune --bundle lidc_nodule_seg --datalist /data/lidc/lidc_datalist.json \\
         --pretrained runs/dira/model_best.pt --label-fraction 0.25 --seed 3 --output-dir runs/ft/lidc_s3
+
+The bundle names and :func:`bundle_path` live in :mod:`dira3d.evaluation.bundle_lookup`, what a run scored (split,
+entries, summaries, TensorBoard scalars) in :mod:`dira3d.evaluation.finetune_scoring`; the names of ``__all__`` are
+importable from here.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dira3d.evaluation.bundle_lookup import BUNDLES, BUNDLES_2D, bundle_path, tiny_settings
 from dira3d.evaluation.finetune_messages import finished_message, show_cache_lines
+from dira3d.evaluation.finetune_scoring import log_split_metrics, scored_split, split_entries, split_summary
 from dira3d.evaluation.preprocessing import (
     PREPROCESSING_FILE,
     datalist_preprocessing,
@@ -43,45 +48,6 @@ from dira3d.utils.overrides import check_overrides, parse_value
 __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetune", "finished_message", "main"]
 
 logger = logging.getLogger(__name__)
-
-BUNDLES = ("luna16_nodule_fpr", "pecad_embolism_fpr", "lidc_nodule_seg", "lits_liver_seg", "brats_tumor_seg")
-BUNDLES_2D = ("chestxray14_cls", "chexpert_cls", "siim_pneumothorax_seg", "montgomery_lung_seg")  # chest X-rays, docs/2d.md
-_REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
-
-
-def bundle_path(bundle: str | os.PathLike, config: str = "train.json") -> Path:
-    """Folder of a bundle given its name (one of :data:`BUNDLES` or :data:`BUNDLES_2D`) or its path.
-
-    Args:
-        bundle: a bundle folder, or the name of one of the repository's bundles.
-        config: the config the caller needs in ``configs/`` (``"inference.json"`` for exports).
-
-    Raises:
-        FileNotFoundError: no such bundle folder, or it has no ``configs/<config>``; the message
-            lists the valid names.
-    """
-    path = Path(bundle)
-    if not path.is_dir() and str(bundle) in BUNDLES + BUNDLES_2D:
-        path = _REPO_BUNDLES / str(bundle)
-    if not (path / "configs" / config).is_file():
-        what = f"{path / 'configs' / config} does not exist" if path.is_dir() else \
-            f"the folder {path} does not exist and it is not a bundle name"
-        raise FileNotFoundError(
-            f"bundle {str(bundle)!r} not found: {what}; "
-            f"use one of {', '.join(BUNDLES + BUNDLES_2D)} or the path of a bundle folder"
-        )
-    return path
-
-
-def tiny_settings(bundle: str | os.PathLike, keys: Sequence[str]) -> dict[str, Any]:
-    """The values of ``keys`` in the bundle's ``configs/tiny.json`` (what ``dira3d finetune --tiny``
-    trains with); keys it lacks, or a bundle without one, give nothing."""
-    try:
-        tiny = json.loads((bundle_path(bundle) / "configs" / "tiny.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return {k: tiny[k] for k in keys if k in tiny}
-
 
 # recorded in metrics.json with the values the run used, passed or default
 _RECORDED = ("datalist", "pretrained", "label_fraction", "holdout", "seed", "fold", "max_epochs", "learning_rate")
@@ -233,7 +199,7 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     trainer_flow = _workflow(files, configs / "metadata.json", overrides)
     trainer_flow.initialize()
     parser = trainer_flow.parser
-    scored = _eval_split(configs, overrides)  # the split evaluate.json scores after training (test by default)
+    scored = scored_split(configs, overrides)  # the split evaluate.json scores after training (test by default)
     # the test split (or the 'validation' list) is scored after training: a missing one must fail now, not hours later;
     # the training and holdout splits were loaded by train.json's initialize
     if "datalist" in parser and scored not in ("train", "holdout"):
@@ -285,10 +251,10 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     if "eval_split" in eval_flow.parser:  # what evaluate.json scored, as it resolved it
         scored = str(eval_flow.parser.get_parsed_content("eval_split"))
     # the scored split under its own name (eval_split=holdout: the holdout, as the evaluator counted it; no "test")
-    entries = {"train": _entries(parser, "train#datalist"), "holdout": _entries(parser, "validate#datalist")}
-    entries[scored] = _entries(eval_flow.parser, "validate#datalist")
-    summaries = {"train": _split_summary(entries["train"], None), "holdout": _split_summary(entries["holdout"], validator)}
-    summaries[scored] = _split_summary(entries[scored], evaluator)
+    entries = {"train": split_entries(parser, "train#datalist"), "holdout": split_entries(parser, "validate#datalist")}
+    entries[scored] = split_entries(eval_flow.parser, "validate#datalist")
+    summaries = {"train": split_summary(entries["train"], None), "holdout": split_summary(entries["holdout"], validator)}
+    summaries[scored] = split_summary(entries[scored], evaluator)
     splits = {name: summary for name, summary in summaries.items() if summary}
     eval_flow.finalize()
 
@@ -308,7 +274,7 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
         "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))}
         | {k: v for k, v in effective.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
     }
-    _log_test_metrics(out, metrics, epochs, split=scored)  # before metrics.json, which marks the run finished
+    log_split_metrics(out, metrics, epochs, split=scored)  # before metrics.json, which marks the run finished
     _write_json(result, out / "metrics.json")
     if scored in splits and effective.get("datalist"):  # a scored split of no (or few) masks with foreground, ...
         from dira3d.evaluation.split_checks import split_kind, warn_test_split
@@ -320,51 +286,6 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
                         split=scored)
     logger.info("fine-tuning %s finished: %s metrics %s", root.name, scored, metrics)
     return result
-
-
-def _eval_split(configs: Path, overrides: dict[str, Any]) -> str:
-    """The split ``evaluate.json`` scores: ``eval_split`` of the overrides, else of ``evaluate.json`` (``"test"``)."""
-    if "eval_split" in overrides:
-        return str(overrides["eval_split"])
-    try:
-        return str(json.loads((configs / "evaluate.json").read_text(encoding="utf-8")).get("eval_split", "test"))
-    except (OSError, ValueError, AttributeError):  # a bundle of one's own without it: the workflow says why
-        return "test"
-
-
-def _log_test_metrics(out: Path, metrics: dict[str, Any], epoch: int, split: str = "test") -> None:
-    """The metrics of the scored ``split`` as TensorBoard scalars ``<split>/<name>`` (``test/auc``; ``holdout/auc``
-    with eval_split=holdout) at the last epoch trained, beside the run's training and validation curves in ``out``;
-    an undefined one (None in metrics.json) is left out."""
-    from dira3d.engines.summary import LazySummaryWriter  # no event file when there is no value
-
-    writer = LazySummaryWriter(log_dir=str(out))
-    try:
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(f"{split}/{name}", value, epoch)
-    finally:
-        writer.close()
-
-
-def _entries(parser, key: str) -> list:
-    """The datalist entries of a split (``validate#datalist``: what the engine scored; ``train#datalist``: what the
-    network trained on, the label fraction's selection less the holdout); [] without such a list."""
-    entries = parser.get_parsed_content(key) if key in parser else None
-    return entries if isinstance(entries, list) else []
-
-
-def _split_summary(entries: list, engine) -> dict | None:
-    """``{"cases", "patients", "positive"}`` of a split (:func:`dira3d.evaluation.split_checks.describe_split`), with
-    the cases with foreground that ``engine``'s :class:`~dira3d.evaluation.ForegroundDice` counted; None when empty."""
-    from dira3d.evaluation.split_checks import describe_split
-
-    if not entries:
-        return None
-    state = getattr(engine, "state", None)
-    counted = getattr(state, "foreground_cases", None) or {}
-    scored = counted.get(getattr(state, "key_metric_name", None)) or next(iter(counted.values()), None)
-    return describe_split(entries, scored)
 
 
 def _prepared_spacing(datalist: str | os.PathLike | None) -> list[float] | None:

@@ -20,13 +20,15 @@ Command line (``dira3d localise``)::
 
 A model fine-tuned with ``dira3d finetune --tiny`` (``tiny.json``: ResNet-10, 64x64) needs
 ``--backbone resnet10 --roi-size 64 64``; when the weights do not fit, the error says which values do.
+
+The box datalist and image loading live in :mod:`dira3d.evaluation.box_inputs`; the names of ``__all__`` are
+importable from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import warnings
@@ -38,130 +40,18 @@ import torch
 from tqdm import tqdm
 
 from dira3d.data.errors import DataError
+from dira3d.evaluation.box_inputs import (DEFAULT_SIZE, check_label_index, load_box_entries, load_cxr_image,
+                                          prepared_size_of, scale_box)
 from dira3d.evaluation.gradcam import (DELTAS, box_iou, box_on_image, boxes_from_heatmap, gradcam_maps,
                                       localisation_accuracy, save_overlay)
 from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
-from dira3d.utils.files import read_json
 from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 from dira3d.utils.progress import show_progress
 from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
-
-# dira3d.data.cxr.DEFAULT_SIZE, the bundles' prepared_size (not imported here: dira3d.data.cxr loads SimpleITK;
-# tests/test_cxr_prepared_size.py checks they agree)
-DEFAULT_SIZE = 512
-
-
-def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test",
-                     num_classes: int | None = None) -> list[dict[str, Any]]:
-    """Box entries of ``split`` (``None``: every split) with absolute image paths.
-
-    Args:
-        bbox_datalist: ``bbox_datalist.json`` of ``dira3d prepare chestxray14``.
-        split: the split to read; None: every split.
-        num_classes: the classifier's number of outputs; each ``label_index`` must be below it
-            (None: only checked to be a whole number ≥ 0).
-
-    Raises:
-        FileNotFoundError: the datalist or an image it names is missing.
-        ValueError: no such split, an entry without ``image`` / ``box`` / ``label_index``, or a
-            ``label_index`` that is not a whole number in ``[0, num_classes)`` (names the file, the entry
-            and the valid range).
-    """
-    path = Path(bbox_datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"box datalist {path} does not exist; `dira3d prepare chestxray14` writes bbox_datalist.json "
-                                "when BBox_List_2017.csv is present")
-    fix = "regenerate it with `dira3d prepare chestxray14` (from BBox_List_2017.csv) or fix it there"
-    content = read_json(path, "box datalist", fix)
-    keys = [k for k, v in content.items() if isinstance(v, list)] if split is None else [split]
-    if split is not None and not isinstance(content.get(split), list):
-        raise ValueError(f"box datalist {path} has no split {split!r} (found {sorted(k for k, v in content.items() if isinstance(v, list))}); "
-                         "pass --split with one of them")
-    entries = []
-    for key in keys:
-        for index, entry in enumerate(content[key]):
-            missing = [name for name in ("image", "box", "label_index") if name not in entry] if isinstance(entry, dict) \
-                else ["image", "box", "label_index"]
-            box = entry.get("box") if not missing else None
-            if missing or not isinstance(box, list) or len(box) != 4:
-                raise ValueError(f"entry {index} of split {key!r} in {path} lacks {missing or ['a 4-value box']}; "
-                                 f"expected {{image, label, label_index, box: [x, y, w, h]}}; {fix}")
-            _check_label_index(entry["label_index"], num_classes, f"entry {index} of split {key!r} in {path}", fix)
-            if not isinstance(entry["image"], str) \
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-                raise ValueError(f"entry {index} of split {key!r} in {path} has image {entry['image']!r}, box {box!r}; "
-                                 f"expected a path and 4 numbers [x, y, w, h]; {fix}")
-            image = Path(entry["image"])
-            image = image if image.is_absolute() else path.parent / image
-            if not image.is_file():
-                raise FileNotFoundError(f"image {image} named by {path} (split {key!r}, entry {index}) does not exist")
-            entries.append({**entry, "image": str(image)})
-    if not entries:
-        raise ValueError(f"box datalist {path} holds no boxes in split {split!r}")
-    return entries
-
-
-def _check_label_index(value: Any, num_classes: int | None, where: str, fix: str) -> None:
-    """Refuse a ``label_index`` that is not a whole number in ``[0, num_classes)``: Grad-CAM of a class
-    the classifier does not have fails with an IndexError, and a negative index maps another class."""
-    whole = isinstance(value, int) and not isinstance(value, bool)
-    if whole and value >= 0 and (num_classes is None or value < num_classes):
-        return
-    valid = (f"a whole number from 0 to {num_classes - 1} (the classifier has {num_classes} classes: --num-classes "
-             f"{num_classes})"
-             if num_classes is not None else "a whole number from 0 (the finding's place in the labels)")
-    raise ValueError(f"{where} has label_index {value!r}; expected {valid}; {fix}")
-
-
-def scale_box(box: Sequence[float], image_size: Sequence[int], roi_size: Sequence[int]) -> tuple[int, int, int, int]:
-    """``[x, y, w, h]`` in pixels of an image of ``image_size`` (x, y) → ``(x0, y0, x1, y1)`` on the resized grid.
-
-    The box is widened to whole pixels (floor of the start, ceil of the end) and clipped to the grid.
-    """
-    sx, sy = roi_size[0] / image_size[0], roi_size[1] / image_size[1]
-    x, y, w, h = (float(v) for v in box)
-    x0, y0 = max(0, math.floor(x * sx)), max(0, math.floor(y * sy))
-    x1, y1 = min(int(roi_size[0]), math.ceil((x + w) * sx)), min(int(roi_size[1]), math.ceil((y + h) * sy))
-    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
-
-
-def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int],
-                   prepared_size: int | None = DEFAULT_SIZE) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Load a radiograph as the 2D bundles' inference does: ``(1, X, Y)`` in [0, 1] resized to ``roi_size``, through
-    ``prepared_size`` as the bundle's setting (:class:`~dira3d.evaluation.radiographs.PrepareRadiographd`; 0 or None:
-    straight); also the original (x, y) size.
-
-    A PNG, JPEG, TIFF, BMP or DICOM file is read by :class:`~dira3d.evaluation.radiographs.LoadRadiographd`, i.e.
-    by :func:`dira3d.data.cxr.read_radiograph` as ``dira3d prepare chestxray14`` reads it: a 12/16-bit image min-max
-    scaled to 0..255 (MONAI's ``PILReader`` kept a 16-bit PNG's own values, which were clipped to white), a
-    ``MONOCHROME1`` DICOM bone bright, a grey image stored in colour as its grey channel (with a warning). Any other
-    file must hold a grey image of 0..255.
-
-    Raises:
-        DataError: not an image (unreadable, empty, missing), a colour or transparent image, not a one-channel 2D
-            image, or intensities outside 0..255 (a file read by MONAI's other readers), naming the file.
-    """
-    from monai.transforms import EnsureChannelFirst, Resize, ScaleIntensityRange
-
-    from dira3d.engines.inputs import check_volume
-    from dira3d.evaluation.radiographs import LoadRadiographd, PrepareRadiographd
-
-    # LoadRadiographd (a LoadVolumed): a file that is not an image, empty or missing is a DataError naming it
-    image = EnsureChannelFirst()(LoadRadiographd("image", image_only=True)({"image": str(path)})["image"])
-    check_volume(image, path, spatial_dims=2, slices=False, channels=1, value_range=(0.0, 255.0),
-                 range_advice="the classifier takes a grey image of 0..255 (the PNGs `dira3d prepare chestxray14` "
-                              "writes): save the radiograph as PNG or DICOM, which are min-max scaled as preparation "
-                              "scales them, or give the prepared PNG")
-    size = (int(image.shape[1]), int(image.shape[2]))
-    image = PrepareRadiographd("image", prepared_size)({"image": image})["image"]
-    image = ScaleIntensityRange(0.0, 255.0, 0.0, 1.0, clip=True)(image)
-    image = Resize(tuple(int(s) for s in roi_size), mode="area")(image)
-    return torch.as_tensor(image, dtype=torch.float32), size
-
 
 def localise(
     model: torch.nn.Module,
@@ -284,7 +174,7 @@ def _check_entries_fit(model: torch.nn.Module, image: torch.Tensor, entries: Seq
     finally:
         model.train(was_training)
     for index, entry in enumerate(entries):
-        _check_label_index(entry["label_index"], classes, f"box entry {index} (image {entry['image']})",
+        check_label_index(entry["label_index"], classes, f"box entry {index} (image {entry['image']})",
                            "fix the box datalist or use the classifier it was made for")
 
 
@@ -397,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.threshold < 1:  # the heatmap is min-max normalised: 0 or above 1 would box everything or nothing
         parser.error(f"--threshold {args.threshold:g} must be between 0 and 1 (the heatmap is scaled to [0, 1]), e.g. 0.5")
     if args.prepared_size is None:  # the size the box datalist's PNGs were prepared at (a 128 PNG went through 512)
-        args.prepared_size = _prepared_size_of(args.bbox_datalist)
+        args.prepared_size = prepared_size_of(args.bbox_datalist)
     if args.prepared_size != 0 and args.prepared_size < 8:
         parser.error(f"--prepared-size {args.prepared_size} is not a storage size; give the --size the PNGs were prepared "
                      f"with (`dira3d prepare chestxray14 --size`, default {DEFAULT_SIZE}), or 0 to resize straight to --roi-size")
@@ -437,10 +327,3 @@ def flat_message(result: Mapping[str, Any]) -> str:
             "boxes have no predicted box and score IoU 0 ('flat_heatmap' in localisation.json); an untrained or barely "
             f"trained classifier gives them{coarse}")
 
-
-def _prepared_size_of(bbox_datalist: str | os.PathLike) -> int:
-    """``meta.size`` of a box datalist (the ``--size`` of ``dira3d prepare chestxray14``), else :data:`DEFAULT_SIZE`."""
-    from dira3d.data.datalist import datalist_meta
-
-    size = datalist_meta(bbox_datalist).get("size")
-    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else DEFAULT_SIZE

@@ -17,13 +17,15 @@
 
 Every random draw is derived from ``seed`` and the class / instance index (never a global RNG),
 so a resumed run gives the same bytes as an uninterrupted one, whatever the block size.
+
+The ``--lung-filter`` / ``--body-filter`` resolution lives in :mod:`dira3d.visual_words.filter_settings` (its names
+are importable from here), the handling of an earlier run in ``--out`` in :mod:`dira3d.visual_words.earlier_run`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 from collections import defaultdict
@@ -37,24 +39,26 @@ from torch import nn
 from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.checkpoint import check_writable
 from dira3d.utils.folder_lock import FolderLock
-from dira3d.utils.files import FileContentError
 from dira3d.utils.progress import ProgressLines
 from dira3d.utils.seeding import derive_seed
 from dira3d.visual_words.coordinates import (
     CoordinateRules, CoordinateSamplingError, VolumeTooSmallError, hu_to_unit, sample_coordinate,
 )  # fmt: skip
 from dira3d.visual_words.checks import check_counts, check_validation_sizes, check_volume_sizes, entry_name
+from dira3d.visual_words.earlier_run import clear_outputs, earlier_manifest, settings_differ
 from dira3d.visual_words.embedding_chunks import PARTIAL_NAME, clear_partial, embed_resumable, embedding_key, extractor_identity
-from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_from_checkpoint, extractor_progress, train_extractor
+from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_from_checkpoint, train_extractor
+from dira3d.visual_words.filter_settings import (LUNG_FILTER_CHOICES, datalist_modality, resolve_body_filter,
+                                                  resolve_lung_filter)
 from dira3d.visual_words.loading import SPLITS, case_ids, iterate_volumes, read_datalist, volume_shapes, volume_transform
 from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours
 from dira3d.visual_words.transforms import VisualWordCropd
 from dira3d.visual_words.writer import (
-    DATALIST_NAME, EMBEDDINGS_NAME, MANIFEST_NAME, ShardWriter, new_manifest, read_manifest, save_embeddings,
+    EMBEDDINGS_NAME, MANIFEST_NAME, ShardWriter, new_manifest, save_embeddings,
     write_json_atomic, write_visual_word_datalist,
 )  # fmt: skip
 
-__all__ = ["discover_visual_words"]
+__all__ = ["discover_visual_words", "LUNG_FILTER_CHOICES", "datalist_modality", "resolve_lung_filter", "resolve_body_filter"]
 
 logger = logging.getLogger(__name__)
 _SPLIT_ID = {"training": 0, "validation": 1}
@@ -95,50 +99,6 @@ def _rules(params: dict) -> CoordinateRules:
         max_tries=params["max_tries"], max_outside_fraction=params.get("max_outside_fraction", 1.0),
         air_threshold=params.get("air_threshold", 0.25),
     )  # fmt: skip
-
-
-LUNG_FILTER_CHOICES = ("auto", "on", "off")
-
-
-def datalist_modality(datalist: str | os.PathLike) -> str | None:
-    """The ``meta.modality`` a ``dira3d prepare`` datalist records (``"ct"`` or ``"mr"``; ``None`` when absent)."""
-    try:
-        meta = json.loads(Path(datalist).read_text(encoding="utf-8")).get("meta")
-    except (OSError, ValueError, AttributeError):
-        return None  # read_datalist reports a missing or broken file with its own message
-    modality = meta.get("modality") if isinstance(meta, dict) else None
-    return str(modality).lower() if modality else None
-
-
-def resolve_lung_filter(lung_filter: str, datalist: str | os.PathLike) -> str:
-    """``"on"`` or ``"off"``: ``auto`` is off for a datalist prepared as MR (``meta.modality`` ``mr``), whose
-    [0, 1] intensities are percentiles, not a HU window: TransVW's "mostly lung" rule (at most
-    ``max_dense_fraction`` at or above ``dense_hu``) would then only reject the patches holding the brightest
-    tissue (an enhancing lesion, fat). On otherwise (CT, or no modality recorded).
-
-    Raises:
-        ValueError: an unknown value.
-    """
-    if lung_filter not in LUNG_FILTER_CHOICES:
-        raise ValueError(f"lung_filter must be one of {LUNG_FILTER_CHOICES}, got {lung_filter!r} (--lung-filter)")
-    if lung_filter != "auto":
-        return lung_filter
-    if datalist_modality(datalist) == "mr":
-        logger.info("%s was prepared as MR (meta.modality 'mr'): the lung filter (a CT rule in HU: --dense-hu, "
-                    "--max-dense-fraction) is off; --lung-filter on applies it anyway", datalist)
-        return "off"
-    return "on"
-
-
-def resolve_body_filter(body_filter: str, lung_filter: str, datalist: str | os.PathLike) -> str:
-    """``"on"`` or ``"off"``: ``auto`` is on for a datalist prepared as CT by ``dira3d prepare generic`` (``meta.modality``
-    ``ct``: a user's own scans, whose air around the patient passes the lung rule) while the lung filter is on; off
-    otherwise, as TransVW has no such rule (LUNA16's 100-voxel borders keep patches mostly inside the body)."""
-    if body_filter not in LUNG_FILTER_CHOICES:
-        raise ValueError(f"body_filter must be one of {LUNG_FILTER_CHOICES}, got {body_filter!r} (--body-filter)")
-    if body_filter != "auto":
-        return body_filter
-    return "on" if lung_filter == "on" and datalist_modality(datalist) == "ct" else "off"
 
 
 def _plan(data: dict, embeddings: torch.Tensor, params: dict, seed: int,
@@ -243,48 +203,6 @@ def _extract(data: dict, manifest: dict, out_dir: Path, class_block: int, worker
                 raise RuntimeError(f"class {cls['index']}: wrote {written[cls['index']]} of {expected} instances")
             writer.finish_class(manifest, cls["index"])
         logger.info("finished classes %s", [cls["index"] for cls in block])
-
-
-def _earlier_run(out_dir: Path) -> dict:
-    """The manifest of the earlier run in ``out_dir``; a ``manifest.json`` of something else is refused."""
-    try:
-        return read_manifest(out_dir)
-    except FileContentError:  # garbled (e.g. cut short): its message names the file and what to do already
-        raise
-    except ValueError as err:
-        raise ValueError(f"{err}: --out {out_dir} holds files that are not a `dira3d visual-words` run, which "
-                         "--overwrite would delete; choose another --out") from None
-
-
-def _clear_outputs(out_dir: Path) -> None:
-    """Delete an earlier run's own files (``--overwrite``): its manifest, datalist, embeddings (and their chunks),
-    extractor checkpoint and class shards; anything else in ``out_dir`` (or in ``shards/``) is left alone."""
-    if (out_dir / MANIFEST_NAME).exists():
-        _earlier_run(out_dir)
-    if (out_dir / EXTRACTOR_NAME).exists() and extractor_progress(out_dir / EXTRACTOR_NAME) is None:
-        raise ValueError(f"{out_dir / EXTRACTOR_NAME} is not a `dira3d visual-words` extractor checkpoint, which --overwrite "
-                         "would delete; move it away or choose another --out")
-    for name in (MANIFEST_NAME, DATALIST_NAME, EMBEDDINGS_NAME, EXTRACTOR_NAME):
-        (out_dir / name).unlink(missing_ok=True)
-    clear_partial(out_dir)
-    for split in SPLITS:
-        for shard in (out_dir / "shards" / split).glob("class_*.npy"):
-            shard.unlink()
-    for folder in [out_dir / "shards" / split for split in SPLITS] + [out_dir / "shards"]:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-
-
-def _settings_differ(manifest: dict, params: dict, seed: int, volumes: dict) -> str:
-    """What differs between the run in a manifest and this one, as ``name: before → now``; '' when nothing."""
-    # a run from before the lung_filter setting filtered; one from before the body filter had none
-    before = {"lung_filter": "on", "max_outside_fraction": 1.0, "air_threshold": 0.25, **manifest["params"]}
-    differences = [f"{k}: {before.get(k)!r} → {params[k]!r}" for k in params if before.get(k) != params[k]]
-    if manifest["seed"] != seed:
-        differences.append(f"seed: {manifest['seed']!r} → {seed!r}")
-    if manifest["volumes"] != volumes:
-        differences.append("the datalist's volumes")
-    return "; ".join(differences)
 
 
 def _unwrap_data_errors(function):
@@ -408,12 +326,12 @@ def discover_visual_words(
         volumes = {split: case_ids(data[split]) for split in SPLITS}
         if any((out_dir / name).exists() for name in (MANIFEST_NAME, EXTRACTOR_NAME, PARTIAL_NAME)):  # a run, or one stopped before planning
             if overwrite:
-                _clear_outputs(out_dir)
+                clear_outputs(out_dir)
             elif not resume:
                 raise ValueError(f"{out_dir} already holds a visual-word run; pass --overwrite to replace it or choose another --out")
         if (out_dir / MANIFEST_NAME).exists():
-            manifest = _earlier_run(out_dir)
-            differences = _settings_differ(manifest, params, seed, volumes)
+            manifest = earlier_manifest(out_dir)
+            differences = settings_differ(manifest, params, seed, volumes)
             if differences:
                 raise ValueError(
                     f"{out_dir / MANIFEST_NAME} was made with other settings ({differences}); "
