@@ -20,7 +20,7 @@ from test_resume_kill import CONFIGS as PRETRAIN_CONFIGS
 from test_signal_stop_runs import run_until
 
 # Wraps `python -m monai.bundle`: each item CacheDataset loads prints "CACHING" on a line of its own (tqdm's bar
-# shares the pipe, hence the leading newline) and takes CACHE_PAUSE seconds, so the signal comes during the caching.
+# shares the pipe, hence the leading newline); the first waits for the signal, so the signal comes during the caching.
 RUNNER = textwrap.dedent('''
     import os, runpy, sys, time
     from monai.data import CacheDataset
@@ -29,10 +29,14 @@ RUNNER = textwrap.dedent('''
         os.write(1, ("\\n" + " ".join(str(w) for w in words) + "\\n").encode())
 
     load = CacheDataset._load_cache_item
+    waited = []
 
     def slow_load(self, *args, **kwargs):
         say("CACHING")
-        time.sleep(0.5)
+        # the first item waits for the signal (which interrupts the sleep): on a loaded machine the test's reader can
+        # see the line seconds late, and a fixed short pause let the run finish caching (even training) first
+        time.sleep(0.5 if waited else 60)
+        waited.append(1)
         return load(self, *args, **kwargs)
 
     CacheDataset._load_cache_item = slow_load
