@@ -2,6 +2,11 @@
 
 The rows' numbers are machine-dependent; what is checked is the table's header, one row per
 requested configuration with a positive rate, and (pretraining) the ratio to the plain loop.
+
+The ``--quick`` runs call the script's ``main`` in this process (a fresh ``python`` spent most of its seconds
+importing torch and MONAI again). The scripts as commands (``__main__``, exit status) are still run: by the dry
+runs of ``benchmarks/gpu/run.sh`` at the end of this file (pretrain_throughput, profile_step, conv_layers,
+sliding_window), by the usage-error run of loader_throughput, and first_conv's smoke test.
 """
 
 from __future__ import annotations
@@ -13,13 +18,27 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the in-process runs too, also outside pytest-xdist
 
-def run(repo_root: Path, script: str, *args: str) -> list[str]:
+
+def run_script(repo_root: Path, script: str, *args: str) -> list[str]:
+    """``python benchmarks/<script> --quick *args`` as a command: it exits 0; its stdout lines."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(repo_root / "benchmarks" / script), "--quick", *args],
                             capture_output=True, text=True, timeout=300, cwd=repo_root, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout.splitlines()
+
+
+def run(repo_root: Path, script: str, *args: str, capsys) -> list[str]:
+    """``benchmarks/<script> --quick *args`` in this process (on one torch thread, as the commands ran with
+    OMP_NUM_THREADS=1: see ``pytestmark``): its ``main`` returns 0; its stdout lines."""
+    module = load_benchmark(repo_root, script.removesuffix(".py"))
+    capsys.readouterr()
+    code = module.main(["--quick", *args])
+    out, err = capsys.readouterr()
+    assert code == 0, out[-2000:] + err[-2000:]
+    return out.splitlines()
 
 
 def table(lines: list[str], first_column: str) -> tuple[list[str], list[list[str]]]:
@@ -29,9 +48,10 @@ def table(lines: list[str], first_column: str) -> tuple[list[str], list[list[str
     return header, rows
 
 
-def test_pretrain_throughput_quick(repo_root: Path) -> None:
+def test_pretrain_throughput_quick(repo_root: Path, capsys) -> None:
     # fp32 and fp32+channels-last: the bf16 rows of --quick are slow on CPUs without bf16 units
-    lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32,fp32+cl", "--iters", "1", "--warmup", "1")
+    lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32,fp32+cl", "--iters", "1", "--warmup", "1",
+                capsys=capsys)
     header, rows = table(lines, "config")
     assert header == ["config", "batch", "patches/s", "data_ms", "g_step_ms", "d_step_ms", "step_ms", "peak_MiB",
                       "mfu_%", "vs_plain", "syncs/it", "note"]
@@ -80,8 +100,8 @@ def test_pretrain_config_names_parse(repo_root: Path) -> None:
         module.parse_config("fp32+turbo")
 
 
-def test_conv_layers_quick_times_every_convolution_of_the_model(repo_root: Path) -> None:
-    lines = run(repo_root, "conv_layers.py")
+def test_conv_layers_quick_times_every_convolution_of_the_model(repo_root: Path, capsys) -> None:
+    lines = run(repo_root, "conv_layers.py", capsys=capsys)
     rows = [line.split() for line in lines if line.split()[:1] in (["unet"], ["head"], ["adversary"])]
     layers = {(r[0], r[1]) for r in rows}
     # U-Net: 8 encoder convolutions, 3 levels of (up, conv1, conv2), the 1x1 head; head: 1; adversary: 5
@@ -117,8 +137,8 @@ def test_conv_layers_counts_flops_like_the_model_counter(repo_root: Path) -> Non
     assert up.flops() == 2 * 2 * 27 * 4 * 4 * 8 and up.backward_flops() == up.flops()
 
 
-def test_loader_throughput_quick(repo_root: Path) -> None:
-    lines = run(repo_root, "loader_throughput.py")
+def test_loader_throughput_quick(repo_root: Path, capsys) -> None:
+    lines = run(repo_root, "loader_throughput.py", capsys=capsys)
     header, rows = table(lines, "pipeline")
     verdict = next(line for line in lines if line.startswith("loader alone, best row"))
     best = max(float(r[5]) for r in rows if r[0] == "loader")
@@ -130,8 +150,9 @@ def test_loader_throughput_quick(repo_root: Path) -> None:
     assert all(float(r[4]) > 0 for r in rows)
 
 
-def test_loader_throughput_picks_pipelines_and_prints_each_row_as_it_goes(repo_root: Path) -> None:
-    lines = run(repo_root, "loader_throughput.py", "--pipelines", "loader+device_distortion", "--loaders", "dataloader")
+def test_loader_throughput_picks_pipelines_and_prints_each_row_as_it_goes(repo_root: Path, capsys) -> None:
+    lines = run(repo_root, "loader_throughput.py", "--pipelines", "loader+device_distortion", "--loaders", "dataloader",
+                capsys=capsys)
     _, rows = table(lines, "pipeline")
     assert [(r[0], r[1]) for r in rows] == [("loader+device_distortion", "dataloader")]
     assert sum(line.startswith("row: ") for line in lines) == 1  # kept even if a time limit kills the run later
@@ -141,9 +162,9 @@ def test_loader_throughput_picks_pipelines_and_prints_each_row_as_it_goes(repo_r
     assert bad.returncode == 2 and "unknown ['warp']" in bad.stderr
 
 
-def test_profile_step_quick(repo_root: Path) -> None:
+def test_profile_step_quick(repo_root: Path, capsys) -> None:
     # every shape listed (--rows 60): the cheap first layer must not fall out of a top-10 cut on a busy CPU
-    lines = run(repo_root, "profile_step.py", "--by-shape", "aten::convolution", "--rows", "60")
+    lines = run(repo_root, "profile_step.py", "--by-shape", "aten::convolution", "--rows", "60", capsys=capsys)
     step = next(line for line in lines if line.startswith("step (G + D"))
     start = lines.index(next(line for line in lines if line.startswith("aten::convolution per input shape")))
     # the U-Net's first convolution reads the batch of 1-channel 16x16x8 patches with 3x3x3 weights
@@ -153,8 +174,9 @@ def test_profile_step_quick(repo_root: Path) -> None:
     assert any("aten::convolution_backward" in line for line in lines)  # the profiled step ran a backward
 
 
-def test_profile_step_names_the_callers(repo_root: Path) -> None:
-    lines = run(repo_root, "profile_step.py", "--by-shape", "aten::convolution_backward", "--callers", "2")
+def test_profile_step_names_the_callers(repo_root: Path, capsys) -> None:
+    lines = run(repo_root, "profile_step.py", "--by-shape", "aten::convolution_backward", "--callers", "2",
+                capsys=capsys)
     start = lines.index(next(line for line in lines if line.startswith("aten::convolution_backward per input shape and callers")))
     listed = lines[start + 1 :]
     # every backward convolution runs inside the autograd engine's ConvolutionBackward0 node
@@ -162,13 +184,12 @@ def test_profile_step_names_the_callers(repo_root: Path) -> None:
     assert any(line.strip() == "in ConvolutionBackward0" for line in listed), listed[:8]
 
 
-def test_plain_loop_takes_the_engine_settings(repo_root: Path) -> None:
+def test_plain_loop_takes_the_engine_settings(repo_root: Path, capsys) -> None:
     lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32+cl", "--plain-config", "fp32+cl", "--iters", "1",
-                "--warmup", "1")
+                "--warmup", "1", capsys=capsys)
     assert any("plain PyTorch loop (fp32+cl): " in line and "patches/s" in line for line in lines)
-    bad = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "pretrain_throughput.py"), "--quick",
-                          "--plain-config", "fp16"], capture_output=True, text=True, timeout=120, cwd=repo_root)
-    assert bad.returncode == 2 and "--plain-config 'fp16'" in bad.stderr
+    assert load_benchmark(repo_root, "pretrain_throughput").main(["--quick", "--plain-config", "fp16"]) == 2
+    assert "--plain-config 'fp16'" in capsys.readouterr().err
 
 
 def test_sync_counter_ignores_the_prototype_notice(repo_root: Path) -> None:
@@ -179,7 +200,7 @@ def test_sync_counter_ignores_the_prototype_notice(repo_root: Path) -> None:
 
 
 def test_first_conv_quick(repo_root: Path) -> None:
-    header, rows = table(run(repo_root, "first_conv.py"), "layer")
+    header, rows = table(run_script(repo_root, "first_conv.py"), "layer")
     assert header == ["layer", "variant", "batch", "layout", "ms", "vs_cudnn", "wgrad_rel_diff"]
     variants = {layer: [r[1] for r in rows if r[0] == layer] for layer in ("unet_in", "unet_out", "adv_in")}
     assert variants["unet_in"] == ["cudnn", "cudnn+benchmark", "gemm", "pad", "pad+benchmark", "cudnn+ncdhw"]
@@ -200,8 +221,8 @@ def test_fp32_matmul_rate_restores_the_tf32_flag() -> None:
     assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
-def test_sliding_window_quick(repo_root: Path) -> None:
-    header, rows = table(run(repo_root, "sliding_window.py"), "precision")
+def test_sliding_window_quick(repo_root: Path, capsys) -> None:
+    header, rows = table(run(repo_root, "sliding_window.py", capsys=capsys), "precision")
     assert header == ["precision", "sw_batch", "roi", "overlap", "volume", "windows", "seconds", "windows/s", "peak_MiB"]
     # 96x64x32 with roi 64x64x32 at overlap 0.25 (stride 48x48x24): 2 x 1 x 1 windows
     assert rows and rows[0][2] == "64x64x32" and rows[0][4] == "96x64x32" and int(rows[0][5]) == 2
@@ -256,8 +277,8 @@ def test_a_cudnn_configuration_does_not_autotune_the_ones_after_it(repo_root: Pa
     assert seen == [("fp32+cudnn", False, True), ("fp32", False, False)]
 
 
-def test_pretrain_throughput_time_budget_still_prints_the_table(repo_root: Path) -> None:
-    lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32", "--time-budget", "0")
+def test_pretrain_throughput_time_budget_still_prints_the_table(repo_root: Path, capsys) -> None:
+    lines = run(repo_root, "pretrain_throughput.py", "--configs", "fp32", "--time-budget", "0", capsys=capsys)
     assert any("skipped: time budget" in line for line in lines)
 
 
