@@ -4,7 +4,9 @@ Each test failed before its fix: nibabel's message for a truncated NIfTI holds a
 ``inference_report.json``'s reason across lines; an entry listing two files for a one-channel bundle was refused as
 "a 4D file?" naming the first file only; a file of random bytes came with six MONAI ``LoadImage - INFO ... unable to
 load`` lines before dira3d's own; and in a batch of several inputs (``batch_size`` > 1) an input whose mask was written
-before another input of its batch failed was reported ``failed`` next to its whole mask.
+before another input of its batch failed was reported ``failed`` next to its whole mask. A truncated NIfTI was named
+with nibabel's rawer ``cannot be loaded (OSError: Expected ... bytes ...)``, the last reader MONAI tried, not with the
+``is truncated or corrupt ...; download or copy the file again`` of dira3d's reader, which MONAI tried first.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def test_a_truncated_nifti_is_left_out_with_a_one_line_reason(tmp_path, caplog):
         assert _run("lits_liver_seg", tmp_path, [{"image": str(a)}, {"image": str(cut)}], out, **SEG3D) == [3]
     row = _report(out)["inputs"][1]
     assert row["status"] == "left out" and "could the file be damaged?" in row["reason"], row
+    assert row["reason"].startswith(f"{cut}: is truncated or corrupt (") and "download or copy the file again" in row["reason"]
     assert _one_line(row["reason"]), row["reason"]
     lines = [r.getMessage() for r in caplog.records if r.name == "dira3d.evaluation.batch"]
     logged = [line for line in lines if str(cut) in line]
@@ -55,13 +58,24 @@ def test_a_truncated_nifti_is_left_out_with_a_one_line_reason(tmp_path, caplog):
 
 
 def test_the_loader_names_a_truncated_nifti_in_one_line(tmp_path):
-    """The single input's ``error:`` line (no report) comes from this message."""
+    """The single input's ``error:`` line (no report) comes from this message: dira3d's own reader's, with its advice,
+    not the ``cannot be loaded (OSError: Expected ... bytes ...)`` of nibabel, the reader MONAI tried last."""
     cut = _cut_nifti(tmp_path / "cut.nii.gz", _scans(tmp_path, ["a"])[0])
     with pytest.raises(DataError) as raised:
         LoadVolumed("image", reader=SimpleITKReader(), image_only=True)({"image": str(cut)})
     message = str(raised.value)
-    assert message.startswith(f"{cut}: cannot be loaded") and "could the file be damaged?" in message
+    assert message.startswith(f"{cut}: is truncated or corrupt (") and "could the file be damaged?" in message
+    assert message.endswith("; download or copy the file again"), message
     assert _one_line(message), message
+    assert raised.value.__cause__ is not None  # MONAI's own failure stays in the traceback
+
+
+def test_a_file_no_reader_takes_keeps_the_loaders_message(tmp_path):
+    """dira3d's reader gives no clearer error for random bytes: the loader's own message is kept."""
+    noise = tmp_path / "noise.nii.gz"
+    noise.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(DataError, match="cannot be read as an image by any reader"):
+        LoadVolumed("image", reader=SimpleITKReader(), image_only=True)({"image": str(noise)})
 
 
 class _Refuses:

@@ -66,6 +66,19 @@ def test_a_file_without_images_or_not_json_is_refused_naming_it(tmp_path):
         batch_entries(str(path))
 
 
+def test_a_file_of_bare_paths_with_an_object_or_a_number_among_them_is_refused_naming_each(tmp_path):
+    """The first entry decided the form: after a bare path, ``{"img": ...}`` and ``5`` were taken as images ("5: cannot be
+    loaded (TypeError ...)", "{'img': 'b.nii.gz'}: img: does not exist")."""
+    path = tmp_path / "my_scans.json"
+    path.write_text(json.dumps(["a.nii.gz", 5, {"img": "b.nii.gz"}, {"image": "c.nii.gz"}, ["t1.nii.gz", "t2.nii.gz"]]))
+    with pytest.raises(DatalistError) as raised:
+        batch_entries(path)
+    message = str(raised.value)
+    assert message.startswith(f"datalist {path} has 2 bad 'test' entries: "), message
+    assert "entry 1 is an int, not an object" in message and "entry 2 has no 'image'" in message, message
+    assert "entry 0" not in message and "entry 3" not in message and "entry 4" not in message, message
+
+
 def test_a_listed_entry_without_an_image_or_not_an_object_is_refused_naming_it():
     """As a file's entries are: a list given on the command line with an entry without ``image`` (a typo, a
     decathlon entry's ``label``) stopped the batch with MONAI's tracebacks of a ``KeyError`` and no report."""

@@ -136,14 +136,17 @@ def datalist_entries(
                                   "datalist")
     if not isinstance(raw, list):
         raise DatalistError(path, f"has no list {key!r} (it holds a {type(raw).__name__}); expected a list of entries")
-    if key == "test" and raw and not isinstance(raw[0], dict):  # the decathlon's bare list of test images
-        raw = [{"image": item} for item in raw]
+    if key == "test" and raw and not isinstance(raw[0], dict):  # the decathlon's bare list of test images: each path
+        # (or list of paths) one entry; an object or a number among them is checked as an entry, and refused (each was
+        # taken as an image before: "{'img': 'b.nii.gz'}: img: does not exist", "5: cannot be loaded (TypeError ...)")
+        raw = [{"image": item} if isinstance(item, (str, list)) else item for item in raw]
     base = str(path.parent if base_dir is None else base_dir)
     resolve = _resolver(base)
     entries, problems, missing_files = [], [], 0
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict):
-            problems.append(f"entry {index} is a {type(entry).__name__}, not an object")
+            kind = type(entry).__name__
+            problems.append(f"entry {index} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not an object")
             continue
         absent = [name for name in required if entry.get(name) in (None, "", [])]
         if absent:

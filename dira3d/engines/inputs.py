@@ -214,12 +214,35 @@ class LoadVolumed(LoadImaged):
             empty = [f for f in files if os.path.isfile(f) and os.path.getsize(f) == 0]
             if empty:
                 raise DataError(empty[0], "is empty (0 bytes): a copy or download that did not finish? copy it again") from err
+            own = self._own_reader_error(data, reader)
+            if own is not None:  # e.g. "is truncated or corrupt ...; download or copy the file again"
+                raise own from err
             if "cannot find a suitable reader" in str(err):  # MONAI's advice to install readers misleads here
                 raise DataError(source, "cannot be read as an image by any reader: not an image, or a file cut short? "
                                         "pass an image file (NIfTI, NRRD, MetaImage, DICOM, PNG)") from err
             reason = " ".join(str(err).split())  # one line: nibabel's "got 32592 bytes from \n - could the file be ..."
             raise DataError(source, f"cannot be loaded ({type(err).__name__}: {reason}); "
                                     "the file is truncated, corrupt or not an image — repair or exclude it") from err
+
+    def _own_reader_error(self, data, reader=None) -> DataError | None:
+        """The :class:`DataError` of the first of dira3d's readers MONAI tried on a file no reader could load, or None.
+
+        Given a reader, MONAI's ``LoadImage`` tries it first and then each of its own: a truncated NIfTI fails
+        :class:`~dira3d.evaluation.readers.SimpleITKReader` with dira3d's advice, which MONAI drops (it keeps
+        tracebacks as text) before nibabel fails on the same file with a rawer message. The file is read again with
+        that reader, here only, once every reader has failed, to give its error instead."""
+        readers = [reader] if reader is not None else list(self._loader.readers[::-1])
+        for candidate in readers:
+            if not type(candidate).__module__.startswith("dira3d."):
+                continue
+            for key in self.key_iterator(dict(data)):
+                try:
+                    candidate.read(data[key])
+                except DataError as own:
+                    return own
+                except Exception:  # noqa: BLE001 - no clearer message from this reader
+                    continue
+        return None
 
 
 @contextmanager

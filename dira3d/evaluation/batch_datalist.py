@@ -27,8 +27,9 @@ def batch_entries(datalist: Sequence[Mapping[str, Any]] | str | os.PathLike) -> 
 
     Raises:
         FileNotFoundError: no such file.
-        DatalistError: not JSON, neither form, or entries without an ``image`` (one message naming the file and the
-            forms taken).
+        DatalistError: not JSON or neither form (one message naming the file and the forms taken), or entries that
+            are not inputs: without an ``image``, or a number or an object in a list of bare paths (one message naming
+            the file and each such entry).
         DataError: a list given as it is holds entries that are not objects or have no ``image`` (one message naming
             ``--datalist`` and each such entry; it stopped the batch with MONAI's tracebacks of a ``KeyError``).
     """
