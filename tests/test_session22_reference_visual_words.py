@@ -129,6 +129,8 @@ def test_finish_class_marks_it_done_in_the_manifest_on_disk(tmp_path):
     ({"seed": "0"}, "malformed seed"),
     ({"classes": [{"index": "0", "shards": {}}]}, r"malformed classes\[0\]"),
     ({"classes": [{"index": 0, "shards": ["a.npy"]}]}, r"malformed classes\[0\]"),
+    ({"classes": [{"index": True, "shards": {}}]}, r"malformed classes\[0\]"),  # JSON true is not a class index
+    ({"seed": False}, "malformed seed"),
 ])
 def test_read_manifest_refuses_other_formats_and_malformed_fields(tmp_path, change, problem):
     manifest = {**new_manifest(0, {}, "d.json", {}, {}), **change}

@@ -76,12 +76,17 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})"
         )
     kinds = {"seed": int, "params": dict, "volumes": dict, "status": str, "classes": list}
-    wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)]
+    wrong = [k for k, kind in kinds.items() if not _is(manifest.get(k), kind)]
     wrong += [f"classes[{i}]" for i, c in enumerate(manifest.get("classes") if not wrong else [])
-              if not (isinstance(c, dict) and isinstance(c.get("index"), int) and isinstance(c.get("shards", {}), dict))]
+              if not (isinstance(c, dict) and _is(c.get("index"), int) and isinstance(c.get("shards", {}), dict))]
     if wrong:
         raise FileContentError(path, f"visual-word manifest {path} has a missing or malformed {wrong[0]}; {fix}")
     return manifest
+
+
+def _is(value: object, kind: type) -> bool:
+    """``isinstance``, except that JSON's ``true`` / ``false`` are not integers (a class index or a seed)."""
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
 def new_manifest(seed: int, params: dict, datalist: str, volumes: dict, embedding: dict) -> dict:
