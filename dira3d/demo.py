@@ -101,10 +101,15 @@ def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage
         {"name": "dira", "losses": ["dis", "res", "adv"]},
     ]
     _say(f"4/5 pretraining 3D DiRA (tiny preset, stages dis → dis+res → dis+res+adv) into {run_dir}")
-    run(config_file=[str(PRETRAIN / "train.json"), str(PRETRAIN / "tiny.json"), str(PRETRAIN / "visual_words.json")],
-        meta_file=str(PRETRAIN / "metadata.json"), logging_file=str(PRETRAIN / "logging.conf"),
-        bundle_root=str(run_dir), dataset_dir=str(vw), patch_size=list(patch), stages=stages,
-        max_epochs=3 * epochs_per_stage, batch_size=8, log_every=5, image_every=20, seed=seed)
+    from dira3d.engines.finished import RunAlreadyFinished
+
+    try:
+        run(config_file=[str(PRETRAIN / "train.json"), str(PRETRAIN / "tiny.json"), str(PRETRAIN / "visual_words.json")],
+            meta_file=str(PRETRAIN / "metadata.json"), logging_file=str(PRETRAIN / "logging.conf"),
+            bundle_root=str(run_dir), dataset_dir=str(vw), patch_size=list(patch), stages=stages,
+            max_epochs=3 * epochs_per_stage, batch_size=8, log_every=5, image_every=20, seed=seed)
+    except RunAlreadyFinished:  # a rerun: the finished pretraining is reused, nothing is loaded again
+        _say(f"4/5 pretraining already finished in {run_dir / 'models'}")
     return run_dir, stages
 
 

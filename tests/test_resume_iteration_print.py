@@ -94,4 +94,4 @@ def test_the_pretraining_bundle_prints_with_it():
     config = json.loads((BUNDLE / "train.json").read_text())
     targets = [h["_target_"] for h in config["train"]["handlers"] if isinstance(h, dict) and "StatsHandler" in h["_target_"]]
     assert "dira3d.engines.EpochStatsHandler" in targets and "StatsHandler" not in targets
-    assert json.loads((BUNDLE / "metadata.json").read_text())["version"] == "0.1.31"
+    assert json.loads((BUNDLE / "metadata.json").read_text())["version"] == "0.1.32"

@@ -7,6 +7,8 @@
   — the one to fine-tune from (``last.pt`` for a run without validation).
 - :func:`exit_if_stopped`, :class:`StoppedBySignal` — SIGTERM / Ctrl-C: ``last.pt`` at the step, exit 143 / 130;
   :func:`stop_before_training` — the same exit, with one line, while the data are cached before training.
+- :func:`exit_if_finished`, :class:`RunAlreadyFinished` — a rerun of a finished run: one line and exit 0, before any
+  data is loaded (:mod:`dira3d.engines.finished`).
 - :class:`FinalStageEarlyStop`, :func:`check_early_stop_patience` — opt-in early stopping on the validation
   loss in the final stage (``DiRACheckpoint(early_stop_patience=N)``).
 - :class:`RestorationImageHandler`, :func:`scalar_output` — TensorBoard images and scalars;
@@ -30,6 +32,7 @@ from dira3d.engines.components import DIS_MODES, build_dis_head, build_dis_loss,
 from dira3d.engines.data import RandPatchPair, RandPatchPaird, with_image_labels
 from dira3d.engines.distributed import init_distributed, is_main_process, maybe_sync_batchnorm
 from dira3d.engines.evaluator import DiRAEvaluator
+from dira3d.engines.finished import RunAlreadyFinished, exit_if_finished
 from dira3d.engines.faults import CollapseMonitor, NonFiniteGuard, NonFiniteLossError
 from dira3d.engines.inputs import CheckSameShaped, CheckVolumed, load_datalist
 from dira3d.engines.handlers import (EpochStatsHandler, RestorationImageHandler, rank_zero_handlers, scalar_output,
@@ -86,4 +89,6 @@ __all__ = [
     "end_stop_before_training",
     "FinalStageEarlyStop",
     "check_early_stop_patience",
+    "RunAlreadyFinished",
+    "exit_if_finished",
 ]

@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     mismatch = visual_words_mismatch(datalist, configs, overrides)
     if mismatch:
         parser.error(mismatch)
+    from dira3d.engines.finished import RunAlreadyFinished
     from dira3d.engines.inputs import setting_error_in
     from dira3d.utils.checkpoint import check_writable
 
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM before training: one line on how to go on, not a traceback
         print(f"dira3d pretrain: {interrupted_message(output, overrides, err)}", file=sys.stderr)
         return interrupt_exit_code(err)
+    except RunAlreadyFinished as done:  # a rerun of a finished run: nothing loaded or written (engines.finished)
+        print(f"dira3d pretrain: {done}", flush=True)
     except StoppedBySignal as stop:  # SIGTERM or Ctrl-C: the step finished and last.pt was written first
         print(f"dira3d pretrain: {interrupted_message(output, overrides, stop)}", file=sys.stderr)
         return int(stop.code)

@@ -1,0 +1,109 @@
+"""A rerun of a pretraining that has already finished: one line and exit 0, before any data is loaded.
+
+Rerunning a finished run (the same ``ckpt_dir``, whose ``last.pt`` is at the run's last epoch) built the trainer first,
+and with it the datasets: MONAI's ``CacheDataset`` loaded every volume (minutes to tens of minutes on LUNA16) before the
+resume found nothing left to train, and the run then wrote ``last.pt`` again. :func:`exit_if_finished` (a step of the
+pretraining bundle's ``initialize``, before any dataset is built) reads ``last.pt`` (``weights_only``, memory-mapped,
+on the CPU) and, when the run has finished, logs one line naming ``last.pt``, its epoch and ``max_epochs`` and raises
+:class:`RunAlreadyFinished` (a ``SystemExit`` with code 0): nothing is loaded, trained or written.
+
+Finished means all of:
+
+- ``resume`` is on and ``last.pt`` exists and is readable;
+- its trainer ``epoch`` is at or past ``max_epochs``, written at that epoch's end (no ``epoch_iteration``), and that end
+  is not pending (``epoch_end_pending``, :mod:`dira3d.engines.epoch_end`: it must still run);
+- every setting the check is given (the bundle's ``checkpoint_meta`` and the dimensionality, channels and mode: width,
+  head sizes, ...; not the number of classes, which would read the datalist) equals the one in ``last.pt``. A
+  setting that differs, or that ``last.pt`` does not record (a ``last.pt`` of an older dira3d), leaves the run to the
+  usual path: the resume refuses a checkpoint of other settings as before
+  (:func:`~dira3d.engines.checkpoint.restore_checkpoint`);
+- the stage schedule is valid (:class:`~dira3d.engines.stages.StageSchedule`: a bad one is refused as before).
+
+Anything else (a larger ``max_epochs``, ``resume`` false, no ``last.pt``) runs as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dira3d.utils.overrides import as_bool
+
+__all__ = ["RunAlreadyFinished", "finished_note", "exit_if_finished"]
+
+
+class RunAlreadyFinished(SystemExit):
+    """A rerun of a finished run, ended before anything was loaded: ``SystemExit`` with code 0 (``python -m monai.bundle
+    run`` and ``torchrun`` exit 0 without a traceback). ``str()`` is the line :func:`exit_if_finished` logged."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__(0)
+        self.note = note
+
+    def __str__(self) -> str:
+        return self.note
+
+
+def _plain(value: Any) -> Any:
+    # lists and tuples alike (a config list, a checkpoint list), numbers by value (1 == 1.0)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = True,
+                  settings: Mapping[str, Any] | None = None, stages: Sequence[Mapping] | None = None) -> str:
+    """The line saying that the run in ``ckpt_dir`` has finished (see the module's docstring), or '' when it has not
+    (or when that cannot be told cheaply: the run then goes the usual way).
+
+    Args:
+        ckpt_dir: the run's checkpoint folder (``last.pt``).
+        max_epochs: the run's ``max_epochs``.
+        resume: the bundle's ``resume`` setting (false: the run starts afresh, as before).
+        settings: settings that must equal ``last.pt``'s ``meta`` entries of the same names.
+        stages: the stage schedule, checked as the trainer checks it (a bad one raises ``ValueError`` as it does).
+    """
+    if not as_bool(resume, "resume"):
+        return ""
+    last = Path(ckpt_dir) / "last.pt"
+    if not last.is_file():
+        return ""
+    if stages is not None:
+        from dira3d.engines.stages import StageSchedule
+
+        StageSchedule(stages)  # a bad schedule is refused as the trainer refuses it, not said to be finished
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        trainer, meta = ckpt["trainer"], ckpt.get("meta", {})
+        epoch = int(trainer["epoch"])
+        mid_epoch = int(trainer.get("epoch_iteration", 0))
+        pending = bool(trainer.get("epoch_end_pending"))
+    except Exception:  # not a checkpoint of ours, or truncated: the resume names the problem, as before
+        return ""
+    if max_epochs is None or epoch < int(max_epochs) or mid_epoch or pending:
+        return ""
+    if any(key not in meta or _plain(meta[key]) != _plain(value) for key, value in dict(settings or {}).items()):
+        return ""  # another setting: the resume refuses it (or resumes) as before
+    return (f"{last} is at epoch {epoch}, max_epochs={int(max_epochs)}: this run has already finished; nothing was "
+            "loaded, trained or written; to train more, rerun with a larger max_epochs (it continues from last.pt)")
+
+
+def exit_if_finished(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = True,
+                     settings: Mapping[str, Any] | None = None, stages: Sequence[Mapping] | None = None,
+                     what: str = "pretraining") -> None:
+    """A bundle's ``initialize`` step, before any dataset is built: when the run in ``ckpt_dir`` has finished
+    (:func:`finished_note`), log that line (on global rank 0) and raise :class:`RunAlreadyFinished` (exit 0).
+    Every rank of a ``torchrun`` reads the same ``last.pt`` and ends alike. A no-op otherwise."""
+    note = finished_note(ckpt_dir, max_epochs, resume=resume, settings=settings, stages=stages)
+    if not note:
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger("dira3d.finished").info(f"{what}: {note}")
+    raise RunAlreadyFinished(note)
