@@ -155,14 +155,29 @@ def _describe(value: Any, seen: set[int], depth: int = 0) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _describe(v, seen, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     name = f"{type(value).__module__}.{type(value).__qualname__}"
-    state = getattr(value, "__dict__", None)
+    state = _attributes(value)
     if state is None or id(value) in seen:
         return name
     seen.add(id(value))
     return {"class": name, "state": _describe(state, seen, depth + 1)}
 
 
-_HASHED: dict[tuple[int, ...], tuple[Any, bytes]] = {}  # ids of transforms -> (held transforms or None, hash)
+def _attributes(value: Any) -> dict | None:
+    """``value``'s attributes: its ``__dict__`` and the values of the ``__slots__`` of its classes (a setting held in a
+    slot changes the hash too); None for an object with neither."""
+    state = getattr(value, "__dict__", None)
+    slots = {}
+    for klass in type(value).__mro__:
+        names = getattr(klass, "__slots__", ())
+        for slot in (names,) if isinstance(names, str) else names:
+            if slot not in ("__dict__", "__weakref__") and slot not in slots and hasattr(value, slot):
+                slots[slot] = getattr(value, slot)
+    if state is None and not slots:
+        return None
+    return {**slots, **(state or {})}
+
+
+_HASHED: dict[tuple, tuple[Any, bytes]] = {}  # (a list or tuple?, ids of transforms...) -> (held transforms or None, hash)
 
 
 def transform_hashing(transforms: Any) -> bytes:
@@ -176,8 +191,9 @@ def transform_hashing(transforms: Any) -> bytes:
     (a notebook or an experiment grid builds many bundles): it is keyed by their ids, and each instance's finaliser
     drops the entry when it is collected, before its id can be reused. Only a transform that takes no weak reference
     is held by the memo (as every transform was before)."""
-    group = list(transforms) if isinstance(transforms, (list, tuple)) else [transforms]
-    key = tuple(id(t) for t in group)
+    several = isinstance(transforms, (list, tuple))
+    group = list(transforms) if several else [transforms]
+    key = (several, *(id(t) for t in group))  # [A] and A are described differently: not one memo entry
     if key not in _HASHED:
         text = json.dumps(_describe(transforms, set()), sort_keys=True)
         held = []
