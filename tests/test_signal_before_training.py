@@ -22,7 +22,7 @@ from test_signal_stop_runs import run_until
 # Wraps `python -m monai.bundle`: each item CacheDataset loads prints "CACHING" on a line of its own (tqdm's bar
 # shares the pipe, hence the leading newline); the first waits for the signal, so the signal comes during the caching.
 RUNNER = textwrap.dedent('''
-    import os, runpy, sys, time
+    import os, runpy, signal, sys, time
     from monai.data import CacheDataset
 
     def say(*words):
@@ -31,11 +31,25 @@ RUNNER = textwrap.dedent('''
     load = CacheDataset._load_cache_item
     waited = []
 
+    def until_the_signal(limit=60.0):
+        # dira3d's handler is in place while the data are cached and puts the defaults back when the signal comes;
+        # polled, as the item may be loaded in one of CacheDataset's threads (whose pool waits for it at the end)
+        seen, deadline = False, time.monotonic() + limit
+        while time.monotonic() < deadline:
+            installed = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+            if seen and not installed:
+                return
+            seen = seen or installed
+            time.sleep(0.05)
+
     def slow_load(self, *args, **kwargs):
         say("CACHING")
-        # the first item waits for the signal (which interrupts the sleep): on a loaded machine the test's reader can
-        # see the line seconds late, and a fixed short pause let the run finish caching (even training) first
-        time.sleep(0.5 if waited else 60)
+        # the first item waits for the signal: on a loaded machine the test's reader can see the line seconds late,
+        # and a fixed short pause let the run finish caching (even training) first
+        if waited:
+            time.sleep(0.5)
+        else:
+            until_the_signal()
         waited.append(1)
         return load(self, *args, **kwargs)
 
