@@ -31,26 +31,31 @@ RUNNER = textwrap.dedent('''
     load = CacheDataset._load_cache_item
     waited = []
 
-    def until_the_signal(limit=60.0):
+    def handler_in_place():
+        return signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+
+    def until_the_signal(seen, limit=60.0):
         # dira3d's handler is in place while the data are cached and puts the defaults back when the signal comes;
-        # polled, as the item may be loaded in one of CacheDataset's threads (whose pool waits for it at the end)
-        seen, deadline = False, time.monotonic() + limit
+        # polled, as the item may be loaded in one of CacheDataset's threads (whose pool waits for it at the end);
+        # `seen`: it was in place before the line was printed (the signal may come before the first poll)
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            installed = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+            installed = handler_in_place()
             if seen and not installed:
                 return
             seen = seen or installed
             time.sleep(0.05)
 
     def slow_load(self, *args, **kwargs):
+        first, seen = not waited, handler_in_place()
+        waited.append(1)
         say("CACHING")
         # the first item waits for the signal: on a loaded machine the test's reader can see the line seconds late,
         # and a fixed short pause let the run finish caching (even training) first
-        if waited:
-            time.sleep(0.5)
+        if first:
+            until_the_signal(seen)
         else:
-            until_the_signal()
-        waited.append(1)
+            time.sleep(0.5)
         return load(self, *args, **kwargs)
 
     CacheDataset._load_cache_item = slow_load
