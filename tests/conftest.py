@@ -231,3 +231,85 @@ def run_torchrun_command(cmd: list, *, timeout: float, **kwargs):
         pytest.fail(f"the torchrun run did not end in {timeout} s (a rank waiting on a collective?); its process tree "
                     f"was killed:\n{(stdout + stderr)[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+class ThreadRanks:
+    """``ranks`` ranks in threads of this process, each gathering through ``ignite.distributed.all_gather`` as the
+    collective delivers: a tensor concatenated over the ranks along its first dimension, a number as a tensor of one
+    per rank, any other object as the list of every rank's. :meth:`run` runs ``job(rank)`` in each and returns their
+    results in rank order (the first error is raised in the test's thread)."""
+
+    def __init__(self, ranks: int) -> None:
+        import threading
+
+        self.ranks, self.local = ranks, threading.local()
+        self.slots: list = [None] * ranks
+        self.barrier = threading.Barrier(ranks, timeout=60)
+
+    def rank(self) -> int:
+        return self.local.rank
+
+    def all_gather(self, item, group=None):
+        from numbers import Number
+
+        self.slots[self.local.rank] = item
+        self.barrier.wait()
+        gathered = list(self.slots)
+        self.barrier.wait()  # every rank has read them before the next gather
+        if isinstance(item, torch.Tensor):
+            return torch.cat([g.reshape(1) if g.ndim == 0 else g for g in gathered])
+        return torch.tensor(gathered) if isinstance(item, Number) else gathered
+
+    def run(self, job) -> list:
+        import threading
+
+        results, errors = [None] * self.ranks, []
+
+        def one(rank: int) -> None:
+            self.local.rank = rank
+            try:
+                results[rank] = job(rank)
+            except Exception as err:  # noqa: BLE001 - raised below, in the test's thread
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=one, args=(rank,)) for rank in range(self.ranks)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.fixture
+def thread_ranks(monkeypatch):
+    """``thread_ranks(n)``: :class:`ThreadRanks` of ``n`` ranks standing in for ``ignite.distributed``'s world size,
+    rank and ``all_gather`` for the test."""
+    import ignite.distributed as idist
+
+    def make(ranks: int) -> ThreadRanks:
+        made = ThreadRanks(ranks)
+        monkeypatch.setattr(idist, "get_world_size", lambda: ranks)
+        monkeypatch.setattr(idist, "get_rank", made.rank)
+        monkeypatch.setattr(idist, "all_gather", made.all_gather)
+        return made
+
+    return make
+
+
+@pytest.fixture
+def datalist_parses(monkeypatch) -> list[str]:
+    """The path of every parse of a datalist file by ``dira3d.evaluation.load_split``, in order."""
+    import dira3d.evaluation.datalists as datalists
+
+    calls: list[str] = []
+    original = datalists.read_datalist_json
+
+    def counted(path, *args, **kwargs):
+        calls.append(str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(datalists, "read_datalist_json", counted)
+    return calls

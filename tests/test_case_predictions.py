@@ -214,64 +214,14 @@ def test_the_rows_of_the_ranks_merge_in_rank_order_and_a_rank_without_a_case_add
         merge_rank_values([rank0, [[1.0, 0.5]]])
 
 
-class _Ranks:
-    """``ranks`` ranks in threads of this process, each gathering through ``ignite.distributed.all_gather`` as it
-    delivers: a tensor concatenated over the ranks along its first dimension (of one shape beyond it, as the collective
-    needs), a number as a tensor of one per rank, any other object as the list of every rank's."""
-
-    def __init__(self, ranks: int) -> None:
-        import threading
-
-        self.ranks, self.local = ranks, threading.local()
-        self.slots: list = [None] * ranks
-        self.barrier = threading.Barrier(ranks, timeout=60)
-
-    def all_gather(self, item: Any, group: Any = None) -> Any:
-        from numbers import Number
-
-        self.slots[self.local.rank] = item
-        self.barrier.wait()
-        gathered = list(self.slots)
-        self.barrier.wait()  # every rank has read them before the next gather
-        if isinstance(item, torch.Tensor):
-            return torch.cat([g.reshape(1) if g.ndim == 0 else g for g in gathered])
-        return torch.tensor(gathered) if isinstance(item, Number) else gathered
-
-    def run(self, job) -> list:
-        import threading
-
-        results, errors = [None] * self.ranks, []
-
-        def one(rank: int) -> None:
-            self.local.rank = rank
-            try:
-                results[rank] = job(rank)
-            except Exception as err:  # noqa: BLE001 - raised below, in the test's thread
-                errors.append(err)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=one, args=(rank,)) for rank in range(self.ranks)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        if errors:
-            raise errors[0]
-        return results
-
-
-def test_with_more_ranks_than_cases_rank_0_writes_every_case_once_with_a_column_per_output(tmp_path, monkeypatch):
+def test_with_more_ranks_than_cases_rank_0_writes_every_case_once_with_a_column_per_output(tmp_path, thread_ranks):
     """3 ranks, 2 cases of a two-output network without class_names: rank 2 scores none. It cannot know the number of
     outputs and padded its empty rows to 2 values (label, probability) against the others' 4, which the gather of the
     rows refused; and the ids' gather (MONAI's string_list_all_gather) gave it one empty id."""
-    import ignite.distributed as idist
     from ignite.engine import Engine
     from types import SimpleNamespace
 
-    ranks = _Ranks(3)
-    monkeypatch.setattr(idist, "get_world_size", lambda: 3)
-    monkeypatch.setattr(idist, "get_rank", lambda: ranks.local.rank)
-    monkeypatch.setattr(idist, "all_gather", ranks.all_gather)
+    ranks = thread_ranks(3)
     cases = {0: [("c0.png", [0.25, 0.75], [0.0, 1.0])], 1: [("c1.png", [0.5, 0.125], [1.0, 0.0])], 2: []}
 
     def rank(number: int) -> Any:

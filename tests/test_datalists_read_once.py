@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import dira3d.evaluation.datalists as datalists
 from dira3d.evaluation import load_split
 
 
@@ -32,31 +31,17 @@ def _write(folder: Path, name: str = "dl.json", patients: int = 10) -> Path:
     return path
 
 
-@pytest.fixture
-def parses(monkeypatch) -> list[str]:
-    """Every parse of a datalist file by load_split, by path."""
-    calls = []
-    original = datalists.read_datalist_json
-
-    def counted(path, *args, **kwargs):
-        calls.append(str(path))
-        return original(path, *args, **kwargs)
-
-    monkeypatch.setattr(datalists, "read_datalist_json", counted)
-    return calls
-
-
-def test_the_splits_of_one_datalist_parse_it_once(tmp_path, parses):
+def test_the_splits_of_one_datalist_parse_it_once(tmp_path, datalist_parses):
     path = _write(tmp_path)
     train = load_split(path, "train", seed=1)
     held = load_split(path, "holdout", seed=1)
     test = load_split(path, "test", seed=1)
-    assert parses == [str(path.resolve())]
+    assert datalist_parses == [str(path.resolve())]
     assert len(train) + len(held) == 20 and len(test) == 6
-    assert load_split(path, "train", seed=1) == train and len(parses) == 1  # the same entries from the memo
+    assert load_split(path, "train", seed=1) == train and len(datalist_parses) == 1  # the same entries from the memo
 
 
-def test_a_rewritten_datalist_is_read_again(tmp_path, parses):
+def test_a_rewritten_datalist_is_read_again(tmp_path, datalist_parses):
     path = _write(tmp_path)
     first = load_split(path, "test")
     content = json.loads(path.read_text())
@@ -66,21 +51,21 @@ def test_a_rewritten_datalist_is_read_again(tmp_path, parses):
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # rewritten within one step of the file times
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     second = load_split(path, "test")
-    assert len(parses) == 2
+    assert len(datalist_parses) == 2
     assert second[0]["label"] == content["test"][0]["label"] != first[0]["label"]
 
 
-def test_changing_the_returned_entries_does_not_change_the_next_call(tmp_path, parses):
+def test_changing_the_returned_entries_does_not_change_the_next_call(tmp_path, datalist_parses):
     path = _write(tmp_path)
     test = load_split(path, "test")
     expected = [dict(e, label=list(e["label"])) for e in test]
     for entry in test:
         entry["label"].append(9.0)  # a caller's own change of a label vector
         entry["image"] = "changed"
-    assert load_split(path, "test") == expected and len(parses) == 1
+    assert load_split(path, "test") == expected and len(datalist_parses) == 1
 
 
-def test_a_few_datalists_are_kept_not_every_one(tmp_path, parses):
+def test_a_few_datalists_are_kept_not_every_one(tmp_path, datalist_parses):
     paths = []
     for i in range(6):
         folder = tmp_path / f"d{i}"
@@ -88,9 +73,9 @@ def test_a_few_datalists_are_kept_not_every_one(tmp_path, parses):
         paths.append(_write(folder))
         load_split(paths[-1], "test")
     load_split(paths[-1], "test")  # the latest: kept
-    assert len(parses) == 6
+    assert len(datalist_parses) == 6
     load_split(paths[0], "test")  # the first: parsed again
-    assert len(parses) == 7
+    assert len(datalist_parses) == 7
 
 
 def test_a_missing_or_broken_datalist_is_still_named(tmp_path):

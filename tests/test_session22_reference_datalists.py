@@ -30,21 +30,8 @@ def _write(folder: Path, name: str = "dl.json", tag: str = "") -> Path:
     return path
 
 
-@pytest.fixture
-def parses(monkeypatch) -> list[str]:
-    calls = []
-    original = datalists.read_datalist_json
-
-    def counted(path, *args, **kwargs):
-        calls.append(str(path))
-        return original(path, *args, **kwargs)
-
-    monkeypatch.setattr(datalists, "read_datalist_json", counted)
-    return calls
-
-
 @pytest.mark.parametrize("split", ["test", "validation"])
-def test_nested_values_of_the_returned_entries_are_the_callers_own(tmp_path, parses, split):
+def test_nested_values_of_the_returned_entries_are_the_callers_own(tmp_path, datalist_parses, split):
     path = _write(tmp_path)
     first = load_split(path, split)
     expected = copy.deepcopy(first)
@@ -55,7 +42,7 @@ def test_nested_values_of_the_returned_entries_are_the_callers_own(tmp_path, par
         entry["meta"]["ids"].append(99)
         entry["boxes"][0].append(9.0)
     assert load_split(path, split) == expected
-    assert len(parses) == 1  # from the memo, unchanged
+    assert len(datalist_parses) == 1  # from the memo, unchanged
 
 
 def test_a_datalist_rewritten_while_it_is_parsed_is_not_kept_under_its_earlier_content(tmp_path, monkeypatch):
@@ -79,7 +66,7 @@ def test_a_datalist_rewritten_while_it_is_parsed_is_not_kept_under_its_earlier_c
     assert load_split(path, "test")[0]["label"] == [0.0, 1.0]
 
 
-def test_the_last_datalist_parsed_is_the_one_kept(tmp_path, parses):
+def test_the_last_datalist_parsed_is_the_one_kept(tmp_path, datalist_parses):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first, second = _write(tmp_path / "a", tag="a"), _write(tmp_path / "b", tag="b")
@@ -87,4 +74,4 @@ def test_the_last_datalist_parsed_is_the_one_kept(tmp_path, parses):
     load_split(second, "test")
     load_split(first, "test")  # parsed again: only the last one parsed (second) was kept
     load_split(first, "test")  # kept now
-    assert parses == [str(first.resolve()), str(second.resolve()), str(first.resolve())]
+    assert datalist_parses == [str(first.resolve()), str(second.resolve()), str(first.resolve())]
