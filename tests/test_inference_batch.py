@@ -386,8 +386,9 @@ class _FailingEngine:
 
 
 def test_the_repeated_failure_count_is_per_input_and_starts_again_with_each_run():
-    """A failed batch of 2 inputs is 2 inputs failing the same way (a model of another in_channels on a batch_size 2
-    loader failed 6 inputs before the stop of 3), and a run of the same record counts from 0 again."""
+    """A failed batch of 2 inputs is run again one input at a time, and each counts (a model of another in_channels on a
+    batch_size 2 loader failed 6 inputs before the stop of 3; the failed batch itself is not counted: it would count its
+    inputs twice), and a run of the same record counts from 0 again."""
     import torch
     from monai.transforms import Compose
 
@@ -397,11 +398,11 @@ def test_the_repeated_failure_count_is_per_input_and_starts_again_with_each_run(
     batch = InferenceBatch([{"image": f"/data/case{i}.nii.gz"} for i in range(6)])
     two, one = {"image": torch.zeros(2, 1, 4, 4, 4)}, {"image": torch.zeros(1, 1, 4, 4, 4)}
     batch.screen(Compose([]))
-    assert batch.iteration(_FailingEngine, two) == []  # inputs 0 and 1
-    with pytest.raises(RepeatedFailureError, match=r"^the batch stops: 4 inputs in a row failed .*\(the other 2 "
+    assert batch.iteration(_FailingEngine, two) == []  # inputs 0 and 1, then each alone
+    with pytest.raises(RepeatedFailureError, match=r"^the batch stops: 3 inputs in a row failed .*\(the other 3 "
                                                    r"inputs are not run;"):
-        batch.iteration(_FailingEngine, two)  # inputs 2 and 3
-    assert sorted(batch.failed) == [0, 1, 2, 3]
+        batch.iteration(_FailingEngine, two)  # inputs 2 and 3, then 2 alone: 3 not tried alone is not run
+    assert sorted(batch.failed) == [0, 1, 2]
     # the same record run again (the workflow's run called once more): its first failures do not stop it at once
     batch.screen(Compose([]))
     assert batch.iteration(_FailingEngine, one) == [] and batch.iteration(_FailingEngine, one) == []

@@ -59,6 +59,9 @@ def test_a_file_of_another_form_is_refused_naming_it_and_the_forms_taken(tmp_pat
 def test_a_file_without_images_or_not_json_is_refused_naming_it(tmp_path):
     path = tmp_path / "my_scans.json"
     path.write_text(json.dumps([{"label": "a.nii.gz"}]))
+    with pytest.raises(DatalistError, match=rf"^datalist {path} is a list of 1 entry, a bad one: entry 0 has no 'image'"):
+        batch_entries(str(path))
+    path.write_text(json.dumps({"test": [{"label": "a.nii.gz"}]}))  # a datalist: its "test" key named
     with pytest.raises(DatalistError, match=rf"^datalist {path} has 1 bad 'test' entry: entry 0 has no 'image'"):
         batch_entries(str(path))
     path.write_text("[{'image': 'a.nii.gz'}]")  # Python, not JSON
@@ -74,7 +77,9 @@ def test_a_file_of_bare_paths_with_an_object_or_a_number_among_them_is_refused_n
     with pytest.raises(DatalistError) as raised:
         batch_entries(path)
     message = str(raised.value)
-    assert message.startswith(f"datalist {path} has 2 bad 'test' entries: "), message
+    # the file is a list, not a datalist with a "test" key: said in those words (it was "has 2 bad 'test' entries")
+    assert message.startswith(f"datalist {path} is a list of 5 entries, 2 of them bad: "), message
+    assert "'test'" not in message, message
     assert "entry 1 is an int, not an object" in message and "entry 2 has no 'image'" in message, message
     assert "entry 0" not in message and "entry 3" not in message and "entry 4" not in message, message
 

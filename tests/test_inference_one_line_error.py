@@ -38,13 +38,15 @@ def _prepared(path):
     return path
 
 
-def _run(repo_root, model, out, *settings):
+def _run(repo_root, model, out, *settings, rank=None):
     configs = repo_root / "bundles" / BUNDLE / "configs"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "inference.json"),
            "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf"),
            "--bundle_root", str(repo_root / "bundles" / BUNDLE), "--ckpt_dir", str(model), "--width", "0.125",
            "--roi_size", "[16,16,8]", "--device", "cpu", "--output_dir", str(out), *settings]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if rank is not None:  # as torchrun runs the bundle: each process the whole batch, without a process group
+        env.update(RANK=rank, DIRA3D_ALL_TRACEBACKS="")
     return subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -99,6 +101,26 @@ def test_loading_a_missing_file_logs_nothing_before_its_error(files, tmp_path, c
     assert str(raised.value) == f"{tmp_path / 'gone.nii.gz'}: does not exist; check the path"
     # (MONAI's note that nvImageCodec is not installed may come here too: not about the file)
     assert [r.getMessage() for r in caplog.records if r.name == "LoadImage" or "gone.nii.gz" in r.getMessage()] == []
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_a_rank_other_than_0_says_an_error_in_one_line(rank, repo_root, model, tmp_path):
+    """Found in session 22: `torchrun ... -m monai.bundle run --config_file inference.json` printed every rank's traceback
+    of an error that is not a bad input's (a bad setting here); rank 0 keeps it in full, the others say it in one line
+    (inference.json's initialize calls dira3d.engines.distributed.brief_errors_on_other_ranks, as pretraining does)."""
+    images = [_prepared(tmp_path / f"{name}.nii.gz") for name in ("a", "b")]
+    datalist = "[" + ", ".join(f"{{'image': '{image}'}}" for image in images) + "]"
+    proc = _run(repo_root, model, tmp_path / "out", "--datalist", datalist, "--inference_batch#repeated_failures",
+                "three", rank=rank)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    said = "ValueError: repeated_failures='three': pass the number of inputs failing the same way"
+    if rank == "0":
+        assert "Traceback" in proc.stderr and said in proc.stderr, proc.stderr[-3000:]
+        return
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"[rank1]: {said}") and "DIRA3D_ALL_TRACEBACKS=1 prints it" in lines[-1], lines[-3:]
+    assert proc.stderr.count("repeated_failures='three'") == 1, proc.stderr[-3000:]
 
 
 # --- models/preprocessing.json beside the model: garbled, or of the wrong form ----------------------------------

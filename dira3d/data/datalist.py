@@ -100,6 +100,7 @@ def datalist_entries(
     required: Sequence[str] = ("image",),
     optional: bool = False,
     check_files: str | None = None,
+    bare_list: bool = False,
 ) -> list[dict[str, Any]]:
     """The entries of split ``key``, checked, as new dicts with their relative paths resolved.
 
@@ -116,6 +117,9 @@ def datalist_entries(
         optional: an absent (or null) split is an empty list instead of an error.
         check_files: ``"file"`` (the required path keys must name files) or ``"path"`` (files or
             folders, e.g. a DICOM series); None: not checked.
+        bare_list: the file holds the list of entries itself (``content`` is ``{key: that list}``): the errors say
+            so (``is a list of 3 entries, 2 of them bad``), not ``has 2 bad 'test' entries``: a key the file does not
+            have.
 
     Raises:
         FileNotFoundError: the datalist does not exist.
@@ -163,8 +167,12 @@ def datalist_entries(
     if problems:
         shown = _first_few(problems)
         kind = DatalistFilesMissingError if missing_files == len(problems) else DatalistError
-        count = f"{len(problems)} bad {key!r} entr{'y' if len(problems) == 1 else 'ies'}"
-        raise kind(path, f"has {count}: {shown}. Fix or remove them and rerun")
+        if bare_list:  # the file's own list, not a key's
+            held = ("is a list of 1 entry, a bad one" if len(raw) == 1 else
+                    f"is a list of {len(raw)} entries, {len(problems)} of them bad")
+        else:
+            held = f"has {len(problems)} bad {key!r} entr{'y' if len(problems) == 1 else 'ies'}"
+        raise kind(path, f"{held}: {shown}. Fix or remove them and rerun")
     return entries
 
 

@@ -233,9 +233,13 @@ def quiet_other_ranks(names: tuple[str, ...] = ("DiRATrainer", "DiRAEvaluator", 
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+_MONAI_WRAPPERS = ("Failed to evaluate", "Failed to instantiate", "applying transform")  # how MONAI wraps an error
+
+
 def brief_errors_on_other_ranks() -> None:
     """On ranks other than 0, an error that ends the process is one line, ``[rank1]: ValueError: <message>`` (the
-    error inside MONAI's ``Failed to evaluate ConfigExpression`` or ``applying transform``), not its traceback.
+    error inside MONAI's ``Failed to evaluate ConfigExpression``, ``Failed to instantiate component`` (a bad setting of a
+    component) or ``applying transform``), not its traceback.
 
     Every rank of a run that fails for a common reason (a checkpoint of other settings, a bad setting) printed the
     same tracebacks, interleaved, screens of them; rank 0 prints its own in full, and the one line of a rank that
@@ -243,8 +247,12 @@ def brief_errors_on_other_ranks() -> None:
     engines' error logs of such a rank are left out too (the ``ignite`` loggers log nothing below CRITICAL there,
     rank 0 logs the same; ``StatsHandler``'s through :class:`dira3d.utils.interrupts.QuietInterruptMixin`). For a
     bundle's ``initialize``, after the process group is formed. MONAI's ``--- input summary of
-    monai.bundle.scripts.run ---`` block, which every rank logged after ``initialize``, is left to rank 0 too."""
-    if is_main_process():
+    monai.bundle.scripts.run ---`` block, which every rank logged after ``initialize``, is left to rank 0 too.
+
+    Without a process group (a task bundle's ``inference.json`` run by ``torchrun``: every process runs the batch on its
+    own) the rank is the one ``torchrun`` gives in ``RANK``."""
+    rank = get_rank() or int(os.environ.get("RANK", "0") or 0)  # 0 without a process group: then torchrun's RANK
+    if rank == 0:
         return
     logging.getLogger("monai.bundle.scripts").setLevel(logging.WARNING)  # its input summary: rank 0 logs the same
     if os.environ.get("DIRA3D_ALL_TRACEBACKS") == "1":
@@ -253,11 +261,10 @@ def brief_errors_on_other_ranks() -> None:
 
     quiet_engine_errors()
     logging.getLogger("ignite").setLevel(logging.CRITICAL)  # the engines' "terminating due to exception" lines
-    rank = get_rank()
 
     def one_line(kind: type, error: BaseException, tb: Any) -> None:
-        root = error  # the error inside MONAI's wrappers (a config expression, a transform), not its own cause
-        while root.__cause__ is not None and str(root).startswith(("Failed to evaluate", "applying transform")):
+        root = error  # the error inside MONAI's wrappers (a config expression, a component, a transform), not its cause
+        while root.__cause__ is not None and str(root).startswith(_MONAI_WRAPPERS):
             root = root.__cause__
         first = (str(root).strip().splitlines() or [""])[0]
         print(f"[rank{rank}]: {type(root).__name__}: {first} (this rank's traceback is left out; "

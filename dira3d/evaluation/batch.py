@@ -13,8 +13,10 @@ Each input of a batch ends up as one of :data:`STATUSES`:
   out) on :data:`REPEATED_FAILURES` (3) inputs in a row while none was written yet: a bad setting, a model
   that does not fit the inputs or a lost GPU, which every input would meet (:class:`RepeatedFailureError`);
   once an input was written, a failure is one input's and the batch goes on. With a ``batch_size`` above 1 (the
-  bundles use 1), a failure fails the inputs of its batch not written yet, with its reason; one whose prediction was
-  written before it is ``written``;
+  bundles use 1), a failure of a batch runs its inputs not written yet again one at a time
+  (:func:`~dira3d.evaluation.batch_failures.split_batch`): only an input that fails on its own is ``failed``, with its
+  own reason (the failed batch is not counted among the repeated failures, each input run alone is); one whose
+  prediction was written before the failure is ``written``;
 - ``not run``: the batch stopped before it.
 
 :class:`InferenceBatch` keeps that record. ``inference.json`` builds it from the ``datalist`` and uses it three
@@ -34,17 +36,16 @@ A single ``--image`` keeps its behaviour: no report, and its error stops the run
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import numbers
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dira3d.evaluation.batch_datalist import batch_entries
+from dira3d.evaluation.batch_failures import failure_key, failure_reason, split_batch, stops_batch
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
@@ -57,15 +58,10 @@ logger = logging.getLogger(__name__)
 STATUSES = ("written", "left out", "failed", "not run")
 NOT_ALL_WRITTEN = 3  # exit status of a batch that finished with some inputs not written
 REPORT_NAME = "inference_report.json"
-_SYSTEMIC = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
 _HINT = "pass --report_path with another file (\"\" for none)"  # the refusal adds: or pass --overwrite True
 # the same error on this many inputs in a row, before any input was written: the batch stops (0: never);
 # InferenceBatch(repeated_failures=...), in a bundle: --inference_batch#repeated_failures N
 REPEATED_FAILURES = 3
-# a path (has a slash) or a file name with an image, archive or model extension, as error messages quote them
-_FILE = re.compile(r"[^\s'\"`()\[\]{},;]*[/\\][^\s'\"`()\[\]{},;]*"
-                   r"|[\w.+-]+\.(?:nii|gz|nrrd|nhdr|mha|mhd|raw|dcm|png|jpe?g|tiff?|bmp|npy|npz|json|ya?ml|pt|pth|ts"
-                   r"|onnx|h5)\b", re.IGNORECASE)
 
 
 class RepeatedFailureError(RuntimeError):
@@ -75,47 +71,6 @@ class RepeatedFailureError(RuntimeError):
 def _first(image: Any) -> str:
     """The file that names an entry's output (the first of a list of files, one per channel)."""
     return str(image[0] if isinstance(image, (list, tuple)) and image else image)
-
-
-def _cause(err: BaseException) -> BaseException:
-    """``err`` without MONAI's "applying transform ..." wrappers."""
-    while err.__cause__ is not None and "applying transform" in str(err):
-        err = err.__cause__
-    return err
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, KeyboardInterrupt):  # SIGTERM too (dira3d.utils.interrupts.TerminatedBySignal)
-        return "stopped by SIGTERM" if getattr(err, "code", None) == 143 else "interrupted (Ctrl-C)"
-    err = _cause(err)
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def failure_key(err: BaseException, names: Sequence[str] = ()) -> str:
-    """What makes two inputs' failures the same error: its type and message (without MONAI's wrappers), with the
-    file ``names`` (the inputs' paths) and anything that looks like a path or a file name left out. A name without a
-    folder (``case1.nii.gz``, a DICOM folder ``s1``) is left out only where it stands as a word, and a number (DICOM
-    folders ``1``, ``2``, ...) is kept: it also stands in the message's own numbers (``groups=1``)."""
-    text = _reason(err)
-    for name in sorted({n for f in names for n in (str(f), os.path.basename(str(f))) if n}, key=len, reverse=True):
-        if "/" in name or "\\" in name:
-            text = text.replace(name, "<file>")
-        elif not name.isdigit():
-            text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", "<file>", text)
-    return _FILE.sub("<file>", text)
-
-
-def _stops_batch(err: BaseException) -> bool:
-    """Whether every later input would fail the same way (a full disk, a folder that cannot be written)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in _SYSTEMIC:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def _batch_size(batchdata: Any, key: str) -> int:
@@ -216,11 +171,18 @@ class InferenceBatch:
     def iteration(self, engine: Any, batchdata: Any) -> Any:
         """The evaluator's ``iteration_update``: its own iteration (model, post-processing, writing), with the
         failure of one input of a batch recorded and the batch going on. A failure that every later input would
-        meet (:func:`_stops_batch`), and any failure of a single input, is raised as before; the same failure on
-        ``repeated_failures`` inputs in a row, none written, raises :class:`RepeatedFailureError`."""
+        meet (:func:`~dira3d.evaluation.batch_failures.stops_batch`), and any failure of a single input, is raised as
+        before; the same failure on ``repeated_failures`` inputs in a row, none written, raises
+        :class:`RepeatedFailureError`. A failed batch of several inputs (``batch_size`` > 1) runs its inputs not
+        written yet again one at a time: only one that fails on its own is ``failed``, with its own reason."""
         size = _batch_size(batchdata, self.image_key)
         indices = self._order[self._next: self._next + size]
         self._next += size
+        return self._run(engine, batchdata, indices)
+
+    def _run(self, engine: Any, batchdata: Any, indices: list[int]) -> Any:
+        """The evaluator's own iteration on ``batchdata``, the inputs ``indices``; a failure recorded (see
+        :meth:`iteration`), and a failed batch of several inputs run again one input at a time."""
         if self.output_path is None:  # a file per input: its state before, for _settle_in_flight
             self._in_flight = {index: _file_state(self._output(index)) for index in indices}
         try:
@@ -229,20 +191,45 @@ class InferenceBatch:
             # in a batch of several inputs (batch_size > 1), one whose prediction was written before another failed
             # is written: its file is whole (renamed into place) and dira3d's own
             self.done.update(self._settle_in_flight())
-            reason = _reason(err)
-            indices = [index for index in indices if index not in self.done]
-            for index in indices:
-                self.failed[index] = reason
-            if not self.several or _stops_batch(err):
-                raise
-            files = [_first(self.datalist[i][self.image_key]) for i in indices]
-            self._stop_if_repeated(err, files)
-            logger.warning(f"failed: {', '.join(files)}: {reason}; the batch goes on with the other inputs")
-            _release_gpu_memory()
-            return []
-        self.done.update(indices)
-        self._in_flight = {}
-        return output
+            pending = [index for index in indices if index not in self.done]
+            parts = None if not self.several or stops_batch(err) else split_batch(batchdata, len(indices))
+            if parts is None:
+                reason = failure_reason(err)
+                for index in pending:
+                    self.failed[index] = reason
+                if not self.several or stops_batch(err):
+                    raise
+                files = [_first(self.datalist[i][self.image_key]) for i in pending]
+                self._stop_if_repeated(err, files)
+                logger.warning(f"failed: {', '.join(files)}: {reason}; the batch goes on with the other inputs")
+                _release_gpu_memory(engine)
+                return []
+            logger.warning(f"a batch of {len(indices)} inputs failed ({failure_reason(err)}); its {len(pending)} "
+                           "input(s) not written are run again one at a time")
+        else:
+            self.done.update(indices)
+            self._in_flight = {}
+            return output
+        # out of the except clause: the failed batch's traceback (its tensors, on the GPU) is let go before the retries
+        _release_gpu_memory(engine)
+        return self._one_at_a_time(engine, [(i, part) for i, part in zip(indices, parts) if i in pending])
+
+    def _one_at_a_time(self, engine: Any, parts: list[tuple[int, Any]]) -> list:
+        """Run each input of a failed batch again as a batch of one (:func:`split_batch`); the outputs and batches of
+        those written, as one iteration's (for the handlers that read them: the classification bundles' writer)."""
+        state = getattr(engine, "state", None)
+        outputs, batches = [], []
+        for index, part in parts:
+            if state is not None:
+                state.batch = part  # MONAI's post-processing reads the batch from the engine's state
+            output = self._run(engine, part, [index])
+            if index in self.done:
+                outputs.extend(output if isinstance(output, list) else [output])
+                if state is not None:
+                    batches.extend(state.batch if isinstance(state.batch, list) else [state.batch])
+        if state is not None:
+            state.batch, state.output = batches, outputs
+        return outputs
 
     def _stop_if_repeated(self, err: BaseException, files: list[str]) -> None:
         """Raise :class:`RepeatedFailureError` when this failure makes ``repeated_failures`` inputs in a row that
@@ -252,11 +239,11 @@ class InferenceBatch:
         self._repeat = (key, count)
         if self.done or not self.repeated_failures or count < self.repeated_failures:
             return
-        left = len(self._order) - self._next
+        left = sum(i not in self.done and i not in self.failed for i in self._order)  # with a failed batch's not tried
         rest = f"the other {left} input{'s are' if left > 1 else ' is'} not run" if left else "no input is left"
         raise RepeatedFailureError(
             f"the batch stops: {count} inputs in a row failed with the same error and none was written, so every input "
-            f"would: {_reason(err)}; it comes from the run, not the inputs: check the settings (roi_size, "
+            f"would: {failure_reason(err)}; it comes from the run, not the inputs: check the settings (roi_size, "
             f"in_channels, the transforms' settings), the model in ckpt_dir and the device, fix it and run the batch "
             f"again ({rest}; --inference_batch#repeated_failures 0 goes on regardless)") from err
 
@@ -285,7 +272,7 @@ class InferenceBatch:
             self._stop_on_signal(err, "")
             raise
         except BaseException as err:
-            self.stopped = _reason(err)
+            self.stopped = failure_reason(err)
             self._finish(completed=False)
             raise
         code = self._finish(completed=True)
@@ -300,7 +287,7 @@ class InferenceBatch:
         from dira3d.utils.bundle_errors import run_by_monai_bundle_command
         from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word
 
-        self.stopped = _reason(err) + (f" {when}" if when else "")
+        self.stopped = failure_reason(err) + (f" {when}" if when else "")
         self._finish(completed=False)
         kept = (f"nothing was written to {self.output_path} (written when the run ends)" if self.output_path is not None
                 else f"the {len(self.done)} prediction(s) written are kept, each whole")  # written atomically
@@ -422,9 +409,13 @@ def _file_state(path: str | None) -> tuple[int, ...] | None:
     return None if stat is None else (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
-def _release_gpu_memory() -> None:
-    """After a failed input (e.g. out of GPU memory on a large scan), give the cached GPU memory back."""
+def _release_gpu_memory(engine: Any) -> None:
+    """After a failed input (e.g. out of GPU memory on a large scan), let go of its output and give the cached GPU
+    memory back."""
     import torch
+
+    if getattr(engine, "state", None) is not None:
+        engine.state.output = None
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

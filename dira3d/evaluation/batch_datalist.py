@@ -44,12 +44,14 @@ def batch_entries(datalist: Sequence[Mapping[str, Any]] | str | os.PathLike) -> 
         content = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatalistError(path, f"is not valid JSON ({err}); {_FORMS}") from err
-    if isinstance(content, list):
+    listed = isinstance(content, list)  # a list of inputs itself: its errors say so, not "bad 'test' entries"
+    if listed:
         content = {DATALIST_KEY: content}
     elif not isinstance(content, dict) or DATALIST_KEY not in content:
         held = f"an object with keys {sorted(content)}" if isinstance(content, dict) else f"a JSON {type(content).__name__}"
         raise DatalistError(path, f"holds {held}; {_FORMS}")
-    return datalist_entries(path, DATALIST_KEY, content=content, path_keys=("image",), detect_paths=False)
+    return datalist_entries(path, DATALIST_KEY, content=content, path_keys=("image",), detect_paths=False,
+                            bare_list=listed)
 
 
 def _listed(entries: list) -> list:
