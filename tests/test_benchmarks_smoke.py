@@ -26,3 +26,15 @@ def test_split_loading_benchmark_small(repo_root: Path) -> None:
                                                          result.stdout)}
     assert set(counts) == {(s, f) for s in ("train", "holdout", "test") for f in ("1", "0.01")}, result.stdout
     assert counts["train", "1"] + counts["holdout", "1"] == 400 and counts["test", "1"] == 234
+
+
+def test_rerun_check_benchmark_small(repo_root: Path) -> None:
+    result = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "rerun_check.py"), "--volumes", "20",
+                             "--classes", "12", "--repeats", "1", "--width", "0.125"],
+                            capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert result.returncode == 0, result.stderr
+    timed = re.findall(r"^(count_classes, train\.json|count_classes, visual_words\.json|data_source|finished_note)"
+                       r".*: ([0-9.]+) ms$", result.stdout, flags=re.M)
+    assert [name for name, _ in timed] == ["count_classes, train.json", "count_classes, visual_words.json",
+                                           "data_source", "finished_note"], result.stdout
+    assert "datalist of 20 volumes" in result.stdout and "manifest of 12 classes" in result.stdout

@@ -2,18 +2,23 @@
 (MONAI's CacheDataset loaded every volume: minutes to tens of minutes on LUNA16), before the resume found nothing left
 to train, and wrote last.pt again. initialize's dira3d.engines.exit_if_finished now ends such a rerun with one line and
 exit 0 before any data is loaded, writing nothing; a larger max_epochs, resume false, a pending epoch end or a
-checkpoint of other settings go the usual way."""
+checkpoint of other settings go the usual way. A rerun on other data (another datalist or visual-word folder, another
+number of classes) was said to be finished too, and nothing trained: last.pt records its data (data_source,
+num_classes) and such a rerun is refused there, in one line, before any volume is loaded (session 23)."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.data import CacheDataset
 
 from dira3d.engines import RunAlreadyFinished
-from dira3d.engines.finished import finished_note
+from dira3d.engines.finished import exit_if_finished, finished_note
 from dira3d.utils import load_checkpoint
 from dira3d.utils.checkpoint import atomic_save
 from test_bundle_pretrain import write_volumes
@@ -120,4 +125,112 @@ def test_dira3d_pretrain_says_the_run_has_finished_and_exits_0(finished_run, mon
     last = out / "models" / "last.pt"
     assert f"dira3d pretrain: {last} is at epoch 1, max_epochs=1: this run has already finished" in printed
     assert f"checkpoints: {out / 'models' / 'best.pt'}" in printed  # then the usual closing lines
+    assert _files(out) == before
+
+
+def _same_data(data):
+    return {"data_source": os.path.realpath(data / "pretrain_datalist.json"), "num_classes": 4}
+
+
+class _Count:
+    """num_classes as the bundle's count_classes gives it: a callable, counted."""
+
+    def __init__(self, value):
+        self.value, self.calls = value, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.value
+
+
+def test_a_finished_run_records_its_data_and_a_rerun_on_other_data_is_refused(finished_run, tmp_path):
+    data, out = finished_run
+    models, last = out / "models", out / "models" / "last.pt"
+    same = _same_data(data)
+    meta = load_checkpoint(last)["meta"]
+    assert {key: meta[key] for key in same} == same  # the real path of the datalist, its 4 training volumes
+    assert finished_note(models, 1, data=same)
+    other_list = str(tmp_path / "pretrain_datalist.json")
+    for change, named in (({"num_classes": 5}, "num_classes 4, this run's 5"),
+                          ({"num_classes": _Count(5)}, "num_classes 4, this run's 5"),
+                          ({"data_source": other_list}, f"data_source {same['data_source']!r}, this run's {other_list!r}")):
+        with pytest.raises(ValueError) as refused:
+            exit_if_finished(models, 1, data={**same, **change})
+        message = str(refused.value)
+        assert message.startswith(f"{last} is a finished run on other data ({named}): it is not resumed"), message
+        assert "use another ckpt_dir" in message and "set resume to false" in message and "\n" not in message
+        # not finished, or starting afresh: the usual path, as before
+        assert finished_note(models, 2, data={**same, **change}) == ""
+        assert finished_note(models, 1, resume=False, data={**same, **change}) == ""
+
+
+def test_the_classes_are_counted_only_for_a_finished_run_on_the_same_data_source(finished_run, tmp_path):
+    data, out = finished_run
+    models = out / "models"
+    same = _same_data(data)
+    count = _Count(4)
+    assert finished_note(models, 1, data={**same, "num_classes": count}) and count.calls == 1
+    for kwargs in ({"max_epochs": 2}, {"max_epochs": 1, "resume": False}, {"max_epochs": 1, "settings": {"width": 9}}):
+        assert finished_note(models, data={**same, "num_classes": count}, **kwargs) == ""
+    with pytest.raises(ValueError, match="data_source"):  # named without reading the other datalist
+        finished_note(models, 1, data={"data_source": str(tmp_path / "other.json"), "num_classes": count})
+    assert count.calls == 1
+
+
+def test_a_last_pt_that_does_not_record_its_data_goes_the_usual_way(finished_run, tmp_path):
+    data, out = finished_run
+    ckpt = load_checkpoint(out / "models" / "last.pt")
+    same = _same_data(data)
+    count = _Count(5)
+    for version, left_out in (("0.1.32", {"data_source"}), ("0.1.31", set(same))):  # num_classes, no data_source; neither
+        folder = tmp_path / version
+        atomic_save({**ckpt, "meta": {k: v for k, v in ckpt["meta"].items() if k not in left_out}}, folder / "last.pt")
+        assert finished_note(folder, 1, data=same) == ""  # its data cannot be told: the resume decides, as before
+        assert finished_note(folder, 1, data={**same, "num_classes": count}) == ""
+    assert count.calls == 0
+
+
+def test_the_bundle_configs_name_their_data_and_count_their_classes(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from dira3d.visual_words.writer import new_manifest
+
+    (tmp_path / "vw").mkdir()
+    np.save(tmp_path / "vw" / "t0.npy", np.zeros((2, 1, 4, 4, 4), np.float16))
+    manifest = {**new_manifest(0, {}, "d.json", {}, {}), "status": "complete",
+                "classes": [{"index": i, "shards": {"training": "t0.npy"}} for i in range(3)]}
+    (tmp_path / "vw" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "link").symlink_to(tmp_path / "vw")
+    parser = ConfigParser()
+    parser.read_config([str(REPO / CONFIGS / name) for name in ("train.json", "visual_words.json")])
+    parser["dataset_dir"] = str(tmp_path / "link")
+    assert parser.get_parsed_content("data_source") == os.path.realpath(tmp_path / "vw")
+    assert parser.get_parsed_content("count_classes")() == parser.get_parsed_content("num_classes") == 3
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    write_volumes(volumes, count=3)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / CONFIGS / "train.json"))
+    parser["dataset_dir"] = str(volumes)
+    assert parser.get_parsed_content("count_classes")() == parser.get_parsed_content("num_classes") == 3
+
+
+def test_dira3d_pretrain_refuses_a_finished_run_rerun_on_other_data(finished_run, tmp_path, monkeypatch, capsys):
+    from dira3d.engines.command import main
+
+    _, out = finished_run
+    before = _files(out)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_volumes(other, count=4)  # the same number of training volumes (4), in another folder
+    monkeypatch.setattr(CacheDataset, "_load_cache_item", lambda *a, **k: pytest.fail("the rerun loaded data"))
+    code = main(["--datalist", str(other / "pretrain_datalist.json"), "--output", str(out), "--tiny",
+                 "--override", "patch_size=[16,16,8]", "--override", "max_epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    last = out / "models" / "last.pt"
+    lines = [line for line in err.splitlines() if line.startswith("dira3d pretrain: error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"dira3d pretrain: error: {last} is a finished run on other data "
+                                                   "(data_source "), err
+    assert f"this run's {str(other.resolve() / 'pretrain_datalist.json')!r}" in lines[0]
     assert _files(out) == before

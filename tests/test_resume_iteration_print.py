@@ -94,4 +94,5 @@ def test_the_pretraining_bundle_prints_with_it():
     config = json.loads((BUNDLE / "train.json").read_text())
     targets = [h["_target_"] for h in config["train"]["handlers"] if isinstance(h, dict) and "StatsHandler" in h["_target_"]]
     assert "dira3d.engines.EpochStatsHandler" in targets and "StatsHandler" not in targets
-    assert json.loads((BUNDLE / "metadata.json").read_text())["version"] == "0.1.32"
+    metadata = json.loads((BUNDLE / "metadata.json").read_text())
+    assert "EpochStatsHandler" in metadata["changelog"]["0.1.27"] and metadata["version"] in metadata["changelog"]

@@ -437,3 +437,23 @@ def test_shapes_of_a_mixed_list_keep_their_places(tmp_path):
     nrrd = {"image": str(tmp_path / "b.nrrd")}
     assert volume_shapes([nifti, nrrd]) == [(5, 6, 7), (3, 4, 2)]
     assert volume_shapes([nrrd, nifti], orient=False) == [(4, 3, 2), (5, 6, 7)]
+
+
+def test_a_manifest_is_read_once(tmp_path, monkeypatch):
+    """load_visual_word_classes read manifest.json twice (the bundle's num_classes and validation read it at the
+    start of every pretraining, also of a finished run's rerun: thousands of classes)."""
+    import dira3d.visual_words.dataset as dataset
+
+    _shard(tmp_path, "a.npy", 0, 2)
+    path = _complete_manifest(tmp_path, [{"index": 0, "shards": {"training": "a.npy"}}])
+    reads = []
+
+    def counted(where):
+        reads.append(where)
+        return read_manifest(where)
+
+    monkeypatch.setattr(dataset, "read_manifest", counted)
+    for where in (path, tmp_path):  # the file, or its folder without a visual_words.json
+        reads.clear()
+        assert load_visual_word_classes(where) == [(tmp_path / "a.npy", 0)]
+        assert reads == [path]

@@ -14,7 +14,8 @@ Format (docs/architecture.md, "Checkpoint format")::
                                       #   "stopped_epoch", "patience", "metric"} (engines.stopping.FinalStageEarlyStop)
      "schedulers": {name: state_dict},                                     # learning-rate schedulers
      "rng": {"torch", "cuda", "python", "numpy"},                          # tensors / lists only
-     "meta": {"spatial_dims", "in_channels", "width", "dis_mode", "patch_size", "dira3d_version"}}
+     "meta": {"spatial_dims", "in_channels", "dis_mode", "dira3d_version", ...}}  # the bundle's checkpoint_meta,
+                                                                           # num_classes, data_source (engines.finished)
 
 Hand the encoder (classification) or encoder + decoder (segmentation) to a task network with
 ``dira3d.networks.load_pretrained(net, "models/best.pt", parts=("encoder", "decoder"))``.

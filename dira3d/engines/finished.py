@@ -13,10 +13,16 @@ Finished means all of:
 - its trainer ``epoch`` is at or past ``max_epochs``, written at that epoch's end (no ``epoch_iteration``), and that end
   is not pending (``epoch_end_pending``, :mod:`dira3d.engines.epoch_end`: it must still run);
 - every setting the check is given (the bundle's ``checkpoint_meta`` and the dimensionality, channels and mode: width,
-  head sizes, ...; not the number of classes, which would read the datalist) equals the one in ``last.pt``. A
-  setting that differs, or that ``last.pt`` does not record (a ``last.pt`` of an older dira3d), leaves the run to the
-  usual path: the resume refuses a checkpoint of other settings as before
-  (:func:`~dira3d.engines.checkpoint.restore_checkpoint`);
+  head sizes, ...) equals the one in ``last.pt``. A setting that differs, or that ``last.pt`` does not record (a
+  ``last.pt`` of an older dira3d), leaves the run to the usual path: the resume refuses a checkpoint of other settings
+  as before (:func:`~dira3d.engines.checkpoint.restore_checkpoint`);
+- the run's data (``data``: the bundle's ``data_source``, the real path of its datalist or visual-word folder, and
+  the number of classes, ``num_classes`` in ``last.pt``: the bundle's ``count_classes`` counts the training volumes /
+  visual words of that JSON file, no volume read, and only for a run that has otherwise finished, so that
+  ``initialize`` reads no datalist otherwise) are the ones in ``last.pt``. A finished run rerun on other data is
+  refused there with a one-line ``ValueError`` naming ``last.pt``, what differs, and what to do (another
+  ``ckpt_dir``, or ``resume`` false): it was said to be finished and nothing trained. A ``last.pt`` that does not
+  record them (dira_pretrain 0.1.32 or earlier) goes the usual way;
 - the stage schedule is valid (:class:`~dira3d.engines.stages.StageSchedule`: a bad one is refused as before).
 
 Anything else (a larger ``max_epochs``, ``resume`` false, no ``last.pt``) runs as before.
@@ -59,7 +65,8 @@ def _plain(value: Any) -> Any:
 
 
 def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = True,
-                  settings: Mapping[str, Any] | None = None, stages: Sequence[Mapping] | None = None) -> str:
+                  settings: Mapping[str, Any] | None = None, stages: Sequence[Mapping] | None = None,
+                  data: Mapping[str, Any] | None = None) -> str:
     """The line saying that the run in ``ckpt_dir`` has finished (see the module's docstring), or '' when it has not
     (or when that cannot be told cheaply: the run then goes the usual way).
 
@@ -69,6 +76,14 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
         resume: the bundle's ``resume`` setting (false: the run starts afresh, as before).
         settings: settings that must equal ``last.pt``'s ``meta`` entries of the same names.
         stages: the stage schedule, checked as the trainer checks it (a bad one raises ``ValueError`` as it does).
+        data: what identifies the run's data, by ``last.pt``'s ``meta`` names (the bundle's ``data_source`` and
+            ``num_classes``), each a value or a callable giving it (e.g. counting the classes of a datalist: called
+            only when the run has otherwise finished, and only while the entries before it are the same). When the
+            run has finished, the first one that differs from ``last.pt``'s raises ``ValueError``; when ``last.pt``
+            does not record one of them (an older ``last.pt``), the run goes the usual path and none is called.
+
+    Raises:
+        ValueError: a bad stage schedule; a finished run in ``ckpt_dir`` trained on other ``data``.
     """
     if not as_bool(resume, "resume"):
         return ""
@@ -91,17 +106,31 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
         return ""
     if any(key not in meta or _plain(meta[key]) != _plain(value) for key, value in dict(settings or {}).items()):
         return ""  # another setting: the resume refuses it (or resumes) as before
+    data = dict(data or {})
+    if any(key not in meta for key in data):
+        return ""  # a last.pt of an older dira3d: its data cannot be told, the usual path
+    for key, value in data.items():  # in order, a callable (reading a datalist) only while nothing differs yet
+        value = value() if callable(value) else value
+        if _plain(meta[key]) != _plain(value):  # the resume would find nothing to train, or refuse the head after
+            # caching every volume: say so now
+            raise ValueError(f"{last} is a finished run on other data ({key} {meta[key]!r}, this run's {value!r}): it "
+                             "is not resumed and nothing was loaded; to pretrain on these data, use another ckpt_dir "
+                             "(`dira3d pretrain --output`), or set resume to false to start afresh (it replaces "
+                             f"last.pt and best.pt in {last.parent})")
     return (f"{last} is at epoch {epoch}, max_epochs={int(max_epochs)}: this run has already finished; nothing was "
             "loaded, trained or written; to train more, rerun with a larger max_epochs (it continues from last.pt)")
 
 
 def exit_if_finished(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = True,
                      settings: Mapping[str, Any] | None = None, stages: Sequence[Mapping] | None = None,
-                     what: str = "pretraining") -> None:
+                     what: str = "pretraining", data: Mapping[str, Any] | None = None) -> None:
     """A bundle's ``initialize`` step, before any dataset is built: when the run in ``ckpt_dir`` has finished
     (:func:`finished_note`), log that line (on global rank 0) and raise :class:`RunAlreadyFinished` (exit 0).
-    Every rank of a ``torchrun`` reads the same ``last.pt`` and ends alike. A no-op otherwise."""
-    note = finished_note(ckpt_dir, max_epochs, resume=resume, settings=settings, stages=stages)
+    Every rank of a ``torchrun`` reads the same ``last.pt`` and ends alike. A no-op otherwise.
+
+    Raises:
+        ValueError: as :func:`finished_note` (a finished run on other ``data``, a bad stage schedule)."""
+    note = finished_note(ckpt_dir, max_epochs, resume=resume, settings=settings, stages=stages, data=data)
     if not note:
         return
     if int(os.environ.get("RANK", "0")) == 0:

@@ -70,8 +70,8 @@ def load_visual_word_classes(path: str | os.PathLike, split: str = "training", r
     fix = ("rerun the same `dira3d visual-words` command: a finished run writes it again from manifest.json (or pass "
            "--overwrite to redo the run)")
     content = read_manifest(path) if path.name == MANIFEST_NAME else read_json(path, "visual-word datalist", fix)
-    if "format" in content:  # a manifest
-        manifest = read_manifest(path)
+    if "format" in content:  # a manifest (checked by read_manifest; read once: thousands of classes)
+        manifest = content if path.name == MANIFEST_NAME else read_manifest(path)
         if manifest["status"] != "complete":
             raise ValueError(f"visual-word run {path} is {manifest['status']!r}, not complete; rerun `dira3d visual-words` to finish it")
         classes = [(base / c["shards"][split], int(c["index"])) for c in manifest["classes"] if split in c["shards"]]
