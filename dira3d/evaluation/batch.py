@@ -32,6 +32,7 @@ ended the run without a word or a report) while the inputs are screened or the m
 line on what was kept and exit 130 / 143 under ``python -m monai.bundle run`` (in-process the interrupt is raised); an
 input whose prediction was renamed into place before the signal is ``written``, as its file is whole.
 A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
+Under ``torchrun`` (``WORLD_SIZE`` above 1) it is refused in one line: it forms no process group and splits no inputs.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def _batch_size(batchdata: Any, key: str) -> int:
     return int(image.shape[0]) if getattr(image, "shape", None) else 1
 
 
+def _one_process() -> None:
+    """Refuse a run under ``torchrun`` (``WORLD_SIZE`` above 1): ``inference.json`` forms no process group and splits
+    no inputs, so every process would run every input and write the same files, at N times the cost."""
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if world.isdigit() and int(world) > 1:
+        raise RuntimeError(
+            f"inference.json runs in one process, and this is one of {world} (WORLD_SIZE={world}: torchrun?): each would "
+            "run every input and write the same files; run `python -m monai.bundle run` without torchrun (pick the GPU "
+            "with --device), or split the datalist and run one process per part, each with its own --output_dir")
+
+
 class InferenceBatch:
     """The record of a batch run of ``inference.json``: what was written, left out or failed, and why.
 
@@ -104,6 +116,7 @@ class InferenceBatch:
                  output_dir: str | os.PathLike | None = None, output_postfix: str = "", output_ext: str = ".nii.gz",
                  output_path: str | os.PathLike | None = None, overwrite: Any = False, image_key: str = "image",
                  repeated_failures: int = REPEATED_FAILURES) -> None:
+        _one_process()
         self.datalist = batch_entries(datalist)
         self.report_path = Path(report_path) if report_path else None
         self.output_dir, self.output_postfix, self.output_ext = output_dir, output_postfix, output_ext
