@@ -6,8 +6,10 @@ line and exit 143 / 130, as a stop during training does."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 
@@ -22,7 +24,7 @@ from test_signal_stop_runs import run_until
 # Wraps `python -m monai.bundle`: each item CacheDataset loads prints "CACHING" on a line of its own (tqdm's bar
 # shares the pipe, hence the leading newline); the first waits for the signal, so the signal comes during the caching.
 RUNNER = textwrap.dedent('''
-    import os, runpy, signal, sys, time
+    import os, runpy, select, signal, sys, time
     from monai.data import CacheDataset
 
     def say(*words):
@@ -30,30 +32,30 @@ RUNNER = textwrap.dedent('''
 
     load = CacheDataset._load_cache_item
     waited = []
+    # Python writes the number of each signal it catches here, in whichever thread the kernel delivered it to
+    arrived, wakeup = os.pipe()
+    os.set_blocking(wakeup, False)
+    signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+    STOPS = {signal.SIGTERM, signal.SIGINT}
 
-    def handler_in_place():
-        return signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
-
-    def until_the_signal(seen, limit=60.0):
-        # dira3d's handler is in place while the data are cached and puts the defaults back when the signal comes;
-        # polled, as the item may be loaded in one of CacheDataset's threads (whose pool waits for it at the end);
-        # `seen`: it was in place before the line was printed (the signal may come before the first poll)
+    def until_the_signal(limit=60.0):
+        # waits for the signal to arrive, not for dira3d's handler to have run: the item is loaded in one of
+        # CacheDataset's threads, and when the kernel hands the signal to that thread (or another of the pool's),
+        # Python runs the handler only when the main thread next runs Python code, after the pool's imap gives it
+        # this very item; waiting for the handler then lasted the whole limit (60 s in a CI run)
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            installed = handler_in_place()
-            if seen and not installed:
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([arrived], [], [], left)[0] and STOPS & set(os.read(arrived, 64)):
                 return
-            seen = seen or installed
-            time.sleep(0.05)
 
     def slow_load(self, *args, **kwargs):
-        first, seen = not waited, handler_in_place()
+        first = not waited
         waited.append(1)
         say("CACHING")
         # the first item waits for the signal: on a loaded machine the test's reader can see the line seconds late,
         # and a fixed short pause let the run finish caching (even training) first
         if first:
-            until_the_signal(seen)
+            until_the_signal()
         else:
             time.sleep(0.5)
         return load(self, *args, **kwargs)
@@ -98,6 +100,47 @@ def test_a_signal_while_the_data_are_cached_ends_the_bundle_run_with_one_line(tm
                      "nothing was trained or saved; run the same command again to start it"], output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     assert not list(out.rglob("*.pt"))
+
+
+# A signal while a CacheDataset's pool loads an item in native code (SimpleITK here, as reading a scan): the pool is
+# terminated on the way out, and its worker was still loading when the interpreter exited, which aborted the process
+# (SIGABRT, "terminate called without an active exception") after the stop's line. MONAI's pool, without MONAI.
+NATIVE_LOAD = textwrap.dedent("""
+    import signal, threading, time
+    from multiprocessing.pool import ThreadPool
+    import SimpleITK as sitk
+    from dira3d.engines.stopping import stop_before_training
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh `python` has them
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop_before_training("fine-tuning")
+
+    def load(i):
+        if i == 0:
+            time.sleep(0.3)  # the other item is being loaded by then
+            # to the main thread, whose handler then runs at once (the kernel may hand a `kill` to any thread)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            return i
+        image, end = sitk.Image(48, 48, 48, sitk.sitkFloat32), time.monotonic() + 1.5
+        while time.monotonic() < end:  # native calls that release the GIL
+            sitk.DiscreteGaussian(image)
+        print("LOADED", flush=True)
+        return i
+
+    with ThreadPool(2) as pool:  # as MONAI's CacheDataset fills its cache
+        list(pool.imap(load, [0, 1]))
+""")
+
+
+def test_a_signal_while_a_pool_thread_loads_in_native_code_exits_with_its_code_after_the_item(tmp_path, repo_root):
+    script = tmp_path / "stop_while_loading.py"
+    script.write_text(NATIVE_LOAD, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert "fine-tuning stopped by SIGTERM before training started" in result.stderr, result.stderr
+    assert "terminate called" not in result.stderr and "FATAL" not in result.stderr, result.stderr
+    assert result.returncode == 143, (result.returncode, result.stderr)
+    assert result.stdout.split() == ["LOADED"]  # the exit waited for the item in flight
 
 
 def test_the_engine_takes_the_signals_over_and_puts_back_the_handlers_from_before(monkeypatch):

@@ -39,8 +39,10 @@ minutes before :class:`SignalStop` is installed, and a SIGTERM then ended ``pyth
 without a word (exit -15), a Ctrl-C with a traceback. Until the engine runs, the first signal now logs one line
 (``<what> stopped by SIGTERM before training started (...)``) and raises :class:`StoppedBySignal` (exit 143 / 130);
 :meth:`SignalStop.installed` puts the handlers it replaced back when the training starts, and
-:func:`end_stop_before_training` (the bundles' first ``finalize`` step) when no training started. A process that handles
-SIGTERM itself (``dira3d pretrain`` / ``finetune`` / ``experiment``: their one line on how to go on) is left as it is.
+:func:`end_stop_before_training` (the bundles' first ``finalize`` step) when no training started. The exit waits for
+the items a cache's thread pool is still loading (:func:`dira3d.utils.threads.wait_for_pool_threads_at_exit`). A
+process that handles SIGTERM itself (``dira3d pretrain`` / ``finetune`` / ``experiment``: their one line on how to go
+on) is left as it is.
 
 **Early stopping** (:class:`FinalStageEarlyStop`, opt-in: ``DiRACheckpoint(early_stop_patience=N)``, the bundle's
 ``early_stop_patience``): the run ends, with exit code 0, after the ``N``-th validation in a row that does not
@@ -70,6 +72,7 @@ from dira3d.engines.distributed import get_world_size, is_main_process, main_pro
 from dira3d.engines.epoch_end import at_epoch_end
 from dira3d.utils.interrupts import StoppedBySignal
 from dira3d.utils.overrides import as_bool
+from dira3d.utils.threads import wait_for_pool_threads_at_exit
 
 __all__ = ["STOP_SIGNALS", "SignalStop", "StoppedBySignal", "exit_if_stopped", "stop_before_training",
            "end_stop_before_training", "FinalStageEarlyStop", "check_early_stop_patience"]
@@ -104,6 +107,10 @@ def stop_before_training(what: str = "training") -> None:
             logging.getLogger("dira3d.stopping").warning(
                 f"{what} stopped by {name} before training started (while the data were loaded and cached); nothing "
                 "was trained or saved; run the same command again to start it")
+        # a CacheDataset's pool, terminated on the way out, may still load an item in native code: the exit waits for
+        # it (it aborted the process, SIGABRT, after this line); the signal may have reached one of those threads,
+        # and Python runs this handler only when the main thread next runs Python code: after the pool's next item
+        wait_for_pool_threads_at_exit()
         raise StoppedBySignal(name, 0)
 
     for signum in STOP_SIGNALS:

@@ -11,7 +11,9 @@ after their current item, so waiting for them gives the command's own exit code.
 
 ``dira3d.cli.main`` waits for them when a command fails; for an uncaught error (``python -m
 monai.bundle run`` of a bundle whose data fail to load) an ``atexit`` hook, registered when
-``dira3d`` is imported, does.
+``dira3d`` is imported, does, and so after a SIGTERM / Ctrl-C while the data were cached
+(:func:`dira3d.engines.stop_before_training` calls :func:`wait_for_pool_threads_at_exit`: its
+``StoppedBySignal`` is a ``SystemExit``, no uncaught error; the exit aborted, SIGABRT after the stop's line).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import threading
 import time
 from multiprocessing.dummy import DummyProcess
 
-__all__ = ["finish_pool_threads", "install_exit_hook"]
+__all__ = ["finish_pool_threads", "install_exit_hook", "wait_for_pool_threads_at_exit"]
+
+_AT_EXIT = {"wait": False}  # set by wait_for_pool_threads_at_exit
 
 
 def finish_pool_threads(timeout: float = 120.0) -> list[str]:
@@ -41,9 +45,16 @@ def finish_pool_threads(timeout: float = 120.0) -> list[str]:
     return [t.name for t in workers if t.is_alive()]
 
 
+def wait_for_pool_threads_at_exit() -> None:
+    """Have the ``atexit`` hook wait for the pool threads whatever the exit: a run ended by a signal while a
+    ``CacheDataset`` filled its cache leaves the terminated pool's workers loading their item."""
+    _AT_EXIT["wait"] = True
+
+
 def _finish_after_uncaught_error() -> None:
-    """``atexit``: after an uncaught exception (``sys.last_value``, set when its traceback was printed)."""
-    if getattr(sys, "last_value", None) is not None:
+    """``atexit``: after an uncaught exception (``sys.last_value``, set when its traceback was printed), or when
+    :func:`wait_for_pool_threads_at_exit` asked for it."""
+    if getattr(sys, "last_value", None) is not None or _AT_EXIT["wait"]:
         finish_pool_threads(timeout=60.0)  # shorter: a pool left open elsewhere would hold the exit this long
 
 
