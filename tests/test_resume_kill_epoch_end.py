@@ -11,7 +11,9 @@ killed for real inside the validation; the resumed run must equal an uninterrupt
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +81,7 @@ CHILD = textwrap.dedent('''
 ''')
 
 
-def build(out, handlers, writer=None, save_every=0, save_every_epochs=1):
+def build(out, handlers, writer=None, save_every=0, save_every_epochs=1, max_epochs=3, early_stop_patience=None):
     """The trainer of every run here (the child's and the uninterrupted one): evaluator, checkpoint, ``handlers``."""
     from monai.data import DataLoader, Dataset
 
@@ -88,10 +90,10 @@ def build(out, handlers, writer=None, save_every=0, save_every_epochs=1):
 
     val_loader = DataLoader(Dataset(smooth_volumes(2, seed=1), RandPatchPaird("image", PATCH3)), batch_size=2)
     checkpoint = DiRACheckpoint(Path(out) / "models", save_every_iterations=save_every, save_every_epochs=save_every_epochs,
-                                summary_writer=writer)
+                                summary_writer=writer, early_stop_patience=early_stop_patience)
     return make_trainer("visual_words", 3, stages=[{"name": "dis", "until_epoch": 1, "losses": ["dis"]},
                                                    {"name": "dis_res", "losses": ["dis", "res"]}],
-                        max_epochs=3, volumes=4, batch=2,
+                        max_epochs=max_epochs, volumes=4, batch=2,
                         handlers=[DiRAEvaluator("cpu", val_loader, seed=7), checkpoint, *handlers])
 
 
@@ -114,6 +116,13 @@ def tensorboard_epochs(out, tag="val_loss") -> list:
     acc = EventAccumulator(str(Path(out) / "eval"), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def completed_lines(caplog) -> list[int]:
+    """The epochs of the trainer's ``Epoch[N] Complete`` lines (ignite's, after each epoch's end; the evaluator logs
+    its own, always ``Epoch[1]``)."""
+    return [int(m.group(1)) for r in caplog.records if r.name.endswith(".DiRATrainer")
+            for m in [re.match(r"Epoch\[(\d+)\] Complete\. Time taken: \d\d:\d\d:\d\d\.\d{3}$", r.getMessage())] if m]
 
 
 def saved(path):
@@ -162,30 +171,42 @@ def test_sigkill_in_the_validation_of_a_stop_on_an_epochs_last_step_then_resumed
     grace period ran out) leaves last.pt at iteration 4 with the epoch end pending. The rerun runs epoch 2's end
     first, then trains epoch 3. (A second kill, in the rerun's run of that end: the next test.)"""
     out = tmp_path / "run"
-    run_child(tmp_path, out, "SIGTERM@4", "KILL@2", killed=True)
+    killed = run_child(tmp_path, out, "SIGTERM@4", "KILL@2", killed=True)
     state, _ = saved(out / "models" / "last.pt")
     assert (state["iteration"], state["epoch"], state["epoch_iteration"], state["epoch_end_pending"]) == (4, 2, 0, True)
     assert state["epoch_sums"]["count"] == 2  # the epoch's running sums: its train_* means come from them
     assert [e for e, _ in epochs(out)] == [1]
+    assert re.findall(r"DiRATrainer:Epoch\[(\d+)\] Complete", killed) == ["1"]
 
     output = run_child(tmp_path, out, killed=False)
     assert "the end of epoch 2 (its validation and epoch end did not complete)" in output
     assert "epoch 2's end (validation, best.pt, epoch means) did not complete before the run was killed" in output
     assert_like_uninterrupted(out, uninterrupted)
+    # ignite's line after each epoch's end: an uninterrupted run logs it for epochs 1, 2, 3; the killed one for 1
+    assert re.findall(r"DiRATrainer:Epoch\[(\d+)\] Complete", output) == ["2", "3"], output[-3000:]
 
 
 def test_a_periodic_last_pt_at_an_epochs_last_iteration_resumes_with_that_epochs_end(tmp_path, uninterrupted,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, caplog):
     """save_every_iterations writes last.pt at an epoch's last iteration too, before its validation: a kill during that
     validation (here: last.pt copied as it was then) resumes with the epoch's end, not at the next epoch. The epoch's
     end writes last.pt again without the record, also when save_every_epochs would skip that epoch. A second kill,
-    during the resumed run's validation of that epoch, finds the same last.pt: it resumes the same way."""
-    from dira3d.engines import evaluator as evaluator_module
+    during the resumed run's validation of that epoch, finds the same last.pt: it resumes the same way.
+
+    Signals during that resumed epoch end: Ctrl-C twice stops at once, last.pt as it was (still pending); Ctrl-C once
+    lets the end finish and stops right after it, as a stop deferred to an epoch's end does: last.pt at that end, no
+    step of epoch 2 trained, exit 130 (it stopped after epoch 2's first step). The next resume trains epochs 2 and 3:
+    together, the uninterrupted run's values and weights."""
+    from dira3d.engines import StoppedBySignal, evaluator as evaluator_module, exit_if_stopped
 
     validate, snapshots, folder = evaluator_module.DiRAEvaluator._validate, {}, [tmp_path / "run" / "models"]
+    ctrl_c = [0]  # Ctrl-Cs to send inside the next validation
 
     def snapshot(self, trainer):
         snapshots[folder[0].parent.name, trainer.state.epoch] = (folder[0] / "last.pt").read_bytes()
+        for _ in range(ctrl_c[0]):
+            os.kill(os.getpid(), signal.SIGINT)
+        ctrl_c[0] = 0
         return validate(self, trainer)
 
     monkeypatch.setattr(evaluator_module.DiRAEvaluator, "_validate", snapshot)
@@ -202,14 +223,36 @@ def test_a_periodic_last_pt_at_an_epochs_last_iteration_resumes_with_that_epochs
     folder[0] = killed
     state, _ = saved(killed / "last.pt")
     assert (state["iteration"], state["epoch"], state["epoch_end_pending"], state["epoch_sums"]["count"]) == (2, 1, True, 2)
-    resumed = build(tmp_path / "killed", [])
     per_epoch = []
-    resumed.add_event_handler(Events.EPOCH_COMPLETED, lambda e: per_epoch.append([e.state.epoch, {
-        k: v for k, v in e.state.metrics.items() if k.startswith(("val_", "train_"))}]))
-    resumed.run()
-    reference, expected = uninterrupted
-    assert per_epoch == expected  # epoch 1's end first, with its train_* means from the saved sums
+
+    def resume():
+        resumed = build(tmp_path / "killed", [])
+        resumed.add_event_handler(Events.EPOCH_COMPLETED, lambda e: per_epoch.append([e.state.epoch, {
+            k: v for k, v in e.state.metrics.items() if k.startswith(("val_", "train_"))}]))
+        resumed.run()
+        return resumed
+
+    ctrl_c[0] = 2  # twice: abandoned at once, last.pt untouched (its end still pending)
+    with pytest.raises(KeyboardInterrupt):
+        resume()
+    assert (killed / "last.pt").read_bytes() == snapshots["run", 1] and per_epoch == []
+    caplog.set_level(logging.INFO)
+    ctrl_c[0] = 1
+    stopped = resume()
+    assert (stopped.state.stopped_by, stopped.state.iteration) == ("SIGINT", 2)  # no step of epoch 2
+    state, _ = saved(killed / "last.pt")
+    assert (state["iteration"], state["epoch"], state["epoch_iteration"], state["epoch_end_pending"]) == (2, 1, 0, False)
+    with pytest.raises(StoppedBySignal) as stop:
+        exit_if_stopped(stopped)
+    assert (stop.value.code, str(stop.value)) == (130, "stopped by SIGINT at iteration 2")
+    assert f"stopped by SIGINT at iteration 2; {killed / 'last.pt'} saved; run the same command to resume" in caplog.text
+    assert completed_lines(caplog) == []  # as after a stop deferred to an epoch's end: that end ended the run
     assert snapshots["killed", 1] == snapshots["run", 1]  # a kill in that validation again: the same last.pt
+    caplog.clear()
+    resume()
+    reference, expected = uninterrupted
+    assert per_epoch == expected  # epoch 1's end first, with its train_* means from the saved sums, then epochs 2, 3
+    assert completed_lines(caplog) == [2, 3]  # epoch 1's end ran in the resume the Ctrl-C ended (no line there)
     for name in ("best.pt", "last.pt"):
         (a, wa), (b, wb) = saved(reference / "models" / name), saved(killed / name)
         assert (a["best_metric"], a["best_epoch"], a["iteration"]) == (b["best_metric"], b["best_epoch"], b["iteration"])
@@ -230,3 +273,51 @@ def test_a_last_pt_without_the_record_resumes_at_the_next_epoch_as_before(tmp_pa
     resumed.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(e.state.epoch))
     resumed.run()
     assert seen == [2, 3] and resumed.state.iteration == 6
+
+
+def test_early_stopping_in_a_resumed_pending_epoch_end_ends_the_run_as_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """early_stop_patience=1: the uninterrupted run's val_loss rises in epoch 4 (its best: epoch 3), so it stops after
+    epoch 4 of 5. A kill during epoch 4's validation (last.pt as it was then, save_every_iterations) resumes with that
+    end first, whose early stop must end the run there too: epoch 5 not trained, the same last.pt and best.pt, the
+    same last lines (no ``Epoch[4] Complete``: ignite leaves it out after a stop there), no signal stop (exit 0)."""
+    from dira3d.engines import evaluator as evaluator_module
+
+    validate, snapshots = evaluator_module.DiRAEvaluator._validate, {}
+
+    def snapshot(self, trainer):  # ckpt_dir as a SIGKILL inside this validation would leave it
+        snapshots[trainer.state.epoch] = {p.name: p.read_bytes() for p in (tmp_path / "run" / "models").glob("*.pt")}
+        return validate(self, trainer)
+
+    def run(name, **options):
+        trainer, per_epoch = build(tmp_path / name, [], max_epochs=5, early_stop_patience=1, **options), []
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: per_epoch.append([e.state.epoch, {
+            k: v for k, v in e.state.metrics.items() if k.startswith(("val_", "train_", "early_stop"))}]))
+        caplog.clear()
+        trainer.run()
+        said = [r.getMessage() for r in caplog.records if r.name.endswith(".DiRATrainer")]
+        return trainer, per_epoch, said, completed_lines(caplog)
+
+    caplog.set_level(logging.INFO)
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluator_module.DiRAEvaluator, "_validate", snapshot)
+        reference, expected, said, lines = run("run", save_every=1)
+    assert [e for e, _ in expected] == [1, 2, 3, 4] and reference.state.iteration == 8  # the premise: a stop at 4
+    assert lines == [1, 2, 3] and reference.state.early_stopped and said[-1].startswith("training ended by early stop")
+
+    (tmp_path / "killed" / "models").mkdir(parents=True)
+    for name, data in snapshots[4].items():  # last.pt at epoch 4's last iteration, best.pt of epoch 3
+        (tmp_path / "killed" / "models" / name).write_bytes(data)
+    assert saved(tmp_path / "killed" / "models" / "last.pt")[0]["epoch_end_pending"] is True
+    resumed, per_epoch, resumed_said, resumed_lines = run("killed")
+    assert per_epoch == expected[-1:]  # epoch 4's end with the uninterrupted values, early_stop_wait 1; no epoch 5
+    assert (resumed.state.iteration, resumed.state.stopped_by, resumed_lines) == (8, None, [])
+    assert resumed.state.early_stopped == reference.state.early_stopped.replace(
+        str(tmp_path / "run"), str(tmp_path / "killed"))
+    assert resumed_said[-1] == said[-1].replace(str(tmp_path / "run"), str(tmp_path / "killed"))
+    for name in ("best.pt", "last.pt"):
+        (a, wa), (b, wb) = saved(tmp_path / "run" / "models" / name), saved(tmp_path / "killed" / "models" / name)
+        keys = ("best_metric", "best_epoch", "best_stage", "iteration", "epoch", "epoch_iteration", "epoch_end_pending",
+                "early_stop")
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}, name
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name

@@ -4,6 +4,7 @@ against hand-worked values of the documented behaviour."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -84,11 +85,12 @@ def test_run_pending_epoch_end_fires_the_epoch_end_once():
     assert seen == [3] and engine.state.epoch_end_pending is False
 
 
-def test_a_resumed_pending_epoch_end_writes_last_pt_again_whatever_save_every_epochs(tmp_path, monkeypatch):
+def test_a_resumed_pending_epoch_end_writes_last_pt_again_whatever_save_every_epochs(tmp_path, monkeypatch, caplog):
     """DiRACheckpoint's resume tells its record that last.pt holds the pending end: that end (epoch 1, which
-    save_every_epochs=2 skips) writes last.pt again without the record, so a second resume does not run it again."""
+    save_every_epochs=2 skips) writes last.pt again without the record, so a second resume does not run it again.
+    The resumed run logs ignite's ``Epoch[N] Complete`` line for that end too, as an uninterrupted run does."""
     from dira3d.engines import evaluator as evaluator_module
-    from test_resume_kill_epoch_end import build, saved
+    from test_resume_kill_epoch_end import build, completed_lines, saved
 
     validate, snapshots, folder = evaluator_module.DiRAEvaluator._validate, {}, tmp_path / "run" / "models"
 
@@ -106,5 +108,8 @@ def test_a_resumed_pending_epoch_end_writes_last_pt_again_whatever_save_every_ep
     resumed, after = build(tmp_path / "killed", [], save_every_epochs=2), []
     resumed.add_event_handler(Events.EPOCH_COMPLETED, lambda e: after.append(
         (e.state.epoch, saved(killed / "last.pt")[0]["epoch_end_pending"], saved(killed / "last.pt")[0]["iteration"])))
+    caplog.set_level(logging.INFO)
+    caplog.clear()
     resumed.run()
     assert after[0] == (1, False, 2)  # epoch 1's end ran first and wrote last.pt again, without the record
+    assert completed_lines(caplog) == [1, 2, 3]  # as the uninterrupted run's (it was missing for epoch 1)

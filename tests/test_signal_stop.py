@@ -265,9 +265,9 @@ def test_a_resume_in_the_first_epoch_of_a_stage_names_that_stage(tmp_path, caplo
     assert "stage 'b' from iteration 4" in log and "stage 'b' from iteration 5" not in log
 
 
-def _validation(snapshot_of=None, into=None):
+def _validation(snapshot_of=None, into=None, signal_in=False):
     """A DiRAEvaluator on 2 volumes; ``snapshot_of``: a last.pt whose bytes go to ``into`` as each validation starts
-    (what a SIGKILL during that validation would leave)."""
+    (what a SIGKILL during that validation would leave); ``signal_in``: a SIGTERM to this process inside each one."""
     from monai.data import DataLoader, Dataset
 
     from dira3d.engines import DiRAEvaluator, RandPatchPaird
@@ -275,11 +275,14 @@ def _validation(snapshot_of=None, into=None):
 
     evaluator = DiRAEvaluator("cpu", DataLoader(Dataset(smooth_volumes(2, seed=1), RandPatchPaird("image", PATCH3)),
                                                 batch_size=2), seed=7)
-    if snapshot_of is not None:
+    if snapshot_of is not None or signal_in:
         validate = evaluator._validate
 
         def snapshot(trainer):
-            into.append(open(snapshot_of, "rb").read())
+            if snapshot_of is not None:
+                into.append(open(snapshot_of, "rb").read())
+            if signal_in:
+                os.kill(os.getpid(), signal.SIGTERM)
             return validate(trainer)
 
         evaluator._validate = snapshot  # before it attaches
@@ -313,24 +316,29 @@ def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
             dist.barrier()  # rank 0 has written last.pt before any rank reads it
         # with a validation, agreeing every 2 iterations: a signal to rank 1 in step 3 stops both ranks on epoch 1's
         # last step, so both run its end first (SignalStop finish_epoch); last.pt as a SIGKILL during that validation
-        # leaves it (its epoch end pending) then resumes on both ranks with that end first
-        last, snapshots, ended = os.path.join(ckpt_dir + "_end", "last.pt"), [], [{}, {}]
-        for stop in (True, False):
+        # leaves it (its epoch end pending) then resumes on both ranks with that end first; a SIGTERM to rank 1 inside
+        # that end's validation stops both ranks right after it (no step of epoch 2); the last resume trains epoch 2
+        last, snapshots, ended, after_signal = os.path.join(ckpt_dir + "_end", "last.pt"), [], [{}, {}, {}], None
+        for phase, values in zip(("stop", "signal", "resume"), ended):
             run = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=2,
-                               handlers=[_validation(last if stop and rank == 0 else None, snapshots),
+                               handlers=[_validation(last if phase == "stop" and rank == 0 else None, snapshots,
+                                                     signal_in=phase == "signal" and rank == 1),
                                          DiRACheckpoint(ckpt_dir + "_end")])
-            epoch_values(run, ended[0 if stop else 1])
-            if stop and rank == 1:
+            epoch_values(run, values)
+            if phase == "stop" and rank == 1:
                 kill_self_at(run, 3)
             run.run()
             stops.append((run.state.iteration, run.state.stopped_by))
             dist.barrier()
-            if stop and rank == 0:
+            if phase == "stop" and rank == 0:
                 with open(last, "wb") as f:  # the last.pt written before epoch 1's validation
                     f.write(snapshots[0])
+            if phase == "signal":
+                state = torch.load(last, weights_only=True)["trainer"]
+                after_signal = (state["iteration"], state["epoch_iteration"], state["epoch_end_pending"])
             dist.barrier()
-        torch.save({"full": full, "resumed": resumed, "stops": stops, "validated": validated, "ended": ended},
-                   f"{out}.{rank}")
+        torch.save({"full": full, "resumed": resumed, "stops": stops, "validated": validated, "ended": ended,
+                    "after_signal": after_signal}, f"{out}.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -340,22 +348,27 @@ def test_two_ranks_resumed_mid_epoch_keep_each_ranks_own_epoch_means(tmp_path):
     """The means are per rank (each rank averages its own outputs; rank 0's are logged) and rank 0 alone
     writes last.pt: it holds every rank's sums, and each rank resumes its own. Then a stop that the ranks agree on
     at an epoch's last step: both run that epoch's end (validation) before stopping, and a resume from the last.pt
-    written before that validation (a SIGKILL during it) runs it first on both ranks (dira3d.engines.epoch_end)."""
+    written before that validation (a SIGKILL during it) runs it first on both ranks (dira3d.engines.epoch_end). A
+    SIGTERM to one rank during that resumed end stops both right after it, last.pt at that end (it stopped 2 steps
+    into epoch 2, at the next agreement); the next resume trains epoch 2."""
     mp.spawn(_means_rank, args=(str(tmp_path / "init"), str(tmp_path / "models"), str(tmp_path / "rank")), nprocs=2,
              join=True)
     results = [torch.load(tmp_path / f"rank.{r}", weights_only=True) for r in (0, 1)]
     for r in results:
-        assert r["stops"] == [(3, "SIGTERM"), (8, None), (4, "SIGTERM"), (8, None)]
+        assert r["stops"] == [(3, "SIGTERM"), (8, None), (4, "SIGTERM"), (4, "SIGTERM"), (8, None)]
         assert sorted(r["full"]) == [1, 2] and r["resumed"] == r["full"]
-        # every rank ran epoch 1's end in the stopped run and again in the resume (its last.pt said it was pending)
+        # every rank ran epoch 1's end in the stopped run and again in the resume (its last.pt said it was pending),
+        # which the signal stopped right after that end: the last resume trained epoch 2 alone
         assert sorted(r["validated"]) == [1, 2] and "val_loss" in r["validated"][1]
-        assert [sorted(e) for e in r["ended"]] == [[1], [1, 2]]
+        assert [sorted(e) for e in r["ended"]] == [[1], [1], [2]]
+    assert results[0]["after_signal"] == (4, 0, False)  # last.pt at epoch 1's end, which ran: no longer pending
     # rank 0's values (logged, and best.pt's) equal; rank 1 resumes with rank 0's BatchNorm running statistics (last.pt
     # is rank 0's), so its validation values after a resume differ a little: its train_* means must not
-    assert results[0]["ended"] == [{1: results[0]["validated"][1]}, results[0]["validated"]]
+    first, second = ({e: results[0]["validated"][e]} for e in (1, 2))
+    assert results[0]["ended"] == [first, first, second]
     train = [{e: {k: v for k, v in m.items() if k.startswith("train_")} for e, m in run.items()}
              for run in (*results[1]["ended"], results[1]["validated"])]
-    assert train[:2] == [{1: train[2][1]}, train[2]]
+    assert train[:3] == [{1: train[3][1]}, {1: train[3][1]}, {2: train[3][2]}]
     assert results[0]["full"][1] != results[1]["full"][1]  # the ranks' means differ: each kept its own
     ckpt = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 8 and ckpt["trainer"]["epoch_sums"]["count"] == 0

@@ -17,12 +17,22 @@ same record and runs the epoch end again; one after it resumes at the start of e
 values once: the killed run logs them after that rewrite only. A checkpoint without the key (dira3d before it) resumes
 as before: at the next epoch.
 
+The resumed run's log has the lines of an uninterrupted run's for that epoch: ignite's ``Epoch[N] Complete`` line, which
+its loop logs after an epoch's end (and not after an end that ended the run), is logged here too. Early stopping that
+fires in that end ends the run there (ignite looks at ``terminate()`` right after ``STARTED``), as in an uninterrupted
+run. A SIGTERM / Ctrl-C during that end (its validation can take minutes) ends the run right after it, before the next
+epoch trains a step, as a stop deferred to an epoch's end does
+(:meth:`~dira3d.engines.stopping.SignalStop.after_pending_epoch_end`; the ranks agree first under DDP): ``last.pt`` at
+that end, exit 143 / 130. It stopped after the next epoch's first step.
+
 :class:`EpochEndRecord` is the checkpoint handler's bookkeeping of whether the epoch that the last iteration
 completed has reached the handler's ``EPOCH_COMPLETED`` (the same on every rank under DDP: the same events, the same
 iterations).
 """
 
 from __future__ import annotations
+
+import time
 
 from ignite.engine import Engine, Events
 
@@ -74,10 +84,25 @@ def run_pending_epoch_end(engine: Engine) -> None:
     """``STARTED``, after every other handler's (the checkpoint handler's resume included): when the resume found
     ``epoch_end_pending`` (``engine.state.epoch_end_pending``, set by
     :func:`~dira3d.engines.checkpoint.restore_checkpoint`), run that epoch's end now, before the next epoch starts:
-    ``EPOCH_COMPLETED`` for ``state.epoch``, every handler of the event, as the killed run would have."""
+    ``EPOCH_COMPLETED`` for ``state.epoch``, every handler of the event, as the killed run would have.
+
+    Then, as after an epoch's end in ignite's loop: ignite's ``Epoch[N] Complete. Time taken: ...`` line (its time:
+    that of the end run here; the epoch's steps ran in the killed run), left out when the end ended the run (early
+    stopping, as in an uninterrupted run, or a signal). A SIGTERM / Ctrl-C that came during that end ends the run right
+    after it (:meth:`~dira3d.engines.stopping.SignalStop.after_pending_epoch_end`), as a stop deferred to an epoch's
+    end does, instead of after the next epoch's first step; a second Ctrl-C during it stops at once (``last.pt`` as it
+    was: the end is still pending there, or was written again)."""
     if not getattr(engine.state, "epoch_end_pending", False):
         return
     engine.state.epoch_end_pending = False
     engine.logger.info(f"epoch {engine.state.epoch}'s end (validation, best.pt, epoch means) did not complete before "
                        "the run was killed: running it now")
+    started = time.time()
     engine.fire_event(Events.EPOCH_COMPLETED)  # ignite's public way to run an event's handlers
+    stop = getattr(engine, "signal_stop", None)  # DiRATrainer's SignalStop
+    if stop is not None:  # a SIGTERM / Ctrl-C during that end (its validation): stop now, before the next epoch
+        stop.after_pending_epoch_end(engine)
+    if not engine.should_terminate:  # ignite's line after an epoch's end, left out when that end ended the run
+        minutes, seconds = divmod(time.time() - started, 60)
+        engine.logger.info(f"Epoch[{engine.state.epoch}] Complete. Time taken: "
+                           f"{int(minutes // 60):02d}:{int(minutes % 60):02d}:{seconds:06.3f}")

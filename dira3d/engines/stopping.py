@@ -16,16 +16,18 @@ writes ``last.pt`` at that iteration (the atomic mid-epoch checkpoint) and relea
   the next epoch, so that epoch was never validated (``best.pt`` could differ from an uninterrupted run's).
   :class:`~dira3d.engines.DiRACheckpoint` writes ``last.pt`` before that validation (a SIGKILL during it, SLURM's
   grace period, loses no training; that ``last.pt`` records the epoch's end as pending, and the resume runs it first:
-  :mod:`dira3d.engines.epoch_end`) and again after it.
+  :mod:`dira3d.engines.epoch_end`) and again after it. A signal while such a resume runs that pending end (before
+  the first step) ends the run right after it in the same way (:meth:`SignalStop.after_pending_epoch_end`; under DDP
+  the ranks agree in one all-reduce there), not after the next epoch's first step.
 - Under DDP every rank must stop at the same iteration (a rank that left would leave the others
   waiting in an all-reduce): the ranks agree in the all-reduce the non-finite check already makes every
   ``check_every`` iterations (:meth:`dira3d.engines.NonFiniteGuard.periodic_check`), and stop when a signal
   reached any of them. The stop comes up to ``check_every`` iterations after the signal.
 - Once the stop is decided, further signals are ignored (``last.pt`` is being written). Before that, and during
-  the epoch end of a stop on its last step, a second Ctrl-C in a one-process run does what Ctrl-C did before the
-  run (``KeyboardInterrupt``: stop now, ``last.pt`` stays the last one written); a second SIGTERM is ignored, and
-  so is a second SIGINT under ``torchrun`` (which forwards the Ctrl-C it gets to workers that had it from the
-  terminal already).
+  the epoch end of a stop on its last step (or a resume's pending one), a second Ctrl-C in a one-process run does
+  what Ctrl-C did before the run (``KeyboardInterrupt``: stop now, ``last.pt`` stays the last one written); a second
+  SIGTERM is ignored, and so is a second SIGINT under ``torchrun`` (which forwards the Ctrl-C it gets to workers that
+  had it from the terminal already).
 - The handlers are installed only while the engine runs, in the main thread, and the previous ones are
   put back afterwards; a signal set to be ignored (``SIG_IGN``) stays ignored.
 
@@ -68,7 +70,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers.early_stopping import EarlyStopping
 
-from dira3d.engines.distributed import get_world_size, is_main_process, main_process_value
+from dira3d.engines.distributed import all_ranks_min, get_world_size, is_main_process, main_process_value
 from dira3d.engines.epoch_end import at_epoch_end
 from dira3d.utils.interrupts import StoppedBySignal
 from dira3d.utils.overrides import as_bool
@@ -201,6 +203,20 @@ class SignalStop:
             self.deferred = engine.state.stop_deferred = True
             return
         engine.terminate()
+
+    def after_pending_epoch_end(self, engine: Engine) -> None:
+        """After a resume ran the epoch end that a killed run left pending (:mod:`dira3d.engines.epoch_end`, on
+        ``STARTED``): a signal that came during it (its validation can take minutes) ends the run now, as a stop deferred
+        to an epoch's end does (``finish_epoch``); ignite then fires ``COMPLETED`` (``last.pt`` at that epoch's end) and
+        no step of the next epoch runs. It waited for the next epoch's first step. Under DDP the ranks agree first, in
+        one all-reduce (every rank runs that end: they all read the same ``last.pt``)."""
+        signum = self.requested or 0
+        if not self.single_process:
+            signum = -all_ranks_min([-signum], getattr(engine.state, "device", None) or "cpu")[0]
+        if signum and not self.stopping:
+            self.stopping = True  # further signals are ignored (last.pt is being written), as after any decided stop
+            engine.state.stopped_by = signal.Signals(signum).name
+            engine.terminate()
 
     def epoch_completed(self, engine: Engine) -> None:
         """``EPOCH_COMPLETED``: end the run after this epoch's end when a stop waits for it (``finish_epoch``); the
