@@ -92,6 +92,7 @@ def load_split(
     holdout: float = 0.1,
     fold: int | None = None,
     num_labels: int | None = None,
+    kind: str | None = None,
 ) -> list[dict]:
     """Entries of one split of a prepared datalist, with absolute paths.
 
@@ -121,8 +122,12 @@ def load_split(
             test, ``fold`` set), a classification
             holdout or test split whose AUC is undefined (one class only; multi-label: no class with both values;
             :func:`dira3d.evaluation.split_checks.check_auc_defined`), or (with
-            ``num_labels``) a label that is not a list of ``num_labels`` numbers (names the file, the entry and
+            ``num_labels``) a label that is not a list of ``num_labels`` numbers, an entry without a label or (with
+            ``kind``) one of the other kind (names the file, the entry and
             what to do: a segmentation datalist, or CheXpert prepared with ``--labels all`` for the 5-class bundle).
+        kind: the bundle's network kind (``"classification"`` / ``"segmentation"``): a label of the other kind is
+            refused (:func:`dira3d.evaluation.split_checks.check_labels`). None: not checked. An entry without a
+            ``label`` is refused whatever ``kind``.
         dira3d.data.datalist.DatalistFilesMissingError: image or label files of the returned entries that
             do not exist (all named, with their case ids; a ``FileNotFoundError`` too).
     """
@@ -151,6 +156,7 @@ def load_split(
             checks.warn_test_patients_in_training(path, training, test)
     elif split == "validation":
         result = _load_key(path, content, "validation")
+        _check_labels(path, split, result, kind)
         check_entry_files(path, "validation", result)
         _check_label_vectors(path, content, split, result, num_labels)
         return _detached(_common_keys(result))
@@ -197,6 +203,7 @@ def load_split(
         )
     # the entries this run uses (not the whole list: a 1 % run does not need the other 99 %)
     listed = "test" if split == "test" and (fold is None or int(fold) < 0) else "training"
+    _check_labels(path, split, result, kind)
     check_entry_files(path, VALIDATION if split == "holdout" and on_validation else listed, result)
     # labels the bundle cannot take first: their error names the entry (the AUC check would give other advice)
     _check_label_vectors(path, content, split, result, num_labels)
@@ -211,6 +218,12 @@ def load_split(
 
 
 _NUMBERS = {int, float}
+
+
+def _check_labels(path: Path, split: str, entries: list[dict], kind: str | None) -> None:
+    from dira3d.evaluation.split_checks import check_labels  # (it imports this module)
+
+    check_labels(path, split, entries, kind)
 
 
 def _check_label_vectors(path: Path, content: dict, split: str, entries: list[dict], num_labels: int | None) -> None:

@@ -201,15 +201,24 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     parser = trainer_flow.parser
     scored = scored_split(configs, overrides)  # the split evaluate.json scores after training (test by default)
     # the test split (or the 'validation' list) is scored after training: a missing one must fail now, not hours later;
-    # the training and holdout splits were loaded by train.json's initialize
-    if "datalist" in parser and scored not in ("train", "holdout"):
+    # the training split is checked here too for labels of the bundle's kind (a pretraining datalist, another task's),
+    # which failed in MONAI's tracebacks while it was cached
+    if "datalist" in parser:
         from dira3d.evaluation.datalists import is_multilabel, load_split
 
         fold = parser.get_parsed_content("fold") if "fold" in parser else None
         datalist = parser.get_parsed_content("datalist")
-        test = load_split(datalist, scored, fold=fold)
-        if is_multilabel(test) and "out_channels" in parser:  # lists of out_channels numbers, as train.json checks its own
-            load_split(datalist, scored, fold=fold, num_labels=parser.get_parsed_content("out_channels"))
+        kind = parser.get("network_def", {}).get("kind") if isinstance(parser.get("network_def"), dict) else None
+        kind = kind if kind in ("classification", "segmentation") else None
+        drawn = {key: parser.get_parsed_content(key) for key in ("label_fraction", "seed", "holdout") if key in parser}
+        load_split(datalist, "train", fold=fold, kind=kind, **drawn)
+        if scored not in ("train", "holdout"):
+            test = load_split(datalist, scored, fold=fold, kind=kind)
+            if is_multilabel(test) and "out_channels" in parser:  # lists of out_channels numbers, as train.json checks
+                load_split(datalist, scored, fold=fold, num_labels=parser.get_parsed_content("out_channels"))
+    if "network" in parser:  # built (and its --pretrained checkpoint read) before the datasets are cached: a missing
+        # or unfitting checkpoint was found only after caching them (minutes to hours); the trainer reuses it
+        parser.get_parsed_content("network")
     # what the run used, defaults included (metrics.json must say which subset and seed made a number)
     effective = {key: parser.get_parsed_content(key) for key in _RECORDED if key in parser}
     for key in ("datalist", "pretrained"):  # absolute: metrics.json must name the files wherever it is read

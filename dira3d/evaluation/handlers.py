@@ -22,6 +22,7 @@ from monai.engines import Workflow
 from monai.handlers import CheckpointLoader
 from monai.utils import ImageMetaKey
 
+from dira3d.data.errors import DataError
 from dira3d.utils.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["BestModelSaver", "ClosingProgressBar", "ProbabilityWriter", "FineTunedCheckpointLoader", "fine_tuned_weights",
@@ -51,7 +52,7 @@ def fine_tuned_weights(path: str | os.PathLike, network: torch.nn.Module | None 
 
     Raises:
         FileNotFoundError: no ``model.pt``: says to train first or to point ``--ckpt_dir`` at it.
-        ValueError: the weights do not fit ``network``: the counts of differing keys and the
+        DataError: (a ``ValueError``) the weights do not fit ``network``: the counts of differing keys and the
             settings that fit (e.g. ``--width 0.125``: a model fine-tuned with ``tiny.json``).
     """
     path = Path(path)
@@ -77,8 +78,10 @@ def fine_tuned_weights(path: str | os.PathLike, network: torch.nn.Module | None 
                     + "; a model fine-tuned with tiny.json: add the bundle's configs/tiny.json to --config_file "
                     "(its network settings and roi_size)") if fits else \
                 "use the model fine-tuned with this bundle and these settings"
-            raise ValueError(f"{path} does not fit this bundle's network: "
-                             f"{mismatch_summary(missing, unexpected, mismatched)}; {hint}")
+            # a DataError (a ValueError) naming the file: one `error:` line under `python -m monai.bundle run`
+            # (dira3d.utils.bundle_errors), where it ended about 100 lines of tracebacks
+            raise DataError(path, f"does not fit this bundle's network: {mismatch_summary(missing, unexpected, mismatched)}; "
+                                  f"{hint}")
     return str(path)
 
 

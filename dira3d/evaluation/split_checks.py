@@ -27,7 +27,7 @@ from dira3d.evaluation.datalists import (VALIDATION, entry_classes, foreground_k
                                          is_classification, is_multilabel, patient_of)
 from dira3d.utils.warning_format import Dira3dWarning
 
-__all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "check_validation_holdout",
+__all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "check_validation_holdout", "check_labels",
            "warning_for_test_split", "warn_test_split", "warn_test_patients_in_training"]
 
 # a segmentation test split with fewer cases with foreground than this, and fewer than half its cases, is warned about
@@ -160,6 +160,34 @@ def check_validation_holdout(path: Path, content: dict, entries: list[dict], tra
                              f"in its '{name}' list ({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}), so "
                              f"early stopping would select the model on patients it {use}; keep each patient "
                              f"(patient_id, else case_id) in one list, as `dira3d prepare` does{_OR_SHARE}")
+
+
+def check_labels(path: Path, split: str, entries: list[dict], kind: str | None = None) -> None:
+    """Refuse, in one line naming the datalist, the split and the first bad entry, entries a fine-tuning bundle cannot
+    train on: an entry without a ``label`` (a pretraining datalist, images only), and with ``kind`` (the bundle's
+    ``network_def#kind``) a label of the other kind: a mask file for ``"classification"``, a class for
+    ``"segmentation"``. Such a datalist failed while the dataset was cached, in MONAI's tracebacks of a ``KeyError``
+    or a ``TypeError`` naming no file."""
+    def bad(label) -> str:
+        if label is None:
+            return "has no 'label': a datalist of images only (for pretraining) cannot fine-tune"
+        if kind == "classification" and isinstance(label, str):
+            return (f"has label {label!r}, a mask file (a segmentation datalist?), but this classification bundle "
+                    "takes a class per entry")
+        if kind == "segmentation" and not (isinstance(label, str)
+                                           or isinstance(label, list) and label and all(isinstance(v, str) for v in label)):
+            return (f"has label {label!r}, a class (a classification datalist?), but this segmentation bundle takes "
+                    "a mask file per entry")
+        return ""
+
+    problems = [(index, entry, reason) for index, entry in enumerate(entries) if (reason := bad(entry.get("label")))]
+    if problems:
+        index, entry, reason = problems[0]
+        more = f" ({len(problems) - 1} other entr{'y' if len(problems) == 2 else 'ies'} of it too)" if len(problems) > 1 else ""
+        raise ValueError(f"datalist {path}: entry {index} of split {split!r}{more} (image {entry.get('image')}) {reason}; "
+                         "pass the datalist `dira3d prepare` wrote for this task (it names it on its `datalist:` line, "
+                         "e.g. ncc_datalist.json for luna16_nodule_fpr; `dira3d prepare generic` with --label-suffix "
+                         "for masks of your own)")
 
 
 def _numbers(label: list | tuple) -> bool:
