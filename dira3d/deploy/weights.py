@@ -107,21 +107,30 @@ def _layout(meta: Mapping[str, Any], parts: Mapping[str, Mapping[str, torch.Tens
     return dims, f"{name}; {weights}; {inputs}"
 
 
+def _tensors(state: Any) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, Mapping) else {}
+
+
+def _holds_weights(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether tensors are weights: some floating-point one (not only ``meta``, ``trainer`` or the RNG state)."""
+    return any(v.is_floating_point() for v in state.values())
+
+
 def _available_parts(checkpoint: Mapping[str, Any]) -> list[str]:
-    """The parts of a checkpoint: its non-empty mappings (a pretraining checkpoint's ``encoder``, ``decoder``, ...)
-    and the first names of its tensor keys (a fine-tuned ``model.pt``, a flat state_dict: ``encoder``, ``decoder``
-    or ``fc``)."""
-    nested = {k for k, v in checkpoint.items() if isinstance(v, Mapping) and v}
+    """The parts of a checkpoint: its mappings of weights (a pretraining checkpoint's ``encoder``, ``decoder``, ...;
+    not its ``meta``, ``trainer``, optimizer or RNG states) and the first names of its tensor keys (a fine-tuned
+    ``model.pt``, a flat state_dict: ``encoder``, ``decoder`` or ``fc``)."""
+    nested = {k for k, v in checkpoint.items() if _holds_weights(_tensors(v))}
     flat = {k.split(".", 1)[0] for k, v in checkpoint.items() if isinstance(v, torch.Tensor) and "." in k}
     return sorted(nested | flat)
 
 
 def _part(checkpoint: Mapping[str, Any], part: str, source: str, cli: bool = False) -> dict[str, torch.Tensor]:
-    state = checkpoint.get(part)
-    if not isinstance(state, Mapping) or not state:
+    state = _tensors(checkpoint.get(part))
+    if not _holds_weights(state):
         prefix = f"{part}."
         state = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
-    if not state:
+    if not _holds_weights(state):  # a part of no weights (``meta``) would be written as an empty state_dict
         available = _available_parts(checkpoint)
         if not available:
             raise ValueError(f"checkpoint {source} holds no weights to export (no encoder, decoder or other part); "
@@ -129,7 +138,7 @@ def _part(checkpoint: Mapping[str, Any], part: str, source: str, cli: bool = Fal
         choice = f"--parts {' '.join(available)}" if cli else f"parts={tuple(available)!r}"
         raise ValueError(f"checkpoint {source} has no '{part}' part (parts available: {', '.join(available)}); "
                          f"choose parts among those, e.g. {choice}")
-    return {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def export_pretrained(

@@ -134,7 +134,10 @@ def _check_spatial_dims(network: nn.Module, meta: Mapping[str, Any] | None, chec
 
 
 def _available_parts(checkpoint: Mapping[str, Any]) -> list[str]:
-    nested = [k for k, v in checkpoint.items() if isinstance(v, Mapping) and v]
+    """The mappings of weights (some floating-point tensor: not ``meta``, ``trainer`` or an optimizer's state) and
+    the first names of the dotted tensor keys."""
+    nested = [k for k, v in checkpoint.items()
+              if isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v.values())]
     flat = {k.split(".", 1)[0] for k, v in checkpoint.items() if isinstance(v, torch.Tensor) and "." in k}
     return sorted(set(nested) | flat)
 
