@@ -31,6 +31,7 @@ from monai.utils import set_determinism
 import dira3d.engines.cache as cache_module
 import dira3d.engines.diskcache as diskcache
 from dira3d.engines import DiskCacheDataset, cached_dataset
+from dira3d.engines.diskcache import SignalSafeCacheDataset
 from dira3d.engines.diskcache import PARTIAL, transform_hashing
 from dira3d.engines.inputs import setting_error_in
 from dira3d.utils.warning_format import Dira3dWarning
@@ -108,8 +109,8 @@ def test_every_bundle_builds_its_datasets_through_the_factory_with_cache_dir():
 def test_default_is_the_memory_cache(tmp_path):
     datalist, _ = make_segmentation(tmp_path, "lidc.json", (16, 16, 8), None)
     parser = _lidc(datalist)
-    assert type(parser.get_parsed_content("train#dataset")) is CacheDataset
-    assert type(parser.get_parsed_content("validate#dataset")) is CacheDataset
+    assert type(parser.get_parsed_content("train#dataset")) is SignalSafeCacheDataset  # a MONAI CacheDataset
+    assert type(parser.get_parsed_content("validate#dataset")) is SignalSafeCacheDataset
     assert not list(tmp_path.rglob("*.pt"))
 
 
@@ -351,7 +352,7 @@ def test_files_dira3d_did_not_write_are_left_alone(tmp_path):
 def test_cached_dataset_passes_the_memory_settings_only_to_the_memory_cache(tmp_path):
     data = [{"x": 1}]
     memory = cached_dataset(data, Compose([]), cache_rate=0.0, cache_dir="", progress=False, copy_cache=False)
-    assert type(memory) is CacheDataset and memory.cache_num == 0
+    assert type(memory) is SignalSafeCacheDataset and isinstance(memory, CacheDataset) and memory.cache_num == 0
     disk = cached_dataset(data, Compose([]), cache_rate=0.0, cache_dir=str(tmp_path / "c"), progress=False)
     assert isinstance(disk, DiskCacheDataset) and disk[0] == {"x": 1} and len(_cache_files(tmp_path / "c")) == 1
 

@@ -217,16 +217,58 @@ def test_a_signal_after_the_last_validation_still_ends_the_run_as_stopped(tmp_pa
         exit_if_training_stopped()
 
 
+def test_a_signal_after_a_validations_last_step_stops_right_after_that_epochs_end(tmp_path, caplog):
+    """A signal in epoch 2's end after its validation's steps (here as model.pt is saved) stopped the run only after
+    epoch 3's first step (iteration 7): it now stops right after epoch 2's end, its validation whole."""
+    trainer, validator, validations = _engines(tmp_path)
+    validator.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: trainer.state.epoch == 2 and os.kill(
+        os.getpid(), signal.SIGTERM))
+    with caplog.at_level(logging.WARNING):
+        run_training(trainer, validator, tmp_path / "models")
+    assert (trainer.state.stopped_by, trainer.state.epoch, trainer.state.iteration) == ("SIGTERM", 2, 6)
+    assert validations == [1, 2] and validator.state.iteration == 3
+    assert "fine-tuning stopped by SIGTERM at the end of epoch 2 of 4 (iteration 6); " in caplog.text
+    with pytest.raises(StoppedBySignal):
+        exit_if_training_stopped()
+
+
+def test_under_ddp_a_signal_during_a_validation_stops_all_ranks_right_after_that_epochs_end(tmp_path, monkeypatch):
+    """Two ranks (their agreement stood in for: this process is rank 0, the other rank's SIGTERM comes in epoch 2's
+    validation): the validation runs whole on every rank and the ranks agree at the epoch's end, which the run stops
+    right after (one all-reduce per epoch); it stopped after epoch 3's first step."""
+    import dira3d.engines.stopping as engine_stopping
+    import dira3d.evaluation.stopping as evaluation_stopping
+
+    other = {"signal": 0}  # the other rank's record
+
+    def all_ranks_min(values, device):  # the joint decision of the two ranks: the largest signal number
+        return [min(values[0], -other["signal"])]
+
+    monkeypatch.setattr(engine_stopping, "get_world_size", lambda: 2)
+    for module in (engine_stopping, evaluation_stopping):
+        monkeypatch.setattr(module, "all_ranks_min", all_ranks_min)
+    trainer, validator, validations = _engines(tmp_path)
+    validator.add_event_handler(Events.ITERATION_STARTED, lambda engine: trainer.state.epoch == 2 and other.update(
+        signal=int(signal.SIGTERM)))
+    run_training(trainer, validator, tmp_path / "models")
+    assert (trainer.state.stopped_by, trainer.state.epoch, trainer.state.iteration) == ("SIGTERM", 2, 6)
+    assert validations == [1, 2] and validator.state.iteration == 3  # whole: the ranks' validations have no common step
+    with pytest.raises(StoppedBySignal):
+        exit_if_training_stopped()
+
+
 def test_a_whole_run_is_not_stopped_and_leaves_no_handler_behind(tmp_path, caplog):
     trainer, validator, validations = _engines(tmp_path, max_epochs=2)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     handlers = (len(trainer._event_handlers[Events.ITERATION_COMPLETED]),
+                len(trainer._event_handlers[Events.EPOCH_COMPLETED]),
                 len(validator._event_handlers[Events.ITERATION_COMPLETED]))
     run_training(trainer, validator, tmp_path / "models")
     assert trainer.state.stopped_by is None and validations == [1, 2] and "fine-tuning stopped" not in caplog.text
     exit_if_training_stopped()  # no-op
     assert {s: signal.getsignal(s) for s in previous} == previous
     assert (len(trainer._event_handlers[Events.ITERATION_COMPLETED]),
+            len(trainer._event_handlers[Events.EPOCH_COMPLETED]),
             len(validator._event_handlers[Events.ITERATION_COMPLETED])) == handlers
 
 

@@ -143,6 +143,35 @@ def test_a_signal_while_a_pool_thread_loads_in_native_code_exits_with_its_code_a
     assert result.stdout.split() == ["LOADED"]  # the exit waited for the item in flight
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no pthread_sigmask on this platform (Windows)")
+def test_the_caches_loading_threads_leave_sigterm_and_sigint_to_the_main_thread():
+    """The kernel may hand a process-directed SIGTERM to a CacheDataset pool thread; Python then ran the handler only
+    when the main thread next ran Python code, once the pool's next item was loaded (minutes for a big CT). The
+    bundles' memory cache (dira3d.engines.cached_dataset) and the cache-size probe block both signals in their pool
+    threads, so the kernel delivers them to the main thread, whose own mask is left as it was."""
+    import threading
+
+    from monai.transforms import Compose, Lambda
+
+    from dira3d.engines import cached_dataset
+    from dira3d.engines.cache import prefix_item_bytes
+
+    stops, seen = {signal.SIGTERM, signal.SIGINT}, []
+
+    def record(item):  # in each item's load: which thread, and whether it blocks both signals
+        seen.append((threading.current_thread() is threading.main_thread(),
+                     stops <= signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        return item
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert not stops & before
+    dataset = cached_dataset([{"x": i} for i in range(8)], Compose([Lambda(record)]), num_workers=3, progress=False)
+    assert len(dataset) == 8 and seen == [(False, True)] * 8
+    seen.clear()
+    assert prefix_item_bytes({"x": 0}, Compose([Lambda(record)])) is not None and seen == [(False, True)]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the main thread takes them as before
+
+
 def test_the_engine_takes_the_signals_over_and_puts_back_the_handlers_from_before(monkeypatch):
     """stop_before_training replaces the default handlers only; SignalStop (the training) puts back those it replaced, so
     its second Ctrl-C is Python's KeyboardInterrupt again and nothing of the data loading's handler is left after."""

@@ -337,8 +337,18 @@ def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
                 state = torch.load(last, weights_only=True)["trainer"]
                 after_signal = (state["iteration"], state["epoch_iteration"], state["epoch_end_pending"])
             dist.barrier()
+        # a SIGTERM to rank 1 in epoch 1's validation of an ordinary run (its last step done, the ranks agreeing every
+        # 3 iterations): both stop right after epoch 1's end (one all-reduce there), not at the next agreement (6)
+        run = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=3,
+                           handlers=[_validation(signal_in=rank == 1), DiRACheckpoint(ckpt_dir + "_val")])
+        run.run()
+        stops.append((run.state.iteration, run.state.stopped_by))
+        dist.barrier()
+        state = torch.load(os.path.join(ckpt_dir + "_val", "last.pt"), weights_only=True)["trainer"]
+        after_validation = (state["iteration"], state["epoch_iteration"], state["epoch_end_pending"],
+                            state["best_epoch"])
         torch.save({"full": full, "resumed": resumed, "stops": stops, "validated": validated, "ended": ended,
-                    "after_signal": after_signal}, f"{out}.{rank}")
+                    "after_signal": after_signal, "after_validation": after_validation}, f"{out}.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -350,12 +360,14 @@ def test_two_ranks_resumed_mid_epoch_keep_each_ranks_own_epoch_means(tmp_path):
     at an epoch's last step: both run that epoch's end (validation) before stopping, and a resume from the last.pt
     written before that validation (a SIGKILL during it) runs it first on both ranks (dira3d.engines.epoch_end). A
     SIGTERM to one rank during that resumed end stops both right after it, last.pt at that end (it stopped 2 steps
-    into epoch 2, at the next agreement); the next resume trains epoch 2."""
+    into epoch 2, at the next agreement); the next resume trains epoch 2. A SIGTERM to one rank during an ordinary
+    epoch end's validation stops both right after that end too."""
     mp.spawn(_means_rank, args=(str(tmp_path / "init"), str(tmp_path / "models"), str(tmp_path / "rank")), nprocs=2,
              join=True)
     results = [torch.load(tmp_path / f"rank.{r}", weights_only=True) for r in (0, 1)]
     for r in results:
-        assert r["stops"] == [(3, "SIGTERM"), (8, None), (4, "SIGTERM"), (4, "SIGTERM"), (8, None)]
+        assert r["stops"] == [(3, "SIGTERM"), (8, None), (4, "SIGTERM"), (4, "SIGTERM"), (8, None), (4, "SIGTERM")]
+        assert r["after_validation"] == (4, 0, False, 1)  # last.pt at epoch 1's end, validated (best.pt: epoch 1)
         assert sorted(r["full"]) == [1, 2] and r["resumed"] == r["full"]
         # every rank ran epoch 1's end in the stopped run and again in the resume (its last.pt said it was pending),
         # which the signal stopped right after that end: the last resume trained epoch 2 alone

@@ -105,3 +105,44 @@ def test_ctrl_c_again_during_that_validation_stops_at_once_with_last_pt_of_the_s
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["trainer"]
     assert (saved["iteration"], saved["epoch"], saved["epoch_iteration"]) == (4, 2, 0)
+
+
+def test_a_signal_during_an_epochs_validation_stops_right_after_that_epochs_end(tmp_path, monkeypatch):
+    """A SIGTERM in epoch 2's validation (its last step long done) let the validation finish and stopped the run
+    only after epoch 3's first step (SignalStop.poll runs after steps). It now stops right after epoch 2's end:
+    validated, best.pt decided, last.pt at that end (not pending), exit 143; the resume trains epoch 3 as an
+    uninterrupted run does, bit for bit."""
+    import os
+
+    from dira3d.engines import StoppedBySignal, exit_if_stopped
+    from dira3d.engines import evaluator as evaluator_module
+
+    full: dict = {}
+    _run(tmp_path / "full", full)
+    validate = evaluator_module.DiRAEvaluator._validate
+
+    def signalled(self, trainer):
+        if trainer.state.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validate(self, trainer)
+
+    monkeypatch.setattr(evaluator_module.DiRAEvaluator, "_validate", signalled)
+    stopped: dict = {}
+    run = _run(tmp_path / "stopped", stopped)
+    assert run.state.stopped_by == "SIGTERM" and run.state.iteration == 4  # no step of epoch 3 (it stopped at 5)
+    assert stopped == {1: full[1], 2: full[2]}
+    saved = _weights(tmp_path / "stopped" / "last.pt")[0]
+    where = (saved["iteration"], saved["epoch"], saved["epoch_iteration"], saved["epoch_end_pending"])
+    assert where == (4, 2, 0, False)
+    with pytest.raises(StoppedBySignal) as stop:
+        exit_if_stopped(run)
+    assert stop.value.code == 143
+    monkeypatch.setattr(evaluator_module.DiRAEvaluator, "_validate", validate)
+
+    resumed: dict = {}
+    _run(tmp_path / "stopped", resumed)
+    assert resumed == {3: full[3]}
+    for name in ("best.pt", "last.pt"):
+        (a, wa), (b, wb) = _weights(tmp_path / "full" / name), _weights(tmp_path / "stopped" / name)
+        assert (a["best_metric"], a["best_epoch"], a["iteration"]) == (b["best_metric"], b["best_epoch"], b["iteration"])
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name

@@ -18,7 +18,8 @@ from test_distributed import free_port
 from test_resume_kill import CONFIGS
 
 # Wraps a command (dira3d pretrain, or monai.bundle under torchrun): prints "STEP <rank> <iteration>" as each
-# step starts (and, at STEP_PAUSE_AT, waits a little so that the test's signal arrives inside that step),
+# step starts (and, at STEP_PAUSE_AT, waits STEP_PAUSE seconds, 1 unless set, so that the test's signal arrives inside
+# that step),
 # "SAVING" halfway through every checkpoint write (each write then pauses SAVE_PAUSE seconds), and
 # "EXIT <rank> <code> <iteration>" as the process leaves.
 RUNNER = textwrap.dedent('''
@@ -51,7 +52,7 @@ RUNNER = textwrap.dedent('''
         def announced_step(engine, batch):
             say("STEP", RANK, engine.state.iteration)
             if engine.state.iteration == PAUSE_AT:
-                time.sleep(1.0)
+                time.sleep(float(os.environ.get("STEP_PAUSE", "1.0")))
             return step(engine, batch)
 
         self._process_function = announced_step
@@ -194,10 +195,10 @@ def test_torchrun_two_gloo_ranks_stopped_by_sigterm_stop_at_the_same_iteration_a
     expected = weights(reference / "models" / "last.pt", 6)
 
     out = tmp_path / "stopped"
-    # the signal comes inside step 2 (the end of epoch 1, saved): the ranks agree at the check after
-    # iteration 3, in the middle of epoch 2
-    code, output = run_until(torchrun(runner, data, out, free_port()), repo_root, {"STEP_PAUSE_AT": "2"},
-                             [("STEP 0 2", signal.SIGTERM)])
+    # the signal comes inside step 3 (epoch 2's first; a signal in epoch 1, whose last step is 2, stops the run right
+    # after epoch 1's end, where the ranks agree too): the ranks agree at the check after iteration 3, mid-epoch
+    code, output = run_until(torchrun(runner, data, out, free_port()), repo_root,
+                             {"STEP_PAUSE_AT": "3", "STEP_PAUSE": "3"}, [("STEP 0 3", signal.SIGTERM)])
     assert code != 0, output[-3000:]  # torchrun reports its workers' exit
     exits = sorted(re.findall(r"^EXIT (\d) (\S+) (\S+)$", output, flags=re.M))
     assert exits == [("0", "143", "3"), ("1", "143", "3")], output[-3000:]

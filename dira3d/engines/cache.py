@@ -280,11 +280,11 @@ def prefix_item_bytes(entry: Mapping[str, Any], transform: Any) -> int | None:
     """Bytes of ``entry`` as a ``CacheDataset`` with ``transform`` caches it (the transforms up to the first random
     one, MONAI's split); None when that fails (the entry is then estimated from its headers, and the bundle's own
     ``CacheDataset`` reports the fault when it loads it)."""
-    from monai.data import CacheDataset
+    from dira3d.engines.diskcache import SignalSafeCacheDataset  # (it imports this module) its thread: no signals
 
     try:
-        one = CacheDataset([entry], transform=transform, cache_rate=1.0, num_workers=1, progress=False,
-                           copy_cache=False)
+        one = SignalSafeCacheDataset([entry], transform=transform, cache_rate=1.0, num_workers=1, progress=False,
+                                     copy_cache=False)
         return item_bytes(one._cache[0])  # MONAI's cache list, pinned by tests/test_engines_cache.py
     except Exception as err:  # noqa: BLE001 - any fault of the entry is reported by the bundle's dataset
         logger.debug("the cache estimate could not preprocess %s (%s); using its headers", entry, err)

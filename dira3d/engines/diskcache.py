@@ -65,10 +65,11 @@ from monai.data import CacheDataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 
 from dira3d.engines.cache import size_text
+from dira3d.utils.threads import block_stop_signals_in_pool_thread
 from dira3d.utils.warning_format import Dira3dWarning
 
-__all__ = ["DiskCacheDataset", "cache_dir_of", "cached_dataset", "check_cache_disk", "disk_free", "source_hashing",
-           "transform_hashing", "whole_file_size"]
+__all__ = ["DiskCacheDataset", "SignalSafeCacheDataset", "cache_dir_of", "cached_dataset", "check_cache_disk",
+           "disk_free", "source_hashing", "transform_hashing", "whole_file_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,14 +270,25 @@ class DiskCacheDataset(PersistentDataset):
         self.data = data
 
 
+class SignalSafeCacheDataset(CacheDataset):
+    """MONAI's ``CacheDataset`` whose thread pool's workers block SIGTERM and SIGINT, so that the kernel delivers them
+    to the main thread: a signal taken by a worker was handled only once the pool's next item was loaded (seconds to
+    minutes for a big CT; :func:`dira3d.utils.threads.block_stop_signals_in_pool_thread`). Nothing else differs."""
+
+    def _load_cache_item(self, idx: int) -> Any:  # MONAI's ThreadPool calls it in each worker thread
+        block_stop_signals_in_pool_thread()
+        return super()._load_cache_item(idx)
+
+
 def cached_dataset(data: Sequence, transform: Callable, cache_rate: float = 1.0, cache_dir: Any = None,
                    **memory: Any) -> CacheDataset | DiskCacheDataset:
     """The bundles' dataset: with ``cache_dir`` empty (the default) MONAI's ``CacheDataset(data, transform,
-    cache_rate, **memory)`` as before; with ``cache_dir`` a :class:`DiskCacheDataset` of every entry in that folder
-    (``cache_rate`` and the ``CacheDataset`` arguments in ``memory`` do not apply)."""
+    cache_rate, **memory)`` as before (a :class:`SignalSafeCacheDataset`: its loading threads leave SIGTERM / SIGINT to
+    the main thread); with ``cache_dir`` a :class:`DiskCacheDataset` of every entry in that folder (``cache_rate`` and
+    the ``CacheDataset`` arguments in ``memory`` do not apply)."""
     folder = cache_dir_of(cache_dir)
     if folder is None:
-        return CacheDataset(data=data, transform=transform, cache_rate=cache_rate, **memory)
+        return SignalSafeCacheDataset(data=data, transform=transform, cache_rate=cache_rate, **memory)
     return DiskCacheDataset(data, transform, folder)
 
 

@@ -22,8 +22,9 @@ its loop logs after an epoch's end (and not after an end that ended the run), is
 fires in that end ends the run there (ignite looks at ``terminate()`` right after ``STARTED``), as in an uninterrupted
 run. A SIGTERM / Ctrl-C during that end (its validation can take minutes) ends the run right after it, before the next
 epoch trains a step, as a stop deferred to an epoch's end does
-(:meth:`~dira3d.engines.stopping.SignalStop.after_pending_epoch_end`; the ranks agree first under DDP): ``last.pt`` at
-that end, exit 143 / 130. It stopped after the next epoch's first step.
+(:meth:`~dira3d.engines.stopping.SignalStop.after_epoch_end`, the last handler of the event, as after any epoch's end;
+the ranks agree first under DDP): ``last.pt`` at that end, exit 143 / 130. It stopped after the next epoch's first
+step.
 
 :class:`EpochEndRecord` is the checkpoint handler's bookkeeping of whether the epoch that the last iteration
 completed has reached the handler's ``EPOCH_COMPLETED`` (the same on every rank under DDP: the same events, the same
@@ -89,8 +90,8 @@ def run_pending_epoch_end(engine: Engine) -> None:
     Then, as after an epoch's end in ignite's loop: ignite's ``Epoch[N] Complete. Time taken: ...`` line (its time:
     that of the end run here; the epoch's steps ran in the killed run), left out when the end ended the run (early
     stopping, as in an uninterrupted run, or a signal). A SIGTERM / Ctrl-C that came during that end ends the run right
-    after it (:meth:`~dira3d.engines.stopping.SignalStop.after_pending_epoch_end`), as a stop deferred to an epoch's
-    end does, instead of after the next epoch's first step; a second Ctrl-C during it stops at once (``last.pt`` as it
+    after it (:meth:`~dira3d.engines.stopping.SignalStop.after_epoch_end`, a handler of the event), as after any epoch's
+    end, instead of after the next epoch's first step; a second Ctrl-C during it stops at once (``last.pt`` as it
     was: the end is still pending there, or was written again)."""
     if not getattr(engine.state, "epoch_end_pending", False):
         return
@@ -98,10 +99,9 @@ def run_pending_epoch_end(engine: Engine) -> None:
     engine.logger.info(f"epoch {engine.state.epoch}'s end (validation, best.pt, epoch means) did not complete before "
                        "the run was killed: running it now")
     started = time.time()
-    engine.fire_event(Events.EPOCH_COMPLETED)  # ignite's public way to run an event's handlers
-    stop = getattr(engine, "signal_stop", None)  # DiRATrainer's SignalStop
-    if stop is not None:  # a SIGTERM / Ctrl-C during that end (its validation): stop now, before the next epoch
-        stop.after_pending_epoch_end(engine)
+    # ignite's public way to run an event's handlers; the last, DiRATrainer's SignalStop.after_epoch_end, stops the run
+    # now (before the next epoch) when a SIGTERM / Ctrl-C came during that end (its validation)
+    engine.fire_event(Events.EPOCH_COMPLETED)
     if not engine.should_terminate:  # ignite's line after an epoch's end, left out when that end ended the run
         minutes, seconds = divmod(time.time() - started, 60)
         engine.logger.info(f"Epoch[{engine.state.epoch}] Complete. Time taken: "

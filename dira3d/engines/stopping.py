@@ -17,8 +17,12 @@ writes ``last.pt`` at that iteration (the atomic mid-epoch checkpoint) and relea
   :class:`~dira3d.engines.DiRACheckpoint` writes ``last.pt`` before that validation (a SIGKILL during it, SLURM's
   grace period, loses no training; that ``last.pt`` records the epoch's end as pending, and the resume runs it first:
   :mod:`dira3d.engines.epoch_end`) and again after it. A signal while such a resume runs that pending end (before
-  the first step) ends the run right after it in the same way (:meth:`SignalStop.after_pending_epoch_end`; under DDP
-  the ranks agree in one all-reduce there), not after the next epoch's first step.
+  the first step) ends the run right after it in the same way, not after the next epoch's first step.
+- A signal that comes during an epoch's end, after its last step (in its validation, which can take minutes), ends
+  the run right after that end (:meth:`SignalStop.after_epoch_end`, the trainer's last ``EPOCH_COMPLETED`` handler):
+  validation done, ``best.pt`` decided, the epoch-end ``last.pt`` written, then ``last.pt`` at that end again on
+  ``COMPLETED``; the resume starts the next epoch as an uninterrupted run does. It stopped after the next epoch's first
+  step. Under DDP the ranks agree there in one all-reduce per epoch end.
 - Under DDP every rank must stop at the same iteration (a rank that left would leave the others
   waiting in an all-reduce): the ranks agree in the all-reduce the non-finite check already makes every
   ``check_every`` iterations (:meth:`dira3d.engines.NonFiniteGuard.periodic_check`), and stop when a signal
@@ -140,6 +144,8 @@ class SignalStop:
     ``requested`` (the first signal's number, or None) is all the handler sets. :meth:`poll` runs on
     every ``ITERATION_COMPLETED`` and stops a one-process run; under DDP ``requested`` feeds the periodic
     joint decision (:meth:`~dira3d.engines.faults.NonFiniteGuard.periodic_check`), whose result goes to :meth:`stop`.
+    :meth:`after_epoch_end`, the last ``EPOCH_COMPLETED`` handler, ends the run after an epoch's end in which a signal
+    came (or to which a stop on its last step was deferred).
     """
 
     def __init__(self, finish_epoch: bool = False) -> None:
@@ -204,24 +210,25 @@ class SignalStop:
             return
         engine.terminate()
 
-    def after_pending_epoch_end(self, engine: Engine) -> None:
-        """After a resume ran the epoch end that a killed run left pending (:mod:`dira3d.engines.epoch_end`, on
-        ``STARTED``): a signal that came during it (its validation can take minutes) ends the run now, as a stop deferred
-        to an epoch's end does (``finish_epoch``); ignite then fires ``COMPLETED`` (``last.pt`` at that epoch's end) and
-        no step of the next epoch runs. It waited for the next epoch's first step. Under DDP the ranks agree first, in
-        one all-reduce (every rank runs that end: they all read the same ``last.pt``)."""
+    def after_epoch_end(self, engine: Engine) -> None:
+        """``EPOCH_COMPLETED``, the trainer's last handler of the event (after its validation, ``best.pt``, the
+        epoch-end ``last.pt``): end the run right after this epoch's end when a stop waits for it (``finish_epoch``),
+        or when a signal came since the last check, during that end (its validation can take minutes; the run stopped
+        after the next epoch's first step). ignite then fires ``COMPLETED`` (``last.pt`` at this epoch's end) and no
+        step of the next epoch runs: a resume starts it as an uninterrupted run does. The same after the epoch end that
+        a resume runs first (:func:`~dira3d.engines.epoch_end.run_pending_epoch_end` fires the event). Under DDP the
+        ranks agree first, in one all-reduce at every epoch end (every rank runs every epoch end, and ``stopping`` is
+        the same on all: joint decisions set it), so all stop after the same epoch and none waits for another."""
+        if self.stopping:  # decided (by every rank alike): a deferred stop ends here, any other has terminated already
+            if self.deferred:
+                engine.terminate()
+            return
         signum = self.requested or 0
         if not self.single_process:
             signum = -all_ranks_min([-signum], getattr(engine.state, "device", None) or "cpu")[0]
-        if signum and not self.stopping:
+        if signum:
             self.stopping = True  # further signals are ignored (last.pt is being written), as after any decided stop
             engine.state.stopped_by = signal.Signals(signum).name
-            engine.terminate()
-
-    def epoch_completed(self, engine: Engine) -> None:
-        """``EPOCH_COMPLETED``: end the run after this epoch's end when a stop waits for it (``finish_epoch``); the
-        other handlers of the event still run (``terminate`` only sets ignite's flag)."""
-        if self.deferred:
             engine.terminate()
 
 

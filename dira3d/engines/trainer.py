@@ -321,7 +321,6 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         # a stop on an epoch's last step first lets that epoch end (validation, best.pt): a resume starts the next one
         self.signal_stop = SignalStop(finish_epoch=True)
         self.add_event_handler(Events.ITERATION_COMPLETED, self.signal_stop.poll)
-        self.add_event_handler(Events.EPOCH_COMPLETED, self.signal_stop.epoch_completed)
         self.evaluator = None  # the DiRAEvaluator, once one attaches itself (early stopping needs one)
         if train_handlers is not None:  # None: a handler the bundle config disabled (validate#evaluator without validation)
             # on ranks other than 0, without the handlers that only report (by their class, whatever the list's order)
@@ -329,9 +328,19 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         # after every handler's STARTED (the checkpoint handler's resume): a last.pt written at an epoch's last
         # iteration before its end (a kill during its validation) has that end run first (dira3d.engines.epoch_end)
         self.add_event_handler(Events.STARTED, run_pending_epoch_end)
+        self._signal_stop_last()
+
+    def _signal_stop_last(self) -> None:
+        """Make :meth:`SignalStop.after_epoch_end` the last ``EPOCH_COMPLETED`` handler, also of those attached after
+        the trainer was built: a signal during an epoch's end (its validation) ends the run right after that end."""
+        after = self.signal_stop.after_epoch_end
+        if self.has_event_handler(after, Events.EPOCH_COMPLETED):
+            self.remove_event_handler(after, Events.EPOCH_COMPLETED)
+        self.add_event_handler(Events.EPOCH_COMPLETED, after)
 
     def run(self) -> None:
         """Train (``monai.engines.Trainer.run``) with SIGTERM / SIGINT caught while it lasts (see the class)."""
+        self._signal_stop_last()
         self.state.stop_saved = None  # what the checkpoint handler wrote when a signal stopped the run
         self.state.early_stopped = None  # why early stopping ended the run (dira3d.engines.stopping.FinalStageEarlyStop)
         self.state.epoch_end_pending = False  # set by a resume from a last.pt written before its epoch's end

@@ -10,8 +10,11 @@ the pretraining mechanism (:class:`dira3d.engines.stopping.SignalStop`) on MONAI
   during a validation stops that validation after its step in progress instead: a validation cut short computes no
   metric, so it neither saves ``model.pt`` nor counts for early stopping or the learning-rate schedule.
 - Under DDP every rank must stop at the same iteration: the ranks agree after every training step (one all-reduce
-  of one number; the gradients take one per step already). A signal during a validation is acted on after the next
-  training step (a validation has no common step count: the ranks' shares differ).
+  of one number; the gradients take one per step already). A signal during a validation (which has no common step
+  count: the ranks' shares differ) lets it finish, and the ranks agree again at the epoch's end, after the validation
+  and ``model.pt`` (the trainer's last ``EPOCH_COMPLETED`` handler: one all-reduce per epoch): the run stops right
+  there, before the next epoch's first step (it stopped after that step). So does a one-process run whose signal came
+  after the validation's last step.
 - A signal that comes after the last check (the last validation's end) still ends the run as stopped (one last
   agreement after the run), so ``dira3d finetune`` does not go on to the test evaluation.
 - Rank 0 logs one line: the signal, the epoch and iteration, what ``model.pt`` holds (the model of this run's
@@ -87,6 +90,18 @@ def _poll_validation(validator: Engine, stop: SignalStop, trainer: Engine, cut: 
         validator.terminate()
 
 
+def _poll_epoch_end(engine: Engine, stop: SignalStop, cut: dict[str, Any]) -> None:
+    """``EPOCH_COMPLETED`` of the trainer, its last handler (after the validation and ``model.pt``): a signal that came
+    during this epoch's end (under DDP in its validation; in one process after the validation's last step) ends the run
+    now (:meth:`SignalStop.after_epoch_end`; the ranks agree in one all-reduce). It stopped after the next epoch's first
+    step."""
+    if stop.stopping:  # a validation cut short (one process): the trainer is terminating already
+        return
+    stop.after_epoch_end(engine)
+    if stop.stopping:
+        cut["finished" if engine.state.epoch >= (engine.state.max_epochs or 0) else "epoch_end"] = True
+
+
 def run_training(trainer: Engine, validator: Engine | None = None, ckpt_dir: str | os.PathLike | None = None) -> None:
     """``trainer.run()`` that SIGTERM and Ctrl-C end cleanly (see the module docstring); the bundles' ``run``.
 
@@ -102,7 +117,8 @@ def run_training(trainer: Engine, validator: Engine | None = None, ckpt_dir: str
     stop = SignalStop()
     model = Path(ckpt_dir) / "model.pt" if ckpt_dir else None
     before, cut = _mtime(model), {"validation": False}
-    handles = [trainer.add_event_handler(Events.ITERATION_COMPLETED, _poll_training, stop)]
+    handles = [trainer.add_event_handler(Events.ITERATION_COMPLETED, _poll_training, stop),
+               trainer.add_event_handler(Events.EPOCH_COMPLETED, _poll_epoch_end, stop, cut)]  # after the bundle's
     if validator is not None:
         handles.append(validator.add_event_handler(Events.ITERATION_COMPLETED, _poll_validation, stop, trainer, cut))
     try:
@@ -142,8 +158,9 @@ def stop_message(trainer: Engine, validator: Engine | None, model: Path | None, 
         validator: the validator (its best metric so far), or None.
         model: the ``model.pt`` path, or None when not known.
         saved: whether this run wrote ``model`` (it changed since the run started).
-        cut: ``{"validation": True}`` when a validation was cut short, ``{"finished": True}`` when the signal came
-            after the training had ended.
+        cut: ``{"validation": True}`` when a validation was cut short, ``{"epoch_end": True}`` when the run stopped
+            right after an epoch's end, ``{"finished": True}`` when the signal came after the training had ended (or
+            in the last epoch's end).
     """
     cut = cut or {}
     state = trainer.state
@@ -151,6 +168,8 @@ def stop_message(trainer: Engine, validator: Engine | None, model: Path | None, 
         where = f"after its last epoch ({state.epoch} of {state.max_epochs}): the training had ended"
     elif cut.get("validation"):
         where = f"in the validation after epoch {state.epoch} of {state.max_epochs}, which was left unfinished"
+    elif cut.get("epoch_end"):
+        where = f"at the end of epoch {state.epoch} of {state.max_epochs} (iteration {state.iteration})"
     else:
         where = f"in epoch {state.epoch} of {state.max_epochs} (iteration {state.iteration})"
     if model is None:

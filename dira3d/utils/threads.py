@@ -14,19 +14,53 @@ monai.bundle run`` of a bundle whose data fail to load) an ``atexit`` hook, regi
 ``dira3d`` is imported, does, and so after a SIGTERM / Ctrl-C while the data were cached
 (:func:`dira3d.engines.stop_before_training` calls :func:`wait_for_pool_threads_at_exit`: its
 ``StoppedBySignal`` is a ``SystemExit``, no uncaught error; the exit aborted, SIGABRT after the stop's line).
+
+:func:`block_stop_signals_in_pool_thread` keeps SIGTERM and SIGINT off those worker threads. The kernel hands a
+process-directed signal to any thread that does not block it, and CPython runs the Python handler in the main thread
+only when that thread next runs Python code: a signal taken by a worker thread waited until the pool's next item in
+order was loaded, while the main thread waited for it in the pool (seconds to minutes for a big CT; a SLURM
+preemption gives 30 to 90 s before SIGKILL). Blocked in the workers, the signals are never handed to a thread that
+is loading an item; the kernel hands them to the main thread (its first choice), whose wait they interrupt at once.
+(The pool's three bookkeeping threads, made by ``ThreadPool`` in the calling thread before any item, are not
+covered; neither are native threads such as OpenMP's, which the kernel rarely picks either.) The bundles' memory
+cache (:class:`dira3d.engines.diskcache.SignalSafeCacheDataset`, made by :func:`dira3d.engines.cached_dataset`) calls
+it in each worker before its first item.
 """
 
 from __future__ import annotations
 
 import atexit
+import signal
 import sys
 import threading
 import time
 from multiprocessing.dummy import DummyProcess
 
-__all__ = ["finish_pool_threads", "install_exit_hook", "wait_for_pool_threads_at_exit"]
+__all__ = ["block_stop_signals_in_pool_thread", "finish_pool_threads", "install_exit_hook",
+           "wait_for_pool_threads_at_exit"]
 
 _AT_EXIT = {"wait": False}  # set by wait_for_pool_threads_at_exit
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_THIS_THREAD = threading.local()  # .blocked: block_stop_signals_in_pool_thread ran in this thread
+
+
+def block_stop_signals_in_pool_thread() -> bool:
+    """Block SIGTERM and SIGINT in the calling thread when it is a ``ThreadPool`` worker (once per thread; a
+    ``CacheDataset`` calls it before each item it loads), so that the kernel delivers them to the main thread, whose
+    handler then runs at once (see the module docstring). Any other thread, the main thread above all, is left as it
+    is, and so is a platform without ``pthread_sigmask`` (Windows).
+
+    Returns:
+        Whether the signals are blocked in this thread.
+    """
+    thread = threading.current_thread()
+    if (not isinstance(thread, DummyProcess) or thread is threading.main_thread()
+            or not hasattr(signal, "pthread_sigmask")):
+        return False
+    if not getattr(_THIS_THREAD, "blocked", False):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        _THIS_THREAD.blocked = True
+    return True
 
 
 def finish_pool_threads(timeout: float = 120.0) -> list[str]:
