@@ -3,6 +3,8 @@ earlier tests left unpinned."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +63,13 @@ def test_distortions_are_drawn_afresh_on_every_call_and_per_key():
     assert not torch.equal(first["a_distorted"], second["a_distorted"])
     array = RandDistortion("transvw", num_blocks=50).set_random_state(0)
     assert not torch.equal(array(_item())[0], array(_item())[0])
+
+
+@pytest.mark.parametrize("make", [lambda: RandDistortiond("ct", composition="transvw"), lambda: RandViewsd("ct", spatial_dims=3),
+                                  lambda: RandViewsd("ct", spatial_dims=3, value_range=None)])
+@pytest.mark.parametrize("shape", [(1, 0, 16, 8), (1, 16, 16, 0), (0, 16, 16, 8)])
+def test_an_empty_item_is_refused_naming_its_key(make, shape):
+    """An empty item (a crop outside the volume) failed inside PyTorch ("Expected non-zero, positive output size",
+    "Kernel size can't be greater than actual input size"), naming no key; value_range=None skipped the only check."""
+    with pytest.raises(ValueError, match=rf"^'ct' is empty \(shape {re.escape(str(shape))}\): nothing to distort"):
+        make()({"ct": np.zeros(shape, np.float32)})

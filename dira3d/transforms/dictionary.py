@@ -49,7 +49,10 @@ def _as_item(img: Any, key: str = "image", value_range: tuple[float, float] | No
     if not t.is_floating_point():
         raise ValueError(f"{key!r} has dtype {t.dtype}: the distortions and views work on floating-point images in "
                          f"[0, 1] (raw int16 HU or 8-bit pixels would be distorted into garbage); {_SCALE_HINT}.")
-    if value_range is not None and t.numel():
+    if not t.numel():  # a crop outside the volume, a patch larger than it: PyTorch's errors named no key
+        raise ValueError(f"{key!r} is empty (shape {tuple(t.shape)}): nothing to distort or crop views from; check "
+                         "the crop before this transform (its patch size against the volume's size, a crop outside it).")
+    if value_range is not None:
         low, high = value_range
         lo, hi = float(t.min()), float(t.max())
         slack = 1e-3 * (high - low)
