@@ -237,6 +237,7 @@ def test_a_periodic_last_pt_at_an_epochs_last_iteration_resumes_with_that_epochs
         resume()
     assert (killed / "last.pt").read_bytes() == snapshots["run", 1] and per_epoch == []
     caplog.set_level(logging.INFO)
+    caplog.clear()  # the runs above logged their lines too when an earlier test of this worker set INFO
     ctrl_c[0] = 1
     stopped = resume()
     assert (stopped.state.stopped_by, stopped.state.iteration) == ("SIGINT", 2)  # no step of epoch 2
