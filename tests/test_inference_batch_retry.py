@@ -105,3 +105,31 @@ def test_a_classification_batch_writes_the_probabilities_of_the_others(tmp_path,
     assert [p["image"] for p in written] == [str(cubes[i]) for i in (0, 2, 3)]
     assert np.allclose([p["probabilities"] for p in written], [expected[i]["probabilities"] for i in (0, 2, 3)],
                        rtol=1e-5, atol=0)
+
+
+def test_a_batch_that_fails_after_writing_all_its_inputs_runs_none_again(tmp_path, monkeypatch, caplog):
+    """A failure after the predictions of every input of the batch were written (a handler after the saver): each is
+    ``written`` (its file is whole), none is run again, and no line says "its 0 input(s) not written are run again"."""
+    import logging
+
+    from monai.engines import SupervisedEvaluator
+
+    scans = _scans(tmp_path, ["a", "b", "c"])
+    iteration, seen = SupervisedEvaluator._iteration, []
+
+    def run(self, engine, batchdata):
+        names = [Path(str(f)).name for f in batchdata["image"].meta["filename_or_obj"]]
+        seen.append(names)
+        output = iteration(self, engine, batchdata)  # the saver wrote the batch's masks
+        if "a.nii.gz" in names:
+            raise RuntimeError("a handler after the saver failed")
+        return output
+
+    monkeypatch.setattr(SupervisedEvaluator, "_iteration", run)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        assert _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in scans], out, **SEG3D,
+                    **{"dataloader#batch_size": 2}) == [0]
+    assert [r["status"] for r in _report(out)["inputs"]] == ["written"] * 3
+    assert seen == [["a.nii.gz", "b.nii.gz"], ["c.nii.gz"]]  # nothing run again
+    assert "run again one at a time" not in caplog.text

@@ -217,8 +217,9 @@ class InferenceBatch:
                 logger.warning(f"failed: {', '.join(files)}: {reason}; the batch goes on with the other inputs")
                 _release_gpu_memory(engine)
                 return []
-            logger.warning(f"a batch of {len(indices)} inputs failed ({failure_reason(err)}); its {len(pending)} "
-                           "input(s) not written are run again one at a time")
+            if pending:  # (all written before the failure: nothing to run again)
+                logger.warning(f"a batch of {len(indices)} inputs failed ({failure_reason(err)}); its {len(pending)} "
+                               "input(s) not written are run again one at a time")
         else:
             self.done.update(indices)
             self._in_flight = {}

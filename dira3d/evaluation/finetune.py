@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     """``dira3d finetune``: parse the options, run :func:`run_finetune`, print the test metrics."""
     parser = argparse.ArgumentParser(prog="dira3d finetune", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--bundle", required=True, help=f"bundle name ({', '.join(BUNDLES + BUNDLES_2D)}) or folder")
-    parser.add_argument("--datalist", help="prepared datalist JSON (default: the bundle's dataset_dir/<task>_datalist.json)")
+    parser.add_argument("--datalist", help="prepared datalist JSON (default: the bundle's own in its dataset_dir, e.g. "
+                        "ncc_datalist.json for luna16_nodule_fpr, lits_datalist.json for lits_liver_seg)")
     parser.add_argument("--dataset-dir", help="folder holding the prepared datalist")
     parser.add_argument("--pretrained", default=None, help="dira3d checkpoint to start from; empty = random initialisation")
     parser.add_argument("--label-fraction", type=float, default=None, help="share of the training labels used (seeded; the count is rounded to the nearest, a half up, at least one: 0.25 of 10 patients keeps 3)")
