@@ -112,14 +112,19 @@ def test_a_rerun_with_a_larger_max_epochs_still_trains_on(finished_run, repo_roo
     assert isinstance(torch.load(copy / "models" / "last.pt", weights_only=True), dict)
 
 
+def _rerun_args(data, out) -> list[str]:
+    """``dira3d pretrain`` of the finished run's settings on ``data``'s datalist into ``out``."""
+    return ["--datalist", str(data / "pretrain_datalist.json"), "--output", str(out), "--tiny",
+            "--override", "patch_size=[16,16,8]", "--override", "max_epochs=1"]
+
+
 def test_dira3d_pretrain_says_the_run_has_finished_and_exits_0(finished_run, monkeypatch, capsys):
     from dira3d.engines.command import main
 
     data, out = finished_run
     before = _files(out)
     monkeypatch.setattr(CacheDataset, "_load_cache_item", lambda *a, **k: pytest.fail("the rerun loaded data"))
-    code = main(["--datalist", str(data / "pretrain_datalist.json"), "--output", str(out), "--tiny",
-                 "--override", "patch_size=[16,16,8]", "--override", "max_epochs=1"])
+    code = main(_rerun_args(data, out))
     printed = capsys.readouterr().out
     assert code == 0
     last = out / "models" / "last.pt"
@@ -224,8 +229,7 @@ def test_dira3d_pretrain_refuses_a_finished_run_rerun_on_other_data(finished_run
     other.mkdir()
     write_volumes(other, count=4)  # the same number of training volumes (4), in another folder
     monkeypatch.setattr(CacheDataset, "_load_cache_item", lambda *a, **k: pytest.fail("the rerun loaded data"))
-    code = main(["--datalist", str(other / "pretrain_datalist.json"), "--output", str(out), "--tiny",
-                 "--override", "patch_size=[16,16,8]", "--override", "max_epochs=1"])
+    code = main(_rerun_args(other, out))
     err = capsys.readouterr().err
     assert code == 2
     last = out / "models" / "last.pt"

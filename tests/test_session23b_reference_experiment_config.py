@@ -3,22 +3,10 @@ the earlier tests left unpinned, each refused before any run with the setting na
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 
 from dira3d.evaluation.experiment_config import load_config
-
-
-def _config(tmp_path: Path, **extra) -> Path:
-    (tmp_path / "dl.json").write_text('{"training": [], "test": []}')
-    config = {"bundle": "luna16_nodule_fpr", "datalist": "dl.json", "metric": "auc", "output_dir": "out",
-              "seeds": [0, 1], "label_fractions": [0.5, 1.0], "methods": {"random": None},
-              "overrides": {"tiny": True}, **extra}
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+from test_experiment_walkthrough import _config  # the walkthrough's experiment.yaml
 
 
 @pytest.mark.parametrize("extra, match", [

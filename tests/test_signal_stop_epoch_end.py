@@ -85,21 +85,28 @@ def test_last_pt_is_written_before_the_epoch_end_validation(tmp_path, monkeypatc
     assert seen == [None, 4]  # epoch 1: no last.pt yet (it follows the validation); epoch 2: the one of the stop
 
 
-def test_ctrl_c_again_during_that_validation_stops_at_once_with_last_pt_of_the_stop(tmp_path, monkeypatch):
-    """The deferred epoch end may take a while: a second Ctrl-C there does what Ctrl-C did before the run
-    (KeyboardInterrupt), and last.pt, written before the validation, holds the stop's iteration."""
+def _signal_in_validation(monkeypatch, epoch: int, signum: int):
+    """Send ``signum`` to this process as the validation after ``epoch`` starts (its last step long done); returns
+    the original ``DiRAEvaluator._validate``."""
     import os
 
     from dira3d.engines import evaluator as evaluator_module
 
     validate = evaluator_module.DiRAEvaluator._validate
 
-    def interrupted(self, trainer):
-        if trainer.state.epoch == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+    def signalled(self, trainer):
+        if trainer.state.epoch == epoch:
+            os.kill(os.getpid(), signum)
         return validate(self, trainer)
 
-    monkeypatch.setattr(evaluator_module.DiRAEvaluator, "_validate", interrupted)
+    monkeypatch.setattr(evaluator_module.DiRAEvaluator, "_validate", signalled)
+    return validate
+
+
+def test_ctrl_c_again_during_that_validation_stops_at_once_with_last_pt_of_the_stop(tmp_path, monkeypatch):
+    """The deferred epoch end may take a while: a second Ctrl-C there does what Ctrl-C did before the run
+    (KeyboardInterrupt), and last.pt, written before the validation, holds the stop's iteration."""
+    _signal_in_validation(monkeypatch, 2, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, {}, stop_at=4, signum=signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -112,21 +119,11 @@ def test_a_signal_during_an_epochs_validation_stops_right_after_that_epochs_end(
     only after epoch 3's first step (SignalStop.poll runs after steps). It now stops right after epoch 2's end:
     validated, best.pt decided, last.pt at that end (not pending), exit 143; the resume trains epoch 3 as an
     uninterrupted run does, bit for bit."""
-    import os
-
     from dira3d.engines import StoppedBySignal, exit_if_stopped
-    from dira3d.engines import evaluator as evaluator_module
 
     full: dict = {}
     _run(tmp_path / "full", full)
-    validate = evaluator_module.DiRAEvaluator._validate
-
-    def signalled(self, trainer):
-        if trainer.state.epoch == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return validate(self, trainer)
-
-    monkeypatch.setattr(evaluator_module.DiRAEvaluator, "_validate", signalled)
+    validate = _signal_in_validation(monkeypatch, 2, signal.SIGTERM)
     stopped: dict = {}
     run = _run(tmp_path / "stopped", stopped)
     assert run.state.stopped_by == "SIGTERM" and run.state.iteration == 4  # no step of epoch 3 (it stopped at 5)
@@ -137,7 +134,9 @@ def test_a_signal_during_an_epochs_validation_stops_right_after_that_epochs_end(
     with pytest.raises(StoppedBySignal) as stop:
         exit_if_stopped(run)
     assert stop.value.code == 143
-    monkeypatch.setattr(evaluator_module.DiRAEvaluator, "_validate", validate)
+    from dira3d.engines import evaluator as evaluator_module
+
+    monkeypatch.setattr(evaluator_module.DiRAEvaluator, "_validate", validate)  # no signal in the resume
 
     resumed: dict = {}
     _run(tmp_path / "stopped", resumed)
