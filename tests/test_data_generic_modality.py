@@ -201,3 +201,75 @@ def test_the_inference_ct_warning_uses_the_same_air_boundary():
         # prepared" to a model fine-tuned on CT, whose preprocessing.json had chosen ct
         assert all("if the model was fine-tuned on MRI" in str(w.message) and "fine-tuned on CT" in str(w.message)
                    for w in caught if "no voxel below" in str(w.message)), caught
+
+
+def _float_ct(seed: int) -> np.ndarray:
+    """A CT stored as float32 (as some converters write it): integral HU, hundreds of distinct values."""
+    array = np.full(SHAPE, -1000.0, np.float32)
+    array[3:13, 3:11, 1:5] = np.random.default_rng(seed).integers(-100, 400, size=(10, 8, 4))
+    return array
+
+
+def test_a_mask_saved_as_float_is_refused_and_float_scans_are_not():
+    """check_not_a_mask returned early for any float image: a 0.0 / 1.0 mask saved as float32 (nibabel scripts, some
+    tools) left among the scans was normalised into a flat volume without an error."""
+    from dira3d.data.io import DataError
+    from dira3d.data.modality import check_not_a_mask
+
+    mask = (_float_ct(0) > 0).astype(np.float32)
+    with pytest.raises(DataError, match=r"seg\.nii\.gz: has only 2 distinct values \(0\.0, 1\.0\): it looks like a mask"):
+        check_not_a_mask(xyz_to_image(mask), "seg.nii.gz")
+    labels = mask * 2 + (_float_ct(1) > 200)  # labels 0..3 as float64
+    with pytest.raises(DataError, match=r"has only 4 distinct values \(0\.0, 1\.0, 2\.0, 3\.0\)"):
+        check_not_a_mask(xyz_to_image(labels.astype(np.float64)), "labels.nii.gz")
+    mri = np.zeros(SHAPE, np.float32)
+    mri[3:13, 3:11, 1:5] = np.random.default_rng(2).uniform(100, 2900, size=(10, 8, 4))
+    scans = {"float CT, integral HU": _float_ct(3), "MRI, fractional values": mri,
+             "few fractional values": mask * 0.5 + (_float_ct(4) > 0) * 0.25,  # 0, 0.25, 0.5, 0.75
+             "thresholded CT in HU": np.where(_float_ct(5) > 0, 0.0, -1000.0)}  # negative: no label map
+    for what, array in scans.items():
+        check_not_a_mask(xyz_to_image(array), f"{what}.nii.gz")  # no error
+
+
+def test_a_float_mask_among_the_scans_fails_its_case_and_does_not_decide_the_modality(tmp_path, capsys):
+    """Read as a scan, the float mask (no voxel below -500) made the modality probe call the folder mixed, so nothing
+    was written; now the probe passes over it, the CTs are written and the mask's case fails naming it."""
+    src, dst = tmp_path / "chests", tmp_path / "out"
+    for i in range(2):
+        _ct(src / f"chest{i}.nii.gz", i)
+    nib.save(nib.Nifti1Image((_float_ct(0) > 0).astype(np.float32), np.eye(4)), str(src / "chest0_seg.nii.gz"))
+    assert nib.load(src / "chest0_seg.nii.gz").get_data_dtype() == np.float32
+    assert cli_main(["prepare", "generic", "--src", str(src), "--dst", str(dst), "--keep-going"]) == 0
+    err = capsys.readouterr().err
+    assert "mixed" not in err, err
+    assert "chest0_seg.nii.gz" in err and "2 distinct values (0.0, 1.0): it looks like a mask" in err, err
+    assert _files(dst / "volumes") == ["chest0.nii.gz", "chest1.nii.gz"]
+    assert json.loads((dst / "pretrain_datalist.json").read_text())["meta"]["modality"] == "ct"
+
+
+def test_the_mask_check_copies_a_float_volume_at_most_once():
+    """Judging float images too must stay cheap on a 512^3 CT: a float scan is settled by a coarse look (every 4th
+    voxel), a float mask costs one copy (np.unique's sorted copy, plus its flags)."""
+    import tracemalloc
+
+    from dira3d.data.io import DataError
+    from dira3d.data.modality import check_not_a_mask
+
+    shape = (64, 128, 128)  # z, y, x: 4 MiB of float32
+    ct = np.full(shape, -1000.0, np.float32)
+    ct[8:56, 16:112, 16:112] = np.random.default_rng(0).integers(-100, 400, size=(48, 96, 96))
+    images = {"ct": sitk.GetImageFromArray(ct), "mask": sitk.GetImageFromArray((ct > 0).astype(np.float32))}
+    del ct
+    np.unique(np.arange(4.0)[::2])  # numpy's one-time set-up of unique is not the volume's copies
+    peaks = {}
+    for name, image in images.items():
+        tracemalloc.start()
+        try:
+            check_not_a_mask(image, f"{name}.nii.gz")
+        except DataError:
+            assert name == "mask"
+        else:
+            assert name == "ct"
+        peaks[name] = tracemalloc.get_traced_memory()[1] / (np.prod(shape) * 4)
+        tracemalloc.stop()
+    assert peaks["ct"] < 0.1 and peaks["mask"] < 1.75, peaks

@@ -37,11 +37,10 @@ _MASK_ADVICE = "give masks a suffix and pass it (e.g. --image-suffix _image --la
 
 def check_not_a_mask(image: sitk.Image, path: str | os.PathLike, advice: str = _MASK_ADVICE) -> None:
     """A mask left among the scans (no ``--label-suffix``) would be normalised into a flat volume; ``advice``
-    ends the message (what to do)."""
-    array = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(array.dtype, np.integer):
-        return
-    values = mask_values(array)
+    ends the message (what to do). Judged whatever the voxel type: a mask saved as float32 (0.0 / 1.0) is one
+    too, while a float scan has fractional values or more than :data:`~dira3d.data.normalize.MASK_VALUES`
+    distinct ones (:func:`~dira3d.data.normalize.mask_values`: a coarse look settles a scan, one copy at most)."""
+    values = mask_values(sitk.GetArrayViewFromImage(image))
     if values is not None:
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
         raise DataError(path, f"has only {values.size} distinct values ({shown}): it looks like a mask, not a scan; "
