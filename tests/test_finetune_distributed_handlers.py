@@ -156,7 +156,7 @@ def test_every_task_bundle_runs_on_cpu_under_torchrun_and_reports_other_ranks_er
         formed = next(i for i, step in enumerate(initialize) if "init_process_group" in step)
         brief = initialize.index("$dira3d.engines.distributed.brief_errors_on_other_ranks()")
         assert brief > formed, bundle
-        # inference.json forms no process group (it refuses WORLD_SIZE above 1 in one line): first, on torchrun's RANK
+        # inference.json: first, on torchrun's RANK (InferenceBatch joins the process group later, when it is built)
         inference = json.loads((path.parent / "inference.json").read_text(encoding="ascii"))
         assert inference["initialize"][0] == "$dira3d.engines.distributed.brief_errors_on_other_ranks()", bundle
         assert "$import dira3d.engines.distributed" in inference["imports"], bundle

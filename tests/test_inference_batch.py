@@ -432,23 +432,3 @@ def test_the_summary_names_each_file_once(caplog):
     assert "left out: /x/bad.png: is empty (0 bytes): a copy or download that did not finish? copy it again" in lines
     assert "failed: /x/c.png: RuntimeError: out of memory" in lines
     assert not any("/x/bad.png: /x/bad.png" in line for line in lines)
-
-
-@pytest.mark.parametrize("world, refused", [("2", True), ("8", True), ("1", False), ("", False), (None, False)])
-def test_a_batch_under_torchrun_is_refused_in_one_line(monkeypatch, world, refused):
-    """inference.json forms no process group and splits no inputs: under torchrun (WORLD_SIZE above 1) every process ran
-    every input and wrote the same files; refused before any input is read, saying what to do."""
-    from dira3d.evaluation import InferenceBatch
-
-    if world is None:
-        monkeypatch.delenv("WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("WORLD_SIZE", world)
-    if not refused:
-        assert InferenceBatch([{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]).several
-        return
-    with pytest.raises(RuntimeError) as raised:
-        InferenceBatch([{"image": "a.nii.gz"}, {"image": "b.nii.gz"}])
-    message = str(raised.value)
-    assert "\n" not in message and f"one of {world} (WORLD_SIZE={world}: torchrun?)" in message
-    assert "without torchrun" in message and "own --output_dir" in message

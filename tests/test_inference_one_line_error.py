@@ -45,7 +45,7 @@ def _run(repo_root, model, out, *settings, rank=None):
            "--bundle_root", str(repo_root / "bundles" / BUNDLE), "--ckpt_dir", str(model), "--width", "0.125",
            "--roi_size", "[16,16,8]", "--device", "cpu", "--output_dir", str(out), *settings]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if rank is not None:  # as torchrun runs the bundle: each process the whole batch, without a process group
+    if rank is not None:  # torchrun's RANK, as a rank has it before InferenceBatch joins the process group
         env.update(RANK=rank, DIRA3D_ALL_TRACEBACKS="")
     return subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
 

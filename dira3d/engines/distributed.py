@@ -78,11 +78,12 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None) -> bool:
+def init_distributed(backend: str | None = None, timeout: Any = None) -> bool:
     """Join the process group that ``torchrun`` describes in the environment (idempotent).
 
     Args:
         backend: ``"nccl"``, ``"gloo"`` or None (:func:`default_backend`).
+        timeout: how long a collective waits for the other ranks (a ``datetime.timedelta``); None: PyTorch's default.
 
     Returns:
         True when a process group is (now) initialised, False in a plain single-process run
@@ -101,11 +102,12 @@ def init_distributed(backend: str | None = None) -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device())
     store = restart_store()
+    waits = {} if timeout is None else {"timeout": timeout}
     if store is None:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **waits)
     else:
         dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]))
+                                world_size=int(os.environ["WORLD_SIZE"]), **waits)
     return True
 
 
@@ -249,8 +251,8 @@ def brief_errors_on_other_ranks() -> None:
     bundle's ``initialize``, after the process group is formed. MONAI's ``--- input summary of
     monai.bundle.scripts.run ---`` block, which every rank logged after ``initialize``, is left to rank 0 too.
 
-    Without a process group (a task bundle's ``inference.json`` run by ``torchrun``: every process runs the batch on its
-    own) the rank is the one ``torchrun`` gives in ``RANK``."""
+    Without a process group (a task bundle's ``inference.json`` calls it first in its ``initialize``, before its
+    ``InferenceBatch`` joins the ranks) the rank is the one ``torchrun`` gives in ``RANK``."""
     rank = get_rank() or int(os.environ.get("RANK", "0") or 0)  # 0 without a process group: then torchrun's RANK
     if rank == 0:
         return

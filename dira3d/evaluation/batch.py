@@ -32,7 +32,8 @@ ended the run without a word or a report) while the inputs are screened or the m
 line on what was kept and exit 130 / 143 under ``python -m monai.bundle run`` (in-process the interrupt is raised); an
 input whose prediction was renamed into place before the signal is ``written``, as its file is whole.
 A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
-Under ``torchrun`` (``WORLD_SIZE`` above 1) it is refused in one line: it forms no process group and splits no inputs.
+Under ``torchrun`` (``WORLD_SIZE`` above 1) each process runs its share of the inputs and rank 0 writes the one report
+(:mod:`dira3d.evaluation.batch_ranks`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.evaluation.batch_datalist import batch_entries
-from dira3d.evaluation.batch_failures import failure_key, failure_reason, split_batch, stops_batch
+from dira3d.evaluation.batch_failures import (failure_key, failure_reason, file_state, release_gpu_memory, split_batch,
+                                              stops_batch)
+from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
@@ -82,17 +85,6 @@ def _batch_size(batchdata: Any, key: str) -> int:
     return int(image.shape[0]) if getattr(image, "shape", None) else 1
 
 
-def _one_process() -> None:
-    """Refuse a run under ``torchrun`` (``WORLD_SIZE`` above 1): ``inference.json`` forms no process group and splits
-    no inputs, so every process would run every input and write the same files, at N times the cost."""
-    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    if world.isdigit() and int(world) > 1:
-        raise RuntimeError(
-            f"inference.json runs in one process, and this is one of {world} (WORLD_SIZE={world}: torchrun?): each would "
-            "run every input and write the same files; run `python -m monai.bundle run` without torchrun (pick the GPU "
-            "with --device), or split the datalist and run one process per part, each with its own --output_dir")
-
-
 class InferenceBatch:
     """The record of a batch run of ``inference.json``: what was written, left out or failed, and why.
 
@@ -109,14 +101,14 @@ class InferenceBatch:
             (:func:`failure_key`) and none was written yet (:data:`REPEATED_FAILURES`; 0: never).
 
     The evaluator's data loader must keep the order of the screened entries (``shuffle`` off), as the
-    bundles' do.
+    bundles' do. Under ``torchrun`` it joins the process group, and each rank screens and runs its share
+    (:mod:`dira3d.evaluation.batch_ranks`).
     """
 
     def __init__(self, datalist: Sequence[Mapping[str, Any]] | str | os.PathLike, report_path: str | os.PathLike | None = "",
                  output_dir: str | os.PathLike | None = None, output_postfix: str = "", output_ext: str = ".nii.gz",
                  output_path: str | os.PathLike | None = None, overwrite: Any = False, image_key: str = "image",
                  repeated_failures: int = REPEATED_FAILURES) -> None:
-        _one_process()
         self.datalist = batch_entries(datalist)
         self.report_path = Path(report_path) if report_path else None
         self.output_dir, self.output_postfix, self.output_ext = output_dir, output_postfix, output_ext
@@ -140,6 +132,10 @@ class InferenceBatch:
         # the inputs the model runs on now, with the state of their prediction file before (_settle_in_flight)
         self._in_flight: dict[int, tuple[int, ...] | None] = {}
         self._unusable: BaseException | None = None  # screen's error when no input can be used, for run to raise
+        self._written = 0  # inputs written (of every rank), for the line after a signal
+        # under torchrun: this rank's share of the inputs (batch_ranks); in one process every input
+        self.rank, self.world, self._joined = join_ranks(output_path)
+        self._share = rank_share(len(self.datalist), self.rank, self.world)
 
     @property
     def several(self) -> bool:
@@ -165,19 +161,28 @@ class InferenceBatch:
         self._check_report()
         self.left_out.clear()
         self._unusable = None
+        left_out: dict[int, str] = {}  # by the index in this rank's share (every input in one process)
+        share = [self.datalist[i] for i in self._share]
         try:
-            with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: one line, the report, exit 143 (it ended without a word)
-                good = screen_inputs(self.datalist, preprocessing, left_out=self.left_out)
+            try:
+                with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: one line, the report, exit 143 (it ended without a word)
+                    good = screen_inputs(share, preprocessing, left_out=left_out,
+                                         several=True if self.world > 1 else None) if share else []
+            finally:
+                self.left_out.update({self._share[i]: reason for i, reason in left_out.items()})
         except KeyboardInterrupt as err:
             self._stop_on_signal(err, "while the inputs were checked")
             raise
         except DataError as err:
-            if self.left_out:
-                self.stopped = "none of the inputs can be used"
-                self._finish(completed=False)
-            # raised by run() as the run starts, not while MONAI builds the dataset
-            self._unusable, good = err, []
-        self._order = [i for i in range(len(self.datalist)) if i not in self.left_out]
+            if self.world > 1:  # none of this rank's share: the others' may be good (_finish tells)
+                good = []
+            else:
+                if self.left_out:
+                    self.stopped = "none of the inputs can be used"
+                    self._finish(completed=False)
+                # raised by run() as the run starts, not while MONAI builds the dataset
+                self._unusable, good = err, []
+        self._order = [i for i in self._share if i not in self.left_out]
         self._next, self._repeat, self._in_flight = 0, ("", 0), {}
         return good
 
@@ -197,7 +202,7 @@ class InferenceBatch:
         """The evaluator's own iteration on ``batchdata``, the inputs ``indices``; a failure recorded (see
         :meth:`iteration`), and a failed batch of several inputs run again one input at a time."""
         if self.output_path is None:  # a file per input: its state before, for _settle_in_flight
-            self._in_flight = {index: _file_state(self._output(index)) for index in indices}
+            self._in_flight = {index: file_state(self._output(index)) for index in indices}
         try:
             output = engine._iteration(engine, batchdata)
         except Exception as err:  # noqa: BLE001 - one input's failure is recorded; the batch goes on
@@ -215,7 +220,7 @@ class InferenceBatch:
                 files = [_first(self.datalist[i][self.image_key]) for i in pending]
                 self._stop_if_repeated(err, files)
                 logger.warning(f"failed: {', '.join(files)}: {reason}; the batch goes on with the other inputs")
-                _release_gpu_memory(engine)
+                release_gpu_memory(engine)
                 return []
             if pending:  # (all written before the failure: nothing to run again)
                 logger.warning(f"a batch of {len(indices)} inputs failed ({failure_reason(err)}); its {len(pending)} "
@@ -225,7 +230,7 @@ class InferenceBatch:
             self._in_flight = {}
             return output
         # out of the except clause: the failed batch's traceback (its tensors, on the GPU) is let go before the retries
-        _release_gpu_memory(engine)
+        release_gpu_memory(engine)
         return self._one_at_a_time(engine, [(i, part) for i, part in zip(indices, parts) if i in pending])
 
     def _one_at_a_time(self, engine: Any, parts: list[tuple[int, Any]]) -> list:
@@ -281,7 +286,8 @@ class InferenceBatch:
         try:  # a bad input's error ends `python -m monai.bundle run` in one line (dira3d.utils.bundle_errors)
             with sigterm_as_interrupt(), quiet_error_logs(  # not also ignite's traceback of it, nor of a Ctrl-C
                     lambda err: isinstance(err, KeyboardInterrupt) or user_error_in(err) is not None):
-                evaluator.run()
+                if self._order or self.world < 2:  # (a rank whose share is empty or all left out runs nothing)
+                    evaluator.run()
         except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: the report and one line, not a traceback
             self._stop_on_signal(err, "")
             raise
@@ -290,6 +296,8 @@ class InferenceBatch:
             self._finish(completed=False)
             raise
         code = self._finish(completed=True)
+        if self._unusable is not None:  # under torchrun: no rank had an input that can be used (_finish)
+            raise self._unusable
         if code and run_by_monai_bundle_command():
             raise SystemExit(code)
         return code
@@ -304,10 +312,12 @@ class InferenceBatch:
         self.stopped = failure_reason(err) + (f" {when}" if when else "")
         self._finish(completed=False)
         kept = (f"nothing was written to {self.output_path} (written when the run ends)" if self.output_path is not None
-                else f"the {len(self.done)} prediction(s) written are kept, each whole")  # written atomically
-        logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}"
-                       + (f"; report: {self.report_path}" if self.report_path is not None and self.several else "")
-                       + "; run the same command again for every input (it replaces dira3d's own earlier predictions)")
+                else f"the {self._written} prediction(s) written are kept, each whole")  # written atomically
+        if self.rank == 0:  # (under torchrun, of every rank)
+            logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}"
+                           + (f"; report: {self.report_path}" if self.report_path is not None and self.several else "")
+                           + "; run the same command again for every input (it replaces dira3d's own earlier "
+                           "predictions)")
         if run_by_monai_bundle_command():
             raise SystemExit(interrupt_exit_code(err)) from None
 
@@ -336,7 +346,7 @@ class InferenceBatch:
             target = self._output(index)
             if index in self.done or index in self.failed or target is None:
                 continue
-            now = _file_state(target)
+            now = file_state(target)
             if now is not None and now != before and is_own_prediction(target):
                 written.add(index)
         self._in_flight = {}
@@ -370,8 +380,28 @@ class InferenceBatch:
     def _finish(self, completed: bool) -> int:
         self.done.update(self._settle_in_flight())
         rows = self.rows(completed)
+        if self.world > 1:  # every rank's rows, to rank 0; the ranks leave together once it has written the report
+            try:
+                rows, self.stopped, completed = gather_rows(rows, self._share, self.stopped, completed, self.rank)
+                if all(r["status"] == "left out" for r in rows):  # no rank had an input that can be used
+                    from dira3d.data.errors import DataError
+
+                    self.stopped, completed = "none of the inputs can be used", False
+                    self._unusable = DataError(None, f"none of the {len(rows)} inputs can be used:\n  "
+                                               + "\n  ".join(r["reason"] for r in rows))
+                return self._summarise(rows, completed) if self.rank == 0 else self._code(rows)
+            finally:
+                leave_ranks(self._joined)
+        return self._summarise(rows, completed)
+
+    def _code(self, rows: list[dict[str, Any]]) -> int:
+        self._written = sum(r["status"] == "written" for r in rows)
+        return 0 if self._written == len(rows) else NOT_ALL_WRITTEN
+
+    def _summarise(self, rows: list[dict[str, Any]], completed: bool) -> int:
+        """Write the report and log the summary of ``rows``; the exit status."""
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-        code = 0 if counts["written"] == len(rows) else NOT_ALL_WRITTEN
+        code = self._code(rows)
         report = self._write_report(rows, counts, code if completed else None)
         if not (self.several or report):
             return code
@@ -412,24 +442,3 @@ class InferenceBatch:
             logger.error(f"the inference report could not be written: {err}")
             return None
         return self.report_path
-
-
-def _file_state(path: str | None) -> tuple[int, ...] | None:
-    """What tells a file from the one that was at ``path`` before (a rename puts another inode there), None: no file."""
-    try:
-        stat = os.stat(path) if path is not None else None
-    except OSError:
-        return None
-    return None if stat is None else (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-
-
-def _release_gpu_memory(engine: Any) -> None:
-    """After a failed input (e.g. out of GPU memory on a large scan), let go of its output and give the cached GPU
-    memory back."""
-    import torch
-
-    if getattr(engine, "state", None) is not None:
-        engine.state.output = None
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

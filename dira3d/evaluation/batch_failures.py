@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["failure_key", "failure_reason", "split_batch", "stops_batch"]
+__all__ = ["failure_key", "failure_reason", "file_state", "release_gpu_memory", "split_batch", "stops_batch"]
 
 _SYSTEMIC = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
 # a path (has a slash) or a file name with an image, archive or model extension, as error messages quote them
@@ -80,3 +80,24 @@ def split_batch(batchdata: Any, size: int) -> list[Any] | None:
     if not isinstance(items, list) or len(items) != size:
         return None
     return [list_data_collate([item]) for item in items]
+
+
+def file_state(path: str | None) -> tuple[int, ...] | None:
+    """What tells a file from the one that was at ``path`` before (a rename puts another inode there), None: no file."""
+    try:
+        stat = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def release_gpu_memory(engine: Any) -> None:
+    """After a failed input (e.g. out of GPU memory on a large scan), let go of its output and give the cached GPU
+    memory back."""
+    import torch
+
+    if getattr(engine, "state", None) is not None:
+        engine.state.output = None
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -164,7 +164,7 @@ class CheckInferenceInputd(MapTransform):
 
 
 def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose,
-                  left_out: dict[int, str] | None = None) -> list[Mapping[str, Any]]:
+                  left_out: dict[int, str] | None = None, several: bool | None = None) -> list[Mapping[str, Any]]:
     """The entries of an inference ``datalist`` that load and pass the input checks of ``preprocessing``.
 
     A batch goes on with the good inputs: each input refused (a :class:`DataError` or a missing file, raised by
@@ -181,6 +181,8 @@ def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose,
         preprocessing: the bundle's ``preprocessing``.
         left_out: when given, receives ``{index in datalist: reason}`` for each input left out (filled before
             the error of a batch where none can be used), for :class:`~dira3d.evaluation.batch.InferenceBatch`'s report.
+        several: whether ``datalist`` is (part of) a batch, whose inputs are each checked, even one (a rank's share of
+            a batch under ``torchrun``); None: when it holds two or more.
 
     Raises:
         DataError: every input is refused (each one listed).
@@ -190,7 +192,7 @@ def screen_inputs(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose,
     entries = list(datalist)
     transforms = list(getattr(preprocessing, "transforms", ()))
     last = max((i for i, t in enumerate(transforms) if isinstance(t, CheckInferenceInputd)), default=None)
-    if len(entries) < 2 or last is None:
+    if not (len(entries) > 1 if several is None else several) or last is None:
         return entries
     head = Compose(transforms[: last + 1])
     good, bad = [], []
