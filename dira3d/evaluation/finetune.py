@@ -74,6 +74,20 @@ def _number(value: Any) -> Any:
     return None if math.isnan(value) else value
 
 
+def _resolved(parser: Any, key: str) -> Any:
+    """``parser``'s content of ``key``; a bad path or setting raised as its own error (a missing datalist's
+    ``FileNotFoundError``), not in MONAI's "Failed to evaluate ConfigExpression" that wraps it."""
+    from dira3d.engines.inputs import setting_error_in
+
+    try:
+        return parser.get_parsed_content(key)
+    except Exception as err:
+        cause = setting_error_in(err)
+        if cause is None or cause is err:
+            raise
+        raise cause from None
+
+
 def _earlier_outputs(out: Path) -> list[Path]:
     """The files an earlier run (finished or not) left in ``out`` that ``--overwrite`` replaces:
     ``metrics.json`` first, then the model, ``preprocessing.json``, the evaluation's ``metrics.csv`` and
@@ -205,20 +219,25 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     # which failed in MONAI's tracebacks while it was cached
     if "datalist" in parser:
         from dira3d.evaluation.datalists import is_multilabel, load_split
+        from dira3d.evaluation.split_checks import check_labels
 
         fold = parser.get_parsed_content("fold") if "fold" in parser else None
         datalist = parser.get_parsed_content("datalist")
         kind = parser.get("network_def", {}).get("kind") if isinstance(parser.get("network_def"), dict) else None
         kind = kind if kind in ("classification", "segmentation") else None
-        drawn = {key: parser.get_parsed_content(key) for key in ("label_fraction", "seed", "holdout") if key in parser}
-        load_split(datalist, "train", fold=fold, kind=kind, **drawn)
+        if "train#datalist" in parser:  # the list the trainer caches, loaded once (the bundles' check_before_caching
+            # and the trainer find it resolved); the task bundles' load_split checks the kind, a bundle of one's own not
+            check_labels(Path(datalist).resolve(), "train", _resolved(parser, "train#datalist"), kind)
+        else:
+            drawn = {key: parser.get_parsed_content(key) for key in ("label_fraction", "seed", "holdout") if key in parser}
+            load_split(datalist, "train", fold=fold, kind=kind, **drawn)
         if scored not in ("train", "holdout"):
             test = load_split(datalist, scored, fold=fold, kind=kind)
             if is_multilabel(test) and "out_channels" in parser:  # lists of out_channels numbers, as train.json checks
                 load_split(datalist, scored, fold=fold, num_labels=parser.get_parsed_content("out_channels"))
     if "network" in parser:  # built (and its --pretrained checkpoint read) before the datasets are cached: a missing
         # or unfitting checkpoint was found only after caching them (minutes to hours); the trainer reuses it
-        parser.get_parsed_content("network")
+        _resolved(parser, "network")
     # what the run used, defaults included (metrics.json must say which subset and seed made a number)
     effective = {key: parser.get_parsed_content(key) for key in _RECORDED if key in parser}
     for key in ("datalist", "pretrained"):  # absolute: metrics.json must name the files wherever it is read

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from dira3d.data.errors import DataError
+
 __all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch", "dims_mismatch",
            "network_mismatch"]
 
@@ -63,7 +65,8 @@ def build_task_network(
 
     Raises:
         ValueError: unknown ``kind``, or a checkpoint whose keys or shapes do not fit (the message
-            lists the keys and shapes that differ).
+            lists the keys and shapes that differ, or the setting to change; a
+            :class:`~dira3d.data.errors.DataError`, one ``error:`` line under ``python -m monai.bundle run``).
         FileNotFoundError: ``pretrained`` names a file that does not exist.
     """
     from dira3d.networks import Classifier, Segmenter  # sibling module, imported late
@@ -84,7 +87,9 @@ def build_task_network(
         hint = (dims_mismatch(pretrained, spatial_dims) or network_mismatch(pretrained, "UNet", spatial_dims)
                 or _width_mismatch(pretrained, width))
         if hint:  # the one setting to change, rather than dozens of shape mismatches
-            raise ValueError(hint) from err
+            raise DataError(None, hint) from err
+        if pretrained:  # a checkpoint that does not fit: one `error:` line under monai.bundle run (dira3d.utils.bundle_errors)
+            raise DataError(None, str(err)) from err
         raise
 
 

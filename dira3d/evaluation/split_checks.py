@@ -16,18 +16,25 @@ A metric is only as meaningful as the split it averages over:
 - a model selected on patients it trains or is tested on is no model selection: :func:`check_validation_holdout`
   refuses the datalist's ``validation`` list as the holdout (``holdout="validation"``) where it shares a patient
   with ``training`` or ``test``, is absent or empty, or meets cross-validation folds.
+
+A datalist of the wrong task (:func:`check_labels`) or a ``pretrained`` checkpoint that is missing or does not fit is
+refused before any volume is cached: :func:`check_before_caching`, the first ``run`` step of the task bundles'
+``train.json`` and ``multi_gpu_train.json``.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
+from dira3d.data.errors import DataError
 from dira3d.evaluation.datalists import (VALIDATION, entry_classes, foreground_key, has_foreground,
                                          is_classification, is_multilabel, patient_of)
 from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "check_validation_holdout", "check_labels",
+           "check_before_caching",
            "warning_for_test_split", "warn_test_split", "warn_test_patients_in_training"]
 
 # a segmentation test split with fewer cases with foreground than this, and fewer than half its cases, is warned about
@@ -184,10 +191,42 @@ def check_labels(path: Path, split: str, entries: list[dict], kind: str | None =
     if problems:
         index, entry, reason = problems[0]
         more = f" ({len(problems) - 1} other entr{'y' if len(problems) == 2 else 'ies'} of it too)" if len(problems) > 1 else ""
-        raise ValueError(f"datalist {path}: entry {index} of split {split!r}{more} (image {entry.get('image')}) {reason}; "
+        # a DataError: `python -m monai.bundle run` prints it as one line (dira3d.utils.bundle_errors), not in MONAI's
+        # "Failed to evaluate ConfigExpression" traceback
+        raise DataError(None, f"datalist {path}: entry {index} of split {split!r}{more} (image {entry.get('image')}) {reason}; "
                          "pass the datalist `dira3d prepare` wrote for this task (it names it on its `datalist:` line, "
                          "e.g. ncc_datalist.json for luna16_nodule_fpr; `dira3d prepare generic` with --label-suffix "
                          "for masks of your own)")
+
+
+def check_before_caching(train: list[dict], holdout: list[dict], network: Any = None) -> None:
+    """The first ``run`` step of a task bundle's ``train.json`` (and ``multi_gpu_train.json``)::
+
+        "$dira3d.evaluation.check_before_caching(@train#datalist, @validate#datalist, @network)"
+
+    Its arguments are its work: MONAI resolves them in this order before calling it, so the training split and the
+    early-stopping holdout are loaded and checked (:func:`~dira3d.evaluation.datalists.load_split` with the bundle's
+    ``kind=@network_def#kind``: entries without a label, a mask datalist for a classification bundle and the
+    reverse, missing files, a holdout without both classes...), then the network is built and its ``pretrained``
+    checkpoint read (missing, or of other settings), all before the next step builds the trainer, which caches the
+    datasets (hours and hundreds of GiB for LUNA16): these were found only then, or in MONAI's tracebacks naming no
+    file. The trainer and the evaluator reuse the lists and the network (MONAI keeps what it resolved): nothing is
+    loaded or built twice. Under ``python -m monai.bundle run`` a bad datalist or checkpoint ends the run in one
+    ``error:`` line naming the file (:mod:`dira3d.utils.bundle_errors`), with nothing cached or trained.
+
+    A ``run`` step, not an ``initialize`` one: ``initialize`` (the run folders, the seed, the handlers of a signal
+    before training) needs no data, as a notebook's ``initialize()`` then ``finalize()`` does not, and a step that failed
+    there would leave those handlers behind; ``dira3d finetune`` checks the same lists and builds the network itself
+    after ``initialize`` (:func:`dira3d.evaluation.finetune.run_finetune`), and this step then finds them resolved.
+
+    Raises:
+        ValueError: ``train`` or ``holdout`` is not a list of entries (a bundle whose ``train#datalist`` or
+            ``validate#datalist`` is not a datalist split).
+    """
+    for name, entries in (("train#datalist", train), ("validate#datalist", holdout)):
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{name} must be a list of datalist entries (dicts), as "
+                             f"dira3d.evaluation.load_split returns, not {type(entries).__name__}")
 
 
 def _numbers(label: list | tuple) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dira3d.data.errors import DataError
 from dira3d.evaluation.pretrained import TASK_KINDS, initialise_task_network, network_mismatch
 
 __all__ = ["build_resnet_task_network", "settings_mismatch"]
@@ -56,7 +57,8 @@ def build_resnet_task_network(
         The network, with the pretrained parts (encoder; encoder + decoder) loaded when asked.
 
     Raises:
-        ValueError: unknown ``kind`` or a checkpoint whose keys or shapes do not fit.
+        ValueError: unknown ``kind`` or a checkpoint whose keys or shapes do not fit (a
+            :class:`~dira3d.data.errors.DataError`, one ``error:`` line under ``python -m monai.bundle run``).
         FileNotFoundError: ``pretrained`` names a missing file.
     """
     from dira3d.networks import ResNetClassifier, ResNetSegmenter
@@ -79,7 +81,9 @@ def build_resnet_task_network(
         hint = (network_mismatch(pretrained, "ResNetUNet", 2)
                 or settings_mismatch(pretrained, kind, backbone, decoder_channels))
         if hint:  # the settings to change, rather than a list of shape mismatches and advice for Python callers
-            raise ValueError(hint) from err
+            raise DataError(None, hint) from err
+        if pretrained:  # a checkpoint that does not fit: one `error:` line under monai.bundle run (dira3d.utils.bundle_errors)
+            raise DataError(None, str(err)) from err
         raise
 
 
