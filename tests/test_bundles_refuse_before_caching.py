@@ -1,7 +1,9 @@
 """A task bundle's train.json run directly (`python -m monai.bundle run`, README / the bundles' docs) refuses a datalist
 of another task, one of images only (for pretraining), and a missing --pretrained checkpoint in one `error:` line
 naming the file, before any volume is cached (check_before_caching, the first run step): it cached the whole training
-set first (183 GiB for LUNA16), then failed in MONAI's tracebacks naming no file, or after caching."""
+set first (183 GiB for LUNA16), then failed in MONAI's tracebacks naming no file, or after caching. train.json with
+evaluate.json refuses a test split of the other task the same way, and load_split's other errors about the user's
+datalist or settings (an empty split, a one-class holdout, a bad label fraction...) are one line too."""
 
 from __future__ import annotations
 
@@ -53,10 +55,13 @@ def _images_only(bundle: str, root: Path) -> Path:
     return images_only
 
 
-def _run(bundle: str, tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
+def _run(bundle: str, tmp_path: Path, *options: str, evaluate: bool = False) -> subprocess.CompletedProcess:
+    """train.json (with ``evaluate``: train.json and evaluate.json, the bundles' documented evaluation) and tiny.json,
+    run by ``python -m monai.bundle run``."""
     configs = bundle_path(bundle) / "configs"
+    files = ["train.json", "evaluate.json", "tiny.json"] if evaluate else ["train.json", "tiny.json"]
     cmd = [sys.executable, "-m", "monai.bundle", "run",
-           "--config_file", json.dumps([str(configs / "train.json"), str(configs / "tiny.json")]),
+           "--config_file", json.dumps([str(configs / name) for name in files]),
            "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf"),
            "--bundle_root", str(tmp_path / "run"), "--device", "cpu", *options]
     return subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -101,7 +106,8 @@ def test_train_json_refuses_a_bad_input_in_one_line_before_caching(bundle, case,
 
 def test_every_task_bundle_checks_its_inputs_before_caching(repo_root):
     """All nine task bundles, train.json and multi_gpu_train.json: the training and holdout lists are loaded with the
-    bundle's kind, and the check (which builds the network, reading --pretrained) is the first run step."""
+    bundle's kind (and so is evaluate.json's test split), and the check (which builds the network, reading --pretrained)
+    is the first run step."""
     from dira3d.evaluation.finetune import BUNDLES as TASKS_3D, BUNDLES_2D
 
     step = "$dira3d.evaluation.check_before_caching(@train#datalist, @validate#datalist, @network)"
@@ -110,6 +116,9 @@ def test_every_task_bundle_checks_its_inputs_before_caching(repo_root):
         train = json.loads((configs / "train.json").read_text(encoding="ascii"))
         for split in ("train", "validate"):
             assert "kind=@network_def#kind)" in train[split]["datalist"], (bundle, split)
+        # evaluate.json (run with train.json) loads the test split with the bundle's kind too
+        evaluate = json.loads((configs / "evaluate.json").read_text(encoding="ascii"))
+        assert "kind=@network_def#kind)" in evaluate["validate#datalist"], (bundle, "evaluate.json")
         for name in ("train.json", "multi_gpu_train.json"):
             config = json.loads((configs / name).read_text(encoding="ascii"))
             assert config["run"][0] == step, (bundle, name)
@@ -214,3 +223,81 @@ def test_a_pretrained_checkpoint_that_does_not_fit_is_one_error_line_under_monai
         assert "were pretrained at width 0.125" in str(err.value), err.value
     else:
         assert "shape mismatch" in str(err.value), err.value
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a refused run (no traceback, nothing trained)."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out[-3000:]
+    assert "Traceback" not in out and "Failed to" not in out and "Engine run" not in out, out[-3000:]
+    return errors[0]
+
+
+def test_evaluate_json_refuses_a_datalist_of_the_other_task_in_one_line(tmp_path):
+    """train.json + evaluate.json (the bundles' evaluation command) loads the test split with kind=@network_def#kind:
+    a mask datalist given to a classification bundle is refused in one line naming it, before the evaluator runs
+    (it ran, and failed on the missing model.pt or in the first transform, in a traceback)."""
+    datalist = _other_task("luna16_nodule_fpr", tmp_path / "data")
+    line = _one_error_line(_run("luna16_nodule_fpr", tmp_path, "--datalist", str(datalist), evaluate=True))
+    assert line.startswith(f"error: datalist {datalist}: entry 0 of split 'test'"), line
+    assert "(a segmentation datalist?), but this classification bundle takes a" in line, line
+
+
+def test_train_json_refuses_an_empty_training_split_in_one_line(tmp_path):
+    """An empty split is the user's datalist (a DataError): one `error:` line naming it, not MONAI's "Failed to evaluate
+    ConfigExpression" traceback around a ValueError (a 2D bundle: its first run step loads the list)."""
+    datalist = _own_task("montgomery_lung_seg", tmp_path / "data")
+    content = json.loads(datalist.read_text(encoding="utf-8"))
+    content["training"] = []
+    datalist.write_text(json.dumps(content), encoding="utf-8")
+    line = _one_error_line(_run("montgomery_lung_seg", tmp_path, "--datalist", str(datalist)))
+    assert line.startswith(f"error: split 'train' of datalist {datalist} is empty ("), line
+
+
+def _one_class_training(root: Path) -> Path:
+    """A classification datalist whose training entries are all of class 0 (its test split keeps both)."""
+    datalist = _own_task("luna16_nodule_fpr", root)
+    content = json.loads(datalist.read_text(encoding="utf-8"))
+    for entry in content["training"]:
+        entry["label"] = 0
+    datalist.write_text(json.dumps(content), encoding="utf-8")
+    return datalist
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(split="holdout"), "AUC is undefined on the early-stopping holdout of datalist"),
+    (dict(split="train", label_fraction=2.0), "label_fraction=2.0 is outside (0, 1]"),
+    (dict(split="train", holdout=1.5), "holdout=1.5 is outside [0, 1)"),
+    (dict(split="train", holdout="most"), "holdout='most' is neither a share"),
+    (dict(split="test", fold=4), "fold=4 is not in datalist"),
+    (dict(split="tset"), "split='tset' is unknown"),
+    (dict(split="holdout", holdout="validation"), "early-stops on the 'validation' list of datalist"),
+    (dict(split="train", num_labels=5), "has label 0; expected a list of 5 numbers"),
+])
+def test_load_split_errors_about_the_datalist_or_settings_are_one_line_errors(settings, expected, tmp_path):
+    """Each load_split error about the user's datalist or settings is a DataError (still a ValueError), which
+    `python -m monai.bundle run` prints as one `error:` line (dira3d.utils.bundle_errors.user_error_in finds it behind
+    MONAI's wrapper); they were plain ValueErrors, printed in MONAI's traceback."""
+    from dira3d.evaluation import load_split
+    from dira3d.utils.bundle_errors import user_error_in
+
+    datalist = _one_class_training(tmp_path / "data")
+    settings = dict(settings)
+    with pytest.raises(ValueError, match=None) as err:
+        load_split(datalist, settings.pop("split"), **settings)
+    assert expected in str(err.value), err.value
+    wrapped = RuntimeError("Failed to evaluate ConfigExpression")
+    wrapped.__cause__ = err.value
+    assert user_error_in(wrapped) is err.value, type(err.value)
+
+
+def test_check_before_caching_keeps_a_plain_value_error_for_a_config_bug():
+    """A bundle whose train#datalist is not a datalist split is a programming bug: its ValueError keeps its traceback."""
+    from dira3d.evaluation import check_before_caching
+    from dira3d.utils.bundle_errors import user_error_in
+
+    with pytest.raises(ValueError, match="train#datalist must be a list of datalist entries") as err:
+        check_before_caching("not a list", [])
+    assert user_error_in(err.value) is None

@@ -6,6 +6,8 @@ with folds and an optional per-entry key, multi-label with a rare class, segment
 few positives, segmentation without flags with folds and ``patient_id``), every split under several label
 fractions, seeds, holdouts (shares and ``"validation"``) and folds, it records the sha256 of the returned entries
 (paths relative to the datalist's folder, keys in their order) and their number, or the error's type and message.
+Its 44 errors' type became ``DataError`` (a ``ValueError``) on 2026-11-28, messages unchanged: load_split's errors
+about the datalist or its settings are one ``error:`` line under ``python -m monai.bundle run``.
 """
 
 from __future__ import annotations

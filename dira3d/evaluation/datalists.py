@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.data.datalist import check_entry_files, datalist_entries, read_datalist_json
+from dira3d.data.errors import DataError
 # the draws and entry kinds live in split_draws.py; importable from here as before
 from dira3d.evaluation.split_draws import (FOREGROUND_KEYS, entry_classes, foreground_key, fraction_count,
                                            has_foreground, holdout_by_patient, is_classification, is_multilabel,
@@ -110,6 +111,9 @@ def load_split(
         num_labels: a multi-label classifier's number of outputs (``@out_channels`` of the 2D
             classification bundles): every returned entry's ``label`` must be a list of that many
             numbers. None: not checked.
+        kind: the bundle's network kind (``"classification"`` / ``"segmentation"``): a label of the other kind is
+            refused (:func:`dira3d.evaluation.split_checks.check_labels`). None: not checked. An entry without a
+            ``label`` is refused whatever ``kind``.
 
     Returns:
         A list of entry dicts (``"image"``, ``"label"``, ``"case_id"``, ...), each with the keys every entry of the
@@ -117,26 +121,24 @@ def load_split(
 
     Raises:
         FileNotFoundError: the datalist does not exist.
-        ValueError: unknown split, a bad fraction or holdout, a fold that no entry has, an empty split,
-            ``holdout="validation"`` refused (no or an empty validation list, a patient shared with training or
+        DataError: (a ``ValueError``, which ``python -m monai.bundle run`` prints as one ``error:`` line,
+            :mod:`dira3d.utils.bundle_errors`) unknown split, a bad fraction or holdout, a fold that no entry has, an
+            empty split, ``holdout="validation"`` refused (no or an empty validation list, a patient shared with training or
             test, ``fold`` set), a classification
             holdout or test split whose AUC is undefined (one class only; multi-label: no class with both values;
             :func:`dira3d.evaluation.split_checks.check_auc_defined`), or (with
             ``num_labels``) a label that is not a list of ``num_labels`` numbers, an entry without a label or (with
             ``kind``) one of the other kind (names the file, the entry and
             what to do: a segmentation datalist, or CheXpert prepared with ``--labels all`` for the 5-class bundle).
-        kind: the bundle's network kind (``"classification"`` / ``"segmentation"``): a label of the other kind is
-            refused (:func:`dira3d.evaluation.split_checks.check_labels`). None: not checked. An entry without a
-            ``label`` is refused whatever ``kind``.
         dira3d.data.datalist.DatalistFilesMissingError: image or label files of the returned entries that
             do not exist (all named, with their case ids; a ``FileNotFoundError`` too).
     """
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is unknown; use one of {SPLITS}")
+        raise DataError(None, f"split={split!r} is unknown; use one of {SPLITS}")
     if isinstance(holdout, str) and holdout != VALIDATION:
-        raise ValueError(f"holdout={holdout!r} is neither a share in [0, 1) of the training patients nor "
-                         f"{VALIDATION!r}; use 0.1 (the protocol's default) or {VALIDATION!r} (early stopping on the "
-                         "datalist's own 'validation' list)")
+        raise DataError(None, f"holdout={holdout!r} is neither a share in [0, 1) of the training patients nor "
+                              f"{VALIDATION!r}; use 0.1 (the protocol's default) or {VALIDATION!r} (early stopping on the "
+                              "datalist's own 'validation' list)")
     on_validation = holdout == VALIDATION
     path = Path(datalist).resolve()
     content = _read_content(path)
@@ -144,7 +146,8 @@ def load_split(
     if fold is not None and int(fold) >= 0:
         folds = sorted({e.get("fold") for e in training if "fold" in e})
         if int(fold) not in folds:
-            raise ValueError(f"fold={fold} is not in datalist {path} (folds present: {folds or 'none'}); set `fold` to one of them or to null")
+            raise DataError(None, f"fold={fold} is not in datalist {path} (folds present: {folds or 'none'}); set `fold` "
+                                  "to one of them or to null")
         test = [e for e in training if e.get("fold") == int(fold)]
         training = [e for e in training if e.get("fold") != int(fold)]
     else:
@@ -197,7 +200,10 @@ def load_split(
             hint = (f"{where} (`dira3d prepare generic --test-fraction F` writes one: F of the patients, rounded to "
                     "whole patients, so choose F for one or more: 0.2 of 2 patients rounds to none), or set fold for a "
                     "cross-validation datalist")
-        raise ValueError(
+        # a DataError, as each error of the user's datalist or settings here: `python -m monai.bundle run` prints it
+        # as one line (dira3d.utils.bundle_errors), not in MONAI's "Failed to evaluate ConfigExpression" traceback
+        raise DataError(
+            None,
             f"split {split!r} of datalist {path} is empty (label_fraction={label_fraction}, holdout={holdout}, "
             f"fold={fold}); {hint}"
         )
@@ -240,19 +246,19 @@ def _check_label_vectors(path: Path, content: dict, split: str, entries: list[di
             continue
         where = f"datalist {path}: entry {index} of split {split!r} (image {entry.get('image')})"
         if isinstance(label, str):
-            raise ValueError(f"{where} has label {label!r}, a file (a segmentation datalist?); this classification bundle "
-                             f"takes a list of {num_labels} numbers per image, as `dira3d prepare chestxray14` / `chexpert` "
-                             "write them: pass the datalist of its dataset")
+            raise DataError(None, f"{where} has label {label!r}, a file (a segmentation datalist?); this classification bundle "
+                                  f"takes a list of {num_labels} numbers per image, as `dira3d prepare chestxray14` / `chexpert` "
+                                  "write them: pass the datalist of its dataset")
         meta = content.get("meta") if isinstance(content.get("meta"), dict) else {}
         names = f" ({', '.join(map(str, meta['labels']))})" if isinstance(meta.get("labels"), list) else ""
         count = len(label) if isinstance(label, (list, tuple)) else None
         if count is not None and count != int(num_labels):
-            raise ValueError(f"{where} has {count} labels{names}, but the network has out_channels {num_labels}: pass a "
-                             f"datalist with the bundle's {num_labels} labels (chexpert_cls: `dira3d prepare chexpert` with "
-                             "the default --labels five; chestxray14_cls: `dira3d prepare chestxray14`), or train on these "
-                             f"{count} with --set out_channels={count} (and class_names)")
-        raise ValueError(f"{where} has label {label!r}; expected a list of {num_labels} numbers (1 = finding present); "
-                         "regenerate the datalist with `dira3d prepare`")
+            raise DataError(None, f"{where} has {count} labels{names}, but the network has out_channels {num_labels}: pass a "
+                                  f"datalist with the bundle's {num_labels} labels (chexpert_cls: `dira3d prepare chexpert` with "
+                                  "the default --labels five; chestxray14_cls: `dira3d prepare chestxray14`), or train on these "
+                                  f"{count} with --set out_channels={count} (and class_names)")
+        raise DataError(None, f"{where} has label {label!r}; expected a list of {num_labels} numbers (1 = finding present); "
+                              "regenerate the datalist with `dira3d prepare`")
 
 
 _WARNED: set[tuple] = set()  # (datalist, settings) already warned about in this process

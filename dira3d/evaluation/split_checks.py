@@ -84,7 +84,8 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
             (``"label_fraction=0.01, seed=0, ..."``), for the error.
 
     Raises:
-        ValueError: naming the datalist, the split, the class it holds and what to do.
+        DataError: (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``) naming the datalist,
+            the split, the class it holds and what to do.
     """
     from dira3d.evaluation.metrics import undefined_auc
     from dira3d.utils.setting_hints import label_fraction_setting
@@ -96,8 +97,8 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
             return  # a label the bundle cannot take: refused by load_split's label check, naming the entry
         if any(len({k in entry_classes(e) for e in entries}) == 2 for k in range(max(len(e["label"]) for e in entries))):
             return
-        raise ValueError(f"{undefined_auc(split if split in ('holdout', VALIDATION) else 'test', len(entries))} "
-                         f"({_where(path, split, fold)}{'; ' + settings if settings else ''}){_OR_SHARE * (split == VALIDATION)}")
+        raise DataError(None, f"{undefined_auc(split if split in ('holdout', VALIDATION) else 'test', len(entries))} "
+                              f"({_where(path, split, fold)}{'; ' + settings if settings else ''}){_OR_SHARE * (split == VALIDATION)}")
     if not is_classification(entries):
         return
     classes = {int(e["label"]) for e in entries}
@@ -107,24 +108,24 @@ def check_auc_defined(path: Path, split: str, entries: list[dict], chosen: list[
     missing = "1 (positive)" if held == 0 else "0 (negative)"
     what = f"all its {len(entries)} candidate(s) ({len({patient_of(e) for e in entries})} patient(s)) are of class {held}"
     if split == VALIDATION:
-        raise ValueError(f"AUC is undefined on the early-stopping holdout, the 'validation' list of datalist {path} "
-                         f"({settings}): {what}, none of class {missing}; its AUC would be NaN every epoch, so early "
-                         "stopping would never stop and the first epoch's model would be kept. Add candidates of class "
-                         f"{missing} to its 'validation' list{_OR_SHARE}")
+        raise DataError(None, f"AUC is undefined on the early-stopping holdout, the 'validation' list of datalist {path} "
+                              f"({settings}): {what}, none of class {missing}; its AUC would be NaN every epoch, so early "
+                              "stopping would never stop and the first epoch's model would be kept. Add candidates of class "
+                              f"{missing} to its 'validation' list{_OR_SHARE}")
     if split == "holdout":
         carriers = {patient_of(e) for e in chosen or [] if int(e["label"]) != held}
         # holdout_by_patient completes the holdout with a patient of the other class whenever training keeps another
         why = (f"the {len(chosen or [])} training candidates this label fraction keeps have class {missing} in "
                f"{len(carriers)} patient(s) only, which training needs" if carriers else
                f"the training candidates this label fraction keeps are of class {held} only")
-        raise ValueError(f"AUC is undefined on the early-stopping holdout of datalist {path} ({settings}): "
-                         f"{what}, because {why}; its AUC would be NaN every epoch, so early stopping would never stop and "
-                         f"the first epoch's model would be kept. Use a larger label fraction ({label_fraction_setting()}) "
-                         "or more training data (docs/finetuning.md)")
+        raise DataError(None, f"AUC is undefined on the early-stopping holdout of datalist {path} ({settings}): "
+                              f"{what}, because {why}; its AUC would be NaN every epoch, so early stopping would never stop and "
+                              f"the first epoch's model would be kept. Use a larger label fraction ({label_fraction_setting()}) "
+                              "or more training data (docs/finetuning.md)")
     fix = ("assign the folds again (e.g. `dira3d prepare pecad --seed`) or test on another fold" if fold is not None
            else "add candidates of the other class to its 'test' list")
-    raise ValueError(f"AUC is undefined on {_where(path, split, fold)}: {what}, none of class {missing}, so the test "
-                     f"AUC would be NaN after the whole training; {fix}")
+    raise DataError(None, f"AUC is undefined on {_where(path, split, fold)}: {what}, none of class {missing}, so the test "
+                          f"AUC would be NaN after the whole training; {fix}")
 
 
 _OR_SHARE = ", or set holdout to a share of the training patients, e.g. 0.1 (the default)"
@@ -142,31 +143,32 @@ def check_validation_holdout(path: Path, content: dict, entries: list[dict], tra
         fold: the cross-validation fold, refused with this setting.
 
     Raises:
-        ValueError: naming the datalist and the setting: ``fold`` is set; the datalist has no (or an empty)
+        DataError: (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``) naming the datalist and
+            the setting: ``fold`` is set; the datalist has no (or an empty)
             "validation" list; a patient (``patient_id``, else ``case_id``) of it is also in "training" or "test".
     """
     setting = f"holdout={VALIDATION!r}"
     if fold is not None and int(fold) >= 0:
-        raise ValueError(f"{setting} cannot be used with fold={fold} (datalist {path}): a cross-validation run trains "
-                         "on the other folds and holds out for early stopping from them, while the 'validation' list "
-                         "lies outside the folds (`dira3d prepare pecad` writes none), so every fold would select its "
-                         "model on the same cases outside the cross-validation; use holdout=0.1 (the default) with "
-                         "folds, or set fold to null to test on the datalist's 'test' list")
+        raise DataError(None, f"{setting} cannot be used with fold={fold} (datalist {path}): a cross-validation run trains "
+                              "on the other folds and holds out for early stopping from them, while the 'validation' list "
+                              "lies outside the folds (`dira3d prepare pecad` writes none), so every fold would select its "
+                              "model on the same cases outside the cross-validation; use holdout=0.1 (the default) with "
+                              "folds, or set fold to null to test on the datalist's 'test' list")
     if not entries:
         has = ("its 'validation' list is empty" if VALIDATION in content
                else f"it has no 'validation' list (it has {sorted(k for k in content if k != 'meta')})")
-        raise ValueError(f"{setting} early-stops on the 'validation' list of datalist {path}, but {has}; add one "
-                         "(`dira3d prepare` writes one: the official validation subsets, or --val-fraction of the "
-                         f"patients){_OR_SHARE}")
+        raise DataError(None, f"{setting} early-stops on the 'validation' list of datalist {path}, but {has}; add one "
+                              "(`dira3d prepare` writes one: the official validation subsets, or --val-fraction of the "
+                              f"patients){_OR_SHARE}")
     patients = {patient_of(e) for e in entries}
     for name, entries_of in (("training", training), ("test", test)):
         shared = sorted(patients & {patient_of(e) for e in entries_of})
         if shared:
             use = "trains on" if name == "training" else "is tested on"
-            raise ValueError(f"{setting}: {len(shared)} patient(s) of the 'validation' list of datalist {path} are also "
-                             f"in its '{name}' list ({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}), so "
-                             f"early stopping would select the model on patients it {use}; keep each patient "
-                             f"(patient_id, else case_id) in one list, as `dira3d prepare` does{_OR_SHARE}")
+            raise DataError(None, f"{setting}: {len(shared)} patient(s) of the 'validation' list of datalist {path} are also "
+                                  f"in its '{name}' list ({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}), so "
+                                  f"early stopping would select the model on patients it {use}; keep each patient "
+                                  f"(patient_id, else case_id) in one list, as `dira3d prepare` does{_OR_SHARE}")
 
 
 def check_labels(path: Path, split: str, entries: list[dict], kind: str | None = None) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from dira3d.data.errors import DataError
+
 __all__ = ["FOREGROUND_KEYS", "is_classification", "is_multilabel", "patient_of", "entry_classes", "foreground_key",
            "has_foreground", "fraction_count", "select_fraction", "holdout_by_patient"]
 
@@ -107,10 +109,11 @@ def select_fraction(entries: list[dict], fraction: float, seed: int = 0) -> list
         The kept entries, in their original order.
 
     Raises:
-        ValueError: ``fraction`` is outside (0, 1].
+        DataError: ``fraction`` is outside (0, 1] (a ``ValueError``; one ``error:`` line under
+            ``python -m monai.bundle run``).
     """
     if not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"label_fraction={fraction} is outside (0, 1]; use e.g. 0.01, 0.25, 0.5 or 1.0")
+        raise DataError(None, f"label_fraction={fraction} is outside (0, 1]; use e.g. 0.01, 0.25, 0.5 or 1.0")
     if fraction >= 1.0 or not entries:
         return list(entries)
     rng = _rng(seed, 1)
@@ -179,10 +182,11 @@ def holdout_by_patient(entries: list[dict], holdout: float = 0.1, seed: int = 0)
         ``(train, holdout)`` lists, each in the original order.
 
     Raises:
-        ValueError: ``holdout`` is outside [0, 1).
+        DataError: ``holdout`` is outside [0, 1) (a ``ValueError``; one ``error:`` line under
+            ``python -m monai.bundle run``).
     """
     if not 0.0 <= float(holdout) < 1.0:
-        raise ValueError(f"holdout={holdout} is outside [0, 1); the protocol uses 0.1")
+        raise DataError(None, f"holdout={holdout} is outside [0, 1); the protocol uses 0.1")
     owners = [patient_of(e) for e in entries]
     by_patient: dict[str, list[int]] = defaultdict(list)
     for index, owner in enumerate(owners):
