@@ -38,3 +38,15 @@ def test_rerun_check_benchmark_small(repo_root: Path) -> None:
     assert [name for name, _ in timed] == ["count_classes, train.json", "count_classes, visual_words.json",
                                            "data_source", "finished_note"], result.stdout
     assert "datalist of 20 volumes" in result.stdout and "manifest of 12 classes" in result.stdout
+
+
+def test_gloo_exit_check_benchmark_one_run_each(repo_root: Path) -> None:
+    """One torchrun of each kind, no load: both leave the group and exit cleanly (the abort itself is rare and needs a
+    loaded machine: the benchmark's figures are in docs/reliability.md)."""
+    result = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "gloo_exit_check.py"), "--runs", "1",
+                             "--load", "0"], capture_output=True, text=True, timeout=300, cwd=repo_root)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^1 runs of each kind beside 0 busy processes", result.stdout, flags=re.M), result.stdout
+    lines = re.findall(r"^(plain|dira3d) *: (\d+) of 1 runs failed", result.stdout, flags=re.M)
+    assert sorted(kind for kind, _ in lines) == ["dira3d", "plain"], result.stdout
+    assert dict(lines)["dira3d"] == "0", result.stdout

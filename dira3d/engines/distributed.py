@@ -139,10 +139,16 @@ def cleanup_distributed() -> None:
 
     Without the barrier a fast rank can tear gloo down while another is still finishing its last
     collective, and that rank then aborts at exit ("terminate called without an active exception").
+    After a ``DistributedDataParallel`` model on gloo the group's worker threads outlive the destroy, and one that
+    dropped the last collective while the interpreter was finalising aborted the process the same way: it waits for
+    them to be idle (:func:`dira3d.engines.gloo_exit.wait_for_gloo_workers`, at most 5 s).
     """
     if dist.is_available() and dist.is_initialized():
+        from dira3d.engines.gloo_exit import wait_for_gloo_workers
+
         dist.barrier()
         dist.destroy_process_group()
+        wait_for_gloo_workers()
 
 
 def maybe_sync_batchnorm(module: nn.Module, enabled: bool = True) -> nn.Module:
