@@ -32,8 +32,8 @@ ended the run without a word or a report) while the inputs are screened or the m
 line on what was kept and exit 130 / 143 under ``python -m monai.bundle run`` (in-process the interrupt is raised); an
 input whose prediction was renamed into place before the signal is ``written``, as its file is whole.
 A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
-Under ``torchrun`` (``WORLD_SIZE`` above 1) each process runs its share of the inputs and rank 0 writes the one report
-(:mod:`dira3d.evaluation.batch_ranks`).
+Under ``torchrun`` (``WORLD_SIZE`` above 1) each process runs its share of the inputs and rank 0 writes the one report,
+and the classification bundles' one file of every input's probabilities (:mod:`dira3d.evaluation.batch_ranks`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from typing import Any
 from dira3d.evaluation.batch_datalist import batch_entries
 from dira3d.evaluation.batch_failures import (failure_key, failure_reason, file_state, release_gpu_memory, split_batch,
                                               stops_batch)
-from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share
+from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share, write_gathered
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
@@ -94,7 +94,7 @@ class InferenceBatch:
         report_path: the JSON report to write at the end; ``""`` / None: none (a single ``--image``).
         output_dir, output_postfix, output_ext: as given to ``SavePredictiond`` (segmentation bundles): the report
             names each written mask.
-        output_path: the one output file instead (classification bundles' ``_prob.json``).
+        output_path: the one output file instead (classification bundles' ``_prob.json``; its writer sets :attr:`writer`).
         overwrite: replace an existing ``report_path`` that dira3d did not write.
         image_key: the key of the input in the datalist and in the batches.
         repeated_failures: stop the batch when this many inputs in a row failed with the same error
@@ -133,9 +133,9 @@ class InferenceBatch:
         self._in_flight: dict[int, tuple[int, ...] | None] = {}
         self._unusable: BaseException | None = None  # screen's error when no input can be used, for run to raise
         self._written = 0  # inputs written (of every rank), for the line after a signal
-        # under torchrun: this rank's share of the inputs (batch_ranks); in one process every input
-        self.rank, self.world, self._joined = join_ranks(output_path)
-        self._share = rank_share(len(self.datalist), self.rank, self.world)
+        self.rank, self.world, self._joined = join_ranks()  # under torchrun (batch_ranks)
+        self.writer: Any = None  # the ProbabilityWriter of output_path: under torchrun rank 0 writes every rank's rows
+        self._share = rank_share(len(self.datalist), self.rank, self.world)  # this rank's inputs (in one process all)
 
     @property
     def several(self) -> bool:
@@ -381,8 +381,14 @@ class InferenceBatch:
         self.done.update(self._settle_in_flight())
         rows = self.rows(completed)
         if self.world > 1:  # every rank's rows, to rank 0; the ranks leave together once it has written the report
-            try:
-                rows, self.stopped, completed = gather_rows(rows, self._share, self.stopped, completed, self.rank)
+            try:  # the rows of output_path of a share that ran and completed: one per input written, in its order
+                held = (sorted(self.done), self.writer.rows) if self.writer and completed and self._order else None
+                rows, self.stopped, completed, held = gather_rows(rows, self._share, self.stopped, completed, self.rank, held)
+                error = write_gathered(self.writer, held, rows) if self.rank == 0 and held is not None else None
+                if error is not None:  # as when one process's writer fails: the report, then the error
+                    self.stopped = "; ".join(filter(None, [self.stopped, failure_reason(error)]))
+                    self._summarise(rows, completed=False)
+                    raise error
                 if all(r["status"] == "left out" for r in rows):  # no rank had an input that can be used
                     from dira3d.data.errors import DataError
 

@@ -19,8 +19,14 @@ the report of its own inputs, the others' ``not run``, and each rank exits 143 (
 by SIGKILL in its share: the report and exit within seconds, 2026-11-28); rank 0 killed, no report is written, as when
 one process is killed.
 
-Only for the bundles that write a file per input (``output_dir``); the classification bundles' one ``_prob.json``
-(``output_path``) is refused under ``torchrun`` in one line (:func:`join_ranks`).
+The classification bundles write every input's probabilities into one file (``output_path``, their ``_prob.json``):
+there each rank's :class:`~dira3d.evaluation.ProbabilityWriter` (linked to the batch: ``batch=@inference_batch``)
+keeps its rows instead of writing them, they travel in the same ``all_gather_object``, and rank 0 writes the one file
+in datalist order (:func:`gather_rows`, :func:`write_gathered`), as one process would have written it. A rank that
+stopped hands over no rows (as in one process, where a stopped batch writes no file): its inputs are ``failed`` or
+``not run`` in the report with the reason, the others' are in the file; when no rank completed its share, no file is
+written. A writer not linked to the batch is refused under ``torchrun`` when the run starts (each rank would write
+the file with its own share).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import os
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["WAIT_FOR_RANKS", "gather_rows", "join_ranks", "leave_ranks", "rank_share"]
+__all__ = ["WAIT_FOR_RANKS", "gather_rows", "join_ranks", "leave_ranks", "rank_share", "write_gathered"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +48,13 @@ def _world() -> int:
     return int(world) if world.isdigit() else 1
 
 
-def join_ranks(output_path: Any = None) -> tuple[int, int, bool]:
+def join_ranks() -> tuple[int, int, bool]:
     """``(rank, world size, joined)``: ``(0, 1, False)`` in one process; under ``torchrun`` (``WORLD_SIZE`` above 1) the
     process group ``torchrun`` describes (gloo, :data:`WAIT_FOR_RANKS`), ``joined`` when this call formed it (then
     :func:`leave_ranks` ends it).
 
     Raises:
-        RuntimeError: ``output_path`` is set (one output file for every input: the classification bundles), or
-            ``WORLD_SIZE`` is above 1 without ``MASTER_ADDR`` (not ``torchrun``).
+        RuntimeError: ``WORLD_SIZE`` is above 1 without ``MASTER_ADDR`` (not ``torchrun``).
     """
     import torch.distributed as dist
 
@@ -58,12 +63,6 @@ def join_ranks(output_path: Any = None) -> tuple[int, int, bool]:
     world = _world()
     if world < 2:
         return 0, 1, False
-    if output_path is not None:
-        raise RuntimeError(
-            f"this bundle writes the predictions of every input into one file ({output_path}), which the {world} "
-            f"processes of torchrun (WORLD_SIZE={world}) cannot share: run `python -m monai.bundle run` without torchrun "
-            "(pick the GPU with --device), or split the datalist and run one process per part, each with its own "
-            "--output_path")
     formed = dist.is_available() and dist.is_initialized()
     if not init_distributed("gloo", timeout=WAIT_FOR_RANKS):
         raise RuntimeError(f"WORLD_SIZE={world} but no MASTER_ADDR in the environment: run the batch under torchrun, "
@@ -92,11 +91,14 @@ def rank_share(count: int, rank: int, world: int) -> list[int]:
     return list(range(rank, count, world))
 
 
-def gather_rows(rows: list[dict], share: list[int], stopped: str | None, completed: bool,
-                rank: int) -> tuple[list[dict], str | None, bool]:
+def gather_rows(rows: list[dict], share: list[int], stopped: str | None, completed: bool, rank: int,
+                held: tuple[list[int], list[dict]] | None = None
+                ) -> tuple[list[dict], str | None, bool, list[dict] | None]:
     """The report's rows of every rank (``rows``: this rank's record of every input, of which its ``share`` is taken),
     in datalist order; why the ranks that stopped stopped (one reason when every rank stopped for it, else ``rank r:
-    reason`` for each) and whether every rank completed its share; on every rank, in one ``all_gather_object``.
+    reason`` for each); whether every rank completed its share; and the rows of the one output file (``held``: this
+    rank's, ``(indices, rows)``: the inputs whose rows they are, in order, or None when its share did not complete)
+    of every rank that completed, in datalist order (None when none did); on every rank, in one ``all_gather_object``.
 
     A rank that died before its share ended (its connection closed) leaves the others without its rows: each rank
     logs that error and reports its own inputs, the others' ``not run`` with the error as the reason."""
@@ -105,16 +107,16 @@ def gather_rows(rows: list[dict], share: list[int], stopped: str | None, complet
     mine = {index: rows[index] for index in share}
     gathered: list[Any] = [None] * dist.get_world_size()
     try:
-        dist.all_gather_object(gathered, (mine, stopped, completed))
+        dist.all_gather_object(gathered, (mine, stopped, completed, held))
     except Exception as err:  # noqa: BLE001 - another rank is gone: this rank's own record is still reported
         from dira3d.evaluation.batch_failures import failure_reason
 
         reason = f"the ranks' records could not be gathered: {failure_reason(err)}"
         logger.error(f"rank {rank}: {reason}; the report holds this rank's inputs only (see each rank's log)")
-        gathered = [(mine, f"{stopped}; {reason}" if stopped else reason, False)]
+        gathered = [(mine, f"{stopped}; {reason}" if stopped else reason, False, held)]
     merged: dict[int, dict] = {}
     reasons: dict[int, str] = {}
-    for other, (their_rows, their_stop, _) in enumerate(gathered):
+    for other, (their_rows, their_stop, _, _) in enumerate(gathered):
         merged.update(their_rows)
         if their_stop:
             reasons[other] = their_stop
@@ -124,4 +126,33 @@ def gather_rows(rows: list[dict], share: list[int], stopped: str | None, complet
         why = "; ".join(f"rank {r}: {reason}" for r, reason in sorted(reasons.items())) or None
     gone = {"status": "not run", "reason": f"the batch stopped before it: {why}"}  # a rank's whose rows did not come
     return ([merged.get(i) or {"image": row["image"], **gone} for i, row in enumerate(rows)], why,
-            all(done for _, _, done in gathered))
+            all(done for _, _, done, _ in gathered), _in_datalist_order([h for *_, h in gathered if h is not None]))
+
+
+def _in_datalist_order(held: list[tuple[list[int], list[dict]]]) -> list[dict] | None:
+    """The ranks' rows of the one output file, by the index of their input; None when no rank completed its share. A
+    rank whose rows are not one per input (an ``output_transform`` of one's own) has them after the others', in order."""
+    if not held:
+        return None
+    keyed: list[tuple[float, dict]] = []
+    for indices, their_rows in held:
+        keyed.extend(zip(indices if len(indices) == len(their_rows) else [float("inf")] * len(their_rows), their_rows))
+    return [row for _, row in sorted(keyed, key=lambda pair: pair[0])]
+
+
+def write_gathered(writer: Any, predictions: list[dict], rows: list[dict]) -> BaseException | None:
+    """Rank 0: write every rank's ``predictions`` into the one output file with ``writer`` (the
+    :class:`~dira3d.evaluation.ProbabilityWriter`); the error when that fails, the inputs ``written`` of ``rows`` then
+    ``failed`` with it, as in one process."""
+    from dira3d.evaluation.batch_failures import failure_reason
+
+    try:
+        writer.write(predictions)
+    except Exception as err:  # noqa: BLE001 - the report says it, and the batch raises it after the report
+        reason = f"the batch stopped before {writer.output_path} was written: {failure_reason(err)}"
+        for row in rows:
+            if row["status"] == "written":
+                row.pop("output", None)
+                row.update(status="failed", reason=reason)
+        return err
+    return None

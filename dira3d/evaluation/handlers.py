@@ -134,18 +134,26 @@ class ProbabilityWriter:
     when the run starts, an existing ``output_path`` that is not dira3d's own unchanged prediction stops it
     (unless ``overwrite``), before anything is written.
 
+    Under ``torchrun`` each rank runs a share of the inputs: given the run's ``batch``
+    (:class:`~dira3d.evaluation.InferenceBatch`, the bundles' ``batch=@inference_batch``) the writer keeps its rows and
+    the batch gathers every rank's, which rank 0 writes (:meth:`write`) in datalist order
+    (:mod:`dira3d.evaluation.batch_ranks`); without one it is refused when the run starts, as each rank would write the
+    file with its own share.
+
     Args:
         output_path: the JSON file to write.
         class_names: names of the output channels (e.g. ``["nodule"]``).
         output_transform: maps ``engine.state.output`` to ``[(source path, [p, ...]), ...]``.
         overwrite: replace an existing ``output_path`` whatever wrote it.
+        batch: the :class:`~dira3d.evaluation.InferenceBatch` of the run (needed under ``torchrun``).
 
     Raises:
         FileExistsError: (when the run starts) ``output_path`` holds a file dira3d did not write.
+        RuntimeError: (when the run starts) under ``torchrun`` without ``batch``.
     """
 
     def __init__(self, output_path: str | os.PathLike, class_names: list[str] | None = None, output_transform: Callable = _default_output,
-                 overwrite: Any = False) -> None:
+                 overwrite: Any = False, batch: Any = None) -> None:
         from dira3d.utils.overrides import as_bool
 
         self.output_path = Path(output_path)
@@ -153,6 +161,9 @@ class ProbabilityWriter:
         self.output_transform = output_transform
         self.overwrite = as_bool(overwrite, "overwrite")
         self.rows: list[dict] = []
+        self.batch = batch
+        if batch is not None:
+            batch.writer = self
 
     def attach(self, engine: Workflow) -> None:
         from ignite.engine import Events
@@ -167,6 +178,13 @@ class ProbabilityWriter:
         check_prediction_targets([self.output_path], self.overwrite, hint=_PROB_HINT)
 
     def _reset(self, engine: Workflow) -> None:
+        from dira3d.engines.distributed import get_world_size
+
+        if self.batch is None and get_world_size() > 1:
+            raise RuntimeError(
+                f"ProbabilityWriter of {self.output_path} under torchrun without the run's InferenceBatch: each of the "
+                f"{get_world_size()} processes would write the file with its own share of the inputs; give it "
+                "\"batch\": \"@inference_batch\" in inference.json (as the bundles do), or run without torchrun")
         self._check()
         self.rows = []
 
@@ -175,11 +193,17 @@ class ProbabilityWriter:
             self.rows.append({"image": source, "probabilities": probabilities})
 
     def _write(self, engine: Workflow) -> None:
+        if self.batch is not None and self.batch.world > 1:
+            return  # under torchrun: the batch gathers every rank's rows when the ranks' shares end; rank 0 writes them
+        self.write(self.rows)
+
+    def write(self, rows: list[dict]) -> None:
+        """Write ``rows`` (``{"image": path, "probabilities": [...]}`` each) into ``output_path``, atomically."""
         import dira3d
         from dira3d.evaluation.outputs import json_digest
 
         self._check()  # a file put there during the run is not replaced either
-        payload = {"classes": self.class_names, "predictions": self.rows}
+        payload = {"classes": self.class_names, "predictions": rows}
         payload.update(written_by=f"dira3d {dira3d.__version__}", sha256=json_digest(payload))
         atomic_write_text(self.output_path, json.dumps(payload, indent=2))
 
