@@ -51,11 +51,11 @@ def one_run(script: Path, kind: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=150, help="runs of each kind (default 150)")
     parser.add_argument("--load", type=int, default=2, help="busy processes beside the runs (default 2)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(repo)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
