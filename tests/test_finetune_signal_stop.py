@@ -129,7 +129,7 @@ def test_torchrun_two_gloo_ranks_stopped_by_sigterm_stop_at_the_same_step_and_lo
 # in-process: a MONAI trainer and validator of a linear network, as the bundles build them
 
 
-def _engines(tmp_path: Path, max_epochs: int = 4, val_handlers: tuple = ()):
+def linear_fine_tuning(tmp_path: Path, max_epochs: int = 4, val_handlers: tuple = ()):
     torch.manual_seed(0)
     network = torch.nn.Linear(4, 1)
     data = [{"image": torch.rand(4), "label": torch.rand(1)} for _ in range(6)]
@@ -148,7 +148,7 @@ def _engines(tmp_path: Path, max_epochs: int = 4, val_handlers: tuple = ()):
 
 
 def test_a_signal_during_a_validation_leaves_it_unfinished_and_saves_nothing(tmp_path, caplog):
-    trainer, validator, validations = _engines(tmp_path)
+    trainer, validator, validations = linear_fine_tuning(tmp_path)
     model = tmp_path / "models" / "model.pt"
     saved = {}
 
@@ -190,7 +190,7 @@ def test_the_progress_bar_of_a_validation_cut_short_is_closed(tmp_path):
 
     terminal = Terminal()
     bar = ClosingProgressBar(desc="validation", persist=False, file=terminal)
-    trainer, validator, validations = _engines(tmp_path, val_handlers=(bar,))
+    trainer, validator, validations = linear_fine_tuning(tmp_path, val_handlers=(bar,))
 
     def signal_in_validation(engine):
         if trainer.state.epoch == 2 and engine.state.iteration == 1:
@@ -207,7 +207,7 @@ def test_the_progress_bar_of_a_validation_cut_short_is_closed(tmp_path):
 def test_a_signal_after_the_last_validation_still_ends_the_run_as_stopped(tmp_path, caplog):
     """A signal after the last check (here in the last epoch's end, after its validation) must not be lost:
     `dira3d finetune` would go on to the test evaluation and write metrics.json."""
-    trainer, validator, _ = _engines(tmp_path, max_epochs=2)
+    trainer, validator, _ = linear_fine_tuning(tmp_path, max_epochs=2)
     trainer.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda engine: os.kill(os.getpid(), signal.SIGTERM))
     with caplog.at_level(logging.WARNING):
         run_training(trainer, validator, tmp_path / "models")
@@ -220,7 +220,7 @@ def test_a_signal_after_the_last_validation_still_ends_the_run_as_stopped(tmp_pa
 def test_a_signal_after_a_validations_last_step_stops_right_after_that_epochs_end(tmp_path, caplog):
     """A signal in epoch 2's end after its validation's steps (here as model.pt is saved) stopped the run only after
     epoch 3's first step (iteration 7): it now stops right after epoch 2's end, its validation whole."""
-    trainer, validator, validations = _engines(tmp_path)
+    trainer, validator, validations = linear_fine_tuning(tmp_path)
     validator.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: trainer.state.epoch == 2 and os.kill(
         os.getpid(), signal.SIGTERM))
     with caplog.at_level(logging.WARNING):
@@ -247,7 +247,7 @@ def test_under_ddp_a_signal_during_a_validation_stops_all_ranks_right_after_that
     monkeypatch.setattr(engine_stopping, "get_world_size", lambda: 2)
     for module in (engine_stopping, evaluation_stopping):
         monkeypatch.setattr(module, "all_ranks_min", all_ranks_min)
-    trainer, validator, validations = _engines(tmp_path)
+    trainer, validator, validations = linear_fine_tuning(tmp_path)
     validator.add_event_handler(Events.ITERATION_STARTED, lambda engine: trainer.state.epoch == 2 and other.update(
         signal=int(signal.SIGTERM)))
     run_training(trainer, validator, tmp_path / "models")
@@ -258,7 +258,7 @@ def test_under_ddp_a_signal_during_a_validation_stops_all_ranks_right_after_that
 
 
 def test_a_whole_run_is_not_stopped_and_leaves_no_handler_behind(tmp_path, caplog):
-    trainer, validator, validations = _engines(tmp_path, max_epochs=2)
+    trainer, validator, validations = linear_fine_tuning(tmp_path, max_epochs=2)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     handlers = (len(trainer._event_handlers[Events.ITERATION_COMPLETED]),
                 len(trainer._event_handlers[Events.EPOCH_COMPLETED]),
@@ -273,7 +273,7 @@ def test_a_whole_run_is_not_stopped_and_leaves_no_handler_behind(tmp_path, caplo
 
 
 def test_no_validation_yet_says_so_and_an_earlier_model_is_named_as_such(tmp_path, caplog):
-    trainer, validator, _ = _engines(tmp_path)
+    trainer, validator, _ = linear_fine_tuning(tmp_path)
     trainer.add_event_handler(Events.ITERATION_STARTED(once=2), lambda engine: os.kill(os.getpid(), signal.SIGTERM))
     with caplog.at_level(logging.WARNING):
         run_training(trainer, validator, tmp_path / "models")
@@ -282,7 +282,7 @@ def test_no_validation_yet_says_so_and_an_earlier_model_is_named_as_such(tmp_pat
     model.parent.mkdir(parents=True, exist_ok=True)
     model.write_bytes(b"an earlier run's model")
     caplog.clear()
-    trainer, validator, _ = _engines(tmp_path)
+    trainer, validator, _ = linear_fine_tuning(tmp_path)
     trainer.add_event_handler(Events.ITERATION_STARTED(once=2), lambda engine: os.kill(os.getpid(), signal.SIGTERM))
     with caplog.at_level(logging.WARNING):
         run_training(trainer, validator, tmp_path / "models")

@@ -12,18 +12,14 @@ import signal
 import time
 
 import pytest
-import torch
 from ignite.engine import Engine, Events
-from ignite.metrics import MeanSquaredError
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import ValidationHandler, from_engine
 
 import dira3d.engines.stopping as engine_stopping
 import dira3d.evaluation.stopping as evaluation_stopping
 from dira3d.engines.stopping import SignalStop, end_stop_before_training, exit_if_stopped, stop_before_training
-from dira3d.evaluation import BestModelSaver
 from dira3d.evaluation.stopping import exit_if_training_stopped, run_training
 from dira3d.utils.interrupts import StoppedBySignal
+from test_finetune_signal_stop import linear_fine_tuning
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,19 +29,7 @@ DEFAULTS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_ha
 def fine_tuning(tmp_path, max_epochs: int = 4):
     """A MONAI trainer and validator of a linear network as the task bundles build them: 3 steps an epoch, a
     3-step validation after each epoch that saves models/model.pt when it improves."""
-    torch.manual_seed(0)
-    network = torch.nn.Linear(4, 1)
-    data = [{"image": torch.rand(4), "label": torch.rand(1)} for _ in range(6)]
-    loader = torch.utils.data.DataLoader(data, batch_size=2)
-    saver = BestModelSaver(network, tmp_path / "models" / "model.pt", "val_mse")
-    validator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=network,
-                                    key_val_metric={"val_mse": MeanSquaredError(
-                                        output_transform=from_engine(["pred", "label"]))},
-                                    val_handlers=[saver])
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=loader,
-                                network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
-                                loss_function=torch.nn.MSELoss(),
-                                train_handlers=[ValidationHandler(validator=validator, interval=1, epoch_level=True)])
+    trainer, validator, _ = linear_fine_tuning(tmp_path, max_epochs)
     return trainer, validator
 
 
