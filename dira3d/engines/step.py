@@ -33,12 +33,16 @@ __all__ = ["TrainingStepMixin", "StepInputs", "Prepared", "Forward"]
 
 
 class StepInputs(NamedTuple):
-    """What the network sees in one step: the two views, the distorted view and its restoration target."""
+    """What the network sees in one step: the two views, the distorted view and its restoration target;
+    with ``second_view`` ``"distorted"`` / ``"restored"`` (while ``dis`` is active) also the distorted second
+    view and its restoration target (None otherwise)."""
 
     view1: torch.Tensor
     view2: torch.Tensor
     distorted: torch.Tensor
     target: torch.Tensor
+    distorted2: torch.Tensor | None = None
+    target2: torch.Tensor | None = None
 
 
 class Prepared(NamedTuple):
@@ -52,7 +56,9 @@ class Prepared(NamedTuple):
 
 
 class Forward(NamedTuple):
-    """What one generator forward produced (unweighted loss terms and the images)."""
+    """What one generator forward produced (unweighted loss terms and the images). With ``second_view="restored"``
+    ``distorted``, ``target`` and ``restored`` hold both views' patches along the batch (the first view's first):
+    D's step compares 2B restorations with their 2B targets."""
 
     terms: dict[str, torch.Tensor]
     distorted: torch.Tensor
@@ -72,29 +78,44 @@ class TrainingStepMixin:
         augmentation (jitter, gamma, noise, blur), with the crop's and the distortion's flips: DiRA
         restores x1 from T(x1) (METHOD.md section 3, patent L_res = dist(x1, x1')), it does not
         reproduce the jitter and blur of the view.
+
+        With ``second_view`` ``"distorted"`` or ``"restored"`` (instance modes, while ``dis`` is active) the
+        second view is distorted too, its target being its own crop before the intensity steps. That
+        distortion is drawn after every draw of the ``"augmented"`` step, so the views and the first view's
+        distortion are the same in all three forms.
         """
         x1, x2 = batch["image"], batch.get("image2")
         view1, view2 = x1, x2 if x2 is not None else x1
-        clean = None
+        clean = clean2 = None
+        has_views = "dis" in stage.losses and self.dis_mode != "visual_words"
+        second = has_views and self.second_view != "augmented"
         # views and distortions are data preparation: fp32 even under autocast (same draws, same
         # targets as the plain path; autocast casts the network's inputs itself)
         with torch.autocast(x1.device.type, enabled=False):
-            if "dis" in stage.losses and self.dis_mode != "visual_words" and self.views is not None:
-                # a ViewAugment also returns the first view without its intensity steps (no extra draws)
+            if has_views and self.views is not None:
+                # a ViewAugment also returns the views without their intensity steps (no extra draws)
                 with_clean = isinstance(self.views, ViewAugment) and isinstance(self.distortion, Distortion)
-                extra = {"return_clean": True} if with_clean else {}
+                extra = {"return_clean": True, "return_clean2": second} if with_clean else {}
+                b = x1.shape[0]
                 if x2 is None:
                     view1, view2, *rest = self.views(x1, generator, **extra)
-                    clean = rest[0] if rest else None
                 else:  # two instances: one view of each, in one batched call
-                    a, b, *rest = self.views(torch.cat([x1, x2]), generator, **extra)
-                    view1, view2 = a[: x1.shape[0]], b[x1.shape[0] :]
-                    clean = rest[0][: x1.shape[0]] if rest else None
-            if clean is None:
-                distorted, target = self.distortion(view1, generator)
-            else:
-                distorted, target = self.distortion(view1, generator, target=clean)
-        return StepInputs(view1, view2, distorted, target)
+                    a, v, *rest = self.views(torch.cat([x1, x2]), generator, **extra)
+                    view1, view2, rest = a[:b], v[b:], [r[:b] if i == 0 else r[b:] for i, r in enumerate(rest)]
+                clean, clean2 = (rest + [None, None])[:2]
+            distorted, target = self._distort(view1, generator, clean)
+            distorted2 = target2 = None
+            if second:  # last: the draws above are those of the default step
+                distorted2, target2 = self._distort(view2, generator, clean2)
+        return StepInputs(view1, view2, distorted, target, distorted2, target2)
+
+    def _distort(self, view: torch.Tensor, generator: torch.Generator,
+                 clean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``distorted, target`` of a view: the target is ``clean`` (the view before its intensity steps)
+        with the distortion's flips, or the view itself when there is none."""
+        if clean is None:
+            return self.distortion(view, generator)
+        return self.distortion(view, generator, target=clean)
 
     def forward_terms(self, batch: Mapping[str, Any], generator: torch.Generator, stage: Stage, train: bool = True,
                       inputs: StepInputs | None = None) -> Forward:
@@ -102,33 +123,50 @@ class TrainingStepMixin:
 
         ``train=False`` (validation) leaves the EMA encoder and the queue untouched. ``inputs``:
         :meth:`step_inputs` already drawn with ``generator`` (by the prefetcher), else drawn here.
+
+        ``second_view`` (instance modes, while ``dis`` is active): ``"distorted"`` and ``"restored"`` give the
+        distorted second view to the discrimination (MoCo's key encoder; the other Barlow Twins / SimSiam
+        branch, whose encoder pass ``"restored"`` also decodes: no extra pass). ``"restored"`` restores it
+        too: L_res is the mean of the two views' restoration losses and L_adv scores both restorations. In
+        ``moco`` that costs an extra pass of the query encoder on the distorted second view, which only
+        restores: its projection does not enter InfoNCE (the keys stay the key encoder's).
         """
         active = set(stage.losses)
         if inputs is None:
             inputs = self.step_inputs(batch, generator, stage)
-        _, view2, distorted, target = inputs
+        distorted, target, distorted2 = inputs.distorted, inputs.target, inputs.distorted2
         bottleneck, skips = self.network.encode(distorted)
         terms: dict[str, torch.Tensor] = {}
-        keys = None
+        keys = encoded2 = None
         if "dis" in active:
-            terms["dis"], keys = self._discriminate(bottleneck, view2, batch, generator, train)
+            view2 = inputs.view2 if distorted2 is None else distorted2
+            terms["dis"], keys, encoded2 = self._discriminate(bottleneck, view2, batch, generator, train)
         restored = None
         if "res" in active or "adv" in active:
             restored = self.network.decode(bottleneck, skips)
             terms["res"] = self.restoration_loss(restored.float(), target.float())
+            if self.second_view == "restored" and distorted2 is not None:
+                if encoded2 is None:  # moco: the query encoder's own pass on the distorted second view
+                    encoded2 = self.network.encode(distorted2)
+                restored2 = self.network.decode(*encoded2)
+                res2 = self.restoration_loss(restored2.float(), inputs.target2.float())
+                terms["res"] = 0.5 * (terms["res"] + res2)
+                distorted, target = torch.cat([distorted, distorted2]), torch.cat([target, inputs.target2])
+                restored = torch.cat([restored, restored2])
         if "adv" in active:
             with frozen(self.adversary):
                 terms["adv"] = self.adversarial_loss.generator(self.adversary(restored))
         return Forward(terms, distorted, target, restored, keys)
 
-    def _discriminate(self, bottleneck, view2, batch, generator, train) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _discriminate(self, bottleneck, view2, batch, generator, train) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """``(L_dis, MoCo's keys to enqueue or None, the encoder's (bottleneck, skips) of view2 or None)``."""
         if self.dis_mode == "visual_words":
             loss = self.dis_loss(self.dis_head(bottleneck), batch["label"])
             if self.classify_both and batch.get("image2") is not None:
                 distorted2, _ = self.distortion(batch["image2"], generator)
                 logits2 = self.dis_head(self.network.encode(distorted2)[0])
                 loss = 0.5 * (loss + self.dis_loss(logits2, batch["label"]))
-            return loss, None
+            return loss, None, None
         z1 = self.dis_head(bottleneck)
         if self.dis_mode == "moco":
             with torch.no_grad():
@@ -138,12 +176,13 @@ class TrainingStepMixin:
                                                            self.memory_format)
                 else:  # validation: no queue update, no communication
                     keys, queued = self.moco.encode(view2), None
-            return self.dis_loss(z1.float(), keys, self.queue.queue), queued
-        z2 = self.dis_head(self.network.encode(view2)[0])
+            return self.dis_loss(z1.float(), keys, self.queue.queue), queued, None
+        encoded2 = self.network.encode(view2)
+        z2 = self.dis_head(encoded2[0])
         if self.dis_mode == "barlow":
-            return self.dis_loss(z1.float(), z2.float()), None
+            return self.dis_loss(z1.float(), z2.float()), None, encoded2
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        return self.dis_loss(p1.float(), p2.float(), z1.float(), z2.float()), None
+        return self.dis_loss(p1.float(), p2.float(), z1.float(), z2.float()), None, encoded2
 
     def adversary_scores(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """D's loss and its mean score on real and restored patches (probabilities for vanilla)."""

@@ -12,6 +12,9 @@ One iteration on a batch ``{"image": x1, ["image2": x2], ["label": y]}`` (patche
 4. G step on ``Σ λ·term`` over the stage's active terms; MoCo then enqueues the keys;
 5. when ``adv`` is active: ``d_steps`` D steps on ``D(target)`` (real) vs ``D(restored.detach())``.
 
+``second_view`` ``"distorted"`` / ``"restored"`` also distort view2 (after the draws above) for the
+discrimination, and ``"restored"`` restores it as well (both restorations in ``res``, ``adv`` and D's step).
+
 Loss values stay tensors (no ``.item()`` in the step); handlers convert them at log time.
 
 ``engine.state.output`` is ONE dict per iteration (not decollated into a list per sample, as
@@ -78,7 +81,7 @@ from dira3d.engines.shuffle_bn import check_shuffle_bn
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.engines.step import Forward, Prepared, StepInputs, TrainingStepMixin
 from dira3d.engines.stopping import SignalStop
-from dira3d.engines.trainer_checks import check_modules_for_stages, check_yields_batches
+from dira3d.engines.trainer_checks import check_modules_for_stages, check_second_view, check_yields_batches
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss
 from dira3d.utils.interrupts import QuietInterruptMixin
 
@@ -161,6 +164,12 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
             two ``all_gather`` per step, the second one also feeds the queue). None (default): on in
             ``moco`` mode; True outside ``moco`` is refused. With one process it changes nothing.
         classify_both: visual_words mode: also classify the distorted second instance.
+        second_view: what the instance modes do with their second view (MoCo's key, the other Barlow Twins /
+            SimSiam branch; docs/method.md): ``"augmented"`` (default: the view T(x2) alone, the patent's
+            equation 2), ``"distorted"`` (also distorted, with its own draw, not restored: the official 2D
+            code), ``"restored"`` (distorted and restored: the patent's claims; L_res is the mean over the two
+            views, D sees both restorations; in ``moco`` one more query-encoder pass, which only restores).
+            Only while ``dis`` is active; another value than ``"augmented"`` is refused in ``visual_words``.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
         train_handlers: handlers attached after the trainer's own bookkeeping; None entries (a handler a bundle
             config disabled with ``_disabled_``, e.g. ``validate#evaluator`` with ``validation`` false) are left out,
@@ -184,7 +193,7 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
     ``state.early_stopped`` saying why (None otherwise), which ``run`` logs as its last line.
 
     Raises:
-        ValueError: a bad mode, AMP value, ``d_steps``, ``shuffle_bn`` outside ``moco``, missing
+        ValueError: a bad mode, AMP value, ``d_steps``, ``shuffle_bn`` outside ``moco``, ``second_view``, missing
             predictor for SimSiam, or stages using ``dis`` / ``adv`` without the modules they need.
     """
 
@@ -226,6 +235,7 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         momentum: float = 0.999,
         shuffle_bn: bool | None = None,
         classify_both: bool = False,
+        second_view: str = "augmented",
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         non_blocking: bool | None = None,
@@ -234,6 +244,7 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
     ) -> None:
         self.dis_mode = check_dis_mode(dis_mode)
         self.shuffle_bn = check_shuffle_bn(shuffle_bn, self.dis_mode)
+        self.second_view = check_second_view(second_view, self.dis_mode)
         self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
         if int(d_steps) != d_steps or d_steps < 1:
             raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")

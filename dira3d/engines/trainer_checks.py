@@ -6,7 +6,8 @@ module that was not given (``dis`` without ``dis_head``, SimSiam without a predi
 ``adversary`` and ``optimizer_d``), with an error that names the stages and both ways out;
 :func:`check_yields_batches` (once the losses and grad scalers are built) refuses a training loader that yields
 no batch (MONAI would skip the run with a warning and exit 0, writing no checkpoint), saying how many items it
-has and what to change.
+has and what to change; :func:`check_second_view` refuses an unknown ``second_view`` and a non-default one in
+``visual_words`` mode.
 Checks of single options live next to what they check (``check_dis_mode`` in
 :mod:`dira3d.engines.components`, ``check_shuffle_bn`` in :mod:`dira3d.engines.shuffle_bn`, the stages in
 :mod:`dira3d.engines.stages`).
@@ -22,7 +23,11 @@ from torch import nn
 
 from dira3d.engines.stages import DEFAULT_STAGES, LOSS_TERMS, StageSchedule
 
-__all__ = ["check_modules_for_stages", "check_yields_batches"]
+__all__ = ["check_modules_for_stages", "check_yields_batches", "check_second_view", "SECOND_VIEWS"]
+
+# what the instance modes do with their second view (docs/method.md): the patent's equation (2) (augmented
+# only, the default), the official 2D code (also distorted, not restored), the patent's claims (both restored)
+SECOND_VIEWS = ("augmented", "distorted", "restored")
 
 
 def check_modules_for_stages(schedule: StageSchedule, default: bool, dis_mode: str, dis_head: nn.Module | None,
@@ -57,6 +62,23 @@ def _missing_for_term(schedule: StageSchedule, term: str, default: bool, problem
     example = json.dumps([{"name": "dir" if term == "adv" else "ra", "losses": [t for t in LOSS_TERMS if t != term]}])
     return (f"{which} the {term!r} loss but {problem}; {fix}, or pass stages without {term!r}, "
             f"e.g. stages={example}")
+
+
+def check_second_view(second_view: str, dis_mode: str) -> str:
+    """Return ``second_view`` or raise a ``ValueError`` naming the setting and what to use instead.
+
+    Raises:
+        ValueError: a value not in :data:`SECOND_VIEWS`, or one other than ``"augmented"`` in
+            ``visual_words`` mode (which has no second view of an instance, only ``classify_both``).
+    """
+    if second_view not in SECOND_VIEWS:
+        raise ValueError(f"second_view={second_view!r} is not supported; choose one of {', '.join(SECOND_VIEWS)} "
+                         "(what the instance modes do with their second view; docs/method.md)")
+    if dis_mode == "visual_words" and second_view != "augmented":
+        raise ValueError(f"second_view={second_view!r} applies to the instance modes (moco, barlow, simsiam); "
+                         "dis_mode='visual_words' has no second view: leave second_view at 'augmented' (to also "
+                         "classify the distorted second instance, set classify_both true)")
+    return second_view
 
 
 def check_yields_batches(loader: Any) -> None:

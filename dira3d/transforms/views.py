@@ -237,13 +237,16 @@ class ViewAugment:
         self.spatial_dims, self.static_shapes = spatial_dims, static_shapes
         self.settings = ViewSettings(**settings)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator,
-                 return_clean: bool = False) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, return_clean: bool = False,
+                 return_clean2: bool = False) -> tuple[torch.Tensor, ...]:
         """``(v1, v2)``; with ``return_clean`` ``(v1, v2, clean1)``: ``clean1`` is v1's crop and flips
-        without the intensity steps (the restoration target; the views are the same either way)."""
+        without the intensity steps (the restoration target); ``return_clean2`` appends ``clean2``, the
+        same for v2 (``(v1, v2, clean1, clean2)`` with both). The views are the same either way."""
         if x.ndim - 2 != self.spatial_dims:
             raise ValueError(f"ViewAugment(spatial_dims={self.spatial_dims}) got a batch of shape {tuple(x.shape)}; "
                              f"expected (B, C) + {self.spatial_dims} spatial dims.")
         v1, clean = random_views(x, generator, self.settings, self.static_shapes, return_clean=True)
-        v2 = random_views(x, generator, self.settings, self.static_shapes)
-        return (v1, v2, clean) if return_clean else (v1, v2)
+        v2 = random_views(x, generator, self.settings, self.static_shapes, return_clean=return_clean2)
+        if return_clean2:
+            v2, clean2 = v2
+        return (v1, v2) + ((clean,) if return_clean else ()) + ((clean2,) if return_clean2 else ())
