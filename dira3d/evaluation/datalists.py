@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 import warnings
 from collections import OrderedDict
@@ -101,7 +102,8 @@ def load_split(
         datalist: path of the datalist JSON (paths inside are relative to its folder).
         split: one of ``"train"``, ``"holdout"``, ``"validation"``, ``"test"``.
         label_fraction: share of the training labels used (seeded; see :func:`select_fraction`).
-        seed: seed of the label fraction and of the early-stopping holdout.
+        seed: seed of the label fraction and of the early-stopping holdout (the task bundles pass their ``split_seed``,
+            by default their ``seed``); a whole number >= 0.
         holdout: share of the (selected) training entries held out by patient for early stopping, or
             ``"validation"``: the datalist's whole ``"validation"`` list is the holdout and ``"train"`` is all the
             selected training entries (the label fraction does not shrink it;
@@ -122,7 +124,7 @@ def load_split(
     Raises:
         FileNotFoundError: the datalist does not exist.
         DataError: (a ``ValueError``, which ``python -m monai.bundle run`` prints as one ``error:`` line,
-            :mod:`dira3d.utils.bundle_errors`) unknown split, a bad fraction or holdout, a fold that no entry has, an
+            :mod:`dira3d.utils.bundle_errors`) unknown split, a bad fraction, seed or holdout, a fold that no entry has, an
             empty split, ``holdout="validation"`` refused (no or an empty validation list, a patient shared with training or
             test, ``fold`` set), a classification
             holdout or test split whose AUC is undefined (one class only; multi-label: no class with both values;
@@ -135,6 +137,11 @@ def load_split(
     """
     if split not in SPLITS:
         raise DataError(None, f"split={split!r} is unknown; use one of {SPLITS}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # int(1.5) drew seed 1's split,
+        # None and -1 failed in numpy inside MONAI's traceback
+        raise DataError(None, f"seed={seed!r} of the label subset and early-stopping holdout (a task bundle's split_seed, "
+                              "by default its seed) must be a whole number >= 0; e.g. split_seed=0, or leave split_seed "
+                              "out to draw with seed")
     if isinstance(holdout, str) and holdout != VALIDATION:
         raise DataError(None, f"holdout={holdout!r} is neither a share in [0, 1) of the training patients nor "
                               f"{VALIDATION!r}; use 0.1 (the protocol's default) or {VALIDATION!r} (early stopping on the "

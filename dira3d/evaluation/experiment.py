@@ -15,6 +15,7 @@ Config (YAML or JSON)::
     baseline: random                   # method the t-tests compare against (default: the first method)
     test: student                      # or welch, or paired (by seed; see below)
     seeds: [0, 1, 2, 3, 4]
+    split_seed: 0                      # optional: every seed trains on split_seed's label subset (see below)
     label_fractions: [0.1, 0.25, 1.0]
     folds: [0, 1, 2]                   # optional: cross-validation (PE-CAD); absent: the datalist's test list
     methods:                           # name: checkpoint path, null (random init), or {pretrain: {...}}
@@ -42,13 +43,22 @@ method the config now pretrains itself that were fine-tuned from random init or 
 file replaced while the grid runs (a pretraining still writing it) stops the grid after the run that noticed it,
 without adding that run; so does a run whose split sizes (train_cases, test_cases, test_positive) or cases
 (train_digest, holdout_digest, test_digest) differ from another method's run of the same label fraction and seed (and
-fold; the split rules changed since, e.g. an upgrade; the error names both runs' splits.json), and a results.csv that
-already holds such runs is refused. Rows of before the digests are kept, with one warning (checked on sizes only). The
+fold; with ``split_seed``, from any run of the label fraction; the split rules changed since, e.g. an upgrade; the
+error names both runs' splits.json), and a results.csv that already holds such runs is refused. Rows of before the digests are kept, with one warning (checked on sizes only). The
 fine-tuning settings (bundle, datalist, metric, overrides, folds) and the datalist's sha256 are recorded in
 ``experiment.json``: a rerun with other ones (or a datalist prepared again at the same path) on a ``results.csv``
 that has rows is refused rather than mixed into one table. It also records ``versions`` (dira3d's, and each bundle's
 configs/metadata.json ``version``: the fine-tuning bundle, and dira_pretrain when a method is pretrained); a bundle
 upgraded since the rows were made is warned about, not refused, and the earlier record kept (``earlier_versions``).
+
+A seed seeds both a run's split (its label subset and early-stopping holdout) and its training (initialisation,
+augmentation, batch order), so the spread over seeds mixes "which cases were labelled" with "how training went".
+``split_seed: <n>`` (a whole number >= 0) gives every run the bundle's ``split_seed`` n: all seeds of a label fraction
+(and fold) train on one subset and holdout, and the spread, the intervals and the t-tests measure the variance of
+training alone (the table's note says so). ``results.csv`` then gains a ``split_seed`` column (after ``seed``), and
+``split_seed`` is a recorded setting (``experiment.json``): a rerun with another one, or without it, on the same
+``results.csv`` is refused. The runs of one label fraction (and fold) must then have drawn the same split across seeds
+too, checked as across methods below. The bundle must have a ``split_seed`` setting (every task bundle does).
 
 With ``folds``, every (method, label fraction, seed) runs once per fold, with the bundle's ``fold``
 set to it (that fold is the test set, the others are trained on;
@@ -71,7 +81,7 @@ The runs are scored on the test split, which the table compares: ``overrides: {e
 but ``test``) is refused before any run, and a run whose ``metrics.json`` records another ``eval_split`` (a bundle whose
 evaluate.json scores another split) fails with that reason and is not added to ``results.csv``.
 
-``results.csv`` has one row per finished run: method, checkpoint, label_fraction, seed (fold), metric,
+``results.csv`` has one row per finished run: method, checkpoint, label_fraction, seed (split_seed) (fold), metric,
 value, seconds, run_dir, and test_cases / test_positive, the test split's size and positives from the run's
 ``metrics.json`` (multi-label: each class's positives, ``;``-joined; empty where not known; docs/finetuning.md),
 then train_cases, the cases the run trained on (the label fraction's selection less the early-stopping holdout), and
@@ -80,8 +90,8 @@ ids; each run's ``splits.json`` lists them; docs/finetuning.md).
 A results.csv written before those columns is resumed as it is (its rows keep them empty).
 
 The config is checked before any run: unknown keys, missing checkpoints, datalist or bundle, and
-override ids no bundle config defines are refused with the setting named; so are a negative seed, two label
-fractions that the run folders or the table write alike (0.1 and 0.1000001: ``lf0.1``) or that keep the same
+override ids no bundle config defines are refused with the setting named; so are a negative seed (or split_seed, or
+one that is not a whole number), two label fractions that the run folders or the table write alike (0.1 and 0.1000001: ``lf0.1``) or that keep the same
 training entries for every seed (10 % and 25 % of 4 patients both keep 1: counts are rounded to whole patients, or
 samples per class, at least one; without folds), a label fraction whose subset no run could train on for some seed
 (and fold: fewer than 2 patients for the early-stopping holdout, or a classification holdout of one class; use a
@@ -89,7 +99,8 @@ larger fraction), a key beside ``pretrain`` in a method's mapping (a method has 
 fine-tuning settings of its own: ``overrides`` are the same for every method), an empty checkpoint path (use null
 for random init), a method name
 that is not text (quote ``'2024':``) or not a plain folder name, ``overrides`` the grid sets for every run
-(datalist, pretrained, label_fraction, seed, output_dir, bundle_root, ckpt_dir: use the config's own settings),
+(datalist, pretrained, label_fraction, seed, split_seed, output_dir, bundle_root, ckpt_dir: use the config's own
+settings),
 pretraining overrides that move its folders (dataset_dir, bundle_root, ckpt_dir, output_dir), a method's checkpoint
 pretrained at another width than the runs build the network at (2D: another backbone or decoder_channels; the error
 names the ``overrides`` to set, e.g. ``overrides: {width: 0.125}``), a method's own pretraining (``{pretrain: {...}}``)
@@ -116,7 +127,8 @@ however it ends), so two processes never run the same grid twice into one ``resu
 default: the paper's independent two-sample Student's test), ``welch`` (Welch's, for unequal spreads;
 ``welch: true`` is its older spelling and is refused beside another ``test``) or ``paired``
 (``scipy.stats.ttest_rel``). Within one experiment a seed gives every method the same label subset,
-early-stopping holdout and training seed (and, with folds, the same folds), so the runs of one seed
+early-stopping holdout and training seed (and, with folds, the same folds; with ``split_seed`` every seed has the
+same subset and holdout, and a pair shares its training seed), so the runs of one seed
 form a pair and the paired test is over the per-seed differences: more powerful than the independent
 tests when a seed's draw makes the task easier or harder for every method alike. It is over the seeds
 both methods have at that label fraction (with folds, a seed's value is its mean over folds); the

@@ -20,7 +20,7 @@ from dira3d.evaluation.stats import TESTS
 __all__ = ["REQUIRED", "KNOWN", "load_config"]
 
 REQUIRED = ("bundle", "datalist", "metric", "methods", "seeds", "label_fractions", "output_dir")
-KNOWN = REQUIRED + ("baseline", "test", "welch", "overrides", "pretrain", "folds")
+KNOWN = REQUIRED + ("baseline", "test", "welch", "overrides", "pretrain", "folds", "split_seed")
 
 
 def load_config(path: str | Path) -> dict:
@@ -56,6 +56,7 @@ def load_config(path: str | Path) -> dict:
     negative = [s for s in config["seeds"] if s < 0]
     if negative:  # else every run of the seed failed, one after the other, with numpy's 'expected non-negative integer'
         raise ValueError(f"seeds in {path} must be whole numbers >= 0, got {negative[0]!r}; e.g. seeds: [0, 1, 2]")
+    _check_split_seed(config, path)
     _check_folds(config, path)
     _check_types(config, path)
     _check_method_names(config, path)
@@ -98,6 +99,10 @@ def load_config(path: str | Path) -> dict:
                     + ([bundle_configs / "tiny.json"] if overrides.get("tiny") else []),
                     {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
     check_checkpoints_fit(config, path, bundle_configs, overrides)
+    if "split_seed" in config:  # else every run failed on the unknown setting (a bundle of one's own, or an older one)
+        check_overrides([bundle_configs / "train.json"], {"split_seed": config["split_seed"]},
+                        where=f"split_seed in {path} (bundle {config['bundle']!r} must draw its splits with a "
+                              "split_seed setting, as the task bundles' train.json does)")
     if "folds" in config:
         _check_fold_data(config, path, bundle_configs)
     if overrides.get("holdout") == "validation":  # else every run of the grid fails on it, one after the other
@@ -166,12 +171,13 @@ def _check_fractions_select_apart(config: Mapping[str, Any], path: Path) -> None
     keep 1, and as the subsets nest, their runs were the same runs, shown as two points of a label-efficiency curve."""
     from dira3d.data.datalist import read_datalist_json
     from dira3d.evaluation.datalists import select_fraction
+    from dira3d.evaluation.fraction_checks import split_seeds
 
     try:
         training = read_datalist_json(config["datalist"]).get("training") or []
         if not isinstance(training, list) or not training:
             return  # the runs refuse it, naming the datalist
-        kept = {float(f): [len(select_fraction(training, float(f), int(s))) for s in config["seeds"]]
+        kept = {float(f): [len(select_fraction(training, float(f), s)) for s in split_seeds(config)]
                 for f in config["label_fractions"]}
     except Exception:  # noqa: BLE001  (a datalist the runs refuse themselves, with their own error)
         return
@@ -231,7 +237,7 @@ def _check_method_names(config: dict, path: Path) -> None:
 
 # ids the grid sets for every run (and the config setting that gives them): in `overrides`, replaced without a word
 _GRID_SETS = {"datalist": "datalist", "pretrained": "methods", "label_fraction": "label_fractions", "seed": "seeds",
-              "output_dir": "output_dir", "bundle_root": "bundle", "ckpt_dir": "output_dir"}
+              "split_seed": "split_seed", "output_dir": "output_dir", "bundle_root": "bundle", "ckpt_dir": "output_dir"}
 # ids the experiment sets for each method's pretraining (bundles/dira_pretrain): a TypeError (bundle_root,
 # dataset_dir) or a checkpoint written outside <output_dir>/pretrain/<method>, which the runs then did not find
 _PRETRAIN_SETS = {"bundle_root": "output_dir", "dataset_dir": "pretrain: {dataset_dir: ...}", "ckpt_dir": "output_dir",
@@ -279,6 +285,19 @@ def _check_test(config: dict, path: Path) -> None:
     if config.get("welch") is True and test != "welch":
         raise ValueError(f"welch: true and test: {test} in {path} ask for two different t-tests; keep test: {test} and "
                          "remove welch (welch: true is the older spelling of test: welch)")
+
+
+def _check_split_seed(config: dict, path: Path) -> None:
+    """Check ``split_seed`` (the seed of every run's label subset and holdout): a whole number >= 0, as ``seeds``
+    (``split_seed: null`` is the same as none: each seed draws its own split)."""
+    if config.get("split_seed") is None:
+        config.pop("split_seed", None)
+        return
+    value = config["split_seed"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:  # int(0.5) would silently draw seed 0's
+        raise ValueError(f"split_seed in {path} must be a whole number >= 0 (the seed of the label subset and "
+                         f"early-stopping holdout of every run), got {value!r}; e.g. split_seed: 0, or leave split_seed "
+                         "out to draw each seed's own split")
 
 
 def _check_folds(config: dict, path: Path) -> None:

@@ -21,8 +21,8 @@ from dira3d.evaluation.experiment_pretrain import check_pretrain_settings, pretr
 from dira3d.evaluation.experiment_versions import versions_record, warn_rows_without_digests
 from dira3d.evaluation.split_ids import SPLITS_FILE, scored_split
 from dira3d.evaluation.results import (
-    DIGEST_FIELDS, FIELDS, FOLD_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings,
-    file_sha256, grid_cells, read_rows, row_key, seed_values, split_columns, write_report, write_rows,
+    DIGEST_FIELDS, check_checkpoints, check_fold_column, check_rows_match, check_run_settings, file_sha256, grid_cells,
+    read_rows, result_fields, row_key, seed_values, split_columns, write_report, write_rows,
 )  # fmt: skip
 
 __all__ = ["Runner", "ExperimentRunsFailed", "ExperimentBusy", "run_experiment"]
@@ -92,6 +92,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     rows = read_rows(csv_path)
     check_rows_match(rows, config, csv_path)
     check_fold_column(rows, config, csv_path)
+    _check_split_seed_column(rows, config, csv_path)
     check_run_settings(config, out, rows, versions=versions_record(config, out, rows))  # warns of a bundle upgrade
     fingerprints = check_checkpoints(config, out, rows)  # method: sha256 of its checkpoint file, now
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
@@ -102,10 +103,11 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     grid = grid_cells(config)
     clash = _split_clash(rows, set(grid), folded)
     if clash:
-        raise ValueError(f"{csv_path} holds runs of one label fraction and seed that drew different splits ({clash}): "
-                         "the datalist or dira3d's split rules changed between them (e.g. an upgrade; docs/finetuning.md, "
-                         "'Splits'), so they are no fair pair, and the table would compare them. Rerun the whole grid "
-                         "into another output_dir (or delete the rows of one side in results.csv to redo them)")
+        raise ValueError(f"{csv_path} holds runs of one label fraction and {_shared(config)} that drew different "
+                         f"splits ({clash}): the datalist or dira3d's split rules changed between them{_or_bundle(config)} "
+                         "(e.g. an upgrade; docs/finetuning.md, 'Splits'), so they are no fair pair, and the table would "
+                         "compare them. Rerun the whole grid into another output_dir (or delete the rows of one side in "
+                         "results.csv to redo them)")
     warn_rows_without_digests(rows, set(grid), folded, csv_path)
     todo = [key for key in grid if key not in done]
     log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
@@ -126,6 +128,8 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
                          output_dir=str(run_dir))
         if fold is not None:
             overrides["fold"] = fold
+        if "split_seed" in config:  # every run draws the same label subset and holdout; seed seeds its training alone
+            overrides["split_seed"] = config["split_seed"]
         run = _describe(method, fraction, seed, fold)
         start = time.perf_counter()
         try:
@@ -145,6 +149,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
         if method in fingerprints:
             _check_checkpoint_unchanged(method, checkpoint, fingerprints[method], run, out)
         row = {"method": method, "checkpoint": checkpoint, "label_fraction": fraction, "seed": seed,
+               **({"split_seed": config["split_seed"]} if "split_seed" in config else {}),
                **({} if fold is None else {"fold": fold}),
                "metric": config["metric"], "value": float(metrics[config["metric"]]),
                "seconds": round(time.perf_counter() - start, 2), "run_dir": str(run_dir),
@@ -153,12 +158,13 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
         row = {k: str(v) for k, v in row.items()}
         clash = _split_clash(rows + [row], set(grid), folded, new=row)
         if clash:  # every later run would clash too: stop, as for a checkpoint replaced mid-grid
-            raise ValueError(f"the run {run} drew another split than the runs of the same label fraction and seed in "
-                             f"{csv_path} ({clash}): the datalist or dira3d's split rules changed since they were made "
-                             "(e.g. an upgrade; docs/finetuning.md, 'Splits'), so they would be no fair pair; the run is "
-                             "not added, and the grid stops. Rerun the whole grid into another output_dir")
+            raise ValueError(f"the run {run} drew another split than the runs of the same label fraction and "
+                             f"{_shared(config)} in {csv_path} ({clash}): the datalist or dira3d's split rules changed "
+                             f"since they were made{_or_bundle(config)} (e.g. an upgrade; docs/finetuning.md, 'Splits'), so "
+                             "they would be no fair pair; the run is not added, and the grid stops. Rerun the whole grid "
+                             "into another output_dir")
         rows.append(row)
-        write_rows(csv_path, rows, FOLD_FIELDS if folded else FIELDS)  # one row per finished run: the resume point
+        write_rows(csv_path, rows, result_fields(config))  # one row per finished run: the resume point
         failures.done(row_key(rows[-1], folded))
         log(f"[{i}/{len(todo)}] {run}: {config['metric']}={value:.4f}")
         write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
@@ -214,24 +220,25 @@ class _Failures:
 
 
 # what results.csv knows of a run's split (split_columns): every method's run of one label fraction and seed (and fold)
-# draws the same split, so that they are pairs; a grid resumed across a change of the split rules (the rounding of
-# 2026-11-27) mixed runs of other subsets into one comparison without a word; the sizes see a change that moved the
+# draws the same split, so that they are pairs (with split_seed, every run of one label fraction (and fold), whatever
+# its seed, so that the spread over seeds is that of training alone); a grid resumed across a change of the split
+# rules (the rounding of 2026-11-27) mixed runs of other subsets into one comparison without a word; the sizes see a change that moved the
 # counts, the digests of the cases (split_ids) one that kept them (the nested label fractions of 2026-11-26)
 _SPLIT_COLUMNS = ("train_cases", "test_cases", "test_positive", *DIGEST_FIELDS)
 
 
 def _split_clash(rows: list[dict], grid: set, folded: bool, new: Mapping[str, str] | None = None) -> str | None:
-    """Two runs of the grid of one (label fraction, seed[, fold]) whose recorded splits differ, in words
+    """Two runs of the grid of one (label fraction, split seed[, fold]) whose recorded splits differ, in words
     (``dira labels=0.5 seed=1 has train_cases 43, random labels=0.5 seed=1 44``), else None; with ``new``,
-    only a clash of that row with the others. Columns not known (empty) are not compared."""
+    only a clash of that row with the others. A row's split seed is its ``split_seed`` (every seed of the grid
+    shares it), else its ``seed``. Columns not known (empty) are not compared."""
     groups: dict[tuple, list[Mapping[str, str]]] = {}
     for row in rows:
-        key = row_key(row, folded)
-        if key in grid:
-            groups.setdefault(key[1:], []).append(row)
+        if row_key(row, folded) in grid:
+            groups.setdefault(_split_group(row, folded), []).append(row)
     for row in [new] if new is not None else [r for group in groups.values() for r in group]:
-        for other in groups.get(row_key(row, folded)[1:], []):
-            if other["method"] == row["method"]:
+        for other in groups.get(_split_group(row, folded), []):
+            if row_key(other, folded) == row_key(row, folded):  # the run itself (or its row written twice)
                 continue
             for column in _SPLIT_COLUMNS:
                 mine, theirs = row.get(column) or "", other.get(column) or ""
@@ -242,6 +249,47 @@ def _split_clash(rows: list[dict], grid: set, folded: bool, new: Mapping[str, st
                     return (f"{_describe(*_run_of(row, folded))} has {column} {mine}, "
                             f"{_describe(*_run_of(other, folded))} {theirs}{where}")
     return None
+
+
+def _split_group(row: Mapping[str, str], folded: bool) -> tuple:
+    """``(label fraction, split seed[, fold])``: the runs that draw one split."""
+    key = row_key(row, folded)
+    return (key[1], int(row.get("split_seed") or key[2])) + key[3:]
+
+
+def _shared(config: Mapping[str, Any]) -> str:
+    """What the runs that must draw one split share, in words: ``seed``, or ``split_seed`` (every seed)."""
+    return f"split_seed ({config['split_seed']}, every seed)" if "split_seed" in config else "seed"
+
+
+def _or_bundle(config: Mapping[str, Any]) -> str:
+    """With ``split_seed``, the other cause of runs of other seeds that drew other splits: a bundle of one's own whose
+    ``load_split`` still draws with ``seed``."""
+    return ", or the bundle does not draw its splits with split_seed (load_split(..., seed=@split_seed))" \
+        if "split_seed" in config else ""
+
+
+def _check_split_seed_column(rows: list[dict], config: Mapping[str, Any], csv_path: Path) -> None:
+    """Refuse to add runs that share ``split_seed``'s split to a ``results.csv`` of runs that drew each seed's own
+    (no ``split_seed`` column), the other way round, and rows of another ``split_seed`` (also when
+    ``experiment.json``, which records it, is missing): one table would mix two kinds of spread over seeds."""
+    if not rows:
+        return
+    wanted = config.get("split_seed")
+    fix = "Use another output_dir, or {}; or delete results.csv to redo every run"
+    if ("split_seed" in rows[0]) != (wanted is not None):
+        if wanted is not None:
+            raise ValueError(f"{csv_path} holds runs that drew each seed's own label subset and holdout (no split_seed "
+                             f"column); adding runs that all draw split_seed {wanted}'s would mix two kinds of spread "
+                             "over seeds in one table. " + fix.format("remove split_seed from the config"))
+        raise ValueError(f"{csv_path} holds runs that all drew one split (a split_seed column), but the config has no "
+                         "split_seed, so its runs would draw each seed's own. " + fix.format("put split_seed back"))
+    if wanted is None:
+        return
+    other = sorted({str(r["split_seed"]) for r in rows if str(r["split_seed"]) != str(wanted)})
+    if other:
+        raise ValueError(f"{csv_path} holds runs drawn with split_seed {other[0]}, but the config gives split_seed "
+                         f"{wanted}, another label subset and holdout. " + fix.format(f"set split_seed: {other[0]}"))
 
 
 def _run_of(row: Mapping[str, str], folded: bool) -> tuple:

@@ -50,7 +50,8 @@ __all__ = ["BUNDLES", "BUNDLES_2D", "bundle_path", "tiny_settings", "run_finetun
 logger = logging.getLogger(__name__)
 
 # recorded in metrics.json with the values the run used, passed or default
-_RECORDED = ("datalist", "pretrained", "label_fraction", "holdout", "seed", "fold", "max_epochs", "learning_rate")
+_RECORDED = ("datalist", "pretrained", "label_fraction", "holdout", "seed", "split_seed", "fold", "max_epochs",
+             "learning_rate")
 
 
 def _workflow(configs: list[Path], meta: Path, overrides: dict[str, Any]):
@@ -230,6 +231,8 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
             check_labels(Path(datalist).resolve(), "train", _resolved(parser, "train#datalist"), kind)
         else:
             drawn = {key: parser.get_parsed_content(key) for key in ("label_fraction", "seed", "holdout") if key in parser}
+            if "split_seed" in parser:  # the seed of the label subset and holdout, as the task bundles' train.json
+                drawn["seed"] = parser.get_parsed_content("split_seed")
             load_split(datalist, "train", fold=fold, kind=kind, **drawn)
         if scored not in ("train", "holdout"):
             test = load_split(datalist, scored, fold=fold, kind=kind)
@@ -336,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset-dir", help="folder holding the prepared datalist")
     parser.add_argument("--pretrained", default=None, help="dira3d checkpoint to start from; empty = random initialisation")
     parser.add_argument("--label-fraction", type=float, default=None, help="share of the training labels used (seeded; the count is rounded to the nearest, a half up, at least one: 0.25 of 10 patients keeps 3)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the label subset, holdout and training")
+    parser.add_argument("--seed", type=int, default=None, help="seed of training (initialisation, augmentation, batch "
+                        "order) and, unless --split-seed is given, of the label subset and holdout")
+    parser.add_argument("--split-seed", "--split_seed", dest="split_seed", type=int, default=None,
+                        help="seed of the label subset and early-stopping holdout alone (default: --seed), e.g. to train "
+                        "several seeds on one labelled subset")
     parser.add_argument("--fold", type=int, default=None, help="test fold for cross-validation datalists (PE-CAD)")
     parser.add_argument("--output-dir", default=None, help="folder for the model, logs and metrics.json")
     parser.add_argument("--tiny", action="store_true", help="add the bundle's configs/tiny.json: tiny network, 2 (2D) or 3 (3D) epochs (smoke test)")
@@ -346,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides: dict[str, Any] = {}
-    for name in ("datalist", "pretrained", "label_fraction", "seed", "fold"):
+    for name in ("datalist", "pretrained", "label_fraction", "seed", "split_seed", "fold"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

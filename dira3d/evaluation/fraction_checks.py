@@ -6,8 +6,9 @@ train.json). On a small labelled set a small fraction keeps one patient, and the
 one to train on); on a classification datalist the holdout may hold one class only, where its AUC is undefined
 (:func:`~dira3d.evaluation.split_checks.check_auc_defined`). Each run of such a fraction was refused at its start
 and the grid listed every one as failed. :func:`check_fractions_trainable` draws the same splits, with the same
-functions and the bundle's ``holdout`` and ``fold``, for every (fraction, seed[, fold]) of the config, so that it
-refuses exactly what the runs would.
+functions and the bundle's ``holdout`` and ``fold``, for every (fraction, seed[, fold]) of the config (with
+``split_seed``, for that one seed: every run draws its split with it, :func:`split_seeds`), so that it refuses exactly
+what the runs would.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["split_settings", "check_fractions_trainable"]
+__all__ = ["split_settings", "split_seeds", "check_fractions_trainable"]
+
+
+def split_seeds(config: Mapping[str, Any]) -> list[int]:
+    """The seeds the grid's runs draw their label subsets and holdouts with: the config's ``split_seed`` alone when
+    it has one (every run shares its split), else each of its ``seeds``."""
+    if config.get("split_seed") is not None:
+        return [int(config["split_seed"])]
+    return [int(s) for s in config["seeds"]]
 
 
 def split_settings(bundle_configs: Path, overrides: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -81,10 +90,11 @@ def check_fractions_trainable(config: Mapping[str, Any], path: Path, holdout: An
             return
         where = f" (fold {test_fold} tested)" if folded else ""
         for fraction in sorted(config["label_fractions"], key=float):
-            for seed in config["seeds"]:
+            for seed in split_seeds(config):
+                named = f"split_seed {seed}" if config.get("split_seed") is not None else f"seed {seed}"
                 try:
-                    chosen = select_fraction(entries, float(fraction), int(seed))
-                    _, held = holdout_by_patient(chosen, float(holdout), int(seed))
+                    chosen = select_fraction(entries, float(fraction), seed)
+                    _, held = holdout_by_patient(chosen, float(holdout), seed)
                 except Exception:  # noqa: BLE001  (entries the runs refuse themselves, e.g. without a case_id)
                     return
                 if not held:
@@ -95,12 +105,12 @@ def check_fractions_trainable(config: Mapping[str, Any], path: Path, holdout: An
                             "'validation' list (overrides: {holdout: validation})")
                     raise ValueError(
                         f"label_fractions in {path}: {fraction:g} keeps {kept} of the {total} training patient(s) of "
-                        f"datalist {datalist} with seed {seed}{where}, and the early-stopping holdout needs at least 2 "
+                        f"datalist {datalist} with {named}{where}, and the early-stopping holdout needs at least 2 "
                         f"(one held out, one to train on), so each run of {fraction:g} would fail at its start; {todo}")
                 settings = f"label_fraction={fraction:g}, seed={seed}, holdout={holdout}, fold={test_fold}"
                 try:
                     with experiment_settings():
                         check_auc_defined(datalist, "holdout", held, chosen, settings=settings)
                 except ValueError as err:
-                    raise ValueError(f"label_fractions in {path}: {fraction:g} with seed {seed}{where} cannot be "
+                    raise ValueError(f"label_fractions in {path}: {fraction:g} with {named}{where} cannot be "
                                      f"trained, each of its runs would fail at its start: {err}") from None

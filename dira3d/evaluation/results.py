@@ -25,11 +25,18 @@ from dira3d.utils.files import FileContentError, read_json, read_text
 __all__ = [
     "FIELDS", "FOLD_FIELDS", "SPLIT_FIELDS", "DIGEST_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells",
     "row_key", "read_rows", "write_rows", "split_columns", "check_rows_match", "check_fold_column", "check_run_settings", "check_checkpoints",
-    "seed_values", "write_report", "chosen_test", "metric_figure", "ablation_figure", "file_sha256",
+    "seed_values", "write_report", "chosen_test", "metric_figure", "ablation_figure", "file_sha256", "result_fields",
 ]
 
 FIELDS = ["method", "checkpoint", "label_fraction", "seed", "metric", "value", "seconds", "run_dir"] + SPLIT_FIELDS
 FOLD_FIELDS = FIELDS[:4] + ["fold"] + FIELDS[4:]  # results.csv of a config with folds
+
+
+def result_fields(config: Mapping[str, Any]) -> list[str]:
+    """The columns of ``results.csv``: :data:`FIELDS`, with ``split_seed`` after ``seed`` when the config has one
+    (and ``fold`` after them with folds, :data:`FOLD_FIELDS`)."""
+    fields = FOLD_FIELDS if "folds" in config else FIELDS
+    return fields[:4] + ["split_seed"] + fields[4:] if "split_seed" in config else list(fields)
 # what makes one fine-tuning row comparable with another: a change would mix two protocols in one table
 RUN_SETTINGS = ("bundle", "datalist", "metric", "overrides")
 RUN_SETTINGS_NAME = "experiment.json"  # in output_dir
@@ -42,7 +49,8 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict],
     """Refuse to add runs to (and report together with) rows made with other fine-tuning settings;
     record the settings otherwise, with ``versions`` (:func:`dira3d.evaluation.experiment_versions.versions_record`:
     written, not compared)."""
-    recorded = RUN_SETTINGS + (("folds",) if "folds" in config else ())  # no folds: experiment.json as before them
+    # no folds (split_seed): experiment.json as before them
+    recorded = RUN_SETTINGS + tuple(k for k in ("folds", "split_seed") if k in config)
     settings = json.loads(json.dumps({k: config.get(k) for k in recorded}, default=str))
     datalist = Path(str(config["datalist"]))
     if datalist.is_file():  # its content: a datalist prepared again at the same path (more scans) has other splits
@@ -68,7 +76,7 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict],
                              "table. Use another output_dir, or put the earlier datalist back (or delete results.csv to "
                              "redo every run)")
         if old != compared:
-            changed = [k for k in RUN_SETTINGS + ("folds",) if k != "overrides" and old.get(k) != settings.get(k)]
+            changed = [k for k in RUN_SETTINGS + ("folds", "split_seed") if k != "overrides" and old.get(k) != settings.get(k)]
             before, now = old.get("overrides") or {}, settings["overrides"] or {}
             changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
             raise ValueError(f"{out / 'results.csv'} holds runs made with other fine-tuning settings ({', '.join(changed)} "
@@ -260,9 +268,10 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
         counts = sorted({c.pairs for c in cells if c.pairs is not None})
         pairs = "no pairs yet" if not counts else (f"{counts[0]} pair{'s' if counts[0] != 1 else ''}" if len(counts) == 1
                                                    else f"{counts[0]} to {counts[-1]} pairs")
+        same = ("the same training seed; every seed the same split" if "split_seed" in config
+                else "the same label subset, holdout and split")
         note = (f"\n\nmean ± sample std over {over}, ×100; p: paired t-test against `{config['baseline']}` at the same "
-                f"label fraction, over the seeds both have ({pairs}; a seed gives both the same label subset, holdout "
-                "and split)")
+                f"label fraction, over the seeds both have ({pairs}; a seed gives both {same})")
     else:
         name = "Welch's" if test == "welch" else "Student's"
         note = (f"\n\nmean ± sample std over {over}, ×100; p: independent two-sample {name} t-test against "
@@ -276,6 +285,10 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
                  if test == "paired" else
                  "; p n/a: the test is undefined there (fewer than 2 seeds on a side, or one value in every seed of both)")
     note += ".\n"
+    if "split_seed" in config:  # the spread is over initialisations only, not over which cases were labelled
+        note += (f"\nEvery run drew its label subset and early-stopping holdout with split_seed {config['split_seed']}: "
+                 "the spread over seeds, the intervals and the t-tests measure the variance of training (initialisation, "
+                 "augmentation, batch order) on that one subset, not that of which cases were labelled.\n")
     intervals = markdown_ci_table(cells, metric.upper(), method_order=list(config["methods"]))
     note += (f"\n{intervals}\n\n95 % CI: t-based confidence interval of the mean over the seeds (mean ± t(0.975, n−1) × "
              "std / √n, ×100; it says how precisely the seeds pin the mean, not where one run falls); n/a: one seed.\n")
