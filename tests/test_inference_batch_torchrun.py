@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the ranks (RANK set; not torchrun's own process) fail writing the mask of the input FAIL_WRITE names, or every mask
 # of rank N with FAIL_WRITE=rankN, with an I/O error (an input's own failure: the batch goes on); the model run on the
 # input FAIL_MODEL names fails (out of GPU memory: that input's own failure), and on the one FAIL_DISK names with a full
-# disk (its rank's share stops)
+# disk (its rank's share stops); with MARKS (a folder), the run on an input that STALL names (a comma-separated list)
+# leaves MARKS/<name>.started and waits 60 s in it (for the test's signal), and each rank leaves MARKS/rank<RANK>.exit
+# holding the status that monai.bundle's run ends it with
 SITECUSTOMIZE = textwrap.dedent('''
     import errno, os
     if (os.environ.get("FAIL_MODEL") or os.environ.get("FAIL_DISK")) and "RANK" in os.environ:
@@ -67,13 +69,48 @@ SITECUSTOMIZE = textwrap.dedent('''
             return saved(self, img, meta_data, filename)
 
         outputs._GuardedSaveImage.__call__ = call
+    if os.environ.get("STALL") and "RANK" in os.environ:
+        import time
+        from monai.engines import SupervisedEvaluator
+
+        stalled = SupervisedEvaluator._iteration
+
+        def waits(self, engine, batchdata):
+            names = {os.path.basename(str(f)) for f in batchdata["image"].meta["filename_or_obj"]}
+            for name in names & set(os.environ["STALL"].split(",")):
+                open(os.path.join(os.environ["MARKS"], name + ".started"), "w").close()
+                time.sleep(60)
+            return stalled(self, engine, batchdata)
+
+        SupervisedEvaluator._iteration = waits
+    if os.environ.get("MARKS") and "RANK" in os.environ:
+        import functools
+        from monai.bundle import scripts
+
+        run = scripts.run
+
+        @functools.wraps(run)
+        def recorded(*args, **kwargs):
+            code = "an error"
+            try:
+                run(*args, **kwargs)
+                code = 0
+            except SystemExit as err:
+                code = err.code
+                raise
+            finally:
+                with open(os.path.join(os.environ["MARKS"], "rank" + os.environ["RANK"] + ".exit"), "w") as f:
+                    f.write(str(code))
+
+        scripts.run = recorded
 ''')
 
 
-def _torchrun(tmp_path: Path, scans: list[Path], out: Path, fail: str = "", bundle: str = BUNDLE, fail_model: str = "",
-              fail_disk: str = ""):
-    """``torchrun --nproc_per_node=2 -m monai.bundle run`` of the bundle's inference.json on ``scans`` into ``out`` (a
-    classification bundle: into ``out/prob.json``)."""
+def torchrun_command(tmp_path: Path, scans: list[Path], out: Path, bundle: str = BUNDLE, **faults: str
+                     ) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of ``torchrun --nproc_per_node=2 -m monai.bundle run`` of the bundle's inference.json
+    on ``scans`` into ``out`` (a classification bundle: into ``out/prob.json``), with ``faults``
+    (:data:`SITECUSTOMIZE`'s variables: ``FAIL_WRITE="c.nii.gz"``, ``STALL=...``, ...)."""
     models, _, _ = _models(tmp_path, bundle)
     datalist = tmp_path / "scans.json"
     datalist.write_text(json.dumps([{"image": str(p)} for p in scans]))
@@ -86,9 +123,17 @@ def _torchrun(tmp_path: Path, scans: list[Path], out: Path, fail: str = "", bund
            "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf"),
            "--bundle_root", str(configs.parent), "--ckpt_dir", str(models), "--datalist", str(datalist),
            *target, *[a for k, v in settings.items() for a in (f"--{k}", json.dumps(v))]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAIL_WRITE": fail, "FAIL_MODEL": fail_model, "FAIL_DISK": fail_disk,
-           "DIRA3D_ALL_TRACEBACKS": "",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAIL_WRITE": "", "FAIL_MODEL": "", "FAIL_DISK": "", "STALL": "",
+           "MARKS": "", **faults, "DIRA3D_ALL_TRACEBACKS": "",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), str(ROOT / "tests")])}
+    return cmd, env
+
+
+def _torchrun(tmp_path: Path, scans: list[Path], out: Path, fail: str = "", bundle: str = BUNDLE, fail_model: str = "",
+              fail_disk: str = ""):
+    """Run :func:`torchrun_command` to its end: ``(the process, its output)``."""
+    cmd, env = torchrun_command(tmp_path, scans, out, bundle, FAIL_WRITE=fail, FAIL_MODEL=fail_model,
+                                FAIL_DISK=fail_disk)
     proc = run_torchrun_command(cmd, cwd=tmp_path, env=env, timeout=150)
     return proc, proc.stdout + proc.stderr
 
@@ -115,8 +160,12 @@ def test_two_ranks_split_a_batch_write_what_one_process_writes_and_a_rerun_repor
     for mask in masks:
         (ours, affine), (theirs, their_affine) = _voxels(out / mask), _voxels(one / mask)
         assert np.array_equal(ours, theirs) and np.array_equal(affine, their_affine), mask
-    # each input run once, by one rank: rank 0 took a, c, e and rank 1 b, d (one "writing:" line per mask)
+    # each input run once, by one rank: rank 0 took a, c, e and rank 1 b, d (one "writing:" line per mask, naming its
+    # rank: the ranks log into the one console)
     assert sorted(re.findall(r"writing: \S+/(\w)_seg\.nii\.gz", log)) == names, log[-3000:]
+    ranks = re.findall(r" - INFO - \[rank (\d)/2\] writing: \S+/(\w)_seg\.nii\.gz\n", log)
+    assert sorted(ranks, key=lambda pair: pair[1]) == [("0", "a"), ("1", "b"), ("0", "c"), ("1", "d"), ("0", "e")], \
+        log[-3000:]
     report = _report(out)
     assert report["summary"] == {"inputs": 5, "written": 5, "left out": 0, "failed": 0, "not run": 0}
     assert [(r["image"], r["status"], r["output"]) for r in report["inputs"]] == [
@@ -332,11 +381,14 @@ def test_rank_0_failing_to_write_the_one_file_writes_the_report_saying_so_and_ra
 def test_under_torchrun_the_writer_keeps_its_rows_for_the_batch_and_one_without_the_batch_is_refused(monkeypatch, tmp_path):
     """Linked to the batch (the bundles' batch=@inference_batch), a rank's writer writes nothing when its share ends:
     rank 0 writes every rank's rows. One not linked would write the file with its rank's share on every rank: refused
-    when the run starts, in one line saying what to do."""
+    when the run starts, in one line naming the setting and saying what to do: a user's error (DataError), which
+    ``python -m monai.bundle run`` ends with in one ``error:`` line (it was a RuntimeError: rank 0's traceback)."""
     from types import SimpleNamespace
 
+    from dira3d.data.errors import DataError
     from dira3d.engines import distributed
     from dira3d.evaluation import ProbabilityWriter
+    from dira3d.utils.bundle_errors import user_error_in
 
     target = tmp_path / "prob.json"
     batch = SimpleNamespace(world=2, writer=None)
@@ -349,11 +401,15 @@ def test_under_torchrun_the_writer_keeps_its_rows_for_the_batch_and_one_without_
     writer._write(None)
     assert json.loads(target.read_text())["predictions"] == [_probability("a")]
     monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises(DataError) as raised:
         ProbabilityWriter(target, ["nodule"])._reset(None)
+    wrapped = RuntimeError("Failed to evaluate ConfigExpression")  # as MONAI wraps it: found behind, one line
+    wrapped.__cause__ = raised.value
+    assert user_error_in(wrapped) is raised.value
     message = str(raised.value)
-    assert "\n" not in message and f"ProbabilityWriter of {target} under torchrun without the run's InferenceBatch" in message
-    assert '"batch": "@inference_batch"' in message
+    assert "\n" not in message and message.startswith(
+        f'the ProbabilityWriter of {target} has no "batch" setting: under torchrun each of the 2 processes would write')
+    assert 'give the writer "batch": "@inference_batch" in inference.json' in message and "without torchrun" in message
 
 
 def test_a_rank_gone_before_the_gather_leaves_the_others_reporting_their_own_inputs(monkeypatch, caplog):
@@ -371,10 +427,19 @@ def test_a_rank_gone_before_the_gather_leaves_the_others_reporting_their_own_inp
     assert merged[1]["reason"] == f"the batch stopped before it: {stopped}"
     assert [r.getMessage() for r in caplog.records] == [
         f"rank 0: {stopped}; the report holds this rank's inputs only (see each rank's log)"]
+    # another rank writes no report: its line says where its inputs stand (it said the report held them)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="dira3d.evaluation.batch_ranks"):
+        gather_rows(rows, [1], None, True, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"rank 1: {stopped}; rank 0's report, if it writes one, has this rank's inputs as not run (this log names each "
+        "one written)"]
 
 
 @pytest.mark.parametrize("world", ["1", "", None])
 def test_one_process_forms_no_process_group_and_runs_every_input(monkeypatch, world):
+    import logging
+
     import torch.distributed as dist
 
     from dira3d.evaluation import InferenceBatch
@@ -383,8 +448,10 @@ def test_one_process_forms_no_process_group_and_runs_every_input(monkeypatch, wo
         monkeypatch.delenv("WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("WORLD_SIZE", world)
+    factory = logging.getLogRecordFactory()
     batch = InferenceBatch([{"image": "a.nii.gz"}, {"image": "b.nii.gz"}, {"image": "c.nii.gz"}])
     assert (batch.rank, batch.world) == (0, 1) and not dist.is_initialized()
+    assert logging.getLogRecordFactory() is factory  # its log lines are as before: no rank in them
 
 
 @pytest.mark.parametrize("world", ["2", "8"])

@@ -49,7 +49,7 @@ from typing import Any
 from dira3d.evaluation.batch_datalist import batch_entries
 from dira3d.evaluation.batch_failures import (failure_key, failure_reason, file_state, release_gpu_memory, split_batch,
                                               stops_batch)
-from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share, write_gathered
+from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share, stop_note, write_gathered
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
@@ -303,21 +303,18 @@ class InferenceBatch:
         return code
 
     def _stop_on_signal(self, err: KeyboardInterrupt, when: str) -> None:
-        """After Ctrl-C or SIGTERM: write the report, log one line on what was written and how to go on, and under
-        ``python -m monai.bundle run`` exit with 130 / 143 (``SystemExit``) instead of the interrupt's traceback
-        (called in-process, the caller re-raises the interrupt)."""
+        """After Ctrl-C or SIGTERM: write the report, log one line on what was written and how to go on (under torchrun
+        each rank its own, :func:`stop_note`), and under ``python -m monai.bundle run`` exit with 130 / 143
+        (``SystemExit``) instead of the interrupt's traceback (in-process, the caller re-raises the interrupt)."""
         from dira3d.utils.bundle_errors import run_by_monai_bundle_command
         from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word
 
         self.stopped = failure_reason(err) + (f" {when}" if when else "")
         self._finish(completed=False)
-        kept = (f"nothing was written to {self.output_path} (written when the run ends)" if self.output_path is not None
-                else f"the {self._written} prediction(s) written are kept, each whole")  # written atomically
-        if self.rank == 0:  # (under torchrun, of every rank)
-            logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}"
-                           + (f"; report: {self.report_path}" if self.report_path is not None and self.several else "")
-                           + "; run the same command again for every input (it replaces dira3d's own earlier "
-                           "predictions)")
+        kept = stop_note(self.rank, self.world, self.output_path, (self._written, len(self.done)),
+                         self.report_path if self.several else None)  # under torchrun, true for this rank
+        logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}; run the same command "
+                       "again for every input (it replaces dira3d's own earlier predictions)")
         if run_by_monai_bundle_command():
             raise SystemExit(interrupt_exit_code(err)) from None
 

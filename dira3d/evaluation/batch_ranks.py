@@ -25,8 +25,16 @@ keeps its rows instead of writing them, they travel in the same ``all_gather_obj
 in datalist order (:func:`gather_rows`, :func:`write_gathered`), as one process would have written it. A rank that
 stopped hands over no rows (as in one process, where a stopped batch writes no file): its inputs are ``failed`` or
 ``not run`` in the report with the reason, the others' are in the file; when no rank completed its share, no file is
-written. A writer not linked to the batch is refused under ``torchrun`` when the run starts (each rank would write
-the file with its own share).
+written. A writer not linked to the batch is refused under ``torchrun`` when the run starts, in one ``error:`` line
+naming its ``batch`` setting (each rank would write the file with its own share).
+
+Under ``torchrun`` every rank logs its own lines (``writing: ...``, ``failed: ...``) into the one console: once the
+ranks have joined, each line a rank logs starts with ``[rank r/W]`` (:func:`prefix_rank_logs`, put in the message, so
+a ``logging.conf`` of one's own keeps its format); one process logs as before. After Ctrl-C or SIGTERM (``kill`` of
+the ``torchrun`` process, which sends SIGTERM to every rank, or Slurm's, which every process of the job step gets)
+each rank writes what it holds as above and says what it kept (:func:`stop_note`): rank 0 the report and what the
+one output file holds, another rank its own predictions, or that its rows are not in the file rank 0 writes. Each
+rank exits 143 (130 for Ctrl-C); ``torchrun`` itself ends with its own error (``SignalException``, exit 1).
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ import os
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["WAIT_FOR_RANKS", "gather_rows", "join_ranks", "leave_ranks", "rank_share", "write_gathered"]
+__all__ = ["WAIT_FOR_RANKS", "gather_rows", "join_ranks", "leave_ranks", "prefix_rank_logs", "rank_share", "stop_note",
+           "write_gathered"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +60,7 @@ def _world() -> int:
 def join_ranks() -> tuple[int, int, bool]:
     """``(rank, world size, joined)``: ``(0, 1, False)`` in one process; under ``torchrun`` (``WORLD_SIZE`` above 1) the
     process group ``torchrun`` describes (gloo, :data:`WAIT_FOR_RANKS`), ``joined`` when this call formed it (then
-    :func:`leave_ranks` ends it).
+    :func:`leave_ranks` ends it); from then on the process's log lines name its rank (:func:`prefix_rank_logs`).
 
     Raises:
         RuntimeError: ``WORLD_SIZE`` is above 1 without ``MASTER_ADDR`` (not ``torchrun``).
@@ -67,7 +76,39 @@ def join_ranks() -> tuple[int, int, bool]:
     if not init_distributed("gloo", timeout=WAIT_FOR_RANKS):
         raise RuntimeError(f"WORLD_SIZE={world} but no MASTER_ADDR in the environment: run the batch under torchrun, "
                            "or unset WORLD_SIZE to run it in one process")
-    return dist.get_rank(), dist.get_world_size(), not formed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    prefix_rank_logs(rank, world)
+    return rank, world, not formed
+
+
+class _RankPrefix:
+    """A ``logging`` record factory: the record the one before it makes, its message prefixed with ``[rank r/W]``."""
+
+    def __init__(self, previous: Any, prefix: str) -> None:
+        self.previous, self.prefix = previous, prefix
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format or argument: left as it is, for logging to report as usual
+            return record
+        record.msg, record.args = f"{self.prefix} {message}", ()
+        return record
+
+
+def prefix_rank_logs(rank: int, world: int) -> None:
+    """From now on, every log record this process makes starts its message with ``[rank r/W]`` (``[rank 1/2] writing:
+    ...``): under ``torchrun`` the ranks log into the one console, and their lines could not be told apart. Set as
+    ``logging``'s record factory, so every logger and handler has it, the bundle's ``logging.conf`` included (its format
+    is kept: the prefix is the message's); for the process's life (the lines after the ranks have left the group, a
+    stop's line, are a rank's too); a second call changes the prefix, not adds one; nothing in one process (``world``
+    1)."""
+    if world < 2:
+        return
+    factory = logging.getLogRecordFactory()
+    previous = factory.previous if isinstance(factory, _RankPrefix) else factory
+    logging.setLogRecordFactory(_RankPrefix(previous, f"[rank {rank}/{world}]"))
 
 
 def leave_ranks(joined: bool) -> None:
@@ -112,7 +153,10 @@ def gather_rows(rows: list[dict], share: list[int], stopped: str | None, complet
         from dira3d.evaluation.batch_failures import failure_reason
 
         reason = f"the ranks' records could not be gathered: {failure_reason(err)}"
-        logger.error(f"rank {rank}: {reason}; the report holds this rank's inputs only (see each rank's log)")
+        where = ("the report holds this rank's inputs only (see each rank's log)" if rank == 0 else
+                 "rank 0's report, if it writes one, has this rank's inputs as not run (this log names each one "
+                 "written)")
+        logger.error(f"rank {rank}: {reason}; {where}")
         gathered = [(mine, f"{stopped}; {reason}" if stopped else reason, False, held)]
     merged: dict[int, dict] = {}
     reasons: dict[int, str] = {}
@@ -156,3 +200,28 @@ def write_gathered(writer: Any, predictions: list[dict], rows: list[dict]) -> Ba
                 row.update(status="failed", reason=reason)
         return err
     return None
+
+
+def stop_note(rank: int, world: int, output_path: Any, written: tuple[int, int], report_path: Any) -> str:
+    """What the line after Ctrl-C / SIGTERM says was kept, true for the rank that logs it (``written``: the inputs
+    written of every rank, after the gather, and of this rank's share): one process (``world`` 1) and rank 0 keep the
+    predictions written, or say what the one ``output_path`` holds, and name the report they wrote (``report_path``;
+    None: none); another rank keeps its own predictions, and never writes ``output_path`` (rank 0 does, without this
+    rank's rows: a stopped rank hands over none) nor the report."""
+    every, mine = written
+    if world < 2:
+        kept = (f"nothing was written to {output_path} (written when the run ends)" if output_path is not None
+                else f"the {every} prediction(s) written are kept, each whole")  # written atomically
+    elif rank == 0:
+        kept = (f"the {every} prediction(s) written are kept, each whole" if output_path is None
+                else f"{output_path} holds the rows of the {every} input(s) written by the ranks that completed their "
+                     "share, none of this rank's" if every
+                else f"no input's row was written to {output_path} (a rank's rows are written when its share "
+                     "completes)")
+    else:
+        kept = (f"this rank's {mine} prediction(s) written are kept, each whole" if output_path is None
+                else f"this rank's rows are not in {output_path}: rank 0 writes it with the rows of the ranks that "
+                     "completed their share (the report has this rank's inputs as failed or not run)")
+    if report_path is None:
+        return kept
+    return f"{kept}; report: {report_path}" + (" (rank 0 writes it)" if rank else "")

@@ -149,7 +149,8 @@ class ProbabilityWriter:
 
     Raises:
         FileExistsError: (when the run starts) ``output_path`` holds a file dira3d did not write.
-        RuntimeError: (when the run starts) under ``torchrun`` without ``batch``.
+        DataError: (when the run starts) under ``torchrun`` without ``batch``: one ``error:`` line under ``python -m
+            monai.bundle run`` (:mod:`dira3d.utils.bundle_errors`), not a traceback.
     """
 
     def __init__(self, output_path: str | os.PathLike, class_names: list[str] | None = None, output_transform: Callable = _default_output,
@@ -180,11 +181,14 @@ class ProbabilityWriter:
     def _reset(self, engine: Workflow) -> None:
         from dira3d.engines.distributed import get_world_size
 
-        if self.batch is None and get_world_size() > 1:
-            raise RuntimeError(
-                f"ProbabilityWriter of {self.output_path} under torchrun without the run's InferenceBatch: each of the "
-                f"{get_world_size()} processes would write the file with its own share of the inputs; give it "
-                "\"batch\": \"@inference_batch\" in inference.json (as the bundles do), or run without torchrun")
+        if self.batch is None and get_world_size() > 1:  # a setting: one error line under monai.bundle run
+            from dira3d.data.errors import DataError
+
+            raise DataError(None, f"the ProbabilityWriter of {self.output_path} has no \"batch\" setting: under "
+                            f"torchrun each of the {get_world_size()} processes would write the file with its own "
+                            "share of the inputs; give the writer \"batch\": \"@inference_batch\" in inference.json "
+                            "(as the bundles do: every rank's rows reach rank 0, which writes the one file), or run "
+                            "without torchrun")
         self._check()
         self.rows = []
 

@@ -1,0 +1,177 @@
+"""A batch inference under ``torchrun`` stopped by SIGTERM, and what each rank says (session 25).
+
+``kill <torchrun pid>`` sends SIGTERM to every rank (Slurm's ``scancel`` sends it to every process of the job step):
+each rank keeps the predictions it wrote, rank 0 writes the report of every input, and every rank says what it kept.
+The line after the signal was rank 0's alone, and said "nothing was written to <prob.json>" even when rank 0 then wrote
+the other ranks' rows there; the ranks' per-input lines (``writing: ...``) could not be told apart in the one console.
+A real 2-rank gloo ``torchrun`` on CPU (``tests/test_inference_batch_torchrun.py``'s tiny network and faults), and the
+lines of rank 0 and of rank 1 with the gather faked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from conftest import kill_process_tree
+from dira3d.evaluation.outputs import is_own_prediction
+from test_inference_batch import _report, _scans
+from test_inference_batch_torchrun import torchrun_command
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore"),
+              pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="a hung run is killed through /proc (Linux)")]
+
+AGAIN = "run the same command again for every input (it replaces dira3d's own earlier predictions)"
+
+
+def test_sigterm_to_torchrun_mid_batch_ends_every_rank_with_the_report_of_what_was_written(tmp_path):
+    """Rank 0 wrote a and waits in c, rank 1 wrote b and waits in d, when torchrun gets SIGTERM: it sends SIGTERM to
+    both ranks, each ends its share, rank 0 writes the report (a and b written, the others not run), each rank says what
+    it kept in its one line, naming its rank, and exits 143 (as one process does), within seconds; no file is left
+    half-written. torchrun itself ends with its own error (SignalException: exit 1)."""
+    scans = _scans(tmp_path, ["a", "b", "c", "d", "e"])
+    out, marks = tmp_path / "out", tmp_path / "marks"
+    marks.mkdir()
+    cmd, env = torchrun_command(tmp_path, scans, out, STALL="c.nii.gz,d.nii.gz", MARKS=str(marks))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        while not ((marks / "c.nii.gz.started").exists() and (marks / "d.nii.gz.started").exists()):
+            assert proc.poll() is None and time.monotonic() - started < 90, "the ranks did not reach c and d"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # `kill <torchrun pid>`
+        stdout, stderr = proc.communicate(timeout=60)  # no rank waits for ever (each sleeps 60 s in its input)
+    except subprocess.TimeoutExpired:
+        kill_process_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"a rank did not end after SIGTERM:\n{(stdout + stderr)[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            kill_process_tree(proc.pid)
+            proc.communicate()
+    log = stdout + stderr
+    assert proc.returncode == 1 and "SignalException: Process" in log, log[-3000:]  # torchrun's own
+    assert [(marks / f"rank{r}.exit").read_text() for r in (0, 1)] == ["143", "143"], log[-3000:]
+    assert "[rank0]:" not in log and "[rank1]:" not in log, log[-3000:]  # no rank's traceback
+    report_path = out / "inference_report.json"
+    assert is_own_prediction(report_path)
+    report = _report(out)
+    assert [r["status"] for r in report["inputs"]] == ["written", "written", "not run", "not run", "not run"]
+    assert report["exit_status"] is None and report["stopped"] == "stopped by SIGTERM"
+    assert sorted(os.listdir(out)) == ["a_seg.nii.gz", "b_seg.nii.gz", "inference_report.json"]  # no temporary
+    for mask in ("a_seg.nii.gz", "b_seg.nii.gz"):
+        assert is_own_prediction(out / mask) and nib.load(str(out / mask)).get_fdata().shape, mask
+    assert log.count("inference stopped by SIGTERM;") == 2, log[-3000:]
+    assert (f" - WARNING - [rank 0/2] inference stopped by SIGTERM; the 2 prediction(s) written are kept, each whole; "
+            f"report: {report_path}; {AGAIN}\n") in log, log[-3000:]
+    assert (f" - WARNING - [rank 1/2] inference stopped by SIGTERM; this rank's 1 prediction(s) written are kept, each "
+            f"whole; report: {report_path} (rank 0 writes it); {AGAIN}\n") in log, log[-3000:]
+
+
+# --- without torchrun --------------------------------------------------------------------------------------------------
+
+def test_a_ranks_log_lines_name_it_and_one_process_keeps_its_own(caplog):
+    from dira3d.evaluation.batch_ranks import prefix_rank_logs
+
+    before = logging.getLogRecordFactory()
+    log = logging.getLogger("dira3d.evaluation.outputs")
+    try:
+        prefix_rank_logs(0, 1)  # one process: nothing
+        assert logging.getLogRecordFactory() is before
+        with caplog.at_level(logging.INFO, logger="dira3d.evaluation.outputs"):
+            prefix_rank_logs(1, 2)
+            log.info("writing: %s", "/out/b_seg.nii.gz")
+            prefix_rank_logs(1, 2)  # a second batch in the same process: one prefix, not two
+            log.warning("failed: %s: %d", "/in/d.nii.gz", 5)
+        assert [r.getMessage() for r in caplog.records] == [
+            "[rank 1/2] writing: /out/b_seg.nii.gz", "[rank 1/2] failed: /in/d.nii.gz: 5"]
+        # a call whose arguments do not fit its message: the record is left as it is, for logging to report as usual
+        record = logging.getLogRecordFactory()("x", logging.INFO, "x.py", 1, "100%% %s", ("a", "b"), None)
+        assert (record.msg, record.args) == ("100%% %s", ("a", "b"))
+    finally:
+        logging.setLogRecordFactory(before)
+
+
+def _stopped_rank(monkeypatch, tmp_path, rank: int, theirs: tuple):
+    """Rank ``rank`` of 2 of a batch of inputs a and b into one prob.json (the gather faked: the other rank's record is
+    ``theirs``), stopped by SIGTERM while its model runs; ``(the batch, prob.json, the report)``."""
+    import torch.distributed as dist
+
+    import dira3d.evaluation.batch as batch_module
+    from dira3d.evaluation import InferenceBatch, ProbabilityWriter
+    from dira3d.utils.interrupts import TerminatedBySignal
+
+    monkeypatch.setattr(batch_module, "join_ranks", lambda: (rank, 2, False))
+
+    def all_gather_object(gathered, mine):
+        gathered[:] = [mine, theirs] if rank == 0 else [theirs, mine]
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    target, report = tmp_path / "prob.json", tmp_path / "report.json"
+    batch = InferenceBatch([{"image": "a.nii.gz"}, {"image": "b.nii.gz"}], report_path=report, output_path=target)
+    ProbabilityWriter(target, ["nodule"], batch=batch)
+
+    def run():
+        raise TerminatedBySignal()
+
+    with pytest.raises(TerminatedBySignal):
+        batch.run(type("Evaluator", (), {"run": lambda self: run()})())
+    return batch, target, report
+
+
+def _stop_line(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if "inference stopped by SIGTERM" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    return lines[0]
+
+
+def test_rank_0_stopped_while_another_rank_completed_says_what_the_one_file_holds(monkeypatch, tmp_path, caplog):
+    """Only rank 0 got the signal; rank 1 completed its share (b): rank 0 writes b's row into prob.json, and its line
+    says so (it said "nothing was written to prob.json")."""
+    rows = {1: {"image": "b.nii.gz", "status": "written", "output": str(tmp_path / "prob.json")}}
+    theirs = (rows, None, True, ([1], [{"image": "b.nii.gz", "probabilities": [0.25]}]))
+    with caplog.at_level(logging.WARNING, logger="dira3d.evaluation.batch"):
+        _, target, report = _stopped_rank(monkeypatch, tmp_path, 0, theirs)
+    assert json.loads(target.read_text())["predictions"] == [{"image": "b.nii.gz", "probabilities": [0.25]}]
+    assert [r["status"] for r in json.loads(report.read_text())["inputs"]] == ["not run", "written"]
+    assert _stop_line(caplog) == (
+        f"inference stopped by SIGTERM; {target} holds the rows of the 1 input(s) written by the ranks that completed "
+        f"their share, none of this rank's; report: {report}; {AGAIN}")
+
+
+def test_another_rank_stopped_says_its_rows_are_not_in_the_file_rank_0_writes(monkeypatch, tmp_path, caplog):
+    """Rank 1 got the signal (rank 0 completed a): rank 1 writes neither prob.json nor the report, and says so in its
+    own line (it said nothing: the line was rank 0's alone)."""
+    rows = {0: {"image": "a.nii.gz", "status": "written", "output": str(tmp_path / "prob.json")}}
+    theirs = (rows, None, True, ([0], [{"image": "a.nii.gz", "probabilities": [0.5]}]))
+    with caplog.at_level(logging.WARNING, logger="dira3d.evaluation.batch"):
+        _, target, report = _stopped_rank(monkeypatch, tmp_path, 1, theirs)
+    assert not target.exists() and not report.exists()
+    assert _stop_line(caplog) == (
+        f"inference stopped by SIGTERM; this rank's rows are not in {target}: rank 0 writes it with the rows of the ranks "
+        f"that completed their share (the report has this rank's inputs as failed or not run); report: {report} (rank 0 "
+        f"writes it); {AGAIN}")
+
+
+@pytest.mark.parametrize(("rank", "world", "output_path", "written", "expected"), [
+    (0, 1, "p.json", (0, 0), "nothing was written to p.json (written when the run ends); report: r.json"),
+    (0, 1, None, (3, 3), "the 3 prediction(s) written are kept, each whole; report: r.json"),
+    (0, 2, None, (5, 2), "the 5 prediction(s) written are kept, each whole; report: r.json"),
+    (0, 2, "p.json", (0, 0), "no input's row was written to p.json (a rank's rows are written when its share completes); "
+                             "report: r.json"),
+    (1, 2, None, (5, 3), "this rank's 3 prediction(s) written are kept, each whole; report: r.json (rank 0 writes it)"),
+])
+def test_what_the_line_after_a_signal_says_was_kept_on_each_rank(rank, world, output_path, written, expected):
+    from dira3d.evaluation.batch_ranks import stop_note
+
+    assert stop_note(rank, world, output_path, written, "r.json") == expected
+    assert stop_note(rank, world, output_path, written, None) == expected.split("; report:")[0]  # a single --image
