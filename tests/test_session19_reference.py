@@ -362,3 +362,26 @@ def test_a_folder_that_fails_to_open_for_another_reason_is_an_error(tmp_path, mo
     with pytest.raises(OSError) as raised:
         atomic_write_text(tmp_path / "a.json", "{}")
     assert raised.value.errno == errno.EIO
+
+
+def test_another_rank_says_its_rank_once_when_torchs_hook_wraps_the_one_line(rank_one, capsys):
+    """Found in session 25: inference.json installs the one-line hook before its ranks join, and
+    ``init_process_group`` then wraps ``sys.excepthook`` in torch's own, which prefixes every line it prints with
+    ``[rankN]: ``: a refused setting after the join read ``[rank1]: [rank1]: DataError: ...``. This mimics torch's
+    wrapper (distributed_c10d's ``_distributed_excepthook``: the inner hook's stderr, each line prefixed)."""
+    import io
+
+    inner = sys.excepthook
+
+    def torch_like(*args):
+        old, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            inner(*args)
+        finally:
+            buf, sys.stderr = sys.stderr, old
+        sys.stderr.write("\n".join(f"[rank1]: {s}" if s else "" for s in buf.getvalue().split("\n")))
+
+    sys.excepthook = torch_like
+    sys.excepthook(ValueError, ValueError("bad setting"), None)
+    assert capsys.readouterr().err == ("[rank1]: ValueError: bad setting (this rank's traceback is left out; "
+                                       "DIRA3D_ALL_TRACEBACKS=1 prints it)\n")

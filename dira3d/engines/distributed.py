@@ -275,7 +275,10 @@ def brief_errors_on_other_ranks() -> None:
         while root.__cause__ is not None and str(root).startswith(_MONAI_WRAPPERS):
             root = root.__cause__
         first = (str(root).strip().splitlines() or [""])[0]
-        print(f"[rank{rank}]: {type(root).__name__}: {first} (this rank's traceback is left out; "
+        # a process group formed after this hook (inference.json joins its ranks later) wraps it in torch's hook,
+        # which prefixes every line with [rankN]: itself
+        prefix = f"[rank{rank}]: " if sys.excepthook is one_line else ""
+        print(f"{prefix}{type(root).__name__}: {first} (this rank's traceback is left out; "
               "DIRA3D_ALL_TRACEBACKS=1 prints it)", file=sys.stderr, flush=True)
 
     sys.excepthook = one_line
