@@ -125,6 +125,44 @@ def test_sigterm_while_the_inputs_are_checked_writes_the_report_and_raises_the_i
     assert sorted(p.name for p in out.iterdir()) == ["inference_report.json"]
 
 
+def test_a_second_sigterm_while_the_report_is_written_is_ignored(tmp_path, monkeypatch):
+    """Found in session 25: SLURM signals every process of a job step and torchrun forwards the SIGTERM it got, so a
+    rank may get a second one right after the first. Once the first had ended the run, SIGTERM's handler from before
+    was back (its default action ends the process) while the report was written: no report. A second SIGTERM then is
+    now ignored, and the handler from before is back after the report."""
+    from dira3d.evaluation import InferenceBatch, inputs
+    from dira3d.utils.interrupts import TerminatedBySignal
+    from test_inference_batch import _run
+
+    def _not_taken(signum, frame):
+        raise AssertionError("a SIGTERM reached the handler from before the run")
+
+    screen, finish = inputs.screen_inputs, InferenceBatch._finish
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: delivered here, in the main thread
+        return screen(*args, **kwargs)
+
+    def terminated_again(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the second, as the report is about to be written
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(inputs, "screen_inputs", terminated)
+    monkeypatch.setattr(InferenceBatch, "_finish", terminated_again)
+    scans = [_raw_ct(tmp_path / f"{name}.nii.gz") for name in ("a", "b")]
+    out = tmp_path / "out"
+    previous = signal.signal(signal.SIGTERM, _not_taken)  # SIGTERM's default would end pytest itself
+    try:
+        with pytest.raises(TerminatedBySignal):
+            _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in scans], out)
+        assert signal.getsignal(signal.SIGTERM) is _not_taken
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = json.loads((out / "inference_report.json").read_text())
+    assert report["stopped"] == "stopped by SIGTERM while the inputs were checked"
+    assert report["summary"]["not run"] == 2
+
+
 def _interrupt_after(monkeypatch, where: str, stem: str) -> None:
     """Raise ``KeyboardInterrupt`` (as a Ctrl-C arriving then would) right after the prediction of ``<stem>.nii.gz`` is
     renamed into place (``where="rename"``) or right after the model's iteration that wrote it returned, before the

@@ -307,10 +307,11 @@ class InferenceBatch:
         each rank its own, :func:`stop_note`), and under ``python -m monai.bundle run`` exit with 130 / 143
         (``SystemExit``) instead of the interrupt's traceback (in-process, the caller re-raises the interrupt)."""
         from dira3d.utils.bundle_errors import run_by_monai_bundle_command
-        from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word
+        from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, sigterm_ignored
 
         self.stopped = failure_reason(err) + (f" {when}" if when else "")
-        self._finish(completed=False)
+        with sigterm_ignored():  # a second SIGTERM (SLURM's to every process, torchrun's forwarded) ends no report
+            self._finish(completed=False)
         kept = stop_note(self.rank, self.world, self.output_path, (self._written, len(self.done)),
                          self.report_path if self.several else None)  # under torchrun, true for this rank
         logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}; run the same command "

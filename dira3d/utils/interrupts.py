@@ -39,7 +39,8 @@ from pathlib import Path
 
 __all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "TerminatedBySignal", "WrittenFiles",
            "forget_caught_interrupt", "install_interrupt_exit_hook", "interrupt_exit_code", "interrupted_word",
-           "quiet_engine_errors", "quiet_error_logs", "quiet_interrupt_logs", "sigterm_as_interrupt"]
+           "quiet_engine_errors", "quiet_error_logs", "quiet_interrupt_logs", "sigterm_as_interrupt",
+           "sigterm_ignored"]
 
 
 class StoppedBySignal(SystemExit):
@@ -131,6 +132,23 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def sigterm_ignored() -> Iterator[None]:
+    """While the body runs, SIGTERM is ignored (main thread only; the previous handler is put back after, and a
+    SIGTERM that came meanwhile is dropped, not delivered then). For writing the record of a run that a first SIGTERM
+    already stopped: SLURM signals every process of a job step and ``torchrun`` forwards the signal it got too, so a
+    rank may get a second SIGTERM right after the first, which SIGTERM's default action would end before its record
+    is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class _QuietErrorFilter(logging.Filter):
