@@ -91,7 +91,8 @@ def test_torchrun_with_a_reordered_handler_list_leaves_rank_0_alone_reporting(tm
     named = {h if isinstance(h, str) else h["_target_"]: {k: v for k, v in h.items() if k != "_disabled_"}
              if isinstance(h, dict) else h for h in handlers}
     order = ["dira3d.engines.CollapseMonitor", "dira3d.engines.RestorationImageHandler", "TensorBoardStatsHandler",
-             "dira3d.engines.EpochStatsHandler", "@validate#evaluator", "dira3d.engines.DiRACheckpoint"]
+             "dira3d.engines.EpochStatsHandler", "@validate#evaluator", "dira3d.engines.DiRACheckpoint",
+             "dira3d.engines.summary.WriterCloser"]
     assert sorted(order) == sorted(named)  # every handler of train.json, in another order
     mine = tmp_path / "my_handlers.json"
     mine.write_text(json.dumps({"train#handlers": [named[name] for name in order]}))

@@ -104,7 +104,7 @@ class RestorationImageHandler:
 
     Args:
         summary_writer: a ``SummaryWriter`` to share with the scalar handler; or
-        log_dir: folder for a writer of its own (closed when the run completes).
+        log_dir: folder for a writer of its own (closed when the run ends, also by an error).
         interval: iterations between images.
         tag: image tag.
     """
@@ -120,11 +120,16 @@ class RestorationImageHandler:
         if not is_main_process():  # rank 0 alone writes TensorBoard: the other ranks would repeat its images
             return
         if self._own_writer:
-            from dira3d.engines.summary import LazySummaryWriter  # no event file before the first image
+            from dira3d.engines.summary import LazySummaryWriter, WriterCloser  # no event file before the first image
 
             self.summary_writer = LazySummaryWriter(log_dir=self.log_dir)
-            engine.add_event_handler(Events.COMPLETED, lambda _: self.summary_writer.close())
+            WriterCloser([self.summary_writer]).attach(engine)  # also when the run raises
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+
+    def close(self) -> None:
+        """Close the writer if this handler made it (as MONAI's ``TensorBoardHandler.close``)."""
+        if self._own_writer and self.summary_writer is not None:
+            self.summary_writer.close()
 
     def __call__(self, engine: Engine) -> None:
         images = getattr(engine.state, "images", None) or {}

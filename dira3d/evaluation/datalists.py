@@ -33,9 +33,9 @@ from typing import Any
 from dira3d.data.datalist import check_entry_files, datalist_entries, read_datalist_json
 from dira3d.data.errors import DataError
 # the draws and entry kinds live in split_draws.py; importable from here as before
-from dira3d.evaluation.split_draws import (FOREGROUND_KEYS, entry_classes, foreground_key, fraction_count,
-                                           has_foreground, holdout_by_patient, is_classification, is_multilabel,
-                                           patient_of, select_fraction)
+from dira3d.evaluation.split_draws import (FOREGROUND_KEYS, check_split_settings, entry_classes, foreground_key,
+                                           fraction_count, has_foreground, holdout_by_patient, is_classification,
+                                           is_multilabel, patient_of, select_fraction)
 from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["SPLITS", "VALIDATION", "FOREGROUND_KEYS", "load_split", "select_fraction", "holdout_by_patient",
@@ -124,7 +124,9 @@ def load_split(
     Raises:
         FileNotFoundError: the datalist does not exist.
         DataError: (a ``ValueError``, which ``python -m monai.bundle run`` prints as one ``error:`` line,
-            :mod:`dira3d.utils.bundle_errors`) unknown split, a bad fraction, seed or holdout, a fold that no entry has, an
+            :mod:`dira3d.utils.bundle_errors`) unknown split, a bad fraction or holdout, a setting of the wrong kind
+            (:func:`~dira3d.evaluation.split_draws.check_split_settings`: a fold or seed that is not a whole number, a
+            text or bool for a number), a fold that no entry has, an
             empty split, ``holdout="validation"`` refused (no or an empty validation list, a patient shared with training or
             test, ``fold`` set), a classification
             holdout or test split whose AUC is undefined (one class only; multi-label: no class with both values;
@@ -137,7 +139,8 @@ def load_split(
     """
     if split not in SPLITS:
         raise DataError(None, f"split={split!r} is unknown; use one of {SPLITS}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # int(1.5) drew seed 1's split,
+    if (isinstance(seed, bool) or not isinstance(seed, numbers.Real) or not float(seed).is_integer()
+            or seed < 0):  # int(1.5) drew seed 1's split (2.0, as YAML may write it, is seed 2),
         # None and -1 failed in numpy inside MONAI's traceback
         raise DataError(None, f"seed={seed!r} of the label subset and early-stopping holdout (a task bundle's split_seed, "
                               "by default its seed) must be a whole number >= 0; e.g. split_seed=0, or leave split_seed "
@@ -146,6 +149,8 @@ def load_split(
         raise DataError(None, f"holdout={holdout!r} is neither a share in [0, 1) of the training patients nor "
                               f"{VALIDATION!r}; use 0.1 (the protocol's default) or {VALIDATION!r} (early stopping on the "
                               "datalist's own 'validation' list)")
+    settings = check_split_settings(label_fraction, seed, holdout, fold)  # a fold of 1.5 or "two" failed in int()
+    seed, fold = settings["seed"], settings["fold"]  # whole numbers (2.0 from a YAML file is fold 2)
     on_validation = holdout == VALIDATION
     path = Path(datalist).resolve()
     content = _read_content(path)

@@ -2,7 +2,8 @@
 datalist holds (classification, multi-label, segmentation with or without foreground flags).
 
 :func:`select_fraction` keeps a seeded share of the labels, :func:`holdout_by_patient` holds out patients for early
-stopping; :func:`dira3d.evaluation.datalists.load_split` applies both (``docs/finetuning.md``). Each pass over the
+stopping; :func:`dira3d.evaluation.datalists.load_split` applies both (``docs/finetuning.md``), after
+:func:`check_split_settings` has checked the settings' types. Each pass over the
 entries is linear in their number: ``load_split`` runs them on CheXpert's 223,414 training images at every start
 (``docs/benchmarks.md``, "Loading a split").
 """
@@ -10,6 +11,7 @@ entries is linear in their number: ``load_split`` runs them on CheXpert's 223,41
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -18,7 +20,7 @@ import numpy as np
 from dira3d.data.errors import DataError
 
 __all__ = ["FOREGROUND_KEYS", "is_classification", "is_multilabel", "patient_of", "entry_classes", "foreground_key",
-           "has_foreground", "fraction_count", "select_fraction", "holdout_by_patient"]
+           "has_foreground", "fraction_count", "select_fraction", "holdout_by_patient", "check_split_settings"]
 
 
 def is_classification(entries: list[dict]) -> bool:
@@ -66,6 +68,49 @@ def has_foreground(key: str) -> Callable[[dict], set[bool]]:
     """``classes_of`` for :func:`_complete_classes`: ``{True}`` for an entry whose mask has foreground, else
     nothing, so that the holdout is completed with a positive only (never with an empty mask)."""
     return lambda entry: {True} if float(entry[key]) > 0 else set()
+
+
+def check_split_settings(label_fraction: object = 1.0, seed: object = 0, holdout: object = 0.1,
+                         fold: object = None) -> dict:
+    """A fine-tuning run's split settings, checked for their kind before anything uses them.
+
+    ``python -m monai.bundle run`` passes ``--fold 2`` as the number 2, but ``--fold 1.5`` as a float, ``--fold two``,
+    ``--fold true`` or ``--fold null`` as text and ``--fold True`` as a bool: such a fold failed in a bare ``int()``
+    deep in the split loading (MONAI's traceback) or was cut to a whole number without a word (``fold`` 1.5 tested
+    fold 1, ``seed`` 1.5 drew with seed 1, ``label_fraction`` True kept every label). The task bundles call this first
+    in ``initialize``; :func:`dira3d.evaluation.datalists.load_split` calls it too. A whole number written as a float
+    (2.0, as JSON or YAML may give it) is that number. Ranges are checked where the settings are used
+    (:func:`select_fraction`, :func:`holdout_by_patient`, the datalist's folds), but for ``seed``, which must be >= 0.
+
+    Returns:
+        ``{"label_fraction": float, "seed": int, "holdout": float or "validation", "fold": int or None}``.
+
+    Raises:
+        DataError: naming the setting, the value given and what to give (one ``error:`` line under
+            ``python -m monai.bundle run``).
+    """
+    def number(name: str, value: object, advice: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise DataError(None, f"{name}={value!r} is not a number; {advice}")
+        return float(value)
+
+    def whole(name: str, value: object, advice: str) -> int:
+        if not number(name, value, advice).is_integer():
+            raise DataError(None, f"{name}={value!r} is not a whole number; {advice}")
+        return int(value)
+
+    fraction = number("label_fraction", label_fraction, "give the share in (0, 1] of the training labels to use, "
+                                                        "e.g. 0.25 or 1.0")
+    seed_ = whole("seed", seed, "give a whole number >= 0, e.g. --seed 0")
+    if seed_ < 0:
+        raise DataError(None, f"seed={seed!r} is negative; give a whole number >= 0, e.g. --seed 0")
+    held = holdout if holdout == "validation" else number(
+        "holdout", holdout, "give the share in [0, 1) of the training patients held out for early stopping (0.1, the "
+        "protocol's default) or 'validation' (the datalist's own 'validation' list)")
+    fold_ = None if fold is None else whole(
+        "fold", fold, "give one of the datalist's fold numbers (e.g. --fold 2), or null to test on its 'test' list "
+                      "(--fold None on the command line of python -m monai.bundle run)")
+    return {"label_fraction": fraction, "seed": seed_, "holdout": held, "fold": fold_}
 
 
 def _rng(seed: int, salt: int) -> np.random.Generator:

@@ -111,7 +111,9 @@ def run_training(trainer: Engine, validator: Engine | None = None, ckpt_dir: str
         ckpt_dir: where the bundle saves ``model.pt`` (named in the line of a stopped run).
 
     After a stop ``trainer.state.stopped_by`` is ``"SIGTERM"`` or ``"SIGINT"`` (None after a whole run), and the
-    bundle's last ``finalize`` step, :func:`exit_if_training_stopped`, exits with 143 or 130.
+    bundle's last ``finalize`` step, :func:`exit_if_training_stopped`, exits with 143 or 130. However the run ends
+    (finished, stopped, an error), the TensorBoard writers that the two engines' handlers opened are closed
+    (:func:`dira3d.engines.summary.close_writers`).
     """
     _STOPPED.clear()
     stop = SignalStop()
@@ -132,6 +134,11 @@ def run_training(trainer: Engine, validator: Engine | None = None, ckpt_dir: str
     finally:
         for handle in handles:
             handle.remove()
+        # the TensorBoard writers that the handlers of both engines opened (MONAI's TensorBoardStatsHandler without a
+        # summary_writer) end with the run, whichever way it ends; a second run opens new event files
+        from dira3d.engines.summary import close_writers  # (imports tensorboard)
+
+        close_writers(trainer, validator)
     if trainer.state.stopped_by:
         _STOPPED.append(StoppedBySignal(trainer.state.stopped_by, trainer.state.iteration))
         if is_main_process():
