@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dira3d.data.errors import DataError
+from dira3d.utils.seeding import check_seed
 
 __all__ = ["FOREGROUND_KEYS", "is_classification", "is_multilabel", "patient_of", "entry_classes", "foreground_key",
            "has_foreground", "fraction_count", "select_fraction", "holdout_by_patient", "check_split_settings"]
@@ -101,9 +102,7 @@ def check_split_settings(label_fraction: object = 1.0, seed: object = 0, holdout
 
     fraction = number("label_fraction", label_fraction, "give the share in (0, 1] of the training labels to use, "
                                                         "e.g. 0.25 or 1.0")
-    seed_ = whole("seed", seed, "give a whole number >= 0, e.g. --seed 0")
-    if seed_ < 0:
-        raise DataError(None, f"seed={seed!r} is negative; give a whole number >= 0, e.g. --seed 0")
+    seed_ = check_seed(seed)
     held = holdout if holdout == "validation" else number(
         "holdout", holdout, "give the share in [0, 1) of the training patients held out for early stopping (0.1, the "
         "protocol's default) or 'validation' (the datalist's own 'validation' list)")

@@ -11,6 +11,7 @@ _EXPORTS = {
                             "FolderNotWritableError"),
     "dira3d.utils.checkpoint": ("atomic_save", "load_checkpoint"),
     "dira3d.utils.progress": ("show_progress",),
+    "dira3d.utils.seeding": ("check_seed",),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
@@ -24,5 +25,6 @@ __all__ = [
     "atomic_save",
     "load_checkpoint",
     "show_progress",
+    "check_seed",
     "lazy_exports",
 ]

@@ -11,13 +11,38 @@ pretraining the same weights), so neither function may change what it returns
   ``numpy.random.RandomState``) or ``bits=63`` (fits ``torch.Generator.manual_seed``).
 - :func:`stream_seed`: the training engines' seed of random ``stream`` at step ``counter``
   (63 bits, base seed folded to 32 bits).
+- :func:`check_seed`: a bundle's ``seed`` setting checked for its kind before MONAI's ``set_determinism`` uses it.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
-__all__ = ["derive_seed", "stream_seed"]
+__all__ = ["check_seed", "derive_seed", "stream_seed"]
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as an int: a whole number >= 0 (2.0, as JSON or YAML may write it, is 2).
+
+    ``python -m monai.bundle run --seed two`` passes text and ``--seed 1.5`` a float: text failed in
+    ``set_determinism`` inside MONAI's traceback, 1.5 ran as seed 1 without a word. The bundles call this (or
+    :func:`dira3d.evaluation.check_split_settings`) first in ``initialize``.
+
+    Raises:
+        DataError: naming the setting and the value (one ``error:`` line under ``python -m monai.bundle run``).
+    """
+    from dira3d.data.errors import DataError
+
+    advice = f"give a whole number >= 0, e.g. --{name} 0"
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Real):
+        raise DataError(None, f"{name}={seed!r} is not a number; {advice}")
+    if not float(seed).is_integer():
+        raise DataError(None, f"{name}={seed!r} is not a whole number; {advice}")
+    if seed < 0:
+        raise DataError(None, f"{name}={seed!r} is negative; {advice}")
+    return int(seed)
 
 
 def derive_seed(*parts: int, bits: int) -> int:
