@@ -459,7 +459,8 @@ def test_validation_metrics_are_means_over_the_batches_that_gave_a_loss_and_star
     assert engine.state.metrics["val_loss"] == 5.0
 
 
-@pytest.mark.parametrize("key, value", [("dis_mode", "moco"), ("spatial_dims", 2), ("in_channels", 3)])
+@pytest.mark.parametrize("key, value", [("dis_mode", "moco"), ("spatial_dims", 2), ("in_channels", 3),
+                                        ("second_view", "restored")])
 def test_a_checkpoint_of_another_mode_or_geometry_is_refused_even_when_its_weights_would_fit(key, value):
     """The meta check comes before any weight is loaded: here every tensor fits, only meta[key] differs."""
     from dira3d.engines import checkpoint_dict, restore_checkpoint
@@ -471,6 +472,19 @@ def test_a_checkpoint_of_another_mode_or_geometry_is_refused_even_when_its_weigh
     saved["meta"][key] = value
     with pytest.raises(ValueError, match=f"written with {key}={value!r} but this run uses"):
         restore_checkpoint(trainer, saved, source="last.pt")
+
+
+def test_a_checkpoint_records_second_view_and_one_that_does_not_record_it_still_resumes():
+    """second_view (from dira_pretrain 0.1.39) changes what is trained, as dis_mode does; a last.pt of an earlier
+    version has no such key and resumes as before."""
+    from dira3d.engines import checkpoint_dict, restore_checkpoint
+    from test_engine import make_trainer
+
+    trainer = make_trainer("visual_words", 3, stages=[{"name": "r", "losses": ["res"]}], volumes=2, batch=2)
+    saved = checkpoint_dict(trainer)
+    assert saved["meta"]["second_view"] == "augmented"
+    del saved["meta"]["second_view"]
+    restore_checkpoint(trainer, saved, source="last.pt")
 
 
 # ---------------------------------------------------------------- faults: the first bad step, the collapse streak

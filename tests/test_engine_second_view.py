@@ -280,3 +280,14 @@ def test_the_bundle_passes_second_view_to_the_trainer(repo_root, tmp_path, mode,
         layered = ConfigParser()
         layered.read_config([str(repo_root / CONFIGS / name) for name in ("train.json", overlay)])
         assert layered["second_view"] == "augmented" and layered["train#trainer#second_view"] == "@second_view"
+
+
+@pytest.mark.parametrize("name", ["train.json", "multi_gpu_train.json"])
+def test_a_finished_run_rerun_with_another_second_view_is_not_taken_as_finished(repo_root, name):
+    """exit_if_finished compares second_view with last.pt's (dira_pretrain 0.1.39): a finished run rerun with another
+    form goes to the resume, which refuses the checkpoint (restore_checkpoint's meta check) instead of exiting 0."""
+    import json
+
+    config = json.loads((repo_root / "bundles" / "dira_pretrain" / "configs" / name).read_text())
+    step = next(s for s in config["initialize"] if "exit_if_finished" in s)
+    assert "second_view=@second_view" in step, step

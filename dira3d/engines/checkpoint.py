@@ -46,7 +46,7 @@ from dira3d.utils.overrides import as_bool
 __all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state", "DiRACheckpoint",
            "check_checkpoint_folder_free", "pretrained_checkpoint"]
 
-_META_CHECKED = ("spatial_dims", "in_channels", "dis_mode")
+_META_CHECKED = ("spatial_dims", "in_channels", "dis_mode", "second_view")  # second_view: from dira_pretrain 0.1.39
 
 CHECKPOINT_FOLDER = "checkpoint folder"  # how the lock names ckpt_dir in its error
 
@@ -107,6 +107,7 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
             "spatial_dims": int(getattr(net, "spatial_dims", 3)),
             "in_channels": int(getattr(net, "in_channels", 1)),
             "dis_mode": trainer.dis_mode,
+            "second_view": str(getattr(trainer, "second_view", "augmented")),
             "dira3d_version": dira3d.__version__,
             **dict(meta or {}),
         },
@@ -132,7 +133,7 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
     meta = ckpt.get("meta", {})
     net = trainer.network
     current = {"spatial_dims": getattr(net, "spatial_dims", 3), "in_channels": getattr(net, "in_channels", 1),
-               "dis_mode": trainer.dis_mode}
+               "dis_mode": trainer.dis_mode, "second_view": getattr(trainer, "second_view", "augmented")}
     for key in _META_CHECKED:
         if key in meta and meta[key] != current[key]:
             raise ValueError(
