@@ -182,6 +182,32 @@ def test_pretrain_ends_saying_where_the_checkpoints_are_and_how_to_fine_tune(tmp
     assert "best.pt --output-dir runs/ft (docs/2d.md)" in capsys.readouterr().out  # the bundles' defaults
 
 
+def test_pretrain_tiny_with_2d_json_adds_2d_tiny_json_after_the_2d_configs(tmp_path, monkeypatch):
+    """`dira3d pretrain --tiny --config 2d.json --config 2d_moco.json` (as `dira3d finetune --tiny` is written) stacked
+    the 3D tiny.json before 2d.json, which set batch 32 and the 224² ResNet-50 back: on a few X-rays "the training
+    data loader yields no batch ... lower batch_size", not a word of 2d_tiny.json."""
+    import dira3d.utils.overrides as overrides
+    from dira3d.engines.command import main as pretrain_main
+
+    calls = []
+    monkeypatch.setattr(overrides, "run_bundle", lambda configs, **kwargs: calls.append([Path(c).name for c in configs]))
+    datalist = tmp_path / "radiographs_datalist.json"
+    datalist.write_text(json.dumps({"training": [], "meta": {"dataset": "radiographs"}}))
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"lr_g": 0.01}))
+    for extra, expected in (
+        (["--config", "2d.json", "--config", "2d_moco.json"], ["train.json", "2d.json", "2d_moco.json", "2d_tiny.json"]),
+        (["--config", "2d.json", "--config", "2d_barlow.json", "--config", str(mine)],  # the user's own file wins
+         ["train.json", "2d.json", "2d_barlow.json", "2d_tiny.json", "mine.json"]),
+        (["--config", "2d.json", "--config", "2d_simsiam.json", "--config", "2d_tiny.json"],  # not twice
+         ["train.json", "2d.json", "2d_simsiam.json", "2d_tiny.json"]),
+        ([], ["train.json", "tiny.json"]),  # 3D: unchanged
+    ):
+        assert pretrain_main(["--datalist", str(datalist), "--output", str(tmp_path / f"run{len(calls)}"), "--tiny",
+                              *extra]) == 0
+        assert calls[-1] == expected, extra
+
+
 def test_version_names_dira3d_torch_and_monai(capsys):
     import monai
     import torch

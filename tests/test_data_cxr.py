@@ -232,6 +232,29 @@ def test_chestxray14_dst_is_src_with_images_folder_is_refused_and_src_inside_dst
     assert len(_listed(json.loads((tmp_path / "chestxray14_datalist.json").read_text()))) == len(ENTRIES)
 
 
+def test_chestxray14_an_earlier_output_inside_src_is_not_a_second_copy(tmp_path, capsys):
+    # `--src /data/nih --dst /data/nih/prepared` worked once; every later run from that --src (another --size or
+    # --dst) failed every image as "duplicate of /data/nih/prepared/images/...; keep one copy of each image"
+    src = _nih_layout(tmp_path / "nih")
+    assert chestxray14.main(["--src", str(src), "--dst", str(src / "prepared"), "--size", "16"]) == 0
+    assert chestxray14.main(["--src", str(src), "--dst", str(src / "prepared_8"), "--size", "8"]) == 0
+    assert chestxray14.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--size", "8"]) == 0
+    assert "FAILED" not in capsys.readouterr().err
+    for out in (src / "prepared_8", tmp_path / "out"):
+        listed = _listed(json.loads((out / "chestxray14_datalist.json").read_text()))
+        assert len(listed) == len(ENTRIES)
+        # read from the downloads (64²), not from the 16² PNGs of the first run: the box is rescaled from 64
+        box = json.loads((out / "bbox_datalist.json").read_text())["test"][0]["box"]
+        assert box == [b * 8 / 64 for b in BOX]
+    # only the earlier output holds them: named, not "holds none of the PNG images"
+    for folder in src.glob("images_*"):
+        for png in folder.rglob("*.png"):
+            png.unlink()
+    with pytest.raises(DataError, match=r"holds the PNGs named in the data entry CSV only in the output of an earlier "
+                                        r"`dira3d prepare chestxray14` \(.*prepared.*images\)"):
+        chestxray14.prepare(src, tmp_path / "out2", size=8, progress=False)
+
+
 CHEX_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *chexpert.ALL]
 
 

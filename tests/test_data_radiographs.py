@@ -121,3 +121,45 @@ def test_the_dicomdir_of_a_patient_cd_is_left_out(tmp_path):
     for entry in datalist["training"]:
         np.testing.assert_array_equal(np.asarray(Image.open(dst / entry["image"])), BASE)
     assert "DICOMDIR" not in {c["case_id"] for c in json.loads((dst / "report.json").read_text())["cases"]}
+
+
+def test_a_mask_among_the_radiographs_fails_its_case(tmp_path, capsys):
+    """`dira3d prepare radiographs --src MontgomerySet` (a dataset's folder, its ManualMask/ beside CXR_png/) prepared
+    the lung masks as X-rays, without a word, for pretraining on; the 2D bundles' inference refuses such a file."""
+    src = tmp_path / "MontgomerySet"
+    (src / "CXR_png").mkdir(parents=True)
+    Image.fromarray(BASE).save(src / "CXR_png" / "MCUCXR_0001_0.png")
+    lungs = np.zeros(BASE.shape, np.uint8)
+    lungs[2:-2, 2:6] = 255
+    (src / "ManualMask" / "leftMask").mkdir(parents=True)
+    Image.fromarray(lungs).save(src / "ManualMask" / "leftMask" / "MCUCXR_0001_0.png")
+    Image.fromarray((lungs > 0).astype(np.uint16)).save(src / "ManualMask" / "labels16.png")  # 0/1 in 16 bits
+    dst = tmp_path / "out"
+    argv = ["prepare", "radiographs", "--src", str(src), "--dst", str(dst), "--size", "16", "--val-fraction", "0"]
+    assert cli_main(argv) == 1 and not (dst / "radiographs_datalist.json").exists()
+    capsys.readouterr()
+    assert cli_main(argv + ["--keep-going"]) == 0
+    err = capsys.readouterr().err
+    for case, path, values in (("ManualMask_leftMask_MCUCXR_0001_0", "ManualMask/leftMask/MCUCXR_0001_0.png", "0, 255"),
+                               ("ManualMask_labels16", "ManualMask/labels16.png", "0, 255")):
+        assert f"FAILED {case}: {src / path}: has only 2 distinct values ({values}): it looks like a mask, not a " \
+               "radiograph; move it (and its mask folder) out of --src" in err
+    datalist = json.loads((dst / "radiographs_datalist.json").read_text())
+    assert [e["case_id"] for e in datalist["training"]] == ["CXR_png_MCUCXR_0001_0"]
+
+
+def test_an_earlier_output_inside_src_is_not_prepared_again_and_dst_src_is_refused(tmp_path):
+    """`--src xrays --dst xrays/prepared`, then `--dst xrays/prepared_8 --size 8`: the first run's PNGs were prepared
+    as more radiographs (`prepared_images_site_a_p1_8bit`), copies a split could put in another part than their
+    originals; `--dst xrays` wrote into xrays/images and every rerun added the last run's PNGs."""
+    src = _folder(tmp_path / "xrays")
+    first = radiographs.prepare(src, src / "prepared", size=16, val_fraction=0.2, progress=False)
+    assert {r.status for r in first} == {"written"}
+    again = radiographs.prepare(src, src / "prepared_8", size=8, val_fraction=0.2, progress=False)
+    assert sorted(r.case_id for r in again) == sorted(r.case_id for r in first)
+    datalist = json.loads((src / "prepared_8" / "radiographs_datalist.json").read_text())
+    assert len([e for part in ("training", "validation") for e in datalist[part]]) == len(first)
+    with pytest.raises(DataError, match=r"is --src: the prepared PNGs would be written into its images/ among the "
+                                        r"radiographs.*choose an output folder of its own with --dst"):
+        radiographs.prepare(src, src, size=8, progress=False)
+    assert not (src / "images").exists()

@@ -26,6 +26,7 @@ from PIL import Image
 from dira3d.data.cxr import convert_image, add_size_argument, check_size, read_csv_rows, scale_box
 from dira3d.data.cxr_splits import earlier_patient_split, patient_split, write_patient_split
 from dira3d.data.errors import OR_KEEP_GOING, join_errors, record_or_raise
+from dira3d.data.guards import is_earlier_output
 from dira3d.data.io import DataError
 from dira3d.data.runner import (
     Case,
@@ -156,11 +157,19 @@ def _index_images(src: Path, dst: Path, wanted: set[str], problems: dict[str, st
     outputs = str((dst / "images").resolve()) + "/"
     files: dict[str, Path] = {}
     in_outputs = 0
+    earlier: dict[Path, bool] = {}  # folder holding an images/ folder -> whether it is an earlier run's --dst
+    in_earlier: list[Path] = []
     for path in sorted(src.rglob("*.png")):
         if path.name not in wanted:
             continue
         if str(path.resolve()).startswith(outputs):  # an earlier run's output, or a download in --dst/images
             in_outputs += 1
+            continue
+        folder = path.parent.parent
+        if path.parent.name == "images" and folder not in earlier:
+            earlier[folder] = is_earlier_output(folder, "chestxray14", "chestxray14_datalist.json")
+        if path.parent.name == "images" and earlier[folder]:
+            in_earlier.append(path)  # the PNGs an earlier run prepared into a --dst inside --src: not a second copy
             continue
         if path.name in files:
             record_or_raise(problems, path.name, DataError(path, f"duplicate of {files[path.name]}; keep one copy "
@@ -170,6 +179,10 @@ def _index_images(src: Path, dst: Path, wanted: set[str], problems: dict[str, st
     if not files and in_outputs:
         raise DataError(dst, f"holds the downloaded images in {dst / 'images'}, where the prepared ones would be written "
                              "over them (--dst is --src?); choose an output folder of its own with --dst")
+    if not files and in_earlier:
+        raise DataError(src, "holds the PNGs named in the data entry CSV only in the output of an earlier "
+                             f"`dira3d prepare chestxray14` ({in_earlier[0].parent}), not as downloaded; extract the "
+                             "images_*.tar.gz archives under --src")
     return files
 
 

@@ -22,7 +22,8 @@ from dira3d.data.errors import DataError
 from dira3d.utils.atomic import check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 
-__all__ = ["why_not_done", "check_rerun", "locks_held_until_done", "release_when_done", "lock_output_folder"]
+__all__ = ["why_not_done", "check_rerun", "is_earlier_output", "locks_held_until_done", "release_when_done",
+           "lock_output_folder"]
 
 
 def why_not_done(case: Case, check_outputs: Callable[[Case], Any] | None) -> str:
@@ -89,6 +90,21 @@ def check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequ
             raise DataError(path, f"records volumes prepared with {what}; the cases already written would be "
                                   "skipped and keep the old settings. Choose another --dst, or pass --overwrite to "
                                   "redo every case with the new settings")
+
+
+def is_earlier_output(folder: Path, desc: str, datalist: str) -> bool:
+    """Whether ``folder`` is the ``--dst`` of an earlier run of the preparation ``desc``: it holds that preparation's
+    ``datalist`` file, or a ``report.json`` of it (a run that stopped before its datalist). A preparation that
+    searches ``--src`` for images leaves such a folder out: its PNGs are resized copies of the images, not more of
+    them (a ``--dst`` inside ``--src``, then a run with another ``--size`` or ``--dst``)."""
+    if (folder / datalist).is_file():
+        return True
+    report = folder / "report.json"
+    try:
+        old = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+    except (OSError, ValueError):  # not a report: the folder is judged by its datalist alone
+        return False
+    return isinstance(old, dict) and old.get("desc") == desc
 
 
 # inside run_prepare: the locks run_cases takes are kept until the whole preparation ends

@@ -4,9 +4,10 @@ The 2D counterpart of ``dira3d prepare generic`` for your own X-rays, without la
 configs (``bundles/dira_pretrain/configs/2d.json``) read. Each file is read as the other 2D preparations and the
 2D bundles' inference read theirs (:func:`dira3d.data.cxr.read_radiograph`: 12/16-bit and DICOM min-max scaled,
 ``MONOCHROME1`` inverted, a grey image stored in colour taken as its grey channel with a warning, a coloured or
-transparent one a failed case) and resized to ``--size``.
+transparent one a failed case, and so is a mask: 2 to 16 integer values) and resized to ``--size``.
 
-Input (``--src``, searched recursively; hidden files and folders, and ``--dst`` inside it, are left out): files
+Input (``--src``, searched recursively; hidden files and folders, ``--dst`` inside it and the ``images/`` of an
+earlier run's ``--dst`` in it, which holds its ``radiographs_datalist.json`` or ``report.json``, are left out): files
 ending in ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp`` or ``.dcm``, and DICOM files (the ``DICM`` tag
 after the preamble) without a suffix, ending in ``.ima`` / ``.dicom``, or named by a UID (``1.2.840.113619.5``, whose
 suffix is a number), but ``DICOMDIR`` (the index of a DICOM CD, which holds no image).
@@ -31,7 +32,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from dira3d.data.cxr import add_size_argument, check_size, convert_image, dicom_patient_id
+from dira3d.data.cxr import add_size_argument, check_size, dicom_patient_id, read_radiograph, resize_image, write_png
 from dira3d.data.cxr_splits import (
     add_split_arguments,
     earlier_patient_split,
@@ -40,7 +41,9 @@ from dira3d.data.cxr_splits import (
     write_patient_split,
 )
 from dira3d.data.errors import record_or_raise
+from dira3d.data.guards import is_earlier_output
 from dira3d.data.io import DataError
+from dira3d.data.normalize import mask_values
 from dira3d.data.patients import PATIENT_FROM, check_patient_setting, patient_ids
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -72,7 +75,11 @@ def find_radiographs(src: str | os.PathLike, exclude: str | os.PathLike | None =
     found: dict[str, Path] = {}
     others: list[str] = []
     for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() != skip)
+        # the images/ of an earlier run's --dst inside --src (another --size): copies of the radiographs, which a
+        # split could put in another part than their originals; they were prepared again as more radiographs
+        outputs = is_earlier_output(Path(root), "radiographs", DATALIST)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() != skip
+                         and not (outputs and d == "images"))
         for name in sorted(files):
             path = Path(root) / name
             suffix = path.suffix.lower()
@@ -106,7 +113,18 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _process(case: Case, size: int) -> dict:
-    return convert_image(case.params["path"], case.outputs[0], size)
+    """Read, check and write one radiograph. A mask among them (a dataset's mask folder, e.g. Montgomery's
+    ``ManualMask``, under ``--src``: 2 to 16 integer values) fails its case, as the 2D bundles' inference refuses one:
+    it was prepared and pretrained on as an X-ray without a word."""
+    path = case.params["path"]
+    array = read_radiograph(path)
+    values = mask_values(array)
+    if values is not None:
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+        raise DataError(path, f"has only {values.size} distinct values ({shown}): it looks like a mask, not a "
+                              "radiograph; move it (and its mask folder) out of --src")
+    write_png(case.outputs[0], resize_image(array, size))
+    return {"shape": list(array.shape)}
 
 
 def _dicom_patients(cases: list[Case], patients: dict[str, str]) -> list[str]:
@@ -140,12 +158,12 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             (see the module docstring).
 
     Returns:
-        One result per file found; a file that cannot be read, a coloured or transparent image, a multi-frame DICOM,
-        two files of one case id or an image without a patient (a ``--patient-regex`` that does not match) is a
-        failed case, named in the report, without stopping the others under ``keep_going``.
+        One result per file found; a file that cannot be read, a coloured or transparent image, a mask, a
+        multi-frame DICOM, two files of one case id or an image without a patient (a ``--patient-regex`` that does not
+        match) is a failed case, named in the report, without stopping the others under ``keep_going``.
 
     Raises:
-        DataError: no radiograph under ``src``. ValueError: bad settings.
+        DataError: no radiograph under ``src``, or ``dst`` is ``src``. ValueError: bad settings.
     """
     src, dst = Path(src), Path(dst)
     size = check_size(size)
@@ -154,6 +172,10 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
         raise ValueError(f"--patient-from must be one of {PATIENT_CHOICES}, got {patient_from!r}")
     by_path = "case" if patient_from == "dicom" else patient_from
     check_patient_setting(by_path, patient_regex)
+    if src.is_dir() and dst.resolve() == src.resolve():
+        raise DataError(dst, "is --src: the prepared PNGs would be written into its images/ among the radiographs, and "
+                             "a rerun would prepare them again as more radiographs; choose an output folder of its own "
+                             "with --dst (a folder inside --src is fine)")
     problems: dict[str, str] = {}
     found = find_radiographs(src, exclude=dst, problems=problems)
     patients = patient_ids(src, [(cid, path, None) for cid, path in found.items()], by_path, patient_regex, problems)

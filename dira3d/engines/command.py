@@ -166,11 +166,23 @@ def _resnet_hint(parser: Any) -> str:
                    for key, value in used.items() if value != defaults.get(key))
 
 
+def _add_2d_tiny(configs: list[str]) -> None:
+    """``--tiny`` with ``2d.json``: the 3D ``tiny.json`` before ``2d.json`` was undone by it (batch 32, 224² ResNet-50:
+    on a few images, "the training data loader yields no batch"); ``2d_tiny.json`` goes after the bundle's own 2D
+    configs (it must follow the method's file, e.g. ``2d_moco.json``'s queue), before any other file of the user's."""
+    tiny = BUNDLE_DIR / "configs" / "2d_tiny.json"
+    resolved = [Path(path).resolve() for path in configs]
+    own = [i for i, path in enumerate(resolved) if path.parent == tiny.parent and path.name.startswith("2d")]
+    if tiny not in resolved:
+        configs.insert(own[-1] + 1 if own else len(configs), str(tiny))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dira3d pretrain", description="DiRA pretraining (bundles/dira_pretrain).", formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--datalist", required=True, help="pretraining datalist JSON (e.g. from `dira3d prepare luna16`)")
     parser.add_argument("--output", default="runs/dira_pretrain", help="folder for models/ (checkpoints) and eval/ (TensorBoard)")
-    parser.add_argument("--tiny", action="store_true", help="tiny network and patches for a CPU demo (configs/tiny.json)")
+    parser.add_argument("--tiny", action="store_true", help="tiny network and patches for a CPU demo (configs/tiny.json; "
+                                                            "with --config 2d.json, 2d_tiny.json after the 2D configs)")
     parser.add_argument("--config", action="append", default=[],
                         help="extra config file(s), applied last: a path, or a name in the bundle's configs/ "
                              "(e.g. performance.json for bf16 + channels-last + torch.compile on a GPU, 2d.json)")
@@ -180,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if not datalist.is_file():
         parser.error(f"datalist {datalist} does not exist; make one with `dira3d prepare luna16 ...` or `dira3d prepare generic ...`")
     configs = [str(BUNDLE_DIR / "configs" / "train.json")]
-    if args.tiny:
+    two_d = any(Path(name).name == "2d.json" for name in args.config)
+    if args.tiny and not two_d:
         configs.append(str(BUNDLE_DIR / "configs" / "tiny.json"))
     for name in args.config:  # a path, or the name of one of the bundle's own configs (performance.json, 2d.json, ...)
         own = BUNDLE_DIR / "configs" / name
@@ -191,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             names = sorted(p.name for p in (BUNDLE_DIR / "configs").glob("*.json"))
             parser.error(f"--config {name}: no such file; give a path or one of the bundle's configs: {', '.join(names)}")
+    if args.tiny and two_d:
+        _add_2d_tiny(configs)
     try:
         overrides = dict(parse_override(text) for text in args.override)
     except ValueError as err:

@@ -96,8 +96,8 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
 
     def _check_batches(self, trainer: DiRATrainer) -> None:
         """Refuse, before training, a validation set whose every batch is too small for the discrimination loss
-        (Barlow Twins and SimSiam standardise over the batch: one image, or ``batch_size`` 1): it failed at the end of
-        the first epoch, a whole epoch later."""
+        (Barlow Twins standardises over the batch: one image, or ``batch_size`` 1; the losses declare ``min_batch``):
+        it failed at the end of the first epoch, a whole epoch later."""
         min_batch = getattr(trainer.dis_loss, "min_batch", 1)
         if min_batch < 2 or not any("dis" in stage.losses for stage in trainer.schedule.stages):
             return
