@@ -125,3 +125,12 @@ def test_sequence_on_another_grid_is_named_as_a_sequence(tree, tmp_path: Path) -
     assert "sequence does not match image" in reason and "t2.nii.gz" in reason and "spacing" in reason
     assert "mask" not in reason
     assert results["Brats18_2013_0_1"].status == "written"
+
+
+def test_an_empty_split_names_brats_own_split_option(tmp_path: Path, capsys) -> None:
+    """One patient leaves 'test' empty; the warning named --train-subsets and --val-fraction, which brats lacks."""
+    make_patient(tmp_path / "src", "HGG", "Brats18_2013_2_1", np.random.default_rng(0))
+    brats.prepare(tmp_path / "src", tmp_path / "out", progress=False)
+    err = capsys.readouterr().err
+    assert "its 'test' list is empty" in err and "--split 190 95 is cut over the 1 patient(s) found" in err
+    assert "subsets" not in err and "fraction" not in err

@@ -342,6 +342,44 @@ def test_a_dst_whose_outputs_land_among_the_scans_is_refused(tmp_path, capsys, l
     assert cli_main(["prepare", "generic", "--modality", "mr", "--src", str(src), "--dst", str(src / "prepared")]) == 0
 
 
+def test_the_advice_for_an_empty_list_names_a_fraction_that_fills_it(tmp_path, capsys):
+    """docs/data.md's `--val-fraction 0.1` on a few scans rounds to no validation patient, and the warning said
+    "rerun with a larger fraction (e.g. --val-fraction 0.1 ...)": the fraction just given, empty again."""
+    src = tmp_path / "scans"
+    _labelled_scans(src, 3)
+    common = dict(modality="mr", image_suffix="_image", label_suffix="_label", progress=False)
+    for fraction, out in ((0.1, "a"), (0.0, "b")):
+        generic.prepare(src, tmp_path / out, val_fraction=fraction, **common)
+        assert "rerun with a larger fraction (e.g. --val-fraction 0.34;" in capsys.readouterr().err
+    generic.prepare(src, tmp_path / "a", val_fraction=0.34, **common)  # the advice taken: one validation patient
+    datalist = json.loads((tmp_path / "a" / "pretrain_datalist.json").read_text())
+    assert [len(datalist[k]) for k in ("training", "validation")] == [2, 1]
+    # no test fraction could fill 'test' and leave a patient to train on: say so, not "--test-fraction 0.2"
+    generic.prepare(src, tmp_path / "c", val_fraction=0.5, test_fraction=0.1, **common)
+    err = capsys.readouterr().err
+    assert "the 3 patient(s) leave none for the 'test' list beside training: add scans" in err
+    assert "--test-fraction 0.2" not in err
+
+
+def test_the_output_of_prepare_given_as_src_is_refused_naming_its_datalist(tmp_path, capsys):
+    """`--src prepared/mine` (or its volumes/) prepared the prepared volumes again: in [0, 1], they have no air, so
+    --modality ct flattened them with the HU window (a warning per volume), and without --modality the error said
+    to pass --modality mr or ct. The datalist is what the next step takes."""
+    src = tmp_path / "scans"
+    _labelled_scans(src, 2)
+    dst = tmp_path / "prepared"
+    generic.prepare(src, dst, modality="mr", image_suffix="_image", label_suffix="_label", progress=False)
+    capsys.readouterr()
+    for wrong in (dst, dst / "volumes"):
+        assert cli_main(["prepare", "generic", "--src", str(wrong), "--dst", str(tmp_path / "again"), "--modality",
+                         "ct"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{wrong}: is the output of `dira3d prepare generic`" in err
+        assert f"pass {dst / 'pretrain_datalist.json'} to the next step" in err and str(src.resolve()) in err
+    assert not (tmp_path / "again").exists()
+    generic.prepare(src, dst, modality="mr", image_suffix="_image", label_suffix="_label", progress=False)  # rerun: fine
+
+
 def test_hidden_folders_are_not_searched_for_scans(tmp_path):
     """A file system's .snapshot copies (or .Trash) were found as more scans: hidden files were skipped, hidden folders not."""
     src = tmp_path / "scans"

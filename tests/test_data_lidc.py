@@ -208,3 +208,14 @@ def test_split_rule_is_proportional_seeded_and_disjoint() -> None:
     assert sorted(np.bincount(list(folds.values())).tolist()) == [20, 20, 20]
     with pytest.raises(ValueError, match="duplicated"):
         split_patients(["a", "a", "b"], {"training": 1, "test": 1})
+
+
+def test_an_empty_split_names_lidc_own_split_option(tmp_path: Path, capsys) -> None:
+    """One patient leaves 'validation' and 'test' empty; the warning named --train-subsets and --val-fraction
+    (LUNA16's and generic's options) instead of --split and the patients it was cut over."""
+    make_patient(tmp_path / "LIDC-IDRI", 1)
+    lidc.prepare(tmp_path / "LIDC-IDRI", tmp_path / "out", progress=False)
+    err = capsys.readouterr().err
+    assert "its 'validation', 'test' lists are empty" in err
+    assert "--split 510 100 408 is cut over the 1 patient(s) found, so a part is empty below 3 patients" in err
+    assert "subsets" not in err and "fraction" not in err

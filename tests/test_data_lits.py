@@ -130,3 +130,16 @@ def test_lits_duplicate_and_orphan_files_fail_their_case_only(lits_tree, tmp_pat
     # a rerun reports the duplicate again instead of skipping it
     assert lits.main(["--src", str(lits_tree), "--dst", str(dst), "--keep-going"]) == 0
     assert "FAILED lits-001" in capsys.readouterr().err
+
+
+def test_an_empty_split_names_lits_own_range_options(tmp_path, capsys):
+    """Training Batch 2 alone (volumes 28-130) leaves 'training' empty; the warning named LUNA16's --train-subsets
+    and generic's fractions, options `prepare lits` does not have, instead of its --train-range / --val-range ..."""
+    src = tmp_path / "LiTS" / "Training Batch 2"
+    src.mkdir(parents=True)
+    _write_case(src, 101)
+    lits.prepare(src.parent, tmp_path / "out", progress=False)
+    err = capsys.readouterr().err
+    assert "WARNING lits_datalist.json: its 'training', 'test' lists are empty" in err
+    assert "check --train-range / --val-range / --test-range (volume numbers, both ends included" in err
+    assert "subsets" not in err and "fraction" not in err

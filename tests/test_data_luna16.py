@@ -167,11 +167,33 @@ def test_luna16_layout_errors(tmp_path, capsys):
     assert luna16.main(["--src", str(tmp_path), "--dst", str(tmp_path / "o")]) == 2
     assert "subset0" in capsys.readouterr().err
     (tmp_path / "subset0").mkdir()
+    (tmp_path / "subset0" / "1.2.3.mhd").write_text("")  # listed, not read, before the CSV is
     (tmp_path / "candidates.csv").write_text("seriesuid,x,y,z,class\n")
     with pytest.raises(ValueError, match=r"candidates\.csv.*coordX"):
         luna16.prepare(tmp_path, tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="disjoint"):
         luna16.prepare(tmp_path, tmp_path / "o", splits={"training": [0, 1], "validation": [1]}, progress=False)
+
+
+def test_luna16_src_without_scans_is_refused_naming_what_to_do(luna_tree, tmp_path, capsys):
+    """A missing --src, or subset folders without scans (each zip extracted into its own subsetN/,
+    giving subsetN/subsetN/*.mhd), stop at once (exit 2): they used to give 'no cases', exit 0, and
+    empty datalists with the visual-words command to run next."""
+    src, _ = luna_tree
+    assert luna16.main(["--src", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "o")]) == 2
+    assert "nowhere: is not a folder" in capsys.readouterr().err
+    nested = tmp_path / "nested"
+    for folder in sorted(src.glob("subset*")):
+        (nested / folder.name).mkdir(parents=True)
+        folder.rename(nested / folder.name / folder.name)
+    assert luna16.main(["--src", str(nested), "--dst", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hold no .mhd scans" in err
+    assert f"one level deeper, in {nested / 'subset0' / 'subset0'}" in err
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "empty" / "subset3").mkdir(parents=True)
+    assert luna16.main(["--src", str(tmp_path / "empty"), "--dst", str(tmp_path / "o")]) == 2
+    assert "(subset3) hold no .mhd scans; extract the subset zips" in capsys.readouterr().err
 
 
 def test_written_volume_matches_source_voxels(luna_tree, tmp_path):
@@ -236,3 +258,14 @@ def test_a_positive_candidate_takes_the_diameter_of_the_nodule_it_lies_in():
     assert luna16._diameter(candidate, [(13.0, 20.0, 30.0, 4.0)]) == 4.0  # 3 mm = radius 2 + 1
     assert luna16._diameter(candidate, [(13.5, 20.0, 30.0, 4.0)]) is None  # 3.5 mm: outside
     assert luna16._diameter(candidate, [(14.0, 20.0, 30.0, 8.0), (11.0, 20.0, 30.0, 6.0)]) == 6.0
+
+
+def test_an_empty_split_names_the_subsets_asked_for_and_found(luna_tree, tmp_path, capsys):
+    """The warning said 'e.g. --train-subsets ..., --val-fraction, --test-fraction' (generic's options) without the
+    subsets each split asked for and those on disk."""
+    src, _ = luna_tree
+    luna16.prepare(src, tmp_path / "out", splits={"training": [0, 5], "validation": [1], "test": [7]}, progress=False)
+    err = capsys.readouterr().err
+    assert "WARNING pretrain_datalist.json: its 'validation' list is empty" in err
+    assert "(training 0 5, validation 1, test 7) against the subsets found (subset0, subset5, subset7)" in err
+    assert "fraction" not in err

@@ -30,6 +30,32 @@ def folder(tmp_path):
     return tmp_path
 
 
+def test_a_folder_given_as_datalist_names_the_datalists_in_it(tmp_path, capsys):
+    """`--datalist prepared/luna16` (the --dst of `dira3d prepare`) used to be called a datalist that
+    "does not exist"; the message now says it is a folder and names the datalists to pass."""
+    from dira3d.engines.command import main as pretrain_main
+    from dira3d.visual_words.command import main as visual_words_main
+
+    dst = tmp_path / "prepared"
+    dst.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"prepared is a folder, not a datalist file; pass the datalist JSON "
+                                                 r"that `dira3d prepare` wrote"):
+        read_datalist_json(dst)
+    for name in ("pretrain_datalist.json", "ncc_datalist.json", "report.json"):
+        write(dst / name, {"training": []})
+    expected = f"{dst} is a folder, not a datalist file; pass the datalist in it: {dst / 'ncc_datalist.json'} or " \
+               f"{dst / 'pretrain_datalist.json'}"
+    with pytest.raises(FileNotFoundError) as err:
+        read_datalist_json(dst)
+    assert str(err.value) == f"datalist {expected}"
+    assert visual_words_main(["--datalist", str(dst), "--out", str(tmp_path / "vw")]) == 1
+    assert capsys.readouterr().err == f"dira3d visual-words: error: datalist {expected}\n"
+    assert not (tmp_path / "vw").exists()
+    with pytest.raises(SystemExit) as stop:
+        pretrain_main(["--datalist", str(dst), "--output", str(tmp_path / "run")])
+    assert stop.value.code == 2 and capsys.readouterr().err.endswith(f"error: datalist {expected}\n")
+
+
 def test_file_json_and_key_checks_name_the_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"datalist .*absent\.json does not exist; make one with `dira3d prepare"):
         read_datalist_json(tmp_path / "absent.json")

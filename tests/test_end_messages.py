@@ -85,6 +85,28 @@ def test_the_next_step_of_every_datalist_is_a_command_its_parser_takes(tmp_path)
     assert len(next_steps(path.with_name("ncc_datalist.json"), labelled=True)) == 2
 
 
+def test_a_multi_sequence_datalist_is_sent_to_the_bundle_and_the_channels_it_needs(tmp_path):
+    """`prepare generic --sequences` (4D volumes, meta.channels) ended with `or: dira3d finetune --bundle lits_liver_seg`
+    (a one-channel bundle) when labelled, and `or: dira3d pretrain` (a one-channel network: 'has 2 channels ..., not
+    1') when not; docs/data.md fine-tunes it with brats_tumor_seg and --set modalities. The commands are parsed."""
+    from test_docs_match_code import _command_main, _parser_of
+
+    from dira3d.data.runner import next_steps
+
+    path = tmp_path / "pretrain_datalist.json"
+    path.write_text(json.dumps({"training": [], "meta": {"dataset": "generic", "channels": ["t1", "flair"]}}))
+    labelled, unlabelled = (next_steps(path, labelled=flag)[2] for flag in (True, False))
+    assert labelled.startswith(f"or:       dira3d finetune --bundle brats_tumor_seg --datalist {path} ")
+    assert " --set modalities=t1,flair " in labelled
+    assert unlabelled.startswith(f"or:       dira3d pretrain --datalist {path} --override in_channels=2 --output ")
+    for line in (labelled, unlabelled):
+        _, main, rest = _command_main(shlex.split(line.split(None, 1)[1].rsplit(" (", 1)[0]))
+        _parser_of(main).parse_args(rest)
+    path.write_text(json.dumps({"training": [], "meta": {"dataset": "generic", "channels": None}}))  # one image each
+    assert "--bundle lits_liver_seg" in next_steps(path, labelled=True)[2]
+    assert "in_channels" not in next_steps(path)[2]
+
+
 def test_finetune_ends_naming_its_outputs_and_the_inference_command(tmp_path, monkeypatch, capsys):
     from dira3d.evaluation import finetune
     from dira3d.utils.overrides import check_overrides, parse_value

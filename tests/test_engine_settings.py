@@ -139,6 +139,17 @@ def test_a_visual_word_shard_given_as_a_volume_says_which_config_reads_it():
     assert "visual-words" not in str(err.value)
 
 
+def test_a_volume_of_several_sequences_names_the_in_channels_to_set():
+    """A 2-sequence volume of `prepare generic --sequences` to the one-channel pretraining network was told to
+    'prepare the scans with `dira3d prepare`', which had prepared it."""
+    with pytest.raises(ValueError) as err:
+        check_volume(np.zeros((2, 16, 16, 8), np.float32), "volumes/sub-01.nii.gz", channels=1)
+    assert str(err.value) == ("volumes/sub-01.nii.gz: has 2 channels (loaded shape (2, 16, 16, 8)), not 1; for volumes "
+                              "of 2 channels (e.g. the sequences of `dira3d prepare generic --sequences`) set in_channels "
+                              "to 2 (`dira3d pretrain --override in_channels=2`), or fix the datalist")
+    check_volume(np.zeros((2, 16, 16, 8), np.float32), "volumes/sub-01.nii.gz", channels=2)
+
+
 def test_unnormalised_volumes_are_named_not_trained_on(repo_root):
     # a raw MRI (0 … 3057) or raw HU would train silently with loss_res ~ 1e5: the bundle checks [0, 1]
     raw_mr = np.linspace(0, 3057, 2 * 16 * 16 * 8, dtype=np.float32).reshape(1, 32, 16, 8)

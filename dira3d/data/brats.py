@@ -164,7 +164,9 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
             "spacing": None if spacing is None else list(spacing), "orientation": "RAS",
             "label": "whole tumour: labels 1, 2, 4 → 1", "split": rule, "source": str(Path(src).resolve()),
             "version": __version__}
-    write_datalist(dst / "brats_datalist.json", lists, meta)
+    write_datalist(dst / "brats_datalist.json", lists, meta,
+                   split_advice=f"--split {' '.join(map(str, split))} is cut over the {len(part_of)} patient(s) found, "
+                                "so a part is empty below 2 patients: prepare more patients, or change --split")
     return results
 
 

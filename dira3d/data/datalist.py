@@ -25,8 +25,8 @@ from typing import Any
 
 from dira3d.data.errors import DataError
 
-__all__ = ["DatalistError", "DatalistFilesMissingError", "read_datalist_json", "datalist_entries", "datalist_meta",
-           "check_entry_files"]
+__all__ = ["DatalistError", "DatalistFilesMissingError", "read_datalist_json", "folder_not_datalist", "datalist_entries",
+           "datalist_meta", "check_entry_files"]
 
 _SHOWN = 10  # entry problems named in one message
 
@@ -57,6 +57,14 @@ def datalist_meta(datalist: str | os.PathLike | None) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def folder_not_datalist(folder: Path) -> str:
+    """The error for a folder given as a datalist (e.g. the ``--dst`` of ``dira3d prepare``): the datalists in it."""
+    found = sorted(p.name for p in folder.glob("*.json") if p.name.endswith("datalist.json") or p.name == "visual_words.json")
+    return (f"datalist {folder} is a folder, not a datalist file; pass "
+            + (f"the datalist in it: {' or '.join(str(folder / name) for name in found)}" if found
+               else "the datalist JSON that `dira3d prepare` wrote (docs/data.md)"))
+
+
 def read_datalist_json(datalist: str | os.PathLike, required: Sequence[str] = ("training",)) -> dict[str, Any]:
     """The JSON content of a decathlon-style datalist, as written (paths not resolved).
 
@@ -71,6 +79,8 @@ def read_datalist_json(datalist: str | os.PathLike, required: Sequence[str] = ("
             or a ``required`` key missing.
     """
     path = Path(datalist)
+    if path.is_dir():
+        raise FileNotFoundError(folder_not_datalist(path))
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist; make one with `dira3d prepare ...` (docs/data.md) "
                                 "or fix the path")

@@ -19,8 +19,9 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from dira3d.data.cases import STATUSES, CaseResult
+from dira3d.data.datalist import datalist_meta
 
-__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "next_steps", "finish", "datalists_recorded", "record_datalist"]
+__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "SEQUENCES_NEXT_STEP", "next_steps", "finish", "datalists_recorded", "record_datalist"]
 
 
 # inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
@@ -75,8 +76,11 @@ NEXT_STEPS: dict[str, str] = {
 LABELLED_NEXT_STEP = _finetune_step("lits_liver_seg")
 # one without: pretraining straight on the volumes, every volume a class ("every image a class"), skips the visual
 # words (at their defaults hours on a CPU) for a small dataset or a first run
-UNLABELLED_OTHER_STEP = ("dira3d pretrain --datalist {datalist} --output runs/dira_pretrain (every volume its own class, "
-                         "no visual words: quicker, for a small dataset or a first run; bundles/dira_pretrain/docs/README.md)")
+UNLABELLED_OTHER_STEP = ("dira3d pretrain --datalist {datalist}{channels} --output runs/dira_pretrain (every volume its own "
+                         "class, no visual words: quicker, for a small dataset or a first run; "
+                         "bundles/dira_pretrain/docs/README.md)")
+# a labelled multi-sequence MR datalist (`prepare generic --sequences`: 4D volumes, meta.channels) is BraTS-like
+SEQUENCES_NEXT_STEP = _finetune_step("brats_tumor_seg").replace(" --output-dir", " --set modalities={modalities} --output-dir")
 
 
 def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
@@ -88,8 +92,13 @@ def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
     if datalist.name in NEXT_STEPS:
         lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
         if datalist.name == "pretrain_datalist.json":
-            other = LABELLED_NEXT_STEP if labelled else UNLABELLED_OTHER_STEP
-            lines.append(f"or:       {other.format(datalist=path)}")
+            # the sequences of `prepare generic --sequences`, in channel order: the network's input channels
+            channels = datalist_meta(datalist).get("channels") or []
+            other = (SEQUENCES_NEXT_STEP if labelled and channels else LABELLED_NEXT_STEP if labelled
+                     else UNLABELLED_OTHER_STEP)
+            lines.append("or:       " + other.format(
+                datalist=path, modalities=",".join(map(str, channels)),
+                channels=f" --override in_channels={len(channels)}" if len(channels) > 1 else ""))
     return lines
 
 

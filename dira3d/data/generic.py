@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from dira3d.data.datalist import datalist_meta
 from dira3d.data.io import (
     IMAGE_SUFFIXES,
     DataError,
@@ -129,6 +130,25 @@ def _check_src_outside_outputs(src: str | os.PathLike, dst: str | os.PathLike) -
                          "next to --src (a --dst inside --src is left out of the search)")
 
 
+def _check_src_not_prepared(src: str | os.PathLike) -> None:
+    """Refuse a ``--src`` that is the output of ``dira3d prepare`` (its ``--dst``, or the ``volumes/`` in it): its
+    volumes, already in [0, 1], were prepared again as scans without air (flattened by the HU window, with a warning
+    per volume under ``--modality ct``) instead of being passed on to the next step by their datalist.
+
+    Raises:
+        DataError: naming the datalist found, the folder it was prepared from and what to do.
+    """
+    folder = Path(src)
+    for where in (folder, folder.parent) if folder.name in ("volumes", "images", "labels") else (folder,):
+        for datalist in sorted(where.glob("*datalist.json")) if where.is_dir() else ():
+            meta = datalist_meta(datalist)
+            if meta.get("dataset") and meta.get("source"):
+                raise DataError(src, f"is the output of `dira3d prepare {meta['dataset']}` ({datalist} lists its volumes, "
+                                     f"prepared from {meta['source']}): they are prepared already; pass {datalist} to "
+                                     "the next step (`dira3d visual-words --datalist`, `dira3d pretrain --datalist`), or "
+                                     "give --src the folder of the original scans")
+
+
 def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | None = None,
             window: Sequence[float] = (-1000.0, 1000.0), percentiles: Sequence[float] = (0.5, 99.5),
             spacing: Sequence[float] | None = None, image_suffix: str = "", label_suffix: str | None = None,
@@ -187,6 +207,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     check_patient_setting(patient_from, patient_regex)
     _check_src_outside_outputs(src, dst)
+    _check_src_not_prepared(src)
     problems: dict[str, str] = {}
     if patterns:
         folders = find_sequence_cases(src, patterns, label_pattern, exclude=[dst], problems=problems)
@@ -275,8 +296,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
               for part, option, fraction in (("validation", "--val-fraction", val_fraction), ("test", "--test-fraction", test_fraction))
               if part in splits and not splits[part]]
     advice = "; ".join(causes) + (f"; {_VALIDATION_USERS}" if not splits["validation"] else "")
-    example = "--val-fraction 0.1" if not splits["validation"] else "--test-fraction 0.2"
-    advice += f"; rerun with a larger fraction (e.g. {example}; the volumes written are kept)"
+    advice += "; " + _larger_fraction(splits, n_patients)
     write_datalist(dst / "pretrain_datalist.json", splits, meta, split_advice=advice)
     spread = "" if spacing_t is not None else spacing_spread([(c.case_id, c.outputs[0]) for c in good])
     if spread:
@@ -333,6 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
                              r"(e.g. '^(patient\d+)' for patient007_a.nii.gz or patient007/ct.nii.gz); the group is "
                              "the patient id; implies --patient-from regex")
     return parser
+
+
+def _larger_fraction(splits: dict[str, list[dict]], patients: int) -> str:
+    """The advice for an empty 'validation' (else 'test') list: a fraction that gives it a patient and leaves one to
+    train on (the example was a fixed 0.1, which rounds to none again below 5 patients, the case it was given for)."""
+    part, option, usual = (("validation", "--val-fraction", 0.1) if not splits["validation"]
+                           else ("test", "--test-fraction", 0.2))
+    other = sum(len({e["patient_id"] for e in splits.get(name, [])}) for name in ("validation", "test") if name != part)
+    fraction = max(usual, np.ceil(100 / max(patients, 1)) / 100)
+    if patients - other - int(round(fraction * patients)) < 1:
+        return f"the {patients} patient(s) leave none for the {part!r} list beside training: add scans"
+    return f"rerun with a larger fraction (e.g. {option} {fraction:g}; the volumes written are kept)"
 
 
 def main(argv: list[str] | None = None) -> int:

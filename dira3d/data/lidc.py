@@ -375,7 +375,10 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
             "spacing": spacing, "crop": list(crop), "consensus": consensus, "min_readers": min_readers,
             "group_mm": group_mm, "include_outline": include_outline,
             "split": rule, "source": str(Path(src).resolve()), "version": __version__}
-    write_datalist(dst / "lidc_datalist.json", splits, meta)
+    write_datalist(dst / "lidc_datalist.json", splits, meta,
+                   split_advice=f"--split {' '.join(map(str, split))} is cut over the {len(part_of)} patient(s) found, "
+                                "so a part is empty below 3 patients, or when its patients kept no nodule: prepare more "
+                                "patients, or change --split")
     return results
 
 

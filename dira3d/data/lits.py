@@ -133,7 +133,10 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
     meta = {"dataset": "lits", "window": list(window), "spacing": None if spacing is None else list(spacing),
             "orientation": "RAS", "label": "liver (1) ∪ tumour (2) → 1", "splits": {k: list(v) for k, v in splits.items()},
             "source": str(src.resolve())}
-    write_datalist(dst / "lits_datalist.json", lists, meta)
+    write_datalist(dst / "lits_datalist.json", lists, meta,
+                   split_advice="check --train-range / --val-range / --test-range (volume numbers, both ends included; "
+                                "default 0 99, 100 114, 115 129) against the volume-N.nii files found: a partial "
+                                "download fills only the ranges its volumes fall in")
     return results
 
 

@@ -51,9 +51,11 @@ def find_scans(src: str | Path, problems: dict[str, str] | None = None) -> dict[
             ``{seriesuid: message}`` instead of raised (:func:`~dira3d.data.errors.record_or_raise`).
 
     Raises:
-        DataError: no ``subsetN`` folder; without ``problems``, a seriesuid found in two subsets.
+        DataError: ``src`` not a folder, no ``subsetN`` folder or no scan in them; without ``problems``, a seriesuid found in two subsets.
     """
     src = Path(src)
+    if not src.is_dir():
+        raise DataError(src, "is not a folder; --src must be the LUNA16 root holding subset0/ … subset9/")
     folders = sorted((p for p in src.glob("subset*") if p.is_dir() and re.fullmatch(r"subset\d+", p.name)),
                      key=lambda p: int(p.name[6:]))
     if not folders:
@@ -67,6 +69,11 @@ def find_scans(src: str | Path, problems: dict[str, str] | None = None) -> dict[
                                                               f"{scans[uid][1].parent.name}; remove the duplicate"))
                 continue
             scans[uid] = (int(folder.name[6:]), mhd)
+    if not scans:  # e.g. each zip extracted into its own subsetN/, giving subsetN/subsetN/*.mhd
+        nested = next((p.parent for f in folders for p in sorted(f.glob("*/*.mhd"))), None)
+        hint = (f"the scans are one level deeper, in {nested}: move them up into {nested.parent}"
+                if nested else "extract the subset zips into --src (each holds its subsetN/ of .mhd/.raw files)")
+        raise DataError(src, f"its subset folders ({', '.join(f.name for f in folders)}) hold no .mhd scans; {hint}")
     return scans
 
 
@@ -267,13 +274,18 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
             ncc[seen[subset]].append(item)
     meta = {"dataset": "luna16", "window": list(window), "spacing": None if spacing is None else list(spacing),
             "orientation": "RAS", "splits": {k: list(v) for k, v in splits.items()}, "source": str(src.resolve())}
-    write_datalist(dst / "pretrain_datalist.json", {**volumes, **dict(sorted(by_subset.items()))}, meta)
+    asked = ", ".join(f"{name} {' '.join(map(str, subsets))}" for name, subsets in splits.items())
+    found = ", ".join(sorted(by_subset, key=lambda s: int(s[6:]))) or "none prepared"
+    advice = (f"check --train-subsets / --val-subsets / --test-subsets ({asked}) against the subsets found ({found}): "
+              "a partial download fills only the splits of its subsets")
+    write_datalist(dst / "pretrain_datalist.json", {**volumes, **dict(sorted(by_subset.items()))}, meta,
+                   split_advice=advice)
     if cubes:
         unmatched = sorted(set(table) - set(scans))
         write_datalist(dst / "ncc_datalist.json", ncc,
                        {**meta, "cube_size": list(cube_size), "candidates_csv": str(csv_path.resolve()),
                         "max_negatives_per_scan": max_negatives_per_scan, "seed": seed,
-                        "candidate_scans_not_found": len(unmatched)})
+                        "candidate_scans_not_found": len(unmatched)}, split_advice=advice)
         if unmatched:
             print(f"note: {len(unmatched)} scan(s) in {csv_path.name} are not in the subsets (e.g. {unmatched[0]})",
                   file=sys.stderr)

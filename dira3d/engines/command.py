@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="any bundle id, e.g. dis_mode=moco")
     args = parser.parse_args(argv)
     datalist = Path(args.datalist)
+    if datalist.is_dir():  # e.g. the --dst of `dira3d prepare`: name the datalists in it
+        from dira3d.data.datalist import folder_not_datalist
+        parser.error(folder_not_datalist(datalist))
     if not datalist.is_file():
         parser.error(f"datalist {datalist} does not exist; make one with `dira3d prepare luna16 ...` or `dira3d prepare generic ...`")
     configs = [str(BUNDLE_DIR / "configs" / "train.json")]

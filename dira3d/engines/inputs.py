@@ -146,6 +146,9 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
                                 + (": a colour (RGB/RGBA) image? run `dira3d prepare <dataset>` (docs/data_2d.md), which "
                                    "turns a grey image stored in colour into one channel and refuses a coloured one, or "
                                    "fix the datalist" if len(shape) == 3 and shape[0] in (2, 3, 4)
+                                   else f"; for volumes of {shape[0]} channels (e.g. the sequences of `dira3d prepare generic "
+                                   f"--sequences`) set in_channels to {shape[0]} (`dira3d pretrain --override "
+                                   f"in_channels={shape[0]}`), or fix the datalist" if len(shape) == 4
                                    else "; prepare the scans with `dira3d prepare` (docs/data.md) or fix the datalist"))
     if min(shape[1:]) < 2 and not (spatial_dims == 2 and len(shape) == 4 and min(shape[1:3]) >= 2):
         raise DataError(source, f"has shape {shape[1:]}: a single slice is not a {spatial_dims}D volume")

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d visual-words: error: {err}{kept}", file=sys.stderr)
         return 1
     print(f"{len(manifest['classes'])} visual words written to {args.out} ({DATALIST_NAME}, {MANIFEST_NAME}, shards/)")
-    print(next_step(Path(args.out), args.patch_size, validation_words=args.val_neighbours > 0))
+    print(next_step(Path(args.out), args.patch_size, validation_words=args.val_neighbours > 0,
+                    channels=int(manifest.get("channels", 1))))
     return 0
 
 
@@ -135,11 +136,13 @@ NO_VALIDATION_WORDS = (
 )
 
 
-def next_step(out: Path, patch_size: Sequence[int], validation_words: bool = True) -> str:
-    """The pretraining command that reads this output (with the patch size, when not the bundle's default); without
-    validation words (``--val-neighbours 0``) also a note on what pretraining without validation means."""
+def next_step(out: Path, patch_size: Sequence[int], validation_words: bool = True, channels: int = 1) -> str:
+    """The pretraining command that reads this output (with the patch size, when not the bundle's default, and the
+    image channels, when not 1: a multi-sequence MR datalist); without validation words (``--val-neighbours 0``) also a
+    note on what pretraining without validation means."""
     size = [int(v) for v in patch_size]
     override = "" if tuple(size) == DEFAULT_PATCH_SIZE else f" --override patch_size=[{','.join(map(str, size))}]"
+    override += f" --override in_channels={channels}" if channels != 1 else ""
     command = (f"next:     dira3d pretrain --datalist {(out / DATALIST_NAME).resolve()} --config visual_words.json"
                f"{override} --output runs/dira_pretrain (docs/visual_words.md)")
     return command if validation_words else f"{command}\nnote:     {NO_VALIDATION_WORDS}"

@@ -181,14 +181,16 @@ def train_extractor(
         raise ValueError(f"extractor size {tuple(size)} must be three sizes divisible by 8, e.g. 128 128 64")
     if epochs < 0:
         raise ValueError(f"extractor epochs must be >= 0, got {epochs}")
+    dataset = _resized_dataset(entries, size, orient, raw_hu_window)
+    # the volumes' channels (a multi-sequence MR datalist of `prepare generic --sequences` has 4D volumes): a
+    # one-channel autoencoder stopped such a run with a traceback from its first convolution
+    channels = int(dataset[0]["image"].shape[0]) if len(entries) else 1
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(seed)
-        model = VolumeAutoencoder(width=width).to(device)
+        model = VolumeAutoencoder(in_channels=channels, width=width).to(device)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        _resized_dataset(entries, size, orient, raw_hu_window), batch_size=batch_size, shuffle=True,
-        num_workers=workers, generator=generator, drop_last=False,
-    )  # fmt: skip
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, generator=generator,
+                        drop_last=False)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     recorded = {
         "size": [int(s) for s in size], "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
@@ -196,6 +198,8 @@ def train_extractor(
         "raw_hu_window": [float(h) for h in raw_hu_window] if raw_hu_window else None,
         "volumes": [str(e["image"]) for e in entries], "settings": settings,
     }  # fmt: skip
+    if channels != 1:  # absent: one channel, as in the checkpoints written before it was recorded
+        recorded["in_channels"] = channels
     start = _resume_extractor(checkpoint_path, recorded, model, optimiser, generator) if checkpoint_path else 0
     for epoch in range(start, epochs):
         model.train()
@@ -248,7 +252,10 @@ def _resume_extractor(path: str | os.PathLike, recorded: dict, model: nn.Module,
         return 0
     state = _read_extractor_checkpoint(path)
     before = state["recorded"]
-    differences = [f"{k}: {before.get(k)!r} → {recorded[k]!r}" for k in recorded if k not in ("volumes", "settings") and before.get(k) != recorded[k]]
+    differences = [f"{k}: {before.get(k)!r} → {recorded[k]!r}" for k in recorded
+                   if k not in ("volumes", "settings", "in_channels") and before.get(k) != recorded[k]]
+    if before.get("in_channels", 1) != recorded.get("in_channels", 1):
+        differences.append(f"image channels: {before.get('in_channels', 1)} → {recorded.get('in_channels', 1)}")
     if before.get("volumes") != recorded["volumes"]:
         differences.append("the training volumes")
     # compared on the keys this run records: a checkpoint of an earlier version stored every visual-word setting,
