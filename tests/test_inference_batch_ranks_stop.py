@@ -29,7 +29,8 @@ from test_inference_batch_torchrun import torchrun_command
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore"),
               pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="a hung run is killed through /proc (Linux)")]
 
-AGAIN = "run the same command again for every input (it replaces dira3d's own earlier predictions)"
+AGAIN = ("run the same command again with --skip_written True to run only the inputs not written (without it, every "
+         "input is run again)")
 
 
 def test_sigterm_to_torchrun_mid_batch_ends_every_rank_with_the_report_of_what_was_written(tmp_path):

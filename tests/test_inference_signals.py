@@ -89,7 +89,8 @@ def test_a_signal_mid_batch_writes_the_report_says_what_was_kept_and_exits_with_
     assert "Traceback" not in log
     last = [line for line in log.splitlines() if " - dira3d.evaluation.batch - " in line][-1]
     assert last.endswith(f"inference {word}; the 1 prediction(s) written are kept, each whole; report: {report_path}; "
-                         "run the same command again for every input (it replaces dira3d's own earlier predictions)"), last
+                         "run the same command again with --skip_written True to run only the inputs not written "
+                         "(without it, every input is run again)"), last
 
 
 def test_sigterm_while_the_inputs_are_checked_writes_the_report_and_raises_the_interrupt_in_process(tmp_path,

@@ -34,11 +34,12 @@ input whose prediction was renamed into place before the signal is ``written``, 
 A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
 Under ``torchrun`` (``WORLD_SIZE`` above 1) each process runs its share of the inputs and rank 0 writes the one report,
 and the classification bundles' one file of every input's probabilities (:mod:`dira3d.evaluation.batch_ranks`).
+With ``skip_written`` (``--skip_written True``) a rerun keeps, neither read nor run, each input that the earlier report
+says was written by the same model and settings, its output unchanged since (:mod:`dira3d.evaluation.batch_resume`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 import os
@@ -50,7 +51,8 @@ from dira3d.evaluation.batch_datalist import batch_entries
 from dira3d.evaluation.batch_failures import (failure_key, failure_reason, file_state, release_gpu_memory, split_batch,
                                               stops_batch)
 from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share, stop_note, write_gathered
-from dira3d.utils.atomic import atomic_write_text
+from dira3d.evaluation.batch_report import STATUSES, first_file, summarise
+from dira3d.evaluation.batch_resume import earlier_rows, held_rows, in_order, kept_inputs, log_kept, made_by_record, state_of
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
 
@@ -59,7 +61,6 @@ __all__ = ["InferenceBatch", "NOT_ALL_WRITTEN", "REPEATED_FAILURES", "REPORT_NAM
 
 logger = logging.getLogger(__name__)
 
-STATUSES = ("written", "left out", "failed", "not run")
 NOT_ALL_WRITTEN = 3  # exit status of a batch that finished with some inputs not written
 REPORT_NAME = "inference_report.json"
 _HINT = "pass --report_path with another file (\"\" for none)"  # the refusal adds: or pass --overwrite True
@@ -70,11 +71,6 @@ REPEATED_FAILURES = 3
 
 class RepeatedFailureError(RuntimeError):
     """Several inputs of a batch in a row failed with the same error before any was written: the batch stops."""
-
-
-def _first(image: Any) -> str:
-    """The file that names an entry's output (the first of a list of files, one per channel)."""
-    return str(image[0] if isinstance(image, (list, tuple)) and image else image)
 
 
 def _batch_size(batchdata: Any, key: str) -> int:
@@ -99,6 +95,9 @@ class InferenceBatch:
         image_key: the key of the input in the datalist and in the batches.
         repeated_failures: stop the batch when this many inputs in a row failed with the same error
             (:func:`failure_key`) and none was written yet (:data:`REPEATED_FAILURES`; 0: never).
+        skip_written: keep each input the earlier report at ``report_path`` says was written by the same ``made_by``,
+            its output unchanged since (:mod:`~dira3d.evaluation.batch_resume`): it is neither read nor run.
+        made_by: what makes the predictions, recorded in the report: ``{"model": <model file>, "settings": {...}}``.
 
     The evaluator's data loader must keep the order of the screened entries (``shuffle`` off), as the
     bundles' do. Under ``torchrun`` it joins the process group, and each rank screens and runs its share
@@ -108,12 +107,15 @@ class InferenceBatch:
     def __init__(self, datalist: Sequence[Mapping[str, Any]] | str | os.PathLike, report_path: str | os.PathLike | None = "",
                  output_dir: str | os.PathLike | None = None, output_postfix: str = "", output_ext: str = ".nii.gz",
                  output_path: str | os.PathLike | None = None, overwrite: Any = False, image_key: str = "image",
-                 repeated_failures: int = REPEATED_FAILURES) -> None:
+                 repeated_failures: int = REPEATED_FAILURES, skip_written: Any = False,
+                 made_by: Mapping[str, Any] | None = None) -> None:
         self.datalist = batch_entries(datalist)
         self.report_path = Path(report_path) if report_path else None
         self.output_dir, self.output_postfix, self.output_ext = output_dir, output_postfix, output_ext
         self.output_path = output_path
-        self.overwrite = as_bool(overwrite, "overwrite")
+        self.overwrite, self.skip_written = as_bool(overwrite, "overwrite"), as_bool(skip_written, "skip_written")
+        self.made_by, self._made_by = made_by, None  # (what the report records: made_by_record, in screen)
+        self.kept: dict[int, dict] = {}  # the inputs kept from the earlier run: their output's state and row
         self.image_key = image_key
         count = repeated_failures
         if isinstance(count, str) and count.strip().isdigit():  # a number given as text
@@ -159,22 +161,25 @@ class InferenceBatch:
         if self.report_path is not None:  # (it was met only at the end, after every prediction)
             check_output_settings(hint='"" for none', report_path=self.report_path)
         self._check_report()
+        self._made_by = made_by_record(self.made_by) if self.report_path is not None else None
+        self.kept = self._keep_written() if self.skip_written and self.several else {}
         self.left_out.clear()
         self._unusable = None
-        left_out: dict[int, str] = {}  # by the index in this rank's share (every input in one process)
-        share = [self.datalist[i] for i in self._share]
+        left_out: dict[int, str] = {}  # by the index in the inputs to run (this rank's share but those kept)
+        todo = [i for i in self._share if i not in self.kept]
+        share = [self.datalist[i] for i in todo]
         try:
             try:
                 with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: one line, the report, exit 143 (it ended without a word)
                     good = screen_inputs(share, preprocessing, left_out=left_out,
-                                         several=True if self.world > 1 else None) if share else []
+                                         several=True if self.world > 1 or self.kept else None) if share else []
             finally:
-                self.left_out.update({self._share[i]: reason for i, reason in left_out.items()})
+                self.left_out.update({todo[i]: reason for i, reason in left_out.items()})
         except KeyboardInterrupt as err:
             self._stop_on_signal(err, "while the inputs were checked")
             raise
         except DataError as err:
-            if self.world > 1:  # none of this rank's share: the others' may be good (_finish tells)
+            if self.world > 1 or self.kept:  # none of this rank's share, or of those not kept: others may be good
                 good = []
             else:
                 if self.left_out:
@@ -182,7 +187,7 @@ class InferenceBatch:
                     self._finish(completed=False)
                 # raised by run() as the run starts, not while MONAI builds the dataset
                 self._unusable, good = err, []
-        self._order = [i for i in self._share if i not in self.left_out]
+        self._order = [i for i in todo if i not in self.left_out]
         self._next, self._repeat, self._in_flight = 0, ("", 0), {}
         return good
 
@@ -217,7 +222,7 @@ class InferenceBatch:
                     self.failed[index] = reason
                 if not self.several or stops_batch(err):
                     raise
-                files = [_first(self.datalist[i][self.image_key]) for i in pending]
+                files = [first_file(self.datalist[i][self.image_key]) for i in pending]
                 self._stop_if_repeated(err, files)
                 logger.warning(f"failed: {', '.join(files)}: {reason}; the batch goes on with the other inputs")
                 release_gpu_memory(engine)
@@ -286,8 +291,10 @@ class InferenceBatch:
         try:  # a bad input's error ends `python -m monai.bundle run` in one line (dira3d.utils.bundle_errors)
             with sigterm_as_interrupt(), quiet_error_logs(  # not also ignite's traceback of it, nor of a Ctrl-C
                     lambda err: isinstance(err, KeyboardInterrupt) or user_error_in(err) is not None):
-                if self._order or self.world < 2:  # (a rank whose share is empty or all left out runs nothing)
+                if self._order or (self.world < 2 and not self.kept):  # (none to run in a rank's share: nothing runs)
                     evaluator.run()
+                elif self.writer is not None and self.world < 2:  # every input kept or left out: their rows
+                    self.writer.write(self.probability_rows([]))
         except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: the report and one line, not a traceback
             self._stop_on_signal(err, "")
             raise
@@ -314,8 +321,11 @@ class InferenceBatch:
             self._finish(completed=False)
         kept = stop_note(self.rank, self.world, self.output_path, (self._written, len(self.done)),
                          self.report_path if self.several else None)  # under torchrun, true for this rank
-        logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}; run the same command "
-                       "again for every input (it replaces dira3d's own earlier predictions)")
+        nothing_kept = self.output_path is not None and self.world < 2 and not self.kept  # (one file, written at the end)
+        again = ("run the same command again for every input (it replaces dira3d's own earlier predictions)" if nothing_kept
+                 else "run the same command again with --skip_written True to run only the inputs not written (without "
+                 "it, every input is run again)")
+        logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}; {again}")
         if run_by_monai_bundle_command():
             raise SystemExit(interrupt_exit_code(err)) from None
 
@@ -328,7 +338,7 @@ class InferenceBatch:
             return str(self.output_path)
         if self.output_dir is None:
             return None
-        return prediction_target(_first(self.datalist[index][self.image_key]), self.output_dir, self.output_postfix,
+        return prediction_target(first_file(self.datalist[index][self.image_key]), self.output_dir, self.output_postfix,
                                  self.output_ext)
 
     def _settle_in_flight(self) -> set[int]:
@@ -356,18 +366,33 @@ class InferenceBatch:
         single_file = self.output_path is not None  # written when the run completes
         for index, entry in enumerate(self.datalist):
             row: dict[str, Any] = {"image": entry.get(self.image_key)}
-            if index in self.left_out:
+            if index in self.kept and (completed or not single_file or state_of(self.output_path) == self.kept[index]["state"]):
+                row.update(status="written", output=self._output(index), skipped=True)  # (the earlier file is kept)
+            elif index in self.left_out:
                 row.update(status="left out", reason=self.left_out[index])
             elif index in self.failed:
                 row.update(status="failed", reason=self.failed[index])
             elif index in self.done and (completed or not single_file):
                 row.update(status="written", output=self._output(index))
-            elif index in self.done:
+            elif index in self.done or index in self.kept:
                 row.update(status="failed", reason=f"the batch stopped before {self.output_path} was written: {self.stopped}")
             else:
                 row.update(status="not run", reason=f"the batch stopped before it: {self.stopped}")
             rows.append(row)
         return rows
+
+    def _keep_written(self) -> dict[int, dict]:
+        """The inputs of this rank's share that the earlier report says may be kept (:func:`kept_inputs`), logged."""
+        rows, why = earlier_rows(self.report_path, self._made_by)
+        images = {i: self.datalist[i].get(self.image_key) for i in self._share}
+        kept, again = kept_inputs(images, {i: self._output(i) for i in self._share}, rows, self.output_path is not None)
+        log_kept(kept, len(self._share), again, why, self.report_path)
+        return kept
+
+    def probability_rows(self, rows: list[dict]) -> list[dict]:
+        """The rows of the one output file: ``rows`` (those of the inputs run, in order) with the kept inputs' rows, in
+        datalist order (the classification bundles' writer writes them)."""
+        return in_order(held_rows(sorted(self.done), rows, self.kept)) if self.kept else rows
 
     def _check_report(self) -> None:
         from dira3d.evaluation.outputs import check_prediction_targets
@@ -380,12 +405,14 @@ class InferenceBatch:
         rows = self.rows(completed)
         if self.world > 1:  # every rank's rows, to rank 0; the ranks leave together once it has written the report
             try:  # the rows of output_path of a share that ran and completed: one per input written, in its order
-                held = (sorted(self.done), self.writer.rows) if self.writer and completed and self._order else None
+                ran = completed and bool(self._order)  # (a rank that stopped hands over the rows it kept only)
+                held = held_rows(sorted(self.done) if ran else [], self.writer.rows if ran else [], self.kept) \
+                    if self.writer and (ran or self.kept) else None
                 rows, self.stopped, completed, held = gather_rows(rows, self._share, self.stopped, completed, self.rank, held)
                 error = write_gathered(self.writer, held, rows) if self.rank == 0 and held is not None else None
                 if error is not None:  # as when one process's writer fails: the report, then the error
                     self.stopped = "; ".join(filter(None, [self.stopped, failure_reason(error)]))
-                    self._summarise(rows, completed=False)
+                    summarise(self, rows, completed=False)
                     raise error
                 if all(r["status"] == "left out" for r in rows):  # no rank had an input that can be used
                     from dira3d.data.errors import DataError
@@ -393,56 +420,11 @@ class InferenceBatch:
                     self.stopped, completed = "none of the inputs can be used", False
                     self._unusable = DataError(None, f"none of the {len(rows)} inputs can be used:\n  "
                                                + "\n  ".join(r["reason"] for r in rows))
-                return self._summarise(rows, completed) if self.rank == 0 else self._code(rows)
+                return summarise(self, rows, completed) if self.rank == 0 else self._code(rows)
             finally:
                 leave_ranks(self._joined)
-        return self._summarise(rows, completed)
+        return summarise(self, rows, completed)
 
     def _code(self, rows: list[dict[str, Any]]) -> int:
         self._written = sum(r["status"] == "written" for r in rows)
         return 0 if self._written == len(rows) else NOT_ALL_WRITTEN
-
-    def _summarise(self, rows: list[dict[str, Any]], completed: bool) -> int:
-        """Write the report and log the summary of ``rows``; the exit status."""
-        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-        code = self._code(rows)
-        report = self._write_report(rows, counts, code if completed else None)
-        if not (self.several or report):
-            return code
-        parts = [f"{counts[s]} {s}" for s in STATUSES[1:] if counts[s]]
-        summary = f"inference: {counts['written']} of {len(rows)} inputs written" + (f" ({', '.join(parts)})" if parts else "")
-        if report:
-            summary += f"; report: {report}"
-        log = logger.info if code == 0 and completed else logger.warning
-        log(summary)
-        for row in rows:
-            if row["status"] not in ("written", "not run"):
-                name = _first(row["image"])  # a refusal's reason names its file already: not twice
-                log(f"{row['status']}: {row['reason'] if row['reason'].startswith(name) else f'{name}: ' + row['reason']}")
-        not_run = [_first(r["image"]) for r in rows if r["status"] == "not run"]
-        if not_run:  # one line, not one per input: their reason is the same (a stop after 3 of 1,000 inputs)
-            names = ", ".join(not_run[:3]) + (f", ... {not_run[-1]}" if len(not_run) > 3 else "")
-            log(f"not run: {len(not_run)} input{'s' if len(not_run) > 1 else ''} ({names}): the batch stopped before "
-                f"{'them' if len(not_run) > 1 else 'it'}: {self.stopped}")
-        if completed and code:
-            log(f"exit status {code}: not every input was written (each one named above)")
-        return code
-
-    def _write_report(self, rows: list[dict[str, Any]], counts: dict[str, int], code: int | None) -> Path | None:
-        """Write the report atomically; an error writing it is logged, not raised (the predictions are written)."""
-        import dira3d
-        from dira3d.evaluation.outputs import json_digest
-
-        if self.report_path is None:
-            return None
-        payload: dict[str, Any] = {"summary": {"inputs": len(rows), **counts}, "exit_status": code,
-                                   "stopped": self.stopped, "inputs": rows}
-        payload.update(written_by=f"dira3d {dira3d.__version__}", sha256=json_digest(payload))
-        try:
-            self._check_report()  # a file put there during the run is not replaced either
-            self.report_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.report_path, json.dumps(payload, indent=2))
-        except OSError as err:
-            logger.error(f"the inference report could not be written: {err}")
-            return None
-        return self.report_path

@@ -138,7 +138,8 @@ class ProbabilityWriter:
     (:class:`~dira3d.evaluation.InferenceBatch`, the bundles' ``batch=@inference_batch``) the writer keeps its rows and
     the batch gathers every rank's, which rank 0 writes (:meth:`write`) in datalist order
     (:mod:`dira3d.evaluation.batch_ranks`); without one it is refused when the run starts, as each rank would write the
-    file with its own share.
+    file with its own share. The inputs the batch keeps from an earlier run (``--skip_written True``) have their earlier
+    rows written with this run's, in datalist order (:meth:`~dira3d.evaluation.InferenceBatch.probability_rows`).
 
     Args:
         output_path: the JSON file to write.
@@ -199,7 +200,9 @@ class ProbabilityWriter:
     def _write(self, engine: Workflow) -> None:
         if self.batch is not None and self.batch.world > 1:
             return  # under torchrun: the batch gathers every rank's rows when the ranks' shares end; rank 0 writes them
-        self.write(self.rows)
+        # with the rows of the inputs the batch kept from an earlier run (--skip_written True), in datalist order
+        with_kept = getattr(self.batch, "probability_rows", None)  # (an InferenceBatch's)
+        self.write(with_kept(self.rows) if with_kept is not None else self.rows)
 
     def write(self, rows: list[dict]) -> None:
         """Write ``rows`` (``{"image": path, "probabilities": [...]}`` each) into ``output_path``, atomically."""
