@@ -525,4 +525,4 @@ def test_weights_fit_reads_unet_settings_and_reports_the_right_direction():
     assert settings_that_fit(resnet, {"in_channels": 3, "decoder_channels": (16, 16)}) == \
         {"in_channels": 1, "decoder_channels": [16, 8]}
     assert format_overrides({"roi_size": [64, 64], "backbone": "resnet10"}) == \
-        "--override roi_size=[64,64] --override backbone=resnet10"
+        '--override "roi_size=[64,64]" --override backbone=resnet10'

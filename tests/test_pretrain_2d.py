@@ -165,6 +165,7 @@ def test_2d_json_refuses_a_3d_volume_naming_it_and_train_json_with_spatial_dims_
     assert code == 2 and "Traceback" not in err, err
     assert f"{volume}: loaded as a 3D image of shape (72, 80, 12); 2d.json pretrains on whole 2D images" in err, err
     assert "pretrain with train.json and spatial_dims 2 instead" in err
+    assert '(`dira3d pretrain --override spatial_dims=2 --override "patch_size=[224,224]"`, without 2d.json;' in err
     assert not (tmp_path / "out2d" / "models" / "last.pt").exists()
     # the 2D setting of train.json takes the volume's slices (and the PNGs) on purpose
     code = main(common + ["--output", str(tmp_path / "slices"), "--override", "spatial_dims=2",

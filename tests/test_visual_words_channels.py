@@ -48,7 +48,7 @@ def test_two_channel_volumes_give_two_channel_visual_words_and_the_pretraining_c
     assert (shard[:, 0] != shard[:, 1]).any()  # two channels, not one repeated
     stdout = capsys.readouterr().out
     # the bundle's network takes 1 channel by default: pretraining on these words needs in_channels=2
-    assert "--override patch_size=[16,16,8] --override in_channels=2 --output runs/dira_pretrain" in stdout, stdout
+    assert "--override \"patch_size=[16,16,8]\" --override in_channels=2 --output runs/dira_pretrain" in stdout, stdout
 
 
 def test_the_extractor_checkpoint_records_the_channels_and_refuses_other_ones(two_sequence_datalist, tmp_path):

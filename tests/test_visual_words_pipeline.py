@@ -171,8 +171,11 @@ def test_pair_dataset_checks_the_training_patch_size(run):
     out, _ = run
     assert len(VisualWordPairDataset(out, patch_size=(16, 16, 8))) == 3 * PER_TEMPLATE
     with pytest.raises(ValueError, match=r"class_0000\.npy\) has patches of \[16, 16, 8\], but this run's patch_size "
-                                         r"is \[64, 64, 32\]; set patch_size to \[16, 16, 8\]"):
+                                         r"is \[64, 64, 32\]; set patch_size to \[16, 16, 8\]") as info:
         VisualWordPairDataset(out, split="validation", patch_size=[64, 64, 32])
+    # both commands quote the list for the shell (an unquoted [...] is a glob: zsh stops with "no matches found")
+    assert ('(`--patch_size "[16,16,8]"` for monai.bundle run, `--override "patch_size=[16,16,8]"` for dira3d pretrain)'
+            in str(info.value)), info.value
 
 
 def test_one_instance_per_word_is_refused_before_the_extractor_trains(datalist, tmp_path, monkeypatch):
@@ -297,7 +300,7 @@ def test_cli_end_to_end_with_trained_extractor_and_multi_resolution(datalist, tm
     assert cli_main(args) == 0
     # the end names the pretraining command that reads this output, with its patch size
     assert (f"next:     dira3d pretrain --datalist {(out / 'visual_words.json').resolve()} --config visual_words.json "
-            "--override patch_size=[16,16,8] --output runs/dira_pretrain") in capsys.readouterr().out
+            '--override "patch_size=[16,16,8]" --output runs/dira_pretrain') in capsys.readouterr().out
     manifest = read_manifest(out)
     assert manifest["params"]["extractor"] == "autoencoder" and manifest["params"]["resolutions"] == 3
     for cls in manifest["classes"]:  # the one-epoch extractor also groups volumes by template

@@ -78,7 +78,7 @@ def test_no_validation_words_is_said_at_the_start_and_the_end_with_the_pretraini
         assert cli_main(args) == 0
     stdout = capsys.readouterr().out
     assert f"next:     dira3d pretrain --datalist {(out / 'visual_words.json').resolve()} --config visual_words.json " \
-           "--override patch_size=[16,16,8]" in stdout, stdout
+           '--override "patch_size=[16,16,8]"' in stdout, stdout
     assert "note:     --val-neighbours 0: no validation visual words, so pretraining on this output" in stdout
     assert "no best.pt (fine-tune from last.pt" in stdout and "refuses" not in stdout
     assert "--val-neighbours 0: no validation visual words" in caplog.text  # before the extractor trained

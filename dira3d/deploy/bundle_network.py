@@ -72,7 +72,8 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
              option: Callable[[Mapping[str, Any]], str] | None = None) -> str:
     """Which config overrides make ``state`` fit the bundle's network, as a sentence for an error.
 
-    The settings that matter are named (2D: backbone / decoder_channels / roi_size; 3D: width); the
+    The settings that matter are named (2D: backbone / decoder_channels / roi_size, no decoder_channels for
+    classification weights, which have no ``decoder.`` keys; 3D: width); the
     values that fit are read from the state_dict's keys and shapes; when they are those of the
     bundle's ``tiny.json`` (a ``dira3d finetune --tiny`` model) its ``roi_size`` is added. ``option`` writes
     settings as the caller takes them (default ``--override id=value ...`` of ``dira3d export``; the MONAI
@@ -83,6 +84,9 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
 
     two_d = "backbone" in parser
     names = _NETWORK_SETTINGS_2D if two_d else _NETWORK_SETTINGS_3D
+    classifier = two_d and not any(str(k).startswith("decoder.") for k in state)
+    if classifier:  # a classification network has no decoder: its settings are not the user's to pass
+        names = tuple(k for k in names if k != "decoder_channels")
     current = {k: _config_value(parser, k) for k in names if k in parser}
     current = {k: v for k, v in current.items() if v is not None}
     inferred = infer_network_settings(state)
@@ -104,6 +108,7 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
     settings = " / ".join(k for k in names if k != "in_channels")
     example = {"backbone": "resnet10", "decoder_channels": [16, 16, 8, 8, 8], "roi_size": [64, 64]} if two_d \
         else {"width": 0.125}
+    example = {k: v for k, v in example.items() if k in names}
     if not fits:
         return (f"pass the settings the weights were trained with ({settings}; e.g. "
                 f"{(option or format_overrides)(example)} for a model fine-tuned with --tiny)")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.utils.files import read_json
+from dira3d.utils.overrides import shell_word
 
 __all__ = [
     "APP_DIR",
@@ -231,7 +232,7 @@ def check_served_bundle(name: str, bundle: str | os.PathLike, overrides: Mapping
     known = {k: v for k, v in overrides.items() if k in parser}  # shared ones another bundle may define
 
     def option(fits: Mapping[str, Any]) -> str:
-        return f"--conf bundle_overrides '{json.dumps({name: {**known, **fits}})}'"
+        return f"--conf bundle_overrides {shell_word(json.dumps({name: {**known, **fits}}))}"
 
     load_bundle_network(bundle, weights, config_file=config.name, overrides=known, hint_option=option)
 

@@ -18,7 +18,7 @@ from typing import Any
 from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
-from dira3d.utils.overrides import as_bool, parse_value
+from dira3d.utils.overrides import as_bool, format_overrides, parse_value, shell_word
 
 __all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "visual_words_mismatch", "early_stop_note",
            "finished_message", "main"]
@@ -138,7 +138,7 @@ def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
         f"checkpoint: {last} (no validation ran, so there is no best.pt: the last epoch's weights)" if not best.is_file()
         else f"checkpoint: {last} (no validation ran: the last epoch's weights; {best} is an earlier run's, not updated)",
         f"TensorBoard: tensorboard --logdir {output / 'eval'}",
-        f"fine-tune:   dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {start}{hint} "
+        f"fine-tune:   dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {shell_word(str(start))}{hint} "
         f"--output-dir runs/ft ({doc})",
     ])
 
@@ -161,9 +161,8 @@ def _resnet_hint(parser: Any) -> str:
         defaults = json.loads((bundle_path(BUNDLES_2D[0]) / "configs" / "train.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ""
-    return "".join(f" --set {key}={value}" if isinstance(value, str) else
-                   f' --set "{key}={json.dumps(value, separators=(",", ":"))}"'
-                   for key, value in used.items() if value != defaults.get(key))
+    changed = {key: value for key, value in used.items() if value != defaults.get(key)}
+    return f" {format_overrides(changed, '--set')}" if changed else ""
 
 
 def _add_2d_tiny(configs: list[str]) -> None:

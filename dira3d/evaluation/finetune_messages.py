@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ def finished_message(out: str | os.PathLike, bundle: str | os.PathLike, tiny: bo
     from monai.bundle import ConfigParser
 
     from dira3d.evaluation.finetune import bundle_path  # the module that imports this one
+    from dira3d.utils.overrides import shell_word
 
     out, root = Path(out).resolve(), bundle_path(bundle).resolve()
     lines = [f"metrics:     {out / 'metrics.json'}", f"model:       {out / 'models' / 'model.pt'}",
@@ -62,19 +62,11 @@ def finished_message(out: str | os.PathLike, bundle: str | os.PathLike, tiny: bo
     parser.read_config(str(configs[0]))
     passed = {k: v for k, v in (settings or {}).items() if k not in _NOT_FOR_INFERENCE and k in parser}
     config_file = str(configs[0]) if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    words = ["python -m monai.bundle run --config_file", _shell_word(config_file), "--bundle_root", _shell_word(str(root)),
-             "--ckpt_dir", _shell_word(str(out / "models")), "--image IMAGE"]
+    words = ["python -m monai.bundle run --config_file", shell_word(config_file), "--bundle_root", shell_word(str(root)),
+             "--ckpt_dir", shell_word(str(out / "models")), "--image IMAGE"]
     for key, value in passed.items():
-        words += [f"--{key}", _shell_word(value if isinstance(value, str) else repr(value))]
+        words += [f"--{key}", shell_word(value if isinstance(value, str) else repr(value))]
     doc = root / "docs" / "README.md"
     lines.append(f"inference:   {' '.join(words)} ({doc if doc.is_file() else 'docs/finetuning.md'})")
     return "\n".join(lines)
 
-
-def _shell_word(text: str) -> str:
-    """``text`` as one shell word: as it is when it needs no quotes, in double quotes when they keep it whole
-    (``"['a.json','b.json']"``, as the docs write lists), else in single quotes."""
-    quoted = shlex.quote(text)
-    if quoted == text or any(c in text for c in '"$`\\!'):
-        return quoted
-    return f'"{text}"'

@@ -64,6 +64,7 @@ def fine_tuned_weights(path: str | os.PathLike, network: torch.nn.Module | None 
     if network is not None:
         from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, same_value, state_dict_mismatch
         from dira3d.utils.checkpoint import load_checkpoint
+        from dira3d.utils.overrides import override_text, shell_word
 
         state = load_checkpoint(path)
         for wrapper in ("model", "network", "state_dict"):  # what CheckpointLoader unwraps too
@@ -73,8 +74,7 @@ def fine_tuned_weights(path: str | os.PathLike, network: torch.nn.Module | None 
         if missing or unexpected or mismatched:
             built, saved = infer_network_settings(network.state_dict()), infer_network_settings(state)
             fits = {k: v for k, v in saved.items() if k in built and not same_value(v, built[k])}
-            hint = ("the weights fit " + " ".join(f"--{k} {v}" if isinstance(v, (str, int, float)) else f"--{k} '{json.dumps(v, separators=(',', ':'))}'"
-                                              for k, v in fits.items())
+            hint = ("the weights fit " + " ".join(f"--{k} {shell_word(override_text(v))}" for k, v in fits.items())
                     + "; a model fine-tuned with tiny.json: add the bundle's configs/tiny.json to --config_file "
                     "(its network settings and roi_size)") if fits else \
                 "use the model fine-tuned with this bundle and these settings"

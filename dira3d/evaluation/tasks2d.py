@@ -10,7 +10,6 @@ another backbone or decoder fails with the keys and shapes that differ.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -95,6 +94,7 @@ def settings_mismatch(pretrained: str | os.PathLike | None, kind: str, backbone:
     from dira3d.evaluation.finetune import BUNDLES_2D, tiny_settings
     from dira3d.networks.weights_fit import settings_that_fit
     from dira3d.utils.checkpoint import load_checkpoint
+    from dira3d.utils.overrides import format_overrides, override_text, shell_word
     from dira3d.utils.setting_hints import bundle_setting, in_experiment
 
     try:
@@ -115,11 +115,8 @@ def settings_mismatch(pretrained: str | os.PathLike | None, kind: str, backbone:
     tiny_hint = ("a checkpoint of the pretraining bundle's 2d_tiny.json is fine-tuned with `dira3d finetune --tiny` "
                  "(the bundle's tiny.json: these settings and its roi_size); otherwise "
                  if tiny and all(tiny.get(key) == value for key, value in fits.items()) else "")
-    values = {key: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-              for key, value in fits.items()}
-    quote = {key: value if key == "backbone" else f'"{value}"' for key, value in values.items()}  # [..] for the shell
-    sets = " ".join(f"--set {key}={value}" if key == "backbone" else f'--set "{key}={value}"' for key, value in values.items())
-    bundle_options = " ".join(f"--{key} {quote[key]}" for key in values)
+    sets = format_overrides(fits, "--set")  # "[..]" quoted for the shell
+    bundle_options = " ".join(f"--{key} {shell_word(override_text(value))}" for key, value in fits.items())
     if in_experiment():  # tiny.json is `tiny: true` in the experiment's overrides
         tiny_hint = tiny_hint.replace("`dira3d finetune --tiny`", "`tiny: true` in the experiment config's overrides")
     how = bundle_setting(fits, f"`dira3d finetune {sets}`; `{bundle_options}` for monai.bundle run")

@@ -7,7 +7,6 @@ instead of being shown every missing key. No network is built.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from torch import nn
 
 from dira3d.networks.pretrained import Shape, preview_keys
 from dira3d.networks.unet import ENCODER_PLAN, scale_channels
+from dira3d.utils.overrides import format_overrides  # the hints' --override words; kept importable from here
 
 __all__ = ["infer_network_settings", "network_family", "state_dict_mismatch", "mismatch_summary", "settings_that_fit",
            "format_overrides", "same_value"]
@@ -159,11 +159,3 @@ def settings_that_fit(state: Mapping[str, Any], current: Mapping[str, Any]) -> d
     """The entries of ``current`` (setting → value used now) that the weights in ``state`` need changed, with the value that fits."""
     inferred = infer_network_settings(state)
     return {k: inferred[k] for k in current if k in inferred and not same_value(inferred[k], current[k])}
-
-
-def format_overrides(settings: Mapping[str, Any]) -> str:
-    """``{"backbone": "resnet10", "roi_size": [64, 64]}`` → ``--override backbone=resnet10 --override roi_size=[64,64]``."""
-    def text(value: Any) -> str:
-        return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-
-    return " ".join(f"--override {k}={text(v)}" for k, v in settings.items())

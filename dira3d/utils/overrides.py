@@ -7,13 +7,14 @@ import ast
 import difflib
 import json
 import os
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from dira3d.utils.files import read_json, read_yaml
 
-__all__ = ["parse_value", "as_bool", "check_overrides", "did_you_mean", "keep_disabled_switches", "run_bundle"]
+__all__ = ["parse_value", "as_bool", "shell_word", "override_text", "format_overrides", "check_overrides", "did_you_mean", "keep_disabled_switches", "run_bundle"]
 
 
 def parse_value(text: str) -> Any:
@@ -28,6 +29,29 @@ def parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one word of a command the user pastes: as it is when it needs no quotes (``width=0.125``), in double
+    quotes when they keep it whole (``"roi_size=[64,64]"``, ``"['a.json','b.json']"``, as the docs write them), else
+    in single quotes (:func:`shlex.quote`). An unquoted ``[...]`` is a glob: zsh stops with "no matches found", bash
+    turns it into a file name that matches."""
+    quoted = shlex.quote(text)
+    if quoted == text or any(c in text for c in '"$`\\!'):
+        return quoted
+    return f'"{text}"'
+
+
+def override_text(value: Any) -> str:
+    """A setting's value as a command line writes it (before quoting): a string as it is, else compact JSON
+    (``[64,64]``, ``0.125``, ``null``), which :func:`parse_value` reads back."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def format_overrides(settings: Mapping[str, Any], option: str = "--override") -> str:
+    """``{"backbone": "resnet10", "roi_size": [64, 64]}`` → ``--override backbone=resnet10 --override "roi_size=[64,64]"``
+    (``option="--set"`` for ``dira3d finetune``): each ``id=value`` one shell word, quoted when it needs it."""
+    return " ".join(f"{option} {shell_word(f'{key}={override_text(value)}')}" for key, value in settings.items())
 
 
 def as_bool(value: Any, name: str) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError
 from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, sigterm_as_interrupt
+from dira3d.utils.overrides import format_overrides, shell_word
 from dira3d.visual_words.coordinates import CoordinateSamplingError
 from dira3d.visual_words.discover import LUNG_FILTER_CHOICES, discover_visual_words
 from dira3d.visual_words.embedding_chunks import PARTIAL_NAME, kept_rows
@@ -141,9 +142,9 @@ def next_step(out: Path, patch_size: Sequence[int], validation_words: bool = Tru
     image channels, when not 1: a multi-sequence MR datalist); without validation words (``--val-neighbours 0``) also a
     note on what pretraining without validation means."""
     size = [int(v) for v in patch_size]
-    override = "" if tuple(size) == DEFAULT_PATCH_SIZE else f" --override patch_size=[{','.join(map(str, size))}]"
+    override = "" if tuple(size) == DEFAULT_PATCH_SIZE else f" {format_overrides({'patch_size': size})}"
     override += f" --override in_channels={channels}" if channels != 1 else ""
-    command = (f"next:     dira3d pretrain --datalist {(out / DATALIST_NAME).resolve()} --config visual_words.json"
+    command = (f"next:     dira3d pretrain --datalist {shell_word(str((out / DATALIST_NAME).resolve()))} --config visual_words.json"
                f"{override} --output runs/dira_pretrain (docs/visual_words.md)")
     return command if validation_words else f"{command}\nnote:     {NO_VALIDATION_WORDS}"
 

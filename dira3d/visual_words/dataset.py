@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dira3d.utils.files import FileContentError, json_type, read_json
+from dira3d.utils.overrides import format_overrides, override_text, shell_word
 from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
 
 __all__ = ["VisualWordPairDataset", "load_visual_word_classes", "has_validation_words"]
@@ -140,11 +141,11 @@ class VisualWordPairDataset(Dataset):
         for shard, label in self.classes:
             shape = tuple(int(n) for n in _open_shard(shard).shape)
             if patch_size is not None and shape[2:] != tuple(int(p) for p in patch_size):
-                sizes = ",".join(str(n) for n in shape[2:])
+                sizes = [int(n) for n in shape[2:]]
                 raise ValueError(
                     f"visual word {label} ({shard}) has patches of {list(shape[2:])}, but this run's patch_size is "
-                    f"{[int(p) for p in patch_size]}; set patch_size to {list(shape[2:])} (`--patch_size \"[{sizes}]\"` for "
-                    f"monai.bundle run, `--override patch_size=[{sizes}]` for dira3d pretrain), or rerun `dira3d visual-words` with --patch-size {' '.join(str(int(p)) for p in patch_size)}")
+                    f"{[int(p) for p in patch_size]}; set patch_size to {list(shape[2:])} (`--patch_size {shell_word(override_text(sizes))}` "
+                    f"for monai.bundle run, `{format_overrides({'patch_size': sizes})}` for dira3d pretrain), or rerun `dira3d visual-words` with --patch-size {' '.join(str(int(p)) for p in patch_size)}")
             rows = shape[0]
             if rows < 2:
                 option = "--val-neighbours" if split == "validation" else "--neighbours"
