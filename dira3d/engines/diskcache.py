@@ -265,9 +265,29 @@ class DiskCacheDataset(PersistentDataset):
         with _temporary_files_in(self.cache_dir / PARTIAL):
             return super()._cachecheck(item_transformed)
 
+    def _pre_transform(self, item_transformed: Any) -> Any:
+        """MONAI's, with each tensor copied out of a larger one it is a view of (:func:`compact`): ``torch.save``
+        writes a view's whole storage, so the tiny LUNA16 preset's 16 x 16 x 8 centre crops of 64 x 64 x 32 cubes took
+        512 KiB a file instead of 8 KiB (64 times the size the free-space check had estimated)."""
+        return compact(super()._pre_transform(item_transformed))
+
     def set_data(self, data: Sequence) -> None:
         """Replace the entries; the files in ``cache_dir`` are left (MONAI's removes the folder)."""
         self.data = data
+
+
+def compact(value: Any) -> Any:
+    """``value`` with every tensor in it (in mappings, lists, tuples) that is a view of a larger storage (a crop)
+    replaced by a copy of its own elements; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        if value.untyped_storage().nbytes() > value.numel() * value.element_size():
+            return value.clone(memory_format=torch.contiguous_format)
+        return value
+    if type(value) is dict:
+        return {k: compact(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(compact(v) for v in value)
+    return value
 
 
 class SignalSafeCacheDataset(CacheDataset):

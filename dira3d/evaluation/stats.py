@@ -96,8 +96,8 @@ def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: 
     Welch's test. With ``paired=True``, a paired test (``scipy.stats.ttest_rel``) over the seeds both
     cells have, value against value of the same seed; the cell's ``pairs`` says how many (seeds of one
     side only are not in it). Cells with fewer than two values (pairs) on either side, cells where both
-    sides hold one value each in every seed (paired: the same difference in every pair; no spread: the
-    test is undefined), and the baseline itself get ``p_value=None``.
+    sides hold one value each in every seed (paired: the same difference in every pair; both up to float
+    rounding; no spread: the test is undefined), and the baseline itself get ``p_value=None``.
 
     Raises:
         ValueError: ``baseline`` is not one of the methods; ``paired`` with ``equal_var=False`` (a paired
@@ -118,7 +118,7 @@ def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: 
             out.append(replace(cell, p_value=p, pairs=pairs))
             continue
         p = None
-        spread = ref is not None and (len(set(cell.values)) > 1 or len(set(ref.values)) > 1)  # else t is 0/0 or x/0
+        spread = ref is not None and not _same_values(cell.values, ref.values)  # else t is 0/0 or x/0
         if cell.method != baseline and ref is not None and cell.n > 1 and ref.n > 1 and spread:
             with warnings.catch_warnings():  # one side of equal values (a run that predicts nothing, every seed):
                 # its variance is exactly 0 and t is defined by the other side's; scipy warned "Results may be unreliable"
@@ -145,6 +145,16 @@ def _paired_p(cell: CellSummary, ref: CellSummary) -> tuple[float | None, int]:
         return None, len(common)
     result = stats.ttest_rel(a, b)
     return (float(result.pvalue) if not math.isnan(result.pvalue) else None), len(common)
+
+
+def _same_values(values: Sequence[float], other: Sequence[float]) -> bool:
+    """Each side holds one value in every seed, up to float rounding: the independent t-test is undefined there.
+
+    ``0.75`` in two seeds and ``0.75000000000000011`` in a third, against ``0.65`` in every seed, gave t ~ 1e15 and
+    p ~ 1e-61 (the paired test already took such a difference as no spread)."""
+    both = np.concatenate([np.asarray(values, dtype=float), np.asarray(other, dtype=float)])
+    tolerance = 64 * np.finfo(float).eps * (float(np.max(np.abs(both))) or 1.0)
+    return bool(np.ptp(values) <= tolerance and np.ptp(other) <= tolerance)
 
 
 def _by_seed(cell: CellSummary) -> dict[int, float]:
