@@ -53,6 +53,24 @@ def test_a_damaged_training_image_is_named_in_one_line(tmp_path, bundle):
             assert isinstance(loader, LoadVolumed)
 
 
+def test_a_damaged_png_in_2d_pretraining_is_named_in_one_line(tmp_path):
+    """The pretraining bundle's 2d.json read its PNGs with plain LoadImaged(PILReader): a PNG cut short failed in
+    MONAI's traceback without the file's name (dira_pretrain 0.1.41: LoadVolumed, the same reader)."""
+    from PIL import Image
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / "dira_pretrain" / "configs" / name) for name in ("train.json", "2d.json")])
+    preprocessing = parser.get_parsed_content("preprocessing")
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)).save(good)
+    bad.write_bytes(good.read_bytes()[:60])
+    assert preprocessing({"image": str(good)})["image"].shape == (1, 224, 224)  # read as before
+    with pytest.raises(Exception) as info:
+        preprocessing({"image": str(bad)})
+    error = setting_error_in(info.value)
+    assert error is not None and str(bad) in str(error) and "\n" not in str(error), info.value
+
+
 @pytest.mark.slow
 def test_a_damaged_cube_fails_the_grid_s_runs_naming_the_file(tmp_path):
     datalist = make_classification(tmp_path / "data", "ncc_datalist.json", (16, 16, 8), folds=False)
