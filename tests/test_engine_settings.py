@@ -233,6 +233,35 @@ def test_check_overrides_refuses_text_for_numbers_but_not_expressions_or_backend
     check_overrides(configs, {"max_epochs": "$2 * 3", "lr_g": "@lr_d", "compile": "aot_eager", "width": 0.5})
 
 
+@pytest.mark.parametrize("key, value, kind", [
+    ("channels_last", "maybe", r"true or false \(default false\)"),  # bool('maybe'): switched on without a word
+    ("gemm_upconv", "no", r"true or false \(default false\)"),  # bool('no') is True too
+    ("validation", "maybe", r"true or false \(default true\)"),
+    ("patch_size", "abc", r"a list \(default \[64, 64, 32\]\)"),  # MONAI's traceback
+    ("intensity_range", "abc", r"a list \(default \[0.0, 1.0\]\)"),  # "could not convert string to float: 'a'"
+    ("betas_d", "abc", r"a list \(default \[0.9, 0.999\]\)"),
+])
+def test_check_overrides_refuses_text_for_true_false_and_list_settings(repo_root, key, value, kind):
+    from dira3d.utils.overrides import check_overrides
+
+    configs = [repo_root / "bundles" / "dira_pretrain" / "configs" / "train.json"]
+    with pytest.raises(ValueError, match=rf"^--override: {key}='{value}' is text, but the setting is {kind}; fix the value$"):
+        check_overrides(configs, {key: value}, where="--override")
+
+
+def test_check_overrides_keeps_text_where_a_true_false_setting_reads_it(repo_root):
+    from dira3d.utils.overrides import check_overrides
+
+    configs = [repo_root / "bundles" / "dira_pretrain" / "configs" / "train.json"]
+    # as_bool's words for the settings read with it, a backend name for compile, real values and expressions
+    check_overrides(configs, {"resume": "no", "validation": "yes", "compile": "aot_eager", "channels_last": True,
+                              "patch_size": [32, 32, 16], "intensity_range": None, "betas_d": "$[0.5, 0.999]"})
+    task = repo_root / "bundles" / "lits_liver_seg" / "configs"
+    check_overrides([task / "train.json", task / "tiny.json"], {"amp": "bf16", "overwrite": "yes"}, where="--set")
+    with pytest.raises(ValueError, match=r"overwrite='maybe' is text, but the setting is true or false"):
+        check_overrides([task / "train.json"], {"overwrite": "maybe"}, where="--set")
+
+
 @pytest.mark.parametrize("losses, shown", [("dis", '["dis"]'), ("dis+res", '["dis", "res"]'),
                                            ({"dis": True}, '["dis"]'), (5, '["dis", "res", "adv"]')])
 def test_stage_losses_that_are_not_a_list_are_refused_showing_the_list_form(losses, shown):
@@ -244,3 +273,44 @@ def test_stage_losses_that_are_not_a_list_are_refused_showing_the_list_form(loss
                        + re.escape(f"got {losses!r}; write it as a list, e.g. \"losses\": {shown}")):
         StageSchedule([{"name": "dis", "until_epoch": 1, "losses": ["dis"]}, {"name": "warm", "losses": losses}])
     assert StageSchedule([{"name": "warm", "losses": ("dis", "res")}]).stages[0].losses == ("dis", "res")
+
+
+@pytest.mark.parametrize("bad", ["abc", True, -1.0, 0, float("nan")])
+def test_a_clip_grad_norm_that_is_not_a_positive_number_is_refused_naming_it(bad):
+    """--clip_grad_norm abc failed at the first step with "could not convert string to float: 'abc'" (no setting
+    named); true clipped at 1.0 and a negative norm reached torch."""
+    with pytest.raises(ValueError, match=r"^clip_grad_norm=.* must be null \(no clipping\) or a number > 0"):
+        make_trainer("barlow", 3, clip_grad_norm=bad)
+    assert make_trainer("barlow", 3, clip_grad_norm=2).clip_grad_norm == 2.0
+    assert make_trainer("barlow", 3, clip_grad_norm=None).clip_grad_norm is None
+
+
+def test_a_nonfinite_loss_ends_dira3d_pretrain_with_one_error_line(tmp_path, monkeypatch, capsys):
+    """A NaN/Inf loss (on_nonfinite='stop', e.g. --override lambda_dis=1e39) ended dira3d pretrain with MONAI's
+    traceback of "Failed to evaluate ConfigExpression" around the error (about 40 lines): now its message in one
+    line, exit 1."""
+    from dira3d.engines.command import main
+    from dira3d.engines.faults import NonFiniteLossError
+    from dira3d.utils import overrides
+
+    message = ("non-finite loss (NaN/Inf) at iteration 1 (stage 'dis'); training stopped and the last checkpoint "
+               "written before it is kept")
+
+    def diverge(*args, **kwargs):
+        try:
+            raise NonFiniteLossError(message)
+        except NonFiniteLossError as err:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from err
+
+    monkeypatch.setattr(overrides, "run_bundle", diverge)
+    datalist = tmp_path / "pretrain_datalist.json"
+    datalist.write_text('{"training": []}')
+    assert main(["--datalist", str(datalist), "--output", str(tmp_path / "run"), "--tiny"]) == 1
+    assert capsys.readouterr().err == f"dira3d pretrain: error: {message}\n"
+
+    def other(*args, **kwargs):  # any other error keeps its traceback
+        raise RuntimeError("Failed to evaluate ConfigExpression") from ZeroDivisionError("x")
+
+    monkeypatch.setattr(overrides, "run_bundle", other)
+    with pytest.raises(RuntimeError):
+        main(["--datalist", str(datalist), "--output", str(tmp_path / "run"), "--tiny"])

@@ -50,9 +50,14 @@ def test_pretrain_adds_tiny_json_and_the_configs_named_or_given_by_path(tmp_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.json").write_text('{"max_epochs": 3}')  # a path relative to the current folder
     argv = ["--datalist", str(datalist), "--output", str(tmp_path / "run"), "--tiny"]
-    assert main(argv + ["--config", "2d.json", "--config", "mine.json"]) == 0
+    assert main(argv + ["--config", "mine.json"]) == 0
     own = BUNDLE_DIR / "configs"
-    assert bundle_run["configs"] == [str(own / "train.json"), str(own / "tiny.json"), str(own / "2d.json"), "mine.json"]
+    assert bundle_run["configs"] == [str(own / "train.json"), str(own / "tiny.json"), "mine.json"]
+    # with 2d.json, --tiny adds 2d_tiny.json after the bundle's 2D configs and before the user's own (session 25: the
+    # 3D tiny.json before 2d.json left 2d.json's batch of 32)
+    assert main(argv + ["--config", "2d.json", "--config", "mine.json"]) == 0
+    assert bundle_run["configs"] == [str(own / "train.json"), str(own / "2d.json"), str(own / "2d_tiny.json"),
+                                     "mine.json"]
 
 
 def test_pretrain_refuses_a_missing_datalist_or_config_before_anything_runs(tmp_path, datalist, bundle_run, capsys):

@@ -269,7 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         # MONAI wraps transform and config errors; print the bad file's or setting's own message
         cause = setting_error_in(err)
         if cause is None:
-            raise
+            from dira3d.engines.faults import NonFiniteLossError
+            from dira3d.utils.bundle_errors import error_in_chain
+
+            # a NaN/Inf loss (on_nonfinite='stop'): its message names the iteration, the stage and what to change;
+            # MONAI's wrapper traceback around it (40 lines) said nothing more
+            nonfinite = error_in_chain(err, (NonFiniteLossError,))
+            if nonfinite is None:
+                raise
+            print(f"dira3d pretrain: error: {nonfinite}", file=sys.stderr)
+            return 1
         print(f"dira3d pretrain: error: {cause}", file=sys.stderr)
         return 2
     print(finished_message(output, configs, overrides), flush=True)

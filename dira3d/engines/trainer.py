@@ -81,7 +81,8 @@ from dira3d.engines.shuffle_bn import check_shuffle_bn
 from dira3d.engines.stages import Stage, StageSchedule
 from dira3d.engines.step import Forward, Prepared, StepInputs, TrainingStepMixin
 from dira3d.engines.stopping import SignalStop
-from dira3d.engines.trainer_checks import check_modules_for_stages, check_second_view, check_yields_batches
+from dira3d.engines.trainer_checks import (check_clip_grad_norm, check_modules_for_stages, check_second_view,
+                                           check_yields_batches)
 from dira3d.losses import AdversarialLoss, DiRALoss, MoCoQueue, RestorationLoss
 from dira3d.utils.interrupts import QuietInterruptMixin
 
@@ -272,7 +273,8 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
             distortion = build_distortion("transvw" if getattr(network, "spatial_dims", 3) == 3 else "dira2d")
         self.distortion, self.views = distortion, resolve_views(views, self.dis_mode, getattr(network, "spatial_dims", 3))
         self.seed, self.d_steps, self.amp_mode = int(seed), int(d_steps), amp
-        self.clip_grad_norm, self.classify_both, self.momentum = clip_grad_norm, bool(classify_both), float(momentum)
+        self.clip_grad_norm, self.classify_both = check_clip_grad_norm(clip_grad_norm), bool(classify_both)
+        self.momentum = float(momentum)
         self.prefetch = bool(prefetch)
         self._side_stream = side_stream(self.state.device) if self.prefetch else None
         autocast_context(amp, device)  # validates the value early

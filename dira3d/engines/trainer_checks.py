@@ -16,6 +16,7 @@ Checks of single options live next to what they check (``check_dis_mode`` in
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ from torch import nn
 
 from dira3d.engines.stages import DEFAULT_STAGES, LOSS_TERMS, StageSchedule
 
-__all__ = ["check_modules_for_stages", "check_yields_batches", "check_second_view", "SECOND_VIEWS"]
+__all__ = ["check_modules_for_stages", "check_yields_batches", "check_second_view", "check_clip_grad_norm",
+           "SECOND_VIEWS"]
 
 # what the instance modes do with their second view (docs/method.md): the patent's equation (2) (augmented
 # only, the default), the official 2D code (also distorted, not restored), the patent's claims (both restored)
@@ -105,3 +107,20 @@ def check_yields_batches(loader: Any) -> None:
             f"{loader.batch_size}{drop}; lower batch_size (e.g. --override batch_size=1 with dira3d pretrain, --batch_size 1 "
             f"with python -m monai.bundle run){fewer} or add training volumes"
         )
+
+
+def check_clip_grad_norm(value: Any) -> float | None:
+    """``clip_grad_norm`` as a float, or None (no clipping); anything else is refused naming the setting.
+
+    Text (``--clip_grad_norm abc``) failed at the first step with ``could not convert string to float: 'abc'``,
+    naming no setting; ``true`` clipped at 1.0, and a negative or NaN norm reached torch's clipping.
+
+    Raises:
+        ValueError: not null and not a finite number > 0.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"clip_grad_norm={value!r} must be null (no clipping) or a number > 0, the largest "
+                         "gradient norm of G and D, e.g. clip_grad_norm=1.0")
+    return float(value)

@@ -98,7 +98,12 @@ def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str
         raise ValueError(f"{where}: no setting {hints} in {', '.join(f.name for f in files)} of {folder}; fix or remove it")
     for key, value in overrides.items():
         words = NUMBER_OR_WORD.get(key, ())
-        problem = "" if value in words else _type_mismatch(parser.get(key), value)
+        default, name = parser.get(key), key.rpartition("#")[2]
+        if isinstance(default, bool) and name in BOOL_OR_TEXT:
+            continue
+        if isinstance(default, bool) and name in TEXT_AS_BOOL and str(value).strip().lower() in _BOOL_WORDS:
+            continue
+        problem = "" if value in words else _type_mismatch(default, value)
         if problem and words:
             problem += f" or {' or '.join(map(repr, words))}"
         if problem:
@@ -108,6 +113,13 @@ def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str
 # number settings that also take these words (the fine-tuning bundles' `holdout`: a share, or the datalist's own
 # 'validation' list, dira3d.evaluation.load_split)
 NUMBER_OR_WORD = {"holdout": ("validation",)}
+# true/false settings that also take text: `compile` (a backend name), `amp` (the task bundles' tiny.json sets it
+# false; dira_pretrain's takes 'none', 'bf16', 'fp16')
+BOOL_OR_TEXT = ("compile", "amp")
+# true/false settings read with as_bool, which takes its words as text too (`resume=no`); any other true/false
+# setting takes text as true (bool('no') is True), so text is refused there
+TEXT_AS_BOOL = ("resume", "validation", "overwrite", "tiny")
+_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "none", "null", "")
 
 
 def _type_mismatch(default: Any, value: Any) -> str:
@@ -115,13 +127,21 @@ def _type_mismatch(default: Any, value: Any) -> str:
 
     Only the plain case is judged: a number replaced by text that is not a ``$`` expression or an
     ``@`` reference (``max_epochs=two`` would otherwise fail deep inside the run, as a TypeError
-    wrapped in MONAI's "Failed to evaluate ConfigExpression"). Booleans are left alone: some take
-    text too (``compile``: a backend name).
+    wrapped in MONAI's "Failed to evaluate ConfigExpression"); a true/false setting replaced by text
+    (``channels_last=maybe`` or ``=no`` switched it on, as any non-empty text is true; the caller leaves out
+    :data:`BOOL_OR_TEXT`, which take text too, and :data:`TEXT_AS_BOOL`'s words); a list replaced by text
+    (``patch_size=abc`` failed in MONAI's traceback, ``intensity_range=abc`` with ``could not convert string
+    to float: 'a'``, naming no setting).
     """
     if not isinstance(value, str) or value.startswith(("$", "@", "%")):
         return ""
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
+    if isinstance(default, bool):
+        return f"is text, but the setting is true or false (default {str(default).lower()})"
+    if isinstance(default, (int, float)):
         return f"is text, but the setting is a number (default {default!r})"
+    if isinstance(default, list):
+        shown = json.dumps(default)
+        return "is text, but the setting is a list" + (f" (default {shown})" if len(shown) <= 60 else "")
     return ""
 
 
