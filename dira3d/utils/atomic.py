@@ -16,6 +16,7 @@ import glob
 import os
 import re
 import shutil
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,17 +99,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    if not _hold(fd):  # held while written: stale_temporaries_of leaves it alone (the lock goes with the process)
-        os.close(fd)  # no flock here (Windows, some network file systems): closed at once, as before
-        fd = -1
-    try:
+    fd, tmp, tried = -1, "", []
+    try:  # the name is known before the file exists: a Ctrl-C / SIGTERM raised right after it is made removes it too
+        fd, tmp = _create_temporary(path, suffix, tried.append)
+        if not _hold(fd):  # held while written: stale_temporaries_of leaves it alone (the lock goes with the process)
+            os.close(fd)  # no flock here (Windows, some network file systems): closed at once, as before
+            fd = -1
         yield Path(tmp)
         _sync_to_disk(tmp)  # the data are on disk before the rename makes them visible
         os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp or (tried and tried[-1]):  # the last name tried: what an interrupt inside _create_temporary may leave
+            Path(tmp or tried[-1]).unlink(missing_ok=True)
         raise
     finally:
         if fd >= 0:
@@ -277,6 +280,25 @@ def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 match["suffix"] == ".tmp" or match["target"].endswith(match["suffix"])):
             found.append(path)
     return sorted(found)
+
+
+_NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile.mkstemp's
+
+
+def _create_temporary(path: Path, suffix: str, named: Callable[[str], Any]) -> tuple[int, str]:
+    """``(fd, name)`` of a new hidden file next to ``path`` (the names of :data:`_TEMPORARY`, as ``tempfile.mkstemp``
+    makes them: mode 0600, ``O_EXCL``); ``named(name)`` is called before each attempt to create it, so that an
+    interrupt raised right after the file appears (before this returns) still knows what to remove."""
+    for _ in range(tempfile.TMP_MAX):
+        random = "".join(secrets.choice(_NAME_CHARACTERS) for _ in range(8))
+        name = os.path.join(path.parent, f".{path.name}.{random}{suffix}")
+        named(name)
+        try:
+            return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600), name
+        except FileExistsError:  # another writer's: never to be removed here
+            named("")
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name next to {path}")
 
 
 def _hold(fd: int) -> bool:
