@@ -259,10 +259,14 @@ def test_a_folder_that_cannot_be_written_is_named_with_the_prediction(tmp_path, 
     from dira3d.evaluation.outputs import SavePredictiond
     from dira3d.utils import atomic
 
-    def no_temporary(*args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / ".case_seg.nii.gz.x.nii.gz"))
+    real_open = os.open
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", no_temporary)
+    def no_temporary(name, *args, **kwargs):  # the temporary file cannot be created (atomic_path's os.open)
+        if os.path.basename(str(name)).startswith(".case_seg.nii.gz."):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "open", no_temporary)
     saver = SavePredictiond(keys="pred", output_dir=str(tmp_path), output_postfix="seg", output_ext=".nii.gz",
                             separate_folder=False, resample=False, print_log=False)
     image = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "/data/case.nii.gz"})
