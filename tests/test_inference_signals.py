@@ -93,16 +93,16 @@ def test_a_signal_mid_batch_writes_the_report_says_what_was_kept_and_exits_with_
                          "(without it, every input is run again)"), last
 
 
-def test_sigterm_while_the_inputs_are_checked_writes_the_report_and_raises_the_interrupt_in_process(tmp_path,
-                                                                                                    monkeypatch):
-    """Screening reads every input before the model runs (0.6 s a CT: minutes for a large batch). Called in-process
-    the interrupt is raised after the report, as a Ctrl-C; the SIGTERM handler from before is put back."""
+def _sigterm_while_screening(tmp_path, monkeypatch) -> dict:
+    """Run a 2-input LiTS batch in-process with SIGTERM sent to this process as its inputs are checked (a handler
+    that fails the test stands in for the one from before the run, whose default would end pytest itself); check the
+    interrupt is raised after the report and that handler is put back; return the report."""
     from dira3d.evaluation import inputs
     from dira3d.utils.interrupts import TerminatedBySignal
     from test_inference_batch import _run
 
     def _not_taken(signum, frame):
-        raise AssertionError("SIGTERM reached the handler from before the run")
+        raise AssertionError("a SIGTERM reached the handler from before the run")
 
     screen = inputs.screen_inputs
 
@@ -113,17 +113,24 @@ def test_sigterm_while_the_inputs_are_checked_writes_the_report_and_raises_the_i
     monkeypatch.setattr(inputs, "screen_inputs", terminated)
     scans = [_raw_ct(tmp_path / f"{name}.nii.gz") for name in ("a", "b")]
     out = tmp_path / "out"
-    previous = signal.signal(signal.SIGTERM, _not_taken)  # SIGTERM's default would end pytest itself
+    previous = signal.signal(signal.SIGTERM, _not_taken)
     try:
         with pytest.raises(TerminatedBySignal):
             _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in scans], out)
         assert signal.getsignal(signal.SIGTERM) is _not_taken
     finally:
         signal.signal(signal.SIGTERM, previous)
-    report = json.loads((out / "inference_report.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["inference_report.json"]
+    return json.loads((out / "inference_report.json").read_text())
+
+
+def test_sigterm_while_the_inputs_are_checked_writes_the_report_and_raises_the_interrupt_in_process(tmp_path,
+                                                                                                    monkeypatch):
+    """Screening reads every input before the model runs (0.6 s a CT: minutes for a large batch). Called in-process
+    the interrupt is raised after the report, as a Ctrl-C; the SIGTERM handler from before is put back."""
+    report = _sigterm_while_screening(tmp_path, monkeypatch)
     assert report["stopped"] == "stopped by SIGTERM while the inputs were checked"
     assert report["summary"] == {"inputs": 2, "written": 0, "left out": 0, "failed": 0, "not run": 2}
-    assert sorted(p.name for p in out.iterdir()) == ["inference_report.json"]
 
 
 def test_a_second_sigterm_while_the_report_is_written_is_ignored(tmp_path, monkeypatch):
@@ -131,35 +138,16 @@ def test_a_second_sigterm_while_the_report_is_written_is_ignored(tmp_path, monke
     rank may get a second one right after the first. Once the first had ended the run, SIGTERM's handler from before
     was back (its default action ends the process) while the report was written: no report. A second SIGTERM then is
     now ignored, and the handler from before is back after the report."""
-    from dira3d.evaluation import InferenceBatch, inputs
-    from dira3d.utils.interrupts import TerminatedBySignal
-    from test_inference_batch import _run
+    from dira3d.evaluation import InferenceBatch
 
-    def _not_taken(signum, frame):
-        raise AssertionError("a SIGTERM reached the handler from before the run")
-
-    screen, finish = inputs.screen_inputs, InferenceBatch._finish
-
-    def terminated(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # the first: delivered here, in the main thread
-        return screen(*args, **kwargs)
+    finish = InferenceBatch._finish
 
     def terminated_again(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # the second, as the report is about to be written
         return finish(self, *args, **kwargs)
 
-    monkeypatch.setattr(inputs, "screen_inputs", terminated)
     monkeypatch.setattr(InferenceBatch, "_finish", terminated_again)
-    scans = [_raw_ct(tmp_path / f"{name}.nii.gz") for name in ("a", "b")]
-    out = tmp_path / "out"
-    previous = signal.signal(signal.SIGTERM, _not_taken)  # SIGTERM's default would end pytest itself
-    try:
-        with pytest.raises(TerminatedBySignal):
-            _run("lits_liver_seg", tmp_path, [{"image": str(p)} for p in scans], out)
-        assert signal.getsignal(signal.SIGTERM) is _not_taken
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    report = json.loads((out / "inference_report.json").read_text())
+    report = _sigterm_while_screening(tmp_path, monkeypatch)
     assert report["stopped"] == "stopped by SIGTERM while the inputs were checked"
     assert report["summary"]["not run"] == 2
 

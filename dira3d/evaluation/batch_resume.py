@@ -68,7 +68,7 @@ def made_by_record(made_by: Mapping[str, Any] | None) -> dict[str, Any] | None:
             with open(model, "rb") as file:
                 record["sha256"] = hashlib.file_digest(file, "sha256").hexdigest()
             record["size"] = os.path.getsize(model)
-        except OSError:
+        except OSError:  # unreadable now: recorded without a checksum, which matches no run (nothing is kept)
             pass
     return json.loads(json.dumps({"model": record, "settings": _plain(made_by.get("settings") or {})}))
 
