@@ -164,13 +164,14 @@ def test_without_folds_the_files_are_as_before(tmp_path):
         "random_lf1_seed0", "random_lf1_seed1", "dira_lf1_seed0", "dira_lf1_seed1"}
 
 
-def _bundle_without_fold(tmp_path):
+def bundle_without_setting(tmp_path, key: str = "fold") -> str:
+    """A copy of the LUNA16 bundle whose train.json lacks the top-level setting ``key`` (an older or own bundle)."""
     from dira3d.evaluation.finetune import bundle_path
 
-    folder = tmp_path / "nofold_bundle"
+    folder = tmp_path / f"no{key}_bundle"
     shutil.copytree(bundle_path("luna16_nodule_fpr"), folder)
     train = json.loads((folder / "configs" / "train.json").read_text())
-    del train["fold"]
+    del train[key]
     (folder / "configs" / "train.json").write_text(json.dumps(train))
     return str(folder)
 
@@ -194,7 +195,7 @@ def test_fold_config_errors_name_the_setting_before_any_run(tmp_path, extra, mat
                                                      "test": []}))
     (tmp_path / "empty.json").write_text("{}")
     if extra.get("bundle") == "<no fold>":
-        extra = {"bundle": _bundle_without_fold(tmp_path)}
+        extra = {"bundle": bundle_without_setting(tmp_path)}
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, **extra)
     assert not (tmp_path / "out").exists()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from test_bundles_finetune import make_classification
 from test_experiment_walkthrough_grid import write_experiment_config
+from test_experiment_folds import bundle_without_setting
+from test_experiment_split_ids import fake_runner
 
 from dira3d.evaluation import load_split
 from dira3d.evaluation.experiment import load_config, run_experiment
@@ -170,29 +171,11 @@ def test_split_seed_in_the_overrides_is_refused_for_the_config_key(tmp_path):
 
 
 def test_a_bundle_without_split_seed_is_refused_with_the_key(tmp_path):
-    own = tmp_path / "own_bundle"
-    shutil.copytree(bundle_path("luna16_nodule_fpr"), own)
-    train = json.loads((own / "configs" / "train.json").read_text())
-    del train["split_seed"]
-    (own / "configs" / "train.json").write_text(json.dumps(train))
+    own = bundle_without_setting(tmp_path, "split_seed")
     assert load_config(write_experiment_config(tmp_path, bundle=str(own)))  # without split_seed: as before
     with pytest.raises(ValueError, match=r"split_seed in .*experiment\.yaml \(bundle .* must draw its splits with a "
                                          r"split_seed setting.*no setting 'split_seed'"):
         load_config(write_experiment_config(tmp_path, bundle=str(own), split_seed=2))
-
-
-def _runner(calls: list, train_digest=lambda o: "a" * 16):
-    """A runner that writes metrics.json as run_finetune does, its training split's digest ``train_digest(overrides)``."""
-    def run(bundle, overrides):
-        calls.append(dict(overrides))
-        value = 0.7 + 0.01 * overrides["seed"]
-        out = Path(overrides["output_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        splits = {"train": {"cases": 43, "patients": 4, "positive": 2}, "test": {"cases": 20, "patients": 5, "positive": 6}}
-        (out / "metrics.json").write_text(json.dumps({"metrics": {"auc": value}, "splits": splits, "split_digests": {
-            "train": train_digest(overrides), "holdout": "b" * 16, "test": "c" * 16}}))
-        return {"auc": value}
-    return run
 
 
 def _results(tmp_path: Path) -> tuple[list[dict], list[str]]:
@@ -204,7 +187,7 @@ def _results(tmp_path: Path) -> tuple[list[dict], list[str]]:
 def test_a_grid_with_split_seed_gives_it_to_every_run_and_records_it(tmp_path):
     calls: list = []
     config = load_config(write_experiment_config(tmp_path, seeds=[0, 1, 2], split_seed=7))
-    run_experiment(config, runner=_runner(calls), log=lambda _: None)
+    run_experiment(config, runner=fake_runner(calls), log=lambda _: None)
     assert len(calls) == 6 and {c["split_seed"] for c in calls} == {7} and {c["seed"] for c in calls} == {0, 1, 2}
     rows, fields = _results(tmp_path)
     assert fields[:6] == ["method", "checkpoint", "label_fraction", "seed", "split_seed", "metric"]
@@ -214,12 +197,12 @@ def test_a_grid_with_split_seed_gives_it_to_every_run_and_records_it(tmp_path):
     assert "with split_seed 7: the spread over seeds, the intervals and the t-tests measure the variance of training" in table
     # read back: nothing to redo
     assert len(run_experiment(load_config(write_experiment_config(tmp_path, seeds=[0, 1, 2], split_seed=7)),
-                              runner=_runner(calls), log=lambda _: None)) == 6 and len(calls) == 6
+                              runner=fake_runner(calls), log=lambda _: None)) == 6 and len(calls) == 6
 
 
 def test_a_grid_without_split_seed_passes_none_and_writes_the_columns_of_before(tmp_path):
     calls: list = []
-    run_experiment(load_config(write_experiment_config(tmp_path)), runner=_runner(calls), log=lambda _: None)
+    run_experiment(load_config(write_experiment_config(tmp_path)), runner=fake_runner(calls), log=lambda _: None)
     assert all("split_seed" not in c for c in calls)
     assert "split_seed" not in _results(tmp_path)[1]
     assert "split_seed" not in json.loads((tmp_path / "out" / "experiment.json").read_text())
@@ -233,20 +216,20 @@ def test_with_split_seed_runs_of_other_seeds_that_drew_other_cases_stop_the_grid
     with pytest.raises(ValueError, match=r"the run random labels=1 seed=1 drew another split than the runs of the same "
                                          r"label fraction and split_seed \(7, every seed\) in .*results\.csv \(random "
                                          r"labels=1 seed=1 has train_digest 0{15}1, random labels=1 seed=0 0{16}"):
-        run_experiment(config, runner=_runner([], lambda o: f"{o['seed']:016d}"), log=lambda _: None)
+        run_experiment(config, runner=fake_runner([], lambda o: f"{o['seed']:016d}"), log=lambda _: None)
     rows, _ = _results(tmp_path)
     assert [(r["method"], r["seed"]) for r in rows] == [("random", "0")]  # the clashing run is not added
     # without split_seed each seed draws its own cases: no clash
     (tmp_path / "out" / "results.csv").unlink()
     (tmp_path / "out" / "experiment.json").unlink()
     rows = run_experiment(load_config(write_experiment_config(tmp_path, seeds=[0, 1])),
-                          runner=_runner([], lambda o: f"{o['seed']:016d}"), log=lambda _: None)
+                          runner=fake_runner([], lambda o: f"{o['seed']:016d}"), log=lambda _: None)
     assert len(rows) == 4
 
 
 def test_a_results_csv_whose_seeds_drew_other_cases_under_one_split_seed_is_refused_before_any_run(tmp_path):
     config = load_config(write_experiment_config(tmp_path, seeds=[0, 1], split_seed=7))
-    run_experiment(config, runner=_runner([]), log=lambda _: None)
+    run_experiment(config, runner=fake_runner([]), log=lambda _: None)
     rows, fields = _results(tmp_path)
     rows[-1]["train_digest"] = "f" * 16  # dira, seed 1: its pair (random, seed 1) agrees with it no more than seed 0
     rows[1]["train_digest"] = "f" * 16  # random, seed 1: both runs of seed 1 agree, but not with seed 0's
@@ -260,31 +243,31 @@ def test_a_results_csv_whose_seeds_drew_other_cases_under_one_split_seed_is_refu
                                          r"seed\) that drew different splits \(random labels=1 seed=0 has train_digest "
                                          r"a{16}, random labels=1 seed=1 f{16}"):
         run_experiment(load_config(write_experiment_config(tmp_path, seeds=[0, 1, 2], split_seed=7)),
-                       runner=_runner(calls), log=lambda _: None)
+                       runner=fake_runner(calls), log=lambda _: None)
     assert calls == []
 
 
 def test_split_seed_cannot_change_on_a_results_csv(tmp_path):
     """Rows of each seed's own split and rows of one split_seed's (or of two split_seeds) are never mixed in one table,
     whether or not experiment.json (which records split_seed) is there: results.csv's split_seed column says it."""
-    run_experiment(load_config(write_experiment_config(tmp_path)), runner=_runner([]), log=lambda _: None)
+    run_experiment(load_config(write_experiment_config(tmp_path)), runner=fake_runner([]), log=lambda _: None)
     for _ in range(2):
         with pytest.raises(ValueError, match=r"results\.csv holds runs that drew each seed's own label subset and "
                                              r"holdout \(no split_seed column\); adding runs that all draw split_seed 3's"):
-            run_experiment(load_config(write_experiment_config(tmp_path, split_seed=3)), runner=_runner([]),
+            run_experiment(load_config(write_experiment_config(tmp_path, split_seed=3)), runner=fake_runner([]),
                            log=lambda _: None)
         (tmp_path / "out" / "experiment.json").unlink(missing_ok=True)
     for old in tmp_path.joinpath("out").iterdir():
         if old.is_file():
             old.unlink()
-    run_experiment(load_config(write_experiment_config(tmp_path, split_seed=3)), runner=_runner([]), log=lambda _: None)
+    run_experiment(load_config(write_experiment_config(tmp_path, split_seed=3)), runner=fake_runner([]), log=lambda _: None)
     for _ in range(2):
         with pytest.raises(ValueError, match=r"holds runs drawn with split_seed 3, but the config gives split_seed 4"):
-            run_experiment(load_config(write_experiment_config(tmp_path, split_seed=4)), runner=_runner([]),
+            run_experiment(load_config(write_experiment_config(tmp_path, split_seed=4)), runner=fake_runner([]),
                            log=lambda _: None)
         with pytest.raises(ValueError, match=r"holds runs that all drew one split \(a split_seed column\), but the "
                                              r"config has no split_seed"):
-            run_experiment(load_config(write_experiment_config(tmp_path)), runner=_runner([]), log=lambda _: None)
+            run_experiment(load_config(write_experiment_config(tmp_path)), runner=fake_runner([]), log=lambda _: None)
         (tmp_path / "out" / "experiment.json").unlink(missing_ok=True)
 
 
