@@ -310,6 +310,21 @@ def test_gpu_lease_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path)
     assert [r["batch"] for r in rows("scale")] == [6, 8]  # the fastest row at the larger batch sizes
 
 
+def test_gpu_verify_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path) -> None:
+    """`run.sh verify` (the fourth lease, 2026-11-28): the CUDA tests, the figure at batch 64, the pretraining bundle end
+    to end with a resume (which found every resume on a GPU failing), the profile."""
+    script = repo_root / "benchmarks" / "gpu" / "run.sh"
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    subprocess.run(["bash", str(script), "verify"], capture_output=True, text=True, timeout=600, env=env)
+    for part, marker in (("cuda_tests", "skipped"), ("ab", "peak_MiB"), ("bundle", "bundle end to end: OK"),
+                         ("profile", "step (G + D")):
+        log = (tmp_path / f"{part}.txt").read_text()
+        assert marker in log and "exited with" not in log and "skipped, no time left" not in log, (part, log[-1500:])
+    table = [line for line in (tmp_path / "bundle.txt").read_text().splitlines() if line.startswith("| 4 | dira |")]
+    assert table and float(table[0].split("|")[3]) > 0  # the resumed epoch, its patches/s from the progress lines
+    assert (tmp_path / "bundle_resumed_run.log").is_file()  # the runs' logs come back with $OUT
+
+
 def test_gpu_followup_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path) -> None:
     script = repo_root / "benchmarks" / "gpu" / "run.sh"
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}

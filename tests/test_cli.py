@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -218,3 +221,15 @@ def test_version_names_dira3d_torch_and_monai(capsys):
     out = capsys.readouterr().out.strip()
     assert out.startswith(f"dira3d {dira3d.__version__} (torch ")
     assert torch.__version__.split("+")[0] in out and f"monai {monai.__version__}" in out
+
+
+def test_python_dash_m_dira3d_runs_the_command(repo_root):
+    """`python -m dira3d ...` where the console script is not on PATH (a checkout on PYTHONPATH, as on a GPU machine
+    the package is carried to): the same command and exit codes."""
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    ok = subprocess.run([sys.executable, "-m", "dira3d", "pretrain", "--help"], capture_output=True, text=True,
+                        timeout=120, env=env, cwd="/")
+    assert ok.returncode == 0 and "usage: dira3d pretrain" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "dira3d", "nonsense"], capture_output=True, text=True, timeout=120,
+                         env=env, cwd="/")
+    assert bad.returncode == 2 and "nonsense" in bad.stderr

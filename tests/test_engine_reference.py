@@ -209,6 +209,22 @@ def test_rng_state_round_trip_puts_back_torch_python_and_numpy_generators():
     assert _draws() == first
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a checkpoint loaded onto it)")
+def test_rng_state_loaded_onto_cuda_is_restored_on_cuda(tmp_path):
+    """A resume loads last.pt with map_location the run's device: on a GPU the generator states arrived as CUDA
+    tensors and every resume failed with 'RNG state must be a torch.ByteTensor' (seen on an H100, 2026-11-28)."""
+    from dira3d.engines.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(1)
+    state = rng_state()
+    first = _draws(), torch.rand(2, device="cuda").tolist()
+    path = atomic_save({"rng": state}, tmp_path / "rng.pt")
+    loaded = torch.load(path, map_location="cuda", weights_only=True)["rng"]
+    assert loaded["torch"].is_cuda  # as restore_checkpoint receives them
+    set_rng_state(loaded)
+    assert (_draws(), torch.rand(2, device="cuda").tolist()) == first
+
+
 def test_restore_checkpoint_restores_the_global_rngs_recorded_by_checkpoint_dict():
     from dira3d.engines import checkpoint_dict, restore_checkpoint
     from test_engine import make_trainer

@@ -79,7 +79,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     SW_SIZE=(--volume 64 64 32 --width 0.125); B32=(2); BIG=(4); CONFIGS=fp32; BEST=fp32
     PF_SIZE=(--quick); PF_EXTRA=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}")
     AB_BASE=fp32+gemmwg+splitcat; AB_CONFIGS=fp32+gemmwg+splitcat,fp32+gemmwg+splitcat+gemmhead+prefetch; BIG2=(6 8)
-    CL_SIZE=(--quick); FOLLOW=fp32+gemmwg; FOLLOW_MAX=fp32+gemmwg; BATCHES=(2 4)
+    CL_SIZE=(--quick); FOLLOW=fp32+gemmwg; FOLLOW_MAX=fp32+gemmwg; BATCHES=(2 4); BR_ARGS=(--quick)
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
@@ -90,6 +90,8 @@ else
     PLAIN=bf16+cl+compile
     CL_SIZE=(--batch 64); FOLLOW=bf16+cl+gemmwg+compile; FOLLOW_MAX=bf16+cl+gemmwg+compile-max; BATCHES=(64 128)
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
+    BR_ARGS=(--config performance.json --batch 64 --pairs 2560)
+    [ -f "${WORDS:-.gpu_e2e/vw}/visual_words.json" ] && BR_ARGS+=(--words "${WORDS:-.gpu_e2e/vw}")
     CONFIGS=fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile
     BEST=bf16+cl+cudnn,bf16+cl+cudnn+compile
 fi
@@ -128,6 +130,19 @@ for what in "$@"; do
             --configs "$best" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/scale.md"
         capped plain "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BIG[0]}" --configs "" --plain-config "$PLAIN" ;;
+    verify)
+        part facts nvidia-smi -L
+        part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+        capped cuda_tests 100 "$PY" -m pytest -q -p no:cacheprovider -k "on_cuda or cuda_matches_cpu or cuda_step_runs" \
+            tests/test_image_convs.py tests/test_engine_prefetch.py tests/test_transforms_static.py tests/test_transforms.py \
+            tests/test_engine_performance.py tests/test_engine_reference.py
+        cap=$(left 320)  # keep ~200 s for the bundle, the rest for the profile
+        capped ab "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
+            --configs "$AB_BASE" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/ab.md"
+        capped bundle "$(( $(left 100) < 220 ? $(left 100) : 220 ))" "$PY" benchmarks/gpu/bundle_run.py "${BR_ARGS[@]}" \
+            --out /tmp/dira3d_bundle_run --log-dir "$OUT"
+        capped profile "$(left 0)" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
+            "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$AB_BASE" --warmup 3 --by-shape aten::copy_ --callers 4 ;;
     first_conv)
         part first_conv "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}" ;;
     layers)
@@ -142,7 +157,7 @@ for what in "$@"; do
         capped autotune "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BATCHES[0]}" --configs "$FOLLOW_MAX" --no-plain --out "$OUT/autotune.md" ;;
     *)
-        echo "unknown part '$what'; use check, throughput, scale, loader, inference, first_conv, layers, lease, followup" >&2; status=2 ;;
+        echo "unknown part '$what'; use check, throughput, scale, loader, inference, first_conv, layers, lease, followup, verify" >&2; status=2 ;;
     esac
 done
 exit $status
