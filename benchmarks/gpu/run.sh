@@ -26,6 +26,10 @@
 # followup: the per-layer convolution table (conv_layers.py), batch 64 vs 128, and inductor's
 # max-autotune (the second call of 2026-11-26; its figures are in docs/benchmarks.md).
 # The loader, inference and first_conv were measured on 2026-11-26 and are separate parts now.
+# verify (the fourth lease, 2026-11-28; DEADLINE as for lease): facts; the CUDA tests (-k on_cuda ...); the figure of
+#   performance.json's configuration at batch 64 (a regression check against 417-418); the pretraining bundle end to
+#   end with a resume (benchmarks/gpu/bundle_run.py on the visual-word folder WORDS, default .gpu_e2e/vw when it
+#   exists, else a synthetic one; carry it); the profile of that configuration with the callers of aten::copy_.
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
 # BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
 # (defaults 300 / 360, so that `check throughput` fits one 10-minute call).
