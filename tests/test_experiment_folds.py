@@ -85,7 +85,7 @@ def test_a_seed_with_a_missing_fold_is_left_out_and_named_then_retried(tmp_path)
     table = (tmp_path / "out" / "table.md").read_text()
     # seeds 0 and 2 only (0.78, 0.80), never seed 1 averaged over its folds 0 and 1
     assert "| dira | 79.00 ± 1.41 (p" in table
-    assert "Left out (not all folds finished or some failed): dira @ 50 % labels, seed 1 (fold 2 missing); " \
+    assert "Left out (not all folds finished, or some failed: see failures.json): dira @ 50 % labels, seed 1 (fold 2 missing); " \
            "dira @ 100 % labels, seed 1 (fold 2 missing)." in table
     assert any("left out of the statistics" in line and "seed 1 (fold 2 missing)" in line for line in logged)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -49,7 +49,8 @@ fine-tuning settings (bundle, datalist, metric, overrides, folds) and the datali
 ``experiment.json``: a rerun with other ones (or a datalist prepared again at the same path) on a ``results.csv``
 that has rows is refused rather than mixed into one table. It also records ``versions`` (dira3d's, and each bundle's
 configs/metadata.json ``version``: the fine-tuning bundle, and dira_pretrain when a method is pretrained); a bundle
-upgraded since the rows were made is warned about, not refused, and the earlier record kept (``earlier_versions``).
+upgraded since the rows were made is warned about, not refused, and the earlier record kept (``earlier_versions``),
+when new runs join rows of the grid (a rerun with nothing to run keeps the record as it was, and says nothing).
 
 A seed seeds both a run's split (its label subset and early-stopping holdout) and its training (initialisation,
 augmentation, batch order), so the spread over seeds mixes "which cases were labelled" with "how training went".
@@ -117,8 +118,10 @@ fractions or methods no longer in the config stay in
 the test; a cell of fewer seeds says ``n=…`` and every run left out (failed, or not run yet) is
 named below it (and, at the end, in the log); a cell whose t-test is undefined (fewer than two
 seeds on a side, or one value in every seed of both sides) says ``p n/a`` rather than showing none. A second table
-gives the 95 % confidence interval of each cell's mean over its seeds (t-based; ``n/a`` for one seed), also in
-``summary.json`` (``ci_low``, ``ci_high``). One experiment runs in an ``output_dir`` at a time: a
+gives the 95 % confidence interval of each cell's mean over its seeds (t-based; ``n/a`` for one seed; ``n/a (seeds
+agree)`` where every seed gave one value; ``(2 seeds)``: one degree of freedom, mean ± 9.0 × std; ``(clipped)``: cut at
+the range of an auc, dice or iou, [0, 1]), also in ``summary.json`` (``ci_low``, ``ci_high``, ``ci_note``). The table
+names ``failures.json`` only while a failed run is listed there. One experiment runs in an ``output_dir`` at a time: a
 second ``dira3d experiment`` on the same folder is refused at once (the folder lock of every dira3d
 output folder, ``<output_dir>/.dira3d.lock``, released by the system when the first process ends,
 however it ends), so two processes never run the same grid twice into one ``results.csv``.

@@ -93,14 +93,17 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     check_rows_match(rows, config, csv_path)
     check_fold_column(rows, config, csv_path)
     _check_split_seed_column(rows, config, csv_path)
-    check_run_settings(config, out, rows, versions=versions_record(config, out, rows))  # warns of a bundle upgrade
+    folded = "folds" in config
+    done = {row_key(r, folded) for r in rows}
+    grid = grid_cells(config)
+    todo = [key for key in grid if key not in done]
+    # warns of a bundle upgrade only where it matters: runs of the grid reused, and new ones to add to them
+    versions = versions_record(config, out, rows, reused=len(set(grid) & done), to_run=len(todo))
+    check_run_settings(config, out, rows, versions=versions)
     fingerprints = check_checkpoints(config, out, rows)  # method: sha256 of its checkpoint file, now
     for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
         if isinstance(spec, Mapping):
             check_pretrain_settings(method, *pretrain_settings(method, spec, config))
-    folded = "folds" in config
-    done = {row_key(r, folded) for r in rows}
-    grid = grid_cells(config)
     clash = _split_clash(rows, set(grid), folded)
     if clash:
         raise ValueError(f"{csv_path} holds runs of one label fraction and {_shared(config)} that drew different "
@@ -109,7 +112,6 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
                          "compare them. Rerun the whole grid into another output_dir (or delete the rows of one side in "
                          "results.csv to redo them)")
     warn_rows_without_digests(rows, set(grid), folded, csv_path)
-    todo = [key for key in grid if key not in done]
     log(f"experiment: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {csv_path}, {len(todo)} to run")
     checkpoints = {}
     for method, spec in config["methods"].items():
@@ -170,8 +172,10 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
         write_report(config, rows, plots=False)  # the table follows progress; plots once at the end
     write_report(config, rows)
     incomplete = seed_values(config, rows)[1]
-    if incomplete:
-        why = "not all folds finished" if folded else "failed: see failures.json"
+    if incomplete:  # failures.json is named only where it was written (a failure of this call, or of an earlier one)
+        failed = failures.path.is_file()
+        why = ("not all folds finished" + (", or some failed: see failures.json" if failed else "") if folded
+               else "failed: see failures.json" if failed else "not run")
         log(f"experiment: left out of the statistics ({why}): {'; '.join(incomplete)}")
     if failures.new:
         raise ExperimentRunsFailed(

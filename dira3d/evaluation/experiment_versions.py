@@ -3,9 +3,9 @@
 checked as new ones are.
 
 A bundle upgraded between two calls of one grid (``git pull``: a new ``train.json``) fine-tunes the later runs
-otherwise; its changelog says whether the change touches the results. A resume warns, naming the bundle and both
-versions, and goes on (many bumps change messages only); ``earlier_versions`` keeps what the earlier rows were
-made with. Rows of a results.csv written before the split digests (2026-11-27) are paired on their split sizes only:
+otherwise; its changelog says whether the change touches the results. A resume that adds runs to rows of the grid
+warns, naming the bundle and both versions, and goes on (many bumps change messages only); ``earlier_versions`` keeps
+what the earlier rows were made with. Rows of a results.csv written before the split digests (2026-11-27) are paired on their split sizes only:
 one warning says so (:func:`warn_rows_without_digests`).
 """
 
@@ -48,19 +48,26 @@ def current_versions(config: Mapping[str, Any]) -> dict:
     return {"dira3d": dira3d.__version__, "bundles": {f.name: bundle_version(f) for f in folders}}
 
 
-def versions_record(config: Mapping[str, Any], out: Path, rows: list[dict]) -> dict:
+def versions_record(config: Mapping[str, Any], out: Path, rows: list[dict], reused: int | None = None,
+                    to_run: int | None = None) -> dict:
     """The ``versions`` (and ``earlier_versions``) to write into ``out/experiment.json``; warns (a ``UserWarning``)
-    when ``rows`` exist and a bundle's version differs from the one recorded there, naming the bundle, both versions
-    and where its changelog is. Nothing recorded (rows of before 2026-11-27): nothing to compare, and
-    ``earlier_versions`` says :data:`UNKNOWN`, so that the record does not pass for theirs."""
+    when a bundle's version differs from the one recorded there, naming the bundle, both versions and where its
+    changelog is, if it matters: ``reused`` rows of the grid (default: all ``rows``) are to be joined by ``to_run`` new
+    runs (default: some). Nothing recorded (rows of before 2026-11-27): nothing to compare, and ``earlier_versions``
+    says :data:`UNKNOWN`, so that the record does not pass for theirs. No run to make (``to_run=0``): the record is
+    kept as it is, since it says what made the rows (a later call that adds runs warns then)."""
     now = current_versions(config)
     try:
         old = json.loads((out / "experiment.json").read_text(encoding="utf-8"))
         before, earlier = old.get(VERSIONS), old.get(EARLIER_VERSIONS) or []
     except (OSError, ValueError, AttributeError):  # none yet; a garbled one is refused by check_run_settings
-        before, earlier = None, []
+        old, before, earlier = {}, None, []
     if not rows:  # a new table: what made earlier rows no longer matters
         return {VERSIONS: now}
+    if to_run == 0:  # nothing is added to the rows: neither a warning (it used to come on every rerun of a finished
+        # grid, e.g. to change the test) nor a new record, which would pass the rows off as made by this version
+        return {k: old[k] for k in (VERSIONS, EARLIER_VERSIONS) if isinstance(old, dict) and k in old}
+    reused = len(rows) if reused is None else reused
     earlier = list(earlier) if isinstance(earlier, list) else []
     if before is None and UNKNOWN not in earlier:  # rows of a dira3d that recorded no versions
         earlier.append(UNKNOWN)
@@ -70,9 +77,9 @@ def versions_record(config: Mapping[str, Any], out: Path, rows: list[dict]) -> d
         old_bundles = before.get("bundles") if isinstance(before.get("bundles"), dict) else {}
         changed = [f"{name} {old_bundles[name]} -> {version}" for name, version in now["bundles"].items()
                    if old_bundles.get(name) is not None and old_bundles[name] != version]
-        if changed:
+        if changed and reused:  # no run of the grid reused: the table holds new runs only
             warnings.warn(
-                f"{out / 'results.csv'}: bundle version changed since its {len(rows)} runs were made "
+                f"{out / 'results.csv'}: bundle version changed since its {reused} runs were made "
                 f"({'; '.join(changed)}; recorded in {out / 'experiment.json'}): the new runs are fine-tuned by the new "
                 "bundle and added to the same table. Read the bundle's changelog (configs/metadata.json); where a change "
                 "there affects training or the splits, rerun the whole grid into another output_dir",

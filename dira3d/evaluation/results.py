@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dira3d.evaluation.split_ids import DIGEST_FIELDS, SPLIT_FIELDS, split_columns
-from dira3d.evaluation.stats import TESTS, CellSummary, aggregate, compare_to_baseline, markdown_ci_table, markdown_table
+from dira3d.evaluation.stats import (
+    TESTS, CellSummary, aggregate, ci_table_note, compare_to_baseline, markdown_ci_table, markdown_table,
+)
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.files import FileContentError, read_json, read_text
 
@@ -248,8 +250,9 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
     the grid missing from the statistics (not run yet, or failed) is named there. With the paired test
     (:func:`chosen_test`) the note gives the number of pairs, a cell over fewer pairs than it has seeds
     says ``pairs=…``, and the seeds of one side only are named. A second table gives the 95 % confidence interval of
-    each cell's mean (:func:`dira3d.evaluation.stats.mean_interval`), also in ``summary.json`` (``ci_low``,
-    ``ci_high``; null for one seed).
+    each cell's mean (:func:`dira3d.evaluation.stats.cell_interval`), also in ``summary.json`` (``ci_low``,
+    ``ci_high``, null for one seed or seeds that agree; ``ci_note``). The runs left out are said to be in
+    ``failures.json`` only while that file is there.
     """
     out = Path(config["output_dir"])
     metric = config["metric"]
@@ -290,10 +293,11 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
                  "the spread over seeds, the intervals and the t-tests measure the variance of training (initialisation, "
                  "augmentation, batch order) on that one subset, not that of which cases were labelled.\n")
     intervals = markdown_ci_table(cells, metric.upper(), method_order=list(config["methods"]))
-    note += (f"\n{intervals}\n\n95 % CI: t-based confidence interval of the mean over the seeds (mean ± t(0.975, n−1) × "
-             "std / √n, ×100; it says how precisely the seeds pin the mean, not where one run falls); n/a: one seed.\n")
-    if incomplete:
-        why = "not all folds finished or some failed" if "folds" in config else "not run yet, or failed: see failures.json"
+    note += f"\n{intervals}\n\n{ci_table_note(cells, metric)}"
+    if incomplete:  # failures.json is named only where it is (the grid deletes it when no run has failed)
+        failed = (out / "failures.json").is_file()
+        why = ("not all folds finished" + (", or some failed: see failures.json" if failed else "") if "folds" in config
+               else "not run yet" + (", or failed: see failures.json" if failed else ""))
         note += f"\nLeft out ({why}): {_listed(incomplete)}.\n"
     unpaired = _unpaired(cells, config["baseline"]) if test == "paired" else []
     if unpaired:

@@ -3,7 +3,8 @@
 Each run is one row ``{"method", "label_fraction", "seed", <metric>: value}``. Per cell
 (method × label fraction) we report mean ± sample standard deviation (``ddof=1``, as in the
 paper's tables) over seeds, the 95 % confidence interval of that mean (t-based: mean ± t(0.975, n−1) · std / √n,
-``scipy.stats.t``; none for one seed), and a t-test of each method against the baseline: independent two-sample
+``scipy.stats.t``; none for one seed or seeds that agree, cut at the bounds of a metric of known range,
+:func:`cell_interval`), and a t-test of each method against the baseline: independent two-sample
 as in the paper (Student's by default, Welch's with ``equal_var=False``) via ``scipy.stats.ttest_ind``,
 or paired by seed (``paired=True``) via ``scipy.stats.ttest_rel`` over the seeds both cells have.
 """
@@ -20,16 +21,23 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["TESTS", "CONFIDENCE", "CellSummary", "aggregate", "compare_to_baseline", "markdown_table", "markdown_ci_table",
-           "mean_interval"]
+           "mean_interval", "cell_interval", "ci_table_note", "METRIC_RANGES", "SEEDS_AGREE", "CLIPPED", "TWO_SEEDS"]
 
 TESTS = ("student", "welch", "paired")  # the t-tests compare_to_baseline runs (equal_var, paired)
 CONFIDENCE = 0.95  # of the interval of each cell's mean over seeds
+# the range of the task bundles' test metrics (ROC AUC, foreground Dice and IoU): an interval is cut at these bounds
+METRIC_RANGES: dict[str, tuple[float, float]] = {"auc": (0.0, 1.0), "dice": (0.0, 1.0), "iou": (0.0, 1.0)}
+# ci_note of a cell (summary.json) and its mark in the interval table
+SEEDS_AGREE = "seeds agree"  # every seed gave the same value (up to float rounding): no interval, as no p-value
+TWO_SEEDS = "2 seeds"  # one degree of freedom: mean ± 9.0 × std, wide by construction
+CLIPPED = "clipped"  # the t interval ran past the metric's range and is cut at its bounds
 
 
 @dataclass(frozen=True)
 class CellSummary:
-    """Mean, sample std, count and the 95 % confidence interval of the mean (:func:`mean_interval`; None for one
-    value) of one metric over the seeds of one (method, label fraction) cell."""
+    """Mean, sample std, count and the 95 % confidence interval of the mean (:func:`cell_interval`; None for one
+    value or values that agree, ``ci_note`` says which and marks an interval of 2 seeds or cut at the metric's range)
+    of one metric over the seeds of one (method, label fraction) cell."""
 
     method: str
     label_fraction: float
@@ -42,12 +50,14 @@ class CellSummary:
     pairs: int | None = None  # paired test only: the seeds this cell shares with the baseline's, which it is over
     ci_low: float | None = None  # the 95 % confidence interval of the mean over seeds; None for one seed
     ci_high: float | None = None
+    ci_note: str | None = None  # SEEDS_AGREE (no interval), or TWO_SEEDS and/or CLIPPED ("2 seeds; clipped")
 
 
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """The t-based confidence interval of the mean of ``values`` (independent draws, e.g. one per seed): mean ±
     ``scipy.stats.t.ppf((1 + confidence) / 2, n - 1)`` × sample std / √n; None for fewer than two values. Values all
-    equal give the mean twice (no spread between seeds, not a certainty about the population)."""
+    equal give the mean twice (no spread between seeds, not a certainty about the population; the report's
+    :func:`cell_interval` says the seeds agree instead)."""
     arr = np.asarray(values, dtype=float)
     if len(arr) < 2:
         return None
@@ -56,8 +66,32 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
     return mean - half, mean + half
 
 
-def aggregate(rows: Iterable[Mapping], metric: str) -> list[CellSummary]:
-    """Group ``rows`` by (method, label_fraction) and summarise ``metric``.
+def cell_interval(values: Sequence[float], bounds: tuple[float, float] | None = None,
+                  confidence: float = CONFIDENCE) -> tuple[float | None, float | None, str | None]:
+    """``(low, high, note)``: the interval a report gives for the mean of one cell's seeds.
+
+    :func:`mean_interval`, except that values all equal up to float rounding (the tolerance of the t-tests' ``p n/a``)
+    give no interval and the note :data:`SEEDS_AGREE` (a zero-width ``[x, x]`` read as certainty); two values give the
+    note :data:`TWO_SEEDS` (one degree of freedom: t(0.975, 1) = 12.7, the interval is mean ± 9.0 × std); an interval
+    past ``bounds`` (the metric's range) is cut at them, with the note :data:`CLIPPED` (an AUC's [-0.315, 1.517] of two
+    seeds is [0, 1]: the true mean lies in the range, so the cut interval covers it as often). ``(None, None, None)`` for
+    fewer than two values."""
+    arr = np.asarray(values, dtype=float)
+    if len(arr) < 2:
+        return None, None, None
+    if _same_values(arr, arr):
+        return None, None, SEEDS_AGREE
+    low, high = mean_interval(arr, confidence)
+    notes = [TWO_SEEDS] if len(arr) == 2 else []
+    if bounds is not None and (low < bounds[0] or high > bounds[1]):
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+        notes.append(CLIPPED)
+    return low, high, "; ".join(notes) or None
+
+
+def aggregate(rows: Iterable[Mapping], metric: str, bounds: tuple[float, float] | None = None) -> list[CellSummary]:
+    """Group ``rows`` by (method, label_fraction) and summarise ``metric``; each cell's interval is
+    :func:`cell_interval`'s, cut at ``bounds`` (default: the metric's range in :data:`METRIC_RANGES`, if known).
 
     Raises:
         ValueError: a row lacks ``metric`` — the message names the row's method and seed.
@@ -70,14 +104,15 @@ def aggregate(rows: Iterable[Mapping], metric: str) -> list[CellSummary]:
         key = (str(row["method"]), float(row["label_fraction"]))
         cells[key].append(float(row[metric]))
         seeds[key].append(_seed_of(row))
+    bounds = bounds if bounds is not None else METRIC_RANGES.get(metric.lower())
     out = []
     for (method, fraction), values in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         arr = np.asarray(values, dtype=float)
         std = float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
         named = tuple(seeds[(method, fraction)]) if None not in seeds[(method, fraction)] else ()
-        low, high = mean_interval(arr) or (None, None)
+        low, high, note = cell_interval(arr, bounds)
         out.append(CellSummary(method, fraction, len(arr), float(arr.mean()), std, tuple(values), seeds=named,
-                               ci_low=low, ci_high=high))
+                               ci_low=low, ci_high=high, ci_note=note))
     return out
 
 
@@ -222,10 +257,32 @@ def markdown_table(cells: Sequence[CellSummary], metric: str, scale: float = 100
 def markdown_ci_table(cells: Sequence[CellSummary], metric: str, scale: float = 100.0, digits: int = 2,
                       method_order: Sequence[str] | None = None) -> str:
     """A Markdown table laid out as :func:`markdown_table` whose cells are the 95 % confidence interval of the mean
-    over seeds, ``[low, high]`` (× ``scale``); ``n/a`` for a cell of one seed."""
+    over seeds, ``[low, high]`` (× ``scale``) followed by its ``ci_note`` (``[0.00, 100.00] (2 seeds; clipped)``);
+    ``n/a`` for a cell of one seed, ``n/a (seeds agree)`` for seeds that all gave one value."""
     def text(cell: CellSummary, index: dict, fraction: float) -> str:
+        mark = f" ({cell.ci_note})" if cell.ci_note else ""
         if cell.ci_low is None or cell.ci_high is None:
-            return "n/a"
-        return f"[{cell.ci_low * scale:.{digits}f}, {cell.ci_high * scale:.{digits}f}]"
+            return "n/a" + mark
+        return f"[{cell.ci_low * scale:.{digits}f}, {cell.ci_high * scale:.{digits}f}]" + mark
 
     return _grid_table(cells, f"{metric} 95 % CI", method_order, text)
+
+
+def ci_table_note(cells: Sequence[CellSummary], metric: str, scale: float = 100.0) -> str:
+    """The note under :func:`markdown_ci_table`: how the interval is computed, and what each mark its cells carry
+    means (only those that occur; the metric's range from :data:`METRIC_RANGES`)."""
+    marks = {mark for c in cells if c.ci_note for mark in c.ci_note.split("; ")}
+    text = ("95 % CI: t-based confidence interval of the mean over the seeds (mean ± t(0.975, n−1) × std / √n, "
+            f"×{scale:g}; it says how precisely the seeds pin the mean, not where one run falls); n/a: one seed")
+    if SEEDS_AGREE in marks:
+        text += ("; n/a (seeds agree): every seed gave the same value (up to float rounding), so there is no spread to "
+                 "build an interval from (as the t-test's p n/a), not a certainty")
+    if TWO_SEEDS in marks:
+        t1, t2 = (float(stats.t.ppf((1 + CONFIDENCE) / 2, df)) for df in (1, 2))
+        text += (f"; 2 seeds: one degree of freedom, t(0.975, 1) = {t1:.1f}, so the interval is mean ± "
+                 f"{t1 / math.sqrt(2):.1f} × std, wide by construction (3 seeds: ± {t2 / math.sqrt(3):.1f} × std)")
+    if CLIPPED in marks:
+        low, high = METRIC_RANGES.get(metric.lower(), (float("-inf"), float("inf")))
+        text += (f"; clipped: the t interval ran past the range of {metric} ([{low * scale:g}, {high * scale:g}]) and is "
+                 "cut at its bounds")
+    return text + ".\n"
