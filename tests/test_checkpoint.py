@@ -21,6 +21,30 @@ def test_round_trip_weights_only(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
 
 
+
+def test_a_saved_state_dict_keeps_its_layer_versions_and_shared_tensors(tmp_path):
+    """atomic_save rebuilds the containers to write host tensors (dira3d.utils.checkpoint.on_host): a state_dict's
+    _metadata (the versions load_state_dict reads, e.g. BatchNorm's) and a tensor found twice must survive it."""
+    state = torch.nn.BatchNorm3d(2).state_dict()
+    weight = torch.ones(3)
+    loaded = load_checkpoint(atomic_save({"bn": state, "tied": [weight, weight]}, tmp_path / "c.pt"))
+    assert loaded["bn"]._metadata == state._metadata and loaded["bn"]._metadata[""]["version"] == 2
+    assert loaded["tied"][0].data_ptr() == loaded["tied"][1].data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tensors saved from it)")
+def test_atomic_save_on_cuda_writes_host_tensors(tmp_path):
+    """A checkpoint of a GPU run held CUDA tensors: torch.load(path, weights_only=True) on a machine without a GPU
+    raised 'Attempting to deserialize object on a CUDA device'. Now every tensor is written from the host."""
+    bn = torch.nn.BatchNorm3d(2).cuda()
+    weight = torch.ones(3, device="cuda")
+    atomic_save({"bn": bn.state_dict(), "tied": (weight, weight), "n": 3}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)  # no map_location: where each tensor was saved
+    assert all(t.device.type == "cpu" for t in [*loaded["bn"].values(), *loaded["tied"]])
+    assert loaded["bn"]._metadata == bn.state_dict()._metadata and loaded["n"] == 3
+    assert loaded["tied"][0].data_ptr() == loaded["tied"][1].data_ptr()
+    assert bn.weight.is_cuda  # the module saved is left where it was
+
 class Evil:
     """Any non-tensor class: a weights-only load must refuse to unpickle it."""
 

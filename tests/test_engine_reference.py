@@ -544,3 +544,55 @@ def test_the_collapse_streak_counts_consecutive_wins_only(caplog, patience, warn
     assert bool(messages) == warns
     if warns:
         assert "for 3 consecutive iterations" in messages[0]
+
+
+# ---------------------------------------------------------------- checkpoints of a run on a device other than the CPU
+
+
+def _one_epoch_checkpoint(ckpt_dir, device="cpu"):
+    from test_engine import make_trainer
+
+    stages = [{"name": "dis_res", "losses": ["dis", "res"]}]
+    make_trainer("visual_words", 3, stages=stages, volumes=2, batch=2, device=device,
+                 handlers=[DiRACheckpoint(ckpt_dir)]).run()
+    return make_trainer("visual_words", 3, stages=stages, volumes=2, batch=2, max_epochs=2, device=device)
+
+
+def test_a_resume_reads_last_pt_onto_the_host_whatever_the_training_device(tmp_path):
+    """last.pt was read with map_location the run's device: on a GPU the RNG states arrived there (every resume
+    failed, 2026-11-28) and so did the Adam step counts of a non-fused optimiser, which load_state_dict leaves where
+    they come (a host sync per parameter at every later step). The state_dicts copy each tensor where it belongs; a
+    device that is not the host (meta here, CUDA on a GPU) must not receive the file itself."""
+    trainer = _one_epoch_checkpoint(tmp_path)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    trainer.state.device = torch.device("meta")  # as a GPU run's state.device: anything but the host
+    DiRACheckpoint(tmp_path).load(trainer)
+    assert trainer.state.epoch == 1
+    assert all(torch.equal(v, saved["encoder"][k]) for k, v in trainer.network.encoder.state_dict().items())
+    steps = [s["step"] for s in trainer.optimizer.state.values()]
+    assert steps and all(s.device.type == "cpu" for s in steps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a run trained and resumed on it)")
+def test_resume_on_cuda_keeps_adam_steps_on_the_host_and_writes_host_tensors(tmp_path):
+    """On a GPU: last.pt holds CPU tensors only (a plain torch.load on a machine without the GPU reads it), and a
+    resumed non-fused Adam keeps its step counts on the host, as a fresh one does (not a host sync per parameter)."""
+    resumed = _one_epoch_checkpoint(tmp_path, device="cuda")
+    tensors = []
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+
+    walk(torch.load(tmp_path / "last.pt", weights_only=True))  # no map_location: each tensor where it was saved
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    resumed.add_event_handler(__import__("ignite").engine.Events.STARTED, DiRACheckpoint(tmp_path).load)
+    resumed.run()
+    assert resumed.state.epoch == 2 and next(resumed.network.parameters()).is_cuda
+    assert all(s["step"].device.type == "cpu" and int(s["step"]) == 2 for s in resumed.optimizer.state.values())

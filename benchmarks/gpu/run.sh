@@ -139,7 +139,8 @@ for what in "$@"; do
         part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
         capped cuda_tests 100 "$PY" -m pytest -q -p no:cacheprovider -k "on_cuda or cuda_matches_cpu or cuda_step_runs" \
             tests/test_image_convs.py tests/test_engine_prefetch.py tests/test_transforms_static.py tests/test_transforms.py \
-            tests/test_engine_performance.py tests/test_engine_reference.py
+            tests/test_engine_performance.py tests/test_engine_reference.py tests/test_checkpoint.py \
+            tests/test_on_cuda_paths.py
         cap=$(left 320)  # keep ~200 s for the bundle, the rest for the profile
         capped ab "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
             --configs "$AB_BASE" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/ab.md"

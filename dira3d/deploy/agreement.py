@@ -7,6 +7,7 @@ These names are also importable from :mod:`dira3d.deploy.export` and :mod:`dira3
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -72,8 +73,9 @@ def check_agreement(
     """Run PyTorch, TorchScript and onnxruntime (CPU) on ``inputs`` and compare the outputs.
 
     Args:
-        network: the reference PyTorch network.
-        inputs: the input batch (e.g. :func:`scan_patch` of a real scan).
+        network: the reference PyTorch network, on any device (one on a GPU is run from a copy on the CPU,
+            where the runtimes run).
+        inputs: the input batch (e.g. :func:`scan_patch` of a real scan), on any device.
         torchscript: a ``.ts`` file to compare (skipped when None).
         onnx_path: an ``.onnx`` file to compare with onnxruntime's CPU provider (skipped when None).
         tolerance: the accepted max |difference| per unit of logit scale (see :class:`AgreementReport`).
@@ -87,6 +89,12 @@ def check_agreement(
     """
     if torchscript is None and onnx_path is None:
         raise ValueError("give torchscript= and/or onnx_path= to compare against PyTorch")
+    # the runtimes run on the host (TorchScript loaded there, onnxruntime's CPU provider): so does the reference. A
+    # network or input on a GPU failed the check (a CUDA tensor to numpy; a CPU graph fed a CUDA input), and a GPU's
+    # float32 convolutions (TF32 by default) may be further from the host's sums than the tolerance is meant for
+    inputs = inputs.detach().cpu()
+    if any(t.device.type != "cpu" for t in [*network.parameters(), *network.buffers()]):
+        network = copy.deepcopy(network).cpu()
     with torch.no_grad():
         reference = network.eval()(inputs).float()
     outputs: dict[str, torch.Tensor] = {}

@@ -329,7 +329,9 @@ class DiRACheckpoint:
         self.epoch_end = EpochEndRecord()
         if not (self.resume and self.last_path.is_file()):
             return
-        ckpt = load_checkpoint(self.last_path, map_location=engine.state.device)
+        # onto the host, whatever the run's device (load_state_dict copies each tensor where it belongs): read onto a
+        # GPU, the Adam step counts of a non-fused optimiser stayed there, a host sync per parameter at every step
+        ckpt = load_checkpoint(self.last_path, map_location="cpu")
         partial = restore_checkpoint(engine, ckpt, source=str(self.last_path))
         pending = bool(getattr(engine.state, "epoch_end_pending", False))
         self.epoch_end.resumed(engine, pending)

@@ -27,6 +27,7 @@ rewards predicting nothing (:mod:`dira3d.evaluation.split_checks`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +51,9 @@ def roc_auc(probabilities: Sequence[float] | np.ndarray | torch.Tensor, labels: 
     Raises:
         ValueError: lengths differ, or ``labels`` hold a single class (AUC is undefined).
     """
-    scores = torch.as_tensor(np.asarray(probabilities, dtype=np.float64)).flatten()
-    truth = torch.as_tensor(np.asarray(labels, dtype=np.float64)).flatten()
+    # tensors on a GPU (a model's outputs) are read on the host: numpy refused them with a TypeError
+    scores = torch.as_tensor(np.asarray(_on_host(probabilities), dtype=np.float64)).flatten()
+    truth = torch.as_tensor(np.asarray(_on_host(labels), dtype=np.float64)).flatten()
     if scores.numel() != truth.numel():
         raise ValueError(f"roc_auc got {scores.numel()} probabilities for {truth.numel()} labels; give one per candidate")
     if len(torch.unique(truth)) < 2:
@@ -59,6 +61,10 @@ def roc_auc(probabilities: Sequence[float] | np.ndarray | torch.Tensor, labels: 
     metric = ROCAUCMetric()
     metric(scores, truth)
     return float(metric.aggregate())
+
+
+def _on_host(values: Any) -> Any:
+    return values.detach().cpu() if isinstance(values, torch.Tensor) else values
 
 
 def per_class_auc(probabilities: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> list[float]:

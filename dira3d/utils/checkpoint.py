@@ -8,6 +8,7 @@ with ``torch.load(path, weights_only=True)`` and cannot execute code.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from dira3d.utils.atomic import atomic_write, check_writable
 
-__all__ = ["atomic_save", "load_checkpoint", "check_writable"]
+__all__ = ["atomic_save", "load_checkpoint", "check_writable", "on_host"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -24,9 +25,34 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     The object is written to a temporary file in the same folder, flushed to disk, and renamed
     over ``path`` (``os.replace`` is atomic on POSIX and Windows). A process killed mid-write
     leaves the previous checkpoint intact and at most a stray ``.tmp`` file
-    (:func:`dira3d.utils.atomic.atomic_write`).
+    (:func:`dira3d.utils.atomic.atomic_write`). Tensors are written as CPU tensors (:func:`on_host`):
+    a checkpoint of a GPU run loads with a plain ``torch.load(path, weights_only=True)`` on a machine
+    without that GPU (it raised "Attempting to deserialize object on a CUDA device").
     """
+    obj = on_host(obj)
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def on_host(obj: Any, _copies: dict | None = None) -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples on the CPU (CPU tensors themselves, not copied; a
+    tensor found twice, e.g. tied weights, copied once); a ``state_dict``'s ``_metadata`` (the layers' versions that
+    ``load_state_dict`` reads) is kept."""
+    copies = {} if _copies is None else _copies
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj
+        if id(obj) not in copies:
+            copies[id(obj)] = obj.detach().cpu()
+        return copies[id(obj)]
+    if isinstance(obj, dict):
+        out = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        out.update((k, on_host(v, copies)) for k, v in obj.items())
+        if isinstance(out, OrderedDict) and hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(on_host(v, copies) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", given_by: str | None = None) -> dict:
