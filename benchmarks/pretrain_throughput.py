@@ -101,6 +101,8 @@ class Config:
     prefetch: bool = False
     distortion: str | None = None  # None: --distortion
     static_distortion: bool | None = None  # None: the distortion's default (static off the CPU)
+    # cuDNN's deterministic algorithms only, as MONAI's set_determinism (the bundles' initialize) sets for the process
+    deterministic: bool = False
 
     def trainer_kwargs(self) -> dict:
         """The :class:`DiRATrainer` arguments this configuration sets."""
@@ -126,6 +128,7 @@ TOKEN_SETTINGS = {
     "prefetch": ("prefetch", True),
     "nodist": ("distortion", "none"),
     "subset": ("static_distortion", False),
+    "det": ("deterministic", True),
 }
 
 
@@ -239,7 +242,17 @@ def count_syncs(trainer: DiRATrainer, device: torch.device, iterations: int = 3)
 
 
 def run_engine(config: Config, dataset, batch: int, args, device: torch.device) -> dict:
-    """Throughput (epoch 1) and the synchronised phase split (epoch 2) of the real trainer."""
+    """Throughput (epoch 1) and the synchronised phase split (epoch 2) of the real trainer, with
+    ``torch.backends.cudnn.deterministic`` as the configuration says (put back afterwards)."""
+    before = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = config.deterministic
+    try:
+        return _run_engine(config, dataset, batch, args, device)
+    finally:
+        torch.backends.cudnn.deterministic = before
+
+
+def _run_engine(config: Config, dataset, batch: int, args, device: torch.device) -> dict:
     net, head, adversary = build_networks(args.width, args.num_classes, device)
     opt_g = build_adam([net, head], 1e-3, device, fused=config.fused)
     opt_d = build_adam([adversary], 1e-3, device, fused=config.fused)

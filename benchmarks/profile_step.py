@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = parse_config(args.config)
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
+    torch.backends.cudnn.deterministic = config.deterministic
     patch = tuple(args.patch)
     dataset = synthetic_patches(args.batch, patch, args.num_classes)
     net, head, adversary = build_networks(args.width, args.num_classes, device)

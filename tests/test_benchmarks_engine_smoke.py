@@ -71,6 +71,21 @@ def load_benchmark(repo_root: Path, name: str):
     return module
 
 
+def test_det_token_runs_the_engine_with_cudnn_deterministic_and_puts_it_back(repo_root: Path, monkeypatch) -> None:
+    """`det`: cuDNN's deterministic algorithms, as MONAI's set_determinism sets them in the bundles' initialize (the
+    benchmark itself never did): an A/B of what that costs the bundle."""
+    import torch
+
+    module = load_benchmark(repo_root, "pretrain_throughput")
+    assert module.parse_config("bf16+det").deterministic and not module.parse_config("bf16").deterministic
+    seen = []
+    monkeypatch.setattr(module, "_run_engine", lambda *a: seen.append(torch.backends.cudnn.deterministic) or {})
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    for name in ("bf16+det", "bf16"):
+        module.run_engine(module.parse_config(name), None, 2, None, torch.device("cpu"))
+    assert seen == [True, False] and torch.backends.cudnn.deterministic is False
+
+
 def test_pretrain_config_names_parse(repo_root: Path) -> None:
     module = load_benchmark(repo_root, "pretrain_throughput")
     config = module.parse_config("bf16+cl+compile")

@@ -143,7 +143,7 @@ for what in "$@"; do
             tests/test_on_cuda_paths.py
         cap=$(left 320)  # keep ~200 s for the bundle, the rest for the profile
         capped ab "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
-            --configs "$AB_BASE" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/ab.md"
+            --configs "$AB_BASE,$AB_BASE+det" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/ab.md"
         capped bundle "$(( $(left 100) < 220 ? $(left 100) : 220 ))" "$PY" benchmarks/gpu/bundle_run.py "${BR_ARGS[@]}" \
             --out /tmp/dira3d_bundle_run --log-dir "$OUT"
         capped profile "$(left 0)" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
