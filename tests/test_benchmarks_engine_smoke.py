@@ -340,6 +340,46 @@ def test_gpu_verify_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path
     assert (tmp_path / "bundle_resumed_run.log").is_file()  # the runs' logs come back with $OUT
 
 
+def test_gpu_finetune_part_dry_run_needs_no_simpleitk(repo_root: Path, tmp_path: Path) -> None:
+    """`run.sh finetune` (for the next lease): the LiTS bundle fine-tuned, rerun (refused, then --overwrite from a
+    pretrained checkpoint) and run on raw scans by inference.json, then LUNA16's, on data the script writes, with
+    SimpleITK and fire unimportable, as on the lent GPU machines (where the bundles' SimpleITKReader, and `python -m
+    monai.bundle` without fire, stopped inference)."""
+    blocker = tmp_path / "no_simpleitk"
+    blocker.mkdir()
+    for module in ("SimpleITK", "fire"):  # fire: what `python -m monai.bundle` parses its command line with
+        (blocker / f"{module}.py").write_text(f"raise ImportError('{module} is not installed on the GPU machine')\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "FT_RUN": str(tmp_path / "run"), "PYTHONPATH": os.pathsep.join([str(blocker), str(repo_root)])}
+    env.pop("PRETRAINED", None)
+    result = subprocess.run(["bash", str(repo_root / "benchmarks" / "gpu" / "run.sh"), "finetune"], capture_output=True,
+                            text=True, timeout=600, env=env)
+    log = (out / "finetune.txt").read_text()
+    assert result.returncode == 0 and "finetune end to end: OK" in log and "CHECK FAILED" not in log, log[-3000:]
+    for name in ("inference", "inference_luna16"):  # SimpleITK was absent, and both inferences ran without it
+        assert f"{name}: no SimpleITK here; reading NIfTI with MONAI's NibabelReader" in log and f"{name}: exit 0 " in log
+        assert f"{name}: no fire here; calling monai.bundle.run(...)" in log
+    assert "rerun: exit 2 " in log  # the same command to 3 epochs is refused: fine-tuning has no resume
+    rows = [line.split("|")[1:-1] for line in log.splitlines() if line.startswith(("| first run |",
+            "| rerun --overwrite --pretrained |", "| luna16_nodule_fpr |"))]
+    assert [(r[0].strip(), int(r[1])) for r in rows] == [("first run", 1), ("first run", 2)] + [
+        ("rerun --overwrite --pretrained", e) for e in (1, 2, 3)] + [  # the rerun starts again at epoch 1
+        ("luna16_nodule_fpr", 1), ("luna16_nodule_fpr", 2)]
+    assert all(float(r[4]) > 0 for r in rows)  # epoch seconds from the log's times
+    volumes = [line for line in log.splitlines() if line.startswith("| lits-005_seg.nii.gz | 32x32x16 |")]
+    assert volumes and float(volumes[0].split("|")[3]) > 0
+    assert (out / "inference.log").is_file() and (out / "finetune_rerun.log").is_file()  # the logs come back in $OUT
+
+
+def test_finetune_run_empties_only_a_folder_it_made(repo_root: Path, tmp_path: Path, capsys) -> None:
+    module = load_benchmark(repo_root, "gpu/finetune_run")
+    (tmp_path / "notes.txt").write_text("a user's file")
+    assert module.main(["--quick", "--out", str(tmp_path)]) == 2
+    assert "holds files this script did not write" in capsys.readouterr().out
+    assert (tmp_path / "notes.txt").read_text() == "a user's file"
+
+
 def test_gpu_followup_plan_dry_run_runs_every_part(repo_root: Path, tmp_path: Path) -> None:
     script = repo_root / "benchmarks" / "gpu" / "run.sh"
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}

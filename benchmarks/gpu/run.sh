@@ -30,6 +30,16 @@
 #   performance.json's configuration at batch 64 (a regression check against 417-418); the pretraining bundle end to
 #   end with a resume (benchmarks/gpu/bundle_run.py on the visual-word folder WORDS, default .gpu_e2e/vw when it
 #   exists, else a synthetic one; carry it); the profile of that configuration with the callers of aten::copy_.
+# finetune (for the next lease, not run on a GPU yet; cut at FT_CAP seconds, default 420): the LiTS and LUNA16
+#   fine-tuning bundles end to end on CUDA (benchmarks/gpu/finetune_run.py: synthetic LiTS-layout data it writes itself
+#   with numpy + nibabel, the default network for 2 epochs, the same command to 3 epochs (refused: fine-tuning has no
+#   resume), that rerun with --overwrite from a pretrained checkpoint, batch inference with inference.json on raw test
+#   scans; then luna16_nodule_fpr on candidate cubes, 2 epochs, and its inference.json on the test cubes; checks exit
+#   codes, metrics.json, TensorBoard, the predictions). The checkpoint is PRETRAINED, default the
+#   best.pt of `verify`'s pretraining run when this call ran it first (/tmp/dira3d_bundle_run/run/models/best.pt),
+#   else a stand-in of that form; the run folder is FT_RUN (default /tmp/dira3d_finetune_run), its logs go to $OUT.
+#   Needs no SimpleITK (inference then reads NIfTI with MONAI's NibabelReader) nor fire (monai.bundle.run is then called
+#   without `python -m monai.bundle`'s command line); the output says so.
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
 # BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
 # (defaults 300 / 360, so that `check throughput` fits one 10-minute call).
@@ -84,6 +94,8 @@ if [ "${QUICK:-0}" = 1 ]; then
     PF_SIZE=(--quick); PF_EXTRA=(--quick); FC_SIZE=(--quick); PLAIN=fp32; AB_SIZE=("${PT_SIZE[@]}")
     AB_BASE=fp32+gemmwg+splitcat; AB_CONFIGS=fp32+gemmwg+splitcat,fp32+gemmwg+splitcat+gemmhead+prefetch; BIG2=(6 8)
     CL_SIZE=(--quick); FOLLOW=fp32+gemmwg; FOLLOW_MAX=fp32+gemmwg; BATCHES=(2 4); BR_ARGS=(--quick)
+    FT_ARGS=(--quick)  # a PRETRAINED given is used; no default (another run's /tmp/dira3d_bundle_run may be changing)
+    [ -n "${PRETRAINED:-}" ] && FT_ARGS+=(--pretrained "$PRETRAINED")
 else
     DEV=(--device cuda); PT_SIZE=(--patch 64 64 32 --width 1 --iters 30 --warmup 8)
     LD_SIZE=(--volumes 32 --volume-shape 192 192 96 --batch 32 --batches 40 --workers 0 4 8)
@@ -96,6 +108,9 @@ else
     SW_SIZE=(--volume 512 512 300); B32=(32); BIG=(64 96)
     BR_ARGS=(--config performance.json --batch 64 --pairs 2560)
     [ -f "${WORDS:-.gpu_e2e/vw}/visual_words.json" ] && BR_ARGS+=(--words "${WORDS:-.gpu_e2e/vw}")
+    FT_ARGS=()
+    [ -f "${PRETRAINED:-/tmp/dira3d_bundle_run/run/models/best.pt}" ] && \
+        FT_ARGS+=(--pretrained "${PRETRAINED:-/tmp/dira3d_bundle_run/run/models/best.pt}")
     CONFIGS=fp32,bf16,bf16+cl,bf16+cl+cudnn,bf16+cl+cudnn+compile
     BEST=bf16+cl+cudnn,bf16+cl+cudnn+compile
 fi
@@ -148,6 +163,9 @@ for what in "$@"; do
             --out /tmp/dira3d_bundle_run --log-dir "$OUT"
         capped profile "$(left 0)" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
             "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$AB_BASE" --warmup 3 --by-shape aten::copy_ --callers 4 ;;
+    finetune)
+        capped finetune "${FT_CAP:-420}" "$PY" benchmarks/gpu/finetune_run.py "${FT_ARGS[@]}" \
+            --out "${FT_RUN:-/tmp/dira3d_finetune_run}" --log-dir "$OUT" ;;
     first_conv)
         part first_conv "$PY" benchmarks/first_conv.py "${DEV[@]}" "${FC_SIZE[@]}" ;;
     layers)
@@ -162,7 +180,7 @@ for what in "$@"; do
         capped autotune "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BATCHES[0]}" --configs "$FOLLOW_MAX" --no-plain --out "$OUT/autotune.md" ;;
     *)
-        echo "unknown part '$what'; use check, throughput, scale, loader, inference, first_conv, layers, lease, followup, verify" >&2; status=2 ;;
+        echo "unknown part '$what'; use check, throughput, scale, loader, inference, first_conv, layers, lease, followup, verify, finetune" >&2; status=2 ;;
     esac
 done
 exit $status
