@@ -273,6 +273,55 @@ def test_monailabel_app_names_a_studies_folder_that_is_not_there_and_prints_it_a
     assert "--studies <studies folder> --conf" in out and "note: --studies" not in out
 
 
+def test_monailabel_app_prints_a_start_command_that_works_from_any_folder(repo_root, tmp_path, capsys, monkeypatch):
+    """The printed command had --app and --conf bundles as given (relative: another folder once pasted elsewhere) and
+    no quotes (a path with a space split into two words)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(repo_root / "bundles" / "lits_liver_seg" / "configs", tmp_path / "my bundles" / "lits_liver_seg"
+                    / "configs")
+    assert export_main(["monailabel-app", "--out", "my app", "--studies", "my scans", "--bundles", "my bundles"]) == 0
+    line = next(t for t in capsys.readouterr().out.splitlines() if "start_server" in t)
+    words = shlex.split(line)
+    assert words[words.index("--app") + 1] == str(tmp_path / "my app")
+    assert words[words.index("--studies") + 1] == str(tmp_path / "my scans")
+    assert words[words.index("bundles") + 1] == str(tmp_path / "my bundles")
+    assert (tmp_path / "my app" / "main.py").is_file()
+
+
+def test_monailabel_app_refuses_a_file_as_out_and_keeps_it(repo_root, tmp_path, capsys):
+    """--out naming a file was a NotADirectoryError traceback."""
+    out = tmp_path / "ct.nrrd"
+    out.write_bytes(b"user data")
+    assert export_main(["monailabel-app", "--out", str(out), "--bundles", str(repo_root / "bundles")]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is a file, not a folder" in err and "--out" in err and "Traceback" not in err
+    assert out.read_bytes() == b"user data"
+
+
+@pytest.mark.parametrize("what", ["torchscript", "onnx"])
+def test_export_names_a_roi_size_or_input_shape_that_does_not_fit_the_bundle(what, repo_root, tmp_path, capsys):
+    """`--override roi_size=16` (a number) was a TypeError traceback, a 2D `--input-shape` for a 3D bundle PyTorch's
+    "expected 5D input (got 4D input)", and a --check-scan smaller than the crop said nothing on what to do."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    ckpt = _weights(repo_root, "lits_liver_seg", tmp_path / "lits.pt", {"width": 0.125})
+    base = [what, "--bundle", "lits_liver_seg", "--checkpoint", str(ckpt), "--out", str(tmp_path / f"m.{what}"),
+            "--override", "width=0.125"]
+    assert export_main(base + ["--override", "roi_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert "roi_size 16 is not a list of positive whole numbers" in err and '"roi_size=[16,16,8]"' in err
+    assert export_main(base + ["--input-shape", "1", "1", "16", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--input-shape (input_shape) 1 1 16 16 has 4 numbers" in err and "3D" in err and "e.g. 1 1 64 64 32" in err
+    scan = tmp_path / "small.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8, 8), np.int16)), str(scan))
+    assert export_main(base + ["--check-scan", str(scan)]) == 2
+    err = capsys.readouterr().err
+    assert f"does not fit in {scan}" in err and "give a smaller --input-shape" in err
+    assert not (tmp_path / f"m.{what}").exists()
+
+
 def _copy_half_then(stop: BaseException):
     """A shutil.copytree that copies main.py and then stops as a Ctrl-C (or a full disk) would."""
     def copytree(src, dst, **kwargs):

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import kill_process_tree
 from dira3d.evaluation.outputs import is_own_prediction
+from dira3d.utils.warning_format import prefix_warnings
 from test_inference_batch import _report, _scans
 from test_inference_batch_torchrun import torchrun_command
 
@@ -99,6 +100,26 @@ def test_a_ranks_log_lines_name_it_and_one_process_keeps_its_own(caplog):
         assert (record.msg, record.args) == ("100%% %s", ("a", "b"))
     finally:
         logging.setLogRecordFactory(before)
+        prefix_warnings("")
+
+
+def test_a_ranks_warnings_name_it_too():
+    """A rank's input check warned `1 of 3 inputs left out` of its share (the batch held 6) with no rank: two such lines
+    under torchrun, neither saying whose."""
+    import warnings
+
+    from dira3d.data.errors import DataWarning
+    from dira3d.evaluation.batch_ranks import prefix_rank_logs
+
+    before = logging.getLogRecordFactory()
+    try:
+        prefix_rank_logs(1, 2)
+        line = warnings.formatwarning("1 of 3 inputs left out", DataWarning, "inputs.py", 1)
+        assert line == "WARNING: [rank 1/2] 1 of 3 inputs left out\n"
+    finally:
+        logging.setLogRecordFactory(before)
+        prefix_warnings("")
+    assert warnings.formatwarning("x", DataWarning, "inputs.py", 1) == "WARNING: x\n"
 
 
 def _stopped_rank(monkeypatch, tmp_path, rank: int, theirs: tuple):

@@ -100,3 +100,62 @@ def test_the_app_serves_the_bundles_that_fit_and_logs_why_not_the_others(repo_ro
     assert "served ['luna16_nodule_fpr']" in proc.stdout, out[-3000:]
     assert "ERROR dira3d: bundle lidc_nodule_seg" in out and "is not served" in out, out[-3000:]
     assert """'{"lidc_nodule_seg": {"width": 0.125, "roi_size": [16, 16, 8]}}'""" in out, out[-3000:]
+
+
+class _Datastore:
+    """The two calls of MONAI Label's LocalDatastore that unknown_image makes (an unknown id has the URI "")."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ids = {p.name.split(".")[0]: p for p in folder.iterdir()}
+
+    def get_image_uri(self, image_id: str) -> str:
+        return str(self.ids[image_id]) if image_id in self.ids else ""
+
+    def list_images(self) -> list[str]:
+        return list(self.ids)
+
+
+def test_an_image_id_the_studies_folder_lacks_is_named(tmp_path):
+    """MONAI Label replaced an unknown `image=` id by "" and the request failed with HTTP 500, its log saying
+    `: does not exist; check the path` without the id; the app now answers 404 naming it and the ids there."""
+    from dira3d.deploy.monailabel import unknown_image
+
+    (tmp_path / "lung1_image.nrrd").write_bytes(b"x")
+    store = _Datastore(tmp_path)
+    for image in ("lung1_image", str(tmp_path / "lung1_image.nrrd"), "", None):  # an id, a file, no image
+        assert unknown_image({"image": image}, store, tmp_path) is None
+    message = unknown_image({"image": "lung1_image.nrrd"}, store, tmp_path)  # the file name, not its id
+    assert message.startswith(f"image 'lung1_image.nrrd' is not in the studies folder {tmp_path}")
+    assert "lung1_image" in message and "without its extension" in message and "-F file=@" in message
+    assert unknown_image({"image": "x"}, store, "http://pacs/dicom-web") is None  # DICOMweb: not asked twice
+
+
+def test_the_app_answers_an_unknown_image_id_with_404_naming_it(repo_root, tmp_path):
+    """In the MONAI Label environment: the app's infer, on MONAI Label's own datastore (skipped where not built)."""
+    venv = default_venv()
+    if not (venv / ".dira3d-stamp").is_file():
+        pytest.skip(f"MONAI Label environment absent at {venv}; build it with `bash dira3d/deploy/monailabel_env.sh`")
+    export_main(["monailabel-app", "--out", str(tmp_path / "app"), "--bundles", str(repo_root / "bundles")])
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "served").mkdir()  # no bundle: the check comes before the model is looked up
+    import SimpleITK as sitk
+    import numpy as np
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16)), str(tmp_path / "studies" / "lung1.nrrd"))
+    script = (
+        "import os, sys\nsys.path.insert(0, sys.argv[1])\nfrom main import MyApp\n"
+        "app = MyApp(sys.argv[1], sys.argv[2], {'bundles': sys.argv[3]})\n"
+        "for image in ('nope', 'lung1'):\n"
+        "    try:\n        app.infer({'model': 'lits_liver_seg', 'image': image})\n"
+        "    except Exception as err:\n"
+        "        print(image, type(err).__name__, getattr(err, 'status_code', None), getattr(err, 'detail', err))\n"
+        "sys.stdout.flush()\nos._exit(0)\n"  # the datastore's file watcher thread
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", script, str(tmp_path / "app"), str(tmp_path / "studies"),
+                           str(tmp_path / "served")], env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert f"nope HTTPException 404 image 'nope' is not in the studies folder {tmp_path / 'studies'}" in proc.stdout, \
+        out[-3000:]
+    assert "(its 1 image id(s): lung1)" in proc.stdout, out[-3000:]
+    assert "lung1 HTTPException" not in proc.stdout, out[-3000:]  # a known id goes on to MONAI Label's own answer

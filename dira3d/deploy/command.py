@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.utils.cli_help import DefaultsHelpFormatter
-from dira3d.utils.overrides import parse_value
+from dira3d.utils.overrides import parse_value, shell_word
 
 __all__ = ["main", "parse_overrides"]
 
@@ -218,10 +218,14 @@ def _run(args: argparse.Namespace) -> int:
     with removed_if_failed(args.out):  # an app without its environment (--build-env failed or stopped) goes too
         app = prepare_app(args.out)  # checks that --out can be written before copying
         venv = ensure_monailabel_env() if args.build_env else default_venv()
-    studies = str(Path(args.studies).resolve()) if args.studies else "<studies folder>"  # the server's cwd may differ
+    # absolute paths, each one shell word: the command works pasted in any folder (a relative --out or --bundles, or
+    # a path with a space, gave a command that failed there)
+    studies = shell_word(str(Path(args.studies).resolve())) if args.studies else "<studies folder>"
+    served = ",".join(str(Path(b).expanduser().resolve()) for b in bundles.split(",") if b.strip())
     print(f"MONAI Label app copied to {app}. Start it with:\n"
-          f"  PYTHONPATH={REPO_ROOT} {Path(venv) / 'bin' / 'python'} -m monailabel.main start_server "
-          f"--app {app} --studies {studies} --conf bundles {bundles} --host 127.0.0.1 --port 8000")
+          f"  PYTHONPATH={shell_word(str(REPO_ROOT))} {shell_word(str(Path(venv) / 'bin' / 'python'))} -m monailabel.main "
+          f"start_server --app {shell_word(str(Path(app).resolve()))} --studies {studies} --conf bundles "
+          f"{shell_word(served)} --host 127.0.0.1 --port 8000")
     if args.studies and not Path(args.studies).is_dir():
         print(f"note: --studies {args.studies} is not a folder (yet): the server would start with no scan to list; put "
               "the scans there (NIfTI, NRRD, DICOM folders) or pass the folder that holds them")

@@ -47,13 +47,23 @@ ONNX_OPSET = 17
 
 
 def _example_shape(parser: ConfigParser, input_shape: Sequence[int] | None) -> list[int]:
-    if input_shape:
-        return [int(s) for s in input_shape]
     roi = parser.get_parsed_content("roi_size") if "roi_size" in parser else None
+    if roi is not None and (isinstance(roi, (str, bytes)) or not isinstance(roi, Sequence)
+                            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in roi)):
+        # roi_size=16 (a number, not a list) raised a TypeError traceback
+        raise ValueError(f"roi_size {roi!r} is not a list of positive whole numbers, one per spatial dimension; "
+                         'pass e.g. --override "roi_size=[16,16,8]" (3D) or "roi_size=[64,64]" (2D)')
+    if input_shape:
+        shape = [int(s) for s in input_shape]
+        if roi is not None and len(shape) != 2 + len(roi):  # was PyTorch's "expected 5D input (got 4D input)"
+            raise ValueError(f"--input-shape (input_shape) {' '.join(map(str, shape))} has {len(shape)} numbers; the "
+                             f"bundle's network is {len(roi)}D: give B C and {len(roi)} sizes, e.g. "
+                             f"{' '.join(map(str, [1, 1, *roi]))}")
+        return shape
     if roi is None:
         raise ValueError("input_shape is needed: the bundle has no 'roi_size' (pass e.g. [1, 1, 64, 64, 32])")
     in_channels = parser.get_parsed_content("in_channels") if "in_channels" in parser else 1
-    return [1, int(in_channels), *[int(s) for s in roi]]
+    return [1, int(in_channels), *roi]
 
 
 def bundle_example_shape(
@@ -317,7 +327,8 @@ def scan_patch(
     center = [s // 2 for s in volume.shape] if center is None else list(center)
     starts = [c - s // 2 for c, s in zip(center, size)]
     if any(a < 0 or a + s > n for a, s, n in zip(starts, size, volume.shape)):
-        raise ValueError(f"a {tuple(size)} crop at {tuple(center)} does not fit in {path} of size {volume.shape}")
+        raise ValueError(f"a {tuple(size)} crop at {tuple(center)} does not fit in {path} of size {volume.shape}; "
+                         "give a smaller --input-shape (the crop's size) or a larger --check-scan")
     crop = volume[tuple(slice(a, a + s) for a, s in zip(starts, size))]
     lo, hi = window
     crop = (np.clip(crop, lo, hi) - lo) / (hi - lo)

@@ -43,6 +43,7 @@ __all__ = [
     "prepare_app",
     "parse_overrides",
     "check_served_bundle",
+    "unknown_image",
     "start_command",
     "free_port",
     "MonaiLabelServer",
@@ -237,6 +238,23 @@ def check_served_bundle(name: str, bundle: str | os.PathLike, overrides: Mapping
     load_bundle_network(bundle, weights, config_file=config.name, overrides=known, hint_option=option)
 
 
+def unknown_image(request: Mapping[str, Any], datastore: Any, studies: str | os.PathLike) -> str | None:
+    """The error for an infer request whose ``image`` is neither a file nor an id of the studies folder, else None.
+
+    MONAI Label replaces an unknown id by ``""``, so the bundle's input check said ``: does not exist; check the
+    path`` (HTTP 500) without naming the id. A DICOMweb ``studies`` (``http(s)://``) is not checked: its datastore
+    fetches the series to answer."""
+    image = request.get("image")
+    if (not isinstance(image, str) or not image or str(studies).startswith(("http://", "https://"))
+            or os.path.exists(image) or datastore.get_image_uri(image)):
+        return None
+    ids = sorted(datastore.list_images())
+    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return (f"image {image!r} is not in the studies folder {studies} (its {len(ids)} image id(s): {shown or 'none'}); "
+            "image= takes the name of a file there without its extension (lung1_image for lung1_image.nrrd), "
+            "or send the scan itself with -F file=@scan.nii.gz")
+
+
 def prepare_app(dest: str | os.PathLike) -> Path:
     """Copy the dira3d MONAI Label app to ``dest`` (MONAI Label writes logs/ and model/ into its app). A copy
     that fails or is interrupted (Ctrl-C) removes what it wrote, and ``dest`` too when it created it.
@@ -245,12 +263,14 @@ def prepare_app(dest: str | os.PathLike) -> Path:
         ``dest`` as a Path.
 
     Raises:
-        FileExistsError: ``dest`` exists and is not empty.
+        FileExistsError: ``dest`` is a file, or a folder that is not empty.
         FolderNotWritableError: ``dest`` cannot be created or written to.
     """
     from dira3d.utils.atomic import check_writable, removed_if_failed
 
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():  # was a NotADirectoryError traceback
+        raise FileExistsError(f"{dest} is a file, not a folder; choose a new folder for the MONAI Label app (--out)")
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty; choose a new folder for the MONAI Label app")
     with removed_if_failed(dest):  # a half-copied app would make the rerun refuse the folder

@@ -101,14 +101,18 @@ def prefix_rank_logs(rank: int, world: int) -> None:
     """From now on, every log record this process makes starts its message with ``[rank r/W]`` (``[rank 1/2] writing:
     ...``): under ``torchrun`` the ranks log into the one console, and their lines could not be told apart. Set as
     ``logging``'s record factory, so every logger and handler has it, the bundle's ``logging.conf`` included (its format
-    is kept: the prefix is the message's); for the process's life (the lines after the ranks have left the group, a
-    stop's line, are a rank's too); a second call changes the prefix, not adds one; nothing in one process (``world``
+    is kept: the prefix is the message's), and dira3d's ``WARNING:`` lines
+    (:func:`~dira3d.utils.warning_format.prefix_warnings`); for the process's life (the lines after the ranks have left
+    the group, a stop's line, are a rank's too); a second call changes the prefix, not adds one; nothing in one process (``world``
     1)."""
     if world < 2:
         return
+    from dira3d.utils.warning_format import prefix_warnings
+
     factory = logging.getLogRecordFactory()
     previous = factory.previous if isinstance(factory, _RankPrefix) else factory
     logging.setLogRecordFactory(_RankPrefix(previous, f"[rank {rank}/{world}]"))
+    prefix_warnings(f"[rank {rank}/{world}]")  # dira3d's WARNING: lines too (an input left out of the rank's share)
 
 
 def leave_ranks(joined: bool) -> None:

@@ -20,6 +20,7 @@ from typing import Dict
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
+from dira3d.deploy.monailabel import unknown_image
 from dira3d.deploy.monailabel_tasks import infer_tasks
 
 logger = logging.getLogger(__name__)
@@ -35,3 +36,14 @@ class MyApp(MONAILabelApp):
 
     def init_infers(self) -> Dict[str, InferTask]:
         return infer_tasks(self.conf)
+
+    def infer(self, request, datastore=None):
+        """An ``image=`` id the studies folder lacks is answered HTTP 404 naming it (it was an HTTP 500 whose log
+        said ``: does not exist``: MONAI Label had replaced the id by an empty path)."""
+        message = unknown_image(request, datastore or self.datastore(), self.studies)
+        if message:
+            from fastapi import HTTPException
+
+            logger.error(f"dira3d: {message}")
+            raise HTTPException(status_code=404, detail=message)
+        return super().infer(request, datastore)
