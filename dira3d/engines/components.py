@@ -17,11 +17,13 @@ one after each hidden layer. They are plain functions so a bundle config can cal
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 
 from torch import nn
 
+from dira3d.data.errors import DataError
 from dira3d.losses import BarlowTwinsLoss, InfoNCELoss, SimSiamLoss, VisualWordLoss
 from dira3d.networks.heads import PredictorHead, ProjectionHead, VisualWordHead
 from dira3d.utils.warning_format import Dira3dWarning
@@ -60,15 +62,19 @@ def build_dis_head(
         The head module (logits for ``visual_words``, projections otherwise).
 
     Raises:
-        ValueError: unknown mode, or ``num_classes`` missing in ``visual_words`` mode.
+        ValueError: unknown mode; a :class:`~dira3d.data.errors.DataError` for a ``num_classes`` in ``visual_words``
+            mode that is missing or not a whole number >= 1.
     """
     check_dis_mode(dis_mode)
     if dis_mode == "visual_words":
-        if not num_classes or num_classes < 1:
-            raise ValueError(
-                "num_classes must be a positive integer in dis_mode='visual_words' "
-                "(the number of visual words, or of training volumes with one class per image)"
-            )
+        # DataError: one `error:` line under python -m monai.bundle run too; text ('abc') failed in `<` inside
+        # MONAI's traceback, 2.5 ran as 2 classes without a word
+        if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Real)
+                or not float(num_classes).is_integer() or num_classes < 1):
+            raise DataError(None,
+                f"num_classes={num_classes!r}: num_classes must be a positive integer in dis_mode='visual_words' "
+                "(the number of visual words, or of training volumes with one class per image); give a whole number "
+                ">= 1, or leave num_classes to its default")
         if int(num_classes) == 1:  # cross-entropy over one class is 0 whatever the network does
             warnings.warn(
                 "num_classes is 1 in dis_mode='visual_words': the discrimination loss is always 0 and trains nothing "

@@ -24,6 +24,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, SpatialPad
 
+from dira3d.data.errors import DataError
 from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["PAIR_POLICIES", "RandPatchPair", "RandPatchPaird", "with_image_labels"]
@@ -46,8 +47,13 @@ class RandPatchPair(Randomizable):
     def __init__(self, patch_size: Sequence[int], spatial_dims: int = 3, pair: str = "instances") -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims={spatial_dims!r} is not supported; use 2 or 3")
-        if len(patch_size) != spatial_dims or min(patch_size) < 1:
-            raise ValueError(f"patch_size={list(patch_size)} must have {spatial_dims} positive sizes for spatial_dims={spatial_dims}")
+        sizes = list(patch_size) if isinstance(patch_size, (Sequence, np.ndarray)) and not isinstance(patch_size, str) else None
+        if (sizes is None or len(sizes) != spatial_dims  # patch_size=32 failed with a bare "has no len()" TypeError
+                or not all(isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 1 and float(n).is_integer()
+                           for n in sizes)):
+            raise DataError(None, f"patch_size={patch_size if sizes is None else sizes!r} must have {spatial_dims} "
+                            f"positive sizes for spatial_dims={spatial_dims}, a list of whole numbers, e.g. "
+                            f"patch_size={[64, 64, 32][:spatial_dims] if spatial_dims == 3 else [224, 224]}")
         if pair not in PAIR_POLICIES:
             raise ValueError(f"pair={pair!r} is not supported; choose one of {', '.join(PAIR_POLICIES)}")
         self.patch_size, self.spatial_dims, self.pair = tuple(int(p) for p in patch_size), spatial_dims, pair

@@ -49,6 +49,13 @@ __all__ = [
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
+def _valid_betas(betas: Any) -> bool:
+    """Whether ``betas`` is two finite numbers in [0, 1), as ``torch.optim.Adam`` needs them."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        return False
+    return all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+
+
 def build_adam(
     modules: Iterable[nn.Module | None],
     lr: float,
@@ -74,14 +81,22 @@ def build_adam(
         The optimiser. All choices compute the same update up to floating-point rounding.
 
     Raises:
-        ValueError: no parameter in ``modules``, or ``lr`` negative or not a finite number.
+        ValueError: no parameter in ``modules``, ``lr`` negative or not a finite number, or ``betas`` not two
+            numbers in [0, 1) (named as ``betas_d`` for ``name='lr_d'``).
     """
+    from dira3d.data.errors import DataError
+
     try:
         valid = not isinstance(lr, (bool, str)) and math.isfinite(float(lr)) and float(lr) >= 0
     except (TypeError, ValueError):
         valid = False
     if not valid:
-        raise ValueError(f"{name}={lr!r}: the learning rate must be a finite number >= 0, e.g. {name}=0.001")
+        # DataError: one `error:` line under python -m monai.bundle run too (a ValueError came in MONAI's traceback)
+        raise DataError(None, f"{name}={lr!r}: the learning rate must be a finite number >= 0, e.g. {name}=0.001")
+    if not _valid_betas(betas):  # betas_d=[0.9] failed in Adam's step with a bare IndexError inside MONAI's traceback
+        setting = f"betas_{name.partition('_')[2]}" if "_" in name else "betas"
+        raise DataError(None, f"{setting}={betas!r}: Adam's betas must be a list of two numbers in [0, 1), "
+                        f"e.g. {setting}=[0.9,0.999]")
     device = torch.device(device)
     mods = [m.to(device) for m in modules if m is not None]
     params = unique_parameters(mods)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -38,6 +38,7 @@ __all__ = [
     "NoDistortion",
     "DISTORTIONS",
     "build_distortion",
+    "distortion_from_settings",
     "default_distortion_args",
     "choose_one",
 ]
@@ -334,3 +335,26 @@ def build_distortion(name: str, **overrides: object) -> Distortion:
     if unknown:
         raise ValueError(f"distortion {name!r} has no setting(s) {unknown}; its settings are {allowed}.")
     return cls(**overrides)
+
+
+def distortion_from_settings(distortion: str, distortion_args: Mapping[str, object] | None) -> Distortion:
+    """The pretraining bundle's ``distortion`` built with its ``distortion_args`` (``None``: the defaults), or one
+    ``error:`` line naming both settings.
+
+    ``build_distortion(@distortion, **@distortion_args)`` failed in MONAI's traceback for ``--distortion_args abc``
+    (``argument after ** must be a mapping, not str``), naming no setting.
+
+    Raises:
+        DataError: ``distortion_args`` that is not a mapping, an unknown distortion or setting of it.
+    """
+    from dira3d.data.errors import DataError
+
+    if distortion_args is None:
+        distortion_args = {}
+    if not isinstance(distortion_args, Mapping):
+        raise DataError(None, f"distortion_args={distortion_args!r} is not a mapping; give the settings of distortion "
+                        f"{distortion!r} by name, e.g. {{'sigma': 4.0}}, or leave distortion_args to its default")
+    try:
+        return build_distortion(distortion, **distortion_args)
+    except ValueError as err:
+        raise DataError(None, f"distortion={distortion!r}, distortion_args={dict(distortion_args)!r}: {err}") from err

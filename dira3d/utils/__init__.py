@@ -11,7 +11,7 @@ _EXPORTS = {
                             "FolderNotWritableError"),
     "dira3d.utils.checkpoint": ("atomic_save", "load_checkpoint"),
     "dira3d.utils.progress": ("show_progress",),
-    "dira3d.utils.seeding": ("check_seed",),
+    "dira3d.utils.seeding": ("check_seed", "check_whole_numbers"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
@@ -26,5 +26,6 @@ __all__ = [
     "load_checkpoint",
     "show_progress",
     "check_seed",
+    "check_whole_numbers",
     "lazy_exports",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 from dira3d.utils.files import read_json, read_yaml
 
-__all__ = ["parse_value", "as_bool", "shell_word", "override_text", "format_overrides", "check_overrides", "did_you_mean", "keep_disabled_switches", "run_bundle"]
+__all__ = ["parse_value", "as_bool", "check_true_false", "shell_word", "override_text", "format_overrides", "check_overrides", "did_you_mean", "keep_disabled_switches", "run_bundle"]
 
 
 def parse_value(text: str) -> Any:
@@ -67,6 +67,25 @@ def as_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def check_true_false(**settings: Any) -> None:
+    """Refuse text for true/false settings (``name=value``) that are read as Python truth values, naming the first.
+
+    ``python -m monai.bundle run --channels_last maybe`` (or ``--pin_memory false``: the command line hands
+    ``false`` on as text) ran with the setting on, as any non-empty text is true; ``True`` and ``False`` are read as
+    true and false. The pretraining bundle calls it in ``initialize``, before any data are read (``dira3d pretrain
+    --override`` refuses such text earlier, :func:`check_overrides`).
+
+    Raises:
+        DataError: naming the setting, its value and what to give.
+    """
+    from dira3d.data.errors import DataError
+
+    for name, value in settings.items():
+        if isinstance(value, str):
+            raise DataError(None, f"{name}={value!r} is text, but the setting is true or false; give true or false "
+                            f"(python -m monai.bundle run: --{name} True or --{name} False)")
+
+
 def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str, Any], where: str = "override") -> None:
     """Refuse override ids (``#``-nested too) that no config in ``configs`` defines.
 
@@ -98,12 +117,14 @@ def check_overrides(configs: Iterable[str | os.PathLike], overrides: Mapping[str
         raise ValueError(f"{where}: no setting {hints} in {', '.join(f.name for f in files)} of {folder}; fix or remove it")
     for key, value in overrides.items():
         words = NUMBER_OR_WORD.get(key, ())
-        default, name = parser.get(key), key.rpartition("#")[2]
+        default, name, shown = parser.get(key), key.rpartition("#")[2], None
+        if isinstance(default, str) and default.startswith("$") and name in EXPRESSION_DEFAULTS:
+            default, shown = EXPRESSION_DEFAULTS[name]
         if isinstance(default, bool) and name in BOOL_OR_TEXT:
             continue
         if isinstance(default, bool) and name in TEXT_AS_BOOL and str(value).strip().lower() in _BOOL_WORDS:
             continue
-        problem = "" if value in words else _type_mismatch(default, value)
+        problem = "" if value in words else _type_mismatch(default, value, shown)
         if problem and words:
             problem += f" or {' or '.join(map(repr, words))}"
         if problem:
@@ -120,10 +141,17 @@ BOOL_OR_TEXT = ("compile", "amp")
 # setting takes text as true (bool('no') is True), so text is refused there
 TEXT_AS_BOOL = ("resume", "validation", "overwrite", "tiny")
 _BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "none", "null", "")
+# settings whose default is an expression, which shows no kind: a value of the kind each takes, and its default in
+# words (`pin_memory=maybe` ran with pinned memory, as any non-empty text is true; `num_classes=abc` and
+# `distortion_args=abc` failed in MONAI's traceback, naming no setting)
+EXPRESSION_DEFAULTS = {"pin_memory": (False, "true on a GPU"),
+                       "num_classes": (1, "one class per training volume"),
+                       "distortion_args": ({}, "the distortion's settings for the patch size")}
 
 
-def _type_mismatch(default: Any, value: Any) -> str:
-    """Why ``value`` cannot replace a setting whose default is ``default`` ('' when it can).
+def _type_mismatch(default: Any, value: Any, shown: str | None = None) -> str:
+    """Why ``value`` cannot replace a setting whose default is ``default`` ('' when it can; ``shown``: the default
+    in words, for a setting whose default is an expression, :data:`EXPRESSION_DEFAULTS`).
 
     Only the plain case is judged: a number replaced by text that is not a ``$`` expression or an
     ``@`` reference (``max_epochs=two`` would otherwise fail deep inside the run, as a TypeError
@@ -131,16 +159,29 @@ def _type_mismatch(default: Any, value: Any) -> str:
     (``channels_last=maybe`` or ``=no`` switched it on, as any non-empty text is true; the caller leaves out
     :data:`BOOL_OR_TEXT`, which take text too, and :data:`TEXT_AS_BOOL`'s words); a list replaced by text
     (``patch_size=abc`` failed in MONAI's traceback, ``intensity_range=abc`` with ``could not convert string
-    to float: 'a'``, naming no setting).
+    to float: 'a'``, naming no setting); a mapping replaced by anything but a mapping or null
+    (``distortion_args=abc``, ``=[1,2]``).
     """
-    if not isinstance(value, str) or value.startswith(("$", "@", "%")):
+    if isinstance(value, str) and value.startswith(("$", "@", "%")):
+        return ""
+    if isinstance(default, dict) and "_target_" not in default:  # a component may be replaced by what builds one
+        if value is None or isinstance(value, Mapping):
+            return ""
+        kind = ("text" if isinstance(value, str) else "true or false" if isinstance(value, bool)
+                else "a list" if isinstance(value, list) else "a number" if isinstance(value, (int, float)) else "not a mapping")
+        return (f"is {kind}, but the setting is a mapping of names to values, e.g. {{'sigma': 4.0}} "
+                f"(default {shown or json.dumps(default)})")
+    if isinstance(default, list) and isinstance(value, (int, float)):  # patch_size=32: a bare "has no len()" TypeError
+        shown = shown or json.dumps(default)
+        return "is a number, but the setting is a list" + (f" (default {shown})" if len(shown) <= 60 else "")
+    if not isinstance(value, str):
         return ""
     if isinstance(default, bool):
-        return f"is text, but the setting is true or false (default {str(default).lower()})"
+        return f"is text, but the setting is true or false (default {shown or str(default).lower()})"
     if isinstance(default, (int, float)):
-        return f"is text, but the setting is a number (default {default!r})"
+        return f"is text, but the setting is a number (default {shown or repr(default)})"
     if isinstance(default, list):
-        shown = json.dumps(default)
+        shown = shown or json.dumps(default)
         return "is text, but the setting is a list" + (f" (default {shown})" if len(shown) <= 60 else "")
     return ""
 

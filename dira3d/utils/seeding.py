@@ -11,7 +11,8 @@ pretraining the same weights), so neither function may change what it returns
   ``numpy.random.RandomState``) or ``bits=63`` (fits ``torch.Generator.manual_seed``).
 - :func:`stream_seed`: the training engines' seed of random ``stream`` at step ``counter``
   (63 bits, base seed folded to 32 bits).
-- :func:`check_seed`: a bundle's ``seed`` setting checked for its kind before MONAI's ``set_determinism`` uses it.
+- :func:`check_seed`: a bundle's ``seed`` setting checked for its kind before MONAI's ``set_determinism`` uses it;
+  :func:`check_whole_numbers`: other count settings (epochs, intervals) checked as it is, in the same words.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["check_seed", "derive_seed", "stream_seed"]
+__all__ = ["check_seed", "check_whole_numbers", "derive_seed", "stream_seed"]
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
@@ -33,16 +34,34 @@ def check_seed(seed: object, name: str = "seed") -> int:
     Raises:
         DataError: naming the setting and the value (one ``error:`` line under ``python -m monai.bundle run``).
     """
+    return _whole_number(seed, name, 0, f"give a whole number >= 0, e.g. --{name} 0")
+
+
+def check_whole_numbers(minimum: int = 1, **settings: object) -> dict[str, int]:
+    """Each of ``settings`` (``name=value``) as an int, a whole number >= ``minimum``, as :func:`check_seed` checks
+    the seed; the pretraining bundle calls it first in ``initialize``, before any data are read.
+
+    ``--log_every 0`` failed at the first iteration with a ZeroDivisionError inside MONAI's traceback; ``-1`` logged
+    (and ``image_every`` 0 or -1 drew images) every iteration, ``max_epochs`` 1.5 trained 2 epochs, all without a
+    word; ``batch_size`` 0 or ``num_workers`` -1 were refused by the DataLoader only after the data were cached.
+
+    Raises:
+        DataError: the first setting that is not one, named with its value and what to give.
+    """
+    return {name: _whole_number(value, name, minimum, f"give a whole number >= {minimum}, e.g. --{name} {minimum}")
+            for name, value in settings.items()}
+
+
+def _whole_number(value: object, name: str, minimum: int, advice: str) -> int:
     from dira3d.data.errors import DataError
 
-    advice = f"give a whole number >= 0, e.g. --{name} 0"
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Real):
-        raise DataError(None, f"{name}={seed!r} is not a number; {advice}")
-    if not float(seed).is_integer():
-        raise DataError(None, f"{name}={seed!r} is not a whole number; {advice}")
-    if seed < 0:
-        raise DataError(None, f"{name}={seed!r} is negative; {advice}")
-    return int(seed)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise DataError(None, f"{name}={value!r} is not a number; {advice}")
+    if not float(value).is_integer():
+        raise DataError(None, f"{name}={value!r} is not a whole number; {advice}")
+    if value < minimum:
+        raise DataError(None, f"{name}={value!r} is {'negative' if minimum == 0 else f'less than {minimum}'}; {advice}")
+    return int(value)
 
 
 def derive_seed(*parts: int, bits: int) -> int:
