@@ -36,7 +36,7 @@ DIS_MODES = ("visual_words", "moco", "barlow", "simsiam")
 def check_dis_mode(dis_mode: str) -> str:
     """Return ``dis_mode`` or raise a ``ValueError`` listing the valid modes."""
     if dis_mode not in DIS_MODES:
-        raise ValueError(f"dis_mode={dis_mode!r} is not supported; choose one of {', '.join(DIS_MODES)}")
+        raise DataError(None, f"dis_mode={dis_mode!r} is not supported; choose one of {', '.join(DIS_MODES)}")
     return dis_mode
 
 
@@ -118,7 +118,7 @@ def resolve_views(views: Callable | str | None, dis_mode: str, spatial_dims: int
     """
     if isinstance(views, str):
         if views != "auto":
-            raise ValueError(f"views={views!r} is not supported; pass 'auto', None (identity views) or a callable "
+            raise DataError(None, f"views={views!r} is not supported; pass 'auto', None (identity views) or a callable "
                              "v1, v2 = views(x, generator) such as dira3d.transforms.ViewAugment(3)")
         if check_dis_mode(dis_mode) == "visual_words":
             return None

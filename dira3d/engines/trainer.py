@@ -67,6 +67,7 @@ from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from torch import nn
 
+from dira3d.data.errors import DataError
 from dira3d.engines.batches import STREAM_DATA, STREAM_STEP, BatchFeedMixin
 from dira3d.engines.components import build_dis_loss, check_dis_mode, resolve_views
 from dira3d.engines.cpu_bf16 import onednn_bf16_conv3d_grad_is_wrong
@@ -248,7 +249,7 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         self.second_view = check_second_view(second_view, self.dis_mode)
         self.schedule = stages if isinstance(stages, StageSchedule) else StageSchedule(stages)
         if int(d_steps) != d_steps or d_steps < 1:
-            raise ValueError(f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
+            raise DataError(None, f"d_steps={d_steps!r} must be a positive integer (discriminator steps per generator step)")
         check_modules_for_stages(self.schedule, stages is None, self.dis_mode, dis_head, predictor, adversary,
                                  optimizer_d)
         loss_weights = DiRALoss(loss_weights)

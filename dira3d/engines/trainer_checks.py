@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dira3d.data.errors import DataError
 from dira3d.engines.stages import DEFAULT_STAGES, LOSS_TERMS, StageSchedule
 
 __all__ = ["check_modules_for_stages", "check_yields_batches", "check_second_view", "check_clip_grad_norm",
@@ -74,10 +75,10 @@ def check_second_view(second_view: str, dis_mode: str) -> str:
             ``visual_words`` mode (which has no second view of an instance, only ``classify_both``).
     """
     if second_view not in SECOND_VIEWS:
-        raise ValueError(f"second_view={second_view!r} is not supported; choose one of {', '.join(SECOND_VIEWS)} "
+        raise DataError(None, f"second_view={second_view!r} is not supported; choose one of {', '.join(SECOND_VIEWS)} "
                          "(what the instance modes do with their second view; docs/method.md)")
     if dis_mode == "visual_words" and second_view != "augmented":
-        raise ValueError(f"second_view={second_view!r} applies to the instance modes (moco, barlow, simsiam); "
+        raise DataError(None, f"second_view={second_view!r} applies to the instance modes (moco, barlow, simsiam); "
                          "dis_mode='visual_words' has no second view: leave second_view at 'augmented' (to also "
                          "classify the distorted second instance, set classify_both true)")
     return second_view
@@ -121,6 +122,6 @@ def check_clip_grad_norm(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"clip_grad_norm={value!r} must be null (no clipping) or a number > 0, the largest "
+        raise DataError(None, f"clip_grad_norm={value!r} must be null (no clipping) or a number > 0, the largest "
                          "gradient norm of G and D, e.g. clip_grad_norm=1.0")
     return float(value)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dira3d.data.errors import DataError
+
 __all__ = ["ADVERSARIAL_KINDS", "AdversarialLoss"]
 
 ADVERSARIAL_KINDS = ("vanilla", "lsgan")
@@ -48,7 +50,8 @@ class AdversarialLoss(nn.Module):
     def __init__(self, kind: str = "vanilla") -> None:
         super().__init__()
         if kind not in ADVERSARIAL_KINDS:
-            raise ValueError(f"AdversarialLoss: unknown kind {kind!r}; choose one of {', '.join(ADVERSARIAL_KINDS)}.")
+            raise DataError(None, f"AdversarialLoss: unknown kind {kind!r} (the bundles' adversarial_kind); choose one of "
+                                  f"{', '.join(ADVERSARIAL_KINDS)}.")
         self.kind = kind
 
     def _against(self, logits: torch.Tensor, value: float) -> torch.Tensor:

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from dira3d.data.errors import DataError
+
 __all__ = ["TERM_NAMES", "DEFAULT_WEIGHTS", "parse_weights", "DiRALoss"]
 
 TERM_NAMES = ("dis", "res", "adv")
@@ -52,17 +54,17 @@ def parse_weights(weights: Mapping[str, float] | str) -> dict[str, float]:
                     raise ValueError
                 parsed[name.strip()] = float(value)
             except ValueError:
-                raise ValueError(
-                    f"loss weights: cannot read {pair!r}; write name=value pairs such as 'dis=1,res=100,adv=1'."
+                raise DataError(
+                    None, f"loss weights: cannot read {pair!r}; write name=value pairs such as 'dis=1,res=100,adv=1'."
                 ) from None
         weights = parsed
     result: dict[str, float] = {}
     for name, value in dict(weights).items():
         if name not in TERM_NAMES:
-            raise ValueError(f"loss weights: unknown term {name!r}; the terms are {', '.join(TERM_NAMES)}.")
+            raise DataError(None, f"loss weights: unknown term {name!r}; the terms are {', '.join(TERM_NAMES)}.")
         value = float(value)
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"loss weights: λ for {name!r} must be a finite number >= 0, got {value}.")
+            raise DataError(None, f"loss weights: λ for {name!r} must be a finite number >= 0, got {value}.")
         result[name] = value
     return result
 

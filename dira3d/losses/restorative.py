@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dira3d.data.errors import DataError
+
 __all__ = ["RESTORATION_KINDS", "RestorationLoss"]
 
 RESTORATION_KINDS = ("mse", "l1")
@@ -38,7 +40,8 @@ class RestorationLoss(nn.Module):
     def __init__(self, kind: str = "mse") -> None:
         super().__init__()
         if kind not in RESTORATION_KINDS:
-            raise ValueError(f"RestorationLoss: unknown kind {kind!r}; choose one of {', '.join(RESTORATION_KINDS)}.")
+            raise DataError(None, f"RestorationLoss: unknown kind {kind!r} (the bundles' restoration_kind); choose one of "
+                                  f"{', '.join(RESTORATION_KINDS)}.")
         self.kind = kind
 
     def forward(self, restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Act, Conv, Pool
 from torch import nn
 
+from dira3d.data.errors import DataError
+
 __all__ = [
     "UNet",
     "EncoderDecoder",
@@ -59,13 +61,15 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+
+
 def _check_settings(spatial_dims: int, width: float, norm: str) -> None:
     if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims={spatial_dims!r} is not supported; use 2 or 3")
+        raise DataError(None, f"spatial_dims={spatial_dims!r} is not supported; use 2 or 3")
     if not width > 0:
-        raise ValueError(f"width={width!r} must be a positive number (1.0 = the reference network)")
+        raise DataError(None, f"width={width!r} must be a positive number (1.0 = the reference network)")
     if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is not supported; choose one of {', '.join(NORMS)}")
+        raise DataError(None, f"norm={norm!r} is not supported; choose one of {', '.join(NORMS)}")
 
 
 def _norm_spec(norm: str, channels: int) -> tuple:
