@@ -20,7 +20,7 @@ from pathlib import Path
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.progress import show_progress
 
-__all__ = ["main", "stage_table"]
+__all__ = ["count_problem", "main", "stage_table"]
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "bundles" / "dira_pretrain" / "configs"
@@ -56,6 +56,22 @@ def stage_table(log_dir: Path, stages: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def count_problem(count: int, classes: int) -> str | None:
+    """Why ``count`` phantoms cannot give ``classes`` visual words, or None. Phantom ``i`` goes to LUNA16
+    subset ``i % 10``, prepared with the official split: training 0-4, validation 5-6, test 7-9; the
+    visual words need 2 validation volumes and ``classes`` (2 or more) training volumes."""
+    train = sum(i % 10 < 5 for i in range(count))
+    if count < 10:
+        return (f"--count {count} is too few phantoms: the demo needs 10 or more (phantom i goes to LUNA16 subset "
+                "i % 10, and the validation subsets 5-6 and test subsets 7-9 need one phantom each)")
+    if classes < 2 or classes > train:
+        need = next(c for c in range(10, 10 * classes + 10) if sum(i % 10 < 5 for i in range(c)) >= classes)
+        fix = "choose --classes 2 or more" if classes < 2 else f"pass --count {need} or more, or --classes {train} or fewer"
+        return (f"--classes {classes} is not possible with --count {count}: its {train} training phantoms "
+                f"(subsets 0-4) give 2 to {train} visual words; {fix}")
+    return None
+
+
 def _phantoms_and_prepare(out: Path, count: int, size: tuple[int, int, int], seed: int) -> Path:
     from dira3d.data.luna16 import prepare
     from dira3d.data.synthetic import write_luna16_phantoms
@@ -67,6 +83,10 @@ def _phantoms_and_prepare(out: Path, count: int, size: tuple[int, int, int], see
         write_luna16_phantoms(raw, count=count, size=size, spacing=(320 / size[0], 320 / size[1], 320 / size[2]),
                               seed=seed, false_positives=8, overwrite=True)
     else:
+        held = len(list(raw.glob("subset*/*.mhd")))
+        if held != count:  # another --count: its words and splits would not be those checked in main
+            raise ValueError(f"{raw} holds {held} phantoms from an earlier demo, not --count {count}; rerun with "
+                             f"--count {held} to go on with them, or choose another --out")
         _say(f"1/5 phantoms already in {raw}")
     _say(f"2/5 preparing them (HU window → [0, 1], RAS, candidate cubes) into {prepared}")
     results = prepare(raw, prepared, workers=2, progress=show_progress())  # a bar on a terminal only
@@ -141,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    problem = count_problem(args.count, args.classes)
+    if problem:  # before anything is written, not a traceback from the visual-word step
+        parser.error(problem)
     start = time.perf_counter()
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder; choose a folder for what the demo writes")
     patch = (32, 32, 16)
     from dira3d.utils.interrupts import (StoppedBySignal, WrittenFiles, interrupt_exit_code, interrupted_word,
                                          sigterm_as_interrupt)
@@ -155,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, stages = _pretrain(vw, out, patch, args.epochs_per_stage, args.seed)
             table = stage_table(run_dir / "eval", stages)
             results = None if args.skip_finetune else _finetune(prepared, run_dir / "models" / "best.pt", out, args.seeds)
+    except ValueError as err:  # e.g. phantoms of another --count in --out: one line, not a traceback
+        print(f"dira3d demo: error: {err}", file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, StoppedBySignal) as err:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback
         what = (f"nothing was written to {out}" if not written.since() else
                 f"what it wrote so far is kept in {out}: rerun the same command to go on (finished steps are reused)")

@@ -47,3 +47,47 @@ def test_demo_stopped_while_writing_its_phantoms_goes_on_when_rerun(tmp_path):
     left.write_text("the first phantom of the stopped run")
     prepared = _phantoms_and_prepare(tmp_path, count=1, size=(48, 48, 24), seed=0)
     assert (tmp_path / "luna16_raw" / "annotations.csv").is_file() and (prepared / "pretrain_datalist.json").is_file()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--count", "6"], "--count 6 is too few phantoms: the demo needs 10 or more"),
+    (["--count", "10"], "--classes 8 is not possible with --count 10: its 5 training phantoms (subsets 0-4) give 2 to 5 "
+                        "visual words; pass --count 13 or more, or --classes 5 or fewer"),
+])
+def test_demo_refuses_too_few_phantoms_in_one_line_before_writing(tmp_path, capsys, args, expected):
+    """`--count 6` used to write and prepare the phantoms, then end in a ValueError traceback of the visual-word
+    step (5 training and 1 validation volumes); now a usage error before anything is written."""
+    from dira3d.demo import main
+
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), "--epochs-per-stage", "1", "--seeds", "1", *args])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dira3d demo: error:")]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not out.exists()
+    from dira3d.demo import count_problem
+
+    assert count_problem(20, 8) is None and count_problem(10, 5) is None and count_problem(13, 8) is None
+    assert count_problem(12, 8) is not None  # 12 phantoms: subsets 0-4 hold 7
+
+
+def test_demo_out_a_file_or_phantoms_of_another_count_is_one_error_line(tmp_path, capsys):
+    """--out FILE was a NotADirectoryError traceback; a rerun with another --count in the same --out reused the
+    earlier phantoms silently and ended in a ValueError traceback of the visual-word step."""
+    from dira3d.demo import main
+
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(target), "--count", "10", "--classes", "2"])
+    assert exit_info.value.code == 2 and target.read_text() == "mine"
+    assert f"--out {target} is a file, not a folder" in capsys.readouterr().err
+    raw = tmp_path / "demo" / "luna16_raw"  # an earlier demo's phantoms: one of them, annotations.csv written last
+    (raw / "subset0").mkdir(parents=True)
+    (raw / "subset0" / "1.mhd").write_text("an earlier phantom")
+    (raw / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    assert main(["--out", str(tmp_path / "demo"), "--count", "10", "--classes", "2", "--skip-finetune"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dira3d demo: error:")]
+    assert len(lines) == 1 and f"{raw} holds 1 phantoms from an earlier demo, not --count 10" in lines[0], lines
+    assert (raw / "subset0" / "1.mhd").read_text() == "an earlier phantom"

@@ -96,6 +96,25 @@ def test_missing_checkpoint_message_fits_the_caller(tmp_path, capsys):
         assert "--checkpoint (`dira3d finetune --output-dir D` writes D/models/model.pt)" in err and "checkpoint=" not in err, err
 
 
+def test_a_checkpoint_folder_is_named_as_a_folder_with_its_checkpoints(tmp_path, capsys):
+    """--checkpoint runs/dira_pretrain/models (the folder): one line naming the .pt files in it; export said the
+    folder 'does not exist' (pretrained) or 'do not exist' (torchscript, onnx)."""
+    models = tmp_path / "runs" / "models"
+    models.mkdir(parents=True)
+    (models / "best.pt").write_bytes(b"")
+    (models / "last.pt").write_bytes(b"")
+    inside = f"is a folder, not a checkpoint file (pass a checkpoint in it: {models / 'best.pt'}, {models / 'last.pt'})"
+    assert export_main(["pretrained", "--checkpoint", str(models), "--out", str(tmp_path / "w")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dira3d export:")]
+    assert len(lines) == 1 and f"checkpoint {models} {inside}" in lines[0], lines
+    for what, out in (("torchscript", "m.ts"), ("onnx", "m.onnx")):
+        assert export_main([what, "--bundle", "lits_liver_seg", "--checkpoint", str(models), "--out",
+                            str(tmp_path / out)]) == 2, what
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dira3d export:")]
+        assert len(lines) == 1 and f"fine-tuned weights {models} {inside}" in lines[0], lines
+    assert not (tmp_path / "w").exists() and not (tmp_path / "m.ts").exists()
+
+
 def test_export_pretrained_of_a_fine_tuned_classifier_names_its_parts_as_options(tmp_path, capsys):
     """A fine-tuned model.pt is a flat state_dict: the refusal said "parts available: []" and suggested
     parts=('encoder',), the Python spelling, to a command-line user."""
@@ -308,9 +327,12 @@ def test_export_names_a_roi_size_or_input_shape_that_does_not_fit_the_bundle(wha
     ckpt = _weights(repo_root, "lits_liver_seg", tmp_path / "lits.pt", {"width": 0.125})
     base = [what, "--bundle", "lits_liver_seg", "--checkpoint", str(ckpt), "--out", str(tmp_path / f"m.{what}"),
             "--override", "width=0.125"]
-    assert export_main(base + ["--override", "roi_size=16"]) == 2
+    assert export_main(base + ["--override", "roi_size=16"]) == 2  # a number for a list: check_overrides
     err = capsys.readouterr().err
-    assert "roi_size 16 is not a list of positive whole numbers" in err and '"roi_size=[16,16,8]"' in err
+    assert "roi_size=16 is a number, but the setting is a list" in err and len(err.strip().splitlines()) == 1
+    assert export_main(base + ["--override", "roi_size=[16,0,8]"]) == 2  # a list, but not of positive sizes
+    err = capsys.readouterr().err
+    assert "roi_size [16, 0, 8] is not a list of positive whole numbers" in err and '"roi_size=[16,16,8]"' in err
     assert export_main(base + ["--input-shape", "1", "1", "16", "16"]) == 2
     err = capsys.readouterr().err
     assert "--input-shape (input_shape) 1 1 16 16 has 4 numbers" in err and "3D" in err and "e.g. 1 1 64 64 32" in err

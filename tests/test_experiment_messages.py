@@ -281,3 +281,20 @@ def test_a_methods_own_2d_unet_pretraining_is_refused_for_a_resnet_bundle_before
     load_config(_config(tmp_path, bundle=bundle, metric=metric, methods={"random": None, "dira": {"pretrain": {}}},
                         pretrain={"dataset_dir": "vw", "configs": ["train.json", "2d.json", "2d_tiny.json"]},
                         overrides={"tiny": True}))  # the ResNet U-Net of 2d.json passes
+
+
+def test_a_config_folder_is_named_as_a_folder_with_its_configs(tmp_path, capsys):
+    """`dira3d experiment --config docs/experiments` (the folder): one line naming the YAML files in it, not
+    'does not exist' (what it said before)."""
+    from dira3d.evaluation.experiment import main as experiment_main
+
+    (tmp_path / "a.yaml").write_text("bundle: x\n")
+    (tmp_path / "b.yml").write_text("bundle: x\n")
+    with pytest.raises(FileNotFoundError, match="is a folder, not a YAML/JSON file; pass a config in it: "):
+        load_config(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        experiment_main(["--config", str(tmp_path)])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dira3d experiment: error:")]
+    assert len(lines) == 1 and f"{tmp_path / 'a.yaml'}, {tmp_path / 'b.yml'}" in lines[0], lines
+    assert "does not exist" not in lines[0]

@@ -98,6 +98,24 @@ def test_finetune_refuses_a_missing_pretrained_file_before_caching(tmp_path, cap
     assert f"dira3d finetune: error: pretrained checkpoint {missing} does not exist" in err, err
 
 
+def test_finetune_names_a_pretrained_folder_and_its_checkpoints(tmp_path, capsys, caching_is_an_error):
+    """--pretrained runs/dira_pretrain/models (the folder, not best.pt): said so, with the checkpoints in it, before
+    caching; it used to say the folder 'does not exist'."""
+    from test_bundles_finetune import make_classification
+
+    path = make_classification(tmp_path / "data", "ncc.json", (16, 16, 8), folds=False)
+    models = tmp_path / "runs" / "dira_pretrain" / "models"
+    models.mkdir(parents=True)
+    (models / "best.pt").write_bytes(b"")
+    (models / "last.pt").write_bytes(b"")
+    assert finetune_main(["--bundle", "luna16_nodule_fpr", "--tiny", "--datalist", str(path), "--pretrained",
+                          str(models), "--output-dir", str(tmp_path / "out")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dira3d finetune:")]
+    assert len(lines) == 1, lines
+    assert f"pretrained checkpoint {models} is a folder, not a checkpoint file" in lines[0], lines[0]
+    assert f"{models / 'best.pt'}, {models / 'last.pt'}" in lines[0] and "does not exist" not in lines[0], lines[0]
+
+
 def test_inference_without_tiny_json_for_a_tiny_model_is_one_error_line(repo_root, tmp_path):
     """The docs' batch example (inference.json alone) run on the README's `dira3d finetune ... --tiny` model: the error
     named the settings that fit (--width 0.125, tiny.json) at the end of about 100 lines of tracebacks, ending with

@@ -85,6 +85,23 @@ def test_a_missing_image_is_one_line_without_a_line_per_monai_reader(repo_root, 
     assert output.count("does not exist") == 1 and "Traceback" not in output
 
 
+def test_an_output_that_would_replace_a_users_file_is_one_line_and_the_file_is_kept(repo_root, model, tmp_path):
+    """The refusal to replace a file dira3d did not write (a FileExistsError naming it) ended in MONAI's wrapped
+    traceback (`RuntimeError: Failed to evaluate ConfigExpression`) under plain monai.bundle run: now one line."""
+    image = tmp_path / "scan.nii.gz"
+    hu = np.random.default_rng(2).integers(-1000, 1000, (24, 24, 12)).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, np.diag([2.0, 2.0, 5.0, 1.0])), str(image))
+    target = tmp_path / "out" / "scan_seg.nii.gz"
+    target.parent.mkdir()
+    target.write_bytes(b"the user's own file")
+    proc = _run(repo_root, model, tmp_path / "out", "--image", str(image))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {target} exists and is not a prediction written by dira3d"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and "Failed to evaluate" not in proc.stderr
+    assert target.read_bytes() == b"the user's own file"
+
+
 @pytest.mark.parametrize("files", [["gone.nii.gz"], ["here.nii.gz", "gone.nii.gz"]])  # a list: one file per channel
 def test_loading_a_missing_file_logs_nothing_before_its_error(files, tmp_path, caplog):
     from dira3d.data.errors import DataError

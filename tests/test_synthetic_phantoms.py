@@ -58,3 +58,18 @@ def test_seeded(tmp_path):
     assert raw(a) == raw(b) and raw(a) != raw(c)
     with pytest.raises(FileExistsError, match="overwrite"):
         write_luna16_phantoms(tmp_path / "a", count=1, size=(48, 48, 24), seed=3)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_a_file_is_one_line_error_and_kept(tmp_path, capsys, overwrite):
+    """`dira3d synthetic --out FILE`: a usage error naming the file (not a NotADirectoryError traceback), file kept."""
+    from dira3d.data.synthetic import main
+
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(target), "--count", "1", "--size", "32", "32", "16"] + (["--overwrite"] if overwrite else []))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(target) in err and "is a file" in err, err
+    assert target.read_text() == "mine"

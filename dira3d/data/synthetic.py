@@ -181,10 +181,12 @@ def write_luna16_phantoms(out_dir: str | Path, count: int = 10, size: tuple[int,
     Case ``i`` goes to ``subset{i % subsets}``, so any count spreads over the official split.
 
     Raises:
-        FileExistsError: ``out_dir`` already holds a LUNA16 file (``annotations.csv``,
+        FileExistsError: ``out_dir`` is a file, or already holds a LUNA16 file (``annotations.csv``,
             ``candidates.csv``, ``candidates_V2.csv`` or ``subsetN/*.mhd``) and ``overwrite`` is false.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder; choose a folder for the LUNA16 tree (--out)")
     existing = [out / n for n in ("annotations.csv", "candidates.csv", "candidates_V2.csv") if (out / n).exists()]
     existing += sorted(out.glob("subset*/*.mhd"))[:1]
     if existing and not overwrite:

@@ -18,6 +18,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from dira3d.utils import load_checkpoint
+from dira3d.utils.checkpoint import checkpoint_problem
 from dira3d.utils.overrides import check_overrides
 
 __all__ = ["bundle_paths", "bundle_parser", "fit_hint", "load_bundle_network", "missing_weights_error"]
@@ -119,7 +120,8 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
 
 def missing_weights_error(path: Path) -> FileNotFoundError:
     """The error for fine-tuned weights ``path`` that do not exist, saying how to give them (``--checkpoint``)."""
-    return FileNotFoundError(f"fine-tuned weights {path} do not exist; pass the model to export with --checkpoint "
+    problem = "do not exist" if not os.path.isdir(path) else checkpoint_problem(path)
+    return FileNotFoundError(f"fine-tuned weights {path} {problem}; pass the model to export with --checkpoint "
                              "(`dira3d finetune --output-dir D` writes D/models/model.pt)")
 
 

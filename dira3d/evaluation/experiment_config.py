@@ -31,6 +31,11 @@ def load_config(path: str | Path) -> dict:
         ValueError: a required key is missing or a value is out of range (the message names it).
     """
     path = Path(path)
+    if path.is_dir():  # e.g. docs/experiments/: name the configs in it, not "does not exist"
+        held = sorted(p.name for p in path.glob("*.y*ml"))
+        raise FileNotFoundError(f"experiment config {path} is a folder, not a YAML/JSON file; "
+                                + (f"pass a config in it: {', '.join(str(path / n) for n in held)}" if held else
+                                   "pass the config file (`dira3d experiment --help` lists its settings)"))
     if not path.is_file():
         raise FileNotFoundError(f"experiment config {path} does not exist")
     config = read_yaml(path, "experiment config", "fix it there (`dira3d experiment --help` lists its settings)")

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from dira3d.data.errors import DataError
+from dira3d.utils.checkpoint import checkpoint_problem
 
-__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch", "dims_mismatch",
+__all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch", "checkpoint_problem", "dims_mismatch",
            "network_mismatch"]
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
             beside = (f"; {last} exists: a pretraining without validation (e.g. on visual words of --val-neighbours 0) "
                       "writes last.pt (its last epoch) and no best.pt, so pass that"
                       if os.path.basename(str(pretrained)) == "best.pt" and os.path.isfile(last) else "")
-            raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist{beside}; check the bundle's "
+            raise FileNotFoundError(f"pretrained checkpoint {pretrained} {checkpoint_problem(pretrained)}{beside}; check the bundle's "
                                     "'pretrained' setting (`dira3d finetune --pretrained`), or leave it empty for "
                                     "random initialisation")
         # strict: a checkpoint of another architecture would otherwise load nothing, silently

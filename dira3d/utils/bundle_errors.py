@@ -4,8 +4,9 @@ MONAI evaluates every ``$`` expression of a bundle config inside ``eval`` and wr
 ``RuntimeError: Failed to evaluate ConfigExpression`` (or ``Failed to instantiate``): a garbled
 ``models/preprocessing.json`` read by ``$dira3d.evaluation.trained_spacing(@ckpt_dir)``, say, printed some 60 lines of
 chained tracebacks ending with MONAI's line, not the file's. dira3d's errors about a user's file or setting already
-name it and say what to do (:func:`user_error_in`: a :class:`~dira3d.data.errors.DataError`, a missing file, an
-output folder another run holds or one that cannot be written), so the traceback adds nothing.
+name it and say what to do (:func:`user_error_in`: a :class:`~dira3d.data.errors.DataError`, a missing file, a file
+an output would replace, an output folder another run holds or one that cannot be written), so the traceback adds
+nothing.
 
 :func:`install_bundle_error_hook` (registered when ``dira3d`` is imported, as the bundles' ``$import dira3d`` does)
 sets a ``sys.excepthook`` that, in a ``python -m monai.bundle`` process only, prints such an error, found behind
@@ -30,12 +31,13 @@ def run_by_monai_bundle_command() -> bool:
 def user_error_in(err: BaseException | None) -> BaseException | None:
     """The first of dira3d's errors about a user's file or setting behind ``err`` (MONAI wraps them as causes), or None:
     a :class:`~dira3d.data.errors.DataError` (a file or setting that cannot be used, named), a ``FileNotFoundError``,
+    a ``FileExistsError`` (an output that would replace a file dira3d did not write: ``--output_path notes.csv``),
     a :class:`~dira3d.utils.folder_lock.FolderInUseError` or a :class:`~dira3d.utils.atomic.FolderNotWritableError`."""
     from dira3d.data.errors import DataError
     from dira3d.utils.atomic import FolderNotWritableError
     from dira3d.utils.folder_lock import FolderInUseError
 
-    return error_in_chain(err, (DataError, FileNotFoundError, FolderInUseError, FolderNotWritableError))
+    return error_in_chain(err, (DataError, FileNotFoundError, FileExistsError, FolderInUseError, FolderNotWritableError))
 
 
 def error_in_chain(err: BaseException | None, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -16,7 +16,7 @@ import torch
 
 from dira3d.utils.atomic import atomic_write, check_writable
 
-__all__ = ["atomic_save", "load_checkpoint", "check_writable", "on_host"]
+__all__ = ["atomic_save", "checkpoint_problem", "load_checkpoint", "check_writable", "on_host"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -55,6 +55,17 @@ def on_host(obj: Any, _copies: dict | None = None) -> Any:
     return obj
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str:
+    """Why ``path`` is no checkpoint file, as words after it: ``"does not exist"``, or, for a folder (a
+    run's ``models/``), that it is a folder and which checkpoints it holds."""
+    if not os.path.isdir(path):
+        return "does not exist"
+    held = sorted(name for name in os.listdir(path) if name.endswith(".pt"))
+    inside = (f"pass a checkpoint in it: {', '.join(os.path.join(str(path), name) for name in held)}" if held
+              else "it holds no .pt checkpoint")
+    return f"is a folder, not a checkpoint file ({inside})"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", given_by: str | None = None) -> dict:
     """Load a checkpoint with ``weights_only=True``.
 
@@ -70,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path" + (f" given by {given_by}" if given_by else ""))
+        raise FileNotFoundError(f"checkpoint {path} {checkpoint_problem(path)}; check the path" + (f" given by {given_by}" if given_by else ""))
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
