@@ -11,7 +11,7 @@ import torch
 
 from dira3d.utils.checkpoint import load_checkpoint
 from dira3d.visual_words import VolumeAutoencoder, discover_visual_words
-from dira3d.visual_words.synthetic import write_template_datalist
+from dira3d.visual_words.synthetic import write_template_datalist, write_visual_word_folder
 
 CONFIGS = "bundles/dira_pretrain/configs"
 
@@ -43,26 +43,13 @@ def test_bundle_trains_on_visual_word_shards(tmp_path, repo_root):
     assert ckpt["trainer"]["epoch"] == 2
 
 
-def _synthetic_words(folder, classes=3, instances=3, patch=(16, 16, 8)):
-    import json
-
-    import numpy as np
-
-    lists = {"meta": {"command": "dira3d visual-words", "classes": classes, "patch_size": list(patch)}, "training": []}
-    (folder / "shards").mkdir(parents=True)
-    for label in range(classes):
-        np.save(folder / "shards" / f"c{label}.npy", np.random.default_rng(label).random((instances, 1, *patch), dtype=np.float32))
-        lists["training"].append({"image": f"shards/c{label}.npy", "label": label})
-    (folder / "visual_words.json").write_text(json.dumps(lists))
-    return folder
-
 
 def test_pairs_per_epoch_sets_the_epoch_length_of_visual_word_pretraining(tmp_path, repo_root):
     """With few words (a small dataset, a GPU benchmark), an epoch of one pair per instance is shorter than one
     batch of 64 and drop_last leaves it empty: `pairs_per_epoch` (visual_words.json) draws that many pairs instead."""
     from monai.bundle import ConfigParser
 
-    words = _synthetic_words(tmp_path / "vw")
+    words = write_visual_word_folder(tmp_path / "vw", classes=3, instances=3).parent
     configs = [str(repo_root / CONFIGS / name) for name in ("train.json", "tiny.json", "visual_words.json")]
     lengths = {}
     for value in (None, 640):
@@ -77,7 +64,7 @@ def test_pairs_per_epoch_sets_the_epoch_length_of_visual_word_pretraining(tmp_pa
 def test_pairs_per_epoch_other_than_a_whole_number_is_refused_naming_it(tmp_path, value):
     from dira3d.visual_words import VisualWordPairDataset
 
-    words = _synthetic_words(tmp_path / "vw")
-    with pytest.raises(ValueError, match=r"^pairs_per_epoch=.*: give a whole number >= 1"):
+    words = write_visual_word_folder(tmp_path / "vw", classes=3, instances=3).parent
+    with pytest.raises(ValueError, match=r"^pairs_per_epoch=.*give a whole number >= 1"):
         VisualWordPairDataset(words, pairs_per_epoch=value)
     assert len(VisualWordPairDataset(words, pairs_per_epoch=12.0)) == 12  # 12.0 as JSON may write it

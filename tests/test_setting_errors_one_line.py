@@ -5,15 +5,14 @@ printed MONAI's ``Failed to instantiate component`` traceback of some 65 lines (
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from dira3d.data.errors import DataError
+from dira3d.visual_words.synthetic import write_visual_word_folder
 
 CONFIGS = "bundles/dira_pretrain/configs"
 
@@ -44,19 +43,10 @@ def test_setting_checks_raise_data_error():
     _raises(lambda: RestorationLoss("foo"), r"restoration_kind")
 
 
-def _words(folder):
-    lists = {"meta": {"command": "dira3d visual-words", "classes": 2, "patch_size": [16, 16, 8]}, "training": []}
-    (folder / "shards").mkdir(parents=True)
-    for label in range(2):
-        np.save(folder / "shards" / f"c{label}.npy", np.random.default_rng(label).random((3, 1, 16, 16, 8), dtype=np.float32))
-        lists["training"].append({"image": f"shards/c{label}.npy", "label": label})
-    (folder / "visual_words.json").write_text(json.dumps(lists))
-    return folder
-
 
 @pytest.mark.parametrize("setting", [["--d_steps", "0"], ["--width", "-1"], ["--adversarial_kind", "foo"]])
 def test_monai_bundle_run_ends_in_one_error_line(tmp_path, repo_root, setting):
-    words = _words(tmp_path / "vw")
+    words = write_visual_word_folder(tmp_path / "vw").parent
     cmd = [sys.executable, "-m", "monai.bundle", "run",
            "--config_file", f"['{CONFIGS}/train.json','{CONFIGS}/tiny.json','{CONFIGS}/visual_words.json']",
            "--meta_file", f"{CONFIGS}/metadata.json", "--logging_file", f"{CONFIGS}/logging.conf",

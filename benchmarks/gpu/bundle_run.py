@@ -25,7 +25,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
+from dira3d.visual_words.synthetic import write_visual_word_folder
 
 PROGRESS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - INFO - Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- ")
 EPOCH_TIME = re.compile(r"DiRATrainer - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
@@ -33,22 +33,6 @@ STAGES = [{"name": "dis", "until_epoch": 1, "losses": ["dis"]},
           {"name": "dis_res", "until_epoch": 2, "losses": ["dis", "res"]},
           {"name": "dira", "losses": ["dis", "res", "adv"]}]
 
-
-def write_synthetic_words(folder: Path, classes: int, instances: int, patch: list[int], seed: int = 0) -> Path:
-    """A folder in the layout of ``dira3d visual-words``' output (float16 shards, ``visual_words.json``)."""
-    rng = np.random.default_rng(seed)
-    meta = {"command": "dira3d visual-words", "classes": classes, "patch_size": patch, "resolutions": 1,
-            "seed": seed, "dtype": "float16"}
-    lists: dict[str, list] = {"meta": meta, "training": [], "validation": []}
-    for split, rows in (("training", instances), ("validation", 2)):
-        (folder / "shards" / split).mkdir(parents=True, exist_ok=True)
-        for label in range(classes):
-            patches = rng.random((rows, 1, *patch), dtype=np.float32).astype(np.float16)
-            name = f"shards/{split}/class_{label:04d}.npy"
-            np.save(folder / name, patches)
-            lists[split].append({"image": name, "label": label, "num_instances": rows})
-    (folder / "visual_words.json").write_text(json.dumps(lists, indent=1))
-    return folder
 
 
 def _stamp(text: str) -> float:
@@ -114,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True)
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
-    words = args.words or write_synthetic_words(args.out / "words", 8, 5, args.patch)
+    words = args.words or write_visual_word_folder(args.out / "words", 8, 5, args.patch, val_instances=2).parent
     failures, logs = [], []
     for label, epochs in (("first run", args.epochs), ("resumed run", args.resume_to)):
         log_path = (args.log_dir or args.out) / f"bundle_{label.replace(' ', '_')}.log"

@@ -10,7 +10,6 @@ is the engine's batch contract::
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 
 from dira3d.utils.files import FileContentError, json_type, read_json
 from dira3d.utils.overrides import format_overrides, override_text, shell_word
+from dira3d.utils.seeding import check_whole_numbers
 from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
 
 __all__ = ["VisualWordPairDataset", "load_visual_word_classes", "has_validation_words"]
@@ -106,16 +106,6 @@ def _open_shard(shard: Path) -> np.ndarray:
                                       "--overwrite into its output folder to write it again") from None
 
 
-def _check_pairs_per_epoch(value: object) -> int | None:
-    """``None`` or a whole number >= 1 (2.0 as JSON may write it is 2); anything else names the setting."""
-    if value is None:
-        return None
-    advice = "give a whole number >= 1 (the pairs drawn per epoch), or null for every instance once per epoch"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < 1:
-        raise ValueError(f"pairs_per_epoch={value!r}: {advice}")
-    return int(value)
-
-
 class VisualWordPairDataset(Dataset):
     """Yields two different instances of one visual word and the word's index.
 
@@ -163,7 +153,8 @@ class VisualWordPairDataset(Dataset):
                 raise ValueError(f"visual word {label} ({shard}) has {rows} instance(s); pairs need >= 2 (rerun `dira3d visual-words` with {option} >= 2)")
             self.counts.append(rows)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        pairs_per_epoch = _check_pairs_per_epoch(pairs_per_epoch)
+        if pairs_per_epoch is not None:  # null: every instance once per epoch
+            pairs_per_epoch = check_whole_numbers(1, pairs_per_epoch=pairs_per_epoch)["pairs_per_epoch"]
         self.pairs_per_epoch, self.transform, self.seed, self.epoch = pairs_per_epoch, transform, seed, 0
         self._shards: dict[int, np.ndarray] = {}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["template_volume", "write_template_datalist"]
+__all__ = ["template_volume", "write_template_datalist", "write_visual_word_folder"]
 
 
 def template_volume(template: int, shape: Sequence[int], seed: int = 0) -> np.ndarray:
@@ -75,4 +75,40 @@ def write_template_datalist(
                 datalist[split].append({"image": f"images/{case}.nii.gz", "case_id": case, "template": t})
     path = folder / "datalist.json"
     path.write_text(json.dumps(datalist, indent=1), encoding="utf-8")
+    return path
+
+
+def write_visual_word_folder(
+    folder: str | os.PathLike,
+    classes: int = 2,
+    instances: int = 3,
+    patch_size: Sequence[int] = (16, 16, 8),
+    val_instances: int = 0,
+    seed: int = 0,
+) -> Path:
+    """A folder in the layout of ``dira3d visual-words``' output without its discovery: random patches (float16, in
+    [0, 1]) as ``shards/<split>/class_NNNN.npy`` of shape ``(instances, 1, *patch_size)`` and ``visual_words.json``
+    (a validation split with ``val_instances`` > 0). For what only the shards' layout matters to: the pretraining
+    bundle's loading and its settings, throughput benchmarks.
+
+    Returns:
+        ``folder/visual_words.json``.
+    """
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    patch = [int(p) for p in patch_size]
+    meta = {"command": "dira3d visual-words", "classes": int(classes), "patch_size": patch, "resolutions": 1,
+            "seed": int(seed), "dtype": "float16"}
+    lists: dict = {"meta": meta, "training": []}
+    for split, rows in (("training", instances), ("validation", val_instances)):
+        if not rows:
+            continue
+        (folder / "shards" / split).mkdir(parents=True, exist_ok=True)
+        lists[split] = []
+        for label in range(classes):
+            name = f"shards/{split}/class_{label:04d}.npy"
+            np.save(folder / name, rng.random((rows, 1, *patch), dtype=np.float32).astype(np.float16))
+            lists[split].append({"image": name, "label": label, "num_instances": rows})
+    path = folder / "visual_words.json"
+    path.write_text(json.dumps(lists, indent=1), encoding="utf-8")
     return path
