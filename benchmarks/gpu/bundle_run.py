@@ -35,8 +35,18 @@ STAGES = [{"name": "dis", "until_epoch": 1, "losses": ["dis"]},
 
 
 
-def _stamp(text: str) -> float:
+def log_time(text: str) -> float:
+    """Seconds since the epoch of a log line's time stamp (``2026-11-28 06:39:03,469``, logging.conf's format)."""
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def run_logged(command: list[str], log_path: Path, cwd: Path | None = None) -> tuple[int, str, float]:
+    """Run ``command`` with its output written to ``log_path`` as it runs (a run cut short by a time limit leaves its
+    log); return the exit status, the log and the wall seconds."""
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    return done.returncode, log_path.read_text(), time.perf_counter() - start
 
 
 def throughput(log: str, batch: int) -> dict[int, float]:
@@ -46,7 +56,7 @@ def throughput(log: str, batch: int) -> dict[int, float]:
     for line in log.splitlines():
         match = PROGRESS.match(line)
         if match:
-            lines.setdefault(int(match[2]), []).append((_stamp(match[1]), int(match[3])))
+            lines.setdefault(int(match[2]), []).append((log_time(match[1]), int(match[3])))
     rates = {}
     for epoch, marks in lines.items():
         (t0, i0), (t1, i1) = marks[0], marks[-1]
@@ -70,10 +80,7 @@ def pretrain(words: Path, out: Path, args: argparse.Namespace, max_epochs: int, 
                 "patch_size": json.dumps(args.patch), "stages": json.dumps(STAGES), "log_every": args.log_every}
     for key, value in settings.items():
         command += ["--override", f"{key}={value}"]
-    start = time.perf_counter()
-    with log_path.open("w") as log:  # written as it runs: a run cut short by a time limit leaves its log
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-    return done.returncode, log_path.read_text(), time.perf_counter() - start
+    return run_logged(command, log_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,13 +34,13 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import sys
-import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bundle_run import log_time, run_logged  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = ".finetune_run"  # what --out holds once this script made it: only such a folder (or an empty one) is emptied
@@ -129,16 +129,6 @@ def write_stand_in_checkpoint(path: Path, width: float) -> Path:
                         "meta": {"spatial_dims": 3, "in_channels": 1, "width": width}}, path)
 
 
-def _stamp(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def run_logged(command: list[str], log_path: Path) -> tuple[int, str, float]:
-    start = time.perf_counter()
-    with log_path.open("w") as log:  # written as it runs: a run cut short by a time limit leaves its log
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    return done.returncode, log_path.read_text(), time.perf_counter() - start
-
 
 def epochs_of(log: str) -> list[dict]:
     """Per epoch: steps, seconds from the first to the last progress line, epoch seconds (from the previous epoch's
@@ -147,9 +137,9 @@ def epochs_of(log: str) -> list[dict]:
     vals: dict[int, tuple[float, float]] = {}
     for line in log.splitlines():
         if match := PROGRESS.match(line):
-            steps.setdefault(int(match[2]), []).append((_stamp(match[1]), float(match[5])))
+            steps.setdefault(int(match[2]), []).append((log_time(match[1]), float(match[5])))
         elif match := VAL.match(line):
-            vals[int(match[2])] = (_stamp(match[1]), float(match[3]))
+            vals[int(match[2])] = (log_time(match[1]), float(match[3]))
     rows, previous = [], None
     for epoch in sorted(set(steps) | set(vals)):
         marks = steps.get(epoch, [])
@@ -165,12 +155,12 @@ def epochs_of(log: str) -> list[dict]:
 
 def volume_seconds(log: str) -> list[tuple[str, float]]:
     """Seconds per inferred volume (load, preprocessing, sliding window, inversion, writing) from the log's times."""
-    start = next((_stamp(m[1]) for m in map(RESTORED.match, log.splitlines()) if m), None)
+    start = next((log_time(m[1]) for m in map(RESTORED.match, log.splitlines()) if m), None)
     out = []
     for match in filter(None, map(WRITING.match, log.splitlines())):
         if start is not None:
-            out.append((Path(match[2]).name, _stamp(match[1]) - start))
-        start = _stamp(match[1])
+            out.append((Path(match[2]).name, log_time(match[1]) - start))
+        start = log_time(match[1])
     return out
 
 
@@ -227,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--output-dir", str(output), "--set", f"max_epochs={epochs}", *extra]
         if args.quick:
             command.append("--tiny")
-        rc, log, wall = run_logged(command, logs_dir / f"finetune_{label}.log")
+        rc, log, wall = run_logged(command, logs_dir / f"finetune_{label}.log", cwd=REPO)
         print(f"{label}: exit {rc} after {wall:.1f} s (max_epochs {epochs})", flush=True)
         return rc, log
 
@@ -298,7 +288,7 @@ def infer(args: argparse.Namespace, bundle: str, models: Path, inputs: Path, nam
         print(f"{name}: no fire here; calling monai.bundle.run(...) as `python -m monai.bundle run` does")
         command = [sys.executable, "-c", "import json, sys; from monai.bundle import run; run(**json.loads(sys.argv[1]))",
                    json.dumps({"config_file": configs, **settings})]
-    rc, log, wall = run_logged(command, (args.log_dir or args.out) / f"{name}.log")
+    rc, log, wall = run_logged(command, (args.log_dir or args.out) / f"{name}.log", cwd=REPO)
     print(f"{name}: exit {rc} after {wall:.1f} s", flush=True)
     return rc, log
 
