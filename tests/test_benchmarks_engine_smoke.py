@@ -372,6 +372,21 @@ def test_gpu_finetune_part_dry_run_needs_no_simpleitk(repo_root: Path, tmp_path:
     assert (out / "inference.log").is_file() and (out / "finetune_rerun.log").is_file()  # the logs come back in $OUT
 
 
+def test_gpu_kind_part_dry_run_measures_then_finetunes(repo_root: Path, tmp_path: Path) -> None:
+    """`run.sh kind` (a first call on a GPU kind not measured before): the figure of performance.json's configuration,
+    then the fine-tuning bundles end to end in the time kept for them (FT_CAP)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "FT_RUN": str(tmp_path / "run"), "DEADLINE": "900", "FT_CAP": "400"}
+    env.pop("PRETRAINED", None)
+    result = subprocess.run(["bash", str(repo_root / "benchmarks" / "gpu" / "run.sh"), "kind"], capture_output=True,
+                            text=True, timeout=900, env=env)
+    ab, finetune = (out / "ab.txt").read_text(), (out / "finetune.txt").read_text()
+    assert "row: " in ab and "peak_MiB" in ab and "exited with" not in ab, ab[-2000:]
+    assert "finetune end to end: OK" in finetune and "skipped, no time left" not in finetune, finetune[-2000:]
+    assert (out / "facts.txt").is_file() and (out / "cuda_tests.txt").is_file(), result.stdout[-2000:]
+
+
 def test_finetune_run_empties_only_a_folder_it_made(repo_root: Path, tmp_path: Path, capsys) -> None:
     module = load_benchmark(repo_root, "gpu/finetune_run")
     (tmp_path / "notes.txt").write_text("a user's file")

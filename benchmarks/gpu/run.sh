@@ -40,6 +40,9 @@
 #   else a stand-in of that form; the run folder is FT_RUN (default /tmp/dira3d_finetune_run), its logs go to $OUT.
 #   Needs no SimpleITK (inference then reads NIfTI with MONAI's NibabelReader) nor fire (monai.bundle.run is then called
 #   without `python -m monai.bundle`'s command line); the output says so.
+# kind (a first call on a kind of GPU not measured before: the H200, 2026-11-28; DEADLINE as for lease): facts; the CUDA
+#   tests; performance.json's configuration at batch 64 and 96 (the H100's 414-418 and 426); then `finetune` with the
+#   time left (FT_CAP seconds are kept for it, default 240).
 # QUICK=1 runs every part at toy sizes on the CPU (a dry run of this script, used in tests).
 # BUDGET=seconds: no new configuration starts after that many seconds of a throughput/scale part
 # (defaults 300 / 360, so that `check throughput` fits one 10-minute call).
@@ -85,6 +88,15 @@ part() {  # part NAME COMMAND...: run, tee into $OUT/NAME.txt, remember a failur
     "$@" 2>&1 | tee -a "$OUT/$name.txt"
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "=== $name exited with $rc" | tee -a "$OUT/$name.txt"; status=1; }
+}
+
+facts_and_cuda_tests() {  # what the machine is, and the tests that only run on CUDA (-k on_cuda ...)
+    part facts nvidia-smi -L
+    part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+    capped cuda_tests 100 "$PY" -m pytest -q -p no:cacheprovider -k "on_cuda or cuda_matches_cpu or cuda_step_runs" \
+        tests/test_image_convs.py tests/test_engine_prefetch.py tests/test_transforms_static.py tests/test_transforms.py \
+        tests/test_engine_performance.py tests/test_engine_reference.py tests/test_checkpoint.py \
+        tests/test_on_cuda_paths.py
 }
 
 if [ "${QUICK:-0}" = 1 ]; then
@@ -150,12 +162,7 @@ for what in "$@"; do
         capped plain "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BIG[0]}" --configs "" --plain-config "$PLAIN" ;;
     verify)
-        part facts nvidia-smi -L
-        part facts "$PY" -c "import torch, monai, ignite; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), monai.__version__, ignite.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
-        capped cuda_tests 100 "$PY" -m pytest -q -p no:cacheprovider -k "on_cuda or cuda_matches_cpu or cuda_step_runs" \
-            tests/test_image_convs.py tests/test_engine_prefetch.py tests/test_transforms_static.py tests/test_transforms.py \
-            tests/test_engine_performance.py tests/test_engine_reference.py tests/test_checkpoint.py \
-            tests/test_on_cuda_paths.py
+        facts_and_cuda_tests
         cap=$(left 320)  # keep ~200 s for the bundle, the rest for the profile
         capped ab "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[0]}" \
             --configs "$AB_BASE,$AB_BASE+det" --no-plain --time-budget "$(( cap > 100 ? cap - 70 : 10 ))" --out "$OUT/ab.md"
@@ -163,6 +170,13 @@ for what in "$@"; do
             --out /tmp/dira3d_bundle_run --log-dir "$OUT"
         capped profile "$(left 0)" "$PY" benchmarks/profile_step.py "${DEV[@]}" \
             "${PF_EXTRA[@]}" --batch "${BIG[0]}" --config "$AB_BASE" --warmup 3 --by-shape aten::copy_ --callers 4 ;;
+    kind)
+        facts_and_cuda_tests
+        cap=$(left "${FT_CAP:-240}")
+        capped ab "$cap" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${AB_SIZE[@]}" --batch-sizes "${BIG[@]}" \
+            --configs "$AB_BASE" --no-plain --time-budget "$(( cap > 100 ? cap - 80 : 10 ))" --out "$OUT/ab.md"
+        capped finetune "$(left 0)" "$PY" benchmarks/gpu/finetune_run.py "${FT_ARGS[@]}" \
+            --out "${FT_RUN:-/tmp/dira3d_finetune_run}" --log-dir "$OUT" ;;
     finetune)
         capped finetune "${FT_CAP:-420}" "$PY" benchmarks/gpu/finetune_run.py "${FT_ARGS[@]}" \
             --out "${FT_RUN:-/tmp/dira3d_finetune_run}" --log-dir "$OUT" ;;
@@ -180,7 +194,7 @@ for what in "$@"; do
         capped autotune "$(left 0)" "$PY" benchmarks/pretrain_throughput.py "${DEV[@]}" "${PT_SIZE[@]}" \
             --batch-sizes "${BATCHES[0]}" --configs "$FOLLOW_MAX" --no-plain --out "$OUT/autotune.md" ;;
     *)
-        echo "unknown part '$what'; use check, throughput, scale, loader, inference, first_conv, layers, lease, followup, verify, finetune" >&2; status=2 ;;
+        echo "unknown part '$what'; use check, throughput, scale, loader, inference, first_conv, layers, lease, followup, verify, finetune, kind" >&2; status=2 ;;
     esac
 done
 exit $status
