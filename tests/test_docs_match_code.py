@@ -257,19 +257,25 @@ def test_architecture_module_files_exist():
     assert not [f.relative_to(ROOT).as_posix() for f in files if not f.is_file()]
 
 
-# the packages whose section of docs/architecture.md lists every module (dira3d.losses describes its own by
-# interface only)
-MAPPED_PACKAGES = ("data", "engines", "deploy", "visual_words", "transforms", "networks", "utils", "evaluation")
+# the packages whose section of docs/architecture.md lists every module: all of them
+MAPPED_PACKAGES = ("data", "engines", "deploy", "visual_words", "transforms", "networks", "utils", "evaluation",
+                   "losses")
 
 
 def test_architecture_names_every_module_of_the_mapped_packages():
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
-    sections = dict(zip(*[iter(re.split(r"^### `dira3d\.(\w+)`.*$", text, flags=re.M)[1:])] * 2))
-    missing = []
+    parts = re.split(r"^### `dira3d\.(\w+)`.*$", text, flags=re.M)
+    sections = dict(zip(*[iter(parts[1:])] * 2))
+    assert sorted(sections) == sorted(p.name for p in (ROOT / "dira3d").iterdir() if (p / "__init__.py").is_file())
+    assert set(sections) == set(MAPPED_PACKAGES)
+    # the modules at the top of the package, named before the first package's section
+    top = parts[0].split("## Modules and their public interfaces", 1)[1]
+    missing = [f"dira3d: {p.name}" for p in sorted((ROOT / "dira3d").glob("*.py")) if f"`{p.name}`" not in top]
     for package in MAPPED_PACKAGES:
         folder = ROOT / "dira3d" / package
         body = sections[package]
-        modules = [f"`{p.name}`" for p in sorted(folder.glob("*.py")) if p.name != "__init__.py"]
+        modules = [f"`{p.name}`" for p in sorted(folder.iterdir())
+                   if p.suffix in (".py", ".sh") and p.name != "__init__.py"]
         # a sub-package or app folder is named as `folder/` or `folder/file.py`
         modules += [f"`{p.name}/" for p in sorted(folder.iterdir()) if p.is_dir() and p.name != "__pycache__"]
         missing += [f"dira3d/{package}: {name.strip('`')}" for name in modules if name not in body]
