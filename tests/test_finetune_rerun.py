@@ -194,6 +194,8 @@ def test_finetune_releases_the_ckpt_dir_when_the_run_fails(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()  # the user's folder: kept (a new one, holding only the locks, is removed after a failed start)
+    # a datalist that is there (a missing one is refused before the lock) but not JSON: refused in train.json's initialize
+    (tmp_path / "x.json").write_text("not JSON")
     with pytest.raises(Exception, match="x.json"):
         run_finetune("luna16_nodule_fpr", {"datalist": str(tmp_path / "x.json")}, output_dir=out, tiny=True)
     assert (out / "models" / ".dira3d.lock").is_file()  # taken by train.json's initialize

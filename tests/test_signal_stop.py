@@ -109,8 +109,6 @@ def test_ctrl_c_stops_like_sigterm_with_exit_130_and_twice_interrupts_at_once(tm
 
 def test_a_signal_while_last_pt_is_written_does_not_interrupt_the_write(tmp_path, monkeypatch):
     """The stop's save: a second Ctrl-C (or SIGTERM) arriving in the middle of it is ignored."""
-    import dira3d.utils.checkpoint as checkpoint_utils
-
     real_save, signals = torch.save, []
 
     def save_with_a_signal(obj, handle, *args, **kwargs):
@@ -119,7 +117,7 @@ def test_a_signal_while_last_pt_is_written_does_not_interrupt_the_write(tmp_path
             signals.append(signum)
             os.kill(os.getpid(), signum)  # the handler runs here, between two bytecodes of the save
 
-    monkeypatch.setattr(checkpoint_utils.torch, "save", save_with_a_signal)
+    monkeypatch.setattr(torch, "save", save_with_a_signal)  # the torch that dira3d.utils.checkpoint.atomic_save imports
     trainer = make_trainer(stages=RES, max_epochs=2, batch=2, volumes=8, handlers=[DiRACheckpoint(tmp_path)])
     kill_self_at(trainer, 3)
     trainer.run()

@@ -25,8 +25,8 @@ from typing import Any
 
 from dira3d.data.errors import DataError
 
-__all__ = ["DatalistError", "DatalistFilesMissingError", "read_datalist_json", "folder_not_datalist", "datalist_entries",
-           "datalist_meta", "check_entry_files"]
+__all__ = ["DatalistError", "DatalistFilesMissingError", "check_datalist_file", "read_datalist_json", "folder_not_datalist",
+           "datalist_entries", "datalist_meta", "check_entry_files"]
 
 _SHOWN = 10  # entry problems named in one message
 
@@ -65,6 +65,21 @@ def folder_not_datalist(folder: Path) -> str:
                else "the datalist JSON that `dira3d prepare` wrote (docs/data.md)"))
 
 
+def check_datalist_file(datalist: str | os.PathLike) -> Path:
+    """``datalist`` as a ``Path``, refused when it is no file (a folder: the datalists in it, :func:`folder_not_datalist`).
+
+    Raises:
+        FileNotFoundError: ``datalist PATH does not exist; make one with `dira3d prepare ...` ...``, or the folder's.
+    """
+    path = Path(datalist)
+    if path.is_dir():
+        raise FileNotFoundError(folder_not_datalist(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist; make one with `dira3d prepare ...` (docs/data.md) "
+                                "or fix the path")
+    return path
+
+
 def read_datalist_json(datalist: str | os.PathLike, required: Sequence[str] = ("training",)) -> dict[str, Any]:
     """The JSON content of a decathlon-style datalist, as written (paths not resolved).
 
@@ -78,12 +93,7 @@ def read_datalist_json(datalist: str | os.PathLike, required: Sequence[str] = ("
         DatalistError: not UTF-8 JSON (the message names the line and column), not a JSON object,
             or a ``required`` key missing.
     """
-    path = Path(datalist)
-    if path.is_dir():
-        raise FileNotFoundError(folder_not_datalist(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist; make one with `dira3d prepare ...` (docs/data.md) "
-                                "or fix the path")
+    path = check_datalist_file(datalist)
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

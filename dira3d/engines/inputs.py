@@ -34,9 +34,8 @@ from monai.transforms import LoadImaged, MapTransform
 from dira3d.data.datalist import DatalistError, datalist_entries, read_datalist_json
 from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
-from dira3d.utils.atomic import FolderNotWritableError
+from dira3d.utils.bundle_errors import setting_error_in  # light: dira3d finetune's refusals use it before torch loads
 from dira3d.utils.files import looks_like_dicom
-from dira3d.utils.folder_lock import FolderInUseError
 
 __all__ = ["load_datalist", "header_spacing", "check_volume", "source_of", "LoadVolumed", "CheckVolumed", "CheckSameShaped",
            "data_error_in", "setting_error_in"]
@@ -339,10 +338,3 @@ def data_error_in(err: BaseException, kinds: tuple[type[BaseException], ...] = (
     from dira3d.utils.bundle_errors import error_in_chain
 
     return error_in_chain(err, kinds)
-
-
-def setting_error_in(err: BaseException) -> BaseException | None:
-    """The bad path or setting (``ValueError`` / ``FileNotFoundError``, an output folder another run is
-    writing to or one that cannot be written) behind MONAI's "Failed to instantiate ..." wrappers, or None:
-    what a command prints as one ``error:`` line."""
-    return data_error_in(err, (ValueError, FileNotFoundError, FolderInUseError, FolderNotWritableError))

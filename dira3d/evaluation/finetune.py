@@ -39,7 +39,7 @@ from dira3d.evaluation.preprocessing import (
     write_preprocessing,
 )
 from dira3d.evaluation.split_ids import SPLITS_FILE, write_splits
-from dira3d.utils.atomic import atomic_write_text, removed_if_failed_empty
+from dira3d.utils.atomic import atomic_write_text, check_writable, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
@@ -78,7 +78,7 @@ def _number(value: Any) -> Any:
 def _resolved(parser: Any, key: str) -> Any:
     """``parser``'s content of ``key``; a bad path or setting raised as its own error (a missing datalist's
     ``FileNotFoundError``), not in MONAI's "Failed to evaluate ConfigExpression" that wraps it."""
-    from dira3d.engines.inputs import setting_error_in
+    from dira3d.utils.bundle_errors import setting_error_in
 
     try:
         return parser.get_parsed_content(key)
@@ -150,15 +150,12 @@ def run_finetune(
         StoppedBySignal: SIGTERM or Ctrl-C stopped the training (a ``SystemExit``, 143 / 130; the bundle logged where):
             no test evaluation, no ``metrics.json`` (:mod:`dira3d.evaluation.stopping`).
     """
-    from dira3d.utils.checkpoint import check_writable
-
+    # the refusals up to _check_input_paths import neither torch nor MONAI: a rerun, a typo'd path, an unknown bundle
+    # are refused at once, not after seconds (20 s on a GPU machine) of loading them (docs/benchmarks.md)
     root = bundle_path(bundle)
     overrides = dict(overrides or {})
     configs = root / "configs"
     files = [configs / "train.json"] + ([configs / "tiny.json"] if tiny else [])
-    # before any work: MONAI adds an unknown id silently, so a typo would train with the default
-    check_overrides(files + [configs / "evaluate.json"], {k: v for k, v in overrides.items() if k != "output_dir"},
-                    where=overrides_from)
     out = Path(output_dir or overrides.pop("output_dir", None) or Path.cwd() / f"finetune_{root.name}").resolve()
     if "overwrite" in overrides:  # `--set overwrite=true` is --overwrite
         from dira3d.utils.overrides import as_bool
@@ -171,10 +168,15 @@ def run_finetune(
         # test it under the other's metrics.json
         with FolderLock(out, what="fine-tuning output folder (--output-dir)",
                         clash="a second run into it would replace its model.pt and metrics.json"):
+            _refuse_earlier_run(out, overwrite)
+            _check_input_paths(overrides)
             from dira3d.evaluation.stopping import stopped_before_training
 
             try:
                 with stopped_before_training(out) as watch:  # a stop before it says so, and a plain rerun starts it
+                    # before any work: MONAI adds an unknown id silently, so a typo would train with the default
+                    check_overrides(files + [configs / "evaluate.json"],
+                                    {k: v for k, v in overrides.items() if k != "output_dir"}, where=overrides_from)
                     return _run_finetune(root, overrides, out, files, tiny, overwrite, watch)
             finally:  # the lock of models/ that train.json's initialize took, also when the run failed
                 from dira3d.engines.stopping import end_stop_before_training
@@ -184,25 +186,49 @@ def run_finetune(
                 end_stop_before_training()  # the handlers of its data loading, when it failed before training
 
 
+def _check_input_paths(overrides: dict[str, Any]) -> None:
+    """Refuse a ``datalist`` or ``pretrained`` file, or (with no ``datalist``) a ``dataset_dir`` folder, that the
+    settings name and that is not there: with the messages of the run's own checks
+    (:func:`dira3d.data.datalist.check_datalist_file`, :func:`dira3d.utils.checkpoint.check_pretrained_file`), before
+    torch and MONAI are imported. A MONAI expression or reference (``$...``, ``@...``) is left to the bundle."""
+    from dira3d.data.datalist import check_datalist_file
+    from dira3d.utils.checkpoint import check_pretrained_file
+
+    given = {key: value for key, value in overrides.items() if key in ("datalist", "pretrained", "dataset_dir")
+             and isinstance(value, (str, os.PathLike)) and not str(value).startswith(("$", "@", "%"))}
+    if given.get("datalist"):
+        check_datalist_file(given["datalist"])
+    elif given.get("dataset_dir") and not Path(given["dataset_dir"]).is_dir():  # where the bundle's datalist is looked for
+        raise FileNotFoundError(f"dataset_dir {given['dataset_dir']} (the folder of the prepared datalist, --dataset-dir) "
+                                "does not exist; fix the path, or pass the datalist file itself (--datalist)")
+    check_pretrained_file(given.get("pretrained"))
+
+
+def _refuse_earlier_run(out: Path, overwrite: bool) -> None:
+    """Refuse (without ``overwrite``) an output folder that holds an earlier run: its ``models/model.pt`` or
+    ``metrics.json`` (the first epoch would replace the model, and metrics.json after it), or its TensorBoard files."""
+    earlier = [p for p in (out / "models" / "model.pt", out / "metrics.json") if p.exists()]
+    events = sorted(out.glob("events.out.tfevents.*"))
+    if overwrite or not (earlier or events):
+        return
+    if not (out / "metrics.json").exists():  # killed or failed before its test metrics
+        found = "models/model.pt" if earlier else f"the TensorBoard files {events[0].name}{' ...' if len(events) > 1 else ''}"
+        raise FileExistsError(
+            f"{out} holds an unfinished fine-tuning run ({found} but no metrics.json: it was interrupted "
+            "or failed); pass --overwrite to start it again, or choose another output folder (--output-dir)"
+        )
+    raise FileExistsError(
+        f"{out} already holds a fine-tuning run ({', '.join(str(p.relative_to(out)) for p in earlier)}), which "
+        "this run would replace; choose another output folder (--output-dir), or pass --overwrite to replace it"
+    )
+
+
 def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[Path], tiny: bool,
                   overwrite: bool, watch: Any) -> dict[str, Any]:
     """The body of :func:`run_finetune`, with ``out`` locked."""
     from dira3d.utils.interrupts import quiet_interrupt_logs
 
     configs = root / "configs"
-    earlier = [p for p in (out / "models" / "model.pt", out / "metrics.json") if p.exists()]
-    events = sorted(out.glob("events.out.tfevents.*"))
-    if (earlier or events) and not overwrite:  # the first epoch would replace the earlier model, and metrics.json after it
-        if not (out / "metrics.json").exists():  # killed or failed before its test metrics
-            found = "models/model.pt" if earlier else f"the TensorBoard files {events[0].name}{' ...' if len(events) > 1 else ''}"
-            raise FileExistsError(
-                f"{out} holds an unfinished fine-tuning run ({found} but no metrics.json: it was interrupted "
-                "or failed); pass --overwrite to start it again, or choose another output folder (--output-dir)"
-            )
-        raise FileExistsError(
-            f"{out} already holds a fine-tuning run ({', '.join(str(p.relative_to(out)) for p in earlier)}), which "
-            "this run would replace; choose another output folder (--output-dir), or pass --overwrite to replace it"
-        )
     # listed before this run creates its own TensorBoard files; removed once it has set up without error (train.json's
     # initialize, told overwrite, already removes the earlier curves and metrics.csv: only the model is kept until
     # this run's first validation)
@@ -386,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                   "to start it again", file=sys.stderr)
         return interrupt_exit_code(err)
     except Exception as err:
-        from dira3d.engines.inputs import setting_error_in
+        from dira3d.utils.bundle_errors import setting_error_in  # light: a refusal before torch loaded stays quick
 
         cause = setting_error_in(err)  # a bad path or setting
         if cause is None:

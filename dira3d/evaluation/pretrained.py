@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dira3d.data.errors import DataError
-from dira3d.utils.checkpoint import checkpoint_problem
+from dira3d.utils.checkpoint import check_pretrained_file, checkpoint_problem
 
 __all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch", "checkpoint_problem", "dims_mismatch",
            "network_mismatch"]
@@ -225,14 +225,7 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
             return network
         message = random_message
     else:
-        if not os.path.isfile(pretrained):
-            last = os.path.join(os.path.dirname(str(pretrained)), "last.pt")
-            beside = (f"; {last} exists: a pretraining without validation (e.g. on visual words of --val-neighbours 0) "
-                      "writes last.pt (its last epoch) and no best.pt, so pass that"
-                      if os.path.basename(str(pretrained)) == "best.pt" and os.path.isfile(last) else "")
-            raise FileNotFoundError(f"pretrained checkpoint {pretrained} {checkpoint_problem(pretrained)}{beside}; check the bundle's "
-                                    "'pretrained' setting (`dira3d finetune --pretrained`), or leave it empty for "
-                                    "random initialisation")
+        check_pretrained_file(pretrained)
         # strict: a checkpoint of another architecture would otherwise load nothing, silently
         report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
                                  in_channels_policy=in_channels_policy)

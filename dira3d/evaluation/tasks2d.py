@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from dira3d.data.errors import DataError
-from dira3d.evaluation.pretrained import TASK_KINDS, checkpoint_problem, initialise_task_network, network_mismatch
+from dira3d.evaluation.pretrained import TASK_KINDS, initialise_task_network, network_mismatch
+from dira3d.utils.checkpoint import check_pretrained_file
 
 __all__ = ["build_resnet_task_network", "settings_mismatch"]
 
@@ -68,9 +69,8 @@ def build_resnet_task_network(
         network: torch.nn.Module = ResNetClassifier(in_channels, out, backbone=backbone, dropout=dropout)
     else:
         network = ResNetSegmenter(in_channels, out, backbone=backbone, decoder_channels=tuple(decoder_channels))
-    if pretrained and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"pretrained checkpoint {pretrained} {checkpoint_problem(pretrained)}; give a dira3d 2D checkpoint "
-                                "(bundles/dira_pretrain with configs/2d.json) or an empty string for random init")
+    check_pretrained_file(pretrained, advice="give a dira3d 2D checkpoint (bundles/dira_pretrain with configs/2d.json) or "
+                          "an empty string for random init")
     try:
         return initialise_task_network(network, kind, pretrained, in_channels_policy, bn_momentum,
                                        random_message=None if weights_loaded_later else

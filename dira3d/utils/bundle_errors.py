@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["error_in_chain", "install_bundle_error_hook", "run_by_monai_bundle_command", "user_error_in"]
+__all__ = ["error_in_chain", "install_bundle_error_hook", "run_by_monai_bundle_command", "setting_error_in", "user_error_in"]
 
 
 def run_by_monai_bundle_command() -> bool:
@@ -38,6 +38,17 @@ def user_error_in(err: BaseException | None) -> BaseException | None:
     from dira3d.utils.folder_lock import FolderInUseError
 
     return error_in_chain(err, (DataError, FileNotFoundError, FileExistsError, FolderInUseError, FolderNotWritableError))
+
+
+def setting_error_in(err: BaseException) -> BaseException | None:
+    """The bad path or setting (``ValueError`` / ``FileNotFoundError``, an output folder another run is
+    writing to or one that cannot be written) behind MONAI's "Failed to instantiate ..." wrappers, or None:
+    what a command prints as one ``error:`` line. Light (no torch, no MONAI): ``dira3d finetune`` prints its refusals
+    with it before either is imported (also importable from :mod:`dira3d.engines.inputs`)."""
+    from dira3d.utils.atomic import FolderNotWritableError
+    from dira3d.utils.folder_lock import FolderInUseError
+
+    return error_in_chain(err, (ValueError, FileNotFoundError, FolderInUseError, FolderNotWritableError))
 
 
 def error_in_chain(err: BaseException | None, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -3,6 +3,9 @@
 A dira3d pretraining checkpoint is a plain ``dict`` of ``state_dict``s (see
 ``docs/architecture.md``, "Checkpoint format"). Nothing in it is a pickled class, so it loads
 with ``torch.load(path, weights_only=True)`` and cannot execute code.
+
+Light to import (torch is imported inside the functions that need it): ``dira3d finetune`` checks its ``--pretrained``
+file and output folder with :func:`check_pretrained_file` and :func:`check_writable` before torch loads.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dira3d.utils.atomic import atomic_write, check_writable
 
-__all__ = ["atomic_save", "checkpoint_problem", "load_checkpoint", "check_writable", "on_host"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["atomic_save", "checkpoint_problem", "check_pretrained_file", "load_checkpoint", "check_writable", "on_host"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -29,6 +33,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     a checkpoint of a GPU run loads with a plain ``torch.load(path, weights_only=True)`` on a machine
     without that GPU (it raised "Attempting to deserialize object on a CUDA device").
     """
+    import torch
+
     obj = on_host(obj)
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
@@ -37,6 +43,8 @@ def on_host(obj: Any, _copies: dict | None = None) -> Any:
     """``obj`` with every tensor in its dicts, lists and tuples on the CPU (CPU tensors themselves, not copied; a
     tensor found twice, e.g. tied weights, copied once); a ``state_dict``'s ``_metadata`` (the layers' versions that
     ``load_state_dict`` reads) is kept."""
+    import torch
+
     copies = {} if _copies is None else _copies
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "cpu":
@@ -66,6 +74,27 @@ def checkpoint_problem(path: str | os.PathLike) -> str:
     return f"is a folder, not a checkpoint file ({inside})"
 
 
+PRETRAINED_ADVICE = ("check the bundle's 'pretrained' setting (`dira3d finetune --pretrained`), or leave it empty for "
+                     "random initialisation")
+
+
+def check_pretrained_file(pretrained: str | os.PathLike | None, advice: str = PRETRAINED_ADVICE) -> None:
+    """Refuse a ``pretrained`` checkpoint (a task bundle's setting; empty or None: random initialisation) that is no
+    file: ``pretrained checkpoint PATH does not exist`` (or is a folder, :func:`checkpoint_problem`), the ``last.pt``
+    beside a missing ``best.pt`` (a pretraining without validation writes no ``best.pt``), then ``advice``.
+
+    Raises:
+        FileNotFoundError: as above.
+    """
+    if not pretrained or os.path.isfile(pretrained):
+        return
+    last = os.path.join(os.path.dirname(str(pretrained)), "last.pt")
+    beside = (f"; {last} exists: a pretraining without validation (e.g. on visual words of --val-neighbours 0) "
+              "writes last.pt (its last epoch) and no best.pt, so pass that"
+              if os.path.basename(str(pretrained)) == "best.pt" and os.path.isfile(last) else "")
+    raise FileNotFoundError(f"pretrained checkpoint {pretrained} {checkpoint_problem(pretrained)}{beside}; {advice}")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", given_by: str | None = None) -> dict:
     """Load a checkpoint with ``weights_only=True``.
 
@@ -79,6 +108,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a readable torch checkpoint, or holds something other than a dict.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} {checkpoint_problem(path)}; check the path" + (f" given by {given_by}" if given_by else ""))
