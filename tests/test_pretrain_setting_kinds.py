@@ -135,7 +135,8 @@ def test_the_pretraining_bundle_checks_counts_and_switches_before_anything_is_re
     config = json.loads((folder / name).read_text())
     checks = config["initialize"][1:4]
     assert checks[0] == ("$dira3d.utils.check_whole_numbers(max_epochs=@max_epochs, batch_size=@batch_size, "
-                         "log_every=@log_every, image_every=@image_every)")
+                         "log_every=@log_every, image_every=@image_every, collapse_patience=@collapse_patience, "
+                         "d_steps=@d_steps, queue_size=@queue_size)")
     assert checks[1] == "$dira3d.utils.check_whole_numbers(0, save_every=@save_every, num_workers=@num_workers)"
     # every true/false setting of train.json that is read as a truth value (not compile or amp, which take text,
     # nor resume and validation, read with as_bool) is checked

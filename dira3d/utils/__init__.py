@@ -11,7 +11,7 @@ _EXPORTS = {
                             "FolderNotWritableError"),
     "dira3d.utils.checkpoint": ("atomic_save", "load_checkpoint"),
     "dira3d.utils.progress": ("show_progress",),
-    "dira3d.utils.seeding": ("check_seed", "check_whole_numbers"),
+    "dira3d.utils.seeding": ("check_seed", "check_whole_numbers", "check_ranges"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
@@ -27,5 +27,6 @@ __all__ = [
     "show_progress",
     "check_seed",
     "check_whole_numbers",
+    "check_ranges",
     "lazy_exports",
 ]

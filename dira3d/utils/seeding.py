@@ -12,16 +12,18 @@ pretraining the same weights), so neither function may change what it returns
 - :func:`stream_seed`: the training engines' seed of random ``stream`` at step ``counter``
   (63 bits, base seed folded to 32 bits).
 - :func:`check_seed`: a bundle's ``seed`` setting checked for its kind before MONAI's ``set_determinism`` uses it;
-  :func:`check_whole_numbers`: other count settings (epochs, intervals) checked as it is, in the same words.
+  :func:`check_whole_numbers`: other count settings (epochs, intervals) checked as it is, in the same words;
+  :func:`check_ranges`: number settings with a range (shares, rates, momenta) checked against it.
 """
 
 from __future__ import annotations
 
 import numbers
+import re
 
 import numpy as np
 
-__all__ = ["check_seed", "check_whole_numbers", "derive_seed", "stream_seed"]
+__all__ = ["check_seed", "check_whole_numbers", "check_ranges", "derive_seed", "stream_seed"]
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
@@ -92,3 +94,47 @@ def stream_seed(seed: int, stream: int, counter: int) -> int:
     ``seed`` is folded to its low 32 bits first, so any integer seed (a negative one too) is accepted.
     """
     return derive_seed(int(seed) & 0xFFFFFFFF, stream, counter, bits=63)
+
+
+_INTERVAL = re.compile(r"^([\[(])(-?(?:inf|\d+(?:\.\d+)?)), (-?(?:inf|\d+(?:\.\d+)?))([\])])( or null)?$")
+
+
+def check_ranges(**settings: tuple[object, str]) -> dict[str, float | None]:
+    """Each of ``settings`` (``name=(value, range)``) as a float inside ``range``, written as intervals are: ``'[0, 1]'``
+    (both ends allowed), ``'[0, 1)'`` (1 not), ``'(0, inf)'`` (above 0); ``' or null'`` after it lets the setting be
+    null (None). The bundles call it in ``initialize`` after :func:`check_whole_numbers`, before any data are read; a
+    setting whose id is nested is passed as ``**{'validate#inferer#overlap': (...)}`` (MONAI turns the ``#`` of an
+    expression into ``::``, even in its text; the error names the id with ``#``, as the docs and overrides write it).
+
+    ``--collapse_gap 2`` (D's real-minus-restored probability gap, never above 1) never warned; ``--num_samples_cache 2``
+    or ``--cache_rate 2`` cached every entry and -1 none (MONAI's ``CacheDataset`` clips the count); ``--bn_momentum 2``
+    or ``--moco_momentum 2`` averaged away from the running values; all without a word. A sliding-window ``overlap`` of
+    1 failed in MONAI's traceback only at the first validation, after an epoch of training.
+
+    Raises:
+        DataError: the first setting that is not a number in its range, named with its value and the range.
+        ValueError: a range not written as above (the bundle's mistake, not the user's).
+    """
+    from dira3d.data.errors import DataError
+
+    checked: dict[str, float | None] = {}
+    for key, (value, interval) in settings.items():
+        name = key.replace("::", "#")
+        match = _INTERVAL.match(interval)
+        if match is None:
+            raise ValueError(f"check_ranges: {name}'s range {interval!r} is not written as '[0, 1)', '(0, inf)', ...")
+        opening, low, high, closing, nullable = match.groups()
+        if value is None and nullable:
+            checked[name] = None
+            continue
+        plain = interval.removesuffix(" or null")
+        advice = f"give a number in {plain}" + (" or null" if nullable else "")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise DataError(None, f"{name}={value!r} is not a number; {advice}")
+        number = float(value)
+        above = number > float(low) if opening == "(" else number >= float(low)
+        below = number < float(high) if closing == ")" else number <= float(high)
+        if not (above and below):  # NaN is neither
+            raise DataError(None, f"{name}={value!r} is outside {plain}; {advice}")
+        checked[name] = number
+    return checked
