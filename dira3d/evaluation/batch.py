@@ -112,6 +112,10 @@ class InferenceBatch:
         self.datalist = batch_entries(datalist)
         self.report_path = Path(report_path) if report_path else None
         self.output_dir, self.output_postfix, self.output_ext = output_dir, output_postfix, output_ext
+        if output_path is not None:  # the probabilities' JSON, checked before screen reads any input
+            from dira3d.evaluation.outputs import check_probability_path
+
+            check_probability_path(output_path)
         self.output_path = output_path
         self.overwrite, self.skip_written = as_bool(overwrite, "overwrite"), as_bool(skip_written, "skip_written")
         self.made_by, self._made_by = made_by, None  # (what the report records: made_by_record, in screen)

@@ -149,6 +149,7 @@ class ProbabilityWriter:
         batch: the :class:`~dira3d.evaluation.InferenceBatch` of the run (needed under ``torchrun``).
 
     Raises:
+        DataError: ``output_path`` does not end in ``.json`` (``--output_path probs.csv`` wrote JSON into a ``.csv``).
         FileExistsError: (when the run starts) ``output_path`` holds a file dira3d did not write.
         DataError: (when the run starts) under ``torchrun`` without ``batch``: one ``error:`` line under ``python -m
             monai.bundle run`` (:mod:`dira3d.utils.bundle_errors`), not a traceback.
@@ -156,9 +157,10 @@ class ProbabilityWriter:
 
     def __init__(self, output_path: str | os.PathLike, class_names: list[str] | None = None, output_transform: Callable = _default_output,
                  overwrite: Any = False, batch: Any = None) -> None:
+        from dira3d.evaluation.outputs import check_probability_path
         from dira3d.utils.overrides import as_bool
 
-        self.output_path = Path(output_path)
+        self.output_path = check_probability_path(output_path)  # a .json file: --output_path probs.csv got JSON
         self.class_names = list(class_names or [])
         self.output_transform = output_transform
         self.overwrite = as_bool(overwrite, "overwrite")

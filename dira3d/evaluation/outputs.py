@@ -15,6 +15,7 @@ unless ``overwrite`` is set.
   not its own.
 - :class:`CheckPredictionFiles`: an ignite handler that checks every target of the run when the evaluator
   starts, before any scan is read (the classification bundles' ``ProbabilityWriter`` checks its file then too).
+- :func:`check_probability_path`: the classification bundles' probabilities file must be named ``.json``.
 - :class:`PredictionNiftiWriter`, :class:`PredictionPNGWriter`: MONAI's ``NibabelWriter`` / ``PILWriter`` with the mark.
 """
 
@@ -41,8 +42,8 @@ from dira3d.utils.atomic import atomic_path
 from dira3d.utils.overrides import as_bool
 
 __all__ = ["CheckPredictionFiles", "PredictionNiftiWriter", "PredictionPNGWriter", "SavePredictiond", "array_digest",
-           "check_prediction_targets", "is_own_prediction", "json_digest", "prediction_mark", "prediction_target",
-           "write_error"]
+           "check_prediction_targets", "check_probability_path", "is_own_prediction", "json_digest", "prediction_mark",
+           "prediction_target", "write_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,24 @@ def check_prediction_targets(targets: Iterable[str | os.PathLike], overwrite: An
     if refused:  # all of them: --overwrite True would replace every one, so the user checks them all first
         raise FileExistsError(_refusal(refused, hint, before_marks))
     return paths
+
+
+def check_probability_path(output_path: str | os.PathLike) -> Path:
+    """``output_path`` of the classification bundles' probabilities (``ProbabilityWriter``, ``InferenceBatch``), which
+    are written as JSON: a name that does not end in ``.json`` is refused before any input is read
+    (``--output_path probs.csv`` wrote JSON into a file named ``.csv``).
+
+    Raises:
+        DataError: naming the setting, its value and the suffix to give (one ``error:`` line under ``python -m
+            monai.bundle run``).
+    """
+    from dira3d.data.errors import DataError
+
+    path = Path(output_path)
+    if path.suffix.lower() != ".json":
+        raise DataError(None, f"output_path={str(output_path)!r}: the probabilities are written as JSON, so the file "
+                        f"name must end in .json; pass --output_path with a .json file (e.g. {path.stem or 'probs'}.json)")
+    return path
 
 
 def _refusal(refused: Sequence[Path], hint: str, before_marks: bool) -> str:

@@ -11,7 +11,7 @@ _EXPORTS = {
                             "FolderNotWritableError"),
     "dira3d.utils.checkpoint": ("atomic_save", "load_checkpoint"),
     "dira3d.utils.progress": ("show_progress",),
-    "dira3d.utils.seeding": ("check_seed", "check_whole_numbers", "check_ranges"),
+    "dira3d.utils.seeding": ("check_numbers", "check_ranges", "check_seed", "check_sizes", "check_whole_numbers"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
@@ -25,7 +25,9 @@ __all__ = [
     "atomic_save",
     "load_checkpoint",
     "show_progress",
+    "check_numbers",
     "check_seed",
+    "check_sizes",
     "check_whole_numbers",
     "check_ranges",
     "lazy_exports",

@@ -14,16 +14,20 @@ pretraining the same weights), so neither function may change what it returns
 - :func:`check_seed`: a bundle's ``seed`` setting checked for its kind before MONAI's ``set_determinism`` uses it;
   :func:`check_whole_numbers`: other count settings (epochs, intervals) checked as it is, in the same words;
   :func:`check_ranges`: number settings with a range (shares, rates, momenta) checked against it.
+  :func:`check_numbers`: settings that take any number (``learning_rate``, ``bn_momentum``, ``width``);
+  :func:`check_sizes`: size settings (``roi_size``), one whole number per axis of the network.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["check_seed", "check_whole_numbers", "check_ranges", "derive_seed", "stream_seed"]
+__all__ = ["check_numbers", "check_ranges", "check_seed", "check_sizes", "check_whole_numbers", "derive_seed", "stream_seed"]
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
@@ -52,6 +56,64 @@ def check_whole_numbers(minimum: int = 1, **settings: object) -> dict[str, int]:
     """
     return {name: _whole_number(value, name, minimum, f"give a whole number >= {minimum}, e.g. --{name} {minimum}")
             for name, value in settings.items()}
+
+
+def check_numbers(or_null: bool = False, **settings: object) -> dict[str, float | None]:
+    """Each of ``settings`` (``name=value``) as a float: a finite number (``or_null``: null too, e.g. ``bn_momentum``,
+    whose null is PyTorch's cumulative average); the task bundles call it in ``initialize``, before any data are read.
+
+    ``python -m monai.bundle run --bn_momentum abc`` (or ``dira3d finetune --tiny --set bn_momentum=abc``: tiny.json's
+    default is null, so ``check_overrides`` cannot tell its kind) failed at the first training step inside MONAI's
+    traceback (``batch_norm(): argument 'momentum' must be float, not str``), after the data were cached.
+
+    Raises:
+        DataError: the first setting that is not one, named with its value and what to give.
+    """
+    from dira3d.data.errors import DataError
+
+    checked: dict[str, float | None] = {}
+    for name, value in settings.items():
+        if value is None and or_null:
+            checked[name] = None
+            continue
+        advice = f"give --{name} a number, such as 0.1 or 1e-3" + (", or null" if or_null else "")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise DataError(None, f"{name}={value!r} is not a number; {advice}")
+        if not math.isfinite(value):
+            raise DataError(None, f"{name}={value!r} is not a finite number; {advice}")
+        checked[name] = float(value)
+    return checked
+
+
+_SIZE_EXAMPLES = {2: "[224,224]", 3: "[64,64,32]"}
+
+
+def check_sizes(spatial_dims: int, **settings: object) -> dict[str, list[int]]:
+    """Each of ``settings`` (``name=value``, e.g. ``roi_size``) as a list of ``spatial_dims`` whole numbers >= 1, one
+    per axis of the network; the task bundles call it in ``initialize``, before any data are read.
+
+    ``roi_size=[16,16]`` for a 3D bundle failed while the data were cached, with MONAI's "Sequence must have length 3,
+    got 2." naming no setting; ``roi_size=abc`` under ``python -m monai.bundle run`` in a traceback.
+
+    Raises:
+        DataError: the first setting that is not one, named with its value and what to give.
+    """
+    from dira3d.data.errors import DataError
+
+    checked = {}
+    for name, value in settings.items():
+        example = _SIZE_EXAMPLES.get(spatial_dims, "[" + ",".join(["64"] * spatial_dims) + "]")
+        advice = f"give {spatial_dims} whole numbers >= 1, one per axis of the {spatial_dims}D network, e.g. --{name} \"{example}\""
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise DataError(None, f"{name}={value!r} is not a list of sizes; {advice}")
+        if len(value) != spatial_dims:
+            count = f"{len(value)} number{'' if len(value) == 1 else 's'}"
+            raise DataError(None, f"{name}={list(value)!r} has {count}, but the network is {spatial_dims}D; {advice}")
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+               or not float(v).is_integer() or v < 1 for v in value):
+            raise DataError(None, f"{name}={list(value)!r} is not {spatial_dims} whole numbers >= 1; {advice}")
+        checked[name] = [int(v) for v in value]
+    return checked
 
 
 def _whole_number(value: object, name: str, minimum: int, advice: str) -> int:
