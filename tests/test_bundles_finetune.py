@@ -550,3 +550,48 @@ def test_a_checkpoint_of_another_width_names_the_width_setting(kind, tmp_path):
                                          r"bundle's width to 0\.125 \(`dira3d finetune --set width=0\.125`"):
         build_task_network(kind, 3, 1, 1, 1.0, str(ckpt))
     build_task_network(kind, 3, 1, 1, 0.125, str(ckpt))  # the width it names loads
+
+
+@pytest.mark.parametrize("bundle", ["lits_liver_seg", "brats_tumor_seg"])
+def test_tiny_validation_takes_whole_volumes_of_different_sizes(bundle, tmp_path):
+    """LiTS / BraTS validate on whole volumes (sliding window), which differ in size from scan to scan (LiTS: 74 to
+    987 slices): tiny.json's val_batch_size 2 stacked two holdout volumes into one batch, and a `--tiny` smoke run on
+    such data ended in its first validation with MONAI's 'stack expects each tensor to be equal size' traceback."""
+    from monai.bundle import ConfigParser
+
+    _, _, channels = SEGMENTATION[bundle]
+    entries = []
+    for i, shape in enumerate([(20, 18, 10), (24, 16, 12)]):
+        image = np.full(shape, 0.3)
+        mask = np.zeros(shape, np.uint8)
+        mask[4:10, 4:10, 2:6] = 1
+        image[mask > 0] = 0.8
+        if channels:
+            image = np.stack([image] * channels, axis=-1)
+        _save(image, tmp_path / f"v{i}_img.nii.gz")
+        _save(mask, tmp_path / f"v{i}_seg.nii.gz", np.uint8)
+        entries.append({"image": str(tmp_path / f"v{i}_img.nii.gz"), "label": str(tmp_path / f"v{i}_seg.nii.gz")})
+    configs = bundle_path(bundle) / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "tiny.json")])
+    parser.update({"validate#datalist": entries, "cache_rate": 0.0, "image_channels": None})
+    batches = list(parser.get_parsed_content("validate#dataloader", lazy=False))
+    assert [tuple(b["image"].shape[2:]) for b in batches] == [(20, 18, 10), (24, 16, 12)]
+
+
+def test_lidc_trains_on_crops_outlined_by_different_numbers_of_readers(tmp_path):
+    """`dira3d prepare lidc` lists `reader_nodule_ids` per crop, one per reader (1 to 4): lidc_nodule_seg's first
+    training batch failed in MONAI's collate ('each element in list of batch should be of equal size')."""
+    from monai.bundle import ConfigParser
+
+    name, shape, _ = SEGMENTATION["lidc_nodule_seg"]
+    datalist, _ = make_segmentation(tmp_path, name, shape, None, n_train=8)
+    content = json.loads(datalist.read_text())
+    for i, entry in enumerate(content["training"] + content["test"]):
+        entry["reader_nodule_ids"] = [f"IL057_{k}" for k in range(1 + i % 4)]
+    datalist.write_text(json.dumps(content))
+    parser = ConfigParser()
+    parser.read_config([str(bundle_path("lidc_nodule_seg") / "configs" / f) for f in ("train.json", "tiny.json")])
+    parser.update({"datalist": str(datalist), "batch_size": 4, "cache_rate": 0.0})
+    batch = next(iter(parser.get_parsed_content("train#dataloader", lazy=False)))
+    assert batch["image"].shape == (4, 1, *shape) and "reader_nodule_ids" not in batch

@@ -347,6 +347,20 @@ def test_select_modalities_follows_the_prepared_channel_order(tmp_path):
         SelectModalitiesd("image", "flair", two)({"image": image})
 
 
+def test_select_modalities_suggests_image_channels_of_the_image_given():
+    """A FLAIR file given to a model trained on 4-channel volumes was told to pass
+    --image_channels "['t1', 't1ce', 't2', 'flair']", the value it had just been refused for; the example now has the
+    image's channel count, the requested sequences first, and running with it works."""
+    four = ["t1", "t1ce", "t2", "flair"]
+    flair = torch.ones(1, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"set image_channels to the 1 sequence\(s\) this image holds, in order "
+                                         r"\(e\.g\. --image_channels \"\['flair'\]\"\)$"):
+        SelectModalitiesd("image", "flair", four)({"image": flair})
+    assert SelectModalitiesd("image", "flair", ["flair"])({"image": flair})["image"].shape[0] == 1  # the example runs
+    with pytest.raises(ValueError, match=r"\(e\.g\. --image_channels \"\['t2', 'flair'\]\"\)$"):
+        SelectModalitiesd("image", "t2,flair", four)({"image": torch.ones(2, 2, 2, 2)})
+
+
 def test_simpleitk_reader_matches_nibabel(tmp_path):
     from monai.transforms import LoadImage
 
@@ -378,6 +392,28 @@ def test_load_split_drops_keys_some_entries_lack(tmp_path):
     train = load_split(tmp_path / "dl.json", "train", holdout=0.0)
     assert all(set(e) == {"image", "case_id", "label"} for e in train)
     assert list_data_collate(load_split(tmp_path / "dl.json", "test"))["label"].tolist() == [0, 1, 0, 1]
+
+
+def test_load_split_drops_lists_of_different_lengths(tmp_path):
+    """`dira3d prepare lidc` gives each crop `reader_nodule_ids`, one id per reader who outlined the nodule (1 to 4):
+    the lidc_nodule_seg bundle's first batch of crops of 1 and 3 readers failed in MONAI's collate ('each element in
+    list of batch should be of equal size'), so no LIDC datalist of dira3d could be fine-tuned on."""
+    import json
+
+    from monai.data import list_data_collate
+
+    from dira3d.evaluation import load_split
+
+    entries = [{"image": f"c{i}.nii.gz", "label": f"m{i}.nii.gz", "case_id": f"p{i}", "voxels": 10,
+                "reader_nodule_ids": [f"r{k}" for k in range(1 + i % 3)], "world_mm": [1.0, 2.0, float(i)]}
+               for i in range(24)]
+    (tmp_path / "dl.json").write_text(json.dumps({"training": entries[:20], "test": entries[20:]}))
+    _touch(tmp_path, entries)
+    for split in ("train", "holdout", "test"):
+        loaded = load_split(tmp_path / "dl.json", split, holdout=0.2, kind="segmentation")
+        assert all(set(e) == {"image", "label", "case_id", "voxels", "world_mm"} for e in loaded), split
+        batch = list_data_collate(loaded)  # lists of one length (world_mm) still collate
+        assert len(batch["image"]) == len(loaded) and len(batch["world_mm"]) == 3
 
 
 def test_finetune_set_refuses_a_setting_no_config_defines(tmp_path, capsys):

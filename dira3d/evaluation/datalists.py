@@ -306,15 +306,27 @@ def _warn_holdout_without_foreground(path: Path, chosen: list[dict], held: list[
 _PLACEHOLDERS = {"world_mm": (math.nan, math.nan, math.nan)}
 
 
+_NEEDED = {"image", "label"}  # never left out: a label vector of another length is the caller's error to name
+
+
+def _uneven(entries: list[dict], key: str) -> bool:
+    """Whether ``key``'s values are not all lists of one length (a batch cannot collate them)."""
+    size = len(entries[0][key])
+    return any(type(v) is not list or len(v) != size for v in (e[key] for e in entries))
+
+
 def _common_keys(entries: list[dict]) -> list[dict]:
     """Keep only the keys every entry has: a batch cannot collate a key that some samples lack (MONAI's
     ``list_data_collate`` takes the keys of the batch's first sample: a KeyError, or the key dropped from the batch;
     e.g. LUNA16 positives carry ``diameter_mm``, negatives do not). A key of :data:`_PLACEHOLDERS` that some entries
     have is kept, and the others get its placeholder (``world_mm``: three NaN), so the positions that exist are not
-    lost for all."""
+    lost for all. A key whose lists differ in length from entry to entry is left out too, the image and label
+    excepted (MONAI's collate stacks a list element by element: 'each element in list of batch should be of equal
+    size'; e.g. ``reader_nodule_ids`` of ``dira3d prepare lidc``, one id per reader who outlined the nodule)."""
     if not entries:
         return entries
     common = set(entries[0]).intersection(*entries)
+    common -= {k for k in common - _NEEDED if type(entries[0][k]) is list and _uneven(entries, k)}
     size = len(common)  # an entry with that many keys has exactly these: copied as it is, in one step
     filled = {k: v for k, v in _PLACEHOLDERS.items() if k not in common and any(k in e for e in entries)}
     if filled:

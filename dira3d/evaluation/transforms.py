@@ -84,11 +84,14 @@ class SelectModalities(Transform):
         channels = img.shape[0]
         if self.image_channels is not None:
             if channels != len(self.image_channels):
+                # an example of this image's channel count, the requested sequences first (a FLAIR file: ['flair']);
+                # it named the four sequences the image was just refused for
+                example = (self.names + [m for m in BRATS_MODALITIES if m not in self.names])[:channels]
                 raise ValueError(f"image has {channels} channel(s) but image_channels says the images hold "
                                  f"{self.image_channels} (the datalist's meta.channels; at inference those of the model's "
                                  "training volumes): prepare the data again into a new folder, or, at inference, set "
-                                 "image_channels to the sequences this image holds, in order (--image_channels \"['t1', "
-                                 "'t1ce', 't2', 'flair']\")")
+                                 f"image_channels to the {channels} sequence(s) this image holds, in order"
+                                 + (f" (e.g. --image_channels \"{example}\")" if len(example) == channels else ""))
             return img[[self.image_channels.index(n) for n in self.names]]
         if channels == len(BRATS_MODALITIES):
             index = [BRATS_MODALITIES.index(n) for n in self.names]
