@@ -146,6 +146,14 @@ def test_pretrain_command_names_the_bad_file_and_keeps_earlier_outputs(good, tmp
         main(["--datalist", str(path), "--output", str(out), "--config", "performanc.json"])
     assert "--config performanc.json: no such file" in (err := capsys.readouterr().err) and "performance.json" in err
     TRIED.append("pretrain: unknown --config")
+    (tmp_path / "models").mkdir()  # a folder where the config file goes: it was "--config models: no such file"
+    (tmp_path / "models" / "mine.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["--datalist", str(path), "--output", str(out), "--config", str(tmp_path / "models")])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dira3d pretrain: error: --config {tmp_path / 'models'} is a folder; give a config file (JSON or YAML) in it "
+        "(mine.json) or one of the bundle's configs by name (e.g. performance.json)")
+    TRIED.append("pretrain: a folder as --config")
     assert main(["--datalist", str(path), "--output", str(out), "--tiny", "--override", "dis_mode=mocoo"]) == 2
     err = capsys.readouterr().err
     assert "dira3d pretrain: error: dis_mode='mocoo' is not supported" in err and "Traceback" not in err, err

@@ -267,6 +267,24 @@ def test_find_bundles_and_kinds(repo_root, tmp_path):
         find_bundles(tmp_path / "nowhere")
 
 
+def test_find_bundles_names_the_conf_option_and_why_a_model_is_not_served(repo_root, tmp_path, capsys):
+    """The app's `--conf models` naming a bundle it would not serve was "bundles ['lidc_nodule_seg'] not found (with
+    models/model.pt or model.ts) under [...]", naming no option and not telling a bundle without weights from a
+    misspelt name; a missing `--conf bundles` / `--bundles` path was a "bundle path" without the option."""
+    _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
+    shutil.copytree(repo_root / "bundles" / "lidc_nodule_seg" / "configs", tmp_path / "lidc_nodule_seg" / "configs")
+    with pytest.raises(FileNotFoundError) as err:
+        find_bundles(str(tmp_path), names=["lits_liver_seg", "lidc_nodule_seg", "lits"])
+    assert str(err.value) == (
+        "--conf models lits_liver_seg,lidc_nodule_seg,lits: lidc_nodule_seg has no weights yet (models/model.pt or "
+        f"model.ts: fine-tune it first); lits is no bundle there; the bundles with weights under {tmp_path} are: "
+        "lits_liver_seg (leave --conf models out to serve them all)")
+    with pytest.raises(FileNotFoundError, match=r"^--conf bundles \S*nowhere does not exist; pass a bundle folder"):
+        find_bundles(tmp_path / "nowhere", given_by="--conf bundles")
+    assert export_main(["monailabel-app", "--out", str(tmp_path / "app"), "--bundles", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith(f"dira3d export: error: --bundles {tmp_path / 'nowhere'} does not exist")
+
+
 def test_export_command_pretrained_and_onnx(repo_root, real_data, tmp_path, capsys):
     atomic_save(_pretraining_checkpoint(), tmp_path / "pretrain.pt")
     assert export_main(["pretrained", "--checkpoint", str(tmp_path / "pretrain.pt"), "--out", str(tmp_path / "w"),
@@ -328,6 +346,48 @@ def test_export_torchscript_that_disagrees_writes_nothing_and_keeps_the_earlier_
     with pytest.raises(AgreementError, match="torchscript: max") as err:
         export_torchscript(bundle, fresh, overrides=TINY, input_shape=[1, 1, 32, 32, 16])
     assert not err.value.report.ok and not fresh.exists()
+
+
+def test_export_torchscript_logs_the_final_path_once_it_is_written(repo_root, tmp_path, monkeypatch):
+    """MONAI's ckpt_export logged the temporary file's name (its input summary's filepath, and "exported to file:
+    .liver.ts.abc123.ts."), a file that never exists once the export ends; the lines now name --out, and "exported to
+    file" comes only once --out is in place, never for an export that fails its agreement check."""
+    import logging
+
+    import dira3d.deploy.export as export
+
+    bundle = _bundle_copy(repo_root, "lits_liver_seg", tmp_path)
+    out = tmp_path / "liver.ts"
+    lines: list[tuple[str, bool]] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            lines.append((record.getMessage(), out.exists()))
+
+    logger, handler = logging.getLogger("monai.bundle.scripts"), Seen()
+    logger.addHandler(handler)
+    try:
+        export_torchscript(bundle, out, overrides=TINY, input_shape=[1, 1, 32, 32, 16])
+        written = list(lines)
+        lines.clear()
+        real_load = export.load_bundle_network
+
+        def shifted(*args, **kwargs):  # the PyTorch network no longer computes what the traced graph computes
+            network = real_load(*args, **kwargs)
+            with torch.no_grad():
+                network.decoder.levels[-1].convs.conv2.conv.bias.add_(0.5)
+            return network
+
+        monkeypatch.setattr(export, "load_bundle_network", shifted)
+        with pytest.raises(AgreementError):
+            export_torchscript(bundle, tmp_path / "other.ts", overrides=TINY, input_shape=[1, 1, 32, 32, 16])
+    finally:
+        logger.removeHandler(handler)
+    assert (f"> filepath: '{out}'", False) in written
+    assert written[-1] == (f"exported to file: {out}.", True)
+    assert not any(f".{out.name}." in message for message, _ in written), written  # no temporary name
+    assert f"> filepath: '{tmp_path / 'other.ts'}'" in [message for message, _ in lines]
+    assert not any(message.startswith("exported to file") for message, _ in lines), lines
 
 
 class _OffInOnnx(torch.nn.Module):

@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
 
     bundles = args.bundles or str(REPO_ROOT / "bundles")
     # the app reads --conf bundles only when the server starts: check the path(s) now, before copying
-    if not find_bundles(bundles, require_weights=False):
+    if not find_bundles(bundles, require_weights=False, given_by="--bundles"):
         raise FileNotFoundError(f"--bundles {bundles} holds no bundle (configs/inference.json); "
                                 "pass a bundle folder or a folder of bundles")
     from dira3d.utils.atomic import removed_if_failed

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -174,7 +175,8 @@ def export_torchscript_with_report(
     # the temporary name ends in .ts: ckpt_export appends .ts to a name without a suffix; an export killed (SIGKILL)
     # while it wrote left its temporary, which no later export would replace
     remove_stale_temporaries_of(out, ".ts", what="export")
-    with atomic_path(out, suffix=".ts") as partial:
+    with _FinalNameInLogs(out) as logs, atomic_path(out, suffix=".ts") as partial:
+        logs.partial = str(partial)
         ckpt_export(
             net_id="network_def",
             filepath=str(partial),
@@ -191,6 +193,38 @@ def export_torchscript_with_report(
         if not report.ok:
             raise AgreementError(report, out)
     return out, report
+
+
+class _FinalNameInLogs(logging.Filter):
+    """While ``ckpt_export`` writes the temporary file :attr:`partial`, MONAI's log lines (``monai.bundle.scripts``:
+    its input summary, ``exported to file: ...``) name ``out``, the file the user asked for, instead of the temporary
+    name; the ``exported to file`` line is held and logged on a clean exit only. Entered before :func:`atomic_path`, so
+    that it exits after it: the line comes once ``out`` is in place (after the agreement check and the rename), and
+    not at all when the export fails."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out, self.partial, self.held = str(out), "", []
+        self.logger = logging.getLogger(ckpt_export.__module__)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not self.partial or self.partial not in message:
+            return True
+        record.msg, record.args = message.replace(self.partial, self.out), ()
+        if message.startswith("exported to file"):
+            self.held.append(record.msg)
+            return False
+        return True
+
+    def __enter__(self) -> _FinalNameInLogs:
+        self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self.logger.removeFilter(self)
+        for line in self.held if kind is None else ():
+            self.logger.info(line)
 
 
 def check_new_output(out: Path, overwrite: bool, what: str = "--out folder") -> None:

@@ -130,13 +130,16 @@ def find_bundles(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     names: Sequence[str] | None = None,
     require_weights: bool = True,
+    given_by: str = "bundle path",
 ) -> dict[str, Path]:
     """Bundles under ``paths``: each path is a bundle folder or a folder of bundles.
 
     Args:
         paths: one path, a list, or a string of paths separated by ``,`` or ``os.pathsep``.
-        names: keep only these bundle names (folder names); all when None.
+        names: keep only these bundle names (folder names); all when None. They are the app's ``--conf models``,
+            as the error names them.
         require_weights: skip bundles without ``models/model.pt`` or ``models/model.ts``.
+        given_by: what names ``paths`` in the error (``--conf bundles``, ``--bundles``).
 
     Returns:
         bundle name → folder, sorted by name.
@@ -147,22 +150,26 @@ def find_bundles(
     if isinstance(paths, (str, os.PathLike)):
         paths = [p for p in str(paths).replace(os.pathsep, ",").split(",") if p.strip()]
     found: dict[str, Path] = {}
+    unweighted: set[str] = set()
     for raw in paths:
         path = Path(raw).expanduser().resolve()
         if not path.is_dir():
-            raise FileNotFoundError(f"bundle path {path} does not exist; pass a bundle folder or a folder of bundles")
+            raise FileNotFoundError(f"{given_by} {path} does not exist; pass a bundle folder or a folder of bundles")
         candidates = [path] if _is_bundle(path) else sorted(p for p in path.iterdir() if p.is_dir() and _is_bundle(p))
         for bundle in candidates:
             if require_weights and not any((bundle / "models" / w).is_file() for w in _WEIGHTS):
+                unweighted.add(bundle.name)
                 continue
             found.setdefault(bundle.name, bundle)
     if names:
         missing = [n for n in names if n not in found]
-        if missing:
+        if missing:  # was "bundles ['x'] not found (with models/model.pt or model.ts) under [...]", naming no option
+            why = [f"{n} has no weights yet (models/model.pt or model.ts: fine-tune it first)" if n in unweighted
+                   else f"{n} is no bundle there" for n in missing]
             raise FileNotFoundError(
-                f"bundles {missing} not found (with models/model.pt or model.ts) under {list(map(str, paths))}; "
-                f"found {sorted(found)}"
-            )
+                f"--conf models {','.join(names)}: {'; '.join(why)}; the bundles with weights under "
+                f"{', '.join(map(str, paths))} are: {', '.join(sorted(found)) or 'none'} (leave --conf models out to "
+                "serve them all)")
         found = {n: found[n] for n in names}
     return dict(sorted(found.items()))
 

@@ -118,7 +118,7 @@ def infer_tasks(conf: Mapping[str, str]) -> dict[str, InferTask]:
     names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or None
     tasks: dict[str, InferTask] = {}
     refused: list[str] = []
-    for name, folder in find_bundles(paths, names).items():
+    for name, folder in find_bundles(paths, names, given_by="--conf bundles").items():
         overrides = parse_overrides(conf, name)
         try:  # the other bundles are served; this one's error is in the log, with what to pass
             check_served_bundle(name, folder, overrides, conf)

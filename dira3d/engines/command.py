@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(str(name))
         elif "/" not in name and own.is_file():
             configs.append(str(own))
+        elif Path(name).is_dir():  # was "--config models: no such file", which the folder is not
+            inside = sorted(p.name for p in Path(name).glob("*.json")) + sorted(p.name for p in Path(name).glob("*.yaml"))
+            parser.error(f"--config {name} is a folder; give a config file (JSON or YAML) "
+                         + (f"in it ({', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''}) " if inside else "")
+                         + "or one of the bundle's configs by name (e.g. performance.json)")
         else:
             names = sorted(p.name for p in (BUNDLE_DIR / "configs").glob("*.json"))
             parser.error(f"--config {name}: no such file; give a path or one of the bundle's configs: {', '.join(names)}")
