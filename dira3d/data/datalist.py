@@ -26,7 +26,7 @@ from typing import Any
 from dira3d.data.errors import DataError
 
 __all__ = ["DatalistError", "DatalistFilesMissingError", "check_datalist_file", "read_datalist_json", "folder_not_datalist",
-           "datalist_entries", "datalist_meta", "check_entry_files"]
+           "datalist_entries", "datalist_meta", "check_entry_files", "split_option"]
 
 _SHOWN = 10  # entry problems named in one message
 
@@ -55,6 +55,25 @@ def datalist_meta(datalist: str | os.PathLike | None) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError):
         return {}
     return meta if isinstance(meta, dict) else {}
+
+
+# meta.dataset -> (the prepare command's name, its options that fill 'validation' and 'test')
+_SPLIT_OPTIONS = {
+    "luna16": ("luna16", "--val-subsets", "--test-subsets"),
+    "lits": ("lits", "--val-range", "--test-range"),
+    "lidc-idri": ("lidc", "--split", "--split"),
+    "brats2018": ("brats", "--split", "--split"),
+}
+
+
+def split_option(datalist: str | os.PathLike | None, part: str) -> str:
+    """The ``dira3d prepare`` option that puts volumes in ``part`` (``validation`` / ``test``) for the dataset the
+    datalist's ``meta.dataset`` records, as a command: ``dira3d prepare luna16 ... --val-subsets`` (LUNA16's
+    official subsets), else ``generic``'s fraction (advice written for ``generic`` named ``--val-fraction`` for
+    every dataset)."""
+    name, validation, test = _SPLIT_OPTIONS.get(str(datalist_meta(datalist).get("dataset")),
+                                                ("generic", "--val-fraction", "--test-fraction"))
+    return f"`dira3d prepare {name} ... {validation if part == 'validation' else test}`"
 
 
 def folder_not_datalist(folder: Path) -> str:

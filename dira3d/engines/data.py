@@ -154,12 +154,18 @@ class RandPatchPaird(Randomizable, MapTransform):
         return d
 
 
-def with_image_labels(items: Sequence[Mapping[str, Any]], key: str = "label") -> list[dict[str, Any]]:
-    """Copy the datalist entries and give entry *i* the class ``i`` ("every image a class").
+def with_image_labels(items: Sequence[Mapping[str, Any]], key: str = "label",
+                      image_key: str = "image") -> list[dict[str, Any]]:
+    """Entries of ``image_key`` alone, entry *i* given the class ``i`` ("every image a class").
+
+    Pretraining reads nothing else of an entry, and the other keys of a prepared task datalist need not collate into
+    a batch: ``reader_nodule_ids`` of ``dira3d prepare lidc`` (one id per reader, its length varying) failed MONAI's
+    collate ("each element in list of batch should be of equal size"), a key some entries lack (``malignancy``,
+    ``diameter_mm``) too; a ``label`` mask path is replaced by the class.
 
     Raises:
         ValueError: an empty datalist.
     """
     if not items:
         raise ValueError("the pretraining datalist has no entries; check its 'training' list and paths")
-    return [{**dict(item), key: index} for index, item in enumerate(items)]
+    return [{image_key: item[image_key], key: index} for index, item in enumerate(items)]

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from dira3d.data.datalist import check_entry_files, datalist_entries, read_datalist_json
+from dira3d.data.datalist import check_entry_files, datalist_entries, read_datalist_json, split_option
 from dira3d.data.errors import DataError
 # the draws and entry kinds live in split_draws.py; importable from here as before
 from dira3d.evaluation.split_draws import (FOREGROUND_KEYS, check_split_settings, entry_classes, foreground_key,
@@ -201,7 +201,7 @@ def load_split(
                 hint = (f"the 'training' list has {total} patient(s), and the early-stopping holdout needs at least "
                         "2 (one held out, one to train on); fine-tuning needs 3 or more labelled patients in all "
                         "(training, holdout, test): add labelled scans, or early-stop on the datalist's own "
-                        "'validation' list with holdout=validation (`dira3d prepare generic --val-fraction`)")
+                        f"'validation' list with holdout=validation ({split_option(path, 'validation')})")
             elif kept < 2:
                 # e.g. LiTS at 1 %: 100 training volumes -> one patient, nothing left to hold out
                 hint = (f"label_fraction={label_fraction} keeps {kept} of the {total} training patient(s), and the "
@@ -209,9 +209,10 @@ def load_split(
         if split == "test" and (fold is None or int(fold) < 0):
             where = ("its 'test' list has no entries" if "test" in content
                      else f"add a 'test' list to the datalist (it has {sorted(k for k in content if k != 'meta')})")
-            hint = (f"{where} (`dira3d prepare generic --test-fraction F` writes one: F of the patients, rounded to "
-                    "whole patients, so choose F for one or more: 0.2 of 2 patients rounds to none), or set fold for a "
-                    "cross-validation datalist")
+            option = split_option(path, "test")
+            hint = (f"{where} ({option} writes one" + (": F of the patients, rounded to whole patients, so choose F "
+                    "for one or more: 0.2 of 2 patients rounds to none" if "generic" in option else "") + "), or set "
+                    "fold for a cross-validation datalist")
         # a DataError, as each error of the user's datalist or settings here: `python -m monai.bundle run` prints it
         # as one line (dira3d.utils.bundle_errors), not in MONAI's "Failed to evaluate ConfigExpression" traceback
         raise DataError(

@@ -227,8 +227,11 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
     else:
         check_pretrained_file(pretrained)
         # strict: a checkpoint of another architecture would otherwise load nothing, silently
+        # segmentation: the restoration head of a pretraining on N channels (in_channels N: BraTS sequences)
+        # restores N, the task head predicts its own classes; another output count is re-learnt, not refused
         report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
-                                 in_channels_policy=in_channels_policy)
+                                 in_channels_policy=in_channels_policy,
+                                 head_policy="initialise" if kind == "segmentation" else "error")
         message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
     # printed as well as logged: the report must be visible in a plain `monai.bundle run` console
     print(message, flush=True)

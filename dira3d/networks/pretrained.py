@@ -19,6 +19,7 @@ from dira3d.utils import load_checkpoint
 __all__ = ["load_pretrained", "LoadReport", "dims_hint"]
 
 _POLICIES = ("error", "repeat")
+_HEAD_POLICIES = ("error", "initialise")
 # wrappers some trainers put around a flat state_dict (MONAI CheckpointSaver, Lightning, plain)
 _WRAPPERS = ("network", "state_dict", "model")
 _SHOWN = 12  # keys listed in an error message before "… and N more"
@@ -189,9 +190,11 @@ def _repeat_in_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _match_part(part: str, ckpt_state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
-                in_channels_policy: str, report: LoadReport, errors: list[str]) -> dict[str, torch.Tensor]:
+                in_channels_policy: str, report: LoadReport, errors: list[str],
+                head_policy: str = "error") -> dict[str, torch.Tensor]:
     """The tensors of ``ckpt_state`` that fit ``model_state`` (the first conv adapted under the
-    ``"repeat"`` policy); records every key in ``report`` and each unfixable shape in ``errors``."""
+    ``"repeat"`` policy; the decoder's output head of other output channels left out under the ``"initialise"``
+    ``head_policy``); records every key in ``report`` and each unfixable shape in ``errors``."""
     first_conv = _first_conv_key(model_state)
     selected: dict[str, torch.Tensor] = {}
     for key, model_value in model_state.items():
@@ -211,6 +214,9 @@ def _match_part(part: str, ckpt_state: Mapping[str, torch.Tensor], model_state: 
             and value.shape[0] == model_value.shape[0]
             and value.shape[2:] == model_value.shape[2:]
         )
+        if (head_policy == "initialise" and part == "decoder" and key.startswith("head.")
+                and value.shape[1:] == model_value.shape[1:]):
+            continue  # only the output channels differ: kept as initialised (report.mismatched lists it)
         if only_in_channels and in_channels_policy == "repeat":
             selected[key] = _repeat_in_channels(value, model_value.shape[1])
             report.loaded.append(name)
@@ -251,6 +257,7 @@ def load_pretrained(
     parts: Sequence[str] = ("encoder",),
     strict: bool = False,
     in_channels_policy: str = "error",
+    head_policy: str = "error",
 ) -> LoadReport:
     """Copy ``checkpoint[part]`` into ``network.<part>`` for each part.
 
@@ -267,6 +274,10 @@ def load_pretrained(
         in_channels_policy: ``"error"`` (default) or ``"repeat"``: when the only mismatch is the
             first conv's input channels (e.g. a 4-channel BraTS network from a 1-channel CT
             encoder), average the pretrained kernel over its input channels and repeat it.
+        head_policy: ``"error"`` (default) or ``"initialise"``: the decoder's output head (``decoder.head.*``) of
+            another number of output channels is left as initialised, not copied (listed in the report as of
+            another shape), e.g. the 4-channel restoration head of a BraTS pretraining (``in_channels`` 4) for a
+            1-channel segmentation; its other mismatches are errors as before.
 
     Returns:
         a :class:`LoadReport`; ``report.summary()`` is meant for the log.
@@ -286,6 +297,8 @@ def load_pretrained(
     """
     if in_channels_policy not in _POLICIES:
         raise ValueError(f"in_channels_policy={in_channels_policy!r} is not supported; use one of {_POLICIES}")
+    if head_policy not in _HEAD_POLICIES:
+        raise ValueError(f"head_policy={head_policy!r} is not supported; use one of {_HEAD_POLICIES}")
     if isinstance(parts, str):
         parts = (parts,)
     if not parts:
@@ -315,7 +328,7 @@ def load_pretrained(
                 f"use parts among its children: {[name for name, _ in network.named_children()]}"
             )
         to_copy[part] = _match_part(part, _part_state_dict(checkpoint, part, source), module.state_dict(),
-                                    in_channels_policy, report, errors)
+                                    in_channels_policy, report, errors, head_policy)
     if errors:
         raise _shape_mismatch_error(network, source, meta, errors, report)
     if strict and (report.missing or report.unexpected):

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from dira3d.data.datalist import split_option
 from dira3d.visual_words.coordinates import CoordinateRules, VolumeTooSmallError, centre_range
 
 __all__ = ["entry_name", "check_counts", "check_volume_sizes", "check_validation_sizes"]
@@ -48,7 +49,7 @@ def check_counts(datalist: str | os.PathLike, n_train: int, n_val: int, classes:
                             f"{datalist}; choose {name} (--{name.replace('_', '-')}) between 2 and {limit}")
     # pretraining (configs/visual_words.json) validates on pairs of two instances of one visual word: a split of
     # one instance per class passed here and failed there, after the whole extraction
-    more_volumes = (f"prepare the scans with 2 or more validation volumes (`dira3d prepare generic ... --val-fraction`; "
+    more_volumes = (f"prepare the scans with 2 or more validation volumes ({split_option(datalist, 'validation')}; "
                     f"{Path(datalist).name} has {n_val}), or pass --val-neighbours 0 (no validation words; pretraining on "
                     "them with configs/visual_words.json then runs without validation: no best.pt, no early stopping)")
     if val_neighbours > 0 and n_val == 0:

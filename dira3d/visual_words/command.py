@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dira3d.data.datalist import split_option
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError
 from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, sigterm_as_interrupt
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                      "to embed with its encoder, or drop --checkpoint to train the autoencoder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.val_neighbours == 0:  # said before the extractor trains (minutes to hours), and again at the end
-        logging.getLogger(__name__).warning(NO_VALIDATION_WORDS)
+        logging.getLogger(__name__).warning(no_validation_words(args.datalist))
     try:
         with sigterm_as_interrupt():  # SIGTERM (scancel, a SLURM time limit) as Ctrl-C: the rows embedded are kept
             manifest = discover_visual_words(
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{len(manifest['classes'])} visual words written to {args.out} ({DATALIST_NAME}, {MANIFEST_NAME}, shards/)")
     print(next_step(Path(args.out), args.patch_size, validation_words=args.val_neighbours > 0,
-                    channels=int(manifest.get("channels", 1))))
+                    channels=int(manifest.get("channels", 1)), datalist=args.datalist))
     return 0
 
 
@@ -133,11 +135,18 @@ NO_VALIDATION_WORDS = (
     "--val-neighbours 0: no validation visual words, so pretraining on this output (--config visual_words.json) runs "
     "without validation: no val_* losses and no best.pt (fine-tune from last.pt, the last epoch), and "
     "early_stop_patience is refused; for a validation set, prepare the scans with 2 or more validation volumes "
-    "(`dira3d prepare generic ... --val-fraction`) and pass --val-neighbours 2 or more"
+    "({option}) and pass --val-neighbours 2 or more"
 )
 
 
-def next_step(out: Path, patch_size: Sequence[int], validation_words: bool = True, channels: int = 1) -> str:
+def no_validation_words(datalist: str | os.PathLike | None = None) -> str:
+    """:data:`NO_VALIDATION_WORDS` naming the option of the datalist's own dataset that fills its 'validation' list
+    (``--val-subsets`` for LUNA16; it named ``generic``'s ``--val-fraction`` for every dataset)."""
+    return NO_VALIDATION_WORDS.format(option=split_option(datalist, "validation"))
+
+
+def next_step(out: Path, patch_size: Sequence[int], validation_words: bool = True, channels: int = 1,
+              datalist: str | os.PathLike | None = None) -> str:
     """The pretraining command that reads this output (with the patch size, when not the bundle's default, and the
     image channels, when not 1: a multi-sequence MR datalist); without validation words (``--val-neighbours 0``) also a
     note on what pretraining without validation means."""
@@ -146,7 +155,7 @@ def next_step(out: Path, patch_size: Sequence[int], validation_words: bool = Tru
     override += f" --override in_channels={channels}" if channels != 1 else ""
     command = (f"next:     dira3d pretrain --datalist {shell_word(str((out / DATALIST_NAME).resolve()))} --config visual_words.json"
                f"{override} --output runs/dira_pretrain (docs/visual_words.md)")
-    return command if validation_words else f"{command}\nnote:     {NO_VALIDATION_WORDS}"
+    return command if validation_words else f"{command}\nnote:     {no_validation_words(datalist)}"
 
 
 if __name__ == "__main__":

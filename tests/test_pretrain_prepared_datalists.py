@@ -1,0 +1,97 @@
+"""`dira3d pretrain` on the datalists `dira3d prepare` writes from raw data in the official layouts (a walk of
+2026-11-28): pretraining on the LIDC-IDRI datalist failed in MONAI's collate (``reader_nodule_ids``, one id per reader,
+of varying length), and on the BraTS volumes with ``--override in_channels=4`` (as the refusal without it says) in the
+restoration loss (a 1-channel decoder restoring 4 channels); the 4-channel checkpoint is then fine-tuned with
+``brats_tumor_seg --set modalities=all``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from test_data_lidc import make_patient
+
+from dira3d.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ONE_STAGE = ["--override", "max_epochs=1", "--override", "stages=[{'name': 'dira', 'losses': ['dis', 'res', 'adv']}]"]
+
+
+def test_pretrain_on_a_prepared_lidc_datalist(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "LIDC-IDRI"
+    for number in range(1, 4):
+        make_patient(src, number)  # two nodules each: outlined by 3 readers and by 1
+    dst = tmp_path / "lidc"
+    assert cli_main(["prepare", "lidc", "--src", str(src), "--dst", str(dst)]) == 0
+    training = json.loads((dst / "lidc_datalist.json").read_text())["training"]
+    assert sorted(len(e["reader_nodule_ids"]) for e in training) == [1, 3]  # one batch of both
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert cli_main(["pretrain", "--datalist", str(dst / "lidc_datalist.json"), "--output", str(out), "--tiny",
+                     *ONE_STAGE]) == 0, capsys.readouterr().err[-2000:]
+    assert (out / "models" / "best.pt").is_file()
+
+
+def write_brats(root: Path, count: int = 3, shape: tuple[int, int, int] = (32, 32, 16)) -> None:
+    """BraTS 2018 patients (HGG/<id>/<id>_<sequence>.nii.gz), large enough for the tiny 32 x 32 x 16 patches."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pid = f"Brats18_2013_{i}_1"
+        folder = root / "HGG" / pid
+        folder.mkdir(parents=True)
+        brain = np.zeros(shape, bool)
+        brain[2:-2, 2:-2, 1:-1] = True
+        seg = np.zeros(shape, np.uint8)
+        seg[10:18, 10:18, 5:10] = 2
+        for m, kind in enumerate(("t1", "t1ce", "t2", "flair")):
+            array = np.where(brain, 100.0 * (m + 1) + rng.normal(0, 10, shape) + 40 * (seg > 0), 0.0)
+            nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), folder / f"{pid}_{kind}.nii.gz")
+        nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / f"{pid}_seg.nii.gz")
+
+
+def test_pretrain_on_prepared_brats_volumes_of_four_sequences_and_fine_tune_from_it(tmp_path: Path, capsys) -> None:
+    write_brats(tmp_path / "BraTS")
+    dst = tmp_path / "brats"
+    assert cli_main(["prepare", "brats", "--src", str(tmp_path / "BraTS"), "--dst", str(dst)]) == 0
+    datalist = dst / "brats_datalist.json"
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert cli_main(["pretrain", "--datalist", str(datalist), "--output", str(out), "--tiny",
+                     "--override", "in_channels=4", *ONE_STAGE]) == 0, capsys.readouterr().err[-2000:]
+    best = torch.load(out / "models" / "best.pt", weights_only=True)
+    assert best["meta"]["in_channels"] == 4
+    assert best["decoder"]["head.weight"].shape[:2] == (4, 8)  # all four sequences restored
+
+    from dira3d.evaluation import build_task_network
+
+    # a 1-channel segmentation of 4 sequences: encoder and decoder loaded, the restoration head left as initialised
+    network = build_task_network("segmentation", in_channels=4, out=1, width=0.125, pretrained=out / "models" / "best.pt")
+    report = capsys.readouterr().out
+    assert "other shape (kept their initial values): decoder.head.weight (4, 8, 1, 1, 1) vs network (1, 8, 1, 1, 1)" in report
+    assert torch.equal(network.encoder.state_dict()["levels.0.conv1.conv.weight"],
+                       best["encoder"]["levels.0.conv1.conv.weight"])
+
+
+def test_split_advice_on_a_prepared_luna16_datalist_names_luna16_subsets(tmp_path: Path, capsys) -> None:
+    """A LUNA16 datalist with one validation scan and no test scan was told to rerun `dira3d prepare generic ...
+    --val-fraction` (visual words) and `--test-fraction` (fine-tuning), options `prepare luna16` does not have."""
+    from dira3d.data.errors import DataError
+    from dira3d.evaluation import load_split
+
+    raw, dst = tmp_path / "LUNA16", tmp_path / "luna16"
+    assert cli_main(["synthetic", "--out", str(raw), "--count", "2", "--size", "48", "48", "24"]) == 0
+    assert cli_main(["prepare", "luna16", "--src", str(raw), "--dst", str(dst), "--train-subsets", "0",
+                     "--val-subsets", "1", "--test-subsets", "7"]) == 0
+    capsys.readouterr()
+    assert cli_main(["visual-words", "--datalist", str(dst / "pretrain_datalist.json"), "--out", str(tmp_path / "vw"),
+                     "--classes", "2", "--neighbours", "2", "--val-neighbours", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "2 or more validation volumes (`dira3d prepare luna16 ... --val-subsets`; pretrain_datalist.json has 1)" in err, err
+    with pytest.raises(DataError, match=r"its 'test' list has no entries \(`dira3d prepare luna16 \.\.\. --test-subsets` "
+                                        r"writes one\), or set fold"):
+        load_split(dst / "ncc_datalist.json", "test")
