@@ -194,7 +194,9 @@ def run_localisation(
         FileNotFoundError: the model file or the datalist is missing.
         FolderNotWritableError: ``output_dir`` cannot be created or written to.
         ValueError: the state dict does not fit ``ResNetClassifier(in_channels, num_classes, backbone)``
-            (a short key summary and the ``--backbone`` / ``--num-classes`` / ``--roi-size`` that fit).
+            (a short key summary and the ``--backbone`` / ``--num-classes`` / ``--roi-size`` that fit), or it is a
+            classifier of another number of classes than the box datalist's findings (its ``meta.labels``), e.g. a
+            chexpert_cls model on the ChestX-ray14 boxes (one line naming both).
     """
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model {model_path} does not exist; fine-tune bundles/chestxray14_cls first (models/model.pt)")
@@ -206,6 +208,7 @@ def run_localisation(
 def _run_localisation(bbox_datalist: str | os.PathLike, model_path: str | os.PathLike, output_dir: str | os.PathLike,
                       split: str | None, num_classes: int, backbone: str, in_channels: int, **kwargs: Any) -> dict[str, Any]:
     """:func:`run_localisation` inside the guard that removes an output folder it created when it fails."""
+    from dira3d.data.datalist import datalist_meta
     from dira3d.networks import ResNetClassifier
     from dira3d.utils.checkpoint import load_checkpoint
 
@@ -213,14 +216,39 @@ def _run_localisation(bbox_datalist: str | os.PathLike, model_path: str | os.Pat
     model = ResNetClassifier(in_channels, num_classes, backbone=backbone)
     state = load_checkpoint(model_path, map_location="cpu")
     state = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    labels = datalist_meta(bbox_datalist).get("labels")  # the findings each box's label_index counts
+    labels = labels if isinstance(labels, list) and labels else None
     missing, unexpected, mismatched = state_dict_mismatch(state, model)
     if missing or unexpected or mismatched:
+        out = infer_network_settings(state).get("out")
+        if labels and isinstance(out, int) and out != len(labels) and _is_2d_classifier(state):
+            raise ValueError(_other_findings(model_path, out, bbox_datalist, labels))
         raise ValueError(f"{model_path} does not fit ResNetClassifier(in_channels={in_channels}, num_classes={num_classes}, "
                          f"backbone={backbone!r}): {mismatch_summary(missing, unexpected, mismatched)}.\n"
                          + _fit_hint(state, backbone, num_classes, in_channels, kwargs.get("roi_size", (224, 224))))
+    if labels and num_classes != len(labels):  # --num-classes 5 made a CheXpert classifier fit
+        raise ValueError(_other_findings(model_path, num_classes, bbox_datalist, labels))
     model.load_state_dict(state)
     entries = load_box_entries(bbox_datalist, split, num_classes=num_classes)
     return localise(model, entries, output_dir, **kwargs)
+
+
+def _is_2d_classifier(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` is the weights of a 2D classifier (not a pretraining checkpoint, a 3D or a segmentation network)."""
+    return (not (isinstance(state.get("encoder"), Mapping) and isinstance(state.get("meta"), Mapping))
+            and infer_network_settings(state).get("spatial_dims") in (None, 2)
+            and not any(str(k).startswith("decoder.") for k in state))
+
+
+def _other_findings(model_path: str | os.PathLike, classes: int, bbox_datalist: str | os.PathLike,
+                    labels: Sequence[Any]) -> str:
+    """A classifier of ``classes`` outputs given the boxes of a datalist of ``len(labels)`` findings: each box's
+    ``label_index`` would pick another class's Grad-CAM (a chexpert_cls model, 5 classes, on the ChestX-ray14 boxes)."""
+    return (f"{model_path} is a classifier of {classes} classes, but the boxes of {bbox_datalist} count {len(labels)} "
+            f"findings (its meta.labels: {labels[0]} ... {labels[-1]}), so their label_index would pick another class's "
+            "Grad-CAM (a model of another bundle? chexpert_cls has 5 classes); pass a model fine-tuned on that dataset "
+            "(dira3d finetune --bundle chestxray14_cls: models/model.pt) with --num-classes "
+            f"{len(labels)}")
 
 
 def _fit_hint(state: Mapping[str, Any], backbone: str, num_classes: int, in_channels: int, roi_size: Sequence[int]) -> str:
