@@ -22,6 +22,7 @@ Splits, by name:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import os
@@ -95,6 +96,7 @@ def load_split(
     fold: int | None = None,
     num_labels: int | None = None,
     kind: str | None = None,
+    class_names: list[str] | None = None,
 ) -> list[dict]:
     """Entries of one split of a prepared datalist, with absolute paths.
 
@@ -116,6 +118,10 @@ def load_split(
         kind: the bundle's network kind (``"classification"`` / ``"segmentation"``): a label of the other kind is
             refused (:func:`dira3d.evaluation.split_checks.check_labels`). None: not checked. An entry without a
             ``label`` is refused whatever ``kind``.
+        class_names: the classifier's names of its outputs (``@class_names``): when the datalist names its labels
+            (``meta.labels``, as ``dira3d prepare chestxray14`` / ``chexpert`` write it), they must be these names in
+            this order, or the AUCs, ``test_cases.csv`` and the probabilities would name the classes wrongly. None:
+            not checked.
 
     Returns:
         A list of entry dicts (``"image"``, ``"label"``, ``"case_id"``, ...), each with the keys every entry of the
@@ -133,7 +139,8 @@ def load_split(
             :func:`dira3d.evaluation.split_checks.check_auc_defined`), or (with
             ``num_labels``) a label that is not a list of ``num_labels`` numbers, an entry without a label or (with
             ``kind``) one of the other kind (names the file, the entry and
-            what to do: a segmentation datalist, or CheXpert prepared with ``--labels all`` for the 5-class bundle).
+            what to do: a segmentation datalist, or CheXpert prepared with ``--labels all`` for the 5-class bundle),
+            or (with ``class_names``) a ``meta.labels`` that names other classes.
         dira3d.data.datalist.DatalistFilesMissingError: image or label files of the returned entries that
             do not exist (all named, with their case ids; a ``FileNotFoundError`` too).
     """
@@ -174,6 +181,7 @@ def load_split(
         _check_labels(path, split, result, kind)
         check_entry_files(path, "validation", result)
         _check_label_vectors(path, content, split, result, num_labels)
+        _check_class_names(path, content, class_names)
         return _detached(_common_keys(result))
     elif on_validation:  # checked for "train" too: a bad setting must fail whichever split is loaded first
         from dira3d.evaluation.split_checks import check_validation_holdout
@@ -226,6 +234,7 @@ def load_split(
     check_entry_files(path, VALIDATION if split == "holdout" and on_validation else listed, result)
     # labels the bundle cannot take first: their error names the entry (the AUC check would give other advice)
     _check_label_vectors(path, content, split, result, num_labels)
+    _check_class_names(path, content, class_names)
     if split in ("test", "holdout"):  # an AUC of one class is NaN: refused before any training
         from dira3d.evaluation.split_checks import check_auc_defined
 
@@ -269,9 +278,33 @@ def _check_label_vectors(path: Path, content: dict, split: str, entries: list[di
             raise DataError(None, f"{where} has {count} labels{names}, but the network has out_channels {num_labels}: pass a "
                                   f"datalist with the bundle's {num_labels} labels (chexpert_cls: `dira3d prepare chexpert` with "
                                   "the default --labels five; chestxray14_cls: `dira3d prepare chestxray14`), or train on these "
-                                  f"{count} with --set out_channels={count} (and class_names)")
+                                  f"{count} with --set out_channels={count} and {_class_names_option(meta, count)}")
         raise DataError(None, f"{where} has label {label!r}; expected a list of {num_labels} numbers (1 = finding present); "
                               "regenerate the datalist with `dira3d prepare`")
+
+
+def _class_names_option(meta: dict, count: int) -> str:
+    """``--set class_names='[...]'`` with the datalist's ``meta.labels`` (JSON, as the shell passes it on)."""
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or len(labels) != count:
+        return f"--set class_names= a list of {count} names, in the order of the labels"
+    return f"--set class_names='{json.dumps([str(n) for n in labels], ensure_ascii=False, separators=(',', ':'))}'"
+
+
+def _check_class_names(path: Path, content: dict, class_names: list[str] | None) -> None:
+    """Refuse ``class_names`` that are not the datalist's ``meta.labels``: CheXpert prepared with ``--labels all`` and
+    trained with ``--set out_channels=14`` but the bundle's 5 names wrote ``test_cases.csv`` and the probabilities
+    with the first 5 of the 14 outputs named Atelectasis ... (they are No Finding ...), the rest class5 ..."""
+    meta = content.get("meta") if isinstance(content.get("meta"), dict) else {}
+    labels = meta.get("labels")
+    if class_names is None or not isinstance(labels, list) or not labels:
+        return
+    names, labels = [str(n) for n in class_names], [str(n) for n in labels]
+    if names != labels:
+        raise DataError(None, f"datalist {path} names its {len(labels)} labels in meta.labels, but class_names is "
+                              f"{names}: the AUCs, test_cases.csv and the probabilities would name the classes wrongly; "
+                              f"pass {_class_names_option(meta, len(labels))} (--class_names with python -m monai.bundle "
+                              "run), or a datalist of the bundle's labels")
 
 
 _WARNED: set[tuple] = set()  # (datalist, settings) already warned about in this process

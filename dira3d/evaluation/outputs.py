@@ -205,6 +205,25 @@ def check_probability_path(output_path: str | os.PathLike) -> Path:
     return path
 
 
+def check_class_names(class_names: Any, out_channels: Any) -> list[str]:
+    """``class_names`` of a classification bundle's inference: one name per output of the network (``out_channels``),
+    refused before any input is read otherwise. ``--out_channels 14`` without 14 names wrote the probabilities file with
+    5 names over 14 probabilities, the first 5 of them named as the bundle's 5 classes, without a word.
+
+    Raises:
+        DataError: naming both settings and what to pass (one ``error:`` line under ``python -m monai.bundle run``).
+    """
+    from dira3d.data.errors import DataError
+
+    names = [str(n) for n in class_names] if isinstance(class_names, (list, tuple)) else None
+    if names is None or len(names) != int(out_channels):
+        count = "not a list" if names is None else f"{len(names)} name(s)"
+        raise DataError(None, f"class_names={class_names!r} ({count}) does not name the {out_channels} outputs of the "
+                              "network (out_channels): pass --class_names with one name per output, in the order of the "
+                              "training datalist's labels (the fine-tuning command prints them)")
+    return names
+
+
 def _refusal(refused: Sequence[Path], hint: str, before_marks: bool) -> str:
     """The error for existing targets that are not dira3d's own: the first 3 named, why, and what to do."""
     path, more = refused[0], refused[1:]
