@@ -67,14 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
-    from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, sigterm_as_interrupt
+    from dira3d.utils.interrupts import interrupt_exit_code, loading_stopped, sigterm_as_interrupt
 
     try:  # SIGTERM as Ctrl-C here too (it ended the process without a word, exit -15); each command handles its own
         with sigterm_as_interrupt():
             func = getattr(importlib.import_module(module_name), func_name)
     except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM while torch / MONAI load (seconds): one line and 130 / 143
-        print(f"dira3d {name}: {interrupted_word(err)} while loading, before the command started; nothing was written",
-              file=sys.stderr)
+        print(loading_stopped(name, err), file=sys.stderr)
         return interrupt_exit_code(err)
     failed = True
     try:

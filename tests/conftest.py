@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import signal
 from pathlib import Path
@@ -25,6 +26,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # it is put back here: in this process (Python's handler) and, as SIG_DFL at exec, in every subprocess.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_character_locale():
+    """GDCM (SimpleITK's DICOM writer, which the tests' DICOM writers use) sets the process's LC_CTYPE to "C": every
+    later ``subprocess.run(..., text=True)`` in that worker then decoded with ASCII and failed on the first non-ASCII
+    byte of a child's output (seen 2026-11-28: a benchmark's table after a test that wrote LIDC DICOM series). Reading
+    DICOM leaves the locale alone; writing it is the tests' own doing, so the locale is put back after each test."""
+    before = locale.setlocale(locale.LC_CTYPE, None)
+    yield
+    if locale.setlocale(locale.LC_CTYPE, None) != before:
+        locale.setlocale(locale.LC_CTYPE, before)
 
 
 @pytest.fixture

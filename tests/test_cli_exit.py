@@ -234,6 +234,27 @@ def test_sigterm_while_the_command_module_loads_is_one_line_and_exit_143(tmp_pat
     assert returncode == 143, (returncode, err)
 
 
+@pytest.mark.parametrize(("command", "slow", "signum"), [
+    ("pretrain", "dira3d.engines.finished", signal.SIGINT),
+    ("visual-words", "dira3d.visual_words.discover", signal.SIGTERM),
+])
+def test_a_signal_while_a_command_loads_torch_after_its_quick_checks_is_one_line(tmp_path, command, slow, signum):
+    """`dira3d pretrain` and `dira3d visual-words` import torch and MONAI only after their quick refusals, in the
+    command itself rather than as dira3d.cli imports its module: a Ctrl-C or SIGTERM there must still end with the
+    loading line and 130 / 143, not a traceback (Ctrl-C) or a silent exit -15 (SIGTERM)."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT.replace('"dira3d.data.command"', repr(slow)), encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    datalist = tmp_path / "dl.json"
+    datalist.write_text('{"training": []}', encoding="utf-8")
+    out = tmp_path / "out"
+    returncode, err = _signal_when_ready([sys.executable, "-m", "dira3d.cli", command, "--datalist", str(datalist),
+                                          "--output" if command == "pretrain" else "--out", str(out)], env, signum)
+    word = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+    assert err.strip() == f"dira3d {command}: {word} while loading, before the command started; nothing was written", err
+    assert returncode == (130 if signum == signal.SIGINT else 143), (returncode, err)
+    assert not out.exists()
+
+
 # Ctrl-C (or SIGTERM) once a command has loaded and works: `dira3d synthetic`, `localise`, `export` and `demo` printed
 # a KeyboardInterrupt traceback (SIGTERM ended them without a word). The work is stood in for by a function that
 # writes one file of the command's (or none), prints READY and sleeps: the signal comes in the middle of the work.

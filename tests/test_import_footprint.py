@@ -22,6 +22,7 @@ for name in {BLOCKED!r}:
     sys.modules[name] = None
 sys.path.insert(0, "benchmarks")
 import dira3d.engines, dira3d.networks, dira3d.transforms, dira3d.losses, dira3d.data
+[getattr(dira3d.engines, name) for name in dira3d.engines.__all__]  # it re-exports lazily: import each
 from dira3d.data import DataError
 import pretrain_throughput, loader_throughput, sliding_window
 assert DataError.__module__ == "dira3d.data.errors"

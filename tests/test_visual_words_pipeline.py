@@ -477,7 +477,7 @@ def test_no_validation_volumes_says_how_to_get_some(datalist, tmp_path):
 
 
 def test_cli_ctrl_c_prints_one_line_on_how_to_go_on(datalist, run, tmp_path, monkeypatch, capsys):
-    from dira3d.visual_words import command
+    from dira3d.visual_words import discover
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -488,7 +488,7 @@ def test_cli_ctrl_c_prints_one_line_on_how_to_go_on(datalist, run, tmp_path, mon
         except KeyboardInterrupt:
             pytest.fail("Ctrl-C escaped `dira3d visual-words` as a traceback")
 
-    monkeypatch.setattr(command, "discover_visual_words", interrupt)
+    monkeypatch.setattr(discover, "discover_visual_words", interrupt)  # the command looks it up there when it runs
     assert main(_cli_args(datalist, tmp_path / "early")) == 130
     err = capsys.readouterr().err
     assert "interrupted before the classes were planned" in err and "Traceback" not in err, err

@@ -23,25 +23,34 @@
 - Factories for the mode-dependent parts and the volume → patch-pair transforms.
 """
 
-from dira3d.engines.cache import (check_cache_memory, check_task_cache_memory, checked_cache_data,
-                                  checked_task_cache_data, shared_cache)
-from dira3d.engines.diskcache import DiskCacheDataset, cached_dataset
-from dira3d.engines.checkpoint import (DiRACheckpoint, check_checkpoint_folder_free, checkpoint_dict, pretrained_checkpoint,
-                                       restore_checkpoint)
-from dira3d.engines.components import DIS_MODES, build_dis_head, build_dis_loss, build_predictor, check_dis_mode
-from dira3d.engines.data import RandPatchPair, RandPatchPaird, with_image_labels
-from dira3d.engines.distributed import init_distributed, is_main_process, maybe_sync_batchnorm
-from dira3d.engines.evaluator import DiRAEvaluator
-from dira3d.engines.finished import RunAlreadyFinished, exit_if_finished
-from dira3d.engines.faults import CollapseMonitor, NonFiniteGuard, NonFiniteLossError
-from dira3d.engines.inputs import CheckSameShaped, CheckVolumed, load_datalist
-from dira3d.engines.handlers import (EpochStatsHandler, RestorationImageHandler, rank_zero_handlers, scalar_output,
-                                     side_by_side)
-from dira3d.engines.optim import unique_parameters
-from dira3d.engines.stages import Stage, StageSchedule
-from dira3d.engines.stopping import (FinalStageEarlyStop, StoppedBySignal, check_early_stop_patience,
-                                     end_stop_before_training, exit_if_stopped, stop_before_training)
-from dira3d.engines.trainer import DiRATrainer
+from dira3d.utils.lazy import lazy_exports
+
+# Names resolve on first use (PEP 562, :mod:`dira3d.utils.lazy`): ``import dira3d.engines`` (``dira3d pretrain``'s
+# module is in this package; the bundles' configs write ``$dira3d.engines.X``) imports neither torch nor MONAI, so
+# the command's refusals of a missing --datalist or --config, a malformed --override or a run folder in use come
+# at once (docs/benchmarks.md). Submodules resolve as attributes too (``$dira3d.engines.distributed.X``).
+_EXPORTS = {
+    "dira3d.engines.cache": ("check_cache_memory", "check_task_cache_memory", "checked_cache_data",
+                             "checked_task_cache_data", "shared_cache"),
+    "dira3d.engines.diskcache": ("DiskCacheDataset", "cached_dataset"),
+    "dira3d.engines.checkpoint": ("DiRACheckpoint", "checkpoint_dict", "pretrained_checkpoint", "restore_checkpoint"),
+    "dira3d.engines.checkpoint_folder": ("check_checkpoint_folder_free",),
+    "dira3d.engines.components": ("DIS_MODES", "build_dis_head", "build_dis_loss", "build_predictor", "check_dis_mode"),
+    "dira3d.engines.data": ("RandPatchPair", "RandPatchPaird", "with_image_labels"),
+    "dira3d.engines.distributed": ("init_distributed", "is_main_process", "maybe_sync_batchnorm"),
+    "dira3d.engines.evaluator": ("DiRAEvaluator",),
+    "dira3d.engines.finished": ("RunAlreadyFinished", "exit_if_finished"),
+    "dira3d.engines.faults": ("CollapseMonitor", "NonFiniteGuard", "NonFiniteLossError"),
+    "dira3d.engines.inputs": ("CheckSameShaped", "CheckVolumed", "load_datalist"),
+    "dira3d.engines.handlers": ("EpochStatsHandler", "RestorationImageHandler", "rank_zero_handlers", "scalar_output",
+                                "side_by_side"),
+    "dira3d.engines.optim": ("unique_parameters",),
+    "dira3d.engines.stages": ("Stage", "StageSchedule"),
+    "dira3d.engines.stopping": ("FinalStageEarlyStop", "StoppedBySignal", "check_early_stop_patience",
+                                "end_stop_before_training", "exit_if_stopped", "stop_before_training"),
+    "dira3d.engines.trainer": ("DiRATrainer",),
+}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
 __all__ = [
     "check_cache_memory",

@@ -33,6 +33,7 @@ from ignite.engine import Engine, Events
 
 import dira3d
 from dira3d.engines.batches import epoch_length_note, resume_position, saved_epoch_length
+from dira3d.engines.checkpoint_folder import CHECKPOINT_FOLDER, check_checkpoint_folder_free  # defined here before
 from dira3d.engines.distributed import is_main_process
 from dira3d.engines.epoch_end import EpochEndRecord
 from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_bytes
@@ -47,8 +48,6 @@ __all__ = ["checkpoint_dict", "restore_checkpoint", "rng_state", "set_rng_state"
            "check_checkpoint_folder_free", "pretrained_checkpoint"]
 
 _META_CHECKED = ("spatial_dims", "in_channels", "dis_mode", "second_view")  # second_view: from dira_pretrain 0.1.39
-
-CHECKPOINT_FOLDER = "checkpoint folder"  # how the lock names ckpt_dir in its error
 
 
 def _state(module: Any) -> dict:
@@ -206,19 +205,6 @@ def pretrained_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
     except Exception:  # no last.pt (or not ours): best.pt is all there is
         return best
     return best if validated else last
-
-
-def check_checkpoint_folder_free(ckpt_dir: str | os.PathLike) -> None:
-    """For a bundle config's ``initialize``: stop at once when another run writes checkpoints into ``ckpt_dir``,
-    before any dataset is cached (caching a real dataset takes minutes to hours, and :class:`DiRACheckpoint`
-    takes the lock only as the engine starts). The lock is not taken here. Global rank 0 alone checks: the
-    other ranks of a ``torchrun`` never take it, and two ranks probing at once would see each other.
-
-    Raises:
-        dira3d.utils.folder_lock.FolderInUseError: another process holds ``ckpt_dir``'s lock.
-    """
-    if int(os.environ.get("RANK", "0")) == 0:
-        FolderLock(ckpt_dir, what=CHECKPOINT_FOLDER).check_free()
 
 
 class DiRACheckpoint:

@@ -15,9 +15,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from dira3d.engines.checkpoint_folder import check_checkpoint_folder_free
 from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
-from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, sigterm_as_interrupt
+from dira3d.utils.folder_lock import FolderInUseError
+from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, loading_stopped, sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool, format_overrides, parse_value, shell_word
 
 __all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "visual_words_mismatch", "early_stop_note",
@@ -223,19 +225,31 @@ def main(argv: list[str] | None = None) -> int:
     for key in sorted(set_here.keys() & overrides.keys()):  # passed below: the bundle run would get it twice (a TypeError)
         parser.error(f"--override {key}=...: dira3d pretrain sets {key} {set_here[key]}; use that option instead")
     output = Path(args.output)
+    try:  # the bundle's own check (its initialize runs it again), here before torch and MONAI load: refused at once
+        check_checkpoint_folder_free(output.resolve() / "models")
+    except FolderInUseError as err:
+        print(f"dira3d pretrain: error: {err}", file=sys.stderr)
+        return 2
+    except OSError:  # e.g. a folder it may not look into: check_writable below names the problem, as before
+        pass
 
+    from dira3d.utils.checkpoint import check_writable
     from dira3d.utils.overrides import check_overrides, run_bundle
 
-    try:  # MONAI would ignore an unknown id silently: a typo would train with the default
-        check_overrides(configs, overrides, where="--override")
-    except ValueError as err:
-        parser.error(str(err))
-    mismatch = visual_words_mismatch(datalist, configs, overrides)
-    if mismatch:
-        parser.error(mismatch)
-    from dira3d.engines.finished import RunAlreadyFinished
-    from dira3d.engines.inputs import setting_error_in
-    from dira3d.utils.checkpoint import check_writable
+    try:  # torch and MONAI load from here on (seconds): a Ctrl-C or SIGTERM meanwhile ends with one line, as in dira3d.cli
+        with sigterm_as_interrupt():
+            try:  # MONAI would ignore an unknown id silently: a typo would train with the default
+                check_overrides(configs, overrides, where="--override")
+            except ValueError as err:
+                parser.error(str(err))
+            mismatch = visual_words_mismatch(datalist, configs, overrides)
+            if mismatch:
+                parser.error(mismatch)
+            from dira3d.engines.finished import RunAlreadyFinished
+            from dira3d.engines.inputs import setting_error_in
+    except KeyboardInterrupt as err:
+        print(loading_stopped("pretrain", err), file=sys.stderr)
+        return interrupt_exit_code(err)
 
     try:
         with ExitStack() as created:  # a run refused at its start (a bad setting, data that do not fit) or stopped

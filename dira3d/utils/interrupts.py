@@ -39,7 +39,7 @@ from pathlib import Path
 
 __all__ = ["InterruptLogFilter", "QuietInterruptMixin", "StoppedBySignal", "TerminatedBySignal", "WrittenFiles",
            "forget_caught_interrupt", "install_interrupt_exit_hook", "interrupt_exit_code", "interrupted_word",
-           "quiet_engine_errors", "quiet_error_logs", "quiet_interrupt_logs", "sigterm_as_interrupt",
+           "loading_stopped", "quiet_engine_errors", "quiet_error_logs", "quiet_interrupt_logs", "sigterm_as_interrupt",
            "sigterm_ignored"]
 
 
@@ -82,6 +82,13 @@ def interrupt_exit_code(err: BaseException) -> int:
 def interrupted_word(err: BaseException | None) -> str:
     """How a command's one line after a caught interrupt starts: "interrupted" (Ctrl-C) or "stopped by SIGTERM"."""
     return "interrupted" if err is None or interrupt_exit_code(err) == 130 else "stopped by SIGTERM"
+
+
+def loading_stopped(command: str, err: BaseException | None) -> str:
+    """The one line of ``dira3d <command>`` stopped by Ctrl-C or SIGTERM while torch / MONAI load, before it wrote
+    anything: when :mod:`dira3d.cli` imports the command's module, or later in a command that loads them only after
+    its quick refusals (``dira3d pretrain``, ``dira3d visual-words``)."""
+    return f"dira3d {command}: {interrupted_word(err)} while loading, before the command started; nothing was written"
 
 
 class WrittenFiles:

@@ -5,21 +5,21 @@ rules → crops of every neighbour at the same centre → float16 shards + manif
 :class:`VisualWordPairDataset` for the pretraining engine.
 """
 
-from dira3d.visual_words.coordinates import (
-    CoordinateRules,
-    CoordinateSamplingError,
-    VolumeTooSmallError,
-    dense_fraction,
-    hu_to_unit,
-    is_mostly_lung,
-    sample_coordinate,
-)
-from dira3d.visual_words.dataset import VisualWordPairDataset, has_validation_words, load_visual_word_classes
-from dira3d.visual_words.discover import discover_visual_words
-from dira3d.visual_words.extractor import VolumeAutoencoder, embed_volumes, extractor_from_checkpoint, train_extractor
-from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours, pairwise_distances
-from dira3d.visual_words.transforms import VisualWordCrop, VisualWordCropd
-from dira3d.visual_words.writer import ShardWriter, read_manifest
+from dira3d.utils.lazy import lazy_exports
+
+# Names resolve on first use (PEP 562, :mod:`dira3d.utils.lazy`): ``dira3d visual-words`` (its module is in this
+# package) refuses a missing --datalist before torch and MONAI are imported (docs/benchmarks.md).
+_EXPORTS = {
+    "dira3d.visual_words.coordinates": ("CoordinateRules", "CoordinateSamplingError", "VolumeTooSmallError",
+                                        "dense_fraction", "hu_to_unit", "is_mostly_lung", "sample_coordinate"),
+    "dira3d.visual_words.dataset": ("VisualWordPairDataset", "has_validation_words", "load_visual_word_classes"),
+    "dira3d.visual_words.discover": ("discover_visual_words",),
+    "dira3d.visual_words.extractor": ("VolumeAutoencoder", "embed_volumes", "extractor_from_checkpoint", "train_extractor"),
+    "dira3d.visual_words.neighbours": ("ReferenceSampler", "nearest_neighbours", "pairwise_distances"),
+    "dira3d.visual_words.transforms": ("VisualWordCrop", "VisualWordCropd"),
+    "dira3d.visual_words.writer": ("ShardWriter", "read_manifest"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, submodules=True)
 
 __all__ = [
     "CoordinateRules",

@@ -15,16 +15,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dira3d.data.datalist import split_option
+from dira3d.data.datalist import check_datalist_file, split_option
+from dira3d.utils.atomic import check_writable, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError
-from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, sigterm_as_interrupt
+from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, loading_stopped, sigterm_as_interrupt
 from dira3d.utils.overrides import format_overrides, shell_word
 from dira3d.visual_words.coordinates import CoordinateSamplingError
-from dira3d.visual_words.discover import LUNG_FILTER_CHOICES, discover_visual_words
-from dira3d.visual_words.embedding_chunks import PARTIAL_NAME, kept_rows
-from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_progress
-from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, read_manifest
+from dira3d.visual_words.filter_settings import LUNG_FILTER_CHOICES
+from dira3d.visual_words.writer import DATALIST_NAME, MANIFEST_NAME, out_folder_lock, read_manifest
+
+# torch and MONAI (dira3d.visual_words.discover, .extractor, .embedding_chunks) are imported where they are needed, so
+# that a missing --datalist is refused at once (docs/benchmarks.md)
 
 __all__ = ["build_parser", "interrupted_message", "main"]
 
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 def interrupted_message(out: Path, word: str = "interrupted") -> str:
     """The one line printed when ``dira3d visual-words`` is stopped with Ctrl-C or SIGTERM (``word``: "interrupted"
     or "stopped by SIGTERM"): what is kept in ``out`` and how to go on."""
+    from dira3d.visual_words.embedding_chunks import PARTIAL_NAME, kept_rows
+    from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_progress
+
     try:
         manifest = read_manifest(out)
     except (FileNotFoundError, ValueError):
@@ -101,9 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.val_neighbours == 0:  # said before the extractor trains (minutes to hours), and again at the end
         logging.getLogger(__name__).warning(no_validation_words(args.datalist))
-    try:
-        with sigterm_as_interrupt():  # SIGTERM (scancel, a SLURM time limit) as Ctrl-C: the rows embedded are kept
-            manifest = discover_visual_words(
+    loaded = False
+    try:  # SIGTERM (scancel, a SLURM time limit) as Ctrl-C: the rows embedded are kept
+        with sigterm_as_interrupt(), removed_if_failed_empty(args.out):  # a run refused at its start leaves no --out
+            # the run's own first checks, in its order (the --out folder, its lock, the datalist), here before torch
+            # and MONAI load: a typo is refused at once
+            check_writable(args.out)
+            out_folder_lock(args.out).check_free()
+            check_datalist_file(args.datalist)
+            from dira3d.visual_words import discover
+
+            loaded = True
+            manifest = discover.discover_visual_words(
                 args.datalist, args.out, classes=args.classes, neighbours=args.neighbours, val_neighbours=args.val_neighbours,
                 patch_size=args.patch_size, border=args.border, min_distance=args.min_distance, hu_window=tuple(args.hu_window),
                 dense_hu=args.dense_hu, max_dense_fraction=args.max_dense_fraction, max_tries=args.max_tries, metric=args.metric,
@@ -114,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
                 body_filter=args.body_filter, max_outside_fraction=args.max_outside_fraction,
             )  # fmt: skip
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback; 130 / 143
-        print(f"dira3d visual-words: {interrupted_message(Path(args.out), interrupted_word(err))}", file=sys.stderr)
+        message = interrupted_message(Path(args.out), interrupted_word(err)) if loaded else None
+        print(f"dira3d visual-words: {message}" if message else loading_stopped("visual-words", err), file=sys.stderr)
         return interrupt_exit_code(err)
     except (ValueError, OSError, CoordinateSamplingError, FolderInUseError) as err:  # OSError: e.g. a full disk
         kept = ""
-        if isinstance(err, CoordinateSamplingError) and extractor_progress(Path(args.out) / EXTRACTOR_NAME):
-            kept = f"; a rerun with other planning rules reuses the trained extractor ({Path(args.out) / EXTRACTOR_NAME})"
+        if isinstance(err, CoordinateSamplingError):  # torch is loaded then: a missing datalist stays quick
+            from dira3d.visual_words.extractor import EXTRACTOR_NAME, extractor_progress
+
+            if extractor_progress(Path(args.out) / EXTRACTOR_NAME):
+                kept = f"; a rerun with other planning rules reuses the trained extractor ({Path(args.out) / EXTRACTOR_NAME})"
         print(f"dira3d visual-words: error: {err}{kept}", file=sys.stderr)
         return 1
     print(f"{len(manifest['classes'])} visual words written to {args.out} ({DATALIST_NAME}, {MANIFEST_NAME}, shards/)")

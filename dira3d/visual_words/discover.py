@@ -38,7 +38,6 @@ from torch import nn
 
 from dira3d.utils.atomic import removed_if_failed_empty
 from dira3d.utils.checkpoint import check_writable
-from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.progress import ProgressLines
 from dira3d.utils.seeding import derive_seed
 from dira3d.visual_words.coordinates import (
@@ -54,7 +53,7 @@ from dira3d.visual_words.loading import SPLITS, case_ids, iterate_volumes, read_
 from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours
 from dira3d.visual_words.transforms import VisualWordCropd
 from dira3d.visual_words.writer import (
-    EMBEDDINGS_NAME, MANIFEST_NAME, ShardWriter, new_manifest, save_embeddings,
+    EMBEDDINGS_NAME, MANIFEST_NAME, ShardWriter, new_manifest, out_folder_lock, save_embeddings,
     write_json_atomic, write_visual_word_datalist,
 )  # fmt: skip
 
@@ -304,7 +303,7 @@ def discover_visual_words(
         held.enter_context(removed_if_failed_empty(out_dir))  # a run refused at its start leaves no empty --out behind
         out_dir = check_writable(out_dir)
         # one run per --out: two would plan the same classes and re-create (zero) each other's finished shards
-        held.enter_context(FolderLock(out_dir, what="--out folder", clash="a second run into it would re-create the shards it fills"))
+        held.enter_context(out_folder_lock(out_dir))
         data = read_datalist(datalist)
         check_counts(datalist, len(data["training"]), len(data["validation"]), classes, neighbours, val_neighbours)
         lung_filter = resolve_lung_filter(lung_filter, datalist)

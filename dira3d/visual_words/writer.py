@@ -25,8 +25,10 @@ import numpy as np
 
 from dira3d.utils.atomic import atomic_write, atomic_write_text
 from dira3d.utils.files import FileContentError, read_json
+from dira3d.utils.folder_lock import FolderLock
 
 __all__ = [
+    "out_folder_lock",
     "MANIFEST_NAME",
     "DATALIST_NAME",
     "EMBEDDINGS_NAME",
@@ -44,6 +46,12 @@ DATALIST_NAME = "visual_words.json"
 EMBEDDINGS_NAME = "embeddings.npy"
 FORMAT = "dira3d-visual-words"
 _VERSION = 1
+
+
+def out_folder_lock(out_dir: str | os.PathLike) -> FolderLock:
+    """The lock of a run's ``--out`` (one run per folder: two would plan the same classes and re-create, zeroed, each
+    other's finished shards); ``dira3d visual-words`` probes it before torch loads, the run holds it."""
+    return FolderLock(out_dir, what="--out folder", clash="a second run into it would re-create the shards it fills")
 
 
 def write_json_atomic(obj: dict, path: str | os.PathLike) -> Path:
