@@ -34,6 +34,7 @@ from torch import nn
 
 __all__ = [
     "get_rank",
+    "launcher_rank",
     "get_world_size",
     "is_main_process",
     "init_distributed",
@@ -46,6 +47,7 @@ __all__ = [
     "all_ranks_true",
     "all_ranks_min",
     "main_process_value",
+    "validation_sampler",
     "quiet_other_ranks",
     "brief_errors_on_other_ranks",
 ]
@@ -54,6 +56,13 @@ __all__ = [
 def get_rank() -> int:
     """This process's rank (0 without an initialised process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def launcher_rank() -> int:
+    """This process's rank in its process group, else ``torchrun``'s ``RANK`` (a process that has not joined its group
+    yet: a bundle's configs resolved before ``init_process_group``, ``inference.json`` before its batch joins the
+    ranks), else 0. For a line that rank 0 alone should print or log."""
+    return get_rank() or int(os.environ.get("RANK", "0") or 0)
 
 
 def get_world_size() -> int:
@@ -231,6 +240,23 @@ def main_process_value(value: float, device: Any = "cpu") -> float:
     return float(tensor.item())
 
 
+def validation_sampler(dataset: Any) -> Any:
+    """The sampler of a task bundle's validation split under DDP (``validate#sampler`` of its ``multi_gpu_train.json``).
+
+    Each rank scores its share: MONAI's ``DistributedSampler`` with ``even_divisible=False`` (rank r of W the cases
+    r, r + W, ...; no case twice), whose metrics MONAI gathers over the ranks. A split of fewer cases than ranks (the
+    holdout of a small ``label_fraction``: 0.1 of 48 BraTS patients is 5 cases, on 8 GPUs) is scored whole by every
+    rank instead: MONAI's sampler refuses it (``the dataset length is less than the number of participating ranks``,
+    after the caches were filled) and a rank with no case would stop ignite (``Input data has zero size``). The
+    gathered metrics then hold each case W times, which leaves their mean (Dice, IoU) and the AUC unchanged."""
+    from monai.data import DistributedSampler
+
+    world = get_world_size()
+    if len(dataset) < world:
+        return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+    return DistributedSampler(dataset, even_divisible=False, shuffle=False, num_replicas=world, rank=get_rank())
+
+
 def quiet_other_ranks(names: tuple[str, ...] = ("DiRATrainer", "DiRAEvaluator", "ignite", "monai", "dira3d")) -> None:
     """Raise the log level on ranks other than 0 to WARNING (rank 0 alone reports progress; warnings and errors are
     still every rank's). ``dira3d`` is among the defaults: the cache lines of :mod:`dira3d.engines.cache` (logged by
@@ -259,7 +285,7 @@ def brief_errors_on_other_ranks() -> None:
 
     Without a process group (a task bundle's ``inference.json`` calls it first in its ``initialize``, before its
     ``InferenceBatch`` joins the ranks) the rank is the one ``torchrun`` gives in ``RANK``."""
-    rank = get_rank() or int(os.environ.get("RANK", "0") or 0)  # 0 without a process group: then torchrun's RANK
+    rank = launcher_rank()
     if rank == 0:
         return
     logging.getLogger("monai.bundle.scripts").setLevel(logging.WARNING)  # its input summary: rank 0 logs the same

@@ -136,7 +136,10 @@ def trained_preprocessing(ckpt_dir: str | os.PathLike, key: str, default: Any) -
     problem = _bad_value(key, settings[key])
     if problem:
         raise DataError(path, f"{key} {settings[key]!r} is not {problem}; {_REDO.format(_SETTINGS[key])}")
-    logger.info("inference %s %s: as the model was trained (%s)", key, settings[key], path)
+    from dira3d.engines.distributed import launcher_rank  # imported late: the engines import torch's distributed
+
+    if launcher_rank() == 0:  # under torchrun every rank read it: rank 0 says so once
+        logger.info("inference %s %s: as the model was trained (%s)", key, settings[key], path)
     return settings[key]
 
 

@@ -215,6 +215,7 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
     Raises:
         ValueError: a checkpoint whose keys or shapes do not fit. FileNotFoundError: missing checkpoint.
     """
+    from dira3d.engines.distributed import launcher_rank  # imported late, as the loader
     from dira3d.networks import load_pretrained  # sibling module, imported late
 
     for module in network.modules():
@@ -233,7 +234,9 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
                                  in_channels_policy=in_channels_policy,
                                  head_policy="initialise" if kind == "segmentation" else "error")
         message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
-    # printed as well as logged: the report must be visible in a plain `monai.bundle run` console
-    print(message, flush=True)
+    # printed as well as logged: the report must be visible in a plain `monai.bundle run` console; under torchrun
+    # by rank 0 alone, as it logs (every rank printed it: the same report once per process)
+    if launcher_rank() == 0:
+        print(message, flush=True)
     log.info(message)
     return network
