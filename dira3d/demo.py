@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
         parser.error(f"--out {args.out} is a file, not a folder; choose a folder for what the demo writes")
+    from dira3d.utils.atomic import FolderNotWritableError, check_writable
+
+    try:  # one line naming the folder before any step, not a traceback from the phantom writer
+        check_writable(out, what="output folder (--out)", advice="choose another --out")
+    except FolderNotWritableError as err:
+        parser.error(str(err))
     patch = (32, 32, 16)
     from dira3d.utils.interrupts import (StoppedBySignal, WrittenFiles, interrupt_exit_code, interrupted_word,
                                          sigterm_as_interrupt)

@@ -91,3 +91,20 @@ def test_demo_out_a_file_or_phantoms_of_another_count_is_one_error_line(tmp_path
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dira3d demo: error:")]
     assert len(lines) == 1 and f"{raw} holds 1 phantoms from an earlier demo, not --count 10" in lines[0], lines
     assert (raw / "subset0" / "1.mhd").read_text() == "an earlier phantom"
+
+
+def test_demo_out_not_writable_is_one_error_line_before_any_step(tmp_path, capsys):
+    """--out in a folder that cannot be made (under a file here; /proc/x alike) ended in a FileNotFoundError /
+    NotADirectoryError traceback of the phantom writer; now a usage error naming the folder, before step 1."""
+    from dira3d.demo import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), "--count", "10", "--classes", "2", "--skip-finetune"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("dira3d demo: error:")]
+    assert len(lines) == 1 and f"output folder (--out) {out} is not writable" in lines[0], lines
+    assert "choose another --out" in lines[0] and "1/5" not in captured.out
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -77,6 +77,39 @@ def test_pretrain_on_prepared_brats_volumes_of_four_sequences_and_fine_tune_from
                        best["encoder"]["levels.0.conv1.conv.weight"])
 
 
+def test_pretrain_refuses_brats_volumes_without_in_channels_with_advice_for_brats(tmp_path: Path, capsys) -> None:
+    """The refusal of 4-sequence BraTS volumes for a 1-channel network said to prepare with `dira3d prepare generic
+    --sequences`, an option of another command; it names the datalist's sequences, the in_channels override and
+    `dira3d prepare brats ... --modalities` (one sequence), as split_option names each dataset's own split options."""
+    write_brats(tmp_path / "BraTS", count=2)
+    dst = tmp_path / "brats"
+    assert cli_main(["prepare", "brats", "--src", str(tmp_path / "BraTS"), "--dst", str(dst)]) == 0
+    capsys.readouterr()
+    assert cli_main(["pretrain", "--datalist", str(dst / "brats_datalist.json"), "--output", str(tmp_path / "run"),
+                     "--tiny", *ONE_STAGE]) == 2
+    err = capsys.readouterr().err
+    assert ("has 4 channels (loaded shape (4, 32, 32, 16)), not 1; for the 4 sequences (t1, t1ce, t2, flair) of this "
+            "BraTS datalist set in_channels to 4 (`dira3d pretrain --override in_channels=4`), or prepare 1 of them "
+            "(`dira3d prepare brats ... --modalities t1`)") in err, err[-2000:]
+    assert "prepare generic" not in err, err[-2000:]
+
+
+def test_channels_advice_fits_the_datalist(tmp_path: Path) -> None:
+    """generic --sequences datalists name generic's option; a datalist without meta keeps the general advice."""
+    from dira3d.data.datalist import channels_advice
+
+    generic = tmp_path / "generic.json"
+    generic.write_text(json.dumps({"training": [], "meta": {"dataset": "generic", "channels": ["t1", "flair"]}}))
+    assert channels_advice(generic, 2, 1) == (
+        "for the 2 sequences (t1, flair) of this datalist set in_channels to 2 (`dira3d pretrain --override "
+        "in_channels=2`), or prepare 1 of them (`dira3d prepare generic ... --sequences` with 1 NAME=PATTERN)")
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"training": []}))
+    assert channels_advice(plain, 3, 1) == channels_advice(None, 3, 1) == (
+        "for volumes of 3 channels (e.g. the sequences of `dira3d prepare generic --sequences`) set in_channels to 3 "
+        "(`dira3d pretrain --override in_channels=3`), or fix the datalist")
+
+
 def test_split_advice_on_a_prepared_luna16_datalist_names_luna16_subsets(tmp_path: Path, capsys) -> None:
     """A LUNA16 datalist with one validation scan and no test scan was told to rerun `dira3d prepare generic ...
     --val-fraction` (visual words) and `--test-fraction` (fine-tuning), options `prepare luna16` does not have."""

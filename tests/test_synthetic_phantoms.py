@@ -73,3 +73,19 @@ def test_out_a_file_is_one_line_error_and_kept(tmp_path, capsys, overwrite):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(target) in err and "is a file" in err, err
     assert target.read_text() == "mine"
+
+
+def test_out_not_writable_is_one_line_error_naming_it(tmp_path, capsys):
+    """`dira3d synthetic --out` in a folder that cannot be made (under a file here; /proc/x alike) ended in a
+    FileNotFoundError / NotADirectoryError traceback; now a usage error naming the folder and what to do."""
+    from dira3d.data.synthetic import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), "--count", "1", "--size", "32", "32", "16"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dira3d synthetic: error: output folder (--out) ") and str(out) in err, err
+    assert "not writable" in err and "choose another --out" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

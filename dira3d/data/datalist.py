@@ -76,6 +76,26 @@ def split_option(datalist: str | os.PathLike | None, part: str) -> str:
     return f"`dira3d prepare {name} ... {validation if part == 'validation' else test}`"
 
 
+def channels_advice(datalist: str | os.PathLike | None, channels: int, in_channels: int) -> str:
+    """What to do with volumes of ``channels`` channels when the network takes ``in_channels``, for the dataset the
+    datalist's ``meta.dataset`` records and the sequences its ``meta.channels`` names: set ``in_channels``, or prepare
+    ``in_channels`` sequences with that dataset's own option (``dira3d prepare brats ... --modalities``; advice written
+    for ``generic`` named ``--sequences`` for every dataset)."""
+    meta = datalist_meta(datalist)
+    names = meta.get("channels") if isinstance(meta.get("channels"), list) else []
+    override = f"set in_channels to {channels} (`dira3d pretrain --override in_channels={channels}`)"
+    of = f" ({', '.join(map(str, names))})" if len(names) == channels else ""
+    if meta.get("dataset") == "brats2018":
+        keep = " ".join(map(str, names[:in_channels])) if len(names) >= in_channels else "flair"
+        return (f"for the {channels} sequences{of} of this BraTS datalist {override}, or prepare {in_channels} of "
+                f"them (`dira3d prepare brats ... --modalities {keep}`)")
+    if meta.get("dataset") == "generic" and names:
+        return (f"for the {channels} sequences{of} of this datalist {override}, or prepare {in_channels} of them "
+                f"(`dira3d prepare generic ... --sequences` with {in_channels} NAME=PATTERN)")
+    return (f"for volumes of {channels} channels (e.g. the sequences of `dira3d prepare generic --sequences`) "
+            f"{override}, or fix the datalist")
+
+
 def folder_not_datalist(folder: Path) -> str:
     """The error for a folder given as a datalist (e.g. the ``--dst`` of ``dira3d prepare``): the datalists in it."""
     found = sorted(p.name for p in folder.glob("*.json") if p.name.endswith("datalist.json") or p.name == "visual_words.json")

@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
+from dira3d.utils.atomic import FolderNotWritableError, check_writable
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 
@@ -183,6 +184,7 @@ def write_luna16_phantoms(out_dir: str | Path, count: int = 10, size: tuple[int,
     Raises:
         FileExistsError: ``out_dir`` is a file, or already holds a LUNA16 file (``annotations.csv``,
             ``candidates.csv``, ``candidates_V2.csv`` or ``subsetN/*.mhd``) and ``overwrite`` is false.
+        FolderNotWritableError: ``out_dir`` cannot be created or written to (before any phantom is made).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -194,6 +196,7 @@ def write_luna16_phantoms(out_dir: str | Path, count: int = 10, size: tuple[int,
                               "pass overwrite=True (--overwrite) to replace it, or choose another --out")
     if count < 1 or subsets < 1:
         raise ValueError(f"count ({count}) and subsets ({subsets}) must be at least 1")
+    check_writable(out, what="output folder (--out)", advice="choose another --out")  # one line, not a traceback
     rng = np.random.default_rng(seed)
     annotations, candidates = [], []
     for i in range(count):
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: the same one line, exit 143
             out = write_luna16_phantoms(args.out, args.count, tuple(args.size), tuple(args.spacing), args.subsets,
                                         args.seed, args.max_nodules, args.false_positives, args.overwrite)
-    except (FileExistsError, ValueError) as err:
+    except (FileExistsError, ValueError, FolderNotWritableError) as err:
         parser.error(str(err))
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was written, in one line, not a traceback
         files = written.since()

@@ -31,7 +31,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged, MapTransform
 
-from dira3d.data.datalist import DatalistError, datalist_entries, read_datalist_json
+from dira3d.data.datalist import DatalistError, channels_advice, datalist_entries, read_datalist_json
 from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.bundle_errors import setting_error_in  # light: dira3d finetune's refusals use it before torch loads
@@ -96,7 +96,7 @@ _RANGE_ADVICE = ("pretraining expects normalised volumes (raw HU, or an MRI that
 def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, check_finite: bool = True,
                  value_range: tuple[float, float] | None = None, range_advice: str | None = None,
                  slices: bool = True, channels: int | None = None, dims_advice: str | None = None,
-                 dicom_advice: str | None = None) -> None:
+                 dicom_advice: str | None = None, datalist: str | os.PathLike | None = None) -> None:
     """Raise a :class:`DataError` naming ``source`` when a loaded channel-first volume is unusable.
 
     Args:
@@ -117,6 +117,9 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
         dicom_advice: refuse a ``source`` that is a DICOM file, saying this; None: taken. The 2D training pipelines
             (``LoadImaged(PILReader)``, which falls back to MONAI's ``PydicomReader``) read a DICOM as stored: a
             ``MONOCHROME1`` radiograph inverted, bones dark, within 0..255 and so past ``value_range``.
+        datalist: the datalist the volume comes from: the error for a volume of other ``channels`` names what fits
+            its ``meta.dataset`` (:func:`dira3d.data.datalist.channels_advice`: ``dira3d prepare brats --modalities``
+            for BraTS); None: the general advice.
 
     Raises:
         DataError: wrong dimensionality, another number of channels (a colour image), a single slice,
@@ -145,9 +148,7 @@ def check_volume(img: Any, source: str | os.PathLike, spatial_dims: int = 3, che
                                 + (": a colour (RGB/RGBA) image? run `dira3d prepare <dataset>` (docs/data_2d.md), which "
                                    "turns a grey image stored in colour into one channel and refuses a coloured one, or "
                                    "fix the datalist" if len(shape) == 3 and shape[0] in (2, 3, 4)
-                                   else f"; for volumes of {shape[0]} channels (e.g. the sequences of `dira3d prepare generic "
-                                   f"--sequences`) set in_channels to {shape[0]} (`dira3d pretrain --override "
-                                   f"in_channels={shape[0]}`), or fix the datalist" if len(shape) == 4
+                                   else f"; {channels_advice(datalist, shape[0], channels)}" if len(shape) == 4
                                    else "; prepare the scans with `dira3d prepare` (docs/data.md) or fix the datalist"))
     if min(shape[1:]) < 2 and not (spatial_dims == 2 and len(shape) == 4 and min(shape[1:3]) >= 2):
         raise DataError(source, f"has shape {shape[1:]}: a single slice is not a {spatial_dims}D volume")
@@ -286,23 +287,27 @@ class CheckVolumed(MapTransform):
         channels: the number of channels an image must have (e.g. ``@in_channels``); None: not checked.
         dims_advice: what the error for a 3D volume says to do when ``slices`` is False (see :func:`check_volume`).
         dicom_advice: refuse a DICOM file, saying this (see :func:`check_volume`); None: taken.
+        datalist: the datalist the volumes come from, for the advice on other ``channels`` (see :func:`check_volume`).
     """
 
     def __init__(self, keys: KeysCollection, spatial_dims: int = 3, check_finite: bool = True,
                  allow_missing_keys: bool = False, value_range: tuple[float, float] | None = None,
                  range_advice: str | None = None, slices: bool = True, channels: int | None = None,
-                 dims_advice: str | None = None, dicom_advice: str | None = None) -> None:
+                 dims_advice: str | None = None, dicom_advice: str | None = None,
+                 datalist: str | os.PathLike | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims, self.check_finite, self.slices = int(spatial_dims), bool(check_finite), bool(slices)
         self.channels = None if channels is None else int(channels)
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.range_advice, self.dims_advice, self.dicom_advice = range_advice, dims_advice, dicom_advice
+        self.datalist = datalist
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             check_volume(d[key], source_of(d, key), self.spatial_dims, self.check_finite, self.value_range,
-                         self.range_advice, self.slices, self.channels, self.dims_advice, self.dicom_advice)
+                         self.range_advice, self.slices, self.channels, self.dims_advice, self.dicom_advice,
+                         self.datalist)
         return d
 
 
