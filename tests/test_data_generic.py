@@ -198,7 +198,7 @@ def test_a_test_fraction_that_rounds_to_no_patient_is_named(tmp_path, capsys):
     datalist = tmp_path / "out" / "pretrain_datalist.json"
     assert json.loads(datalist.read_text())["test"] == []
     assert "'validation', 'test' lists are empty" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"its 'test' list has no entries \(`dira3d prepare generic --test-fraction"):
+    with pytest.raises(ValueError, match=r"its 'test' list has no entries \(`dira3d prepare generic ... --test-fraction`"):
         load_split(datalist, "test")
 
 
