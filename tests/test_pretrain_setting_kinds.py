@@ -239,7 +239,11 @@ def test_the_task_bundles_check_counts_and_amp_first(repo_root, tmp_path, monkey
     assert steps > 4
 
 
-def test_dira3d_finetune_refuses_val_interval_0_naming_it_before_caching(tmp_path, capsys):
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("val_interval=0", "val_interval=0 is less than 1; give a whole number >= 1, e.g. --val_interval 1"),
+    ("cache_rate=2", "cache_rate=2 is outside [0, 1]; give a number in [0, 1]"),  # check_ranges
+])
+def test_dira3d_finetune_refuses_a_setting_naming_it_before_caching(tmp_path, capsys, setting, expected):
     from test_bundles_finetune import make_classification
 
     from dira3d.evaluation.finetune import main as finetune_main
@@ -247,9 +251,9 @@ def test_dira3d_finetune_refuses_val_interval_0_naming_it_before_caching(tmp_pat
     path = make_classification(tmp_path / "data", "ncc.json", (16, 16, 8), folds=False)
     out = tmp_path / "out"
     assert finetune_main(["--bundle", "luna16_nodule_fpr", "--tiny", "--datalist", str(path), "--output-dir", str(out),
-                          "--set", "val_interval=0"]) == 2
+                          "--set", setting]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("dira3d finetune:")]
-    assert lines == ["dira3d finetune: error: val_interval=0 is less than 1; give a whole number >= 1, "
-                     "e.g. --val_interval 1"], err
+    assert lines == [f"dira3d finetune: error: {expected}"], err
+    assert "caching" not in err
     assert not out.exists()

@@ -172,19 +172,3 @@ def test_dira3d_pretrain_refuses_collapse_gap_2_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "dira3d pretrain: error: collapse_gap=2 is outside [0, 1); give a number in [0, 1)", err
     assert not (tmp_path / "run" / "models" / "last.pt").exists()
-
-
-def test_dira3d_finetune_refuses_cache_rate_2_in_one_line_before_caching(tmp_path, capsys):
-    from test_bundles_finetune import make_classification
-
-    from dira3d.evaluation.finetune import main as finetune_main
-
-    path = make_classification(tmp_path / "data", "ncc.json", (16, 16, 8), folds=False)
-    out = tmp_path / "out"
-    assert finetune_main(["--bundle", "luna16_nodule_fpr", "--tiny", "--datalist", str(path), "--output-dir", str(out),
-                          "--set", "cache_rate=2"]) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("dira3d finetune:")]
-    assert lines == ["dira3d finetune: error: cache_rate=2 is outside [0, 1]; give a number in [0, 1]"], err
-    assert "caching" not in err
-    assert not out.exists()
