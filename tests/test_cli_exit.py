@@ -286,11 +286,14 @@ WORKING = textwrap.dedent(
     elif command == "export pretrained":
         import dira3d.deploy.weights as module
         module.export_pretrained = working("encoder.pt")
-        argv = ["export", "pretrained", "--checkpoint", "best.pt", "--out", str(out)]
+        (out.parent / "best.pt").write_bytes(b"x")  # the command checks that it exists first (export_checks), not read
+        argv = ["export", "pretrained", "--checkpoint", str(out.parent / "best.pt"), "--out", str(out)]
     elif command == "export torchscript":
         import dira3d.deploy.export as module
         module.export_torchscript_with_report = working("model.ts")
-        argv = ["export", "torchscript", "--bundle", "luna16_nodule_fpr", "--out", str(out / "model.ts")]
+        (out.parent / "model.pt").write_bytes(b"x")  # as best.pt above
+        argv = ["export", "torchscript", "--bundle", "luna16_nodule_fpr", "--out", str(out / "model.ts"), "--checkpoint",
+                str(out.parent / "model.pt")]
     else:
         import dira3d.demo as module
         module._phantoms_and_prepare = working("luna16_raw/subset0/1.mhd")

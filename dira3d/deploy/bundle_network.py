@@ -17,24 +17,11 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
+from dira3d.deploy.export_checks import bundle_paths, missing_weights_error  # light; re-exported here
 from dira3d.utils import load_checkpoint
-from dira3d.utils.checkpoint import checkpoint_problem
 from dira3d.utils.overrides import check_overrides
 
 __all__ = ["bundle_paths", "bundle_parser", "fit_hint", "load_bundle_network", "missing_weights_error"]
-
-
-def bundle_paths(bundle_dir: str | os.PathLike, config_file: str) -> tuple[Path, Path, Path]:
-    """``(root, config, metadata)`` of a bundle given as a folder or as a name (``luna16_nodule_fpr``),
-    resolved as ``dira3d finetune --bundle`` resolves it (:func:`dira3d.evaluation.finetune.bundle_path`)."""
-    from dira3d.evaluation.finetune import bundle_path  # light module; one resolution rule for every command
-
-    root = bundle_path(bundle_dir, config_file)  # FileNotFoundError naming the valid bundle names
-    config = root / "configs" / config_file
-    meta = root / "configs" / "metadata.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} does not exist: is {root} a dira3d bundle (configs/{config_file}, configs/metadata.json)?")
-    return root, config, meta
 
 
 def bundle_parser(bundle_dir: str | os.PathLike, config_file: str, overrides: Mapping[str, Any] | None) -> ConfigParser:
@@ -116,13 +103,6 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
     origin = f" (those of {root.name}'s tiny.json: a model fine-tuned with --tiny)" if from_tiny else ""
     text = option(fits) if option else f"{format_overrides(fits)} (overrides={dict(fits)})"
     return f"the weights fit other settings{origin}: pass {text}"
-
-
-def missing_weights_error(path: Path) -> FileNotFoundError:
-    """The error for fine-tuned weights ``path`` that do not exist, saying how to give them (``--checkpoint``)."""
-    problem = "do not exist" if not os.path.isdir(path) else checkpoint_problem(path)
-    return FileNotFoundError(f"fine-tuned weights {path} {problem}; pass the model to export with --checkpoint "
-                             "(`dira3d finetune --output-dir D` writes D/models/model.pt)")
 
 
 def load_bundle_network(

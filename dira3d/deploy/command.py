@@ -122,9 +122,13 @@ def _export_model(args: argparse.Namespace) -> int:
     """``dira3d export torchscript / onnx``. Every refusal (``--out`` exists, a missing ``--check-scan``, checkpoint or
     bundle, weights that do not fit) comes before the scan is read; the graph is checked against the PyTorch network
     before it is renamed into place, so a disagreement exits 1 with the report and leaves an earlier export as it was."""
-    from dira3d.deploy.export import DEFAULT_TOLERANCE, AgreementError
+    from dira3d.deploy.export_checks import check_model_export
 
     overrides = parse_overrides(args.override)
+    # the refusals that need no torch (unknown bundle, --out exists, missing --check-scan or weights) before it loads
+    check_model_export(args.bundle, args.out, args.checkpoint, args.overwrite, args.check_scan)
+    from dira3d.deploy.export import DEFAULT_TOLERANCE, AgreementError
+
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance  # 0 (exact) is a tolerance too
     try:
         if args.what == "torchscript":
@@ -150,14 +154,11 @@ def _export_onnx(args: argparse.Namespace, overrides: dict[str, Any], tolerance:
     from dira3d.deploy.bundle_network import load_bundle_network
     from dira3d.deploy.export import (
         bundle_example_shape,
-        check_new_output,
-        check_scan_exists,
         export_onnx_with_report,
         scan_patch,
     )
 
-    check_new_output(Path(args.out), args.overwrite)  # before any work
-    check_scan_exists(args.check_scan)  # read last, once the network is built
+    # --out, --check-scan (read last, once the network is built) and the weights were checked (check_model_export)
     network = load_bundle_network(args.bundle, args.checkpoint, overrides=overrides)
     # the bundle's own input (1, in_channels, *roi_size), as for torchscript: a fixed 3D shape
     # would not fit the 2D bundles (or a 3D bundle of another roi_size)
@@ -200,6 +201,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.what in ("torchscript", "onnx"):
         return _export_model(args)
     if args.what == "pretrained":
+        from dira3d.deploy.export_checks import check_pretrained_export
+
+        # a missing --checkpoint, or an --out with an earlier export, before torch loads (export_pretrained checks again)
+        check_pretrained_export(args.checkpoint, args.out, args.parts, given_by="--checkpoint", overwrite=args.overwrite)
         from dira3d.deploy.weights import export_pretrained
 
         for name, path in export_pretrained(args.checkpoint, args.out, args.parts, given_by="--checkpoint",

@@ -26,8 +26,9 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 
 from dira3d.deploy.agreement import DEFAULT_TOLERANCE, AgreementError, AgreementReport, check_agreement
-from dira3d.deploy.bundle_network import bundle_parser, bundle_paths, load_bundle_network, missing_weights_error
-from dira3d.utils.atomic import atomic_path, check_writable, remove_stale_temporaries_of
+from dira3d.deploy.bundle_network import bundle_parser, load_bundle_network
+from dira3d.deploy.export_checks import check_model_export, check_new_output, check_scan_exists  # re-exported
+from dira3d.utils.atomic import atomic_path, remove_stale_temporaries_of
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -156,15 +157,7 @@ def export_torchscript_with_report(
     (``dira3d export torchscript`` prints it). Same arguments and errors."""
     if example is not None and check_scan is not None:
         raise ValueError("give example= or check_scan= (the input of the agreement check), not both")
-    root, config, meta = bundle_paths(bundle_dir, config_file)
-    # the default is inside the bundle, which may be read-only (installed by an admin, in a container image)
-    what = "--out folder" if out else "the bundle's models folder (the default --out)"
-    out = Path(out) if out else root / "models" / "model.ts"
-    check_new_output(out, overwrite, what=what)
-    check_scan_exists(check_scan)
-    ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
-    if not ckpt.is_file():
-        raise missing_weights_error(ckpt)
+    root, config, meta, out, ckpt = check_model_export(bundle_dir, out, checkpoint, overwrite, check_scan, config_file)
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
     network = load_bundle_network(root, ckpt, config_file, overrides)
     shape = _example_shape(bundle_parser(root, config_file, overrides), input_shape)
@@ -225,33 +218,6 @@ class _FinalNameInLogs(logging.Filter):
         self.logger.removeFilter(self)
         for line in self.held if kind is None else ():
             self.logger.info(line)
-
-
-def check_new_output(out: Path, overwrite: bool, what: str = "--out folder") -> None:
-    """Refuse to replace an earlier export unless asked to (``--overwrite``), and a folder ``out`` cannot be
-    written to (before the network is built and traced; ``what`` names it in the error).
-
-    Raises:
-        FileExistsError: ``out`` is a folder, or exists (without ``overwrite``).
-        FolderNotWritableError: its folder cannot be created or written to.
-    """
-    if out.is_dir():
-        raise FileExistsError(f"--out {out} is a folder; give the file to write, e.g. {out / 'model.ts'}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (an earlier export); choose another --out, or pass --overwrite "
-                              "(overwrite=True) to replace it")
-    check_writable(out.parent, what=what, advice="pass --out with a file in a writable folder")
-
-
-def check_scan_exists(check_scan: str | os.PathLike | None) -> None:
-    """Refuse a ``--check-scan`` (``check_scan=``) that does not exist before the network is built; it is read last.
-
-    Raises:
-        FileNotFoundError: ``check_scan`` is given and is not a file.
-    """
-    if check_scan is not None and not Path(check_scan).is_file():
-        raise FileNotFoundError(f"--check-scan {check_scan} does not exist (or is not a file); give a CT scan "
-                                "(NRRD, NIfTI, MetaImage), or leave it out to check on a random input")
 
 
 def export_onnx(

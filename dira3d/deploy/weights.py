@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dira3d.deploy.export_checks import FORMATS as _FORMATS, check_pretrained_export
 from dira3d.networks import LoadReport
 from dira3d.utils import atomic_save, load_checkpoint
 from dira3d.utils.atomic import atomic_path, atomic_write_text, remove_stale_temporaries_of
@@ -36,7 +37,6 @@ from dira3d.utils.checkpoint import check_writable
 __all__ = ["KEY_MAP_VERSION", "export_pretrained", "describe_key", "read_weights", "load_into"]
 
 KEY_MAP_VERSION = 1
-_FORMATS = ("pt", "safetensors")
 
 # Our layouts. dira3d.networks.UNet (dira3d/networks/unet.py): encoder.levels.<i>.conv{1,2}.{conv,adn.N}.*,
 # the decoder's levels.<i>.up (transposed conv) and levels.<i>.convs.conv{1,2}.*, then decoder.head.
@@ -171,19 +171,11 @@ def export_pretrained(
         ValueError: a part is missing from the checkpoint or a format is unknown.
         ImportError: safetensors requested but not installed.
     """
-    unknown = [f for f in formats if f not in _FORMATS]
-    if unknown or not formats:
-        raise ValueError(f"formats={list(formats)!r}: use one or both of {_FORMATS}")
+    # the refusals that need no torch first (`dira3d export pretrained` runs them before torch loads)
+    targets = check_pretrained_export(checkpoint, out_dir, parts, formats, given_by=given_by, overwrite=overwrite)
+    out = Path(out_dir)
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<dict>"
     ckpt = load_checkpoint(checkpoint, given_by=given_by) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; give a folder for the exported weights")
-    targets = [out / f"{part}.{fmt}" for part in parts for fmt in formats] + [out / "key_map.json"]
-    earlier = [p.name for p in targets if p.exists()]
-    if earlier and not overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(earlier)} of an earlier export, which this one would replace; "
-                              "choose another folder, or pass --overwrite (overwrite=True) to replace them")
     if "safetensors" in formats:
         try:
             from safetensors.torch import save_file

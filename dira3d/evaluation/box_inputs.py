@@ -13,13 +13,17 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dira3d.utils.files import read_json
 
-__all__ = ["DEFAULT_SIZE", "load_box_entries", "check_label_index", "scale_box", "load_cxr_image", "prepared_size_of"]
+if TYPE_CHECKING:
+    import torch
+
+# light to import (torch and MONAI are imported by load_cxr_image): `dira3d localise` refuses a missing box datalist
+# (check_box_datalist) before they load
+__all__ = ["DEFAULT_SIZE", "load_box_entries", "check_box_datalist", "check_label_index", "scale_box", "load_cxr_image",
+           "prepared_size_of"]
 
 # dira3d.data.cxr.DEFAULT_SIZE, the bundles' prepared_size (not imported here: dira3d.data.cxr loads SimpleITK;
 # tests/test_cxr_prepared_size.py checks they agree)
@@ -42,10 +46,7 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
             ``label_index`` that is not a whole number in ``[0, num_classes)`` (names the file, the entry
             and the valid range).
     """
-    path = Path(bbox_datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"box datalist {path} does not exist; `dira3d prepare chestxray14` writes bbox_datalist.json "
-                                "when BBox_List_2017.csv is present")
+    path = check_box_datalist(bbox_datalist)
     fix = "regenerate it with `dira3d prepare chestxray14` (from BBox_List_2017.csv) or fix it there"
     content = read_json(path, "box datalist", fix)
     keys = [k for k, v in content.items() if isinstance(v, list)] if split is None else [split]
@@ -74,6 +75,19 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
     if not entries:
         raise ValueError(f"box datalist {path} holds no boxes in split {split!r}")
     return entries
+
+
+def check_box_datalist(bbox_datalist: str | os.PathLike) -> Path:
+    """``bbox_datalist`` as a path, refused when it is not a file (:func:`load_box_entries`' first check).
+
+    Raises:
+        FileNotFoundError: it does not exist (or is not a file).
+    """
+    path = Path(bbox_datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"box datalist {path} does not exist; `dira3d prepare chestxray14` writes bbox_datalist.json "
+                                "when BBox_List_2017.csv is present")
+    return path
 
 
 def check_label_index(value: Any, num_classes: int | None, where: str, fix: str) -> None:
@@ -116,6 +130,7 @@ def load_cxr_image(path: str | os.PathLike, roi_size: Sequence[int],
         DataError: not an image (unreadable, empty, missing), a colour or transparent image, not a one-channel 2D
             image, or intensities outside 0..255 (a file read by MONAI's other readers), naming the file.
     """
+    import torch
     from monai.transforms import EnsureChannelFirst, Resize, ScaleIntensityRange
 
     from dira3d.engines.inputs import check_volume

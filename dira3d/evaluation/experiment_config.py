@@ -9,7 +9,7 @@ pretrainings against the bundle's network live in :mod:`dira3d.evaluation.experi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from dira3d.utils.files import read_yaml
 from dira3d.utils.overrides import check_overrides, did_you_mean
@@ -96,6 +96,15 @@ def load_config(path: str | Path) -> dict:
     if not Path(config["datalist"]).is_file():
         raise FileNotFoundError(f"datalist {config['datalist']} in {path} does not exist; run `dira3d prepare` or fix the "
                                 "path (relative to the config's folder)")
+    # the checks that need neither torch nor MONAI come first, so that `dira3d experiment` refuses these at once
+    for fraction in config["label_fractions"]:
+        if not 0 < float(fraction) <= 1:
+            raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
+    _check_fractions_distinct(config["label_fractions"], path)
+    config.setdefault("baseline", next(iter(config["methods"])))
+    if config["baseline"] not in config["methods"]:
+        raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
+    configs = _check_pretrain_section(config, path, resolve) if "pretrain" in config else []
     from dira3d.evaluation.finetune import bundle_path
 
     bundle_configs = bundle_path(config["bundle"]) / "configs"  # FileNotFoundError naming the valid bundles
@@ -117,43 +126,42 @@ def load_config(path: str | Path) -> dict:
         raise ValueError(f"metric {config['metric']!r} in {path}: bundle {config['bundle']!r} reports "
                          f"{', '.join(map(repr, metrics))} on the test split; use one of them")
     if "pretrain" in config:
-        if not isinstance(config["pretrain"], dict) or "dataset_dir" not in config["pretrain"]:
-            raise ValueError(f"pretrain in {path} needs a dataset_dir (the visual-words folder given to bundles/dira_pretrain)")
-        config["pretrain"]["dataset_dir"] = resolve(config["pretrain"]["dataset_dir"])
-        if not Path(config["pretrain"]["dataset_dir"]).is_dir():
-            raise FileNotFoundError(f"pretrain dataset_dir {config['pretrain']['dataset_dir']} in {path} does not exist; "
-                                    "point it to the output of `dira3d visual-words` (or a prepared dataset folder); "
-                                    "paths are relative to the config's folder")
-        # a bare file name is one of the pretraining bundle's configs; anything else a path
-        config["pretrain"]["configs"] = [str(c) if "/" not in str(c) else resolve(c)
-                                         for c in config["pretrain"].get("configs", ["train.json"])]
-        from dira3d.engines.command import BUNDLE_DIR
-
-        configs = [Path(c) for c in pretrain_configs(config["pretrain"])]
-        missing_configs = [str(c) for c in configs if not c.is_file()]
-        if missing_configs:
-            raise FileNotFoundError(f"pretrain configs {missing_configs} in {path} do not exist; name files of "
-                                    f"{BUNDLE_DIR / 'configs'} or give paths")
         for name, spec in config["methods"].items():
             if isinstance(spec, dict):
                 overrides = {**(config["pretrain"].get("overrides") or {}), **(spec.get("pretrain") or {})}
                 check_overrides(configs, overrides, where=f"pretrain overrides of method {name!r} in {path}")
                 check_pretrain_run(name, configs, overrides, path)
         check_pretrainings_fit(config, path, bundle_configs, dict(config.get("overrides") or {}))
-    for fraction in config["label_fractions"]:
-        if not 0 < float(fraction) <= 1:
-            raise ValueError(f"label fraction {fraction} in {path} must be in (0, 1]")
-    _check_fractions_distinct(config["label_fractions"], path)
     if "folds" not in config:  # with folds each fold has its own training entries: its runs say what they kept
         _check_fractions_select_apart(config, path)
     from dira3d.evaluation.fraction_checks import check_fractions_trainable, split_settings
 
     # a fraction that keeps too few patients failed each of its runs at its start, listed as failed after the grid
     check_fractions_trainable(config, path, *split_settings(bundle_configs, dict(config.get("overrides") or {})))
-    config.setdefault("baseline", next(iter(config["methods"])))
-    if config["baseline"] not in config["methods"]:
-        raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
     return config
+
+
+def _check_pretrain_section(config: dict, path: Path, resolve: Callable[[Any], str]) -> list[Path]:
+    """The ``pretrain`` section's folder and config files, resolved in ``config`` and refused when missing (no
+    torch or MONAI needed); returns the pretraining bundle's config paths."""
+    if not isinstance(config["pretrain"], dict) or "dataset_dir" not in config["pretrain"]:
+        raise ValueError(f"pretrain in {path} needs a dataset_dir (the visual-words folder given to bundles/dira_pretrain)")
+    config["pretrain"]["dataset_dir"] = resolve(config["pretrain"]["dataset_dir"])
+    if not Path(config["pretrain"]["dataset_dir"]).is_dir():
+        raise FileNotFoundError(f"pretrain dataset_dir {config['pretrain']['dataset_dir']} in {path} does not exist; "
+                                "point it to the output of `dira3d visual-words` (or a prepared dataset folder); "
+                                "paths are relative to the config's folder")
+    # a bare file name is one of the pretraining bundle's configs; anything else a path
+    config["pretrain"]["configs"] = [str(c) if "/" not in str(c) else resolve(c)
+                                     for c in config["pretrain"].get("configs", ["train.json"])]
+    from dira3d.engines.command import BUNDLE_DIR
+
+    configs = [Path(c) for c in pretrain_configs(config["pretrain"])]
+    missing_configs = [str(c) for c in configs if not c.is_file()]
+    if missing_configs:
+        raise FileNotFoundError(f"pretrain configs {missing_configs} in {path} do not exist; name files of "
+                                f"{BUNDLE_DIR / 'configs'} or give paths")
+    return configs
 
 
 def _check_fractions_distinct(fractions: list, path: Path) -> None:

@@ -12,12 +12,12 @@ Boxes are ``(lo_0, …, lo_{d-1}, hi_0, …, hi_{d-1})`` in voxel indices, ``hi`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from monai.visualize import GradCAM
-from scipy import ndimage
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DELTAS", "gradcam_maps", "boxes_from_heatmap", "box_iou", "box_on_image", "localisation_accuracy",
            "save_overlay"]
@@ -36,6 +36,8 @@ def gradcam_maps(model: torch.nn.Module, images: torch.Tensor, target_layer: str
     if target_layer not in names:
         sample = ", ".join(n for n in list(names)[1:12])
         raise ValueError(f"target layer {target_layer!r} is not in the model; layers include: {sample}, …")
+    from monai.visualize import GradCAM  # here: `dira3d localise` refuses bad inputs before torch and MONAI load
+
     was_training = model.training
     model.eval()
     try:
@@ -53,6 +55,8 @@ def gradcam_maps(model: torch.nn.Module, images: torch.Tensor, target_layer: str
 
 def boxes_from_heatmap(heatmap: np.ndarray, threshold: float = 0.5) -> list[tuple[int, ...]]:
     """Boxes around the connected regions of ``heatmap >= threshold`` (heatmap min-max normalised first)."""
+    from scipy import ndimage
+
     lo, hi = float(heatmap.min()), float(heatmap.max())
     norm = (heatmap - lo) / (hi - lo) if hi > lo else np.zeros_like(heatmap)
     labels, _ = ndimage.label(norm >= threshold)

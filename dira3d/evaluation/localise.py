@@ -22,7 +22,9 @@ A model fine-tuned with ``dira3d finetune --tiny`` (``tiny.json``: ResNet-10, 64
 ``--backbone resnet10 --roi-size 64 64``; when the weights do not fit, the error says which values do.
 
 The box datalist and image loading live in :mod:`dira3d.evaluation.box_inputs`; the names of ``__all__`` are
-importable from here.
+importable from here. This module imports torch and MONAI only inside the functions that run the model, so the
+command's refusals of a missing --model or --bbox-datalist, an earlier run's localisation.json (without --overwrite)
+or a bad --threshold come at once (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -34,24 +36,26 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm import tqdm
 
 from dira3d.data.errors import DataError
-from dira3d.evaluation.box_inputs import (DEFAULT_SIZE, check_label_index, load_box_entries, load_cxr_image,
-                                          prepared_size_of, scale_box)
+from dira3d.evaluation.box_inputs import (DEFAULT_SIZE, check_box_datalist, check_label_index, load_box_entries,
+                                          load_cxr_image, prepared_size_of, scale_box)
 from dira3d.evaluation.gradcam import (DELTAS, box_iou, box_on_image, boxes_from_heatmap, gradcam_maps,
                                       localisation_accuracy, save_overlay)
-from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 from dira3d.utils.progress import show_progress
 from dira3d.utils.warning_format import Dira3dWarning
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
+
 
 def localise(
     model: torch.nn.Module,
@@ -104,12 +108,22 @@ def localise(
     if not entries:
         raise ValueError("no box entries to localise")
     out = Path(output_dir)
-    if (out / "localisation.json").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'localisation.json'} holds an earlier run's results, which this run would replace; "
-                              "choose another --output-dir, or pass --overwrite to replace them")
+    check_earlier_results(out, overwrite)
     with removed_if_failed_empty(out):  # entries the model does not fit (refused before any overlay) leave no empty folder
         return _localise(model, entries, out, target_layer, roi_size, prepared_size, threshold, deltas, max_overlays,
                          device, progress)
+
+
+def check_earlier_results(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an ``output_dir`` that holds an earlier run's ``localisation.json``, unless ``overwrite``.
+
+    Raises:
+        FileExistsError: it does (without ``overwrite``).
+    """
+    out = Path(output_dir)
+    if (out / "localisation.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'localisation.json'} holds an earlier run's results, which this run would replace; "
+                              "choose another --output-dir, or pass --overwrite to replace them")
 
 
 def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out: Path, target_layer: str,
@@ -166,6 +180,8 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
 def _check_entries_fit(model: torch.nn.Module, image: torch.Tensor, entries: Sequence[Mapping[str, Any]],
                        device: str | torch.device) -> None:
     """Refuse entries whose ``label_index`` is not one of ``model``'s outputs (one forward pass counts them)."""
+    import torch
+
     was_training = model.training
     model.eval()
     try:
@@ -190,19 +206,37 @@ def run_localisation(
 ) -> dict[str, Any]:
     """Load a fine-tuned ChestX-ray14 classifier (a plain ``state_dict``) and run :func:`localise`.
 
+    The refusals that need no torch come first (:func:`check_localisation_inputs`).
+
     Raises:
         FileNotFoundError: the model file or the datalist is missing.
+        FileExistsError: ``output_dir`` holds an earlier run's ``localisation.json`` (without ``overwrite=True``).
         FolderNotWritableError: ``output_dir`` cannot be created or written to.
         ValueError: the state dict does not fit ``ResNetClassifier(in_channels, num_classes, backbone)``
             (a short key summary and the ``--backbone`` / ``--num-classes`` / ``--roi-size`` that fit), or it is a
             classifier of another number of classes than the box datalist's findings (its ``meta.labels``), e.g. a
             chexpert_cls model on the ChestX-ray14 boxes (one line naming both).
     """
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(f"model {model_path} does not exist; fine-tune bundles/chestxray14_cls first (models/model.pt)")
+    check_localisation_inputs(bbox_datalist, model_path, output_dir, kwargs.get("overwrite", False))
     with removed_if_failed_empty(output_dir):  # a run refused at its start (weights that do not fit, a datalist
         # without boxes) or stopped by Ctrl-C before it wrote anything leaves no empty --output-dir behind
         return _run_localisation(bbox_datalist, model_path, output_dir, split, num_classes, backbone, in_channels, **kwargs)
+
+
+def check_localisation_inputs(bbox_datalist: str | os.PathLike, model_path: str | os.PathLike,
+                              output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """:func:`run_localisation`'s refusals before torch and MONAI are imported: a missing model file or box datalist
+    (:func:`~dira3d.evaluation.box_inputs.check_box_datalist`), and an earlier run's results in ``output_dir``
+    (:func:`check_earlier_results`).
+
+    Raises:
+        FileNotFoundError: the model file or the box datalist does not exist.
+        FileExistsError: ``output_dir`` holds an earlier run's ``localisation.json`` (without ``overwrite``).
+    """
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"model {model_path} does not exist; fine-tune bundles/chestxray14_cls first (models/model.pt)")
+    check_box_datalist(bbox_datalist)
+    check_earlier_results(output_dir, overwrite)
 
 
 def _run_localisation(bbox_datalist: str | os.PathLike, model_path: str | os.PathLike, output_dir: str | os.PathLike,
@@ -210,6 +244,7 @@ def _run_localisation(bbox_datalist: str | os.PathLike, model_path: str | os.Pat
     """:func:`run_localisation` inside the guard that removes an output folder it created when it fails."""
     from dira3d.data.datalist import datalist_meta
     from dira3d.networks import ResNetClassifier
+    from dira3d.networks.weights_fit import infer_network_settings, mismatch_summary, state_dict_mismatch
     from dira3d.utils.checkpoint import load_checkpoint
 
     check_writable(output_dir, what="output folder (--output-dir)")  # before the model is built
@@ -235,6 +270,8 @@ def _run_localisation(bbox_datalist: str | os.PathLike, model_path: str | os.Pat
 
 def _is_2d_classifier(state: Mapping[str, Any]) -> bool:
     """Whether ``state`` is the weights of a 2D classifier (not a pretraining checkpoint, a 3D or a segmentation network)."""
+    from dira3d.networks.weights_fit import infer_network_settings
+
     return (not (isinstance(state.get("encoder"), Mapping) and isinstance(state.get("meta"), Mapping))
             and infer_network_settings(state).get("spatial_dims") in (None, 2)
             and not any(str(k).startswith("decoder.") for k in state))
@@ -257,6 +294,8 @@ def _fit_hint(state: Mapping[str, Any], backbone: str, num_classes: int, in_chan
         return ("this is a dira3d pretraining checkpoint (encoder, decoder, heads), not a fine-tuned classifier; "
                 "fine-tune it first (dira3d finetune --bundle chestxray14_cls --pretrained <it> --output-dir D) "
                 "and pass D/models/model.pt")
+    from dira3d.networks.weights_fit import infer_network_settings
+
     inferred = infer_network_settings(state)
     if inferred.get("spatial_dims") not in (None, 2):
         return f"the weights are of a {inferred['spatial_dims']}D network; localise needs a 2D classifier (bundles/chestxray14_cls)"

@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["TESTS", "CONFIDENCE", "CellSummary", "aggregate", "compare_to_baseline", "markdown_table", "markdown_ci_table",
            "mean_interval", "cell_interval", "ci_table_note", "METRIC_RANGES", "SEEDS_AGREE", "CLIPPED", "TWO_SEEDS"]
@@ -62,6 +61,8 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
     if len(arr) < 2:
         return None
     mean = float(arr.mean())
+    from scipy import stats  # here: `dira3d experiment` refuses a bad config before scipy.stats loads (0.9 s)
+
     half = float(stats.t.ppf((1 + confidence) / 2, len(arr) - 1)) * float(arr.std(ddof=1)) / math.sqrt(len(arr))
     return mean - half, mean + half
 
@@ -159,6 +160,8 @@ def compare_to_baseline(cells: Sequence[CellSummary], baseline: str, equal_var: 
                 # its variance is exactly 0 and t is defined by the other side's; scipy warned "Results may be unreliable"
                 warnings.filterwarnings("ignore", message="Precision loss occurred in moment calculation",
                                         category=RuntimeWarning)
+                from scipy import stats
+
                 result = stats.ttest_ind(cell.values, ref.values, equal_var=equal_var)
             p = float(result.pvalue) if not math.isnan(result.pvalue) else None
         out.append(replace(cell, p_value=p))
@@ -178,6 +181,8 @@ def _paired_p(cell: CellSummary, ref: CellSummary) -> tuple[float | None, int]:
     scale = float(np.max(np.abs(np.concatenate([a, b])))) or 1.0
     if np.ptp(a - b) <= 64 * np.finfo(float).eps * scale:
         return None, len(common)
+    from scipy import stats
+
     result = stats.ttest_rel(a, b)
     return (float(result.pvalue) if not math.isnan(result.pvalue) else None), len(common)
 
@@ -278,6 +283,8 @@ def ci_table_note(cells: Sequence[CellSummary], metric: str, scale: float = 100.
         text += ("; n/a (seeds agree): every seed gave the same value (up to float rounding), so there is no spread to "
                  "build an interval from (as the t-test's p n/a), not a certainty")
     if TWO_SEEDS in marks:
+        from scipy import stats
+
         t1, t2 = (float(stats.t.ppf((1 + CONFIDENCE) / 2, df)) for df in (1, 2))
         text += (f"; 2 seeds: one degree of freedom, t(0.975, 1) = {t1:.1f}, so the interval is mean ± "
                  f"{t1 / math.sqrt(2):.1f} × std, wide by construction (3 seeds: ± {t2 / math.sqrt(3):.1f} × std)")

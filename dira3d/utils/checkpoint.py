@@ -20,7 +20,8 @@ from dira3d.utils.atomic import atomic_write, check_writable
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_save", "checkpoint_problem", "check_pretrained_file", "load_checkpoint", "check_writable", "on_host"]
+__all__ = ["atomic_save", "checkpoint_problem", "check_pretrained_file", "check_checkpoint_file", "load_checkpoint",
+           "check_writable", "on_host"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -110,9 +111,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} {checkpoint_problem(path)}; check the path" + (f" given by {given_by}" if given_by else ""))
+    path = check_checkpoint_file(path, given_by)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
@@ -122,6 +121,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of state_dicts")
     return obj
+
+
+def check_checkpoint_file(path: str | os.PathLike, given_by: str | None = None) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, refused when it is not a file (:func:`load_checkpoint`'s first check,
+    which needs no torch: a command runs it before torch loads).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (or is a folder: what it holds is named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} {checkpoint_problem(path)}; check the path" + (f" given by {given_by}" if given_by else ""))
+    return path
 
 
 def _load_failure(err: Exception) -> str:
