@@ -69,8 +69,12 @@ def test_read_json_line_and_column_of_an_edit_and_type_checks(tmp_path):
 @pytest.mark.parametrize("data, problem", [(b"", "is empty"), (b"a: [1\nb: 2\n", "is not valid YAML"),
                                            (b"- 1\n- 2\n", "holds a YAML list, not a mapping"),
                                            (b"\xff\xfea: 1\n", "is not UTF-8 text")])
-def test_read_yaml(tmp_path, data, problem):
-    path = tmp_path / "x.yaml"
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_read_yaml(tmp_path, data, problem, suffix):
+    """A .json file (experiment configs may be JSON) is named as JSON, not YAML, in the refusal."""
+    path = tmp_path / f"x{suffix}"
+    if suffix == ".json":
+        problem = problem.replace("YAML", "JSON")
     path.write_bytes(data)
     _call(lambda: read_yaml(path, "config", "fix it"), path, problem)
 

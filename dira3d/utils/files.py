@@ -177,22 +177,23 @@ def read_yaml(path: str | os.PathLike, what: str, fix: str,
     import yaml
 
     path = Path(path)
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"  # the user's word for the file (JSON is YAML too)
     text = _non_empty_text(path, what, fix)
     loader, duplicate = _unique_key_loader() if unique_keys else (yaml.SafeLoader, ())  # (): catches nothing
     try:
         content = yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
     except duplicate as err:
         raise FileContentError(path, f"{what} {path} has the key {err.key!r} twice, at lines {err.lines[0]} and "
-                                     f"{err.lines[1]} (YAML keeps only the last value): remove one of them; {fix}") from None
+                                     f"{err.lines[1]} ({kind} keeps only the last value): remove one of them; {fix}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f": line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise FileContentError(path, f"{what} {path} is not valid YAML ({problem}{where}); {fix}") from None
+        raise FileContentError(path, f"{what} {path} is not valid {kind} ({problem}{where}); {fix}") from None
     if expect is not None and not isinstance(content, expect):
         found = {"object": "mapping", "array": "list"}.get(json_type(content), json_type(content))
         wanted = _name(expect).replace("an object", "a mapping").replace("an array", "a list")
-        raise FileContentError(path, f"{what} {path} holds a YAML {found}, not {wanted}; {fix}")
+        raise FileContentError(path, f"{what} {path} holds a {kind} {found}, not {wanted}; {fix}")
     return content
 
 
