@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,8 +61,9 @@ def test_torchrun_fine_tunes_on_a_prepared_brats_datalist_whose_holdout_is_small
     assert "less than the number of participating ranks" not in log
     assert (out / "models" / "model.pt").is_file()
     assert len(re.findall(r"Epoch\[1\] Metrics -- val_dice", log)) == 1, log[-3000:]
-    # the report of the pretrained weights: printed by rank 0 alone (and logged by it), not once per rank
-    assert len(re.findall(r"^pretrained: ", log, flags=re.M)) == 1, log[-3000:]
+    # the report of the pretrained weights: by rank 0 alone, not once per rank; logged (logging.conf shows it on the
+    # console), not printed as well
+    assert len(re.findall(r"^(.* - INFO - )?pretrained: .* \(parts encoder, decoder\)$", log, flags=re.M)) == 1, log[-3000:]
 
 
 def test_torchrun_batch_inference_on_the_prepared_datalist(fine_tuned, tmp_path):
@@ -76,6 +78,39 @@ def test_torchrun_batch_inference_on_the_prepared_datalist(fine_tuned, tmp_path)
     # what the model was trained with (preprocessing.json): said once, by rank 0 (every rank logged each line)
     said = re.findall(r"inference (\w+) .*: as the model was trained", log)
     assert said and len(said) == len(set(said)), log[-3000:]
+
+
+def test_torchrun_evaluation_scores_each_test_case_once_as_one_process_does(fine_tuned, tmp_path):
+    """evaluate.json under torchrun: each rank scores its share of the test split (validation_sampler) and the metrics
+    gather over the ranks; rank 0 alone logs and writes metrics.csv and test_cases.csv. Before, every rank scored the
+    whole split, logged every line and wrote the same files at the same time."""
+    datalist, out, rc, log = fine_tuned
+    assert rc == 0, log[-3000:]
+    configs = ["train.json", "tiny.json", "evaluate.json"]
+    rc, log = torchrun(REPO_ROOT, configs, "--bundle_root", str(out), "--datalist", str(datalist),
+                       "--output_dir", str(tmp_path / "ddp"))
+    assert rc == 0, log[-3000:]
+    files = ",".join(f"'{CONFIGS}/{name}'" for name in configs)
+    one = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{files}]",
+                          "--meta_file", f"{CONFIGS}/metadata.json", "--logging_file", f"{CONFIGS}/logging.conf",
+                          "--bundle_root", str(out), "--datalist", str(datalist), "--output_dir", str(tmp_path / "one")],
+                         cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
+    assert len(re.findall(r"Epoch\[1\] Metrics -- dice", log)) == 1, log[-3000:]  # rank 0's line alone
+    assert log.count("Restored all variables") == 1, log[-3000:]
+
+    def rows(folder):
+        lines = (folder / "test_cases.csv").read_text().splitlines()
+        return lines[0], sorted(lines[1:])
+
+    header, cases = rows(tmp_path / "ddp")
+    assert len(cases) == 2 and len({row.split(",")[0] for row in cases}) == 2  # the test split, each case once
+    assert (header, cases) == rows(tmp_path / "one")
+    ddp = dict(line.split(",") for line in (tmp_path / "ddp" / "metrics.csv").read_text().split())
+    single = dict(line.split(",") for line in (tmp_path / "one" / "metrics.csv").read_text().split())
+    assert set(ddp) == set(single) == {"dice", "iou"}
+    assert all(float(ddp[k]) == pytest.approx(float(single[k]), abs=1e-6) for k in ddp), (ddp, single)
 
 
 @pytest.mark.parametrize("cases, world, shares", [

@@ -172,3 +172,28 @@ def test_dira3d_pretrain_refuses_collapse_gap_2_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "dira3d pretrain: error: collapse_gap=2 is outside [0, 1); give a number in [0, 1)", err
     assert not (tmp_path / "run" / "models" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("files", [("train.json", "2d.json", "2d_tiny.json"),
+                                   ("train.json", "2d.json", "multi_gpu_train.json", "2d_tiny.json"),  # the
+                                   # order of `dira3d pretrain --config 2d.json --config multi_gpu_train.json`
+                                   ("train.json", "multi_gpu_train.json", "2d.json", "2d_tiny.json")])
+@pytest.mark.parametrize("value, expected", [
+    (1.5, "momentum_g=1.5 is outside [0, 1); give a number in [0, 1)"),  # SGD's momentum, only 2d.json defines it
+    (-0.1, "momentum_g=-0.1 is outside [0, 1)"),  # torch's "Invalid momentum value", after the data were cached
+    ("high", "momentum_g='high' is not a number"),
+])
+def test_2d_pretraining_refuses_a_momentum_g_out_of_range_before_anything_is_read(tmp_path, monkeypatch, files, value,
+                                                                                  expected):
+    # train.json's initialize cannot name momentum_g: its check_ranges also takes the (value, range) pairs of the
+    # setting_ranges id, which train.json leaves empty and 2d.json fills
+    folder = BUNDLES / "dira_pretrain" / "configs"
+    files = [folder / name for name in files]
+    monkeypatch.chdir(tmp_path)
+    common = {"bundle_root": str(tmp_path), "datalist": str(tmp_path / "missing.json")}  # nothing to read
+    step = _range_step(_parsed(files, common))
+    good = _parsed(files, {**common, "momentum_g": 0.0})
+    assert good.get_parsed_content(f"initialize#{step}")["momentum_g"] == 0.0  # checked, and 0 (plain SGD) passes
+    message = _refusal(_parsed(files, {**common, "momentum_g": value}), step)
+    assert message.startswith(expected), message
+    assert list(tmp_path.iterdir()) == []

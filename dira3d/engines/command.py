@@ -23,7 +23,7 @@ from dira3d.utils.interrupts import StoppedBySignal, interrupt_exit_code, loadin
 from dira3d.utils.overrides import as_bool, format_overrides, parse_value, shell_word
 
 __all__ = ["BUNDLE_DIR", "parse_override", "interrupted_message", "visual_words_mismatch", "early_stop_note",
-           "finished_message", "main"]
+           "finished_message", "single_process_under_torchrun", "main"]
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "dira_pretrain"
 
@@ -97,6 +97,23 @@ def visual_words_mismatch(datalist: Path, configs: list[str], overrides: dict) -
                 "VW_FOLDER/visual_words.json, or leave out --config visual_words.json to pretrain on the volumes "
                 "(every training volume a class)")
     return ""
+
+
+def single_process_under_torchrun(configs: list[str], overrides: dict) -> str:
+    """Why the configs do not fit a ``torchrun`` of several processes ('' when they do, or in one process): without
+    ``--config multi_gpu_train.json`` (no ``init_distributed`` in the merged ``initialize``) every rank trained a run of
+    its own into the same ``--output``; all but one were refused, each with a traceback, as the folder was in use."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 2:
+        return ""
+    steps = _merged_config(configs, overrides).get("initialize", [])
+    if any("init_distributed" in str(step) or "init_process_group" in str(step) for step in steps):
+        return ""
+    return (f"torchrun started {world} processes (WORLD_SIZE={world}), but the configs train in one process: every "
+            "process would pretrain on its own into the same --output; add --config multi_gpu_train.json "
+            "(docs/reliability.md, Distributed training)")
 
 
 def early_stop_note(last: Path) -> str:
@@ -242,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_overrides(configs, overrides, where="--override")
             except ValueError as err:
                 parser.error(str(err))
-            mismatch = visual_words_mismatch(datalist, configs, overrides)
+            mismatch = visual_words_mismatch(datalist, configs, overrides) or single_process_under_torchrun(configs, overrides)
             if mismatch:
                 parser.error(mismatch)
             from dira3d.engines.finished import RunAlreadyFinished
@@ -280,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d pretrain: {interrupted_message(output, overrides, err)}", file=sys.stderr)
         return interrupt_exit_code(err)
     except RunAlreadyFinished as done:  # a rerun of a finished run: nothing loaded or written (engines.finished)
-        print(f"dira3d pretrain: {done}", flush=True)
+        if _main_rank():
+            print(f"dira3d pretrain: {done}", flush=True)
     except StoppedBySignal as stop:  # SIGTERM or Ctrl-C: the step finished and last.pt was written first
-        print(f"dira3d pretrain: {interrupted_message(output, overrides, stop)}", file=sys.stderr)
+        if _main_rank():  # every rank stops at the same iteration (stopping.py): one line says where last.pt is
+            print(f"dira3d pretrain: {interrupted_message(output, overrides, stop)}", file=sys.stderr)
         return int(stop.code)
     except Exception as err:
         # MONAI wraps transform and config errors; print the bad file's or setting's own message
@@ -300,5 +319,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"dira3d pretrain: error: {cause}", file=sys.stderr)
         return 2
-    print(finished_message(output, configs, overrides), flush=True)
+    if _main_rank():
+        print(finished_message(output, configs, overrides), flush=True)
     return 0
+
+
+def _main_rank() -> bool:
+    """Whether this process prints the end-of-run lines: every process in one run, rank 0 alone under ``torchrun``
+    (``torchrun --nproc_per_node=N -m dira3d pretrain ... --config multi_gpu_train.json``: every rank printed the
+    same lines). The process group is gone by then (the bundle's ``finalize`` leaves it): ``torchrun``'s ``RANK``."""
+    from dira3d.engines.distributed import launcher_rank
+
+    return launcher_rank() == 0

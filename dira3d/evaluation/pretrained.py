@@ -234,9 +234,31 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
                                  in_channels_policy=in_channels_policy,
                                  head_policy="initialise" if kind == "segmentation" else "error")
         message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
-    # printed as well as logged: the report must be visible in a plain `monai.bundle run` console; under torchrun
-    # by rank 0 alone, as it logs (every rank printed it: the same report once per process)
-    if launcher_rank() == 0:
+    # under torchrun by rank 0 alone (every rank printed it: the same report once per process)
+    if launcher_rank() != 0:
+        return network
+    # printed where no console handler shows the logged line (`dira3d finetune`, a plain `monai.bundle run` without a
+    # logging file, a notebook); with the bundles' logging.conf, which logs to the console, the logged line alone: the
+    # report was there twice, printed and logged
+    if not _logged_to_console(log):
         print(message, flush=True)
     log.info(message)
     return network
+
+
+def _logged_to_console(log: logging.Logger, level: int = logging.INFO) -> bool:
+    """Whether a record of ``level`` logged by ``log`` reaches a handler that writes to the console (standard output or
+    error; a log file's handler does not count), as the bundles' ``logging.conf`` sets up the root logger."""
+    import sys
+
+    if not log.isEnabledFor(level):
+        return False
+    consoles = {id(stream) for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if stream is not None}
+    current: logging.Logger | None = log
+    while current is not None:
+        for handler in current.handlers:
+            if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+                    and handler.level <= level and id(getattr(handler, "stream", None)) in consoles):
+                return True
+        current = current.parent if current.propagate else None
+    return False
