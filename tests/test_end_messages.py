@@ -197,3 +197,30 @@ def test_pretrain_stopped_before_training_keeps_what_it_had(tmp_path, monkeypatc
         assert not out.exists() and "rerunning the same command starts afresh" in err
     else:
         assert sorted(p.name for p in out.rglob("*")) == ["last.pt", "models"] and "resume" in err
+
+
+def test_a_prepared_cross_validation_datalist_is_sent_to_every_fold(tmp_path, capsys):
+    """Walk of 2026-11-28: `dira3d prepare pecad` ended with `next: dira3d finetune ... --output-dir
+    runs/ft_pecad_embolism_fpr`, no fold: that run tests fold 0 alone (a third of the patients) and prints its AUC as
+    the result, and nothing said that the datalist is a cross-validation of several folds."""
+    import csv
+
+    import SimpleITK as sitk
+
+    from dira3d.data import pecad
+
+    src = tmp_path / "PE-CAD"
+    (src / "volumes").mkdir(parents=True)
+    rows = [("patient_id", "x", "y", "z", "coords", "label")]
+    for n in range(3):
+        sitk.WriteImage(sitk.Image(12, 10, 8, sitk.sitkInt16), str(src / "volumes" / f"PE{n}.nii.gz"))
+        rows += [(f"PE{n}", 5, 5, 4, "voxel", 1), (f"PE{n}", 2, 2, 2, "voxel", 0)]
+    with open(src / "candidates.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    assert pecad.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--cube-size", "8", "8", "8"]) == 0
+    datalist = json.loads((tmp_path / "out" / "pecad_datalist.json").read_text())
+    assert "test" not in datalist and {e["fold"] for e in datalist["training"]} == {0, 1, 2}
+    step = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("next:"))
+    words = shlex.split(step.split(None, 1)[1].rsplit(" (", 1)[0])
+    assert words[words.index("--fold") + 1] == "0" and words[words.index("--output-dir") + 1].endswith("_fold0")
+    assert "--fold 1" in step and "folds" in step and "dira3d experiment" in step and "Cross-validation" in step

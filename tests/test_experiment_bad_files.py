@@ -123,3 +123,39 @@ def test_a_cropped_entry_is_written_to_cache_dir_at_its_own_size(tmp_path):
         assert written.stat().st_size < own + 64 * 1024, (size, written.stat().st_size)  # the crop and the meta data
         again = DiskCacheDataset([{"image": cube, "case": 0}], Compose([CenterSpatialCropd("image", size)]), folder)[0]
         assert np.array_equal(np.asarray(again["image"]), np.asarray(item["image"]))  # read back from the file
+
+
+def test_a_damaged_volume_of_a_prepared_segmentation_datalist_is_named_alone(tmp_path):
+    """Walk of 2026-11-28: one truncated volume of a `dira3d prepare lits` datalist failed the grid's runs with
+    `DataError: .../volumes/lits-002.nii.gz, .../labels/lits-002.nii.gz: cannot be loaded ...; the file is truncated`:
+    both files of the entry were named as damaged, the intact mask too. Now the one that cannot be loaded is named."""
+    import SimpleITK as sitk
+
+    from dira3d.data import lits
+    from dira3d.data.io import xyz_to_image
+    from dira3d.evaluation import load_split
+
+    src = tmp_path / "LiTS" / "Training Batch 1"
+    src.mkdir(parents=True)
+    for number in range(3):
+        hu = np.full((24, 20, 12), -900, np.int16)
+        hu[4:16, 4:14, 2:9] = 60
+        for name, array in ((f"volume-{number}.nii", hu), (f"segmentation-{number}.nii", (hu > 0).astype(np.uint8))):
+            sitk.WriteImage(xyz_to_image(array), str(src / name))
+    dst = tmp_path / "prepared"
+    lits.prepare(src.parent, dst, progress=False)
+    volume = dst / "volumes" / "lits-001.nii.gz"
+    volume.write_bytes(volume.read_bytes()[:-40])  # a copy cut short
+    entry = next(e for e in load_split(dst / "lits_datalist.json", "train", holdout=0.34)
+                 + load_split(dst / "lits_datalist.json", "holdout", holdout=0.34) if e["image"] == str(volume))
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "lits_liver_seg" / "configs" / "train.json"))
+    parser.update({"datalist": str(dst / "lits_datalist.json"), "num_workers": 0})
+    parser.parse(True)
+    loader = next(t for t in parser.get_parsed_content("train#preprocessing").transforms if isinstance(t, LoadVolumed))
+    with pytest.raises(Exception) as info:
+        loader(entry)
+    error = setting_error_in(info.value)
+    assert error is not None and str(volume) in str(error), info.value
+    assert entry["label"] not in str(error)  # the intact mask is not called truncated
+    loader({"image": entry["label"], "label": entry["label"]})  # it loads

@@ -48,10 +48,11 @@ def record_datalist(path: Path, labelled: bool) -> None:
         written.append((path, labelled))
 
 
-def _finetune_step(bundle: str, doc: str = "docs/finetuning.md") -> str:
+def _finetune_step(bundle: str, doc: str = "docs/finetuning.md", fold: int | None = None) -> str:
     # runs/dira_pretrain: dira3d pretrain's default --output
-    return (f"dira3d finetune --bundle {bundle} --datalist {{datalist}} --pretrained runs/dira_pretrain/models/best.pt "
-            f"--output-dir runs/ft_{bundle} ({doc})")
+    option, suffix = ("", "") if fold is None else (f" --fold {fold}", f"_fold{fold}")
+    return (f"dira3d finetune --bundle {bundle} --datalist {{datalist}} --pretrained runs/dira_pretrain/models/best.pt"
+            f"{option} --output-dir runs/ft_{bundle}{suffix} ({doc})")
 
 
 # a datalist's name -> what it is for: the command to run next (``{datalist}``: its path)
@@ -62,7 +63,10 @@ NEXT_STEPS: dict[str, str] = {
     "lidc_datalist.json": _finetune_step("lidc_nodule_seg"),
     "lits_datalist.json": _finetune_step("lits_liver_seg"),
     "brats_datalist.json": _finetune_step("brats_tumor_seg"),
-    "pecad_datalist.json": _finetune_step("pecad_embolism_fpr"),
+    # cross-validation: one fine-tuning tests one fold, whose score alone is no result for the datalist
+    "pecad_datalist.json": _finetune_step("pecad_embolism_fpr", "fold 0 is its test set: run --fold 1, 2, ... too, or "
+                                          "every fold and seed with `folds` in dira3d experiment; docs/finetuning.md, "
+                                          "'Cross-validation'", fold=0),
     "siim_datalist.json": _finetune_step("siim_pneumothorax_seg", "docs/2d.md"),
     "montgomery_datalist.json": _finetune_step("montgomery_lung_seg", "docs/2d.md"),
     "chestxray14_datalist.json": _finetune_step("chestxray14_cls", "docs/2d.md"),

@@ -210,6 +210,8 @@ class LoadVolumed(LoadImaged):
         except DataError:  # a reader's own error already names the file and says what to do
             raise
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            if len(files) > 1:  # an image and its mask: name the one that fails, not the intact one too
+                files = self._unloadable(files, reader) or files
             source = files[0] if len(files) == 1 else (", ".join(files) or None)
             missing = [f for f in files if not os.path.exists(f)]
             if missing:
@@ -226,6 +228,18 @@ class LoadVolumed(LoadImaged):
             reason = " ".join(str(err).split())  # one line: nibabel's "got 32592 bytes from \n - could the file be ..."
             raise DataError(source, f"cannot be loaded ({type(err).__name__}: {reason}); "
                                     "the file is truncated, corrupt or not an image — repair or exclude it") from err
+
+    def _unloadable(self, files: list[str], reader=None) -> list[str]:
+        """The ``files`` that fail to load alone, once loading them together failed (the reader attempts' log
+        lines dropped): a truncated volume was named together with its intact mask, both called damaged."""
+        bad = []
+        for file in files:
+            try:
+                with _reader_attempts_held(type(self._loader).__name__):
+                    self._loader(file, reader)
+            except Exception:  # noqa: BLE001 - this file is one that fails
+                bad.append(file)
+        return bad
 
     def _own_reader_error(self, data, reader=None) -> DataError | None:
         """The :class:`DataError` of the first of dira3d's readers MONAI tried on a file no reader could load, or None.
