@@ -80,10 +80,21 @@ class SegmentationBundleTask(_OverridableBundleTask):
         if not self.is_valid():
             return
         output = first_output(path)
+        self._spatial_dims = len(output.get("spatial_shape") or ()) or 3
         channels = output.get("channel_def") or {}
         if int(output.get("num_channels", len(channels))) == 1 and len(channels) == 1:
             # one sigmoid channel thresholded to {0, 1}: the structure is label 1
             self.labels = {next(iter(channels.values())).lower(): 1}
+
+    def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, dict]:
+        """The mask written as ``inference.json`` writes it: ``uint8`` 0/1, without a channel axis. MONAI Label's writer
+        kept the ``float32`` of the post transforms, which ITK cannot write as PNG, and its ``Restored`` drops the
+        channel of a 3D mask only: every request of a 2D bundle on a PNG radiograph was an HTTP 500 ("PNG supports
+        unsigned char and unsigned short"), and a (1, H, W) mask would be written as an image one pixel wide."""
+        pred = data.get(self.output_label_key)
+        if getattr(self, "_spatial_dims", 3) == 2 and getattr(pred, "ndim", 0) == 3 and pred.shape[0] == 1:
+            data[self.output_label_key] = pred[0]
+        return super().writer(data, extension, "uint8" if dtype is None else dtype)
 
 
 class ClassificationBundleTask(_OverridableBundleTask):

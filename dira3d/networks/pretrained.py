@@ -154,6 +154,25 @@ def _unwrap(checkpoint: Mapping[str, Any], parts: Sequence[str]) -> Mapping[str,
     return checkpoint
 
 
+def _exported_parts(path: str, checkpoint: Mapping[str, Any], parts: Sequence[str]) -> Mapping[str, Any]:
+    """A file of ``dira3d export pretrained`` (``weights/encoder.pt`` or ``.safetensors``: one part's flat state_dict,
+    its keys without the part's prefix, named after the part) as ``{part: state_dict}``, with the other ``parts``
+    from the files of the same export beside it (``decoder.pt``); any other checkpoint is returned as it is. It was
+    refused as having "no 'encoder' part; parts available: ['levels']"."""
+    name = os.path.basename(path)
+    stem, suffix = os.path.splitext(name)
+    if stem not in parts or suffix not in (".pt", ".safetensors") or any(p in _available_parts(checkpoint) for p in parts):
+        return checkpoint
+    if any(isinstance(v, Mapping) for v in checkpoint.values()):
+        return checkpoint
+    result: dict[str, Any] = {stem: checkpoint}
+    for part in parts:
+        sibling = os.path.join(os.path.dirname(path), part + suffix)
+        if part != stem and os.path.isfile(sibling):
+            result[part] = load_checkpoint(sibling)
+    return result
+
+
 def _part_state_dict(checkpoint: Mapping[str, Any], part: str, source: str) -> dict[str, torch.Tensor]:
     nested = checkpoint.get(part)
     if isinstance(nested, Mapping) and nested:
@@ -162,9 +181,13 @@ def _part_state_dict(checkpoint: Mapping[str, Any], part: str, source: str) -> d
         prefix = f"{part}."
         state = {k[len(prefix) :]: v for k, v in checkpoint.items() if k.startswith(prefix)}
     if not state:
+        stem, suffix = os.path.splitext(os.path.basename(source))
+        exported = (f" ({source} holds the {stem} alone, as `dira3d export pretrained` writes it; the {part} is read "
+                    f"from {part}{suffix} beside it, which that export writes from a checkpoint that has one, with "
+                    f"`--parts {' '.join([*checkpoint, part])}`)" if stem in checkpoint else "")
         raise ValueError(
             f"checkpoint {source} has no (or an empty) '{part}' part; parts available: "
-            f"{_available_parts(checkpoint) or 'none'}. Choose parts among those (e.g. parts=('encoder',))"
+            f"{_available_parts(checkpoint) or 'none'}. Choose parts among those (e.g. parts=('encoder',)){exported}"
         )
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -313,7 +336,7 @@ def load_pretrained(
             f"checkpoint must be a path or a dict of state_dicts, got {type(checkpoint).__name__}"
         )
     meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else None
-    checkpoint = _unwrap(checkpoint, parts)
+    checkpoint = _unwrap(_exported_parts(source, checkpoint, parts), parts)
     # before the keys: a 3D checkpoint in a 2D network (or the reverse) would list every key
     _check_spatial_dims(network, meta, checkpoint, parts, source)
 
