@@ -4,6 +4,7 @@ and the message for 2D images given to the 3D bundle."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -84,18 +85,26 @@ def test_each_validation_counts_its_own_short_batches(caplog):
     assert sum("is left out" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("dims, items", [(3, "volumes"), (2, "images")])
-def test_barlow_validation_of_one_image_names_the_datalist(tmp_path, dims, items):
-    """The message named no datalist and said "volumes" for 2D images too."""
+@pytest.mark.parametrize("dims, items, dataset, option", [
+    (3, "volumes", None, "generic ... --val-fraction"),  # no datalist meta: generic's option
+    (3, "volumes", "luna16", "luna16 ... --val-subsets"),  # it named --val-fraction, which LUNA16's prepare lacks
+    (2, "images", "radiographs", "radiographs ... --val-fraction"),
+])
+def test_barlow_validation_of_one_image_names_the_datalist(tmp_path, dims, items, dataset, option):
+    """The message named no datalist and said "volumes" for 2D images too; it advised a larger --val-fraction for
+    every dataset, LUNA16's too (split by subset: --val-subsets)."""
+    datalist = tmp_path / "pretrain_datalist.json"
+    if dataset is not None:
+        datalist.write_text(json.dumps({"meta": {"dataset": dataset}, "training": [], "validation": []}))
     patch, shape = (PATCH3, (24, 24, 12)) if dims == 3 else (PATCH2, (24, 24))
     one = DiRAEvaluator("cpu", DataLoader(Dataset(smooth_volumes(1, shape, seed=1),
                                                   RandPatchPaird("image", patch, spatial_dims=dims)), batch_size=2),
-                        datalist=tmp_path / "pretrain_datalist.json")
+                        datalist=datalist)
     trainer = make_trainer("barlow", dims, stages=[{"name": "dis", "losses": ["dis"]}], max_epochs=1, volumes=2,
                            batch=2, handlers=[one])
     with pytest.raises(ValueError, match=rf"put at least 2 {items} in the validation split of "
-                                         rf"{re.escape(str(tmp_path / 'pretrain_datalist.json'))} \(and keep"
-                                         r".*run the same command again with a larger --val-fraction"):
+                                         rf"{re.escape(str(datalist))} \(and keep"
+                                         rf".*run it again with more validation volumes \(`dira3d prepare {option}`"):
         trainer.run()
     # found by a 2D walkthrough (a folder of 5 X-rays, 10 % for validation: 1 image): refused before training, not
     # at the end of the first epoch

@@ -66,6 +66,26 @@ def test_one_training_volume_names_the_split_not_an_impossible_range(tmp_path):
     assert "2 or more training volumes" in message and "--val-fraction" in message and "1 training" in message
 
 
+@pytest.mark.parametrize("dataset, option", [
+    ("luna16", "`dira3d prepare luna16 ... --train-subsets`"),  # it said --val-fraction, which LUNA16's prepare lacks
+    ("lits", "`dira3d prepare lits ... --train-range`"),
+    ("brats2018", "`dira3d prepare brats ... --split`"),
+    ("generic", "a smaller --val-fraction (`dira3d prepare generic ... --val-fraction 0`"),
+])
+def test_one_training_volume_names_the_option_of_the_datalists_own_prepare(tmp_path, dataset, option):
+    """LUNA16 is split by subset: `dira3d visual-words` on a LUNA16 datalist of one training volume advised a smaller
+    --val-fraction, an option `dira3d prepare luna16` does not have."""
+    from dira3d.visual_words.checks import check_counts
+
+    path = tmp_path / "pretrain_datalist.json"
+    path.write_text(json.dumps({"meta": {"dataset": dataset}, "training": [], "validation": []}))
+    with pytest.raises(ValueError) as refused:
+        check_counts(path, 1, 1, classes=2, neighbours=2, val_neighbours=0)
+    message = str(refused.value)
+    assert option in message and "2 or more training volumes" in message, message
+    assert dataset == "generic" or "--val-fraction" not in message, message
+
+
 def test_no_validation_words_is_said_at_the_start_and_the_end_with_the_pretraining_command(
         datalist, tmp_path, capsys, caplog):
     """--val-neighbours 0 (what the count error allowed): the pretraining bundle refused such an output ('lists no
@@ -155,3 +175,18 @@ def test_extraction_says_how_far_it_is_inside_a_block(datalist, tmp_path, monkey
     assert [line.split(" (")[0] for line in lines] == ["classes 0-1, training volumes: 1/3 volumes",
                                                       "classes 0-1, training volumes: 2/3 volumes"], caplog.text
     assert all("to go)" in line for line in lines)
+
+
+def test_an_empty_training_list_of_luna16_names_its_train_subsets(tmp_path):
+    """`dira3d visual-words` and `dira3d pretrain` on a LUNA16 datalist with no training volume (subsets left out of
+    --train-subsets) said what to do with no option, or only 'check the paths'; they name `--train-subsets` now."""
+    from dira3d.engines import load_datalist
+    from dira3d.visual_words.loading import read_datalist
+
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    path = tmp_path / "pretrain_datalist.json"
+    path.write_text(json.dumps({"meta": {"dataset": "luna16"}, "training": [],
+                                "validation": [{"image": "a.nii.gz", "case_id": "a"}]}))
+    for read in (read_datalist, lambda p: load_datalist(p, "training")):
+        with pytest.raises(ValueError, match=r"empty 'training' list.*`dira3d prepare luna16 \.\.\. --train-subsets`"):
+            read(path)

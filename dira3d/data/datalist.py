@@ -26,7 +26,7 @@ from typing import Any
 from dira3d.data.errors import DataError
 
 __all__ = ["DatalistError", "DatalistFilesMissingError", "check_datalist_file", "read_datalist_json", "folder_not_datalist",
-           "datalist_entries", "datalist_meta", "check_entry_files", "split_option"]
+           "datalist_entries", "datalist_meta", "check_entry_files", "more_training_advice", "split_option"]
 
 _SHOWN = 10  # entry problems named in one message
 
@@ -63,7 +63,13 @@ _SPLIT_OPTIONS = {
     "lits": ("lits", "--val-range", "--test-range"),
     "lidc-idri": ("lidc", "--split", "--split"),
     "brats2018": ("brats", "--split", "--split"),
+    # the 2D datasets whose prepare takes generic's fractions (cxr_splits.add_split_arguments) under its own name
+    "siim-acr": ("siim", "--val-fraction", "--test-fraction"),
+    "montgomery": ("montgomery", "--val-fraction", "--test-fraction"),
+    "radiographs": ("radiographs", "--val-fraction", "--test-fraction"),
 }
+# meta.dataset -> the option of its prepare command that fills 'training' (the others: smaller fractions)
+_TRAINING_OPTIONS = {"luna16": "--train-subsets", "lits": "--train-range", "lidc-idri": "--split", "brats2018": "--split"}
 
 
 def split_option(datalist: str | os.PathLike | None, part: str) -> str:
@@ -74,6 +80,19 @@ def split_option(datalist: str | os.PathLike | None, part: str) -> str:
     name, validation, test = _SPLIT_OPTIONS.get(str(datalist_meta(datalist).get("dataset")),
                                                 ("generic", "--val-fraction", "--test-fraction"))
     return f"`dira3d prepare {name} ... {validation if part == 'validation' else test}`"
+
+
+def more_training_advice(datalist: str | os.PathLike | None) -> str:
+    """How to prepare more training volumes for the dataset the datalist's ``meta.dataset`` records: its own option
+    (``dira3d prepare luna16 ... --train-subsets``: LUNA16 splits by subset), else a smaller validation fraction of its
+    prepare command (advice written for ``generic`` named ``--val-fraction`` for every dataset, LUNA16's too)."""
+    dataset = str(datalist_meta(datalist).get("dataset"))
+    name, validation, _ = _SPLIT_OPTIONS.get(dataset, ("generic", "--val-fraction", "--test-fraction"))
+    if dataset in _TRAINING_OPTIONS:
+        return (f"prepare the scans again with more of them for training (`dira3d prepare {name} ... "
+                f"{_TRAINING_OPTIONS[dataset]}`; the volumes written are kept)")
+    return (f"prepare the scans again with a smaller {validation} (`dira3d prepare {name} ... {validation} 0`; the "
+            "volumes written are kept)")
 
 
 def channels_advice(datalist: str | os.PathLike | None, channels: int, in_channels: int) -> str:

@@ -62,10 +62,17 @@ def build_dis_head(
         The head module (logits for ``visual_words``, projections otherwise).
 
     Raises:
-        ValueError: unknown mode; a :class:`~dira3d.data.errors.DataError` for a ``num_classes`` in ``visual_words``
-            mode that is missing or not a whole number >= 1.
+        DataError: (a ``ValueError``) an unknown mode; a ``num_classes`` in ``visual_words`` mode, a ``hidden`` (the
+            bundles' ``dis_hidden``) or, in the instance modes, a ``proj_dim`` that is missing or not a whole number >= 1.
     """
     check_dis_mode(dis_mode)
+    # the bundles' names: hidden=0 failed in the head, in MONAI's traceback, naming the head's argument
+    sizes = {"dis_hidden": hidden} if dis_mode == "visual_words" else {"dis_hidden": hidden, "proj_dim": proj_dim}
+    for name, value in sizes.items():
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer()
+                or value < 1):
+            raise DataError(None, f"{name}={value!r}: the width of a layer of the {dis_mode} head must be a whole number "
+                            f">= 1; give a whole number, e.g. {name}={1024 if name == 'dis_hidden' else 128}")
     if dis_mode == "visual_words":
         # DataError: one `error:` line under python -m monai.bundle run too; text ('abc') failed in `<` inside
         # MONAI's traceback, 2.5 ran as 2 classes without a word

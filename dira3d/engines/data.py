@@ -41,12 +41,13 @@ class RandPatchPair(Randomizable):
         pair: ``"instances"`` (two crops) or ``"views"`` (one crop).
 
     Raises:
-        ValueError: ``patch_size`` does not have ``spatial_dims`` entries, or an unknown ``pair``.
+        DataError: ``patch_size`` does not have ``spatial_dims`` entries, a ``spatial_dims`` other than 2 or 3, or an
+            unknown ``pair`` (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``).
     """
 
     def __init__(self, patch_size: Sequence[int], spatial_dims: int = 3, pair: str = "instances") -> None:
         if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims={spatial_dims!r} is not supported; use 2 or 3")
+            raise DataError(None, f"spatial_dims={spatial_dims!r} is not supported; use 2 or 3")
         sizes = list(patch_size) if isinstance(patch_size, (Sequence, np.ndarray)) and not isinstance(patch_size, str) else None
         if (sizes is None or len(sizes) != spatial_dims  # patch_size=32 failed with a bare "has no len()" TypeError
                 or not all(isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 1 and float(n).is_integer()
@@ -55,7 +56,7 @@ class RandPatchPair(Randomizable):
                             f"positive sizes for spatial_dims={spatial_dims}, a list of whole numbers, e.g. "
                             f"patch_size={[64, 64, 32][:spatial_dims] if spatial_dims == 3 else [224, 224]}")
         if pair not in PAIR_POLICIES:
-            raise ValueError(f"pair={pair!r} is not supported; choose one of {', '.join(PAIR_POLICIES)}")
+            raise DataError(None, f"pair={pair!r} is not supported; choose one of {', '.join(PAIR_POLICIES)}")
         self.patch_size, self.spatial_dims, self.pair = tuple(int(p) for p in patch_size), spatial_dims, pair
         self._starts: list[tuple[int, ...]] = []
 

@@ -25,6 +25,7 @@ from monai.data.utils import set_rnd
 from monai.engines import Evaluator
 from monai.networks.utils import eval_mode
 
+from dira3d.data.datalist import split_option
 from dira3d.engines.optim import autocast_context
 from dira3d.engines.trainer import DiRATrainer
 from dira3d.utils.interrupts import QuietInterruptMixin
@@ -115,8 +116,9 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
                  f"the validation split of {os.fspath(self.datalist)}")
         return ("every validation batch was too small for the discrimination loss, so there is no "
                 f"validation loss; put at least 2 {items} in {split} (and keep batch_size >= 2): for a datalist "
-                "written by `dira3d prepare`, run the same command again with a larger --val-fraction (the prepared "
-                "files are kept), or pretrain with MoCo (2d_moco.json in 2D), whose loss takes a batch of one")
+                "written by `dira3d prepare`, run it again with more validation volumes "
+                f"({split_option(self.datalist, 'validation')}; the prepared files are kept), or pretrain with MoCo "
+                "(2d_moco.json in 2D), whose loss takes a batch of one")
 
     def _validate(self, trainer: DiRATrainer) -> None:
         modules = list(trainer.modules().values())
@@ -182,12 +184,15 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
 
 
 def _check_interval(interval: Any) -> int:
-    """``interval`` (the bundle's ``val_interval``) as an int >= 1, or a ValueError naming the setting."""
+    """``interval`` (the bundle's ``val_interval``) as an int >= 1, or a ``DataError`` (a ``ValueError``: one ``error:``
+    line under ``python -m monai.bundle run``) naming the setting."""
+    from dira3d.data.errors import DataError
+
     try:
         whole = not isinstance(interval, bool) and float(interval).is_integer() and int(interval) >= 1
     except (TypeError, ValueError):
         whole = False
     if not whole:
-        raise ValueError(f"val_interval={interval!r}: validate every N epochs needs a whole number N >= 1; "
-                         "to pretrain without validation set validation to false")
+        raise DataError(None, f"val_interval={interval!r}: validate every N epochs needs a whole number N >= 1; "
+                        "to pretrain without validation set validation to false")
     return int(interval)

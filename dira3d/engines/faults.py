@@ -57,12 +57,15 @@ class NonFiniteGuard:
             at the end of the run).
 
     Raises:
-        ValueError: an unknown policy.
+        DataError: an unknown policy (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``).
     """
 
     def __init__(self, on_nonfinite: str = "stop", check_every: int = 10) -> None:
         if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not supported; choose one of {', '.join(NONFINITE_POLICIES)}")
+            from dira3d.data.errors import DataError
+
+            raise DataError(None, f"on_nonfinite={on_nonfinite!r} is not supported; choose one of "
+                            f"{', '.join(NONFINITE_POLICIES)}")
         self.on_nonfinite, self.check_every = on_nonfinite, max(int(check_every), 1)
         self.first_bad: dict[str, torch.Tensor] = {}  # term -> first bad iteration (-1: none), on device
         self.skipped = 0

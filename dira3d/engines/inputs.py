@@ -31,7 +31,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged, MapTransform
 
-from dira3d.data.datalist import DatalistError, channels_advice, datalist_entries, read_datalist_json
+from dira3d.data.datalist import (DatalistError, channels_advice, datalist_entries, more_training_advice,
+                                  read_datalist_json)
 from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.bundle_errors import setting_error_in  # light: dira3d finetune's refusals use it before torch loads
@@ -60,6 +61,7 @@ def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str
             "`dira3d pretrain --override validation=false`, no best.pt); "
             "dis_mode visual_words on volumes validates on the training list instead"
             if key == "validation" else "add entries (check the paths given to `dira3d prepare`)"
+            + (f", or {more_training_advice(path)}" if key == "training" else "")
         )
         raise DatalistError(path, f"has an empty {key!r} list; {hint}")
     # a DICOM series may be a folder: "path" accepts folders

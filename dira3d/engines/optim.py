@@ -35,10 +35,12 @@ def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractConte
     """``torch.autocast`` for ``amp`` in ("bf16", "fp16"), a null context for "none".
 
     Raises:
-        ValueError: an unknown ``amp`` value.
+        DataError: an unknown ``amp`` value (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``).
     """
     if amp not in AMP_MODES:
-        raise ValueError(f"amp={amp!r} is not supported; choose one of {', '.join(AMP_MODES)}")
+        from dira3d.data.errors import DataError
+
+        raise DataError(None, f"amp={amp!r} is not supported; choose one of {', '.join(AMP_MODES)}")
     if amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16

@@ -184,10 +184,13 @@ def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "ind
         The names of the compiled modules (``network.encoder``, ``network.decoder``, ...).
 
     Raises:
-        ValueError: an unknown backend.
+        DataError: an unknown backend (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``).
     """
     if backend not in COMPILE_BACKENDS:
-        raise ValueError(f"compile backend {backend!r} is not supported; choose one of {', '.join(COMPILE_BACKENDS)}")
+        from dira3d.data.errors import DataError
+
+        raise DataError(None, f"compile backend {backend!r} (the bundles' compile setting) is not supported; choose "
+                        f"false, true (inductor) or one of {', '.join(COMPILE_BACKENDS)}")
     # static shapes: patches have a fixed size and the batch only a few values (B in the G step,
     # 2B for the adversary's joint real + restored forward, the last validation batch), so one
     # specialised graph per batch size beats a graph with a symbolic batch dimension

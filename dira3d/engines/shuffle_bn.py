@@ -102,16 +102,20 @@ def check_shuffle_bn(shuffle_bn: bool | None, dis_mode: str) -> bool:
     ``null`` (any case, as a command line may pass it) is read as the value it names.
 
     Raises:
-        ValueError: a value other than True, False or None, or True outside ``moco`` mode.
+        DataError: a value other than True, False or None, or True outside ``moco`` mode (a ``ValueError``; one
+            ``error:`` line under ``python -m monai.bundle run``).
     """
+    from dira3d.data.errors import DataError
+
     if isinstance(shuffle_bn, str):
         shuffle_bn = _TEXT.get(shuffle_bn.strip().lower(), shuffle_bn)
     if shuffle_bn is None:
         return dis_mode == "moco"
     if not isinstance(shuffle_bn, bool):
-        raise ValueError(f"shuffle_bn={shuffle_bn!r} must be true, false or null (null: on in dis_mode 'moco')")
+        raise DataError(None, f"shuffle_bn={shuffle_bn!r} must be true, false or null (null: on in dis_mode 'moco')")
     if shuffle_bn and dis_mode != "moco":
-        raise ValueError(
+        raise DataError(
+            None,
             f"shuffle_bn=True applies to dis_mode='moco' only (it shuffles the batch of MoCo's key encoder); "
             f"dis_mode={dis_mode!r} has no key encoder: set shuffle_bn to false or null"
         )

@@ -24,6 +24,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from dira3d.data.errors import DataError
+
 __all__ = ["LOSS_TERMS", "Stage", "StageSchedule", "DEFAULT_STAGES"]
 
 LOSS_TERMS = ("dis", "res", "adv")
@@ -69,56 +71,62 @@ class StageSchedule:
             ``until_iteration`` (None: a single stage with all three losses).
 
     Raises:
-        ValueError: on an unknown key or term, an empty or duplicated name, an empty loss list,
-            both bounds in one stage, bounds that do not increase, or a bounded last stage.
+        DataError: (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``) on an unknown key or
+            term, an empty or duplicated name, an empty loss list, both bounds in one stage, bounds that do not
+            increase, or a bounded last stage.
     """
 
     def __init__(self, stages: Sequence[Mapping] | None = None) -> None:
         raw = list(DEFAULT_STAGES if stages is None else stages)
         if not raw:
-            raise ValueError("stages: the list is empty; give at least one stage, e.g. [{'name': 'dira', 'losses': ['dis', 'res', 'adv']}]")
+            raise DataError(None, "stages: the list is empty; give at least one stage, e.g. "
+                            "[{'name': 'dira', 'losses': ['dis', 'res', 'adv']}]")
         self.stages: list[Stage] = [self._parse(i, item) for i, item in enumerate(raw)]
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"stages: names must be unique, got {names}")
+            raise DataError(None, f"stages: names must be unique, got {names}")
         last = self.stages[-1]
         if last.until_epoch is not None or last.until_iteration is not None:
-            raise ValueError(
+            raise DataError(
+                None,
                 f"stages: the last stage {last.name!r} must have no 'until_epoch'/'until_iteration' (it runs to the end)"
             )
         for key in ("until_epoch", "until_iteration"):
             bounds = [getattr(s, key) for s in self.stages if getattr(s, key) is not None]
             if bounds != sorted(set(bounds)):
-                raise ValueError(f"stages: {key} values must strictly increase from stage to stage, got {bounds}")
+                raise DataError(None, f"stages: {key} values must strictly increase from stage to stage, got "
+                                f"{bounds}")
 
     @staticmethod
     def _parse(index: int, item: Mapping) -> Stage:
         if not isinstance(item, Mapping):
-            raise ValueError(f"stages[{index}]: expected a dict with 'name' and 'losses', got {item!r}")
+            raise DataError(None, f"stages[{index}]: expected a dict with 'name' and 'losses', got {item!r}")
         unknown = set(item) - _KEYS
         if unknown:
-            raise ValueError(f"stages[{index}]: unknown key(s) {sorted(unknown)}; allowed keys are {sorted(_KEYS)}")
+            raise DataError(None, f"stages[{index}]: unknown key(s) {sorted(unknown)}; allowed keys are "
+                            f"{sorted(_KEYS)}")
         name = str(item.get("name", "")).strip()
         if not name:
-            raise ValueError(f"stages[{index}]: every stage needs a non-empty 'name'")
+            raise DataError(None, f"stages[{index}]: every stage needs a non-empty 'name'")
         losses = item.get("losses")
         if not isinstance(losses, (list, tuple)) or not losses:
             # a string ("dis") was refused without showing the list form; a mapping ({"dis": true}) was taken as its
             # keys and a number failed with Python's bare "'int' object is not iterable"
-            raise ValueError(f"stages[{index}] ({name}): 'losses' must be a non-empty list drawn from "
-                             f"{list(LOSS_TERMS)}, got {losses!r}; write it as a list, e.g. "
-                             f"\"losses\": {json.dumps(_losses_example(losses))}")
+            raise DataError(None, f"stages[{index}] ({name}): 'losses' must be a non-empty list drawn from "
+                            f"{list(LOSS_TERMS)}, got {losses!r}; write it as a list, e.g. "
+                            f"\"losses\": {json.dumps(_losses_example(losses))}")
         bad = [t for t in losses if t not in LOSS_TERMS]
         if bad:
-            raise ValueError(f"stages[{index}] ({name}): unknown loss term(s) {bad}; the terms are {list(LOSS_TERMS)}")
+            raise DataError(None, f"stages[{index}] ({name}): unknown loss term(s) {bad}; the terms are "
+                            f"{list(LOSS_TERMS)}")
         epoch, iteration = item.get("until_epoch"), item.get("until_iteration")
         if epoch is not None and iteration is not None:
-            raise ValueError(f"stages[{index}] ({name}): give 'until_epoch' or 'until_iteration', not both")
+            raise DataError(None, f"stages[{index}] ({name}): give 'until_epoch' or 'until_iteration', not both")
         for key, value in (("until_epoch", epoch), ("until_iteration", iteration)):
             if value is not None and not _whole_number(value):  # int() took True as 1 and failed bare on text
                 unit = key.split("_")[1]
-                raise ValueError(f"stages[{index}] ({name}): {key} must be a whole number >= 1 (the last {unit} of "
-                                 f"this stage), got {value!r}; fix the stages setting")
+                raise DataError(None, f"stages[{index}] ({name}): {key} must be a whole number >= 1 (the last {unit} "
+                                f"of this stage), got {value!r}; fix the stages setting")
         return Stage(
             name=name,
             losses=tuple(dict.fromkeys(losses)),

@@ -248,21 +248,25 @@ def check_early_stop_patience(patience: Any, validation: Any = True) -> int | No
     with their ``validation`` setting (False: no validation set, so no loss to stop on).
 
     Raises:
-        ValueError: not a whole number >= 1 (a negative, zero, fractional, boolean or text value), naming the setting;
-            a patience with ``validation`` false, naming both settings; a ``validation`` that is not a boolean.
+        DataError: (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``, as the other settings'
+            checks) not a whole number >= 1 (a negative, zero, fractional, infinite, NaN, boolean or text value), naming
+            the setting; a patience with ``validation`` false, naming both settings; a ``validation`` that is not a
+            boolean.
     """
+    from dira3d.data.errors import DataError
+
     validation = as_bool(validation, "validation")
     if patience is None:
         return None
-    if isinstance(patience, bool) or not isinstance(patience, numbers.Real) or int(patience) != patience or patience < 1:
-        raise ValueError(f"early_stop_patience={patience!r} must be a whole number >= 1: the validations in a row "
-                         "without a lower validation loss in the final stage after which pretraining stops (null: "
-                         "no early stopping, the run goes to max_epochs)")
+    if isinstance(patience, bool) or not isinstance(patience, numbers.Real) or not float(patience).is_integer() or patience < 1:
+        raise DataError(None, f"early_stop_patience={patience!r} must be a whole number >= 1: the validations in a row "
+                        "without a lower validation loss in the final stage after which pretraining stops (null: "
+                        "no early stopping, the run goes to max_epochs)")
     if not validation:
-        raise ValueError(f"early_stop_patience={patience!r} stops on the validation loss, but validation is false (no "
-                         "validation set, e.g. a `dira3d visual-words` output without validation words): set "
-                         "early_stop_patience to null to train for max_epochs, or validation to true with a validation "
-                         "set (docs: bundles/dira_pretrain/docs/README.md, 'Without validation')")
+        raise DataError(None, f"early_stop_patience={patience!r} stops on the validation loss, but validation is false "
+                        "(no validation set, e.g. a `dira3d visual-words` output without validation words): set "
+                        "early_stop_patience to null to train for max_epochs, or validation to true with a validation "
+                        "set (docs: bundles/dira_pretrain/docs/README.md, 'Without validation')")
     return int(patience)
 
 

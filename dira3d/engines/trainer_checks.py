@@ -86,7 +86,8 @@ def check_second_view(second_view: str, dis_mode: str) -> str:
 
 def check_yields_batches(loader: Any) -> None:
     """An empty training loader is an error: MONAI would skip the run with a warning and exit 0,
-    writing no checkpoint (e.g. fewer training volumes than ``batch_size`` with ``drop_last``)."""
+    writing no checkpoint (e.g. fewer training volumes than ``batch_size`` with ``drop_last``): a ``DataError`` (one
+    ``error:`` line under ``python -m monai.bundle run``)."""
     if not isinstance(loader, torch.utils.data.DataLoader):
         return
     try:
@@ -103,7 +104,8 @@ def check_yields_batches(loader: Any) -> None:
             # torchrun: each process gets its share (drop_last in the sampler rounds it down), which may be < batch_size
             share = f", {len(sampler)} on each of the {replicas} processes,"
             fewer = ", use fewer processes (--nproc_per_node)"
-        raise ValueError(
+        raise DataError(
+            None,
             f"the training data loader yields no batch: {items} training item(s) per epoch{share} with batch_size "
             f"{loader.batch_size}{drop}; lower batch_size (e.g. --override batch_size=1 with dira3d pretrain, --batch_size 1 "
             f"with python -m monai.bundle run){fewer} or add training volumes"

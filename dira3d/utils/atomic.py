@@ -11,6 +11,7 @@ and at most a stray hidden ``.tmp`` file; an exception removes the temporary fil
 
 from __future__ import annotations
 
+import atexit
 import errno
 import glob
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["FolderNotWritableError", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable",
-           "check_output_settings", "removed_if_failed", "removed_if_failed_empty", "stale_temporaries",
+           "check_output_settings", "remove_created_empty_folders", "removed_if_failed", "removed_if_failed_empty", "stale_temporaries",
            "stale_temporaries_of", "remove_stale_temporaries_of"]
 
 # mkstemp creates the temporary file 0600; the final file gets the mode an ordinary open() would
@@ -203,6 +204,12 @@ def check_output_settings(hint: str = "", **settings: str | os.PathLike) -> None
     cached, and fails with a traceback naming the folder alone). A setting whose name ends in ``_path`` is a
     file: its folder is checked. ``hint`` is added to the advice (e.g. where the default lies).
 
+    The folders it creates (and their new parents) are removed again when the process ends with them still empty
+    (:func:`remove_created_empty_folders`, at exit): a run refused after this check (a later ``initialize`` check, a
+    missing datalist) under plain ``python -m monai.bundle run`` leaves no empty ``models/`` or ``eval/`` behind (the
+    ``dira3d`` commands remove theirs as soon as a run fails: :func:`removed_if_failed_empty`). A folder that existed
+    before, or one that holds anything, is never removed.
+
     Example: ``"$dira3d.utils.check_output_settings(ckpt_dir=@ckpt_dir, output_dir=@output_dir)"``.
 
     Raises:
@@ -211,7 +218,71 @@ def check_output_settings(hint: str = "", **settings: str | os.PathLike) -> None
     for name, value in settings.items():
         file = name.endswith("_path")
         advice = f"pass --{name} with {'a file in ' if file else ''}a writable folder" + (f" ({hint})" if hint else "")
-        check_writable(Path(value).parent if file else Path(value), what=f"{name} folder" if file else name, advice=advice)
+        folder = Path(value).parent if file else Path(value)
+        new = _new_folders(folder)
+        check_writable(folder, what=f"{name} folder" if file else name, advice=advice)
+        _remember_created(new)
+
+
+# folders check_output_settings created in this process (rank 0 of a distributed run: another rank may still write
+# into one when this one ends), removed at its exit when they hold nothing but lock files (remove_created_empty_folders)
+_CREATED: dict[Path, int] = {}
+
+
+def _new_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet (absolute): the folders creating it would make."""
+    new = []
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists() or path.is_symlink():
+            break
+        new.append(path)
+    return new
+
+
+def _remember_created(folders: list[Path]) -> None:
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        _CREATED.update((path, os.getpid()) for path in folders if path.is_dir())
+
+
+def remove_created_empty_folders() -> list[Path]:
+    """Remove the folders :func:`check_output_settings` created in this process that hold nothing now but the run's
+    lock files (see :func:`removed_if_failed_empty`), innermost first; registered to run at exit. A folder that holds
+    anything else stays, and so do its parents.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    for folder in sorted(_CREATED, key=lambda path: len(path.parts), reverse=True):
+        if _CREATED.pop(folder) == os.getpid() and _remove_if_only_locks(folder):  # not in a forked child
+            removed.append(folder)
+    return removed
+
+
+# registered when dira3d is imported, before any writer's own exit handler (a TensorBoard writer's flush), which runs
+# first (last registered, first run): what a writer puts in a folder at exit keeps it
+atexit.register(remove_created_empty_folders)
+
+
+def _only_locks(path: Path) -> bool:
+    """Whether folder ``path`` holds nothing but lock files and folders of nothing else (models/ with its own lock)."""
+    from dira3d.utils.folder_lock import LOCK_NAME
+
+    return all((p.name == LOCK_NAME and p.is_file()) or (p.is_dir() and not p.is_symlink() and _only_locks(p))
+               for p in path.iterdir())
+
+
+def _remove_if_only_locks(folder: Path) -> bool:
+    """Remove ``folder`` when it is a folder (not a link) that holds nothing but lock files; whether it was removed."""
+    try:
+        if folder.is_symlink() or not folder.is_dir() or not _only_locks(folder):
+            return False
+        for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        folder.rmdir()
+    except OSError:  # written to meanwhile, or not ours to remove: left as it is
+        return False
+    return True
 
 
 @contextmanager
@@ -220,22 +291,13 @@ def removed_if_failed_empty(folder: str | os.PathLike) -> Iterator[Path]:
     not exist before it and is still empty (but for the run's own lock file, released by then: see
     :mod:`dira3d.utils.folder_lock`): a run refused at its start leaves no empty output folder behind.
     A folder the user had, or one holding anything else, is left alone."""
-    from dira3d.utils.folder_lock import LOCK_NAME
-
     folder = Path(folder)
     new = not folder.exists()
-
-    def only_locks(path: Path) -> bool:  # lock files, and folders of nothing else (models/ with its own lock)
-        return all((p.name == LOCK_NAME and p.is_file()) or (p.is_dir() and not p.is_symlink() and only_locks(p))
-                   for p in path.iterdir())
-
     try:
         yield folder
     except BaseException:
-        if new and folder.is_dir() and only_locks(folder):
-            for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                path.unlink() if path.is_file() else path.rmdir()
-            folder.rmdir()
+        if new:
+            _remove_if_only_locks(folder)
         raise
 
 

@@ -56,14 +56,21 @@ def format_overrides(settings: Mapping[str, Any], option: str = "--override") ->
 
 def as_bool(value: Any, name: str) -> bool:
     """A boolean setting; the strings true/false (any case, as a command line may pass them) too.
-    ``bool("False")`` is True: a string must not switch a setting on by being non-empty."""
+    ``bool("False")`` is True: a string must not switch a setting on by being non-empty.
+
+    Raises:
+        DataError: other text (a ``ValueError``, naming the setting: one ``error:`` line under ``python -m monai.bundle
+            run``, whose bundles read ``validation`` and ``resume`` with it, not MONAI's traceback).
+    """
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("true", "1", "yes"):
             return True
         if text in ("false", "0", "no", "none", "null", ""):
             return False
-        raise ValueError(f"{name}={value!r} is not a boolean; set {name} to true or false")
+        from dira3d.data.errors import DataError
+
+        raise DataError(None, f"{name}={value!r} is not a boolean; set {name} to true or false")
     return bool(value)
 
 

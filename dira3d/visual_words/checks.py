@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from dira3d.data.datalist import split_option
+from dira3d.data.datalist import more_training_advice, split_option
 from dira3d.visual_words.coordinates import CoordinateRules, VolumeTooSmallError, centre_range
 
 __all__ = ["entry_name", "check_counts", "check_volume_sizes", "check_validation_sizes"]
@@ -40,9 +40,9 @@ def check_counts(datalist: str | os.PathLike, n_train: int, n_val: int, classes:
     if n_train < 2:  # no count fits ("choose classes between 2 and 1"): the split is what to change
         problems.append(f"classes={classes} and neighbours={neighbours} are not possible with {n_train} training and "
                         f"{n_val} validation volumes in {datalist}: visual words need 2 or more training volumes (one "
-                        "reference volume per class, 2 or more instances of each); add scans, or prepare the scans "
-                        "again with a smaller --val-fraction (e.g. 0, with --val-neighbours 0 here; the volumes "
-                        "written are kept)")
+                        "reference volume per class, 2 or more instances of each); add scans, or "
+                        f"{more_training_advice(datalist)}; with no validation volumes left, pass --val-neighbours 0 "
+                        "here")
     for name, value, limit in (("classes", classes, n_train), ("neighbours", neighbours, n_train)):
         if n_train >= 2 and (value > limit or value < 2) and not (name == "classes" and value < 2):
             problems.append(f"{name}={value} is not possible with {n_train} training and {n_val} validation volumes in "

@@ -24,7 +24,7 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader
 
-from dira3d.data.datalist import datalist_entries, read_datalist_json
+from dira3d.data.datalist import datalist_entries, more_training_advice, read_datalist_json
 
 __all__ = ["SPLITS", "read_datalist", "case_ids", "CheckIntensityd", "volume_transform", "iterate_volumes", "volume_shapes"]
 
@@ -54,7 +54,8 @@ def read_datalist(path: str | os.PathLike, splits: Sequence[str] = SPLITS) -> di
             entry.setdefault("case_id", Path(entry["image"]).name.split(".")[0])
         out[split] = entries
     if not out["training"]:
-        raise ValueError(f"datalist {path} has an empty 'training' list; visual words need training volumes")
+        raise ValueError(f"datalist {path} has an empty 'training' list; visual words need training volumes: add "
+                         f"scans, or {more_training_advice(path)}")
     return out
 
 
