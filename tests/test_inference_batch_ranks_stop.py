@@ -185,7 +185,7 @@ def test_another_rank_stopped_says_its_rows_are_not_in_the_file_rank_0_writes(mo
 
 
 @pytest.mark.parametrize(("rank", "world", "output_path", "written", "expected"), [
-    (0, 1, "p.json", (0, 0), "nothing was written to p.json (written when the run ends); report: r.json"),
+    (0, 1, "p.json", (0, 0), "nothing was written to p.json; report: r.json"),
     (0, 1, None, (3, 3), "the 3 prediction(s) written are kept, each whole; report: r.json"),
     (0, 2, None, (5, 2), "the 5 prediction(s) written are kept, each whole; report: r.json"),
     (0, 2, "p.json", (0, 0), "no input's row was written to p.json (a rank's rows are written when its share completes); "

@@ -3,7 +3,7 @@
 Each input of a batch ends up as one of :data:`STATUSES`:
 
 - ``written``: its prediction was written (a segmentation's mask, or its row of the classification bundles'
-  ``_prob.json``, which is written when the run ends);
+  ``_prob.json``, which is written when the run ends, and in one process also when it stops);
 - ``left out``: refused at the input check before the model ran (:func:`~dira3d.evaluation.screen_inputs`);
 - ``failed``: an error while the model ran on it or while its prediction was written (e.g. out of GPU
   memory on one large scan, a transform that fails on it): the batch goes on with the others. An error
@@ -52,7 +52,8 @@ from dira3d.evaluation.batch_failures import (failure_key, failure_reason, file_
                                               stops_batch)
 from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share, stop_note, write_gathered
 from dira3d.evaluation.batch_report import STATUSES, first_file, summarise
-from dira3d.evaluation.batch_resume import earlier_rows, held_rows, in_order, kept_inputs, log_kept, made_by_record, state_of
+from dira3d.evaluation.batch_resume import (earlier_rows, held_rows, in_order, kept_inputs, log_kept, made_by_record, state_of,
+                                            write_stopped_rows)
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
 
@@ -141,6 +142,7 @@ class InferenceBatch:
         self._written = 0  # inputs written (of every rank), for the line after a signal
         self.rank, self.world, self._joined = join_ranks()  # under torchrun (batch_ranks)
         self.writer: Any = None  # the ProbabilityWriter of output_path: under torchrun rank 0 writes every rank's rows
+        self._file_written = False  # output_path written by a batch that stopped (one process: write_stopped_rows)
         self._share = rank_share(len(self.datalist), self.rank, self.world)  # this rank's inputs (in one process all)
 
     @property
@@ -324,8 +326,8 @@ class InferenceBatch:
         with sigterm_ignored():  # a second SIGTERM (SLURM's to every process, torchrun's forwarded) ends no report
             self._finish(completed=False)
         kept = stop_note(self.rank, self.world, self.output_path, (self._written, len(self.done)),
-                         self.report_path if self.several else None)  # under torchrun, true for this rank
-        nothing_kept = self.output_path is not None and self.world < 2 and not self.kept  # (one file, written at the end)
+                         self.report_path if self.several else None, self._file_written)  # under torchrun, this rank's
+        nothing_kept = self.output_path is not None and self.world < 2 and not self.kept and not self._file_written
         again = ("run the same command again for every input (it replaces dira3d's own earlier predictions)" if nothing_kept
                  else "run the same command again with --skip_written True to run only the inputs not written (without "
                  "it, every input is run again)")
@@ -367,16 +369,16 @@ class InferenceBatch:
     def rows(self, completed: bool = True) -> list[dict[str, Any]]:
         """One row per input, in datalist order: ``image``, ``status`` and ``output`` or ``reason``."""
         rows = []
-        single_file = self.output_path is not None  # written when the run completes
+        whole = completed or self.output_path is None or self._file_written  # one file: written at the end or the stop
         for index, entry in enumerate(self.datalist):
             row: dict[str, Any] = {"image": entry.get(self.image_key)}
-            if index in self.kept and (completed or not single_file or state_of(self.output_path) == self.kept[index]["state"]):
+            if index in self.kept and (whole or state_of(self.output_path) == self.kept[index]["state"]):
                 row.update(status="written", output=self._output(index), skipped=True)  # (the earlier file is kept)
             elif index in self.left_out:
                 row.update(status="left out", reason=self.left_out[index])
             elif index in self.failed:
                 row.update(status="failed", reason=self.failed[index])
-            elif index in self.done and (completed or not single_file):
+            elif index in self.done and whole:
                 row.update(status="written", output=self._output(index))
             elif index in self.done or index in self.kept:
                 row.update(status="failed", reason=f"the batch stopped before {self.output_path} was written: {self.stopped}")
@@ -406,6 +408,8 @@ class InferenceBatch:
 
     def _finish(self, completed: bool) -> int:
         self.done.update(self._settle_in_flight())
+        # one process, one output file, stopped: the rows of the inputs run (and kept), for a --skip_written rerun
+        self._file_written = not completed and self.world < 2 and self.writer is not None and write_stopped_rows(self)
         rows = self.rows(completed)
         if self.world > 1:  # every rank's rows, to rank 0; the ranks leave together once it has written the report
             try:  # the rows of output_path of a share that ran and completed: one per input written, in its order

@@ -206,16 +206,19 @@ def write_gathered(writer: Any, predictions: list[dict], rows: list[dict]) -> Ba
     return None
 
 
-def stop_note(rank: int, world: int, output_path: Any, written: tuple[int, int], report_path: Any) -> str:
+def stop_note(rank: int, world: int, output_path: Any, written: tuple[int, int], report_path: Any,
+              file_written: bool = False) -> str:
     """What the line after Ctrl-C / SIGTERM says was kept, true for the rank that logs it (``written``: the inputs
     written of every rank, after the gather, and of this rank's share): one process (``world`` 1) and rank 0 keep the
     predictions written, or say what the one ``output_path`` holds, and name the report they wrote (``report_path``;
     None: none); another rank keeps its own predictions, and never writes ``output_path`` (rank 0 does, without this
-    rank's rows: a stopped rank hands over none) nor the report."""
+    rank's rows: a stopped rank hands over none) nor the report. ``file_written``: one process wrote ``output_path``
+    with the rows of the inputs written when it stopped."""
     every, mine = written
     if world < 2:
-        kept = (f"nothing was written to {output_path} (written when the run ends)" if output_path is not None
-                else f"the {every} prediction(s) written are kept, each whole")  # written atomically
+        kept = (f"the {every} prediction(s) written are kept, each whole" if output_path is None  # written atomically
+                else f"{output_path} holds the rows of the {every} input(s) written" if file_written
+                else f"nothing was written to {output_path}")  # (no input run, or an earlier file there kept)
     elif rank == 0:
         kept = (f"the {every} prediction(s) written are kept, each whole" if output_path is None
                 else f"{output_path} holds the rows of the {every} input(s) written by the ranks that completed their "

@@ -18,7 +18,10 @@ again. With ``skip_written`` on, an input is kept, neither read nor run, when al
   512 x 512 x 300 mask to check its mark's checksum takes seconds, and the evaluator's check of the targets
   (:class:`~dira3d.evaluation.CheckPredictionFiles`) reads every existing one again when the run starts;
 - for the classification bundles, the earlier ``_prob.json`` (the row's ``output``) holds the input's row: the new
-  file takes it, so it still lists every input in datalist order (:func:`held_rows`).
+  file takes it, so it still lists every input in datalist order (:func:`held_rows`). A classification batch in one
+  process that stops (Ctrl-C, SIGTERM, an error that stops the batch) writes that file with the rows of the inputs
+  it ran and kept (:func:`write_stopped_rows`): it was written only when the batch ended, so a stopped batch left no
+  row to keep and the rerun ran every input again.
 
 Any other input is run again. A kept input is ``written`` in the new report, with ``"skipped": true``. Under
 ``torchrun`` each rank decides for its own share, so the outputs are those of one process.
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["earlier_rows", "held_rows", "in_order", "kept_inputs", "log_kept", "made_by_record", "output_states",
-           "state_of"]
+           "state_of", "write_stopped_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,3 +230,42 @@ def log_kept(kept: Mapping[int, Any], count: int, again: list[str], why: str, re
     if again:
         logger.warning(f"{SETTING}: {len(again)} input(s) written by the earlier run are run again: {'; '.join(again[:3])}"
                        + (f"; and {len(again) - 3} more" if len(again) > 3 else ""))
+
+
+def write_stopped_rows(batch: Any) -> bool:
+    """Write the one output file of a stopped classification batch in one process (``batch``: an
+    :class:`~dira3d.evaluation.InferenceBatch` whose ``ProbabilityWriter`` is ``batch.writer``): the rows of the inputs
+    it ran, with those it kept, in datalist order, so that a rerun with ``--skip_written True`` keeps them (the file was
+    written only when the batch ended: a batch stopped at input 700 of 1,000 lost 700 rows, and the rerun ran every
+    input again). An input run whose row the writer had not taken yet (the stop came between the two) is not ``done``
+    any more. Nothing is written when no input was run, when the writer's rows are not one per input (an
+    ``output_transform`` of one's own), when the file at ``output_path`` holds a row of an input the new file would
+    lack (an earlier run's, which a stopped rerun would cut short; or a file that is not dira3d's own), or when writing
+    fails (logged; a full disk): the inputs run are then ``failed`` in the report, as before.
+
+    Returns:
+        whether the file was written.
+    """
+    from collections import Counter
+
+    run, rows = sorted(i for i in batch.done if i not in batch.kept), list(batch.writer.rows)
+    if len(rows) < len(run):  # the stop came after the model ran on these inputs, before their rows were taken
+        batch.done.difference_update(run[len(rows):])
+        run = run[:len(rows)]
+    if not run or len(rows) != len(run):
+        return False
+    new = in_order(held_rows(run, rows, batch.kept))
+    path = str(batch.output_path)
+    if os.path.lexists(path):  # an earlier file: replaced only by one that holds each of its rows
+        earlier = _probability_rows(path) if os.path.isfile(path) else None
+        images = Counter(str(row.get("image")) for row in new)
+        if earlier is None or any(len(same) > images[image] for image, same in earlier.items()):
+            logger.warning(f"{path} is left as it was: it holds rows of inputs that this stopped run did not reach (or "
+                           f"is not dira3d's own), so the rows of the {len(run)} input(s) run are not written")
+            return False
+    try:
+        batch.writer.write(new)
+    except Exception as err:  # noqa: BLE001 - the report says why; the stop's own error is the one raised
+        logger.warning(f"the rows of the {len(run)} input(s) run could not be written to {path}: {err}")
+        return False
+    return True

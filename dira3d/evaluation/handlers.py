@@ -130,7 +130,8 @@ class ProbabilityWriter:
 
     The file holds ``{"classes": [...], "predictions": [{"image": path, "probabilities": [...]}],
     "written_by": "dira3d <version>", "sha256": <checksum of the rest>}`` and is written atomically when the
-    run completes. ``written_by`` and ``sha256`` mark it as dira3d's own (see :mod:`dira3d.evaluation.outputs`):
+    run completes (in one process, a batch that stops writes it too, with the rows of the inputs it ran:
+    :func:`~dira3d.evaluation.batch_resume.write_stopped_rows`). ``written_by`` and ``sha256`` mark it as dira3d's own (see :mod:`dira3d.evaluation.outputs`):
     when the run starts, an existing ``output_path`` that is not dira3d's own unchanged prediction stops it
     (unless ``overwrite``), before anything is written.
 

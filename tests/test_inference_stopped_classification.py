@@ -1,0 +1,109 @@
+"""A classification batch in one process that is stopped keeps the rows of the inputs it ran (session 28's walk).
+
+The classification bundles write one ``_prob.json`` of every input, and one process wrote it only when the batch
+ended: ``python -m monai.bundle run ... luna16_nodule_fpr/configs/inference.json --datalist`` (49 prepared cubes)
+stopped by SIGTERM after 11 of them wrote no file, reported the 11 as ``failed`` ("the batch stopped before
+prob.json was written"), and the rerun with ``--skip_written True`` kept none of them and ran all 49 again. The stopped
+batch now writes the file with the rows of the inputs it ran (and kept), so the rerun runs only the others and its
+file equals a run in one go (:func:`dira3d.evaluation.batch_resume.write_stopped_rows`); an earlier file holding rows
+this stopped run did not reach is left as it was. Tiny untrained networks, as in ``tests/test_inference_batch.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dira3d.evaluation import ProbabilityWriter
+from dira3d.evaluation.outputs import is_own_prediction
+from test_inference_batch import _report, _run
+from test_inference_inputs import CLS3D, _nifti
+from test_inference_skip_written import _run_on
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore")]  # tests/conftest.py
+
+BUNDLE = "luna16_nodule_fpr"
+
+
+def _cubes(tmp_path: Path, names: str) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"image": str(_nifti(tmp_path / f"{name}.nii.gz", rng.random((16, 16, 8))))} for name in names]
+
+
+def _stop_at(monkeypatch, stem: str, before_row: bool) -> None:
+    """Ctrl-C when the writer takes the row of ``<stem>.nii.gz``: after it took it, or just before (the model has run on
+    the input and the batch recorded it, but the row is not in the writer yet)."""
+    collect = ProbabilityWriter._collect
+
+    def collected(self, engine):
+        mine = any(Path(source).name == f"{stem}.nii.gz" for source, _ in self.output_transform(engine.state.output))
+        if mine and before_row:
+            raise KeyboardInterrupt
+        collect(self, engine)
+        if mine:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ProbabilityWriter, "_collect", collected)
+
+
+def _names(out: Path) -> list[str]:
+    return [Path(p["image"]).name for p in json.loads((out / "prob.json").read_text())["predictions"]]
+
+
+@pytest.mark.parametrize(("before_row", "written"), [(False, ["a", "b"]), (True, ["a"])])
+def test_a_stopped_classification_batch_writes_the_rows_it_ran_and_a_rerun_keeps_them(tmp_path, monkeypatch, caplog,
+                                                                                      before_row, written):
+    datalist, out, whole = _cubes(tmp_path, "abcde"), tmp_path / "out", tmp_path / "whole"
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="dira3d"):
+        _stop_at(patch, "b", before_row)
+        with pytest.raises(KeyboardInterrupt):
+            _run(BUNDLE, tmp_path, datalist, out, **CLS3D)
+    assert is_own_prediction(out / "prob.json") and _names(out) == [f"{n}.nii.gz" for n in written]
+    report = _report(out)
+    assert [r["status"] for r in report["inputs"]] == ["written"] * len(written) + ["not run"] * (5 - len(written))
+    assert all(r["output_state"] for r in report["inputs"][:len(written)])
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inference interrupted")][-1]
+    assert f"{out / 'prob.json'} holds the rows of the {len(written)} input(s) written" in line
+    assert "--skip_written True" in line
+    seen = _run_on(monkeypatch)
+    assert _run(BUNDLE, tmp_path, datalist, out, skip_written=True, **CLS3D) == [0]
+    assert seen == [f"{verb} {n}.nii.gz" for verb in ("read", "run") for n in "abcde" if n not in written]
+    assert _run(BUNDLE, tmp_path, datalist, whole, **CLS3D) == [0]
+    resumed, one_go = (json.loads((d / "prob.json").read_text()) for d in (out, whole))
+    assert resumed["predictions"] == one_go["predictions"]
+    assert [r.get("skipped", False) for r in _report(out)["inputs"]] == [n in written for n in "abcde"]
+
+
+def test_a_skip_written_rerun_stopped_again_keeps_the_earlier_rows_and_its_own(tmp_path, monkeypatch):
+    datalist, out = _cubes(tmp_path, "abcde"), tmp_path / "out"
+    for stem, skip in (("b", False), ("d", True)):
+        with monkeypatch.context() as patch:
+            _stop_at(patch, stem, before_row=False)
+            with pytest.raises(KeyboardInterrupt):
+                _run(BUNDLE, tmp_path, datalist, out, skip_written=skip, **CLS3D)
+    assert _names(out) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz"]
+    assert [(r["status"], r.get("skipped", False)) for r in _report(out)["inputs"]] == [
+        ("written", True), ("written", True), ("written", False), ("written", False), ("not run", False)]
+    seen = _run_on(monkeypatch)
+    assert _run(BUNDLE, tmp_path, datalist, out, skip_written=True, **CLS3D) == [0]
+    assert seen == ["read e.nii.gz", "run e.nii.gz"] and len(_names(out)) == 5
+
+
+def test_a_stopped_rerun_leaves_an_earlier_file_with_rows_it_did_not_reach(tmp_path, monkeypatch, caplog):
+    """A rerun without --skip_written (every input run again) stopped after b: writing the rows of a and b would lose
+    the earlier run's rows of c, d and e. The earlier file stays, byte for byte."""
+    datalist, out = _cubes(tmp_path, "abcde"), tmp_path / "out"
+    assert _run(BUNDLE, tmp_path, datalist, out, **CLS3D) == [0]
+    earlier = (out / "prob.json").read_bytes()
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="dira3d"):
+        _stop_at(patch, "b", before_row=False)
+        with pytest.raises(KeyboardInterrupt):
+            _run(BUNDLE, tmp_path, datalist, out, **CLS3D)
+    assert (out / "prob.json").read_bytes() == earlier
+    assert any("is left as it was: it holds rows of inputs that this stopped run did not reach" in r.getMessage()
+               for r in caplog.records)
+    assert [r["status"] for r in _report(out)["inputs"]] == ["failed", "failed", "not run", "not run", "not run"]
