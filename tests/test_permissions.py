@@ -86,6 +86,7 @@ def test_exports_into_a_folder_that_cannot_be_written_fail_first_with_one_line(b
 
 def test_localise_output_dir_not_writable_is_named_before_the_model_is_built(blocker, tmp_path, capsys):
     (tmp_path / "model.pt").write_bytes(b"not read before the output folder is checked")
+    (tmp_path / "boxes.json").write_text("{}")  # present: a missing box datalist is refused first (fast refusals)
     with pytest.raises(SystemExit) as stop:
         cli_main(["localise", "--bbox-datalist", str(tmp_path / "boxes.json"), "--model", str(tmp_path / "model.pt"),
                   "--output-dir", str(blocker / "loc")])

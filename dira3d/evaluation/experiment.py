@@ -29,8 +29,9 @@ Config (YAML or JSON)::
       configs: [train.json, tiny.json, visual_words.json]   # in bundles/dira_pretrain/configs, or paths
       overrides: {max_epochs: 6}       # bundle ids shared by every pretraining run
 
-Relative paths in the config (datalist, output_dir, checkpoints, the pretraining's dataset_dir and config paths)
-are relative to the config file's folder, not to the folder the command runs in.
+Relative paths in the config (datalist, output_dir, checkpoints, the pretraining's dataset_dir, config paths and a
+``datalist`` in its overrides, e.g. a prepared Montgomery datalist for 2d.json) are relative to the config file's
+folder, not to the folder the command runs in.
 
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt`` (its ``last.pt`` when

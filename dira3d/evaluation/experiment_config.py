@@ -151,6 +151,12 @@ def _check_pretrain_section(config: dict, path: Path, resolve: Callable[[Any], s
         raise FileNotFoundError(f"pretrain dataset_dir {config['pretrain']['dataset_dir']} in {path} does not exist; "
                                 "point it to the output of `dira3d visual-words` (or a prepared dataset folder); "
                                 "paths are relative to the config's folder")
+    # a datalist of the pretraining read relative to the working folder: every other path here is the config's
+    for values in [config["pretrain"].get("overrides")] + [spec.get("pretrain") for spec in config["methods"].values()
+                                                          if isinstance(spec, dict)]:
+        if isinstance(values, dict) and isinstance(values.get("datalist"), str) and values["datalist"].strip() \
+                and not values["datalist"].startswith(("$", "@", "%")):
+            values["datalist"] = resolve(values["datalist"])
     # a bare file name is one of the pretraining bundle's configs; anything else a path
     config["pretrain"]["configs"] = [str(c) if "/" not in str(c) else resolve(c)
                                      for c in config["pretrain"].get("configs", ["train.json"])]

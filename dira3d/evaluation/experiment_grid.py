@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 from dira3d.utils.atomic import atomic_write_text, check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.setting_hints import experiment_settings
-from dira3d.evaluation.experiment_pretrain import check_pretrain_settings, pretrain_settings, pretrain_method
+from dira3d.evaluation.experiment_pretrain import check_pretrainings_unchanged, pretrain_method
 from dira3d.evaluation.experiment_versions import versions_record, warn_rows_without_digests
 from dira3d.evaluation.split_ids import SPLITS_FILE, scored_split
 from dira3d.evaluation.results import (
@@ -101,9 +101,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     versions = versions_record(config, out, rows, reused=len(set(grid) & done), to_run=len(todo))
     check_run_settings(config, out, rows, versions=versions)
     fingerprints = check_checkpoints(config, out, rows)  # method: sha256 of its checkpoint file, now
-    for method, spec in config["methods"].items():  # also when all its runs are done: they would be reused
-        if isinstance(spec, Mapping):
-            check_pretrain_settings(method, *pretrain_settings(method, spec, config))
+    check_pretrainings_unchanged(config)  # also when all their runs are done: they would be reused
     clash = _split_clash(rows, set(grid), folded)
     if clash:
         raise ValueError(f"{csv_path} holds runs of one label fraction and {_shared(config)} that drew different "

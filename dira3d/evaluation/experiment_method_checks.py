@@ -1,15 +1,17 @@
 """Checks of ``dira3d experiment``'s methods before any run (:func:`dira3d.evaluation.experiment_config.load_config`):
 a method's checkpoint (:func:`check_checkpoints_fit`) or own pretraining (:func:`check_pretrainings_fit`) must fit the
 network the fine-tuning bundle builds, and a method's pretraining stages must all be reached
-(:func:`check_pretrain_run`), each refused naming the method and the config.
+(:func:`check_pretrain_run`), each refused naming the method and the config; a pretraining stopped by a missing
+datalist is named the same way (:func:`check_pretrain_datalist`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["check_checkpoints_fit", "check_pretrainings_fit", "check_pretrain_run"]
+__all__ = ["check_checkpoints_fit", "check_pretrainings_fit", "check_pretrain_run", "check_pretrain_datalist"]
 
 
 def _task_network_def(bundle_configs: Path, overrides: Mapping[str, Any]) -> dict | None:
@@ -86,3 +88,35 @@ def check_pretrain_run(name: str, configs: list[Path], overrides: Mapping[str, A
         raise ValueError(f"pretrain stages of method {name!r} in {path}: {schedule.unreached_text(unreached, max_epochs)}; "
                          f"its pretraining would be reported as {name!r} without them. Raise max_epochs (pretrain "
                          "overrides) or lower the stages' until_epoch")
+
+
+def check_pretrain_datalist(name: str, configs: list, overrides: Mapping[str, Any], dataset_dir: str,
+                            path: str | Path, cause: BaseException | None = None) -> None:
+    """Name a method's pretraining datalist that does not exist, and the experiment's setting that gives it: the
+    bundle's error named neither (e.g. 2d.json reads ``<dataset_dir>/chestxray14_datalist.json``, absent from a
+    prepared Montgomery folder). The grid pretrains before its first fine-tuning run; ``load_config`` does not check
+    it, so that a config can be checked without the data. A pretraining on visual words (``visual_words.json``)
+    reads no datalist."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in configs])
+    parser.update({**overrides, "dataset_dir": dataset_dir})
+    reads = json.dumps(parser.get("train#dataset", {}), default=str)
+    if "@train::datalist" not in reads and "@train#datalist" not in reads:
+        return  # visual words, or a dataset of one's own configs
+    try:
+        datalist = parser.get_parsed_content("datalist")
+    except Exception:  # noqa: BLE001 - an expression only a run resolves: the pretraining names it
+        return
+    if not isinstance(datalist, (str, Path)) or Path(datalist).is_file():
+        return
+    if "datalist" in overrides:
+        raise FileNotFoundError(f"datalist {datalist} of the pretraining of method {name!r} in {path} does not exist; fix "
+                                "the path (relative to the config's folder) or prepare it with `dira3d prepare` "
+                                "(docs/data.md)") from cause
+    raise FileNotFoundError(f"pretrain dataset_dir {dataset_dir} in {path} has no {Path(datalist).name}, the datalist that "
+                            f"the pretraining of method {name!r} (configs {', '.join(Path(c).name for c in configs)}) "
+                            "reads there; point dataset_dir to the folder `dira3d prepare` wrote it into, or pretrain on "
+                            "another prepared datalist: `pretrain: {dataset_dir: ..., overrides: {datalist: FILE}}` "
+                            "(relative to the config's folder; docs/2d.md, 'Grids')") from cause

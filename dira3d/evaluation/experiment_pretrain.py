@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.files import FileContentError, read_json
 
-__all__ = ["SETTINGS_NAME", "pretrain_method", "pretrain_fit_mismatch"]
+__all__ = ["SETTINGS_NAME", "pretrain_method", "pretrain_fit_mismatch", "check_pretrainings_unchanged"]
 
 SETTINGS_NAME = "settings.json"  # what a method's pretraining was made with (output_dir/pretrain/<method>/)
 
@@ -30,6 +30,7 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     """
     from dira3d.engines.checkpoint import pretrained_checkpoint
     from dira3d.engines.command import BUNDLE_DIR
+    from dira3d.evaluation.experiment_method_checks import check_pretrain_datalist
     from dira3d.utils.overrides import run_bundle
 
     out, settings = pretrain_settings(name, spec, config)
@@ -37,12 +38,17 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     if (out / "done.json").is_file() and pretrained_checkpoint(out / "models").is_file():
         return str(pretrained_checkpoint(out / "models"))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / SETTINGS_NAME, json.dumps(settings, indent=1))
+    atomic_write_text(out / SETTINGS_NAME, json.dumps(_recorded(settings), indent=1))
     log(f"experiment: pretraining {name!r} into {out}")
     overrides = settings["overrides"]
-    run_bundle(settings["configs"], meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),  # null overrides kept
-               logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
-               dataset_dir=settings["dataset_dir"], **overrides)
+    try:
+        run_bundle(settings["configs"], meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),  # null overrides kept
+                   logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
+                   dataset_dir=settings["dataset_dir"], **overrides)
+    except Exception as err:  # the bundle's 'datalist ... does not exist' (in MONAI's RuntimeError) names no setting
+        check_pretrain_datalist(name, settings["configs"], overrides, settings["dataset_dir"], "the experiment config",
+                                cause=err)
+        raise
     atomic_write_text(out / "done.json", json.dumps({"method": name, "overrides": overrides}, default=str))
     return str(pretrained_checkpoint(out / "models"))
 
@@ -63,11 +69,61 @@ def pretrain_settings(name: str, spec: Mapping[str, Any], config: Mapping[str, A
     return Path(config["output_dir"]) / "pretrain" / name, json.loads(json.dumps(settings, default=str))
 
 
+def _recorded(settings: Mapping[str, Any]) -> dict:
+    """``settings`` as ``settings.json`` holds and compares them: a config file of ``bundles/dira_pretrain`` by its
+    name (``train.json``), as the experiment config names it, since the bundle's folder is where dira3d is installed:
+    a record of its absolute path refused every rerun from another checkout or environment of the same dira3d
+    ('configs changed'; an upgrade of the bundle is warned of by ``experiment.json``'s ``versions``)."""
+    def name(config: Any) -> Any:
+        path = Path(str(config))
+        return path.name if (path.parent.name, path.parent.parent.name) == ("configs", "dira_pretrain") else config
+
+    configs = settings.get("configs")
+    return {**settings, "configs": [name(c) for c in configs] if isinstance(configs, list) else configs}
+
+
 def check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
     """Refuse to reuse (or resume) a pretraining of ``name`` made with other settings: its
     ``best.pt`` and the fine-tuning rows built on it would be reported under the new settings."""
+    changed = pretrain_settings_changed(name, out, settings)
+    if changed:
+        raise ValueError(f"method {name!r} was pretrained in {out} with other settings ({', '.join(changed)} changed); "
+                         f"{_REDO}")
+
+
+_REDO = ("its checkpoint and the results built on it would be reported under the new ones. Give the method a new name or "
+         "use another output_dir (or delete that folder and its rows in results.csv to redo it)")
+
+
+def check_pretrainings_unchanged(config: Mapping[str, Any]) -> None:
+    """:func:`check_pretrain_settings` for every method the experiment pretrains, refused naming all those whose
+    settings changed: a setting of the ``pretrain`` section (e.g. its ``max_epochs``) changes every method's, and
+    the error named the first one, so each fix (a new name, or its folder deleted) met the next error."""
+    changes = {}
+    for method, spec in config["methods"].items():
+        if isinstance(spec, Mapping):
+            out, settings = pretrain_settings(method, spec, config)
+            changed = pretrain_settings_changed(method, out, settings)
+            if changed:
+                changes[method] = (out, changed)
+    if len(changes) == 1:
+        method, (out, changed) = next(iter(changes.items()))
+        raise ValueError(f"method {method!r} was pretrained in {out} with other settings ({', '.join(changed)} "
+                         f"changed); {_REDO}")
+    if changes:
+        listed = "; ".join(f"{method!r} in {out} ({', '.join(changed)} changed)" for method, (out, changed) in changes.items())
+        raise ValueError(f"methods {', '.join(map(repr, changes))} were pretrained with other settings: {listed}; "
+                         + _REDO.replace("its checkpoint", "their checkpoints").replace("built on it", "built on them")
+                         .replace("the method", "each method")
+                         .replace("that folder and its rows in results.csv to redo it",
+                                  "those folders and their rows in results.csv to redo them"))
+
+
+def pretrain_settings_changed(name: str, out: Path, settings: dict) -> list[str]:
+    """The settings of method ``name``'s pretraining in ``out`` that differ from ``settings`` (``overrides.max_epochs``);
+    empty when they agree or nothing was pretrained there yet. Raises FileContentError for a damaged record."""
     if not (out / "done.json").is_file() and not any((out / "models").glob("*.pt")):
-        return  # nothing was made with the recorded settings (e.g. a run that failed at its start)
+        return []  # nothing was made with the recorded settings (e.g. a run that failed at its start)
     fix = (f"it records what method {name!r} was pretrained with; delete the folder {out} (and the method's rows "
            "in results.csv) to pretrain it again, or put the file back")
     if (out / SETTINGS_NAME).is_file():
@@ -77,20 +133,24 @@ def check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
         record = out / "done.json"
         old = {**settings, "overrides": read_json(record, "pretraining record", fix).get("overrides")}
     else:
-        return
+        return []
     if not isinstance(old.get("overrides") or {}, dict):
         raise FileContentError(record, f"pretraining record {record} holds overrides {old['overrides']!r}, not a "
                                        f"mapping; {fix}")
-    if old != settings:
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
-        if "overrides" in changed:
-            before, now = old.get("overrides") or {}, settings["overrides"]
-            changed.remove("overrides")
-            changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-        raise ValueError(f"method {name!r} was pretrained in {out} with other settings ({', '.join(changed)} changed); "
-                         "its checkpoint and the results built on it would be reported under the new ones. Give the "
-                         "method a new name or use another output_dir (or delete that folder and its rows in "
-                         "results.csv to redo it)")
+    old, settings = _recorded(old), _recorded(settings)
+    before, now = (old.get("overrides") or {}).get("datalist"), settings["overrides"].get("datalist")
+    if isinstance(before, str) and isinstance(now, str) and not Path(before).is_absolute() and Path(now).is_absolute():
+        tail = tuple(part for part in Path(before).parts if part not in (".", ".."))  # read from the working folder
+        if tail and Path(now).parts[-len(tail):] == tail:  # until 2026-11-28; from the config's folder now
+            old = {**old, "overrides": {**old["overrides"], "datalist": now}}
+    if old == settings:
+        return []
+    changed = sorted(k for k in settings if old.get(k) != settings[k])
+    if "overrides" in changed:
+        before, now = old.get("overrides") or {}, settings["overrides"]
+        changed.remove("overrides")
+        changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    return changed
 
 
 def _dims_mismatch(name: str, bundle: str, network_def: Mapping[str, Any], task_network_def: Mapping[str, Any],
