@@ -104,7 +104,7 @@ def test_barlow_validation_of_one_image_names_the_datalist(tmp_path, dims, items
                            batch=2, handlers=[one])
     with pytest.raises(ValueError, match=rf"put at least 2 {items} in the validation split of "
                                          rf"{re.escape(str(datalist))} \(and keep"
-                                         rf".*run it again with more validation volumes \(`dira3d prepare {option}`"):
+                                         rf".*run it again with more validation {items} \(`dira3d prepare {option}`"):
         trainer.run()
     # found by a 2D walkthrough (a folder of 5 X-rays, 10 % for validation: 1 image): refused before training, not
     # at the end of the first epoch

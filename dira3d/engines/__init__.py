@@ -38,7 +38,7 @@ _EXPORTS = {
     "dira3d.engines.components": ("DIS_MODES", "build_dis_head", "build_dis_loss", "build_predictor", "check_dis_mode"),
     "dira3d.engines.data": ("RandPatchPair", "RandPatchPaird", "with_image_labels"),
     "dira3d.engines.distributed": ("init_distributed", "is_main_process", "maybe_sync_batchnorm"),
-    "dira3d.engines.evaluator": ("DiRAEvaluator",),
+    "dira3d.engines.evaluator": ("DiRAEvaluator", "check_validation_size"),
     "dira3d.engines.finished": ("RunAlreadyFinished", "exit_if_finished"),
     "dira3d.engines.faults": ("CollapseMonitor", "NonFiniteGuard", "NonFiniteLossError"),
     "dira3d.engines.inputs": ("CheckSameShaped", "CheckVolumed", "load_datalist"),
@@ -98,6 +98,7 @@ __all__ = [
     "end_stop_before_training",
     "FinalStageEarlyStop",
     "check_early_stop_patience",
+    "check_validation_size",
     "RunAlreadyFinished",
     "exit_if_finished",
 ]

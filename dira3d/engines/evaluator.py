@@ -16,6 +16,7 @@ restores best.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -31,9 +32,66 @@ from dira3d.engines.trainer import DiRATrainer
 from dira3d.utils.interrupts import QuietInterruptMixin
 from dira3d.utils.seeding import stream_seed
 
-__all__ = ["DiRAEvaluator", "STREAM_VALIDATION"]
+__all__ = ["DiRAEvaluator", "STREAM_VALIDATION", "check_validation_size"]
 
 STREAM_VALIDATION = 3
+SAME_OUTPUT_SPREAD = 1e-6  # below it, the discrimination head's outputs of a validation batch count as the same
+
+
+def _too_small_message(datalist: Any, spatial_dims: int) -> str:
+    items = "images" if spatial_dims == 2 else "volumes"
+    split = ("the datalist's validation split" if datalist is None else
+             f"the validation split of {os.fspath(datalist)}")
+    return ("every validation batch was too small for the discrimination loss, so there is no "
+            f"validation loss; put at least 2 {items} in {split} (and keep batch_size >= 2): for a datalist "
+            f"written by `dira3d prepare`, run it again with more validation {items} "
+            f"({split_option(datalist, 'validation')}; the prepared files are kept), or pretrain with MoCo "
+            "(2d_moco.json in 2D), whose loss takes a batch of one")
+
+
+def check_validation_size(dis_loss: Any, validation: Any, batch_size: Any, stages: Any = None, datalist: Any = None,
+                          spatial_dims: int = 3, split: str = "validation") -> None:
+    """Refuse, in the bundle's ``initialize`` (before any data is cached), a validation list whose every batch is too
+    small for the discrimination loss (Barlow Twins standardises over the batch: one image or volume, or
+    ``batch_size`` 1). :class:`DiRAEvaluator` refuses it again when training starts (a loader of its own); until
+    2026-11-28 that was the only check, after the training and validation data were cached, with ignite's traceback.
+
+    Args:
+        dis_loss: the trainer's discrimination loss (its ``min_batch``, 1 when absent).
+        validation: the validation entries; None: ``split`` of ``datalist``, read here (a datalist that cannot be
+            read is left to the steps that load it, which name the problem); empty (validation off): no check.
+        batch_size: the validation loader's batch size.
+        stages: the trainer's ``stages`` (no stage with ``dis``: no check; None: the default schedule, which has it).
+        datalist: the datalist file, named in the message.
+        spatial_dims: 2 names images, 3 volumes.
+        split: the datalist's validation list (``validate#split``).
+
+    Raises:
+        ValueError: every validation batch is smaller than ``min_batch``.
+    """
+    min_batch = getattr(dis_loss, "min_batch", 1)
+    if min_batch < 2:
+        return
+    if validation is None and datalist is not None:
+        try:
+            with open(datalist, encoding="utf-8") as handle:
+                validation = json.load(handle).get(split)
+        except (OSError, ValueError, AttributeError):
+            return
+    if not isinstance(validation, (list, tuple)) or not validation:
+        return
+    if stages is not None:
+        try:
+            if not any("dis" in stage["losses"] for stage in stages):
+                return
+        except (TypeError, KeyError):  # malformed stages: the trainer names the problem
+            return
+    try:
+        size = min(len(validation), int(batch_size))
+    except (TypeError, ValueError):
+        return
+    if size < min_batch:
+        raise ValueError(_too_small_message(datalist, spatial_dims))
 
 
 class DiRAEvaluator(QuietInterruptMixin, Evaluator):
@@ -82,6 +140,8 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         self._count = 0
         self._short_batches = 0  # validation batches of this run too small for the loss, left out
         self._warned_short = False  # the warning about them is given once, at the first validation that has one
+        self._spreads: list[float] = []  # per validation batch: how much the discrimination head's outputs differ
+        self._warned_same = False
         self.add_event_handler(Events.STARTED, self._start)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._publish)
@@ -111,14 +171,7 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
 
     def _too_small(self) -> str:
         network = getattr(self.trainer, "network", None)
-        items = "images" if getattr(network, "spatial_dims", 3) == 2 else "volumes"
-        split = ("the datalist's validation split" if self.datalist is None else
-                 f"the validation split of {os.fspath(self.datalist)}")
-        return ("every validation batch was too small for the discrimination loss, so there is no "
-                f"validation loss; put at least 2 {items} in {split} (and keep batch_size >= 2): for a datalist "
-                "written by `dira3d prepare`, run it again with more validation volumes "
-                f"({split_option(self.datalist, 'validation')}; the prepared files are kept), or pretrain with MoCo "
-                "(2d_moco.json in 2D), whose loss takes a batch of one")
+        return _too_small_message(self.datalist, getattr(network, "spatial_dims", 3))
 
     def _validate(self, trainer: DiRATrainer) -> None:
         modules = list(trainer.modules().values())
@@ -127,10 +180,47 @@ class DiRAEvaluator(QuietInterruptMixin, Evaluator):
         if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):
             # the same random crops at every validation: a fixed held-out set of patches
             set_rnd(loader.dataset, stream_seed(self.seed, STREAM_VALIDATION, 0) % (2**32))
-        with eval_mode(*modules):
-            self.run(trainer.state.epoch)
+        head = getattr(trainer, "dis_head", None)
+        hook = head.register_forward_hook(self._record_spread) if isinstance(head, torch.nn.Module) else None
+        self._spreads = []
+        try:
+            with eval_mode(*modules):
+                self.run(trainer.state.epoch)
+        finally:
+            if hook is not None:
+                hook.remove()
+        self._warn_if_same(trainer)
         trainer.state.metrics.update(self.state.metrics)
         trainer.state.val_epoch = trainer.state.epoch  # tells the checkpoint handler the value is fresh
+
+    def _record_spread(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        """Forward hook on the discrimination head in validation: the variance of its outputs over the batch,
+        relative to their mean square (0: every sample of the batch gives the same output)."""
+        if isinstance(output, torch.Tensor) and output.ndim == 2 and output.shape[0] >= 2:
+            out = output.detach().float()
+            spread = out.var(dim=0, unbiased=False).sum() / (out.pow(2).mean(dim=0).sum() + 1e-12)
+            self._spreads.append(float(spread))
+
+    def _warn_if_same(self, trainer: DiRATrainer) -> None:
+        """Warn once when the head gave the same output for every sample of every validation batch: in eval mode
+        BatchNorm normalises with its running statistics, which after a few training iterations (``--tiny``: 2 per
+        epoch) are still near their starting values (mean 0, variance 1), and the encoder then maps every patch to
+        nearly the same features. The validation loss of the discrimination is then a constant (Barlow Twins:
+        about ``proj_dim``; visual words: about ln(num_classes)) that picks ``best.pt`` by chance."""
+        if self._warned_same or not self._spreads or max(self._spreads) >= SAME_OUTPUT_SPREAD:
+            return
+        self._warned_same = True
+        network = getattr(trainer, "network", None)
+        items = "image" if getattr(network, "spatial_dims", 3) == 2 else "volume"
+        constant = {"barlow": "about proj_dim (the size of the projection)", "visual_words": "about ln(num_classes)"}
+        value = constant.get(getattr(trainer, "dis_mode", None))
+        self.logger.warning(
+            f"validation after {trainer.state.iteration} training iteration(s): the discrimination head gives the same "
+            f"output for every {items} of a validation batch, so val_loss_dis{' is ' + value + ' and' if value else ''} "
+            "does not measure the discrimination, and best.pt is chosen by the other terms or by chance: in "
+            "evaluation mode BatchNorm uses its running statistics, still near their starting values after few "
+            "training iterations (e.g. --tiny); train more iterations (more data or max_epochs) before reading it; "
+            "said once")
 
     def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
         trainer = self.trainer
