@@ -100,6 +100,36 @@ def test_experiment_refuses_a_bad_config_before_torch(blocker, repo_root, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the output_dir lock uses POSIX flock")
+def test_experiment_refuses_a_busy_output_dir_before_torch(blocker, repo_root, tmp_path):
+    """A second `dira3d experiment` on an output_dir another one runs in (its lock held) is refused by the same lock
+    check, before the bundle checks load MONAI and torch (it waited ~10 s for them), and touches nothing there."""
+    (tmp_path / "datalist.json").write_text('{"training": [], "test": []}')
+    (tmp_path / "best.pt").write_bytes(b"checkpoint")  # not read before this refusal
+    out = tmp_path / "out"
+    out.mkdir()
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps({"bundle": "lidc_nodule_seg", "datalist": "datalist.json", "metric": "dice",
+                                "output_dir": "out", "seeds": [0], "label_fractions": [1.0],
+                                "methods": {"random": None, "mine": "best.pt"}}))
+    holder = subprocess.Popen([sys.executable, "-c", (  # another process holds the folder, as a running experiment does
+        "import fcntl, sys\n"
+        f"h = open({str(out / '.dira3d.lock')!r}, 'a+'); fcntl.flock(h, fcntl.LOCK_EX); h.write('process 4242'); "
+        "h.flush(); print('locked', flush=True); sys.stdin.readline()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _refused(blocker, repo_root, tmp_path, "experiment", ["--config", str(path)],
+                 f"the experiment's output_dir {out} is in use by process 4242: a second `dira3d experiment` there "
+                 "would run the same grid into one results.csv; wait for that run to end, or choose another output folder")
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert sorted(p.name for p in out.iterdir()) == [".dira3d.lock"]  # nothing written there
+    assert (out / ".dira3d.lock").read_text() == "process 4242"
+
+
 def test_the_command_modules_import_without_torch(repo_root):
     code = ("import sys, dira3d.deploy, dira3d.deploy.command, dira3d.deploy.export_checks, dira3d.evaluation.localise, "
             "dira3d.evaluation.experiment; print(sorted({'torch', 'monai', 'scipy.stats'} & set(sys.modules)))")

@@ -58,7 +58,7 @@ def datalist_meta(datalist: str | os.PathLike | None) -> dict[str, Any]:
 
 
 # meta.dataset -> (the prepare command's name, its options that fill 'validation' and 'test')
-_SPLIT_OPTIONS = {
+_SPLIT_OPTIONS: dict[str, tuple[str, str | None, str | None]] = {
     "luna16": ("luna16", "--val-subsets", "--test-subsets"),
     "lits": ("lits", "--val-range", "--test-range"),
     "lidc-idri": ("lidc", "--split", "--split"),
@@ -67,6 +67,19 @@ _SPLIT_OPTIONS = {
     "siim-acr": ("siim", "--val-fraction", "--test-fraction"),
     "montgomery": ("montgomery", "--val-fraction", "--test-fraction"),
     "radiographs": ("radiographs", "--val-fraction", "--test-fraction"),
+    # None: no option of its prepare fills that part (_SPLIT_WITHOUT_OPTION says what it writes instead)
+    "chexpert": ("chexpert", "--val-fraction", None),
+    "chestxray14": ("chestxray14", "--val-fraction", None),
+    "pecad": ("pecad", None, None),
+}
+# the datasets whose prepare has no option for a part: how it fills that part instead (`dira3d prepare <ds> --help`)
+_SPLIT_WITHOUT_OPTION = {
+    ("chexpert", "test"): "`dira3d prepare chexpert` writes CheXpert's official valid.csv as the 'test' list",
+    ("chestxray14", "test"): "`dira3d prepare chestxray14` writes the official test_list.txt as the 'test' list",
+    ("pecad", "validation"): "`dira3d prepare pecad` writes no 'validation' list: its patients are all in 'training', "
+                             "in folds, and fine-tuning holds out a share of the training folds' patients (holdout)",
+    ("pecad", "test"): "`dira3d prepare pecad ... --folds K` writes cross-validation folds instead of a 'test' list: "
+                       "set fold to test on one (`dira3d finetune --fold K`)",
 }
 # meta.dataset -> the option of its prepare command that fills 'training' (the others: smaller fractions)
 _TRAINING_OPTIONS = {"luna16": "--train-subsets", "lits": "--train-range", "lidc-idri": "--split", "brats2018": "--split"}
@@ -76,21 +89,27 @@ def split_option(datalist: str | os.PathLike | None, part: str) -> str:
     """The ``dira3d prepare`` option that puts volumes in ``part`` (``validation`` / ``test``) for the dataset the
     datalist's ``meta.dataset`` records, as a command: ``dira3d prepare luna16 ... --val-subsets`` (LUNA16's
     official subsets), else ``generic``'s fraction (advice written for ``generic`` named ``--val-fraction`` for
-    every dataset)."""
-    name, validation, test = _SPLIT_OPTIONS.get(str(datalist_meta(datalist).get("dataset")),
-                                                ("generic", "--val-fraction", "--test-fraction"))
-    return f"`dira3d prepare {name} ... {validation if part == 'validation' else test}`"
+    every dataset); for a dataset whose prepare has no such option (CheXpert's and ChestX-ray14's official test
+    lists, PE-CAD's folds) what its prepare writes there instead."""
+    dataset = str(datalist_meta(datalist).get("dataset"))
+    name, validation, test = _SPLIT_OPTIONS.get(dataset, ("generic", "--val-fraction", "--test-fraction"))
+    option = validation if part == "validation" else test
+    return f"`dira3d prepare {name} ... {option}`" if option else _SPLIT_WITHOUT_OPTION[dataset, part]
 
 
 def more_training_advice(datalist: str | os.PathLike | None) -> str:
     """How to prepare more training volumes for the dataset the datalist's ``meta.dataset`` records: its own option
     (``dira3d prepare luna16 ... --train-subsets``: LUNA16 splits by subset), else a smaller validation fraction of its
-    prepare command (advice written for ``generic`` named ``--val-fraction`` for every dataset, LUNA16's too)."""
+    prepare command (advice written for ``generic`` named ``--val-fraction`` for every dataset, LUNA16's too); PE-CAD's
+    prepare puts every candidate in 'training' already."""
     dataset = str(datalist_meta(datalist).get("dataset"))
     name, validation, _ = _SPLIT_OPTIONS.get(dataset, ("generic", "--val-fraction", "--test-fraction"))
     if dataset in _TRAINING_OPTIONS:
         return (f"prepare the scans again with more of them for training (`dira3d prepare {name} ... "
                 f"{_TRAINING_OPTIONS[dataset]}`; the volumes written are kept)")
+    if validation is None:  # pecad: no option moves volumes into 'training'
+        return (f"rerun `dira3d prepare {name}` with more volumes and candidates.csv rows (it puts every patient's "
+                "candidates in 'training', with its fold)")
     return (f"prepare the scans again with a smaller {validation} (`dira3d prepare {name} ... {validation} 0`; the "
             "volumes written are kept)")
 

@@ -218,9 +218,12 @@ def load_split(
             where = ("its 'test' list has no entries" if "test" in content
                      else f"add a 'test' list to the datalist (it has {sorted(k for k in content if k != 'meta')})")
             option = split_option(path, "test")
-            hint = (f"{where} ({option} writes one" + (": F of the patients, rounded to whole patients, so choose F "
-                    "for one or more: 0.2 of 2 patients rounds to none" if "generic" in option else "") + "), or set "
-                    "fold for a cross-validation datalist")
+            if option.endswith("`"):  # an option of the dataset's prepare that fills 'test'
+                hint = (f"{where} ({option} writes one" + (": F of the patients, rounded to whole patients, so choose F "
+                        "for one or more: 0.2 of 2 patients rounds to none" if "generic" in option else "") + "), or set "
+                        "fold for a cross-validation datalist")
+            else:  # what the dataset's prepare writes instead (an official test list, PE-CAD's folds)
+                hint = ("its 'test' list has no entries" if "test" in content else "it has no 'test' list") + f"; {option}"
         # a DataError, as each error of the user's datalist or settings here: `python -m monai.bundle run` prints it
         # as one line (dira3d.utils.bundle_errors), not in MONAI's "Failed to evaluate ConfigExpression" traceback
         raise DataError(

@@ -123,8 +123,8 @@ gives the 95 % confidence interval of each cell's mean over its seeds (t-based; 
 agree)`` where every seed gave one value; ``(2 seeds)``: one degree of freedom, mean ± 9.0 × std; ``(clipped)``: cut at
 the range of an auc, dice or iou, [0, 1]), also in ``summary.json`` (``ci_low``, ``ci_high``, ``ci_note``). The table
 names ``failures.json`` only while a failed run is listed there. One experiment runs in an ``output_dir`` at a time: a
-second ``dira3d experiment`` on the same folder is refused at once (the folder lock of every dira3d
-output folder, ``<output_dir>/.dira3d.lock``, released by the system when the first process ends,
+second ``dira3d experiment`` on the same folder is refused at once, before its bundle checks load MONAI (the folder
+lock of every dira3d output folder, ``<output_dir>/.dira3d.lock``, released by the system when the first process ends,
 however it ends), so two processes never run the same grid twice into one ``results.csv``.
 
 ``test`` is the t-test of each method against the baseline at each label fraction: ``student`` (the
@@ -156,8 +156,10 @@ from dira3d.evaluation.results import write_report
 # The command's parts, split out of this module; the names of ``__all__`` are importable from here as
 # before: the config check (experiment_config), the methods' pretraining (experiment_pretrain), the grid
 # of runs (experiment_grid); results.csv and the report are dira3d.evaluation.results.
-from dira3d.evaluation.experiment_config import KNOWN, REQUIRED, load_config
-from dira3d.evaluation.experiment_grid import ExperimentBusy, ExperimentRunsFailed, Runner, cause_of, run_experiment
+from dira3d.evaluation.experiment_config import KNOWN, REQUIRED, check_config_bundle, load_config, read_config
+from dira3d.evaluation.experiment_grid import (
+    ExperimentBusy, ExperimentRunsFailed, Runner, cause_of, check_experiment_free, run_experiment,
+)  # fmt: skip
 from dira3d.evaluation.experiment_pretrain import SETTINGS_NAME, pretrain_method
 
 __all__ = ["load_config", "run_experiment", "write_report", "main", "ExperimentRunsFailed", "ExperimentBusy", "Runner",
@@ -170,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="experiment YAML/JSON")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = read_config(args.config)  # the checks that need neither torch nor MONAI, then (as quick) the lock:
+        check_experiment_free(config["output_dir"])  # a busy output_dir is refused before MONAI and torch load
+        check_config_bundle(config, args.config)
+    except ExperimentBusy as err:
+        print(f"dira3d experiment: error: {err}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     from dira3d.evaluation.finetune_messages import show_cache_lines

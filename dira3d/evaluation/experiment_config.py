@@ -17,18 +17,30 @@ from dira3d.evaluation.experiment_method_checks import check_checkpoints_fit, ch
 from dira3d.evaluation.experiment_pretrain import pretrain_configs
 from dira3d.evaluation.stats import TESTS
 
-__all__ = ["REQUIRED", "KNOWN", "load_config"]
+__all__ = ["REQUIRED", "KNOWN", "load_config", "read_config", "check_config_bundle"]
 
 REQUIRED = ("bundle", "datalist", "metric", "methods", "seeds", "label_fractions", "output_dir")
 KNOWN = REQUIRED + ("baseline", "test", "welch", "overrides", "pretrain", "folds", "split_seed")
 
 
 def load_config(path: str | Path) -> dict:
-    """Read and check an experiment config; relative paths are resolved against its folder.
+    """Read and check an experiment config; relative paths are resolved against its folder: :func:`read_config`,
+    then :func:`check_config_bundle`.
 
     Raises:
         FileNotFoundError: the config or a listed checkpoint does not exist.
         ValueError: a required key is missing or a value is out of range (the message names it).
+    """
+    return check_config_bundle(read_config(path), path)
+
+
+def read_config(path: str | Path) -> dict:
+    """Read an experiment config, resolve its paths and run the checks that need neither torch nor MONAI (settings,
+    files and folders that exist, label fractions, baseline, the pretraining's folder and configs): ``dira3d
+    experiment`` refuses these at once. :func:`check_config_bundle` checks the rest against the bundle.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_config`.
     """
     path = Path(path)
     if path.is_dir():  # e.g. docs/experiments/: name the configs in it, not "does not exist"
@@ -104,7 +116,21 @@ def load_config(path: str | Path) -> dict:
     config.setdefault("baseline", next(iter(config["methods"])))
     if config["baseline"] not in config["methods"]:
         raise ValueError(f"baseline {config['baseline']!r} in {path} is not one of the methods {list(config['methods'])}")
-    configs = _check_pretrain_section(config, path, resolve) if "pretrain" in config else []
+    if "pretrain" in config:
+        _check_pretrain_section(config, path, resolve)
+    return config
+
+
+def check_config_bundle(config: dict, path: str | Path) -> dict:
+    """The checks of a :func:`read_config` config against its bundle's configs (override ids, metric, folds, the
+    methods' checkpoints and pretrainings, label fractions against the datalist): they load MONAI, and torch for the
+    checkpoints. Returns ``config``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_config`.
+    """
+    path = Path(path)
+    configs = [Path(c) for c in pretrain_configs(config["pretrain"])] if "pretrain" in config else []
     from dira3d.evaluation.finetune import bundle_path
 
     bundle_configs = bundle_path(config["bundle"]) / "configs"  # FileNotFoundError naming the valid bundles

@@ -25,7 +25,7 @@ from dira3d.evaluation.results import (
     read_rows, result_fields, row_key, seed_values, split_columns, write_report, write_rows,
 )  # fmt: skip
 
-__all__ = ["Runner", "ExperimentRunsFailed", "ExperimentBusy", "run_experiment"]
+__all__ = ["Runner", "ExperimentRunsFailed", "ExperimentBusy", "check_experiment_free", "run_experiment"]
 
 Runner = Callable[[str, dict], Mapping[str, float]]
 
@@ -55,11 +55,25 @@ class ExperimentBusy(FolderInUseError):
     """Another process is running an experiment in the same ``output_dir``."""
 
 
+def _output_dir_lock(out: str | Path) -> FolderLock:
+    return FolderLock(out, what="the experiment's output_dir",
+                      clash="a second `dira3d experiment` there would run the same grid into one results.csv")
+
+
+def check_experiment_free(output_dir: str | Path) -> None:
+    """Raise :class:`ExperimentBusy` now when another process runs an experiment in ``output_dir``, without taking
+    its lock or creating anything: ``dira3d experiment``'s check before its bundle checks load MONAI and torch
+    (:func:`run_experiment` takes the lock)."""
+    try:
+        _output_dir_lock(output_dir).check_free()
+    except FolderInUseError as err:
+        raise ExperimentBusy(str(err)) from None
+
+
 @contextlib.contextmanager
 def _exclusive(out: Path):
     """Hold ``out``'s :class:`~dira3d.utils.folder_lock.FolderLock`, or raise :class:`ExperimentBusy` at once."""
-    lock = FolderLock(out, what="the experiment's output_dir",
-                      clash="a second `dira3d experiment` there would run the same grid into one results.csv")
+    lock = _output_dir_lock(out)
     try:
         lock.acquire()
     except FolderInUseError as err:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.evaluation.bundle_lookup import BUNDLES, BUNDLES_2D, bundle_path, tiny_settings
-from dira3d.evaluation.finetune_messages import finished_message, show_cache_lines
+from dira3d.evaluation.finetune_messages import finished_message, scored_line, show_cache_lines
 from dira3d.evaluation.finetune_scoring import log_split_metrics, scored_split, split_entries, split_summary
 from dira3d.evaluation.preprocessing import (
     PREPROCESSING_FILE,
@@ -421,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d finetune: error: {cause}", file=sys.stderr)
         return 2
     print(json.dumps(result["metrics"], indent=2))
-    if result.get("eval_split", "test") != "test":  # the numbers above are not test scores
-        print(f"scored on:   the {result['eval_split']} split (eval_split={result['eval_split']}), not the test split")
+    scored = scored_line(result)  # a cross-validation run's test fold; another split than the test split
+    if scored:
+        print(scored)
     spacing = _prepared_spacing(result.get("settings", {}).get("datalist"))
     if spacing and "pixdim" not in settings:  # a new scan must be resampled as the training volumes were
         settings["pixdim"] = spacing

@@ -1,5 +1,5 @@
-"""What ``dira3d finetune`` prints when a run has finished: where its outputs are, and the inference command; and,
-before it, the caches' lines (:func:`show_cache_lines`).
+"""What ``dira3d finetune`` prints when a run has finished: which split its metrics were scored on (:func:`scored_line`),
+where its outputs are, and the inference command; and, before it, the caches' lines (:func:`show_cache_lines`).
 
 The command is built from the bundle's ``inference.json`` (with ``tiny.json`` for a ``--tiny`` run) and the
 run's own settings that ``inference.json`` defines (e.g. ``width``), so that the network is built as it was
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["finished_message", "show_cache_lines"]
+__all__ = ["finished_message", "scored_line", "show_cache_lines"]
 
 # the loggers of the lines on the training caches: their size and, with cache_dir, where they are
 CACHE_LOGGERS = ("dira3d.engines.cache", "dira3d.engines.diskcache")
@@ -35,6 +35,28 @@ def show_cache_lines(stream=None) -> None:
         log = logging.getLogger(name)
         log.handlers[:] = [h for h in log.handlers if not getattr(h, _MARK, False)] + [handler]
         log.setLevel(logging.INFO)
+
+
+def scored_line(result: dict[str, Any]) -> str | None:
+    """The line ``dira3d finetune`` prints under its metrics when they are not plainly the datalist's 'test' list: a
+    cross-validation run names its test fold (``fold`` of ``result["settings"]``, as metrics.json records it) and that
+    split's size, and a run scored on another split (``eval_split``) says so; None otherwise."""
+    fold = (result.get("settings") or {}).get("fold")
+    fold = int(fold) if isinstance(fold, (int, float)) and not isinstance(fold, bool) and fold >= 0 else None
+    split = result.get("eval_split", "test")
+    if split != "test":  # the numbers are not test scores
+        return (f"scored on:   the {split} split (eval_split={split}), not the test split"
+                + ("" if fold is None else f"; test fold {fold} was held out of training"))
+    if fold is None:
+        return None
+    size = (result.get("splits") or {}).get("test") or {}
+    counts = [f"{size['cases']} cases"] if isinstance(size.get("cases"), int) else []
+    if isinstance(size.get("patients"), int):
+        counts.append(f"{size['patients']} patients")
+    if isinstance(size.get("positive"), int):
+        counts.append(f"{size['positive']} positive")
+    return (f"scored on:   fold {fold}, the test split of the cross-validation" + (f" ({', '.join(counts)})" if counts
+            else "") + "; trained on the other folds (--fold K tests fold K)")
 
 
 # ids of inference.json that say where its input and outputs are, not what network was trained: never passed on

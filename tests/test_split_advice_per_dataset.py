@@ -1,0 +1,84 @@
+"""The split advice of a prepared datalist names its own `dira3d prepare` command and only options that command has.
+
+`split_option` / `more_training_advice` (dira3d.data.datalist) fell back to "`dira3d prepare generic ... --test-fraction`"
+for CheXpert, ChestX-ray14 and PE-CAD, whose prepare commands have no --test-fraction (their test lists are the
+official valid.csv / test_list.txt) and, for PE-CAD, no --val-fraction either (cross-validation folds, all under
+'training').
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+
+from dira3d.data import command
+from dira3d.data.datalist import more_training_advice, split_option
+from dira3d.data.errors import DataError
+from dira3d.evaluation.datalists import load_split
+
+# meta.dataset as each prepare command writes it -> that command
+PREPARE = {"luna16": "luna16", "lits": "lits", "lidc-idri": "lidc", "brats2018": "brats", "siim-acr": "siim",
+           "montgomery": "montgomery", "radiographs": "radiographs", "chexpert": "chexpert",
+           "chestxray14": "chestxray14", "pecad": "pecad", "generic": "generic"}
+
+
+def _help(name: str) -> str:
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        command.main([name, "--help"])
+    return text.getvalue()
+
+
+def _advice(tmp_path, dataset: str) -> list[str]:
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"meta": {"dataset": dataset}, "training": []}))
+    return [split_option(path, "validation"), split_option(path, "test"), more_training_advice(path)]
+
+
+@pytest.mark.parametrize("dataset", sorted(PREPARE))
+def test_the_advice_names_only_options_of_the_datasets_own_prepare(tmp_path, dataset):
+    options = set(re.findall(r"--[a-z][a-z-]*", _help(PREPARE[dataset])))
+    for advice in _advice(tmp_path, dataset):
+        commands = re.findall(r"`dira3d prepare (\S+)([^`]*)`", advice)
+        assert commands, advice  # each piece of advice names the command to run
+        for name, rest in commands:
+            assert name == PREPARE[dataset], advice
+            named = set(re.findall(r"--[a-z][a-z-]*", rest))
+            assert named <= options, (advice, sorted(named - options))
+
+
+@pytest.mark.parametrize("dataset, validation, test, training", [
+    ("chexpert", "`dira3d prepare chexpert ... --val-fraction`",
+     "`dira3d prepare chexpert` writes CheXpert's official valid.csv as the 'test' list",
+     "a smaller --val-fraction (`dira3d prepare chexpert ... --val-fraction 0`"),
+    ("chestxray14", "`dira3d prepare chestxray14 ... --val-fraction`",
+     "`dira3d prepare chestxray14` writes the official test_list.txt as the 'test' list",
+     "a smaller --val-fraction (`dira3d prepare chestxray14 ... --val-fraction 0`"),
+    ("pecad", "`dira3d prepare pecad` writes no 'validation' list: its patients are all in 'training', in folds, and "
+              "fine-tuning holds out a share of the training folds' patients (holdout)",
+     "`dira3d prepare pecad ... --folds K` writes cross-validation folds instead of a 'test' list: set fold to test on "
+     "one (`dira3d finetune --fold K`)",
+     "rerun `dira3d prepare pecad` with more volumes and candidates.csv rows"),
+])
+def test_each_datasets_advice(tmp_path, dataset, validation, test, training):
+    said = _advice(tmp_path, dataset)
+    assert said[:2] == [validation, test] and training in said[2], said
+    assert not any("generic" in s or "--test-fraction" in s for s in said), said
+
+
+def test_a_pecad_datalist_without_a_fold_is_told_to_set_one(tmp_path):
+    """A PE-CAD datalist tested without a fold (fold=-1): the hint said to add a 'test' list with
+    `dira3d prepare generic ... --test-fraction`."""
+    entries = [{"image": f"c{i}.nii.gz", "label": i % 2, "case_id": f"PE{i // 2}", "fold": i // 2 % 3} for i in range(12)]
+    path = tmp_path / "pecad_datalist.json"
+    path.write_text(json.dumps({"meta": {"dataset": "pecad"}, "training": entries}))
+    with pytest.raises(DataError) as refused:
+        load_split(path, "test", fold=-1)
+    assert str(refused.value).endswith(
+        "is empty (label_fraction=1.0, holdout=0.1, fold=-1); it has no 'test' list; `dira3d prepare pecad ... --folds K` "
+        "writes cross-validation folds instead of a 'test' list: set fold to test on one (`dira3d finetune --fold K`)"), \
+        str(refused.value)
