@@ -130,6 +130,42 @@ def test_export_pretrained_of_a_fine_tuned_classifier_names_its_parts_as_options
         export_pretrained(model, tmp_path / "w2")
 
 
+def test_a_missing_part_names_the_files_to_give_to_pretrained_and_parts_to_python_callers(tmp_path):
+    """load_pretrained said "Choose parts among those (e.g. parts=('encoder',))" to `dira3d finetune --pretrained`
+    users too, who cannot choose parts: the bundles' path (option="--pretrained") names the files to give instead."""
+    from dira3d.evaluation import build_task_network
+    from dira3d.networks import Segmenter
+
+    unet = UNet(3, 1, 1, width=0.125)
+    (tmp_path / "weights").mkdir()
+    atomic_save(unet.encoder.state_dict(), tmp_path / "weights" / "encoder.pt")  # no decoder.pt beside it
+    atomic_save(unet.decoder.state_dict(), tmp_path / "decoder.pt")
+    with pytest.raises(ValueError, match=r"Choose parts among those \(e\.g\. parts=\('encoder',\)\)"):  # Python
+        load_pretrained(Segmenter(3, 1, 1, width=0.125), tmp_path / "weights" / "encoder.pt", parts=("encoder", "decoder"))
+    for kind, path, wanted in [
+        ("segmentation", tmp_path / "weights" / "encoder.pt",
+         "--pretrained needs a checkpoint with 'encoder' and 'decoder': give it the best.pt or last.pt of `dira3d "
+         "pretrain`, or the encoder.pt of `dira3d export pretrained --parts encoder decoder` (its decoder.pt beside it)"),
+        ("classification", tmp_path / "decoder.pt",
+         "--pretrained needs a checkpoint with 'encoder': give it the best.pt or last.pt of `dira3d pretrain`, or the "
+         "encoder.pt of `dira3d export pretrained`"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            build_task_network(kind, width=0.125, pretrained=str(path))
+        message = str(err.value)
+        assert wanted in message, message
+        assert f"checkpoint {path} has no (or an empty)" in message
+        assert "parts=(" not in message and "Choose parts" not in message, message
+    # a checkpoint of other keys, loaded strictly: the way out is a file, not strict=False
+    atomic_save({"encoder": {**unet.encoder.state_dict(), "extra.weight": torch.zeros(1)}}, tmp_path / "extra.pt")
+    with pytest.raises(ValueError) as err:
+        build_task_network("classification", width=0.125, pretrained=str(tmp_path / "extra.pt"))
+    assert "give --pretrained the best.pt or last.pt of `dira3d pretrain`" in str(err.value), str(err.value)
+    assert "strict=False" not in str(err.value)
+    with pytest.raises(ValueError, match="use strict=False to load what matches"):
+        load_pretrained(Classifier(3, 1, 1, width=0.125), tmp_path / "extra.pt", strict=True)
+
+
 # 3. 3D checkpoint for a 2D bundle, and the reverse
 
 def test_a_checkpoint_of_the_other_dimensionality_is_one_sentence(tmp_path):

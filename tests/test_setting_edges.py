@@ -85,7 +85,9 @@ def test_every_task_bundle_checks_its_number_and_size_settings_in_initialize(bun
     dims = 3 if bundle in BUNDLES else 2
     for name in ("train.json", "multi_gpu_train.json", "evaluate.json", "inference.json"):
         steps = _initialize(bundle, name)
-        assert f"$dira3d.utils.check_sizes({dims}, roi_size=@roi_size)" in steps, (bundle, name)
+        # multiple: the network's downsampling (8: the 3D U-Net encoder; 32: the 2D ResNets), since 2026-11-28
+        assert f"$dira3d.utils.check_sizes({dims}, multiple={8 if dims == 3 else 32}, roi_size=@roi_size)" in steps, \
+            (bundle, name)
         if name in ("train.json", "multi_gpu_train.json"):  # bn_momentum and learning_rate: check_ranges refuses text
             ranges = next(step for step in steps if step.startswith("$dira3d.utils.check_ranges("))
             assert "bn_momentum=(@bn_momentum, '[0, 1] or null')" in ranges, (bundle, name)

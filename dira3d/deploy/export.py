@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,8 @@ def export_torchscript(
         checkpoint: weights; default ``<bundle>/models/model.pt``.
         input_shape: example input ``[B, C, X, Y, Z]`` for tracing; default ``[1, in_channels, *roi_size]``.
         config_file: the config with ``network_def``.
-        overrides: config ids to override (e.g. ``{"width": 0.125}``).
+        overrides: config ids to override (e.g. ``{"width": 0.125}``); the embedded ``inference.json`` is the config
+            with them applied (the settings the network was exported with).
         overwrite: replace an existing ``out`` (refused otherwise). The file is written under a
             temporary name and renamed, so a failed export leaves an earlier one as it was.
         example: the input of the agreement check (e.g. :func:`scan_patch` of a real scan); default a
@@ -168,14 +171,17 @@ def export_torchscript_with_report(
     # the temporary name ends in .ts: ckpt_export appends .ts to a name without a suffix; an export killed (SIGKILL)
     # while it wrote left its temporary, which no later export would replace
     remove_stale_temporaries_of(out, ".ts", what="export")
-    with _FinalNameInLogs(out) as logs, atomic_path(out, suffix=".ts") as partial:
+    with tempfile.TemporaryDirectory(prefix="dira3d-export-") as folder, _FinalNameInLogs(out) as logs, \
+            atomic_path(out, suffix=".ts") as partial:
         logs.partial = str(partial)
+        embedded = _config_with_overrides(config, overrides, Path(folder))
+        logs.renames[str(embedded)] = str(config)
         ckpt_export(
             net_id="network_def",
             filepath=str(partial),
             ckpt_file=str(ckpt),
             meta_file=str(meta),
-            config_file=str(config),
+            config_file=str(embedded),
             use_trace=True,
             input_shape=shape,
             bundle_root=str(root),
@@ -188,23 +194,56 @@ def export_torchscript_with_report(
     return out, report
 
 
+def _config_with_overrides(config: Path, overrides: Mapping[str, Any] | None, folder: Path) -> Path:
+    """``config`` with ``overrides`` applied, written as ``folder/<config's name>`` (``config`` itself when there are
+    none): ``ckpt_export`` embeds the file it is given, under its name without suffix plus ``.json``
+    (``inference.json``), so the TorchScript file holds the settings the network was exported with (it held the
+    unmodified config: a ``--tiny`` export said width 1.0). ``_meta_#...`` overrides go to the embedded
+    ``metadata.json`` (``ckpt_export`` applies them) and are left out here.
+
+    Raises:
+        ValueError: an override value that JSON cannot hold (an object given through the Python API).
+    """
+    config_overrides = {k: v for k, v in (overrides or {}).items() if not str(k).startswith("_meta_")}
+    if not config_overrides:
+        return config
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    for key, value in config_overrides.items():
+        parser[key] = value
+    content = {k: v for k, v in parser.get().items() if k != "_meta_"}
+    try:
+        text = json.dumps(content, indent=4)  # ASCII, as the bundles' configs are
+    except TypeError as err:
+        raise ValueError(f"an override value cannot be embedded in the TorchScript file's {config.name} (JSON: {err}); "
+                         "give numbers, text, lists or mappings") from None
+    merged = folder / config.name
+    merged.write_text(text + "\n", encoding="ascii")
+    return merged
+
+
 class _FinalNameInLogs(logging.Filter):
     """While ``ckpt_export`` writes the temporary file :attr:`partial`, MONAI's log lines (``monai.bundle.scripts``:
     its input summary, ``exported to file: ...``) name ``out``, the file the user asked for, instead of the temporary
-    name; the ``exported to file`` line is held and logged on a clean exit only. Entered before :func:`atomic_path`, so
-    that it exits after it: the line comes once ``out`` is in place (after the agreement check and the rename), and
-    not at all when the export fails."""
+    name (and the bundle's config instead of the merged copy in :attr:`renames`); the ``exported to file`` line is
+    held and logged on a clean exit only. Entered before :func:`atomic_path`, so that it exits after it: the line comes
+    once ``out`` is in place (after the agreement check and the rename), and not at all when the export fails."""
 
     def __init__(self, out: Path) -> None:
         super().__init__()
         self.out, self.partial, self.held = str(out), "", []
+        self.renames: dict[str, str] = {}  # other temporary paths -> the names shown (the merged config -> the bundle's)
         self.logger = logging.getLogger(ckpt_export.__module__)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not self.partial or self.partial not in message:
+        renames = {self.partial: self.out, **self.renames} if self.partial else self.renames
+        if not any(old in message for old in renames if old != renames[old]):
             return True
-        record.msg, record.args = message.replace(self.partial, self.out), ()
+        shown = message
+        for old, new in renames.items():
+            shown = shown.replace(old, new)
+        record.msg, record.args = shown, ()
         if message.startswith("exported to file"):
             self.held.append(record.msg)
             return False

@@ -10,7 +10,8 @@ config or a benchmark calls around it:
   of the network at hand (e.g. ``split_concat`` on the 2D ``ResNetUNet``);
 - :func:`compile_modules` — ``torch.compile`` of the U-Net's encoder/decoder, heads and adversary
   *in place* (``nn.Module.compile``), so ``network.encode`` still goes through the compiled
-  encoder and checkpoint keys do not change (no ``_orig_mod.`` prefix);
+  encoder and checkpoint keys do not change (no ``_orig_mod.`` prefix); :func:`check_compile_mode` refuses a
+  ``compile_mode`` that is not one of ``torch.compile``'s, ``compile`` on or off;
 - :func:`synchronize`, :func:`peak_memory_mib`, :func:`reset_peak_memory`, :func:`matmul_tflops`,
   :func:`count_flops`, :func:`format_table` — measurements shared by ``benchmarks/*.py``.
 """
@@ -36,6 +37,7 @@ __all__ = [
     "LAYER_OPTIONS",
     "apply_layer_options",
     "build_adam",
+    "check_compile_mode",
     "compile_modules",
     "synchronize",
     "mean_ms",
@@ -161,6 +163,28 @@ def apply_layer_options(network: nn.Module, adversary: nn.Module | None = None,
     return switched
 
 
+def check_compile_mode(mode: object) -> str | None:
+    """``mode`` (the bundles' ``compile_mode``) if it is null or one of ``torch.compile``'s modes, whether or not
+    ``compile`` is on: ``--compile_mode fast`` with ``compile`` false ran without a word (exit 0), and with ``compile``
+    on failed in torch's traceback once the trainer was built. The pretraining bundle calls it in ``initialize``,
+    before any data are read; :class:`~dira3d.engines.DiRATrainer` and :func:`compile_modules` call it too.
+
+    Raises:
+        DataError: naming ``compile_mode``, its value and the modes of this PyTorch (one ``error:`` line).
+    """
+    if mode is None:
+        return None  # inductor's default; torch._inductor (a second to import) is read only for a mode given
+    import torch._inductor
+
+    modes = list(torch._inductor.list_mode_options())
+    if not isinstance(mode, str) or mode not in modes:
+        from dira3d.data.errors import DataError
+
+        raise DataError(None, f"compile_mode={mode!r} is not one of torch.compile's modes; give one of "
+                        f"{', '.join(modes)}, or null (the default mode)")
+    return mode
+
+
 def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "inductor", mode: str | None = None,
                     channels_last: bool = False) -> list[str]:
     """``torch.compile`` each module in place (its ``forward`` is compiled, its keys unchanged).
@@ -184,8 +208,10 @@ def compile_modules(modules: Mapping[str, nn.Module | None], backend: str = "ind
         The names of the compiled modules (``network.encoder``, ``network.decoder``, ...).
 
     Raises:
-        DataError: an unknown backend (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle run``).
+        DataError: an unknown backend or mode (a ``ValueError``; one ``error:`` line under ``python -m monai.bundle
+            run``).
     """
+    mode = check_compile_mode(mode)
     if backend not in COMPILE_BACKENDS:
         from dira3d.data.errors import DataError
 

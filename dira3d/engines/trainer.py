@@ -76,7 +76,7 @@ from dira3d.engines.faults import NonFiniteGuard
 from dira3d.engines.handlers import rank_zero_handlers
 from dira3d.engines.moco import STREAM_SHUFFLE, MoCoKeyEncoder
 from dira3d.engines.optim import autocast_context, make_grad_scaler, unique_parameters
-from dira3d.engines.performance import apply_layer_options, compile_modules
+from dira3d.engines.performance import apply_layer_options, check_compile_mode, compile_modules
 from dira3d.engines.prefetch import side_stream
 from dira3d.engines.shuffle_bn import check_shuffle_bn
 from dira3d.engines.stages import Stage, StageSchedule
@@ -122,7 +122,7 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         compile: ``torch.compile`` the encoder, decoder, heads and adversary in place: False, True
             (inductor) or a backend name (see :func:`dira3d.engines.performance.compile_modules`).
         compile_mode: inductor mode when compiling, e.g. ``"max-autotune-no-cudagraphs"`` (None:
-            PyTorch's default).
+            PyTorch's default); one that is not ``torch.compile``'s is refused, compiling or not.
         compile_channels_last: with inductor, force its channels-last layout optimisation in every
             compiled graph; inductor leaves it off for the U-Net decoder's graphs (each level's first
             convolution has at least twice as many input as output channels). Off: measured slower
@@ -244,6 +244,7 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         on_nonfinite: str = "stop",
         check_every: int = 10,
     ) -> None:
+        compile_mode = check_compile_mode(compile_mode)  # refused whether or not compile is on
         self.dis_mode = check_dis_mode(dis_mode)
         self.shuffle_bn = check_shuffle_bn(shuffle_bn, self.dis_mode)
         self.second_view = check_second_view(second_view, self.dis_mode)

@@ -232,7 +232,8 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
         # restores N, the task head predicts its own classes; another output count is re-learnt, not refused
         report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
                                  in_channels_policy=in_channels_policy,
-                                 head_policy="initialise" if kind == "segmentation" else "error")
+                                 head_policy="initialise" if kind == "segmentation" else "error",
+                                 option="--pretrained")  # errors name the files to give, not Python parts=(...)
         message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
     # under torchrun by rank 0 alone (every rank printed it: the same report once per process)
     if launcher_rank() != 0:

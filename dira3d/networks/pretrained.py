@@ -173,7 +173,15 @@ def _exported_parts(path: str, checkpoint: Mapping[str, Any], parts: Sequence[st
     return result
 
 
-def _part_state_dict(checkpoint: Mapping[str, Any], part: str, source: str) -> dict[str, torch.Tensor]:
+def _files_to_give(parts: Sequence[str]) -> str:
+    """The files that hold ``parts``, for a caller who gives a checkpoint file and cannot choose parts."""
+    exported = ("the encoder.pt of `dira3d export pretrained --parts encoder decoder` (its decoder.pt beside it)"
+                if "decoder" in parts else "the encoder.pt of `dira3d export pretrained`")
+    return f"the best.pt or last.pt of `dira3d pretrain`, or {exported}"
+
+
+def _part_state_dict(checkpoint: Mapping[str, Any], part: str, source: str, parts: Sequence[str] = (),
+                     option: str | None = None) -> dict[str, torch.Tensor]:
     nested = checkpoint.get(part)
     if isinstance(nested, Mapping) and nested:
         state = dict(nested)
@@ -185,9 +193,12 @@ def _part_state_dict(checkpoint: Mapping[str, Any], part: str, source: str) -> d
         exported = (f" ({source} holds the {stem} alone, as `dira3d export pretrained` writes it; the {part} is read "
                     f"from {part}{suffix} beside it, which that export writes from a checkpoint that has one, with "
                     f"`--parts {' '.join([*checkpoint, part])}`)" if stem in checkpoint else "")
+        way_out = (f"{option} needs a checkpoint with {' and '.join(repr(p) for p in parts or (part,))}: give it "
+                   f"{_files_to_give(parts or (part,))}" if option
+                   else "Choose parts among those (e.g. parts=('encoder',))")
         raise ValueError(
             f"checkpoint {source} has no (or an empty) '{part}' part; parts available: "
-            f"{_available_parts(checkpoint) or 'none'}. Choose parts among those (e.g. parts=('encoder',)){exported}"
+            f"{_available_parts(checkpoint) or 'none'}. {way_out}{exported}"
         )
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -252,7 +263,7 @@ def _match_part(part: str, ckpt_state: Mapping[str, torch.Tensor], model_state: 
 
 
 def _shape_mismatch_error(network: nn.Module, source: str, meta: Mapping[str, Any] | None, errors: Sequence[str],
-                          report: LoadReport) -> ValueError:
+                          report: LoadReport, option: str | None = None) -> ValueError:
     """The error listing the shape mismatches, with the way out that fits them."""
     described = f" (checkpoint meta: {dict(meta)})" if meta else ""
     head_only = all(name.startswith("decoder.head.") for name in report.mismatched)
@@ -263,9 +274,15 @@ def _shape_mismatch_error(network: nn.Module, source: str, meta: Mapping[str, An
                "parts=('encoder', 'decoder'))" if head_only else
                "\nBuild the network with the checkpoint's width / in_channels / out_channels, or load fewer "
                "parts (e.g. parts=('encoder',) when only the output channels differ)")
+    if option and not head_only:  # parts are not theirs to choose, nor is the network built by hand
+        way_out = (f"\nGive {option} a checkpoint pretrained with this network's width / in_channels / out_channels "
+                   f"({_files_to_give(report.parts)}), or fine-tune with the settings it was pretrained at")
     widths_differ = any(c[:1] != n[:1] for k, (c, n) in report.mismatched.items() if not k.startswith("decoder.head."))
     if not head_only and widths_differ and meta and meta.get("width") is not None:  # e.g. a --tiny (width 0.125) run
-        way_out += f"; this checkpoint was pretrained at width={meta['width']}: build {type(network).__name__}(..., width={meta['width']})"
+        way_out += (f"; this checkpoint was pretrained at width={meta['width']}: "
+                    + (f"fine-tune with width {meta['width']} (`dira3d finetune --set width={meta['width']}`, "
+                       f"`--width {meta['width']}` under python -m monai.bundle run)" if option
+                       else f"build {type(network).__name__}(..., width={meta['width']})"))
     return ValueError(
         f"pretrained weights from {source} do not fit {type(network).__name__}: {len(errors)} shape "
         f"mismatch(es){described}:\n  " + "\n  ".join(errors[:_SHOWN])
@@ -281,6 +298,8 @@ def load_pretrained(
     strict: bool = False,
     in_channels_policy: str = "error",
     head_policy: str = "error",
+    *,
+    option: str | None = None,
 ) -> LoadReport:
     """Copy ``checkpoint[part]`` into ``network.<part>`` for each part.
 
@@ -301,6 +320,9 @@ def load_pretrained(
             another number of output channels is left as initialised, not copied (listed in the report as of
             another shape), e.g. the 4-channel restoration head of a BraTS pretraining (``in_channels`` 4) for a
             1-channel segmentation; its other mismatches are errors as before.
+        option: the setting the checkpoint was given by, for a caller who cannot choose ``parts`` (``"--pretrained"``:
+            ``dira3d finetune``, the task bundles): the errors then say which file to give it (a ``dira3d pretrain``
+            best.pt / last.pt, or the encoder.pt of ``dira3d export pretrained``) instead of which ``parts=`` to pass.
 
     Returns:
         a :class:`LoadReport`; ``report.summary()`` is meant for the log.
@@ -350,14 +372,16 @@ def load_pretrained(
                 f"{type(network).__name__} has no sub-module '{part}' to load pretrained weights into; "
                 f"use parts among its children: {[name for name, _ in network.named_children()]}"
             )
-        to_copy[part] = _match_part(part, _part_state_dict(checkpoint, part, source), module.state_dict(),
+        to_copy[part] = _match_part(part, _part_state_dict(checkpoint, part, source, parts, option), module.state_dict(),
                                     in_channels_policy, report, errors, head_policy)
     if errors:
-        raise _shape_mismatch_error(network, source, meta, errors, report)
+        raise _shape_mismatch_error(network, source, meta, errors, report, option)
     if strict and (report.missing or report.unexpected):
+        way_out = (f"give {option} {_files_to_give(parts)} of this network's settings" if option
+                   else "use strict=False to load what matches")
         raise ValueError(
             f"strict loading from {source} failed: missing keys [{preview_keys(report.missing)}], "
-            f"unexpected keys [{preview_keys(report.unexpected)}]; use strict=False to load what matches"
+            f"unexpected keys [{preview_keys(report.unexpected)}]; {way_out}"
         )
     with torch.no_grad():
         for part, selected in to_copy.items():

@@ -15,7 +15,8 @@ pretraining the same weights), so neither function may change what it returns
   :func:`check_whole_numbers`: other count settings (epochs, intervals) checked as it is, in the same words;
   :func:`check_ranges`: number settings with a range (shares, rates, momenta) checked against it.
   :func:`check_numbers`: settings that take any number (``learning_rate``, ``bn_momentum``, ``width``);
-  :func:`check_sizes`: size settings (``roi_size``), one whole number per axis of the network.
+  :func:`check_sizes`: size settings (``roi_size``, ``patch_size``), one whole number per axis of the network, each a
+  multiple of its downsampling.
 """
 
 from __future__ import annotations
@@ -88,18 +89,24 @@ def check_numbers(or_null: bool = False, **settings: object) -> dict[str, float 
 _SIZE_EXAMPLES = {2: "[224,224]", 3: "[64,64,32]"}
 
 
-def check_sizes(spatial_dims: int, **settings: object) -> dict[str, list[int]]:
+def check_sizes(spatial_dims: int, multiple: int = 1, **settings: object) -> dict[str, list[int]]:
     """Each of ``settings`` (``name=value``, e.g. ``roi_size``) as a list of ``spatial_dims`` whole numbers >= 1, one
-    per axis of the network; the task bundles call it in ``initialize``, before any data are read.
+    per axis of the network, each a multiple of ``multiple`` (the network's downsampling: 8 for the 3D U-Net, 32 for
+    the 2D ResNets); the bundles call it in ``initialize``, before any data are read.
 
     ``roi_size=[16,16]`` for a 3D bundle failed while the data were cached, with MONAI's "Sequence must have length 3,
-    got 2." naming no setting; ``roi_size=abc`` under ``python -m monai.bundle run`` in a traceback.
+    got 2." naming no setting; ``roi_size=abc`` under ``python -m monai.bundle run`` in a traceback; a size that is not
+    a multiple (``patch_size=[60,60,30]``) at the first training step, after the data were cached, in a traceback of
+    170 lines (the network's own check, which stays in the TorchScript subset).
 
     Raises:
-        DataError: the first setting that is not one, named with its value and what to give.
+        DataError: the first setting that is not one, named with its value and what to give (for a size that is not a
+            multiple, the nearest sizes that are); a ``spatial_dims`` other than 2 or 3.
     """
     from dira3d.data.errors import DataError
 
+    if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
+        raise DataError(None, f"spatial_dims={spatial_dims!r} is not supported; use 2 or 3")
     checked = {}
     for name, value in settings.items():
         example = _SIZE_EXAMPLES.get(spatial_dims, "[" + ",".join(["64"] * spatial_dims) + "]")
@@ -112,7 +119,15 @@ def check_sizes(spatial_dims: int, **settings: object) -> dict[str, list[int]]:
         if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
                or not float(v).is_integer() or v < 1 for v in value):
             raise DataError(None, f"{name}={list(value)!r} is not {spatial_dims} whole numbers >= 1; {advice}")
-        checked[name] = [int(v) for v in value]
+        sizes = [int(v) for v in value]
+        if any(v % multiple for v in sizes):
+            below = [max(multiple, v // multiple * multiple) for v in sizes]
+            above = [-(-v // multiple) * multiple for v in sizes]
+            nearest = " or ".join(dict.fromkeys(f'"[{",".join(map(str, s))}]"' for s in (below, above)))
+            raise DataError(None, f"{name}={sizes!r} does not fit the {spatial_dims}D network: each size must be a "
+                            f"multiple of {multiple} (its downsampling); give e.g. --{name} {nearest}, the nearest "
+                            "sizes that fit")
+        checked[name] = sizes
     return checked
 
 

@@ -1,0 +1,72 @@
+"""``dira3d export torchscript --override ...`` embeds the config the network was exported with (found 2026-11-28).
+
+``monai.bundle.ckpt_export`` embeds the config *file* it is given (under ``inference.json``), not its parser with the
+overrides applied: a ``--tiny`` export (width 0.125, roi_size [16, 16, 8]) held the unmodified ``inference.json``
+(width 1.0, roi_size [64, 64, 32]), and docs/deployment.md says the configs are embedded. The export now hands it a
+copy with the overrides applied, under the same name; the bundle's own file is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from dira3d.deploy.command import main as export_main
+from test_deploy_export import _bundle_copy
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _embedded(path) -> dict[str, dict]:
+    extra = {"inference.json": "", "metadata.json": ""}
+    torch.jit.load(str(path), _extra_files=extra)  # filled in place with the bytes stored under each name
+    return {name: json.loads(data) for name, data in extra.items()}
+
+
+def test_torchscript_export_embeds_the_config_with_its_overrides(repo_root, tmp_path, capsys):
+    bundle = _bundle_copy(repo_root, "lidc_nodule_seg", tmp_path)
+    config = bundle / "configs" / "inference.json"
+    before = config.read_bytes()
+    out = tmp_path / "lidc.ts"
+    lines: list[str] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger("monai.bundle.scripts"), Seen()
+    logger.addHandler(handler)
+    try:
+        code = export_main(["torchscript", "--bundle", str(bundle), "--out", str(out),
+                            "--override", "width=0.125", "--override", "roi_size=[16,16,8]"])
+    finally:
+        logger.removeHandler(handler)
+    assert code == 0, capsys.readouterr().err
+    embedded = _embedded(out)
+    assert embedded["inference.json"]["width"] == 0.125
+    assert embedded["inference.json"]["roi_size"] == [16, 16, 8]
+    # the rest of the config is the bundle's, unresolved, as MONAI embeds it
+    original = json.loads(before)
+    assert embedded["inference.json"]["network_def"] == original["network_def"]
+    assert embedded["inference.json"]["bundle_root"] == original["bundle_root"]
+    assert "_meta_" not in embedded["inference.json"]
+    assert embedded["metadata.json"]["version"] == json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
+    assert config.read_bytes() == before  # the bundle's file is not touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lidc.ts", "lidc_nodule_seg"]
+    # MONAI's input summary names the bundle's config, not the temporary merged copy
+    assert f"> config_file: '{config}'" in lines, lines
+
+
+def test_an_export_without_overrides_embeds_the_bundle_config_as_it_is(repo_root, tmp_path):
+    bundle = _bundle_copy(repo_root, "lidc_nodule_seg", tmp_path)
+    # a bundle whose config was edited to the tiny settings: nothing to override, the file itself is embedded
+    config = bundle / "configs" / "inference.json"
+    content = json.loads(config.read_text())
+    config.write_text(json.dumps({**content, "width": 0.125}, indent=4))
+    out = tmp_path / "lidc.ts"
+    assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out),
+                        "--input-shape", "1", "1", "16", "16", "8"]) == 0
+    assert _embedded(out)["inference.json"] == {**content, "width": 0.125}
