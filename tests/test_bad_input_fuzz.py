@@ -95,7 +95,7 @@ def test_pretraining_loader_rejects_each_bad_input_naming_the_file(good):
     path = datalist(good, ok, "wrong_key.json")
     expect_error(lambda: load_datalist(path, "train"), "wrong_key.json", problem="has no 'train' key")
     path.write_text(json.dumps({"training": ok, "validation": []}))  # `dira3d prepare` defaults to --val-fraction 0
-    expect_error(lambda: load_datalist(path, "validation"), "wrong_key.json", problem="empty 'validation' list; prepare a validation share (e.g. `dira3d prepare generic ... --val-fraction 0.1`")
+    expect_error(lambda: load_datalist(path, "validation"), "wrong_key.json", problem="empty 'validation' list; prepare a validation share (`dira3d prepare generic ... --val-fraction`)")
 
     volume(good / "nan.nii.gz", nan=True)
     expect_error(lambda: load_all(datalist(good, [{"image": "nan.nii.gz"}], "d1.json")), "nan.nii.gz", problem="1 NaN/Inf voxels")

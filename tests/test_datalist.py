@@ -155,3 +155,17 @@ def test_the_three_readers_keep_their_own_rules(folder):
     write(path, {"training": [*entries, {"case_id": "g", "label": 0, "fold": 0}]})
     with pytest.raises(ValueError, match="entry 2 has no 'image'"):
         load_split(path, "test", fold=0)
+
+
+@pytest.mark.parametrize("dataset, option", [("chestxray14", "`dira3d prepare chestxray14 ... --val-fraction`"),
+                                             ("luna16", "`dira3d prepare luna16 ... --val-subsets`"),
+                                             ("lits", "`dira3d prepare lits ... --val-range`")])
+def test_an_empty_validation_list_names_its_datasets_own_prepare_option(folder, dataset, option):
+    """The advice gave fixed examples (`dira3d prepare generic ... --val-fraction 0.1`; `dira3d prepare luna16 ...
+    --val-subsets 8`) whatever the datalist's dataset: neither is an option of `dira3d prepare chestxray14` or lits."""
+    path = write(folder / "dl.json", {"training": [{"image": "images/a.nii.gz"}], "validation": [],
+                                      "meta": {"dataset": dataset}})
+    with pytest.raises(DataError) as caught:
+        load_datalist(path, "validation")
+    assert f"has an empty 'validation' list; prepare a validation share ({option}) or add entries" in str(caught.value)
+    assert "--val-fraction 0.1" not in str(caught.value) and "--val-subsets 8" not in str(caught.value)

@@ -67,3 +67,37 @@ def test_dira3d_experiment_prints_the_cache_lines_of_its_runs(monkeypatch, capsy
     monkeypatch.setattr(experiment, "run_experiment", fake_experiment)
     assert experiment.main(["--config", str(config)]) == 1
     assert f"- INFO - {LINE}" in capsys.readouterr().err
+
+
+def test_dira3d_finetune_does_not_print_monais_warning_about_the_logging_file_it_asks_not_to_read(monkeypatch, tmp_path):
+    """``ConfigWorkflow(logging_file=False)`` (the caller's logging kept as it is) logs "Logging file is set to False,
+    skipping logging." at WARNING: every ``dira3d finetune`` printed it twice (its training and evaluation workflow),
+    with nothing wrong. Only that record is dropped, while the workflow is built: the logger's other warnings stay."""
+    import pytest
+    from monai.bundle import ConfigWorkflow
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("monai.bundle.workflows")
+    monkeypatch.setattr(log, "handlers", [handler])
+
+    class Built(Exception):
+        pass
+
+    def stop(self):  # the workflow is built; stop before any training
+        raise Built
+
+    monkeypatch.setattr(ConfigWorkflow, "initialize", stop)
+    with pytest.raises(Built):
+        finetune.run_finetune("chestxray14_cls", {}, output_dir=tmp_path / "out", tiny=True)
+    messages = [r.getMessage() for r in records]
+    assert not any(m.startswith("Logging file is set to False") for m in messages), messages
+    from dira3d.evaluation.finetune_messages import without_logging_file_warning
+
+    with without_logging_file_warning():
+        log.warning("Logging file is set to False, skipping logging.")
+        log.warning("Not all config files are in /x.")  # another warning of the logger
+    log.warning("Logging file is set to False, skipping logging.")  # outside: the filter is gone
+    assert [r.getMessage() for r in records] == messages + ["Not all config files are in /x.",
+                                                            "Logging file is set to False, skipping logging."]

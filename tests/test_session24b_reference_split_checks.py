@@ -107,3 +107,24 @@ def test_test_patients_in_training_are_warned_about_once_and_none_shared_not_at_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_test_patients_in_training(other, training, test)  # the same datalist tested again: not again
+
+
+@pytest.mark.parametrize("dataset, advice", [
+    ("chestxray14", "add one (`dira3d prepare chestxray14 ... --val-fraction` writes one)"),
+    ("luna16", "add one (`dira3d prepare luna16 ... --val-subsets` writes one)"),
+    ("pecad", "`dira3d prepare pecad` writes no 'validation' list: its patients are all in 'training'"),
+    (None, "add one (`dira3d prepare generic ... --val-fraction` writes one)"),
+])
+def test_a_missing_validation_holdout_names_its_datasets_own_prepare_option(tmp_path, dataset, advice):
+    """It said "`dira3d prepare` writes one: the official validation subsets, or --val-fraction of the patients" for
+    every dataset: options of no one command, and none of PE-CAD's (it writes no 'validation' list)."""
+    import json
+
+    training, test = _labelled(0, 3, "t"), _labelled(0, 1, "s")
+    content = {"training": training, "test": test, "meta": {"dataset": dataset} if dataset else {}}
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError) as caught:
+        check_validation_holdout(path, content, [], training, test)
+    assert f"but it has no 'validation' list (it has ['test', 'training']); {advice}" in str(caught.value), caught.value
+    assert "the official validation subsets, or" not in str(caught.value)

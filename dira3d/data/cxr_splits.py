@@ -5,8 +5,9 @@
 :func:`dira3d.data.splits.split_patients` (seeded, reproducible); :func:`split_entries` does it for datalist
 entries tagged with their patient; :func:`write_patient_split` records the split in ``split.json`` and
 :func:`earlier_patient_split` reads back the one an earlier run recorded with the same rule, so that a rerun keeps its
-patients' parts. The file records the method as ``dira3d.data.cxr.patient_split`` (:data:`SPLIT_METHOD`), the
-module these functions were first in, so that files written before they moved here still match.
+patients' parts; :func:`warn_one_validation_image` warns about a 'validation' list of one image. The file records
+the method as ``dira3d.data.cxr.patient_split`` (:data:`SPLIT_METHOD`), the module these functions were first in, so
+that files written before they moved here still match.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from dira3d.data.runner import warn_one_validation
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "write_patient_split",
     "earlier_patient_split",
     "add_split_arguments",
+    "warn_one_validation_image",
 ]
 
 
@@ -121,3 +124,10 @@ def add_split_arguments(parser, test_fraction: float = 0.2) -> None:
     parser.add_argument("--test-fraction", type=float, default=test_fraction,
                         help=f"fraction of patients for test ({test_fraction})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")
+
+
+def warn_one_validation_image(path: str | os.PathLike, lists: Mapping[str, list]) -> None:
+    """Warn, as ``dira3d prepare generic`` does, when the datalist ``path`` just written holds one 'validation' image
+    (the default ``--val-fraction`` 0.1 of a few patients): 2D pretraining with Barlow Twins refuses it."""
+    warn_one_validation(path, lists, "Barlow Twins pretraining on it (`dira3d pretrain --config 2d.json --config "
+                        "2d_barlow.json`, which validates on that list) needs", item="image", written="PNGs")

@@ -21,7 +21,7 @@ from pathlib import Path
 from dira3d.data.cases import STATUSES, CaseResult
 from dira3d.data.datalist import datalist_meta
 
-__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "SEQUENCES_NEXT_STEP", "next_steps", "finish", "datalists_recorded", "record_datalist"]
+__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "SEQUENCES_NEXT_STEP", "PRETRAIN_2D_STEP", "next_steps", "finish", "datalists_recorded", "record_datalist"]
 
 
 # inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
@@ -83,6 +83,10 @@ LABELLED_NEXT_STEP = _finetune_step("lits_liver_seg")
 UNLABELLED_OTHER_STEP = ("dira3d pretrain --datalist {datalist}{channels} --output runs/dira_pretrain (every volume its own "
                          "class, no visual words: quicker, for a small dataset or a first run; "
                          "bundles/dira_pretrain/docs/README.md)")
+# the 2D datasets' datalists (dira3d prepare chestxray14, chexpert, siim, montgomery): their images pretrain too (2D
+# DiRA with MoCo-v2, labels unused, as for radiographs), the fine-tuning step above then loads that checkpoint
+PRETRAIN_2D_STEP = NEXT_STEPS["radiographs_datalist.json"]
+DATALISTS_2D = ("chestxray14_datalist.json", "chexpert_datalist.json", "siim_datalist.json", "montgomery_datalist.json")
 # a labelled multi-sequence MR datalist (`prepare generic --sequences`: 4D volumes, meta.channels) is BraTS-like
 SEQUENCES_NEXT_STEP = _finetune_step("brats_tumor_seg").replace(" --output-dir", " --set modalities={modalities} --output-dir")
 
@@ -90,10 +94,14 @@ SEQUENCES_NEXT_STEP = _finetune_step("brats_tumor_seg").replace(" --output-dir",
 def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
     """The lines ``dira3d prepare`` ends with for a datalist it wrote: where it is, and the command to run next
     (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`, and an
-    unlabelled one pretrained on without visual words, :data:`UNLABELLED_OTHER_STEP`)."""
+    unlabelled one pretrained on without visual words, :data:`UNLABELLED_OTHER_STEP`; a 2D dataset's datalist is
+    pretrained on first, :data:`PRETRAIN_2D_STEP`, then fine-tuned on)."""
     path = shlex.quote(str(datalist))
     lines = [f"datalist: {datalist}"]
-    if datalist.name in NEXT_STEPS:
+    if datalist.name in DATALISTS_2D:  # pretraining first: the fine-tuning step loads its best.pt
+        lines.append(f"next:     {PRETRAIN_2D_STEP.format(datalist=path)}")
+        lines.append(f"then:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
+    elif datalist.name in NEXT_STEPS:
         lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
         if datalist.name == "pretrain_datalist.json":
             # the sequences of `prepare generic --sequences`, in channel order: the network's input channels

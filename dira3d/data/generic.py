@@ -44,7 +44,8 @@ from dira3d.data.modality import MODALITIES, check_hu, check_mr, check_not_a_mas
 from dira3d.data.patients import (PATIENT_FROM, check_grouping, check_patient_setting, check_split_sizes, earlier_parts,
                                   patient_ids, patient_parts)
 from dira3d.data.pipeline import normalise_image, prepare_mask, spacing_spread
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
+from dira3d.data.runner import (Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path,
+                                 warn_one_validation, write_datalist)
 from dira3d.data.scan_search import discover, radiographs_hint
 from dira3d.data.sequences import check_channels, check_sequence_settings, find_sequence_cases, stack_sequences
 from dira3d.utils.cli_help import DefaultsHelpFormatter
@@ -301,11 +302,10 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
     spread = "" if spacing_t is not None else spacing_spread([(c.case_id, c.outputs[0]) for c in good])
     if spread:
         print(f"WARNING pretrain_datalist.json: {spread}", file=sys.stderr)
-    if len(splits["validation"]) == 1 and not any("label" in e for e in splits["training"]):  # for pretraining
-        print("WARNING pretrain_datalist.json: its 'validation' list holds 1 volume; `dira3d visual-words` validation "
-              "words (--val-neighbours 2 or more, for a validation of pretraining on its output) and Barlow Twins pretraining "
-              "(dis_mode barlow) need 2 or more: rerun with a larger --val-fraction (the volumes written are kept)",
-              file=sys.stderr)
+    if not any("label" in e for e in splits["training"]):  # for pretraining
+        warn_one_validation(dst / "pretrain_datalist.json", splits, "`dira3d visual-words` validation words "
+                            "(--val-neighbours 2 or more, for a validation of pretraining on its output) and Barlow "
+                            "Twins pretraining (dis_mode barlow) need")
     return results
 
 

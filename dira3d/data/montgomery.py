@@ -33,6 +33,7 @@ from dira3d.data.cxr_splits import (
     earlier_patient_split,
     patient_split,
     split_entries,
+    warn_one_validation_image,
     write_patient_split,
 )
 from dira3d.data.errors import record_or_raise
@@ -137,6 +138,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                                                     "test_fraction": test_fraction, "seed": seed},
             "source": str(src.resolve())}
     write_datalist(dst / "montgomery_datalist.json", lists, meta)
+    warn_one_validation_image(dst / "montgomery_datalist.json", lists)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction)
     return results
 

@@ -38,6 +38,7 @@ from dira3d.data.cxr_splits import (
     earlier_patient_split,
     patient_split,
     split_entries,
+    warn_one_validation_image,
     write_patient_split,
 )
 from dira3d.data.errors import record_or_raise
@@ -207,6 +208,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
                    split_advice="--val-fraction / --test-fraction round to whole patients; 2D pretraining with 2d.json "
                                 "validates on the 'validation' list: rerun with a larger --val-fraction (the PNGs "
                                 "written are kept)")
+    warn_one_validation_image(dst / DATALIST, lists)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction, **grouping)
     return results
 

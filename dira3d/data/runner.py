@@ -70,6 +70,7 @@ __all__ = [
     "case_outputs",
     "write_json",
     "write_datalist",
+    "warn_one_validation",
     "read_case_outputs",
     "update_report",
     "NEXT_STEPS",
@@ -117,6 +118,18 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
     # dira3d prepare: named at the end, with the next step
     record_datalist(path, any("label" in e for e in splits.get("training", [])))
     return write_json(path, out)
+
+
+def warn_one_validation(path: str | os.PathLike, splits: Mapping[str, list], needs: str, option: str = "--val-fraction",
+                        item: str = "volume", written: str = "volumes") -> None:
+    """Warn (stderr) when the ``'validation'`` list of the datalist ``path`` just written holds one entry, which
+    what ``needs`` names refuses later (Barlow Twins standardises over the validation batch, visual-word validation
+    words pair two volumes): e.g. a default ``--val-fraction`` 0.1 of a few patients. ``needs``: what needs 2 or more,
+    with its verb (``"Barlow Twins pretraining ... needs"``); ``option``: the prepare option that fills the list;
+    ``item`` / ``written``: what an entry is and what the rerun keeps."""
+    if len(splits.get("validation") or []) == 1:
+        print(f"WARNING {Path(path).name}: its 'validation' list holds 1 {item}; {needs} 2 or more: rerun with a "
+              f"larger {option} (the {written} written are kept)", file=sys.stderr)
 
 
 def _run_one(process_fn: Callable[[Case], dict | None], case: Case) -> CaseResult:

@@ -47,6 +47,7 @@ from dira3d.data.cxr_splits import (
     earlier_patient_split,
     patient_split,
     split_entries,
+    warn_one_validation_image,
     write_patient_split,
 )
 from dira3d.data.errors import OR_KEEP_GOING, DataWarning, record_or_raise
@@ -201,6 +202,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             "split": {"method": "patient-level", "val_fraction": val_fraction, "test_fraction": test_fraction,
                       "seed": seed}, "source": str(src.resolve())}
     write_datalist(dst / "siim_datalist.json", lists, meta)
+    warn_one_validation_image(dst / "siim_datalist.json", lists)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction)
     return results
 

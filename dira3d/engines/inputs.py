@@ -32,7 +32,7 @@ from monai.config import KeysCollection
 from monai.transforms import LoadImaged, MapTransform
 
 from dira3d.data.datalist import (DatalistError, channels_advice, datalist_entries, more_training_advice,
-                                  read_datalist_json)
+                                  read_datalist_json, split_option)
 from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.bundle_errors import setting_error_in  # light: dira3d finetune's refusals use it before torch loads
@@ -55,9 +55,11 @@ def load_datalist(path: str | os.PathLike, key: str = "training", image_key: str
     """
     content = read_datalist_json(path, required=(key,))
     if isinstance(content[key], list) and not content[key]:
+        # the dataset's own prepare option (meta.dataset), else generic's; else what its prepare writes instead
+        option = split_option(path, "validation") if key == "validation" else ""
+        share = f"prepare a validation share ({option}) or" if option.endswith("`") else f"{option};"
         hint = (
-            "prepare a validation share (e.g. `dira3d prepare generic ... --val-fraction 0.1`; `dira3d prepare luna16 "
-            "... --val-subsets 8`, see docs/data.md) or add entries, or pretrain without validation (validation false: "
+            f"{share} add entries, or pretrain without validation (validation false: "
             "`dira3d pretrain --override validation=false`, no best.pt); "
             "dis_mode visual_words on volumes validates on the training list instead"
             if key == "validation" else "add entries (check the paths given to `dira3d prepare`)"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.evaluation.bundle_lookup import BUNDLES, BUNDLES_2D, bundle_path, tiny_settings
-from dira3d.evaluation.finetune_messages import finished_message, scored_line, show_cache_lines
+from dira3d.evaluation.finetune_messages import finished_message, scored_line, show_cache_lines, without_logging_file_warning
 from dira3d.evaluation.finetune_scoring import log_split_metrics, scored_split, split_entries, split_summary
 from dira3d.evaluation.preprocessing import (
     PREPROCESSING_FILE,
@@ -57,13 +57,14 @@ _RECORDED = ("datalist", "pretrained", "label_fraction", "holdout", "seed", "spl
 def _workflow(configs: list[Path], meta: Path, overrides: dict[str, Any]):
     from monai.bundle import ConfigWorkflow
 
-    return ConfigWorkflow(
-        config_file=[str(c) for c in configs],
-        meta_file=str(meta),
-        logging_file=False,  # the caller's logging setup stays as it is
-        workflow_type=None,
-        **overrides,
-    )
+    with without_logging_file_warning():  # MONAI's warning about logging_file=False, which is asked for here
+        return ConfigWorkflow(
+            config_file=[str(c) for c in configs],
+            meta_file=str(meta),
+            logging_file=False,  # the caller's logging setup stays as it is
+            workflow_type=None,
+            **overrides,
+        )
 
 
 def _number(value: Any) -> Any:

@@ -1,5 +1,6 @@
 """What ``dira3d finetune`` prints when a run has finished: which split its metrics were scored on (:func:`scored_line`),
-where its outputs are, and the inference command; and, before it, the caches' lines (:func:`show_cache_lines`).
+where its outputs are, and the inference command; and, before it, the caches' lines (:func:`show_cache_lines`), without
+MONAI's warning about the ``logging_file=False`` it asks for (:func:`without_logging_file_warning`).
 
 The command is built from the bundle's ``inference.json`` (with ``tiny.json`` for a ``--tiny`` run) and the
 run's own settings that ``inference.json`` defines (e.g. ``width``), so that the network is built as it was
@@ -8,12 +9,14 @@ trained; each word is quoted for a shell only where it needs it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["finished_message", "scored_line", "show_cache_lines"]
+__all__ = ["finished_message", "scored_line", "show_cache_lines", "without_logging_file_warning"]
 
 # the loggers of the lines on the training caches: their size and, with cache_dir, where they are
 CACHE_LOGGERS = ("dira3d.engines.cache", "dira3d.engines.diskcache")
@@ -35,6 +38,24 @@ def show_cache_lines(stream=None) -> None:
         log = logging.getLogger(name)
         log.handlers[:] = [h for h in log.handlers if not getattr(h, _MARK, False)] + [handler]
         log.setLevel(logging.INFO)
+
+
+def _not_logging_file_false(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Logging file is set to False")
+
+
+@contextlib.contextmanager
+def without_logging_file_warning() -> Iterator[None]:
+    """Inside this block, drop MONAI's ``Logging file is set to False, skipping logging.`` (a WARNING of
+    ``monai.bundle.workflows``): ``ConfigWorkflow`` says it for ``logging_file=False``, the setting :func:`run_finetune`
+    passes to keep the caller's logging as it is, so every ``dira3d finetune`` printed it twice (its training and its
+    evaluation workflow) with nothing wrong. Only that record is dropped; the logger's other warnings are kept."""
+    log = logging.getLogger("monai.bundle.workflows")
+    log.addFilter(_not_logging_file_false)
+    try:
+        yield
+    finally:
+        log.removeFilter(_not_logging_file_false)
 
 
 def scored_line(result: dict[str, Any]) -> str | None:

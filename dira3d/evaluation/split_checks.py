@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from dira3d.data.datalist import split_option
 from dira3d.data.errors import DataError
 from dira3d.evaluation.datalists import (VALIDATION, entry_classes, foreground_key, has_foreground,
                                          is_classification, is_multilabel, patient_of)
@@ -157,9 +158,9 @@ def check_validation_holdout(path: Path, content: dict, entries: list[dict], tra
     if not entries:
         has = ("its 'validation' list is empty" if VALIDATION in content
                else f"it has no 'validation' list (it has {sorted(k for k in content if k != 'meta')})")
-        raise DataError(None, f"{setting} early-stops on the 'validation' list of datalist {path}, but {has}; add one "
-                              "(`dira3d prepare` writes one: the official validation subsets, or --val-fraction of the "
-                              f"patients){_OR_SHARE}")
+        option = split_option(path, VALIDATION)  # the dataset's own prepare option (meta.dataset)
+        fix = f"add one ({option} writes one)" if option.endswith("`") else option  # else what its prepare does
+        raise DataError(None, f"{setting} early-stops on the 'validation' list of datalist {path}, but {has}; {fix}{_OR_SHARE}")
     patients = {patient_of(e) for e in entries}
     for name, entries_of in (("training", training), ("test", test)):
         shared = sorted(patients & {patient_of(e) for e in entries_of})

@@ -1,0 +1,87 @@
+"""What the 2D ``dira3d prepare`` commands (chestxray14, chexpert, siim, montgomery, radiographs) say when they end.
+
+- A 'validation' list of one image (the default ``--val-fraction`` 0.1 of a few patients) was written without a word,
+  and 2D pretraining with Barlow Twins then refused it; ``dira3d prepare generic`` warned about its one-volume list.
+  Each now warns with the same function (:func:`dira3d.data.runner.warn_one_validation`).
+- The "next:" lines of the four datasets named only fine-tuning, from ``runs/dira_pretrain/models/best.pt``, which
+  nothing they named writes; they now name the 2D pretraining command of docs/2d.md first (parsed here as
+  tests/test_end_messages.py parses the others).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from test_data_cxr_seg import _montgomery_layout, _siim_layout
+from test_docs_match_code import _command_main, _parser_of
+from test_walk2d_prepared import write_chexpert_raw
+from test_walk_discrimination import write_chestxray14_raw
+
+from dira3d.cli import main as cli_main
+
+ONE_IMAGE = "its 'validation' list holds 1 image; Barlow Twins pretraining on it"
+
+
+def _raw(dataset: str, root: Path) -> Path:
+    if dataset == "chestxray14":
+        return write_chestxray14_raw(root)
+    if dataset == "chexpert":
+        return write_chexpert_raw(root)
+    if dataset == "siim":
+        root.mkdir(parents=True)
+        _siim_layout(root)
+        return root
+    return _montgomery_layout(root)[0]
+
+
+@pytest.mark.parametrize("dataset", ["chestxray14", "chexpert", "siim", "montgomery"])
+def test_a_one_image_validation_list_is_warned_about(dataset, tmp_path, capsys):
+    raw, dst = _raw(dataset, tmp_path / "raw"), tmp_path / "prepared"
+    assert cli_main(["prepare", dataset, "--src", str(raw), "--dst", str(dst), "--size", "32"]) == 0
+    datalist = dst / f"{dataset}_datalist.json"
+    assert len(json.loads(datalist.read_text())["validation"]) == 1  # the default --val-fraction of a few patients
+    err = capsys.readouterr().err
+    assert f"WARNING {datalist.name}: {ONE_IMAGE}" in err and "rerun with a larger --val-fraction" in err, err
+    # two validation images: no warning (Montgomery's 3 patients: none left for its default --test-fraction)
+    test = ["--test-fraction", "0"] if dataset == "montgomery" else []
+    assert cli_main(["prepare", dataset, "--src", str(raw), "--dst", str(tmp_path / "two"), "--size", "32",
+                     "--val-fraction", "0.6", *test]) == 0
+    assert len(json.loads((tmp_path / "two" / datalist.name).read_text())["validation"]) >= 2
+    assert "'validation' list holds 1" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["chestxray14", "chexpert", "siim", "montgomery"])
+def test_the_next_step_pretrains_on_the_datalist_then_fine_tunes_from_that_checkpoint(dataset, tmp_path, capsys):
+    raw, dst = _raw(dataset, tmp_path / "raw"), tmp_path / "prepared"
+    assert cli_main(["prepare", dataset, "--src", str(raw), "--dst", str(dst), "--size", "32"]) == 0
+    datalist = (dst / f"{dataset}_datalist.json").resolve()
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index(f"datalist: {datalist}")
+    assert [line.split()[0] for line in lines[at:at + 3]] == ["datalist:", "next:", "then:"], lines
+    pretrain, finetune = (shlex.split(line.split(None, 1)[1].rsplit(" (", 1)[0]) for line in lines[at + 1:at + 3])
+    label, main, rest = _command_main(pretrain)
+    args = _parser_of(main).parse_args(rest)  # SystemExit (2) on an option the parser does not take
+    assert label == "dira3d pretrain" and Path(args.datalist) == datalist
+    assert args.config == ["2d.json", "2d_moco.json"]  # docs/2d.md's command; MoCo validates on one image
+    label, main, rest = _command_main(finetune)
+    args = _parser_of(main).parse_args(rest)
+    assert label == "dira3d finetune" and Path(args.datalist) == datalist
+    assert Path(args.pretrained) == Path(pretrain[pretrain.index("--output") + 1]) / "models" / "best.pt"
+
+
+def test_radiographs_warns_about_a_one_image_validation_list(tmp_path, capsys):
+    from PIL import Image
+
+    src = tmp_path / "xrays"
+    src.mkdir()
+    for i in range(4):
+        Image.new("L", (40, 48), 30 + 40 * i).save(src / f"x{i}.png")
+    assert cli_main(["prepare", "radiographs", "--src", str(src), "--dst", str(tmp_path / "one"), "--size", "32",
+                     "--val-fraction", "0.25"]) == 0
+    assert f"WARNING radiographs_datalist.json: {ONE_IMAGE}" in capsys.readouterr().err
+    assert cli_main(["prepare", "radiographs", "--src", str(src), "--dst", str(tmp_path / "two"), "--size", "32",
+                     "--val-fraction", "0.5"]) == 0
+    assert "'validation' list holds 1" not in capsys.readouterr().err
