@@ -22,7 +22,9 @@ Finished means all of:
   ``initialize`` reads no datalist otherwise) are the ones in ``last.pt``. A finished run rerun on other data is
   refused there with a one-line ``ValueError`` naming ``last.pt``, what differs, and what to do (another
   ``ckpt_dir``, or ``resume`` false): it was said to be finished and nothing trained. A ``last.pt`` that does not
-  record them (dira_pretrain 0.1.32 or earlier) goes the usual way;
+  record them (dira_pretrain 0.1.32 or earlier) goes the usual way. A ``data_source`` recorded before the run's folder
+  and its data were moved together (``mv project_A project_B``: the same path relative to ``ckpt_dir``,
+  :func:`~dira3d.utils.files.same_or_moved`) is the same data;
 - the stage schedule is valid (:class:`~dira3d.engines.stages.StageSchedule`: a bad one is refused as before).
 
 Anything else (a larger ``max_epochs``, ``resume`` false, no ``last.pt``) runs as before.
@@ -38,6 +40,7 @@ from typing import Any
 
 import torch
 
+from dira3d.utils.files import same_or_moved
 from dira3d.utils.overrides import as_bool
 
 __all__ = ["RunAlreadyFinished", "finished_note", "exit_if_finished"]
@@ -111,6 +114,8 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
         return ""  # a last.pt of an older dira3d: its data cannot be told, the usual path
     for key, value in data.items():  # in order, a callable (reading a datalist) only while nothing differs yet
         value = value() if callable(value) else value
+        if key == "data_source" and same_or_moved(meta[key], value, os.path.realpath(ckpt_dir)):
+            continue  # the same data, moved with the run's folder (mv project_A project_B): rerun from the new place
         if _plain(meta[key]) != _plain(value):  # the resume would find nothing to train, or refuse the head after
             # caching every volume: say so now
             raise ValueError(f"{last} is a finished run on other data ({key} {meta[key]!r}, this run's {value!r}): it "

@@ -31,7 +31,9 @@ Config (YAML or JSON)::
 
 Relative paths in the config (datalist, output_dir, checkpoints, the pretraining's dataset_dir, config paths and a
 ``datalist`` in its overrides, e.g. a prepared Montgomery datalist for 2d.json) are relative to the config file's
-folder, not to the folder the command runs in.
+folder, not to the folder the command runs in. A project moved or copied with its data (``mv project_A project_B``:
+output_dir, datalist, checkpoints and dataset_dir at the same places relative to each other) reruns from the new place
+as the same experiment: its records are read as the new paths, and nothing is read from or written to the old place.
 
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt`` (its ``last.pt`` when

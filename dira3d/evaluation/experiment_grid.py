@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dira3d.utils.atomic import atomic_write_text, check_writable
+from dira3d.utils.files import same_or_moved
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 from dira3d.utils.setting_hints import experiment_settings
 from dira3d.evaluation.experiment_pretrain import check_pretrainings_unchanged, pretrain_method
@@ -116,6 +117,7 @@ def _run_grid(config: Mapping[str, Any], runner: Runner, log: Callable[[str], No
     check_run_settings(config, out, rows, versions=versions)
     fingerprints = check_checkpoints(config, out, rows)  # method: sha256 of its checkpoint file, now
     check_pretrainings_unchanged(config)  # also when all their runs are done: they would be reused
+    _rebase_moved_rows(rows, config, out)
     clash = _split_clash(rows, set(grid), folded)
     if clash:
         raise ValueError(f"{csv_path} holds runs of one label fraction and {_shared(config)} that drew different "
@@ -310,6 +312,22 @@ def _check_split_seed_column(rows: list[dict], config: Mapping[str, Any], csv_pa
 
 def _run_of(row: Mapping[str, str], folded: bool) -> tuple:
     return row_key(row, folded) + (() if folded else (None,))
+
+
+def _rebase_moved_rows(rows: list[dict], config: Mapping[str, Any], out: Path) -> None:
+    """Rows run before the output_dir was moved (``mv project_A project_B``; checked as moved with it by
+    ``check_rows_match``) name the new places from the next write of ``results.csv``: their ``run_dir``, and a checkpoint
+    that moved with it (the experiment's own pretraining, or the config's checkpoint file), never the old ones."""
+    for row in rows:
+        then = Path(row.get("run_dir") or "").parent.parent
+        if not row.get("run_dir") or then == out:
+            continue
+        spec, checkpoint = config["methods"].get(row["method"]), row["checkpoint"]
+        if isinstance(spec, str) and same_or_moved(checkpoint, spec, out, then):
+            row["checkpoint"] = spec
+        elif isinstance(spec, Mapping) and len(Path(checkpoint).parents) > 3 and Path(checkpoint).parents[3] == then:
+            row["checkpoint"] = str(out / Path(checkpoint).relative_to(then))
+        row["run_dir"] = str(out / "runs" / Path(row["run_dir"]).name)
 
 
 def _check_checkpoint_unchanged(method: str, checkpoint: str, sha256: str, run: str, out: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dira3d.utils.atomic import atomic_write_text
-from dira3d.utils.files import FileContentError, read_json
+from dira3d.utils.files import FileContentError, read_json, same_or_moved
 
 __all__ = ["SETTINGS_NAME", "pretrain_method", "pretrain_fit_mismatch", "check_pretrainings_unchanged"]
 
@@ -143,6 +143,10 @@ def pretrain_settings_changed(name: str, out: Path, settings: dict) -> list[str]
         tail = tuple(part for part in Path(before).parts if part not in (".", ".."))  # read from the working folder
         if tail and Path(now).parts[-len(tail):] == tail:  # until 2026-11-28; from the config's folder now
             old = {**old, "overrides": {**old["overrides"], "datalist": now}}
+    if before != now and same_or_moved(before, now, out):  # recorded before the output_dir was moved (with the data: mv project_A project_B)
+        old = {**old, "overrides": {**old["overrides"], "datalist": now}}
+    if same_or_moved(old.get("dataset_dir"), settings["dataset_dir"], out):
+        old = {**old, "dataset_dir": settings["dataset_dir"]}
     if old == settings:
         return []
     changed = sorted(k for k in settings if old.get(k) != settings[k])

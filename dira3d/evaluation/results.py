@@ -22,7 +22,7 @@ from dira3d.evaluation.stats import (
     TESTS, CellSummary, aggregate, ci_table_note, compare_to_baseline, markdown_ci_table, markdown_table,
 )
 from dira3d.utils.atomic import atomic_write_text
-from dira3d.utils.files import FileContentError, read_json, read_text
+from dira3d.utils.files import FileContentError, read_json, read_text, same_or_moved
 
 __all__ = [
     "FIELDS", "FOLD_FIELDS", "SPLIT_FIELDS", "DIGEST_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells",
@@ -67,6 +67,9 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict],
                                          f"{fix}")
         old = {k: v for k, v in old.items() if k not in RECORDED_ONLY}
         compared = dict(settings)
+        if same_or_moved(old.get("datalist"), settings["datalist"], out) or old.get(DATALIST_SHA256) == settings.get(
+                DATALIST_SHA256, 0) and Path(str(old.get("datalist"))).name == datalist.name:  # or copied elsewhere
+            old["datalist"] = settings["datalist"]  # moved with the output_dir
         if DATALIST_SHA256 not in old or DATALIST_SHA256 not in compared:  # recorded before 2026-11-27: not compared
             old.pop(DATALIST_SHA256, None)
             compared.pop(DATALIST_SHA256, None)
@@ -179,11 +182,18 @@ def check_rows_match(rows: list[dict], config: Mapping[str, Any], csv_path: Path
                                  f"into pretrain/{method}); give the method a new name, use another output_dir, or delete "
                                  "its rows to redo them")
             continue
-        stale = {r["checkpoint"] for r in rows if r["method"] == method and r["checkpoint"] != (spec or "")}
+        stale = {r["checkpoint"] for r in rows if r["method"] == method and not _same_checkpoint(r, spec, csv_path.parent)}
         if stale:
             raise ValueError(f"{csv_path} holds runs of method {method!r} fine-tuned from {sorted(stale)[0] or 'random init'}, "
                              f"but the config now gives {spec or 'random init (null)'}; give the method a new name, use "
                              "another output_dir, or delete its rows to redo them")
+
+
+def _same_checkpoint(row: Mapping[str, Any], spec: Any, out: Path) -> bool:
+    """Whether ``row`` was fine-tuned from ``spec`` (random init: ''), at its path then: moved with the output_dir,
+    which was where the row's ``run_dir`` (``<output_dir>/runs/<run>``) says."""
+    then = Path(row["run_dir"]).parent.parent if row.get("run_dir") else None
+    return same_or_moved(row["checkpoint"], spec or "", out, then)
 
 
 def _from_own_pretraining(checkpoint: str, method: str) -> bool:
@@ -212,8 +222,8 @@ def check_checkpoints(config: Mapping[str, Any], out: Path, rows: list[dict]) ->
             continue  # random init, or pretrained by the experiment itself
         current[method] = {"path": spec, "sha256": file_sha256(Path(spec))}
         before = recorded.get(method)
-        runs = sum(r["method"] == method and r["checkpoint"] == spec for r in rows)
-        if runs and isinstance(before, dict) and before.get("path") == spec and before.get("sha256") != current[method]["sha256"]:
+        runs = sum(r["method"] == method and _same_checkpoint(r, spec, out) for r in rows)
+        if runs and isinstance(before, dict) and same_or_moved(before.get("path"), spec, out) and before.get("sha256") != current[method]["sha256"]:
             raise ValueError(f"checkpoint {spec} of method {method!r} changed since {runs} run(s) in {out / 'results.csv'} "
                              f"were fine-tuned from it (sha256 {str(before.get('sha256'))[:12]}… recorded in {path}, now "
                              f"{current[method]['sha256'][:12]}…): adding runs from the new file would mix two checkpoints "

@@ -18,7 +18,7 @@ from typing import Any
 
 from dira3d.data.errors import DataError
 
-__all__ = ["FileContentError", "json_type", "looks_like_dicom", "read_json", "read_text", "read_yaml"]
+__all__ = ["FileContentError", "json_type", "looks_like_dicom", "read_json", "read_text", "read_yaml", "same_or_moved"]
 
 
 class FileContentError(DataError):
@@ -207,3 +207,29 @@ def looks_like_dicom(path: str | os.PathLike) -> bool:
             return handle.read(132)[128:] == b"DICM"
     except OSError:
         return False
+
+
+def same_or_moved(recorded: Any, now: Any, base_now: str | os.PathLike, base_then: Any = None) -> bool:
+    """Whether the absolute path ``recorded`` in a record kept in (or under) the folder ``base_now`` names the path
+    ``now``, the folders holding both having been moved or copied together since (``mv project_A project_B``, an
+    rsync to another machine): the same path, or the same path relative to the record's folder. ``base_then``, where
+    known, is where that folder was when the record was written (e.g. an experiment's output_dir, from a results.csv
+    row's run_dir); otherwise ``recorded`` must end with the part of ``now`` below the folder it shares with
+    ``base_now`` (``/A/prepared`` for ``/B/prepared`` seen from ``/B/runs/exp``). A record that named ``/A/...``
+    is then read as ``/B/...`` and nothing is read from ``/A``, even where ``/A`` is still there.
+    """
+    if recorded == now:
+        return True
+    if not isinstance(recorded, str) or not isinstance(now, str) or not recorded or not now:
+        return False
+    rec, cur, base = (Path(os.path.normpath(os.path.abspath(p))) for p in (recorded, now, base_now))
+    if not Path(recorded).is_absolute():
+        return False
+    if base_then is not None and str(base_then):
+        then = os.path.normpath(os.path.join(os.path.abspath(str(base_then)), os.path.relpath(cur, base)))
+        return Path(then) == rec
+    try:
+        tail = cur.relative_to(os.path.commonpath([cur, base])).parts
+    except ValueError:  # another drive (Windows)
+        return False
+    return bool(tail) and len(rec.parts) > len(tail) and rec.parts[-len(tail):] == tail
