@@ -142,6 +142,7 @@ def test_label_fraction_and_cli(tmp_path, capsys):
     settings = result["settings"]
     assert settings["seed"] == 2 and settings["holdout"] == 0.1 and settings["learning_rate"] > 0
     assert settings["datalist"] == str(datalist.resolve()) and settings["max_epochs"] == 1
+    assert "pretrained_head" not in settings  # a classifier has no decoder head to choose for
     assert '"auc"' in capsys.readouterr().out and "auc" in result["metrics"]  # printed test metrics
     with pytest.raises(FileNotFoundError, match="nonexistent_bundle"):
         bundle_path("nonexistent_bundle")

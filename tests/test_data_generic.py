@@ -169,6 +169,8 @@ def test_test_fraction_makes_a_test_list_own_labelled_scans_fine_tune_on(tmp_pat
     # metrics.json names its inputs absolutely, wherever it is read from later
     assert written["settings"]["pretrained"] == str(tmp_path / "dira.pt")
     assert written["settings"]["datalist"] == str(tmp_path / "out" / "pretrain_datalist.json")
+    # the segmentation output head's policy, default included: runs before and after its default changed differ
+    assert written["settings"]["pretrained_head"] == "initialise"
     # how the volumes were scaled goes beside the model, and inference.json scales a raw scan the same way
     # (it windowed every scan to HU [-1000, 1000] unless the user remembered --modality mr)
     assert json.loads((tmp_path / "ft" / "models" / "preprocessing.json").read_text()) == {

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 # recorded in metrics.json with the values the run used, passed or default
 _RECORDED = ("datalist", "pretrained", "label_fraction", "holdout", "seed", "split_seed", "fold", "max_epochs",
-             "learning_rate")
+             "learning_rate", "pretrained_head")  # pretrained_head: segmentation bundles (default changed in 2026-11)
 
 
 def _workflow(configs: list[Path], meta: Path, overrides: dict[str, Any]):

@@ -20,7 +20,7 @@ from dira3d.data.errors import DataError
 from dira3d.utils.checkpoint import check_pretrained_file, checkpoint_problem
 
 __all__ = ["TASK_KINDS", "build_task_network", "initialise_task_network", "checkpoint_mismatch", "checkpoint_problem", "dims_mismatch",
-           "network_mismatch"]
+           "network_mismatch", "PRETRAINED_HEADS", "check_pretrained_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,21 @@ TASK_KINDS: dict[str, tuple[str, ...]] = {
     "classification": ("encoder",),
     "segmentation": ("encoder", "decoder"),
 }
+
+# the segmentation bundles' `pretrained_head` -> load_pretrained's head_policy: "load" copies the pretraining's output
+# layer (its restoration head: it predicts image intensity) when its shape fits; "initialise" leaves it as initialised
+PRETRAINED_HEADS = {"load": "initialise", "initialise": "always"}
+
+
+def check_pretrained_head(pretrained_head: object) -> str:
+    """Refuse a ``pretrained_head`` setting other than ``"load"`` or ``"initialise"`` in one line (a
+    :class:`~dira3d.data.errors.DataError`, one ``error:`` line under ``python -m monai.bundle run``)."""
+    if pretrained_head not in PRETRAINED_HEADS:
+        raise DataError(None, f"pretrained_head={pretrained_head!r} is not a choice; set pretrained_head to "
+                        "initialise (the segmentation output layer starts at random) or load (it starts from the "
+                        "pretraining's restoration head when the shapes fit), e.g. `dira3d finetune --set "
+                        "pretrained_head=initialise` or `--pretrained_head initialise` for monai.bundle run")
+    return str(pretrained_head)
 
 
 def build_task_network(
@@ -41,6 +56,7 @@ def build_task_network(
     in_channels_policy: str = "error",
     bn_momentum: float | None = 0.1,
     weights_loaded_later: bool = False,
+    pretrained_head: str = "load",
 ) -> torch.nn.Module:
     """Build a :class:`~dira3d.networks.Classifier` or :class:`~dira3d.networks.Segmenter`.
 
@@ -60,6 +76,8 @@ def build_task_network(
             early weights in longer runs, where eval-mode predictions then fall apart (docs/finetuning.md).
         weights_loaded_later: the caller loads trained weights next (the evaluation and inference
             configs): a random start is then not reported, as it would read as an untrained model.
+        pretrained_head: segmentation: ``"load"`` copies the checkpoint's decoder output head (the pretraining's
+            restoration layer) when its shape fits, ``"initialise"`` leaves it at random (:data:`PRETRAINED_HEADS`).
 
     Returns:
         The network, with pretrained weights loaded when asked.
@@ -82,7 +100,8 @@ def build_task_network(
         return initialise_task_network(
             network, kind, pretrained, in_channels_policy, bn_momentum,
             random_message=None if weights_loaded_later else
-            f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})")
+            f"pretrained: none; {kind} network initialised at random (width={width}, in_channels={in_channels})",
+            pretrained_head=pretrained_head)
     except ValueError as err:
         # the dimensions first: a 2D checkpoint at another width was told to change the width, then refused for being 2D
         hint = (dims_mismatch(pretrained, spatial_dims) or network_mismatch(pretrained, "UNet", spatial_dims)
@@ -194,7 +213,7 @@ def _default(function, name: str) -> Any:
 
 def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str | os.PathLike | None,
                             in_channels_policy: str, bn_momentum: float | None, random_message: str | None,
-                            log: logging.Logger = logger) -> torch.nn.Module:
+                            log: logging.Logger = logger, pretrained_head: str = "load") -> torch.nn.Module:
     """Set the batch-norm momentum of a task network, load its pretrained parts, report the load.
 
     The shared tail of :func:`build_task_network` and
@@ -208,6 +227,8 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
         bn_momentum: momentum of every batch-norm layer (``None``: cumulative average).
         random_message: the report printed when there is no checkpoint (``None``: nothing is printed).
         log: logger that receives the report as well.
+        pretrained_head: a key of :data:`PRETRAINED_HEADS` (segmentation): load the checkpoint's decoder output head
+            when it fits, or initialise it.
 
     Returns:
         ``network``, with pretrained weights loaded when asked.
@@ -218,6 +239,7 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
     from dira3d.engines.distributed import launcher_rank  # imported late, as the loader
     from dira3d.networks import load_pretrained  # sibling module, imported late
 
+    check_pretrained_head(pretrained_head)
     for module in network.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = bn_momentum
@@ -232,7 +254,7 @@ def initialise_task_network(network: torch.nn.Module, kind: str, pretrained: str
         # restores N, the task head predicts its own classes; another output count is re-learnt, not refused
         report = load_pretrained(network, str(pretrained), parts=TASK_KINDS[kind], strict=True,
                                  in_channels_policy=in_channels_policy,
-                                 head_policy="initialise" if kind == "segmentation" else "error",
+                                 head_policy=PRETRAINED_HEADS[pretrained_head] if kind == "segmentation" else "error",
                                  option="--pretrained")  # errors name the files to give, not Python parts=(...)
         message = f"pretrained: {pretrained} (parts {', '.join(TASK_KINDS[kind])})\n{report.summary()}"
     # under torchrun by rank 0 alone (every rank printed it: the same report once per process)

@@ -36,6 +36,7 @@ def build_resnet_task_network(
     bn_momentum: float | None = 0.1,
     dropout: float = 0.0,
     weights_loaded_later: bool = False,
+    pretrained_head: str = "load",
 ) -> torch.nn.Module:
     """Build a 2D ResNet classifier or segmenter, optionally from a dira3d 2D checkpoint.
 
@@ -52,6 +53,7 @@ def build_resnet_task_network(
         bn_momentum: BatchNorm momentum; ``None`` = cumulative average (smoke runs).
         dropout: dropout before the classifier's linear layer.
         weights_loaded_later: as in :func:`~dira3d.evaluation.build_task_network`.
+        pretrained_head: as in :func:`~dira3d.evaluation.build_task_network`.
 
     Returns:
         The network, with the pretrained parts (encoder; encoder + decoder) loaded when asked.
@@ -75,7 +77,7 @@ def build_resnet_task_network(
         return initialise_task_network(network, kind, pretrained, in_channels_policy, bn_momentum,
                                        random_message=None if weights_loaded_later else
                                        f"pretrained: none; 2D {kind} network ({backbone}) initialised at random",
-                                       log=logger)
+                                       log=logger, pretrained_head=pretrained_head)
     except ValueError as err:
         hint = (network_mismatch(pretrained, "ResNetUNet", 2)
                 or settings_mismatch(pretrained, kind, backbone, decoder_channels))

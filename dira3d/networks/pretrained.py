@@ -19,7 +19,7 @@ from dira3d.utils import load_checkpoint
 __all__ = ["load_pretrained", "LoadReport", "dims_hint"]
 
 _POLICIES = ("error", "repeat")
-_HEAD_POLICIES = ("error", "initialise")
+_HEAD_POLICIES = ("error", "initialise", "always")
 # wrappers some trainers put around a flat state_dict (MONAI CheckpointSaver, Lightning, plain)
 _WRAPPERS = ("network", "state_dict", "model")
 _SHOWN = 12  # keys listed in an error message before "… and N more"
@@ -42,6 +42,8 @@ class LoadReport:
         target: the network the weights went into (its class name), set by :func:`~dira3d.deploy.load_into`: the
             summary then counts the file's tensors and the network's apart.
         dropped: keys of the file that ``load_into``'s mapping dropped (a ``None`` value).
+        initialised: keys of the decoder's output head left as initialised under ``head_policy="always"``, though
+            the checkpoint has them (of any shape).
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -53,6 +55,7 @@ class LoadReport:
     source: str = "<dict>"
     target: str = ""
     dropped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
 
     def _counts(self) -> str:
         if not self.target:  # load_pretrained: the parts are the network's
@@ -84,6 +87,8 @@ class LoadReport:
             lines.append(f"  {missing} (kept their initial values): {preview_keys(self.missing)}")
         if self.unexpected:
             lines.append(f"  {unexpected} (ignored): {preview_keys(self.unexpected)}")
+        if self.initialised:
+            lines.append(f"  output head initialised, not loaded (head_policy 'always'): {preview_keys(self.initialised)}")
         if not_adapted:
             shapes = [f"{k} {self.mismatched[k][0]} vs network {self.mismatched[k][1]}" for k in not_adapted]
             lines.append(f"  other shape (kept their initial values): {preview_keys(shapes)}")
@@ -228,7 +233,7 @@ def _match_part(part: str, ckpt_state: Mapping[str, torch.Tensor], model_state: 
                 head_policy: str = "error") -> dict[str, torch.Tensor]:
     """The tensors of ``ckpt_state`` that fit ``model_state`` (the first conv adapted under the
     ``"repeat"`` policy; the decoder's output head of other output channels left out under the ``"initialise"``
-    ``head_policy``); records every key in ``report`` and each unfixable shape in ``errors``."""
+    ``head_policy``, of any shape under ``"always"``); records every key in ``report`` and each unfixable shape in ``errors``."""
     first_conv = _first_conv_key(model_state)
     selected: dict[str, torch.Tensor] = {}
     for key, model_value in model_state.items():
@@ -237,6 +242,9 @@ def _match_part(part: str, ckpt_state: Mapping[str, torch.Tensor], model_state: 
             report.missing.append(name)
             continue
         value = ckpt_state[key]
+        if head_policy == "always" and part == "decoder" and key.startswith("head."):
+            report.initialised.append(name)  # the pretraining's output layer (e.g. restoration) is not the task's
+            continue
         if value.shape == model_value.shape:
             selected[key] = value
             report.loaded.append(name)
@@ -319,7 +327,9 @@ def load_pretrained(
         head_policy: ``"error"`` (default) or ``"initialise"``: the decoder's output head (``decoder.head.*``) of
             another number of output channels is left as initialised, not copied (listed in the report as of
             another shape), e.g. the 4-channel restoration head of a BraTS pretraining (``in_channels`` 4) for a
-            1-channel segmentation; its other mismatches are errors as before.
+            1-channel segmentation; its other mismatches are errors as before. ``"always"``: the output head is left as
+            initialised even when its shape fits (``report.initialised`` lists it), e.g. a 1-channel restoration head
+            (image intensity) that would otherwise start a 1-channel segmentation.
         option: the setting the checkpoint was given by, for a caller who cannot choose ``parts`` (``"--pretrained"``:
             ``dira3d finetune``, the task bundles): the errors then say which file to give it (a ``dira3d pretrain``
             best.pt / last.pt, or the encoder.pt of ``dira3d export pretrained``) instead of which ``parts=`` to pass.
