@@ -82,7 +82,9 @@ def test_dira3d_experiment_takes_sigterm_as_ctrl_c_and_exits_143(tmp_path, monke
         time.sleep(30)  # the handler raises in this frame
         raise AssertionError("SIGTERM was not taken")
 
-    monkeypatch.setattr(experiment, "load_config", lambda path: {"output_dir": str(tmp_path / "grid")})
+    # main reads the config (read_config), checks the lock, then the bundle (check_config_bundle)
+    monkeypatch.setattr(experiment, "read_config", lambda path: {"output_dir": str(tmp_path / "grid")})
+    monkeypatch.setattr(experiment, "check_config_bundle", lambda config, path: config)
     monkeypatch.setattr(experiment, "run_experiment", terminated)
     before = signal.signal(signal.SIGTERM, _not_taken)  # SIGTERM's default would end pytest itself
     try:

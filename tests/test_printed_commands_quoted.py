@@ -189,7 +189,9 @@ def _documented_commands() -> list[tuple[str, str]]:
         blocks = re.findall(r"^\s*```[\w-]*\n(.*?)^\s*```", text, flags=re.S | re.M)
         lines = [line for block in blocks for line in block.splitlines()]
         spans = re.findall(r"`([^`]+)`", re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.S | re.M))
-        commands += [(doc.relative_to(ROOT).as_posix(), c) for c in lines + spans if "--" in c]
+        # an `error: ...` span quotes a message (its settings and values), not a command to type
+        commands += [(doc.relative_to(ROOT).as_posix(), c) for c in lines + spans
+                     if "--" in c and not c.lstrip().startswith("error:")]
     for config in sorted((ROOT / "bundles").glob("*/configs/*.json")):  # hints in the configs' strings
         spans = [c for text in _strings(json.loads(config.read_text(encoding="utf-8"))) for c in re.findall(r"`([^`]+)`", text)]
         commands += [(config.relative_to(ROOT).as_posix(), c) for c in spans if "--" in c]

@@ -406,7 +406,9 @@ def test_the_commands_print_one_line_and_exit_with_the_signals_code(tmp_path, mo
     assert capsys.readouterr().err.strip() == (
         f"dira3d pretrain: stopped by SIGTERM at iteration 6; {last} saved; rerun the same command to resume from it")
 
-    monkeypatch.setattr(experiment, "load_config", lambda path: {"output_dir": str(tmp_path / "grid")})
+    # main reads the config (read_config), checks the lock, then the bundle (check_config_bundle)
+    monkeypatch.setattr(experiment, "read_config", lambda path: {"output_dir": str(tmp_path / "grid")})
+    monkeypatch.setattr(experiment, "check_config_bundle", lambda config, path: config)
     monkeypatch.setattr(experiment, "run_experiment", lambda config: (_ for _ in ()).throw(StoppedBySignal("SIGINT", 2)))
     assert experiment.main(["--config", "grid.yaml"]) == 130
     err = capsys.readouterr().err.strip()
