@@ -83,7 +83,7 @@ def test_dira3d_finetune_does_not_print_monais_warning_about_the_logging_file_it
     monkeypatch.setattr(log, "handlers", [handler])
 
     class Built(Exception):
-        pass
+        """Raised by the stubbed initialize: the workflow was built, its warnings were sent."""
 
     def stop(self):  # the workflow is built; stop before any training
         raise Built

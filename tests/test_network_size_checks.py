@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -101,28 +100,7 @@ def test_check_compile_mode_and_compile_modules_refuse_a_mode_torch_does_not_kno
         compile_modules({"net": torch.nn.Linear(2, 2)}, backend="eager", mode="fast")
 
 
-def test_dira3d_pretrain_refuses_a_patch_size_not_a_multiple_of_8_in_one_line(tmp_path, capsys):
-    import nibabel as nib
-
-    from dira3d.engines.command import main
-
-    data = np.random.default_rng(0).random((32, 32, 16)).astype(np.float32)
-    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "a.nii.gz")
-    datalist = tmp_path / "pretrain_datalist.json"
-    datalist.write_text(json.dumps({"training": [{"image": str(tmp_path / "a.nii.gz")}]}))
-    argv = ["--datalist", str(datalist), "--tiny", "--output", str(tmp_path / "run"), "--override", "max_epochs=1",
-            "--override", "batch_size=1", "--override", "patch_size=[20,20,12]"]
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ('dira3d pretrain: error: patch_size=[20, 20, 12] does not fit the 3D network: each size must be a '
-                       'multiple of 8 (its downsampling); give e.g. --patch_size "[16,16,8]" or "[24,24,16]", the '
-                       'nearest sizes that fit'), err
-    assert len(err) < 10, err  # not a traceback
-    assert not (tmp_path / "run" / "models" / "last.pt").exists()
+# dira3d pretrain --override patch_size=[20,20,12]: tests/test_setting_ranges.py, with the other one-line refusals
 
 
 TASK_CONFIGS = [("train.json",), ("train.json", "multi_gpu_train.json"), ("train.json", "evaluate.json"),

@@ -110,9 +110,13 @@ def test_visual_words_refuses_an_out_folder_in_use_before_torch(blocker, repo_ro
     assert "a second run into it would re-create the shards it fills" in result.stderr, result.stderr
 
 
-def test_the_command_packages_import_without_torch(repo_root):
-    code = ("import sys, dira3d.engines, dira3d.engines.command, dira3d.visual_words, dira3d.visual_words.command; "
-            "print(sorted({'torch', 'monai'} & set(sys.modules)))")
+@pytest.mark.parametrize("modules, heavy", [
+    ("dira3d.engines, dira3d.engines.command, dira3d.visual_words, dira3d.visual_words.command", "'torch', 'monai'"),
+    ("dira3d.deploy, dira3d.deploy.command, dira3d.deploy.export_checks, dira3d.evaluation.localise, "
+     "dira3d.evaluation.experiment", "'torch', 'monai', 'scipy.stats'"),  # the other commands' quick refusals
+])
+def test_the_command_packages_import_without_torch(repo_root, modules, heavy):
+    code = f"import sys, {modules}; print(sorted({{{heavy}}} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo_root, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:] + result.stdout
 

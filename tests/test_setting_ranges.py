@@ -153,7 +153,13 @@ def test_evaluation_and_inference_refuse_a_sliding_window_overlap_of_1_first(tmp
     assert message.startswith(f"{key}=1.0 is outside [0, 1); give a number in [0, 1)"), message
 
 
-def test_dira3d_pretrain_refuses_collapse_gap_2_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("override, expected", [
+    ("collapse_gap=2", "collapse_gap=2 is outside [0, 1); give a number in [0, 1)"),  # trained without a word
+    ("patch_size=[20,20,12]",  # a 172-line traceback at the first training step
+     'patch_size=[20, 20, 12] does not fit the 3D network: each size must be a multiple of 8 (its downsampling); give '
+     'e.g. --patch_size "[16,16,8]" or "[24,24,16]", the nearest sizes that fit'),
+])
+def test_dira3d_pretrain_refuses_a_setting_in_one_line(tmp_path, capsys, override, expected):
     import nibabel as nib
 
     from dira3d.engines.command import main
@@ -163,14 +169,15 @@ def test_dira3d_pretrain_refuses_collapse_gap_2_in_one_line(tmp_path, capsys):
     datalist = tmp_path / "pretrain_datalist.json"
     datalist.write_text(json.dumps({"training": [{"image": str(tmp_path / "a.nii.gz")}]}))
     argv = ["--datalist", str(datalist), "--tiny", "--output", str(tmp_path / "run"), "--override", "max_epochs=1",
-            "--override", "batch_size=1", "--override", "collapse_gap=2"]  # trained without a word
+            "--override", "batch_size=1", "--override", override]
     try:
         code = main(argv)
     except SystemExit as stop:
         code = stop.code
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "dira3d pretrain: error: collapse_gap=2 is outside [0, 1); give a number in [0, 1)", err
+    assert err[-1] == f"dira3d pretrain: error: {expected}", err
+    assert len(err) < 10, err  # not a traceback
     assert not (tmp_path / "run" / "models" / "last.pt").exists()
 
 
