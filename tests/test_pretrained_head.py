@@ -120,10 +120,11 @@ def test_each_segmentation_bundle_passes_and_checks_pretrained_head(bundle):
     assert config["network_def"]["pretrained_head"] == "@pretrained_head"
     multi_gpu = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
     step = "$dira3d.evaluation.check_pretrained_head(@pretrained_head)"
-    assert multi_gpu["initialize"][1] == step and config["initialize"][1] == step  # after check_split_settings
+    # after check_split_settings and the counts' and amp's checks, before anything is read or written
+    assert multi_gpu["initialize"][4] == step and config["initialize"][4] == step
     parser = ConfigParser(config)
     parser["pretrained_head"] = "maybe"
     with pytest.raises(RuntimeError) as err:  # MONAI wraps it; monai.bundle run prints it as one `error:` line
-        parser.get_parsed_content("initialize#1")
+        parser.get_parsed_content("initialize#4")
     found = user_error_in(err.value)
     assert isinstance(found, DataError) and "pretrained_head='maybe' is not a choice" in str(found), err.value
