@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import run_two_gloo_ranks
+from dira3d.engines.distributed import cleanup_distributed
 from dira3d.evaluation.case_metrics import CASES_FILE, CaseMetricsWriter, case_rows, write_case_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +128,12 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
             val_handlers=[CaseMetricsWriter(save_dir=Path(out).parent, datalist=folder / "d.json", entries=entries)])
         evaluator.run()
         result = {"mean": float(evaluator.state.metrics["dice"]), "file": getattr(evaluator.state, "case_metrics_file", None)}
-    finally:
+    except BaseException:  # no barrier: the other rank may never get there
         dist.destroy_process_group()
+        raise
+    # as the bundles leave the group: a barrier, then the destroy, then gloo's worker threads back to idle (a plain
+    # destroy let a rank abort at exit now and then: SIGABRT, "terminate called without an active exception")
+    cleanup_distributed()
     torch.save(result, f"{out}.{rank}")
 
 
