@@ -340,8 +340,8 @@ def test_a_changed_finetuning_setting_is_not_mixed_into_the_table(tmp_path):
     with pytest.raises(ValueError, match=r"other fine-tuning settings \(overrides\.max_epochs changed"):
         run_experiment(changed, runner=fake_runner(calls), log=lambda _: None)
     assert calls == []
-    (tmp_path / "dl2.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"\(datalist changed"):
+    (tmp_path / "dl2.json").write_text('{"training": []}')  # another content ("{}" too is dl.json renamed: the same)
+    with pytest.raises(ValueError, match=r"\(datalist changed.*datalist was .*dl\.json, now .*dl2\.json, whose data are not"):
         run_experiment(_config(tmp_path, seeds=[0, 1, 2], datalist="dl2.json"), runner=fake_runner(calls), log=lambda _: None)
     assert calls == []
     run_experiment(_config(tmp_path, seeds=[0, 1, 2]), runner=fake_runner(calls), log=lambda _: None)

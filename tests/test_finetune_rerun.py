@@ -294,16 +294,16 @@ def test_overwrite_removes_the_per_case_csvs_of_the_earlier_evaluation_and_nothi
     finally:
         release_run_folders(root / "models")
     # metrics.csv gone (damaged) but metrics.json names the metrics: dira3d finetune still finds their CSVs
-    from dira3d.evaluation.finetune import _earlier_outputs
+    from dira3d.evaluation.finetune_checks import earlier_outputs
 
     out = tmp_path / "out"
     _evaluation_reports(out, {"dice": 0.8})
     (out / "metrics.csv").write_bytes(b"\xff\xfe")
     (out / "metrics.json").write_text(json.dumps({"metrics": {"dice": 0.8}}))
-    assert {p.name for p in _earlier_outputs(out)} == {"metrics.json", "metrics.csv", "dice_raw.csv", "dice_summary.csv"}
+    assert {p.name for p in earlier_outputs(out)} == {"metrics.json", "metrics.csv", "dice_raw.csv", "dice_summary.csv"}
     # the earlier run's splits.json goes with its metrics.json: a run that fails after it must not leave it behind
     (out / "splits.json").write_text("{}")
-    assert "splits.json" in {p.name for p in _earlier_outputs(out)}
+    assert "splits.json" in {p.name for p in earlier_outputs(out)}
 
 
 def test_finetune_overwrite_leaves_no_per_case_csv_of_the_earlier_run(tmp_path):

@@ -117,9 +117,12 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
         if key == "data_source" and same_or_moved(meta[key], value, os.path.realpath(ckpt_dir)):
             continue  # the same data, moved with the run's folder (mv project_A project_B): rerun from the new place
         if _plain(meta[key]) != _plain(value):  # the resume would find nothing to train, or refuse the head after
-            # caching every volume: say so now
+            # caching every volume: say so now; a datalist moved alone (mv prepared /fast/prepared) is named both ways
+            moved = ("; if these are the same data moved there (last.pt records their place, not their content, so "
+                     "cannot tell), the run has finished and nothing needs redoing: a larger max_epochs continues it from "
+                     "last.pt" if key == "data_source" else "")
             raise ValueError(f"{last} is a finished run on other data ({key} {meta[key]!r}, this run's {value!r}): it "
-                             "is not resumed and nothing was loaded; to pretrain on these data, use another ckpt_dir "
+                             f"is not resumed and nothing was loaded{moved}; to pretrain on these data, use another ckpt_dir "
                              "(`dira3d pretrain --output`), or set resume to false to start afresh (it replaces "
                              f"last.pt and best.pt in {last.parent})")
     return (f"{last} is at epoch {epoch}, max_epochs={int(max_epochs)}: this run has already finished; nothing was "

@@ -34,6 +34,9 @@ Relative paths in the config (datalist, output_dir, checkpoints, the pretraining
 folder, not to the folder the command runs in. A project moved or copied with its data (``mv project_A project_B``:
 output_dir, datalist, checkpoints and dataset_dir at the same places relative to each other) reruns from the new place
 as the same experiment: its records are read as the new paths, and nothing is read from or written to the old place.
+The datalist or the pretraining's dataset_dir moved alone (``mv prepared /fast/prepared``) is the same data where
+the sha256 recorded of its content (``experiment.json``; ``settings.json``'s ``dataset_files``) is; other data, or
+a record without them, are refused naming both places.
 
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt`` (its ``last.pt`` when

@@ -6,6 +6,7 @@ would build another network than the fine-tuning bundle loads (:func:`pretrain_f
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import pydoc
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dira3d.utils.atomic import atomic_write_text
-from dira3d.utils.files import FileContentError, read_json, same_or_moved
+from dira3d.utils.files import FileContentError, moved_note, read_json, same_or_moved
 
 __all__ = ["SETTINGS_NAME", "pretrain_method", "pretrain_fit_mismatch", "check_pretrainings_unchanged"]
 
 SETTINGS_NAME = "settings.json"  # what a method's pretraining was made with (output_dir/pretrain/<method>/)
+DATA_FILES = "dataset_files"  # settings.json: the sha256 of each JSON file in dataset_dir (from 2026-11-28)
+DATALIST_SHA256 = "datalist_sha256"  # settings.json: that of overrides.datalist (from 2026-11-28)
 
 
 def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any], log: Callable[[str], None] = print) -> str:
@@ -38,9 +41,12 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     if (out / "done.json").is_file() and pretrained_checkpoint(out / "models").is_file():
         return str(pretrained_checkpoint(out / "models"))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / SETTINGS_NAME, json.dumps(_recorded(settings), indent=1))
-    log(f"experiment: pretraining {name!r} into {out}")
     overrides = settings["overrides"]
+    datalist_sum = _sha256(overrides["datalist"]) if isinstance(overrides.get("datalist"), str) else ""
+    record = {**_recorded(settings), DATA_FILES: dataset_files(settings["dataset_dir"]),
+              **({DATALIST_SHA256: datalist_sum} if datalist_sum else {})}  # what tells the data moved from other data
+    atomic_write_text(out / SETTINGS_NAME, json.dumps(record, indent=1))
+    log(f"experiment: pretraining {name!r} into {out}")
     try:
         run_bundle(settings["configs"], meta_file=str(BUNDLE_DIR / "configs" / "metadata.json"),  # null overrides kept
                    logging_file=str(BUNDLE_DIR / "configs" / "logging.conf"), bundle_root=str(out),
@@ -82,13 +88,34 @@ def _recorded(settings: Mapping[str, Any]) -> dict:
     return {**settings, "configs": [name(c) for c in configs] if isinstance(configs, list) else configs}
 
 
+def dataset_files(folder: Any) -> dict[str, str]:
+    """``{name: sha256}`` of the JSON files directly in ``folder`` (its datalists; a visual-word folder's
+    ``manifest.json`` and ``visual_words.json``), recorded in ``settings.json``: what tells the same prepared data moved
+    alone to another place (``mv prepared /fast/prepared``) from other data there. Empty where none can be read."""
+    try:
+        paths = sorted(Path(str(folder)).glob("*.json"))
+    except OSError:
+        return {}
+    files = {path.name: _sha256(path) for path in paths}
+    return {} if not all(files.values()) else files
+
+
+def _sha256(path: Any) -> str:
+    """The sha256 of a file's content; '' where it is no readable file."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return ""
+
+
 def check_pretrain_settings(name: str, out: Path, settings: dict) -> None:
     """Refuse to reuse (or resume) a pretraining of ``name`` made with other settings: its
     ``best.pt`` and the fine-tuning rows built on it would be reported under the new settings."""
-    changed = pretrain_settings_changed(name, out, settings)
+    changed, note = _compared(name, out, settings, f"dataset_dir of {out / SETTINGS_NAME}")
     if changed:
         raise ValueError(f"method {name!r} was pretrained in {out} with other settings ({', '.join(changed)} changed); "
-                         f"{_REDO}")
+                         f"{note}{_REDO}")
 
 
 _REDO = ("its checkpoint and the results built on it would be reported under the new ones. Give the method a new name or "
@@ -99,20 +126,21 @@ def check_pretrainings_unchanged(config: Mapping[str, Any]) -> None:
     """:func:`check_pretrain_settings` for every method the experiment pretrains, refused naming all those whose
     settings changed: a setting of the ``pretrain`` section (e.g. its ``max_epochs``) changes every method's, and
     the error named the first one, so each fix (a new name, or its folder deleted) met the next error."""
-    changes = {}
+    changes, notes = {}, {}
     for method, spec in config["methods"].items():
         if isinstance(spec, Mapping):
             out, settings = pretrain_settings(method, spec, config)
-            changed = pretrain_settings_changed(method, out, settings)
+            changed, note = _compared(method, out, settings, f"dataset_dir of {SETTINGS_NAME} in each method's folder")
             if changed:
                 changes[method] = (out, changed)
+                notes[note] = None  # the same for every method pretrained on the moved dataset_dir: said once
     if len(changes) == 1:
         method, (out, changed) = next(iter(changes.items()))
-        raise ValueError(f"method {method!r} was pretrained in {out} with other settings ({', '.join(changed)} "
-                         f"changed); {_REDO}")
+        check_pretrain_settings(method, out, pretrain_settings(method, config["methods"][method], config)[1])
     if changes:
         listed = "; ".join(f"{method!r} in {out} ({', '.join(changed)} changed)" for method, (out, changed) in changes.items())
         raise ValueError(f"methods {', '.join(map(repr, changes))} were pretrained with other settings: {listed}; "
+                         + "".join(notes)
                          + _REDO.replace("its checkpoint", "their checkpoints").replace("built on it", "built on them")
                          .replace("the method", "each method")
                          .replace("that folder and its rows in results.csv to redo it",
@@ -122,8 +150,15 @@ def check_pretrainings_unchanged(config: Mapping[str, Any]) -> None:
 def pretrain_settings_changed(name: str, out: Path, settings: dict) -> list[str]:
     """The settings of method ``name``'s pretraining in ``out`` that differ from ``settings`` (``overrides.max_epochs``);
     empty when they agree or nothing was pretrained there yet. Raises FileContentError for a damaged record."""
+    return _compared(name, out, settings, f"dataset_dir of {out / SETTINGS_NAME}")[0]
+
+
+def _compared(name: str, out: Path, settings: dict, record_fix: str) -> tuple[list[str], str]:
+    """:func:`pretrain_settings_changed`, and a note naming the recorded and the new place of a ``dataset_dir`` or
+    datalist that changed, and whether its data are the pretraining's (``record_fix``: where a user who knows it is
+    the same data, moved, writes the new place, for a record of before :data:`DATA_FILES`)."""
     if not (out / "done.json").is_file() and not any((out / "models").glob("*.pt")):
-        return []  # nothing was made with the recorded settings (e.g. a run that failed at its start)
+        return [], ""  # nothing was made with the recorded settings (e.g. a run that failed at its start)
     fix = (f"it records what method {name!r} was pretrained with; delete the folder {out} (and the method's rows "
            "in results.csv) to pretrain it again, or put the file back")
     if (out / SETTINGS_NAME).is_file():
@@ -133,28 +168,56 @@ def pretrain_settings_changed(name: str, out: Path, settings: dict) -> list[str]
         record = out / "done.json"
         old = {**settings, "overrides": read_json(record, "pretraining record", fix).get("overrides")}
     else:
-        return []
+        return [], ""
     if not isinstance(old.get("overrides") or {}, dict):
         raise FileContentError(record, f"pretraining record {record} holds overrides {old['overrides']!r}, not a "
                                        f"mapping; {fix}")
+    files, datalist_sum = old.pop(DATA_FILES, None), old.pop(DATALIST_SHA256, None)
     old, settings = _recorded(old), _recorded(settings)
     before, now = (old.get("overrides") or {}).get("datalist"), settings["overrides"].get("datalist")
     if isinstance(before, str) and isinstance(now, str) and not Path(before).is_absolute() and Path(now).is_absolute():
         tail = tuple(part for part in Path(before).parts if part not in (".", ".."))  # read from the working folder
         if tail and Path(now).parts[-len(tail):] == tail:  # until 2026-11-28; from the config's folder now
             old = {**old, "overrides": {**old["overrides"], "datalist": now}}
-    if before != now and same_or_moved(before, now, out):  # recorded before the output_dir was moved (with the data: mv project_A project_B)
+    moved = before != now and same_or_moved(before, now, out)  # recorded before the output_dir was moved (with the
+    # data: mv project_A project_B); or moved alone (mv prepared /fast/prepared): its content, recorded, the same
+    if moved or before != now and isinstance(now, str) and isinstance(datalist_sum, str) and _sha256(now) == datalist_sum:
         old = {**old, "overrides": {**old["overrides"], "datalist": now}}
-    if same_or_moved(old.get("dataset_dir"), settings["dataset_dir"], out):
-        old = {**old, "dataset_dir": settings["dataset_dir"]}
+    data_then, data_now = old.get("dataset_dir"), settings["dataset_dir"]
+    now_files = dataset_files(data_now) if data_then != data_now and isinstance(files, dict) and files else {}
+    if same_or_moved(data_then, data_now, out) or (now_files and now_files == files):  # moved with the output_dir, or
+        old = {**old, "dataset_dir": data_now}  # alone: the same JSON files (datalists, manifest), the same data
     if old == settings:
-        return []
+        return [], ""
     changed = sorted(k for k in settings if old.get(k) != settings[k])
     if "overrides" in changed:
         before, now = old.get("overrides") or {}, settings["overrides"]
         changed.remove("overrides")
         changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    return changed
+    return changed, _data_note(old, settings, changed, (files, now_files, datalist_sum), record_fix)
+
+
+def _data_note(old: Mapping[str, Any], settings: Mapping[str, Any], changed: list[str], sums: tuple,
+               record_fix: str) -> str:
+    """What a changed ``dataset_dir`` (and ``overrides.datalist``) was and is, and whether the recorded checksums
+    (``sums``: :data:`DATA_FILES` as recorded and now, :data:`DATALIST_SHA256` as recorded; None before them) tell other
+    data from the same data moved (:func:`~dira3d.utils.files.moved_note`); '' when neither changed."""
+    files, now_files, datalist_sum = sums
+    places, other = [], []
+    if "dataset_dir" in changed and old.get("dataset_dir") is not None:
+        places.append(("dataset_dir", old["dataset_dir"], settings["dataset_dir"]))
+        if isinstance(files, dict) and files:
+            differ = sorted(k for k in set(files) | set(now_files) if files.get(k) != now_files.get(k))
+            other.append(f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''} of dataset_dir not the same")
+    before = (old.get("overrides") or {}).get("datalist")
+    if "overrides.datalist" in changed and before is not None:
+        places.append(("overrides.datalist", before, settings["overrides"].get("datalist")))
+        if isinstance(datalist_sum, str):
+            other.append("the datalist's content not the same")
+    if not places:
+        return ""
+    return moved_note(places, f"{'; '.join(other)}: sha256 in {SETTINGS_NAME}" if len(other) == len(places) else None,
+                      record_fix)
 
 
 def _dims_mismatch(name: str, bundle: str, network_def: Mapping[str, Any], task_network_def: Mapping[str, Any],

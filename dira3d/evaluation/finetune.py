@@ -14,8 +14,9 @@ Command line (``dira3d finetune``)::
         --pretrained runs/dira/model_best.pt --label-fraction 0.25 --seed 3 --output-dir runs/ft/lidc_s3
 
 The bundle names and :func:`bundle_path` live in :mod:`dira3d.evaluation.bundle_lookup`, what a run scored (split,
-entries, summaries, TensorBoard scalars) in :mod:`dira3d.evaluation.finetune_scoring`; the names of ``__all__`` are
-importable from here.
+entries, summaries, TensorBoard scalars) in :mod:`dira3d.evaluation.finetune_scoring`, the refusals before a run (an
+earlier run in the output folder, a missing input) in :mod:`dira3d.evaluation.finetune_checks`; the names of
+``__all__`` are importable from here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.evaluation.bundle_lookup import BUNDLES, BUNDLES_2D, bundle_path, tiny_settings
+from dira3d.evaluation.finetune_checks import check_input_paths, earlier_outputs, refuse_earlier_run
 from dira3d.evaluation.finetune_messages import finished_message, scored_line, show_cache_lines, without_logging_file_warning
 from dira3d.evaluation.finetune_scoring import log_split_metrics, scored_split, split_entries, split_summary
 from dira3d.evaluation.preprocessing import (
@@ -38,7 +40,7 @@ from dira3d.evaluation.preprocessing import (
     training_preprocessing,
     write_preprocessing,
 )
-from dira3d.evaluation.split_ids import SPLITS_FILE, write_splits
+from dira3d.evaluation.split_ids import write_splits
 from dira3d.utils.atomic import atomic_write_text, check_writable, removed_if_failed_empty
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
@@ -90,21 +92,6 @@ def _resolved(parser: Any, key: str) -> Any:
         raise cause from None
 
 
-def _earlier_outputs(out: Path) -> list[Path]:
-    """The files an earlier run (finished or not) left in ``out`` that ``--overwrite`` replaces:
-    ``metrics.json`` first, then the model, ``preprocessing.json``, the evaluation's ``metrics.csv`` and
-    per-case CSVs (those of the metrics ``metrics.csv`` and ``metrics.json`` name) and the TensorBoard
-    event files (:func:`dira3d.evaluation.run_folders.earlier_run_files`)."""
-    from dira3d.evaluation.run_folders import earlier_run_files
-
-    try:
-        recorded = json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("metrics") or {}
-    except (OSError, ValueError, AttributeError):  # absent or damaged: metrics.csv still names them
-        recorded = {}
-    names = list(recorded) if isinstance(recorded, dict) else []
-    return [p for p in (out / "metrics.json", out / SPLITS_FILE) if p.is_file()] + earlier_run_files(out / "models", out, names)
-
-
 def _write_json(obj: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
@@ -151,7 +138,7 @@ def run_finetune(
         StoppedBySignal: SIGTERM or Ctrl-C stopped the training (a ``SystemExit``, 143 / 130; the bundle logged where):
             no test evaluation, no ``metrics.json`` (:mod:`dira3d.evaluation.stopping`).
     """
-    # the refusals up to _check_input_paths import neither torch nor MONAI: a rerun, a typo'd path, an unknown bundle
+    # the refusals up to check_input_paths import neither torch nor MONAI: a rerun, a typo'd path, an unknown bundle
     # are refused at once, not after seconds (20 s on a GPU machine) of loading them (docs/benchmarks.md)
     root = bundle_path(bundle)
     overrides = dict(overrides or {})
@@ -169,8 +156,8 @@ def run_finetune(
         # test it under the other's metrics.json
         with FolderLock(out, what="fine-tuning output folder (--output-dir)",
                         clash="a second run into it would replace its model.pt and metrics.json"):
-            _refuse_earlier_run(out, overwrite)
-            _check_input_paths(overrides)
+            refuse_earlier_run(out, overwrite)
+            check_input_paths(overrides)
             from dira3d.evaluation.stopping import stopped_before_training
 
             try:
@@ -187,43 +174,6 @@ def run_finetune(
                 end_stop_before_training()  # the handlers of its data loading, when it failed before training
 
 
-def _check_input_paths(overrides: dict[str, Any]) -> None:
-    """Refuse a ``datalist`` or ``pretrained`` file, or (with no ``datalist``) a ``dataset_dir`` folder, that the
-    settings name and that is not there: with the messages of the run's own checks
-    (:func:`dira3d.data.datalist.check_datalist_file`, :func:`dira3d.utils.checkpoint.check_pretrained_file`), before
-    torch and MONAI are imported. A MONAI expression or reference (``$...``, ``@...``) is left to the bundle."""
-    from dira3d.data.datalist import check_datalist_file
-    from dira3d.utils.checkpoint import check_pretrained_file
-
-    given = {key: value for key, value in overrides.items() if key in ("datalist", "pretrained", "dataset_dir")
-             and isinstance(value, (str, os.PathLike)) and not str(value).startswith(("$", "@", "%"))}
-    if given.get("datalist"):
-        check_datalist_file(given["datalist"])
-    elif given.get("dataset_dir") and not Path(given["dataset_dir"]).is_dir():  # where the bundle's datalist is looked for
-        raise FileNotFoundError(f"dataset_dir {given['dataset_dir']} (the folder of the prepared datalist, --dataset-dir) "
-                                "does not exist; fix the path, or pass the datalist file itself (--datalist)")
-    check_pretrained_file(given.get("pretrained"))
-
-
-def _refuse_earlier_run(out: Path, overwrite: bool) -> None:
-    """Refuse (without ``overwrite``) an output folder that holds an earlier run: its ``models/model.pt`` or
-    ``metrics.json`` (the first epoch would replace the model, and metrics.json after it), or its TensorBoard files."""
-    earlier = [p for p in (out / "models" / "model.pt", out / "metrics.json") if p.exists()]
-    events = sorted(out.glob("events.out.tfevents.*"))
-    if overwrite or not (earlier or events):
-        return
-    if not (out / "metrics.json").exists():  # killed or failed before its test metrics
-        found = "models/model.pt" if earlier else f"the TensorBoard files {events[0].name}{' ...' if len(events) > 1 else ''}"
-        raise FileExistsError(
-            f"{out} holds an unfinished fine-tuning run ({found} but no metrics.json: it was interrupted "
-            "or failed); pass --overwrite to start it again, or choose another output folder (--output-dir)"
-        )
-    raise FileExistsError(
-        f"{out} already holds a fine-tuning run ({', '.join(str(p.relative_to(out)) for p in earlier)}), which "
-        "this run would replace; choose another output folder (--output-dir), or pass --overwrite to replace it"
-    )
-
-
 def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[Path], tiny: bool,
                   overwrite: bool, watch: Any) -> dict[str, Any]:
     """The body of :func:`run_finetune`, with ``out`` locked."""
@@ -233,7 +183,7 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     # listed before this run creates its own TensorBoard files; removed once it has set up without error (train.json's
     # initialize, told overwrite, already removes the earlier curves and metrics.csv: only the model is kept until
     # this run's first validation)
-    replaced = _earlier_outputs(out) if overwrite else []
+    replaced = earlier_outputs(out) if overwrite else []
     overrides.update({"bundle_root": str(root), "output_dir": str(out), "ckpt_dir": str(out / "models")})
     if overwrite:  # train.json's initialize refuses an earlier run unless told (checked above with our wording)
         overrides["overwrite"] = True

@@ -22,7 +22,7 @@ from dira3d.evaluation.stats import (
     TESTS, CellSummary, aggregate, ci_table_note, compare_to_baseline, markdown_ci_table, markdown_table,
 )
 from dira3d.utils.atomic import atomic_write_text
-from dira3d.utils.files import FileContentError, read_json, read_text, same_or_moved
+from dira3d.utils.files import FileContentError, moved_note, read_json, read_text, same_or_moved
 
 __all__ = [
     "FIELDS", "FOLD_FIELDS", "SPLIT_FIELDS", "DIGEST_FIELDS", "RUN_SETTINGS", "RUN_SETTINGS_NAME", "grid_cells",
@@ -67,9 +67,9 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict],
                                          f"{fix}")
         old = {k: v for k, v in old.items() if k not in RECORDED_ONLY}
         compared = dict(settings)
-        if same_or_moved(old.get("datalist"), settings["datalist"], out) or old.get(DATALIST_SHA256) == settings.get(
-                DATALIST_SHA256, 0) and Path(str(old.get("datalist"))).name == datalist.name:  # or copied elsewhere
-            old["datalist"] = settings["datalist"]  # moved with the output_dir
+        then = old.get("datalist")  # moved with the output_dir, or alone (the same content: sha256) or copied elsewhere
+        if same_or_moved(then, settings["datalist"], out) or old.get(DATALIST_SHA256) == settings.get(DATALIST_SHA256, 0):
+            old["datalist"] = settings["datalist"]
         if DATALIST_SHA256 not in old or DATALIST_SHA256 not in compared:  # recorded before 2026-11-27: not compared
             old.pop(DATALIST_SHA256, None)
             compared.pop(DATALIST_SHA256, None)
@@ -84,9 +84,11 @@ def check_run_settings(config: Mapping[str, Any], out: Path, rows: list[dict],
             changed = [k for k in RUN_SETTINGS + ("folds", "split_seed") if k != "overrides" and old.get(k) != settings.get(k)]
             before, now = old.get("overrides") or {}, settings["overrides"] or {}
             changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            moved = moved_note([("datalist", then, datalist)], "its sha256 differs" if DATALIST_SHA256 in old
+                               else None, f"datalist of {path}") if "datalist" in changed else ""  # sha256: both recorded
             raise ValueError(f"{out / 'results.csv'} holds runs made with other fine-tuning settings ({', '.join(changed)} "
-                             f"changed; the earlier ones are in {path}); adding runs with the new ones would mix them in "
-                             "one table. Use another output_dir, or put the settings back (or delete results.csv to redo "
+                             f"changed; the earlier ones are in {path}); {moved}adding runs with the new ones would mix them "
+                             "in one table. Use another output_dir, or put the settings back (or delete results.csv to redo "
                              "every run)")
     atomic_write_text(path, json.dumps({**settings, **(versions or {})}, indent=1))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from dira3d.data.errors import DataError
 
-__all__ = ["FileContentError", "json_type", "looks_like_dicom", "read_json", "read_text", "read_yaml", "same_or_moved"]
+__all__ = ["FileContentError", "json_type", "looks_like_dicom", "read_json", "read_text", "read_yaml", "same_or_moved", "moved_note"]
 
 
 class FileContentError(DataError):
@@ -233,3 +233,17 @@ def same_or_moved(recorded: Any, now: Any, base_now: str | os.PathLike, base_the
     except ValueError:  # another drive (Windows)
         return False
     return bool(tail) and len(rec.parts) > len(tail) and rec.parts[-len(tail):] == tail
+
+
+def moved_note(places: list[tuple[str, Any, Any]], other: str | None, record_fix: str) -> str:
+    """The part of a refusal that names where a data path it compared was recorded and where it is now (``places``:
+    ``(setting, recorded, now)``, e.g. a ``dataset_dir`` moved alone: ``mv prepared /fast/prepared``), then what the
+    record tells: ``other`` (which checksum differs, and where it is recorded): other data; None: the record holds no
+    checksum of the data (an earlier dira3d wrote it), so a user who knows it is the same data moved there is told to
+    write the new place into ``record_fix`` (``"dataset_dir of /runs/exp/pretrain/dira/settings.json"``). It ends
+    with ``"; "`` or ``"otherwise "``, for the refusal's way on (a new output folder, ...) to follow."""
+    said = ", ".join(f"{key} was {then}, now {now}" for key, then, now in places)
+    if other is not None:
+        return f"{said}, whose data are not the ones recorded ({other}); "
+    return (f"{said}: if that is the same data moved there, the record (made before dira3d recorded checksums of the "
+            f"data) cannot tell; write the new place into {record_fix} to go on with it; otherwise ")
