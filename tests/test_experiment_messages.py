@@ -15,7 +15,7 @@ import yaml
 from dira3d.evaluation import build_task_network, load_split
 from dira3d.evaluation.experiment import load_config, run_experiment
 from dira3d.evaluation.metrics import mean_auc
-from dira3d.evaluation.results import ablation_figure, metric_figure
+from dira3d.evaluation.result_figures import ablation_figure, metric_figure
 from dira3d.evaluation.stats import CellSummary
 from dira3d.networks import ResNetUNet, UNet
 from dira3d.utils import atomic_save

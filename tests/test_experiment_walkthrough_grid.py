@@ -122,7 +122,7 @@ def test_an_unchanged_checkpoint_lets_every_run_of_the_grid_through(tmp_path):
 def test_the_plots_say_what_their_error_bars_are():
     """The error bars of auc_vs_label_fraction.png and ablation.png are the sample std over seeds, but the plots said
     only 'auc': a figure copied into a draft could not tell std from a standard error or a confidence interval."""
-    from dira3d.evaluation.results import ablation_figure, metric_figure
+    from dira3d.evaluation.result_figures import ablation_figure, metric_figure
     from dira3d.evaluation.stats import CellSummary
 
     cells = [CellSummary(m, f, 3, 0.7, 0.05, (0.65, 0.7, 0.75)) for m in ("random", "dira") for f in (0.5, 1.0)]
