@@ -345,7 +345,12 @@ def test_example_shape_is_batch_one_in_channels_then_roi_size(repo_root, tmp_pat
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     assert bundle_example_shape(bundle) == [1, config["in_channels"], *config["roi_size"]]
     assert bundle_example_shape(bundle, overrides={"in_channels": 3, "roi_size": [32, 16, 8]}) == [1, 3, 32, 16, 8]
-    assert bundle_example_shape(bundle, input_shape=[2, 1, 8, 8, 8], overrides={"in_channels": 3}) == [2, 1, 8, 8, 8]
+    assert bundle_example_shape(bundle, input_shape=[2, 3, 8, 8, 8], overrides={"in_channels": 3}) == [2, 3, 8, 8, 8]
+    # a given shape must fit the network too: its channels, sizes that are multiples of its downsampling (8)
+    with pytest.raises(ValueError, match=r"2 1 8 8 8: 1 channels, but the bundle's network takes 3 \(in_channels\)"):
+        bundle_example_shape(bundle, input_shape=[2, 1, 8, 8, 8], overrides={"in_channels": 3})
+    with pytest.raises(ValueError, match="size 12 is not a multiple of 8"):
+        bundle_example_shape(bundle, input_shape=[1, 1, 8, 12, 8])
 
 
 def test_scan_patch_is_the_ras_window_of_the_scan(tmp_path):

@@ -4,8 +4,11 @@
   and 2D pretraining with Barlow Twins then refused it; ``dira3d prepare generic`` warned about its one-volume list.
   Each now warns with the same function (:func:`dira3d.data.runner.warn_one_validation`).
 - The "next:" lines of the four datasets named only fine-tuning, from ``runs/dira_pretrain/models/best.pt``, which
-  nothing they named writes; they now name the 2D pretraining command of docs/2d.md first (parsed here as
-  tests/test_end_messages.py parses the others).
+  nothing they named writes; ChestX-ray14 and CheXpert now name the 2D pretraining command of docs/2d.md first (parsed
+  here as tests/test_end_messages.py parses the others). SIIM-ACR and Montgomery then named pretraining on their own
+  images, which docs/2d.md does not advise (it pretrains once on ChestX-ray14 and fine-tunes the small sets from it):
+  they now name fine-tuning from the checkpoint `dira3d prepare chestxray14`'s pretraining line writes, and from
+  random weights without one.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def test_a_one_image_validation_list_is_warned_about(dataset, tmp_path, capsys):
     assert "'validation' list holds 1" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dataset", ["chestxray14", "chexpert", "siim", "montgomery"])
+@pytest.mark.parametrize("dataset", ["chestxray14", "chexpert"])
 def test_the_next_step_pretrains_on_the_datalist_then_fine_tunes_from_that_checkpoint(dataset, tmp_path, capsys):
     raw, dst = _raw(dataset, tmp_path / "raw"), tmp_path / "prepared"
     assert cli_main(["prepare", dataset, "--src", str(raw), "--dst", str(dst), "--size", "32"]) == 0
@@ -70,6 +73,33 @@ def test_the_next_step_pretrains_on_the_datalist_then_fine_tunes_from_that_check
     args = _parser_of(main).parse_args(rest)
     assert label == "dira3d finetune" and Path(args.datalist) == datalist
     assert Path(args.pretrained) == Path(pretrain[pretrain.index("--output") + 1]) / "models" / "best.pt"
+
+
+@pytest.mark.parametrize("dataset, bundle", [("siim", "siim_pneumothorax_seg"), ("montgomery", "montgomery_lung_seg")])
+def test_a_small_set_is_fine_tuned_from_the_chestxray14_pretraining_or_from_random_weights(dataset, bundle, tmp_path,
+                                                                                            capsys):
+    raw, dst = _raw(dataset, tmp_path / "raw"), tmp_path / "prepared"
+    assert cli_main(["prepare", dataset, "--src", str(raw), "--dst", str(dst), "--size", "32"]) == 0
+    datalist = (dst / f"{dataset}_datalist.json").resolve()
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index(f"datalist: {datalist}")
+    assert [line.split()[0] for line in lines[at:at + 3]] == ["datalist:", "next:", "or:"], lines
+    assert "2D pretraining on ChestX-ray14" in lines[at + 1] and "preparing ChestX-ray14 ends with" in lines[at + 1]
+    assert not any(line.split()[1:3] == ["dira3d", "pretrain"] for line in lines[at + 1:]), lines  # not on its own images
+    runs = []
+    for line in lines[at + 1:at + 3]:
+        label, main, rest = _command_main(shlex.split(line.split(None, 1)[1].rsplit(" (", 1)[0]))
+        runs.append(_parser_of(main).parse_args(rest))  # SystemExit (2) on an option the parser does not take
+        assert label == "dira3d finetune" and Path(runs[-1].datalist) == datalist and runs[-1].bundle == bundle
+    pretrained, scratch = runs
+    assert scratch.pretrained is None and scratch.output_dir != pretrained.output_dir
+    # --pretrained is what the pretraining line of `dira3d prepare chestxray14` writes
+    raw = write_chestxray14_raw(tmp_path / "cxr14")
+    assert cli_main(["prepare", "chestxray14", "--src", str(raw), "--dst", str(tmp_path / "cxr14_prepared"),
+                     "--size", "32"]) == 0
+    cxr14 = [line for line in capsys.readouterr().out.splitlines() if line.startswith("next:     dira3d pretrain ")]
+    pretrain = shlex.split(cxr14[0].split(None, 1)[1].rsplit(" (", 1)[0])
+    assert Path(pretrained.pretrained) == Path(pretrain[pretrain.index("--output") + 1]) / "models" / "best.pt"
 
 
 def test_radiographs_warns_about_a_one_image_validation_list(tmp_path, capsys):

@@ -82,6 +82,37 @@ def test_export_refuses_before_torch(blocker, repo_root, tmp_path, args, expecte
     assert (tmp_path / "earlier.onnx").read_bytes() == b"earlier" and (tmp_path / "earlier" / "encoder.pt").read_bytes() == b"earlier"
 
 
+TINY_2D = ["--override", "backbone=resnet10", "--override", "decoder_channels=[16,16,8,8,8]",
+           "--override", "roi_size=[64,64]"]
+GIVEN = "--input-shape (input_shape)"
+
+
+@pytest.mark.parametrize("bundle, shape, expected", [
+    ("montgomery_lung_seg", "1 1 64 64 32", "1 1 64 64 32 has 5 numbers; the bundle's network is 2D: give B C and 2 sizes, "
+                                            "e.g. 1 1 64 64"),
+    ("siim_pneumothorax_seg", "1 3 64 64", "1 3 64 64: 3 channels, but the bundle's network takes 1 (in_channels); "
+                                           "give e.g. 1 1 64 64"),
+    ("chestxray14_cls", "1 1 60 64", "1 1 60 64: size 60 is not a multiple of 32 (the network's downsampling); give "
+                                     "e.g. 1 1 32 64 or 1 1 64 64 (the nearest sizes that fit)"),
+    ("chexpert_cls", "0 1 64 64", "0 1 64 64: batch 0 is not a batch size >= 1; give e.g. 1 1 64 64"),
+    ("montgomery_lung_seg", "1 1 -64 64", "1 1 -64 64: size -64 is not a size >= 1; give e.g. 1 1 64 64"),
+    ("lits_liver_seg", "1 1 60 64 32", "1 1 60 64 32: size 60 is not a multiple of 8 (the network's downsampling); "
+                                       "give e.g. 1 1 56 64 32 or 1 1 64 64 32 (the nearest sizes that fit)"),
+])
+@pytest.mark.parametrize("what", ["torchscript", "onnx"])
+def test_export_refuses_an_input_shape_the_network_cannot_take_before_torch(blocker, repo_root, tmp_path, what,
+                                                                             bundle, shape, expected):
+    """Only the count of numbers was checked, after torch loaded: 3 channels failed in a convolution, a size that is
+    not a multiple of 32 in the decoder ("Sizes of tensors must match"), batch 0 in the agreement check ("max(): Expected
+    reduction dim"), a negative number in torch.rand (tests/test_export_input_shape.py: the check itself)."""
+    (tmp_path / "model.pt").write_bytes(b"weights")  # not read before this refusal
+    overrides = TINY_2D if bundle != "lits_liver_seg" else ["--override", "width=0.125"]
+    args = [what, "--bundle", bundle, "--checkpoint", str(tmp_path / "model.pt"), "--out", str(tmp_path / "m.out"),
+            *overrides, "--input-shape", *shape.split()]
+    _refused(blocker, repo_root, tmp_path, "export", args, f"{GIVEN} {expected}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "model.pt"]
+
+
 @pytest.mark.parametrize("setting, expected", [
     ({"label_fractions": [0.5, 1.5]}, "label fraction 1.5 in {config} must be in (0, 1]"),
     ({"baseline": "scratch"}, "baseline 'scratch' in {config} is not one of the methods ['random', 'mine']"),

@@ -21,7 +21,8 @@ from pathlib import Path
 from dira3d.data.cases import STATUSES, CaseResult
 from dira3d.data.datalist import datalist_meta
 
-__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "SEQUENCES_NEXT_STEP", "PRETRAIN_2D_STEP", "next_steps", "finish", "datalists_recorded", "record_datalist"]
+__all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "SEQUENCES_NEXT_STEP", "PRETRAIN_2D_STEP",
+           "SCRATCH_2D_STEPS", "next_steps", "finish", "datalists_recorded", "record_datalist"]
 
 
 # inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
@@ -48,13 +49,16 @@ def record_datalist(path: Path, labelled: bool) -> None:
         written.append((path, labelled))
 
 
-def _finetune_step(bundle: str, doc: str = "docs/finetuning.md", fold: int | None = None) -> str:
+def _finetune_step(bundle: str, doc: str = "docs/finetuning.md", fold: int | None = None, pretrained: bool = True,
+                   suffix: str = "") -> str:
     # runs/dira_pretrain: dira3d pretrain's default --output
-    option, suffix = ("", "") if fold is None else (f" --fold {fold}", f"_fold{fold}")
-    return (f"dira3d finetune --bundle {bundle} --datalist {{datalist}} --pretrained runs/dira_pretrain/models/best.pt"
-            f"{option} --output-dir runs/ft_{bundle}{suffix} ({doc})")
+    option, suffix = ("", suffix) if fold is None else (f" --fold {fold}", f"_fold{fold}{suffix}")
+    start = " --pretrained runs/dira_pretrain/models/best.pt" if pretrained else ""
+    return (f"dira3d finetune --bundle {bundle} --datalist {{datalist}}{start}{option} --output-dir runs/ft_{bundle}{suffix} "
+            f"({doc})")
 
 
+_FROM_CXR14 = "from a 2D pretraining on ChestX-ray14, the one that preparing ChestX-ray14 ends with; docs/2d.md"
 # a datalist's name -> what it is for: the command to run next (``{datalist}``: its path)
 NEXT_STEPS: dict[str, str] = {
     "pretrain_datalist.json": "dira3d visual-words --datalist {datalist} --out runs/visual_words (then dira3d pretrain; "
@@ -67,8 +71,10 @@ NEXT_STEPS: dict[str, str] = {
     "pecad_datalist.json": _finetune_step("pecad_embolism_fpr", "fold 0 is its test set: run --fold 1, 2, ... too, or "
                                           "every fold and seed with `folds` in dira3d experiment; docs/finetuning.md, "
                                           "'Cross-validation'", fold=0),
-    "siim_datalist.json": _finetune_step("siim_pneumothorax_seg", "docs/2d.md"),
-    "montgomery_datalist.json": _finetune_step("montgomery_lung_seg", "docs/2d.md"),
+    # the small 2D sets are fine-tuned from a 2D pretraining on ChestX-ray14, the one `dira3d prepare chestxray14`
+    # ends by naming (docs/2d.md, "Fine-tuning bundles"), not pretrained on themselves
+    "siim_datalist.json": _finetune_step("siim_pneumothorax_seg", _FROM_CXR14),
+    "montgomery_datalist.json": _finetune_step("montgomery_lung_seg", _FROM_CXR14),
     "chestxray14_datalist.json": _finetune_step("chestxray14_cls", "docs/2d.md"),
     "chexpert_datalist.json": _finetune_step("chexpert_cls", "docs/2d.md"),
     "radiographs_datalist.json": "dira3d pretrain --datalist {datalist} --config 2d.json --config 2d_moco.json "
@@ -83,10 +89,16 @@ LABELLED_NEXT_STEP = _finetune_step("lits_liver_seg")
 UNLABELLED_OTHER_STEP = ("dira3d pretrain --datalist {datalist}{channels} --output runs/dira_pretrain (every volume its own "
                          "class, no visual words: quicker, for a small dataset or a first run; "
                          "bundles/dira_pretrain/docs/README.md)")
-# the 2D datasets' datalists (dira3d prepare chestxray14, chexpert, siim, montgomery): their images pretrain too (2D
-# DiRA with MoCo-v2, labels unused, as for radiographs), the fine-tuning step above then loads that checkpoint
+# the large 2D datasets' datalists (dira3d prepare chestxray14, chexpert): their images pretrain too (2D DiRA with
+# MoCo-v2, labels unused, as for radiographs), the fine-tuning step above then loads that checkpoint
 PRETRAIN_2D_STEP = NEXT_STEPS["radiographs_datalist.json"]
-DATALISTS_2D = ("chestxray14_datalist.json", "chexpert_datalist.json", "siim_datalist.json", "montgomery_datalist.json")
+DATALISTS_2D = ("chestxray14_datalist.json", "chexpert_datalist.json")
+# the small ones (dira3d prepare siim, montgomery) are fine-tuned from a ChestX-ray14 pretraining (NEXT_STEPS), or,
+# without one yet, from random initial weights (the baseline)
+SCRATCH_2D_STEPS = {name: _finetune_step(bundle, "no pretraining yet: random initial weights, the baseline; docs/2d.md",
+                                         pretrained=False, suffix="_random")
+                    for name, bundle in (("siim_datalist.json", "siim_pneumothorax_seg"),
+                                         ("montgomery_datalist.json", "montgomery_lung_seg"))}
 # a labelled multi-sequence MR datalist (`prepare generic --sequences`: 4D volumes, meta.channels) is BraTS-like
 SEQUENCES_NEXT_STEP = _finetune_step("brats_tumor_seg").replace(" --output-dir", " --set modalities={modalities} --output-dir")
 
@@ -94,8 +106,9 @@ SEQUENCES_NEXT_STEP = _finetune_step("brats_tumor_seg").replace(" --output-dir",
 def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
     """The lines ``dira3d prepare`` ends with for a datalist it wrote: where it is, and the command to run next
     (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`, and an
-    unlabelled one pretrained on without visual words, :data:`UNLABELLED_OTHER_STEP`; a 2D dataset's datalist is
-    pretrained on first, :data:`PRETRAIN_2D_STEP`, then fine-tuned on)."""
+    unlabelled one pretrained on without visual words, :data:`UNLABELLED_OTHER_STEP`; a large 2D dataset's datalist
+    is pretrained on first, :data:`PRETRAIN_2D_STEP`, then fine-tuned on; a small one, SIIM-ACR or Montgomery, is
+    fine-tuned from a ChestX-ray14 pretraining, or from random weights, :data:`SCRATCH_2D_STEPS`)."""
     path = shlex.quote(str(datalist))
     lines = [f"datalist: {datalist}"]
     if datalist.name in DATALISTS_2D:  # pretraining first: the fine-tuning step loads its best.pt
@@ -103,6 +116,8 @@ def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
         lines.append(f"then:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
     elif datalist.name in NEXT_STEPS:
         lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
+        if datalist.name in SCRATCH_2D_STEPS:
+            lines.append(f"or:       {SCRATCH_2D_STEPS[datalist.name].format(datalist=path)}")
         if datalist.name == "pretrain_datalist.json":
             # the sequences of `prepare generic --sequences`, in channel order: the network's input channels
             channels = datalist_meta(datalist).get("channels") or []

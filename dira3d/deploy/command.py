@@ -63,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--override", action="append", metavar="ID=VALUE",
                        help="config override (repeatable); the settings the weights were trained with, e.g. width=0.125 "
                             "(3D --tiny) or backbone=resnet10, decoder_channels=[16,16,8,8,8], roi_size=[64,64] (2D --tiny)")
-        p.add_argument("--input-shape", type=int, nargs="+", help="example input B C X Y Z (default 1 C roi_size)")
+        p.add_argument("--input-shape", type=int, nargs="+",
+                       help="example input B C X Y Z (2D bundles: B C X Y), B >= 1, C the bundle's in_channels, each size "
+                            "a multiple of the network's downsampling (8 for the 3D U-Net, 32 for the 2D ResNets) "
+                            "(default 1 C roi_size)")
 
     def check_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--check-scan", help="a CT scan whose central crop is used for the agreement check "
@@ -125,8 +128,10 @@ def _export_model(args: argparse.Namespace) -> int:
     from dira3d.deploy.export_checks import check_model_export
 
     overrides = parse_overrides(args.override)
-    # the refusals that need no torch (unknown bundle, --out exists, missing --check-scan or weights) before it loads
-    check_model_export(args.bundle, args.out, args.checkpoint, args.overwrite, args.check_scan)
+    # the refusals that need no torch (unknown bundle, --out exists, missing --check-scan or weights, an --input-shape
+    # the network cannot take) before it loads
+    check_model_export(args.bundle, args.out, args.checkpoint, args.overwrite, args.check_scan,
+                       input_shape=args.input_shape, overrides=overrides)
     from dira3d.deploy.export import DEFAULT_TOLERANCE, AgreementError
 
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance  # 0 (exact) is a tolerance too

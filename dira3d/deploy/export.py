@@ -29,7 +29,13 @@ from monai.bundle import ConfigParser, ckpt_export
 
 from dira3d.deploy.agreement import DEFAULT_TOLERANCE, AgreementError, AgreementReport, check_agreement
 from dira3d.deploy.bundle_network import bundle_parser, load_bundle_network
-from dira3d.deploy.export_checks import check_model_export, check_new_output, check_scan_exists  # re-exported
+from dira3d.deploy.export_checks import (  # check_new_output, check_scan_exists: re-exported
+    check_input_shape,
+    check_model_export,
+    check_new_output,
+    check_scan_exists,
+    network_divisor,
+)
 from dira3d.utils.atomic import atomic_path, remove_stale_temporaries_of
 
 __all__ = [
@@ -57,17 +63,15 @@ def _example_shape(parser: ConfigParser, input_shape: Sequence[int] | None) -> l
         # roi_size=16 (a number, not a list) raised a TypeError traceback
         raise ValueError(f"roi_size {roi!r} is not a list of positive whole numbers, one per spatial dimension; "
                          'pass e.g. --override "roi_size=[16,16,8]" (3D) or "roi_size=[64,64]" (2D)')
+    in_channels = parser.get_parsed_content("in_channels") if "in_channels" in parser else None
     if input_shape:
-        shape = [int(s) for s in input_shape]
-        if roi is not None and len(shape) != 2 + len(roi):  # was PyTorch's "expected 5D input (got 4D input)"
-            raise ValueError(f"--input-shape (input_shape) {' '.join(map(str, shape))} has {len(shape)} numbers; the "
-                             f"bundle's network is {len(roi)}D: give B C and {len(roi)} sizes, e.g. "
-                             f"{' '.join(map(str, [1, 1, *roi]))}")
-        return shape
+        # the count, batch, channels and sizes (multiples of the network's downsampling), as dira3d export checks
+        # them before torch loads; here with in_channels parsed (an expression in brats_tumor_seg)
+        channels = in_channels if isinstance(in_channels, int) and not isinstance(in_channels, bool) else None
+        return check_input_shape(input_shape, roi, channels, network_divisor(parser.get()))
     if roi is None:
         raise ValueError("input_shape is needed: the bundle has no 'roi_size' (pass e.g. [1, 1, 64, 64, 32])")
-    in_channels = parser.get_parsed_content("in_channels") if "in_channels" in parser else 1
-    return [1, int(in_channels), *roi]
+    return [1, int(1 if in_channels is None else in_channels), *roi]
 
 
 def bundle_example_shape(
@@ -160,7 +164,8 @@ def export_torchscript_with_report(
     (``dira3d export torchscript`` prints it). Same arguments and errors."""
     if example is not None and check_scan is not None:
         raise ValueError("give example= or check_scan= (the input of the agreement check), not both")
-    root, config, meta, out, ckpt = check_model_export(bundle_dir, out, checkpoint, overwrite, check_scan, config_file)
+    root, config, meta, out, ckpt = check_model_export(bundle_dir, out, checkpoint, overwrite, check_scan, config_file,
+                                                       input_shape, overrides)
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
     network = load_bundle_network(root, ckpt, config_file, overrides)
     shape = _example_shape(bundle_parser(root, config_file, overrides), input_shape)

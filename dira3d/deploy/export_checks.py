@@ -2,7 +2,9 @@
 
 - :func:`check_model_export`: ``torchscript`` / ``onnx`` — an unknown bundle (:func:`bundle_paths`), an ``--out`` that
   is a folder or exists (without ``--overwrite``) or cannot be written (:func:`check_new_output`), a missing
-  ``--check-scan`` (:func:`check_scan_exists`) or missing fine-tuned weights (:func:`missing_weights_error`).
+  ``--check-scan`` (:func:`check_scan_exists`) or missing fine-tuned weights (:func:`missing_weights_error`), an
+  ``--input-shape`` the bundle's network cannot take (:func:`check_input_shape`, with the bundle's
+  :func:`network_divisor`; its config read as JSON).
 - :func:`check_pretrained_export`: ``pretrained`` — an unknown format, a missing ``--checkpoint``, an ``--out`` that is a
   file or holds an earlier export (without ``--overwrite``).
 
@@ -12,7 +14,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,8 @@ from typing import Any
 from dira3d.utils.atomic import check_writable
 from dira3d.utils.checkpoint import check_checkpoint_file, checkpoint_problem
 
-__all__ = ["FORMATS", "bundle_paths", "check_model_export", "check_new_output", "check_pretrained_export",
-           "check_scan_exists", "missing_weights_error"]
+__all__ = ["FORMATS", "bundle_paths", "check_input_shape", "check_model_export", "check_new_output",
+           "check_pretrained_export", "check_scan_exists", "missing_weights_error", "network_divisor"]
 
 FORMATS = ("pt", "safetensors")  # the file formats of `dira3d export pretrained`
 
@@ -73,12 +77,106 @@ def check_scan_exists(check_scan: str | os.PathLike | None) -> None:
                                 "(NRRD, NIfTI, MetaImage), or leave it out to check on a random input")
 
 
+# the size check a task bundle's initialize runs on its roi_size: dira3d.utils.check_sizes(3, multiple=8, roi_size=...)
+_SIZE_CHECK = re.compile(r"check_sizes\(\s*[^,()]+,\s*multiple\s*=\s*(\d+|@[\w#]+)\s*,\s*roi_size\s*=")
+
+
+def network_divisor(config: Mapping[str, Any]) -> int | None:
+    """What every spatial size of a bundle network's input must be a multiple of (its downsampling: 8 for the 3D
+    U-Net, 32 for the 2D ResNets), as the bundle says it: its ``network_divisor`` id (``dira_pretrain``), or the
+    ``multiple`` of the ``dira3d.utils.check_sizes(..., roi_size=@roi_size)`` its ``initialize`` runs (the task
+    bundles); None when ``config`` (a config as read from JSON) has neither."""
+    value: Any = config.get("network_divisor")
+    if value is None:
+        steps = config.get("initialize")
+        found = [m for step in steps if isinstance(step, str) for m in _SIZE_CHECK.findall(step)] \
+            if isinstance(steps, list) else []
+        value = found[0] if found else None
+        if isinstance(value, str) and value.startswith("@"):
+            value = config.get(value[1:])
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return " ".join(map(str, shape))
+
+
+def check_input_shape(input_shape: Sequence[int], roi_size: Sequence[int] | None, in_channels: int | None = None,
+                      multiple: int | None = None) -> list[int]:
+    """``--input-shape`` (``input_shape=``) ``B C *sizes`` checked against a bundle's network: ``len(roi_size)``
+    sizes, a batch >= 1, ``in_channels`` channels and sizes >= 1 that are multiples of ``multiple`` (the network's
+    downsampling, :func:`network_divisor`); each check is skipped when what it needs is None (``roi_size`` too).
+
+    Returns:
+        the shape as a list of ints.
+
+    Raises:
+        ValueError: one line naming ``--input-shape``, the number that does not fit and a shape that does.
+    """
+    shape = [int(s) for s in input_shape]
+    given = f"--input-shape (input_shape) {_shape_text(shape)}"
+    count = f"{len(shape)} number{'' if len(shape) == 1 else 's'}"
+    channels = in_channels if in_channels is not None else (shape[1] if len(shape) > 1 and shape[1] >= 1 else 1)
+    if roi_size is not None:
+        example = _shape_text([1, channels, *roi_size])
+        if len(shape) != 2 + len(roi_size):  # was PyTorch's "expected 5D input (got 4D input)"
+            raise ValueError(f"{given} has {count}; the bundle's network is {len(roi_size)}D: give B C "
+                             f"and {len(roi_size)} sizes, e.g. {example}")
+    else:
+        example = _shape_text([1, channels, *(s if s >= 1 else 1 for s in shape[2:])])
+    if len(shape) < 3:
+        raise ValueError(f"{given} has {count}; give B C and one size per axis, e.g. 1 1 64 64 32")
+    if shape[0] < 1:  # batch 0 failed in the agreement check ("max(): Expected reduction dim"), -1 in torch.rand
+        raise ValueError(f"{given}: batch {shape[0]} is not a batch size >= 1; give e.g. {example}")
+    if in_channels is not None and shape[1] != in_channels:  # was a convolution's "expected input ... to have 1 channels"
+        raise ValueError(f"{given}: {shape[1]} channels, but the bundle's network takes {in_channels} (in_channels); "
+                         f"give e.g. {example}")
+    if shape[1] < 1:
+        raise ValueError(f"{given}: {shape[1]} channels is not a channel count >= 1; give e.g. {example}")
+    sizes = shape[2:]
+    bad = next((s for s in sizes if s < 1), None)
+    if bad is not None:
+        raise ValueError(f"{given}: size {bad} is not a size >= 1; give e.g. {example}")
+    if multiple and any(s % multiple for s in sizes):  # was a decoder's "Sizes of tensors must match" (2D) or worse
+        from dira3d.utils.seeding import nearest_fitting_sizes  # light: numpy, no torch
+
+        bad = next(s for s in sizes if s % multiple)
+        nearest = " or ".join(_shape_text(shape[:2] + s) for s in nearest_fitting_sizes(sizes, multiple))
+        raise ValueError(f"{given}: size {bad} is not a multiple of {multiple} (the network's downsampling); give e.g. "
+                         f"{nearest} (the nearest sizes that fit)")
+    return shape
+
+
+def _check_input_shape_in(config: Path, input_shape: Sequence[int], overrides: Mapping[str, Any] | None) -> None:
+    """:func:`check_input_shape` with what ``config`` says as JSON (before MONAI parses it): ``roi_size`` and
+    ``in_channels`` (``overrides`` first) when they are plain values, and :func:`network_divisor`. A config JSON
+    cannot read, or an expression, leaves the check to the export (which parses the config)."""
+    try:
+        content = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(content, dict):
+        return
+    settings = {**content, **dict(overrides or {})}
+    roi, channels = settings.get("roi_size"), settings.get("in_channels")
+    if not (isinstance(roi, list) and roi and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in roi)):
+        return  # an expression, or a roi_size the export refuses in its own words
+    if isinstance(channels, bool) or not isinstance(channels, int):
+        channels = None  # an expression (brats_tumor_seg: one channel per modality), checked once it is parsed
+    check_input_shape(input_shape, roi, channels, network_divisor(settings))
+
+
 def check_model_export(bundle_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                        checkpoint: str | os.PathLike | None = None, overwrite: bool = False,
                        check_scan: str | os.PathLike | None = None,
-                       config_file: str = "inference.json") -> tuple[Path, Path, Path, Path, Path]:
+                       config_file: str = "inference.json", input_shape: Sequence[int] | None = None,
+                       overrides: Mapping[str, Any] | None = None) -> tuple[Path, Path, Path, Path, Path]:
     """The refusals of a TorchScript / ONNX export, in order, before the network is built: the bundle, ``out``
-    (default ``<bundle>/models/model.ts``), ``check_scan`` and the weights (default ``<bundle>/models/model.pt``).
+    (default ``<bundle>/models/model.ts``), ``check_scan``, the weights (default ``<bundle>/models/model.pt``) and
+    ``input_shape`` (:func:`check_input_shape`, with the config's ``roi_size``, ``in_channels`` and
+    :func:`network_divisor`, ``overrides`` applied).
 
     Returns:
         ``(root, config, metadata, out, checkpoint)`` as paths.
@@ -87,6 +185,7 @@ def check_model_export(bundle_dir: str | os.PathLike, out: str | os.PathLike | N
         FileNotFoundError: no such bundle, a missing ``check_scan`` or weights file.
         FileExistsError: ``out`` is a folder, or exists (without ``overwrite``).
         FolderNotWritableError: ``out``'s folder cannot be created or written to.
+        ValueError: an ``input_shape`` the network cannot take.
     """
     root, config, meta = bundle_paths(bundle_dir, config_file)
     # the default is inside the bundle, which may be read-only (installed by an admin, in a container image)
@@ -97,6 +196,8 @@ def check_model_export(bundle_dir: str | os.PathLike, out: str | os.PathLike | N
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
         raise missing_weights_error(ckpt)
+    if input_shape:
+        _check_input_shape_in(config, input_shape, overrides)
     return root, config, meta, out, ckpt
 
 

@@ -16,7 +16,7 @@ pretraining the same weights), so neither function may change what it returns
   :func:`check_ranges`: number settings with a range (shares, rates, momenta) checked against it.
   :func:`check_numbers`: settings that take any number (``learning_rate``, ``bn_momentum``, ``width``);
   :func:`check_sizes`: size settings (``roi_size``, ``patch_size``), one whole number per axis of the network, each a
-  multiple of its downsampling.
+  multiple of its downsampling (:func:`nearest_fitting_sizes`: the sizes it names instead).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["check_numbers", "check_ranges", "check_seed", "check_sizes", "check_whole_numbers", "derive_seed", "stream_seed"]
+__all__ = ["check_numbers", "check_ranges", "check_seed", "check_sizes", "check_whole_numbers", "derive_seed",
+           "nearest_fitting_sizes", "stream_seed"]
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
@@ -121,14 +122,21 @@ def check_sizes(spatial_dims: int, multiple: int = 1, **settings: object) -> dic
             raise DataError(None, f"{name}={list(value)!r} is not {spatial_dims} whole numbers >= 1; {advice}")
         sizes = [int(v) for v in value]
         if any(v % multiple for v in sizes):
-            below = [max(multiple, v // multiple * multiple) for v in sizes]
-            above = [-(-v // multiple) * multiple for v in sizes]
-            nearest = " or ".join(dict.fromkeys(f'"[{",".join(map(str, s))}]"' for s in (below, above)))
+            nearest = " or ".join(f'"[{",".join(map(str, s))}]"' for s in nearest_fitting_sizes(sizes, multiple))
             raise DataError(None, f"{name}={sizes!r} does not fit the {spatial_dims}D network: each size must be a "
                             f"multiple of {multiple} (its downsampling); give e.g. --{name} {nearest}, the nearest "
                             "sizes that fit")
         checked[name] = sizes
     return checked
+
+
+def nearest_fitting_sizes(sizes: Sequence[int], multiple: int) -> list[list[int]]:
+    """The sizes nearest ``sizes`` (whole numbers >= 1) that are multiples of ``multiple``: each rounded down (to at
+    least ``multiple``), and each rounded up; one list when both are the same. :func:`check_sizes` names them, and
+    so does ``dira3d export`` for an ``--input-shape`` that does not fit the network."""
+    below = [max(multiple, v // multiple * multiple) for v in sizes]
+    above = [-(-v // multiple) * multiple for v in sizes]
+    return [below] if below == above else [below, above]
 
 
 def _whole_number(value: object, name: str, minimum: int, advice: str) -> int:
