@@ -166,30 +166,30 @@ def test_rank_0_stopped_while_another_rank_completed_says_what_the_one_file_hold
     assert json.loads(target.read_text())["predictions"] == [{"image": "b.nii.gz", "probabilities": [0.25]}]
     assert [r["status"] for r in json.loads(report.read_text())["inputs"]] == ["not run", "written"]
     assert _stop_line(caplog) == (
-        f"inference stopped by SIGTERM; {target} holds the rows of the 1 input(s) written by the ranks that completed "
-        f"their share, none of this rank's; report: {report}; {AGAIN}")
+        f"inference stopped by SIGTERM; {target} holds the rows of the 1 input(s) written; report: {report}; {AGAIN}")
 
 
-def test_another_rank_stopped_says_its_rows_are_not_in_the_file_rank_0_writes(monkeypatch, tmp_path, caplog):
-    """Rank 1 got the signal (rank 0 completed a): rank 1 writes neither prob.json nor the report, and says so in its
-    own line (it said nothing: the line was rank 0's alone)."""
+def test_another_rank_stopped_before_any_row_says_none_of_the_file_is_its_own(monkeypatch, tmp_path, caplog):
+    """Rank 1 got the signal in its first input (rank 0 completed a): rank 1 writes neither prob.json nor the report,
+    and says so in its own line (it said nothing: the line was rank 0's alone)."""
     rows = {0: {"image": "a.nii.gz", "status": "written", "output": str(tmp_path / "prob.json")}}
     theirs = (rows, None, True, ([0], [{"image": "a.nii.gz", "probabilities": [0.5]}]))
     with caplog.at_level(logging.WARNING, logger="dira3d.evaluation.batch"):
         _, target, report = _stopped_rank(monkeypatch, tmp_path, 1, theirs)
     assert not target.exists() and not report.exists()
     assert _stop_line(caplog) == (
-        f"inference stopped by SIGTERM; this rank's rows are not in {target}: rank 0 writes it with the rows of the ranks "
-        f"that completed their share (the report has this rank's inputs as failed or not run); report: {report} (rank 0 "
-        f"writes it); {AGAIN}")
+        f"inference stopped by SIGTERM; this rank ran no input to the end, so no row of {target} is this rank's; report: "
+        f"{report} (rank 0 writes it); {AGAIN}")
 
 
 @pytest.mark.parametrize(("rank", "world", "output_path", "written", "expected"), [
     (0, 1, "p.json", (0, 0), "nothing was written to p.json; report: r.json"),
     (0, 1, None, (3, 3), "the 3 prediction(s) written are kept, each whole; report: r.json"),
     (0, 2, None, (5, 2), "the 5 prediction(s) written are kept, each whole; report: r.json"),
-    (0, 2, "p.json", (0, 0), "no input's row was written to p.json (a rank's rows are written when its share completes); "
-                             "report: r.json"),
+    (0, 2, "p.json", (0, 0), "nothing was written to p.json; report: r.json"),
+    (0, 2, "p.json", (3, 1), "p.json holds the rows of the 3 input(s) written; report: r.json"),
+    (1, 2, "p.json", (3, 2), "rank 0 writes p.json with this rank's rows of the 2 input(s) it ran (the report says which "
+                             "inputs are written); report: r.json (rank 0 writes it)"),
     (1, 2, None, (5, 3), "this rank's 3 prediction(s) written are kept, each whole; report: r.json (rank 0 writes it)"),
 ])
 def test_what_the_line_after_a_signal_says_was_kept_on_each_rank(rank, world, output_path, written, expected):
@@ -197,3 +197,96 @@ def test_what_the_line_after_a_signal_says_was_kept_on_each_rank(rank, world, ou
 
     assert stop_note(rank, world, output_path, written, "r.json") == expected
     assert stop_note(rank, world, output_path, written, None) == expected.split("; report:")[0]  # a single --image
+
+
+# --- a stopped rank's rows of the one output file (the gather faked) ------------------------------------------------
+
+ROWS = {n: {"image": f"{n}.nii.gz", "probabilities": [p]} for n, p in zip("abcd", (0.125, 0.25, 0.5, 0.75))}
+
+
+def _rank_stopped_after_one_input(monkeypatch, tmp_path, rank: int, theirs: tuple):
+    """Rank ``rank`` of 2 of a batch of a, b, c, d into one prob.json: it runs its first input (rank 0: a, rank 1: b;
+    its writer takes the row), then SIGTERM stops it in its second; the other rank's record is ``theirs``. Returns
+    ``(what this rank handed to the gather, prob.json, the report)``."""
+    import torch.distributed as dist
+
+    import dira3d.evaluation.batch as batch_module
+    from dira3d.evaluation import InferenceBatch, ProbabilityWriter
+    from dira3d.utils.interrupts import TerminatedBySignal
+
+    monkeypatch.setattr(batch_module, "join_ranks", lambda: (rank, 2, False))
+    handed = []
+
+    def all_gather_object(gathered, mine):
+        handed.append(mine)
+        gathered[:] = [mine, theirs] if rank == 0 else [theirs, mine]
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    target, report = tmp_path / "prob.json", tmp_path / "report.json"
+    batch = InferenceBatch([{"image": f"{n}.nii.gz"} for n in "abcd"], report_path=report, output_path=target)
+    writer = ProbabilityWriter(target, ["nodule"], batch=batch)
+
+    def run():
+        batch.done.add(rank)  # its first input run, its row taken
+        writer.rows.append(ROWS["ab"[rank]])
+        raise TerminatedBySignal()
+
+    with pytest.raises(TerminatedBySignal):
+        batch.run(type("Evaluator", (), {"run": lambda self: run()})())
+    return handed[0], target, report
+
+
+def _theirs(rank: int, target) -> tuple:
+    """The record of the other rank, stopped by SIGTERM after its first input (rank 0: a; rank 1: b)."""
+    name = "ab"[rank]
+    rows = {rank: {"image": f"{name}.nii.gz", "status": "written", "output": str(target)},
+            rank + 2: {"image": f"{'cd'[rank]}.nii.gz", "status": "not run", "reason": "stopped"}}
+    return rows, "stopped by SIGTERM", False, ([rank], [ROWS[name]])
+
+
+def test_a_rank_stopped_by_a_signal_hands_rank_0_the_rows_of_the_inputs_it_ran(monkeypatch, tmp_path, caplog):
+    """Rank 1 ran b, then SIGTERM: it hands rank 0 b's row with its report's rows, b ``written`` there (it handed over
+    none: b was failed, its row lost, and a rerun with --skip_written True ran it again), and says where the row goes."""
+    with caplog.at_level(logging.WARNING, logger="dira3d.evaluation.batch"):
+        handed, target, report = _rank_stopped_after_one_input(monkeypatch, tmp_path, 1, _theirs(0, tmp_path / "prob.json"))
+    rows, stopped, completed, held = handed
+    assert held == ([1], [ROWS["b"]]) and rows[1] == {"image": "b.nii.gz", "status": "written", "output": str(target)}
+    assert stopped == "stopped by SIGTERM" and completed is False
+    assert not target.exists() and not report.exists()  # rank 0 writes both
+    assert _stop_line(caplog) == (
+        f"inference stopped by SIGTERM; rank 0 writes {target} with this rank's rows of the 1 input(s) it ran (the report "
+        f"says which inputs are written); report: {report} (rank 0 writes it); {AGAIN}")
+
+
+def test_rank_0_writes_the_rows_of_every_stopped_rank_as_one_process_that_stops(monkeypatch, tmp_path, caplog):
+    """SIGTERM to both ranks, each after its first input: rank 0 writes prob.json with a's row and b's (no rank completed
+    its share, so nothing was written), and the report has a and b written: a rerun with --skip_written keeps them."""
+    with caplog.at_level(logging.WARNING, logger="dira3d.evaluation.batch"):
+        _, target, report = _rank_stopped_after_one_input(monkeypatch, tmp_path, 0, _theirs(1, tmp_path / "prob.json"))
+    assert json.loads(target.read_text())["predictions"] == [ROWS["a"], ROWS["b"]] and is_own_prediction(target)
+    assert [r["status"] for r in json.loads(report.read_text())["inputs"]] == ["written", "written", "not run", "not run"]
+    assert _stop_line(caplog) == (
+        f"inference stopped by SIGTERM; {target} holds the rows of the 2 input(s) written; report: {report}; {AGAIN}")
+
+
+def test_stopped_ranks_leave_an_earlier_file_holding_rows_they_did_not_reach(monkeypatch, tmp_path, caplog):
+    """As one process that stops: an earlier run's prob.json of a, b, c and d is left as it was (writing a and b would
+    lose c's and d's rows), and the report has a and b failed, in one summary line saying so."""
+    from dira3d.evaluation import ProbabilityWriter
+
+    target = tmp_path / "prob.json"
+    ProbabilityWriter(target, ["nodule"]).write(list(ROWS.values()))
+    earlier = target.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="dira3d"):
+        _, _, report = _rank_stopped_after_one_input(monkeypatch, tmp_path, 0, _theirs(1, target))
+    assert target.read_bytes() == earlier
+    lost = f"the batch stopped before {target} was written: stopped by SIGTERM"
+    assert [(r["status"], r.get("reason")) for r in json.loads(report.read_text())["inputs"]] == [
+        ("failed", lost), ("failed", lost), ("not run", "the batch stopped before it: stopped by SIGTERM"),
+        ("not run", "stopped")]  # (d: rank 1's record as faked)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("is left as it was: it holds rows of inputs that this stopped run did not reach" in m for m in lines)
+    assert [m for m in lines if m.startswith("failed:")] == [
+        f"failed: the rows of 2 inputs run (a.nii.gz, b.nii.gz) are lost, not in {target}: stopped by SIGTERM; run the "
+        "same command again to run them again"]

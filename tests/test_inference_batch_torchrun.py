@@ -189,8 +189,9 @@ def test_two_ranks_split_a_batch_write_what_one_process_writes_and_a_rerun_repor
 def test_two_ranks_split_a_classification_batch_and_rank_0_writes_the_one_probabilities_file_of_one_process(tmp_path):
     """LUNA16 FP reduction: the candidate cubes split over the ranks, and rank 0 writes the one prob.json, every rank's
     rows in datalist order, the same as one process's (it was refused under torchrun). Then a failed input's row is
-    left out of it, as in one process; so are the rows of a rank that stopped (a full disk), as one process that stops
-    writes none; the report says why for each, and the other rank's rows are written."""
+    left out of it, as in one process; a rank that stopped (a full disk) hands over the rows of the inputs it ran, as
+    one process that stops writes them (it handed over none: their inputs were failed, and run again by a rerun with
+    --skip_written True); the report says why for each input not written."""
     rng = np.random.default_rng(0)  # five different cubes as `dira3d prepare luna16` writes them, in [0, 1]
     cubes = [_nifti(tmp_path / f"cand{i}.nii.gz", rng.random((16, 16, 8))) for i in range(5)]
     one = tmp_path / "one"
@@ -217,24 +218,25 @@ def test_two_ranks_split_a_classification_batch_and_rank_0_writes_the_one_probab
     assert report["exit_status"] == 0 and report["stopped"] is None
     assert log.count("inference: 5 of 5 inputs written; report:") == 1, log[-3000:]  # rank 0's alone
 
-    # the same command again, the model failing on cand2 (rank 0's: its own failure, rank 0 goes on) and a full disk
-    # at cand3 (rank 1's: rank 1 stops after writing cand1's row, which is not handed over, as one process that stops
-    # writes no row); rank 0 writes the rows of cand0 and cand4, replacing the first run's file
+    # the same command again (the first run's prob.json removed: a stopped run leaves an earlier file holding rows it
+    # did not reach, as one process does), the model failing on cand2 (rank 0's: its own failure, rank 0 goes on) and
+    # a full disk at cand3 (rank 1's: rank 1 stops after cand1, whose row it hands over); rank 0 writes the rows of
+    # cand0, cand1 and cand4
+    (out / "prob.json").unlink()
     proc, log = _torchrun(tmp_path, cubes, out, bundle="luna16_nodule_fpr", fail_model="cand2.nii.gz",
                           fail_disk="cand3.nii.gz")
     assert proc.returncode == 1, log[-3000:]
     written = json.loads((out / "prob.json").read_text())
-    assert [p["image"] for p in written["predictions"]] == [str(cubes[0]), str(cubes[4])]
-    for ours, theirs in zip(written["predictions"], [expected["predictions"][i] for i in (0, 4)]):
+    assert [p["image"] for p in written["predictions"]] == [str(cubes[i]) for i in (0, 1, 4)]
+    for ours, theirs in zip(written["predictions"], [expected["predictions"][i] for i in (0, 1, 4)]):
         assert ours["probabilities"] == pytest.approx(theirs["probabilities"], abs=1e-6), ours["image"]
     report = _report(out)
     full = "OSError: [Errno 28] No space left on device"
-    assert [r["status"] for r in report["inputs"]] == ["written", "failed", "failed", "failed", "written"]
+    assert [r["status"] for r in report["inputs"]] == ["written", "written", "failed", "failed", "written"]
     assert [r.get("reason") for r in report["inputs"]] == [
-        None, f"the batch stopped before {out / 'prob.json'} was written: {full}",
-        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", full, None]
+        None, None, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", full, None]
     assert report["exit_status"] is None and report["stopped"] == f"rank 1: {full}"
-    assert log.count("inference: 2 of 5 inputs written (3 failed); report:") == 1, log[-3000:]
+    assert log.count("inference: 3 of 5 inputs written (2 failed); report:") == 1, log[-3000:]
     # each input run once: cand2 by rank 0 alone (its warning and rank 0's summary)
     assert log.count(f"failed: {cubes[2]}: RuntimeError: CUDA out of memory") == 2, log[-3000:]
 
@@ -303,8 +305,8 @@ def _probability(name: str) -> dict:
 
 def test_the_ranks_rows_of_the_one_probabilities_file_are_merged_in_datalist_order(monkeypatch):
     """Rank 0 ran inputs 0, 2, 4 and rank 1 inputs 1, 3: the file lists them 0 to 4, as one process writes it; a rank
-    that stopped hands over none (its inputs are absent, as in one process, where a stopped batch writes no file); a
-    rank with rows that are not one per input (an output_transform of one's own) has them after the others'."""
+    that hands over none (it stopped before its writer took a row) has its inputs absent; a rank with rows that are not
+    one per input (an output_transform of one's own) has them after the others'."""
     from dira3d.evaluation.batch_ranks import gather_rows
 
     rows = [{"image": f"{c}.nii.gz", "status": "written"} for c in "abcde"]
@@ -319,7 +321,7 @@ def test_the_ranks_rows_of_the_one_probabilities_file_are_merged_in_datalist_ord
     extra = ([1, 3], [_probability(n) for n in ("b1", "b2", "d1")])
     _gathered(monkeypatch, [(mine, None, True, ours), (others, None, True, extra)])
     assert [p["image"] for p in gather_rows(rows, [0, 2, 4], None, True, 0, ours)[3]] == ["a", "c", "e", "b1", "b2", "d1"]
-    # no rank completed its share (SIGTERM to all): no file, as in one process
+    # no rank handed over a row (SIGTERM to all before any input was run): no file, as in one process
     _gathered(monkeypatch, [(mine, "stopped by SIGTERM", False, None), (others, "stopped by SIGTERM", False, None)])
     assert gather_rows(rows, [0, 2, 4], "stopped by SIGTERM", False, 0)[3] is None
     # a share that completed with every input failed hands over no rows, but the file is written (as one process does)

@@ -310,7 +310,7 @@ def test_under_torchrun_each_rank_keeps_its_share_and_rank_0_writes_the_file_of_
 
 def test_a_rank_stopped_by_a_signal_still_hands_rank_0_the_rows_it_kept(monkeypatch, tmp_path):
     """Rank 0 of 2 kept a (its row from the earlier prob.json) and was stopped by SIGTERM in c; rank 1 completed b and
-    d. Rank 0 writes prob.json with a's kept row and rank 1's (a stopped rank hands over no rows it ran, as before), and
+    d. Rank 0 writes prob.json with a's kept row and rank 1's (rank 0 ran none to the end: no row of its own), and
     the report has a written and skipped (the gather faked, as in tests/test_inference_batch_ranks_stop.py)."""
     import torch.distributed as dist
 

@@ -11,8 +11,10 @@ this stopped run did not reach is left as it was. Tiny untrained networks, as in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +109,42 @@ def test_a_stopped_rerun_leaves_an_earlier_file_with_rows_it_did_not_reach(tmp_p
     assert any("is left as it was: it holds rows of inputs that this stopped run did not reach" in r.getMessage()
                for r in caplog.records)
     assert [r["status"] for r in _report(out)["inputs"]] == ["failed", "failed", "not run", "not run", "not run"]
+
+
+@pytest.mark.parametrize(("stop_at", "code", "fix"), [
+    ("c", errno.ENOSPC, "free space on that disk or raise your quota"),  # Ctrl-C in c, then a full disk
+    (None, errno.EROFS, "make {folder} writable"),  # every input run, the folder made read-only meanwhile
+])
+def test_rows_a_stopped_batch_cannot_write_are_said_lost_in_one_line(tmp_path, monkeypatch, caplog, stop_at, code, fix):
+    """The batch's prob.json cannot be written (a full disk, a folder made read-only: the writer fails; we run as root,
+    so a chmod would not stop the write): the summary printed one ``failed:`` line per input run, each saying "the batch
+    stopped before prob.json was written: interrupted (Ctrl-C)", without the error. Now one line says how many rows
+    were lost, the error naming the file and what to do; the report's rows name the error too."""
+    datalist, out = _cubes(tmp_path, "abcde"), tmp_path / "out"
+    target = out / "prob.json"
+    error = OSError(code, os.strerror(code), str(target))
+
+    def write(self, rows):
+        raise error
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="dira3d"):
+        if stop_at:
+            _stop_at(patch, stop_at, before_row=False)
+        patch.setattr(ProbabilityWriter, "write", write)
+        with pytest.raises(KeyboardInterrupt if stop_at else RuntimeError):  # (MONAI wraps the OSError)
+            _run(BUNDLE, tmp_path, datalist, out, **CLS3D)
+    assert not target.exists()
+    run = "abc" if stop_at else "abcde"
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed:")]
+    assert len(failed) == 1, failed
+    names = ", ".join(str(tmp_path / f"{n}.nii.gz") for n in run[:3]) + ("" if stop_at else f", ... {tmp_path / 'e.nii.gz'}")
+    assert failed[0].startswith(f"failed: the rows of {len(run)} inputs run ({names}) are lost, not in {target}: "), failed
+    assert f"OSError: [Errno {code}] {os.strerror(code)}: '{target}'" in failed[0]
+    assert failed[0].endswith(f"; {fix.format(folder=out)}, or pass --output_path with another file; then run the same "
+                              "command again to run them again")
+    report = _report(out)["inputs"]
+    assert [r["status"] for r in report] == ["failed"] * len(run) + ["not run"] * (5 - len(run))
+    assert all(f"[Errno {code}]" in r["reason"] for r in report[:len(run)])
+    if stop_at:
+        line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inference interrupted")][-1]
+        assert f"nothing was written to {target} (OSError: [Errno {code}]" in line

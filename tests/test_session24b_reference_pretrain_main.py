@@ -111,3 +111,25 @@ def test_an_error_that_is_not_a_setting_error_reaches_the_caller(tmp_path, datal
     monkeypatch.setattr(overrides, "run_bundle", broken)
     with pytest.raises(RuntimeError, match="a bug, with its traceback"):
         main(["--datalist", str(datalist), "--output", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("stage", ["loading", "caching"])
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_the_line_after_ctrl_c_before_training_is_rank_0s_alone(tmp_path, datalist, monkeypatch, capsys,
+                                                                              stage, rank):
+    """``torchrun`` (and a terminal's Ctrl-C, Slurm's SIGTERM) stops every rank: while torch and MONAI load
+    (``loading``) or the data are cached (``caching``), each rank printed the same line on the same --output; rank 0
+    prints it, the others exit 130 without a word, as after a stop in training."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(overrides, "check_overrides" if stage == "loading" else "run_bundle", interrupt)
+    argv = ["--datalist", str(datalist), "--output", str(tmp_path / "run"), "--config", "multi_gpu_train.json"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    if rank == "1":
+        assert err == ""
+    else:
+        assert err.startswith("dira3d pretrain: interrupted") and len(err.splitlines()) == 1, err

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             from dira3d.engines.finished import RunAlreadyFinished
             from dira3d.engines.inputs import setting_error_in
     except KeyboardInterrupt as err:
-        print(loading_stopped("pretrain", err), file=sys.stderr)
+        if _main_rank():  # under torchrun every rank gets the signal: one line (the others' said the same)
+            print(loading_stopped("pretrain", err), file=sys.stderr)
         return interrupt_exit_code(err)
 
     try:
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     **overrides,
                 )
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM before training: one line on how to go on, not a traceback
-        print(f"dira3d pretrain: {interrupted_message(output, overrides, err)}", file=sys.stderr)
+        if _main_rank():  # rank 0's alone under torchrun, as after a stop in training: the ranks share --output
+            print(f"dira3d pretrain: {interrupted_message(output, overrides, err)}", file=sys.stderr)
         return interrupt_exit_code(err)
     except RunAlreadyFinished as done:  # a rerun of a finished run: nothing loaded or written (engines.finished)
         if _main_rank():
@@ -327,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main_rank() -> bool:
     """Whether this process prints the end-of-run lines: every process in one run, rank 0 alone under ``torchrun``
     (``torchrun --nproc_per_node=N -m dira3d pretrain ... --config multi_gpu_train.json``: every rank printed the
-    same lines). The process group is gone by then (the bundle's ``finalize`` leaves it): ``torchrun``'s ``RANK``."""
+    same lines; the line after a Ctrl-C or SIGTERM too, which ``torchrun`` and Slurm send to every rank: a rank stopped
+    on its own makes ``torchrun`` stop the others with SIGTERM, so rank 0 still says it). The process group is gone by
+    then (the bundle's ``finalize`` leaves it), or not formed yet: ``torchrun``'s ``RANK``."""
     from dira3d.engines.distributed import launcher_rank
 
     return launcher_rank() == 0

@@ -3,7 +3,8 @@
 Each input of a batch ends up as one of :data:`STATUSES`:
 
 - ``written``: its prediction was written (a segmentation's mask, or its row of the classification bundles'
-  ``_prob.json``, which is written when the run ends, and in one process also when it stops);
+  ``_prob.json``, which is written when the run ends, and also when it stops: under torchrun rank 0 writes every
+  rank's rows; a file that cannot be written then is one line of the summary, the rows lost, why and what to do);
 - ``left out``: refused at the input check before the model ran (:func:`~dira3d.evaluation.screen_inputs`);
 - ``failed``: an error while the model ran on it or while its prediction was written (e.g. out of GPU
   memory on one large scan, a transform that fails on it): the batch goes on with the others. An error
@@ -51,9 +52,9 @@ from dira3d.evaluation.batch_datalist import batch_entries
 from dira3d.evaluation.batch_failures import (failure_key, failure_reason, file_state, release_gpu_memory, split_batch,
                                               stops_batch)
 from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share, stop_note, write_gathered
-from dira3d.evaluation.batch_report import STATUSES, first_file, summarise
+from dira3d.evaluation.batch_report import STATUSES, first_file, lost_reason, summarise
 from dira3d.evaluation.batch_resume import (earlier_rows, held_rows, in_order, kept_inputs, log_kept, made_by_record, state_of,
-                                            write_stopped_rows)
+                                            stopped_rows, write_stopped_rows)
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
 
@@ -143,6 +144,7 @@ class InferenceBatch:
         self.rank, self.world, self._joined = join_ranks()  # under torchrun (batch_ranks)
         self.writer: Any = None  # the ProbabilityWriter of output_path: under torchrun rank 0 writes every rank's rows
         self._file_written = False  # output_path written by a batch that stopped (one process: write_stopped_rows)
+        self.rows_error: BaseException | None = None  # why output_path could not be written, its rows lost (summarise)
         self._share = rank_share(len(self.datalist), self.rank, self.world)  # this rank's inputs (in one process all)
 
     @property
@@ -170,7 +172,7 @@ class InferenceBatch:
         self._made_by = made_by_record(self.made_by) if self.report_path is not None else None
         self.kept = self._keep_written() if self.skip_written and self.several else {}
         self.left_out.clear()
-        self._unusable = None
+        self._unusable = self.rows_error = None
         left_out: dict[int, str] = {}  # by the index in the inputs to run (this rank's share but those kept)
         todo = [i for i in self._share if i not in self.kept]
         share = [self.datalist[i] for i in todo]
@@ -326,7 +328,7 @@ class InferenceBatch:
         with sigterm_ignored():  # a second SIGTERM (SLURM's to every process, torchrun's forwarded) ends no report
             self._finish(completed=False)
         kept = stop_note(self.rank, self.world, self.output_path, (self._written, len(self.done)),
-                         self.report_path if self.several else None, self._file_written)  # under torchrun, this rank's
+                         self.report_path if self.several else None, self._file_written, self.rows_error)  # a rank's
         nothing_kept = self.output_path is not None and self.world < 2 and not self.kept and not self._file_written
         again = ("run the same command again for every input (it replaces dira3d's own earlier predictions)" if nothing_kept
                  else "run the same command again with --skip_written True to run only the inputs not written (without "
@@ -381,7 +383,7 @@ class InferenceBatch:
             elif index in self.done and whole:
                 row.update(status="written", output=self._output(index))
             elif index in self.done or index in self.kept:
-                row.update(status="failed", reason=f"the batch stopped before {self.output_path} was written: {self.stopped}")
+                row.update(status="failed", reason=lost_reason(self.output_path, self.stopped, self.rows_error))
             else:
                 row.update(status="not run", reason=f"the batch stopped before it: {self.stopped}")
             rows.append(row)
@@ -410,16 +412,15 @@ class InferenceBatch:
         self.done.update(self._settle_in_flight())
         # one process, one output file, stopped: the rows of the inputs run (and kept), for a --skip_written rerun
         self._file_written = not completed and self.world < 2 and self.writer is not None and write_stopped_rows(self)
+        held = self._held(completed) if self.world > 1 and self.writer is not None else None  # (done trimmed first)
         rows = self.rows(completed)
         if self.world > 1:  # every rank's rows, to rank 0; the ranks leave together once it has written the report
-            try:  # the rows of output_path of a share that ran and completed: one per input written, in its order
-                ran = completed and bool(self._order)  # (a rank that stopped hands over the rows it kept only)
-                held = held_rows(sorted(self.done) if ran else [], self.writer.rows if ran else [], self.kept) \
-                    if self.writer and (ran or self.kept) else None
+            try:
                 rows, self.stopped, completed, held = gather_rows(rows, self._share, self.stopped, completed, self.rank, held)
-                error = write_gathered(self.writer, held, rows) if self.rank == 0 and held is not None else None
+                error = write_gathered(self.writer, held, rows, None if completed else self.stopped) \
+                    if self.rank == 0 and held is not None else None
                 if error is not None:  # as when one process's writer fails: the report, then the error
-                    self.stopped = "; ".join(filter(None, [self.stopped, failure_reason(error)]))
+                    self.stopped, self.rows_error = "; ".join(filter(None, [self.stopped, failure_reason(error)])), error
                     summarise(self, rows, completed=False)
                     raise error
                 if all(r["status"] == "left out" for r in rows):  # no rank had an input that can be used
@@ -432,6 +433,14 @@ class InferenceBatch:
             finally:
                 leave_ranks(self._joined)
         return summarise(self, rows, completed)
+
+    def _held(self, completed: bool) -> tuple[list, list[dict]] | None:
+        """Under torchrun, the rows of output_path this rank hands to rank 0 (:func:`held_rows`): of the inputs it ran,
+        also when it stopped (those its writer took, as one process writes them: :func:`stopped_rows`), and kept."""
+        taken = ((sorted(self.done), self.writer.rows) if completed else stopped_rows(self)) if self._order else None
+        taken = taken if completed or (taken and taken[0]) else None  # a stopped rank that ran none: nothing of its own
+        self._file_written = not completed and taken is not None  # its inputs run are written if rank 0 writes the file
+        return held_rows(*(taken or ([], [])), self.kept) if taken is not None or self.kept else None
 
     def _code(self, rows: list[dict[str, Any]]) -> int:
         self._written = sum(r["status"] == "written" for r in rows)

@@ -23,17 +23,20 @@ The classification bundles write every input's probabilities into one file (``ou
 there each rank's :class:`~dira3d.evaluation.ProbabilityWriter` (linked to the batch: ``batch=@inference_batch``)
 keeps its rows instead of writing them, they travel in the same ``all_gather_object``, and rank 0 writes the one file
 in datalist order (:func:`gather_rows`, :func:`write_gathered`), as one process would have written it. A rank that
-stopped hands over no rows (as in one process, where a stopped batch writes no file): its inputs are ``failed`` or
-``not run`` in the report with the reason, the others' are in the file; when no rank completed its share, no file is
-written. A writer not linked to the batch is refused under ``torchrun`` when the run starts, in one ``error:`` line
-naming its ``batch`` setting (each rank would write the file with its own share).
+stopped (a signal, a full disk) hands over the rows of the inputs it ran too, those its writer took, as one process
+that stops writes them (:func:`~dira3d.evaluation.batch_resume.stopped_rows`; it handed over none, so a rerun with
+``--skip_written True`` ran them again); its inputs not reached are ``not run``. When a rank stopped, rank 0 leaves an
+earlier file holding rows of inputs this run did not reach as it was, as one process does (the inputs run are then
+``failed``); when no rank ran an input, no file is written. A writer not linked to the batch is refused under
+``torchrun`` when the run starts, in one ``error:`` line naming its ``batch`` setting (each rank would write the file
+with its own share).
 
 Under ``torchrun`` every rank logs its own lines (``writing: ...``, ``failed: ...``) into the one console: once the
 ranks have joined, each line a rank logs starts with ``[rank r/W]`` (:func:`prefix_rank_logs`, put in the message, so
 a ``logging.conf`` of one's own keeps its format); one process logs as before. After Ctrl-C or SIGTERM (``kill`` of
 the ``torchrun`` process, which sends SIGTERM to every rank, or Slurm's, which every process of the job step gets)
 each rank writes what it holds as above and says what it kept (:func:`stop_note`): rank 0 the report and what the
-one output file holds, another rank its own predictions, or that its rows are not in the file rank 0 writes. Each
+one output file holds, another rank its own predictions, or that rank 0 writes its rows into the one file. Each
 rank exits 143 (130 for Ctrl-C); ``torchrun`` itself ends with its own error (``SignalException``, exit 1).
 """
 
@@ -43,6 +46,8 @@ import logging
 import os
 from datetime import timedelta
 from typing import Any
+
+from dira3d.evaluation.batch_failures import failure_reason
 
 __all__ = ["WAIT_FOR_RANKS", "gather_rows", "join_ranks", "leave_ranks", "prefix_rank_logs", "rank_share", "stop_note",
            "write_gathered"]
@@ -154,8 +159,6 @@ def gather_rows(rows: list[dict], share: list[int], stopped: str | None, complet
     try:
         dist.all_gather_object(gathered, (mine, stopped, completed, held))
     except Exception as err:  # noqa: BLE001 - another rank is gone: this rank's own record is still reported
-        from dira3d.evaluation.batch_failures import failure_reason
-
         reason = f"the ranks' records could not be gathered: {failure_reason(err)}"
         where = ("the report holds this rank's inputs only (see each rank's log)" if rank == 0 else
                  "rank 0's report, if it writes one, has this rank's inputs as not run (this log names each one "
@@ -188,16 +191,27 @@ def _in_datalist_order(held: list[tuple[list[int], list[dict]]]) -> list[dict] |
     return [row for _, row in sorted(keyed, key=lambda pair: pair[0])]
 
 
-def write_gathered(writer: Any, predictions: list[dict], rows: list[dict]) -> BaseException | None:
+def write_gathered(writer: Any, predictions: list[dict], rows: list[dict], stopped: str | None = None
+                   ) -> BaseException | None:
     """Rank 0: write every rank's ``predictions`` into the one output file with ``writer`` (the
     :class:`~dira3d.evaluation.ProbabilityWriter`); the error when that fails, the inputs ``written`` of ``rows`` then
-    ``failed`` with it, as in one process."""
-    from dira3d.evaluation.batch_failures import failure_reason
+    ``failed`` with it, as in one process. ``stopped``: why a rank stopped (None: every rank completed its share); then,
+    as one process that stops, an earlier file holding rows of inputs this run did not reach is left as it was
+    (:func:`~dira3d.evaluation.batch_resume.keeps_earlier_file`), the inputs run ``failed`` (those kept stay ``written``)."""
+    from dira3d.evaluation.batch_report import lost_reason
+    from dira3d.evaluation.batch_resume import keeps_earlier_file
 
+    target = str(writer.output_path)
+    run = [row for row in rows if row["status"] == "written" and row.get("output") == target and not row.get("skipped")]
+    if stopped is not None and keeps_earlier_file(target, predictions, len(run)):
+        for row in run:
+            row.pop("output", None)
+            row.update(status="failed", reason=lost_reason(target, stopped))
+        return None
     try:
         writer.write(predictions)
     except Exception as err:  # noqa: BLE001 - the report says it, and the batch raises it after the report
-        reason = f"the batch stopped before {writer.output_path} was written: {failure_reason(err)}"
+        reason = lost_reason(target, failure_reason(err))
         for row in rows:
             if row["status"] == "written":
                 row.pop("output", None)
@@ -207,28 +221,27 @@ def write_gathered(writer: Any, predictions: list[dict], rows: list[dict]) -> Ba
 
 
 def stop_note(rank: int, world: int, output_path: Any, written: tuple[int, int], report_path: Any,
-              file_written: bool = False) -> str:
+              file_written: bool = False, rows_error: BaseException | None = None) -> str:
     """What the line after Ctrl-C / SIGTERM says was kept, true for the rank that logs it (``written``: the inputs
     written of every rank, after the gather, and of this rank's share): one process (``world`` 1) and rank 0 keep the
     predictions written, or say what the one ``output_path`` holds, and name the report they wrote (``report_path``;
-    None: none); another rank keeps its own predictions, and never writes ``output_path`` (rank 0 does, without this
-    rank's rows: a stopped rank hands over none) nor the report. ``file_written``: one process wrote ``output_path``
-    with the rows of the inputs written when it stopped."""
+    None: none); another rank keeps its own predictions, and never writes ``output_path`` (rank 0 does, with this
+    rank's rows of the inputs it ran) nor the report. ``file_written``: one process wrote ``output_path``
+    with the rows of the inputs written when it stopped; ``rows_error``: why writing it failed (one process)."""
     every, mine = written
     if world < 2:
         kept = (f"the {every} prediction(s) written are kept, each whole" if output_path is None  # written atomically
                 else f"{output_path} holds the rows of the {every} input(s) written" if file_written
-                else f"nothing was written to {output_path}")  # (no input run, or an earlier file there kept)
+                else f"nothing was written to {output_path}" + (f" ({failure_reason(rows_error)})" if rows_error else ""))
     elif rank == 0:
         kept = (f"the {every} prediction(s) written are kept, each whole" if output_path is None
-                else f"{output_path} holds the rows of the {every} input(s) written by the ranks that completed their "
-                     "share, none of this rank's" if every
-                else f"no input's row was written to {output_path} (a rank's rows are written when its share "
-                     "completes)")
+                else f"{output_path} holds the rows of the {every} input(s) written" if every
+                else f"nothing was written to {output_path}")
     else:
         kept = (f"this rank's {mine} prediction(s) written are kept, each whole" if output_path is None
-                else f"this rank's rows are not in {output_path}: rank 0 writes it with the rows of the ranks that "
-                     "completed their share (the report has this rank's inputs as failed or not run)")
+                else f"rank 0 writes {output_path} with this rank's rows of the {mine} input(s) it ran (the report says "
+                     "which inputs are written)" if mine
+                else f"this rank ran no input to the end, so no row of {output_path} is this rank's")
     if report_path is None:
         return kept
     return f"{kept}; report: {report_path}" + (" (rank 0 writes it)" if rank else "")

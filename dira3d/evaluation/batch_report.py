@@ -6,24 +6,52 @@ the summary in the log (:func:`summarise`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from dira3d.evaluation.batch_failures import failure_reason
 from dira3d.evaluation.batch_resume import output_states
 from dira3d.utils.atomic import atomic_write_text
 
-__all__ = ["STATUSES", "first_file", "summarise", "write_report"]
+__all__ = ["STATUSES", "first_file", "lost_reason", "summarise", "write_report"]
 
 logger = logging.getLogger("dira3d.evaluation.batch")  # the batch's lines, under its name as before
 
 STATUSES = ("written", "left out", "failed", "not run")
+_LOST = "the batch stopped before {} was written: "  # the reason of an input whose row of the one output file was lost
 
 
 def first_file(image: Any) -> str:
     """The file that names an entry's output (the first of a list of files, one per channel)."""
     return str(image[0] if isinstance(image, (list, tuple)) and image else image)
+
+
+def lost_reason(path: Any, stopped: str | None, error: BaseException | None = None) -> str:
+    """The reason of an input run whose row of the one output file ``path`` (the classification bundles' ``_prob.json``)
+    was lost: the batch ``stopped`` before the file was written, and writing it then failed with ``error``, if any."""
+    why = failure_reason(error) if error is not None else ""
+    return _LOST.format(path) + ("; writing it then failed: ".join(filter(None, [stopped, why])) if why != stopped else why)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... {names[-1]}" if len(names) > 3 else "")
+
+
+def _lost_line(batch: Any, why: str, names: list[str]) -> str:
+    """One line for the inputs whose rows of the one output file were lost for the same reason ``why`` (a batch stopped
+    at input 700 of 1,000 whose file could not be written printed 700 ``failed:`` lines): how many, why, what to do."""
+    error = batch.rows_error if batch.rows_error is not None and why.endswith(failure_reason(batch.rows_error)) else None
+    code = getattr(error, "errno", None)
+    fix = ("free space on that disk or raise your quota" if code in (errno.ENOSPC, getattr(errno, "EDQUOT", None))
+           else f"make {Path(str(batch.output_path)).parent} writable" if code in (errno.EROFS, errno.EACCES, errno.EPERM)
+           else "fix that" if error is not None else "")
+    todo = f"{fix}, or pass --output_path with another file; then " if fix else ""
+    count = len(names)
+    return (f"failed: the rows of {count} input{'s' if count > 1 else ''} run ({_names(names)}) are lost, not in "
+            f"{batch.output_path}: {why}; {todo}run the same command again to run {'them' if count > 1 else 'it'} again")
 
 
 def summarise(batch: Any, rows: list[dict[str, Any]], completed: bool) -> int:
@@ -43,13 +71,19 @@ def summarise(batch: Any, rows: list[dict[str, Any]], completed: bool) -> int:
         summary += f"; report: {report}"
     log = logger.info if code == 0 and completed else logger.warning
     log(summary)
+    lost: dict[str, list[str]] = {}  # the inputs whose rows of the one output file were lost, by the reason
+    prefix = _LOST.format(batch.output_path)
     for row in rows:
-        if row["status"] not in ("written", "not run"):
+        if row["status"] == "failed" and batch.output_path is not None and row["reason"].startswith(prefix):
+            lost.setdefault(row["reason"][len(prefix):], []).append(first_file(row["image"]))
+        elif row["status"] not in ("written", "not run"):
             name = first_file(row["image"])  # a refusal's reason names its file already: not twice
             log(f"{row['status']}: {row['reason'] if row['reason'].startswith(name) else f'{name}: ' + row['reason']}")
+    for why, names in lost.items():  # one line, not one per input (a stop after 700 of 1,000 inputs)
+        log(_lost_line(batch, why, names))
     not_run = [first_file(r["image"]) for r in rows if r["status"] == "not run"]
     if not_run:  # one line, not one per input: their reason is the same (a stop after 3 of 1,000 inputs)
-        names = ", ".join(not_run[:3]) + (f", ... {not_run[-1]}" if len(not_run) > 3 else "")
+        names = _names(not_run)
         log(f"not run: {len(not_run)} input{'s' if len(not_run) > 1 else ''} ({names}): the batch stopped before "
             f"{'them' if len(not_run) > 1 else 'it'}: {batch.stopped}")
     if completed and code:

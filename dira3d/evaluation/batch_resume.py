@@ -37,8 +37,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["earlier_rows", "held_rows", "in_order", "kept_inputs", "log_kept", "made_by_record", "output_states",
-           "state_of", "write_stopped_rows"]
+__all__ = ["earlier_rows", "held_rows", "in_order", "keeps_earlier_file", "kept_inputs", "log_kept", "made_by_record",
+           "output_states", "state_of", "stopped_rows", "write_stopped_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,40 +232,58 @@ def log_kept(kept: Mapping[int, Any], count: int, again: list[str], why: str, re
                        + (f"; and {len(again) - 3} more" if len(again) > 3 else ""))
 
 
-def write_stopped_rows(batch: Any) -> bool:
-    """Write the one output file of a stopped classification batch in one process (``batch``: an
-    :class:`~dira3d.evaluation.InferenceBatch` whose ``ProbabilityWriter`` is ``batch.writer``): the rows of the inputs
-    it ran, with those it kept, in datalist order, so that a rerun with ``--skip_written True`` keeps them (the file was
-    written only when the batch ended: a batch stopped at input 700 of 1,000 lost 700 rows, and the rerun ran every
-    input again). An input run whose row the writer had not taken yet (the stop came between the two) is not ``done``
-    any more. Nothing is written when no input was run, when the writer's rows are not one per input (an
-    ``output_transform`` of one's own), when the file at ``output_path`` holds a row of an input the new file would
-    lack (an earlier run's, which a stopped rerun would cut short; or a file that is not dira3d's own), or when writing
-    fails (logged; a full disk): the inputs run are then ``failed`` in the report, as before.
-
-    Returns:
-        whether the file was written.
-    """
-    from collections import Counter
-
+def stopped_rows(batch: Any) -> tuple[list[int], list[dict]] | None:
+    """The rows of the one output file that a stopped batch (an :class:`~dira3d.evaluation.InferenceBatch` whose
+    ``ProbabilityWriter`` is ``batch.writer``) holds of the inputs it ran, ``(indices, rows)`` in order; None when the
+    writer's rows are not one per input (an ``output_transform`` of one's own). An input run whose row the writer had
+    not taken yet (the stop came between the two) is not ``done`` any more."""
     run, rows = sorted(i for i in batch.done if i not in batch.kept), list(batch.writer.rows)
     if len(rows) < len(run):  # the stop came after the model ran on these inputs, before their rows were taken
         batch.done.difference_update(run[len(rows):])
         run = run[:len(rows)]
-    if not run or len(rows) != len(run):
+    return (run, rows) if len(rows) == len(run) else None
+
+
+def keeps_earlier_file(path: str, new: list[dict], count: int) -> bool:
+    """Whether a stopped batch leaves the file at ``path`` as it was rather than write ``new`` there (the rows of its
+    ``count`` inputs run, with those it kept): the file holds a row of an input ``new`` lacks (an earlier run's, which a
+    stopped rerun would cut short) or is not dira3d's own (given ``--overwrite True``). Logged when it does."""
+    from collections import Counter
+
+    if not os.path.lexists(path):
         return False
-    new = in_order(held_rows(run, rows, batch.kept))
-    path = str(batch.output_path)
-    if os.path.lexists(path):  # an earlier file: replaced only by one that holds each of its rows
-        earlier = _probability_rows(path) if os.path.isfile(path) else None
-        images = Counter(str(row.get("image")) for row in new)
-        if earlier is None or any(len(same) > images[image] for image, same in earlier.items()):
-            logger.warning(f"{path} is left as it was: it holds rows of inputs that this stopped run did not reach (or "
-                           f"is not dira3d's own), so the rows of the {len(run)} input(s) run are not written")
-            return False
+    earlier = _probability_rows(path) if os.path.isfile(path) else None
+    images = Counter(str(row.get("image")) for row in new)
+    if earlier is None or any(len(same) > images[image] for image, same in earlier.items()):
+        logger.warning(f"{path} is left as it was: it holds rows of inputs that this stopped run did not reach (or "
+                       f"is not dira3d's own), so the rows of the {count} input(s) run are not written")
+        return True
+    return False
+
+
+def write_stopped_rows(batch: Any) -> bool:
+    """Write the one output file of a stopped classification batch in one process (``batch``: an
+    :class:`~dira3d.evaluation.InferenceBatch` whose ``ProbabilityWriter`` is ``batch.writer``): the rows of the inputs
+    it ran (:func:`stopped_rows`), with those it kept, in datalist order, so that a rerun with ``--skip_written True``
+    keeps them (the file was written only when the batch ended: a batch stopped at input 700 of 1,000 lost 700 rows,
+    and the rerun ran every input again). Nothing is written when no input was run, when the writer's rows are not one
+    per input, when the file at ``output_path`` is to be kept (:func:`keeps_earlier_file`), or when writing fails (a
+    full disk, a folder made read-only): the inputs run are then ``failed`` in the report, as before, and the error is
+    kept as ``batch.rows_error``, for the summary's one line on the rows lost
+    (:func:`~dira3d.evaluation.batch_report.summarise`).
+
+    Returns:
+        whether the file was written.
+    """
+    taken = stopped_rows(batch)
+    if not taken or not taken[0]:
+        return False
+    new = in_order(held_rows(*taken, batch.kept))
+    if keeps_earlier_file(str(batch.output_path), new, len(taken[0])):
+        return False
     try:
         batch.writer.write(new)
-    except Exception as err:  # noqa: BLE001 - the report says why; the stop's own error is the one raised
-        logger.warning(f"the rows of the {len(run)} input(s) run could not be written to {path}: {err}")
+    except Exception as err:  # noqa: BLE001 - the summary says how many rows were lost and why; the stop's error is raised
+        batch.rows_error = err
         return False
     return True
