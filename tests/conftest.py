@@ -5,6 +5,7 @@ from __future__ import annotations
 import locale
 import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,30 @@ def run_two_gloo_ranks(worker, tmp_path: Path) -> list:
     out = str(tmp_path / "result")
     mp.spawn(worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
     return [torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1)]
+
+
+@contextmanager
+def leaving_the_group():
+    """Wrap a gloo worker's body in it, after ``init_process_group``: the worker leaves its process group as the
+    bundles do. Import it with ``from conftest import leaving_the_group``.
+
+    - The body ran through: :func:`dira3d.engines.distributed.cleanup_distributed` (a barrier, the destroy, gloo's
+      worker threads back to idle). A plain ``destroy_process_group()`` right after the last collective let a rank
+      abort at exit now and then (SIGABRT, "terminate called without an active exception"; a fresh-clone CI).
+    - The body raised: the group is destroyed without a barrier (another rank that failed would never get there: the
+      barrier would hang) and the exception goes on.
+    A body that left the group itself (a rank that leaves early on purpose) is left alone: both are no-ops then."""
+    import torch.distributed as dist
+
+    from dira3d.engines.distributed import cleanup_distributed
+
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    cleanup_distributed()
 
 
 def kill_process_tree(pid: int) -> None:

@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Events
 
+from conftest import leaving_the_group  # tests/, this script's folder, is first on sys.path
 from dira3d.engines import DiRACheckpoint, DiRATrainer, build_dis_loss, init_distributed
-from dira3d.engines.distributed import cleanup_distributed, get_rank, get_world_size
+from dira3d.engines.distributed import get_rank, get_world_size
 from dira3d.engines.shuffle_bn import shuffle_permutation
 from dira3d.utils.seeding import stream_seed
 from dira3d.engines.trainer import STREAM_SHUFFLE
@@ -133,16 +134,12 @@ def check_resume(out: Path) -> list[float]:
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     assert init_distributed("gloo") and get_world_size() == 2
-    try:
+    with leaving_the_group():
         check_keys()
         options = check_options()
         losses = check_resume(out)
         if get_rank() == 0:
             torch.save({"losses": losses, "options": options}, out / "result.pt")
-        cleanup_distributed()
-    finally:
-        if dist.is_initialized():  # an error above: leave without waiting for the other rank
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

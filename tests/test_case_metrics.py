@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_two_gloo_ranks
-from dira3d.engines.distributed import cleanup_distributed
+from conftest import leaving_the_group, run_two_gloo_ranks
 from dira3d.evaluation.case_metrics import CASES_FILE, CaseMetricsWriter, case_rows, write_case_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +104,7 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         folder = Path(out).parent / "data"
         data = []
         for i in range(5):  # an odd count: rank 0 scores 3, rank 1 scores 2
@@ -128,12 +127,6 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
             val_handlers=[CaseMetricsWriter(save_dir=Path(out).parent, datalist=folder / "d.json", entries=entries)])
         evaluator.run()
         result = {"mean": float(evaluator.state.metrics["dice"]), "file": getattr(evaluator.state, "case_metrics_file", None)}
-    except BaseException:  # no barrier: the other rank may never get there
-        dist.destroy_process_group()
-        raise
-    # as the bundles leave the group: a barrier, then the destroy, then gloo's worker threads back to idle (a plain
-    # destroy let a rank abort at exit now and then: SIGABRT, "terminate called without an active exception")
-    cleanup_distributed()
     torch.save(result, f"{out}.{rank}")
 
 

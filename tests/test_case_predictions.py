@@ -20,8 +20,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import run_two_gloo_ranks
-from dira3d.engines.distributed import cleanup_distributed
+from conftest import leaving_the_group, run_two_gloo_ranks
 from dira3d.evaluation.case_metrics import CASES_FILE, CasePredictionsWriter, prediction_columns, prediction_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,17 +181,11 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         folder = Path(out).parent / "data"
         entries = [{"image": str(folder / f"c{i}.png")} for i in range(5)]
         evaluator = _evaluate(folder, True, save_dir=Path(out).parent, entries=entries)
         result = {"auc": float(evaluator.state.metrics["auc"]), "file": getattr(evaluator.state, "case_metrics_file", None)}
-    except BaseException:  # no barrier: the other rank may never get there
-        dist.destroy_process_group()
-        raise
-    # as the bundles leave the group: a barrier, then the destroy, then gloo's worker threads back to idle (a plain
-    # destroy let a rank abort at exit now and then: SIGABRT, "terminate called without an active exception")
-    cleanup_distributed()
     torch.save(result, f"{out}.{rank}")
 
 

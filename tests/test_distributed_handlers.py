@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from conftest import run_torchrun_command, run_two_gloo_ranks
+from conftest import leaving_the_group, run_torchrun_command, run_two_gloo_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "dira_pretrain" / "configs"
@@ -42,7 +42,7 @@ def _handlers_worker(rank: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         writer = LazySummaryWriter(log_dir=f"{out}.events")
         handlers = [CollapseMonitor(), StatsHandler(), TensorBoardStatsHandler(summary_writer=writer),
                     TensorBoardImageHandler(summary_writer=writer), RestorationImageHandler(summary_writer=writer)]
@@ -56,8 +56,6 @@ def _handlers_worker(rank: int, init_file: str, out: str) -> None:
         engine.run([0, 1], max_epochs=1)
         result = {"kept": kept, "image_handlers": len(engine._event_handlers[Events.ITERATION_COMPLETED]),
                   "own_writer_files": len(list(Path(f"{out}.own_writer").rglob("*")))}
-    finally:
-        dist.destroy_process_group()
     torch.save(result, f"{out}.{rank}")
 
 

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 
-from conftest import run_torchrun_command
+from conftest import leaving_the_group, run_torchrun_command
 
 from dira3d.engines import DiRACheckpoint, DiRAEvaluator, DiRATrainer, RandPatchPaird, check_early_stop_patience
 from dira3d.networks import UNet
@@ -247,7 +247,7 @@ def _rank_run(rank: int, world: int, init_file: str, out: str) -> None:
     os.environ["LOCAL_RANK"] = str(rank)  # as torchrun sets it (ignite's logger setup asks for it)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))  # a rank left alone in an all-reduce fails, not hangs
-    try:
+    with leaving_the_group():
         gen = torch.Generator().manual_seed(rank)
         data = [{"image": torch.rand(1, 1, *PATCH3, generator=gen), "label": torch.tensor([0])}]  # this rank's share: one step per epoch
         # rank 1's validation loss keeps falling (per-rank BatchNorm statistics can make the ranks' losses differ)
@@ -255,9 +255,6 @@ def _rank_run(rank: int, world: int, init_file: str, out: str) -> None:
                            evaluator_class=FallingLossEvaluator if rank == 1 else DiRAEvaluator)
         trainer.run()
         torch.save({"epoch": trainer.state.epoch, "validated": trainer.validated}, Path(out) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_stop_after_the_same_epoch_on_rank_0s_validation(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RunsCodeWhenUnpickled, run_two_gloo_ranks
+from conftest import RunsCodeWhenUnpickled, leaving_the_group, run_two_gloo_ranks
 
 from dira3d.engines import checkpoint as ckpt_module
 from dira3d.engines import pretrained_checkpoint
@@ -244,13 +244,13 @@ def test_restore_checkpoint_restores_the_global_rngs_recorded_by_checkpoint_dict
 def _collectives_worker(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
-    from dira3d.engines.distributed import all_ranks_min, all_ranks_true, cleanup_distributed, main_process_value
+    from dira3d.engines.distributed import all_ranks_min, all_ranks_true, main_process_value
     from dira3d.engines.faults import NonFiniteGuard, NonFiniteLossError
     from dira3d.engines.shuffle_bn import encode_keys
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         result = {
             "min": all_ranks_min([rank, 10 - rank, -3 * rank]),
             "main": main_process_value(1.5 + rank),
@@ -274,10 +274,6 @@ def _collectives_worker(rank: int, init_file: str, out: str) -> None:
                                       torch.Generator().manual_seed(16))
         result["keys"] = (local, everyone)
         torch.save(result, f"{out}.{rank}")
-        cleanup_distributed()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_reduce_broadcast_and_shuffle_as_worked_out_by_hand(tmp_path):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from conftest import run_two_gloo_ranks
+from conftest import leaving_the_group, run_two_gloo_ranks
 
 from dira3d.engines import build_dis_head, build_dis_loss, build_predictor, scalar_output, side_by_side
 from dira3d.engines.batches import STREAM_DATA, STREAM_STEP, BatchFeedMixin
@@ -134,7 +134,7 @@ def _gloo_worker(rank: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         result = {}
         # Barlow Twins with one sample per rank: the loss needs the gathered batch of two
         z = _anticorrelated()[rank:rank + 1]
@@ -153,8 +153,6 @@ def _gloo_worker(rank: int, init_file: str, out: str) -> None:
         result["stop"] = (bool(engine.should_terminate), stop.stopped_epoch, stop.best_epoch,
                           engine.state.metrics["early_stop_wait"])
         torch.save(result, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_gather_the_barlow_batch_and_stop_early_on_rank_0s_validation(tmp_path):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from conftest import run_two_gloo_ranks
+from conftest import leaving_the_group, run_two_gloo_ranks
 
 # ---------------------------------------------------------------- optim.py / build_adam
 
@@ -158,12 +158,12 @@ def test_without_master_addr_a_world_size_alone_is_no_process_group(monkeypatch)
 def _average_worker(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
-    from dira3d.engines.distributed import all_ranks_true, cleanup_distributed
+    from dira3d.engines.distributed import all_ranks_true
     from dira3d.engines.optim import optimizer_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         p = nn.Parameter(torch.zeros(2))
         opt = torch.optim.SGD([p], lr=1.0)
         loss = (p * torch.tensor([1.0, 2.0]) * (1 + 2 * rank)).sum()  # gradients (1, 2) and (3, 6): mean (2, 4)
@@ -171,10 +171,6 @@ def _average_worker(rank: int, init_file: str, out: str) -> None:
         flag = torch.tensor(rank, dtype=torch.int32)  # rank 1's flag is true, rank 0's false
         result = {"p": p.detach().clone(), "all": all_ranks_true(flag), "flag": int(flag)}
         torch.save(result, f"{out}.{rank}")
-        cleanup_distributed()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_step_with_the_mean_gradient_and_leave_the_callers_flag_alone(tmp_path):

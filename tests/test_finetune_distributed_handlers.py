@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_torchrun_command, run_two_gloo_ranks
+from conftest import leaving_the_group, run_torchrun_command, run_two_gloo_ranks
 from dira3d.evaluation.finetune import BUNDLES, BUNDLES_2D
 from test_distributed import free_port
 
@@ -50,7 +50,7 @@ def _handlers_worker(rank: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         network = torch.nn.Linear(2, 1)
         optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
         handlers = [TensorBoardStatsHandler(log_dir=f"{out}.tb{rank}"),  # a writer of its own: a file as it is built
@@ -61,8 +61,6 @@ def _handlers_worker(rank: int, init_file: str, out: str) -> None:
                     CheckpointSaver(f"{out}.ckpt", {"net": network}), ClosingProgressBar(disable=True)]
         kept = [type(h).__name__ for h in rank_zero_handlers(reversed(handlers))]
         result = {"kept": kept, "event_files": len(list(Path(f"{out}.tb{rank}").rglob("events.out.tfevents*")))}
-    finally:
-        dist.destroy_process_group()
     torch.save(result, f"{out}.{rank}")
 
 

@@ -1,5 +1,6 @@
 """The wait for gloo's worker threads before exit (dira3d.engines.gloo_exit): what an idle worker looks like in
-``/proc``, that the wait ends when they are idle and not before, and that leaving the process group waits for them."""
+``/proc``, that the wait ends when they are idle and not before, and that leaving the process group waits for them;
+how the tests' gloo workers leave their group (conftest.leaving_the_group)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from conftest import leaving_the_group
 from dira3d.engines.gloo_exit import GLOO_WORKER, gloo_worker_states, is_idle_worker, wait_for_gloo_workers
 
 # /proc/self/task/<tid>/syscall lines read on this machine (x86-64, glibc 2.36, CPython 3.11, torch 2.13): a gloo worker
@@ -106,3 +110,46 @@ def test_leaving_the_group_after_ddp_waits_for_its_workers_to_be_idle(tmp_path):
     assert line.startswith("left: False waited: [True] workers: "), line
     assert int(line.split("workers: ")[1].split()[0]) > 0, line  # DDP's group outlived the destroy: its workers run on
     assert line.endswith("idle: True"), line
+
+
+@pytest.fixture
+def one_rank_group(tmp_path, monkeypatch):
+    """A real gloo group of one process (file:// rendezvous), with the barrier, the destroy and the wait for gloo's
+    workers recorded in ``calls`` in the order they ran (the barrier and the destroy run; the wait is recorded only:
+    its own tests are above, and it would wait here for the threads of any group an earlier test left behind)."""
+    import dira3d.engines.gloo_exit as gloo_exit
+
+    calls = []
+    barrier, destroy = dist.barrier, dist.destroy_process_group
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier") or barrier(*a, **k))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy") or destroy(*a, **k))
+    monkeypatch.setattr(gloo_exit, "wait_for_gloo_workers", lambda *a, **k: calls.append("wait") or True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield calls
+    if dist.is_initialized():  # the context manager failed to leave: do not leave the group to later tests
+        destroy()
+
+
+def test_a_worker_that_ran_through_leaves_as_the_bundles_do(one_rank_group):
+    """After the work: cleanup_distributed (a barrier, the destroy, gloo's workers idle), not a plain destroy."""
+    with leaving_the_group():
+        value = torch.ones(2)
+        dist.all_reduce(value)
+    assert one_rank_group == ["barrier", "destroy", "wait"]
+    assert not dist.is_initialized() and value.tolist() == [1.0, 1.0]
+
+
+def test_a_worker_that_failed_leaves_without_the_barrier_and_its_error_goes_on(one_rank_group):
+    """A barrier would hang when another rank failed too: the group is destroyed at once and the error re-raised."""
+    error = ValueError("the worker's own error")
+    with pytest.raises(ValueError) as raised:
+        with leaving_the_group():
+            raise error
+    assert raised.value is error
+    assert one_rank_group == ["destroy"] and not dist.is_initialized()
+
+
+def test_a_worker_that_left_the_group_itself_is_left_alone(one_rank_group):
+    with leaving_the_group():
+        dist.destroy_process_group()  # a rank that leaves early on purpose
+    assert one_rank_group == ["destroy"] and not dist.is_initialized()

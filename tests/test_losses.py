@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import leaving_the_group
 from dira3d.engines.distributed import cleanup_distributed
 from dira3d.losses import (
     AdversarialLoss,
@@ -280,7 +281,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
     """One rank: Barlow Twins on its half of the batch with gathering, plus a key gather."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with leaving_the_group():
         n = z1.shape[0] // world_size
         z1_local = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
         z2_local = z2[rank * n : (rank + 1) * n].clone()
@@ -292,10 +293,6 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
             {"loss": loss.detach(), "grad": z1_local.grad, "gathered": gathered, "keys_grad": gathered.requires_grad},
             f"{out_dir}/rank{rank}.pt",
         )
-        cleanup_distributed()  # a barrier first: a rank that leaves gloo early makes the other abort
-    finally:
-        if dist.is_initialized():  # an error above: leave without waiting for the other rank
-            dist.destroy_process_group()
 
 
 def test_barlow_twins_global_batch_over_two_gloo_ranks(tmp_path):

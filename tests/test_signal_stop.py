@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from ignite.engine import Events
 
+from conftest import leaving_the_group
 from dira3d.engines import DiRACheckpoint, StoppedBySignal, exit_if_stopped
 from dira3d.utils.folder_lock import FolderLock
 from test_engine import make_trainer
@@ -159,16 +160,13 @@ def test_ignored_signals_stay_ignored_and_other_threads_install_nothing(tmp_path
 def _rank(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         # 8 volumes, batch 2 on each rank (4 iterations per epoch); the ranks agree every 3 iterations
         trainer = make_trainer(stages=RES, max_epochs=2, batch=2, volumes=8, check_every=3)
         if rank == 1:  # only rank 1 gets the signal, at iteration 1: both ranks stop at iteration 3
             kill_self_at(trainer, 1)
         trainer.run()
         torch.save({"iteration": trainer.state.iteration, "stopped_by": trainer.state.stopped_by}, f"{out}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_stop_at_the_same_iteration_when_one_got_the_signal(tmp_path):
@@ -296,7 +294,7 @@ def epoch_values(trainer, into: dict) -> None:
 def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with leaving_the_group():
         full, resumed, stops, validated = {}, {}, [], {}
         # 8 volumes, batch 2 on each rank: 4 iterations per epoch; the ranks agree every 3 iterations
         whole = make_trainer(stages=ADV, max_epochs=2, batch=2, volumes=8, check_every=3, handlers=[_validation()])
@@ -347,9 +345,6 @@ def _means_rank(rank: int, init_file: str, ckpt_dir: str, out: str) -> None:
                             state["best_epoch"])
         torch.save({"full": full, "resumed": resumed, "stops": stops, "validated": validated, "ended": ended,
                     "after_signal": after_signal, "after_validation": after_validation}, f"{out}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_resumed_mid_epoch_keep_each_ranks_own_epoch_means(tmp_path):
