@@ -125,3 +125,26 @@ def test_a_classifier_of_another_bundle_is_refused_naming_the_model_and_the_find
     atomic_save(ResNetClassifier(1, 14, backbone="resnet10").state_dict(), tmp_path / "cxr14.pt")
     assert main([a if a != str(tmp_path / "chexpert.pt") else str(tmp_path / "cxr14.pt") for a in argv]) == 0
     assert json.loads((tmp_path / "loc" / "localisation.json").read_text())["count"] == 1
+
+
+def test_a_prepared_image_gone_leaves_its_boxes_out_and_a_moved_datalist_is_named(tmp_path):
+    """An image of the box datalist deleted after `dira3d prepare` stopped the whole run at the first such box (a
+    FileNotFoundError naming it alone), where an empty or unreadable image leaves its boxes out and the others are
+    scored; with every image missing (the datalist copied away from its images folder) the run still stops, saying so."""
+    src, dst = _official_layout(tmp_path / "nih"), tmp_path / "prepared"
+    assert chestxray14.main(["--src", str(src), "--dst", str(dst), "--size", "128"]) == 0
+    datalist = dst / "bbox_datalist.json"
+    (dst / "images" / "00000001_000.png").unlink()  # the Mass box's image
+    entries = load_box_entries(datalist, "test", num_classes=14)
+    with pytest.warns(UserWarning, match=r"box 0 left out: \S+00000001_000\.png: does not exist"):
+        result = localise(_SaliencyIsTheImage(), entries, tmp_path / "loc", target_layer="features", roi_size=(64, 32),
+                          prepared_size=128)
+    assert result["count"] == 1 and [b["label"] for b in result["boxes"]] == ["Infiltration"]
+    assert result["boxes"][0]["best_iou"] == pytest.approx(1.0)
+    assert [(s["image"], s["label"]) for s in result["skipped"]] == [(str(dst / "images" / "00000001_000.png"), "Mass")]
+    moved = tmp_path / "elsewhere" / "bbox_datalist.json"
+    moved.parent.mkdir()
+    moved.write_text(datalist.read_text())
+    with pytest.raises(FileNotFoundError, match=r"00000001_000\.png named by .* does not exist, nor do the images of its "
+                                                r"1 other box\(es\); relative paths are read from the datalist's folder"):
+        load_box_entries(moved, "test", num_classes=14)

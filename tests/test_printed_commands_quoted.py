@@ -137,8 +137,10 @@ def test_the_settings_sentence_of_a_2d_classifier_names_no_decoder_setting(repo_
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser["backbone"] = "resnet10"
     hint = fit_hint(ResNetClassifier(1, 3, backbone="resnet10").state_dict(), parser, bundle)  # 3 classes, not 14
-    assert hint == ("pass the settings the weights were trained with (backbone / roi_size; e.g. --override "
-                    'backbone=resnet10 --override "roi_size=[64,64]" for a model fine-tuned with --tiny)')
+    # the outputs are what differs (it named backbone / roi_size, the values given already, as a --tiny example)
+    assert hint == ("the weights fit other settings (3 outputs, chestxray14_cls has 14): pass --override out_channels=3 "
+                    "(overrides={'out_channels': 3}), with class_names, one name per output in the order of the "
+                    "training datalist's meta.labels")
     # segmentation weights (decoder.* keys) still name the decoder
     segmenter = ResNetSegmenter(1, 1, backbone="resnet10", decoder_channels=(16, 16, 8, 8, 8)).state_dict()
     assert 'pass --override "decoder_channels=[16,16,8,8,8]" --override "roi_size=[64,64]"' in \

@@ -93,6 +93,13 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
     from_tiny = bool(fits) and all(k in tiny and same_value(tiny[k], fits[k]) for k in fits)
     if from_tiny:  # a --tiny model: roi_size cannot be read from weights, tiny.json has it
         fits = {**fits, **{k: v for k, v in tiny.items() if k not in fits and not same_value(current.get(k), v)}}
+    outputs, classes, names_too = _config_value(parser, "out_channels"), "", ""
+    if classifier and isinstance(inferred.get("out"), int) and isinstance(outputs, int) and inferred["out"] != outputs:
+        # a classifier fine-tuned with --set out_channels=14 (CheXpert's 14 labels): its names must come along
+        fits = {**fits, "out_channels": inferred["out"]}
+        classes = f" ({inferred['out']} outputs, {root.name} has {outputs})"
+        names_too = (", with class_names, one name per output in the order of the training datalist's meta.labels"
+                     if "class_names" in parser else "")
     settings = " / ".join(k for k in names if k != "in_channels")
     example = {"backbone": "resnet10", "decoder_channels": [16, 16, 8, 8, 8], "roi_size": [64, 64]} if two_d \
         else {"width": 0.125}
@@ -102,7 +109,7 @@ def fit_hint(state: Mapping[str, Any], parser: ConfigParser, root: Path, network
                 f"{(option or format_overrides)(example)} for a model fine-tuned with --tiny)")
     origin = f" (those of {root.name}'s tiny.json: a model fine-tuned with --tiny)" if from_tiny else ""
     text = option(fits) if option else f"{format_overrides(fits)} (overrides={dict(fits)})"
-    return f"the weights fit other settings{origin}: pass {text}"
+    return f"the weights fit other settings{origin}{classes}: pass {text}{names_too}"
 
 
 def load_bundle_network(

@@ -218,10 +218,13 @@ def check_served_bundle(name: str, bundle: str | os.PathLike, overrides: Mapping
       fine-tuned with ``--tiny`` served without its ``width``; another bundle's or a pretraining checkpoint):
       every request failed with PyTorch's list of tensors (HTTP 500), and weights whose names differ were
       skipped by MONAI Label's non-strict load, which served a network with random weights. The error names
-      the ``--conf bundle_overrides`` that fit. A bundle with ``models/model.ts`` only is not checked.
+      the ``--conf bundle_overrides`` that fit (the weights of a bundle with ``models/model.ts`` only are not checked);
+    - a classifier whose ``class_names`` do not name its ``out_channels`` outputs (``{"out_channels": 14}`` without 14
+      names): its answer names the outputs after ``class_names`` (:class:`ClassificationBundleTask`), and MONAI Label
+      leaves out the outputs without a name.
 
     Raises:
-        ValueError: either problem, naming the bundle and what to pass.
+        ValueError: any of these problems, naming the bundle and what to pass.
     """
     from monai.bundle import ConfigParser
 
@@ -233,8 +236,6 @@ def check_served_bundle(name: str, bundle: str | os.PathLike, overrides: Mapping
     if conf is not None:
         check_overrides([config], _conf_overrides(conf, name)[1], where=f"--conf bundle_overrides {{{name!r}: ...}}")
     weights = bundle / "models" / "model.pt"
-    if not weights.is_file():
-        return
     parser = ConfigParser()
     parser.read_config(str(config))
     known = {k: v for k, v in overrides.items() if k in parser}  # shared ones another bundle may define
@@ -242,7 +243,18 @@ def check_served_bundle(name: str, bundle: str | os.PathLike, overrides: Mapping
     def option(fits: Mapping[str, Any]) -> str:
         return f"--conf bundle_overrides {shell_word(json.dumps({name: {**known, **fits}}))}"
 
-    load_bundle_network(bundle, weights, config_file=config.name, overrides=known, hint_option=option)
+    if weights.is_file():
+        load_bundle_network(bundle, weights, config_file=config.name, overrides=known, hint_option=option)
+    if "class_names" in parser:
+        for key, value in known.items():
+            parser[key] = value
+        names, outputs = parser.get_parsed_content("class_names"), parser.get_parsed_content("out_channels")
+        if not isinstance(names, (list, tuple)) or len(names) != int(outputs):
+            count = f"{len(names)} name(s)" if isinstance(names, (list, tuple)) else "not a list"
+            raise ValueError(f"class_names={names!r} ({count}) does not name the {outputs} outputs of {name} "
+                             "(out_channels), so its answers would leave outputs out or name them wrongly; add "
+                             "class_names, one name per output in the order of the training datalist's meta.labels, "
+                             f"to --conf bundle_overrides (e.g. {option({'class_names': ['...']})})")
 
 
 def unknown_image(request: Mapping[str, Any], datastore: Any, studies: str | os.PathLike) -> str | None:

@@ -8,7 +8,8 @@
 - :class:`ClassificationBundleTask`: the same bundle machinery with ``type=classification`` and
   without the ``Restored`` post transform MONAI Label appends by default (it resizes the output to
   the image's spatial shape, which turns a probability vector into garbage). The result is JSON:
-  ``{"prediction": [{"idx", "label", "score"}], "probabilities": {name: p}}``.
+  ``{"prediction": [{"idx", "label", "score"}], "probabilities": {name: p}}``, the outputs named by the bundle's
+  ``class_names`` (with the overrides), as ``inference.json`` names them.
 - :func:`infer_tasks` builds one task per bundle found by :func:`dira3d.deploy.monailabel.find_bundles`.
 """
 
@@ -102,6 +103,12 @@ class ClassificationBundleTask(_OverridableBundleTask):
 
     def __init__(self, path: str, conf: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> None:
         super().__init__(path, conf, overrides, type=InferType.CLASSIFICATION, add_post_restore=False)
+        if self.is_valid() and "class_names" in self.bundle_config:
+            # the outputs named as inference.json names them (its class_names, with the overrides: a CheXpert model of
+            # 14 outputs served with {"out_channels": 14, "class_names": [...]}), not as MONAI Label names them, from
+            # metadata.json's channel_def in lower case: that answer gave 5 of the 14 probabilities, the first
+            # ("No Finding") named "atelectasis" (check_served_bundle refuses class_names of another length)
+            self.labels = {str(n): i for i, n in enumerate(self.bundle_config.get_parsed_content("class_names"))}
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, dict]:
         _, result = super().writer(data, extension, dtype)

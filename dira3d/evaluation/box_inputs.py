@@ -40,8 +40,11 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
         num_classes: the classifier's number of outputs; each ``label_index`` must be below it
             (None: only checked to be a whole number ≥ 0).
 
+    An image that does not exist is kept (:func:`~dira3d.evaluation.localise.localise` leaves its boxes out, naming
+    it, as it does an unreadable image) unless every box's image is missing.
+
     Raises:
-        FileNotFoundError: the datalist or an image it names is missing.
+        FileNotFoundError: the datalist is missing, or every image it names is.
         ValueError: no such split, an entry without ``image`` / ``box`` / ``label_index``, or a
             ``label_index`` that is not a whole number in ``[0, num_classes)`` (names the file, the entry
             and the valid range).
@@ -53,7 +56,7 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
     if split is not None and not isinstance(content.get(split), list):
         raise ValueError(f"box datalist {path} has no split {split!r} (found {sorted(k for k, v in content.items() if isinstance(v, list))}); "
                          "pass --split with one of them")
-    entries = []
+    entries, missing_images = [], []
     for key in keys:
         for index, entry in enumerate(content[key]):
             missing = [name for name in ("image", "box", "label_index") if name not in entry] if isinstance(entry, dict) \
@@ -70,10 +73,16 @@ def load_box_entries(bbox_datalist: str | os.PathLike, split: str | None = "test
             image = Path(entry["image"])
             image = image if image.is_absolute() else path.parent / image
             if not image.is_file():
-                raise FileNotFoundError(f"image {image} named by {path} (split {key!r}, entry {index}) does not exist")
+                missing_images.append((image, key, index))
             entries.append({**entry, "image": str(image)})
     if not entries:
         raise ValueError(f"box datalist {path} holds no boxes in split {split!r}")
+    if len(missing_images) == len(entries):  # a datalist moved away from its images (paths relative to its folder)
+        image, key, index = missing_images[0]
+        others = f", nor do the images of its {len(entries) - 1} other box(es)" if len(entries) > 1 else ""
+        raise FileNotFoundError(f"image {image} named by {path} (split {key!r}, entry {index}) does not exist{others}; "
+                                "relative paths are read from the datalist's folder: keep it beside the images folder "
+                                "`dira3d prepare` wrote")
     return entries
 
 
