@@ -185,3 +185,57 @@ def test_moved_note_words():
         "dataset_dir was /a, now /b, whose data are not the ones recorded (x differs); "
     assert moved_note([("datalist", "/a", "/b")], None, "datalist of /r.json").endswith(
         "write the new place into datalist of /r.json to go on with it; otherwise ")
+
+
+def test_a_dataset_dir_prepared_again_at_the_same_place_is_refused(tmp_path, pretrainings):
+    """``dira3d prepare ... --dst prepared`` rerun on other data into the same folder: the pretraining on the old data
+    was reused silently, and the table mixed it with runs on the new data."""
+    root, data, _ = _first_run(tmp_path)
+    (data / "extra.json").write_text("{}")  # a JSON file added beside the recorded ones is no other data
+    run_experiment(_config(root, data, [0, 1]), runner=_runner([]), log=lambda _: None)
+    assert len(pretrainings) == 1
+    (data / "pretrain_datalist.json").write_text('{"training": [{"image": "other.nii.gz"}]}')  # prepared again
+    calls = []
+    with pytest.raises(ValueError) as err:
+        run_experiment(_config(root, data, [0, 1, 2]), runner=_runner(calls), log=lambda _: None)
+    message = str(err.value)
+    assert f"method 'dira' was pretrained in {root / 'runs' / 'exp' / 'pretrain' / 'dira'} with other settings (the " \
+           f"data of dataset_dir changed); dataset_dir {data} holds other data than recorded " \
+           "(pretrain_datalist.json not the same: sha256 in settings.json; prepared again there?); its checkpoint" in message, message
+    assert "Give the method a new name or use another output_dir (or delete that folder" in message
+    assert calls == [] and len(pretrainings) == 1  # refused before any run, the old pretraining not reused
+    shutil.rmtree(root / "runs" / "exp" / "pretrain" / "dira")  # the way on it names: pretrained again on the new data
+    (root / "runs" / "exp" / "results.csv").unlink()
+    run_experiment(_config(root, data, [0]), runner=_runner([]), log=lambda _: None)
+    assert len(pretrainings) == 2
+
+
+def test_a_pretraining_datalist_prepared_again_at_the_same_place_is_refused(tmp_path, pretrainings):
+    root, data, extra = _first_run(tmp_path, pretrain_datalist=True)
+    extra.write_text('{"training": [{"image": "c.nii.gz"}]}')
+    with pytest.raises(ValueError, match=r"\(the data of overrides\.datalist changed\); overrides\.datalist "
+                                         f"{extra} holds other data than recorded \\(its content"):
+        run_experiment(_config(root, data, [0, 1], extra), runner=_runner([]), log=lambda _: None)
+    assert len(pretrainings) == 1
+
+
+def test_a_record_without_checksums_at_the_same_place_is_reused_as_before(tmp_path, pretrainings):
+    """settings.json of before 2026-11-28 (no dataset_files, no datalist_sha256) cannot tell: reused, as it was."""
+    root, data, extra = _first_run(tmp_path, pretrain_datalist=True)
+    record = root / "runs" / "exp" / "pretrain" / "dira" / "settings.json"
+    settings = json.loads(record.read_text())
+    del settings["dataset_files"], settings["datalist_sha256"]
+    record.write_text(json.dumps(settings))
+    (data / "pretrain_datalist.json").write_text('{"training": [{"image": "other.nii.gz"}]}')
+    extra.write_text('{"training": [{"image": "c.nii.gz"}]}')
+    calls = []
+    run_experiment(_config(root, data, [0, 1], extra), runner=_runner(calls), log=lambda _: None)
+    assert [c["seed"] for c in calls] == [1, 1] and len(pretrainings) == 1
+
+
+def test_a_recorded_file_gone_from_the_dataset_dir_is_named(tmp_path, pretrainings):
+    root, data, _ = _first_run(tmp_path)
+    (data / "pretrain_datalist.json").rename(data / "renamed.json")
+    with pytest.raises(ValueError, match=r"\(pretrain_datalist\.json \(gone\) not the same: sha256 in settings\.json"):
+        run_experiment(_config(root, data, [0, 1]), runner=_runner([]), log=lambda _: None)
+    assert len(pretrainings) == 1

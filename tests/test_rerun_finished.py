@@ -238,3 +238,95 @@ def test_dira3d_pretrain_refuses_a_finished_run_rerun_on_other_data(finished_run
                                                    "(data_source "), err
     assert f"this run's {str(other.resolve() / 'pretrain_datalist.json')!r}" in lines[0]
     assert _files(out) == before
+
+
+def _copied_run(finished_run, tmp_path):
+    """The finished run and its data copied to ``tmp_path``, ``last.pt``'s data_source the copy's datalist."""
+    import shutil
+
+    data, out = finished_run
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(out, tmp_path / "run")
+    last = tmp_path / "run" / "models" / "last.pt"
+    ckpt = load_checkpoint(last)
+    datalist = tmp_path / "data" / "pretrain_datalist.json"
+    atomic_save({**ckpt, "meta": {**ckpt["meta"], "data_source": os.path.realpath(datalist)}}, last)
+    return tmp_path / "data", tmp_path / "run", datalist
+
+
+def test_a_finished_run_rerun_on_data_prepared_again_at_the_same_place_is_refused(finished_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """``dira3d prepare ... --dst`` rerun on other data into the same folder: the same datalist path, the same number of
+    training volumes, so last.pt's data_source and num_classes said it was the same data, finished; its data_sha256
+    (dira_pretrain 0.1.55) tells."""
+    import hashlib
+
+    from dira3d.engines.command import main
+
+    data, out = finished_run
+    meta = load_checkpoint(out / "models" / "last.pt")["meta"]
+    assert meta["data_sha256"] == hashlib.sha256((data / "pretrain_datalist.json").read_bytes()).hexdigest()
+    data, out, datalist = _copied_run(finished_run, tmp_path)
+    monkeypatch.setattr(CacheDataset, "_load_cache_item", lambda *a, **k: pytest.fail("the rerun loaded data"))
+    assert main(_rerun_args(data, out)) == 0 and "has already finished" in capsys.readouterr().out
+    lists = json.loads(datalist.read_text())
+    lists["training"] = [{**entry, "case_id": f"other{i}"} for i, entry in enumerate(lists["training"])]  # still 4
+    datalist.write_text(json.dumps(lists))  # prepared again
+    before = _files(out)
+    assert main(_rerun_args(data, out)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dira3d pretrain: error:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"dira3d pretrain: error: {out / 'models' / 'last.pt'} is a finished run on other data (data_source "
+        f"{os.path.realpath(datalist)!r} is where its data were, but they are not those it was trained on: their sha256 "
+        "is not last.pt's data_sha256; prepared again there?): it is not resumed"), err
+    assert _files(out) == before
+
+
+def test_a_last_pt_without_a_data_checksum_is_compared_as_before(finished_run, tmp_path):
+    """A last.pt of dira_pretrain 0.1.54 or earlier (no data_sha256) on a datalist prepared again: finished, as before;
+    and where both record it, data at another place whose sha256 differs are not said to be maybe the same data."""
+    data, out = finished_run
+    ckpt = load_checkpoint(out / "models" / "last.pt")
+    same = _same_data(data)
+    other = {**same, "data_sha256": lambda: "0" * 64}
+    atomic_save({**ckpt, "meta": {k: v for k, v in ckpt["meta"].items() if k != "data_sha256"}}, tmp_path / "last.pt")
+    assert finished_note(tmp_path, 1, data=other).endswith("this run has already finished; nothing was loaded, trained "
+                                                          "or written; to train more, rerun with a larger max_epochs "
+                                                          "(it continues from last.pt)")
+    with pytest.raises(ValueError, match="prepared again there"):
+        finished_note(out / "models", 1, data=other)
+    elsewhere = str(tmp_path / "fast" / "pretrain_datalist.json")
+    with pytest.raises(ValueError) as err:
+        finished_note(out / "models", 1, data={**other, "data_source": elsewhere})
+    assert "whose sha256 is not last.pt's data_sha256 either" in str(err.value)
+    assert "same data moved" not in str(err.value)
+    with pytest.raises(ValueError, match="records its place and the sha256 of the datalist, the same here, not of the "
+                                         "volumes it lists, so cannot tell"):  # the same content elsewhere
+        finished_note(out / "models", 1, data={**same, "data_source": elsewhere, "data_sha256": ckpt["meta"]["data_sha256"]})
+
+
+def test_the_data_checksum_of_a_visual_word_folder_is_of_its_manifest(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from dira3d.engines import data_checksum
+
+    (tmp_path / "vw").mkdir()
+    (tmp_path / "vw" / "manifest.json").write_text('{"classes": []}')
+    parser = ConfigParser()
+    parser.read_config([str(REPO / CONFIGS / name) for name in ("train.json", "visual_words.json")])
+    parser["dataset_dir"] = str(tmp_path / "vw")
+    checksum = parser.get_parsed_content("data_sha256")
+    first = checksum()
+    assert first == data_checksum(tmp_path / "vw") and len(first) == 64
+    np.save(tmp_path / "vw" / "t0.npy", np.zeros(2))  # shards are not read
+    (tmp_path / "vw" / "visual_words.json").write_text('{"training": []}')  # written again from the manifest
+    assert checksum() == first
+    (tmp_path / "vw" / "manifest.json").write_text('{"classes": [1]}')  # rebuilt
+    assert checksum() != first
+    assert data_checksum(tmp_path / "missing.json") == ""
+    (tmp_path / "lists").mkdir()  # a folder without a manifest: its JSON files
+    (tmp_path / "lists" / "a.json").write_text("{}")
+    before = data_checksum(tmp_path / "lists")
+    (tmp_path / "lists" / "a.json").write_text("[]")
+    assert len(before) == 64 and data_checksum(tmp_path / "lists") != before

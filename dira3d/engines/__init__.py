@@ -8,7 +8,7 @@
 - :func:`exit_if_stopped`, :class:`StoppedBySignal` — SIGTERM / Ctrl-C: ``last.pt`` at the step, exit 143 / 130;
   :func:`stop_before_training` — the same exit, with one line, while the data are cached before training.
 - :func:`exit_if_finished`, :class:`RunAlreadyFinished` — a rerun of a finished run: one line and exit 0, before any
-  data is loaded (:mod:`dira3d.engines.finished`).
+  data is loaded (:mod:`dira3d.engines.finished`); :func:`data_checksum` — the sha256 of its data ``last.pt`` records.
 - :class:`FinalStageEarlyStop`, :func:`check_early_stop_patience` — opt-in early stopping on the validation
   loss in the final stage (``DiRACheckpoint(early_stop_patience=N)``).
 - :class:`RestorationImageHandler`, :func:`scalar_output` — TensorBoard images and scalars;
@@ -39,7 +39,7 @@ _EXPORTS = {
     "dira3d.engines.data": ("RandPatchPair", "RandPatchPaird", "with_image_labels"),
     "dira3d.engines.distributed": ("init_distributed", "is_main_process", "maybe_sync_batchnorm"),
     "dira3d.engines.evaluator": ("DiRAEvaluator", "check_validation_size"),
-    "dira3d.engines.finished": ("RunAlreadyFinished", "exit_if_finished"),
+    "dira3d.engines.finished": ("RunAlreadyFinished", "data_checksum", "exit_if_finished"),
     "dira3d.engines.faults": ("CollapseMonitor", "NonFiniteGuard", "NonFiniteLossError"),
     "dira3d.engines.inputs": ("CheckSameShaped", "CheckVolumed", "load_datalist"),
     "dira3d.engines.handlers": ("EpochStatsHandler", "RestorationImageHandler", "rank_zero_handlers", "scalar_output",
@@ -101,4 +101,5 @@ __all__ = [
     "check_validation_size",
     "RunAlreadyFinished",
     "exit_if_finished",
+    "data_checksum",
 ]

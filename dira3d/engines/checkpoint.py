@@ -15,7 +15,7 @@ Format (docs/architecture.md, "Checkpoint format")::
      "schedulers": {name: state_dict},                                     # learning-rate schedulers
      "rng": {"torch", "cuda", "python", "numpy"},                          # tensors / lists only
      "meta": {"spatial_dims", "in_channels", "dis_mode", "dira3d_version", ...}}  # the bundle's checkpoint_meta,
-                                                                           # num_classes, data_source (engines.finished)
+                                                                           # num_classes, data_source, data_sha256 (engines.finished)
 
 Hand the encoder (classification) or encoder + decoder (segmentation) to a task network with
 ``dira3d.networks.load_pretrained(net, "models/best.pt", parts=("encoder", "decoder"))``.

@@ -24,7 +24,11 @@ Finished means all of:
   ``ckpt_dir``, or ``resume`` false): it was said to be finished and nothing trained. A ``last.pt`` that does not
   record them (dira_pretrain 0.1.32 or earlier) goes the usual way. A ``data_source`` recorded before the run's folder
   and its data were moved together (``mv project_A project_B``: the same path relative to ``ckpt_dir``,
-  :func:`~dira3d.utils.files.same_or_moved`) is the same data;
+  :func:`~dira3d.utils.files.same_or_moved`) is the same data. Since dira_pretrain 0.1.55 ``last.pt`` also records
+  ``data_sha256`` (:func:`data_checksum` of ``data_source``): data prepared again at the same place (``dira3d prepare
+  ... --out`` rerun on other data, a visual-word folder rebuilt) are other data; data at another place are refused as
+  before (the same datalist content there need not be the same volumes: its paths may be relative to it), said to be
+  other data where their checksum differs too; a ``last.pt`` without it is compared by place and classes alone;
 - the stage schedule is valid (:class:`~dira3d.engines.stages.StageSchedule`: a bad one is refused as before).
 
 Anything else (a larger ``max_epochs``, ``resume`` false, no ``last.pt``) runs as before.
@@ -32,6 +36,7 @@ Anything else (a larger ``max_epochs``, ``resume`` false, no ``last.pt``) runs a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -43,7 +48,7 @@ import torch
 from dira3d.utils.files import same_or_moved
 from dira3d.utils.overrides import as_bool
 
-__all__ = ["RunAlreadyFinished", "finished_note", "exit_if_finished"]
+__all__ = ["RunAlreadyFinished", "finished_note", "exit_if_finished", "data_checksum"]
 
 
 class RunAlreadyFinished(SystemExit):
@@ -67,6 +72,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def data_checksum(path: str | os.PathLike) -> str:
+    """The sha256 of a run's data as ``last.pt`` records it (``data_sha256``): of the datalist file's bytes, or, for a
+    visual-word folder, of its ``manifest.json`` (seed, settings, source volumes and classes of that build; the
+    ``visual_words.json`` that ``dira3d visual-words`` writes from it again may come and go), or of the names and bytes
+    of the JSON files directly in a folder without one; '' when it cannot be read (nothing is then compared)."""
+    path, digest = Path(path), hashlib.sha256()
+    try:
+        if not path.is_dir() or (path / "manifest.json").is_file():
+            with open(path / "manifest.json" if path.is_dir() else path, "rb") as handle:
+                return hashlib.file_digest(handle, "sha256").hexdigest()
+        for file in sorted(path.glob("*.json")):
+            with open(file, "rb") as handle:
+                digest.update(f"{file.name}\0".encode() + hashlib.file_digest(handle, "sha256").digest())
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
 def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = True,
                   settings: Mapping[str, Any] | None = None, stages: Sequence[Mapping] | None = None,
                   data: Mapping[str, Any] | None = None) -> str:
@@ -84,6 +107,9 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
             only when the run has otherwise finished, and only while the entries before it are the same). When the
             run has finished, the first one that differs from ``last.pt``'s raises ``ValueError``; when ``last.pt``
             does not record one of them (an older ``last.pt``), the run goes the usual path and none is called.
+            ``data_sha256`` (the bundle's :func:`data_checksum` of ``data_source``) is compared only where ``last.pt``
+            records it, with ``data_source``: the same place (or moved with the run's folder) with another checksum is
+            other data.
 
     Raises:
         ValueError: a bad stage schedule; a finished run in ``ckpt_dir`` trained on other ``data``.
@@ -110,23 +136,42 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
     if any(key not in meta or _plain(meta[key]) != _plain(value) for key, value in dict(settings or {}).items()):
         return ""  # another setting: the resume refuses it (or resumes) as before
     data = dict(data or {})
+    checksum = data.pop("data_sha256", None)  # recorded since dira_pretrain 0.1.55: compared where last.pt has it
     if any(key not in meta for key in data):
         return ""  # a last.pt of an older dira3d: its data cannot be told, the usual path
+    recorded = meta.get("data_sha256") if checksum is not None and isinstance(meta.get("data_sha256"), str) else ""
+
+    def content() -> str:  # the sha256 of this run's data, '' where last.pt records none or it cannot be read
+        return (checksum() if callable(checksum) else str(checksum)) if recorded else ""
+
     for key, value in data.items():  # in order, a callable (reading a datalist) only while nothing differs yet
         value = value() if callable(value) else value
-        if key == "data_source" and same_or_moved(meta[key], value, os.path.realpath(ckpt_dir)):
-            continue  # the same data, moved with the run's folder (mv project_A project_B): rerun from the new place
+        if key == "data_source" and (same_or_moved(meta[key], value, os.path.realpath(ckpt_dir))
+                                     or _plain(meta[key]) == _plain(value)):  # the same place, or moved with the
+            now = content()  # run's folder (mv project_A project_B): rerun from there, unless prepared again there
+            if now and now != recorded:
+                _refuse(last, f"data_source {value!r} is where its data were, but they are not those it was trained "
+                              "on: their sha256 is not last.pt's data_sha256; prepared again there?")
+            continue
         if _plain(meta[key]) != _plain(value):  # the resume would find nothing to train, or refuse the head after
             # caching every volume: say so now; a datalist moved alone (mv prepared /fast/prepared) is named both ways
-            moved = ("; if these are the same data moved there (last.pt records their place, not their content, so "
-                     "cannot tell), the run has finished and nothing needs redoing: a larger max_epochs continues it from "
-                     "last.pt" if key == "data_source" else "")
-            raise ValueError(f"{last} is a finished run on other data ({key} {meta[key]!r}, this run's {value!r}): it "
-                             f"is not resumed and nothing was loaded{moved}; to pretrain on these data, use another ckpt_dir "
-                             "(`dira3d pretrain --output`), or set resume to false to start afresh (it replaces "
-                             f"last.pt and best.pt in {last.parent})")
+            now = content() if key == "data_source" else ""
+            differ = bool(now) and now != recorded
+            told = ("its place and the sha256 of the datalist, the same here, not of the volumes it lists" if now
+                    else "their place, not their content")
+            moved = (f"; if these are the same data moved there (last.pt records {told}, so cannot tell), the run has "
+                     "finished and nothing needs redoing: a larger max_epochs continues it from last.pt"
+                     if key == "data_source" and not differ else "")
+            either = ", whose sha256 is not last.pt's data_sha256 either" if differ else ""
+            _refuse(last, f"{key} {meta[key]!r}, this run's {value!r}{either}", moved)
     return (f"{last} is at epoch {epoch}, max_epochs={int(max_epochs)}: this run has already finished; nothing was "
             "loaded, trained or written; to train more, rerun with a larger max_epochs (it continues from last.pt)")
+
+
+def _refuse(last: Path, what: str, moved: str = "") -> None:
+    raise ValueError(f"{last} is a finished run on other data ({what}): it is not resumed and nothing was loaded{moved}; "
+                     "to pretrain on these data, use another ckpt_dir (`dira3d pretrain --output`), or set resume to false "
+                     f"to start afresh (it replaces last.pt and best.pt in {last.parent})")
 
 
 def exit_if_finished(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = True,

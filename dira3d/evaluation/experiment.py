@@ -36,7 +36,8 @@ output_dir, datalist, checkpoints and dataset_dir at the same places relative to
 as the same experiment: its records are read as the new paths, and nothing is read from or written to the old place.
 The datalist or the pretraining's dataset_dir moved alone (``mv prepared /fast/prepared``) is the same data where
 the sha256 recorded of its content (``experiment.json``; ``settings.json``'s ``dataset_files``) is; other data, or
-a record without them, are refused naming both places.
+a record without them, are refused naming both places; so are, naming the files, other data prepared again at the
+recorded place (``dira3d prepare ... --dst`` rerun into it), where ``settings.json`` holds those checksums.
 
 A method with a ``pretrain`` entry is pretrained first (``<output_dir>/pretrain/<method>``, the
 entry's ids on top of ``pretrain.overrides``) and fine-tuned from its ``best.pt`` (its ``last.pt`` when

@@ -187,14 +187,38 @@ def _compared(name: str, out: Path, settings: dict, record_fix: str) -> tuple[li
     now_files = dataset_files(data_now) if data_then != data_now and isinstance(files, dict) and files else {}
     if same_or_moved(data_then, data_now, out) or (now_files and now_files == files):  # moved with the output_dir, or
         old = {**old, "dataset_dir": data_now}  # alone: the same JSON files (datalists, manifest), the same data
-    if old == settings:
+    again = _prepared_again(old, settings, files, datalist_sum)
+    if old == settings and not again:
         return [], ""
     changed = sorted(k for k in settings if old.get(k) != settings[k])
     if "overrides" in changed:
         before, now = old.get("overrides") or {}, settings["overrides"]
         changed.remove("overrides")
         changed += [f"overrides.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    return changed, _data_note(old, settings, changed, (files, now_files, datalist_sum), record_fix)
+    changed += [f"the data of {key}" for key in again]
+    said = "".join(f"{key} {place} holds other data than recorded ({names} not the same: sha256 in "
+                   f"{SETTINGS_NAME}; prepared again there?); " for key, (place, names) in again.items())
+    return changed, _data_note(old, settings, changed, (files, now_files, datalist_sum), record_fix) + said
+
+
+def _prepared_again(old: Mapping[str, Any], settings: Mapping[str, Any], files: Any, datalist_sum: Any) -> dict:
+    """``{setting: (place, files that differ)}`` for a ``dataset_dir`` (or ``overrides.datalist``) at the recorded
+    place (or moved with the output_dir) whose JSON files are no longer those recorded (:data:`DATA_FILES`,
+    :data:`DATALIST_SHA256`): ``dira3d prepare ... --dst`` rerun on other data into the same folder, a visual-word folder
+    rebuilt. A record without them (before 2026-11-28) is not compared, nor a datalist that is gone (a finished
+    pretraining needs no data); a JSON file added beside the recorded ones is no other data."""
+    found = {}
+    folder = settings["dataset_dir"]
+    if isinstance(files, dict) and files and old.get("dataset_dir") == folder:
+        differ = [name + ("" if (Path(str(folder)) / name).is_file() else " (gone)") for name, digest in sorted(files.items())
+                  if _sha256(Path(str(folder)) / name) != digest]
+        if differ:
+            found["dataset_dir"] = (folder, f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
+    now = settings["overrides"].get("datalist")
+    if (isinstance(datalist_sum, str) and isinstance(now, str) and (old.get("overrides") or {}).get("datalist") == now
+            and Path(now).is_file() and _sha256(now) != datalist_sum):
+        found["overrides.datalist"] = (now, "its content")
+    return found
 
 
 def _data_note(old: Mapping[str, Any], settings: Mapping[str, Any], changed: list[str], sums: tuple,
