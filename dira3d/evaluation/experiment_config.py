@@ -13,7 +13,8 @@ from typing import Any, Callable, Mapping
 
 from dira3d.utils.files import read_yaml
 from dira3d.utils.overrides import check_overrides, did_you_mean
-from dira3d.evaluation.experiment_method_checks import check_checkpoints_fit, check_pretrain_run, check_pretrainings_fit
+from dira3d.evaluation.experiment_method_checks import (check_checkpoints_fit, check_datalist_dims, check_pretrain_run,
+                                                        check_pretrainings_fit)
 from dira3d.evaluation.experiment_pretrain import pretrain_configs
 from dira3d.evaluation.stats import TESTS
 
@@ -139,6 +140,7 @@ def check_config_bundle(config: dict, path: str | Path) -> dict:
                     + ([bundle_configs / "tiny.json"] if overrides.get("tiny") else []),
                     {k: v for k, v in overrides.items() if k != "tiny"}, where=f"overrides in {path}")
     check_checkpoints_fit(config, path, bundle_configs, overrides)
+    check_datalist_dims(config, path, bundle_configs, overrides)  # else every run failed, after the pretrainings
     if "split_seed" in config:  # else every run failed on the unknown setting (a bundle of one's own, or an older one)
         check_overrides([bundle_configs / "train.json"], {"split_seed": config["split_seed"]},
                         where=f"split_seed in {path} (bundle {config['bundle']!r} must draw its splits with a "

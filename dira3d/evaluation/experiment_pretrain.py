@@ -385,4 +385,22 @@ def pretrain_fit_mismatch(name: str, spec: Mapping[str, Any], config: Mapping[st
             f"with {task}, so each of its runs would refuse the checkpoint after the whole pretraining; pretrain it "
             f"as the runs build it (`pretrain: {{{_flow({k: wanted[k] for k in differ})}}}` in method {name!r}) or "
             f"fine-tune every method as it is pretrained (`overrides: {{{_flow({k: built[k] for k in differ})}}}` "
-            "in the experiment config)")
+            f"in the experiment config{_tiny_way(config, built, differ)})")
+
+
+def _tiny_way(config: Mapping[str, Any], built: Mapping[str, Any], differ: list[str]) -> str:
+    """``, or `tiny: true` ...`` when the fine-tuning bundle's tiny.json builds what a tiny pretraining built (a
+    pretraining with ``2d_tiny.json`` or ``tiny.json`` in a grid without ``overrides: {tiny: true}``): the way a
+    CPU-scale grid wants, as the settings alone fine-tune at full size and for the bundle's full epochs."""
+    if (config.get("overrides") or {}).get("tiny"):
+        return ""
+    try:
+        from dira3d.evaluation.finetune import bundle_path
+
+        tiny = json.loads((bundle_path(config["bundle"]) / "configs" / "tiny.json").read_text())
+    except Exception:  # noqa: BLE001 - a bundle without tiny.json
+        return ""
+    if not all(key in tiny and _same(key, tiny[key], built[key]) for key in differ):
+        return ""
+    return ("; or, for a CPU-scale grid, `tiny: true` in those overrides: the bundle's tiny.json, which builds that "
+            "network and also sets its small input size and few epochs")

@@ -223,6 +223,14 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     for key in ("datalist", "pretrained"):  # absolute: metrics.json must name the files wherever it is read
         if effective.get(key):
             effective[key] = str(Path(effective[key]).resolve())
+    if effective.get("datalist"):  # a multi-label training split with a class of no positive, before training
+        from dira3d.evaluation.split_checks import warn_training_split
+
+        warn_training_split(Path(effective["datalist"]), split_entries(parser, "train#datalist"),
+                            split_entries(parser, "validate#datalist"),
+                            parser.get_parsed_content("class_names") if "class_names" in parser else None,
+                            ", ".join(f"{key}={effective[key]}" for key in ("label_fraction", "split_seed", "fold")
+                                      if effective.get(key) is not None))
     # instantiated first (the run uses these objects), so that the StatsHandler loggers exist when
     # quiet_interrupt_logs looks for handlers: Ctrl-C prints main()'s one line, not MONAI's traceback
     trainer = trainer_flow.parser.get_parsed_content("train#trainer")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dira3d.evaluation.result_figures import save_figures
+from dira3d.evaluation.result_notes import auc_class_notes
 from dira3d.evaluation.split_ids import DIGEST_FIELDS, SPLIT_FIELDS, split_columns
 from dira3d.evaluation.stats import (
     TESTS, CellSummary, aggregate, ci_table_note, compare_to_baseline, markdown_ci_table, markdown_table,
@@ -312,6 +313,10 @@ def write_report(config: Mapping[str, Any], rows: list[dict], plots: bool = True
         why = ("not all folds finished" + (", or some failed: see failures.json" if failed else "") if "folds" in config
                else "not run yet" + (", or failed: see failures.json" if failed else ""))
         note += f"\nLeft out ({why}): {_listed(incomplete)}.\n"
+    grid, folded = {(str(key[0]),) + key[1:] for key in grid_cells(config)}, "folds" in config
+    note += auc_class_notes(config.get("datalist") or "", [  # classes a mean AUC left out, or trained without a positive
+        (f"{r['method']} @ {100 * float(r['label_fraction']):g} % labels, seed {r['seed']}"
+         + (f", fold {r['fold']}" if folded else ""), r["run_dir"]) for r in rows if row_key(r, folded) in grid])
     unpaired = _unpaired(cells, config["baseline"]) if test == "paired" else []
     if unpaired:
         note += f"\nUnpaired (a seed of one side only, out of that cell's paired test): {_listed(unpaired)}.\n"

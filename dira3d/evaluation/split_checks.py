@@ -36,7 +36,8 @@ from dira3d.utils.warning_format import Dira3dWarning
 
 __all__ = ["FEW_POSITIVE", "split_kind", "describe_split", "check_auc_defined", "check_validation_holdout", "check_labels",
            "check_before_caching",
-           "warning_for_test_split", "warn_test_split", "warn_test_patients_in_training"]
+           "warning_for_test_split", "warn_test_split", "warning_for_training_split",
+           "warn_training_split", "warn_test_patients_in_training"]
 
 # a segmentation test split with fewer cases with foreground than this, and fewer than half its cases, is warned about
 FEW_POSITIVE = 5
@@ -289,6 +290,40 @@ def warn_test_split(path: Path, kind: str, summary: dict, fold: int | None = Non
     """Warn once per process about a test split, or the ``split`` scored instead (:func:`warning_for_test_split`): the
     same split tested again (the runs of an experiment grid) is not warned about again."""
     message = warning_for_test_split(path, kind, summary, fold, class_names, split)
+    if message is None or message in _WARNED:
+        return
+    _WARNED.add(message)
+    warnings.warn(message, Dira3dWarning, stacklevel=2)
+
+
+def warning_for_training_split(path: Path, train: list[dict], holdout: list[dict], class_names: list[str] | None = None,
+                               settings: str = "") -> str | None:
+    """What to warn about a multi-label training split (the label subset less the early-stopping holdout) with classes
+    of no positive image, or None: the classifier learns to call them absent, and their test AUCs, in the mean AUC,
+    then say nothing of what fine-tuning learned. On a small label fraction the holdout may take the subset's only
+    positive of a class (it is completed to hold every class only where training can spare it, but drawn first)."""
+    if not train or not is_multilabel(train):
+        return None
+    positive = describe_split(train)["positive"]
+    absent = [k for k, count in enumerate(positive) if count == 0]
+    if not absent:
+        return None
+    names = [str(n) for n in class_names or []][: len(positive)]
+    names += [f"class {k}" for k in range(len(names), len(positive))]
+    held = describe_split(holdout)["positive"] if holdout and is_multilabel(holdout) else []
+    went = [names[k] for k in absent if k < len(held) and held[k] > 0]
+    return (f"the training split of datalist {path}{f' ({settings})' if settings else ''}: {len(absent)} of "
+            f"{len(positive)} classes have no positive in its {len(train)} image(s): "
+            f"{', '.join(names[k] for k in absent)}; the classifier learns to call them absent, so their test AUCs (in "
+            "the mean AUC) say nothing of what it learned; use a larger label fraction"
+            + (f" ({', '.join(went)}: the label subset's only positive(s) went to the early-stopping holdout)"
+               if went else ""))
+
+
+def warn_training_split(path: Path, train: list[dict], holdout: list[dict], class_names: list[str] | None = None,
+                        settings: str = "") -> None:
+    """Warn once per process (:func:`warning_for_training_split`)."""
+    message = warning_for_training_split(path, train, holdout, class_names, settings)
     if message is None or message in _WARNED:
         return
     _WARNED.add(message)
