@@ -1,9 +1,10 @@
 """The inputs of ``dira3d localise`` (:mod:`dira3d.evaluation.localise`): the boxes of a ChestX-ray14 box datalist
 (:func:`load_box_entries`, each ``label_index`` checked by :func:`check_label_index`), a radiograph loaded as the 2D
 bundles' inference loads it (:func:`load_cxr_image`), a box scaled to the classifier's grid (:func:`scale_box`) and
-the size the datalist's PNGs were prepared at (:func:`prepared_size_of`, else :data:`DEFAULT_SIZE`).
+the size the datalist's PNGs were prepared at (:func:`prepared_size_of`, else :data:`DEFAULT_SIZE`), and the
+backbone / roi_size / classes a fine-tuned model was trained with, from its run's ``metrics.json`` (:func:`trained_settings`).
 
-:func:`load_box_entries`, :func:`scale_box`, :func:`load_cxr_image` and :data:`DEFAULT_SIZE` are also importable from
+:func:`load_box_entries`, :func:`scale_box`, :func:`load_cxr_image`, :func:`trained_settings` and :data:`DEFAULT_SIZE` are also importable from
 :mod:`dira3d.evaluation.localise`.
 """
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 # light to import (torch and MONAI are imported by load_cxr_image): `dira3d localise` refuses a missing box datalist
 # (check_box_datalist) before they load
-__all__ = ["DEFAULT_SIZE", "load_box_entries", "check_box_datalist", "check_label_index", "scale_box", "load_cxr_image",
+__all__ = ["DEFAULT_SIZE", "trained_settings", "load_box_entries", "check_box_datalist", "check_label_index", "scale_box", "load_cxr_image",
            "prepared_size_of"]
 
 # dira3d.data.cxr.DEFAULT_SIZE, the bundles' prepared_size (not imported here: dira3d.data.cxr loads SimpleITK;
@@ -164,3 +165,37 @@ def prepared_size_of(bbox_datalist: str | os.PathLike) -> int:
 
     size = datalist_meta(bbox_datalist).get("size")
     return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else DEFAULT_SIZE
+
+
+def trained_settings(model_path: str | os.PathLike) -> tuple[dict[str, Any], Path | None]:
+    """The ``backbone``, ``roi_size`` and ``num_classes`` a ``dira3d finetune`` model (``<output-dir>/models/model.pt``)
+    was trained with, as its run's ``<output-dir>/metrics.json`` records them: its ``settings`` say whether it was a
+    ``--tiny`` run (then the values of the recorded bundle's ``tiny.json``) and hold the ``--set`` values given
+    (``backbone``, ``roi_size``, ``out_channels``), which win; ``({}, None)`` without that file. Returns them and the file.
+
+    Raises:
+        ValueError: the file is not a JSON object (a FileContentError), or one of those values is not of its kind.
+    """
+    from dira3d.evaluation.bundle_lookup import BUNDLES, tiny_settings
+
+    model = Path(model_path).absolute()
+    path = model.parent.parent / "metrics.json"
+    if model.parent.name != "models" or not path.is_file():
+        return {}, None
+    fix = "fix or delete it, or pass --backbone, --roi-size and --num-classes, the settings the model was trained with"
+    result = read_json(path, "fine-tuning record", fix)
+    if result.get("bundle") in BUNDLES:  # a 3D model: refused by the weights check, which says so
+        return {}, None
+    settings = result.get("settings") if isinstance(result.get("settings"), dict) else {}
+    found = tiny_settings(result["bundle"], ("backbone", "roi_size")) if settings.get("tiny") is True and \
+        isinstance(result.get("bundle"), str) else {}
+    found |= {key: settings[key] for key in ("backbone", "roi_size") if key in settings}
+    if "out_channels" in settings:
+        found["num_classes"] = settings["out_channels"]
+    roi = found.get("roi_size", [1, 1])
+    if (not isinstance(found.get("backbone", ""), str) or not isinstance(roi, list) or len(roi) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in roi)
+            or type(found.get("num_classes", 1)) is not int):
+        raise ValueError(f"fine-tuning record {path}: backbone {found.get('backbone')!r}, roi_size {found.get('roi_size')!r} "
+                         f"or out_channels {found.get('num_classes')!r} is not a name, two sizes or a number; {fix}")
+    return found, path

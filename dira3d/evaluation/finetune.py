@@ -32,7 +32,7 @@ from typing import Any
 
 from dira3d.evaluation.bundle_lookup import BUNDLES, BUNDLES_2D, bundle_path, tiny_settings
 from dira3d.evaluation.finetune_checks import check_input_paths, earlier_outputs, refuse_earlier_run
-from dira3d.evaluation.finetune_messages import finished_message, scored_line, show_cache_lines, without_logging_file_warning
+from dira3d.evaluation.finetune_messages import finished_message, localise_line, scored_line, show_cache_lines, without_logging_file_warning
 from dira3d.evaluation.finetune_scoring import log_split_metrics, scored_split, split_entries, split_summary
 from dira3d.evaluation.preprocessing import (
     PREPROCESSING_FILE,
@@ -287,8 +287,9 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
         # ("test_cases"; "holdout_cases" with eval_split=holdout)
         **({f"{scored}_cases": Path(evaluator.state.case_metrics_file).name}
            if getattr(evaluator.state, "case_metrics_file", None) else {}),
-        "settings": {k: v for k, v in overrides.items() if isinstance(v, (str, int, float, bool, type(None)))}
-        | {k: v for k, v in effective.items() if isinstance(v, (str, int, float, bool, type(None)))} | {"tiny": tiny},
+        # a list of numbers or names too (--set roi_size=[128,128]: dira3d localise builds the network from this record)
+        "settings": {k: v for k, v in overrides.items() if _recordable(v)}
+        | {k: v for k, v in effective.items() if _recordable(v)} | {"tiny": tiny},
     }
     log_split_metrics(out, metrics, epochs, split=scored)  # before metrics.json, which marks the run finished
     _write_json(result, out / "metrics.json")
@@ -302,6 +303,12 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
                         split=scored)
     logger.info("fine-tuning %s finished: %s metrics %s", root.name, scored, metrics)
     return result
+
+
+def _recordable(value: Any) -> bool:
+    """Whether ``metrics.json``'s ``settings`` keeps a setting's value: a number, a name, a bool, null or a list of them."""
+    plain = (str, int, float, bool, type(None))
+    return isinstance(value, plain) or isinstance(value, list) and all(isinstance(v, plain) for v in value)
 
 
 def _prepared_spacing(datalist: str | os.PathLike | None) -> list[float] | None:
@@ -387,5 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     if spacing and "pixdim" not in settings:  # a new scan must be resampled as the training volumes were
         settings["pixdim"] = spacing
     print(finished_message(_output_dir(args, overrides), args.bundle, tiny=args.tiny, settings=settings), flush=True)
+    localise = localise_line(_output_dir(args, overrides), result)  # chestxray14_cls: Grad-CAM on the boxes
+    if localise:
+        print(localise, flush=True)
     return 0
 

@@ -1,5 +1,6 @@
 """What ``dira3d finetune`` prints when a run has finished: which split its metrics were scored on (:func:`scored_line`),
-where its outputs are, and the inference command; and, before it, the caches' lines (:func:`show_cache_lines`), without
+where its outputs are, the inference command and, for ``chestxray14_cls``, the ``dira3d localise`` command
+(:func:`localise_line`); and, before it, the caches' lines (:func:`show_cache_lines`), without
 MONAI's warning about the ``logging_file=False`` it asks for (:func:`without_logging_file_warning`).
 
 The command is built from the bundle's ``inference.json`` (with ``tiny.json`` for a ``--tiny`` run) and the
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["finished_message", "scored_line", "show_cache_lines", "without_logging_file_warning"]
+__all__ = ["finished_message", "localise_line", "scored_line", "show_cache_lines", "without_logging_file_warning"]
 
 # the loggers of the lines on the training caches: their size and, with cache_dir, where they are
 CACHE_LOGGERS = ("dira3d.engines.cache", "dira3d.engines.diskcache")
@@ -113,3 +114,23 @@ def finished_message(out: str | os.PathLike, bundle: str | os.PathLike, tiny: bo
     lines.append(f"inference:   {' '.join(words)} ({doc if doc.is_file() else 'docs/finetuning.md'})")
     return "\n".join(lines)
 
+
+
+def localise_line(out: str | os.PathLike, result: dict[str, Any]) -> str | None:
+    """The line after :func:`finished_message` for a ``chestxray14_cls`` run (``result``: its metrics.json): ``next:``
+    ``dira3d localise`` of the model on the boxes ``dira3d prepare chestxray14`` wrote beside the training datalist
+    (``bbox_datalist.json``; Grad-CAM box localisation, the paper's evaluation on ChestX-ray14, docs/2d.md), which
+    reads the network's settings from the run's metrics.json, so it fits a ``--tiny`` model too; where that file is
+    not there, how to get it. None for the other bundles: only ChestX-ray14 has the official boxes."""
+    from dira3d.utils.overrides import shell_word
+
+    datalist = (result.get("settings") or {}).get("datalist")
+    if result.get("bundle") != "chestxray14_cls" or not isinstance(datalist, str):
+        return None
+    boxes, out = Path(datalist).parent / "bbox_datalist.json", Path(out).resolve()
+    if not boxes.is_file():
+        return (f"localise:    no {boxes}: `dira3d prepare chestxray14` writes it when its --src holds BBox_List_2017.csv; "
+                "then dira3d localise scores this model's Grad-CAM boxes (docs/2d.md)")
+    return (f"next:        dira3d localise --bbox-datalist {shell_word(str(boxes))} --model "
+            f"{shell_word(str(out / 'models' / 'model.pt'))} --output-dir {shell_word(str(out / 'localise'))} "
+            "(Grad-CAM box localisation, the paper's evaluation on ChestX-ray14; docs/2d.md)")

@@ -18,8 +18,10 @@ Command line (``dira3d localise``)::
     dira3d localise --bbox-datalist prepared/bbox_datalist.json --model runs/ft/cxr14/models/model.pt \\
         --output-dir runs/localise --backbone resnet50 --target-layer encoder.layer4
 
-A model fine-tuned with ``dira3d finetune --tiny`` (``tiny.json``: ResNet-10, 64x64) needs
-``--backbone resnet10 --roi-size 64 64``; when the weights do not fit, the error says which values do.
+``--backbone``, ``--roi-size`` and ``--num-classes`` default to what ``dira3d finetune`` recorded of the run in its
+``metrics.json`` (beside ``models/``, :func:`trained_settings`): a model fine-tuned with ``--tiny`` (``tiny.json``:
+ResNet-10, 64x64) or ``--set backbone=...`` is built as it was trained; a model without that record gets ResNet-50,
+224x224, 14 classes, and when its weights do not fit, the error says which values do.
 
 The box datalist and image loading live in :mod:`dira3d.evaluation.box_inputs`; the names of ``__all__`` are
 importable from here. This module imports torch and MONAI only inside the functions that run the model, so the
@@ -42,7 +44,7 @@ from tqdm import tqdm
 
 from dira3d.data.errors import DataError
 from dira3d.evaluation.box_inputs import (DEFAULT_SIZE, check_box_datalist, check_label_index, load_box_entries,
-                                          load_cxr_image, prepared_size_of, scale_box)
+                                          load_cxr_image, prepared_size_of, scale_box, trained_settings)
 from dira3d.evaluation.gradcam import (DELTAS, box_iou, box_on_image, boxes_from_heatmap, gradcam_maps,
                                       localisation_accuracy, save_overlay)
 from dira3d.utils.atomic import FolderNotWritableError, atomic_write_text, check_writable, removed_if_failed_empty
@@ -54,7 +56,7 @@ from dira3d.utils.warning_format import Dira3dWarning
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "main"]
+__all__ = ["load_box_entries", "scale_box", "load_cxr_image", "localise", "run_localisation", "trained_settings", "main"]
 
 
 def localise(
@@ -339,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="fine-tuned classifier state_dict (bundles/chestxray14_cls models/model.pt)")
     parser.add_argument("--output-dir", required=True, help="folder for localisation.json and overlays/")
     parser.add_argument("--split", default="test", help="split of the box datalist ('all' for every split)")
-    parser.add_argument("--backbone", default="resnet50", help="backbone the classifier was built with")
-    parser.add_argument("--num-classes", type=int, default=14)
-    parser.add_argument("--roi-size", type=int, nargs=2, default=[224, 224], help="classifier input size (x y)")
+    record = "default: what the fine-tuning run recorded (metrics.json beside the model's models/), else"
+    parser.add_argument("--backbone", default=None, help=f"backbone the classifier was built with; {record} resnet50")
+    parser.add_argument("--num-classes", type=int, default=None, help=f"the classifier's outputs; {record} 14")
+    parser.add_argument("--roi-size", type=int, nargs=2, default=None, help=f"classifier input size (x y); {record} 224 224")
     parser.add_argument("--prepared-size", type=int, default=None,
                         help="side the training PNGs were stored at (`dira3d prepare chestxray14 --size`; the bundle's "
                              "prepared_size): each image is resized to it as preparation does before --roi-size; 0 = "
@@ -353,6 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:  # the heatmap is min-max normalised: 0 or above 1 would box everything or nothing
         parser.error(f"--threshold {args.threshold:g} must be between 0 and 1 (the heatmap is scaled to [0, 1]), e.g. 0.5")
+    try:  # a --tiny model (ResNet-10, 64x64) is built as it was trained: the printed `dira3d localise` fits it too
+        recorded, record = trained_settings(args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    taken = {key: recorded[key] for key in recorded if getattr(args, key) is None}
+    for key, default in (("backbone", "resnet50"), ("num_classes", 14), ("roi_size", [224, 224])):
+        if getattr(args, key) is None:  # the command line first, then the record, then the bundle's defaults
+            setattr(args, key, taken.get(key, default))
+    if taken:
+        print("dira3d localise: " + " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                             for k, v in taken.items()) + f", as {record} records the model's training",
+              file=sys.stderr)
     if args.prepared_size is None:  # the size the box datalist's PNGs were prepared at (a 128 PNG went through 512)
         args.prepared_size = prepared_size_of(args.bbox_datalist)
     if args.prepared_size != 0 and args.prepared_size < 8:
