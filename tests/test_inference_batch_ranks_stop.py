@@ -204,10 +204,10 @@ def test_what_the_line_after_a_signal_says_was_kept_on_each_rank(rank, world, ou
 ROWS = {n: {"image": f"{n}.nii.gz", "probabilities": [p]} for n, p in zip("abcd", (0.125, 0.25, 0.5, 0.75))}
 
 
-def _rank_stopped_after_one_input(monkeypatch, tmp_path, rank: int, theirs: tuple):
+def _rank_stopped_after_one_input(monkeypatch, tmp_path, rank: int, theirs: tuple, raises: type = None):
     """Rank ``rank`` of 2 of a batch of a, b, c, d into one prob.json: it runs its first input (rank 0: a, rank 1: b;
-    its writer takes the row), then SIGTERM stops it in its second; the other rank's record is ``theirs``. Returns
-    ``(what this rank handed to the gather, prob.json, the report)``."""
+    its writer takes the row), then SIGTERM stops it in its second; the other rank's record is ``theirs``; the run
+    ends with ``raises`` (the interrupt). Returns ``(what this rank handed to the gather, prob.json, the report)``."""
     import torch.distributed as dist
 
     import dira3d.evaluation.batch as batch_module
@@ -232,8 +232,10 @@ def _rank_stopped_after_one_input(monkeypatch, tmp_path, rank: int, theirs: tupl
         writer.rows.append(ROWS["ab"[rank]])
         raise TerminatedBySignal()
 
-    with pytest.raises(TerminatedBySignal):
+    with pytest.raises(raises or TerminatedBySignal) as ended:
         batch.run(type("Evaluator", (), {"run": lambda self: run()})())
+    if raises is SystemExit:  # under python -m monai.bundle run
+        assert ended.value.code == 143
     return handed[0], target, report
 
 
@@ -290,3 +292,38 @@ def test_stopped_ranks_leave_an_earlier_file_holding_rows_they_did_not_reach(mon
     assert [m for m in lines if m.startswith("failed:")] == [
         f"failed: the rows of 2 inputs run (a.nii.gz, b.nii.gz) are lost, not in {target}: stopped by SIGTERM; run the "
         "same command again to run them again"]
+
+
+def test_rank_0_failing_to_write_the_one_file_after_a_signal_ends_as_one_process_does(monkeypatch, tmp_path, caplog):
+    """SIGTERM to both ranks, each after its first input, and rank 0 cannot write prob.json (a full disk): as one process
+    (tests/test_inference_stopped_classification.py), the run exits 143 under python -m monai.bundle run, one
+    ``failed:`` line says the rows are lost, the error and what to do, and the stop line says nothing was written, why.
+    It raised the OSError instead: a traceback, exit 1, no stop line."""
+    import errno
+
+    from dira3d.evaluation import ProbabilityWriter
+    from dira3d.utils import bundle_errors
+
+    target = tmp_path / "prob.json"
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    def write(self, rows):
+        raise error
+
+    monkeypatch.setattr(ProbabilityWriter, "write", write)
+    monkeypatch.setattr(bundle_errors, "run_by_monai_bundle_command", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="dira3d"):
+        _, _, report = _rank_stopped_after_one_input(monkeypatch, tmp_path, 0, _theirs(1, target), raises=SystemExit)
+    assert not target.exists()
+    said = f"OSError: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: '{target}'"
+    lost = f"the batch stopped before {target} was written: stopped by SIGTERM; writing it then failed: {said}"
+    payload = json.loads(report.read_text())
+    assert [(r["status"], r.get("reason")) for r in payload["inputs"][:2]] == [("failed", lost), ("failed", lost)]
+    assert payload["stopped"] == "stopped by SIGTERM"  # as one process's report: the stop; the error is the rows'
+    assert [m for m in (r.getMessage() for r in caplog.records) if m.startswith("failed:")] == [
+        f"failed: the rows of 2 inputs run (a.nii.gz, b.nii.gz) are lost, not in {target}: stopped by SIGTERM; writing it "
+        f"then failed: {said}; free space on that disk or raise your quota, or pass --output_path with another file; then "
+        "run the same command again to run them again"]
+    assert _stop_line(caplog) == (
+        f"inference stopped by SIGTERM; nothing was written to {target} ({said}); report: {report}; run the same command "
+        "again for every input (it replaces dira3d's own earlier predictions)")

@@ -95,20 +95,40 @@ def test_a_skip_written_rerun_stopped_again_keeps_the_earlier_rows_and_its_own(t
     assert seen == ["read e.nii.gz", "run e.nii.gz"] and len(_names(out)) == 5
 
 
-def test_a_stopped_rerun_leaves_an_earlier_file_with_rows_it_did_not_reach(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("earlier_settings", [{}, {"intensity_range": None}])
+def test_a_stopped_rerun_leaves_an_earlier_file_with_rows_it_did_not_reach(tmp_path, monkeypatch, caplog,
+                                                                         earlier_settings):
     """A rerun without --skip_written (every input run again) stopped after b: writing the rows of a and b would lose
-    the earlier run's rows of c, d and e. The earlier file stays, byte for byte."""
+    the earlier run's rows of c, d and e. The earlier file stays, byte for byte. Made by the same model and settings
+    (the earlier report says so, read before the new one replaces it), its rows are kept in the new report (written,
+    skipped), and the stop line says the file holds them: a rerun with --skip_written True runs no input. The new
+    report said a and b failed and the others not run, so that rerun ran every input again though the file held their
+    rows. Made with other settings (intensity_range), the rows are not this run's: nothing is kept."""
     datalist, out = _cubes(tmp_path, "abcde"), tmp_path / "out"
-    assert _run(BUNDLE, tmp_path, datalist, out, **CLS3D) == [0]
+    assert _run(BUNDLE, tmp_path, datalist, out, **{**CLS3D, **earlier_settings}) == [0]
     earlier = (out / "prob.json").read_bytes()
     with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="dira3d"):
         _stop_at(patch, "b", before_row=False)
         with pytest.raises(KeyboardInterrupt):
             _run(BUNDLE, tmp_path, datalist, out, **CLS3D)
     assert (out / "prob.json").read_bytes() == earlier
-    assert any("is left as it was: it holds rows of inputs that this stopped run did not reach" in r.getMessage()
-               for r in caplog.records)
-    assert [r["status"] for r in _report(out)["inputs"]] == ["failed", "failed", "not run", "not run", "not run"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("is left as it was: it holds rows of inputs that this stopped run did not reach" in m for m in lines)
+    stop = [m for m in lines if m.startswith("inference interrupted")][-1]
+    if earlier_settings:
+        assert [r["status"] for r in _report(out)["inputs"]] == ["failed", "failed", "not run", "not run", "not run"]
+        assert stop.endswith(f"nothing was written to {out / 'prob.json'}; report: {out / 'inference_report.json'}; run "
+                             "the same command again for every input (it replaces dira3d's own earlier predictions)")
+        return
+    assert [(r["status"], r.get("skipped")) for r in _report(out)["inputs"]] == [("written", True)] * 5
+    assert (f"nothing was written to {out / 'prob.json'}; it still holds the rows of the 5 input(s) written, by an "
+            "earlier run with the same model and settings, which the report keeps; report: ") in stop
+    assert stop.endswith("run the same command again with --skip_written True to run only the inputs not written "
+                         "(without it, every input is run again)")
+    assert any(m.startswith("inference: 5 of 5 inputs written, 5 of them kept from the earlier run") for m in lines)
+    seen = _run_on(monkeypatch)
+    assert _run(BUNDLE, tmp_path, datalist, out, skip_written=True, **CLS3D) == [0]
+    assert seen == [] and json.loads((out / "prob.json").read_text())["predictions"] == json.loads(earlier)["predictions"]
 
 
 @pytest.mark.parametrize(("stop_at", "code", "fix"), [

@@ -145,6 +145,7 @@ class InferenceBatch:
         self.writer: Any = None  # the ProbabilityWriter of output_path: under torchrun rank 0 writes every rank's rows
         self._file_written = False  # output_path written by a batch that stopped (one process: write_stopped_rows)
         self.rows_error: BaseException | None = None  # why output_path could not be written, its rows lost (summarise)
+        self.earlier_kept = 0  # inputs whose rows an earlier output_path a stopped batch did not write holds (summarise)
         self._share = rank_share(len(self.datalist), self.rank, self.world)  # this rank's inputs (in one process all)
 
     @property
@@ -327,9 +328,9 @@ class InferenceBatch:
         self.stopped = failure_reason(err) + (f" {when}" if when else "")
         with sigterm_ignored():  # a second SIGTERM (SLURM's to every process, torchrun's forwarded) ends no report
             self._finish(completed=False)
-        kept = stop_note(self.rank, self.world, self.output_path, (self._written, len(self.done)),
-                         self.report_path if self.several else None, self._file_written, self.rows_error)  # a rank's
-        nothing_kept = self.output_path is not None and self.world < 2 and not self.kept and not self._file_written
+        kept = stop_note(self.rank, self.world, self.output_path, (self._written, len(self.done)), self.report_path if
+                         self.several else None, self._file_written, self.rows_error, self.earlier_kept)  # a rank's
+        nothing_kept = self.output_path is not None and self.rank == 0 and not self._written  # (of every rank's inputs)
         again = ("run the same command again for every input (it replaces dira3d's own earlier predictions)" if nothing_kept
                  else "run the same command again with --skip_written True to run only the inputs not written (without "
                  "it, every input is run again)")
@@ -416,13 +417,14 @@ class InferenceBatch:
         rows = self.rows(completed)
         if self.world > 1:  # every rank's rows, to rank 0; the ranks leave together once it has written the report
             try:
-                rows, self.stopped, completed, held = gather_rows(rows, self._share, self.stopped, completed, self.rank, held)
-                error = write_gathered(self.writer, held, rows, None if completed else self.stopped) \
+                mine, (rows, self.stopped, completed, held) = completed, gather_rows(rows, self._share, self.stopped,
+                                                                                     completed, self.rank, held)
+                self.rows_error = write_gathered(self.writer, held, rows, None if completed else self.stopped) \
                     if self.rank == 0 and held is not None else None
-                if error is not None:  # as when one process's writer fails: the report, then the error
-                    self.stopped, self.rows_error = "; ".join(filter(None, [self.stopped, failure_reason(error)])), error
+                if self.rows_error is not None and mine:  # as when one process's writer fails: the report, the error
+                    self.stopped = "; ".join(filter(None, [self.stopped, failure_reason(self.rows_error)]))
                     summarise(self, rows, completed=False)
-                    raise error
+                    raise self.rows_error  # (rank 0 stopped: as one process that stops, the summary says it)
                 if all(r["status"] == "left out" for r in rows):  # no rank had an input that can be used
                     from dira3d.data.errors import DataError
 

@@ -27,7 +27,10 @@ stopped (a signal, a full disk) hands over the rows of the inputs it ran too, th
 that stops writes them (:func:`~dira3d.evaluation.batch_resume.stopped_rows`; it handed over none, so a rerun with
 ``--skip_written True`` ran them again); its inputs not reached are ``not run``. When a rank stopped, rank 0 leaves an
 earlier file holding rows of inputs this run did not reach as it was, as one process does (the inputs run are then
-``failed``); when no rank ran an input, no file is written. A writer not linked to the batch is refused under
+``failed``, those whose rows it holds by the same model and settings ``written`` as kept:
+:func:`~dira3d.evaluation.batch_resume.keep_earlier_rows`); when no rank ran an input, no file is written. Rank 0
+stopped and failing to write the file ends as one process that stops (the summary's one line on the rows lost, its
+stop's exit), not with the write's error. A writer not linked to the batch is refused under
 ``torchrun`` when the run starts, in one ``error:`` line naming its ``batch`` setting (each rank would write the file
 with its own share).
 
@@ -211,7 +214,7 @@ def write_gathered(writer: Any, predictions: list[dict], rows: list[dict], stopp
     try:
         writer.write(predictions)
     except Exception as err:  # noqa: BLE001 - the report says it, and the batch raises it after the report
-        reason = lost_reason(target, failure_reason(err))
+        reason = lost_reason(target, stopped, err)  # (as one process's: the stop's reason, then the error)
         for row in rows:
             if row["status"] == "written":
                 row.pop("output", None)
@@ -221,22 +224,28 @@ def write_gathered(writer: Any, predictions: list[dict], rows: list[dict], stopp
 
 
 def stop_note(rank: int, world: int, output_path: Any, written: tuple[int, int], report_path: Any,
-              file_written: bool = False, rows_error: BaseException | None = None) -> str:
+              file_written: bool = False, rows_error: BaseException | None = None, earlier_kept: int = 0) -> str:
     """What the line after Ctrl-C / SIGTERM says was kept, true for the rank that logs it (``written``: the inputs
     written of every rank, after the gather, and of this rank's share): one process (``world`` 1) and rank 0 keep the
     predictions written, or say what the one ``output_path`` holds, and name the report they wrote (``report_path``;
     None: none); another rank keeps its own predictions, and never writes ``output_path`` (rank 0 does, with this
     rank's rows of the inputs it ran) nor the report. ``file_written``: one process wrote ``output_path``
-    with the rows of the inputs written when it stopped; ``rows_error``: why writing it failed (one process)."""
+    with the rows of the inputs written when it stopped; ``rows_error``: why writing it failed (one process, rank 0);
+    ``earlier_kept``: the batch did not write ``output_path``, which still holds that many rows of an earlier run by the
+    same model and settings, kept in the report
+    (:func:`~dira3d.evaluation.batch_resume.keep_earlier_rows`: the ``written`` ones are all in that file)."""
     every, mine = written
+    nothing = f"nothing was written to {output_path}" + (f" ({failure_reason(rows_error)})" if rows_error else "")
+    if earlier_kept and output_path is not None and rank == 0:
+        nothing += (f"; it still holds the rows of the {every} input(s) written, by an earlier run with the same model "
+                    "and settings, which the report keeps")
     if world < 2:
         kept = (f"the {every} prediction(s) written are kept, each whole" if output_path is None  # written atomically
-                else f"{output_path} holds the rows of the {every} input(s) written" if file_written
-                else f"nothing was written to {output_path}" + (f" ({failure_reason(rows_error)})" if rows_error else ""))
+                else f"{output_path} holds the rows of the {every} input(s) written" if file_written else nothing)
     elif rank == 0:
         kept = (f"the {every} prediction(s) written are kept, each whole" if output_path is None
-                else f"{output_path} holds the rows of the {every} input(s) written" if every
-                else f"nothing was written to {output_path}")
+                else f"{output_path} holds the rows of the {every} input(s) written"
+                if every and rows_error is None and not earlier_kept else nothing)
     else:
         kept = (f"this rank's {mine} prediction(s) written are kept, each whole" if output_path is None
                 else f"rank 0 writes {output_path} with this rank's rows of the {mine} input(s) it ran (the report says "

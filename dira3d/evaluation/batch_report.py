@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.evaluation.batch_failures import failure_reason
-from dira3d.evaluation.batch_resume import output_states
+from dira3d.evaluation.batch_resume import keep_earlier_rows, output_states
 from dira3d.utils.atomic import atomic_write_text
 
 __all__ = ["STATUSES", "first_file", "lost_reason", "summarise", "write_report"]
@@ -56,9 +56,12 @@ def _lost_line(batch: Any, why: str, names: list[str]) -> str:
 
 def summarise(batch: Any, rows: list[dict[str, Any]], completed: bool) -> int:
     """Write the report of ``batch`` (an :class:`~dira3d.evaluation.batch.InferenceBatch`) and log the summary of its
-    ``rows``; the exit status."""
+    ``rows``; the exit status. A stopped batch that did not write its one output file keeps in ``rows`` the inputs
+    whose rows the earlier file still holds (:func:`~dira3d.evaluation.batch_resume.keep_earlier_rows`, how many:
+    ``batch.earlier_kept``)."""
+    batch.earlier_kept = keep_earlier_rows(batch, rows) if not completed and batch.output_path is not None else 0
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-    counts.update({"kept": sum(bool(r.get("skipped")) for r in rows)} if batch.skip_written else {})
+    counts.update({"kept": sum(bool(r.get("skipped")) for r in rows)} if batch.skip_written or batch.earlier_kept else {})
     code = batch._code(rows)
     report = write_report(batch, rows, counts, code if completed else None)
     if not (batch.several or report):

@@ -21,7 +21,9 @@ again. With ``skip_written`` on, an input is kept, neither read nor run, when al
   file takes it, so it still lists every input in datalist order (:func:`held_rows`). A classification batch in one
   process that stops (Ctrl-C, SIGTERM, an error that stops the batch) writes that file with the rows of the inputs
   it ran and kept (:func:`write_stopped_rows`): it was written only when the batch ended, so a stopped batch left no
-  row to keep and the rerun ran every input again.
+  row to keep and the rerun ran every input again. An earlier file such a batch leaves as it was (it holds rows of
+  inputs the stopped run did not reach, or writing failed) keeps in the new report the inputs whose rows the earlier
+  report says it holds (:func:`keep_earlier_rows`): the new report replaced the one that recorded them.
 
 Any other input is run again. A kept input is ``written`` in the new report, with ``"skipped": true``. Under
 ``torchrun`` each rank decides for its own share, so the outputs are those of one process.
@@ -37,8 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["earlier_rows", "held_rows", "in_order", "keeps_earlier_file", "kept_inputs", "log_kept", "made_by_record",
-           "output_states", "state_of", "stopped_rows", "write_stopped_rows"]
+__all__ = ["earlier_rows", "held_rows", "in_order", "keep_earlier_rows", "keeps_earlier_file", "kept_inputs", "log_kept",
+           "made_by_record", "output_states", "state_of", "stopped_rows", "write_stopped_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -287,3 +289,28 @@ def write_stopped_rows(batch: Any) -> bool:
         batch.rows_error = err
         return False
     return True
+
+
+def keep_earlier_rows(batch: Any, rows: list[dict]) -> int:
+    """After a batch stopped without writing its one output file (``batch``: an
+    :class:`~dira3d.evaluation.InferenceBatch` with an ``output_path``; the file left as it was because it holds rows of
+    inputs the run did not reach, :func:`keeps_earlier_file`, or writing it failed): each input of ``rows`` (the new
+    report's) ``not run``, or run but its row lost, whose row the earlier report says was written there by the same
+    model and settings, the file unchanged since (:func:`kept_inputs`), is ``written`` with ``"skipped": true``, as a
+    rerun with ``--skip_written True`` keeps it. The new report replaced the earlier one with those inputs ``failed`` or
+    ``not run``, so such a rerun ran every input again although the file still held their rows. The earlier report is
+    read before the new one replaces it. Returns how many inputs were kept so."""
+    from dira3d.evaluation.batch_report import lost_reason
+
+    target, lost = str(batch.output_path), lost_reason(batch.output_path, None)
+    if any(r["status"] == "written" and r.get("output") == target and not r.get("skipped") for r in rows):
+        return 0  # this run wrote the file
+    open_rows = {i: r["image"] for i, r in enumerate(rows)
+                 if r["status"] == "not run" or (r["status"] == "failed" and r["reason"].startswith(lost))}
+    earlier, why = earlier_rows(batch.report_path, batch._made_by) if open_rows else ([], "")
+    if why or not earlier:
+        return 0
+    kept, _ = kept_inputs(open_rows, dict.fromkeys(open_rows, target), earlier, single_file=True)
+    for index in kept:
+        rows[index] = {"image": rows[index]["image"], "status": "written", "output": target, "skipped": True}
+    return len(kept)
