@@ -115,10 +115,10 @@ def test_every_task_bundle_checks_its_inputs_before_caching(repo_root):
         configs = repo_root / "bundles" / bundle / "configs"
         train = json.loads((configs / "train.json").read_text(encoding="ascii"))
         for split in ("train", "validate"):
-            assert "kind=@network_def#kind)" in train[split]["datalist"], (bundle, split)
+            assert "kind=@network_def#kind, spatial_dims=" in train[split]["datalist"], (bundle, split)
         # evaluate.json (run with train.json) loads the test split with the bundle's kind too
         evaluate = json.loads((configs / "evaluate.json").read_text(encoding="ascii"))
-        assert "kind=@network_def#kind)" in evaluate["validate#datalist"], (bundle, "evaluate.json")
+        assert "kind=@network_def#kind, spatial_dims=" in evaluate["validate#datalist"], (bundle, "evaluate.json")
         for name in ("train.json", "multi_gpu_train.json"):
             config = json.loads((configs / name).read_text(encoding="ascii"))
             assert config["run"][0] == step, (bundle, name)

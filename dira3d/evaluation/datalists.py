@@ -97,6 +97,7 @@ def load_split(
     num_labels: int | None = None,
     kind: str | None = None,
     class_names: list[str] | None = None,
+    spatial_dims: int | None = None,
 ) -> list[dict]:
     """Entries of one split of a prepared datalist, with absolute paths.
 
@@ -122,6 +123,10 @@ def load_split(
             (``meta.labels``, as ``dira3d prepare chestxray14`` / ``chexpert`` write it), they must be these names in
             this order, or the AUCs, ``test_cases.csv`` and the probabilities would name the classes wrongly. None:
             not checked.
+        spatial_dims: the dimensions of the bundle's network (2 or 3; the task bundles pass theirs): a split whose
+            images are files of the other dimensions (PNGs for a 3D bundle, volumes for a 2D one;
+            :func:`dira3d.evaluation.datalist_dims.other_dims_entry`) is refused first, naming the datalist, the image and
+            the ``dira3d prepare`` that writes a datalist that fits. None: not checked.
 
     Returns:
         A list of entry dicts (``"image"``, ``"label"``, ``"case_id"``, ...), each with the keys every entry of the
@@ -178,6 +183,7 @@ def load_split(
             checks.warn_test_patients_in_training(path, training, test)
     elif split == "validation":
         result = _load_key(path, content, "validation")
+        _check_dims(path, split, result, spatial_dims)
         _check_labels(path, split, result, kind)
         check_entry_files(path, "validation", result)
         _check_label_vectors(path, content, split, result, num_labels)
@@ -233,6 +239,7 @@ def load_split(
         )
     # the entries this run uses (not the whole list: a 1 % run does not need the other 99 %)
     listed = "test" if split == "test" and (fold is None or int(fold) < 0) else "training"
+    _check_dims(path, split, result, spatial_dims)  # first: a 3D datalist's masks are the wrong labels of a 2D classifier
     _check_labels(path, split, result, kind)
     check_entry_files(path, VALIDATION if split == "holdout" and on_validation else listed, result)
     # labels the bundle cannot take first: their error names the entry (the AUC check would give other advice)
@@ -246,6 +253,21 @@ def load_split(
                           fold=int(fold) if fold is not None and int(fold) >= 0 else None,
                           settings=f"label_fraction={label_fraction}, seed={seed}, holdout={holdout}, fold={fold}")
     return _detached(_common_keys(result))
+
+
+def _check_dims(path: Path, split: str, entries: list[dict], spatial_dims: int | None) -> None:
+    """Refuse a split whose images are of the other dimensions than the bundle's network (``load_split``'s
+    ``spatial_dims``): they failed while caching (``3D pretraining needs 3D volumes``) or on their labels."""
+    from dira3d.evaluation.datalist_dims import fitting_datalist, other_dims_entry
+
+    found = other_dims_entry(entries, spatial_dims) if spatial_dims is not None else None
+    if found is not None:
+        index, image = found
+        other = 5 - spatial_dims
+        raise DataError(None, f"datalist {path}: entry {index} of split {split!r} (image {image}) is a {other}D "
+                              f"{'volume' if other == 3 else 'image'}, but this bundle's network is {spatial_dims}D; "
+                              f"pass a {spatial_dims}D datalist, {fitting_datalist(spatial_dims)}, or fine-tune a "
+                              f"{other}D bundle")
 
 
 _NUMBERS = {int, float}

@@ -125,51 +125,29 @@ def check_pretrain_datalist(name: str, configs: list, overrides: Mapping[str, An
                             "(relative to the config's folder; docs/2d.md, 'Grids')") from cause
 
 
-def _is_volume(image: str | Path) -> bool:
-    """Whether ``image`` (a NIfTI, MetaImage or NRRD file) holds more than one slice, read from its header alone."""
-    try:
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(image))
-        reader.ReadImageInformation()
-        size = reader.GetSize()
-    except Exception:  # noqa: BLE001  (not readable: the runs name the file)
-        return False
-    return len(size) >= 3 and size[2] > 1
-
-
-_SUFFIXES = {3: (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr"), 2: (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")}
-
-
 def check_datalist_dims(config: Mapping[str, Any], path: Path, bundle_configs: Path, overrides: Mapping[str, Any]) -> None:
     """Refuse, before any run (and before a method's pretraining), a datalist whose training images are files of the
     other dimensions than the bundle's network (told by their names: NIfTI, MetaImage, NRRD are 3D volumes; PNG, JPEG,
     BMP, TIFF are 2D images; a volume file of one slice is a 2D image, read from its header): every run failed on it one after the other, after the pretrainings, with an error about
     its labels or the caching of a volume that named neither the bundle's dimensions nor the datalist to use."""
     from dira3d.data.datalist import datalist_entries, read_datalist_json
+    from dira3d.evaluation.datalist_dims import fitting_datalist, other_dims_entry
 
     network_def = _task_network_def(bundle_configs, overrides)
     if network_def is None:
         return
     target = str(network_def.get("_target_", ""))
     dims = 2 if target.endswith(".build_resnet_task_network") else network_def.get("spatial_dims", 3)
-    if dims not in _SUFFIXES:
-        return
     datalist = Path(config["datalist"]).resolve()
     try:  # as load_split reads it
         entries = datalist_entries(datalist, "training", content=read_datalist_json(datalist), path_keys=("image",),
                                    optional=True)
     except Exception:  # noqa: BLE001  (a datalist the runs refuse themselves, with their own error)
         return
-    other = 5 - dims
-    for index, entry in enumerate(entries):
-        image = entry.get("image") if isinstance(entry, dict) else None
-        if isinstance(image, (str, Path)) and str(image).lower().endswith(_SUFFIXES[other]):
-            if dims == 2 and not _is_volume(image):
-                return  # a 2D NIfTI (or one the runs cannot read: they name it)
-            fits = ("one that `dira3d prepare chestxray14`, `chexpert`, `siim`, `montgomery` or `radiographs` wrote "
-                    "(docs/data_2d.md)" if dims == 2 else "one that `dira3d prepare` wrote for a 3D dataset (docs/data.md)")
-            raise ValueError(f"datalist {datalist} in {path} holds {other}D images (training entry {index}: {image}), but "
-                             f"bundle {config['bundle']!r} is {dims}D, so each run of the grid would fail at its start; "
-                             f"give the bundle a {dims}D datalist, {fits}, or name a {other}D bundle")
+    found = other_dims_entry(entries, dims)
+    if found is not None:
+        index, image = found
+        other = 5 - dims
+        raise ValueError(f"datalist {datalist} in {path} holds {other}D images (training entry {index}: {image}), but "
+                         f"bundle {config['bundle']!r} is {dims}D, so each run of the grid would fail at its start; "
+                         f"give the bundle a {dims}D datalist, {fitting_datalist(dims)}, or name a {other}D bundle")

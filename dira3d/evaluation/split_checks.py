@@ -210,8 +210,8 @@ def check_before_caching(train: list[dict], holdout: list[dict], network: Any = 
 
     Its arguments are its work: MONAI resolves them in this order before calling it, so the training split and the
     early-stopping holdout are loaded and checked (:func:`~dira3d.evaluation.datalists.load_split` with the bundle's
-    ``kind=@network_def#kind``: entries without a label, a mask datalist for a classification bundle and the
-    reverse, missing files, a holdout without both classes...), then the network is built and its ``pretrained``
+    ``kind=@network_def#kind`` and ``spatial_dims``: images of the other dimensions than the network, entries without
+    a label, a mask datalist for a classification bundle and the reverse, missing files, a holdout without both classes...), then the network is built and its ``pretrained``
     checkpoint read (missing, or of other settings), all before the next step builds the trainer, which caches the
     datasets (hours and hundreds of GiB for LUNA16): these were found only then, or in MONAI's tracebacks naming no
     file. The trainer and the evaluator reuse the lists and the network (MONAI keeps what it resolved): nothing is
