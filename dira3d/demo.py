@@ -136,7 +136,7 @@ def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage
 def _finetune(prepared: Path, checkpoint: Path, out: Path, seeds: int) -> str:
     from dira3d.evaluation.experiment import run_experiment
 
-    _say(f"5/5 fine-tuning nodule false-positive reduction: random init vs DiRA, {seeds} seeds")
+    _say(f"5/5 fine-tuning nodule false-positive reduction: random init vs DiRA, {seeds} seed{'' if seeds == 1 else 's'}")
     config = {
         "bundle": "luna16_nodule_fpr", "datalist": str(prepared / "ncc_datalist.json"), "metric": "auc",
         "output_dir": str(out / "experiment"), "baseline": "random", "seeds": list(range(seeds)),

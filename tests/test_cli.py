@@ -45,6 +45,18 @@ def test_formatter_shows_defaults_only_where_there_is_one():
     assert "window (default -1000 1000)" in text and "(default: -1 1)" not in text  # the help's own wording is kept
 
 
+def test_export_without_what_to_export_names_the_choices(capsys):
+    """`dira3d export` alone said `the following arguments are required: what`, argparse's internal name."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"required: {{{','.join(EXPORTS)}}}" in err and "required: what" not in err
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--help"])
+    assert f"usage: dira3d export [-h] {{{','.join(EXPORTS)}}} ..." in capsys.readouterr().out  # the usage as before
+
+
 @pytest.mark.parametrize("argv", COMMAND_LINES, ids=[" ".join(a) for a in COMMAND_LINES])
 def test_every_command_help_names_its_defaults(argv, monkeypatch, capsys):
     parsers = []

@@ -24,6 +24,7 @@ def test_demo_runs_end_to_end_and_prints_what_a_user_needs(tmp_path, repo_root):
     assert "| dis | dis | 1–1 |" in text and "| dis_res | dis+res | 2–2 |" in text
     assert "| dira | dis+res+adv | 3–3 |" in text
     assert "| random |" in text and "| dira |" in text  # the fine-tuning comparison
+    assert "random init vs DiRA, 1 seed\n" in text  # not "1 seeds"
     assert f"checkpoint:  {out / 'pretrain' / 'models' / 'best.pt'}" in text
     assert f"tensorboard --logdir {out / 'pretrain' / 'eval'}" in text
     ckpt = load_checkpoint(out / "pretrain" / "models" / "last.pt")

@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     app.add_argument("--studies", default=None,
                      help="the folder of scans the server lists and infers on (named in the printed start command)")
     app.add_argument("--build-env", action="store_true", help="also build the MONAI Label environment")
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # as argparse shows it, and what a missing one's error names, not 'what'
     return parser
 
 
