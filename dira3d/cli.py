@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import warnings
 
-__all__ = ["COMMANDS", "main", "quiet_missing_nvimgcodec"]
+__all__ = ["COMMANDS", "STDOUT_CLOSED", "main", "quiet_missing_nvimgcodec"]
+
+STDOUT_CLOSED = 141  # the exit code of a command whose reader went away (``dira3d --help | head``): 128 + SIGPIPE,
+# what a shell reports for a program the signal ended, as ``cat`` or ``ls`` piped into ``head``
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,7 +47,36 @@ def quiet_missing_nvimgcodec() -> None:
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll says POLLERR); True where poll is missing."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except AttributeError:  # no select.poll (Windows): the error was the pipe's, as almost always
+        return True
+    except (OSError, ValueError):  # stdout replaced by something without a file descriptor (tests' capture)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its output piped into a reader that stops early (``| head``) ends it quietly with
+    :data:`STDOUT_CLOSED`, not a ``BrokenPipeError`` traceback (Python docs, "Note on SIGPIPE")."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # what the command printed, flushed here where the error can be caught, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():  # another pipe (a worker's): a real error
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush then writes nowhere
+        return STDOUT_CLOSED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_missing_nvimgcodec()
     if not argv or argv[0] in {"-h", "--help"}:

@@ -128,8 +128,8 @@ def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage
             meta_file=str(PRETRAIN / "metadata.json"), logging_file=str(PRETRAIN / "logging.conf"),
             bundle_root=str(run_dir), dataset_dir=str(vw), patch_size=list(patch), stages=stages,
             max_epochs=3 * epochs_per_stage, batch_size=8, log_every=5, image_every=20, seed=seed)
-    except RunAlreadyFinished:  # a rerun: the finished pretraining is reused, nothing is loaded again
-        _say(f"4/5 pretraining already finished in {run_dir / 'models'}")
+    except RunAlreadyFinished:  # a rerun: the finished pretraining is reused, nothing is loaded again; the check
+        pass  # logged why under the step's line ("last.pt is at epoch 12, max_epochs=12: ... already finished; ...")
     return run_dir, stages
 
 

@@ -245,3 +245,23 @@ def test_python_dash_m_dira3d_runs_the_command(repo_root):
     bad = subprocess.run([sys.executable, "-m", "dira3d", "nonsense"], capture_output=True, text=True, timeout=120,
                          env=env, cwd="/")
     assert bad.returncode == 2 and "nonsense" in bad.stderr
+
+
+def test_experiment_help_is_a_summary_that_points_to_the_docs(capsys):
+    """`dira3d experiment --help` printed the module's whole reference (about 150 lines): now a screen as the other
+    commands' helps, with the config example, every config key and where the reference is, which holds it all."""
+    from dira3d.evaluation.experiment_config import KNOWN
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["experiment", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) <= 50, len(text.splitlines())
+    assert text.startswith("usage: dira3d experiment [-h] --config CONFIG\n")
+    assert 'docs/results.md, "The dira3d experiment command"' in " ".join(text.split())
+    missing = [key for key in KNOWN if key != "welch" and not re.search(rf"^ +{key}:", text, flags=re.M)]
+    assert not missing, f"config keys not in the help's example: {missing}"
+    results = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
+    section = results.split("\n## The `dira3d experiment` command\n", 1)[1].split("\n## ", 1)[0]
+    for key in KNOWN:  # the reference names every key (welch: its older spelling of `test: welch`)
+        assert f"`{key}" in section or f"\n{key}:" in section, key

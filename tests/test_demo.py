@@ -36,6 +36,27 @@ def test_demo_runs_end_to_end_and_prints_what_a_user_needs(tmp_path, repo_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "luna16_raw" / "annotations.csv").stat().st_mtime_ns == raw_mtime
     assert "phantoms already in" in proc.stdout
+    # the pretraining step says it is reused under its one line, not under a second "4/5" line
+    assert proc.stdout.count("=== 4/5 pretraining") == 1, proc.stdout
+    assert "this run has already finished; nothing was loaded, trained or written" in proc.stdout
+
+
+def test_demo_rerun_names_the_finished_pretraining_step_once(tmp_path, capsys, monkeypatch):
+    """A rerun printed the step's line twice: "=== 4/5 pretraining ... into DIR" and "=== 4/5 pretraining already
+    finished in DIR/models", the finished run's own log line between them; now the step's line once."""
+    import dira3d.demo as demo
+    import dira3d.utils.overrides as overrides
+    from dira3d.engines.finished import RunAlreadyFinished
+
+    def finished(**kwargs):
+        assert kwargs["bundle_root"] == str(tmp_path / "pretrain")
+        raise RunAlreadyFinished("pretraining: last.pt is at epoch 3, max_epochs=3: this run has already finished")
+
+    monkeypatch.setattr(overrides, "run_bundle", finished)
+    run_dir, stages = demo._pretrain(tmp_path / "visual_words", tmp_path, (32, 32, 16), 1, 0)
+    assert run_dir == tmp_path / "pretrain" and [s["name"] for s in stages] == ["dis", "dis_res", "dira"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines == [f"=== 4/5 pretraining 3D DiRA (tiny preset, stages dis → dis+res → dis+res+adv) into {run_dir}"]
 
 
 def test_demo_stopped_while_writing_its_phantoms_goes_on_when_rerun(tmp_path):
