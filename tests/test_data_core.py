@@ -298,6 +298,24 @@ def test_an_empty_split_of_a_datalist_is_warned_about(tmp_path, capsys):
     assert "WARNING dl.json: its 'validation', 'test' lists are empty" in err and "--test-subsets" in err
 
 
+def test_an_empty_validation_list_of_a_labelled_datalist_is_said_to_be_no_loss_for_fine_tuning(tmp_path, capsys):
+    """The task datalists (lits, lidc, montgomery, siim, luna16's cubes) warned of an empty 'validation' list as of a
+    missing part, but every task bundle early-stops on a share of the training patients it holds out itself (holdout
+    0.1): only holdout=validation reads that list. A pretraining datalist (no labels) gets no such word."""
+    labelled = {"image": tmp_path / "a.nii.gz", "label": tmp_path / "a_label.nii.gz", "case_id": "a"}
+    write_datalist(tmp_path / "task.json", {"training": [labelled], "validation": [], "test": [labelled]}, {})
+    err = capsys.readouterr().err
+    assert "WARNING task.json: its 'validation' list is empty: no prepared case went there; fine-tuning does not " \
+           "need the 'validation' list: `dira3d finetune` early-stops on 0.1 of the training patients" in err
+    assert "only --set holdout=validation reads that list" in err
+    write_datalist(tmp_path / "task.json", {"training": [labelled], "validation": [labelled], "test": []}, {})
+    assert "fine-tuning" not in capsys.readouterr().err  # an empty 'test' list is what fine-tuning scores on
+    unlabelled = {"image": tmp_path / "a.nii.gz", "case_id": "a"}
+    write_datalist(tmp_path / "dl.json", {"training": [unlabelled], "validation": []}, {})
+    err = capsys.readouterr().err
+    assert "its 'validation' list is empty" in err and "fine-tuning" not in err
+
+
 def test_prepare_command_dispatch(capsys):
     assert command.main(["nosuch"]) == 2
     assert "unknown dataset 'nosuch'" in capsys.readouterr().err

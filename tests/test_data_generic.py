@@ -363,6 +363,36 @@ def test_the_advice_for_an_empty_list_names_a_fraction_that_fills_it(tmp_path, c
     assert "--test-fraction 0.2" not in err
 
 
+def test_a_labelled_datalists_empty_validation_list_is_explained_for_fine_tuning(tmp_path, capsys):
+    """The README's labelled `prepare generic ... --test-fraction 0.2` (for fine-tuning, which holds out its own
+    patients) warned that 'validation' was empty and to "rerun with a larger fraction", as for a pretraining datalist.
+    It now says fine-tuning does not need the list, what pretraining on these volumes does without it (last.pt, not
+    best.pt), and scopes the rerun to that; a 'test' list rounded to none, which fine-tuning scores on, comes first."""
+    src = tmp_path / "scans"
+    _labelled_scans(src, 5)
+    common = dict(modality="mr", image_suffix="_image", label_suffix="_label", progress=False)
+    generic.prepare(src, tmp_path / "out", test_fraction=0.2, **common)
+    err = capsys.readouterr().err
+    assert "'validation' list is empty" in err and "fine-tuning does not need the 'validation' list" in err
+    assert "--val-fraction is 0 (the default)" in err and "its result is last.pt, not best.pt" in err
+    assert "for a 'validation' list to pretrain with: rerun with a larger fraction (e.g. --val-fraction 0.2;" in err
+    assert err.count("rerun") == 1
+    generic.prepare(src, tmp_path / "both", test_fraction=0.1, **common)
+    err = capsys.readouterr().err
+    assert "--test-fraction 0.1 of the 5 patient(s) rounds to none" in err
+    test_advice = err.index("rerun with a larger fraction (e.g. --test-fraction 0.2;")
+    assert test_advice < err.index("to pretrain on these volumes too") < err.index("(e.g. --val-fraction 0.2;")
+    # without masks (for pretraining) the warning stays what it was: no word of fine-tuning
+    scans = tmp_path / "unlabelled"
+    scans.mkdir()
+    for i in range(3):
+        sitk.WriteImage(_mr(20 + i), str(scans / f"u{i}.nrrd"))
+    generic.prepare(scans, tmp_path / "pre", modality="mr", progress=False)
+    err = capsys.readouterr().err
+    assert "'validation' list is empty" in err and "fine-tuning" not in err
+    assert "validate on the 'validation' list" in err and "; rerun with a larger fraction (e.g. --val-fraction 0.34;" in err
+
+
 def test_the_output_of_prepare_given_as_src_is_refused_naming_its_datalist(tmp_path, capsys):
     """`--src prepared/mine` (or its volumes/) prepared the prepared volumes again: in [0, 1], they have no air, so
     --modality ct flattened them with the HU window (a warning per volume), and without --modality the error said

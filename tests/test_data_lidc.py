@@ -219,3 +219,5 @@ def test_an_empty_split_names_lidc_own_split_option(tmp_path: Path, capsys) -> N
     assert "its 'validation', 'test' lists are empty" in err
     assert "--split 510 100 408 is cut over the 1 patient(s) found, so a part is empty below 3 patients" in err
     assert "subsets" not in err and "fraction" not in err
+    # a task datalist: its fine-tuning holds out its own patients, only holdout=validation reads that list
+    assert "fine-tuning does not need the 'validation' list" in err and "--set holdout=validation" in err

@@ -269,3 +269,7 @@ def test_an_empty_split_names_the_subsets_asked_for_and_found(luna_tree, tmp_pat
     assert "WARNING pretrain_datalist.json: its 'validation' list is empty" in err
     assert "(training 0 5, validation 1, test 7) against the subsets found (subset0, subset5, subset7)" in err
     assert "fraction" not in err
+    # the candidate cubes are for fine-tuning, which holds out its own patients; the volumes are for pretraining
+    pretrain, ncc = (next(line for line in err.splitlines() if line.startswith(f"WARNING {name}"))
+                     for name in ("pretrain_datalist.json", "ncc_datalist.json"))
+    assert "fine-tuning does not need the 'validation' list" in ncc and "fine-tuning" not in pretrain

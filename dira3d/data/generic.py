@@ -296,8 +296,16 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
               f"{option} {fraction:g} of the {n_patients} patient(s) rounds to none (whole patients)"
               for part, option, fraction in (("validation", "--val-fraction", val_fraction), ("test", "--test-fraction", test_fraction))
               if part in splits and not splits[part]]
-    advice = "; ".join(causes) + (f"; {_VALIDATION_USERS}" if not splits["validation"] else "")
-    advice += "; " + _larger_fraction(splits, n_patients)
+    advice = "; ".join(causes)
+    if not any("label" in e for entries in splits.values() for e in entries):
+        advice += f"; {_VALIDATION_USERS}" if not splits["validation"] else ""
+        advice += "; " + _larger_fraction(splits, n_patients)
+    else:  # for fine-tuning (write_datalist says it needs no 'validation' list): a rerun only to pretrain on them too
+        if "test" in splits and not splits["test"]:  # what fine-tuning scores on
+            advice += "; " + _larger_fraction(splits, n_patients, "test")
+        if not splits["validation"]:
+            advice += f"; {_PRETRAINING_WITHOUT_VALIDATION}; for a 'validation' list to pretrain with: " + \
+                _larger_fraction(splits, n_patients, "validation")
     write_datalist(dst / "pretrain_datalist.json", splits, meta, split_advice=advice)
     spread = "" if spacing_t is not None else spacing_spread([(c.case_id, c.outputs[0]) for c in good])
     if spread:
@@ -314,6 +322,11 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
 _VALIDATION_USERS = ("`dira3d visual-words` (its validation words: without them pretraining on its output runs without "
                      "validation) and pretraining with dis_mode moco, barlow or simsiam validate on the 'validation' "
                      "list (or pretrain without validation: --override validation=false)")
+# the same for a labelled datalist, prepared for fine-tuning: what pretraining on it too does without that list
+_PRETRAINING_WITHOUT_VALIDATION = (
+    "to pretrain on these volumes too: `dira3d pretrain` on them (every volume its own class) validates on their "
+    "'training' list, but pretraining on the output of `dira3d visual-words` (no validation words) or with dis_mode "
+    "moco, barlow or simsiam (--override validation=false) runs without validation: its result is last.pt, not best.pt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,11 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _larger_fraction(splits: dict[str, list[dict]], patients: int) -> str:
-    """The advice for an empty 'validation' (else 'test') list: a fraction that gives it a patient and leaves one to
-    train on (the example was a fixed 0.1, which rounds to none again below 5 patients, the case it was given for)."""
-    part, option, usual = (("validation", "--val-fraction", 0.1) if not splits["validation"]
-                           else ("test", "--test-fraction", 0.2))
+def _larger_fraction(splits: dict[str, list[dict]], patients: int, part: str | None = None) -> str:
+    """The advice for an empty ``part`` list (None: 'validation' if empty, else 'test'): a fraction that gives it a
+    patient and leaves one to train on (the example was a fixed 0.1, which rounds to none again below 5 patients, the
+    case it was given for)."""
+    part = part or ("validation" if not splits["validation"] else "test")
+    option, usual = ("--val-fraction", 0.1) if part == "validation" else ("--test-fraction", 0.2)
     other = sum(len({e["patient_id"] for e in splits.get(name, [])}) for name in ("validation", "test") if name != part)
     fraction = max(usual, np.ceil(100 / max(patients, 1)) / 100)
     if patients - other - int(round(fraction * patients)) < 1:

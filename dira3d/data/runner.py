@@ -87,6 +87,11 @@ _SPLIT_ADVICE = ("check the split options (e.g. --train-subsets / --val-subsets 
                  "--test-fraction) against the cases found")
 
 
+# what fine-tuning does without a 'validation' list (every task bundle's holdout default 0.1; holdout=validation opts in)
+_UNREAD_BY_FINETUNING = ("fine-tuning does not need the 'validation' list: `dira3d finetune` early-stops on 0.1 of the "
+                         "training patients, which it holds out itself (only --set holdout=validation reads that list)")
+
+
 def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta: dict,
                    split_advice: str | None = None) -> Path:
     """Write a MONAI decathlon-style datalist with paths relative to its own folder.
@@ -97,7 +102,9 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
             ``"label"`` are made relative to ``path``'s folder (absolute or ``Path`` values).
         meta: stored as the top-level ``"meta"`` dict.
         split_advice: what the warning about an empty training / validation / test list says to check
-            (the dataset's own split options); default: the split options of the datasets in general.
+            (the dataset's own split options); default: the split options of the datasets in general. An empty
+            'validation' list of a datalist with labels is said first to be no loss for fine-tuning
+            (:data:`_UNREAD_BY_FINETUNING`): the task bundles hold out their own patients.
     """
     path = Path(path)
     base = path.parent.resolve()
@@ -112,9 +119,12 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
         out[split] = [{k: (rel(v) if k in ("image", "label") else v) for k, v in e.items()} for e in entries]
     out["meta"] = dict(meta)
     empty = [split for split in ("training", "validation", "test") if split in splits and not splits[split]]
+    labelled = any("label" in e for entries in splits.values() for e in entries)
     if empty:  # e.g. LUNA16's default test subsets 7-9 not downloaded: the fine-tuning test would fail much later
+        # a task datalist's 'validation' list: fine-tuning holds out its own patients, so that list is no loss there
+        unread = f"; {_UNREAD_BY_FINETUNING}" if labelled and "validation" in empty else ""
         print(f"WARNING {path.name}: its {', '.join(repr(s) for s in empty)} list{'s are' if len(empty) > 1 else ' is'} "
-              f"empty: no prepared case went there; {split_advice or _SPLIT_ADVICE}", file=sys.stderr)
+              f"empty: no prepared case went there{unread}; {split_advice or _SPLIT_ADVICE}", file=sys.stderr)
     # dira3d prepare: named at the end, with the next step
     record_datalist(path, any("label" in e for e in splits.get("training", [])))
     return write_json(path, out)
