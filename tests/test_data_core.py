@@ -295,7 +295,10 @@ def test_an_empty_split_of_a_datalist_is_warned_about(tmp_path, capsys):
     assert "WARNING" not in capsys.readouterr().err
     write_datalist(tmp_path / "dl.json", {"training": [entry], "validation": [], "test": []}, {})
     err = capsys.readouterr().err
-    assert "WARNING dl.json: its 'validation', 'test' lists are empty" in err and "--test-subsets" in err
+    assert "WARNING dl.json: its 'validation', 'test' lists are empty" in err, err
+    # without advice of its own, no dataset's options (LUNA16's subsets were named to every dataset): its prepare's --help
+    assert err.rstrip().endswith("check the split options of its `dira3d prepare <dataset>` (see its --help) against "
+                                 "the cases found") and "subsets" not in err, err
 
 
 def test_an_empty_validation_list_of_a_labelled_datalist_is_said_to_be_no_loss_for_fine_tuning(tmp_path, capsys):

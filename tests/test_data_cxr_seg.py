@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pydicom
@@ -260,3 +261,24 @@ def test_montgomery_grey_rgb_image_and_mask_are_prepared_with_warnings_and_a_col
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "masks" / "MCUCXR_0001_0.png")),
                                   expected["MCUCXR_0001_0.png"])
     assert results[2].reason.startswith(f"{coloured}: is a colour RGB image") and not results[1].warnings
+
+
+@pytest.mark.parametrize("name", ["montgomery", "siim"])
+def test_an_empty_split_names_only_the_prepares_own_options(tmp_path, capsys, name):
+    """One patient prepared: the 'validation' and 'test' lists are empty, and the warning named LUNA16's
+    --train-subsets / --val-subsets / --test-subsets, which these prepares lack (write_datalist's default advice)."""
+    if name == "montgomery":
+        src, _ = _montgomery_layout(tmp_path / "data")
+        for path in src.rglob("MCUCXR_000[23]_*.png"):
+            path.unlink()
+    else:
+        src = tmp_path / "data"
+        _siim_layout(src)
+        for i in (1, 2, 3):
+            shutil.rmtree(src / "dicom-images-train" / f"1.2.{i}")
+    assert prepare_main([name, "--src", str(src), "--dst", str(tmp_path / "out"), "--size", "8", "--keep-going"]) == 0
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "lists are empty" in line)
+    assert "its 'validation', 'test' lists are empty" in warning and "subsets" not in warning, warning
+    assert warning.endswith("; --val-fraction / --test-fraction are cut over the 1 patient(s) prepared and round to "
+                            "whole patients, each part needing one: prepare more patients, or, with enough, rerun with "
+                            "a larger fraction for the empty list (the PNGs written are kept)"), warning

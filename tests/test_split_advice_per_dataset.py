@@ -4,18 +4,26 @@
 for CheXpert, ChestX-ray14 and PE-CAD, whose prepare commands have no --test-fraction (their test lists are the
 official valid.csv / test_list.txt) and, for PE-CAD, no --val-fraction either (cross-validation folds, all under
 'training').
+
+The warning `dira3d prepare` prints about an empty list (write_datalist's split_advice) named LUNA16's --train-subsets
+/ --val-subsets / --test-subsets for siim, montgomery, chexpert, chestxray14 and pecad: every prepare's advice is now
+checked against its real parser.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
+import importlib
+import inspect
 import io
 import json
 import re
 
 import pytest
 
-from dira3d.data import command
+from dira3d.data import command, runner
 from dira3d.data.datalist import more_training_advice, split_option
 from dira3d.data.errors import DataError
 from dira3d.evaluation.datalists import load_split
@@ -82,3 +90,69 @@ def test_a_pecad_datalist_without_a_fold_is_told_to_set_one(tmp_path):
         "is empty (label_fraction=1.0, holdout=0.1, fold=-1); it has no 'test' list; `dira3d prepare pecad ... --folds K` "
         "writes cross-validation folds instead of a 'test' list: set fold to test on one (`dira3d finetune --fold K`)"), \
         str(refused.value)
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing, carrying the parser a prepare command built."""
+
+
+def prepare_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
+    """The real argparse parser of `dira3d prepare <name>`: its main() is run up to its parse_args."""
+    def caught(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", caught)
+        with pytest.raises(_Parsed) as parsed:
+            importlib.import_module(command.DATASETS[name][0]).main([])
+    return parsed.value.args[0]
+
+
+def _strings(node: ast.AST, assigned: dict[str, list[ast.AST]]) -> list[str]:
+    """The string pieces of an expression (f-strings' literal parts too), a name's assigned values followed."""
+    found = []
+    docstrings = {id(sub.value) for sub in ast.walk(node) if isinstance(sub, ast.Expr)}
+    for sub in ast.walk(node):
+        if id(sub) in docstrings:
+            continue
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+            found.append(sub.value)
+        elif isinstance(sub, ast.Name) and sub.id in assigned:
+            found += [s for value in assigned.pop(sub.id) for s in _strings(value, assigned)]
+    return found
+
+
+def empty_split_advice(name: str) -> list[str]:
+    """What each write_datalist call of `dira3d prepare <name>` warns with about an empty list: the text of its
+    split_advice (read from the module's source), or write_datalist's default when it passes none."""
+    module = importlib.import_module(command.DATASETS[name][0])
+    tree = ast.parse(inspect.getsource(module))
+    assigned: dict[str, list[ast.AST]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assigned.setdefault(target.id, []).append(node.value)
+    advice = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_datalist":
+            given = [k.value for k in node.keywords if k.arg == "split_advice"]
+            advice.append(" ".join(_strings(given[0], dict(assigned))) if given else runner._SPLIT_ADVICE)
+            if given and isinstance(given[0], ast.Call):  # a helper's text: its source's strings
+                helper = getattr(module, getattr(given[0].func, "id", ""), None)
+                assert helper is not None, ast.dump(given[0])
+                advice[-1] += " " + " ".join(_strings(ast.parse(inspect.getsource(helper)), {}))
+    assert advice, f"{module.__name__} writes no datalist"
+    return advice
+
+
+@pytest.mark.parametrize("name", sorted(command.DATASETS))
+def test_each_prepares_empty_split_advice_names_only_its_own_options(name, monkeypatch):
+    """montgomery and siim warned with write_datalist's default advice, "check the split options (e.g.
+    --train-subsets / --val-subsets / --test-subsets, --val-fraction, --test-fraction)": LUNA16's subsets, which
+    their parsers do not have."""
+    options = set(prepare_parser(name, monkeypatch)._option_string_actions)
+    assert "--dst" in options  # the real parser, not an empty one
+    for advice in empty_split_advice(name):
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", advice))
+        assert named <= options, (name, advice, sorted(named - options))

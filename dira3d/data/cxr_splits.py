@@ -5,7 +5,8 @@
 :func:`dira3d.data.splits.split_patients` (seeded, reproducible); :func:`split_entries` does it for datalist
 entries tagged with their patient; :func:`write_patient_split` records the split in ``split.json`` and
 :func:`earlier_patient_split` reads back the one an earlier run recorded with the same rule, so that a rerun keeps its
-patients' parts; :func:`warn_one_validation_image` warns about a 'validation' list of one image. The file records
+patients' parts; :func:`warn_one_validation_image` warns about a 'validation' list of one image and
+:func:`fraction_split_advice` / :func:`val_fraction_split_advice` say what to do about an empty list. The file records
 the method as ``dira3d.data.cxr.patient_split`` (:data:`SPLIT_METHOD`), the module these functions were first in, so
 that files written before they moved here still match.
 """
@@ -27,6 +28,8 @@ __all__ = [
     "earlier_patient_split",
     "add_split_arguments",
     "warn_one_validation_image",
+    "fraction_split_advice",
+    "val_fraction_split_advice",
 ]
 
 
@@ -131,3 +134,21 @@ def warn_one_validation_image(path: str | os.PathLike, lists: Mapping[str, list]
     (the default ``--val-fraction`` 0.1 of a few patients): 2D pretraining with Barlow Twins refuses it."""
     warn_one_validation(path, lists, "Barlow Twins pretraining on it (`dira3d pretrain --config 2d.json --config "
                         "2d_barlow.json`, which validates on that list) needs", item="image", written="PNGs")
+
+
+def fraction_split_advice(split: Mapping[str, Sequence[str]]) -> str:
+    """What the warning about an empty list of a datalist split by ``--val-fraction`` / ``--test-fraction`` (SIIM-ACR,
+    Montgomery) says to do: :func:`~dira3d.data.runner.write_datalist`'s ``split_advice``, naming only options
+    those prepares have (not LUNA16's subsets). ``split``: the parts' patients, the count the fractions were cut over."""
+    return (f"--val-fraction / --test-fraction are cut over the {sum(map(len, split.values()))} patient(s) prepared "
+            "and round to whole patients, each part needing one: prepare more patients, or, with enough, rerun with a "
+            "larger fraction for the empty list (the PNGs written are kept)")
+
+
+def val_fraction_split_advice(split: Mapping[str, Sequence[str]], of: str, test_from: str) -> str:
+    """:func:`fraction_split_advice` for CheXpert and ChestX-ray14, whose prepares take ``--val-fraction`` alone: their
+    'test' list is the images of the official ``test_from`` found. ``of``: what ``split``'s patients are."""
+    return (f"--val-fraction is cut over the {sum(map(len, split.values()))} {of} prepared and rounds to whole "
+            "patients, each part needing one: prepare more patients, or, with enough, rerun with another "
+            "--val-fraction (the PNGs written are kept); the "
+            f"'test' list holds the images of {test_from} found under --src")

@@ -272,7 +272,10 @@ def prepare(src: str | Path, dst: str | Path, *, volumes: str | Path | None = No
     meta = {"dataset": "pecad", "window": list(window), "spacing": None if spacing is None else list(spacing),
             "orientation": "RAS", "cube_size": list(cube_size), "folds": rule, "candidates_csv": str(csv_path.resolve()),
             "volumes_without_candidates": unused, "source": str(src.resolve()), "version": __version__}
-    write_datalist(dst / "pecad_datalist.json", {"training": entries}, meta)
+    write_datalist(dst / "pecad_datalist.json", {"training": entries}, meta,
+                   split_advice="every cube of the patients prepared goes to 'training' (--folds only deals them into "
+                                "folds): the FAILED lines say why a patient gave none; check --volumes and --candidates "
+                                "(its patient_id rows must name volumes found there)")
     return results
 
 

@@ -83,8 +83,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
-_SPLIT_ADVICE = ("check the split options (e.g. --train-subsets / --val-subsets / --test-subsets, --val-fraction, "
-                 "--test-fraction) against the cases found")
+# a datalist written without split_advice: no option named, as the prepare commands' split options differ (each
+# prepare passes its own; naming LUNA16's --train-subsets for every dataset sent users to options they do not have)
+_SPLIT_ADVICE = "check the split options of its `dira3d prepare <dataset>` (see its --help) against the cases found"
 
 
 # what fine-tuning does without a 'validation' list (every task bundle's holdout default 0.1; holdout=validation opts in)
@@ -102,7 +103,8 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
             ``"label"`` are made relative to ``path``'s folder (absolute or ``Path`` values).
         meta: stored as the top-level ``"meta"`` dict.
         split_advice: what the warning about an empty training / validation / test list says to check
-            (the dataset's own split options); default: the split options of the datasets in general. An empty
+            (the dataset's own split options; every prepare passes its own); default: a pointer to the prepare's
+            --help, naming no option (:data:`_SPLIT_ADVICE`). An empty
             'validation' list of a datalist with labels is said first to be no loss for fine-tuning
             (:data:`_UNREAD_BY_FINETUNING`): the task bundles hold out their own patients.
     """
