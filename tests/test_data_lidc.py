@@ -221,3 +221,31 @@ def test_an_empty_split_names_lidc_own_split_option(tmp_path: Path, capsys) -> N
     assert "subsets" not in err and "fraction" not in err
     # a task datalist: its fine-tuning holds out its own patients, only holdout=validation reads that list
     assert "fine-tuning does not need the 'validation' list" in err and "--set holdout=validation" in err
+
+
+def test_an_xml_of_another_series_fails_its_series_and_a_nodule_off_the_series_is_warned(tmp_path: Path) -> None:
+    """An XML whose imageSOP_UIDs match no slice and whose imageZposition values lie off the series (the read of
+    another series) wrote the series as done with no nodule, said nothing on the console and was skipped by every
+    rerun; one reader's nodule off the series was left out with a note in the manifest only."""
+    import re
+
+    src = tmp_path / "LIDC-IDRI"
+    make_patient(src, 1)
+    folder, _ = make_patient(src, 2)
+    xml = folder / "069.xml"
+    text = re.sub(r"<imageSOP_UID>[^<]*</imageSOP_UID>", "<imageSOP_UID>9.9.9</imageSOP_UID>", xml.read_text())
+    xml.write_text(re.sub(r"<imageZposition>(-?[0-9.]+)</imageZposition>",
+                          lambda m: f"<imageZposition>{float(m.group(1)) + 500:.3f}</imageZposition>", text))
+    partial = next((src / "LIDC-IDRI-0001").rglob("069.xml"))
+    head, far = partial.read_text().split("<noduleID>far</noduleID>")  # the far nodule's slices: not in the series
+    partial.write_text(head + "<noduleID>far</noduleID>" + re.sub(r"<imageSOP_UID>[^<]*</imageSOP_UID>",
+                                                                   "<imageSOP_UID>9.9.9</imageSOP_UID>",
+                                                                   far.replace("<imageZposition>-", "<imageZposition>")))
+    results = {r.case_id: r for r in lidc.prepare(src, tmp_path / "out", keep_going=True, progress=False)}
+    failed = results["LIDC-IDRI-0002"]
+    assert failed.status == "failed" and str(xml) in failed.reason and "none of its 4 readers' outlined nodules" in failed.reason
+    assert "another series" in failed.reason and not (tmp_path / "out" / "manifests" / "LIDC-IDRI-0002.json").exists()
+    written = results["LIDC-IDRI-0001"]
+    assert written.status == "written" and written.info["nodules"] == 1
+    assert len(written.warnings) == 1 and written.warnings[0].startswith(f"{partial}: 1 of its 4 readers' outlined nodules")
+    assert "reader 3 nodule 'far'" in written.warnings[0]

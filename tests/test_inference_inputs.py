@@ -277,3 +277,24 @@ def test_the_checks_pass_what_each_bundle_takes():
                           value_range=[0, 255])
     with pytest.raises(ValueError, match="modality='hu' .*'ct' .*'mr'"):
         check_inference_input(ct, "ct.nii.gz", takes="hu")
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused_not_read_by_another_reader(tmp_path):
+    """inference.json's ``SimpleITKReader`` refused a DICOM series with a missing slice (``read_image``), but MONAI's
+    ``LoadImage`` went on to its own readers: pydicom read the 23 slices left with the gap spread over them (spacing
+    2.09 instead of 2 mm) and a mask was written on that grid, exit code 0; ``dira3d prepare`` refuses the series."""
+    from conftest import write_dicom_series
+
+    from dira3d.engines.inputs import LoadVolumed
+    from dira3d.evaluation import SimpleITKReader
+
+    volume = np.full((16, 16, 24), -800, dtype=np.int16)
+    whole, gapped = tmp_path / "1.2.826.0.1.1", tmp_path / "1.2.826.0.1.2"
+    write_dicom_series(whole, volume)
+    write_dicom_series(gapped, volume)
+    (gapped / "slice010.dcm").unlink()
+    load = LoadVolumed(keys="image", reader=SimpleITKReader(), image_only=True)
+    image = load({"image": str(whole)})["image"]
+    assert tuple(image.shape) == (16, 16, 24) and np.allclose(image.meta["spacing"], (0.7, 0.7, 2.0))
+    with pytest.raises(DataError, match=r"1\.2\.826\.0\.1\.2: the DICOM series has non-uniform slice spacing: .* missing"):
+        load({"image": str(gapped)})

@@ -322,3 +322,26 @@ def test_predictions_from_before_the_marks_are_refused_all_named_with_why_and_th
         check_prediction_targets([tmp_path / "inference_report.json"], before_marks=False)
     assert "no dira3d mark (a file from elsewhere)" in str(report.value) and "0.1.4" not in str(report.value)
     assert check_prediction_targets(targets, overwrite=True) == targets
+
+
+def test_a_dicom_folder_with_dots_in_its_name_keeps_its_whole_name(tmp_path):
+    """LIDC-IDRI series folders are named by their UID (``1.3.6.1.4.1.14519...``) or ``3000566.000000-03192``: MONAI's
+    naming took the text after the last dot for an extension, so ``--image .../1.2.826.0.1.9`` wrote
+    ``1.2.826.0.1_seg.nii.gz``, and a folder given with a trailing ``/`` wrote ``_seg.nii.gz``; the docs promise
+    ``<name>_seg.nii.gz`` next to the input."""
+    import torch
+    from monai.data import MetaTensor
+
+    from dira3d.evaluation.outputs import SavePredictiond, prediction_target
+
+    series = tmp_path / "1.2.826.0.1.9"
+    tcia = tmp_path / "3000566.000000-03192"
+    series.mkdir()
+    tcia.mkdir()
+    assert prediction_target(series, tmp_path, "seg", ".nii.gz") == str(tmp_path / "1.2.826.0.1.9_seg.nii.gz")
+    assert prediction_target(f"{tcia}/", tmp_path, "seg", ".nii.gz") == str(tmp_path / "3000566.000000-03192_seg.nii.gz")
+    assert prediction_target("/d/scan.v2.nii.gz", "/o", "seg", ".nii.gz") == "/o/scan.v2_seg.nii.gz"  # a file as before
+    saver = SavePredictiond(keys="pred", output_dir=str(tmp_path), output_postfix="seg", output_ext=".nii.gz",
+                            separate_folder=False, resample=False, print_log=False)
+    saver({"pred": MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": f"{series}/"})})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.2.826.0.1.9", "1.2.826.0.1.9_seg.nii.gz", "3000566.000000-03192"]

@@ -24,6 +24,7 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +34,7 @@ import SimpleITK as sitk
 
 from dira3d import __version__
 from dira3d.data.geometry import crop_cube, resample, voxel_to_world, world_to_voxel
+from dira3d.data.errors import DataWarning
 from dira3d.data.io import DataError, image_to_xyz, read_image, to_ras, write_nifti, xyz_to_image
 from dira3d.data.lidc_xml import (
     LidcReads,
@@ -193,7 +195,7 @@ def consensus_nodules(image: sitk.Image, reads: LidcReads, slice_index: Callable
     for nodule in reads.nodules:
         voxels = rasterize_nodule(nodule, image.GetSize(), slice_index, include_outline)
         if not len(voxels):
-            notes.append(f"reader {nodule.reader + 1} nodule {nodule.nodule_id!r}: outlines on no slice of the series")
+            notes.append(f"reader {nodule.reader + 1} nodule {nodule.nodule_id!r}: {_NO_SLICE}")
             continue
         marks.append((nodule, voxels))
         centroids.append(voxel_to_world(image, voxels.mean(axis=0)))
@@ -218,6 +220,30 @@ def consensus_nodules(image: sitk.Image, reads: LidcReads, slice_index: Callable
             "malignancy": [m.characteristics["malignancy"] for m in members if "malignancy" in m.characteristics],
         })
     return kept, notes
+
+
+_NO_SLICE = "outlines on no slice of the series"
+
+
+def _check_outlines_found(reads: LidcReads, image: sitk.Image, folder: Path, notes: list[str]) -> None:
+    """Refuse an XML none of whose outlined nodules lies on a slice of the series (the read of another series: its
+    series would be written with no nodule and skipped by every rerun); warn about the nodules of those that do."""
+    missed = [note for note in notes if note.endswith(_NO_SLICE)]
+    if not missed:
+        return
+    if len(missed) < len(reads.nodules):
+        warnings.warn(f"{reads.path}: {len(missed)} of its {len(reads.nodules)} readers' outlined nodules lie on no "
+                      f"slice of the series (imageSOP_UID and imageZposition match none) and are left out: "
+                      f"{'; '.join(missed[:3])}{' ...' if len(missed) > 3 else ''}", DataWarning, stacklevel=2)
+        return
+    zs = [roi.z_mm for nodule in reads.nodules for roi in nodule.rois if np.isfinite(roi.z_mm)]
+    first, last = (float(voxel_to_world(image, (0, 0, k))[2]) for k in (0, image.GetSize()[2] - 1))
+    where = (f"and their imageZposition values ({min(zs):.2f} to {max(zs):.2f} mm) lie outside its slices "
+             f"({min(first, last):.2f} to {max(first, last):.2f} mm)" if zs else "and they have no imageZposition")
+    raise DataError(reads.path, f"none of its {len(reads.nodules)} readers' outlined nodules lies on a slice of the CT "
+                                f"series in {folder}: their imageSOP_UIDs match none of its {image.GetSize()[2]} slices "
+                                f"{where}; it is the read of another series: put this series' own XML next to its "
+                                "slices (or in --xml-dir), or move this one away")
 
 
 def _crop_grid(reference: sitk.Image, start: np.ndarray, size: Sequence[int]) -> sitk.Image:
@@ -249,6 +275,7 @@ def process_series(case: Case) -> dict[str, Any]:
     nodules, notes = consensus_nodules(image, reads, _slice_lookup(folder, image), consensus=p["consensus"],
                                        min_readers=p["min_readers"], group_mm=p["group_mm"],
                                        include_outline=p["include_outline"])
+    _check_outlines_found(reads, image, folder, notes)
     lo, hi = p["window"]
     ras = to_ras(resample(image, p["spacing"], "linear", default_value=lo))
     volume = image_to_xyz(ras)

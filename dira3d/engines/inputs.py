@@ -208,8 +208,16 @@ class LoadVolumed(LoadImaged):
             from dira3d.evaluation.readers import SimpleITKReader  # SimpleITK only when such a file comes
 
             reader = SimpleITKReader()
+        own = None if reader is not None else self._given_reader(files)
         try:
             with _reader_attempts_held(type(self._loader).__name__):
+                if own is not None:
+                    try:
+                        return super().__call__(data, own)
+                    except DataError:  # its checks refused the file: no other reader may read it anyway
+                        raise
+                    except Exception:  # noqa: BLE001 - it could not read it: MONAI's readers, as before
+                        pass
                 return super().__call__(data, reader)
         except DataError:  # a reader's own error already names the file and says what to do
             raise
@@ -232,6 +240,16 @@ class LoadVolumed(LoadImaged):
             reason = " ".join(str(err).split())  # one line: nibabel's "got 32592 bytes from \n - could the file be ..."
             raise DataError(source, f"cannot be loaded ({type(err).__name__}: {reason}); "
                                     "the file is truncated, corrupt or not an image — repair or exclude it") from err
+
+    def _given_reader(self, files: list[str]):
+        """dira3d's reader given to this transform (``inference.json``'s ``SimpleITKReader``) when it takes ``files``,
+        tried alone first, its refusal (a ``DataError``) final; else None. MONAI's ``LoadImage`` tries a given reader
+        first but, when it refuses a file, goes on to its own readers: a DICOM series with a missing slice, refused by ``read_image``, was read by
+        pydicom with the gap spread over the other slices (a wrong spacing) and its mask written on that grid."""
+        for candidate in self._loader.readers[::-1] if files else ():
+            if type(candidate).__module__.startswith("dira3d.") and candidate.verify_suffix(files):
+                return candidate
+        return None
 
     def _unloadable(self, files: list[str], reader=None) -> list[str]:
         """The ``files`` that fail to load alone, once loading them together failed (the reader attempts' log

@@ -248,7 +248,18 @@ def prediction_target(image: str | os.PathLike, output_dir: str | os.PathLike, o
     ``filename_or_obj`` that ``LoadImaged`` records (the datalist's path as given); creates no folder.
     """
     layout = FolderLayout(output_dir=output_dir, postfix=output_postfix, extension=_ext(output_ext), parent=False, makedirs=False)
-    return str(layout.filename(subject=str(image)))
+    return str(layout.filename(subject=output_subject(image)))
+
+
+def output_subject(image: Any) -> str:
+    """``image`` as the ``subject`` that MONAI's naming reads: a DICOM folder keeps its whole name (MONAI takes the
+    text after a name's last dot for an extension, so the series folder ``1.2.826.0.1.9`` gave ``1.2.826.0.1_seg.nii.gz``
+    and TCIA's ``3000566.000000-03192`` ``3000566_seg.nii.gz``), and a trailing ``/`` is dropped (it gave ``_seg.nii.gz``)."""
+    path = str(image)
+    folder = path.rstrip("/\\")
+    if folder and os.path.isdir(folder):
+        return os.path.join(folder, f"{os.path.basename(folder)}.dir")  # the ``.dir`` is the "extension" MONAI drops
+    return path
 
 
 def _ext(output_ext: str) -> str:
@@ -327,7 +338,10 @@ class _GuardedSaveImage(SaveImage):
         if filename is not None:
             target = f"{filename}{self.output_ext}"
         else:
-            target = str(self.folder_layout.filename(**self.fname_formatter(meta, self)))
+            names = self.fname_formatter(meta, self)
+            if "subject" in names:
+                names["subject"] = output_subject(names["subject"])
+            target = str(self.folder_layout.filename(**names))
         check_prediction_targets([target], self.overwrite, self.hint,
                                  inputs=[meta[ImageMetaKey.FILENAME_OR_OBJ]] if meta and meta.get(ImageMetaKey.FILENAME_OR_OBJ) else [])
         verbose = self.write_kwargs.get("verbose", False)
