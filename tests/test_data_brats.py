@@ -134,3 +134,13 @@ def test_an_empty_split_names_brats_own_split_option(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err
     assert "its 'test' list is empty" in err and "--split 190 95 is cut over the 1 patient(s) found" in err
     assert "subsets" not in err and "fraction" not in err
+
+
+
+def test_a_part_of_split_size_0_is_a_note_not_a_warning(tmp_path: Path, capsys) -> None:
+    """`--split 190 0` asks for no 'test' list; it was warned about as a part too few patients left empty."""
+    make_patient(tmp_path / "src", "HGG", "Brats18_2013_2_1", np.random.default_rng(0))
+    brats.prepare(tmp_path / "src", tmp_path / "out", split=(190, 0), progress=False)
+    err = capsys.readouterr().err
+    assert "WARNING" not in err and "note brats_datalist.json: its 'test' list is empty, as asked: --split 190 0 " \
+        "gives it size 0\n" in err, err

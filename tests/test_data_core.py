@@ -319,6 +319,21 @@ def test_an_empty_validation_list_of_a_labelled_datalist_is_said_to_be_no_loss_f
     assert "its 'validation' list is empty" in err and "fine-tuning" not in err
 
 
+def test_an_empty_list_the_user_asked_for_is_a_note_not_a_warning(tmp_path, capsys):
+    """An empty list a setting asked for (``--val-fraction 0``) was warned about like one no case reached, with advice
+    to rerun; write_datalist's ``asked_empty`` makes it one note line, and the lists it does not name still warn."""
+    entry = {"image": tmp_path / "a.nii.gz", "case_id": "a"}
+    asked = {"validation": "--val-fraction 0", "test": "--test-fraction 0"}
+    write_datalist(tmp_path / "dl.json", {"training": [entry], "validation": [], "test": [entry]}, {}, asked_empty=asked)
+    assert capsys.readouterr().err == "note dl.json: its 'validation' list is empty, as asked: --val-fraction 0\n"
+    write_datalist(tmp_path / "dl.json", {"training": [], "validation": [], "test": []}, {}, split_advice="advice",
+                   asked_empty=asked)
+    assert capsys.readouterr().err.splitlines() == [
+        "note dl.json: its 'validation', 'test' lists are empty, as asked: --val-fraction 0; --test-fraction 0",
+        "WARNING dl.json: its 'training' list is empty: no prepared case went there; advice"]
+    write_datalist(tmp_path / "dl.json", {"training": [entry], "validation": [entry]}, {}, asked_empty=asked)
+    assert capsys.readouterr().err == ""  # a list asked to be empty that an earlier split filled: no word
+
 def test_prepare_command_dispatch(capsys):
     assert command.main(["nosuch"]) == 2
     assert "unknown dataset 'nosuch'" in capsys.readouterr().err

@@ -625,3 +625,21 @@ def test_chestxray14_boxes_of_an_image_not_prepared_are_counted_and_named(tmp_pa
     assert meta["boxes_dropped"] == 3 and meta["boxes_dropped_images"] == ["00000007_000.png", "99999999_000.png"]
     case = next(c for c in json.loads((dst / "report.json").read_text())["cases"] if c["case_id"] == "00000007_000")
     assert case["status"] == "failed" and any("its 2 box(es)" in w for w in case["warnings"])
+
+
+@pytest.mark.parametrize("name", ["chestxray14", "chexpert"])
+def test_a_validation_list_asked_for_by_val_fraction_0_is_a_note_not_a_warning(tmp_path, capsys, name):
+    """`--val-fraction 0` asks for no 'validation' list (fine-tuning holds out its own patients), yet the empty list was
+    a WARNING that "no prepared case went there", advising another --val-fraction. It is one note line naming it."""
+    if name == "chestxray14":
+        src = tmp_path / "nih"
+        _nih_layout(src)
+    else:
+        src = _chexpert_layout(tmp_path / "chex")
+    assert prepare_main([name, "--src", str(src), "--dst", str(tmp_path / "out"), "--size", "16",
+                         "--val-fraction", "0"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "'validation'" in line]
+    assert lines == [f"note {name}_datalist.json: its 'validation' list is empty, as asked: --val-fraction 0 "
+                     "(fine-tuning holds out its own patients)"], lines
+    datalist = json.loads((tmp_path / "out" / f"{name}_datalist.json").read_text())
+    assert datalist["validation"] == [] and datalist["training"] and datalist["test"]

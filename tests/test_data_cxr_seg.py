@@ -282,3 +282,40 @@ def test_an_empty_split_names_only_the_prepares_own_options(tmp_path, capsys, na
     assert warning.endswith("; --val-fraction / --test-fraction are cut over the 1 patient(s) prepared and round to "
                             "whole patients, each part needing one: prepare more patients, or, with enough, rerun with "
                             "a larger fraction for the empty list (the PNGs written are kept)"), warning
+
+
+@pytest.mark.parametrize("name", ["montgomery", "siim"])
+def test_a_validation_list_asked_for_by_val_fraction_0_is_a_note_not_a_warning(tmp_path, capsys, name):
+    """`--val-fraction 0` (docs/data_2d.md's 80 / 20 % form: fine-tuning holds out its own patients) still warned that
+    'validation' was empty because "no prepared case went there" and said to rerun with a larger fraction. It is one
+    note line naming the setting; a fraction that rounds to no patient (one patient prepared) still warns, with the
+    rerun advice, as does the 'test' list that rounded to none beside the 'validation' list asked for."""
+    if name == "montgomery":
+        src, _ = _montgomery_layout(tmp_path / "data")
+    else:
+        src = tmp_path / "data"
+        _siim_layout(src)
+    common = ["--src", str(src), "--size", "8", "--keep-going"]
+    assert prepare_main([name, "--dst", str(tmp_path / "zero"), "--val-fraction", "0", *common]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" not in err and f"note {name}_datalist.json: its 'validation' list is empty, as asked: " \
+        "--val-fraction 0 (fine-tuning holds out its own patients)\n" in err, err
+    datalist = json.loads((tmp_path / "zero" / f"{name}_datalist.json").read_text())
+    assert datalist["validation"] == [] and datalist["training"] and datalist["test"]
+    if name == "montgomery":  # one patient left: the fractions round to none
+        for path in src.rglob("MCUCXR_000[23]_*.png"):
+            path.unlink()
+    else:
+        for i in (1, 2, 3):
+            shutil.rmtree(src / "dicom-images-train" / f"1.2.{i}")
+    assert prepare_main([name, "--dst", str(tmp_path / "one"), "--val-fraction", "0", *common]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "'validation'" in line] == [
+        f"note {name}_datalist.json: its 'validation' list is empty, as asked: --val-fraction 0 (fine-tuning holds "
+        "out its own patients)"]
+    assert any(line.startswith(f"WARNING {name}_datalist.json: its 'test' list is empty: no prepared case went "
+                               "there") for line in lines), lines
+    assert prepare_main([name, "--dst", str(tmp_path / "rounded"), "--val-fraction", "0.1", *common]) == 0
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "'validation'" in line)
+    assert warning.startswith(f"WARNING {name}_datalist.json: its 'validation', 'test' lists are empty: no prepared "
+                              "case went there") and "rerun with a larger fraction" in warning, warning

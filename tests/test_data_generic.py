@@ -350,9 +350,8 @@ def test_the_advice_for_an_empty_list_names_a_fraction_that_fills_it(tmp_path, c
     src = tmp_path / "scans"
     _labelled_scans(src, 3)
     common = dict(modality="mr", image_suffix="_image", label_suffix="_label", progress=False)
-    for fraction, out in ((0.1, "a"), (0.0, "b")):
-        generic.prepare(src, tmp_path / out, val_fraction=fraction, **common)
-        assert "rerun with a larger fraction (e.g. --val-fraction 0.34;" in capsys.readouterr().err
+    generic.prepare(src, tmp_path / "a", val_fraction=0.1, **common)
+    assert "rerun with a larger fraction (e.g. --val-fraction 0.34;" in capsys.readouterr().err
     generic.prepare(src, tmp_path / "a", val_fraction=0.34, **common)  # the advice taken: one validation patient
     datalist = json.loads((tmp_path / "a" / "pretrain_datalist.json").read_text())
     assert [len(datalist[k]) for k in ("training", "validation")] == [2, 1]
@@ -371,23 +370,30 @@ def test_a_labelled_datalists_empty_validation_list_is_explained_for_fine_tuning
     src = tmp_path / "scans"
     _labelled_scans(src, 5)
     common = dict(modality="mr", image_suffix="_image", label_suffix="_label", progress=False)
-    generic.prepare(src, tmp_path / "out", test_fraction=0.2, **common)
+    generic.prepare(src, tmp_path / "out", val_fraction=0.1, test_fraction=0.2, **common)
     err = capsys.readouterr().err
-    assert "'validation' list is empty" in err and "fine-tuning does not need the 'validation' list" in err
-    assert "--val-fraction is 0 (the default)" in err and "its result is last.pt, not best.pt" in err
+    assert "WARNING pretrain_datalist.json: its 'validation' list is empty" in err
+    assert "fine-tuning does not need the 'validation' list" in err
+    assert "--val-fraction 0.1 of the 5 patient(s) rounds to none" in err and "its result is last.pt, not best.pt" in err
     assert "for a 'validation' list to pretrain with: rerun with a larger fraction (e.g. --val-fraction 0.2;" in err
     assert err.count("rerun") == 1
-    generic.prepare(src, tmp_path / "both", test_fraction=0.1, **common)
+    generic.prepare(src, tmp_path / "both", val_fraction=0.1, test_fraction=0.1, **common)
     err = capsys.readouterr().err
     assert "--test-fraction 0.1 of the 5 patient(s) rounds to none" in err
     test_advice = err.index("rerun with a larger fraction (e.g. --test-fraction 0.2;")
     assert test_advice < err.index("to pretrain on these volumes too") < err.index("(e.g. --val-fraction 0.2;")
+    # the README's command (--val-fraction 0, the default): no 'validation' list was asked for, so a note, no rerun
+    generic.prepare(src, tmp_path / "asked", test_fraction=0.2, **common)
+    err = capsys.readouterr().err
+    assert "WARNING" not in err and "rerun" not in err, err
+    assert "note pretrain_datalist.json: its 'validation' list is empty, as asked: --val-fraction 0 (the default); " \
+        "to pretrain on these volumes too" in err and "its result is last.pt, not best.pt" in err
     # without masks (for pretraining) the warning stays what it was: no word of fine-tuning
     scans = tmp_path / "unlabelled"
     scans.mkdir()
     for i in range(3):
         sitk.WriteImage(_mr(20 + i), str(scans / f"u{i}.nrrd"))
-    generic.prepare(scans, tmp_path / "pre", modality="mr", progress=False)
+    generic.prepare(scans, tmp_path / "pre", modality="mr", val_fraction=0.1, progress=False)
     err = capsys.readouterr().err
     assert "'validation' list is empty" in err and "fine-tuning" not in err
     assert "validate on the 'validation' list" in err and "; rerun with a larger fraction (e.g. --val-fraction 0.34;" in err
@@ -423,17 +429,37 @@ def test_hidden_folders_are_not_searched_for_scans(tmp_path):
 
 
 def test_an_empty_validation_list_is_explained_with_generics_own_options(tmp_path, capsys):
-    """The documented `dira3d prepare generic` command (default --val-fraction 0) warned that 'validation' was empty
+    """A `dira3d prepare generic` whose --val-fraction rounded to no patient (at the default 0, see
+    test_a_validation_list_asked_for_by_a_zero_fraction_is_a_note_not_a_warning) warned that 'validation' was empty
     and said to check --train-subsets / --val-subsets / --test-subsets, options generic does not have, without
     saying that the next step (`dira3d visual-words`, default --val-neighbours 30) needs that list."""
     src = tmp_path / "scans"
     _labelled_scans(src, 3)
-    generic.prepare(src, tmp_path / "out", modality="mr", image_suffix="_image", label_suffix="_label", progress=False)
+    generic.prepare(src, tmp_path / "out", modality="mr", image_suffix="_image", label_suffix="_label",
+                    val_fraction=0.1, progress=False)
     err = capsys.readouterr().err
-    assert "'validation' list is empty" in err and "--val-fraction is 0 (the default)" in err
+    assert "'validation' list is empty" in err and "--val-fraction 0.1 of the 3 patient(s) rounds to none" in err
     assert "dira3d visual-words" in err and "--train-subsets" not in err
     generic.prepare(src, tmp_path / "out2", modality="mr", image_suffix="_image", label_suffix="_label",
                     val_fraction=0.5, test_fraction=0.1, progress=False)
     err = capsys.readouterr().err
     assert "'test' list is empty" in err and "--test-fraction 0.1 of the 3 patient(s) rounds to none" in err
     assert "--val-fraction" not in err and "--train-subsets" not in err
+
+
+def test_a_validation_list_asked_for_by_a_zero_fraction_is_a_note_not_a_warning(tmp_path, capsys):
+    """`--val-fraction 0` (generic's default) asks for no 'validation' list, yet the empty list was a WARNING that "no
+    prepared case went there" with advice to rerun with a larger fraction. It is now one note line naming the setting
+    and what reads the list; a fraction that rounds to no patient still warns (the tests above)."""
+    scans = tmp_path / "unlabelled"
+    scans.mkdir()
+    for i in range(3):
+        sitk.WriteImage(_mr(20 + i), str(scans / f"u{i}.nrrd"))
+    for argv in ([], ["--val-fraction", "0"]):
+        assert cli_main(["prepare", "generic", "--modality", "mr", "--src", str(scans), "--dst",
+                         str(tmp_path / f"out{len(argv)}"), *argv]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "'validation'" in line]
+        assert len(lines) == 1 and lines[0].startswith("note pretrain_datalist.json: its 'validation' list is empty, "
+                                                       "as asked: --val-fraction 0 (the default); "), lines
+        assert "validate on the 'validation' list" in lines[0] and "rerun" not in lines[0], lines
+

@@ -249,3 +249,14 @@ def test_an_xml_of_another_series_fails_its_series_and_a_nodule_off_the_series_i
     assert written.status == "written" and written.info["nodules"] == 1
     assert len(written.warnings) == 1 and written.warnings[0].startswith(f"{partial}: 1 of its 4 readers' outlined nodules")
     assert "reader 3 nodule 'far'" in written.warnings[0]
+
+
+def test_a_part_of_split_size_0_is_a_note_not_a_warning(tmp_path: Path, capsys) -> None:
+    """`--split 510 0 408` asks for no 'validation' list; it was warned about as a part too few patients left empty.
+    The 'test' list that one patient leaves empty still warns."""
+    make_patient(tmp_path / "LIDC-IDRI", 1)
+    lidc.prepare(tmp_path / "LIDC-IDRI", tmp_path / "out", split=(510, 0, 408), progress=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert "note lidc_datalist.json: its 'validation' list is empty, as asked: --split 510 0 408 gives it size 0" in lines
+    warning = next(line for line in lines if line.startswith("WARNING lidc_datalist.json:"))
+    assert "its 'test' list is empty" in warning and "'validation'" not in warning.split(": no prepared")[0], warning

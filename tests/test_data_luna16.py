@@ -273,3 +273,13 @@ def test_an_empty_split_names_the_subsets_asked_for_and_found(luna_tree, tmp_pat
     pretrain, ncc = (next(line for line in err.splitlines() if line.startswith(f"WARNING {name}"))
                      for name in ("pretrain_datalist.json", "ncc_datalist.json"))
     assert "fine-tuning does not need the 'validation' list" in ncc and "fine-tuning" not in pretrain
+
+
+
+def test_a_split_given_no_subset_is_a_note_not_a_warning(luna_tree, tmp_path, capsys):
+    """`--val-subsets` with no subset asks for no 'validation' list; it was warned about as a partial download."""
+    src, _ = luna_tree
+    luna16.prepare(src, tmp_path / "out", splits={"training": [0, 5], "validation": [], "test": [7]}, progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "'validation'" in line]
+    assert lines == [f"note {name}: its 'validation' list is empty, as asked: --val-subsets lists no subset"
+                     for name in ("pretrain_datalist.json", "ncc_datalist.json")], lines

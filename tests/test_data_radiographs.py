@@ -163,3 +163,24 @@ def test_an_earlier_output_inside_src_is_not_prepared_again_and_dst_src_is_refus
                                         r"radiographs.*choose an output folder of its own with --dst"):
         radiographs.prepare(src, src, size=8, progress=False)
     assert not (src / "images").exists()
+
+
+def test_a_validation_list_asked_for_by_val_fraction_0_is_a_note_not_a_warning(tmp_path, capsys):
+    """`--val-fraction 0` asks for no 'validation' list, yet the empty list was a WARNING that "no prepared case went
+    there" with a rerun; it is one note line naming the setting and what reads the list. A --val-fraction that rounds
+    to no patient still warns."""
+    src = tmp_path / "one"
+    src.mkdir()
+    Image.fromarray(BASE).save(src / "p1.png")
+    for fraction, out in (("0", "zero"), ("0.1", "rounded")):
+        assert cli_main(["prepare", "radiographs", "--src", str(src), "--dst", str(tmp_path / out), "--size", "16",
+                         "--val-fraction", fraction]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "'validation'" in line]
+        assert len(lines) == 1, lines
+        if fraction == "0":
+            assert lines[0] == ("note radiographs_datalist.json: its 'validation' list is empty, as asked: "
+                                "--val-fraction 0 (2D pretraining with 2d.json validates on that list: --override "
+                                "validation=false pretrains without)"), lines
+        else:
+            assert lines[0].startswith("WARNING radiographs_datalist.json: its 'validation' list is empty: no "
+                                       "prepared case went there") and "rerun" in lines[0], lines

@@ -166,7 +166,9 @@ def prepare(src: str | Path, dst: str | Path, *, modalities: Sequence[str] = MOD
             "version": __version__}
     write_datalist(dst / "brats_datalist.json", lists, meta,
                    split_advice=f"--split {' '.join(map(str, split))} is cut over the {len(part_of)} patient(s) found, "
-                                "so a part is empty below 2 patients: prepare more patients, or change --split")
+                                "so a part is empty below 2 patients: prepare more patients, or change --split",
+                   asked_empty={name: f"--split {' '.join(map(str, split))} gives it size 0"  # asked for none
+                                for name, size in zip(DEFAULT_SPLIT, split) if size == 0})
     return results
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from dira3d.data.cxr import convert_image, add_size_argument, check_size, read_csv_rows, scale_box
-from dira3d.data.cxr_splits import (earlier_patient_split, patient_split, val_fraction_split_advice,
+from dira3d.data.cxr_splits import (asked_no_validation, earlier_patient_split, patient_split, val_fraction_split_advice,
                                     warn_one_validation_image, write_patient_split)
 from dira3d.data.errors import OR_KEEP_GOING, join_errors, record_or_raise
 from dira3d.data.guards import is_earlier_output
@@ -284,7 +284,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             "images_missing_on_disk": missing, "source": str(src.resolve())}
     write_datalist(dst / "chestxray14_datalist.json", lists, meta,
                    split_advice=val_fraction_split_advice(split, of="train_val_list.txt patients",
-                                                      test_from="test_list.txt"))
+                                                      test_from="test_list.txt"),
+                   asked_empty=asked_no_validation(val_fraction))
     warn_one_validation_image(dst / "chestxray14_datalist.json", lists)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, of="train_val_list.txt patients")
     if boxes is not None:

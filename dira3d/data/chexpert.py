@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from dira3d.data.cxr import convert_image, add_size_argument, check_size, read_csv_rows
-from dira3d.data.cxr_splits import (earlier_patient_split, split_entries, val_fraction_split_advice,
+from dira3d.data.cxr_splits import (asked_no_validation, earlier_patient_split, split_entries, val_fraction_split_advice,
                                     warn_one_validation_image, write_patient_split)
 from dira3d.data.errors import OR_KEEP_GOING, record_or_raise
 from dira3d.data.io import DataError
@@ -232,7 +232,8 @@ def prepare(src: str | Path, dst: str | Path, *, policy: str = "u-ones", labels:
                       "val_fraction": val_fraction, "seed": seed},
             "images_missing_on_disk": sum(r["missing"] for r in records.values()), "source": str(src.resolve())}
     write_datalist(dst / "chexpert_datalist.json", lists, meta,
-                   split_advice=val_fraction_split_advice(split, of="train.csv patients", test_from="valid.csv"))
+                   split_advice=val_fraction_split_advice(split, of="train.csv patients", test_from="valid.csv"),
+                   asked_empty=asked_no_validation(val_fraction))
     warn_one_validation_image(dst / "chexpert_datalist.json", lists)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, of="train.csv patients")
     return results

@@ -6,7 +6,8 @@
 entries tagged with their patient; :func:`write_patient_split` records the split in ``split.json`` and
 :func:`earlier_patient_split` reads back the one an earlier run recorded with the same rule, so that a rerun keeps its
 patients' parts; :func:`warn_one_validation_image` warns about a 'validation' list of one image and
-:func:`fraction_split_advice` / :func:`val_fraction_split_advice` say what to do about an empty list. The file records
+:func:`fraction_split_advice` / :func:`val_fraction_split_advice` say what to do about an empty list (and
+:func:`asked_no_validation` names the one ``--val-fraction 0`` asked for). The file records
 the method as ``dira3d.data.cxr.patient_split`` (:data:`SPLIT_METHOD`), the module these functions were first in, so
 that files written before they moved here still match.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "warn_one_validation_image",
     "fraction_split_advice",
     "val_fraction_split_advice",
+    "asked_no_validation",
 ]
 
 
@@ -152,3 +154,11 @@ def val_fraction_split_advice(split: Mapping[str, Sequence[str]], of: str, test_
             "patients, each part needing one: prepare more patients, or, with enough, rerun with another "
             "--val-fraction (the PNGs written are kept); the "
             f"'test' list holds the images of {test_from} found under --src")
+
+
+def asked_no_validation(val_fraction: float, about: str = "fine-tuning holds out its own patients") -> dict[str, str]:
+    """:func:`~dira3d.data.runner.write_datalist`'s ``asked_empty`` for a prepare split by ``--val-fraction``: 0 asks
+    for no 'validation' list (the 80 / 20 % form), so that empty list gets a note, not the warning with a rerun; a
+    ``--test-fraction`` 0 makes no 'test' list. ``about``: what the note adds (a datalist with labels: fine-tuning's
+    own holdout)."""
+    return {"validation": f"--val-fraction 0 ({about})"} if val_fraction == 0 else {}

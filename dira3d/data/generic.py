@@ -291,22 +291,26 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, modality: str | N
         meta.update(channel_axis="last (4D NIfTI)" if len(patterns) > 1 else None, sequences=patterns,
                     label_pattern=label_pattern)
     n_patients = len({patients[c.case_id] for c in good})
-    # generic has no subsets: name its own options, and why an empty 'validation' list matters for the next step
-    causes = [f"{option} is 0 (the default)" if fraction == 0 else
-              f"{option} {fraction:g} of the {n_patients} patient(s) rounds to none (whole patients)"
-              for part, option, fraction in (("validation", "--val-fraction", val_fraction), ("test", "--test-fraction", test_fraction))
-              if part in splits and not splits[part]]
-    advice = "; ".join(causes)
-    if not any("label" in e for entries in splits.values() for e in entries):
-        advice += f"; {_VALIDATION_USERS}" if not splits["validation"] else ""
-        advice += "; " + _larger_fraction(splits, n_patients)
+    labelled = any("label" in e for entries in splits.values() for e in entries)
+    fractions = (("validation", "--val-fraction", val_fraction), ("test", "--test-fraction", test_fraction))
+    # a fraction of 0 (the default) asked for no such list: a note of what reads it (write_datalist), no rerun advice
+    asked = {part: f"{option} 0 (the default)" for part, option, fraction in fractions if fraction == 0}
+    if "validation" in asked:  # why an empty 'validation' list matters for the next step
+        asked["validation"] += f"; {_PRETRAINING_WITHOUT_VALIDATION if labelled else _VALIDATION_USERS}"
+    # generic has no subsets: name its own options
+    rounded = [part for part, _, fraction in fractions if fraction > 0 and part in splits and not splits[part]]
+    advice = "; ".join(f"{option} {fraction:g} of the {n_patients} patient(s) rounds to none (whole patients)"
+                       for part, option, fraction in fractions if part in rounded)
+    if not labelled:
+        advice += f"; {_VALIDATION_USERS}" if "validation" in rounded else ""
+        advice += "; " + _larger_fraction(splits, n_patients, rounded[0]) if rounded else ""
     else:  # for fine-tuning (write_datalist says it needs no 'validation' list): a rerun only to pretrain on them too
-        if "test" in splits and not splits["test"]:  # what fine-tuning scores on
+        if "test" in rounded:  # what fine-tuning scores on
             advice += "; " + _larger_fraction(splits, n_patients, "test")
-        if not splits["validation"]:
+        if "validation" in rounded:
             advice += f"; {_PRETRAINING_WITHOUT_VALIDATION}; for a 'validation' list to pretrain with: " + \
                 _larger_fraction(splits, n_patients, "validation")
-    write_datalist(dst / "pretrain_datalist.json", splits, meta, split_advice=advice)
+    write_datalist(dst / "pretrain_datalist.json", splits, meta, split_advice=advice, asked_empty=asked)
     spread = "" if spacing_t is not None else spacing_spread([(c.case_id, c.outputs[0]) for c in good])
     if spread:
         print(f"WARNING pretrain_datalist.json: {spread}", file=sys.stderr)

@@ -405,7 +405,9 @@ def prepare(src: str | Path, dst: str | Path, *, xml_dir: str | Path | None = No
     write_datalist(dst / "lidc_datalist.json", splits, meta,
                    split_advice=f"--split {' '.join(map(str, split))} is cut over the {len(part_of)} patient(s) found, "
                                 "so a part is empty below 3 patients, or when its patients kept no nodule: prepare more "
-                                "patients, or change --split")
+                                "patients, or change --split",
+                   asked_empty={name: f"--split {' '.join(map(str, split))} gives it size 0"  # asked for none
+                                for name, size in zip(DEFAULT_SPLIT, split) if size == 0})
     return results
 
 

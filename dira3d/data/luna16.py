@@ -39,6 +39,8 @@ from dira3d.utils.files import read_text
 __all__ = ["OFFICIAL_SPLIT", "find_scans", "read_candidates", "read_annotations", "prepare", "main"]
 
 OFFICIAL_SPLIT = {"training": (0, 1, 2, 3, 4), "validation": (5, 6), "test": (7, 8, 9)}
+# the option suffix of each split (--train-subsets, --val-subsets, --test-subsets)
+_FLAGS = {"training": "train", "validation": "val", "test": "test"}
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 
@@ -278,14 +280,16 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
     found = ", ".join(sorted(by_subset, key=lambda s: int(s[6:]))) or "none prepared"
     advice = (f"check --train-subsets / --val-subsets / --test-subsets ({asked}) against the subsets found ({found}): "
               "a partial download fills only the splits of its subsets")
+    # a split given no subset (e.g. `--val-subsets` alone) asked for no such list: a note, not the warning
+    asked = {name: f"--{_FLAGS[name]}-subsets lists no subset" for name, subsets in splits.items() if not subsets}
     write_datalist(dst / "pretrain_datalist.json", {**volumes, **dict(sorted(by_subset.items()))}, meta,
-                   split_advice=advice)
+                   split_advice=advice, asked_empty=asked)
     if cubes:
         unmatched = sorted(set(table) - set(scans))
         write_datalist(dst / "ncc_datalist.json", ncc,
                        {**meta, "cube_size": list(cube_size), "candidates_csv": str(csv_path.resolve()),
                         "max_negatives_per_scan": max_negatives_per_scan, "seed": seed,
-                        "candidate_scans_not_found": len(unmatched)}, split_advice=advice)
+                        "candidate_scans_not_found": len(unmatched)}, split_advice=advice, asked_empty=asked)
         if unmatched:
             print(f"note: {len(unmatched)} scan(s) in {csv_path.name} are not in the subsets (e.g. {unmatched[0]})",
                   file=sys.stderr)
@@ -307,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep all positives and at most N negatives per scan (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the negative subsampling")
     for name, default in OFFICIAL_SPLIT.items():
-        flag = {"training": "train", "validation": "val", "test": "test"}[name]
-        parser.add_argument(f"--{flag}-subsets", type=int, nargs="*", default=list(default), metavar="N",
+        parser.add_argument(f"--{_FLAGS[name]}-subsets", type=int, nargs="*", default=list(default), metavar="N",
                             help=f"subsets of the {name} split (default {' '.join(map(str, default))})")
     return parser
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from dira3d.data.cxr import add_size_argument, check_size, dicom_patient_id, read_radiograph, resize_image, write_png
 from dira3d.data.cxr_splits import (
     add_split_arguments,
+    asked_no_validation,
     earlier_patient_split,
     patient_split,
     split_entries,
@@ -207,7 +208,9 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
     write_datalist(dst / DATALIST, lists, meta,
                    split_advice="--val-fraction / --test-fraction round to whole patients; 2D pretraining with 2d.json "
                                 "validates on the 'validation' list: rerun with a larger --val-fraction (the PNGs "
-                                "written are kept)")
+                                "written are kept)",
+                   asked_empty=asked_no_validation(val_fraction, "2D pretraining with 2d.json validates on that list: "
+                                                                 "--override validation=false pretrains without"))
     warn_one_validation_image(dst / DATALIST, lists)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction, **grouping)
     return results

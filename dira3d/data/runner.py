@@ -94,7 +94,7 @@ _UNREAD_BY_FINETUNING = ("fine-tuning does not need the 'validation' list: `dira
 
 
 def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta: dict,
-                   split_advice: str | None = None) -> Path:
+                   split_advice: str | None = None, asked_empty: Mapping[str, str] | None = None) -> Path:
     """Write a MONAI decathlon-style datalist with paths relative to its own folder.
 
     Args:
@@ -107,6 +107,8 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
             --help, naming no option (:data:`_SPLIT_ADVICE`). An empty
             'validation' list of a datalist with labels is said first to be no loss for fine-tuning
             (:data:`_UNREAD_BY_FINETUNING`): the task bundles hold out their own patients.
+        asked_empty: the lists the user asked to leave empty, each with the setting that asked and what the note
+            adds (``{"validation": "--val-fraction 0"}``): such a list, empty, gets a ``note`` line, not the warning.
     """
     path = Path(path)
     base = path.parent.resolve()
@@ -122,11 +124,20 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]], meta:
     out["meta"] = dict(meta)
     empty = [split for split in ("training", "validation", "test") if split in splits and not splits[split]]
     labelled = any("label" in e for entries in splits.values() for e in entries)
+    asked = {split: why for split, why in (asked_empty or {}).items() if split in empty}  # e.g. --val-fraction 0
+    empty = [split for split in empty if split not in asked]
+
+    def lists(names: Sequence[str]) -> str:
+        return f"{', '.join(repr(s) for s in names)} list{'s are' if len(names) > 1 else ' is'} empty"
+
+    if asked:  # what the user asked for: no rerun advice
+        print(f"note {path.name}: its {lists(list(asked))}, as asked: {'; '.join(dict.fromkeys(asked.values()))}",
+              file=sys.stderr)
     if empty:  # e.g. LUNA16's default test subsets 7-9 not downloaded: the fine-tuning test would fail much later
         # a task datalist's 'validation' list: fine-tuning holds out its own patients, so that list is no loss there
         unread = f"; {_UNREAD_BY_FINETUNING}" if labelled and "validation" in empty else ""
-        print(f"WARNING {path.name}: its {', '.join(repr(s) for s in empty)} list{'s are' if len(empty) > 1 else ' is'} "
-              f"empty: no prepared case went there{unread}; {split_advice or _SPLIT_ADVICE}", file=sys.stderr)
+        print(f"WARNING {path.name}: its {lists(empty)}: no prepared case went there{unread}; "
+              f"{split_advice or _SPLIT_ADVICE}", file=sys.stderr)
     # dira3d prepare: named at the end, with the next step
     record_datalist(path, any("label" in e for e in splits.get("training", [])))
     return write_json(path, out)

@@ -44,6 +44,7 @@ from dira3d.data.cxr import (
 )
 from dira3d.data.cxr_splits import (
     add_split_arguments,
+    asked_no_validation,
     fraction_split_advice,
     earlier_patient_split,
     patient_split,
@@ -202,7 +203,8 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             "rle": "relative starts, column-major (Kaggle)", "images_without_dicom": missing,
             "split": {"method": "patient-level", "val_fraction": val_fraction, "test_fraction": test_fraction,
                       "seed": seed}, "source": str(src.resolve())}
-    write_datalist(dst / "siim_datalist.json", lists, meta, split_advice=fraction_split_advice(split))
+    write_datalist(dst / "siim_datalist.json", lists, meta, split_advice=fraction_split_advice(split),
+                   asked_empty=asked_no_validation(val_fraction))
     warn_one_validation_image(dst / "siim_datalist.json", lists)
     write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction)
     return results
