@@ -144,3 +144,28 @@ def test_a_part_of_split_size_0_is_a_note_not_a_warning(tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert "WARNING" not in err and "note brats_datalist.json: its 'test' list is empty, as asked: --split 190 0 " \
         "gives it size 0\n" in err, err
+
+
+@pytest.mark.parametrize("value, kept", [(255, False), (7, False), (3, True)])
+def test_a_segmentation_with_a_value_brats_does_not_use_fails_its_patient(tree, tmp_path: Path, value: int,
+                                                                          kept: bool) -> None:
+    """A walk of 2026-11-28: a ``_seg`` file holding a value no BraTS edition uses (a 0 / 255 mask, a parcellation)
+    was taken as it was, every value > 0 becoming tumour, without a word; it fails its patient, naming the file, the
+    values and the BraTS labels. 3, the enhancing tumour of BraTS 2023, is whole tumour like 1, 2 and 4."""
+    src, data = tree
+    seg_path = src / "HGG" / "Brats18_CBICA_AAB_1" / "Brats18_CBICA_AAB_1_seg.nii.gz"
+    seg = data["Brats18_CBICA_AAB_1"]["seg"].copy()
+    seg[seg == 4] = value
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), seg_path)
+    results = {r.case_id: r for r in brats.prepare(src, tmp_path / "out", keep_going=True, progress=False)}
+    result = results["Brats18_CBICA_AAB_1"]
+    assert results["Brats18_2013_2_1"].status == "written"
+    if kept:
+        assert result.status == "written", result.reason
+        mask = np.asarray(nib.load(tmp_path / "out" / "labels" / "Brats18_CBICA_AAB_1.nii.gz").dataobj)
+        assert np.array_equal(mask, (seg > 0).astype(np.uint8))
+    else:
+        assert result.status == "failed"
+        assert result.reason.startswith(str(seg_path)), result.reason
+        assert f"holds label value(s) {value}, which BraTS does not use" in result.reason
+        assert not (tmp_path / "out" / "labels" / "Brats18_CBICA_AAB_1.nii.gz").exists()

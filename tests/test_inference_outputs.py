@@ -209,6 +209,25 @@ def test_a_target_that_is_the_input_or_shared_by_two_inputs_is_refused_even_with
     assert scan.is_file()
 
 
+def test_two_inputs_of_one_name_end_the_run_in_one_error_line(tmp_path):
+    """A batch of scans named alike in their own folders (`sub-01/FLAIR.nii.gz`, `sub-02/FLAIR.nii.gz`: a walk of
+    2026-11-28) was refused in a plain ValueError, which `python -m monai.bundle run` ended in three chained
+    tracebacks; a DataError (a ValueError still) is its one `error:` line (dira3d.utils.bundle_errors)."""
+    from dira3d.data.errors import DataError
+    from dira3d.evaluation import CheckPredictionFiles
+    from dira3d.utils.bundle_errors import user_error_in
+
+    for folder in ("sub-01", "sub-02"):
+        (tmp_path / folder).mkdir()
+    scans = [str(tmp_path / folder / "FLAIR.nii.gz") for folder in ("sub-01", "sub-02")]
+    with pytest.raises(DataError, match="two inputs would write the same prediction file .*FLAIR_seg.nii.gz") as raised:
+        CheckPredictionFiles(scans, str(tmp_path / "out"), "seg", ".nii.gz")()
+    assert user_error_in(raised.value) is raised.value
+    _nifti(tmp_path / "a.nii.gz", np.zeros((4, 4, 4)))
+    with pytest.raises(DataError, match="is the input scan"):
+        CheckPredictionFiles([str(tmp_path / "a.nii.gz")], str(tmp_path), "", ".nii.gz", overwrite=True)()
+
+
 def test_monai_bundle_run_refuses_and_names_the_file(seg3d):
     """The documented command line: the run stops with the error, the label is untouched."""
     scan, models = seg3d

@@ -178,3 +178,50 @@ def test_the_model_saver_keeps_the_sequences_of_a_brats_run(tmp_path):
     recorded = json.loads((models / "preprocessing.json").read_text())
     assert recorded == {"percentiles": [1.0, 99.0], "channels": BRATS_ORDER, "modalities": ["t1ce", "flair"]}
     assert _brats_inference(models).get_parsed_content("in_channels") == 2
+
+
+def _sequence_files(folder, raw: np.ndarray, affines: dict[int, np.ndarray] | None = None,
+                    sizes: dict[int, int] | None = None) -> list[str]:
+    """The 4 sequences of ``raw`` (BRATS_ORDER, channels last) as one 3D NIfTI each, as BraTS delivers a case;
+    ``affines`` / ``sizes``: another header or a shorter first axis for a channel."""
+    files = []
+    for channel, name in enumerate(BRATS_ORDER):
+        array = raw[: (sizes or {}).get(channel), ..., channel]
+        path = folder / f"case_{name}.nii.gz"
+        nib.save(nib.Nifti1Image(array, (affines or {}).get(channel, np.eye(4))), str(path))
+        files.append(str(path))
+    return files
+
+
+def test_brats_inference_takes_a_case_as_its_four_sequence_files(tmp_path):
+    """A new BraTS case comes as four files (<id>_t1, _t1ce, _t2, _flair): `--image "['t1', ..., 'flair']"` in
+    image_channels order is read as the 4D volume `prepare brats` would stack (a walk of 2026-11-28, documented in the
+    bundle's README). A file on another grid than the first was refused as "cannot be loaded (ValueError: all input
+    arrays must have the same shape); the file is truncated, corrupt or not an image", naming no file, or, of another
+    spacing or origin, stacked onto the first file's grid without a word; it is named as a sequence off the grid."""
+    from dira3d.data.errors import DataError
+
+    write_preprocessing(tmp_path / "models", {"percentiles": [0.5, 99.5], "channels": BRATS_ORDER,
+                                              "modalities": ["t1", "t1ce", "t2", "flair"], "spacing": None})
+    preprocessing = _brats_inference(tmp_path / "models").get_parsed_content("preprocessing")
+    raw = _raw_brats_scan(tmp_path / "scan.nii.gz")
+    stacked = preprocessing({"image": str(tmp_path / "scan.nii.gz")})["image"]
+    files = _sequence_files(tmp_path, raw)
+    seen = preprocessing({"image": files})["image"]
+    assert seen.shape == (4, 12, 10, 8)
+    np.testing.assert_allclose(seen.numpy(), stacked.numpy(), atol=1e-6)
+
+    shifted = np.eye(4)
+    shifted[2, 3] = 5.0  # the FLAIR 5 mm further up
+    for bad in ({"sizes": {3: 10}}, {"affines": {3: np.diag([1.0, 1.0, 2.0, 1.0])}}, {"affines": {3: shifted}}):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        files = _sequence_files(folder, raw, **bad)
+        with pytest.raises(Exception) as raised:
+            preprocessing({"image": files})
+        error = raised.value
+        while error is not None and not isinstance(error, DataError):
+            error = error.__cause__ or error.__context__
+        assert error is not None, f"not a DataError: {raised.value!r}"
+        assert str(error).startswith(f"{files[3]}: sequence does not match image {files[0]}: "), error
+        assert "co-registered on one voxel grid" in str(error)

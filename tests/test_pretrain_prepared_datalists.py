@@ -63,6 +63,10 @@ def test_pretrain_on_prepared_brats_volumes_of_four_sequences_and_fine_tune_from
     out = tmp_path / "run"
     assert cli_main(["pretrain", "--datalist", str(datalist), "--output", str(out), "--tiny",
                      "--override", "in_channels=4", *ONE_STAGE]) == 0, capsys.readouterr().err[-2000:]
+    # its last line says to fine-tune on the four sequences (the run's datalist reaches the end message)
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        "fine-tune on them, in this order, with --bundle brats_tumor_seg --set modalities=all (the bundle's default, "
+        "flair alone, averages the first convolution over them; docs/data.md)")
     best = torch.load(out / "models" / "best.pt", weights_only=True)
     assert best["meta"]["in_channels"] == 4
     assert best["decoder"]["head.weight"].shape[:2] == (4, 8)  # all four sequences restored
@@ -128,3 +132,31 @@ def test_split_advice_on_a_prepared_luna16_datalist_names_luna16_subsets(tmp_pat
     with pytest.raises(DataError, match=r"its 'test' list has no entries \(`dira3d prepare luna16 \.\.\. --test-subsets` "
                                         r"writes one\), or set fold"):
         load_split(dst / "ncc_datalist.json", "test")
+
+
+@pytest.mark.parametrize("channels, modalities", [(["t1", "t1ce", "t2", "flair"], "all"),
+                                                  (["flair", "t2"], "flair,t2"), (["flair"], None)])
+def test_the_end_of_a_pretraining_on_mr_sequences_says_to_fine_tune_on_them(tmp_path: Path, channels, modalities) -> None:
+    """A walk of 2026-11-28: `dira3d pretrain --override in_channels=4` on a BraTS datalist ended with the generic
+    `fine-tune: dira3d finetune --bundle BUNDLE ...` line; followed with brats_tumor_seg, the fine-tuning took FLAIR
+    alone, the checkpoint's first convolution averaged over the four sequences. The line after it names the
+    sequences and `--set modalities=` in the datalist's channel order (`all` is t1, t1ce, t2, flair in that order)."""
+    from test_bundle_pretrain import CONFIGS
+
+    from dira3d.engines.command import finished_message
+
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    torch.save({"trainer": {"best_epoch": 1}}, models / "best.pt")
+    torch.save({"trainer": {"epoch": 1, "validation": True}}, models / "last.pt")
+    datalist = tmp_path / "brats_datalist.json"
+    datalist.write_text(json.dumps({"training": [], "meta": {"dataset": "brats2018", "channels": channels}}))
+    configs = [f"{CONFIGS}/train.json", f"{CONFIGS}/tiny.json"]
+    lines = finished_message(tmp_path / "run", configs, {"datalist": str(datalist), "in_channels": len(channels)})
+    lines = lines.splitlines()
+    if modalities is None:  # one channel: the bundles' default fits
+        assert lines[-1].startswith("fine-tune:   dira3d finetune --bundle BUNDLE") and "modalities" not in "\n".join(lines)
+    else:
+        assert lines[-2].startswith("fine-tune:   dira3d finetune --bundle BUNDLE"), lines
+        assert lines[-1].strip().startswith(f"its {len(channels)} input channels are the sequences {', '.join(channels)}")
+        assert f"--bundle brats_tumor_seg --set modalities={modalities} " in lines[-1], lines[-1]

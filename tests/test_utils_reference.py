@@ -260,6 +260,23 @@ def test_removed_if_failed_empty_removes_only_a_new_folder_of_lock_files(tmp_pat
     assert (written / "log.txt").read_text() == "a run's output"
 
 
+def test_removed_if_failed_empty_removes_the_new_parents_too(tmp_path):
+    """`dira3d finetune --output-dir runs/ft_x` refused at its start (a --pretrained that does not exist: a walk of
+    2026-11-28) removed runs/ft_x but left the runs/ it had created, empty; a parent holding anything else stays."""
+    inner = tmp_path / "runs" / "deeper" / "ft_x"
+    with pytest.raises(ValueError), removed_if_failed_empty(inner):
+        (inner / "models").mkdir(parents=True)
+        (inner / "models" / LOCK_NAME).write_text("")
+        raise ValueError("pretrained checkpoint does not exist")
+    assert not (tmp_path / "runs").exists()
+    other = tmp_path / "runs2" / "ft_y"
+    with pytest.raises(ValueError), removed_if_failed_empty(other):
+        other.mkdir(parents=True)
+        (tmp_path / "runs2" / "notes.txt").write_text("the user's")  # written beside it meanwhile: runs2 stays
+        raise ValueError("refused")
+    assert not other.exists() and (tmp_path / "runs2" / "notes.txt").is_file()
+
+
 def test_removed_if_failed_keeps_what_the_user_had(tmp_path):
     full = tmp_path / "full"
     full.mkdir()

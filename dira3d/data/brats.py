@@ -38,10 +38,13 @@ from dira3d.data.sequences import SEQUENCE_NAMES, stack_sequences
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
-__all__ = ["MODALITIES", "DEFAULT_SPLIT", "find_patients", "prepare", "main"]
+__all__ = ["MODALITIES", "LABELS", "DEFAULT_SPLIT", "find_patients", "check_labels", "prepare", "main"]
 
 MODALITIES = SEQUENCE_NAMES  # t1, t1ce, t2, flair: the names brats_tumor_seg reads
 DEFAULT_SPLIT: dict[str, int] = {"training": 190, "test": 95}
+# the values of a BraTS segmentation: 1 necrotic / non-enhancing core, 2 oedema, 4 enhancing (3: the enhancing tumour of
+# BraTS 2023, the non-enhancing core before 2017); whatever the edition, the whole tumour is every label > 0
+LABELS = (0, 1, 2, 3, 4)
 _NAME = re.compile(r"^(?P<pid>.+)_(?P<kind>t1|t1ce|t2|flair|seg)\.nii(\.gz)?$", re.IGNORECASE)
 
 
@@ -86,6 +89,23 @@ def find_patients(src: str | Path, problems: dict[str, str] | None = None) -> di
     return dict(sorted(patients.items()))
 
 
+def check_labels(labels: sitk.Image, path: str | Path) -> None:
+    """Refuse a segmentation holding a value no BraTS edition uses (:data:`LABELS`): another labelling (a
+    parcellation, a 0 / 255 mask) whose every value > 0 would silently become tumour.
+
+    Raises:
+        DataError: naming the file, the values found and the BraTS labels.
+    """
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    other = [int(v) for v in values if int(v) not in LABELS]
+    if other:
+        shown = ", ".join(map(str, other[:8])) + (f" ... ({len(other)} values)" if len(other) > 8 else "")
+        raise DataError(path, f"holds label value(s) {shown}, which BraTS does not use (0 background, 1 necrotic / "
+                              "non-enhancing core, 2 oedema, 4 enhancing; 3 in BraTS 2023): is it this patient's "
+                              "BraTS segmentation? fix the file or leave the patient out (a mask of another labelling: "
+                              "`dira3d prepare generic`, docs/data.md)")
+
+
 def _process(case: Case, modalities: Sequence[str], percentiles: Sequence[float],
              spacing: Sequence[float] | None) -> dict:
     files = case.params
@@ -97,6 +117,7 @@ def _process(case: Case, modalities: Sequence[str], percentiles: Sequence[float]
         {kind: files[kind] for kind in modalities},
         lambda image, path: normalise_image(image, "mr", percentiles=percentiles, spacing=spacing, path=path))
     labels = read_mask(files["seg"])
+    check_labels(labels, files["seg"])
     check_mask_matches(reference, labels, reference_path, files["seg"])
     mask = prepare_mask(sitk.Cast(labels > 0, sitk.sitkUInt8), reference, spacing)  # whole tumour
     write_nifti(mask, case.outputs[1])

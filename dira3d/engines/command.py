@@ -151,6 +151,7 @@ def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
     width_hint = "" if width == 1.0 else f" --set width={width:g}"
     stopped = early_stop_note(last)
     hint, doc = (_resnet_hint(parser), "docs/2d.md") if "backbone" in parser.get() else (width_hint, "docs/finetuning.md")
+    channels = _channels_line(parser, overrides)
     return "\n".join(([stopped] if stopped else []) + [
         f"checkpoints: {best} (lowest validation loss of the last stage) and {last} (rerun the same command to resume "
         "or, with a higher --override max_epochs=N, to train on)" if start == best else
@@ -159,7 +160,27 @@ def finished_message(output: Path, configs: list[str], overrides: dict) -> str:
         f"TensorBoard: tensorboard --logdir {output / 'eval'}",
         f"fine-tune:   dira3d finetune --bundle BUNDLE --datalist DATALIST --pretrained {shell_word(str(start))}{hint} "
         f"--output-dir runs/ft ({doc})",
-    ])
+    ] + ([channels] if channels else []))
+
+
+def _channels_line(parser: Any, overrides: dict) -> str:
+    """For a checkpoint of several input channels pretrained on a datalist of MR sequences (``dira3d prepare brats``,
+    ``generic --sequences``: ``meta.channels``), the line saying to fine-tune ``brats_tumor_seg`` on those sequences, in
+    their order: the task bundles' default is one channel (FLAIR), into which the fine-tuning averages the
+    checkpoint's first convolution (a walk of 2026-11-28: the ``fine-tune:`` line named no channels). Else ''."""
+    from dira3d.data.datalist import datalist_meta
+
+    try:
+        in_channels = int(parser.get_parsed_content("in_channels"))
+    except Exception:  # an expression of the user's: no line
+        return ""
+    channels = datalist_meta(overrides.get("datalist") or parser.get("datalist")).get("channels") or []
+    if in_channels < 2 or len(channels) != in_channels:
+        return ""
+    modalities = "all" if list(channels) == ["t1", "t1ce", "t2", "flair"] else ",".join(map(str, channels))
+    return (f"             its {in_channels} input channels are the sequences {', '.join(map(str, channels))}: fine-tune "
+            f"on them, in this order, with --bundle brats_tumor_seg --set modalities={modalities} (the bundle's "
+            "default, flair alone, averages the first convolution over them; docs/data.md)")
 
 
 def _resnet_hint(parser: Any) -> str:
@@ -322,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dira3d pretrain: error: {cause}", file=sys.stderr)
         return 2
     if _main_rank():
-        print(finished_message(output, configs, overrides), flush=True)
+        print(finished_message(output, configs, {"datalist": str(datalist.resolve()), **overrides}), flush=True)
     return 0
 
 

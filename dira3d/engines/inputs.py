@@ -197,11 +197,11 @@ class LoadVolumed(LoadImaged):
     """
 
     def __call__(self, data, reader=None):  # noqa: D102 - as LoadImaged
-        files = [str(data[k]) for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
-        # checked before LoadImage, which tries each of its readers on a missing file and logs an INFO line for each
-        named = [str(f) for k in self.key_iterator(dict(data))
+        # every file named, also those of a key given as a list (the sequences of a case, stacked as channels)
+        files = [str(f) for k in self.key_iterator(dict(data))
                  for f in (data[k] if isinstance(data[k], (list, tuple)) else [data[k]]) if isinstance(f, (str, os.PathLike))]
-        missing = [f for f in named if not os.path.exists(f)]
+        # checked before LoadImage, which tries each of its readers on a missing file and logs an INFO line for each
+        missing = [f for f in files if not os.path.exists(f)]
         if missing:
             raise DataError(missing[0], "does not exist; check the path")
         if reader is None and files and all(f.lower().endswith(_ITK_ONLY_SUFFIXES) for f in files):

@@ -156,10 +156,12 @@ def check_prediction_targets(targets: Iterable[str | os.PathLike], overwrite: An
         The targets as paths.
 
     Raises:
-        ValueError: a target is an input scan, or two inputs would write the same file.
+        DataError: a target is an input scan, or two inputs would write the same file (a ``ValueError``).
         FileExistsError: a target exists, is not dira3d's own unchanged prediction, and ``overwrite`` is off (names
             every such target, up to 3, and why it is not taken for dira3d's own); or a target is a folder.
     """
+    from dira3d.data.errors import DataError  # a ValueError: one `error:` line under python -m monai.bundle run
+
     overwrite = as_bool(overwrite, "overwrite")
     paths = [Path(t) for t in targets]
     sources = {}
@@ -173,10 +175,11 @@ def check_prediction_targets(targets: Iterable[str | os.PathLike], overwrite: An
     for path in paths:
         resolved = path.resolve()
         if resolved in sources:
-            raise ValueError(f"the prediction file {path} is the input scan {sources[resolved]} itself; {hint}")
+            raise DataError(None, f"the prediction file {path} is the input scan {sources[resolved]} itself; {hint}")
         if resolved in seen:
-            raise ValueError(f"two inputs would write the same prediction file {path}; give them different names "
-                             f"or run them separately with different --output_dir")
+            # (a ValueError ended python -m monai.bundle run in three chained tracebacks)
+            raise DataError(None, f"two inputs would write the same prediction file {path}; give them different names "
+                                  f"or run them separately with different --output_dir")
         seen[resolved] = path
         if path.is_dir():
             raise FileExistsError(f"the prediction file {path} is an existing folder; {hint}")

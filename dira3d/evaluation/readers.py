@@ -59,6 +59,8 @@ class SimpleITKReader(ImageReader):
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> sitk.Image | list[sitk.Image]:
         from dira3d.data.io import read_image  # sibling module: its checks give the clear per-file errors
 
+        from dira3d.data.io import check_mask_matches
+
         images = []
         for name in ensure_tuple(data):
             path = Path(name)
@@ -70,6 +72,12 @@ class SimpleITKReader(ImageReader):
                     images.append(sitk.ReadImage(str(path)))  # multi-sequence volume, channel last
                     continue
             images.append(read_image(path))
+            if len(images) > 1 and images[0].GetDimension() == 3:
+                # the files of one image (a case's sequences, stacked as channels) keep the first one's grid: one on
+                # another grid was refused as "truncated, corrupt or not an image" (another size) or, of another
+                # spacing, origin or direction, stacked onto the first's grid without a word
+                check_mask_matches(images[0], images[-1], ensure_tuple(data)[0], path, allow_empty=True,
+                                   kind="sequence")
         return images if len(images) > 1 else images[0]
 
     def get_data(self, img: sitk.Image | list[sitk.Image]) -> tuple[np.ndarray, dict]:

@@ -290,14 +290,17 @@ def removed_if_failed_empty(folder: str | os.PathLike) -> Iterator[Path]:
     """Remove ``folder`` again when the block fails (any exception, Ctrl-C included) and the folder did
     not exist before it and is still empty (but for the run's own lock file, released by then: see
     :mod:`dira3d.utils.folder_lock`): a run refused at its start leaves no empty output folder behind.
-    A folder the user had, or one holding anything else, is left alone."""
+    A folder the user had, or one holding anything else, is left alone. The parents the block created with it
+    (``runs/`` of ``--output-dir runs/ft``) go too, innermost first, while they hold nothing else (until 2026-11-28
+    they stayed, empty)."""
     folder = Path(folder)
-    new = not folder.exists()
+    new = _new_folders(folder)  # folder first, then its parents that do not exist yet
     try:
         yield folder
     except BaseException:
-        if new:
-            _remove_if_only_locks(folder)
+        for path in new:
+            if not _remove_if_only_locks(path):
+                break
         raise
 
 
