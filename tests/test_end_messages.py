@@ -107,6 +107,35 @@ def test_a_multi_sequence_datalist_is_sent_to_the_bundle_and_the_channels_it_nee
     assert "in_channels" not in next_steps(path)[2]
 
 
+@pytest.mark.parametrize("channels", [["t1", "t1ce", "t2", "flair"], ["flair"]])
+def test_a_brats_datalist_names_pretraining_on_it_and_the_random_baseline_after_the_papers_default(tmp_path, channels):
+    """`dira3d prepare brats` ended with one `next:` line, fine-tuning from runs/dira_pretrain/models/best.pt, which only
+    a CT pretraining the user ran before writes. After it, the paper's default (FLAIR from a CT pretraining), come
+    pretraining on these volumes (docs/data.md: `--override in_channels=4` for the four sequences, none for FLAIR
+    alone), into a folder of its own, and fine-tuning from random initial weights (the baseline); each parsed."""
+    from test_docs_match_code import _command_main, _parser_of
+
+    from dira3d.data.runner import next_steps
+
+    path = tmp_path / "my data" / "brats_datalist.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"training": [], "meta": {"dataset": "brats2018", "channels": channels}}))
+    lines = next_steps(path)
+    assert [line.split()[:3] for line in lines[1:]] == [["next:", "dira3d", "finetune"], ["or:", "dira3d", "pretrain"],
+                                                        ["or:", "dira3d", "finetune"]], lines
+    parsed = []
+    for line in lines[1:]:
+        label, main, rest = _command_main(shlex.split(line.split(None, 1)[1].rsplit(" (", 1)[0]))
+        parsed.append(_parser_of(main).parse_args(rest))  # SystemExit (2) on an option the parser does not take
+        assert Path(parsed[-1].datalist) == path
+    paper, pretrain, scratch = parsed
+    assert paper.pretrained == "runs/dira_pretrain/models/best.pt" and "the paper's: FLAIR" in lines[1]
+    assert pretrain.override == ([f"in_channels={len(channels)}"] if len(channels) > 1 else [])
+    assert pretrain.output != "runs/dira_pretrain"  # a CT pretraining there would be resumed, with 1 channel
+    assert scratch.pretrained is None and scratch.output_dir not in (paper.output_dir, None)
+    assert "random initial weights" in lines[3]
+
+
 def test_finetune_ends_naming_its_outputs_and_the_inference_command(tmp_path, monkeypatch, capsys):
     from dira3d.evaluation import finetune
     from dira3d.utils.overrides import check_overrides, parse_value

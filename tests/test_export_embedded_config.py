@@ -70,3 +70,51 @@ def test_an_export_without_overrides_embeds_the_bundle_config_as_it_is(repo_root
     assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out),
                         "--input-shape", "1", "1", "16", "16", "8"]) == 0
     assert _embedded(out)["inference.json"] == {**content, "width": 0.125}
+
+
+@pytest.mark.parametrize("modalities, channel_def", [
+    ("all", {"0": "t1", "1": "t1ce", "2": "t2", "3": "flair"}), ("t2,flair", {"0": "t2", "1": "flair"}),
+    ("flair", {"0": "flair"})])
+def test_the_embedded_metadata_describes_the_inputs_of_the_network_exported(repo_root, tmp_path, modalities,
+                                                                            channel_def):
+    """A TorchScript export of a brats_tumor_seg model of the four sequences embedded the bundle's metadata.json, whose
+    network_data_format.inputs.image says one FLAIR channel: the embedded one has the network's in_channels and the
+    sequences of its modalities, in channel order; the bundle's own metadata.json is left as it is."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.deploy.export import export_torchscript
+    from dira3d.utils import atomic_save
+
+    bundle = _bundle_copy(repo_root, "brats_tumor_seg", tmp_path)
+    meta = bundle / "configs" / "metadata.json"
+    before = meta.read_bytes()
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["width"], parser["modalities"] = 0.125, modalities
+    atomic_save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), tmp_path / "model.pt")
+    out = export_torchscript(bundle, tmp_path / "m.ts", tmp_path / "model.pt", input_shape=[1, len(channel_def), 16, 16, 8],
+                             overrides={"width": 0.125, "modalities": modalities})
+    image = _embedded(out)["metadata.json"]["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == len(channel_def) and image["channel_def"] == channel_def, image
+    assert image["modality"] == "MR" and image["value_range"] == [0, 1]  # the rest as the bundle says
+    assert meta.read_bytes() == before
+
+
+
+def test_a_bundle_without_sequence_names_gets_the_channel_count_of_its_network(repo_root, tmp_path):
+    """lidc_nodule_seg exported with --override in_channels=2: its metadata's one channel, 'image', became two."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.utils import atomic_save
+
+    bundle = _bundle_copy(repo_root, "lidc_nodule_seg", tmp_path)
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["width"], parser["in_channels"] = 0.125, 2
+    atomic_save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), tmp_path / "two.pt")
+    out = tmp_path / "two.ts"
+    assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out), "--checkpoint", str(tmp_path / "two.pt"),
+                        "--override", "width=0.125", "--override", "in_channels=2",
+                        "--input-shape", "1", "2", "16", "16", "8"]) == 0
+    image = _embedded(out)["metadata.json"]["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 2 and image["channel_def"] == {"0": "channel 0", "1": "channel 1"}, image

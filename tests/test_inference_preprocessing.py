@@ -225,3 +225,33 @@ def test_brats_inference_takes_a_case_as_its_four_sequence_files(tmp_path):
         assert error is not None, f"not a DataError: {raised.value!r}"
         assert str(error).startswith(f"{files[3]}: sequence does not match image {files[0]}: "), error
         assert "co-registered on one voxel grid" in str(error)
+
+
+@pytest.mark.parametrize("modalities, advice", [(["t1", "t1ce", "t2", "flair"], "model"), (["flair"], "image_channels")])
+def test_three_sequence_files_are_told_what_the_model_takes(tmp_path, modalities, advice):
+    """A case given as 3 of its sequence files: for a model of the four sequences (in_channels 4) the error said to set
+    --image_channels to those three, with which the model (modalities all) cannot run either; it now says the model
+    takes four and names the four files to give. For a model of FLAIR alone the image_channels example still fits."""
+    from dira3d.data.errors import DataError
+
+    write_preprocessing(tmp_path / "models", {"percentiles": [0.5, 99.5], "channels": BRATS_ORDER,
+                                              "modalities": modalities, "spacing": None})
+    parser = _brats_inference(tmp_path / "models")
+    assert parser.get_parsed_content("in_channels") == len(modalities)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    files = _sequence_files(tmp_path, _raw_brats_scan(tmp_path / "scan.nii.gz"))
+    three = [files[0], files[1], files[3]]  # no T2
+    with pytest.raises(Exception) as raised:
+        preprocessing({"image": three})
+    error = raised.value
+    while error is not None and not isinstance(error, DataError):
+        error = error.__cause__ or error.__context__
+    assert error is not None, f"not a DataError: {raised.value!r}"
+    if advice == "model":
+        assert "image has 3 channel(s) but the model takes 4, the sequences ['t1', 't1ce', 't2', 'flair']" in str(error)
+        assert "--image \"['<id>_t1.nii.gz', '<id>_t1ce.nii.gz', '<id>_t2.nii.gz', '<id>_flair.nii.gz']\"" in str(error)
+        assert "--image_channels" not in str(error), error
+    else:  # an example of 3 sequences, FLAIR first (the names are the files' own to give), with which it runs
+        assert str(error).endswith("(e.g. --image_channels \"['flair', 't1', 't1ce']\")"), error
+        parser.update({"image_channels": ["flair", "t1", "t1ce"]})
+        assert parser.get_parsed_content("preprocessing")({"image": three})["image"].shape == (1, 12, 10, 8)

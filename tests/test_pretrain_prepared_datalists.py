@@ -7,6 +7,7 @@ restoration loss (a 1-channel decoder restoring 4 channels); the 4-channel check
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import nibabel as nib
@@ -54,15 +55,20 @@ def write_brats(root: Path, count: int = 3, shape: tuple[int, int, int] = (32, 3
         nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / f"{pid}_seg.nii.gz")
 
 
-def test_pretrain_on_prepared_brats_volumes_of_four_sequences_and_fine_tune_from_it(tmp_path: Path, capsys) -> None:
+def test_pretrain_on_prepared_brats_volumes_of_four_sequences_and_fine_tune_from_it(tmp_path: Path, capsys,
+                                                                                   monkeypatch) -> None:
     write_brats(tmp_path / "BraTS")
     dst = tmp_path / "brats"
     assert cli_main(["prepare", "brats", "--src", str(tmp_path / "BraTS"), "--dst", str(dst)]) == 0
-    datalist = dst / "brats_datalist.json"
-    capsys.readouterr()
-    out = tmp_path / "run"
-    assert cli_main(["pretrain", "--datalist", str(datalist), "--output", str(out), "--tiny",
-                     "--override", "in_channels=4", *ONE_STAGE]) == 0, capsys.readouterr().err[-2000:]
+    # the pretraining is the one `dira3d prepare brats` ends with (its first `or:` line), run as printed (the tiny
+    # settings added): its `next:` line assumed a CT pretraining at runs/dira_pretrain, and named no other
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("or:       dira3d pretrain ")]
+    assert len(printed) == 1, printed
+    words = shlex.split(printed[0].split(None, 1)[1].rsplit(" (", 1)[0])
+    assert words[:2] == ["dira3d", "pretrain"] and "in_channels=4" in words, words
+    monkeypatch.chdir(tmp_path)  # its --output is relative
+    assert cli_main([*words[1:], "--tiny", *ONE_STAGE]) == 0, capsys.readouterr().err[-2000:]
+    out = tmp_path / words[words.index("--output") + 1]
     # its last line says to fine-tune on the four sequences (the run's datalist reaches the end message)
     assert capsys.readouterr().out.splitlines()[-1].endswith(
         "fine-tune on them, in this order, with --bundle brats_tumor_seg --set modalities=all (the bundle's default, "

@@ -22,7 +22,7 @@ from dira3d.data.cases import STATUSES, CaseResult
 from dira3d.data.datalist import datalist_meta
 
 __all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "SEQUENCES_NEXT_STEP", "PRETRAIN_2D_STEP",
-           "SCRATCH_2D_STEPS", "next_steps", "finish", "datalists_recorded", "record_datalist"]
+           "SCRATCH_2D_STEPS", "BRATS_OTHER_STEPS", "next_steps", "finish", "datalists_recorded", "record_datalist"]
 
 
 # inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
@@ -66,7 +66,9 @@ NEXT_STEPS: dict[str, str] = {
     "ncc_datalist.json": _finetune_step("luna16_nodule_fpr"),
     "lidc_datalist.json": _finetune_step("lidc_nodule_seg"),
     "lits_datalist.json": _finetune_step("lits_liver_seg"),
-    "brats_datalist.json": _finetune_step("brats_tumor_seg"),
+    # the paper's: FLAIR alone (the bundle's default modalities), from a pretraining on CT (BRATS_OTHER_STEPS: the others)
+    "brats_datalist.json": _finetune_step("brats_tumor_seg", "the paper's: FLAIR, from a CT pretraining such as the "
+                                          "one LUNA16's pretrain_datalist.json ends with; docs/finetuning.md"),
     # cross-validation: one fine-tuning tests one fold, whose score alone is no result for the datalist
     "pecad_datalist.json": _finetune_step("pecad_embolism_fpr", "fold 0 is its test set: run --fold 1, 2, ... too, or "
                                           "every fold and seed with `folds` in dira3d experiment; docs/finetuning.md, "
@@ -99,6 +101,15 @@ SCRATCH_2D_STEPS = {name: _finetune_step(bundle, "no pretraining yet: random ini
                                          pretrained=False, suffix="_random")
                     for name, bundle in (("siim_datalist.json", "siim_pneumothorax_seg"),
                                          ("montgomery_datalist.json", "montgomery_lung_seg"))}
+# BraTS without a CT pretraining (docs/data.md, "BraTS 2018"): pretraining on these volumes, every prepared sequence an
+# input channel, into a folder of its own (a CT pretraining in runs/dira_pretrain would be resumed, of 1 channel), or
+# fine-tuning from random initial weights, the paper's baseline ({channels}: the in_channels override, {sequences})
+BRATS_OTHER_STEPS = (
+    "dira3d pretrain --datalist {datalist}{channels} --output runs/dira_pretrain_brats (no CT pretraining: pretrain on "
+    "these volumes, {sequences}; its last lines name the fine-tuning from it; docs/data.md, 'BraTS 2018')",
+    _finetune_step("brats_tumor_seg", "no pretraining: random initial weights, the paper's baseline; docs/finetuning.md",
+                   pretrained=False, suffix="_random"),
+)
 # a labelled multi-sequence MR datalist (`prepare generic --sequences`: 4D volumes, meta.channels) is BraTS-like
 SEQUENCES_NEXT_STEP = _finetune_step("brats_tumor_seg").replace(" --output-dir", " --set modalities={modalities} --output-dir")
 
@@ -108,7 +119,9 @@ def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
     (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`, and an
     unlabelled one pretrained on without visual words, :data:`UNLABELLED_OTHER_STEP`; a large 2D dataset's datalist
     is pretrained on first, :data:`PRETRAIN_2D_STEP`, then fine-tuned on; a small one, SIIM-ACR or Montgomery, is
-    fine-tuned from a ChestX-ray14 pretraining, or from random weights, :data:`SCRATCH_2D_STEPS`)."""
+    fine-tuned from a ChestX-ray14 pretraining, or from random weights, :data:`SCRATCH_2D_STEPS`; BraTS's is fine-tuned
+    on FLAIR from a CT pretraining, as the paper, or pretrained on first, every prepared sequence a channel, or
+    fine-tuned from random weights, :data:`BRATS_OTHER_STEPS`)."""
     path = shlex.quote(str(datalist))
     lines = [f"datalist: {datalist}"]
     if datalist.name in DATALISTS_2D:  # pretraining first: the fine-tuning step loads its best.pt
@@ -118,6 +131,13 @@ def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
         lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
         if datalist.name in SCRATCH_2D_STEPS:
             lines.append(f"or:       {SCRATCH_2D_STEPS[datalist.name].format(datalist=path)}")
+        if datalist.name == "brats_datalist.json":
+            channels = [str(c) for c in datalist_meta(datalist).get("channels") or ["flair"]]
+            sequences = (f"its {len(channels)} sequences {', '.join(channels)} as input channels" if len(channels) > 1
+                         else f"{channels[0]} alone")
+            lines += ["or:       " + step.format(datalist=path, sequences=sequences,
+                                                 channels=f" --override in_channels={len(channels)}" if len(channels) > 1 else "")
+                      for step in BRATS_OTHER_STEPS]
         if datalist.name == "pretrain_datalist.json":
             # the sequences of `prepare generic --sequences`, in channel order: the network's input channels
             channels = datalist_meta(datalist).get("channels") or []

@@ -168,7 +168,8 @@ def export_torchscript_with_report(
                                                        input_shape, overrides)
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
     network = load_bundle_network(root, ckpt, config_file, overrides)
-    shape = _example_shape(bundle_parser(root, config_file, overrides), input_shape)
+    parser = bundle_parser(root, config_file, overrides)
+    shape = _example_shape(parser, input_shape)
     if check_scan is not None:  # read last: every refusal above comes before a (large) scan is read
         example = scan_patch(check_scan, shape[2:])
     elif example is None:
@@ -190,6 +191,7 @@ def export_torchscript_with_report(
             use_trace=True,
             input_shape=shape,
             bundle_root=str(root),
+            **_input_meta(parser),
             **dict(overrides or {}),
         )
         # checked before the rename: a graph that disagrees never replaces an earlier export
@@ -197,6 +199,39 @@ def export_torchscript_with_report(
         if not report.ok:
             raise AgreementError(report, out)
     return out, report
+
+
+_IMAGE_META = "_meta_#network_data_format#inputs#image"
+
+
+def _input_meta(parser: ConfigParser) -> dict[str, Any]:
+    """``_meta_`` overrides (``ckpt_export`` applies them to the embedded ``metadata.json``) that make
+    ``network_data_format.inputs.image`` describe the network exported: ``num_channels`` its ``in_channels``, and
+    ``channel_def`` the sequences a bundle's ``modalities`` names in channel order (``brats_tumor_seg``), else, when
+    its count no longer fits, ``channel <i>`` (a 4-channel BraTS model embedded the bundle's metadata of one FLAIR
+    channel). Nothing where the config does not say."""
+    from dira3d.evaluation.transforms import modality_channels
+
+    def parsed(key: str) -> Any:
+        try:
+            return parser.get_parsed_content(key) if key in parser else None
+        except Exception:  # an expression of the user's that does not resolve here: not described
+            return None
+
+    image, channels = parser.get(_IMAGE_META, None), parsed("in_channels")
+    if not isinstance(image, dict) or not isinstance(channels, int) or isinstance(channels, bool):
+        return {}
+    try:
+        names = modality_channels(parsed("modalities")) if parsed("modalities") else []
+    except ValueError:  # an unknown sequence: the network build refuses it by name
+        names = []
+    defined = image.get("channel_def")
+    if len(names) == channels:
+        defined = {str(i): name for i, name in enumerate(names)}
+    elif isinstance(defined, dict) and len(defined) != channels:
+        defined = {str(i): f"channel {i}" for i in range(channels)}
+    wanted = {f"{_IMAGE_META}#num_channels": channels, f"{_IMAGE_META}#channel_def": defined}
+    return {key: value for key, value in wanted.items() if value is not None and value != parser.get(key, None)}
 
 
 def _config_with_overrides(config: Path, overrides: Mapping[str, Any] | None, folder: Path) -> Path:

@@ -83,6 +83,17 @@ class SelectModalities(Transform):
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         channels = img.shape[0]
         if self.image_channels is not None:
+            if channels < len(self.names):
+                # fewer channels than the network takes (in_channels: one per requested sequence, e.g. three sequence
+                # files for a model of four): no image_channels makes them fit; it was told to set image_channels to
+                # the first three, which the model refused in turn
+                files = "', '".join(f"<id>_{n}.nii.gz" for n in self.names)
+                raise ValueError(f"image has {channels} channel(s) but the model takes {len(self.names)}, the sequences "
+                                 f"{self.names} in this order (modalities; in_channels {len(self.names)}): at inference "
+                                 f"give an image holding all {len(self.names)}, e.g. a case as its {len(self.names)} "
+                                 f"sequence files in that order (--image \"['{files}']\"), or use a model fine-tuned on "
+                                 "the sequences this image holds (dira3d finetune --set modalities=...); in training, "
+                                 "prepare the data again into a new folder")
             if channels != len(self.image_channels):
                 # an example of this image's channel count, the requested sequences first (a FLAIR file: ['flair']);
                 # it named the four sequences the image was just refused for
