@@ -12,10 +12,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dira3d.cli import main as cli_main
-from dira3d.data.errors import DataWarning
+from dira3d.data.errors import DataError, DataWarning
 from dira3d.data.runner import Case, run_cases
 
 
@@ -54,9 +55,14 @@ def test_the_notes_of_an_earlier_run_itself_and_of_another_dataset_are_not_carri
     report["cases"][0]["warnings"].insert(0, "redone: its output was empty")
     (dst / "report.json").write_text(json.dumps(report))
     assert run_cases(_cases(dst), _write, out_dir=dst, desc="toy", progress=False)[0].warnings == ["a: stored as RGB"]
-    report["desc"] = "other"
+    report["desc"] = "other"  # another dataset's report: refused (2026-11-28: it was replaced without a word) ...
     (dst / "report.json").write_text(json.dumps(report))
-    assert run_cases(_cases(dst), _write, out_dir=dst, desc="toy", progress=False)[0].warnings == []
+    with pytest.raises(DataError, match="holds the other dataset"):
+        run_cases(_cases(dst), _write, out_dir=dst, desc="toy", progress=False)
+    report["cases"][1]["warnings"] = ["b: a note of the other dataset"]  # ... and with --overwrite none of its notes
+    (dst / "report.json").write_text(json.dumps(report))  # is carried (every case is redone: its own notes only)
+    again = run_cases(_cases(dst), _write, out_dir=dst, desc="toy", progress=False, overwrite=True)
+    assert [r.warnings for r in again] == [["a: stored as RGB"], []]
 
 
 def test_a_radiographs_rerun_keeps_and_prints_the_warning_of_a_skipped_image(tmp_path, capsys):

@@ -293,7 +293,8 @@ def _report(path: Path, desc: str, source: str | None, settings: dict | None = N
 
 
 def test_which_earlier_reports_record_a_source_to_compare(tmp_path):
-    """Compared: a report of this dataset in this --dst. Not compared: another dataset's report, a report outside
+    """Compared: a report of this dataset in this --dst. Not compared: another dataset's report (its run is refused
+    for being another dataset, not for its source; since 2026-11-28 it is no longer replaced), a report outside
     --dst, a report that records no source."""
     out, src = tmp_path / "out", tmp_path / "src"
 
@@ -302,7 +303,10 @@ def test_which_earlier_reports_record_a_source_to_compare(tmp_path):
                          report_path=report_path, overwrite=False)
 
     _report(out / "report.json", "luna16", "/elsewhere")
-    run(out / "report.json")
+    with pytest.raises(DataError, match="holds the luna16 dataset") as refused:
+        run(out / "report.json")
+    assert "was prepared from --src" not in str(refused.value)
+    (out / "report.json").unlink()
     _report(tmp_path / "reports" / "r.json", "lidc", "/elsewhere")
     run(tmp_path / "reports" / "r.json")
     _report(out / "report.json", "lidc", None)

@@ -1,7 +1,8 @@
 """What :func:`~dira3d.data.runner.run_cases` checks and holds before any case runs.
 
 A rerun into ``--dst`` must not mix in another ``--src`` or outputs made with other settings, nor
-replace a file that is not a report (:func:`check_rerun`); existing outputs count as done only when
+replace a file that is not a report, nor another dataset's report and datalists (:func:`check_rerun`,
+:func:`check_other_dataset`); existing outputs count as done only when
 they are not empty and the dataset's ``check_outputs`` accepts them (:func:`why_not_done`); and ``--dst``
 is locked so that two runs cannot write into it at once (:func:`lock_output_folder`, kept until a ``dira3d
 prepare`` command has written its datalists: :func:`locks_held_until_done`, :func:`release_when_done`).
@@ -22,7 +23,7 @@ from dira3d.data.errors import DataError
 from dira3d.utils.atomic import check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 
-__all__ = ["why_not_done", "check_rerun", "is_earlier_output", "locks_held_until_done", "release_when_done",
+__all__ = ["why_not_done", "check_rerun", "check_other_dataset", "is_earlier_output", "locks_held_until_done", "release_when_done",
            "lock_output_folder"]
 
 
@@ -53,6 +54,7 @@ def check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequ
         raise DataError(report, "is a folder; --report must be a file path")
     if overwrite:
         return
+    check_other_dataset(out_dir, report, desc)
     new = None if source is None else str(Path(source).resolve())
     recorded = []  # (file, source it records)
     written_with = []  # (file, the settings it records)
@@ -90,6 +92,34 @@ def check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequ
             raise DataError(path, f"records volumes prepared with {what}; the cases already written would be "
                                   "skipped and keep the old settings. Choose another --dst, or pass --overwrite to "
                                   "redo every case with the new settings")
+
+
+def _dataset_of(report: Path) -> str | None:
+    """The ``desc`` (dataset) a ``dira3d prepare`` report at ``report`` records; None when there is none."""
+    try:
+        old = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+    except (OSError, ValueError):  # not a report: check_rerun names it (--report), or it is not replaced (--dst)
+        return None
+    if not (isinstance(old, dict) and {"summary", "cases"} <= set(old)):
+        return None
+    return old.get("desc") if isinstance(old.get("desc"), str) and old.get("desc") else None
+
+
+def check_other_dataset(out_dir: Path, report: Path, desc: str) -> None:
+    """Refuse (without ``--overwrite``) a run into an ``out_dir`` whose ``report.json`` is another dataset's, or a
+    ``report`` path holding another dataset's report: the run would replace that report, its ``split.json`` and any
+    datalist of the same name (its volumes would stay, listed by none of them)."""
+    this = f"a {desc} preparation" if desc else "this preparation"
+    other = _dataset_of(out_dir / "report.json")
+    if other is not None and other != desc:
+        raise DataError(out_dir, f"holds the {other} dataset (its report.json says desc {other!r}); {this} into it "
+                                 "would replace its report.json and any split.json or datalist of the same name. "
+                                 "Choose another --dst, or pass --overwrite to replace them (its prepared images or "
+                                 "volumes are not deleted: they stay in the folder)")
+    other = _dataset_of(report)
+    if other is not None and other != desc:
+        raise DataError(report, f"is the report of a {other} preparation; {this} would replace it. Choose another "
+                                "--report path, or pass --overwrite to replace it")
 
 
 def is_earlier_output(folder: Path, desc: str, datalist: str) -> bool:

@@ -9,8 +9,9 @@ The runner gives every dataset the same behaviour:
 - damaged outputs are redone: an empty output file, or outputs that the dataset's ``check_outputs``
   refuses (e.g. a per-case manifest that is cut short, edited, or lists a file that is gone), do not
   count as done; the case is redone and its report entry says why (a warning);
-- safe reruns: a datalist in ``out_dir`` prepared from another ``--src``, or a ``--report`` path
-  holding a file that is not a report, is an error unless ``overwrite=True``;
+- safe reruns: a datalist in ``out_dir`` prepared from another ``--src``, a ``report.json`` in ``out_dir`` (or at
+  ``--report``) of another dataset (``desc``), or a ``--report`` path holding a file that is not a report, is an
+  error unless ``overwrite=True``;
 - a problem found while listing the work (a duplicate file, a bad CSV row) is a case with an
   ``error``: reported as ``"failed"`` like a case whose ``process_fn`` raised, never skipped;
 - :class:`~dira3d.data.errors.DataWarning` raised while a case runs is listed under its
@@ -194,7 +195,8 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
         out_dir: the output root (created unless ``dry_run``).
         workers: processes; 1 runs in this process.
         overwrite: redo cases whose outputs exist; allow replacing a datalist of another
-            ``source`` and a ``report_path`` file that is not a report.
+            ``source``, the report (and datalists) of another dataset in ``out_dir`` and a ``report_path`` file
+            that is not a report (nothing is deleted: files of the other dataset not rewritten stay).
         dry_run: print the plan, write nothing (no report either).
         keep_going: process every case despite failures.
         report_path: JSON report (default ``out_dir/report.json``).
@@ -219,7 +221,8 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
     Raises:
         ValueError: duplicate case ids or ``workers < 1``.
         DataError: ``out_dir`` (or the report's folder) cannot be created or written to, or another
-            process prepares into ``out_dir`` (it is locked while the cases run); a datalist of another source or a non-report file at ``report_path`` (without ``overwrite``).
+            process prepares into ``out_dir`` (it is locked while the cases run); a datalist of another source, a report of another ``desc`` in ``out_dir`` or at
+            ``report_path``, or a non-report file at ``report_path`` (without ``overwrite``).
     """
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
@@ -410,7 +413,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo cases whose outputs already exist; also allows replacing a datalist "
-                             "prepared from another --src and a --report file that is not a report")
+                             "prepared from another --src, the report.json and datalists of another dataset "
+                             "prepared into --dst (its volumes are not deleted), and a --report file that is not "
+                             "a report")
     parser.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     parser.add_argument("--keep-going", action="store_true",
                         help="process every case despite failures (failures are reported; exit code 0)")

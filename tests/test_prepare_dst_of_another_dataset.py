@@ -1,0 +1,91 @@
+"""A ``dira3d prepare`` into a ``--dst`` that another dataset was prepared into is refused before anything is written.
+
+Until 2026-11-28 a prepare of dataset B into the folder of dataset A went ahead: B's run replaced A's ``report.json``
+(and, of the same name, its ``split.json`` and datalists) without a word, against the rule that nothing the user had
+is overwritten. The check (:func:`dira3d.data.guards.check_other_dataset`) reads the dataset from the ``desc`` of
+``--dst``'s ``report.json`` (and of a ``--report`` path); ``--overwrite`` replaces them and deletes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from dira3d.cli import main as cli_main
+from dira3d.data.errors import DataError
+from dira3d.data.runner import Case, run_cases
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (but the lock file, which any run takes) and its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".dira3d.lock"}
+
+
+def test_a_prepare_into_the_dst_of_another_dataset_is_refused_and_changes_nothing(tmp_path, capsys):
+    xrays, scans, dst = tmp_path / "xrays", tmp_path / "scans", tmp_path / "prepared"
+    xrays.mkdir()
+    scans.mkdir()
+    for i in range(3):
+        Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4 + i).save(xrays / f"p{i}.png")
+        volume = np.random.default_rng(i).normal(size=(12, 12, 6)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), scans / f"s{i}.nii.gz")
+    assert cli_main(["prepare", "radiographs", "--src", str(xrays), "--dst", str(dst), "--size", "8",
+                     "--val-fraction", "0"]) == 0
+    before = _files(dst)
+    assert {"report.json", "split.json", "radiographs_datalist.json"} <= set(before)
+    capsys.readouterr()
+    generic = ["prepare", "generic", "--src", str(scans), "--dst", str(dst), "--modality", "mr", "--val-fraction", "0"]
+    for extra in ([], ["--dry-run"]):
+        assert cli_main(generic + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"dira3d prepare generic: error: {dst}: holds the radiographs dataset")
+        assert "another --dst" in err and "--overwrite" in err
+        assert _files(dst) == before  # report.json, split.json, the datalist and the PNGs as they were
+    # --overwrite replaces the report (the datalists have other names) and deletes none of the PNGs
+    assert cli_main(generic + ["--overwrite"]) == 0
+    after = _files(dst)
+    assert json.loads(after["report.json"])["desc"] == "generic"
+    assert {k: v for k, v in before.items() if k != "report.json"}.items() <= after.items()
+    assert {"volumes/s0.nii.gz", "pretrain_datalist.json"} <= set(after)
+
+
+def _write(case: Case) -> dict:
+    Path(case.outputs[0]).write_text(case.case_id)
+    return {}
+
+
+def _report(path: Path, desc: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text := json.dumps({"desc": desc, "source": None, "summary": {}, "cases": []}))
+    return text
+
+
+def test_another_datasets_report_at_dst_or_at_the_report_path_is_not_replaced(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "reports" / "r.json"
+
+    def run(**kwargs):
+        return run_cases([Case("c0", [out / "c0.txt"], {})], _write, out_dir=out, progress=False, desc="lidc", **kwargs)
+
+    kept = _report(out / "report.json", "luna16")
+    with pytest.raises(DataError, match=r"out: holds the luna16 dataset .*Choose another --dst, or pass --overwrite"):
+        run(report_path=elsewhere)  # the report would go elsewhere, but luna16's datalists of the same name not
+    assert (out / "report.json").read_text() == kept and not elsewhere.exists() and not (out / "c0.txt").exists()
+    (out / "report.json").unlink()
+    kept = _report(elsewhere, "luna16")
+    with pytest.raises(DataError, match=r"r\.json: is the report of a luna16 preparation; .*another --report path"):
+        run(report_path=elsewhere)
+    assert elsewhere.read_text() == kept and not (out / "c0.txt").exists()
+    _report(elsewhere, "lidc")  # this dataset's own report: a rerun
+    assert [r.status for r in run(report_path=elsewhere)] == ["written"]
+    _report(out / "report.json", "")  # a report that names no dataset (run_cases without desc) is no other dataset
+    assert [r.status for r in run()] == ["skipped"]
+    _report(out / "report.json", "luna16")
+    assert [r.status for r in run(overwrite=True)] == ["written"]
+    assert json.loads((out / "report.json").read_text())["desc"] == "lidc"
