@@ -193,14 +193,25 @@ def _sequence_files(folder, raw: np.ndarray, affines: dict[int, np.ndarray] | No
     return files
 
 
+def _data_error_raised(transform, data):
+    """The DataError that ``transform(data)`` raised, found along the chain MONAI's transform errors wrap it in."""
+    from dira3d.data.errors import DataError
+
+    with pytest.raises(Exception) as raised:
+        transform(data)
+    error = raised.value
+    while error is not None and not isinstance(error, DataError):
+        error = error.__cause__ or error.__context__
+    assert error is not None, f"not a DataError: {raised.value!r}"
+    return error
+
+
 def test_brats_inference_takes_a_case_as_its_four_sequence_files(tmp_path):
     """A new BraTS case comes as four files (<id>_t1, _t1ce, _t2, _flair): `--image "['t1', ..., 'flair']"` in
     image_channels order is read as the 4D volume `prepare brats` would stack (a walk of 2026-11-28, documented in the
     bundle's README). A file on another grid than the first was refused as "cannot be loaded (ValueError: all input
     arrays must have the same shape); the file is truncated, corrupt or not an image", naming no file, or, of another
     spacing or origin, stacked onto the first file's grid without a word; it is named as a sequence off the grid."""
-    from dira3d.data.errors import DataError
-
     write_preprocessing(tmp_path / "models", {"percentiles": [0.5, 99.5], "channels": BRATS_ORDER,
                                               "modalities": ["t1", "t1ce", "t2", "flair"], "spacing": None})
     preprocessing = _brats_inference(tmp_path / "models").get_parsed_content("preprocessing")
@@ -217,12 +228,7 @@ def test_brats_inference_takes_a_case_as_its_four_sequence_files(tmp_path):
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
         folder.mkdir()
         files = _sequence_files(folder, raw, **bad)
-        with pytest.raises(Exception) as raised:
-            preprocessing({"image": files})
-        error = raised.value
-        while error is not None and not isinstance(error, DataError):
-            error = error.__cause__ or error.__context__
-        assert error is not None, f"not a DataError: {raised.value!r}"
+        error = _data_error_raised(preprocessing, {"image": files})
         assert str(error).startswith(f"{files[3]}: sequence does not match image {files[0]}: "), error
         assert "co-registered on one voxel grid" in str(error)
 
@@ -232,8 +238,6 @@ def test_three_sequence_files_are_told_what_the_model_takes(tmp_path, modalities
     """A case given as 3 of its sequence files: for a model of the four sequences (in_channels 4) the error said to set
     --image_channels to those three, with which the model (modalities all) cannot run either; it now says the model
     takes four and names the four files to give. For a model of FLAIR alone the image_channels example still fits."""
-    from dira3d.data.errors import DataError
-
     write_preprocessing(tmp_path / "models", {"percentiles": [0.5, 99.5], "channels": BRATS_ORDER,
                                               "modalities": modalities, "spacing": None})
     parser = _brats_inference(tmp_path / "models")
@@ -241,12 +245,7 @@ def test_three_sequence_files_are_told_what_the_model_takes(tmp_path, modalities
     preprocessing = parser.get_parsed_content("preprocessing")
     files = _sequence_files(tmp_path, _raw_brats_scan(tmp_path / "scan.nii.gz"))
     three = [files[0], files[1], files[3]]  # no T2
-    with pytest.raises(Exception) as raised:
-        preprocessing({"image": three})
-    error = raised.value
-    while error is not None and not isinstance(error, DataError):
-        error = error.__cause__ or error.__context__
-    assert error is not None, f"not a DataError: {raised.value!r}"
+    error = _data_error_raised(preprocessing, {"image": three})
     if advice == "model":
         assert "image has 3 channel(s) but the model takes 4, the sequences ['t1', 't1ce', 't2', 'flair']" in str(error)
         assert "--image \"['<id>_t1.nii.gz', '<id>_t1ce.nii.gz', '<id>_t2.nii.gz', '<id>_flair.nii.gz']\"" in str(error)

@@ -56,13 +56,18 @@ def test_a_one_image_validation_list_is_warned_about(dataset, tmp_path, capsys):
     assert "'validation' list holds 1" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dataset", ["chestxray14", "chexpert"])
-def test_the_next_step_pretrains_on_the_datalist_then_fine_tunes_from_that_checkpoint(dataset, tmp_path, capsys):
+def _prepared(dataset: str, tmp_path: Path, capsys) -> tuple[Path, list[str], int]:
+    """``dira3d prepare <dataset>`` on a small raw set: the datalist, the lines printed and where the datalist's is."""
     raw, dst = _raw(dataset, tmp_path / "raw"), tmp_path / "prepared"
     assert cli_main(["prepare", dataset, "--src", str(raw), "--dst", str(dst), "--size", "32"]) == 0
     datalist = (dst / f"{dataset}_datalist.json").resolve()
     lines = capsys.readouterr().out.splitlines()
-    at = lines.index(f"datalist: {datalist}")
+    return datalist, lines, lines.index(f"datalist: {datalist}")
+
+
+@pytest.mark.parametrize("dataset", ["chestxray14", "chexpert"])
+def test_the_next_step_pretrains_on_the_datalist_then_fine_tunes_from_that_checkpoint(dataset, tmp_path, capsys):
+    datalist, lines, at = _prepared(dataset, tmp_path, capsys)
     assert [line.split()[0] for line in lines[at:at + 3]] == ["datalist:", "next:", "then:"], lines
     pretrain, finetune = (shlex.split(line.split(None, 1)[1].rsplit(" (", 1)[0]) for line in lines[at + 1:at + 3])
     label, main, rest = _command_main(pretrain)
@@ -78,11 +83,7 @@ def test_the_next_step_pretrains_on_the_datalist_then_fine_tunes_from_that_check
 @pytest.mark.parametrize("dataset, bundle", [("siim", "siim_pneumothorax_seg"), ("montgomery", "montgomery_lung_seg")])
 def test_a_small_set_is_fine_tuned_from_the_chestxray14_pretraining_or_from_random_weights(dataset, bundle, tmp_path,
                                                                                             capsys):
-    raw, dst = _raw(dataset, tmp_path / "raw"), tmp_path / "prepared"
-    assert cli_main(["prepare", dataset, "--src", str(raw), "--dst", str(dst), "--size", "32"]) == 0
-    datalist = (dst / f"{dataset}_datalist.json").resolve()
-    lines = capsys.readouterr().out.splitlines()
-    at = lines.index(f"datalist: {datalist}")
+    datalist, lines, at = _prepared(dataset, tmp_path, capsys)
     assert [line.split()[0] for line in lines[at:at + 3]] == ["datalist:", "next:", "or:"], lines
     assert "2D pretraining on ChestX-ray14" in lines[at + 1] and "preparing ChestX-ray14 ends with" in lines[at + 1]
     assert not any(line.split()[1:3] == ["dira3d", "pretrain"] for line in lines[at + 1:]), lines  # not on its own images
