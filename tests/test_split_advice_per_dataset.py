@@ -23,7 +23,7 @@ import re
 
 import pytest
 
-from dira3d.data import command, runner
+from dira3d.data import command, datalist_writer
 from dira3d.data.datalist import more_training_advice, split_option
 from dira3d.data.errors import DataError
 from dira3d.evaluation.datalists import load_split
@@ -137,7 +137,7 @@ def empty_split_advice(name: str) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_datalist":
             given = [k.value for k in node.keywords if k.arg == "split_advice"]
-            advice.append(" ".join(_strings(given[0], dict(assigned))) if given else runner._SPLIT_ADVICE)
+            advice.append(" ".join(_strings(given[0], dict(assigned))) if given else datalist_writer.SPLIT_ADVICE)
             if given and isinstance(given[0], ast.Call):  # a helper's text: its source's strings
                 helper = getattr(module, getattr(given[0].func, "id", ""), None)
                 assert helper is not None, ast.dump(given[0])

@@ -140,7 +140,7 @@ def warn_one_validation_image(path: str | os.PathLike, lists: Mapping[str, list]
 
 def fraction_split_advice(split: Mapping[str, Sequence[str]]) -> str:
     """What the warning about an empty list of a datalist split by ``--val-fraction`` / ``--test-fraction`` (SIIM-ACR,
-    Montgomery) says to do: :func:`~dira3d.data.runner.write_datalist`'s ``split_advice``, naming only options
+    Montgomery) says to do: :func:`~dira3d.data.datalist_writer.write_datalist`'s ``split_advice``, naming only options
     those prepares have (not LUNA16's subsets). ``split``: the parts' patients, the count the fractions were cut over."""
     return (f"--val-fraction / --test-fraction are cut over the {sum(map(len, split.values()))} patient(s) prepared "
             "and round to whole patients, each part needing one: prepare more patients, or, with enough, rerun with a "
@@ -157,7 +157,7 @@ def val_fraction_split_advice(split: Mapping[str, Sequence[str]], of: str, test_
 
 
 def asked_no_validation(val_fraction: float, about: str = "fine-tuning holds out its own patients") -> dict[str, str]:
-    """:func:`~dira3d.data.runner.write_datalist`'s ``asked_empty`` for a prepare split by ``--val-fraction``: 0 asks
+    """:func:`~dira3d.data.datalist_writer.write_datalist`'s ``asked_empty`` for a prepare split by ``--val-fraction``: 0 asks
     for no 'validation' list (the 80 / 20 % form), so that empty list gets a note, not the warning with a rerun; a
     ``--test-fraction`` 0 makes no 'test' list. ``about``: what the note adds (a datalist with labels: fine-tuning's
     own holdout)."""

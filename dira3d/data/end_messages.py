@@ -2,7 +2,7 @@
 
 :func:`finish`: the one-line summary of the cases, each warning and failure, and what to do about a
 failure; :func:`next_steps`: where each datalist written is and the command to run next
-(:data:`NEXT_STEPS`), for the datalists that :func:`~dira3d.data.runner.write_datalist` records
+(:data:`NEXT_STEPS`), for the datalists that :func:`~dira3d.data.datalist_writer.write_datalist` records
 (:func:`record_datalist`) while :func:`~dira3d.data.runner.run_prepare` collects them
 (:func:`datalists_recorded`). Re-exported by :mod:`dira3d.data.runner`.
 """
