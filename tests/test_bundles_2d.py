@@ -407,13 +407,19 @@ def test_2d_finetune_refuses_a_3d_volume_naming_it(tmp_path, capsys):
     content = json.loads(datalist.read_text())
     volume = tmp_path / "data" / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((64, 64, 8)).astype(np.float32), np.eye(4)), volume)
-    content["training"][0]["image"] = str(volume)
-    datalist.write_text(json.dumps(content))
-    code = main(["--bundle", "montgomery_lung_seg", "--datalist", str(datalist), "--output-dir", str(tmp_path / "out"), "--tiny"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    assert re.search(r"dira3d finetune: error: .*ct\.nii\.gz: loaded as a 3D image of shape \(64, 64, 8\); this 2D bundle "
-                     r"fine-tunes on 2D images", err), err
+    original = [dict(entry) for entry in content["training"]]
+    for at in (0, len(original) - 1):  # the first entry: the datalist's check; a later one: the check as it loads
+        content["training"] = [dict(entry) for entry in original]
+        content["training"][at]["image"] = str(volume)
+        datalist.write_text(json.dumps(content))
+        code = main(["--bundle", "montgomery_lung_seg", "--datalist", str(datalist), "--output-dir",
+                     str(tmp_path / f"out{at}"), "--tiny"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert re.search(r"dira3d finetune: error: .*ct\.nii\.gz(: loaded as a 3D image of shape \(64, 64, 8\); this 2D "
+                         r"bundle fine-tunes on 2D images|\) is a 3D volume, but this bundle's network is 2D)", err), err
+        if at == 0:  # refused before any image is cached (since montgomery 0.1.54), naming the datalist
+            assert f"error: datalist {datalist}: entry 0 of split " in err, err
     check_volume(torch.zeros(1, 64, 64, 8), "ct.nii.gz", spatial_dims=2)  # pretraining: its slices give 2D patches
 
 
