@@ -361,6 +361,30 @@ def test_select_modalities_suggests_image_channels_of_the_image_given():
         SelectModalitiesd("image", "t2,flair", four)({"image": torch.ones(2, 2, 2, 2)})
 
 
+def test_an_image_that_does_not_fit_without_image_channels_gets_advice_sized_to_the_model():
+    """Without image_channels (a run folder without preprocessing.json), a 3-channel image given to a model of
+    modalities all (4 channels) was told to set modalities to 'flair', which the 4-channel model cannot take; the advice
+    now names the sequences the model takes: the 4 files for a model of four, the one sequence for a model of one."""
+    three = torch.ones(3, 2, 2, 2)
+    with pytest.raises(ValueError) as four:
+        SelectModalitiesd("image", "all")({"image": three})
+    said = str(four.value)
+    assert "'flair')" not in said and "modalities to" not in said
+    assert said.startswith("<image of case ?>: image has 3 channel(s) but modalities=['t1', 't1ce', 't2', 'flair'] (the model takes 4 "
+                           "channel(s), in_channels 4)")
+    assert ("--image \"['<id>_t1.nii.gz', '<id>_t1ce.nii.gz', '<id>_t2.nii.gz', '<id>_flair.nii.gz']\"" in said
+            and "image_channels" not in said.split("; ", 1)[1])  # four files in order: no image_channels needed
+    with pytest.raises(ValueError, match=r"modalities=\['flair'\] \(the model takes 1 channel\(s\), in_channels 1\): "
+                                         r"without image_channels it takes an image of 4 channels \[.*\] or of the one "
+                                         r"sequence 'flair'; set image_channels to the 3 sequence\(s\) this image "
+                                         r"holds, in order \(e\.g\. --image_channels \"\['flair', 't1', 't1ce'\]\"\)$"):
+        SelectModalitiesd("image", "flair")({"image": three})
+    assert SelectModalitiesd("image", "flair", ["flair", "t1", "t1ce"])({"image": three})["image"].shape[0] == 1
+    with pytest.raises(ValueError, match=r"give an image holding the 2 sequences \['t1', 't2'\] and name them in "
+                                         r"image_channels, .*--image_channels \"\['t1', 't2'\]\"\)"):
+        SelectModalitiesd("image", "t1,t2")({"image": three[:1]})
+    assert SelectModalitiesd("image", "t1,t2", ["t1", "t2"])({"image": three[:2]})["image"].shape[0] == 2  # as advised
+
 def test_simpleitk_reader_matches_nibabel(tmp_path):
     from monai.transforms import LoadImage
 

@@ -69,6 +69,8 @@ def test_localise_finds_a_known_box_and_rejects_an_empty_map(tmp_path):
     assert result["accuracy"] == {f"{d:g}": 0.5 for d in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)}
     written = json.loads((tmp_path / "out" / "localisation.json").read_text())
     assert written["accuracy"] == result["accuracy"] and written["target_layer"] == "features"
+    # a model given to localise() itself: its outputs and input channels as run; its file and backbone unknown
+    assert (written["num_classes"], written["in_channels"], written["model"], written["backbone"]) == (2, 1, None, None)
     overlays = sorted((tmp_path / "out" / "overlays").glob("*.png"))
     assert len(overlays) == 2 and all(Image.open(p).size[0] > 0 for p in overlays)
 

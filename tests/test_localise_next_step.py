@@ -111,6 +111,22 @@ def test_localise_builds_a_tiny_model_as_its_metrics_json_records_it(tmp_path, c
     assert json.loads((tmp_path / "c" / "localisation.json").read_text())["roi_size"] == [32, 32]
 
 
+def test_localisation_json_names_the_model_it_localised_and_how_it_was_built(tmp_path, capsys):
+    """localisation.json recorded roi_size but not the backbone or the outputs: two runs on ResNet-10 and ResNet-18
+    fine-tunings could not be told apart. It now records the model file, backbone, in_channels and num_classes."""
+    datalist = _boxes_beside(write_cxr(tmp_path / "data", "chestxray14_datalist.json", 14, train=2, test=2))
+    model = _recorded_run(tmp_path / "ft", {"bundle": "chestxray14_cls", "settings": {"tiny": True, "backbone": "resnet18"}},
+                          backbone="resnet18")
+    assert localise_main(["--bbox-datalist", str(datalist), "--model", str(model), "--output-dir", str(tmp_path / "a")]) == 0
+    written = json.loads((tmp_path / "a" / "localisation.json").read_text())
+    assert {k: written[k] for k in ("model", "backbone", "in_channels", "num_classes", "roi_size")} == {
+        "model": str(model.resolve()), "backbone": "resnet18", "in_channels": 1, "num_classes": 14, "roi_size": [64, 64]}
+    other = _recorded_run(tmp_path / "ft10", {"bundle": "chestxray14_cls", "settings": {"tiny": True}})  # the command line
+    assert localise_main(["--bbox-datalist", str(datalist), "--model", str(other), "--output-dir", str(tmp_path / "b"),
+                          "--backbone", "resnet10", "--roi-size", "32", "64"]) == 0
+    written = json.loads((tmp_path / "b" / "localisation.json").read_text())
+    assert (written["model"], written["backbone"], written["roi_size"]) == (str(other.resolve()), "resnet10", [32, 64])
+
 def test_the_set_values_win_over_tiny_json_and_other_records_are_left_alone(tmp_path, capsys):
     settings = {"tiny": True, "backbone": "resnet18", "roi_size": [128, 96], "out_channels": 3}
     model = _recorded_run(tmp_path / "set", {"bundle": "chestxray14_cls", "settings": settings})

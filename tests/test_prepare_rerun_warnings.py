@@ -57,6 +57,8 @@ def test_the_notes_of_an_earlier_run_itself_and_of_another_dataset_are_not_carri
     assert run_cases(_cases(dst), _write, out_dir=dst, desc="toy", progress=False)[0].warnings == ["a: stored as RGB"]
     report["desc"] = "other"  # another dataset's report: refused (2026-11-28: it was replaced without a word) ...
     (dst / "report.json").write_text(json.dumps(report))
+    record = json.loads((dst / "prepared.json").read_text())  # (and its record in --dst, which names the dataset)
+    (dst / "prepared.json").write_text(json.dumps({**record, "desc": "other"}))
     with pytest.raises(DataError, match="holds the other dataset"):
         run_cases(_cases(dst), _write, out_dir=dst, desc="toy", progress=False)
     report["cases"][1]["warnings"] = ["b: a note of the other dataset"]  # ... and with --overwrite none of its notes

@@ -417,7 +417,7 @@ def test_a_garbled_case_manifest_is_named_and_its_case_redone(tmp_path):
     write_volume(src / "volumes" / "PE01.nii.gz", (10, 12, 7), (0.8, 0.6, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     (src / "candidates.csv").write_text("patient_id,x,y,z,coords,label\nPE01,10,12,7,voxel,1\n")
     assert [r.status for r in pecad.prepare(src, dst, cube_size=(8, 8, 8), progress=False)] == ["written"]
-    manifests = [p for p in dst.rglob("*.json") if p.name not in ("pecad_datalist.json", "report.json", "split.json")]
+    manifests = [p for p in dst.rglob("*.json") if p.name not in ("pecad_datalist.json", "report.json", "split.json", "prepared.json")]
     assert len(manifests) == 1
     manifests[0].write_text('{"candidates": [{"image": "x"')
     [result] = pecad.prepare(src, dst, cube_size=(8, 8, 8), progress=False)

@@ -2,7 +2,9 @@
 
 A rerun into ``--dst`` must not mix in another ``--src`` or outputs made with other settings, nor
 replace a file that is not a report, nor another dataset's report and datalists (:func:`check_rerun`,
-:func:`check_other_dataset`); existing outputs count as done only when
+:func:`check_other_dataset`: the dataset is read from ``--dst``'s ``prepared.json``, which every run writes there
+(:func:`record_dataset`) so that the folder names its dataset and source wherever ``--report`` goes, or, in a folder
+prepared before it, from its ``report.json``); existing outputs count as done only when
 they are not empty and the dataset's ``check_outputs`` accepts them (:func:`why_not_done`); and ``--dst``
 is locked so that two runs cannot write into it at once (:func:`lock_output_folder`, kept until a ``dira3d
 prepare`` command has written its datalists: :func:`locks_held_until_done`, :func:`release_when_done`).
@@ -20,11 +22,15 @@ from typing import Any
 
 from dira3d.data.cases import Case
 from dira3d.data.errors import DataError
-from dira3d.utils.atomic import check_writable
+from dira3d.utils.atomic import atomic_write_text, check_writable
 from dira3d.utils.folder_lock import FolderInUseError, FolderLock
 
 __all__ = ["why_not_done", "check_rerun", "check_other_dataset", "is_earlier_output", "locks_held_until_done", "release_when_done",
-           "lock_output_folder"]
+           "lock_output_folder", "record_dataset", "RECORD_NAME"]
+
+# in --dst: the dataset, --src, settings and --report path of the last run into it (the report may be elsewhere)
+RECORD_NAME = "prepared.json"
+_RECORD_MARK = "dira3d prepare"  # its "written_by": a prepared.json of the user's is not replaced
 
 
 def why_not_done(case: Case, check_outputs: Callable[[Case], Any] | None) -> str:
@@ -49,11 +55,18 @@ def _same_setting(old: Any, new: Any) -> bool:
 def check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequence[str | os.PathLike],
                 report: Path, desc: str, overwrite: bool, settings: Mapping[str, Any] | None = None) -> None:
     """Refuse a rerun that would mix in another ``--src``, outputs made with other ``settings`` (their
-    cases would be skipped while the datalist claims the new settings), or replace a file that is not a report."""
+    cases would be skipped while the datalist claims the new settings), or replace a file that is not a report (nor a
+    ``prepared.json`` in ``out_dir`` that is not :func:`record_dataset`'s); the source and settings are read from the
+    datalists, this dataset's report in ``out_dir`` and its ``prepared.json``."""
     if report.is_dir():
         raise DataError(report, "is a folder; --report must be a file path")
     if overwrite:
         return
+    record_path = out_dir / RECORD_NAME
+    record = _record(record_path)
+    if record_path.exists() and record is None:
+        raise DataError(record_path, "exists and is not the record dira3d prepare keeps in --dst; move it away, choose "
+                                     "another --dst, or pass --overwrite to replace it")
     check_other_dataset(out_dir, report, desc)
     new = None if source is None else str(Path(source).resolve())
     recorded = []  # (file, source it records)
@@ -81,6 +94,10 @@ def check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequ
             recorded.append((report, old.get("source")))
             if isinstance(old.get("settings"), dict):
                 written_with.append((report, old["settings"]))
+    if new and record is not None and record.get("desc") == desc:  # an earlier run into --dst, its report elsewhere
+        recorded.append((record_path, record.get("source")))
+        if isinstance(record.get("settings"), dict):
+            written_with.append((record_path, record["settings"]))
     for path, old_source in recorded:
         if old_source is not None and old_source != new:
             raise DataError(path, f"was prepared from --src {old_source}, not {new}; choose another --dst, or pass "
@@ -92,6 +109,36 @@ def check_rerun(out_dir: Path, source: str | os.PathLike | None, datalists: Sequ
             raise DataError(path, f"records volumes prepared with {what}; the cases already written would be "
                                   "skipped and keep the old settings. Choose another --dst, or pass --overwrite to "
                                   "redo every case with the new settings")
+
+
+def _record(path: Path) -> dict | None:
+    """The record :func:`record_dataset` wrote at ``path``; None when there is none (or it is something else)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and old.get("written_by") == _RECORD_MARK else None
+
+
+def record_dataset(out_dir: Path, desc: str, source: str | os.PathLike | None, settings: Mapping[str, Any] | None,
+                   report: Path) -> None:
+    """Write ``out_dir/prepared.json``: the dataset (``desc``), ``--src``, settings and ``--report`` path of this run,
+    before its cases, so that ``out_dir`` names them even when the report goes elsewhere or the run stops early
+    (unchanged content is not rewritten)."""
+    record = {"written_by": _RECORD_MARK, "desc": desc, "source": None if source is None else str(Path(source).resolve()),
+              "settings": None if settings is None else json.loads(json.dumps(settings)),
+              "report": str(report.resolve())}
+    if _record(out_dir / RECORD_NAME) != record:
+        atomic_write_text(out_dir / RECORD_NAME, json.dumps(record, indent=1) + "\n")
+
+
+def _dataset_in(out_dir: Path) -> tuple[str | None, str]:
+    """The dataset ``out_dir`` holds and the file that names it: its ``prepared.json`` (the last run into it), else
+    (a folder prepared before that record) its ``report.json``."""
+    record = _record(out_dir / RECORD_NAME)
+    if record is not None:
+        return (record.get("desc") if isinstance(record.get("desc"), str) and record.get("desc") else None), RECORD_NAME
+    return _dataset_of(out_dir / "report.json"), "report.json"
 
 
 def _dataset_of(report: Path) -> str | None:
@@ -106,14 +153,15 @@ def _dataset_of(report: Path) -> str | None:
 
 
 def check_other_dataset(out_dir: Path, report: Path, desc: str) -> None:
-    """Refuse (without ``--overwrite``) a run into an ``out_dir`` whose ``report.json`` is another dataset's, or a
-    ``report`` path holding another dataset's report: the run would replace that report, its ``split.json`` and any
-    datalist of the same name (its volumes would stay, listed by none of them)."""
+    """Refuse (without ``--overwrite``) a run into an ``out_dir`` of another dataset (its ``prepared.json``, or in a
+    folder prepared before that record its ``report.json``, names it), or a ``report`` path holding another dataset's
+    report: the run would replace that report, its ``split.json`` and any datalist of the same name (its volumes would
+    stay, listed by none of them)."""
     this = f"a {desc} preparation" if desc else "this preparation"
-    other = _dataset_of(out_dir / "report.json")
+    other, named_by = _dataset_in(out_dir)
     if other is not None and other != desc:
-        raise DataError(out_dir, f"holds the {other} dataset (its report.json says desc {other!r}); {this} into it "
-                                 "would replace its report.json and any split.json or datalist of the same name. "
+        raise DataError(out_dir, f"holds the {other} dataset (its {named_by} says desc {other!r}); {this} into it "
+                                 "would replace its report and any split.json or datalist of the same name. "
                                  "Choose another --dst, or pass --overwrite to replace them (its prepared images or "
                                  "volumes are not deleted: they stay in the folder)")
     other = _dataset_of(report)
@@ -124,10 +172,13 @@ def check_other_dataset(out_dir: Path, report: Path, desc: str) -> None:
 
 def is_earlier_output(folder: Path, desc: str, datalist: str) -> bool:
     """Whether ``folder`` is the ``--dst`` of an earlier run of the preparation ``desc``: it holds that preparation's
-    ``datalist`` file, or a ``report.json`` of it (a run that stopped before its datalist). A preparation that
+    ``datalist`` file, or a ``prepared.json`` or ``report.json`` of it (a run that stopped before its datalist). A preparation that
     searches ``--src`` for images leaves such a folder out: its PNGs are resized copies of the images, not more of
     them (a ``--dst`` inside ``--src``, then a run with another ``--size`` or ``--dst``)."""
     if (folder / datalist).is_file():
+        return True
+    record = _record(folder / RECORD_NAME)
+    if record is not None and record.get("desc") == desc:
         return True
     report = folder / "report.json"
     try:

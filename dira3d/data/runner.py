@@ -51,7 +51,8 @@ from dira3d.data.cases import STATUSES, Case, CaseResult, batch_stopped, case_ou
 from dira3d.data.datalist_writer import warn_one_validation, write_datalist, write_json  # re-exported
 from dira3d.data.end_messages import NEXT_STEPS, datalists_recorded, finish, next_steps
 from dira3d.data.errors import DataWarning, join_errors  # join_errors: re-exported
-from dira3d.data.guards import check_rerun, lock_output_folder, locks_held_until_done, release_when_done, why_not_done
+from dira3d.data.guards import (check_rerun, lock_output_folder, locks_held_until_done, record_dataset, release_when_done,
+                                why_not_done)
 from dira3d.data.workers import case_pool
 from dira3d.utils.atomic import stale_temporaries
 from dira3d.utils.files import read_json
@@ -123,7 +124,9 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
             that is not a report (nothing is deleted: files of the other dataset not rewritten stay).
         dry_run: print the plan, write nothing (no report either).
         keep_going: process every case despite failures.
-        report_path: JSON report (default ``out_dir/report.json``).
+        report_path: JSON report (default ``out_dir/report.json``). Wherever it goes, ``out_dir/prepared.json``
+            records ``desc``, ``source``, ``settings`` and this path, written before the cases run
+            (:func:`~dira3d.data.guards.record_dataset`): what names the folder's dataset to a later run.
         desc: label of the progress bar and the report.
         progress: draw a tqdm bar over the cases on stderr (``dira3d prepare`` passes
             :func:`dira3d.utils.show_progress`: a terminal only, so a log file or a pipe gets no bar); without it, a
@@ -146,7 +149,7 @@ def run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, o
         ValueError: duplicate case ids or ``workers < 1``.
         DataError: ``out_dir`` (or the report's folder) cannot be created or written to, or another
             process prepares into ``out_dir`` (it is locked while the cases run); a datalist of another source, a report of another ``desc`` in ``out_dir`` or at
-            ``report_path``, or a non-report file at ``report_path`` (without ``overwrite``).
+            ``report_path``, or a non-report file at ``report_path`` or ``out_dir/prepared.json`` (without ``overwrite``).
     """
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
@@ -179,6 +182,7 @@ def _run_cases(cases: list[Case], process_fn: Callable[[Case], dict | None], *, 
         if left:
             print(f"removed {len(left)} half-written temporary file(s) an interrupted run left in {out_dir} "
                   f"(e.g. {left[0].relative_to(out_dir)})", file=sys.stderr)
+        record_dataset(out_dir, desc, source, settings, report_path)  # --dst names its dataset wherever the report goes
     results: dict[str, CaseResult] = {}
     todo: list[Case] = []
     redo: dict[str, str] = {}  # case id -> why its existing outputs are not done
@@ -333,17 +337,19 @@ def _cancelled_when_interrupted(pool: ProcessPoolExecutor) -> Iterator[None]:
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--src --dst --workers --overwrite --dry-run --keep-going --report`` to ``parser``."""
     parser.add_argument("--src", required=True, type=Path, help="the dataset as downloaded")
-    parser.add_argument("--dst", required=True, type=Path, help="output folder (volumes, datalists, report)")
+    parser.add_argument("--dst", required=True, type=Path,
+                        help="output folder (volumes, datalists, report, prepared.json naming the dataset and --src)")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo cases whose outputs already exist; also allows replacing a datalist "
                              "prepared from another --src, the report.json and datalists of another dataset "
-                             "prepared into --dst (its volumes are not deleted), and a --report file that is not "
-                             "a report")
+                             "prepared into --dst (its volumes are not deleted), a --report file that is not "
+                             "a report, and a prepared.json in --dst that is not dira3d's record")
     parser.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     parser.add_argument("--keep-going", action="store_true",
                         help="process every case despite failures (failures are reported; exit code 0)")
-    parser.add_argument("--report", type=Path, default=None, help="JSON report path (default DST/report.json)")
+    parser.add_argument("--report", type=Path, default=None, help="JSON report path (default DST/report.json); DST/prepared.json "
+                                                                      "names the dataset either way")
     return parser
 
 

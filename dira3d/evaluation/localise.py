@@ -11,7 +11,7 @@ Inputs: ``bbox_datalist.json`` as written by ``dira3d prepare chestxray14`` (ent
 image is loaded like the bundle's inference loads it (a PNG, JPEG, TIFF, BMP or DICOM read as ``dira3d prepare``
 reads it, so a 16-bit PNG is min-max scaled; ``(x, y)`` axes, resized to ``prepared_size`` as ``dira3d prepare``
 stores it, [0, 1], resized to ``roi_size``) and the box is scaled by the same factors. Outputs in ``output_dir``: ``localisation.json`` (accuracy per δ, the
-settings, the best IoU of every box, the boxes left out) and PNG overlays (heatmap, predicted boxes yellow, truth green).
+settings, the model localised (its file, backbone, in_channels, num_classes), the best IoU of every box, the boxes left out) and PNG overlays (heatmap, predicted boxes yellow, truth green).
 
 Command line (``dira3d localise``)::
 
@@ -72,6 +72,7 @@ def localise(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: bool = False,
+    network: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the Grad-CAM protocol on box entries and write ``localisation.json`` (atomically) and overlays.
 
@@ -90,11 +91,14 @@ def localise(
         progress: a progress bar on stderr, one step per box (``dira3d localise``: a ResNet-50 Grad-CAM per box on a CPU
             made a silent run of minutes for ChestX-ray14's ~1,000 boxes; it asks :func:`dira3d.utils.show_progress`,
             so a log file or a pipe gets no bar).
+        network: what ``model`` is, recorded in ``localisation.json``: ``model`` (its file) and ``backbone``
+            (:func:`run_localisation` passes them); None records them as null.
 
     Returns:
         ``{"accuracy": {δ: share of all boxes}, "mean_accuracy_over_findings": {δ: mean over findings of
         their accuracy} (the paper's number), "accuracy_per_finding": {finding: {δ: share}}, "count",
-        "threshold", "target_layer", "roi_size", "prepared_size", "flat_heatmaps" (boxes whose Grad-CAM map is zero
+        "threshold", "target_layer", "roi_size", "prepared_size", "model", "backbone", "in_channels" (the image
+        channels it was given), "num_classes" (its outputs, counted by a forward pass), "flat_heatmaps" (boxes whose Grad-CAM map is zero
         everywhere: no predicted box, IoU 0; each box says ``flat_heatmap``), "boxes": [... each with
         ``predicted_boxes``, the Grad-CAM boxes as ``[x, y, w, h]`` in the image file's pixels, best IoU first],
         "skipped": [{image, label, reason}]}``: a box whose image cannot be used (not an image, a colour PNG, values
@@ -113,7 +117,7 @@ def localise(
     check_earlier_results(out, overwrite)
     with removed_if_failed_empty(out):  # entries the model does not fit (refused before any overlay) leave no empty folder
         return _localise(model, entries, out, target_layer, roi_size, prepared_size, threshold, deltas, max_overlays,
-                         device, progress)
+                         device, progress, network or {})
 
 
 def check_earlier_results(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
@@ -130,12 +134,14 @@ def check_earlier_results(output_dir: str | os.PathLike, overwrite: bool = False
 
 def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out: Path, target_layer: str,
               roi_size: Sequence[int], prepared_size: int | None, threshold: float, deltas: Sequence[float],
-              max_overlays: int, device: str | torch.device, progress: bool = False) -> dict[str, Any]:
+              max_overlays: int, device: str | torch.device, progress: bool = False,
+              network: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """:func:`localise` once its inputs are checked and ``localisation.json`` may be written."""
     check_writable(out, what="output folder (--output-dir)")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     model = model.to(device)
     heatmaps, truths, records, skipped, first_error = [], [], [], [], None
+    built: dict[str, int] = {}  # the image channels and the outputs the model was run with
     for index, entry in enumerate(tqdm(entries, desc="localise", unit="box", disable=not progress, file=sys.stderr)):
         try:
             image, size = load_cxr_image(entry["image"], roi_size, prepared_size)
@@ -145,7 +151,7 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
             warnings.warn(f"box {index} left out: {err}", Dira3dWarning, stacklevel=2)
             continue
         if not records:  # before any overlay is written
-            _check_entries_fit(model, image, entries, device)
+            built = {"in_channels": int(image.shape[0]), "num_classes": _check_entries_fit(model, image, entries, device)}
         gt = scale_box(entry["box"], size, roi_size)
         heatmap = gradcam_maps(model, image[None].to(device), target_layer, class_idx=int(entry["label_index"]))[0]
         predicted = sorted(boxes_from_heatmap(heatmap, threshold), key=lambda box: -box_iou(box, gt))  # best first
@@ -173,15 +179,18 @@ def _localise(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], out:
     result = {"accuracy": {f"{delta:g}": value for delta, value in accuracy.items()},
               "mean_accuracy_over_findings": mean_over_findings, "accuracy_per_finding": per_finding, "count": len(records),
               "threshold": threshold, "target_layer": target_layer, "roi_size": [int(s) for s in roi_size],
-              "prepared_size": prepared_size or 0, "flat_heatmaps": sum(r["flat_heatmap"] for r in records),
+              "prepared_size": prepared_size or 0, "model": (network or {}).get("model"),
+              "backbone": (network or {}).get("backbone"), **built,  # which model was localised
+              "flat_heatmaps": sum(r["flat_heatmap"] for r in records),
               "boxes": records, "skipped": skipped}
     atomic_write_text(out / "localisation.json", json.dumps(result, indent=2))
     return result
 
 
 def _check_entries_fit(model: torch.nn.Module, image: torch.Tensor, entries: Sequence[Mapping[str, Any]],
-                       device: str | torch.device) -> None:
-    """Refuse entries whose ``label_index`` is not one of ``model``'s outputs (one forward pass counts them)."""
+                       device: str | torch.device) -> int:
+    """Refuse entries whose ``label_index`` is not one of ``model``'s outputs (one forward pass counts them); returns
+    that count."""
     import torch
 
     was_training = model.training
@@ -194,6 +203,7 @@ def _check_entries_fit(model: torch.nn.Module, image: torch.Tensor, entries: Seq
     for index, entry in enumerate(entries):
         check_label_index(entry["label_index"], classes, f"box entry {index} (image {entry['image']})",
                            "fix the box datalist or use the classifier it was made for")
+    return classes
 
 
 def run_localisation(
@@ -267,7 +277,8 @@ def _run_localisation(bbox_datalist: str | os.PathLike, model_path: str | os.Pat
         raise ValueError(_other_findings(model_path, num_classes, bbox_datalist, labels))
     model.load_state_dict(state)
     entries = load_box_entries(bbox_datalist, split, num_classes=num_classes)
-    return localise(model, entries, output_dir, **kwargs)
+    return localise(model, entries, output_dir, network={"model": str(Path(model_path).resolve()), "backbone": backbone},
+                    **kwargs)
 
 
 def _is_2d_classifier(state: Mapping[str, Any]) -> bool:

@@ -109,11 +109,27 @@ class SelectModalities(Transform):
             return img[index]
         if channels == 1 and len(self.names) == 1:
             return img  # a single-sequence volume (FLAIR-only preparation) is taken as it is
-        raise ValueError(
-            f"image has {channels} channel(s) but modalities={self.names}; BraTS images must hold "
-            f"{len(BRATS_MODALITIES)} channels {BRATS_MODALITIES} or one sequence (set modalities to 'flair'), "
-            "or name the sequences they hold in image_channels"
-        )
+        raise ValueError(self._misfit(channels))
+
+    def _misfit(self, channels: int) -> str:
+        """Why an image of ``channels`` channels without ``image_channels`` does not fit ``modalities``, and what to
+        give: advice sized to the network's channel count (it told a model of four sequences to set modalities to
+        'flair')."""
+        n, every = len(self.names), len(BRATS_MODALITIES)
+        takes = (f"an image of {every} channels {list(BRATS_MODALITIES)}" + (f" or of the one sequence '{self.names[0]}'"
+                                                                            if n == 1 else ""))
+        said = (f"image has {channels} channel(s) but modalities={self.names} (the model takes {n} channel(s), "
+                f"in_channels {n}): without image_channels it takes {takes}")
+        if channels < n:
+            files = "', '".join(f"<id>_{m}.nii.gz" for m in self.names)
+            give = (f"give an image holding the {n} sequences {self.names}, e.g. a case as its {n} sequence files in "
+                    f"that order (--image \"['{files}']\")" if n == every else
+                    f"give an image holding the {n} sequences {self.names} and name them in image_channels, e.g. a "
+                    f"case as its {n} sequence files (--image \"['{files}']\" --image_channels \"{self.names}\")")
+            return f"{said}; {give}, or use a model fine-tuned on the sequences this image holds (dira3d finetune --set modalities=...)"
+        example = (self.names + [m for m in BRATS_MODALITIES if m not in self.names])[:channels]
+        return (f"{said}; set image_channels to the {channels} sequence(s) this image holds, in order"
+                + (f" (e.g. --image_channels \"{example}\")" if len(example) == channels else ""))
 
 
 @contextmanager
