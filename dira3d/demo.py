@@ -13,6 +13,7 @@ the same library functions and bundles as the individual commands; this file onl
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.progress import show_progress
 
-__all__ = ["count_problem", "main", "stage_table"]
+__all__ = ["count_problem", "main", "option_problem", "stage_table"]
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "bundles" / "dira_pretrain" / "configs"
@@ -64,11 +65,30 @@ def count_problem(count: int, classes: int) -> str | None:
     if count < 10:
         return (f"--count {count} is too few phantoms: the demo needs 10 or more (phantom i goes to LUNA16 subset "
                 "i % 10, and the validation subsets 5-6 and test subsets 7-9 need one phantom each)")
-    if classes < 2 or classes > train:
-        need = next(c for c in range(10, 10 * classes + 10) if sum(i % 10 < 5 for i in range(c)) >= classes)
+    if classes < 2 or classes > train:  # (the count needed only for too many classes: none is for fewer than 2)
+        need = next(c for c in range(10, 10 * classes + 10) if sum(i % 10 < 5 for i in range(c)) >= classes) \
+            if classes >= 2 else 0
         fix = "choose --classes 2 or more" if classes < 2 else f"pass --count {need} or more, or --classes {train} or fewer"
         return (f"--classes {classes} is not possible with --count {count}: its {train} training phantoms "
                 f"(subsets 0-4) give 2 to {train} visual words; {fix}")
+    return None
+
+
+def option_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the demo's other numbers (``--count`` / ``--classes``: :func:`count_problem`), or None:
+    each was a traceback (``--epochs-per-stage 0``, ``--size 0 0 0``, ``--classes -1``), an error naming no option
+    (``--seed -1``) or an empty results table (``--seeds 0``)."""
+    from dira3d.data.synthetic import MIN_SIZE
+
+    if args.epochs_per_stage < 1:
+        return f"--epochs-per-stage {args.epochs_per_stage}: pass 1 or more (each of the 3 stages trains that many epochs)"
+    if min(args.size) < MIN_SIZE:
+        return (f"--size {' '.join(map(str, args.size))}: a phantom needs at least {MIN_SIZE} voxels per axis "
+                "(the default is 128 128 64)")
+    if args.seeds < 1 and not args.skip_finetune:
+        return f"--seeds {args.seeds}: pass 1 or more fine-tuning seeds per initialisation (or --skip-finetune for none)"
+    if args.seed < 0:
+        return f"--seed {args.seed}: pass 0 or more"
     return None
 
 
@@ -111,6 +131,47 @@ def _visual_words(prepared: Path, out: Path, classes: int, patch: tuple[int, int
     return vw
 
 
+STAGES_RECORD = "demo_stages.json"  # in the pretraining folder: the --epochs-per-stage its last.pt was trained with
+
+
+def _check_stages(run_dir: Path, epochs_per_stage: int) -> None:
+    """Refuse a pretraining folder whose ``last.pt`` an earlier demo trained with another ``--epochs-per-stage`` (its
+    record, :func:`_record_stages`): the rerun went on from ``last.pt`` with other stage ends (epochs of one stage's
+    losses counted in another's; the table named the wrong epochs) or, with a smaller one, said it had finished. A
+    ``last.pt`` without the record (a demo before it) is left as it is."""
+    import json
+
+    record = run_dir / STAGES_RECORD
+    if not (run_dir / "models" / "last.pt").is_file() or not record.is_file():
+        return
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))["epochs_per_stage"]
+    except (OSError, ValueError, TypeError, KeyError):  # garbled: not known, as without the record
+        return
+    if earlier != epochs_per_stage:
+        raise ValueError(f"{run_dir} holds the pretraining of an earlier demo with --epochs-per-stage {earlier}, not "
+                         f"{epochs_per_stage}, and its stages cannot be changed; rerun with --epochs-per-stage {earlier} "
+                         f"to go on with it, or choose another --out to pretrain with {epochs_per_stage}")
+
+
+def _record_stages(run_dir: Path, epochs_per_stage: int) -> None:
+    """Record the ``--epochs-per-stage`` of the pretraining about to start in ``run_dir`` (for :func:`_check_stages`),
+    unless a ``last.pt`` is there (the record of the run it continues is kept)."""
+    import json
+
+    from dira3d.utils.atomic import atomic_write_text
+
+    if not (run_dir / "models" / "last.pt").is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / STAGES_RECORD, json.dumps({"epochs_per_stage": epochs_per_stage}) + "\n")
+
+
+def _without_finished_note(record: logging.LogRecord) -> bool:
+    """A logging filter: the pretraining's line that it has finished, whose advice (a larger max_epochs) is the
+    bundle's; the demo says it in its own options (:func:`_pretrain`)."""
+    return False
+
+
 def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage: int, seed: int) -> tuple[Path, list]:
     from dira3d.utils.overrides import run_bundle as run  # as `dira3d pretrain` (monai.bundle.run warns of eval)
 
@@ -123,13 +184,20 @@ def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage
     _say(f"4/5 pretraining 3D DiRA (tiny preset, stages dis → dis+res → dis+res+adv) into {run_dir}")
     from dira3d.engines.finished import RunAlreadyFinished
 
+    _record_stages(run_dir, epochs_per_stage)
+    finished_log = logging.getLogger("dira3d.finished")
+    finished_log.addFilter(_without_finished_note)
     try:
         run(config_file=[str(PRETRAIN / "train.json"), str(PRETRAIN / "tiny.json"), str(PRETRAIN / "visual_words.json")],
             meta_file=str(PRETRAIN / "metadata.json"), logging_file=str(PRETRAIN / "logging.conf"),
             bundle_root=str(run_dir), dataset_dir=str(vw), patch_size=list(patch), stages=stages,
             max_epochs=3 * epochs_per_stage, batch_size=8, log_every=5, image_every=20, seed=seed)
-    except RunAlreadyFinished:  # a rerun: the finished pretraining is reused, nothing is loaded again; the check
-        pass  # logged why under the step's line ("last.pt is at epoch 12, max_epochs=12: ... already finished; ...")
+    except RunAlreadyFinished:  # a rerun: the finished pretraining is reused, nothing is loaded again
+        print(f"    already finished ({run_dir / 'models' / 'last.pt'}, 3 stages of --epochs-per-stage "
+              f"{epochs_per_stage}): reused, nothing trained again; to pretrain longer, rerun with a larger "
+              "--epochs-per-stage and another --out (a new demo from its first step)", flush=True)
+    finally:
+        finished_log.removeFilter(_without_finished_note)
     return run_dir, stages
 
 
@@ -161,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    problem = count_problem(args.count, args.classes)
+    problem = count_problem(args.count, args.classes) or option_problem(args)
     if problem:  # before anything is written, not a traceback from the visual-word step
         parser.error(problem)
     start = time.perf_counter()
@@ -181,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     written = WrittenFiles(out)
     try:
         with sigterm_as_interrupt():  # SIGTERM as Ctrl-C; the pretraining stops gently itself (last.pt written)
+            _check_stages(out / "pretrain", args.epochs_per_stage)  # before any step (the --count check: step 1)
             prepared = _phantoms_and_prepare(out, args.count, tuple(args.size), args.seed)
             vw = _visual_words(prepared, out, args.classes, patch, args.seed)
             run_dir, stages = _pretrain(vw, out, patch, args.epochs_per_stage, args.seed)
@@ -205,5 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `make demo`: as `dira3d demo` (dira3d.cli: e.g. `| head` ends quietly, exit 141)
+    from dira3d.cli import main as cli_main
+
+    raise SystemExit(cli_main(["demo", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,27 +37,114 @@ def test_demo_runs_end_to_end_and_prints_what_a_user_needs(tmp_path, repo_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "luna16_raw" / "annotations.csv").stat().st_mtime_ns == raw_mtime
     assert "phantoms already in" in proc.stdout
-    # the pretraining step says it is reused under its one line, not under a second "4/5" line
+    # the pretraining step says it is reused under its one line, not under a second "4/5" line, in the demo's options
     assert proc.stdout.count("=== 4/5 pretraining") == 1, proc.stdout
-    assert "this run has already finished; nothing was loaded, trained or written" in proc.stdout
+    assert "    already finished (" in proc.stdout and "max_epochs" not in proc.stdout, proc.stdout
 
 
-def test_demo_rerun_names_the_finished_pretraining_step_once(tmp_path, capsys, monkeypatch):
+def test_demo_rerun_names_the_finished_pretraining_step_once(tmp_path, capsys, caplog, monkeypatch):
     """A rerun printed the step's line twice: "=== 4/5 pretraining ... into DIR" and "=== 4/5 pretraining already
-    finished in DIR/models", the finished run's own log line between them; now the step's line once."""
+    finished in DIR/models", the finished run's own log line between them; now the step's line once. That log line
+    told a demo user to "rerun with a larger max_epochs", which the demo has no option for: now the demo's own line
+    names its options (--epochs-per-stage, in another --out: the stages of the finished run cannot be lengthened)."""
+    import logging
+
     import dira3d.demo as demo
     import dira3d.utils.overrides as overrides
     from dira3d.engines.finished import RunAlreadyFinished
 
-    def finished(**kwargs):
+    def finished(**kwargs):  # as the bundle's exit_if_finished: its line logged, then the exit
         assert kwargs["bundle_root"] == str(tmp_path / "pretrain")
-        raise RunAlreadyFinished("pretraining: last.pt is at epoch 3, max_epochs=3: this run has already finished")
+        note = ("pretraining: last.pt is at epoch 3, max_epochs=3: this run has already finished; nothing was loaded, "
+                "trained or written; to train more, rerun with a larger max_epochs (it continues from last.pt)")
+        logging.getLogger("dira3d.finished").info(note)
+        raise RunAlreadyFinished(note)
 
     monkeypatch.setattr(overrides, "run_bundle", finished)
-    run_dir, stages = demo._pretrain(tmp_path / "visual_words", tmp_path, (32, 32, 16), 1, 0)
+    with caplog.at_level(logging.INFO):
+        run_dir, stages = demo._pretrain(tmp_path / "visual_words", tmp_path, (32, 32, 16), 1, 0)
     assert run_dir == tmp_path / "pretrain" and [s["name"] for s in stages] == ["dis", "dis_res", "dira"]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert lines == [f"=== 4/5 pretraining 3D DiRA (tiny preset, stages dis → dis+res → dis+res+adv) into {run_dir}"]
+    assert lines[0] == f"=== 4/5 pretraining 3D DiRA (tiny preset, stages dis → dis+res → dis+res+adv) into {run_dir}"
+    assert len(lines) == 2 and lines[1].startswith(f"    already finished ({run_dir / 'models' / 'last.pt'}"), lines
+    assert "--epochs-per-stage 1" in lines[1] and "a larger --epochs-per-stage and another --out" in lines[1]
+    assert "max_epochs" not in caplog.text  # the bundle's advice is left out, for the demo's run only
+    assert not logging.getLogger("dira3d.finished").filters
+
+
+def test_demo_rerun_with_other_epochs_per_stage_is_one_error_line_before_any_step(tmp_path, capsys, monkeypatch):
+    """A rerun with another --epochs-per-stage in the same --out went on from last.pt with other stage ends (a larger
+    one: epochs of one stage counted in another's in the table) or said it had finished (a smaller one); now one
+    error line naming both, before any step. Without last.pt (a demo stopped before pretraining) the new one is kept."""
+    import dira3d.demo as demo
+    import dira3d.utils.overrides as overrides
+
+    def pretraining(**kwargs):
+        raise RuntimeError("pretraining reached")
+
+    monkeypatch.setattr(demo, "_phantoms_and_prepare", lambda out, *args: out / "luna16_prepared")
+    monkeypatch.setattr(demo, "_visual_words", lambda prepared, out, *args: out / "visual_words")
+    monkeypatch.setattr(overrides, "run_bundle", pretraining)
+    out, common = tmp_path / "demo", ["--count", "10", "--classes", "2", "--skip-finetune"]
+    with pytest.raises(RuntimeError, match="pretraining reached"):  # a first run records its --epochs-per-stage
+        demo.main(["--out", str(out), *common, "--epochs-per-stage", "2"])
+    record = out / "pretrain" / demo.STAGES_RECORD
+    assert json.loads(record.read_text(encoding="utf-8")) == {"epochs_per_stage": 2}
+    with pytest.raises(RuntimeError, match="pretraining reached"):  # no last.pt yet: another one is taken
+        demo.main(["--out", str(out), *common, "--epochs-per-stage", "1"])
+    (out / "pretrain" / "models").mkdir(parents=True)
+    (out / "pretrain" / "models" / "last.pt").write_bytes(b"the earlier pretraining")
+    capsys.readouterr()
+    assert demo.main(["--out", str(out), *common, "--epochs-per-stage", "3"]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("dira3d demo: error:")]
+    assert len(lines) == 1 and "with --epochs-per-stage 1, not 3" in lines[0], captured.err
+    assert "rerun with --epochs-per-stage 1 to go on with it, or choose another --out" in lines[0]
+    assert "===" not in captured.out and (out / "pretrain" / "models" / "last.pt").read_bytes() == b"the earlier pretraining"
+    with pytest.raises(RuntimeError, match="pretraining reached"):  # the same one goes on, its record kept
+        demo.main(["--out", str(out), *common, "--epochs-per-stage", "1"])
+    assert json.loads(record.read_text(encoding="utf-8")) == {"epochs_per_stage": 1}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--epochs-per-stage", "0"], "--epochs-per-stage 0: pass 1 or more"),
+    (["--epochs-per-stage", "-2"], "--epochs-per-stage -2: pass 1 or more"),
+    (["--size", "0", "0", "0"], "--size 0 0 0: a phantom needs at least 24 voxels per axis"),
+    (["--size", "-8", "64", "64"], "--size -8 64 64: a phantom needs at least 24 voxels per axis"),
+    (["--seeds", "0"], "--seeds 0: pass 1 or more fine-tuning seeds"),
+    (["--seeds", "-1"], "--seeds -1: pass 1 or more fine-tuning seeds"),
+    (["--seed", "-1"], "--seed -1: pass 0 or more"),
+    (["--classes", "-1"], "--classes -1 is not possible with --count 10"),
+    (["--classes", "0"], "--classes 0 is not possible with --count 10"),
+])
+def test_demo_odd_numbers_are_one_error_line_before_writing(tmp_path, capsys, monkeypatch, args, expected):
+    """--epochs-per-stage 0 ended in a traceback of the pretraining bundle's check, --size 0 0 0 in a ZeroDivisionError,
+    --classes -1 in a StopIteration, --seed -1 in "error: expected non-negative integer" (naming no option) after the
+    first step's line, --seeds 0 in an empty results table; now a usage error naming the option, before anything."""
+    import dira3d.demo as demo
+
+    def step_one(*args):
+        raise RuntimeError("step 1 reached")
+
+    monkeypatch.setattr(demo, "_phantoms_and_prepare", step_one)
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--out", str(out), "--count", "10", "--classes", "2", *args])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dira3d demo: error:")]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not out.exists()
+
+
+def test_demo_skip_finetune_takes_no_seeds(tmp_path, monkeypatch):
+    import dira3d.demo as demo
+
+    def step_one(*args):
+        raise RuntimeError("step 1 reached")
+
+    monkeypatch.setattr(demo, "_phantoms_and_prepare", step_one)
+    with pytest.raises(RuntimeError, match="step 1 reached"):
+        demo.main(["--out", str(tmp_path / "demo"), "--count", "10", "--classes", "2", "--seeds", "0", "--skip-finetune"])
 
 
 def test_demo_stopped_while_writing_its_phantoms_goes_on_when_rerun(tmp_path):

@@ -34,7 +34,9 @@ from dira3d.utils.atomic import FolderNotWritableError, check_writable
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.interrupts import WrittenFiles, interrupt_exit_code, interrupted_word, sigterm_as_interrupt
 
-__all__ = ["PhantomCase", "make_phantom", "write_luna16_phantoms", "main"]
+__all__ = ["MIN_SIZE", "PhantomCase", "make_phantom", "write_luna16_phantoms", "main"]
+
+MIN_SIZE = 24  # voxels per axis of a phantom, below which it cannot hold two lungs
 
 AIR, FAT, SOFT, LUNG, BONE = -1000.0, -100.0, 40.0, -850.0, 700.0
 
@@ -104,8 +106,8 @@ def make_phantom(rng: np.random.Generator, size: tuple[int, int, int] = (128, 12
     Raises:
         ValueError: a size below 24 voxels per axis (too small to hold two lungs).
     """
-    if min(size) < 24:
-        raise ValueError(f"phantom size {size} is too small: use at least 24 voxels per axis")
+    if min(size) < MIN_SIZE:
+        raise ValueError(f"phantom size {size} is too small: use at least {MIN_SIZE} voxels per axis")
     sp = np.asarray(spacing, dtype=np.float32)
     extent = np.asarray(size) * sp
     grid = _grid(size, spacing)

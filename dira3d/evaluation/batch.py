@@ -31,7 +31,8 @@ monai.bundle run`` the process exits with it; called in-process, :meth:`~Inferen
 that stops (a full disk, the same error on its first inputs) exits with its error (1). Ctrl-C and SIGTERM (which
 ended the run without a word or a report) while the inputs are screened or the model runs write the report, log one
 line on what was kept and exit 130 / 143 under ``python -m monai.bundle run`` (in-process the interrupt is raised); an
-input whose prediction was renamed into place before the signal is ``written``, as its file is whole.
+input whose prediction was renamed into place before the signal is ``written``, as its file is whole
+(:mod:`dira3d.evaluation.batch_stop`).
 A single ``--image`` keeps its behaviour: no report, and its error stops the run as the only answer.
 Under ``torchrun`` (``WORLD_SIZE`` above 1) each process runs its share of the inputs and rank 0 writes the one report,
 and the classification bundles' one file of every input's probabilities (:mod:`dira3d.evaluation.batch_ranks`).
@@ -51,10 +52,10 @@ from typing import Any
 from dira3d.evaluation.batch_datalist import batch_entries
 from dira3d.evaluation.batch_failures import (failure_key, failure_reason, file_state, release_gpu_memory, split_batch,
                                               stops_batch)
-from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share, stop_note, write_gathered
+from dira3d.evaluation.batch_ranks import gather_rows, join_ranks, leave_ranks, rank_share, write_gathered
 from dira3d.evaluation.batch_report import STATUSES, first_file, lost_reason, summarise
-from dira3d.evaluation.batch_resume import (earlier_rows, held_rows, in_order, kept_inputs, log_kept, made_by_record, state_of,
-                                            stopped_rows, write_stopped_rows)
+from dira3d.evaluation.batch_resume import earlier_rows, held_rows, in_order, kept_inputs, log_kept, made_by_record, state_of
+from dira3d.evaluation.batch_stop import output_file_rows, stop_on_signal
 from dira3d.utils.interrupts import sigterm_as_interrupt
 from dira3d.utils.overrides import as_bool
 
@@ -185,7 +186,7 @@ class InferenceBatch:
             finally:
                 self.left_out.update({todo[i]: reason for i, reason in left_out.items()})
         except KeyboardInterrupt as err:
-            self._stop_on_signal(err, "while the inputs were checked")
+            stop_on_signal(self, err, "while the inputs were checked")
             raise
         except DataError as err:
             if self.world > 1 or self.kept:  # none of this rank's share, or of those not kept: others may be good
@@ -305,7 +306,7 @@ class InferenceBatch:
                 elif self.writer is not None and self.world < 2:  # every input kept or left out: their rows
                     self.writer.write(self.probability_rows([]))
         except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: the report and one line, not a traceback
-            self._stop_on_signal(err, "")
+            stop_on_signal(self, err, "")
             raise
         except BaseException as err:
             self.stopped = failure_reason(err)
@@ -317,26 +318,6 @@ class InferenceBatch:
         if code and run_by_monai_bundle_command():
             raise SystemExit(code)
         return code
-
-    def _stop_on_signal(self, err: KeyboardInterrupt, when: str) -> None:
-        """After Ctrl-C or SIGTERM: write the report, log one line on what was written and how to go on (under torchrun
-        each rank its own, :func:`stop_note`), and under ``python -m monai.bundle run`` exit with 130 / 143
-        (``SystemExit``) instead of the interrupt's traceback (in-process, the caller re-raises the interrupt)."""
-        from dira3d.utils.bundle_errors import run_by_monai_bundle_command
-        from dira3d.utils.interrupts import interrupt_exit_code, interrupted_word, sigterm_ignored
-
-        self.stopped = failure_reason(err) + (f" {when}" if when else "")
-        with sigterm_ignored():  # a second SIGTERM (SLURM's to every process, torchrun's forwarded) ends no report
-            self._finish(completed=False)
-        kept = stop_note(self.rank, self.world, self.output_path, (self._written, len(self.done)), self.report_path if
-                         self.several else None, self._file_written, self.rows_error, self.earlier_kept)  # a rank's
-        nothing_kept = self.output_path is not None and self.rank == 0 and not self._written  # (of every rank's inputs)
-        again = ("run the same command again for every input (it replaces dira3d's own earlier predictions)" if nothing_kept
-                 else "run the same command again with --skip_written True to run only the inputs not written (without "
-                 "it, every input is run again)")
-        logger.warning(f"inference {interrupted_word(err)}{f' {when}' if when else ''}; {kept}; {again}")
-        if run_by_monai_bundle_command():
-            raise SystemExit(interrupt_exit_code(err)) from None
 
     # --- the record --------------------------------------------------------------------------------------------
 
@@ -411,9 +392,9 @@ class InferenceBatch:
 
     def _finish(self, completed: bool) -> int:
         self.done.update(self._settle_in_flight())
-        # one process, one output file, stopped: the rows of the inputs run (and kept), for a --skip_written rerun
-        self._file_written = not completed and self.world < 2 and self.writer is not None and write_stopped_rows(self)
-        held = self._held(completed) if self.world > 1 and self.writer is not None else None  # (done trimmed first)
+        # the one output file: stopped in one process, the rows of the inputs run (and kept), for a --skip_written
+        # rerun; under torchrun, this rank's rows for rank 0 (done trimmed first)
+        held = output_file_rows(self, completed)
         rows = self.rows(completed)
         if self.world > 1:  # every rank's rows, to rank 0; the ranks leave together once it has written the report
             try:
@@ -435,14 +416,6 @@ class InferenceBatch:
             finally:
                 leave_ranks(self._joined)
         return summarise(self, rows, completed)
-
-    def _held(self, completed: bool) -> tuple[list, list[dict]] | None:
-        """Under torchrun, the rows of output_path this rank hands to rank 0 (:func:`held_rows`): of the inputs it ran,
-        also when it stopped (those its writer took, as one process writes them: :func:`stopped_rows`), and kept."""
-        taken = ((sorted(self.done), self.writer.rows) if completed else stopped_rows(self)) if self._order else None
-        taken = taken if completed or (taken and taken[0]) else None  # a stopped rank that ran none: nothing of its own
-        self._file_written = not completed and taken is not None  # its inputs run are written if rank 0 writes the file
-        return held_rows(*(taken or ([], [])), self.kept) if taken is not None or self.kept else None
 
     def _code(self, rows: list[dict[str, Any]]) -> int:
         self._written = sum(r["status"] == "written" for r in rows)
