@@ -62,14 +62,17 @@ def test_torchscript_export_embeds_the_config_with_its_overrides(repo_root, tmp_
 
 def test_an_export_without_overrides_embeds_the_bundle_config_as_it_is(repo_root, tmp_path):
     bundle = _bundle_copy(repo_root, "lidc_nodule_seg", tmp_path)
-    # a bundle whose config was edited to the tiny settings: nothing to override, the file itself is embedded
+    # a bundle whose config was edited to the tiny settings: nothing to override, the file is embedded as it is, but
+    # for its pixdim, which reads the training run's preprocessing.json (none here: the bundle's default 1 mm) and is
+    # embedded as that value (test_export_meta.py)
     config = bundle / "configs" / "inference.json"
     content = json.loads(config.read_text())
+    assert content["pixdim"] == "$dira3d.evaluation.trained_spacing(@ckpt_dir, [1.0, 1.0, 1.0])"
     config.write_text(json.dumps({**content, "width": 0.125}, indent=4))
     out = tmp_path / "lidc.ts"
     assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out),
                         "--input-shape", "1", "1", "16", "16", "8"]) == 0
-    assert _embedded(out)["inference.json"] == {**content, "width": 0.125}
+    assert _embedded(out)["inference.json"] == {**content, "width": 0.125, "pixdim": [1.0, 1.0, 1.0]}
 
 
 @pytest.mark.parametrize("modalities, channel_def", [

@@ -17,27 +17,44 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from dira3d.deploy.export_checks import bundle_paths, missing_weights_error  # light; re-exported here
+from dira3d.deploy.export_checks import (  # light; bundle_paths, missing_weights_error re-exported here
+    bundle_paths,
+    check_meta_overrides,
+    missing_weights_error,
+    split_meta_overrides,
+)
 from dira3d.utils import load_checkpoint
 from dira3d.utils.overrides import check_overrides
 
 __all__ = ["bundle_paths", "bundle_parser", "fit_hint", "load_bundle_network", "missing_weights_error"]
 
 
-def bundle_parser(bundle_dir: str | os.PathLike, config_file: str, overrides: Mapping[str, Any] | None) -> ConfigParser:
-    """The bundle's ``configs/<config_file>`` with its ``metadata.json``, ``bundle_root`` set and ``overrides`` applied.
+def bundle_parser(bundle_dir: str | os.PathLike, config_file: str, overrides: Mapping[str, Any] | None,
+                  ckpt_dir: str | os.PathLike | None = None) -> ConfigParser:
+    """The bundle's ``configs/<config_file>`` with its ``metadata.json``, ``bundle_root`` set and ``overrides`` applied
+    (``_meta_#...`` ids set fields of ``metadata.json``, as ``python -m monai.bundle`` takes them).
+
+    ``ckpt_dir``: the folder of the weights given (``--checkpoint``), set as the config's ``ckpt_dir`` unless an
+    override sets it: the settings the config reads from the training run's files there (``preprocessing.json``:
+    ``brats_tumor_seg``'s ``modalities``, hence its ``in_channels``) are those of the model, not of whatever the
+    bundle's own ``models/`` holds.
 
     Raises:
         FileNotFoundError: no such bundle (see :func:`bundle_paths`).
-        ValueError: an override id ``config_file`` does not define (with the closest one).
+        ValueError: an override id ``config_file`` (or, for ``_meta_#...``, ``metadata.json``) does not define (with
+            the closest one).
     """
     root, config, meta = bundle_paths(bundle_dir, config_file)
+    settings, fields = split_meta_overrides(overrides)
     # MONAI adds an unknown id silently: a typo (widht=0.125) would build the default network
-    check_overrides([config], overrides or {}, where="--override (overrides=)")
+    check_overrides([config], settings, where="--override (overrides=)")
+    check_meta_overrides(meta, fields)
     parser = ConfigParser()
     parser.read_config(str(config))
     parser.read_meta(str(meta))
     parser["bundle_root"] = str(root)
+    if ckpt_dir is not None and "ckpt_dir" in parser and "ckpt_dir" not in settings:
+        parser["ckpt_dir"] = str(ckpt_dir)
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser
@@ -141,9 +158,11 @@ def load_bundle_network(
     from dira3d.networks.weights_fit import mismatch_summary, state_dict_mismatch
 
     root, _, _ = bundle_paths(bundle_dir, config_file)
-    parser = bundle_parser(root, config_file, overrides)
-    network = parser.get_parsed_content("network_def", instantiate=True)
     path = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
+    # the checkpoint's folder is the config's ckpt_dir: a brats_tumor_seg model's modalities (its in_channels) are
+    # read from the preprocessing.json beside its weights
+    parser = bundle_parser(root, config_file, overrides, ckpt_dir=path.parent)
+    network = parser.get_parsed_content("network_def", instantiate=True)
     if not path.is_file():
         raise missing_weights_error(path)
     state = load_checkpoint(path)

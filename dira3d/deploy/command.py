@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", help="weights (default <bundle>/models/model.pt)")
         p.add_argument("--override", action="append", metavar="ID=VALUE",
                        help="config override (repeatable); the settings the weights were trained with, e.g. width=0.125 "
-                            "(3D --tiny) or backbone=resnet10, decoder_channels=[16,16,8,8,8], roi_size=[64,64] (2D --tiny)")
+                            "(3D --tiny) or backbone=resnet10, decoder_channels=[16,16,8,8,8], roi_size=[64,64] (2D --tiny); "
+                            "torchscript: _meta_#ID=VALUE sets a field of the embedded metadata.json, e.g. _meta_#version=0.2.0")
         p.add_argument("--input-shape", type=int, nargs="+",
                        help="example input B C X Y Z (2D bundles: B C X Y), B >= 1, C the bundle's in_channels, each size "
                             "a multiple of the network's downsampling (8 for the 3D U-Net, 32 for the 2D ResNets) "
@@ -129,6 +130,11 @@ def _export_model(args: argparse.Namespace) -> int:
     from dira3d.deploy.export_checks import check_model_export
 
     overrides = parse_overrides(args.override)
+    fields = [key for key in overrides if key.startswith("_meta_")]
+    if args.what == "onnx" and fields:  # an ONNX file holds no metadata.json: the override would change nothing
+        raise ValueError(f"--override {fields[0]}: an ONNX export holds no metadata.json to set it in (only a "
+                         "TorchScript export embeds one); export with `dira3d export torchscript`, or leave the "
+                         "_meta_ override out")
     # the refusals that need no torch (unknown bundle, --out exists, missing --check-scan or weights, an --input-shape
     # the network cannot take) before it loads
     check_model_export(args.bundle, args.out, args.checkpoint, args.overwrite, args.check_scan,
@@ -168,7 +174,7 @@ def _export_onnx(args: argparse.Namespace, overrides: dict[str, Any], tolerance:
     network = load_bundle_network(args.bundle, args.checkpoint, overrides=overrides)
     # the bundle's own input (1, in_channels, *roi_size), as for torchscript: a fixed 3D shape
     # would not fit the 2D bundles (or a 3D bundle of another roi_size)
-    shape = bundle_example_shape(args.bundle, args.input_shape, overrides=overrides)
+    shape = bundle_example_shape(args.bundle, args.input_shape, overrides=overrides, checkpoint=args.checkpoint)
     # seeded as export_torchscript's default example: the same check on every run
     example = (scan_patch(args.check_scan, shape[2:]) if args.check_scan
                else torch.rand(*shape, generator=torch.Generator().manual_seed(0)))

@@ -3,8 +3,9 @@
 - :func:`~dira3d.deploy.bundle_network.load_bundle_network` (in :mod:`dira3d.deploy.bundle_network`) builds a
   bundle's ``network_def`` and loads ``models/model.pt``.
 - :func:`export_torchscript` is ``python -m monai.bundle ckpt_export`` (the same function, called
-  in-process) with the arguments a dira3d bundle needs, and checks the traced graph against the PyTorch
-  network before the file is put in place (:class:`AgreementError` when they disagree).
+  in-process) with the arguments a dira3d bundle needs and the configs of :mod:`dira3d.deploy.export_meta` embedded,
+  and checks the traced graph against the PyTorch network before the file is put in place (:class:`AgreementError`
+  when they disagree).
 - :func:`export_onnx` writes an ONNX graph with dynamic batch and spatial axes, checked against the network
   with onnxruntime before the file is put in place (:class:`AgreementError` too).
 - :func:`check_agreement` (in :mod:`dira3d.deploy.agreement`, with :class:`AgreementReport` and
@@ -35,7 +36,9 @@ from dira3d.deploy.export_checks import (  # check_new_output, check_scan_exists
     check_new_output,
     check_scan_exists,
     network_divisor,
+    split_meta_overrides,
 )
+from dira3d.deploy.export_meta import embedded_config, exported_meta_overrides, trained_values
 from dira3d.utils.atomic import atomic_path, remove_stale_temporaries_of
 
 __all__ = [
@@ -79,14 +82,17 @@ def bundle_example_shape(
     input_shape: Sequence[int] | None = None,
     config_file: str = "inference.json",
     overrides: Mapping[str, Any] | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> list[int]:
-    """Example input shape of a bundle: ``input_shape`` if given, else ``[1, in_channels, *roi_size]``.
+    """Example input shape of a bundle: ``input_shape`` if given, else ``[1, in_channels, *roi_size]`` (``checkpoint``:
+    the weights, whose folder's ``preprocessing.json`` gives ``brats_tumor_seg``'s sequences, hence ``in_channels``).
 
     Raises:
         FileNotFoundError: the bundle configs are missing.
         ValueError: no ``input_shape`` and the bundle has no ``roi_size``; an override id the config does not define.
     """
-    return _example_shape(bundle_parser(bundle_dir, config_file, overrides), input_shape)
+    ckpt_dir = Path(checkpoint).parent if checkpoint else None
+    return _example_shape(bundle_parser(bundle_dir, config_file, overrides, ckpt_dir=ckpt_dir), input_shape)
 
 
 def export_torchscript(
@@ -121,7 +127,10 @@ def export_torchscript(
         input_shape: example input ``[B, C, X, Y, Z]`` for tracing; default ``[1, in_channels, *roi_size]``.
         config_file: the config with ``network_def``.
         overrides: config ids to override (e.g. ``{"width": 0.125}``); the embedded ``inference.json`` is the config
-            with them applied (the settings the network was exported with).
+            with them applied (the settings the network was exported with), and with the settings it reads from the
+            training run's ``preprocessing.json`` (beside ``checkpoint``) resolved to values
+            (:mod:`dira3d.deploy.export_meta`). ``_meta_#...`` ids (``{"_meta_#version": "0.2.0"}``) set fields of
+            the embedded ``metadata.json``, whose ``network_data_format`` also describes the network exported.
         overwrite: replace an existing ``out`` (refused otherwise). The file is written under a
             temporary name and renamed, so a failed export leaves an earlier one as it was.
         example: the input of the agreement check (e.g. :func:`scan_patch` of a real scan); default a
@@ -141,7 +150,8 @@ def export_torchscript(
         AgreementError: the traced graph does not compute what the PyTorch network computes (a ``ValueError``;
             ``out`` is not written, an earlier file there is kept).
         ValueError: the checkpoint does not fit the network (pass the overrides it was trained with),
-            an override id the config does not define, both ``example`` and ``check_scan`` given, or a
+            an override id the config (``_meta_#...``: ``metadata.json``) does not define, a garbled
+            ``preprocessing.json`` beside the checkpoint, both ``example`` and ``check_scan`` given, or a
             ``check_scan`` smaller than the example shape.
     """
     return export_torchscript_with_report(bundle_dir, out, checkpoint, input_shape, config_file, overrides, overwrite,
@@ -168,8 +178,10 @@ def export_torchscript_with_report(
                                                        input_shape, overrides)
     # ckpt_export's load_state_dict dumps every size mismatch without a hint: check the fit first
     network = load_bundle_network(root, ckpt, config_file, overrides)
-    parser = bundle_parser(root, config_file, overrides)
+    # ckpt_dir: the weights' folder, whose preprocessing.json the embedded inference.json's values are read from
+    parser = bundle_parser(root, config_file, overrides, ckpt_dir=ckpt.parent)
     shape = _example_shape(parser, input_shape)
+    resolved = trained_values(parser)  # before the scan: a garbled preprocessing.json is refused first
     if check_scan is not None:  # read last: every refusal above comes before a (large) scan is read
         example = scan_patch(check_scan, shape[2:])
     elif example is None:
@@ -180,8 +192,10 @@ def export_torchscript_with_report(
     with tempfile.TemporaryDirectory(prefix="dira3d-export-") as folder, _FinalNameInLogs(out) as logs, \
             atomic_path(out, suffix=".ts") as partial:
         logs.partial = str(partial)
-        embedded = _config_with_overrides(config, overrides, Path(folder))
+        embedded = embedded_config(config, overrides, Path(folder), resolved)
         logs.renames[str(embedded)] = str(config)
+        # the description of the network exported first; a _meta_#... override of the user's wins
+        described = {**exported_meta_overrides(parser, _read_config(config)), **split_meta_overrides(overrides)[1]}
         ckpt_export(
             net_id="network_def",
             filepath=str(partial),
@@ -191,8 +205,7 @@ def export_torchscript_with_report(
             use_trace=True,
             input_shape=shape,
             bundle_root=str(root),
-            **_input_meta(parser),
-            **dict(overrides or {}),
+            **{**dict(overrides or {}), **described},
         )
         # checked before the rename: a graph that disagrees never replaces an earlier export
         report = check_agreement(network, example, torchscript=partial, tolerance=tolerance)
@@ -201,65 +214,13 @@ def export_torchscript_with_report(
     return out, report
 
 
-_IMAGE_META = "_meta_#network_data_format#inputs#image"
-
-
-def _input_meta(parser: ConfigParser) -> dict[str, Any]:
-    """``_meta_`` overrides (``ckpt_export`` applies them to the embedded ``metadata.json``) that make
-    ``network_data_format.inputs.image`` describe the network exported: ``num_channels`` its ``in_channels``, and
-    ``channel_def`` the sequences a bundle's ``modalities`` names in channel order (``brats_tumor_seg``), else, when
-    its count no longer fits, ``channel <i>`` (a 4-channel BraTS model embedded the bundle's metadata of one FLAIR
-    channel). Nothing where the config does not say."""
-    from dira3d.evaluation.transforms import modality_channels
-
-    def parsed(key: str) -> Any:
-        try:
-            return parser.get_parsed_content(key) if key in parser else None
-        except Exception:  # an expression of the user's that does not resolve here: not described
-            return None
-
-    image, channels = parser.get(_IMAGE_META, None), parsed("in_channels")
-    if not isinstance(image, dict) or not isinstance(channels, int) or isinstance(channels, bool):
+def _read_config(config: Path) -> dict[str, Any]:
+    """The bundle's config as written (before the export's overrides), as JSON; {} when it is not a JSON object."""
+    try:
+        content = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return {}
-    try:
-        names = modality_channels(parsed("modalities")) if parsed("modalities") else []
-    except ValueError:  # an unknown sequence: the network build refuses it by name
-        names = []
-    defined = image.get("channel_def")
-    if len(names) == channels:
-        defined = {str(i): name for i, name in enumerate(names)}
-    elif isinstance(defined, dict) and len(defined) != channels:
-        defined = {str(i): f"channel {i}" for i in range(channels)}
-    wanted = {f"{_IMAGE_META}#num_channels": channels, f"{_IMAGE_META}#channel_def": defined}
-    return {key: value for key, value in wanted.items() if value is not None and value != parser.get(key, None)}
-
-
-def _config_with_overrides(config: Path, overrides: Mapping[str, Any] | None, folder: Path) -> Path:
-    """``config`` with ``overrides`` applied, written as ``folder/<config's name>`` (``config`` itself when there are
-    none): ``ckpt_export`` embeds the file it is given, under its name without suffix plus ``.json``
-    (``inference.json``), so the TorchScript file holds the settings the network was exported with (it held the
-    unmodified config: a ``--tiny`` export said width 1.0). ``_meta_#...`` overrides go to the embedded
-    ``metadata.json`` (``ckpt_export`` applies them) and are left out here.
-
-    Raises:
-        ValueError: an override value that JSON cannot hold (an object given through the Python API).
-    """
-    config_overrides = {k: v for k, v in (overrides or {}).items() if not str(k).startswith("_meta_")}
-    if not config_overrides:
-        return config
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    for key, value in config_overrides.items():
-        parser[key] = value
-    content = {k: v for k, v in parser.get().items() if k != "_meta_"}
-    try:
-        text = json.dumps(content, indent=4)  # ASCII, as the bundles' configs are
-    except TypeError as err:
-        raise ValueError(f"an override value cannot be embedded in the TorchScript file's {config.name} (JSON: {err}); "
-                         "give numbers, text, lists or mappings") from None
-    merged = folder / config.name
-    merged.write_text(text + "\n", encoding="ascii")
-    return merged
+    return content if isinstance(content, dict) else {}
 
 
 class _FinalNameInLogs(logging.Filter):

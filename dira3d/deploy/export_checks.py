@@ -24,10 +24,12 @@ from typing import Any
 from dira3d.utils.atomic import check_writable
 from dira3d.utils.checkpoint import check_checkpoint_file, checkpoint_problem
 
-__all__ = ["FORMATS", "bundle_paths", "check_input_shape", "check_model_export", "check_new_output",
-           "check_pretrained_export", "check_scan_exists", "missing_weights_error", "network_divisor"]
+__all__ = ["FORMATS", "META_PREFIX", "bundle_paths", "check_input_shape", "check_meta_overrides", "check_model_export",
+           "check_new_output", "check_pretrained_export", "check_scan_exists", "missing_weights_error", "network_divisor",
+           "split_meta_overrides"]
 
 FORMATS = ("pt", "safetensors")  # the file formats of `dira3d export pretrained`
+META_PREFIX = "_meta_#"  # an override of a field of metadata.json (``_meta_#version``), as monai.bundle takes it
 
 
 def bundle_paths(bundle_dir: str | os.PathLike, config_file: str) -> tuple[Path, Path, Path]:
@@ -48,6 +50,50 @@ def missing_weights_error(path: Path) -> FileNotFoundError:
     problem = "do not exist" if not os.path.isdir(path) else checkpoint_problem(path)
     return FileNotFoundError(f"fine-tuned weights {path} {problem}; pass the model to export with --checkpoint "
                              "(`dira3d finetune --output-dir D` writes D/models/model.pt)")
+
+
+def split_meta_overrides(overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``overrides`` as ``(config overrides, metadata overrides)``: the ids that start with ``_meta_`` (``_meta_#version``)
+    set fields of ``metadata.json``, the others settings of the config."""
+    config: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        (meta if str(key).startswith("_meta_") else config)[key] = value
+    return config, meta
+
+
+def check_meta_overrides(meta: Path, overrides: Mapping[str, Any], where: str = "--override (overrides=)") -> None:
+    """Refuse ``_meta_#a#b`` ids (the metadata overrides of ``overrides``; others are left to the config's check) that
+    name no field of ``meta`` (``metadata.json``), with the closest field: MONAI adds a misspelt one without a word, so
+    ``_meta_#verison=0.2.0`` would leave the version as it was. ``_meta_`` alone (the whole metadata) is refused too.
+
+    Raises:
+        ValueError: one line naming the override, the file and what to give.
+    """
+    from dira3d.utils.files import read_json
+    from dira3d.utils.overrides import did_you_mean
+
+    keys = [str(k) for k in overrides if str(k).startswith("_meta_")]
+    if not keys:
+        return
+    content = read_json(meta, "bundle metadata", "fix it there (one JSON object)", unique_keys=False)
+    for key in keys:
+        if not key.startswith(META_PREFIX) or key == META_PREFIX:
+            raise ValueError(f"{where}: {key!r} does not name a field of {meta.name}; set one field at a time, e.g. "
+                             f"{META_PREFIX}version=0.2.0 or {META_PREFIX}network_data_format#inputs#image#modality=MR")
+        node: Any = content
+        parts = key[len(META_PREFIX):].split("#")
+        for depth, part in enumerate(parts):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                field = "#".join(parts[:depth + 1])
+                known = [f"{'#'.join(parts[:depth] + [k])}" for k in node] if isinstance(node, dict) else []
+                raise ValueError(f"{where}: {key}: {meta} has no field {did_you_mean([field], known)} (MONAI would add "
+                                 "it without a word, leaving the field meant as it was); fix the id, or add the field "
+                                 "to a copy of the bundle's metadata.json and export that bundle")
 
 
 def check_new_output(out: Path, overwrite: bool, what: str = "--out folder") -> None:
@@ -185,7 +231,8 @@ def check_model_export(bundle_dir: str | os.PathLike, out: str | os.PathLike | N
         FileNotFoundError: no such bundle, a missing ``check_scan`` or weights file.
         FileExistsError: ``out`` is a folder, or exists (without ``overwrite``).
         FolderNotWritableError: ``out``'s folder cannot be created or written to.
-        ValueError: an ``input_shape`` the network cannot take.
+        ValueError: an ``input_shape`` the network cannot take; a ``_meta_#...`` override naming no field of
+            ``metadata.json`` (:func:`check_meta_overrides`).
     """
     root, config, meta = bundle_paths(bundle_dir, config_file)
     # the default is inside the bundle, which may be read-only (installed by an admin, in a container image)
@@ -196,6 +243,7 @@ def check_model_export(bundle_dir: str | os.PathLike, out: str | os.PathLike | N
     ckpt = Path(checkpoint) if checkpoint else root / "models" / "model.pt"
     if not ckpt.is_file():
         raise missing_weights_error(ckpt)
+    check_meta_overrides(meta, overrides or {})
     if input_shape:
         _check_input_shape_in(config, input_shape, overrides)
     return root, config, meta, out, ckpt
