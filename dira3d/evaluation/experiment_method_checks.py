@@ -66,10 +66,16 @@ def check_pretrainings_fit(config: Mapping[str, Any], path: Path, bundle_configs
             raise ValueError(f"{mismatch} ({path})")
 
 
-def check_pretrain_run(name: str, configs: list[Path], overrides: Mapping[str, Any], path: Path) -> None:
+def check_pretrain_run(name: str, configs: list[Path], overrides: Mapping[str, Any], path: Path | str,
+                       epoch_length: int | None = None, folder: Path | None = None) -> None:
     """Check a method's pretraining stages before any run, naming the method: bad stages stopped the experiment only
     when that method's turn came, after the others had pretrained, and a stage that starts after ``max_epochs`` never
-    ran, so an ablation arm (``dis+res+adv``) was pretrained as another (``dis`` only) under its name."""
+    ran, so an ablation arm (``dis+res+adv``) was pretrained as another (``dis`` only) under its name.
+
+    Before the run the epoch length is not known, so stages bounded by ``until_iteration`` are not judged; after the
+    pretraining (``epoch_length``: its iterations per epoch, from its ``last.pt``; ``folder``: its folder) they are:
+    a ``dira`` whose ``dis_res`` lasted until an iteration the run never reached was fine-tuned and reported as
+    ``dira``, with only a warning in the pretraining's log."""
     from monai.bundle import ConfigParser
 
     from dira3d.engines.stages import StageSchedule
@@ -86,11 +92,16 @@ def check_pretrain_run(name: str, configs: list[Path], overrides: Mapping[str, A
         raise ValueError(f"pretrain stages of method {name!r} in {path}: {err}") from None
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int):
         return  # the bundle refuses it
-    unreached = schedule.unreached(max_epochs)
-    if unreached:
-        raise ValueError(f"pretrain stages of method {name!r} in {path}: {schedule.unreached_text(unreached, max_epochs)}; "
-                         f"its pretraining would be reported as {name!r} without them. Raise max_epochs (pretrain "
+    unreached = schedule.unreached(max_epochs, epoch_length)
+    if not unreached:
+        return
+    text = f"pretrain stages of method {name!r} in {path}: {schedule.unreached_text(unreached, max_epochs)}"
+    if folder is None:
+        raise ValueError(f"{text}; its pretraining would be reported as {name!r} without them. Raise max_epochs (pretrain "
                          "overrides) or lower the stages' until_epoch")
+    raise ValueError(f"{text} (of {epoch_length} iterations each), so its pretraining in {folder} trained without them and "
+                     f"is not used as {name!r}; lower the stages' until_iteration or raise max_epochs (pretrain overrides), "
+                     f"then delete {folder} to pretrain it again")
 
 
 def check_pretrain_datalist(name: str, configs: list, overrides: Mapping[str, Any], dataset_dir: str,

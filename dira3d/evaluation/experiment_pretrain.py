@@ -1,7 +1,9 @@
 """``dira3d experiment``'s pretraining of the methods given as ``{pretrain: {...}}``: run once with
 ``bundles/dira_pretrain`` into ``<output_dir>/pretrain/<method>``, resumed or reused on a rerun, and
 refused when the recorded settings (``settings.json``) differ from the config's, and, before any run, when it
-would build another network than the fine-tuning bundle loads (:func:`pretrain_fit_mismatch`).
+would build another network than the fine-tuning bundle loads (:func:`pretrain_fit_mismatch`), and, once pretrained,
+when it never reached one of its stages (:func:`check_stages_ran`: ``until_iteration`` bounds, which need the run's
+epoch length).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Callable, Mapping
 from dira3d.utils.atomic import atomic_write_text
 from dira3d.utils.files import FileContentError, moved_note, read_json, same_or_moved
 
-__all__ = ["SETTINGS_NAME", "pretrain_method", "pretrain_fit_mismatch", "check_pretrainings_unchanged"]
+__all__ = ["SETTINGS_NAME", "pretrain_method", "pretrain_fit_mismatch", "check_pretrainings_unchanged", "check_stages_ran"]
 
 SETTINGS_NAME = "settings.json"  # what a method's pretraining was made with (output_dir/pretrain/<method>/)
 DATA_FILES = "dataset_files"  # settings.json: the sha256 of each JSON file in dataset_dir (from 2026-11-28)
@@ -39,6 +41,7 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
     out, settings = pretrain_settings(name, spec, config)
     check_pretrain_settings(name, out, settings)
     if (out / "done.json").is_file() and pretrained_checkpoint(out / "models").is_file():
+        check_stages_ran(name, out, settings)
         return str(pretrained_checkpoint(out / "models"))
     out.mkdir(parents=True, exist_ok=True)
     overrides = settings["overrides"]
@@ -55,8 +58,26 @@ def pretrain_method(name: str, spec: Mapping[str, Any], config: Mapping[str, Any
         check_pretrain_datalist(name, settings["configs"], overrides, settings["dataset_dir"], "the experiment config",
                                 cause=err)
         raise
+    check_stages_ran(name, out, settings)  # before done.json: a rerun checks again instead of reusing it
     atomic_write_text(out / "done.json", json.dumps({"method": name, "overrides": overrides}, default=str))
     return str(pretrained_checkpoint(out / "models"))
+
+
+def check_stages_ran(name: str, out: Path, settings: Mapping[str, Any]) -> None:
+    """Refuse a method's pretraining that ended before one of its stages (one bounded by ``until_iteration``, which
+    the check before any run cannot judge): its ``last.pt`` gives the iterations per epoch
+    (:func:`dira3d.evaluation.experiment_method_checks.check_pretrain_run`)."""
+    import torch
+
+    from dira3d.evaluation.experiment_method_checks import check_pretrain_run
+
+    try:  # memory-mapped: only the trainer's record is read
+        epoch_length = int(torch.load(out / "models" / "last.pt", map_location="cpu", weights_only=True,
+                                      mmap=True)["trainer"]["epoch_length"])
+    except Exception:  # noqa: BLE001 - no last.pt (or one without the record): nothing to judge by
+        return
+    check_pretrain_run(name, [Path(c) for c in settings["configs"]], settings["overrides"], "the experiment config",
+                       epoch_length=epoch_length, folder=out)
 
 
 def pretrain_configs(section: Mapping[str, Any]) -> list[str]:
