@@ -20,6 +20,7 @@ import inspect
 import io
 import json
 import re
+import textwrap
 
 import pytest
 
@@ -124,9 +125,17 @@ def _strings(node: ast.AST, assigned: dict[str, list[ast.AST]]) -> list[str]:
 
 def empty_split_advice(name: str) -> list[str]:
     """What each write_datalist call of `dira3d prepare <name>` warns with about an empty list: the text of its
-    split_advice (read from the module's source), or write_datalist's default when it passes none."""
+    split_advice (read from the module's source), or write_datalist's default when it passes none. A call of a shared
+    writer from another module that calls write_datalist itself (cxr_splits.write_fraction_datalist) is followed."""
     module = importlib.import_module(command.DATASETS[name][0])
-    tree = ast.parse(inspect.getsource(module))
+    advice = _write_datalist_advice(module, module)
+    assert advice, f"{module.__name__} writes no datalist"
+    return advice
+
+
+def _write_datalist_advice(source, module, followed: frozenset = frozenset()) -> list[str]:
+    """The split advice of the write_datalist calls in ``source`` (a module or a function of ``module``)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(source)))
     assigned: dict[str, list[ast.AST]] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign):
@@ -135,14 +144,22 @@ def empty_split_advice(name: str) -> list[str]:
                     assigned.setdefault(target.id, []).append(node.value)
     advice = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_datalist":
+        if not isinstance(node, ast.Call):
+            continue
+        called = getattr(node.func, "id", getattr(node.func, "attr", None))
+        if called == "write_datalist":
             given = [k.value for k in node.keywords if k.arg == "split_advice"]
             advice.append(" ".join(_strings(given[0], dict(assigned))) if given else datalist_writer.SPLIT_ADVICE)
             if given and isinstance(given[0], ast.Call):  # a helper's text: its source's strings
                 helper = getattr(module, getattr(given[0].func, "id", ""), None)
                 assert helper is not None, ast.dump(given[0])
                 advice[-1] += " " + " ".join(_strings(ast.parse(inspect.getsource(helper)), {}))
-    assert advice, f"{module.__name__} writes no datalist"
+            continue
+        writer = getattr(module, called, None) if isinstance(node.func, ast.Name) else None
+        if (inspect.isfunction(writer) and writer.__module__ not in (module.__name__, datalist_writer.__name__)
+                and writer.__module__.startswith("dira3d.") and called not in followed
+                and "write_datalist(" in inspect.getsource(writer)):  # a shared writer: its own calls
+            advice += _write_datalist_advice(writer, inspect.getmodule(writer), followed | {called})
     return advice
 
 

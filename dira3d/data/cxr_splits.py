@@ -7,19 +7,24 @@ entries tagged with their patient; :func:`write_patient_split` records the split
 :func:`earlier_patient_split` reads back the one an earlier run recorded with the same rule, so that a rerun keeps its
 patients' parts; :func:`warn_one_validation_image` warns about a 'validation' list of one image and
 :func:`fraction_split_advice` / :func:`val_fraction_split_advice` say what to do about an empty list (and
-:func:`asked_no_validation` names the one ``--val-fraction 0`` asked for). The file records
+:func:`asked_no_validation` names the one ``--val-fraction 0`` asked for); :func:`write_fraction_datalist`,
+:func:`fraction_split_parser` and :func:`run_fraction_prepare` are the ends the prepares split by both fractions
+(SIIM-ACR, Montgomery) share. The file records
 the method as ``dira3d.data.cxr.patient_split`` (:data:`SPLIT_METHOD`), the module these functions were first in, so
 that files written before they moved here still match.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from dira3d.data.runner import warn_one_validation
+from dira3d.data.cxr import add_size_argument
+from dira3d.data.runner import add_common_arguments, run_prepare, warn_one_validation, write_datalist
 from dira3d.data.splits import earlier_split, split_patients, write_split_file
+from dira3d.utils.cli_help import DefaultsHelpFormatter
 
 __all__ = [
     "SPLIT_METHOD",
@@ -32,6 +37,9 @@ __all__ = [
     "fraction_split_advice",
     "val_fraction_split_advice",
     "asked_no_validation",
+    "write_fraction_datalist",
+    "fraction_split_parser",
+    "run_fraction_prepare",
 ]
 
 
@@ -162,3 +170,31 @@ def asked_no_validation(val_fraction: float, about: str = "fine-tuning holds out
     ``--test-fraction`` 0 makes no 'test' list. ``about``: what the note adds (a datalist with labels: fine-tuning's
     own holdout)."""
     return {"validation": f"--val-fraction 0 ({about})"} if val_fraction == 0 else {}
+
+
+def write_fraction_datalist(path: str | os.PathLike, lists: dict[str, list[dict]], meta: dict,
+                            split: dict[str, list[str]], seed: int, val_fraction: float, test_fraction: float) -> None:
+    """Write the datalist ``path`` of a prepare split by ``--val-fraction`` / ``--test-fraction`` (SIIM-ACR, Montgomery)
+    with their advice (:func:`fraction_split_advice`, :func:`asked_no_validation`), warn about a 'validation' list of
+    one image, and record the split in ``split.json`` beside it (:func:`write_patient_split`)."""
+    path = Path(path)
+    write_datalist(path, lists, meta, split_advice=fraction_split_advice(split),
+                   asked_empty=asked_no_validation(val_fraction))
+    warn_one_validation_image(path, lists)
+    write_patient_split(path.parent, split, seed, val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+def fraction_split_parser(prog: str, doc: str, test_fraction: float = 0.2) -> argparse.ArgumentParser:
+    """The parser of a 2D prepare split by ``--val-fraction`` / ``--test-fraction``: the common options, ``--size`` and
+    :func:`add_split_arguments`; the description is ``doc``'s first paragraph (the module docstring)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    add_common_arguments(parser)
+    add_size_argument(parser)
+    add_split_arguments(parser, test_fraction=test_fraction)
+    return parser
+
+
+def run_fraction_prepare(prog: str, prepare: Callable, args: argparse.Namespace, **settings) -> int:
+    """:func:`~dira3d.data.runner.run_prepare` with the options of :func:`fraction_split_parser` (and ``settings``)."""
+    return run_prepare(prog, prepare, args, size=args.size, val_fraction=args.val_fraction,
+                       test_fraction=args.test_fraction, seed=args.seed, **settings)

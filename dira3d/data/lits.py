@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from dira3d.data.errors import record_or_raise
 from dira3d.data.generic import normalise_image, prepare_mask
 from dira3d.data.io import DataError, check_mask_matches, read_image, read_mask, write_nifti
+from dira3d.data.pipeline import add_ct_arguments
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 
@@ -143,10 +144,7 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dira3d prepare lits", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),
-                        help="HU window mapped to [0, 1] (default -1000 1000)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                        help="resample to this spacing in mm (image linear, mask nearest); default native")
+    add_ct_arguments(parser, "resample to this spacing in mm (image linear, mask nearest); default native")
     for name, (lo, hi) in OFFICIAL_SPLIT.items():
         flag = {"training": "train", "validation": "val", "test": "test"}[name]
         parser.add_argument(f"--{flag}-range", type=int, nargs=2, default=(lo, hi), metavar=("FIRST", "LAST"),

@@ -32,6 +32,7 @@ from dira3d.data.errors import join_errors, record_or_raise
 from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
+from dira3d.data.pipeline import add_ct_arguments
 from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, safe_case_path, write_datalist
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.files import read_text
@@ -299,10 +300,7 @@ def prepare(src: str | Path, dst: str | Path, *, window: Sequence[float] = (-100
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dira3d prepare luna16", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),
-                        help="HU window mapped to [0, 1] (default -1000 1000)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                        help="resample to this spacing in mm (default: native, as the reference)")
+    add_ct_arguments(parser, "resample to this spacing in mm (default: native, as the reference)")
     parser.add_argument("--cube-size", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
     parser.add_argument("--candidates", type=Path, default=None,
                         help="candidates CSV (default SRC/candidates_V2.csv, else SRC/candidates.csv)")

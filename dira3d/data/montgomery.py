@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from dira3d.data.cxr import (
-    add_size_argument,
     check_size,
     read_grey,
     read_radiograph,
@@ -29,19 +28,16 @@ from dira3d.data.cxr import (
     write_png,
 )
 from dira3d.data.cxr_splits import (
-    add_split_arguments,
-    asked_no_validation,
-    fraction_split_advice,
     earlier_patient_split,
+    fraction_split_parser,
     patient_split,
+    run_fraction_prepare,
     split_entries,
-    warn_one_validation_image,
-    write_patient_split,
+    write_fraction_datalist,
 )
 from dira3d.data.errors import record_or_raise
 from dira3d.data.io import DataError
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
-from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.data.runner import Case, CaseResult, batch_stopped, run_cases, safe_case_path
 
 __all__ = ["find_cases", "merge_lungs", "prepare", "main"]
 
@@ -139,22 +135,13 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             "label": "left ∪ right lung", "split": {"method": "patient-level", "val_fraction": val_fraction,
                                                     "test_fraction": test_fraction, "seed": seed},
             "source": str(src.resolve())}
-    write_datalist(dst / "montgomery_datalist.json", lists, meta, split_advice=fraction_split_advice(split),
-                   asked_empty=asked_no_validation(val_fraction))
-    warn_one_validation_image(dst / "montgomery_datalist.json", lists)
-    write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    write_fraction_datalist(dst / "montgomery_datalist.json", lists, meta, split, seed, val_fraction, test_fraction)
     return results
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d prepare montgomery", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
-    add_common_arguments(parser)
-    add_size_argument(parser)
-    add_split_arguments(parser)
-    return parser
+    return fraction_split_parser("dira3d prepare montgomery", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_prepare("dira3d prepare montgomery", prepare, args, size=args.size, val_fraction=args.val_fraction,
-                       test_fraction=args.test_fraction, seed=args.seed)
+    return run_fraction_prepare("dira3d prepare montgomery", prepare, build_parser().parse_args(argv))

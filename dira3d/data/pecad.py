@@ -43,6 +43,7 @@ from dira3d.data.generic import normalise_image
 from dira3d.data.geometry import crop_cube, voxel_to_world, world_to_voxel
 from dira3d.data.io import IMAGE_SUFFIXES, DataError, image_to_xyz, read_image, write_nifti, xyz_to_image
 from dira3d.data.manifests import read_case_manifest
+from dira3d.data.pipeline import add_ct_arguments
 from dira3d.data.runner import (Case, CaseResult, add_common_arguments, batch_stopped, case_outputs, read_case_outputs, run_cases,
                                 run_prepare, write_datalist)
 from dira3d.data.splits import assign_folds, write_split_file
@@ -284,10 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     parser.add_argument("--volumes", type=Path, default=None, help="folder of CTPA volumes (default SRC/volumes)")
     parser.add_argument("--candidates", type=Path, default=None, help="candidates CSV (default SRC/candidates.csv)")
-    parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),
-                        help="HU window mapped to [0, 1] (default -1000 1000)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                        help="resample to this spacing in mm (default native)")
+    add_ct_arguments(parser, "resample to this spacing in mm (default native)")
     parser.add_argument("--cube-size", type=int, nargs=3, default=(64, 64, 64), metavar=("X", "Y", "Z"),
                         help="candidate cube size in voxels (default 64 64 64)")
     parser.add_argument("--folds", type=int, default=3, help="cross-validation folds by patient (default 3)")

@@ -3,7 +3,8 @@
 :func:`normalise_image` turns a scan as read into its prepared form (CT windowed to HU [lo, hi] → [0, 1],
 MR scaled by percentiles of its non-zero voxels), :func:`prepare_mask` a mask into a ``uint8`` volume on
 the same grid. ``dira3d prepare generic`` and the dataset modules (LiTS, BraTS, LUNA16, PE-CAD) call
-them; both stay importable from :mod:`dira3d.data.generic`, where they were first.
+them; both stay importable from :mod:`dira3d.data.generic`, where they were first. :func:`add_ct_arguments` adds
+the ``--window`` / ``--spacing`` options of the CT dataset prepares (LiTS, LUNA16, PE-CAD).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dira3d.data.modality import MODALITIES
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.data.normalize import mr_range, scale_mr, window_hu
 
-__all__ = ["normalise_image", "prepare_mask", "spacing_spread"]
+__all__ = ["normalise_image", "prepare_mask", "spacing_spread", "add_ct_arguments"]
 
 
 def normalise_image(image: sitk.Image, modality: str = "ct", window: Sequence[float] = (-1000.0, 1000.0),
@@ -116,3 +117,11 @@ def spacing_spread(volumes: Sequence[tuple[str, str | os.PathLike]], ratio: floa
                     f"different physical sizes; to resample every scan to one grid rerun with --spacing (e.g. --spacing "
                     f"{suggestion}, the median) into a new --dst, or with --overwrite")
     return ""
+
+
+def add_ct_arguments(parser, spacing_help: str) -> None:
+    """Add a CT dataset prepare's ``--window LO HI`` (HU window, default -1000 1000) and ``--spacing X Y Z``
+    (default None: the native grid) to a parser; ``spacing_help`` is the dataset's help for ``--spacing``."""
+    parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),
+                        help="HU window mapped to [0, 1] (default -1000 1000)")
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help=spacing_help)

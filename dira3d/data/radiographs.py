@@ -32,12 +32,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from dira3d.data.cxr import add_size_argument, check_size, dicom_patient_id, read_radiograph, resize_image, write_png
+from dira3d.data.cxr import check_size, dicom_patient_id, read_radiograph, resize_image, write_png
 from dira3d.data.cxr_splits import (
-    add_split_arguments,
     asked_no_validation,
     earlier_patient_split,
+    fraction_split_parser,
     patient_split,
+    run_fraction_prepare,
     split_entries,
     warn_one_validation_image,
     write_patient_split,
@@ -47,8 +48,7 @@ from dira3d.data.guards import is_earlier_output
 from dira3d.data.io import DataError
 from dira3d.data.normalize import mask_values
 from dira3d.data.patients import PATIENT_FROM, check_patient_setting, patient_ids
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, safe_case_path, write_datalist
-from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.data.runner import Case, CaseResult, batch_stopped, run_cases, safe_case_path, write_datalist
 from dira3d.utils.files import looks_like_dicom
 
 __all__ = ["SUFFIXES", "DATALIST", "PATIENT_CHOICES", "find_radiographs", "prepare", "main"]
@@ -217,11 +217,7 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d prepare radiographs", description=__doc__.split("\n\n")[0],
-                                     formatter_class=DefaultsHelpFormatter)
-    add_common_arguments(parser)
-    add_size_argument(parser)
-    add_split_arguments(parser, test_fraction=0.0)
+    parser = fraction_split_parser("dira3d prepare radiographs", __doc__, test_fraction=0.0)
     parser.add_argument("--patient-from", choices=PATIENT_CHOICES, default=None,
                         help="what makes images one patient, kept in one part of the split: dicom (default: a DICOM's "
                              "PatientID; a DICOM without one and any other image is its own patient), case (each image "
@@ -234,7 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_prepare("dira3d prepare radiographs", prepare, args, size=args.size, val_fraction=args.val_fraction,
-                       test_fraction=args.test_fraction, seed=args.seed,
-                       patient_from=args.patient_from or ("regex" if args.patient_regex is not None else "dicom"),
-                       patient_regex=args.patient_regex)
+    return run_fraction_prepare("dira3d prepare radiographs", prepare, args,
+                                patient_from=args.patient_from or ("regex" if args.patient_regex is not None else "dicom"),
+                                patient_regex=args.patient_regex)

@@ -33,7 +33,6 @@ import numpy as np
 from PIL import Image
 
 from dira3d.data.cxr import (
-    add_size_argument,
     check_size,
     dicom_patient_id,
     read_csv_rows,
@@ -43,20 +42,17 @@ from dira3d.data.cxr import (
     write_png,
 )
 from dira3d.data.cxr_splits import (
-    add_split_arguments,
-    asked_no_validation,
-    fraction_split_advice,
     earlier_patient_split,
+    fraction_split_parser,
     patient_split,
+    run_fraction_prepare,
     split_entries,
-    warn_one_validation_image,
-    write_patient_split,
+    write_fraction_datalist,
 )
 from dira3d.data.errors import OR_KEEP_GOING, DataWarning, record_or_raise
 from dira3d.data.io import DataError
 from dira3d.data.rle import decode_rle
-from dira3d.data.runner import Case, CaseResult, add_common_arguments, batch_stopped, run_cases, run_prepare, case_outputs, write_datalist
-from dira3d.utils.cli_help import DefaultsHelpFormatter
+from dira3d.data.runner import Case, CaseResult, batch_stopped, run_cases, case_outputs
 
 __all__ = ["read_rle_csv", "read_patient_id", "decode_masks", "prepare", "main"]
 
@@ -203,22 +199,13 @@ def prepare(src: str | Path, dst: str | Path, *, size: int = 512, val_fraction: 
             "rle": "relative starts, column-major (Kaggle)", "images_without_dicom": missing,
             "split": {"method": "patient-level", "val_fraction": val_fraction, "test_fraction": test_fraction,
                       "seed": seed}, "source": str(src.resolve())}
-    write_datalist(dst / "siim_datalist.json", lists, meta, split_advice=fraction_split_advice(split),
-                   asked_empty=asked_no_validation(val_fraction))
-    warn_one_validation_image(dst / "siim_datalist.json", lists)
-    write_patient_split(dst, split, seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    write_fraction_datalist(dst / "siim_datalist.json", lists, meta, split, seed, val_fraction, test_fraction)
     return results
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dira3d prepare siim", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
-    add_common_arguments(parser)
-    add_size_argument(parser)
-    add_split_arguments(parser)
-    return parser
+    return fraction_split_parser("dira3d prepare siim", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_prepare("dira3d prepare siim", prepare, args, size=args.size, val_fraction=args.val_fraction,
-                       test_fraction=args.test_fraction, seed=args.seed)
+    return run_fraction_prepare("dira3d prepare siim", prepare, build_parser().parse_args(argv))
