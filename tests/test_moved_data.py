@@ -239,3 +239,15 @@ def test_a_recorded_file_gone_from_the_dataset_dir_is_named(tmp_path, pretrainin
     with pytest.raises(ValueError, match=r"\(pretrain_datalist\.json \(gone\) not the same: sha256 in settings\.json"):
         run_experiment(_config(root, data, [0, 1]), runner=_runner([]), log=lambda _: None)
     assert len(pretrainings) == 1
+
+
+def test_a_dataset_dir_moved_alone_with_a_json_file_added_is_the_same_data(tmp_path, pretrainings):
+    """A prepare rerun after the experiment adds prepared.json beside the recorded datalists (dira3d prepare writes it
+    from 2026-11-28): moved alone, the folder still holds every recorded file unchanged, so it is the same data."""
+    root, data, _ = _first_run(tmp_path)
+    (data / "prepared.json").write_text('{"desc": "generic", "written_by": "dira3d prepare"}')
+    fast = tmp_path / "fast" / "prepared"
+    shutil.move(data, fast)
+    calls = []
+    rows = run_experiment(_config(root, fast, [0, 1]), runner=_runner(calls), log=lambda _: None)
+    assert len(pretrainings) == 1 and [c["seed"] for c in calls] == [1, 1] and len(rows) == 4

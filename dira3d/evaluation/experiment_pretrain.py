@@ -206,7 +206,7 @@ def _compared(name: str, out: Path, settings: dict, record_fix: str) -> tuple[li
         old = {**old, "overrides": {**old["overrides"], "datalist": now}}
     data_then, data_now = old.get("dataset_dir"), settings["dataset_dir"]
     now_files = dataset_files(data_now) if data_then != data_now and isinstance(files, dict) and files else {}
-    if same_or_moved(data_then, data_now, out) or (now_files and now_files == files):  # moved with the output_dir, or
+    if same_or_moved(data_then, data_now, out) or _holds_recorded(now_files, files):  # moved with the output_dir, or
         old = {**old, "dataset_dir": data_now}  # alone: the same JSON files (datalists, manifest), the same data
     again = _prepared_again(old, settings, files, datalist_sum)
     if old == settings and not again:
@@ -220,6 +220,13 @@ def _compared(name: str, out: Path, settings: dict, record_fix: str) -> tuple[li
     said = "".join(f"{key} {place} holds other data than recorded ({names} not the same: sha256 in "
                    f"{SETTINGS_NAME}; prepared again there?); " for key, (place, names) in again.items())
     return changed, _data_note(old, settings, changed, (files, now_files, datalist_sum), record_fix) + said
+
+
+def _holds_recorded(now_files: Mapping[str, str], files: Any) -> bool:
+    """Whether a folder's JSON files (``now_files``, :func:`dataset_files`) hold every recorded one unchanged: a file
+    added beside them (``prepared.json`` of a later ``dira3d prepare`` rerun) is no other data, as in
+    :func:`_prepared_again`."""
+    return bool(now_files) and isinstance(files, dict) and all(now_files.get(k) == v for k, v in files.items())
 
 
 def _prepared_again(old: Mapping[str, Any], settings: Mapping[str, Any], files: Any, datalist_sum: Any) -> dict:
