@@ -149,21 +149,28 @@ def find_series(src: str | Path, xml_dir: str | Path | None = None) -> list[Seri
 
 
 def _slice_lookup(folder: Path, image: sitk.Image) -> Callable[[RoiOutline], int | None]:
-    """Map an outline to its slice: by SOP instance UID when known, else by z position."""
+    """Map an outline to its slice: by SOP instance UID when known, else by z position.
+
+    ``imageZposition`` is the z of the slice's ImagePositionPatient (the world point of its first pixel), which
+    moves by ``spacing_z * direction_zz`` per slice: on a gantry-tilted or oblique series that is not the slice
+    spacing, so the slice is ``(z - origin_z) / step``, not the slice index of the world point ``(origin_x,
+    origin_y, z)`` (off by a slice or more there). A series whose slices do not move along z has no slice by z.
+    """
     positions: dict[str, tuple[float, ...]] = {}
     for path in folder.glob("*.dcm"):
         header = _header(path)
         if header["sop"] and header["position"]:
             positions[header["sop"]] = tuple(float(v) for v in header["position"].split("\\"))
-    origin = image.GetOrigin()
+    z_step = image.GetSpacing()[2] * image.GetDirection()[8]  # mm of patient z per slice
 
     def slice_index(roi: RoiOutline) -> int | None:
         point = positions.get(roi.sop_uid)
-        if point is None:
-            if not np.isfinite(roi.z_mm):
-                return None
-            point = (origin[0], origin[1], roi.z_mm)
-        k = float(world_to_voxel(image, point)[2])
+        if point is not None:
+            k = float(world_to_voxel(image, point)[2])
+        elif np.isfinite(roi.z_mm) and abs(z_step) > 1e-6:
+            k = (roi.z_mm - image.GetOrigin()[2]) / z_step
+        else:
+            return None
         return int(round(k)) if -0.5 <= k < image.GetSize()[2] - 0.5 else None
 
     return slice_index
