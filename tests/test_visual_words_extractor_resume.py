@@ -138,3 +138,19 @@ def test_a_run_refused_at_its_start_leaves_no_new_empty_folder(datalist, tmp_pat
     with pytest.raises(ValueError, match="at least 2 visual words"):
         discover_visual_words(datalist, mine, **{**SETTINGS, "classes": 1})
     assert mine.is_dir()  # a folder the user had is kept
+
+
+def test_a_rerun_removes_the_half_written_files_a_killed_run_left(datalist, tmp_path):
+    # SIGKILL in the middle of an atomic write leaves its hidden temporary file (an exception removes it, a kill cannot):
+    # the extractor's is a checkpoint's size; the rerun, holding the --out lock, removes them
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [out / f".{EXTRACTOR_NAME}.k1ll3d0a.tmp", out / ".manifest.json.k1ll3d0b.tmp", out / ".embeddings.npy.k1ll3d0c.tmp"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    other = out / ".notes.txt.k1ll3d0d.tmp"  # not a visual-word file: not this command's to remove
+    other.write_bytes(b"kept")
+    discover_visual_words(str(datalist), str(out), **SETTINGS)
+    assert not [p.name for p in left if p.exists()]
+    assert other.exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

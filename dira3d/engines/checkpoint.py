@@ -40,6 +40,7 @@ from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_byte
 from dira3d.engines.rng import rng_state, set_rng_state  # defined here before: still importable from here
 from dira3d.engines.stopping import FinalStageEarlyStop, check_early_stop_patience
 from dira3d.engines.summary import purge_from
+from dira3d.utils.atomic import remove_stale_temporaries_of
 from dira3d.utils.checkpoint import atomic_save, check_writable, load_checkpoint
 from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.overrides import as_bool
@@ -297,6 +298,7 @@ class DiRACheckpoint:
                 need = 2 * estimate_checkpoint_bytes(getattr(engine, "modules", dict)().values())
             check_writable(self.ckpt_dir, min_free_bytes=need)
             engine.add_event_handler(Events.STARTED, lambda _: self.lock.acquire())  # before anything is loaded
+            engine.add_event_handler(Events.STARTED, lambda _: self.remove_stale_temporaries())
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.STARTED, self.note_no_validation)
         if self.early_stop is not None:  # after the resume on STARTED; counts before last.pt is written on EPOCH_COMPLETED
@@ -309,6 +311,11 @@ class DiRACheckpoint:
         engine.add_event_handler(Events.COMPLETED, self.completed)
         if is_main_process():  # after the last save (ignite also fires COMPLETED after terminate())
             engine.add_event_handler(Events.COMPLETED, lambda _: self.lock.release())
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the half-written ``.last.pt.*.tmp`` / ``.best.pt.*.tmp`` a killed run (SIGKILL, OOM) left (each the
+        size of a checkpoint); the folder is locked, and a file a live writer holds is kept."""
+        return [p for path in (self.last_path, self.best_path) for p in remove_stale_temporaries_of(path, what="run")]
 
     def load(self, engine: Engine) -> None:
         """Resume from ``last.pt`` when asked and present (every rank reads the same file)."""

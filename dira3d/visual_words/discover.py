@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dira3d.utils.atomic import removed_if_failed_empty
+from dira3d.utils.atomic import remove_stale_temporaries_of, removed_if_failed_empty
 from dira3d.utils.checkpoint import check_writable
 from dira3d.utils.progress import ProgressLines
 from dira3d.utils.seeding import derive_seed
@@ -53,7 +53,7 @@ from dira3d.visual_words.loading import SPLITS, case_ids, iterate_volumes, read_
 from dira3d.visual_words.neighbours import ReferenceSampler, nearest_neighbours
 from dira3d.visual_words.transforms import VisualWordCropd
 from dira3d.visual_words.writer import (
-    EMBEDDINGS_NAME, MANIFEST_NAME, ShardWriter, new_manifest, out_folder_lock, save_embeddings,
+    DATALIST_NAME, EMBEDDINGS_NAME, MANIFEST_NAME, ShardWriter, new_manifest, out_folder_lock, save_embeddings,
     write_json_atomic, write_visual_word_datalist,
 )  # fmt: skip
 
@@ -304,6 +304,8 @@ def discover_visual_words(
         out_dir = check_writable(out_dir)
         # one run per --out: two would plan the same classes and re-create (zero) each other's finished shards
         held.enter_context(out_folder_lock(out_dir))
+        for name in (EXTRACTOR_NAME, EMBEDDINGS_NAME, MANIFEST_NAME, DATALIST_NAME):  # a killed run's half-written files
+            remove_stale_temporaries_of(out_dir / name, what="visual-word run")
         data = read_datalist(datalist)
         check_counts(datalist, len(data["training"]), len(data["validation"]), classes, neighbours, val_neighbours)
         lung_filter = resolve_lung_filter(lung_filter, datalist)
