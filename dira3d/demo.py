@@ -21,9 +21,14 @@ from pathlib import Path
 from dira3d.utils.cli_help import DefaultsHelpFormatter
 from dira3d.utils.progress import show_progress
 
-__all__ = ["count_problem", "main", "option_problem", "stage_table"]
+__all__ = ["SMALLEST_SIZES", "check_moved", "check_words", "count_problem", "main", "option_problem", "phantom_size",
+           "stage_table", "words_heading"]
 
 REPO = Path(__file__).resolve().parents[1]
+# the smallest --size whose phantoms give the demo's visual words (32 x 32 x 16 patches, borders 16 16 8), found by
+# trying (2026-11-28, 20 phantoms, 10 words): 112 112 48 and 128 128 32 work; 112 112 40, 104 104 64 and 64 64 32 fail
+# (no patch passes the lung filter in enough of the volumes), 128 128 24 too (patch + borders do not fit)
+SMALLEST_SIZES = ((112, 112, 48), (128, 128, 32))
 PRETRAIN = REPO / "bundles" / "dira_pretrain" / "configs"
 
 
@@ -77,14 +82,20 @@ def count_problem(count: int, classes: int) -> str | None:
 def option_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the demo's other numbers (``--count`` / ``--classes``: :func:`count_problem`), or None:
     each was a traceback (``--epochs-per-stage 0``, ``--size 0 0 0``, ``--classes -1``), an error naming no option
-    (``--seed -1``) or an empty results table (``--seeds 0``)."""
+    (``--seed -1``) or an empty results table (``--seeds 0``); a ``--size`` below :data:`SMALLEST_SIZES` (64 64 32)
+    failed at the visual-word step advising that step's options (``--max-dense-fraction``, ``--lung-filter``)."""
     from dira3d.data.synthetic import MIN_SIZE
 
     if args.epochs_per_stage < 1:
         return f"--epochs-per-stage {args.epochs_per_stage}: pass 1 or more (each of the 3 stages trains that many epochs)"
+    smallest = " or ".join(" ".join(map(str, sizes)) for sizes in SMALLEST_SIZES)
     if min(args.size) < MIN_SIZE:
         return (f"--size {' '.join(map(str, args.size))}: a phantom needs at least {MIN_SIZE} voxels per axis "
-                "(the default is 128 128 64)")
+                f"and the demo {smallest} (the default is 128 128 64)")
+    if not any(all(size >= least for size, least in zip(args.size, sizes)) for sizes in SMALLEST_SIZES):
+        return (f"--size {' '.join(map(str, args.size))}: the demo needs phantoms of at least {smallest} voxels "
+                "(x y z): in smaller ones too few of its 32 x 32 x 16 visual-word patches pass TransVW's lung filter "
+                "(most of each is dense tissue), or none fits (the default is 128 128 64)")
     if args.seeds < 1 and not args.skip_finetune:
         return f"--seeds {args.seeds}: pass 1 or more fine-tuning seeds per initialisation (or --skip-finetune for none)"
     if args.seed < 0:
@@ -103,17 +114,87 @@ def _phantoms_and_prepare(out: Path, count: int, size: tuple[int, int, int], see
         write_luna16_phantoms(raw, count=count, size=size, spacing=(320 / size[0], 320 / size[1], 320 / size[2]),
                               seed=seed, false_positives=8, overwrite=True)
     else:
-        held = len(list(raw.glob("subset*/*.mhd")))
-        if held != count:  # another --count: its words and splits would not be those checked in main
-            raise ValueError(f"{raw} holds {held} phantoms from an earlier demo, not --count {count}; rerun with "
-                             f"--count {held} to go on with them, or choose another --out")
+        held = sorted(raw.glob("subset*/*.mhd"))
+        if len(held) != count:  # another --count: its words and splits would not be those checked in main
+            raise ValueError(f"{raw} holds {len(held)} phantoms from an earlier demo, not --count {count}; rerun with "
+                             f"--count {len(held)} to go on with them, or choose another --out")
+        earlier = phantom_size(held[0]) if held else None
+        if earlier is not None and earlier != tuple(size):  # was reused without a word, at the earlier size
+            raise ValueError(f"{raw} holds phantoms of --size {' '.join(map(str, earlier))} from an earlier demo, not "
+                             f"{' '.join(map(str, size))}; rerun with --size {' '.join(map(str, earlier))} to go on "
+                             "with them, or choose another --out")
         _say(f"1/5 phantoms already in {raw}")
     _say(f"2/5 preparing them (HU window → [0, 1], RAS, candidate cubes) into {prepared}")
     results = prepare(raw, prepared, workers=2, progress=show_progress())  # a bar on a terminal only
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"data preparation failed for {len(failed)} case(s); see {prepared / 'report.json'}")
+    if results and all(r.status == "skipped" for r in results):
+        print(f"    all {len(results)} cases already prepared: reused", flush=True)
     return prepared
+
+
+def phantom_size(header: Path) -> tuple[int, ...] | None:
+    """The voxel size (``DimSize``) a MetaImage header records, or None where it records none readable."""
+    try:
+        for line in header.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "DimSize":
+                return tuple(int(v) for v in value.split())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_moved(out: Path) -> None:
+    """Refuse an ``--out`` copied or moved from where a demo wrote it: its prepared data record the phantoms' folder
+    they were prepared from (``prepared.json``), which ``dira3d prepare`` refuses to change, naming its own
+    ``--src`` / ``--dst`` / ``--overwrite``, options the demo does not have; the fine-tuning step records the
+    checkpoint's path too. A demo without that record is left as it is."""
+    import json
+
+    raw, record = out / "luna16_raw", out / "luna16_prepared" / "prepared.json"
+    try:
+        source = json.loads(record.read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    if not isinstance(source, str) or Path(source) == raw.resolve():
+        return
+    earlier = Path(source).parent if Path(source).name == raw.name else Path(source)
+    raise ValueError(f"{out} holds a demo written in {earlier} and copied or moved here; a demo goes on only in the "
+                     f"folder it was written in: rerun with --out {earlier} to go on with it (move it back if it was "
+                     f"moved), or choose a new --out to run the demo again from its first step")
+
+
+def check_words(vw: Path, classes: int, seed: int) -> None:
+    """Refuse visual words an earlier demo discovered with another ``--classes`` or ``--seed`` (their manifest), before
+    any step: the visual-word step refused them advising ``--overwrite``, an option the demo does not have."""
+    import json
+
+    try:
+        manifest = json.loads((vw / "manifest.json").read_text(encoding="utf-8"))
+        earlier = {"classes": manifest["params"]["classes"], "seed": manifest["seed"]}
+    except (OSError, ValueError, TypeError, KeyError):  # none, or not readable: the step itself says what it finds
+        return
+    for name, value in (("classes", classes), ("seed", seed)):
+        if earlier[name] != value:
+            raise ValueError(f"{vw} holds the visual words of an earlier demo with --{name} {earlier[name]}, not "
+                             f"{value}; rerun with --{name} {earlier[name]} to go on with them, or choose another "
+                             f"--out for a demo with --{name} {value}")
+
+
+def words_heading(vw: Path, classes: int, n_train: int) -> str:
+    """Step 3's heading: the words an earlier demo discovered in ``vw`` (its manifest complete) are reused, as a
+    finished pretraining is (it said "discovering" on every rerun); otherwise they are discovered (or resumed)."""
+    import json
+
+    try:
+        done = json.loads((vw / "manifest.json").read_text(encoding="utf-8")).get("status") == "complete"
+    except (OSError, ValueError, AttributeError):
+        done = False
+    if done:
+        return f"3/5 visual words already in {vw}: {classes} TransVW visual words × {n_train} instances reused"
+    return f"3/5 discovering {classes} TransVW visual words × {n_train} instances into {vw}"
 
 
 def _visual_words(prepared: Path, out: Path, classes: int, patch: tuple[int, int, int], seed: int) -> Path:
@@ -124,7 +205,7 @@ def _visual_words(prepared: Path, out: Path, classes: int, patch: tuple[int, int
     vw = out / "visual_words"
     datalist = prepared / "pretrain_datalist.json"
     n_train = len(json.loads(datalist.read_text(encoding="utf-8"))["training"])
-    _say(f"3/5 discovering {classes} TransVW visual words × {n_train} instances into {vw}")
+    _say(words_heading(vw, classes, n_train))
     discover_visual_words(datalist, vw, classes=classes, neighbours=n_train, val_neighbours=2, patch_size=patch,
                           border=(patch[0] // 2, patch[1] // 2, patch[2] // 2), extractor_size=(64, 64, 32),
                           extractor_epochs=2, extractor_width=0.25, seed=seed)
@@ -222,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dira3d demo", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
     parser.add_argument("--count", type=int, default=20, help="number of phantoms")
-    parser.add_argument("--size", type=int, nargs=3, default=(128, 128, 64), help="phantom size x y z (voxels)")
+    parser.add_argument("--size", type=int, nargs=3, default=(128, 128, 64), help="phantom size x y z (voxels), at least "
+                        + " or ".join(" ".join(map(str, sizes)) for sizes in SMALLEST_SIZES))
     parser.add_argument("--classes", type=int, default=8, help="visual words to discover")
     parser.add_argument("--epochs-per-stage", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per initialisation")
@@ -249,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     written = WrittenFiles(out)
     try:
         with sigterm_as_interrupt():  # SIGTERM as Ctrl-C; the pretraining stops gently itself (last.pt written)
-            _check_stages(out / "pretrain", args.epochs_per_stage)  # before any step (the --count check: step 1)
+            check_moved(out)  # before any step (the --count and --size checks: step 1)
+            check_words(out / "visual_words", args.classes, args.seed)
+            _check_stages(out / "pretrain", args.epochs_per_stage)
             prepared = _phantoms_and_prepare(out, args.count, tuple(args.size), args.seed)
             vw = _visual_words(prepared, out, args.classes, patch, args.seed)
             run_dir, stages = _pretrain(vw, out, patch, args.epochs_per_stage, args.seed)

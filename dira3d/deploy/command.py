@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", required=True,
                        help="bundle folder (configs/, models/model.pt) or name, e.g. luna16_nodule_fpr (as for dira3d finetune)")
         p.add_argument("--checkpoint", help="weights (default <bundle>/models/model.pt)")
-        p.add_argument("--override", action="append", metavar="ID=VALUE",
+        p.add_argument("--override", "--set", action="append", metavar="ID=VALUE",
                        help="config override (repeatable); the settings the weights were trained with, e.g. width=0.125 "
                             "(3D --tiny) or backbone=resnet10, decoder_channels=[16,16,8,8,8], roi_size=[64,64] (2D --tiny); "
                             "torchscript: _meta_#ID=VALUE sets a field of the embedded metadata.json, e.g. _meta_#version=0.2.0")

@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", default=[],
                         help="extra config file(s), applied last: a path, or a name in the bundle's configs/ "
                              "(e.g. performance.json for bf16 + channels-last + torch.compile on a GPU, 2d.json)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="any bundle id, e.g. dis_mode=moco")
+    parser.add_argument("--override", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any bundle id, e.g. dis_mode=moco")
     args = parser.parse_args(argv)
     datalist = Path(args.datalist)
     if datalist.is_dir():  # e.g. the --dst of `dira3d prepare`: name the datalists in it

@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="add the bundle's configs/tiny.json: tiny network, 2 (2D) or 3 (3D) epochs (smoke test)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model and metrics.json of an earlier run in --output-dir")
-    parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="any other config override, e.g. max_epochs=50")
+    parser.add_argument("--set", "--override", action="append", default=[], metavar="ID=VALUE",
+                        help="any other config override, e.g. max_epochs=50")
     args = parser.parse_args(argv)
 
     overrides: dict[str, Any] = {}
