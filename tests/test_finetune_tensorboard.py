@@ -50,3 +50,24 @@ def test_the_test_metrics_are_tensorboard_scalars_at_the_last_epoch(bundle, tmp_
     # beside the run's own curves, one run in TensorBoard: its validation metric over the epochs trained
     key = "val_auc" if bundle == "chestxray14_cls" else "val_dice"
     assert [step for step, _ in scalars[key]] == list(range(1, recorded["epochs"] + 1)), sorted(scalars)
+    # and the learning rate (ReduceLROnPlateau steps it), at every iteration that logs train_loss: it was only printed
+    iterations = [step for step, _ in scalars["train_loss"]]
+    assert [step for step, _ in scalars.get("lr", [])] == iterations and iterations, sorted(scalars)
+    assert scalars["lr"][0][1] == pytest.approx(0.0002 if bundle == "chestxray14_cls" else 0.001), scalars["lr"]
+
+
+def test_the_learning_rate_curve_follows_the_schedule(tmp_path):
+    """montgomery_lung_seg's cosine schedule (``T_max`` = ``max_epochs`` = 2, stepped after each epoch's validation):
+    the ``lr`` scalar is ``learning_rate`` through epoch 1 and half of it through epoch 2, at the iterations
+    (the steps of ``train_loss``)."""
+    datalist = write_cxr(tmp_path / "data", "montgomery_lung_seg.json", None, train=4, test=2)
+    out = tmp_path / "run"
+    result = run_finetune("montgomery_lung_seg", {"datalist": str(datalist), "seed": 0, "learning_rate": 0.004},
+                          output_dir=out, tiny=True)
+    assert result["epochs"] == 2
+    scalars = _scalars(out)
+    losses, rates = scalars["train_loss"], scalars.get("lr", [])
+    assert [step for step, _ in rates] == [step for step, _ in losses] and len(losses) % 2 == 0, sorted(scalars)
+    per_epoch = len(losses) // 2
+    expected = [0.004] * per_epoch + [0.002] * per_epoch
+    assert [value for _, value in rates] == pytest.approx(expected, rel=1e-6), rates

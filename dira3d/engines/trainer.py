@@ -25,7 +25,9 @@ stage's unweighted terms (``loss_dis``, ``loss_res``, ``loss_adv``), while ``adv
 (their default ``lambda x: x[0]`` raises ``KeyError: 0`` on a dict, and
 ``from_engine(["loss"], first=True)`` returns a tuple that ``TensorBoardStatsHandler`` skips).
 Epoch means land in ``engine.state.metrics`` as ``train_<key>``; :class:`DiRAEvaluator` adds
-``val_loss``, ``val_selection_loss`` and ``val_loss_<term>``.
+``val_loss``, ``val_selection_loss`` and ``val_loss_<term>`` at the epochs it validates. ``state.metrics`` holds the
+epoch's own values only (emptied as each epoch starts): an epoch without a validation (``val_interval`` > 1)
+logs no ``val_*``.
 
 The trainer does not check intensities (that would cost a host sync per step): batches must be
 patches in [0, 1]. With your own loader, check the volumes once when loading, e.g. with
@@ -323,6 +325,7 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
         self.add_event_handler(Events.STARTED, self._warn_unreached_stages)
         self.add_event_handler(Events.STARTED, self._forget_epoch_start)  # before a checkpoint handler resumes
         self.add_event_handler(Events.EPOCH_STARTED, self._mark_epoch_start)
+        self.add_event_handler(Events.EPOCH_STARTED, self._forget_epoch_values)
         self.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
         # ignite exhausts the previous epoch's iterator inside the new epoch, and torch's
         # RandomSampler draws once more on exhaustion: seed again just before the new iterator
@@ -366,6 +369,13 @@ class DiRATrainer(TrainingStepMixin, BatchFeedMixin, QuietInterruptMixin, Traine
             self.logger.info(f"stopped by {self.state.stopped_by} at iteration {self.state.iteration}; {saved}")
         elif self.state.early_stopped:
             self.logger.info(f"training ended by early stopping: {self.state.early_stopped}")
+
+    @staticmethod
+    def _forget_epoch_values(engine: Engine) -> None:
+        # EPOCH_STARTED: the last epoch's values are not this one's. ignite keeps state.metrics, so an epoch without a
+        # validation (val_interval > 1) logged the last validation's val_* and early_stop_wait again (console and
+        # TensorBoard, at its own epoch), and a loss the stage no longer has kept its last train_* mean
+        engine.state.metrics.clear()
 
     def _warn_unreached_stages(self, engine: Engine) -> None:
         """Say so when ``max_epochs`` ends the run before a stage starts (``max_epochs`` 10 with train.json's stages,

@@ -109,13 +109,16 @@ def written_message(config: dict) -> str:
     out = Path(config["output_dir"])
     run = "<method>_lf<fraction>_seed<seed>" + ("_fold<fold>" if "folds" in config else "")
     cases = cases_file((config.get("overrides") or {}).get("eval_split") or "test")  # the split evaluate.json scored
+    # the methods pretrained here log their pretraining to pretrain/<method>/eval, outside runs/
+    pretrains = any(isinstance(spec, dict) for spec in (config.get("methods") or {}).values())
+    pretrained = f"; pretraining: tensorboard --logdir {out / 'pretrain'} (<method>/eval)" if pretrains else ""
     return (f"results:     {out / 'results.csv'} (one row per run; mean ± std, 95 % CI and p-values in {out / 'summary.json'})\n"
             f"table:       {out / 'table.md'}; plots: {out / (config['metric'] + '_vs_label_fraction.png')}, "
             f"{out / 'ablation.png'}\n"
             f"each run:    {out / 'runs'}/{run}/ (metrics.json: test metric, splits, settings; splits.json: the cases "
             f"of each split; {cases}: each case's metrics (segmentation) or label(s) and probability(ies) "
             "(classification); models/model.pt; TensorBoard files: curves, and the test metrics as test/<metric>)\n"
-            f"TensorBoard: tensorboard --logdir {out / 'runs'}")
+            f"TensorBoard: tensorboard --logdir {out / 'runs'}" + pretrained)
 
 
 if __name__ == "__main__":
