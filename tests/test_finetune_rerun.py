@@ -105,10 +105,15 @@ def test_a_model_write_cut_short_by_a_kill_leaves_no_temporary_file_for_the_next
     stray.write_bytes(b"half a model")
     kept = root / "models" / ".model.pt.notes.tmp"  # not one of ours
     kept.write_bytes(b"mine")
-    flow = _flow("luna16_nodule_fpr", root)
-    flow.initialize()
-    flow.finalize()
-    assert not stray.exists() and kept.exists()
+    held = root / "models" / ".model.pt.h0ld1ng0.tmp"  # a live writer's (it holds the flock atomic_path takes): kept
+    held.write_bytes(b"being written")
+    fcntl = pytest.importorskip("fcntl", reason="a live writer holds its temporary file with POSIX flock")
+    with open(held, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        flow = _flow("luna16_nodule_fpr", root)
+        flow.initialize()
+        flow.finalize()
+    assert not stray.exists() and kept.exists() and held.exists()
 
 
 def _saver(path: Path, preprocessing):
@@ -323,3 +328,46 @@ def test_finetune_overwrite_leaves_no_per_case_csv_of_the_earlier_run(tmp_path):
     assert csvs == ["metrics.csv", "notes_raw.csv", "test_cases.csv"], csvs  # test_cases.csv: this run's predictions
     assert (out / "test_cases.csv").read_text().startswith("case,label_Atelectasis,")
     assert (out / "metrics.csv").read_text().startswith("auc,")
+
+
+def test_an_overwrite_rerun_removes_the_half_written_files_a_killed_run_left(tmp_path):
+    # `dira3d finetune` killed outright (SIGKILL, the OOM killer) while it scored the test split left the hidden
+    # temporary file of the write it was in (.test_cases.csv.<8 characters>.tmp, or metrics.json's, ...) in the run
+    # folder, and the rerun with --overwrite kept it; it now removes those of the files it writes. A temporary file a
+    # live writer holds, and any other file, is kept; a rerun without --overwrite is refused and changes nothing.
+    import os
+
+    from dira3d.evaluation.finetune import run_finetune
+    from dira3d.utils.folder_lock import LOCK_NAME
+
+    fcntl = pytest.importorskip("fcntl", reason="a live writer holds its temporary file with POSIX flock")
+    from test_bundles_finetune import make_classification
+
+    datalist = make_classification(tmp_path / "data", "ncc_datalist.json", (16, 16, 8), folds=False)
+    out = tmp_path / "out"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "model.pt").write_bytes(EARLIER_MODEL)  # the killed run had trained: no metrics.json yet
+    left = [out / ".test_cases.csv.k1ll3d0a.tmp", out / ".metrics.json.k1ll3d0b.tmp", out / ".splits.json.k1ll3d0c.tmp",
+            out / ".holdout_cases.csv.k1ll3d0d.tmp", out / "models" / ".preprocessing.json.k1ll3d0e.tmp"]
+    others = [out / ".notes.txt.k1ll3d0f.tmp", out / ".test_cases.csv.notes.tmp", out / "models" / ".other.pt.k1ll3d0g.tmp"]
+    held = out / ".metrics.json.h0ld1ng0.tmp"  # a live writer's (it holds the flock atomic_path takes)
+    for path in left + others + [held]:
+        path.write_bytes(b"half a file")
+
+    def files():
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+
+    before = files()
+    settings = {"datalist": str(datalist), "max_epochs": 1}
+    with pytest.raises(FileExistsError, match="unfinished fine-tuning run"):
+        run_finetune("luna16_nodule_fpr", settings, output_dir=out, tiny=True)
+    assert files() == before  # refused: nothing removed
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_finetune("luna16_nodule_fpr", settings, output_dir=out, tiny=True, overwrite=True)
+    finally:
+        os.close(fd)
+    assert result["test_cases"] == "test_cases.csv" and (out / "test_cases.csv").is_file()
+    assert [p.name for p in left if p.exists()] == []
+    assert all(p.read_bytes() == b"half a file" for p in others + [held])

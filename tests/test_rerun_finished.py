@@ -330,3 +330,35 @@ def test_the_data_checksum_of_a_visual_word_folder_is_of_its_manifest(tmp_path):
     before = data_checksum(tmp_path / "lists")
     (tmp_path / "lists" / "a.json").write_text("[]")
     assert len(before) == 64 and data_checksum(tmp_path / "lists") != before
+
+
+def test_a_rerun_of_a_finished_run_removes_the_half_written_checkpoints_a_killed_save_left(finished_run, repo_root,
+                                                                                           tmp_path, capsys):
+    # a kill in the middle of a checkpoint write (SIGKILL, the OOM killer) leaves its hidden temporary file (a
+    # checkpoint's size); the checkpoint handler removes it as a resumed run starts, which a rerun of a finished run never
+    # reaches (it ends in initialize): initialize's remove_killed_checkpoint_writes removes it there, under ckpt_dir's lock
+    fcntl = pytest.importorskip("fcntl", reason="a live writer holds its temporary file with POSIX flock")
+    import shutil
+
+    data, run = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(run, out)  # the module's run stays as it is for the other tests
+    models = out / "models"
+    left = [models / ".best.pt.k1ll3d0a.tmp", models / ".last.pt.k1ll3d0b.tmp"]
+    other = models / ".notes.txt.k1ll3d0c.tmp"  # not a checkpoint's: not this run's to remove
+    held = models / ".best.pt.h0ld1ng0.tmp"  # a live writer's (it holds the flock atomic_path takes): kept
+    for path in left + [other, held]:
+        path.write_bytes(b"half a checkpoint")
+    checkpoints = {name: (models / name).read_bytes() for name in ("last.pt", "best.pt")}
+    with open(held, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunAlreadyFinished):
+            _run(data, out, repo_root, max_epochs=1)
+    assert [p.name for p in left if p.exists()] == []
+    assert other.read_bytes() == held.read_bytes() == b"half a checkpoint"
+    assert {name: (models / name).read_bytes() for name in checkpoints} == checkpoints
+    assert ".last.pt.k1ll3d0b.tmp" in capsys.readouterr().err  # said so
+    for name in ("train.json", "multi_gpu_train.json"):  # before the finished check, in both
+        steps = json.loads((repo_root / CONFIGS / name).read_text(encoding="utf-8"))["initialize"]
+        at = [i for i, step in enumerate(steps) if "remove_killed_checkpoint_writes(@ckpt_dir)" in step]
+        assert at and at[0] < next(i for i, step in enumerate(steps) if "exit_if_finished" in step), name

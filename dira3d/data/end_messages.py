@@ -22,7 +22,8 @@ from dira3d.data.cases import STATUSES, CaseResult
 from dira3d.data.datalist import datalist_meta
 
 __all__ = ["NEXT_STEPS", "LABELLED_NEXT_STEP", "UNLABELLED_OTHER_STEP", "SEQUENCES_NEXT_STEP", "PRETRAIN_2D_STEP",
-           "SCRATCH_2D_STEPS", "BRATS_OTHER_STEPS", "next_steps", "finish", "datalists_recorded", "record_datalist"]
+           "SCRATCH_2D_STEPS", "CHEXPERT_OTHER_STEP", "BRATS_OTHER_STEPS", "next_steps", "finish", "datalists_recorded",
+           "record_datalist"]
 
 
 # inside run_prepare: the datalists written (path, whether its training entries have labels), named at the end
@@ -73,12 +74,12 @@ NEXT_STEPS: dict[str, str] = {
     "pecad_datalist.json": _finetune_step("pecad_embolism_fpr", "fold 0 is its test set: run --fold 1, 2, ... too, or "
                                           "every fold and seed with `folds` in dira3d experiment; docs/finetuning.md, "
                                           "'Cross-validation'", fold=0),
-    # the small 2D sets are fine-tuned from a 2D pretraining on ChestX-ray14, the one `dira3d prepare chestxray14`
-    # ends by naming (docs/2d.md, "Fine-tuning bundles"), not pretrained on themselves
+    # the other 2D sets are fine-tuned from a 2D pretraining on ChestX-ray14, the one `dira3d prepare chestxray14`
+    # ends by naming (docs/2d.md, "Which checkpoint"; the paper's for every 2D target), not pretrained on themselves
     "siim_datalist.json": _finetune_step("siim_pneumothorax_seg", _FROM_CXR14),
     "montgomery_datalist.json": _finetune_step("montgomery_lung_seg", _FROM_CXR14),
     "chestxray14_datalist.json": _finetune_step("chestxray14_cls", "docs/2d.md"),
-    "chexpert_datalist.json": _finetune_step("chexpert_cls", "docs/2d.md"),
+    "chexpert_datalist.json": _finetune_step("chexpert_cls", _FROM_CXR14),
     "radiographs_datalist.json": "dira3d pretrain --datalist {datalist} --config 2d.json --config 2d_moco.json "
                                  "--output runs/dira_pretrain (docs/2d.md)",
     "bbox_datalist.json": "dira3d localise --bbox-datalist {datalist} --model runs/ft_chestxray14_cls/models/model.pt "
@@ -91,10 +92,16 @@ LABELLED_NEXT_STEP = _finetune_step("lits_liver_seg")
 UNLABELLED_OTHER_STEP = ("dira3d pretrain --datalist {datalist}{channels} --output runs/dira_pretrain (every volume its own "
                          "class, no visual words: quicker, for a small dataset or a first run; "
                          "bundles/dira_pretrain/docs/README.md)")
-# the large 2D datasets' datalists (dira3d prepare chestxray14, chexpert): their images pretrain too (2D DiRA with
-# MoCo-v2, labels unused, as for radiographs), the fine-tuning step above then loads that checkpoint
+# ChestX-ray14's datalist (dira3d prepare chestxray14): its images pretrain first (2D DiRA with MoCo-v2, labels unused,
+# as for radiographs), the fine-tuning step above then loads that checkpoint, as every other 2D fine-tuning does
 PRETRAIN_2D_STEP = NEXT_STEPS["radiographs_datalist.json"]
-DATALISTS_2D = ("chestxray14_datalist.json", "chexpert_datalist.json")
+DATALISTS_2D = ("chestxray14_datalist.json",)
+# CheXpert without a ChestX-ray14 pretraining (not the paper's): pretraining on its own images, labels unused, into a
+# folder of its own (runs/dira_pretrain is the ChestX-ray14 pretraining's, which a run there would resume from or be
+# refused by as a finished run on other data)
+CHEXPERT_OTHER_STEP = ("dira3d pretrain --datalist {datalist} --config 2d.json --config 2d_moco.json --output "
+                       "runs/dira_pretrain_chexpert (no ChestX-ray14 pretraining: pretrain on these images, labels unused, "
+                       "not the paper's; its last lines name the fine-tuning from it; docs/2d.md, 'Which checkpoint')")
 # the small ones (dira3d prepare siim, montgomery) are fine-tuned from a ChestX-ray14 pretraining (NEXT_STEPS), or,
 # without one yet, from random initial weights (the baseline)
 SCRATCH_2D_STEPS = {name: _finetune_step(bundle, "no pretraining yet: random initial weights, the baseline; docs/2d.md",
@@ -117,9 +124,10 @@ SEQUENCES_NEXT_STEP = _finetune_step("brats_tumor_seg").replace(" --output-dir",
 def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
     """The lines ``dira3d prepare`` ends with for a datalist it wrote: where it is, and the command to run next
     (:data:`NEXT_STEPS`; a labelled pretraining datalist can also be fine-tuned on, :data:`LABELLED_NEXT_STEP`, and an
-    unlabelled one pretrained on without visual words, :data:`UNLABELLED_OTHER_STEP`; a large 2D dataset's datalist
-    is pretrained on first, :data:`PRETRAIN_2D_STEP`, then fine-tuned on; a small one, SIIM-ACR or Montgomery, is
-    fine-tuned from a ChestX-ray14 pretraining, or from random weights, :data:`SCRATCH_2D_STEPS`; BraTS's is fine-tuned
+    unlabelled one pretrained on without visual words, :data:`UNLABELLED_OTHER_STEP`; ChestX-ray14's datalist is
+    pretrained on first, :data:`PRETRAIN_2D_STEP`, then fine-tuned on; CheXpert's is fine-tuned from
+    that ChestX-ray14 pretraining, or pretrained on first without one, :data:`CHEXPERT_OTHER_STEP`; a small one,
+    SIIM-ACR or Montgomery, is fine-tuned from it, or from random weights, :data:`SCRATCH_2D_STEPS`; BraTS's is fine-tuned
     on FLAIR from a CT pretraining, as the paper, or pretrained on first, every prepared sequence a channel, or
     fine-tuned from random weights, :data:`BRATS_OTHER_STEPS`)."""
     path = shlex.quote(str(datalist))
@@ -131,6 +139,8 @@ def next_steps(datalist: Path, labelled: bool = False) -> list[str]:
         lines.append(f"next:     {NEXT_STEPS[datalist.name].format(datalist=path)}")
         if datalist.name in SCRATCH_2D_STEPS:
             lines.append(f"or:       {SCRATCH_2D_STEPS[datalist.name].format(datalist=path)}")
+        if datalist.name == "chexpert_datalist.json":
+            lines.append(f"or:       {CHEXPERT_OTHER_STEP.format(datalist=path)}")
         if datalist.name == "brats_datalist.json":
             channels = [str(c) for c in datalist_meta(datalist).get("channels") or ["flair"]]
             sequences = (f"its {len(channels)} sequences {', '.join(channels)} as input channels" if len(channels) > 1

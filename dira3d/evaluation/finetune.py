@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dira3d.evaluation.bundle_lookup import BUNDLES, BUNDLES_2D, bundle_path, tiny_settings
-from dira3d.evaluation.finetune_checks import check_input_paths, earlier_outputs, refuse_earlier_run
+from dira3d.evaluation.finetune_checks import check_input_paths, earlier_outputs, refuse_earlier_run, remove_killed_writes
 from dira3d.evaluation.finetune_messages import finished_message, localise_line, scored_line, show_cache_lines, without_logging_file_warning
 from dira3d.evaluation.finetune_scoring import log_split_metrics, scored_split, split_entries, split_summary
 from dira3d.evaluation.preprocessing import (
@@ -240,6 +240,7 @@ def _run_finetune(root: Path, overrides: dict[str, Any], out: Path, files: list[
     # nor its TensorBoard curves merged into this run's
     for path in replaced:
         path.unlink(missing_ok=True)
+    remove_killed_writes(out)  # the half-written .test_cases.csv.*.tmp, ... a run killed mid-write left (none held)
     # how the training volumes were scaled (and, for BraTS, which sequences went in, in which order), for
     # inference.json to prepare a raw scan the same way
     (out / "models" / PREPROCESSING_FILE).unlink(missing_ok=True)

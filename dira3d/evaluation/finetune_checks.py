@@ -1,7 +1,8 @@
 """What ``dira3d finetune`` checks in its output folder and settings before a run, with neither torch nor MONAI
 imported (a rerun into a folder that holds a run, a typo'd path, are refused at once): :func:`refuse_earlier_run`
 (an earlier run, finished or not, kept unless ``--overwrite``), :func:`check_input_paths` (a missing datalist,
-checkpoint or dataset folder) and :func:`earlier_outputs` (the files of an earlier run that ``--overwrite`` replaces).
+checkpoint or dataset folder), :func:`earlier_outputs` (the files of an earlier run that ``--overwrite`` replaces) and
+:func:`remove_killed_writes` (the half-written temporary files a killed run left beside the files a run writes).
 Used by :func:`dira3d.evaluation.finetune.run_finetune`.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from dira3d.evaluation.split_ids import SPLITS_FILE
 
-__all__ = ["refuse_earlier_run", "check_input_paths", "earlier_outputs"]
+__all__ = ["refuse_earlier_run", "check_input_paths", "earlier_outputs", "remove_killed_writes"]
 
 
 def check_input_paths(overrides: dict[str, Any]) -> None:
@@ -67,3 +68,20 @@ def earlier_outputs(out: Path) -> list[Path]:
         recorded = {}
     names = list(recorded) if isinstance(recorded, dict) else []
     return [p for p in (out / "metrics.json", out / SPLITS_FILE) if p.is_file()] + earlier_run_files(out / "models", out, names)
+
+
+def remove_killed_writes(out: Path) -> list[Path]:
+    """Remove the hidden temporary files (``.test_cases.csv.<8 characters>.tmp``, ``.model.pt.*.tmp``, ...) that a run
+    killed outright (SIGKILL, the OOM killer) in the middle of an atomic write left beside the files a fine-tuning run
+    writes atomically in ``out``: ``metrics.json``, ``splits.json``, each split's per-case CSV, ``models/model.pt`` and
+    ``models/preprocessing.json`` (:func:`dira3d.utils.atomic.remove_stale_temporaries_of`: a file a live writer holds is
+    kept, and no other file is touched). Call it with ``out`` locked, once the run goes ahead; returns what it removed."""
+    from dira3d.evaluation.case_metrics import cases_file
+    from dira3d.evaluation.datalists import SPLITS
+    from dira3d.evaluation.preprocessing import PREPROCESSING_FILE
+    from dira3d.evaluation.run_folders import MODEL_FILE
+    from dira3d.utils.atomic import remove_stale_temporaries_of
+
+    targets = [out / "metrics.json", out / SPLITS_FILE, *(out / cases_file(split) for split in SPLITS),
+               out / "models" / MODEL_FILE, out / "models" / PREPROCESSING_FILE]
+    return [p for target in targets for p in remove_stale_temporaries_of(target, what="fine-tuning run")]

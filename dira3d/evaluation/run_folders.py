@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from dira3d.utils.atomic import remove_stale_temporaries_of
 from dira3d.utils.folder_lock import FolderLock
 from dira3d.utils.overrides import as_bool
 
@@ -100,10 +101,9 @@ def claim_run_folders(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike
                     "validation), which this run's curves would be drawn over")
             raise FileExistsError(f"{what}; pass --bundle_root (or --ckpt_dir and --output_dir) with another folder, "
                                   "or --overwrite True to replace that run")
-        if main:  # a write of model.pt cut short by a kill (SIGKILL, SIGTERM) left its temporary file (dira3d.utils.atomic)
-            for path in ckpt_dir.glob(f".{MODEL_FILE}.*.tmp"):
-                if path.is_file() and len(path.name) == len(MODEL_FILE) + 14:  # "." + name + ".xxxxxxxx.tmp"
-                    path.unlink(missing_ok=True)
+        if main:  # a write of model.pt cut short by a kill (SIGKILL, SIGTERM) left its temporary file (dira3d.utils.atomic;
+            # one a live writer holds is kept)
+            remove_stale_temporaries_of(ckpt_dir / MODEL_FILE, what="training run")
         if overwrite and main:
             for path in metric_reports(output_dir) + [output_dir / "metrics.csv"] + events:
                 path.unlink(missing_ok=True)
