@@ -13,7 +13,6 @@ the same library functions and bundles as the individual commands; this file onl
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -247,12 +246,6 @@ def _record_stages(run_dir: Path, epochs_per_stage: int) -> None:
         atomic_write_text(run_dir / STAGES_RECORD, json.dumps({"epochs_per_stage": epochs_per_stage}) + "\n")
 
 
-def _without_finished_note(record: logging.LogRecord) -> bool:
-    """A logging filter: the pretraining's line that it has finished, whose advice (a larger max_epochs) is the
-    bundle's; the demo says it in its own options (:func:`_pretrain`)."""
-    return False
-
-
 def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage: int, seed: int) -> tuple[Path, list]:
     from dira3d.utils.overrides import run_bundle as run  # as `dira3d pretrain` (monai.bundle.run warns of eval)
 
@@ -263,22 +256,20 @@ def _pretrain(vw: Path, out: Path, patch: tuple[int, int, int], epochs_per_stage
         {"name": "dira", "losses": ["dis", "res", "adv"]},
     ]
     _say(f"4/5 pretraining 3D DiRA (tiny preset, stages dis → dis+res → dis+res+adv) into {run_dir}")
-    from dira3d.engines.finished import RunAlreadyFinished
+    from dira3d.engines.finished import RunAlreadyFinished, finished_line_unlogged
 
     _record_stages(run_dir, epochs_per_stage)
-    finished_log = logging.getLogger("dira3d.finished")
-    finished_log.addFilter(_without_finished_note)
-    try:
-        run(config_file=[str(PRETRAIN / "train.json"), str(PRETRAIN / "tiny.json"), str(PRETRAIN / "visual_words.json")],
-            meta_file=str(PRETRAIN / "metadata.json"), logging_file=str(PRETRAIN / "logging.conf"),
-            bundle_root=str(run_dir), dataset_dir=str(vw), patch_size=list(patch), stages=stages,
-            max_epochs=3 * epochs_per_stage, batch_size=8, log_every=5, image_every=20, seed=seed)
+    try:  # the pretraining's line that it has finished (its advice, a larger max_epochs, is the bundle's) is not
+        # logged: the demo says it in its own options
+        with finished_line_unlogged():
+            run(config_file=[str(PRETRAIN / "train.json"), str(PRETRAIN / "tiny.json"), str(PRETRAIN / "visual_words.json")],
+                meta_file=str(PRETRAIN / "metadata.json"), logging_file=str(PRETRAIN / "logging.conf"),
+                bundle_root=str(run_dir), dataset_dir=str(vw), patch_size=list(patch), stages=stages,
+                max_epochs=3 * epochs_per_stage, batch_size=8, log_every=5, image_every=20, seed=seed)
     except RunAlreadyFinished:  # a rerun: the finished pretraining is reused, nothing is loaded again
         print(f"    already finished ({run_dir / 'models' / 'last.pt'}, 3 stages of --epochs-per-stage "
               f"{epochs_per_stage}): reused, nothing trained again; to pretrain longer, rerun with a larger "
               "--epochs-per-stage and another --out (a new demo from its first step)", flush=True)
-    finally:
-        finished_log.removeFilter(_without_finished_note)
     return run_dir, stages
 
 

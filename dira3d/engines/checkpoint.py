@@ -6,6 +6,7 @@ Format (docs/architecture.md, "Checkpoint format")::
      "momentum_encoder", "momentum_head", "queue",                         # MoCo only
      "optimizer_g", "optimizer_d", "scaler_g", "scaler_d",
      "trainer": {"epoch", "iteration", "epoch_iteration", "epoch_length", "stage", "best_metric", "best_epoch", "best_stage",
+                 "stages", "loss_weights",   # the schedule and λs trained with (engines.stages.check_resume_stages)
                  "epoch_sums": {"count", "sums": {key: one value per rank}},  # running sums of the epoch's outputs
                  "nonfinite_skipped",                                  # steps on_nonfinite='skip' dropped so far
                  "validation",                                         # False: the run (since its last resume) ran without validation
@@ -38,6 +39,7 @@ from dira3d.engines.distributed import is_main_process
 from dira3d.engines.epoch_end import EpochEndRecord
 from dira3d.engines.faults import check_finite_weights, estimate_checkpoint_bytes
 from dira3d.engines.rng import rng_state, set_rng_state  # defined here before: still importable from here
+from dira3d.engines.stages import check_resume_stages
 from dira3d.engines.stopping import FinalStageEarlyStop, check_early_stop_patience
 from dira3d.engines.summary import purge_from
 from dira3d.utils.atomic import remove_stale_temporaries_of
@@ -53,6 +55,11 @@ _META_CHECKED = ("spatial_dims", "in_channels", "dis_mode", "second_view")  # se
 
 def _state(module: Any) -> dict:
     return module.state_dict() if module is not None else {}
+
+
+def _schedule(trainer: Any) -> dict:
+    schedule, loss = getattr(trainer, "schedule", None), getattr(trainer, "loss_function", None)
+    return {} if schedule is None else {"stages": schedule.as_list(), "loss_weights": dict(getattr(loss, "weights", {}))}
 
 
 def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: Mapping[str, Any] | None = None,
@@ -97,6 +104,7 @@ def checkpoint_dict(trainer: Any, meta: Mapping[str, Any] | None = None, best: M
             "epoch_iteration": int(done),
             "epoch_length": int(epoch_length),  # to place a resume with another one (resume_position)
             "stage": str(trainer.current_stage().name),
+            **_schedule(trainer),  # "stages", "loss_weights": a resume with stage ends moved is refused (engines.stages)
             "epoch_sums": {"count": int(epoch_sums["count"]), "sums": dict(epoch_sums["sums"])},
             "nonfinite_skipped": int(getattr(guard, "skipped", 0)),
             **dict(best or {}),
@@ -128,7 +136,8 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
 
     Raises:
         ValueError: the checkpoint was written for another mode, dimensionality or channel count, or
-            its weights do not fit the trainer's modules (another width, number of classes, head size).
+            its weights do not fit the trainer's modules (another width, number of classes, head size), or with another
+            stage schedule or loss weights over the steps it trained (:func:`~dira3d.engines.stages.check_resume_stages`).
     """
     meta = ckpt.get("meta", {})
     net = trainer.network
@@ -140,6 +149,9 @@ def restore_checkpoint(trainer: Any, ckpt: Mapping[str, Any], source: str = "<di
                 f"checkpoint {source} was written with {key}={meta[key]!r} but this run uses {current[key]!r}; "
                 "use another ckpt_dir, or set resume to false to start afresh"
             )
+    if getattr(trainer, "schedule", None) is not None:  # other stage ends over the epochs trained: refused, nothing loaded
+        check_resume_stages(ckpt["trainer"], trainer.schedule,
+                            getattr(getattr(trainer, "loss_function", None), "weights", None), source)
     parts = [("encoder", net.encoder), ("decoder", net.decoder)]
     parts += [(key, getattr(trainer, key)) for key in ("dis_head", "predictor", "adversary", "momentum_encoder",
                                                        "momentum_head", "queue")]

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             mismatch = visual_words_mismatch(datalist, configs, overrides) or single_process_under_torchrun(configs, overrides)
             if mismatch:
                 parser.error(mismatch)
-            from dira3d.engines.finished import RunAlreadyFinished
+            from dira3d.engines.finished import RunAlreadyFinished, finished_line_unlogged
             from dira3d.engines.inputs import setting_error_in
     except KeyboardInterrupt as err:
         if _main_rank():  # under torchrun every rank gets the signal: one line (the others' said the same)
@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_writable(output, what="output folder (--output)")
             except OSError as err:
                 parser.error(str(err))
+            # a finished run's line is printed below, naming this command's way to a larger max_epochs: not logged too
+            created.enter_context(finished_line_unlogged())
             # run_bundle, not monai.bundle.run: run() drops every override whose value is None, so
             # `--override views=null` (identity views) or `intensity_range=null` would silently keep the default
             with sigterm_as_interrupt():  # before training (caching data): as Ctrl-C; while it runs, stopping.py's stop
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return interrupt_exit_code(err)
     except RunAlreadyFinished as done:  # a rerun of a finished run: nothing loaded or written (engines.finished)
         if _main_rank():
-            print(f"dira3d pretrain: {done}", flush=True)
+            print(f"dira3d pretrain: {done.told_with('--override max_epochs=N')}", flush=True)
     except StoppedBySignal as stop:  # SIGTERM or Ctrl-C: the step finished and last.pt was written first
         if _main_rank():  # every rank stops at the same iteration (stopping.py): one line says where last.pt is
             print(f"dira3d pretrain: {interrupted_message(output, overrides, stop)}", file=sys.stderr)

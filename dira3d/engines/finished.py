@@ -29,9 +29,16 @@ Finished means all of:
   ... --out`` rerun on other data, a visual-word folder rebuilt) are other data; data at another place are refused as
   before (the same datalist content there need not be the same volumes: its paths may be relative to it), said to be
   other data where their checksum differs too; a ``last.pt`` without it is compared by place and classes alone;
-- the stage schedule is valid (:class:`~dira3d.engines.stages.StageSchedule`: a bad one is refused as before).
+- the stage schedule is valid (:class:`~dira3d.engines.stages.StageSchedule`: a bad one is refused as before) and fits
+  the one ``last.pt`` records with its loss weights (since dira_pretrain 0.1.59): a schedule that moves a stage end
+  over the steps trained, or another λ of the stage trained last, is refused here, finished or not, with the
+  one-line ``DataError`` of :func:`~dira3d.engines.stages.check_resume_stages` (the resume would count epochs of one
+  stage in another); a ``last.pt`` without the record goes the usual way.
 
-Anything else (a larger ``max_epochs``, ``resume`` false, no ``last.pt``) runs as before.
+Anything else (a larger ``max_epochs``, ``resume`` false, no ``last.pt``) runs as before. The line advises "a larger
+max_epochs", the bundle's setting; a command with its own way to set it prints the line itself,
+:meth:`RunAlreadyFinished.told_with` (``dira3d pretrain``: ``--override max_epochs=N``), while
+:func:`finished_line_unlogged` keeps the logged one out (the demo prints a line of its own options).
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +56,45 @@ import torch
 from dira3d.utils.files import same_or_moved
 from dira3d.utils.overrides import as_bool
 
-__all__ = ["RunAlreadyFinished", "finished_note", "exit_if_finished", "data_checksum"]
+__all__ = ["RunAlreadyFinished", "finished_note", "exit_if_finished", "data_checksum", "finished_line_unlogged"]
+
+
+def _note(last: Path, epoch: int, max_epochs: int, setting: str = "max_epochs") -> str:
+    return (f"{last} is at epoch {epoch}, max_epochs={int(max_epochs)}: this run has already finished; nothing was "
+            f"loaded, trained or written; to train more, rerun with a larger {setting} (it continues from last.pt)")
 
 
 class RunAlreadyFinished(SystemExit):
     """A rerun of a finished run, ended before anything was loaded: ``SystemExit`` with code 0 (``python -m monai.bundle
-    run`` and ``torchrun`` exit 0 without a traceback). ``str()`` is the line :func:`exit_if_finished` logged."""
+    run`` and ``torchrun`` exit 0 without a traceback). ``str()`` is the line :func:`exit_if_finished` logged, which
+    names the bundle's setting (``max_epochs``); :meth:`told_with` the same line naming a command's way to set it."""
 
-    def __init__(self, note: str) -> None:
+    def __init__(self, note: str, last: Path | None = None, epoch: int = 0, max_epochs: int = 0) -> None:
         super().__init__(0)
-        self.note = note
+        self.note, self.last, self.epoch, self.max_epochs = note, last, epoch, max_epochs
 
     def __str__(self) -> str:
         return self.note
+
+    def told_with(self, setting: str) -> str:
+        """The line, advising a larger ``setting`` (``dira3d pretrain``: ``--override max_epochs=N``)."""
+        return self.note if self.last is None else _note(self.last, self.epoch, self.max_epochs, setting)
+
+
+@contextmanager
+def finished_line_unlogged() -> Iterator[None]:
+    """While it lasts, :func:`exit_if_finished` logs no line (``dira3d.finished``): a command that prints the line itself
+    in its own words (:meth:`RunAlreadyFinished.told_with`: ``dira3d pretrain``, the demo) shows it once."""
+    log = logging.getLogger("dira3d.finished")
+    log.addFilter(_unlogged)
+    try:
+        yield
+    finally:
+        log.removeFilter(_unlogged)
+
+
+def _unlogged(record: logging.LogRecord) -> bool:
+    return False
 
 
 def _plain(value: Any) -> Any:
@@ -92,7 +126,7 @@ def data_checksum(path: str | os.PathLike) -> str:
 
 def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = True,
                   settings: Mapping[str, Any] | None = None, stages: Sequence[Mapping] | None = None,
-                  data: Mapping[str, Any] | None = None) -> str:
+                  data: Mapping[str, Any] | None = None, loss_weights: Mapping[str, float] | None = None) -> str:
     """The line saying that the run in ``ckpt_dir`` has finished (see the module's docstring), or '' when it has not
     (or when that cannot be told cheaply: the run then goes the usual way).
 
@@ -101,7 +135,11 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
         max_epochs: the run's ``max_epochs``.
         resume: the bundle's ``resume`` setting (false: the run starts afresh, as before).
         settings: settings that must equal ``last.pt``'s ``meta`` entries of the same names.
-        stages: the stage schedule, checked as the trainer checks it (a bad one raises ``ValueError`` as it does).
+        stages: the stage schedule, checked as the trainer checks it (a bad one raises ``ValueError`` as it does), and
+            against the one ``last.pt`` records, finished or not (:func:`~dira3d.engines.stages.check_resume_stages`:
+            stage ends moved over the epochs trained are refused, before any data are loaded).
+        loss_weights: the run's λ per term (``{"dis": .., "res": .., "adv": ..}``), checked with ``stages`` against
+            ``last.pt``'s for the stage of its last step (None: not checked here).
         data: what identifies the run's data, by ``last.pt``'s ``meta`` names (the bundle's ``data_source`` and
             ``num_classes``), each a value or a callable giving it (e.g. counting the classes of a datalist: called
             only when the run has otherwise finished, and only while the entries before it are the same). When the
@@ -112,17 +150,27 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
             other data.
 
     Raises:
-        ValueError: a bad stage schedule; a finished run in ``ckpt_dir`` trained on other ``data``.
+        ValueError: a bad stage schedule, or one (or loss weights) that does not fit ``last.pt``; a finished run in
+            ``ckpt_dir`` trained on other ``data``.
     """
+    finished = _finished(ckpt_dir, max_epochs, resume, settings, stages, data, loss_weights)
+    return _note(*finished) if finished else ""
+
+
+def _finished(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any, settings: Mapping[str, Any] | None,
+              stages: Sequence[Mapping] | None, data: Mapping[str, Any] | None,
+              loss_weights: Mapping[str, float] | None) -> tuple[Path, int, int] | None:
+    """:func:`finished_note`'s test: (``last.pt``, its epoch, ``max_epochs``) when the run has finished, else None."""
     if not as_bool(resume, "resume"):
-        return ""
+        return None
     last = Path(ckpt_dir) / "last.pt"
     if not last.is_file():
-        return ""
+        return None
+    schedule = None
     if stages is not None:
-        from dira3d.engines.stages import StageSchedule
+        from dira3d.engines.stages import StageSchedule, check_resume_stages
 
-        StageSchedule(stages)  # a bad schedule is refused as the trainer refuses it, not said to be finished
+        schedule = StageSchedule(stages)  # a bad schedule is refused as the trainer refuses it, not said to be finished
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
         trainer, meta = ckpt["trainer"], ckpt.get("meta", {})
@@ -130,15 +178,17 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
         mid_epoch = int(trainer.get("epoch_iteration", 0))
         pending = bool(trainer.get("epoch_end_pending"))
     except Exception:  # not a checkpoint of ours, or truncated: the resume names the problem, as before
-        return ""
+        return None
+    if schedule is not None:  # stage ends moved over the epochs trained, finished or not: refused before data load
+        check_resume_stages(trainer, schedule, loss_weights, str(last))
     if max_epochs is None or epoch < int(max_epochs) or mid_epoch or pending:
-        return ""
+        return None
     if any(key not in meta or _plain(meta[key]) != _plain(value) for key, value in dict(settings or {}).items()):
-        return ""  # another setting: the resume refuses it (or resumes) as before
+        return None  # another setting: the resume refuses it (or resumes) as before
     data = dict(data or {})
     checksum = data.pop("data_sha256", None)  # recorded since dira_pretrain 0.1.55: compared where last.pt has it
     if any(key not in meta for key in data):
-        return ""  # a last.pt of an older dira3d: its data cannot be told, the usual path
+        return None  # a last.pt of an older dira3d: its data cannot be told, the usual path
     recorded = meta.get("data_sha256") if checksum is not None and isinstance(meta.get("data_sha256"), str) else ""
 
     def content() -> str:  # the sha256 of this run's data, '' where last.pt records none or it cannot be read
@@ -164,8 +214,7 @@ def finished_note(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = Tr
                      if key == "data_source" and not differ else "")
             either = ", whose sha256 is not last.pt's data_sha256 either" if differ else ""
             _refuse(last, f"{key} {meta[key]!r}, this run's {value!r}{either}", moved)
-    return (f"{last} is at epoch {epoch}, max_epochs={int(max_epochs)}: this run has already finished; nothing was "
-            "loaded, trained or written; to train more, rerun with a larger max_epochs (it continues from last.pt)")
+    return last, epoch, int(max_epochs)
 
 
 def _refuse(last: Path, what: str, moved: str = "") -> None:
@@ -176,16 +225,19 @@ def _refuse(last: Path, what: str, moved: str = "") -> None:
 
 def exit_if_finished(ckpt_dir: str | os.PathLike, max_epochs: int, resume: Any = True,
                      settings: Mapping[str, Any] | None = None, stages: Sequence[Mapping] | None = None,
-                     what: str = "pretraining", data: Mapping[str, Any] | None = None) -> None:
+                     what: str = "pretraining", data: Mapping[str, Any] | None = None,
+                     loss_weights: Mapping[str, float] | None = None) -> None:
     """A bundle's ``initialize`` step, before any dataset is built: when the run in ``ckpt_dir`` has finished
     (:func:`finished_note`), log that line (on global rank 0) and raise :class:`RunAlreadyFinished` (exit 0).
     Every rank of a ``torchrun`` reads the same ``last.pt`` and ends alike. A no-op otherwise.
 
     Raises:
-        ValueError: as :func:`finished_note` (a finished run on other ``data``, a bad stage schedule)."""
-    note = finished_note(ckpt_dir, max_epochs, resume=resume, settings=settings, stages=stages, data=data)
-    if not note:
+        ValueError: as :func:`finished_note` (a finished run on other ``data``, a bad stage schedule, or one or loss
+            weights that do not fit ``last.pt``: before anything is loaded, whether the run has finished or not)."""
+    finished = _finished(ckpt_dir, max_epochs, resume, settings, stages, data, loss_weights)
+    if not finished:
         return
+    note = _note(*finished)
     if int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger("dira3d.finished").info(f"{what}: {note}")
-    raise RunAlreadyFinished(note)
+    raise RunAlreadyFinished(note, *finished)

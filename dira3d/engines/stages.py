@@ -10,7 +10,10 @@ the adversary. A :class:`StageSchedule` is that plan, written in the bundle conf
 
 A stage lasts while the current (1-based) epoch is ``<= until_epoch`` (or the current 1-based
 iteration is ``<= until_iteration``); the last stage has no bound and runs to the end. The stage
-is a pure function of (epoch, iteration), so it survives a resume without being stored.
+is a pure function of (epoch, iteration), so it survives a resume without being stored; ``last.pt`` records the
+schedule and the loss weights it was trained with (``trainer`` keys ``stages`` and ``loss_weights``, since
+dira_pretrain 0.1.59) and a resume with stage ends moved over the epochs already trained is refused
+(:func:`check_resume_stages`).
 Any non-empty subset of ``{"dis", "res", "adv"}`` is allowed (ablations: ``["res"]`` alone is
 Models Genesis-style restoration, ``["dis", "res"]`` is the official 2D ``dir`` stage).
 """
@@ -20,13 +23,14 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dira3d.data.errors import DataError
 
-__all__ = ["LOSS_TERMS", "Stage", "StageSchedule", "DEFAULT_STAGES"]
+__all__ = ["LOSS_TERMS", "Stage", "StageSchedule", "DEFAULT_STAGES", "check_resume_stages", "resume_stage_problem"]
 
 LOSS_TERMS = ("dis", "res", "adv")
 
@@ -61,6 +65,15 @@ class Stage:
     def adversarial(self) -> bool:
         """True when the adversary is trained in this stage (its optimiser only steps then)."""
         return "adv" in self.losses
+
+    def bound(self) -> str:
+        """``epoch 20``, ``iteration 500`` or ``the end``: where the stage ends."""
+        return (f"epoch {self.until_epoch}" if self.until_epoch is not None else
+                f"iteration {self.until_iteration}" if self.until_iteration is not None else "the end")
+
+    def describe(self) -> str:
+        """``dis_res (dis+res) to epoch 60``."""
+        return f"{self.name} ({'+'.join(self.losses)}) to {self.bound()}"
 
 
 class StageSchedule:
@@ -169,6 +182,16 @@ class StageSchedule:
                 f"{', '.join('+'.join(s.losses) for s in unreached)}) never run{'s' if len(unreached) == 1 else ''}: "
                 f"stage {before.name!r} lasts until {bound} and max_epochs is {max_epochs}")
 
+    def as_list(self) -> list[dict]:
+        """The schedule as a config writes it (what ``last.pt`` records, ``trainer`` key ``stages``)."""
+        return [{"name": s.name, "losses": list(s.losses),
+                 **({"until_epoch": s.until_epoch} if s.until_epoch is not None else {}),
+                 **({"until_iteration": s.until_iteration} if s.until_iteration is not None else {})} for s in self.stages]
+
+    def describe(self) -> str:
+        """``dis (dis) to epoch 20, dis_res (dis+res) to epoch 60, dira (dis+res+adv) to the end``."""
+        return ", ".join(s.describe() for s in self.stages)
+
     @property
     def uses(self) -> set[str]:
         """Every loss term that is active in at least one stage."""
@@ -180,3 +203,65 @@ class StageSchedule:
             bound = f"<=epoch {s.until_epoch}" if s.until_epoch else f"<=iter {s.until_iteration}" if s.until_iteration else "to the end"
             parts.append(f"{s.name}[{'+'.join(s.losses)}, {bound}]")
         return f"StageSchedule({', '.join(parts)})"
+
+
+def resume_stage_problem(saved: Mapping, schedule: StageSchedule, loss_weights: Mapping[str, float] | None = None) -> str:
+    """Why ``schedule`` (and ``loss_weights``, when given) cannot go on from a checkpoint whose ``trainer`` entries are
+    ``saved``, or '' when it can: every stage up to the one of the last step trained must keep its name and losses, a
+    stage end at or before that step (epoch or iteration) must stay where it is and none may move there, and the loss
+    weights of the terms of that stage must stay the same. Later stages, a stage end still ahead and the last stage's
+    length (a larger ``max_epochs``) may change. '' for a checkpoint that records no schedule (dira_pretrain 0.1.58 or
+    earlier), as before."""
+    try:
+        recorded = StageSchedule(saved["stages"])
+        epoch, iteration = int(saved["epoch"]), int(saved["iteration"])
+    except (KeyError, TypeError, ValueError):  # not recorded (or not readable): nothing can be told, as before
+        return ""
+    mid = int(saved.get("epoch_iteration", 0) or 0) > 0  # written inside epoch + 1
+
+    def reached(stage: Stage) -> bool:
+        return ((stage.until_epoch is not None and stage.until_epoch <= epoch)
+                or (stage.until_iteration is not None and stage.until_iteration <= iteration))
+
+    last = recorded.stage_at(max(epoch + mid, 1), max(iteration, 1))  # the stage of the last step trained
+    where = (f"to iteration {iteration} (in epoch {epoch + 1})" if mid else f"to epoch {epoch}") + f", in stage {last.name!r}"
+    for i, before in enumerate(recorded.stages[:recorded.index(last) + 1]):
+        now = schedule.stages[i] if i < len(schedule.stages) else None
+        if now is None or now.name != before.name or set(now.losses) != set(before.losses):
+            what = f"stage {i + 1} is {before.name} ({'+'.join(before.losses)}) there and " + (
+                f"{now.name} ({'+'.join(now.losses)}) here" if now else "missing here")
+        elif (now.until_epoch, now.until_iteration) != (before.until_epoch, before.until_iteration) and (
+                reached(before) or reached(now)):
+            what = f"stage {before.name!r} ends at {before.bound()} there and at {now.bound()} here"
+        else:
+            continue
+        return (f"trained {where}, with stages {recorded.describe()}; this run's stages are {schedule.describe()}: "
+                f"{what}; the stages up to the one trained last and their ends up to its last step are fixed (its steps, "
+                "optimiser state and per-stage best.pt are counted by them)")
+    old = saved.get("loss_weights")
+    if loss_weights is None or not isinstance(old, Mapping):
+        return ""
+    changed = [f"lambda_{t}={float(old[t]):g} there and {float(loss_weights[t]):g} here" for t in last.losses
+               if t in old and t in loss_weights and float(old[t]) != float(loss_weights[t])]
+    if changed:
+        return (f"trained {where}, whose losses ({'+'.join(last.losses)}) it weighted otherwise: {', '.join(changed)}; "
+                "the stage's losses (and its best.pt) would not be comparable")
+    return ""
+
+
+def check_resume_stages(saved: Mapping, schedule: StageSchedule, loss_weights: Mapping[str, float] | None = None,
+                        source: str = "last.pt") -> None:
+    """Refuse, in one line naming ``source`` (the checkpoint), what differs and what to do, a resume from a checkpoint
+    trained with another stage schedule or loss weights (:func:`resume_stage_problem`): the run went on with the epochs
+    of one stage counted in another (train values, TensorBoard's stage, the per-stage best.pt) and another stage's
+    optimiser state.
+
+    Raises:
+        DataError: (a ``ValueError``) the schedule or the weights do not fit the checkpoint."""
+    problem = resume_stage_problem(saved, schedule, loss_weights)
+    if problem:
+        folder = os.path.dirname(str(source)) or "."
+        raise DataError(None, f"{source} was {problem}; to go on from it, rerun with the stages and loss weights it was "
+                        "trained with (the last stage may run longer: a larger max_epochs); to train with these, use "
+                        "another ckpt_dir (`dira3d pretrain --output`), or set resume to false to start afresh (it "
+                        f"replaces last.pt and best.pt in {folder})")
