@@ -333,6 +333,21 @@ def test_lidc_slice_lookup_by_z_within_half_a_slice_and_by_sop_uid_first(tmp_pat
     assert slice_of(z_roi(100.0, "1.2.3.4")) == 3 and slice_of(z_roi(float("nan"), "1.2.3.2")) == 1
 
 
+def test_lidc_slice_lookup_by_z_finds_no_slice_in_a_series_whose_slices_do_not_move_along_z(tmp_path):
+    """A sagittal series (its slices step along x: the z step per slice is 0) has no slice at an imageZposition: the
+    outline is left out (None), not a ZeroDivisionError for the whole case; its SOP UIDs still name slices."""
+    import SimpleITK as sitk
+
+    from dira3d.data.lidc_xml import RoiOutline
+
+    (tmp_path / "series").mkdir()
+    image = sitk.Image(5, 6, 8, sitk.sitkInt16)
+    image.SetSpacing((0.7, 0.7, 2.0))
+    image.SetDirection((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0))  # slices along x, columns along z
+    slice_of = lidc._slice_lookup(tmp_path / "series", image)
+    assert slice_of(RoiOutline(0.0, "", True, np.array([(1, 1), (2, 2)]))) is None
+
+
 def test_lidc_two_series_of_one_patient_share_its_part_and_malignancy_is_the_median(tmp_path):
     """docs/data.md: entries carry case_id = the patient id (a second series is <patient>_s2 only in manifests/),
     the split is by patient, and malignancy is the median of the readers' ratings (1, 2, 5 -> 2, not the mean)."""

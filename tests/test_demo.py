@@ -218,3 +218,20 @@ def test_demo_out_not_writable_is_one_error_line_before_any_step(tmp_path, capsy
     assert len(lines) == 1 and f"output folder (--out) {out} is not writable" in lines[0], lines
     assert "choose another --out" in lines[0] and "1/5" not in captured.out
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_demo_stages_record_is_written_only_for_a_pretraining_that_starts(tmp_path):
+    """The --epochs-per-stage record describes the last.pt it was trained with: a folder holding a last.pt of a demo
+    before the record (its epochs per stage unknown) gets none, so a rerun is not told it was trained with them."""
+    from dira3d import demo
+
+    run_dir = tmp_path / "pretrain"
+    demo._record_stages(run_dir, 2)  # a pretraining about to start
+    assert json.loads((run_dir / demo.STAGES_RECORD).read_text(encoding="utf-8")) == {"epochs_per_stage": 2}
+    (run_dir / "models").mkdir()
+    (run_dir / "models" / "last.pt").write_bytes(b"trained")
+    demo._record_stages(run_dir, 3)  # the run it continues keeps its record
+    assert json.loads((run_dir / demo.STAGES_RECORD).read_text(encoding="utf-8")) == {"epochs_per_stage": 2}
+    (run_dir / demo.STAGES_RECORD).unlink()
+    demo._record_stages(run_dir, 3)  # a last.pt of an earlier demo without the record: not claimed
+    assert not (run_dir / demo.STAGES_RECORD).exists()

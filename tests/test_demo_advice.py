@@ -69,6 +69,29 @@ def test_rerun_with_another_size_names_the_phantoms_size(tmp_path, capsys, monke
         demo.main([*argv, "--size", "128", "128", "64"])
 
 
+def test_step_two_says_it_reuses_the_cases_an_earlier_run_prepared(tmp_path, capsys, monkeypatch):
+    """A rerun whose preparation skipped every case (prepared before) says so under step 2; one case written again
+    is not "reused"."""
+    from types import SimpleNamespace
+
+    import dira3d.data.luna16 as luna16
+    import dira3d.demo as demo
+
+    out = tmp_path / "demo"
+    raw = out / "luna16_raw"
+    for i in range(10):
+        (raw / f"subset{i}").mkdir(parents=True)
+        (raw / f"subset{i}" / f"{i}.mhd").write_text("NDims = 3\nDimSize = 128 128 64\nElementType = MET_SHORT\n")
+    (raw / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    statuses = ["skipped"] * 10
+    monkeypatch.setattr(luna16, "prepare", lambda *a, **k: [SimpleNamespace(status=s) for s in statuses])
+    demo._phantoms_and_prepare(out, 10, (128, 128, 64), 0)
+    assert "all 10 cases already prepared: reused" in capsys.readouterr().out
+    statuses[3] = "written"
+    demo._phantoms_and_prepare(out, 10, (128, 128, 64), 0)
+    assert "already prepared" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("moved", [False, True])
 def test_a_copied_or_moved_out_names_where_the_demo_goes_on(tmp_path, capsys, no_steps, moved):
     """An --out copied elsewhere and rerun failed in the preparation step, advising `dira3d prepare`'s --src, --dst

@@ -61,7 +61,11 @@ def test_a_meta_override_sets_that_field_of_the_embedded_metadata(repo_root, tmp
     ("_meta_#verison=0.2.0", "no field 'verison' (did you mean 'version'?)"),
     ("_meta_#network_data_format#inputs#imag#modality=MR",
      "no field 'network_data_format#inputs#imag' (did you mean 'network_data_format#inputs#image'?)"),
-    ("_meta_=0.2.0", "set one field at a time, e.g. _meta_#version=0.2.0")])
+    ("_meta_=0.2.0", "set one field at a time, e.g. _meta_#version=0.2.0"),
+    ("_meta_#=0.2.0", "set one field at a time, e.g. _meta_#version=0.2.0"),  # no field named: not "no field ''"
+    # an item past the end of a list (spatial_shape holds 3): refused, not an IndexError
+    ("_meta_#network_data_format#inputs#image#spatial_shape#3=16",
+     "no field 'network_data_format#inputs#image#spatial_shape#3'")])
 def test_a_meta_override_naming_no_field_is_refused_with_the_closest(override, expected, repo_root, tmp_path, capsys):
     bundle = _bundle_copy(repo_root, "lidc_nodule_seg", tmp_path)
     out = tmp_path / "lidc.ts"
@@ -113,6 +117,37 @@ def test_a_classifier_keeps_its_spatial_shape_and_describes_its_outputs(repo_roo
         assert pred["spatial_shape"] == [] and pred["num_channels"] == 2, pred
         assert pred["channel_def"] == {"0": "nodule", "1": "vessel"}, pred
 
+
+
+def test_outputs_the_overrides_do_not_change_keep_the_bundles_words_and_unnamed_outputs_are_numbered(repo_root, tmp_path,
+                                                                                                   capsys):
+    """The outputs are described again only when out_channels / class_names are overridden: a plain export keeps the
+    bundle's own channel_def; 2 outputs without class_names are "output 0", "output 1" (the bundle's one name does
+    not fit them)."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.utils import atomic_save
+
+    bundle = _bundle_copy(repo_root, "luna16_nodule_fpr", tmp_path)
+    meta = bundle / "configs" / "metadata.json"
+    content = json.loads(meta.read_text(encoding="utf-8"))
+    content["network_data_format"]["outputs"]["pred"]["channel_def"] = {"0": "nodule candidate"}
+    meta.write_text(json.dumps(content, indent=4), encoding="ascii")
+    out = tmp_path / "plain.ts"
+    assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out), *TINY]) == 0, capsys.readouterr().err
+    pred = _embedded(out)["metadata.json"]["network_data_format"]["outputs"]["pred"]
+    assert (pred["num_channels"], pred["channel_def"]) == (1, {"0": "nodule candidate"})
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["width"], parser["out_channels"] = 0.125, 2
+    atomic_save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), tmp_path / "two.pt")
+    out = tmp_path / "two.ts"
+    assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out), "--checkpoint", str(tmp_path / "two.pt"),
+                        *TINY, "--override", "out_channels=2"]) == 0, capsys.readouterr().err
+    described = _embedded(out)["metadata.json"]["network_data_format"]
+    for section in ("outputs", "post_processed_outputs"):
+        pred = described[section]["pred"]
+        assert (pred["num_channels"], pred["channel_def"]) == (2, {"0": "output 0", "1": "output 1"}), pred
 
 def test_the_embedded_inference_config_preprocesses_as_trained_without_the_run(repo_root, tmp_path, capsys):
     from monai.bundle import ConfigParser

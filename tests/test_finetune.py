@@ -370,6 +370,7 @@ def test_an_image_that_does_not_fit_without_image_channels_gets_advice_sized_to_
         SelectModalitiesd("image", "all")({"image": three})
     said = str(four.value)
     assert "'flair')" not in said and "modalities to" not in said
+    assert "one sequence" not in said  # a model of four sequences takes no single-sequence image
     assert said.startswith("<image of case ?>: image has 3 channel(s) but modalities=['t1', 't1ce', 't2', 'flair'] (the model takes 4 "
                            "channel(s), in_channels 4)")
     assert ("--image \"['<id>_t1.nii.gz', '<id>_t1ce.nii.gz', '<id>_t2.nii.gz', '<id>_flair.nii.gz']\"" in said

@@ -141,6 +141,33 @@ def test_the_record_in_dst_keeps_the_source_and_settings_of_a_run_whose_report_i
     assert [r.status for r in run("a", settings={"spacing": 1})] == ["skipped"]
 
 
+def test_the_record_names_a_relative_src_by_its_full_path(tmp_path, monkeypatch):
+    # a --src given relative to the working folder is recorded resolved: a rerun of the same command from another
+    # folder is the same source, and ``dira3d demo`` compares it with its phantoms' folder
+    from dira3d.data.guards import record_dataset
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    record_dataset(Path("out"), "lidc", "raw", {"spacing": 1}, Path("report.json"))
+    record = json.loads((tmp_path / "out" / "prepared.json").read_text(encoding="utf-8"))
+    assert (record["source"], record["report"]) == (str((tmp_path / "raw").resolve()),
+                                                    str((tmp_path / "report.json").resolve()))
+
+
+def test_a_folder_holding_an_earlier_runs_record_is_its_output_even_before_its_datalist_and_report(tmp_path):
+    # a run stopped (or its --report elsewhere) before it wrote its datalist left only prepared.json naming its
+    # dataset: a preparation that searches --src for images must leave that folder (its resized copies) out
+    from dira3d.data.guards import is_earlier_output, record_dataset
+
+    folder = tmp_path / "src" / "prepared"
+    folder.mkdir(parents=True)
+    record_dataset(folder, "radiographs", tmp_path / "src", {"size": 8}, tmp_path / "elsewhere.json")
+    assert not (folder / "report.json").exists()
+    assert is_earlier_output(folder, "radiographs", "radiographs_datalist.json")
+    assert not is_earlier_output(folder, "chestxray14", "chestxray14_datalist.json")  # another dataset's run
+
+
 def test_a_prepared_json_that_is_not_the_record_is_not_replaced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -124,3 +124,22 @@ def test_sigkill_at_a_random_iteration_and_during_a_save_then_rerun_is_exact(tmp
     got = weights(torn / "models" / "last.pt")
     different = [key for key in expected if not torch.equal(got[key], expected[key])]
     assert not different, f"seed {seed}: killed during save {slow}: {different[:5]}"
+
+
+def test_a_run_removes_the_half_written_last_and_best_temporaries_but_no_other_file(tmp_path):
+    # a SIGKILL in a save leaves ``.last.pt.<8>.tmp`` or ``.best.pt.<8>.tmp`` (each a checkpoint's size); the next run,
+    # holding the folder's lock, removes both kinds before it loads anything, and leaves another file's temporary alone
+    from test_engine import make_trainer
+
+    from dira3d.engines import DiRACheckpoint
+
+    models = tmp_path / "models"
+    models.mkdir()
+    left = [models / ".last.pt.k1ll3d0a.tmp", models / ".best.pt.k1ll3d0b.tmp"]
+    other = models / ".notes.txt.k1ll3d0c.tmp"
+    for path in (*left, other):
+        path.write_bytes(b"half a file")
+    make_trainer(handlers=[DiRACheckpoint(models, resume=True)]).run()
+    assert [p.name for p in left if p.exists()] == []
+    assert other.read_bytes() == b"half a file"
+    assert (models / "last.pt").is_file()
