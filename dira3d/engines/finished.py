@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from dira3d.utils.files import same_or_moved
+from dira3d.utils.log_filter import records_filtered
 from dira3d.utils.overrides import as_bool
 
 __all__ = ["RunAlreadyFinished", "finished_note", "exit_if_finished", "data_checksum", "finished_line_unlogged"]
@@ -85,12 +86,8 @@ class RunAlreadyFinished(SystemExit):
 def finished_line_unlogged() -> Iterator[None]:
     """While it lasts, :func:`exit_if_finished` logs no line (``dira3d.finished``): a command that prints the line itself
     in its own words (:meth:`RunAlreadyFinished.told_with`: ``dira3d pretrain``, the demo) shows it once."""
-    log = logging.getLogger("dira3d.finished")
-    log.addFilter(_unlogged)
-    try:
+    with records_filtered("dira3d.finished", _unlogged):
         yield
-    finally:
-        log.removeFilter(_unlogged)
 
 
 def _unlogged(record: logging.LogRecord) -> bool:

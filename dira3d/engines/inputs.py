@@ -37,6 +37,7 @@ from dira3d.data.errors import DataError
 from dira3d.data.nifti_header import header_pixdim, read_raw_nifti_header
 from dira3d.utils.bundle_errors import setting_error_in  # light: dira3d finetune's refusals use it before torch loads
 from dira3d.utils.files import looks_like_dicom
+from dira3d.utils.log_filter import records_filtered
 
 __all__ = ["load_datalist", "header_spacing", "check_volume", "source_of", "LoadVolumed", "CheckVolumed", "CheckSameShaped",
            "data_error_in", "setting_error_in"]
@@ -290,7 +291,6 @@ def _reader_attempts_held(logger_name: str) -> Iterator[None]:
     for each reader that fails on a file before it tries the next (six for a file of random bytes): dropped when the
     load fails, as :class:`LoadVolumed` then raises its one :class:`DataError` naming the file instead; logged as they
     were when a later reader loads the file. Every other record passes as before."""
-    log = logging.getLogger(logger_name)
     held: list[logging.LogRecord] = []
 
     def hold(record: logging.LogRecord) -> bool:
@@ -299,11 +299,8 @@ def _reader_attempts_held(logger_name: str) -> Iterator[None]:
             return False
         return True
 
-    log.addFilter(hold)
-    try:
+    with records_filtered(logger_name, hold) as log:
         yield
-    finally:
-        log.removeFilter(hold)
     for record in held:  # reached only when the file was loaded: nothing replaces these lines
         log.handle(record)
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dira3d.utils.log_filter import records_filtered
+
 __all__ = ["finished_message", "localise_line", "scored_line", "show_cache_lines", "without_logging_file_warning"]
 
 # the loggers of the lines on the training caches: their size and, with cache_dir, where they are
@@ -51,12 +53,8 @@ def without_logging_file_warning() -> Iterator[None]:
     ``monai.bundle.workflows``): ``ConfigWorkflow`` says it for ``logging_file=False``, the setting :func:`run_finetune`
     passes to keep the caller's logging as it is, so every ``dira3d finetune`` printed it twice (its training and its
     evaluation workflow) with nothing wrong. Only that record is dropped; the logger's other warnings are kept."""
-    log = logging.getLogger("monai.bundle.workflows")
-    log.addFilter(_not_logging_file_false)
-    try:
+    with records_filtered("monai.bundle.workflows", _not_logging_file_false):
         yield
-    finally:
-        log.removeFilter(_not_logging_file_false)
 
 
 def scored_line(result: dict[str, Any]) -> str | None:
