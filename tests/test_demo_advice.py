@@ -55,11 +55,7 @@ def test_rerun_with_another_size_names_the_phantoms_size(tmp_path, capsys, monke
 
     monkeypatch.setattr(luna16, "prepare", prepare)  # step 1 itself runs: it checks what it finds
     out = tmp_path / "demo"
-    raw = out / "luna16_raw"
-    for i in range(10):
-        (raw / f"subset{i}").mkdir(parents=True)
-        (raw / f"subset{i}" / f"{i}.mhd").write_text("NDims = 3\nDimSize = 128 128 64\nElementType = MET_SHORT\n")
-    (raw / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    _phantom_headers(out)
     argv = ["--out", str(out), "--count", "10", "--classes", "2", "--skip-finetune"]
     assert demo.main([*argv, "--size", "128", "128", "96"]) == 2
     lines = _errors(capsys.readouterr().err)
@@ -78,11 +74,7 @@ def test_step_two_says_it_reuses_the_cases_an_earlier_run_prepared(tmp_path, cap
     import dira3d.demo as demo
 
     out = tmp_path / "demo"
-    raw = out / "luna16_raw"
-    for i in range(10):
-        (raw / f"subset{i}").mkdir(parents=True)
-        (raw / f"subset{i}" / f"{i}.mhd").write_text("NDims = 3\nDimSize = 128 128 64\nElementType = MET_SHORT\n")
-    (raw / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    _phantom_headers(out)
     statuses = ["skipped"] * 10
     monkeypatch.setattr(luna16, "prepare", lambda *a, **k: [SimpleNamespace(status=s) for s in statuses])
     demo._phantoms_and_prepare(out, 10, (128, 128, 64), 0)
@@ -156,3 +148,12 @@ def test_a_size_too_small_for_the_visual_words_is_refused_up_front(tmp_path, cap
 def test_the_smallest_sizes_are_taken(tmp_path, no_steps, size):
     with pytest.raises(RuntimeError, match="a step was reached"):
         no_steps.main(["--out", str(tmp_path / "demo"), "--count", "10", "--classes", "2", "--size", *size])
+
+
+def _phantom_headers(out):
+    """The raw folder an earlier demo's step 1 left: 10 phantoms of 128 x 128 x 64 (headers only) and annotations."""
+    raw = out / "luna16_raw"
+    for i in range(10):
+        (raw / f"subset{i}").mkdir(parents=True)
+        (raw / f"subset{i}" / f"{i}.mhd").write_text("NDims = 3\nDimSize = 128 128 64\nElementType = MET_SHORT\n")
+    (raw / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")

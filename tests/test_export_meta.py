@@ -97,15 +97,8 @@ def test_the_embedded_metadata_gives_the_roi_size_the_model_was_exported_with(re
 
 def test_a_classifier_keeps_its_spatial_shape_and_describes_its_outputs(repo_root, tmp_path, capsys):
     """luna16_nodule_fpr (a classifier: outputs spatial_shape []) exported with 2 outputs and their names."""
-    from monai.bundle import ConfigParser
-
-    from dira3d.utils import atomic_save
-
     bundle = _bundle_copy(repo_root, "luna16_nodule_fpr", tmp_path)
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["width"], parser["out_channels"] = 0.125, 2
-    atomic_save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), tmp_path / "two.pt")
+    _two_output_weights(bundle, tmp_path / "two.pt")
     out = tmp_path / "two.ts"
     assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out), "--checkpoint", str(tmp_path / "two.pt"),
                         *TINY, "--override", "out_channels=2", "--override", "class_names=['nodule','vessel']"]) == 0, \
@@ -124,10 +117,6 @@ def test_outputs_the_overrides_do_not_change_keep_the_bundles_words_and_unnamed_
     """The outputs are described again only when out_channels / class_names are overridden: a plain export keeps the
     bundle's own channel_def; 2 outputs without class_names are "output 0", "output 1" (the bundle's one name does
     not fit them)."""
-    from monai.bundle import ConfigParser
-
-    from dira3d.utils import atomic_save
-
     bundle = _bundle_copy(repo_root, "luna16_nodule_fpr", tmp_path)
     meta = bundle / "configs" / "metadata.json"
     content = json.loads(meta.read_text(encoding="utf-8"))
@@ -137,10 +126,7 @@ def test_outputs_the_overrides_do_not_change_keep_the_bundles_words_and_unnamed_
     assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out), *TINY]) == 0, capsys.readouterr().err
     pred = _embedded(out)["metadata.json"]["network_data_format"]["outputs"]["pred"]
     assert (pred["num_channels"], pred["channel_def"]) == (1, {"0": "nodule candidate"})
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["width"], parser["out_channels"] = 0.125, 2
-    atomic_save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), tmp_path / "two.pt")
+    _two_output_weights(bundle, tmp_path / "two.pt")
     out = tmp_path / "two.ts"
     assert export_main(["torchscript", "--bundle", str(bundle), "--out", str(out), "--checkpoint", str(tmp_path / "two.pt"),
                         *TINY, "--override", "out_channels=2"]) == 0, capsys.readouterr().err
@@ -222,3 +208,15 @@ def test_the_torchscript_file_computes_what_the_pytorch_network_computes(repo_ro
     assert traced.shape == eager.shape == (2, 1, 32, 24, 16)
     assert float(eager.abs().max()) > 0.1  # not a trivial output
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+def _two_output_weights(bundle, path):
+    """Weights of the bundle's network at the tiny width with 2 outputs, saved to ``path``."""
+    from monai.bundle import ConfigParser
+
+    from dira3d.utils import atomic_save
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["width"], parser["out_channels"] = 0.125, 2
+    atomic_save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), path)
