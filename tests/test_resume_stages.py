@@ -62,12 +62,28 @@ def test_a_stage_end_still_ahead_and_later_stages_may_change():
         assert resume_stage_problem(at_3, StageSchedule(new), {**WEIGHTS, "res": 1.0}) == "", new  # res: not trained yet
 
 
+@pytest.mark.parametrize("checkpoint, new", [
+    (saved(staged(3, 8), 3), staged(4, 8)),  # the stage trained last, ending at the checkpoint, runs longer
+    (saved(staged(3, 8), 3), staged(6, 8)),
+    (saved(staged(2, 5), 3), staged(2, 3)),  # dis_res, trained to epoch 3 of 5, ends at the checkpoint: dira next
+    (saved(staged(5, 8), 2, epoch_iteration=1), staged(3, 8)),  # inside epoch 3: dis still holds it
+    (saved([{**DIS, "until_iteration": 6}, DIRA], 3), [{**DIS, "until_iteration": 9}, DIRA]),  # by iteration (6)
+    (saved(staged(1, 2), 3), [{**DIS, "until_epoch": 1}, {**DIS_RES, "until_epoch": 2}, {**DIRA, "until_epoch": 3},
+                              {"name": "more", "losses": ["res"]}]),  # dira ends at the checkpoint, a stage after it
+])
+def test_the_stage_trained_last_may_end_elsewhere_while_it_holds_the_last_step(checkpoint, new):
+    """The steps trained stay in the stages they were trained in: the stage of the last step may run longer (more
+    epochs of discrimination before restoration joins) or end at that step; the stages before it may not move."""
+    assert resume_stage_problem(checkpoint, StageSchedule(new), WEIGHTS) == ""
+    check_resume_stages(checkpoint, StageSchedule(new), WEIGHTS)  # no error
+
+
 @pytest.mark.parametrize("checkpoint, new, what", [
     (saved(staged(1, 2), 3), staged(2, 4), "stage 'dis' ends at epoch 1 there and at epoch 2 here"),  # the session's run
     (saved(staged(5, 8), 3), staged(2, 8), "stage 'dis' ends at epoch 5 there and at epoch 2 here"),  # moved over epoch 3
-    (saved(staged(3, 8), 3), staged(4, 8), "stage 'dis' ends at epoch 3 there and at epoch 4 here"),  # ends at the ckpt
+    (saved(staged(3, 8), 3), staged(2, 8), "stage 'dis' ends at epoch 3 there and at epoch 2 here"),  # ends at the ckpt
     (saved(staged(5, 8), 2, epoch_iteration=1), staged(2, 8), "ends at epoch 5 there and at epoch 2 here"),  # mid epoch 3
-    (saved(staged(1, 2), 3), [{**DIS, "until_epoch": 1}, {**DIS_RES, "until_epoch": 2}, {**DIRA, "until_epoch": 3},
+    (saved(staged(1, 2), 4), [{**DIS, "until_epoch": 1}, {**DIS_RES, "until_epoch": 2}, {**DIRA, "until_epoch": 3},
                               {"name": "more", "losses": ["res"]}], "stage 'dira' ends at the end there and at epoch 3"),
     (saved(staged(1, 2), 3), [{**DIS_RES, "until_epoch": 1}, {**DIS, "until_epoch": 2}, DIRA],
      "stage 1 is dis (dis) there and dis_res (dis+res) here"),  # another order
@@ -161,12 +177,12 @@ def test_the_trainer_records_its_schedule_and_refuses_another_before_loading_any
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The pretraining bundle's tiny stages (dis <= 1, dis_res <= 2, dira) trained to epoch 1."""
+    """The pretraining bundle's tiny stages (dis <= 1, dis_res <= 2, dira) trained to epoch 2 (the end of dis_res)."""
     root = tmp_path_factory.mktemp("staged")
     data = root / "volumes"
     data.mkdir()
     write_volumes(data, count=6)
-    _run(data, root / "run", max_epochs=1)
+    _run(data, root / "run", max_epochs=2)
     return data, root / "run"
 
 
@@ -177,19 +193,19 @@ def test_the_bundle_refuses_moved_stage_ends_before_any_data_is_loaded(tiny_run,
         "name": "dis", "losses": ["dis"], "until_epoch": 1}
     monkeypatch.setattr(CacheDataset, "_load_cache_item", lambda *a, **k: pytest.fail("the rerun loaded data"))
     moved = staged(2, 4)
-    assert re.search(r"last\.pt was trained to epoch 1, in stage 'dis', .*stage 'dis' ends at epoch 1 there and at epoch 2 "
+    assert re.search(r"last\.pt was trained to epoch 2, in stage 'dis_res', .*stage 'dis' ends at epoch 1 there and at epoch 2 "
                      "here", _refused(data, out, max_epochs=6, stages=moved))
     assert "lambda_dis=1 there and 2 here" in _refused(data, out, max_epochs=3, lambda_dis=2.0)
     # finished, but with other stages: refused, not "finished"
-    assert "stage 'dis' ends at epoch 1 there and at epoch 2 here" in _refused(data, out, max_epochs=1, stages=moved)
-    with pytest.raises(RunAlreadyFinished):  # the same stages and weights: finished as before (lambda_res: not trained)
-        _run(data, out, max_epochs=1, lambda_res=10.0)
+    assert "stage 'dis' ends at epoch 1 there and at epoch 2 here" in _refused(data, out, max_epochs=2, stages=moved)
+    with pytest.raises(RunAlreadyFinished):  # the same stages and weights: finished as before (lambda_adv: not trained)
+        _run(data, out, max_epochs=2, lambda_adv=10.0)
     assert _files(out) == before
     # a last.pt of dira_pretrain 0.1.55 (no schedule recorded): finished as before, whatever the stages
     ckpt = load_checkpoint(out / "models" / "last.pt")
     old = {k: v for k, v in ckpt["trainer"].items() if k not in ("stages", "loss_weights")}
     atomic_save({**ckpt, "trainer": old}, out.parent / "old" / "last.pt")
-    assert finished_note(out.parent / "old", 1, stages=moved, loss_weights=WEIGHTS)
+    assert finished_note(out.parent / "old", 2, stages=moved, loss_weights=WEIGHTS)
 
 
 def test_dira3d_pretrain_refuses_moved_stage_ends_in_one_line(tiny_run, monkeypatch, capsys):
@@ -206,7 +222,7 @@ def test_dira3d_pretrain_refuses_moved_stage_ends_in_one_line(tiny_run, monkeypa
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("dira3d pretrain: error:")]
     assert len(lines) == 1 and lines[0].startswith(f"dira3d pretrain: error: {out / 'models' / 'last.pt'} was trained "
-                                                   "to epoch 1, in stage 'dis', with stages dis (dis) to epoch 1, "), err
+                                                   "to epoch 2, in stage 'dis_res', with stages dis (dis) to epoch 1, "), err
     assert _files(out) == before
 
 
@@ -217,11 +233,11 @@ def test_dira3d_pretrain_names_its_own_option_for_a_larger_max_epochs(tiny_run, 
 
     data, out = tiny_run
     code = main(["--datalist", str(data / "pretrain_datalist.json"), "--output", str(out), "--tiny", "--override",
-                 "patch_size=[16,16,8]", "--override", "max_epochs=1"])
+                 "patch_size=[16,16,8]", "--override", "max_epochs=2"])
     printed = capsys.readouterr().out
     assert code == 0
     last = out / "models" / "last.pt"
-    assert (f"dira3d pretrain: {last} is at epoch 1, max_epochs=1: this run has already finished; nothing was loaded, "
+    assert (f"dira3d pretrain: {last} is at epoch 2, max_epochs=2: this run has already finished; nothing was loaded, "
             "trained or written; to train more, rerun with a larger --override max_epochs=N (it continues from "
             "last.pt)") in printed.splitlines()
     assert printed.count("has already finished") == 1, printed

@@ -207,10 +207,10 @@ class StageSchedule:
 
 def resume_stage_problem(saved: Mapping, schedule: StageSchedule, loss_weights: Mapping[str, float] | None = None) -> str:
     """Why ``schedule`` (and ``loss_weights``, when given) cannot go on from a checkpoint whose ``trainer`` entries are
-    ``saved``, or '' when it can: every stage up to the one of the last step trained must keep its name and losses, a
-    stage end at or before that step (epoch or iteration) must stay where it is and none may move there, and the loss
-    weights of the terms of that stage must stay the same. Later stages, a stage end still ahead and the last stage's
-    length (a larger ``max_epochs``) may change. '' for a checkpoint that records no schedule (dira_pretrain 0.1.58 or
+    ``saved``, or '' when it can: every stage up to the one of the last step trained must keep its name and losses, the
+    ends of the stages before it must stay where they are, that stage's end may move only where the step stays in it
+    (it runs longer, or ends at that step), and the loss weights of its terms must stay the same. Later stages, a stage
+    end still ahead and the last stage's length (a larger ``max_epochs``) may change. '' for a checkpoint that records no schedule (dira_pretrain 0.1.58 or
     earlier), as before."""
     try:
         recorded = StageSchedule(saved["stages"])
@@ -223,15 +223,19 @@ def resume_stage_problem(saved: Mapping, schedule: StageSchedule, loss_weights: 
         return ((stage.until_epoch is not None and stage.until_epoch <= epoch)
                 or (stage.until_iteration is not None and stage.until_iteration <= iteration))
 
-    last = recorded.stage_at(max(epoch + mid, 1), max(iteration, 1))  # the stage of the last step trained
+    step = (max(epoch + mid, 1), max(iteration, 1))  # the epoch and iteration of the last step trained
+    last = recorded.stage_at(*step)  # the stage of the last step trained
     where = (f"to iteration {iteration} (in epoch {epoch + 1})" if mid else f"to epoch {epoch}") + f", in stage {last.name!r}"
     for i, before in enumerate(recorded.stages[:recorded.index(last) + 1]):
         now = schedule.stages[i] if i < len(schedule.stages) else None
         if now is None or now.name != before.name or set(now.losses) != set(before.losses):
             what = f"stage {i + 1} is {before.name} ({'+'.join(before.losses)}) there and " + (
                 f"{now.name} ({'+'.join(now.losses)}) here" if now else "missing here")
-        elif (now.until_epoch, now.until_iteration) != (before.until_epoch, before.until_iteration) and (
-                reached(before) or reached(now)):
+        elif (now.until_epoch, now.until_iteration) == (before.until_epoch, before.until_iteration):
+            continue
+        elif before is last and schedule.index(schedule.stage_at(*step)) == i:
+            continue  # the stage trained last ends elsewhere but still holds its last step: longer, or ending there
+        elif before is last or reached(before) or reached(now):
             what = f"stage {before.name!r} ends at {before.bound()} there and at {now.bound()} here"
         else:
             continue
