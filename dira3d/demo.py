@@ -135,14 +135,12 @@ def _phantoms_and_prepare(out: Path, count: int, size: tuple[int, int, int], see
 
 def phantom_size(header: Path) -> tuple[int, ...] | None:
     """The voxel size (``DimSize``) a MetaImage header records, or None where it records none readable."""
+    from dira3d.data.io import meta_header
+
     try:
-        for line in header.read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition("=")
-            if key.strip() == "DimSize":
-                return tuple(int(v) for v in value.split())
-    except (OSError, ValueError):
-        pass
-    return None
+        return tuple(int(v) for v in meta_header(header)["DimSize"].split())
+    except (OSError, KeyError, ValueError):  # unreadable, or no DimSize line: nothing to compare
+        return None
 
 
 def check_moved(out: Path) -> None:

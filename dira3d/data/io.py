@@ -31,6 +31,7 @@ from dira3d.utils.atomic import atomic_path
 from dira3d.utils.files import looks_like_dicom  # noqa: F401  (re-exported: no SimpleITK needed there)
 
 __all__ = [
+    "meta_header",
     "DataError",
     "DataWarning",
     "IMAGE_SUFFIXES",
@@ -68,7 +69,11 @@ def _itk_reason(err: Exception) -> str:
     return " ".join(keep or lines[-1:])[:400]
 
 
-def _meta_header(path: Path) -> dict[str, str]:
+def meta_header(path: Path) -> dict[str, str]:
+    """The ``key = value`` fields of a MetaImage header (``.mhd``), up to ``ElementDataFile``.
+
+    Raises:
+        OSError: the file cannot be read."""
     header: dict[str, str] = {}
     with open(path, "rb") as handle:
         for raw in handle:
@@ -84,7 +89,7 @@ def _meta_header(path: Path) -> dict[str, str]:
 
 def _check_metaimage(path: Path) -> None:
     """Catch the MetaImage faults ITK reports as 'No such file': missing or short raw data."""
-    header = _meta_header(path)
+    header = meta_header(path)
     data_file = header.get("ElementDataFile")
     if data_file is None:
         raise DataError(path, "MetaImage header has no ElementDataFile line; the header is incomplete")
